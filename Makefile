@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -> creates .venv, installs gpuquant, runs `gpuquant demo`
+#   make test   -> creates .venv, installs gpuquant[test], runs the test suite (CPU; Triton
+#                  kernels through TRITON_INTERPRET=1)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a CPU-only machine the pinned CPU build of torch avoids a multi-GB CUDA download;
+# override with TORCH_SPEC='torch' (or your CUDA build) on a GPU machine.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test,demo,bench]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/gpuquant demo $(DEMO_ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/gpuquant bench --quick --out bench/results/local
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,191 @@
+"""Backend registry: which implementation runs each op.
+
+Backends are packages under ``gpuquant.backends`` (``reference``, ``numpy``, ``triton``,
+``cupy``). Each exposes:
+
+* ``NAME``: its public name;
+* ``is_available() -> (bool, reason)``: whether it can run in this process;
+* ``DEVICES``: the torch device types it computes on (``{"cpu"}``, ``{"cuda"}``, ...);
+* ``PRIORITY``: larger wins in automatic selection (fastest correct first);
+* ``OPS``: a dict op name -> callable, with the signatures of
+  :mod:`gpuquant.backends.reference` (the readable definition).
+
+Selection: ``use(name)`` (a context manager) or the ``GPUQUANT_BACKEND`` environment variable
+pick one backend explicitly; asking for one that cannot run here raises and lists those that
+can, and an explicitly chosen backend that lacks an op raises too. With no explicit choice
+each op goes to the available backend with the highest priority that implements it for the
+input's device; if that is not the first choice for the device, it says so once in the log.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import threading
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+__all__ = ["available", "use", "current", "get_backend", "get_op", "register", "BACKEND_NAMES"]
+
+log = logging.getLogger("gpuquant.backends")
+
+# name -> module path; the order is the documentation order, not the priority.
+_MODULES: Dict[str, str] = {
+    "reference": "gpuquant.backends.reference",
+    "numpy": "gpuquant.backends.numpy",
+    "triton": "gpuquant.backends.triton",
+    "cupy": "gpuquant.backends.cupy",
+}
+BACKEND_NAMES = tuple(_MODULES)
+
+_loaded: Dict[str, object] = {}
+_unavailable: Dict[str, str] = {}
+_state = threading.local()
+_fallback_logged: set = set()
+
+
+def register(name: str, module_path: str) -> None:
+    """Register an extra backend package (tests use this to plant a faulty backend)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"backend name must be a non-empty string, got {name!r}")
+    _MODULES[name] = module_path
+    _loaded.pop(name, None)
+    _unavailable.pop(name, None)
+
+
+def _load(name: str):
+    if name in _loaded:
+        return _loaded[name]
+    if name in _unavailable:
+        return None
+    try:
+        mod = importlib.import_module(_MODULES[name])
+        ok, reason = mod.is_available()
+    except ImportError as e:  # a missing optional dependency (cupy, triton) is not an error
+        ok, reason = False, f"import failed: {e}"
+    if ok:
+        _loaded[name] = mod
+        return mod
+    _unavailable[name] = reason
+    return None
+
+
+def available() -> List[str]:
+    """Names of the backends usable in this process, e.g. ``["reference", "numpy"]``."""
+    return [n for n in _MODULES if _load(n) is not None]
+
+
+def _why_not(name: str) -> str:
+    _load(name)
+    return _unavailable.get(name, "")
+
+
+def get_backend(name: str):
+    """The backend module called ``name``.
+
+    Raises:
+        ValueError: unknown name, or a backend that cannot run here (the message lists the
+            available ones and says why this one is not).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a string, got {type(name).__name__} ({name!r})")
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; known: {list(_MODULES)}, available here: "
+                         f"{available()}")
+    mod = _load(name)
+    if mod is None:
+        raise ValueError(f"backend {name!r} cannot run here ({_why_not(name)}); available here: "
+                         f"{available()}")
+    return mod
+
+
+def _explicit() -> Optional[str]:
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get("GPUQUANT_BACKEND")
+    return env or None
+
+
+def current() -> Optional[str]:
+    """The explicitly chosen backend (``use`` or ``GPUQUANT_BACKEND``), or None for automatic."""
+    name = _explicit()
+    if name is not None:
+        get_backend(name)  # validate
+    return name
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Run the ops inside the ``with`` block on backend ``name``.
+
+    Raises:
+        ValueError: unknown backend or one that cannot run here.
+
+    Example:
+        >>> with gpuquant.backends.use("numpy"):
+        ...     y = qmodel(x)
+    """
+    get_backend(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield get_backend(name)
+    finally:
+        stack.pop()
+
+
+def _device_type(device) -> str:
+    if isinstance(device, torch.Tensor):
+        return device.device.type
+    if isinstance(device, torch.device):
+        return device.type
+    return str(device)
+
+
+def get_op(op: str, device) -> Callable:
+    """The implementation of ``op`` for tensors on ``device``.
+
+    Raises:
+        NotImplementedError: the explicitly chosen backend lacks ``op`` or cannot compute on
+            that device, or no available backend implements it.
+    """
+    dev = _device_type(device)
+    name = _explicit()
+    if name is not None:
+        mod = get_backend(name)
+        if dev not in mod.DEVICES:
+            raise NotImplementedError(
+                f"backend {name!r} computes on {sorted(mod.DEVICES)} tensors, got a {dev} tensor "
+                f"for op {op!r}; move the tensors or choose another backend ({available()})")
+        fn = mod.OPS.get(op)
+        if fn is None:
+            have = [n for n in available() if op in get_backend(n).OPS]
+            raise NotImplementedError(f"backend {name!r} does not implement op {op!r}; backends "
+                                      f"that do: {have}")
+        return fn
+    cands = sorted((m for m in (_load(n) for n in _MODULES) if m is not None and dev in m.DEVICES),
+                   key=lambda m: -m.PRIORITY)
+    for i, mod in enumerate(cands):
+        fn = mod.OPS.get(op)
+        if fn is not None:
+            if i > 0 and (op, dev) not in _fallback_logged:
+                _fallback_logged.add((op, dev))
+                log.info("gpuquant: op %r on %s runs on backend %r (%r does not implement it)",
+                         op, dev, mod.NAME, cands[0].NAME)
+            return fn
+    raise NotImplementedError(f"no available backend implements op {op!r} for {dev} tensors "
+                              f"(available: {available()})")
+
+
+def auto_backend(device) -> str:
+    """Name of the backend automatic selection prefers for ``device``."""
+    dev = _device_type(device)
+    cands = [m for m in (_load(n) for n in _MODULES) if m is not None and dev in m.DEVICES]
+    if not cands:
+        raise NotImplementedError(f"no available backend computes on {dev} tensors")
+    return max(cands, key=lambda m: m.PRIORITY).NAME

@@ -1,0 +1,27 @@
+"""Command line: ``gpuquant demo [--out DIR]`` and ``gpuquant bench [SUITE ...] [--quick] [--out DIR]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="gpuquant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="train, quantize (PTQ and QAT), run int8, report")
+    p_demo.add_argument("--out", default=None, help="write DIR/demo.json (and the exported model)")
+    p_bench = sub.add_parser("bench", help="benchmark suites, providers side by side")
+    p_bench.add_argument("suites", nargs="*", help="suites to run (default: all)")
+    p_bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    p_bench.add_argument("--out", default="bench/results/local", help="output folder")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+        return run_demo(out=args.out)
+    from .bench import run_bench
+    return run_bench(args.suites, quick=args.quick, out=args.out,
+                     command="gpuquant " + " ".join(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Fixed-point requantization parameters, computed once on the host (contract section 1).
+
+A real multiplier ``m = s_in * s_w[c] / s_out`` (> 0) becomes an int32 ``multiplier`` in
+[2^30, 2^31) and a right shift ``rshift`` with ``m ~= multiplier * 2^-31 * 2^-rshift``,
+computed in float64 with ``math.frexp`` exactly as TFLite's ``QuantizeMultiplier``
+(rounding half away from zero). ``rshift`` may be negative (a left shift, for m >= 1);
+multipliers below 2^-31 * 2^-31 become (0, 0), as TFLite does.
+
+Applying it (every backend, bit for bit; see ``reference.requantize``)::
+
+    x = acc                     # int32
+    if rshift < 0: x = saturate_int32(x * 2^-rshift)
+    x = SaturatingRoundingDoublingHighMul(x, multiplier)
+    x = RoundingDivideByPOT(x, max(rshift, 0))
+    y = clamp(x + zero_point, qmin, qmax)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..dtypes import QuantDtype, get_dtype
+
+__all__ = ["quantize_multiplier", "Requant", "make_requant", "AddParams", "make_add_params",
+           "activation_range", "ACTIVATIONS", "INT32_MIN", "INT32_MAX"]
+
+INT32_MIN = -(2 ** 31)
+INT32_MAX = 2 ** 31 - 1
+ACTIVATIONS = ("none", "relu", "relu6")
+
+
+def _quantize_one(m: float):
+    if not (m > 0 and math.isfinite(m)):
+        raise ValueError(f"requantization multiplier must be finite and > 0, got {m!r}")
+    q, e = math.frexp(m)  # m = q * 2^e, q in [0.5, 1)
+    q_fixed = math.floor(q * 2.0 ** 31 + 0.5)  # half away from zero (q > 0)
+    if q_fixed == 2 ** 31:
+        q_fixed //= 2
+        e += 1
+    if e < -31:  # too small to represent: TFLite flushes to zero
+        return 0, 0
+    if e > 30:
+        raise ValueError(f"requantization multiplier {m!r} too large (>= 2^30): scales are "
+                         f"inconsistent")
+    return int(q_fixed), int(-e)
+
+
+def quantize_multiplier(real) -> tuple:
+    """Float multipliers -> (int32 multiplier tensor, int32 rshift tensor), same shape.
+
+    Args:
+        real: float, sequence or tensor of positive multipliers (computed in float64).
+    """
+    t = torch.as_tensor(real, dtype=torch.float64).detach().cpu()
+    pairs = [_quantize_one(float(v)) for v in t.flatten().tolist()]
+    mult = torch.tensor([p[0] for p in pairs], dtype=torch.int32).reshape(t.shape)
+    shift = torch.tensor([p[1] for p in pairs], dtype=torch.int32).reshape(t.shape)
+    return mult, shift
+
+
+def activation_range(dtype: QuantDtype, scale: float, zero_point: int, activation: str):
+    """Integer clamp range [lo, hi] of a quantized output with a fused activation."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    lo, hi = dtype.qmin, dtype.qmax
+    if activation in ("relu", "relu6"):
+        lo = max(lo, zero_point)
+    if activation == "relu6":
+        six = zero_point + int(torch.round(torch.tensor(6.0 / scale, dtype=torch.float32)))
+        hi = min(hi, max(six, lo))
+    return lo, hi
+
+
+@dataclass
+class Requant:
+    """Output requantization: int32 accumulator -> quantized output (per channel or not).
+
+    ``multiplier`` / ``rshift``: int32 tensors of shape () or (C,) (C = output channels,
+    the last dimension of a linear's output and dim 1 of a conv's). ``zero_point``,
+    ``qmin``, ``qmax``: Python ints (the activation's clamp folded into qmin/qmax).
+    ``dtype``: the output QuantDtype (its ``storage`` is the torch dtype written).
+    """
+
+    multiplier: torch.Tensor
+    rshift: torch.Tensor
+    zero_point: int
+    qmin: int
+    qmax: int
+    dtype: QuantDtype
+
+    def to(self, device) -> "Requant":
+        return Requant(self.multiplier.to(device), self.rshift.to(device), self.zero_point,
+                       self.qmin, self.qmax, self.dtype)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.multiplier.dim() == 1
+
+
+def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_dtype,
+                 activation: str = "none") -> Requant:
+    """Requant for ``acc`` in units of ``in_scale * w_scale`` to an output of ``out_scale``.
+
+    Args:
+        in_scale: input scale (float or 0-d tensor).
+        w_scale: weight scale: float, or a (C,) tensor for per-channel weights; pass 1.0 for
+            ops whose accumulator is in input units (mul passes s_a * s_b as in_scale).
+        out_scale, out_zero_point, out_dtype: the output's qparams.
+        activation: "none", "relu" or "relu6", fused as the clamp range.
+    """
+    dtype = get_dtype(out_dtype)
+    real = (torch.as_tensor(in_scale, dtype=torch.float64).cpu()
+            * torch.as_tensor(w_scale, dtype=torch.float64).cpu() / float(out_scale))
+    mult, shift = quantize_multiplier(real)
+    lo, hi = activation_range(dtype, float(out_scale), int(out_zero_point), activation)
+    return Requant(mult, shift, int(out_zero_point), lo, hi, dtype)
+
+
+@dataclass
+class AddParams:
+    """TFLite reference integer add: ``left_shift`` and per-input / output multipliers."""
+
+    left_shift: int
+    a_zero_point: int
+    a_multiplier: int
+    a_rshift: int
+    b_zero_point: int
+    b_multiplier: int
+    b_rshift: int
+    out: Requant  # per-tensor; its multiplier/rshift rescale the sum
+
+
+def make_add_params(a_scale: float, a_zp: int, b_scale: float, b_zp: int, out_scale: float,
+                    out_zp: int, out_dtype, activation: str = "none") -> AddParams:
+    """As TFLite's ``PrepareGeneralSubOrAdd``: left_shift 20, inputs scaled by
+    ``s_i / (2 max(s_a, s_b))``, the sum by ``2 max(s_a, s_b) / (2^20 s_out)``."""
+    left_shift = 20
+    twice_max = 2.0 * max(float(a_scale), float(b_scale))
+    (ma, sa), (mb, sb) = (quantize_multiplier(float(a_scale) / twice_max),
+                          quantize_multiplier(float(b_scale) / twice_max))
+    out = make_requant(twice_max / (1 << left_shift), 1.0, out_scale, out_zp, out_dtype,
+                       activation)
+    return AddParams(left_shift, int(a_zp), int(ma), int(sa), int(b_zp), int(mb), int(sb), out)

@@ -1,0 +1,175 @@
+"""QParams: dtype, scale and zero point (per tensor or per channel along ``axis``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .dtypes import QuantDtype, get_dtype
+
+__all__ = ["QParams"]
+
+
+def _as_tensor(value, dtype: torch.dtype, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() != dtype.is_floating_point:
+            kind = "floating" if dtype.is_floating_point else "integer"
+            raise TypeError(f"{what} must be a {kind} tensor, got dtype {value.dtype}")
+        return value.detach().to(dtype)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number or a tensor, got {type(value).__name__} ({value!r})")
+    if dtype == torch.int32 and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{what} must be an integer, got {value!r}")
+    return torch.tensor(value, dtype=dtype)
+
+
+class QParams:
+    """Quantization parameters: ``QParams(dtype, scale, zero_point, axis=None)``.
+
+    Args:
+        dtype: a :class:`gpuquant.QuantDtype` (or its name).
+        scale: positive finite float32; a scalar for per-tensor, a 1-D vector (one scale
+            per slice along ``axis``) for per-channel.
+        zero_point: int32 of the same shape as ``scale``, inside the dtype's range.
+        axis: ``None`` for per-tensor, else the channel axis of the tensors it applies to
+            (negative values count from the end once a tensor is given).
+
+    Raises:
+        ValueError: scale <= 0, NaN or Inf; zero point outside [qmin, qmax]; shapes that do
+            not match; a vector scale without an axis or an axis without a vector scale.
+        TypeError: arguments of the wrong kind.
+
+    Example:
+        >>> qp = QParams(gpuquant.qint8, 0.05, 0)
+        >>> qp_w = QParams(gpuquant.qint8_narrow, torch.rand(16) + 0.01, torch.zeros(16, dtype=torch.int32), axis=0)
+    """
+
+    __slots__ = ("dtype", "scale", "zero_point", "axis")
+
+    def __init__(self, dtype, scale, zero_point=0, axis: Optional[int] = None):
+        self.dtype: QuantDtype = get_dtype(dtype)
+        scale = _as_tensor(scale, torch.float32, "scale")
+        zero_point = _as_tensor(zero_point, torch.int32, "zero_point")
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise TypeError(f"axis must be None or an int, got {type(axis).__name__} ({axis!r})")
+        if axis is None:
+            if scale.numel() != 1:
+                raise ValueError(f"per-tensor QParams (axis=None) need a single scale, got shape "
+                                 f"{tuple(scale.shape)}; pass axis= for per-channel scales")
+            scale = scale.reshape(())
+            if zero_point.numel() != 1:
+                raise ValueError(f"zero_point must have one element for per-tensor QParams, got "
+                                 f"shape {tuple(zero_point.shape)}")
+            zero_point = zero_point.reshape(())
+        else:
+            if scale.dim() != 1:
+                raise ValueError(f"per-channel scale must be 1-D, got shape {tuple(scale.shape)}")
+            if zero_point.dim() == 0:
+                zero_point = zero_point.expand(scale.shape).clone()
+            if zero_point.shape != scale.shape:
+                raise ValueError(f"zero_point shape {tuple(zero_point.shape)} does not match scale "
+                                 f"shape {tuple(scale.shape)}")
+        if zero_point.device != scale.device:
+            zero_point = zero_point.to(scale.device)
+        s = scale.detach().cpu()
+        bad = ~torch.isfinite(s) | (s <= 0)
+        if bool(bad.any()):
+            raise ValueError(f"scale must be finite and > 0, got {s[bad].flatten()[:4].tolist()} "
+                             f"(at {int(bad.sum())} position(s))")
+        z = zero_point.detach().cpu()
+        d = self.dtype
+        badz = (z < d.qmin) | (z > d.qmax)
+        if bool(badz.any()):
+            raise ValueError(f"zero_point {z[badz].flatten()[:4].tolist()} outside the range of "
+                             f"{d.name}: [{d.qmin}, {d.qmax}]")
+        self.scale = scale
+        self.zero_point = zero_point
+        self.axis = axis
+
+    @classmethod
+    def trusted(cls, dtype: QuantDtype, scale: torch.Tensor, zero_point: torch.Tensor,
+                axis: Optional[int] = None) -> "QParams":
+        """Build without validation or host sync, for internal hot paths (observers on the GPU)
+        whose values are valid by construction: float32 ``scale`` >= eps, int32 ``zero_point``
+        in range, shapes already matching."""
+        self = cls.__new__(cls)
+        self.dtype, self.scale, self.zero_point, self.axis = dtype, scale, zero_point, axis
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def qmin(self) -> int:
+        return self.dtype.qmin
+
+    @property
+    def qmax(self) -> int:
+        return self.dtype.qmax
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def resolve_axis(self, ndim: int) -> Optional[int]:
+        """The non-negative channel axis for a tensor of ``ndim`` dimensions.
+
+        Raises:
+            ValueError: axis out of range for that tensor.
+        """
+        if self.axis is None:
+            return None
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(f"axis {self.axis} out of range for a tensor of {ndim} dimensions; "
+                             f"allowed: [{-ndim}, {ndim - 1}]")
+        return self.axis % ndim
+
+    def check_tensor(self, x: torch.Tensor) -> Optional[int]:
+        """Check these qparams fit tensor ``x``; return the resolved axis.
+
+        Raises:
+            ValueError: axis out of range, or channel count != number of scales.
+        """
+        axis = self.resolve_axis(x.dim())
+        if axis is not None and x.shape[axis] != self.scale.numel():
+            raise ValueError(f"tensor has {x.shape[axis]} channels along axis {self.axis} but "
+                             f"QParams hold {self.scale.numel()} scales")
+        return axis
+
+    def to(self, device) -> "QParams":
+        return QParams(self.dtype, self.scale.to(device), self.zero_point.to(device), self.axis)
+
+    def item_scale(self) -> float:
+        """The per-tensor scale as a Python float (host sync)."""
+        if self.per_channel:
+            raise ValueError("item_scale() needs per-tensor QParams, got per-channel")
+        return float(self.scale)
+
+    def item_zero_point(self) -> int:
+        if self.per_channel:
+            raise ValueError("item_zero_point() needs per-tensor QParams, got per-channel")
+        return int(self.zero_point)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, QParams):
+            return NotImplemented
+        return (self.dtype == other.dtype and self.axis == other.axis
+                and torch.equal(self.scale.cpu(), other.scale.cpu())
+                and torch.equal(self.zero_point.cpu(), other.zero_point.cpu()))
+
+    def __repr__(self) -> str:
+        if self.per_channel:
+            return (f"QParams({self.dtype.name}, scale=<{self.scale.numel()} per-channel>, "
+                    f"axis={self.axis})")
+        return (f"QParams({self.dtype.name}, scale={float(self.scale):.6g}, "
+                f"zero_point={int(self.zero_point)})")
+
+    def state(self) -> dict:
+        """Plain-data form (for save/load and checkpoints)."""
+        return {"dtype": self.dtype.name, "scale": self.scale.cpu(),
+                "zero_point": self.zero_point.cpu(), "axis": self.axis}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "QParams":
+        return cls(state["dtype"], state["scale"], state["zero_point"], state["axis"])
+
+

@@ -1,0 +1,32 @@
+"""Shared test set-up: seeding, device marks, the Triton interpreter on CPU-only machines."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton kernels run on CPU tensors through the interpreter; must be set before triton
+    # is imported anywhere.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (the CPU path of this logic is tested "
+                                       "through the interpreter / NumPy oracle)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Fresh but reproducible random inputs: a seed per test, derived from its name."""
+    seed = abs(hash(request.node.nodeid)) % (2 ** 31) if os.environ.get("GPUQUANT_TEST_RANDOM") \
+        else (sum(map(ord, request.node.nodeid)) * 2654435761) % (2 ** 31)
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    yield

@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+import gpuquant
+from gpuquant import QParams
+
+
+@pytest.mark.parametrize("dtype", [gpuquant.qint8, gpuquant.qint8_narrow, gpuquant.quint8,
+                                   gpuquant.qint4, gpuquant.quint4, gpuquant.qint32])
+def test_dtype_ranges_and_storage(dtype):
+    assert dtype.qmin < dtype.qmax
+    info = torch.iinfo(dtype.storage)
+    assert info.min <= dtype.qmin and dtype.qmax <= info.max
+
+
+def test_dtype_values():
+    assert (gpuquant.qint8.qmin, gpuquant.qint8.qmax) == (-128, 127)
+    assert (gpuquant.qint8_narrow.qmin, gpuquant.qint8_narrow.qmax) == (-127, 127)
+    assert (gpuquant.quint8.qmin, gpuquant.quint8.qmax) == (0, 255)
+    assert (gpuquant.qint4.qmin, gpuquant.qint4.qmax) == (-8, 7)
+    assert (gpuquant.quint4.qmin, gpuquant.quint4.qmax) == (0, 15)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, math.nan, math.inf, -math.inf])
+def test_bad_scale(scale):
+    with pytest.raises(ValueError, match="scale"):
+        QParams(gpuquant.qint8, scale, 0)
+
+
+def test_bad_per_channel_scale_names_value():
+    s = torch.tensor([0.1, 0.0, 0.2])
+    with pytest.raises(ValueError, match=r"0\.0"):
+        QParams(gpuquant.qint8, s, torch.zeros(3, dtype=torch.int32), axis=0)
+
+
+@pytest.mark.parametrize("dtype,zp", [(gpuquant.qint8, 128), (gpuquant.qint8, -129),
+                                      (gpuquant.quint8, -1), (gpuquant.quint4, 16),
+                                      (gpuquant.qint8_narrow, -128)])
+def test_zero_point_out_of_range(dtype, zp):
+    with pytest.raises(ValueError, match="zero_point"):
+        QParams(dtype, 0.1, zp)
+
+
+def test_shape_mismatch_and_axis():
+    with pytest.raises(ValueError, match="shape"):
+        QParams(gpuquant.qint8, torch.ones(3), torch.zeros(4, dtype=torch.int32), axis=0)
+    with pytest.raises(ValueError, match="single scale"):
+        QParams(gpuquant.qint8, torch.ones(3), 0)
+    qp = QParams(gpuquant.qint8, torch.ones(3), 0, axis=5)
+    with pytest.raises(ValueError, match="axis 5 out of range"):
+        qp.check_tensor(torch.zeros(2, 3))
+    qp = QParams(gpuquant.qint8, torch.ones(3), 0, axis=1)
+    with pytest.raises(ValueError, match="channels"):
+        qp.check_tensor(torch.zeros(2, 4))
+
+
+def test_wrong_types():
+    with pytest.raises(TypeError):
+        QParams(gpuquant.qint8, "0.1", 0)
+    with pytest.raises(ValueError, match="unknown quantized dtype"):
+        QParams("int7", 0.1, 0)
+    with pytest.raises(TypeError):
+        QParams(torch.int8, 0.1, 0)
+    with pytest.raises(TypeError):
+        QParams(gpuquant.qint8, 0.1, 0, axis=1.0)
+
+
+def test_roundtrip_state():
+    qp = QParams(gpuquant.quint8, torch.rand(5) + 0.1, torch.randint(0, 255, (5,), dtype=torch.int32), axis=-1)
+    assert QParams.from_state(qp.state()) == qp
