@@ -1,6 +1,6 @@
 """Backends: ``available()``, ``use(name)``, ``current()``; see :mod:`.registry`."""
-from .registry import (BACKEND_NAMES, auto_backend, available, current, get_backend, get_op,
-                       register, use)
+from .registry import (BACKEND_NAMES, auto_backend, available, current, find_op, get_backend,
+                       get_op, register, use)
 
-__all__ = ["available", "use", "current", "get_backend", "get_op", "register", "auto_backend",
+__all__ = ["available", "use", "current", "get_backend", "get_op", "find_op", "register", "auto_backend",
            "BACKEND_NAMES"]

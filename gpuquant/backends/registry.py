@@ -6,7 +6,8 @@ Backends are packages under ``gpuquant.backends`` (``reference``, ``numpy``, ``t
 * ``NAME``: its public name;
 * ``is_available() -> (bool, reason)``: whether it can run in this process;
 * ``DEVICES``: the torch device types it computes on (``{"cpu"}``, ``{"cuda"}``, ...);
-* ``PRIORITY``: larger wins in automatic selection (fastest correct first);
+* ``PRIORITY``: larger wins in automatic selection (fastest correct first); an int, or a
+  dict device type -> int (the Triton interpreter is available on CPU but never preferred);
 * ``OPS``: a dict op name -> callable, with the signatures of
   :mod:`gpuquant.backends.reference` (the readable definition).
 
@@ -27,7 +28,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["available", "use", "current", "get_backend", "get_op", "register", "BACKEND_NAMES"]
+__all__ = ["available", "use", "current", "get_backend", "get_op", "find_op", "register",
+           "auto_backend", "BACKEND_NAMES"]
 
 log = logging.getLogger("gpuquant.backends")
 
@@ -147,6 +149,30 @@ def _device_type(device) -> str:
     return str(device)
 
 
+def _priority(mod, dev: str) -> int:
+    p = mod.PRIORITY
+    return p.get(dev, -1) if isinstance(p, dict) else p
+
+
+def _auto_candidates(dev: str) -> list:
+    mods = [m for m in (_load(n) for n in _MODULES) if m is not None and dev in m.DEVICES]
+    return sorted(mods, key=lambda m: -_priority(m, dev))
+
+
+def find_op(op: str, device) -> Optional[Callable]:
+    """Like :func:`get_op` but returns None where no backend implements ``op`` (for optional
+    fast paths such as fused kernels); an explicit backend lacking it also gives None."""
+    dev = _device_type(device)
+    name = _explicit()
+    if name is not None:
+        mod = get_backend(name)
+        return mod.OPS.get(op) if dev in mod.DEVICES else None
+    for mod in _auto_candidates(dev):
+        if op in mod.OPS:
+            return mod.OPS[op]
+    return None
+
+
 def get_op(op: str, device) -> Callable:
     """The implementation of ``op`` for tensors on ``device``.
 
@@ -168,8 +194,7 @@ def get_op(op: str, device) -> Callable:
             raise NotImplementedError(f"backend {name!r} does not implement op {op!r}; backends "
                                       f"that do: {have}")
         return fn
-    cands = sorted((m for m in (_load(n) for n in _MODULES) if m is not None and dev in m.DEVICES),
-                   key=lambda m: -m.PRIORITY)
+    cands = _auto_candidates(dev)
     for i, mod in enumerate(cands):
         fn = mod.OPS.get(op)
         if fn is not None:
@@ -184,8 +209,7 @@ def get_op(op: str, device) -> Callable:
 
 def auto_backend(device) -> str:
     """Name of the backend automatic selection prefers for ``device``."""
-    dev = _device_type(device)
-    cands = [m for m in (_load(n) for n in _MODULES) if m is not None and dev in m.DEVICES]
+    cands = _auto_candidates(_device_type(device))
     if not cands:
-        raise NotImplementedError(f"no available backend computes on {dev} tensors")
-    return max(cands, key=lambda m: m.PRIORITY).NAME
+        raise NotImplementedError(f"no available backend computes on {_device_type(device)} tensors")
+    return cands[0].NAME
