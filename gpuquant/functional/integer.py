@@ -53,7 +53,7 @@ def check_accumulator_range(k, x_range, x_zero_point, w_absmax=128, bias_absmax=
             and the largest ``k`` that would fit).
 
     Example:
-        >>> check_accumulator_range(3 * 3 * 64, torch.uint8, 128, 127)   # -> 75_005_184
+        >>> check_accumulator_range(3 * 3 * 64, torch.uint8, 128, 127)   # -> 9_363_456
     """
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{op}: k (the reduction length) must be an int, got {type(k).__name__}")
