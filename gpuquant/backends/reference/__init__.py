@@ -230,3 +230,8 @@ OPS = {
     "concat": concat, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d,
     "adaptive_avg_pool2d": adaptive_avg_pool2d,
 }
+
+# dynamic (per-token) quantization ops for transformers: defined in their own file
+from ..reference_dynamic import OPS as _DYNAMIC_OPS  # noqa: E402
+
+OPS.update(_DYNAMIC_OPS)
