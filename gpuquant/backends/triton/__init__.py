@@ -6,6 +6,7 @@ package merges them:
 
 * ``fake_quant.py``: fused fake-quant + STE, fused observers, LSQ / TQT (QAT);
 * ``inference.py``: int8 GEMM / conv_bias and the rest of a quantized network.
+* ``dynamic.py``: per-token quantize, W8A8 dynamic and int8 weight-only GEMM (transformers).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ DEVICES = frozenset({"cpu"}) if _INTERPRET else frozenset({"cuda"})
 # On the GPU Triton is the fastest backend; the interpreter is for checking, never preferred.
 PRIORITY = {"cuda": 20, "cpu": -10}
 
-_FAMILIES = ("fake_quant", "inference")
+_FAMILIES = ("fake_quant", "inference", "dynamic")
 
 
 def is_available():

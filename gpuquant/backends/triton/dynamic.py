@@ -1,0 +1,241 @@
+"""Triton kernels for dynamic (per-token) quantization of transformer Linears.
+
+* ``_quantize_per_token_kernel``: one program a row; absmax, scale and the int8 row in one
+  launch (the row is read once when it fits one block, K <= 16384; twice above);
+* ``_linear_dynamic_kernel``: tiled GEMM, ``W8A8`` (int8 x int8 -> int32 on the tensor cores,
+  epilogue ``float(acc) * x_scale[m] * w_scale[n] + bias[n]`` written straight as
+  bf16/fp16/fp32: no int32 intermediate in memory) or ``WEIGHT_ONLY`` (float activations,
+  int8 weights converted to the activation dtype in registers, float32 accumulator,
+  epilogue ``acc * w_scale[n] + bias[n]``).
+
+Numerics are those of :mod:`gpuquant.backends.reference_dynamic`, bit for bit for
+``quantize_per_token`` and ``linear_dynamic``: divisions use ``tl.div_rn`` (IEEE; ``/`` is
+``div.full.f32`` on the GPU), rounding is the ``+-1.5 * 2^23`` trick (|v| <= 127.x here), and
+every launch passes ``enable_fp_fusion=False`` so ``x * inv + C`` and the epilogue's
+``y * w_scale + bias`` round twice, as PyTorch does, instead of once in an FMA.
+
+The GEMM tiling (grouped program order, int8 ``tl.dot`` with an int32 accumulator) follows
+Triton's matmul tutorial; it belongs with the int8 GEMM of ``inference.py`` (static W8A8) and
+should be merged there as an epilogue mode when that kernel grows one.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference_dynamic import EPS
+
+__all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]
+
+_RNE_MAGIC = 12582912.0  # 1.5 * 2^23: (v + M) - M rounds half to even for |v| < 2^22
+_ONE_BLOCK_MAX_K = 16384
+
+
+# --------------------------------------------------------------------------- per-token quantize
+@triton.jit
+def _quantize_per_token_kernel(
+    # pointers
+    x_ptr, q_ptr, scale_ptr,
+    # sizes
+    K,
+    # strides (rows; columns are contiguous)
+    stride_xm, stride_qm,
+    # scalars
+    qmin, qmax, eps,
+    # meta
+    BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr,
+):
+    """x (M, K) float -> q (M, K) int8, scale (M,) float32; program ``m`` does row ``m``."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_BLOCK:
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        absmax = tl.max(tl.abs(x), axis=0)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask = offs + k0 < K
+            xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(xk))
+        absmax = tl.max(amax, axis=0)
+    scale = tl.maximum(tl.div_rn(absmax, qmax.to(tl.float32)), eps)
+    inv = tl.div_rn(1.0, scale)
+    tl.store(scale_ptr + row, scale)
+    if ONE_BLOCK:
+        v = x * inv
+        r = (v + _RNE_MAGIC) - _RNE_MAGIC
+        r = tl.minimum(tl.maximum(r, qmin.to(tl.float32)), qmax.to(tl.float32))
+        tl.store(q_row + offs, r.to(tl.int8), mask=mask)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            mask = offs + k0 < K
+            xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            v = xk * inv
+            r = (v + _RNE_MAGIC) - _RNE_MAGIC
+            r = tl.minimum(tl.maximum(r, qmin.to(tl.float32)), qmax.to(tl.float32))
+            tl.store(q_row + k0 + offs, r.to(tl.int8), mask=mask)
+
+
+def quantize_per_token(x, qmin, qmax):
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    one_block = k <= _ONE_BLOCK_MAX_K
+    block_k = triton.next_power_of_2(k) if one_block else 4096
+    # enough threads that a 16K row sits in registers (<= 64 floats a thread)
+    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    _quantize_per_token_kernel[(m,)](
+        x, q, scale, k, x.stride(0), q.stride(0), int(qmin), int(qmax), EPS,
+        BLOCK_K=block_k, ONE_BLOCK=one_block, num_warps=num_warps, enable_fp_fusion=False)
+    return q, scale
+
+
+# --------------------------------------------------------------------------- GEMM
+@triton.jit
+def _linear_dynamic_kernel(
+    # pointers
+    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    # sizes
+    M, N, K,
+    # strides: a (M, K), b = W (N, K) read as W^T, c (M, N)
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+    # meta
+    HAS_BIAS: tl.constexpr, WEIGHT_ONLY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, BF16_RNE_BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """c = epilogue(a @ b^T).
+
+    W8A8 (``WEIGHT_ONLY`` False): a int8, b int8, int32 accumulator,
+    ``c = float(acc) * a_scale[m] * b_scale[n] (+ bias[n])``.
+    Weight-only: a float16/bfloat16/float32, b int8 converted to a's dtype (exact), float32
+    accumulator, ``c = acc * b_scale[n] (+ bias[n])``. c has c_ptr's dtype.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row blocks share each column block of W while it is in L2
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # rows past M / columns past N wrap around (loads stay in bounds); the store masks them
+    offs_am = (offs_m % M).to(tl.int64)
+    offs_bn = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+
+    if WEIGHT_ONLY:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        if WEIGHT_ONLY:
+            if DOT_F32:  # float32 activations, or the interpreter (no bfloat16 dot there)
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc,
+                             input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(a, b.to(a.dtype), acc)
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    w_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    if WEIGHT_ONLY:
+        y = acc * w_scale[None, :]
+    else:
+        x_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
+        y = acc.to(tl.float32) * x_scale[:, None]
+        y = y * w_scale[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        y = y + bias[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if BF16_RNE_BITS:
+        # the interpreter truncates float32 -> bfloat16; the GPU's cvt rounds half to even,
+        # which this reproduces on the bits (NaN and Inf stay NaN and Inf)
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = y.to(c_ptr.dtype.element_ty)
+    tl.store(c_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _gemm_config(m: int, n: int, k: int, elem_bytes: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) by shape.
+
+    Untuned starting points from Triton's matmul tutorial and common int8 choices for
+    sm_80 / sm_90 (no GPU was available when this was written): small M is memory-bound
+    (narrow N tiles so many programs stream W), large M uses big tensor-core tiles.
+    """
+    bk = 128 if elem_bytes == 1 else 64
+    if m <= 16:
+        return 16, (32 if n <= 8192 else 64), 2 * bk, 8, 4, 4
+    if m <= 128:
+        return 64, 128, bk, 8, 4, 4
+    return 128, 256 if elem_bytes == 1 else 128, bk, 8, 8, 3
+
+
+def _launch(a, b, a_scale, b_scale, bias, out, weight_only: bool):
+    m, k = a.shape
+    n = b.shape[0]
+    bm, bn, bk, gm, warps, stages = _gemm_config(m, n, k, a.element_size())
+    bk = min(bk, max(16, triton.next_power_of_2(k)))  # tiny K: no wasted masked work
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    interpret = a.device.type == "cpu"
+    _linear_dynamic_kernel[grid](
+        a, b, out, a_scale if a_scale is not None else b_scale, b_scale,
+        bias if bias is not None else b_scale,
+        m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, WEIGHT_ONLY=weight_only, DOT_PRECISION="ieee",
+        DOT_F32=a.dtype == torch.float32 or interpret,
+        BF16_RNE_BITS=interpret and out.dtype == torch.bfloat16,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=(k % bk == 0),
+        num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    return out
+
+
+def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
+    out = torch.empty((xq.shape[0], wq.shape[0]), dtype=out_dtype, device=xq.device)
+    if out.numel() == 0:
+        return out
+    return _launch(xq, wq, x_scale, w_scale, bias, out, weight_only=False)
+
+
+def linear_weight_only(x, wq, w_scale, bias):
+    out = torch.empty((x.shape[0], wq.shape[0]), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    return _launch(x, wq, None, w_scale, bias, out, weight_only=True)
+
+
+OPS = {
+    "quantize_per_token": quantize_per_token,
+    "linear_dynamic": linear_dynamic,
+    "linear_weight_only": linear_weight_only,
+}
