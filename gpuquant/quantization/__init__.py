@@ -1,0 +1,27 @@
+"""Quantization-aware training and calibration: observers, fake quantization, QConfig.
+
+See :mod:`.observer`, :mod:`.fake_quant` and :mod:`.qconfig` for the conventions and the
+decisions behind the presets.
+"""
+from .fake_quant import (LSQ, TQT, FakeQuantBase, FakeQuantize, apply_fake_quant_with_observer,
+                         lsq_fake_quant, tqt_fake_quant)
+from .observer import (ExponentialMovingAverageObserver, HistogramObserver, MinMaxObserver,
+                       Observer, PassiveObserver, SyncExponentialMovingAverageObserver,
+                       SyncMinMaxObserver, qparams_from_min_max)
+from .qconfig import (QConfig, calibration_qconfig, ema_fakequant_qconfig,
+                      ema_lowbit_fakequant_qconfig, lsq_qconfig, min_max_fakequant_qconfig,
+                      passive_qconfig, sync_ema_fakequant_qconfig, tqt_qconfig)
+
+__all__ = [
+    # qconfig
+    "QConfig", "min_max_fakequant_qconfig", "ema_fakequant_qconfig", "sync_ema_fakequant_qconfig",
+    "ema_lowbit_fakequant_qconfig", "calibration_qconfig", "tqt_qconfig", "lsq_qconfig",
+    "passive_qconfig",
+    # observers
+    "Observer", "MinMaxObserver", "ExponentialMovingAverageObserver", "HistogramObserver",
+    "PassiveObserver", "SyncMinMaxObserver", "SyncExponentialMovingAverageObserver",
+    "qparams_from_min_max",
+    # fake quant
+    "FakeQuantBase", "FakeQuantize", "LSQ", "TQT", "apply_fake_quant_with_observer",
+    "lsq_fake_quant", "tqt_fake_quant",
+]

@@ -1,0 +1,478 @@
+"""Fake-quantization modules and the one function QAT modules call.
+
+* :class:`FakeQuantize`: fake-quantizes with the qparams it is given (an observer's);
+  :func:`gpuquant.functional.fake_quant` (straight-through estimator).
+* :class:`LSQ`: learned step size (Esser et al. 2019, "Learned Step Size Quantization"), with
+  the paper's gradient scale ``g = 1 / sqrt(n * qmax)``, ``n`` the number of elements
+  sharing one scale (the whole tensor per-tensor, one channel's slice per-channel, so each
+  channel's scale sees gradients of the same size as a per-tensor scale would).
+  Gradients are those of ``torch._fake_quantize_learnable_per_tensor_affine`` /
+  ``_per_channel_affine`` (the outside reference).
+* :class:`TQT`: trained quantization thresholds (Jain et al. 2019): a learned ``log2 t``,
+  power-of-two scale ``2**ceil(log2 t) / (qmax + 1)``, zero point 0, gradients per the
+  paper (straight-through on ``ceil`` and ``round``).
+* :func:`apply_fake_quant_with_observer`: observer, then fake quant (MegEngine's
+  ``_apply_fakequant_with_observer``).
+
+Initialisation of the learned scales (a decision): LSQ and TQT take their first value from
+the first qparams they are given, i.e. from the observer that precedes them in a QConfig
+(a MinMax or moving-average range: close to optimal for a pretrained network and identical
+to what a plain :class:`FakeQuantize` run would have used), and learn from there. With no
+qparams at hand (``init="data"``, or none given), LSQ uses the paper's
+``2 * mean(|x|) / sqrt(qmax)`` and TQT ``log2(max |x|)`` (per channel where ``axis`` is set).
+Run one forward pass before building the optimizer's state: per-channel parameters take
+their channel count then (the Parameter object stays the same).
+
+Backend ops (optional fused kernels; this module's torch code is the definition):
+
+``lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor) -> y``
+    ``x`` float32/16/bf16 of any shape; ``scale`` float32, 0-d (``axis`` None) or 1-D of
+    ``x.shape[axis]`` (``axis`` a non-negative int), positive; ``zero_point`` float32 of the
+    same shape (the forward uses ``clamp(rne(zero_point), qmin, qmax)``); ``grad_factor`` a
+    Python float. ``y`` in ``x.dtype`` equals ``fake_quant`` with that scale and rounded zero
+    point. Differentiable in ``x``, ``scale`` and ``zero_point`` with torch's learnable
+    fake-quant gradients: ``r = rne(x * (1/scale) + zp)`` (float32), inside
+    ``= qmin <= r <= qmax``; ``dx = dy * inside``; per element
+    ``dscale = dy * ((clamp(r) - zp) * scale - x) * (1/scale) * g`` inside, else
+    ``dy * (qmin - zp) * g`` below / ``dy * (qmax - zp) * g`` above; ``dzp = -dy * scale * g``
+    outside, else 0; both summed over everything but ``axis``.
+
+``tqt_fake_quant(x, log2_t, qmin, qmax, axis) -> y``
+    ``log2_t`` float32, 0-d or 1-D along ``axis``; ``s = 2**ceil(log2_t) / (qmax + 1)``;
+    ``y = clamp(rne(x * (1/s)), qmin, qmax) * s`` in ``x.dtype``. Differentiable in ``x``
+    (``dy`` where ``qmin <= rne(x/s) <= qmax``) and ``log2_t``
+    (``sum dy * s * ln2 * (rne(x/s) - x/s | qmin | qmax)`` inside / below / above).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .. import functional as F
+from ..backends.registry import find_op
+from ..dtypes import get_dtype, qint8
+from ..qparams import QParams
+
+__all__ = ["FakeQuantBase", "FakeQuantize", "LSQ", "TQT", "apply_fake_quant_with_observer",
+           "lsq_fake_quant", "tqt_fake_quant"]
+
+_EPS = torch.finfo(torch.float32).eps
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _bcast(t: torch.Tensor, axis: Optional[int], ndim: int) -> torch.Tensor:
+    if axis is None:
+        return t
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _reduce_to(t: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+    """Sum ``t`` over every dimension except ``axis`` (all of them for per-tensor)."""
+    if axis is None:
+        return t.sum()
+    dims = [d for d in range(t.dim()) if d != axis]
+    return t.sum(dims) if dims else t
+
+
+# --------------------------------------------------------------------------- LSQ (torch)
+class _LSQFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_factor):
+        nd = x.dim()
+        xf = x.float()
+        s = _bcast(scale.float(), axis, nd)
+        inv = 1.0 / s
+        zp = _bcast(torch.round(zero_point.float()).clamp(qmin, qmax), axis, nd)
+        q = (torch.round(xf * inv) + zp).clamp(qmin, qmax)
+        y = (q - zp) * s
+        y = torch.where(torch.isnan(xf), xf, y)
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.args = (qmin, qmax, axis, grad_factor)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale, zero_point = ctx.saved_tensors
+        qmin, qmax, axis, g = ctx.args
+        nd = x.dim()
+        xf, dyf = x.float(), dy.float()
+        s = _bcast(scale.float(), axis, nd)
+        inv = 1.0 / s
+        zp = _bcast(torch.round(zero_point.float()).clamp(qmin, qmax), axis, nd)
+        r = torch.round(zp + xf * inv)  # as torch's learnable kernels: rne(zp + x * inv)
+        below, above = r < qmin, r > qmax
+        inside = ~(below | above)
+        dx = dyf * inside
+        xfq = (r.clamp(qmin, qmax) - zp) * s
+        ds_in = dyf * (xfq - xf) * inv * g
+        ds_out = torch.where(below, dyf * (qmin - zp), dyf * (qmax - zp)) * g
+        dscale = torch.where(inside, ds_in, ds_out)
+        dzp = torch.where(inside, torch.zeros_like(dyf), dyf * (-1) * s * g)
+        dscale = _reduce_to(dscale, axis).reshape(scale.shape).to(scale.dtype)
+        dzp = _reduce_to(dzp, axis).reshape(zero_point.shape).to(zero_point.dtype)
+        return (dx.to(x.dtype), dscale if ctx.needs_input_grad[1] else None,
+                dzp if ctx.needs_input_grad[2] else None, None, None, None, None)
+
+
+def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                   qmax: int, axis: Optional[int], grad_factor: float) -> torch.Tensor:
+    """LSQ fake quantization (signature and gradients in the module docstring); runs the
+    backend op ``"lsq_fake_quant"`` where one is registered for ``x``'s device, else the torch
+    definition here."""
+    op = find_op("lsq_fake_quant", x)
+    if op is not None:
+        return op(x, scale, zero_point, qmin, qmax, axis, grad_factor)
+    return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, axis, grad_factor)
+
+
+# --------------------------------------------------------------------------- TQT (torch)
+def _tqt_scale(log2_t: torch.Tensor, qmax: int) -> torch.Tensor:
+    return torch.exp2(torch.ceil(log2_t.float())) / float(qmax + 1)
+
+
+class _TQTFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, log2_t, qmin, qmax, axis):
+        nd = x.dim()
+        xf = x.float()
+        s = _bcast(_tqt_scale(log2_t, qmax), axis, nd)
+        inv = 1.0 / s  # exact: s is a power of two
+        r = torch.round(xf * inv)
+        y = r.clamp(qmin, qmax) * s
+        y = torch.where(torch.isnan(xf), xf, y)
+        ctx.save_for_backward(x, log2_t)
+        ctx.args = (qmin, qmax, axis)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, log2_t = ctx.saved_tensors
+        qmin, qmax, axis = ctx.args
+        nd = x.dim()
+        xf, dyf = x.float(), dy.float()
+        s = _bcast(_tqt_scale(log2_t, qmax), axis, nd)
+        inv = 1.0 / s
+        v = xf * inv
+        r = torch.round(v)
+        below, above = r < qmin, r > qmax
+        inside = ~(below | above)
+        dx = dyf * inside
+        inner = torch.where(inside, r - v, torch.where(below, torch.full_like(v, qmin),
+                                                        torch.full_like(v, qmax)))
+        dl = _reduce_to(dyf * inner * s * math.log(2.0), axis).reshape(log2_t.shape)
+        return dx.to(x.dtype), (dl.to(log2_t.dtype) if ctx.needs_input_grad[1] else None), \
+            None, None, None
+
+
+def tqt_fake_quant(x: torch.Tensor, log2_t: torch.Tensor, qmin: int, qmax: int,
+                   axis: Optional[int]) -> torch.Tensor:
+    """TQT fake quantization (signature and gradients in the module docstring); runs the
+    backend op ``"tqt_fake_quant"`` where one is registered, else the torch definition."""
+    op = find_op("tqt_fake_quant", x)
+    if op is not None:
+        return op(x, log2_t, qmin, qmax, axis)
+    return _TQTFakeQuant.apply(x, log2_t, qmin, qmax, axis)
+
+
+# --------------------------------------------------------------------------- modules
+class FakeQuantBase(nn.Module):
+    """Base of the fake-quant modules: ``forward(x, qparams) -> tensor``; when disabled,
+    ``forward`` returns ``x`` unchanged. ``get_qparams()`` returns learned qparams (LSQ, TQT)
+    or None (qparams come from the observer).
+
+    Args:
+        dtype: the quantized dtype simulated.
+    """
+
+    def __init__(self, dtype=qint8):
+        super().__init__()
+        self.dtype = get_dtype(dtype)
+        self.enabled = True
+
+    def enable(self) -> "FakeQuantBase":
+        self.enabled = True
+        return self
+
+    def disable(self) -> "FakeQuantBase":
+        self.enabled = False
+        return self
+
+    def get_qparams(self) -> Optional[QParams]:
+        return None
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got "
+                            f"{type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{type(self).__name__}: input must be float32, float16 or bfloat16, "
+                            f"got {x.dtype}")
+
+    def _check_qparams(self, qparams) -> None:
+        if not isinstance(qparams, QParams):
+            raise TypeError(f"{type(self).__name__}: qparams must be a gpuquant.QParams, got "
+                            f"{type(qparams).__name__}")
+        if qparams.dtype != self.dtype:
+            raise ValueError(f"{type(self).__name__} simulates {self.dtype.name} but got qparams "
+                             f"for {qparams.dtype.name} (observer and fake quant of a QConfig "
+                             f"must agree)")
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype.name}, enabled={self.enabled}"
+
+
+class FakeQuantize(FakeQuantBase):
+    """Fake-quantize with the given qparams (an observer's):
+    :func:`gpuquant.functional.fake_quant`, straight-through gradient.
+
+    Args:
+        dtype: the quantized dtype; the qparams passed to ``forward`` must have it.
+
+    Raises (forward):
+        TypeError: qparams is not a QParams; ValueError: its dtype differs.
+    """
+
+    def forward(self, x: torch.Tensor, qparams: QParams) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        self._check_qparams(qparams)
+        return F.fake_quant(x, qparams)
+
+
+class _LearnedBase(FakeQuantBase):
+    """Shared plumbing of LSQ / TQT: an ``initialized`` buffer (with a host mirror) and
+    per-channel parameters sized on first use or on load."""
+
+    INITS = ("qparams", "data")
+
+    def __init__(self, dtype, axis, init):
+        super().__init__(dtype)
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise TypeError(f"axis must be None or an int, got {type(axis).__name__} ({axis!r})")
+        if init not in self.INITS:
+            raise ValueError(f"init must be one of {self.INITS}, got {init!r}")
+        self.axis = axis
+        self.init = init
+        self._initialized = False
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def _param_shape(self):
+        return () if self.axis is None else (0,)
+
+    def _resolve_axis(self, x: torch.Tensor) -> Optional[int]:
+        if self.axis is None:
+            return None
+        if not -x.dim() <= self.axis < x.dim():
+            raise ValueError(f"{type(self).__name__}: axis {self.axis} out of range for a tensor "
+                             f"of {x.dim()} dimensions; allowed: [{-x.dim()}, {x.dim() - 1}]")
+        return self.axis % x.dim()
+
+    def _check_channels(self, x: torch.Tensor, axis: Optional[int], p: torch.Tensor) -> None:
+        if axis is not None and p.numel() != x.shape[axis]:
+            raise ValueError(f"{type(self).__name__}: tensor has {x.shape[axis]} channels along "
+                             f"axis {self.axis} but the learned parameters have {p.numel()}")
+
+    def _usable_qparams(self, qparams, x) -> Optional[QParams]:
+        if qparams is None or self.init == "data":
+            return None
+        self._check_qparams(qparams)
+        if qparams.axis is not None and self.axis is None or \
+                qparams.axis is None and self.axis is not None:
+            raise ValueError(f"{type(self).__name__}(axis={self.axis!r}) cannot start from qparams "
+                             f"with axis={qparams.axis!r}")
+        qparams.check_tensor(x)
+        return qparams
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        p = getattr(self, name)
+        p.data = value.detach().to(p.device, torch.float32).reshape(
+            () if self.axis is None else (-1,)).clone()
+
+    def _mark_initialized(self) -> None:
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name, t in list(self.named_parameters(recurse=False)) + \
+                list(self.named_buffers(recurse=False)):
+            src = state_dict.get(prefix + name)
+            if src is not None and src.shape != t.shape:
+                t.data = torch.empty_like(src, device=t.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._initialized = bool(self.initialized)
+
+
+class LSQ(_LearnedBase):
+    """Learned step size quantization (Esser et al. 2019); LSQ+-style learned zero point when
+    ``symmetric=False``.
+
+    The forward pass is :func:`gpuquant.functional.fake_quant` with the learned scale
+    (``|scale|``, at least float32 eps) and rounded zero point; gradients are torch's
+    learnable fake-quant ones with ``grad_factor = 1 / sqrt(n * qmax)`` (``n`` = elements per
+    scale; ``grad_scaling=False`` gives 1).
+
+    Args:
+        dtype: quantized dtype.
+        axis: None (per-tensor) or the channel axis (weights: 0).
+        symmetric: True keeps the zero point fixed (0 signed, ``(qmax + qmin + 1) // 2``
+            unsigned); False learns it.
+        init: ``"qparams"`` (from the first qparams given to ``forward``; the paper's data init
+            when none are given) or ``"data"`` (always the paper's ``2 mean|x| / sqrt(qmax)``).
+        grad_scaling: apply the paper's gradient scale.
+
+    Example:
+        >>> fq = LSQ(gpuquant.qint8_narrow, axis=0)
+        >>> y = fq(w, observer.get_qparams())   # first call initialises the scale
+    """
+
+    def __init__(self, dtype=qint8, axis: Optional[int] = None, symmetric: bool = True,
+                 init: str = "qparams", grad_scaling: bool = True):
+        super().__init__(dtype, axis, init)
+        self.symmetric = bool(symmetric)
+        self.grad_scaling = bool(grad_scaling)
+        self.scale = nn.Parameter(torch.ones(self._param_shape()))
+        zp0 = torch.zeros(self._param_shape())
+        if symmetric:
+            self.register_buffer("zero_point", zp0)
+        else:
+            self.zero_point = nn.Parameter(zp0)
+
+    def _fixed_zero_point(self) -> int:
+        d = self.dtype
+        return 0 if d.signed else (d.qmax + d.qmin + 1) // 2
+
+    def _initialize(self, x: torch.Tensor, axis, qparams: Optional[QParams]) -> None:
+        with torch.no_grad():
+            if qparams is not None:
+                self._set("scale", qparams.scale)
+                zp = qparams.zero_point.float()
+                if self.symmetric:
+                    zp = torch.full_like(zp, self._fixed_zero_point())
+                self._set("zero_point", zp)
+            else:
+                a = x.detach().float().abs()
+                mean = a.mean() if axis is None else a.movedim(axis, 0).reshape(x.shape[axis], -1).mean(1)
+                s = torch.clamp(2.0 * mean / math.sqrt(self.dtype.qmax), min=_EPS)
+                self._set("scale", s)
+                self._set("zero_point", torch.full_like(s, self._fixed_zero_point()))
+        self._mark_initialized()
+
+    def _effective_scale(self) -> torch.Tensor:
+        return self.scale.abs().clamp_min(_EPS)
+
+    def forward(self, x: torch.Tensor, qparams: Optional[QParams] = None) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        self._check_input(x)
+        axis = self._resolve_axis(x)
+        if not self._initialized:
+            self._initialize(x, axis, self._usable_qparams(qparams, x))
+        self._check_channels(x, axis, self.scale)
+        d = self.dtype
+        n = x.numel() if axis is None else x.numel() // max(x.shape[axis], 1)
+        g = 1.0 / math.sqrt(max(n, 1) * d.qmax) if self.grad_scaling else 1.0
+        return lsq_fake_quant(x, self._effective_scale(), self.zero_point, d.qmin, d.qmax, axis, g)
+
+    def get_qparams(self) -> Optional[QParams]:
+        """The learned qparams (no host sync), or None before initialisation."""
+        if not self._initialized:
+            return None
+        d = self.dtype
+        zp = torch.round(self.zero_point.detach()).clamp(d.qmin, d.qmax).to(torch.int32)
+        return QParams.trusted(d, self._effective_scale().detach(), zp, self.axis)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", axis={self.axis}, symmetric={self.symmetric}"
+
+
+class TQT(_LearnedBase):
+    """Trained quantization thresholds (Jain et al. 2019): learned ``log2_t``, power-of-two
+    scale ``2**ceil(log2_t) / (qmax + 1)`` (``2**(bits-1)`` for signed dtypes, ``2**bits``
+    unsigned), zero point 0.
+
+    Args:
+        dtype: quantized dtype (signed for tensors of both signs; unsigned for non-negative
+            ones, e.g. after ReLU).
+        axis: None or the channel axis.
+        init: ``"qparams"``: ``log2_t = log2(scale * max(qmax - zp, zp - qmin))`` of the first
+            qparams given (the observed range), else ``log2(max|x|)``; ``"data"``: always the
+            latter.
+    """
+
+    def __init__(self, dtype=qint8, axis: Optional[int] = None, init: str = "qparams"):
+        super().__init__(dtype, axis, init)
+        self.log2_t = nn.Parameter(torch.zeros(self._param_shape()))
+
+    def _initialize(self, x: torch.Tensor, axis, qparams: Optional[QParams]) -> None:
+        d = self.dtype
+        with torch.no_grad():
+            if qparams is not None:
+                zp = qparams.zero_point.float()
+                amax = qparams.scale.float() * torch.max(d.qmax - zp, zp - d.qmin)
+            else:
+                a = x.detach().float().abs()
+                amax = a.amax() if axis is None else a.movedim(axis, 0).reshape(x.shape[axis], -1).amax(1)
+            self._set("log2_t", torch.log2(torch.clamp(amax, min=_EPS * (d.qmax + 1))))
+        self._mark_initialized()
+
+    def forward(self, x: torch.Tensor, qparams: Optional[QParams] = None) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        self._check_input(x)
+        axis = self._resolve_axis(x)
+        if not self._initialized:
+            self._initialize(x, axis, self._usable_qparams(qparams, x))
+        self._check_channels(x, axis, self.log2_t)
+        return tqt_fake_quant(x, self.log2_t, self.dtype.qmin, self.dtype.qmax, axis)
+
+    def get_qparams(self) -> Optional[QParams]:
+        """The power-of-two qparams (no host sync), or None before initialisation."""
+        if not self._initialized:
+            return None
+        scale = _tqt_scale(self.log2_t.detach(), self.dtype.qmax)
+        return QParams.trusted(self.dtype, scale, torch.zeros_like(scale, dtype=torch.int32),
+                               self.axis)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", axis={self.axis}"
+
+
+# --------------------------------------------------------------------------- the QAT hook
+def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQuantBase],
+                                   observer) -> torch.Tensor:
+    """Observe ``x``, then fake-quantize it: the one function QAT modules call.
+
+    ``observer(x)`` records (if it is enabled); then, if ``fake_quant`` is present and
+    enabled, ``fake_quant(x, qparams)`` with ``fake_quant.get_qparams()`` (learned: LSQ, TQT)
+    or else ``observer.get_qparams()``. Either may be None (a QConfig field left empty).
+
+    Raises:
+        ValueError: fake quantization needs qparams but there is no observer, or the
+            observer has not observed anything (e.g. disabled from the start).
+    """
+    # ---- FUSED FAST PATH: the single place for it (Triton issue) ------------------------
+    # A backend op "observe_fake_quant" (find_op("observe_fake_quant", x)) may record the
+    # batch statistics and fake-quantize in one pass, for the observer / fake-quant pairs it
+    # supports, when both are present and enabled; it must leave the observer's state and
+    # the output exactly as the calls below would. The calls below are the definition.
+    # ---------------------------------------------------------------------------------------
+    if observer is not None:
+        x = observer(x)
+    if fake_quant is None or not fake_quant.enabled:
+        return x
+    qparams = fake_quant.get_qparams()
+    if qparams is None:
+        if observer is None:
+            if isinstance(fake_quant, _LearnedBase):
+                return fake_quant(x, None)  # data initialisation
+            raise ValueError(f"{type(fake_quant).__name__} needs qparams but no observer was "
+                             f"given (QConfig observer field is None)")
+        qparams = observer.get_qparams()
+    return fake_quant(x, qparams)

@@ -1,0 +1,629 @@
+"""Observers: ``nn.Module``s that record statistics of the tensors passing through them and
+turn them into :class:`gpuquant.QParams`.
+
+Conventions (all observers):
+
+* Calling an observer records the tensor whenever the observer is enabled, in train *and*
+  eval mode (calibration runs in eval mode), and returns its input unchanged. ``enable()`` /
+  ``disable()`` switch recording; ``enabled`` says which. Empty tensors are ignored.
+* Arguments ``dtype`` (a :class:`gpuquant.QuantDtype`, default ``qint8``), ``symmetric``
+  (default True: zero point 0 for signed dtypes, as MegEngine and TensorRT use) and ``axis``
+  (None = per-tensor, an int = per-channel along that axis, negative counts from the end).
+* State lives in registered buffers, so ``state_dict()`` / ``load_state_dict()`` round-trip
+  (per-channel buffers take the channel count of the first tensor, or of the loaded state).
+* ``get_qparams()`` computes scale and zero point on the device in float32 torch ops
+  (no ``.item()``, no host sync) with exactly ``torch.ao.quantization``'s formulas
+  (contract section 1): min clipped to <= 0, max to >= 0; symmetric
+  ``scale = max(-min, max) / ((qmax - qmin) / 2)``, zero point 0 (signed) or
+  ``(qmax + qmin + 1) // 2`` (unsigned); asymmetric ``scale = (max - min) / (qmax - qmin)``,
+  ``zero_point = clamp(qmin - rne(min / scale), qmin, qmax)``; then ``scale = max(scale,
+  float32 eps)``. MinMax observers are bit-identical to ``torch.ao.quantization.MinMaxObserver``
+  / ``PerChannelMinMaxObserver``. One documented difference: for *unsigned symmetric* torch
+  uses ``(quant_min + quant_max) // 2`` (127 for quint8) when ``quant_min``/``quant_max`` are
+  passed explicitly and 128 otherwise; gpuquant always uses the contract's
+  ``(qmax + qmin + 1) // 2`` (128 for quint8, 8 for quint4).
+* NaN or Inf input raises ``ValueError`` naming the observer, and the state is left as it was
+  (never a poisoned scale). Detecting it costs one scalar device-to-host read per recorded
+  batch (the batch min/max are reduced on the device first, so NaN and Inf show up there).
+  ``check_finite=False`` skips that read for hot GPU loops: a non-finite batch (or channel)
+  is then dropped on the device, leaving the state unchanged, and counted in the buffer
+  ``nonfinite_batches``.
+* ``get_qparams()`` before anything was recorded raises ``ValueError`` ("... has not
+  observed any data").
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..dtypes import QuantDtype, get_dtype, qint8
+from ..qparams import QParams
+
+__all__ = ["Observer", "MinMaxObserver", "ExponentialMovingAverageObserver", "HistogramObserver",
+           "PassiveObserver", "SyncMinMaxObserver", "SyncExponentialMovingAverageObserver",
+           "qparams_from_min_max"]
+
+_EPS = torch.finfo(torch.float32).eps
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: QuantDtype,
+                         symmetric: bool):
+    """Scale (float32) and zero point (int32) from a range, elementwise, on the device.
+
+    The expressions are ``torch.ao.quantization.UniformQuantizationObserverBase.
+    _calculate_qparams``'s, written the same way so that they round the same way on the same
+    device. ``min_val`` / ``max_val`` are float32 tensors of any (equal) shape; the result has
+    that shape. No host sync.
+    """
+    qmin, qmax = dtype.qmin, dtype.qmax
+    min_neg = torch.min(min_val, torch.zeros_like(min_val))
+    max_pos = torch.max(max_val, torch.zeros_like(max_val))
+    eps = torch.tensor(_EPS, dtype=torch.float32, device=min_val.device)
+    if symmetric:
+        max_pos = torch.max(-min_neg, max_pos)
+        scale = max_pos / (float(qmax - qmin) / 2)
+        scale = torch.max(scale, eps)
+        zp_value = 0 if dtype.signed else (qmax + qmin + 1) // 2
+        zero_point = torch.full(scale.shape, zp_value, dtype=torch.int32, device=scale.device)
+    else:
+        scale = (max_pos - min_neg) / float(qmax - qmin)
+        scale = torch.max(scale, eps)
+        # int64 so that wide ranges (qint32) cannot overflow before the clamp
+        zero_point = qmin - torch.round(min_neg / scale).to(torch.int64)
+        zero_point = torch.clamp(zero_point, qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def _check_axis(axis) -> Optional[int]:
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be None (per-tensor) or an int (per-channel), got "
+                        f"{type(axis).__name__} ({axis!r})")
+    return axis
+
+
+class Observer(nn.Module):
+    """Base class of all observers (see the module docstring for the shared conventions).
+
+    Subclasses implement ``_record(x)`` (``x`` a detached float32 tensor with at least one
+    element, called under ``torch.no_grad()``) and ``get_qparams()``; they set
+    ``self._observed = True`` in ``_record`` once something usable was recorded.
+
+    Args:
+        dtype: the quantized dtype the qparams are for (QuantDtype or its name).
+        symmetric: symmetric range (zero point fixed) or affine.
+        axis: None for per-tensor, an int for per-channel.
+        check_finite: raise on NaN/Inf input (one scalar host read per recorded batch);
+            False drops non-finite batches on the device instead.
+
+    Raises:
+        TypeError: bad argument types.
+    """
+
+    def __init__(self, dtype=qint8, symmetric: bool = True, axis: Optional[int] = None,
+                 check_finite: bool = True):
+        super().__init__()
+        self.dtype = get_dtype(dtype)
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__} ({symmetric!r})")
+        self.symmetric = symmetric
+        self.axis = _check_axis(axis)
+        self.check_finite = bool(check_finite)
+        self.enabled = True
+        self._observed = False
+        self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.int64))
+
+    # ------------------------------------------------------------------ switches
+    def enable(self) -> "Observer":
+        """Record the tensors passing through (the default)."""
+        self.enabled = True
+        return self
+
+    def disable(self) -> "Observer":
+        """Stop recording; the observer then only passes its input through."""
+        self.enabled = False
+        return self
+
+    @property
+    def has_observed(self) -> bool:
+        """Whether ``get_qparams()`` has data to work from (host-side flag, no sync)."""
+        return self._observed
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self._name()}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{self._name()}: input must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.numel() == 0:
+            return x
+        with torch.no_grad():
+            self._record(x.detach().to(torch.float32))
+        return x
+
+    def _record(self, x: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not record tensors")
+
+    def get_qparams(self) -> QParams:
+        """The qparams for what was recorded so far.
+
+        Raises:
+            ValueError: nothing recorded yet.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def _name(self) -> str:
+        return type(self).__name__
+
+    def _require_observed(self) -> None:
+        if not self._observed:
+            raise ValueError(f"{self._name()} has not observed any data: call it on a tensor "
+                             f"(or load a state_dict) before get_qparams()")
+
+    def _resolve_axis(self, x: torch.Tensor) -> Optional[int]:
+        if self.axis is None:
+            return None
+        if not -x.dim() <= self.axis < x.dim():
+            raise ValueError(f"{self._name()}: axis {self.axis} out of range for a tensor of "
+                             f"{x.dim()} dimensions; allowed: [{-x.dim()}, {x.dim() - 1}]")
+        return self.axis % x.dim()
+
+    def _batch_min_max(self, x: torch.Tensor):
+        """Batch min and max (0-d, or one per channel); NaN mapped to -inf / +inf so that it
+        survives a MIN/MAX all_reduce and shows as non-finite."""
+        axis = self._resolve_axis(x)
+        if axis is None:
+            mn, mx = torch.aminmax(x)
+        else:
+            mn, mx = torch.aminmax(x.movedim(axis, 0).reshape(x.shape[axis], -1), dim=1)
+        nan = torch.isnan(mn) | torch.isnan(mx)
+        mn = torch.where(nan, torch.full_like(mn, -math.inf), mn)
+        mx = torch.where(nan, torch.full_like(mx, math.inf), mx)
+        return self._reduce(mn, mx)
+
+    def _reduce(self, mn: torch.Tensor, mx: torch.Tensor):
+        """Hook for the Sync* observers (all_reduce across processes)."""
+        return mn, mx
+
+    def _finite_mask(self, mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+        """Which entries of a batch's (min, max) are usable; raises if check_finite is on."""
+        ok = torch.isfinite(mn) & torch.isfinite(mx)
+        if self.check_finite:
+            if not bool(ok.all()):  # the one host read of an observer step
+                raise ValueError(f"{self._name()}: input contains NaN or Inf; refusing to record "
+                                 f"it (the observer's state is unchanged)")
+        else:
+            self.nonfinite_batches += (~ok).any().to(torch.int64)
+        return ok
+
+    def extra_repr(self) -> str:
+        axis = "" if self.axis is None else f", axis={self.axis}"
+        return f"dtype={self.dtype.name}, symmetric={self.symmetric}{axis}"
+
+
+# --------------------------------------------------------------------------- min / max family
+class _RangeObserver(Observer):
+    """Observers keeping a running ``min_val`` / ``max_val`` (buffers)."""
+
+    def __init__(self, dtype=qint8, symmetric: bool = True, axis: Optional[int] = None,
+                 check_finite: bool = True):
+        super().__init__(dtype, symmetric, axis, check_finite)
+        shape = (0,) if self.axis is not None else ()
+        self.register_buffer("min_val", torch.full(shape, math.inf))
+        self.register_buffer("max_val", torch.full(shape, -math.inf))
+
+    def _prepare_state(self, mn: torch.Tensor) -> None:
+        if self.axis is None:
+            return
+        if self.min_val.numel() == 0:  # first per-channel batch: size the buffers
+            self.min_val = torch.full_like(mn, math.inf)
+            self.max_val = torch.full_like(mn, -math.inf)
+        elif self.min_val.shape != mn.shape:
+            raise ValueError(f"{self._name()}: tensor has {mn.numel()} channels along axis "
+                             f"{self.axis} but the observer has seen {self.min_val.numel()}")
+
+    def _record(self, x: torch.Tensor) -> None:
+        mn, mx = self._batch_min_max(x)
+        ok = self._finite_mask(mn, mx)
+        self._prepare_state(mn)
+        if self.min_val.device != mn.device:
+            raise ValueError(f"{self._name()}: state is on {self.min_val.device} but the input "
+                             f"is on {mn.device}; move the observer with .to()")
+        new_min, new_max = self._combine(mn, mx)
+        self.min_val.copy_(torch.where(ok, new_min, self.min_val))
+        self.max_val.copy_(torch.where(ok, new_max, self.max_val))
+        self._observed = True
+
+    def _combine(self, mn, mx):
+        raise NotImplementedError
+
+    def get_qparams(self) -> QParams:
+        self._require_observed()
+        scale, zp = qparams_from_min_max(self.min_val, self.max_val, self.dtype, self.symmetric)
+        return QParams.trusted(self.dtype, scale, zp, self.axis)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in ("min_val", "max_val"):
+            t = state_dict.get(prefix + name)
+            if t is not None and t.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(t, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._observed = self.min_val.numel() > 0 and bool(
+            (torch.isfinite(self.min_val) & torch.isfinite(self.max_val)).any())
+
+
+class MinMaxObserver(_RangeObserver):
+    """Running minimum and maximum; bit-identical to ``torch.ao.quantization.MinMaxObserver``
+    (``axis=None``) and ``PerChannelMinMaxObserver`` (``axis=ch_axis``).
+
+    Args:
+        dtype, symmetric, axis, check_finite: see :class:`Observer`.
+
+    Example:
+        >>> obs = MinMaxObserver(gpuquant.qint8_narrow, symmetric=True, axis=0)
+        >>> obs(conv.weight); qp = obs.get_qparams()
+    """
+
+    def _combine(self, mn, mx):
+        return torch.min(mn, self.min_val), torch.max(mx, self.max_val)
+
+
+class ExponentialMovingAverageObserver(_RangeObserver):
+    """Moving average of the batch min and max.
+
+    The first recorded batch initialises; after that
+    ``min = momentum * min + (1 - momentum) * batch_min`` (likewise max), computed as
+    ``min + (1 - momentum) * (batch_min - min)``, which is how
+    ``torch.ao.quantization.MovingAverageMinMaxObserver(averaging_constant=1 - momentum)``
+    writes it (equal to float32 rounding: torch's constant is a Python double).
+
+    Args:
+        momentum: weight of the running value, in [0, 1).
+        dtype, symmetric, axis, check_finite: see :class:`Observer`.
+
+    Raises:
+        ValueError: momentum outside [0, 1).
+    """
+
+    def __init__(self, momentum: float = 0.9, dtype=qint8, symmetric: bool = True,
+                 axis: Optional[int] = None, check_finite: bool = True):
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+            raise TypeError(f"momentum must be a float in [0, 1), got {type(momentum).__name__}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        super().__init__(dtype, symmetric, axis, check_finite)
+        self.momentum = float(momentum)
+
+    def _combine(self, mn, mx):
+        c = 1.0 - self.momentum
+        # entries never set yet (still +-inf) start from the batch value (no host branch)
+        fresh = ~(torch.isfinite(self.min_val) & torch.isfinite(self.max_val))
+        ema_min = self.min_val + c * (mn - self.min_val)
+        ema_max = self.max_val + c * (mx - self.max_val)
+        return torch.where(fresh, mn, ema_min), torch.where(fresh, mx, ema_max)
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, " + super().extra_repr()
+
+
+# --------------------------------------------------------------------------- distributed
+def _dist_world(group) -> int:
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+class _SyncMixin:
+    """All-reduce the batch min / max (MIN / MAX) over a process group before recording, so
+    every process holds the same state; a plain observer when torch.distributed is not
+    initialised or the group has one process. NaN is mapped to -inf / +inf before the
+    reduction, so a non-finite batch on one process is seen (and raised) on all of them."""
+
+    def _reduce(self, mn, mx):
+        if _dist_world(self.group) <= 1:
+            return mn, mx
+        import torch.distributed as dist
+        mn, mx = mn.contiguous(), mx.contiguous()
+        dist.all_reduce(mn, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.group)
+        return mn, mx
+
+
+class SyncMinMaxObserver(_SyncMixin, MinMaxObserver):
+    """:class:`MinMaxObserver` whose batch min / max are all-reduced over ``group`` (default:
+    torch.distributed's default group) when running distributed. No host sync besides the
+    all_reduce (and the ``check_finite`` read).
+
+    Args:
+        group: a torch.distributed process group, or None for the default group.
+        dtype, symmetric, axis, check_finite: see :class:`Observer`.
+    """
+
+    def __init__(self, dtype=qint8, symmetric: bool = True, axis: Optional[int] = None,
+                 check_finite: bool = True, group=None):
+        super().__init__(dtype, symmetric, axis, check_finite)
+        self.group = group
+
+
+class SyncExponentialMovingAverageObserver(_SyncMixin, ExponentialMovingAverageObserver):
+    """:class:`ExponentialMovingAverageObserver` with the batch min / max all-reduced over
+    ``group`` (see :class:`SyncMinMaxObserver`)."""
+
+    def __init__(self, momentum: float = 0.9, dtype=qint8, symmetric: bool = True,
+                 axis: Optional[int] = None, check_finite: bool = True, group=None):
+        super().__init__(momentum, dtype, symmetric, axis, check_finite)
+        self.group = group
+
+
+# --------------------------------------------------------------------------- histogram
+class HistogramObserver(Observer):
+    """Calibration observer: a histogram of the recorded values and a clipping range chosen
+    from it (per-tensor only).
+
+    Symmetric: a histogram of ``|x|`` over ``[0, amax]``; the range is ``[-t, t]``.
+    Affine: a histogram of ``x`` over ``[min(x_min, 0), max(x_max, 0)]``; the range ``[lo, hi]``.
+    The histogram has ``bins`` bins; when a batch falls outside the current range the range
+    grows and the old counts are re-binned assuming a uniform density inside each old bin
+    (all on the device, no host sync besides the NaN check).
+
+    Modes:
+
+    * ``"percentile"``: ``t`` = the ``percentile``-th percentile of ``|x|`` (symmetric), or
+      ``lo`` / ``hi`` = the ``(100 - percentile)``-th / ``percentile``-th percentiles of ``x``
+      (affine), interpolated inside a bin.
+    * ``"mse"`` (default): the range minimising the quantization mean squared error of the
+      histogram, each bin's count standing at its centre and fake-quantized with the
+      candidate range's qparams (NVIDIA pytorch-quantization's ``_compute_amax_mse``;
+      PyTorch's HistogramObserver minimises the same L2 error with a greedy search).
+      Symmetric: every bin edge from ``bins // 32`` up is a candidate. Affine: a
+      ``grid x grid`` search over the lower and upper edge.
+
+    The resulting qparams use the same formulas as :class:`MinMaxObserver` on the chosen range.
+
+    Args:
+        dtype, symmetric, check_finite: see :class:`Observer`.
+        bins: number of histogram bins (>= 64).
+        mode: ``"mse"`` or ``"percentile"``.
+        percentile: for ``mode="percentile"``, in (0, 100].
+        grid: candidates per edge for the affine MSE search.
+        axis: must be None (per-tensor only).
+
+    Raises:
+        ValueError: bad mode, percentile, bins or an axis.
+    """
+
+    MODES = ("mse", "percentile")
+
+    def __init__(self, dtype=qint8, symmetric: bool = True, axis: Optional[int] = None,
+                 check_finite: bool = True, bins: int = 2048, mode: str = "mse",
+                 percentile: float = 99.99, grid: int = 96):
+        super().__init__(dtype, symmetric, axis, check_finite)
+        if self.axis is not None:
+            raise ValueError(f"HistogramObserver is per-tensor only, got axis={axis!r}; use "
+                             f"MinMaxObserver for per-channel ranges")
+        if mode not in self.MODES:
+            raise ValueError(f"HistogramObserver mode must be one of {self.MODES}, got {mode!r}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 64:
+            raise ValueError(f"bins must be an int >= 64, got {bins!r}")
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
+                or not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+            raise ValueError(f"grid must be an int >= 2, got {grid!r}")
+        self.bins, self.mode, self.percentile, self.grid = bins, mode, float(percentile), grid
+        self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))
+        self.register_buffer("hist_lo", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("hist_hi", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("min_val", torch.full((), math.inf))
+        self.register_buffer("max_val", torch.full((), -math.inf))
+
+    # ---------------------------------------------------------------- recording
+    def _record(self, x: torch.Tensor) -> None:
+        mn, mx = self._batch_min_max(x)
+        ok = self._finite_mask(mn, mx)
+        if not self.check_finite:  # a dropped batch must still index the bins safely
+            x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        v = x.abs() if self.symmetric else x
+        if self.symmetric:
+            b_lo = torch.zeros_like(mn)
+            b_hi = torch.max(-mn, mx)
+        else:
+            b_lo, b_hi = torch.clamp(mn, max=0.0), torch.clamp(mx, min=0.0)
+        have = torch.isfinite(self.min_val)
+        lo = torch.where(have, torch.min(self.hist_lo, b_lo), b_lo)
+        hi = torch.where(have, torch.max(self.hist_hi, b_hi), b_hi)
+        lo = torch.where(ok, lo, self.hist_lo)
+        hi = torch.where(ok, hi, self.hist_hi)
+        old = self._rebin(lo, hi)
+        new = self._counts(v, lo, hi)
+        self.histogram.copy_(torch.where(ok, old + new, self.histogram))
+        self.hist_lo.copy_(torch.where(ok, lo, self.hist_lo))
+        self.hist_hi.copy_(torch.where(ok, hi, self.hist_hi))
+        self.min_val.copy_(torch.where(ok, torch.min(self.min_val, mn), self.min_val))
+        self.max_val.copy_(torch.where(ok, torch.max(self.max_val, mx), self.max_val))
+        self._observed = True
+
+    @staticmethod
+    def _width(lo, hi):
+        return torch.clamp(hi - lo, min=1e-30)
+
+    def _counts(self, v, lo, hi) -> torch.Tensor:
+        nb = self.bins
+        w = self._width(lo, hi)
+        idx = ((v.reshape(-1) - lo) * (nb / w)).floor().clamp(0, nb - 1).to(torch.int64)
+        counts = torch.zeros(nb, dtype=torch.float64, device=v.device)
+        counts.scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+        return counts
+
+    def _rebin(self, lo, hi) -> torch.Tensor:
+        """The current histogram spread over the new range ``[lo, hi]`` (which contains the
+        old one): interpolate the old cumulative counts at the new bin edges."""
+        nb = self.bins
+        dev = self.histogram.device
+        cum = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev), self.histogram.cumsum(0)])
+        edges = lo.double() + self._width(lo, hi).double() * torch.arange(nb + 1, device=dev,
+                                                                             dtype=torch.float64) / nb
+        old_lo = self.hist_lo.double()
+        old_w = self._width(self.hist_lo, self.hist_hi).double()
+        pos = ((edges - old_lo) / old_w * nb).clamp(0, nb)
+        i = pos.floor().clamp(max=nb - 1).to(torch.int64)
+        frac = pos - i
+        f = cum[i] + frac * self.histogram[i]
+        return f[1:] - f[:-1]
+
+    # ---------------------------------------------------------------- range choice
+    def _bin_edges(self):
+        nb = self.bins
+        lo, hi = self.hist_lo.double(), self.hist_hi.double()
+        w = self._width(self.hist_lo, self.hist_hi).double()
+        return lo + w * torch.arange(nb + 1, device=lo.device, dtype=torch.float64) / nb
+
+    def _percentile_value(self, p: float) -> torch.Tensor:
+        """Value below which a fraction ``p`` of the mass lies (float64, 0-d)."""
+        edges = self._bin_edges()
+        cum = self.histogram.cumsum(0)
+        total = cum[-1]
+        target = total * p
+        i = torch.searchsorted(cum, target.reshape(1)).clamp(max=self.bins - 1)[0]
+        prev = torch.where(i > 0, cum[(i - 1).clamp(min=0)], torch.zeros_like(total))
+        cnt = self.histogram[i]
+        frac = torch.where(cnt > 0, (target - prev) / torch.where(cnt > 0, cnt, 1.0), 0.0)
+        return edges[i] + frac.clamp(0, 1) * (edges[i + 1] - edges[i])
+
+    def _mse(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Quantization MSE of the histogram for candidate ranges ``lo``/``hi`` (1-D, float32)."""
+        edges = self._bin_edges()
+        centers = ((edges[1:] + edges[:-1]) / 2).float()
+        counts = self.histogram
+        out = []
+        for k in range(0, lo.numel(), 256):  # bounded memory: 256 x bins at a time
+            scale, zp = qparams_from_min_max(lo[k:k + 256], hi[k:k + 256], self.dtype, self.symmetric)
+            s, z = scale[:, None], zp[:, None].float()
+            q = (torch.round(centers[None, :] * (1.0 / s)) + z).clamp(self.dtype.qmin, self.dtype.qmax)
+            err = ((q - z) * s - centers[None, :]).double() ** 2
+            out.append((err * counts[None, :]).sum(1))
+        return torch.cat(out) / counts.sum().clamp(min=1)
+
+    def _choose_range(self):
+        edges = self._bin_edges()
+        if self.symmetric:
+            if self.mode == "percentile":
+                t = self._percentile_value(self.percentile / 100.0).float()
+            else:
+                cand = edges[max(1, self.bins // 32):].float()
+                err = self._mse(-cand, cand)
+                t = cand[torch.argmin(err)]
+            return -t, t
+        if self.mode == "percentile":
+            tail = (100.0 - self.percentile) / 100.0
+            lo = self._percentile_value(tail).float()
+            hi = self._percentile_value(1.0 - tail).float()
+            return torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+        g = self.grid
+        nb = self.bins
+        li = torch.linspace(0, nb // 2, g, device=edges.device).round().long()
+        ri = torch.linspace(nb, nb // 2, g, device=edges.device).round().long()
+        lo_c = edges[li].float().clamp(max=0.0)
+        hi_c = edges[ri].float().clamp(min=0.0)
+        lo_g = lo_c[:, None].expand(g, g).reshape(-1)
+        hi_g = hi_c[None, :].expand(g, g).reshape(-1)
+        best = torch.argmin(self._mse(lo_g, hi_g))
+        return lo_g[best], hi_g[best]
+
+    def get_qparams(self) -> QParams:
+        self._require_observed()
+        lo, hi = self._choose_range()
+        scale, zp = qparams_from_min_max(lo, hi, self.dtype, self.symmetric)
+        return QParams.trusted(self.dtype, scale, zp, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        t = state_dict.get(prefix + "histogram")
+        if t is not None and t.shape != self.histogram.shape:
+            self.histogram = torch.empty_like(t, device=self.histogram.device)
+            self.bins = t.numel()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._observed = bool(torch.isfinite(self.min_val)) and bool(self.histogram.sum() > 0)
+
+    def extra_repr(self) -> str:
+        extra = f", percentile={self.percentile}" if self.mode == "percentile" else ""
+        return super().extra_repr() + f", mode={self.mode!r}, bins={self.bins}{extra}"
+
+
+# --------------------------------------------------------------------------- passive
+class PassiveObserver(Observer):
+    """Holds qparams set by the user or learned elsewhere (LSQ / TQT, an imported model);
+    records nothing.
+
+    Args:
+        dtype: the dtype the qparams must have.
+        axis: None or the per-channel axis the qparams must have.
+        symmetric: kept for a uniform signature (informational).
+
+    Example:
+        >>> obs = PassiveObserver(gpuquant.qint8)
+        >>> obs.set_qparams(QParams(gpuquant.qint8, 0.05, 0))
+    """
+
+    def __init__(self, dtype=qint8, symmetric: bool = True, axis: Optional[int] = None,
+                 check_finite: bool = True):
+        super().__init__(dtype, symmetric, axis, check_finite)
+        shape = (0,) if self.axis is not None else ()
+        self.register_buffer("scale", torch.ones(shape, dtype=torch.float32))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("is_set", torch.zeros((), dtype=torch.bool))
+
+    def _record(self, x: torch.Tensor) -> None:
+        return None  # passive: nothing to record
+
+    def set_qparams(self, qparams: QParams) -> None:
+        """Set the qparams :meth:`get_qparams` returns.
+
+        Raises:
+            TypeError: not a QParams.
+            ValueError: dtype or axis differ from the observer's.
+        """
+        if not isinstance(qparams, QParams):
+            raise TypeError(f"{self._name()}.set_qparams needs a gpuquant.QParams, got "
+                            f"{type(qparams).__name__}")
+        if qparams.dtype != self.dtype:
+            raise ValueError(f"{self._name()}: qparams dtype {qparams.dtype.name} differs from the "
+                             f"observer's {self.dtype.name}")
+        if qparams.axis != self.axis:
+            raise ValueError(f"{self._name()}: qparams axis {qparams.axis!r} differs from the "
+                             f"observer's axis {self.axis!r}")
+        dev = self.scale.device
+        self.scale = qparams.scale.detach().to(dev, torch.float32).clone()
+        self.zero_point = qparams.zero_point.detach().to(dev, torch.int32).clone()
+        self.is_set.fill_(True)
+        self._observed = True
+
+    def get_qparams(self) -> QParams:
+        if not self._observed:
+            raise ValueError(f"{self._name()} has not observed any data: its qparams were never "
+                             f"set; call set_qparams() (or load a state_dict) first")
+        return QParams.trusted(self.dtype, self.scale, self.zero_point, self.axis)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in ("scale", "zero_point"):
+            t = state_dict.get(prefix + name)
+            if t is not None and t.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(t, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._observed = bool(self.is_set)
+        if self._observed:  # validate: a state_dict is outside input
+            QParams(self.dtype, self.scale, self.zero_point, self.axis)
