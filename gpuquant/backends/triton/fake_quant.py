@@ -1,0 +1,381 @@
+"""Fused fake-quant + straight-through estimator for QAT (Triton).
+
+Ops (signatures of :mod:`gpuquant.backends.reference`, plus the fused QAT ops of
+:mod:`.observer` and :mod:`.lsq`, merged into ``OPS`` at the bottom):
+
+``fake_quant(x, scale, zero_point, qmin, qmax, axis) -> y``
+    ``y = (clamp(rne(x * inv_scale) + zp, qmin, qmax) - zp) * scale`` in float32, returned in
+    ``x``'s dtype (float32 / float16 / bfloat16); differentiable in ``x`` (STE: the gradient
+    passes where ``qmin <= rne(x * inv_scale) + zp <= qmax``). Per-tensor (``axis`` None, 0-d
+    ``scale``/``zero_point``) or per-channel along any ``axis`` (1-D ``scale``/``zero_point``).
+
+Numerics (contract sections 1 and 4), bit-identical to ``torch.fake_quantize_per_*_affine``:
+
+* ``inv_scale = 1 / scale`` in float32, correctly rounded: per-tensor in the kernel with
+  ``tl.math.div_rn`` (``div.rn.f32``, once a program), per-channel with torch on the device
+  (one tiny launch, no host sync). Never Triton's ``/`` (``div.full.f32``, approximate).
+* ``rne`` is the add-and-subtract trick ``(|v| + 2^23) - 2^23`` with the sign put back, exact
+  for ``|v| < 2^23``; larger ``|v|`` are integers already and pass through, so no clamp is
+  needed before rounding (the STE mask sees the true ``rne(v) + zp``); inf stays inf.
+* Every kernel launches with ``enable_fp_fusion=False``: ``x * inv_scale + 2^23`` must round
+  twice, as the interpreter and PyTorch do, not once in an ``fma.rn.f32``. A CPU test compiles
+  each kernel for sm_80 / sm_90 and checks the PTX (tests/backends/test_triton_ptx_fake_quant.py).
+* NaN in gives NaN out; its gradient is 0 (the mask is false), as the reference backend.
+* The backward computes ``grad * mask`` (not ``where``) in float32, so signs of zero and NaN
+  gradients match PyTorch bit for bit.
+
+Layout: any dense layout (contiguous, channels_last, any permutation) is processed in memory
+order, without a copy; the channel of an element is ``(offset // stride[axis]) % C``. Only
+non-dense inputs (slices with gaps, expanded tensors) are copied to contiguous first.
+Offsets are int64 (``pid.to(tl.int64)``), so tensors over 2^31 elements index correctly.
+
+What the backward keeps (bytes per element, E = element size, fwd + bwd; the minimum any
+implementation must move is read x + write y + read grad + write grad_x = 4E):
+
+=====================================  ================  ================  ============
+choice                                 forward           backward          total (f32/bf16)
+=====================================  ================  ================  ============
+recompute the mask from x              2E                3E (x, g, gx)     20 / 10
+save a uint8 mask                      2E + 1            2E + 1            18 / 10
+save a bit mask (chosen)               2E + 1/8          2E + 1/8          16.25 / 8.25
+=====================================  ================  ================  ============
+
+The bit mask moves 19% fewer bytes than recomputing and keeps 1/8 byte an element alive
+(instead of ``x``: 2 to 4 bytes). The backward then needs neither ``x`` nor the qparams, so
+per-channel and per-tensor backward are the same kernel and run at the same speed. The
+forward skips the mask (2E bytes) when no gradient is needed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "OPS",
+           "KERNELS"]
+
+# 4096 elements (16 a thread at 8 warps): memory-bound elementwise; not tuned on a GPU yet.
+BLOCK = 4096
+NUM_WARPS = 8
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_LAUNCH = {"enable_fp_fusion": False}  # bit-exactness: no fma contraction (contract section 4)
+
+
+# --------------------------------------------------------------------------- jitted helpers
+@triton.jit
+def _rne(v):
+    """Round half to even of float32 ``v``; exact for every value (|v| >= 2^23 is already an
+    integer and passes through, inf stays, NaN stays). Needs fusion off around it."""
+    a = tl.abs(v)
+    r = (a + 8388608.0) - 8388608.0
+    r = tl.where(v < 0, -r, r)
+    return tl.where(a < 8388608.0, r, v)
+
+
+@triton.jit
+def _fq_math(x, inv, s, zp, qmin, qmax):
+    """float32 ``x`` -> (fake-quantized float32 value, in-range mask). ``zp``, ``qmin`` and
+    ``qmax`` are float32 holding integers."""
+    r = _rne(x * inv) + zp
+    q = tl.minimum(tl.maximum(r, qmin), qmax)
+    y = (q - zp) * s
+    y = tl.where(x != x, x, y)  # NaN in, NaN out
+    inr = (r >= qmin) & (r <= qmax)
+    return y, inr
+
+
+@triton.jit
+def _channel_of(pid, offs_local, period, stride_c, C, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """Channel index of the elements ``pid * BLOCK + offs_local`` of a dense tensor traversed
+    in memory order: ``(offset // stride_c) % C``. ``period = stride_c * C``; the offset is
+    reduced modulo the period once a program (int64) so the per-element math is int32 unless
+    the period itself passes 2^31 - BLOCK (``WIDE``)."""
+    base = pid.to(tl.int64) * BLOCK
+    if WIDE:
+        off = base + offs_local
+        return ((off // stride_c) % C).to(tl.int32)
+    else:
+        r0 = (base % period).to(tl.int32)
+        loc = r0 + offs_local
+        return (loc // stride_c) % C
+
+
+@triton.jit
+def _to_out(y, OUT: tl.constexpr):
+    """float32 -> the output dtype, rounding to nearest even. float32 -> bfloat16 is done on
+    the bits: the interpreter's cast truncates while the GPU's ``cvt.rn.bf16.f32`` rounds, and
+    both must give torch's bytes (NaN becomes torch's canonical 0x7FC0)."""
+    if OUT == tl.bfloat16:
+        b = y.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(y != y, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(OUT)
+
+
+@triton.jit
+def _pack_bits(inr, BLOCK: tl.constexpr):
+    """(BLOCK,) int1 -> (BLOCK // 8,) uint8, element i in bit i % 8 of byte i // 8."""
+    b = tl.reshape(inr.to(tl.int32), (BLOCK // 8, 8))
+    sh = tl.arange(0, 8)
+    return tl.sum(b << sh[None, :], axis=1).to(tl.uint8)
+
+
+@triton.jit
+def _unpack_bits(bytes_, BLOCK: tl.constexpr):
+    """(BLOCK // 8,) uint8 -> (BLOCK,) float32 0.0 / 1.0."""
+    sh = tl.arange(0, 8)
+    bits = (bytes_.to(tl.int32)[:, None] >> sh[None, :]) & 1
+    return tl.reshape(bits, (BLOCK,)).to(tl.float32)
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _fq_fwd_kernel(
+    # pointers
+    x_ptr, y_ptr, mask_ptr, scale_ptr, inv_ptr, zp_ptr,
+    # sizes
+    numel, nbytes_mask, period, stride_c, C,
+    # quantization range (float32 holding integers)
+    qmin, qmax,
+    # meta
+    PER_CHANNEL: tl.constexpr, SAVE_MASK: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """y = fake_quant(x) over a dense tensor in memory order; optional bit mask.
+
+    x, y: same dtype (f32/f16/bf16), same strides. scale: f32, zp: i32 (one value, or C
+    values); inv: f32 (C values, per-channel only). mask: u8, ceil(numel / 8) bytes.
+    """
+    pid = tl.program_id(0)
+    offs_local = tl.arange(0, BLOCK)
+    offs = pid.to(tl.int64) * BLOCK + offs_local
+    m = offs < numel
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if PER_CHANNEL:
+        c = _channel_of(pid, offs_local, period, stride_c, C, WIDE, BLOCK)
+        s = tl.load(scale_ptr + c)
+        inv = tl.load(inv_ptr + c)
+        zp = tl.load(zp_ptr + c).to(tl.float32)
+    else:
+        s = tl.load(scale_ptr)
+        inv = tl.math.div_rn(1.0, s)
+        zp = tl.load(zp_ptr).to(tl.float32)
+    y, inr = _fq_math(x, inv, s, zp, qmin, qmax)
+    tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
+    if SAVE_MASK:
+        bits = _pack_bits(inr & m, BLOCK)
+        boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(mask_ptr + boffs, bits, mask=boffs < nbytes_mask)
+
+
+@triton.jit
+def _fq_bwd_kernel(
+    # pointers
+    g_ptr, mask_ptr, gx_ptr,
+    # sizes
+    numel, nbytes_mask,
+    # meta
+    BLOCK: tl.constexpr,
+):
+    """grad_x = grad * mask (float32 math, so -0.0 and NaN match torch), memory order."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    bytes_ = tl.load(mask_ptr + boffs, mask=boffs < nbytes_mask, other=0)
+    keep = _unpack_bits(bytes_, BLOCK)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(gx_ptr + offs, _to_out(g * keep, gx_ptr.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------- layout helpers
+def dense_layout(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its storage span exactly once (contiguous, channels_last, any
+    permutation of dims): then memory order is a valid traversal of all its elements."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+    expect = 1
+    for st, sz in dims:
+        if st != expect:
+            return False
+        expect *= sz
+    return True
+
+
+def _as_dense(t: torch.Tensor) -> torch.Tensor:
+    return t if dense_layout(t) else t.contiguous()
+
+
+def _flat_span(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor's elements in memory order (for passing to kernels)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def channel_params(t: torch.Tensor, axis: Optional[int]) -> Tuple[int, int, int, bool]:
+    """(period, stride_c, C, wide) for the memory-order channel formula of ``_channel_of``."""
+    if axis is None or t.shape[axis] == 1:
+        return 1, 1, 1, False
+    C = t.shape[axis]
+    sc = t.stride(axis)
+    period = sc * C
+    return period, sc, C, period + BLOCK >= 2 ** 31
+
+
+def channel_view(t: torch.Tensor, axis: int) -> Optional[Tuple[int, int, int, int, int, int]]:
+    """Describe ``t`` as (outer, C, inner) with strides (s_outer, s_c, s_inner), merging the
+    dims before ``axis`` into one and those after into one where the strides allow (true for
+    contiguous and channels_last tensors and (out, in, kh, kw) weights). None if they don't.
+
+    Returns:
+        (outer, C, inner, s_outer, s_c, s_inner) in elements.
+    """
+    def merge(shape, strides):
+        pairs = [(sz, st) for sz, st in zip(shape, strides) if sz != 1]
+        if not pairs:
+            return 1, 0
+        size, stride = pairs[-1]
+        for sz, st in reversed(pairs[:-1]):
+            if st != stride * size:
+                return None
+            size *= sz
+        return size, stride
+    shape, strides = list(t.shape), list(t.stride())
+    o = merge(shape[:axis], strides[:axis])
+    i = merge(shape[axis + 1:], strides[axis + 1:])
+    if o is None or i is None:
+        return None
+    return o[0], shape[axis], i[0], o[1], strides[axis], i[1]
+
+
+def _grid(n: int, block: int):
+    return (triton.cdiv(n, block),)
+
+
+# --------------------------------------------------------------------------- launchers
+def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                       qmin: int, qmax: int, axis: Optional[int], save_mask: bool,
+                       block: int = BLOCK, wide: Optional[bool] = None):
+    """Launch the forward kernel. ``x`` dense; returns (y with x's strides, bit mask or None).
+    ``wide`` forces the int64 channel arithmetic (tests); by default it is used only when
+    ``stride[axis] * C`` passes 2^31."""
+    n = x.numel()
+    y = torch.empty_like(x)  # preserves the strides of a dense tensor
+    nbytes = (n + 7) // 8
+    mask = torch.empty(nbytes if save_mask else 1, dtype=torch.uint8, device=x.device)
+    if n == 0:
+        return y, (mask if save_mask else None)
+    per_channel = axis is not None
+    scale = scale.to(torch.float32)
+    zero_point = zero_point.to(torch.int32)
+    if per_channel:
+        inv = 1.0 / scale  # correctly rounded float32 division by torch, on the device
+        period, sc, C, big = channel_params(x, axis)
+        wide = big or period + block >= 2 ** 31 if wide is None else wide
+    else:
+        inv, period, sc, C, wide = scale, 1, 1, 1, False
+    _fq_fwd_kernel[_grid(n, block)](
+        _flat_span(x), _flat_span(y), mask, scale, inv, zero_point,
+        n, nbytes, period, sc, C, float(qmin), float(qmax),
+        PER_CHANNEL=per_channel, SAVE_MASK=save_mask, WIDE=wide, BLOCK=block,
+        num_warps=NUM_WARPS, **_LAUNCH)
+    return y, (mask if save_mask else None)
+
+
+def fake_quant_backward(grad: torch.Tensor, mask: torch.Tensor, like: torch.Tensor,
+                        block: int = BLOCK) -> torch.Tensor:
+    """grad_x in the layout of ``like`` (x's shape and strides): ``grad * mask``."""
+    if grad.stride() != like.stride() or not dense_layout(grad):
+        like.copy_(grad)
+        grad = like
+    n = grad.numel()
+    gx = torch.empty_like(grad)
+    if n == 0:
+        return gx
+    _fq_bwd_kernel[_grid(n, block)](_flat_span(grad), mask, _flat_span(gx), n, mask.numel(),
+                                    BLOCK=block, num_warps=NUM_WARPS, **_LAUNCH)
+    return gx
+
+
+class FakeQuantFunction(torch.autograd.Function):
+    """Autograd wrapper: forward kernel (+ bit mask when a gradient is needed), backward
+    kernel reading only the mask and the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, block=BLOCK):
+        x = _as_dense(x)
+        need = ctx.needs_input_grad[0]
+        y, mask = fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, need, block)
+        if need:
+            ctx.save_for_backward(mask)
+            ctx.layout = (x.shape, x.stride(), x.dtype, x.device)  # not x itself
+            ctx.block = block
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        shape, stride, dtype, device = ctx.layout
+        like = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        gx = fake_quant_backward(grad, mask, like, ctx.block)
+        return gx, None, None, None, None, None, None
+
+
+def _check(x, scale, zero_point, qmin, qmax, axis, fn):
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+        raise TypeError(f"{fn}: x must be a float32/float16/bfloat16 tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.device != scale.device or x.device != zero_point.device:
+        raise ValueError(f"{fn}: x, scale and zero_point must be on one device, got {x.device}, "
+                         f"{scale.device}, {zero_point.device}")
+    if not qmin <= qmax:
+        raise ValueError(f"{fn}: need qmin <= qmax, got {qmin}, {qmax}")
+    if axis is None:
+        if scale.numel() != 1 or zero_point.numel() != 1:
+            raise ValueError(f"{fn}: per-tensor needs one scale and zero point, got "
+                             f"{scale.numel()} and {zero_point.numel()}")
+    else:
+        if not 0 <= axis < x.dim():
+            raise ValueError(f"{fn}: axis {axis} out of range for {x.dim()}-d x; allowed "
+                             f"[0, {x.dim() - 1}]")
+        if scale.numel() != x.shape[axis] or zero_point.numel() != x.shape[axis]:
+            raise ValueError(f"{fn}: x has {x.shape[axis]} channels along axis {axis}, scale "
+                             f"{scale.numel()} and zero_point {zero_point.numel()} values")
+
+
+def fake_quant(x, scale, zero_point, qmin, qmax, axis, *, block: int = BLOCK):
+    """Fake-quantize ``x`` (see the module docstring); differentiable in ``x`` (STE).
+
+    Args:
+        x: float32 / float16 / bfloat16 tensor, any dense layout (others are copied).
+        scale: float32, 0-d (per-tensor) or (C,) along ``axis``; on x's device.
+        zero_point: int32 of the same shape as ``scale``.
+        qmin, qmax: the integer range.
+        axis: None (per-tensor) or the non-negative channel axis.
+        block: elements a program (tests use small blocks to cover many programs).
+
+    Raises:
+        TypeError: x not a floating tensor of a supported dtype.
+        ValueError: devices differ, bad axis, qparam shapes not matching.
+    """
+    _check(x, scale, zero_point, qmin, qmax, axis, "fake_quant")
+    if axis is not None and x.shape[axis] == 1:
+        axis = None  # one channel: per-tensor math, same bytes
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    return FakeQuantFunction.apply(x, scale.reshape(-1) if axis is not None else scale.reshape(()),
+                                   zero_point.reshape(-1) if axis is not None else
+                                   zero_point.reshape(()), int(qmin), int(qmax), axis, block)
+
+
+# kernels and the constexpr variants CI compiles to PTX (tests/backends/test_triton_ptx_*)
+KERNELS = {
+    "_fq_fwd_kernel": (_fq_fwd_kernel, [
+        dict(PER_CHANNEL=p, SAVE_MASK=sm, WIDE=w, BLOCK=BLOCK)
+        for p in (False, True) for sm in (False, True) for w in ((False, True) if p else (False,))
+    ]),
+    "_fq_bwd_kernel": (_fq_bwd_kernel, [dict(BLOCK=BLOCK)]),
+}
+
+OPS = {"fake_quant": fake_quant}
