@@ -86,3 +86,320 @@ def check_accumulator_range(k, x_range, x_zero_point, w_absmax=128, bias_absmax=
             f"and |w| <= {w_max}, plus |bias| <= {b_max}, reach {worst} >= 2^31; at most "
             f"k={k_fit} fits (split the reduction, or narrow the input / weight range)")
     return worst
+
+
+# =========================================================================== front-end ops
+# The integer ops of the quantized modules (gpuquant.nn.quantized): check dtypes, devices
+# and shapes, then call the current backend's op (signatures in gpuquant.backends.reference).
+from ..backends.registry import get_op  # noqa: E402
+from ..dtypes import QuantDtype  # noqa: E402
+from .requant import AddParams, Requant  # noqa: E402
+
+__all__ += ["conv2d", "linear", "add", "mul", "concat", "max_pool2d", "avg_pool2d",
+            "adaptive_avg_pool2d"]
+
+_ACT_DTYPES = (torch.int8, torch.uint8)
+
+
+def _check_act(x, op: str, what: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"{op}: {what} must be an int8 or uint8 quantized activation, got "
+                        f"{x.dtype} (quantize float inputs first, e.g. with a QuantStub)")
+
+
+def _check_zp(zp, dtype: torch.dtype, op: str, what: str = "zero point") -> int:
+    if isinstance(zp, torch.Tensor):
+        if zp.numel() != 1 or zp.dtype.is_floating_point:
+            raise TypeError(f"{op}: {what} must be an int or a one-element integer tensor, got "
+                            f"{zp.dtype} of shape {tuple(zp.shape)}")
+        zp = int(zp.item())
+    if isinstance(zp, bool) or not isinstance(zp, int):
+        raise TypeError(f"{op}: {what} must be an int, got {type(zp).__name__} ({zp!r})")
+    lo, hi = _RANGE_OF[dtype]
+    if not lo <= zp <= hi:
+        raise ValueError(f"{op}: {what} {zp} is outside the {dtype} range [{lo}, {hi}]")
+    return zp
+
+
+def _check_rq(rq, op: str, channels=None) -> None:
+    if not isinstance(rq, Requant):
+        raise TypeError(f"{op}: rq must be a gpuquant.functional.Requant, got {type(rq).__name__}")
+    if rq.per_channel and channels is not None and rq.multiplier.numel() != channels:
+        raise ValueError(f"{op}: per-channel Requant has {rq.multiplier.numel()} multipliers for "
+                         f"{channels} output channels")
+    if rq.per_channel and channels is None:
+        raise ValueError(f"{op}: needs a per-tensor Requant, got {rq.multiplier.numel()} "
+                         f"multipliers")
+
+
+def _same_device(op: str, *ts) -> None:
+    devs = {t.device for t in ts if isinstance(t, torch.Tensor)}
+    if len(devs) > 1:
+        raise ValueError(f"{op}: tensors on different devices: {sorted(map(str, devs))}")
+
+
+def _pair(v, what: str, op: str, allow_zero: bool = False) -> tuple:
+    t = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    if len(t) != 2 or any(isinstance(a, bool) or not isinstance(a, int) for a in t):
+        raise TypeError(f"{op}: {what} must be an int or a pair of ints, got {v!r}")
+    if any(a < (0 if allow_zero else 1) for a in t):
+        raise ValueError(f"{op}: {what} must be >= {0 if allow_zero else 1}, got {v!r}")
+    return t
+
+
+def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, groups=1, rq=None):
+    """Integer 2-D convolution: ``requant(sum((x - zp_x) * w) + bias)``.
+
+    Args:
+        x: int8 / uint8 ``(N, C, H, W)`` (channels_last memory preferred).
+        x_zero_point: the input's zero point (int).
+        weight: int8 ``(O, C / groups, kh, kw)`` (symmetric, zero point 0).
+        bias: int32 ``(O,)`` or None, in units of ``s_x * s_w[o]``.
+        stride, padding, dilation: ints or pairs, as ``torch.nn.functional.conv2d``.
+        groups: int dividing C and O.
+        rq: :class:`Requant` (per output channel or per tensor).
+
+    Returns:
+        ``(N, O, Ho, Wo)`` tensor of ``rq.dtype.storage`` in channels_last memory.
+
+    Raises:
+        TypeError: wrong dtypes or argument types.
+        ValueError: shape, group or device mismatch; an accumulator that could overflow int32.
+    """
+    op = "conv2d"
+    _check_act(x, op)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    zp = _check_zp(x_zero_point, x.dtype, op)
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or weight.dim() != 4:
+        raise TypeError(f"{op}: weight must be a 4-D int8 tensor, got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)} of shape "
+                        f"{tuple(getattr(weight, 'shape', ()))}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    o, cg, kh, kw = weight.shape
+    if x.shape[1] != cg * groups or o % groups:
+        raise ValueError(f"{op}: x has {x.shape[1]} channels, weight {tuple(weight.shape)} with "
+                         f"groups={groups} expects {cg * groups} (and O divisible by groups)")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype != torch.int32 or bias.shape != (o,):
+            raise TypeError(f"{op}: bias must be None or int32 of shape ({o},), got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)} "
+                            f"{tuple(getattr(bias, 'shape', ()))}")
+    _check_rq(rq, op, o)
+    _same_device(op, x, weight, bias)
+    stride = _pair(stride, "stride", op)
+    padding = _pair(padding, "padding", op, allow_zero=True)
+    dilation = _pair(dilation, "dilation", op)
+    eff_h, eff_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    if x.shape[2] + 2 * padding[0] < eff_h or x.shape[3] + 2 * padding[1] < eff_w:
+        raise ValueError(f"{op}: padded input {tuple(x.shape[2:])} + 2*{padding} is smaller than "
+                         f"the dilated kernel ({eff_h}, {eff_w})")
+    check_accumulator_range(cg * kh * kw, x.dtype, zp, weight, bias, op=op)
+    return get_op("conv2d", x)(x, zp, weight, bias, stride, padding, dilation, groups, rq)
+
+
+def linear(x, x_zero_point, weight, bias, rq):
+    """Integer fully connected layer on the last dimension: ``requant(sum((x - zp_x) * w) + bias)``.
+
+    Args:
+        x: int8 / uint8 ``(..., K)``; weight: int8 ``(O, K)``; bias: int32 ``(O,)`` or None;
+        rq: :class:`Requant` (per output feature or per tensor).
+
+    Returns:
+        ``(..., O)`` of ``rq.dtype.storage``.
+
+    Raises:
+        TypeError, ValueError: as :func:`conv2d`.
+    """
+    op = "linear"
+    _check_act(x, op)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension")
+    zp = _check_zp(x_zero_point, x.dtype, op)
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or weight.dim() != 2:
+        raise TypeError(f"{op}: weight must be a 2-D int8 tensor, got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)} of shape "
+                        f"{tuple(getattr(weight, 'shape', ()))}")
+    o, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: x has {x.shape[-1]} features in its last dimension, weight "
+                         f"{tuple(weight.shape)} expects {k}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype != torch.int32 or bias.shape != (o,):
+            raise TypeError(f"{op}: bias must be None or int32 of shape ({o},), got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)} "
+                            f"{tuple(getattr(bias, 'shape', ()))}")
+    _check_rq(rq, op, o)
+    _same_device(op, x, weight, bias)
+    check_accumulator_range(k, x.dtype, zp, weight, bias, op=op)
+    return get_op("linear", x)(x, zp, weight, bias, rq)
+
+
+def add(a, b, params):
+    """Integer addition with TFLite's reference semantics (shapes broadcast).
+
+    Args:
+        a, b: int8 / uint8 tensors; params: :class:`AddParams` (``make_add_params``).
+
+    Raises:
+        TypeError: wrong dtypes; ValueError: shapes that do not broadcast, device mismatch.
+    """
+    op = "add"
+    _check_act(a, op, "a")
+    _check_act(b, op, "b")
+    if not isinstance(params, AddParams):
+        raise TypeError(f"{op}: params must be a gpuquant.functional.AddParams, got "
+                        f"{type(params).__name__}")
+    _check_zp(params.a_zero_point, a.dtype, op, "a's zero point")
+    _check_zp(params.b_zero_point, b.dtype, op, "b's zero point")
+    _broadcast(op, a, b)
+    return get_op("add", a)(a, b, params)
+
+
+def _broadcast(op, a, b):
+    _same_device(op, a, b)
+    try:
+        return torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(f"{op}: shapes {tuple(a.shape)} and {tuple(b.shape)} do not "
+                         f"broadcast") from None
+
+
+def mul(a, a_zero_point, b, b_zero_point, rq):
+    """Integer multiplication (TFLite ``Mul``): ``requant((a - zp_a) * (b - zp_b))``.
+
+    Raises:
+        TypeError, ValueError: as :func:`add`.
+    """
+    op = "mul"
+    _check_act(a, op, "a")
+    _check_act(b, op, "b")
+    za = _check_zp(a_zero_point, a.dtype, op, "a's zero point")
+    zb = _check_zp(b_zero_point, b.dtype, op, "b's zero point")
+    _check_rq(rq, op)
+    _broadcast(op, a, b)
+    return get_op("mul", a)(a, za, b, zb, rq)
+
+
+def concat(xs, zero_points, rqs, dim, out_dtype):
+    """Concatenate quantized tensors into one output's qparams.
+
+    Args:
+        xs: int8 / uint8 tensors, same shape except along ``dim``.
+        zero_points: their zero points.
+        rqs: per input a per-tensor :class:`Requant` to the output's qparams, or None to copy
+            (the input already has the output's qparams).
+        dim: concatenation dimension.
+        out_dtype: the output's :class:`gpuquant.QuantDtype`.
+
+    Raises:
+        TypeError, ValueError: wrong dtypes, lengths, shapes or devices.
+    """
+    op = "concat"
+    xs = list(xs)
+    if not xs:
+        raise ValueError(f"{op}: needs at least one tensor")
+    if not isinstance(out_dtype, QuantDtype):
+        raise TypeError(f"{op}: out_dtype must be a gpuquant.QuantDtype, got {out_dtype!r}")
+    if len(zero_points) != len(xs) or len(rqs) != len(xs):
+        raise ValueError(f"{op}: {len(xs)} tensors but {len(zero_points)} zero points and "
+                         f"{len(rqs)} requants")
+    zps = []
+    for i, (x, zp, rq) in enumerate(zip(xs, zero_points, rqs)):
+        _check_act(x, op, f"xs[{i}]")
+        zps.append(_check_zp(zp, x.dtype, op, f"xs[{i}]'s zero point"))
+        if rq is None:
+            if x.dtype != out_dtype.storage:
+                raise TypeError(f"{op}: xs[{i}] is {x.dtype} and copied as is, but the output is "
+                                f"{out_dtype.storage}")
+        else:
+            _check_rq(rq, op)
+    _same_device(op, *xs)
+    nd = xs[0].dim()
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -nd <= dim < nd:
+        raise ValueError(f"{op}: dim must be an int in [{-nd}, {nd - 1}], got {dim!r}")
+    d = dim % nd
+    for i, x in enumerate(xs):
+        if x.dim() != nd or any(x.shape[j] != xs[0].shape[j] for j in range(nd) if j != d):
+            raise ValueError(f"{op}: xs[{i}] has shape {tuple(x.shape)}, incompatible with "
+                             f"{tuple(xs[0].shape)} outside dim {d}")
+    return get_op("concat", xs[0])(xs, zps, list(rqs), d, out_dtype.storage)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    """Max pooling on the integers (the output keeps the input's qparams).
+
+    Raises:
+        TypeError: not an int8 / uint8 4-D tensor; ValueError: bad window arguments.
+    """
+    op = "max_pool2d"
+    _check_act(x, op)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    k = _pair(kernel_size, "kernel_size", op)
+    s = k if stride is None or stride == [] or stride == () else _pair(stride, "stride", op)
+    p = _pair(padding, "padding", op, allow_zero=True)
+    d = _pair(dilation, "dilation", op)
+    if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
+        raise ValueError(f"{op}: padding {p} must be at most half the kernel size {k}")
+    return get_op("max_pool2d", x)(x, k, s, p, d, bool(ceil_mode))
+
+
+def avg_pool2d(x, zero_point, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None, qmin=None, qmax=None):
+    """Integer average pooling (TFLite rounding; PyTorch's divisor rules).
+
+    Args:
+        x: int8 / uint8 ``(N, C, H, W)``; zero_point: its zero point; the window arguments as
+        ``torch.nn.functional.avg_pool2d``; qmin, qmax: the output clamp (default: the
+        storage dtype's range).
+
+    Raises:
+        TypeError, ValueError: as :func:`max_pool2d`.
+    """
+    op = "avg_pool2d"
+    _check_act(x, op)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    zp = _check_zp(zero_point, x.dtype, op)
+    k = _pair(kernel_size, "kernel_size", op)
+    s = k if stride is None or stride == [] or stride == () else _pair(stride, "stride", op)
+    p = _pair(padding, "padding", op, allow_zero=True)
+    if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
+        raise ValueError(f"{op}: padding {p} must be at most half the kernel size {k}")
+    if divisor_override is not None and (not isinstance(divisor_override, int)
+                                         or divisor_override < 1):
+        raise ValueError(f"{op}: divisor_override must be None or a positive int, got "
+                         f"{divisor_override!r}")
+    lo, hi = _RANGE_OF[x.dtype]
+    qmin = lo if qmin is None else int(qmin)
+    qmax = hi if qmax is None else int(qmax)
+    return get_op("avg_pool2d", x)(x, zp, k, s, p, bool(ceil_mode), bool(count_include_pad),
+                                   divisor_override, qmin, qmax)
+
+
+def adaptive_avg_pool2d(x, zero_point, output_size, qmin=None, qmax=None):
+    """Integer adaptive average pooling (PyTorch's windows, TFLite rounding).
+
+    Args:
+        x: int8 / uint8 ``(N, C, H, W)``; zero_point: its zero point; output_size: int or
+        pair (None entries keep the input size); qmin, qmax: the output clamp.
+
+    Raises:
+        TypeError, ValueError: as :func:`max_pool2d`.
+    """
+    op = "adaptive_avg_pool2d"
+    _check_act(x, op)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    zp = _check_zp(zero_point, x.dtype, op)
+    oh, ow = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * 2
+    size = (x.shape[2] if oh is None else oh, x.shape[3] if ow is None else ow)
+    size = _pair(size, "output_size", op)
+    lo, hi = _RANGE_OF[x.dtype]
+    qmin = lo if qmin is None else int(qmin)
+    qmax = hi if qmax is None else int(qmax)
+    return get_op("adaptive_avg_pool2d", x)(x, zp, size, qmin, qmax)
