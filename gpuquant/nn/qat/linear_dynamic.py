@@ -1,0 +1,161 @@
+"""QAT Linears for the transformer serving modes of :mod:`gpuquant.nn.quantized.linear_dynamic`.
+
+:class:`DynamicLinear` (a ``torch.nn.Linear`` subclass, so optimizers, ``state_dict`` and
+HuggingFace code see an ordinary Linear) fake-quantizes, in float32:
+
+* the weight per output channel, symmetric, scale ``max|w_n| / ((qmax - qmin) / 2)``
+  recomputed from the current weight each step (what conversion will use);
+* the input per token, symmetric, scale ``max(max_j |x_j| / 127, eps)`` (what the int8
+  kernel computes at serving time); skipped with ``weight_only=True``.
+
+Gradients: straight-through estimator (``gpuquant.functional.fake_quant``) for the input and
+the weight; the scales are treated as constants (no gradient flows through the absmax).
+Forward equals the quantized module's to float32 rounding: the integers and scales are the
+same, only the order of the float32 sum differs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...backends.reference_dynamic import EPS
+from ...dtypes import get_dtype, qint8, qint8_narrow
+from ...functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, max_in_features
+from ...functional.quant import fake_quant
+from ...qparams import QParams
+from ..module import Module
+
+__all__ = ["DynamicLinear", "fake_quant_per_token"]
+
+
+def fake_quant_per_token(x: torch.Tensor, dtype=qint8) -> torch.Tensor:
+    """Per-token symmetric fake quantization in float32 (STE backward): dequantize of
+    :func:`gpuquant.functional.dynamic.quantize_per_token`, bit for bit.
+
+    Args:
+        x: float tensor ``(..., K)``, K >= 1.
+        dtype: ``gpuquant.qint8`` or ``qint8_narrow``.
+
+    Returns:
+        float32 tensor of ``x``'s shape.
+
+    Raises:
+        TypeError: x is not a float tensor.
+        ValueError: K = 0 or an unsupported dtype.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"fake_quant_per_token: x must be a float tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    d = get_dtype(dtype)
+    if d not in ACT_DTYPES:
+        raise ValueError(f"dtype must be one of {[a.name for a in ACT_DTYPES]}, got {d.name}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"fake_quant_per_token: x needs a non-empty last dimension, got shape "
+                         f"{tuple(x.shape)}")
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    if x2.shape[0] == 0:
+        return x2.reshape(x.shape)
+    with torch.no_grad():
+        scale = torch.clamp(x2.abs().amax(dim=1) / float(d.qmax), min=EPS)
+    zp = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
+    y = fake_quant(x2, QParams.trusted(d, scale, zp, axis=0))
+    return y.reshape(x.shape)
+
+
+def fake_quant_weight_per_channel(w: torch.Tensor, dtype=qint8_narrow) -> torch.Tensor:
+    """Symmetric per-output-channel fake quantization of a (N, K) weight, float32, STE."""
+    d = get_dtype(dtype)
+    w32 = w.to(torch.float32)
+    with torch.no_grad():
+        scale = torch.clamp(w32.abs().amax(dim=1) / (float(d.qmax - d.qmin) / 2), min=EPS)
+    zp = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
+    return fake_quant(w32, QParams.trusted(d, scale, zp, axis=0))
+
+
+class DynamicLinear(torch.nn.Linear, Module):
+    """Fake-quant Linear for the W8A8 dynamic (or int8 weight-only) serving mode.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``torch.nn.Linear``.
+        act_dtype: ``gpuquant.qint8`` (default) or ``qint8_narrow``.
+        weight_dtype: ``gpuquant.qint8_narrow`` (default) or ``qint8``.
+        weight_only: fake-quantize the weight only (for :class:`WeightOnlyLinear` serving).
+
+    Attributes:
+        fake_quant_enabled: False makes the module compute exactly as ``torch.nn.Linear``.
+
+    Raises:
+        ValueError: unsupported dtypes, or in_features that could overflow int32.
+
+    Example:
+        >>> qat = DynamicLinear.from_float_module(torch.nn.Linear(64, 32))
+        >>> qat(torch.randn(4, 64)).sum().backward()
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
+                 act_dtype=qint8, weight_dtype=qint8_narrow, weight_only=False):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_dynamic(act_dtype, weight_dtype, weight_only)
+
+    def _init_dynamic(self, act_dtype, weight_dtype, weight_only):
+        ad, wd = get_dtype(act_dtype), get_dtype(weight_dtype)
+        if ad not in ACT_DTYPES:
+            raise ValueError(f"act_dtype must be one of {[d.name for d in ACT_DTYPES]}, got {ad.name}")
+        if wd not in WEIGHT_DTYPES:
+            raise ValueError(f"weight_dtype must be one of {[d.name for d in WEIGHT_DTYPES]}, got "
+                             f"{wd.name}")
+        if not isinstance(weight_only, bool):
+            raise TypeError(f"weight_only must be a bool, got {type(weight_only).__name__}")
+        if not weight_only and self.in_features > max_in_features(ad, wd):
+            raise ValueError(f"in_features={self.in_features} could overflow the int32 "
+                             f"accumulator; at most {max_in_features(ad, wd)} fits")
+        self.act_dtype, self.weight_dtype, self.weight_only = ad, wd, weight_only
+        self.fake_quant_enabled = True
+
+    @classmethod
+    def from_float_module(cls, linear: torch.nn.Linear, act_dtype=qint8,
+                          weight_dtype=qint8_narrow, weight_only=False) -> "DynamicLinear":
+        """The QAT version of ``linear``, sharing its weight and bias parameters."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"DynamicLinear.from_float_module needs a torch.nn.Linear, got "
+                            f"{type(linear).__name__}")
+        qat = cls.__new__(cls)
+        torch.nn.Module.__init__(qat)
+        qat.in_features, qat.out_features = linear.in_features, linear.out_features
+        qat.weight = linear.weight
+        qat.bias = linear.bias
+        smooth = getattr(linear, "input_smoothing", None)
+        if smooth is not None:
+            qat.register_buffer("input_smoothing", smooth)
+        qat.training = linear.training
+        qat._init_dynamic(act_dtype, weight_dtype, weight_only)
+        return qat
+
+    def enable_fake_quant(self, enabled: bool = True) -> "DynamicLinear":
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+        self.fake_quant_enabled = enabled
+        return self
+
+    def disable_fake_quant(self) -> "DynamicLinear":
+        return self.enable_fake_quant(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        smooth = getattr(self, "input_smoothing", None)
+        if not self.fake_quant_enabled:
+            if smooth is not None:
+                x = (x.to(torch.float32) * smooth).to(x.dtype)
+            return F.linear(x, self.weight, self.bias)
+        out_dtype = x.dtype
+        xf = x.to(torch.float32)
+        if smooth is not None:
+            xf = xf * smooth
+        if not self.weight_only:
+            xf = fake_quant_per_token(xf, self.act_dtype)
+        w = fake_quant_weight_per_channel(self.weight, self.weight_dtype)
+        b = None if self.bias is None else self.bias.to(torch.float32)
+        return F.linear(xf, w, b).to(out_dtype)
+
+    def extra_repr(self) -> str:
+        mode = "weight-only" if self.weight_only else f"act {self.act_dtype.name} per token"
+        return super().extra_repr() + f", {mode}, weight {self.weight_dtype.name} per channel"

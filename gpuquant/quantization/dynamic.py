@@ -1,0 +1,195 @@
+"""Dynamic quantization of transformers: ``quantize_dynamic`` (the name PyTorch users know)
+and ``prepare_dynamic_qat`` (fine-tune for that serving mode).
+
+``quantize_dynamic`` swaps every matching ``torch.nn.Linear`` for
+:class:`gpuquant.nn.quantized.linear_dynamic.DynamicLinear` (W8A8: per-token int8
+activations, per-channel int8 weights, int32 accumulation, float output) or, with
+``weight_only=True``, :class:`~gpuquant.nn.quantized.linear_dynamic.WeightOnlyLinear`.
+
+What is and is not swapped:
+
+* ``torch.nn.Linear`` and subclasses (HuggingFace ``nn.Linear`` layers included), any
+  leading dimensions; QAT :class:`gpuquant.nn.qat.linear_dynamic.DynamicLinear` convert
+  with their own mode and dtypes.
+* ``torch.nn.MultiheadAttention`` is replaced as a whole by
+  :class:`~gpuquant.nn.quantized.linear_dynamic.DynamicMultiheadAttention` (its forward reads
+  ``in_proj_weight`` and ``out_proj.weight`` directly, so swapping ``out_proj`` alone would be
+  ignored, which is why PyTorch types it ``NonDynamicallyQuantizableLinear``). MHAs with
+  ``kdim``/``vdim`` != ``embed_dim`` or ``add_bias_kv`` / ``add_zero_attn`` stay float (logged).
+* Not swapped: a lone ``NonDynamicallyQuantizableLinear`` outside an MHA; Conv1D layers of
+  GPT-2 style models (not Linear); embeddings, norms, the attention matmuls themselves.
+* Modules under a ``gpuquant.nn.Module`` with ``disable_quantize()`` stay float.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from ..dtypes import get_dtype, qint8, qint8_narrow
+from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, max_in_features
+from ..nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
+from ..nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
+                                           WeightOnlyLinear, _Int8WeightLinear)
+
+__all__ = ["quantize_dynamic", "prepare_dynamic_qat"]
+
+log = logging.getLogger("gpuquant.quantization")
+
+_NDQ = torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def _check_common(model, modules, filter_fn, inplace, fn: str):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"{fn}: inplace must be a bool, got {type(inplace).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"{fn}: filter_fn must be callable (module, name) -> bool or None, got "
+                        f"{type(filter_fn).__name__}")
+    if isinstance(modules, type):
+        modules = (modules,)
+    if not isinstance(modules, (tuple, list, set, frozenset)) or not modules:
+        raise TypeError(f"{fn}: modules must be a non-empty tuple of module classes, got "
+                        f"{modules!r}")
+    allowed = (torch.nn.Linear, torch.nn.MultiheadAttention)
+    for cls in modules:
+        if not isinstance(cls, type) or not issubclass(cls, allowed):
+            raise ValueError(f"{fn}: modules may name torch.nn.Linear (and subclasses) or "
+                             f"torch.nn.MultiheadAttention only, got {cls!r}")
+    return tuple(modules)
+
+
+def _wanted(mod, name, modules, filter_fn) -> bool:
+    if not isinstance(mod, modules):
+        return False
+    if filter_fn is None:
+        return True
+    keep = filter_fn(mod, name)
+    if not isinstance(keep, bool):
+        raise TypeError(f"filter_fn must return a bool, returned {type(keep).__name__} for {name!r}")
+    return keep
+
+
+def _walk(model, convert, modules, filter_fn):
+    """Replace children bottom-up-safe: decide on a child before descending into it."""
+    def visit(parent, prefix):
+        for cname, child in list(parent.named_children()):
+            name = f"{prefix}.{cname}" if prefix else cname
+            if getattr(child, "quantize_disabled", False):
+                continue
+            new = convert(child, name)
+            if new is not None:
+                setattr(parent, cname, new)
+            elif not isinstance(child, (_Int8WeightLinear, DynamicMultiheadAttention)):
+                visit(child, name)
+    root = convert(model, "")
+    if root is not None:
+        return root
+    visit(model, "")
+    return model
+
+
+def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Linear,),
+                     inplace: bool = True, filter_fn: Optional[Callable] = None,
+                     weight_only: bool = False, weight_dtype=qint8_narrow) -> torch.nn.Module:
+    """Swap Linears for int8 dynamic (W8A8) or weight-only quantized Linears.
+
+    Args:
+        model: any ``torch.nn.Module`` (a bare Linear is converted and returned).
+        dtype: activation dtype, ``gpuquant.qint8`` (default) or ``qint8_narrow``.
+        modules: classes to swap: ``torch.nn.Linear`` (subclasses included) and/or
+            ``torch.nn.MultiheadAttention``. With ``torch.nn.Linear`` the MHAs are converted
+            too (their projections are Linears).
+        inplace: modify ``model`` (default) or a deep copy.
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``; False keeps that module float.
+        weight_only: int8 weights with float activations instead of W8A8.
+        weight_dtype: ``gpuquant.qint8_narrow`` (default) or ``qint8``.
+
+    Returns:
+        The converted model (in eval mode for the swapped modules).
+
+    Raises:
+        TypeError: model is not a Module; filter_fn not callable or not returning a bool.
+        ValueError: ``modules`` names a non-Linear class; an unsupported dtype; a Linear whose
+            ``in_features`` could overflow the int32 accumulator (message names it).
+
+    Example:
+        >>> qmodel = quantize_dynamic(model.eval(), filter_fn=lambda m, n: "lm_head" not in n)
+    """
+    fn = "quantize_dynamic"
+    modules = _check_common(model, modules, filter_fn, inplace, fn)
+    ad, wd = get_dtype(dtype), get_dtype(weight_dtype)
+    if ad not in ACT_DTYPES:
+        raise ValueError(f"{fn}: dtype must be one of {[d.name for d in ACT_DTYPES]}, got {ad.name}")
+    if wd not in WEIGHT_DTYPES:
+        raise ValueError(f"{fn}: weight_dtype must be one of {[d.name for d in WEIGHT_DTYPES]}, "
+                         f"got {wd.name}")
+    if not isinstance(weight_only, bool):
+        raise TypeError(f"{fn}: weight_only must be a bool, got {type(weight_only).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    linear_wanted = any(issubclass(c, torch.nn.Linear) for c in modules)
+    k_max = max_in_features(ad, wd)
+
+    def convert(mod, name):
+        if isinstance(mod, torch.nn.MultiheadAttention):
+            if not (linear_wanted or isinstance(mod, modules)):
+                return None
+            if filter_fn is not None and not _wanted(mod, name, (torch.nn.MultiheadAttention,),
+                                                     filter_fn):
+                return None
+            why = DynamicMultiheadAttention.supports(mod)
+            if why is not None:
+                log.warning("quantize_dynamic: %s (MultiheadAttention) stays float: %s", name, why)
+                return None
+            if not weight_only and mod.embed_dim > k_max:
+                raise ValueError(f"{fn}: {name}: embed_dim={mod.embed_dim} could overflow the int32 "
+                                 f"accumulator; at most {k_max} fits")
+            return DynamicMultiheadAttention.from_float_module(mod, ad, wd, weight_only)
+        if isinstance(mod, _NDQ) or not _wanted(mod, name, modules, filter_fn):
+            return None
+        if isinstance(mod, QATDynamicLinear):
+            cls = WeightOnlyLinear if mod.weight_only else DynamicLinear
+            return cls.from_qat_module(mod)
+        if weight_only:
+            return WeightOnlyLinear.from_float_module(mod, wd)
+        if mod.in_features > k_max:
+            raise ValueError(f"{fn}: {name or 'model'}: in_features={mod.in_features} could overflow "
+                             f"the int32 accumulator ({ad.name} x {wd.name}); at most {k_max} "
+                             f"fits (exclude it with filter_fn, or use weight_only=True)")
+        return DynamicLinear.from_float_module(mod, ad, wd)
+
+    return _walk(model, convert, modules, filter_fn)
+
+
+def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Linear,),
+                        inplace: bool = True, filter_fn: Optional[Callable] = None,
+                        weight_only: bool = False,
+                        weight_dtype=qint8_narrow) -> torch.nn.Module:
+    """Swap Linears for :class:`gpuquant.nn.qat.linear_dynamic.DynamicLinear` (per-token
+    activation fake-quant + per-channel weight fake-quant, STE) to fine-tune a model for the
+    mode :func:`quantize_dynamic` serves; the swapped modules share the original parameters.
+    ``quantize_dynamic`` on the result converts them. Arguments as :func:`quantize_dynamic`
+    (``torch.nn.MultiheadAttention`` is left as is: its projections are not called as modules).
+
+    Raises:
+        TypeError, ValueError: as :func:`quantize_dynamic`.
+    """
+    fn = "prepare_dynamic_qat"
+    modules = _check_common(model, modules, filter_fn, inplace, fn)
+    ad, wd = get_dtype(dtype), get_dtype(weight_dtype)
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def convert(mod, name):
+        if isinstance(mod, torch.nn.MultiheadAttention):
+            log.warning("prepare_dynamic_qat: %s (MultiheadAttention) is not fake-quantized", name)
+            return None
+        if isinstance(mod, (_NDQ, QATDynamicLinear)) or not _wanted(mod, name, modules, filter_fn):
+            return None
+        return QATDynamicLinear.from_float_module(mod, ad, wd, weight_only)
+
+    return _walk(model, convert, modules, filter_fn)
