@@ -1,0 +1,189 @@
+"""``gpuquant bench``: providers side by side, JSON + markdown + PNG per suite.
+
+Run ``gpuquant bench [SUITE ...] [--quick] [--out DIR]``: each suite writes
+``DIR/<suite>.json`` (contract section 3), ``DIR/<suite>.md`` (ratios to the baseline
+provider, fraction of the ceilings measured in the same run) and ``DIR/<suite>.png``.
+
+Writing a suite
+---------------
+A suite is a module ``gpuquant/bench/suites/<name>.py`` defining ``SUITE``, plus one line
+in ``gpuquant/bench/suites/__init__.py`` (``"<name>": ("gpuquant.bench.suites.<name>",
+"cuda" | "cpu" | "any")``). A case has params (JSON scalars: rows pair up by them), a
+function building one fresh random input set, and providers; a provider's ``setup(inputs)``
+does the untimed preparation and returns the zero-argument callable that is timed::
+
+    import torch
+    from gpuquant.bench import Case, Provider, ProviderUnavailable, Suite
+
+    def _cases(quick, device):
+        cases = []
+        for n in ([2 ** 16, 2 ** 20] if quick else [2 ** 16, 2 ** 20, 2 ** 24]):
+            def inputs(i, n=n):                       # torch is seeded per set
+                return torch.randn(n, device=device)
+
+            def relu_torch(x):                        # untimed set-up ...
+                return lambda: torch.relu(x)          # ... returns the timed call
+
+            def relu_ours(x):
+                try:
+                    from gpuquant.backends.triton.relu import relu
+                except ImportError as e:              # not here: left out, not an error
+                    raise ProviderUnavailable(str(e))
+                return lambda: relu(x)
+
+            cases.append(Case(
+                params={"op": "relu", "dtype": "float32", "numel": n},
+                inputs=inputs,
+                providers={"torch": relu_torch,
+                           "gpuquant-triton": Provider(relu_ours,
+                               check=lambda x, y: bool(torch.equal(y, torch.relu(x))))},
+                throughput=lambda p, ms: (8 * p["numel"] / ms / 1e6, "GB/s")))
+        return cases
+
+    SUITE = Suite(name="relu", baseline="torch", cases=_cases, device="cuda")
+
+Conventions: provider names as the contract gives them (``gpuquant-<backend>``, ``torch``,
+``torch-int-mm``, ``torch-bf16``, ``numpy-float32``...); ``check(inputs, output)`` returns
+True/False for ``exact_vs_numpy`` (output equal to the NumPy oracle on set 0) or None;
+throughput in ``GB/s`` (elementwise: bytes read + written), ``TOPS`` (int8 GEMM/conv,
+2*m*n*k), ``TFLOPS`` (float), ``images/s`` (models): the first three get a
+fraction-of-ceiling column. ``--quick`` sizes must keep every CPU-capable suite together
+under 2 minutes on a 2-core machine. ``gpuquant/bench/suites/quant.py`` is a complete
+example.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .harness import (Case, Provider, ProviderUnavailable, RunConfig, Suite, device_name,
+                      device_slug, pair_rows, params_key, run_case)
+
+__all__ = ["run_bench", "Suite", "Case", "Provider", "ProviderUnavailable", "pair_rows",
+           "params_key", "device_name", "device_slug", "environment"]
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:  # noqa: BLE001 - absent or broken optional package: recorded as None
+        return None
+
+
+def environment(device: str, command: str) -> Dict[str, Any]:
+    """The header of a results file (contract section 3)."""
+    from .. import __version__
+    return {"device": device_name(device), "torch": torch.__version__,
+            "triton": _version("triton"), "cupy": _version("cupy"), "gpuquant": __version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command}
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _run_suite(suite: Suite, device: str, quick: bool, command: str,
+               ceilings: Dict[str, Any]) -> Dict[str, Any]:
+    cfg = RunConfig.for_run(quick, device)
+    cases = suite.cases(quick, device)
+    if not isinstance(cases, list) or not all(isinstance(c, Case) for c in cases):
+        raise TypeError(f"suite {suite.name!r}: cases() must return a list of Case")
+    doc = environment(device, command)
+    doc.update({"suite": suite.name, "baseline": suite.baseline, "quick": bool(quick),
+                "ceilings": ceilings})
+    rows: List[Dict[str, Any]] = []
+    errors: List[str] = []
+    reported_unavailable = set()
+    for i, case in enumerate(cases):
+        res = run_case(suite.name, case, device, cfg)
+        for prov, why in res.unavailable.items():
+            if prov not in reported_unavailable:
+                reported_unavailable.add(prov)
+                _log(f"  {suite.name}: provider {prov} unavailable here: {why}")
+        for prov, err in res.errors.items():
+            errors.append(f"{suite.name} [{case.name}] {prov}: {err}")
+            _log(f"  ERROR {suite.name} [{case.name}] provider {prov}: {err}")
+        rows += res.rows
+        times = ", ".join(f"{r['provider']} {r['median_ms']:.4g} ms" for r in res.rows)
+        _log(f"  [{suite.name} {i + 1}/{len(cases)}] {case.name}: {times}")
+    doc["rows"] = rows
+    doc["errors"] = errors
+    return doc
+
+
+def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench/results/local",
+              command: str = "gpuquant bench", cuda_available: Optional[bool] = None) -> int:
+    """Run benchmark suites and write ``out/<suite>.{json,md,png}``.
+
+    Args:
+        suites: suite names; empty runs every written suite (GPU ones skipped without a GPU).
+        quick: small sizes and short time budgets.
+        out: output folder (created).
+        command: the command line recorded in the results.
+        cuda_available: override GPU detection (None: ``torch.cuda.is_available()``).
+
+    Returns:
+        0 when every suite ran clean; 1 when a provider failed or an output differed from
+        the NumPy oracle; 2 for an unknown or unwritten suite name.
+    """
+    from . import report, suites as registry
+    from .ceilings import measure_ceilings
+
+    if isinstance(suites, str):
+        suites = [suites]
+    names = list(dict.fromkeys(suites)) if suites else registry.written()
+    try:
+        devices = {n: registry.suite_device(n) for n in names}
+    except ValueError as e:
+        print(f"gpuquant bench: {e}", file=sys.stderr)
+        return 2
+    cuda = torch.cuda.is_available() if cuda_available is None else bool(cuda_available)
+    if not suites:
+        missing = [n for n in registry.registered() if n not in names]
+        if missing:
+            _log(f"suites not written yet: {', '.join(missing)}")
+    t_start = time.perf_counter()
+    ceilings: Dict[str, Dict[str, Any]] = {}
+    docs = []
+    failed = []
+    for name in names:
+        dev = {"cpu": "cpu", "cuda": "cuda" if cuda else None,
+               "any": "cuda" if cuda else "cpu"}[devices[name]]
+        if dev is None:
+            _log(f"suite {name} needs a CUDA GPU: skipped")
+            continue
+        suite = registry.load_suite(name)
+        if dev not in ceilings:
+            _log(f"measuring ceilings on {dev} ...")
+            ceilings[dev] = measure_ceilings(dev, quick=quick)
+            for kind, c in ceilings[dev].items():
+                _log(f"  ceiling {kind}: {c['value']:.4g} {c['unit']} ({c['what']})")
+        t0 = time.perf_counter()
+        _log(f"suite {name} on {device_name(dev)} ({dev}), baseline {suite.baseline}")
+        doc = _run_suite(suite, dev, quick, command, ceilings[dev])
+        errors = doc.pop("errors")
+        paths = report.write_all(doc, out, x_param=suite.x_param)
+        _log(f"suite {name}: {len(doc['rows'])} rows in {time.perf_counter() - t0:.1f} s -> "
+             f"{', '.join(paths)}")
+        docs.append(doc)
+        inexact = [r for r in doc["rows"] if r["exact_vs_numpy"] is False]
+        failed += errors + [f"{name} [{r['case']}] {r['provider']}: output differs from the "
+                            f"NumPy oracle" for r in inexact]
+    _log(f"\nsummary ({time.perf_counter() - t_start:.1f} s, results in {os.path.abspath(out)}):")
+    for line in report.summary_lines(docs):
+        _log(line)
+    if not docs:
+        _log("  no suite ran")
+    if failed:
+        _log(f"\n{len(failed)} problem(s):")
+        for f in failed:
+            _log(f"  {f}")
+        return 1
+    return 0

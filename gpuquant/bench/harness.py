@@ -1,0 +1,453 @@
+"""The measuring core: suites, cases, providers, timers, interleaved repeats, input rotation.
+
+Nothing here knows about any particular op; suites (``gpuquant/bench/suites/*.py``) describe
+what to run with :class:`Suite`, :class:`Case` and :class:`Provider`, and
+:func:`run_case` turns a case into result rows (contract section 3).
+
+How a case is measured (:func:`run_case`):
+
+1. ``case.inputs(i)`` builds input set ``i`` (fresh random data, the torch seed set per set);
+   as many sets are built as fit a memory budget (up to 8, 4 with ``quick``), so that timed
+   calls cycle through inputs and caches do not flatter small sizes. On the GPU the L2
+   cache is also flushed before every timed call, as ``triton.testing.do_bench`` does.
+2. Each provider's ``setup(inputs)`` runs once per set (untimed: packing, conversion) and
+   returns the zero-argument callable that is timed. Its first call is the warm-up (and
+   any compilation); on set 0 its output goes to the provider's ``check`` for
+   ``exact_vs_numpy``.
+3. A few calls estimate each provider's time; the repeat count then fills a time budget
+   (0.2 s a provider with ``quick`` on the CPU, 1 s otherwise), at least 5 calls.
+4. Timed calls are interleaved: the repeats are split into rounds, each round runs every
+   provider in turn (the order rotating from round to round), so drift in clocks or
+   machine load hits all providers alike.
+5. Median, 20th and 80th percentile of the per-call times, in milliseconds; the case's
+   ``throughput(params, ms)`` turns the median into the unit users quote.
+
+Timers: ``time.perf_counter`` around each call on the CPU; CUDA events around each call on
+the GPU (synchronised once a round). We time with our own events rather than
+``triton.testing.do_bench`` because ``do_bench`` measures one function at a time and so
+cannot interleave providers; the method is the same (events per call, L2 flush, median and
+quantiles).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = ["Suite", "Case", "Provider", "ProviderUnavailable", "Timing", "run_case",
+           "params_key", "pair_rows", "device_name", "device_slug", "ROW_FIELDS",
+           "HEADER_FIELDS", "percentile"]
+
+#: The keys of every result row, in order (contract section 3).
+ROW_FIELDS = ("suite", "case", "provider", "params", "median_ms", "p20_ms", "p80_ms",
+              "throughput", "unit", "exact_vs_numpy")
+#: The keys every results file starts with (contract section 3); gpuquant adds ``suite``,
+#: ``baseline``, ``quick`` and ``ceilings`` after them.
+HEADER_FIELDS = ("device", "torch", "triton", "cupy", "gpuquant", "date", "command")
+
+_PARAM_TYPES = (bool, int, float, str)
+
+
+class ProviderUnavailable(Exception):
+    """Raised by a provider's ``setup`` when it cannot run here (a missing package, an op a
+    backend does not implement yet). The harness reports it once and leaves the provider out;
+    it is not an error. Anything else a provider raises is an error."""
+
+
+@dataclass
+class Provider:
+    """One implementation of a case's work.
+
+    Attributes:
+        setup: ``setup(inputs) -> run``: untimed preparation for one input set; returns the
+            zero-argument callable that is timed. Raise :class:`ProviderUnavailable` if the
+            provider cannot run here.
+        check: optional ``check(inputs, output) -> True | False | None``, called with set 0's
+            inputs and ``run()``'s return value; True/False say whether the output equals the
+            NumPy oracle bit for bit (``exact_vs_numpy``), None that the question does not
+            apply. Without ``check`` the row records None.
+    """
+
+    setup: Callable[[Any], Callable[[], Any]]
+    check: Optional[Callable[[Any, Any], Optional[bool]]] = None
+
+
+@dataclass
+class Case:
+    """One point of a suite: fixed params, several providers doing the same work.
+
+    Attributes:
+        params: the case's numbers and names as separate JSON scalars, e.g.
+            ``{"m": 4096, "n": 4096, "k": 4096}``; rows of different providers pair up by
+            equal params.
+        inputs: ``inputs(i) -> input set``: builds the ``i``-th fresh random input set (any
+            object: a tuple or dict of tensors). The harness seeds torch before each call.
+        providers: name -> :class:`Provider` (or a bare ``setup`` callable). Names follow the
+            contract: ``gpuquant-<backend>``, ``torch``, ``torch-int-mm``, ``numpy-float32``...
+        throughput: ``throughput(params, median_ms) -> (value, unit)``, the unit users quote
+            (``GB/s`` elementwise, ``TOPS`` int8 GEMM/conv, ``TFLOPS`` float, ``images/s``).
+            A unit with a measured ceiling (see :mod:`gpuquant.bench.ceilings`) gets a
+            fraction-of-ceiling column.
+        name: the row's ``case`` label; default ``k=v`` pairs of the params.
+    """
+
+    params: Dict[str, Any]
+    inputs: Callable[[int], Any]
+    providers: Mapping[str, Union[Provider, Callable[[Any], Callable[[], Any]]]]
+    throughput: Callable[[Dict[str, Any], float], Tuple[float, str]]
+    name: Optional[str] = None
+
+    def __post_init__(self):
+        if not isinstance(self.params, dict) or not self.params:
+            raise TypeError(f"Case.params must be a non-empty dict, got {self.params!r}")
+        for k, v in self.params.items():
+            if not isinstance(k, str) or not isinstance(v, _PARAM_TYPES):
+                raise TypeError(f"Case.params must map str to bool/int/float/str (JSON scalars); "
+                                f"got {k!r}: {v!r}")
+        if not self.providers:
+            raise ValueError(f"Case {self.params} has no providers")
+        self.providers = {n: p if isinstance(p, Provider) else Provider(p)
+                          for n, p in self.providers.items()}
+        for n, p in self.providers.items():
+            if not isinstance(n, str) or not n:
+                raise TypeError(f"provider names must be non-empty strings, got {n!r}")
+            if not callable(p.setup):
+                raise TypeError(f"provider {n!r}: setup must be callable, got {p.setup!r}")
+        if self.name is None:
+            self.name = " ".join(f"{k}={v}" for k, v in self.params.items())
+
+
+@dataclass
+class Suite:
+    """A named list of cases with a baseline provider.
+
+    Attributes:
+        name: the suite's name (``gpuquant bench NAME``).
+        baseline: the provider every ratio is taken against (what a user would pick
+            instead, e.g. ``torch`` or ``torch-int-mm``).
+        cases: ``cases(quick, device) -> list[Case]``; ``device`` is ``"cpu"`` or
+            ``"cuda"``, ``quick`` asks for small sizes (all CPU suites together under
+            2 minutes on 2 cores).
+        device: ``"cuda"`` (needs a GPU: skipped on the CPU), ``"cpu"`` (always the CPU,
+            e.g. the NumPy backend) or ``"any"`` (the GPU where there is one, else the CPU).
+        x_param: the param plotted on the x axis (default: the numeric param with the most
+            distinct values).
+        description: one line for the report.
+    """
+
+    name: str
+    baseline: str
+    cases: Callable[[bool, str], List[Case]]
+    device: str = "cuda"
+    x_param: Optional[str] = None
+    description: str = ""
+
+    def __post_init__(self):
+        if self.device not in ("cuda", "cpu", "any"):
+            raise ValueError(f"Suite {self.name!r}: device must be 'cuda', 'cpu' or 'any', "
+                             f"got {self.device!r}")
+        if not callable(self.cases):
+            raise TypeError(f"Suite {self.name!r}: cases must be callable (quick, device) -> "
+                            f"list[Case], got {self.cases!r}")
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def run_device(self, cuda_available: bool) -> Optional[str]:
+        """The device this suite runs on here, or None if it needs a GPU and there is none."""
+        if self.device == "cpu":
+            return "cpu"
+        if cuda_available:
+            return "cuda"
+        return None if self.device == "cuda" else "cpu"
+
+
+# ---------------------------------------------------------------------------------- stats
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0..1) of ``values`` by linear interpolation (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {q}")
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+@dataclass
+class Timing:
+    """Per-call times of one provider in one case, in milliseconds."""
+
+    times_ms: List[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def p20_ms(self) -> float:
+        return percentile(self.times_ms, 0.2)
+
+    @property
+    def p80_ms(self) -> float:
+        return percentile(self.times_ms, 0.8)
+
+
+# ---------------------------------------------------------------------------------- timers
+class _CpuTimer:
+    """perf_counter around each call."""
+
+    def __init__(self):
+        self.pending: List[Tuple[Timing, float]] = []
+
+    def time_call(self, fn: Callable[[], Any], sink: Timing) -> None:
+        t0 = time.perf_counter()
+        fn()
+        sink.times_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def sync(self) -> None:
+        pass
+
+
+class _CudaTimer:
+    """CUDA events around each call, L2 flushed before it; resolved once a round."""
+
+    def __init__(self):
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        l2 = int(getattr(props, "L2_cache_size", 0) or 0)
+        # twice the L2 (at least 256 MB, as triton's do_bench uses) written before each call
+        self._flush = torch.empty(max(2 * l2, 256 * 2 ** 20), dtype=torch.int8, device="cuda")
+        self._pending: List[Tuple[Any, Any, Timing]] = []
+
+    def time_call(self, fn: Callable[[], Any], sink: Timing) -> None:
+        self._flush.zero_()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        self._pending.append((start, end, sink))
+
+    def sync(self) -> None:
+        torch.cuda.synchronize()
+        for start, end, sink in self._pending:
+            sink.times_ms.append(start.elapsed_time(end))
+        self._pending.clear()
+
+
+def make_timer(device: str):
+    if device == "cuda":
+        return _CudaTimer()
+    if device == "cpu":
+        return _CpuTimer()
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+# ---------------------------------------------------------------------------------- inputs
+def _nbytes(obj) -> int:
+    """Bytes of all tensors / arrays inside ``obj`` (nested tuples, lists, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if hasattr(obj, "nbytes") and not isinstance(obj, (str, bytes)):
+        try:
+            return int(obj.nbytes)
+        except (TypeError, ValueError):
+            return 0
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _seed_for(params: Mapping[str, Any], i: int) -> int:
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).digest()
+    return (int.from_bytes(h[:4], "little") + 7919 * i) % (2 ** 31)
+
+
+@dataclass
+class RunConfig:
+    """Knobs of :func:`run_case` (the defaults are what ``gpuquant bench`` uses)."""
+
+    budget_s: float = 1.0          # timed seconds per provider per case
+    min_reps: int = 5
+    max_reps: int = 5000
+    rounds: int = 10               # interleaving rounds
+    max_input_sets: int = 8
+    input_bytes: int = 512 * 2 ** 20   # all input sets of a case together (memory cap)
+    rotate_bytes: int = 64 * 2 ** 20   # stop adding sets once this much is in rotation
+
+    @classmethod
+    def for_run(cls, quick: bool, device: str) -> "RunConfig":
+        if device == "cuda":
+            free = torch.cuda.mem_get_info()[0]
+            return cls(budget_s=0.1 if quick else 0.5, max_input_sets=4 if quick else 8,
+                       input_bytes=min(free // 4, 8 * 2 ** 30), rotate_bytes=256 * 2 ** 20)
+        return cls(budget_s=0.2 if quick else 1.0, max_input_sets=4 if quick else 8,
+                   input_bytes=(256 if quick else 1024) * 2 ** 20)
+
+
+def _build_input_sets(case: Case, cfg: RunConfig) -> List[Any]:
+    sets = []
+    total = 0
+    for i in range(cfg.max_input_sets):
+        torch.manual_seed(_seed_for(case.params, i))
+        s = case.inputs(i)
+        sets.append(s)
+        total += _nbytes(s)
+        per = total / len(sets)
+        if total >= cfg.rotate_bytes or total + per > cfg.input_bytes:
+            break
+    return sets
+
+
+# ---------------------------------------------------------------------------------- run
+@dataclass
+class CaseResult:
+    rows: List[Dict[str, Any]]
+    unavailable: Dict[str, str]          # provider -> reason
+    errors: Dict[str, str]               # provider -> "ExcType: message"
+
+
+def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
+             timer=None) -> CaseResult:
+    """Measure every provider of ``case`` on ``device``; returns its rows (contract section 3).
+
+    A provider whose ``setup`` raises :class:`ProviderUnavailable` is left out (reported in
+    ``unavailable``); any other exception in setup, run or check is recorded in ``errors``
+    and the provider is left out; the other providers still run.
+    """
+    timer = timer or make_timer(device)
+    sets = _build_input_sets(case, cfg)
+    runs: Dict[str, List[Callable[[], Any]]] = {}
+    exact: Dict[str, Optional[bool]] = {}
+    unavailable: Dict[str, str] = {}
+    errors: Dict[str, str] = {}
+    for name, prov in case.providers.items():
+        try:
+            fns = []
+            for j, inp in enumerate(sets):
+                fn = prov.setup(inp)
+                if not callable(fn):
+                    raise TypeError(f"setup returned {type(fn).__name__}, expected a callable")
+                out = fn()  # warm-up (and compilation) on every set
+                if j == 0:
+                    res = prov.check(inp, out) if prov.check is not None else None
+                    if res is not None and not isinstance(res, bool):
+                        raise TypeError(f"check returned {res!r}, expected True, False or None")
+                    exact[name] = res
+                del out
+                fns.append(fn)
+            runs[name] = fns
+        except ProviderUnavailable as e:
+            unavailable[name] = str(e)
+        except Exception as e:  # noqa: BLE001 - reported as an error row-less provider
+            errors[name] = f"{type(e).__name__}: {e}"
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+    # estimate each provider's time, then the repeats that fill the budget
+    reps: Dict[str, int] = {}
+    timings: Dict[str, Timing] = {n: Timing() for n in runs}
+    for name, fns in runs.items():
+        est = Timing()
+        for j in range(3):
+            timer.time_call(fns[j % len(fns)], est)
+        timer.sync()
+        per_call_s = max(statistics.median(est.times_ms), 1e-4) / 1e3
+        reps[name] = int(min(cfg.max_reps, max(cfg.min_reps, cfg.budget_s / per_call_s)))
+
+    names = list(runs)
+    n_rounds = max(1, min(cfg.rounds, min(reps.values()) if reps else 1))
+    counters = {n: 0 for n in names}
+    for r in range(n_rounds):
+        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        for name in order:
+            share = reps[name] * (r + 1) // n_rounds - reps[name] * r // n_rounds
+            fns = runs[name]
+            for _ in range(share):
+                timer.time_call(fns[counters[name] % len(fns)], timings[name])
+                counters[name] += 1
+        timer.sync()
+
+    rows = []
+    for name in names:
+        t = timings[name]
+        med = t.median_ms
+        value, unit = case.throughput(dict(case.params), med)
+        rows.append({"suite": suite_name, "case": case.name, "provider": name,
+                     "params": dict(case.params), "median_ms": med, "p20_ms": t.p20_ms,
+                     "p80_ms": t.p80_ms, "throughput": float(value), "unit": str(unit),
+                     "exact_vs_numpy": exact.get(name)})
+    return CaseResult(rows, unavailable, errors)
+
+
+# ---------------------------------------------------------------------------------- pairing
+def params_key(params: Mapping[str, Any]) -> str:
+    """A canonical, hashable form of a params dict (key order does not matter)."""
+    return json.dumps(params, sort_keys=True, separators=(",", ":"))
+
+
+def pair_rows(rows: Sequence[Mapping[str, Any]]) -> List[Tuple[Dict[str, Any], Dict[str, Mapping[str, Any]]]]:
+    """Group rows by (suite, params): ``[(params, {provider: row}), ...]`` in first-seen order.
+
+    Rows of different providers pair up when their ``params`` are equal (the ``case`` label
+    is not used). Two rows of the same provider with equal params raise ValueError.
+    """
+    groups: Dict[Tuple[str, str], Tuple[Dict[str, Any], Dict[str, Mapping[str, Any]]]] = {}
+    for row in rows:
+        key = (row["suite"], params_key(row["params"]))
+        params, by_provider = groups.setdefault(key, (dict(row["params"]), {}))
+        if row["provider"] in by_provider:
+            raise ValueError(f"two rows of provider {row['provider']!r} with params "
+                             f"{row['params']} in suite {row['suite']!r}")
+        by_provider[row["provider"]] = row
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------------------------- device
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: str) -> str:
+    """``torch.cuda.get_device_name()`` for ``"cuda"``, the CPU model for ``"cpu"``."""
+    if device == "cuda":
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    if device == "cpu":
+        return _cpu_model()
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def device_slug(device: str, name: Optional[str] = None, machine: Optional[str] = None) -> str:
+    """Folder name under ``bench/results/``: ``cpu-x86`` / ``cpu-arm`` for CPUs, the
+    sanitised GPU name (``nvidia-h100-80gb-hbm3``) for GPUs."""
+    if device == "cpu":
+        m = (machine or platform.machine()).lower()
+        if m in ("x86_64", "amd64", "i386", "i686", "x86"):
+            return "cpu-x86"
+        if m in ("aarch64", "arm64") or m.startswith("arm"):
+            return "cpu-arm"
+        return "cpu-" + (re.sub(r"[^a-z0-9]+", "-", m).strip("-") or "unknown")
+    if device == "cuda":
+        name = name if name is not None else device_name("cuda")
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

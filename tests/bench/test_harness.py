@@ -1,0 +1,420 @@
+"""The benchmark harness itself, on the CPU: timing stats, interleaving, input rotation,
+pairing, ratios, the results format, the GPU skip, errors, report files, the README table."""
+import json
+import os
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from gpuquant.bench import Case, Provider, ProviderUnavailable, run_bench
+from gpuquant.bench import ceilings as ceil_mod
+from gpuquant.bench import harness, readme_table, report
+from gpuquant.bench import suites as registry
+from gpuquant.bench.harness import (HEADER_FIELDS, ROW_FIELDS, RunConfig, device_slug,
+                                    pair_rows, percentile, run_case)
+
+FAKE_CEILINGS = {"bandwidth": {"value": 100.0, "unit": "GB/s", "what": "test"},
+                 "float": {"value": 2.0, "unit": "TFLOPS", "what": "test"},
+                 "int8": {"value": 500.0, "unit": "GOPS", "what": "test"}}
+
+FAKE_SUITE_SRC = '''
+import torch
+from gpuquant.bench import Case, Provider, Suite
+
+def _cases(quick, device):
+    out = []
+    for n in (1000, 33000):
+        def inputs(i, n=n):
+            return torch.randn(n)
+        out.append(Case(
+            params={{"op": "sum", "numel": n}},
+            inputs=inputs,
+            providers={{"base": lambda x: (lambda: x.sum()),
+                        "ours": Provider(lambda x: (lambda: x.cumsum(0)[-1]),
+                                         check=lambda x, y: {check})}},
+            throughput=lambda p, ms: (4 * p["numel"] / (ms * 1e-3) / 1e9, "GB/s")))
+    return out
+
+SUITE = Suite(name="{name}", baseline="base", cases=_cases, device="{device}")
+'''
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """Tiny time budgets and fixed ceilings so run_bench-level tests take well under a second."""
+    monkeypatch.setattr(RunConfig, "for_run", classmethod(
+        lambda cls, quick, device: cls(budget_s=0.01, min_reps=5, max_input_sets=3)))
+    monkeypatch.setattr(ceil_mod, "measure_ceilings", lambda device, quick=False: FAKE_CEILINGS)
+
+
+@pytest.fixture
+def fake_suite(tmp_path, monkeypatch):
+    """Write suite modules into tmp_path and register them; unregister afterwards."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = []
+
+    def make(name, device="cpu", check="True", src=None):
+        mod = f"_gq_bench_{name}"
+        (tmp_path / f"{mod}.py").write_text(
+            src if src is not None else FAKE_SUITE_SRC.format(name=name, device=device, check=check))
+        registry.register_suite(name, mod, device)
+        names.append(name)
+        return name
+    yield make
+    for n in names:
+        registry.unregister_suite(n)
+
+
+# ---------------------------------------------------------------------------------- stats
+def test_percentile_matches_numpy():
+    vals = list(np.random.rand(37) * 10)
+    for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+        assert percentile(vals, q) == pytest.approx(float(np.percentile(vals, 100 * q)), rel=1e-12)
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+    with pytest.raises(ValueError):
+        percentile([1.0], 1.5)
+
+
+# ---------------------------------------------------------------------------------- run_case
+def _counting_case(log):
+    def make(name, delay_iters):
+        def setup(inp):
+            def run():
+                log.append((name, inp["id"]))
+                return inp["x"].sum()
+            return run
+        return setup
+
+    return Case(params={"n": 7, "kind": "toy"},
+                inputs=lambda i: {"id": i, "x": torch.randn(7)},
+                providers={"a": make("a", 0), "b": make("b", 0), "c": make("c", 0)},
+                throughput=lambda p, ms: (p["n"] / ms, "items/ms"))
+
+
+def test_run_case_interleaves_providers_and_rotates_inputs():
+    log = []
+    cfg = RunConfig(budget_s=0.002, min_reps=20, max_reps=20, rounds=4, max_input_sets=5)
+    res = run_case("toy", _counting_case(log), "cpu", cfg)
+    assert [r["provider"] for r in res.rows] == ["a", "b", "c"]
+    # warm-up: every provider once per input set; 5 sets were built
+    assert log[:15] == [(p, i) for p in "abc" for i in range(5)]
+    timed = log[15 + 9:]  # after the 3 estimate calls per provider
+    assert len(timed) == 60
+    # 4 rounds of 5 calls per provider, the provider order rotating each round
+    blocks = [timed[k:k + 5] for k in range(0, 60, 5)]
+    owners = [{p for p, _ in b} for b in blocks]
+    assert all(len(o) == 1 for o in owners)
+    assert [o.pop() for o in owners] == list("abc" + "bca" + "cab" + "abc")
+    for p in "abc":
+        assert {i for q, i in timed if q == p} == set(range(5))   # every set used
+
+
+def test_input_sets_are_distinct_and_reproducible():
+    made = []
+    case = Case(params={"n": 123}, inputs=lambda i: made.append(torch.randn(123)) or made[-1],
+                providers={"p": lambda x: (lambda: x + 1)},
+                throughput=lambda p, ms: (1.0 / ms, "1/ms"))
+    cfg = RunConfig(budget_s=0.001, min_reps=5, max_reps=5, max_input_sets=4)
+    run_case("toy", case, "cpu", cfg)
+    first = [t.clone() for t in made[:4]]
+    assert len(first) == 4
+    assert all(not torch.equal(first[i], first[j]) for i in range(4) for j in range(i + 1, 4))
+    made.clear()
+    run_case("toy", case, "cpu", cfg)
+    assert all(torch.equal(a, b) for a, b in zip(first, made[:4]))
+
+
+def test_input_rotation_respects_memory_budget():
+    case = Case(params={"n": 1 << 18}, inputs=lambda i: torch.randn(1 << 18),  # 1 MiB a set
+                providers={"p": lambda x: (lambda: x)}, throughput=lambda p, ms: (1.0, "x"))
+    cfg = RunConfig(max_input_sets=8, input_bytes=3 << 20, rotate_bytes=64 << 20)
+    assert len(harness._build_input_sets(case, cfg)) == 3
+    cfg = RunConfig(max_input_sets=8, input_bytes=64 << 20, rotate_bytes=2 << 20)
+    assert len(harness._build_input_sets(case, cfg)) == 2
+
+
+def test_run_case_rows_stats_check_unavailable_and_errors():
+    def slow_setup(x):
+        def run():
+            s = 0
+            for _ in range(2000):
+                s += 1
+            return x
+        return run
+
+    def unavailable(x):
+        raise ProviderUnavailable("needs cupy")
+
+    def broken(x):
+        return lambda: x.reshape(5)   # 7 elements: raises at warm-up
+
+    case = Case(params={"n": 7},
+                inputs=lambda i: torch.randn(7),
+                providers={"slow": Provider(slow_setup, check=lambda x, y: torch.equal(x, y)),
+                           "fast": Provider(lambda x: (lambda: x), check=lambda x, y: None),
+                           "wrong": Provider(lambda x: (lambda: x + 1),
+                                             check=lambda x, y: bool(torch.equal(x, y))),
+                           "cupy": unavailable, "broken": broken},
+                throughput=lambda p, ms: (p["n"] / (ms * 1e-3), "items/s"))
+    res = run_case("toy", case, "cpu", RunConfig(budget_s=0.01, max_input_sets=2))
+    by = {r["provider"]: r for r in res.rows}
+    assert set(by) == {"slow", "fast", "wrong"}
+    assert res.unavailable == {"cupy": "needs cupy"}
+    assert list(res.errors) == ["broken"] and "RuntimeError" in res.errors["broken"]
+    for r in res.rows:
+        assert tuple(r) == ROW_FIELDS
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["throughput"] == pytest.approx(7 / (r["median_ms"] * 1e-3))
+        assert r["case"] == "n=7" and r["params"] == {"n": 7} and r["suite"] == "toy"
+    assert [by[p]["exact_vs_numpy"] for p in ("slow", "fast", "wrong")] == [True, None, False]
+    assert by["slow"]["median_ms"] > by["fast"]["median_ms"]
+
+
+def test_case_validation():
+    ok = dict(inputs=lambda i: None, providers={"p": lambda x: (lambda: 0)},
+              throughput=lambda p, ms: (1.0, "x"))
+    with pytest.raises(TypeError, match="params"):
+        Case(params={"shape": (1, 2)}, **ok)
+    with pytest.raises(TypeError, match="params"):
+        Case(params={}, **ok)
+    with pytest.raises(ValueError, match="no providers"):
+        Case(params={"n": 1}, inputs=ok["inputs"], providers={}, throughput=ok["throughput"])
+    with pytest.raises(ValueError, match="device"):
+        harness.Suite(name="x", baseline="p", cases=lambda q, d: [], device="tpu")
+
+
+# ---------------------------------------------------------------------------------- pairing, ratios
+def _row(provider, params, ms, thr=1.0, unit="GB/s", case=None, suite="s", exact=None):
+    return {"suite": suite, "case": case or provider, "provider": provider, "params": params,
+            "median_ms": ms, "p20_ms": ms * 0.9, "p80_ms": ms * 1.1, "throughput": thr,
+            "unit": unit, "exact_vs_numpy": exact}
+
+
+def test_pair_rows_by_equal_params():
+    rows = [_row("torch", {"m": 64, "n": 33}, 2.0, case="label one"),
+            _row("ours", {"n": 33, "m": 64}, 1.0, case="another label"),   # key order differs
+            _row("torch", {"m": 64, "n": 7}, 3.0),
+            _row("ours", {"m": 64, "n": 7}, 1.5),
+            _row("ours", {"m": 64, "n": 123}, 1.5),                        # no baseline row
+            _row("ours", {"m": 64, "n": 7}, 9.0, suite="other")]           # other suite
+    groups = pair_rows(rows)
+    assert [p for p, _ in groups] == [{"m": 64, "n": 33}, {"m": 64, "n": 7}, {"m": 64, "n": 123},
+                                      {"m": 64, "n": 7}]
+    assert {k: v["median_ms"] for k, v in groups[0][1].items()} == {"torch": 2.0, "ours": 1.0}
+    assert set(groups[2][1]) == {"ours"}
+    assert groups[3][1]["ours"]["suite"] == "other"
+    with pytest.raises(ValueError, match="two rows"):
+        pair_rows(rows + [_row("torch", {"m": 64, "n": 7}, 3.0)])
+
+
+def test_ratio_and_ceiling_arithmetic():
+    assert report.speedup(2.0, 0.5) == 4.0          # 4x faster than the baseline
+    assert report.speedup(1.0, 4.0) == 0.25
+    assert report.speedup(None, 1.0) is None and report.speedup(1.0, 0.0) is None
+    assert report.geomean([4.0, 0.25, 1.0]) == pytest.approx(1.0)
+    f = ceil_mod.fraction_of_ceiling
+    assert f(50.0, "GB/s", FAKE_CEILINGS) == pytest.approx(0.5)
+    assert f(0.25, "TB/s", FAKE_CEILINGS) == pytest.approx(2.5)      # unit scaling
+    assert f(0.1, "TOPS", FAKE_CEILINGS) == pytest.approx(0.2)       # vs 500 GOPS
+    assert f(1.0, "TFLOPS", FAKE_CEILINGS) == pytest.approx(0.5)
+    assert f(100.0, "images/s", FAKE_CEILINGS) is None
+    assert f(1.0, "GB/s", None) is None
+
+    doc = {"baseline": "torch", "ceilings": FAKE_CEILINGS,
+           "rows": [_row("ours", {"n": 1}, 0.5, thr=80.0), _row("torch", {"n": 1}, 2.0, thr=20.0),
+                    _row("ours", {"n": 2}, 1.0, thr=10.0, unit="images/s")]}
+    (p1, rows1), (p2, rows2) = report.annotate(doc)
+    assert [r["provider"] for r in rows1] == ["torch", "ours"]        # baseline first
+    assert [r["ratio"] for r in rows1] == [1.0, 4.0]
+    assert [r["fraction"] for r in rows1] == [pytest.approx(0.2), pytest.approx(0.8)]
+    assert rows2[0]["ratio"] is None and rows2[0]["fraction"] is None
+
+
+# ---------------------------------------------------------------------------------- run_bench
+def test_run_bench_writes_json_md_png(fast, fake_suite, tmp_path, capsys):
+    name = fake_suite("toy_cpu")
+    out = tmp_path / "out"
+    assert run_bench([name], quick=True, out=str(out), command="gpuquant bench toy_cpu") == 0
+    doc = json.loads((out / f"{name}.json").read_text())
+    assert list(doc)[:len(HEADER_FIELDS)] == list(HEADER_FIELDS)
+    assert doc["command"] == "gpuquant bench toy_cpu" and doc["cupy"] is None
+    assert doc["torch"] == torch.__version__ and doc["date"][:2] == "20" and "T" in doc["date"]
+    assert doc["device"] == harness.device_name("cpu")
+    assert doc["suite"] == name and doc["baseline"] == "base" and doc["ceilings"] == FAKE_CEILINGS
+    assert len(doc["rows"]) == 4
+    for row in doc["rows"]:
+        assert list(row) == list(ROW_FIELDS)
+        assert row["unit"] == "GB/s" and row["throughput"] > 0
+    report.validate_doc(doc)
+    assert {r["provider"]: r["exact_vs_numpy"] for r in doc["rows"]} == {"base": None, "ours": True}
+    md = (out / f"{name}.md").read_text()
+    assert "| op | numel | provider |" in md and "`ours`" in md and "vs base" in md
+    assert "1.00x" in md and "of ceiling" in md
+    png = (out / f"{name}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    log = capsys.readouterr().out
+    assert f"[{name} 1/2]" in log and f"[{name} 2/2]" in log and "summary" in log
+    assert "exact 2/2" in log
+
+
+def test_run_bench_inexact_output_fails(fast, fake_suite, tmp_path, capsys):
+    name = fake_suite("toy_wrong", check="False")
+    assert run_bench([name], quick=True, out=str(tmp_path), command="c") == 1
+    assert "differs from the NumPy oracle" in capsys.readouterr().out
+    doc = json.loads((tmp_path / f"{name}.json").read_text())
+    assert {r["exact_vs_numpy"] for r in doc["rows"] if r["provider"] == "ours"} == {False}
+
+
+def test_gpu_suite_skipped_without_cuda(fast, fake_suite, tmp_path, capsys):
+    # the module would fail to import: a GPU suite is not even imported on the CPU
+    name = fake_suite("toy_gpu", device="cuda", src="raise RuntimeError('imported on CPU')\n")
+    cpu = fake_suite("toy_cpu2")
+    rc = run_bench([name, cpu], quick=True, out=str(tmp_path), command="c", cuda_available=False)
+    assert rc == 0
+    assert f"suite {name} needs a CUDA GPU: skipped" in capsys.readouterr().out
+    assert not (tmp_path / f"{name}.json").exists() and (tmp_path / f"{cpu}.json").exists()
+
+
+def test_any_device_suite_runs_on_cpu_without_cuda(fake_suite):
+    assert registry.suite_device("quant") == "any"
+    s = registry.load_suite("quant")
+    assert s.run_device(False) == "cpu" and s.run_device(True) == "cuda"
+    assert harness.Suite("g", "b", lambda q, d: [], device="cuda").run_device(False) is None
+
+
+def test_unknown_suite_is_an_error_listing_suites(capsys, tmp_path):
+    assert run_bench(["no_such_suite"], out=str(tmp_path), command="c") == 2
+    err = capsys.readouterr().err
+    assert "unknown suite 'no_such_suite'" in err and "quant" in err
+    with pytest.raises(ValueError, match="unknown suite"):
+        registry.load_suite("no_such_suite")
+    assert not list(tmp_path.iterdir())
+
+
+def test_unwritten_suite_not_listed_but_broken_one_raises(fake_suite, tmp_path, capsys):
+    registry.register_suite("ghost", "gpuquant.bench.suites._never_written", "cpu")
+    try:
+        assert "ghost" in registry.registered() and "ghost" not in registry.written()
+        assert run_bench(["ghost"], out=str(tmp_path), command="c") == 2
+        assert "not written yet" in capsys.readouterr().err
+    finally:
+        registry.unregister_suite("ghost")
+    name = fake_suite("toy_broken", src="import _gq_no_such_dependency_xyz\n")
+    assert name in registry.written()
+    with pytest.raises(ModuleNotFoundError, match="_gq_no_such_dependency_xyz"):
+        registry.load_suite(name)
+
+
+def test_suite_module_must_match_registry(fake_suite):
+    name = fake_suite("toy_mismatch", device="any",
+                      src=FAKE_SUITE_SRC.format(name="toy_mismatch", device="cpu", check="True"))
+    with pytest.raises(ValueError, match="registry says"):
+        registry.load_suite(name)
+
+
+def test_device_slug():
+    assert device_slug("cpu", machine="x86_64") == "cpu-x86"
+    assert device_slug("cpu", machine="AMD64") == "cpu-x86"
+    assert device_slug("cpu", machine="aarch64") == "cpu-arm"
+    assert device_slug("cpu", machine="ppc64le") == "cpu-ppc64le"
+    assert device_slug("cuda", name="NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert device_slug("cuda", name="NVIDIA A100-SXM4-40GB") == "nvidia-a100-sxm4-40gb"
+    with pytest.raises(ValueError):
+        device_slug("tpu")
+
+
+def test_validate_doc_rejects_bad_documents():
+    good = {k: "x" for k in HEADER_FIELDS}
+    good["rows"] = [_row("a", {"n": 1}, 1.0)]
+    report.validate_doc(good)
+    for bad in ({k: v for k, v in good.items() if k != "date"},
+                dict(good, rows=[dict(_row("a", {"n": 1}, 1.0), extra=1)]),
+                dict(good, rows=[dict(_row("a", {"n": 1}, 1.0), median_ms=float("nan"))]),
+                dict(good, rows=[dict(_row("a", {"n": 1}, 1.0), p20_ms=5.0)]),
+                dict(good, rows=[dict(_row("a", {"n": 1}, 1.0), exact_vs_numpy="yes")])):
+        with pytest.raises(ValueError):
+            report.validate_doc(bad)
+
+
+# ---------------------------------------------------------------------------------- README table
+def _sample_doc(device, baseline_ms, ours_ms):
+    doc = {"device": device, "torch": "2.11.0", "triton": "3.6.0", "cupy": None,
+           "gpuquant": "0.1.0", "date": "2026-11-25T12:00:00+00:00",
+           "command": "gpuquant bench quant --quick", "suite": "quant", "baseline": "torch",
+           "quick": True, "ceilings": FAKE_CEILINGS,
+           "rows": [_row("torch", {"numel": 1024}, baseline_ms, thr=25.0, suite="quant"),
+                    _row("gpuquant-numpy", {"numel": 1024}, ours_ms, thr=75.0, suite="quant",
+                         exact=True)]}
+    return doc
+
+
+def test_readme_table_from_results_dir(tmp_path):
+    res = tmp_path / "bench" / "results"
+    for slug, dev, b, o in (("cpu-x86", "AMD EPYC", 3.0, 1.0),
+                            ("nvidia-h100-80gb-hbm3", "NVIDIA H100 80GB HBM3", 1.0, 0.25),
+                            ("local", "scratch", 1.0, 1.0)):
+        (res / slug).mkdir(parents=True)
+        report.write_json(_sample_doc(dev, b, o), str(res / slug / "quant.json"))
+    report.write_png(_sample_doc("AMD EPYC", 3.0, 1.0), str(res / "cpu-x86" / "quant.png"))
+    readme = tmp_path / "README.md"
+    readme.write_text(textwrap.dedent(f"""\
+        # project
+        intro
+        ## Benchmarks
+        {readme_table.START}
+        stale numbers
+        {readme_table.END}
+        ## After
+        kept
+        """))
+    assert readme_table.main(["--results", str(res), "--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# project\nintro\n## Benchmarks\n") and text.endswith("## After\nkept\n")
+    assert "stale numbers" not in text and "scratch" not in text     # `local` left out
+    block = text[text.index(readme_table.START):text.index(readme_table.END)]
+    assert block.index("### `cpu-x86`") < block.index("### `nvidia-h100-80gb-hbm3`")
+    assert "#### `quant` on AMD EPYC" in block and "#### `quant` on NVIDIA H100 80GB HBM3" in block
+    assert "`gpuquant bench quant --quick`" in block and "2026-11-25T12:00:00+00:00" in block
+    assert "3.00x" in block and "4.00x" in block and "75%" in block and "| yes |" in block
+    assert "](bench/results/cpu-x86/quant.png)" in block
+    # idempotent: a second run gives the same file
+    assert readme_table.main(["--results", str(res), "--write", str(readme)]) == 0
+    assert readme.read_text() == text
+    with pytest.raises(ValueError, match="exactly one"):
+        readme_table.replace_block("no markers", "x")
+    (tmp_path / "bad.md").write_text(readme_table.END + "\n" + readme_table.START + "\n")
+    assert readme_table.main(["--results", str(res), "--write", str(tmp_path / "bad.md")]) == 2
+
+
+# ---------------------------------------------------------------------------------- quant suite, ceilings
+def test_quant_suite_checks_are_real():
+    """The quant suite's exact_vs_numpy checks pass on correct outputs and catch one wrong
+    element, for every op / mode / granularity (one small case each)."""
+    cases = {}
+    for c in registry.load_suite("quant").cases(True, "cpu"):
+        cases.setdefault((c.params["op"], c.params["mode"], c.params["granularity"]), c)
+    assert len(cases) == 8
+    for key, case in cases.items():
+        assert case.params["numel"] == 65536 and "torch" in case.providers
+        assert "gpuquant-reference" in case.providers
+        torch.manual_seed(0)
+        inp = case.inputs(0)
+        for name, prov in case.providers.items():
+            out = prov.setup(inp)()
+            assert prov.check(inp, out) is True, (key, name)
+        bad = out[0].clone() if isinstance(out, tuple) else out.clone()
+        flat = bad.view(-1)
+        flat[123] = flat[123] + (1 if not bad.is_floating_point() else 0.5)
+        assert prov.check(inp, (bad, out[1]) if isinstance(out, tuple) else bad) is False, key
+
+
+def test_cpu_ceilings_measured():
+    c = ceil_mod.measure_ceilings("cpu", quick=True)
+    assert c["bandwidth"]["unit"] == "GB/s" and c["bandwidth"]["value"] > 0.1
+    assert c["float"]["unit"] == "GFLOPS" and c["float"]["value"] > 0.1
+    assert c["int8"]["value"] == c["float"]["value"]
+    with pytest.raises(ValueError):
+        ceil_mod.measure_ceilings("tpu")
