@@ -1,0 +1,192 @@
+"""Host side of the CUDA kernels: operand preparation, launch plans, execution with CuPy.
+
+A :class:`Launch` is computed with torch alone (it works on CPU tensors too: the CPU tests
+run the very same plans through a host emulation of the kernels), then :func:`execute` runs
+it on the GPU through CuPy on torch's current stream.
+
+What the plan does on the host, once per call:
+* activations to the kernels' layouts: (M, K) rows for linear, NHWC for conv (no copy when
+  the input is already channels_last);
+* weights to (N, K) rows, K contiguous (conv: (O, kh, kw, cg));
+* ``bias_eff = bias - zp' * colsum(w)`` in int64 (zp' = zp_x for int8 inputs, zp_x - 128 for
+  uint8 inputs, which the kernels read as x ^ 0x80): the zero-point correction that makes the
+  s8 x s8 dot product equal sum((x - zp_x) * w) exactly;
+* per-channel multiplier / shift vectors (a per-tensor Requant is broadcast);
+* for the tensor-core tiers: K padded to a multiple of 16 (linear), channels padded to a
+  multiple of 16 (ungrouped conv); grouped convs whose channels per group are not a multiple
+  of 16 (depthwise) run the dp4a conv kernel whatever the tier.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Tuple
+
+import torch
+
+from . import loader
+
+__all__ = ["Launch", "plan_linear", "plan_conv2d", "execute", "BLOCK_TILES"]
+
+# (BM, BN) output tile of one thread block, per tier (see kernels/*_tile.cuh).
+BLOCK_TILES = {"dp4a": (64, 64), "mma75": (128, 128), "mma80": (128, 128), "sm90": (128, 128)}
+THREADS = 256
+_U8_XOR = -2139062144  # 0x80808080 as int32: uint8 x -> x - 128 as int8, four at a time
+
+
+@dataclass
+class Launch:
+    """One kernel launch: ``gq_<family>_<tier>`` over ``grid`` with ``args`` (tensors and
+    ints in the kernel's parameter order), then ``finish(out)`` gives the op's result."""
+
+    family: str
+    tier: str
+    grid: Tuple[int, int, int]
+    block: Tuple[int, int, int]
+    args: tuple
+    out: torch.Tensor
+    finish: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
+
+    @property
+    def empty(self) -> bool:
+        return self.out.numel() == 0
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous with a 16-byte aligned base (cp.async / 16-byte loads need it)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _act_params(x: torch.Tensor, x_zp: int):
+    if x.dtype == torch.uint8:
+        return _U8_XOR, int(x_zp) - 128
+    if x.dtype == torch.int8:
+        return 0, int(x_zp)
+    raise TypeError(f"quantized activations must be torch.int8 or torch.uint8, got {x.dtype}")
+
+
+def _channel_params(w2: torch.Tensor, bias, zp_eff: int, rq, n: int, device):
+    """bias_eff (int64), multiplier and rshift (int32), each (n,) on ``device``."""
+    colsum = w2.to(torch.int32).sum(dim=1, dtype=torch.int64)
+    bias_eff = -int(zp_eff) * colsum
+    if bias is not None:
+        bias_eff = bias_eff + bias.to(device=device, dtype=torch.int64).reshape(-1)
+    mult = rq.multiplier.to(device=device, dtype=torch.int32).reshape(-1)
+    shift = rq.rshift.to(device=device, dtype=torch.int32).reshape(-1)
+    if mult.numel() == 1:
+        mult, shift = mult.expand(n), shift.expand(n)
+    if mult.numel() != n:
+        raise ValueError(f"requantization has {mult.numel()} channels, the op has {n} outputs")
+    return bias_eff.contiguous(), mult.contiguous(), shift.contiguous()
+
+
+def _check_rows(m: int) -> None:
+    if m >= 2 ** 31:
+        raise ValueError(f"{m} output rows: the CUDA kernels index rows with int32 (< 2^31); "
+                         f"split the batch")
+
+
+def _pad_last(t: torch.Tensor, to: int) -> torch.Tensor:
+    if t.shape[-1] == to:
+        return t
+    out = torch.zeros(t.shape[:-1] + (to,), dtype=t.dtype, device=t.device)
+    out[..., :t.shape[-1]] = t
+    return out
+
+
+def plan_linear(x, x_zp, w, bias, rq, tier: str) -> Launch:
+    """Plan ``linear(x, x_zp, w, bias, rq)`` (shapes as the reference backend) for ``tier``."""
+    a_xor, zp_eff = _act_params(x, x_zp)
+    k = x.shape[-1]
+    n = w.shape[0]
+    lead = tuple(x.shape[:-1])
+    m = 1
+    for s in lead:
+        m *= int(s)
+    a = x.reshape(m, k)
+    w2 = w.reshape(n, k)
+    _check_rows(m)
+    bias_eff, mult, shift = _channel_params(w2, bias, zp_eff, rq, n, x.device)
+    if tier != "dp4a" and k % 16:
+        kp = _cdiv(k, 16) * 16
+        a, w2, k = _pad_last(a, kp), _pad_last(w2, kp), kp
+    a, w2 = _aligned(a), _aligned(w2.to(torch.int8))
+    out = torch.empty((m, n), dtype=rq.dtype.storage, device=x.device)
+    bm, bn = BLOCK_TILES[tier]
+    args = (a, w2, bias_eff, mult, shift, out, m, n, k, a_xor, int(rq.zero_point),
+            int(rq.qmin), int(rq.qmax))
+    return Launch("gemm", tier, (_cdiv(m, bm), _cdiv(n, bn), 1), (THREADS, 1, 1), args, out,
+                  lambda o: o.reshape(lead + (n,)))
+
+
+def _pair(v, name):
+    if isinstance(v, str):
+        raise ValueError(f"conv2d {name} must be an int or a pair of ints, got {v!r}")
+    if isinstance(v, int):
+        return v, v
+    t = tuple(int(i) for i in v)
+    if len(t) == 1:
+        return t[0], t[0]
+    if len(t) != 2:
+        raise ValueError(f"conv2d {name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def plan_conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq, tier: str) -> Launch:
+    """Plan ``conv2d`` (NCHW logical shapes, as the reference backend) for ``tier``.
+
+    Grouped convs with channels per group not a multiple of 16 use the dp4a kernel.
+    """
+    a_xor, zp_eff = _act_params(x, x_zp)
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride"), _pair(padding, "padding"),
+                                    _pair(dilation, "dilation"))
+    nimg, c, h, wd = (int(s) for s in x.shape)
+    o, cg, kh, kw = (int(s) for s in w.shape)
+    groups = int(groups)
+    og = o // groups
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"conv2d output would be empty ({ho}x{wo}) for input {h}x{wd}, kernel "
+                         f"{kh}x{kw}, stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}")
+    xh = x.permute(0, 2, 3, 1)                       # NHWC view (free for channels_last)
+    wr = w.permute(0, 2, 3, 1).to(torch.int8)        # (O, kh, kw, cg)
+    bias_eff, mult, shift = _channel_params(wr.reshape(o, -1), bias, zp_eff, rq, o, x.device)
+    if tier != "dp4a" and cg % 16:
+        if groups == 1:
+            cp = _cdiv(cg, 16) * 16
+            xh, wr, cg, c = _pad_last(xh, cp), _pad_last(wr, cp), cp, cp
+        else:
+            tier = "dp4a"
+    xh, wr = _aligned(xh), _aligned(wr)
+    kg = kh * kw * cg
+    m = nimg * ho * wo
+    _check_rows(m)
+    out = torch.empty((nimg, ho, wo, o), dtype=rq.dtype.storage, device=x.device)
+    bm, bn = BLOCK_TILES[tier]
+    args = (xh, wr, bias_eff, mult, shift, out, m, og, kg, a_xor, int(rq.zero_point),
+            int(rq.qmin), int(rq.qmax), h, wd, c, cg, ho, wo, kw, sh, sw, ph, pw, dh, dw,
+            int(x_zp) & 0xFF)
+    return Launch("conv", tier, (_cdiv(m, bm), _cdiv(og, bn), groups), (THREADS, 1, 1), args,
+                  out, lambda t: t.permute(0, 3, 1, 2))
+
+
+def execute(launch: Launch, capability) -> torch.Tensor:
+    """Run a plan on its tensors' GPU with CuPy, on torch's current stream; returns the result."""
+    if not launch.empty:
+        import cupy
+        import numpy as np
+        dev = launch.out.device
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        with cupy.cuda.Device(idx):
+            kern = loader.get_kernel(launch.family, launch.tier, capability, idx)
+            args = tuple(cupy.asarray(a) if isinstance(a, torch.Tensor) else np.int32(a)
+                         for a in launch.args)
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream)
+            with stream:
+                kern(launch.grid, launch.block, args)
+    return launch.finish(launch.out)

@@ -1,0 +1,232 @@
+// mma_tile.cuh: the tensor-core main loop shared by the mma75, mma80 and sm90 tiers.
+//
+// Block tile 128 (M) x 128 (N), K step 32 bytes, 256 threads = 8 warps as 2 (M) x 4 (N),
+// each warp 64 x 32 = 4 x 4 tiles of m16n8k32; int32 accumulators in registers.
+// Shared memory holds GQ_STAGES stages of A[128][32] and B[128][32] bytes; the two 16-byte
+// chunks of a row are swapped on rows 4..7 mod 8 (chunk ^ ((row >> 2) & 1)) so a warp's
+// fragment reads (8 rows x 4 words) hit 32 distinct banks.
+//
+// Tier macros, set by the including .cu file:
+//   GQ_CP_ASYNC  1: global -> shared with cp.async.cg (16 B, zero fill past M/N/K), a
+//                GQ_STAGES-deep pipeline (sm_80+); 0: plain 16 B loads and stores (sm_75).
+//   GQ_MMA_16832 1: mma.sync.aligned.m16n8k32 (sm_80+); 0: the same m16n8k32 tile as four
+//                mma.sync.aligned.m8n8k16 (sm_75 Turing IMMA). Same fragments either way.
+//   GQ_STAGES    shared-memory pipeline depth.
+//
+// Requirements checked by the host launcher: K % 16 == 0 (a 16-byte chunk is either fully
+// inside K or fully past it), A / B / x base pointers 16-byte aligned, and for conv
+// cg % 16 == 0 (a chunk never straddles a (r, s) window position).
+#pragma once
+#include "igemm.cuh"
+
+#define GQ_MMA_BM 128
+#define GQ_MMA_BN 128
+#define GQ_MMA_BK 32
+#define GQ_MMA_THREADS 256
+#define GQ_MMA_STAGE_BYTES (GQ_MMA_BM * GQ_MMA_BK)
+
+// Byte offset of (row, byte col) in a swizzled [rows][32] stage.
+GQ_HD int gq_swz(int row, int col) {
+  return row * GQ_MMA_BK + ((((col >> 4) ^ (row >> 2)) & 1) << 4) + (col & 15);
+}
+
+GQ_D unsigned gq_smem_addr(const void* p) {
+  return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// 16 bytes global -> shared; valid == false writes 16 zero bytes.
+GQ_D void gq_copy16(unsigned char* dst, const signed char* src, bool valid) {
+#if GQ_CP_ASYNC
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(gq_smem_addr(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
+#else
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (valid) v = *reinterpret_cast<const uint4*>(src);
+  *reinterpret_cast<uint4*>(dst) = v;
+#endif
+}
+
+GQ_D void gq_fill16(unsigned char* dst, unsigned word) {
+  *reinterpret_cast<uint4*>(dst) = make_uint4(word, word, word, word);
+}
+
+GQ_D void gq_commit() {
+#if GQ_CP_ASYNC
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+GQ_D void gq_wait() {
+#if GQ_CP_ASYNC
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// c (16 x 8 s32) += a (16 x 32 s8, row) . b (32 x 8 s8, col). PTX fragment layout, lane =
+// 4 * g + t: a[0] = A[g][4t..4t+3], a[1] = A[g+8][4t..], a[2] = A[g][16+4t..],
+// a[3] = A[g+8][16+4t..]; b[0] = B[4t..4t+3][g], b[1] = B[16+4t..][g];
+// c[0..1] = C[g][2t, 2t+1], c[2..3] = C[g+8][2t, 2t+1].
+GQ_D void gq_mma(int* c, const unsigned* a, const unsigned* b) {
+#if GQ_MMA_16832
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  // m8n8k16: a = A[g][4t..4t+3], b = B[4t..4t+3][g], c[0..1] = C[g][2t, 2t+1].
+  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
+               : "+r"(c[0]), "+r"(c[1]) : "r"(a[0]), "r"(b[0]));
+  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
+               : "+r"(c[0]), "+r"(c[1]) : "r"(a[2]), "r"(b[1]));
+  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
+               : "+r"(c[2]), "+r"(c[3]) : "r"(a[1]), "r"(b[0]));
+  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
+               : "+r"(c[2]), "+r"(c[3]) : "r"(a[3]), "r"(b[1]));
+#endif
+}
+
+// A chunks of a linear layer: (M, K) row-major.
+struct GqGemmChunkA {
+  const signed char* a;
+  int M, K;
+  gq_i64 base;
+  bool valid;
+  GQ_D void set_row(int m) { valid = m < M; base = valid ? (gq_i64)m * K : 0; }
+  // 16 bytes at k into dst (zeros past K or M).
+  GQ_D void load(unsigned char* dst, int k) const {
+    const bool ok = valid && k < K;
+    gq_copy16(dst, a + (ok ? base + k : 0), ok);
+  }
+};
+
+// A chunks of a convolution: 16 channels of one input pixel, or the zero point (padding).
+struct GqConvChunkA {
+  const signed char* x;
+  GqConvGeom g;
+  int M, K, group;
+  unsigned pad_word;
+  int img, ih0, iw0;
+  bool valid;
+  GQ_D void set_row(int m) {
+    valid = m < M;
+    img = ih0 = iw0 = 0;
+    if (valid) gq_conv_row(g, m, &img, &ih0, &iw0);
+  }
+  GQ_D void load(unsigned char* dst, int k) const {
+    if (!valid || k >= K) {
+      gq_copy16(dst, x, false);
+      return;
+    }
+    const gq_i64 off = gq_conv_offset(g, img, ih0, iw0, k, group);
+    if (off < 0)
+      gq_fill16(dst, pad_word);
+    else
+      gq_copy16(dst, x + off, true);
+  }
+};
+
+template <class ALoader>
+__device__ void gq_mma_tile(ALoader al, const signed char* __restrict__ w,
+                            const gq_i64* __restrict__ bias_eff, const int* __restrict__ mult,
+                            const int* __restrict__ rshift, unsigned char* __restrict__ out,
+                            int M, int N, int K, int ldo, int group, int a_xor,
+                            int zero_point, int qmin, int qmax) {
+  __shared__ __align__(16) unsigned char As[GQ_STAGES][GQ_MMA_STAGE_BYTES];
+  __shared__ __align__(16) unsigned char Bs[GQ_STAGES][GQ_MMA_STAGE_BYTES];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
+  const int wm = warp >> 2, wn = warp & 3;   // warp tile origin: (64 wm, 32 wn)
+  const int g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * GQ_MMA_BM;
+  const int n0 = blockIdx.y * GQ_MMA_BN;
+
+  // Each thread copies one 16-byte chunk of A and one of B a stage: row lr, chunk lc.
+  const int lr = tid >> 1, lc = tid & 1;
+  al.set_row(m0 + lr);
+  const int bn = n0 + lr;
+  const bool bvalid = bn < N;
+  const signed char* brow = w + (bvalid ? ((gq_i64)group * N + bn) * K : 0);
+  const int soff = gq_swz(lr, lc * 16);
+
+  const int ktiles = (K + GQ_MMA_BK - 1) / GQ_MMA_BK;
+
+#pragma unroll
+  for (int s = 0; s < GQ_STAGES - 1; ++s) {
+    if (s < ktiles) {
+      const int k = s * GQ_MMA_BK + lc * 16;
+      al.load(&As[s][soff], k);
+      gq_copy16(&Bs[s][soff], bvalid && k < K ? brow + k : w, bvalid && k < K);
+    }
+    gq_commit();
+  }
+
+  int acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+
+  const unsigned axor = (unsigned)a_xor;
+  for (int kt = 0; kt < ktiles; ++kt) {
+    gq_wait<GQ_STAGES - 2>();
+    __syncthreads();  // stage kt landed for every thread; stage kt - 1 fully read
+    {
+      const int nt = kt + GQ_STAGES - 1;
+      if (nt < ktiles) {
+        const int s = nt % GQ_STAGES;
+        const int k = nt * GQ_MMA_BK + lc * 16;
+        al.load(&As[s][soff], k);
+        gq_copy16(&Bs[s][soff], bvalid && k < K ? brow + k : w, bvalid && k < K);
+      }
+      gq_commit();
+    }
+    const unsigned char* as = As[kt % GQ_STAGES];
+    const unsigned char* bs = Bs[kt % GQ_STAGES];
+    unsigned a[4][4], b[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r0 = wm * 64 + i * 16 + g;
+      a[i][0] = *reinterpret_cast<const unsigned*>(as + gq_swz(r0, 4 * t)) ^ axor;
+      a[i][1] = *reinterpret_cast<const unsigned*>(as + gq_swz(r0 + 8, 4 * t)) ^ axor;
+      a[i][2] = *reinterpret_cast<const unsigned*>(as + gq_swz(r0, 16 + 4 * t)) ^ axor;
+      a[i][3] = *reinterpret_cast<const unsigned*>(as + gq_swz(r0 + 8, 16 + 4 * t)) ^ axor;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int c0 = wn * 32 + j * 8 + g;
+      b[j][0] = *reinterpret_cast<const unsigned*>(bs + gq_swz(c0, 4 * t));
+      b[j][1] = *reinterpret_cast<const unsigned*>(bs + gq_swz(c0, 16 + 4 * t));
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) gq_mma(acc[i][j], a[i], b[j]);
+  }
+  gq_wait<0>();
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = m0 + wm * 64 + i * 16 + g + 8 * h;
+      if (m >= M) continue;
+      unsigned char* orow = out + (gq_i64)m * ldo;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int n = n0 + wn * 32 + j * 8 + 2 * t + e;
+          if (n >= N) continue;
+          const int ch = group * N + n;
+          orow[ch] = gq_epilogue(acc[i][j][2 * h + e], ch, bias_eff, mult, rshift, zero_point,
+                                 qmin, qmax);
+        }
+      }
+    }
+  }
+}
