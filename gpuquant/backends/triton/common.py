@@ -1,0 +1,92 @@
+"""Plumbing shared by the inference kernel families: architecture families, launch options,
+and a memo of tensors derived from parameters (device copies, reordered weights, folded
+bias) so that a quantized network runs with no host round trip after its first call."""
+from __future__ import annotations
+
+import os
+import weakref
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "derived", "scalar_int", "ARCH_FAMILIES"]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Every inference kernel launches with FP contraction off: the integer kernels do not care,
+# and the float ones (quantize: x * inv_scale, then the rne trick's add) depend on separate
+# roundings (contract section 4).
+LAUNCH_OPTS = {"enable_fp_fusion": False}
+
+# compute capability (major, minor) -> family whose autotune configs apply; the one place
+# where the architecture is decided.
+ARCH_FAMILIES = {(8, 0): "sm80", (8, 6): "sm86", (8, 7): "sm80", (8, 9): "sm89",
+                 (9, 0): "sm90"}
+
+
+def arch_family(device: torch.device) -> str:
+    """Family of ``device`` ("interpret" under TRITON_INTERPRET, else sm80/sm86/sm89/sm90 or
+    "generic" for other GPUs)."""
+    if INTERPRET or device.type != "cuda":
+        return "interpret"
+    cc = torch.cuda.get_device_capability(device)
+    fam = ARCH_FAMILIES.get(cc)
+    if fam is None:
+        fam = "sm90" if cc >= (9, 0) and cc < (10, 0) else "generic"
+    return "sm80" if fam == "sm86" else fam  # sm86 shares sm80's tiles (less smem: pruned)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return 0
+
+
+class _DerivedCache:
+    """Values derived from source tensors, keyed on the sources' identity and version.
+
+    A hit requires every source to be the very same live tensor (weak references) at the
+    same version, so an in-place update of a weight or a freed-and-reused id never returns
+    stale data.
+    """
+
+    def __init__(self, maxsize: int = 4096):
+        self._d: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self.maxsize = maxsize
+
+    def __call__(self, tag: str, sources: Sequence[Optional[torch.Tensor]], extra: tuple,
+                 make: Callable[[], object]):
+        key = (tag,) + tuple(None if t is None else (id(t), _version(t)) for t in sources) + extra
+        hit = self._d.get(key)
+        if hit is not None:
+            refs, value = hit
+            if all((r is None) if t is None else (r is not None and r() is t)
+                   for r, t in zip(refs, sources)):
+                self._d.move_to_end(key)
+                return value
+        value = make()
+        refs = tuple(None if t is None else weakref.ref(t) for t in sources)
+        self._d[key] = (refs, value)
+        if len(self._d) > self.maxsize:
+            self._d.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+derived = _DerivedCache()
+
+
+def scalar_int(v) -> int:
+    """A Python int from an int or a one-element tensor; a GPU tensor is read once and
+    memoised (the read synchronises; later calls with the same tensor do not)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"expected a single value, got a tensor of shape {tuple(v.shape)}")
+        if v.device.type == "cpu":
+            return int(v.item())
+        return derived("scalar", (v,), (), lambda: int(v.item()))
+    return int(v)

@@ -1,0 +1,229 @@
+"""Quantized conv2d as an implicit GEMM over channels_last (NHWC) int8 / uint8 input.
+
+GEMM view: rows = output pixels (M = N * Ho * Wo), columns = output channels of a group,
+reduction K = KH * KW * Cg with the weight reordered once to (O, KH, KW, Cg) (memoised), so
+every K tile is a run of contiguous input channels. Two loop shapes, picked per layer:
+
+* taps outer, channels inner (``FLAT_K`` False, wide layers: every 3x3 / 1x1 of a ResNet):
+  the tap loop is unrolled (``KH``, ``KW`` are compile-time), each K tile is BLOCK_K
+  consecutive channels of one tap: one coalesced row load per output pixel;
+* flat K (``FLAT_K`` True, few channels a group, e.g. the 7x7 stem with C = 3): the K index
+  is split into (tap, channel) per element so tiles are not mostly padding.
+
+Padding is read as the activation's zero point (its value contributes ``x - zp = 0``), so
+the zero-point fold of :mod:`.gemm` stays exact at the borders. 1x1 stride-1 unpadded
+convolutions go to the plain GEMM on the NHWC view; depthwise convolutions go to
+:mod:`.depthwise`. The epilogue is :func:`.gemm.quant_epilogue`.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+import torch
+
+from .common import LAUNCH_OPTS, arch_family, derived
+from .gemm import (INTERPRET_TILE, OUT_QUANT, _OUT_MODES, _config, epilogue_scalars,
+                   epilogue_tensors, output_dtype, prune_configs, qgemm, quant_epilogue)
+
+__all__ = ["qconv2d", "conv_configs", "conv_out_size"]
+
+
+@triton.jit(do_not_specialize=["x_zp"])
+def _qconv_kernel(
+    # pointers
+    X, W, BIAS, MULT, RSHIFT, EPI, RES, Y,
+    # GEMM sizes: M output pixels, N output channels a group, K = KH * KW * Cg
+    M, N, K,
+    # geometry
+    H, W_in, Ho, Wo, Cg,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    # strides (elements): x NHWC, weight rows (O, K), y / residual rows (pixels)
+    stride_xn, stride_xh, stride_xw, stride_wo, stride_ym, stride_rm,
+    # scalars
+    x_zp, deq_scale,
+    # meta-parameters
+    KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
+    X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """X (Nb, H, W, C) int8/uint8 (strides given), W (O, KH*KW*Cg) int8 -> Y (M, O)."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # output pixel -> (image, oh, ow) -> top-left input coordinate
+    pix = offs_m % M
+    hw = Ho * Wo
+    img = pix // hw
+    rem = pix % hw
+    ih0 = (rem // Wo) * stride_h - pad_h
+    iw0 = (rem % Wo) * stride_w - pad_w
+    x_img = X + img.to(tl.int64) * stride_xn + (g * Cg).to(tl.int64)
+    oc = g * N + offs_n  # global output channel
+    w_rows = W + (g * N + offs_n % N).to(tl.int64) * stride_wo
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if FLAT_K:
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            kk = k0 * BLOCK_K + offs_k
+            k_ok = kk < K
+            c = kk % Cg
+            tap = kk // Cg
+            ih = ih0[:, None] + (tap // KW)[None, :] * dil_h
+            iw = iw0[:, None] + (tap % KW)[None, :] * dil_w
+            ok = k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
+            a = tl.load(x_img[:, None] + ih.to(tl.int64) * stride_xh + iw * stride_xw
+                        + c[None, :], mask=ok, other=x_zp)
+            b = tl.load(w_rows[None, :] + kk[:, None], mask=k_ok[:, None], other=0)
+            if X_UINT8:
+                a = a.to(tl.int8, bitcast=True) ^ -128
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    else:
+        for r in tl.static_range(KH):
+            for s in tl.static_range(KW):
+                ih = ih0 + r * dil_h
+                iw = iw0 + s * dil_w
+                row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
+                a_rows = x_img + ih.to(tl.int64) * stride_xh + iw * stride_xw
+                w_tap = w_rows + (r * KW + s) * Cg
+                for c0 in range(0, tl.cdiv(Cg, BLOCK_K)):
+                    c = c0 * BLOCK_K + offs_k
+                    c_ok = c < Cg
+                    a = tl.load(a_rows[:, None] + c[None, :],
+                                mask=row_ok[:, None] & c_ok[None, :], other=x_zp)
+                    b = tl.load(w_tap[None, :] + c[:, None], mask=c_ok[:, None], other=0)
+                    if X_UINT8:
+                        a = a.to(tl.int8, bitcast=True) ^ -128
+                    acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+
+    quant_epilogue(acc, offs_m, oc, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI, deq_scale,
+                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+
+
+# --------------------------------------------------------------------------- configs
+# Implicit GEMM tiles: the A tile is a gather (one row a pixel), so fewer stages than the
+# plain GEMM pay off; N of a ResNet layer is 64..2048, K per tap a multiple of 64.
+_CONV_TILES = {
+    "sm90": [(128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
+             (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4),
+             (128, 128, 128, 8, 8, 3), (32, 64, 64, 8, 4, 4)],
+    "sm80": [(128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
+             (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4),
+             (32, 64, 64, 8, 4, 4)],
+    "sm89": [(128, 128, 64, 8, 4, 3), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
+             (64, 64, 64, 8, 4, 4), (32, 64, 64, 8, 4, 4)],
+}
+_CONV_TILES["generic"] = _CONV_TILES["sm89"]
+
+
+def conv_configs(family: str):
+    """Autotune configs of the implicit-GEMM conv kernel for an architecture family."""
+    if family == "interpret":
+        return [_config(INTERPRET_TILE)]
+    if family not in _CONV_TILES:
+        raise ValueError(f"unknown architecture family {family!r}; known: "
+                         f"{sorted(_CONV_TILES)} and 'interpret'")
+    return [_config(t) for t in _CONV_TILES[family]]
+
+
+_TUNED = {}
+
+
+def _conv_kernel(family: str):
+    k = _TUNED.get(family)
+    if k is None:
+        k = _qconv_kernel if family == "interpret" else triton.autotune(
+            configs=conv_configs(family), key=["M", "N", "K", "Cg", "KH", "KW", "stride_h"],
+            prune_configs_by={"early_config_prune": prune_configs})(_qconv_kernel)
+        _TUNED[family] = k
+    return k
+
+
+# --------------------------------------------------------------------------- launcher
+def conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _pair(v):
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def reordered_weight(w: torch.Tensor) -> torch.Tensor:
+    """(O, Cg, KH, KW) -> (O, KH * KW * Cg) int8 contiguous, memoised on ``w``."""
+    return derived("conv_w", (w,), (str(w.device),),
+                   lambda: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous())
+
+
+def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
+            out_mode: str = "quant", residual=None, add_params=None, deq_scale: float = 1.0,
+            deq_zero_point: int = 0) -> torch.Tensor:
+    """Fused quantized conv2d (internal launcher; inputs validated by the caller).
+
+    ``x`` (Nb, C, H, W) int8/uint8 (channels_last memory preferred; other layouts are copied),
+    ``w`` (O, C / groups, KH, KW) int8. Returns (Nb, O, Ho, Wo) in channels_last memory.
+    """
+    from .depthwise import is_depthwise, qdepthwise2d  # local: depthwise imports this module
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    nb, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    if is_depthwise(x, w, groups):
+        return qdepthwise2d(x, x_zp, w, bias, (sh, sw), (ph, pw), (dh, dw), rq,
+                            out_mode=out_mode, residual=residual, add_params=add_params,
+                            deq_scale=deq_scale, deq_zero_point=deq_zero_point)
+    x = x.contiguous(memory_format=torch.channels_last)
+    ho, wo = conv_out_size(h, kh, sh, ph, dh), conv_out_size(wd, kw, sw, pw, dw)
+    mode = _OUT_MODES[out_mode]
+    dev = x.device
+    y = torch.empty((nb, o, ho, wo), dtype=output_dtype(mode, rq, add_params), device=dev,
+                    memory_format=torch.channels_last)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    m = nb * ho * wo
+    if y.numel() == 0:
+        return y
+    y2d = y.permute(0, 2, 3, 1).reshape(m, o)  # a view: y is channels_last
+    r2d = None if residual is None else residual.permute(0, 2, 3, 1).reshape(m, o)
+    if (kh, kw, sh, sw, ph, pw, groups) == (1, 1, 1, 1, 0, 0, 1):
+        # 1x1 fast path: the NHWC activation is already the GEMM's (M, K) operand
+        x2d = x.permute(0, 2, 3, 1).reshape(m, c)
+        qgemm(x2d, x_zp, w.reshape(o, c), bias, rq, w_src=w, out_mode=out_mode,
+              residual=r2d, add_params=add_params, deq_scale=deq_scale,
+              deq_zero_point=deq_zero_point, out=y2d)
+        return y
+    w2d = reordered_weight(w)
+    b64, mult, rsh = epilogue_tensors(w, w2d, bias, rq, x_zp, x.dtype, dev)
+    epi = epilogue_scalars(rq, add_params, dev, deq_zero_point)
+    og = o // groups
+    k = kh * kw * cg
+    family = arch_family(dev)
+    kern = _conv_kernel(family)
+    meta = {}
+    if family == "interpret":
+        bm, bn, bk, gm, _, _ = INTERPRET_TILE
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+    res = r2d if r2d is not None else y2d
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(og, META["BLOCK_N"]),
+                         groups)
+    xs = x.stride()
+    kern[grid](x, w2d, b64, mult, rsh, epi, res, y2d, m, og, k,
+               h, wd, ho, wo, cg, sh, sw, ph, pw, dh, dw,
+               xs[0], xs[2], xs[3], w2d.stride(0), y2d.stride(0), res.stride(0),
+               int(x_zp), float(deq_scale),
+               KH=kh, KW=kw, FLAT_K=cg < 64, X_UINT8=x.dtype == torch.uint8,
+               OUT_MODE=mode, HAS_RES=residual is not None, **meta, **LAUNCH_OPTS)
+    return y

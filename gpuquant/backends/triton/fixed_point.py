@@ -1,0 +1,64 @@
+"""Fixed-point requantization inside Triton kernels (contract section 1, TFLite semantics).
+
+These ``@triton.jit`` helpers are inlined into the GEMM / conv epilogues and the elementwise
+kernels. They compute in int64 exactly what :func:`gpuquant.backends.reference.requantize`
+computes: an optional saturating left shift, ``SaturatingRoundingDoublingHighMul`` (nudge by
++-2^30, division by 2^31 truncating toward zero) and ``RoundingDivideByPOT`` (round half away
+from zero). Every operand is an integer tensor (or scalar) that broadcasts against ``x``;
+nothing here touches floating point, so FMA contraction cannot change a result.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["multiply_by_quantized_multiplier", "requantize_values", "add_values"]
+
+
+@triton.jit
+def multiply_by_quantized_multiplier(x, multiplier, rshift):
+    """``x * multiplier * 2^-31 * 2^-rshift`` rounded as TFLite's MultiplyByQuantizedMultiplier.
+
+    ``x``: integer tensor (any width; values as int64), ``multiplier`` int32 in [2^30, 2^31)
+    or 0, ``rshift`` int32 (negative = left shift). Returns int64.
+    """
+    x = x.to(tl.int64)
+    m = multiplier.to(tl.int64)
+    s = rshift.to(tl.int64)
+    left = tl.maximum(-s, 0)
+    right = tl.maximum(s, 0)
+    # saturating left shift (multiplier >= 1 is carried as a negative rshift)
+    x = x << left
+    x = tl.minimum(tl.maximum(x, -2147483648), 2147483647)
+    # SaturatingRoundingDoublingHighMul: |x * m| < 2^62, exact in int64
+    ab = x * m
+    t = ab + tl.where(ab >= 0, 1073741824, -1073741823)
+    hi = tl.where(t >= 0, t >> 31, -((-t) >> 31))
+    hi = tl.where((x == -2147483648) & (m == -2147483648), 2147483647, hi)
+    # RoundingDivideByPOT: round half away from zero
+    mask = ((right * 0 + 1) << right) - 1
+    remainder = hi & mask
+    threshold = (mask >> 1) + (hi < 0).to(tl.int64)
+    return (hi >> right) + (remainder > threshold).to(tl.int64)
+
+
+@triton.jit
+def requantize_values(acc, multiplier, rshift, zero_point, qmin, qmax):
+    """``clamp(zero_point + mbqm(acc, multiplier, rshift), qmin, qmax)`` as int64."""
+    y = multiply_by_quantized_multiplier(acc, multiplier, rshift) + zero_point
+    return tl.minimum(tl.maximum(y, qmin), qmax)
+
+
+@triton.jit
+def add_values(a, b, shift_factor, a_zp, a_mult, a_rshift, b_zp, b_mult, b_rshift,
+               o_mult, o_rshift, o_zp, o_qmin, o_qmax):
+    """TFLite reference integer add of two quantized tensors (``AddParams``), as int64.
+
+    ``shift_factor`` is ``2^left_shift``; the sum of the rescaled inputs is requantized with
+    the output's (per-tensor) multiplier and clamped to ``[o_qmin, o_qmax]``.
+    """
+    va = (a.to(tl.int64) - a_zp) * shift_factor
+    vb = (b.to(tl.int64) - b_zp) * shift_factor
+    total = (multiply_by_quantized_multiplier(va, a_mult, a_rshift)
+             + multiply_by_quantized_multiplier(vb, b_mult, b_rshift))
+    return requantize_values(total, o_mult, o_rshift, o_zp, o_qmin, o_qmax)

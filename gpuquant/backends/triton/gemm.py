@@ -1,0 +1,307 @@
+"""int8 x int8 -> int32 GEMM on tensor cores with the requantizing epilogue fused.
+
+``y[m, n] = epilogue(sum_k (x[m, k] - zp_x) * w[n, k] + bias[n])`` for ``x`` int8 or uint8
+(M, K) and ``w`` int8 (N, K) (K contiguous for both: the layout int8 MMA wants, ``row.col``
+for ``mma.sync`` and K-major shared-memory tiles for ``wgmma``).
+
+Zero point. The MMA multiplies int8 by int8, so the activation's zero point is not
+subtracted in the inner loop; instead, with ``x' = x - shift`` the int8 operand (``shift``
+= 128 for uint8 activations, flipped by an xor of the top bit after a bitcast, 0 for int8),
+``sum (x - zp) w = sum x' w + (shift - zp) * colsum(w)`` and the second term is folded into
+the bias once per (weight, zero point) on the host side (an int64 vector on the device,
+memoised). The dot product of ``x'`` stays within the caller's int32 worst-case bound
+(``|x'| <= 128 <= max|x - zp|``), so ``mma ... satfinite`` never saturates, and the epilogue
+adds the folded bias in int64: the result is the exact accumulator the contract defines.
+
+Epilogue (:func:`quant_epilogue`, shared with the conv kernels): + bias, per-channel
+fixed-point requantization (:mod:`.fixed_point`) with the activation folded into the clamp,
+optionally the contract's integer add of a residual tensor, and the output as int8 / uint8,
+as float32 (``(y - zp) * scale``, the dequantized value) or as the bare int32 accumulator.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+import torch
+
+from .common import INTERPRET, LAUNCH_OPTS, arch_family, derived, scalar_int
+from .fixed_point import add_values, requantize_values
+
+__all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32"]
+
+OUT_QUANT, OUT_FLOAT, OUT_INT32 = 0, 1, 2
+_OUT_MODES = {"quant": OUT_QUANT, "float": OUT_FLOAT, "int32": OUT_INT32}
+
+# EPI: int64 vector of the epilogue's scalars (loaded once per program, so changing a zero
+# point never recompiles a kernel).
+_E_ZP, _E_QMIN, _E_QMAX, _E_SHIFT, _E_AZP, _E_AM, _E_AS, _E_BZP, _E_BM, _E_BS, \
+    _E_OM, _E_OS, _E_OZP, _E_OQMIN, _E_OQMAX, _E_DZP = range(16)
+
+
+@triton.jit
+def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
+                   # per-channel vectors and the scalar block
+                   BIAS, MULT, RSHIFT, EPI, deq_scale,
+                   # output and residual
+                   Y, stride_ym, RES, stride_rm,
+                   OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr):
+    """Store ``epilogue(acc + bias)`` at ``Y[offs_m * stride_ym + offs_n]``.
+
+    ``acc``: int32 (BM, BN); ``offs_n``: global output channels (index BIAS/MULT/RSHIFT).
+    """
+    mask = mask_m[:, None] & mask_n[None, :]
+    bias = tl.load(BIAS + offs_n, mask=mask_n, other=0)
+    v = acc.to(tl.int64) + bias[None, :]
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if OUT_MODE == 2:
+        tl.store(y_ptrs, v.to(tl.int32), mask=mask)
+    else:
+        mult = tl.load(MULT + offs_n, mask=mask_n, other=0)
+        rsh = tl.load(RSHIFT + offs_n, mask=mask_n, other=0)
+        y = requantize_values(v, mult[None, :], rsh[None, :], tl.load(EPI + 0),
+                              tl.load(EPI + 1), tl.load(EPI + 2))
+        if HAS_RES:
+            r = tl.load(RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :],
+                        mask=mask, other=0)
+            y = add_values(y, r, tl.load(EPI + 3), tl.load(EPI + 4), tl.load(EPI + 5),
+                           tl.load(EPI + 6), tl.load(EPI + 7), tl.load(EPI + 8),
+                           tl.load(EPI + 9), tl.load(EPI + 10), tl.load(EPI + 11),
+                           tl.load(EPI + 12), tl.load(EPI + 13), tl.load(EPI + 14))
+        if OUT_MODE == 1:
+            tl.store(y_ptrs, (y - tl.load(EPI + 15)).to(tl.float32) * deq_scale, mask=mask)
+        else:
+            tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qgemm_kernel(
+    # pointers
+    X, W, BIAS, MULT, RSHIFT, EPI, RES, Y,
+    # sizes
+    M, N, K,
+    # strides (elements)
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_rm,
+    # dequantized output scale (OUT_MODE 1)
+    deq_scale,
+    # meta-parameters
+    X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """X (M, K) int8/uint8, W (N, K) int8 -> Y (M, N) int8/uint8, float32 or int32."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row blocks share their W tiles in L2
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # rows / columns past the edge load a valid row (modulo) and are masked at the store
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    x_ptrs = X + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = W + rn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_ok = offs_k < K - k0 * BLOCK_K
+            a = tl.load(x_ptrs, mask=k_ok[None, :], other=0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None], other=0)  # zero weights: no contribution
+        if X_UINT8:
+            a = a.to(tl.int8, bitcast=True) ^ -128  # x - 128, exactly, as int8
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT, EPI,
+                   deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+
+
+# --------------------------------------------------------------------------- configs
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) per architecture family.
+# int8 tiles are 1 byte an element: BLOCK_K 128 gives 128-byte rows (full swizzle).
+# Shared memory per stage: (BLOCK_M + BLOCK_N) * BLOCK_K bytes; limits 227 KB (sm_90),
+# 163 KB (sm_80), 99 KB (sm_86 / sm_89).
+_GEMM_TILES = {
+    "sm90": [(128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4),
+             (128, 64, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4),
+             (32, 64, 256, 8, 4, 4), (16, 64, 256, 1, 4, 4)],
+    "sm80": [(128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 4),
+             (128, 64, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4),
+             (32, 64, 128, 8, 4, 4), (16, 64, 256, 1, 4, 3)],
+    "sm89": [(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (64, 128, 128, 8, 4, 3),
+             (128, 64, 64, 8, 4, 4), (64, 64, 128, 8, 4, 4), (32, 64, 128, 8, 4, 4),
+             (16, 64, 256, 1, 4, 3)],
+}
+_GEMM_TILES["generic"] = _GEMM_TILES["sm89"]
+# One small config under the interpreter: every tile costs numpy work there.
+INTERPRET_TILE = (32, 32, 32, 4, 4, 1)
+
+
+def _config(t):
+    bm, bn, bk, gm, nw, ns = t
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
+                         num_warps=nw, num_stages=ns)
+
+
+def gemm_configs(family: str):
+    """Autotune configs of the GEMM kernel for an architecture family."""
+    if family == "interpret":
+        return [_config(INTERPRET_TILE)]
+    if family not in _GEMM_TILES:
+        raise ValueError(f"unknown architecture family {family!r}; known: "
+                         f"{sorted(_GEMM_TILES)} and 'interpret'")
+    return [_config(t) for t in _GEMM_TILES[family]]
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem (M = 1 never needs 128 rows)."""
+    m, n = named_args["M"], named_args["N"]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, _next_pow2(m))
+            and c.kwargs["BLOCK_N"] <= max(64, _next_pow2(n))]
+    return keep or configs[-1:]
+
+
+def _even_k(args):
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+_TUNED = {}
+
+
+def _gemm_kernel(family: str):
+    """The launchable kernel for a family: autotuned on the GPU, plain under the interpreter."""
+    k = _TUNED.get(family)
+    if k is None:
+        heur = triton.heuristics({"EVEN_K": _even_k})(_qgemm_kernel)
+        if family == "interpret":
+            k = heur
+        else:
+            k = triton.autotune(configs=gemm_configs(family), key=["M", "N", "K"],
+                                prune_configs_by={"early_config_prune": prune_configs})(heur)
+        _TUNED[family] = k
+    return k
+
+
+def interpret_meta():
+    bm, bn, bk, gm, nw, ns = INTERPRET_TILE
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+
+
+# --------------------------------------------------------------------------- parameters
+def _colsum_bias(w2d: torch.Tensor, bias, x_zp: int, shift: int) -> torch.Tensor:
+    """int64 (N,) = bias + (shift - x_zp) * sum_k w[n, k] (the folded zero point)."""
+    b = torch.zeros(w2d.shape[0], dtype=torch.int64, device=w2d.device) if bias is None \
+        else bias.to(device=w2d.device, dtype=torch.int64)
+    if shift != x_zp:
+        b = b + (shift - x_zp) * w2d.to(torch.int64).sum(dim=1)
+    return b.contiguous()
+
+
+def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero_point=True):
+    """Device tensors of the epilogue, memoised on (weight, bias, rq) identity and version:
+    ``(bias64, multiplier (N,) int32, rshift (N,) int32)``.
+
+    ``fold_zero_point`` False (depthwise kernel: it subtracts the zero point itself) keeps
+    the plain bias.
+    """
+    n = w2d.shape[0]
+    shift = 128 if x_dtype == torch.uint8 else 0
+    mult_t = None if rq is None else rq.multiplier
+    rsh_t = None if rq is None else rq.rshift
+
+    def make():
+        if fold_zero_point:
+            b64 = _colsum_bias(w2d, bias, x_zp, shift)
+        else:
+            b64 = torch.zeros(n, dtype=torch.int64, device=device) if bias is None \
+                else bias.to(device=device, dtype=torch.int64).contiguous()
+        if rq is None:
+            z = torch.zeros(n, dtype=torch.int32, device=device)
+            return b64, z, z
+        m = rq.multiplier.to(device=device, dtype=torch.int32).reshape(-1).expand(n).contiguous()
+        s = rq.rshift.to(device=device, dtype=torch.int32).reshape(-1).expand(n).contiguous()
+        return b64, m, s
+
+    return derived("epilogue", (w_src, bias, mult_t, rsh_t),
+                   (x_zp, shift, fold_zero_point, n, str(device)), make)
+
+
+def epilogue_scalars(rq, add_params, device, deq_zero_point: int = 0) -> torch.Tensor:
+    """The EPI int64 vector (see the ``_E_*`` indices), memoised by value."""
+    vals = [0] * 16
+    if rq is not None:
+        vals[_E_ZP], vals[_E_QMIN], vals[_E_QMAX] = rq.zero_point, rq.qmin, rq.qmax
+    if add_params is not None:
+        p = add_params
+        vals[_E_SHIFT] = 1 << p.left_shift
+        vals[_E_AZP], vals[_E_AM], vals[_E_AS] = p.a_zero_point, p.a_multiplier, p.a_rshift
+        vals[_E_BZP], vals[_E_BM], vals[_E_BS] = p.b_zero_point, p.b_multiplier, p.b_rshift
+        vals[_E_OM] = scalar_int(p.out.multiplier)
+        vals[_E_OS] = scalar_int(p.out.rshift)
+        vals[_E_OZP], vals[_E_OQMIN], vals[_E_OQMAX] = p.out.zero_point, p.out.qmin, p.out.qmax
+    vals[_E_DZP] = deq_zero_point
+    key = tuple(int(v) for v in vals)
+    return derived("epi", (), (key, str(device)),
+                   lambda: torch.tensor(key, dtype=torch.int64, device=device))
+
+
+def output_dtype(out_mode: int, rq, add_params):
+    if out_mode == OUT_INT32:
+        return torch.int32
+    if out_mode == OUT_FLOAT:
+        return torch.float32
+    return (add_params.out if add_params is not None else rq).dtype.storage
+
+
+# --------------------------------------------------------------------------- launcher
+def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=None,
+          out_mode: str = "quant", residual=None, add_params=None, deq_scale: float = 1.0,
+          deq_zero_point: int = 0, out=None) -> torch.Tensor:
+    """Launch the fused GEMM: ``x2d`` (M, K) int8/uint8, ``w2d`` (N, K) int8 -> (M, N).
+
+    Internal launcher (inputs already validated by :mod:`gpuquant.functional`); ``w_src`` is
+    the tensor whose identity keys the memoised epilogue tensors (the module's weight).
+    ``residual`` (M, N) with ``add_params``: fused integer add after requantization.
+    ``out_mode``: "quant", "float" (dequantized with ``deq_scale``/``deq_zero_point``) or
+    "int32" (bare accumulator, ``rq`` may be None).
+    """
+    mode = _OUT_MODES[out_mode]
+    m, k = x2d.shape
+    n = w2d.shape[0]
+    dev = x2d.device
+    b64, mult, rsh = epilogue_tensors(w2d if w_src is None else w_src, w2d, bias, rq, x_zp,
+                                      x2d.dtype, dev)
+    epi = epilogue_scalars(rq, add_params, dev, deq_zero_point)
+    if out is None:
+        out = torch.empty((m, n), dtype=output_dtype(mode, rq, add_params), device=dev)
+    if m == 0 or n == 0:
+        return out
+    has_res = residual is not None
+    res = residual if has_res else out
+    family = arch_family(dev)
+    kern = _gemm_kernel(family)
+    meta = interpret_meta() if family == "interpret" else {}
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
+    kern[grid](x2d, w2d, b64, mult, rsh, epi, res, out, m, n, k,
+               x2d.stride(0), x2d.stride(1), w2d.stride(0), w2d.stride(1), out.stride(0),
+               res.stride(0), float(deq_scale),
+               X_UINT8=x2d.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=has_res,
+               **meta, **LAUNCH_OPTS)
+    return out
