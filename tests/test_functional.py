@@ -1,0 +1,216 @@
+"""gpuquant.functional quantize / dequantize / fake_quant against PyTorch's fake-quant ops
+(contract section 1): bit-identical forward and backward for float32, every dtype, .5 ties,
+both clamp edges, awkward shapes, per-channel on several axes, half-precision inputs, and
+every validation path."""
+import pytest
+import torch
+
+import gpuquant
+from gpuquant import QParams
+from gpuquant.dtypes import ALL_DTYPES
+from gpuquant.functional import dequantize, fake_quant, quantize
+
+DTYPES = list(ALL_DTYPES)
+SHAPES = [(1,), (7,), (33,), (3, 41), (123,), (5, 7, 13), (2, 3, 431), (2500,)]
+
+
+def _rand_scale(n=None):
+    shape = () if n is None else (n,)
+    return (10.0 ** (torch.rand(shape) * 3 - 3)).float()  # 1e-3 .. 1
+
+
+def _rand_zp(dtype, n=None):
+    lo, hi = dtype.qmin, dtype.qmax
+    if dtype.name == "qint32":  # keep |q| small enough for float32 integers (< 2^24)
+        lo, hi = -1000, 1000
+    shape = () if n is None else (n,)
+    return torch.randint(lo, hi + 1, shape, dtype=torch.int32)
+
+
+def _span(dtype):
+    return float(min(dtype.qmax - dtype.qmin, 4000))
+
+
+def _inputs(shape, scale, zp, dtype, axis=None):
+    """Values spread past both clamp edges, with exact .5 ties mixed in."""
+    ndim = len(shape)
+
+    def b(t):
+        if axis is None:
+            return t
+        s = [1] * ndim
+        s[axis] = -1
+        return t.reshape(s)
+
+    s = b(scale)
+    z = b(zp.float())
+    span = _span(dtype)
+    center = (dtype.qmin + dtype.qmax) / 2 if span < 4000 else 0.0
+    # levels from ~20% below qmin to ~20% above qmax
+    levels = (torch.rand(shape) - 0.5) * span * 1.4 + center - z
+    x = (levels * s).float()
+    # exact ties: x with fl(x * inv) == k + 0.5; pick among float32 neighbours of (k+.5)/inv
+    inv = 1.0 / s
+    k = torch.floor(levels) + 0.5
+    cand = (k.double() / inv.double()).float()
+    for c in (cand, torch.nextafter(cand, cand + 1), torch.nextafter(cand, cand - 1)):
+        hit = (c * inv) == k
+        tie_mask = hit & (torch.rand(shape) < 0.5)
+        x = torch.where(tie_mask, c, x)
+    return x
+
+
+def _ties(x, scale, axis):
+    s = scale if axis is None else scale.reshape([-1 if d == axis else 1 for d in range(x.dim())])
+    v = x * (1.0 / s)
+    return int(((v - torch.floor(v)) == 0.5).sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fake_quant_per_tensor_matches_torch(dtype, shape):
+    scale, zp = _rand_scale(), _rand_zp(dtype)
+    x = _inputs(shape, scale, zp, dtype)
+    qp = QParams(dtype, scale, zp)
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    y = fake_quant(xa, qp)
+    ref = torch.fake_quantize_per_tensor_affine(xb, float(scale), int(zp), dtype.qmin, dtype.qmax)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, ref)
+    g = torch.randn(shape)
+    y.backward(g)
+    ref.backward(g)
+    assert torch.equal(xa.grad, xb.grad)
+    # the inputs really reach both clamp edges (and the gradient mask has zeros)
+    if x.numel() >= 100 and dtype.name != "qint32":
+        assert bool((xb.grad == 0).any()) and bool((xb.grad != 0).any())
+
+
+def test_inputs_contain_exact_ties():
+    dtype = gpuquant.qint8
+    scale, zp = _rand_scale(), _rand_zp(dtype)
+    x = _inputs((4000,), scale, zp, dtype)
+    assert _ties(x, scale, None) > 500
+    y = fake_quant(x, QParams(dtype, scale, zp))
+    assert torch.equal(y, torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), -128, 127))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape,axis", [((6, 5, 3, 3), 0), ((4, 9, 7), 1), ((3, 8, 11), -1),
+                                        ((123, 1), 0), ((1, 33), 1), ((17,), 0)], ids=str)
+def test_fake_quant_per_channel_matches_torch(dtype, shape, axis):
+    ax = axis % len(shape)
+    c = shape[ax]
+    scale, zp = _rand_scale(c), _rand_zp(dtype, c)
+    x = _inputs(shape, scale, zp, dtype, ax)
+    qp = QParams(dtype, scale, zp, axis=axis)
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    y = fake_quant(xa, qp)
+    ref = torch.fake_quantize_per_channel_affine(xb, scale, zp, ax, dtype.qmin, dtype.qmax)
+    assert torch.equal(y, ref)
+    g = torch.randn(shape)
+    y.backward(g)
+    ref.backward(g)
+    assert torch.equal(xa.grad, xb.grad)
+
+
+@pytest.mark.parametrize("fdtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [gpuquant.qint8, gpuquant.quint8, gpuquant.qint4], ids=lambda d: d.name)
+@pytest.mark.parametrize("axis", [None, 1])
+def test_fake_quant_half_inputs_use_float32_math(fdtype, dtype, axis):
+    shape = (5, 7, 19)
+    c = shape[1]
+    scale = _rand_scale(None if axis is None else c)
+    zp = _rand_zp(dtype, None if axis is None else c)
+    x = _inputs(shape, scale, zp, dtype, axis).to(fdtype)
+    qp = QParams(dtype, scale, zp, axis=axis)
+    xa = x.clone().requires_grad_(True)
+    y = fake_quant(xa, qp)
+    xf = x.float().requires_grad_(True)
+    if axis is None:
+        ref = torch.fake_quantize_per_tensor_affine(xf, float(scale), int(zp), dtype.qmin, dtype.qmax)
+    else:
+        ref = torch.fake_quantize_per_channel_affine(xf, scale, zp, axis, dtype.qmin, dtype.qmax)
+    assert y.dtype == fdtype
+    assert torch.equal(y, ref.to(fdtype))
+    g = torch.randn(shape)
+    y.backward(g.to(fdtype))
+    ref.backward(g)
+    assert xa.grad.dtype == fdtype
+    assert torch.equal(xa.grad, xf.grad.to(fdtype))
+
+
+def test_fake_quant_nan_in_nan_out():
+    x = torch.tensor([0.3, float("nan"), -2.0])
+    y = fake_quant(x, QParams(gpuquant.qint8, 0.1, 0))
+    assert torch.isnan(y[1]) and not torch.isnan(y[[0, 2]]).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("axis", [None, 0, -1])
+def test_quantize_dequantize_round_trip(dtype, axis):
+    shape = (6, 33)
+    c = None if axis is None else shape[axis]
+    scale, zp = _rand_scale(c), _rand_zp(dtype, c)
+    x = _inputs(shape, scale, zp, dtype, None if axis is None else axis % 2)
+    qp = QParams(dtype, scale, zp, axis=axis)
+    q = quantize(x, qp)
+    assert q.dtype == dtype.storage and q.shape == x.shape
+    assert int(q.min()) >= dtype.qmin and int(q.max()) <= dtype.qmax
+    # integers by the contract's formula, computed independently in float64
+    s = scale.double() if axis is None else scale.double().reshape([-1 if d == axis % 2 else 1 for d in range(2)])
+    z = zp.double() if axis is None else zp.double().reshape(s.shape)
+    inv = (1.0 / s.float()).double()  # inv_scale = 1.0f / scale in float32
+    prod = (x.double() * inv).float().double()  # the product rounded to float32
+    expect = (torch.round(prod) + z).clamp(dtype.qmin, dtype.qmax)
+    assert torch.equal(q.to(torch.int64), expect.to(torch.int64))
+    dq = dequantize(q, qp)
+    assert dq.dtype == torch.float32
+    assert torch.equal(dq, fake_quant(x, qp))
+    # quantizing the dequantized values gives the same integers back
+    assert torch.equal(quantize(dq, qp), q)
+
+
+def test_quantize_validation_errors():
+    qp = QParams(gpuquant.qint8, 0.1, 0)
+    with pytest.raises(TypeError, match="float32"):
+        quantize(torch.arange(4), qp)
+    with pytest.raises(TypeError, match="QParams"):
+        quantize(torch.randn(4), 0.1)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        quantize([1.0, 2.0], qp)
+    with pytest.raises(ValueError, match="NaN"):
+        quantize(torch.tensor([1.0, float("nan")]), qp)
+    pc = QParams(gpuquant.qint8, torch.full((3,), 0.1), torch.zeros(3, dtype=torch.int32), axis=2)
+    with pytest.raises(ValueError, match="axis 2 out of range"):
+        quantize(torch.randn(3, 4), pc)
+    with pytest.raises(ValueError, match="channels"):
+        quantize(torch.randn(4, 5, 6), pc)
+    with pytest.raises(ValueError, match="axis"):
+        fake_quant(torch.randn(3), pc)
+
+
+def test_dequantize_validation_errors():
+    qp = QParams(gpuquant.quint8, 0.1, 3)
+    with pytest.raises(TypeError, match="uint8"):
+        dequantize(torch.zeros(4, dtype=torch.int8), qp)
+    with pytest.raises(TypeError, match="uint8"):
+        dequantize(torch.zeros(4), qp)
+    with pytest.raises(TypeError, match="QParams"):
+        dequantize(torch.zeros(4, dtype=torch.uint8), None)
+    pc = QParams(gpuquant.qint8, torch.full((5,), 0.1), torch.zeros(5, dtype=torch.int32), axis=0)
+    with pytest.raises(ValueError, match="channels"):
+        dequantize(torch.zeros(4, 5, dtype=torch.int8), pc)
+    with pytest.raises(ValueError, match="out of range"):
+        dequantize(torch.zeros(5, dtype=torch.int8),
+                   QParams(gpuquant.qint8, torch.full((5,), 0.1), torch.zeros(5, dtype=torch.int32), axis=-2))
+
+
+def test_fake_quant_validation_errors():
+    qp = QParams(gpuquant.qint8, 0.1, 0)
+    with pytest.raises(TypeError, match="float32"):
+        fake_quant(torch.zeros(3, dtype=torch.float64), qp)
+    with pytest.raises(TypeError, match="QParams"):
+        fake_quant(torch.zeros(3), (0.1, 0))
