@@ -11,6 +11,9 @@ from .observer import (ExponentialMovingAverageObserver, HistogramObserver, MinM
 from .qconfig import (QConfig, calibration_qconfig, ema_fakequant_qconfig,
                       ema_lowbit_fakequant_qconfig, lsq_qconfig, min_max_fakequant_qconfig,
                       passive_qconfig, sync_ema_fakequant_qconfig, tqt_qconfig)
+from .quantize import (disable_fake_quant, disable_observer, enable_fake_quant, enable_observer,
+                       get_qat_mapping, get_quantized_mapping, propagate_qconfig, quantize,
+                       quantize_qat, reset_qconfig)
 
 __all__ = [
     # qconfig
@@ -24,4 +27,8 @@ __all__ = [
     # fake quant
     "FakeQuantBase", "FakeQuantize", "LSQ", "TQT", "apply_fake_quant_with_observer",
     "lsq_fake_quant", "tqt_fake_quant",
+    # float -> QAT -> quantized
+    "quantize_qat", "quantize", "enable_fake_quant", "disable_fake_quant", "enable_observer",
+    "disable_observer", "propagate_qconfig", "reset_qconfig", "get_qat_mapping",
+    "get_quantized_mapping",
 ]

@@ -1,0 +1,151 @@
+"""QAT convolutions: per-channel fake-quantized weights, Conv+BN folded while training.
+
+BatchNorm folding follows Krishnamoorthi (2018), "Quantizing deep convolutional networks
+for efficient inference", section 3.2 / figure C.8 (also MegEngine's ``ConvBn2d`` with
+``approx=False``), chosen because it never divides by gamma:
+
+* training (batch statistics): a float convolution with the unfolded weight gives the
+  batch mean ``mu_B`` and variance ``var_B`` (and updates the running statistics as
+  ``torch.nn.BatchNorm2d`` does); the weight is folded with the *running* deviation,
+  ``w_fold = w * gamma / sigma``, so it is quantized exactly as it will be at inference;
+  the output is corrected back to batch statistics:
+  ``y = conv(x, fq(w_fold)) * (sigma / sigma_B) + beta - gamma * mu_B / sigma_B``;
+* eval, or after :meth:`ConvBn2d.freeze_bn_stats` (running statistics, what int8 runs):
+  ``y = conv(x, fq(w_fold)) + beta + gamma * (b - mu) / sigma``.
+
+``sigma = sqrt(var + eps)`` is at least ``sqrt(eps)``, so gamma = 0 or a vanishing variance
+gives zero or large but finite weights, never NaN.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...nn import conv as Float
+from ..conv import apply_activation
+from .module import QATModule
+
+__all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
+           "bn_fold_params", "update_bn_running_stats"]
+
+
+def bn_fold_params(bn: torch.nn.modules.batchnorm._BatchNorm):
+    """(gamma, beta, running_mean, running_std) of ``bn`` as float tensors (gamma 1 and beta
+    0 without affine)."""
+    sigma = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(sigma)
+    beta = bn.bias if bn.affine else torch.zeros_like(sigma)
+    return gamma, beta, bn.running_mean, sigma
+
+
+def update_bn_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """Update ``bn``'s running statistics as ``torch.nn.BatchNorm*`` does in training
+    (biased ``var`` given, the unbiased one stored; momentum None = cumulative average)."""
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            f = 1.0 / float(bn.num_batches_tracked)
+        else:
+            f = bn.momentum
+        bn.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
+        bn.running_var.mul_(1 - f).add_(var.detach() * (n / (n - 1)), alpha=f)
+
+
+def check_foldable_bn(bn, owner: str) -> None:
+    if not bn.track_running_stats or bn.running_var is None:
+        raise NotImplementedError(f"{owner}: BatchNorm with track_running_stats=False has no "
+                                  f"running statistics to fold into the weights")
+
+
+class Conv2d(QATModule, Float.Conv2d):
+    """QAT ``Conv2d``: weight fake-quantized per output channel, output fake-quantized."""
+
+    @classmethod
+    def from_float_module(cls, float_module):
+        if float_module.padding_mode != "zeros":
+            raise NotImplementedError(f"{type(float_module).__name__}: padding_mode="
+                                      f"{float_module.padding_mode!r} is not supported by the "
+                                      f"int8 convolution (only 'zeros')")
+        return super().from_float_module(float_module)
+
+    def folded_weight_bias(self):
+        """(weight, bias) as the integer convolution will use them (float, before fake quant)."""
+        return self.weight, self.bias
+
+    def forward(self, x):
+        self._require_qconfig()
+        self._note_inputs(x)
+        w = self.apply_quant_weight(self.weight)
+        y = self._conv_forward(x, w, self.bias)
+        return self.apply_quant_activation(apply_activation(y, self.activation))
+
+
+class ConvRelu2d(Conv2d, Float.ConvRelu2d):
+    """QAT ``ConvRelu2d``."""
+
+
+class ConvRelu62d(Conv2d, Float.ConvRelu62d):
+    """QAT ``ConvRelu62d``."""
+
+
+class ConvBn2d(QATModule, Float.ConvBn2d):
+    """QAT ``ConvBn2d``: BatchNorm folded into the convolution (see the module docstring)."""
+
+    def _init_qat(self) -> None:
+        super()._init_qat()
+        self.bn_frozen = False
+
+    @classmethod
+    def from_float_module(cls, float_module):
+        check_foldable_bn(float_module.bn, type(float_module).__name__)
+        if float_module.conv.padding_mode != "zeros":
+            raise NotImplementedError(f"{type(float_module).__name__}: padding_mode="
+                                      f"{float_module.conv.padding_mode!r} is not supported (only "
+                                      f"'zeros')")
+        return super().from_float_module(float_module)
+
+    def freeze_bn_stats(self, freeze: bool = True) -> "ConvBn2d":
+        """Use (and stop updating) the running statistics while training, as the int8
+        model will (Krishnamoorthi 2018: freeze after enough steps); returns the module."""
+        self.bn_frozen = bool(freeze)
+        return self
+
+    def folded_weight_bias(self):
+        """(w * gamma / sigma, beta + gamma * (b - mu) / sigma) from the running statistics."""
+        gamma, beta, mean, sigma = bn_fold_params(self.bn)
+        scale = gamma / sigma
+        w = self.conv.weight * scale.reshape(-1, 1, 1, 1)
+        b = self.conv.bias if self.conv.bias is not None else torch.zeros_like(mean)
+        return w, beta + (b - mean) * scale
+
+    def forward(self, x):
+        self._require_qconfig()
+        self._note_inputs(x)
+        conv, bn = self.conv, self.bn
+        if self.training and not self.bn_frozen:
+            y0 = conv._conv_forward(x, conv.weight, None)  # float conv: batch statistics
+            n = y0.numel() // y0.size(1)
+            if n < 2:
+                raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
+                                 f"when training, got input shape {tuple(x.shape)}")
+            mean = y0.mean(dim=(0, 2, 3))
+            var = y0.var(dim=(0, 2, 3), unbiased=False)
+            gamma, beta, _, sigma = bn_fold_params(bn)
+            sigma_b = torch.sqrt(var + bn.eps)
+            w = self.apply_quant_weight(conv.weight * (gamma / sigma).reshape(-1, 1, 1, 1))
+            y = conv._conv_forward(x, w, None)
+            y = y * (sigma / sigma_b).reshape(1, -1, 1, 1) + \
+                (beta - gamma * mean / sigma_b).reshape(1, -1, 1, 1)
+            b = conv.bias.detach() if conv.bias is not None else 0.0
+            update_bn_running_stats(bn, mean + b, var, n)
+        else:
+            w, b = self.folded_weight_bias()
+            y = conv._conv_forward(x, self.apply_quant_weight(w), b)
+        return self.apply_quant_activation(apply_activation(y, self.activation))
+
+
+class ConvBnRelu2d(ConvBn2d, Float.ConvBnRelu2d):
+    """QAT ``ConvBnRelu2d``."""
+
+
+class ConvBnRelu62d(ConvBn2d, Float.ConvBnRelu62d):
+    """QAT ``ConvBnRelu62d``."""

@@ -1,0 +1,230 @@
+"""QATModule: the base of the fake-quant modules, and the record of who feeds whom.
+
+A QAT module owns up to four quantization submodules, built from a
+:class:`gpuquant.quantization.QConfig` by :meth:`QATModule.set_qconfig`:
+``weight_observer`` / ``weight_fake_quant`` (per output channel by default) and
+``act_observer`` / ``act_fake_quant`` (its output).
+
+Input qparams. A quantized module needs the qparams of the int8 tensor it receives: those of
+the module that produced it. gpuquant learns them while the QAT model runs: each QAT
+module tags the storage of the tensor it returns with itself (pooling passes the tag of its
+input through), and each QAT module notes the tag of its inputs. Views share their
+storage, so ``torch.flatten``, ``.view``, ``.reshape`` (when it is a view), slicing and
+``permute`` keep the tag; an op that writes a new tensor (``x * 2``, a float module) drops
+it, and converting a module whose input came from such an op raises, naming the module.
+Consequently ``quantize`` needs at least one forward pass of the QAT model (calibration or
+training), which it needs anyway for the observers.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import List, Optional
+
+import torch
+
+from ...qparams import QParams
+from ..module import Module
+
+__all__ = ["QATModule", "tag_output", "source_of"]
+
+# storage of a tensor produced by a QAT module -> that module (weak on the storage)
+_PRODUCERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _storage(x):
+    if not isinstance(x, torch.Tensor):
+        return None
+    try:
+        return x.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (meta, wrappers)
+        return None
+
+
+def tag_output(y: torch.Tensor, source: Optional["QATModule"]) -> torch.Tensor:
+    """Record that ``y`` (and every view of it) carries ``source``'s output qparams."""
+    st = _storage(y)
+    if st is not None and source is not None:
+        _PRODUCERS[st] = source
+    return y
+
+
+def source_of(x: torch.Tensor) -> Optional["QATModule"]:
+    """The QAT module whose output qparams ``x`` carries, or None."""
+    st = _storage(x)
+    return None if st is None else _PRODUCERS.get(st)
+
+
+def _make(factory, what: str):
+    if factory is None:
+        return None
+    if isinstance(factory, torch.nn.Module):
+        raise TypeError(f"QConfig.{what} must be a factory (a class or functools.partial), got an "
+                        f"instance of {type(factory).__name__}")
+    return factory()
+
+
+class QATModule(Module):
+    """Base of the QAT modules (``gpuquant.nn.qat``).
+
+    Class attributes ``with_weight`` / ``with_act`` say which quantizers the module has.
+    Subclasses implement ``forward`` with :meth:`apply_quant_weight`,
+    :meth:`apply_quant_activation` and :meth:`_note_inputs`.
+    """
+
+    with_weight = True
+    with_act = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_qat()
+
+    def _init_qat(self) -> None:
+        self.weight_observer = None
+        self.weight_fake_quant = None
+        self.act_observer = None
+        self.act_fake_quant = None
+        self.__dict__["_input_sources"] = []
+        self.__dict__["_qat_ready"] = False
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def from_float_module(cls, float_module: Module) -> "QATModule":
+        """The QAT version of ``float_module``, sharing its parameters and buffers (without
+        quantizers: :func:`~gpuquant.quantization.quantize_qat` calls :meth:`set_qconfig`)."""
+        qat = cls.__new__(cls)
+        for k, v in float_module.__dict__.items():
+            qat.__dict__[k] = copy.copy(v) if isinstance(v, (dict, set)) else v
+        qat._init_qat()
+        return qat
+
+    def set_qconfig(self, qconfig) -> "QATModule":
+        """Build fresh observers and fake quants from ``qconfig``'s factories.
+
+        Raises:
+            TypeError: ``qconfig`` is not a QConfig-like namedtuple of factories.
+        """
+        for f in ("weight_observer", "act_observer", "weight_fake_quant", "act_fake_quant"):
+            if not hasattr(qconfig, f):
+                raise TypeError(f"qconfig must be a gpuquant.quantization.QConfig, got "
+                                f"{type(qconfig).__name__} (no field {f!r})")
+        self.qconfig = qconfig
+        self.__dict__["_qat_ready"] = True
+        dev = self._device()
+        if self.with_weight:
+            self.weight_observer = _make(qconfig.weight_observer, "weight_observer")
+            self.weight_fake_quant = _make(qconfig.weight_fake_quant, "weight_fake_quant")
+        if self.with_act:
+            self.act_observer = _make(qconfig.act_observer, "act_observer")
+            self.act_fake_quant = _make(qconfig.act_fake_quant, "act_fake_quant")
+        if dev is not None:
+            for m in (self.weight_observer, self.weight_fake_quant, self.act_observer,
+                      self.act_fake_quant):
+                if m is not None:
+                    m.to(dev)
+        return self
+
+    def _device(self):
+        for p in self.parameters(recurse=True):
+            return p.device
+        for b in self.buffers(recurse=True):
+            return b.device
+        return None
+
+    # ------------------------------------------------------------------ forward helpers
+    def _require_qconfig(self) -> None:
+        if not self.__dict__.get("_qat_ready", False) and (self.with_weight or self.with_act):
+            raise RuntimeError(f"{type(self).__name__} has no quantizers: build QAT models with "
+                               f"gpuquant.quantization.quantize_qat(model, qconfig) or call "
+                               f"set_qconfig(qconfig)")
+
+    def apply_quant_weight(self, w: torch.Tensor) -> torch.Tensor:
+        from ...quantization.fake_quant import apply_fake_quant_with_observer
+        return apply_fake_quant_with_observer(w, self.weight_fake_quant, self.weight_observer)
+
+    def apply_quant_activation(self, y: torch.Tensor) -> torch.Tensor:
+        from ...quantization.fake_quant import apply_fake_quant_with_observer
+        y = apply_fake_quant_with_observer(y, self.act_fake_quant, self.act_observer)
+        return tag_output(y, self)
+
+    def _note_inputs(self, *xs) -> None:
+        """Record the producers of this call's inputs (one slot per input)."""
+        slots: List[list] = self.__dict__.setdefault("_input_sources", [])
+        while len(slots) < len(xs):
+            slots.append([])
+        for slot, x in zip(slots, xs):
+            src = source_of(x)
+            if not any(s is src for s in slot):
+                slot.append(src)
+
+    # ------------------------------------------------------------------ qparams
+    @staticmethod
+    def _qparams_of(observer, fake_quant, what: str, owner: str) -> QParams:
+        if fake_quant is not None:
+            qp = fake_quant.get_qparams()
+            if qp is not None:
+                return qp
+        if observer is None:
+            raise ValueError(f"{owner} has no {what} observer (and no learned {what} qparams): "
+                             f"its QConfig leaves {what} unquantized")
+        if not getattr(observer, "has_observed", True):
+            raise ValueError(f"{owner}: the {what} observer has not observed any data; run "
+                             f"forward passes (calibration or training) before quantize()")
+        return observer.get_qparams()
+
+    def get_weight_qparams(self) -> QParams:
+        """QParams of the (folded) weight: learned ones (LSQ, TQT) or the observer's.
+
+        Raises:
+            ValueError: no weight quantizer, or nothing observed yet.
+        """
+        if not self.with_weight:
+            raise ValueError(f"{type(self).__name__} has no weight")
+        return self._qparams_of(self.weight_observer, self.weight_fake_quant, "weight",
+                                type(self).__name__)
+
+    def get_activation_qparams(self) -> QParams:
+        """QParams of the output activation.
+
+        Raises:
+            ValueError: no activation quantizer, or nothing observed yet.
+        """
+        if not self.with_act:
+            raise ValueError(f"{type(self).__name__} has no activation quantizer")
+        return self._qparams_of(self.act_observer, self.act_fake_quant, "activation",
+                                type(self).__name__)
+
+    def act_fake_quant_enabled(self) -> bool:
+        """Whether this module's output is fake-quantized (on the integer grid)."""
+        fq = self.act_fake_quant
+        return fq is not None and fq.enabled
+
+    def input_qparams(self, name: str = "") -> List[QParams]:
+        """The qparams of each input, from the QAT modules that produced them.
+
+        Args:
+            name: the module's name in the model, for error messages.
+
+        Raises:
+            ValueError: the module never ran, an input was not produced by a quantized
+                module, or an input slot saw producers with different qparams.
+        """
+        who = f"module {name!r} ({type(self).__name__})" if name else type(self).__name__
+        slots = self.__dict__.get("_input_sources", [])
+        if not slots:
+            raise ValueError(f"{who} has not run yet: run forward passes of the QAT model "
+                             f"(calibration or training) before quantize()")
+        out = []
+        for i, slot in enumerate(slots):
+            if any(s is None for s in slot):
+                raise ValueError(f"input {i} of {who} was not produced by a quantized module "
+                                 f"(it came from a float op or the model's input): put a "
+                                 f"gpuquant.nn.QuantStub before it, or call disable_quantize() "
+                                 f"on it")
+            qps = [s.get_activation_qparams() for s in slot]
+            if any(q != qps[0] for q in qps[1:]):
+                raise ValueError(f"input {i} of {who} comes from {len(qps)} producers with "
+                                 f"different qparams ({qps}); use one module instance per call "
+                                 f"site")
+            out.append(qps[0])
+        return out

@@ -1,0 +1,124 @@
+"""Integer elementwise ops (TFLite add / mul) and concat."""
+from __future__ import annotations
+
+import torch
+
+from ... import functional as GF
+from ...dtypes import get_dtype
+from ...functional import integer
+from ...qparams import QParams
+from ..elemwise import ELEMWISE_METHODS
+from .module import QuantizedModule
+
+__all__ = ["Elemwise", "Concat"]
+
+
+def _default_qp(dt):
+    return QParams(dt, 1.0, 0 if get_dtype(dt).signed else 128)
+
+
+def _check_act_qparams(qp: QParams, who: str, what: str) -> None:
+    if qp.per_channel or qp.dtype.storage not in (torch.int8, torch.uint8):
+        raise ValueError(f"{who}: {what} must be a per-tensor 8-bit activation, got {qp}")
+
+
+class Elemwise(QuantizedModule):
+    """Integer ``Elemwise("add" | "add_relu" | "mul")``: ``forward(a, b)``."""
+
+    def __init__(self, method: str, a_dtype="qint8", b_dtype="qint8", output_dtype="qint8"):
+        super().__init__()
+        if method not in ELEMWISE_METHODS:
+            raise ValueError(f"Elemwise method must be one of {ELEMWISE_METHODS}, got {method!r}")
+        self.method = method
+        self._set_qparams("a", _default_qp(a_dtype))
+        self._set_qparams("b", _default_qp(b_dtype))
+        self._set_qparams("output", _default_qp(output_dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.method!r}, a={self._dtypes['a']}, b={self._dtypes['b']}, out={self._dtypes['output']}"
+
+    @classmethod
+    def from_qat_module(cls, qat_module, name: str = ""):
+        who = f"module {name!r} ({type(qat_module).__name__})" if name else type(qat_module).__name__
+        qa, qb = qat_module.input_qparams(name)
+        out = qat_module.get_activation_qparams()
+        for what, qp in (("input a", qa), ("input b", qb), ("output", out)):
+            _check_act_qparams(qp, who, what)
+        m = cls(qat_module.method, qa.dtype, qb.dtype, out.dtype)
+        m._set_qparams("a", qa)
+        m._set_qparams("b", qb)
+        m._set_qparams("output", out)
+        return m
+
+    def params(self, device):
+        def build():
+            a, b, out = self._qparams("a"), self._qparams("b"), self._qparams("output")
+            if self.method == "mul":
+                return GF.make_requant(float(a.scale) * float(b.scale), 1.0, float(out.scale),
+                                       int(out.zero_point), out.dtype)
+            act = "relu" if self.method == "add_relu" else "none"
+            return GF.make_add_params(float(a.scale), int(a.zero_point), float(b.scale),
+                                      int(b.zero_point), float(out.scale), int(out.zero_point),
+                                      out.dtype, act)
+        return self._cached("params", device, build)
+
+    def forward(self, a, b):
+        self._check_input(a, "a")
+        self._check_input(b, "b", a.device)
+        p = self.params(a.device)
+        if self.method == "mul":
+            return integer.mul(a, int(self.a_zero_point), b, int(self.b_zero_point), p)
+        return integer.add(a, b, p)
+
+
+class Concat(QuantizedModule):
+    """Integer ``Concat``: ``forward(tensors, dim=0)``; inputs requantized to the output's
+    qparams in integers (copied where they already have them)."""
+
+    def __init__(self, num_inputs: int = 1, input_dtype="qint8", output_dtype="qint8"):
+        super().__init__()
+        self.num_inputs = int(num_inputs)
+        self._set_qparams("input", QParams(input_dtype, torch.ones(self.num_inputs),
+                                           torch.zeros(self.num_inputs, dtype=torch.int32)
+                                           + (0 if get_dtype(input_dtype).signed else 128), 0))
+        self._set_qparams("output", _default_qp(output_dtype))
+
+    @classmethod
+    def from_qat_module(cls, qat_module, name: str = ""):
+        who = f"module {name!r} ({type(qat_module).__name__})" if name else type(qat_module).__name__
+        ins = qat_module.input_qparams(name)
+        out = qat_module.get_activation_qparams()
+        _check_act_qparams(out, who, "output")
+        for i, qp in enumerate(ins):
+            _check_act_qparams(qp, who, f"input {i}")
+            if qp.dtype != ins[0].dtype:
+                raise ValueError(f"{who}: all inputs must share one dtype, got {ins[0].dtype.name} "
+                                 f"and {qp.dtype.name}")
+        m = cls(len(ins), ins[0].dtype, out.dtype)
+        m._set_qparams("input", QParams(ins[0].dtype, torch.stack([q.scale.cpu() for q in ins]),
+                                        torch.stack([q.zero_point.cpu() for q in ins]), 0))
+        m._set_qparams("output", out)
+        return m
+
+    def params(self, device):
+        def build():
+            out = self._qparams("output")
+            s_out, z_out = float(out.scale), int(out.zero_point)
+            rqs = []
+            for s, z in zip(self.input_scale.tolist(), self.input_zero_point.tolist()):
+                same = (torch.tensor(s, dtype=torch.float32) == out.scale.cpu()) and z == z_out \
+                    and self._dtypes["input"] == self._dtypes["output"]
+                rqs.append(None if same else
+                           GF.make_requant(s, 1.0, s_out, z_out, out.dtype).to(device))
+            return rqs, [int(z) for z in self.input_zero_point.tolist()]
+        return self._cached("params", device, build)
+
+    def forward(self, tensors, dim: int = 0):
+        tensors = list(tensors)
+        if len(tensors) != self.num_inputs:
+            raise ValueError(f"Concat was converted for {self.num_inputs} inputs, got "
+                             f"{len(tensors)}")
+        for t in tensors:
+            self._check_input(t, "input", tensors[0].device)
+        rqs, zps = self.params(tensors[0].device)
+        return integer.concat(tensors, zps, rqs, dim, self._qparams("output").dtype)

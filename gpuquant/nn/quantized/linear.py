@@ -1,0 +1,85 @@
+"""Integer fully connected layers (BatchNorm folded at conversion)."""
+from __future__ import annotations
+
+import torch
+
+from ... import functional as GF
+from ...dtypes import get_dtype
+from ...functional import integer
+from ...qparams import QParams
+from .conv import quantize_weight_bias
+from .module import QuantizedModule
+
+__all__ = ["Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d"]
+
+
+class Linear(QuantizedModule):
+    """Integer ``Linear``: ``forward(x)`` with ``x`` int8 / uint8 ``(..., in_features)``."""
+
+    activation = "none"
+
+    def __init__(self, in_features, out_features, bias=True, input_dtype="qint8",
+                 output_dtype="qint8", weight_dtype="qint8_narrow"):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.int32) if bias else None)
+        self._set_qparams("weight", QParams(weight_dtype, torch.ones(out_features),
+                                            torch.zeros(out_features, dtype=torch.int32), 0))
+        for name, dt in (("input", input_dtype), ("output", output_dtype)):
+            self._set_qparams(name, QParams(dt, 1.0, 0 if get_dtype(dt).signed else 128))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation}, "
+                f"in={self._dtypes['input']}, out={self._dtypes['output']}")
+
+    @classmethod
+    def from_qat_module(cls, qat_module, name: str = ""):
+        """The integer module for a QAT Linear / LinearRelu / LinearBn1d / LinearBnRelu1d."""
+        lin = qat_module.linear if hasattr(qat_module, "bn") else qat_module
+        w_q, b_q, w_qp, in_qp, out_qp = quantize_weight_bias(qat_module, name)
+        m = cls(lin.in_features, lin.out_features, b_q is not None, in_qp.dtype, out_qp.dtype,
+                w_qp.dtype)
+        m.to(w_q.device)
+        m.weight = w_q
+        if b_q is not None:
+            m.bias = b_q
+        m._set_qparams("weight", w_qp)
+        m._set_qparams("input", in_qp)
+        m._set_qparams("output", out_qp)
+        return m
+
+    def requant(self, device):
+        def build():
+            out = self._qparams("output")
+            return GF.make_requant(self.input_scale, self.weight_scale, float(out.scale),
+                                   int(out.zero_point), out.dtype, self.activation)
+        return self._cached("rq", device, build)
+
+    def forward(self, x):
+        self._check_input(x, "input", self.weight.device)
+        return integer.linear(x, int(self.input_zero_point), self.weight, self.bias,
+                              self.requant(x.device))
+
+
+class LinearRelu(Linear):
+    """Integer ``LinearRelu``."""
+
+    activation = "relu"
+
+
+class LinearBn1d(Linear):
+    """Integer ``LinearBn1d`` (BatchNorm1d folded at conversion)."""
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor) and x.dim() != 2:
+            raise ValueError(f"{type(self).__name__} takes (N, in_features) input, got shape "
+                             f"{tuple(x.shape)}")
+        return super().forward(x)
+
+
+class LinearBnRelu1d(LinearBn1d):
+    """Integer ``LinearBnRelu1d``."""
+
+    activation = "relu"

@@ -1,0 +1,59 @@
+"""Integer stubs: QuantStub quantizes the float input, DequantStub dequantizes the output."""
+from __future__ import annotations
+
+import torch
+
+from ... import functional as GF
+from ...dtypes import get_dtype
+from ...qparams import QParams
+from .module import QuantizedModule
+
+__all__ = ["QuantStub", "DequantStub"]
+
+
+class QuantStub(QuantizedModule):
+    """float32 / float16 / bfloat16 -> int8 / uint8 (channels_last for 4-D) with the
+    qparams observed in QAT."""
+
+    def __init__(self, output_dtype="qint8"):
+        super().__init__()
+        self._set_qparams("output", QParams(output_dtype, 1.0,
+                                            0 if get_dtype(output_dtype).signed else 128))
+
+    @classmethod
+    def from_qat_module(cls, qat_module, name: str = ""):
+        qp = qat_module.get_activation_qparams()
+        if qp.per_channel or qp.dtype.storage not in (torch.int8, torch.uint8):
+            raise ValueError(f"QuantStub {name!r}: needs per-tensor 8-bit qparams, got {qp}")
+        m = cls(qp.dtype)
+        m._set_qparams("output", qp)
+        return m
+
+    def forward(self, x):
+        self._check_mode()
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"QuantStub: expects a float tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        qp = self._cached("qp", x.device, lambda: self._qparams("output"))
+        return self._as_layout(GF.quantize(x, qp))
+
+
+class DequantStub(QuantizedModule):
+    """int8 / uint8 -> float32 with the qparams of the module that produced the input."""
+
+    def __init__(self, input_dtype="qint8"):
+        super().__init__()
+        self._set_qparams("input", QParams(input_dtype, 1.0,
+                                           0 if get_dtype(input_dtype).signed else 128))
+
+    @classmethod
+    def from_qat_module(cls, qat_module, name: str = ""):
+        (qp,) = qat_module.input_qparams(name)
+        m = cls(qp.dtype)
+        m._set_qparams("input", qp)
+        return m
+
+    def forward(self, x):
+        self._check_input(x, "input")
+        qp = self._cached("qp", x.device, lambda: self._qparams("input"))
+        return GF.dequantize(x, qp)

@@ -1,0 +1,284 @@
+"""Float -> QAT -> quantized conversion (MegEngine's ``quantize_qat`` / ``quantize``).
+
+The conversion maps are derived from the class names: every name exported by
+:mod:`gpuquant.nn.qat` that :mod:`gpuquant.nn` also exports maps the float class to the
+QAT class, and likewise QAT -> :mod:`gpuquant.nn.quantized`.
+
+Typical flows::
+
+    # QAT
+    model = quantize_qat(FloatNet(), ema_fakequant_qconfig)
+    ...train...
+    qmodel = quantize(model)                       # int8, inference only
+
+    # post-training calibration
+    model = quantize_qat(FloatNet().eval(), calibration_qconfig)
+    with torch.no_grad():
+        for x in calibration_batches: model(x)
+    qmodel = quantize(model)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Optional
+
+import torch
+
+from .. import nn as Float
+from ..nn import qat as QAT
+from ..nn import quantized as Quantized
+from ..nn.module import Module
+from ..nn.qat.module import QATModule
+from ..nn.quantized.module import QuantizedModule
+from .fake_quant import FakeQuantBase
+from .observer import Observer
+from .qconfig import QConfig, ema_fakequant_qconfig
+
+__all__ = ["quantize_qat", "quantize", "enable_fake_quant", "disable_fake_quant",
+           "enable_observer", "disable_observer", "propagate_qconfig", "reset_qconfig",
+           "get_qat_mapping", "get_quantized_mapping"]
+
+
+def _derive(src_ns, dst_ns) -> Dict[type, type]:
+    names = [n for n in dst_ns.__all__ if n in src_ns.__all__ and n != "Module"]
+    return {getattr(src_ns, n): getattr(dst_ns, n) for n in names
+            if isinstance(getattr(src_ns, n), type)}
+
+
+_QAT_MAP = _derive(Float, QAT)
+_QUANTIZED_MAP = _derive(QAT, Quantized)
+
+
+def get_qat_mapping() -> Dict[type, type]:
+    """float class -> QAT class (a copy; extend it and pass it as ``mapping``)."""
+    return dict(_QAT_MAP)
+
+
+def get_quantized_mapping() -> Dict[type, type]:
+    """QAT class -> quantized class (a copy)."""
+    return dict(_QUANTIZED_MAP)
+
+
+def _check_mapping(mapping, default, method: str, arg: str) -> Dict[type, type]:
+    if mapping is None:
+        return default
+    if not isinstance(mapping, dict):
+        raise TypeError(f"{arg}: mapping must be a dict class -> class, got "
+                        f"{type(mapping).__name__}")
+    for k, v in mapping.items():
+        if not isinstance(k, type) or not isinstance(v, type):
+            raise TypeError(f"{arg}: mapping entries must be classes, got {k!r}: {v!r}")
+        if not callable(getattr(v, method, None)):
+            raise TypeError(f"{arg}: mapping maps {k.__name__} to {v.__name__}, which has no "
+                            f"{method}(); supported targets: "
+                            f"{sorted(c.__name__ for c in default.values())}")
+    return mapping
+
+
+def _check_module(module, fn: str) -> None:
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{fn}: module must be a torch.nn.Module, got {type(module).__name__}")
+
+
+def _disabled(m) -> bool:
+    return isinstance(m, Module) and m.quantize_disabled
+
+
+def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconfig,
+                 mapping: Optional[dict] = None, inplace: bool = True,
+                 example_inputs=None) -> torch.nn.Module:
+    """Replace every quantizable float module (``gpuquant.nn``) by its QAT version and give
+    it observers and fake quants from ``qconfig``.
+
+    A float module whose ``qconfig`` attribute is set uses that one (for itself and the
+    modules under it); ``disable_quantize()`` keeps a module (and its subtree) float.
+
+    Args:
+        module: the float model (or a single gpuquant.nn module).
+        qconfig: a :class:`QConfig`; ``calibration_qconfig`` for post-training calibration.
+        mapping: float class -> QAT class (default: derived from the class names).
+        inplace: convert ``module`` itself (True) or a deep copy.
+        example_inputs: accepted for drop-in tracing of plain ``torch.nn`` models (a later
+            addition); ignored for models built from ``gpuquant.nn``.
+
+    Returns:
+        The QAT model (use the return value: a module passed alone is replaced, not changed).
+
+    Raises:
+        TypeError: not a module, a bad qconfig or mapping, or a gpuquant float module whose
+            class has no QAT version in the mapping (named in the message).
+
+    Example:
+        >>> qat_model = quantize_qat(gpuquant.models.resnet18(), ema_fakequant_qconfig)
+    """
+    _check_module(module, "quantize_qat")
+    if not isinstance(qconfig, QConfig):
+        raise TypeError(f"quantize_qat: qconfig must be a gpuquant.quantization.QConfig, got "
+                        f"{type(qconfig).__name__}")
+    mapping = _check_mapping(mapping, _QAT_MAP, "from_float_module", "quantize_qat")
+    if not inplace:
+        module = copy.deepcopy(module)
+
+    def convert(m, name: str, inherited: QConfig):
+        if _disabled(m) or isinstance(m, (QATModule, QuantizedModule)):
+            return m
+        qc = m.qconfig if isinstance(m, Module) and m.qconfig is not None else inherited
+        cls = mapping.get(type(m))
+        if cls is not None:
+            new = cls.from_float_module(m)
+            new.set_qconfig(qc)
+            return new
+        if isinstance(m, tuple(_QAT_MAP)):
+            raise TypeError(f"quantize_qat: module {name or '<root>'!r} of type "
+                            f"{type(m).__name__} has no QAT version in the mapping; pass "
+                            f"mapping={{{type(m).__name__}: ...}} or call disable_quantize() on it")
+        for child_name, child in list(m.named_children()):
+            new = convert(child, f"{name}.{child_name}" if name else child_name, qc)
+            if new is not child:
+                setattr(m, child_name, new)
+        return m
+
+    return convert(module, "", qconfig)
+
+
+def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
+             inplace: bool = True) -> torch.nn.Module:
+    """Convert every QAT module to its integer version (int8 weights, int32 bias, fixed-point
+    requantization); the model is put in eval mode.
+
+    The QAT model must have run forward passes (calibration or training): observers need
+    data, and each module's input qparams are those of the module that fed it then.
+
+    Args:
+        module: the QAT model.
+        mapping: QAT class -> quantized class (default: derived from the class names).
+        inplace: convert ``module`` itself (True) or a deep copy.
+
+    Returns:
+        The quantized model (use the return value).
+
+    Raises:
+        TypeError: a bad mapping, or a QAT module whose class is not in it (named).
+        ValueError: a module not observed yet, or fed by a float op (named in the message).
+
+    Example:
+        >>> int8_model = quantize(qat_model)
+    """
+    _check_module(module, "quantize")
+    mapping = _check_mapping(mapping, _QUANTIZED_MAP, "from_qat_module", "quantize")
+    if not inplace:
+        module = copy.deepcopy(module)
+
+    def convert(m, name: str):
+        if _disabled(m) or isinstance(m, QuantizedModule):
+            return m
+        if isinstance(m, QATModule):
+            cls = mapping.get(type(m))
+            if cls is None:
+                raise TypeError(f"quantize: module {name or '<root>'!r} of type "
+                                f"{type(m).__name__} has no quantized version in the mapping; "
+                                f"pass mapping={{{type(m).__name__}: ...}} or call "
+                                f"disable_quantize() on it")
+            return cls.from_qat_module(m, name)
+        for child_name, child in list(m.named_children()):
+            new = convert(child, f"{name}.{child_name}" if name else child_name)
+            if new is not child:
+                setattr(m, child_name, new)
+        return m
+
+    out = convert(module, "")
+    return out.eval()
+
+
+def _set_all(module, kind, method: str):
+    _check_module(module, method)
+    for m in module.modules():
+        if isinstance(m, kind):
+            getattr(m, "enable" if method.startswith("enable") else "disable")()
+    return module
+
+
+def enable_fake_quant(module: torch.nn.Module) -> torch.nn.Module:
+    """Turn on every fake quant under ``module``; returns it."""
+    return _set_all(module, FakeQuantBase, "enable_fake_quant")
+
+
+def disable_fake_quant(module: torch.nn.Module) -> torch.nn.Module:
+    """Turn off every fake quant under ``module`` (QAT modules then compute in float)."""
+    return _set_all(module, FakeQuantBase, "disable_fake_quant")
+
+
+def enable_observer(module: torch.nn.Module) -> torch.nn.Module:
+    """Turn on every observer under ``module``; returns it."""
+    return _set_all(module, Observer, "enable_observer")
+
+
+def disable_observer(module: torch.nn.Module) -> torch.nn.Module:
+    """Turn off every observer under ``module`` (qparams stay fixed); returns it."""
+    return _set_all(module, Observer, "disable_observer")
+
+
+def propagate_qconfig(module: torch.nn.Module, qconfig: QConfig) -> torch.nn.Module:
+    """Give every QAT module under ``module`` fresh observers and fake quants from
+    ``qconfig`` (their recorded statistics are dropped); returns the module.
+
+    Raises:
+        TypeError: ``qconfig`` is not a QConfig.
+    """
+    _check_module(module, "propagate_qconfig")
+    if not isinstance(qconfig, QConfig):
+        raise TypeError(f"propagate_qconfig: qconfig must be a QConfig, got "
+                        f"{type(qconfig).__name__}")
+    for m in module.modules():
+        if isinstance(m, QATModule) and not _disabled(m):
+            m.set_qconfig(qconfig)
+    return module
+
+
+def reset_qconfig(module: torch.nn.Module, qconfig: QConfig,
+                  inplace: bool = True) -> torch.nn.Module:
+    """Replace the observers and fake quants of every QAT module by ``qconfig``'s, carrying
+    the current qparams over where the new ones take them (``set_qparams``, e.g.
+    :class:`PassiveObserver`; learned LSQ / TQT scales initialise from the observer on the
+    next forward). MegEngine's ``reset_qconfig``.
+
+    Raises:
+        TypeError: ``qconfig`` is not a QConfig.
+    """
+    _check_module(module, "reset_qconfig")
+    if not isinstance(qconfig, QConfig):
+        raise TypeError(f"reset_qconfig: qconfig must be a QConfig, got {type(qconfig).__name__}")
+    if not inplace:
+        module = copy.deepcopy(module)
+
+    def make(factory, qparams):
+        inst = factory() if factory is not None else None
+        if inst is not None and qparams is not None and callable(getattr(inst, "set_qparams", None)):
+            inst.set_qparams(qparams)
+        return inst
+
+    def current(get):
+        try:
+            return get()
+        except ValueError:  # nothing observed yet: nothing to carry over
+            return None
+
+    for m in list(module.modules()):
+        if not isinstance(m, QATModule) or _disabled(m):
+            continue
+        dev = m._device()
+        if m.with_weight:
+            qp = current(m.get_weight_qparams)
+            m.weight_observer = make(qconfig.weight_observer, qp)
+            m.weight_fake_quant = make(qconfig.weight_fake_quant, qp)
+        if m.with_act:
+            qp = current(m.get_activation_qparams)
+            m.act_observer = make(qconfig.act_observer, qp)
+            m.act_fake_quant = make(qconfig.act_fake_quant, qp)
+        m.qconfig = qconfig
+        m.__dict__["_qat_ready"] = True
+        if dev is not None:
+            for q in (m.weight_observer, m.weight_fake_quant, m.act_observer, m.act_fake_quant):
+                if q is not None:
+                    q.to(dev)
+    return module
