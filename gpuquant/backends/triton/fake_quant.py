@@ -47,14 +47,14 @@ forward skips the mask (2E bytes) when no gradient is needed.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "OPS",
-           "KERNELS"]
+__all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "row_plan",
+           "as_rows", "RowPlan", "OPS", "KERNELS"]
 
 # 4096 elements (16 a thread at 8 warps): memory-bound elementwise; not tuned on a GPU yet.
 BLOCK = 4096
@@ -134,6 +134,40 @@ def _unpack_bits(bytes_, BLOCK: tl.constexpr):
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
+def _tqt_scale(log2_t, qmax):
+    """TQT's power-of-two scale ``2**ceil(log2_t) / (qmax + 1)`` (float32, exact): the power
+    of two is built from its exponent bits (exponent clamped to the normal range)."""
+    e = tl.minimum(tl.maximum(tl.math.ceil(log2_t), -126.0), 127.0).to(tl.int32)
+    p2 = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.math.div_rn(p2, qmax + 1.0)
+
+
+@triton.jit
+def _load_qparams(scale_ptr, inv_ptr, zp_ptr, idx, qmin, qmax, QMODE: tl.constexpr,
+                  HAVE_INV: tl.constexpr):
+    """(scale, inv_scale, zero point as float32) at ``idx`` (0 for per-tensor).
+
+    QMODE 0: ``scale`` f32 and ``zp`` i32 (fake_quant, observers);
+    QMODE 1: ``zp`` f32, used as ``clamp(rne(zp), qmin, qmax)`` (LSQ's learnable zero point);
+    QMODE 2: ``scale_ptr`` holds TQT's ``log2_t``; scale = ``_tqt_scale``, zero point 0.
+    ``inv`` is loaded when HAVE_INV (per-channel, computed by torch), else ``div_rn``."""
+    if QMODE == 2:
+        s = _tqt_scale(tl.load(scale_ptr + idx), qmax)
+        zp = s * 0.0
+    else:
+        s = tl.load(scale_ptr + idx)
+        if QMODE == 1:
+            zp = tl.minimum(tl.maximum(_rne(tl.load(zp_ptr + idx)), qmin), qmax)
+        else:
+            zp = tl.load(zp_ptr + idx).to(tl.float32)
+    if HAVE_INV:
+        inv = tl.load(inv_ptr + idx)
+    else:
+        inv = tl.math.div_rn(1.0, s)
+    return s, inv, zp
+
+
+@triton.jit
 def _fq_fwd_kernel(
     # pointers
     x_ptr, y_ptr, mask_ptr, scale_ptr, inv_ptr, zp_ptr,
@@ -143,12 +177,13 @@ def _fq_fwd_kernel(
     qmin, qmax,
     # meta
     PER_CHANNEL: tl.constexpr, SAVE_MASK: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    QMODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """y = fake_quant(x) over a dense tensor in memory order; optional bit mask.
 
-    x, y: same dtype (f32/f16/bf16), same strides. scale: f32, zp: i32 (one value, or C
-    values); inv: f32 (C values, per-channel only). mask: u8, ceil(numel / 8) bytes.
+    x, y: same dtype (f32/f16/bf16), same strides. scale: f32 (TQT: log2_t), zp: i32 (LSQ:
+    f32), one value or C values; inv: f32, C values (per-channel QMODE 0/1 only).
+    mask: u8, ceil(numel / 8) bytes.
     """
     pid = tl.program_id(0)
     offs_local = tl.arange(0, BLOCK)
@@ -157,13 +192,9 @@ def _fq_fwd_kernel(
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if PER_CHANNEL:
         c = _channel_of(pid, offs_local, period, stride_c, C, WIDE, BLOCK)
-        s = tl.load(scale_ptr + c)
-        inv = tl.load(inv_ptr + c)
-        zp = tl.load(zp_ptr + c).to(tl.float32)
+        s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, c, qmin, qmax, QMODE, QMODE != 2)
     else:
-        s = tl.load(scale_ptr)
-        inv = tl.math.div_rn(1.0, s)
-        zp = tl.load(zp_ptr).to(tl.float32)
+        s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, 0, qmin, qmax, QMODE, False)
     y, inr = _fq_math(x, inv, s, zp, qmin, qmax)
     tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
@@ -250,15 +281,93 @@ def channel_view(t: torch.Tensor, axis: int) -> Optional[Tuple[int, int, int, in
     return o[0], shape[axis], i[0], o[1], strides[axis], i[1]
 
 
+class RowPlan(NamedTuple):
+    """A tensor seen as rows x channels for per-channel reductions: element (r, c) sits at
+    ``(r // inner) * s_o + (r % inner) * s_i + c * s_c`` (``inner == 1`` when the rows have one
+    stride, then ``r * s_o``). Programs form a (channel blocks, split) grid; program
+    (cb, sp) walks row blocks ``sp * n_iter ... sp * n_iter + n_iter - 1`` of ``block_r`` rows
+    and ``block_c`` channels, and writes one partial result a channel: the reduction is two
+    fixed-order stages (deterministic, no atomics)."""
+    rows: int
+    C: int
+    inner: int
+    s_o: int
+    s_i: int
+    s_c: int
+    block_r: int
+    block_c: int
+    split: int
+    n_iter: int
+
+
+def _npow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: few, large programs are fastest
+
+
+def row_plan(x: torch.Tensor, axis: Optional[int], tile: int = 2048,
+             programs: Optional[int] = None) -> RowPlan:
+    """The :class:`RowPlan` of a dense tensor ``x`` (per-tensor: one channel, rows in memory
+    order). Call :func:`as_rows` first to get a tensor this describes."""
+    if axis is None or x.shape[axis] == 1:
+        rows, C, inner, s_o, s_i, s_c = x.numel(), 1, 1, 1, 0, 0
+    else:
+        outer, C, inner, s_o, s_c, s_i = channel_view(x, axis)
+        if outer == 1 or s_o == inner * s_i:  # rows with a single stride
+            rows, inner, s_o, s_i = outer * inner, 1, (s_i if inner > 1 else s_o), 0
+        else:
+            rows = outer * inner
+    if s_c == 1 and C > 1:  # channels innermost (channels_last): tile across channels
+        block_c = min(_npow2(C), 64)
+        block_r = max(1, min(_npow2(rows), tile // block_c))
+    else:
+        block_r = max(1, min(_npow2(rows), tile))
+        block_c = max(1, min(_npow2(C), tile // block_r))
+    n_rb = triton.cdiv(max(rows, 1), block_r)
+    n_cb = triton.cdiv(C, block_c)
+    want = programs if programs is not None else _target_programs(x.device)
+    split = max(1, min(n_rb, want // n_cb if n_cb < want else 1))
+    n_iter = triton.cdiv(n_rb, split)
+    split = triton.cdiv(n_rb, n_iter)
+    return RowPlan(rows, C, inner, s_o, s_i, s_c, block_r, block_c, split, n_iter)
+
+
+def as_rows(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+    """``x`` itself when :func:`row_plan` can describe it without a copy, else a contiguous
+    copy (non-dense tensors, dims around ``axis`` that do not merge)."""
+    if not dense_layout(x):
+        return x.contiguous()
+    if axis is not None and x.shape[axis] != 1 and channel_view(x, axis) is None:
+        return x.contiguous()
+    return x
+
+
+@triton.jit
+def _row_offsets(rb, plan_rows, inner, s_o, s_i, BLOCK_R: tl.constexpr):
+    """int64 element offsets (BLOCK_R,) of row block ``rb`` and the in-range mask."""
+    r = rb.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < plan_rows
+    off = (r // inner) * s_o + (r % inner) * s_i
+    return off, rm
+
+
 def _grid(n: int, block: int):
     return (triton.cdiv(n, block),)
 
 
 # --------------------------------------------------------------------------- launchers
-def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                        qmin: int, qmax: int, axis: Optional[int], save_mask: bool,
-                       block: int = BLOCK, wide: Optional[bool] = None):
+                       block: int = BLOCK, wide: Optional[bool] = None, qmode: int = 0):
     """Launch the forward kernel. ``x`` dense; returns (y with x's strides, bit mask or None).
+
+    ``qmode`` 0: int32 ``zero_point``; 1: float ``zero_point`` (LSQ, rounded and clamped in
+    the kernel); 2: ``scale`` is TQT's ``log2_t`` and ``zero_point`` is ignored.
     ``wide`` forces the int64 channel arithmetic (tests); by default it is used only when
     ``stride[axis] * C`` passes 2^31."""
     n = x.numel()
@@ -268,10 +377,14 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     if n == 0:
         return y, (mask if save_mask else None)
     per_channel = axis is not None
-    scale = scale.to(torch.float32)
-    zero_point = zero_point.to(torch.int32)
+    scale = scale.detach().to(torch.float32)
+    if qmode == 2:
+        zero_point = scale
+    else:
+        zero_point = zero_point.detach().to(torch.float32 if qmode == 1 else torch.int32)
     if per_channel:
-        inv = 1.0 / scale  # correctly rounded float32 division by torch, on the device
+        # correctly rounded float32 division by torch, on the device (TQT: in the kernel)
+        inv = scale if qmode == 2 else 1.0 / scale
         period, sc, C, big = channel_params(x, axis)
         wide = big or period + block >= 2 ** 31 if wide is None else wide
     else:
@@ -279,7 +392,7 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     _fq_fwd_kernel[_grid(n, block)](
         _flat_span(x), _flat_span(y), mask, scale, inv, zero_point,
         n, nbytes, period, sc, C, float(qmin), float(qmax),
-        PER_CHANNEL=per_channel, SAVE_MASK=save_mask, WIDE=wide, BLOCK=block,
+        PER_CHANNEL=per_channel, SAVE_MASK=save_mask, WIDE=wide, QMODE=qmode, BLOCK=block,
         num_warps=NUM_WARPS, **_LAUNCH)
     return y, (mask if save_mask else None)
 
@@ -372,10 +485,17 @@ def fake_quant(x, scale, zero_point, qmin, qmax, axis, *, block: int = BLOCK):
 # kernels and the constexpr variants CI compiles to PTX (tests/backends/test_triton_ptx_*)
 KERNELS = {
     "_fq_fwd_kernel": (_fq_fwd_kernel, [
-        dict(PER_CHANNEL=p, SAVE_MASK=sm, WIDE=w, BLOCK=BLOCK)
-        for p in (False, True) for sm in (False, True) for w in ((False, True) if p else (False,))
+        dict(PER_CHANNEL=p, SAVE_MASK=sm, WIDE=w, QMODE=qm, BLOCK=BLOCK)
+        for qm in (0, 1, 2) for p in (False, True) for sm in (False, True)
+        for w in ((False, True) if p else (False,))
     ]),
     "_fq_bwd_kernel": (_fq_bwd_kernel, [dict(BLOCK=BLOCK)]),
 }
 
 OPS = {"fake_quant": fake_quant}
+
+# the other QAT kernel families of this backend, merged here (they import this module)
+from . import lsq as _lsq  # noqa: E402
+
+OPS.update(_lsq.OPS)
+KERNELS.update(_lsq.KERNELS)
