@@ -178,7 +178,9 @@ def _sync_worker(rank, world, port, queue):
             mm(x)
         except ValueError as e:
             bad = str(e)
-        queue.put((rank, xs, mm.min_val, mm.max_val, ema.min_val, ema.max_val, bad))
+        # plain lists: tensors would travel as shared-memory fds that die with this process
+        queue.put((rank, [x.tolist() for x in xs], mm.min_val.tolist(), mm.max_val.tolist(),
+                   ema.min_val.tolist(), ema.max_val.tolist(), bad))
     finally:
         dist.destroy_process_group()
 
@@ -193,19 +195,25 @@ def test_sync_observers_all_reduce_across_processes():
     procs = [ctx.Process(target=_sync_worker, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r[0], r[1:]) for r in (queue.get(timeout=60) for _ in procs))
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    try:
+        results = dict((r[0], r[1:]) for r in (queue.get(timeout=60) for _ in procs))
+        for p in procs:
+            p.join(timeout=30)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:  # never leave a worker behind if something above failed
+            if p.is_alive():
+                p.kill()
     # the reference: plain observers fed with the union of both processes' batches
     mm = MinMaxObserver(gpuquant.qint8, symmetric=False, axis=1)
     ema = ExponentialMovingAverageObserver(0.9, gpuquant.qint8)
     for x0, x1 in zip(results[0][0], results[1][0]):
-        both = torch.cat([x0, x1])
+        both = torch.cat([torch.tensor(x0), torch.tensor(x1)])
         mm(both)
         ema(both)
     for r in (0, 1):
         _, mn, mx, emn, emx, bad = results[r]
+        mn, mx, emn, emx = map(torch.tensor, (mn, mx, emn, emx))
         assert torch.equal(mn, mm.min_val) and torch.equal(mx, mm.max_val)
         assert torch.equal(emn, ema.min_val) and torch.equal(emx, ema.max_val)
         assert bad is not None and "NaN or Inf" in bad
