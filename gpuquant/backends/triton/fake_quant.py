@@ -331,7 +331,7 @@ def row_plan(x: torch.Tensor, axis: Optional[int], tile: int = 2048,
     n_rb = triton.cdiv(max(rows, 1), block_r)
     n_cb = triton.cdiv(C, block_c)
     want = programs if programs is not None else _target_programs(x.device)
-    split = max(1, min(n_rb, want // n_cb if n_cb < want else 1))
+    split = max(1, min(n_rb, triton.cdiv(want, n_cb)))
     n_iter = triton.cdiv(n_rb, split)
     split = triton.cdiv(n_rb, n_iter)
     return RowPlan(rows, C, inner, s_o, s_i, s_c, block_r, block_c, split, n_iter)

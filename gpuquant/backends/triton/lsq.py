@@ -153,7 +153,7 @@ def sum_partials(part: torch.Tensor) -> torch.Tensor:
 def learned_backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
                      zero_point: Optional[torch.Tensor], qmin: int, qmax: int,
                      axis: Optional[int], grad_factor: float, mode: int,
-                     programs: Optional[int] = None):
+                     programs: Optional[int] = None, tile: int = 2048):
     """(grad_x in x's layout, d scale-or-log2_t (C,), d zero_point (C,) or None).
     ``x`` must already be :func:`as_rows`-shaped."""
     if grad.stride() != x.stride():
@@ -161,7 +161,7 @@ def learned_backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
         g2.copy_(grad)
         grad = g2
     gx = torch.empty_like(x)
-    plan = row_plan(x, axis, programs=programs)
+    plan = row_plan(x, axis, tile=tile, programs=programs)
     K = 2 if mode == 1 else 1
     part = torch.empty((K, plan.split, plan.C), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
@@ -180,19 +180,19 @@ def learned_backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
 
 class LSQFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_factor, programs=None):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, grad_factor, plan_args=(None, 2048)):
         x = as_rows(x, axis)
         y, _ = fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, False, qmode=1)
         ctx.save_for_backward(x, scale, zero_point)
-        ctx.args = (qmin, qmax, axis, grad_factor, programs)
+        ctx.args = (qmin, qmax, axis, grad_factor, plan_args)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
-        qmin, qmax, axis, g, programs = ctx.args
+        qmin, qmax, axis, g, plan_args = ctx.args
         gx, ds, dz = learned_backward(x, grad, scale, zero_point, qmin, qmax, axis, g, 1,
-                                      programs)
+                                      *plan_args)
         ds = ds.reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[1] else None
         dz = dz.reshape(zero_point.shape).to(zero_point.dtype) if ctx.needs_input_grad[2] \
             else None
@@ -201,18 +201,18 @@ class LSQFunction(torch.autograd.Function):
 
 class TQTFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, log2_t, qmin, qmax, axis, programs=None):
+    def forward(ctx, x, log2_t, qmin, qmax, axis, plan_args=(None, 2048)):
         x = as_rows(x, axis)
         y, _ = fake_quant_forward(x, log2_t, None, qmin, qmax, axis, False, qmode=2)
         ctx.save_for_backward(x, log2_t)
-        ctx.args = (qmin, qmax, axis, programs)
+        ctx.args = (qmin, qmax, axis, plan_args)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, log2_t = ctx.saved_tensors
-        qmin, qmax, axis, programs = ctx.args
-        gx, dl, _ = learned_backward(x, grad, log2_t, None, qmin, qmax, axis, 1.0, 2, programs)
+        qmin, qmax, axis, plan_args = ctx.args
+        gx, dl, _ = learned_backward(x, grad, log2_t, None, qmin, qmax, axis, 1.0, 2, *plan_args)
         dl = dl.reshape(log2_t.shape).to(log2_t.dtype) if ctx.needs_input_grad[1] else None
         return gx, dl, None, None, None, None
 
@@ -239,7 +239,8 @@ def _check(x, params, qmin, qmax, axis, fn):
                              f"shape {tuple(p.shape)}")
 
 
-def lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor, *, programs=None):
+def lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor, *, programs=None,
+                   tile=2048):
     """LSQ fake quantization (see the module docstring).
 
     Args:
@@ -249,7 +250,8 @@ def lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor, *, progr
         qmin, qmax: the integer range.
         axis: None or the non-negative channel axis.
         grad_factor: the LSQ gradient scale (Python float).
-        programs: row splits target (tests; default from the device).
+        programs, tile: programs the reduction aims for and elements a tile (tests; by
+            default 4 per SM on the GPU and 2048).
 
     Raises:
         TypeError: x or qparams of the wrong dtype.
@@ -257,10 +259,10 @@ def lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor, *, progr
     """
     _check(x, {"scale": scale, "zero_point": zero_point}, qmin, qmax, axis, "lsq_fake_quant")
     return LSQFunction.apply(x, scale, zero_point, int(qmin), int(qmax), axis,
-                             float(grad_factor), programs)
+                             float(grad_factor), (programs, tile))
 
 
-def tqt_fake_quant(x, log2_t, qmin, qmax, axis, *, programs=None):
+def tqt_fake_quant(x, log2_t, qmin, qmax, axis, *, programs=None, tile=2048):
     """TQT fake quantization (see the module docstring).
 
     Args:
@@ -273,7 +275,7 @@ def tqt_fake_quant(x, log2_t, qmin, qmax, axis, *, programs=None):
         TypeError, ValueError: as :func:`lsq_fake_quant`.
     """
     _check(x, {"log2_t": log2_t}, qmin, qmax, axis, "tqt_fake_quant")
-    return TQTFunction.apply(x, log2_t, int(qmin), int(qmax), axis, programs)
+    return TQTFunction.apply(x, log2_t, int(qmin), int(qmax), axis, (programs, tile))
 
 
 KERNELS = {
