@@ -27,10 +27,11 @@ import torch
 from .common import INTERPRET, LAUNCH_OPTS, arch_family, derived, scalar_int
 from .fixed_point import add_values, requantize_values
 
-__all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32"]
+__all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32",
+           "OUT_SCALED"]
 
-OUT_QUANT, OUT_FLOAT, OUT_INT32 = 0, 1, 2
-_OUT_MODES = {"quant": OUT_QUANT, "float": OUT_FLOAT, "int32": OUT_INT32}
+OUT_QUANT, OUT_FLOAT, OUT_INT32, OUT_SCALED = 0, 1, 2, 3
+_OUT_MODES = {"quant": OUT_QUANT, "float": OUT_FLOAT, "int32": OUT_INT32, "scaled": OUT_SCALED}
 
 # EPI: int64 vector of the epilogue's scalars (loaded once per program, so changing a zero
 # point never recompiles a kernel).
@@ -71,6 +72,29 @@ def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
             tl.store(y_ptrs, (y - tl.load(EPI + 15)).to(tl.float32) * deq_scale, mask=mask)
         else:
             tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def scaled_epilogue(acc, offs_m, offs_n, mask_m, mask_n, COL_SCALE, ROW_SCALE, FBIAS, Y,
+                    stride_ym, HAS_BIAS: tl.constexpr):
+    """OUT_MODE 3, "scaled" (dynamic W8A8, :mod:`.dynamic`): store
+    ``float(acc) * ROW_SCALE[m] * COL_SCALE[n] (+ FBIAS[n])`` (float32, each step rounded:
+    launched without FMA) as Y's float dtype; bfloat16 rounds half to even on the bits (the
+    interpreter's own conversion truncates; the GPU's cvt.rn gives the same bytes)."""
+    rs = tl.load(ROW_SCALE + offs_m, mask=mask_m, other=0.0)
+    cs = tl.load(COL_SCALE + offs_n, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * rs[:, None]
+    y = y * cs[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(FBIAS + offs_n, mask=mask_n, other=0.0)[None, :]
+    y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    if Y.dtype.element_ty == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = y.to(Y.dtype.element_ty)
+    tl.store(y_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -125,8 +149,12 @@ def _qgemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT, EPI,
-                   deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+    if OUT_MODE == 3:  # scaled float: MULT / RSHIFT / RES carry column / row scales, bias
+        scaled_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, MULT, RSHIFT, RES, Y,
+                        stride_ym, HAS_RES)
+    else:
+        quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT, EPI,
+                       deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
 
 
 # --------------------------------------------------------------------------- configs
