@@ -2,21 +2,19 @@
 
 * ``_quantize_per_token_kernel``: one program a row; absmax, scale and the int8 row in one
   launch (the row is read once when it fits one block, K <= 16384; twice above);
-* ``_linear_dynamic_kernel``: tiled GEMM, ``W8A8`` (int8 x int8 -> int32 on the tensor cores,
-  epilogue ``float(acc) * x_scale[m] * w_scale[n] + bias[n]`` written straight as
-  bf16/fp16/fp32: no int32 intermediate in memory) or ``WEIGHT_ONLY`` (float activations,
-  int8 weights converted to the activation dtype in registers, float32 accumulator,
-  epilogue ``acc * w_scale[n] + bias[n]``).
+* ``linear_dynamic``: the int8 tensor-core GEMM of :mod:`.gemm` (one GEMM kernel for the
+  static and dynamic paths) in its ``"scaled"`` epilogue mode: int8 x int8 -> int32, then
+  ``float(acc) * x_scale[m] * w_scale[n] + bias[n]`` written straight as bf16/fp16/fp32 (no
+  int32 intermediate in memory);
+* ``_linear_weight_only_kernel``: float activations times int8 weights converted to the
+  activation dtype in registers, float32 accumulator, epilogue ``acc * w_scale[n] + bias[n]``
+  (a float GEMM, so not part of the int8 kernel).
 
 Numerics are those of :mod:`gpuquant.backends.reference_dynamic`, bit for bit for
 ``quantize_per_token`` and ``linear_dynamic``: divisions use ``tl.div_rn`` (IEEE; ``/`` is
 ``div.full.f32`` on the GPU), rounding is the ``+-1.5 * 2^23`` trick (|v| <= 127.x here), and
 every launch passes ``enable_fp_fusion=False`` so ``x * inv + C`` and the epilogue's
 ``y * w_scale + bias`` round twice, as PyTorch does, instead of once in an FMA.
-
-The GEMM tiling (grouped program order, int8 ``tl.dot`` with an int32 accumulator) follows
-Triton's matmul tutorial; it belongs with the int8 GEMM of ``inference.py`` (static W8A8) and
-should be merged there as an epilogue mode when that kernel grows one.
 """
 from __future__ import annotations
 
@@ -25,6 +23,8 @@ import triton
 import triton.language as tl
 
 from ..reference_dynamic import EPS
+from .common import LAUNCH_OPTS, arch_family
+from .gemm import OUT_SCALED, _gemm_kernel, interpret_meta
 
 __all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]
 
@@ -92,32 +92,48 @@ def quantize_per_token(x, qmin, qmax):
     num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
     _quantize_per_token_kernel[(m,)](
         x, q, scale, k, x.stride(0), q.stride(0), int(qmin), int(qmax), EPS,
-        BLOCK_K=block_k, ONE_BLOCK=one_block, num_warps=num_warps, enable_fp_fusion=False)
+        BLOCK_K=block_k, ONE_BLOCK=one_block, num_warps=num_warps, **LAUNCH_OPTS)
     return q, scale
 
 
-# --------------------------------------------------------------------------- GEMM
+# --------------------------------------------------------------------------- W8A8 GEMM
+def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
+    """The int8 GEMM of :mod:`.gemm` (shared with the static quantized Linear / conv) in its
+    ``"scaled"`` epilogue mode: ``float(acc) * x_scale[m] * w_scale[n] + bias[n]`` stored
+    straight as ``out_dtype`` (no int32 intermediate in memory)."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0 or n == 0:
+        return out
+    family = arch_family(xq.device)
+    kern = _gemm_kernel(family)
+    meta = interpret_meta() if family == "interpret" else {}
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
+    has_bias = bias is not None
+    kern[grid](xq, wq, x_scale, w_scale, x_scale, x_scale, bias if has_bias else out, out,
+               m, n, k, xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
+               0, 1.0, X_UINT8=False, OUT_MODE=OUT_SCALED, HAS_RES=has_bias, **meta,
+               **LAUNCH_OPTS)
+    return out
+
+
+# --------------------------------------------------------------------------- weight-only GEMM
 @triton.jit
-def _linear_dynamic_kernel(
+def _linear_weight_only_kernel(
     # pointers
-    a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr,
+    a_ptr, b_ptr, c_ptr, b_scale_ptr, bias_ptr,
     # sizes
     M, N, K,
     # strides: a (M, K), b = W (N, K) read as W^T, c (M, N)
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     # meta
-    HAS_BIAS: tl.constexpr, WEIGHT_ONLY: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr, BF16_RNE_BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BF16_RNE_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """c = epilogue(a @ b^T).
-
-    W8A8 (``WEIGHT_ONLY`` False): a int8, b int8, int32 accumulator,
-    ``c = float(acc) * a_scale[m] * b_scale[n] (+ bias[n])``.
-    Weight-only: a float16/bfloat16/float32, b int8 converted to a's dtype (exact), float32
-    accumulator, ``c = acc * b_scale[n] (+ bias[n])``. c has c_ptr's dtype.
-    """
+    """c = (a @ b^T) * b_scale[n] (+ bias[n]): a float16/bfloat16/float32 (M, K), b int8
+    (N, K) converted to a's dtype in registers (exact), float32 accumulator, c a's dtype."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -138,10 +154,7 @@ def _linear_dynamic_kernel(
     a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
 
-    if WEIGHT_ONLY:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -150,26 +163,17 @@ def _linear_dynamic_kernel(
             k_left = K - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        if WEIGHT_ONLY:
-            if DOT_F32:  # float32 activations, or the interpreter (no bfloat16 dot there)
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc,
-                             input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(a, b.to(a.dtype), acc)
+        if DOT_F32:  # float32 activations, or the interpreter (it has no bfloat16 dot)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            acc = tl.dot(a, b.to(a.dtype), acc)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
     mask_m = offs_m < M
     mask_n = offs_n < N
     w_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
-    if WEIGHT_ONLY:
-        y = acc * w_scale[None, :]
-    else:
-        x_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
-        y = acc.to(tl.float32) * x_scale[:, None]
-        y = y * w_scale[None, :]
+    y = acc * w_scale[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         y = y + bias[None, :]
@@ -185,53 +189,41 @@ def _linear_dynamic_kernel(
     tl.store(c_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _gemm_config(m: int, n: int, k: int, elem_bytes: int):
+def _weight_only_config(m: int, n: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) by shape.
 
-    Untuned starting points from Triton's matmul tutorial and common int8 choices for
-    sm_80 / sm_90 (no GPU was available when this was written): small M is memory-bound
-    (narrow N tiles so many programs stream W), large M uses big tensor-core tiles.
+    Untuned starting points (no GPU was available when this was written): small M is
+    memory-bound on W, so narrow N tiles give many programs streaming it; large M uses
+    tensor-core tiles like the int8 GEMM's.
     """
-    bk = 128 if elem_bytes == 1 else 64
     if m <= 16:
-        return 16, (32 if n <= 8192 else 64), 2 * bk, 8, 4, 4
+        return 16, (32 if n <= 8192 else 64), 128, 8, 4, 4
     if m <= 128:
-        return 64, 128, bk, 8, 4, 4
-    return 128, 256 if elem_bytes == 1 else 128, bk, 8, 8, 3
-
-
-def _launch(a, b, a_scale, b_scale, bias, out, weight_only: bool):
-    m, k = a.shape
-    n = b.shape[0]
-    bm, bn, bk, gm, warps, stages = _gemm_config(m, n, k, a.element_size())
-    bk = min(bk, max(16, triton.next_power_of_2(k)))  # tiny K: no wasted masked work
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    interpret = a.device.type == "cpu"
-    _linear_dynamic_kernel[grid](
-        a, b, out, a_scale if a_scale is not None else b_scale, b_scale,
-        bias if bias is not None else b_scale,
-        m, n, k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, WEIGHT_ONLY=weight_only, DOT_PRECISION="ieee",
-        DOT_F32=a.dtype == torch.float32 or interpret,
-        BF16_RNE_BITS=interpret and out.dtype == torch.bfloat16,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=(k % bk == 0),
-        num_warps=warps, num_stages=stages, enable_fp_fusion=False)
-    return out
-
-
-def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
-    out = torch.empty((xq.shape[0], wq.shape[0]), dtype=out_dtype, device=xq.device)
-    if out.numel() == 0:
-        return out
-    return _launch(xq, wq, x_scale, w_scale, bias, out, weight_only=False)
+        return 64, 128, 64, 8, 4, 4
+    return 128, 128, 64, 8, 8, 3
 
 
 def linear_weight_only(x, wq, w_scale, bias):
-    out = torch.empty((x.shape[0], wq.shape[0]), dtype=x.dtype, device=x.device)
+    m, k = x.shape
+    n = wq.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    return _launch(x, wq, None, w_scale, bias, out, weight_only=True)
+    interpret = arch_family(x.device) == "interpret"
+    if interpret:
+        bm, bn, bk, gm, warps, stages = 16, 32, 32, 4, 4, 1
+    else:
+        bm, bn, bk, gm, warps, stages = _weight_only_config(m, n)
+    bk = min(bk, max(16, triton.next_power_of_2(k)))  # tiny K: no wasted masked work
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _linear_weight_only_kernel[grid](
+        x, wq, out, w_scale, bias if bias is not None else w_scale, m, n, k,
+        x.stride(0), x.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, DOT_F32=x.dtype == torch.float32 or interpret,
+        BF16_RNE_BITS=interpret and out.dtype == torch.bfloat16,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=(k % bk == 0),
+        num_warps=warps, num_stages=stages, **LAUNCH_OPTS)
+    return out
 
 
 OPS = {
