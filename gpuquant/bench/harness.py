@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["Suite", "Case", "Provider", "ProviderUnavailable", "Timing", "run_case",
+__all__ = ["Suite", "Case", "Provider", "ProviderUnavailable", "Timing", "RunConfig", "run_case",
            "params_key", "pair_rows", "device_name", "device_slug", "ROW_FIELDS",
            "HEADER_FIELDS", "percentile"]
 
@@ -208,9 +208,6 @@ class Timing:
 class _CpuTimer:
     """perf_counter around each call."""
 
-    def __init__(self):
-        self.pending: List[Tuple[Timing, float]] = []
-
     def time_call(self, fn: Callable[[], Any], sink: Timing) -> None:
         t0 = time.perf_counter()
         fn()
@@ -221,26 +218,33 @@ class _CpuTimer:
 
 
 class _CudaTimer:
-    """CUDA events around each call, L2 flushed before it; resolved once a round."""
+    """CUDA events around each call, L2 flushed before it; resolved once a round.
 
-    def __init__(self):
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        l2 = int(getattr(props, "L2_cache_size", 0) or 0)
-        # twice the L2 (at least 256 MB, as triton's do_bench uses) written before each call
-        self._flush = torch.empty(max(2 * l2, 256 * 2 ** 20), dtype=torch.int8, device="cuda")
+    ``event``, ``synchronize`` and ``flush`` default to the real CUDA ones; tests pass fakes
+    to exercise the bookkeeping on the CPU."""
+
+    def __init__(self, event=None, synchronize=None, flush=None):
+        self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self._synchronize = synchronize or torch.cuda.synchronize
+        if flush is None:
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            l2 = int(getattr(props, "L2_cache_size", 0) or 0)
+            # twice the L2, at least 256 MB (as triton's do_bench), zeroed before each call
+            buf = torch.empty(max(2 * l2, 256 * 2 ** 20), dtype=torch.int8, device="cuda")
+            flush = buf.zero_
+        self._flush = flush
         self._pending: List[Tuple[Any, Any, Timing]] = []
 
     def time_call(self, fn: Callable[[], Any], sink: Timing) -> None:
-        self._flush.zero_()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
+        self._flush()
+        start, end = self._event(), self._event()
         start.record()
         fn()
         end.record()
         self._pending.append((start, end, sink))
 
     def sync(self) -> None:
-        torch.cuda.synchronize()
+        self._synchronize()
         for start, end, sink in self._pending:
             sink.times_ms.append(start.elapsed_time(end))
         self._pending.clear()

@@ -418,3 +418,49 @@ def test_cpu_ceilings_measured():
     assert c["int8"]["value"] == c["float"]["value"]
     with pytest.raises(ValueError):
         ceil_mod.measure_ceilings("tpu")
+
+
+# ---------------------------------------------------------------------------------- GPU path
+class _FakeEvent:
+    """Stands in for torch.cuda.Event: records a virtual clock advanced by the timed calls."""
+    clock = [0.0]
+
+    def record(self):
+        self.t = self.clock[0]
+
+    def elapsed_time(self, other):
+        return other.t - self.t
+
+
+def test_cuda_timer_bookkeeping_with_fake_events():
+    """The CUDA-event timer's logic on the CPU: flush before every call, times resolved only
+    at sync, each into its own provider's sink, in call order."""
+    flushes, syncs = [], []
+    timer = harness._CudaTimer(event=_FakeEvent, synchronize=lambda: syncs.append(1),
+                               flush=lambda: flushes.append(1))
+
+    def work(ms):
+        def fn():
+            _FakeEvent.clock[0] += ms
+        return fn
+
+    a, b = harness.Timing(), harness.Timing()
+    for ms in (1.0, 2.0, 3.0):
+        timer.time_call(work(ms), a)
+        timer.time_call(work(10 * ms), b)
+    assert a.times_ms == [] and len(flushes) == 6
+    timer.sync()
+    assert a.times_ms == [1.0, 2.0, 3.0] and b.times_ms == [10.0, 20.0, 30.0] and syncs == [1]
+    timer.sync()
+    assert a.times_ms == [1.0, 2.0, 3.0]   # nothing resolved twice
+
+
+@pytest.mark.gpu
+def test_quant_suite_and_ceilings_on_gpu(tmp_path):
+    assert run_bench(["quant"], quick=True, out=str(tmp_path), command="test") == 0
+    doc = report.load_json(str(tmp_path / "quant.json"))
+    assert doc["device"] == torch.cuda.get_device_name()
+    assert set(doc["ceilings"]) == {"bandwidth", "int8", "float"}
+    assert doc["ceilings"]["int8"]["unit"] == "TOPS" and doc["ceilings"]["int8"]["value"] > 1
+    assert all(r["exact_vs_numpy"] for r in doc["rows"])
+    assert {r["provider"] for r in doc["rows"]} >= {"torch", "gpuquant-reference"}
