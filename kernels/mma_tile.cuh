@@ -12,6 +12,9 @@
 //   GQ_MMA_16832 1: mma.sync.aligned.m16n8k32 (sm_80+); 0: the same m16n8k32 tile as four
 //                mma.sync.aligned.m8n8k16 (sm_75 Turing IMMA). Same fragments either way.
 //   GQ_STAGES    shared-memory pipeline depth.
+//   GQ_HOST_EMU  defined only by the CPU test harness (tests/backends/test_cupy_emulated.py),
+//                which supplies gq_emu_* stand-ins for the inline PTX and runs this very
+//                source on host fibers, one per CUDA thread.
 //
 // Requirements checked by the host launcher: K % 16 == 0 (a 16-byte chunk is either fully
 // inside K or fully past it), A / B / x base pointers 16-byte aligned, and for conv
@@ -30,13 +33,17 @@ GQ_HD int gq_swz(int row, int col) {
   return row * GQ_MMA_BK + ((((col >> 4) ^ (row >> 2)) & 1) << 4) + (col & 15);
 }
 
+#if !defined(GQ_HOST_EMU)
 GQ_D unsigned gq_smem_addr(const void* p) {
   return (unsigned)__cvta_generic_to_shared(p);
 }
+#endif
 
 // 16 bytes global -> shared; valid == false writes 16 zero bytes.
 GQ_D void gq_copy16(unsigned char* dst, const signed char* src, bool valid) {
-#if GQ_CP_ASYNC
+#if GQ_CP_ASYNC && defined(GQ_HOST_EMU)
+  gq_emu_cp_async(dst, src, valid);
+#elif GQ_CP_ASYNC
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(gq_smem_addr(dst)),
                "l"(src), "r"(valid ? 16 : 0));
 #else
@@ -51,39 +58,57 @@ GQ_D void gq_fill16(unsigned char* dst, unsigned word) {
 }
 
 GQ_D void gq_commit() {
-#if GQ_CP_ASYNC
+#if GQ_CP_ASYNC && defined(GQ_HOST_EMU)
+  gq_emu_commit();
+#elif GQ_CP_ASYNC
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 
 template <int N>
 GQ_D void gq_wait() {
-#if GQ_CP_ASYNC
+#if GQ_CP_ASYNC && defined(GQ_HOST_EMU)
+  gq_emu_wait(N);
+#elif GQ_CP_ASYNC
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
 
-// c (16 x 8 s32) += a (16 x 32 s8, row) . b (32 x 8 s8, col). PTX fragment layout, lane =
-// 4 * g + t: a[0] = A[g][4t..4t+3], a[1] = A[g+8][4t..], a[2] = A[g][16+4t..],
-// a[3] = A[g+8][16+4t..]; b[0] = B[4t..4t+3][g], b[1] = B[16+4t..][g];
-// c[0..1] = C[g][2t, 2t+1], c[2..3] = C[g+8][2t, 2t+1].
-GQ_D void gq_mma(int* c, const unsigned* a, const unsigned* b) {
-#if GQ_MMA_16832
+// One m16n8k32 tile, s8 x s8 -> s32. PTX fragment layout, lane = 4 * g + t:
+// a[0] = A[g][4t..4t+3], a[1] = A[g+8][4t..], a[2] = A[g][16+4t..], a[3] = A[g+8][16+4t..];
+// b[0] = B[4t..4t+3][g], b[1] = B[16+4t..][g]; c[0..1] = C[g][2t, 2t+1], c[2..3] = C[g+8][..].
+GQ_D void gq_mma_m16n8k32(int* c, const unsigned* a, const unsigned* b) {
+#if defined(GQ_HOST_EMU)
+  gq_emu_mma_m16n8k32(c, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// One m8n8k16 tile (Turing): a = A[g][4t..4t+3], b = B[4t..4t+3][g], c[0..1] = C[g][2t, 2t+1].
+GQ_D void gq_mma_m8n8k16(int* c, unsigned a, unsigned b) {
+#if defined(GQ_HOST_EMU)
+  gq_emu_mma_m8n8k16(c, a, b);
 #else
-  // m8n8k16: a = A[g][4t..4t+3], b = B[4t..4t+3][g], c[0..1] = C[g][2t, 2t+1].
   asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
-               : "+r"(c[0]), "+r"(c[1]) : "r"(a[0]), "r"(b[0]));
-  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
-               : "+r"(c[0]), "+r"(c[1]) : "r"(a[2]), "r"(b[1]));
-  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
-               : "+r"(c[2]), "+r"(c[3]) : "r"(a[1]), "r"(b[0]));
-  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0,%1}, {%2}, {%3}, {%0,%1};\n"
-               : "+r"(c[2]), "+r"(c[3]) : "r"(a[3]), "r"(b[1]));
+               : "+r"(c[0]), "+r"(c[1]) : "r"(a), "r"(b));
+#endif
+}
+
+// c (16 x 8) += a (16 x 32) . b (32 x 8) with the m16n8k32 fragments above; on the Turing tier
+// as four m8n8k16 whose fragments are exactly the quarters of these registers.
+GQ_D void gq_mma(int* c, const unsigned* a, const unsigned* b) {
+#if GQ_MMA_16832
+  gq_mma_m16n8k32(c, a, b);
+#else
+  gq_mma_m8n8k16(c, a[0], b[0]);       // rows 0..7,  k 0..15
+  gq_mma_m8n8k16(c, a[2], b[1]);       // rows 0..7,  k 16..31
+  gq_mma_m8n8k16(c + 2, a[1], b[0]);   // rows 8..15, k 0..15
+  gq_mma_m8n8k16(c + 2, a[3], b[1]);   // rows 8..15, k 16..31
 #endif
 }
 

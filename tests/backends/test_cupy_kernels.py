@@ -1,0 +1,495 @@
+"""The CuPy backend's CUDA kernels against the oracle, byte for byte.
+
+Two ways to run the same cases:
+
+* on the CPU (always, needs g++): the very sources in ``kernels/`` are compiled for the host
+  with ``GQ_HOST_EMU`` and run one fiber per CUDA thread; block-wide barriers for
+  ``__syncthreads``, the warp-level ``mma.sync`` computed from the PTX ISA fragment layouts,
+  ``cp.async`` copies deferred to ``cp.async.wait_group`` (the latest the hardware may land
+  them) or done at once (the earliest). The host-side plans (padding, zero-point correction,
+  weight layout) are the backend's own (:mod:`gpuquant.backends.cupy.launch`).
+* on a GPU (``@pytest.mark.gpu``): every tier the device can run, forced with
+  ``GPUQUANT_CUPY_TIER``, through the public backend, against the NumPy backend.
+
+GPU run (one command, on a machine with CuPy and a CUDA GPU)::
+
+    python -m pytest -q tests/backends/test_cupy_kernels.py tests/backends/test_cupy_dispatch.py
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpuquant.backends import reference as ref
+from gpuquant.backends.cupy import dispatch, launch, loader
+from gpuquant.dtypes import get_dtype
+from gpuquant.functional.requant import make_requant
+
+TIERS = dispatch.TIERS
+
+# --------------------------------------------------------------------------- cases
+LINEAR_CASES = [  # (lead shape, K, N)
+    ((1,), 7, 5),            # M = 1, K not a multiple of 4 or 16
+    ((33,), 123, 37),
+    ((2, 65), 64, 131),      # M > 128 rows, N > 128 columns: several tiles each way
+    ((3,), 300, 9),          # K past several 32-byte steps, tail chunk
+]
+CONV_CASES = [  # (n, c, h, w, o, (kh, kw), stride, padding, dilation, groups)
+    (2, 3, 9, 7, 5, (3, 3), 2, 1, 1, 1),          # first layer: 3 channels (padded to 16)
+    (1, 16, 6, 6, 20, (3, 1), 1, (2, 0), 2, 1),   # dilation, asymmetric kernel and padding
+    (2, 32, 5, 5, 8, (3, 3), 1, 1, 1, 2),         # grouped, 16 channels a group
+    (1, 8, 7, 7, 8, (3, 3), 1, 1, 1, 8),          # depthwise (dp4a kernel on every tier)
+    (2, 24, 10, 10, 130, (1, 1), 1, 0, 1, 1),     # 1x1, 200 rows, 130 channels, C % 16 != 0
+]
+SCALES = ["normal", "left_shift", "tiny"]
+
+
+def _qrange(dtype):
+    return (0, 255) if dtype == torch.uint8 else (-128, 127)
+
+
+def _rand_act(shape, dtype, gen):
+    lo, hi = _qrange(dtype)
+    return torch.randint(lo, hi + 1, shape, generator=gen).to(dtype)
+
+
+def _requant_for(acc: torch.Tensor, ch_axis: int, n_out: int, out_dtype: str, regime: str,
+                 activation: str, gen):
+    """A Requant whose outputs spread over the output range (or overflow it on purpose)."""
+    s_x = 0.02
+    s_w = (torch.rand(n_out, generator=gen, dtype=torch.float64) * 0.01 + 0.001).float()
+    spread = float(acc.double().std()) if acc.numel() > 1 else 1.0
+    spread = max(spread, 1.0)
+    mean_sw = float(s_w.double().mean())
+    if regime == "normal":
+        s_y = s_x * mean_sw * spread / 40.0
+    elif regime == "left_shift":          # real multiplier > 1: negative rshift
+        s_y = s_x * mean_sw / 7.0
+    else:                                  # tiny multiplier, large rshift
+        s_y = s_x * mean_sw * spread * 1e3
+    qd = get_dtype(out_dtype)
+    zp = int(torch.randint(qd.qmin // 2, qd.qmax // 2 + 1, (1,), generator=gen))
+    return make_requant(s_x, s_w, s_y, zp, qd, activation)
+
+
+def make_linear(lead, k, n, x_dtype, out_dtype, regime, gen, activation="none"):
+    x = _rand_act(lead + (k,), x_dtype, gen)
+    lo, hi = _qrange(x_dtype)
+    x_zp = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    w = torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8)
+    bias = torch.randint(-20000, 20001, (n,), generator=gen).to(torch.int32)
+    acc = (x.double() - x_zp) @ w.double().t()
+    rq = _requant_for(acc, -1, n, out_dtype, regime, activation, gen)
+    return x, x_zp, w, bias, rq
+
+
+def make_conv(case, x_dtype, out_dtype, regime, gen, activation="none"):
+    nimg, c, h, wd, o, (kh, kw), stride, padding, dilation, groups = case
+    x = _rand_act((nimg, c, h, wd), x_dtype, gen).contiguous(memory_format=torch.channels_last)
+    lo, hi = _qrange(x_dtype)
+    x_zp = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    w = torch.randint(-127, 128, (o, c // groups, kh, kw), generator=gen).to(torch.int8)
+    bias = torch.randint(-20000, 20001, (o,), generator=gen).to(torch.int32)
+    acc = torch.nn.functional.conv2d(x.double() - x_zp, w.double(), None, stride, padding,
+                                     dilation, groups)
+    rq = _requant_for(acc, 1, o, out_dtype, regime, activation, gen)
+    return x, x_zp, w, bias, (stride, padding, dilation, groups), rq
+
+
+def _oracles():
+    """(name, ops) of the oracles importable here: the NumPy backend when present, and the
+    reference (which the NumPy backend's own tests tie to it)."""
+    out = []
+    try:
+        from gpuquant.backends import numpy as npb
+        if "linear" in getattr(npb, "OPS", {}) and "conv2d" in npb.OPS:
+            out.append(("numpy", npb.OPS))
+    except ImportError:
+        pass
+    out.append(("reference", ref.OPS))
+    return out
+
+
+# --------------------------------------------------------------------------- host emulation
+_EMU_PRELUDE = r"""
+#include <ucontext.h>
+#include <functional>
+#include <vector>
+#define GQ_HOST_EMU 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+struct gq_dim3 { unsigned x, y, z; };
+struct uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+
+namespace gqemu {
+const int kStack = 64 * 1024;
+struct Copy { unsigned char* dst; const signed char* src; bool valid; long group; };
+struct Fiber { ucontext_t ctx; gq_dim3 tid; bool done; std::vector<Copy> pending; long committed; };
+static Fiber F[1024];
+static std::vector<char> stacks;
+static int nthreads = 0, cur = 0, mode = 0;
+static ucontext_t sched;
+static gq_dim3 block_idx, grid_dim;
+static std::function<void()> body;
+static unsigned A_s[32][32][4], B_s[32][32][2];
+
+inline void barrier() { swapcontext(&F[cur].ctx, &sched); }
+static void entry() { body(); F[cur].done = true; swapcontext(&F[cur].ctx, &sched); }
+
+inline void do_copy(const Copy& c) {
+  for (int i = 0; i < 16; ++i) c.dst[i] = c.valid ? (unsigned char)c.src[i] : 0;
+}
+
+// Runs every block in turn; inside a block, each fiber runs to its next barrier in a pass.
+// Returns 0, -1 when threads leave while others wait at a barrier, -2 when cp.async copies
+// were never waited for.
+inline int launch(int gx, int gy, int gz, int nt) {
+  nthreads = nt;
+  stacks.assign((size_t)nt * kStack, 0);
+  grid_dim = {(unsigned)gx, (unsigned)gy, (unsigned)gz};
+  for (int bz = 0; bz < gz; ++bz)
+    for (int by = 0; by < gy; ++by)
+      for (int bx = 0; bx < gx; ++bx) {
+        block_idx = {(unsigned)bx, (unsigned)by, (unsigned)bz};
+        for (int t = 0; t < nt; ++t) {
+          getcontext(&F[t].ctx);
+          F[t].ctx.uc_stack.ss_sp = &stacks[(size_t)t * kStack];
+          F[t].ctx.uc_stack.ss_size = kStack;
+          F[t].ctx.uc_link = nullptr;
+          makecontext(&F[t].ctx, entry, 0);
+          F[t].tid = {(unsigned)t, 0u, 0u};
+          F[t].done = false;
+          F[t].pending.clear();
+          F[t].committed = 0;
+        }
+        for (;;) {
+          for (int t = 0; t < nt; ++t)
+            if (!F[t].done) { cur = t; swapcontext(&sched, &F[t].ctx); }
+          int ndone = 0;
+          for (int t = 0; t < nt; ++t) ndone += F[t].done;
+          if (ndone == nt) break;
+          if (ndone) return -1;
+        }
+        for (int t = 0; t < nt; ++t)
+          if (!F[t].pending.empty()) return -2;
+      }
+  return 0;
+}
+}  // namespace gqemu
+
+#define threadIdx (gqemu::F[gqemu::cur].tid)
+#define blockIdx (gqemu::block_idx)
+#define gridDim (gqemu::grid_dim)
+inline void __syncthreads() { gqemu::barrier(); }
+
+inline int __dp4a(int a, int b, int c) {
+  unsigned s = (unsigned)c;
+  for (int i = 0; i < 4; ++i)
+    s += (unsigned)((int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i)));
+  return (int)s;
+}
+
+inline void gq_emu_cp_async(unsigned char* dst, const signed char* src, bool valid) {
+  gqemu::Copy c{dst, src, valid, gqemu::F[gqemu::cur].committed};
+  if (gqemu::mode == 1) gqemu::do_copy(c); else gqemu::F[gqemu::cur].pending.push_back(c);
+}
+inline void gq_emu_commit() { gqemu::F[gqemu::cur].committed++; }
+inline void gq_emu_wait(int n) {
+  gqemu::Fiber& f = gqemu::F[gqemu::cur];
+  std::vector<gqemu::Copy> keep;
+  for (const auto& c : f.pending) {
+    if (c.group < f.committed - n) gqemu::do_copy(c); else keep.push_back(c);
+  }
+  f.pending.swap(keep);
+}
+
+static inline int gq_emu_byte(unsigned reg, int k) { return (int)(signed char)(reg >> (8 * (k & 3))); }
+
+// mma.sync m16n8k32 .row.col s32.s8.s8.s32, lane = 4 g + t (PTX ISA fragment tables):
+// A[r][k] in lane 4 (r % 8) + (k % 16) / 4, register (r >= 8) + 2 (k >= 16);
+// B[k][n] in lane 4 n + (k % 16) / 4, register (k >= 16); C[r][c] in lane 4 (r % 8) + c / 2,
+// register 2 (r >= 8) + c % 2.
+inline void gq_emu_mma_m16n8k32(int* c, const unsigned* a, const unsigned* b) {
+  const int tid = (int)threadIdx.x, w = tid / 32, lane = tid % 32;
+  for (int i = 0; i < 4; ++i) gqemu::A_s[w][lane][i] = a[i];
+  for (int i = 0; i < 2; ++i) gqemu::B_s[w][lane][i] = b[i];
+  gqemu::barrier();
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+    unsigned s = (unsigned)c[i];
+    for (int k = 0; k < 32; ++k) {
+      const int av = gq_emu_byte(gqemu::A_s[w][4 * (r & 7) + ((k & 15) >> 2)][(r >= 8) + 2 * (k >= 16)], k);
+      const int bv = gq_emu_byte(gqemu::B_s[w][4 * col + ((k & 15) >> 2)][k >= 16], k);
+      s += (unsigned)(av * bv);
+    }
+    c[i] = (int)s;
+  }
+  gqemu::barrier();
+}
+
+// mma.sync m8n8k16: A[r][k] in lane 4 r + k / 4; B[k][n] in lane 4 n + k / 4;
+// C[r][c] in lane 4 r + c / 2, register c % 2.
+inline void gq_emu_mma_m8n8k16(int* c, unsigned a, unsigned b) {
+  const int tid = (int)threadIdx.x, w = tid / 32, lane = tid % 32;
+  gqemu::A_s[w][lane][0] = a;
+  gqemu::B_s[w][lane][0] = b;
+  gqemu::barrier();
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 2; ++i) {
+    const int col = 2 * t + i;
+    unsigned s = (unsigned)c[i];
+    for (int k = 0; k < 16; ++k)
+      s += (unsigned)(gq_emu_byte(gqemu::A_s[w][4 * g + (k >> 2)][0], k) *
+                      gq_emu_byte(gqemu::B_s[w][4 * col + (k >> 2)][0], k));
+    c[i] = (int)s;
+  }
+  gqemu::barrier();
+}
+"""
+
+_EMU_ENTRY = r"""
+#include GQ_KERNEL_FILE
+extern "C" __attribute__((visibility("default"))) int gq_emu_run(int gx, int gy, int gz, int mode, void** p, const int* iv) {
+  gqemu::mode = mode;
+  gqemu::body = [=] {
+    GQ_KERNEL((const signed char*)p[0], (const signed char*)p[1], (const gq_i64*)p[2],
+              (const int*)p[3], (const int*)p[4], (unsigned char*)p[5], GQ_INT_ARGS);
+  };
+  return gqemu::launch(gx, gy, gz, 256);
+}
+"""
+_GEMM_INTS = ",".join(f"iv[{i}]" for i in range(7))
+_CONV_INTS = ",".join(f"iv[{i}]" for i in range(21))
+
+
+@pytest.fixture(scope="module")
+def emu_build(tmp_path_factory):
+    """Compiles kernels/<family>_<tier>.cu for the host on first use; returns a loader."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++) to build the kernel emulation")
+    d = tmp_path_factory.mktemp("cupy_emu")
+    (d / "emu_prelude.h").write_text(_EMU_PRELUDE)
+    libs = {}
+
+    def get(family, tier):
+        key = (family, tier)
+        if key not in libs:
+            src = d / f"emu_{family}_{tier}.cpp"
+            src.write_text('#include "emu_prelude.h"\n' + _EMU_ENTRY)
+            so = d / f"emu_{family}_{tier}.so"
+            cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-w",
+                   # each library keeps its own shared-memory statics (no GNU unique symbols
+                   # merging the tiers' differently sized As / Bs arrays across libraries)
+                   "-fvisibility=hidden", "-fno-gnu-unique", f"-I{d}",
+                   f"-I{loader.kernels_dir()}",
+                   f'-DGQ_KERNEL_FILE="{loader.kernel_file(family, tier)}"',
+                   f"-DGQ_KERNEL=gq_{family}_{tier}",
+                   f"-DGQ_INT_ARGS={_CONV_INTS if family == 'conv' else _GEMM_INTS}",
+                   str(src), "-o", str(so)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-4000:]
+            lib = ctypes.CDLL(str(so))
+            lib.gq_emu_run.restype = ctypes.c_int
+            libs[key] = lib
+        return libs[key]
+    return get
+
+
+def emu_execute(get_lib, plan: launch.Launch, mode: int) -> torch.Tensor:
+    """Run a launch plan (CPU tensors) through the host emulation of its kernel."""
+    if plan.empty:
+        return plan.finish(plan.out)
+    lib = get_lib(plan.family, plan.tier)
+    tensors = [a for a in plan.args if isinstance(a, torch.Tensor)]
+    ints = [int(a) for a in plan.args if not isinstance(a, torch.Tensor)]
+    assert len(tensors) == 6
+    ptrs = (ctypes.c_void_p * 6)(*[t.data_ptr() for t in tensors])
+    iv = (ctypes.c_int * len(ints))(*ints)
+    gx, gy, gz = plan.grid
+    assert plan.block == (256, 1, 1)
+    rc = lib.gq_emu_run(gx, gy, gz, mode, ptrs, iv)
+    assert rc == 0, f"emulated kernel failed: rc={rc} (-1 barrier divergence, -2 cp.async left)"
+    return plan.finish(plan.out)
+
+
+def _poison(plan):
+    plan.out.fill_(0x5A)
+
+
+def _check(got, x, x_zp, w, bias, rq, conv_args=None):
+    for name, ops in _oracles():
+        if conv_args is None:
+            want = ops["linear"](x, x_zp, w, bias, rq)
+        else:
+            want = ops["conv2d"](x, x_zp, w, bias, *conv_args, rq)
+        assert got.shape == want.shape, (name, got.shape, want.shape)
+        assert got.dtype == want.dtype, (name, got.dtype, want.dtype)
+        assert torch.equal(got, want), (
+            f"differs from {name}: {(got != want).sum().item()} of {got.numel()} bytes")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.int8, "qint8"), (torch.uint8, "quint8")])
+def test_emulated_linear_matches_oracle(emu_build, tier, x_dtype, out_dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{tier}{x_dtype}".encode()))
+    for i, (lead, k, n) in enumerate(LINEAR_CASES):
+        regime = SCALES[i % len(SCALES)]
+        x, x_zp, w, bias, rq = make_linear(lead, k, n, x_dtype, out_dtype, regime, gen,
+                                           activation=("none", "relu", "relu6")[i % 3])
+        plan = launch.plan_linear(x, x_zp, w, None if i == 1 else bias, rq, tier)
+        _poison(plan)
+        mode = i % 2 if tier in ("mma80", "sm90") else 0
+        got = emu_execute(emu_build, plan, mode)
+        _check(got, x, x_zp, w, None if i == 1 else bias, rq)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.int8, "qint8"), (torch.uint8, "quint8")])
+def test_emulated_conv_matches_oracle(emu_build, tier, x_dtype, out_dtype):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"conv{tier}{x_dtype}".encode()))
+    for i, case in enumerate(CONV_CASES):
+        regime = SCALES[i % len(SCALES)]
+        x, x_zp, w, bias, conv_args, rq = make_conv(case, x_dtype, out_dtype, regime, gen,
+                                                    activation=("none", "relu6", "relu")[i % 3])
+        plan = launch.plan_conv2d(x, x_zp, w, bias, *conv_args, rq, tier)
+        _poison(plan)
+        got = emu_execute(emu_build, plan, mode=(i + 1) % 2)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        _check(got, x, x_zp, w, bias, rq, conv_args)
+
+
+def test_emulated_conv_pads_with_the_zero_point(emu_build):
+    """Every output reads padding: the pad value must be x's zero point (contributing 0)."""
+    gen = torch.Generator().manual_seed(7)
+    case = (1, 16, 2, 2, 16, (5, 5), 1, 3, 1, 1)
+    for tier in ("dp4a", "mma80"):
+        x, x_zp, w, bias, conv_args, rq = make_conv(case, torch.uint8, "quint8", "normal", gen)
+        x_zp = 200
+        plan = launch.plan_conv2d(x, x_zp, w, bias, *conv_args, rq, tier)
+        _poison(plan)
+        _check(emu_execute(emu_build, plan, 0), x, x_zp, w, bias, rq, conv_args)
+
+
+def test_plans_choose_kernels_and_padding():
+    gen = torch.Generator().manual_seed(3)
+    x, x_zp, w, bias, rq = make_linear((5,), 27, 3, torch.uint8, "quint8", "normal", gen)
+    p = launch.plan_linear(x, x_zp, w, bias, rq, "mma80")
+    assert (p.family, p.tier) == ("gemm", "mma80")
+    assert p.args[8] == 32 and p.args[0].shape == (5, 32)    # K padded to a multiple of 16
+    assert p.args[9] == -2139062144                           # uint8: x ^ 0x80
+    p = launch.plan_linear(x, x_zp, w, bias, rq, "dp4a")
+    assert p.args[8] == 27 and p.grid == (1, 1, 1)
+    case = (1, 8, 7, 7, 8, (3, 3), 1, 1, 1, 8)                 # depthwise
+    x, x_zp, w, bias, conv_args, rq = make_conv(case, torch.int8, "qint8", "normal", gen)
+    assert launch.plan_conv2d(x, x_zp, w, bias, *conv_args, rq, "mma80").tier == "dp4a"
+    case = (1, 3, 7, 7, 8, (3, 3), 1, 1, 1, 1)
+    x, x_zp, w, bias, conv_args, rq = make_conv(case, torch.int8, "qint8", "normal", gen)
+    p = launch.plan_conv2d(x, x_zp, w, bias, *conv_args, rq, "sm90")
+    assert p.tier == "sm90" and p.args[16] == 16 and p.args[8] == 9 * 16   # cg padded
+
+
+def test_plan_rejects_bad_inputs():
+    gen = torch.Generator().manual_seed(4)
+    x, x_zp, w, bias, rq = make_linear((5,), 16, 3, torch.int8, "qint8", "normal", gen)
+    with pytest.raises(TypeError, match="int8 or torch.uint8"):
+        launch.plan_linear(x.to(torch.int32), x_zp, w, bias, rq, "dp4a")
+    case = (1, 16, 4, 4, 8, (3, 3), 1, 1, 1, 1)
+    x, x_zp, w, bias, conv_args, rq = make_conv(case, torch.int8, "qint8", "normal", gen)
+    with pytest.raises(ValueError, match="padding"):
+        launch.plan_conv2d(x, x_zp, w, bias, 1, "same", 1, 1, rq, "dp4a")
+    with pytest.raises(ValueError, match="output would be empty"):
+        launch.plan_conv2d(x, x_zp, w, bias, 1, 0, 3, 1, rq, "dp4a")
+
+
+# --------------------------------------------------------------------------- real GPU
+def _gpu_tiers():
+    if not torch.cuda.is_available():
+        return list(TIERS)
+    cap = torch.cuda.get_device_capability()
+    return [t for t in TIERS if cap >= dispatch.TIER_MIN_CAPABILITY[t]]
+
+
+@pytest.fixture
+def cupy_backend():
+    from gpuquant.backends import registry
+    try:
+        return registry.get_backend("cupy")
+    except ValueError as e:
+        pytest.skip(f"cupy backend cannot run here: {e}")
+
+
+def _gpu_oracle():
+    for name, ops in _oracles():
+        if name == "numpy":
+            return ops
+    return ref.OPS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tier", _gpu_tiers())
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.int8, "qint8"), (torch.uint8, "quint8"),
+                                               (torch.uint8, "qint8")])
+def test_gpu_linear_byte_identical(cupy_backend, monkeypatch, tier, x_dtype, out_dtype):
+    monkeypatch.setenv(dispatch.ENV_VAR, tier)
+    gen = torch.Generator().manual_seed(11)
+    oracle = _gpu_oracle()
+    shapes = LINEAR_CASES + [((1,), 4096, 1000), ((257,), 2048, 77), ((1000,), 1, 3),
+                             ((513,), 768, 3072)]
+    for i, (lead, k, n) in enumerate(shapes):
+        x, x_zp, w, bias, rq = make_linear(lead, k, n, x_dtype, out_dtype, SCALES[i % 3], gen,
+                                           activation=("none", "relu", "relu6")[i % 3])
+        want = oracle["linear"](x, x_zp, w, bias, rq)
+        got = cupy_backend.OPS["linear"](x.cuda(), x_zp, w.cuda(), bias.cuda(), rq.to("cuda"))
+        torch.cuda.synchronize()
+        assert torch.equal(got.cpu(), want), (tier, lead, k, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tier", _gpu_tiers())
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.int8, "qint8"), (torch.uint8, "quint8")])
+def test_gpu_conv_byte_identical(cupy_backend, monkeypatch, tier, x_dtype, out_dtype):
+    monkeypatch.setenv(dispatch.ENV_VAR, tier)
+    gen = torch.Generator().manual_seed(12)
+    oracle = _gpu_oracle()
+    cases = CONV_CASES + [(4, 64, 28, 28, 96, (3, 3), 1, 1, 1, 1),
+                          (2, 3, 57, 45, 32, (7, 7), 2, 3, 1, 1),
+                          (3, 96, 14, 14, 96, (3, 3), 2, 1, 1, 96),
+                          (1, 128, 9, 9, 64, (3, 3), 1, 2, 2, 4)]
+    for i, case in enumerate(cases):
+        x, x_zp, w, bias, conv_args, rq = make_conv(case, x_dtype, out_dtype, SCALES[i % 3], gen,
+                                                    activation=("none", "relu6", "relu")[i % 3])
+        want = oracle["conv2d"](x, x_zp, w, bias, *conv_args, rq)
+        got = cupy_backend.OPS["conv2d"](x.cuda(), x_zp, w.cuda(), bias.cuda(), *conv_args,
+                                         rq.to("cuda"))
+        torch.cuda.synchronize()
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got.cpu(), want), (tier, case)
+
+
+@pytest.mark.gpu
+def test_gpu_default_tier_and_forced_tier_errors(cupy_backend, monkeypatch):
+    from gpuquant.backends.cupy import tier_for
+    cap = torch.cuda.get_device_capability()
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert tier_for("cuda") == dispatch.default_tier(cap)
+    too_new = [t for t in TIERS if cap < dispatch.TIER_MIN_CAPABILITY[t]]
+    for t in too_new:
+        monkeypatch.setenv(dispatch.ENV_VAR, t)
+        with pytest.raises(ValueError, match=t):
+            tier_for("cuda")
