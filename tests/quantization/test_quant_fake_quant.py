@@ -138,10 +138,10 @@ def test_lsq_learns_a_better_step_size():
     for _ in range(60):
         opt.zero_grad()
         loss = ((lsq(x) - x) ** 2).mean()
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         loss.backward()
         opt.step()
-    final = float(((lsq(x) - x) ** 2).mean())
+    final = ((lsq(x) - x) ** 2).mean().item()
     assert final < 0.6 * first, (first, final)
 
 
@@ -235,12 +235,12 @@ def test_tqt_training_moves_threshold_to_a_good_clip():
     tqt(x, QParams(gpuquant.qint4, 40.0 / 8, 0))  # far too wide: amax 40, t = 64
     assert float(tqt.log2_t.detach()) == pytest.approx(math.log2(40.0), rel=1e-6)
     opt = torch.optim.Adam(tqt.parameters(), lr=0.1)
-    start = float(((tqt(x) - x) ** 2).mean())
+    start = ((tqt(x) - x) ** 2).mean().item()
     for _ in range(80):
         opt.zero_grad()
         ((tqt(x) - x) ** 2).mean().backward()
         opt.step()
-    end = float(((tqt(x) - x) ** 2).mean())
+    end = ((tqt(x) - x) ** 2).mean().item()
     t = 2.0 ** math.ceil(float(tqt.log2_t.detach()))
     assert end < 0.2 * start, (start, end)
     assert 2.0 <= t <= 8.0, t  # 4-bit N(0,1): the best power-of-two thresholds are 2..4
