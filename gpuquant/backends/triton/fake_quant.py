@@ -496,6 +496,8 @@ OPS = {"fake_quant": fake_quant}
 
 # the other QAT kernel families of this backend, merged here (they import this module)
 from . import lsq as _lsq  # noqa: E402
+from . import observer as _observer  # noqa: E402
 
-OPS.update(_lsq.OPS)
-KERNELS.update(_lsq.KERNELS)
+for _fam in (_lsq, _observer):
+    OPS.update(_fam.OPS)
+    KERNELS.update(_fam.KERNELS)

@@ -1,0 +1,285 @@
+"""Fused observer + fake-quant for QAT (Triton): op ``observe_fake_quant``.
+
+``observe_fake_quant(x, observer, fake_quant) -> y or None``
+    Records ``x`` in ``observer`` and fake-quantizes it with the qparams that result, leaving
+    the observer's state, its qparams and ``y`` exactly as
+    ``fake_quant(observer(x), observer.get_qparams())`` would (the definition in
+    :func:`gpuquant.quantization.fake_quant.apply_fake_quant_with_observer`). Returns None for
+    pairs it does not handle (the caller then runs the definition): handled are an enabled
+    :class:`MinMaxObserver` / :class:`ExponentialMovingAverageObserver` (and their Sync
+    variants), per-tensor or per-channel, with an enabled plain :class:`FakeQuantize` of the
+    same dtype.
+
+Passes (no host synchronisation when the observer has ``check_finite=False``):
+
+1. ``_minmax_partial_kernel``: one read of ``x``: per (row split, channel) minimum and
+   maximum (NaN counts as -inf / +inf, as the observer maps it), any axis and layout
+   (rows x channels tiles, :func:`.fake_quant.row_plan`).
+2. ``_observer_update_kernel``: one tiny program: reduces the partials, checks finiteness,
+   applies the MinMax or moving-average update to the observer's ``min_val`` / ``max_val``
+   buffers in place, and computes scale and zero point with ``torch.ao``'s formulas, each
+   operation rounded as the torch code rounds it (fusion off, ``div_rn``), so the qparams
+   are bit-identical to the unfused observer's.
+3. the fake_quant kernel of :mod:`.fake_quant` (reads the new qparams from the device).
+
+Memory traffic: read x twice, write y (+ the 1/8-byte-an-element mask when a gradient is
+needed): the minimum for "observe, then quantize with the result" (the qparams of a batch
+depend on all of it). Sync observers (distributed) run their all_reduce between 1 and 2; an
+observer with ``check_finite=True`` does its one host read (the raise on NaN / Inf) there too.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .fake_quant import (_LAUNCH, _FLOATS, FakeQuantFunction, _npow2, _rne, _row_offsets,
+                         as_rows, row_plan)
+
+__all__ = ["observe_fake_quant", "observer_step", "OPS", "KERNELS"]
+
+_EPS = float(torch.finfo(torch.float32).eps)
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _minmax_partial_kernel(
+    # pointers: x (any float dtype), part f32 (2, split, C): [0] minima, [1] maxima
+    x_ptr, part_ptr,
+    # row plan (see fake_quant.RowPlan)
+    rows, inner, s_o, s_i, C, s_c, n_iter, split,
+    # meta
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cb = tl.program_id(0)
+    sp = tl.program_id(1)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    coff = (c.to(tl.int64) * s_c)[None, :]
+    vmin = tl.full((BLOCK_R, BLOCK_C), float("inf"), tl.float32)
+    vmax = tl.full((BLOCK_R, BLOCK_C), float("-inf"), tl.float32)
+    for it in range(0, n_iter):
+        roff, rm = _row_offsets(sp * n_iter + it, rows, inner, s_o, s_i, BLOCK_R)
+        m = rm[:, None] & cm[None, :]
+        x = tl.load(x_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
+        nan = x != x
+        vmin = tl.minimum(vmin, tl.where(m, tl.where(nan, float("-inf"), x), float("inf")))
+        vmax = tl.maximum(vmax, tl.where(m, tl.where(nan, float("inf"), x), float("-inf")))
+    base = sp.to(tl.int64) * C + c
+    tl.store(part_ptr + base, tl.min(vmin, axis=0), mask=cm)
+    tl.store(part_ptr + split * C + base, tl.max(vmax, axis=0), mask=cm)
+
+
+@triton.jit
+def _observer_update_kernel(
+    # pointers
+    part_ptr, mn_ptr, mx_ptr, ok_ptr, min_ptr, max_ptr, scale_ptr, zp_ptr, bad_ptr,
+    # sizes
+    split, C,
+    # observer constants (float32)
+    c_ema, eps, qmin, qmax, half_range, zp_sym,
+    # meta
+    FROM_PARTIALS: tl.constexpr, HAVE_OK: tl.constexpr, EMA: tl.constexpr,
+    SYMMETRIC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program. Batch min/max from the partials (FROM_PARTIALS) or from ``mn``/``mx``;
+    ``ok`` (u8) given (HAVE_OK) or computed, and then ``bad[0] += any(!ok)`` (i64);
+    ``min``/``max`` (f32, C) updated in place; ``scale`` (f32) and ``zp`` (i32) written."""
+    INF: tl.constexpr = float("inf")
+    bad = tl.zeros((BLOCK_C,), dtype=tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        if FROM_PARTIALS:
+            vmin = tl.full((BLOCK_S, BLOCK_C), INF, tl.float32)
+            vmax = tl.full((BLOCK_S, BLOCK_C), -INF, tl.float32)
+            for s0 in range(0, split, BLOCK_S):
+                sp = s0 + tl.arange(0, BLOCK_S)
+                m = (sp < split)[:, None] & cm[None, :]
+                off = sp.to(tl.int64)[:, None] * C + c[None, :]
+                vmin = tl.minimum(vmin, tl.load(part_ptr + off, mask=m, other=INF))
+                vmax = tl.maximum(vmax, tl.load(part_ptr + split * C + off, mask=m, other=-INF))
+            mn = tl.min(vmin, axis=0)
+            mx = tl.max(vmax, axis=0)
+        else:
+            mn = tl.load(mn_ptr + c, mask=cm, other=0.0)
+            mx = tl.load(mx_ptr + c, mask=cm, other=0.0)
+        if HAVE_OK:
+            ok = tl.load(ok_ptr + c, mask=cm, other=0) != 0
+        else:
+            ok = (tl.abs(mn) < INF) & (tl.abs(mx) < INF)
+            bad = tl.maximum(bad, (cm & ~ok).to(tl.int32))
+        old_min = tl.load(min_ptr + c, mask=cm, other=0.0)
+        old_max = tl.load(max_ptr + c, mask=cm, other=0.0)
+        if EMA:
+            fresh = ~((tl.abs(old_min) < INF) & (tl.abs(old_max) < INF))
+            new_min = tl.where(fresh, mn, old_min + c_ema * (mn - old_min))
+            new_max = tl.where(fresh, mx, old_max + c_ema * (mx - old_max))
+        else:
+            new_min = tl.minimum(mn, old_min)
+            new_max = tl.maximum(mx, old_max)
+        new_min = tl.where(ok, new_min, old_min)
+        new_max = tl.where(ok, new_max, old_max)
+        tl.store(min_ptr + c, new_min, mask=cm)
+        tl.store(max_ptr + c, new_max, mask=cm)
+        # torch.ao's _calculate_qparams, operation by operation
+        min_neg = tl.minimum(new_min, 0.0)
+        max_pos = tl.maximum(new_max, 0.0)
+        if SYMMETRIC:
+            max_pos = tl.maximum(-min_neg, max_pos)
+            scale = tl.maximum(tl.math.div_rn(max_pos, half_range), eps)
+            zp = scale * 0.0 + zp_sym
+        else:
+            scale = tl.maximum(tl.math.div_rn(max_pos - min_neg, qmax - qmin), eps)
+            zp = qmin - _rne(tl.math.div_rn(min_neg, scale))
+            zp = tl.minimum(tl.maximum(zp, qmin), qmax)
+        tl.store(scale_ptr + c, scale, mask=cm)
+        tl.store(zp_ptr + c, zp.to(tl.int32), mask=cm)
+    if not HAVE_OK:
+        tl.store(bad_ptr, tl.load(bad_ptr) + tl.max(bad, axis=0).to(tl.int64))
+
+
+@triton.jit
+def _minmax_reduce_kernel(
+    # pointers: part f32 (2, split, C) -> mn, mx f32 (C,)
+    part_ptr, mn_ptr, mx_ptr,
+    # sizes
+    split, C,
+    # meta
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Second stage for observers with hooks (Sync all_reduce, finiteness check) between
+    the batch min/max and the update."""
+    INF: tl.constexpr = float("inf")
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    vmin = tl.full((BLOCK_S, BLOCK_C), INF, tl.float32)
+    vmax = tl.full((BLOCK_S, BLOCK_C), -INF, tl.float32)
+    for s0 in range(0, split, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        m = (sp < split)[:, None] & cm[None, :]
+        off = sp.to(tl.int64)[:, None] * C + c[None, :]
+        vmin = tl.minimum(vmin, tl.load(part_ptr + off, mask=m, other=INF))
+        vmax = tl.maximum(vmax, tl.load(part_ptr + split * C + off, mask=m, other=-INF))
+    tl.store(mn_ptr + c, tl.min(vmin, axis=0), mask=cm)
+    tl.store(mx_ptr + c, tl.max(vmax, axis=0), mask=cm)
+
+
+# --------------------------------------------------------------------------- launchers
+def _supported_observer(observer) -> Optional[bool]:
+    """True (EMA), False (MinMax) for the observer classes this path reproduces, else None."""
+    from ...quantization import observer as obs_mod
+    if not isinstance(observer, obs_mod.MinMaxObserver) and \
+            not isinstance(observer, obs_mod.ExponentialMovingAverageObserver):
+        return None
+    # exactly these classes: a subclass may override the update or the qparams
+    if type(observer) not in (obs_mod.MinMaxObserver, obs_mod.ExponentialMovingAverageObserver,
+                   obs_mod.SyncMinMaxObserver, obs_mod.SyncExponentialMovingAverageObserver):
+        return None
+    return isinstance(observer, obs_mod.ExponentialMovingAverageObserver)
+
+
+def _plain_reduce(observer) -> bool:
+    """Whether the observer's ``_reduce`` hook is a no-op here (not distributed)."""
+    from ...quantization import observer as obs_mod
+    if type(observer)._reduce is obs_mod.Observer._reduce:
+        return True
+    return obs_mod._dist_world(getattr(observer, "group", None)) <= 1
+
+
+def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Optional[int] = None,
+                  tile: int = 2048):
+    """Record ``x`` (dense, :func:`as_rows`-shaped) in a supported ``observer`` and return its
+    new (scale, zero_point) device tensors. Raises what the observer raises (NaN / Inf with
+    ``check_finite``, channel-count mismatch) before touching its state."""
+    ema = _supported_observer(observer)
+    d = observer.dtype
+    plan = row_plan(x, axis, tile=tile, programs=programs)
+    dev = x.device
+    part = torch.empty((2, plan.split, plan.C), dtype=torch.float32, device=dev)
+    _minmax_partial_kernel[(triton.cdiv(plan.C, plan.block_c), plan.split)](
+        x, part, plan.rows, plan.inner, plan.s_o, plan.s_i, plan.C, plan.s_c, plan.n_iter,
+        plan.split, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=4, **_LAUNCH)
+    per_channel = axis is not None
+    shape = (plan.C,) if per_channel else ()
+    if per_channel:
+        observer._prepare_state(torch.empty(shape, dtype=torch.float32, device=dev))
+    if observer.min_val.device != dev:
+        raise ValueError(f"{observer._name()}: state is on {observer.min_val.device} but the "
+                         f"input is on {dev}; move the observer with .to()")
+    fused = not observer.check_finite and _plain_reduce(observer)
+    block_c = min(_npow2(plan.C), 256)
+    block_s = max(1, min(_npow2(plan.split), 2048 // block_c))
+    if fused:
+        mn = mx = ok = part  # unused pointers
+    else:
+        mn = torch.empty(shape, dtype=torch.float32, device=dev)
+        mx = torch.empty(shape, dtype=torch.float32, device=dev)
+        _minmax_reduce_kernel[(triton.cdiv(plan.C, block_c),)](
+            part, mn, mx, plan.split, plan.C, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
+            **_LAUNCH)
+        mn, mx = observer._reduce(mn, mx)
+        ok = observer._finite_mask(mn, mx).to(torch.uint8)  # raises on NaN/Inf if asked
+    scale = torch.empty(shape, dtype=torch.float32, device=dev)
+    zp = torch.empty(shape, dtype=torch.int32, device=dev)
+    c_ema = 1.0 - observer.momentum if ema else 0.0
+    zp_sym = 0 if d.signed else (d.qmax + d.qmin + 1) // 2
+    _observer_update_kernel[(1,)](
+        part, mn, mx, ok, observer.min_val, observer.max_val, scale, zp,
+        observer.nonfinite_batches, plan.split, plan.C,
+        c_ema, _EPS, float(d.qmin), float(d.qmax), float(d.qmax - d.qmin) / 2, float(zp_sym),
+        FROM_PARTIALS=fused, HAVE_OK=not fused, EMA=ema, SYMMETRIC=observer.symmetric,
+        BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4, **_LAUNCH)
+    observer._observed = True
+    return scale, zp
+
+
+def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, programs: Optional[int] = None,
+                       tile: int = 2048) -> Optional[torch.Tensor]:
+    """Observe, then fake-quantize with the observer's new qparams, in three kernels.
+
+    Args:
+        x: float32 / float16 / bfloat16 tensor on this backend's device.
+        observer: the observer of the QConfig (may be None).
+        fake_quant: the fake-quant module (may be None).
+        programs, tile: reduction partition (tests; defaults from the device).
+
+    Returns:
+        ``y`` (differentiable in ``x``, STE) or None where this pair is not handled.
+
+    Raises:
+        ValueError: what the observer raises (NaN / Inf input with ``check_finite``, a channel
+            count that differs from its state, axis out of range).
+    """
+    from ...quantization.fake_quant import FakeQuantize
+    if observer is None or fake_quant is None or not isinstance(x, torch.Tensor):
+        return None
+    if type(fake_quant) is not FakeQuantize or not fake_quant.enabled or not observer.enabled:
+        return None
+    if _supported_observer(observer) is None or observer.dtype != fake_quant.dtype:
+        return None
+    if x.dtype not in _FLOATS or x.numel() == 0:
+        return None
+    axis = observer._resolve_axis(x)
+    d = observer.dtype
+    xr = as_rows(x, axis)
+    with torch.no_grad():
+        scale, zp = observer_step(xr.detach(), observer, axis, programs, tile)
+    if axis is not None and x.shape[axis] == 1:
+        scale, zp, axis = scale.reshape(()), zp.reshape(()), None
+    return FakeQuantFunction.apply(xr, scale, zp, d.qmin, d.qmax, axis)
+
+
+KERNELS = {
+    "_minmax_partial_kernel": (_minmax_partial_kernel, [
+        dict(BLOCK_R=2048, BLOCK_C=1), dict(BLOCK_R=32, BLOCK_C=64)]),
+    "_observer_update_kernel": (_observer_update_kernel, [
+        dict(FROM_PARTIALS=fp, HAVE_OK=not fp, EMA=e, SYMMETRIC=s, BLOCK_S=8, BLOCK_C=256)
+        for fp in (False, True) for e in (False, True) for s in (False, True)]),
+    "_minmax_reduce_kernel": (_minmax_reduce_kernel, [dict(BLOCK_S=8, BLOCK_C=256)]),
+}
+
+OPS = {"observe_fake_quant": observe_fake_quant}

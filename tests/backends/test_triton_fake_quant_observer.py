@@ -1,0 +1,145 @@
+"""Fused observer + fake-quant (triton op observe_fake_quant) against the unfused definition
+(observer(x), then FakeQuantize with observer.get_qparams()): the observer's buffers, its
+qparams and the output are bit-identical, batch after batch."""
+import copy
+
+import pytest
+import torch
+
+import gpuquant
+import gpuquant.backends as backends
+from gpuquant.backends.triton import observer as tobs
+from gpuquant.quantization import fake_quant as qfq
+from gpuquant.quantization import observer as qobs
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf - inf, discarded
+
+OBSERVERS = [
+    (qobs.MinMaxObserver, {}),
+    (qobs.ExponentialMovingAverageObserver, {"momentum": 0.9}),
+    (qobs.SyncExponentialMovingAverageObserver, {"momentum": 0.7}),
+]
+LAYOUTS = [
+    ((5, 33), None, None),
+    ((3, 13, 4, 5), 1, torch.channels_last),
+    ((9, 4, 3, 3), 0, None),
+    ((4, 6, 7), -1, None),
+]
+
+
+def assert_same_state(a, b):
+    for name in ("min_val", "max_val", "nonfinite_batches"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    qa, qb = a.get_qparams(), b.get_qparams()
+    assert torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero_point, qb.zero_point)
+    assert qa.scale.dtype == torch.float32 and qa.zero_point.dtype == torch.int32
+
+
+MM, EMA, SEMA = OBSERVERS
+CASES = [  # observer, layout, (dtype, symmetric), check_finite: each piece in several cases
+    (MM, LAYOUTS[0], (gpuquant.qint8, True), False),
+    (MM, LAYOUTS[1], (gpuquant.quint8, False), True),
+    (MM, LAYOUTS[2], (gpuquant.qint4, False), False),
+    (MM, LAYOUTS[3], (gpuquant.quint4, True), False),
+    (EMA, LAYOUTS[0], (gpuquant.quint8, False), True),
+    (EMA, LAYOUTS[1], (gpuquant.qint8, True), False),
+    (EMA, LAYOUTS[2], (gpuquant.quint4, True), False),
+    (EMA, LAYOUTS[3], (gpuquant.qint8_narrow, False), True),
+    (SEMA, LAYOUTS[1], (gpuquant.quint8, False), False),
+    (SEMA, LAYOUTS[2], (gpuquant.qint8, True), True),
+]
+
+
+@pytest.mark.parametrize("obs,layout,dsym,check_finite", CASES,
+                         ids=[f"{c[0][0].__name__}-{c[1][1]}-{c[2][0].name}-{c[2][1]}-{c[3]}"
+                              for c in CASES])
+def test_fused_matches_unfused(obs, layout, dsym, check_finite):
+    (cls, kw), (shape, axis, fmt), (d, sym) = obs, layout, dsym
+    fused = cls(dtype=d, symmetric=sym, axis=axis, check_finite=check_finite, **kw).to(DEV)
+    ref, fq = copy.deepcopy(fused), qfq.FakeQuantize(d)
+    for it in range(3):
+        x = torch.randn(shape, device=DEV) * (1 + it) + 0.4 * it
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = tobs.observe_fake_quant(xa, fused, fq, programs=3, tile=64)
+        yr = qfq.apply_fake_quant_with_observer(xb, fq, ref)  # the definition
+        assert y is not None
+        assert torch.equal(y, yr)
+        assert_same_state(fused, ref)
+        g = torch.randn(shape, device=DEV)
+        y.backward(g)
+        yr.backward(g)
+        assert torch.equal(xa.grad, xb.grad)
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+def test_half_inputs(dt):
+    d = gpuquant.quint8
+    fused = qobs.ExponentialMovingAverageObserver(0.8, d, symmetric=False, axis=1,
+                                                  check_finite=False).to(DEV)
+    ref, fq = copy.deepcopy(fused), qfq.FakeQuantize(d)
+    for it in range(2):
+        x = (torch.randn(2, 5, 3, 4, device=DEV) * 3).to(dt).contiguous(memory_format=torch.channels_last)
+        y = tobs.observe_fake_quant(x, fused, fq, programs=2, tile=32)
+        yr = qfq.apply_fake_quant_with_observer(x, fq, ref)
+        assert y.dtype == dt and torch.equal(y, yr)
+        assert_same_state(fused, ref)
+
+
+def test_nonfinite_batches_dropped_on_device():
+    d = gpuquant.qint8
+    for axis in (None, 0):
+        fused = qobs.ExponentialMovingAverageObserver(0.9, d, axis=axis, check_finite=False).to(DEV)
+        ref, fq = copy.deepcopy(fused), qfq.FakeQuantize(d)
+        xs = [torch.randn(4, 9, device=DEV) for _ in range(3)]
+        xs[1][2, 3] = float("nan")
+        xs[2][1, 1] = float("inf")
+        for x in xs:
+            y = tobs.observe_fake_quant(x, fused, fq)
+            yr = qfq.apply_fake_quant_with_observer(x, fq, ref)
+            assert torch.equal(y.isnan(), yr.isnan()) and torch.equal(y.nan_to_num(), yr.nan_to_num())
+            assert_same_state(fused, ref)
+        assert int(fused.nonfinite_batches) == 2
+
+
+def test_check_finite_raises_and_keeps_state():
+    d = gpuquant.qint8
+    obs = qobs.MinMaxObserver(d, axis=None).to(DEV)  # check_finite=True: the one host read
+    fq = qfq.FakeQuantize(d)
+    tobs.observe_fake_quant(torch.randn(3, 4, device=DEV), obs, fq)
+    before = (obs.min_val.clone(), obs.max_val.clone())
+    bad = torch.randn(3, 4, device=DEV)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tobs.observe_fake_quant(bad, obs, fq)
+    assert torch.equal(obs.min_val, before[0]) and torch.equal(obs.max_val, before[1])
+
+
+def test_unsupported_pairs_return_none():
+    d = gpuquant.qint8
+    x = torch.randn(3, 4, device=DEV)
+    obs = qobs.MinMaxObserver(d).to(DEV)
+    assert tobs.observe_fake_quant(x, obs, qfq.FakeQuantize(gpuquant.quint8)) is None
+    assert tobs.observe_fake_quant(x, qobs.HistogramObserver(d), qfq.FakeQuantize(d)) is None
+    assert tobs.observe_fake_quant(x, obs, qfq.LSQ(d)) is None
+    assert tobs.observe_fake_quant(x, obs, qfq.FakeQuantize(d).disable()) is None
+    assert tobs.observe_fake_quant(x, copy.deepcopy(obs).disable(), qfq.FakeQuantize(d)) is None
+    assert tobs.observe_fake_quant(x, None, qfq.FakeQuantize(d)) is None
+    assert not obs.has_observed  # nothing recorded by a refused call
+
+
+def test_channel_count_mismatch_raises():
+    d = gpuquant.qint8
+    obs = qobs.MinMaxObserver(d, axis=0, check_finite=False).to(DEV)
+    fq = qfq.FakeQuantize(d)
+    tobs.observe_fake_quant(torch.randn(5, 3, device=DEV), obs, fq)
+    with pytest.raises(ValueError, match="channels"):
+        tobs.observe_fake_quant(torch.randn(6, 3, device=DEV), obs, fq)
+
+
+def test_registered_as_backend_op():
+    with backends.use("triton"):
+        assert backends.find_op("observe_fake_quant", torch.empty(1, device=DEV)) is \
+            tobs.observe_fake_quant
