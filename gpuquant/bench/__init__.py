@@ -56,6 +56,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
+import platform
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -82,7 +83,9 @@ def environment(device: str, command: str) -> Dict[str, Any]:
     return {"device": device_name(device), "torch": torch.__version__,
             "triton": _version("triton"), "cupy": _version("cupy"), "gpuquant": __version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command}
+            "command": command,
+            "host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                     "python": platform.python_version(), "machine": platform.machine()}}
 
 
 def _log(msg: str) -> None:

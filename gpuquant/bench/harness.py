@@ -49,7 +49,7 @@ __all__ = ["Suite", "Case", "Provider", "ProviderUnavailable", "Timing", "RunCon
 #: The keys of every result row, in order (contract section 3).
 ROW_FIELDS = ("suite", "case", "provider", "params", "median_ms", "p20_ms", "p80_ms",
               "throughput", "unit", "exact_vs_numpy")
-#: The keys every results file starts with (contract section 3); gpuquant adds ``suite``,
+#: The keys every results file starts with (contract section 3); gpuquant adds ``host``, ``suite``,
 #: ``baseline``, ``quick`` and ``ceilings`` after them.
 HEADER_FIELDS = ("device", "torch", "triton", "cupy", "gpuquant", "date", "command")
 
