@@ -28,7 +28,7 @@ from .gemm import OUT_SCALED, _gemm_kernel, interpret_meta
 
 __all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]
 
-_RNE_MAGIC = 12582912.0  # 1.5 * 2^23: (v + M) - M rounds half to even for |v| < 2^22
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + M) - M rounds half to even, |v| < 2^22
 _ONE_BLOCK_MAX_K = 16384
 
 

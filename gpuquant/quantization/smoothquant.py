@@ -1,0 +1,257 @@
+"""SmoothQuant (Xiao et al. 2023): move activation outliers into the weights, then quantize
+activations with one static scale per tensor.
+
+For a Linear ``y = x W^T`` and a per-input-channel factor ``s``,
+``y = (x / s) (W * s)^T`` is the same function; with
+
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)        (clamped to [1e-5, 1e5]; 1 where a
+                                                          channel is all zero)
+
+(``max|X_j|`` over calibration data, ``max|W_j|`` over the output rows of every Linear that
+reads the same input) the outlier channels of ``x`` shrink and ``W``'s columns grow, so both
+quantize well with per-tensor activation / per-channel weight scales. ``alpha`` (default
+0.5) sets how much moves; larger moves more.
+
+The ``1 / s`` is folded into the LayerNorm / RMSNorm that feeds the Linears when ``fold``
+names it (free at run time, the usual transformer case); otherwise the Linear becomes a
+:class:`SmoothedLinear` that multiplies its input by ``1 / s`` (the quantized modules apply it
+before quantizing).
+
+Flow::
+
+    absmax = calibrate_linear_inputs(model, calib_batches)
+    smooth_quant(model, absmax, alpha=0.5, fold={"ln1": ["q", "k", "v"]})
+    absmax = calibrate_linear_inputs(model, calib_batches)        # after smoothing
+    quantize_static_linear(model, absmax)                         # StaticActLinear everywhere
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..dtypes import get_dtype, qint8, qint8_narrow
+from ..functional.dynamic import ACT_DTYPES, max_in_features
+from ..nn.quantized.linear_dynamic import StaticActLinear
+
+__all__ = ["SmoothedLinear", "calibrate_linear_inputs", "smoothing_factors", "smooth_quant",
+           "quantize_static_linear"]
+
+_NDQ = torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+_S_MIN, _S_MAX = 1e-5, 1e5
+
+
+class SmoothedLinear(torch.nn.Linear):
+    """``torch.nn.Linear`` whose input is first multiplied per channel by ``input_smoothing``
+    (float32 buffer (in_features,), SmoothQuant's ``1 / s``; the weight holds ``W * s``)."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.register_buffer("input_smoothing", torch.ones(in_features, device=device))
+
+    def forward(self, x):
+        xs = (x.to(torch.float32) * self.input_smoothing).to(x.dtype)
+        return F.linear(xs, self.weight, self.bias)
+
+
+def _linears(model, filter_fn=None):
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and not isinstance(m, _NDQ):
+            if filter_fn is None or filter_fn(m, name):
+                yield name, m
+
+
+def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Callable] = None
+                            ) -> Dict[str, torch.Tensor]:
+    """Per-input-channel ``max|x_j|`` of every Linear's input over calibration data.
+
+    Args:
+        model: the float model (run under ``torch.no_grad``, in its current mode).
+        data: an iterable of inputs (a tensor, or a tuple of positional arguments), or a
+            callable ``data(model)`` that runs the forward passes itself.
+        filter_fn: ``(module, name) -> bool``, which Linears to record.
+
+    Returns:
+        ``{qualified_name: float32 tensor (in_features,)}``.
+
+    Raises:
+        TypeError: model not a Module, data neither iterable nor callable.
+        ValueError: the data produced NaN / Inf activations, or reached no Linear.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    stats: Dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook_for(name):
+        def hook(mod, args):
+            x = args[0].detach()
+            a = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
+            if not bool(torch.isfinite(a).all()):
+                raise ValueError(f"calibrate_linear_inputs: the input of {name!r} holds NaN or Inf")
+            stats[name] = a if name not in stats else torch.maximum(stats[name], a)
+        return hook
+
+    for name, m in _linears(model, filter_fn):
+        hooks.append(m.register_forward_pre_hook(hook_for(name)))
+    try:
+        with torch.no_grad():
+            if callable(data):
+                data(model)
+            else:
+                try:
+                    it = iter(data)
+                except TypeError:
+                    raise TypeError(f"data must be an iterable of inputs or a callable, got "
+                                    f"{type(data).__name__}") from None
+                for batch in it:
+                    model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not stats:
+        raise ValueError("calibrate_linear_inputs: no Linear ran on the calibration data")
+    return stats
+
+
+def smoothing_factors(act_absmax: torch.Tensor, weights: Iterable[torch.Tensor],
+                      alpha: float = 0.5) -> torch.Tensor:
+    """``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (float32, (K,)) for Linears sharing an input.
+
+    Raises:
+        ValueError: alpha outside [0, 1]; shapes that do not match.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    ax = act_absmax.detach().to(torch.float32)
+    wmax = None
+    for w in weights:
+        if w.shape[-1] != ax.shape[0]:
+            raise ValueError(f"weight with {w.shape[-1]} input channels does not match "
+                             f"{ax.shape[0]} activation channels")
+        c = w.detach().to(torch.float32).abs().amax(dim=0).to(ax.device)
+        wmax = c if wmax is None else torch.maximum(wmax, c)
+    if wmax is None:
+        raise ValueError("smoothing_factors needs at least one weight")
+    s = ax.pow(alpha) / wmax.pow(1.0 - alpha)
+    ok = (ax > 0) & (wmax > 0) & torch.isfinite(s)
+    return torch.where(ok, s, torch.ones_like(s)).clamp(_S_MIN, _S_MAX)
+
+
+def _get(model, name):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"smooth_quant: no module named {name!r} in the model") from None
+
+
+def _set(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], alpha: float = 0.5,
+                 fold: Optional[Dict[str, List[str]]] = None,
+                 filter_fn: Optional[Callable] = None, inplace: bool = True) -> torch.nn.Module:
+    """Apply SmoothQuant to the Linears recorded in ``act_absmax``.
+
+    Args:
+        model: the float model.
+        act_absmax: from :func:`calibrate_linear_inputs`.
+        alpha: migration strength in [0, 1] (0.5 is the paper's default; 0.75-0.85 for models
+            with very large outliers).
+        fold: ``{norm_name: [linear_name, ...]}``: Linears fed (only) by that LayerNorm /
+            RMSNorm share one factor, folded into the norm's weight (and bias). Linears not
+            named here become :class:`SmoothedLinear`.
+        filter_fn: ``(module, name) -> bool``; False leaves that Linear alone.
+        inplace: modify ``model`` (default) or a deep copy.
+
+    Returns:
+        The smoothed model (same float function up to rounding).
+
+    Raises:
+        ValueError: alpha out of range; unknown names; a fold target that is not a norm with
+            a weight; a Linear without calibration data.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    fold = dict(fold or {})
+    done = set()
+    with torch.no_grad():
+        for norm_name, lin_names in fold.items():
+            norm = _get(model, norm_name)
+            if getattr(norm, "weight", None) is None or not isinstance(
+                    norm, (torch.nn.LayerNorm, getattr(torch.nn, "RMSNorm", torch.nn.LayerNorm))):
+                raise ValueError(f"smooth_quant: fold target {norm_name!r} must be a LayerNorm or "
+                                 f"RMSNorm with an affine weight, got {type(norm).__name__}")
+            lins = [_get(model, n) for n in lin_names]
+            for n, lin in zip(lin_names, lins):
+                if not isinstance(lin, torch.nn.Linear):
+                    raise ValueError(f"smooth_quant: {n!r} is not a Linear ({type(lin).__name__})")
+                if n not in act_absmax:
+                    raise ValueError(f"smooth_quant: no calibration data for {n!r}")
+            ax = torch.stack([act_absmax[n] for n in lin_names]).amax(dim=0)
+            s = smoothing_factors(ax, [lin.weight for lin in lins], alpha).to(norm.weight.device)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.div_(s.to(norm.bias.dtype))
+            for lin in lins:
+                lin.weight.mul_(s.to(lin.weight.dtype))
+            done.update(lin_names)
+        for name, lin in list(_linears(model, filter_fn)):
+            if name in done or name not in act_absmax:
+                continue
+            s = smoothing_factors(act_absmax[name], [lin.weight], alpha).to(lin.weight.device)
+            new = SmoothedLinear(lin.in_features, lin.out_features, lin.bias is not None,
+                                 device=lin.weight.device, dtype=lin.weight.dtype)
+            new.weight.copy_(lin.weight * s.to(lin.weight.dtype))
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias)
+            prev = getattr(lin, "input_smoothing", None)
+            inv = 1.0 / s
+            new.input_smoothing.copy_(inv if prev is None else prev * inv)
+            new.train(lin.training)
+            _set(model, name, new)
+    return model
+
+
+def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor],
+                           dtype=qint8, filter_fn: Optional[Callable] = None,
+                           inplace: bool = True, weight_dtype=qint8_narrow) -> torch.nn.Module:
+    """Swap the calibrated Linears for :class:`~gpuquant.nn.quantized.linear_dynamic.
+    StaticActLinear` (one activation scale per tensor: ``max(act_absmax) / 127``).
+
+    Raises:
+        TypeError: model not a Module.
+        ValueError: unsupported dtype; in_features that could overflow int32.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    ad = get_dtype(dtype)
+    if ad not in ACT_DTYPES:
+        raise ValueError(f"dtype must be one of {[d.name for d in ACT_DTYPES]}, got {ad.name}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, lin in list(_linears(model, filter_fn)):
+        if name not in act_absmax:
+            continue
+        k_max = max_in_features(ad, weight_dtype)
+        if lin.in_features > k_max:
+            raise ValueError(f"{name}: in_features={lin.in_features} could overflow the int32 "
+                             f"accumulator; at most {k_max} fits")
+        a = act_absmax[name].to(torch.float32)
+        smooth = getattr(lin, "input_smoothing", None)
+        if smooth is not None:  # recorded before the Linear's own 1/s multiply
+            a = a * smooth.detach().abs().to(a.device)
+        q = StaticActLinear.from_float_module(lin, a.max(), ad, weight_dtype)
+        if name:
+            _set(model, name, q)
+        else:
+            return q
+    return model

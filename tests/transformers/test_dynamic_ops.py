@@ -1,0 +1,259 @@
+"""Dynamic per-token ops on every backend: quantize_per_token exact, W8A8 integer products
+and epilogue bit-identical (reference, NumPy, Triton under the interpreter), weight-only to
+float32 rounding, input errors, and the GPU code the kernels compile to (PTX, no device)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import gpuquant
+from gpuquant import backends
+from gpuquant.backends.reference_dynamic import EPS
+from gpuquant.functional.dynamic import (linear_dynamic, linear_weight_only, max_in_features,
+                                         quantize_per_token)
+
+BACKENDS = [b for b in ("reference", "numpy", "triton") if b in backends.available()]
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def test_backends_under_test():
+    # the CPU suite checks the NumPy oracle and the Triton kernels (interpreter) against the
+    # definition; neither may silently drop out
+    assert {"reference", "numpy", "triton"} <= set(BACKENDS), backends.available()
+
+
+def _expected_per_token(x, qmax=127, qmin=-128):
+    """The definition, written out independently of the library (float32 throughout)."""
+    xf = x.float().reshape(-1, x.shape[-1])
+    scale = torch.maximum(xf.abs().max(dim=1).values / torch.tensor(float(qmax)),
+                          torch.tensor(EPS))
+    inv = torch.tensor(1.0) / scale
+    q = torch.round(xf * inv[:, None]).clamp(qmin, qmax).to(torch.int8)
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (2, 5, 123), (3, 431)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_per_token_exact(backend, shape, dtype):
+    x = (torch.randn(shape) * torch.exp(torch.randn(shape[:-1] + (1,)) * 2)).to(dtype)
+    with backends.use(backend):
+        q, s = quantize_per_token(x)
+    q_ref, s_ref = _expected_per_token(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q, q_ref)
+    # the largest |x| of each row maps to +-127, and dequantization is within half a step
+    assert torch.equal(q.abs().reshape(-1, shape[-1]).amax(dim=1).to(torch.int64),
+                       torch.full((q.numel() // shape[-1],), 127))
+    err = (q.float() * s[..., None] - x.float()).abs()
+    assert bool((err <= s[..., None] * (0.5 + 1e-5)).all())  # ties of x * inv round either way
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_per_token_ties_zero_rows_and_narrow(backend):
+    # absmax 127 -> scale 1: the halves are ties, rounded to even; a zero row gets scale eps
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5],
+                      [0.0] * 8,
+                      [-254.0, 1.0, -1.0, 3.0, 5.0, 7.0, 9.0, 11.0]])
+    with backends.use(backend):
+        q, s = quantize_per_token(x)
+        qn, sn = quantize_per_token(x, gpuquant.qint8_narrow)
+    assert q[0].tolist() == [127, 0, 2, 2, 0, -2, -2, 126]
+    assert q[1].tolist() == [0] * 8 and float(s[1]) == EPS
+    assert q[2].tolist() == [-127, 0, 0, 2, 2, 4, 4, 6]  # scale 2: 1/2, 3/2 ... are ties too
+    assert torch.equal(q, qn) and torch.equal(s, sn)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_quantize_per_token_long_rows(backend):
+    # K above 16384 takes the Triton kernel's two-pass path
+    x = torch.randn(2, 16411)
+    x[1, 16400] = 40.0
+    with backends.use(backend):
+        q, s = quantize_per_token(x)
+    q_ref, s_ref = _expected_per_token(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def _int_inputs(m, n, k, extreme=False):
+    if extreme:
+        xq = torch.full((m, k), -128, dtype=torch.int8)
+        wq = torch.full((n, k), 127, dtype=torch.int8)
+        wq[::2] = -127
+    else:
+        xq = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+        wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    return xq, wq
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 7, 33), (33, 17, 123), (5, 70, 200)])
+def test_integer_products_identical_across_backends(m, n, k):
+    """Unit scales, no bias, float32 out: the output is the int32 accumulator itself (every
+    value below 2^24 here), so it must equal the int64 product exactly on every backend."""
+    xq, wq = _int_inputs(m, n, k)
+    exact = xq.to(torch.int64) @ wq.to(torch.int64).t()
+    ones_m, ones_n = torch.ones(m), torch.ones(n)
+    outs = {}
+    for b in BACKENDS:
+        with backends.use(b):
+            outs[b] = linear_dynamic(xq, ones_m, wq, ones_n, None, torch.float32)
+        assert torch.equal(outs[b].to(torch.int64), exact), b
+    assert torch.equal(outs["numpy"], outs["triton"])
+
+
+@pytest.mark.parametrize("extreme", [False, True])
+def test_integer_products_large_accumulators(extreme):
+    # |acc| up to 128 * 127 * 4096 = 66.6M (> 2^24: float32 BLAS needs K blocks in NumPy)
+    m, n, k = 3, 5, 4096
+    xq, wq = _int_inputs(m, n, k, extreme)
+    exact = (xq.to(torch.int64) @ wq.to(torch.int64).t()).to(torch.int32)
+    outs = {}
+    for b in BACKENDS:
+        with backends.use(b):
+            outs[b] = linear_dynamic(xq, torch.ones(m), wq, torch.ones(n), None, torch.float32)
+        assert torch.equal(outs[b], exact.to(torch.float32)), b
+    assert torch.equal(outs["numpy"], outs["triton"])
+
+
+def test_accumulator_at_the_int32_limit():
+    # the largest K that is accepted reaches -2^31 + 1024: still exact on the CPU backends
+    k = max_in_features()
+    xq = torch.full((1, k), -128, dtype=torch.int8)
+    wq = torch.full((1, k), 127, dtype=torch.int8)
+    for b in ("reference", "numpy"):
+        with backends.use(b):
+            y = linear_dynamic(xq, torch.ones(1), wq, torch.ones(1), None, torch.float32)
+        assert float(y) == float(torch.tensor(-128 * 127 * k, dtype=torch.float32)), b
+
+
+@pytest.mark.parametrize("out_dtype", FLOATS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("m,n,k", [(1, 7, 33), (33, 17, 123), (2 * 3, 9, 64)])
+def test_linear_dynamic_bit_identical(out_dtype, bias, m, n, k):
+    xq, wq = _int_inputs(m, n, k)
+    xs = torch.rand(m) * 0.02 + 1e-3
+    ws = torch.rand(n) * 0.01 + 1e-4
+    b = torch.randn(n) if bias else None
+    outs = {}
+    for be in BACKENDS:
+        with backends.use(be):
+            outs[be] = linear_dynamic(xq, xs, wq, ws, b, out_dtype)
+        assert outs[be].dtype == out_dtype and outs[be].shape == (m, n)
+    for be in BACKENDS:
+        assert torch.equal(outs[be], outs["reference"]), be
+    # and the definition: float32 steps in the stated order
+    acc = (xq.to(torch.int64) @ wq.to(torch.int64).t()).to(torch.float32)
+    y = acc * xs[:, None] * ws[None, :]
+    if b is not None:
+        y = y + b
+    assert torch.equal(outs["reference"], y.to(out_dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_linear_weight_only_float32_rounding(backend, dtype):
+    m, n, k = 5, 19, 77
+    x = torch.randn(2, m, k).to(dtype)
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    ws = torch.rand(n) * 0.01 + 1e-3
+    b = torch.randn(n)
+    with backends.use(backend):
+        y = linear_weight_only(x, wq, ws, b)
+    exact = ((x.double() @ wq.double().t()) * ws.double() + b.double())
+    assert y.dtype == dtype and y.shape == (2, m, n)
+    # a K-term float32 sum, then one rounding to the output dtype
+    out_ulp = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+    scale = (x.double().abs() @ wq.double().abs().t()) * ws.double()
+    tol = scale * k * 2.0 ** -24 + exact.abs() * out_ulp[dtype] + 1e-6
+    assert bool(((y.double() - exact).abs() <= tol).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 3, 16)
+    wq = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    with backends.use(backend):
+        q, s = quantize_per_token(x)
+        y = linear_dynamic(q, s, wq, torch.ones(8), None, torch.bfloat16)
+        yw = linear_weight_only(x, wq, torch.ones(8))
+    assert q.shape == (0, 3, 16) and s.shape == (0, 3)
+    assert y.shape == (0, 3, 8) and y.dtype == torch.bfloat16
+    assert yw.shape == (0, 3, 8)
+
+
+def test_bad_inputs():
+    wq = torch.zeros(4, 8, dtype=torch.int8)
+    ones = torch.ones(4)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        quantize_per_token(torch.ones(3, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="K >= 1"):
+        quantize_per_token(torch.ones(3, 0))
+    with pytest.raises(ValueError, match="qint8"):
+        quantize_per_token(torch.ones(3, 8), gpuquant.quint8)
+    xq = torch.zeros(2, 8, dtype=torch.int8)
+    with pytest.raises(TypeError, match="int8"):
+        linear_dynamic(xq.float(), torch.ones(2), wq, ones)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 8\)"):
+        linear_dynamic(torch.zeros(2, 9, dtype=torch.int8), torch.ones(2), wq, ones)
+    with pytest.raises(ValueError, match="x_scale"):
+        linear_dynamic(xq, torch.ones(3), wq, ones)
+    with pytest.raises(TypeError, match="w_scale must be torch.float32"):
+        linear_dynamic(xq, torch.ones(2), wq, ones.double())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        linear_dynamic(xq, torch.ones(2), wq, ones, torch.ones(5))
+    with pytest.raises(TypeError, match="out_dtype"):
+        linear_dynamic(xq, torch.ones(2), wq, ones, None, torch.int32)
+    with pytest.raises(ValueError, match="shape"):
+        linear_weight_only(torch.ones(2, 7), wq, ones)
+    # K whose worst case could overflow int32 is refused before anything runs
+    k = max_in_features() + 1
+    with pytest.raises(ValueError, match="overflow"):
+        linear_dynamic(torch.zeros(1, k, dtype=torch.int8), torch.ones(1),
+                       torch.zeros(1, k, dtype=torch.int8), torch.ones(1))
+
+
+_PTX_SCRIPT = textwrap.dedent("""
+    from gpuquant.backends.triton.inspect_ptx import compile_ptx, MMA_RE, FLOAT_HAZARD_RE
+    from gpuquant.backends.triton import dynamic as D, gemm as G
+    i32 = lambda *names: {k: "i32" for k in names}
+    for cc, fam in ((80, "sm80"), (90, "sm90")):
+        sig = {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", **i32("K", "stride_xm",
+               "stride_qm", "qmin", "qmax"), "eps": "fp32"}
+        ptx = compile_ptx(D._quantize_per_token_kernel, sig, {"BLOCK_K": 4096, "ONE_BLOCK": True},
+                          cc, num_warps=8)
+        assert not FLOAT_HAZARD_RE.findall(ptx) and "div.rn.f32" in ptx, cc
+        sig = {"X": "*i8", "W": "*i8", "BIAS": "*fp32", "MULT": "*fp32", "RSHIFT": "*fp32",
+               "EPI": "*fp32", "RES": "*fp32", "Y": "*bf16", **i32("M", "N", "K", "stride_xm",
+               "stride_xk", "stride_wn", "stride_wk", "stride_ym", "stride_rm"), "deq_scale": "fp32"}
+        c = G.gemm_configs(fam)[0]
+        ptx = compile_ptx(G._qgemm_kernel, sig, {**c.kwargs, "X_UINT8": False, "OUT_MODE": 3,
+                          "HAS_RES": True, "EVEN_K": True}, cc, c.num_warps, c.num_stages)
+        mma = set(MMA_RE.findall(ptx))
+        want = "wgmma.mma_async" if cc == 90 else "mma.sync.aligned.m16n8k32"
+        assert any(i.startswith(want) and "s8.s8" in i for i in mma), (cc, mma)
+        assert not FLOAT_HAZARD_RE.findall(ptx), cc
+        sig = {"a_ptr": "*bf16", "b_ptr": "*i8", "c_ptr": "*bf16", "b_scale_ptr": "*fp32",
+               "bias_ptr": "*fp32", **i32("M", "N", "K", "stride_am", "stride_ak", "stride_bn",
+               "stride_bk", "stride_cm", "stride_cn")}
+        ptx = compile_ptx(D._linear_weight_only_kernel, sig, {"HAS_BIAS": True, "DOT_F32": False,
+                          "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
+                          "GROUP_M": 8, "EVEN_K": True}, cc, 4, 4)
+        assert any("bf16.bf16.f32" in i for i in MMA_RE.findall(ptx)), cc
+    print("ptx ok")
+""")
+
+
+def test_kernels_compile_for_sm80_sm90():
+    """The GPU code (compiled here without a GPU): no FMA contraction or approximate division
+    in the per-token quantize kernel, int8 tensor-core MMA (mma.sync / wgmma) in the W8A8
+    GEMM's scaled epilogue mode, bf16 MMA in the weight-only GEMM."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "ptx ok" in r.stdout, r.stderr[-3000:]
