@@ -1,0 +1,90 @@
+"""QConfig: factories only (instances rejected, naming the field); every preset builds its
+modules and runs a weight and an activation through apply_fake_quant_with_observer; the
+package exports the contract's names."""
+from functools import partial
+
+import pytest
+import torch
+
+import gpuquant
+import gpuquant.quantization as gq
+from gpuquant import QParams
+from gpuquant.quantization import (QConfig, FakeQuantize, MinMaxObserver, PassiveObserver,
+                                   apply_fake_quant_with_observer)
+
+PRESETS = ["min_max_fakequant_qconfig", "ema_fakequant_qconfig", "sync_ema_fakequant_qconfig",
+           "ema_lowbit_fakequant_qconfig", "calibration_qconfig", "tqt_qconfig", "lsq_qconfig",
+           "passive_qconfig"]
+CONTRACT_NAMES = PRESETS + ["QConfig", "Observer", "MinMaxObserver",
+                            "ExponentialMovingAverageObserver", "HistogramObserver",
+                            "PassiveObserver", "SyncMinMaxObserver",
+                            "SyncExponentialMovingAverageObserver", "FakeQuantize", "LSQ", "TQT"]
+
+
+def test_package_exports_contract_names():
+    for name in CONTRACT_NAMES:
+        assert hasattr(gq, name), name
+        assert name in gq.__all__, name
+
+
+@pytest.mark.parametrize("field", ["weight_observer", "act_observer", "weight_fake_quant",
+                                   "act_fake_quant"])
+def test_qconfig_rejects_instances_naming_the_field(field):
+    instance = MinMaxObserver() if "observer" in field else FakeQuantize()
+    with pytest.raises(TypeError, match=f"QConfig.{field} must be a factory"):
+        QConfig(**{field: instance})
+    with pytest.raises(TypeError, match=f"QConfig.{field}"):
+        QConfig(**{field: 3})
+
+
+def test_qconfig_accepts_classes_partials_and_none():
+    qc = QConfig(weight_observer=partial(MinMaxObserver, axis=0), act_observer=MinMaxObserver,
+                 weight_fake_quant=None, act_fake_quant=FakeQuantize)
+    assert qc.weight_fake_quant is None and qc.act_observer is MinMaxObserver
+    assert qc._fields == ("weight_observer", "act_observer", "weight_fake_quant", "act_fake_quant")
+    a, b = qc.weight_observer(), qc.weight_observer()
+    assert a is not b  # every module gets its own
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_and_runs(name):
+    qc = getattr(gq, name)
+    assert isinstance(qc, QConfig)
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    a = torch.randn(2, 4, 5, 5).relu()
+    w_obs, a_obs = qc.weight_observer(), qc.act_observer()
+    w_fq = qc.weight_fake_quant() if qc.weight_fake_quant else None
+    a_fq = qc.act_fake_quant() if qc.act_fake_quant else None
+    # weight observers are per-channel along the output-channel axis 0
+    assert w_obs.axis == 0
+    if isinstance(w_obs, PassiveObserver):
+        w_obs.set_qparams(QParams(w_obs.dtype, torch.full((8,), 0.02), 0, axis=0))
+        a_obs.set_qparams(QParams(a_obs.dtype, 0.05, 0))
+    for _ in range(2):
+        wq = apply_fake_quant_with_observer(w, w_fq, w_obs)
+        aq = apply_fake_quant_with_observer(a, a_fq, a_obs)
+    assert wq.shape == w.shape and aq.shape == a.shape
+    (wq.sum() + aq.sum()).backward()
+    assert w.grad is not None
+    for obs, fq in ((w_obs, w_fq), (a_obs, a_fq)):
+        qp = (fq.get_qparams() if fq is not None else None) or obs.get_qparams()
+        # valid by the public checks (positive finite scale, zero point in range)
+        QParams(qp.dtype, qp.scale, qp.zero_point, qp.axis)
+        if fq is not None:
+            assert fq.dtype == obs.dtype
+    if qc.weight_fake_quant is None:  # calibration: the float values pass through
+        assert wq is w and aq is a
+    else:
+        assert not torch.equal(wq, w)
+
+
+def test_weight_observer_axis_can_be_overridden():
+    for name in PRESETS:
+        obs = getattr(gq, name).weight_observer(axis=1)  # e.g. ConvTranspose (in, out, kh, kw)
+        assert obs.axis == 1
+
+
+def test_lowbit_preset_is_four_bit():
+    qc = gq.ema_lowbit_fakequant_qconfig
+    assert qc.weight_observer().dtype is gpuquant.qint4
+    assert qc.act_observer().dtype is gpuquant.quint4
