@@ -33,8 +33,8 @@ def kernels_dir() -> Path:
     """
     here = Path(__file__).resolve().parent
     env = os.environ.get("GPUQUANT_KERNELS_DIR")
-    candidates = ([Path(env)] if env else []) + [here / "kernels",
-                                                 here.parents[2] / "kernels"]
+    # an explicit override is the only place looked at: a wrong one fails, never falls back
+    candidates = [Path(env)] if env else [here / "kernels", here.parents[2] / "kernels"]
     for d in candidates:
         if (d / "requant.cuh").is_file():
             return d

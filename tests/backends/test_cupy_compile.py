@@ -1,0 +1,118 @@
+"""Every ``kernels/*.cu`` compiles with nvcc, without a warning, for each architecture its tier
+supports among sm_75, sm_80, sm_86, sm_89 and sm_90 (the table in
+:mod:`gpuquant.backends.cupy.dispatch`), and its PTX holds the tier's instructions.
+
+No GPU needed: nvcc builds device code only (``-fatbin``). Skipped, saying so, where nvcc is
+not installed.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from gpuquant.backends.cupy import dispatch, loader
+
+NVCC = shutil.which("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: the CUDA "
+                                "sources were NOT compile-checked in this run")
+
+KDIR = loader.kernels_dir()
+SOURCES = sorted(p.name for p in KDIR.glob("*.cu"))
+_NAME = re.compile(r"^(gemm|conv)_(\w+)\.cu$")
+
+# PTX each tier must contain / must not contain.
+EXPECT = {
+    "dp4a": (["dp4a.s32.s32"], ["mma.sync", "cp.async"]),
+    "mma75": (["mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32"],
+              ["cp.async", "m16n8k32"]),
+    "mma80": (["mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32",
+               "cp.async.cg.shared.global", "cp.async.wait_group"], ["m8n8k16"]),
+    "sm90": (["mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32",
+              "cp.async.cg.shared.global", "cp.async.wait_group"], ["m8n8k16"]),
+}
+# No float arithmetic in the integer kernels (so no FMA contraction hazard, contract sec. 4).
+FORBIDDEN_EVERYWHERE = ["fma.rn.f32", "div.full.f32", "div.rn.f32", "cvt.rn.f32"]
+
+
+def _tier(name: str) -> str:
+    m = _NAME.match(name)
+    assert m, f"kernels/{name}: expected <gemm|conv>_<tier>.cu"
+    assert m.group(2) in dispatch.TIERS, f"kernels/{name}: unknown tier {m.group(2)!r}"
+    return m.group(2)
+
+
+def _nvcc(args, cwd):
+    return subprocess.run([NVCC, *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """One nvcc call per source (all its architectures as -gencode), two at a time."""
+    out = tmp_path_factory.mktemp("nvcc")
+
+    def build(name):
+        archs = dispatch.TIER_BUILD_ARCHS[_tier(name)]
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        fat = _nvcc(["-fatbin", "-Werror", "all-warnings", *gencode, "-o",
+                     str(out / (name + ".fatbin")), name], KDIR)
+        ptx_file = out / (name + ".ptx")
+        ptx = _nvcc(["--ptx", f"-arch=sm_{archs[0]}", "-o", str(ptx_file), name], KDIR)
+        return name, archs, fat, ptx, ptx_file
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        return {r[0]: r[1:] for r in ex.map(build, SOURCES)}
+
+
+def test_every_tier_has_sources():
+    assert SOURCES, f"no CUDA sources in {KDIR}"
+    for family in ("gemm", "conv"):
+        for tier in dispatch.TIERS:
+            assert loader.kernel_file(family, tier) in SOURCES
+
+
+def test_supported_archs_listed():
+    """The nvcc here must know every architecture CI checks; say which one it lacks."""
+    r = subprocess.run([NVCC, "--list-gpu-arch"], capture_output=True, text=True)
+    known = set(re.findall(r"compute_(\d+)", r.stdout))
+    missing = [a for a in dispatch.CI_ARCHS if str(a) not in known]
+    assert not missing, f"this nvcc cannot target sm_{missing} (it lists {sorted(known)})"
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_compiles_without_warnings(builds, name):
+    archs, fat, _, _ = builds[name]
+    assert fat.returncode == 0, f"nvcc failed for {name} (sm_{archs}):\n{fat.stderr}"
+    assert fat.stderr.strip() == "", f"nvcc printed diagnostics for {name}:\n{fat.stderr}"
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_ptx_uses_the_tier_instructions(builds, name):
+    archs, _, ptx, ptx_file = builds[name]
+    assert ptx.returncode == 0, ptx.stderr
+    text = ptx_file.read_text()
+    must, must_not = EXPECT[_tier(name)]
+    for ins in must:
+        assert ins in text, f"{name} (sm_{archs[0]}): no {ins} in the PTX"
+    for ins in must_not + FORBIDDEN_EVERYWHERE:
+        assert ins not in text, f"{name} (sm_{archs[0]}): unexpected {ins} in the PTX"
+
+
+def test_tier_guard_refuses_older_architectures(tmp_path):
+    """mma80 / sm90 sources stop with a clear #error below their architecture."""
+    for name, arch in (("gemm_mma80.cu", 75), ("conv_sm90.cu", 89)):
+        r = _nvcc(["--ptx", f"-arch=sm_{arch}", "-o", str(tmp_path / "x.ptx"), name], KDIR)
+        assert r.returncode != 0 and "needs sm_" in r.stderr, r.stderr
+
+
+def test_nvrtc_source_assembly_compiles(tmp_path):
+    """The include-expanded text the loader hands NVRTC is itself a valid translation unit."""
+    src = tmp_path / "assembled_conv_mma80.cu"
+    src.write_text(loader.source("conv_mma80.cu"))
+    assert '#include "' not in src.read_text()
+    r = _nvcc(["--ptx", "-arch=sm_80", "-Werror", "all-warnings", "-o", str(tmp_path / "a.ptx"),
+               str(src)], tmp_path)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr

@@ -1,0 +1,206 @@
+"""Compute capability -> tier dispatch (faked capabilities), availability without CuPy, the
+NVRTC loader's source handling, and the shared epilogue header checked bit for bit on the CPU
+against the reference backend's requantize."""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from gpuquant.backends import reference as ref
+from gpuquant.backends.cupy import dispatch, loader
+from gpuquant.functional.requant import INT32_MAX, INT32_MIN, Requant, quantize_multiplier
+from gpuquant.dtypes import get_dtype
+
+
+# --------------------------------------------------------------------------- dispatch table
+@pytest.mark.parametrize("cap,tier", [
+    ((6, 1), "dp4a"), ((7, 0), "dp4a"), ((7, 2), "dp4a"), ((7, 5), "mma75"),
+    ((8, 0), "mma80"), ((8, 6), "mma80"), ((8, 7), "mma80"), ((8, 9), "mma80"),
+    ((9, 0), "sm90"), ((10, 0), "mma80"), ((12, 0), "mma80"),
+])
+def test_default_tier_table(monkeypatch, cap, tier):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.default_tier(cap) == tier
+    assert dispatch.select_tier(cap) == tier
+
+
+def test_too_old_device_has_no_tier():
+    with pytest.raises(ValueError, match=r"5\.2 is below 6\.1"):
+        dispatch.default_tier((5, 2))
+
+
+@pytest.mark.parametrize("forced,cap", [("dp4a", (9, 0)), ("mma75", (8, 0)), ("mma80", (9, 0)),
+                                        ("sm90", (9, 0)), ("MMA80", (8, 6)), ("dp4a", (6, 1))])
+def test_forced_tier_from_environment(monkeypatch, forced, cap):
+    monkeypatch.setenv(dispatch.ENV_VAR, forced)
+    assert dispatch.select_tier(cap) == forced.lower()
+
+
+@pytest.mark.parametrize("forced,cap", [("mma80", (7, 5)), ("sm90", (8, 9)), ("mma75", (7, 0)),
+                                        ("sm90", (6, 1))])
+def test_forced_tier_too_new_for_the_device(monkeypatch, forced, cap):
+    monkeypatch.setenv(dispatch.ENV_VAR, forced)
+    with pytest.raises(ValueError) as e:
+        dispatch.select_tier(cap)
+    msg = str(e.value)
+    assert repr(forced) in msg and f"{cap[0]}.{cap[1]}" in msg
+
+
+def test_invalid_tier_name(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "wgmma")
+    with pytest.raises(ValueError, match=r"unknown gpuquant CUDA tier 'wgmma'.*dp4a"):
+        dispatch.select_tier((9, 0))
+    with pytest.raises(ValueError, match="unknown"):
+        dispatch.select_tier((9, 0), forced="tensorcore")
+    with pytest.raises(TypeError):
+        dispatch.select_tier((9, 0), forced=80)
+    with pytest.raises(TypeError, match="capability"):
+        dispatch.default_tier("sm_90")
+
+
+def test_empty_env_means_the_table(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "")
+    assert dispatch.select_tier((7, 5)) == "mma75"
+
+
+def test_build_archs_follow_minimum_capability():
+    assert dispatch.TIER_BUILD_ARCHS["dp4a"] == (75, 80, 86, 89, 90)
+    assert dispatch.TIER_BUILD_ARCHS["mma75"] == (75, 80, 86, 89, 90)
+    assert dispatch.TIER_BUILD_ARCHS["mma80"] == (80, 86, 89, 90)
+    assert dispatch.TIER_BUILD_ARCHS["sm90"] == (90,)
+    for cap, tier in dispatch.CAPABILITY_TIER.items():
+        assert cap >= dispatch.TIER_MIN_CAPABILITY[tier]
+
+
+def test_backend_tier_for_uses_the_device_capability(monkeypatch):
+    import gpuquant.backends.cupy as cb
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 6))
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert cb.tier_for("cuda:0") == "mma80"
+    monkeypatch.setenv(dispatch.ENV_VAR, "sm90")
+    with pytest.raises(ValueError, match=r"'sm90' needs compute capability 9\.0.*8\.6"):
+        cb.tier_for("cuda:0")
+
+
+# --------------------------------------------------------------------------- availability
+def test_unavailable_without_cupy_or_gpu_says_why():
+    import gpuquant.backends.cupy as cb
+    from gpuquant.backends import registry
+    ok, reason = cb.is_available()
+    try:
+        import cupy  # noqa: F401
+        has_cupy = True
+    except ImportError:
+        has_cupy = False
+    if not has_cupy:
+        assert not ok and "cupy is not installed" in reason
+    elif not torch.cuda.is_available():
+        assert not ok and "CUDA" in reason
+    if not ok:
+        assert registry._load("cupy") is None
+        with pytest.raises(ValueError, match="cupy"):
+            registry.get_backend("cupy")
+    assert cb.NAME == "cupy" and cb.DEVICES == {"cuda"}
+    assert set(cb.OPS) == {"conv2d", "linear"}
+
+
+def test_ops_refuse_cpu_tensors():
+    import gpuquant.backends.cupy as cb
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cb.linear(torch.zeros(2, 3, dtype=torch.int8), 0, torch.zeros(4, 3, dtype=torch.int8),
+                  None, None)
+
+
+# --------------------------------------------------------------------------- loader
+def test_loader_finds_and_expands_sources():
+    d = loader.kernels_dir()
+    assert (d / "requant.cuh").is_file()
+    src = loader.source("gemm_mma80.cu")
+    assert '#include "' not in src and "#pragma once" not in src
+    assert src.count("GQ_HD int gq_srdhm") == 1          # each header once
+    assert "gq_gemm_mma80" in src
+    assert loader.kernel_file("conv", "dp4a") == "conv_dp4a.cu"
+
+
+def test_loader_env_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPUQUANT_KERNELS_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        loader.kernels_dir()
+    (tmp_path / "requant.cuh").write_text("// test\n")
+    assert loader.kernels_dir() == tmp_path
+
+
+# --------------------------------------------------------------------------- epilogue on CPU
+_SHIM = r"""
+#include "requant.cuh"
+extern "C" void gq_requant_array(const long long* acc, const int* mult, const int* shift,
+                                 long long n, int zp, int qmin, int qmax, int* out) {
+  for (long long i = 0; i < n; ++i) out[i] = gq_requant(acc[i], mult[i], shift[i], zp, qmin, qmax);
+}
+extern "C" int gq_srdhm_c(int a, int b) { return gq_srdhm(a, b); }
+extern "C" int gq_rdbpot_c(int x, int e) { return gq_rdbpot(x, e); }
+"""
+
+
+@pytest.fixture(scope="module")
+def epilogue(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++) to build requant.cuh for the CPU")
+    d = tmp_path_factory.mktemp("requant")
+    (d / "shim.cpp").write_text(_SHIM)
+    so = d / "shim.so"
+    r = subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-shared",
+                        "-fPIC", f"-I{loader.kernels_dir()}", str(d / "shim.cpp"), "-o", str(so)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return ctypes.CDLL(str(so))
+
+
+def _run_requant(lib, acc, mult, shift, zp, qmin, qmax):
+    acc = acc.to(torch.int64).contiguous()
+    mult = mult.to(torch.int32).contiguous()
+    shift = shift.to(torch.int32).contiguous()
+    out = torch.empty(acc.numel(), dtype=torch.int32)
+    lib.gq_requant_array(ctypes.c_void_p(acc.data_ptr()), ctypes.c_void_p(mult.data_ptr()),
+                         ctypes.c_void_p(shift.data_ptr()), ctypes.c_longlong(acc.numel()),
+                         zp, qmin, qmax, ctypes.c_void_p(out.data_ptr()))
+    return out
+
+
+def test_epilogue_matches_reference_requantize(epilogue):
+    gen = torch.Generator().manual_seed(5)
+    n = 20000
+    edges = torch.tensor([0, 1, -1, INT32_MAX, INT32_MIN, INT32_MAX - 1, INT32_MIN + 1,
+                          1 << 30, -(1 << 30), 12345, -12345], dtype=torch.int64)
+    acc = torch.cat([edges, torch.randint(INT32_MIN, INT32_MAX, (n,), generator=gen,
+                                          dtype=torch.int64),
+                     torch.randint(-5000, 5000, (n,), generator=gen, dtype=torch.int64)])
+    # multipliers over every shift TFLite produces, left shifts (rshift < 0) included
+    real = torch.exp2(torch.empty(acc.numel(), dtype=torch.float64).uniform_(-40, 29.9,
+                                                                             generator=gen))
+    mult, shift = quantize_multiplier(real)
+    assert (shift < 0).any() and (shift > 20).any() and (mult == 0).any()
+    for dt, zp, lo, hi in (("qint8", -3, -128, 127), ("quint8", 128, 128, 255),
+                           ("quint8", 7, 0, 255), ("qint8", 0, 0, 40)):
+        rq = Requant(mult, shift, zp, lo, hi, get_dtype(dt))
+        want = ref.requantize(acc, rq, axis=0).to(torch.int32)
+        got = _run_requant(epilogue, acc, mult, shift, zp, lo, hi)
+        assert torch.equal(got, want), f"{(got != want).sum()} mismatches ({dt}, zp {zp})"
+
+
+def test_epilogue_primitives_edges(epilogue):
+    # gemmlowp's saturating case and round-half-away-from-zero ties
+    assert epilogue.gq_srdhm_c(INT32_MIN, INT32_MIN) == INT32_MAX
+    for a, b in ((INT32_MIN, INT32_MAX), (INT32_MAX, INT32_MAX), (-7, 1 << 30), (7, 1 << 30),
+                 (-1, 1 << 30), (3, INT32_MIN)):
+        want = int(ref.srdhm(torch.tensor([a]), b)[0])
+        assert epilogue.gq_srdhm_c(a, b) == want, (a, b)
+    for x, e in ((5, 1), (-5, 1), (6, 2), (-6, 2), (INT32_MAX, 31), (INT32_MIN, 31), (-1, 31),
+                 (3, 0), (-(1 << 20) - (1 << 19), 20)):
+        want = int(ref.rdbpot(torch.tensor([x], dtype=torch.int64), e)[0])
+        assert epilogue.gq_rdbpot_c(x, e) == want, (x, e)
