@@ -1,0 +1,212 @@
+"""quantize_dynamic / QAT / SmoothQuant on transformer blocks: accuracy against float, the
+float / QAT / quantized agreement, MultiheadAttention, and bad input."""
+import copy
+import logging
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gpuquant
+from gpuquant import backends
+from gpuquant.nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
+from gpuquant.nn.qat.linear_dynamic import fake_quant_per_token
+from gpuquant.nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
+                                                  StaticActLinear, WeightOnlyLinear)
+from gpuquant.functional.dynamic import max_in_features, quantize_per_token
+from gpuquant.quantization.dynamic import prepare_dynamic_qat, quantize_dynamic
+from gpuquant.quantization.smoothquant import (SmoothedLinear, calibrate_linear_inputs,
+                                               quantize_static_linear, smooth_quant)
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_transformer import TinyTransformer, make_inputs, token_cosine  # noqa: E402
+
+# LayerNorm -> Linears reading it, for folding SmoothQuant's 1/s
+FOLD = {f"blocks.{i}.{ln}": [f"blocks.{i}.{m}" for m in mods] for i in range(2)
+        for ln, mods in (("ln1", ("attn.q", "attn.k", "attn.v")), ("ln2", ("fc1",)))}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    calib = [make_inputs(4) for _ in range(4)]
+    x = make_inputs(8)
+    with torch.no_grad():
+        ref = model(x)
+    return model, calib, x, ref
+
+
+def test_w8a8_dynamic_accuracy_and_vs_static(tiny):
+    """Per-token W8A8 keeps >= 0.99 cosine per token; static per-tensor activation scales on
+    the same model lose at least 3x more (1 - cosine)."""
+    model, calib, x, ref = tiny
+    with torch.no_grad():
+        dyn = token_cosine(quantize_dynamic(model, inplace=False)(x), ref)
+        w8 = token_cosine(quantize_dynamic(model, inplace=False, weight_only=True)(x), ref)
+        static = token_cosine(quantize_static_linear(
+            model, calibrate_linear_inputs(model, calib), inplace=False)(x), ref)
+    print(f"token cosine: dynamic W8A8 {dyn:.5f}, weight-only {w8:.5f}, static {static:.5f}")
+    assert dyn >= 0.99
+    assert w8 >= 0.999
+    assert (1 - static) >= 3 * (1 - dyn), (dyn, static)
+
+
+def test_smoothquant_improves_static(tiny):
+    model, calib, x, ref = tiny
+    with torch.no_grad():
+        absmax = calibrate_linear_inputs(model, calib)
+        sm = smooth_quant(model, absmax, alpha=0.5, fold=FOLD, inplace=False)
+        # the smoothed float model computes the same function
+        assert torch.allclose(sm(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        folded = [n for n, m in sm.named_modules() if isinstance(m, SmoothedLinear)]
+        assert folded == ["blocks.0.attn.o", "blocks.0.fc2", "blocks.1.attn.o", "blocks.1.fc2",
+                          "head"]
+        static = token_cosine(quantize_static_linear(model, absmax, inplace=False)(x), ref)
+        q = quantize_static_linear(sm, calibrate_linear_inputs(sm, calib), inplace=False)
+        assert isinstance(q.head, StaticActLinear) and q.head.input_smoothing is not None
+        smoothed = token_cosine(q(x), ref)
+    print(f"token cosine: static {static:.5f}, SmoothQuant + static {smoothed:.5f}")
+    assert (1 - smoothed) * 3 <= (1 - static), (static, smoothed)
+
+
+def test_tiny_transformer_identical_on_numpy_and_triton(tiny):
+    """The whole dynamic W8A8 model gives the same bytes on the NumPy oracle and the Triton
+    kernels (interpreter), bfloat16 activations included."""
+    model, _, x, _ = tiny
+    q = quantize_dynamic(model, inplace=False)
+    outs = {}
+    for b in ("numpy", "triton"):
+        with backends.use(b), torch.no_grad():
+            outs[b] = (q(x[:2]), q.blocks[0].fc1(x[:2, :5].to(torch.bfloat16)))
+    assert torch.equal(outs["numpy"][0], outs["triton"][0])
+    assert outs["numpy"][1].dtype == torch.bfloat16
+    assert torch.equal(outs["numpy"][1], outs["triton"][1])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention(batch_first):
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    q = quantize_dynamic(nn.Sequential(mha), inplace=False)[0]
+    assert isinstance(q, DynamicMultiheadAttention)
+    assert isinstance(q.in_proj, DynamicLinear) and isinstance(q.out_proj, DynamicLinear)
+    shp = (lambda L: (2, L, 32)) if batch_first else (lambda L: (L, 2, 32))
+    x, kv = torch.randn(shp(7)), torch.randn(shp(9))
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    causal = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    cases = [((x, x, x), {}),
+             ((x, kv, kv), {"key_padding_mask": pad, "average_attn_weights": False}),
+             ((x, x, x), {"attn_mask": causal, "need_weights": False})]
+    with torch.no_grad():
+        for args, kw in cases:
+            (y, w), (yq, wq) = mha(*args, **kw), q(*args, **kw)
+            assert yq.shape == y.shape
+            assert F.cosine_similarity(yq.flatten(), y.flatten(), dim=0) > 0.999
+            if w is None:
+                assert wq is None
+            else:
+                assert wq.shape == w.shape and (wq - w).abs().max() < 0.02
+
+
+def test_multihead_attention_unsupported_stays_float(caplog):
+    model = nn.Sequential(nn.MultiheadAttention(32, 4, kdim=16, vdim=16), nn.Linear(32, 8))
+    with caplog.at_level(logging.WARNING, logger="gpuquant.quantization"):
+        q = quantize_dynamic(model, inplace=False)
+    assert isinstance(q[0], nn.MultiheadAttention) and isinstance(q[1], DynamicLinear)
+    assert type(q[0].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert "kdim" in caplog.text
+
+
+def test_qat_float_qat_quantized_agreement():
+    """1. fake-quant off == float Linear; 2. QAT == linear of the fake-quantized input and
+    weight; 3. quantized == QAT to float32 rounding (measured bound)."""
+    lin = nn.Linear(123, 33)
+    x = torch.randn(4, 7, 123) * torch.exp(torch.randn(4, 7, 1))
+    qat = QATDynamicLinear.from_float_module(copy.deepcopy(lin))
+    with torch.no_grad():
+        assert torch.equal(qat.disable_fake_quant()(x), lin(x))
+        y_qat = qat.enable_fake_quant()(x)
+        xq, xs = quantize_per_token(x)
+        wq, ws = DynamicLinear.from_float_module(lin).weight, DynamicLinear.from_float_module(lin).weight_scale
+        manual = F.linear(xq.float() * xs[..., None], wq.float() * ws[:, None], lin.bias)
+        assert torch.equal(y_qat, manual)
+        assert torch.equal(fake_quant_per_token(x), xq.float() * xs[..., None])
+        y_q = quantize_dynamic(nn.Sequential(qat), inplace=False)[0](x)
+        bound = (xq.float().abs() @ wq.float().abs().t()) * xs[..., None] * ws * 123 * 2.0 ** -23
+        gap = (y_q - y_qat).abs()
+    print(f"quantized vs QAT: max gap {gap.max().item():.3g} (bound {bound.max().item():.3g})")
+    assert bool((gap <= bound + 1e-6).all())
+
+
+def test_qat_gradients_straight_through():
+    lin = nn.Linear(16, 8)
+    qat = prepare_dynamic_qat(nn.Sequential(lin))[0]
+    assert isinstance(qat, QATDynamicLinear) and qat.weight is lin.weight
+    x = torch.randn(5, 16, requires_grad=True)
+    g = torch.randn(5, 8)
+    qat(x).backward(g)
+    w_fq = DynamicLinear.from_float_module(lin).dequantized_weight()
+    # STE: per-token symmetric scales keep every value in range, so d/dx passes through
+    assert torch.allclose(x.grad, g @ w_fq, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(lin.weight.grad, g.t() @ fake_quant_per_token(x.detach()), rtol=1e-5,
+                          atol=1e-6)
+    assert torch.allclose(lin.bias.grad, g.sum(0))
+
+
+def test_quantize_dynamic_api():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 8)))
+    before = copy.deepcopy(model.state_dict())
+    q = quantize_dynamic(model, inplace=False, filter_fn=lambda m, n: n != "2.0")
+    assert isinstance(q[0], DynamicLinear) and type(q[2][0]) is nn.Linear
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    w = quantize_dynamic(copy.deepcopy(model), weight_only=True)
+    assert isinstance(w[0], WeightOnlyLinear) and isinstance(w[2][0], WeightOnlyLinear)
+    bare = quantize_dynamic(nn.Linear(16, 4))
+    assert isinstance(bare, DynamicLinear)
+    # any leading dimensions, output dtype follows the input, empty batch
+    x = torch.randn(2, 3, 5, 16)
+    with torch.no_grad():
+        assert q(x).shape == (2, 3, 5, 8) and bare(x.to(torch.bfloat16)).dtype == torch.bfloat16
+        assert q(torch.randn(0, 16)).shape == (0, 8)
+        assert w(torch.randn(2, 0, 16, dtype=torch.float16)).shape == (2, 0, 8)
+    # inference modules refuse training mode
+    q.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        q(x)
+
+
+def test_quantize_dynamic_bad_input():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match="Conv2d"):
+        quantize_dynamic(model, modules=(nn.Conv2d,))
+    with pytest.raises(ValueError, match="Linear"):
+        quantize_dynamic(model, modules=(nn.Linear, "Linear"))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        quantize_dynamic(torch.randn(3))
+    with pytest.raises(TypeError, match="filter_fn must return a bool"):
+        quantize_dynamic(model, filter_fn=lambda m, n: None)
+    with pytest.raises(TypeError, match="callable"):
+        quantize_dynamic(model, filter_fn=3)
+    with pytest.raises(ValueError, match="qint8"):
+        quantize_dynamic(model, dtype=gpuquant.quint8)
+    # K whose int32 accumulator could overflow: refused, naming the layer; weight-only is fine
+    k = max_in_features() + 1
+    big = nn.Sequential(nn.Linear(8, 8))
+    big.add_module("wide", nn.Linear(k, 2, device="meta"))
+    with pytest.raises(ValueError, match=r"wide: in_features=132105 could overflow"):
+        quantize_dynamic(big)
+    with pytest.raises(ValueError, match="overflow"):
+        DynamicLinear(k, 2)
+    q = DynamicLinear.from_float_module(nn.Linear(8, 4)).eval()
+    with pytest.raises(ValueError, match=r"\(\.\.\., 8\)"):
+        q(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        q(torch.ones(3, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_quant(model, {}, alpha=1.5)
+    with pytest.raises(ValueError, match="LayerNorm"):
+        smooth_quant(model, {"0": torch.ones(8)}, fold={"1": ["0"]})
