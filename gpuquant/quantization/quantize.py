@@ -179,7 +179,13 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
                                 f"{type(m).__name__} has no quantized version in the mapping; "
                                 f"pass mapping={{{type(m).__name__}: ...}} or call "
                                 f"disable_quantize() on it")
-            return cls.from_qat_module(m, name)
+            try:
+                return cls.from_qat_module(m, name)
+            except ValueError as e:
+                msg = str(e)
+                if name and repr(name) not in msg:
+                    msg = f"module {name!r} ({type(m).__name__}): {msg}"
+                raise ValueError(f"quantize: {msg}") from e
         for child_name, child in list(m.named_children()):
             new = convert(child, f"{name}.{child_name}" if name else child_name)
             if new is not child:
