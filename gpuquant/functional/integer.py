@@ -18,7 +18,10 @@ def _abs_max(v, what: str, op: str) -> int:
     if isinstance(v, torch.Tensor):
         if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
             raise TypeError(f"{op}: {what} must be an integer tensor, got {v.dtype}")
-        return int(v.abs().max().item()) if v.numel() else 0
+        if v.numel() == 0:
+            return 0
+        # int8 abs(-128) wraps: take the extremes in Python ints
+        return max(abs(int(v.min().item())), abs(int(v.max().item())))
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{op}: {what} must be an int or an integer tensor, got "
                         f"{type(v).__name__} ({v!r})")

@@ -1,0 +1,178 @@
+"""Exact int8 convolution: im2col by stride tricks + float32 BLAS, a 1x1 fast path and a
+dedicated depthwise path. Layout NHWC throughout (the channels_last memory of the input).
+
+* General path: the input is padded with its zero point (int8 / uint8); ``sliding_window_view``
+  gives the ``(N, Ho, Wo, kh, kw, C)`` patches without a copy; output rows are processed in
+  tiles whose im2col buffer (1-byte, then float32 ``x - zp``) stays under ``_TILE_BYTES``, so
+  memory is bounded for any image size.
+  Groups run as one batched matmul ``(G, rows, K/G) @ (G, K/G, O/G)``.
+* 1x1, no padding: the (strided) input itself is the im2col matrix.
+* Depthwise (one input channel per group): a sum over the ``kh*kw`` taps of shifted views
+  times per-channel weights, exact in float32 for up to 513 taps.
+
+Products are exact integers; see :mod:`.gemm` for the block rule that keeps float32 sums
+exact and :mod:`.fixed_point` for the requantization.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from . import common
+from .fixed_point import Params, requant_fast
+from .gemm import PackedWeight, exact_matmul, xmax_of
+
+# im2col tile: 4 MiB of float32 (fits L3 with the weights; BLAS still sees >= ~256 rows).
+_TILE_BYTES = 4 << 20
+_DW_MAX_TAPS = 513  # 513 * 255 * 128 < 2^24
+
+
+def _pair(v):
+    if isinstance(v, (tuple, list)):
+        return tuple(int(t) for t in v)
+    return int(v), int(v)
+
+
+def _pack_conv(w: torch.Tensor, groups: int) -> PackedWeight:
+    o, cg, kh, kw = w.shape
+    wn = common.to_numpy(w.contiguous()).reshape(groups, o // groups, cg, kh, kw)
+    # (G, kh, kw, Cg, Og) -> (G, K, Og): the im2col column order (kh, kw, C)
+    return PackedWeight(wn.transpose(0, 3, 4, 2, 1).reshape(groups, kh * kw * cg, o // groups))
+
+
+def _pack_dw(w: torch.Tensor) -> np.ndarray:
+    o, _, kh, kw = w.shape
+    return np.ascontiguousarray(common.to_numpy(w).reshape(o, kh, kw).transpose(1, 2, 0),
+                                dtype=np.float32)
+
+
+def _out_size(n, k, s, p, d):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _padded_float(xa: np.ndarray, zp: int, ph: int, pw: int) -> np.ndarray:
+    n, h, w, c = xa.shape
+    if ph == 0 and pw == 0:
+        return np.subtract(xa, np.float32(zp), dtype=np.float32)
+    xf = np.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=np.float32)
+    np.subtract(xa, np.float32(zp), out=xf[:, ph:ph + h, pw:pw + w, :], dtype=np.float32)
+    return xf
+
+
+def conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq):
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    g = int(groups)
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(wd, kw, sw, pw, dw)
+    zp = int(x_zp)
+    xa = common.nhwc(x)
+    p = Params.from_requant(rq)
+    b = None if bias is None else common.to_numpy(bias).astype(np.int64)
+    out = np.empty((n, ho, wo, o), dtype=p.np_dtype)
+    if out.size == 0:
+        return common.from_nhwc(out)
+    xmax = xmax_of(xa, zp)
+
+    if cg == 1 and g == c and kh * kw <= _DW_MAX_TAPS:
+        _depthwise(xa, zp, w, b, p, out, (sh, sw), (ph, pw), (dh, dw), xmax)
+        return common.from_nhwc(out)
+
+    pwk = common.WEIGHTS.get(w, f"conv_g{g}", lambda: _pack_conv(w, g))
+    bound = xmax * pwk.colsum_max
+    rows_out = out.reshape(n * ho * wo, o)
+    zp32 = np.float32(zp)
+    if kh == 1 and kw == 1 and ph == 0 and pw == 0 and g == 1:
+        # 1x1 fast path: the (strided) input is the im2col matrix
+        src = xa[:, ::sh, ::sw, :][:, :ho, :wo, :]
+        step = max(1, _TILE_BYTES // max(1, wo * c * 4))
+        for l0 in range(0, n * ho, step):
+            l1 = min(l0 + step, n * ho)
+            n0, h0 = divmod(l0, ho)
+            if src.flags.c_contiguous:
+                part = src.reshape(n * ho, wo, c)[l0:l1]
+            else:  # gather the strided rows image by image
+                part = _gather_lines(src, l0, l1, ho)
+            a = np.subtract(part, zp32, dtype=np.float32).reshape(-1, c)
+            requant_fast(exact_matmul(a, pwk, xmax), p, rows_out[l0 * wo:l1 * wo], b, bound)
+        return common.from_nhwc(out)
+
+    # im2col in the input's own 1-byte dtype (4x less memory traffic than float32), padded
+    # with the zero point, then one conversion pass to float32 (x - zp) per tile
+    xp = _padded_int(xa, zp, ph, pw)
+    win = sliding_window_view(xp, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(1, 2))
+    win = win[:, ::sh, ::sw, :, ::dh, ::dw][:, :ho, :wo]         # (N, Ho, Wo, C, kh, kw)
+    win = win.transpose(0, 1, 2, 4, 5, 3)                          # (N, Ho, Wo, kh, kw, C)
+    kg = kh * kw * cg
+    og = o // g
+    if g > 1:
+        win = win.reshape(n, ho, wo, kh, kw, g, cg).transpose(5, 0, 1, 2, 3, 4, 6)
+    # tile over lines (image, output row): each line is Wo output pixels
+    line_bytes = wo * kh * kw * c * 4
+    step = max(1, _TILE_BYTES // max(1, line_bytes))
+    rows_max = min(step, n * ho) * wo
+    buf8 = np.empty((g, rows_max, kg), dtype=xa.dtype)
+    buf32 = np.empty((g, rows_max, kg), dtype=np.float32)
+    for l0 in range(0, n * ho, step):
+        l1 = min(l0 + step, n * ho)
+        r = 0
+        seg = l0  # segments: runs of output rows inside one image
+        while seg < l1:
+            img, h0 = divmod(seg, ho)
+            h1 = min(ho, h0 + (l1 - seg))
+            rows = (h1 - h0) * wo
+            if g == 1:
+                np.copyto(buf8[0, r:r + rows].reshape(h1 - h0, wo, kh, kw, c), win[img, h0:h1])
+            else:
+                np.copyto(buf8[:, r:r + rows].reshape(g, h1 - h0, wo, kh, kw, cg),
+                          win[:, img, h0:h1])
+            r += rows
+            seg += h1 - h0
+        a = np.subtract(buf8[:, :r], zp32, out=buf32[:, :r], dtype=np.float32)
+        acc = exact_matmul(a[0] if g == 1 else a, pwk, xmax)
+        if g > 1:  # (G, rows, Og) -> (rows, G*Og)
+            acc = acc.transpose(1, 0, 2).reshape(r, g * og)
+        requant_fast(acc, p, rows_out[l0 * wo:l1 * wo], b, bound)
+    return common.from_nhwc(out)
+
+
+def _gather_lines(src, l0, l1, ho):
+    parts = []
+    seg = l0
+    while seg < l1:
+        img, h0 = divmod(seg, ho)
+        h1 = min(ho, h0 + (l1 - seg))
+        parts.append(src[img, h0:h1])
+        seg += h1 - h0
+    return np.concatenate(parts, axis=0) if len(parts) > 1 else np.ascontiguousarray(parts[0])
+
+
+def _padded_int(xa: np.ndarray, zp: int, ph: int, pw: int) -> np.ndarray:
+    if ph == 0 and pw == 0:
+        return xa
+    n, h, w, c = xa.shape
+    xp = np.full((n, h + 2 * ph, w + 2 * pw, c), zp, dtype=xa.dtype)
+    xp[:, ph:ph + h, pw:pw + w, :] = xa
+    return xp
+
+
+def _depthwise(xa, zp, w, b, p, out, stride, padding, dilation, xmax):
+    sh, sw = stride
+    dh, dw = dilation
+    n, ho, wo, o = out.shape
+    c = xa.shape[3]
+    mult = o // c
+    _, _, kh, kw = w.shape
+    wt = common.WEIGHTS.get(w, "dw", lambda: _pack_dw(w))          # (kh, kw, O)
+    xf = _padded_float(xa, zp, *padding)
+    acc = np.zeros((n, ho, wo, c, mult), dtype=np.float32)
+    tmp = np.empty_like(acc)
+    for i in range(kh):          # loop over the kernel taps only
+        for j in range(kw):
+            tap = xf[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw, :]
+            np.multiply(tap[..., None], wt[i, j].reshape(c, mult), out=tmp)
+            acc += tmp
+    requant_fast(acc.reshape(n, ho, wo, o), p, out, b, xmax * kh * kw * 128)

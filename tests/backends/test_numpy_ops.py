@@ -1,0 +1,288 @@
+"""The NumPy backend is bit-exact: against the independent int64 model (tests only) and
+against the reference backend, through the validated functional front-end."""
+import numpy as np
+import pytest
+import torch
+
+import gpuquant.backends as backends
+import gpuquant.functional.integer as qf
+from gpuquant.dtypes import qint8, quint8
+from gpuquant.functional.requant import Requant, make_add_params, make_requant
+
+import int64_reference as ref
+
+NP = backends.get_backend("numpy")
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
+def _act(shape, dtype):
+    lo, hi = (-128, 127) if dtype == torch.int8 else (0, 255)
+    return _cl(torch.randint(lo, hi + 1, shape, dtype=torch.int32).to(dtype))
+
+
+def _requant(channels, out_dtype, shifts=None, zp=None):
+    """Random per-channel fixed-point params; ``shifts`` is the pool rshifts are drawn from."""
+    shifts = shifts if shifts is not None else [-2, 0, 1, 4, 7, 9, 11, 13, 17, 24]
+    m = torch.randint(2 ** 30, 2 ** 31, (channels,), dtype=torch.int64)
+    s = torch.tensor(np.random.choice(shifts, channels), dtype=torch.int64)
+    if channels >= 3:  # the edge multipliers: exact power of two and TFLite's flush to zero
+        m[0], m[1], s[1] = 2 ** 30, 0, 0
+    lo, hi = out_dtype.qmin, out_dtype.qmax
+    zp = int(np.random.randint(lo, hi + 1)) if zp is None else zp
+    return Requant(m.to(torch.int32), s.to(torch.int32), zp, lo, hi, out_dtype)
+
+
+def _both(fn, *args, **kw):
+    """The op on the numpy and the reference backend (same inputs)."""
+    with backends.use("numpy"):
+        a = fn(*args, **kw)
+    with backends.use("reference"):
+        b = fn(*args, **kw)
+    return a, b
+
+
+def _assert_exact(got, want_np, ref_out):
+    assert got.dtype == ref_out.dtype and got.shape == ref_out.shape
+    assert torch.equal(got, ref_out), f"numpy != reference: {int((got.int() - ref_out.int()).abs().max())}"
+    assert np.array_equal(got.numpy(), want_np), "numpy != int64 model"
+
+
+CONV_CASES = [
+    # N, C, H, W, O, kernel, stride, padding, dilation, groups, x dtype, x zp
+    (1, 3, 9, 9, 5, 3, 1, 1, 1, 1, torch.uint8, 0),
+    (2, 7, 8, 6, 9, 3, 2, 1, 1, 1, torch.int8, -5),
+    (1, 4, 1, 1, 6, 1, 1, 0, 1, 1, torch.uint8, 255),        # 1x1 image, extreme zp
+    (1, 4, 1, 1, 6, 3, 1, 1, 1, 1, torch.uint8, 0),          # 1x1 image, 3x3 kernel
+    (2, 8, 7, 7, 8, 3, 1, 2, 2, 8, torch.uint8, 128),        # depthwise, dilation 2
+    (1, 6, 9, 9, 12, 3, 2, 1, 1, 6, torch.int8, 3),          # depthwise, multiplier 2
+    (2, 6, 7, 5, 4, 3, 1, 1, 1, 2, torch.uint8, 17),         # groups 2
+    (1, 8, 4, 4, 6, 1, 1, 0, 1, 2, torch.int8, 0),           # grouped 1x1
+    (1, 16, 6, 6, 8, 1, 2, 0, 1, 1, torch.uint8, 0),         # 1x1 stride 2
+    (1, 4, 3, 3, 5, 1, 1, 1, 1, 1, torch.int8, 127),         # 1x1 with padding
+    (1, 130, 5, 5, 3, 3, 1, 1, 1, 1, torch.uint8, 0),        # K = 1170: several float32 blocks
+    (1, 5, 11, 13, 7, (3, 5), (2, 1), (1, 2), (1, 2), 1, torch.int8, -128),
+    (3, 33, 5, 4, 17, 5, 1, 2, 1, 1, torch.uint8, 200),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-g{c[9]}")
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_exact(case, bias):
+    n, c, h, w, o, k, s, p, d, g, xdt, zp = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = _act((n, c, h, w), xdt)
+    wt = torch.randint(-128, 128, (o, c // g, kh, kw), dtype=torch.int8)
+    b = torch.randint(-100000, 100000, (o,), dtype=torch.int32) if bias else None
+    rq = _requant(o, quint8 if o % 2 else qint8)
+    got, want = _both(qf.conv2d, x, zp, wt, b, s, p, d, g, rq)
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    acc = ref.conv2d_acc(x.numpy(), zp, wt.numpy(), None if b is None else b.numpy(),
+                         pair(s), pair(p), pair(d), g)
+    m, sh, ozp, lo, hi, dt = ref.rq_args(rq)
+    model = ref.requantize(acc, m, sh, ozp, lo, hi, axis=1, dtype=dt)
+    _assert_exact(got, model, want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_conv2d_tiles_and_realistic_multipliers(monkeypatch):
+    """Tiny tiles (segments spanning images) and the multipliers real layers produce."""
+    from gpuquant.backends.numpy import conv
+    monkeypatch.setattr(conv, "_TILE_BYTES", 3000)
+    x = _act((3, 12, 10, 9), torch.uint8)
+    wt = torch.randint(-127, 128, (20, 12, 3, 3), dtype=torch.int8)
+    b = torch.randint(-3000, 3000, (20,), dtype=torch.int32)
+    rq = make_requant(0.02, torch.rand(20) * 0.004 + 1e-4, 0.07, 5, quint8, "relu")
+    for stride in (1, 2):
+        got, want = _both(qf.conv2d, x, 0, wt, b, stride, 1, 1, 1, rq)
+        acc = ref.conv2d_acc(x.numpy(), 0, wt.numpy(), b.numpy(), (stride,) * 2, (1, 1), (1, 1), 1)
+        _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8), want)
+
+
+@pytest.mark.parametrize("shape,k,xdt,zp", [
+    ((1,), 1, torch.int8, 0), ((7,), 33, torch.uint8, 255), ((2, 3), 123, torch.int8, -128),
+    ((5,), 1500, torch.uint8, 0), ((2, 1, 4), 2049, torch.int8, 127)])
+def test_linear_exact(shape, k, xdt, zp):
+    x = _act(shape[:-1] + (k,) if len(shape) > 1 else (k,), xdt) if False else \
+        _act(tuple(shape) + (k,), xdt)
+    n = 11
+    wt = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    b = torch.randint(-50000, 50000, (n,), dtype=torch.int32)
+    rq = _requant(n, qint8)
+    got, want = _both(qf.linear, x, zp, wt, b, rq)
+    model = ref.requantize(ref.linear_acc(x.numpy(), zp, wt.numpy(), b.numpy()),
+                           *ref.rq_args(rq)[:5], axis=-1, dtype=np.int8)
+    _assert_exact(got, model, want)
+
+
+def test_linear_per_tensor_and_repeated_calls():
+    """The prepacked weight cache follows in-place weight updates."""
+    x = _act((4, 64), torch.uint8)
+    wt = torch.randint(-127, 128, (9, 64), dtype=torch.int8)
+    rq = make_requant(0.05, 0.01, 0.3, 3, quint8)
+    for _ in range(2):
+        got, want = _both(qf.linear, x, 3, wt, None, rq)
+        model = ref.requantize(ref.linear_acc(x.numpy(), 3, wt.numpy(), None),
+                               *ref.rq_args(rq)[:5], dtype=np.uint8)
+        _assert_exact(got, model, want)
+        wt.mul_(-1).clamp_(-127, 127)
+
+
+@pytest.mark.parametrize("shift", [-5, -1, 0, 1, 2, 6, 10, 11, 15, 23, 31])
+def test_fast_requant_at_every_threshold(shift, monkeypatch):
+    """Accumulators right at and around every output step, through the float32 fast path
+    (the int64 fallback is disabled here; flagged elements go through the exact fix-up)."""
+    from gpuquant.backends.numpy import fixed_point as fp
+    flagged = []
+    fixup = fp._fixup
+    monkeypatch.setattr(fp, "requant_int64", None)  # the fast path must not fall back
+    monkeypatch.setattr(fp, "_fixup", lambda *a: (flagged.append(int(a[-1].sum())), fixup(*a)))
+    m = np.array([2 ** 30, 2 ** 30 + 1, 1518500250, 2 ** 31 - 1, 1234567891], dtype=np.int64)
+    sh = np.full(m.shape, shift)
+    p = fp.Params(m, sh, 3, -128, 127, np.int8)
+    # exact step positions by bisection on the int64 model, per channel
+    lo = np.full((256, m.size), -(2 ** 31), dtype=np.int64)
+    hi = np.full((256, m.size), 2 ** 31 - 1, dtype=np.int64)
+    target = np.arange(-128, 128)[:, None]
+    for _ in range(33):
+        mid = (lo + hi) // 2
+        up = ref.requantize(mid, m, sh, 3, -128, 127, dtype=np.int64) >= target
+        hi = np.where(up, mid, hi)
+        lo = np.where(up, lo, mid + 1)
+    steps = hi[1:]  # the first row is the bottom of the range, not a step
+    acc = np.concatenate([steps + dlt for dlt in range(-3, 4)]).astype(np.float64)
+    want = ref.requantize(acc.astype(np.int64), m, sh, 3, -128, 127)
+    out = np.empty(acc.shape, np.int8)
+    fp.requant_fast(acc, p, out, acc_bound=np.abs(acc).max())
+    np.testing.assert_array_equal(out, want)
+    # exact ties exist for the power-of-two multiplier; they must have been flagged
+    assert shift <= 0 or sum(flagged) > 0
+
+
+def test_requantize_op_exact():
+    acc = torch.randint(-(2 ** 31), 2 ** 31 - 1, (3, 7, 5, 2), dtype=torch.int64).to(torch.int32)
+    acc = _cl(acc)
+    rq = _requant(7, quint8)
+    got, want = _both(lambda a: NP.OPS["requantize"](a, rq, 1) if backends.current() == "numpy"
+                      else backends.get_backend("reference").OPS["requantize"](a, rq, 1), acc)
+    model = ref.requantize(acc.numpy(), *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8)
+    _assert_exact(got, model, want)
+
+
+@pytest.mark.parametrize("dts", [(torch.int8, torch.int8, qint8), (torch.uint8, torch.int8, quint8)])
+def test_add_mul_exact(dts):
+    a = _act((2, 5, 3, 4), dts[0])
+    b = _act((2, 5, 3, 4), dts[1])
+    za = 0 if dts[0] == torch.int8 else 200
+    params = make_add_params(0.031, za, 0.0077, -3, 0.05, 7, dts[2], "relu")
+    got, want = _both(qf.add, a, b, params)
+    _assert_exact(got, ref.add(a.numpy(), b.numpy(), params), want)
+    rq = make_requant(0.031 * 0.0077, 1.0, 0.02, 1, dts[2])
+    got, want = _both(qf.mul, a, za, b, -3, rq)
+    _assert_exact(got, ref.mul(a.numpy(), za, b.numpy(), -3, rq), want)
+
+
+def test_concat_exact():
+    xs = [_act((2, c, 3, 3), torch.uint8) for c in (3, 1, 4)]
+    zps = [0, 77, 255]
+    rqs = [None, make_requant(0.05, 1.0, 0.04, 0, quint8), make_requant(0.002, 1.0, 0.04, 0, quint8)]
+    for dim in (1, 2, -1):
+        parts = xs if dim == 1 else [x[:, :1].contiguous(memory_format=torch.channels_last) for x in xs]
+        got, want = _both(qf.concat, parts, zps, rqs, dim, quint8)
+        model = np.concatenate(
+            [x.numpy() if r is None else
+             ref.requantize(x.numpy().astype(np.int64) - z, *ref.rq_args(r)[:5], dtype=np.uint8)
+             for x, z, r in zip(parts, zps, rqs)], axis=dim)
+        _assert_exact(got, model, want)
+
+
+POOL_CASES = [  # kernel, stride, padding, dilation, ceil_mode, H, W
+    (2, 2, 0, 1, False, 8, 8), (3, 2, 1, 1, False, 7, 9), (3, 2, 1, 1, True, 8, 6),
+    ((3, 2), (2, 1), (1, 0), (2, 1), True, 9, 5), (1, 1, 0, 1, False, 1, 1), (3, 3, 1, 1, True, 5, 7)]
+
+
+@pytest.mark.parametrize("case", POOL_CASES)
+@pytest.mark.parametrize("xdt", [torch.int8, torch.uint8])
+def test_pooling_exact(case, xdt):
+    k, s, p, d, ceil, h, w = case
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    x = _act((2, 3, h, w), xdt)
+    got, want = _both(qf.max_pool2d, x, k, s, p, d, ceil)
+    _assert_exact(got, ref.max_pool2d(x.numpy(), pair(k), pair(s), pair(p), pair(d), ceil), want)
+    zp = 5 if xdt == torch.int8 else 250
+    lo, hi = (-128, 127) if xdt == torch.int8 else (0, 255)
+    for include_pad, div in ((True, None), (False, None), (True, 3)):
+        got, want = _both(qf.avg_pool2d, x, zp, k, s, p, ceil, include_pad, div)
+        model = ref.avg_pool2d(x.numpy(), zp, pair(k), pair(s), pair(p), ceil, include_pad, div,
+                               lo, hi)
+        _assert_exact(got, model, want)
+
+
+@pytest.mark.parametrize("hw,out", [((7, 7), (1, 1)), ((5, 9), (3, 4)), ((1, 1), (2, 3)),
+                                    ((6, 6), (6, 6))])
+def test_adaptive_avg_pool_exact(hw, out):
+    x = _act((2, 4) + hw, torch.uint8)
+    got, want = _both(qf.adaptive_avg_pool2d, x, 9, out, 0, 200)
+    _assert_exact(got, ref.adaptive_avg_pool2d(x.numpy(), 9, out, 0, 200), want)
+
+
+def test_quantize_dequantize_match_reference():
+    from gpuquant.functional import dequantize, quantize
+    from gpuquant.qparams import QParams
+    x = torch.randn(3, 6, 5, 4) * 3
+    x[0, 0, 0, :2] = torch.tensor([float("inf"), -float("inf")])
+    for qp in (QParams(quint8, 0.037, 111), QParams(qint8, torch.rand(6) * 0.05 + 0.01,
+                                                    torch.zeros(6, dtype=torch.int32), axis=1)):
+        q, qr = _both(quantize, x, qp)
+        assert torch.equal(q, qr)
+        dq, dqr = _both(dequantize, q, qp)
+        assert torch.equal(dq, dqr)
+    # ties at .5 round to even on both
+    t = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5]) * 0.25
+    q, qr = _both(quantize, t, QParams(qint8, 0.25, 0))
+    assert torch.equal(q, qr) and q.tolist() == [0, 2, 2, 0, -2]
+
+
+def test_numpy_is_the_cpu_default_for_integer_ops():
+    assert backends.auto_backend("cpu") in ("numpy",) or "numpy" not in backends.available()
+    assert backends.get_op("conv2d", torch.zeros(1)) is NP.OPS["conv2d"]
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_clear_errors():
+    x = _act((1, 4, 5, 5), torch.uint8)
+    w = torch.randint(-127, 128, (3, 4, 3, 3), dtype=torch.int8)
+    rq = make_requant(0.1, 0.01, 0.2, 0, quint8)
+    with backends.use("numpy"):
+        with pytest.raises(TypeError, match="int8 or uint8"):
+            qf.conv2d(x.float(), 0, w, None, 1, 1, 1, 1, rq)
+        with pytest.raises(TypeError, match="weight must be a 4-D int8"):
+            qf.conv2d(x, 0, w.to(torch.int16), None, 1, 1, 1, 1, rq)
+        with pytest.raises(TypeError, match="weight must be a 2-D int8"):
+            qf.linear(x[0, 0], 0, w[:, 0, 0].float(), None, rq)
+        big_k = 70000  # 70000 * 255 * 127 >= 2^31
+        xl = torch.zeros(1, big_k, dtype=torch.uint8)
+        wl = torch.full((2, big_k), 127, dtype=torch.int8)
+        with pytest.raises(ValueError, match="int32 accumulator could overflow.*k=70000"):
+            qf.linear(xl, 0, wl, None, make_requant(0.1, 0.01, 0.2, 0, quint8))
+
+
+def test_check_accumulator_range():
+    from gpuquant.functional.integer import check_accumulator_range
+    assert check_accumulator_range(9, torch.int8, 0, 127, 10) == 9 * 128 * 127 + 10
+    assert check_accumulator_range(3, quint8, 255, torch.tensor([[-128, 5]], dtype=torch.int8)) \
+        == 3 * 255 * 128
+    limit = (2 ** 31 - 1) // (255 * 128)
+    check_accumulator_range(limit, (0, 255), 0)
+    with pytest.raises(ValueError, match=f"at most k={limit} fits"):
+        check_accumulator_range(limit + 1, (0, 255), 0)
+    with pytest.raises(ValueError, match="bias"):
+        check_accumulator_range(1, torch.int8, 0, 1, 2 ** 31)
+    with pytest.raises(TypeError, match="torch.int8 or torch.uint8"):
+        check_accumulator_range(4, torch.float32, 0)
+    with pytest.raises(TypeError, match="w must be an integer tensor"):
+        check_accumulator_range(4, torch.int8, 0, torch.ones(3))
+    with pytest.raises(ValueError, match="k .* must be >= 1"):
+        check_accumulator_range(0, torch.int8, 0)
