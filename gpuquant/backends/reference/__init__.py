@@ -200,9 +200,10 @@ def avg_pool2d(x, zero_point, kernel_size, stride, padding, ceil_mode, count_inc
     if divisor_override:
         den = torch.full_like(sums[:1, :1], float(divisor_override))
     elif count_include_pad:
-        # padding counts, positions past the input added by ceil_mode do not
-        den = F.avg_pool2d(F.pad(ones, (padding[1],) * 2 + (padding[0],) * 2, value=1.0),
-                           kernel_size, stride, 0, ceil_mode, True, 1)
+        # padding counts, positions past the input added by ceil_mode do not: torch's own
+        # divisor is (real elements in the window) / (its average of ones)
+        real = F.avg_pool2d(ones, kernel_size, stride, padding, ceil_mode, True, 1)
+        den = real / F.avg_pool2d(ones, kernel_size, stride, padding, ceil_mode, True)
     else:
         den = F.avg_pool2d(ones, kernel_size, stride, padding, ceil_mode, True, 1)
     y = _round_div(sums.round().to(torch.int64), den.round().to(torch.int64)) + zero_point
