@@ -14,6 +14,8 @@ from .qconfig import (QConfig, calibration_qconfig, ema_fakequant_qconfig,
 from .quantize import (disable_fake_quant, disable_observer, enable_fake_quant, enable_observer,
                        get_qat_mapping, get_quantized_mapping, propagate_qconfig, quantize,
                        quantize_qat, reset_qconfig)
+from .dynamic import prepare_dynamic_qat, quantize_dynamic
+from .smoothquant import calibrate_linear_inputs, quantize_static_linear, smooth_quant
 
 __all__ = [
     # qconfig
@@ -31,4 +33,7 @@ __all__ = [
     "quantize_qat", "quantize", "enable_fake_quant", "disable_fake_quant", "enable_observer",
     "disable_observer", "propagate_qconfig", "reset_qconfig", "get_qat_mapping",
     "get_quantized_mapping",
+    # transformers: dynamic per-token W8A8 / weight-only, SmoothQuant
+    "quantize_dynamic", "prepare_dynamic_qat", "calibrate_linear_inputs", "smooth_quant",
+    "quantize_static_linear",
 ]
