@@ -280,7 +280,7 @@ def tqt_fake_quant(x, log2_t, qmin, qmax, axis, *, programs=None, tile=2048):
 
 KERNELS = {
     "_learned_bwd_kernel": (_learned_bwd_kernel, [
-        dict(MODE=m, BLOCK_R=br, BLOCK_C=bc) for m in (1, 2) for br, bc in ((2048, 1), (32, 64))
+        dict(MODE=m, BLOCK_R=br, BLOCK_C=bc) for m, br, bc in ((1, 2048, 1), (1, 32, 64), (2, 32, 64))
     ]),
     "_sum_partials_kernel": (_sum_partials_kernel, [dict(BLOCK_S=16, BLOCK_C=128)]),
 }

@@ -278,7 +278,7 @@ KERNELS = {
         dict(BLOCK_R=2048, BLOCK_C=1), dict(BLOCK_R=32, BLOCK_C=64)]),
     "_observer_update_kernel": (_observer_update_kernel, [
         dict(FROM_PARTIALS=fp, HAVE_OK=not fp, EMA=e, SYMMETRIC=s, BLOCK_S=8, BLOCK_C=256)
-        for fp in (False, True) for e in (False, True) for s in (False, True)]),
+        for fp, e, s in ((True, False, True), (True, True, False), (False, True, True))]),
     "_minmax_reduce_kernel": (_minmax_reduce_kernel, [dict(BLOCK_S=8, BLOCK_C=256)]),
 }
 
