@@ -144,6 +144,9 @@ class Observer(nn.Module):
             raise TypeError(f"{self._name()}: input must be float32, float16 or bfloat16, got {x.dtype}")
         if x.numel() == 0:
             return x
+        if x.device != self.nonfinite_batches.device:
+            raise ValueError(f"{self._name()}: input is on {x.device} but the observer's state is "
+                             f"on {self.nonfinite_batches.device}; move the observer with .to()")
         with torch.no_grad():
             self._record(x.detach().to(torch.float32))
         return x
@@ -234,9 +237,6 @@ class _RangeObserver(Observer):
         mn, mx = self._batch_min_max(x)
         ok = self._finite_mask(mn, mx)
         self._prepare_state(mn)
-        if self.min_val.device != mn.device:
-            raise ValueError(f"{self._name()}: state is on {self.min_val.device} but the input "
-                             f"is on {mn.device}; move the observer with .to()")
         new_min, new_max = self._combine(mn, mx)
         self.min_val.copy_(torch.where(ok, new_min, self.min_val))
         self.max_val.copy_(torch.where(ok, new_max, self.max_val))
