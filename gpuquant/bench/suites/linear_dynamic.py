@@ -1,0 +1,123 @@
+"""Suite ``linear_dynamic``: transformer Linears, W8A8 dynamic and int8 weight-only vs bf16.
+
+Params ``m, n, k`` (tokens, out_features, in_features) at LLM shapes: ``m`` in 1, 16, 128,
+2048 (decode to prefill), ``(n, k)`` the projections of 7B-class models: 4096 x 4096
+(attention), 11008 x 4096 and 4096 x 11008 (LLaMA MLP up / down), 14336 x 4096 and
+4096 x 14336 (Mistral MLP up / down). Activations bfloat16, bias present.
+
+Providers (each times one Linear's forward, bf16 in, bf16 out):
+
+* ``torch-bf16`` (baseline): ``torch.nn.functional.linear`` in bfloat16 (cuBLAS);
+* ``gpuquant-triton``: :class:`gpuquant.nn.quantized.linear_dynamic.DynamicLinear` on the
+  Triton backend: per-token quantize kernel, then the int8 GEMM with the row x column scale
+  + bias epilogue writing bf16 (two launches, everything included);
+* ``gpuquant-triton-w8``: :class:`~gpuquant.nn.quantized.linear_dynamic.WeightOnlyLinear`
+  (bf16 x int8 weights, float32 accumulation);
+* ``torchao`` / ``torchao-w8``: torchao's int8 dynamic-activation / weight-only
+  quantization of the same Linear, when torchao is importable.
+
+Throughput: ``2 m n k`` operations per second, in TOPS for every provider (so the rows
+compare directly). ``exact_vs_numpy``: the W8A8 output on input set 0 against the same
+module run by the NumPy backend on the CPU (bit-identical by contract); None for the float
+paths (weight-only and bf16 accumulate in floating point, in the GPU's order).
+
+Targets (issue 12), on H100 / H200: W8A8 >= 1.5x bf16 at m >= 2048; weight-only >= 1.5x
+bf16 at m <= 16.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ... import backends
+from ..harness import Case, Provider, ProviderUnavailable, Suite
+
+_NK = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336))
+_M = (1, 16, 128, 2048)
+
+
+def _make_inputs(m: int, n: int, k: int, device: str):
+    def inputs(i):
+        lin = torch.nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        return {"x": x, "lin": lin}
+    return inputs
+
+
+def _torch_bf16():
+    def setup(inp):
+        x, w, b = inp["x"], inp["lin"].weight.detach(), inp["lin"].bias.detach()
+        return lambda: torch.nn.functional.linear(x, w, b)
+    return Provider(setup)
+
+
+def _gpuquant(weight_only: bool):
+    from ...nn.quantized.linear_dynamic import DynamicLinear, WeightOnlyLinear
+
+    def setup(inp):
+        if "triton" not in backends.available():
+            raise ProviderUnavailable("the Triton backend cannot run here")
+        cls = WeightOnlyLinear if weight_only else DynamicLinear
+        mod = cls.from_float_module(inp["lin"]).eval()
+        x = inp["x"]
+        inp.setdefault("modules", {})[weight_only] = mod
+
+        def run():
+            with backends.use("triton"), torch.no_grad():
+                return mod(x)
+        return run
+
+    def check(inp, out):
+        if weight_only:
+            return None
+        mod = copy.deepcopy(inp["modules"][False]).to("cpu")
+        with backends.use("numpy"), torch.no_grad():
+            ref = mod(inp["x"].cpu())
+        return bool(torch.equal(out.cpu(), ref))
+    return Provider(setup, check=check)
+
+
+def _torchao(weight_only: bool):
+    def setup(inp):
+        try:
+            from torchao import quantization as tq
+        except ImportError as e:
+            raise ProviderUnavailable(f"torchao is not installed ({e})") from None
+        names = (("Int8WeightOnlyConfig", "int8_weight_only") if weight_only else
+                 ("Int8DynamicActivationInt8WeightConfig", "int8_dynamic_activation_int8_weight"))
+        make = next((getattr(tq, nm) for nm in names if hasattr(tq, nm)), None)
+        if make is None:
+            raise ProviderUnavailable(f"this torchao has none of {names}")
+        model = torch.nn.Sequential(copy.deepcopy(inp["lin"]))
+        tq.quantize_(model, make())
+        x = inp["x"]
+
+        def run():
+            with torch.no_grad():
+                return model(x)
+        return run
+    return Provider(setup)
+
+
+def _cases(quick: bool, device: str):
+    nk = _NK[:3] if quick else _NK
+    ms = (1, 2048) if quick else _M
+    cases = []
+    for n, k in nk:
+        for m in ms:
+            cases.append(Case(
+                params={"m": m, "n": n, "k": k, "dtype": "bfloat16"},
+                inputs=_make_inputs(m, n, k, device),
+                providers={"torch-bf16": _torch_bf16(), "gpuquant-triton": _gpuquant(False),
+                           "gpuquant-triton-w8": _gpuquant(True), "torchao": _torchao(False),
+                           "torchao-w8": _torchao(True)},
+                throughput=lambda p, ms_: (2 * p["m"] * p["n"] * p["k"] / (ms_ * 1e-3) / 1e12,
+                                           "TOPS")))
+    return cases
+
+
+SUITE = Suite(name="linear_dynamic", baseline="torch-bf16", cases=_cases, device="cuda",
+              x_param="m",
+              description="transformer Linear: W8A8 dynamic and int8 weight-only (Triton) vs "
+                          "bf16 cuBLAS and torchao, 2mnk TOPS")

@@ -1,0 +1,48 @@
+"""The ``linear_dynamic`` bench suite: its case grid, and its providers and exactness check
+run end to end on a tiny case on the CPU (Triton kernels through the interpreter)."""
+import torch
+
+from gpuquant.bench import harness
+from gpuquant.bench.suites import load_suite
+from gpuquant.bench.suites import linear_dynamic as ld
+
+
+def test_case_grid():
+    suite = load_suite("linear_dynamic")
+    assert suite.device == "cuda" and suite.baseline == "torch-bf16"
+    cases = suite.cases(False, "cuda")  # inputs are built lazily: nothing is allocated here
+    grid = {(c.params["m"], c.params["n"], c.params["k"]) for c in cases}
+    assert {m for m, _, _ in grid} == {1, 16, 128, 2048}
+    assert {n for _, n, _ in grid} | {k for _, _, k in grid} == {4096, 11008, 14336}
+    assert len(grid) == 20
+    assert set(cases[0].providers) == {"torch-bf16", "gpuquant-triton", "gpuquant-triton-w8",
+                                       "torchao", "torchao-w8"}
+
+
+def test_tiny_case_runs_and_checks_on_cpu():
+    case = harness.Case(params={"m": 3, "n": 20, "k": 40, "dtype": "bfloat16"},
+                        inputs=ld._make_inputs(3, 20, 40, "cpu"),
+                        providers={"torch-bf16": ld._torch_bf16(),
+                                   "gpuquant-triton": ld._gpuquant(False),
+                                   "gpuquant-triton-w8": ld._gpuquant(True),
+                                   "torchao": ld._torchao(False)},
+                        throughput=lambda p, ms: (2 * p["m"] * p["n"] * p["k"] / ms / 1e9, "TOPS"))
+    cfg = harness.RunConfig(budget_s=0.01, min_reps=1, max_reps=2, rounds=1, max_input_sets=1)
+    res = harness.run_case("linear_dynamic", case, "cpu", cfg)
+    rows = {r["provider"]: r for r in res.rows}
+    assert not res.errors, res.errors
+    assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
+    assert rows["gpuquant-triton-w8"]["exact_vs_numpy"] is None
+    assert rows["torch-bf16"]["unit"] == "TOPS"
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        assert "torchao" in res.unavailable
+    # the check is real: one wrong element is caught
+    inp = case.inputs(0)
+    prov = case.providers["gpuquant-triton"]
+    out = prov.setup(inp)()
+    assert prov.check(inp, out) is True
+    bad = out.clone()
+    bad[1, 7] = bad[1, 7] * 2 + 1  # never equal to itself
+    assert prov.check(inp, bad) is False
