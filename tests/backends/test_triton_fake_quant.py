@@ -17,6 +17,13 @@ DTYPES = [gpuquant.qint8, gpuquant.qint8_narrow, gpuquant.quint8, gpuquant.qint4
 SMALL = 64  # small blocks: many programs and a ragged tail even for small tensors
 
 
+@pytest.fixture(autouse=True)
+def _on_triton():
+    """The triton backend explicitly: on CPU the fused QAT ops run the interpreter only then."""
+    with backends.use("triton"):
+        yield
+
+
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype:
         return False

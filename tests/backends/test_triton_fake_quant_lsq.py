@@ -11,6 +11,13 @@ from gpuquant.quantization import fake_quant as qfq
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
+
+@pytest.fixture(autouse=True)
+def _on_triton():
+    """The triton backend explicitly: on CPU the fused QAT ops run the interpreter only then."""
+    with backends.use("triton"):
+        yield
+
 CASES = [
     # (shape, axis, memory format)
     ((5, 33), None, None),
@@ -149,3 +156,14 @@ def test_input_errors():
         tlsq.tqt_fake_quant(x, s, -128, 127, 3)
     with pytest.raises(TypeError, match="float32/float16/bfloat16"):
         tlsq.tqt_fake_quant(x.int(), s, -128, 127, 1)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the interpreter question only arises on CPU")
+def test_cpu_without_explicit_triton_runs_the_definition():
+    x = torch.randn(3, 4, requires_grad=True)
+    s, z = torch.tensor(0.1, requires_grad=True), torch.tensor(0.0)
+    with backends.use("reference"):
+        y = tlsq.lsq_fake_quant(x, s, z, -128, 127, None, 1.0)
+    assert "LSQFakeQuant" in type(y.grad_fn).__name__ and "LSQFunction" not in type(y.grad_fn).__name__
+    y = tlsq.lsq_fake_quant(x, s, z, -128, 127, None, 1.0)  # fixture: use("triton")
+    assert "LSQFunction" in type(y.grad_fn).__name__

@@ -15,6 +15,13 @@ from gpuquant.quantization import observer as qobs
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf - inf, discarded
 
+
+@pytest.fixture(autouse=True)
+def _on_triton():
+    """The triton backend explicitly: on CPU the fused QAT ops run the interpreter only then."""
+    with backends.use("triton"):
+        yield
+
 OBSERVERS = [
     (qobs.MinMaxObserver, {}),
     (qobs.ExponentialMovingAverageObserver, {"momentum": 0.9}),
@@ -143,3 +150,11 @@ def test_registered_as_backend_op():
     with backends.use("triton"):
         assert backends.find_op("observe_fake_quant", torch.empty(1, device=DEV)) is \
             tobs.observe_fake_quant
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the interpreter question only arises on CPU")
+def test_cpu_auto_selection_never_picks_the_interpreter():
+    obs, fq = qobs.MinMaxObserver(gpuquant.qint8, check_finite=False), qfq.FakeQuantize(gpuquant.qint8)
+    with backends.use("reference"):
+        assert tobs.observe_fake_quant(torch.randn(4), obs, fq) is None
+    assert not obs.has_observed

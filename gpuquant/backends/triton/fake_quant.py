@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "row_plan",
-           "as_rows", "RowPlan", "OPS", "KERNELS"]
+           "as_rows", "RowPlan", "auto_interpreter", "OPS", "KERNELS"]
 
 # 4096 elements (16 a thread at 8 warps): memory-bound elementwise; not tuned on a GPU yet.
 BLOCK = 4096
@@ -434,6 +434,18 @@ class FakeQuantFunction(torch.autograd.Function):
         like = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         gx = fake_quant_backward(grad, mask, like, ctx.block)
         return gx, None, None, None, None, None, None
+
+
+def auto_interpreter(x: torch.Tensor) -> bool:
+    """True when ``x`` is a CPU tensor and the triton backend was not chosen explicitly: the
+    interpreter checks kernels and is never auto-selected (PRIORITY -10 on CPU), but the
+    registry's ``find_op`` returns any backend implementing an op that the reference backend
+    lacks. The optional fused QAT ops (observe_fake_quant, lsq / tqt) use this to hand such
+    calls back to the torch definition."""
+    if x.device.type != "cpu":
+        return False
+    from ..registry import current
+    return current() != "triton"
 
 
 def _check(x, scale, zero_point, qmin, qmax, axis, fn):

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .fake_quant import (_FLOATS, _LAUNCH, _npow2, _rne, _row_offsets, _to_out, _tqt_scale,
-                         as_rows, fake_quant_forward, row_plan)
+                         as_rows, auto_interpreter, fake_quant_forward, row_plan)
 
 __all__ = ["lsq_fake_quant", "tqt_fake_quant", "OPS", "KERNELS"]
 
@@ -258,6 +258,9 @@ def lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor, *, progr
         ValueError: bad axis or range, shapes or devices that do not match.
     """
     _check(x, {"scale": scale, "zero_point": zero_point}, qmin, qmax, axis, "lsq_fake_quant")
+    if auto_interpreter(x):  # CPU without use("triton"): the torch definition, not the interpreter
+        from ...quantization.fake_quant import _LSQFakeQuant
+        return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, axis, grad_factor)
     return LSQFunction.apply(x, scale, zero_point, int(qmin), int(qmax), axis,
                              float(grad_factor), (programs, tile))
 
@@ -275,6 +278,9 @@ def tqt_fake_quant(x, log2_t, qmin, qmax, axis, *, programs=None, tile=2048):
         TypeError, ValueError: as :func:`lsq_fake_quant`.
     """
     _check(x, {"log2_t": log2_t}, qmin, qmax, axis, "tqt_fake_quant")
+    if auto_interpreter(x):  # CPU without use("triton"): the torch definition, not the interpreter
+        from ...quantization.fake_quant import _TQTFakeQuant
+        return _TQTFakeQuant.apply(x, log2_t, qmin, qmax, axis)
     return TQTFunction.apply(x, log2_t, int(qmin), int(qmax), axis, (programs, tile))
 
 

@@ -8,7 +8,7 @@
     pairs it does not handle (the caller then runs the definition): handled are an enabled
     :class:`MinMaxObserver` / :class:`ExponentialMovingAverageObserver` (and their Sync
     variants), per-tensor or per-channel, with an enabled plain :class:`FakeQuantize` of the
-    same dtype.
+    same dtype; on CPU tensors (the interpreter) only under ``gpuquant.backends.use("triton")``.
 
 Passes (no host synchronisation when the observer has ``check_finite=False``):
 
@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fake_quant import (_LAUNCH, _FLOATS, FakeQuantFunction, _npow2, _rne, _row_offsets,
-                         as_rows, row_plan)
+from .fake_quant import (_FLOATS, _LAUNCH, FakeQuantFunction, _npow2, _rne, _row_offsets,
+                         as_rows, auto_interpreter, row_plan)
 
 __all__ = ["observe_fake_quant", "observer_step", "OPS", "KERNELS"]
 
@@ -256,6 +256,8 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, programs: Optio
     """
     from ...quantization.fake_quant import FakeQuantize
     if observer is None or fake_quant is None or not isinstance(x, torch.Tensor):
+        return None
+    if auto_interpreter(x):  # the interpreter only when chosen with use("triton")
         return None
     if type(fake_quant) is not FakeQuantize or not fake_quant.enabled or not observer.enabled:
         return None
