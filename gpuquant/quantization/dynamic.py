@@ -8,9 +8,12 @@ activations, per-channel int8 weights, int32 accumulation, float output) or, wit
 
 What is and is not swapped:
 
-* ``torch.nn.Linear`` and subclasses (HuggingFace ``nn.Linear`` layers included), any
-  leading dimensions; QAT :class:`gpuquant.nn.qat.linear_dynamic.DynamicLinear` convert
-  with their own mode and dtypes.
+* ``torch.nn.Linear`` and subclasses that keep its forward (HuggingFace ``nn.Linear`` layers,
+  ``gpuquant.nn.Linear``), any leading dimensions; QAT
+  :class:`gpuquant.nn.qat.linear_dynamic.DynamicLinear` convert with their own mode and
+  dtypes; SmoothQuant's :class:`~gpuquant.quantization.smoothquant.SmoothedLinear` keeps its
+  input smoothing. Linear subclasses with their own forward (``gpuquant.nn.LinearRelu``...)
+  stay float (logged): a plain quantized Linear would drop what their forward adds.
 * ``torch.nn.MultiheadAttention`` is replaced as a whole by
   :class:`~gpuquant.nn.quantized.linear_dynamic.DynamicMultiheadAttention` (its forward reads
   ``in_proj_weight`` and ``out_proj.weight`` directly, so swapping ``out_proj`` alone would be
@@ -33,12 +36,20 @@ from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, max_in_features
 from ..nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
 from ..nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
                                            WeightOnlyLinear, _Int8WeightLinear)
+from .smoothquant import SmoothedLinear
 
 __all__ = ["quantize_dynamic", "prepare_dynamic_qat"]
 
 log = logging.getLogger("gpuquant.quantization")
 
 _NDQ = torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def _custom_forward(mod) -> bool:
+    """A Linear subclass with its own forward (a fused ReLU, say): swapping it for a plain
+    quantized Linear would change what it computes, so it stays float (and is logged)."""
+    return (type(mod).forward is not torch.nn.Linear.forward
+            and not isinstance(mod, (QATDynamicLinear, SmoothedLinear)))
 
 
 def _check_common(model, modules, filter_fn, inplace, fn: str):
@@ -151,6 +162,10 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
             return DynamicMultiheadAttention.from_float_module(mod, ad, wd, weight_only)
         if isinstance(mod, _NDQ) or not _wanted(mod, name, modules, filter_fn):
             return None
+        if _custom_forward(mod):
+            log.warning("quantize_dynamic: %s (%s) stays float: its forward is not "
+                        "torch.nn.Linear's", name, type(mod).__name__)
+            return None
         if isinstance(mod, QATDynamicLinear):
             cls = WeightOnlyLinear if mod.weight_only else DynamicLinear
             return cls.from_qat_module(mod)
@@ -189,6 +204,10 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
             log.warning("prepare_dynamic_qat: %s (MultiheadAttention) is not fake-quantized", name)
             return None
         if isinstance(mod, (_NDQ, QATDynamicLinear)) or not _wanted(mod, name, modules, filter_fn):
+            return None
+        if _custom_forward(mod):
+            log.warning("prepare_dynamic_qat: %s (%s) stays float: its forward is not "
+                        "torch.nn.Linear's", name, type(mod).__name__)
             return None
         return QATDynamicLinear.from_float_module(mod, ad, wd, weight_only)
 

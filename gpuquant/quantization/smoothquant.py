@@ -57,8 +57,11 @@ class SmoothedLinear(torch.nn.Linear):
 
 
 def _linears(model, filter_fn=None):
+    """Linears computing ``torch.nn.Linear``'s forward (or SmoothedLinear's): subclasses with
+    their own forward (fused activations) are left alone."""
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and not isinstance(m, _NDQ):
+        if isinstance(m, torch.nn.Linear) and not isinstance(m, _NDQ) and \
+                type(m).forward in (torch.nn.Linear.forward, SmoothedLinear.forward):
             if filter_fn is None or filter_fn(m, name):
                 yield name, m
 

@@ -210,3 +210,27 @@ def test_quantize_dynamic_bad_input():
         smooth_quant(model, {}, alpha=1.5)
     with pytest.raises(ValueError, match="LayerNorm"):
         smooth_quant(model, {"0": torch.ones(8)}, fold={"1": ["0"]})
+
+
+def test_state_dict_round_trip_and_custom_forward_linears(caplog):
+    from gpuquant.nn import LinearRelu
+    lin = SmoothedLinear(24, 12)
+    with torch.no_grad():
+        lin.input_smoothing.uniform_(0.5, 2.0)
+    for cls, kw in ((DynamicLinear, {"act_dtype": gpuquant.qint8_narrow}), (WeightOnlyLinear, {})):
+        q = cls.from_float_module(lin, **kw)
+        fresh = cls(24, 12)  # default dtypes, no smoothing: the state dict brings both
+        fresh.load_state_dict(q.state_dict())
+        x = torch.randn(5, 24)
+        with torch.no_grad():
+            assert torch.equal(fresh(x), q(x))
+            assert torch.allclose(q(x), lin(x), rtol=0.05, atol=0.05)
+        assert fresh.input_smoothing is not None
+        if cls is DynamicLinear:
+            assert fresh.act_dtype is gpuquant.qint8_narrow
+    # a Linear subclass with its own forward (fused ReLU) is not replaced by a plain Linear
+    model = nn.Sequential(LinearRelu(8, 8), nn.Linear(8, 4))
+    with caplog.at_level(logging.WARNING, logger="gpuquant.quantization"):
+        q = quantize_dynamic(model)
+    assert type(q[0]) is LinearRelu and isinstance(q[1], DynamicLinear)
+    assert "LinearRelu" in caplog.text

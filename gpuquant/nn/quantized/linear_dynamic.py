@@ -111,6 +111,25 @@ class _Int8WeightLinear(Module):
             self.input_smoothing = smooth.detach().to(torch.float32).clone()
         return self
 
+    # state_dict: the buffers, plus the dtype names as extra state; an input_smoothing
+    # present in the state dict but not in this module is taken over
+    def get_extra_state(self):
+        state = {"weight_dtype": self.weight_dtype.name}
+        if hasattr(self, "act_dtype"):
+            state["act_dtype"] = self.act_dtype.name
+        return state
+
+    def set_extra_state(self, state) -> None:
+        self.weight_dtype = get_dtype(state["weight_dtype"])
+        if "act_dtype" in state:
+            self.act_dtype = get_dtype(state["act_dtype"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "input_smoothing"
+        if key in state_dict and self.input_smoothing is None:
+            self.input_smoothing = torch.empty_like(state_dict[key], dtype=torch.float32)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def set_quantize_enabled(self, enabled: bool = True):
         """False: run the float computation with the dequantized weights (for debugging and
         error measurement); True (default): the integer kernels."""
