@@ -62,7 +62,7 @@ def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: Qu
     qmin, qmax = dtype.qmin, dtype.qmax
     min_neg = torch.min(min_val, torch.zeros_like(min_val))
     max_pos = torch.max(max_val, torch.zeros_like(max_val))
-    eps = torch.tensor(_EPS, dtype=torch.float32, device=min_val.device)
+    eps = torch.full((), _EPS, dtype=torch.float32, device=min_val.device)  # a fill, no H2D copy
     if symmetric:
         max_pos = torch.max(-min_neg, max_pos)
         scale = max_pos / (float(qmax - qmin) / 2)
@@ -495,11 +495,13 @@ class HistogramObserver(Observer):
         cum = self.histogram.cumsum(0)
         total = cum[-1]
         target = total * p
-        i = torch.searchsorted(cum, target.reshape(1)).clamp(max=self.bins - 1)[0]
-        prev = torch.where(i > 0, cum[(i - 1).clamp(min=0)], torch.zeros_like(total))
-        cnt = self.histogram[i]
+        # 1-element index tensors throughout: indexing with a 0-d tensor would read it on the host
+        i = torch.searchsorted(cum, target.reshape(1)).clamp(max=self.bins - 1)
+        prev = torch.where(i > 0, cum.gather(0, (i - 1).clamp(min=0)), torch.zeros_like(cum[:1]))
+        cnt = self.histogram.gather(0, i)
         frac = torch.where(cnt > 0, (target - prev) / torch.where(cnt > 0, cnt, 1.0), 0.0)
-        return edges[i] + frac.clamp(0, 1) * (edges[i + 1] - edges[i])
+        e0, e1 = edges.gather(0, i), edges.gather(0, i + 1)
+        return (e0 + frac.clamp(0, 1) * (e1 - e0)).reshape(())
 
     def _mse(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """Quantization MSE of the histogram for candidate ranges ``lo``/``hi`` (1-D, float32)."""
@@ -523,7 +525,7 @@ class HistogramObserver(Observer):
             else:
                 cand = edges[max(1, self.bins // 32):].float()
                 err = self._mse(-cand, cand)
-                t = cand[torch.argmin(err)]
+                t = cand.gather(0, torch.argmin(err).reshape(1)).reshape(())
             return -t, t
         if self.mode == "percentile":
             tail = (100.0 - self.percentile) / 100.0
@@ -538,8 +540,8 @@ class HistogramObserver(Observer):
         hi_c = edges[ri].float().clamp(min=0.0)
         lo_g = lo_c[:, None].expand(g, g).reshape(-1)
         hi_g = hi_c[None, :].expand(g, g).reshape(-1)
-        best = torch.argmin(self._mse(lo_g, hi_g))
-        return lo_g[best], hi_g[best]
+        best = torch.argmin(self._mse(lo_g, hi_g)).reshape(1)
+        return lo_g.gather(0, best).reshape(()), hi_g.gather(0, best).reshape(())
 
     def get_qparams(self) -> QParams:
         self._require_observed()

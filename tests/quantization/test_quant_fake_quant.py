@@ -370,3 +370,31 @@ def test_learned_ops_dispatch_to_a_backend_op(monkeypatch):
     assert calls[0] == ("lsq", -127, 127, 2, 1.0 / math.sqrt(24 * 127), (5,))
     assert calls[1] == ("tqt", -8, 7, None)
     assert lsq.scale.grad is not None
+
+
+@pytest.mark.gpu
+def test_learned_fake_quant_on_cuda_matches_cpu_and_never_syncs():
+    x = torch.randn(8, 16, 9)
+    qp = QParams(gpuquant.qint8_narrow, torch.rand(16) * 0.05 + 0.01, 0, axis=1)
+    cpu = LSQ(gpuquant.qint8_narrow, axis=1)
+    gpu = LSQ(gpuquant.qint8_narrow, axis=1).cuda()
+    cpu(x, qp)
+    gpu(x.cuda(), qp.to("cuda"))
+    tq = TQT(gpuquant.qint8).cuda()
+    tq(x.cuda(), QParams(gpuquant.qint8, 0.1, 0).to("cuda"))
+    xa = x.clone().requires_grad_(True)
+    xb = x.cuda().requires_grad_(True)
+    dy = torch.randn_like(x)
+    cpu(xa).backward(dy)
+    torch.cuda.synchronize()
+    with gpuquant.backends.use("reference"):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = gpu(xb)
+            y.backward(dy.cuda())
+            tq(xb).sum().backward()
+            gpu.get_qparams(), tq.get_qparams()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(y.cpu(), cpu(x))
+    torch.testing.assert_close(gpu.scale.grad.cpu(), cpu.scale.grad, rtol=1e-5, atol=1e-6)

@@ -455,3 +455,40 @@ def test_passive_observer_set_get_and_errors():
     sd["scale"] = torch.tensor([0.1, -0.2, 0.3, 0.4])
     with pytest.raises(ValueError, match="scale must be finite and > 0"):
         PassiveObserver(gpuquant.qint8_narrow, axis=0).load_state_dict(sd)
+
+
+# ------------------------------------------------------------------------- on the GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,symmetric", CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_minmax_on_cuda_bit_identical_to_torch(dtype, symmetric):
+    """On CUDA torch divides by a CPU scalar as a multiply by its reciprocal: the same
+    expressions must still give torch.ao's bits there."""
+    ours = MinMaxObserver(dtype, symmetric=symmetric, axis=1).cuda()
+    ref = TorchPerChannel(ch_axis=1, **_torch_kwargs(dtype, symmetric, True)).cuda()
+    ours_t = MinMaxObserver(dtype, symmetric=symmetric).cuda()
+    ref_t = TorchMinMax(**_torch_kwargs(dtype, symmetric, False)).cuda()
+    for x in _batches((6, 33, 5)):
+        x = x.cuda()
+        ours(x), ref(x), ours_t(x), ref_t(x)
+        _same(ours.get_qparams(), *ref.calculate_qparams())
+        _same(ours_t.get_qparams(), *ref_t.calculate_qparams())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [lambda: MinMaxObserver(axis=0, check_finite=False),
+                                  lambda: ExponentialMovingAverageObserver(check_finite=False),
+                                  lambda: HistogramObserver(check_finite=False),
+                                  lambda: HistogramObserver(symmetric=False, mode="percentile",
+                                                            check_finite=False)])
+def test_observers_never_sync_the_host_on_cuda(make):
+    obs = make().cuda()
+    x = torch.randn(64, 300, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            obs(x)
+        qp = obs.get_qparams()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert qp.scale.is_cuda and bool((qp.scale > 0).all())
