@@ -493,3 +493,22 @@ def test_gpu_default_tier_and_forced_tier_errors(cupy_backend, monkeypatch):
         monkeypatch.setenv(dispatch.ENV_VAR, t)
         with pytest.raises(ValueError, match=t):
             tier_for("cuda")
+
+
+def test_weight_preparation_is_cached_and_invalidated(emu_build):
+    import gc
+    gen = torch.Generator().manual_seed(9)
+    x, x_zp, w, bias, rq = make_linear((9,), 40, 17, torch.uint8, "quint8", "normal", gen)
+    p1 = launch.plan_linear(x, x_zp, w, bias, rq, "mma80")
+    p2 = launch.plan_linear(x, x_zp, w, bias, rq, "mma80")
+    assert p2.args[1] is p1.args[1]                       # re-laid-out weight reused
+    assert p1.args[1].untyped_storage().data_ptr() != w.untyped_storage().data_ptr()
+    w[0, :5] = torch.tensor([127, -127, 3, 0, -1], dtype=torch.int8)   # in place: new version
+    p3 = launch.plan_linear(x, x_zp, w, bias, rq, "mma80")
+    assert p3.args[1] is not p1.args[1]
+    _check(emu_execute(emu_build, p3, 0), x, x_zp, w, bias, rq)
+    wid = id(w)
+    assert wid in launch._WEIGHT_CACHE
+    del w, p1, p2, p3
+    gc.collect()
+    assert wid not in launch._WEIGHT_CACHE                # the cache does not keep it alive

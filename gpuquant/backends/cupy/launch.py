@@ -18,6 +18,7 @@ What the plan does on the host, once per call:
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Tuple
 
@@ -69,9 +70,40 @@ def _act_params(x: torch.Tensor, x_zp: int):
     raise TypeError(f"quantized activations must be torch.int8 or torch.uint8, got {x.dtype}")
 
 
-def _channel_params(w2: torch.Tensor, bias, zp_eff: int, rq, n: int, device):
+# id(weight) -> (weakref to it, {layout key: (version key, (kernel-ready weight, colsum))}): a
+# module's weight is re-laid out and summed once, not every call. Entries hold copies (never
+# views of the weight), so they do not keep it alive, and go when it does; an in-place change
+# (``_version``) or a new storage (``.data =``) invalidates them.
+_WEIGHT_CACHE: dict = {}
+
+
+def _prepared_weight(w: torch.Tensor, key, make):
+    """``make() -> (w_ready, colsum)``, cached per weight tensor while it is unchanged."""
+    version = (w._version, w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.device)
+    wid = id(w)
+    entry = _WEIGHT_CACHE.get(wid)
+    if entry is None or entry[0]() is not w:
+        try:
+            ref = weakref.ref(w, lambda _r, wid=wid: _WEIGHT_CACHE.pop(wid, None))
+        except TypeError:  # not weak-referenceable: no cache
+            return make()
+        entry = _WEIGHT_CACHE[wid] = (ref, {})
+    hit = entry[1].get(key)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    w_ready, colsum = make()
+    if w_ready.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
+        w_ready = w_ready.clone()
+    entry[1][key] = (version, (w_ready, colsum))
+    return w_ready, colsum
+
+
+def _colsum(w2: torch.Tensor) -> torch.Tensor:
+    return w2.reshape(w2.shape[0], -1).to(torch.int32).sum(dim=1, dtype=torch.int64)
+
+
+def _channel_params(colsum: torch.Tensor, bias, zp_eff: int, rq, n: int, device):
     """bias_eff (int64), multiplier and rshift (int32), each (n,) on ``device``."""
-    colsum = w2.to(torch.int32).sum(dim=1, dtype=torch.int64)
     bias_eff = -int(zp_eff) * colsum
     if bias is not None:
         bias_eff = bias_eff + bias.to(device=device, dtype=torch.int64).reshape(-1)
@@ -82,6 +114,13 @@ def _channel_params(w2: torch.Tensor, bias, zp_eff: int, rq, n: int, device):
     if mult.numel() != n:
         raise ValueError(f"requantization has {mult.numel()} channels, the op has {n} outputs")
     return bias_eff.contiguous(), mult.contiguous(), shift.contiguous()
+
+
+def _check_weight(w: torch.Tensor, ndim: int) -> None:
+    if w.dtype != torch.int8:
+        raise TypeError(f"quantized weights must be torch.int8, got {w.dtype}")
+    if w.dim() != ndim:
+        raise ValueError(f"weight must have {ndim} dimensions, got shape {tuple(w.shape)}")
 
 
 def _check_rows(m: int) -> None:
@@ -107,14 +146,17 @@ def plan_linear(x, x_zp, w, bias, rq, tier: str) -> Launch:
     m = 1
     for s in lead:
         m *= int(s)
+    _check_weight(w, 2)
     a = x.reshape(m, k)
-    w2 = w.reshape(n, k)
     _check_rows(m)
-    bias_eff, mult, shift = _channel_params(w2, bias, zp_eff, rq, n, x.device)
-    if tier != "dp4a" and k % 16:
-        kp = _cdiv(k, 16) * 16
-        a, w2, k = _pad_last(a, kp), _pad_last(w2, kp), kp
-    a, w2 = _aligned(a), _aligned(w2.to(torch.int8))
+    kp = k if tier == "dp4a" else _cdiv(k, 16) * 16   # tensor-core tiers: K % 16 == 0
+
+    def make():
+        w2 = w.reshape(n, k)
+        return _aligned(_pad_last(w2, kp)), _colsum(w2)
+    w2, colsum = _prepared_weight(w, ("linear", kp), make)
+    bias_eff, mult, shift = _channel_params(colsum, bias, zp_eff, rq, n, x.device)
+    a, k = _aligned(_pad_last(a, kp)), kp
     out = torch.empty((m, n), dtype=rq.dtype.storage, device=x.device)
     bm, bn = BLOCK_TILES[tier]
     args = (a, w2, bias_eff, mult, shift, out, m, n, k, a_xor, int(rq.zero_point),
@@ -153,16 +195,26 @@ def plan_conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq, tier: s
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv2d output would be empty ({ho}x{wo}) for input {h}x{wd}, kernel "
                          f"{kh}x{kw}, stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}")
+    _check_weight(w, 4)
+    if groups < 1 or c % groups or o % groups or c // groups != cg:
+        raise ValueError(f"conv2d weight {tuple(w.shape)} and groups={groups} do not fit an "
+                         f"input of {c} channels")
     xh = x.permute(0, 2, 3, 1)                       # NHWC view (free for channels_last)
-    wr = w.permute(0, 2, 3, 1).to(torch.int8)        # (O, kh, kw, cg)
-    bias_eff, mult, shift = _channel_params(wr.reshape(o, -1), bias, zp_eff, rq, o, x.device)
+    cp = cg
     if tier != "dp4a" and cg % 16:
         if groups == 1:
-            cp = _cdiv(cg, 16) * 16
-            xh, wr, cg, c = _pad_last(xh, cp), _pad_last(wr, cp), cp, cp
+            cp = _cdiv(cg, 16) * 16                  # tensor-core tiers: 16-channel chunks
         else:
-            tier = "dp4a"
-    xh, wr = _aligned(xh), _aligned(wr)
+            tier = "dp4a"                            # grouped / depthwise: the dp4a kernel
+
+    def make():
+        wr = w.permute(0, 2, 3, 1)                   # (O, kh, kw, cg)
+        return _aligned(_pad_last(wr, cp)), _colsum(wr)
+    wr, colsum = _prepared_weight(w, ("conv", cp), make)
+    bias_eff, mult, shift = _channel_params(colsum, bias, zp_eff, rq, o, x.device)
+    if cp != cg:
+        xh, cg, c = _pad_last(xh, cp), cp, cp
+    xh = _aligned(xh)
     kg = kh * kw * cg
     m = nimg * ho * wo
     _check_rows(m)
