@@ -173,6 +173,15 @@ def find_op(op: str, device) -> Optional[Callable]:
     return None
 
 
+def _verified(op: str, fn: Callable, backend: str) -> Callable:
+    """``GPUQUANT_VERIFY=1``: check each call against the NumPy oracle (see :mod:`.verify`)."""
+    if backend == "numpy" or os.environ.get("GPUQUANT_VERIFY", "0").strip().lower() in (
+            "", "0", "false", "no"):
+        return fn
+    from .verify import checked_op
+    return checked_op(op, fn, backend)
+
+
 def get_op(op: str, device) -> Callable:
     """The implementation of ``op`` for tensors on ``device``.
 
@@ -193,7 +202,7 @@ def get_op(op: str, device) -> Callable:
             have = [n for n in available() if op in get_backend(n).OPS]
             raise NotImplementedError(f"backend {name!r} does not implement op {op!r}; backends "
                                       f"that do: {have}")
-        return fn
+        return _verified(op, fn, name)
     cands = _auto_candidates(dev)
     for i, mod in enumerate(cands):
         fn = mod.OPS.get(op)
@@ -202,7 +211,7 @@ def get_op(op: str, device) -> Callable:
                 _fallback_logged.add((op, dev))
                 log.info("gpuquant: op %r on %s runs on backend %r (%r does not implement it)",
                          op, dev, mod.NAME, cands[0].NAME)
-            return fn
+            return _verified(op, fn, mod.NAME)
     raise NotImplementedError(f"no available backend implements op {op!r} for {dev} tensors "
                               f"(available: {available()})")
 
