@@ -463,6 +463,11 @@ def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQua
     # supports, when both are present and enabled; it must leave the observer's state and
     # the output exactly as the calls below would. The calls below are the definition.
     # ---------------------------------------------------------------------------------------
+    if observer is not None and fake_quant is not None and isinstance(x, torch.Tensor):
+        fused = find_op("observe_fake_quant", x)
+        y = fused(x, observer, fake_quant) if fused is not None else None
+        if y is not None:  # None: a pair the op does not handle
+            return y
     if observer is not None:
         x = observer(x)
     if fake_quant is None or not fake_quant.enabled:

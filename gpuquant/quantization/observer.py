@@ -485,7 +485,7 @@ class HistogramObserver(Observer):
     # ---------------------------------------------------------------- range choice
     def _bin_edges(self):
         nb = self.bins
-        lo, hi = self.hist_lo.double(), self.hist_hi.double()
+        lo = self.hist_lo.double()
         w = self._width(self.hist_lo, self.hist_hi).double()
         return lo + w * torch.arange(nb + 1, device=lo.device, dtype=torch.float64) / nb
 
