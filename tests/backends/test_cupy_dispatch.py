@@ -204,3 +204,18 @@ def test_epilogue_primitives_edges(epilogue):
                  (3, 0), (-(1 << 20) - (1 << 19), 20)):
         want = int(ref.rdbpot(torch.tensor([x], dtype=torch.int64), e)[0])
         assert epilogue.gq_rdbpot_c(x, e) == want, (x, e)
+
+
+def test_bench_tier_providers():
+    from gpuquant.bench.harness import ProviderUnavailable
+    from gpuquant.backends.cupy.bench import tier_providers
+    import gpuquant.backends.cupy as cb
+    provs = tier_providers("linear")
+    assert sorted(provs) == sorted(f"gpuquant-cupy-{t}" for t in dispatch.TIERS)
+    with pytest.raises(ValueError, match="op must be"):
+        tier_providers("matmul")
+    with pytest.raises(ValueError, match="unknown tier"):
+        tier_providers("conv2d", tiers=("wgmma",))
+    if not cb.is_available()[0]:
+        with pytest.raises(ProviderUnavailable, match="cupy backend"):
+            provs["gpuquant-cupy-dp4a"].setup(())

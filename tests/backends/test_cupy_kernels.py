@@ -512,3 +512,17 @@ def test_weight_preparation_is_cached_and_invalidated(emu_build):
     del w, p1, p2, p3
     gc.collect()
     assert wid not in launch._WEIGHT_CACHE                # the cache does not keep it alive
+
+
+@pytest.mark.gpu
+def test_gpu_bench_providers_run_every_tier(cupy_backend):
+    from gpuquant.backends.cupy.bench import tier_providers
+    gen = torch.Generator().manual_seed(13)
+    x, x_zp, w, bias, rq = make_linear((77,), 96, 50, torch.uint8, "quint8", "normal", gen)
+    want = _gpu_oracle()["linear"](x, x_zp, w, bias, rq)
+    inputs = (x.cuda(), x_zp, w.cuda(), bias.cuda(), rq.to("cuda"))
+    for name, prov in tier_providers("linear", tiers=_gpu_tiers()).items():
+        run = prov.setup(inputs)
+        got = run()
+        torch.cuda.synchronize()
+        assert torch.equal(got.cpu(), want), name

@@ -1,0 +1,68 @@
+"""Benchmark providers ``gpuquant-cupy-<tier>`` for the ``gemm`` and ``conv`` suites.
+
+A suite adds every tier the GPU can run beside its other providers::
+
+    from gpuquant.backends.cupy.bench import tier_providers
+    providers.update(tier_providers("linear", args_of=lambda inp: (inp["x"], inp["x_zp"],
+                                    inp["w"], inp["bias"], inp["rq"]), check=check))
+
+Each provider times the backend op as a user calls it (host plan + kernel launch; the weight
+re-layout is cached per weight tensor, as a converted module would hold it), with the tier
+forced, on CUDA tensors. Where CuPy or a GPU is missing, or the GPU cannot run a tier, the
+provider's ``setup`` raises ``ProviderUnavailable`` with the reason (the harness leaves it
+out and says why).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+from . import dispatch, is_available
+from .launch import execute, plan_conv2d, plan_linear
+
+__all__ = ["tier_providers"]
+
+_PLANS = {"linear": plan_linear, "conv2d": plan_conv2d}
+
+
+def tier_providers(op: str, args_of: Callable[[Any], tuple] = tuple,
+                   check: Optional[Callable[[Any, Any], Optional[bool]]] = None,
+                   tiers=dispatch.TIERS) -> Dict[str, Any]:
+    """Providers ``gpuquant-cupy-<tier>`` for ``op`` ("linear" or "conv2d").
+
+    Args:
+        op: which op the case times.
+        args_of: input set -> the op's positional arguments, in the reference backend's
+            signature (``linear(x, x_zp, w, bias, rq)``, ``conv2d(x, x_zp, w, bias, stride,
+            padding, dilation, groups, rq)``), tensors on the GPU.
+        check: the suite's ``exact_vs_numpy`` check, passed through.
+        tiers: the tiers to offer (default: all; those the GPU cannot run report unavailable).
+
+    Raises:
+        ValueError: unknown op or tier name.
+    """
+    from ...bench.harness import Provider, ProviderUnavailable
+    if op not in _PLANS:
+        raise ValueError(f"op must be one of {sorted(_PLANS)}, got {op!r}")
+    for t in tiers:
+        if t not in dispatch.TIERS:
+            raise ValueError(f"unknown tier {t!r}; allowed: {list(dispatch.TIERS)}")
+    plan_fn = _PLANS[op]
+
+    def make(tier):
+        def setup(inputs):
+            ok, reason = is_available()
+            if not ok:
+                raise ProviderUnavailable(f"cupy backend: {reason}")
+            import torch
+            args = tuple(args_of(inputs))
+            cap = torch.cuda.get_device_capability(args[0].device)
+            try:
+                dispatch.check_tier(tier, cap)
+            except ValueError as e:
+                raise ProviderUnavailable(str(e))
+
+            def run():
+                return execute(plan_fn(*args, tier), cap)
+            return run
+        return Provider(setup, check)
+    return {f"gpuquant-cupy-{t}": make(t) for t in tiers}
