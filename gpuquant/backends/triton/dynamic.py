@@ -189,18 +189,44 @@ def _linear_weight_only_kernel(
     tl.store(c_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _weight_only_config(m: int, n: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) by shape.
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Untuned starting points (no
+# GPU was available when this was written), autotuned per (M, N, K) on the GPU: decode
+# (M <= 16) is memory-bound on W, so narrow N tiles give many programs streaming it; prefill
+# uses tensor-core tiles like the int8 GEMM's (bf16 A: BLOCK_K 64 is 128-byte rows).
+_WO_TILES = [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 256, 1, 4, 3),
+             (16, 128, 128, 1, 4, 4), (32, 64, 128, 1, 4, 4),
+             (64, 64, 128, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 4, 3),
+             (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3)]
+_WO_INTERPRET_TILE = (16, 32, 32, 4, 4, 1)  # one small tile: every tile is numpy work there
 
-    Untuned starting points (no GPU was available when this was written): small M is
-    memory-bound on W, so narrow N tiles give many programs streaming it; large M uses
-    tensor-core tiles like the int8 GEMM's.
-    """
-    if m <= 16:
-        return 16, (32 if n <= 8192 else 64), 128, 8, 4, 4
-    if m <= 128:
-        return 64, 128, 64, 8, 4, 4
-    return 128, 128, 64, 8, 8, 3
+
+def _wo_config(t):
+    bm, bn, bk, gm, nw, ns = t
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
+                         num_warps=nw, num_stages=ns)
+
+
+def _wo_prune(configs, named_args, **kwargs):
+    """No row tile far taller than M (decode never needs 128 rows)."""
+    m = named_args["M"]
+    cap = max(16, triton.next_power_of_2(m))
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    return keep or configs[:1]
+
+
+_WO_KERNELS = {}
+
+
+def _weight_only_kernel(interpret: bool):
+    k = _WO_KERNELS.get(interpret)
+    if k is None:
+        heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(
+            _linear_weight_only_kernel)
+        k = heur if interpret else triton.autotune(
+            configs=[_wo_config(t) for t in _WO_TILES], key=["M", "N", "K"],
+            prune_configs_by={"early_config_prune": _wo_prune})(heur)
+        _WO_KERNELS[interpret] = k
+    return k
 
 
 def linear_weight_only(x, wq, w_scale, bias):
@@ -210,19 +236,16 @@ def linear_weight_only(x, wq, w_scale, bias):
     if out.numel() == 0:
         return out
     interpret = arch_family(x.device) == "interpret"
+    meta = {}
     if interpret:
-        bm, bn, bk, gm, warps, stages = 16, 32, 32, 4, 4, 1
-    else:
-        bm, bn, bk, gm, warps, stages = _weight_only_config(m, n)
-    bk = min(bk, max(16, triton.next_power_of_2(k)))  # tiny K: no wasted masked work
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _linear_weight_only_kernel[grid](
+        bm, bn, bk, gm, nw, ns = _WO_INTERPRET_TILE
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
+    _weight_only_kernel(interpret)[grid](
         x, wq, out, w_scale, bias if bias is not None else w_scale, m, n, k,
         x.stride(0), x.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, DOT_F32=x.dtype == torch.float32 or interpret,
-        BF16_RNE_BITS=interpret and out.dtype == torch.bfloat16,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, EVEN_K=(k % bk == 0),
-        num_warps=warps, num_stages=stages, **LAUNCH_OPTS)
+        BF16_RNE_BITS=interpret and out.dtype == torch.bfloat16, **meta, **LAUNCH_OPTS)
     return out
 
 
