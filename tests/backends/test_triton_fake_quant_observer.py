@@ -158,3 +158,24 @@ def test_cpu_auto_selection_never_picks_the_interpreter():
     with backends.use("reference"):
         assert tobs.observe_fake_quant(torch.randn(4), obs, fq) is None
     assert not obs.has_observed
+
+
+def test_apply_fake_quant_with_observer_takes_the_fused_path(monkeypatch):
+    import gpuquant.backends.triton as tb
+    calls = []
+
+    def spy(x, observer, fake_quant):
+        y = tobs.observe_fake_quant(x, observer, fake_quant)
+        calls.append(y is not None)
+        return y
+    monkeypatch.setitem(tb.OPS, "observe_fake_quant", spy)
+    d = gpuquant.qint8
+    obs = qobs.ExponentialMovingAverageObserver(0.9, d, check_finite=False).to(DEV)
+    ref, fq = copy.deepcopy(obs), qfq.FakeQuantize(d)
+    x = torch.randn(6, 7, device=DEV)
+    y = qfq.apply_fake_quant_with_observer(x, fq, obs)
+    with backends.use("reference"):
+        yr = qfq.apply_fake_quant_with_observer(x, fq, ref)
+    assert calls == [True]
+    assert torch.equal(y, yr)
+    assert_same_state(obs, ref)
