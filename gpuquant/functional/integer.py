@@ -48,7 +48,8 @@ def check_accumulator_range(k, x_range, x_zero_point, w_absmax=128, bias_absmax=
         op: the op's name, used in error messages.
 
     Returns:
-        The worst-case accumulator magnitude (an int below 2^31).
+        An upper bound of the accumulator's magnitude (an int below 2^31); an int8 / uint8
+        weight tensor is only scanned when its dtype's bound would not fit.
 
     Raises:
         TypeError: an argument of the wrong type.
@@ -78,8 +79,13 @@ def check_accumulator_range(k, x_range, x_zero_point, w_absmax=128, bias_absmax=
     if isinstance(zp, bool) or not isinstance(zp, int):
         raise TypeError(f"{op}: x_zero_point must be an int, got {type(zp).__name__}")
     x_max = max(abs(lo - zp), abs(hi - zp))
-    w_max = _abs_max(w_absmax, "w", op)
     b_max = 0 if bias_absmax is None else _abs_max(bias_absmax, "bias", op)
+    if isinstance(w_absmax, torch.Tensor) and w_absmax.dtype in _RANGE_OF:
+        # an int8 / uint8 weight within the bound of its dtype needs no scan of its values
+        lo_w, hi_w = _RANGE_OF[w_absmax.dtype]
+        if k * x_max * max(-lo_w, hi_w) + b_max < _INT32_LIMIT:
+            return k * x_max * max(-lo_w, hi_w) + b_max
+    w_max = _abs_max(w_absmax, "w", op)
     worst = k * x_max * w_max + b_max
     if worst >= _INT32_LIMIT:
         per_k = x_max * w_max

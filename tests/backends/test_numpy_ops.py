@@ -272,8 +272,13 @@ def test_bad_inputs_raise_clear_errors():
 def test_check_accumulator_range():
     from gpuquant.functional.integer import check_accumulator_range
     assert check_accumulator_range(9, torch.int8, 0, 127, 10) == 9 * 128 * 127 + 10
-    assert check_accumulator_range(3, quint8, 255, torch.tensor([[-128, 5]], dtype=torch.int8)) \
+    assert check_accumulator_range(3, quint8, 255, torch.tensor([[-128, 5]], dtype=torch.int16)) \
         == 3 * 255 * 128
+    # a large k fits when the actual weights are small (scanned only then; int8 -128 counted)
+    small = torch.tensor([-1, 1], dtype=torch.int8)
+    assert check_accumulator_range(10 ** 6, torch.int8, 0, small) == 10 ** 6 * 128
+    with pytest.raises(ValueError, match="overflow"):
+        check_accumulator_range(10 ** 6, torch.int8, 0, torch.tensor([-128, 1], dtype=torch.int8))
     limit = (2 ** 31 - 1) // (255 * 128)
     check_accumulator_range(limit, (0, 255), 0)
     with pytest.raises(ValueError, match=f"at most k={limit} fits"):
