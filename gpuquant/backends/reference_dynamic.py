@@ -18,6 +18,8 @@ quantize_per_token(x, qmin, qmax) -> (q, scale)
         q_j    = clamp(rne(x_j * inv), qmin, qmax)
 
     (``qmax`` = 127 for ``qint8`` and ``qint8_narrow``: the largest |x| maps to +-127.)
+    A row holding NaN or Inf has no scale: it gets ``scale = NaN`` and ``q = 0``, so
+    ``linear_dynamic`` returns NaN for it (never finite garbage).
 
 linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype) -> y (M, N) of ``out_dtype``
     ``xq`` int8 (M, K), ``x_scale`` float32 (M,), ``wq`` int8 (N, K), ``w_scale`` float32
@@ -47,8 +49,12 @@ def quantize_per_token(x, qmin, qmax):
     absmax = xf.abs().amax(dim=1) if xf.shape[0] else xf.new_zeros((0,))
     scale = torch.clamp(absmax / float(qmax), min=EPS)
     inv = 1.0 / scale
-    q = torch.round(xf * inv[:, None]).clamp_(qmin, qmax).to(torch.int8)
-    return q, scale
+    q = torch.round(xf * inv[:, None]).clamp_(qmin, qmax)
+    bad = ~torch.isfinite(xf).all(dim=1)
+    if bool(bad.any()):
+        scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
+        q[bad] = 0
+    return q.to(torch.int8), scale
 
 
 def int_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

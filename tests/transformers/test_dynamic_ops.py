@@ -257,3 +257,20 @@ def test_kernels_compile_for_sm80_sm90():
     r = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "ptx ok" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: inf*0
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_rows_give_nan_not_garbage(backend):
+    x = torch.randn(4, 37)
+    x[1, 5] = float("nan")
+    x[2, 36] = float("inf")
+    x[3, 0] = -float("inf")
+    wq = torch.randint(-127, 128, (6, 37), dtype=torch.int8)
+    with backends.use(backend):
+        q, s = quantize_per_token(x)
+        y = linear_dynamic(q, s, wq, torch.ones(6), torch.zeros(6), torch.bfloat16)
+    q_ref, s_ref = _expected_per_token(x[:1])
+    assert torch.equal(q[0], q_ref[0]) and torch.equal(s[0], s_ref[0])
+    assert bool(torch.isnan(s[1:]).all()) and not bool(q[1:].any())
+    assert bool(torch.isfinite(y[0]).all()) and bool(torch.isnan(y[1:]).all())

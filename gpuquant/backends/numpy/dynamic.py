@@ -31,11 +31,16 @@ def quantize_per_token(x, qmin, qmax):
     if m == 0:
         return (torch.empty(x.shape, dtype=torch.int8),
                 torch.empty((0,), dtype=torch.float32))
-    absmax = np.abs(xa).max(axis=1)
-    scale = np.maximum(absmax / np.float32(qmax), _EPS32)
-    inv = np.float32(1.0) / scale
-    v = xa * inv[:, None]
-    q = np.clip(np.rint(v), qmin, qmax).astype(np.int8)
+    with np.errstate(invalid="ignore", over="ignore"):  # rows with NaN / Inf: fixed below
+        absmax = np.abs(xa).max(axis=1)
+        scale = np.maximum(absmax / np.float32(qmax), _EPS32)
+        inv = np.float32(1.0) / scale
+        r = np.clip(np.rint(xa * inv[:, None]), qmin, qmax)
+        bad = ~np.isfinite(xa).all(axis=1)
+        if bad.any():
+            scale[bad] = np.nan
+            r[bad] = 0
+        q = r.astype(np.int8)
     return torch.from_numpy(q), torch.from_numpy(scale.astype(np.float32, copy=False))
 
 

@@ -29,6 +29,8 @@ from .gemm import OUT_SCALED, _gemm_kernel, interpret_meta
 __all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + M) - M rounds half to even, |v| < 2^22
+_INF = tl.constexpr(float("inf"))
+_NAN = tl.constexpr(float("nan"))
 _ONE_BLOCK_MAX_K = 16384
 
 
@@ -46,7 +48,8 @@ def _quantize_per_token_kernel(
     # meta
     BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr,
 ):
-    """x (M, K) float -> q (M, K) int8, scale (M,) float32; program ``m`` does row ``m``."""
+    """x (M, K) float -> q (M, K) int8, scale (M,) float32; program ``m`` does row ``m``.
+    A row holding NaN or Inf gets scale NaN and q = 0 (so a GEMM on it gives NaN)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
@@ -55,20 +58,26 @@ def _quantize_per_token_kernel(
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
         absmax = tl.max(tl.abs(x), axis=0)
+        n_bad = tl.sum(tl.where(tl.abs(x) < _INF, 0, 1), axis=0)  # NaN compares false
     else:
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        bad = tl.zeros((BLOCK_K,), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             mask = offs + k0 < K
             xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(xk))
+            bad += tl.where(tl.abs(xk) < _INF, 0, 1)
         absmax = tl.max(amax, axis=0)
+        n_bad = tl.sum(bad, axis=0)
+    row_ok = n_bad == 0
     scale = tl.maximum(tl.div_rn(absmax, qmax.to(tl.float32)), eps)
     inv = tl.div_rn(1.0, scale)
-    tl.store(scale_ptr + row, scale)
+    tl.store(scale_ptr + row, tl.where(row_ok, scale, _NAN))
     if ONE_BLOCK:
         v = x * inv
         r = (v + _RNE_MAGIC) - _RNE_MAGIC
         r = tl.minimum(tl.maximum(r, qmin.to(tl.float32)), qmax.to(tl.float32))
+        r = tl.where(row_ok, r, 0.0)
         tl.store(q_row + offs, r.to(tl.int8), mask=mask)
     else:
         for k0 in range(0, K, BLOCK_K):
@@ -77,6 +86,7 @@ def _quantize_per_token_kernel(
             v = xk * inv
             r = (v + _RNE_MAGIC) - _RNE_MAGIC
             r = tl.minimum(tl.maximum(r, qmin.to(tl.float32)), qmax.to(tl.float32))
+            r = tl.where(row_ok, r, 0.0)
             tl.store(q_row + k0 + offs, r.to(tl.int8), mask=mask)
 
 
