@@ -67,7 +67,8 @@ def quantize_per_token(x: torch.Tensor, dtype=qint8) -> Tuple[torch.Tensor, torc
     """Symmetric int8 quantization with one scale per token (row of the last dimension).
 
     ``scale = max(max_j |x_j| / 127, eps)`` in float32, ``q = clamp(rne(x * (1 / scale)),
-    qmin, qmax)``; identical bytes on every backend.
+    qmin, qmax)``; identical bytes on every backend. A row holding NaN or Inf gets scale NaN
+    and q = 0, so the W8A8 output of that token is NaN (no host-side check, no sync).
 
     Args:
         x: float32 / float16 / bfloat16 tensor ``(..., K)``, K >= 1.
