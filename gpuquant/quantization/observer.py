@@ -506,15 +506,15 @@ class HistogramObserver(Observer):
     def _mse(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """Quantization MSE of the histogram for candidate ranges ``lo``/``hi`` (1-D, float32)."""
         edges = self._bin_edges()
-        centers = ((edges[1:] + edges[:-1]) / 2).float()
-        counts = self.histogram
+        centers = ((edges[1:] + edges[:-1]) / 2).float()[None, :]
+        counts = self.histogram.float()
         out = []
-        for k in range(0, lo.numel(), 256):  # bounded memory: 256 x bins at a time
-            scale, zp = qparams_from_min_max(lo[k:k + 256], hi[k:k + 256], self.dtype, self.symmetric)
+        for k in range(0, lo.numel(), 512):  # bounded memory: 512 x bins at a time
+            scale, zp = qparams_from_min_max(lo[k:k + 512], hi[k:k + 512], self.dtype, self.symmetric)
             s, z = scale[:, None], zp[:, None].float()
-            q = (torch.round(centers[None, :] * (1.0 / s)) + z).clamp(self.dtype.qmin, self.dtype.qmax)
-            err = ((q - z) * s - centers[None, :]).double() ** 2
-            out.append((err * counts[None, :]).sum(1))
+            q = (torch.round(centers * (1.0 / s)) + z).clamp_(self.dtype.qmin, self.dtype.qmax)
+            err = (q - z).mul_(s).sub_(centers)
+            out.append((err * err) @ counts)  # float32 is plenty to rank candidates
         return torch.cat(out) / counts.sum().clamp(min=1)
 
     def _choose_range(self):
