@@ -1,0 +1,22 @@
+"""``gpuquant demo``: the README's targets on scikit-learn's digits."""
+import json
+
+import pytest
+
+pytest.importorskip("sklearn")
+
+
+def test_demo_meets_targets(tmp_path, capsys):
+    from gpuquant.cli import main
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "QAT vs int8 top-1 agreement" in printed and "epoch" in printed  # table, progress
+    r = json.loads((tmp_path / "demo.json").read_text())
+    for k in ("float_acc", "ptq_int8_acc", "qat_acc", "qat_int8_acc", "agreement"):
+        assert 0.0 <= r[k] <= 1.0, k
+    assert isinstance(r["backend"], str) and r["backend"]
+    assert r["float_acc"] >= 0.95
+    assert r["float_acc"] - r["ptq_int8_acc"] <= 0.01      # PTQ within 1 point
+    assert r["float_acc"] - r["qat_int8_acc"] <= 0.005     # QAT within 0.5 point
+    assert r["agreement"] >= 0.99
+    assert r["model_bytes_int8"] * 3 < r["model_bytes_float"]
