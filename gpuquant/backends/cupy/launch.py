@@ -233,10 +233,15 @@ def execute(launch: Launch, capability) -> torch.Tensor:
         import cupy
         import numpy as np
         dev = launch.out.device
+        for a in launch.args:
+            if isinstance(a, torch.Tensor) and a.device != dev:
+                raise ValueError(f"all operands must be on {dev}, got one on {a.device}")
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         with cupy.cuda.Device(idx):
             kern = loader.get_kernel(launch.family, launch.tier, capability, idx)
-            args = tuple(cupy.asarray(a) if isinstance(a, torch.Tensor) else np.int32(a)
+            # tensors as raw device pointers (8 bytes, what cuLaunchKernel reads for a pointer
+            # parameter), ints as int32: no CuPy array wrappers on the hot path
+            args = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(a)
                          for a in launch.args)
             stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream)
             with stream:
