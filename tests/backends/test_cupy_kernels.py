@@ -18,13 +18,10 @@ GPU run (one command, on a machine with CuPy and a CUDA GPU)::
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
 import subprocess
 import zlib
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,0 +1,80 @@
+"""The fake_quant and qat_step benchmark suites (GPU-only suites): their case generation,
+and every provider run end to end on the CPU at tiny sizes (the Triton kernels through the
+interpreter), so the GPU run is one command that works."""
+import pytest
+import torch
+
+from gpuquant.bench import suites as registry
+from gpuquant.bench.harness import RunConfig, run_case
+from gpuquant.bench.suites import fake_quant as fq_suite
+from gpuquant.bench.suites import qat_step as qat_suite
+
+TINY = RunConfig(budget_s=0.001, min_reps=1, max_reps=1, rounds=1, max_input_sets=1)
+
+
+def test_fake_quant_suite_cases():
+    full = fq_suite.case_params(False)
+    quick = fq_suite.case_params(True)
+    assert {p["numel"] for p in full} == {2 ** k for k in (20, 22, 24, 26, 28)}
+    assert {p["numel"] for p in quick} == {2 ** 20, 2 ** 24}
+    assert {(p["mode"], p["granularity"], p["dtype"]) for p in full} == {
+        (m, g, d) for m in ("fwd", "bwd", "fwd+bwd") for g in ("per_tensor", "per_channel")
+        for d in ("float32", "bfloat16")}
+    assert len(full) == 3 * 2 * 2 * 5
+    for n in (2 ** 20, 2 ** 28):
+        shape = fq_suite.activation_shape(n)
+        assert shape[1] == 64 and shape[2] == shape[3] == 32 and torch.Size(shape).numel() == n
+    assert fq_suite.bytes_per_element({"mode": "fwd+bwd", "dtype": "bfloat16"}) == 8
+    assert fq_suite.bytes_per_element({"mode": "bwd", "dtype": "float32"}) == 8
+    with pytest.raises(ValueError, match="power of 4"):
+        fq_suite.activation_shape(64 * 8)
+    cases = fq_suite.build_cases(full, "cpu")  # builds no tensors
+    for c in cases:
+        fused = c.params["granularity"] == "per_tensor" and c.params["dtype"] == "float32"
+        assert set(c.providers) == {"torch", "gpuquant-triton", "copy"} | (
+            {"torch-fused"} if fused else set())
+    suite = registry.load_suite("fake_quant")
+    assert suite.device == "cuda" and suite.baseline == "torch"
+
+
+def test_fake_quant_suite_providers_run_and_agree_on_cpu():
+    params = fq_suite.case_params(True, sizes=[64 * 64], dtypes=["float32", "bfloat16"])
+    for case in fq_suite.build_cases(params, "cpu"):
+        res = run_case("fake_quant", case, "cpu", TINY)
+        assert not res.errors and not res.unavailable, (res.errors, res.unavailable)
+        by = {r["provider"]: r for r in res.rows}
+        for name in ("torch", "gpuquant-triton") + (("torch-fused",) if "torch-fused" in
+                                                    case.providers else ()):
+            assert by[name]["exact_vs_numpy"] is True, (case.name, name)
+        assert by["copy"]["exact_vs_numpy"] is None
+        assert all(r["unit"] == "GB/s" and r["throughput"] > 0 for r in res.rows)
+
+
+def test_qat_step_suite_cases():
+    ps = qat_suite.case_params(False)
+    assert [p["model"] for p in ps] == ["resnet50", "mobilenet_v2"]
+    assert all(p["batch"] == 64 and p["resolution"] == 224 and p["dtype"] == "bfloat16"
+               and p["memory_format"] == "channels_last" for p in ps)
+    cases = qat_suite.build_cases(ps, "cpu")
+    assert all(set(c.providers) == {"float", "gpuquant-qat", "torch-ao-qat"} for c in cases)
+    qc = qat_suite.qat_qconfig()
+    assert qc.act_observer().check_finite is False and qc.weight_observer().axis == 0
+    suite = registry.load_suite("qat_step")
+    assert suite.device == "cuda" and suite.baseline == "float"
+
+
+def test_qat_step_providers_run_on_cpu():
+    # bf16 autocast is very slow on CPUs without bf16 units: the CPU check runs float32
+    params = qat_suite.case_params(True, models=("resnet18",), batch=2, resolution=32,
+                                   dtype="float32")
+    (case,) = qat_suite.build_cases(params, "cpu")
+    res = run_case("qat_step", case, "cpu", TINY)
+    assert not res.errors, res.errors
+    got = {r["provider"] for r in res.rows}
+    assert {"float", "gpuquant-qat"} <= got
+    try:
+        import torchvision  # noqa: F401
+        assert "torch-ao-qat" in got
+    except ImportError:
+        assert "torchvision" in res.unavailable["torch-ao-qat"]
+    assert all(r["unit"] == "images/s" for r in res.rows)
