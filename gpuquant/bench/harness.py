@@ -11,11 +11,12 @@ How a case is measured (:func:`run_case`):
    calls cycle through inputs and caches do not flatter small sizes. On the GPU the L2
    cache is also flushed before every timed call, as ``triton.testing.do_bench`` does.
 2. Each provider's ``setup(inputs)`` runs once per set (untimed: packing, conversion) and
-   returns the zero-argument callable that is timed. Its first call is the warm-up (and
-   any compilation); on set 0 its output goes to the provider's ``check`` for
+   returns the zero-argument callable that is timed. The first call, on set 0, is the
+   warm-up (and any compilation); its output goes to the provider's ``check`` for
    ``exact_vs_numpy``.
-3. A few calls estimate each provider's time; the repeat count then fills a time budget
-   (0.2 s a provider with ``quick`` on the CPU, 1 s otherwise), at least 5 calls.
+3. The warm-up calls on the other sets (at least 2 calls) estimate each provider's time;
+   the repeat count then fills a time budget (0.2 s a provider with ``quick`` on the CPU,
+   1 s otherwise; 0.1 s / 0.5 s on the GPU), at least 5 calls.
 4. Timed calls are interleaved: the repeats are split into rounds, each round runs every
    provider in turn (the order rotating from round to round), so drift in clocks or
    machine load hits all providers alike.
@@ -338,22 +339,29 @@ def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
     exact: Dict[str, Optional[bool]] = {}
     unavailable: Dict[str, str] = {}
     errors: Dict[str, str] = {}
+    estimates: Dict[str, Timing] = {}
     for name, prov in case.providers.items():
         try:
             fns = []
+            est = Timing()
             for j, inp in enumerate(sets):
                 fn = prov.setup(inp)
                 if not callable(fn):
                     raise TypeError(f"setup returned {type(fn).__name__}, expected a callable")
-                out = fn()  # warm-up (and compilation) on every set
-                if j == 0:
+                if j == 0:  # first call: warm-up, compilation, and the exactness check
+                    out = fn()
                     res = prov.check(inp, out) if prov.check is not None else None
                     if res is not None and not isinstance(res, bool):
                         raise TypeError(f"check returned {res!r}, expected True, False or None")
                     exact[name] = res
-                del out
+                    del out
+                else:       # warm-up of the other sets, timed for the repeat estimate
+                    timer.time_call(fn, est)
                 fns.append(fn)
-            runs[name] = fns
+            for k in range(len(sets) - 1, 2):   # at least 2 timed calls for the estimate
+                timer.time_call(fns[k % len(fns)], est)
+            timer.sync()
+            runs[name], estimates[name] = fns, est
         except ProviderUnavailable as e:
             unavailable[name] = str(e)
         except Exception as e:  # noqa: BLE001 - reported as an error row-less provider
@@ -361,14 +369,10 @@ def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
     if device == "cuda":
         torch.cuda.synchronize()
 
-    # estimate each provider's time, then the repeats that fill the budget
+    # the repeats that fill the budget, from the warm-up times
     reps: Dict[str, int] = {}
     timings: Dict[str, Timing] = {n: Timing() for n in runs}
-    for name, fns in runs.items():
-        est = Timing()
-        for j in range(3):
-            timer.time_call(fns[j % len(fns)], est)
-        timer.sync()
+    for name, est in estimates.items():
         per_call_s = max(statistics.median(est.times_ms), 1e-4) / 1e3
         reps[name] = int(min(cfg.max_reps, max(cfg.min_reps, cfg.budget_s / per_call_s)))
 

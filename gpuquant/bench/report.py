@@ -18,6 +18,10 @@ __all__ = ["speedup", "annotate", "validate_doc", "write_json", "load_json", "re
            "write_markdown", "write_png", "summary_lines", "choose_x_param", "geomean"]
 
 
+#: a row whose p80 time exceeds NOISY x its p20 time is flagged in the markdown
+NOISY = 1.5
+
+
 def speedup(baseline_ms: Optional[float], provider_ms: Optional[float]) -> Optional[float]:
     """Ratio to the baseline as a speedup: ``baseline_ms / provider_ms`` (> 1: faster than
     the baseline); None when either time is missing or not positive."""
@@ -147,11 +151,15 @@ def render_markdown(doc: Mapping[str, Any], heading_level: int = 2) -> str:
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" if i < len(keys) + 1 else "---:"
                                 for i in range(len(head))) + "|")
+    any_noisy = False
     for params, rows in groups:
         for i, r in enumerate(rows):
             cells = [_cell(params.get(k, "")) if i == 0 else "" for k in keys]
             cells.append(f"`{r['provider']}`")
-            cells.append(f"{_num(r['median_ms'])} [{_num(r['p20_ms'])}, {_num(r['p80_ms'])}]")
+            noisy = r["p80_ms"] > NOISY * r["p20_ms"]
+            any_noisy |= noisy
+            cells.append(f"{_num(r['median_ms'])} [{_num(r['p20_ms'])}, {_num(r['p80_ms'])}]"
+                         + (" †" if noisy else ""))
             cells.append(f"{_num(r['throughput'])} {r['unit']}")
             cells.append("-" if r["ratio"] is None else f"{r['ratio']:.2f}x")
             if any_frac:
@@ -161,7 +169,9 @@ def render_markdown(doc: Mapping[str, Any], heading_level: int = 2) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"`vs {baseline}`: speedup, {baseline}'s median time / the provider's "
-                 f"(same params, same run).")
+                 f"(same params, same run)."
+                 + (f" †: p80 > {NOISY} x p20, the machine was busy; read with care."
+                    if any_noisy else ""))
     return "\n".join(lines) + "\n"
 
 

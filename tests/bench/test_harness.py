@@ -101,7 +101,7 @@ def test_run_case_interleaves_providers_and_rotates_inputs():
     assert [r["provider"] for r in res.rows] == ["a", "b", "c"]
     # warm-up: every provider once per input set; 5 sets were built
     assert log[:15] == [(p, i) for p in "abc" for i in range(5)]
-    timed = log[15 + 9:]  # after the 3 estimate calls per provider
+    timed = log[15:]  # the warm-ups of sets 1..4 gave the repeat estimate
     assert len(timed) == 60
     # 4 rounds of 5 calls per provider, the provider order rotating each round
     blocks = [timed[k:k + 5] for k in range(0, 60, 5)]
@@ -464,3 +464,11 @@ def test_quant_suite_and_ceilings_on_gpu(tmp_path):
     assert doc["ceilings"]["int8"]["unit"] == "TOPS" and doc["ceilings"]["int8"]["value"] > 1
     assert all(r["exact_vs_numpy"] for r in doc["rows"])
     assert {r["provider"] for r in doc["rows"]} >= {"torch", "gpuquant-reference"}
+
+
+def test_markdown_flags_noisy_rows():
+    doc = _sample_doc("AMD EPYC", 2.0, 1.0)
+    assert "†" not in report.render_markdown(doc)
+    doc["rows"][1].update(p20_ms=0.5, median_ms=0.7, p80_ms=0.8)   # 1.6 x spread
+    md = report.render_markdown(doc)
+    assert "0.7 [0.5, 0.8] †" in md and "the machine was busy" in md

@@ -1,0 +1,152 @@
+"""Suite ``qat_step``: one training step (forward, loss, backward, SGD update) of a float
+network against the same network under QAT (GPU only).
+
+Params: ``model`` (``resnet50``, ``mobilenet_v2``), ``batch`` 64, ``resolution`` 224, bf16
+autocast, channels_last input and weights.
+
+Providers:
+
+* ``float``: the float model of :mod:`gpuquant.models` (the baseline);
+* ``gpuquant-qat``: the same model after :func:`gpuquant.quantization.quantize_qat` with the
+  ``ema_fakequant_qconfig`` settings (weights qint8_narrow per output channel, MinMax;
+  activations qint8 per tensor, moving average 0.9) and ``check_finite=False``, so that the
+  step has no host synchronisation (the default ``check_finite=True`` reads one flag per
+  observer per step to raise on NaN / Inf). On CUDA the fake-quant ops run on the triton
+  backend automatically: the fused ``observe_fake_quant`` for every observer + fake-quant
+  pair, ``fake_quant`` otherwise;
+* ``torch-ao-qat``: PyTorch's eager QAT of the same architecture
+  (``torchvision.models.quantization.<model>``, ``fuse_model(is_qat=True)``,
+  ``get_default_qat_qconfig("x86")``, ``prepare_qat``), while PyTorch ships it; left out
+  when torchvision is not installed.
+
+Throughput: images/s. Target (issue 5): ``gpuquant-qat`` at most 1.25x the ``float`` step for
+resnet50. Each provider builds its model once (untimed) and reuses it for every input set.
+
+Run on a GPU: ``gpuquant bench qat_step --out bench/results/<device-slug>``.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from ..harness import Case, Provider, ProviderUnavailable, Suite
+
+MODELS = ("resnet50", "mobilenet_v2")
+NUM_CLASSES = 1000
+
+
+def case_params(quick: bool, models=MODELS, batch: int = 64, resolution: int = 224,
+                dtype: str = "bfloat16") -> List[Dict]:
+    """The params of every case (``--quick`` runs the same cases with shorter budgets: the
+    model and batch are the point of the suite). ``dtype`` "bfloat16" runs the step under
+    bf16 autocast, "float32" without autocast (the CPU test)."""
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+    return [{"model": m, "batch": batch, "resolution": resolution, "dtype": dtype,
+             "memory_format": "channels_last"} for m in models]
+
+
+def _gpuquant_model(name: str) -> torch.nn.Module:
+    from ... import models
+    factories = {"resnet50": models.resnet50, "mobilenet_v2": models.mobilenet_v2,
+                 "resnet18": models.resnet18}
+    if name not in factories:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(factories)}")
+    return factories[name](num_classes=NUM_CLASSES)
+
+
+def qat_qconfig():
+    """``ema_fakequant_qconfig`` with ``check_finite=False`` (no host sync in the step)."""
+    from ...dtypes import qint8, qint8_narrow
+    from ...quantization import (ExponentialMovingAverageObserver, FakeQuantize,
+                                 MinMaxObserver, QConfig)
+    return QConfig(
+        weight_observer=partial(MinMaxObserver, dtype=qint8_narrow, symmetric=True, axis=0,
+                                check_finite=False),
+        act_observer=partial(ExponentialMovingAverageObserver, momentum=0.9, dtype=qint8,
+                             symmetric=True, check_finite=False),
+        weight_fake_quant=partial(FakeQuantize, dtype=qint8_narrow),
+        act_fake_quant=partial(FakeQuantize, dtype=qint8))
+
+
+def _build_float(name, device):
+    return _gpuquant_model(name)
+
+
+def _build_gpuquant_qat(name, device):
+    from ...quantization import quantize_qat
+    return quantize_qat(_gpuquant_model(name), qat_qconfig())
+
+
+def _build_torch_ao_qat(name, device):
+    try:
+        from torchvision.models import quantization as tvq
+    except ImportError as e:
+        raise ProviderUnavailable(f"torchvision is not installed ({e})")
+    import torch.ao.quantization as tq
+    builders = {"resnet50": tvq.resnet50, "mobilenet_v2": tvq.mobilenet_v2,
+                "resnet18": tvq.resnet18}
+    if name not in builders:
+        raise ProviderUnavailable(f"no torchvision quantizable {name}")
+    model = builders[name](weights=None, quantize=False, num_classes=NUM_CLASSES)
+    model.train()
+    model.fuse_model(is_qat=True)
+    model.qconfig = tq.get_default_qat_qconfig("x86")
+    return tq.prepare_qat(model)
+
+
+BUILDERS: Dict[str, Callable] = {"float": _build_float, "gpuquant-qat": _build_gpuquant_qat,
+                                 "torch-ao-qat": _build_torch_ao_qat}
+
+
+def _provider(kind: str, params: Dict, cache: Dict) -> Provider:
+    """A provider whose model and optimizer are built on the first input set and reused."""
+    def setup(inp):
+        x, target = inp["x"], inp["target"]
+        if "model" not in cache:
+            model = BUILDERS[kind](params["model"], x.device)
+            model = model.to(x.device).to(memory_format=torch.channels_last).train()
+            cache["model"] = model
+            cache["opt"] = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        model, opt = cache["model"], cache["opt"]
+        amp = params["dtype"] == "bfloat16"
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), target)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return step
+    return Provider(setup)
+
+
+def _make_inputs(params, device):
+    def inputs(i):
+        b, r = params["batch"], params["resolution"]
+        x = torch.randn(b, 3, r, r, device=device).contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, NUM_CLASSES, (b,), device=device)
+        return {"x": x, "target": target}
+    return inputs
+
+
+def build_cases(params_list, device) -> List[Case]:
+    cases = []
+    for p in params_list:
+        providers = {kind: _provider(kind, p, {}) for kind in BUILDERS}
+        cases.append(Case(params=dict(p), inputs=_make_inputs(p, device), providers=providers,
+                          throughput=lambda q, ms: (q["batch"] / (ms * 1e-3), "images/s")))
+    return cases
+
+
+def _cases(quick: bool, device: str) -> List[Case]:
+    return build_cases(case_params(quick), device)
+
+
+SUITE = Suite(name="qat_step", baseline="float", cases=_cases, device="cuda", x_param="model",
+              description="one training step: float vs gpuquant QAT vs torch.ao eager QAT")
