@@ -234,3 +234,27 @@ def test_state_dict_round_trip_and_custom_forward_linears(caplog):
         q = quantize_dynamic(model)
     assert type(q[0]) is LinearRelu and isinstance(q[1], DynamicLinear)
     assert "LinearRelu" in caplog.text
+
+
+def test_qat_fine_tune_then_convert():
+    """A few steps of QAT fine-tuning lower the loss; the converted model serves what was
+    trained (outputs equal to float32 rounding)."""
+    torch.manual_seed(1)
+    teacher = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    student = prepare_dynamic_qat(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)))
+    opt = torch.optim.Adam(student.parameters(), lr=2e-2)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        target = teacher(x)
+    losses = []
+    for _ in range(20):
+        loss = F.mse_loss(student(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::5]
+    q = quantize_dynamic(copy.deepcopy(student).eval())
+    assert isinstance(q[0], DynamicLinear) and isinstance(q[2], DynamicLinear)
+    with torch.no_grad():
+        assert torch.allclose(q(x), student(x), rtol=1e-5, atol=1e-5)
