@@ -1,0 +1,46 @@
+"""On a CUDA GPU: the Triton dynamic kernels against the NumPy oracle (the same checks run
+on the CPU through the Triton interpreter in test_dynamic_ops.py)."""
+import pytest
+import torch
+
+from gpuquant import backends
+from gpuquant.functional.dynamic import linear_dynamic, linear_weight_only, quantize_per_token
+from gpuquant.nn.quantized.linear_dynamic import DynamicLinear
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (7, 33, 123), (300, 1000, 2050),
+                                   (129, 256, 16411)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_gpu_matches_numpy_oracle(m, n, k, dtype):
+    lin = torch.nn.Linear(k, n)
+    x = (torch.randn(m, k) * torch.exp(torch.randn(m, 1))).to(dtype)
+    q_cpu = DynamicLinear.from_float_module(lin).eval()
+    q_gpu = DynamicLinear.from_float_module(lin.cuda()).eval()
+    with torch.no_grad():
+        with backends.use("numpy"):
+            xq_ref, xs_ref = quantize_per_token(x)
+            y_ref = q_cpu(x)
+        with backends.use("triton"):
+            xq, xs = quantize_per_token(x.cuda())
+            y = q_gpu(x.cuda())
+            yw = linear_weight_only(x.cuda(), q_gpu.weight, q_gpu.weight_scale, q_gpu.bias)
+    assert torch.equal(xq.cpu(), xq_ref) and torch.equal(xs.cpu(), xs_ref)
+    assert torch.equal(y.cpu(), y_ref)
+    with backends.use("numpy"):
+        yw_ref = linear_weight_only(x, q_cpu.weight, q_cpu.weight_scale, q_cpu.bias)
+    tol = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    assert torch.allclose(yw.cpu().float(), yw_ref.float(), rtol=tol,
+                          atol=tol * yw_ref.float().abs().max().item())
+
+
+def test_triton_gpu_integer_products_exact():
+    k = 8192
+    xq = torch.randint(-128, 128, (64, k), dtype=torch.int8)
+    wq = torch.randint(-127, 128, (96, k), dtype=torch.int8)
+    with backends.use("triton"):
+        y = linear_dynamic(xq.cuda(), torch.ones(64, device="cuda"), wq.cuda(),
+                           torch.ones(96, device="cuda"), None, torch.float32)
+    exact = (xq.to(torch.int64) @ wq.to(torch.int64).t()).to(torch.int32).to(torch.float32)
+    assert torch.equal(y.cpu(), exact)
