@@ -123,6 +123,7 @@ def _provider(kind: str, params: Dict, cache: Dict) -> Provider:
             opt.step()
             return loss.detach()
         return step
+    setup.cache = cache  # the built model and optimizer (tests look at them)
     return Provider(setup)
 
 
