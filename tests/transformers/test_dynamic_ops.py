@@ -216,9 +216,21 @@ def test_bad_inputs():
                        torch.zeros(1, k, dtype=torch.int8), torch.ones(1))
 
 
-_PTX_SCRIPT = textwrap.dedent("""
-    from gpuquant.backends.triton.inspect_ptx import compile_ptx, MMA_RE, FLOAT_HAZARD_RE
+_PTX_SCRIPT = textwrap.dedent(r"""
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
     from gpuquant.backends.triton import dynamic as D, gemm as G
+    MMA_RE = re.compile(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*)")
+    FLOAT_HAZARD_RE = re.compile(r"\b(fma\.rn\.f32|div\.full\.f32|div\.approx\.f32)")
+
+    def compile_ptx(fn, signature, constexprs, cc, num_warps=4, num_stages=3):
+        sig = dict(signature, **{k: "constexpr" for k in constexprs})
+        src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
+        return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={
+            "num_warps": num_warps, "num_stages": num_stages,
+            "enable_fp_fusion": False}).asm["ptx"]
     i32 = lambda *names: {k: "i32" for k in names}
     for cc, fam in ((80, "sm80"), (90, "sm90")):
         sig = {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", **i32("K", "stride_xm",
