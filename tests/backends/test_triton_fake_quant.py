@@ -265,3 +265,28 @@ def test_input_errors():
         tfq.fake_quant(x, s, z, -128, 127, None)
     with pytest.raises(ValueError, match="qmin <= qmax"):
         tfq.fake_quant(x, s, z, 5, -5, 1)
+
+
+@pytest.mark.gpu
+def test_more_than_2_31_elements_on_gpu():
+    """64-bit offsets: the elements past 2^31 (and the wide per-channel index) are right."""
+    n = 2 ** 31 + 3001
+    x = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_().mul_(4).requires_grad_()
+    s = torch.tensor(0.03, device="cuda")
+    z = torch.tensor(3, dtype=torch.int32, device="cuda")
+    y = tfq.fake_quant(x, s, z, -128, 127, None)
+    tail = slice(n - 9000, n)
+    xt = x.detach()[tail]
+    assert bits_equal(y.detach()[tail], run_ref(xt, s, z, gpuquant.qint8, None, torch.ones_like(xt))[0])
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    r = torch.round(xt.float() * (1.0 / s)) + z
+    assert torch.equal(gx[tail] != 0, (r >= -128) & (r <= 127))
+    del y, gx
+    w = x.detach()[: 2 * (2 ** 30 + 8)].reshape(2, -1)  # per-channel, axis 0: stride * C > 2^31
+    sc = torch.tensor([0.02, 0.05], device="cuda")
+    zc = torch.tensor([0, -4], dtype=torch.int32, device="cuda")
+    yw, _ = tfq.fake_quant_forward(w, sc, zc, -128, 127, 0, False)
+    for c in range(2):
+        part = w[c, -5000:]
+        want = run_ref(part, sc[c], zc[c], gpuquant.qint8, None, torch.ones_like(part))[0]
+        assert bits_equal(yw[c, -5000:], want)

@@ -42,6 +42,8 @@ from .fake_quant import (_FLOATS, _LAUNCH, FakeQuantFunction, _npow2, _rne, _row
 __all__ = ["observe_fake_quant", "observer_step", "OPS", "KERNELS"]
 
 _EPS = float(torch.finfo(torch.float32).eps)
+_INF = tl.constexpr(float("inf"))  # module constants: no float() calls inside kernels
+_NINF = tl.constexpr(float("-inf"))
 
 
 # --------------------------------------------------------------------------- kernels
@@ -59,15 +61,15 @@ def _minmax_partial_kernel(
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     coff = (c.to(tl.int64) * s_c)[None, :]
-    vmin = tl.full((BLOCK_R, BLOCK_C), float("inf"), tl.float32)
-    vmax = tl.full((BLOCK_R, BLOCK_C), float("-inf"), tl.float32)
+    vmin = tl.full((BLOCK_R, BLOCK_C), _INF, tl.float32)
+    vmax = tl.full((BLOCK_R, BLOCK_C), _NINF, tl.float32)
     for it in range(0, n_iter):
         roff, rm = _row_offsets(sp * n_iter + it, rows, inner, s_o, s_i, BLOCK_R)
         m = rm[:, None] & cm[None, :]
         x = tl.load(x_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
         nan = x != x
-        vmin = tl.minimum(vmin, tl.where(m, tl.where(nan, float("-inf"), x), float("inf")))
-        vmax = tl.maximum(vmax, tl.where(m, tl.where(nan, float("inf"), x), float("-inf")))
+        vmin = tl.minimum(vmin, tl.where(m, tl.where(nan, _NINF, x), _INF))
+        vmax = tl.maximum(vmax, tl.where(m, tl.where(nan, _INF, x), _NINF))
     base = sp.to(tl.int64) * C + c
     tl.store(part_ptr + base, tl.min(vmin, axis=0), mask=cm)
     tl.store(part_ptr + split * C + base, tl.max(vmax, axis=0), mask=cm)
@@ -88,20 +90,19 @@ def _observer_update_kernel(
     """One program. Batch min/max from the partials (FROM_PARTIALS) or from ``mn``/``mx``;
     ``ok`` (u8) given (HAVE_OK) or computed, and then ``bad[0] += any(!ok)`` (i64);
     ``min``/``max`` (f32, C) updated in place; ``scale`` (f32) and ``zp`` (i32) written."""
-    INF: tl.constexpr = float("inf")
     bad = tl.zeros((BLOCK_C,), dtype=tl.int32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
         if FROM_PARTIALS:
-            vmin = tl.full((BLOCK_S, BLOCK_C), INF, tl.float32)
-            vmax = tl.full((BLOCK_S, BLOCK_C), -INF, tl.float32)
+            vmin = tl.full((BLOCK_S, BLOCK_C), _INF, tl.float32)
+            vmax = tl.full((BLOCK_S, BLOCK_C), _NINF, tl.float32)
             for s0 in range(0, split, BLOCK_S):
                 sp = s0 + tl.arange(0, BLOCK_S)
                 m = (sp < split)[:, None] & cm[None, :]
                 off = sp.to(tl.int64)[:, None] * C + c[None, :]
-                vmin = tl.minimum(vmin, tl.load(part_ptr + off, mask=m, other=INF))
-                vmax = tl.maximum(vmax, tl.load(part_ptr + split * C + off, mask=m, other=-INF))
+                vmin = tl.minimum(vmin, tl.load(part_ptr + off, mask=m, other=_INF))
+                vmax = tl.maximum(vmax, tl.load(part_ptr + split * C + off, mask=m, other=_NINF))
             mn = tl.min(vmin, axis=0)
             mx = tl.max(vmax, axis=0)
         else:
@@ -110,12 +111,12 @@ def _observer_update_kernel(
         if HAVE_OK:
             ok = tl.load(ok_ptr + c, mask=cm, other=0) != 0
         else:
-            ok = (tl.abs(mn) < INF) & (tl.abs(mx) < INF)
+            ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
             bad = tl.maximum(bad, (cm & ~ok).to(tl.int32))
         old_min = tl.load(min_ptr + c, mask=cm, other=0.0)
         old_max = tl.load(max_ptr + c, mask=cm, other=0.0)
         if EMA:
-            fresh = ~((tl.abs(old_min) < INF) & (tl.abs(old_max) < INF))
+            fresh = ~((tl.abs(old_min) < _INF) & (tl.abs(old_max) < _INF))
             new_min = tl.where(fresh, mn, old_min + c_ema * (mn - old_min))
             new_max = tl.where(fresh, mx, old_max + c_ema * (mx - old_max))
         else:
@@ -153,17 +154,16 @@ def _minmax_reduce_kernel(
 ):
     """Second stage for observers with hooks (Sync all_reduce, finiteness check) between
     the batch min/max and the update."""
-    INF: tl.constexpr = float("inf")
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    vmin = tl.full((BLOCK_S, BLOCK_C), INF, tl.float32)
-    vmax = tl.full((BLOCK_S, BLOCK_C), -INF, tl.float32)
+    vmin = tl.full((BLOCK_S, BLOCK_C), _INF, tl.float32)
+    vmax = tl.full((BLOCK_S, BLOCK_C), _NINF, tl.float32)
     for s0 in range(0, split, BLOCK_S):
         sp = s0 + tl.arange(0, BLOCK_S)
         m = (sp < split)[:, None] & cm[None, :]
         off = sp.to(tl.int64)[:, None] * C + c[None, :]
-        vmin = tl.minimum(vmin, tl.load(part_ptr + off, mask=m, other=INF))
-        vmax = tl.maximum(vmax, tl.load(part_ptr + split * C + off, mask=m, other=-INF))
+        vmin = tl.minimum(vmin, tl.load(part_ptr + off, mask=m, other=_INF))
+        vmax = tl.maximum(vmax, tl.load(part_ptr + split * C + off, mask=m, other=_NINF))
     tl.store(mn_ptr + c, tl.min(vmin, axis=0), mask=cm)
     tl.store(mx_ptr + c, tl.max(vmax, axis=0), mask=cm)
 
