@@ -4,7 +4,7 @@
 // each warp 64 x 32 = 4 x 4 tiles of m16n8k32; int32 accumulators in registers.
 // Shared memory holds GQ_STAGES stages of A[128][32] and B[128][32] bytes; the two 16-byte
 // chunks of a row are swapped on rows 4..7 mod 8 (chunk ^ ((row >> 2) & 1)) so a warp's
-// fragment reads (8 rows x 4 words) hit 32 distinct banks.
+// ldmatrix phases (8 rows x 16 bytes) hit 32 distinct banks.
 //
 // Tier macros, set by the including .cu file:
 //   GQ_CP_ASYNC  1: global -> shared with cp.async.cg (16 B, zero fill past M/N/K), a
@@ -112,6 +112,19 @@ GQ_D void gq_mma(int* c, const unsigned* a, const unsigned* b) {
 #endif
 }
 
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l gives the address of row l % 8 of matrix
+// l / 8 (16 bytes); register j of lane 4g + t receives bytes 4t..4t+3 of row g of matrix j
+// (sm_75+). For int8 operands that is exactly the mma.sync fragment of an 8 x 16-byte block.
+GQ_D void gq_ldmatrix_x4(unsigned* r, const unsigned char* p) {
+#if defined(GQ_HOST_EMU)
+  gq_emu_ldmatrix_x4(r, p);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(gq_smem_addr(p)));
+#endif
+}
+
 // A chunks of a linear layer: (M, K) row-major.
 struct GqGemmChunkA {
   const signed char* a;
@@ -213,19 +226,26 @@ __device__ void gq_mma_tile(ALoader al, const signed char* __restrict__ w,
     const unsigned char* as = As[kt % GQ_STAGES];
     const unsigned char* bs = Bs[kt % GQ_STAGES];
     unsigned a[4][4], b[4][2];
+    // A: one ldmatrix.x4 per m16 tile; lane l addresses row 8 ((l >> 3) & 1) + (l & 7) of the
+    // tile, chunk l >> 4, so the four 8x8 matrices come back as a[0..3] exactly.
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int r0 = wm * 64 + i * 16 + g;
-      a[i][0] = *reinterpret_cast<const unsigned*>(as + gq_swz(r0, 4 * t)) ^ axor;
-      a[i][1] = *reinterpret_cast<const unsigned*>(as + gq_swz(r0 + 8, 4 * t)) ^ axor;
-      a[i][2] = *reinterpret_cast<const unsigned*>(as + gq_swz(r0, 16 + 4 * t)) ^ axor;
-      a[i][3] = *reinterpret_cast<const unsigned*>(as + gq_swz(r0 + 8, 16 + 4 * t)) ^ axor;
-    }
+      const int row = wm * 64 + i * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+      gq_ldmatrix_x4(a[i], as + gq_swz(row, (lane >> 4) * 16));
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int c0 = wn * 32 + j * 8 + g;
-      b[j][0] = *reinterpret_cast<const unsigned*>(bs + gq_swz(c0, 4 * t));
-      b[j][1] = *reinterpret_cast<const unsigned*>(bs + gq_swz(c0, 16 + 4 * t));
+      for (int r = 0; r < 4; ++r) a[i][r] ^= axor;
+    }
+    // B: one ldmatrix.x4 per pair of n8 tiles: matrices (tile 2p, k 0..15), (2p, 16..31),
+    // (2p + 1, 0..15), (2p + 1, 16..31).
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      const int row = wn * 32 + (2 * p + (lane >> 4)) * 8 + (lane & 7);
+      unsigned r[4];
+      gq_ldmatrix_x4(r, bs + gq_swz(row, ((lane >> 3) & 1) * 16));
+      b[2 * p][0] = r[0];
+      b[2 * p][1] = r[1];
+      b[2 * p + 1][0] = r[2];
+      b[2 * p + 1][1] = r[3];
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i)

@@ -27,12 +27,15 @@ _NAME = re.compile(r"^(gemm|conv)_(\w+)\.cu$")
 # PTX each tier must contain / must not contain.
 EXPECT = {
     "dp4a": (["dp4a.s32.s32"], ["mma.sync", "cp.async"]),
-    "mma75": (["mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32"],
+    "mma75": (["mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32",
+               "ldmatrix.sync.aligned.m8n8.x4.shared.b16"],
               ["cp.async", "m16n8k32"]),
     "mma80": (["mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32",
-               "cp.async.cg.shared.global", "cp.async.wait_group"], ["m8n8k16"]),
+               "cp.async.cg.shared.global", "cp.async.wait_group",
+               "ldmatrix.sync.aligned.m8n8.x4.shared.b16"], ["m8n8k16"]),
     "sm90": (["mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32",
-              "cp.async.cg.shared.global", "cp.async.wait_group"], ["m8n8k16"]),
+              "cp.async.cg.shared.global", "cp.async.wait_group",
+              "ldmatrix.sync.aligned.m8n8.x4.shared.b16"], ["m8n8k16"]),
 }
 # No float arithmetic in the integer kernels (so no FMA contraction hazard, contract sec. 4).
 FORBIDDEN_EVERYWHERE = ["fma.rn.f32", "div.full.f32", "div.rn.f32", "cvt.rn.f32"]

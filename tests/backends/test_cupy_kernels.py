@@ -214,6 +214,21 @@ inline void gq_emu_wait(int n) {
   f.pending.swap(keep);
 }
 
+// ldmatrix .x4 .b16: lane l supplies the row address l % 8 of matrix l / 8; register j of lane
+// 4 g + t gets the 4 bytes at (row g of matrix j) + 4 t.
+static const unsigned char* gq_emu_addr[32][32];
+inline void gq_emu_ldmatrix_x4(unsigned* r, const unsigned char* p) {
+  const int tid = (int)threadIdx.x, w = tid / 32, lane = tid % 32;
+  gq_emu_addr[w][lane] = p;
+  gqemu::barrier();
+  const int g = lane >> 2, t = lane & 3;
+  for (int j = 0; j < 4; ++j) {
+    const unsigned char* q = gq_emu_addr[w][8 * j + g] + 4 * t;
+    r[j] = (unsigned)q[0] | ((unsigned)q[1] << 8) | ((unsigned)q[2] << 16) | ((unsigned)q[3] << 24);
+  }
+  gqemu::barrier();
+}
+
 static inline int gq_emu_byte(unsigned reg, int k) { return (int)(signed char)(reg >> (8 * (k & 3))); }
 
 // mma.sync m16n8k32 .row.col s32.s8.s8.s32, lane = 4 g + t (PTX ISA fragment tables):
