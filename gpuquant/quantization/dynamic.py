@@ -110,7 +110,8 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
 
     Args:
         model: any ``torch.nn.Module`` (a bare Linear is converted and returned).
-        dtype: activation dtype, ``gpuquant.qint8`` (default) or ``qint8_narrow``.
+        dtype: activation dtype, ``gpuquant.qint8`` (default; ``torch.qint8`` is read as it)
+            or ``qint8_narrow``.
         modules: classes to swap: ``torch.nn.Linear`` (subclasses included) and/or
             ``torch.nn.MultiheadAttention``. With ``torch.nn.Linear`` the MHAs are converted
             too (their projections are Linears).
@@ -132,6 +133,8 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
     """
     fn = "quantize_dynamic"
     modules = _check_common(model, modules, filter_fn, inplace, fn)
+    if dtype is getattr(torch, "qint8", None):  # the name PyTorch users pass: same range
+        dtype = qint8
     ad, wd = get_dtype(dtype), get_dtype(weight_dtype)
     if ad not in ACT_DTYPES:
         raise ValueError(f"{fn}: dtype must be one of {[d.name for d in ACT_DTYPES]}, got {ad.name}")

@@ -165,8 +165,12 @@ def test_quantize_dynamic_api():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     w = quantize_dynamic(copy.deepcopy(model), weight_only=True)
     assert isinstance(w[0], WeightOnlyLinear) and isinstance(w[2][0], WeightOnlyLinear)
-    bare = quantize_dynamic(nn.Linear(16, 4))
-    assert isinstance(bare, DynamicLinear)
+    bare = quantize_dynamic(nn.Linear(16, 4), torch.qint8, {nn.Linear})  # PyTorch-style call
+    assert isinstance(bare, DynamicLinear) and bare.act_dtype is gpuquant.qint8
+    # modules marked disable_quantize() stay float
+    marked = nn.Sequential(gpuquant.nn.Linear(16, 4).disable_quantize(), nn.Linear(4, 2))
+    marked = quantize_dynamic(marked)
+    assert type(marked[0]) is gpuquant.nn.Linear and isinstance(marked[1], DynamicLinear)
     # any leading dimensions, output dtype follows the input, empty batch
     x = torch.randn(2, 3, 5, 16)
     with torch.no_grad():
