@@ -1,9 +1,10 @@
 // dp4a_tile.cuh: the portable tier's tiled main loop (any GPU with __dp4a, sm_61+).
 //
 // A 64 x 64 output tile per block of 256 threads (16 x 16), each thread 4 x 4 outputs.
-// K advances 32 bytes a step; operands are gathered byte by byte into shared memory (so any
-// K, any channel count, any group count and every conv geometry run without host padding),
-// packed four to an int32 word, and multiplied with __dp4a (s8 x s8 -> s32).
+// K advances 32 bytes a step; operands go to shared memory as int32 words of four K values:
+// one aligned 32-bit load where K % 4 == 0 (linear) or channels per group % 4 == 0 (conv),
+// else gathered byte by byte (so any K, any channel count, any group count and every conv
+// geometry run without host padding); multiplied with __dp4a (s8 x s8 -> s32).
 // Words are padded to 9 a row so the 16 B-rows a warp reads fall into distinct banks.
 #pragma once
 #include "igemm.cuh"
@@ -13,6 +14,11 @@
 #define GQ_DP4A_BKW 8          // K words (4 bytes each) per step
 #define GQ_DP4A_THREADS 256
 
+GQ_D int gq_pack4(int b0, int b1, int b2, int b3) {
+  return (int)(((unsigned)b0 & 0xffu) | (((unsigned)b1 & 0xffu) << 8) |
+               (((unsigned)b2 & 0xffu) << 16) | (((unsigned)b3 & 0xffu) << 24));
+}
+
 // A operand of a linear layer: (M, K) row-major.
 struct GqGemmA {
   const signed char* a;
@@ -21,6 +27,12 @@ struct GqGemmA {
   bool valid;
   GQ_D void set_row(int m) { valid = m < M; base = (gq_i64)m * K; }
   GQ_D int byte(int k) const { return (valid && k < K) ? (int)a[base + k] : 0; }
+  // A[m][k..k+3] packed (k % 4 == 0): one aligned 32-bit load when K % 4 == 0 (the host
+  // hands 16-byte aligned bases), else four byte loads.
+  GQ_D int word(int k) const {
+    if ((K & 3) == 0) return (valid && k < K) ? *reinterpret_cast<const int*>(a + base + k) : 0;
+    return gq_pack4(byte(k), byte(k + 1), byte(k + 2), byte(k + 3));
+  }
 };
 
 // A operand of a convolution: the implicit im2col matrix of an NHWC input, one group.
@@ -39,12 +51,18 @@ struct GqConvA {
     const gq_i64 off = gq_conv_offset(g, img, ih0, iw0, k, group);
     return off < 0 ? pad_byte : (int)x[off];
   }
+  // Four channels of one pixel in one aligned 32-bit load when cg % 4 == 0 (k % 4 == 0 then
+  // never straddles a window position), else four byte gathers.
+  GQ_D int word(int k) const {
+    if ((g.cg & 3) == 0) {
+      if (!valid || k >= K) return 0;
+      const gq_i64 off = gq_conv_offset(g, img, ih0, iw0, k, group);
+      return off < 0 ? (int)(0x01010101u * ((unsigned)pad_byte & 0xffu))
+                     : *reinterpret_cast<const int*>(x + off);
+    }
+    return gq_pack4(byte(k), byte(k + 1), byte(k + 2), byte(k + 3));
+  }
 };
-
-GQ_D int gq_pack4(int b0, int b1, int b2, int b3) {
-  return (int)(((unsigned)b0 & 0xffu) | (((unsigned)b1 & 0xffu) << 8) |
-               (((unsigned)b2 & 0xffu) << 16) | (((unsigned)b3 & 0xffu) << 24));
-}
 
 // One block: output rows [m0, m0 + 64), columns [n0, n0 + 64) of group ``group``.
 //   w: (groups * N, K) weights; out: row stride ldo, column offset group * N.
@@ -84,13 +102,17 @@ __device__ void gq_dp4a_tile(ALoader al, const signed char* __restrict__ w,
     const int k = k0 + 4 * lw;
 #pragma unroll
     for (int p = 0; p < 2; ++p) {
-      As[lr + 32 * p][lw] = gq_pack4(rows[p].byte(k), rows[p].byte(k + 1),
-                                     rows[p].byte(k + 2), rows[p].byte(k + 3)) ^ a_xor;
-      int b[4];
+      As[lr + 32 * p][lw] = rows[p].word(k) ^ a_xor;
+      if ((K & 3) == 0) {
+        Bs[lr + 32 * p][lw] =
+            (bvalid[p] && k < K) ? *reinterpret_cast<const int*>(w + bbase[p] + k) : 0;
+      } else {
+        int b[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        b[e] = (bvalid[p] && k + e < K) ? (int)w[bbase[p] + k + e] : 0;
-      Bs[lr + 32 * p][lw] = gq_pack4(b[0], b[1], b[2], b[3]);
+        for (int e = 0; e < 4; ++e)
+          b[e] = (bvalid[p] && k + e < K) ? (int)w[bbase[p] + k + e] : 0;
+        Bs[lr + 32 * p][lw] = gq_pack4(b[0], b[1], b[2], b[3]);
+      }
     }
     __syncthreads();
 #pragma unroll

@@ -80,7 +80,8 @@ def _wanted(mod, name, modules, filter_fn) -> bool:
         return True
     keep = filter_fn(mod, name)
     if not isinstance(keep, bool):
-        raise TypeError(f"filter_fn must return a bool, returned {type(keep).__name__} for {name!r}")
+        raise TypeError(f"filter_fn must return a bool, returned {type(keep).__name__} for "
+                        f"{name!r}")
     return keep
 
 
@@ -137,7 +138,8 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
         dtype = qint8
     ad, wd = get_dtype(dtype), get_dtype(weight_dtype)
     if ad not in ACT_DTYPES:
-        raise ValueError(f"{fn}: dtype must be one of {[d.name for d in ACT_DTYPES]}, got {ad.name}")
+        raise ValueError(f"{fn}: dtype must be one of {[d.name for d in ACT_DTYPES]}, got "
+                         f"{ad.name}")
     if wd not in WEIGHT_DTYPES:
         raise ValueError(f"{fn}: weight_dtype must be one of {[d.name for d in WEIGHT_DTYPES]}, "
                          f"got {wd.name}")
@@ -160,8 +162,8 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
                 log.warning("quantize_dynamic: %s (MultiheadAttention) stays float: %s", name, why)
                 return None
             if not weight_only and mod.embed_dim > k_max:
-                raise ValueError(f"{fn}: {name}: embed_dim={mod.embed_dim} could overflow the int32 "
-                                 f"accumulator; at most {k_max} fits")
+                raise ValueError(f"{fn}: {name}: embed_dim={mod.embed_dim} could overflow the "
+                                 f"int32 accumulator; at most {k_max} fits")
             return DynamicMultiheadAttention.from_float_module(mod, ad, wd, weight_only)
         if isinstance(mod, _NDQ) or not _wanted(mod, name, modules, filter_fn):
             return None
@@ -175,8 +177,8 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
         if weight_only:
             return WeightOnlyLinear.from_float_module(mod, wd)
         if mod.in_features > k_max:
-            raise ValueError(f"{fn}: {name or 'model'}: in_features={mod.in_features} could overflow "
-                             f"the int32 accumulator ({ad.name} x {wd.name}); at most {k_max} "
+            raise ValueError(f"{fn}: {name or 'model'}: in_features={mod.in_features} could "
+                             f"overflow the int32 accumulator ({ad.name} x {wd.name}); at most {k_max} "
                              f"fits (exclude it with filter_fn, or use weight_only=True)")
         return DynamicLinear.from_float_module(mod, ad, wd)
 

@@ -131,7 +131,8 @@ def test_qat_float_qat_quantized_agreement():
         assert torch.equal(qat.disable_fake_quant()(x), lin(x))
         y_qat = qat.enable_fake_quant()(x)
         xq, xs = quantize_per_token(x)
-        wq, ws = DynamicLinear.from_float_module(lin).weight, DynamicLinear.from_float_module(lin).weight_scale
+        ql = DynamicLinear.from_float_module(lin)
+        wq, ws = ql.weight, ql.weight_scale
         manual = F.linear(xq.float() * xs[..., None], wq.float() * ws[:, None], lin.bias)
         assert torch.equal(y_qat, manual)
         assert torch.equal(fake_quant_per_token(x), xq.float() * xs[..., None])

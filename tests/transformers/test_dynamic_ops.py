@@ -240,7 +240,8 @@ _PTX_SCRIPT = textwrap.dedent(r"""
         assert not FLOAT_HAZARD_RE.findall(ptx) and "div.rn.f32" in ptx, cc
         sig = {"X": "*i8", "W": "*i8", "BIAS": "*fp32", "MULT": "*fp32", "RSHIFT": "*fp32",
                "EPI": "*fp32", "RES": "*fp32", "Y": "*bf16", **i32("M", "N", "K", "stride_xm",
-               "stride_xk", "stride_wn", "stride_wk", "stride_ym", "stride_rm"), "deq_scale": "fp32"}
+               "stride_xk", "stride_wn", "stride_wk", "stride_ym", "stride_rm"),
+               "deq_scale": "fp32"}
         c = G.gemm_configs(fam)[0]
         ptx = compile_ptx(G._qgemm_kernel, sig, {**c.kwargs, "X_UINT8": False, "OUT_MODE": 3,
                           "HAS_RES": True, "EVEN_K": True}, cc, c.num_warps, c.num_stages)

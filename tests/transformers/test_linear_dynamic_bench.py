@@ -1,7 +1,5 @@
 """The ``linear_dynamic`` bench suite: its case grid, and its providers and exactness check
 run end to end on a tiny case on the CPU (Triton kernels through the interpreter)."""
-import torch
-
 from gpuquant.bench import harness
 from gpuquant.bench.suites import load_suite
 from gpuquant.bench.suites import linear_dynamic as ld

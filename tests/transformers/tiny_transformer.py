@@ -25,7 +25,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.mha = mha
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True) if mha else Attention(d, heads)
+        self.attn = (nn.MultiheadAttention(d, heads, batch_first=True) if mha
+                     else Attention(d, heads))
         self.fc1, self.fc2 = nn.Linear(d, ff), nn.Linear(ff, d)
 
     def forward(self, x):

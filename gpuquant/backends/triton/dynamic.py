@@ -119,8 +119,14 @@ def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
     family = arch_family(xq.device)
     kern = _gemm_kernel(family)
     meta = interpret_meta() if family == "interpret" else {}
-    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
+
+    def grid(cfg):
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+
     has_bias = bias is not None
+    # _qgemm_kernel(X, W, BIAS, MULT, RSHIFT, EPI, RES, Y, ...): in the scaled mode MULT holds
+    # the column (weight) scales, RSHIFT the row (token) scales, RES the float bias
+    # (HAS_RES); BIAS and EPI are not read (any pointer will do)
     kern[grid](xq, wq, x_scale, w_scale, x_scale, x_scale, bias if has_bias else out, out,
                m, n, k, xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
                0, 1.0, X_UINT8=False, OUT_MODE=OUT_SCALED, HAS_RES=has_bias, **meta,
@@ -250,7 +256,10 @@ def linear_weight_only(x, wq, w_scale, bias):
     if interpret:
         bm, bn, bk, gm, nw, ns = _WO_INTERPRET_TILE
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
-    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)  # noqa: E731
+
+    def grid(cfg):
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+
     _weight_only_kernel(interpret)[grid](
         x, wq, out, w_scale, bias if bias is not None else w_scale, m, n, k,
         x.stride(0), x.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),

@@ -100,7 +100,8 @@ class DynamicLinear(torch.nn.Linear, Module):
     def _init_dynamic(self, act_dtype, weight_dtype, weight_only):
         ad, wd = get_dtype(act_dtype), get_dtype(weight_dtype)
         if ad not in ACT_DTYPES:
-            raise ValueError(f"act_dtype must be one of {[d.name for d in ACT_DTYPES]}, got {ad.name}")
+            raise ValueError(f"act_dtype must be one of {[d.name for d in ACT_DTYPES]}, got "
+                             f"{ad.name}")
         if wd not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype must be one of {[d.name for d in WEIGHT_DTYPES]}, got "
                              f"{wd.name}")

@@ -33,7 +33,8 @@ __all__ = ["DynamicLinear", "WeightOnlyLinear", "StaticActLinear", "DynamicMulti
            "per_channel_weight_scale"]
 
 
-def per_channel_weight_scale(weight: torch.Tensor, dtype: QuantDtype = qint8_narrow) -> torch.Tensor:
+def per_channel_weight_scale(weight: torch.Tensor,
+                             dtype: QuantDtype = qint8_narrow) -> torch.Tensor:
     """Symmetric per-output-channel scales of a (N, K) float weight, as
     ``torch.ao.quantization.PerChannelMinMaxObserver`` (qscheme per_channel_symmetric) computes
     them: ``max(max|w_n| / ((qmax - qmin) / 2), eps)`` in float32."""
@@ -58,7 +59,8 @@ def quantize_weight_per_channel(weight: torch.Tensor, dtype=qint8_narrow, scale=
                         f"{tuple(getattr(weight, 'shape', ()))}")
     d = get_dtype(dtype)
     if d not in WEIGHT_DTYPES:
-        raise ValueError(f"weight dtype must be one of {[w.name for w in WEIGHT_DTYPES]}, got {d.name}")
+        raise ValueError(f"weight dtype must be one of {[w.name for w in WEIGHT_DTYPES]}, got "
+                         f"{d.name}")
     if bool(torch.isnan(weight).any()) or bool(torch.isinf(weight).any()):
         raise ValueError("weight contains NaN or Inf, which have no int8 value")
     s = per_channel_weight_scale(weight, d) if scale is None else scale.detach().to(torch.float32)
@@ -189,7 +191,8 @@ class DynamicLinear(_Int8WeightLinear):
         super().__init__(in_features, out_features, bias, weight_dtype, device)
         ad = get_dtype(act_dtype)
         if ad not in ACT_DTYPES:
-            raise ValueError(f"act_dtype must be one of {[d.name for d in ACT_DTYPES]}, got {ad.name}")
+            raise ValueError(f"act_dtype must be one of {[d.name for d in ACT_DTYPES]}, got "
+                             f"{ad.name}")
         self.act_dtype = ad
         k_max = max_in_features(ad, self.weight_dtype)
         if in_features > k_max:
@@ -255,8 +258,8 @@ class StaticActLinear(DynamicLinear):
         """
         _check_linear(linear, "StaticActLinear.from_float_module")
         if act_absmax is None:
-            raise ValueError("StaticActLinear.from_float_module needs act_absmax (from "
-                             "calibration: gpuquant.quantization.smoothquant.calibrate_linear_inputs)")
+            raise ValueError("StaticActLinear.from_float_module needs act_absmax (from calibration:"
+                             " gpuquant.quantization.calibrate_linear_inputs)")
         a = float(act_absmax)
         if not (a >= 0 and a != float("inf")):
             raise ValueError(f"act_absmax must be finite and >= 0, got {a!r}")
@@ -296,7 +299,8 @@ class WeightOnlyLinear(_Int8WeightLinear):
     """
 
     @classmethod
-    def from_float_module(cls, linear: torch.nn.Linear, weight_dtype=qint8_narrow) -> "WeightOnlyLinear":
+    def from_float_module(cls, linear: torch.nn.Linear,
+                          weight_dtype=qint8_narrow) -> "WeightOnlyLinear":
         _check_linear(linear, "WeightOnlyLinear.from_float_module")
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_dtype,
                 device=linear.weight.device)
@@ -371,10 +375,10 @@ class DynamicMultiheadAttention(Module):
             lin_in.weight.copy_(mha.in_proj_weight)
             if mha.in_proj_bias is not None:
                 lin_in.bias.copy_(mha.in_proj_bias)
-        if weight_only:
-            conv = lambda lin: WeightOnlyLinear.from_float_module(lin, weight_dtype)  # noqa: E731
-        else:
-            conv = lambda lin: DynamicLinear.from_float_module(lin, act_dtype, weight_dtype)  # noqa: E731
+        def conv(lin):
+            if weight_only:
+                return WeightOnlyLinear.from_float_module(lin, weight_dtype)
+            return DynamicLinear.from_float_module(lin, act_dtype, weight_dtype)
         return cls(conv(lin_in), conv(mha.out_proj), mha.num_heads, mha.batch_first)
 
     def _project(self, x, part: int):
