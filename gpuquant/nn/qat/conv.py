@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ...distributed import batch_mean_var
 from ...nn import conv as Float
 from ..conv import apply_activation
 from .module import QATModule
@@ -109,6 +110,13 @@ class ConvBn2d(QATModule, Float.ConvBn2d):
         self.bn_frozen = bool(freeze)
         return self
 
+    # bn_frozen travels in state_dict() (extra state), so a QAT checkpoint resumes frozen
+    def get_extra_state(self):
+        return {"bn_frozen": self.bn_frozen}
+
+    def set_extra_state(self, state) -> None:
+        self.bn_frozen = bool(state["bn_frozen"])
+
     def folded_weight_bias(self):
         """(w * gamma / sigma, beta + gamma * (b - mu) / sigma) from the running statistics."""
         gamma, beta, mean, sigma = bn_fold_params(self.bn)
@@ -127,8 +135,8 @@ class ConvBn2d(QATModule, Float.ConvBn2d):
             if n < 2:
                 raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
                                  f"when training, got input shape {tuple(x.shape)}")
-            mean = y0.mean(dim=(0, 2, 3))
-            var = y0.var(dim=(0, 2, 3), unbiased=False)
+            # local statistics, or the global batch's when bn is a SyncBatchNorm (distributed)
+            mean, var, n = batch_mean_var(y0, (0, 2, 3), bn)
             gamma, beta, _, sigma = bn_fold_params(bn)
             sigma_b = torch.sqrt(var + bn.eps)
             w = self.apply_quant_weight(conv.weight * (gamma / sigma).reshape(-1, 1, 1, 1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...distributed import batch_mean_var
 from .. import linear as Float
 from ..conv import apply_activation
 from .conv import bn_fold_params, check_foldable_bn, update_bn_running_stats
@@ -46,6 +47,12 @@ class LinearBn1d(QATModule, Float.LinearBn1d):
         self.bn_frozen = bool(freeze)
         return self
 
+    def get_extra_state(self):  # bn_frozen travels in state_dict()
+        return {"bn_frozen": self.bn_frozen}
+
+    def set_extra_state(self, state) -> None:
+        self.bn_frozen = bool(state["bn_frozen"])
+
     def folded_weight_bias(self):
         gamma, beta, mean, sigma = bn_fold_params(self.bn)
         scale = gamma / sigma
@@ -65,8 +72,7 @@ class LinearBn1d(QATModule, Float.LinearBn1d):
             if n < 2:
                 raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
                                  f"when training, got input shape {tuple(x.shape)}")
-            mean = y0.mean(0)
-            var = y0.var(0, unbiased=False)
+            mean, var, n = batch_mean_var(y0, (0,), bn)  # global batch under SyncBatchNorm
             gamma, beta, _, sigma = bn_fold_params(bn)
             sigma_b = torch.sqrt(var + bn.eps)
             w = self.apply_quant_weight(lin.weight * (gamma / sigma).reshape(-1, 1))

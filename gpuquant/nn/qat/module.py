@@ -216,7 +216,11 @@ class QATModule(Module):
                              f"(calibration or training) before quantize()")
         out = []
         for i, slot in enumerate(slots):
-            if any(s is None for s in slot):
+            # a None next to real producers comes from a training-mode pass through an op
+            # that is the identity in eval mode (Dropout): the int8 model sees the producer
+            if any(s is not None for s in slot):
+                slot = [s for s in slot if s is not None]
+            if not slot or any(s is None for s in slot):
                 raise ValueError(f"input {i} of {who} was not produced by a quantized module "
                                  f"(it came from a float op or the model's input): put a "
                                  f"gpuquant.nn.QuantStub before it, or call disable_quantize() "

@@ -99,8 +99,8 @@ class QuantizedModule(Module):
             raise TypeError(f"{type(self).__name__}: expects a {dt.name} activation stored as "
                             f"{dt.storage}, got {x.dtype}{hint}")
         if device is not None and x.device != device:
-            raise ValueError(f"{type(self).__name__}: input is on {x.device} but the module's "
-                             f"parameters are on {device}; move one of them")
+            raise ValueError(f"{type(self).__name__}: input is on device {x.device} but the "
+                             f"module's weights are on {device}; move one of them")
 
     @staticmethod
     def _as_layout(y: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,296 @@
+"""quantize_qat / quantize: state_dict round trips, training refusal, disable_quantize,
+BN folding edge cases, model-code compatibility, bad input."""
+import copy
+import io
+
+import pytest
+import torch
+
+import gpuquant
+import gpuquant.nn as gnn
+import gpuquant.nn.qat as qat_nn
+import gpuquant.nn.quantized as qnn
+from gpuquant.quantization import (FakeQuantBase, Observer, calibration_qconfig,
+                                   disable_fake_quant, disable_observer, ema_fakequant_qconfig,
+                                   enable_fake_quant, enable_observer, get_qat_mapping,
+                                   lsq_qconfig, passive_qconfig, propagate_qconfig, quantize,
+                                   quantize_qat, reset_qconfig)
+from tests.nn.nn_helpers import QCONFIGS, randomize_bn
+
+
+class Net(gnn.Module):
+    """Every module kind; flatten / view / reshape in the model code."""
+
+    def __init__(self, reshape="flatten"):
+        super().__init__()
+        self.reshape = reshape
+        self.quant = gnn.QuantStub()
+        self.c1 = gnn.ConvBnRelu2d(3, 8, 3, padding=1)
+        self.c2 = gnn.ConvBn2d(8, 8, 3, padding=1, groups=8)
+        self.add = gnn.Elemwise("add_relu")
+        self.c3 = gnn.ConvRelu62d(8, 6, 1)
+        self.cat = gnn.Concat()
+        self.mul = gnn.Elemwise("mul")
+        self.pool = gnn.MaxPool2d(2)
+        self.avg = gnn.AvgPool2d(2, ceil_mode=True)
+        self.gap = gnn.AdaptiveAvgPool2d(1)
+        self.fc = gnn.LinearBnRelu1d(14 * 2 * 3, 16)
+        self.fc2 = gnn.Linear(16, 5)
+        self.dequant = gnn.DequantStub()
+
+    def forward(self, x):
+        x = self.quant(x)
+        y = self.c1(x)
+        y = self.add(self.c2(y), y)
+        y = self.cat([y, self.c3(y)], 1)
+        y = self.mul(y, self.gap(y))
+        y = self.avg(self.pool(y))
+        if self.reshape == "flatten":
+            y = torch.flatten(y, 1)
+        else:
+            y = y.reshape(y.shape[0], -1)
+        return self.dequant(self.fc2(self.fc(y)))
+
+
+def _qat(model=None, qconfig=ema_fakequant_qconfig, steps=3, shape=(6, 3, 9, 10)):
+    torch.manual_seed(0)
+    model = model or Net()
+    randomize_bn(model)
+    q = quantize_qat(model, qconfig)
+    q.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            q(torch.randn(shape))
+    return q.eval()
+
+
+@pytest.mark.parametrize("reshape", ["flatten", "reshape"])
+def test_whole_net_three_forms_agree(reshape):
+    x = torch.randn(5, 3, 9, 10)
+    float_model = Net(reshape).eval()
+    y_float = float_model(x)
+    q = _qat(copy.deepcopy(float_model))
+    with torch.no_grad():
+        y_qat = q(x)
+    int8 = quantize(q, inplace=False)
+    y8 = int8(x)
+    assert y8.shape == y_float.shape == y_qat.shape and y8.dtype == torch.float32
+    s = float(q.fc2.get_activation_qparams().scale)
+    assert float(((y8 - y_qat).abs() / s).max()) <= 4  # several layers: a few steps at most
+    assert isinstance(int8.c1, qnn.ConvBnRelu2d) and isinstance(q.c1, qat_nn.ConvBnRelu2d)
+
+
+def test_view_on_int8_activations():
+    class V(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.c, self.gap = gnn.QuantStub(), gnn.ConvRelu2d(3, 4, 3), gnn.AdaptiveAvgPool2d(1)
+            self.fc, self.dq = gnn.Linear(4, 2), gnn.DequantStub()
+
+        def forward(self, x):
+            y = self.gap(self.c(self.q(x)))
+            return self.dq(self.fc(y.view(y.size(0), -1)))
+    x = torch.randn(3, 3, 7, 7)
+    q = _qat(V(), shape=(3, 3, 7, 7))
+    with torch.no_grad():
+        y_qat = q(x)
+    s = float(q.fc.get_activation_qparams().scale)
+    y8 = quantize(q)(x)
+    assert float(((y8 - y_qat).abs() / s).max()) <= 1
+
+
+def test_state_dict_round_trip_qat_and_quantized():
+    x = torch.randn(4, 3, 9, 10)
+    a = _qat()
+    b = _qat(steps=1)
+    b.load_state_dict(a.state_dict())
+    disable_observer(a)
+    disable_observer(b)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    ia = quantize(a, inplace=False)
+    ib = quantize(_qat(steps=2), inplace=False)
+    buf = io.BytesIO()
+    torch.save(ia.state_dict(), buf)
+    buf.seek(0)
+    ib.load_state_dict(torch.load(buf, weights_only=False))
+    assert torch.equal(ia(x), ib(x))
+    for k, v in ia.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, ib.state_dict()[k]), k
+    assert ia.c1.weight.dtype == torch.int8 and ia.c1.bias.dtype == torch.int32
+
+
+def test_state_dict_carries_activation_dtypes():
+    a = quantize(_qat(qconfig=QCONFIGS["uint8"]), inplace=False)
+    b = quantize(_qat(), inplace=False)  # int8 activations
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 3, 9, 10)
+    assert b.quant(x).dtype == torch.uint8
+    assert torch.equal(a(x), b(x))
+
+
+def test_quantized_refuses_training():
+    int8 = quantize(_qat())
+    with pytest.raises(RuntimeError, match="inference-only|training"):
+        int8.train()
+    with pytest.raises(RuntimeError, match="training"):
+        qnn.Conv2d(3, 4, 3).train()
+    m = quantize(_qat())
+    m.c1.training = True
+    with pytest.raises(RuntimeError, match="training"):
+        m(torch.randn(2, 3, 9, 10))
+    m.eval()  # eval is fine
+    m(torch.randn(2, 3, 9, 10))
+
+
+def test_disable_quantize_keeps_float():
+    class Island(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.c = gnn.QuantStub(), gnn.ConvRelu2d(3, 4, 3)
+            self.dq = gnn.DequantStub()
+            self.head = gnn.ConvBn2d(4, 2, 1).disable_quantize()
+
+        def forward(self, x):
+            return self.head(self.dq(self.c(self.q(x))))
+    m = Island().eval()
+    q = quantize_qat(m, inplace=False)
+    assert type(q.head) is gnn.ConvBn2d and type(q.c) is qat_nn.ConvRelu2d
+    with torch.no_grad():
+        q(torch.randn(2, 3, 6, 6))
+    int8 = quantize(q, inplace=False)
+    assert type(int8.head) is gnn.ConvBn2d and type(int8.c) is qnn.ConvRelu2d
+    y = int8(torch.randn(2, 3, 6, 6))
+    assert y.dtype == torch.float32 and y.shape == (2, 2, 4, 4)
+    with pytest.raises(TypeError, match="bool"):
+        m.disable_quantize("yes")
+
+
+def test_per_module_qconfig_override():
+    m = Net()
+    m.fc2.qconfig = calibration_qconfig
+    q = quantize_qat(m, ema_fakequant_qconfig)
+    assert q.fc2.act_fake_quant is None and q.fc.act_fake_quant is not None
+
+
+@pytest.mark.parametrize("cls,shape", [(gnn.ConvBnRelu2d, (4, 3, 6, 6)), (gnn.LinearBn1d, (8, 3))])
+@pytest.mark.parametrize("case", ["gamma0", "tiny_var", "const_input"])
+def test_bn_folding_no_nan(cls, shape, case):
+    f = cls(3, 5, 3, padding=1) if cls is gnn.ConvBnRelu2d else cls(3, 5)
+    with torch.no_grad():
+        if case == "gamma0":
+            f.bn.weight.zero_()
+        if case == "tiny_var":
+            f.bn.running_var.fill_(1e-12)
+            f.bn.eps = 1e-10
+    x = torch.full(shape, 0.7) if case == "const_input" else torch.randn(shape)
+    q = quantize_qat(copy.deepcopy(f), ema_fakequant_qconfig, inplace=False).train()
+    x.requires_grad_(True)
+    y = q(x)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in q.parameters() if p.grad is not None)
+    q.eval()
+    with torch.no_grad():
+        assert torch.isfinite(q(x)).all()
+    if case == "gamma0":  # the folded weight is exactly zero: output = the folded bias
+        w, b = q.folded_weight_bias()
+        assert torch.equal(w, torch.zeros_like(w))
+        assert torch.isfinite(b).all()
+
+
+def test_freeze_bn_stats():
+    f = randomize_bn(gnn.ConvBn2d(3, 4, 3))
+    q = quantize_qat(f, inplace=False)
+    disable_fake_quant(q)
+    x = torch.randn(4, 3, 7, 7)
+    q.freeze_bn_stats()
+    rm = q.bn.running_mean.clone()
+    y_train = q.train()(x)
+    assert torch.equal(q.bn.running_mean, rm)
+    assert torch.equal(y_train, q.eval()(x))
+
+
+def test_enable_disable_helpers_and_reset():
+    q = _qat()
+    disable_fake_quant(q)
+    assert all(not m.enabled for m in q.modules() if isinstance(m, FakeQuantBase))
+    enable_fake_quant(q)
+    assert all(m.enabled for m in q.modules() if isinstance(m, FakeQuantBase))
+    disable_observer(q)
+    assert all(not m.enabled for m in q.modules() if isinstance(m, Observer))
+    enable_observer(q)
+    before = q.c1.get_activation_qparams()
+    reset_qconfig(q, passive_qconfig)  # passive observers keep the calibrated qparams
+    assert q.c1.get_activation_qparams() == before
+    propagate_qconfig(q, lsq_qconfig)
+    q.train()
+    q(torch.randn(4, 3, 9, 10))
+    assert type(q.c1.act_fake_quant).__name__ == "LSQ"
+
+
+def test_quantize_before_observation_names_module():
+    q = quantize_qat(Net())
+    with pytest.raises(ValueError, match="'quant'|observ|not run"):
+        quantize(q)
+
+
+def test_missing_quant_stub_names_module():
+    class NoStub(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = gnn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+    q = quantize_qat(NoStub())
+    q(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="'conv'.*QuantStub"):
+        quantize(q)
+
+
+def test_unsupported_module_in_mapping():
+    mapping = {k: v for k, v in get_qat_mapping().items() if k is not gnn.Linear}
+    with pytest.raises(TypeError, match="'fc2'.*Linear"):
+        quantize_qat(Net(), mapping=mapping)
+    with pytest.raises(TypeError, match="from_float_module"):
+        quantize_qat(Net(), mapping={gnn.Conv2d: torch.nn.ReLU})
+    q = _qat()
+    with pytest.raises(TypeError, match="no quantized version"):
+        quantize(q, mapping={qat_nn.Conv2d: qnn.Conv2d})
+    with pytest.raises(TypeError, match="QConfig"):
+        quantize_qat(Net(), qconfig="ema")
+
+
+def test_bad_input_dtype_and_device():
+    int8 = quantize(_qat())
+    with pytest.raises(TypeError, match="float"):
+        int8(torch.randint(-5, 5, (2, 3, 9, 10), dtype=torch.int8))
+    with pytest.raises(TypeError, match="QuantStub"):
+        int8.c1(torch.randn(2, 3, 9, 10))
+    with pytest.raises(TypeError, match="qint8"):
+        int8.c1(torch.zeros(2, 3, 9, 10, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="device"):
+        int8.c1(torch.zeros(2, 3, 9, 10, dtype=torch.int8, device="meta"))
+
+
+def test_inplace_false_leaves_original():
+    m = Net()
+    q = quantize_qat(m, inplace=False)
+    assert type(m.c1) is gnn.ConvBnRelu2d and type(q.c1) is qat_nn.ConvBnRelu2d
+    single = quantize_qat(gnn.Linear(4, 3))  # a module passed alone is replaced
+    assert type(single) is qat_nn.Linear
+
+
+def test_weights_per_channel_int8_bias_int32():
+    q = _qat()
+    int8 = quantize(q, inplace=False)
+    conv = int8.c1
+    w_qp = q.c1.get_weight_qparams()
+    assert w_qp.axis == 0 and conv.weight_scale.shape == (8,)
+    assert conv.weight.dtype == torch.int8 and int(conv.weight.abs().max()) <= 127
+    w, b = q.c1.folded_weight_bias()
+    s = conv.input_scale.double() * conv.weight_scale.double()
+    assert torch.equal(conv.bias, torch.round(b.detach().double() / s).to(torch.int32))
+    assert torch.equal(conv.weight, gpuquant.functional.quantize(w.detach(), w_qp))
