@@ -290,3 +290,24 @@ def test_more_than_2_31_elements_on_gpu():
         part = w[c, -5000:]
         want = run_ref(part, sc[c], zc[c], gpuquant.qint8, None, torch.ones_like(part))[0]
         assert bits_equal(yw[c, -5000:], want)
+
+
+def test_udiv_magic_numbers_exact():
+    """The magic-number division of the channel index: exact for every 31-bit numerator
+    (random ones and those next to multiples of d), every divisor kind."""
+    import numpy as np
+    rng = np.random.default_rng(5)
+    ns = np.concatenate([rng.integers(0, 2 ** 31, 4000, dtype=np.uint64),
+                         np.array([0, 1, 2 ** 31 - 2, 2 ** 31 - 1], dtype=np.uint64)])
+    divisors = [1, 2, 3, 7, 33, 64, 96, 1000, 2 ** 16 + 1, 2 ** 30, 2 ** 30 + 1, 2 ** 31 - 1]
+    divisors += [int(d) for d in rng.integers(1, 2 ** 31 - 1, 40)]
+    for d in divisors:
+        m, l = tfq.udiv_magic(d)
+        assert 2 ** 31 <= m < 2 ** 32
+        k = np.arange(1, 2 ** 31 // d + 1, max(1, (2 ** 31 // d) // 50), dtype=np.uint64) * np.uint64(d)
+        n = np.concatenate([ns, k, k - np.uint64(1)])
+        n = n[n < 2 ** 31]
+        q = (((n << np.uint64(1)) * np.uint64(m)) >> np.uint64(32)) >> np.uint64(l)
+        assert np.array_equal(q, n // np.uint64(d)), d
+    with pytest.raises(ValueError):
+        tfq.udiv_magic(0)

@@ -25,6 +25,7 @@ from gpuquant.backends.triton import fake_quant as fq
 
 HAZARD = re.compile(r"\b(fma\.rn(?:\.ftz)?\.f32|div\.full(?:\.ftz)?\.f32|div\.approx(?:\.ftz)?\.f32|"
                     r"rcp\.approx(?:\.ftz)?\.f32)")
+DIV32 = re.compile(r"\b((?:div|rem)\.[su]32)")
 X_LIKE = {"x_ptr", "y_ptr", "g_ptr", "gx_ptr"}
 TYPES = {"mask_ptr": "*u8", "ok_ptr": "*u8", "bad_ptr": "*i64",
          "scale_ptr": "*fp32", "inv_ptr": "*fp32", "part_ptr": "*fp32", "mn_ptr": "*fp32",
@@ -61,6 +62,8 @@ for cc in (80, 90):
                 key = f"sm{cc}:{name}[{i}]:{xdt}"
                 report["kernels"][key] = {"hazards": sorted(set(HAZARD.findall(text))),
                                           "div_rn": "div.rn.f32" in text,
+                                          "div32": len(DIV32.findall(text)),
+                                          "mulhi": "mul.hi.u32" in text,
                                           "has_ld": "ld.global" in text}
     # the check can see the hazard: the LSQ backward (rne(zp + x * inv), EMA-like a + b * c)
     # compiled with fusion on contracts into fma
@@ -106,3 +109,16 @@ def test_hazard_check_detects_fusion(report):
     # above is not vacuous, and launching with fusion off is what keeps it exact
     for cc in (80, 90):
         assert any(h.startswith("fma.rn") for h in report[f"sm{cc}:fusion_on_control"])
+
+
+def test_per_channel_index_has_no_per_element_division(report):
+    # the channel of an element comes from two mul.hi magic-number divisions, not div/rem.s32
+    # (~20 instructions each: a bf16 per-channel forward would be compute-bound). One rem.u32
+    # is allowed: LLVM's 32-bit fast path of the once-a-program int64 ``base % period``.
+    from gpuquant.backends.triton import fake_quant as fq
+    variants = fq.KERNELS["_fq_fwd_kernel"][1]
+    for cc in (80, 90):
+        for i, const in enumerate(variants):
+            if const["PER_CHANNEL"] and not const["WIDE"]:
+                v = report["kernels"][f"sm{cc}:_fq_fwd_kernel[{i}]:*fp32"]
+                assert v["mulhi"] and v["div32"] <= 1, (i, v)

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "row_plan",
-           "as_rows", "RowPlan", "auto_interpreter", "OPS", "KERNELS"]
+           "as_rows", "RowPlan", "auto_interpreter", "udiv_magic", "OPS", "KERNELS"]
 
 # 4096 elements (16 a thread at 8 warps): memory-bound elementwise; not tuned on a GPU yet.
 BLOCK = 4096
@@ -87,19 +87,43 @@ def _fq_math(x, inv, s, zp, qmin, qmax):
 
 
 @triton.jit
-def _channel_of(pid, offs_local, period, stride_c, C, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+def _udiv(n, m, l):
+    """``n // d`` for uint32 ``0 <= n < 2^31`` with the host's magic numbers ``(m, l)`` of ``d``
+    (:func:`udiv_magic`): one ``mul.hi`` and a shift instead of a ~20-instruction division."""
+    return tl.umulhi(n << 1, m) >> l
+
+
+@triton.jit
+def _channel_of(pid, offs_local, period, stride_c, C, m_sc, l_sc, m_c, l_c,
+                WIDE: tl.constexpr, BLOCK: tl.constexpr):
     """Channel index of the elements ``pid * BLOCK + offs_local`` of a dense tensor traversed
     in memory order: ``(offset // stride_c) % C``. ``period = stride_c * C``; the offset is
-    reduced modulo the period once a program (int64) so the per-element math is int32 unless
-    the period itself passes 2^31 - BLOCK (``WIDE``)."""
+    reduced modulo the period once a program (int64), so per element it is two magic-number
+    divisions in uint32, unless the period itself passes 2^31 - BLOCK (``WIDE``: int64)."""
     base = pid.to(tl.int64) * BLOCK
     if WIDE:
         off = base + offs_local
         return ((off // stride_c) % C).to(tl.int32)
     else:
         r0 = (base % period).to(tl.int32)
-        loc = r0 + offs_local
-        return (loc // stride_c) % C
+        loc = (r0 + offs_local).to(tl.uint32)
+        # m arrives as the int32 bit pattern of a uint32 (a Python int >= 2^31 would be typed
+        # int64 and turn umulhi 64-bit); l and C stay as passed (an argument equal to 1
+        # arrives as a constexpr) and promote to uint32 against the uint32 tensors
+        q1 = _udiv(loc, m_sc.to(tl.uint32, bitcast=True), l_sc)
+        q2 = _udiv(q1, m_c.to(tl.uint32, bitcast=True), l_c)
+        return (q1 - q2 * C).to(tl.int32)
+
+
+def udiv_magic(d: int) -> Tuple[int, int]:
+    """(m, l) with ``n // d == (umulhi(2 n, m)) >> l`` for every ``0 <= n < 2^31``:
+    ``l = ceil(log2 d)``, ``m = ceil(2^(31 + l) / d)`` (Granlund-Montgomery; the error
+    ``m d - 2^(31+l) < d <= 2^l`` keeps every 31-bit quotient exact; ``2^31 <= m < 2^32``)."""
+    if not 1 <= d < 2 ** 31:
+        raise ValueError(f"divisor must be in [1, 2^31), got {d}")
+    l = (d - 1).bit_length()
+    m = -(-(1 << (31 + l)) // d)
+    return m, l
 
 
 @triton.jit
@@ -172,7 +196,7 @@ def _fq_fwd_kernel(
     # pointers
     x_ptr, y_ptr, mask_ptr, scale_ptr, inv_ptr, zp_ptr,
     # sizes
-    numel, nbytes_mask, period, stride_c, C,
+    numel, nbytes_mask, period, stride_c, C, m_sc, l_sc, m_c, l_c,
     # quantization range (float32 holding integers)
     qmin, qmax,
     # meta
@@ -191,7 +215,7 @@ def _fq_fwd_kernel(
     m = offs < numel
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if PER_CHANNEL:
-        c = _channel_of(pid, offs_local, period, stride_c, C, WIDE, BLOCK)
+        c = _channel_of(pid, offs_local, period, stride_c, C, m_sc, l_sc, m_c, l_c, WIDE, BLOCK)
         s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, c, qmin, qmax, QMODE, QMODE != 2)
     else:
         s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, 0, qmin, qmax, QMODE, False)
@@ -389,9 +413,11 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
         wide = big or period + block >= 2 ** 31 if wide is None else wide
     else:
         inv, period, sc, C, wide = scale, 1, 1, 1, False
+    (m_sc, l_sc), (m_c, l_c) = udiv_magic(min(sc, 2 ** 31 - 1)), udiv_magic(min(C, 2 ** 31 - 1))
+    m_sc, m_c = m_sc - 2 ** 32, m_c - 2 ** 32  # the int32 bit patterns (see _channel_of)
     _fq_fwd_kernel[_grid(n, block)](
         _flat_span(x), _flat_span(y), mask, scale, inv, zero_point,
-        n, nbytes, period, sc, C, float(qmin), float(qmax),
+        n, nbytes, period, sc, C, m_sc, l_sc, m_c, l_c, float(qmin), float(qmax),
         PER_CHANNEL=per_channel, SAVE_MASK=save_mask, WIDE=wide, QMODE=qmode, BLOCK=block,
         num_warps=NUM_WARPS, **_LAUNCH)
     return y, (mask if save_mask else None)
