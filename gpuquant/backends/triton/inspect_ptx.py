@@ -1,0 +1,175 @@
+"""Compile the inference kernels for a GPU target without a GPU and read their PTX.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` runs the whole
+pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) on a machine with no device, so CI can
+check what the GPU will execute: which tensor-core instruction each GEMM / conv autotune
+config uses, and that no unintended ``fma.rn.f32`` / ``div.full.f32`` appears. Must run
+with ``TRITON_INTERPRET`` unset (the interpreter replaces ``@triton.jit`` kernels)::
+
+    env -u TRITON_INTERPRET python -m gpuquant.backends.triton.inspect_ptx 80 90
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+
+__all__ = ["compile_ptx", "kernel_variants", "inspect", "MMA_RE", "FLOAT_HAZARD_RE"]
+
+MMA_RE = re.compile(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*)")
+FLOAT_HAZARD_RE = re.compile(r"\b(fma\.rn\.f32|div\.full\.f32|div\.approx\.f32)")
+
+FAMILY_OF_CC = {80: "sm80", 86: "sm80", 89: "sm89", 90: "sm90"}
+
+
+def compile_ptx(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4,
+                num_stages: int = 3, enable_fp_fusion: bool = False) -> str:
+    """PTX of the jitted ``fn`` for ``sm_<cc>`` with the given signature / constexprs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not hasattr(fn, "arg_names"):
+        raise TypeError("compile_ptx needs a @triton.jit function; unset TRITON_INTERPRET")
+    sig = dict(signature)
+    for k in constexprs:
+        sig[k] = "constexpr"
+    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
+    with _no_cubin():
+        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages,
+                                           "enable_fp_fusion": enable_fp_fusion})
+    return compiled.asm["ptx"]
+
+
+@contextlib.contextmanager
+def _no_cubin():
+    """Stop after PTX: ptxas (the cubin stage) is most of the compile time and the PTX is
+    what is checked. The kernels compiled here are inspected, never launched."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    real = CUDABackend.make_cubin
+    CUDABackend.make_cubin = lambda self, src, metadata, *args, **kw: b""
+    try:
+        yield
+    finally:
+        CUDABackend.make_cubin = real
+
+
+_EPI_PTRS = {"BIAS": "*i64", "MULT": "*i32", "RSHIFT": "*i32", "EPI": "*i64"}
+
+
+def _gemm_sig(x="*i8", y="*i8", res="*i8"):
+    s = {"X": x, "W": "*i8", **_EPI_PTRS, "RES": res, "Y": y}
+    s.update({k: "i32" for k in ("M", "N", "K", "stride_xm", "stride_xk", "stride_wn",
+                                   "stride_wk", "stride_ym", "stride_rm")})
+    s["deq_scale"] = "fp32"
+    return s
+
+
+def _conv_sig(x="*i8", y="*i8", res="*i8"):
+    s = {"X": x, "W": "*i8", **_EPI_PTRS, "RES": res, "Y": y}
+    s.update({k: "i32" for k in ("M", "N", "K", "H", "W_in", "Ho", "Wo", "Cg", "stride_h",
+                                   "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "stride_xn",
+                                   "stride_xh", "stride_xw", "stride_wo", "stride_ym",
+                                   "stride_rm", "x_zp")})
+    s["deq_scale"] = "fp32"
+    return s
+
+
+def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
+    """(name, fn, signature, constexprs, num_warps, num_stages, expect_mma) to compile for
+    ``sm_<cc>``: every autotune config of the GEMM and conv kernels in their main form
+    (int8 in / out), plus one config of each epilogue variant and the CUDA-core kernels.
+
+    ``ci``: the conv configs are compiled with a 1x1 filter (the same tap-loop code and
+    instruction selection as 3x3, without the 9x unrolling that makes a 3x3 compile take
+    ~5 s of CPU) and the costly residual variants only once; the full set is the CLI's.
+    """
+    from . import conv, depthwise, elementwise, gemm
+
+    fam = FAMILY_OF_CC.get(cc, "generic")
+    out = []
+
+    def cfg_of(c):
+        return dict(c.kwargs), c.num_warps, c.num_stages
+
+    gcfgs = gemm.gemm_configs(fam)
+    for i, c in enumerate(gcfgs if all_configs else gcfgs[:1]):
+        meta, nw, ns = cfg_of(c)
+        out.append((f"gemm[{i}:{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}]",
+                    gemm._qgemm_kernel, _gemm_sig(),
+                    {**meta, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False,
+                     "EVEN_K": True}, nw, ns, True))
+    meta, nw, ns = cfg_of(gcfgs[0])
+    variants = (
+            ("gemm_uint8_residual", _gemm_sig(x="*u8", y="*u8", res="*u8"),
+             {"X_UINT8": True, "OUT_MODE": 0, "HAS_RES": True, "EVEN_K": False}),
+            ("gemm_float_out", _gemm_sig(y="*fp32"),
+             {"X_UINT8": False, "OUT_MODE": 1, "HAS_RES": False, "EVEN_K": True}),
+            ("gemm_int32_out", _gemm_sig(y="*i32"),
+             {"X_UINT8": False, "OUT_MODE": 2, "HAS_RES": False, "EVEN_K": True}))
+    # ci: the float-out epilogue on every target, the residual + uint8 one on sm_80 only
+    chosen = variants if not ci else (variants[:2] if cc < 90 else variants[1:2])
+    for name, sig, extra in chosen:
+        out.append((name, gemm._qgemm_kernel, sig, {**meta, **extra}, nw, ns, True))
+
+    ccfgs = conv.conv_configs(fam)
+    for i, c in enumerate(ccfgs if all_configs else ccfgs[:1]):
+        meta, nw, ns = cfg_of(c)
+        ksz = 1 if ci else 3
+        out.append((f"conv{ksz}x{ksz}[{i}:{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}]",
+                    conv._qconv_kernel, _conv_sig(),
+                    {**meta, "KH": ksz, "KW": ksz, "FLAT_K": False, "X_UINT8": False,
+                     "OUT_MODE": 0, "HAS_RES": False}, nw, ns, True))
+    meta, nw, ns = cfg_of(ccfgs[0])
+    out.append(("conv7x7_flatk_uint8_float_out", conv._qconv_kernel,
+                _conv_sig(x="*u8", y="*fp32"),
+                {**meta, "KH": 7, "KW": 7, "FLAT_K": True, "X_UINT8": True, "OUT_MODE": 1,
+                 "HAS_RES": False}, nw, ns, True))
+    if not ci:
+        out.append(("conv3x3_residual", conv._qconv_kernel, _conv_sig(),
+                    {**meta, "KH": 3, "KW": 3, "FLAT_K": False, "X_UINT8": False,
+                     "OUT_MODE": 0, "HAS_RES": True}, nw, ns, True))
+
+    dsig = {"X": "*i8", "W": "*i8", **_EPI_PTRS, "RES": "*i8", "Y": "*i8"}
+    dsig.update({k: "i32" for k in ("M", "O", "H", "W_in", "Ho", "Wo", "CH_MULT", "stride_h",
+                                      "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+                                      "stride_xn", "stride_xh", "stride_xw", "stride_xc",
+                                      "stride_ym", "stride_rm", "x_zp")})
+    dsig["deq_scale"] = "fp32"
+    dc = depthwise.depthwise_configs(fam)[0]
+    out.append(("depthwise3x3", depthwise._qdepthwise_kernel, dsig,
+                {**dc.kwargs, "KH": 3, "KW": 3, "OUT_MODE": 0, "HAS_RES": False},
+                dc.num_warps, 2, False))
+    qsig = {"X": "*fp32", "INV": "*fp32", "ZP": "*i32", "Y": "*i8", "numel": "i32",
+            "stride_c": "i32", "C": "i32", "qmin": "fp32", "qmax": "fp32"}
+    out.append(("quantize", elementwise._quantize_kernel, qsig,
+                {"PER_CHANNEL": True, "BLOCK": 1024}, 4, 2, False))
+    asig = {"A": "*i8", "B": "*i8", "EPI": "*i64", "Y": "*i8", "numel": "i32"}
+    out.append(("add", elementwise._add_kernel, asig, {"BLOCK": 1024}, 4, 2, False))
+    return out
+
+
+def inspect(cc: int, all_configs: bool = True, ci: bool = False) -> dict:
+    """Per kernel variant: the MMA instructions and float hazards in its PTX for sm_<cc>."""
+    report = {}
+    for name, fn, sig, const, nw, ns, expect_mma in kernel_variants(cc, all_configs, ci):
+        ptx = compile_ptx(fn, sig, const, cc, nw, ns, enable_fp_fusion=False)
+        report[name] = {"mma": sorted(set(MMA_RE.findall(ptx))),
+                        "float_hazards": sorted(set(FLOAT_HAZARD_RE.findall(ptx))),
+                        "expect_mma": expect_mma, "num_warps": nw, "num_stages": ns}
+    return report
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    quick, ci = "--quick" in argv, "--ci" in argv
+    ccs = [int(a) for a in argv if not a.startswith("--")] or [80, 90]
+    print(json.dumps({str(cc): inspect(cc, all_configs=not quick, ci=ci) for cc in ccs},
+                     indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Helpers shared by the Triton inference tests: device, oracles, random params, poison."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpuquant.backends import available, get_backend
+from gpuquant.functional.requant import make_requant
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"  # the triton backend runs on CPU through the interpreter
+
+if "triton" not in available():
+    pytest.skip("triton backend unavailable here", allow_module_level=True)
+
+TRITON = get_backend("triton").OPS
+# The NumPy backend is the oracle; the reference backend defines the same bytes.
+ORACLES = [(n, get_backend(n).OPS) for n in ("numpy", "reference") if n in available()]
+
+
+def oracle_ids():
+    return [n for n, _ in ORACLES]
+
+
+def rand_act(shape, dtype, zp=None, spread=None):
+    """Random int8 / uint8 activations (around ``zp`` within ``spread`` when given)."""
+    lo, hi = (-128, 127) if dtype == torch.int8 else (0, 255)
+    if spread is not None:
+        lo, hi = max(lo, zp - spread), min(hi, zp + spread)
+    return torch.randint(lo, hi + 1, shape, dtype=torch.int16).to(dtype)
+
+
+def rand_weight(shape, absmax=127):
+    return torch.randint(-absmax, absmax + 1, shape, dtype=torch.int8)
+
+
+def rand_requant(channels, out_dtype, activation="none", k=64, big=False):
+    """Per-channel Requant whose outputs spread over the range for an accumulator of ``k``
+    random int8 products; ``big``: some channels get multipliers >= 1 (negative rshift)."""
+    w_scale = torch.rand(channels, dtype=torch.float64) * 0.9 + 0.1
+    if big:
+        w_scale[::2] *= 2.0 ** torch.randint(3, 9, (len(w_scale[::2]),)).double()
+    x_scale = 0.02
+    target = 1.0 / (60.0 * k ** 0.5)  # ~ +-60 output steps for a random accumulator
+    out_scale = x_scale * float(w_scale.median()) / target
+    zp = 0 if out_dtype.qmin < 0 else 128
+    if out_dtype.qmin < 0:
+        zp = int(torch.randint(-10, 11, ()))
+    return make_requant(x_scale, w_scale, out_scale, zp, out_dtype, activation)
+
+
+_POISON = {torch.int8: -91, torch.uint8: 0xA5, torch.int32: -0x5A5A5A5B,
+           torch.int64: -0x5A5A5A5A5A5A5A5B}
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Outputs allocated by the ops start as poison (NaN, 0xA5...), so unwritten elements
+    show up in the exact comparisons."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype in _POISON:
+            t.fill_(_POISON[t.dtype])
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
+    yield
+
+
+def cpu(v):
+    if isinstance(v, torch.Tensor):
+        return v.cpu()
+    if isinstance(v, (list, tuple)):
+        return type(v)(cpu(t) for t in v)
+    return v
+
+
+def dev(v):
+    if isinstance(v, torch.Tensor):
+        return v.to(DEV)
+    if isinstance(v, (list, tuple)):
+        return type(v)(dev(t) for t in v)
+    return v
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
+    got = got.cpu()
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if not torch.equal(got, want):
+        if got.dtype.is_floating_point:
+            bad = (got != want) & ~(torch.isnan(got) & torch.isnan(want))
+        else:
+            bad = got != want
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: {int(bad.sum())} of {got.numel()} elements differ, "
+                             f"first at {idx}: got {[got[tuple(i)].item() for i in idx]}, "
+                             f"want {[want[tuple(i)].item() for i in idx]}")

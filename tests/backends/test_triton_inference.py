@@ -1,0 +1,221 @@
+"""Triton int8 GEMM / conv (tensor-core kernels, fused epilogues) == the NumPy oracle and the
+reference backend, byte for byte, on awkward shapes. On CPU the kernels run through the
+Triton interpreter; on a GPU the same tests run on the device."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _triton_inference_util import (DEV, ORACLES, TRITON, assert_same, cpu, dev, oracle_ids,
+                                    poison, rand_act, rand_requant, rand_weight)  # noqa: F401
+from gpuquant import qint8, quint8
+from gpuquant.functional.requant import make_add_params, make_requant
+
+pytestmark = pytest.mark.usefixtures("poison")
+CL = torch.channels_last
+
+
+def _check(op, args, what):
+    got = TRITON[op](*dev(args))
+    for name, ops in ORACLES:
+        assert_same(got, ops[op](*cpu(args)), f"{what} vs {name}")
+    return got
+
+
+# --------------------------------------------------------------------------- linear
+LINEAR_CASES = [  # (M, K, N): M = 1 and <= 16, K and N not multiples of 8
+    (1, 7, 5), (16, 33, 8), (13, 64, 123), (33, 70, 17), (3, 200, 40)]
+
+
+@pytest.mark.parametrize("xdtype", [torch.int8, torch.uint8], ids=["int8", "uint8"])
+@pytest.mark.parametrize("mkn", LINEAR_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_linear_matches_oracle(mkn, xdtype):
+    m, k, n = mkn
+    i = LINEAR_CASES.index(mkn)
+    zp = [-7, 0, 100, -128, 3][i] if xdtype == torch.int8 else [128, 0, 255, 37, 200][i]
+    x = rand_act((m, k), xdtype)
+    w = rand_weight((n, k))
+    bias = None if i == 1 else torch.randint(-20000, 20000, (n,), dtype=torch.int32)
+    out_dtype = [qint8, quint8][i % 2]
+    act = ["none", "relu", "relu6"][i % 3]
+    rq = rand_requant(n, out_dtype, act, k=k, big=(i == 3))
+    _check("linear", (x, zp, w, bias, rq), f"linear {mkn} {xdtype}")
+
+
+def test_linear_batched_leading_dims_and_extremes():
+    """(..., K) inputs, and the largest magnitudes (x = -128 or 255 against w = +-128): the
+    dot products sit at the int32 bound the caller allows, nothing saturates."""
+    k, n = 96, 19
+    x = torch.full((2, 3, k), -128, dtype=torch.int8)
+    x[1] = 127
+    w = torch.where(torch.rand(n, k) < 0.5, -128, 127).to(torch.int8)
+    rq = rand_requant(n, qint8, k=k, big=True)
+    _check("linear", (x, 0, w, None, rq), "linear extremes int8")
+    xu = torch.where(torch.rand(4, k) < 0.5, 0, 255).to(torch.uint8)
+    _check("linear", (xu, 0, w, torch.full((n,), -2 ** 20, dtype=torch.int32), rq),
+           "linear extremes uint8")
+
+
+def test_requant_negative_rshift_small_accumulator():
+    """Multipliers >= 1 (negative rshift, the saturating left shift) on accumulators small
+    enough not to saturate: every output distinct from the clamp."""
+    m, k, n = 9, 7, 13
+    zp = 5
+    x = rand_act((m, k), torch.int8, zp=zp, spread=2)
+    w = rand_weight((n, k), absmax=3)
+    w_scale = torch.linspace(0.1, 6.0, n, dtype=torch.float64)[torch.randperm(n)]
+    rq = make_requant(0.5, w_scale, 0.4, -3, qint8)  # multipliers 0.125 .. 7.5
+    assert (rq.rshift < 0).any() and (rq.rshift >= 0).any()
+    y = _check("linear", (x, zp, w, torch.randint(-9, 10, (n,), dtype=torch.int32), rq),
+               "linear rshift<0")
+    assert ((y.cpu() > -128) & (y.cpu() < 127)).float().mean() > 0.5
+
+
+# --------------------------------------------------------------------------- conv2d
+# (N, C, H, W), O, (KH, KW), stride, padding, dilation, groups, x dtype, zero point
+CONV_CASES = {
+    "3x3_flatk": ((2, 5, 9, 8), 7, (3, 3), 1, 1, 1, 1, torch.int8, -4),
+    "3x3_s2_taploop_b1_uint8": ((1, 64, 7, 7), 33, (3, 3), 2, 1, 1, 1, torch.uint8, 131),
+    "3x3_dil2": ((2, 8, 9, 9), 6, (3, 3), 1, 2, 2, 1, torch.int8, 0),
+    "7x7_stem_uint8": ((1, 3, 11, 11), 16, (7, 7), 2, 3, 1, 1, torch.uint8, 0),
+    "1x1_gemm_path": ((2, 16, 5, 5), 24, (1, 1), 1, 0, 1, 1, torch.int8, 9),
+    "1x1_s2": ((2, 16, 5, 5), 24, (1, 1), 2, 0, 1, 1, torch.uint8, 77),
+    "grouped": ((1, 8, 6, 5), 12, (3, 3), 1, 1, 1, 2, torch.int8, -1),
+    "3x1_c70_rect_stride": ((1, 70, 5, 4), 9, (3, 1), (2, 1), (1, 0), 1, 1, torch.int8, 12),
+    "c1": ((1, 1, 6, 6), 3, (3, 3), 1, 1, 1, 1, torch.uint8, 255),
+    "depthwise_x2": ((1, 12, 6, 6), 24, (3, 3), 1, 1, 1, 12, torch.int8, 2),
+    "depthwise_s2_uint8": ((2, 12, 6, 6), 12, (3, 3), 2, 1, 1, 12, torch.uint8, 128),
+    "depthwise_5x5_dil2": ((1, 7, 9, 9), 7, (5, 5), 1, 4, 2, 7, torch.int8, -9),
+}
+
+
+def _conv_inputs(case, channels_last=True):
+    shape, o, (kh, kw), stride, pad, dil, groups, xdtype, zp = case
+    x = rand_act(shape, xdtype)
+    if channels_last:
+        x = x.contiguous(memory_format=CL)
+    w = rand_weight((o, shape[1] // groups, kh, kw))
+    bias = torch.randint(-5000, 5000, (o,), dtype=torch.int32)
+    st, pd, dl = (v if isinstance(v, tuple) else (v, v) for v in (stride, pad, dil))
+    return x, zp, w, bias, st, pd, dl, groups
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv2d_matches_oracle(name):
+    case = CONV_CASES[name]
+    x, zp, w, bias, st, pd, dl, groups = _conv_inputs(case)
+    k = w.shape[1] * w.shape[2] * w.shape[3]
+    i = list(CONV_CASES).index(name)
+    rq = rand_requant(w.shape[0], [qint8, quint8][i % 2], ["none", "relu", "relu6"][i % 3],
+                      k=k, big=(i % 4 == 0))
+    y = _check("conv2d", (x, zp, w, bias, st, pd, dl, groups, rq), name)
+    assert y.is_contiguous(memory_format=CL)
+
+
+def test_conv2d_nchw_input_and_no_bias():
+    x, zp, w, _, st, pd, dl, g = _conv_inputs(CONV_CASES["3x3_flatk"], channels_last=False)
+    assert x.is_contiguous() and not x.is_contiguous(memory_format=CL)
+    rq = rand_requant(w.shape[0], qint8, k=45)
+    _check("conv2d", (x, zp, w, None, st, pd, dl, g, rq), "conv NCHW input")
+
+
+# --------------------------------------------------------------------------- fused paths
+@pytest.mark.parametrize("name", ["3x3_flatk", "1x1_gemm_path", "depthwise_x2"])
+def test_conv2d_add_equals_conv_then_add(name):
+    x, zp, w, bias, st, pd, dl, g = _conv_inputs(CONV_CASES[name])
+    rq = rand_requant(w.shape[0], qint8, k=w[0].numel())
+    ref_y = ORACLES[0][1]["conv2d"](x, zp, w, bias, st, pd, dl, g, rq)
+    res = rand_act(tuple(ref_y.shape), torch.int8).contiguous(memory_format=CL)
+    p = make_add_params(0.05, rq.zero_point, 0.03, -5, 0.07, 4, qint8, "relu")
+    got = TRITON["conv2d_add"](*dev((x, zp, w, bias, st, pd, dl, g, rq, res)), p)
+    for oname, ops in ORACLES:
+        want = ops["add"](ops["conv2d"](x, zp, w, bias, st, pd, dl, g, rq), res, p)
+        assert_same(got, want, f"conv2d_add {name} vs {oname}")
+
+
+def test_linear_add_and_dequant_outputs():
+    m, k, n = 11, 45, 21
+    x = rand_act((m, k), torch.uint8)
+    w = rand_weight((n, k))
+    b = torch.randint(-999, 999, (n,), dtype=torch.int32)
+    rq = rand_requant(n, quint8, "relu", k=k)
+    res = rand_act((m, n), torch.uint8)
+    p = make_add_params(0.04, rq.zero_point, 0.05, 120, 0.06, 130, quint8)
+    scale = torch.tensor(0.0371)
+    got_add = TRITON["linear_add"](*dev((x, 140, w, b, rq, res)), p)
+    got_deq = TRITON["linear_dequant"](*dev((x, 140, w, b, rq)), scale)
+    for oname, ops in ORACLES:
+        y = ops["linear"](x, 140, w, b, rq)
+        assert_same(got_add, ops["add"](y, res, p), f"linear_add vs {oname}")
+        want = ops["dequantize"](y, scale, torch.tensor(rq.zero_point, dtype=torch.int32), None)
+        assert_same(got_deq, want, f"linear_dequant vs {oname}")
+
+
+def test_conv2d_dequant_output():
+    x, zp, w, bias, st, pd, dl, g = _conv_inputs(CONV_CASES["3x3_s2_taploop_b1_uint8"])
+    rq = rand_requant(w.shape[0], qint8, k=w[0].numel())
+    scale = torch.tensor(0.125)
+    got = TRITON["conv2d_dequant"](*dev((x, zp, w, bias, st, pd, dl, g, rq)), scale)
+    for oname, ops in ORACLES:
+        y = ops["conv2d"](x, zp, w, bias, st, pd, dl, g, rq)
+        want = ops["dequantize"](y, scale, torch.tensor(rq.zero_point, dtype=torch.int32), None)
+        assert_same(got, want, f"conv2d_dequant vs {oname}")
+
+
+@pytest.mark.parametrize("name", ["3x3_dil2", "1x1_gemm_path", "depthwise_s2_uint8"])
+def test_bare_int32_accumulator(name):
+    """The bare int32 outputs equal sum((x - zp) * w) + b computed exactly in float64."""
+    x, zp, w, bias, st, pd, dl, g = _conv_inputs(CONV_CASES[name])
+    want = F.conv2d(x.double() - zp, w.double(), bias.double(), st, pd, dl, g)
+    got = TRITON["conv2d_int32"](*dev((x, zp, w, bias, st, pd, dl, g)))
+    assert_same(got, want.round().to(torch.int32), f"conv2d_int32 {name}")
+    x2 = rand_act((5, 37), torch.uint8)
+    w2 = rand_weight((11, 37))
+    got = TRITON["linear_int32"](*dev((x2, 3, w2, None)))
+    assert_same(got, ((x2.long() - 3) @ w2.long().t()).int(), "linear_int32")
+
+
+def test_memoised_parameters_follow_inplace_updates():
+    """The device copies / folded bias are memoised on identity and version: an in-place
+    weight update, a new zero point or a new Requant never reuses stale values."""
+    m, k, n = 6, 40, 10
+    x = rand_act((m, k), torch.int8)
+    w = rand_weight((n, k))
+    b = torch.randint(-99, 99, (n,), dtype=torch.int32)
+    rq = rand_requant(n, qint8, k=k)
+    ref = ORACLES[0][1]["linear"]
+    wd, bd, xd = dev(w), dev(b), dev(x)
+    assert_same(TRITON["linear"](xd, 4, wd, bd, rq), ref(x, 4, w, b, rq), "first call")
+    with torch.no_grad():
+        wd.mul_(-1).clamp_(-127, 127)
+        bd.add_(1000)
+    w2, b2 = cpu(wd), cpu(bd)
+    assert_same(TRITON["linear"](xd, 4, wd, bd, rq), ref(x, 4, w2, b2, rq), "after update")
+    assert_same(TRITON["linear"](xd, -6, wd, bd, rq), ref(x, -6, w2, b2, rq), "new zp")
+    rq2 = rand_requant(n, quint8, "relu", k=k)
+    assert_same(TRITON["linear"](xd, -6, wd, bd, rq2), ref(x, -6, w2, b2, rq2), "new rq")
+
+
+def test_config_tables_per_family():
+    from gpuquant.backends.triton import conv, gemm
+    from gpuquant.backends.triton.common import ARCH_FAMILIES
+    for fam in set(ARCH_FAMILIES.values()) - {"sm86"} | {"generic"}:
+        for cfgs in (gemm.gemm_configs(fam), conv.conv_configs(fam)):
+            assert cfgs and all(c.kwargs["BLOCK_K"] >= 32 and c.kwargs["BLOCK_N"] >= 16
+                                for c in cfgs)
+            # shared memory per stage fits the family (sm_89: 99 KB)
+            limit = {"sm90": 227, "sm80": 163}.get(fam, 99) * 1024
+            for c in cfgs:
+                kw = c.kwargs
+                assert (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * c.num_stages <= limit
+    assert len(gemm.gemm_configs("interpret")) == 1
+    with pytest.raises(ValueError, match="sm75"):
+        gemm.gemm_configs("sm75")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        conv.conv_configs("nope")
+    # small problems prune the large tiles, never to nothing
+    cfgs = gemm.gemm_configs("sm90")
+    small = gemm.prune_configs(cfgs, {"M": 1, "N": 8})
+    assert small and max(c.kwargs["BLOCK_M"] for c in small) <= 32
+    assert len(gemm.prune_configs(cfgs, {"M": 8192, "N": 8192})) == len(cfgs)
