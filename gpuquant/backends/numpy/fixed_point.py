@@ -9,21 +9,24 @@
   away from zero, ``floor((s + 2^(e-1) - [s < 0]) / 2^e)``; nested floors merge, so
   ``y = floor(V + 1/2)`` with ``V = X + sign(acc) d + zp``, ``X = acc M 2^-(31+e)``,
   ``d = 2^-(e+1)`` (0 for ``e = 0``); ``s < 0`` iff ``acc < 0`` except ``acc = -1, M = 2^30``
-  where both give 0. The fast path evaluates ``V`` in float32 (``V'``) with a rigorous
-  bound ``|V' - V| < w`` from the accumulator's magnitude bound, takes ``rint(V')``, and
-  recomputes exactly in int64 only the elements with ``|V' - rint(V')| >= 1/2 - w`` (about
-  ``2w`` of them: none for typical layers). Clamping ``V'`` to ``[lo, hi]`` first is safe:
-  anything it moves ends at the same clamp either way.
+  where both give 0. The fast path evaluates ``V`` in float32 (``V'``, five roundings of
+  relative size 2^-24) with a rigorous bound ``|V' - V| < w`` (about 2^-12) for every
+  element whose ``V`` lies near the clamp range, takes ``rint(V')``, and recomputes exactly
+  in integers only the elements with ``|V' - rint(V')| >= 1/2 - w`` (about ``2w`` of them).
+  Clamping ``V'`` to ``[lo, hi]`` first is safe: an element far outside stays outside.
 
-Timing (AMD EPYC, 2 cores, 450 K outputs, per-channel): int64 path ~4 ns/output (variable
-shifts are slow in NumPy), fast path ~1 ns/output.
+Timing (AMD EPYC, one core, per-channel): int64 path ~4 ns/output (per-channel shifts are
+slow in NumPy), fast path ~1 ns/output (64 K-element chunks that stay in L2).
 """
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 
 INT32_MIN = -(2 ** 31)
 INT32_MAX = 2 ** 31 - 1
+_PARAMS = {}  # id(Requant) -> (weakref, signature, Params)
 
 
 class Params:
@@ -31,7 +34,7 @@ class Params:
     the last axis (the channel axis of NHWC / (..., N) data) or scalars."""
 
     __slots__ = ("m", "rshift", "zp", "lo", "hi", "np_dtype", "r", "d", "e", "left",
-                 "r32", "d32", "has_d", "float_ok32", "_b32")
+                 "r32", "d32", "has_d", "float_ok32", "thr", "_b32", "_b64")
 
     def __init__(self, multiplier, rshift, zero_point: int, qmin: int, qmax: int, np_dtype):
         self.m = np.asarray(multiplier, dtype=np.int64)
@@ -49,18 +52,52 @@ class Params:
         self.has_d = bool((self.d > 0).any())
         # r must be a normal float32 for the relative error bound
         self.float_ok32 = bool(((self.r == 0) | (self.r > 2.0 ** -100)).all())
-        self._b32 = None
+        # Error bound of V' (float32) for every element whose exact V can land within one
+        # step of [lo, hi]: there |X| <= L + 1; u = fl(acc + b) is one rounding, the product
+        # with r32 (itself rounded) two, "+ t" and "+ zp" one each, all relative 2^-24:
+        # |V' - V| <= 2^-24 (4 |X| + |V|) (+ O(2^-48)); doubled for margin. Elements beyond
+        # stay beyond (relative error), so the clamp gives the exact result for them.
+        big = max(abs(self.lo - self.zp), abs(self.hi - self.zp)) + 3
+        w = 2.0 * _EPS32 * (4.0 * big + max(abs(self.lo), abs(self.hi)) + 2.0)
+        thr = np.float32(0.5 - w)
+        while float(thr) > 0.5 - w:  # round the threshold down, never up
+            thr = np.nextafter(thr, np.float32(0))
+        self.thr = thr
+        self._b32 = self._b64 = None
+
+    def bias_small(self, bias: np.ndarray) -> bool:
+        """Whether every bias value is exact in float32 (|b| <= 2^24)."""
+        return self.bias32(bias) is not None and self._b32[2]
+
+    def bias64(self, bias: np.ndarray) -> np.ndarray:
+        if self._b64 is None or self._b64[0] is not bias:
+            self._b64 = (bias, np.asarray(bias, dtype=np.float64))
+        return self._b64[1]
 
     def bias32(self, bias: np.ndarray) -> np.ndarray:
         if self._b32 is None or self._b32[0] is not bias:
-            self._b32 = (bias, np.asarray(bias, dtype=np.float32))
+            self._b32 = (bias, np.asarray(bias, dtype=np.float32),
+                         bool(np.abs(bias).max(initial=0) <= 2 ** 24))
         return self._b32[1]
 
     @classmethod
     def from_requant(cls, rq) -> "Params":
+        """Params of a Requant, cached per Requant object (modules keep theirs for life)."""
         from . import common
-        return cls(rq.multiplier.cpu().numpy(), rq.rshift.cpu().numpy(), rq.zero_point, rq.qmin,
-                   rq.qmax, common.np_dtype(rq.dtype.storage))
+        sig = (rq.multiplier, rq.multiplier._version, rq.rshift, rq.rshift._version,
+               rq.zero_point, rq.qmin, rq.qmax, rq.dtype)
+        hit = _PARAMS.get(id(rq))
+        if hit is not None and hit[0]() is rq and all(a is b or a == b for a, b in zip(hit[1], sig)):
+            return hit[2]
+        p = cls(rq.multiplier.cpu().numpy(), rq.rshift.cpu().numpy(), rq.zero_point, rq.qmin,
+                rq.qmax, common.np_dtype(rq.dtype.storage))
+        if len(_PARAMS) > 4096:
+            _PARAMS.clear()
+        try:
+            _PARAMS[id(rq)] = (weakref.ref(rq), sig, p)
+        except TypeError:  # not weak-referenceable: no caching
+            pass
+        return p
 
     def along(self, axis: int, ndim: int) -> "Params":
         """The same params with per-channel arrays shaped to broadcast along ``axis``."""
@@ -106,13 +143,32 @@ def requant_int64(acc: np.ndarray, p: Params, out: np.ndarray = None) -> np.ndar
 
 
 _EPS32 = 2.0 ** -24
+_CHUNK = 1 << 16
+
+
+def _mbqm_int(a: int, m: int, rshift: int) -> int:
+    """One accumulator through MultiplyByQuantizedMultiplier, in Python ints (exact)."""
+    left, e = max(-rshift, 0), max(rshift, 0)
+    x = min(max(a << left, INT32_MIN), INT32_MAX)
+    x = (x * m + (1 << 30)) >> 31           # SRDHM for M >= 0 (see the module docstring)
+    mask = (1 << e) - 1
+    return (x >> e) + ((x & mask) > (mask >> 1) + (x < 0))
 
 
 def _fixup(acc, bias, p: Params, out: np.ndarray, bad: np.ndarray) -> None:
-    """Exact int64 requantization of the elements flagged in ``bad``."""
+    """Exact requantization of the elements flagged in ``bad`` (``acc`` / ``out`` 2-D,
+    channels last): Python ints for a handful, int64 NumPy for more."""
     ix = np.nonzero(bad)
+    if len(ix[0]) <= 64:
+        for i, c in zip(*ix):
+            v = int(round(float(acc[i, c]))) + (0 if bias is None else int(bias[c] if bias.ndim else bias))
+            v = min(max(v, INT32_MIN), INT32_MAX)
+            m = int(p.m[c] if p.m.ndim else p.m)
+            sh = int(p.rshift[c] if p.rshift.ndim else p.rshift)
+            out[i, c] = min(max(_mbqm_int(v, m, sh) + p.zp, p.lo), p.hi)
+        return
     a = np.rint(np.asarray(acc[ix], dtype=np.float64)).astype(np.int64)
-    ch = ix[-1] if ix else None
+    ch = ix[-1]
     if bias is not None:
         a += bias[ch] if bias.ndim else bias
     a = np.clip(a, INT32_MIN, INT32_MAX)
@@ -122,49 +178,69 @@ def _fixup(acc, bias, p: Params, out: np.ndarray, bad: np.ndarray) -> None:
     out[ix] = np.clip(y, p.lo - p.zp, p.hi - p.zp) + p.zp
 
 
-def requant_fast(acc: np.ndarray, p: Params, out: np.ndarray, bias=None, acc_bound=None) -> None:
+def requant_fast(acc: np.ndarray, p: Params, out: np.ndarray, bias=None) -> None:
     """Requantize ``acc + bias`` into ``out`` (int8/uint8 array of ``acc``'s shape).
 
     Args:
-        acc: float32 / float64 array of exact integers, channels on the last axis.
+        acc: float32 / float64 array of exact integers, channels on the last axis (float32
+            values must be exact, i.e. below 2^24, as a single-block float32 GEMM gives).
         p: the requantization, per channel along the last axis or per tensor.
         out: destination.
         bias: None or an int64 array (channels) / scalar.
-        acc_bound: an upper bound on ``|acc|`` (sharper bounds flag fewer elements); None
-            measures it.
     """
     if acc.size == 0:
         return
-    bmax = 0 if bias is None else int(np.abs(bias).max(initial=0))
-    if acc_bound is None:
-        acc_bound = float(np.abs(acc).max())
-    amax = (float(acc_bound) + bmax) * float(p.r.max(initial=0.0))
-    # |V' - V|: <= 6 roundings of relative 2^-24 on terms up to amax, plus |zp| + 1/2
-    w = 8.0 * _EPS32 * (amax + abs(p.zp) + 2.0)
-    if not p.float_ok32 or w >= 0.125:
+    if not p.float_ok32:
         a = np.asarray(acc, dtype=np.float64)
         if bias is not None:
             a = a + bias
         np.clip(a, INT32_MIN, INT32_MAX, out=a)
         requant_int64(a.astype(np.int64), p, out=out)
         return
+    if not out.flags.c_contiguous:
+        tmp = np.empty(out.shape, out.dtype)
+        requant_fast(acc, p, tmp, bias)
+        out[...] = tmp
+        return
+    c = acc.shape[-1] if acc.ndim else 1
+    acc2, out2 = acc.reshape(-1, c), out.reshape(-1, c)
+    # u = fl32(acc + bias) with ONE rounding: a float32 add when both are exact in float32,
+    # else the sum in float64 (exact) rounded once to float32
+    bvec = None
     if bias is not None:
-        u = np.add(acc, p.bias32(bias), dtype=np.float32)
-    else:
-        u = np.array(acc, dtype=np.float32, copy=True)
-    t = np.copysign(p.d32, u) if p.has_d else None
-    u *= p.r32
-    if t is not None:
-        u += t
-    u += np.float32(p.zp)
-    np.clip(u, np.float32(p.lo), np.float32(p.hi), out=u)
-    y = np.rint(u)
-    np.copyto(out, y, casting="unsafe")
-    u -= y
-    np.abs(u, out=u)
-    thr = np.float32(0.5 - w)
-    while float(thr) > 0.5 - w:  # round the threshold down, never up
-        thr = np.nextafter(thr, np.float32(0))
-    bad = u >= thr
-    if bad.any():
-        _fixup(acc, bias, p, out, bad)
+        bvec = p.bias32(bias) if (acc.dtype == np.float32 and p.bias_small(bias)) \
+            else p.bias64(bias)
+    rows = acc2.shape[0]
+    # L2-sized chunks: 4 float32 scratch arrays of 64 K elements stay in cache
+    step = max(1, _CHUNK // c)
+    n0 = min(step, rows)
+    u_buf = np.empty((n0, c), np.float32)
+    y_buf = np.empty((n0, c), np.float32)
+    t_buf = np.empty((n0, c), np.float32) if p.has_d else None
+    bad_buf = np.empty((n0, c), bool)
+    zp, lo, hi, thr = np.float32(p.zp), np.float32(p.lo), np.float32(p.hi), p.thr
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        k = r1 - r0
+        u, y, bad = u_buf[:k], y_buf[:k], bad_buf[:k]
+        a = acc2[r0:r1]
+        if bvec is not None:
+            np.add(a, bvec, out=u, casting="same_kind")
+        else:
+            np.copyto(u, a, casting="same_kind")
+        if t_buf is not None:
+            t = t_buf[:k]
+            np.copysign(p.d32, u, out=t)
+            u *= p.r32
+            u += t
+        else:
+            u *= p.r32
+        u += zp
+        np.clip(u, lo, hi, out=u)
+        np.rint(u, out=y)
+        np.copyto(out2[r0:r1], y, casting="unsafe")
+        u -= y
+        np.abs(u, out=u)
+        np.greater_equal(u, thr, out=bad)
+        if bad.any():
+            _fixup(a, bias, p, out2[r0:r1], bad)

@@ -97,12 +97,13 @@ def linear(x, x_zp, w, bias, rq):
     pw = common.WEIGHTS.get(w, "linear", lambda: _pack_linear(w))
     xmax = xmax_of(xa, zp)
     p = Params.from_requant(rq)
-    b = None if bias is None else common.to_numpy(bias).astype(np.int64)
+    b = None if bias is None else common.WEIGHTS.get(
+        bias, "bias", lambda: common.to_numpy(bias).astype(np.int64))
     rows = xa.shape[0]
     out = np.empty((rows, n), dtype=p.np_dtype)
     step = max(_LINEAR_ROWS, 1)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         a = np.subtract(xa[r0:r1], np.float32(zp), dtype=np.float32)
-        requant_fast(exact_matmul(a, pw, xmax), p, out[r0:r1], b, xmax * pw.colsum_max)
+        requant_fast(exact_matmul(a, pw, xmax), p, out[r0:r1], b)
     return torch.from_numpy(out).reshape(*lead, n)
