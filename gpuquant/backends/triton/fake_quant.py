@@ -387,13 +387,15 @@ def _grid(n: int, block: int):
 # --------------------------------------------------------------------------- launchers
 def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                        qmin: int, qmax: int, axis: Optional[int], save_mask: bool,
-                       block: int = BLOCK, wide: Optional[bool] = None, qmode: int = 0):
+                       block: int = BLOCK, wide: Optional[bool] = None, qmode: int = 0,
+                       inv: Optional[torch.Tensor] = None):
     """Launch the forward kernel. ``x`` dense; returns (y with x's strides, bit mask or None).
 
     ``qmode`` 0: int32 ``zero_point``; 1: float ``zero_point`` (LSQ, rounded and clamped in
     the kernel); 2: ``scale`` is TQT's ``log2_t`` and ``zero_point`` is ignored.
     ``wide`` forces the int64 channel arithmetic (tests); by default it is used only when
-    ``stride[axis] * C`` passes 2^31."""
+    ``stride[axis] * C`` passes 2^31. ``inv`` (per-channel): ``1 / scale`` already computed
+    (the fused observer writes it), saving a launch."""
     n = x.numel()
     y = torch.empty_like(x)  # preserves the strides of a dense tensor
     nbytes = (n + 7) // 8
@@ -408,7 +410,8 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
         zero_point = zero_point.detach().to(torch.float32 if qmode == 1 else torch.int32)
     if per_channel:
         # correctly rounded float32 division by torch, on the device (TQT: in the kernel)
-        inv = scale if qmode == 2 else 1.0 / scale
+        if inv is None:
+            inv = scale if qmode == 2 else 1.0 / scale
         period, sc, C, big = channel_params(x, axis)
         wide = big or period + block >= 2 ** 31 if wide is None else wide
     else:
@@ -443,10 +446,11 @@ class FakeQuantFunction(torch.autograd.Function):
     kernel reading only the mask and the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, block=BLOCK):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, block=BLOCK, inv=None):
         x = _as_dense(x)
         need = ctx.needs_input_grad[0]
-        y, mask = fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, need, block)
+        y, mask = fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, need, block,
+                                     inv=inv)
         if need:
             ctx.save_for_backward(mask)
             ctx.layout = (x.shape, x.stride(), x.dtype, x.device)  # not x itself
@@ -459,7 +463,7 @@ class FakeQuantFunction(torch.autograd.Function):
         shape, stride, dtype, device = ctx.layout
         like = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         gx = fake_quant_backward(grad, mask, like, ctx.block)
-        return gx, None, None, None, None, None, None
+        return gx, None, None, None, None, None, None, None
 
 
 def auto_interpreter(x: torch.Tensor) -> bool:

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fake_quant import (_FLOATS, _LAUNCH, FakeQuantFunction, _npow2, _rne, _row_offsets,
-                         as_rows, auto_interpreter, row_plan)
+from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, FakeQuantFunction, _npow2, _rne,
+                         _row_offsets, as_rows, auto_interpreter, row_plan)
 
 __all__ = ["observe_fake_quant", "observer_step", "OPS", "KERNELS"]
 
@@ -78,7 +78,7 @@ def _minmax_partial_kernel(
 @triton.jit
 def _observer_update_kernel(
     # pointers
-    part_ptr, mn_ptr, mx_ptr, ok_ptr, min_ptr, max_ptr, scale_ptr, zp_ptr, bad_ptr,
+    part_ptr, mn_ptr, mx_ptr, ok_ptr, min_ptr, max_ptr, scale_ptr, inv_ptr, zp_ptr, bad_ptr,
     # sizes
     split, C,
     # observer constants (float32)
@@ -89,7 +89,8 @@ def _observer_update_kernel(
 ):
     """One program. Batch min/max from the partials (FROM_PARTIALS) or from ``mn``/``mx``;
     ``ok`` (u8) given (HAVE_OK) or computed, and then ``bad[0] += any(!ok)`` (i64);
-    ``min``/``max`` (f32, C) updated in place; ``scale`` (f32) and ``zp`` (i32) written."""
+    ``min``/``max`` (f32, C) updated in place; ``scale``, ``inv = 1 / scale`` (f32, for the
+    per-channel fake_quant: no separate launch) and ``zp`` (i32) written."""
     bad = tl.zeros((BLOCK_C,), dtype=tl.int32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -138,6 +139,7 @@ def _observer_update_kernel(
             zp = qmin - _rne(tl.math.div_rn(min_neg, scale))
             zp = tl.minimum(tl.maximum(zp, qmin), qmax)
         tl.store(scale_ptr + c, scale, mask=cm)
+        tl.store(inv_ptr + c, tl.math.div_rn(1.0, scale), mask=cm)
         tl.store(zp_ptr + c, zp.to(tl.int32), mask=cm)
     if not HAVE_OK:
         tl.store(bad_ptr, tl.load(bad_ptr) + tl.max(bad, axis=0).to(tl.int64))
@@ -193,7 +195,7 @@ def _plain_reduce(observer) -> bool:
 def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Optional[int] = None,
                   tile: int = 2048):
     """Record ``x`` (dense, :func:`as_rows`-shaped) in a supported ``observer`` and return its
-    new (scale, zero_point) device tensors. Raises what the observer raises (NaN / Inf with
+    new (scale, zero_point, 1 / scale) device tensors. Raises what the observer raises (NaN / Inf with
     ``check_finite``, channel-count mismatch) before touching its state."""
     ema = _supported_observer(observer)
     d = observer.dtype
@@ -224,17 +226,18 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
         mn, mx = observer._reduce(mn, mx)
         ok = observer._finite_mask(mn, mx).to(torch.uint8)  # raises on NaN/Inf if asked
     scale = torch.empty(shape, dtype=torch.float32, device=dev)
+    inv = torch.empty(shape, dtype=torch.float32, device=dev)
     zp = torch.empty(shape, dtype=torch.int32, device=dev)
     c_ema = 1.0 - observer.momentum if ema else 0.0
     zp_sym = 0 if d.signed else (d.qmax + d.qmin + 1) // 2
     _observer_update_kernel[(1,)](
-        part, mn, mx, ok, observer.min_val, observer.max_val, scale, zp,
+        part, mn, mx, ok, observer.min_val, observer.max_val, scale, inv, zp,
         observer.nonfinite_batches, plan.split, plan.C,
         c_ema, _EPS, float(d.qmin), float(d.qmax), float(d.qmax - d.qmin) / 2, float(zp_sym),
         FROM_PARTIALS=fused, HAVE_OK=not fused, EMA=ema, SYMMETRIC=observer.symmetric,
         BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4, **_LAUNCH)
     observer._observed = True
-    return scale, zp
+    return scale, zp, inv
 
 
 def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, programs: Optional[int] = None,
@@ -269,10 +272,11 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, programs: Optio
     d = observer.dtype
     xr = as_rows(x, axis)
     with torch.no_grad():
-        scale, zp = observer_step(xr.detach(), observer, axis, programs, tile)
+        scale, zp, inv = observer_step(xr.detach(), observer, axis, programs, tile)
     if axis is not None and x.shape[axis] == 1:
-        scale, zp, axis = scale.reshape(()), zp.reshape(()), None
-    return FakeQuantFunction.apply(xr, scale, zp, d.qmin, d.qmax, axis)
+        scale, zp, inv, axis = scale.reshape(()), zp.reshape(()), None, None
+    return FakeQuantFunction.apply(xr, scale, zp, d.qmin, d.qmax, axis, BLOCK,
+                                   inv if axis is not None else None)
 
 
 KERNELS = {
