@@ -202,6 +202,13 @@ class FakeQuantBase(nn.Module):
         self.enabled = False
         return self
 
+    # the enabled switch travels in state_dict() (extra state: read on the host every call)
+    def get_extra_state(self):
+        return {"enabled": self.enabled}
+
+    def set_extra_state(self, state) -> None:
+        self.enabled = bool(state["enabled"])
+
     def get_qparams(self) -> Optional[QParams]:
         return None
 

@@ -10,7 +10,8 @@ Conventions (all observers):
   (default True: zero point 0 for signed dtypes, as MegEngine and TensorRT use) and ``axis``
   (None = per-tensor, an int = per-channel along that axis, negative counts from the end).
 * State lives in registered buffers, so ``state_dict()`` / ``load_state_dict()`` round-trip
-  (per-channel buffers take the channel count of the first tensor, or of the loaded state).
+  (per-channel buffers take the channel count of the first tensor, or of the loaded state);
+  the ``enabled`` switch travels as extra state (key ``_extra_state``).
 * ``get_qparams()`` computes scale and zero point on the device in float32 torch ops
   (no ``.item()``, no host sync) with exactly ``torch.ao.quantization``'s formulas
   (contract section 1): min clipped to <= 0, max to >= 0; symmetric
@@ -133,6 +134,14 @@ class Observer(nn.Module):
     def has_observed(self) -> bool:
         """Whether ``get_qparams()`` has data to work from (host-side flag, no sync)."""
         return self._observed
+
+    # the enabled switch travels in state_dict() (as extra state, not a buffer: it is read
+    # on the host every call), so a QAT checkpoint resumes with the same switches
+    def get_extra_state(self):
+        return {"enabled": self.enabled}
+
+    def set_extra_state(self, state) -> None:
+        self.enabled = bool(state["enabled"])
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
