@@ -9,6 +9,7 @@ from gpuquant.bench.harness import RunConfig, run_case
 from gpuquant.bench.suites import fake_quant as fq_suite
 from gpuquant.bench.suites import qat_step as qat_suite
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = RunConfig(budget_s=0.001, min_reps=1, max_reps=1, rounds=1, max_input_sets=1)
 
 
@@ -37,10 +38,10 @@ def test_fake_quant_suite_cases():
     assert suite.device == "cuda" and suite.baseline == "torch"
 
 
-def test_fake_quant_suite_providers_run_and_agree_on_cpu():
+def test_fake_quant_suite_providers_run_and_agree():
     params = fq_suite.case_params(True, sizes=[64 * 64], dtypes=["float32", "bfloat16"])
-    for case in fq_suite.build_cases(params, "cpu"):
-        res = run_case("fake_quant", case, "cpu", TINY)
+    for case in fq_suite.build_cases(params, DEV):
+        res = run_case("fake_quant", case, DEV, TINY)
         assert not res.errors and not res.unavailable, (res.errors, res.unavailable)
         by = {r["provider"]: r for r in res.rows}
         for name in ("torch", "gpuquant-triton") + (("torch-fused",) if "torch-fused" in
@@ -63,12 +64,12 @@ def test_qat_step_suite_cases():
     assert suite.device == "cuda" and suite.baseline == "float"
 
 
-def test_qat_step_providers_run_on_cpu():
+def test_qat_step_providers_run():
     # one step a provider (the harness loop itself is tested in tests/bench); bf16 autocast
     # is very slow on CPUs without bf16 units, so the CPU check runs float32
     params = qat_suite.case_params(True, models=("resnet18",), batch=2, resolution=32,
                                    dtype="float32")
-    (case,) = qat_suite.build_cases(params, "cpu")
+    (case,) = qat_suite.build_cases(params, DEV)
     inp = case.inputs(0)
     losses = {}
     for name, prov in case.providers.items():
