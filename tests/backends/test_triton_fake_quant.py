@@ -311,3 +311,18 @@ def test_udiv_magic_numbers_exact():
         assert np.array_equal(q, n // np.uint64(d)), d
     with pytest.raises(ValueError):
         tfq.udiv_magic(0)
+
+
+def test_reduction_views_need_no_copy_for_qat_layouts():
+    """Rows x channels views (observer, LSQ) of the QAT layouts are the tensors themselves."""
+    cases = [((2, 6, 4, 4), 1, torch.channels_last), ((8, 5, 3, 3), 0, torch.channels_last),
+             ((8, 5, 3, 3), 0, torch.contiguous_format), ((3, 7, 5), 1, torch.contiguous_format),
+             ((3, 7), 1, torch.contiguous_format), ((3, 7), None, torch.contiguous_format)]
+    for shape, axis, fmt in cases:
+        x = torch.empty(shape, device=DEV).contiguous(memory_format=fmt) if len(shape) == 4 \
+            else torch.empty(shape, device=DEV)
+        assert tfq.as_rows(x, axis) is x, (shape, axis, fmt)
+        plan = tfq.row_plan(x, axis)
+        assert plan.rows * plan.C == x.numel()
+    sliced = torch.empty(4, 10, device=DEV)[:, ::2]
+    assert tfq.as_rows(sliced, 1) is not sliced  # not dense: copied

@@ -24,6 +24,7 @@ CASES = [
     ((2, 6, 5, 3), None, torch.channels_last),
     ((3, 13, 4, 5), 1, torch.channels_last),
     ((9, 4, 3, 3), 0, None),
+    ((9, 4, 3, 3), 0, torch.channels_last),     # channels_last weights: rows in memory order
     ((3, 4, 7), 2, None),
     ((3, 17, 5), 1, None),
 ]

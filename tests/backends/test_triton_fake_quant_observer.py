@@ -32,6 +32,7 @@ LAYOUTS = [
     ((3, 13, 4, 5), 1, torch.channels_last),
     ((9, 4, 3, 3), 0, None),
     ((4, 6, 7), -1, None),
+    ((9, 4, 3, 3), 0, torch.channels_last),
 ]
 
 
@@ -49,6 +50,7 @@ CASES = [  # observer, layout, (dtype, symmetric), check_finite: each piece in s
     (MM, LAYOUTS[1], (gpuquant.quint8, False), True),
     (MM, LAYOUTS[2], (gpuquant.qint4, False), False),
     (MM, LAYOUTS[3], (gpuquant.quint4, True), False),
+    (MM, LAYOUTS[4], (gpuquant.qint8_narrow, True), False),
     (EMA, LAYOUTS[0], (gpuquant.quint8, False), True),
     (EMA, LAYOUTS[1], (gpuquant.qint8, True), False),
     (EMA, LAYOUTS[2], (gpuquant.quint4, True), False),

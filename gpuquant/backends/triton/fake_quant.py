@@ -340,6 +340,12 @@ def row_plan(x: torch.Tensor, axis: Optional[int], tile: int = 2048,
     order). Call :func:`as_rows` first to get a tensor this describes."""
     if axis is None or x.shape[axis] == 1:
         rows, C, inner, s_o, s_i, s_c = x.numel(), 1, 1, 1, 0, 0
+    elif _memory_order_rows(x, axis):
+        # channel innermost (stride 1: row r at r * C) or outermost (each channel one
+        # contiguous block: row r at r), whatever the other dims' order (channels_last weights)
+        C, s_c = x.shape[axis], x.stride(axis)
+        rows, inner, s_i = x.numel() // C, 1, 0
+        s_o = C if s_c == 1 else 1
     else:
         outer, C, inner, s_o, s_c, s_i = channel_view(x, axis)
         if outer == 1 or s_o == inner * s_i:  # rows with a single stride
@@ -361,12 +367,20 @@ def row_plan(x: torch.Tensor, axis: Optional[int], tile: int = 2048,
     return RowPlan(rows, C, inner, s_o, s_i, s_c, block_r, block_c, split, n_iter)
 
 
+def _memory_order_rows(x: torch.Tensor, axis: int) -> bool:
+    """Dense ``x`` whose channel axis is innermost (stride 1) or outermost (stride * C ==
+    numel) in memory: its rows can be walked in memory order."""
+    C, sc = x.shape[axis], x.stride(axis)
+    return dense_layout(x) and (sc == 1 or sc * C == x.numel())
+
+
 def as_rows(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
     """``x`` itself when :func:`row_plan` can describe it without a copy, else a contiguous
     copy (non-dense tensors, dims around ``axis`` that do not merge)."""
     if not dense_layout(x):
         return x.contiguous()
-    if axis is not None and x.shape[axis] != 1 and channel_view(x, axis) is None:
+    if axis is not None and x.shape[axis] != 1 and not _memory_order_rows(x, axis) \
+            and channel_view(x, axis) is None:
         return x.contiguous()
     return x
 
