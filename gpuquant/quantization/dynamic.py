@@ -19,8 +19,11 @@ What is and is not swapped:
   ``in_proj_weight`` and ``out_proj.weight`` directly, so swapping ``out_proj`` alone would be
   ignored, which is why PyTorch types it ``NonDynamicallyQuantizableLinear``). MHAs with
   ``kdim``/``vdim`` != ``embed_dim`` or ``add_bias_kv`` / ``add_zero_attn`` stay float (logged).
-* Not swapped: a lone ``NonDynamicallyQuantizableLinear`` outside an MHA; Conv1D layers of
-  GPT-2 style models (not Linear); embeddings, norms, the attention matmuls themselves.
+* HuggingFace ``Conv1D`` (GPT-2 style: a Linear with its weight stored transposed) is
+  swapped too when ``torch.nn.Linear`` is requested (recognised by its ``nf`` / ``nx``
+  attributes and weight shape; ``transformers`` is never imported).
+* Not swapped: a lone ``NonDynamicallyQuantizableLinear`` outside an MHA; embeddings, norms,
+  the attention matmuls themselves.
 * Modules under a ``gpuquant.nn.Module`` with ``disable_quantize()`` stay float.
 """
 from __future__ import annotations
@@ -43,6 +46,26 @@ __all__ = ["quantize_dynamic", "prepare_dynamic_qat"]
 log = logging.getLogger("gpuquant.quantization")
 
 _NDQ = torch.nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def _is_hf_conv1d(mod) -> bool:
+    """HuggingFace's ``Conv1D`` (GPT-2 / GPT): ``y = x @ weight + bias`` with weight
+    (in, out), a Linear with its weight transposed. Recognised by shape, without importing
+    ``transformers``."""
+    w = getattr(mod, "weight", None)
+    return (type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "nf", None), int)
+            and isinstance(getattr(mod, "nx", None), int) and isinstance(w, torch.Tensor)
+            and tuple(w.shape) == (mod.nx, mod.nf))
+
+
+def _as_linear(conv1d) -> torch.nn.Linear:
+    """The ``torch.nn.Linear`` computing what a HuggingFace ``Conv1D`` computes."""
+    w = conv1d.weight
+    lin = torch.nn.Linear(conv1d.nx, conv1d.nf, bias=conv1d.bias is not None, device="meta")
+    lin.weight = torch.nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+    if conv1d.bias is not None:
+        lin.bias = torch.nn.Parameter(conv1d.bias.detach().clone())
+    return lin
 
 
 def _custom_forward(mod) -> bool:
@@ -151,6 +174,10 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
     k_max = max_in_features(ad, wd)
 
     def convert(mod, name):
+        if linear_wanted and _is_hf_conv1d(mod):
+            if filter_fn is not None and not _wanted(mod, name, (torch.nn.Module,), filter_fn):
+                return None
+            return linear(_as_linear(mod), name)
         if isinstance(mod, torch.nn.MultiheadAttention):
             if not (linear_wanted or isinstance(mod, modules)):
                 return None
@@ -174,12 +201,15 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
         if isinstance(mod, QATDynamicLinear):
             cls = WeightOnlyLinear if mod.weight_only else DynamicLinear
             return cls.from_qat_module(mod)
+        return linear(mod, name)
+
+    def linear(mod, name):
         if weight_only:
             return WeightOnlyLinear.from_float_module(mod, wd)
         if mod.in_features > k_max:
             raise ValueError(f"{fn}: {name or 'model'}: in_features={mod.in_features} could "
-                             f"overflow the int32 accumulator ({ad.name} x {wd.name}); at most {k_max} "
-                             f"fits (exclude it with filter_fn, or use weight_only=True)")
+                             f"overflow the int32 accumulator ({ad.name} x {wd.name}); at most "
+                             f"{k_max} fits (exclude it with filter_fn, or use weight_only=True)")
         return DynamicLinear.from_float_module(mod, ad, wd)
 
     return _walk(model, convert, modules, filter_fn)
@@ -193,7 +223,7 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
     activation fake-quant + per-channel weight fake-quant, STE) to fine-tune a model for the
     mode :func:`quantize_dynamic` serves; the swapped modules share the original parameters.
     ``quantize_dynamic`` on the result converts them. Arguments as :func:`quantize_dynamic`
-    (``torch.nn.MultiheadAttention`` is left as is: its projections are not called as modules).
+    (``torch.nn.MultiheadAttention`` and HuggingFace ``Conv1D`` are left as they are).
 
     Raises:
         TypeError, ValueError: as :func:`quantize_dynamic`.

@@ -272,3 +272,42 @@ def test_qat_fine_tune_then_convert():
     assert isinstance(q[0], DynamicLinear) and isinstance(q[2], DynamicLinear)
     with torch.no_grad():
         assert torch.allclose(q(x), student(x), rtol=1e-5, atol=1e-5)
+
+
+class Conv1D(nn.Module):
+    """HuggingFace's GPT-2 ``Conv1D`` as transformers defines it (a Linear with its weight
+    stored transposed), so the test needs no transformers install."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return y.view(x.size()[:-1] + (self.nf,))
+
+
+def test_huggingface_conv1d_is_swapped():
+    model = nn.Sequential(Conv1D(24, 16), nn.GELU(), Conv1D(8, 24))
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        ref = model(x)
+        q = quantize_dynamic(model, inplace=False)
+        w = quantize_dynamic(model, inplace=False, weight_only=True,
+                             filter_fn=lambda m, n: n == "0")
+        assert isinstance(q[0], DynamicLinear) and isinstance(q[2], DynamicLinear)
+        assert isinstance(w[0], WeightOnlyLinear) and isinstance(w[2], Conv1D)
+        direct = DynamicLinear.from_float_module(_linear_of(model[0]))
+        assert torch.equal(q[0].weight, direct.weight)
+        assert torch.equal(q[0].weight_scale, direct.weight_scale)
+        assert token_cosine(q(x), ref) > 0.999 and token_cosine(w(x), ref) > 0.9999
+
+
+def _linear_of(conv):
+    lin = nn.Linear(conv.nx, conv.nf)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t())
+        lin.bias.copy_(conv.bias)
+    return lin
