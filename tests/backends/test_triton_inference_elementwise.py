@@ -1,0 +1,131 @@
+"""Triton quantize / dequantize / requantize / add / mul / concat / pooling kernels == the
+NumPy oracle and the reference backend, byte for byte (interpreter on CPU, device on GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _triton_inference_util import (DEV, ORACLES, TRITON, assert_same, cpu, dev,
+                                    poison, rand_act)  # noqa: F401
+from gpuquant import qint8, quint8
+from gpuquant.functional.requant import make_add_params, make_requant
+
+pytestmark = pytest.mark.usefixtures("poison")
+CL = torch.channels_last
+
+
+def _check(op, args, what):
+    got = TRITON[op](*dev(args))
+    for name, ops in ORACLES:
+        assert_same(got, ops[op](*cpu(args)), f"{what} vs {name}")
+    return got
+
+
+def _i32(v):
+    return torch.as_tensor(v, dtype=torch.int32)
+
+
+# --------------------------------------------------------------------------- float boundary
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_quantize_dequantize(axis, layout):
+    x = torch.randn(3, 5, 7, 6) * 4
+    x[0, 0, 0, :4] = torch.tensor([float("inf"), -float("inf"), 1e9, -3e7])  # clamp, |v| > 2^22
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    if axis is None:
+        scale, zp = torch.tensor(0.03), _i32(3)
+    else:
+        c = x.shape[axis]
+        scale = torch.rand(c) * 0.05 + 0.01
+        zp = torch.randint(100, 156, (c,), dtype=torch.int32)
+    for qmin, qmax, dt in ((-128, 127, torch.int8), (0, 255, torch.uint8)):
+        zpd = zp if dt == torch.uint8 else zp - (128 if axis is not None else 0)
+        q = _check("quantize", (x, scale, zpd, qmin, qmax, axis, dt), f"quantize {dt}")
+        _check("dequantize", (cpu(q), scale, zpd, axis), f"dequantize {dt}")
+
+
+def test_quantize_ties_round_half_even_and_half_inputs():
+    scale = torch.tensor(0.25)  # power of two: x * inv exact, ties survive
+    x = (torch.arange(-40, 40, dtype=torch.float32) + 0.5) * 0.25
+    q = _check("quantize", (x, scale, _i32(0), -128, 127, None, torch.int8), "ties")
+    assert torch.equal(q.cpu().float(), torch.round(x / 0.25))  # half to even
+    xh = (torch.randn(4, 33) * 3).half()
+    _check("quantize", (xh, torch.tensor(0.021), _i32(-4), -128, 127, None, torch.int8), "fp16")
+    xb = (torch.randn(4, 33) * 3).bfloat16()
+    _check("quantize", (xb, torch.tensor(0.021), _i32(7), -127, 127, None, torch.int8), "bf16")
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_requantize(per_channel):
+    acc = torch.randint(-2 ** 31, 2 ** 31 - 1, (3, 6, 4, 5), dtype=torch.int32)
+    acc[0, 0, 0, :2] = torch.tensor([-2 ** 31, 2 ** 31 - 1], dtype=torch.int32)
+    acc[1] //= 2 ** 20  # small accumulators: multipliers >= 1 do not saturate
+    if per_channel:
+        rq = make_requant(1.0, torch.rand(6, dtype=torch.float64) * 3 + 0.05, 0.5, 4, qint8)
+        assert (rq.rshift < 0).any()
+        _check("requantize", (acc, rq, 1), "requantize per-channel")
+        _check("requantize", (acc.contiguous(memory_format=CL), rq, 1), "requantize CL")
+    else:
+        for real in (1e-12, 0.001, 3.7):  # flushed-to-zero, plain, left shift
+            rq = make_requant(real, 1.0, 1.0, 100, quint8, "relu6")
+            _check("requantize", (acc, rq), f"requantize per-tensor {real}")
+
+
+# --------------------------------------------------------------------------- add / mul / concat
+@pytest.mark.parametrize("dtypes", [(torch.int8, torch.int8, qint8), (torch.uint8, torch.int8, quint8)],
+                         ids=["s8s8", "u8s8"])
+def test_add_and_mul(dtypes):
+    da, db, dout = dtypes
+    a = rand_act((2, 5, 7, 6), da).contiguous(memory_format=CL)
+    b = rand_act((2, 5, 7, 6), db)  # a different layout
+    zpa = 131 if da == torch.uint8 else 3
+    for act in ("none", "relu"):
+        p = make_add_params(0.05, zpa, 0.02, -7, 0.06, 10 if dout is qint8 else 140, dout, act)
+        _check("add", (a, b, p), f"add {act}")
+    _check("add", (a, b[:, :, :1, :], p), "add broadcast")
+    rq = make_requant(0.05 * 0.02, 1.0, 0.07, 100 if dout is quint8 else -2, dout)
+    _check("mul", (a, zpa, b, -7, rq), "mul")
+
+
+def test_concat():
+    a = rand_act((2, 5, 7, 6), torch.uint8).contiguous(memory_format=CL)
+    b = rand_act((2, 3, 7, 6), torch.uint8)
+    c = rand_act((2, 1, 7, 6), torch.uint8).contiguous(memory_format=CL)
+    rqs = [make_requant(0.05, 1.0, 0.1, 128, quint8), None, make_requant(0.3, 1.0, 0.1, 128, quint8)]
+    y = _check("concat", ([a, b, c], [3, 128, 250], rqs, 1, torch.uint8), "concat dim 1")
+    assert y.is_contiguous(memory_format=CL)
+    _check("concat", ([a, a], [3, 7], [None, rqs[0]], 0, torch.uint8), "concat dim 0")
+    m1, m2 = rand_act((4, 9), torch.int8), rand_act((4, 2), torch.int8)
+    rq = make_requant(0.2, 1.0, 0.1, -5, qint8)
+    _check("concat", ([m1, m2], [0, 1], [rq, None], -1, torch.int8), "concat 2-D")
+
+
+# --------------------------------------------------------------------------- pooling
+MAX_CASES = [(3, 2, 1, 1, False), (3, 2, 1, 1, True), (2, None, 0, 1, False),
+             ((3, 2), (2, 1), (1, 0), (2, 1), True)]
+
+
+@pytest.mark.parametrize("args", MAX_CASES, ids=[str(i) for i in range(len(MAX_CASES))])
+def test_max_pool2d(args):
+    x = rand_act((2, 5, 9, 8), torch.int8).contiguous(memory_format=CL)
+    _check("max_pool2d", (x, *args), f"max_pool2d {args}")
+
+
+AVG_CASES = [(3, 2, (1, 1), False, True, None), (3, 2, (1, 1), True, False, None),
+             (2, 2, (0, 0), False, True, None), (3, 2, (1, 1), True, True, None),
+             ((3, 2), (2, 1), (1, 0), True, False, 5)]
+
+
+@pytest.mark.parametrize("args", AVG_CASES, ids=[str(i) for i in range(len(AVG_CASES))])
+def test_avg_pool2d(args):
+    x = rand_act((2, 5, 7, 6), torch.uint8).contiguous(memory_format=CL)
+    _check("avg_pool2d", (x, 131, *args, 0, 255), f"avg_pool2d {args}")
+    xs = rand_act((1, 3, 7, 6), torch.int8)
+    _check("avg_pool2d", (xs, -20, *args, -100, 100), f"avg_pool2d int8 clamp {args}")
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 4), (5, 2)])
+def test_adaptive_avg_pool2d(size):
+    x = rand_act((2, 37, 7, 5), torch.int8).contiguous(memory_format=CL)
+    _check("adaptive_avg_pool2d", (x, -3, size, -128, 127), f"adaptive {size}")

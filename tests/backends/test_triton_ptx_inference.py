@@ -1,0 +1,127 @@
+"""The inference kernels compiled for sm_80 and sm_90 on a machine without a GPU (contract
+section 4): every GEMM / conv autotune config uses the int8 tensor-core MMA
+(``mma.sync.aligned.m16n8k32 ... s32.s8.s8.s32`` on sm_80, ``wgmma.mma_async ... s32.s8.s8``
+on sm_90 for tiles of >= 64 rows), and no kernel holds an ``fma.rn.f32`` or approximate
+division (launched with FP contraction off, the quantize kernel's ``x * inv_scale`` and
+rounding add stay two roundings; a control compile with fusion on shows the hazard)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_SCRIPT = r"""
+import json, sys
+from gpuquant.backends.triton import inspect_ptx as ip
+from gpuquant.backends.triton import elementwise
+out = {str(cc): ip.inspect(cc, ci=True) for cc in (80, 90)}
+name, fn, sig, const, nw, ns, _ = [v for v in ip.kernel_variants(90, ci=True) if v[0] == "quantize"][0]
+ptx = ip.compile_ptx(fn, sig, const, 90, nw, ns, enable_fp_fusion=True)
+out["control_fusion_on"] = sorted(set(ip.FLOAT_HAZARD_RE.findall(ptx)))
+print("JSON" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1]
+    return json.loads(line[4:])
+
+
+SM80_MMA = "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"
+
+
+def _block_m(name):
+    return int(name.split(":")[1].split("x")[0]) if ":" in name else 128
+
+
+def test_sm80_uses_mma_sync_s8(report):
+    r = report["80"]
+    assert sum(n.startswith("gemm[") for n in r) == 8 and sum(n.startswith("conv") for n in r) >= 8
+    for name, v in r.items():
+        if v["expect_mma"]:
+            assert v["mma"] == [SM80_MMA], (name, v["mma"])
+        else:
+            assert v["mma"] == [], (name, v["mma"])
+
+
+def test_sm90_uses_wgmma_s8_for_large_tiles(report):
+    r = report["90"]
+    wg = 0
+    for name, v in r.items():
+        if not v["expect_mma"]:
+            assert v["mma"] == [], (name, v["mma"])
+            continue
+        assert len(v["mma"]) == 1, (name, v["mma"])
+        ins = v["mma"][0]
+        if _block_m(name) >= 64:
+            assert ins.startswith("wgmma.mma_async.sync.aligned.m64n") and \
+                ins.endswith("k32.s32.s8.s8"), (name, ins)
+            wg += 1
+        else:  # 16- and 32-row tiles (small M) are below a warpgroup's 64 rows
+            assert ins == SM80_MMA, (name, ins)
+    assert wg >= 10
+
+
+def test_no_float_hazards_and_control(report):
+    for cc in ("80", "90"):
+        for name, v in report[cc].items():
+            assert v["float_hazards"] == [], (cc, name, v["float_hazards"])
+    # the same quantize kernel with FP fusion on contracts x * inv + 1.5 * 2^23 into an FMA:
+    # the check above can see the hazard it guards against
+    assert "fma.rn.f32" in report["control_fusion_on"]
+
+
+def test_every_launch_turns_fp_fusion_off(monkeypatch):
+    """Each inference kernel launch passes enable_fp_fusion=False (interpreter run of every
+    launcher; the option is what the compiled PTX above was built with)."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from gpuquant.backends.triton.common import INTERPRET, LAUNCH_OPTS
+    if not INTERPRET:
+        pytest.skip("launch options are recorded through the interpreter")
+    from gpuquant import qint8
+    from gpuquant.backends.triton import OPS
+    from gpuquant.functional.requant import make_add_params, make_requant
+    seen = []
+    real = InterpretedFunction.run
+
+    def spy(self, *a, **kw):
+        seen.append((self.fn.__name__, kw.get("enable_fp_fusion")))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(InterpretedFunction, "run", spy)
+    assert LAUNCH_OPTS == {"enable_fp_fusion": False}
+    x = torch.randint(-128, 128, (1, 4, 5, 5), dtype=torch.int8)
+    w = torch.randint(-127, 128, (6, 4, 3, 3), dtype=torch.int8)
+    rq = make_requant(0.1, torch.rand(6) + 0.1, 3.0, 0, qint8)
+    y = OPS["conv2d"](x, 0, w, None, (1, 1), (1, 1), (1, 1), 1, rq)
+    OPS["conv2d"](x, 0, w[:, :1].repeat(1, 1, 1, 1)[:4], None, (1, 1), (1, 1), (1, 1), 4,
+                  make_requant(0.1, torch.rand(4) + 0.1, 3.0, 0, qint8))
+    OPS["linear"](x.reshape(4, 25), 0, torch.randint(-5, 5, (3, 25), dtype=torch.int8), None,
+                  make_requant(0.1, torch.rand(3) + 0.1, 3.0, 0, qint8))
+    p = make_add_params(0.1, 0, 0.1, 0, 0.2, 0, qint8)
+    OPS["add"](y, y, p)
+    OPS["quantize"](torch.randn(8), torch.tensor(0.1), torch.tensor(0, dtype=torch.int32),
+                    -128, 127, None, torch.int8)
+    OPS["max_pool2d"](y, 2, 2, 0, 1, False)
+    OPS["adaptive_avg_pool2d"](y, 0, (1, 1), -128, 127)
+    names = {n for n, _ in seen}
+    assert {"_qconv_kernel", "_qdepthwise_kernel", "_qgemm_kernel", "_add_kernel",
+            "_quantize_kernel", "_pool_kernel", "_adaptive_avg_kernel"} <= names
+    assert all(f is False for _, f in seen), seen
