@@ -158,7 +158,8 @@ def _pair(v, what: str, op: str, allow_zero: bool = False) -> tuple:
     return t
 
 
-def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, groups=1, rq=None):
+def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, groups=1, rq=None,
+           *, w_absmax=None, bias_absmax=None):
     """Integer 2-D convolution: ``requant(sum((x - zp_x) * w) + bias)``.
 
     Args:
@@ -169,6 +170,9 @@ def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, group
         stride, padding, dilation: ints or pairs, as ``torch.nn.functional.conv2d``.
         groups: int dividing C and O.
         rq: :class:`Requant` (per output channel or per tensor).
+        w_absmax, bias_absmax: ``max |weight|`` and ``max |bias|`` if the caller knows them
+            (modules compute them once; saves a reduction and a host sync per call);
+            default: read from the tensors.
 
     Returns:
         ``(N, O, Ho, Wo)`` tensor of ``rq.dtype.storage`` in channels_last memory.
@@ -206,16 +210,19 @@ def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, group
     if x.shape[2] + 2 * padding[0] < eff_h or x.shape[3] + 2 * padding[1] < eff_w:
         raise ValueError(f"{op}: padded input {tuple(x.shape[2:])} + 2*{padding} is smaller than "
                          f"the dilated kernel ({eff_h}, {eff_w})")
-    check_accumulator_range(cg * kh * kw, x.dtype, zp, weight, bias, op=op)
+    check_accumulator_range(cg * kh * kw, x.dtype, zp,
+                            weight if w_absmax is None else w_absmax,
+                            bias if bias_absmax is None else bias_absmax, op=op)
     return get_op("conv2d", x)(x, zp, weight, bias, stride, padding, dilation, groups, rq)
 
 
-def linear(x, x_zero_point, weight, bias, rq):
+def linear(x, x_zero_point, weight, bias, rq, *, w_absmax=None, bias_absmax=None):
     """Integer fully connected layer on the last dimension: ``requant(sum((x - zp_x) * w) + bias)``.
 
     Args:
         x: int8 / uint8 ``(..., K)``; weight: int8 ``(O, K)``; bias: int32 ``(O,)`` or None;
-        rq: :class:`Requant` (per output feature or per tensor).
+        rq: :class:`Requant` (per output feature or per tensor); w_absmax, bias_absmax: as
+        :func:`conv2d`.
 
     Returns:
         ``(..., O)`` of ``rq.dtype.storage``.
@@ -243,7 +250,8 @@ def linear(x, x_zero_point, weight, bias, rq):
                             f"{tuple(getattr(bias, 'shape', ()))}")
     _check_rq(rq, op, o)
     _same_device(op, x, weight, bias)
-    check_accumulator_range(k, x.dtype, zp, weight, bias, op=op)
+    check_accumulator_range(k, x.dtype, zp, weight if w_absmax is None else w_absmax,
+                            bias if bias_absmax is None else bias_absmax, op=op)
     return get_op("linear", x)(x, zp, weight, bias, rq)
 
 

@@ -127,8 +127,9 @@ class Conv2d(QuantizedModule):
 
     def forward(self, x):
         self._check_input(x, "input", self.weight.device)
-        return integer.conv2d(x, int(self.input_zero_point), self.weight, self.bias, self.stride,
-                              self.padding, self.dilation, self.groups, self.requant(x.device))
+        return integer.conv2d(x, self._zp("input", x.device), self.weight, self.bias, self.stride,
+                              self.padding, self.dilation, self.groups, self.requant(x.device),
+                              **self._bounds(x.device))
 
 
 class ConvRelu2d(Conv2d):

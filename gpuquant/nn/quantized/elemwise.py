@@ -92,7 +92,7 @@ class Elemwise(QuantizedModule):
         self._check_input(b, "b", a.device)
         p = self.params(a.device)
         if self.method == "mul":
-            return integer.mul(a, int(self.a_zero_point), b, int(self.b_zero_point), p)
+            return integer.mul(a, self._zp("a", a.device), b, self._zp("b", a.device), p)
         return integer.add(a, b, p)
 
 

@@ -59,8 +59,8 @@ class Linear(QuantizedModule):
 
     def forward(self, x):
         self._check_input(x, "input", self.weight.device)
-        return integer.linear(x, int(self.input_zero_point), self.weight, self.bias,
-                              self.requant(x.device))
+        return integer.linear(x, self._zp("input", x.device), self.weight, self.bias,
+                              self.requant(x.device), **self._bounds(x.device))
 
 
 class LinearRelu(Linear):

@@ -70,6 +70,19 @@ class QuantizedModule(Module):
             self._cache[k] = v
         return v
 
+    def _zp(self, name: str, device) -> int:
+        """The zero point ``name`` as a Python int (read from the buffer once: no host sync
+        per call)."""
+        return self._cached(("zp", name), device, lambda: int(getattr(self, f"{name}_zero_point")))
+
+    def _bounds(self, device) -> dict:
+        """``max |weight|`` and ``max |bias|`` as ints for the accumulator-range check."""
+        def build():
+            b = getattr(self, "bias", None)
+            return {"w_absmax": int(self.weight.to(torch.int32).abs().max()) if self.weight.numel() else 0,
+                    "bias_absmax": int(b.to(torch.int64).abs().max()) if b is not None and b.numel() else 0}
+        return dict(self._cached("bounds", device, build))
+
     def get_extra_state(self):
         return {"dtypes": dict(self._dtypes)}
 
