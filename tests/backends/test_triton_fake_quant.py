@@ -326,3 +326,13 @@ def test_reduction_views_need_no_copy_for_qat_layouts():
         assert plan.rows * plan.C == x.numel()
     sliced = torch.empty(4, 10, device=DEV)[:, ::2]
     assert tfq.as_rows(sliced, 1) is not sliced  # not dense: copied
+
+
+def test_double_backward_is_refused():
+    d = gpuquant.qint8
+    x = torch.randn(5, device=DEV, requires_grad=True)
+    scale, zp = qparams_for(d)
+    y = tfq.fake_quant(x, scale, zp, d.qmin, d.qmax, None)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward|not differentiable|once_differentiable|does not require grad"):
+        gx.sum().backward()

@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from .fake_quant import (_FLOATS, _LAUNCH, _npow2, _rne, _row_offsets, _to_out, _tqt_scale,
@@ -188,6 +189,7 @@ class LSQFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels' outputs carry no graph: refuse double backward
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax, axis, g, plan_args = ctx.args
@@ -209,6 +211,7 @@ class TQTFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels' outputs carry no graph: refuse double backward
     def backward(ctx, grad):
         x, log2_t = ctx.saved_tensors
         qmin, qmax, axis, plan_args = ctx.args
