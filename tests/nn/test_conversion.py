@@ -12,9 +12,10 @@ import gpuquant.nn.qat as qat_nn
 import gpuquant.nn.quantized as qnn
 from gpuquant.quantization import (FakeQuantBase, Observer, calibration_qconfig,
                                    disable_fake_quant, disable_observer, ema_fakequant_qconfig,
-                                   enable_fake_quant, enable_observer, get_qat_mapping,
-                                   lsq_qconfig, passive_qconfig, propagate_qconfig, quantize,
-                                   quantize_qat, reset_qconfig)
+                                   ema_lowbit_fakequant_qconfig, enable_fake_quant,
+                                   enable_observer, get_qat_mapping, lsq_qconfig,
+                                   passive_qconfig, propagate_qconfig, quantize, quantize_qat,
+                                   reset_qconfig, tqt_qconfig)
 from tests.nn.nn_helpers import QCONFIGS, randomize_bn
 
 
@@ -64,12 +65,18 @@ def _qat(model=None, qconfig=ema_fakequant_qconfig, steps=3, shape=(6, 3, 9, 10)
     return q.eval()
 
 
-@pytest.mark.parametrize("reshape", ["flatten", "reshape"])
-def test_whole_net_three_forms_agree(reshape):
+WHOLE_NET_QCONFIGS = {"ema_int8": ema_fakequant_qconfig, "ema_uint8": QCONFIGS["uint8"],
+                      "lowbit_4bit": ema_lowbit_fakequant_qconfig, "lsq": lsq_qconfig,
+                      "tqt": tqt_qconfig}
+
+
+@pytest.mark.parametrize("reshape,qc", [("flatten", q) for q in sorted(WHOLE_NET_QCONFIGS)]
+                         + [("reshape", "ema_int8")])
+def test_whole_net_three_forms_agree(reshape, qc):
     x = torch.randn(5, 3, 9, 10)
     float_model = Net(reshape).eval()
     y_float = float_model(x)
-    q = _qat(copy.deepcopy(float_model))
+    q = _qat(copy.deepcopy(float_model), qconfig=WHOLE_NET_QCONFIGS[qc])
     with torch.no_grad():
         y_qat = q(x)
     int8 = quantize(q, inplace=False)

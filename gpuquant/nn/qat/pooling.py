@@ -8,7 +8,6 @@ away from zero) with a straight-through gradient, so QAT and int8 agree bit for 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import pooling as Float
 from .module import QATModule, source_of, tag_output
@@ -38,7 +37,6 @@ class _PassQParams(QATModule):
         return tag_output(y, src)
 
     def _snap(self, x, y, qp):
-        from ...backends import reference as ref
         s = qp.scale.to(x.device).float()
         zp = int(qp.zero_point)
         q = torch.round(x.detach().float() / s).to(torch.int32) + zp

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from ... import functional as GF
-from ...dtypes import get_dtype, qint32
+from ...dtypes import qint32
 from ...functional import integer
 from ...qparams import QParams
-from .module import QuantizedModule
+from .module import QuantizedModule, placeholder_qparams
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
            "quantize_weight_bias"]
@@ -90,10 +90,8 @@ class Conv2d(QuantizedModule):
         ones = torch.ones(out_channels)
         self._set_qparams("weight", QParams(weight_dtype, ones, torch.zeros(out_channels,
                                                                             dtype=torch.int32), 0))
-        self._set_qparams("input", QParams(input_dtype, 1.0, 0 if get_dtype(input_dtype).signed
-                                           else 128))
-        self._set_qparams("output", QParams(output_dtype, 1.0, 0 if get_dtype(output_dtype).signed
-                                            else 128))
+        self._set_qparams("input", placeholder_qparams(input_dtype))
+        self._set_qparams("output", placeholder_qparams(output_dtype))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -11,7 +11,7 @@ from ...dtypes import get_dtype
 from ...functional import integer
 from ...qparams import QParams
 from ..elemwise import ELEMWISE_METHODS
-from .module import QuantizedModule
+from .module import QuantizedModule, placeholder_qparams
 
 __all__ = ["Elemwise", "Concat"]
 
@@ -39,7 +39,7 @@ def single_rounding_requant(in_scale: float, out_scale: float, out_zp: int, out_
 
 
 def _default_qp(dt):
-    return QParams(dt, 1.0, 0 if get_dtype(dt).signed else 128)
+    return placeholder_qparams(dt)
 
 
 def _check_act_qparams(qp: QParams, who: str, what: str) -> None:
@@ -105,7 +105,7 @@ class Concat(QuantizedModule):
         self.num_inputs = int(num_inputs)
         self._set_qparams("input", QParams(input_dtype, torch.ones(self.num_inputs),
                                            torch.zeros(self.num_inputs, dtype=torch.int32)
-                                           + (0 if get_dtype(input_dtype).signed else 128), 0))
+                                           + int(placeholder_qparams(input_dtype).zero_point), 0))
         self._set_qparams("output", _default_qp(output_dtype))
 
     @classmethod

@@ -4,11 +4,10 @@ from __future__ import annotations
 import torch
 
 from ... import functional as GF
-from ...dtypes import get_dtype
 from ...functional import integer
 from ...qparams import QParams
 from .conv import quantize_weight_bias
-from .module import QuantizedModule
+from .module import QuantizedModule, placeholder_qparams
 
 __all__ = ["Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d"]
 
@@ -27,7 +26,7 @@ class Linear(QuantizedModule):
         self._set_qparams("weight", QParams(weight_dtype, torch.ones(out_features),
                                             torch.zeros(out_features, dtype=torch.int32), 0))
         for name, dt in (("input", input_dtype), ("output", output_dtype)):
-            self._set_qparams(name, QParams(dt, 1.0, 0 if get_dtype(dt).signed else 128))
+            self._set_qparams(name, placeholder_qparams(dt))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

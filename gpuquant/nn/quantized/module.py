@@ -16,7 +16,14 @@ from ...dtypes import get_dtype
 from ...qparams import QParams
 from ..module import Module
 
-__all__ = ["QuantizedModule"]
+__all__ = ["QuantizedModule", "placeholder_qparams"]
+
+
+def placeholder_qparams(dtype) -> QParams:
+    """Scale 1 and a mid-range zero point: what an empty module holds until
+    ``from_qat_module`` or ``load_state_dict`` sets the real qparams."""
+    d = get_dtype(dtype)
+    return QParams(d, 1.0, 0 if d.signed else (d.qmin + d.qmax + 1) // 2)
 
 
 class QuantizedModule(Module):

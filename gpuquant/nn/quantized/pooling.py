@@ -5,9 +5,8 @@ import torch
 
 from ...dtypes import get_dtype
 from ...functional import integer
-from ...qparams import QParams
 from ..qat.pooling import resolve_output_size
-from .module import QuantizedModule
+from .module import QuantizedModule, placeholder_qparams
 
 __all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
 
@@ -19,8 +18,7 @@ class _Pool(QuantizedModule):
         super().__init__()
         for k in self._ARGS:
             setattr(self, k, kwargs[k])
-        self._set_qparams("input", QParams(input_dtype, 1.0,
-                                           0 if get_dtype(input_dtype).signed else 128))
+        self._set_qparams("input", placeholder_qparams(input_dtype))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={getattr(self, k)}" for k in self._ARGS)

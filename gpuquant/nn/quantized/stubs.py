@@ -4,9 +4,7 @@ from __future__ import annotations
 import torch
 
 from ... import functional as GF
-from ...dtypes import get_dtype
-from ...qparams import QParams
-from .module import QuantizedModule
+from .module import QuantizedModule, placeholder_qparams
 
 __all__ = ["QuantStub", "DequantStub"]
 
@@ -17,8 +15,7 @@ class QuantStub(QuantizedModule):
 
     def __init__(self, output_dtype="qint8"):
         super().__init__()
-        self._set_qparams("output", QParams(output_dtype, 1.0,
-                                            0 if get_dtype(output_dtype).signed else 128))
+        self._set_qparams("output", placeholder_qparams(output_dtype))
 
     @classmethod
     def from_qat_module(cls, qat_module, name: str = ""):
@@ -43,8 +40,7 @@ class DequantStub(QuantizedModule):
 
     def __init__(self, input_dtype="qint8"):
         super().__init__()
-        self._set_qparams("input", QParams(input_dtype, 1.0,
-                                           0 if get_dtype(input_dtype).signed else 128))
+        self._set_qparams("input", placeholder_qparams(input_dtype))
 
     @classmethod
     def from_qat_module(cls, qat_module, name: str = ""):
