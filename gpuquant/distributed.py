@@ -11,11 +11,11 @@ gpuquant runs on PyTorch's own engine (``torchrun``, NCCL on GPUs, gloo on CPUs,
   sees the whole global batch. Plain observers see only their process's shard.
 * **BatchNorm.** The fused QAT ``ConvBn*`` / ``LinearBn*`` modules compute the batch
   statistics themselves (to fold BN into the quantized weight), so they do not call their
-  ``bn`` submodule's forward. Convert it with torch's own
-  ``torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)``: the fused modules then reduce mean
-  and variance over the SyncBatchNorm's process group with :func:`batch_mean_var`
-  (differentiable all-reduces), so training equals one process with the global batch.
-  Without the conversion each process normalises with its own shard (as plain DDP + BN does).
+  ``bn`` submodule's forward. :func:`convert_sync_batchnorm` (CPU and GPU; or torch's
+  ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, GPU only under DDP) makes them reduce
+  mean and variance over the process group with :func:`batch_mean_var` (differentiable
+  all-reduces), so training equals one process with the global batch. Without it each
+  process normalises with its own shard (as plain DDP + BatchNorm does).
 * **Lazy state.** Per-channel observer buffers and LSQ / TQT scales take their size and first
   value on the first forward pass. Run one forward pass (a calibration batch) *before*
   wrapping in DDP: DDP then broadcasts rank 0's parameters and buffers, so every process
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["batch_mean_var", "check_ready_for_ddp", "save_checkpoint", "load_checkpoint",
+__all__ = ["convert_sync_batchnorm", "batch_mean_var", "check_ready_for_ddp", "save_checkpoint", "load_checkpoint",
            "unwrap", "world_size", "rank"]
 
 _CHECKPOINT_FORMAT = "gpuquant-qat-checkpoint-1"
@@ -72,21 +72,83 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------- BatchNorm
+def _fused_bn_modules(model):
+    from .nn.qat.conv import ConvBn2d
+    from .nn.qat.linear import LinearBn1d
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (ConvBn2d, LinearBn1d))]
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.nn.Module:
+    """Make every fused QAT BatchNorm (``ConvBn*`` / ``LinearBn*`` of ``gpuquant.nn.qat``)
+    under ``model`` compute its training batch statistics over all processes of
+    ``process_group`` (default: the whole world), as ``torch.nn.SyncBatchNorm`` does; returns
+    ``model`` (changed in place).
+
+    Works on CPU (gloo) and GPU (NCCL). ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
+    has the same effect on the fused modules but DDP refuses SyncBatchNorm in CPU modules;
+    this one marks the fused modules' ``bn`` instead of replacing it, and leaves any other
+    BatchNorm alone (convert those with torch's function). Outside torch.distributed, or
+    in a group of one, the statistics stay local (bit-identical to no conversion).
+
+    Args:
+        model: a QAT model (after ``quantize_qat``).
+        process_group: a torch.distributed process group, or None for the default one.
+
+    Raises:
+        TypeError: ``model`` is not a module.
+        ValueError: ``model`` has no fused QAT BatchNorm module.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    mods = _fused_bn_modules(unwrap(model))
+    if not mods:
+        raise ValueError("convert_sync_batchnorm: no fused QAT BatchNorm module (gpuquant.nn.qat "
+                         "ConvBn* / LinearBn*) in the model; call it after quantize_qat")
+    for _, m in mods:
+        m.bn.gpuquant_sync_stats = True
+        m.bn.gpuquant_sync_group = process_group
+    return model
+
+
 def _sync_group(bn):
     """The process group to reduce ``bn``'s batch statistics over, or None for local ones."""
-    if not isinstance(bn, torch.nn.SyncBatchNorm) or not _initialized():
+    if isinstance(bn, torch.nn.SyncBatchNorm):
+        group = bn.process_group
+    elif getattr(bn, "gpuquant_sync_stats", False):
+        group = getattr(bn, "gpuquant_sync_group", None)
+    else:
         return None
-    group = bn.process_group if bn.process_group is not None else dist.group.WORLD
+    if not _initialized():
+        return None
+    group = group if group is not None else dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable SUM all-reduce: the gradient of every input is the sum of the output
+    gradients of all processes (what ``torch.distributed.nn.functional.all_reduce`` does;
+    written out because that function is deprecated in recent torch)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _AllReduceSum.apply(dy, ctx.group), None
 
 
 def batch_mean_var(y: torch.Tensor, dims: Sequence[int], bn: torch.nn.Module):
     """Batch mean and biased variance of ``y`` over ``dims`` for a fused QAT BatchNorm, and
     the number of values per channel they cover.
 
-    When ``bn`` is a ``torch.nn.SyncBatchNorm`` and torch.distributed runs with more than one
-    process in its group, the statistics are those of the global batch: two differentiable
-    all-reduces (``torch.distributed.nn.functional.all_reduce``), the per-channel sums with
+    When ``bn`` was marked by :func:`convert_sync_batchnorm` (or is a
+    ``torch.nn.SyncBatchNorm``) and torch.distributed runs with more than one process in its
+    group, the statistics are those of the global batch: two differentiable
+    all-reduces (SUM, differentiable), the per-channel sums with
     the element count, then the squared deviations from the global mean (two passes, as
     accurate as the local ``var``). Gradients flow through them as through SyncBatchNorm's.
     Otherwise ``y.mean(dims)``, ``y.var(dims, unbiased=False)`` exactly (so a single process
@@ -110,16 +172,15 @@ def batch_mean_var(y: torch.Tensor, dims: Sequence[int], bn: torch.nn.Module):
     group = _sync_group(bn)
     if group is None:
         return y.mean(dim=dims), y.var(dim=dims, unbiased=False), n_local
-    from torch.distributed.nn.functional import all_reduce
     yf = y.float()
     count = torch.full((1,), float(n_local), dtype=torch.float32, device=y.device)
-    sums = all_reduce(torch.cat([yf.sum(dim=dims), count]), group=group)
+    sums = _AllReduceSum.apply(torch.cat([yf.sum(dim=dims), count]), group)
     n = sums[-1]
     mean = sums[:-1] / n
     shape = [1] * y.dim()
     shape[[d for d in range(y.dim()) if d not in dims][0]] = -1
     dev = yf - mean.reshape(shape)
-    var = all_reduce((dev * dev).sum(dim=dims), group=group) / n
+    var = _AllReduceSum.apply((dev * dev).sum(dim=dims), group) / n
     return mean.to(y.dtype), var.to(y.dtype), n.detach()
 
 
