@@ -301,3 +301,33 @@ def test_weights_per_channel_int8_bias_int32():
     s = conv.input_scale.double() * conv.weight_scale.double()
     assert torch.equal(conv.bias, torch.round(b.detach().double() / s).to(torch.int32))
     assert torch.equal(conv.weight, gpuquant.functional.quantize(w.detach(), w_qp))
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding_and_per_tensor_weights(padding):
+    from functools import partial
+
+    from gpuquant.quantization import MinMaxObserver, QConfig
+    qc = QConfig(partial(MinMaxObserver, dtype=gpuquant.qint8_narrow, symmetric=True),  # per tensor
+                 ema_fakequant_qconfig.act_observer, ema_fakequant_qconfig.weight_fake_quant,
+                 ema_fakequant_qconfig.act_fake_quant)
+
+    class P(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.c, self.dq = gnn.QuantStub(), gnn.ConvRelu2d(3, 5, 3, padding=padding), \
+                gnn.DequantStub()
+
+        def forward(self, x):
+            return self.dq(self.c(self.q(x)))
+    x = torch.randn(2, 3, 7, 6)
+    q = _qat(P(), qconfig=qc, shape=(2, 3, 7, 6))
+    with torch.no_grad():
+        y_qat = q(x)
+    s = float(q.c.get_activation_qparams().scale)
+    assert q.c.get_weight_qparams().axis is None
+    int8 = quantize(q)
+    assert int8.c.weight_scale.shape == (5,)
+    y8 = int8(x)
+    assert y8.shape == y_qat.shape
+    assert float(((y8 - y_qat).abs() / s).round().max()) <= 1

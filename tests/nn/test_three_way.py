@@ -125,7 +125,6 @@ def test_bn_training_matches_float(name, factory, shape):
     f = randomize_bn(factory())
     qat = quantize_qat(Wrap(f), inplace=False).train()
     _float_off(qat)
-    model = Wrap(f.__class__.__new__(f.__class__))  # placeholder replaced below
     model = Wrap(_clone_float(f)).train()
     x = torch.randn(shape, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)

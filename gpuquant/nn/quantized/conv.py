@@ -18,6 +18,24 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
+def _explicit_padding(conv) -> tuple:
+    """torch's string paddings as numbers: 'valid' -> 0, 'same' -> half the dilated kernel
+    (when that is symmetric)."""
+    if not isinstance(conv.padding, str):
+        return _pair(conv.padding)
+    if conv.padding == "valid":
+        return (0, 0)
+    pads = []
+    for k, d in zip(_pair(conv.kernel_size), _pair(conv.dilation)):
+        total = d * (k - 1)
+        if total % 2:
+            raise NotImplementedError(f"padding='same' with kernel {conv.kernel_size} and "
+                                      f"dilation {conv.dilation} pads asymmetrically, which the "
+                                      f"int8 convolution does not support; pad explicitly")
+        pads.append(total // 2)
+    return tuple(pads)
+
+
 def quantize_weight_bias(qat_module, name: str):
     """(int8 weight, int32 bias or None, weight QParams (per output channel), input QParams,
     output QParams) of a QAT conv / linear, BN folded with its running statistics.
@@ -104,7 +122,8 @@ class Conv2d(QuantizedModule):
         """The integer module for a QAT conv (any of the Conv / ConvBn forms)."""
         conv = qat_module.conv if hasattr(qat_module, "bn") else qat_module
         w_q, b_q, w_qp, in_qp, out_qp = quantize_weight_bias(qat_module, name)
-        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                _explicit_padding(conv),
                 conv.dilation, conv.groups, b_q is not None, in_qp.dtype, out_qp.dtype,
                 w_qp.dtype)
         m.to(w_q.device)
