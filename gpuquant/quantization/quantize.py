@@ -283,6 +283,7 @@ def reset_qconfig(module: torch.nn.Module, qconfig: QConfig,
             m.act_fake_quant = make(qconfig.act_fake_quant, qp)
         m.qconfig = qconfig
         m.__dict__["_qat_ready"] = True
+        m.__dict__.pop("_act_device", None)
         if dev is not None:
             for q in (m.weight_observer, m.weight_fake_quant, m.act_observer, m.act_fake_quant):
                 if q is not None:

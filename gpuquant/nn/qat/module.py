@@ -110,6 +110,7 @@ class QATModule(Module):
                                 f"{type(qconfig).__name__} (no field {f!r})")
         self.qconfig = qconfig
         self.__dict__["_qat_ready"] = True
+        self.__dict__.pop("_act_device", None)
         dev = self._device()
         if self.with_weight:
             self.weight_observer = _make(qconfig.weight_observer, "weight_observer")
@@ -144,6 +145,13 @@ class QATModule(Module):
 
     def apply_quant_activation(self, y: torch.Tensor) -> torch.Tensor:
         from ...quantization.fake_quant import apply_fake_quant_with_observer
+        if self.__dict__.get("_act_device") != y.device:
+            # modules without parameters (stubs, Elemwise, Concat) cannot tell their device
+            # when the qconfig is set: their quantizers follow the first activation
+            for m in (self.act_observer, self.act_fake_quant):
+                if m is not None:
+                    m.to(y.device)
+            self.__dict__["_act_device"] = y.device
         y = apply_fake_quant_with_observer(y, self.act_fake_quant, self.act_observer)
         return tag_output(y, self)
 
