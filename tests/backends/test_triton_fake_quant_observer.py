@@ -33,6 +33,7 @@ LAYOUTS = [
     ((9, 4, 3, 3), 0, None),
     ((4, 6, 7), -1, None),
     ((9, 4, 3, 3), 0, torch.channels_last),
+    ((3, 5, 4, 2), 1, None),                   # NCHW contiguous: rows = (n, hw) pairs
 ]
 
 
@@ -56,6 +57,7 @@ CASES = [  # observer, layout, (dtype, symmetric), check_finite: each piece in s
     (EMA, LAYOUTS[2], (gpuquant.quint4, True), False),
     (EMA, LAYOUTS[3], (gpuquant.qint8_narrow, False), True),
     (SEMA, LAYOUTS[1], (gpuquant.quint8, False), False),
+    (EMA, LAYOUTS[5], (gpuquant.quint8, False), False),
     (SEMA, LAYOUTS[2], (gpuquant.qint8, True), True),
 ]
 

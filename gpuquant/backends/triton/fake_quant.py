@@ -323,6 +323,14 @@ class RowPlan(NamedTuple):
     block_c: int
     split: int
     n_iter: int
+    m_in: int = 0       # magic numbers of ``inner`` (int32 bit pattern of m) for ROWS32
+    l_in: int = 0
+    rows32: bool = False
+
+    def kernel_args(self):
+        """The plan's scalars in kernel-argument order (see ``_row_offsets``)."""
+        return (self.rows, self.inner, self.s_o, self.s_i, self.m_in, self.l_in, self.C,
+                self.s_c, self.n_iter, self.split)
 
 
 def _npow2(n: int) -> int:
@@ -365,7 +373,10 @@ def row_plan(x: torch.Tensor, axis: Optional[int], tile: int = 2048,
     split = max(1, min(n_rb, triton.cdiv(want, n_cb)))
     n_iter = triton.cdiv(n_rb, split)
     split = triton.cdiv(n_rb, n_iter)
-    return RowPlan(rows, C, inner, s_o, s_i, s_c, block_r, block_c, split, n_iter)
+    rows32 = inner > 1 and split * n_iter * block_r < 2 ** 31
+    m_in, l_in = udiv_magic(inner) if rows32 else (2 ** 32, 0)
+    return RowPlan(rows, C, inner, s_o, s_i, s_c, block_r, block_c, split, n_iter,
+                   m_in - 2 ** 32, l_in, rows32)
 
 
 def _memory_order_rows(x: torch.Tensor, axis: int) -> bool:
@@ -387,11 +398,19 @@ def as_rows(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
 
 
 @triton.jit
-def _row_offsets(rb, plan_rows, inner, s_o, s_i, BLOCK_R: tl.constexpr):
-    """int64 element offsets (BLOCK_R,) of row block ``rb`` and the in-range mask."""
+def _row_offsets(rb, plan_rows, inner, s_o, s_i, m_in, l_in, ROWS32: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """int64 element offsets (BLOCK_R,) of row block ``rb`` and the in-range mask. With
+    ROWS32 (every row index of the grid below 2^31) ``r // inner`` is a magic-number division
+    (``m_in``, ``l_in`` from :func:`udiv_magic`, m as its int32 bit pattern); else int64."""
     r = rb.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < plan_rows
-    off = (r // inner) * s_o + (r % inner) * s_i
+    if ROWS32:
+        r32 = r.to(tl.uint32)
+        q = _udiv(r32, m_in.to(tl.uint32, bitcast=True), l_in)
+        off = q.to(tl.int64) * s_o + (r32 - q * inner).to(tl.int64) * s_i
+    else:
+        off = (r // inner) * s_o + (r % inner) * s_i
     return off, rm
 
 

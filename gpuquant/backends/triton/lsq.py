@@ -51,11 +51,11 @@ def _learned_bwd_kernel(
     # pointers
     x_ptr, g_ptr, gx_ptr, scale_ptr, zp_ptr, part_ptr,
     # row plan (see fake_quant.RowPlan)
-    rows, inner, s_o, s_i, C, s_c, n_iter, split,
+    rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
     # quantization
     qmin, qmax, grad_factor,
     # meta
-    MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    MODE: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grad_x and per-(split, channel) partial sums of the qparam gradients.
 
@@ -82,7 +82,8 @@ def _learned_bwd_kernel(
     acc_s = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for it in range(0, n_iter):
-        roff, rm = _row_offsets(sp * n_iter + it, rows, inner, s_o, s_i, BLOCK_R)
+        roff, rm = _row_offsets(sp * n_iter + it, rows, inner, s_o, s_i, m_in, l_in, ROWS32,
+                                BLOCK_R)
         off = roff[:, None] + coff
         m = rm[:, None] & cm[None, :]
         x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -171,9 +172,9 @@ def learned_backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
         zp = zero_point.detach().float() if mode == 1 else scale
         _learned_bwd_kernel[(triton.cdiv(plan.C, plan.block_c), plan.split)](
             x, grad, gx, scale.detach().float(), zp, part,
-            plan.rows, plan.inner, plan.s_o, plan.s_i, plan.C, plan.s_c, plan.n_iter, plan.split,
-            float(qmin), float(qmax), float(grad_factor),
-            MODE=mode, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=4, **_LAUNCH)
+            *plan.kernel_args(), float(qmin), float(qmax), float(grad_factor),
+            MODE=mode, ROWS32=plan.rows32, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+            num_warps=4, **_LAUNCH)
     sums = sum_partials(part)
     dz = sums[1] if mode == 1 else None
     return gx, sums[0], dz
@@ -289,7 +290,8 @@ def tqt_fake_quant(x, log2_t, qmin, qmax, axis, *, programs=None, tile=2048):
 
 KERNELS = {
     "_learned_bwd_kernel": (_learned_bwd_kernel, [
-        dict(MODE=m, BLOCK_R=br, BLOCK_C=bc) for m, br, bc in ((1, 2048, 1), (1, 32, 64), (2, 32, 64))
+        dict(MODE=m, ROWS32=r32, BLOCK_R=br, BLOCK_C=bc)
+        for m, r32, br, bc in ((1, False, 2048, 1), (1, True, 32, 64), (2, False, 32, 64))
     ]),
     "_sum_partials_kernel": (_sum_partials_kernel, [dict(BLOCK_S=16, BLOCK_C=128)]),
 }

@@ -52,9 +52,9 @@ def _minmax_partial_kernel(
     # pointers: x (any float dtype), part f32 (2, split, C): [0] minima, [1] maxima
     x_ptr, part_ptr,
     # row plan (see fake_quant.RowPlan)
-    rows, inner, s_o, s_i, C, s_c, n_iter, split,
+    rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
     # meta
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cb = tl.program_id(0)
     sp = tl.program_id(1)
@@ -64,7 +64,8 @@ def _minmax_partial_kernel(
     vmin = tl.full((BLOCK_R, BLOCK_C), _INF, tl.float32)
     vmax = tl.full((BLOCK_R, BLOCK_C), _NINF, tl.float32)
     for it in range(0, n_iter):
-        roff, rm = _row_offsets(sp * n_iter + it, rows, inner, s_o, s_i, BLOCK_R)
+        roff, rm = _row_offsets(sp * n_iter + it, rows, inner, s_o, s_i, m_in, l_in, ROWS32,
+                                BLOCK_R)
         m = rm[:, None] & cm[None, :]
         x = tl.load(x_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
         nan = x != x
@@ -203,8 +204,8 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
     dev = x.device
     part = torch.empty((2, plan.split, plan.C), dtype=torch.float32, device=dev)
     _minmax_partial_kernel[(triton.cdiv(plan.C, plan.block_c), plan.split)](
-        x, part, plan.rows, plan.inner, plan.s_o, plan.s_i, plan.C, plan.s_c, plan.n_iter,
-        plan.split, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=4, **_LAUNCH)
+        x, part, *plan.kernel_args(), ROWS32=plan.rows32, BLOCK_R=plan.block_r,
+        BLOCK_C=plan.block_c, num_warps=4, **_LAUNCH)
     per_channel = axis is not None
     shape = (plan.C,) if per_channel else ()
     if per_channel:
@@ -281,7 +282,7 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, programs: Optio
 
 KERNELS = {
     "_minmax_partial_kernel": (_minmax_partial_kernel, [
-        dict(BLOCK_R=2048, BLOCK_C=1), dict(BLOCK_R=32, BLOCK_C=64)]),
+        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1), dict(ROWS32=True, BLOCK_R=32, BLOCK_C=64)]),
     "_observer_update_kernel": (_observer_update_kernel, [
         dict(FROM_PARTIALS=fp, HAVE_OK=not fp, EMA=e, SYMMETRIC=s, BLOCK_S=8, BLOCK_C=256)
         for fp, e, s in ((True, False, True), (True, True, False), (False, True, True))]),
