@@ -259,7 +259,8 @@ def reset_qconfig(module: torch.nn.Module, qconfig: QConfig,
 
     def make(factory, qparams):
         inst = factory() if factory is not None else None
-        if inst is not None and qparams is not None and callable(getattr(inst, "set_qparams", None)):
+        if inst is not None and qparams is not None and \
+                callable(getattr(inst, "set_qparams", None)):
             inst.set_qparams(qparams)
         return inst
 

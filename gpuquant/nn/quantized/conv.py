@@ -114,7 +114,8 @@ class Conv2d(QuantizedModule):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, bias={self.bias is not None}, activation={self.activation}, "
+                f"groups={self.groups}, bias={self.bias is not None}, "
+                f"activation={self.activation}, "
                 f"in={self._dtypes['input']}, out={self._dtypes['output']}")
 
     @classmethod

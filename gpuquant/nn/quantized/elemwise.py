@@ -60,11 +60,13 @@ class Elemwise(QuantizedModule):
         self._set_qparams("output", _default_qp(output_dtype))
 
     def extra_repr(self) -> str:
-        return f"{self.method!r}, a={self._dtypes['a']}, b={self._dtypes['b']}, out={self._dtypes['output']}"
+        d = self._dtypes
+        return f"{self.method!r}, a={d['a']}, b={d['b']}, out={d['output']}"
 
     @classmethod
     def from_qat_module(cls, qat_module, name: str = ""):
-        who = f"module {name!r} ({type(qat_module).__name__})" if name else type(qat_module).__name__
+        who = f"module {name!r} ({type(qat_module).__name__})" if name else \
+            type(qat_module).__name__
         qa, qb = qat_module.input_qparams(name)
         out = qat_module.get_activation_qparams()
         for what, qp in (("input a", qa), ("input b", qb), ("output", out)):
@@ -110,7 +112,8 @@ class Concat(QuantizedModule):
 
     @classmethod
     def from_qat_module(cls, qat_module, name: str = ""):
-        who = f"module {name!r} ({type(qat_module).__name__})" if name else type(qat_module).__name__
+        who = f"module {name!r} ({type(qat_module).__name__})" if name else \
+            type(qat_module).__name__
         ins = qat_module.input_qparams(name)
         out = qat_module.get_activation_qparams()
         _check_act_qparams(out, who, "output")

@@ -86,8 +86,10 @@ class QuantizedModule(Module):
         """``max |weight|`` and ``max |bias|`` as ints for the accumulator-range check."""
         def build():
             b = getattr(self, "bias", None)
-            return {"w_absmax": int(self.weight.to(torch.int32).abs().max()) if self.weight.numel() else 0,
-                    "bias_absmax": int(b.to(torch.int64).abs().max()) if b is not None and b.numel() else 0}
+            w = self.weight.to(torch.int32)  # int8 abs(-128) would wrap
+            return {"w_absmax": int(w.abs().max()) if w.numel() else 0,
+                    "bias_absmax": int(b.to(torch.int64).abs().max())
+                    if b is not None and b.numel() else 0}
         return dict(self._cached("bounds", device, build))
 
     def get_extra_state(self):
