@@ -13,20 +13,23 @@ Numerics (contract sections 1 and 4), bit-identical to ``torch.fake_quantize_per
 
 * ``inv_scale = 1 / scale`` in float32, correctly rounded: per-tensor in the kernel with
   ``tl.math.div_rn`` (``div.rn.f32``, once a program), per-channel with torch on the device
-  (one tiny launch, no host sync). Never Triton's ``/`` (``div.full.f32``, approximate).
+  (one tiny launch, no host sync; the fused observer writes it itself). Never Triton's ``/``
+  (``div.full.f32``, approximate).
 * ``rne`` is the add-and-subtract trick ``(|v| + 2^23) - 2^23`` with the sign put back, exact
   for ``|v| < 2^23``; larger ``|v|`` are integers already and pass through, so no clamp is
   needed before rounding (the STE mask sees the true ``rne(v) + zp``); inf stays inf.
-* Every kernel launches with ``enable_fp_fusion=False``: ``x * inv_scale + 2^23`` must round
-  twice, as the interpreter and PyTorch do, not once in an ``fma.rn.f32``. A CPU test compiles
-  each kernel for sm_80 / sm_90 and checks the PTX (tests/backends/test_triton_ptx_fake_quant.py).
+* Every kernel launches with ``enable_fp_fusion=False``: products followed by sums
+  (``zp + x * inv`` in LSQ, the moving average ``min + c * (m - min)``) must round twice, as
+  the interpreter and PyTorch do, not once in an ``fma.rn.f32``. A CPU test compiles each
+  kernel for sm_80 / sm_90 and checks the PTX (tests/backends/test_triton_ptx_fake_quant.py).
 * NaN in gives NaN out; its gradient is 0 (the mask is false), as the reference backend.
 * The backward computes ``grad * mask`` (not ``where``) in float32, so signs of zero and NaN
   gradients match PyTorch bit for bit.
 
 Layout: any dense layout (contiguous, channels_last, any permutation) is processed in memory
-order, without a copy; the channel of an element is ``(offset // stride[axis]) % C``. Only
-non-dense inputs (slices with gaps, expanded tensors) are copied to contiguous first.
+order, without a copy; the channel of an element is ``(offset // stride[axis]) % C``, two
+magic-number divisions (``mul.hi`` + shift) in uint32 after one int64 reduction a program.
+Only non-dense inputs (slices with gaps, expanded tensors) are copied to contiguous first.
 Offsets are int64 (``pid.to(tl.int64)``), so tensors over 2^31 elements index correctly.
 
 What the backward keeps (bytes per element, E = element size, fwd + bwd; the minimum any

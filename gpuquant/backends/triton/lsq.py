@@ -61,7 +61,8 @@ def _learned_bwd_kernel(
 
     MODE 1 (LSQ): ``scale`` f32, ``zp`` f32 (rounded, clamped); partials ``part[0, sp, c]`` of
     d scale and ``part[1, sp, c]`` of d zero_point. MODE 2 (TQT): ``scale_ptr`` = log2_t;
-    ``part[0, sp, c]`` of d log2_t (already times ln 2... as the torch definition orders it).
+    ``part[0, sp, c]`` of d log2_t (``((dy * inner) * s) * ln 2`` element by element, the
+    torch definition's order).
     x, g, gx share strides; part: f32 (2, split, C).
     """
     cb = tl.program_id(0)
