@@ -251,6 +251,7 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
 
     Raises:
         TypeError: bad argument types.
+        NotImplementedError: an FSDP2-sharded model (use torch.distributed.checkpoint).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -262,6 +263,11 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
     module = unwrap(model)
+    if any(type(p).__name__ == "DTensor" for p in module.parameters()):
+        raise NotImplementedError("save_checkpoint: the model's parameters are sharded "
+                                  "(FSDP2 fully_shard DTensors); save it with "
+                                  "torch.distributed.checkpoint (DCP) instead, plus the RNG "
+                                  "states (docs/DISTRIBUTED.md)")
     rngs = [_rng_state()]
     if world_size(group) > 1:
         rngs = [None] * world_size(group)

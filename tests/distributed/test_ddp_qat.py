@@ -150,6 +150,48 @@ def test_ddp_without_sync_batchnorm_differs_from_the_global_batch():
         assert np.array_equal(scale, h1[-1][1][k][0]), k
 
 
+# --------------------------------------------------------------------------- fused Triton path
+def _fused_worker(rank, world):
+    import gpuquant.backends as backends
+    from gpuquant.backends.registry import find_op
+    from gpuquant.quantization import apply_fake_quant_with_observer
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(2 * world, 5, 3, 3, generator=g) * (1 + i) for i in range(3)]
+    out = []
+    for axis, kw in ((None, {"dtype": gpuquant.quint8, "symmetric": False}),
+                     (1, {"dtype": gpuquant.qint8})):
+        fused = SyncExponentialMovingAverageObserver(0.8, axis=axis, check_finite=False, **kw)
+        plain = SyncExponentialMovingAverageObserver(0.8, axis=axis, check_finite=False, **kw)
+        fq = FakeQuantize(kw["dtype"])
+        for x in xs:
+            x = _shard(x, rank, world)
+            with backends.use("triton"):
+                assert find_op("observe_fake_quant", x) is not None
+                y_fused = apply_fake_quant_with_observer(x, fq, fused)
+            y_plain = apply_fake_quant_with_observer(x, fq, plain)  # the unfused definition
+            assert torch.equal(y_fused, y_plain)
+            assert torch.equal(fused.min_val, plain.min_val)
+            assert torch.equal(fused.max_val, plain.max_val)
+        out.append((fused.min_val.numpy().copy(), fused.max_val.numpy().copy()))
+    return out, [x.numpy() for x in xs]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="CPU tensors through the Triton interpreter (set on CPU-only machines "
+                           "by conftest); on GPUs the fused path runs in the NCCL smoke test")
+def test_fused_triton_observer_path_all_reduces_like_the_definition():
+    """The fused observe + fake-quant op (Triton interpreter on CPU) with Sync observers:
+    same output and state as the unfused path, and the global batch's range on both ranks."""
+    (r0, xs), (r1, _) = run(_fused_worker, WORLD)
+    for (mn0, mx0), (mn1, mx1), axis in zip(r0, r1, (None, 1)):
+        assert np.array_equal(mn0, mn1) and np.array_equal(mx0, mx1)
+        from gpuquant.quantization import ExponentialMovingAverageObserver
+        ref = ExponentialMovingAverageObserver(0.8, axis=axis)
+        for x in xs:
+            ref(torch.from_numpy(x))
+        assert np.array_equal(mn0, ref.min_val.numpy()) and np.array_equal(mx0, ref.max_val.numpy())
+
+
 # --------------------------------------------------------------------------- LSQ / TQT
 def _small_net():
     class Net(gnn.Module):
@@ -223,6 +265,62 @@ def test_learned_scales_train_as_ddp_parameters(kind):
     changed = [k for k in s0[1] if k.endswith((".scale", ".log2_t"))
                and not np.array_equal(s0[1][k], s0[0][k])]
     assert changed, "learned scales did not move"
+
+
+# --------------------------------------------------------------------------- FSDP2
+def _fsdp_worker(rank, world, kind):
+    from torch.distributed.fsdp import fully_shard
+    x, y = _data(3)
+    torch.manual_seed(0)
+    qconfig = LEARNED_QCONFIGS[kind] if kind else sync_ema_fakequant_qconfig
+    model = quantize_qat(_small_net(), qconfig).train()
+    with torch.no_grad():
+        model(_shard(x[0], rank, world))  # sizes the per-channel observers before sharding
+    if kind:  # 0-d learned scales: fully_shard refuses them (documented limitation)
+        with pytest.raises(ValueError, match="scalar parameters"):
+            fully_shard(model)
+        return None
+    for sub in (model.conv, model.fc):
+        fully_shard(sub)
+    fully_shard(model)
+    with pytest.raises(NotImplementedError, match="torch.distributed.checkpoint"):
+        gdist.save_checkpoint(os.devnull, model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = []
+    for s in (1, 2, 3):
+        loss = TF.cross_entropy(model(_shard(x[s], rank, world)), _shard(y[s], rank, world))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append((loss.item(), _qparams(model)))
+    return history
+
+
+def test_fsdp2_fully_shard_with_sync_observers_equals_the_global_batch():
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``) on gloo: weights sharded, gathered for
+    each forward (the weight observers see the whole weight); synced activation observers;
+    equal to one process with the global batch like DDP."""
+    h0, h1 = run(_fsdp_worker, WORLD, args=(None,))
+    x, y = _data(3)
+    torch.manual_seed(0)
+    ref = quantize_qat(_small_net(), sync_ema_fakequant_qconfig).train()
+    with torch.no_grad():
+        ref(x[0])
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for s, ((l0, q0), (l1, q1)) in enumerate(zip(h0, h1), 1):
+        loss = TF.cross_entropy(ref(x[s]), y[s])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert math.isclose((l0 + l1) / 2, loss.item(), rel_tol=2e-5), (s, l0, l1, loss.item())
+        qr = _qparams(ref)
+        for k in q0:
+            assert np.array_equal(q0[k][0], q1[k][0]), (s, k)
+            np.testing.assert_allclose(q0[k][0], qr[k][0], rtol=2e-5, err_msg=f"{s} {k}")
+
+
+def test_fsdp2_refuses_0d_learned_scales():
+    assert run(_fsdp_worker, WORLD, args=("lsq",)) == [None, None]
 
 
 # --------------------------------------------------------------------------- checkpoint / resume
