@@ -10,10 +10,13 @@ the module that produced it. gpuquant learns them while the QAT model runs: each
 module tags the storage of the tensor it returns with itself (pooling passes the tag of its
 input through), and each QAT module notes the tag of its inputs. Views share their
 storage, so ``torch.flatten``, ``.view``, ``.reshape`` (when it is a view), slicing and
-``permute`` keep the tag; an op that writes a new tensor (``x * 2``, a float module) drops
-it, and converting a module whose input came from such an op raises, naming the module.
-Consequently ``quantize`` needs at least one forward pass of the QAT model (calibration or
-training), which it needs anyway for the observers.
+``permute`` keep the tag; an op that writes a new tensor (``x * 2``, ``torch.cat`` outside a
+``Concat``, a float module, ``.contiguous()`` / ``flatten`` of a tensor whose layout forces a
+copy) drops it, and converting a module whose input came from such an op raises, naming the
+module. In-place ops keep the tag while changing the values: do not modify activations in
+place between quantized modules (use the fused modules, ``Elemwise``). ``quantize`` needs at
+least one forward pass of the QAT model (calibration or training; again after loading a
+QAT ``state_dict`` into a fresh model), which it needs anyway for the observers.
 """
 from __future__ import annotations
 
