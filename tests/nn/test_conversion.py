@@ -331,3 +331,24 @@ def test_string_padding_and_per_tensor_weights(padding):
     y8 = int8(x)
     assert y8.shape == y_qat.shape
     assert float(((y8 - y_qat).abs() / s).round().max()) <= 1
+
+
+def test_direct_qat_construction_needs_qconfig():
+    m = qat_nn.ConvRelu2d(3, 4, 3)
+    with pytest.raises(RuntimeError, match="set_qconfig|quantize_qat"):
+        m(torch.randn(1, 3, 5, 5))
+    m.set_qconfig(ema_fakequant_qconfig)
+    y = m(torch.randn(2, 3, 5, 5))
+    assert y.shape == (2, 4, 3, 3) and m.get_weight_qparams().axis == 0
+    with pytest.raises(TypeError, match="QConfig"):
+        m.set_qconfig(object())
+
+
+def test_conversion_is_idempotent():
+    q = quantize_qat(quantize_qat(Net()))
+    assert isinstance(q.c1, qat_nn.ConvBnRelu2d) and q.c1.__class__ is qat_nn.ConvBnRelu2d
+    q.train()
+    with torch.no_grad():
+        q(torch.randn(4, 3, 9, 10))
+    int8 = quantize(quantize(q.eval()))
+    assert isinstance(int8.c1, qnn.ConvBnRelu2d)
