@@ -54,8 +54,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 __all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "row_plan",
            "as_rows", "RowPlan", "auto_interpreter", "udiv_magic", "OPS", "KERNELS"]

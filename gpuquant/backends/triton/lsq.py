@@ -29,20 +29,19 @@ fusion off (every product rounded as torch rounds it).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .fake_quant import (_FLOATS, _LAUNCH, _npow2, _rne, _row_offsets, _to_out, _tqt_scale,
                          as_rows, auto_interpreter, fake_quant_forward, row_plan)
 
 __all__ = ["lsq_fake_quant", "tqt_fake_quant", "OPS", "KERNELS"]
 
-_LN2 = math.log(2.0)
+_LN2 = tl.constexpr(0.6931471805599453)  # math.log(2.0), as the torch definition uses
 
 
 # --------------------------------------------------------------------------- kernels
@@ -101,7 +100,7 @@ def _learned_bwd_kernel(
         tl.store(gx_ptr + off, _to_out(dx, gx_ptr.dtype.element_ty), mask=m)
         if MODE == 2:
             inn = tl.where(inside, r - v, tl.where(below, qmin, qmax))
-            d = ((dy * inn) * s2) * 0.6931471805599453
+            d = ((dy * inn) * s2) * _LN2
             acc_s += tl.where(m, d, 0.0)
         else:
             xfq = (tl.minimum(tl.maximum(r, qmin), qmax) - zp2) * s2

@@ -29,7 +29,6 @@ observer with ``check_finite=True`` does its one host read (the raise on NaN / I
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
