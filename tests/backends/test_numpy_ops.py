@@ -138,7 +138,7 @@ def test_fast_requant_at_every_threshold(shift, monkeypatch):
     flagged = []
     fixup = fp._fixup
     monkeypatch.setattr(fp, "requant_int64", None)  # the fast path must not fall back
-    monkeypatch.setattr(fp, "_fixup", lambda *a: (flagged.append(int(a[-1].sum())), fixup(*a)))
+    monkeypatch.setattr(fp, "_fixup", lambda *a: (flagged.append(len(a[-1])), fixup(*a)))
     m = np.array([2 ** 30, 2 ** 30 + 1, 1518500250, 2 ** 31 - 1, 1234567891], dtype=np.int64)
     sh = np.full(m.shape, shift)
     p = fp.Params(m, sh, 3, -128, 127, np.int8)
@@ -291,3 +291,25 @@ def test_check_accumulator_range():
         check_accumulator_range(4, torch.int8, 0, torch.ones(3))
     with pytest.raises(ValueError, match="k .* must be >= 1"):
         check_accumulator_range(0, torch.int8, 0)
+
+
+def test_fast_requant_dense_random_both_fixup_paths(monkeypatch):
+    """Random accumulators plus exact multiples of 2^rshift (ties for M = 2^30), per channel
+    and per tensor; the fix-up runs both its Python-int and its int64 NumPy form."""
+    from gpuquant.backends.numpy import fixed_point as fp
+    counts = []
+    fixup = fp._fixup
+    monkeypatch.setattr(fp, "_fixup", lambda *a: (counts.append(len(a[-1])), fixup(*a)))
+    m = np.array([2 ** 30, 2 ** 30 + 1, 1518500250, 2 ** 31 - 1, 1234567891], dtype=np.int64)
+    for shift, zp, lo, hi, dt in [(0, 3, -128, 127, np.int8), (1, 0, 0, 255, np.uint8),
+                                  (6, 200, 0, 255, np.uint8), (11, -7, -100, 90, np.int8),
+                                  (23, 3, -128, 127, np.int8)]:
+        acc = np.random.randint(-2 ** 21, 2 ** 21, (9000, 5)).astype(np.float64)
+        acc[:100] = np.arange(-50, 50)[:, None] * 2 ** shift
+        for mm, sh in ((m, np.full(5, shift)), (m[0], shift)):
+            p = fp.Params(mm, sh, zp, lo, hi, dt)
+            out = np.empty(acc.shape, dt)
+            fp.requant_fast(acc, p, out)
+            np.testing.assert_array_equal(out, ref.requantize(acc.astype(np.int64), mm, sh, zp, lo,
+                                                              hi, dtype=dt))
+    assert any(0 < n <= 24 for n in counts) and any(n > 24 for n in counts)

@@ -170,12 +170,11 @@ def _mbqm_int(a: int, m: int, rshift: int) -> int:
     return (x >> e) + ((x & mask) > (mask >> 1) + (x < 0))
 
 
-def _fixup(acc, bias, p: Params, out: np.ndarray, bad: np.ndarray) -> None:
-    """Exact requantization of the elements flagged in ``bad`` (``acc`` / ``out`` 2-D,
-    channels last): Python ints for a handful, int64 NumPy for more."""
-    flat = np.flatnonzero(bad)  # much faster than a 2-D nonzero
-    ix = np.divmod(flat, bad.shape[1])
-    if len(flat) <= 64:
+def _fixup(acc, bias, p: Params, out: np.ndarray, flat: np.ndarray) -> None:
+    """Exact requantization of the elements at flat indices ``flat`` of the 2-D (channels
+    last) ``acc`` / ``out``: Python ints for a handful, one int64 NumPy pass for more."""
+    ix = np.divmod(flat, acc.shape[1])
+    if len(flat) <= 24:  # ~3 us an element in Python vs ~80 us for the NumPy path
         for i, c in zip(*ix):
             v = int(round(float(acc[i, c]))) + (0 if bias is None else int(bias[c] if bias.ndim else bias))
             v = min(max(v, INT32_MIN), INT32_MAX)
@@ -235,6 +234,7 @@ def requant_fast(acc: np.ndarray, p: Params, out: np.ndarray, bias=None) -> None
     t_buf = np.empty((n0, c), np.float32) if p.has_d else None
     bad_buf = np.empty((n0, c), bool)
     zp, lo, hi, thr = np.float32(p.zp), np.float32(p.lo), np.float32(p.hi), p.thr
+    flagged = []
     r_t = p.tiled("r", p.r32, n0, c)
     d_t = p.tiled("d", p.d32, n0, c)
     b_t = None if bvec is None else p.tiled("b", bvec, n0, c)
@@ -263,4 +263,6 @@ def requant_fast(acc: np.ndarray, p: Params, out: np.ndarray, bias=None) -> None
         np.abs(u, out=u)
         np.greater_equal(u, thr, out=bad)
         if bad.any():
-            _fixup(a, bias, p, out2[r0:r1], bad)
+            flagged.append(np.flatnonzero(bad) + r0 * c)
+    if flagged:  # one exact pass over every flagged element of every chunk
+        _fixup(acc2, bias, p, out2, np.concatenate(flagged))
