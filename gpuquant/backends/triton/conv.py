@@ -22,8 +22,8 @@ import triton.language as tl
 import torch
 
 from .common import LAUNCH_OPTS, arch_family, derived
-from .gemm import (INTERPRET_TILE, OUT_QUANT, _OUT_MODES, _config, epilogue_scalars,
-                   epilogue_tensors, output_dtype, prune_configs, qgemm, quant_epilogue)
+from .gemm import (INTERPRET_TILE, _OUT_MODES, _config, epilogue_scalars, epilogue_tensors,
+                   interpret_meta, output_dtype, prune_configs, qgemm, quant_epilogue)
 
 __all__ = ["qconv2d", "conv_configs", "conv_out_size"]
 
@@ -212,10 +212,8 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
     k = kh * kw * cg
     family = arch_family(dev)
     kern = _conv_kernel(family)
-    meta = {}
-    if family == "interpret":
-        bm, bn, bk, gm, _, _ = INTERPRET_TILE
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+    flat_k = cg < 64
+    meta = interpret_meta(m, og, k if flat_k else cg) if family == "interpret" else {}
     res = r2d if r2d is not None else y2d
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(og, META["BLOCK_N"]),
                          groups)
@@ -224,6 +222,6 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
                h, wd, ho, wo, cg, sh, sw, ph, pw, dh, dw,
                xs[0], xs[2], xs[3], w2d.stride(0), y2d.stride(0), res.stride(0),
                int(x_zp), float(deq_scale),
-               KH=kh, KW=kw, FLAT_K=cg < 64, X_UINT8=x.dtype == torch.uint8,
+               KH=kh, KW=kw, FLAT_K=flat_k, X_UINT8=x.dtype == torch.uint8,
                OUT_MODE=mode, HAS_RES=residual is not None, **meta, **LAUNCH_OPTS)
     return y

@@ -119,8 +119,8 @@ def qdepthwise2d(x, x_zp, w, bias, stride, padding, dilation, rq, *, out_mode="q
     kern = _dw_kernel(family)
     meta = {}
     if family == "interpret":
-        p, cb, _ = _INTERPRET_DW
-        meta = {"BLOCK_P": p, "BLOCK_C": cb}
+        p, cb, _ = _INTERPRET_DW  # larger blocks for larger layers: fewer interpreted ops
+        meta = {"BLOCK_P": p if m <= 64 else 64, "BLOCK_C": cb if o <= 32 else 64}
     grid = lambda META: (triton.cdiv(m, META["BLOCK_P"]), triton.cdiv(o, META["BLOCK_C"]))
     xs = x.stride()
     kern[grid](x, w2d, b64, mult, rsh, epi, r2d, y2d, m, o, h, wd, ho, wo, o // c,

@@ -227,9 +227,16 @@ def _gemm_kernel(family: str):
     return k
 
 
-def interpret_meta():
+def interpret_meta(m: int = 0, n: int = 0, k: int = 0):
+    """The interpreter's tile: 32 a side for small problems, up to 64 rows and 128 columns /
+    reduction for larger ones (the interpreter's cost is per tile operation, not per
+    element: a network's 512-channel layers run 16x fewer dots)."""
     bm, bn, bk, gm, nw, ns = INTERPRET_TILE
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+
+    def side(d, cap):
+        return bm if d <= 32 else (64 if d < 128 else cap)
+    return {"BLOCK_M": side(m, 64), "BLOCK_N": side(n, 128), "BLOCK_K": side(k, 128),
+            "GROUP_M": gm}
 
 
 # --------------------------------------------------------------------------- parameters
@@ -325,7 +332,7 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     res = residual if has_res else out
     family = arch_family(dev)
     kern = _gemm_kernel(family)
-    meta = interpret_meta() if family == "interpret" else {}
+    meta = interpret_meta(m, n, k) if family == "interpret" else {}
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
     kern[grid](x2d, w2d, b64, mult, rsh, epi, res, out, m, n, k,
                x2d.stride(0), x2d.stride(1), w2d.stride(0), w2d.stride(1), out.stride(0),

@@ -1,0 +1,93 @@
+"""Whole quantized networks give the same bytes on the Triton backend as on the NumPy
+oracle: every module's output (int8 activations on the way, float logits at the end)
+compared with torch.equal. On CPU the Triton kernels run through the interpreter (small
+images); on a GPU the Triton run is on the device."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _triton_inference_util import DEV
+from gpuquant.backends import available, use
+
+if "numpy" not in available():
+    pytest.skip("the NumPy oracle backend is unavailable here", allow_module_level=True)
+
+M = pytest.importorskip("gpuquant.models")
+from gpuquant.quantization import disable_observer, quantize, quantize_qat  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fast_interpreter(monkeypatch):
+    """One torch thread (nothing to gain on small images), and the interpreter's int32
+    overflow sanitizer off for these whole-network runs: it re-does every integer add in
+    int64 and asserts, half of the interpreted time; the op-level tests keep it on."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        import functools
+
+        from triton.runtime import interpreter
+        monkeypatch.setattr(interpreter, "InterpreterOptions", functools.partial(
+            interpreter.InterpreterOptions, sanitize_overflow=False))
+    except (ImportError, AttributeError):  # another Triton: run with its defaults
+        pass
+    yield
+    torch.set_num_threads(n)
+
+
+def _settle_bn(model, x):
+    """One training-mode pass with momentum 1: BatchNorm statistics of real activations."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(x)
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def _int8(name, in_ch, size):
+    torch.manual_seed(0)
+    model = _settle_bn(getattr(M, name)(num_classes=10), torch.randn(4, in_ch, size, size))
+    qat = quantize_qat(model).eval()
+    with torch.no_grad():
+        qat(torch.randn(4, in_ch, size, size))  # calibration pass (observers record)
+    disable_observer(qat)
+    return quantize(qat).eval()
+
+
+def _run_capturing(model, x):
+    outs, hooks = {}, []
+    for name, m in model.named_modules():
+        if name and not list(m.children()):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: outs.__setitem__(name, out.detach().cpu())))
+    with torch.no_grad():
+        y = model(x)
+    for h in hooks:
+        h.remove()
+    return y.cpu(), outs
+
+
+@pytest.mark.parametrize("name,in_ch,size", [("digits_net", 1, 8), ("resnet18", 3, 32),
+                                             ("mobilenet_v2", 3, 32)])
+def test_network_bytes_equal_numpy(name, in_ch, size):
+    model = _int8(name, in_ch, size)
+    x = torch.randn(2, in_ch, size, size)
+    with use("numpy"):
+        y_np, outs_np = _run_capturing(model, x)
+    model.to(DEV)
+    with use("triton"):
+        y_tr, outs_tr = _run_capturing(model, x.to(DEV))
+    assert outs_np.keys() == outs_tr.keys() and len(outs_np) > 5
+    ints = 0
+    for k in outs_np:
+        a, b = outs_tr[k], outs_np[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        assert torch.equal(a, b), f"{name}: module {k} differs in {int((a != b).sum())} places"
+        ints += not a.dtype.is_floating_point
+    assert ints >= 4
+    assert y_np.dtype == torch.float32 and torch.equal(y_tr, y_np)
+    assert y_np.abs().max() > 0
