@@ -141,22 +141,23 @@ def test_fast_requant_at_every_threshold(shift, monkeypatch):
     monkeypatch.setattr(fp, "_fixup", lambda *a: (flagged.append(len(a[-1])), fixup(*a)))
     m = np.array([2 ** 30, 2 ** 30 + 1, 1518500250, 2 ** 31 - 1, 1234567891], dtype=np.int64)
     sh = np.full(m.shape, shift)
-    p = fp.Params(m, sh, 3, -128, 127, np.int8)
-    # exact step positions by bisection on the int64 model, per channel
-    lo = np.full((256, m.size), -(2 ** 31), dtype=np.int64)
-    hi = np.full((256, m.size), 2 ** 31 - 1, dtype=np.int64)
-    target = np.arange(-128, 128)[:, None]
-    for _ in range(33):
-        mid = (lo + hi) // 2
-        up = ref.requantize(mid, m, sh, 3, -128, 127, dtype=np.int64) >= target
-        hi = np.where(up, mid, hi)
-        lo = np.where(up, lo, mid + 1)
-    steps = hi[1:]  # the first row is the bottom of the range, not a step
-    acc = np.concatenate([steps + dlt for dlt in range(-3, 4)]).astype(np.float64)
-    want = ref.requantize(acc.astype(np.int64), m, sh, 3, -128, 127)
-    out = np.empty(acc.shape, np.int8)
-    fp.requant_fast(acc, p, out)
-    np.testing.assert_array_equal(out, want)
+    for zp, lo, hi in ((3, -128, 127), (5, 5, 127)):  # plain, and a fused ReLU (lo = zp)
+        p = fp.Params(m, sh, zp, lo, hi, np.int8)
+        # exact step positions by bisection on the int64 model, per channel
+        lo_a = np.full((256, m.size), -(2 ** 31), dtype=np.int64)
+        hi_a = np.full((256, m.size), 2 ** 31 - 1, dtype=np.int64)
+        target = np.arange(-128, 128)[:, None]
+        for _ in range(33):
+            mid = (lo_a + hi_a) // 2
+            up = ref.requantize(mid, m, sh, zp, -128, 127, dtype=np.int64) >= target
+            hi_a = np.where(up, mid, hi_a)
+            lo_a = np.where(up, lo_a, mid + 1)
+        steps = hi_a[1:]  # the first row is the bottom of the range, not a step
+        acc = np.concatenate([steps + dlt for dlt in range(-3, 4)]).astype(np.float64)
+        want = ref.requantize(acc.astype(np.int64), m, sh, zp, lo, hi)
+        out = np.empty(acc.shape, np.int8)
+        fp.requant_fast(acc, p, out)
+        np.testing.assert_array_equal(out, want)
     # exact ties exist for the power-of-two multiplier; they must have been flagged
     assert shift <= 0 or sum(flagged) > 0
 
