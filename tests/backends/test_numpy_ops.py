@@ -59,6 +59,8 @@ CONV_CASES = [
     (2, 8, 7, 7, 8, 3, 1, 2, 2, 8, torch.uint8, 128),        # depthwise, dilation 2
     (1, 6, 9, 9, 12, 3, 2, 1, 1, 6, torch.int8, 3),          # depthwise, multiplier 2
     (2, 6, 7, 5, 4, 3, 1, 1, 1, 2, torch.uint8, 17),         # groups 2
+    (1, 6, 9, 9, 4, 3, 1, 2, 2, 2, torch.uint8, 9),          # groups 2, dilation 2
+    (2, 12, 5, 6, 8, 3, 2, 1, 1, 4, torch.int8, -20),        # groups 4, stride 2
     (1, 8, 4, 4, 6, 1, 1, 0, 1, 2, torch.int8, 0),           # grouped 1x1
     (1, 16, 6, 6, 8, 1, 2, 0, 1, 1, torch.uint8, 0),         # 1x1 stride 2
     (1, 4, 3, 3, 5, 1, 1, 1, 1, 1, torch.int8, 127),         # 1x1 with padding
