@@ -50,6 +50,7 @@ forward skips the mask (2E bytes) when no gradient is needed.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -417,11 +418,24 @@ def _row_offsets(rb, plan_rows, inner, s_o, s_i, m_in, l_in, ROWS32: tl.constexp
     return off, rm
 
 
+def on_tensor_device(fn):
+    """Decorator for launchers whose first argument is a tensor: launch on that tensor's GPU
+    (Triton launches on the current device), not on whichever device is current."""
+    @functools.wraps(fn)
+    def wrapper(t, *args, **kwargs):
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+    return wrapper
+
+
 def _grid(n: int, block: int):
     return (triton.cdiv(n, block),)
 
 
 # --------------------------------------------------------------------------- launchers
+@on_tensor_device
 def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                        qmin: int, qmax: int, axis: Optional[int], save_mask: bool,
                        block: int = BLOCK, wide: Optional[bool] = None, qmode: int = 0,
@@ -463,6 +477,7 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
     return y, (mask if save_mask else None)
 
 
+@on_tensor_device
 def fake_quant_backward(grad: torch.Tensor, mask: torch.Tensor, like: torch.Tensor,
                         block: int = BLOCK) -> torch.Tensor:
     """grad_x in the layout of ``like`` (x's shape and strides): ``grad * mask``."""

@@ -37,7 +37,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .fake_quant import (_FLOATS, _LAUNCH, _npow2, _rne, _row_offsets, _to_out, _tqt_scale,
-                         as_rows, auto_interpreter, fake_quant_forward, row_plan)
+                         as_rows, auto_interpreter, fake_quant_forward, on_tensor_device,
+                         row_plan)
 
 __all__ = ["lsq_fake_quant", "tqt_fake_quant", "OPS", "KERNELS"]
 
@@ -141,6 +142,7 @@ def _sum_partials_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
+@on_tensor_device
 def sum_partials(part: torch.Tensor) -> torch.Tensor:
     """(K, split, C) float32 -> (K, C), fixed order."""
     K, split, C = part.shape
@@ -152,6 +154,7 @@ def sum_partials(part: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@on_tensor_device
 def learned_backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
                      zero_point: Optional[torch.Tensor], qmin: int, qmax: int,
                      axis: Optional[int], grad_factor: float, mode: int,

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, FakeQuantFunction, _npow2, _rne,
-                         _row_offsets, as_rows, auto_interpreter, row_plan)
+                         _row_offsets, as_rows, auto_interpreter, on_tensor_device, row_plan)
 
 __all__ = ["observe_fake_quant", "observer_step", "OPS", "KERNELS"]
 
@@ -192,6 +192,7 @@ def _plain_reduce(observer) -> bool:
     return obs_mod._dist_world(getattr(observer, "group", None)) <= 1
 
 
+@on_tensor_device
 def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Optional[int] = None,
                   tile: int = 2048):
     """Record ``x`` (dense, :func:`as_rows`-shaped) in a supported ``observer`` and return its
