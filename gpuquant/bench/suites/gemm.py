@@ -1,0 +1,168 @@
+"""Suite ``gemm``: the Triton int8 tensor-core GEMM against cuBLAS (GPU only).
+
+Params: ``m, n, k`` from 1 to 8192: squares 256 ... 8192, small M (1, 16: the decode-like
+shapes ``torch._int_mm`` refuses), unaligned sizes (K or N not a multiple of 8, which
+``torch._int_mm`` refuses too) and a few rectangular LLM-like shapes. ``--quick``: a subset.
+
+Providers (same int8 operands, interleaved):
+
+* ``gpuquant-triton``: the backend's ``linear`` op: ``x`` (m, k) int8 times ``w`` (n, k)
+  int8 with the fused epilogue (+ int32 bias, per-channel fixed-point requantization,
+  int8 out), the kernel a quantized Linear / 1x1 conv runs;
+* ``gpuquant-triton-bare``: the same kernel writing the bare int32 accumulator
+  (``linear_int32``), to price the epilogue;
+* ``torch-int-mm``: ``torch._int_mm(x, w.t())`` (cuBLASLt int8 -> int32; the baseline);
+  unavailable where it refuses the shape (m <= 16, k or n not a multiple of 8);
+* ``torch-bf16``: ``x_bf16 @ w_bf16.t()`` (what a user would run instead of int8).
+
+Throughput: TOPS = 2 m n k / time (int8 ops for the int8 providers, bf16 FLOPs for
+``torch-bf16``). Targets (issue 6) at m, n, k >= 4096: ``gpuquant-triton`` >= 1.0x
+``torch-int-mm``; on H100 >= 60% of the 1979 dense int8 TOPS at 8192^3; the epilogue costs
+<= 5% over bare.
+
+``exact_vs_numpy``: on a sample of 8 rows of input set 0 (rows are independent): the
+requantized output against the NumPy backend's ``linear`` on the same rows; the int32
+outputs (bare, ``torch._int_mm``) against the exact int64 product in NumPy. ``torch-bf16``:
+None (not an integer op).
+
+Run on a GPU: ``gpuquant bench gemm --out bench/results/<device-slug>``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from ...dtypes import qint8
+from ...functional.requant import make_requant
+from ..harness import Case, Provider, ProviderUnavailable, Suite
+
+SQUARES = [256, 512, 1024, 2048, 4096, 8192]
+SHAPES: List[Tuple[int, int, int]] = (
+    [(s, s, s) for s in SQUARES]
+    + [(1, 4096, 4096), (16, 4096, 4096), (1, 8192, 8192), (16, 8192, 8192),
+       (64, 4096, 4096)]                                    # small M (decode-like)
+    + [(1000, 1000, 1000), (4095, 4097, 4093), (4096, 4096, 4100), (33, 4097, 4095),
+       (8191, 8191, 8191)]                                  # unaligned
+    + [(8192, 4096, 14336), (8192, 14336, 4096), (4096, 1024, 4096)]  # LLM-like rectangles
+)
+QUICK_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (1000, 1000, 1000), (4095, 4097, 4093),
+                (4096, 4096, 4096), (8192, 8192, 8192)]
+SAMPLE_ROWS = 8
+
+
+def _triton_ops():
+    from ... import backends
+    try:
+        return backends.get_backend("triton").OPS
+    except ValueError as e:
+        raise ProviderUnavailable(str(e)) from None
+
+
+def sample_rows(m: int) -> torch.Tensor:
+    """Rows checked for exact_vs_numpy: first, last and evenly spaced ones between."""
+    return torch.unique(torch.linspace(0, m - 1, min(m, SAMPLE_ROWS)).round().long())
+
+
+def make_inputs(m: int, n: int, k: int, device: str):
+    def inputs(i):
+        x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        bias = torch.randint(-2 ** 16, 2 ** 16, (n,), dtype=torch.int32)
+        w_scale = (torch.rand(n, dtype=torch.float64) * 0.9 + 0.1) * 0.01
+        # a random accumulator (std ~ 74 * 73 * sqrt(k)) lands around +-60 output steps
+        out_scale = 0.02 * float(w_scale.median()) * 74.0 * 73.0 * k ** 0.5 / 60.0
+        rq = make_requant(0.02, w_scale, out_scale, 0, qint8)
+        return {"x": x.to(device), "w": w.to(device), "bias": bias.to(device), "rq": rq}
+    return inputs
+
+
+def _rows_np(inp, out_rows):
+    idx = sample_rows(inp["x"].shape[0])
+    return idx, out_rows[idx.to(out_rows.device)].cpu()
+
+
+def _check_requant(inp, out):
+    from ... import backends
+    idx, got = _rows_np(inp, out)
+    x = inp["x"][idx.to(inp["x"].device)].cpu()
+    want = backends.get_backend("numpy").OPS["linear"](x, 0, inp["w"].cpu(), inp["bias"].cpu(),
+                                                       inp["rq"])
+    return bool(torch.equal(got, want))
+
+
+def _exact_int32(inp, idx, with_bias):
+    x = inp["x"][idx.to(inp["x"].device)].cpu().numpy().astype(np.int64)
+    acc = x @ inp["w"].cpu().numpy().astype(np.int64).T
+    if with_bias:
+        acc = acc + inp["bias"].cpu().numpy().astype(np.int64)
+    return acc
+
+
+def _check_bare(inp, out):
+    idx, got = _rows_np(inp, out)
+    return bool(np.array_equal(got.numpy().astype(np.int64), _exact_int32(inp, idx, True)))
+
+
+def _check_int_mm(inp, out):
+    idx, got = _rows_np(inp, out)
+    return bool(np.array_equal(got.numpy().astype(np.int64), _exact_int32(inp, idx, False)))
+
+
+def _triton_requant(inp):
+    op = _triton_ops()["linear"]
+    x, w, b, rq = inp["x"], inp["w"], inp["bias"], inp["rq"]
+    return lambda: op(x, 0, w, b, rq)
+
+
+def _triton_bare(inp):
+    op = _triton_ops()["linear_int32"]
+    x, w, b = inp["x"], inp["w"], inp["bias"]
+    return lambda: op(x, 0, w, b)
+
+
+def _int_mm(inp):
+    x, w = inp["x"], inp["w"]
+    m, k = x.shape
+    n = w.shape[0]
+    if m <= 16 or k % 8 or n % 8:
+        raise ProviderUnavailable(f"torch._int_mm refuses m={m}, n={n}, k={k} (needs m > 16, "
+                                  f"k and n multiples of 8)")
+    wt = w.t()  # (k, n), column-major: the layout cuBLASLt's int8 kernels take
+    return lambda: torch._int_mm(x, wt)
+
+
+def _bf16(inp):
+    xb, wb = inp["x"].to(torch.bfloat16), inp["w"].to(torch.bfloat16)
+    return lambda: xb @ wb.t()
+
+
+def _throughput(p, ms):
+    return 2.0 * p["m"] * p["n"] * p["k"] / (ms * 1e-3) / 1e12, "TOPS"
+
+
+def make_case(m: int, n: int, k: int, device: str) -> Case:
+    """One GEMM case with every provider (``device``: where the tensors live)."""
+    return Case(params={"m": m, "n": n, "k": k}, inputs=make_inputs(m, n, k, device),
+                providers={"gpuquant-triton": Provider(_triton_requant, _check_requant),
+                           "gpuquant-triton-bare": Provider(_triton_bare, _check_bare),
+                           "torch-int-mm": Provider(_int_mm, _check_int_mm),
+                           "torch-bf16": Provider(_bf16)},
+                throughput=_throughput)
+
+
+def _cases(quick: bool, device: str) -> List[Case]:
+    return [make_case(m, n, k, device) for m, n, k in (QUICK_SHAPES if quick else SHAPES)]
+
+
+SUITE = Suite(name="gemm", baseline="torch-int-mm", cases=_cases, device="cuda", x_param="m",
+              description="int8 GEMM: Triton (requantizing epilogue / bare int32) vs "
+                          "torch._int_mm and bf16, TOPS")
+
+
+def shape_classes() -> Dict[str, List[Tuple[int, int, int]]]:
+    """The shapes grouped as the issue names them (for the report and the tests)."""
+    return {"small_m": [s for s in SHAPES if s[0] <= 16],
+            "unaligned": [s for s in SHAPES if s[1] % 8 or s[2] % 8],
+            "large": [s for s in SHAPES if min(s) >= 4096]}

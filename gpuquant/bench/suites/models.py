@@ -1,0 +1,156 @@
+"""Suite ``models``: whole quantized networks on the Triton backend against bf16 PyTorch
+(GPU only).
+
+Params: ``model`` (``resnet50``, ``mobilenet_v2``, 224x224 images, 1000 classes) and
+``batch`` (1, 64, 256; ``--quick``: 1 and 64).
+
+Providers (same float images in, logits out, interleaved):
+
+* ``gpuquant-triton``: the int8 network (``gpuquant.models`` -> ``quantize_qat`` ->
+  one calibration pass -> ``quantize``) on the GPU under ``backends.use("triton")``: quantize
+  stub, int8 conv / linear with fused requantization, integer adds and pools, dequantize;
+  no host round trip, no float fallback;
+* ``torch-bf16``: the same float network in bfloat16, channels_last, eager (the baseline);
+* ``torch-bf16-compile``: that network through ``torch.compile`` (left out where compiling
+  fails).
+
+The networks are built once per model (random weights; BatchNorm statistics from one
+training-mode pass so activations are realistic) and reused across batches; building,
+calibration and compilation are untimed. Throughput: images/s. Target (issue 6): resnet50
+batch 64 ``gpuquant-triton`` >= 1.5x ``torch-bf16``.
+
+``exact_vs_numpy``: the Triton logits for the first image of input set 0 against the same
+int8 network on the CPU under ``backends.use("numpy")`` (images are independent).
+
+Run on a GPU: ``gpuquant bench models --out bench/results/<device-slug>``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List
+
+import torch
+
+from ..harness import Case, Provider, ProviderUnavailable, Suite
+
+MODELS = {"resnet50": (3, 224), "mobilenet_v2": (3, 224)}
+BATCHES = [1, 64, 256]
+QUICK_BATCHES = [1, 64]
+
+_BUILT: Dict[tuple, dict] = {}
+
+
+def _settle_bn(model, x):
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(x)
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def build(name: str, in_ch: int, size: int, num_classes: int = 1000) -> dict:
+    """Float, int8 (CPU) networks for ``name``, memoised: {"float", "int8"}."""
+    key = (name, in_ch, size, num_classes)
+    if key not in _BUILT:
+        from ... import models
+        from ...quantization import disable_observer, quantize, quantize_qat
+        torch.manual_seed(0)
+        fp = _settle_bn(getattr(models, name)(num_classes=num_classes),
+                        torch.randn(4, in_ch, size, size))
+        float_copy = copy.deepcopy(fp)
+        qat = quantize_qat(fp).eval()
+        with torch.no_grad():
+            qat(torch.randn(4, in_ch, size, size))  # calibration: the observers record
+        disable_observer(qat)
+        _BUILT[key] = {"float": float_copy, "int8": quantize(qat).eval()}
+    return _BUILT[key]
+
+
+def make_inputs(in_ch: int, size: int, batch: int, device: str):
+    def inputs(i):
+        return {"x": torch.randn(batch, in_ch, size, size).to(device)}
+    return inputs
+
+
+def _triton(name, in_ch, size, device):
+    def setup(inp):
+        from ... import backends
+        if "triton" not in backends.available():
+            raise ProviderUnavailable("the triton backend cannot run here")
+        built = build(name, in_ch, size)
+        key = ("int8-on", device)
+        if key not in built:
+            built[key] = copy.deepcopy(built["int8"]).to(device)
+        model, x = built[key], inp["x"]
+
+        def run():
+            with torch.no_grad(), backends.use("triton"):
+                return model(x)
+        return run
+    return setup
+
+
+def _check(name, in_ch, size):
+    def check(inp, out):
+        from ... import backends
+        model = build(name, in_ch, size)["int8"]
+        with torch.no_grad(), backends.use("numpy"):
+            want = model(inp["x"][:1].cpu())
+        return bool(torch.equal(out[:1].cpu(), want))
+    return check
+
+
+def _bf16(name, in_ch, size, device, compile_: bool):
+    def setup(inp):
+        built = build(name, in_ch, size)
+        key = ("bf16-compile" if compile_ else "bf16", device)
+        x = inp["x"].to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        if key not in built:
+            model = copy.deepcopy(built["float"]).to(device=device, dtype=torch.bfloat16)
+            model = model.to(memory_format=torch.channels_last).eval()
+            if compile_:
+                try:
+                    model = torch.compile(model)
+                    with torch.no_grad():
+                        model(x)  # compiles here, untimed
+                except Exception as e:  # noqa: BLE001 - any compile failure: leave it out
+                    built[key] = None
+                    raise ProviderUnavailable(f"torch.compile failed: {type(e).__name__}: "
+                                              f"{e}") from None
+            built[key] = model
+        model = built[key]
+        if model is None:
+            raise ProviderUnavailable("torch.compile failed (see the first case)")
+
+        def run():
+            with torch.no_grad():
+                return model(x)
+        return run
+    return setup
+
+
+def make_case(name: str, batch: int, device: str) -> Case:
+    in_ch, size = MODELS[name]
+    return Case(params={"model": name, "batch": batch},
+                inputs=make_inputs(in_ch, size, batch, device),
+                providers={
+                    "gpuquant-triton": Provider(_triton(name, in_ch, size, device),
+                                                _check(name, in_ch, size)),
+                    "torch-bf16": Provider(_bf16(name, in_ch, size, device, False)),
+                    "torch-bf16-compile": Provider(_bf16(name, in_ch, size, device, True)),
+                },
+                throughput=lambda p, ms: (p["batch"] / (ms * 1e-3), "images/s"))
+
+
+def _cases(quick: bool, device: str) -> List[Case]:
+    return [make_case(name, b, device) for name in MODELS
+            for b in (QUICK_BATCHES if quick else BATCHES)]
+
+
+SUITE = Suite(name="models", baseline="torch-bf16", cases=_cases, device="cuda",
+              x_param="batch",
+              description="whole networks: int8 on Triton vs bf16 eager / torch.compile, "
+                          "images/s")

@@ -1,0 +1,123 @@
+"""The gemm / conv / models bench suites (GPU suites): case generation checked on the CPU,
+and each suite's providers run end to end through the harness on tiny CPU cases (Triton
+through the interpreter), their exact_vs_numpy checks included."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from _triton_inference_util import TRITON  # noqa: F401  (skips without the triton backend)
+from gpuquant.bench.harness import RunConfig, run_case
+from gpuquant.bench.suites import load_suite
+from gpuquant.bench.suites import conv as conv_suite
+from gpuquant.bench.suites import gemm as gemm_suite
+from gpuquant.bench.suites import models as models_suite
+
+TINY = RunConfig(budget_s=0.001, min_reps=1, max_reps=1, rounds=1, max_input_sets=1,
+                 input_bytes=2 ** 26, rotate_bytes=2 ** 26)
+
+
+def _rows(case):
+    res = run_case("t", case, "cpu", TINY)
+    assert not res.errors, res.errors
+    return {r["provider"]: r for r in res.rows}, res.unavailable
+
+
+@pytest.mark.parametrize("name,baseline", [("gemm", "torch-int-mm"), ("conv", "torch-bf16"),
+                                           ("models", "torch-bf16")])
+def test_suites_registered_for_the_gpu(name, baseline):
+    s = load_suite(name)
+    assert s.device == "cuda" and s.needs_gpu and s.baseline == baseline
+
+
+def test_gemm_case_generation():
+    cases = gemm_suite._cases(False, "cuda")  # no tensor is made until inputs() is called
+    shapes = {(c.params["m"], c.params["n"], c.params["k"]) for c in cases}
+    assert {(1, 4096, 4096), (16, 4096, 4096), (8192, 8192, 8192)} <= shapes
+    assert any(n % 8 or k % 8 for _, n, k in shapes)
+    assert min(m for m, _, _ in shapes) == 1 and max(max(s) for s in shapes) >= 8192
+    for c in cases:
+        assert set(c.providers) == {"gpuquant-triton", "gpuquant-triton-bare", "torch-int-mm",
+                                    "torch-bf16"}
+    quick = gemm_suite._cases(True, "cuda")
+    assert 0 < len(quick) < len(cases)
+    cls = gemm_suite.shape_classes()
+    assert cls["small_m"] and cls["unaligned"] and cls["large"]
+    assert cases[0].throughput({"m": 1000, "n": 1000, "k": 500}, 1.0) == (1.0, "TOPS")
+
+
+def test_gemm_providers_run_and_check():
+    rows, unavailable = _rows(gemm_suite.make_case(5, 20, 37, "cpu"))
+    assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
+    assert rows["gpuquant-triton-bare"]["exact_vs_numpy"] is True
+    assert rows["torch-bf16"]["exact_vs_numpy"] is None
+    assert "torch-int-mm" in unavailable and "m=5" in unavailable["torch-int-mm"]
+    rows, unavailable = _rows(gemm_suite.make_case(24, 16, 64, "cpu"))
+    assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
+    if "torch-int-mm" in rows:  # torch._int_mm on CPU where this torch has it
+        assert rows["torch-int-mm"]["exact_vs_numpy"] is True
+    # a wrong output is caught by the check (sampled rows)
+    inp = gemm_suite.make_inputs(9, 8, 40, "cpu")(0)
+    out = gemm_suite._triton_requant(inp)()
+    assert gemm_suite._check_requant(inp, out)
+    out[-1, 0] += 1
+    assert not gemm_suite._check_requant(inp, out)
+
+
+def test_conv_layers_are_resnet50():
+    every = conv_suite.resnet50_convs()
+    distinct = conv_suite.distinct_convs()
+    assert len(every) == 53 and len(distinct) == 23
+    assert abs(sum(s.ops(1) for s in every) / 2 - 4.087e9) < 1e7  # ResNet-50's 4.09 GMACs
+    assert sum(conv_suite.layer_counts().values()) == 53
+    cases = conv_suite._cases(False, "cuda")
+    assert [c.params["layer"] for c in cases] == [s.name for s in distinct] + ["all"]
+    assert all(c.params["model"] == "resnet50" and c.params["batch"] == 64 for c in cases)
+    quick = conv_suite._cases(True, "cuda")
+    assert [c.params["layer"] for c in quick][-1] == "all" and len(quick) == 5
+
+
+def test_conv_shapes_match_the_gpuquant_resnet50():
+    """The suite's layer list equals the convolutions gpuquant.models.resnet50 runs (traced
+    at 64x64 to keep it cheap)."""
+    models = pytest.importorskip("gpuquant.models")
+    model = models.resnet50(num_classes=10).eval()
+    seen = []
+    hooks = [m.register_forward_hook(
+        lambda mod, inp, out: seen.append(conv_suite.ConvSpec(
+            mod.in_channels, inp[0].shape[-1], mod.out_channels, mod.kernel_size[0],
+            mod.stride[0], mod.padding[0])))
+        for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    for h in hooks:
+        h.remove()
+    # the same convolutions (the network runs a block's downsample first)
+    assert Counter(seen) == Counter(conv_suite.resnet50_convs(64))
+
+
+def test_conv_providers_run_and_check():
+    specs = [conv_suite.ConvSpec(8, 9, 12, 3, 2, 1), conv_suite.ConvSpec(3, 11, 8, 7, 2, 3),
+             conv_suite.ConvSpec(16, 5, 24, 1, 1, 0)]
+    rows, _ = _rows(conv_suite.make_case("all", specs, 2, "cpu"))
+    assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
+    assert rows["torch-bf16"]["exact_vs_numpy"] is None
+    assert rows["gpuquant-triton"]["unit"] == "TOPS"
+
+
+def test_models_case_generation_and_providers(monkeypatch):
+    cases = models_suite._cases(False, "cuda")
+    assert {(c.params["model"], c.params["batch"]) for c in cases} == {
+        (m, b) for m in ("resnet50", "mobilenet_v2") for b in (1, 64, 256)}
+    assert set(cases[0].providers) == {"gpuquant-triton", "torch-bf16", "torch-bf16-compile"}
+    # the providers end to end on the digits network (8x8 images) on the CPU
+    pytest.importorskip("gpuquant.models")
+    monkeypatch.setitem(models_suite.MODELS, "digits_net", (1, 8))
+    case = models_suite.make_case("digits_net", 3, "cpu")
+    del case.providers["torch-bf16-compile"]  # inductor's C++ build: minutes on this CPU
+    rows, _ = _rows(case)
+    assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
+    assert rows["gpuquant-triton"]["unit"] == "images/s"
+    assert "torch-bf16" in rows
