@@ -17,9 +17,10 @@ How a case is measured (:func:`run_case`):
 3. The warm-up calls on the other sets (at least 2 calls) estimate each provider's time;
    the repeat count then fills a time budget (0.2 s a provider with ``quick`` on the CPU,
    1 s otherwise; 0.1 s / 0.5 s on the GPU), at least 5 calls.
-4. Timed calls are interleaved: the repeats are split into rounds, each round runs every
-   provider in turn (the order rotating from round to round), so drift in clocks or
-   machine load hits all providers alike.
+4. Timed calls are interleaved: the repeats are split into rounds (up to 100 on the CPU,
+   10 on the GPU), each round runs every provider in turn (the order rotating from round
+   to round), so drift in clocks or machine load hits all providers alike. On the GPU the
+   events are read once at the end, so launches run ahead of the device as in ``do_bench``.
 5. Median, 20th and 80th percentile of the per-call times, in milliseconds; the case's
    ``throughput(params, ms)`` turns the median into the unit users quote.
 
@@ -288,7 +289,7 @@ class RunConfig:
     budget_s: float = 1.0          # timed seconds per provider per case
     min_reps: int = 5
     max_reps: int = 5000
-    rounds: int = 10               # interleaving rounds
+    rounds: int = 10               # interleaving rounds (CPU: fine-grained, see for_run)
     max_input_sets: int = 8
     input_bytes: int = 512 * 2 ** 20   # all input sets of a case together (memory cap)
     rotate_bytes: int = 64 * 2 ** 20   # stop adding sets once this much is in rotation
@@ -299,8 +300,9 @@ class RunConfig:
             free = torch.cuda.mem_get_info()[0]
             return cls(budget_s=0.1 if quick else 0.5, max_input_sets=4 if quick else 8,
                        input_bytes=min(free // 4, 8 * 2 ** 30), rotate_bytes=256 * 2 ** 20)
+        # 100 rounds: a load burst on a shared machine hits every provider's calls alike
         return cls(budget_s=0.2 if quick else 1.0, max_input_sets=4 if quick else 8,
-                   input_bytes=(256 if quick else 1024) * 2 ** 20)
+                   input_bytes=(256 if quick else 1024) * 2 ** 20, rounds=100)
 
 
 def _build_input_sets(case: Case, cfg: RunConfig) -> List[Any]:
@@ -387,7 +389,9 @@ def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
             for _ in range(share):
                 timer.time_call(fns[counters[name] % len(fns)], timings[name])
                 counters[name] += 1
-        timer.sync()
+    # one sync at the end: on the GPU the launches run ahead of the device (as in do_bench),
+    # so the events time the kernels, not the host's launch latency
+    timer.sync()
 
     rows = []
     for name in names:
