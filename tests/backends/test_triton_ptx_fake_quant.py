@@ -46,8 +46,14 @@ def signature(fn, const, xdt):
             sig[a] = TYPES.get(a, "i32")  # sizes and strides
     return sig
 
+def attrs(fn, const):
+    # what a launch with 16-byte aligned tensors and sizes divisible by 16 specializes on
+    return {(k,): [["tt.divisibility", 16]] for k, a in enumerate(fn.arg_names)
+            if a not in const and (a.endswith("_ptr") or a in ("numel", "nbytes_mask"))}
+
 def ptx(fn, const, xdt, cc, fusion=False):
-    src = ASTSource(fn=fn, signature=signature(fn, const, xdt), constexprs=dict(const))
+    src = ASTSource(fn=fn, signature=signature(fn, const, xdt), constexprs=dict(const),
+                    attrs=attrs(fn, const))
     c = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                        options={"num_warps": 4, "enable_fp_fusion": fusion})
     return c.asm["ptx"]
@@ -64,6 +70,8 @@ for cc in (80, 90):
                                           "div_rn": "div.rn.f32" in text,
                                           "div32": len(DIV32.findall(text)),
                                           "mulhi": "mul.hi.u32" in text,
+                                          "v4_ld": "ld.global.v4" in text,
+                                          "v4_st": "st.global.v4" in text,
                                           "has_ld": "ld.global" in text}
     # the check can see the hazard: the LSQ backward (rne(zp + x * inv), EMA-like a + b * c)
     # compiled with fusion on contracts into fma
@@ -122,3 +130,11 @@ def test_per_channel_index_has_no_per_element_division(report):
             if const["PER_CHANNEL"] and not const["WIDE"]:
                 v = report["kernels"][f"sm{cc}:_fq_fwd_kernel[{i}]:*fp32"]
                 assert v["mulhi"] and v["div32"] <= 1, (i, v)
+
+
+def test_elementwise_kernels_use_128_bit_accesses(report):
+    # x, y, grad, grad_x move in 16-byte vectors (the bit mask as a (BLOCK/8, 8) tile keeps
+    # the elements contiguous): the memory-bound kernels can reach the bandwidth ceiling
+    for k, v in report["kernels"].items():
+        if "_fq_fwd_kernel" in k or "_fq_bwd_kernel" in k:
+            assert v["v4_ld"] and v["v4_st"], k

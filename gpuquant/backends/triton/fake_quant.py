@@ -146,19 +146,26 @@ def _to_out(y, OUT: tl.constexpr):
 
 
 @triton.jit
-def _pack_bits(inr, BLOCK: tl.constexpr):
-    """(BLOCK,) int1 -> (BLOCK // 8,) uint8, element i in bit i % 8 of byte i // 8."""
-    b = tl.reshape(inr.to(tl.int32), (BLOCK // 8, 8))
-    sh = tl.arange(0, 8)
-    return tl.sum(b << sh[None, :], axis=1).to(tl.uint8)
+def _block_offsets(pid, BLOCK: tl.constexpr):
+    """A program's BLOCK elements as a (BLOCK // 8, 8) tile in memory order: element
+    ``8 * i + j`` at [i, j], so the bit mask packs and unpacks along axis 1 with no reshape.
+    Returns (int64 offsets, int32 offsets within the block)."""
+    local = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    return pid.to(tl.int64) * BLOCK + local, local
 
 
 @triton.jit
-def _unpack_bits(bytes_, BLOCK: tl.constexpr):
-    """(BLOCK // 8,) uint8 -> (BLOCK,) float32 0.0 / 1.0."""
+def _pack_bits(inr):
+    """(BLOCK // 8, 8) int1 -> (BLOCK // 8,) uint8: element [i, j] in bit j of byte i."""
     sh = tl.arange(0, 8)
-    bits = (bytes_.to(tl.int32)[:, None] >> sh[None, :]) & 1
-    return tl.reshape(bits, (BLOCK,)).to(tl.float32)
+    return tl.sum(inr.to(tl.int32) << sh[None, :], axis=1).to(tl.uint8)
+
+
+@triton.jit
+def _unpack_bits(bytes_):
+    """(BLOCK // 8,) uint8 -> (BLOCK // 8, 8) float32 0.0 / 1.0."""
+    sh = tl.arange(0, 8)
+    return ((bytes_.to(tl.int32)[:, None] >> sh[None, :]) & 1).to(tl.float32)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -215,8 +222,7 @@ def _fq_fwd_kernel(
     mask: u8, ceil(numel / 8) bytes.
     """
     pid = tl.program_id(0)
-    offs_local = tl.arange(0, BLOCK)
-    offs = pid.to(tl.int64) * BLOCK + offs_local
+    offs, offs_local = _block_offsets(pid, BLOCK)
     m = offs < numel
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if PER_CHANNEL:
@@ -227,7 +233,7 @@ def _fq_fwd_kernel(
     y, inr = _fq_math(x, inv, s, zp, qmin, qmax)
     tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
-        bits = _pack_bits(inr & m, BLOCK)
+        bits = _pack_bits(inr & m)
         boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
         tl.store(mask_ptr + boffs, bits, mask=boffs < nbytes_mask)
 
@@ -243,11 +249,11 @@ def _fq_bwd_kernel(
 ):
     """grad_x = grad * mask (float32 math, so -0.0 and NaN match torch), memory order."""
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs, _ = _block_offsets(pid, BLOCK)
     m = offs < numel
     boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
     bytes_ = tl.load(mask_ptr + boffs, mask=boffs < nbytes_mask, other=0)
-    keep = _unpack_bits(bytes_, BLOCK)
+    keep = _unpack_bits(bytes_)
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(gx_ptr + offs, _to_out(g * keep, gx_ptr.dtype.element_ty), mask=m)
 
