@@ -8,11 +8,12 @@ wrapped back. Integer conv / linear run exactly on float32 BLAS (:mod:`.gemm`), 
 fixed-point requantization vectorised in float64 / int64 (:mod:`.fixed_point`).
 
 Families: ``gemm.py`` (exact matmul, linear), ``conv.py`` (im2col, 1x1, depthwise),
-``elementwise.py`` (quantize, dequantize, requantize, add, mul, concat), ``pool.py``.
+``elementwise.py`` (quantize, dequantize, add, mul, concat), ``pool.py``, ``fixed_point.py``
+(requantization): torch-free kernels on NumPy arrays, shared with :mod:`gpuquant.runtime`;
+``ops.py`` wraps them as the ops on torch tensors (``OPS``, loaded on first use so that this
+package imports without torch).
 """
 from __future__ import annotations
-
-from . import conv, elementwise, gemm, pool
 
 NAME = "numpy"
 DEVICES = frozenset({"cpu"})
@@ -27,21 +28,8 @@ def is_available():
     return True, ""
 
 
-OPS = {
-    "quantize": elementwise.quantize,
-    "dequantize": elementwise.dequantize,
-    "requantize": elementwise.requantize,
-    "conv2d": conv.conv2d,
-    "linear": gemm.linear,
-    "add": elementwise.add,
-    "mul": elementwise.mul,
-    "concat": elementwise.concat,
-    "max_pool2d": pool.max_pool2d,
-    "avg_pool2d": pool.avg_pool2d,
-    "adaptive_avg_pool2d": pool.adaptive_avg_pool2d,
-}
-
-# dynamic (per-token) quantization ops for transformers (their own family file)
-from .dynamic import OPS as _DYNAMIC_OPS  # noqa: E402
-
-OPS.update(_DYNAMIC_OPS)
+def __getattr__(name):
+    if name == "OPS":  # the torch-facing ops (imports torch)
+        from .ops import OPS
+        return OPS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,10 +16,8 @@ exact and :mod:`.fixed_point` for the requantization.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
-from . import common
 from .fixed_point import Params, requant_fast
 from .gemm import PackedWeight, exact_matmul, xmax_of
 
@@ -34,16 +32,16 @@ def _pair(v):
     return int(v), int(v)
 
 
-def _pack_conv(w: torch.Tensor, groups: int) -> PackedWeight:
+def _pack_conv(w: np.ndarray, groups: int) -> PackedWeight:
     o, cg, kh, kw = w.shape
-    wn = common.to_numpy(w.contiguous()).reshape(groups, o // groups, cg, kh, kw)
+    wn = np.ascontiguousarray(w).reshape(groups, o // groups, cg, kh, kw)
     # (G, kh, kw, Cg, Og) -> (G, K, Og): the im2col column order (kh, kw, C)
     return PackedWeight(wn.transpose(0, 3, 4, 2, 1).reshape(groups, kh * kw * cg, o // groups))
 
 
-def _pack_dw(w: torch.Tensor) -> np.ndarray:
+def _pack_dw(w: np.ndarray) -> np.ndarray:
     o, _, kh, kw = w.shape
-    return np.ascontiguousarray(common.to_numpy(w).reshape(o, kh, kw).transpose(1, 2, 0),
+    return np.ascontiguousarray(w.reshape(o, kh, kw).transpose(1, 2, 0),
                                 dtype=np.float32)
 
 
@@ -60,29 +58,45 @@ def _padded_float(xa: np.ndarray, zp: int, ph: int, pw: int) -> np.ndarray:
     return xf
 
 
-def conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq):
+def _uncached(kind, build):
+    return build()
+
+
+def conv2d_nhwc(xa: np.ndarray, zp: int, w: np.ndarray, b, stride, padding, dilation,
+                groups: int, p: Params, cached=_uncached) -> np.ndarray:
+    """Integer convolution on NumPy arrays.
+
+    Args:
+        xa: int8 / uint8 NHWC input; zp: its zero point.
+        w: int8 ``(O, C / groups, kh, kw)`` weight array.
+        b: None or int64 ``(O,)`` bias.
+        stride, padding, dilation: ints or pairs; groups: int.
+        p: the output requantization (per output channel or per tensor).
+        cached: ``cached(kind, build)`` returns the prepacked weight form ``kind`` (the torch
+            op keys it by the weight tensor; the default builds it on every call).
+
+    Returns:
+        NHWC ``(N, Ho, Wo, O)`` array of ``p.np_dtype``.
+    """
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     dh, dw = _pair(dilation)
     g = int(groups)
-    n, c, h, wd = x.shape
+    n, h, wd, c = xa.shape
     o, cg, kh, kw = w.shape
     ho, wo = _out_size(h, kh, sh, ph, dh), _out_size(wd, kw, sw, pw, dw)
-    zp = int(x_zp)
-    xa = common.nhwc(x)
-    p = Params.from_requant(rq)
-    b = None if bias is None else common.WEIGHTS.get(
-        bias, "bias", lambda: common.to_numpy(bias).astype(np.int64))
+    zp = int(zp)
     out = np.empty((n, ho, wo, o), dtype=p.np_dtype)
     if out.size == 0:
-        return common.from_nhwc(out)
+        return out
     xmax = xmax_of(xa, zp)
 
     if cg == 1 and g == c and kh * kw <= _DW_MAX_TAPS:
-        _depthwise(xa, zp, w, b, p, out, (sh, sw), (ph, pw), (dh, dw), xmax)
-        return common.from_nhwc(out)
+        wt = cached("dw", lambda: _pack_dw(w))                    # (kh, kw, O)
+        _depthwise(xa, zp, wt, b, p, out, (sh, sw), (ph, pw), (dh, dw), xmax)
+        return out
 
-    pwk = common.WEIGHTS.get(w, f"conv_g{g}", lambda: _pack_conv(w, g))
+    pwk = cached(f"conv_g{g}", lambda: _pack_conv(w, g))
     rows_out = out.reshape(n * ho * wo, o)
     zp32 = np.float32(zp)
     if kh == 1 and kw == 1 and ph == 0 and pw == 0 and g == 1:
@@ -98,7 +112,7 @@ def conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq):
                 part = _gather_lines(src, l0, l1, ho)
             a = np.subtract(part, zp32, dtype=np.float32).reshape(-1, c)
             requant_fast(exact_matmul(a, pwk, xmax), p, rows_out[l0 * wo:l1 * wo], b)
-        return common.from_nhwc(out)
+        return out
 
     # im2col in the input's own 1-byte dtype (4x less memory traffic than float32), padded
     # with the zero point, then one conversion pass to float32 (x - zp) per tile
@@ -134,7 +148,7 @@ def conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq):
         if g > 1:  # (G, rows, Og) -> (rows, G*Og)
             acc = acc.transpose(1, 0, 2).reshape(r, g * og)
         requant_fast(acc, p, rows_out[l0 * wo:l1 * wo], b)
-    return common.from_nhwc(out)
+    return out
 
 
 def patches(xp: np.ndarray, kh, kw, stride, dilation, ho, wo) -> np.ndarray:
@@ -177,14 +191,13 @@ def _padded_int(xa: np.ndarray, zp: int, ph: int, pw: int) -> np.ndarray:
     return xp
 
 
-def _depthwise(xa, zp, w, b, p, out, stride, padding, dilation, xmax):
+def _depthwise(xa, zp, wt, b, p, out, stride, padding, dilation, xmax):
     sh, sw = stride
     dh, dw = dilation
     n, ho, wo, o = out.shape
     c = xa.shape[3]
     mult = o // c
-    _, _, kh, kw = w.shape
-    wt = common.WEIGHTS.get(w, "dw", lambda: _pack_dw(w))          # (kh, kw, O)
+    kh, kw, _ = wt.shape
     xf = _padded_float(xa, zp, *padding)
     acc = np.zeros((n, ho, wo, c, mult), dtype=np.float32)
     tmp = np.empty_like(acc)

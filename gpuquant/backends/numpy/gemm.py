@@ -15,9 +15,7 @@ eight 512-blocks summed in float64 28.9 ms, dgemm 49.0 ms: float32 blocks win.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from . import common
 from .fixed_point import Params, requant_fast
 
 F32_EXACT = float(2 ** 24)
@@ -79,26 +77,26 @@ def xmax_of(x: np.ndarray, zp: int) -> int:
     return max(abs(int(x.min()) - zp), abs(int(x.max()) - zp))
 
 
-def _pack_linear(w: torch.Tensor) -> PackedWeight:
-    wn = common.to_numpy(w.contiguous())
-    return PackedWeight(wn.T[None])  # (1, K, N)
+def pack_linear(wn: np.ndarray) -> PackedWeight:
+    """The GEMM operand of an int8 ``(N, K)`` linear weight array."""
+    return PackedWeight(np.ascontiguousarray(wn).T[None])  # (1, K, N)
+
+
+def _pack_linear(w) -> PackedWeight:
+    """:func:`pack_linear` of a CPU torch int8 weight (duck-typed: no torch import here)."""
+    return pack_linear(w.detach().contiguous().numpy())
 
 
 # rows of a linear processed together: keeps the float64 requant temporaries in L2
 _LINEAR_ROWS = 256
 
 
-def linear(x, x_zp, w, bias, rq):
-    k = x.shape[-1]
-    n = w.shape[0]
-    lead = x.shape[:-1]
-    xa = common.to_numpy(x.reshape(-1, k))
-    zp = int(x_zp)
-    pw = common.WEIGHTS.get(w, "linear", lambda: _pack_linear(w))
+def linear_rows(xa: np.ndarray, zp: int, pw: PackedWeight, p: Params, b=None) -> np.ndarray:
+    """Integer linear on NumPy arrays: ``xa`` int8 / uint8 ``(rows, K)``, ``pw`` the packed
+    ``(N, K)`` weight, ``p`` the requantization, ``b`` None or int64 ``(N,)``.
+    Returns ``(rows, N)`` of ``p.np_dtype``."""
+    n = pw.w.shape[-1]
     xmax = xmax_of(xa, zp)
-    p = Params.from_requant(rq)
-    b = None if bias is None else common.WEIGHTS.get(
-        bias, "bias", lambda: common.to_numpy(bias).astype(np.int64))
     rows = xa.shape[0]
     out = np.empty((rows, n), dtype=p.np_dtype)
     step = max(_LINEAR_ROWS, 1)
@@ -106,4 +104,4 @@ def linear(x, x_zp, w, bias, rq):
         r1 = min(r0 + step, rows)
         a = np.subtract(xa[r0:r1], np.float32(zp), dtype=np.float32)
         requant_fast(exact_matmul(a, pw, xmax), p, out[r0:r1], b)
-    return torch.from_numpy(out).reshape(*lead, n)
+    return out

@@ -1,10 +1,9 @@
-"""Integer max / average / adaptive-average pooling on NHWC int8 / uint8 (loops over the
-kernel taps only; every tap is one strided view of the padded input)."""
+"""Integer max / average / adaptive-average pooling on NHWC int8 / uint8 NumPy arrays (loops
+over the kernel taps only; every tap is one strided view of the padded input). The torch ops
+wrapping them are in :mod:`.ops`."""
 from __future__ import annotations
 
 import numpy as np
-
-from . import common
 
 
 def _pair(v, default=None):
@@ -40,12 +39,11 @@ def _taps(buf, kh, kw, sh, sw, dh, dw, ho, wo):
             yield buf[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw, :]
 
 
-def max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
+def max_pool2d_nhwc(xa, kernel_size, stride, padding, dilation, ceil_mode):
     kh, kw = _pair(kernel_size)
     sh, sw = _pair(stride, (kh, kw))
     ph, pw = _pair(padding)
     dh, dw = _pair(dilation)
-    xa = common.nhwc(x)
     n, h, w, c = xa.shape
     ho, wo = _out_len(h, kh, sh, ph, dh, ceil_mode), _out_len(w, kw, sw, pw, dw, ceil_mode)
     fill = np.iinfo(xa.dtype).min  # stands for -inf: every window holds a real element
@@ -57,7 +55,7 @@ def max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
             out = np.array(tap, copy=True)
         else:
             np.maximum(out, tap, out=out)
-    return common.from_nhwc(out)
+    return out
 
 
 def _round_div(num: np.ndarray, den) -> np.ndarray:
@@ -74,12 +72,11 @@ def _counts(n_out, n_in, k, s, p, include_pad):
     return np.minimum(end, n_in) - np.maximum(start, 0)
 
 
-def avg_pool2d(x, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad,
-               divisor_override, qmin, qmax):
+def avg_pool2d_nhwc(xa, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                    divisor_override, qmin, qmax):
     kh, kw = _pair(kernel_size)
     sh, sw = _pair(stride, (kh, kw))
     ph, pw = _pair(padding)
-    xa = common.nhwc(x)
     n, h, w, c = xa.shape
     ho, wo = _out_len(h, kh, sh, ph, 1, ceil_mode), _out_len(w, kw, sw, pw, 1, ceil_mode)
     xd = np.subtract(xa, int(zero_point), dtype=np.int32)
@@ -94,12 +91,11 @@ def avg_pool2d(x, zero_point, kernel_size, stride, padding, ceil_mode, count_inc
         cc = _counts(wo, w, kw, sw, pw, count_include_pad)
         den = (rc[:, None] * cc[None, :]).astype(np.int64)[None, :, :, None]
     y = _round_div(sums, den) + int(zero_point)
-    return common.from_nhwc(np.clip(y, qmin, qmax).astype(xa.dtype))
+    return np.clip(y, qmin, qmax).astype(xa.dtype)
 
 
-def adaptive_avg_pool2d(x, zero_point, output_size, qmin, qmax):
+def adaptive_avg_pool2d_nhwc(xa, zero_point, output_size, qmin, qmax):
     oh, ow = _pair(output_size)
-    xa = common.nhwc(x)
     n, h, w, c = xa.shape
     xd = np.subtract(xa, int(zero_point), dtype=np.int64)
     # integral image with a leading zero row and column
@@ -113,4 +109,4 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin, qmax):
     tot = s[:, hh1, ww1] - s[:, hh0, ww1] - s[:, hh1, ww0] + s[:, hh0, ww0]
     cnt = ((h1 - h0)[:, None] * (w1 - w0)[None, :])[None, :, :, None]
     y = _round_div(tot, cnt) + int(zero_point)
-    return common.from_nhwc(np.clip(y, qmin, qmax).astype(xa.dtype))
+    return np.clip(y, qmin, qmax).astype(xa.dtype)

@@ -1,0 +1,130 @@
+"""The NumPy backend's ops on torch tensors (the signatures of
+:mod:`gpuquant.backends.reference`): views of the tensors as NumPy arrays (NHWC for
+channels_last activations, no copies), the torch-free array kernels of :mod:`.conv`,
+:mod:`.gemm`, :mod:`.elementwise` and :mod:`.pool`, and the results wrapped back.
+
+The array kernels import no torch, so :mod:`gpuquant.runtime` executes exported models with
+the very same code.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import common, conv as _conv, elementwise as _ew, gemm as _gemm, pool as _pool
+from .fixed_point import Params, requant_int64
+
+__all__ = ["OPS"]
+
+
+def _bias(bias):
+    return None if bias is None else common.WEIGHTS.get(
+        bias, "bias", lambda: common.to_numpy(bias).astype(np.int64))
+
+
+def quantize(x, scale, zero_point, qmin, qmax, axis, out_dtype):
+    xf = common.to_numpy(x.float() if x.dtype != torch.float32 else x)
+    return torch.from_numpy(_ew.quantize_array(xf, common.to_numpy(scale.float()),
+                                               common.to_numpy(zero_point), qmin, qmax, axis,
+                                               common.np_dtype(out_dtype)))
+
+
+def dequantize(q, scale, zero_point, axis):
+    return torch.from_numpy(_ew.dequantize_array(common.to_numpy(q), common.to_numpy(scale.float()),
+                                                 common.to_numpy(zero_point), axis))
+
+
+def requantize(acc, rq, axis=None):
+    a = common.to_numpy(acc)
+    p = Params.from_requant(rq)
+    if rq.per_channel and axis is not None:
+        p = p.along(axis % a.ndim, a.ndim)
+    return torch.from_numpy(requant_int64(a, p))
+
+
+def conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq):
+    wn = common.to_numpy(w.contiguous())
+    out = _conv.conv2d_nhwc(common.nhwc(x), int(x_zp), wn, _bias(bias), stride, padding,
+                            dilation, groups, Params.from_requant(rq),
+                            lambda kind, build: common.WEIGHTS.get(w, kind, build))
+    return common.from_nhwc(out)
+
+
+def linear(x, x_zp, w, bias, rq):
+    k = x.shape[-1]
+    n = w.shape[0]
+    lead = x.shape[:-1]
+    pw = common.WEIGHTS.get(w, "linear", lambda: _gemm._pack_linear(w))
+    out = _gemm.linear_rows(common.to_numpy(x.reshape(-1, k)), int(x_zp), pw,
+                            Params.from_requant(rq), _bias(bias))
+    return torch.from_numpy(out).reshape(*lead, n)
+
+
+def _views(*ts):
+    """NumPy views in NHWC order when every tensor is 4-D, else in logical order."""
+    if all(t.dim() == 4 for t in ts):
+        return [common.nhwc(t) for t in ts], True
+    return [common.to_numpy(t) for t in ts], False
+
+
+def _wrap(y: np.ndarray, nhwc: bool) -> torch.Tensor:
+    return common.from_nhwc(y) if nhwc else torch.from_numpy(np.ascontiguousarray(y))
+
+
+def add(a, b, p):
+    (an, bn), nhwc = _views(a, b)
+    return _wrap(_ew.add_arrays(an, bn, p, Params.from_requant(p.out)), nhwc)
+
+
+def mul(a, a_zp, b, b_zp, rq):
+    (an, bn), nhwc = _views(a, b)
+    return _wrap(_ew.mul_arrays(an, a_zp, bn, b_zp, Params.from_requant(rq)), nhwc)
+
+
+_NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
+
+
+def concat(xs, zero_points, rqs, dim, out_dtype):
+    views, nhwc = _views(*xs)
+    d = dim % xs[0].dim()
+    axis = _NHWC_AXIS[d] if nhwc else d
+    params = [None if rq is None else Params.from_requant(rq) for rq in rqs]
+    return _wrap(_ew.concat_arrays(views, zero_points, params, axis, common.np_dtype(out_dtype)),
+                 nhwc)
+
+
+def max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
+    return common.from_nhwc(_pool.max_pool2d_nhwc(common.nhwc(x), kernel_size, stride, padding,
+                                                  dilation, ceil_mode))
+
+
+def avg_pool2d(x, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad,
+               divisor_override, qmin, qmax):
+    return common.from_nhwc(_pool.avg_pool2d_nhwc(common.nhwc(x), zero_point, kernel_size, stride,
+                                                  padding, ceil_mode, count_include_pad,
+                                                  divisor_override, qmin, qmax))
+
+
+def adaptive_avg_pool2d(x, zero_point, output_size, qmin, qmax):
+    return common.from_nhwc(_pool.adaptive_avg_pool2d_nhwc(common.nhwc(x), zero_point,
+                                                           output_size, qmin, qmax))
+
+
+OPS = {
+    "quantize": quantize,
+    "dequantize": dequantize,
+    "requantize": requantize,
+    "conv2d": conv2d,
+    "linear": linear,
+    "add": add,
+    "mul": mul,
+    "concat": concat,
+    "max_pool2d": max_pool2d,
+    "avg_pool2d": avg_pool2d,
+    "adaptive_avg_pool2d": adaptive_avg_pool2d,
+}
+
+# dynamic (per-token) quantization ops for transformers (their own family file)
+from .dynamic import OPS as _DYNAMIC_OPS  # noqa: E402
+
+OPS.update(_DYNAMIC_OPS)
