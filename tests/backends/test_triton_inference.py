@@ -219,3 +219,21 @@ def test_config_tables_per_family():
     small = gemm.prune_configs(cfgs, {"M": 1, "N": 8})
     assert small and max(c.kwargs["BLOCK_M"] for c in small) <= 32
     assert len(gemm.prune_configs(cfgs, {"M": 8192, "N": 8192})) == len(cfgs)
+
+
+def test_memo_entries_die_with_their_sources():
+    """Derived tensors (reordered weights, folded bias) are dropped when the layer's weight
+    is freed: a long benchmark or a swapped model does not pin old weights."""
+    import gc
+
+    from gpuquant.backends.triton.common import derived
+    x = dev(rand_act((1, 8, 5, 5), torch.int8).contiguous(memory_format=CL))
+    w = dev(rand_weight((6, 8, 3, 3)))
+    rq = rand_requant(6, qint8, k=72)
+    TRITON["conv2d"](x, 0, w, None, (1, 1), (1, 1), (1, 1), 1, rq)
+    wid = id(w)
+    mine = [k for k in derived._d if any(isinstance(e, tuple) and e[0] == wid for e in k[1:])]
+    assert len(mine) >= 2  # the reordered weight and the epilogue tensors
+    del w
+    gc.collect()
+    assert not any(k in derived._d for k in mine)

@@ -10,7 +10,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "derived", "scalar_int", "ARCH_FAMILIES"]
+__all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "derived", "scalar_int", "scalar_float",
+           "ARCH_FAMILIES"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -34,7 +35,7 @@ def arch_family(device: torch.device) -> str:
     fam = ARCH_FAMILIES.get(cc)
     if fam is None:
         fam = "sm90" if cc >= (9, 0) and cc < (10, 0) else "generic"
-    return "sm80" if fam == "sm86" else fam  # sm86 shares sm80's tiles (less smem: pruned)
+    return "sm89" if fam == "sm86" else fam  # sm86: sm89's shared memory (99 KB), its tiles
 
 
 def _version(t: torch.Tensor) -> int:
@@ -67,7 +68,9 @@ class _DerivedCache:
                 self._d.move_to_end(key)
                 return value
         value = make()
-        refs = tuple(None if t is None else weakref.ref(t) for t in sources)
+        # an entry dies with any of its sources (no reordered weights of dead layers kept)
+        drop = lambda _ref, key=key, d=self._d: d.pop(key, None)  # noqa: E731
+        refs = tuple(None if t is None else weakref.ref(t, drop) for t in sources)
         self._d[key] = (refs, value)
         if len(self._d) > self.maxsize:
             self._d.popitem(last=False)
@@ -90,3 +93,14 @@ def scalar_int(v) -> int:
             return int(v.item())
         return derived("scalar", (v,), (), lambda: int(v.item()))
     return int(v)
+
+
+def scalar_float(v) -> float:
+    """:func:`scalar_int` for a float (a scale)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"expected a single value, got a tensor of shape {tuple(v.shape)}")
+        if v.device.type == "cpu":
+            return float(v.item())
+        return derived("scalar_f", (v,), (), lambda: float(v.item()))
+    return float(v)

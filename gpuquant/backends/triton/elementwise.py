@@ -257,6 +257,7 @@ def _rq_vector(rq, device) -> torch.Tensor:
 def _axis_info(t: torch.Tensor, axis):
     if axis is None:
         return 1, 1, False
+    axis = axis % t.dim()
     return t.stride(axis), t.shape[axis], True
 
 
@@ -294,7 +295,7 @@ def requantize(acc, rq, axis=None):
     dev = acc.device
     per_ch = rq.per_channel
     if per_ch:
-        stride_c, c = acc.stride(axis), acc.shape[axis]
+        stride_c, c, _ = _axis_info(acc, acc.dim() - 1 if axis is None else axis)
         mult, rsh = _on(rq.multiplier, dev, torch.int32), _on(rq.rshift, dev, torch.int32)
     else:
         stride_c, c = 1, 1

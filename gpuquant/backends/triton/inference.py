@@ -17,8 +17,7 @@ Beyond the reference ops, ``OPS`` holds fused paths (looked up with
 """
 from __future__ import annotations
 
-import torch
-
+from .common import scalar_float
 from .conv import qconv2d
 from .elementwise import OPS as _ELEMENTWISE_OPS
 from .gemm import qgemm
@@ -54,7 +53,7 @@ def linear_add(x, x_zp, w, bias, rq, residual, p):
 
 
 def _scale_value(scale) -> float:
-    return float(scale.item() if isinstance(scale, torch.Tensor) else scale)
+    return scalar_float(scale)  # a GPU scale is read once, then memoised
 
 
 def conv2d_dequant(x, x_zp, w, bias, stride, padding, dilation, groups, rq, scale):
