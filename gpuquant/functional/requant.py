@@ -16,7 +16,6 @@ Applying it (every backend, bit for bit; see ``reference.requantize``)::
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -31,20 +30,9 @@ INT32_MAX = 2 ** 31 - 1
 ACTIVATIONS = ("none", "relu", "relu6")
 
 
-def _quantize_one(m: float):
-    if not (m > 0 and math.isfinite(m)):
-        raise ValueError(f"requantization multiplier must be finite and > 0, got {m!r}")
-    q, e = math.frexp(m)  # m = q * 2^e, q in [0.5, 1)
-    q_fixed = math.floor(q * 2.0 ** 31 + 0.5)  # half away from zero (q > 0)
-    if q_fixed == 2 ** 31:
-        q_fixed //= 2
-        e += 1
-    if e < -31:  # too small to represent: TFLite flushes to zero
-        return 0, 0
-    if e > 30:
-        raise ValueError(f"requantization multiplier {m!r} too large (>= 2^30): scales are "
-                         f"inconsistent")
-    return int(q_fixed), int(-e)
+# the pure math lives in a torch-free module shared with gpuquant.runtime
+from ..multipliers import activation_bounds, add_multipliers  # noqa: E402
+from ..multipliers import quantize_multiplier_one as _quantize_one  # noqa: E402
 
 
 def quantize_multiplier(real) -> tuple:
@@ -62,15 +50,7 @@ def quantize_multiplier(real) -> tuple:
 
 def activation_range(dtype: QuantDtype, scale: float, zero_point: int, activation: str):
     """Integer clamp range [lo, hi] of a quantized output with a fused activation."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    lo, hi = dtype.qmin, dtype.qmax
-    if activation in ("relu", "relu6"):
-        lo = max(lo, zero_point)
-    if activation == "relu6":
-        six = zero_point + int(torch.round(torch.tensor(6.0 / scale, dtype=torch.float32)))
-        hi = min(hi, max(six, lo))
-    return lo, hi
+    return activation_bounds(dtype.qmin, dtype.qmax, scale, zero_point, activation)
 
 
 @dataclass
@@ -136,10 +116,6 @@ def make_add_params(a_scale: float, a_zp: int, b_scale: float, b_zp: int, out_sc
                     out_zp: int, out_dtype, activation: str = "none") -> AddParams:
     """As TFLite's ``PrepareGeneralSubOrAdd``: left_shift 20, inputs scaled by
     ``s_i / (2 max(s_a, s_b))``, the sum by ``2 max(s_a, s_b) / (2^20 s_out)``."""
-    left_shift = 20
-    twice_max = 2.0 * max(float(a_scale), float(b_scale))
-    (ma, sa), (mb, sb) = (quantize_multiplier(float(a_scale) / twice_max),
-                          quantize_multiplier(float(b_scale) / twice_max))
-    out = make_requant(twice_max / (1 << left_shift), 1.0, out_scale, out_zp, out_dtype,
-                       activation)
+    left_shift, (ma, sa), (mb, sb), sum_scale = add_multipliers(a_scale, b_scale)
+    out = make_requant(sum_scale, 1.0, out_scale, out_zp, out_dtype, activation)
     return AddParams(left_shift, int(a_zp), int(ma), int(sa), int(b_zp), int(mb), int(sb), out)

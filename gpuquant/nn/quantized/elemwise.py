@@ -1,13 +1,12 @@
 """Integer elementwise ops (TFLite add / mul) and concat."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ... import functional as GF
 from ...functional.requant import Requant, activation_range
 from ...dtypes import get_dtype
+from ...multipliers import single_rounding_multiplier
 from ...functional import integer
 from ...qparams import QParams
 from ..elemwise import ELEMWISE_METHODS
@@ -29,12 +28,11 @@ def single_rounding_requant(in_scale: float, out_scale: float, out_zp: int, out_
     rounding is the doubling high multiply's: the same integer formula, applied by every
     backend unchanged."""
     dtype = get_dtype(out_dtype)
-    real = float(in_scale) / float(out_scale)
-    if not (2.0 ** -11 <= real < 0.5):
+    mult = single_rounding_multiplier(float(in_scale) / float(out_scale))
+    if mult is None:
         return GF.make_requant(in_scale, 1.0, out_scale, out_zp, dtype, activation)
     lo, hi = activation_range(dtype, float(out_scale), int(out_zp), activation)
-    m = int(math.floor(real * 2.0 ** 31 + 0.5))
-    return Requant(torch.tensor(m, dtype=torch.int32), torch.tensor(0, dtype=torch.int32),
+    return Requant(torch.tensor(mult[0], dtype=torch.int32), torch.tensor(mult[1], dtype=torch.int32),
                    int(out_zp), lo, hi, dtype)
 
 
