@@ -33,3 +33,18 @@ def test_explicit_backend_missing_op_raises():
     with backends.use("reference"):
         with pytest.raises(NotImplementedError, match="does not implement op 'no_such_op'"):
             backends.get_op("no_such_op", torch.zeros(1))
+
+
+def test_negative_priority_backend_never_auto_chosen(monkeypatch):
+    """The Triton interpreter (priority < 0 on CPU) runs only when chosen explicitly."""
+    import types
+    from gpuquant.backends import registry
+    fake = types.SimpleNamespace(NAME="slowpoke", DEVICES=frozenset({"cpu"}), PRIORITY={"cpu": -5},
+                                 OPS={"only_here": lambda: 1}, is_available=lambda: (True, ""))
+    monkeypatch.setitem(registry._MODULES, "slowpoke", "unused")
+    monkeypatch.setitem(registry._loaded, "slowpoke", fake)
+    assert registry.find_op("only_here", torch.zeros(1)) is None
+    with pytest.raises(NotImplementedError, match="only_here"):
+        registry.get_op("only_here", torch.zeros(1))
+    with backends.use("slowpoke"):
+        assert registry.get_op("only_here", torch.zeros(1))() == 1

@@ -7,7 +7,8 @@ Backends are packages under ``gpuquant.backends`` (``reference``, ``numpy``, ``t
 * ``is_available() -> (bool, reason)``: whether it can run in this process;
 * ``DEVICES``: the torch device types it computes on (``{"cpu"}``, ``{"cuda"}``, ...);
 * ``PRIORITY``: larger wins in automatic selection (fastest correct first); an int, or a
-  dict device type -> int (the Triton interpreter is available on CPU but never preferred);
+  dict device type -> int; a negative priority means the backend is used on that device only
+  when chosen explicitly (the Triton interpreter on CPU tensors);
 * ``OPS``: a dict op name -> callable, with the signatures of
   :mod:`gpuquant.backends.reference` (the readable definition).
 
@@ -155,7 +156,9 @@ def _priority(mod, dev: str) -> int:
 
 
 def _auto_candidates(dev: str) -> list:
-    mods = [m for m in (_load(n) for n in _MODULES) if m is not None and dev in m.DEVICES]
+    # A negative priority means "usable only when chosen explicitly" (the Triton interpreter).
+    mods = [m for m in (_load(n) for n in _MODULES)
+            if m is not None and dev in m.DEVICES and _priority(m, dev) >= 0]
     return sorted(mods, key=lambda m: -_priority(m, dev))
 
 
