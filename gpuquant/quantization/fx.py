@@ -1,0 +1,785 @@
+"""Drop-in QAT for plain ``torch.nn`` models: trace, fuse, swap, stub (torch.fx).
+
+:func:`~gpuquant.quantization.quantize_qat` calls :func:`prepare_plain` whenever
+:func:`needs_dropin` says the model holds a ``torch.nn.Conv2d`` or ``torch.nn.Linear`` that
+is not a :mod:`gpuquant.nn` module; the result is made of :mod:`gpuquant.nn` float modules
+and goes through the usual float -> QAT flow. Steps:
+
+1. **Trace** with ``torch.fx`` (``torch.nn`` layers, :mod:`gpuquant.nn` fused modules and
+   modules marked with :func:`disable_quantize` are leaves). A submodule whose forward
+   cannot be traced (data-dependent control flow, ...) becomes a leaf that stays float; a
+   failure in the model's own ``forward`` raises, saying where and how to proceed.
+2. **Functionalize** in-place ops (``+=``, ``relu_``, ``inplace=True``): later uses of the
+   mutated value read the op's result, so every op can be swapped for a module.
+3. **Fuse and swap** (the new modules carry the same ``Parameter`` and BatchNorm buffer
+   objects): Conv2d [-> BatchNorm2d] [-> ReLU | ReLU6] (modules, ``F.relu``,
+   ``torch.relu``, ``.relu()``) into ``Conv2d`` / ``ConvRelu2d`` / ``ConvBn2d`` /
+   ``ConvBnRelu2d`` / the ReLU6 forms; Linear [-> BatchNorm1d] [-> ReLU] likewise;
+   tensor ``+`` / ``torch.add`` / ``.add`` [-> ReLU] into ``Elemwise("add" | "add_relu")``,
+   tensor ``*`` into ``Elemwise("mul")``; ``torch.cat`` into ``Concat``; max / average /
+   adaptive-average pooling (modules and ``F.*``) into the pooling modules. A fusion needs
+   the intermediate value to have a single user.
+4. **Stub**: every value is quantized (made by a quantized op), float, or not a float tensor.
+   Ops that only re-view their input (``flatten``, ``view``, ``reshape``, ``squeeze``,
+   ``permute``, indexing, ``split``, ``Dropout``, ``Identity``, ...) keep their input's kind
+   and work on int8 tensors unchanged. A ``QuantStub`` goes where a float value feeds a
+   quantized op (the model's inputs), a ``DequantStub`` where a quantized value feeds a float
+   op or the output. Float ops other than those are the unsupported parts: they stay float,
+   and one :class:`DropInWarning` names them all.
+
+``example_inputs`` (recommended) run once through the traced graph in eval mode without
+gradients (BatchNorm statistics untouched) to learn which values are float tensors; without
+them a few rules (``.size()``, ``.shape``, ``len`` give non-tensors) stand in.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+import os
+import traceback
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from .. import nn as gnn
+from ..nn.module import Module
+from ..nn.qat.module import QATModule
+from ..nn.quantized.module import QuantizedModule
+
+__all__ = ["needs_dropin", "prepare_plain", "disable_quantize", "DropInWarning"]
+
+# classes of gpuquant.nn that are single ops (leaves); QAT / quantized versions subclass them
+_GNN_LEAVES = tuple(getattr(gnn, n) for n in gnn.__all__ if n != "Module")
+_GNN_QUANT_OPS = tuple(c for c in _GNN_LEAVES if c not in (gnn.QuantStub, gnn.DequantStub))
+
+
+class DropInWarning(UserWarning):
+    """Parts of a plain model that stay float after drop-in conversion (one warning a model)."""
+
+
+def _is_disabled(m: torch.nn.Module) -> bool:
+    return getattr(m, "quantize_disabled", False) is True
+
+
+def disable_quantize(module: torch.nn.Module, value: bool = True) -> torch.nn.Module:
+    """Keep ``module`` (any ``torch.nn.Module``, plain or gpuquant) and everything under it
+    float through :func:`~gpuquant.quantization.quantize_qat` and
+    :func:`~gpuquant.quantization.quantize`, as :meth:`gpuquant.nn.Module.disable_quantize`
+    does for gpuquant modules. Drop-in conversion traces it as a leaf (it is not traced into,
+    so it may hold untraceable code) and surrounds it with dequantize / quantize stubs.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        TypeError: ``module`` is not a ``torch.nn.Module`` or ``value`` not a bool.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"disable_quantize: module must be a torch.nn.Module, got "
+                        f"{type(module).__name__}")
+    if not isinstance(value, bool):
+        raise TypeError(f"disable_quantize: value must be a bool, got {type(value).__name__} "
+                        f"({value!r})")
+    for m in module.modules():
+        m.quantize_disabled = value
+    return module
+
+
+def _same_forward(m: torch.nn.Module, base: type) -> bool:
+    """``m`` is a ``base`` whose forward is ``base``'s own (a subclass may compute otherwise)."""
+    return isinstance(m, base) and type(m).forward is base.forward
+
+
+def needs_dropin(model: torch.nn.Module) -> bool:
+    """Whether ``model`` needs drop-in conversion: it holds a ``torch.nn.Conv2d`` or
+    ``torch.nn.Linear`` (or a subclass keeping their forward) that is not a gpuquant module,
+    outside gpuquant modules (whose own parts are theirs) and outside disabled subtrees.
+
+    Models built from :mod:`gpuquant.nn` (``gpuquant.models``) return False and take the
+    module-swapping path unchanged.
+    """
+    def walk(m) -> bool:
+        if _is_disabled(m) or isinstance(m, (QATModule, QuantizedModule, _GNN_LEAVES)):
+            return False
+        if not isinstance(m, Module) and (_same_forward(m, torch.nn.Conv2d)
+                                          or _same_forward(m, torch.nn.Linear)):
+            return True
+        return any(walk(c) for c in m.children())
+    return walk(model)
+
+
+# ---------------------------------------------------------------------------------- tracing
+class _Tracer(fx.Tracer):
+    """Leaves: torch.nn layers, gpuquant ops, disabled modules and submodules whose forward
+    failed to trace (those are recorded in ``fallbacks``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fallbacks: Dict[str, str] = {}   # module path -> why it could not be traced
+
+    def is_leaf_module(self, m, qualname: str) -> bool:
+        if _is_disabled(m) or qualname in self.fallbacks:
+            return True
+        if isinstance(m, Module):
+            return isinstance(m, (_GNN_LEAVES, QATModule, QuantizedModule))
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        last = self.graph._root.prev
+        stack, calls = self.module_stack.copy(), dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:  # noqa: BLE001 -- not hidden: the module stays float, warned
+            # roll the partial trace back, then record the module as one float leaf
+            while self.graph._root.prev is not last:
+                self.graph.erase_node(self.graph._root.prev)
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            self.num_calls.clear()
+            self.num_calls.update(calls)
+            self.fallbacks[qualname] = f"{type(e).__name__}: {_first_line(e)}{_where(e)}"
+            return super().call_module(m, forward, args, kwargs)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else ""
+
+
+def _where(e: BaseException) -> str:
+    """`` (file:line: source)`` of the innermost frame of ``e`` outside torch, if any."""
+    torch_dir = os.path.dirname(torch.__file__)
+    for fr in reversed(traceback.extract_tb(e.__traceback__)):
+        if not fr.filename.startswith(torch_dir) and fr.filename != __file__:
+            src = f": {fr.line.strip()}" if fr.line else ""
+            return f" (at {fr.filename}:{fr.lineno}{src})"
+    return ""
+
+
+def _trace(model: torch.nn.Module) -> Tuple[fx.GraphModule, Dict[str, str]]:
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # noqa: BLE001 -- re-raised with where and what to do
+        raise ValueError(
+            f"quantize_qat: torch.fx cannot trace the forward of the model itself "
+            f"({type(model).__name__}, module path '<root>'): {type(e).__name__}: "
+            f"{_first_line(e)}{_where(e)}. How to proceed: move the untraceable code (e.g. "
+            f"control flow on tensor values) into a submodule, which is then kept float "
+            f"automatically, or mark that submodule with "
+            f"gpuquant.quantization.fx.disable_quantize(submodule) (gpuquant modules: "
+            f"submodule.disable_quantize()); wrap a free function with torch.fx.wrap; or build "
+            f"the model from gpuquant.nn modules.") from e
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm.training = model.training
+    return gm, tracer.fallbacks
+
+
+# ------------------------------------------------------------------ what a value is (kinds)
+_Q, _F, _O = "quantized", "float", "other"   # value kinds; _O: not a float tensor
+
+_META_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "stride",
+                 "is_contiguous", "__len__", "data_ptr", "element_size", "is_floating_point"}
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad",
+               "is_quantized", "names"}
+_CONTAINER_METHODS = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes", "sort",
+                      "topk", "max", "min", "median", "mode", "kthvalue", "unique"}
+_CONTAINER_FNS = {torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.sort,
+                  torch.topk}
+
+
+class _Kinds:
+    """Whether each node is a float tensor, a tuple of them, or something else; from the
+    example run's metadata where there is one, else from the op."""
+
+    def __init__(self, has_meta: bool):
+        self.has_meta = has_meta
+
+    def _meta(self, n: fx.Node):
+        return n.meta.get("tensor_meta", None)
+
+    def is_float_tensor(self, n) -> bool:
+        if not isinstance(n, fx.Node):
+            return False
+        if self.has_meta and "dropin_ran" in n.meta:
+            tm = self._meta(n)
+            return isinstance(tm, TensorMetadata) and tm.dtype.is_floating_point
+        return self._guess(n) == "tensor"
+
+    def is_container(self, n) -> bool:
+        if not isinstance(n, fx.Node):
+            return False
+        if self.has_meta and "dropin_ran" in n.meta:
+            tm = self._meta(n)
+            return tm is not None and not isinstance(tm, TensorMetadata)
+        return self._guess(n) == "container"
+
+    def _guess(self, n: fx.Node) -> str:
+        if n.op == "call_method":
+            if n.target in _META_METHODS:
+                return "other"
+            if n.target in _CONTAINER_METHODS and not (n.target in ("max", "min")
+                                                       and len(n.args) + len(n.kwargs) == 1):
+                return "container"
+        if n.op == "call_function":
+            if n.target is getattr:
+                return "other" if n.args[1] in _META_ATTRS else "tensor"
+            if n.target is len:
+                return "other"
+            if n.target in _CONTAINER_FNS:
+                return "container"
+            if n.target is operator.getitem:
+                src = n.args[0]
+                return "tensor" if isinstance(src, fx.Node) and self._guess(src) in (
+                    "tensor", "container") else "other"
+            if getattr(n.target, "__module__", None) == "_operator":
+                nodes = [a for a in _node_args(n)]
+                if nodes and all(self._guess(a) == "other" for a in nodes):
+                    return "other"
+        return "tensor"
+
+
+def _node_args(n: fx.Node) -> List[fx.Node]:
+    out: List[fx.Node] = []
+    fx.node.map_arg((n.args, n.kwargs), lambda a: out.append(a) or a)
+    return out
+
+
+def _propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Run ``example_inputs`` through ``gm`` (eval, no grad) recording shapes and dtypes."""
+    modes = {m: m.training for m in gm.modules()}
+    try:
+        gm.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:  # noqa: BLE001 -- re-raised with context
+        raise ValueError(f"quantize_qat: example_inputs (shapes "
+                         f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs]}) "
+                         f"do not run through the traced model: {type(e).__name__}: "
+                         f"{_first_line(e)}") from e
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    for n in gm.graph.nodes:
+        n.meta["dropin_ran"] = True
+
+
+# --------------------------------------------------------------------------- op recognition
+_RELU_FNS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+_INPLACE_FNS = {torch.relu_: torch.relu, F.relu_: F.relu}
+
+
+def _activation_of(n: fx.Node, modules) -> Optional[str]:
+    """'relu' / 'relu6' when node ``n`` applies exactly that to its single tensor input."""
+    if n.op == "call_module":
+        m = modules[n.target]
+        if len(n.args) == 1 and not n.kwargs:
+            if type(m) is torch.nn.ReLU:
+                return "relu"
+            if type(m) is torch.nn.ReLU6:
+                return "relu6"
+        return None
+    if n.op == "call_function" and n.target in _RELU_FNS and len(n.args) == 1 and \
+            set(n.kwargs) <= {"inplace"}:
+        return _RELU_FNS[n.target]
+    if n.op == "call_method" and n.target == "relu" and len(n.args) == 1 and not n.kwargs:
+        return "relu"
+    return None
+
+
+def _single_user(n: fx.Node) -> Optional[fx.Node]:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+_ADD_FNS = {operator.add, torch.add}
+_MUL_FNS = {operator.mul, torch.mul}
+_CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
+_PASS_FNS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+             torch.transpose, torch.split, torch.chunk, torch.unbind, torch.tensor_split,
+             operator.getitem, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+             F.alpha_dropout, F.feature_alpha_dropout}
+_PASS_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "permute", "transpose",
+                 "contiguous", "split", "chunk", "unbind", "tensor_split", "view_as",
+                 "reshape_as", "expand", "expand_as", "unflatten", "movedim"}
+_PASS_MODULES = (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Identity, torch.nn.Dropout,
+                 torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                 torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+_POOL_FN_PARAMS = {
+    F.max_pool2d: (gnn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                   "return_indices")),
+    F.avg_pool2d: (gnn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode",
+                                   "count_include_pad", "divisor_override")),
+    F.adaptive_avg_pool2d: (gnn.AdaptiveAvgPool2d, ("output_size",)),
+}
+_POOL_MODULES = {torch.nn.MaxPool2d: gnn.MaxPool2d, torch.nn.AvgPool2d: gnn.AvgPool2d,
+                 torch.nn.AdaptiveAvgPool2d: gnn.AdaptiveAvgPool2d}
+_POOL_ARGS = {gnn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "return_indices",
+                              "ceil_mode"),
+              gnn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode",
+                              "count_include_pad", "divisor_override"),
+              gnn.AdaptiveAvgPool2d: ("output_size",)}
+
+
+def _fn_name(target) -> str:
+    mod = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", repr(target))
+    if mod in ("_operator", "operator"):
+        return f"operator.{name}"
+    if mod.startswith("torch.nn.functional") or target in _POOL_FN_PARAMS:
+        return f"F.{name}"
+    return f"torch.{name}" if mod.startswith("torch") or not mod else f"{mod}.{name}"
+
+
+def _is_pass(n: fx.Node, modules) -> bool:
+    if n.op == "call_function":
+        return n.target in _PASS_FNS
+    if n.op == "call_method":
+        return n.target in _PASS_METHODS
+    if n.op == "call_module":
+        m = modules[n.target]
+        return type(m) in _PASS_MODULES
+    return False
+
+
+# -------------------------------------------------------------------------------- rewriting
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, fallbacks: Dict[str, str], kinds: _Kinds):
+        self.gm, self.graph, self.kinds = gm, gm.graph, kinds
+        self.fallbacks = fallbacks
+        self.modules = dict(gm.named_modules())
+        self.used_names = set(self.modules)
+        self.site_count: Dict[str, int] = {}
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                self.site_count[n.target] = self.site_count.get(n.target, 0) + 1
+        self.erased: set = set()
+        self.quantized: set = set()            # nodes that are quantized ops
+        self.reasons: Dict[fx.Node, str] = {}  # why a module node stays float
+
+    # ------------------------------------------------------------------ naming, installing
+    def _scope(self, n: fx.Node) -> str:
+        """The module path where ``n`` ran, if new modules may go there: only the plain
+        containers GraphModule made for traced-through modules (never a user's module)."""
+        if n.op == "call_module":
+            path = n.target.rpartition(".")[0]
+        else:
+            stack = n.meta.get("nn_module_stack") or {}
+            path = list(stack.values())[-1][0] if stack else ""
+        owner = self.gm
+        for part in path.split(".") if path else []:
+            owner = owner._modules.get(part)
+            if owner is None:
+                break
+            if type(owner) is not torch.nn.Module:
+                return ""
+        return path
+
+    def _free(self, name: str) -> bool:
+        leaf = name.rpartition(".")[2]
+        return name not in self.used_names and not hasattr(fx.GraphModule, leaf)
+
+    def _module_site_name(self, target: str) -> str:
+        """A module called once is replaced at its own path; one called at several sites (one
+        QAT module a site, each with its own output qparams) gets ``path_1``, ``path_2``..."""
+        if self.site_count[target] == 1:
+            return target
+        return self._unique(target)
+
+    def _unique(self, name: str) -> str:
+        k, cand = 1, name
+        while not self._free(cand):
+            cand, k = f"{name}_{k}", k + 1
+        self.used_names.add(cand)
+        return cand
+
+    def _set_module(self, name: str, module: torch.nn.Module) -> str:
+        parent, _, leaf = name.rpartition(".")
+        owner = self.gm
+        for part in parent.split(".") if parent else []:
+            child = owner._modules.get(part)
+            if child is None:
+                child = torch.nn.Module()
+                owner.add_module(part, child)
+            owner = child
+        setattr(owner, leaf, module)
+        self.modules[name] = module
+        self.used_names.add(name)
+        return name
+
+    # ------------------------------------------------------------------ 1. in-place ops
+    def functionalize(self) -> None:
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        for n in list(self.graph.nodes):
+            mutated = self._inplace_target(n)
+            if mutated is None:
+                continue
+            for user in list(mutated.users):
+                if user is not n and order[user] > order[n]:
+                    user.replace_input_with(mutated, n)
+            if n.op == "call_method":
+                n.target = n.target[:-1]
+            elif n.op == "call_function" and n.target in _INPLACE_FNS:
+                n.target = _INPLACE_FNS[n.target]
+            elif n.op == "call_function":
+                n.kwargs = {**n.kwargs, "inplace": False}
+            elif n.op == "call_module":
+                m = copy.copy(self.modules[n.target])
+                m.inplace = False
+                self._set_module(n.target, m)
+
+    def _inplace_target(self, n: fx.Node) -> Optional[fx.Node]:
+        first = n.args[0] if n.args else None
+        if not isinstance(first, fx.Node):
+            return None
+        if n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__") \
+                and hasattr(torch.Tensor, n.target[:-1]):
+            return first
+        if n.op == "call_function" and (n.target in _INPLACE_FNS or
+                                        n.kwargs.get("inplace", False) is True):
+            return first
+        if n.op == "call_module":
+            m = self.modules[n.target]
+            if getattr(m, "inplace", False) is True and type(m).__module__.startswith("torch.nn"):
+                return first
+        return None
+
+    # ------------------------------------------------------------------ 2. fusion and swaps
+    def fuse(self) -> None:
+        for n in list(self.graph.nodes):
+            if n in self.erased or n.op not in ("call_module", "call_function", "call_method"):
+                continue
+            if n.op == "call_module":
+                self._swap_module(n)
+            elif n.op == "call_function" and n.target in _POOL_FN_PARAMS:
+                self._swap_pool_fn(n)
+            else:
+                self._swap_elemwise(n)
+
+    def _swap_module(self, n: fx.Node) -> None:
+        m = self.modules[n.target]
+        if _is_disabled(m) or n.target in self.fallbacks:
+            return
+        if isinstance(m, _GNN_LEAVES) or isinstance(m, (QATModule, QuantizedModule)):
+            if isinstance(m, _GNN_QUANT_OPS):
+                self.quantized.add(n)
+            return
+        if _same_forward(m, torch.nn.Conv2d) and not isinstance(m, Module):
+            if m.padding_mode != "zeros":
+                self.reasons[n] = f"padding_mode={m.padding_mode!r} has no int8 form"
+                return
+            self._fuse_linear_like(n, m, torch.nn.BatchNorm2d, "conv")
+        elif _same_forward(m, torch.nn.Linear) and not isinstance(m, Module):
+            self._fuse_linear_like(n, m, torch.nn.BatchNorm1d, "linear")
+        elif type(m) in _POOL_MODULES:
+            cls = _POOL_MODULES[type(m)]
+            if getattr(m, "return_indices", False):
+                self.reasons[n] = "return_indices=True has no int8 form"
+                return
+            new = cls(**{k: getattr(m, k) for k in _POOL_ARGS[cls]})
+            new.training = m.training
+            self._replace(n, [n], new, n.args[:1], self._module_site_name(n.target))
+
+    def _fuse_linear_like(self, n: fx.Node, m, bn_type, kind: str) -> None:
+        if len(n.args) != 1 or n.kwargs:
+            return
+        chain, bn, act = [n], None, None
+        nxt = _single_user(n)
+        if nxt is not None and nxt.op == "call_module" and \
+                _same_forward(self.modules[nxt.target], bn_type) and nxt.args == (n,) and \
+                not nxt.kwargs and self._foldable(self.modules[nxt.target], m, nxt, kind):
+            bn = self.modules[nxt.target]
+            chain.append(nxt)
+            nxt = _single_user(nxt)
+        if nxt is not None and nxt.args[:1] == (chain[-1],):
+            act = _activation_of(nxt, self.modules)
+            if act is not None:
+                chain.append(nxt)
+        if kind == "conv":
+            cls = {(False, None): gnn.Conv2d, (False, "relu"): gnn.ConvRelu2d,
+                   (False, "relu6"): gnn.ConvRelu62d, (True, None): gnn.ConvBn2d,
+                   (True, "relu"): gnn.ConvBnRelu2d, (True, "relu6"): gnn.ConvBnRelu62d}
+        else:
+            if act == "relu6":  # no LinearRelu6: fuse without the activation
+                chain.pop()
+                act = None
+            cls = {(False, None): gnn.Linear, (False, "relu"): gnn.LinearRelu,
+                   (True, None): gnn.LinearBn1d, (True, "relu"): gnn.LinearBnRelu1d}
+        cls = cls[(bn is not None, act)]
+        if bn is None:
+            new = cls.__new__(cls)
+            new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v
+                                 for k, v in m.__dict__.items()})
+        else:
+            new = cls.__new__(cls)
+            torch.nn.Module.__init__(new)
+            setattr(new, kind, m)
+            new.bn = bn
+            new.training = m.training
+        self._replace(n, chain, new, n.args, self._module_site_name(n.target))
+
+    def _foldable(self, bn, m, bn_node: fx.Node, kind: str) -> bool:
+        out = m.out_channels if kind == "conv" else m.out_features
+        if not bn.track_running_stats or bn.running_var is None or bn.num_features != out:
+            return False
+        if kind == "linear" and self.kinds.has_meta and "dropin_ran" in bn_node.meta:
+            tm = bn_node.meta.get("tensor_meta")
+            return tm is not None and len(tm.shape) == 2  # LinearBn1d takes (N, features)
+        return True
+
+    def _swap_pool_fn(self, n: fx.Node) -> None:
+        cls, names = _POOL_FN_PARAMS[n.target]
+        if not n.args:
+            return
+        kw = dict(zip(names, n.args[1:]))
+        for k, v in n.kwargs.items():
+            if k not in names:
+                return
+            kw[k] = v
+        if any(isinstance(a, fx.Node) for a in _node_args_of(kw)) or kw.get("return_indices"):
+            return
+        new = cls(**kw)
+        self._replace(n, [n], new, n.args[:1], self._new_name(n, cls.__name__.lower()))
+
+    def _swap_elemwise(self, n: fx.Node) -> None:
+        t = n.target
+        if n.op == "call_function" and t in _CAT_FNS:
+            tensors = n.args[0] if n.args else n.kwargs.get("tensors")
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            extra = set(n.kwargs) - {"tensors", "dim"}
+            if not isinstance(tensors, (list, tuple)) or not tensors or extra or \
+                    isinstance(dim, fx.Node) or \
+                    not all(self.kinds.is_float_tensor(a) for a in tensors):
+                return
+            self._replace(n, [n], gnn.Concat(), (list(tensors), dim), self._new_name(n, "cat"))
+            return
+        method = None
+        if (n.op == "call_function" and t in _ADD_FNS) or (n.op == "call_method" and t == "add"):
+            method = "add"
+        elif (n.op == "call_function" and t in _MUL_FNS) or (n.op == "call_method" and t == "mul"):
+            method = "mul"
+        if method is None or len(n.args) != 2 or n.kwargs or \
+                not all(self.kinds.is_float_tensor(a) for a in n.args):
+            return
+        chain = [n]
+        nxt = _single_user(n)
+        if method == "add" and nxt is not None and nxt.args[:1] == (n,) and \
+                _activation_of(nxt, self.modules) == "relu":
+            chain.append(nxt)
+            method = "add_relu"
+        self._replace(n, chain, gnn.Elemwise(method), tuple(n.args), self._new_name(n, method))
+
+    def _new_name(self, n: fx.Node, base: str) -> str:
+        scope = self._scope(n)
+        return self._unique(f"{scope}.{base}" if scope else base)
+
+    def _replace(self, head: fx.Node, chain: List[fx.Node], module, args, name: str) -> None:
+        """Put ``module`` at ``name`` and one call_module node in place of ``chain``."""
+        self._set_module(name, module)
+        last = chain[-1]
+        with self.graph.inserting_before(head):
+            new = self.graph.call_module(name, tuple(args))
+        new.meta = dict(last.meta)
+        if "nn_module_stack" in head.meta:
+            new.meta["nn_module_stack"] = head.meta["nn_module_stack"]
+        last.replace_all_uses_with(new)
+        for old in reversed(chain):
+            self.graph.erase_node(old)
+            self.erased.add(old)
+        self.quantized.add(new)
+
+    # ------------------------------------------------------------------ 3. stubs
+    def stub(self) -> List[str]:
+        """Insert the stubs; returns the float parts to warn about."""
+        kind: Dict[fx.Node, str] = {}
+        quant_of: Dict[fx.Node, fx.Node] = {}
+        dequant_of: Dict[fx.Node, fx.Node] = {}
+        warn: List[str] = []
+
+        def tensor_kind(a: fx.Node, src_kind: str) -> str:
+            if self.kinds.is_float_tensor(a) or self.kinds.is_container(a):
+                return src_kind
+            return _O
+
+        def as_quantized(a):
+            if not isinstance(a, fx.Node) or kind.get(a) != _F or \
+                    not self.kinds.is_float_tensor(a):
+                return a
+            if a not in quant_of:
+                with self.graph.inserting_after(a):
+                    name = self._stub_name(a, "quant")
+                    self._set_module(name, gnn.QuantStub())
+                    q = self.graph.call_module(name, (a,))
+                q.meta = dict(a.meta)
+                kind[q] = _Q
+                quant_of[a] = q
+            return quant_of[a]
+
+        def as_float(a):
+            if not isinstance(a, fx.Node) or kind.get(a) != _Q or \
+                    not self.kinds.is_float_tensor(a):
+                return a
+            if a not in dequant_of:
+                with self.graph.inserting_after(a):
+                    name = self._stub_name(a, "dequant")
+                    self._set_module(name, gnn.DequantStub())
+                    d = self.graph.call_module(name, (a,))
+                d.meta = dict(a.meta)
+                kind[d] = _F
+                dequant_of[a] = d
+            return dequant_of[a]
+
+        def rewrite_inputs(n: fx.Node, fn) -> None:
+            n.args = fx.node.map_arg(n.args, fn)
+            n.kwargs = fx.node.map_arg(n.kwargs, fn)
+
+        for n in list(self.graph.nodes):
+            if n in kind:  # a stub inserted just now
+                continue
+            if n.op == "placeholder":
+                kind[n] = tensor_kind(n, _F)
+            elif n.op == "get_attr":
+                kind[n] = tensor_kind(n, _F)
+            elif n.op == "output":
+                rewrite_inputs(n, as_float)
+            elif n in self.quantized:
+                rewrite_inputs(n, as_quantized)
+                kind[n] = _Q
+            elif n.op == "call_module" and isinstance(self.modules[n.target], gnn.QuantStub) \
+                    and not _is_disabled(self.modules[n.target]):
+                rewrite_inputs(n, as_float)
+                kind[n] = _Q
+            elif n.op == "call_module" and isinstance(self.modules[n.target], gnn.DequantStub) \
+                    and not _is_disabled(self.modules[n.target]):
+                rewrite_inputs(n, as_quantized)
+                kind[n] = _F
+            elif self._passes_through(n, kind):
+                src = n.args[0]
+                if n.op == "call_method" and n.target == "view" and kind.get(src) == _Q:
+                    n.target = "reshape"  # int8 activations are channels_last: view may fail
+                kind[n] = tensor_kind(n, kind.get(src, _O))
+            else:  # a float op
+                ins = [a for a in _node_args(n) if kind.get(a, _O) != _O]
+                rewrite_inputs(n, as_float)
+                kind[n] = tensor_kind(n, _F)
+                if ins and not self._structural(n):
+                    warn.append(self._describe(n))
+        return warn
+
+    def _passes_through(self, n: fx.Node, kind) -> bool:
+        if not _is_pass(n, self.modules) or not n.args or not isinstance(n.args[0], fx.Node):
+            return False
+        src = n.args[0]
+        if n.op == "call_function" and n.target is operator.getitem:
+            return kind.get(src, _O) != _O
+        if kind.get(src, _O) == _Q and self.kinds.is_container(n):
+            # a tuple of int8 tensors is fine where it is only indexed
+            return all(u.op == "call_function" and u.target is operator.getitem
+                       for u in n.users)
+        return True
+
+    @staticmethod
+    def _structural(n: fx.Node) -> bool:
+        return n.op == "call_function" and n.target in (operator.getitem, getattr)
+
+    def _stub_name(self, a: fx.Node, base: str) -> str:
+        if a.op == "placeholder" and base == "quant":
+            ph = [p for p in self.graph.nodes if p.op == "placeholder"]
+            name = "quant" if len(ph) == 1 else f"quant_{a.name}"
+            return self._unique(name)
+        if base == "dequant" and all(u.op == "output" for u in a.users):
+            return self._unique("dequant")
+        return self._new_name(a, base)
+
+    def _describe(self, n: fx.Node) -> str:
+        if n.op == "call_module":
+            m = self.modules[n.target]
+            why = self.fallbacks.get(n.target) or self.reasons.get(n)
+            why = f"not traceable, kept whole: {why}" if n.target in self.fallbacks else \
+                (why or "no int8 version")
+            return f"module '{n.target}' ({type(m).__name__}: {why})"
+        scope = self._scope_any(n)
+        what = f".{n.target}()" if n.op == "call_method" else _fn_name(n.target)
+        return f"{what} in '{scope or '<root>'}'"
+
+    @staticmethod
+    def _scope_any(n: fx.Node) -> str:
+        stack = n.meta.get("nn_module_stack") or {}
+        return list(stack.values())[-1][0] if stack else ""
+
+
+def _node_args_of(d: dict) -> List[object]:
+    out: List[object] = []
+    fx.node.map_aggregate(list(d.values()), lambda a: out.append(a) or a)
+    return out
+
+
+def _check_example_inputs(example_inputs) -> Optional[tuple]:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"quantize_qat: example_inputs must be a tuple of the model's positional "
+                    f"inputs (or one tensor), got {type(example_inputs).__name__}")
+
+
+def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule:
+    """Turn a plain ``torch.nn`` model into a ``torch.fx.GraphModule`` of
+    :mod:`gpuquant.nn` float modules with quantize / dequantize stubs, ready for
+    :func:`~gpuquant.quantization.quantize_qat` (which calls this for plain models).
+
+    The returned module computes what ``model`` computes (bit for bit in float, as the fused
+    float modules run the same ops) and shares its ``Parameter`` and buffer objects.
+    ``print(gm.code)`` shows the rewritten forward.
+
+    Args:
+        model: the float model (``torch.nn.Module``); its own ``forward`` must be traceable by
+            ``torch.fx``; submodules that are not stay float whole.
+        example_inputs: optional tuple of positional inputs (or one tensor) for one forward
+            pass in eval mode without gradients, to learn which values are float tensors.
+
+    Returns:
+        The rewritten ``GraphModule`` (class name: the model's).
+
+    Raises:
+        TypeError: ``model`` is not a module, or bad ``example_inputs``.
+        ValueError: the model's own forward cannot be traced (the message gives the fx error,
+            where it happened and how to proceed), or ``example_inputs`` do not run.
+
+    Warns:
+        DropInWarning: once, naming every part that stays float for want of an int8 form or
+            because it could not be traced.
+
+    Example:
+        >>> qat = quantize_qat(torchvision_style_resnet18(), example_inputs=(x,))
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"prepare_plain: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    example_inputs = _check_example_inputs(example_inputs)
+    gm, fallbacks = _trace(model)
+    if example_inputs is not None:
+        _propagate(gm, example_inputs)
+    rw = _Rewriter(gm, fallbacks, _Kinds(example_inputs is not None))
+    rw.functionalize()
+    rw.fuse()
+    warn = rw.stub()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    if warn:
+        warnings.warn(f"quantize_qat: {len(warn)} part(s) of {type(model).__name__} stay float "
+                      f"(dequantized before, quantized after): " + "; ".join(warn) +
+                      ". Accept it, replace them with ops gpuquant quantizes, or mark "
+                      "deliberate float parts with disable_quantize().", DropInWarning,
+                      stacklevel=3)
+    return gm
