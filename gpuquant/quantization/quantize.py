@@ -31,6 +31,7 @@ from ..nn.module import Module
 from ..nn.qat.module import QATModule
 from ..nn.quantized.module import QuantizedModule
 from .fake_quant import FakeQuantBase
+from .fx import needs_dropin, prepare_plain
 from .observer import Observer
 from .qconfig import QConfig, ema_fakequant_qconfig
 
@@ -98,8 +99,13 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
         qconfig: a :class:`QConfig`; ``calibration_qconfig`` for post-training calibration.
         mapping: float class -> QAT class (default: derived from the class names).
         inplace: convert ``module`` itself (True) or a deep copy.
-        example_inputs: accepted for drop-in tracing of plain ``torch.nn`` models (a later
-            addition); ignored for models built from ``gpuquant.nn``.
+        example_inputs: for a plain ``torch.nn`` model (one holding ``torch.nn.Conv2d`` /
+            ``Linear`` layers that are not gpuquant modules, see
+            :func:`gpuquant.quantization.fx.needs_dropin`): the positional inputs of one
+            forward pass, run in eval mode to learn value kinds (optional, recommended). Such
+            a model is traced, fused and stubbed first (:mod:`gpuquant.quantization.fx`) and
+            returned as a ``torch.fx.GraphModule``. Ignored for models built from
+            ``gpuquant.nn``.
 
     Returns:
         The QAT model (use the return value: a module passed alone is replaced, not changed).
@@ -118,6 +124,8 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
     mapping = _check_mapping(mapping, _QAT_MAP, "from_float_module", "quantize_qat")
     if not inplace:
         module = copy.deepcopy(module)
+    if needs_dropin(module):  # plain torch.nn model: trace, fuse into gpuquant.nn, add stubs
+        module = prepare_plain(module, example_inputs)
 
     def convert(m, name: str, inherited: QConfig):
         if _disabled(m) or isinstance(m, (QATModule, QuantizedModule)):
