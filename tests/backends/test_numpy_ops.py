@@ -316,3 +316,28 @@ def test_fast_requant_dense_random_both_fixup_paths(monkeypatch):
             np.testing.assert_array_equal(out, ref.requantize(acc.astype(np.int64), mm, sh, zp, lo,
                                                               hi, dtype=dt))
     assert any(0 < n <= 24 for n in counts) and any(n > 24 for n in counts)
+
+
+@pytest.mark.parametrize("kind", ["worst_case", "sparse", "uniform"])
+def test_exact_matmul_blocks(kind, monkeypatch):
+    """The float32 block rule: worst-case data needs several K blocks (summed in float64);
+    real-looking data passes the Cauchy-Schwarz test in one block; both are exact."""
+    from gpuquant.backends.numpy import gemm
+    k, n = 3000, 7
+    if kind == "worst_case":
+        x = np.full((5, k), 255, dtype=np.int64)
+        w = np.where(np.random.rand(k, n) < 0.5, -128, 127).astype(np.int64)
+    elif kind == "sparse":
+        x = np.random.randint(0, 256, (5, k)) * (np.random.rand(5, k) < 0.05)
+        w = np.random.randint(-128, 128, (k, n))
+    else:
+        x = np.random.randint(-255, 256, (5, k))
+        w = np.random.randint(-128, 128, (k, n))
+    pw = gemm.PackedWeight(w.astype(np.int8)[None])
+    calls = []
+    matmul = np.matmul
+    monkeypatch.setattr(gemm.np, "matmul", lambda *a, **kw: (calls.append(1), matmul(*a, **kw))[1])
+    got = gemm.exact_matmul(x.astype(np.float32), pw, int(np.abs(x).max()))
+    monkeypatch.undo()
+    assert np.array_equal(got.astype(np.int64), x @ w)
+    assert (len(calls) > 1) == (kind != "sparse")

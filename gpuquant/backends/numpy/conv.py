@@ -19,7 +19,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 from .fixed_point import Params, requant_fast
-from .gemm import PackedWeight, exact_matmul, xmax_of
+from .gemm import PackedWeight, exact_matmul, to_f32, xmax_of
 
 # im2col tile: 4 MiB of float32 (fits L3 with the weights; BLAS still sees >= ~256 rows).
 _TILE_BYTES = 4 << 20
@@ -98,7 +98,6 @@ def conv2d_nhwc(xa: np.ndarray, zp: int, w: np.ndarray, b, stride, padding, dila
 
     pwk = cached(f"conv_g{g}", lambda: _pack_conv(w, g))
     rows_out = out.reshape(n * ho * wo, o)
-    zp32 = np.float32(zp)
     if kh == 1 and kw == 1 and ph == 0 and pw == 0 and g == 1:
         # 1x1 fast path: the (strided) input is the im2col matrix
         src = xa[:, ::sh, ::sw, :][:, :ho, :wo, :]
@@ -110,7 +109,7 @@ def conv2d_nhwc(xa: np.ndarray, zp: int, w: np.ndarray, b, stride, padding, dila
                 part = src.reshape(n * ho, wo, c)[l0:l1]
             else:  # gather the strided rows image by image
                 part = _gather_lines(src, l0, l1, ho)
-            a = np.subtract(part, zp32, dtype=np.float32).reshape(-1, c)
+            a = to_f32(part, zp).reshape(-1, c)
             requant_fast(exact_matmul(a, pwk, xmax), p, rows_out[l0 * wo:l1 * wo], b)
         return out
 
@@ -143,7 +142,7 @@ def conv2d_nhwc(xa: np.ndarray, zp: int, w: np.ndarray, b, stride, padding, dila
                           win[:, img, h0:h1])
             r += rows
             seg += h1 - h0
-        a = np.subtract(buf8[:, :r], zp32, out=buf32[:, :r], dtype=np.float32)
+        a = to_f32(buf8[:, :r], zp, out=buf32[:, :r])
         acc = exact_matmul(a[0] if g == 1 else a, pwk, xmax)
         if g > 1:  # (G, rows, Og) -> (rows, G*Og)
             acc = acc.transpose(1, 0, 2).reshape(r, g * og)

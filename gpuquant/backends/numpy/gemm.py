@@ -14,6 +14,8 @@ eight 512-blocks summed in float64 28.9 ms, dgemm 49.0 ms: float32 blocks win.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .fixed_point import Params, requant_fast
@@ -30,6 +32,9 @@ class PackedWeight:
         self._absw = absw
         self.k = w_gkn.shape[1]
         self.colsum_max = int(absw.sum(axis=1, dtype=np.int64).max()) if absw.size else 0
+        # largest column 2-norm (exact sum of squares in int64, sqrt rounded up a little)
+        sq = (w_gkn.astype(np.int64) ** 2).sum(axis=1).max() if absw.size else 0
+        self.wnorm_max = math.sqrt(float(sq)) * (1.0 + 2.0 ** -40)
         self._blocks = {}
 
     def blocks(self, xmax: int):
@@ -54,11 +59,26 @@ class PackedWeight:
         return ranges
 
 
+def _cauchy_schwarz_fits(a: np.ndarray, pw: "PackedWeight") -> bool:
+    """Whether one float32 block is exact for this data: every partial sum of a dot product
+    is at most ``sum_k |a_k w_k| <= ||a|| ||w||`` (Cauchy-Schwarz), far below the
+    ``max|a| * sum_k |w_k|`` bound for real data (ReLU activations, He-initialised weights:
+    one block instead of three at K = 4096). ``||a||^2`` is summed in float32 (non-negative
+    terms: relative error below K 2^-24, covered by the margin)."""
+    if pw.wnorm_max == 0.0 or a.size == 0:
+        return True
+    sq = float(np.einsum("...k,...k->...", a, a).max())
+    k = a.shape[-1]
+    return math.sqrt(sq * (1.0 + k * 2.0 ** -22)) * pw.wnorm_max * (1.0 + 2.0 ** -40) <= F32_EXACT
+
+
 def exact_matmul(a: np.ndarray, pw: PackedWeight, xmax: int) -> np.ndarray:
     """``a @ pw.w`` exactly: ``a`` float32 ``(G, P, K)`` (or ``(P, K)`` when G = 1) holding
     integers with ``|a| <= xmax``. Returns float32 (one block) or float64 exact integers."""
     w = pw.w if a.ndim == 3 else pw.w[0]
     ranges = pw.blocks(xmax)
+    if len(ranges) > 1 and _cauchy_schwarz_fits(a, pw):
+        ranges = [(0, pw.k)]
     if len(ranges) == 1:
         return np.matmul(a, w)
     k0, k1 = ranges[0]
@@ -70,10 +90,23 @@ def exact_matmul(a: np.ndarray, pw: PackedWeight, xmax: int) -> np.ndarray:
     return acc
 
 
+def to_f32(x: np.ndarray, zp: int, out: np.ndarray = None) -> np.ndarray:
+    """``x - zp`` as float32 (exact). Zero point 0 is a plain conversion: 0.21 vs 0.41 ms
+    for 2 M uint8 values on one EPYC core."""
+    if zp == 0:
+        if out is None:
+            return x.astype(np.float32)
+        np.copyto(out, x, casting="unsafe")
+        return out
+    return np.subtract(x, np.float32(zp), out=out, dtype=np.float32)
+
+
 def xmax_of(x: np.ndarray, zp: int) -> int:
     """max |x - zp| over the data (an empty input gives 0)."""
     if x.size == 0:
         return 0
+    if x.dtype == np.uint8 and zp == 0:  # one reduction instead of two
+        return int(x.max())
     return max(abs(int(x.min()) - zp), abs(int(x.max()) - zp))
 
 
@@ -102,6 +135,6 @@ def linear_rows(xa: np.ndarray, zp: int, pw: PackedWeight, p: Params, b=None) ->
     step = max(_LINEAR_ROWS, 1)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
-        a = np.subtract(xa[r0:r1], np.float32(zp), dtype=np.float32)
+        a = to_f32(xa[r0:r1], zp)
         requant_fast(exact_matmul(a, pw, xmax), p, out[r0:r1], b)
     return out
