@@ -538,3 +538,20 @@ def test_gpu_bench_providers_run_every_tier(cupy_backend):
         got = run()
         torch.cuda.synchronize()
         assert torch.equal(got.cpu(), want), name
+
+
+def test_bench_args_fit_the_gemm_and_conv_suites(emu_build):
+    """The argument extraction given for suites/gemm.py and suites/conv.py builds valid plans
+    (run here through the emulation, tiny shapes, on the CPU)."""
+    from gpuquant.bench.suites import conv as conv_suite
+    from gpuquant.bench.suites import gemm as gemm_suite
+    inp = gemm_suite.make_inputs(20, 24, 40, "cpu")(0)
+    args = (inp["x"], 0, inp["w"], inp["bias"], inp["rq"])
+    out = emu_execute(emu_build, launch.plan_linear(*args, "mma80"), 0)
+    assert gemm_suite._check_requant(inp, out)
+    spec = conv_suite.ConvSpec(16, 6, 8, 3, 2, 1)
+    layers = conv_suite.make_inputs([spec], 2, "cpu")(0)
+    calls = [(L["x"], L["zp"], L["w"], L["bias"], (L["spec"].stride,) * 2,
+              (L["spec"].pad,) * 2, (1, 1), 1, L["rq"]) for L in layers]
+    outs = [emu_execute(emu_build, launch.plan_conv2d(*c, "dp4a"), 0) for c in calls]
+    assert conv_suite._check(layers, outs)

@@ -1,10 +1,20 @@
 """Benchmark providers ``gpuquant-cupy-<tier>`` for the ``gemm`` and ``conv`` suites.
 
-A suite adds every tier the GPU can run beside its other providers::
+A suite adds every tier beside its other providers, e.g. in ``suites/gemm.py``::
 
-    from gpuquant.backends.cupy.bench import tier_providers
-    providers.update(tier_providers("linear", args_of=lambda inp: (inp["x"], inp["x_zp"],
-                                    inp["w"], inp["bias"], inp["rq"]), check=check))
+    from ...backends.cupy.bench import tier_providers
+    providers.update(tier_providers(
+        "linear", args_of=lambda inp: (inp["x"], 0, inp["w"], inp["bias"], inp["rq"]),
+        check=_check_requant))
+
+and in ``suites/conv.py`` (several layers a case: ``args_of`` returns a list of calls and the
+provider returns the list of outputs, as the suite's other providers do)::
+
+    providers.update(tier_providers(
+        "conv2d", args_of=lambda layers: [
+            (L["x"], L["zp"], L["w"], L["bias"], (L["spec"].stride,) * 2,
+             (L["spec"].pad,) * 2, (1, 1), 1, L["rq"]) for L in layers],
+        check=_check))
 
 Each provider times the backend op as a user calls it (host plan + kernel launch; the weight
 re-layout is cached per weight tensor, as a converted module would hold it), with the tier
@@ -33,7 +43,8 @@ def tier_providers(op: str, args_of: Callable[[Any], tuple] = tuple,
         op: which op the case times.
         args_of: input set -> the op's positional arguments, in the reference backend's
             signature (``linear(x, x_zp, w, bias, rq)``, ``conv2d(x, x_zp, w, bias, stride,
-            padding, dilation, groups, rq)``), tensors on the GPU.
+            padding, dilation, groups, rq)``), tensors on the GPU; or a list of such tuples
+            (the timed call then runs them all and returns the list of outputs).
         check: the suite's ``exact_vs_numpy`` check, passed through.
         tiers: the tiers to offer (default: all; those the GPU cannot run report unavailable).
 
@@ -54,15 +65,23 @@ def tier_providers(op: str, args_of: Callable[[Any], tuple] = tuple,
             if not ok:
                 raise ProviderUnavailable(f"cupy backend: {reason}")
             import torch
-            args = tuple(args_of(inputs))
-            cap = torch.cuda.get_device_capability(args[0].device)
+            got = args_of(inputs)
+            many = isinstance(got, list)
+            calls = [tuple(c) for c in got] if many else [tuple(got)]
+            cap = torch.cuda.get_device_capability(calls[0][0].device)
             try:
                 dispatch.check_tier(tier, cap)
             except ValueError as e:
                 raise ProviderUnavailable(str(e))
 
-            def run():
-                return execute(plan_fn(*args, tier), cap)
+            if many:
+                def run():
+                    return [execute(plan_fn(*c, tier), cap) for c in calls]
+            else:
+                args = calls[0]
+
+                def run():
+                    return execute(plan_fn(*args, tier), cap)
             return run
         return Provider(setup, check)
     return {f"gpuquant-cupy-{t}": make(t) for t in tiers}
