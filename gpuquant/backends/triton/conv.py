@@ -77,8 +77,8 @@ def _qconv_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     if FLAT_K:
-        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-            kk = k0 * BLOCK_K + offs_k
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
             k_ok = kk < K
             c = kk % Cg
             tap = kk // Cg
@@ -99,8 +99,8 @@ def _qconv_kernel(
                 row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
                 a_rows = x_img + ih.to(tl.int64) * stride_xh + iw * stride_xw
                 w_tap = w_rows + (r * KW + s) * Cg
-                for c0 in range(0, tl.cdiv(Cg, BLOCK_K)):
-                    c = c0 * BLOCK_K + offs_k
+                for c0 in range(0, Cg, BLOCK_K):
+                    c = c0 + offs_k
                     c_ok = c < Cg
                     a = tl.load(a_rows[:, None] + c[None, :],
                                 mask=row_ok[:, None] & c_ok[None, :], other=x_zp)

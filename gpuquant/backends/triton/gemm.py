@@ -135,12 +135,12 @@ def _qgemm_kernel(
     w_ptrs = W + rn[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+    for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(x_ptrs)
             b = tl.load(w_ptrs)
         else:
-            k_ok = offs_k < K - k0 * BLOCK_K
+            k_ok = offs_k < K - k0
             a = tl.load(x_ptrs, mask=k_ok[None, :], other=0)
             b = tl.load(w_ptrs, mask=k_ok[:, None], other=0)  # zero weights: no contribution
         if X_UINT8:
