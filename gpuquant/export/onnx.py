@@ -1,0 +1,441 @@
+"""Quantized gpuquant models -> ONNX in QDQ form (QuantizeLinear / DequantizeLinear).
+
+The model is traced with ``torch.fx`` (quantized modules are leaves; plain tensor code such
+as ``torch.flatten`` becomes graph nodes), run once on the example input to learn every
+tensor's shape, and each node is written with the ONNX helper API:
+
+* every int8 / uint8 activation of gpuquant is one ONNX int8 / uint8 tensor (the output of a
+  ``QuantizeLinear``); a consumer reads it through ``DequantizeLinear`` with the qparams the
+  consumer stored at conversion;
+* ``Conv`` / ``Gemm``: int8 weight initializers with per-output-channel scales (axis 0, zero
+  points 0), the int32 bias with scale ``s_x * s_w`` (float32) and zero point 0; a fused
+  ReLU is a ``Relu`` node, ReLU6 a ``Clip(0, 6)``, then ``QuantizeLinear`` to the output's
+  qparams (the pattern onnxruntime fuses into ``QLinearConv`` and TensorRT into int8 layers);
+* ``Elemwise`` -> ``Add`` (+ ``Relu``) / ``Mul``, ``Concat`` -> ``Concat``, pools ->
+  ``MaxPool`` / ``AveragePool`` / ``GlobalAveragePool``, each between DQ and Q;
+* ``flatten`` / ``reshape`` / ``view`` act on the int8 tensor itself.
+
+The graph's batch dimension is symbolic (``N``). :mod:`gpuquant.runtime` executes these
+files with the contract's integer semantics; onnxruntime requantizes in float (within one
+output step of gpuquant).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["to_onnx", "OPSET"]
+
+OPSET = 13
+_ACT_DTYPES = ("qint8", "quint8")   # activation dtypes whose range is their storage's
+_RELU6 = "relu6"
+
+
+def _onnx():
+    try:
+        import onnx
+        from onnx import helper, numpy_helper
+    except ImportError as e:  # pragma: no cover - onnx is in the deploy extra
+        raise ImportError("gpuquant.export.to_onnx needs the onnx package: "
+                          "pip install 'gpuquant[deploy]'") from e
+    return onnx, helper, numpy_helper
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        from ..nn.quantized.module import QuantizedModule
+        if isinstance(m, QuantizedModule):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the traced graph once, keeping every node's value (for shapes)."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values: Dict[str, object] = {}
+
+    def run_node(self, n):
+        v = super().run_node(n)
+        self.values[n.name] = v
+        return v
+
+
+class _Q:
+    """An int8 / uint8 ONNX tensor standing for a gpuquant activation."""
+
+    def __init__(self, name: str, scale: float, zp: int, dtype: str, shape):
+        self.name, self.scale, self.zp, self.dtype, self.shape = name, scale, zp, dtype, shape
+
+
+class _Builder:
+    def __init__(self, model_name: str):
+        self.onnx, self.helper, self.nph = _onnx()
+        self.nodes, self.inits = [], []
+        self.names = set()
+        self.model_name = model_name
+        self._dq = {}
+
+    def fresh(self, base: str) -> str:
+        base = base.replace(".", "_") or "t"
+        name, i = base, 1
+        while name in self.names:
+            name = f"{base}_{i}"
+            i += 1
+        self.names.add(name)
+        return name
+
+    def init(self, base: str, arr: np.ndarray) -> str:
+        name = self.fresh(base)
+        arr = np.asarray(arr)
+        self.inits.append(self.nph.from_array(arr if arr.flags.c_contiguous else arr.copy(), name))
+        return name
+
+    def node(self, op: str, inputs, base: str, **attrs) -> str:
+        out = self.fresh(base)
+        self.nodes.append(self.helper.make_node(op, list(inputs), [out], name=self.fresh(f"{base}_{op}"),
+                                                **attrs))
+        return out
+
+    # ---------------------------------------------------------------- Q / DQ
+    def zp_init(self, base, zp: int, dtype: str) -> str:
+        np_dt = np.int8 if dtype == "qint8" else np.uint8
+        return self.init(base, np.array(zp, dtype=np_dt))
+
+    def quantize(self, x: str, base: str, scale: float, zp: int, dtype: str, shape) -> _Q:
+        s = self.init(f"{base}_scale", np.array(scale, dtype=np.float32))
+        z = self.zp_init(f"{base}_zero_point", zp, dtype)
+        return _Q(self.node("QuantizeLinear", [x, s, z], f"{base}_q"), scale, zp, dtype, shape)
+
+    def dequantize(self, q: _Q, scale: float, zp: int) -> str:
+        key = (q.name, np.float32(scale).tobytes(), int(zp))
+        if key not in self._dq:
+            s = self.init(f"{q.name}_dq_scale", np.array(scale, dtype=np.float32))
+            z = self.zp_init(f"{q.name}_dq_zero_point", zp, q.dtype)
+            self._dq[key] = self.node("DequantizeLinear", [q.name, s, z], f"{q.name}_dq")
+        return self._dq[key]
+
+    def weight(self, base: str, w: torch.Tensor, w_scale: torch.Tensor) -> str:
+        o = w.shape[0]
+        q = self.init(f"{base}_weight", w.detach().cpu().numpy().astype(np.int8))
+        s = self.init(f"{base}_weight_scale", w_scale.detach().cpu().numpy().astype(np.float32))
+        z = self.init(f"{base}_weight_zero_point", np.zeros(o, dtype=np.int8))
+        return self.node("DequantizeLinear", [q, s, z], f"{base}_weight_dq", axis=0)
+
+    def bias(self, base: str, b: torch.Tensor, in_scale: float, w_scale: torch.Tensor) -> str:
+        o = b.shape[0]
+        scale = np.float32(in_scale) * w_scale.detach().cpu().numpy().astype(np.float32)
+        q = self.init(f"{base}_bias", b.detach().cpu().numpy().astype(np.int32))
+        s = self.init(f"{base}_bias_scale", scale.astype(np.float32))
+        z = self.init(f"{base}_bias_zero_point", np.zeros(o, dtype=np.int32))
+        return self.node("DequantizeLinear", [q, s, z], f"{base}_bias_dq", axis=0)
+
+    def activation(self, y: str, base: str, activation: str) -> str:
+        if activation == "relu":
+            return self.node("Relu", [y], f"{base}_relu")
+        if activation == _RELU6:
+            lo = self.init(f"{base}_clip_min", np.array(0.0, dtype=np.float32))
+            hi = self.init(f"{base}_clip_max", np.array(6.0, dtype=np.float32))
+            return self.node("Clip", [y, lo, hi], f"{base}_relu6")
+        return y
+
+
+def _who(name: str, m) -> str:
+    return f"module {name!r} ({type(m).__name__})"
+
+
+def _qp(m, name: str):
+    """(scale as float, zero point, dtype name) of a quantized module's per-tensor qparams."""
+    return float(getattr(m, f"{name}_scale")), int(getattr(m, f"{name}_zero_point")), \
+        m._dtypes[name]
+
+
+def _check_act_dtype(dtype: str, who: str) -> None:
+    if dtype not in _ACT_DTYPES:
+        raise NotImplementedError(f"to_onnx: {who} uses activation dtype {dtype}; ONNX "
+                                  f"QuantizeLinear clamps to the full int8 / uint8 range, so "
+                                  f"only {list(_ACT_DTYPES)} export exactly")
+
+
+def _pair(v):
+    return tuple(int(t) for t in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
+            opset: int = OPSET, dynamic_batch: bool = True):
+    """Export a quantized model (``gpuquant.quantization.quantize``'s result) to ONNX (QDQ).
+
+    Args:
+        model: the quantized model: a float input goes through a ``QuantStub`` first; the
+            output is float after a ``DequantStub`` (else the int8 / uint8 tensor).
+        example_input: a float tensor (one input) or a tuple of them; used to trace the
+            model and learn the shapes.
+        path: file to write, or None (only return the model).
+        opset: ONNX opset (>= 13).
+        dynamic_batch: make the first dimension of inputs and outputs symbolic (``N``).
+
+    Returns:
+        The ``onnx.ModelProto`` (checked with ``onnx.checker``).
+
+    Raises:
+        TypeError: not a module, or inputs that are not float tensors.
+        ValueError: an opset below 13, a model in training mode.
+        NotImplementedError: a module or operation with no QDQ export (named), e.g. a float
+            layer left in the model, an activation dtype other than qint8 / quint8.
+
+    Example:
+        >>> qmodel = quantize(qat_model)
+        >>> gpuquant.export.to_onnx(qmodel, torch.randn(1, 3, 224, 224), "model.onnx")
+    """
+    from ..nn import quantized as Q
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"to_onnx: model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"to_onnx: example_input[{i}] must be a float tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"to_onnx: opset must be an int >= 13 (QDQ with per-channel axis), got "
+                         f"{opset!r}")
+    if model.training:
+        raise ValueError("to_onnx: the model is in training mode; export the quantized model "
+                         "(gpuquant.quantization.quantize returns it in eval mode)")
+    if not any(isinstance(m, Q.QuantizedModule) for m in model.modules()):
+        raise ValueError("to_onnx: the model holds no gpuquant.nn.quantized module; convert it "
+                         "with gpuquant.quantization.quantize first")
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx cannot follow data-dependent Python control flow
+        raise NotImplementedError(f"to_onnx: torch.fx could not trace {type(model).__name__} "
+                                  f"({type(e).__name__}: {e}); export needs forward code "
+                                  f"without data-dependent control flow") from e
+    gm = torch.fx.GraphModule(model, graph)
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        rec.run(*inputs)
+    vals = rec.values
+    modules = dict(model.named_modules())
+
+    b = _Builder(type(model).__name__)
+    onnx, helper = b.onnx, b.helper
+    env: Dict[str, object] = {}      # fx node name -> _Q | ("float", onnx name)
+    graph_inputs, graph_outputs = [], []
+
+    def batch_shape(shape):
+        shape = list(shape)
+        if dynamic_batch and shape:
+            shape[0] = "N"
+        return shape
+
+    def q_of(arg, who: str) -> _Q:
+        v = env.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+        if not isinstance(v, _Q):
+            raise NotImplementedError(f"to_onnx: {who} expects a quantized (int8 / uint8) input "
+                                      f"but its input {getattr(arg, 'name', arg)!r} is not one "
+                                      f"(a float op between quantized modules?)")
+        return v
+
+    def out_q(y: str, base: str, m, node) -> _Q:
+        s, z, dt = _qp(m, "output")
+        _check_act_dtype(dt, _who(node.target, m))
+        return b.quantize(y, base, s, z, dt, tuple(vals[node.name].shape))
+
+    def dq_input(arg, m, name: str, who: str) -> str:
+        q = q_of(arg, who)
+        s, z, dt = _qp(m, name)
+        _check_act_dtype(dt, who)
+        return b.dequantize(q, s, z)
+
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            i = len(graph_inputs)
+            if i >= len(inputs):
+                raise ValueError(f"to_onnx: the model takes more inputs than example_input "
+                                 f"gives ({len(inputs)})")
+            name = b.fresh("input" if len(inputs) == 1 else f"input_{i}")
+            graph_inputs.append(helper.make_tensor_value_info(
+                name, onnx.TensorProto.FLOAT, batch_shape(inputs[i].shape)))
+            env[node.name] = ("float", name)
+        elif node.op == "call_module":
+            m = modules[node.target]
+            who = _who(node.target, m)
+            base = node.target
+            if isinstance(m, Q.QuantStub):
+                src = env[node.args[0].name]
+                if not isinstance(src, tuple):
+                    raise NotImplementedError(f"to_onnx: {who} needs a float input")
+                env[node.name] = out_q(src[1], base, m, node)
+            elif isinstance(m, Q.DequantStub):
+                env[node.name] = ("float", dq_input(node.args[0], m, "input", who))
+            elif isinstance(m, Q.Conv2d):
+                x = dq_input(node.args[0], m, "input", who)
+                w = b.weight(base, m.weight, m.weight_scale)
+                ins = [x, w]
+                if m.bias is not None:
+                    ins.append(b.bias(base, m.bias, float(m.input_scale), m.weight_scale))
+                ph, pw = _pair(m.padding)
+                y = b.node("Conv", ins, f"{base}_conv", kernel_shape=list(m.kernel_size),
+                           strides=list(_pair(m.stride)), pads=[ph, pw, ph, pw],
+                           dilations=list(_pair(m.dilation)), group=int(m.groups))
+                env[node.name] = out_q(b.activation(y, base, m.activation), base, m, node)
+            elif isinstance(m, Q.Linear):
+                if vals[node.args[0].name].dim() != 2:
+                    raise NotImplementedError(f"to_onnx: {who} on a {vals[node.args[0].name].dim()}"
+                                              f"-D input; only (N, in_features) exports (Gemm)")
+                x = dq_input(node.args[0], m, "input", who)
+                ins = [x, b.weight(base, m.weight, m.weight_scale)]
+                if m.bias is not None:
+                    ins.append(b.bias(base, m.bias, float(m.input_scale), m.weight_scale))
+                y = b.node("Gemm", ins, f"{base}_gemm", transB=1)
+                env[node.name] = out_q(b.activation(y, base, m.activation), base, m, node)
+            elif isinstance(m, Q.Elemwise):
+                xa = dq_input(node.args[0], m, "a", who)
+                xb = dq_input(node.args[1], m, "b", who)
+                op = "Mul" if m.method == "mul" else "Add"
+                y = b.node(op, [xa, xb], f"{base}_{op.lower()}")
+                if m.method == "add_relu":
+                    y = b.activation(y, base, "relu")
+                env[node.name] = out_q(y, base, m, node)
+            elif isinstance(m, Q.Concat):
+                tensors = node.args[0] if node.args else node.kwargs["tensors"]
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+                ins = []
+                for i, t in enumerate(tensors):
+                    q = q_of(t, who)
+                    _check_act_dtype(m._dtypes["input"], who)
+                    ins.append(b.dequantize(q, float(m.input_scale[i]),
+                                            int(m.input_zero_point[i])))
+                nd = vals[node.name].dim()
+                y = b.node("Concat", ins, f"{base}_concat", axis=int(dim) % nd)
+                env[node.name] = out_q(y, base, m, node)
+            elif isinstance(m, (Q.MaxPool2d, Q.AvgPool2d, Q.AdaptiveAvgPool2d)):
+                env[node.name] = _pool(b, m, node, vals, dq_input, who, base)
+            elif isinstance(m, (torch.nn.Identity, torch.nn.Dropout)):
+                env[node.name] = env[node.args[0].name]
+            elif isinstance(m, torch.nn.Flatten):
+                env[node.name] = _reshape(b, env[node.args[0].name], vals[node.name], base,
+                                          flatten_axis=m.start_dim if m.end_dim == -1 else None)
+            else:
+                raise NotImplementedError(
+                    f"to_onnx: {who} has no QDQ export; supported: gpuquant.nn.quantized "
+                    f"modules ({', '.join(Q.__all__[1:])}), Identity, Dropout, Flatten "
+                    f"(a float layer left in the model cannot run between int8 tensors)")
+        elif node.op in ("call_function", "call_method"):
+            env[node.name] = _tensor_op(b, node, env, vals)
+        elif node.op == "output":
+            outs = node.args[0]
+            outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+            for i, o in enumerate(outs):
+                v = env[o.name]
+                src = v[1] if isinstance(v, tuple) else v.name
+                name = b.fresh("output" if len(outs) == 1 else f"output_{i}")
+                b.nodes.append(helper.make_node("Identity", [src], [name], name=b.fresh(f"{name}_id")))
+                t = vals[o.name]
+                et = onnx.TensorProto.FLOAT if isinstance(v, tuple) else (
+                    onnx.TensorProto.INT8 if v.dtype == "qint8" else onnx.TensorProto.UINT8)
+                graph_outputs.append(helper.make_tensor_value_info(name, et,
+                                                                   batch_shape(t.shape)))
+        elif node.op == "get_attr":
+            raise NotImplementedError(f"to_onnx: attribute access {node.target!r} in forward is "
+                                      f"not supported")
+
+    g = helper.make_graph(b.nodes, f"gpuquant_{b.model_name}", graph_inputs, graph_outputs,
+                          initializer=b.inits)
+    proto = helper.make_model(g, producer_name="gpuquant",
+                              opset_imports=[helper.make_opsetid("", int(opset))])
+    proto.ir_version = min(proto.ir_version, 8)  # readable by older onnxruntime releases
+    helper.set_model_props(proto, {"gpuquant.format": "qdq-v1"})
+    onnx.checker.check_model(proto, full_check=True)
+    if path is not None:
+        onnx.save(proto, str(path))
+    return proto
+
+
+def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
+    from ..nn import quantized as Q
+    x = dq_input(node.args[0], m, "input", who)
+    s, z, dt = _qp(m, "input")
+    shape_in = tuple(vals[node.args[0].name].shape)
+    if isinstance(m, Q.MaxPool2d):
+        if m.return_indices:
+            raise NotImplementedError(f"to_onnx: {who} with return_indices")
+        k = _pair(m.kernel_size)
+        st = k if m.stride in (None, [], ()) else _pair(m.stride)
+        p = _pair(m.padding)
+        y = b.node("MaxPool", [x], f"{base}_maxpool", kernel_shape=list(k), strides=list(st),
+                   pads=[p[0], p[1], p[0], p[1]], dilations=list(_pair(m.dilation)),
+                   ceil_mode=int(bool(m.ceil_mode)))
+    elif isinstance(m, Q.AvgPool2d):
+        if m.divisor_override:
+            raise NotImplementedError(f"to_onnx: {who} with divisor_override (ONNX AveragePool "
+                                      f"has none)")
+        k = _pair(m.kernel_size)
+        st = k if m.stride in (None, [], ()) else _pair(m.stride)
+        p = _pair(m.padding)
+        y = b.node("AveragePool", [x], f"{base}_avgpool", kernel_shape=list(k),
+                   strides=list(st), pads=[p[0], p[1], p[0], p[1]],
+                   ceil_mode=int(bool(m.ceil_mode)),
+                   count_include_pad=int(bool(m.count_include_pad)))
+    else:
+        oh, ow = tuple(vals[node.name].shape[-2:])
+        h, w = shape_in[-2:]
+        if (oh, ow) == (1, 1):
+            y = b.node("GlobalAveragePool", [x], f"{base}_gap")
+        elif h % oh == 0 and w % ow == 0:
+            k = (h // oh, w // ow)
+            y = b.node("AveragePool", [x], f"{base}_avgpool", kernel_shape=list(k),
+                       strides=list(k))
+        else:
+            raise NotImplementedError(f"to_onnx: {who}: adaptive pooling from {(h, w)} to "
+                                      f"{(oh, ow)} has windows of unequal sizes (no ONNX op)")
+    return b.quantize(y, base, s, z, dt, tuple(vals[node.name].shape))
+
+
+def _reshape(b: _Builder, src, out_val, base: str, flatten_axis=None):
+    """Flatten / Reshape of an int8 tensor (or a float one)."""
+    name = src.name if isinstance(src, _Q) else src[1]
+    if flatten_axis is not None:
+        y = b.node("Flatten", [name], f"{base}_flatten", axis=int(flatten_axis))
+    else:
+        shape = list(out_val.shape)
+        if shape:
+            shape[0] = 0  # 0: copy the (symbolic) batch dimension
+        sh = b.init(f"{base}_shape", np.array(shape, dtype=np.int64))
+        y = b.node("Reshape", [name, sh], f"{base}_reshape")
+    if isinstance(src, _Q):
+        return _Q(y, src.scale, src.zp, src.dtype, tuple(out_val.shape))
+    return ("float", y)
+
+
+def _tensor_op(b: _Builder, node, env, vals):
+    """torch functions / tensor methods in forward code: flatten, reshape, view, contiguous."""
+    target = node.target
+    args = node.args
+    src = env.get(args[0].name) if args and isinstance(args[0], torch.fx.Node) else None
+    what = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+    if src is None:
+        raise NotImplementedError(f"to_onnx: operation {what!r} (node {node.name!r}) has no QDQ "
+                                  f"export")
+    in_val = vals[args[0].name]
+    if target is torch.flatten or target == "flatten":
+        start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+        end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
+        end = end % in_val.dim()
+        return _reshape(b, src, vals[node.name], node.name,
+                        flatten_axis=start % in_val.dim() if end == in_val.dim() - 1 else None)
+    if target in ("reshape", "view") or target is torch.reshape:
+        return _reshape(b, src, vals[node.name], node.name)
+    if target in ("contiguous",):
+        return src
+    if target is operator.getitem:
+        raise NotImplementedError(f"to_onnx: indexing (node {node.name!r}) has no QDQ export")
+    raise NotImplementedError(f"to_onnx: operation {what!r} (node {node.name!r}) has no QDQ "
+                              f"export; supported in forward code: flatten, reshape, view, "
+                              f"contiguous between quantized modules")

@@ -1,0 +1,427 @@
+"""Execution of gpuquant's QDQ ONNX files with the contract's integer semantics, NumPy only.
+
+At load time the graph is matched into integer steps: a ``DequantizeLinear`` of an
+activation is a view (no float tensor is made); ``Conv`` / ``Gemm`` / ``Add`` / ``Mul`` /
+``Concat`` / pools whose inputs are such views and whose output (through an optional
+``Relu`` or ``Clip(0, 6)``) feeds one ``QuantizeLinear`` become one integer op writing that
+int8 / uint8 tensor. Fixed-point multipliers come from the stored float32 scales through
+:mod:`gpuquant.multipliers`, exactly as the quantized modules derive theirs, and the ops are
+the NumPy backend's torch-free kernels, so outputs equal gpuquant's byte for byte.
+
+Activations are held in their logical (NCHW) shape; 4-D ones are views of NHWC memory, the
+layout the kernels use (as torch's channels_last).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+
+from ..backends.numpy import conv as _conv
+from ..backends.numpy import elementwise as _ew
+from ..backends.numpy import gemm as _gemm
+from ..backends.numpy import pool as _pool
+from ..backends.numpy.fixed_point import Params
+from ..multipliers import (activation_bounds, add_multipliers, quantize_multiplier_one,
+                           single_rounding_multiplier)
+
+__all__ = ["Session", "RuntimeFormatError"]
+
+_RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
+_NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
+
+
+class RuntimeFormatError(ValueError):
+    """The ONNX graph is not in the QDQ form gpuquant exports (names the node)."""
+
+
+def _nhwc(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def _nchw(a: np.ndarray) -> np.ndarray:
+    return a.transpose(0, 3, 1, 2)
+
+
+def _requant_params(real: np.ndarray, zp: int, np_dtype, activation: str, out_scale: float):
+    real = np.asarray(real, dtype=np.float64)
+    pairs = [quantize_multiplier_one(float(v)) for v in real.reshape(-1)]
+    mult = np.array([p[0] for p in pairs], dtype=np.int64).reshape(real.shape)
+    shift = np.array([p[1] for p in pairs], dtype=np.int64).reshape(real.shape)
+    qmin, qmax = _RANGE[np.dtype(np_dtype)]
+    lo, hi = activation_bounds(qmin, qmax, out_scale, zp, activation)
+    return Params(mult, shift, zp, lo, hi, np_dtype)
+
+
+def _single_rounding_params(in_scale: float, out_scale: float, zp: int, np_dtype):
+    """F's ``single_rounding_requant`` (concat, mul) on NumPy."""
+    sr = single_rounding_multiplier(float(in_scale) / float(out_scale))
+    if sr is None:
+        return _requant_params(np.float64(in_scale) * 1.0 / float(out_scale), zp, np_dtype, "none",
+                               out_scale)
+    qmin, qmax = _RANGE[np.dtype(np_dtype)]
+    lo, hi = activation_bounds(qmin, qmax, out_scale, zp, "none")
+    return Params(np.int64(sr[0]), np.int64(sr[1]), zp, lo, hi, np_dtype)
+
+
+class _AddParams:
+    __slots__ = ("left_shift", "a_zero_point", "a_multiplier", "a_rshift", "b_zero_point",
+                 "b_multiplier", "b_rshift")
+
+
+class Session:
+    """An exported model ready to run; build it with :func:`gpuquant.runtime.load`.
+
+    Attributes:
+        input_names, output_names: the graph's input and output names.
+    """
+
+    def __init__(self, model, source: str = "<model>"):
+        from onnx import numpy_helper
+        self.source = source
+        g = model.graph
+        self._const: Dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
+                                              for t in g.initializer}
+        self.input_names = [i.name for i in g.input if i.name not in self._const]
+        self.output_names = [o.name for o in g.output]
+        self._producer = {}
+        self._consumers: Dict[str, list] = {}
+        for n in g.node:
+            for o in n.output:
+                self._producer[o] = n
+            for i in n.input:
+                self._consumers.setdefault(i, []).append(n)
+        self._views: Dict[str, tuple] = {}   # DQ output -> (q name, scale, zp)
+        self._steps: List[tuple] = []
+        self._fused = set()
+        for n in g.node:
+            self._plan(n)
+
+    # ------------------------------------------------------------------ planning
+    def _err(self, node, msg: str):
+        return RuntimeFormatError(f"{self.source}: node {node.name!r} ({node.op_type}): {msg}")
+
+    def _attrs(self, node) -> dict:
+        from onnx import helper
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def _scalar(self, name: str, node):
+        if name not in self._const:
+            raise self._err(node, f"{name!r} must be an initializer")
+        return self._const[name]
+
+    def _view(self, name: str, node):
+        """(q tensor name, scale float32, zero point int) behind a DQ'd activation input."""
+        v = self._views.get(name)
+        if v is None:
+            raise self._err(node, f"input {name!r} is not a DequantizeLinear of a quantized "
+                                  f"activation")
+        return v
+
+    def _dq_const(self, name: str, node):
+        """(int array, float32 scales) of a DequantizeLinear of an initializer."""
+        p = self._producer.get(name)
+        if p is None or p.op_type != "DequantizeLinear" or p.input[0] not in self._const:
+            raise self._err(node, f"input {name!r} must be a DequantizeLinear of an initializer")
+        self._fused.add(p.name)
+        return self._const[p.input[0]], np.asarray(self._scalar(p.input[1], p), np.float32)
+
+    def _tail(self, node):
+        """Follow ``node``'s output through an optional Relu / Clip(0, 6) to its one
+        QuantizeLinear: (activation, q output name, scale, zp, np dtype)."""
+        act = "none"
+        out = node.output[0]
+        cons = self._consumers.get(out, [])
+        if len(cons) == 1 and cons[0].op_type in ("Relu", "Clip"):
+            c = cons[0]
+            if c.op_type == "Relu":
+                act = "relu"
+            else:
+                lo = float(self._scalar(c.input[1], c)) if len(c.input) > 1 and c.input[1] else None
+                hi = float(self._scalar(c.input[2], c)) if len(c.input) > 2 and c.input[2] else None
+                if (lo, hi) != (0.0, 6.0):
+                    raise self._err(c, f"Clip({lo}, {hi}) is not a fused ReLU6")
+                act = "relu6"
+            self._fused.add(c.name)
+            out = c.output[0]
+            cons = self._consumers.get(out, [])
+        if len(cons) != 1 or cons[0].op_type != "QuantizeLinear":
+            raise self._err(node, "its output must feed exactly one QuantizeLinear (QDQ form)")
+        q = cons[0]
+        self._fused.add(q.name)
+        scale = np.float32(self._scalar(q.input[1], q))
+        zp_arr = self._scalar(q.input[2], q)
+        return act, q.output[0], float(scale), int(zp_arr), zp_arr.dtype
+
+    def _plan(self, n):
+        if n.name in self._fused and n.op_type not in ("DequantizeLinear",):
+            return
+        op = n.op_type
+        if op == "DequantizeLinear":
+            if n.input[0] in self._const:
+                return  # weights / bias: read by the op that uses them
+            scale = self._scalar(n.input[1], n)
+            zp = self._scalar(n.input[2], n) if len(n.input) > 2 and n.input[2] else np.int8(0)
+            if np.ndim(scale) != 0:
+                raise self._err(n, "activations must be quantized per tensor")
+            self._views[n.output[0]] = (n.input[0], float(np.float32(scale)), int(zp))
+            # materialized only where something other than a fused op reads it
+            if any(c.op_type not in _FUSABLE for c in self._consumers.get(n.output[0], [])) \
+                    or n.output[0] in self.output_names:
+                self._steps.append(("dequantize", n.input[0], n.output[0], np.float32(scale),
+                                    int(zp)))
+            return
+        if op == "QuantizeLinear":
+            scale = np.float32(self._scalar(n.input[1], n))
+            zp = self._scalar(n.input[2], n)
+            qmin, qmax = _RANGE[zp.dtype]
+            self._steps.append(("quantize", n.input[0], n.output[0], scale, zp, qmin, qmax))
+            return
+        if op in ("Flatten", "Reshape", "Identity"):
+            a = self._attrs(n)
+            shape = self._const[n.input[1]] if op == "Reshape" else None
+            self._steps.append((op.lower(), n.input[0], n.output[0], a.get("axis", 1), shape))
+            return
+        if op not in _FUSABLE:
+            raise self._err(n, f"not supported by gpuquant.runtime (it runs the QDQ graphs "
+                               f"gpuquant.export.to_onnx writes: {sorted(_FUSABLE)} between "
+                               f"DequantizeLinear and QuantizeLinear, Flatten, Reshape)")
+        getattr(self, f"_plan_{op}")(n, self._attrs(n))
+
+    def _plan_Conv(self, n, a):
+        xq, sx, zx = self._view(n.input[0], n)
+        w, sw = self._dq_const(n.input[1], n)
+        b = None
+        if len(n.input) > 2 and n.input[2]:
+            b = self._dq_const(n.input[2], n)[0].astype(np.int64)
+        act, out, sy, zy, dt = self._tail(n)
+        p = _requant_params(np.float64(sx) * sw.astype(np.float64) / float(sy), zy, dt, act, sy)
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:]:
+            raise self._err(n, f"asymmetric pads {pads}")
+        cache: dict = {}
+        self._steps.append(("conv", xq, out, zx, np.ascontiguousarray(w, np.int8), b,
+                            tuple(a.get("strides", [1, 1])), tuple(pads[:2]),
+                            tuple(a.get("dilations", [1, 1])), int(a.get("group", 1)), p, cache))
+
+    def _plan_Gemm(self, n, a):
+        if a.get("transB", 0) != 1 or a.get("transA", 0) != 0 or a.get("alpha", 1.0) != 1.0 \
+                or a.get("beta", 1.0) != 1.0:
+            raise self._err(n, "only Gemm(x, W, b) with transB=1 (a Linear layer) is supported")
+        xq, sx, zx = self._view(n.input[0], n)
+        w, sw = self._dq_const(n.input[1], n)
+        b = None
+        if len(n.input) > 2 and n.input[2]:
+            b = self._dq_const(n.input[2], n)[0].astype(np.int64)
+        act, out, sy, zy, dt = self._tail(n)
+        p = _requant_params(np.float64(sx) * sw.astype(np.float64) / float(sy), zy, dt, act, sy)
+        pw = _gemm.pack_linear(np.ascontiguousarray(w, np.int8))
+        self._steps.append(("linear", xq, out, zx, pw, b, p))
+
+    def _plan_Add(self, n, a):
+        aq, sa, za = self._view(n.input[0], n)
+        bq, sb, zb = self._view(n.input[1], n)
+        act, out, sy, zy, dt = self._tail(n)
+        if act == "relu6":
+            raise self._err(n, "Add with ReLU6 is not a gpuquant Elemwise")
+        left, (ma, ra), (mb, rb), sum_scale = add_multipliers(sa, sb)
+        ap = _AddParams()
+        ap.left_shift, ap.a_zero_point, ap.a_multiplier, ap.a_rshift = left, za, ma, ra
+        ap.b_zero_point, ap.b_multiplier, ap.b_rshift = zb, mb, rb
+        p_out = _requant_params(np.float64(sum_scale) * 1.0 / float(sy), zy, dt, act, sy)
+        self._steps.append(("add", (aq, bq), out, ap, p_out))
+
+    def _plan_Mul(self, n, a):
+        aq, sa, za = self._view(n.input[0], n)
+        bq, sb, zb = self._view(n.input[1], n)
+        act, out, sy, zy, dt = self._tail(n)
+        if act != "none":
+            raise self._err(n, "Mul with a fused activation is not a gpuquant Elemwise")
+        p = _single_rounding_params(float(np.float64(sa) * np.float64(sb)), sy, zy, dt)
+        self._steps.append(("mul", (aq, bq), out, za, zb, p))
+
+    def _plan_Concat(self, n, a):
+        views = [self._view(i, n) for i in n.input]
+        act, out, sy, zy, dt = self._tail(n)
+        if act != "none":
+            raise self._err(n, "Concat with a fused activation is not a gpuquant Concat")
+        params = []
+        for q, s, z in views:
+            in_dt = self._dtype_of(q)
+            same = np.float32(s) == np.float32(sy) and z == zy and in_dt == np.dtype(dt)
+            params.append(None if same else _single_rounding_params(s, sy, zy, dt))
+        self._steps.append(("concat", [v[0] for v in views], out, [v[2] for v in views], params,
+                            int(a.get("axis", 0)), dt))
+
+    def _dtype_of(self, qname: str):
+        p = self._producer.get(qname)
+        while p is not None and p.op_type in ("Flatten", "Reshape", "Identity"):
+            p = self._producer.get(p.input[0])
+        if p is None or p.op_type != "QuantizeLinear":
+            return None
+        return self._const[p.input[2]].dtype
+
+    def _pool_tail(self, n, sx, zx):
+        act, out, sy, zy, dt = self._tail(n)
+        if act != "none" or np.float32(sy) != np.float32(sx) or zy != zx:
+            raise self._err(n, "a pool's output must keep its input's qparams")
+        return out
+
+    def _plan_MaxPool(self, n, a):
+        xq, sx, zx = self._view(n.input[0], n)
+        out = self._pool_tail(n, sx, zx)
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:]:
+            raise self._err(n, f"asymmetric pads {pads}")
+        k = tuple(a["kernel_shape"])
+        self._steps.append(("maxpool", xq, out, k, tuple(a.get("strides", k)), tuple(pads[:2]),
+                            tuple(a.get("dilations", [1, 1])), bool(a.get("ceil_mode", 0))))
+
+    def _plan_AveragePool(self, n, a):
+        xq, sx, zx = self._view(n.input[0], n)
+        out = self._pool_tail(n, sx, zx)
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:]:
+            raise self._err(n, f"asymmetric pads {pads}")
+        k = tuple(a["kernel_shape"])
+        self._steps.append(("avgpool", xq, out, zx, k, tuple(a.get("strides", k)),
+                            tuple(pads[:2]), bool(a.get("ceil_mode", 0)),
+                            bool(a.get("count_include_pad", 0))))
+
+    def _plan_GlobalAveragePool(self, n, a):
+        xq, sx, zx = self._view(n.input[0], n)
+        out = self._pool_tail(n, sx, zx)
+        self._steps.append(("gap", xq, out, zx))
+
+    # ------------------------------------------------------------------ execution
+    def run(self, x, *more):
+        """Run the model.
+
+        Args:
+            x: the input as a NumPy array (float32; other float dtypes are converted), or a
+                dict name -> array for several inputs; further positional arrays for further
+                inputs.
+
+        Returns:
+            The output array (a list when the graph has several outputs).
+
+        Raises:
+            TypeError: an input that is not a NumPy array.
+            ValueError: a wrong number of inputs.
+        """
+        feeds = dict(x) if isinstance(x, dict) else dict(zip(self.input_names, (x,) + more))
+        if len(feeds) != len(self.input_names) or set(feeds) != set(self.input_names):
+            raise ValueError(f"{self.source}: expects inputs {self.input_names}, got "
+                             f"{sorted(feeds)}")
+        env: Dict[str, np.ndarray] = {}
+        for k, v in feeds.items():
+            if not isinstance(v, np.ndarray):
+                raise TypeError(f"{self.source}: input {k!r} must be a numpy.ndarray, got "
+                                f"{type(v).__name__}")
+            if not np.issubdtype(v.dtype, np.floating):
+                raise TypeError(f"{self.source}: input {k!r} must be a float array, got {v.dtype}")
+            env[k] = np.ascontiguousarray(v, dtype=np.float32)
+        for st in self._steps:
+            _EXEC[st[0]](st, env)
+        outs = [np.ascontiguousarray(env[o]) for o in self.output_names]
+        return outs[0] if len(outs) == 1 else outs
+
+    __call__ = run
+
+
+def _x_quantize(st, env):
+    _, src, out, scale, zp, qmin, qmax = st
+    q = _ew.quantize_array(env[src], scale, zp, qmin, qmax, None, zp.dtype)
+    env[out] = _nchw(_nhwc(q)) if q.ndim == 4 else q
+
+
+def _x_dequantize(st, env):
+    _, src, out, scale, zp = st
+    env[out] = np.ascontiguousarray(_ew.dequantize_array(env[src], scale, np.int32(zp), None))
+
+
+def _x_reshape(st, env):
+    op, src, out, axis, shape = st
+    x = env[src]
+    if op == "identity":
+        env[out] = x
+    elif op == "flatten":
+        axis = axis % x.ndim if x.ndim else 0
+        env[out] = np.reshape(x, (int(np.prod(x.shape[:axis], dtype=np.int64)), -1))
+    else:
+        shape = [x.shape[i] if (s == 0 and i < x.ndim) else int(s) for i, s in enumerate(shape)]
+        env[out] = np.reshape(x, shape)
+
+
+def _x_conv(st, env):
+    _, src, out, zx, w, b, stride, pads, dil, groups, p, cache = st
+
+    def cached(kind, build):
+        if kind not in cache:
+            cache[kind] = build()
+        return cache[kind]
+    env[out] = _nchw(_conv.conv2d_nhwc(_nhwc(env[src]), zx, w, b, stride, pads, dil, groups, p,
+                                       cached))
+
+
+def _x_linear(st, env):
+    _, src, out, zx, pw, b, p = st
+    env[out] = _gemm.linear_rows(np.ascontiguousarray(env[src]), zx, pw, p, b)
+
+
+def _pair_views(names, env):
+    xs = [env[n] for n in names]
+    if all(x.ndim == 4 for x in xs):
+        return [_nhwc(x) for x in xs], True
+    return xs, False
+
+
+def _x_add(st, env):
+    _, names, out, ap, p_out = st
+    (a, b), four = _pair_views(names, env)
+    y = _ew.add_arrays(a, b, ap, p_out)
+    env[out] = _nchw(y) if four else y
+
+
+def _x_mul(st, env):
+    _, names, out, za, zb, p = st
+    (a, b), four = _pair_views(names, env)
+    y = _ew.mul_arrays(a, za, b, zb, p)
+    env[out] = _nchw(y) if four else y
+
+
+def _x_concat(st, env):
+    _, names, out, zps, params, axis, dt = st
+    xs, four = _pair_views(names, env)
+    nd = env[names[0]].ndim
+    ax = _NHWC_AXIS[axis % nd] if four else axis % nd
+    y = _ew.concat_arrays(xs, zps, params, ax, dt)
+    env[out] = _nchw(y) if four else y
+
+
+def _x_maxpool(st, env):
+    _, src, out, k, s, pads, dil, ceil = st
+    env[out] = _nchw(_pool.max_pool2d_nhwc(_nhwc(env[src]), k, s, pads, dil, ceil))
+
+
+def _x_avgpool(st, env):
+    _, src, out, zx, k, s, pads, ceil, cip = st
+    x = env[src]
+    qmin, qmax = _RANGE[x.dtype]
+    env[out] = _nchw(_pool.avg_pool2d_nhwc(_nhwc(x), zx, k, s, pads, ceil, cip, None, qmin,
+                                           qmax))
+
+
+def _x_gap(st, env):
+    _, src, out, zx = st
+    x = env[src]
+    qmin, qmax = _RANGE[x.dtype]
+    env[out] = _nchw(_pool.adaptive_avg_pool2d_nhwc(_nhwc(x), zx, (1, 1), qmin, qmax))
+
+
+_EXEC = {"quantize": _x_quantize, "dequantize": _x_dequantize, "flatten": _x_reshape,
+         "reshape": _x_reshape, "identity": _x_reshape, "conv": _x_conv, "linear": _x_linear,
+         "add": _x_add, "mul": _x_mul, "concat": _x_concat, "maxpool": _x_maxpool,
+         "avgpool": _x_avgpool, "gap": _x_gap}
+_FUSABLE = ("Conv", "Gemm", "Add", "Mul", "Concat", "MaxPool", "AveragePool",
+            "GlobalAveragePool")
