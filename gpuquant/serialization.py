@@ -1,0 +1,338 @@
+"""``gpuquant.save`` / ``gpuquant.load``: quantized models in one safetensors file.
+
+The file holds the model's ``state_dict`` tensors (int8 weights, int32 biases, the qparams
+buffers, any float tensors) as safetensors, and in the safetensors header's metadata a
+small JSON description: the module tree (path and class of every module; for each
+``gpuquant.nn.quantized`` module its class name and constructor arguments), the modules'
+extra state (their dtype names), optionally the ``gpuquant.models`` builder, and a SHA-256
+over the JSON and every tensor's bytes. Nothing is pickled and no code is imported from the
+file other than classes of ``gpuquant.nn.quantized`` / ``torch.nn`` containers and builder
+functions of ``gpuquant.models``.
+
+Rebuilding the tree on load (the design choice): modules with arbitrary ``forward`` code
+(a user's ``Net``, ResNet's blocks) cannot be rebuilt from data. So ``load`` takes
+
+* ``model=skeleton``: an instance of the same architecture (e.g. the float model); every
+  quantized module recorded in the file replaces the module at its path; or
+* nothing, when the file names its builder (``save(..., arch="resnet18",
+  arch_kwargs={"num_classes": 10})``, any function in ``gpuquant.models``), or when the
+  model is made only of quantized modules inside ``torch.nn.Sequential`` / ``ModuleList``
+  / ``ModuleDict`` (plus ``Identity``, ``Dropout``, ``Flatten``).
+
+A file that is truncated, altered or not a gpuquant model raises ``ValueError`` naming the
+file and the fault; a loaded model is exactly the saved one (outputs byte-identical).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from typing import Optional
+
+import torch
+
+__all__ = ["save", "load"]
+
+FORMAT = "gpuquant-model"
+VERSION = 1
+_CONTAINERS = {"Sequential": torch.nn.Sequential, "ModuleList": torch.nn.ModuleList,
+               "ModuleDict": torch.nn.ModuleDict, "Identity": torch.nn.Identity,
+               "Dropout": torch.nn.Dropout, "Flatten": torch.nn.Flatten}
+_EXTRA = "_extra_state"
+
+
+def _quantized():
+    from .nn import quantized as Q
+    return Q
+
+
+def _ctor_args(m, path: str) -> dict:
+    """The constructor arguments of a gpuquant.nn.quantized module (JSON-able)."""
+    Q = _quantized()
+    d = m._dtypes
+    lst = (lambda v: list(v) if isinstance(v, (tuple, list)) else v)
+    if isinstance(m, Q.Conv2d):
+        return {"in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": lst(m.kernel_size), "stride": lst(m.stride),
+                "padding": lst(m.padding), "dilation": lst(m.dilation), "groups": m.groups,
+                "bias": m.bias is not None, "input_dtype": d["input"],
+                "output_dtype": d["output"], "weight_dtype": d["weight"]}
+    if isinstance(m, Q.Linear):
+        return {"in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None, "input_dtype": d["input"],
+                "output_dtype": d["output"], "weight_dtype": d["weight"]}
+    if isinstance(m, Q.Elemwise):
+        return {"method": m.method, "a_dtype": d["a"], "b_dtype": d["b"],
+                "output_dtype": d["output"]}
+    if isinstance(m, Q.Concat):
+        return {"num_inputs": m.num_inputs, "input_dtype": d["input"],
+                "output_dtype": d["output"]}
+    if isinstance(m, Q.QuantStub):
+        return {"output_dtype": d["output"]}
+    if isinstance(m, Q.DequantStub):
+        return {"input_dtype": d["input"]}
+    if isinstance(m, (Q.MaxPool2d, Q.AvgPool2d, Q.AdaptiveAvgPool2d)):
+        args = {"input_dtype": d["input"]}
+        args.update({k: lst(getattr(m, k)) for k in type(m)._ARGS})
+        return args
+    raise TypeError(f"gpuquant.save: module {path or '<root>'!r} ({type(m).__name__}) has no "
+                    f"saved form; supported quantized classes: {_quantized().__all__[1:]}")
+
+
+def _tuples(v):
+    return tuple(_tuples(t) for t in v) if isinstance(v, list) else v
+
+
+def _describe(model: torch.nn.Module) -> list:
+    Q = _quantized()
+    tree = []
+    for path, m in model.named_modules():
+        cls = type(m)
+        entry = {"path": path, "class": f"{cls.__module__}.{cls.__qualname__}"}
+        if isinstance(m, Q.QuantizedModule):
+            if getattr(Q, cls.__name__, None) is not cls:
+                raise TypeError(f"gpuquant.save: module {path or '<root>'!r} is a "
+                                f"{cls.__module__}.{cls.__name__}, not a class of "
+                                f"gpuquant.nn.quantized; it has no saved form")
+            entry["quantized"] = cls.__name__
+            entry["args"] = _ctor_args(m, path)
+        elif isinstance(m, torch.nn.Dropout):
+            entry["args"] = {"p": m.p}
+        elif isinstance(m, torch.nn.Flatten):
+            entry["args"] = {"start_dim": m.start_dim, "end_dim": m.end_dim}
+        tree.append(entry)
+    return tree
+
+
+def _digest(desc: str, tensors: dict) -> str:
+    h = hashlib.sha256(desc.encode("utf-8"))
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(f"\0{k}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
+         arch_kwargs: Optional[dict] = None) -> None:
+    """Save a quantized model (``gpuquant.quantization.quantize``'s result) to ``path``.
+
+    Args:
+        model: the model (any device; tensors are stored from CPU copies).
+        path: the file to write (conventionally ``*.safetensors``).
+        arch: optional name of the ``gpuquant.models`` function that builds the
+            architecture (e.g. ``"resnet18"``), so ``load(path)`` needs no skeleton.
+        arch_kwargs: its keyword arguments (JSON values), e.g. ``{"num_classes": 10}``.
+
+    Raises:
+        TypeError: not a module, a quantized module class with no saved form (named), or
+            arguments of the wrong type.
+        ValueError: an unknown ``arch``, or ``arch_kwargs`` that are not JSON values.
+
+    Example:
+        >>> gpuquant.save(int8_model, "net.safetensors", arch="resnet18",
+        ...               arch_kwargs={"num_classes": 10})
+    """
+    from safetensors.torch import save as st_save
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"gpuquant.save: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"gpuquant.save: path must be a str or os.PathLike, got "
+                        f"{type(path).__name__}")
+    builder = None
+    if arch is not None:
+        _builder(arch, "gpuquant.save")
+        if arch_kwargs is not None and not isinstance(arch_kwargs, dict):
+            raise TypeError(f"gpuquant.save: arch_kwargs must be a dict, got "
+                            f"{type(arch_kwargs).__name__}")
+        builder = {"arch": arch, "kwargs": dict(arch_kwargs or {})}
+    elif arch_kwargs is not None:
+        raise ValueError("gpuquant.save: arch_kwargs given without arch")
+    tensors, extra = {}, {}
+    for k, v in model.state_dict().items():
+        if k.endswith(_EXTRA) and not isinstance(v, torch.Tensor):
+            extra[k] = v
+        elif isinstance(v, torch.Tensor):
+            tensors[k] = v.detach().to("cpu", copy=True).contiguous()
+        else:
+            raise TypeError(f"gpuquant.save: state_dict entry {k!r} is a {type(v).__name__}, "
+                            f"not a tensor; it has no safe saved form")
+    desc = {"format": FORMAT, "version": VERSION, "root": type(model).__name__,
+            "builder": builder, "tree": _describe(model), "extra_state": extra}
+    try:
+        text = json.dumps(desc, sort_keys=True)
+    except TypeError as e:
+        raise ValueError(f"gpuquant.save: the description is not JSON-serialisable ({e}); "
+                         f"arch_kwargs and extra state must be plain JSON values") from e
+    meta = {"gpuquant": text, "gpuquant_sha256": _digest(text, tensors)}
+    data = st_save(tensors, metadata=meta)
+    with open(os.fspath(path), "wb") as f:
+        f.write(data)
+
+
+def _builder(arch, who: str):
+    from . import models
+    if not isinstance(arch, str) or arch not in models.__all__ or arch[:1].isupper():
+        raise ValueError(f"{who}: arch must name a builder function of gpuquant.models, got "
+                         f"{arch!r}; allowed: {[n for n in models.__all__ if n[:1].islower()]}")
+    return getattr(models, arch)
+
+
+def _bad(path, what: str) -> ValueError:
+    return ValueError(f"gpuquant.load: {path!r} is not a valid gpuquant model file: {what}")
+
+
+def _read(path):
+    """(description dict, tensors) of a file, every check done."""
+    from safetensors.torch import load as st_load
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise _bad(path, f"{len(data)} bytes, shorter than a safetensors header (truncated?)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise _bad(path, f"the header claims {n} bytes but only {len(data) - 8} follow "
+                         f"(truncated?)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+        meta = header.get("__metadata__") or {}
+        text, digest = meta["gpuquant"], meta["gpuquant_sha256"]
+        desc = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+        raise _bad(path, f"no readable gpuquant description in the header "
+                         f"({type(e).__name__}: {e})") from None
+    if not isinstance(desc, dict) or desc.get("format") != FORMAT:
+        raise _bad(path, f"format {desc.get('format') if isinstance(desc, dict) else desc!r}, "
+                         f"expected {FORMAT!r}")
+    if desc.get("version") != VERSION:
+        raise _bad(path, f"format version {desc.get('version')!r}, this gpuquant reads "
+                         f"{VERSION}")
+    ends = [int(v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    need = 8 + n + max(ends, default=0)
+    if len(data) != need:
+        raise _bad(path, f"{len(data)} bytes, the header describes {need} (truncated or "
+                         f"extended)")
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors' own consistency checks
+        raise _bad(path, f"safetensors could not read the tensors ({type(e).__name__}: "
+                         f"{e})") from None
+    if _digest(text, tensors) != digest:
+        raise _bad(path, "checksum mismatch: the tensors or the description were altered "
+                         "after saving (corrupted file)")
+    return desc, tensors
+
+
+def _build_quantized(entry, path):
+    Q = _quantized()
+    name = entry.get("quantized")
+    cls = getattr(Q, name, None) if isinstance(name, str) and name in Q.__all__ else None
+    if cls is None:
+        raise _bad(path, f"unknown quantized class {name!r} at {entry.get('path')!r}")
+    args = {k: _tuples(v) for k, v in entry.get("args", {}).items()}
+    return cls(**args)
+
+
+def _set_submodule(root, dotted: str, module) -> None:
+    parent_path, _, leaf = dotted.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module) if hasattr(parent, leaf) else parent.add_module(leaf, module)
+
+
+def _from_tree(desc, path):
+    """Rebuild a model made only of quantized modules and torch.nn containers."""
+    root = None
+    for entry in desc["tree"]:
+        p, cls_path = entry["path"], entry["class"]
+        if "quantized" in entry:
+            m = _build_quantized(entry, path)
+        else:
+            short = cls_path.rsplit(".", 1)[-1]
+            cls = _CONTAINERS.get(short)
+            if cls is None or f"{cls.__module__}.{cls.__qualname__}" != cls_path:
+                raise ValueError(
+                    f"gpuquant.load: {path!r}: module {p or '<root>'!r} is a {cls_path}, whose "
+                    f"code is not in the file; pass model=<an instance of the architecture> "
+                    f"(e.g. the float model), or save with arch=<gpuquant.models builder>")
+            m = cls(**entry.get("args", {}))
+        if not p:
+            root = m
+        else:
+            _set_submodule(root, p, m)
+    return root
+
+
+def _graft(skeleton, desc, path):
+    """Put the file's quantized modules into ``skeleton`` at their paths."""
+    for entry in desc["tree"]:
+        p = entry["path"]
+        if "quantized" not in entry:
+            continue
+        m = _build_quantized(entry, path)
+        if not p:
+            return m
+        try:
+            _set_submodule(skeleton, p, m)
+        except AttributeError:
+            raise ValueError(f"gpuquant.load: {path!r}: the model given has no module at "
+                             f"{p.rpartition('.')[0]!r} (the file's quantized module "
+                             f"{p!r} goes there); is it the same architecture?") from None
+    return skeleton
+
+
+def load(path, model: Optional[torch.nn.Module] = None, map_location=None) -> torch.nn.Module:
+    """Load a model saved by :func:`save`.
+
+    Args:
+        path: the file.
+        model: optional skeleton of the same architecture (e.g. a fresh float model): the
+            saved quantized modules replace its modules at their paths (changed in place).
+            Needed unless the file names a ``gpuquant.models`` builder or the model is only
+            quantized modules in ``torch.nn`` containers.
+        map_location: device for the loaded tensors (``"cpu"``, ``"cuda"``, a
+            ``torch.device``); default CPU.
+
+    Returns:
+        The quantized model, in eval mode, on ``map_location``.
+
+    Raises:
+        TypeError: arguments of the wrong type.
+        FileNotFoundError: no such file.
+        ValueError: a truncated, corrupted or foreign file, a skeleton that does not fit
+            (each names the file and the fault), or a tree that needs a skeleton.
+
+    Example:
+        >>> qmodel = gpuquant.load("net.safetensors", map_location="cuda")
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"gpuquant.load: path must be a str or os.PathLike, got "
+                        f"{type(path).__name__}")
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"gpuquant.load: model must be None or a torch.nn.Module skeleton, got "
+                        f"{type(model).__name__}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"gpuquant.load: no such file {path!r}")
+    device = torch.device("cpu") if map_location is None else torch.device(map_location)
+    desc, tensors = _read(path)
+    if model is not None:
+        root = _graft(model, desc, path)
+    elif desc.get("builder"):
+        b = desc["builder"]
+        root = _graft(_builder(b["arch"], "gpuquant.load")(**b.get("kwargs", {})), desc, path)
+    else:
+        root = _from_tree(desc, path)
+    if type(root).__name__ != desc.get("root"):
+        raise ValueError(f"gpuquant.load: {path!r} holds a {desc.get('root')} but the model "
+                         f"built is a {type(root).__name__}")
+    state = dict(tensors)
+    state.update(desc.get("extra_state", {}))
+    try:
+        root.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"gpuquant.load: {path!r} does not fit the model built "
+                         f"({type(root).__name__}): {e}") from None
+    return root.to(device).eval()
