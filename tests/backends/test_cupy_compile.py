@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -52,23 +51,6 @@ def _nvcc(args, cwd):
     return subprocess.run([NVCC, *args], capture_output=True, text=True, cwd=cwd)
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    """One nvcc call per source (all its architectures as -gencode), two at a time."""
-    out = tmp_path_factory.mktemp("nvcc")
-
-    def build(name):
-        archs = dispatch.TIER_BUILD_ARCHS[_tier(name)]
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-        fat = _nvcc(["-fatbin", "-Werror", "all-warnings", *gencode, "-o",
-                     str(out / (name + ".fatbin")), name], KDIR)
-        ptx_file = out / (name + ".ptx")
-        ptx = _nvcc(["--ptx", f"-arch=sm_{archs[0]}", "-o", str(ptx_file), name], KDIR)
-        return name, archs, fat, ptx, ptx_file
-    with ThreadPoolExecutor(max_workers=2) as ex:
-        return {r[0]: r[1:] for r in ex.map(build, SOURCES)}
-
-
 def test_every_tier_has_sources():
     assert SOURCES, f"no CUDA sources in {KDIR}"
     for family in ("gemm", "conv"):
@@ -84,16 +66,23 @@ def test_supported_archs_listed():
     assert not missing, f"this nvcc cannot target sm_{missing} (it lists {sorted(known)})"
 
 
+# One test (one nvcc call) per source file, so pytest-xdist spreads them over the workers.
 @pytest.mark.parametrize("name", SOURCES)
-def test_compiles_without_warnings(builds, name):
-    archs, fat, _, _ = builds[name]
+def test_compiles_without_warnings(tmp_path, name):
+    archs = dispatch.TIER_BUILD_ARCHS[_tier(name)]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    fat = _nvcc(["-fatbin", "-Werror", "all-warnings", *gencode, "-o",
+                 str(tmp_path / (name + ".fatbin")), name], KDIR)
     assert fat.returncode == 0, f"nvcc failed for {name} (sm_{archs}):\n{fat.stderr}"
     assert fat.stderr.strip() == "", f"nvcc printed diagnostics for {name}:\n{fat.stderr}"
+    assert (tmp_path / (name + ".fatbin")).stat().st_size > 0
 
 
 @pytest.mark.parametrize("name", SOURCES)
-def test_ptx_uses_the_tier_instructions(builds, name):
-    archs, _, ptx, ptx_file = builds[name]
+def test_ptx_uses_the_tier_instructions(tmp_path, name):
+    archs = dispatch.TIER_BUILD_ARCHS[_tier(name)]
+    ptx_file = tmp_path / (name + ".ptx")
+    ptx = _nvcc(["--ptx", f"-arch=sm_{archs[0]}", "-o", str(ptx_file), name], KDIR)
     assert ptx.returncode == 0, ptx.stderr
     text = ptx_file.read_text()
     must, must_not = EXPECT[_tier(name)]
