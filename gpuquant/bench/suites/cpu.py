@@ -4,7 +4,7 @@ Cases: linear ``(m, k, n)`` in (1, 768, 768), (64, 1024, 1024), (512, 4096, 1024
 distinct convolution of ResNet-18 at 224x224 (params ``layer``, ``cin``, ``cout``, ``k``,
 ``stride``, ``h``, ``batch``) at batch 1 and 8; and ``layer=all``: the network's 20
 convolutions in a row (each with its own weights), the total the issue's target is about.
-``--quick`` runs batch 1 only.
+``--quick`` runs batch 1 only, five of the layers and the total.
 
 Providers (the timed call computes one layer, input ready in the provider's own format):
 
@@ -58,6 +58,10 @@ RESNET18_CONVS = (
     ("layer4.0.downsample", 256, 512, 1, 2, 14, 1),
     ("layer4.3x3", 512, 512, 3, 1, 7, 3),
 )
+
+
+# --quick: one layer of each kind (first layer, 3x3 at three sizes, strided 1x1), plus the total
+_QUICK_LAYERS = ("conv1", "layer1.3x3", "layer2.0.downsample", "layer3.3x3", "layer4.3x3")
 
 
 # ---------------------------------------------------------------------------------- data
@@ -270,6 +274,8 @@ def _cases(quick: bool, device: str):
                           name=f"linear m={m} k={k} n={n}"))
     for batch in ((1,) if quick else (1, 8)):
         for name, cin, cout, k, s, h, _count in RESNET18_CONVS:
+            if quick and name not in _QUICK_LAYERS:
+                continue
             args = (cin, cout, k, s, h, batch)
             cases.append(Case(
                 params={"op": "conv", "layer": name, "cin": cin, "cout": cout, "k": k,
