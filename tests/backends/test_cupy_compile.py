@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: th
 
 KDIR = loader.kernels_dir()
 SOURCES = sorted(p.name for p in KDIR.glob("*.cu"))
-_NAME = re.compile(r"^(gemm|conv)_(\w+)\.cu$")
+_NAME = re.compile(r"^(gemm|gemv|conv)_(\w+)\.cu$")
 
 # PTX each tier must contain / must not contain.
 EXPECT = {
@@ -42,7 +42,7 @@ FORBIDDEN_EVERYWHERE = ["fma.rn.f32", "div.full.f32", "div.rn.f32", "cvt.rn.f32"
 
 def _tier(name: str) -> str:
     m = _NAME.match(name)
-    assert m, f"kernels/{name}: expected <gemm|conv>_<tier>.cu"
+    assert m, f"kernels/{name}: expected <gemm|gemv|conv>_<tier>.cu"
     assert m.group(2) in dispatch.TIERS, f"kernels/{name}: unknown tier {m.group(2)!r}"
     return m.group(2)
 

@@ -34,7 +34,11 @@ TIERS = dispatch.TIERS
 
 # --------------------------------------------------------------------------- cases
 LINEAR_CASES = [  # (lead shape, K, N)
-    ((1,), 7, 5),            # M = 1, K not a multiple of 4 or 16
+    ((1,), 7, 5),            # M = 1 (GEMV kernel), K not a multiple of 4 or 16
+    ((2, 4), 96, 21),        # M = 8 (GEMV kernel, 16-byte loads), N not a multiple of 8
+    ((5,), 1040, 13),        # GEMV, every lane busy, loop wraps (16-byte loads)
+    ((3,), 530, 6),          # GEMV, every lane busy, K % 4 != 0 (byte loads)
+    ((9,), 33, 9),           # M = 9: the GEMM kernels again
     ((33,), 123, 37),
     ((2, 65), 64, 131),      # M > 128 rows, N > 128 columns: several tiles each way
     ((3,), 300, 9),          # K past several 32-byte steps, tail chunk
@@ -229,6 +233,17 @@ inline void gq_emu_ldmatrix_x4(unsigned* r, const unsigned char* p) {
   gqemu::barrier();
 }
 
+// __shfl_xor_sync over the full warp: lane l reads lane l ^ mask's value.
+static int gq_emu_shfl_s[32][32];
+inline int __shfl_xor_sync(unsigned, int v, int mask) {
+  const int tid = (int)threadIdx.x, w = tid / 32, lane = tid % 32;
+  gq_emu_shfl_s[w][lane] = v;
+  gqemu::barrier();
+  const int r = gq_emu_shfl_s[w][lane ^ mask];
+  gqemu::barrier();
+  return r;
+}
+
 static inline int gq_emu_byte(unsigned reg, int k) { return (int)(signed char)(reg >> (8 * (k & 3))); }
 
 // mma.sync m16n8k32 .row.col s32.s8.s8.s32, lane = 4 g + t (PTX ISA fragment tables):
@@ -400,13 +415,16 @@ def test_emulated_conv_pads_with_the_zero_point(emu_build):
 
 def test_plans_choose_kernels_and_padding():
     gen = torch.Generator().manual_seed(3)
-    x, x_zp, w, bias, rq = make_linear((5,), 27, 3, torch.uint8, "quint8", "normal", gen)
+    x, x_zp, w, bias, rq = make_linear((15,), 27, 3, torch.uint8, "quint8", "normal", gen)
     p = launch.plan_linear(x, x_zp, w, bias, rq, "mma80")
     assert (p.family, p.tier) == ("gemm", "mma80")
-    assert p.args[8] == 32 and p.args[0].shape == (5, 32)    # K padded to a multiple of 16
+    assert p.args[8] == 32 and p.args[0].shape == (15, 32)   # K padded to a multiple of 16
     assert p.args[9] == -2139062144                           # uint8: x ^ 0x80
     p = launch.plan_linear(x, x_zp, w, bias, rq, "dp4a")
-    assert p.args[8] == 27 and p.grid == (1, 1, 1)
+    assert p.args[8] == 27 and p.grid == (1, 1, 1) and p.family == "gemm"
+    x1 = x[:3]
+    p = launch.plan_linear(x1, x_zp, w, bias, rq, "mma80")   # 3 rows: the GEMV kernel
+    assert (p.family, p.tier, p.grid, p.args[8]) == ("gemv", "dp4a", (1, 1, 1), 27)
     case = (1, 8, 7, 7, 8, (3, 3), 1, 1, 1, 8)                 # depthwise
     x, x_zp, w, bias, conv_args, rq = make_conv(case, torch.int8, "qint8", "normal", gen)
     assert launch.plan_conv2d(x, x_zp, w, bias, *conv_args, rq, "mma80").tier == "dp4a"

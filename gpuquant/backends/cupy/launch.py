@@ -26,11 +26,15 @@ import torch
 
 from . import loader
 
-__all__ = ["Launch", "plan_linear", "plan_conv2d", "execute", "BLOCK_TILES"]
+__all__ = ["Launch", "plan_linear", "plan_conv2d", "execute", "BLOCK_TILES", "GEMV_MAX_M"]
 
 # (BM, BN) output tile of one thread block, per tier (see kernels/*_tile.cuh).
 BLOCK_TILES = {"dp4a": (64, 64), "mma75": (128, 128), "mma80": (128, 128), "sm90": (128, 128)}
 THREADS = 256
+# linear with at most this many rows runs kernels/gemv_dp4a.cu (one warp per output column,
+# GEMV_COLUMNS columns a block) on every tier: the GEMM tiles would be almost empty.
+GEMV_MAX_M = 8
+GEMV_COLUMNS = 8
 _U8_XOR = -2139062144  # 0x80808080 as int32: uint8 x -> x - 128 as int8, four at a time
 
 
@@ -149,7 +153,12 @@ def plan_linear(x, x_zp, w, bias, rq, tier: str) -> Launch:
     _check_weight(w, 2)
     a = x.reshape(m, k)
     _check_rows(m)
-    kp = k if tier == "dp4a" else _cdiv(k, 16) * 16   # tensor-core tiers: K % 16 == 0
+    if m <= GEMV_MAX_M:                # a few rows: the warp-per-column kernel, any tier
+        family, tier = "gemv", "dp4a"
+        kp = k
+    else:
+        family = "gemm"
+        kp = k if tier == "dp4a" else _cdiv(k, 16) * 16   # tensor-core tiers: K % 16 == 0
 
     def make():
         w2 = w.reshape(n, k)
@@ -158,10 +167,14 @@ def plan_linear(x, x_zp, w, bias, rq, tier: str) -> Launch:
     bias_eff, mult, shift = _channel_params(colsum, bias, zp_eff, rq, n, x.device)
     a, k = _aligned(_pad_last(a, kp)), kp
     out = torch.empty((m, n), dtype=rq.dtype.storage, device=x.device)
-    bm, bn = BLOCK_TILES[tier]
     args = (a, w2, bias_eff, mult, shift, out, m, n, k, a_xor, int(rq.zero_point),
             int(rq.qmin), int(rq.qmax))
-    return Launch("gemm", tier, (_cdiv(m, bm), _cdiv(n, bn), 1), (THREADS, 1, 1), args, out,
+    if family == "gemv":
+        grid = (_cdiv(n, GEMV_COLUMNS), 1, 1)
+    else:
+        bm, bn = BLOCK_TILES[tier]
+        grid = (_cdiv(m, bm), _cdiv(n, bn), 1)
+    return Launch(family, tier, grid, (THREADS, 1, 1), args, out,
                   lambda o: o.reshape(lead + (n,)))
 
 
