@@ -101,6 +101,11 @@ def test_conv2d_tiles_and_realistic_multipliers(monkeypatch):
         got, want = _both(qf.conv2d, x, 0, wt, b, stride, 1, 1, 1, rq)
         acc = ref.conv2d_acc(x.numpy(), 0, wt.numpy(), b.numpy(), (stride,) * 2, (1, 1), (1, 1), 1)
         _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8), want)
+    w1 = torch.randint(-127, 128, (20, 12, 1, 1), dtype=torch.int8)  # 1x1 path, strided rows
+    for stride in (1, 2):
+        got, want = _both(qf.conv2d, x, 7, w1, b, stride, 0, 1, 1, rq)
+        acc = ref.conv2d_acc(x.numpy(), 7, w1.numpy(), b.numpy(), (stride,) * 2, (0, 0), (1, 1), 1)
+        _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8), want)
 
 
 @pytest.mark.parametrize("shape,k,xdt,zp", [

@@ -102,14 +102,19 @@ def conv2d_nhwc(xa: np.ndarray, zp: int, w: np.ndarray, b, stride, padding, dila
         # 1x1 fast path: the (strided) input is the im2col matrix
         src = xa[:, ::sh, ::sw, :][:, :ho, :wo, :]
         step = max(1, _TILE_BYTES // max(1, wo * c * 4))
+        buf = np.empty((min(step, n * ho) * wo, c), dtype=np.float32)
         for l0 in range(0, n * ho, step):
             l1 = min(l0 + step, n * ho)
-            n0, h0 = divmod(l0, ho)
-            if src.flags.c_contiguous:
-                part = src.reshape(n * ho, wo, c)[l0:l1]
-            else:  # gather the strided rows image by image
-                part = _gather_lines(src, l0, l1, ho)
-            a = to_f32(part, zp).reshape(-1, c)
+            r = 0
+            seg = l0  # convert the (strided) rows straight into the float32 tile
+            while seg < l1:
+                img, h0 = divmod(seg, ho)
+                h1 = min(ho, h0 + (l1 - seg))
+                rows = (h1 - h0) * wo
+                to_f32(src[img, h0:h1], zp, out=buf[r:r + rows].reshape(h1 - h0, wo, c))
+                r += rows
+                seg += h1 - h0
+            a = buf[:r]
             requant_fast(exact_matmul(a, pwk, xmax), p, rows_out[l0 * wo:l1 * wo], b)
         return out
 
@@ -168,17 +173,6 @@ def patches(xp: np.ndarray, kh, kw, stride, dilation, ho, wo) -> np.ndarray:
     win = sliding_window_view(xp, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(1, 2))
     win = win[:, ::sh, ::sw, :, ::dh, ::dw][:, :ho, :wo]              # (N, Ho, Wo, C, kh, kw)
     return win.transpose(0, 1, 2, 4, 5, 3)
-
-
-def _gather_lines(src, l0, l1, ho):
-    parts = []
-    seg = l0
-    while seg < l1:
-        img, h0 = divmod(seg, ho)
-        h1 = min(ho, h0 + (l1 - seg))
-        parts.append(src[img, h0:h1])
-        seg += h1 - h0
-    return np.concatenate(parts, axis=0) if len(parts) > 1 else np.ascontiguousarray(parts[0])
 
 
 def _padded_int(xa: np.ndarray, zp: int, ph: int, pw: int) -> np.ndarray:
