@@ -346,3 +346,14 @@ def test_exact_matmul_blocks(kind, monkeypatch):
     monkeypatch.undo()
     assert np.array_equal(got.astype(np.int64), x @ w)
     assert (len(calls) > 1) == (kind != "sparse")
+
+
+@pytest.mark.parametrize("k,pad,groups", [(3, 1, 1), (3, 0, 1), (1, 0, 1), (3, 1, 4)])
+def test_conv2d_accepts_nchw_contiguous_input(k, pad, groups):
+    """Inputs in plain NCHW memory (not channels_last) give the same bytes."""
+    x = torch.randint(0, 256, (2, 8, 7, 6), dtype=torch.int32).to(torch.uint8)  # contiguous NCHW
+    w = torch.randint(-127, 128, (8, 8 // groups, k, k), dtype=torch.int8)
+    rq = _requant(8, quint8)
+    got, want = _both(qf.conv2d, x, 11, w, None, 1, pad, 1, groups, rq)
+    acc = ref.conv2d_acc(x.numpy(), 11, w.numpy(), None, (1, 1), (pad, pad), (1, 1), groups)
+    _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8), want)
