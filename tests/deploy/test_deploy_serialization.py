@@ -1,0 +1,136 @@
+"""gpuquant.save / gpuquant.load: exact round trips, rebuild paths, clear errors on bad files."""
+import json
+import struct
+
+import pytest
+import torch
+
+import gpuquant
+from gpuquant.models import digits_net
+
+from conftest import int8_forward
+from deploy_helpers import ZooNet
+
+
+def _equal_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k].cpu(), sb[k].cpu()), k
+        else:
+            assert sa[k] == sb[k], k
+
+
+@pytest.mark.parametrize("which", ["zoo_int8", "zoo_uint8"])
+def test_round_trip_with_skeleton_exact(which, request, tmp_path):
+    qm = request.getfixturevalue(which)
+    path = tmp_path / "zoo.safetensors"
+    gpuquant.save(qm, path)
+    loaded = gpuquant.load(path, model=ZooNet())
+    _equal_state(qm, loaded)
+    assert not loaded.training
+    x = torch.randn(3, 3, 9, 17)
+    assert int8_forward(loaded, x).tobytes() == int8_forward(qm, x).tobytes()
+    # the header is JSON (no pickle): the tree names the quantized classes and arguments
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    desc = json.loads(json.loads(data[8:8 + n])["__metadata__"]["gpuquant"])
+    by_path = {e["path"]: e for e in desc["tree"]}
+    assert by_path["c2"]["quantized"] == "ConvRelu62d" and by_path["c2"]["args"]["groups"] == 6
+    assert by_path["cat"]["args"]["num_inputs"] == 3
+
+
+def test_round_trip_by_builder_and_map_location(tmp_path):
+    from deploy_helpers import calibrated
+    from gpuquant import backends
+    with backends.use("reference"):
+        qm = calibrated(digits_net(num_classes=7, width=16), (8, 1, 8, 8))
+    path = tmp_path / "digits.safetensors"
+    gpuquant.save(qm, path, arch="digits_net", arch_kwargs={"num_classes": 7, "width": 16})
+    loaded = gpuquant.load(path, map_location="cpu")
+    _equal_state(qm, loaded)
+    assert type(loaded).__name__ == "DigitsNet"
+    x = torch.randn(5, 1, 8, 8)
+    assert int8_forward(loaded, x).tobytes() == int8_forward(qm, x).tobytes()
+
+
+def test_round_trip_container_only_model(zoo_int8, tmp_path):
+    """Quantized modules in a Sequential rebuild from the file alone."""
+    seq = torch.nn.Sequential(zoo_int8.quant, zoo_int8.c1, zoo_int8.c2, torch.nn.Identity(),
+                              zoo_int8.mp, torch.nn.Dropout(0.25), zoo_int8.dequant).eval()
+    gpuquant.save(seq, tmp_path / "seq.safetensors")
+    loaded = gpuquant.load(tmp_path / "seq.safetensors")
+    assert isinstance(loaded, torch.nn.Sequential) and loaded[5].p == 0.25
+    x = torch.randn(2, 3, 7, 5)
+    assert int8_forward(loaded, x).tobytes() == int8_forward(seq, x).tobytes()
+
+
+@pytest.mark.gpu
+def test_load_onto_gpu_matches_cpu(zoo_int8, tmp_path):
+    gpuquant.save(zoo_int8, tmp_path / "z.safetensors")
+    loaded = gpuquant.load(tmp_path / "z.safetensors", model=ZooNet(), map_location="cuda")
+    assert loaded.c1.weight.is_cuda
+    x = torch.randn(2, 3, 13, 11)
+    with torch.no_grad():
+        assert torch.equal(loaded(x.cuda()).cpu(), zoo_int8(x))
+
+
+@pytest.fixture
+def saved(zoo_int8, tmp_path):
+    path = tmp_path / "z.safetensors"
+    gpuquant.save(zoo_int8, path)
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("cut", [0, 5, 8, 40, -1, -7, -300])
+def test_truncated_file_is_refused(saved, tmp_path, cut):
+    path, data = saved
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[:cut])
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        gpuquant.load(bad, model=ZooNet())
+
+
+@pytest.mark.parametrize("where", ["data_first", "data_last", "data_mid", "header_json"])
+def test_corrupted_byte_is_refused(saved, tmp_path, where):
+    path, data = saved
+    (n,) = struct.unpack("<Q", data[:8])
+    pos = {"data_first": 8 + n, "data_last": len(data) - 1, "data_mid": (8 + n + len(data)) // 2,
+           "header_json": data.index(b"kernel_size") + 20}[where]
+    b = bytearray(data)
+    b[pos] ^= 0x04  # one flipped bit
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(b))
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*(checksum|description|safetensors)"):
+        gpuquant.load(bad, model=ZooNet())
+
+
+def test_foreign_and_mismatched_files(saved, tmp_path, zoo_int8):
+    from safetensors.torch import save_file
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.ones(3)}, str(plain))
+    with pytest.raises(ValueError, match="plain.safetensors.*gpuquant description"):
+        gpuquant.load(plain)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(ValueError, match="junk.bin"):
+        gpuquant.load(junk)
+    path, _ = saved
+    with pytest.raises(ValueError, match="code is not in the file.*model="):
+        gpuquant.load(path)
+    with pytest.raises(ValueError, match="does not fit|no module|holds a ZooNet"):
+        gpuquant.load(path, model=digits_net())
+    with pytest.raises(FileNotFoundError):
+        gpuquant.load(tmp_path / "missing.safetensors")
+
+
+def test_bad_arguments(zoo_int8, tmp_path):
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        gpuquant.save("not a model", tmp_path / "x")
+    with pytest.raises(ValueError, match="builder function of gpuquant.models.*'resnet18'"):
+        gpuquant.save(zoo_int8, tmp_path / "x", arch="os.system")
+    with pytest.raises(TypeError, match="skeleton"):
+        gpuquant.load(tmp_path / "x", model="nope")
+    with pytest.raises(ValueError, match="arch_kwargs given without arch"):
+        gpuquant.save(zoo_int8, tmp_path / "x", arch_kwargs={"num_classes": 3})
