@@ -5,7 +5,9 @@ Same ops and signatures as :mod:`gpuquant.backends.reference` (the definition), 
 ``fake_quant`` (QAT stays on torch). Only NumPy runs in the hot path: torch tensors are
 viewed as NumPy arrays without copies (NHWC for channels_last activations) and the results
 wrapped back. Integer conv / linear run exactly on float32 BLAS (:mod:`.gemm`), with
-fixed-point requantization vectorised in float64 / int64 (:mod:`.fixed_point`).
+TFLite's fixed-point requantization evaluated in float32 under a proven error bound plus an
+exact integer fix-up of the few outputs near a rounding step (:mod:`.fixed_point`).
+Measured against NumPy float32, fbgemm and torch: ``bench/results/cpu-x86/``.
 
 Families: ``gemm.py`` (exact matmul, linear), ``conv.py`` (im2col, 1x1, depthwise),
 ``elementwise.py`` (quantize, dequantize, add, mul, concat), ``pool.py``, ``fixed_point.py``
