@@ -132,6 +132,10 @@ class _Tracer(fx.Tracer):
         qualname = self.path_of_module(m)
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
+        # attribute proxies (``t.values``) make their node on first use: make them now, so a
+        # rollback cannot take a node that outside code still refers to
+        fx.node.map_aggregate((args, kwargs),
+                              lambda a: a.node if isinstance(a, fx.Proxy) else a)
         last = self.graph._root.prev
         stack, calls = self.module_stack.copy(), dict(self.num_calls)
         try:
@@ -660,6 +664,8 @@ class _Rewriter:
                     and not _is_disabled(self.modules[n.target]):
                 rewrite_inputs(n, as_quantized)
                 kind[n] = _F
+            elif self._is_meta(n):  # sizes, shapes, dtypes: read from int8 tensors alike
+                kind[n] = _O
             elif self._passes_through(n, kind):
                 src = n.args[0]
                 if n.op == "call_method" and n.target == "view" and kind.get(src) == _Q:
@@ -669,7 +675,8 @@ class _Rewriter:
                 ins = [a for a in _node_args(n) if kind.get(a, _O) != _O]
                 rewrite_inputs(n, as_float)
                 kind[n] = tensor_kind(n, _F)
-                if ins and not self._structural(n):
+                deliberate = n.op == "call_module" and _is_disabled(self.modules[n.target])
+                if ins and not self._structural(n) and not deliberate:
                     warn.append(self._describe(n))
         return warn
 
@@ -684,6 +691,14 @@ class _Rewriter:
             return all(u.op == "call_function" and u.target is operator.getitem
                        for u in n.users)
         return True
+
+    @staticmethod
+    def _is_meta(n: fx.Node) -> bool:
+        if n.op == "call_method":
+            return n.target in _META_METHODS
+        if n.op == "call_function":
+            return n.target is len or (n.target is getattr and n.args[1] in _META_ATTRS)
+        return False
 
     @staticmethod
     def _structural(n: fx.Node) -> bool:

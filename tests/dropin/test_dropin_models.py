@@ -104,10 +104,12 @@ def check_modules(qat_modules, int8, cap):
         q = qat_modules[name]
         in_qps = q.input_qparams(name)
         out_qp = q.get_activation_qparams() if q.with_act else in_qps[0]
-        xs = [quantize_t(t, qp) for t, qp in zip(inp, in_qps)]
+        concat = isinstance(q, qat_nn.Concat)  # forward(tensors, dim)
+        xs = [quantize_t(t, qp) for t, qp in zip(inp[0] if concat else inp, in_qps)]
         xs = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in xs]
         with backends.use(INT8_BACKEND):
-            got = int8_modules[name](*xs).to(torch.int32)
+            got = int8_modules[name](xs, *inp[1:]) if concat else int8_modules[name](*xs)
+        got = got.to(torch.int32)
         d = (got - quantize_t(out, out_qp).to(torch.int32)).abs()
         assert int(d.max()) <= 1, name
         same += int((d == 0).sum())
