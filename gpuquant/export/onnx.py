@@ -45,9 +45,12 @@ def _onnx():
 
 
 class _Tracer(torch.fx.Tracer):
+    """Quantized modules and every module without children are leaves (so an unsupported
+    layer shows up as one call, named in the error); containers are traced through."""
+
     def is_leaf_module(self, m, qualname):
         from ..nn.quantized.module import QuantizedModule
-        if isinstance(m, QuantizedModule):
+        if isinstance(m, QuantizedModule) or next(m.children(), None) is None:
             return True
         return super().is_leaf_module(m, qualname)
 
