@@ -309,8 +309,14 @@ class Session:
             TypeError: an input that is not a NumPy array.
             ValueError: a wrong number of inputs.
         """
-        feeds = dict(x) if isinstance(x, dict) else dict(zip(self.input_names, (x,) + more))
-        if len(feeds) != len(self.input_names) or set(feeds) != set(self.input_names):
+        if isinstance(x, dict):
+            feeds = dict(x)
+        else:
+            if len((x,) + more) != len(self.input_names):
+                raise ValueError(f"{self.source}: expects inputs {self.input_names}, got "
+                                 f"{len((x,) + more)} arrays")
+            feeds = dict(zip(self.input_names, (x,) + more))
+        if set(feeds) != set(self.input_names):
             raise ValueError(f"{self.source}: expects inputs {self.input_names}, got "
                              f"{sorted(feeds)}")
         env: Dict[str, np.ndarray] = {}
