@@ -8,9 +8,12 @@ Stages (each timed, progress printed as it goes):
 3. QAT: ``quantize_qat(ema_fakequant_qconfig)`` on a copy, a short fine-tune (BatchNorm
    statistics frozen half way), ``quantize`` -> int8;
 4. int8 inference on the best backend available (automatic selection), and a table:
-   accuracies, QAT-vs-int8 top-1 agreement, model sizes, backend, times.
+   accuracies, QAT-vs-int8 top-1 agreement, model sizes, backend, times;
+5. deployment: the QAT int8 model exported to ONNX (QDQ) and run by onnxruntime (if
+   installed) and by :mod:`gpuquant.runtime` (NumPy only, checked byte-identical).
 
-With ``out`` it writes ``out/demo.json`` (accuracies as fractions).
+With ``out`` it writes ``out/demo.json`` (accuracies as fractions) and
+``out/digits_int8.onnx``.
 """
 from __future__ import annotations
 
@@ -137,7 +140,7 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
         f"(8x8), device {device}")
 
     # 1. float
-    log("[1/4] training the float model")
+    log("[1/5] training the float model")
     t = time.perf_counter()
     float_model = _train(digits_net().to(device), x_tr, y_tr, float_epochs, 1e-2, log, "float")
     times["float train"] = time.perf_counter() - t
@@ -146,7 +149,7 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
     log(f"  float accuracy {float_acc:.4f}")
 
     # 2. PTQ
-    log("[2/4] post-training calibration (calibration_qconfig) and int8 conversion")
+    log("[2/5] post-training calibration (calibration_qconfig) and int8 conversion")
     t = time.perf_counter()
     ptq = quantize_qat(copy.deepcopy(float_model).eval(), calibration_qconfig)
     with torch.no_grad():
@@ -162,7 +165,7 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
     log(f"  PTQ int8 accuracy {ptq_acc:.4f} (backend {backend})")
 
     # 3. QAT
-    log("[3/4] quantization-aware fine-tuning (ema_fakequant_qconfig)")
+    log("[3/5] quantization-aware fine-tuning (ema_fakequant_qconfig)")
     t = time.perf_counter()
     qat = quantize_qat(copy.deepcopy(float_model), ema_fakequant_qconfig)
     _train(qat, x_tr, y_tr, qat_epochs, 3e-4, log, "QAT", freeze_bn_at=qat_epochs // 2)
@@ -172,7 +175,7 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
     log(f"  QAT (fake-quant) accuracy {qat_acc:.4f}")
 
     # 4. int8
-    log("[4/4] converting the QAT model to int8 and running it")
+    log("[4/5] converting the QAT model to int8 and running it")
     t = time.perf_counter()
     qat_int8 = quantize(copy.deepcopy(qat))
     times["QAT convert"] = time.perf_counter() - t
@@ -181,6 +184,7 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
     times["QAT int8 eval"] = time.perf_counter() - t
     qat_int8_acc = float((int8_pred == y_te).float().mean())
     agreement = float((int8_pred == qat_pred).float().mean())
+    deploy = _deploy(qat_int8, x_te, y_te, int8_pred, out, times, log)
     times["total"] = time.perf_counter() - t0
 
     size_f, size_q = _nbytes(float_model), _int8_bytes(qat_int8)
@@ -198,7 +202,7 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
         ("model size float32", f"{size_f / 1024:.1f} KiB", ""),
         ("model size int8", f"{size_q / 1024:.1f} KiB", f"{size_f / max(size_q, 1):.2f}x smaller"),
         ("int8 backend", backend, str(device)),
-    ] + [(f"time: {k}", f"{v:.2f} s", "") for k, v in times.items()]
+    ] + deploy["rows"] + [(f"time: {k}", f"{v:.2f} s", "") for k, v in times.items()]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print("\n" + "-" * (w0 + w1 + 40))
@@ -213,11 +217,64 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
         result = {"float_acc": float_acc, "ptq_int8_acc": ptq_acc, "qat_acc": qat_acc,
                   "qat_int8_acc": qat_int8_acc, "agreement": agreement, "backend": backend,
                   "device": str(device), "model_bytes_float": size_f, "model_bytes_int8": size_q,
-                  "times_s": times, "targets_met": met, "n_test": int(len(y_te))}
+                  "times_s": times, "targets_met": met, "n_test": int(len(y_te)),
+                  "onnxruntime_acc": deploy["onnxruntime_acc"],
+                  "runtime_acc": deploy["runtime_acc"], "runtime_exact": deploy["runtime_exact"]}
         with open(os.path.join(out, "demo.json"), "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {os.path.join(out, 'demo.json')}")
     return 0
+
+
+def _deploy(qmodel, x_te, y_te, int8_pred, out, times, log) -> dict:
+    """Export the int8 model to ONNX; accuracy of onnxruntime and of gpuquant.runtime on the
+    test set, and whether the runtime's outputs equal gpuquant's byte for byte."""
+    import tempfile
+
+    import numpy as np
+    res = {"rows": [], "onnxruntime_acc": None, "runtime_acc": None, "runtime_exact": None}
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        res["rows"].append(("ONNX export", "skipped", "onnx not installed "
+                                                      "(pip install 'gpuquant[deploy]')"))
+        return res
+    from . import runtime
+    from .export import to_onnx
+    log("[5/5] exporting the int8 model to ONNX (QDQ) and running it outside torch")
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(out if out is not None else tmp, "digits_int8.onnx")
+        if out is not None:
+            os.makedirs(out, exist_ok=True)
+        to_onnx(qmodel, x_te[:8], path)
+        x = x_te.detach().cpu().numpy()
+        y = y_te.detach().cpu().numpy()
+        with torch.no_grad():
+            ref = torch.cat([qmodel(x_te[i:i + 256]) for i in range(0, len(x_te), 256)])
+        ref = ref.cpu().numpy()
+        got = runtime.load(path).run(x)
+        res["runtime_exact"] = bool(got.tobytes() == ref.tobytes())
+        res["runtime_acc"] = float((got.argmax(1) == y).mean())
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            ort = None
+        if ort is not None:
+            sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            got_ort = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+            res["onnxruntime_acc"] = float((got_ort.argmax(1) == y).mean())
+            agree = float((got_ort.argmax(1) == int8_pred.cpu().numpy()).mean())
+            res["rows"].append(("onnxruntime int8 accuracy", f"{res['onnxruntime_acc']:.4f}",
+                                f"top-1 agreement with gpuquant int8 {agree:.4f}"))
+        else:
+            res["rows"].append(("onnxruntime int8 accuracy", "n/a",
+                                "onnxruntime not installed"))
+        res["rows"].append(("gpuquant.runtime accuracy", f"{res['runtime_acc']:.4f}",
+                            "NumPy only; bytes equal gpuquant int8: "
+                            + ("yes" if res["runtime_exact"] else "NO")))
+    times["ONNX export + runs"] = time.perf_counter() - t
+    return res
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,3 +20,9 @@ def test_demo_meets_targets(tmp_path, capsys):
     assert r["float_acc"] - r["qat_int8_acc"] <= 0.005     # QAT within 0.5 point
     assert r["agreement"] >= 0.99
     assert r["model_bytes_int8"] * 3 < r["model_bytes_float"]
+    # deployment: ONNX export run by gpuquant.runtime (bit-exact) and onnxruntime
+    assert (tmp_path / "digits_int8.onnx").is_file()
+    assert r["runtime_exact"] is True and r["runtime_acc"] == r["qat_int8_acc"]
+    assert "gpuquant.runtime accuracy" in printed and "onnxruntime int8 accuracy" in printed
+    if r["onnxruntime_acc"] is not None:
+        assert abs(r["onnxruntime_acc"] - r["qat_int8_acc"]) <= 0.005
