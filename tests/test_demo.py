@@ -22,7 +22,7 @@ def test_demo_meets_targets(tmp_path, capsys):
     assert r["model_bytes_int8"] * 3 < r["model_bytes_float"]
     # deployment: ONNX export run by gpuquant.runtime (bit-exact) and onnxruntime
     assert (tmp_path / "digits_int8.onnx").is_file()
-    assert r["runtime_exact"] is True and r["runtime_acc"] == r["qat_int8_acc"]
+    assert r["runtime_exact"] is True and abs(r["runtime_acc"] - r["qat_int8_acc"]) < 1e-6
     assert "gpuquant.runtime accuracy" in printed and "onnxruntime int8 accuracy" in printed
     if r["onnxruntime_acc"] is not None:
         assert abs(r["onnxruntime_acc"] - r["qat_int8_acc"]) <= 0.005
