@@ -82,7 +82,8 @@ def log(*a):
 @torch.no_grad()
 def accuracy(model, x, y, bs=512):
     model.eval()
-    hits = sum(int((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum()) for i in range(0, len(y), bs))
+    hits = sum(int((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum())
+               for i in range(0, len(y), bs))
     return hits / len(y)
 
 

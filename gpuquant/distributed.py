@@ -37,7 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["convert_sync_batchnorm", "batch_mean_var", "check_ready_for_ddp", "save_checkpoint", "load_checkpoint",
+__all__ = ["convert_sync_batchnorm", "batch_mean_var", "check_ready_for_ddp", "save_checkpoint",
+           "load_checkpoint",
            "unwrap", "world_size", "rank"]
 
 _CHECKPOINT_FORMAT = "gpuquant-qat-checkpoint-1"

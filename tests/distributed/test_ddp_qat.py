@@ -1,16 +1,15 @@
 """Distributed QAT on torch.distributed (gloo, 2 CPU processes): DDP with synced observers
 equals one process with the global batch; LSQ / TQT scales train as DDP parameters;
-checkpoint / resume is bit-identical; a 1-process NCCL smoke test on CUDA.
+checkpoint / resume is bit-identical; FSDP2; a 1-process NCCL smoke test on CUDA.
 
 BatchNorm: the digits net has fused ConvBn modules; the DDP runs convert them with
 ``gpuquant.distributed.convert_sync_batchnorm`` (the fused QAT modules then reduce their
-batch statistics across processes; torch's SyncBatchNorm conversion does the same on GPUs,
-the NCCL test uses it, but DDP refuses SyncBatchNorm on CPU), which is what makes 2 processes equal one process
-with the global batch. A control run without the conversion shows the difference.
+batch statistics across processes; torch's SyncBatchNorm conversion does the same on GPUs
+and the NCCL test uses it, but DDP refuses SyncBatchNorm on CPU). That is what makes 2
+processes equal one process with the global batch; a control run without it differs.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 from functools import partial
@@ -478,17 +477,53 @@ def test_batch_mean_var_is_the_plain_statistics_without_distributed():
     assert torch.equal(var, y.var(dim=(0, 2, 3), unbiased=False)) and n == 63
 
 
+def _stats_worker(rank, world):
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(world * 3, 4, 5, 2, generator=g)
+    w1, w2 = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    local = _shard(y, rank, world).clone().requires_grad_()
+    mean, var, n = gdist.batch_mean_var(local, (0, 2, 3), torch.nn.SyncBatchNorm(4))
+    ((mean * w1).sum() + (var * w2).sum()).backward()
+    return mean.detach().numpy(), var.detach().numpy(), float(n), local.grad.numpy()
+
+
+def test_batch_mean_var_across_processes_is_the_global_batch_with_its_gradient():
+    """The synced statistics and their backward (through the all-reduces) against autograd
+    on the global batch: each rank's input gradient is the sum over ranks of their losses'
+    gradients (SyncBatchNorm's semantics; DDP then averages parameter gradients)."""
+    results = run(_stats_worker, WORLD)
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(WORLD * 3, 4, 5, 2, generator=g).requires_grad_()
+    w1, w2 = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    mean, var = y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)
+    ((mean * w1).sum() + (var * w2).sum()).backward()
+    for rank, (m, v, n, grad) in enumerate(results):
+        assert n == WORLD * 3 * 5 * 2
+        np.testing.assert_allclose(m, mean.detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(v, var.detach().numpy(), rtol=1e-5)
+        np.testing.assert_allclose(grad, WORLD * _shard(y.grad, rank, WORLD).numpy(),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_convert_sync_batchnorm_checks_its_input():
+    with pytest.raises(ValueError, match="no fused QAT BatchNorm"):
+        gdist.convert_sync_batchnorm(quantize_qat(_small_net(), sync_ema_fakequant_qconfig))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        gdist.convert_sync_batchnorm(None)
+    m = gdist.convert_sync_batchnorm(quantize_qat(digits_net(), sync_ema_fakequant_qconfig))
+    assert m.conv1.bn.gpuquant_sync_stats and m.conv1.bn.gpuquant_sync_group is None
+
+
 # --------------------------------------------------------------------------- NCCL (GPU)
 @pytest.mark.gpu
 def test_nccl_single_process_qat_step_smoke(tmp_path):
     import torch.distributed as dist
     if not dist.is_nccl_available():
         pytest.skip("this torch has no NCCL")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    torch.cuda.set_device(0)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     try:
-        torch.cuda.set_device(0)
         dev = torch.device("cuda", 0)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
             quantize_qat(digits_net(), sync_ema_fakequant_qconfig)).to(dev).train()
