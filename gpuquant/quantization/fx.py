@@ -264,10 +264,9 @@ def _propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:  # noqa: BLE001 -- re-raised with context
-        raise ValueError(f"quantize_qat: example_inputs (shapes "
-                         f"{[tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs]}) "
-                         f"do not run through the traced model: {type(e).__name__}: "
-                         f"{_first_line(e)}") from e
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        raise ValueError(f"quantize_qat: example_inputs (shapes {shapes}) do not run through "
+                         f"the traced model: {type(e).__name__}: {_first_line(e)}") from e
     finally:
         for m, mode in modes.items():
             m.training = mode

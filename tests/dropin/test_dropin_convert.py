@@ -20,7 +20,8 @@ from gpuquant.quantization import quantize, quantize_qat
 from gpuquant.quantization.fx import (DropInWarning, disable_quantize, needs_dropin,
                                       prepare_plain)
 
-from test_dropin_models import INT8_BACKEND, capture, check_modules, qat_step, settle_bn
+from tests.dropin.dropin_helpers import (INT8_BACKEND, capture, check_modules, qat_step,
+                                         settle_bn)
 
 
 class Patterns(nn.Module):
@@ -312,3 +313,63 @@ def test_bad_input():
         prepare_plain("resnet")
     with pytest.raises(TypeError, match="value must be a bool"):
         disable_quantize(nn.ReLU(), 1)
+
+
+def test_save_load_round_trip(tmp_path):
+    """gpuquant.save / load with the converted float model as the skeleton (float islands'
+    weights travel in the file too)."""
+    import gpuquant
+    model = settle_bn(WithBlocks(), torch.randn(4, 3, 6, 6))
+    disable_quantize(model.block)
+    x = torch.randn(2, 3, 6, 6)
+    qat = quantize_qat(model, example_inputs=(x,))
+    with torch.no_grad():
+        qat.eval()(x)
+    int8 = quantize(qat)
+    gpuquant.save(int8, tmp_path / "m.safetensors")
+    skeleton = WithBlocks()
+    disable_quantize(skeleton.block)
+    loaded = gpuquant.load(tmp_path / "m.safetensors",
+                           model=prepare_plain(skeleton, (x,)))
+    with backends.use(INT8_BACKEND):
+        assert torch.equal(loaded(x), int8(x))
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.conv3 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y.relu_()                   # mutates y: later reads of y see the ReLU
+        z = self.conv2(y)
+        z.add_(y)                   # z += y without rebinding
+        w = self.conv3(z)
+        w.clamp_(max=0.5)           # in place, no int8 form: stays float, out of place
+        return w + z
+
+
+def test_inplace_ops_functionalized():
+    model = InPlace().eval()
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        want = model(x)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        gm = prepare_plain(copy.deepcopy(model), (x,))
+    msgs = [str(w.message) for w in rec if issubclass(w.category, DropInWarning)]
+    assert len(msgs) == 1 and "1 part(s)" in msgs[0] and ".clamp()" in msgs[0]
+    assert type(gm.conv) is gnn.ConvRelu2d  # y.relu_() fused into the convolution
+    assert [m.method for m in gm.modules() if isinstance(m, gnn.Elemwise)] == ["add", "add"]
+    with torch.no_grad():
+        assert torch.equal(gm(x), want)
+    qat = quantize_qat(gm, example_inputs=(x,))
+    with torch.no_grad():
+        y_qat = qat.eval()(x)
+    int8 = quantize(qat)
+    with backends.use(INT8_BACKEND):
+        y8 = int8(x)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02  # measured 0-0.0019, 8 seeds
