@@ -463,6 +463,9 @@ class _Rewriter:
                 self._swap_module(n)
             elif n.op == "call_function" and n.target in _POOL_FN_PARAMS:
                 self._swap_pool_fn(n)
+            elif (n.op == "call_method" and n.target == "mean") or \
+                    (n.op == "call_function" and n.target is torch.mean):
+                self._swap_spatial_mean(n)
             else:
                 self._swap_elemwise(n)
 
@@ -551,6 +554,34 @@ class _Rewriter:
         new = cls(**kw)
         self._replace(n, [n], new, n.args[:1], self._new_name(n, cls.__name__.lower()))
 
+    def _swap_spatial_mean(self, n: fx.Node) -> None:
+        """``x.mean((2, 3), keepdim)`` of a 4-D tensor (global average pooling) ->
+        ``AdaptiveAvgPool2d(1)``, then ``torch.flatten(., 1)`` unless keepdim."""
+        names = ("input", "dim", "keepdim")
+        kw = dict(zip(names, n.args))
+        for k, v in n.kwargs.items():
+            if k not in names or k in kw:
+                return
+            kw[k] = v
+        dims, keep = kw.get("dim"), kw.get("keepdim", False)
+        if not isinstance(dims, (list, tuple)) or sorted(dims) not in ([2, 3], [-2, -1]) or \
+                not isinstance(keep, bool) or not self.kinds.is_float_tensor(kw["input"]):
+            return
+        tm = kw["input"].meta.get("tensor_meta") if self.kinds.has_meta else None
+        if (tm is not None and len(tm.shape) != 4) or (tm is None and min(dims) < 0):
+            return
+        new = self._replace(n, [n], gnn.AdaptiveAvgPool2d(1), (kw["input"],),
+                            self._new_name(n, "mean"))
+        if not keep:
+            with self.graph.inserting_after(new):
+                flat = self.graph.call_function(torch.flatten, (new, 1))
+            flat.meta = dict(new.meta)
+            new.replace_all_uses_with(flat)
+            flat.args = (new, 1)
+            # the pool's output keeps its 1x1 dims: not the recorded (N, C) metadata
+            new.meta = {k: v for k, v in new.meta.items()
+                        if k not in ("tensor_meta", "dropin_ran")}
+
     def _swap_elemwise(self, n: fx.Node) -> None:
         t = n.target
         if n.op == "call_function" and t in _CAT_FNS:
@@ -583,7 +614,8 @@ class _Rewriter:
         scope = self._scope(n)
         return self._unique(f"{scope}.{base}" if scope else base)
 
-    def _replace(self, head: fx.Node, chain: List[fx.Node], module, args, name: str) -> None:
+    def _replace(self, head: fx.Node, chain: List[fx.Node], module, args,
+                 name: str) -> fx.Node:
         """Put ``module`` at ``name`` and one call_module node in place of ``chain``."""
         self._set_module(name, module)
         last = chain[-1]
@@ -597,6 +629,7 @@ class _Rewriter:
             self.graph.erase_node(old)
             self.erased.add(old)
         self.quantized.add(new)
+        return new
 
     # ------------------------------------------------------------------ 3. stubs
     def stub(self) -> List[str]:

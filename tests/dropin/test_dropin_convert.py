@@ -373,3 +373,44 @@ def test_inplace_ops_functionalized():
     with backends.use(INT8_BACKEND):
         y8 = int8(x)
     assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02  # measured 0-0.0019, 8 seeds
+
+
+class SpatialMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        a = self.fc(y.mean((2, 3)))                           # (N, C)
+        b = self.fc2(torch.mean(y, [-1, -2], keepdim=True).flatten(1))
+        return a + b, y.mean(1)                                # y.mean(1): a float op
+
+
+@pytest.mark.parametrize("with_examples", [True, False])
+def test_spatial_mean_is_global_average_pooling(with_examples):
+    model = SpatialMean().eval()
+    x = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        want = model(x)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        gm = prepare_plain(copy.deepcopy(model), (x,) if with_examples else None)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, DropInWarning)]
+    # without example inputs the rank is unknown: negative dims are not taken for H, W
+    parts = 1 if with_examples else 2
+    assert len(msgs) == 1 and f"{parts} part(s)" in msgs[0] and ".mean() in '<root>'" in msgs[0]
+    assert gnn_kinds(gm)["AdaptiveAvgPool2d"] == 3 - parts
+    with torch.no_grad():
+        got = gm(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)  # mean vs pool: rounding
+    qat = quantize_qat(gm, example_inputs=(x,))
+    with torch.no_grad():
+        y_qat = qat.eval()(x)
+    int8 = quantize(qat)
+    with backends.use(INT8_BACKEND):
+        y8 = int8(x)
+    assert float((y8[0] - y_qat[0]).norm() / y_qat[0].norm()) <= 0.02  # measured <= 0.004
