@@ -237,3 +237,51 @@ def test_memo_entries_die_with_their_sources():
     del w
     gc.collect()
     assert not any(k in derived._d for k in mine)
+
+
+# --------------------------------------------------------------------------- fixed point
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from gpuquant.backends.triton.fixed_point import requantize_i32  # noqa: E402
+
+
+@triton.jit
+def _requant_i32_probe(ACC, MULT, RSHIFT, Y, R, C, zp, qmin, qmax,
+                       HAS_LSHIFT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    rows = tl.arange(0, BR)
+    cols = tl.arange(0, BC)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    acc = tl.load(ACC + rows[:, None] * C + cols[None, :], mask=mask, other=0)
+    m = tl.load(MULT + cols, mask=cols < C, other=0)
+    s = tl.load(RSHIFT + cols, mask=cols < C, other=0)
+    y = requantize_i32(acc, m[None, :], s[None, :], zp, qmin, qmax, HAS_LSHIFT)
+    tl.store(Y + rows[:, None] * C + cols[None, :], y, mask=mask)
+
+
+@pytest.mark.parametrize("zp,qmin,qmax", [(0, -2 ** 31, 2 ** 31 - 1), (5, -128, 127)])
+def test_requantize_i32_equals_reference_fixed_point(zp, qmin, qmax):
+    """The epilogue's 32-bit requantization == the reference's int64 one for every rshift
+    in [-30, 31], multipliers 0, 2^30, 2^31 - 1, INT32_MIN (saturating) and random ones, on
+    random and extreme int32 accumulators."""
+    from gpuquant.backends.reference import multiply_by_quantized_multiplier
+    shifts = list(range(-30, 32))
+    mults = torch.randint(2 ** 30, 2 ** 31, (len(shifts),), dtype=torch.int64)
+    mults[:3] = torch.tensor([2 ** 30, 2 ** 31 - 1, 2 ** 30 + 1])
+    shifts += [0, 31, 0, 5]
+    mults = torch.cat([mults, torch.tensor([0, 2 ** 31 - 1, -2 ** 31, -2 ** 31])])
+    c = len(shifts)
+    acc = torch.randint(-2 ** 31, 2 ** 31, (40, c), dtype=torch.int64)
+    acc[:8] //= 2 ** 24  # small values: the left shifts do not all saturate
+    acc[8:12] = torch.tensor([-2 ** 31, 2 ** 31 - 1, -1, 1]).reshape(4, 1)
+    acc[12:14] = torch.tensor([2 ** 30, -2 ** 30]).reshape(2, 1)  # ties of the high mul
+    acc = acc.to(torch.int32)
+    m32, s32 = mults.to(torch.int32), torch.tensor(shifts, dtype=torch.int32)
+    want = (multiply_by_quantized_multiplier(acc, m32.long(), s32.long()) + zp).clamp(qmin, qmax)
+    for lshift in (True, False):
+        cols = torch.arange(c) if lshift else (s32 >= 0).nonzero().flatten()
+        a, m, s = acc[:, cols].contiguous(), m32[cols].contiguous(), s32[cols].contiguous()
+        y = torch.empty_like(a).to(DEV)
+        _requant_i32_probe[(1,)](dev(a), dev(m), dev(s), y, a.shape[0], a.shape[1], zp, qmin,
+                                 qmax, HAS_LSHIFT=lshift, BR=64, BC=128)
+        assert_same(y, want[:, cols].to(torch.int32), f"requantize_i32 lshift={lshift}")

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import LAUNCH_OPTS, arch_family
+from .common import LAUNCH_OPTS, arch_family, derived
 from .gemm import _OUT_MODES, epilogue_scalars, epilogue_tensors, output_dtype, quant_epilogue
 
 __all__ = ["qdepthwise2d", "is_depthwise", "depthwise_configs"]
@@ -32,9 +32,10 @@ def _qdepthwise_kernel(
     x_zp, deq_scale,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, HAS_LSHIFT: tl.constexpr = False,
 ):
-    """X (Nb, H, W, C) int8/uint8, W (O, KH*KW) int8 -> Y (M = Nb*Ho*Wo, O)."""
+    """X (Nb, H, W, C) int8/uint8, W (KH*KW, O) int8 (a tap's weights contiguous) ->
+    Y (M = Nb*Ho*Wo, O)."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < M
@@ -54,10 +55,10 @@ def _qdepthwise_kernel(
             ok = mask_p & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
             x = tl.load((x_img + ih.to(tl.int64) * stride_xh + iw * stride_xw)[:, None]
                         + ic[None, :], mask=ok[:, None] & mask_c[None, :], other=x_zp)
-            wt = tl.load(W + offs_c * (KH * KW) + (r * KW + s), mask=mask_c, other=0)
+            wt = tl.load(W + (r * KW + s) * O + offs_c, mask=mask_c, other=0)
             acc += (x.to(tl.int32) - x_zp) * wt.to(tl.int32)[None, :]
     quant_epilogue(acc, offs_p, offs_c, mask_p, mask_c, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, HAS_LSHIFT)
 
 
 _DW_TILES = [(32, 64, 4), (64, 64, 4), (16, 128, 4), (128, 32, 4), (64, 128, 8)]
@@ -111,9 +112,10 @@ def qdepthwise2d(x, x_zp, w, bias, stride, padding, dilation, rq, *, out_mode="q
     if residual is not None:
         r2d = residual.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1) \
             .reshape(m, o)
-    w2d = w.reshape(o, kh * kw).contiguous()
-    b64, mult, rsh = epilogue_tensors(w, w2d, bias, rq, int(x_zp), x.dtype, dev,
-                                      fold_zero_point=False)
+    w_taps = derived("dw_w", (w,), (str(dev),),
+                     lambda: w.reshape(o, kh * kw).t().contiguous())  # (KH*KW, O)
+    b, mult, rsh, lshift = epilogue_tensors(w, w.reshape(o, kh * kw), bias, rq, int(x_zp),
+                                            x.dtype, dev, fold_zero_point=False)
     epi = epilogue_scalars(rq, add_params, dev, deq_zero_point)
     family = arch_family(dev)
     kern = _dw_kernel(family)
@@ -123,9 +125,9 @@ def qdepthwise2d(x, x_zp, w, bias, stride, padding, dilation, rq, *, out_mode="q
         meta = {"BLOCK_P": p if m <= 64 else 64, "BLOCK_C": cb if o <= 32 else 64}
     grid = lambda META: (triton.cdiv(m, META["BLOCK_P"]), triton.cdiv(o, META["BLOCK_C"]))
     xs = x.stride()
-    kern[grid](x, w2d, b64, mult, rsh, epi, r2d, y2d, m, o, h, wd, ho, wo, o // c,
+    kern[grid](x, w_taps, b, mult, rsh, epi, r2d, y2d, m, o, h, wd, ho, wo, o // c,
                sh, sw, ph, pw, dh, dw, xs[0], xs[2], xs[3], xs[1], y2d.stride(0),
                r2d.stride(0), int(x_zp), float(deq_scale),
-               KH=kh, KW=kw, OUT_MODE=mode, HAS_RES=residual is not None, **meta,
-               **LAUNCH_OPTS)
+               KH=kh, KW=kw, OUT_MODE=mode, HAS_RES=residual is not None,
+               HAS_LSHIFT=lshift, **meta, **LAUNCH_OPTS)
     return y

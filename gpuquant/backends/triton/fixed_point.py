@@ -12,7 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["multiply_by_quantized_multiplier", "requantize_values", "add_values"]
+__all__ = ["multiply_by_quantized_multiplier", "requantize_values", "add_values",
+           "requantize_i32"]
 
 
 @triton.jit
@@ -62,3 +63,37 @@ def add_values(a, b, shift_factor, a_zp, a_mult, a_rshift, b_zp, b_mult, b_rshif
     total = (multiply_by_quantized_multiplier(va, a_mult, a_rshift)
              + multiply_by_quantized_multiplier(vb, b_mult, b_rshift))
     return requantize_values(total, o_mult, o_rshift, o_zp, o_qmin, o_qmax)
+
+
+@triton.jit
+def requantize_i32(v, multiplier, rshift, zero_point, qmin, qmax, HAS_LSHIFT: tl.constexpr):
+    """:func:`requantize_values` for an int32 accumulator tile, in 32-bit arithmetic except
+    one widening multiply (the GEMM / conv epilogue's fast form; same results).
+
+    ``v`` int32 (BM, BN); ``multiplier``, ``rshift`` int32 per column (1, BN);
+    ``HAS_LSHIFT``: some ``rshift`` < 0 (else the saturating left shift is skipped).
+
+    SaturatingRoundingDoublingHighMul is ``(x * m + 2^30) >> 31`` (arithmetic shift): for
+    ``ab = x * m >= 0`` that is gemmlowp's ``(ab + 2^30) / 2^31``; for ``ab < 0`` gemmlowp
+    computes ``trunc((ab + 1 - 2^30) / 2^31)`` = ``ceil(...)`` = ``floor((ab + 2^30) / 2^31)``,
+    the same expression. ``x * m`` of two int32 is one ``mul.wide.s32``.
+    """
+    if HAS_LSHIFT:
+        left = tl.maximum(-rshift, 0).to(tl.int64)
+        x = tl.minimum(tl.maximum(v.to(tl.int64) << left, -2147483648), 2147483647)
+        x = x.to(tl.int32)
+    else:
+        x = v
+    ab = x.to(tl.int64) * multiplier.to(tl.int64)
+    hi = ((ab + 1073741824) >> 31).to(tl.int32)
+    hi = tl.where((x == -2147483648) & (multiplier == -2147483648), 2147483647, hi)
+    # RoundingDivideByPOT (half away from zero); the mask per column, in int64 for rshift 31
+    right = tl.maximum(rshift, 0)
+    mask = ((right.to(tl.int64) * 0 + 1) << right.to(tl.int64)) - 1
+    mask = mask.to(tl.int32)
+    remainder = hi & mask
+    threshold = (mask >> 1) + (hi < 0).to(tl.int32)
+    y = (hi >> right) + (remainder > threshold).to(tl.int32)
+    # clamp before adding the zero point: no int32 overflow for any y
+    y = tl.minimum(tl.maximum(y, qmin - zero_point), qmax - zero_point)
+    return y + zero_point

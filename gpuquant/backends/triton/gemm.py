@@ -25,7 +25,7 @@ import triton.language as tl
 import torch
 
 from .common import INTERPRET, LAUNCH_OPTS, arch_family, derived, scalar_int
-from .fixed_point import add_values, requantize_values
+from .fixed_point import add_values, requantize_i32
 
 __all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32",
            "OUT_SCALED"]
@@ -45,22 +45,29 @@ def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
                    BIAS, MULT, RSHIFT, EPI, deq_scale,
                    # output and residual
                    Y, stride_ym, RES, stride_rm,
-                   OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr):
+                   OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_LSHIFT: tl.constexpr):
     """Store ``epilogue(acc + bias)`` at ``Y[offs_m * stride_ym + offs_n]``.
 
     ``acc``: int32 (BM, BN); ``offs_n``: global output channels (index BIAS/MULT/RSHIFT).
+    BIAS is int32 (the folded bias fits: the usual case) or int64. The accumulator fits int32
+    (the caller refuses shapes that could overflow), so the requantization runs in 32-bit
+    arithmetic (:func:`.fixed_point.requantize_i32`).
     """
     mask = mask_m[:, None] & mask_n[None, :]
     bias = tl.load(BIAS + offs_n, mask=mask_n, other=0)
-    v = acc.to(tl.int64) + bias[None, :]
+    if BIAS.dtype.element_ty == tl.int64:
+        v = (acc.to(tl.int64) + bias[None, :]).to(tl.int32)
+    else:
+        v = acc + bias[None, :]
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if OUT_MODE == 2:
-        tl.store(y_ptrs, v.to(tl.int32), mask=mask)
+        tl.store(y_ptrs, v, mask=mask)
     else:
         mult = tl.load(MULT + offs_n, mask=mask_n, other=0)
         rsh = tl.load(RSHIFT + offs_n, mask=mask_n, other=0)
-        y = requantize_values(v, mult[None, :], rsh[None, :], tl.load(EPI + 0),
-                              tl.load(EPI + 1), tl.load(EPI + 2))
+        y = requantize_i32(v, mult[None, :], rsh[None, :], tl.load(EPI + 0).to(tl.int32),
+                           tl.load(EPI + 1).to(tl.int32), tl.load(EPI + 2).to(tl.int32),
+                           HAS_LSHIFT)
         if HAS_RES:
             r = tl.load(RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :],
                         mask=mask, other=0)
@@ -111,7 +118,7 @@ def _qgemm_kernel(
     X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_LSHIFT: tl.constexpr = False,
 ):
     """X (M, K) int8/uint8, W (N, K) int8 -> Y (M, N) int8/uint8, float32 or int32."""
     pid = tl.program_id(0)
@@ -154,7 +161,7 @@ def _qgemm_kernel(
                         stride_ym, HAS_RES)
     else:
         quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT, EPI,
-                       deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+                       deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, HAS_LSHIFT)
 
 
 # --------------------------------------------------------------------------- configs
@@ -241,17 +248,24 @@ def interpret_meta(m: int = 0, n: int = 0, k: int = 0):
 
 # --------------------------------------------------------------------------- parameters
 def _colsum_bias(w2d: torch.Tensor, bias, x_zp: int, shift: int) -> torch.Tensor:
-    """int64 (N,) = bias + (shift - x_zp) * sum_k w[n, k] (the folded zero point)."""
+    """(N,) = bias + (shift - x_zp) * sum_k w[n, k] (the folded zero point): int32 when every
+    value fits (then the epilogue adds in int32), else int64."""
     b = torch.zeros(w2d.shape[0], dtype=torch.int64, device=w2d.device) if bias is None \
         else bias.to(device=w2d.device, dtype=torch.int64)
     if shift != x_zp:
         b = b + (shift - x_zp) * w2d.to(torch.int64).sum(dim=1)
+    return _narrow_bias(b)
+
+
+def _narrow_bias(b: torch.Tensor) -> torch.Tensor:
+    if b.numel() == 0 or (int(b.min()) >= -2 ** 31 and int(b.max()) < 2 ** 31):
+        return b.to(torch.int32).contiguous()
     return b.contiguous()
 
 
 def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero_point=True):
     """Device tensors of the epilogue, memoised on (weight, bias, rq) identity and version:
-    ``(bias64, multiplier (N,) int32, rshift (N,) int32)``.
+    ``(bias (N,) int32 or int64, multiplier (N,) int32, rshift (N,) int32, has_lshift)``.
 
     ``fold_zero_point`` False (depthwise kernel: it subtracts the zero point itself) keeps
     the plain bias.
@@ -263,16 +277,16 @@ def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero
 
     def make():
         if fold_zero_point:
-            b64 = _colsum_bias(w2d, bias, x_zp, shift)
+            b = _colsum_bias(w2d, bias, x_zp, shift)
         else:
-            b64 = torch.zeros(n, dtype=torch.int64, device=device) if bias is None \
-                else bias.to(device=device, dtype=torch.int64).contiguous()
+            b = torch.zeros(n, dtype=torch.int32, device=device) if bias is None \
+                else bias.to(device=device, dtype=torch.int32).contiguous()
         if rq is None:
             z = torch.zeros(n, dtype=torch.int32, device=device)
-            return b64, z, z
+            return b, z, z, False
         m = rq.multiplier.to(device=device, dtype=torch.int32).reshape(-1).expand(n).contiguous()
         s = rq.rshift.to(device=device, dtype=torch.int32).reshape(-1).expand(n).contiguous()
-        return b64, m, s
+        return b, m, s, bool((rq.rshift < 0).any())
 
     return derived("epilogue", (w_src, bias, mult_t, rsh_t),
                    (x_zp, shift, fold_zero_point, n, str(device)), make)
@@ -321,8 +335,8 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     m, k = x2d.shape
     n = w2d.shape[0]
     dev = x2d.device
-    b64, mult, rsh = epilogue_tensors(w2d if w_src is None else w_src, w2d, bias, rq, x_zp,
-                                      x2d.dtype, dev)
+    b, mult, rsh, lshift = epilogue_tensors(w2d if w_src is None else w_src, w2d, bias, rq,
+                                            x_zp, x2d.dtype, dev)
     epi = epilogue_scalars(rq, add_params, dev, deq_zero_point)
     if out is None:
         out = torch.empty((m, n), dtype=output_dtype(mode, rq, add_params), device=dev)
@@ -334,9 +348,9 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     kern = _gemm_kernel(family)
     meta = interpret_meta(m, n, k) if family == "interpret" else {}
     grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
-    kern[grid](x2d, w2d, b64, mult, rsh, epi, res, out, m, n, k,
+    kern[grid](x2d, w2d, b, mult, rsh, epi, res, out, m, n, k,
                x2d.stride(0), x2d.stride(1), w2d.stride(0), w2d.stride(1), out.stride(0),
                res.stride(0), float(deq_scale),
                X_UINT8=x2d.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=has_res,
-               **meta, **LAUNCH_OPTS)
+               HAS_LSHIFT=lshift, **meta, **LAUNCH_OPTS)
     return out

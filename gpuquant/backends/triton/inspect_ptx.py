@@ -23,19 +23,45 @@ FLOAT_HAZARD_RE = re.compile(r"\b(fma\.rn\.f32|div\.full\.f32|div\.approx\.f32)"
 FAMILY_OF_CC = {80: "sm80", 86: "sm80", 89: "sm89", 90: "sm90"}
 
 
+# What the launcher's JIT specializes at run time for the usual (aligned) shapes: integer
+# arguments equal to 1 become constants, pointers and integers divisible by 16 carry that
+# fact (vectorized 16-byte cp.async loads instead of byte loads). Compiling with the same
+# facts makes the inspected PTX the one that runs on channels_last tensors with C % 16 == 0.
+_RUNTIME_ONES = {"_qgemm_kernel": ("stride_xk", "stride_wk"),
+                 "_qdepthwise_kernel": ("stride_xc", "CH_MULT")}
+_RUNTIME_DIV16 = {
+    "_qgemm_kernel": ("N", "K", "stride_xm", "stride_wn", "stride_ym", "stride_rm"),
+    "_qconv_kernel": ("N", "K", "Cg", "stride_xn", "stride_xh", "stride_xw", "stride_wo",
+                      "stride_ym", "stride_rm"),
+    "_qdepthwise_kernel": ("O", "stride_xn", "stride_xh", "stride_xw", "stride_ym",
+                           "stride_rm"),
+    "_quantize_kernel": ("numel",), "_add_kernel": ("numel",)}
+
+
 def compile_ptx(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4,
-                num_stages: int = 3, enable_fp_fusion: bool = False) -> str:
-    """PTX of the jitted ``fn`` for ``sm_<cc>`` with the given signature / constexprs."""
+                num_stages: int = 3, enable_fp_fusion: bool = False,
+                runtime_specialization: bool = True) -> str:
+    """PTX of the jitted ``fn`` for ``sm_<cc>`` with the given signature / constexprs (plus,
+    by default, the launcher's run-time specializations for aligned shapes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if not hasattr(fn, "arg_names"):
         raise TypeError("compile_ptx needs a @triton.jit function; unset TRITON_INTERPRET")
+    constexprs = dict(constexprs)
+    attrs = {}
+    if runtime_specialization:
+        name = fn.__name__
+        for a in _RUNTIME_ONES.get(name, ()):
+            constexprs.setdefault(a, 1)
+        for a, ty in signature.items():
+            if a not in constexprs and (ty.startswith("*") or a in _RUNTIME_DIV16.get(name, ())):
+                attrs[(fn.arg_names.index(a),)] = [["tt.divisibility", 16]]
     sig = dict(signature)
     for k in constexprs:
         sig[k] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     with _no_cubin():
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                   options={"num_warps": num_warps, "num_stages": num_stages,
@@ -56,11 +82,11 @@ def _no_cubin():
         CUDABackend.make_cubin = real
 
 
-_EPI_PTRS = {"BIAS": "*i64", "MULT": "*i32", "RSHIFT": "*i32", "EPI": "*i64"}
+_EPI_PTRS = {"BIAS": "*i32", "MULT": "*i32", "RSHIFT": "*i32", "EPI": "*i64"}
 
 
-def _gemm_sig(x="*i8", y="*i8", res="*i8"):
-    s = {"X": x, "W": "*i8", **_EPI_PTRS, "RES": res, "Y": y}
+def _gemm_sig(x="*i8", y="*i8", res="*i8", bias="*i32"):
+    s = {"X": x, "W": "*i8", **_EPI_PTRS, "BIAS": bias, "RES": res, "Y": y}
     s.update({k: "i32" for k in ("M", "N", "K", "stride_xm", "stride_xk", "stride_wn",
                                    "stride_wk", "stride_ym", "stride_rm")})
     s["deq_scale"] = "fp32"
@@ -100,15 +126,19 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
         out.append((f"gemm[{i}:{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}]",
                     gemm._qgemm_kernel, _gemm_sig(),
                     {**meta, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False,
-                     "EVEN_K": True}, nw, ns, True))
+                     "EVEN_K": True, "HAS_LSHIFT": False}, nw, ns, True))
     meta, nw, ns = cfg_of(gcfgs[0])
     variants = (
-            ("gemm_uint8_residual", _gemm_sig(x="*u8", y="*u8", res="*u8"),
-             {"X_UINT8": True, "OUT_MODE": 0, "HAS_RES": True, "EVEN_K": False}),
+            ("gemm_uint8_residual_lshift_bias64",
+             _gemm_sig(x="*u8", y="*u8", res="*u8", bias="*i64"),
+             {"X_UINT8": True, "OUT_MODE": 0, "HAS_RES": True, "EVEN_K": False,
+              "HAS_LSHIFT": True}),
             ("gemm_float_out", _gemm_sig(y="*fp32"),
-             {"X_UINT8": False, "OUT_MODE": 1, "HAS_RES": False, "EVEN_K": True}),
+             {"X_UINT8": False, "OUT_MODE": 1, "HAS_RES": False, "EVEN_K": True,
+              "HAS_LSHIFT": False}),
             ("gemm_int32_out", _gemm_sig(y="*i32"),
-             {"X_UINT8": False, "OUT_MODE": 2, "HAS_RES": False, "EVEN_K": True}))
+             {"X_UINT8": False, "OUT_MODE": 2, "HAS_RES": False, "EVEN_K": True,
+              "HAS_LSHIFT": False}))
     # ci: the float-out epilogue on every target, the residual + uint8 one on sm_80 only
     chosen = variants if not ci else (variants[:2] if cc < 90 else variants[1:2])
     for name, sig, extra in chosen:
@@ -121,16 +151,16 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
         out.append((f"conv{ksz}x{ksz}[{i}:{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}]",
                     conv._qconv_kernel, _conv_sig(),
                     {**meta, "KH": ksz, "KW": ksz, "FLAT_K": False, "X_UINT8": False,
-                     "OUT_MODE": 0, "HAS_RES": False}, nw, ns, True))
+                     "OUT_MODE": 0, "HAS_RES": False, "HAS_LSHIFT": False}, nw, ns, True))
     meta, nw, ns = cfg_of(ccfgs[0])
     out.append(("conv7x7_flatk_uint8_float_out", conv._qconv_kernel,
                 _conv_sig(x="*u8", y="*fp32"),
                 {**meta, "KH": 7, "KW": 7, "FLAT_K": True, "X_UINT8": True, "OUT_MODE": 1,
-                 "HAS_RES": False}, nw, ns, True))
+                 "HAS_RES": False, "HAS_LSHIFT": True}, nw, ns, True))
     if not ci:
         out.append(("conv3x3_residual", conv._qconv_kernel, _conv_sig(),
                     {**meta, "KH": 3, "KW": 3, "FLAT_K": False, "X_UINT8": False,
-                     "OUT_MODE": 0, "HAS_RES": True}, nw, ns, True))
+                     "OUT_MODE": 0, "HAS_RES": True, "HAS_LSHIFT": False}, nw, ns, True))
 
     dsig = {"X": "*i8", "W": "*i8", **_EPI_PTRS, "RES": "*i8", "Y": "*i8"}
     dsig.update({k: "i32" for k in ("M", "O", "H", "W_in", "Ho", "Wo", "CH_MULT", "stride_h",
@@ -140,7 +170,8 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
     dsig["deq_scale"] = "fp32"
     dc = depthwise.depthwise_configs(fam)[0]
     out.append(("depthwise3x3", depthwise._qdepthwise_kernel, dsig,
-                {**dc.kwargs, "KH": 3, "KW": 3, "OUT_MODE": 0, "HAS_RES": False},
+                {**dc.kwargs, "KH": 3, "KW": 3, "OUT_MODE": 0, "HAS_RES": False,
+                 "HAS_LSHIFT": False},
                 dc.num_warps, 2, False))
     qsig = {"X": "*fp32", "INV": "*fp32", "ZP": "*i32", "Y": "*i8", "numel": "i32",
             "stride_c": "i32", "C": "i32", "qmin": "fp32", "qmax": "fp32"}
