@@ -73,7 +73,8 @@ def test_requantize(per_channel):
 
 
 # --------------------------------------------------------------------------- add / mul / concat
-@pytest.mark.parametrize("dtypes", [(torch.int8, torch.int8, qint8), (torch.uint8, torch.int8, quint8)],
+@pytest.mark.parametrize("dtypes", [(torch.int8, torch.int8, qint8),
+                                    (torch.uint8, torch.int8, quint8)],
                          ids=["s8s8", "u8s8"])
 def test_add_and_mul(dtypes):
     da, db, dout = dtypes
@@ -92,7 +93,8 @@ def test_concat():
     a = rand_act((2, 5, 7, 6), torch.uint8).contiguous(memory_format=CL)
     b = rand_act((2, 3, 7, 6), torch.uint8)
     c = rand_act((2, 1, 7, 6), torch.uint8).contiguous(memory_format=CL)
-    rqs = [make_requant(0.05, 1.0, 0.1, 128, quint8), None, make_requant(0.3, 1.0, 0.1, 128, quint8)]
+    rqs = [make_requant(0.05, 1.0, 0.1, 128, quint8), None,
+           make_requant(0.3, 1.0, 0.1, 128, quint8)]
     y = _check("concat", ([a, b, c], [3, 128, 250], rqs, 1, torch.uint8), "concat dim 1")
     assert y.is_contiguous(memory_format=CL)
     _check("concat", ([a, a], [3, 7], [None, rqs[0]], 0, torch.uint8), "concat dim 0")

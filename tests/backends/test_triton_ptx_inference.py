@@ -21,7 +21,8 @@ import json, sys
 from gpuquant.backends.triton import inspect_ptx as ip
 from gpuquant.backends.triton import elementwise
 out = {str(cc): ip.inspect(cc, ci=True) for cc in (80, 90)}
-name, fn, sig, const, nw, ns, _ = [v for v in ip.kernel_variants(90, ci=True) if v[0] == "quantize"][0]
+name, fn, sig, const, nw, ns, _ = [v for v in ip.kernel_variants(90, ci=True)
+                                   if v[0] == "quantize"][0]
 ptx = ip.compile_ptx(fn, sig, const, 90, nw, ns, enable_fp_fusion=True)
 out["control_fusion_on"] = sorted(set(ip.FLOAT_HAZARD_RE.findall(ptx)))
 print("JSON" + json.dumps(out))
