@@ -17,8 +17,10 @@ and goes through the usual float -> QAT flow. Steps:
    ``ConvBnRelu2d`` / the ReLU6 forms; Linear [-> BatchNorm1d] [-> ReLU] likewise;
    tensor ``+`` / ``torch.add`` / ``.add`` [-> ReLU] into ``Elemwise("add" | "add_relu")``,
    tensor ``*`` into ``Elemwise("mul")``; ``torch.cat`` into ``Concat``; max / average /
-   adaptive-average pooling (modules and ``F.*``) into the pooling modules. A fusion needs
-   the intermediate value to have a single user.
+   adaptive-average pooling (modules and ``F.*``) into the pooling modules, and
+   ``x.mean((2, 3))`` into ``AdaptiveAvgPool2d(1)`` (+ ``flatten``). A fusion needs the
+   intermediate value to have a single user; a module called at several places gets one new
+   module per call site (``conv_1``, ``conv_2``: own output qparams, shared weights).
 4. **Stub**: every value is quantized (made by a quantized op), float, or not a float tensor.
    Ops that only re-view their input (``flatten``, ``view``, ``reshape``, ``squeeze``,
    ``permute``, indexing, ``split``, ``Dropout``, ``Identity``, ...) keep their input's kind
