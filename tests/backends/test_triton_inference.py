@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _triton_inference_util import (DEV, ORACLES, TRITON, assert_same, cpu, dev, oracle_ids,
+from _triton_inference_util import (DEV, ORACLES, TRITON, assert_same, cpu, dev,
                                     poison, rand_act, rand_requant, rand_weight)  # noqa: F401
 from gpuquant import qint8, quint8
 from gpuquant.functional.requant import make_add_params, make_requant

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _triton_inference_util import (DEV, ORACLES, TRITON, assert_same, cpu, dev,
+from _triton_inference_util import (ORACLES, TRITON, assert_same, cpu, dev,
                                     poison, rand_act)  # noqa: F401
 from gpuquant import qint8, quint8
 from gpuquant.functional.requant import make_add_params, make_requant

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import INTERPRET, LAUNCH_OPTS, arch_family, derived, scalar_int
+from .common import LAUNCH_OPTS, arch_family, derived, scalar_int
 from .fixed_point import add_values, requantize_i32
 
 __all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32",
