@@ -231,7 +231,6 @@ def _deploy(qmodel, x_te, y_te, int8_pred, out, times, log) -> dict:
     test set, and whether the runtime's outputs equal gpuquant's byte for byte."""
     import tempfile
 
-    import numpy as np
     res = {"rows": [], "onnxruntime_acc": None, "runtime_acc": None, "runtime_exact": None}
     try:
         import onnx  # noqa: F401

@@ -100,8 +100,8 @@ class _Builder:
 
     def node(self, op: str, inputs, base: str, **attrs) -> str:
         out = self.fresh(base)
-        self.nodes.append(self.helper.make_node(op, list(inputs), [out], name=self.fresh(f"{base}_{op}"),
-                                                **attrs))
+        self.nodes.append(self.helper.make_node(op, list(inputs), [out],
+                                                name=self.fresh(f"{base}_{op}"), **attrs))
         return out
 
     # ---------------------------------------------------------------- Q / DQ
@@ -339,7 +339,8 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
                 v = env[o.name]
                 src = v[1] if isinstance(v, tuple) else v.name
                 name = b.fresh("output" if len(outs) == 1 else f"output_{i}")
-                b.nodes.append(helper.make_node("Identity", [src], [name], name=b.fresh(f"{name}_id")))
+                b.nodes.append(helper.make_node("Identity", [src], [name],
+                                                name=b.fresh(f"{name}_id")))
                 t = vals[o.name]
                 et = onnx.TensorProto.FLOAT if isinstance(v, tuple) else (
                     onnx.TensorProto.INT8 if v.dtype == "qint8" else onnx.TensorProto.UINT8)

@@ -121,7 +121,8 @@ class _Linear3d(gnn.Module):
 class _OddPool(gnn.Module):
     def __init__(self):
         super().__init__()
-        self.quant, self.pool, self.dq = gnn.QuantStub(), gnn.AdaptiveAvgPool2d(3), gnn.DequantStub()
+        self.quant, self.dq = gnn.QuantStub(), gnn.DequantStub()
+        self.pool = gnn.AdaptiveAvgPool2d(3)
 
     def forward(self, x):
         return self.dq(self.pool(self.quant(x)))
