@@ -146,3 +146,73 @@ def test_unsupported_content_is_named(zoo_int8):
         to_onnx(zoo_int8, torch.zeros(1, 3, 8, 8, dtype=torch.int8))
     with pytest.raises(ValueError, match="no gpuquant.nn.quantized module"):
         to_onnx(torch.nn.Sequential(torch.nn.ReLU()).eval(), torch.randn(1, 3))
+
+
+class _One(gnn.Module):
+    """QuantStub -> one module -> DequantStub."""
+
+    def __init__(self, module, n_inputs=1, concat=False):
+        super().__init__()
+        self.qa, self.m, self.dq = gnn.QuantStub(), module, gnn.DequantStub()
+
+    def forward(self, a):
+        return self.dq(self.m(self.qa(a)))
+
+
+class _Two(_One):
+    """Two QuantStubs -> one two-input module (or a concat) -> DequantStub."""
+
+    def __init__(self, module, n_inputs=2, concat=False):
+        super().__init__(module)
+        self.qb, self.concat = gnn.QuantStub(), concat
+
+    def forward(self, a, b):
+        a, b = self.qa(a), self.qb(b)
+        return self.dq(self.m([a, b], 1) if self.concat else self.m(a, b))
+
+
+_SINGLE_OPS = {
+    "conv_relu": (lambda: gnn.ConvRelu2d(5, 7, 3, stride=2, padding=1), 1, False),
+    "conv_relu6_dw": (lambda: gnn.ConvRelu62d(5, 5, 3, padding=1, groups=5), 1, False),
+    "conv_bn": (lambda: gnn.ConvBn2d(5, 9, 1, bias=False), 1, False),
+    "add": (lambda: gnn.Elemwise("add"), 2, False),
+    "add_relu": (lambda: gnn.Elemwise("add_relu"), 2, False),
+    "mul": (lambda: gnn.Elemwise("mul"), 2, False),
+    "concat": (lambda: gnn.Concat(), 2, True),
+    "maxpool": (lambda: gnn.MaxPool2d(3, 2, 1), 1, False),
+    "avgpool": (lambda: gnn.AvgPool2d(3, 2, 1), 1, False),
+    "adaptive": (lambda: gnn.AdaptiveAvgPool2d(1), 1, False),
+}
+
+
+@pytest.mark.parametrize("op", sorted(_SINGLE_OPS))
+@pytest.mark.parametrize("u8", [False, True], ids=["int8", "uint8"])
+def test_onnxruntime_each_op_within_one_step(op, u8, tmp_path):
+    """Per op, with the same int8 inputs: onnxruntime (float requantization) is within one
+    output step of gpuquant everywhere, and equal on >= 95% of the elements."""
+    from gpuquant import backends
+    from deploy_helpers import uint8_calibration_qconfig, int8_calibration_qconfig
+    make, n_in, concat = _SINGLE_OPS[op]
+    qc = uint8_calibration_qconfig if u8 else int8_calibration_qconfig
+    shape = (3, 5, 9, 7)
+    g = torch.Generator().manual_seed(7)
+    model = (_One if n_in == 1 else _Two)(make(), n_in, concat).eval()
+    from gpuquant.quantization import quantize, quantize_qat
+    with backends.use("reference"):
+        q = quantize_qat(model, qc)
+        with torch.no_grad():
+            for _ in range(2):
+                q(*[torch.randn(*shape, generator=g) * (1 + i) for i in range(n_in)])
+        qm = quantize(q)
+    xs = [torch.randn(*shape, generator=g) * (1 + i) for i in range(n_in)]
+    path = tmp_path / f"{op}.onnx"
+    to_onnx(qm, tuple(xs), path)
+    with backends.use("numpy"), torch.no_grad():
+        want = qm(*xs).numpy()
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)})[0]
+    d = _steps(got, want, qm.dq.input_scale.item())
+    assert d.max() <= 1 + 1e-3 and (d < 0.5).mean() >= 0.95, (d.max(), (d < 0.5).mean())
+    import gpuquant.runtime as rt
+    assert rt.load(path).run(*[x.numpy() for x in xs]).tobytes() == want.tobytes()
