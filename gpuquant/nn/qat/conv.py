@@ -145,6 +145,9 @@ class ConvBn2d(QATModule, Float.ConvBn2d):
                 (beta - gamma * mean / sigma_b).reshape(1, -1, 1, 1)
             b = conv.bias.detach() if conv.bias is not None else 0.0
             update_bn_running_stats(bn, mean + b, var, n)
+            if conv.bias is not None:  # batch statistics cancel the bias: its gradient is
+                # exactly 0; adding 0 * bias (y unchanged) gives it one, so DDP sees it used
+                y = y + 0.0 * conv.bias.reshape(1, -1, 1, 1)
         else:
             w, b = self.folded_weight_bias()
             y = conv._conv_forward(x, self.apply_quant_weight(w), b)

@@ -79,6 +79,8 @@ class LinearBn1d(QATModule, Float.LinearBn1d):
             y = F.linear(x, w) * (sigma / sigma_b) + (beta - gamma * mean / sigma_b)
             b = lin.bias.detach() if lin.bias is not None else 0.0
             update_bn_running_stats(bn, mean + b, var, n)
+            if lin.bias is not None:  # exact (zero) gradient for the cancelled bias: DDP
+                y = y + 0.0 * lin.bias  # needs every parameter used; y is unchanged
         else:
             w, b = self.folded_weight_bias()
             y = F.linear(x, self.apply_quant_weight(w), b)
