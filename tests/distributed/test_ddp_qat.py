@@ -149,6 +149,38 @@ def test_ddp_without_sync_batchnorm_differs_from_the_global_batch():
         assert np.array_equal(scale, h1[-1][1][k][0]), k
 
 
+def _bias_worker(rank, world):
+    class Net(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant = gnn.QuantStub()
+            self.conv = gnn.ConvBnRelu2d(1, 4, 3, bias=True)
+            self.fc = gnn.LinearBn1d(4 * 6 * 6, 10, bias=True)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.conv(self.quant(x)), 1))
+
+    torch.manual_seed(0)
+    model = quantize_qat(Net(), sync_ema_fakequant_qconfig).train()
+    with torch.no_grad():
+        model(torch.randn(4, 1, 8, 8))
+    net = DDP(model)  # find_unused_parameters=False: every parameter must get a gradient
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        TF.cross_entropy(net(torch.randn(4, 1, 8, 8)), torch.randint(0, 10, (4,))).backward()
+        opt.step()
+    return {n: p.grad.numpy().copy() for n, p in model.named_parameters() if n.endswith("bias")}
+
+
+def test_fused_bn_with_a_bias_has_no_unused_parameters_under_ddp():
+    """A conv / linear bias before BatchNorm cancels in training; the fused QAT modules give
+    it its exact gradient (0) instead of none, so DDP needs no find_unused_parameters."""
+    for grads in run(_bias_worker, WORLD):
+        assert set(grads) >= {"conv.conv.bias", "fc.linear.bias"}
+        assert not np.any(grads["conv.conv.bias"]) and not np.any(grads["fc.linear.bias"])
+
+
 # --------------------------------------------------------------------------- fused Triton path
 def _fused_worker(rank, world):
     import gpuquant.backends as backends
