@@ -49,10 +49,11 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .. import nn as gnn
 from ..nn.module import Module
-from ..nn.qat.module import QATModule
+from ..nn.qat.module import QATModule, source_of, tag_output
 from ..nn.quantized.module import QuantizedModule
 
-__all__ = ["needs_dropin", "prepare_plain", "disable_quantize", "DropInWarning"]
+__all__ = ["needs_dropin", "prepare_plain", "disable_quantize", "DropInWarning",
+           "keep_producer"]
 
 # classes of gpuquant.nn that are single ops (leaves); QAT / quantized versions subclass them
 _GNN_LEAVES = tuple(getattr(gnn, n) for n in gnn.__all__ if n != "Module")
@@ -341,6 +342,34 @@ def _fn_name(target) -> str:
     if mod.startswith("torch.nn.functional") or target in _POOL_FN_PARAMS:
         return f"F.{name}"
     return f"torch.{name}" if mod.startswith("torch") or not mod else f"{mod}.{name}"
+
+# pass-through ops that may write a new tensor (a reshape of a non-contiguous view, dropout
+# while training): their output loses the QAT producer tag unless it is carried over
+_MAY_COPY_FNS = {torch.flatten, torch.reshape, F.dropout, F.dropout1d, F.dropout2d,
+                 F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+_MAY_COPY_METHODS = {"flatten", "reshape", "view", "contiguous", "reshape_as"}
+_MAY_COPY_MODULES = tuple(m for m in _PASS_MODULES if m not in (torch.nn.Unflatten,
+                                                                 torch.nn.Identity))
+
+
+def keep_producer(y, x):
+    """``y``, recorded as carrying the qparams of the QAT module that produced ``x`` (what
+    the int8 model sees: the same integers re-viewed, dropout being the identity there), so
+    :func:`~gpuquant.quantization.quantize` finds the input qparams of the module that reads
+    ``y``. Inserted by drop-in conversion after reshapes and dropouts of quantized values;
+    a no-op on int8 tensors."""
+    src = source_of(x)
+    if src is not None and isinstance(y, torch.Tensor) and y.is_floating_point():
+        tag_output(y, src)
+    return y
+
+
+def _may_copy(n: fx.Node, modules) -> bool:
+    if n.op == "call_function":
+        return n.target in _MAY_COPY_FNS
+    if n.op == "call_method":
+        return n.target in _MAY_COPY_METHODS
+    return n.op == "call_module" and type(modules[n.target]) in _MAY_COPY_MODULES
 
 
 def _is_pass(n: fx.Node, modules) -> bool:
@@ -705,6 +734,14 @@ class _Rewriter:
                 if n.op == "call_method" and n.target == "view" and kind.get(src) == _Q:
                     n.target = "reshape"  # int8 activations are channels_last: view may fail
                 kind[n] = tensor_kind(n, kind.get(src, _O))
+                if kind[n] == _Q and _may_copy(n, self.modules) and \
+                        self.kinds.is_float_tensor(n):
+                    with self.graph.inserting_after(n):
+                        kept = self.graph.call_function(keep_producer, (n, src))
+                    kept.meta = dict(n.meta)
+                    n.replace_all_uses_with(kept)
+                    kept.args = (n, src)
+                    kind[kept] = _Q
             else:  # a float op
                 ins = [a for a in _node_args(n) if kind.get(a, _O) != _O]
                 rewrite_inputs(n, as_float)

@@ -16,7 +16,7 @@ import gpuquant.models as M
 import gpuquant.nn as gnn
 import gpuquant.nn.quantized as qnn
 from gpuquant.nn.qat import QATModule
-from gpuquant.quantization import quantize, quantize_qat
+from gpuquant.quantization import disable_observer, quantize, quantize_qat
 from gpuquant.quantization.fx import (DropInWarning, disable_quantize, needs_dropin,
                                       prepare_plain)
 
@@ -414,3 +414,34 @@ def test_spatial_mean_is_global_average_pooling(with_examples):
     with backends.use(INT8_BACKEND):
         y8 = int8(x)
     assert float((y8[0] - y_qat[0]).norm() / y_qat[0].norm()) <= 0.02  # measured <= 0.004
+
+
+class CopyingReshape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x)).permute(0, 2, 3, 1)   # NHWC view, not contiguous
+        return self.fc(self.drop(y.reshape(y.size(0), -1)))   # reshape copies
+
+
+def test_copying_reshape_and_training_dropout_keep_the_producer():
+    """A reshape that copies and a training-mode dropout write new tensors; quantize still
+    finds the Linear's input qparams (the ReLU conv's) after training passes only."""
+    model = CopyingReshape()
+    x = torch.randn(2, 3, 5, 5)
+    qat = quantize_qat(model, example_inputs=(x,))
+    assert "keep_producer" in qat.code
+    qat_step(qat, x, torch.tensor([0, 2]), seed=0)
+    conv_scale = qat.conv.get_activation_qparams().scale
+    disable_observer(qat)
+    int8 = quantize(qat, inplace=False)  # no eval pass: only the training one recorded
+    assert torch.equal(int8.fc.input_scale, conv_scale)
+    with torch.no_grad():
+        y_qat = qat.eval()(x)
+    with backends.use(INT8_BACKEND):
+        y8 = int8(x)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02  # measured 0, 8 seeds
