@@ -21,7 +21,12 @@ __all__ = ["QuantDtype", "QParams", "qint8", "qint8_narrow", "quint8", "qint4", 
            "qint32", "save", "load", "__version__"]
 
 
+_SUBPACKAGES = ("functional", "quantization", "nn", "backends", "models", "export", "runtime")
+
+
 def __getattr__(name):
+    if name in _SUBPACKAGES:  # ``import gpuquant; gpuquant.runtime.load(...)``
+        return _importlib.import_module(f".{name}", __name__)
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'gpuquant' has no attribute {name!r}")
@@ -31,4 +36,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES))
