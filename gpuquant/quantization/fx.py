@@ -852,6 +852,8 @@ def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule
         raise TypeError(f"prepare_plain: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
     example_inputs = _check_example_inputs(example_inputs)
+    if _Tracer().is_leaf_module(model, "") and not _is_disabled(model):
+        model = torch.nn.Sequential(model)  # a lone layer: trace it as the call of a leaf
     gm, fallbacks = _trace(model)
     if example_inputs is not None:
         _propagate(gm, example_inputs)

@@ -445,3 +445,20 @@ def test_copying_reshape_and_training_dropout_keep_the_producer():
     with backends.use(INT8_BACKEND):
         y8 = int8(x)
     assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02  # measured 0, 8 seeds
+
+
+def test_a_lone_layer():
+    x = torch.randn(3, 6)
+    layer = nn.Linear(6, 4)
+    with torch.no_grad():
+        want = layer(x)
+    qat = quantize_qat(layer, example_inputs=(x,))
+    assert type(getattr(qat, "0")).__name__ == "Linear" and isinstance(getattr(qat, "0"),
+                                                                       QATModule)
+    with torch.no_grad():
+        y_qat = qat.eval()(x)
+    int8 = quantize(qat)
+    with backends.use(INT8_BACKEND):
+        y8 = int8(x)
+    assert float((y_qat - want).norm() / want.norm()) <= 0.03  # measured 0.004-0.0096
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02   # measured 0, 8 seeds
