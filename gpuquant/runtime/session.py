@@ -83,6 +83,11 @@ class Session:
         self._const: Dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
                                               for t in g.initializer}
         self.input_names = [i.name for i in g.input if i.name not in self._const]
+        # declared dims (None where symbolic): rank and channel count are checked on run
+        self._input_dims = {
+            i.name: [d.dim_value if d.HasField("dim_value") else None
+                     for d in i.type.tensor_type.shape.dim]
+            for i in g.input if i.name not in self._const}
         self.output_names = [o.name for o in g.output]
         self._producer = {}
         self._consumers: Dict[str, list] = {}
@@ -326,6 +331,13 @@ class Session:
                                 f"{type(v).__name__}")
             if not np.issubdtype(v.dtype, np.floating):
                 raise TypeError(f"{self.source}: input {k!r} must be a float array, got {v.dtype}")
+            dims = self._input_dims.get(k) or []
+            if dims and (v.ndim != len(dims) or (len(dims) > 1 and dims[1] is not None
+                                                 and v.shape[1] != dims[1])):
+                raise ValueError(f"{self.source}: input {k!r} must have shape "
+                                 f"{['N' if d is None else d for d in dims]} (any batch"
+                                 f"{', any spatial size' if len(dims) == 4 else ''}), got "
+                                 f"{list(v.shape)}")
             env[k] = np.ascontiguousarray(v, dtype=np.float32)
         for st in self._steps:
             _EXEC[st[0]](st, env)
