@@ -91,7 +91,8 @@ class Session:
         self.output_names = [o.name for o in g.output]
         self._producer = {}
         self._consumers: Dict[str, list] = {}
-        for n in g.node:
+        nodes = list(g.node)  # one wrapper per node: fused nodes are tracked by id()
+        for n in nodes:
             for o in n.output:
                 self._producer[o] = n
             for i in n.input:
@@ -99,7 +100,7 @@ class Session:
         self._views: Dict[str, tuple] = {}   # DQ output -> (q name, scale, zp)
         self._steps: List[tuple] = []
         self._fused = set()
-        for n in g.node:
+        for n in nodes:
             self._plan(n)
 
     # ------------------------------------------------------------------ planning
@@ -128,7 +129,7 @@ class Session:
         p = self._producer.get(name)
         if p is None or p.op_type != "DequantizeLinear" or p.input[0] not in self._const:
             raise self._err(node, f"input {name!r} must be a DequantizeLinear of an initializer")
-        self._fused.add(p.name)
+        self._fused.add(id(p))
         return self._const[p.input[0]], np.asarray(self._scalar(p.input[1], p), np.float32)
 
     def _tail(self, node):
@@ -147,19 +148,19 @@ class Session:
                 if (lo, hi) != (0.0, 6.0):
                     raise self._err(c, f"Clip({lo}, {hi}) is not a fused ReLU6")
                 act = "relu6"
-            self._fused.add(c.name)
+            self._fused.add(id(c))
             out = c.output[0]
             cons = self._consumers.get(out, [])
         if len(cons) != 1 or cons[0].op_type != "QuantizeLinear":
             raise self._err(node, "its output must feed exactly one QuantizeLinear (QDQ form)")
         q = cons[0]
-        self._fused.add(q.name)
+        self._fused.add(id(q))
         scale = np.float32(self._scalar(q.input[1], q))
         zp_arr = self._scalar(q.input[2], q)
         return act, q.output[0], float(scale), int(zp_arr), zp_arr.dtype
 
     def _plan(self, n):
-        if n.name in self._fused and n.op_type not in ("DequantizeLinear",):
+        if id(n) in self._fused and n.op_type != "DequantizeLinear":
             return
         op = n.op_type
         if op == "DequantizeLinear":
