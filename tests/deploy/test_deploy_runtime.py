@@ -110,3 +110,20 @@ def test_runtime_errors(zoo_int8, tmp_path):
         sess.run(np.zeros((3, 8, 8), np.float32))
     with pytest.raises(ValueError, match="expects inputs"):
         sess.run(np.zeros((1, 3, 8, 8), np.float32), np.zeros(3, np.float32))
+
+
+def test_int8_output_without_dequant_stub(zoo_uint8, tmp_path):
+    """A model ending on a quantized module exports an int8 / uint8 graph output."""
+    import gpuquant.runtime as rt
+    seq = torch.nn.Sequential(zoo_uint8.quant, zoo_uint8.c1, zoo_uint8.c2).eval()
+    x = torch.randn(2, 3, 6, 9)
+    with torch.no_grad():
+        from gpuquant import backends
+        with backends.use("numpy"):
+            want = seq(x)
+    path = tmp_path / "q.onnx"
+    proto = to_onnx(seq, x, path)
+    assert proto.graph.output[0].type.tensor_type.elem_type == 2  # UINT8
+    got = rt.load(path).run(x.numpy())
+    assert got.dtype == np.uint8 and got.shape == tuple(want.shape)
+    assert got.tobytes() == want.numpy().tobytes()
