@@ -131,3 +131,36 @@ def test_avg_pool2d(args):
 def test_adaptive_avg_pool2d(size):
     x = rand_act((2, 37, 7, 5), torch.int8).contiguous(memory_format=CL)
     _check("adaptive_avg_pool2d", (x, -3, size, -128, 127), f"adaptive {size}")
+
+
+def test_add_arithmetic_modes():
+    """make_add_params' parameters take the 32-bit path (mode 1; mode 2 with an output left
+    shift); hand-made ones outside its bounds (left shift 24, an input multiplier >= 1) the
+    int64 path; every mode gives the reference's bytes, alone and fused into a conv."""
+    import dataclasses
+
+    from gpuquant.backends.triton.fixed_point import add_mode
+    from gpuquant.functional.requant import quantize_multiplier
+    a = rand_act((2, 6, 5, 4), torch.int8).contiguous(memory_format=CL)
+    b = rand_act((2, 6, 5, 4), torch.uint8).contiguous(memory_format=CL)
+    base = make_add_params(0.05, 3, 0.04, 130, 0.06, -2, qint8, "relu")
+    big_out = make_add_params(0.05, 3, 0.04, 130, 2e-8, -2, qint8)  # output rshift < 0
+    ma, sa = quantize_multiplier(1.7)  # an input multiplier >= 1: rshift < 0
+    wide = dataclasses.replace(base, left_shift=24)
+    neg_in = dataclasses.replace(base, a_multiplier=int(ma), a_rshift=int(sa))
+    cases = {"fast": (base, 1), "fast_out_lshift": (big_out, 2), "shift24": (wide, 0),
+             "input_lshift": (neg_in, 0)}
+    from gpuquant.backends.triton.common import scalar_int
+    for name, (p, mode) in cases.items():
+        assert add_mode(p, scalar_int(p.out.rshift)) == mode, name
+        _check("add", (a, b, p), f"add {name}")
+    # fused into the conv epilogue (conv output = a): both arithmetic paths
+    x = rand_act((2, 5, 5, 4), torch.int8).contiguous(memory_format=CL)
+    w = torch.randint(-127, 128, (6, 5, 3, 3), dtype=torch.int8)
+    rq = make_requant(0.02, torch.rand(6, dtype=torch.float64) * 0.01 + 0.001, 0.05, 3, qint8)
+    args = (x, 1, w, None, (1, 1), (1, 1), (1, 1), 1, rq)
+    for name in ("fast", "shift24", "input_lshift"):
+        p = cases[name][0]
+        got = TRITON["conv2d_add"](*dev(args), dev(b), p)
+        for oname, ops in ORACLES:
+            assert_same(got, ops["add"](ops["conv2d"](*args), b, p), f"conv2d_add {name} {oname}")

@@ -45,7 +45,7 @@ def _qconv_kernel(
     KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
     X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, HAS_LSHIFT: tl.constexpr = False,
+    GROUP_M: tl.constexpr,
 ):
     """X (Nb, H, W, C) int8/uint8 (strides given), W (O, KH*KW*Cg) int8 -> Y (M, O)."""
     pid = tl.program_id(0)
@@ -110,7 +110,7 @@ def _qconv_kernel(
                     acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
     quant_epilogue(acc, offs_m, oc, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, HAS_LSHIFT)
+                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
 
 
 # --------------------------------------------------------------------------- configs
@@ -206,7 +206,7 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
               deq_zero_point=deq_zero_point, out=y2d)
         return y
     w2d = reordered_weight(w)
-    b, mult, rsh, lshift = epilogue_tensors(w, w2d, bias, rq, x_zp, x.dtype, dev)
+    b, mult, rsh = epilogue_tensors(w, w2d, bias, rq, x_zp, x.dtype, dev)
     epi = epilogue_scalars(rq, add_params, dev, deq_zero_point)
     og = o // groups
     k = kh * kw * cg
@@ -223,6 +223,5 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
                xs[0], xs[2], xs[3], w2d.stride(0), y2d.stride(0), res.stride(0),
                int(x_zp), float(deq_scale),
                KH=kh, KW=kw, FLAT_K=flat_k, X_UINT8=x.dtype == torch.uint8,
-               OUT_MODE=mode, HAS_RES=residual is not None, HAS_LSHIFT=lshift, **meta,
-               **LAUNCH_OPTS)
+               OUT_MODE=mode, HAS_RES=residual is not None, **meta, **LAUNCH_OPTS)
     return y

@@ -32,7 +32,7 @@ def _qdepthwise_kernel(
     x_zp, deq_scale,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, HAS_LSHIFT: tl.constexpr = False,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """X (Nb, H, W, C) int8/uint8, W (KH*KW, O) int8 (a tap's weights contiguous) ->
     Y (M = Nb*Ho*Wo, O)."""
@@ -58,7 +58,7 @@ def _qdepthwise_kernel(
             wt = tl.load(W + (r * KW + s) * O + offs_c, mask=mask_c, other=0)
             acc += (x.to(tl.int32) - x_zp) * wt.to(tl.int32)[None, :]
     quant_epilogue(acc, offs_p, offs_c, mask_p, mask_c, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, HAS_LSHIFT)
+                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
 
 
 _DW_TILES = [(32, 64, 4), (64, 64, 4), (16, 128, 4), (128, 32, 4), (64, 128, 8)]
@@ -114,8 +114,8 @@ def qdepthwise2d(x, x_zp, w, bias, stride, padding, dilation, rq, *, out_mode="q
             .reshape(m, o)
     w_taps = derived("dw_w", (w,), (str(dev),),
                      lambda: w.reshape(o, kh * kw).t().contiguous())  # (KH*KW, O)
-    b, mult, rsh, lshift = epilogue_tensors(w, w.reshape(o, kh * kw), bias, rq, int(x_zp),
-                                            x.dtype, dev, fold_zero_point=False)
+    b, mult, rsh = epilogue_tensors(w, w.reshape(o, kh * kw), bias, rq, int(x_zp), x.dtype,
+                                    dev, fold_zero_point=False)
     epi = epilogue_scalars(rq, add_params, dev, deq_zero_point)
     family = arch_family(dev)
     kern = _dw_kernel(family)
@@ -129,5 +129,5 @@ def qdepthwise2d(x, x_zp, w, bias, stride, padding, dilation, rq, *, out_mode="q
                sh, sw, ph, pw, dh, dw, xs[0], xs[2], xs[3], xs[1], y2d.stride(0),
                r2d.stride(0), int(x_zp), float(deq_scale),
                KH=kh, KW=kw, OUT_MODE=mode, HAS_RES=residual is not None,
-               HAS_LSHIFT=lshift, **meta, **LAUNCH_OPTS)
+               **meta, **LAUNCH_OPTS)
     return y

@@ -17,8 +17,8 @@ import triton.language as tl
 import torch
 
 from .common import INTERPRET, LAUNCH_OPTS, derived, scalar_int
-from .fixed_point import add_values, requantize_values
-from .gemm import epilogue_scalars
+from .fixed_point import add_values_fast, requantize_values
+from .gemm import epilogue_scalars, residual_mode
 
 __all__ = ["OPS"]
 
@@ -83,16 +83,17 @@ def _requantize_kernel(A, MULT, RSHIFT, RQV, Y, numel, stride_c, C,
 
 
 @triton.jit
-def _add_kernel(A, B, EPI, Y, numel, BLOCK: tl.constexpr):
-    """TFLite integer add of two same-layout tensors; EPI as in :mod:`.gemm`."""
+def _add_kernel(A, B, EPI, Y, numel, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """TFLite integer add of two same-layout tensors; EPI as in :mod:`.gemm`; MODE: the
+    arithmetic (:func:`.fixed_point.add_values_fast`: 32-bit for make_add_params' params)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     a = tl.load(A + offs, mask=mask, other=0)
     b = tl.load(B + offs, mask=mask, other=0)
-    y = add_values(a, b, tl.load(EPI + 3), tl.load(EPI + 4), tl.load(EPI + 5),
-                   tl.load(EPI + 6), tl.load(EPI + 7), tl.load(EPI + 8), tl.load(EPI + 9),
-                   tl.load(EPI + 10), tl.load(EPI + 11), tl.load(EPI + 12),
-                   tl.load(EPI + 13), tl.load(EPI + 14))
+    y = add_values_fast(a, b, tl.load(EPI + 3), tl.load(EPI + 4), tl.load(EPI + 5),
+                        tl.load(EPI + 6), tl.load(EPI + 7), tl.load(EPI + 8),
+                        tl.load(EPI + 9), tl.load(EPI + 10), tl.load(EPI + 11),
+                        tl.load(EPI + 12), tl.load(EPI + 13), tl.load(EPI + 14), MODE)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -318,7 +319,7 @@ def add(a, b, p):
     if a.numel() == 0:
         return y
     _add_kernel[_grid(a.numel())](a, b, epilogue_scalars(None, p, a.device), y, a.numel(),
-                                  BLOCK=_BLOCK, **LAUNCH_OPTS)
+                                  MODE=residual_mode(p), BLOCK=_BLOCK, **LAUNCH_OPTS)
     return y
 
 

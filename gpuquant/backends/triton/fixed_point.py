@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["multiply_by_quantized_multiplier", "requantize_values", "add_values",
-           "requantize_i32"]
+           "requantize_i32", "mbqm_i32", "add_values_fast", "add_mode"]
 
 
 @triton.jit
@@ -78,6 +78,16 @@ def requantize_i32(v, multiplier, rshift, zero_point, qmin, qmax, HAS_LSHIFT: tl
     computes ``trunc((ab + 1 - 2^30) / 2^31)`` = ``ceil(...)`` = ``floor((ab + 2^30) / 2^31)``,
     the same expression. ``x * m`` of two int32 is one ``mul.wide.s32``.
     """
+    y = mbqm_i32(v, multiplier, rshift, HAS_LSHIFT)
+    # clamp before adding the zero point: no int32 overflow for any y
+    y = tl.minimum(tl.maximum(y, qmin - zero_point), qmax - zero_point)
+    return y + zero_point
+
+
+@triton.jit
+def mbqm_i32(v, multiplier, rshift, HAS_LSHIFT: tl.constexpr):
+    """MultiplyByQuantizedMultiplier of int32 ``v`` in 32-bit arithmetic (see
+    :func:`requantize_i32`); int32 result."""
     if HAS_LSHIFT:
         left = tl.maximum(-rshift, 0).to(tl.int64)
         x = tl.minimum(tl.maximum(v.to(tl.int64) << left, -2147483648), 2147483647)
@@ -93,7 +103,37 @@ def requantize_i32(v, multiplier, rshift, zero_point, qmin, qmax, HAS_LSHIFT: tl
     mask = mask.to(tl.int32)
     remainder = hi & mask
     threshold = (mask >> 1) + (hi < 0).to(tl.int32)
-    y = (hi >> right) + (remainder > threshold).to(tl.int32)
-    # clamp before adding the zero point: no int32 overflow for any y
-    y = tl.minimum(tl.maximum(y, qmin - zero_point), qmax - zero_point)
-    return y + zero_point
+    return (hi >> right) + (remainder > threshold).to(tl.int32)
+
+
+@triton.jit
+def add_values_fast(a, b, shift_factor, a_zp, a_mult, a_rshift, b_zp, b_mult, b_rshift,
+                    o_mult, o_rshift, o_zp, o_qmin, o_qmax, MODE: tl.constexpr):
+    """:func:`add_values` with a choice of arithmetic (same results).
+
+    ``MODE`` 0: int64 (any AddParams); 1: int32, valid when the inputs are 8-bit,
+    ``shift_factor <= 2^22`` and both input rshifts are >= 0 (what ``make_add_params`` gives:
+    left shift 20, input multipliers <= 1/2), so ``(x - zp) * 2^20`` and the sum of the
+    rescaled inputs stay below 2^29; 2: as 1 with the output's saturating left shift
+    (output rshift < 0). The host picks the mode (:func:`add_mode`).
+    """
+    if MODE == 0:
+        y = add_values(a, b, shift_factor, a_zp, a_mult, a_rshift, b_zp, b_mult, b_rshift,
+                       o_mult, o_rshift, o_zp, o_qmin, o_qmax)
+    else:
+        sf = shift_factor.to(tl.int32)
+        va = (a.to(tl.int32) - a_zp.to(tl.int32)) * sf
+        vb = (b.to(tl.int32) - b_zp.to(tl.int32)) * sf
+        total = (mbqm_i32(va, a_mult.to(tl.int32), a_rshift.to(tl.int32), False)
+                 + mbqm_i32(vb, b_mult.to(tl.int32), b_rshift.to(tl.int32), False))
+        y = requantize_i32(total, o_mult.to(tl.int32), o_rshift.to(tl.int32),
+                           o_zp.to(tl.int32), o_qmin.to(tl.int32), o_qmax.to(tl.int32),
+                           MODE == 2)
+    return y
+
+
+def add_mode(p, out_rshift: int) -> int:
+    """The arithmetic :func:`add_values_fast` may use for AddParams ``p`` (host side)."""
+    if p.left_shift <= 22 and p.a_rshift >= 0 and p.b_rshift >= 0:
+        return 2 if out_rshift < 0 else 1
+    return 0

@@ -25,7 +25,7 @@ import triton.language as tl
 import torch
 
 from .common import LAUNCH_OPTS, arch_family, derived, scalar_int
-from .fixed_point import add_values, requantize_i32
+from .fixed_point import add_mode, add_values_fast, requantize_i32
 
 __all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32",
            "OUT_SCALED"]
@@ -36,7 +36,16 @@ _OUT_MODES = {"quant": OUT_QUANT, "float": OUT_FLOAT, "int32": OUT_INT32, "scale
 # EPI: int64 vector of the epilogue's scalars (loaded once per program, so changing a zero
 # point never recompiles a kernel).
 _E_ZP, _E_QMIN, _E_QMAX, _E_SHIFT, _E_AZP, _E_AM, _E_AS, _E_BZP, _E_BM, _E_BS, \
-    _E_OM, _E_OS, _E_OZP, _E_OQMIN, _E_OQMAX, _E_DZP = range(16)
+    _E_OM, _E_OS, _E_OZP, _E_OQMIN, _E_OQMAX, _E_DZP, _E_RESMODE = range(17)
+
+
+@triton.jit
+def _residual_add(y, r, EPI, MODE: tl.constexpr):
+    z = add_values_fast(y, r, tl.load(EPI + 3), tl.load(EPI + 4), tl.load(EPI + 5),
+                        tl.load(EPI + 6), tl.load(EPI + 7), tl.load(EPI + 8),
+                        tl.load(EPI + 9), tl.load(EPI + 10), tl.load(EPI + 11),
+                        tl.load(EPI + 12), tl.load(EPI + 13), tl.load(EPI + 14), MODE)
+    return z.to(tl.int32)  # within the output's clamp range
 
 
 @triton.jit
@@ -45,13 +54,15 @@ def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
                    BIAS, MULT, RSHIFT, EPI, deq_scale,
                    # output and residual
                    Y, stride_ym, RES, stride_rm,
-                   OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr, HAS_LSHIFT: tl.constexpr):
+                   OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr):
     """Store ``epilogue(acc + bias)`` at ``Y[offs_m * stride_ym + offs_n]``.
 
     ``acc``: int32 (BM, BN); ``offs_n``: global output channels (index BIAS/MULT/RSHIFT).
     BIAS is int32 (the folded bias fits: the usual case) or int64. The accumulator fits int32
     (the caller refuses shapes that could overflow), so the requantization runs in 32-bit
-    arithmetic (:func:`.fixed_point.requantize_i32`).
+    arithmetic (:func:`.fixed_point.requantize_i32`); the saturating left shift is taken
+    only by tiles with a negative rshift (a uniform branch). EPI[16] picks the residual
+    add's arithmetic (:func:`.fixed_point.add_mode`).
     """
     mask = mask_m[:, None] & mask_n[None, :]
     bias = tl.load(BIAS + offs_n, mask=mask_n, other=0)
@@ -65,16 +76,23 @@ def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
     else:
         mult = tl.load(MULT + offs_n, mask=mask_n, other=0)
         rsh = tl.load(RSHIFT + offs_n, mask=mask_n, other=0)
-        y = requantize_i32(v, mult[None, :], rsh[None, :], tl.load(EPI + 0).to(tl.int32),
-                           tl.load(EPI + 1).to(tl.int32), tl.load(EPI + 2).to(tl.int32),
-                           HAS_LSHIFT)
+        zp = tl.load(EPI + 0).to(tl.int32)
+        lo = tl.load(EPI + 1).to(tl.int32)
+        hi = tl.load(EPI + 2).to(tl.int32)
+        if tl.min(rsh, axis=0) < 0:
+            y = requantize_i32(v, mult[None, :], rsh[None, :], zp, lo, hi, True)
+        else:
+            y = requantize_i32(v, mult[None, :], rsh[None, :], zp, lo, hi, False)
         if HAS_RES:
             r = tl.load(RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :],
                         mask=mask, other=0)
-            y = add_values(y, r, tl.load(EPI + 3), tl.load(EPI + 4), tl.load(EPI + 5),
-                           tl.load(EPI + 6), tl.load(EPI + 7), tl.load(EPI + 8),
-                           tl.load(EPI + 9), tl.load(EPI + 10), tl.load(EPI + 11),
-                           tl.load(EPI + 12), tl.load(EPI + 13), tl.load(EPI + 14))
+            res_mode = tl.load(EPI + 16)
+            if res_mode == 1:
+                y = _residual_add(y, r, EPI, 1)
+            elif res_mode == 2:
+                y = _residual_add(y, r, EPI, 2)
+            else:
+                y = _residual_add(y, r, EPI, 0)
         if OUT_MODE == 1:
             tl.store(y_ptrs, (y - tl.load(EPI + 15)).to(tl.float32) * deq_scale, mask=mask)
         else:
@@ -118,7 +136,7 @@ def _qgemm_kernel(
     X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, HAS_LSHIFT: tl.constexpr = False,
+    GROUP_M: tl.constexpr,
 ):
     """X (M, K) int8/uint8, W (N, K) int8 -> Y (M, N) int8/uint8, float32 or int32."""
     pid = tl.program_id(0)
@@ -161,7 +179,7 @@ def _qgemm_kernel(
                         stride_ym, HAS_RES)
     else:
         quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT, EPI,
-                       deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, HAS_LSHIFT)
+                       deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
 
 
 # --------------------------------------------------------------------------- configs
@@ -265,7 +283,7 @@ def _narrow_bias(b: torch.Tensor) -> torch.Tensor:
 
 def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero_point=True):
     """Device tensors of the epilogue, memoised on (weight, bias, rq) identity and version:
-    ``(bias (N,) int32 or int64, multiplier (N,) int32, rshift (N,) int32, has_lshift)``.
+    ``(bias (N,) int32 or int64, multiplier (N,) int32, rshift (N,) int32)``.
 
     ``fold_zero_point`` False (depthwise kernel: it subtracts the zero point itself) keeps
     the plain bias.
@@ -283,10 +301,10 @@ def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero
                 else bias.to(device=device, dtype=torch.int32).contiguous()
         if rq is None:
             z = torch.zeros(n, dtype=torch.int32, device=device)
-            return b, z, z, False
+            return b, z, z
         m = rq.multiplier.to(device=device, dtype=torch.int32).reshape(-1).expand(n).contiguous()
         s = rq.rshift.to(device=device, dtype=torch.int32).reshape(-1).expand(n).contiguous()
-        return b, m, s, bool((rq.rshift < 0).any())
+        return b, m, s
 
     return derived("epilogue", (w_src, bias, mult_t, rsh_t),
                    (x_zp, shift, fold_zero_point, n, str(device)), make)
@@ -294,7 +312,7 @@ def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero
 
 def epilogue_scalars(rq, add_params, device, deq_zero_point: int = 0) -> torch.Tensor:
     """The EPI int64 vector (see the ``_E_*`` indices), memoised by value."""
-    vals = [0] * 16
+    vals = [0] * 17
     if rq is not None:
         vals[_E_ZP], vals[_E_QMIN], vals[_E_QMAX] = rq.zero_point, rq.qmin, rq.qmax
     if add_params is not None:
@@ -305,10 +323,18 @@ def epilogue_scalars(rq, add_params, device, deq_zero_point: int = 0) -> torch.T
         vals[_E_OM] = scalar_int(p.out.multiplier)
         vals[_E_OS] = scalar_int(p.out.rshift)
         vals[_E_OZP], vals[_E_OQMIN], vals[_E_OQMAX] = p.out.zero_point, p.out.qmin, p.out.qmax
+        vals[_E_RESMODE] = add_mode(p, vals[_E_OS])
     vals[_E_DZP] = deq_zero_point
     key = tuple(int(v) for v in vals)
     return derived("epi", (), (key, str(device)),
                    lambda: torch.tensor(key, dtype=torch.int64, device=device))
+
+
+def residual_mode(add_params) -> int:
+    """The arithmetic of an integer add with these params (:func:`.fixed_point.add_mode`)."""
+    if add_params is None:
+        return 0
+    return add_mode(add_params, scalar_int(add_params.out.rshift))
 
 
 def output_dtype(out_mode: int, rq, add_params):
@@ -335,8 +361,8 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     m, k = x2d.shape
     n = w2d.shape[0]
     dev = x2d.device
-    b, mult, rsh, lshift = epilogue_tensors(w2d if w_src is None else w_src, w2d, bias, rq,
-                                            x_zp, x2d.dtype, dev)
+    b, mult, rsh = epilogue_tensors(w2d if w_src is None else w_src, w2d, bias, rq, x_zp,
+                                    x2d.dtype, dev)
     epi = epilogue_scalars(rq, add_params, dev, deq_zero_point)
     if out is None:
         out = torch.empty((m, n), dtype=output_dtype(mode, rq, add_params), device=dev)
@@ -352,5 +378,5 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
                x2d.stride(0), x2d.stride(1), w2d.stride(0), w2d.stride(1), out.stride(0),
                res.stride(0), float(deq_scale),
                X_UINT8=x2d.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=has_res,
-               HAS_LSHIFT=lshift, **meta, **LAUNCH_OPTS)
+               **meta, **LAUNCH_OPTS)
     return out

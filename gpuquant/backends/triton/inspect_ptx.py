@@ -11,6 +11,7 @@ with ``TRITON_INTERPRET`` unset (the interpreter replaces ``@triton.jit`` kernel
 from __future__ import annotations
 
 import contextlib
+import inspect as inspect_mod
 import json
 import re
 import sys
@@ -50,6 +51,9 @@ def compile_ptx(fn, signature: dict, constexprs: dict, cc: int, num_warps: int =
     if not hasattr(fn, "arg_names"):
         raise TypeError("compile_ptx needs a @triton.jit function; unset TRITON_INTERPRET")
     constexprs = dict(constexprs)
+    for pname, par in inspect_mod.signature(fn.fn).parameters.items():
+        if par.default is not inspect_mod.Parameter.empty and pname not in signature:
+            constexprs.setdefault(pname, par.default)  # constexpr defaults (RES_MODE=0...)
     attrs = {}
     if runtime_specialization:
         name = fn.__name__
@@ -126,19 +130,16 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
         out.append((f"gemm[{i}:{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}]",
                     gemm._qgemm_kernel, _gemm_sig(),
                     {**meta, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False,
-                     "EVEN_K": True, "HAS_LSHIFT": False}, nw, ns, True))
+                     "EVEN_K": True}, nw, ns, True))
     meta, nw, ns = cfg_of(gcfgs[0])
     variants = (
-            ("gemm_uint8_residual_lshift_bias64",
+            ("gemm_uint8_residual_bias64",
              _gemm_sig(x="*u8", y="*u8", res="*u8", bias="*i64"),
-             {"X_UINT8": True, "OUT_MODE": 0, "HAS_RES": True, "EVEN_K": False,
-              "HAS_LSHIFT": True}),
+             {"X_UINT8": True, "OUT_MODE": 0, "HAS_RES": True, "EVEN_K": False}),
             ("gemm_float_out", _gemm_sig(y="*fp32"),
-             {"X_UINT8": False, "OUT_MODE": 1, "HAS_RES": False, "EVEN_K": True,
-              "HAS_LSHIFT": False}),
+             {"X_UINT8": False, "OUT_MODE": 1, "HAS_RES": False, "EVEN_K": True}),
             ("gemm_int32_out", _gemm_sig(y="*i32"),
-             {"X_UINT8": False, "OUT_MODE": 2, "HAS_RES": False, "EVEN_K": True,
-              "HAS_LSHIFT": False}))
+             {"X_UINT8": False, "OUT_MODE": 2, "HAS_RES": False, "EVEN_K": True}))
     # ci: the float-out epilogue on every target, the residual + uint8 one on sm_80 only
     chosen = variants if not ci else (variants[:2] if cc < 90 else variants[1:2])
     for name, sig, extra in chosen:
@@ -151,16 +152,17 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
         out.append((f"conv{ksz}x{ksz}[{i}:{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}]",
                     conv._qconv_kernel, _conv_sig(),
                     {**meta, "KH": ksz, "KW": ksz, "FLAT_K": False, "X_UINT8": False,
-                     "OUT_MODE": 0, "HAS_RES": False, "HAS_LSHIFT": False}, nw, ns, True))
+                     "OUT_MODE": 0, "HAS_RES": False}, nw, ns, True))
     meta, nw, ns = cfg_of(ccfgs[0])
     out.append(("conv7x7_flatk_uint8_float_out", conv._qconv_kernel,
                 _conv_sig(x="*u8", y="*fp32"),
                 {**meta, "KH": 7, "KW": 7, "FLAT_K": True, "X_UINT8": True, "OUT_MODE": 1,
-                 "HAS_RES": False, "HAS_LSHIFT": True}, nw, ns, True))
+                 "HAS_RES": False}, nw, ns, True))
     if not ci:
         out.append(("conv3x3_residual", conv._qconv_kernel, _conv_sig(),
                     {**meta, "KH": 3, "KW": 3, "FLAT_K": False, "X_UINT8": False,
-                     "OUT_MODE": 0, "HAS_RES": True, "HAS_LSHIFT": False}, nw, ns, True))
+                     "OUT_MODE": 0, "HAS_RES": True},
+                    nw, ns, True))
 
     dsig = {"X": "*i8", "W": "*i8", **_EPI_PTRS, "RES": "*i8", "Y": "*i8"}
     dsig.update({k: "i32" for k in ("M", "O", "H", "W_in", "Ho", "Wo", "CH_MULT", "stride_h",
@@ -170,15 +172,15 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
     dsig["deq_scale"] = "fp32"
     dc = depthwise.depthwise_configs(fam)[0]
     out.append(("depthwise3x3", depthwise._qdepthwise_kernel, dsig,
-                {**dc.kwargs, "KH": 3, "KW": 3, "OUT_MODE": 0, "HAS_RES": False,
-                 "HAS_LSHIFT": False},
+                {**dc.kwargs, "KH": 3, "KW": 3, "OUT_MODE": 0, "HAS_RES": False},
                 dc.num_warps, 2, False))
     qsig = {"X": "*fp32", "INV": "*fp32", "ZP": "*i32", "Y": "*i8", "numel": "i32",
             "stride_c": "i32", "C": "i32", "qmin": "fp32", "qmax": "fp32"}
     out.append(("quantize", elementwise._quantize_kernel, qsig,
                 {"PER_CHANNEL": True, "BLOCK": 1024}, 4, 2, False))
     asig = {"A": "*i8", "B": "*i8", "EPI": "*i64", "Y": "*i8", "numel": "i32"}
-    out.append(("add", elementwise._add_kernel, asig, {"BLOCK": 1024}, 4, 2, False))
+    out.append(("add", elementwise._add_kernel, asig, {"BLOCK": 1024, "MODE": 1}, 4, 2,
+                False))
     return out
 
 
