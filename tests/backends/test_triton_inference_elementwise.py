@@ -70,6 +70,8 @@ def test_requantize(per_channel):
         for real in (1e-12, 0.001, 3.7):  # flushed-to-zero, plain, left shift
             rq = make_requant(real, 1.0, 1.0, 100, quint8, "relu6")
             _check("requantize", (acc, rq), f"requantize per-tensor {real}")
+        # int64 accumulators beyond the int32 range take the int64 path
+        _check("requantize", (acc.long() * 3, rq), "requantize int64 acc")
 
 
 # --------------------------------------------------------------------------- add / mul / concat

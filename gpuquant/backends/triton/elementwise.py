@@ -17,7 +17,7 @@ import triton.language as tl
 import torch
 
 from .common import INTERPRET, LAUNCH_OPTS, derived, scalar_int
-from .fixed_point import add_values_fast, requantize_values
+from .fixed_point import add_values_fast, requantize_i32, requantize_values
 from .gemm import epilogue_scalars, residual_mode
 
 __all__ = ["OPS"]
@@ -78,8 +78,29 @@ def _requantize_kernel(A, MULT, RSHIFT, RQV, Y, numel, stride_c, C,
     else:
         m = tl.load(RQV + 0)
         s = tl.load(RQV + 1)
-    y = requantize_values(a, m, s, tl.load(RQV + 2), tl.load(RQV + 3), tl.load(RQV + 4))
+    if A.dtype.element_ty == tl.int32:  # the usual accumulator: 32-bit arithmetic
+        y = _requant_i32(a, m.to(tl.int32), s.to(tl.int32), RQV, PER_CHANNEL)
+    else:
+        y = requantize_values(a, m, s, tl.load(RQV + 2), tl.load(RQV + 3), tl.load(RQV + 4))
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _requant_i32(v, m, s, RQV, PER_CHANNEL: tl.constexpr):
+    """requantize_i32 with the left shift taken only where some rshift < 0 (uniform
+    branch); RQV[2:5] = zero point, qmin, qmax."""
+    zp = tl.load(RQV + 2).to(tl.int32)
+    lo = tl.load(RQV + 3).to(tl.int32)
+    hi = tl.load(RQV + 4).to(tl.int32)
+    if PER_CHANNEL:
+        neg = tl.min(s, axis=0) < 0
+    else:
+        neg = s < 0
+    if neg:
+        y = requantize_i32(v, m, s, zp, lo, hi, True)
+    else:
+        y = requantize_i32(v, m, s, zp, lo, hi, False)
+    return y
 
 
 @triton.jit
@@ -102,10 +123,11 @@ def _mul_kernel(A, B, RQV, Y, numel, a_zp, b_zp, BLOCK: tl.constexpr):
     """Y = requant((A - a_zp) * (B - b_zp)), per-tensor RQV = [mult, rshift, zp, qmin, qmax]."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    a = tl.load(A + offs, mask=mask, other=0).to(tl.int64)
-    b = tl.load(B + offs, mask=mask, other=0).to(tl.int64)
-    y = requantize_values((a - a_zp) * (b - b_zp), tl.load(RQV + 0), tl.load(RQV + 1),
-                          tl.load(RQV + 2), tl.load(RQV + 3), tl.load(RQV + 4))
+    a = tl.load(A + offs, mask=mask, other=0).to(tl.int32)
+    b = tl.load(B + offs, mask=mask, other=0).to(tl.int32)
+    prod = (a - a_zp) * (b - b_zp)  # |prod| <= 255 * 255: int32
+    y = _requant_i32(prod, tl.load(RQV + 0).to(tl.int32), tl.load(RQV + 1).to(tl.int32), RQV,
+                     False)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -125,8 +147,8 @@ def _copy4d_kernel(X, Y, RQV, numel, D1, D2, D3,
     i0 = t // D1
     x = tl.load(X + i0 * sx0 + i1 * sx1 + i2 * sx2 + i3 * sx3, mask=mask, other=0)
     if REQUANT:
-        y = requantize_values(x.to(tl.int64) - x_zp, tl.load(RQV + 0), tl.load(RQV + 1),
-                              tl.load(RQV + 2), tl.load(RQV + 3), tl.load(RQV + 4))
+        y = _requant_i32(x.to(tl.int32) - x_zp, tl.load(RQV + 0).to(tl.int32),
+                         tl.load(RQV + 1).to(tl.int32), RQV, False)
     else:
         y = x
     tl.store(Y + i0 * sy0 + i1 * sy1 + i2 * sy2 + i3 * sy3, y.to(Y.dtype.element_ty),
