@@ -8,9 +8,10 @@ Zero point. The MMA multiplies int8 by int8, so the activation's zero point is n
 subtracted in the inner loop; instead, with ``x' = x - shift`` the int8 operand (``shift``
 = 128 for uint8 activations, flipped by an xor of the top bit after a bitcast, 0 for int8),
 ``sum (x - zp) w = sum x' w + (shift - zp) * colsum(w)`` and the second term is folded into
-the bias once per (weight, zero point) (a device vector, int32 when it fits, memoised). The dot product of ``x'`` stays within the caller's int32 worst-case bound
-(``|x'| <= 128 <= max|x - zp|``), so ``mma ... satfinite`` never saturates, and the epilogue
-adds the folded bias: the result is the exact accumulator the contract defines.
+the bias once per (weight, zero point) (a device vector, int32 when it fits, memoised).
+The dot product of ``x'`` stays within the caller's int32 worst-case bound
+(``|x'| <= 128 <= max|x - zp|``), so ``mma ... satfinite`` never saturates, and the
+epilogue adds the folded bias: the result is the exact accumulator the contract defines.
 
 Epilogue (:func:`quant_epilogue`, shared with the conv kernels): + bias, per-channel
 fixed-point requantization (:mod:`.fixed_point`) with the activation folded into the clamp,
