@@ -3,30 +3,20 @@ from __future__ import annotations
 
 import torch
 
-from ... import functional as GF
 from ...functional import integer
-from ...qparams import QParams
-from .conv import quantize_weight_bias
-from .module import QuantizedModule, placeholder_qparams
+from .module import WeightedModule, quantize_weight_bias
 
 __all__ = ["Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d"]
 
 
-class Linear(QuantizedModule):
+class Linear(WeightedModule):
     """Integer ``Linear``: ``forward(x)`` with ``x`` int8 / uint8 ``(..., in_features)``."""
-
-    activation = "none"
 
     def __init__(self, in_features, out_features, bias=True, input_dtype="qint8",
                  output_dtype="qint8", weight_dtype="qint8_narrow"):
-        super().__init__()
+        super().__init__((out_features, in_features), bias, input_dtype, output_dtype,
+                         weight_dtype)
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.int32) if bias else None)
-        self._set_qparams("weight", QParams(weight_dtype, torch.ones(out_features),
-                                            torch.zeros(out_features, dtype=torch.int32), 0))
-        for name, dt in (("input", input_dtype), ("output", output_dtype)):
-            self._set_qparams(name, placeholder_qparams(dt))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -40,21 +30,7 @@ class Linear(QuantizedModule):
         w_q, b_q, w_qp, in_qp, out_qp = quantize_weight_bias(qat_module, name)
         m = cls(lin.in_features, lin.out_features, b_q is not None, in_qp.dtype, out_qp.dtype,
                 w_qp.dtype)
-        m.to(w_q.device)
-        m.weight = w_q
-        if b_q is not None:
-            m.bias = b_q
-        m._set_qparams("weight", w_qp)
-        m._set_qparams("input", in_qp)
-        m._set_qparams("output", out_qp)
-        return m
-
-    def requant(self, device):
-        def build():
-            out = self._qparams("output")
-            return GF.make_requant(self.input_scale, self.weight_scale, float(out.scale),
-                                   int(out.zero_point), out.dtype, self.activation)
-        return self._cached("rq", device, build)
+        return m._load_converted(w_q, b_q, w_qp, in_qp, out_qp)
 
     def forward(self, x):
         self._check_input(x, "input", self.weight.device)

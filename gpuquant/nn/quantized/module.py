@@ -12,11 +12,12 @@ from typing import Dict, Optional
 
 import torch
 
-from ...dtypes import get_dtype
+from ... import functional as GF
+from ...dtypes import get_dtype, qint32
 from ...qparams import QParams
 from ..module import Module
 
-__all__ = ["QuantizedModule", "placeholder_qparams"]
+__all__ = ["QuantizedModule", "WeightedModule", "placeholder_qparams", "quantize_weight_bias"]
 
 
 def placeholder_qparams(dtype) -> QParams:
@@ -131,3 +132,88 @@ class QuantizedModule(Module):
     @classmethod
     def from_qat_module(cls, qat_module, name: str = ""):
         raise NotImplementedError
+
+
+def quantize_weight_bias(qat_module, name: str):
+    """(int8 weight, int32 bias or None, weight QParams (per output channel), input QParams,
+    output QParams) of a QAT conv / linear, BN folded with its running statistics.
+
+    ``b_q = rne(b / (s_x * s_w[c]))`` computed in float64.
+
+    Raises:
+        ValueError: qparams of the wrong kind (per-channel activations, asymmetric weights,
+            a 16/32-bit activation dtype) or a bias outside int32.
+    """
+    who = f"module {name!r} ({type(qat_module).__name__})" if name else type(qat_module).__name__
+    in_qp = qat_module.input_qparams(name)[0]
+    out_qp = qat_module.get_activation_qparams()
+    w_qp = qat_module.get_weight_qparams()
+    for what, qp in (("input", in_qp), ("output", out_qp)):
+        if qp.per_channel:
+            raise ValueError(f"{who}: {what} activations must be quantized per tensor, got "
+                             f"per-channel qparams")
+        if qp.dtype.storage not in (torch.int8, torch.uint8):
+            raise ValueError(f"{who}: {what} dtype {qp.dtype.name} is not an 8-bit activation "
+                             f"dtype (int8 / uint8 storage)")
+    if w_qp.dtype.storage != torch.int8 or bool((w_qp.zero_point != 0).any()):
+        raise ValueError(f"{who}: weights must be symmetric signed (int8 storage, zero point 0), "
+                         f"got {w_qp}")
+    with torch.no_grad():
+        w, b = qat_module.folded_weight_bias()
+        w = w.detach().float()
+        o = w.shape[0]
+        if w_qp.per_channel:
+            if w_qp.resolve_axis(w.dim()) != 0:
+                raise ValueError(f"{who}: per-channel weight qparams must be along the output "
+                                 f"channel (axis 0), got axis {w_qp.axis}")
+        else:
+            w_qp = QParams(w_qp.dtype, w_qp.scale.reshape(1).expand(o).clone(),
+                           torch.zeros(o, dtype=torch.int32), axis=0)
+        w_qp = QParams(w_qp.dtype, w_qp.scale.to(w.device), w_qp.zero_point.to(w.device), 0)
+        w_q = GF.quantize(w, w_qp)
+        b_q = None
+        if b is not None:
+            s = in_qp.scale.double().cpu() * w_qp.scale.double().cpu()
+            r = torch.round(b.detach().double().cpu() / s)
+            if bool((r.abs() > qint32.qmax).any()):
+                raise ValueError(f"{who}: the bias does not fit int32 in units of s_x * s_w "
+                                 f"(max |b / (s_x s_w)| = {float(r.abs().max()):.3g})")
+            b_q = r.to(torch.int32).to(w.device)
+    return w_q, b_q, w_qp, in_qp, out_qp
+
+
+class WeightedModule(QuantizedModule):
+    """Base of the integer ``Conv2d`` and ``Linear``: an int8 weight (symmetric, per output
+    channel), an int32 bias, and one fixed-point requantization from ``s_x * s_w[c]`` to the
+    output's qparams with ``activation`` fused into the clamp."""
+
+    activation = "none"
+
+    def __init__(self, weight_shape, bias, input_dtype, output_dtype, weight_dtype):
+        super().__init__()
+        out = weight_shape[0]
+        self.register_buffer("weight", torch.zeros(*weight_shape, dtype=torch.int8))
+        self.register_buffer("bias", torch.zeros(out, dtype=torch.int32) if bias else None)
+        self._set_qparams("weight", QParams(weight_dtype, torch.ones(out),
+                                            torch.zeros(out, dtype=torch.int32), 0))
+        for name, dt in (("input", input_dtype), ("output", output_dtype)):
+            self._set_qparams(name, placeholder_qparams(dt))
+
+    def _load_converted(self, w_q, b_q, w_qp, in_qp, out_qp) -> "WeightedModule":
+        """Take :func:`quantize_weight_bias`'s results (on the weight's device); returns self."""
+        self.to(w_q.device)
+        self.weight = w_q
+        if b_q is not None:
+            self.bias = b_q
+        self._set_qparams("weight", w_qp)
+        self._set_qparams("input", in_qp)
+        self._set_qparams("output", out_qp)
+        return self
+
+    def requant(self, device):
+        """The fixed-point requantization parameters on ``device`` (cached)."""
+        def build():
+            out = self._qparams("output")
+            return GF.make_requant(self.input_scale, self.weight_scale, float(out.scale),
+                                   int(out.zero_point), out.dtype, self.activation)
+        return self._cached("rq", device, build)
