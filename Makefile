@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean gpu
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,3 +29,12 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV)
+
+# On a GPU machine, in an environment that already has torch (CUDA build) and triton:
+# the GPU tests, then every GPU benchmark suite into bench/results/<device-slug>/.
+PYTHON ?= python3
+gpu:
+	$(PYTHON) -m pip install -q -e '.[test,bench]' --no-deps
+	$(PYTHON) -m pytest -q -m gpu tests
+	$(PYTHON) -m gpuquant bench fake_quant qat_step gemm conv models linear_dynamic --out \
+	  bench/results/$$($(PYTHON) -c "from gpuquant.bench import device_slug; print(device_slug('cuda'))")
