@@ -30,11 +30,12 @@ bench: $(VENV)/.installed
 clean:
 	rm -rf $(VENV)
 
-# On a GPU machine, in an environment that already has torch (CUDA build) and triton:
-# the GPU tests, then every GPU benchmark suite into bench/results/<device-slug>/.
+# On a GPU machine, in an environment that already has torch (CUDA build), triton, pytest
+# (and optionally cupy): nothing is installed, the package runs from this checkout. The GPU
+# tests, then every GPU benchmark suite into bench/results/<device-slug>/.
 PYTHON ?= python3
 gpu:
-	$(PYTHON) -m pip install -q -e '.[test,bench]' --no-deps
-	$(PYTHON) -m pytest -q -m gpu tests
-	$(PYTHON) -m gpuquant bench fake_quant qat_step gemm conv models linear_dynamic --out \
-	  bench/results/$$($(PYTHON) -c "from gpuquant.bench import device_slug; print(device_slug('cuda'))")
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -q -m gpu tests
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m gpuquant bench fake_quant qat_step gemm conv models \
+	  linear_dynamic --out bench/results/$$(PYTHONPATH=$(CURDIR) $(PYTHON) -c \
+	  "from gpuquant.bench import device_slug; print(device_slug('cuda'))")
