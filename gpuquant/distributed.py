@@ -74,9 +74,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------- BatchNorm
 def _fused_bn_modules(model):
-    from .nn.qat.conv import ConvBn2d
-    from .nn.qat.linear import LinearBn1d
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (ConvBn2d, LinearBn1d))]
+    from .nn.qat.conv import BnFoldedModule  # ConvBn2d, LinearBn1d
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BnFoldedModule)]
 
 
 def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.nn.Module:

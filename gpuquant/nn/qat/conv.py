@@ -18,6 +18,8 @@ gives zero or large but finite weights, never NaN.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...distributed import batch_mean_var
@@ -26,7 +28,7 @@ from ..conv import apply_activation
 from .module import QATModule
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
-           "bn_fold_params", "update_bn_running_stats"]
+           "BnFoldedModule", "bn_fold_params", "update_bn_running_stats"]
 
 
 def bn_fold_params(bn: torch.nn.modules.batchnorm._BatchNorm):
@@ -88,23 +90,16 @@ class ConvRelu62d(Conv2d, Float.ConvRelu62d):
     """QAT ``ConvRelu62d``."""
 
 
-class ConvBn2d(QATModule, Float.ConvBn2d):
-    """QAT ``ConvBn2d``: BatchNorm folded into the convolution (see the module docstring)."""
+class BnFoldedModule(QATModule):
+    """Base of ``ConvBn2d`` and ``LinearBn1d``: the BatchNorm ``self.bn`` folded into the
+    weights of the inner layer (see the module docstring). Output channels are dimension 1 of
+    the output; subclasses give the inner layer and its float op."""
 
     def _init_qat(self) -> None:
         super()._init_qat()
         self.bn_frozen = False
 
-    @classmethod
-    def from_float_module(cls, float_module):
-        check_foldable_bn(float_module.bn, type(float_module).__name__)
-        if float_module.conv.padding_mode != "zeros":
-            raise NotImplementedError(f"{type(float_module).__name__}: padding_mode="
-                                      f"{float_module.conv.padding_mode!r} is not supported (only "
-                                      f"'zeros')")
-        return super().from_float_module(float_module)
-
-    def freeze_bn_stats(self, freeze: bool = True) -> "ConvBn2d":
+    def freeze_bn_stats(self, freeze: bool = True) -> "BnFoldedModule":
         """Use (and stop updating) the running statistics while training, as the int8
         model will (Krishnamoorthi 2018: freeze after enough steps); returns the module."""
         self.bn_frozen = bool(freeze)
@@ -117,41 +112,74 @@ class ConvBn2d(QATModule, Float.ConvBn2d):
     def set_extra_state(self, state) -> None:
         self.bn_frozen = bool(state["bn_frozen"])
 
+    def _inner(self) -> torch.nn.Module:
+        """The conv / linear whose weights the BatchNorm folds into."""
+        raise NotImplementedError
+
+    def _inner_forward(self, x, w, b):
+        """The inner layer's float op with weight ``w`` and bias ``b`` (or None)."""
+        raise NotImplementedError
+
     def folded_weight_bias(self):
         """(w * gamma / sigma, beta + gamma * (b - mu) / sigma) from the running statistics."""
         gamma, beta, mean, sigma = bn_fold_params(self.bn)
         scale = gamma / sigma
-        w = self.conv.weight * scale.reshape(-1, 1, 1, 1)
-        b = self.conv.bias if self.conv.bias is not None else torch.zeros_like(mean)
+        inner = self._inner()
+        w = inner.weight * scale.reshape((-1,) + (1,) * (inner.weight.dim() - 1))
+        b = inner.bias if inner.bias is not None else torch.zeros_like(mean)
         return w, beta + (b - mean) * scale
 
     def forward(self, x):
         self._require_qconfig()
         self._note_inputs(x)
-        conv, bn = self.conv, self.bn
+        inner, bn = self._inner(), self.bn
         if self.training and not self.bn_frozen:
-            y0 = conv._conv_forward(x, conv.weight, None)  # float conv: batch statistics
-            n = y0.numel() // y0.size(1)
+            y0 = self._inner_forward(x, inner.weight, None)  # float op: batch statistics
+            dims = (0,) + tuple(range(2, y0.dim()))  # all but the channels
+            n = math.prod(y0.size(d) for d in dims)
             if n < 2:
                 raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
                                  f"when training, got input shape {tuple(x.shape)}")
             # local statistics, or the global batch's when bn is a SyncBatchNorm (distributed)
-            mean, var, n = batch_mean_var(y0, (0, 2, 3), bn)
+            mean, var, n = batch_mean_var(y0, dims, bn)
             gamma, beta, _, sigma = bn_fold_params(bn)
             sigma_b = torch.sqrt(var + bn.eps)
-            w = self.apply_quant_weight(conv.weight * (gamma / sigma).reshape(-1, 1, 1, 1))
-            y = conv._conv_forward(x, w, None)
-            y = y * (sigma / sigma_b).reshape(1, -1, 1, 1) + \
-                (beta - gamma * mean / sigma_b).reshape(1, -1, 1, 1)
-            b = conv.bias.detach() if conv.bias is not None else 0.0
+            w = self.apply_quant_weight(
+                inner.weight * (gamma / sigma).reshape((-1,) + (1,) * (inner.weight.dim() - 1)))
+            y = self._inner_forward(x, w, None)
+
+            def per_channel(t):  # (C,) broadcast along dimension 1 of y
+                return t.reshape((1, -1) + (1,) * (y.dim() - 2))
+
+            y = y * per_channel(sigma / sigma_b) + per_channel(beta - gamma * mean / sigma_b)
+            b = inner.bias.detach() if inner.bias is not None else 0.0
             update_bn_running_stats(bn, mean + b, var, n)
-            if conv.bias is not None:  # batch statistics cancel the bias: its gradient is
+            if inner.bias is not None:  # batch statistics cancel the bias: its gradient is
                 # exactly 0; adding 0 * bias (y unchanged) gives it one, so DDP sees it used
-                y = y + 0.0 * conv.bias.reshape(1, -1, 1, 1)
+                y = y + 0.0 * per_channel(inner.bias)
         else:
             w, b = self.folded_weight_bias()
-            y = conv._conv_forward(x, self.apply_quant_weight(w), b)
+            y = self._inner_forward(x, self.apply_quant_weight(w), b)
         return self.apply_quant_activation(apply_activation(y, self.activation))
+
+
+class ConvBn2d(BnFoldedModule, Float.ConvBn2d):
+    """QAT ``ConvBn2d``: BatchNorm folded into the convolution (see the module docstring)."""
+
+    @classmethod
+    def from_float_module(cls, float_module):
+        check_foldable_bn(float_module.bn, type(float_module).__name__)
+        if float_module.conv.padding_mode != "zeros":
+            raise NotImplementedError(f"{type(float_module).__name__}: padding_mode="
+                                      f"{float_module.conv.padding_mode!r} is not supported (only "
+                                      f"'zeros')")
+        return super().from_float_module(float_module)
+
+    def _inner(self):
+        return self.conv
+
+    def _inner_forward(self, x, w, b):
+        return self.conv._conv_forward(x, w, b)
 
 
 class ConvBnRelu2d(ConvBn2d, Float.ConvBnRelu2d):
