@@ -158,6 +158,43 @@ def _pair(v, what: str, op: str, allow_zero: bool = False) -> tuple:
     return t
 
 
+def _check_nchw(x, op: str) -> None:
+    _check_act(x, op)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+
+
+def _check_weight(weight, ndim: int, op: str) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or weight.dim() != ndim:
+        raise TypeError(f"{op}: weight must be a {ndim}-D int8 tensor, got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)} of shape "
+                        f"{tuple(getattr(weight, 'shape', ()))}")
+
+
+def _check_bias(bias, o: int, op: str) -> None:
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype != torch.int32 or bias.shape != (o,):
+            raise TypeError(f"{op}: bias must be None or int32 of shape ({o},), got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)} "
+                            f"{tuple(getattr(bias, 'shape', ()))}")
+
+
+def _pool_window(kernel_size, stride, padding, op: str):
+    """(kernel, stride, padding) pairs; stride None / empty means the kernel size."""
+    k = _pair(kernel_size, "kernel_size", op)
+    s = k if stride is None or stride == [] or stride == () else _pair(stride, "stride", op)
+    p = _pair(padding, "padding", op, allow_zero=True)
+    if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
+        raise ValueError(f"{op}: padding {p} must be at most half the kernel size {k}")
+    return k, s, p
+
+
+def _clamp_range(dtype: torch.dtype, qmin, qmax):
+    """The output clamp: the storage dtype's range where qmin / qmax are None."""
+    lo, hi = _RANGE_OF[dtype]
+    return (lo if qmin is None else int(qmin)), (hi if qmax is None else int(qmax))
+
+
 def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, groups=1, rq=None,
            *, w_absmax=None, bias_absmax=None):
     """Integer 2-D convolution: ``requant(sum((x - zp_x) * w) + bias)``.
@@ -182,25 +219,16 @@ def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, group
         ValueError: shape, group or device mismatch; an accumulator that could overflow int32.
     """
     op = "conv2d"
-    _check_act(x, op)
-    if x.dim() != 4:
-        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    _check_nchw(x, op)
     zp = _check_zp(x_zero_point, x.dtype, op)
-    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or weight.dim() != 4:
-        raise TypeError(f"{op}: weight must be a 4-D int8 tensor, got "
-                        f"{getattr(weight, 'dtype', type(weight).__name__)} of shape "
-                        f"{tuple(getattr(weight, 'shape', ()))}")
+    _check_weight(weight, 4, op)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
     o, cg, kh, kw = weight.shape
     if x.shape[1] != cg * groups or o % groups:
         raise ValueError(f"{op}: x has {x.shape[1]} channels, weight {tuple(weight.shape)} with "
                          f"groups={groups} expects {cg * groups} (and O divisible by groups)")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.dtype != torch.int32 or bias.shape != (o,):
-            raise TypeError(f"{op}: bias must be None or int32 of shape ({o},), got "
-                            f"{getattr(bias, 'dtype', type(bias).__name__)} "
-                            f"{tuple(getattr(bias, 'shape', ()))}")
+    _check_bias(bias, o, op)
     _check_rq(rq, op, o)
     _same_device(op, x, weight, bias)
     stride = _pair(stride, "stride", op)
@@ -235,19 +263,12 @@ def linear(x, x_zero_point, weight, bias, rq, *, w_absmax=None, bias_absmax=None
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least one dimension")
     zp = _check_zp(x_zero_point, x.dtype, op)
-    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or weight.dim() != 2:
-        raise TypeError(f"{op}: weight must be a 2-D int8 tensor, got "
-                        f"{getattr(weight, 'dtype', type(weight).__name__)} of shape "
-                        f"{tuple(getattr(weight, 'shape', ()))}")
+    _check_weight(weight, 2, op)
     o, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"{op}: x has {x.shape[-1]} features in its last dimension, weight "
                          f"{tuple(weight.shape)} expects {k}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.dtype != torch.int32 or bias.shape != (o,):
-            raise TypeError(f"{op}: bias must be None or int32 of shape ({o},), got "
-                            f"{getattr(bias, 'dtype', type(bias).__name__)} "
-                            f"{tuple(getattr(bias, 'shape', ()))}")
+    _check_bias(bias, o, op)
     _check_rq(rq, op, o)
     _same_device(op, x, weight, bias)
     check_accumulator_range(k, x.dtype, zp, weight if w_absmax is None else w_absmax,
@@ -353,15 +374,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
         TypeError: not an int8 / uint8 4-D tensor; ValueError: bad window arguments.
     """
     op = "max_pool2d"
-    _check_act(x, op)
-    if x.dim() != 4:
-        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
-    k = _pair(kernel_size, "kernel_size", op)
-    s = k if stride is None or stride == [] or stride == () else _pair(stride, "stride", op)
-    p = _pair(padding, "padding", op, allow_zero=True)
+    _check_nchw(x, op)
+    k, s, p = _pool_window(kernel_size, stride, padding, op)
     d = _pair(dilation, "dilation", op)
-    if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
-        raise ValueError(f"{op}: padding {p} must be at most half the kernel size {k}")
     return get_op("max_pool2d", x)(x, k, s, p, d, bool(ceil_mode))
 
 
@@ -378,22 +393,14 @@ def avg_pool2d(x, zero_point, kernel_size, stride=None, padding=0, ceil_mode=Fal
         TypeError, ValueError: as :func:`max_pool2d`.
     """
     op = "avg_pool2d"
-    _check_act(x, op)
-    if x.dim() != 4:
-        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    _check_nchw(x, op)
     zp = _check_zp(zero_point, x.dtype, op)
-    k = _pair(kernel_size, "kernel_size", op)
-    s = k if stride is None or stride == [] or stride == () else _pair(stride, "stride", op)
-    p = _pair(padding, "padding", op, allow_zero=True)
-    if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
-        raise ValueError(f"{op}: padding {p} must be at most half the kernel size {k}")
+    k, s, p = _pool_window(kernel_size, stride, padding, op)
     if divisor_override is not None and (not isinstance(divisor_override, int)
                                          or divisor_override < 1):
         raise ValueError(f"{op}: divisor_override must be None or a positive int, got "
                          f"{divisor_override!r}")
-    lo, hi = _RANGE_OF[x.dtype]
-    qmin = lo if qmin is None else int(qmin)
-    qmax = hi if qmax is None else int(qmax)
+    qmin, qmax = _clamp_range(x.dtype, qmin, qmax)
     return get_op("avg_pool2d", x)(x, zp, k, s, p, bool(ceil_mode), bool(count_include_pad),
                                    divisor_override, qmin, qmax)
 
@@ -409,14 +416,10 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin=None, qmax=None):
         TypeError, ValueError: as :func:`max_pool2d`.
     """
     op = "adaptive_avg_pool2d"
-    _check_act(x, op)
-    if x.dim() != 4:
-        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    _check_nchw(x, op)
     zp = _check_zp(zero_point, x.dtype, op)
     oh, ow = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * 2
     size = (x.shape[2] if oh is None else oh, x.shape[3] if ow is None else ow)
     size = _pair(size, "output_size", op)
-    lo, hi = _RANGE_OF[x.dtype]
-    qmin = lo if qmin is None else int(qmin)
-    qmax = hi if qmax is None else int(qmax)
+    qmin, qmax = _clamp_range(x.dtype, qmin, qmax)
     return get_op("adaptive_avg_pool2d", x)(x, zp, size, qmin, qmax)
