@@ -6,6 +6,8 @@ case could leave the int32 range are refused before any backend runs.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 __all__ = ["check_accumulator_range"]
@@ -26,6 +28,30 @@ def _abs_max(v, what: str, op: str) -> int:
         raise TypeError(f"{op}: {what} must be an int or an integer tensor, got "
                         f"{type(v).__name__} ({v!r})")
     return abs(v)
+
+
+_BIAS_MAX = {}  # id(bias tensor) -> (weakref, (data_ptr, version, shape, dtype), max |bias|)
+
+
+def _bias_abs_max(b, op: str) -> int:
+    """:func:`_abs_max` of a bias, cached per tensor (identity, storage and in-place version
+    counter): a constant bias is scanned once, not on every call (a reduction and a host sync
+    that cost ~10 us, as much as a small layer's whole GEMV)."""
+    if not isinstance(b, torch.Tensor) or b.dtype.is_floating_point or b.dtype == torch.bool:
+        return _abs_max(b, "bias", op)
+    try:
+        sig = (b.data_ptr(), b._version, b.shape, b.dtype)
+    except RuntimeError:  # inference tensors have no version counter: no caching
+        return _abs_max(b, "bias", op)
+    hit = _BIAS_MAX.get(id(b))
+    if hit is not None and hit[0]() is b and hit[1] == sig:
+        return hit[2]
+    v = _abs_max(b, "bias", op)
+    if len(_BIAS_MAX) >= 1024:
+        _BIAS_MAX.clear()
+    key = id(b)
+    _BIAS_MAX[key] = (weakref.ref(b, lambda _r, k=key: _BIAS_MAX.pop(k, None)), sig, v)
+    return v
 
 
 def check_accumulator_range(k, x_range, x_zero_point, w_absmax=128, bias_absmax=0,
@@ -79,7 +105,7 @@ def check_accumulator_range(k, x_range, x_zero_point, w_absmax=128, bias_absmax=
     if isinstance(zp, bool) or not isinstance(zp, int):
         raise TypeError(f"{op}: x_zero_point must be an int, got {type(zp).__name__}")
     x_max = max(abs(lo - zp), abs(hi - zp))
-    b_max = 0 if bias_absmax is None else _abs_max(bias_absmax, "bias", op)
+    b_max = 0 if bias_absmax is None else _bias_abs_max(bias_absmax, op)
     if isinstance(w_absmax, torch.Tensor) and w_absmax.dtype in _RANGE_OF:
         # an int8 / uint8 weight within the bound of its dtype needs no scan of its values
         lo_w, hi_w = _RANGE_OF[w_absmax.dtype]

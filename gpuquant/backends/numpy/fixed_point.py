@@ -34,7 +34,8 @@ class Params:
     the last axis (the channel axis of NHWC / (..., N) data) or scalars."""
 
     __slots__ = ("m", "rshift", "zp", "lo", "hi", "np_dtype", "r", "d", "e", "left",
-                 "r32", "d32", "dz32", "has_d", "float_ok32", "thr", "_b32", "_b64", "_tiles")
+                 "r32", "d32", "dz32", "has_d", "float_ok32", "thr", "_b32", "_b64", "_tiles",
+                 "_fold", "big")
 
     def __init__(self, multiplier, rshift, zero_point: int, qmin: int, qmax: int, np_dtype):
         self.m = np.asarray(multiplier, dtype=np.int64)
@@ -65,7 +66,8 @@ class Params:
         while float(thr) > 0.5 - w:  # round the threshold down, never up
             thr = np.nextafter(thr, np.float32(0))
         self.thr = thr
-        self._b32 = self._b64 = None
+        self.big = big
+        self._b32 = self._b64 = self._fold = None
         self._tiles = {}
 
     def tiled(self, name: str, v: np.ndarray, rows: int, c: int):
@@ -81,6 +83,44 @@ class Params:
                 self._tiles.clear()
             t = self._tiles[key] = (v, np.ascontiguousarray(np.broadcast_to(v, (rows, c))))
         return t[1]
+
+    def folded(self, bias):
+        """``(K, thr)`` of the bias-folded float32 form ``V' = fl(fl(acc * r) + K)`` with
+        ``K = fl32(b r + d + zp)`` per channel, or None where it does not apply.
+
+        It skips the ``acc + bias`` pass and the ``sign(acc) d`` term, so it needs a constant
+        ``d`` term: a fused ReLU (``lo >= zp``: every negative accumulator ends at ``lo``
+        whatever the sign of ``d``, as in the unfolded form) or ``d = 0``. Error bound for
+        every element whose exact ``V`` lies near ``[lo, hi]`` (``|X| <= big``), with
+        ``B = max |b r|`` (so ``|acc r| <= big + B``): the rounded ``r32`` and the product
+        ``2 eps (big + B)``, the constant ``eps (B + |zp| + 1)``, the final add
+        ``eps (max(|lo|, |hi|) + 1)``; ``w`` takes 4 (big + B) + ... with a 25% margin, as
+        the unfolded bound. A large ``B`` (a bias that cancels a huge accumulator) falls back.
+        """
+        if not self.float_ok32 or not (self.lo >= self.zp or not self.has_d):
+            return None
+        f = self._fold
+        if f is not None and f[0] is bias:
+            return f[1]
+        if bias is None:
+            k64 = self.d + self.zp
+            bmax = 0.0
+        else:
+            br = np.asarray(bias, dtype=np.float64) * self.r
+            k64 = br + self.d + self.zp
+            bmax = float(np.abs(br).max(initial=0.0)) * (1.0 + 2.0 ** -40)
+        res = None
+        if bmax <= 2.0 ** 16:
+            w = 1.25 * _EPS32 * (4.0 * (self.big + bmax) + bmax + max(abs(self.lo), abs(self.hi))
+                                 + abs(self.zp) + 4.0)
+            if w < 2.0 ** -8:
+                thr = np.float32(0.5 - w)
+                while float(thr) > 0.5 - w:  # round the threshold down, never up
+                    thr = np.nextafter(thr, np.float32(0))
+                k32 = np.asarray(k64, dtype=np.float32)
+                res = (k32 if k32.ndim else np.float32(k32), thr)
+        self._fold = (bias, res)
+        return res
 
     def bias_small(self, bias: np.ndarray) -> bool:
         """Whether every bias value is exact in float32 (|b| <= 2^24)."""
@@ -174,18 +214,24 @@ def _mbqm_int(a: int, m: int, rshift: int) -> int:
 
 def _fixup(acc, bias, p: Params, out: np.ndarray, flat: np.ndarray) -> None:
     """Exact requantization of the elements at flat indices ``flat`` of the 2-D (channels
-    last) ``acc`` / ``out``: Python ints for a handful, one int64 NumPy pass for more."""
+    last) ``acc`` / ``out``: Python ints for a few dozen (gathered with one fancy index per
+    array, ~1 us an element), one int64 NumPy pass for more."""
     ix = np.divmod(flat, acc.shape[1])
-    if len(flat) <= 24:  # ~3 us an element in Python vs ~80 us for the NumPy path
-        for i, c in zip(*ix):
-            v = int(round(float(acc[i, c]))) + (0 if bias is None else int(bias[c] if bias.ndim else bias))
-            v = min(max(v, INT32_MIN), INT32_MAX)
-            m = int(p.m[c] if p.m.ndim else p.m)
-            sh = int(p.rshift[c] if p.rshift.ndim else p.rshift)
-            out[i, c] = min(max(_mbqm_int(v, m, sh) + p.zp, p.lo), p.hi)
+    ch = ix[-1]
+    if len(flat) <= 64:
+        accs = acc[ix].tolist()
+        bs = [0] * len(flat) if bias is None else (
+            np.broadcast_to(bias, ch.shape) if np.ndim(bias) == 0 else bias[ch]).tolist()
+        ms = (p.m[ch] if p.m.ndim else np.broadcast_to(p.m, ch.shape)).tolist()
+        shs = (p.rshift[ch] if p.rshift.ndim else np.broadcast_to(p.rshift, ch.shape)).tolist()
+        zp, lo, hi = p.zp, p.lo, p.hi
+        res = []
+        for a, b, m, sh in zip(accs, bs, ms, shs):
+            v = min(max(int(round(a)) + int(b), INT32_MIN), INT32_MAX)
+            res.append(min(max(_mbqm_int(v, int(m), int(sh)) + zp, lo), hi))
+        out[ix] = res
         return
     a = np.rint(np.asarray(acc[ix], dtype=np.float64)).astype(np.int64)
-    ch = ix[-1]
     if bias is not None:
         a += bias[ch] if bias.ndim else bias
     a = np.clip(a, INT32_MIN, INT32_MAX)
@@ -221,6 +267,10 @@ def requant_fast(acc: np.ndarray, p: Params, out: np.ndarray, bias=None) -> None
         return
     c = acc.shape[-1] if acc.ndim else 1
     acc2, out2 = acc.reshape(-1, c), out.reshape(-1, c)
+    fold = p.folded(bias)
+    if fold is not None:
+        _requant_folded(acc2, p, out2, bias, fold)
+        return
     # u = fl32(acc + bias) with ONE rounding: a float32 add when both are exact in float32,
     # else the sum in float64 (exact) rounded once to float32
     bvec = None
@@ -270,5 +320,46 @@ def requant_fast(acc: np.ndarray, p: Params, out: np.ndarray, bias=None) -> None
         np.greater_equal(u, thr, out=bad)
         if bad.any():
             flagged.append(np.flatnonzero(bad) + r0 * c)
+    if flagged:  # one exact pass over every flagged element of every chunk
+        _fixup(acc2, bias, p, out2, np.concatenate(flagged))
+
+
+_max = np.maximum.reduce
+_clip = np._core.umath.clip if hasattr(np, "_core") else np.core.umath.clip
+_min = np.minimum.reduce
+
+
+def _requant_folded(acc2, p: Params, out2, bias, fold) -> None:
+    """:func:`requant_fast` for a bias-folded ``p`` (see :meth:`Params.folded`): per chunk
+    ``u = acc * r + K``, clamp, ``y = rint(u)``, store, ``t = u - y`` and two read-only
+    reductions decide whether any ``|t| >= thr`` needs the exact fix-up: 7 passes where the
+    unfolded form takes 10 (no bias add, no abs / compare / any unless something is flagged)."""
+    k32, thr = fold
+    rows, c = acc2.shape
+    step = max(1, _CHUNK // c)
+    n0 = min(step, rows)
+    u_buf = np.empty((n0, c), np.float32)
+    y_buf = np.empty((n0, c), np.float32)
+    lo, hi, nthr = np.float32(p.lo), np.float32(p.hi), -thr
+    if n0 >= 8:  # same-shape operands run as one flat loop (see Params.tiled)
+        r_t, k_t = p.tiled("r", p.r32, n0, c), p.tiled("k", k32, n0, c)
+    else:        # a few rows: broadcasting the (c,) vectors costs nothing, tiles would
+        r_t, k_t = p.r32, k32
+    r_2d = isinstance(r_t, np.ndarray) and r_t.ndim == 2
+    k_2d = isinstance(k_t, np.ndarray) and k_t.ndim == 2
+    flagged = []
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        kk = r1 - r0
+        u, y = u_buf[:kk], y_buf[:kk]
+        np.multiply(acc2[r0:r1], r_t[:kk] if r_2d else r_t, out=u, casting="same_kind")
+        u += k_t[:kk] if k_2d else k_t
+        _clip(u, lo, hi, out=u)  # the ufunc: np.clip's wrapper costs ~5 us a call
+        np.rint(u, out=y)
+        np.copyto(out2[r0:r1], y, casting="unsafe")
+        u -= y
+        if _max(u, axis=None) >= thr or _min(u, axis=None) <= nthr:
+            np.abs(u, out=u)
+            flagged.append(np.flatnonzero(u >= thr) + r0 * c)
     if flagged:  # one exact pass over every flagged element of every chunk
         _fixup(acc2, bias, p, out2, np.concatenate(flagged))
