@@ -1,9 +1,33 @@
 """Reference networks built from :mod:`gpuquant.nn` (float; convert with
 ``quantize_qat`` / ``quantize``): torchvision's ResNet-18, ResNet-50 and MobileNetV2
 architectures with the same parameter counts, and the digits demo's small network."""
+import torch
+
 from .digits import DigitsNet, digits_net
 from .mobilenet import MobileNetV2, mobilenet_v2
 from .resnet import ResNet, resnet18, resnet50
 
 __all__ = ["resnet18", "resnet50", "mobilenet_v2", "digits_net", "ResNet", "MobileNetV2",
-           "DigitsNet"]
+           "DigitsNet", "settle_bn"]
+
+
+def settle_bn(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """Real BatchNorm running statistics for a freshly initialised network (whose activations
+    otherwise vanish in eval mode): one training-mode pass on ``x`` without gradients, every
+    BatchNorm at momentum 1, then momentum 0.1 (torch's default).
+
+    Args:
+        model: any module (its BatchNorms are ``torch.nn.modules.batchnorm._BatchNorm``).
+        x: a batch of inputs (more than one sample).
+
+    Returns:
+        ``model``, left in training mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(x)
+    for m in bns:
+        m.momentum = 0.1
+    return model

@@ -36,21 +36,10 @@ def _fast_interpreter(monkeypatch):
     torch.set_num_threads(n)
 
 
-def _settle_bn(model, x):
-    """One training-mode pass with momentum 1: BatchNorm statistics of real activations."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.momentum = 1.0
-    with torch.no_grad():
-        model.train()(x)
-    for m in bns:
-        m.momentum = 0.1
-    return model.eval()
-
-
 def _int8(name, in_ch, size):
     torch.manual_seed(0)
-    model = _settle_bn(getattr(M, name)(num_classes=10), torch.randn(4, in_ch, size, size))
+    model = M.settle_bn(getattr(M, name)(num_classes=10),
+                        torch.randn(4, in_ch, size, size)).eval()
     qat = quantize_qat(model).eval()
     with torch.no_grad():
         qat(torch.randn(4, in_ch, size, size))  # calibration pass (observers record)

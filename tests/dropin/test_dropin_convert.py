@@ -17,11 +17,12 @@ import gpuquant.nn as gnn
 import gpuquant.nn.quantized as qnn
 from gpuquant.nn.qat import QATModule
 from gpuquant.quantization import disable_observer, quantize, quantize_qat
+from gpuquant.models import settle_bn
 from gpuquant.quantization.fx import (DropInWarning, disable_quantize, needs_dropin,
                                       prepare_plain)
 
-from tests.dropin.dropin_helpers import (INT8_BACKEND, capture, check_modules, qat_step,
-                                         settle_bn)
+from tests.dropin.dropin_helpers import INT8_BACKEND, qat_step
+from tests.int8_vs_qat import capture, check_modules
 
 
 class Patterns(nn.Module):
@@ -112,7 +113,7 @@ def test_patterns_qat_int8():
     assert isinstance(int8.quant, qnn.QuantStub) and isinstance(int8.fc3, qnn.Linear)
     with backends.use(INT8_BACKEND):
         y8 = int8(x)
-    check_modules(qat_modules, int8, cap)
+    check_modules(qat_modules, int8, cap, INT8_BACKEND)
     # relative L2 gap measured 0-0.029 over 8 seeds (shallow network)
     assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.08
 
@@ -167,7 +168,7 @@ def test_unsupported_parts_stay_float_with_one_warning():
     assert int8.gate is gate
     with backends.use(INT8_BACKEND):
         y8 = int8(x)
-    check_modules(qat_modules, int8, cap)
+    check_modules(qat_modules, int8, cap, INT8_BACKEND)
     assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.03  # measured 0-0.0064, 8 seeds
 
 

@@ -16,8 +16,9 @@ from gpuquant.nn.quantized.module import QuantizedModule
 from gpuquant.quantization import disable_observer, quantize, quantize_qat
 from gpuquant.quantization.fx import DropInWarning, needs_dropin
 from tests.dropin import plain_models as P
-from tests.dropin.dropin_helpers import (INT8_BACKEND, capture, check_modules,
-                                         copy_by_position, qat_step, settle_bn)
+from gpuquant.models import settle_bn
+from tests.dropin.dropin_helpers import INT8_BACKEND, copy_by_position, qat_step
+from tests.int8_vs_qat import capture, check_modules
 
 # Whole-network int8 vs QAT logits, relative L2 gap ||y8 - y_qat|| / ||y_qat|| after one QAT
 # step, measured at 32x32, batch 2, 8 seeds: resnet18 0.10-0.20, resnet50 0.57-1.07,
@@ -84,7 +85,7 @@ def test_plain_model_matches_hand_fused(name):
         y8_p, y8_h = int8_p(x), int8_h(x)
     assert torch.equal(y8_p, y8_h)
     assert y8_p.shape == (2, 10) and y8_p.dtype == torch.float32
-    check_modules(qat_modules, int8_p, cap)
+    check_modules(qat_modules, int8_p, cap, INT8_BACKEND)
     gap = float((y8_p - yq_p).norm() / yq_p.norm())
     assert gap <= REL_GAP[name], gap
     assert float((yq_p - y_float).norm() / y_float.norm()) < 1.0  # QAT still near float

@@ -40,17 +40,6 @@ QUICK_BATCHES = [1, 64]
 _BUILT: Dict[tuple, dict] = {}
 
 
-def _settle_bn(model, x):
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.momentum = 1.0
-    with torch.no_grad():
-        model.train()(x)
-    for m in bns:
-        m.momentum = 0.1
-    return model.eval()
-
-
 def build(name: str, in_ch: int, size: int, num_classes: int = 1000) -> dict:
     """Float, int8 (CPU) networks for ``name``, memoised: {"float", "int8"}."""
     key = (name, in_ch, size, num_classes)
@@ -58,8 +47,8 @@ def build(name: str, in_ch: int, size: int, num_classes: int = 1000) -> dict:
         from ... import models
         from ...quantization import disable_observer, quantize, quantize_qat
         torch.manual_seed(0)
-        fp = _settle_bn(getattr(models, name)(num_classes=num_classes),
-                        torch.randn(4, in_ch, size, size))
+        fp = models.settle_bn(getattr(models, name)(num_classes=num_classes),
+                              torch.randn(4, in_ch, size, size)).eval()
         float_copy = copy.deepcopy(fp)
         qat = quantize_qat(fp).eval()
         with torch.no_grad():
