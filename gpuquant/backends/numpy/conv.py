@@ -19,7 +19,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 from .fixed_point import Params, requant_fast
-from .gemm import PackedWeight, exact_matmul, to_f32, xmax_of
+from .gemm import PackedWeight, exact_matmul, norm_fits, to_f32, xmax_of
 
 # im2col tile: 4 MiB of float32 (fits L3 with the weights; BLAS still sees >= ~256 rows).
 _TILE_BYTES = 4 << 20
@@ -98,6 +98,7 @@ def conv2d_nhwc(xa: np.ndarray, zp: int, w: np.ndarray, b, stride, padding, dila
 
     pwk = cached(f"conv_g{g}", lambda: _pack_conv(w, g))
     rows_out = out.reshape(n * ho * wo, o)
+    sq = _row_sq_bound(xa, zp, kh * kw, pwk, xmax)
     if kh == 1 and kw == 1 and ph == 0 and pw == 0 and g == 1:
         # 1x1 fast path: the (strided) input is the im2col matrix
         src = xa[:, ::sh, ::sw, :][:, :ho, :wo, :]
@@ -115,7 +116,7 @@ def conv2d_nhwc(xa: np.ndarray, zp: int, w: np.ndarray, b, stride, padding, dila
                 r += rows
                 seg += h1 - h0
             a = buf[:r]
-            requant_fast(exact_matmul(a, pwk, xmax), p, rows_out[l0 * wo:l1 * wo], b)
+            requant_fast(exact_matmul(a, pwk, xmax, sq), p, rows_out[l0 * wo:l1 * wo], b)
         return out
 
     # im2col in the input's own 1-byte dtype (4x less memory traffic than float32), padded
@@ -148,11 +149,25 @@ def conv2d_nhwc(xa: np.ndarray, zp: int, w: np.ndarray, b, stride, padding, dila
             r += rows
             seg += h1 - h0
         a = to_f32(buf8[:, :r], zp, out=buf32[:, :r])
-        acc = exact_matmul(a[0] if g == 1 else a, pwk, xmax)
+        acc = exact_matmul(a[0] if g == 1 else a, pwk, xmax, sq)
         if g > 1:  # (G, rows, Og) -> (rows, G*Og)
             acc = acc.transpose(1, 0, 2).reshape(r, g * og)
         requant_fast(acc, p, rows_out[l0 * wo:l1 * wo], b)
     return out
+
+
+def _row_sq_bound(xa: np.ndarray, zp: int, taps: int, pwk: PackedWeight, xmax: int):
+    """An upper bound of every im2col row's ``||x - zp||^2``, or None where the GEMM needs
+    none (one block anyway) or it would not help: a row holds ``taps`` pixels (padding
+    adds zeros), each at most the largest per-pixel ``sum_c (x - zp)^2``, summed over the
+    input (``taps`` times fewer values than the tile's row sums; squares are exact in
+    float32, their sum is within ``C 2^-24`` relative, covered by the margin)."""
+    if len(pwk.blocks(xmax)) == 1 or xa.size == 0:
+        return None
+    xf = to_f32(xa, zp)
+    c = xa.shape[-1]
+    bound = taps * float(np.einsum("...c,...c->...", xf, xf).max()) * (1.0 + c * 2.0 ** -22)
+    return bound if norm_fits(bound, pwk) else None
 
 
 def patches(xp: np.ndarray, kh, kw, stride, dilation, ho, wo) -> np.ndarray:

@@ -72,11 +72,22 @@ def _cauchy_schwarz_fits(a: np.ndarray, pw: "PackedWeight") -> bool:
     return math.sqrt(sq * (1.0 + k * 2.0 ** -22)) * pw.wnorm_max * (1.0 + 2.0 ** -40) <= F32_EXACT
 
 
-def exact_matmul(a: np.ndarray, pw: PackedWeight, xmax: int) -> np.ndarray:
+def norm_fits(sq_bound: float, pw: "PackedWeight") -> bool:
+    """Whether rows with ``||a||^2 <= sq_bound`` (an upper bound, margin included) keep every
+    partial sum exact in one float32 block (Cauchy-Schwarz, as :func:`_cauchy_schwarz_fits`)."""
+    return math.sqrt(sq_bound) * pw.wnorm_max * (1.0 + 2.0 ** -40) <= F32_EXACT
+
+
+def exact_matmul(a: np.ndarray, pw: PackedWeight, xmax: int, sq_bound=None) -> np.ndarray:
     """``a @ pw.w`` exactly: ``a`` float32 ``(G, P, K)`` (or ``(P, K)`` when G = 1) holding
-    integers with ``|a| <= xmax``. Returns float32 (one block) or float64 exact integers."""
+    integers with ``|a| <= xmax``; ``sq_bound``: None or an upper bound of every row's
+    ``||a||^2`` known to the caller (a convolution bounds it from its input's pixels, ~9x
+    cheaper than the per-row sums of the im2col tile). Returns float32 (one block) or
+    float64 exact integers."""
     w = pw.w if a.ndim == 3 else pw.w[0]
     ranges = pw.blocks(xmax)
+    if len(ranges) > 1 and sq_bound is not None and norm_fits(sq_bound, pw):
+        ranges = [(0, pw.k)]
     if len(ranges) > 1 and _cauchy_schwarz_fits(a, pw):
         ranges = [(0, pw.k)]
     if len(ranges) == 1:
