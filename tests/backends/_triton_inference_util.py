@@ -87,6 +87,15 @@ def dev(v):
     return v
 
 
+def check_op(op, args, what):
+    """Triton's ``op`` on ``args`` (moved to the device) == every oracle's on the CPU, byte for
+    byte; returns Triton's output."""
+    got = TRITON[op](*dev(args))
+    for name, ops in ORACLES:
+        assert_same(got, ops[op](*cpu(args)), f"{what} vs {name}")
+    return got
+
+
 def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
     got = got.cpu()
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"

@@ -7,20 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _triton_inference_util import (DEV, ORACLES, TRITON, assert_same, cpu, dev,
+from _triton_inference_util import (DEV, ORACLES, TRITON, assert_same, check_op, cpu, dev,
                                     poison, rand_act, rand_requant, rand_weight)  # noqa: F401
 from gpuquant import qint8, quint8
 from gpuquant.functional.requant import make_add_params, make_requant
 
 pytestmark = pytest.mark.usefixtures("poison")
 CL = torch.channels_last
-
-
-def _check(op, args, what):
-    got = TRITON[op](*dev(args))
-    for name, ops in ORACLES:
-        assert_same(got, ops[op](*cpu(args)), f"{what} vs {name}")
-    return got
 
 
 # --------------------------------------------------------------------------- linear
@@ -40,7 +33,7 @@ def test_linear_matches_oracle(mkn, xdtype):
     out_dtype = [qint8, quint8][i % 2]
     act = ["none", "relu", "relu6"][i % 3]
     rq = rand_requant(n, out_dtype, act, k=k, big=(i == 3))
-    _check("linear", (x, zp, w, bias, rq), f"linear {mkn} {xdtype}")
+    check_op("linear", (x, zp, w, bias, rq), f"linear {mkn} {xdtype}")
 
 
 def test_linear_batched_leading_dims_and_extremes():
@@ -51,9 +44,9 @@ def test_linear_batched_leading_dims_and_extremes():
     x[1] = 127
     w = torch.where(torch.rand(n, k) < 0.5, -128, 127).to(torch.int8)
     rq = rand_requant(n, qint8, k=k, big=True)
-    _check("linear", (x, 0, w, None, rq), "linear extremes int8")
+    check_op("linear", (x, 0, w, None, rq), "linear extremes int8")
     xu = torch.where(torch.rand(4, k) < 0.5, 0, 255).to(torch.uint8)
-    _check("linear", (xu, 0, w, torch.full((n,), -2 ** 20, dtype=torch.int32), rq),
+    check_op("linear", (xu, 0, w, torch.full((n,), -2 ** 20, dtype=torch.int32), rq),
            "linear extremes uint8")
 
 
@@ -67,7 +60,7 @@ def test_requant_negative_rshift_small_accumulator():
     w_scale = torch.linspace(0.1, 6.0, n, dtype=torch.float64)[torch.randperm(n)]
     rq = make_requant(0.5, w_scale, 0.4, -3, qint8)  # multipliers 0.125 .. 7.5
     assert (rq.rshift < 0).any() and (rq.rshift >= 0).any()
-    y = _check("linear", (x, zp, w, torch.randint(-9, 10, (n,), dtype=torch.int32), rq),
+    y = check_op("linear", (x, zp, w, torch.randint(-9, 10, (n,), dtype=torch.int32), rq),
                "linear rshift<0")
     assert ((y.cpu() > -128) & (y.cpu() < 127)).float().mean() > 0.5
 
@@ -109,7 +102,7 @@ def test_conv2d_matches_oracle(name):
     i = list(CONV_CASES).index(name)
     rq = rand_requant(w.shape[0], [qint8, quint8][i % 2], ["none", "relu", "relu6"][i % 3],
                       k=k, big=(i % 4 == 0))
-    y = _check("conv2d", (x, zp, w, bias, st, pd, dl, groups, rq), name)
+    y = check_op("conv2d", (x, zp, w, bias, st, pd, dl, groups, rq), name)
     assert y.is_contiguous(memory_format=CL)
 
 
@@ -117,7 +110,7 @@ def test_conv2d_nchw_input_and_no_bias():
     x, zp, w, _, st, pd, dl, g = _conv_inputs(CONV_CASES["3x3_flatk"], channels_last=False)
     assert x.is_contiguous() and not x.is_contiguous(memory_format=CL)
     rq = rand_requant(w.shape[0], qint8, k=45)
-    _check("conv2d", (x, zp, w, None, st, pd, dl, g, rq), "conv NCHW input")
+    check_op("conv2d", (x, zp, w, None, st, pd, dl, g, rq), "conv NCHW input")
 
 
 # --------------------------------------------------------------------------- fused paths

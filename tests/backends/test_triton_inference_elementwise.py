@@ -5,20 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _triton_inference_util import (ORACLES, TRITON, assert_same, cpu, dev,
+from _triton_inference_util import (ORACLES, TRITON, assert_same, check_op, cpu, dev,
                                     poison, rand_act)  # noqa: F401
 from gpuquant import qint8, quint8
 from gpuquant.functional.requant import make_add_params, make_requant
 
 pytestmark = pytest.mark.usefixtures("poison")
 CL = torch.channels_last
-
-
-def _check(op, args, what):
-    got = TRITON[op](*dev(args))
-    for name, ops in ORACLES:
-        assert_same(got, ops[op](*cpu(args)), f"{what} vs {name}")
-    return got
 
 
 def _i32(v):
@@ -41,19 +34,19 @@ def test_quantize_dequantize(axis, layout):
         zp = torch.randint(100, 156, (c,), dtype=torch.int32)
     for qmin, qmax, dt in ((-128, 127, torch.int8), (0, 255, torch.uint8)):
         zpd = zp if dt == torch.uint8 else zp - (128 if axis is not None else 0)
-        q = _check("quantize", (x, scale, zpd, qmin, qmax, axis, dt), f"quantize {dt}")
-        _check("dequantize", (cpu(q), scale, zpd, axis), f"dequantize {dt}")
+        q = check_op("quantize", (x, scale, zpd, qmin, qmax, axis, dt), f"quantize {dt}")
+        check_op("dequantize", (cpu(q), scale, zpd, axis), f"dequantize {dt}")
 
 
 def test_quantize_ties_round_half_even_and_half_inputs():
     scale = torch.tensor(0.25)  # power of two: x * inv exact, ties survive
     x = (torch.arange(-40, 40, dtype=torch.float32) + 0.5) * 0.25
-    q = _check("quantize", (x, scale, _i32(0), -128, 127, None, torch.int8), "ties")
+    q = check_op("quantize", (x, scale, _i32(0), -128, 127, None, torch.int8), "ties")
     assert torch.equal(q.cpu().float(), torch.round(x / 0.25))  # half to even
     xh = (torch.randn(4, 33) * 3).half()
-    _check("quantize", (xh, torch.tensor(0.021), _i32(-4), -128, 127, None, torch.int8), "fp16")
+    check_op("quantize", (xh, torch.tensor(0.021), _i32(-4), -128, 127, None, torch.int8), "fp16")
     xb = (torch.randn(4, 33) * 3).bfloat16()
-    _check("quantize", (xb, torch.tensor(0.021), _i32(7), -127, 127, None, torch.int8), "bf16")
+    check_op("quantize", (xb, torch.tensor(0.021), _i32(7), -127, 127, None, torch.int8), "bf16")
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -64,14 +57,14 @@ def test_requantize(per_channel):
     if per_channel:
         rq = make_requant(1.0, torch.rand(6, dtype=torch.float64) * 3 + 0.05, 0.5, 4, qint8)
         assert (rq.rshift < 0).any()
-        _check("requantize", (acc, rq, 1), "requantize per-channel")
-        _check("requantize", (acc.contiguous(memory_format=CL), rq, 1), "requantize CL")
+        check_op("requantize", (acc, rq, 1), "requantize per-channel")
+        check_op("requantize", (acc.contiguous(memory_format=CL), rq, 1), "requantize CL")
     else:
         for real in (1e-12, 0.001, 3.7):  # flushed-to-zero, plain, left shift
             rq = make_requant(real, 1.0, 1.0, 100, quint8, "relu6")
-            _check("requantize", (acc, rq), f"requantize per-tensor {real}")
+            check_op("requantize", (acc, rq), f"requantize per-tensor {real}")
         # int64 accumulators beyond the int32 range take the int64 path
-        _check("requantize", (acc.long() * 3, rq), "requantize int64 acc")
+        check_op("requantize", (acc.long() * 3, rq), "requantize int64 acc")
 
 
 # --------------------------------------------------------------------------- add / mul / concat
@@ -85,10 +78,10 @@ def test_add_and_mul(dtypes):
     zpa = 131 if da == torch.uint8 else 3
     for act in ("none", "relu"):
         p = make_add_params(0.05, zpa, 0.02, -7, 0.06, 10 if dout is qint8 else 140, dout, act)
-        _check("add", (a, b, p), f"add {act}")
-    _check("add", (a, b[:, :, :1, :], p), "add broadcast")
+        check_op("add", (a, b, p), f"add {act}")
+    check_op("add", (a, b[:, :, :1, :], p), "add broadcast")
     rq = make_requant(0.05 * 0.02, 1.0, 0.07, 100 if dout is quint8 else -2, dout)
-    _check("mul", (a, zpa, b, -7, rq), "mul")
+    check_op("mul", (a, zpa, b, -7, rq), "mul")
 
 
 def test_concat():
@@ -97,12 +90,12 @@ def test_concat():
     c = rand_act((2, 1, 7, 6), torch.uint8).contiguous(memory_format=CL)
     rqs = [make_requant(0.05, 1.0, 0.1, 128, quint8), None,
            make_requant(0.3, 1.0, 0.1, 128, quint8)]
-    y = _check("concat", ([a, b, c], [3, 128, 250], rqs, 1, torch.uint8), "concat dim 1")
+    y = check_op("concat", ([a, b, c], [3, 128, 250], rqs, 1, torch.uint8), "concat dim 1")
     assert y.is_contiguous(memory_format=CL)
-    _check("concat", ([a, a], [3, 7], [None, rqs[0]], 0, torch.uint8), "concat dim 0")
+    check_op("concat", ([a, a], [3, 7], [None, rqs[0]], 0, torch.uint8), "concat dim 0")
     m1, m2 = rand_act((4, 9), torch.int8), rand_act((4, 2), torch.int8)
     rq = make_requant(0.2, 1.0, 0.1, -5, qint8)
-    _check("concat", ([m1, m2], [0, 1], [rq, None], -1, torch.int8), "concat 2-D")
+    check_op("concat", ([m1, m2], [0, 1], [rq, None], -1, torch.int8), "concat 2-D")
 
 
 # --------------------------------------------------------------------------- pooling
@@ -113,7 +106,7 @@ MAX_CASES = [(3, 2, 1, 1, False), (3, 2, 1, 1, True), (2, None, 0, 1, False),
 @pytest.mark.parametrize("args", MAX_CASES, ids=[str(i) for i in range(len(MAX_CASES))])
 def test_max_pool2d(args):
     x = rand_act((2, 5, 9, 8), torch.int8).contiguous(memory_format=CL)
-    _check("max_pool2d", (x, *args), f"max_pool2d {args}")
+    check_op("max_pool2d", (x, *args), f"max_pool2d {args}")
 
 
 AVG_CASES = [(3, 2, (1, 1), False, True, None), (3, 2, (1, 1), True, False, None),
@@ -124,15 +117,15 @@ AVG_CASES = [(3, 2, (1, 1), False, True, None), (3, 2, (1, 1), True, False, None
 @pytest.mark.parametrize("args", AVG_CASES, ids=[str(i) for i in range(len(AVG_CASES))])
 def test_avg_pool2d(args):
     x = rand_act((2, 5, 7, 6), torch.uint8).contiguous(memory_format=CL)
-    _check("avg_pool2d", (x, 131, *args, 0, 255), f"avg_pool2d {args}")
+    check_op("avg_pool2d", (x, 131, *args, 0, 255), f"avg_pool2d {args}")
     xs = rand_act((1, 3, 7, 6), torch.int8)
-    _check("avg_pool2d", (xs, -20, *args, -100, 100), f"avg_pool2d int8 clamp {args}")
+    check_op("avg_pool2d", (xs, -20, *args, -100, 100), f"avg_pool2d int8 clamp {args}")
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 4), (5, 2)])
 def test_adaptive_avg_pool2d(size):
     x = rand_act((2, 37, 7, 5), torch.int8).contiguous(memory_format=CL)
-    _check("adaptive_avg_pool2d", (x, -3, size, -128, 127), f"adaptive {size}")
+    check_op("adaptive_avg_pool2d", (x, -3, size, -128, 127), f"adaptive {size}")
 
 
 def test_add_arithmetic_modes():
@@ -155,7 +148,7 @@ def test_add_arithmetic_modes():
     from gpuquant.backends.triton.common import scalar_int
     for name, (p, mode) in cases.items():
         assert add_mode(p, scalar_int(p.out.rshift)) == mode, name
-        _check("add", (a, b, p), f"add {name}")
+        check_op("add", (a, b, p), f"add {name}")
     # fused into the conv epilogue (conv output = a): both arithmetic paths
     x = rand_act((2, 5, 5, 4), torch.int8).contiguous(memory_format=CL)
     w = torch.randint(-127, 128, (6, 5, 3, 3), dtype=torch.int8)
