@@ -30,3 +30,14 @@ def _seed(request):
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small tensors and images gain nothing from threads, and
+    on a loaded 2-core machine two threads per process made such tests several times slower.
+    Request it (``usefixtures``, or from an autouse fixture of a directory's conftest)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,12 +18,10 @@ from gpuquant.quantization import disable_observer, quantize, quantize_qat  # no
 
 
 @pytest.fixture(autouse=True)
-def _fast_interpreter(monkeypatch):
+def _fast_interpreter(monkeypatch, one_thread):
     """One torch thread (nothing to gain on small images), and the interpreter's int32
     overflow sanitizer off for these whole-network runs: it re-does every integer add in
     int64 and asserts, half of the interpreted time; the op-level tests keep it on."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
         import functools
 
@@ -32,8 +30,6 @@ def _fast_interpreter(monkeypatch):
             interpreter.InterpreterOptions, sanitize_overflow=False))
     except (ImportError, AttributeError):  # another Triton: run with its defaults
         pass
-    yield
-    torch.set_num_threads(n)
 
 
 def _int8(name, in_ch, size):

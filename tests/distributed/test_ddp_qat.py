@@ -37,13 +37,9 @@ STEPS = 4
 
 # --------------------------------------------------------------------------- helpers
 @pytest.fixture(autouse=True)
-def _one_thread():
+def _one_thread(one_thread):
     """The in-process reference runs single-threaded, like the workers (tiny tensors: extra
     threads only cost time on a loaded CI machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _data(steps: int, seed: int = 1234):

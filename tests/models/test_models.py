@@ -8,6 +8,8 @@ import gpuquant.nn.quantized as qnn
 from gpuquant.quantization import disable_observer, quantize, quantize_qat
 from tests.int8_vs_qat import capture, check_modules
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small images: threads only cost
+
 # torchvision.models.{resnet18,resnet50,mobilenet_v2}(num_classes=1000) parameter counts
 TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032,
                       "mobilenet_v2": 3_504_872}
@@ -17,16 +19,6 @@ TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032,
 def test_parameter_counts_match_torchvision(name):
     model = getattr(M, name)()
     assert sum(p.numel() for p in model.parameters()) == TORCHVISION_PARAMS[name]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These small-image passes gain nothing from threads; on a loaded 2-core machine two
-    threads per process made them several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name,size", [("resnet18", 32), ("resnet50", 32),
