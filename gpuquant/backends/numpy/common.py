@@ -55,7 +55,7 @@ class WeightCache:
 
     def get(self, w: torch.Tensor, kind: str, build):
         key = (id(w), kind)
-        sig = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w._version, w.dtype)
+        sig = (w.data_ptr(), w.shape, w.stride(), w._version, w.dtype)
         with self._lock:
             hit = self._d.get(key)
         if hit is not None and hit[0] == sig and hit[1]() is w:

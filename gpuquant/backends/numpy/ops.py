@@ -51,13 +51,12 @@ def conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq):
 
 
 def linear(x, x_zp, w, bias, rq):
-    k = x.shape[-1]
     n = w.shape[0]
-    lead = x.shape[:-1]
     pw = common.WEIGHTS.get(w, "linear", lambda: _gemm._pack_linear(w))
-    out = _gemm.linear_rows(common.to_numpy(x.reshape(-1, k)), int(x_zp), pw,
+    xa = common.to_numpy(x)  # NumPy reshapes: a torch reshape costs ~2 us each way
+    out = _gemm.linear_rows(xa.reshape(-1, xa.shape[-1]), int(x_zp), pw,
                             Params.from_requant(rq), _bias(bias))
-    return torch.from_numpy(out).reshape(*lead, n)
+    return torch.from_numpy(out.reshape(xa.shape[:-1] + (n,)))
 
 
 def _views(*ts):
