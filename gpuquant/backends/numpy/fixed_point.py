@@ -93,9 +93,11 @@ class Params:
         whatever the sign of ``d``, as in the unfolded form) or ``d = 0``. Error bound for
         every element whose exact ``V`` lies near ``[lo, hi]`` (``|X| <= big``), with
         ``B = max |b r|`` (so ``|acc r| <= big + B``): the rounded ``r32`` and the product
-        ``2 eps (big + B)``, the constant ``eps (B + |zp| + 1)``, the final add
-        ``eps (max(|lo|, |hi|) + 1)``; ``w`` takes 4 (big + B) + ... with a 25% margin, as
-        the unfolded bound. A large ``B`` (a bias that cancels a huge accumulator) falls back.
+        ``(2 eps + 2^-53 + eps^2) (big + B)`` (a float64 ``acc`` is multiplied in float64,
+        then rounded once more to float32), the constant ``eps (B + |zp| + 1)``, the final
+        add ``eps (max(|lo|, |hi|) + 2)``; ``w`` takes 2 (big + B) + B + max(|lo|, |hi|) +
+        |zp| + 4 with a 25% margin (the 2^-53 and eps^2 terms are far inside it). A large
+        ``B`` (a bias that cancels a huge accumulator) falls back to the unfolded form.
         """
         if not self.float_ok32 or not (self.lo >= self.zp or not self.has_d):
             return None
@@ -111,7 +113,7 @@ class Params:
             bmax = float(np.abs(br).max(initial=0.0)) * (1.0 + 2.0 ** -40)
         res = None
         if bmax <= 2.0 ** 16:
-            w = 1.25 * _EPS32 * (4.0 * (self.big + bmax) + bmax + max(abs(self.lo), abs(self.hi))
+            w = 1.25 * _EPS32 * (2.0 * (self.big + bmax) + bmax + max(abs(self.lo), abs(self.hi))
                                  + abs(self.zp) + 4.0)
             if w < 2.0 ** -8:
                 thr = np.float32(0.5 - w)
