@@ -23,7 +23,8 @@ import torch
 
 from .common import LAUNCH_OPTS, arch_family, derived
 from .gemm import (INTERPRET_TILE, _OUT_MODES, _config, epilogue_scalars, epilogue_tensors,
-                   interpret_meta, output_dtype, prune_configs, qgemm, quant_epilogue)
+                   grouped_tile, interpret_meta, output_dtype, prune_configs, qgemm,
+                   quant_epilogue)
 
 __all__ = ["qconv2d", "conv_configs", "conv_out_size"]
 
@@ -50,14 +51,7 @@ def _qconv_kernel(
     """X (Nb, H, W, C) int8/uint8 (strides given), W (O, KH*KW*Cg) int8 -> Y (M, O)."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

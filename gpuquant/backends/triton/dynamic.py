@@ -24,7 +24,8 @@ import triton.language as tl
 
 from ..reference_dynamic import EPS
 from .common import LAUNCH_OPTS, arch_family
-from .gemm import OUT_SCALED, _gemm_kernel, interpret_meta
+from .gemm import (OUT_SCALED, _config, _gemm_kernel, bf16_rne, grouped_tile,
+                   interpret_meta)
 
 __all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]
 
@@ -150,16 +151,7 @@ def _linear_weight_only_kernel(
 ):
     """c = (a @ b^T) * b_scale[n] (+ bias[n]): a float16/bfloat16/float32 (M, K), b int8
     (N, K) converted to a's dtype in registers (exact), float32 accumulator, c a's dtype."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # grouped order: GROUP_M row blocks share each column block of W while it is in L2
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -194,12 +186,8 @@ def _linear_weight_only_kernel(
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         y = y + bias[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    if BF16_RNE_BITS:
-        # the interpreter truncates float32 -> bfloat16; the GPU's cvt rounds half to even,
-        # which this reproduces on the bits (NaN and Inf stay NaN and Inf)
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    if BF16_RNE_BITS:  # under the interpreter: the GPU's cvt.rn on the bits
+        out = bf16_rne(y)
     else:
         out = y.to(c_ptr.dtype.element_ty)
     tl.store(c_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
@@ -214,12 +202,6 @@ _WO_TILES = [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 256, 1, 4,
              (64, 64, 128, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 4, 3),
              (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3)]
 _WO_INTERPRET_TILE = (16, 32, 32, 4, 4, 1)  # one small tile: every tile is numpy work there
-
-
-def _wo_config(t):
-    bm, bn, bk, gm, nw, ns = t
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
-                         num_warps=nw, num_stages=ns)
 
 
 def _wo_prune(configs, named_args, **kwargs):
@@ -239,7 +221,7 @@ def _weight_only_kernel(interpret: bool):
         heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(
             _linear_weight_only_kernel)
         k = heur if interpret else triton.autotune(
-            configs=[_wo_config(t) for t in _WO_TILES], key=["M", "N", "K"],
+            configs=[_config(t) for t in _WO_TILES], key=["M", "N", "K"],
             prune_configs_by={"early_config_prune": _wo_prune})(heur)
         _WO_KERNELS[interpret] = k
     return k

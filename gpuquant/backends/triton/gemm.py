@@ -40,6 +40,31 @@ _E_ZP, _E_QMIN, _E_QMAX, _E_SHIFT, _E_AZP, _E_AM, _E_AS, _E_BZP, _E_BM, _E_BS, \
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: GROUP_M row blocks share their
+    column (W) tiles while those are in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def bf16_rne(y):
+    """float32 -> bfloat16 rounding half to even on the bits (NaN and Inf stay NaN and Inf):
+    the GPU's cvt.rn; the interpreter's own conversion truncates."""
+    bits = y.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _residual_add(y, r, EPI, MODE: tl.constexpr):
     z = add_values_fast(y, r, tl.load(EPI + 3), tl.load(EPI + 4), tl.load(EPI + 5),
                         tl.load(EPI + 6), tl.load(EPI + 7), tl.load(EPI + 8),
@@ -114,9 +139,7 @@ def scaled_epilogue(acc, offs_m, offs_n, mask_m, mask_n, COL_SCALE, ROW_SCALE, F
         y = y + tl.load(FBIAS + offs_n, mask=mask_n, other=0.0)[None, :]
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if Y.dtype.element_ty == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        out = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = bf16_rne(y)
     else:
         out = y.to(Y.dtype.element_ty)
     tl.store(y_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
@@ -139,16 +162,7 @@ def _qgemm_kernel(
     GROUP_M: tl.constexpr,
 ):
     """X (M, K) int8/uint8, W (N, K) int8 -> Y (M, N) int8/uint8, float32 or int32."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: GROUP_M row blocks share their W tiles in L2
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
