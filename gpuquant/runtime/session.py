@@ -194,7 +194,9 @@ class Session:
                                f"DequantizeLinear and QuantizeLinear, Flatten, Reshape)")
         getattr(self, f"_plan_{op}")(n, self._attrs(n))
 
-    def _plan_Conv(self, n, a):
+    def _weighted(self, n):
+        """Conv / Gemm: (input name, input zero point, int8 weight, int64 bias or None,
+        output name, requantization params from ``s_x * s_w / s_y``)."""
         xq, sx, zx = self._view(n.input[0], n)
         w, sw = self._dq_const(n.input[1], n)
         b = None
@@ -202,6 +204,10 @@ class Session:
             b = self._dq_const(n.input[2], n)[0].astype(np.int64)
         act, out, sy, zy, dt = self._tail(n)
         p = _requant_params(np.float64(sx) * sw.astype(np.float64) / float(sy), zy, dt, act, sy)
+        return xq, zx, w, b, out, p
+
+    def _plan_Conv(self, n, a):
+        xq, zx, w, b, out, p = self._weighted(n)
         pads = list(a.get("pads", [0, 0, 0, 0]))
         if pads[:2] != pads[2:]:
             raise self._err(n, f"asymmetric pads {pads}")
@@ -214,13 +220,7 @@ class Session:
         if a.get("transB", 0) != 1 or a.get("transA", 0) != 0 or a.get("alpha", 1.0) != 1.0 \
                 or a.get("beta", 1.0) != 1.0:
             raise self._err(n, "only Gemm(x, W, b) with transB=1 (a Linear layer) is supported")
-        xq, sx, zx = self._view(n.input[0], n)
-        w, sw = self._dq_const(n.input[1], n)
-        b = None
-        if len(n.input) > 2 and n.input[2]:
-            b = self._dq_const(n.input[2], n)[0].astype(np.int64)
-        act, out, sy, zy, dt = self._tail(n)
-        p = _requant_params(np.float64(sx) * sw.astype(np.float64) / float(sy), zy, dt, act, sy)
+        xq, zx, w, b, out, p = self._weighted(n)
         pw = _gemm.pack_linear(np.ascontiguousarray(w, np.int8))
         self._steps.append(("linear", xq, out, zx, pw, b, p))
 
