@@ -295,6 +295,16 @@ class _LearnedBase(FakeQuantBase):
         qparams.check_tensor(x)
         return qparams
 
+    def _prepare(self, x: torch.Tensor, qparams, learned: str) -> Optional[int]:
+        """Start of ``forward``: check ``x``, initialise on first use (from ``qparams`` or the
+        data), check the channels of the parameter ``learned``; returns the resolved axis."""
+        self._check_input(x)
+        axis = self._resolve_axis(x)
+        if not self._initialized:
+            self._initialize(x, axis, self._usable_qparams(qparams, x))
+        self._check_channels(x, axis, getattr(self, learned))
+        return axis
+
     def _set(self, name: str, value: torch.Tensor) -> None:
         p = getattr(self, name)
         p.data = value.detach().to(p.device, torch.float32).reshape(
@@ -377,11 +387,7 @@ class LSQ(_LearnedBase):
     def forward(self, x: torch.Tensor, qparams: Optional[QParams] = None) -> torch.Tensor:
         if not self.enabled:
             return x
-        self._check_input(x)
-        axis = self._resolve_axis(x)
-        if not self._initialized:
-            self._initialize(x, axis, self._usable_qparams(qparams, x))
-        self._check_channels(x, axis, self.scale)
+        axis = self._prepare(x, qparams, "scale")
         d = self.dtype
         n = x.numel() if axis is None else x.numel() // max(x.shape[axis], 1)
         g = 1.0 / math.sqrt(max(n, 1) * d.qmax) if self.grad_scaling else 1.0
@@ -432,11 +438,7 @@ class TQT(_LearnedBase):
     def forward(self, x: torch.Tensor, qparams: Optional[QParams] = None) -> torch.Tensor:
         if not self.enabled:
             return x
-        self._check_input(x)
-        axis = self._resolve_axis(x)
-        if not self._initialized:
-            self._initialize(x, axis, self._usable_qparams(qparams, x))
-        self._check_channels(x, axis, self.log2_t)
+        axis = self._prepare(x, qparams, "log2_t")
         return tqt_fake_quant(x, self.log2_t, self.dtype.qmin, self.dtype.qmax, axis)
 
     def get_qparams(self) -> Optional[QParams]:
