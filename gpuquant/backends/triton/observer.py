@@ -76,6 +76,21 @@ def _minmax_partial_kernel(
 
 
 @triton.jit
+def _reduce_partials(part_ptr, split, C, c, cm, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(min, max) over the ``split`` partials of channels ``c`` (mask ``cm``) in part f32
+    (2, split, C)."""
+    vmin = tl.full((BLOCK_S, BLOCK_C), _INF, tl.float32)
+    vmax = tl.full((BLOCK_S, BLOCK_C), _NINF, tl.float32)
+    for s0 in range(0, split, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        m = (sp < split)[:, None] & cm[None, :]
+        off = sp.to(tl.int64)[:, None] * C + c[None, :]
+        vmin = tl.minimum(vmin, tl.load(part_ptr + off, mask=m, other=_INF))
+        vmax = tl.maximum(vmax, tl.load(part_ptr + split * C + off, mask=m, other=_NINF))
+    return tl.min(vmin, axis=0), tl.max(vmax, axis=0)
+
+
+@triton.jit
 def _observer_update_kernel(
     # pointers
     part_ptr, mn_ptr, mx_ptr, ok_ptr, min_ptr, max_ptr, scale_ptr, inv_ptr, zp_ptr, bad_ptr,
@@ -96,16 +111,7 @@ def _observer_update_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
         if FROM_PARTIALS:
-            vmin = tl.full((BLOCK_S, BLOCK_C), _INF, tl.float32)
-            vmax = tl.full((BLOCK_S, BLOCK_C), _NINF, tl.float32)
-            for s0 in range(0, split, BLOCK_S):
-                sp = s0 + tl.arange(0, BLOCK_S)
-                m = (sp < split)[:, None] & cm[None, :]
-                off = sp.to(tl.int64)[:, None] * C + c[None, :]
-                vmin = tl.minimum(vmin, tl.load(part_ptr + off, mask=m, other=_INF))
-                vmax = tl.maximum(vmax, tl.load(part_ptr + split * C + off, mask=m, other=_NINF))
-            mn = tl.min(vmin, axis=0)
-            mx = tl.max(vmax, axis=0)
+            mn, mx = _reduce_partials(part_ptr, split, C, c, cm, BLOCK_S, BLOCK_C)
         else:
             mn = tl.load(mn_ptr + c, mask=cm, other=0.0)
             mx = tl.load(mx_ptr + c, mask=cm, other=0.0)
@@ -158,16 +164,9 @@ def _minmax_reduce_kernel(
     the batch min/max and the update."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    vmin = tl.full((BLOCK_S, BLOCK_C), _INF, tl.float32)
-    vmax = tl.full((BLOCK_S, BLOCK_C), _NINF, tl.float32)
-    for s0 in range(0, split, BLOCK_S):
-        sp = s0 + tl.arange(0, BLOCK_S)
-        m = (sp < split)[:, None] & cm[None, :]
-        off = sp.to(tl.int64)[:, None] * C + c[None, :]
-        vmin = tl.minimum(vmin, tl.load(part_ptr + off, mask=m, other=_INF))
-        vmax = tl.maximum(vmax, tl.load(part_ptr + split * C + off, mask=m, other=_NINF))
-    tl.store(mn_ptr + c, tl.min(vmin, axis=0), mask=cm)
-    tl.store(mx_ptr + c, tl.max(vmax, axis=0), mask=cm)
+    mn, mx = _reduce_partials(part_ptr, split, C, c, cm, BLOCK_S, BLOCK_C)
+    tl.store(mn_ptr + c, mn, mask=cm)
+    tl.store(mx_ptr + c, mx, mask=cm)
 
 
 # --------------------------------------------------------------------------- launchers
