@@ -206,6 +206,7 @@ def requant_int64(acc: np.ndarray, p: Params, out: np.ndarray = None) -> np.ndar
 
 _EPS32 = 2.0 ** -24
 _CHUNK = 1 << 16
+_TILE_MAX_C = 512  # wider rows: broadcasting is nearly as fast and touches no extra memory
 
 
 def _mbqm_int(a: int, m: int, rshift: int) -> int:
@@ -346,7 +347,7 @@ def _requant_folded(acc2, p: Params, out2, bias, fold) -> None:
     u_buf = np.empty((n0, c), np.float32)
     y_buf = np.empty((n0, c), np.float32)
     lo, hi, nthr = np.float32(p.lo), np.float32(p.hi), -thr
-    if n0 >= 8:  # same-shape operands run as one flat loop (see Params.tiled)
+    if n0 >= 8 and c < _TILE_MAX_C:  # same-shape operands: one flat loop (Params.tiled)
         r_t, k_t = p.tiled("r", p.r32, n0, c), p.tiled("k", k32, n0, c)
     else:        # a few rows: broadcasting the (c,) vectors costs nothing, tiles would
         r_t, k_t = p.r32, k32
