@@ -68,6 +68,14 @@ PATTERN_KINDS = {"QuantStub": 1, "ConvBnRelu2d": 1, "ConvBn2d": 1, "Elemwise": 4
                  "LinearRelu": 1, "Linear": 1, "DequantStub": 1}
 
 
+def dropin_warnings(fn, *args, **kwargs):
+    """(``fn(*args, **kwargs)``, the messages of the DropInWarnings it gave)."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = fn(*args, **kwargs)
+    return out, [str(w.message) for w in rec if issubclass(w.category, DropInWarning)]
+
+
 def gnn_kinds(model):
     return Counter(type(m).__name__ for m in model.modules() if isinstance(m, gnn.Module))
 
@@ -148,10 +156,7 @@ def test_unsupported_parts_stay_float_with_one_warning():
     model = settle_bn(WithUnsupported(), torch.randn(8, 3, 7, 7))
     gate = model.gate
     x = torch.randn(2, 3, 7, 7)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        qat = quantize_qat(model, example_inputs=(x,))
-    msgs = [str(w.message) for w in rec if issubclass(w.category, DropInWarning)]
+    qat, msgs = dropin_warnings(quantize_qat, model, example_inputs=(x,))
     assert len(msgs) == 1, msgs
     msg = msgs[0]
     assert "2 part(s)" in msg and ".sort()" not in msg and "torch.sort" in msg
@@ -274,10 +279,7 @@ def test_shared_module_two_call_sites_and_multiple_inputs_outputs():
 
     model = Shared()
     a, b = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        qat = quantize_qat(model, example_inputs=(a, b))
-    msgs = [str(w.message) for w in rec if issubclass(w.category, DropInWarning)]
+    qat, msgs = dropin_warnings(quantize_qat, model, example_inputs=(a, b))
     assert len(msgs) == 1 and ".mean() in '<root>'" in msgs[0]
     assert type(qat.conv_1).__name__ == "ConvRelu2d" and type(qat.conv_2).__name__ == "Conv2d"
     assert qat.conv_1.weight is qat.conv_2.weight is model.conv.weight
@@ -358,10 +360,7 @@ def test_inplace_ops_functionalized():
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         want = model(x)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        gm = prepare_plain(copy.deepcopy(model), (x,))
-    msgs = [str(w.message) for w in rec if issubclass(w.category, DropInWarning)]
+    gm, msgs = dropin_warnings(prepare_plain, copy.deepcopy(model), (x,))
     assert len(msgs) == 1 and "1 part(s)" in msgs[0] and ".clamp()" in msgs[0]
     assert type(gm.conv) is gnn.ConvRelu2d  # y.relu_() fused into the convolution
     assert [m.method for m in gm.modules() if isinstance(m, gnn.Elemwise)] == ["add", "add"]
@@ -396,10 +395,8 @@ def test_spatial_mean_is_global_average_pooling(with_examples):
     x = torch.randn(2, 3, 6, 5)
     with torch.no_grad():
         want = model(x)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        gm = prepare_plain(copy.deepcopy(model), (x,) if with_examples else None)
-    msgs = [str(w.message) for w in rec if issubclass(w.category, DropInWarning)]
+    gm, msgs = dropin_warnings(prepare_plain, copy.deepcopy(model),
+                               (x,) if with_examples else None)
     # without example inputs the rank is unknown: negative dims are not taken for H, W
     parts = 1 if with_examples else 2
     assert len(msgs) == 1 and f"{parts} part(s)" in msgs[0] and ".mean() in '<root>'" in msgs[0]
