@@ -26,7 +26,19 @@ from .gemm import (INTERPRET_TILE, _OUT_MODES, _config, epilogue_scalars, epilog
                    grouped_tile, interpret_meta, output_dtype, prune_configs, qgemm,
                    quant_epilogue)
 
-__all__ = ["qconv2d", "conv_configs", "conv_out_size"]
+__all__ = ["qconv2d", "conv_configs", "conv_out_size", "window_origin"]
+
+
+@triton.jit
+def window_origin(pix, Ho, Wo, stride_h, stride_w, pad_h, pad_w):
+    """Output pixel index (image-major, then oh, ow) -> (image, top row, left column) of
+    its input window (negative inside the padding)."""
+    hw = Ho * Wo
+    img = pix // hw
+    rem = pix % hw
+    ih0 = (rem // Wo) * stride_h - pad_h
+    iw0 = (rem % Wo) * stride_w - pad_w
+    return img, ih0, iw0
 
 
 @triton.jit(do_not_specialize=["x_zp"])
@@ -59,12 +71,7 @@ def _qconv_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     # output pixel -> (image, oh, ow) -> top-left input coordinate
-    pix = offs_m % M
-    hw = Ho * Wo
-    img = pix // hw
-    rem = pix % hw
-    ih0 = (rem // Wo) * stride_h - pad_h
-    iw0 = (rem % Wo) * stride_w - pad_w
+    img, ih0, iw0 = window_origin(offs_m % M, Ho, Wo, stride_h, stride_w, pad_h, pad_w)
     x_img = X + img.to(tl.int64) * stride_xn + (g * Cg).to(tl.int64)
     oc = g * N + offs_n  # global output channel
     w_rows = W + (g * N + offs_n % N).to(tl.int64) * stride_wo

@@ -14,6 +14,7 @@ import triton.language as tl
 import torch
 
 from .common import LAUNCH_OPTS, arch_family, derived
+from .conv import window_origin
 from .gemm import _OUT_MODES, epilogue_scalars, epilogue_tensors, output_dtype, quant_epilogue
 
 __all__ = ["qdepthwise2d", "is_depthwise", "depthwise_configs"]
@@ -40,11 +41,7 @@ def _qdepthwise_kernel(
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < M
     mask_c = offs_c < O
-    hw = Ho * Wo
-    img = offs_p // hw
-    rem = offs_p % hw
-    ih0 = (rem // Wo) * stride_h - pad_h
-    iw0 = (rem % Wo) * stride_w - pad_w
+    img, ih0, iw0 = window_origin(offs_p, Ho, Wo, stride_h, stride_w, pad_h, pad_w)
     x_img = X + img.to(tl.int64) * stride_xn
     ic = (offs_c // CH_MULT).to(tl.int64) * stride_xc
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.int32)

@@ -18,6 +18,7 @@ import torch
 
 from .common import INTERPRET, LAUNCH_OPTS, derived, scalar_int
 from .fixed_point import add_values_fast, requantize_i32, requantize_values
+from .conv import window_origin
 from .gemm import epilogue_scalars, residual_mode
 
 __all__ = ["OPS"]
@@ -166,11 +167,7 @@ def _pool_kernel(X, Y, M, C, H, W, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < M
     mask_c = offs_c < C
-    hw = Ho * Wo
-    img = offs_p // hw
-    rem = offs_p % hw
-    hs = (rem // Wo) * stride_h - pad_h
-    ws = (rem % Wo) * stride_w - pad_w
+    img, hs, ws = window_origin(offs_p, Ho, Wo, stride_h, stride_w, pad_h, pad_w)
     x_img = X + img.to(tl.int64) * stride_xn
     cofs = offs_c.to(tl.int64) * stride_xc
     if IS_MAX:
