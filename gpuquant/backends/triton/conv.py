@@ -22,7 +22,7 @@ import triton.language as tl
 import torch
 
 from .common import LAUNCH_OPTS, arch_family, derived
-from .gemm import (INTERPRET_TILE, _OUT_MODES, _config, epilogue_scalars, epilogue_tensors,
+from .gemm import (_OUT_MODES, epilogue_scalars, epilogue_tensors, family_configs,
                    grouped_tile, interpret_meta, output_dtype, prune_configs, qgemm,
                    quant_epilogue)
 
@@ -132,12 +132,7 @@ _CONV_TILES["generic"] = _CONV_TILES["sm89"]
 
 def conv_configs(family: str):
     """Autotune configs of the implicit-GEMM conv kernel for an architecture family."""
-    if family == "interpret":
-        return [_config(INTERPRET_TILE)]
-    if family not in _CONV_TILES:
-        raise ValueError(f"unknown architecture family {family!r}; known: "
-                         f"{sorted(_CONV_TILES)} and 'interpret'")
-    return [_config(t) for t in _CONV_TILES[family]]
+    return family_configs(_CONV_TILES, family)
 
 
 _TUNED = {}

@@ -223,14 +223,20 @@ def _config(t):
                          num_warps=nw, num_stages=ns)
 
 
-def gemm_configs(family: str):
-    """Autotune configs of the GEMM kernel for an architecture family."""
+def family_configs(tiles: dict, family: str):
+    """Configs of ``tiles[family]`` (one tile per config); the interpreter's one tile for
+    ``"interpret"``."""
     if family == "interpret":
         return [_config(INTERPRET_TILE)]
-    if family not in _GEMM_TILES:
+    if family not in tiles:
         raise ValueError(f"unknown architecture family {family!r}; known: "
-                         f"{sorted(_GEMM_TILES)} and 'interpret'")
-    return [_config(t) for t in _GEMM_TILES[family]]
+                         f"{sorted(tiles)} and 'interpret'")
+    return [_config(t) for t in tiles[family]]
+
+
+def gemm_configs(family: str):
+    """Autotune configs of the GEMM kernel for an architecture family."""
+    return family_configs(_GEMM_TILES, family)
 
 
 def _next_pow2(v: int) -> int:
