@@ -33,5 +33,6 @@ def is_available():
 def __getattr__(name):
     if name == "OPS":  # the torch-facing ops (imports torch)
         from .ops import OPS
+        globals()["OPS"] = OPS  # later lookups skip __getattr__ and the import machinery
         return OPS
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
