@@ -11,7 +11,10 @@ Providers (same data, interleaved):
 * ``gpuquant-triton``: the backend's ``conv2d`` op on channels_last int8 activations with a
   per-channel requantizing epilogue, int8 out (the kernel a quantized ConvBn2d runs);
 * ``torch-bf16``: ``torch.nn.functional.conv2d`` in bfloat16, channels_last (cuDNN; the
-  baseline, what a user would run instead).
+  baseline, what a user would run instead);
+* ``gpuquant-cupy-<tier>``: the CuPy backend's ``conv2d`` (hand-written CUDA, ``kernels/``)
+  with each tier forced (dp4a, mma75, mma80, sm90); tiers the GPU cannot run, or no CuPy,
+  report unavailable.
 
 Throughput: TOPS = 2 N Ho Wo O (C / groups) KH KW / time. Target (issue 6): ``all``
 >= 1.5x faster than ``torch-bf16``.
@@ -140,13 +143,20 @@ def _check(layers, outs):
     return True
 
 
+def _cupy_providers():
+    from ...backends.cupy.bench import tier_providers
+    return tier_providers("conv2d", check=_check, args_of=lambda layers: [
+        (L["x"], L["zp"], L["w"], L["bias"], (L["spec"].stride,) * 2, (L["spec"].pad,) * 2,
+         (1, 1), 1, L["rq"]) for L in layers])
+
+
 def make_case(layer: str, specs: List[ConvSpec], batch: int, device: str,
               model: str = "resnet50") -> Case:
     total_ops = sum(s.ops(batch) for s in specs)
     return Case(params={"model": model, "batch": batch, "layer": layer},
                 inputs=make_inputs(specs, batch, device),
                 providers={"gpuquant-triton": Provider(_triton, _check),
-                           "torch-bf16": Provider(_bf16)},
+                           "torch-bf16": Provider(_bf16), **_cupy_providers()},
                 throughput=lambda p, ms, t=total_ops: (t / (ms * 1e-3) / 1e12, "TOPS"))
 
 

@@ -13,7 +13,10 @@ Providers (same int8 operands, interleaved):
   (``linear_int32``), to price the epilogue;
 * ``torch-int-mm``: ``torch._int_mm(x, w.t())`` (cuBLASLt int8 -> int32; the baseline);
   unavailable where it refuses the shape (m <= 16, k or n not a multiple of 8);
-* ``torch-bf16``: ``x_bf16 @ w_bf16.t()`` (what a user would run instead of int8).
+* ``torch-bf16``: ``x_bf16 @ w_bf16.t()`` (what a user would run instead of int8);
+* ``gpuquant-cupy-<tier>``: the CuPy backend's ``linear`` (hand-written CUDA, ``kernels/``)
+  with each tier forced (dp4a, mma75, mma80, sm90; m <= 8 runs its GEMV kernel on every tier);
+  tiers the GPU cannot run, or no CuPy, report unavailable.
 
 Throughput: TOPS = 2 m n k / time (int8 ops for the int8 providers, bf16 FLOPs for
 ``torch-bf16``). Targets (issue 6) at m, n, k >= 4096: ``gpuquant-triton`` >= 1.0x
@@ -138,6 +141,12 @@ def _bf16(inp):
     return lambda: xb @ wb.t()
 
 
+def _cupy_providers() -> Dict[str, Provider]:
+    from ...backends.cupy.bench import tier_providers
+    return tier_providers("linear", check=_check_requant,
+                          args_of=lambda inp: (inp["x"], 0, inp["w"], inp["bias"], inp["rq"]))
+
+
 def _throughput(p, ms):
     return 2.0 * p["m"] * p["n"] * p["k"] / (ms * 1e-3) / 1e12, "TOPS"
 
@@ -148,7 +157,7 @@ def make_case(m: int, n: int, k: int, device: str) -> Case:
                 providers={"gpuquant-triton": Provider(_triton_requant, _check_requant),
                            "gpuquant-triton-bare": Provider(_triton_bare, _check_bare),
                            "torch-int-mm": Provider(_int_mm, _check_int_mm),
-                           "torch-bf16": Provider(_bf16)},
+                           "torch-bf16": Provider(_bf16), **_cupy_providers()},
                 throughput=_throughput)
 
 
