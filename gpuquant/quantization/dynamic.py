@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 
 from ..dtypes import get_dtype, qint8, qint8_narrow
-from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, max_in_features
+from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
 from ..nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
 from ..nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
                                            WeightOnlyLinear, _Int8WeightLinear)
@@ -160,12 +160,8 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
     if dtype is getattr(torch, "qint8", None):  # the name PyTorch users pass: same range
         dtype = qint8
     ad, wd = get_dtype(dtype), get_dtype(weight_dtype)
-    if ad not in ACT_DTYPES:
-        raise ValueError(f"{fn}: dtype must be one of {[d.name for d in ACT_DTYPES]}, got "
-                         f"{ad.name}")
-    if wd not in WEIGHT_DTYPES:
-        raise ValueError(f"{fn}: weight_dtype must be one of {[d.name for d in WEIGHT_DTYPES]}, "
-                         f"got {wd.name}")
+    _check_dtype(ad, ACT_DTYPES, f"{fn}: dtype")
+    _check_dtype(wd, WEIGHT_DTYPES, f"{fn}: weight_dtype")
     if not isinstance(weight_only, bool):
         raise TypeError(f"{fn}: weight_only must be a bool, got {type(weight_only).__name__}")
     if not inplace:

@@ -32,8 +32,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..dtypes import get_dtype, qint8, qint8_narrow
-from ..functional.dynamic import ACT_DTYPES, max_in_features
+from ..dtypes import qint8, qint8_narrow
+from ..functional.dynamic import ACT_DTYPES, _check_dtype, max_in_features
 from ..nn.quantized.linear_dynamic import StaticActLinear
 
 __all__ = ["SmoothedLinear", "calibrate_linear_inputs", "smoothing_factors", "smooth_quant",
@@ -236,9 +236,7 @@ def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.T
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    ad = get_dtype(dtype)
-    if ad not in ACT_DTYPES:
-        raise ValueError(f"dtype must be one of {[d.name for d in ACT_DTYPES]}, got {ad.name}")
+    ad = _check_dtype(dtype, ACT_DTYPES, "dtype")
     if not inplace:
         model = copy.deepcopy(model)
     for name, lin in list(_linears(model, filter_fn)):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ...backends.reference_dynamic import EPS
 from ...dtypes import get_dtype, qint8, qint8_narrow
-from ...functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, max_in_features
+from ...functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
 from ...functional.quant import fake_quant
 from ...qparams import QParams
 from ..module import Module
@@ -46,9 +46,7 @@ def fake_quant_per_token(x: torch.Tensor, dtype=qint8) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"fake_quant_per_token: x must be a float tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
-    d = get_dtype(dtype)
-    if d not in ACT_DTYPES:
-        raise ValueError(f"dtype must be one of {[a.name for a in ACT_DTYPES]}, got {d.name}")
+    d = _check_dtype(dtype, ACT_DTYPES, "dtype")
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"fake_quant_per_token: x needs a non-empty last dimension, got shape "
                          f"{tuple(x.shape)}")
@@ -99,12 +97,8 @@ class DynamicLinear(torch.nn.Linear, Module):
 
     def _init_dynamic(self, act_dtype, weight_dtype, weight_only):
         ad, wd = get_dtype(act_dtype), get_dtype(weight_dtype)
-        if ad not in ACT_DTYPES:
-            raise ValueError(f"act_dtype must be one of {[d.name for d in ACT_DTYPES]}, got "
-                             f"{ad.name}")
-        if wd not in WEIGHT_DTYPES:
-            raise ValueError(f"weight_dtype must be one of {[d.name for d in WEIGHT_DTYPES]}, got "
-                             f"{wd.name}")
+        _check_dtype(ad, ACT_DTYPES, "act_dtype")
+        _check_dtype(wd, WEIGHT_DTYPES, "weight_dtype")
         if not isinstance(weight_only, bool):
             raise TypeError(f"weight_only must be a bool, got {type(weight_only).__name__}")
         if not weight_only and self.in_features > max_in_features(ad, wd):

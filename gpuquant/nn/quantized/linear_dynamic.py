@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from ...backends.reference_dynamic import EPS
 from ...backends.registry import get_op
 from ...dtypes import QuantDtype, get_dtype, qint8, qint8_narrow
-from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, linear_dynamic, linear_weight_only,
+from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, linear_dynamic,
+                                   linear_weight_only,
                                    max_in_features, quantize_per_token)
 from ..module import Module
 
@@ -57,10 +58,7 @@ def quantize_weight_per_channel(weight: torch.Tensor, dtype=qint8_narrow, scale=
         raise TypeError(f"weight must be a 2-D float tensor, got "
                         f"{getattr(weight, 'dtype', type(weight).__name__)} "
                         f"{tuple(getattr(weight, 'shape', ()))}")
-    d = get_dtype(dtype)
-    if d not in WEIGHT_DTYPES:
-        raise ValueError(f"weight dtype must be one of {[w.name for w in WEIGHT_DTYPES]}, got "
-                         f"{d.name}")
+    d = _check_dtype(dtype, WEIGHT_DTYPES, "weight dtype")
     if bool(torch.isnan(weight).any()) or bool(torch.isinf(weight).any()):
         raise ValueError("weight contains NaN or Inf, which have no int8 value")
     s = per_channel_weight_scale(weight, d) if scale is None else scale.detach().to(torch.float32)
@@ -87,10 +85,7 @@ class _Int8WeightLinear(Module):
         for v, what in ((in_features, "in_features"), (out_features, "out_features")):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{what} must be an int >= 1, got {v!r}")
-        wd = get_dtype(weight_dtype)
-        if wd not in WEIGHT_DTYPES:
-            raise ValueError(f"weight_dtype must be one of {[d.name for d in WEIGHT_DTYPES]}, got "
-                             f"{wd.name}")
+        wd = _check_dtype(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
         self.in_features, self.out_features, self.weight_dtype = in_features, out_features, wd
         self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.int8,
                                                    device=device))
@@ -189,10 +184,7 @@ class DynamicLinear(_Int8WeightLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act_dtype=qint8,
                  weight_dtype=qint8_narrow, device=None):
         super().__init__(in_features, out_features, bias, weight_dtype, device)
-        ad = get_dtype(act_dtype)
-        if ad not in ACT_DTYPES:
-            raise ValueError(f"act_dtype must be one of {[d.name for d in ACT_DTYPES]}, got "
-                             f"{ad.name}")
+        ad = _check_dtype(act_dtype, ACT_DTYPES, "act_dtype")
         self.act_dtype = ad
         k_max = max_in_features(ad, self.weight_dtype)
         if in_features > k_max:
