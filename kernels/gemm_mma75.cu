@@ -12,16 +12,4 @@
 #define GQ_STAGES 2
 #include "mma_tile.cuh"
 
-extern "C" __global__ void __launch_bounds__(GQ_MMA_THREADS)
-gq_gemm_mma75(const signed char* __restrict__ a, const signed char* __restrict__ w,
-              const gq_i64* __restrict__ bias_eff, const int* __restrict__ mult,
-              const int* __restrict__ rshift, unsigned char* __restrict__ out,
-              int M, int N, int K, int a_xor, int zero_point, int qmin, int qmax) {
-  GqGemmChunkA al;
-  al.a = a;
-  al.M = M;
-  al.K = K;
-  al.base = 0;
-  al.valid = false;
-  gq_mma_tile(al, w, bias_eff, mult, rshift, out, M, N, K, N, 0, a_xor, zero_point, qmin, qmax);
-}
+GQ_MMA_GEMM_KERNEL(gq_gemm_mma75)

@@ -275,3 +275,44 @@ __device__ void gq_mma_tile(ALoader al, const signed char* __restrict__ w,
     }
   }
 }
+
+// The entry points of the mma tiers. Each tier file sets GQ_CP_ASYNC / GQ_MMA_16832 /
+// GQ_STAGES, includes this header and names its kernels with these two macros, so the tiers
+// differ only in those settings.
+#define GQ_MMA_GEMM_KERNEL(NAME) \
+extern "C" __global__ void __launch_bounds__(GQ_MMA_THREADS) \
+NAME(const signed char* __restrict__ a, const signed char* __restrict__ w, \
+              const gq_i64* __restrict__ bias_eff, const int* __restrict__ mult, \
+              const int* __restrict__ rshift, unsigned char* __restrict__ out, \
+              int M, int N, int K, int a_xor, int zero_point, int qmin, int qmax) { \
+  GqGemmChunkA al; \
+  al.a = a; \
+  al.M = M; \
+  al.K = K; \
+  al.base = 0; \
+  al.valid = false; \
+  gq_mma_tile(al, w, bias_eff, mult, rshift, out, M, N, K, N, 0, a_xor, zero_point, qmin, qmax); \
+}
+
+#define GQ_MMA_CONV_KERNEL(NAME) \
+extern "C" __global__ void __launch_bounds__(GQ_MMA_THREADS) \
+NAME(const signed char* __restrict__ x, const signed char* __restrict__ w, \
+              const gq_i64* __restrict__ bias_eff, const int* __restrict__ mult, \
+              const int* __restrict__ rshift, unsigned char* __restrict__ out, \
+              int M, int og, int Kg, int a_xor, int zero_point, int qmin, int qmax, \
+              int H, int W, int C, int cg, int ho, int wo, int kw, int sh, int sw, int ph, \
+              int pw, int dh, int dw, int pad_byte) { \
+  GqConvChunkA al; \
+  al.x = x; \
+  al.g.H = H; al.g.W = W; al.g.C = C; al.g.cg = cg; al.g.ho = ho; al.g.wo = wo; \
+  al.g.kw = kw; al.g.sh = sh; al.g.sw = sw; al.g.ph = ph; al.g.pw = pw; al.g.dh = dh; \
+  al.g.dw = dw; \
+  al.M = M; \
+  al.K = Kg; \
+  al.group = blockIdx.z; \
+  al.pad_word = 0x01010101u * ((unsigned)pad_byte & 0xffu); \
+  al.img = al.ih0 = al.iw0 = 0; \
+  al.valid = false; \
+  gq_mma_tile(al, w, bias_eff, mult, rshift, out, M, og, Kg, og * gridDim.z, blockIdx.z, a_xor, \
+              zero_point, qmin, qmax); \
+}
