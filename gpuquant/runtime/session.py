@@ -273,26 +273,27 @@ class Session:
             raise self._err(n, "a pool's output must keep its input's qparams")
         return out
 
-    def _plan_MaxPool(self, n, a):
-        xq, sx, zx = self._view(n.input[0], n)
-        out = self._pool_tail(n, sx, zx)
+    def _pool_window(self, n, a):
+        """(kernel, strides, symmetric pads) of a MaxPool / AveragePool node."""
         pads = list(a.get("pads", [0, 0, 0, 0]))
         if pads[:2] != pads[2:]:
             raise self._err(n, f"asymmetric pads {pads}")
         k = tuple(a["kernel_shape"])
-        self._steps.append(("maxpool", xq, out, k, tuple(a.get("strides", k)), tuple(pads[:2]),
+        return k, tuple(a.get("strides", k)), tuple(pads[:2])
+
+    def _plan_MaxPool(self, n, a):
+        xq, sx, zx = self._view(n.input[0], n)
+        out = self._pool_tail(n, sx, zx)
+        k, strides, pads = self._pool_window(n, a)
+        self._steps.append(("maxpool", xq, out, k, strides, pads,
                             tuple(a.get("dilations", [1, 1])), bool(a.get("ceil_mode", 0))))
 
     def _plan_AveragePool(self, n, a):
         xq, sx, zx = self._view(n.input[0], n)
         out = self._pool_tail(n, sx, zx)
-        pads = list(a.get("pads", [0, 0, 0, 0]))
-        if pads[:2] != pads[2:]:
-            raise self._err(n, f"asymmetric pads {pads}")
-        k = tuple(a["kernel_shape"])
-        self._steps.append(("avgpool", xq, out, zx, k, tuple(a.get("strides", k)),
-                            tuple(pads[:2]), bool(a.get("ceil_mode", 0)),
-                            bool(a.get("count_include_pad", 0))))
+        k, strides, pads = self._pool_window(n, a)
+        self._steps.append(("avgpool", xq, out, zx, k, strides, pads,
+                            bool(a.get("ceil_mode", 0)), bool(a.get("count_include_pad", 0))))
 
     def _plan_GlobalAveragePool(self, n, a):
         xq, sx, zx = self._view(n.input[0], n)
