@@ -76,8 +76,13 @@ def _ctor_args(m, path: str) -> dict:
         args = {"input_dtype": d["input"]}
         args.update({k: lst(getattr(m, k)) for k in type(m)._ARGS})
         return args
+    if isinstance(m, (Q.ConvAdd, Q.ConvDequant)):
+        raise TypeError(f"gpuquant.save: module {path or '<root>'!r} ({type(m).__name__}) comes "
+                        f"from gpuquant.quantization.fuse_epilogues; save the model before "
+                        f"fusing and fuse again after gpuquant.load")
+    saved = [n for n in Q.__all__[1:] if n not in ("ConvAdd", "ConvDequant")]
     raise TypeError(f"gpuquant.save: module {path or '<root>'!r} ({type(m).__name__}) has no "
-                    f"saved form; supported quantized classes: {_quantized().__all__[1:]}")
+                    f"saved form; supported quantized classes: {saved}")
 
 
 def _tuples(v):

@@ -8,11 +8,11 @@ import sys as _sys
 import types as _types
 
 _LAZY = {"BACKEND_NAMES": ".registry", "auto_backend": ".registry", "available": ".registry",
-         "current": ".registry", "find_op": ".registry", "get_backend": ".registry",
+         "current": ".registry", "find_op": ".registry", "fused_op": ".registry", "get_backend": ".registry",
          "get_op": ".registry", "register": ".registry", "use": ".registry",
          "verify": ".verify"}
 
-__all__ = ["available", "use", "current", "get_backend", "get_op", "find_op", "register", "auto_backend",
+__all__ = ["available", "use", "current", "get_backend", "get_op", "find_op", "fused_op", "register", "auto_backend",
            "BACKEND_NAMES", "verify"]
 
 

@@ -29,8 +29,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["available", "use", "current", "get_backend", "get_op", "find_op", "register",
-           "auto_backend", "BACKEND_NAMES"]
+__all__ = ["available", "use", "current", "get_backend", "get_op", "find_op", "fused_op",
+           "register", "auto_backend", "BACKEND_NAMES"]
 
 log = logging.getLogger("gpuquant.backends")
 
@@ -173,6 +173,25 @@ def find_op(op: str, device) -> Optional[Callable]:
     for mod in _auto_candidates(dev):
         if op in mod.OPS:
             return mod.OPS[op]
+    return None
+
+
+def fused_op(op: str, base: str, device) -> Optional[Callable]:
+    """The fused op ``op`` (for example ``"conv2d_add"``) of the backend that :func:`get_op`
+    picks for its base op ``base`` (``"conv2d"``), or None where that backend has no such
+    kernel (the caller then composes the base ops; see :mod:`gpuquant.backends.fused`).
+    Unlike :func:`find_op` it never mixes backends: the fused kernel replaces the very op
+    that would have run. Wrapped for ``GPUQUANT_VERIFY=1`` as :func:`get_op` wraps."""
+    dev = _device_type(device)
+    name = _explicit()
+    if name is not None:
+        mod = get_backend(name)
+        fn = mod.OPS.get(op) if dev in mod.DEVICES else None
+        return None if fn is None else _verified(op, fn, name)
+    for mod in _auto_candidates(dev):
+        if base in mod.OPS:
+            fn = mod.OPS.get(op)
+            return None if fn is None else _verified(op, fn, mod.NAME)
     return None
 
 

@@ -27,6 +27,10 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from ..nn.quantized.fused import ConvAdd, ConvDequant
+from ..nn.quantized.module import QuantizedTracer
+from ..quantization.epilogue import unfuse_epilogues
+
 __all__ = ["to_onnx", "OPSET"]
 
 OPSET = 13
@@ -42,17 +46,6 @@ def _onnx():
         raise ImportError("gpuquant.export.to_onnx needs the onnx package: "
                           "pip install 'gpuquant[deploy]'") from e
     return onnx, helper, numpy_helper
-
-
-class _Tracer(torch.fx.Tracer):
-    """Quantized modules and every module without children are leaves (so an unsupported
-    layer shows up as one call, named in the error); containers are traced through."""
-
-    def is_leaf_module(self, m, qualname):
-        from ..nn.quantized.module import QuantizedModule
-        if isinstance(m, QuantizedModule) or next(m.children(), None) is None:
-            return True
-        return super().is_leaf_module(m, qualname)
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -214,7 +207,9 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
                          "with gpuquant.quantization.quantize first")
 
     try:
-        graph = _Tracer().trace(model)
+        if any(isinstance(m, (ConvAdd, ConvDequant)) for m in model.modules()):
+            model = unfuse_epilogues(model)  # fused modules export as their two ops
+        graph = QuantizedTracer().trace(model)
     except Exception as e:  # fx cannot follow data-dependent Python control flow
         raise NotImplementedError(f"to_onnx: torch.fx could not trace {type(model).__name__} "
                                   f"({type(e).__name__}: {e}); export needs forward code "

@@ -126,12 +126,13 @@ def check_accumulator_range(k, x_range, x_zero_point, w_absmax=128, bias_absmax=
 # =========================================================================== front-end ops
 # The integer ops of the quantized modules (gpuquant.nn.quantized): check dtypes, devices
 # and shapes, then call the current backend's op (signatures in gpuquant.backends.reference).
-from ..backends.registry import get_op  # noqa: E402
+from ..backends.fused import compose  # noqa: E402
+from ..backends.registry import fused_op, get_op  # noqa: E402
 from ..dtypes import QuantDtype  # noqa: E402
 from .requant import AddParams, Requant  # noqa: E402
 
 __all__ += ["conv2d", "linear", "add", "mul", "concat", "max_pool2d", "avg_pool2d",
-            "adaptive_avg_pool2d"]
+            "adaptive_avg_pool2d", "conv2d_add", "linear_add", "conv2d_dequant", "linear_dequant"]
 
 _ACT_DTYPES = (torch.int8, torch.uint8)
 
@@ -221,6 +222,37 @@ def _clamp_range(dtype: torch.dtype, qmin, qmax):
     return (lo if qmin is None else int(qmin)), (hi if qmax is None else int(qmax))
 
 
+def _conv_args(op, x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq,
+               w_absmax, bias_absmax):
+    """Checks of :func:`conv2d` (shared by the fused forms); returns the zero point, the
+    stride, padding and dilation pairs and the output shape ``(N, O, Ho, Wo)``."""
+    _check_nchw(x, op)
+    zp = _check_zp(x_zero_point, x.dtype, op)
+    _check_weight(weight, 4, op)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    o, cg, kh, kw = weight.shape
+    if x.shape[1] != cg * groups or o % groups:
+        raise ValueError(f"{op}: x has {x.shape[1]} channels, weight {tuple(weight.shape)} with "
+                         f"groups={groups} expects {cg * groups} (and O divisible by groups)")
+    _check_bias(bias, o, op)
+    _check_rq(rq, op, o)
+    _same_device(op, x, weight, bias)
+    stride = _pair(stride, "stride", op)
+    padding = _pair(padding, "padding", op, allow_zero=True)
+    dilation = _pair(dilation, "dilation", op)
+    eff_h, eff_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    if x.shape[2] + 2 * padding[0] < eff_h or x.shape[3] + 2 * padding[1] < eff_w:
+        raise ValueError(f"{op}: padded input {tuple(x.shape[2:])} + 2*{padding} is smaller than "
+                         f"the dilated kernel ({eff_h}, {eff_w})")
+    check_accumulator_range(cg * kh * kw, x.dtype, zp,
+                            weight if w_absmax is None else w_absmax,
+                            bias if bias_absmax is None else bias_absmax, op=op)
+    ho = (x.shape[2] + 2 * padding[0] - eff_h) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - eff_w) // stride[1] + 1
+    return zp, stride, padding, dilation, (x.shape[0], o, ho, wo)
+
+
 def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, groups=1, rq=None,
            *, w_absmax=None, bias_absmax=None):
     """Integer 2-D convolution: ``requant(sum((x - zp_x) * w) + bias)``.
@@ -244,30 +276,30 @@ def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, group
         TypeError: wrong dtypes or argument types.
         ValueError: shape, group or device mismatch; an accumulator that could overflow int32.
     """
-    op = "conv2d"
-    _check_nchw(x, op)
+    zp, stride, padding, dilation, _ = _conv_args(
+        "conv2d", x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq,
+        w_absmax, bias_absmax)
+    return get_op("conv2d", x)(x, zp, weight, bias, stride, padding, dilation, groups, rq)
+
+
+def _linear_args(op, x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax):
+    """Checks of :func:`linear` (shared by the fused forms); returns the zero point and the
+    output shape."""
+    _check_act(x, op)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension")
     zp = _check_zp(x_zero_point, x.dtype, op)
-    _check_weight(weight, 4, op)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
-    o, cg, kh, kw = weight.shape
-    if x.shape[1] != cg * groups or o % groups:
-        raise ValueError(f"{op}: x has {x.shape[1]} channels, weight {tuple(weight.shape)} with "
-                         f"groups={groups} expects {cg * groups} (and O divisible by groups)")
+    _check_weight(weight, 2, op)
+    o, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: x has {x.shape[-1]} features in its last dimension, weight "
+                         f"{tuple(weight.shape)} expects {k}")
     _check_bias(bias, o, op)
     _check_rq(rq, op, o)
     _same_device(op, x, weight, bias)
-    stride = _pair(stride, "stride", op)
-    padding = _pair(padding, "padding", op, allow_zero=True)
-    dilation = _pair(dilation, "dilation", op)
-    eff_h, eff_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    if x.shape[2] + 2 * padding[0] < eff_h or x.shape[3] + 2 * padding[1] < eff_w:
-        raise ValueError(f"{op}: padded input {tuple(x.shape[2:])} + 2*{padding} is smaller than "
-                         f"the dilated kernel ({eff_h}, {eff_w})")
-    check_accumulator_range(cg * kh * kw, x.dtype, zp,
-                            weight if w_absmax is None else w_absmax,
+    check_accumulator_range(k, x.dtype, zp, weight if w_absmax is None else w_absmax,
                             bias if bias_absmax is None else bias_absmax, op=op)
-    return get_op("conv2d", x)(x, zp, weight, bias, stride, padding, dilation, groups, rq)
+    return zp, (*x.shape[:-1], o)
 
 
 def linear(x, x_zero_point, weight, bias, rq, *, w_absmax=None, bias_absmax=None):
@@ -284,21 +316,7 @@ def linear(x, x_zero_point, weight, bias, rq, *, w_absmax=None, bias_absmax=None
     Raises:
         TypeError, ValueError: as :func:`conv2d`.
     """
-    op = "linear"
-    _check_act(x, op)
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least one dimension")
-    zp = _check_zp(x_zero_point, x.dtype, op)
-    _check_weight(weight, 2, op)
-    o, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"{op}: x has {x.shape[-1]} features in its last dimension, weight "
-                         f"{tuple(weight.shape)} expects {k}")
-    _check_bias(bias, o, op)
-    _check_rq(rq, op, o)
-    _same_device(op, x, weight, bias)
-    check_accumulator_range(k, x.dtype, zp, weight if w_absmax is None else w_absmax,
-                            bias if bias_absmax is None else bias_absmax, op=op)
+    zp, _ = _linear_args("linear", x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax)
     return get_op("linear", x)(x, zp, weight, bias, rq)
 
 
@@ -321,6 +339,127 @@ def add(a, b, params):
     _check_zp(params.b_zero_point, b.dtype, op, "b's zero point")
     _broadcast(op, a, b)
     return get_op("add", a)(a, b, params)
+
+
+def _check_add_params(op, a_dtype, b, params) -> None:
+    """The checks :func:`add` makes, for a first operand of dtype ``a_dtype`` (the fused
+    forms' conv / linear output) and a second operand ``b``."""
+    _check_act(b, op, "residual")
+    if not isinstance(params, AddParams):
+        raise TypeError(f"{op}: add_params must be a gpuquant.functional.AddParams, got "
+                        f"{type(params).__name__}")
+    _check_zp(params.a_zero_point, a_dtype, op, "add_params' first-operand zero point")
+    _check_zp(params.b_zero_point, b.dtype, op, "add_params' residual zero point")
+
+
+def _compose_or_fused(name, base, x, same_shape, args):
+    """Run the fused op ``name`` of the backend that runs ``base`` when it has one and
+    ``same_shape`` holds (fused kernels take an operand of the output's own shape), else the
+    composition of the base ops (same bytes: :mod:`gpuquant.backends.fused`)."""
+    fn = fused_op(name, base, x) if same_shape else None
+    if fn is None:
+        fn = _composed(x)[name]
+    return fn(*args)
+
+
+class _OpsOn:
+    """``ops[name]`` = the op :func:`get_op` picks for ``device`` (for compositions)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __getitem__(self, name):
+        return get_op(name, self.device)
+
+
+def _composed(x) -> dict:
+    return compose(_OpsOn(x))
+
+
+def conv2d_add(x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq, residual,
+               add_params, *, w_absmax=None, bias_absmax=None):
+    """``add(conv2d(x, ...), residual, add_params)`` in one pass where the backend has the
+    fused kernel (a residual block's add in the conv's epilogue): same bytes either way.
+
+    Args:
+        x ... rq, w_absmax, bias_absmax: as :func:`conv2d`.
+        residual: int8 / uint8 tensor broadcastable to the conv's output (the add's second
+            operand; the conv output is its first).
+        add_params: :class:`AddParams` of that add (``make_add_params``).
+
+    Raises:
+        TypeError, ValueError: as :func:`conv2d` and :func:`add`.
+    """
+    op = "conv2d_add"
+    zp, stride, padding, dilation, shape = _conv_args(
+        op, x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq,
+        w_absmax, bias_absmax)
+    _check_add_params(op, rq.dtype.storage, residual, add_params)
+    _same_device(op, x, residual)
+    out_shape = _broadcast_shapes(op, shape, residual.shape)
+    return _compose_or_fused(op, "conv2d", x, tuple(residual.shape) == tuple(shape) == out_shape,
+                             (x, zp, weight, bias, stride, padding, dilation, groups, rq,
+                              residual, add_params))
+
+
+def linear_add(x, x_zero_point, weight, bias, rq, residual, add_params, *, w_absmax=None,
+               bias_absmax=None):
+    """``add(linear(x, ...), residual, add_params)``, fused where the backend can (see
+    :func:`conv2d_add`; arguments as :func:`linear` plus ``residual``, ``add_params``)."""
+    op = "linear_add"
+    zp, shape = _linear_args(op, x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax)
+    _check_add_params(op, rq.dtype.storage, residual, add_params)
+    _same_device(op, x, residual)
+    out_shape = _broadcast_shapes(op, shape, residual.shape)
+    return _compose_or_fused(op, "linear", x, tuple(residual.shape) == tuple(shape) == out_shape,
+                             (x, zp, weight, bias, rq, residual, add_params))
+
+
+def _check_scale(op, scale) -> None:
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or not scale.dtype.is_floating_point:
+            raise TypeError(f"{op}: scale must be a float or a one-element float tensor, got "
+                            f"{scale.dtype} of shape {tuple(scale.shape)}")
+        if scale.device.type != "cpu":  # no host sync per call: checked where it is made
+            return
+        v = float(scale.detach().reshape(()))
+    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        v = float(scale)
+    else:
+        raise TypeError(f"{op}: scale must be a float, got {type(scale).__name__}")
+    if not (v > 0.0 and v < float("inf")):
+        raise ValueError(f"{op}: scale must be positive and finite, got {v}")
+
+
+def conv2d_dequant(x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq, scale,
+                   *, w_absmax=None, bias_absmax=None):
+    """``dequantize(conv2d(x, ...))`` as float32 ``(y - rq.zero_point) * scale`` (a network's
+    last layer), fused where the backend can; arguments as :func:`conv2d` plus the output
+    ``scale`` (a float or a one-element tensor)."""
+    op = "conv2d_dequant"
+    zp, stride, padding, dilation, _ = _conv_args(
+        op, x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq,
+        w_absmax, bias_absmax)
+    _check_scale(op, scale)
+    return _compose_or_fused(op, "conv2d", x, True,
+                             (x, zp, weight, bias, stride, padding, dilation, groups, rq, scale))
+
+
+def linear_dequant(x, x_zero_point, weight, bias, rq, scale, *, w_absmax=None, bias_absmax=None):
+    """``dequantize(linear(x, ...))`` as float32, fused where the backend can (see
+    :func:`conv2d_dequant`)."""
+    op = "linear_dequant"
+    zp, _ = _linear_args(op, x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax)
+    _check_scale(op, scale)
+    return _compose_or_fused(op, "linear", x, True, (x, zp, weight, bias, rq, scale))
+
+
+def _broadcast_shapes(op, a_shape, b_shape):
+    try:
+        return tuple(torch.broadcast_shapes(tuple(a_shape), tuple(b_shape)))
+    except RuntimeError:
+        raise ValueError(f"{op}: the residual's shape {tuple(b_shape)} does not broadcast to the "
+                         f"output shape {tuple(a_shape)}") from None
 
 
 def _broadcast(op, a, b):

@@ -15,6 +15,7 @@ from .quantize import (disable_fake_quant, disable_observer, enable_fake_quant, 
                        get_qat_mapping, get_quantized_mapping, propagate_qconfig, quantize,
                        quantize_qat, reset_qconfig)
 from .dynamic import prepare_dynamic_qat, quantize_dynamic
+from .epilogue import fuse_epilogues, unfuse_epilogues
 from .smoothquant import calibrate_linear_inputs, quantize_static_linear, smooth_quant
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
     # float -> QAT -> quantized
     "quantize_qat", "quantize", "enable_fake_quant", "disable_fake_quant", "enable_observer",
     "disable_observer", "propagate_qconfig", "reset_qconfig", "get_qat_mapping",
-    "get_quantized_mapping",
+    "get_quantized_mapping", "fuse_epilogues", "unfuse_epilogues",
     # transformers: dynamic per-token W8A8 / weight-only, SmoothQuant
     "quantize_dynamic", "prepare_dynamic_qat", "calibrate_linear_inputs", "smooth_quant",
     "quantize_static_linear",

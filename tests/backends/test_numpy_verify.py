@@ -96,6 +96,28 @@ def test_env_var_checks_every_op(faulty, monkeypatch):
         net(x)  # off: no check, no error
 
 
+def test_env_var_checks_fused_ops(faulty, monkeypatch):
+    """A backend's fused kernel (conv2d_add) is checked against the NumPy backend's
+    composition of conv2d and add."""
+    import gpuquant.functional as GF
+    x = _input()
+    w = torch.randint(-127, 128, (4, 3, 3, 3), dtype=torch.int8)
+    rq = make_requant(0.05, torch.rand(4) * 0.01 + 0.002, 0.1, 3, quint8)
+    p = GF.make_add_params(0.1, 3, 0.2, 0, 0.25, 1, quint8, "relu")
+    res = torch.randint(0, 256, (2, 4, 6, 6), dtype=torch.int32).to(torch.uint8)
+    args = (x, 3, w, None, 1, 1, 1, 1, rq, res, p)
+    monkeypatch.setenv("GPUQUANT_VERIFY", "1")
+    with backends.use("reference"):
+        want = GF.conv2d_add(*args)  # composed there: no fused kernel to check
+    with backends.use(faulty):
+        with pytest.raises(VerifyError, match="op 'conv2d_add' on backend 'faulty' differs"):
+            GF.conv2d_add(*args)
+    monkeypatch.setenv("GPUQUANT_VERIFY", "0")
+    with backends.use(faulty):
+        got = GF.conv2d_add(*args)
+    assert (got != want).sum() == 1
+
+
 def test_verify_rejects_non_modules():
     with pytest.raises(TypeError, match="nn.Module"):
         backends.verify(lambda x: x, torch.zeros(1))

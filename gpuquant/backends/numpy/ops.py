@@ -127,3 +127,9 @@ OPS = {
 from .dynamic import OPS as _DYNAMIC_OPS  # noqa: E402
 
 OPS.update(_DYNAMIC_OPS)
+
+# fused inference ops as compositions of the ops above: the oracle for the fused kernels of
+# the GPU backends (GPUQUANT_VERIFY=1 checks them against these)
+from ..fused import compose as _compose  # noqa: E402
+
+OPS.update(_compose(OPS))

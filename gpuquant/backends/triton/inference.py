@@ -2,8 +2,9 @@
 pooling kernels a quantized network needs, with the signatures of
 :mod:`gpuquant.backends.reference` (the readable definition; same bytes).
 
-Beyond the reference ops, ``OPS`` holds fused paths (looked up with
-:func:`gpuquant.backends.find_op`; each equals a composition of reference ops, bit for bit):
+Beyond the reference ops, ``OPS`` holds the fused kernels of :mod:`gpuquant.backends.fused`
+(run by the front-ends ``gpuquant.functional.conv2d_add`` etc. through
+:func:`gpuquant.backends.fused_op`; each equals its composition of base ops, bit for bit):
 
 * ``conv2d_add(x, x_zp, w, bias, stride, padding, dilation, groups, rq, residual, p)``
   == ``add(conv2d(x, ...), residual, p)`` (the residual add of a ResNet block in the

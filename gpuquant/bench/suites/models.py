@@ -7,9 +7,10 @@ Params: ``model`` (``resnet50``, ``mobilenet_v2``, 224x224 images, 1000 classes)
 Providers (same float images in, logits out, interleaved):
 
 * ``gpuquant-triton``: the int8 network (``gpuquant.models`` -> ``quantize_qat`` ->
-  one calibration pass -> ``quantize``) on the GPU under ``backends.use("triton")``: quantize
-  stub, int8 conv / linear with fused requantization, integer adds and pools, dequantize;
-  no host round trip, no float fallback;
+  one calibration pass -> ``quantize`` -> ``fuse_epilogues``) on the GPU under
+  ``backends.use("triton")``: quantize stub, int8 conv / linear with fused requantization,
+  each residual add in the epilogue of the conv before it, the last linear writing float
+  logits, integer pools; no host round trip, no float fallback;
 * ``torch-bf16``: the same float network in bfloat16, channels_last, eager (the baseline);
 * ``torch-bf16-compile``: that network through ``torch.compile`` (left out where compiling
   fails).
@@ -19,8 +20,9 @@ training-mode pass so activations are realistic) and reused across batches; buil
 calibration and compilation are untimed. Throughput: images/s. Target (issue 6): resnet50
 batch 64 ``gpuquant-triton`` >= 1.5x ``torch-bf16``.
 
-``exact_vs_numpy``: the Triton logits for the first image of input set 0 against the same
-int8 network on the CPU under ``backends.use("numpy")`` (images are independent).
+``exact_vs_numpy``: the Triton logits (fused network) for the first image of input set 0
+against the unfused int8 network on the CPU under ``backends.use("numpy")`` (images are
+independent).
 
 Run on a GPU: ``gpuquant bench models --out bench/results/<device-slug>``.
 """
@@ -72,7 +74,8 @@ def _triton(name, in_ch, size, device):
         built = build(name, in_ch, size)
         key = ("int8-on", device)
         if key not in built:
-            built[key] = copy.deepcopy(built["int8"]).to(device)
+            from ...quantization import fuse_epilogues
+            built[key] = fuse_epilogues(copy.deepcopy(built["int8"])).to(device)
         model, x = built[key], inp["x"]
 
         def run():

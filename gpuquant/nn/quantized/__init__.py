@@ -3,6 +3,7 @@
 :mod:`gpuquant.functional`'s integer ops on the current backend."""
 from .conv import ConvBn2d, ConvBnRelu2d, ConvBnRelu62d, Conv2d, ConvRelu2d, ConvRelu62d
 from .elemwise import Concat, Elemwise
+from .fused import ConvAdd, ConvDequant
 from .linear import Linear, LinearBn1d, LinearBnRelu1d, LinearRelu
 from .module import QuantizedModule
 from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
@@ -10,4 +11,5 @@ from .stubs import DequantStub, QuantStub
 
 __all__ = ["QuantizedModule", "Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d",
            "ConvBnRelu62d", "Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d", "Elemwise",
-           "Concat", "QuantStub", "DequantStub", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
+           "Concat", "QuantStub", "DequantStub", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
+           "ConvAdd", "ConvDequant"]

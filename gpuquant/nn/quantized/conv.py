@@ -68,10 +68,18 @@ class Conv2d(WeightedModule):
         return m._load_converted(w_q, b_q, w_qp, in_qp, out_qp)
 
     def forward(self, x):
+        return self.run(x)
+
+    def run(self, x, epilogue: str = "", *extra):
+        """The integer conv of ``x``, or a fused form of it (:mod:`.fused`): ``epilogue``
+        ``"add"`` (``extra``: residual, add params) or ``"dequant"`` (``extra``: scale)."""
         self._check_input(x, "input", self.weight.device)
-        return integer.conv2d(x, self._zp("input", x.device), self.weight, self.bias, self.stride,
-                              self.padding, self.dilation, self.groups, self.requant(x.device),
-                              **self._bounds(x.device))
+        return _CONV_OPS[epilogue](x, self._zp("input", x.device), self.weight, self.bias,
+                                   self.stride, self.padding, self.dilation, self.groups,
+                                   self.requant(x.device), *extra, **self._bounds(x.device))
+
+
+_CONV_OPS = {"": integer.conv2d, "add": integer.conv2d_add, "dequant": integer.conv2d_dequant}
 
 
 class ConvRelu2d(Conv2d):

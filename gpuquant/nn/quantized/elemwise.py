@@ -75,9 +75,16 @@ class Elemwise(QuantizedModule):
         m._set_qparams("output", out)
         return m
 
-    def params(self, device):
+    def params(self, device, swap: bool = False):
+        """The integer op's parameters on ``device``; ``swap``: an add's parameters with the
+        operands exchanged (``add(b, a)``: the same bytes, since each operand is rescaled on
+        its own; what a fused conv + add needs when the conv output is the add's ``b``)."""
         def build():
             a, b, out = self._qparams("a"), self._qparams("b"), self._qparams("output")
+            if swap:
+                if self.method == "mul":
+                    raise ValueError("Elemwise.params: swap applies to add / add_relu only")
+                a, b = b, a
             if self.method == "mul":
                 return single_rounding_requant(float(a.scale.double() * b.scale.double()),
                                                float(out.scale), int(out.zero_point), out.dtype)
@@ -85,7 +92,7 @@ class Elemwise(QuantizedModule):
             return GF.make_add_params(float(a.scale), int(a.zero_point), float(b.scale),
                                       int(b.zero_point), float(out.scale), int(out.zero_point),
                                       out.dtype, act)
-        return self._cached("params", device, build)
+        return self._cached(("params", bool(swap)), device, build)
 
     def forward(self, a, b):
         self._check_input(a, "a")

@@ -33,9 +33,13 @@ class Linear(WeightedModule):
         return m._load_converted(w_q, b_q, w_qp, in_qp, out_qp)
 
     def forward(self, x):
+        return self.run(x)
+
+    def run(self, x, epilogue: str = "", *extra):
+        """The integer linear of ``x``, or a fused form of it (see ``Conv2d.run``)."""
         self._check_input(x, "input", self.weight.device)
-        return integer.linear(x, self._zp("input", x.device), self.weight, self.bias,
-                              self.requant(x.device), **self._bounds(x.device))
+        return _LINEAR_OPS[epilogue](x, self._zp("input", x.device), self.weight, self.bias,
+                                     self.requant(x.device), *extra, **self._bounds(x.device))
 
 
 class LinearRelu(Linear):
@@ -47,14 +51,17 @@ class LinearRelu(Linear):
 class LinearBn1d(Linear):
     """Integer ``LinearBn1d`` (BatchNorm1d folded at conversion)."""
 
-    def forward(self, x):
+    def run(self, x, epilogue: str = "", *extra):
         if isinstance(x, torch.Tensor) and x.dim() != 2:
             raise ValueError(f"{type(self).__name__} takes (N, in_features) input, got shape "
                              f"{tuple(x.shape)}")
-        return super().forward(x)
+        return super().run(x, epilogue, *extra)
 
 
 class LinearBnRelu1d(LinearBn1d):
     """Integer ``LinearBnRelu1d``."""
 
     activation = "relu"
+
+
+_LINEAR_OPS = {"": integer.linear, "add": integer.linear_add, "dequant": integer.linear_dequant}

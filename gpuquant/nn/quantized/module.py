@@ -11,13 +11,15 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
+import torch.fx
 
 from ... import functional as GF
 from ...dtypes import get_dtype, qint32
 from ...qparams import QParams
 from ..module import Module
 
-__all__ = ["QuantizedModule", "WeightedModule", "placeholder_qparams", "quantize_weight_bias"]
+__all__ = ["QuantizedModule", "WeightedModule", "QuantizedTracer", "placeholder_qparams",
+           "quantize_weight_bias"]
 
 
 def placeholder_qparams(dtype) -> QParams:
@@ -217,3 +219,14 @@ class WeightedModule(QuantizedModule):
             return GF.make_requant(self.input_scale, self.weight_scale, float(out.scale),
                                    int(out.zero_point), out.dtype, self.activation)
         return self._cached("rq", device, build)
+
+
+class QuantizedTracer(torch.fx.Tracer):
+    """``torch.fx`` tracer for converted models (export, epilogue fusion): quantized modules
+    and every module without children are leaves (so an unsupported layer shows up as one
+    call); containers are traced through."""
+
+    def is_leaf_module(self, m, qualname):
+        if isinstance(m, QuantizedModule) or next(m.children(), None) is None:
+            return True
+        return super().is_leaf_module(m, qualname)
