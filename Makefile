@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test bench clean gpu
+.PHONY: demo test bench clean gpu gpu-lease
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,3 +39,10 @@ gpu:
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m gpuquant bench fake_quant qat_step gemm conv models \
 	  linear_dynamic --out bench/results/$$(PYTHONPATH=$(CURDIR) $(PYTHON) -c \
 	  "from gpuquant.bench import device_slug; print(device_slug('cuda'))")
+
+# A short GPU lease: the same stages in priority order under one time budget (seconds),
+# results and logs packed into $(LEASE_OUT)/lease.tar.gz (see gpuquant/bench/lease.py).
+LEASE_OUT ?= lease-out
+LEASE_BUDGET ?= 540
+gpu-lease:
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m gpuquant.bench.lease --out $(LEASE_OUT) --budget $(LEASE_BUDGET)

@@ -14,13 +14,16 @@ def main(argv=None) -> int:
     p_bench.add_argument("suites", nargs="*", help="suites to run (default: all)")
     p_bench.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     p_bench.add_argument("--out", default="bench/results/local", help="output folder")
+    p_bench.add_argument("--save-each-case", action="store_true",
+                         help="write OUT/<suite>.partial.json after every case (runs that may "
+                              "be cut short)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(out=args.out)
     from .bench import run_bench
     return run_bench(args.suites, quick=args.quick, out=args.out,
-                     command="gpuquant " + " ".join(sys.argv[1:] if argv is None else argv))
+                     save_each_case=args.save_each_case, command="gpuquant " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

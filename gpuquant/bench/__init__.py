@@ -93,7 +93,7 @@ def _log(msg: str) -> None:
 
 
 def _run_suite(suite: Suite, device: str, quick: bool, command: str,
-               ceilings: Dict[str, Any]) -> Dict[str, Any]:
+               ceilings: Dict[str, Any], partial: Optional[str] = None) -> Dict[str, Any]:
     cfg = RunConfig.for_run(quick, device)
     cases = suite.cases(quick, device)
     if not isinstance(cases, list) or not all(isinstance(c, Case) for c in cases):
@@ -116,13 +116,17 @@ def _run_suite(suite: Suite, device: str, quick: bool, command: str,
         rows += res.rows
         times = ", ".join(f"{r['provider']} {r['median_ms']:.4g} ms" for r in res.rows)
         _log(f"  [{suite.name} {i + 1}/{len(cases)}] {case.name}: {times}")
+        if partial:  # the rows so far, in case the run is cut short (bench.lease)
+            from .report import write_json
+            write_json(dict(doc, rows=rows, errors=errors, partial=True), partial)
     doc["rows"] = rows
     doc["errors"] = errors
     return doc
 
 
 def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench/results/local",
-              command: str = "gpuquant bench", cuda_available: Optional[bool] = None) -> int:
+              command: str = "gpuquant bench", cuda_available: Optional[bool] = None,
+              save_each_case: bool = False) -> int:
     """Run benchmark suites and write ``out/<suite>.{json,md,png}``.
 
     Args:
@@ -131,6 +135,8 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
         out: output folder (created).
         command: the command line recorded in the results.
         cuda_available: override GPU detection (None: ``torch.cuda.is_available()``).
+        save_each_case: also write ``out/<suite>.partial.json`` after every case (removed
+            once the suite's files are written), so a run cut short keeps what it measured.
 
     Returns:
         0 when every suite ran clean; 1 when a provider failed or an output differed from
@@ -170,9 +176,15 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
                 _log(f"  ceiling {kind}: {c['value']:.4g} {c['unit']} ({c['what']})")
         t0 = time.perf_counter()
         _log(f"suite {name} on {device_name(dev)} ({dev}), baseline {suite.baseline}")
-        doc = _run_suite(suite, dev, quick, command, ceilings[dev])
+        partial = None
+        if save_each_case:
+            os.makedirs(out, exist_ok=True)
+            partial = os.path.join(out, f"{name}.partial.json")
+        doc = _run_suite(suite, dev, quick, command, ceilings[dev], partial)
         errors = doc.pop("errors")
         paths = report.write_all(doc, out, x_param=suite.x_param)
+        if partial and os.path.exists(partial):
+            os.remove(partial)
         _log(f"suite {name}: {len(doc['rows'])} rows in {time.perf_counter() - t0:.1f} s -> "
              f"{', '.join(paths)}")
         docs.append(doc)

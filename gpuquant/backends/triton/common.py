@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 __all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "derived", "scalar_int", "scalar_float",
-           "ARCH_FAMILIES"]
+           "ARCH_FAMILIES", "tune_subset", "TUNE_MODES"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -24,6 +24,23 @@ LAUNCH_OPTS = {"enable_fp_fusion": False}
 # where the architecture is decided.
 ARCH_FAMILIES = {(8, 0): "sm80", (8, 6): "sm86", (8, 7): "sm80", (8, 9): "sm89",
                  (9, 0): "sm90"}
+
+
+TUNE_MODES = ("full", "quick")
+
+
+def tune_subset(configs: list) -> list:
+    """The autotune configs to try: all of them, or with ``GPUQUANT_TRITON_TUNE=quick`` the
+    first (largest tile), middle and last (smallest) of each list. On a fresh GPU machine
+    every config is compiled before it is timed (~5 s for a 3x3 conv config), which is most
+    of a short benchmark run; quick tuning keeps the tiles that serve large, medium and
+    small problems (``bench.lease`` sets it). Read at kernel creation (first use)."""
+    mode = os.environ.get("GPUQUANT_TRITON_TUNE", "full").strip().lower() or "full"
+    if mode not in TUNE_MODES:
+        raise ValueError(f"GPUQUANT_TRITON_TUNE must be one of {TUNE_MODES}, got {mode!r}")
+    if mode == "full" or len(configs) <= 3:
+        return list(configs)
+    return [configs[0], configs[len(configs) // 2], configs[-1]]
 
 
 def arch_family(device: torch.device) -> str:

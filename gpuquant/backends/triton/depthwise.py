@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import LAUNCH_OPTS, arch_family, derived
+from .common import LAUNCH_OPTS, arch_family, derived, tune_subset
 from .conv import window_origin
 from .gemm import _OUT_MODES, epilogue_scalars, epilogue_tensors, output_dtype, quant_epilogue
 
@@ -64,7 +64,7 @@ _INTERPRET_DW = (16, 32, 4)
 
 def depthwise_configs(family: str):
     """Autotune configs (BLOCK_P, BLOCK_C, num_warps) of the depthwise kernel."""
-    tiles = [_INTERPRET_DW] if family == "interpret" else _DW_TILES
+    tiles = [_INTERPRET_DW] if family == "interpret" else tune_subset(_DW_TILES)
     return [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=nw, num_stages=2)
             for p, c, nw in tiles]
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..reference_dynamic import EPS
-from .common import LAUNCH_OPTS, arch_family
+from .common import LAUNCH_OPTS, arch_family, tune_subset
 from .gemm import (OUT_SCALED, _config, _gemm_kernel, bf16_rne, grouped_tile,
                    interpret_meta)
 
@@ -221,7 +221,7 @@ def _weight_only_kernel(interpret: bool):
         heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(
             _linear_weight_only_kernel)
         k = heur if interpret else triton.autotune(
-            configs=[_config(t) for t in _WO_TILES], key=["M", "N", "K"],
+            configs=tune_subset([_config(t) for t in _WO_TILES]), key=["M", "N", "K"],
             prune_configs_by={"early_config_prune": _wo_prune})(heur)
         _WO_KERNELS[interpret] = k
     return k

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import LAUNCH_OPTS, arch_family, derived, scalar_int
+from .common import LAUNCH_OPTS, arch_family, derived, scalar_int, tune_subset
 from .fixed_point import add_mode, add_values_fast, requantize_i32
 
 __all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32",
@@ -231,7 +231,7 @@ def family_configs(tiles: dict, family: str):
     if family not in tiles:
         raise ValueError(f"unknown architecture family {family!r}; known: "
                          f"{sorted(tiles)} and 'interpret'")
-    return [_config(t) for t in tiles[family]]
+    return tune_subset([_config(t) for t in tiles[family]])
 
 
 def gemm_configs(family: str):

@@ -1,0 +1,239 @@
+"""One command for a short GPU lease: the GPU tests, then the GPU benchmark suites in order
+of priority, each stage in its own process under a deadline, everything packed into one
+archive.
+
+    python -m gpuquant.bench.lease --out "$OUT" --budget 540
+
+Why a runner: a lent GPU machine may give one command a few minutes, starts bare (no
+Triton cache: every autotune config compiles before it is timed) and sends back only a few
+files. So the stages run in a fixed priority order (``--stages``; default
+``tests,gemm,conv,models,fake_quant,qat_step,linear_dynamic``), each with a share of the
+remaining budget and killed at its deadline; benchmark suites run ``--quick`` with
+``--save-each-case`` (a suite cut short keeps its measured cases in
+``<suite>.partial.json``) and, unless ``--full-tune``, ``GPUQUANT_TRITON_TUNE=quick``
+(three autotune configs per kernel instead of up to eleven). A stage that the time left
+cannot start is recorded as skipped: run the rest in a second command with ``--stages``.
+
+Writes into ``--out``: ``lease.tar.gz``, holding ``results/<device-slug>/`` with the
+suites' JSON / Markdown / PNG files, ``lease-logs/<stage>.log``, ``lease-env.txt`` and
+``lease-summary.md``; and ``summary.md``, which is also printed last. ``tar -xzf
+lease.tar.gz -C bench`` files it all under the checkout's ``bench/results/<device-slug>/``. Exit status 0 when every stage passed, 1 otherwise, 2 for
+bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from typing import List, Optional, Sequence
+
+__all__ = ["main", "DEFAULT_STAGES", "plan_caps"]
+
+DEFAULT_STAGES = ("tests", "gemm", "conv", "models", "fake_quant", "qat_step", "linear_dynamic")
+# the most seconds each stage may take (it also gets at most the time left)
+STAGE_CAP = {"tests": 240.0, "gemm": 150.0, "conv": 150.0, "models": 180.0}
+DEFAULT_CAP = 120.0
+MIN_STAGE_S = 20.0      # a stage is not started with less than this left
+PACK_RESERVE_S = 10.0   # kept for writing the summary and the archive
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def plan_caps(stage: str, left: float) -> Optional[float]:
+    """The deadline (seconds) a stage gets with ``left`` seconds of budget, or None when it
+    cannot start."""
+    usable = left - PACK_RESERVE_S
+    if usable < MIN_STAGE_S:
+        return None
+    return min(usable, STAGE_CAP.get(stage, DEFAULT_CAP))
+
+
+def _known_stages() -> List[str]:
+    from .suites import registered
+    return ["tests"] + list(registered())
+
+
+def _parse(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gpuquant.bench.lease",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder that receives lease.tar.gz and summary.md")
+    p.add_argument("--budget", type=float, default=540.0,
+                   help="seconds for all stages together (default 540)")
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                   help="comma-separated stages: 'tests' and benchmark suite names")
+    p.add_argument("--full-tune", action="store_true",
+                   help="autotune over every config (default: GPUQUANT_TRITON_TUNE=quick)")
+    p.add_argument("--pytest-args", default="-q -m gpu tests -p no:cacheprovider",
+                   help="arguments of the 'tests' stage's pytest run")
+    p.add_argument("--full-sizes", action="store_true",
+                   help="run the suites without --quick")
+    args = p.parse_args(argv)
+    if not args.budget > 0:
+        p.error(f"--budget must be positive, got {args.budget}")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    known = _known_stages()
+    bad = [s for s in stages if s not in known]
+    if bad or not stages:
+        p.error(f"unknown stage(s) {bad or args.stages!r}; known: {known}")
+    args.stage_list = list(dict.fromkeys(stages))
+    return args
+
+
+def _env_report(path: str) -> str:
+    """Versions, the device, and nvidia-smi's view, into ``path``; returns the device slug."""
+    import torch
+
+    from . import device_slug
+    lines = [f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+             f"python {platform.python_version()} ({sys.executable})",
+             f"torch {torch.__version__} cuda {torch.version.cuda}"]
+    for mod in ("triton", "cupy", "numpy"):
+        try:
+            lines.append(f"{mod} {__import__(mod).__version__}")
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            lines.append(f"{mod} unavailable ({type(e).__name__}: {e})")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        lines.append(f"device {props.name} cc {props.major}.{props.minor} "
+                     f"{props.multi_processor_count} SMs {props.total_memory / 2 ** 30:.1f} GiB")
+    else:
+        lines.append("device: no CUDA GPU visible to torch")
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,"
+                                  "temperature.gpu,power.draw,memory.used", "--format=csv"],
+                                 capture_output=True, text=True, timeout=20)
+            lines.append(out.stdout.strip())
+        except (OSError, subprocess.SubprocessError) as e:
+            lines.append(f"nvidia-smi failed: {e}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return device_slug("cuda" if cuda else "cpu")
+
+
+def _run_stage(cmd: Sequence[str], log_path: str, deadline: float, env: dict):
+    """Run ``cmd`` with output to ``log_path``; kill its process group at ``deadline``
+    seconds. Returns (status, returncode, seconds)."""
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=_REPO, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=5)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            return f"timed out at {deadline:.0f} s", None, time.monotonic() - t0
+    return ("passed" if rc == 0 else f"failed (exit {rc})"), rc, time.monotonic() - t0
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:160] if lines else ""
+
+
+def _needs_gpu(log_path: str) -> bool:
+    with open(log_path, errors="replace") as f:
+        return "needs a CUDA GPU: skipped" in f.read()
+
+
+def _bench_summary(results_dir: str) -> List[str]:
+    from .report import summary_lines
+    docs = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if doc.get("rows"):
+            if doc.get("partial"):
+                doc["suite"] = f"{doc.get('suite', '?')} (cut short)"
+            docs.append(doc)
+    try:
+        return summary_lines(docs)
+    except Exception as e:  # noqa: BLE001 - a summary problem must not lose the archive
+        return [f"  (summary failed: {type(e).__name__}: {e})"]
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    t_start = time.monotonic()
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="gpuquant-lease-")
+    env_txt = os.path.join(work, "env.txt")
+    slug = _env_report(env_txt)
+    results = os.path.join(work, "results", slug)
+    logs = os.path.join(results, "lease-logs")
+    os.makedirs(logs)
+    shutil.move(env_txt, os.path.join(results, "lease-env.txt"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
+    if not args.full_tune:
+        env["GPUQUANT_TRITON_TUNE"] = "quick"
+    rows = []
+    for stage in args.stage_list:
+        left = args.budget - (time.monotonic() - t_start)
+        cap = plan_caps(stage, left)
+        if cap is None:
+            rows.append((stage, "skipped: no time left", 0.0, ""))
+            continue
+        if stage == "tests":
+            cmd = [sys.executable, "-m", "pytest"] + args.pytest_args.split()
+        else:
+            cmd = [sys.executable, "-m", "gpuquant.cli", "bench", stage, "--out", results,
+                   "--save-each-case"] + ([] if args.full_sizes else ["--quick"])
+        log = os.path.join(logs, f"{stage}.log")
+        print(f"[lease] {stage}: up to {cap:.0f} s ...", flush=True)
+        status, _, secs = _run_stage(cmd, log, cap, env)
+        if status == "passed" and stage != "tests" and _needs_gpu(log):
+            status = "skipped: needs a CUDA GPU"
+        rows.append((stage, status, secs, _last_line(log)))
+        print(f"[lease] {stage}: {status} in {secs:.0f} s", flush=True)
+
+    total = time.monotonic() - t_start
+    summary = [f"# GPU lease run ({slug}), {total:.0f} s of a {args.budget:.0f} s budget", "",
+               f"tuning: {'full' if args.full_tune else 'quick (GPUQUANT_TRITON_TUNE=quick)'}; "
+               f"sizes: {'full' if args.full_sizes else '--quick'}", "",
+               "| stage | status | seconds | last line of its log |", "|---|---|---:|---|"]
+    summary += [f"| {s} | {st} | {sec:.0f} | {last.replace('|', '/')} |"
+                for s, st, sec, last in rows]
+    summary += ["", "```"] + (_bench_summary(results) or ["  no benchmark results"]) + ["```"]
+    text = "\n".join(summary) + "\n"
+    for path in (os.path.join(results, "lease-summary.md"), os.path.join(args.out, "summary.md")):
+        with open(path, "w") as f:
+            f.write(text)
+    with tarfile.open(os.path.join(args.out, "lease.tar.gz"), "w:gz") as tar:
+        tar.add(os.path.join(work, "results"), arcname="results")
+    shutil.rmtree(work, ignore_errors=True)
+    print(text, flush=True)
+    return 0 if all(st == "passed" for _, st, _, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The GPU-lease runner (gpuquant.bench.lease) on the CPU: stage planning under a budget,
+the deadline kill, the archive and summary, skipped GPU suites, bad arguments; and the
+bench's per-case partial results it relies on."""
+import json
+import sys
+import tarfile
+
+import pytest
+
+from gpuquant.bench import lease, run_bench
+
+from tests.bench.test_harness import fake_suite, fast  # noqa: F401 - fixtures
+
+
+def test_plan_caps_shares_the_budget():
+    assert lease.plan_caps("tests", 1000) == lease.STAGE_CAP["tests"]
+    assert lease.plan_caps("fake_quant", 1000) == lease.DEFAULT_CAP
+    assert lease.plan_caps("gemm", 60) == 60 - lease.PACK_RESERVE_S
+    assert lease.plan_caps("gemm", lease.MIN_STAGE_S + lease.PACK_RESERVE_S - 1) is None
+
+
+def test_stage_killed_at_its_deadline(tmp_path):
+    log = tmp_path / "s.log"
+    status, rc, secs = lease._run_stage(
+        [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+        str(log), 1.5, {"PATH": "/usr/bin:/bin"})
+    assert status == "timed out at 2 s" and rc is None and secs < 10
+    assert "started" in log.read_text()
+
+
+def test_lease_runs_stages_and_packs_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = lease.main(["--out", str(out), "--budget", "120", "--stages", "tests,gemm",
+                     "--pytest-args", "-q tests/test_qparams.py -p no:cacheprovider -k dtype"])
+    text = (out / "summary.md").read_text()
+    assert "| tests | passed |" in text
+    gpu = "skipped: needs a CUDA GPU" in text  # on a GPU machine gemm runs instead
+    assert rc == (1 if gpu else 0)
+    with tarfile.open(out / "lease.tar.gz") as tar:
+        names = tar.getnames()
+    slug = next(n.split("/")[1] for n in names if n.count("/") == 1)
+    for f in ("lease-env.txt", "lease-summary.md", "lease-logs/tests.log", "lease-logs/gemm.log"):
+        assert f"results/{slug}/{f}" in names
+    assert capsys.readouterr().out.rstrip().endswith("```")  # the summary is printed last
+
+
+def test_lease_skips_stages_without_time(tmp_path):
+    out = tmp_path / "out"
+    rc = lease.main(["--out", str(out), "--budget", "5", "--stages", "tests,models"])
+    text = (out / "summary.md").read_text()
+    assert "| tests | skipped: no time left |" in text and "| models | skipped" in text
+    assert rc == 1
+
+
+def test_lease_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        lease.main(["--out", "x", "--stages", "tests,no_such_suite"])
+    assert e.value.code == 2 and "unknown stage(s) ['no_such_suite']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        lease.main(["--out", "x", "--budget", "0"])
+
+
+def test_save_each_case_keeps_partial_rows(fast, fake_suite, tmp_path, monkeypatch):  # noqa: F811
+    name = fake_suite("toy_partial")
+    out = tmp_path / "res"
+    assert run_bench([name], quick=True, out=str(out), command="c", save_each_case=True) == 0
+    assert (out / f"{name}.json").exists() and not (out / f"{name}.partial.json").exists()
+    # a run that dies before the suite's files are written leaves the measured cases
+    from gpuquant.bench import report
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report, "write_all", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench([name], quick=True, out=str(tmp_path / "cut"), command="c",
+                  save_each_case=True)
+    doc = json.loads((tmp_path / "cut" / f"{name}.partial.json").read_text())
+    assert doc["partial"] is True and len(doc["rows"]) == 4 and doc["suite"] == name
