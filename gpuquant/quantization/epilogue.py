@@ -8,7 +8,8 @@ int8 intermediate never written). Same bytes as the unfused model on every backe
     >>> fast = fuse_epilogues(qmodel).cuda()            # run this one
 
 The result is a ``torch.fx.GraphModule`` sharing the model's modules (parameters and buffers
-are the same objects). :func:`gpuquant.save` stores unfused models (save ``qmodel``, fuse
+are the same objects, so ``.cuda()`` on one moves the shared modules of the other too: fuse
+a ``copy.deepcopy`` to keep an independent unfused model). :func:`gpuquant.save` stores unfused models (save ``qmodel``, fuse
 after :func:`gpuquant.load`); :func:`gpuquant.export.to_onnx` takes either (it expands fused
 modules with :func:`unfuse_epilogues`).
 """
