@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test bench clean gpu gpu-lease
+.PHONY: demo test test-triton36 bench clean gpu gpu-lease
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,11 +24,27 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
+# The GPU machines run Triton 3.6 (CI and .venv: the newest): every Triton kernel's tests
+# (interpreter, PTX for sm_80 / sm_90) again under Triton 3.6, in a second venv. NumPy < 2.4:
+# Triton 3.6's interpreter cannot run kernels with a runtime loop bound under NumPy 2.4.
+VENV_T36 ?= .venv-triton36
+TRITON36_TESTS ?= tests/backends/test_triton_*.py tests/transformers
+
+$(VENV_T36)/.installed: pyproject.toml
+	python3 -m venv $(VENV_T36)
+	$(VENV_T36)/bin/python -m pip install -q --upgrade pip
+	$(VENV_T36)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV_T36)/bin/python -m pip install -q -e '.[test]' "triton==3.6.0" "numpy<2.4"
+	touch $@
+
+test-triton36: $(VENV_T36)/.installed
+	$(VENV_T36)/bin/python -m pytest -q $(PYTEST_ARGS) $(TRITON36_TESTS)
+
 bench: $(VENV)/.installed
 	$(VENV)/bin/gpuquant bench --quick --out bench/results/local
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_T36)
 
 # On a GPU machine, in an environment that already has torch (CUDA build), triton, pytest
 # (and optionally cupy): nothing is installed, the package runs from this checkout. The GPU
