@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 __all__ = ["available", "use", "current", "get_backend", "get_op", "find_op", "fused_op",
-           "register", "auto_backend", "BACKEND_NAMES"]
+           "register", "unregister", "auto_backend", "BACKEND_NAMES"]
 
 log = logging.getLogger("gpuquant.backends")
 
@@ -56,6 +56,15 @@ def register(name: str, module_path: str) -> None:
     _MODULES[name] = module_path
     _loaded.pop(name, None)
     _unavailable.pop(name, None)
+    _candidates.clear()
+
+
+def unregister(name: str) -> None:
+    """Remove a backend added with :func:`register` (tests)."""
+    _MODULES.pop(name, None)
+    _loaded.pop(name, None)
+    _unavailable.pop(name, None)
+    _candidates.clear()
 
 
 def _load(name: str):
@@ -155,11 +164,17 @@ def _priority(mod, dev: str) -> int:
     return p.get(dev, -1) if isinstance(p, dict) else p
 
 
+_candidates: Dict[str, list] = {}  # device type -> backends by priority (register() clears)
+
+
 def _auto_candidates(dev: str) -> list:
     # A negative priority means "usable only when chosen explicitly" (the Triton interpreter).
-    mods = [m for m in (_load(n) for n in _MODULES)
-            if m is not None and dev in m.DEVICES and _priority(m, dev) >= 0]
-    return sorted(mods, key=lambda m: -_priority(m, dev))
+    got = _candidates.get(dev)
+    if got is None:
+        mods = [m for m in (_load(n) for n in _MODULES)
+                if m is not None and dev in m.DEVICES and _priority(m, dev) >= 0]
+        got = _candidates[dev] = sorted(mods, key=lambda m: -_priority(m, dev))
+    return got
 
 
 def find_op(op: str, device) -> Optional[Callable]:

@@ -171,12 +171,19 @@ def _check_rq(rq, op: str, channels=None) -> None:
 
 
 def _same_device(op: str, *ts) -> None:
+    first = ts[0].device if isinstance(ts[0], torch.Tensor) else None
+    if first is not None and all(t is None or (isinstance(t, torch.Tensor) and t.device == first)
+                                 for t in ts[1:]):
+        return
     devs = {t.device for t in ts if isinstance(t, torch.Tensor)}
     if len(devs) > 1:
         raise ValueError(f"{op}: tensors on different devices: {sorted(map(str, devs))}")
 
 
 def _pair(v, what: str, op: str, allow_zero: bool = False) -> tuple:
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int \
+            and min(v) >= (0 if allow_zero else 1):
+        return v  # the modules' own (validated) pairs: the common case, no further checks
     t = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
     if len(t) != 2 or any(isinstance(a, bool) or not isinstance(a, int) for a in t):
         raise TypeError(f"{op}: {what} must be an int or a pair of ints, got {v!r}")
@@ -396,8 +403,7 @@ def conv2d_add(x, x_zero_point, weight, bias, stride, padding, dilation, groups,
         w_absmax, bias_absmax)
     _check_add_params(op, rq.dtype.storage, residual, add_params)
     _same_device(op, x, residual)
-    out_shape = _broadcast_shapes(op, shape, residual.shape)
-    return _compose_or_fused(op, "conv2d", x, tuple(residual.shape) == tuple(shape) == out_shape,
+    return _compose_or_fused(op, "conv2d", x, _same_shape(op, shape, residual.shape),
                              (x, zp, weight, bias, stride, padding, dilation, groups, rq,
                               residual, add_params))
 
@@ -410,8 +416,7 @@ def linear_add(x, x_zero_point, weight, bias, rq, residual, add_params, *, w_abs
     zp, shape = _linear_args(op, x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax)
     _check_add_params(op, rq.dtype.storage, residual, add_params)
     _same_device(op, x, residual)
-    out_shape = _broadcast_shapes(op, shape, residual.shape)
-    return _compose_or_fused(op, "linear", x, tuple(residual.shape) == tuple(shape) == out_shape,
+    return _compose_or_fused(op, "linear", x, _same_shape(op, shape, residual.shape),
                              (x, zp, weight, bias, rq, residual, add_params))
 
 
@@ -454,12 +459,19 @@ def linear_dequant(x, x_zero_point, weight, bias, rq, scale, *, w_absmax=None, b
     return _compose_or_fused(op, "linear", x, True, (x, zp, weight, bias, rq, scale))
 
 
-def _broadcast_shapes(op, a_shape, b_shape):
+def _same_shape(op, out_shape, res_shape) -> bool:
+    """Whether the residual has the output's own shape (what the fused kernels take); else
+    it must broadcast with it (the composition handles that), or ValueError.
+    ``torch.broadcast_shapes`` costs ~20 us a call: only asked when the shapes differ."""
+    out_shape, res_shape = tuple(out_shape), tuple(res_shape)
+    if out_shape == res_shape:
+        return True
     try:
-        return tuple(torch.broadcast_shapes(tuple(a_shape), tuple(b_shape)))
+        torch.broadcast_shapes(out_shape, res_shape)
     except RuntimeError:
-        raise ValueError(f"{op}: the residual's shape {tuple(b_shape)} does not broadcast to the "
-                         f"output shape {tuple(a_shape)}") from None
+        raise ValueError(f"{op}: the residual's shape {res_shape} does not broadcast to the "
+                         f"output shape {out_shape}") from None
+    return False
 
 
 def _broadcast(op, a, b):

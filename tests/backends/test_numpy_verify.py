@@ -13,8 +13,7 @@ from gpuquant.functional.requant import make_requant
 def faulty():
     backends.register("faulty", "tests.backends.faulty_backend")
     yield "faulty"
-    registry._MODULES.pop("faulty", None)  # leave the registry as other tests expect it
-    registry._loaded.pop("faulty", None)
+    registry.unregister("faulty")  # leave the registry as other tests expect it
 
 
 class QConv(torch.nn.Module):

@@ -366,7 +366,7 @@ def test_learned_ops_dispatch_to_a_backend_op(monkeypatch):
         y = lsq(x.requires_grad_(True), QParams(gpuquant.qint8_narrow, torch.full((5,), 0.02), 0, axis=-1))
         y.sum().backward()
         TQT(gpuquant.qint4)(x, QParams(gpuquant.qint4, 0.3, 0))
-    registry._loaded.pop("learned_test", None)
+    registry.unregister("learned_test")
     assert calls[0] == ("lsq", -127, 127, 2, 1.0 / math.sqrt(24 * 127), (5,))
     assert calls[1] == ("tqt", -8, 7, None)
     assert lsq.scale.grad is not None
