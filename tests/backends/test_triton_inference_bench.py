@@ -112,13 +112,32 @@ def test_models_case_generation_and_providers(monkeypatch):
     cases = models_suite._cases(False, "cuda")
     assert {(c.params["model"], c.params["batch"]) for c in cases} == {
         (m, b) for m in ("resnet50", "mobilenet_v2") for b in (1, 64, 256)}
-    assert set(cases[0].providers) == {"gpuquant-triton", "torch-bf16", "torch-bf16-compile"}
+    assert set(cases[0].providers) == {"gpuquant-triton", "torch-bf16", "torch-bf16-compile",
+                                       "gpuquant-triton-graph", "torch-bf16-graph"}
     # the providers end to end on the digits network (8x8 images) on the CPU
     pytest.importorskip("gpuquant.models")
     monkeypatch.setitem(models_suite.MODELS, "digits_net", (1, 8))
     case = models_suite.make_case("digits_net", 3, "cpu")
     del case.providers["torch-bf16-compile"]  # inductor's C++ build: minutes on this CPU
-    rows, _ = _rows(case)
+    rows, unavailable = _rows(case)
     assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
     assert rows["gpuquant-triton"]["unit"] == "images/s"
     assert "torch-bf16" in rows
+    # CUDA graphs: unavailable on the CPU, said so (their capture runs in the gpu test below)
+    assert unavailable == {"gpuquant-triton-graph": "CUDA graphs need a CUDA device",
+                           "torch-bf16-graph": "CUDA graphs need a CUDA device"}
+
+
+@pytest.mark.gpu
+def test_models_graph_providers_on_the_gpu(monkeypatch):
+    """The CUDA-graph providers capture the fused int8 network (no host sync inside) and
+    replay it with the eager network's bytes."""
+    pytest.importorskip("gpuquant.models")
+    monkeypatch.setitem(models_suite.MODELS, "digits_net", (1, 8))
+    case = models_suite.make_case("digits_net", 3, "cuda")
+    del case.providers["torch-bf16-compile"]
+    res = run_case("t", case, "cuda", TINY)
+    assert not res.errors and not res.unavailable, (res.errors, res.unavailable)
+    rows = {r["provider"]: r for r in res.rows}
+    assert rows["gpuquant-triton-graph"]["exact_vs_numpy"] is True
+    assert rows["torch-bf16-graph"]["median_ms"] > 0
