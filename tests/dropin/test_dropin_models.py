@@ -89,3 +89,23 @@ def test_plain_model_matches_hand_fused(name):
     gap = float((y8_p - yq_p).norm() / yq_p.norm())
     assert gap <= REL_GAP[name], gap
     assert float((yq_p - y_float).norm() / y_float.norm()) < 1.0  # QAT still near float
+
+
+@pytest.mark.parametrize("name,n_fused", [("resnet18", 9), ("mobilenet_v2", 11)])
+def test_dropin_model_epilogue_fusion(name, n_fused):
+    """A converted drop-in model (itself a traced GraphModule) fuses like the hand-fused
+    networks: every residual add and the last Linear + dequant, the same bytes."""
+    from gpuquant.quantization import fuse_epilogues
+    plain = settle_bn(getattr(P, name)(num_classes=10), torch.randn(8, 3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DropInWarning)
+        qat = quantize_qat(plain, example_inputs=(x,)).eval()
+    with torch.no_grad():
+        qat(x)
+    disable_observer(qat)
+    q = quantize(qat).eval()
+    f = fuse_epilogues(q)
+    assert len(f.fused) == n_fused
+    with backends.use("numpy"), torch.no_grad():
+        assert torch.equal(f(x), q(x))
