@@ -131,8 +131,12 @@ def _tensors(out):
 # ----------------------------------------------------------------------------- per module
 def _record(model: torch.nn.Module, inputs, kw):
     """Run ``model`` and return [(name, kind, [output tensors on CPU])] in execution order."""
+    from ..nn.quantized.module import QuantizedModule  # local: nn imports the backends
     records, handles, calls = [], [], {}
-    leaves = [(n, m) for n, m in model.named_modules() if not any(True for _ in m.children())]
+    # a quantized module is one integer op even when it holds others (the epilogue-fused
+    # ConvAdd / ConvDequant run their parts inside one call: only the parent is called)
+    leaves = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, QuantizedModule) or not any(True for _ in m.children())]
     if not leaves:
         leaves = [("", model)]
 
@@ -168,7 +172,8 @@ def _on_cpu(model: torch.nn.Module, inputs, kw):
 def verify(model: torch.nn.Module, *inputs, backend: Optional[str] = None, **kwargs) -> VerifyReport:
     """Run ``model`` on ``backend`` and on the NumPy oracle and compare every module's output.
 
-    Every leaf module (one with no children) gets a forward hook; the model runs once on the
+    Every leaf module (one with no children) and every quantized module (an epilogue-fused
+    module holds two) gets a forward hook; the model runs once on the
     backend under test and once inside ``use("numpy")`` (on CPU copies of the model and
     inputs when they live on a GPU), and the outputs are compared call by call, plus the
     model's final output. Users run this once on their own model and device before

@@ -166,3 +166,17 @@ def test_unfuse_export_and_save(tmp_path):
     a = runtime.load(str(tmp_path / "f.onnx")).run(xs.numpy())
     b = runtime.load(str(tmp_path / "q.onnx")).run(xs.numpy())
     assert (a == b).all()
+
+
+def test_verify_reports_fused_modules():
+    """backends.verify hooks the fused modules (not leaves: they hold their two parts), named
+    by the consumer's path as in the unfused model."""
+    from gpuquant.backends import verify
+    x = torch.randn(3, 3, 9, 7)
+    f = fuse_epilogues(_convert(Blocks(), x))
+    report = verify(f, x, backend="reference")
+    names = [m.name for m in report.modules]
+    assert report.ok and {"add1", "add2", "add4", "dequant"} <= set(names)
+    kinds = {m.name: m.kind for m in report.modules}
+    assert kinds["add1"] == "ConvAdd" and kinds["dequant"] == "ConvDequant"
+    assert not any(n.endswith((".producer", ".add")) for n in names)
