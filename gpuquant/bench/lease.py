@@ -74,7 +74,7 @@ def _parse(argv) -> argparse.Namespace:
                    help="comma-separated stages: 'tests' and benchmark suite names")
     p.add_argument("--full-tune", action="store_true",
                    help="autotune over every config (default: GPUQUANT_TRITON_TUNE=quick)")
-    p.add_argument("--pytest-args", default="-q -m gpu tests -p no:cacheprovider",
+    p.add_argument("--pytest-args", default="-q -m gpu tests -p no:cacheprovider --durations=15",
                    help="arguments of the 'tests' stage's pytest run")
     p.add_argument("--full-sizes", action="store_true",
                    help="run the suites without --quick")
