@@ -8,7 +8,8 @@ Stages (each timed, progress printed as it goes):
 3. QAT: ``quantize_qat(ema_fakequant_qconfig)`` on a copy, a short fine-tune (BatchNorm
    statistics frozen half way), ``quantize`` -> int8;
 4. int8 inference on the best backend available (automatic selection), and a table:
-   accuracies, QAT-vs-int8 top-1 agreement, model sizes, backend, times;
+   accuracies, QAT-vs-int8 top-1 agreement, the same int8 model with its epilogues fused
+   (``fuse_epilogues``: logits byte-identical), model sizes, backend, times;
 5. deployment: the QAT int8 model exported to ONNX (QDQ) and run by onnxruntime (if
    installed) and by :mod:`gpuquant.runtime` (NumPy only, checked byte-identical).
 
@@ -90,6 +91,11 @@ def _predict(model, x, bs=256):
     return torch.cat([model(x[i:i + bs]).argmax(1) for i in range(0, len(x), bs)])
 
 
+@torch.no_grad()
+def _same_logits(a, b, x, bs=256) -> bool:
+    return all(torch.equal(a(x[i:i + bs]), b(x[i:i + bs])) for i in range(0, len(x), bs))
+
+
 def _nbytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values()
                if isinstance(t, torch.Tensor))
@@ -124,8 +130,8 @@ def run_demo(out: Optional[str] = None, float_epochs: int = 12, qat_epochs: int 
 def _run(out, float_epochs, qat_epochs, quiet) -> int:
     from . import backends
     from .models import digits_net
-    from .quantization import (calibration_qconfig, ema_fakequant_qconfig, quantize,
-                               quantize_qat)
+    from .quantization import (calibration_qconfig, ema_fakequant_qconfig, fuse_epilogues,
+                               quantize, quantize_qat)
 
     def log(msg):
         if not quiet:
@@ -184,6 +190,12 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
     times["QAT int8 eval"] = time.perf_counter() - t
     qat_int8_acc = float((int8_pred == y_te).float().mean())
     agreement = float((int8_pred == qat_pred).float().mean())
+    t = time.perf_counter()
+    fused = fuse_epilogues(copy.deepcopy(qat_int8))
+    fused_same = _same_logits(qat_int8, fused, x_te)
+    times["fused int8 eval"] = time.perf_counter() - t
+    log(f"  epilogue fusion: {len(fused.fused)} conv/linear + add/dequant pairs, logits "
+        f"{'identical' if fused_same else 'DIFFERENT'}")
     deploy = _deploy(qat_int8, x_te, y_te, int8_pred, out, times, log)
     times["total"] = time.perf_counter() - t0
 
@@ -199,6 +211,8 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
         ("QAT int8 accuracy", f"{qat_int8_acc:.4f}",
          f"{(qat_int8_acc - float_acc) * 100:+.2f} pt vs float (target >= -0.5)"),
         ("QAT vs int8 top-1 agreement", f"{agreement:.4f}", "target >= 0.99"),
+        ("int8, epilogues fused", f"{len(fused.fused)} pairs",
+         "logits byte-identical to unfused" if fused_same else "LOGITS DIFFER from unfused"),
         ("model size float32", f"{size_f / 1024:.1f} KiB", ""),
         ("model size int8", f"{size_q / 1024:.1f} KiB", f"{size_f / max(size_q, 1):.2f}x smaller"),
         ("int8 backend", backend, str(device)),
@@ -209,7 +223,7 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
     for a, b, c in rows:
         print(f"{a:<{w0}}  {b:>{w1}}  {c}")
     print("-" * (w0 + w1 + 40))
-    met = ok_ptq and ok_qat and ok_agree
+    met = ok_ptq and ok_qat and ok_agree and fused_same
     print(f"targets met: {'yes' if met else 'NO'}", flush=True)
 
     if out is not None:
@@ -219,7 +233,8 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
                   "device": str(device), "model_bytes_float": size_f, "model_bytes_int8": size_q,
                   "times_s": times, "targets_met": met, "n_test": int(len(y_te)),
                   "onnxruntime_acc": deploy["onnxruntime_acc"],
-                  "runtime_acc": deploy["runtime_acc"], "runtime_exact": deploy["runtime_exact"]}
+                  "runtime_acc": deploy["runtime_acc"], "runtime_exact": deploy["runtime_exact"],
+                  "fused_pairs": len(fused.fused), "fused_identical": fused_same}
         with open(os.path.join(out, "demo.json"), "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {os.path.join(out, 'demo.json')}")

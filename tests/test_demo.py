@@ -20,6 +20,8 @@ def test_demo_meets_targets(tmp_path, capsys):
     assert r["float_acc"] - r["qat_int8_acc"] <= 0.005     # QAT within 0.5 point
     assert r["agreement"] >= 0.99
     assert r["model_bytes_int8"] * 3 < r["model_bytes_float"]
+    assert r["fused_pairs"] == 2 and r["fused_identical"] is True  # conv + add, fc + dequant
+    assert "int8, epilogues fused" in printed
     # deployment: ONNX export run by gpuquant.runtime (bit-exact) and onnxruntime
     assert (tmp_path / "digits_int8.onnx").is_file()
     assert r["runtime_exact"] is True and abs(r["runtime_acc"] - r["qat_int8_acc"]) < 1e-6
