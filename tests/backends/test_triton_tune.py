@@ -26,3 +26,20 @@ def test_bad_tune_mode_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"GPUQUANT_TRITON_TUNE must be one of \('full', 'quick'\), "
                                          r"got 'fastest'"):
         common.tune_subset([1, 2, 3, 4])
+
+
+@pytest.mark.parametrize("cc,family", [((8, 0), "sm80"), ((8, 6), "sm89"), ((8, 9), "sm89"),
+                                       ((9, 0), "sm90"), ((7, 5), "generic"),
+                                       ((12, 0), "generic")])
+def test_arch_family_from_capability_cached_per_device(cc, family, monkeypatch):
+    import torch
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "_FAMILY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: cc)
+    assert common.arch_family(torch.device("cuda", 0)) == family
+    # read once per device: a later capability change is not seen for cuda:0 ...
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert common.arch_family(torch.device("cuda", 0)) == family
+    # ... while "the current device" (no index) is asked every time
+    assert common.arch_family(torch.device("cuda")) == "sm90"
+    assert common.arch_family(torch.device("cpu")) == "interpret"

@@ -43,11 +43,24 @@ def tune_subset(configs: list) -> list:
     return [configs[0], configs[len(configs) // 2], configs[-1]]
 
 
+_FAMILY: dict = {}  # (device type, index) -> family: asked on every launch
+
+
 def arch_family(device: torch.device) -> str:
     """Family of ``device`` ("interpret" under TRITON_INTERPRET, else sm80/sm86/sm89/sm90 or
     "generic" for other GPUs)."""
     if INTERPRET or device.type != "cuda":
         return "interpret"
+    if device.index is None:  # "the current device": not cached
+        return _family_of(device)
+    key = (device.type, device.index)
+    fam = _FAMILY.get(key)
+    if fam is None:
+        fam = _FAMILY[key] = _family_of(device)
+    return fam
+
+
+def _family_of(device: torch.device) -> str:
     cc = torch.cuda.get_device_capability(device)
     fam = ARCH_FAMILIES.get(cc)
     if fam is None:
