@@ -17,7 +17,7 @@ tensor's shape, and each node is written with the ONNX helper API:
 
 The graph's batch dimension is symbolic (``N``). :mod:`gpuquant.runtime` executes these
 files with the contract's integer semantics; onnxruntime requantizes in float (within one
-output step of gpuquant).
+output step of gpuquant per layer; the steps compound through a network).
 """
 from __future__ import annotations
 

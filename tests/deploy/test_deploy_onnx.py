@@ -58,9 +58,14 @@ def test_qdq_structure(zoo_int8, tmp_path):
     assert inits[q.input[1]].shape == () and inits[q.input[2]].dtype == np.int8
 
 
+# onnxruntime requantizes in float, gpuquant in fixed point (the contract): a layer's output
+# can differ by one step, and differences compound through the 5 int8 layers of ZooNet.
+# Measured on its logits over fresh random inputs: 98.1-98.3% within one output step (1,300
+# batches; per batch of 256 logits 96.4%-99.0%), at most 3 steps (1,000 batches of 7: 0.6%
+# of them reach 3). The bounds below leave margin for fresh seeds.
 @pytest.mark.parametrize("batch", [1, 7])
-def test_onnxruntime_within_one_step(zoo_int8, tmp_path, batch):
-    """Dynamic batch: exported at batch 2, run at 1 and 7."""
+def test_onnxruntime_dynamic_batch(zoo_int8, tmp_path, batch):
+    """Dynamic batch: exported at batch 2, run at 1 and 7; every logit within a few steps."""
     path = tmp_path / "zoo.onnx"
     to_onnx(zoo_int8, torch.randn(2, 3, 13, 11), path)
     x = torch.randn(batch, 3, 13, 11)
@@ -68,7 +73,17 @@ def test_onnxruntime_within_one_step(zoo_int8, tmp_path, batch):
     got = _ort(path, x.numpy())
     d = _steps(got, want, zoo_int8.dequant.input_scale.item())
     assert got.shape == want.shape
-    assert (d <= 1 + 1e-3).mean() >= 0.99, (d.max(), (d <= 1.001).mean())
+    assert d.max() <= 4 + 1e-3, d.max()
+
+
+def test_onnxruntime_mostly_within_one_step(zoo_int8, tmp_path):
+    """256 images (1,280 logits): the share within one output step of gpuquant."""
+    path = tmp_path / "zoo.onnx"
+    to_onnx(zoo_int8, torch.randn(2, 3, 13, 11), path)
+    x = torch.randn(256, 3, 13, 11)
+    d = _steps(_ort(path, x.numpy()), int8_forward(zoo_int8, x),
+               zoo_int8.dequant.input_scale.item())
+    assert (d <= 1 + 1e-3).mean() >= 0.95 and d.max() <= 4 + 1e-3, (d.max(), (d <= 1.001).mean())
 
 
 def test_onnxruntime_uint8_measured_gap(zoo_uint8, tmp_path):
