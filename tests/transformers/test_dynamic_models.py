@@ -31,8 +31,10 @@ FOLD = {f"blocks.{i}.{ln}": [f"blocks.{i}.{m}" for m in mods] for i in range(2)
 
 @pytest.fixture(scope="module")
 def tiny():
-    # fixed seed unless GPUQUANT_TEST_RANDOM is set (the margins below were checked on 8 seeds:
-    # static / dynamic error ratio 3.1-7.7, static / SmoothQuant 3.3-11, dynamic >= 0.995)
+    # fixed seed unless GPUQUANT_TEST_RANDOM is set. Margins below: the static / dynamic error
+    # ratio measured 2.13-(median 4.3) over seeds 0-39 and 1.99 on one fresh seed (a bound of
+    # 2 failed there), so 1.5; static / SmoothQuant 3.3-11 (8 seeds), dynamic >= 0.9949
+    # (40 seeds)
     torch.manual_seed(torch.seed() if os.environ.get("GPUQUANT_TEST_RANDOM") else 0)
     model = TinyTransformer().eval()
     calib = [make_inputs(4) for _ in range(4)]
@@ -44,7 +46,7 @@ def tiny():
 
 def test_w8a8_dynamic_accuracy_and_vs_static(tiny):
     """Per-token W8A8 keeps >= 0.99 cosine per token; static per-tensor activation scales on
-    the same model lose at least 2x more (1 - cosine)."""
+    the same model lose clearly more (1 - cosine: at least 1.5x; typically 4x)."""
     model, calib, x, ref = tiny
     with torch.no_grad():
         dyn = token_cosine(quantize_dynamic(model, inplace=False)(x), ref)
@@ -54,7 +56,7 @@ def test_w8a8_dynamic_accuracy_and_vs_static(tiny):
     print(f"token cosine: dynamic W8A8 {dyn:.5f}, weight-only {w8:.5f}, static {static:.5f}")
     assert dyn >= 0.99
     assert w8 >= 0.998
-    assert (1 - static) >= 2 * (1 - dyn), (dyn, static)
+    assert (1 - static) >= 1.5 * (1 - dyn), (dyn, static)
 
 
 def test_smoothquant_improves_static(tiny):
