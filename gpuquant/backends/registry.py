@@ -54,14 +54,17 @@ def register(name: str, module_path: str) -> None:
     if not isinstance(name, str) or not name:
         raise TypeError(f"backend name must be a non-empty string, got {name!r}")
     _MODULES[name] = module_path
-    _loaded.pop(name, None)
-    _unavailable.pop(name, None)
-    _candidates.clear()
+    _forget(name)
 
 
 def unregister(name: str) -> None:
     """Remove a backend added with :func:`register` (tests)."""
     _MODULES.pop(name, None)
+    _forget(name)
+
+
+def _forget(name: str) -> None:
+    """Drop what is known of backend ``name`` (loaded module, unavailability, priorities)."""
     _loaded.pop(name, None)
     _unavailable.pop(name, None)
     _candidates.clear()
