@@ -332,6 +332,14 @@ def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero
 
 def epilogue_scalars(rq, add_params, device, deq_zero_point: int = 0) -> torch.Tensor:
     """The EPI int64 vector (see the ``_E_*`` indices), memoised by value."""
+    if add_params is None and rq is not None:  # every plain conv / linear: 4 ints decide it
+        key = (int(rq.zero_point), int(rq.qmin), int(rq.qmax), int(deq_zero_point))
+        return derived("epi_rq", (), (key, device),
+                       lambda: _epi_vector(rq, None, device, deq_zero_point))
+    return _epi_vector(rq, add_params, device, deq_zero_point)
+
+
+def _epi_vector(rq, add_params, device, deq_zero_point: int) -> torch.Tensor:
     vals = [0] * 17
     if rq is not None:
         vals[_E_ZP], vals[_E_QMIN], vals[_E_QMAX] = rq.zero_point, rq.qmin, rq.qmax
