@@ -104,12 +104,18 @@ def _env_report(path: str) -> str:
         except Exception as e:  # noqa: BLE001 - recorded, not fatal
             lines.append(f"{mod} unavailable ({type(e).__name__}: {e})")
     cuda = torch.cuda.is_available()
-    if cuda:
-        props = torch.cuda.get_device_properties(0)
-        lines.append(f"device {props.name} cc {props.major}.{props.minor} "
-                     f"{props.multi_processor_count} SMs {props.total_memory / 2 ** 30:.1f} GiB")
-    else:
-        lines.append("device: no CUDA GPU visible to torch")
+    try:
+        if cuda:
+            props = torch.cuda.get_device_properties(0)
+            lines.append(f"device {props.name} cc {props.major}.{props.minor} "
+                         f"{props.multi_processor_count} SMs "
+                         f"{props.total_memory / 2 ** 30:.1f} GiB")
+        else:
+            lines.append("device: no CUDA GPU visible to torch")
+        slug = device_slug("cuda" if cuda else "cpu")
+    except Exception as e:  # noqa: BLE001 - a broken device must not cost the archive
+        lines.append(f"device query failed: {type(e).__name__}: {e}")
+        slug = "unknown-device"
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
@@ -121,7 +127,7 @@ def _env_report(path: str) -> str:
             lines.append(f"nvidia-smi failed: {e}")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    return device_slug("cuda" if cuda else "cpu")
+    return slug
 
 
 def _run_stage(cmd: Sequence[str], log_path: str, deadline: float, env: dict):

@@ -76,3 +76,19 @@ def test_save_each_case_keeps_partial_rows(fast, fake_suite, tmp_path, monkeypat
                   save_each_case=True)
     doc = json.loads((tmp_path / "cut" / f"{name}.partial.json").read_text())
     assert doc["partial"] is True and len(doc["rows"]) == 4 and doc["suite"] == name
+
+
+def test_lease_survives_a_broken_device_query(tmp_path, monkeypatch):
+    """A GPU that torch sees but cannot describe still gets its archive (and says why)."""
+    import torch
+
+    def broken(_i):
+        raise RuntimeError("CUDA error: unknown error")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", broken)
+    out = tmp_path / "out"
+    lease.main(["--out", str(out), "--budget", "60", "--stages", "tests",
+                "--pytest-args", "-q tests/test_qparams.py -p no:cacheprovider -k dtype"])
+    with tarfile.open(out / "lease.tar.gz") as tar:
+        env = tar.extractfile("results/unknown-device/lease-env.txt").read().decode()
+    assert "device query failed: RuntimeError: CUDA error: unknown error" in env
