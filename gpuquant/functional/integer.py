@@ -459,28 +459,28 @@ def linear_dequant(x, x_zero_point, weight, bias, rq, scale, *, w_absmax=None, b
     return _compose_or_fused(op, "linear", x, True, (x, zp, weight, bias, rq, scale))
 
 
-def _same_shape(op, out_shape, res_shape) -> bool:
-    """Whether the residual has the output's own shape (what the fused kernels take); else
-    it must broadcast with it (the composition handles that), or ValueError.
-    ``torch.broadcast_shapes`` costs ~20 us a call: only asked when the shapes differ."""
-    out_shape, res_shape = tuple(out_shape), tuple(res_shape)
-    if out_shape == res_shape:
-        return True
+def _broadcast_shape(op, a_shape, b_shape, what: str = "shapes") -> tuple:
+    """The broadcast of two shapes, or ValueError naming them. ``torch.broadcast_shapes``
+    costs ~20 us a call: asked only when the shapes differ (not for a residual block's add)."""
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    if a_shape == b_shape:
+        return a_shape
     try:
-        torch.broadcast_shapes(out_shape, res_shape)
+        return tuple(torch.broadcast_shapes(a_shape, b_shape))
     except RuntimeError:
-        raise ValueError(f"{op}: the residual's shape {res_shape} does not broadcast to the "
-                         f"output shape {out_shape}") from None
-    return False
+        raise ValueError(f"{op}: {what} {a_shape} and {b_shape} do not broadcast") from None
 
 
 def _broadcast(op, a, b):
     _same_device(op, a, b)
-    try:
-        return torch.broadcast_shapes(a.shape, b.shape)
-    except RuntimeError:
-        raise ValueError(f"{op}: shapes {tuple(a.shape)} and {tuple(b.shape)} do not "
-                         f"broadcast") from None
+    return _broadcast_shape(op, a.shape, b.shape)
+
+
+def _same_shape(op, out_shape, res_shape) -> bool:
+    """Whether the residual has the output's own shape (what the fused kernels take); else
+    it must broadcast with it (the composition handles that), or ValueError."""
+    return _broadcast_shape(op, out_shape, res_shape, "output and residual shapes") == \
+        tuple(out_shape) == tuple(res_shape)
 
 
 def mul(a, a_zero_point, b, b_zero_point, rq):

@@ -98,7 +98,8 @@ def test_fused_frontends_refuse_bad_input():
         GF.conv2d_add(x, zp, w, b, st, pd, dl, g, rq, res.float(), p)
     with pytest.raises(TypeError, match="add_params must be a gpuquant.functional.AddParams"):
         GF.conv2d_add(x, zp, w, b, st, pd, dl, g, rq, res, rq)
-    with pytest.raises(ValueError, match=r"residual's shape \(2, 10, 5, 3\) does not broadcast"):
+    with pytest.raises(ValueError, match=r"output and residual shapes \(2, 10, 5, 4\) and "
+                                         r"\(2, 10, 5, 3\) do not broadcast"):
         GF.conv2d_add(x, zp, w, b, st, pd, dl, g, rq, res[..., :3], p)
     with pytest.raises(ValueError, match="residual zero point 300"):
         GF.conv2d_add(x, zp, w, b, st, pd, dl, g, rq, res,
