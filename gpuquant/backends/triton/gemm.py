@@ -331,15 +331,18 @@ def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero
 
 
 def epilogue_scalars(rq, add_params, device, deq_zero_point: int = 0) -> torch.Tensor:
-    """The EPI int64 vector (see the ``_E_*`` indices), memoised by value."""
-    if add_params is None and rq is not None:  # every plain conv / linear: 4 ints decide it
-        key = (int(rq.zero_point), int(rq.qmin), int(rq.qmax), int(deq_zero_point))
-        return derived("epi_rq", (), (key, device),
-                       lambda: _epi_vector(rq, None, device, deq_zero_point))
-    return _epi_vector(rq, add_params, device, deq_zero_point)
+    """The EPI int64 vector (see the ``_E_*`` indices), memoised by value. A plain conv /
+    linear (no add) is keyed on the 4 ints that decide it, without building the vector."""
+    if add_params is None and rq is not None:
+        key = ("rq", int(rq.zero_point), int(rq.qmin), int(rq.qmax), int(deq_zero_point))
+    else:
+        key = _epi_values(rq, add_params, deq_zero_point)
+    return derived("epi", (), (key, str(device)),
+                   lambda: torch.tensor(_epi_values(rq, add_params, deq_zero_point),
+                                        dtype=torch.int64, device=device))
 
 
-def _epi_vector(rq, add_params, device, deq_zero_point: int) -> torch.Tensor:
+def _epi_values(rq, add_params, deq_zero_point: int) -> tuple:
     vals = [0] * 17
     if rq is not None:
         vals[_E_ZP], vals[_E_QMIN], vals[_E_QMAX] = rq.zero_point, rq.qmin, rq.qmax
@@ -353,9 +356,7 @@ def _epi_vector(rq, add_params, device, deq_zero_point: int) -> torch.Tensor:
         vals[_E_OZP], vals[_E_OQMIN], vals[_E_OQMAX] = p.out.zero_point, p.out.qmin, p.out.qmax
         vals[_E_RESMODE] = add_mode(p, vals[_E_OS])
     vals[_E_DZP] = deq_zero_point
-    key = tuple(int(v) for v in vals)
-    return derived("epi", (), (key, str(device)),
-                   lambda: torch.tensor(key, dtype=torch.int64, device=device))
+    return tuple(int(v) for v in vals)
 
 
 def residual_mode(add_params) -> int:
