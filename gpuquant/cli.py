@@ -17,13 +17,18 @@ def main(argv=None) -> int:
     p_bench.add_argument("--save-each-case", action="store_true",
                          help="write OUT/<suite>.partial.json after every case (runs that may "
                               "be cut short)")
+    p_bench.add_argument("--where", default=None, metavar="NAME=V[|V],...",
+                         help="only the cases whose params match, e.g. model=resnet50,batch=64")
+    p_bench.add_argument("--skip", default="", metavar="PROVIDER,...",
+                         help="providers to leave out (not the baseline), e.g. torch-bf16-compile")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(out=args.out)
     from .bench import run_bench
     return run_bench(args.suites, quick=args.quick, out=args.out,
-                     save_each_case=args.save_each_case, command="gpuquant " + " ".join(sys.argv[1:] if argv is None else argv))
+                     save_each_case=args.save_each_case, where=args.where, skip=args.skip,
+                     command="gpuquant " + " ".join(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

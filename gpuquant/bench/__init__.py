@@ -92,12 +92,46 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def parse_where(text: Optional[str]) -> Dict[str, List[str]]:
+    """``"model=resnet50,batch=64|256"`` -> {"model": ["resnet50"], "batch": ["64", "256"]}
+    (a case is kept when each named param's value, as a string, is one of the listed)."""
+    where: Dict[str, List[str]] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, vals = part.partition("=")
+        if not sep or not key.strip() or not vals.strip():
+            raise ValueError(f"--where: expected NAME=VALUE[|VALUE...], got {part!r}")
+        where.setdefault(key.strip(), []).extend(v.strip() for v in vals.split("|"))
+    return where
+
+
+def _select(suite: Suite, cases: List[Case], where: Dict[str, List[str]],
+            skip: Sequence[str]) -> List[Case]:
+    if where:
+        names = set().union(*(c.params for c in cases)) if cases else set()
+        unknown = sorted(set(where) - names)
+        if unknown:
+            raise ValueError(f"--where: suite {suite.name!r} has no param {unknown[0]!r}; its "
+                             f"params: {sorted(names)}")
+        cases = [c for c in cases
+                 if all(str(c.params.get(k)) in vs for k, vs in where.items())]
+    for c in cases:
+        for prov in skip:
+            if prov != suite.baseline:
+                c.providers.pop(prov, None)
+    return cases
+
+
 def _run_suite(suite: Suite, device: str, quick: bool, command: str,
-               ceilings: Dict[str, Any], partial: Optional[str] = None) -> Dict[str, Any]:
+               ceilings: Dict[str, Any], partial: Optional[str] = None,
+               where: Optional[Dict[str, List[str]]] = None,
+               skip: Sequence[str] = ()) -> Dict[str, Any]:
     cfg = RunConfig.for_run(quick, device)
     cases = suite.cases(quick, device)
     if not isinstance(cases, list) or not all(isinstance(c, Case) for c in cases):
         raise TypeError(f"suite {suite.name!r}: cases() must return a list of Case")
+    cases = _select(suite, cases, where or {}, skip)
     doc = environment(device, command)
     doc.update({"suite": suite.name, "baseline": suite.baseline, "quick": bool(quick),
                 "ceilings": ceilings})
@@ -126,7 +160,8 @@ def _run_suite(suite: Suite, device: str, quick: bool, command: str,
 
 def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench/results/local",
               command: str = "gpuquant bench", cuda_available: Optional[bool] = None,
-              save_each_case: bool = False) -> int:
+              save_each_case: bool = False, where: Optional[str] = None,
+              skip: Sequence[str] = ()) -> int:
     """Run benchmark suites and write ``out/<suite>.{json,md,png}``.
 
     Args:
@@ -137,6 +172,9 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
         cuda_available: override GPU detection (None: ``torch.cuda.is_available()``).
         save_each_case: also write ``out/<suite>.partial.json`` after every case (removed
             once the suite's files are written), so a run cut short keeps what it measured.
+        where: keep only the cases whose params match, e.g. ``"model=resnet50,batch=64|256"``
+            (see :func:`parse_where`; a param the suite lacks is an error).
+        skip: providers to leave out (never the baseline), e.g. ``["torch-bf16-compile"]``.
 
     Returns:
         0 when every suite ran clean; 1 when a provider failed or an output differed from
@@ -147,6 +185,12 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
 
     if isinstance(suites, str):
         suites = [suites]
+    try:
+        where_map = parse_where(where)
+    except ValueError as e:
+        print(f"gpuquant bench: {e}", file=sys.stderr)
+        return 2
+    skip = [p.strip() for p in (skip.split(",") if isinstance(skip, str) else skip) if p.strip()]
     names = list(dict.fromkeys(suites)) if suites else registry.written()
     try:
         devices = {n: registry.suite_device(n) for n in names}
@@ -180,7 +224,12 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
         if save_each_case:
             os.makedirs(out, exist_ok=True)
             partial = os.path.join(out, f"{name}.partial.json")
-        doc = _run_suite(suite, dev, quick, command, ceilings[dev], partial)
+        try:
+            doc = _run_suite(suite, dev, quick, command, ceilings[dev], partial, where_map,
+                             skip)
+        except ValueError as e:
+            print(f"gpuquant bench: {e}", file=sys.stderr)
+            return 2
         errors = doc.pop("errors")
         paths = report.write_all(doc, out, x_param=suite.x_param)
         if partial and os.path.exists(partial):

@@ -50,18 +50,31 @@ PACK_RESERVE_S = 10.0   # kept for writing the summary and the archive
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def plan_caps(stage: str, left: float) -> Optional[float]:
+def plan_caps(stage: str, left: float, caps: Optional[dict] = None) -> Optional[float]:
     """The deadline (seconds) a stage gets with ``left`` seconds of budget, or None when it
-    cannot start."""
+    cannot start (``caps``: the command line's --cap overrides)."""
     usable = left - PACK_RESERVE_S
     if usable < MIN_STAGE_S:
         return None
-    return min(usable, STAGE_CAP.get(stage, DEFAULT_CAP))
+    cap = (caps or {}).get(stage, STAGE_CAP.get(stage, DEFAULT_CAP))
+    return min(usable, cap)
 
 
 def _known_stages() -> List[str]:
     from .suites import registered
-    return ["tests"] + list(registered())
+    return ["tests", "profile"] + list(registered())
+
+
+def _per_stage(items, what: str, known: List[str], p) -> dict:
+    """``["models:model=resnet50,batch=64", ...]`` -> {"models": "model=resnet50,batch=64"}."""
+    out = {}
+    for item in items or ():
+        stage, sep, value = item.partition(":" if what != "cap" else "=")
+        if not sep or stage.strip() not in known or not value.strip():
+            p.error(f"--{what}: expected STAGE{':' if what != 'cap' else '='}VALUE with a known "
+                    f"stage ({known}), got {item!r}")
+        out[stage.strip()] = value.strip()
+    return out
 
 
 def _parse(argv) -> argparse.Namespace:
@@ -78,6 +91,14 @@ def _parse(argv) -> argparse.Namespace:
                    help="arguments of the 'tests' stage's pytest run")
     p.add_argument("--full-sizes", action="store_true",
                    help="run the suites without --quick")
+    p.add_argument("--where", action="append", metavar="SUITE:NAME=V[|V],...",
+                   help="only these cases of a suite (gpuquant bench --where), repeatable")
+    p.add_argument("--skip", action="append", metavar="SUITE:PROVIDER,...",
+                   help="providers a suite leaves out (gpuquant bench --skip), repeatable")
+    p.add_argument("--cap", action="append", metavar="STAGE=SECONDS",
+                   help="the most seconds a stage may take, instead of its default, repeatable")
+    p.add_argument("--profile-args", default="--what qat_step,int8_forward",
+                   help="arguments of the 'profile' stage (python -m gpuquant.bench.profile)")
     args = p.parse_args(argv)
     if not args.budget > 0:
         p.error(f"--budget must be positive, got {args.budget}")
@@ -87,6 +108,15 @@ def _parse(argv) -> argparse.Namespace:
     if bad or not stages:
         p.error(f"unknown stage(s) {bad or args.stages!r}; known: {known}")
     args.stage_list = list(dict.fromkeys(stages))
+    args.where_map = _per_stage(args.where, "where", known, p)
+    args.skip_map = _per_stage(args.skip, "skip", known, p)
+    caps = _per_stage(args.cap, "cap", known, p)
+    try:
+        args.cap_map = {k: float(v) for k, v in caps.items()}
+    except ValueError:
+        p.error(f"--cap: seconds must be a number, got {caps}")
+    if any(not v > 0 for v in args.cap_map.values()):
+        p.error(f"--cap: seconds must be positive, got {args.cap_map}")
     return args
 
 
@@ -207,19 +237,26 @@ def main(argv=None) -> int:
     rows = []
     for stage in args.stage_list:
         left = args.budget - (time.monotonic() - t_start)
-        cap = plan_caps(stage, left)
+        cap = plan_caps(stage, left, args.cap_map)
         if cap is None:
             rows.append((stage, "skipped: no time left", 0.0, ""))
             continue
         if stage == "tests":
             cmd = [sys.executable, "-m", "pytest"] + args.pytest_args.split()
+        elif stage == "profile":
+            cmd = [sys.executable, "-m", "gpuquant.bench.profile", "--out", results] \
+                + args.profile_args.split()
         else:
             cmd = [sys.executable, "-m", "gpuquant.cli", "bench", stage, "--out", results,
                    "--save-each-case"] + ([] if args.full_sizes else ["--quick"])
+            if stage in args.where_map:
+                cmd += ["--where", args.where_map[stage]]
+            if stage in args.skip_map:
+                cmd += ["--skip", args.skip_map[stage]]
         log = os.path.join(logs, f"{stage}.log")
         print(f"[lease] {stage}: up to {cap:.0f} s ...", flush=True)
         status, _, secs = _run_stage(cmd, log, cap, env)
-        if status == "passed" and stage != "tests" and _needs_gpu(log):
+        if status == "passed" and stage not in ("tests", "profile") and _needs_gpu(log):
             status = "skipped: needs a CUDA GPU"
         rows.append((stage, status, secs, _last_line(log)))
         print(f"[lease] {stage}: {status} in {secs:.0f} s", flush=True)

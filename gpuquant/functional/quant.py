@@ -43,7 +43,8 @@ def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     Raises:
         TypeError: x not a float tensor, qparams not QParams.
         ValueError: axis out of range or channel count mismatch; NaN in ``x`` (it has no
-            integer value).
+            integer value; not checked while a CUDA graph is being captured, where reading
+            the flag back is not allowed).
 
     Example:
         >>> q = gpuquant.functional.quantize(torch.randn(4, 8), QParams(gpuquant.qint8, 0.02))
@@ -51,7 +52,10 @@ def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     _check_float(x, "quantize")
     _check_qparams(qparams, "quantize")
     axis = qparams.check_tensor(x)
-    if bool(torch.isnan(x).any()):
+    if not (x.is_cuda and torch.cuda.is_current_stream_capturing()) and \
+            bool(torch.isnan(x).any()):
+        # (the check reads one flag back from the device; inside a CUDA graph capture no read
+        # is allowed, so a captured quantize maps NaN as the backend's kernel does)
         raise ValueError("quantize: x contains NaN, which has no quantized value")
     s, z = _on(qparams, x)
     d = qparams.dtype

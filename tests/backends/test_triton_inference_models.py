@@ -142,3 +142,28 @@ def test_fusion_cases_bytes_equal_numpy(monkeypatch):
     for k in outs_np:
         assert torch.equal(outs_tr[k], outs_np[k]), k
     assert torch.equal(y_tr, y_np)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,in_ch,size", [("resnet18", 3, 32), ("mobilenet_v2", 3, 32)])
+def test_warm_network_forward_never_syncs_on_the_gpu(name, in_ch, size):
+    """After one warm-up call (autotuning and every memo happen there), a fused int8
+    network's forward on CUDA reads nothing back to the host: a read would stall the
+    launch queue every call and make the network impossible to capture in a CUDA graph.
+    The sync debug mode raises at the first read, with its traceback."""
+    model = fuse_epilogues(_int8(name, in_ch, size)).cuda()
+    x = torch.randn(2, in_ch, size, size, device="cuda")
+    with torch.no_grad(), use("triton"):
+        model(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = model(x)
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, yg)

@@ -473,3 +473,21 @@ def test_markdown_flags_noisy_rows():
     doc["rows"][1].update(p20_ms=0.5, median_ms=0.7, p80_ms=0.8)   # 1.6 x spread
     md = report.render_markdown(doc)
     assert "0.7 [0.5, 0.8] †" in md and "the machine was busy" in md
+
+
+def test_run_bench_where_and_skip_select_cases_and_providers(fast, fake_suite, tmp_path, capsys):
+    name = fake_suite("toy_where")
+    out = tmp_path / "out"
+    assert run_bench([name], quick=True, out=str(out), command="c", where="numel=33000",
+                     skip="ours,base") == 0
+    doc = json.loads((out / f"{name}.json").read_text())
+    # one case left; "ours" skipped; the baseline is never skipped
+    assert [(r["params"]["numel"], r["provider"]) for r in doc["rows"]] == [(33000, "base")]
+    assert run_bench([name], quick=True, out=str(out), command="c",
+                     where="numel=1000|33000,op=sum") == 0
+    assert len(json.loads((out / f"{name}.json").read_text())["rows"]) == 4
+    capsys.readouterr()
+    assert run_bench([name], quick=True, out=str(out), command="c", where="batch=64") == 2
+    assert "has no param 'batch'" in capsys.readouterr().err
+    assert run_bench([name], quick=True, out=str(out), command="c", where="numel") == 2
+    assert "expected NAME=VALUE" in capsys.readouterr().err

@@ -92,3 +92,65 @@ def test_lease_survives_a_broken_device_query(tmp_path, monkeypatch):
     with tarfile.open(out / "lease.tar.gz") as tar:
         env = tar.extractfile("results/unknown-device/lease-env.txt").read().decode()
     assert "device query failed: RuntimeError: CUDA error: unknown error" in env
+
+
+def test_lease_per_stage_where_skip_cap(tmp_path, monkeypatch):
+    """--where / --skip reach the suite's command line, --cap replaces the stage's cap, and
+    the profile stage runs the profiler module (which refuses without a GPU)."""
+    seen = []
+
+    def fake_run(cmd, log_path, deadline, env):
+        seen.append((list(cmd), deadline))
+        with open(log_path, "w") as f:
+            f.write("ok\n")
+        return "passed", 0, 0.0
+    monkeypatch.setattr(lease, "_run_stage", fake_run)
+    rc = lease.main(["--out", str(tmp_path / "o"), "--budget", "500", "--stages",
+                     "models,profile", "--where", "models:model=resnet50,batch=64",
+                     "--skip", "models:torch-bf16-compile", "--cap", "models=77",
+                     "--profile-args", "--what qat_step --batch 8"])
+    assert rc == 0
+    (models_cmd, models_cap), (prof_cmd, prof_cap) = seen
+    assert models_cap == 77
+    i = models_cmd.index("--where")
+    assert models_cmd[i + 1] == "model=resnet50,batch=64"
+    assert models_cmd[models_cmd.index("--skip") + 1] == "torch-bf16-compile"
+    assert prof_cmd[1:4] == ["-m", "gpuquant.bench.profile", "--out"]
+    assert prof_cmd[-4:] == ["--what", "qat_step", "--batch", "8"]
+    assert prof_cap == lease.DEFAULT_CAP
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--where", "nosuch:a=1"], "--where: expected STAGE:VALUE"),
+    (["--skip", "models"], "--skip: expected STAGE:VALUE"),
+    (["--cap", "models=abc"], "--cap: seconds must be a number"),
+    (["--cap", "models=-1"], "--cap: seconds must be positive"),
+])
+def test_lease_rejects_bad_per_stage_arguments(args, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        lease.main(["--out", "x"] + args)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_profile_refuses_without_a_gpu_and_bad_arguments(tmp_path, capsys):
+    from gpuquant.bench import profile
+    if not __import__("torch").cuda.is_available():
+        assert profile.main(["--out", str(tmp_path)]) == 1
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        profile.main(["--out", str(tmp_path), "--what", "nope"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        profile.main(["--out", str(tmp_path), "--batch", "0"])
+
+
+@pytest.mark.gpu
+def test_profile_step_reports_on_the_gpu():
+    import torch
+
+    from gpuquant.bench.profile import profile_step
+    a = torch.randn(256, 256, device="cuda")
+    lines = profile_step("mm", lambda: a @ a @ a)
+    text = "\n".join(lines)
+    assert lines[0] == "## mm" and "kernel launches per step: 2" in text
+    assert "top 25 by GPU time" in text

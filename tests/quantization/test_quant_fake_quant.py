@@ -386,12 +386,13 @@ def test_learned_fake_quant_on_cuda_matches_cpu_and_never_syncs():
     xb = x.cuda().requires_grad_(True)
     dy = torch.randn_like(x)
     cpu(xa).backward(dy)
+    dy_gpu = dy.cuda()  # a copy from pageable host memory syncs: outside the checked region
     torch.cuda.synchronize()
     with gpuquant.backends.use("reference"):
         torch.cuda.set_sync_debug_mode("error")
         try:
             y = gpu(xb)
-            y.backward(dy.cuda())
+            y.backward(dy_gpu)
             tq(xb).sum().backward()
             gpu.get_qparams(), tq.get_qparams()
         finally:

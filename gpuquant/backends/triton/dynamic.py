@@ -31,7 +31,10 @@ __all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + M) - M rounds half to even, |v| < 2^22
 _INF = tl.constexpr(float("inf"))
-_NAN = tl.constexpr(float("nan"))
+# no NaN module constant: Triton (3.6) checks that a kernel's globals are unchanged by
+# comparing values, and NaN != NaN makes every launch after the first fail; the quiet NaN
+# is bitcast from its bits inside the kernel instead
+_QNAN_BITS = tl.constexpr(0x7FC00000)
 _ONE_BLOCK_MAX_K = 16384
 
 
@@ -73,7 +76,8 @@ def _quantize_per_token_kernel(
     row_ok = n_bad == 0
     scale = tl.maximum(tl.div_rn(absmax, qmax.to(tl.float32)), eps)
     inv = tl.div_rn(1.0, scale)
-    tl.store(scale_ptr + row, tl.where(row_ok, scale, _NAN))
+    nan = tl.full((), _QNAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+    tl.store(scale_ptr + row, tl.where(row_ok, scale, nan))
     if ONE_BLOCK:
         v = x * inv
         r = (v + _RNE_MAGIC) - _RNE_MAGIC

@@ -17,7 +17,8 @@ Providers:
 * ``torch-ao-qat``: PyTorch's eager QAT of the same architecture
   (``torchvision.models.quantization.<model>``, ``fuse_model(is_qat=True)``,
   ``get_default_qat_qconfig("x86")``, ``prepare_qat``), while PyTorch ships it; left out
-  when torchvision is not installed.
+  when torchvision is not installed, and for ``dtype`` bfloat16 (its fused fake-quant
+  kernels refuse bf16 under autocast).
 
 Throughput: images/s. Target (issue 5): ``gpuquant-qat`` at most 1.25x the ``float`` step for
 resnet50. Each provider builds its model once (untimed) and reuses it for every input set.
@@ -106,6 +107,11 @@ def _provider(kind: str, params: Dict, cache: Dict) -> Provider:
     """A provider whose model and optimizer are built on the first input set and reused."""
     def setup(inp):
         x, target = inp["x"], inp["target"]
+        if kind == "torch-ao-qat" and params["dtype"] != "float32":
+            # its fused observer + fake-quant kernels take float32 only (seen on an H200,
+            # torch 2.11: "expected scalar type BFloat16 but found Float" under autocast)
+            raise ProviderUnavailable(f"torch.ao's fake-quant kernels take float32 only, not "
+                                      f"{params['dtype']} autocast")
         if "model" not in cache:
             model = BUILDERS[kind](params["model"], x.device)
             model = model.to(x.device).to(memory_format=torch.channels_last).train()

@@ -1,0 +1,126 @@
+"""Where the time of a GPU step goes: ``torch.profiler`` tables of the steps the benchmark
+suites time, for reading after a lease.
+
+    python -m gpuquant.bench.profile --out DIR [--what qat_step,int8_forward]
+                                     [--model resnet50] [--batch 64]
+
+``qat_step``: one training step of the ``qat_step`` suite (float, then gpuquant QAT; bf16
+autocast, channels_last). ``int8_forward``: the ``models`` suite's fused int8 network under
+the triton backend. For each: the wall time of a step (CUDA events, median of 5 after 3
+warm-ups), the GPU time its kernels add up to, the number of kernel launches, and the 25
+ops with the most GPU time and the 15 with the most host time. Writes
+``DIR/profile-<what>.txt`` and prints it. Needs a CUDA GPU (exit 1 without one).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, List
+
+import torch
+
+__all__ = ["main", "profile_step"]
+
+WHATS = ("qat_step", "int8_forward")
+
+
+def _median_ms(step: Callable[[], object], n: int = 5) -> float:
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def profile_step(title: str, step: Callable[[], object], warmup: int = 3) -> List[str]:
+    """Warm ``step`` up, time it, profile two calls; returns the report's lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    wall = _median_ms(step)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    dev_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") \
+        else "self_cuda_time_total"
+    cuda_type = torch.autograd.DeviceType.CUDA
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == cuda_type]
+    total_dev = sum(getattr(e, dev_attr) for e in events) / 2  # two steps profiled
+    lines = [f"## {title}",
+             f"step wall time (CUDA events, median of 5): {wall:.3f} ms",
+             f"GPU time of its ops (profiler, per step): {total_dev / 1e3:.3f} ms",
+             f"kernel launches per step: {len(kernels) / 2:.0f}", "",
+             "top 25 by GPU time (2 steps):",
+             events.table(sort_by=dev_attr, row_limit=25, max_name_column_width=60), "",
+             "top 15 by host time (2 steps):",
+             events.table(sort_by="self_cpu_time_total", row_limit=15,
+                          max_name_column_width=60), ""]
+    return lines
+
+
+def _qat_steps(model_name: str, batch: int):
+    from .suites import qat_step as Q
+    params = {"model": model_name, "batch": batch, "resolution": 224, "dtype": "bfloat16",
+              "memory_format": "channels_last"}
+    inp = Q._make_inputs(params, "cuda")(0)
+    for kind in ("float", "gpuquant-qat"):
+        yield f"qat_step {kind} {model_name} batch {batch}", Q._provider(kind, params, {}).setup(inp)
+
+
+def _int8_steps(model_name: str, batch: int):
+    from .suites import models as M
+    in_ch, size = M.MODELS[model_name]
+    x = M.make_inputs(in_ch, size, batch, "cuda")(0)["x"]
+    yield (f"int8_forward gpuquant-triton (fused, eager) {model_name} batch {batch}",
+           M._triton(model_name, in_ch, size, "cuda")({"x": x}))
+    yield (f"int8_forward torch-bf16 (eager) {model_name} batch {batch}",
+           M._bf16(model_name, in_ch, size, "cuda", False)({"x": x}))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpuquant.bench.profile",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--what", default=",".join(WHATS), help=f"comma-separated: {WHATS}")
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch", type=int, default=64)
+    args = p.parse_args(argv)
+    whats = [w.strip() for w in args.what.split(",") if w.strip()]
+    bad = [w for w in whats if w not in WHATS]
+    if bad or not whats:
+        p.error(f"--what: unknown {bad or args.what!r}; known: {list(WHATS)}")
+    if args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
+    if not torch.cuda.is_available():
+        print("gpuquant.bench.profile: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    gens = {"qat_step": _qat_steps, "int8_forward": _int8_steps}
+    rc = 0
+    for what in whats:
+        lines: List[str] = []
+        try:
+            for title, step in gens[what](args.model, args.batch):
+                print(f"[profile] {title} ...", flush=True)
+                lines += profile_step(title, step)
+        except Exception as e:  # noqa: BLE001 - report what broke, keep the other profiles
+            lines.append(f"FAILED: {type(e).__name__}: {e}")
+            rc = 1
+        text = "\n".join(lines) + "\n"
+        with open(os.path.join(args.out, f"profile-{what}.txt"), "w") as f:
+            f.write(text)
+        print(text, flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
