@@ -278,3 +278,27 @@ def test_requantize_i32_equals_reference_fixed_point(zp, qmin, qmax):
         _requant_i32_probe[(1,)](dev(a), dev(m), dev(s), y, a.shape[0], a.shape[1], zp, qmin,
                                  qmax, HAS_LSHIFT=lshift, BR=64, BC=128)
         assert_same(y, want[:, cols].to(torch.int32), f"requantize_i32 lshift={lshift}")
+
+
+def test_unaligned_k_is_zero_padded_exactly(monkeypatch):
+    """Rows whose length is not a multiple of 16 bytes are zero-padded along K before the
+    GEMM (vectorised loads on the GPU); the padding must not change a byte, and the padded
+    weight is made once per weight."""
+    from gpuquant.backends.triton import gemm
+    assert [gemm.padded_k(k) for k in (16, 33, 1000, 1024, 4093, 16411)] == \
+        [16, 48, 1008, 1024, 4096, 16512]
+    seen = []
+    real = gemm.align_k
+
+    def spy(x2d, w2d, key):
+        xa, wa = real(x2d, w2d, key)
+        seen.append((x2d.shape[1], xa.shape[1], xa.stride(0) % 16, wa.stride(0) % 16))
+        return xa, wa
+    monkeypatch.setattr(gemm, "align_k", spy)
+    for (m, k, n) in [(5, 1000, 24), (3, 4093 // 8, 7)]:
+        x = rand_act((m, k), torch.int8)
+        w = rand_weight((n, k))
+        rq = rand_requant(n, qint8, "relu", k=k)
+        check_op("linear", (x, 3, w, None, rq), f"linear unaligned {m}x{k}x{n}")
+    assert all(kp % 16 == 0 and sx == 0 and sw == 0 for _, kp, sx, sw in seen)
+    assert {k for k, *_ in seen} == {1000, 4093 // 8}

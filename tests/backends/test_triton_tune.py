@@ -1,5 +1,5 @@
-"""GPUQUANT_TRITON_TUNE: every autotune config by default, the first / middle / last of each
-list with "quick" (what the GPU-lease runner sets), an error for anything else."""
+"""GPUQUANT_TRITON_TUNE: every autotune config by default, three of those that fit the
+problem with "quick" (what the GPU-lease runner sets), an error for anything else."""
 import pytest
 
 pytest.importorskip("triton")
@@ -8,15 +8,25 @@ from gpuquant.backends.triton import common, conv, depthwise, gemm  # noqa: E402
 
 
 @pytest.mark.parametrize("family", ["sm80", "sm89", "sm90"])
-def test_quick_tuning_keeps_large_middle_and_small_tiles(family, monkeypatch):
+def test_quick_tuning_keeps_two_large_and_the_small_tile_of_those_that_fit(family, monkeypatch):
+    """Quick tuning picks among the tiles that fit the problem (after the shape pruning):
+    a 64-channel layer gets three tiles 64 wide, not the one small tile of a fixed list."""
     monkeypatch.delenv("GPUQUANT_TRITON_TUNE", raising=False)
-    full = [c.kwargs for c in gemm.gemm_configs(family)]
-    full_conv = [c.kwargs for c in conv.conv_configs(family)]
+    cfgs = gemm.gemm_configs(family)
+    conv_cfgs = conv.conv_configs(family)
+    big = {"M": 8192, "N": 8192}
+    narrow = {"M": 200704, "N": 64}
+    assert len(gemm.prune_configs(cfgs, big)) == len(cfgs)  # full: every config
     monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "quick")
-    quick = [c.kwargs for c in gemm.gemm_configs(family)]
-    assert quick == [full[0], full[len(full) // 2], full[-1]]
-    assert [c.kwargs for c in conv.conv_configs(family)] == [
-        full_conv[0], full_conv[len(full_conv) // 2], full_conv[-1]]
+    area = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]  # noqa: E731
+    for configs in (cfgs, conv_cfgs):
+        quick = gemm.prune_configs(configs, big)
+        areas = sorted((area(c) for c in configs), reverse=True)
+        assert [area(c) for c in quick] == [areas[0], areas[1], areas[-1]]
+        q64 = gemm.prune_configs(configs, narrow)
+        fits = [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
+        assert len(q64) == min(3, len(fits)) and all(c.kwargs["BLOCK_N"] <= 64 for c in q64)
+        assert max(area(c) for c in q64) == max(area(c) for c in fits)
     assert len(depthwise.depthwise_configs(family)) == 3
     assert len(gemm.gemm_configs("interpret")) == 1  # the interpreter's one tile either way
 

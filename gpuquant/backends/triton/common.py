@@ -29,18 +29,25 @@ ARCH_FAMILIES = {(8, 0): "sm80", (8, 6): "sm86", (8, 7): "sm80", (8, 9): "sm89",
 TUNE_MODES = ("full", "quick")
 
 
-def tune_subset(configs: list) -> list:
-    """The autotune configs to try: all of them, or with ``GPUQUANT_TRITON_TUNE=quick`` the
-    first (largest tile), middle and last (smallest) of each list. On a fresh GPU machine
-    every config is compiled before it is timed (~5 s for a 3x3 conv config), which is most
-    of a short benchmark run; quick tuning keeps the tiles that serve large, medium and
-    small problems (``bench.lease`` sets it). Read at kernel creation (first use)."""
+def tune_mode() -> str:
+    """``GPUQUANT_TRITON_TUNE``: "full" (default) or "quick"; anything else is an error."""
     mode = os.environ.get("GPUQUANT_TRITON_TUNE", "full").strip().lower() or "full"
     if mode not in TUNE_MODES:
         raise ValueError(f"GPUQUANT_TRITON_TUNE must be one of {TUNE_MODES}, got {mode!r}")
-    if mode == "full" or len(configs) <= 3:
+    return mode
+
+
+def tune_subset(configs: list, area=None) -> list:
+    """The autotune configs to try: all of them, or with ``GPUQUANT_TRITON_TUNE=quick`` three:
+    the two largest tiles and the smallest (by ``area(config)`` when given, else list
+    order). On a fresh GPU machine every config is compiled before it is timed (~5 s for a
+    3x3 conv config), which is most of a short benchmark run (``bench.lease`` sets quick).
+    The inference kernels apply it to the tiles that fit the problem (after their shape
+    pruning, so a 64-channel layer gets three 64-wide tiles, not one); read at each call."""
+    if tune_mode() == "full" or len(configs) <= 3:
         return list(configs)
-    return [configs[0], configs[len(configs) // 2], configs[-1]]
+    ordered = sorted(configs, key=area, reverse=True) if area is not None else list(configs)
+    return [ordered[0], ordered[1], ordered[-1]]
 
 
 _FAMILY: dict = {}  # (device type, index) -> family: asked on every launch

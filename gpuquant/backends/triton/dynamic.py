@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..reference_dynamic import EPS
 from .common import LAUNCH_OPTS, arch_family, tune_subset
-from .gemm import (OUT_SCALED, _config, _gemm_kernel, bf16_rne, grouped_tile,
+from .gemm import (OUT_SCALED, _config, _gemm_kernel, align_k, bf16_rne, grouped_tile,
                    interpret_meta)
 
 __all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]
@@ -121,6 +121,8 @@ def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
         return out
+    xq, wq = align_k(xq, wq, wq)  # unaligned K: zero-padded (exact), see gemm.align_k
+    k = xq.shape[1]
     family = arch_family(xq.device)
     kern = _gemm_kernel(family)
     meta = interpret_meta() if family == "interpret" else {}
@@ -213,7 +215,8 @@ def _wo_prune(configs, named_args, **kwargs):
     m = named_args["M"]
     cap = max(16, triton.next_power_of_2(m))
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
-    return keep or configs[:1]
+    return tune_subset(keep or configs[:1],
+                       area=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
 
 
 _WO_KERNELS = {}
@@ -225,7 +228,7 @@ def _weight_only_kernel(interpret: bool):
         heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(
             _linear_weight_only_kernel)
         k = heur if interpret else triton.autotune(
-            configs=tune_subset([_config(t) for t in _WO_TILES]), key=["M", "N", "K"],
+            configs=[_config(t) for t in _WO_TILES], key=["M", "N", "K"],
             prune_configs_by={"early_config_prune": _wo_prune})(heur)
         _WO_KERNELS[interpret] = k
     return k

@@ -231,7 +231,7 @@ def family_configs(tiles: dict, family: str):
     if family not in tiles:
         raise ValueError(f"unknown architecture family {family!r}; known: "
                          f"{sorted(tiles)} and 'interpret'")
-    return tune_subset([_config(t) for t in tiles[family]])
+    return [_config(t) for t in tiles[family]]
 
 
 def gemm_configs(family: str):
@@ -243,12 +243,17 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
+def _tile_area(c) -> int:
+    return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+
+
 def prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (M = 1 never needs 128 rows)."""
+    """Drop tiles far larger than the problem (M = 1 never needs 128 rows), then keep the
+    quick subset of the rest under ``GPUQUANT_TRITON_TUNE=quick`` (:func:`.common.tune_subset`)."""
     m, n = named_args["M"], named_args["N"]
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, _next_pow2(m))
             and c.kwargs["BLOCK_N"] <= max(64, _next_pow2(n))]
-    return keep or configs[-1:]
+    return tune_subset(keep or configs[-1:], area=_tile_area)
 
 
 def _even_k(args):
@@ -374,6 +379,36 @@ def output_dtype(out_mode: int, rq, add_params):
     return (add_params.out if add_params is not None else rq).dtype.storage
 
 
+# --------------------------------------------------------------------------- K alignment
+def padded_k(k: int) -> int:
+    """The reduction length the GEMM runs for ``k``: ``k`` itself when a multiple of 16, else
+    rounded up to 16 (k < 1024) or 128 (larger k, where the padding is under 13%)."""
+    if k % 16 == 0:
+        return k
+    step = 16 if k < 1024 else 128
+    return -(-k // step) * step
+
+
+def align_k(x2d: torch.Tensor, w2d: torch.Tensor, w_key: torch.Tensor):
+    """``(x2d, w2d)`` with rows 16-byte aligned, zero-padded along K where they are not.
+
+    The kernel's loads along K are contiguous, but the compiler knows a row's start is
+    16-byte aligned only when the row stride is a multiple of 16 (Triton's specialization);
+    otherwise every load is a single byte (a 4093-long K ran 10x slower than 4096 on an
+    H200). Zero weight columns add nothing, whatever the padded activations hold, so the
+    result is exact; the padded weight is memoised on ``w_key`` (the module's weight)."""
+    k = x2d.shape[1]
+    if x2d.stride(0) % 16 == 0 and w2d.stride(0) % 16 == 0 and k % 16 == 0:
+        return x2d, w2d
+    kp = padded_k(k)
+    if kp != k or w2d.stride(0) % 16 != 0:
+        w2d = derived("w_kpad", (w_key,), (kp, str(w2d.device)),
+                      lambda: torch.nn.functional.pad(w2d, (0, kp - k)).contiguous())
+    if kp != k or x2d.stride(0) % 16 != 0:
+        x2d = torch.nn.functional.pad(x2d, (0, kp - k))
+    return x2d, w2d
+
+
 # --------------------------------------------------------------------------- launcher
 def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=None,
           out_mode: str = "quant", residual=None, add_params=None, deq_scale: float = 1.0,
@@ -399,6 +434,8 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
         return out
     has_res = residual is not None
     res = residual if has_res else out
+    x2d, w2d = align_k(x2d, w2d, w2d if w_src is None else w_src)
+    k = x2d.shape[1]
     family = arch_family(dev)
     kern = _gemm_kernel(family)
     meta = interpret_meta(m, n, k) if family == "interpret" else {}
