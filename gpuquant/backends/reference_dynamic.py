@@ -47,7 +47,8 @@ EPS = torch.finfo(torch.float32).eps
 def quantize_per_token(x, qmin, qmax):
     xf = x.to(torch.float32)
     absmax = xf.abs().amax(dim=1) if xf.shape[0] else xf.new_zeros((0,))
-    scale = torch.clamp(absmax / float(qmax), min=EPS)
+    # a tensor divisor: CUDA divides by a host scalar as a reciprocal multiply (1 ulp off)
+    scale = torch.clamp(absmax / torch.full_like(absmax, float(qmax)), min=EPS)
     inv = 1.0 / scale
     q = torch.round(xf * inv[:, None]).clamp_(qmin, qmax)
     bad = ~torch.isfinite(xf).all(dim=1)

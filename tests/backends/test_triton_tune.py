@@ -23,6 +23,14 @@ def test_quick_tuning_keeps_two_large_and_the_small_tile_of_those_that_fit(famil
         quick = gemm.prune_configs(configs, big)
         areas = sorted((area(c) for c in configs), reverse=True)
         assert [area(c) for c in quick] == [areas[0], areas[1], areas[-1]]
+        # resnet50's 256-channel 3x3 at 14x14, batch 64: the largest tiles would give 98
+        # programs on 132 multiprocessors; the first tile to fill a wave and its larger
+        # neighbour are tried instead (and the smallest)
+        mid = gemm.prune_configs(configs, {"M": 64 * 14 * 14, "N": 256})
+        def progs(c):
+            return -(-12544 // c.kwargs["BLOCK_M"]) * -(-256 // c.kwargs["BLOCK_N"])
+        wave = [c for c in configs if progs(c) >= common.sm_count()]
+        assert len(mid) == 3 and max(area(c) for c in wave) in {area(c) for c in mid}
         q64 = gemm.prune_configs(configs, narrow)
         fits = [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
         assert len(q64) == min(3, len(fits)) and all(c.kwargs["BLOCK_N"] <= 64 for c in q64)

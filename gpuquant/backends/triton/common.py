@@ -37,17 +37,40 @@ def tune_mode() -> str:
     return mode
 
 
-def tune_subset(configs: list, area=None) -> list:
-    """The autotune configs to try: all of them, or with ``GPUQUANT_TRITON_TUNE=quick`` three:
-    the two largest tiles and the smallest (by ``area(config)`` when given, else list
-    order). On a fresh GPU machine every config is compiled before it is timed (~5 s for a
-    3x3 conv config), which is most of a short benchmark run (``bench.lease`` sets quick).
-    The inference kernels apply it to the tiles that fit the problem (after their shape
-    pruning, so a 64-channel layer gets three 64-wide tiles, not one); read at each call."""
+def tune_subset(configs: list, area=None, programs=None, min_programs: int = 0) -> list:
+    """The autotune configs to try: all of them, or with ``GPUQUANT_TRITON_TUNE=quick`` three.
+
+    Quick: the configs ordered by ``area(config)`` (largest tile first; list order without
+    ``area``); the largest whose grid ``programs(config)`` reaches ``min_programs`` (about
+    one wave on the GPU: larger tiles leave multiprocessors idle), its larger neighbour
+    (or its smaller one), and the smallest tile. Without ``programs``: the two largest and
+    the smallest. On a fresh GPU machine every config is compiled before it is timed (~5 s
+    for a 3x3 conv config), which is most of a short benchmark run (``bench.lease`` sets
+    quick). The inference kernels apply it after their shape pruning, so a 64-channel layer
+    gets three tiles 64 wide. Read at each call."""
     if tune_mode() == "full" or len(configs) <= 3:
         return list(configs)
     ordered = sorted(configs, key=area, reverse=True) if area is not None else list(configs)
-    return [ordered[0], ordered[1], ordered[-1]]
+    i = 0
+    if programs is not None:
+        i = next((j for j, c in enumerate(ordered) if programs(c) >= min_programs),
+                 len(ordered) - 1)
+    other = i - 1 if i > 0 else i + 1
+    return [ordered[j] for j in sorted({other, i, len(ordered) - 1})]
+
+
+_SMS: dict = {}
+
+
+def sm_count(device=None) -> int:
+    """Multiprocessors of the current CUDA device (132 without one: an H100 / H200)."""
+    if not torch.cuda.is_available() or INTERPRET:
+        return 132
+    idx = torch.cuda.current_device() if device is None else device
+    n = _SMS.get(idx)
+    if n is None:
+        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
 
 
 _FAMILY: dict = {}  # (device type, index) -> family: asked on every launch

@@ -5,9 +5,9 @@ reduction K = KH * KW * Cg with the weight reordered once to (O, KH, KW, Cg) (me
 every K tile is a run of contiguous input channels. Two loop shapes, picked per layer:
 
 * taps outer, channels inner (``FLAT_K`` False, wide layers: every 3x3 / 1x1 of a ResNet):
-  one loop over (tap, channel block) pairs, each K tile BLOCK_K consecutive channels of one
-  tap: one coalesced row load per output pixel, and a single loop the compiler pipelines
-  across taps (``EVEN_C``: channels a multiple of BLOCK_K, no channel mask);
+  the tap loop is unrolled (``KH``, ``KW`` are compile-time), each K tile is BLOCK_K
+  consecutive channels of one tap: one coalesced row load per output pixel (``EVEN_C``:
+  channels a multiple of BLOCK_K, no channel mask);
 * flat K (``FLAT_K`` True, few channels a group, e.g. the 7x7 stem with C = 3): the K index
   is split into (tap, channel) per element so tiles are not mostly padding.
 
@@ -94,31 +94,33 @@ def _qconv_kernel(
                 a = a.to(tl.int8, bitcast=True) ^ -128
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     else:
-        # one flat loop over (tap, channel block): the compiler's software pipeline
-        # (num_stages) prefetches across taps; a loop per tap would restart it every tap,
-        # leaving a 64-channel 3x3 layer (one block a tap) with no prefetch at all
-        n_cb = tl.cdiv(Cg, BLOCK_K)
-        for t in range(0, KH * KW * n_cb):
-            tap = t // n_cb
-            c0 = (t - tap * n_cb) * BLOCK_K
-            r = tap // KW
-            ih = ih0 + r * dil_h
-            iw = iw0 + (tap - r * KW) * dil_w
-            row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
-            a_rows = x_img + ih.to(tl.int64) * stride_xh + iw * stride_xw
-            c = c0 + offs_k
-            if EVEN_C:
-                a = tl.load(a_rows[:, None] + c[None, :], mask=row_ok[:, None], other=x_zp)
-                b = tl.load(w_rows[None, :] + (tap * Cg + c)[:, None])
-            else:
-                c_ok = c < Cg
-                a = tl.load(a_rows[:, None] + c[None, :],
-                            mask=row_ok[:, None] & c_ok[None, :], other=x_zp)
-                b = tl.load(w_rows[None, :] + (tap * Cg + c)[:, None], mask=c_ok[:, None],
-                            other=0)
-            if X_UINT8:
-                a = a.to(tl.int8, bitcast=True) ^ -128
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        # taps unrolled (KH, KW compile-time), channel blocks a loop inside each: for a
+        # 3x3 64-channel layer, nine independent load -> dot steps in straight-line code
+        # that the compiler issues ahead. (A single flat loop over (tap, block), pipelined
+        # by num_stages, ran slower on an H200 in one lease: 0.19 ms against 0.14 ms for
+        # resnet50's 64-channel 3x3 at batch 64, though with other autotune tiles; see
+        # bench/README.md NOTES.)
+        for r in tl.static_range(KH):
+            for s in tl.static_range(KW):
+                ih = ih0 + r * dil_h
+                iw = iw0 + s * dil_w
+                row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
+                a_rows = x_img + ih.to(tl.int64) * stride_xh + iw * stride_xw
+                w_tap = w_rows + (r * KW + s) * Cg
+                for c0 in range(0, Cg, BLOCK_K):
+                    c = c0 + offs_k
+                    if EVEN_C:
+                        a = tl.load(a_rows[:, None] + c[None, :], mask=row_ok[:, None],
+                                    other=x_zp)
+                        b = tl.load(w_tap[None, :] + c[:, None])
+                    else:
+                        c_ok = c < Cg
+                        a = tl.load(a_rows[:, None] + c[None, :],
+                                    mask=row_ok[:, None] & c_ok[None, :], other=x_zp)
+                        b = tl.load(w_tap[None, :] + c[:, None], mask=c_ok[:, None], other=0)
+                    if X_UINT8:
+                        a = a.to(tl.int8, bitcast=True) ^ -128
+                    acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
     quant_epilogue(acc, offs_m, oc, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI, deq_scale,
                    Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)

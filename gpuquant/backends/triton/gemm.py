@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import LAUNCH_OPTS, arch_family, derived, scalar_int, tune_subset
+from .common import LAUNCH_OPTS, arch_family, derived, scalar_int, sm_count, tune_subset
 from .fixed_point import add_mode, add_values_fast, requantize_i32
 
 __all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32",
@@ -253,7 +253,11 @@ def prune_configs(configs, named_args, **kwargs):
     m, n = named_args["M"], named_args["N"]
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, _next_pow2(m))
             and c.kwargs["BLOCK_N"] <= max(64, _next_pow2(n))]
-    return tune_subset(keep or configs[-1:], area=_tile_area)
+
+    def programs(c):
+        return triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])
+    return tune_subset(keep or configs[-1:], area=_tile_area, programs=programs,
+                       min_programs=sm_count())
 
 
 def _even_k(args):

@@ -54,7 +54,8 @@ def fake_quant_per_token(x: torch.Tensor, dtype=qint8) -> torch.Tensor:
     if x2.shape[0] == 0:
         return x2.reshape(x.shape)
     with torch.no_grad():
-        scale = torch.clamp(x2.abs().amax(dim=1) / float(d.qmax), min=EPS)
+        amax = x2.abs().amax(dim=1)  # divided by a tensor: as the int8 kernels, on any device
+        scale = torch.clamp(amax / torch.full_like(amax, float(d.qmax)), min=EPS)
     zp = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
     y = fake_quant(x2, QParams.trusted(d, scale, zp, axis=0))
     return y.reshape(x.shape)
@@ -65,7 +66,8 @@ def fake_quant_weight_per_channel(w: torch.Tensor, dtype=qint8_narrow) -> torch.
     d = get_dtype(dtype)
     w32 = w.to(torch.float32)
     with torch.no_grad():
-        scale = torch.clamp(w32.abs().amax(dim=1) / (float(d.qmax - d.qmin) / 2), min=EPS)
+        amax = w32.abs().amax(dim=1)
+        scale = torch.clamp(amax / torch.full_like(amax, float(d.qmax - d.qmin) / 2), min=EPS)
     zp = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
     return fake_quant(w32, QParams.trusted(d, scale, zp, axis=0))
 

@@ -41,7 +41,11 @@ def per_channel_weight_scale(weight: torch.Tensor,
     them: ``max(max|w_n| / ((qmax - qmin) / 2), eps)`` in float32."""
     w = weight.detach().to(torch.float32)
     absmax = w.abs().amax(dim=1)
-    return torch.clamp(absmax / (float(dtype.qmax - dtype.qmin) / 2), min=EPS)
+    # a tensor divisor, not a Python float: on CUDA, PyTorch divides by a host scalar as a
+    # multiplication by its reciprocal (up to one ulp off the division the CPU does), so
+    # the same weight quantized on a GPU got other scales than on the CPU (seen on an H200)
+    half_range = torch.full_like(absmax, float(dtype.qmax - dtype.qmin) / 2)
+    return torch.clamp(absmax / half_range, min=EPS)
 
 
 def quantize_weight_per_channel(weight: torch.Tensor, dtype=qint8_narrow, scale=None):
