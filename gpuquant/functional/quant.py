@@ -42,9 +42,9 @@ def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
 
     Raises:
         TypeError: x not a float tensor, qparams not QParams.
-        ValueError: axis out of range or channel count mismatch; NaN in ``x`` (it has no
-            integer value; not checked while a CUDA graph is being captured, where reading
-            the flag back is not allowed).
+        ValueError: axis out of range or channel count mismatch; NaN in a CPU ``x`` (it has
+            no integer value; not checked on CUDA, where the check would be a host sync on
+            every call: there NaN becomes whatever integer the kernel's clamp gives).
 
     Example:
         >>> q = gpuquant.functional.quantize(torch.randn(4, 8), QParams(gpuquant.qint8, 0.02))
@@ -52,10 +52,10 @@ def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     _check_float(x, "quantize")
     _check_qparams(qparams, "quantize")
     axis = qparams.check_tensor(x)
-    if not (x.is_cuda and torch.cuda.is_current_stream_capturing()) and \
-            bool(torch.isnan(x).any()):
-        # (the check reads one flag back from the device; inside a CUDA graph capture no read
-        # is allowed, so a captured quantize maps NaN as the backend's kernel does)
+    if not x.is_cuda and bool(torch.isnan(x).any()):
+        # (CPU only: on a GPU the check would read a flag back every call, stalling the
+        # launch queue and ruling out CUDA graphs; NaN there gets whatever int the kernel's
+        # clamp makes of it)
         raise ValueError("quantize: x contains NaN, which has no quantized value")
     s, z = _on(qparams, x)
     d = qparams.dtype
