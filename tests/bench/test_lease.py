@@ -14,7 +14,7 @@ from tests.bench.test_harness import fake_suite, fast  # noqa: F401 - fixtures
 
 def test_plan_caps_shares_the_budget():
     assert lease.plan_caps("tests", 1000) == lease.STAGE_CAP["tests"]
-    assert lease.plan_caps("fake_quant", 1000) == lease.DEFAULT_CAP
+    assert lease.plan_caps("linear_dynamic", 1000) == lease.DEFAULT_CAP
     assert lease.plan_caps("gemm", 60) == 60 - lease.PACK_RESERVE_S
     assert lease.plan_caps("gemm", lease.MIN_STAGE_S + lease.PACK_RESERVE_S - 1) is None
 
