@@ -25,6 +25,16 @@ name, fn, sig, const, nw, ns, _ = [v for v in ip.kernel_variants(90, ci=True)
                                    if v[0] == "quantize"][0]
 ptx = ip.compile_ptx(fn, sig, const, 90, nw, ns, enable_fp_fusion=True)
 out["control_fusion_on"] = sorted(set(ip.FLOAT_HAZARD_RE.findall(ptx)))
+import re
+from gpuquant.backends.triton import conv
+stores = {}
+for zz in (False, True):  # the conv's A tile: zero-filled async copy vs a register pass
+    const = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "KH": 3, "KW": 3,
+             "FLAT_K": False, "EVEN_C": True, "ZP_ZERO": zz, "X_UINT8": False, "OUT_MODE": 0,
+             "HAS_RES": False}
+    p = ip.compile_ptx(conv._qconv_kernel, ip._conv_sig(), const, 90, 4, 4)
+    stores[str(zz)] = len(re.findall(r"st\.shared\.v4", p))
+out["conv_st_shared_v4"] = stores
 print("JSON" + json.dumps(out))
 """
 
@@ -78,6 +88,11 @@ def test_tensor_core_instructions_and_no_float_hazards(tmp_path):
     # the same quantize kernel with FP fusion on contracts x * inv + 1.5 * 2^23 into an FMA:
     # the check above can see the hazard it guards against
     assert "fma.rn.f32" in report["control_fusion_on"]
+    # a conv whose activation zero point is 0 pads with the async copy's zero fill: its A
+    # tile no longer passes through registers to apply the padding value (far fewer
+    # 16-byte shared-memory stores on sm_90)
+    st = report["conv_st_shared_v4"]
+    assert st["True"] * 4 <= st["False"], st
 
 
 def test_every_launch_turns_fp_fusion_off(monkeypatch):

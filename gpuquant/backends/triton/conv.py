@@ -12,7 +12,10 @@ every K tile is a run of contiguous input channels. Two loop shapes, picked per 
   is split into (tap, channel) per element so tiles are not mostly padding.
 
 Padding is read as the activation's zero point (its value contributes ``x - zp = 0``), so
-the zero-point fold of :mod:`.gemm` stays exact at the borders. 1x1 stride-1 unpadded
+the zero-point fold of :mod:`.gemm` stays exact at the borders. With zero point 0 (every
+symmetric int8 activation) ``ZP_ZERO`` makes that a plain ``other=0``: the compiler's
+asynchronous copy fills it, where any other value costs a pass of the A tile through
+registers before the tensor cores read it. 1x1 stride-1 unpadded
 convolutions go to the plain GEMM on the NHWC view; depthwise convolutions go to
 :mod:`.depthwise`. The epilogue is :func:`.gemm.quant_epilogue`.
 """
@@ -57,6 +60,7 @@ def _qconv_kernel(
     x_zp, deq_scale,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
+    ZP_ZERO: tl.constexpr,
     X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -87,8 +91,11 @@ def _qconv_kernel(
             ih = ih0[:, None] + (tap // KW)[None, :] * dil_h
             iw = iw0[:, None] + (tap % KW)[None, :] * dil_w
             ok = k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
-            a = tl.load(x_img[:, None] + ih.to(tl.int64) * stride_xh + iw * stride_xw
-                        + c[None, :], mask=ok, other=x_zp)
+            a_ptrs = x_img[:, None] + ih.to(tl.int64) * stride_xh + iw * stride_xw + c[None, :]
+            if ZP_ZERO:
+                a = tl.load(a_ptrs, mask=ok, other=0)
+            else:
+                a = tl.load(a_ptrs, mask=ok, other=x_zp)
             b = tl.load(w_rows[None, :] + kk[:, None], mask=k_ok[:, None], other=0)
             if X_UINT8:
                 a = a.to(tl.int8, bitcast=True) ^ -128
@@ -110,14 +117,16 @@ def _qconv_kernel(
                 for c0 in range(0, Cg, BLOCK_K):
                     c = c0 + offs_k
                     if EVEN_C:
-                        a = tl.load(a_rows[:, None] + c[None, :], mask=row_ok[:, None],
-                                    other=x_zp)
+                        a_mask = row_ok[:, None]
                         b = tl.load(w_tap[None, :] + c[:, None])
                     else:
                         c_ok = c < Cg
-                        a = tl.load(a_rows[:, None] + c[None, :],
-                                    mask=row_ok[:, None] & c_ok[None, :], other=x_zp)
+                        a_mask = row_ok[:, None] & c_ok[None, :]
                         b = tl.load(w_tap[None, :] + c[:, None], mask=c_ok[:, None], other=0)
+                    if ZP_ZERO:  # padding reads 0: the async copy's zero fill, no select
+                        a = tl.load(a_rows[:, None] + c[None, :], mask=a_mask, other=0)
+                    else:
+                        a = tl.load(a_rows[:, None] + c[None, :], mask=a_mask, other=x_zp)
                     if X_UINT8:
                         a = a.to(tl.int8, bitcast=True) ^ -128
                     acc = tl.dot(a, b, acc, out_dtype=tl.int32)
@@ -233,6 +242,7 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
                h, wd, ho, wo, cg, sh, sw, ph, pw, dh, dw,
                xs[0], xs[2], xs[3], w2d.stride(0), y2d.stride(0), res.stride(0),
                int(x_zp), float(deq_scale),
-               KH=kh, KW=kw, FLAT_K=flat_k, X_UINT8=x.dtype == torch.uint8,
+               KH=kh, KW=kw, FLAT_K=flat_k, ZP_ZERO=int(x_zp) == 0,
+               X_UINT8=x.dtype == torch.uint8,
                OUT_MODE=mode, HAS_RES=residual is not None, **meta, **LAUNCH_OPTS)
     return y

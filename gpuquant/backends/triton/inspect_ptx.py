@@ -151,17 +151,18 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
         ksz = 1 if ci else 3
         out.append((f"conv{ksz}x{ksz}[{i}:{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}]",
                     conv._qconv_kernel, _conv_sig(),
-                    {**meta, "KH": ksz, "KW": ksz, "FLAT_K": False, "EVEN_C": True,
+                    {**meta, "KH": ksz, "KW": ksz, "FLAT_K": False, "EVEN_C": True, "ZP_ZERO": True,
                      "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False}, nw, ns, True))
     meta, nw, ns = cfg_of(ccfgs[0])
     out.append(("conv7x7_flatk_uint8_float_out", conv._qconv_kernel,
                 _conv_sig(x="*u8", y="*fp32"),
-                {**meta, "KH": 7, "KW": 7, "FLAT_K": True, "EVEN_C": False, "X_UINT8": True,
+                {**meta, "KH": 7, "KW": 7, "FLAT_K": True, "EVEN_C": False, "ZP_ZERO": False,
+                 "X_UINT8": True,
                  "OUT_MODE": 1, "HAS_RES": False}, nw, ns, True))
     if not ci:
         out.append(("conv3x3_residual", conv._qconv_kernel, _conv_sig(),
                     {**meta, "KH": 3, "KW": 3, "FLAT_K": False, "EVEN_C": False,
-                     "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": True},
+                     "ZP_ZERO": False, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": True},
                     nw, ns, True))
 
     dsig = {"X": "*i8", "W": "*i8", **_EPI_PTRS, "RES": "*i8", "Y": "*i8"}
