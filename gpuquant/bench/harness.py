@@ -32,6 +32,7 @@ quantiles).
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -381,17 +382,26 @@ def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
     names = list(runs)
     n_rounds = max(1, min(cfg.rounds, min(reps.values()) if reps else 1))
     counters = {n: 0 for n in names}
-    for r in range(n_rounds):
-        order = names[r % len(names):] + names[:r % len(names)] if names else []
-        for name in order:
-            share = reps[name] * (r + 1) // n_rounds - reps[name] * r // n_rounds
-            fns = runs[name]
-            for _ in range(share):
-                timer.time_call(fns[counters[name] % len(fns)], timings[name])
-                counters[name] += 1
-    # one sync at the end: on the GPU the launches run ahead of the device (as in do_bench),
-    # so the events time the kernels, not the host's launch latency
-    timer.sync()
+    # the garbage collector off while timing, as timeit does: a collection triggered by the
+    # autograd objects of a fwd+bwd call otherwise lands in whichever call runs then (on an
+    # H200 the fake_quant fwd+bwd rows had medians 2-10x their p20)
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(n_rounds):
+            order = names[r % len(names):] + names[:r % len(names)] if names else []
+            for name in order:
+                share = reps[name] * (r + 1) // n_rounds - reps[name] * r // n_rounds
+                fns = runs[name]
+                for _ in range(share):
+                    timer.time_call(fns[counters[name] % len(fns)], timings[name])
+                    counters[name] += 1
+        # one sync at the end: on the GPU the launches run ahead of the device (as in
+        # do_bench), so the events time the kernels, not the host's launch latency
+        timer.sync()
+    finally:
+        if gc_was_on:
+            gc.enable()
 
     rows = []
     for name in names:

@@ -491,3 +491,18 @@ def test_run_bench_where_and_skip_select_cases_and_providers(fast, fake_suite, t
     assert "has no param 'batch'" in capsys.readouterr().err
     assert run_bench([name], quick=True, out=str(out), command="c", where="numel") == 2
     assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
+def test_run_case_times_with_the_garbage_collector_off():
+    """The timed calls run with gc disabled (as timeit does); its state is restored."""
+    import gc
+    seen = []
+
+    def prov(x):
+        return lambda: seen.append(gc.isenabled()) or x.sum()
+    case = Case(params={"n": 8}, inputs=lambda i: torch.randn(8),
+                providers={"base": prov, "other": prov},
+                throughput=lambda p, ms: (1.0 / ms, "1/ms"))
+    assert gc.isenabled()
+    harness.run_case("t", case, "cpu", RunConfig(budget_s=0.01, min_reps=5, max_input_sets=2))
+    assert gc.isenabled() and seen and seen[-1] is False
