@@ -62,14 +62,13 @@ def _batches(x, y, bs, gen=None):
 
 
 def _train(model, x, y, epochs, lr, log, label, freeze_bn_at=None, bs=64):
+    from .quantization import freeze_bn_stats
     gen = torch.Generator().manual_seed(SEED)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(y) + bs - 1) // bs))
     for ep in range(epochs):
         if freeze_bn_at is not None and ep == freeze_bn_at:
-            for m in model.modules():
-                if hasattr(m, "freeze_bn_stats"):
-                    m.freeze_bn_stats()
+            freeze_bn_stats(model)
         model.train()
         total, n = 0.0, 0
         for xb, yb in _batches(x, y, bs, gen):

@@ -232,6 +232,25 @@ def disable_observer(module: torch.nn.Module) -> torch.nn.Module:
     return _set_all(module, Observer, "disable_observer")
 
 
+def freeze_bn_stats(module: torch.nn.Module, freeze: bool = True) -> torch.nn.Module:
+    """Freeze (or, with ``freeze=False``, unfreeze) the BatchNorm statistics of every folded
+    Conv+BN / Linear+BN QAT module under ``module``: training then uses the running
+    statistics, as the int8 model will, with one convolution a layer instead of two (the
+    usual second half of QAT, Krishnamoorthi 2018); returns ``module``.
+
+    Raises:
+        TypeError: ``module`` is not a torch.nn.Module, or ``freeze`` is not a bool.
+    """
+    _check_module(module, "freeze_bn_stats")
+    if not isinstance(freeze, bool):
+        raise TypeError(f"freeze_bn_stats: freeze must be a bool, got {type(freeze).__name__}")
+    from ..nn.qat.conv import BnFoldedModule
+    for m in module.modules():
+        if isinstance(m, BnFoldedModule):
+            m.freeze_bn_stats(freeze)
+    return module
+
+
 def propagate_qconfig(module: torch.nn.Module, qconfig: QConfig) -> torch.nn.Module:
     """Give every QAT module under ``module`` fresh observers and fake quants from
     ``qconfig`` (their recorded statistics are dropped); returns the module.

@@ -57,7 +57,8 @@ def test_qat_step_suite_cases():
     assert all(p["batch"] == 64 and p["resolution"] == 224 and p["dtype"] == "bfloat16"
                and p["memory_format"] == "channels_last" for p in ps)
     cases = qat_suite.build_cases(ps, "cpu")
-    assert all(set(c.providers) == {"float", "gpuquant-qat", "torch-ao-qat"} for c in cases)
+    assert all(set(c.providers) == {"float", "gpuquant-qat", "gpuquant-qat-bn-frozen",
+                                    "torch-ao-qat"} for c in cases)
     qc = qat_suite.qat_qconfig()
     assert qc.act_observer().check_finite is False and qc.weight_observer().axis == 0
     suite = registry.load_suite("qat_step")
@@ -79,8 +80,12 @@ def test_qat_step_providers_run():
             assert name == "torch-ao-qat" and "torchvision" in str(e)
             continue
         losses[name] = step()
-    assert {"float", "gpuquant-qat"} <= set(losses)
+    assert {"float", "gpuquant-qat", "gpuquant-qat-bn-frozen"} <= set(losses)
     assert all(bool(torch.isfinite(v)) for v in losses.values())
+    from gpuquant.nn.qat.conv import BnFoldedModule
+    frozen = case.providers["gpuquant-qat-bn-frozen"].setup.cache["model"]
+    folded = [m for m in frozen.modules() if isinstance(m, BnFoldedModule)]
+    assert folded and all(m.bn_frozen for m in folded)
     # the QAT provider really trains a QAT model: its observers recorded the step
     from gpuquant.quantization import ExponentialMovingAverageObserver
     model = case.providers["gpuquant-qat"].setup.cache["model"]

@@ -352,3 +352,30 @@ def test_conversion_is_idempotent():
         q(torch.randn(4, 3, 9, 10))
     int8 = quantize(quantize(q.eval()))
     assert isinstance(int8.c1, qnn.ConvBnRelu2d)
+
+
+def test_freeze_bn_stats_on_a_whole_model():
+    """freeze_bn_stats(model) freezes every folded Conv+BN: training then runs on the running
+    statistics (which stop moving) and gives the eval output; freeze=False undoes it."""
+    from gpuquant.models import resnet18
+    from gpuquant.nn.qat.conv import BnFoldedModule
+    from gpuquant.quantization import freeze_bn_stats
+    torch.manual_seed(0)
+    q = quantize_qat(resnet18(num_classes=10), ema_fakequant_qconfig).train()
+    x = torch.randn(4, 3, 32, 32)
+    q(x)  # observers and BN statistics see a batch
+    folded = [m for m in q.modules() if isinstance(m, BnFoldedModule)]
+    assert folded and freeze_bn_stats(q) is q and all(m.bn_frozen for m in folded)
+    disable_observer(q)
+    before = [m.bn.running_mean.clone() for m in folded]
+    with torch.no_grad():
+        y_train = q.train()(x)
+        y_eval = q.eval()(x)
+    assert torch.equal(y_train, y_eval)
+    assert all(torch.equal(b, m.bn.running_mean) for b, m in zip(before, folded))
+    freeze_bn_stats(q, False)
+    assert not any(m.bn_frozen for m in folded)
+    with pytest.raises(TypeError, match="freeze must be a bool"):
+        freeze_bn_stats(q, 1)
+    with pytest.raises(TypeError):
+        freeze_bn_stats("model")

@@ -14,6 +14,8 @@ Providers:
   observer per step to raise on NaN / Inf). On CUDA the fake-quant ops run on the triton
   backend automatically: the fused ``observe_fake_quant`` for every observer + fake-quant
   pair, ``fake_quant`` otherwise;
+* ``gpuquant-qat-bn-frozen``: the same after :func:`gpuquant.quantization.freeze_bn_stats`
+  (running statistics, one convolution a layer: the second half of a usual QAT run);
 * ``torch-ao-qat``: PyTorch's eager QAT of the same architecture
   (``torchvision.models.quantization.<model>``, ``fuse_model(is_qat=True)``,
   ``get_default_qat_qconfig("x86")``, ``prepare_qat``), while PyTorch ships it; left out
@@ -82,6 +84,11 @@ def _build_gpuquant_qat(name, device):
     return quantize_qat(_gpuquant_model(name), qat_qconfig())
 
 
+def _build_gpuquant_qat_bn_frozen(name, device):
+    from ...quantization import freeze_bn_stats
+    return freeze_bn_stats(_build_gpuquant_qat(name, device))
+
+
 def _build_torch_ao_qat(name, device):
     try:
         from torchvision.models import quantization as tvq
@@ -100,6 +107,7 @@ def _build_torch_ao_qat(name, device):
 
 
 BUILDERS: Dict[str, Callable] = {"float": _build_float, "gpuquant-qat": _build_gpuquant_qat,
+                                 "gpuquant-qat-bn-frozen": _build_gpuquant_qat_bn_frozen,
                                  "torch-ao-qat": _build_torch_ao_qat}
 
 
