@@ -250,8 +250,8 @@ _PTX_SCRIPT = textwrap.dedent(r"""
         assert any(i.startswith(want) and "s8.s8" in i for i in mma), (cc, mma)
         assert not FLOAT_HAZARD_RE.findall(ptx), cc
         sig = {"a_ptr": "*bf16", "b_ptr": "*i8", "c_ptr": "*bf16", "b_scale_ptr": "*fp32",
-               "bias_ptr": "*fp32", **i32("M", "N", "K", "stride_am", "stride_ak", "stride_bn",
-               "stride_bk", "stride_cm", "stride_cn")}
+               "bias_ptr": "*fp32", "ws_ptr": "*fp32", **i32("M", "N", "K", "SPLIT_K",
+               "stride_am", "stride_ak", "stride_bn", "stride_bk", "stride_cm", "stride_cn")}
         ptx = compile_ptx(D._linear_weight_only_kernel, sig, {"HAS_BIAS": True, "DOT_F32": False,
                           "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
                           "GROUP_M": 8, "EVEN_K": True}, cc, 4, 4)
@@ -287,3 +287,40 @@ def test_non_finite_rows_give_nan_not_garbage(backend):
     assert torch.equal(q[0], q_ref[0]) and torch.equal(s[0], s_ref[0])
     assert bool(torch.isnan(s[1:]).all()) and not bool(q[1:].any())
     assert bool(torch.isfinite(y[0]).all()) and bool(torch.isnan(y[1:]).all())
+
+
+def test_weight_only_split_k_choice():
+    from gpuquant.backends.triton.dynamic import weight_only_split_k as split
+    assert split(1, 4096, 4096, 132) == 8        # 64 column tiles: 8 K ranges of 512
+    assert split(16, 11008, 4096, 132) == 2      # 172 tiles already fill 132 SMs once
+    assert split(1, 4096, 14336, 132) == 8       # capped by 4 programs a multiprocessor
+    assert split(17, 4096, 4096, 132) == 1       # prefill: tiles enough
+    assert split(1, 4096, 1000, 132) == 1        # too short a K to split
+    assert split(1, 64, 1 << 20, 132) in (256, 512) and split(1, 64, 1 << 20, 132) & 1 == 0
+
+
+@pytest.mark.parametrize("k", [1024, 1000 + 37])  # whole BLOCK_Ks per range, and ragged
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_weight_only_split_k_matches_unsplit(k, dtype):
+    """Split-K decode (partials in float32, summed in order by the reduce kernel) gives the
+    unsplit result to float32 rounding, the same bytes on every call, and NumPy's within
+    the weight-only bound."""
+    if "triton" not in backends.available():
+        pytest.skip("triton backend unavailable here")
+    from gpuquant.backends.triton import dynamic as D
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m, n = 3, 40
+    x = torch.randn(m, k).to(dtype).to(dev)
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8).to(dev)
+    ws = (torch.rand(n) * 0.01 + 1e-3).to(dev)
+    b = torch.randn(n).to(dev)
+    whole = D.linear_weight_only(x, wq, ws, b, split_k=1)
+    parts = D.linear_weight_only(x, wq, ws, b, split_k=4)
+    again = D.linear_weight_only(x, wq, ws, b, split_k=4)
+    assert torch.equal(parts, again)
+    exact = (x.double() @ wq.double().t()) * ws.double() + b.double()
+    out_ulp = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+    scale = (x.double().abs() @ wq.double().abs().t()) * ws.double()
+    tol = scale * k * 2.0 ** -24 + exact.abs() * out_ulp[dtype] + 1e-6
+    for y in (whole, parts):
+        assert y.dtype == dtype and bool(((y.double() - exact).abs() <= tol).all())

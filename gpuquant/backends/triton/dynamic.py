@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..reference_dynamic import EPS
-from .common import LAUNCH_OPTS, arch_family, tune_subset
+from .common import LAUNCH_OPTS, arch_family, sm_count, tune_subset
 from .gemm import (OUT_SCALED, _config, _gemm_kernel, align_k, bf16_rne, grouped_tile,
                    interpret_meta)
 
@@ -144,10 +144,10 @@ def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
 # --------------------------------------------------------------------------- weight-only GEMM
 @triton.jit
 def _linear_weight_only_kernel(
-    # pointers
-    a_ptr, b_ptr, c_ptr, b_scale_ptr, bias_ptr,
+    # pointers (ws: float32 (SPLIT_K, M, N) partial sums, used when SPLIT_K > 1)
+    a_ptr, b_ptr, c_ptr, b_scale_ptr, bias_ptr, ws_ptr,
     # sizes
-    M, N, K,
+    M, N, K, SPLIT_K,
     # strides: a (M, K), b = W (N, K) read as W^T, c (M, N)
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     # meta
@@ -156,8 +156,14 @@ def _linear_weight_only_kernel(
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """c = (a @ b^T) * b_scale[n] (+ bias[n]): a float16/bfloat16/float32 (M, K), b int8
-    (N, K) converted to a's dtype in registers (exact), float32 accumulator, c a's dtype."""
+    (N, K) converted to a's dtype in registers (exact), float32 accumulator, c a's dtype.
+
+    Split K (decode: few rows, so few column tiles to stream the weight with): program
+    ``(tile, s)`` sums K block range ``s`` of ``SPLIT_K`` and stores the float32 partial in
+    ``ws[s]``; :func:`_weight_only_reduce_kernel` adds the partials in order (deterministic)
+    and applies the epilogue. ``EVEN_K``: every split's range is whole BLOCK_Ks."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,16 +171,19 @@ def _linear_weight_only_kernel(
     # rows past M / columns past N wrap around (loads stay in bounds); the store masks them
     offs_am = (offs_m % M).to(tl.int64)
     offs_bn = (offs_n % N).to(tl.int64)
-    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_per
+    k_hi = tl.minimum(K, k_lo + k_per)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + (k_lo + offs_k)[None, :] * stride_ak
+    b_ptrs = b_ptr + (k_lo + offs_k)[:, None] * stride_bk + offs_bn[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+    for kb in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
-            k_left = K - kb * BLOCK_K
+            k_left = k_hi - k_lo - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
         if DOT_F32:  # float32 activations, or the interpreter (it has no bfloat16 dot)
@@ -186,6 +195,20 @@ def _linear_weight_only_kernel(
 
     mask_m = offs_m < M
     mask_n = offs_n < N
+    if SPLIT_K > 1:  # the partial sum; the reduce kernel does the epilogue
+        ws = ws_ptr + (pid_k.to(tl.int64) * M + offs_m.to(tl.int64)[:, None]) * N \
+            + offs_n[None, :]
+        tl.store(ws, acc, mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_ptr,
+                              bias_ptr, stride_cm, stride_cn, HAS_BIAS, BF16_RNE_BITS)
+
+
+@triton.jit
+def _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_ptr, bias_ptr,
+                          stride_cm, stride_cn, HAS_BIAS: tl.constexpr,
+                          BF16_RNE_BITS: tl.constexpr):
+    """c[m, n] = acc * b_scale[n] (+ bias[n]) rounded once to c's dtype."""
     w_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
     y = acc * w_scale[None, :]
     if HAS_BIAS:
@@ -199,15 +222,52 @@ def _linear_weight_only_kernel(
     tl.store(c_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Untuned starting points (no
-# GPU was available when this was written), autotuned per (M, N, K) on the GPU: decode
-# (M <= 16) is memory-bound on W, so narrow N tiles give many programs streaming it; prefill
-# uses tensor-core tiles like the int8 GEMM's (bf16 A: BLOCK_K 64 is 128-byte rows).
+@triton.jit
+def _weight_only_reduce_kernel(ws_ptr, c_ptr, b_scale_ptr, bias_ptr, M, N, SPLIT_K,
+                               stride_cm, stride_cn, HAS_BIAS: tl.constexpr,
+                               BF16_RNE_BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr):
+    """c = (sum over s of ws[s], in order s = 0, 1, ...) * b_scale (+ bias)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    idx = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0)
+    _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_ptr, bias_ptr,
+                          stride_cm, stride_cn, HAS_BIAS, BF16_RNE_BITS)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Autotuned per (M, N, K) on the
+# GPU: decode (M <= 16) is memory-bound on W, so narrow N tiles give many programs streaming
+# it (and K is split, see weight_only_split_k); prefill uses tensor-core tiles like the int8
+# GEMM's (bf16 A: BLOCK_K 64 is 128-byte rows).
 _WO_TILES = [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 256, 1, 4, 3),
              (16, 128, 128, 1, 4, 4), (32, 64, 128, 1, 4, 4),
              (64, 64, 128, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 4, 3),
              (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3)]
 _WO_INTERPRET_TILE = (16, 32, 32, 4, 4, 1)  # one small tile: every tile is numpy work there
+_SPLIT_MIN_K = 512  # no split leaves a program fewer K values than this
+
+
+def weight_only_split_k(m: int, n: int, k: int, sms: int) -> int:
+    """How many K ranges a weight-only GEMM is split into: 1 beyond 16 rows (prefill has
+    tiles enough); else enough to give about 4 programs a multiprocessor with 64-wide column
+    tiles (a 4096-wide layer has 64 such tiles for 132 multiprocessors), a power of two,
+    at most ``k // 512``. The partial sums cost ``split * m * n * 4`` bytes of workspace and
+    one small reduce launch."""
+    if m > 16 or k < 2 * _SPLIT_MIN_K:
+        return 1
+    tiles = max(1, -(-n // 64))
+    want = max(1, (4 * sms) // tiles)
+    cap = max(1, k // _SPLIT_MIN_K)
+    split = 1
+    while split * 2 <= min(want, cap):
+        split *= 2
+    return split
 
 
 def _wo_prune(configs, named_args, **kwargs):
@@ -219,41 +279,57 @@ def _wo_prune(configs, named_args, **kwargs):
                        area=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
 
 
+def _wo_even_k(a) -> bool:
+    return a["K"] % (a["BLOCK_K"] * a["SPLIT_K"]) == 0
+
+
 _WO_KERNELS = {}
 
 
 def _weight_only_kernel(interpret: bool):
     k = _WO_KERNELS.get(interpret)
     if k is None:
-        heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(
-            _linear_weight_only_kernel)
+        heur = triton.heuristics({"EVEN_K": _wo_even_k})(_linear_weight_only_kernel)
         k = heur if interpret else triton.autotune(
-            configs=[_config(t) for t in _WO_TILES], key=["M", "N", "K"],
+            configs=[_config(t) for t in _WO_TILES], key=["M", "N", "K", "SPLIT_K"],
             prune_configs_by={"early_config_prune": _wo_prune})(heur)
         _WO_KERNELS[interpret] = k
     return k
 
 
-def linear_weight_only(x, wq, w_scale, bias):
+def linear_weight_only(x, wq, w_scale, bias, split_k=None):
+    """The weight-only GEMM launcher; ``split_k`` overrides :func:`weight_only_split_k`
+    (tests)."""
     m, k = x.shape
     n = wq.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     interpret = arch_family(x.device) == "interpret"
+    split = weight_only_split_k(m, n, k, sm_count()) if split_k is None else int(split_k)
     meta = {}
     if interpret:
         bm, bn, bk, gm, nw, ns = _WO_INTERPRET_TILE
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32,
+                     device=x.device)
 
     def grid(cfg):
-        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
 
+    has_bias = bias is not None
+    bf16_bits = interpret and out.dtype == torch.bfloat16
     _weight_only_kernel(interpret)[grid](
-        x, wq, out, w_scale, bias if bias is not None else w_scale, m, n, k,
+        x, wq, out, w_scale, bias if has_bias else w_scale, ws, m, n, k, split,
         x.stride(0), x.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, DOT_F32=x.dtype == torch.float32 or interpret,
-        BF16_RNE_BITS=interpret and out.dtype == torch.bfloat16, **meta, **LAUNCH_OPTS)
+        HAS_BIAS=has_bias, DOT_F32=x.dtype == torch.float32 or interpret,
+        BF16_RNE_BITS=bf16_bits, **meta, **LAUNCH_OPTS)
+    if split > 1:
+        rm, rn = 16, 128
+        _weight_only_reduce_kernel[(triton.cdiv(m, rm), triton.cdiv(n, rn))](
+            ws, out, w_scale, bias if has_bias else w_scale, m, n, split, out.stride(0),
+            out.stride(1), HAS_BIAS=has_bias, BF16_RNE_BITS=bf16_bits, BLOCK_M=rm,
+            BLOCK_N=rn, **LAUNCH_OPTS)
     return out
 
 
