@@ -57,7 +57,8 @@ def test_qat_step_suite_cases():
     assert all(p["batch"] == 64 and p["resolution"] == 224 and p["dtype"] == "bfloat16"
                and p["memory_format"] == "channels_last" for p in ps)
     cases = qat_suite.build_cases(ps, "cpu")
-    assert all(set(c.providers) == {"float", "gpuquant-qat", "gpuquant-qat-bn-frozen",
+    assert all(set(c.providers) == {"float", "float-graph", "gpuquant-qat",
+                                    "gpuquant-qat-graph", "gpuquant-qat-bn-frozen",
                                     "torch-ao-qat"} for c in cases)
     qc = qat_suite.qat_qconfig()
     assert qc.act_observer().check_finite is False and qc.weight_observer().axis == 0
@@ -77,7 +78,8 @@ def test_qat_step_providers_run():
         try:
             step = prov.setup(inp)
         except qat_suite.ProviderUnavailable as e:
-            assert name == "torch-ao-qat" and "torchvision" in str(e)
+            assert (name == "torch-ao-qat" and "torchvision" in str(e)) or \
+                (name.endswith("-graph") and DEV == "cpu" and "CUDA graphs" in str(e))
             continue
         losses[name] = step()
     assert {"float", "gpuquant-qat", "gpuquant-qat-bn-frozen"} <= set(losses)
@@ -91,3 +93,25 @@ def test_qat_step_providers_run():
     model = case.providers["gpuquant-qat"].setup.cache["model"]
     obs = [m for m in model.modules() if isinstance(m, ExponentialMovingAverageObserver)]
     assert obs and all(o.has_observed for o in obs)
+
+
+@pytest.mark.gpu
+def test_qat_step_graph_providers_on_the_gpu():
+    """The CUDA-graph QAT step captures (no host read in forward or backward) and its
+    replays really train: the loss stays finite, the weights move, and the observers keep
+    recording (their buffers change from replay to replay)."""
+    params = qat_suite.case_params(True, models=("resnet18",), batch=4, resolution=32)
+    (case,) = qat_suite.build_cases(params, "cuda")
+    inp = case.inputs(0)
+    step = case.providers["gpuquant-qat-graph"].setup(inp)
+    model = case.providers["gpuquant-qat-graph"].setup.cache["model"]
+    from gpuquant.quantization import ExponentialMovingAverageObserver
+    obs = [m for m in model.modules() if isinstance(m, ExponentialMovingAverageObserver)]
+    w0 = next(model.parameters()).detach().clone()
+    mins = [o.min_val.clone() for o in obs]
+    losses = [step() for _ in range(3)]
+    torch.cuda.synchronize()
+    assert all(bool(torch.isfinite(v)) for v in losses)
+    assert not torch.equal(next(model.parameters()).detach(), w0)
+    assert any(not torch.equal(o.min_val, m) for o, m in zip(obs, mins))
+    assert bool(torch.isfinite(case.providers["float-graph"].setup(inp)()))

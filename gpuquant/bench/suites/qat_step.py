@@ -16,6 +16,10 @@ Providers:
   pair, ``fake_quant`` otherwise;
 * ``gpuquant-qat-bn-frozen``: the same after :func:`gpuquant.quantization.freeze_bn_stats`
   (running statistics, one convolution a layer: the second half of a usual QAT run);
+* ``float-graph`` / ``gpuquant-qat-graph``: the float and QAT models with forward and
+  backward captured once in CUDA graphs (``torch.cuda.make_graphed_callables``, after three
+  eager warm-up steps) and replayed: no host cost a step, so these rows show the kernels'
+  time (an H200 profile found the eager QAT step host-bound: 4892 launches a step);
 * ``torch-ao-qat``: PyTorch's eager QAT of the same architecture
   (``torchvision.models.quantization.<model>``, ``fuse_model(is_qat=True)``,
   ``get_default_qat_qconfig("x86")``, ``prepare_qat``), while PyTorch ships it; left out
@@ -109,34 +113,62 @@ def _build_torch_ao_qat(name, device):
 BUILDERS: Dict[str, Callable] = {"float": _build_float, "gpuquant-qat": _build_gpuquant_qat,
                                  "gpuquant-qat-bn-frozen": _build_gpuquant_qat_bn_frozen,
                                  "torch-ao-qat": _build_torch_ao_qat}
+# provider -> (builder, forward and backward replayed from a CUDA graph)
+PROVIDERS: Dict[str, tuple] = {"float": ("float", False), "float-graph": ("float", True),
+                               "gpuquant-qat": ("gpuquant-qat", False),
+                               "gpuquant-qat-graph": ("gpuquant-qat", True),
+                               "gpuquant-qat-bn-frozen": ("gpuquant-qat-bn-frozen", False),
+                               "torch-ao-qat": ("torch-ao-qat", False)}
+_GRAPH_WARMUP_STEPS = 3  # eager steps before capture: observers start, autotuning is done
 
 
 def _provider(kind: str, params: Dict, cache: Dict) -> Provider:
-    """A provider whose model and optimizer are built on the first input set and reused."""
+    """A provider whose model and optimizer are built on the first input set and reused.
+    Graph providers capture the model's forward and backward once
+    (``torch.cuda.make_graphed_callables``, after eager warm-up steps) and replay it: the
+    step then costs the host almost nothing, so the row shows the kernels' time."""
+    builder, graphed = PROVIDERS[kind]
+
     def setup(inp):
         x, target = inp["x"], inp["target"]
-        if kind == "torch-ao-qat" and params["dtype"] != "float32":
+        if builder == "torch-ao-qat" and params["dtype"] != "float32":
             # its fused observer + fake-quant kernels take float32 only (seen on an H200,
             # torch 2.11: "expected scalar type BFloat16 but found Float" under autocast)
             raise ProviderUnavailable(f"torch.ao's fake-quant kernels take float32 only, not "
                                       f"{params['dtype']} autocast")
+        if graphed and x.device.type != "cuda":
+            raise ProviderUnavailable("CUDA graphs need a CUDA device")
+        amp = params["dtype"] == "bfloat16"
         if "model" not in cache:
-            model = BUILDERS[kind](params["model"], x.device)
+            model = BUILDERS[builder](params["model"], x.device)
             model = model.to(x.device).to(memory_format=torch.channels_last).train()
             cache["model"] = model
             cache["opt"] = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         model, opt = cache["model"], cache["opt"]
-        amp = params["dtype"] == "bfloat16"
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(x)
-            loss = F.cross_entropy(out.float(), target)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-        return step
+        def step_with(fwd, autocast_cache=True):
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
+                                    enabled=amp, cache_enabled=autocast_cache):
+                    out = fwd(x)
+                loss = F.cross_entropy(out.float(), target)
+                loss.backward()
+                opt.step()
+                return loss.detach()
+            return step
+
+        if not graphed:
+            return step_with(model)
+        if "graphed" not in cache:
+            warm = step_with(model, autocast_cache=False)
+            for _ in range(_GRAPH_WARMUP_STEPS):
+                warm()
+            torch.cuda.synchronize()
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp,
+                                cache_enabled=False):
+                cache["graphed"] = torch.cuda.make_graphed_callables(model, (x,))
+        return step_with(cache["graphed"], autocast_cache=False)
     setup.cache = cache  # the built model and optimizer (tests look at them)
     return Provider(setup)
 
@@ -153,7 +185,7 @@ def _make_inputs(params, device):
 def build_cases(params_list, device) -> List[Case]:
     cases = []
     for p in params_list:
-        providers = {kind: _provider(kind, p, {}) for kind in BUILDERS}
+        providers = {kind: _provider(kind, p, {}) for kind in PROVIDERS}
         cases.append(Case(params=dict(p), inputs=_make_inputs(p, device), providers=providers,
                           throughput=lambda q, ms: (q["batch"] / (ms * 1e-3), "images/s")))
     return cases
