@@ -303,3 +303,14 @@ def test_unaligned_k_is_zero_padded_exactly(monkeypatch):
         check_op("linear", (x, 3, w, None, rq), f"linear unaligned {m}x{k}x{n}")
     assert all(kp % 16 == 0 and sx == 0 and sw == 0 for _, kp, sx, sw in seen)
     assert {k for k, *_ in seen} == {1000, 4093 // 8}
+
+
+def test_align_k_copies_a_misaligned_view_with_aligned_k():
+    """K a multiple of 16 but a row stride that is not (a column slice of a wider tensor):
+    a dense copy, no padding."""
+    from gpuquant.backends.triton import gemm
+    wide = torch.randint(-128, 128, (5, 40), dtype=torch.int8)
+    x = wide[:, :32]
+    w = torch.randint(-127, 128, (7, 32), dtype=torch.int8)
+    xa, wa = gemm.align_k(x, w, w)
+    assert wa is w and xa.shape == (5, 32) and xa.stride() == (32, 1) and torch.equal(xa, x)

@@ -405,11 +405,13 @@ def align_k(x2d: torch.Tensor, w2d: torch.Tensor, w_key: torch.Tensor):
     if x2d.stride(0) % 16 == 0 and w2d.stride(0) % 16 == 0 and k % 16 == 0:
         return x2d, w2d
     kp = padded_k(k)
+
+    def aligned(t):  # a padded copy, or (K already a multiple of 16) a dense one
+        return torch.nn.functional.pad(t, (0, kp - k)) if kp != k else t.contiguous()
     if kp != k or w2d.stride(0) % 16 != 0:
-        w2d = derived("w_kpad", (w_key,), (kp, str(w2d.device)),
-                      lambda: torch.nn.functional.pad(w2d, (0, kp - k)).contiguous())
+        w2d = derived("w_kpad", (w_key,), (kp, str(w2d.device)), lambda: aligned(w2d))
     if kp != k or x2d.stride(0) % 16 != 0:
-        x2d = torch.nn.functional.pad(x2d, (0, kp - k))
+        x2d = aligned(x2d)
     return x2d, w2d
 
 
