@@ -168,6 +168,33 @@ def test_wide_channel_index_path():
     assert bits_equal(y1, yt) and bits_equal(y2, yt)
 
 
+@pytest.mark.parametrize("c,shape", [(8, (3, 8, 5, 7)), (64, (2, 64, 3, 5)),
+                                     (32, (1, 32, 1, 1)), (16, (5, 16, 9, 9))])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qmode", [0, 1, 2])
+def test_channels_innermost_tile_path_equals_general_path(c, shape, dt, qmode):
+    """channels_last activations with a power-of-two channel count take the (rows, C) tile
+    path (qparams loaded once a program); it gives the general path's bytes: output and bit
+    mask, every qparams mode (int zero point, LSQ's float zero point, TQT's log2_t), ragged
+    tails (numel not a multiple of the block)."""
+    d = gpuquant.qint8
+    x = spread_input(shape).to(dt).contiguous(memory_format=torch.channels_last)
+    scale, zp = qparams_for(d, c)
+    if qmode == 1:
+        zp = zp.float() + torch.rand(c, device=DEV) - 0.5
+    elif qmode == 2:
+        scale = torch.randn(c, device=DEV) - 3.0  # log2 thresholds
+    block = 256 if x.numel() >= 256 else 64
+    ys = [tfq.fake_quant_forward(x, scale, zp, d.qmin, d.qmax, 1, True, block, qmode=qmode,
+                                 c_inner_ok=ok) for ok in (True, False)]
+    (y1, m1), (y2, m2) = ys
+    assert bits_equal(y1, y2) and torch.equal(m1, m2)
+    assert y1.stride() == x.stride()
+    if qmode == 0:
+        yt = torch.fake_quantize_per_channel_affine(x.float(), scale, zp, 1, d.qmin, d.qmax)
+        assert bits_equal(y1, yt.to(dt))
+
+
 # --------------------------------------------------------------------------- dtypes, NaN
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("axis", [None, 1])

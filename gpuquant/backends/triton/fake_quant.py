@@ -213,25 +213,46 @@ def _fq_fwd_kernel(
     qmin, qmax,
     # meta
     PER_CHANNEL: tl.constexpr, SAVE_MASK: tl.constexpr, WIDE: tl.constexpr,
-    QMODE: tl.constexpr, BLOCK: tl.constexpr,
+    QMODE: tl.constexpr, BLOCK: tl.constexpr, C_INNER: tl.constexpr = 0,
 ):
     """y = fake_quant(x) over a dense tensor in memory order; optional bit mask.
 
     x, y: same dtype (f32/f16/bf16), same strides. scale: f32 (TQT: log2_t), zp: i32 (LSQ:
     f32), one value or C values; inv: f32, C values (per-channel QMODE 0/1 only).
     mask: u8, ceil(numel / 8) bytes.
+
+    ``C_INNER`` (per-channel, channels innermost in memory, C a power of two dividing
+    BLOCK: channels_last activations): the block is a (BLOCK / C, C) tile whose columns are
+    the channels, so each program loads the C qparams once and broadcasts them, where the
+    general path computes a channel index and gathers three qparams for every element.
     """
     pid = tl.program_id(0)
-    offs, offs_local = _block_offsets(pid, BLOCK)
-    m = offs < numel
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if PER_CHANNEL:
-        c = _channel_of(pid, offs_local, period, stride_c, C, m_sc, l_sc, m_c, l_c, WIDE, BLOCK)
-        s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, c, qmin, qmax, QMODE, QMODE != 2)
+    if C_INNER > 0:
+        rows = tl.arange(0, BLOCK // C_INNER)
+        ch = tl.arange(0, C_INNER)
+        offs = pid.to(tl.int64) * BLOCK + rows[:, None] * C_INNER + ch[None, :]
+        m = offs < numel
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, ch, qmin, qmax, QMODE,
+                                   QMODE != 2)
+        y, inr = _fq_math(x, inv[None, :], s[None, :], zp[None, :], qmin, qmax)
+        tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
+        # the tile in memory order is the (BLOCK // 8, 8) layout the bit packing reads
+        inr = tl.reshape(inr & m, (BLOCK // 8, 8))
+        m = tl.full((BLOCK // 8, 8), 1, tl.int1)
     else:
-        s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, 0, qmin, qmax, QMODE, False)
-    y, inr = _fq_math(x, inv, s, zp, qmin, qmax)
-    tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
+        offs, offs_local = _block_offsets(pid, BLOCK)
+        m = offs < numel
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        if PER_CHANNEL:
+            c = _channel_of(pid, offs_local, period, stride_c, C, m_sc, l_sc, m_c, l_c, WIDE,
+                            BLOCK)
+            s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, c, qmin, qmax, QMODE,
+                                       QMODE != 2)
+        else:
+            s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, 0, qmin, qmax, QMODE, False)
+        y, inr = _fq_math(x, inv, s, zp, qmin, qmax)
+        tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
         bits = _pack_bits(inr & m)
         boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
@@ -445,14 +466,15 @@ def _grid(n: int, block: int):
 def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                        qmin: int, qmax: int, axis: Optional[int], save_mask: bool,
                        block: int = BLOCK, wide: Optional[bool] = None, qmode: int = 0,
-                       inv: Optional[torch.Tensor] = None):
+                       inv: Optional[torch.Tensor] = None, c_inner_ok: bool = True):
     """Launch the forward kernel. ``x`` dense; returns (y with x's strides, bit mask or None).
 
     ``qmode`` 0: int32 ``zero_point``; 1: float ``zero_point`` (LSQ, rounded and clamped in
     the kernel); 2: ``scale`` is TQT's ``log2_t`` and ``zero_point`` is ignored.
     ``wide`` forces the int64 channel arithmetic (tests); by default it is used only when
     ``stride[axis] * C`` passes 2^31. ``inv`` (per-channel): ``1 / scale`` already computed
-    (the fused observer writes it), saving a launch."""
+    (the fused observer writes it), saving a launch. ``c_inner_ok`` False keeps the general
+    per-element channel path where the tile path would apply (tests compare the two)."""
     n = x.numel()
     y = torch.empty_like(x)  # preserves the strides of a dense tensor
     nbytes = (n + 7) // 8
@@ -475,11 +497,13 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
         inv, period, sc, C, wide = scale, 1, 1, 1, False
     (m_sc, l_sc), (m_c, l_c) = udiv_magic(min(sc, 2 ** 31 - 1)), udiv_magic(min(C, 2 ** 31 - 1))
     m_sc, m_c = m_sc - 2 ** 32, m_c - 2 ** 32  # the int32 bit patterns (see _channel_of)
+    c_inner = C if (per_channel and sc == 1 and not wide and C >= 8 and C & (C - 1) == 0
+                    and block % C == 0 and c_inner_ok) else 0
     _fq_fwd_kernel[_grid(n, block)](
         _flat_span(x), _flat_span(y), mask, scale, inv, zero_point,
         n, nbytes, period, sc, C, m_sc, l_sc, m_c, l_c, float(qmin), float(qmax),
         PER_CHANNEL=per_channel, SAVE_MASK=save_mask, WIDE=wide, QMODE=qmode, BLOCK=block,
-        num_warps=NUM_WARPS, **_LAUNCH)
+        C_INNER=c_inner, num_warps=NUM_WARPS, **_LAUNCH)
     return y, (mask if save_mask else None)
 
 
@@ -587,9 +611,11 @@ def fake_quant(x, scale, zero_point, qmin, qmax, axis, *, block: int = BLOCK):
 # each float code path once (SAVE_MASK=False and WIDE only drop / widen integer code)
 KERNELS = {
     "_fq_fwd_kernel": (_fq_fwd_kernel, [
-        dict(PER_CHANNEL=p, SAVE_MASK=True, WIDE=False, QMODE=qm, BLOCK=BLOCK)
+        dict(PER_CHANNEL=p, SAVE_MASK=True, WIDE=False, QMODE=qm, BLOCK=BLOCK, C_INNER=0)
         for qm in (0, 1, 2) for p in (False, True)
-    ] + [dict(PER_CHANNEL=True, SAVE_MASK=False, WIDE=True, QMODE=0, BLOCK=BLOCK)]),
+    ] + [dict(PER_CHANNEL=True, SAVE_MASK=False, WIDE=True, QMODE=0, BLOCK=BLOCK, C_INNER=0)]
+      + [dict(PER_CHANNEL=True, SAVE_MASK=True, WIDE=False, QMODE=qm, BLOCK=BLOCK, C_INNER=64)
+         for qm in (0, 1)]),
     "_fq_bwd_kernel": (_fq_bwd_kernel, [dict(BLOCK=BLOCK)]),
 }
 
