@@ -256,6 +256,16 @@ _PTX_SCRIPT = textwrap.dedent(r"""
                           "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
                           "GROUP_M": 8, "EVEN_K": True}, cc, 4, 4)
         assert any("bf16.bf16.f32" in i for i in MMA_RE.findall(ptx)), cc
+        # split-K decode: the partial-sum variant and the in-order reduce kernel
+        ptx = compile_ptx(D._linear_weight_only_kernel, sig, {"HAS_BIAS": True, "DOT_F32": False,
+                          "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
+                          "GROUP_M": 1, "EVEN_K": False}, cc, 4, 4)
+        assert "st.global" in ptx and not FLOAT_HAZARD_RE.findall(ptx), cc
+        rsig = {"ws_ptr": "*fp32", "c_ptr": "*bf16", "b_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                **i32("M", "N", "SPLIT_K", "stride_cm", "stride_cn")}
+        ptx = compile_ptx(D._weight_only_reduce_kernel, rsig, {"HAS_BIAS": True,
+                          "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 128}, cc, 4, 1)
+        assert "cvt.rn.bf16.f32" in ptx and not FLOAT_HAZARD_RE.findall(ptx), cc
     print("ptx ok")
 """)
 
