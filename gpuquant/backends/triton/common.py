@@ -143,24 +143,22 @@ class _DerivedCache:
 derived = _DerivedCache()
 
 
-def scalar_int(v) -> int:
-    """A Python int from an int or a one-element tensor; a GPU tensor is read once and
-    memoised (the read synchronises; later calls with the same tensor do not)."""
+def _scalar(v, cast, tag: str):
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             raise ValueError(f"expected a single value, got a tensor of shape {tuple(v.shape)}")
         if v.device.type == "cpu":
-            return int(v.item())
-        return derived("scalar", (v,), (), lambda: int(v.item()))
-    return int(v)
+            return cast(v.item())
+        return derived(tag, (v,), (), lambda: cast(v.item()))
+    return cast(v)
+
+
+def scalar_int(v) -> int:
+    """A Python int from an int or a one-element tensor; a GPU tensor is read once and
+    memoised (the read synchronises; later calls with the same tensor do not)."""
+    return _scalar(v, int, "scalar")
 
 
 def scalar_float(v) -> float:
     """:func:`scalar_int` for a float (a scale)."""
-    if isinstance(v, torch.Tensor):
-        if v.numel() != 1:
-            raise ValueError(f"expected a single value, got a tensor of shape {tuple(v.shape)}")
-        if v.device.type == "cpu":
-            return float(v.item())
-        return derived("scalar_f", (v,), (), lambda: float(v.item()))
-    return float(v)
+    return _scalar(v, float, "scalar_f")

@@ -45,6 +45,17 @@ def window_origin(pix, Ho, Wo, stride_h, stride_w, pad_h, pad_w):
     return img, ih0, iw0
 
 
+@triton.jit
+def _load_act(ptrs, mask, x_zp, ZP_ZERO: tl.constexpr):
+    """The activation tile, padding (masked) positions read as the zero point; with
+    ``ZP_ZERO`` as a plain 0: the asynchronous copy's zero fill, no select in registers."""
+    if ZP_ZERO:
+        a = tl.load(ptrs, mask=mask, other=0)
+    else:
+        a = tl.load(ptrs, mask=mask, other=x_zp)
+    return a
+
+
 @triton.jit(do_not_specialize=["x_zp"])
 def _qconv_kernel(
     # pointers
@@ -91,11 +102,8 @@ def _qconv_kernel(
             ih = ih0[:, None] + (tap // KW)[None, :] * dil_h
             iw = iw0[:, None] + (tap % KW)[None, :] * dil_w
             ok = k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
-            a_ptrs = x_img[:, None] + ih.to(tl.int64) * stride_xh + iw * stride_xw + c[None, :]
-            if ZP_ZERO:
-                a = tl.load(a_ptrs, mask=ok, other=0)
-            else:
-                a = tl.load(a_ptrs, mask=ok, other=x_zp)
+            a = _load_act(x_img[:, None] + ih.to(tl.int64) * stride_xh + iw * stride_xw
+                          + c[None, :], ok, x_zp, ZP_ZERO)
             b = tl.load(w_rows[None, :] + kk[:, None], mask=k_ok[:, None], other=0)
             if X_UINT8:
                 a = a.to(tl.int8, bitcast=True) ^ -128
@@ -123,10 +131,7 @@ def _qconv_kernel(
                         c_ok = c < Cg
                         a_mask = row_ok[:, None] & c_ok[None, :]
                         b = tl.load(w_tap[None, :] + c[:, None], mask=c_ok[:, None], other=0)
-                    if ZP_ZERO:  # padding reads 0: the async copy's zero fill, no select
-                        a = tl.load(a_rows[:, None] + c[None, :], mask=a_mask, other=0)
-                    else:
-                        a = tl.load(a_rows[:, None] + c[None, :], mask=a_mask, other=x_zp)
+                    a = _load_act(a_rows[:, None] + c[None, :], a_mask, x_zp, ZP_ZERO)
                     if X_UINT8:
                         a = a.to(tl.int8, bitcast=True) ^ -128
                     acc = tl.dot(a, b, acc, out_dtype=tl.int32)
