@@ -675,33 +675,27 @@ class _Rewriter:
                 return src_kind
             return _O
 
-        def as_quantized(a):
-            if not isinstance(a, fx.Node) or kind.get(a) != _F or \
+        def converted(a, src: str, dst: str, stub, tag: str, cache: dict):
+            """``a`` as a ``dst``-kind value: through one ``stub`` module per source node
+            (shared by every consumer) when ``a`` is a ``src``-kind float tensor."""
+            if not isinstance(a, fx.Node) or kind.get(a) != src or \
                     not self.kinds.is_float_tensor(a):
                 return a
-            if a not in quant_of:
+            if a not in cache:
                 with self.graph.inserting_after(a):
-                    name = self._stub_name(a, "quant")
-                    self._set_module(name, gnn.QuantStub())
-                    q = self.graph.call_module(name, (a,))
-                q.meta = dict(a.meta)
-                kind[q] = _Q
-                quant_of[a] = q
-            return quant_of[a]
+                    name = self._stub_name(a, tag)
+                    self._set_module(name, stub())
+                    node = self.graph.call_module(name, (a,))
+                node.meta = dict(a.meta)
+                kind[node] = dst
+                cache[a] = node
+            return cache[a]
+
+        def as_quantized(a):
+            return converted(a, _F, _Q, gnn.QuantStub, "quant", quant_of)
 
         def as_float(a):
-            if not isinstance(a, fx.Node) or kind.get(a) != _Q or \
-                    not self.kinds.is_float_tensor(a):
-                return a
-            if a not in dequant_of:
-                with self.graph.inserting_after(a):
-                    name = self._stub_name(a, "dequant")
-                    self._set_module(name, gnn.DequantStub())
-                    d = self.graph.call_module(name, (a,))
-                d.meta = dict(a.meta)
-                kind[d] = _F
-                dequant_of[a] = d
-            return dequant_of[a]
+            return converted(a, _Q, _F, gnn.DequantStub, "dequant", dequant_of)
 
         def rewrite_inputs(n: fx.Node, fn) -> None:
             n.args = fx.node.map_arg(n.args, fn)
