@@ -37,9 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["convert_sync_batchnorm", "batch_mean_var", "check_ready_for_ddp", "save_checkpoint",
-           "load_checkpoint",
-           "unwrap", "world_size", "rank"]
+__all__ = ["convert_sync_batchnorm", "batch_mean_var", "syncs_batch_stats", "check_ready_for_ddp",
+           "save_checkpoint", "load_checkpoint", "unwrap", "world_size", "rank"]
 
 _CHECKPOINT_FORMAT = "gpuquant-qat-checkpoint-1"
 
@@ -122,6 +121,12 @@ def _sync_group(bn):
         return None
     group = group if group is not None else dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
+
+
+def syncs_batch_stats(bn) -> bool:
+    """Whether a fused QAT module with BatchNorm ``bn`` normalises over the global batch
+    (a synchronised BatchNorm under torch.distributed with more than one process)."""
+    return _sync_group(bn) is not None
 
 
 class _AllReduceSum(torch.autograd.Function):

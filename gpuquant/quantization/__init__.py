@@ -13,7 +13,7 @@ from .qconfig import (QConfig, calibration_qconfig, ema_fakequant_qconfig,
                       passive_qconfig, sync_ema_fakequant_qconfig, tqt_qconfig)
 from .quantize import (disable_fake_quant, disable_observer, enable_fake_quant, enable_observer,
                        freeze_bn_stats, get_qat_mapping, get_quantized_mapping, propagate_qconfig, quantize,
-                       quantize_qat, reset_qconfig)
+                       quantize_qat, reset_qconfig, set_bn_fold)
 from .dynamic import prepare_dynamic_qat, quantize_dynamic
 from .epilogue import fuse_epilogues, unfuse_epilogues
 from .smoothquant import calibrate_linear_inputs, quantize_static_linear, smooth_quant
@@ -32,7 +32,7 @@ __all__ = [
     "lsq_fake_quant", "tqt_fake_quant",
     # float -> QAT -> quantized
     "quantize_qat", "quantize", "enable_fake_quant", "disable_fake_quant", "enable_observer",
-    "disable_observer", "freeze_bn_stats", "propagate_qconfig", "reset_qconfig", "get_qat_mapping",
+    "disable_observer", "freeze_bn_stats", "set_bn_fold", "propagate_qconfig", "reset_qconfig", "get_qat_mapping",
     "get_quantized_mapping", "fuse_epilogues", "unfuse_epilogues",
     # transformers: dynamic per-token W8A8 / weight-only, SmoothQuant
     "quantize_dynamic", "prepare_dynamic_qat", "calibrate_linear_inputs", "smooth_quant",

@@ -36,7 +36,8 @@ from .observer import Observer
 from .qconfig import QConfig, ema_fakequant_qconfig
 
 __all__ = ["quantize_qat", "quantize", "enable_fake_quant", "disable_fake_quant",
-           "enable_observer", "disable_observer", "propagate_qconfig", "reset_qconfig",
+           "enable_observer", "disable_observer", "freeze_bn_stats", "set_bn_fold",
+           "propagate_qconfig", "reset_qconfig",
            "get_qat_mapping", "get_quantized_mapping"]
 
 
@@ -248,6 +249,31 @@ def freeze_bn_stats(module: torch.nn.Module, freeze: bool = True) -> torch.nn.Mo
     for m in module.modules():
         if isinstance(m, BnFoldedModule):
             m.freeze_bn_stats(freeze)
+    return module
+
+
+def set_bn_fold(module: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """Choose how every folded Conv+BN / Linear+BN QAT module under ``module`` trains with
+    batch statistics; returns ``module``.
+
+    ``"single"`` (the default): one convolution a layer, normalised with the batch statistics
+    of the folded, fake-quantized convolution (torch.ao's and MegEngine's default form).
+    ``"exact"``: a second, float convolution a layer gives the batch statistics of the float
+    layer (Krishnamoorthi 2018, figure C.8): about twice the convolution work. Both equal
+    the float model's BatchNorm when fake quantization is off, and both deploy the same
+    folded weights; see :mod:`gpuquant.nn.qat.conv`.
+
+    Raises:
+        TypeError: ``module`` is not a torch.nn.Module.
+        ValueError: ``mode`` is not "single" or "exact".
+    """
+    _check_module(module, "set_bn_fold")
+    from ..nn.qat.conv import BN_FOLD_MODES, BnFoldedModule
+    if mode not in BN_FOLD_MODES:
+        raise ValueError(f"set_bn_fold: mode must be one of {BN_FOLD_MODES}, got {mode!r}")
+    for m in module.modules():
+        if isinstance(m, BnFoldedModule):
+            m.set_bn_fold(mode)
     return module
 
 

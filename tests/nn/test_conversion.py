@@ -182,22 +182,27 @@ def test_per_module_qconfig_override():
 
 
 @pytest.mark.parametrize("cls,shape", [(gnn.ConvBnRelu2d, (4, 3, 6, 6)), (gnn.LinearBn1d, (8, 3))])
-@pytest.mark.parametrize("case", ["gamma0", "tiny_var", "const_input"])
-def test_bn_folding_no_nan(cls, shape, case):
+@pytest.mark.parametrize("case", ["gamma0", "tiny_gamma", "tiny_var", "const_input"])
+@pytest.mark.parametrize("mode", ["single", "exact"])
+def test_bn_folding_no_nan(cls, shape, case, mode):
     f = cls(3, 5, 3, padding=1) if cls is gnn.ConvBnRelu2d else cls(3, 5)
     with torch.no_grad():
         if case == "gamma0":
             f.bn.weight.zero_()
+        if case == "tiny_gamma":
+            f.bn.weight.copy_(torch.tensor([1e-30, -1e-12, 1e-7, -3e-6, 1.0]))
         if case == "tiny_var":
             f.bn.running_var.fill_(1e-12)
             f.bn.eps = 1e-10
     x = torch.full(shape, 0.7) if case == "const_input" else torch.randn(shape)
     q = quantize_qat(copy.deepcopy(f), ema_fakequant_qconfig, inplace=False).train()
+    q.set_bn_fold(mode)
     x.requires_grad_(True)
     y = q(x)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in q.parameters() if p.grad is not None)
+    assert torch.isfinite(q.bn.running_mean).all() and torch.isfinite(q.bn.running_var).all()
     q.eval()
     with torch.no_grad():
         assert torch.isfinite(q(x)).all()

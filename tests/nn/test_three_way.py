@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import gpuquant.nn as gnn
 from gpuquant.functional import fake_quant
 from gpuquant.quantization import (disable_fake_quant, disable_observer, quantize,
-                                   quantize_qat)
+                                   quantize_qat, set_bn_fold)
 
 from tests.nn.nn_helpers import QCONFIGS, Wrap, randomize_bn, steps
 
@@ -119,11 +119,13 @@ def test_conv_linear_three_way(name, factory, shape, qc):
 @pytest.mark.parametrize("name,factory,shape", [c for c in CONV_CASES + LINEAR_CASES
                                                 if "bn" in c[0]],
                          ids=[c[0] for c in CONV_CASES + LINEAR_CASES if "bn" in c[0]])
-def test_bn_training_matches_float(name, factory, shape):
-    """1. in training mode: batch statistics, running statistics updated as torch does."""
+@pytest.mark.parametrize("mode", ["single", "exact"])
+def test_bn_training_matches_float(name, factory, shape, mode):
+    """1. in training mode: batch statistics, running statistics updated as torch does, in
+    both BatchNorm folding forms; gradients of the input and of every parameter."""
     torch.manual_seed(1)
     f = randomize_bn(factory())
-    qat = quantize_qat(Wrap(f), inplace=False).train()
+    qat = set_bn_fold(quantize_qat(Wrap(f), inplace=False), mode).train()
     _float_off(qat)
     model = Wrap(_clone_float(f)).train()
     x = torch.randn(shape, requires_grad=True)
@@ -138,6 +140,9 @@ def test_bn_training_matches_float(name, factory, shape):
     y_qat.backward(g)
     y_float.backward(g)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    for (n, p), (n2, p2) in zip(qat.m.named_parameters(), model.m.named_parameters()):
+        assert n == n2
+        torch.testing.assert_close(p.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=n)
 
 
 def _clone_float(f):

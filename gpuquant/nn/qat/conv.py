@@ -1,34 +1,54 @@
 """QAT convolutions: per-channel fake-quantized weights, Conv+BN folded while training.
 
-BatchNorm folding follows Krishnamoorthi (2018), "Quantizing deep convolutional networks
-for efficient inference", section 3.2 / figure C.8 (also MegEngine's ``ConvBn2d`` with
-``approx=False``), chosen because it never divides by gamma:
+The weight is always folded with the BatchNorm's *running* deviation,
+``w_fold = w * gamma / sigma`` (``sigma = sqrt(running_var + eps)``), and fake-quantized, so
+it is quantized exactly as the int8 model will quantize it. While training with batch
+statistics the output is brought back to what BatchNorm of the float convolution gives, in
+one of two forms (``bn_fold``, set with :func:`gpuquant.quantization.set_bn_fold`):
 
-* training (batch statistics): a float convolution with the unfolded weight gives the
-  batch mean ``mu_B`` and variance ``var_B`` (and updates the running statistics as
-  ``torch.nn.BatchNorm2d`` does); the weight is folded with the *running* deviation,
-  ``w_fold = w * gamma / sigma``, so it is quantized exactly as it will be at inference;
-  the output is corrected back to batch statistics:
-  ``y = conv(x, fq(w_fold)) * (sigma / sigma_B) + beta - gamma * mu_B / sigma_B``;
-* eval, or after :meth:`ConvBn2d.freeze_bn_stats` (running statistics, what int8 runs):
-  ``y = conv(x, fq(w_fold)) + beta + gamma * (b - mu) / sigma``.
+* ``"single"`` (default; torch.ao's ``_forward_approximate`` and MegEngine's ``approx=True``,
+  without their division by the fold factor): one convolution
+  ``z = conv(x, fq(w * t))`` with ``t = gamma / sigma``, batch-normalised with its own batch
+  statistics and per-channel epsilon ``eps * t**2``::
 
-``sigma = sqrt(var + eps)`` is at least ``sqrt(eps)``, so gamma = 0 or a vanishing variance
-gives zero or large but finite weights, never NaN.
+      y = gamma * sign(t) * (z - mean_B(z)) / sqrt(var_B(z) + eps * t**2) + beta
+
+  which is exactly ``BatchNorm(conv(x, w))`` when fake quantization is off (BatchNorm does not
+  see a per-channel scale, and ``eps * t**2`` scales its epsilon with it). With fake
+  quantization on, the statistics are those of the convolution the int8 model computes.
+  The running statistics are updated with ``mean_B(z) / t`` and ``var_B(z) / t**2``.
+  Nothing divides by gamma: ``|t|`` is kept at least ``1e-6 / sigma`` (a channel with
+  ``|gamma| < 1e-6`` trains on weights folded with ``1e-6`` instead, which keeps its gamma
+  gradient alive, e.g. after zero-init of residual gammas; its output is still exactly
+  ``gamma * xhat + beta``);
+* ``"exact"`` (Krishnamoorthi (2018), "Quantizing deep convolutional networks for efficient
+  inference", section 3.2 / figure C.8; MegEngine's ``approx=False``): a second, float
+  convolution with the unfolded weight gives the batch mean ``mu_B`` and variance ``var_B``
+  and the output is corrected back to batch statistics:
+  ``y = conv(x, fq(w_fold)) * (sigma / sigma_B) + beta - gamma * mu_B / sigma_B``.
+  Two convolutions a layer (forward and backward): about twice the float step's time.
+
+Eval, or after :meth:`BnFoldedModule.freeze_bn_stats` (running statistics, what int8 runs):
+``y = conv(x, fq(w_fold)) + beta + gamma * (b - mu) / sigma``.
+
+``sigma`` is at least ``sqrt(eps)``, so gamma = 0 or a vanishing variance gives zero or large
+but finite weights, never NaN.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
 from ...distributed import batch_mean_var
 from ...nn import conv as Float
 from ..conv import apply_activation
+from .bn_train import normalize
 from .module import QATModule
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
-           "BnFoldedModule", "bn_fold_params", "update_bn_running_stats"]
+           "BnFoldedModule", "bn_fold_params", "update_bn_running_stats", "BN_FOLD_MODES"]
+
+BN_FOLD_MODES = ("single", "exact")
+_MIN_GAMMA = 1e-6  # |gamma| below this folds with this (single form, see the module docstring)
 
 
 def bn_fold_params(bn: torch.nn.modules.batchnorm._BatchNorm):
@@ -49,8 +69,8 @@ def update_bn_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n: int) -
             f = 1.0 / float(bn.num_batches_tracked)
         else:
             f = bn.momentum
-        bn.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
-        bn.running_var.mul_(1 - f).add_(var.detach() * (n / (n - 1)), alpha=f)
+        bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), f)
+        bn.running_var.lerp_((var.detach() * (n / (n - 1))).to(bn.running_var.dtype), f)
 
 
 def check_foldable_bn(bn, owner: str) -> None:
@@ -98,6 +118,7 @@ class BnFoldedModule(QATModule):
     def _init_qat(self) -> None:
         super()._init_qat()
         self.bn_frozen = False
+        self.bn_fold = "single"
 
     def freeze_bn_stats(self, freeze: bool = True) -> "BnFoldedModule":
         """Use (and stop updating) the running statistics while training, as the int8
@@ -105,12 +126,26 @@ class BnFoldedModule(QATModule):
         self.bn_frozen = bool(freeze)
         return self
 
-    # bn_frozen travels in state_dict() (extra state), so a QAT checkpoint resumes frozen
+    def set_bn_fold(self, mode: str) -> "BnFoldedModule":
+        """Training form with batch statistics: ``"single"`` (one convolution) or ``"exact"``
+        (a second, float convolution for the statistics); returns the module.
+
+        Raises:
+            ValueError: another mode.
+        """
+        if mode not in BN_FOLD_MODES:
+            raise ValueError(f"{type(self).__name__}: bn_fold must be one of {BN_FOLD_MODES}, "
+                             f"got {mode!r}")
+        self.bn_fold = mode
+        return self
+
+    # bn_frozen / bn_fold travel in state_dict() (extra state): a checkpoint resumes as saved
     def get_extra_state(self):
-        return {"bn_frozen": self.bn_frozen}
+        return {"bn_frozen": self.bn_frozen, "bn_fold": self.bn_fold}
 
     def set_extra_state(self, state) -> None:
         self.bn_frozen = bool(state["bn_frozen"])
+        self.set_bn_fold(state.get("bn_fold", "single"))
 
     def _inner(self) -> torch.nn.Module:
         """The conv / linear whose weights the BatchNorm folds into."""
@@ -129,37 +164,60 @@ class BnFoldedModule(QATModule):
         b = inner.bias if inner.bias is not None else torch.zeros_like(mean)
         return w, beta + (b - mean) * scale
 
+    def _check_batch(self, x, y) -> None:
+        if y.numel() // max(y.size(1), 1) < 2:
+            raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
+                             f"when training, got input shape {tuple(x.shape)}")
+
+    def _fold_weight(self, w, t):
+        return w * t.reshape((-1,) + (1,) * (w.dim() - 1))
+
+    def _forward_single(self, x, inner, bn):
+        gamma, beta, _, sigma = bn_fold_params(bn)
+        sgn = torch.where(gamma.detach() < 0, -1.0, 1.0)
+        t = sgn * gamma.abs().clamp(min=_MIN_GAMMA) / sigma  # gamma / sigma, away from 0
+        z = self._inner_forward(x, self.apply_quant_weight(self._fold_weight(inner.weight, t)),
+                                None)
+        self._check_batch(x, z)
+        if inner.bias is not None:  # batch statistics cancel the bias: its gradient is
+            # exactly 0; adding 0 * bias gives it one, so DDP sees it used
+            beta = beta + 0.0 * inner.bias
+        y, mean, var, n = normalize(z, gamma * sgn, beta, bn.eps * t * t, bn)
+        t = t.detach()
+        b = inner.bias.detach() if inner.bias is not None else 0.0
+        update_bn_running_stats(bn, mean / t + b, var / (t * t), n)
+        return y
+
+    def _forward_exact(self, x, inner, bn):
+        y0 = self._inner_forward(x, inner.weight, None)  # float op: batch statistics
+        self._check_batch(x, y0)
+        dims = (0,) + tuple(range(2, y0.dim()))  # all but the channels
+        # local statistics, or the global batch's when bn is a SyncBatchNorm (distributed)
+        mean, var, n = batch_mean_var(y0, dims, bn)
+        gamma, beta, _, sigma = bn_fold_params(bn)
+        sigma_b = torch.sqrt(var + bn.eps)
+        w = self.apply_quant_weight(self._fold_weight(inner.weight, gamma / sigma))
+        y = self._inner_forward(x, w, None)
+        shift = beta - gamma * mean / sigma_b
+        if inner.bias is not None:  # as in _forward_single
+            shift = shift + 0.0 * inner.bias
+        b = inner.bias.detach() if inner.bias is not None else 0.0
+        update_bn_running_stats(bn, mean + b, var, n)
+        # per-channel factors in y's dtype: under bf16 autocast float32 ones would promote y,
+        # and every activation after it, to float32 (seen in an H200 profile)
+        sh = (1, -1) + (1,) * (y.dim() - 2)
+        return torch.addcmul(shift.reshape(sh).to(y.dtype), y,
+                             (sigma / sigma_b).reshape(sh).to(y.dtype))
+
     def forward(self, x):
         self._require_qconfig()
         self._note_inputs(x)
         inner, bn = self._inner(), self.bn
         if self.training and not self.bn_frozen:
-            y0 = self._inner_forward(x, inner.weight, None)  # float op: batch statistics
-            dims = (0,) + tuple(range(2, y0.dim()))  # all but the channels
-            n = math.prod(y0.size(d) for d in dims)
-            if n < 2:
-                raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
-                                 f"when training, got input shape {tuple(x.shape)}")
-            # local statistics, or the global batch's when bn is a SyncBatchNorm (distributed)
-            mean, var, n = batch_mean_var(y0, dims, bn)
-            gamma, beta, _, sigma = bn_fold_params(bn)
-            sigma_b = torch.sqrt(var + bn.eps)
-            w = self.apply_quant_weight(
-                inner.weight * (gamma / sigma).reshape((-1,) + (1,) * (inner.weight.dim() - 1)))
-            y = self._inner_forward(x, w, None)
-
-            def per_channel(t):  # (C,) broadcast along dimension 1 of y, in y's dtype
-                # (under bf16 autocast the float32 factors would otherwise promote y, and
-                # every activation after it, to float32: twice the bytes in every later op
-                # and a cast before every convolution; seen in an H200 profile)
-                return t.reshape((1, -1) + (1,) * (y.dim() - 2)).to(y.dtype)
-
-            y = y * per_channel(sigma / sigma_b) + per_channel(beta - gamma * mean / sigma_b)
-            b = inner.bias.detach() if inner.bias is not None else 0.0
-            update_bn_running_stats(bn, mean + b, var, n)
-            if inner.bias is not None:  # batch statistics cancel the bias: its gradient is
-                # exactly 0; adding 0 * bias (y unchanged) gives it one, so DDP sees it used
-                y = y + 0.0 * per_channel(inner.bias)
+            if self.bn_fold == "single":
+                y = self._forward_single(x, inner, bn)
+            else:
+                y = self._forward_exact(x, inner, bn)
         else:
             w, b = self.folded_weight_bias()
             y = self._inner_forward(x, self.apply_quant_weight(w), b)
