@@ -58,8 +58,8 @@ def test_qat_step_suite_cases():
                and p["memory_format"] == "channels_last" for p in ps)
     cases = qat_suite.build_cases(ps, "cpu")
     assert all(set(c.providers) == {"float", "float-graph", "gpuquant-qat",
-                                    "gpuquant-qat-graph", "gpuquant-qat-bn-frozen",
-                                    "torch-ao-qat"} for c in cases)
+                                    "gpuquant-qat-graph", "gpuquant-qat-exact",
+                                    "gpuquant-qat-bn-frozen", "torch-ao-qat"} for c in cases)
     qc = qat_suite.qat_qconfig()
     assert qc.act_observer().check_finite is False and qc.weight_observer().axis == 0
     suite = registry.load_suite("qat_step")
@@ -82,12 +82,14 @@ def test_qat_step_providers_run():
                 (name.endswith("-graph") and DEV == "cpu" and "CUDA graphs" in str(e))
             continue
         losses[name] = step()
-    assert {"float", "gpuquant-qat", "gpuquant-qat-bn-frozen"} <= set(losses)
+    assert {"float", "gpuquant-qat", "gpuquant-qat-exact", "gpuquant-qat-bn-frozen"} <= set(losses)
     assert all(bool(torch.isfinite(v)) for v in losses.values())
     from gpuquant.nn.qat.conv import BnFoldedModule
     frozen = case.providers["gpuquant-qat-bn-frozen"].setup.cache["model"]
     folded = [m for m in frozen.modules() if isinstance(m, BnFoldedModule)]
     assert folded and all(m.bn_frozen for m in folded)
+    exact = case.providers["gpuquant-qat-exact"].setup.cache["model"]
+    assert all(m.bn_fold == "exact" for m in exact.modules() if isinstance(m, BnFoldedModule))
     # the QAT provider really trains a QAT model: its observers recorded the step
     from gpuquant.quantization import ExponentialMovingAverageObserver
     model = case.providers["gpuquant-qat"].setup.cache["model"]

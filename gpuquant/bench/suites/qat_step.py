@@ -14,6 +14,9 @@ Providers:
   observer per step to raise on NaN / Inf). On CUDA the fake-quant ops run on the triton
   backend automatically: the fused ``observe_fake_quant`` for every observer + fake-quant
   pair, ``fake_quant`` otherwise;
+* ``gpuquant-qat-exact``: the same with Conv+BN trained in the two-convolution form
+  (:func:`gpuquant.quantization.set_bn_fold` "exact"; the default is "single", one
+  convolution a layer);
 * ``gpuquant-qat-bn-frozen``: the same after :func:`gpuquant.quantization.freeze_bn_stats`
   (running statistics, one convolution a layer: the second half of a usual QAT run);
 * ``float-graph`` / ``gpuquant-qat-graph``: the float and QAT models with forward and
@@ -88,6 +91,11 @@ def _build_gpuquant_qat(name, device):
     return quantize_qat(_gpuquant_model(name), qat_qconfig())
 
 
+def _build_gpuquant_qat_exact(name, device):
+    from ...quantization import set_bn_fold
+    return set_bn_fold(_build_gpuquant_qat(name, device), "exact")
+
+
 def _build_gpuquant_qat_bn_frozen(name, device):
     from ...quantization import freeze_bn_stats
     return freeze_bn_stats(_build_gpuquant_qat(name, device))
@@ -111,12 +119,14 @@ def _build_torch_ao_qat(name, device):
 
 
 BUILDERS: Dict[str, Callable] = {"float": _build_float, "gpuquant-qat": _build_gpuquant_qat,
+                                 "gpuquant-qat-exact": _build_gpuquant_qat_exact,
                                  "gpuquant-qat-bn-frozen": _build_gpuquant_qat_bn_frozen,
                                  "torch-ao-qat": _build_torch_ao_qat}
 # provider -> (builder, forward and backward replayed from a CUDA graph)
 PROVIDERS: Dict[str, tuple] = {"float": ("float", False), "float-graph": ("float", True),
                                "gpuquant-qat": ("gpuquant-qat", False),
                                "gpuquant-qat-graph": ("gpuquant-qat", True),
+                               "gpuquant-qat-exact": ("gpuquant-qat-exact", False),
                                "gpuquant-qat-bn-frozen": ("gpuquant-qat-bn-frozen", False),
                                "torch-ao-qat": ("torch-ao-qat", False)}
 _GRAPH_WARMUP_STEPS = 3  # eager steps before capture: observers start, autotuning is done
