@@ -455,12 +455,14 @@ class TQT(_LearnedBase):
 
 # --------------------------------------------------------------------------- the QAT hook
 def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQuantBase],
-                                   observer) -> torch.Tensor:
+                                   observer, relu: bool = False) -> torch.Tensor:
     """Observe ``x``, then fake-quantize it: the one function QAT modules call.
 
     ``observer(x)`` records (if it is enabled); then, if ``fake_quant`` is present and
     enabled, ``fake_quant(x, qparams)`` with ``fake_quant.get_qparams()`` (learned: LSQ, TQT)
     or else ``observer.get_qparams()``. Either may be None (a QConfig field left empty).
+    ``relu=True`` applies ``torch.relu`` to ``x`` first (a fused backend op
+    may fold it into its passes).
 
     Raises:
         ValueError: fake quantization needs qparams but there is no observer, or the
@@ -474,9 +476,11 @@ def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQua
     # ---------------------------------------------------------------------------------------
     if observer is not None and fake_quant is not None and isinstance(x, torch.Tensor):
         fused = find_op("observe_fake_quant", x)
-        y = fused(x, observer, fake_quant) if fused is not None else None
+        y = fused(x, observer, fake_quant, relu=relu) if fused is not None else None
         if y is not None:  # None: a pair the op does not handle
             return y
+    if relu:
+        x = torch.relu(x)
     if observer is not None:
         x = observer(x)
     if fake_quant is None or not fake_quant.enabled:

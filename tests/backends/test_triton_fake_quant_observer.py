@@ -65,17 +65,21 @@ CASES = [  # observer, layout, (dtype, symmetric), check_finite: each piece in s
 @pytest.mark.parametrize("obs,layout,dsym,check_finite", CASES,
                          ids=[f"{c[0][0].__name__}-{c[1][1]}-{c[2][0].name}-{c[2][1]}-{c[3]}"
                               for c in CASES])
-def test_fused_matches_unfused(obs, layout, dsym, check_finite):
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_matches_unfused(obs, layout, dsym, check_finite, relu):
+    """... with relu=True: ReLU folded into the fused op against torch.relu, then the
+    definition (output, observer state and the gradient through both)."""
     (cls, kw), (shape, axis, fmt), (d, sym) = obs, layout, dsym
     fused = cls(dtype=d, symmetric=sym, axis=axis, check_finite=check_finite, **kw).to(DEV)
     ref, fq = copy.deepcopy(fused), qfq.FakeQuantize(d)
     for it in range(3):
         x = torch.randn(shape, device=DEV) * (1 + it) + 0.4 * it
+        x.view(-1)[::7] = 0.0  # ReLU's edge: x == 0 passes no gradient
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y = tobs.observe_fake_quant(xa, fused, fq, programs=3, tile=64)
-        yr = qfq.apply_fake_quant_with_observer(xb, fq, ref)  # the definition
+        y = tobs.observe_fake_quant(xa, fused, fq, relu=relu, programs=3, tile=64)
+        yr = qfq.apply_fake_quant_with_observer(xb, fq, ref, relu=relu)  # the definition
         assert y is not None
         assert torch.equal(y, yr)
         assert_same_state(fused, ref)
@@ -97,6 +101,33 @@ def test_half_inputs(dt):
         yr = qfq.apply_fake_quant_with_observer(x, fq, ref)
         assert y.dtype == dt and torch.equal(y, yr)
         assert_same_state(fused, ref)
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_fused_relu_edges(axis):
+    """-0.0, 0.0, the smallest negatives, NaN (passed through as torch.relu does: NaN out,
+    the batch dropped by the observer), all-negative channels: output bits and gradient
+    equal to torch.relu then the definition."""
+    d = gpuquant.quint8
+    fused = qobs.ExponentialMovingAverageObserver(0.9, d, symmetric=False, axis=axis,
+                                                  check_finite=False).to(DEV)
+    ref, fq = copy.deepcopy(fused), qfq.FakeQuantize(d)
+    for it in range(3):
+        x = torch.randn(4, 3, 5, device=DEV)
+        x[0, 0, :4] = torch.tensor([-0.0, 0.0, -1e-45, 1e-45])
+        x[:, 2] = -x[:, 2].abs() - 0.1  # channel 2 entirely negative
+        if it == 1:
+            x[1, 1, 1] = float("nan")
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = tobs.observe_fake_quant(xa, fused, fq, relu=True, programs=2, tile=32)
+        yr = qfq.apply_fake_quant_with_observer(xb, fq, ref, relu=True)
+        assert torch.equal(y.isnan(), yr.isnan())
+        assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr))
+        assert_same_state(fused, ref)
+        g = torch.randn_like(x)
+        y.backward(g)
+        yr.backward(g)
+        assert torch.equal(torch.nan_to_num(xa.grad), torch.nan_to_num(xb.grad))
 
 
 def test_nonfinite_batches_dropped_on_device():
@@ -168,8 +199,8 @@ def test_apply_fake_quant_with_observer_takes_the_fused_path(monkeypatch):
     import gpuquant.backends.triton as tb
     calls = []
 
-    def spy(x, observer, fake_quant):
-        y = tobs.observe_fake_quant(x, observer, fake_quant)
+    def spy(x, observer, fake_quant, relu=False):
+        y = tobs.observe_fake_quant(x, observer, fake_quant, relu=relu)
         calls.append(y is not None)
         return y
     monkeypatch.setitem(tb.OPS, "observe_fake_quant", spy)

@@ -214,8 +214,12 @@ def _fq_fwd_kernel(
     # meta
     PER_CHANNEL: tl.constexpr, SAVE_MASK: tl.constexpr, WIDE: tl.constexpr,
     QMODE: tl.constexpr, BLOCK: tl.constexpr, C_INNER: tl.constexpr = 0,
+    RELU: tl.constexpr = False,
 ):
     """y = fake_quant(x) over a dense tensor in memory order; optional bit mask.
+
+    ``RELU``: y = fake_quant(relu(x)) and the mask also zero where x <= 0 (ReLU's gradient,
+    as ``threshold_backward`` gives it), saving ReLU's own pass forward and backward.
 
     x, y: same dtype (f32/f16/bf16), same strides. scale: f32 (TQT: log2_t), zp: i32 (LSQ:
     f32), one value or C values; inv: f32, C values (per-channel QMODE 0/1 only).
@@ -235,7 +239,12 @@ def _fq_fwd_kernel(
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, ch, qmin, qmax, QMODE,
                                    QMODE != 2)
+        pos = x > 0  # ReLU's gradient mask (dead code without RELU)
+        if RELU:  # relu as torch computes it (NaN stays NaN)
+            x = tl.where(x < 0, 0.0, x)
         y, inr = _fq_math(x, inv[None, :], s[None, :], zp[None, :], qmin, qmax)
+        if RELU:
+            inr = inr & pos
         tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
         # the tile in memory order is the (BLOCK // 8, 8) layout the bit packing reads
         inr = tl.reshape(inr & m, (BLOCK // 8, 8))
@@ -251,7 +260,12 @@ def _fq_fwd_kernel(
                                        QMODE != 2)
         else:
             s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, 0, qmin, qmax, QMODE, False)
+        pos = x > 0
+        if RELU:
+            x = tl.where(x < 0, 0.0, x)
         y, inr = _fq_math(x, inv, s, zp, qmin, qmax)
+        if RELU:
+            inr = inr & pos
         tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
         bits = _pack_bits(inr & m)
@@ -466,7 +480,8 @@ def _grid(n: int, block: int):
 def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                        qmin: int, qmax: int, axis: Optional[int], save_mask: bool,
                        block: int = BLOCK, wide: Optional[bool] = None, qmode: int = 0,
-                       inv: Optional[torch.Tensor] = None, c_inner_ok: bool = True):
+                       inv: Optional[torch.Tensor] = None, c_inner_ok: bool = True,
+                       relu: bool = False):
     """Launch the forward kernel. ``x`` dense; returns (y with x's strides, bit mask or None).
 
     ``qmode`` 0: int32 ``zero_point``; 1: float ``zero_point`` (LSQ, rounded and clamped in
@@ -474,7 +489,8 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
     ``wide`` forces the int64 channel arithmetic (tests); by default it is used only when
     ``stride[axis] * C`` passes 2^31. ``inv`` (per-channel): ``1 / scale`` already computed
     (the fused observer writes it), saving a launch. ``c_inner_ok`` False keeps the general
-    per-element channel path where the tile path would apply (tests compare the two)."""
+    per-element channel path where the tile path would apply (tests compare the two).
+    ``relu``: fake-quantize ``relu(x)``, the mask zero where ``x <= 0`` too."""
     n = x.numel()
     y = torch.empty_like(x)  # preserves the strides of a dense tensor
     nbytes = (n + 7) // 8
@@ -503,7 +519,7 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
         _flat_span(x), _flat_span(y), mask, scale, inv, zero_point,
         n, nbytes, period, sc, C, m_sc, l_sc, m_c, l_c, float(qmin), float(qmax),
         PER_CHANNEL=per_channel, SAVE_MASK=save_mask, WIDE=wide, QMODE=qmode, BLOCK=block,
-        C_INNER=c_inner, num_warps=NUM_WARPS, **_LAUNCH)
+        C_INNER=c_inner, RELU=relu, num_warps=NUM_WARPS, **_LAUNCH)
     return y, (mask if save_mask else None)
 
 
@@ -528,11 +544,12 @@ class FakeQuantFunction(torch.autograd.Function):
     kernel reading only the mask and the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, block=BLOCK, inv=None):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, axis, block=BLOCK, inv=None,
+                relu=False):
         x = _as_dense(x)
         need = ctx.needs_input_grad[0]
         y, mask = fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, need, block,
-                                     inv=inv)
+                                     inv=inv, relu=relu)
         if need:
             ctx.save_for_backward(mask)
             ctx.layout = (x.shape, x.stride(), x.dtype, x.device)  # not x itself
@@ -546,7 +563,7 @@ class FakeQuantFunction(torch.autograd.Function):
         shape, stride, dtype, device = ctx.layout
         like = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         gx = fake_quant_backward(grad, mask, like, ctx.block)
-        return gx, None, None, None, None, None, None, None
+        return gx, None, None, None, None, None, None, None, None
 
 
 def auto_interpreter(x: torch.Tensor) -> bool:
@@ -615,7 +632,9 @@ KERNELS = {
         for qm in (0, 1, 2) for p in (False, True)
     ] + [dict(PER_CHANNEL=True, SAVE_MASK=False, WIDE=True, QMODE=0, BLOCK=BLOCK, C_INNER=0)]
       + [dict(PER_CHANNEL=True, SAVE_MASK=True, WIDE=False, QMODE=qm, BLOCK=BLOCK, C_INNER=64)
-         for qm in (0, 1)]),
+         for qm in (0, 1)]
+      + [dict(PER_CHANNEL=False, SAVE_MASK=True, WIDE=False, QMODE=0, BLOCK=BLOCK, C_INNER=0,
+              RELU=True)]),
     "_fq_bwd_kernel": (_fq_bwd_kernel, [dict(BLOCK=BLOCK)]),
 }
 

@@ -54,7 +54,9 @@ def _minmax_partial_kernel(
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
     # meta
     ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr = False,
 ):
+    """Per (row split, channel block) min and max of x (of relu(x) when RELU)."""
     cb = tl.program_id(0)
     sp = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -67,6 +69,8 @@ def _minmax_partial_kernel(
                                 BLOCK_R)
         m = rm[:, None] & cm[None, :]
         x = tl.load(x_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
+        if RELU:
+            x = tl.where(x < 0, 0.0, x)  # NaN stays NaN, as torch's relu
         nan = x != x
         vmin = tl.minimum(vmin, tl.where(m, tl.where(nan, _NINF, x), _INF))
         vmax = tl.maximum(vmax, tl.where(m, tl.where(nan, _INF, x), _NINF))
@@ -193,10 +197,11 @@ def _plain_reduce(observer) -> bool:
 
 @on_tensor_device
 def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Optional[int] = None,
-                  tile: int = 2048):
-    """Record ``x`` (dense, :func:`as_rows`-shaped) in a supported ``observer`` and return its
-    new (scale, zero_point, 1 / scale) device tensors. Raises what the observer raises (NaN / Inf with
-    ``check_finite``, channel-count mismatch) before touching its state."""
+                  tile: int = 2048, relu: bool = False):
+    """Record ``x`` (``relu(x)`` when ``relu``; dense, :func:`as_rows`-shaped) in a supported
+    ``observer`` and return its new (scale, zero_point, 1 / scale) device tensors. Raises what
+    the observer raises (NaN / Inf with ``check_finite``, channel-count mismatch) before
+    touching its state."""
     ema = _supported_observer(observer)
     d = observer.dtype
     plan = row_plan(x, axis, tile=tile, programs=programs)
@@ -204,7 +209,7 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
     part = torch.empty((2, plan.split, plan.C), dtype=torch.float32, device=dev)
     _minmax_partial_kernel[(triton.cdiv(plan.C, plan.block_c), plan.split)](
         x, part, *plan.kernel_args(), ROWS32=plan.rows32, BLOCK_R=plan.block_r,
-        BLOCK_C=plan.block_c, num_warps=4, **_LAUNCH)
+        BLOCK_C=plan.block_c, RELU=relu, num_warps=4, **_LAUNCH)
     per_channel = axis is not None
     shape = (plan.C,) if per_channel else ()
     if per_channel:
@@ -240,14 +245,16 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
     return scale, zp, inv
 
 
-def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, programs: Optional[int] = None,
-                       tile: int = 2048) -> Optional[torch.Tensor]:
+def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = False,
+                       programs: Optional[int] = None, tile: int = 2048) -> Optional[torch.Tensor]:
     """Observe, then fake-quantize with the observer's new qparams, in three kernels.
 
     Args:
         x: float32 / float16 / bfloat16 tensor on this backend's device.
         observer: the observer of the QConfig (may be None).
         fake_quant: the fake-quant module (may be None).
+        relu: observe and fake-quantize ``relu(x)``, with ReLU's gradient folded into the
+            fake quant's mask: no ReLU pass of its own, forward or backward.
         programs, tile: reduction partition (tests; defaults from the device).
 
     Returns:
@@ -272,16 +279,17 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, programs: Optio
     d = observer.dtype
     xr = as_rows(x, axis)
     with torch.no_grad():
-        scale, zp, inv = observer_step(xr.detach(), observer, axis, programs, tile)
+        scale, zp, inv = observer_step(xr.detach(), observer, axis, programs, tile, relu)
     if axis is not None and x.shape[axis] == 1:
         scale, zp, inv, axis = scale.reshape(()), zp.reshape(()), None, None
     return FakeQuantFunction.apply(xr, scale, zp, d.qmin, d.qmax, axis, BLOCK,
-                                   inv if axis is not None else None)
+                                   inv if axis is not None else None, relu)
 
 
 KERNELS = {
     "_minmax_partial_kernel": (_minmax_partial_kernel, [
-        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1), dict(ROWS32=True, BLOCK_R=32, BLOCK_C=64)]),
+        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1), dict(ROWS32=True, BLOCK_R=32, BLOCK_C=64),
+        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1, RELU=True)]),
     "_observer_update_kernel": (_observer_update_kernel, [
         dict(FROM_PARTIALS=fp, HAVE_OK=not fp, EMA=e, SYMMETRIC=s, BLOCK_S=8, BLOCK_C=256)
         for fp, e, s in ((True, False, True), (True, True, False), (False, True, True))]),

@@ -40,7 +40,6 @@ import torch
 
 from ...distributed import batch_mean_var
 from ...nn import conv as Float
-from ..conv import apply_activation
 from .bn_train import normalize
 from .module import QATModule
 
@@ -99,7 +98,7 @@ class Conv2d(QATModule, Float.Conv2d):
         self._note_inputs(x)
         w = self.apply_quant_weight(self.weight)
         y = self._conv_forward(x, w, self.bias)
-        return self.apply_quant_activation(apply_activation(y, self.activation))
+        return self.apply_quant_activation(y, self.activation)
 
 
 class ConvRelu2d(Conv2d, Float.ConvRelu2d):
@@ -221,7 +220,7 @@ class BnFoldedModule(QATModule):
         else:
             w, b = self.folded_weight_bias()
             y = self._inner_forward(x, self.apply_quant_weight(w), b)
-        return self.apply_quant_activation(apply_activation(y, self.activation))
+        return self.apply_quant_activation(y, self.activation)
 
 
 class ConvBn2d(BnFoldedModule, Float.ConvBn2d):

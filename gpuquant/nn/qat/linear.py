@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .. import linear as Float
-from ..conv import apply_activation
 from .conv import BnFoldedModule, check_foldable_bn
 from .module import QATModule
 
@@ -21,7 +20,7 @@ class Linear(QATModule, Float.Linear):
         self._require_qconfig()
         self._note_inputs(x)
         y = F.linear(x, self.apply_quant_weight(self.weight), self.bias)
-        return self.apply_quant_activation(apply_activation(y, self.activation))
+        return self.apply_quant_activation(y, self.activation)
 
 
 class LinearRelu(Linear, Float.LinearRelu):
