@@ -179,6 +179,7 @@ def test_normalize_on_cuda_equals_its_composite_definition(dtype):
             gy = torch.randn(shape, device="cuda").to(dtype)
             y1, m1, v1, _, g1 = _grads(normalize, z, w, b, eps, gy)
             y2, m2, v2, _, g2 = _grads(normalize_composite, z, w, b, eps, gy)
+            assert m1.dtype == v1.dtype == torch.float32 and y1.dtype == dtype
             torch.testing.assert_close(m1, m2, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-5)
             tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else \

@@ -15,6 +15,8 @@ class Elemwise(QATModule, Float.Elemwise):
     def forward(self, a, b):
         self._require_qconfig()
         self._note_inputs(a, b)
+        if self.method == "add_relu":  # the ReLU goes to the fused fake quant
+            return self.apply_quant_activation(a + b, "relu")
         return self.apply_quant_activation(self._float_op(a, b))
 
 
