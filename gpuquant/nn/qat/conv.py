@@ -64,8 +64,8 @@ def update_bn_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n: int) -
     (biased ``var`` given, the unbiased one stored; momentum None = cumulative average)."""
     with torch.no_grad():
         bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            f = 1.0 / float(bn.num_batches_tracked)
+        if bn.momentum is None:  # a device tensor: no host read (CUDA-graph capturable)
+            f = torch.reciprocal(bn.num_batches_tracked.to(bn.running_mean.dtype))
         else:
             f = bn.momentum
         bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), f)
