@@ -1,6 +1,7 @@
-"""Every fake-quant kernel (fake_quant fwd/bwd, LSQ/TQT backward, fused observer) compiled for
-sm_80 and sm_90 without a GPU (contract section 4): its PTX must have no fma contraction and
-no approximate division, since bit-exactness with PyTorch depends on separate roundings.
+"""Every fake-quant kernel (fake_quant fwd/bwd, LSQ/TQT backward, fused observer, the BN
+fold) compiled for sm_80 and sm_90 without a GPU (contract section 4): its PTX must have no
+fma contraction and no approximate division, since bit-exactness with PyTorch depends on
+separate roundings.
 
 The compile runs in a subprocess with TRITON_INTERPRET unset: under the interpreter
 ``@triton.jit`` returns interpreted functions that ``triton.compile`` cannot take.
@@ -31,7 +32,8 @@ TYPES = {"mask_ptr": "*u8", "ok_ptr": "*u8", "bad_ptr": "*i64",
          "scale_ptr": "*fp32", "inv_ptr": "*fp32", "part_ptr": "*fp32", "mn_ptr": "*fp32",
          "mx_ptr": "*fp32", "min_ptr": "*fp32", "max_ptr": "*fp32", "out_ptr": "*fp32",
          "qmin": "fp32", "qmax": "fp32", "grad_factor": "fp32", "c_ema": "fp32", "eps": "fp32",
-         "half_range": "fp32", "zp_sym": "fp32"}
+         "half_range": "fp32", "zp_sym": "fp32", "min_gamma": "fp32", "momentum": "fp32",
+         "unbias": "fp32", "nbt_ptr": "*i64"}
 
 def signature(fn, const, xdt):
     sig = {}
@@ -43,7 +45,8 @@ def signature(fn, const, xdt):
         elif a == "zp_ptr":  # int32 zero point, LSQ float zero point
             sig[a] = "*fp32" if const.get("QMODE") == 1 or const.get("MODE") == 1 else "*i32"
         else:
-            sig[a] = TYPES.get(a, "i32")  # sizes and strides
+            # other pointers float32 (the BN fold's vectors), the rest sizes and strides
+            sig[a] = TYPES.get(a, "*fp32" if a.endswith("_ptr") else "i32")
     return sig
 
 def attrs(fn, const):

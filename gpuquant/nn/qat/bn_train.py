@@ -1,18 +1,30 @@
-"""Training-mode batch normalisation with a per-channel epsilon: the BatchNorm of a folded
-Conv+BN / Linear+BN QAT module in its one-convolution form (see :mod:`.conv`).
+"""Training-mode BatchNorm of a folded Conv+BN / Linear+BN QAT module in its
+one-convolution form (see :mod:`.conv`): the weight fold, and batch normalisation with a
+per-channel epsilon.
 
-``normalize(z, weight, bias, eps, bn)`` returns ``(y, mean, var, n)`` with, per channel
-(dimension 1) over every other dimension::
+``fold_weight(w, gamma, running_var, eps, min_gamma) -> (w_fold, t, W, E)``::
 
-    mean, var = batch mean and biased variance of z          (float32)
-    y = (z - mean) / sqrt(var + eps) * weight + bias         (z's dtype)
+    t = sign(gamma) * max(|gamma|, min_gamma) / sqrt(running_var + eps)   (sign(0) = +1)
+    w_fold = w * t (per output channel),  W = gamma * sign(gamma),  E = eps * t**2
 
-``eps`` is a (C,) tensor: the folded module normalises ``z = conv(x, w * t)`` whose channels
-are the float convolution's scaled by ``t``, so ``eps * t**2`` there is exactly BatchNorm's
-``eps`` on the float convolution. ``torch.nn.functional.batch_norm`` takes one float eps,
-hence this function. Gradients flow to ``z``, ``weight``, ``bias`` and ``eps``.
+``normalize_train(z, W, beta, E, t, bn, bias) -> y`` batch-normalises ``z = conv(x,
+fq(w_fold))`` and updates ``bn``'s running statistics with the float layer's (``mean / t +
+bias``, ``var / t**2``)::
 
-Two implementations of the one definition:
+    y = (z - mean_B(z)) / sqrt(var_B(z) + E) * W + beta
+
+``E`` per channel: ``z``'s channels are the float convolution's scaled by ``t``, so
+``eps * t**2`` there is exactly BatchNorm's ``eps`` on the float convolution.
+``torch.nn.functional.batch_norm`` takes one float eps, hence :func:`normalize`. Gradients
+flow to ``z``, ``W``, ``beta`` and ``E`` (and through ``fold_weight`` to ``w`` and gamma).
+
+Each has a definition in torch ops (here) and a fused Triton version (backend ops
+``bn_fold_weight`` / ``bn_normalize_train``, :mod:`gpuquant.backends.triton.bn_fold`) used on
+CUDA: the per-channel arithmetic is a few dozen PyTorch ops on vectors of C values, each a
+kernel launch of its own, forward and backward; fused, a layer's fold and normalisation take
+five launches forward and three backward. The two agree to float32 rounding (tests).
+
+:func:`normalize` (the definition's normalisation) has two implementations too:
 
 * local batch (one process, or no synchronised BatchNorm): a custom autograd function, one
   statistics pass (``torch.batch_norm_stats`` on CUDA, ``var_mean`` elsewhere), one
@@ -29,9 +41,61 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...backends.registry import find_op
 from ...distributed import batch_mean_var, syncs_batch_stats
 
-__all__ = ["normalize", "normalize_composite"]
+__all__ = ["fold_weight", "normalize_train", "normalize", "normalize_composite",
+           "update_bn_running_stats"]
+
+
+def update_bn_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n) -> None:
+    """Update ``bn``'s running statistics as ``torch.nn.BatchNorm*`` does in training
+    (biased ``var`` given, the unbiased one stored; momentum None = cumulative average)."""
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # a device tensor: no host read (CUDA-graph capturable)
+            f = torch.reciprocal(bn.num_batches_tracked.to(bn.running_mean.dtype))
+        else:
+            f = bn.momentum
+        bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), f)
+        bn.running_var.lerp_((var.detach() * (n / (n - 1))).to(bn.running_var.dtype), f)
+
+
+def fold_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tensor, eps: float,
+                min_gamma: float):
+    """``(w_fold, t, W, E)`` (see the module docstring); ``t`` carries no gradient."""
+    fused = find_op("bn_fold_weight", w)
+    if fused is not None:
+        out = fused(w, gamma, running_var, eps, min_gamma)
+        if out is not None:  # None: a case the fused op does not take
+            return out
+    sigma = torch.sqrt(running_var + eps)
+    sgn = torch.where(gamma.detach() < 0, -1.0, 1.0)
+    t = sgn * gamma.abs().clamp(min=min_gamma) / sigma  # gamma / sigma, away from 0
+    w_fold = w * t.reshape((-1,) + (1,) * (w.dim() - 1))
+    return w_fold, t.detach(), gamma * sgn, eps * t * t
+
+
+def normalize_train(z: torch.Tensor, W: torch.Tensor, beta: torch.Tensor, E: torch.Tensor,
+                    t: torch.Tensor, bn: torch.nn.Module, bias=None) -> torch.Tensor:
+    """Batch-normalise ``z`` and update ``bn``'s running statistics (module docstring).
+
+    Raises:
+        ValueError: fewer than 2 values per channel.
+    """
+    if z.dim() < 2 or z.numel() // max(z.size(1), 1) < 2:
+        raise ValueError(f"expected more than 1 value per channel when training, got a "
+                         f"batch-norm input of shape {tuple(z.shape)}")
+    if not syncs_batch_stats(bn):
+        fused = find_op("bn_normalize_train", z)
+        if fused is not None:
+            y = fused(z, W, beta, E, t, bn, bias)
+            if y is not None:
+                return y
+    y, mean, var, n = normalize(z, W, beta, E, bn)
+    b = bias.detach() if bias is not None else 0.0
+    update_bn_running_stats(bn, mean / t + b, var / (t * t), n)
+    return y
 
 
 def _channel_shape(z: torch.Tensor):

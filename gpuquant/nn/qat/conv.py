@@ -40,7 +40,7 @@ import torch
 
 from ...distributed import batch_mean_var
 from ...nn import conv as Float
-from .bn_train import normalize
+from .bn_train import fold_weight, normalize_train, update_bn_running_stats
 from .module import QATModule
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
@@ -57,19 +57,6 @@ def bn_fold_params(bn: torch.nn.modules.batchnorm._BatchNorm):
     gamma = bn.weight if bn.affine else torch.ones_like(sigma)
     beta = bn.bias if bn.affine else torch.zeros_like(sigma)
     return gamma, beta, bn.running_mean, sigma
-
-
-def update_bn_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-    """Update ``bn``'s running statistics as ``torch.nn.BatchNorm*`` does in training
-    (biased ``var`` given, the unbiased one stored; momentum None = cumulative average)."""
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # a device tensor: no host read (CUDA-graph capturable)
-            f = torch.reciprocal(bn.num_batches_tracked.to(bn.running_mean.dtype))
-        else:
-            f = bn.momentum
-        bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), f)
-        bn.running_var.lerp_((var.detach() * (n / (n - 1))).to(bn.running_var.dtype), f)
 
 
 def check_foldable_bn(bn, owner: str) -> None:
@@ -172,20 +159,14 @@ class BnFoldedModule(QATModule):
         return w * t.reshape((-1,) + (1,) * (w.dim() - 1))
 
     def _forward_single(self, x, inner, bn):
-        gamma, beta, _, sigma = bn_fold_params(bn)
-        sgn = torch.where(gamma.detach() < 0, -1.0, 1.0)
-        t = sgn * gamma.abs().clamp(min=_MIN_GAMMA) / sigma  # gamma / sigma, away from 0
-        z = self._inner_forward(x, self.apply_quant_weight(self._fold_weight(inner.weight, t)),
-                                None)
+        gamma, beta = (bn.weight, bn.bias) if bn.affine else bn_fold_params(bn)[:2]
+        w, t, W, E = fold_weight(inner.weight, gamma, bn.running_var, bn.eps, _MIN_GAMMA)
+        z = self._inner_forward(x, self.apply_quant_weight(w), None)
         self._check_batch(x, z)
         if inner.bias is not None:  # batch statistics cancel the bias: its gradient is
             # exactly 0; adding 0 * bias gives it one, so DDP sees it used
             beta = beta + 0.0 * inner.bias
-        y, mean, var, n = normalize(z, gamma * sgn, beta, bn.eps * t * t, bn)
-        t = t.detach()
-        b = inner.bias.detach() if inner.bias is not None else 0.0
-        update_bn_running_stats(bn, mean / t + b, var / (t * t), n)
-        return y
+        return normalize_train(z, W, beta, E, t, bn, inner.bias)
 
     def _forward_exact(self, x, inner, bn):
         y0 = self._inner_forward(x, inner.weight, None)  # float op: batch statistics

@@ -1,0 +1,243 @@
+"""Folded Conv+BN training in few launches (Triton): ops ``bn_fold_weight`` and
+``bn_normalize_train``, the fused forms of :func:`gpuquant.nn.qat.bn_train.fold_weight` and
+:func:`gpuquant.nn.qat.bn_train.normalize_train` (the definitions, and the formulas).
+
+Written out with PyTorch ops, a layer's per-channel arithmetic (the fold factor, the
+per-channel epsilon, the running-statistics update, their gradients) is about 45 launches on
+vectors of C values, each costing the host a launch and the GPU a few microseconds even in a
+CUDA graph: for resnet50, more GPU time than its 53 BatchNorms take in the float step. Here:
+
+* ``bn_fold_weight``: forward one kernel (a program per output channel: fold factor ``t``,
+  ``W``, ``E`` and the folded weight row); backward one kernel (the row's gradient and the
+  gamma gradient, whose row reduction ``sum(grad_w_fold * w)`` it computes in the same pass);
+* ``bn_normalize_train``: forward the statistics pass (``torch.batch_norm_stats`` on CUDA),
+  one program that finishes them (variance, ``1 / sqrt(var + E)``, the running-statistics
+  update in place, ``num_batches_tracked``) and the normalising pass (``batch_norm`` in eval
+  form); backward PyTorch's fused batch-norm backward and one multiply for ``E``'s gradient.
+
+Float32 throughout; each operation rounded on its own (fusion off, ``div_rn`` / ``sqrt_rn``),
+so results agree with the definitions to float32 rounding (not bit for bit: autograd
+orders the gradient arithmetic differently). Returns None (the caller runs the definition)
+for layouts it does not take: a weight whose output-channel rows are not contiguous blocks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .fake_quant import _LAUNCH, _npow2, auto_interpreter, on_tensor_device
+
+__all__ = ["bn_fold_weight", "bn_normalize_train", "OPS", "KERNELS"]
+
+_ROW_BLOCK = 1024
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _fold_factor(g, rv, eps, min_gamma):
+    """(t, sign, sigma) of one channel, each operation rounded as torch rounds it."""
+    sigma = tl.sqrt_rn(rv + eps)
+    sgn = tl.where(g < 0, -1.0, 1.0)
+    t = tl.math.div_rn(sgn * tl.maximum(tl.abs(g), min_gamma), sigma)
+    return t, sgn, sigma
+
+
+@triton.jit
+def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigma_ptr,
+                     L, eps, min_gamma, BLOCK: tl.constexpr):
+    """Program c: t, W = gamma * sign, E = eps * t * t, sigma, and w_fold[c] = w[c] * t."""
+    c = tl.program_id(0)
+    g = tl.load(gamma_ptr + c)
+    t, sgn, sigma = _fold_factor(g, tl.load(rv_ptr + c), eps, min_gamma)
+    tl.store(t_ptr + c, t)
+    tl.store(W_ptr + c, g * sgn)
+    tl.store(E_ptr + c, (eps * t) * t)
+    tl.store(sigma_ptr + c, sigma)
+    base = c.to(tl.int64) * L
+    for off in range(0, L, BLOCK):
+        i = off + tl.arange(0, BLOCK)
+        m = i < L
+        w = tl.load(w_ptr + base + i, mask=m, other=0.0)
+        tl.store(wf_ptr + base + i, w * t, mask=m)
+
+
+@triton.jit
+def _fold_bwd_kernel(gwf_ptr, w_ptr, gamma_ptr, t_ptr, sigma_ptr, gW_ptr, gE_ptr, gw_ptr, gg_ptr,
+                     L, eps, min_gamma, NEED_W: tl.constexpr, BLOCK: tl.constexpr):
+    """Program c: grad_w[c] = grad_w_fold[c] * t and
+    grad_gamma = (sum(grad_w_fold[c] * w[c]) + grad_E * 2 eps t) * dt/dgamma + grad_W * sign,
+    dt/dgamma = 1 / sigma where min_gamma <= |gamma| (gamma != 0), else 0 (clamp, abs)."""
+    c = tl.program_id(0)
+    t = tl.load(t_ptr + c)
+    base = c.to(tl.int64) * L
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for off in range(0, L, BLOCK):
+        i = off + tl.arange(0, BLOCK)
+        m = i < L
+        gwf = tl.load(gwf_ptr + base + i, mask=m, other=0.0)
+        acc += gwf * tl.load(w_ptr + base + i, mask=m, other=0.0)
+        if NEED_W:
+            tl.store(gw_ptr + base + i, gwf * t, mask=m)
+    g = tl.load(gamma_ptr + c)
+    sgn = tl.where(g < 0, -1.0, 1.0)
+    live = (tl.abs(g) >= min_gamma) & (g != 0)
+    gt = tl.sum(acc, axis=0) + tl.load(gE_ptr + c) * ((2.0 * eps) * t)
+    dt = tl.where(live, tl.math.div_rn(gt, tl.load(sigma_ptr + c)), 0.0)
+    tl.store(gg_ptr + c, dt + tl.load(gW_ptr + c) * sgn)
+
+
+@triton.jit
+def _stats_finish_kernel(mean_ptr, s_ptr, E_ptr, W_ptr, t_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                         var_eps_ptr, invstd_ptr, k_ptr, C, momentum, unbias,
+                         FROM_INVSTD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program. ``s`` holds the biased variance, or (FROM_INVSTD) ``batch_norm_stats``'s
+    1 / sqrt(var) with eps 0 (0 where var is 0). Writes var + E, 1 / sqrt(var + E) and
+    k = -W / (2 (var + E)) (d y / d E = k * xhat); updates the running statistics with
+    mean / t + bias and var / t^2 * n / (n - 1) as BatchNorm does (lerp; momentum or, when
+    CUMULATIVE, 1 / num_batches_tracked), and num_batches_tracked += 1."""
+    nbt = tl.load(nbt_ptr) + 1
+    tl.store(nbt_ptr, nbt)
+    if CUMULATIVE:
+        f = tl.math.div_rn(1.0, nbt.to(tl.float32))
+    else:
+        f = momentum
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
+        s = tl.load(s_ptr + c, mask=cm, other=1.0)
+        if FROM_INVSTD:
+            var = tl.where(s > 0, tl.math.div_rn(1.0, s * s), 0.0)
+        else:
+            var = s
+        ve = var + tl.load(E_ptr + c, mask=cm, other=1.0)
+        inv = tl.math.div_rn(1.0, tl.sqrt_rn(ve))
+        tl.store(var_eps_ptr + c, ve, mask=cm)
+        tl.store(invstd_ptr + c, inv, mask=cm)
+        tl.store(k_ptr + c, -0.5 * tl.load(W_ptr + c, mask=cm, other=0.0) * (inv * inv), mask=cm)
+        t = tl.load(t_ptr + c, mask=cm, other=1.0)
+        m_new = tl.math.div_rn(mean, t)
+        if HAS_BIAS:
+            m_new = m_new + tl.load(b_ptr + c, mask=cm, other=0.0)
+        v_new = tl.math.div_rn(var, t * t) * unbias
+        rm = tl.load(rm_ptr + c, mask=cm, other=0.0)
+        rv = tl.load(rv_ptr + c, mask=cm, other=0.0)
+        tl.store(rm_ptr + c, rm + f * (m_new - rm), mask=cm)
+        tl.store(rv_ptr + c, rv + f * (v_new - rv), mask=cm)
+
+
+# --------------------------------------------------------------------------- autograd
+def _rows_contiguous(w: torch.Tensor) -> bool:
+    """Whether each output channel's elements (dimension 0) are one contiguous block."""
+    if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return w.is_contiguous()
+
+
+class _FoldWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, gamma, running_var, eps, min_gamma):
+        C = w.shape[0]
+        L = w.numel() // C
+        f32 = dict(dtype=torch.float32, device=w.device)
+        wf = torch.empty_like(w)
+        t, W, E, sigma = (torch.empty(C, **f32) for _ in range(4))
+        _fold_fwd_kernel[(C,)](w, gamma.detach(), running_var, wf, t, W, E, sigma, L,
+                               float(eps), float(min_gamma),
+                               BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4, **_LAUNCH)
+        ctx.save_for_backward(w, gamma, t, sigma)
+        ctx.consts = (L, float(eps), float(min_gamma))
+        ctx.mark_non_differentiable(t)
+        return wf, t, W, E
+
+    @staticmethod
+    def backward(ctx, gwf, _gt, gW, gE):
+        w, gamma, t, sigma = ctx.saved_tensors
+        L, eps, min_gamma = ctx.consts
+        need_w = ctx.needs_input_grad[0]
+        if gwf.stride() != w.stride():
+            gwf = torch.empty_like(w).copy_(gwf)
+        gw = torch.empty_like(w) if need_w else gwf  # unused pointer without NEED_W
+        gg = torch.empty_like(gamma, dtype=torch.float32)
+        _fold_bwd_kernel[(w.shape[0],)](gwf, w, gamma.detach(), t, sigma, gW.float(),
+                                        gE.float(), gw, gg, L, eps, min_gamma, NEED_W=need_w,
+                                        BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4,
+                                        **_LAUNCH)
+        return (gw if need_w else None), gg.to(gamma.dtype), None, None, None
+
+
+class _NormalizeTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum):
+        C = z.shape[1]
+        n = z.numel() // C
+        f32 = dict(dtype=torch.float32, device=z.device)
+        if z.is_cuda:  # Welford in float32, any dtype and layout (SyncBatchNorm's kernel)
+            mean, s = torch.batch_norm_stats(z, 0.0)
+        else:          # the interpreter (tests)
+            s, mean = torch.var_mean(z.float(), dim=(0,) + tuple(range(2, z.dim())),
+                                     correction=0)
+        var_eps, invstd, k = (torch.empty(C, **f32) for _ in range(3))
+        block_c = min(_npow2(C), 1024)
+        _stats_finish_kernel[(1,)](
+            mean, s, E, W, t, bias if bias is not None else mean, running_mean, running_var,
+            nbt, var_eps, invstd, k, C, 0.0 if momentum is None else float(momentum),
+            n / (n - 1), FROM_INVSTD=z.is_cuda, HAS_BIAS=bias is not None,
+            CUMULATIVE=momentum is None, BLOCK_C=block_c, num_warps=4, **_LAUNCH)
+        # (z - mean) / sqrt(var + E) * W + beta: eval-form batch_norm, eps 0 (mixed dtypes)
+        y = F.batch_norm(z, mean, var_eps, W, beta, False, 0.0, 0.0)
+        ctx.save_for_backward(z, W, mean, invstd, k)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        z, W, mean, invstd, k = ctx.saved_tensors
+        need_z, need_w, need_b, need_e = ctx.needs_input_grad[:4]
+        gz, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy, z, W, None, None, mean, invstd, True, 0.0, [need_z, need_w or need_e, need_b])
+        ge = k * gw if need_e else None
+        return (gz, gw if need_w else None, gb, ge) + (None,) * 6
+
+
+# --------------------------------------------------------------------------- ops
+@on_tensor_device
+def bn_fold_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tensor,
+                   eps: float, min_gamma: float):
+    """Fused :func:`gpuquant.nn.qat.bn_train.fold_weight`; None for what it does not take."""
+    if auto_interpreter(w):  # the interpreter only when chosen with use("triton")
+        return None
+    if (w.dtype != torch.float32 or gamma.dtype != torch.float32 or w.dim() < 2
+            or running_var.dtype != torch.float32 or w.shape[0] != gamma.numel()
+            or w.numel() == 0 or not _rows_contiguous(w)):
+        return None
+    return _FoldWeight.apply(w, gamma, running_var, eps, min_gamma)
+
+
+@on_tensor_device
+def bn_normalize_train(z: torch.Tensor, W, beta, E, t, bn, bias=None) -> Optional[torch.Tensor]:
+    """Fused :func:`gpuquant.nn.qat.bn_train.normalize_train` (local batch statistics); None
+    for what it does not take."""
+    if auto_interpreter(z):
+        return None
+    if (z.dim() < 2 or z.numel() == 0 or bn.running_mean.dtype != torch.float32
+            or any(v.dtype != torch.float32 for v in (W, beta, E, t))):
+        return None
+    b = bias.detach().float() if bias is not None else None
+    return _NormalizeTrain.apply(z, W, beta, E, t, b, bn.running_mean, bn.running_var,
+                                 bn.num_batches_tracked, bn.momentum)
+
+
+KERNELS = {
+    "_fold_fwd_kernel": (_fold_fwd_kernel, [dict(BLOCK=_ROW_BLOCK)]),
+    "_fold_bwd_kernel": (_fold_bwd_kernel, [dict(NEED_W=True, BLOCK=_ROW_BLOCK)]),
+    "_stats_finish_kernel": (_stats_finish_kernel, [
+        dict(FROM_INVSTD=fi, HAS_BIAS=hb, CUMULATIVE=cu, BLOCK_C=1024)
+        for fi, hb, cu in ((True, False, False), (False, True, True))]),
+}
+
+OPS = {"bn_fold_weight": bn_fold_weight, "bn_normalize_train": bn_normalize_train}
