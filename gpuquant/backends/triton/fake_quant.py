@@ -51,6 +51,7 @@ forward skips the mask (2E bytes) when no gradient is needed.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -294,16 +295,24 @@ def _fq_bwd_kernel(
 
 
 # --------------------------------------------------------------------------- layout helpers
-def dense_layout(t: torch.Tensor) -> bool:
-    """Whether ``t`` covers its storage span exactly once (contiguous, channels_last, any
-    permutation of dims): then memory order is a valid traversal of all its elements."""
-    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1)
+# The launchers' layout arithmetic depends only on shapes and strides, which a training
+# loop repeats every step: it is memoised (the host cost of a fake-quant call matters where a
+# QAT step launches a few hundred of them). Keys hold sizes only, never tensors.
+@functools.lru_cache(maxsize=4096)
+def _dense(shape: tuple, stride: tuple) -> bool:
+    dims = sorted((st, sz) for st, sz in zip(stride, shape) if sz != 1)
     expect = 1
     for st, sz in dims:
         if st != expect:
             return False
         expect *= sz
     return True
+
+
+def dense_layout(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its storage span exactly once (contiguous, channels_last, any
+    permutation of dims): then memory order is a valid traversal of all its elements."""
+    return _dense(tuple(t.shape), t.stride())
 
 
 def _as_dense(t: torch.Tensor) -> torch.Tensor:
@@ -382,16 +391,40 @@ def _npow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+@functools.lru_cache(maxsize=None)
+def _programs_for(dev_type: str, index: Optional[int]) -> int:
+    if dev_type == "cuda":
+        dev = torch.device("cuda", index if index is not None else torch.cuda.current_device())
+        return 4 * torch.cuda.get_device_properties(dev).multi_processor_count
     return 4  # the interpreter: few, large programs are fastest
+
+
+def _target_programs(device: torch.device) -> int:
+    return _programs_for(device.type, device.index)
 
 
 def row_plan(x: torch.Tensor, axis: Optional[int], tile: int = 2048,
              programs: Optional[int] = None) -> RowPlan:
     """The :class:`RowPlan` of a dense tensor ``x`` (per-tensor: one channel, rows in memory
     order). Call :func:`as_rows` first to get a tensor this describes."""
+    want = programs if programs is not None else _target_programs(x.device)
+    return _row_plan(_Layout(tuple(x.shape), x.stride()), axis, tile, want)
+
+
+class _Layout(NamedTuple):
+    """Shape and strides: what :func:`_row_plan` reads of a tensor (hashable, memoised)."""
+    shape: tuple
+    strides: tuple
+
+    def stride(self, d=None):
+        return self.strides if d is None else self.strides[d]
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_plan(x: "_Layout", axis: Optional[int], tile: int, want: int) -> RowPlan:
     if axis is None or x.shape[axis] == 1:
         rows, C, inner, s_o, s_i, s_c = x.numel(), 1, 1, 1, 0, 0
     elif _memory_order_rows(x, axis):
@@ -414,7 +447,6 @@ def row_plan(x: torch.Tensor, axis: Optional[int], tile: int = 2048,
         block_c = max(1, min(_npow2(C), tile // block_r))
     n_rb = triton.cdiv(max(rows, 1), block_r)
     n_cb = triton.cdiv(C, block_c)
-    want = programs if programs is not None else _target_programs(x.device)
     split = max(1, min(n_rb, triton.cdiv(want, n_cb)))
     n_iter = triton.cdiv(n_rb, split)
     split = triton.cdiv(n_rb, n_iter)
@@ -476,6 +508,23 @@ def _grid(n: int, block: int):
 
 
 # --------------------------------------------------------------------------- launchers
+@functools.lru_cache(maxsize=4096)
+def _channel_args(shape: tuple, stride: tuple, axis: Optional[int], block: int,
+                  wide: Optional[bool], c_inner_ok: bool):
+    """The forward kernel's channel arguments for a dense tensor of this layout:
+    (period, stride_c, C, wide, m_sc, l_sc, m_c, l_c, c_inner)."""
+    if axis is not None:
+        period, sc, C, big = channel_params(_Layout(shape, stride), axis)
+        wide = big or period + block >= 2 ** 31 if wide is None else wide
+    else:
+        period, sc, C, wide = 1, 1, 1, False
+    (m_sc, l_sc), (m_c, l_c) = udiv_magic(min(sc, 2 ** 31 - 1)), udiv_magic(min(C, 2 ** 31 - 1))
+    c_inner = C if (axis is not None and sc == 1 and not wide and C >= 8 and C & (C - 1) == 0
+                    and block % C == 0 and c_inner_ok) else 0
+    # m as int32 bit patterns (see _channel_of)
+    return period, sc, C, wide, m_sc - 2 ** 32, l_sc, m_c - 2 ** 32, l_c, c_inner
+
+
 @on_tensor_device
 def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                        qmin: int, qmax: int, axis: Optional[int], save_mask: bool,
@@ -503,18 +552,13 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
         zero_point = scale
     else:
         zero_point = zero_point.detach().to(torch.float32 if qmode == 1 else torch.int32)
-    if per_channel:
+    if per_channel and inv is None:
         # correctly rounded float32 division by torch, on the device (TQT: in the kernel)
-        if inv is None:
-            inv = scale if qmode == 2 else 1.0 / scale
-        period, sc, C, big = channel_params(x, axis)
-        wide = big or period + block >= 2 ** 31 if wide is None else wide
-    else:
-        inv, period, sc, C, wide = scale, 1, 1, 1, False
-    (m_sc, l_sc), (m_c, l_c) = udiv_magic(min(sc, 2 ** 31 - 1)), udiv_magic(min(C, 2 ** 31 - 1))
-    m_sc, m_c = m_sc - 2 ** 32, m_c - 2 ** 32  # the int32 bit patterns (see _channel_of)
-    c_inner = C if (per_channel and sc == 1 and not wide and C >= 8 and C & (C - 1) == 0
-                    and block % C == 0 and c_inner_ok) else 0
+        inv = scale if qmode == 2 else 1.0 / scale
+    elif not per_channel:
+        inv = scale
+    period, sc, C, wide, m_sc, l_sc, m_c, l_c, c_inner = _channel_args(
+        tuple(x.shape), x.stride(), axis, block, wide, c_inner_ok)
     _fq_fwd_kernel[_grid(n, block)](
         _flat_span(x), _flat_span(y), mask, scale, inv, zero_point,
         n, nbytes, period, sc, C, m_sc, l_sc, m_c, l_c, float(qmin), float(qmax),

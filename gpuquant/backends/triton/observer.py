@@ -29,6 +29,7 @@ observer with ``check_finite=True`` does its one host read (the raise on NaN / I
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -174,17 +175,25 @@ def _minmax_reduce_kernel(
 
 
 # --------------------------------------------------------------------------- launchers
+@functools.lru_cache(maxsize=None)
+def _observer_kinds():
+    """{observer class: EMA or not} for the classes this path reproduces exactly (not their
+    subclasses: a subclass may override the update or the qparams)."""
+    from ...quantization import observer as obs_mod
+    return {obs_mod.MinMaxObserver: False, obs_mod.SyncMinMaxObserver: False,
+            obs_mod.ExponentialMovingAverageObserver: True,
+            obs_mod.SyncExponentialMovingAverageObserver: True}
+
+
 def _supported_observer(observer) -> Optional[bool]:
     """True (EMA), False (MinMax) for the observer classes this path reproduces, else None."""
-    from ...quantization import observer as obs_mod
-    if not isinstance(observer, obs_mod.MinMaxObserver) and \
-            not isinstance(observer, obs_mod.ExponentialMovingAverageObserver):
-        return None
-    # exactly these classes: a subclass may override the update or the qparams
-    if type(observer) not in (obs_mod.MinMaxObserver, obs_mod.ExponentialMovingAverageObserver,
-                   obs_mod.SyncMinMaxObserver, obs_mod.SyncExponentialMovingAverageObserver):
-        return None
-    return isinstance(observer, obs_mod.ExponentialMovingAverageObserver)
+    return _observer_kinds().get(type(observer))
+
+
+@functools.lru_cache(maxsize=None)
+def _fake_quantize_class():
+    from ...quantization.fake_quant import FakeQuantize
+    return FakeQuantize
 
 
 def _plain_reduce(observer) -> bool:
@@ -212,7 +221,7 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
         BLOCK_C=plan.block_c, RELU=relu, num_warps=4, **_LAUNCH)
     per_channel = axis is not None
     shape = (plan.C,) if per_channel else ()
-    if per_channel:
+    if per_channel and observer.min_val.shape != shape:  # first batch, or a mismatch
         observer._prepare_state(torch.empty(shape, dtype=torch.float32, device=dev))
     if observer.min_val.device != dev:
         raise ValueError(f"{observer._name()}: state is on {observer.min_val.device} but the "
@@ -264,12 +273,12 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
         ValueError: what the observer raises (NaN / Inf input with ``check_finite``, a channel
             count that differs from its state, axis out of range).
     """
-    from ...quantization.fake_quant import FakeQuantize
     if observer is None or fake_quant is None or not isinstance(x, torch.Tensor):
         return None
     if auto_interpreter(x):  # the interpreter only when chosen with use("triton")
         return None
-    if type(fake_quant) is not FakeQuantize or not fake_quant.enabled or not observer.enabled:
+    if type(fake_quant) is not _fake_quantize_class() or not fake_quant.enabled \
+            or not observer.enabled:
         return None
     if _supported_observer(observer) is None or observer.dtype != fake_quant.dtype:
         return None
