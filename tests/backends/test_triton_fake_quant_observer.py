@@ -37,6 +37,13 @@ LAYOUTS = [
 ]
 
 
+def definition(x, fake_quant, observer, relu=False):
+    """The unfused definition: apply_fake_quant_with_observer on the reference backend (on
+    the triton backend it would take the fused op itself)."""
+    with backends.use("reference"):
+        return qfq.apply_fake_quant_with_observer(x, fake_quant, observer, relu=relu)
+
+
 def assert_same_state(a, b):
     for name in ("min_val", "max_val", "nonfinite_batches"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -79,7 +86,7 @@ def test_fused_matches_unfused(obs, layout, dsym, check_finite, relu):
             x = x.contiguous(memory_format=fmt)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         y = tobs.observe_fake_quant(xa, fused, fq, relu=relu, programs=3, tile=64)
-        yr = qfq.apply_fake_quant_with_observer(xb, fq, ref, relu=relu)  # the definition
+        yr = definition(xb, fq, ref, relu=relu)
         assert y is not None
         assert torch.equal(y, yr)
         assert_same_state(fused, ref)
@@ -98,7 +105,7 @@ def test_half_inputs(dt):
     for it in range(2):
         x = (torch.randn(2, 5, 3, 4, device=DEV) * 3).to(dt).contiguous(memory_format=torch.channels_last)
         y = tobs.observe_fake_quant(x, fused, fq, programs=2, tile=32)
-        yr = qfq.apply_fake_quant_with_observer(x, fq, ref)
+        yr = definition(x, fq, ref)
         assert y.dtype == dt and torch.equal(y, yr)
         assert_same_state(fused, ref)
 
@@ -120,7 +127,7 @@ def test_fused_relu_edges(axis):
             x[1, 1, 1] = float("nan")
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         y = tobs.observe_fake_quant(xa, fused, fq, relu=True, programs=2, tile=32)
-        yr = qfq.apply_fake_quant_with_observer(xb, fq, ref, relu=True)
+        yr = definition(xb, fq, ref, relu=True)
         assert torch.equal(y.isnan(), yr.isnan())
         assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr))
         assert_same_state(fused, ref)
@@ -128,6 +135,37 @@ def test_fused_relu_edges(axis):
         y.backward(g)
         yr.backward(g)
         assert torch.equal(torch.nan_to_num(xa.grad), torch.nan_to_num(xb.grad))
+
+
+@pytest.mark.parametrize("cls,kw", [(qobs.MinMaxObserver, {}),
+                                     (qobs.ExponentialMovingAverageObserver, {"momentum": 0.8})])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+def test_per_tensor_two_launch_path(monkeypatch, cls, kw, dt, relu):
+    """Per-tensor observers without host hooks take the two-launch path (partials with a
+    state snapshot, then update + fake quant in one kernel): bit-identical to the definition
+    batch after batch, a NaN batch counted and skipped, gradients equal."""
+    calls = []
+    orig = tobs._ObservePerTensor.apply
+    monkeypatch.setattr(tobs._ObservePerTensor, "apply",
+                        lambda *a: calls.append(1) or orig(*a))
+    d = gpuquant.quint8 if relu else gpuquant.qint8
+    fused = cls(dtype=d, symmetric=not relu, check_finite=False, **kw).to(DEV)
+    ref, fq = copy.deepcopy(fused), qfq.FakeQuantize(d)
+    for it in range(4):
+        x = (torch.randn(3, 5, 7, 11, device=DEV) * (1 + it) - 0.3 * it).to(dt)
+        if it == 2:
+            x[0, 1, 2, 3] = float("nan")
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = tobs.observe_fake_quant(xa, fused, fq, relu=relu, programs=5, tile=64)
+        yr = definition(xb, fq, ref, relu=relu)
+        assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr)) and y.dtype == dt
+        assert_same_state(fused, ref)
+        g = torch.randn_like(x)
+        y.backward(g)
+        yr.backward(g)
+        assert torch.equal(torch.nan_to_num(xa.grad), torch.nan_to_num(xb.grad))
+    assert len(calls) == 4 and int(fused.nonfinite_batches) == 1
 
 
 def test_nonfinite_batches_dropped_on_device():
@@ -140,7 +178,7 @@ def test_nonfinite_batches_dropped_on_device():
         xs[2][1, 1] = float("inf")
         for x in xs:
             y = tobs.observe_fake_quant(x, fused, fq)
-            yr = qfq.apply_fake_quant_with_observer(x, fq, ref)
+            yr = definition(x, fq, ref)
             assert torch.equal(y.isnan(), yr.isnan()) and torch.equal(y.nan_to_num(), yr.nan_to_num())
             assert_same_state(fused, ref)
         assert int(fused.nonfinite_batches) == 2

@@ -10,6 +10,12 @@
     variants), per-tensor or per-channel, with an enabled plain :class:`FakeQuantize` of the
     same dtype; on CPU tensors (the interpreter) only under ``gpuquant.backends.use("triton")``.
 
+Per-tensor observers without host hooks (``check_finite=False``, not distributed) take two
+launches: the partial min/max kernel (which also snapshots the old state) and
+``_observe_fq_kernel``, where every program reduces the partials and computes the update and
+qparams itself (the same jitted arithmetic, so they agree bit for bit) and program 0 writes
+the new state. Otherwise (per-channel: a program would need every channel's range):
+
 Passes (no host synchronisation when the observer has ``check_finite=False``):
 
 1. ``_minmax_partial_kernel``: one read of ``x``: per (row split, channel) minimum and
@@ -36,8 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, FakeQuantFunction, _npow2, _rne,
-                         _row_offsets, as_rows, auto_interpreter, on_tensor_device, row_plan)
+from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
+                         _flat_span, _fq_math, _npow2, _pack_bits, _rne, _row_offsets,
+                         _target_programs, _to_out, as_rows, auto_interpreter,
+                         fake_quant_backward, on_tensor_device, row_plan)
+from torch.autograd.function import once_differentiable
 
 __all__ = ["observe_fake_quant", "observer_step", "OPS", "KERNELS"]
 
@@ -53,13 +62,23 @@ def _minmax_partial_kernel(
     x_ptr, part_ptr,
     # row plan (see fake_quant.RowPlan)
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
+    # observer state f32 (C,), read only with SNAPSHOT
+    min_ptr, max_ptr,
     # meta
     ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    RELU: tl.constexpr = False,
+    RELU: tl.constexpr = False, SNAPSHOT: tl.constexpr = False,
 ):
-    """Per (row split, channel block) min and max of x (of relu(x) when RELU)."""
+    """Per (row split, channel block) min and max of x (of relu(x) when RELU). SNAPSHOT
+    (per-tensor): program (0, 0) also copies the observer's min / max to part[2 * split] and
+    part[2 * split + 1], the state as it was before this batch, for ``_observe_fq_kernel``
+    (which updates the state while its programs still need the old one)."""
     cb = tl.program_id(0)
     sp = tl.program_id(1)
+    if SNAPSHOT:
+        one = tl.arange(0, 1)
+        first = (one + cb + sp) == 0  # program (0, 0)
+        tl.store(part_ptr + 2 * split + one, tl.load(min_ptr + one), mask=first)
+        tl.store(part_ptr + 2 * split + 1 + one, tl.load(max_ptr + one), mask=first)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     coff = (c.to(tl.int64) * s_c)[None, :]
@@ -96,6 +115,83 @@ def _reduce_partials(part_ptr, split, C, c, cm, BLOCK_S: tl.constexpr, BLOCK_C: 
 
 
 @triton.jit
+def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_range, zp_sym,
+                  EMA: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """The observer update (MinMax or moving average; batches with ``ok`` False leave the
+    state) and torch.ao's ``_calculate_qparams`` of the new state, operation by operation:
+    (new_min, new_max, scale, zero point as float32)."""
+    if EMA:
+        fresh = ~((tl.abs(old_min) < _INF) & (tl.abs(old_max) < _INF))
+        new_min = tl.where(fresh, mn, old_min + c_ema * (mn - old_min))
+        new_max = tl.where(fresh, mx, old_max + c_ema * (mx - old_max))
+    else:
+        new_min = tl.minimum(mn, old_min)
+        new_max = tl.maximum(mx, old_max)
+    new_min = tl.where(ok, new_min, old_min)
+    new_max = tl.where(ok, new_max, old_max)
+    min_neg = tl.minimum(new_min, 0.0)
+    max_pos = tl.maximum(new_max, 0.0)
+    if SYMMETRIC:
+        max_pos = tl.maximum(-min_neg, max_pos)
+        scale = tl.maximum(tl.math.div_rn(max_pos, half_range), eps)
+        zp = scale * 0.0 + zp_sym
+    else:
+        scale = tl.maximum(tl.math.div_rn(max_pos - min_neg, qmax - qmin), eps)
+        zp = qmin - _rne(tl.math.div_rn(min_neg, scale))
+        zp = tl.minimum(tl.maximum(zp, qmin), qmax)
+    return new_min, new_max, scale, zp
+
+
+@triton.jit
+def _observe_fq_kernel(
+    # pointers: x, y (same dtype and strides, dense), mask u8, part f32 (2 * split + 2),
+    # observer min / max f32 (1,), bad i64 (1,)
+    x_ptr, y_ptr, mask_ptr, part_ptr, min_ptr, max_ptr, bad_ptr,
+    # sizes
+    numel, nbytes_mask, split,
+    # observer constants (float32)
+    c_ema, eps, qmin, qmax, half_range, zp_sym,
+    # meta
+    EMA: tl.constexpr, SYMMETRIC: tl.constexpr, RELU: tl.constexpr, SAVE_MASK: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per-tensor observer update and fake quant in one launch (after the partial min/max
+    kernel with SNAPSHOT): every program reduces the partials and computes the new state and
+    qparams itself (the same arithmetic as ``_observer_update_kernel``, from the state
+    snapshot, so all programs agree bit for bit); program 0 writes the state and counts a
+    non-finite batch; then y = fake_quant(x) (of relu(x) when RELU) and the bit mask."""
+    pid = tl.program_id(0)
+    one = tl.arange(0, 1)
+    mn, mx = _reduce_partials(part_ptr, split, 1, one, one == 0, BLOCK_S, 1)
+    old_min = tl.load(part_ptr + 2 * split + one)
+    old_max = tl.load(part_ptr + 2 * split + 1 + one)
+    ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
+    new_min, new_max, scale, zp = _update_state(
+        mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_range, zp_sym, EMA, SYMMETRIC)
+    first = (one + pid) == 0  # program 0
+    tl.store(min_ptr + one, new_min, mask=first)
+    tl.store(max_ptr + one, new_max, mask=first)
+    tl.store(bad_ptr + one, tl.load(bad_ptr + one) + (~ok).to(tl.int64), mask=first)
+    s = tl.max(scale, axis=0)  # the one value as a scalar
+    zpf = tl.max(zp, axis=0)
+    inv = tl.math.div_rn(1.0, s)
+    offs, _ = _block_offsets(pid, BLOCK)
+    m = offs < numel
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    pos = x > 0
+    if RELU:
+        x = tl.where(x < 0, 0.0, x)
+    y, inr = _fq_math(x, inv, s, zpf, qmin, qmax)
+    if RELU:
+        inr = inr & pos
+    tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
+    if SAVE_MASK:
+        bits = _pack_bits(inr & m)
+        boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(mask_ptr + boffs, bits, mask=boffs < nbytes_mask)
+
+
+@triton.jit
 def _observer_update_kernel(
     # pointers
     part_ptr, mn_ptr, mx_ptr, ok_ptr, min_ptr, max_ptr, scale_ptr, inv_ptr, zp_ptr, bad_ptr,
@@ -127,28 +223,11 @@ def _observer_update_kernel(
             bad = tl.maximum(bad, (cm & ~ok).to(tl.int32))
         old_min = tl.load(min_ptr + c, mask=cm, other=0.0)
         old_max = tl.load(max_ptr + c, mask=cm, other=0.0)
-        if EMA:
-            fresh = ~((tl.abs(old_min) < _INF) & (tl.abs(old_max) < _INF))
-            new_min = tl.where(fresh, mn, old_min + c_ema * (mn - old_min))
-            new_max = tl.where(fresh, mx, old_max + c_ema * (mx - old_max))
-        else:
-            new_min = tl.minimum(mn, old_min)
-            new_max = tl.maximum(mx, old_max)
-        new_min = tl.where(ok, new_min, old_min)
-        new_max = tl.where(ok, new_max, old_max)
+        new_min, new_max, scale, zp = _update_state(
+            mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_range, zp_sym, EMA,
+            SYMMETRIC)
         tl.store(min_ptr + c, new_min, mask=cm)
         tl.store(max_ptr + c, new_max, mask=cm)
-        # torch.ao's _calculate_qparams, operation by operation
-        min_neg = tl.minimum(new_min, 0.0)
-        max_pos = tl.maximum(new_max, 0.0)
-        if SYMMETRIC:
-            max_pos = tl.maximum(-min_neg, max_pos)
-            scale = tl.maximum(tl.math.div_rn(max_pos, half_range), eps)
-            zp = scale * 0.0 + zp_sym
-        else:
-            scale = tl.maximum(tl.math.div_rn(max_pos - min_neg, qmax - qmin), eps)
-            zp = qmin - _rne(tl.math.div_rn(min_neg, scale))
-            zp = tl.minimum(tl.maximum(zp, qmin), qmax)
         tl.store(scale_ptr + c, scale, mask=cm)
         tl.store(inv_ptr + c, tl.math.div_rn(1.0, scale), mask=cm)
         tl.store(zp_ptr + c, zp.to(tl.int32), mask=cm)
@@ -217,7 +296,7 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
     dev = x.device
     part = torch.empty((2, plan.split, plan.C), dtype=torch.float32, device=dev)
     _minmax_partial_kernel[(triton.cdiv(plan.C, plan.block_c), plan.split)](
-        x, part, *plan.kernel_args(), ROWS32=plan.rows32, BLOCK_R=plan.block_r,
+        x, part, *plan.kernel_args(), part, part, ROWS32=plan.rows32, BLOCK_R=plan.block_r,
         BLOCK_C=plan.block_c, RELU=relu, num_warps=4, **_LAUNCH)
     per_channel = axis is not None
     shape = (plan.C,) if per_channel else ()
@@ -254,6 +333,56 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
     return scale, zp, inv
 
 
+def _observer_consts(observer):
+    d = observer.dtype
+    ema = _supported_observer(observer)
+    return (1.0 - observer.momentum if ema else 0.0, _EPS, float(d.qmin), float(d.qmax),
+            float(d.qmax - d.qmin) / 2, float(0 if d.signed else (d.qmax + d.qmin + 1) // 2))
+
+
+class _ObservePerTensor(torch.autograd.Function):
+    """Per-tensor observe + fake quant in two launches: the partial min/max (with the state
+    snapshot), then ``_observe_fq_kernel``; the backward is the fake quant's (mask only)."""
+
+    @staticmethod
+    def forward(ctx, x, observer, relu, programs, tile):
+        need = ctx.needs_input_grad[0]
+        plan = row_plan(x, None, tile=tile, programs=programs)
+        n = x.numel()
+        part = torch.empty(2 * plan.split + 2, dtype=torch.float32, device=x.device)
+        _minmax_partial_kernel[(1, plan.split)](
+            x, part, *plan.kernel_args(), observer.min_val, observer.max_val,
+            ROWS32=plan.rows32, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, RELU=relu,
+            SNAPSHOT=True, num_warps=4, **_LAUNCH)
+        y = torch.empty_like(x)
+        nbytes = (n + 7) // 8
+        mask = torch.empty(nbytes if need else 1, dtype=torch.uint8, device=x.device)
+        _observe_fq_kernel[(triton.cdiv(n, BLOCK),)](
+            _flat_span(x), _flat_span(y), mask, part, observer.min_val, observer.max_val,
+            observer.nonfinite_batches, n, nbytes, plan.split, *_observer_consts(observer),
+            EMA=_supported_observer(observer), SYMMETRIC=observer.symmetric, RELU=relu,
+            SAVE_MASK=need, BLOCK_S=min(_npow2(plan.split), 1024), BLOCK=BLOCK,
+            num_warps=NUM_WARPS, **_LAUNCH)
+        if need:
+            ctx.save_for_backward(mask)
+            ctx.layout = (x.shape, x.stride(), x.dtype, x.device)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        shape, stride, dtype, device = ctx.layout
+        like = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        return fake_quant_backward(grad, mask, like, BLOCK), None, None, None, None
+
+
+def _per_tensor_programs(device) -> int:
+    """Partial min/max programs for the two-launch per-tensor path: every fake-quant program
+    re-reads the partials (2 floats each) from L2, so half the usual count."""
+    return max(1, _target_programs(device) // 2)
+
+
 def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = False,
                        programs: Optional[int] = None, tile: int = 2048) -> Optional[torch.Tensor]:
     """Observe, then fake-quantize with the observer's new qparams, in three kernels.
@@ -287,6 +416,13 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
     axis = observer._resolve_axis(x)
     d = observer.dtype
     xr = as_rows(x, axis)
+    if (axis is None or x.shape[axis] == 1) and not observer.check_finite \
+            and _plain_reduce(observer) and observer.min_val.numel() == 1 \
+            and observer.min_val.device == x.device:
+        observer._observed = True
+        return _ObservePerTensor.apply(
+            xr, observer, relu, programs if programs is not None else
+            _per_tensor_programs(x.device), tile)
     with torch.no_grad():
         scale, zp, inv = observer_step(xr.detach(), observer, axis, programs, tile, relu)
     if axis is not None and x.shape[axis] == 1:
@@ -298,11 +434,15 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
 KERNELS = {
     "_minmax_partial_kernel": (_minmax_partial_kernel, [
         dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1), dict(ROWS32=True, BLOCK_R=32, BLOCK_C=64),
-        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1, RELU=True)]),
+        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1, RELU=True, SNAPSHOT=True)]),
     "_observer_update_kernel": (_observer_update_kernel, [
         dict(FROM_PARTIALS=fp, HAVE_OK=not fp, EMA=e, SYMMETRIC=s, BLOCK_S=8, BLOCK_C=256)
         for fp, e, s in ((True, False, True), (True, True, False), (False, True, True))]),
     "_minmax_reduce_kernel": (_minmax_reduce_kernel, [dict(BLOCK_S=8, BLOCK_C=256)]),
+    "_observe_fq_kernel": (_observe_fq_kernel, [
+        dict(EMA=True, SYMMETRIC=True, RELU=True, SAVE_MASK=True, BLOCK_S=256, BLOCK=BLOCK),
+        dict(EMA=False, SYMMETRIC=False, RELU=False, SAVE_MASK=True, BLOCK_S=256,
+             BLOCK=BLOCK)]),
 }
 
 OPS = {"observe_fake_quant": observe_fake_quant}
