@@ -146,8 +146,8 @@ def test_per_tensor_two_launch_path(monkeypatch, cls, kw, dt, relu):
     state snapshot, then update + fake quant in one kernel): bit-identical to the definition
     batch after batch, a NaN batch counted and skipped, gradients equal."""
     calls = []
-    orig = tobs._ObservePerTensor.apply
-    monkeypatch.setattr(tobs._ObservePerTensor, "apply",
+    orig = tobs._ObserveTwoLaunch.apply
+    monkeypatch.setattr(tobs._ObserveTwoLaunch, "apply",
                         lambda *a: calls.append(1) or orig(*a))
     d = gpuquant.quint8 if relu else gpuquant.qint8
     fused = cls(dtype=d, symmetric=not relu, check_finite=False, **kw).to(DEV)
@@ -166,6 +166,42 @@ def test_per_tensor_two_launch_path(monkeypatch, cls, kw, dt, relu):
         yr.backward(g)
         assert torch.equal(torch.nan_to_num(xa.grad), torch.nan_to_num(xb.grad))
     assert len(calls) == 4 and int(fused.nonfinite_batches) == 1
+
+
+@pytest.mark.parametrize("cls,kw", [(qobs.MinMaxObserver, {}),
+                                     (qobs.ExponentialMovingAverageObserver, {"momentum": 0.7})])
+@pytest.mark.parametrize("shape,fmt", [((9, 4, 3, 3), None), ((9, 4, 3, 3), "cl"),
+                                       ((7, 13), None), ((5, 1, 1, 1), None)])
+def test_per_channel_two_launch_path(monkeypatch, cls, kw, shape, fmt):
+    """Per-channel observers of weights (channels outermost) take the two-launch path too:
+    the qparams computed per element from the partials and the state snapshot, the state
+    written by each channel's first element. Bit-identical to the definition, a NaN in one
+    channel counted once and that channel's state kept."""
+    calls = []
+    orig = tobs._ObserveTwoLaunch.apply
+    monkeypatch.setattr(tobs._ObserveTwoLaunch, "apply",
+                        lambda *a: calls.append(a[2]) or orig(*a))
+    d = gpuquant.qint8_narrow
+    fused = cls(dtype=d, symmetric=True, axis=0, check_finite=False, **kw).to(DEV)
+    ref, fq = copy.deepcopy(fused), qfq.FakeQuantize(d)
+    for it in range(4):
+        w = torch.randn(shape, device=DEV) * torch.rand(shape[0], *([1] * (len(shape) - 1)),
+                                                       device=DEV) * (1 + it)
+        if fmt == "cl":
+            w = w.contiguous(memory_format=torch.channels_last)
+        if it == 2:
+            w[(1,) + (0,) * (len(shape) - 2) + (min(1, shape[-1] - 1),)] = float("nan")
+        wa, wb = w.clone().requires_grad_(), w.clone().requires_grad_()
+        y = tobs.observe_fake_quant(wa, fused, fq, programs=3, tile=64)
+        yr = definition(wb, fq, ref)
+        assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr))
+        assert_same_state(fused, ref)
+        g = torch.randn_like(w)
+        y.backward(g)
+        yr.backward(g)
+        assert torch.equal(torch.nan_to_num(wa.grad), torch.nan_to_num(wb.grad))
+    # the first batch sizes the per-channel state through the three-launch path
+    assert calls == [0] * 3 and int(fused.nonfinite_batches) == 1
 
 
 def test_nonfinite_batches_dropped_on_device():

@@ -10,11 +10,13 @@
     variants), per-tensor or per-channel, with an enabled plain :class:`FakeQuantize` of the
     same dtype; on CPU tensors (the interpreter) only under ``gpuquant.backends.use("triton")``.
 
-Per-tensor observers without host hooks (``check_finite=False``, not distributed) take two
-launches: the partial min/max kernel (which also snapshots the old state) and
-``_observe_fq_kernel``, where every program reduces the partials and computes the update and
-qparams itself (the same jitted arithmetic, so they agree bit for bit) and program 0 writes
-the new state. Otherwise (per-channel: a program would need every channel's range):
+Observers without host hooks (``check_finite=False``, not distributed), per tensor or per
+channel with the channels outermost in memory (weights), take two launches: the partial
+min/max kernel (which also snapshots the old state) and ``_observe_fq_kernel``, where every
+program computes the update and qparams it needs itself from the partials and the snapshot
+(the same jitted arithmetic, so they agree bit for bit; per channel, per element) and the
+new state is written once (program 0; each channel's first element). Otherwise (host
+hooks, channels not outermost: activations per channel):
 
 Passes (no host synchronisation when the observer has ``check_finite=False``):
 
@@ -44,8 +46,9 @@ import triton.language as tl
 
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
                          _flat_span, _fq_math, _npow2, _pack_bits, _rne, _row_offsets,
-                         _target_programs, _to_out, as_rows, auto_interpreter,
-                         fake_quant_backward, on_tensor_device, row_plan)
+                         _target_programs, _to_out, _udiv, as_rows, auto_interpreter,
+                         dense_layout, fake_quant_backward, on_tensor_device, row_plan,
+                         udiv_magic)
 from torch.autograd.function import once_differentiable
 
 __all__ = ["observe_fake_quant", "observer_step", "OPS", "KERNELS"]
@@ -68,17 +71,19 @@ def _minmax_partial_kernel(
     ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     RELU: tl.constexpr = False, SNAPSHOT: tl.constexpr = False,
 ):
-    """Per (row split, channel block) min and max of x (of relu(x) when RELU). SNAPSHOT
-    (per-tensor): program (0, 0) also copies the observer's min / max to part[2 * split] and
-    part[2 * split + 1], the state as it was before this batch, for ``_observe_fq_kernel``
-    (which updates the state while its programs still need the old one)."""
+    """Per (row split, channel block) min and max of x (of relu(x) when RELU). SNAPSHOT: the
+    programs of split 0 also copy the observer's min / max of their channels to
+    part[2 * split * C + c] and part[(2 * split + 1) * C + c], the state as it was before
+    this batch, for ``_observe_fq_kernel`` (which updates the state while its programs still
+    need the old one)."""
     cb = tl.program_id(0)
     sp = tl.program_id(1)
-    if SNAPSHOT:
-        one = tl.arange(0, 1)
-        first = (one + cb + sp) == 0  # program (0, 0)
-        tl.store(part_ptr + 2 * split + one, tl.load(min_ptr + one), mask=first)
-        tl.store(part_ptr + 2 * split + 1 + one, tl.load(max_ptr + one), mask=first)
+    if SNAPSHOT:  # the programs of split 0 copy their channels' state
+        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        first = (c + sp * C) < C  # c < C and sp == 0
+        tl.store(part_ptr + 2 * split * C + c, tl.load(min_ptr + c, mask=first), mask=first)
+        tl.store(part_ptr + (2 * split + 1) * C + c, tl.load(max_ptr + c, mask=first),
+                 mask=first)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     coff = (c.to(tl.int64) * s_c)[None, :]
@@ -144,39 +149,71 @@ def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_ran
 
 @triton.jit
 def _observe_fq_kernel(
-    # pointers: x, y (same dtype and strides, dense), mask u8, part f32 (2 * split + 2),
-    # observer min / max f32 (1,), bad i64 (1,)
+    # pointers: x, y (same dtype and strides, dense), mask u8, part f32 ((2 split + 2) C),
+    # observer min / max f32 (C,), bad i64 (1,)
     x_ptr, y_ptr, mask_ptr, part_ptr, min_ptr, max_ptr, bad_ptr,
-    # sizes
-    numel, nbytes_mask, split,
+    # sizes; channels (PER_CHANNEL): element offset // L, C channels, L = m_l / l_l magic
+    numel, nbytes_mask, split, C, L, m_l, l_l,
     # observer constants (float32)
     c_ema, eps, qmin, qmax, half_range, zp_sym,
     # meta
     EMA: tl.constexpr, SYMMETRIC: tl.constexpr, RELU: tl.constexpr, SAVE_MASK: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """Per-tensor observer update and fake quant in one launch (after the partial min/max
-    kernel with SNAPSHOT): every program reduces the partials and computes the new state and
-    qparams itself (the same arithmetic as ``_observer_update_kernel``, from the state
-    snapshot, so all programs agree bit for bit); program 0 writes the state and counts a
-    non-finite batch; then y = fake_quant(x) (of relu(x) when RELU) and the bit mask."""
+    """Observer update and fake quant in one launch (after the partial min/max kernel with
+    SNAPSHOT): every program computes the new state and qparams it needs itself from the
+    partials and the state snapshot (the arithmetic of ``_observer_update_kernel``, so all
+    agree bit for bit), per tensor once a program, per channel (channels outermost in
+    memory: weights) per element; the first element of each channel writes its new state;
+    program 0 counts a batch with any non-finite channel. Then y = fake_quant(x) (of relu(x)
+    when RELU) and the bit mask."""
     pid = tl.program_id(0)
-    one = tl.arange(0, 1)
-    mn, mx = _reduce_partials(part_ptr, split, 1, one, one == 0, BLOCK_S, 1)
-    old_min = tl.load(part_ptr + 2 * split + one)
-    old_max = tl.load(part_ptr + 2 * split + 1 + one)
-    ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
-    new_min, new_max, scale, zp = _update_state(
-        mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_range, zp_sym, EMA, SYMMETRIC)
-    first = (one + pid) == 0  # program 0
-    tl.store(min_ptr + one, new_min, mask=first)
-    tl.store(max_ptr + one, new_max, mask=first)
-    tl.store(bad_ptr + one, tl.load(bad_ptr + one) + (~ok).to(tl.int64), mask=first)
-    s = tl.max(scale, axis=0)  # the one value as a scalar
-    zpf = tl.max(zp, axis=0)
-    inv = tl.math.div_rn(1.0, s)
-    offs, _ = _block_offsets(pid, BLOCK)
+    offs, local = _block_offsets(pid, BLOCK)
     m = offs < numel
+    # program 0: bad[0] += any channel non-finite (reads only the partials)
+    bad = tl.zeros((BLOCK_C,), dtype=tl.int32)
+    if pid == 0:
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            ccm = cc < C
+            bmn, bmx = _reduce_partials(part_ptr, split, C, cc, ccm, BLOCK_S, BLOCK_C)
+            bok = (tl.abs(bmn) < _INF) & (tl.abs(bmx) < _INF)
+            bad = tl.maximum(bad, (ccm & ~bok).to(tl.int32))
+        tl.store(bad_ptr, tl.load(bad_ptr) + tl.max(bad, axis=0).to(tl.int64))
+    if PER_CHANNEL:
+        loc = offs.to(tl.uint32)  # numel < 2^31 on this path
+        ch = _udiv(loc, m_l.to(tl.uint32, bitcast=True), l_l).to(tl.int32)
+        ch = tl.where(m, ch, 0)
+        mn = tl.full((BLOCK // 8, 8), _INF, tl.float32)
+        mx = tl.full((BLOCK // 8, 8), _NINF, tl.float32)
+        for sp in range(0, split):
+            mn = tl.minimum(mn, tl.load(part_ptr + sp * C + ch))
+            mx = tl.maximum(mx, tl.load(part_ptr + (split + sp) * C + ch))
+        old_min = tl.load(part_ptr + 2 * split * C + ch)
+        old_max = tl.load(part_ptr + (2 * split + 1) * C + ch)
+        ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
+        new_min, new_max, s, zpf = _update_state(
+            mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_range, zp_sym, EMA,
+            SYMMETRIC)
+        owner = m & (offs == ch.to(tl.int64) * L)  # each channel's first element
+        tl.store(min_ptr + ch, new_min, mask=owner)
+        tl.store(max_ptr + ch, new_max, mask=owner)
+    else:
+        one = tl.arange(0, 1)
+        mn, mx = _reduce_partials(part_ptr, split, 1, one, one == 0, BLOCK_S, 1)
+        old_min = tl.load(part_ptr + 2 * split + one)
+        old_max = tl.load(part_ptr + 2 * split + 1 + one)
+        ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
+        new_min, new_max, scale, zp = _update_state(
+            mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_range, zp_sym, EMA,
+            SYMMETRIC)
+        first = (one + pid) == 0  # program 0
+        tl.store(min_ptr + one, new_min, mask=first)
+        tl.store(max_ptr + one, new_max, mask=first)
+        s = tl.max(scale, axis=0)  # the one value as a scalar
+        zpf = tl.max(zp, axis=0)
+    inv = tl.math.div_rn(1.0, s)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     pos = x > 0
     if RELU:
@@ -340,29 +377,36 @@ def _observer_consts(observer):
             float(d.qmax - d.qmin) / 2, float(0 if d.signed else (d.qmax + d.qmin + 1) // 2))
 
 
-class _ObservePerTensor(torch.autograd.Function):
-    """Per-tensor observe + fake quant in two launches: the partial min/max (with the state
-    snapshot), then ``_observe_fq_kernel``; the backward is the fake quant's (mask only)."""
+class _ObserveTwoLaunch(torch.autograd.Function):
+    """Observe + fake quant in two launches: the partial min/max (with the state snapshot),
+    then ``_observe_fq_kernel``; the backward is the fake quant's (mask only). Per tensor,
+    or per channel with the channels outermost in memory (weights)."""
 
     @staticmethod
-    def forward(ctx, x, observer, relu, programs, tile):
+    def forward(ctx, x, observer, axis, relu, programs, tile):
         need = ctx.needs_input_grad[0]
-        plan = row_plan(x, None, tile=tile, programs=programs)
+        plan = row_plan(x, axis, tile=tile, programs=programs)
+        per_channel = axis is not None
+        C = plan.C
+        L = x.stride(axis) if per_channel else 1
+        m_l, l_l = udiv_magic(L)
         n = x.numel()
-        part = torch.empty(2 * plan.split + 2, dtype=torch.float32, device=x.device)
-        _minmax_partial_kernel[(1, plan.split)](
+        part = torch.empty((2 * plan.split + 2) * C, dtype=torch.float32, device=x.device)
+        _minmax_partial_kernel[(triton.cdiv(C, plan.block_c), plan.split)](
             x, part, *plan.kernel_args(), observer.min_val, observer.max_val,
             ROWS32=plan.rows32, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, RELU=relu,
             SNAPSHOT=True, num_warps=4, **_LAUNCH)
         y = torch.empty_like(x)
         nbytes = (n + 7) // 8
         mask = torch.empty(nbytes if need else 1, dtype=torch.uint8, device=x.device)
+        block_c = min(_npow2(C), 256)
         _observe_fq_kernel[(triton.cdiv(n, BLOCK),)](
             _flat_span(x), _flat_span(y), mask, part, observer.min_val, observer.max_val,
-            observer.nonfinite_batches, n, nbytes, plan.split, *_observer_consts(observer),
-            EMA=_supported_observer(observer), SYMMETRIC=observer.symmetric, RELU=relu,
-            SAVE_MASK=need, BLOCK_S=min(_npow2(plan.split), 1024), BLOCK=BLOCK,
-            num_warps=NUM_WARPS, **_LAUNCH)
+            observer.nonfinite_batches, n, nbytes, plan.split, C, L, m_l - 2 ** 32, l_l,
+            *_observer_consts(observer), EMA=_supported_observer(observer),
+            SYMMETRIC=observer.symmetric, RELU=relu, SAVE_MASK=need, PER_CHANNEL=per_channel,
+            BLOCK_S=max(1, min(_npow2(plan.split), 2048 // block_c)), BLOCK_C=block_c,
+            BLOCK=BLOCK, num_warps=NUM_WARPS, **_LAUNCH)
         if need:
             ctx.save_for_backward(mask)
             ctx.layout = (x.shape, x.stride(), x.dtype, x.device)
@@ -374,7 +418,23 @@ class _ObservePerTensor(torch.autograd.Function):
         (mask,) = ctx.saved_tensors
         shape, stride, dtype, device = ctx.layout
         like = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        return fake_quant_backward(grad, mask, like, BLOCK), None, None, None, None
+        return fake_quant_backward(grad, mask, like, BLOCK), None, None, None, None, None
+
+
+def _two_launch_axis(x: torch.Tensor, observer, axis):
+    """(True, axis for the kernels) where :class:`_ObserveTwoLaunch` takes this call: an
+    observer without host hooks, sized state, per tensor or channels outermost in memory
+    (each channel one contiguous block, as weights), offsets within 32 bits; else (False,
+    None)."""
+    if observer.check_finite or not _plain_reduce(observer) \
+            or observer.min_val.device != x.device:
+        return False, None
+    if axis is None or x.shape[axis] == 1:
+        return observer.min_val.numel() == 1, None
+    C = x.shape[axis]
+    ok = (observer.min_val.numel() == C and x.stride(axis) * C == x.numel()
+          and dense_layout(x) and x.numel() < 2 ** 31 - BLOCK)
+    return ok, axis
 
 
 def _per_tensor_programs(device) -> int:
@@ -416,13 +476,12 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
     axis = observer._resolve_axis(x)
     d = observer.dtype
     xr = as_rows(x, axis)
-    if (axis is None or x.shape[axis] == 1) and not observer.check_finite \
-            and _plain_reduce(observer) and observer.min_val.numel() == 1 \
-            and observer.min_val.device == x.device:
+    two, kaxis = _two_launch_axis(xr, observer, axis)
+    if two:
         observer._observed = True
-        return _ObservePerTensor.apply(
-            xr, observer, relu, programs if programs is not None else
-            _per_tensor_programs(x.device), tile)
+        if programs is None and kaxis is None:
+            programs = _per_tensor_programs(x.device)
+        return _ObserveTwoLaunch.apply(xr, observer, kaxis, relu, programs, tile)
     with torch.no_grad():
         scale, zp, inv = observer_step(xr.detach(), observer, axis, programs, tile, relu)
     if axis is not None and x.shape[axis] == 1:
@@ -434,15 +493,19 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
 KERNELS = {
     "_minmax_partial_kernel": (_minmax_partial_kernel, [
         dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1), dict(ROWS32=True, BLOCK_R=32, BLOCK_C=64),
+        dict(ROWS32=False, BLOCK_R=1024, BLOCK_C=2, SNAPSHOT=True),
         dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1, RELU=True, SNAPSHOT=True)]),
     "_observer_update_kernel": (_observer_update_kernel, [
         dict(FROM_PARTIALS=fp, HAVE_OK=not fp, EMA=e, SYMMETRIC=s, BLOCK_S=8, BLOCK_C=256)
         for fp, e, s in ((True, False, True), (True, True, False), (False, True, True))]),
     "_minmax_reduce_kernel": (_minmax_reduce_kernel, [dict(BLOCK_S=8, BLOCK_C=256)]),
     "_observe_fq_kernel": (_observe_fq_kernel, [
-        dict(EMA=True, SYMMETRIC=True, RELU=True, SAVE_MASK=True, BLOCK_S=256, BLOCK=BLOCK),
-        dict(EMA=False, SYMMETRIC=False, RELU=False, SAVE_MASK=True, BLOCK_S=256,
-             BLOCK=BLOCK)]),
+        dict(EMA=True, SYMMETRIC=True, RELU=True, SAVE_MASK=True, PER_CHANNEL=False,
+             BLOCK_S=256, BLOCK_C=1, BLOCK=BLOCK),
+        dict(EMA=False, SYMMETRIC=True, RELU=False, SAVE_MASK=True, PER_CHANNEL=True,
+             BLOCK_S=8, BLOCK_C=256, BLOCK=BLOCK),
+        dict(EMA=True, SYMMETRIC=False, RELU=False, SAVE_MASK=True, PER_CHANNEL=True,
+             BLOCK_S=8, BLOCK_C=256, BLOCK=BLOCK)]),
 }
 
 OPS = {"observe_fake_quant": observe_fake_quant}
