@@ -22,7 +22,8 @@ Each has a definition in torch ops (here) and a fused Triton version (backend op
 ``bn_fold_weight`` / ``bn_normalize_train``, :mod:`gpuquant.backends.triton.bn_fold`) used on
 CUDA: the per-channel arithmetic is a few dozen PyTorch ops on vectors of C values, each a
 kernel launch of its own, forward and backward; fused, a layer's fold and normalisation take
-five launches forward and three backward. The two agree to float32 rounding (tests).
+four launches forward (fold, statistics, finish, normalise) and three backward. The two agree
+to float32 rounding (tests).
 
 :func:`normalize` (the definition's normalisation) has two implementations too:
 
