@@ -193,7 +193,7 @@ def _round_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 def avg_pool2d(x, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad,
                divisor_override, qmin, qmax):
-    xd = x.to(torch.float64) - float(zero_point)
+    xd = x.to(torch.float64) - zero_point  # an int, or a 0-d device tensor (QAT: no host read)
     ones = torch.ones_like(xd[:1, :1])
     # window sums (exact in float64) and the divisor torch's AvgPool2d would use
     sums = F.avg_pool2d(xd, kernel_size, stride, padding, ceil_mode, True, 1)
@@ -220,8 +220,7 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin, qmax):
         for j in range(ow):
             w0, w1 = (j * w) // ow, -((-(j + 1) * w) // ow)
             s = xd[:, :, h0:h1, w0:w1].sum(dim=(2, 3))
-            cnt = torch.tensor((h1 - h0) * (w1 - w0), device=x.device)
-            out[:, :, i, j] = _round_div(s, cnt)
+            out[:, :, i, j] = _round_div(s, (h1 - h0) * (w1 - w0))
     return _channels_last((out + zero_point).clamp(qmin, qmax).to(x.dtype))
 
 

@@ -38,7 +38,9 @@ class _PassQParams(QATModule):
 
     def _snap(self, x, y, qp):
         s = qp.scale.to(x.device).float()
-        zp = int(qp.zero_point)
+        # the zero point stays a device tensor: int() of it would be a host sync a step on
+        # CUDA (and break CUDA-graph capture of the training step)
+        zp = qp.zero_point.to(device=x.device, dtype=torch.int32)
         q = torch.round(x.detach().float() / s).to(torch.int32) + zp
         qy = self._int_pool(q, zp, qp)
         if qy is None:
