@@ -236,8 +236,8 @@ def disable_observer(module: torch.nn.Module) -> torch.nn.Module:
 def freeze_bn_stats(module: torch.nn.Module, freeze: bool = True) -> torch.nn.Module:
     """Freeze (or, with ``freeze=False``, unfreeze) the BatchNorm statistics of every folded
     Conv+BN / Linear+BN QAT module under ``module``: training then uses the running
-    statistics, as the int8 model will, with one convolution a layer instead of two (the
-    usual second half of QAT, Krishnamoorthi 2018); returns ``module``.
+    statistics, as the int8 model will, and no batch statistics pass (the usual second half
+    of QAT, Krishnamoorthi 2018); returns ``module``.
 
     Raises:
         TypeError: ``module`` is not a torch.nn.Module, or ``freeze`` is not a bool.
@@ -245,11 +245,15 @@ def freeze_bn_stats(module: torch.nn.Module, freeze: bool = True) -> torch.nn.Mo
     _check_module(module, "freeze_bn_stats")
     if not isinstance(freeze, bool):
         raise TypeError(f"freeze_bn_stats: freeze must be a bool, got {type(freeze).__name__}")
-    from ..nn.qat.conv import BnFoldedModule
-    for m in module.modules():
-        if isinstance(m, BnFoldedModule):
-            m.freeze_bn_stats(freeze)
+    for m in _bn_folded(module):
+        m.freeze_bn_stats(freeze)
     return module
+
+
+def _bn_folded(module: torch.nn.Module):
+    """The folded Conv+BN / Linear+BN QAT modules under ``module``."""
+    from ..nn.qat.conv import BnFoldedModule
+    return [m for m in module.modules() if isinstance(m, BnFoldedModule)]
 
 
 def set_bn_fold(module: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -268,12 +272,11 @@ def set_bn_fold(module: torch.nn.Module, mode: str) -> torch.nn.Module:
         ValueError: ``mode`` is not "single" or "exact".
     """
     _check_module(module, "set_bn_fold")
-    from ..nn.qat.conv import BN_FOLD_MODES, BnFoldedModule
+    from ..nn.qat.conv import BN_FOLD_MODES
     if mode not in BN_FOLD_MODES:
         raise ValueError(f"set_bn_fold: mode must be one of {BN_FOLD_MODES}, got {mode!r}")
-    for m in module.modules():
-        if isinstance(m, BnFoldedModule):
-            m.set_bn_fold(mode)
+    for m in _bn_folded(module):
+        m.set_bn_fold(mode)
     return module
 
 

@@ -93,6 +93,27 @@ def _fq_math(x, inv, s, zp, qmin, qmax):
 
 
 @triton.jit
+def _fq_relu(x, inv, s, zp, qmin, qmax, RELU: tl.constexpr):
+    """:func:`_fq_math` of ``x``, or with RELU of ``relu(x)`` as torch computes it (NaN stays
+    NaN) with ReLU's gradient (x > 0) folded into the in-range mask."""
+    pos = x > 0  # (dead code without RELU)
+    if RELU:
+        x = tl.where(x < 0, 0.0, x)
+    y, inr = _fq_math(x, inv, s, zp, qmin, qmax)
+    if RELU:
+        inr = inr & pos
+    return y, inr
+
+
+@triton.jit
+def _store_mask(mask_ptr, inr, m, pid, nbytes_mask, BLOCK: tl.constexpr):
+    """Pack a program's (BLOCK // 8, 8) in-range flags (masked by ``m``) into its bytes."""
+    bits = _pack_bits(inr & m)
+    boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+    tl.store(mask_ptr + boffs, bits, mask=boffs < nbytes_mask)
+
+
+@triton.jit
 def _udiv(n, m, l):
     """``n // d`` for uint32 ``0 <= n < 2^31`` with the host's magic numbers ``(m, l)`` of ``d``
     (:func:`udiv_magic`): one ``mul.hi`` and a shift instead of a ~20-instruction division."""
@@ -240,12 +261,7 @@ def _fq_fwd_kernel(
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, ch, qmin, qmax, QMODE,
                                    QMODE != 2)
-        pos = x > 0  # ReLU's gradient mask (dead code without RELU)
-        if RELU:  # relu as torch computes it (NaN stays NaN)
-            x = tl.where(x < 0, 0.0, x)
-        y, inr = _fq_math(x, inv[None, :], s[None, :], zp[None, :], qmin, qmax)
-        if RELU:
-            inr = inr & pos
+        y, inr = _fq_relu(x, inv[None, :], s[None, :], zp[None, :], qmin, qmax, RELU)
         tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
         # the tile in memory order is the (BLOCK // 8, 8) layout the bit packing reads
         inr = tl.reshape(inr & m, (BLOCK // 8, 8))
@@ -261,17 +277,10 @@ def _fq_fwd_kernel(
                                        QMODE != 2)
         else:
             s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, 0, qmin, qmax, QMODE, False)
-        pos = x > 0
-        if RELU:
-            x = tl.where(x < 0, 0.0, x)
-        y, inr = _fq_math(x, inv, s, zp, qmin, qmax)
-        if RELU:
-            inr = inr & pos
+        y, inr = _fq_relu(x, inv, s, zp, qmin, qmax, RELU)
         tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
-        bits = _pack_bits(inr & m)
-        boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-        tl.store(mask_ptr + boffs, bits, mask=boffs < nbytes_mask)
+        _store_mask(mask_ptr, inr, m, pid, nbytes_mask, BLOCK)
 
 
 @triton.jit

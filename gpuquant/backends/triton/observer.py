@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
-                         _flat_span, _fq_math, _npow2, _pack_bits, _rne, _row_offsets,
+                         _flat_span, _fq_relu, _npow2, _rne, _row_offsets, _store_mask,
                          _target_programs, _to_out, _udiv, as_rows, auto_interpreter,
                          dense_layout, fake_quant_backward, on_tensor_device, row_plan,
                          udiv_magic)
@@ -215,17 +215,10 @@ def _observe_fq_kernel(
         zpf = tl.max(zp, axis=0)
     inv = tl.math.div_rn(1.0, s)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    pos = x > 0
-    if RELU:
-        x = tl.where(x < 0, 0.0, x)
-    y, inr = _fq_math(x, inv, s, zpf, qmin, qmax)
-    if RELU:
-        inr = inr & pos
+    y, inr = _fq_relu(x, inv, s, zpf, qmin, qmax, RELU)
     tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
-        bits = _pack_bits(inr & m)
-        boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-        tl.store(mask_ptr + boffs, bits, mask=boffs < nbytes_mask)
+        _store_mask(mask_ptr, inr, m, pid, nbytes_mask, BLOCK)
 
 
 @triton.jit
