@@ -44,6 +44,22 @@ def definition(x, fake_quant, observer, relu=False):
         return qfq.apply_fake_quant_with_observer(x, fake_quant, observer, relu=relu)
 
 
+def check_step(x, fused, ref, fq, relu=False, **kw):
+    """One batch through the fused op and through the definition: the same output bits
+    (NaN where NaN), the same observer state, the same input gradient."""
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = tobs.observe_fake_quant(xa, fused, fq, relu=relu, **kw)
+    yr = definition(xb, fq, ref, relu=relu)
+    assert y is not None and y.dtype == x.dtype
+    assert torch.equal(y.isnan(), yr.isnan())
+    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr))
+    assert_same_state(fused, ref)
+    g = torch.randn_like(x)
+    y.backward(g)
+    yr.backward(g)
+    assert torch.equal(torch.nan_to_num(xa.grad), torch.nan_to_num(xb.grad))
+
+
 def assert_same_state(a, b):
     for name in ("min_val", "max_val", "nonfinite_batches"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -84,16 +100,7 @@ def test_fused_matches_unfused(obs, layout, dsym, check_finite, relu):
         x.view(-1)[::7] = 0.0  # ReLU's edge: x == 0 passes no gradient
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y = tobs.observe_fake_quant(xa, fused, fq, relu=relu, programs=3, tile=64)
-        yr = definition(xb, fq, ref, relu=relu)
-        assert y is not None
-        assert torch.equal(y, yr)
-        assert_same_state(fused, ref)
-        g = torch.randn(shape, device=DEV)
-        y.backward(g)
-        yr.backward(g)
-        assert torch.equal(xa.grad, xb.grad)
+        check_step(x, fused, ref, fq, relu=relu, programs=3, tile=64)
 
 
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
@@ -125,16 +132,7 @@ def test_fused_relu_edges(axis):
         x[:, 2] = -x[:, 2].abs() - 0.1  # channel 2 entirely negative
         if it == 1:
             x[1, 1, 1] = float("nan")
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y = tobs.observe_fake_quant(xa, fused, fq, relu=True, programs=2, tile=32)
-        yr = definition(xb, fq, ref, relu=True)
-        assert torch.equal(y.isnan(), yr.isnan())
-        assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr))
-        assert_same_state(fused, ref)
-        g = torch.randn_like(x)
-        y.backward(g)
-        yr.backward(g)
-        assert torch.equal(torch.nan_to_num(xa.grad), torch.nan_to_num(xb.grad))
+        check_step(x, fused, ref, fq, relu=True, programs=2, tile=32)
 
 
 @pytest.mark.parametrize("cls,kw", [(qobs.MinMaxObserver, {}),
@@ -156,15 +154,7 @@ def test_per_tensor_two_launch_path(monkeypatch, cls, kw, dt, relu):
         x = (torch.randn(3, 5, 7, 11, device=DEV) * (1 + it) - 0.3 * it).to(dt)
         if it == 2:
             x[0, 1, 2, 3] = float("nan")
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y = tobs.observe_fake_quant(xa, fused, fq, relu=relu, programs=5, tile=64)
-        yr = definition(xb, fq, ref, relu=relu)
-        assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr)) and y.dtype == dt
-        assert_same_state(fused, ref)
-        g = torch.randn_like(x)
-        y.backward(g)
-        yr.backward(g)
-        assert torch.equal(torch.nan_to_num(xa.grad), torch.nan_to_num(xb.grad))
+        check_step(x, fused, ref, fq, relu=relu, programs=5, tile=64)
     assert len(calls) == 4 and int(fused.nonfinite_batches) == 1
 
 
@@ -191,15 +181,7 @@ def test_per_channel_two_launch_path(monkeypatch, cls, kw, shape, fmt):
             w = w.contiguous(memory_format=torch.channels_last)
         if it == 2:
             w[(1,) + (0,) * (len(shape) - 2) + (min(1, shape[-1] - 1),)] = float("nan")
-        wa, wb = w.clone().requires_grad_(), w.clone().requires_grad_()
-        y = tobs.observe_fake_quant(wa, fused, fq, programs=3, tile=64)
-        yr = definition(wb, fq, ref)
-        assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr))
-        assert_same_state(fused, ref)
-        g = torch.randn_like(w)
-        y.backward(g)
-        yr.backward(g)
-        assert torch.equal(torch.nan_to_num(wa.grad), torch.nan_to_num(wb.grad))
+        check_step(w, fused, ref, fq, programs=3, tile=64)
     # the first batch sizes the per-channel state through the three-launch path
     assert calls == [0] * 3 and int(fused.nonfinite_batches) == 1
 
