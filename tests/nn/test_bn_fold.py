@@ -187,3 +187,17 @@ def test_normalize_on_cuda_equals_its_composite_definition(dtype):
             torch.testing.assert_close(y1.float(), y2.float(), **tol)
             for name, a, e in zip(("z", "weight", "bias", "eps"), g1, g2):
                 torch.testing.assert_close(a.float(), e.float(), **tol, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["single", "exact"])
+def test_one_value_per_channel_in_training_is_refused(mode):
+    """BatchNorm statistics of one value per channel are meaningless (torch raises too)."""
+    conv = set_bn_fold(quantize_qat(gnn.ConvBn2d(3, 4, 1), ema_fakequant_qconfig,
+                                    inplace=False), mode).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel.*1, 3, 1, 1"):
+        conv(torch.randn(1, 3, 1, 1))
+    lin = set_bn_fold(quantize_qat(gnn.LinearBn1d(3, 4), ema_fakequant_qconfig,
+                                   inplace=False), mode).train()
+    with pytest.raises(ValueError, match="LinearBn1d.*more than 1 value"):
+        lin(torch.randn(1, 3))
+    conv.eval()(torch.randn(1, 3, 1, 1))  # eval: running statistics, any batch

@@ -604,19 +604,28 @@ class FakeQuantFunction(torch.autograd.Function):
         y, mask = fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, need, block,
                                      inv=inv, relu=relu)
         if need:
-            ctx.save_for_backward(mask)
-            ctx.layout = (x.shape, x.stride(), x.dtype, x.device)  # not x itself
-            ctx.block = block
+            save_mask(ctx, x, mask, block)
         return y
 
     @staticmethod
     @once_differentiable  # the kernels' outputs carry no graph: refuse double backward
     def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        shape, stride, dtype, device = ctx.layout
-        like = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        gx = fake_quant_backward(grad, mask, like, ctx.block)
-        return gx, None, None, None, None, None, None, None, None
+        return (mask_backward(ctx, grad),) + (None,) * 8
+
+
+def save_mask(ctx, x: torch.Tensor, mask: torch.Tensor, block: int = BLOCK) -> None:
+    """Keep what a straight-through backward needs: the bit mask and x's layout (not x)."""
+    ctx.save_for_backward(mask)
+    ctx.layout = (x.shape, x.stride(), x.dtype, x.device)
+    ctx.block = block
+
+
+def mask_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    """``grad * mask`` in x's layout, from what :func:`save_mask` kept."""
+    (mask,) = ctx.saved_tensors
+    shape, stride, dtype, device = ctx.layout
+    like = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    return fake_quant_backward(grad, mask, like, ctx.block)
 
 
 def auto_interpreter(x: torch.Tensor) -> bool:

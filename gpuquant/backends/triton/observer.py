@@ -47,7 +47,7 @@ import triton.language as tl
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
                          _flat_span, _fq_relu, _npow2, _rne, _row_offsets, _store_mask,
                          _target_programs, _to_out, _udiv, as_rows, auto_interpreter,
-                         dense_layout, fake_quant_backward, on_tensor_device, row_plan,
+                         dense_layout, mask_backward, on_tensor_device, row_plan, save_mask,
                          udiv_magic)
 from torch.autograd.function import once_differentiable
 
@@ -169,7 +169,7 @@ def _observe_fq_kernel(
     program 0 counts a batch with any non-finite channel. Then y = fake_quant(x) (of relu(x)
     when RELU) and the bit mask."""
     pid = tl.program_id(0)
-    offs, local = _block_offsets(pid, BLOCK)
+    offs, _ = _block_offsets(pid, BLOCK)
     m = offs < numel
     # program 0: bad[0] += any channel non-finite (reads only the partials)
     bad = tl.zeros((BLOCK_C,), dtype=tl.int32)
@@ -321,7 +321,6 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
     the observer raises (NaN / Inf with ``check_finite``, channel-count mismatch) before
     touching its state."""
     ema = _supported_observer(observer)
-    d = observer.dtype
     plan = row_plan(x, axis, tile=tile, programs=programs)
     dev = x.device
     part = torch.empty((2, plan.split, plan.C), dtype=torch.float32, device=dev)
@@ -351,12 +350,9 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
     scale = torch.empty(shape, dtype=torch.float32, device=dev)
     inv = torch.empty(shape, dtype=torch.float32, device=dev)
     zp = torch.empty(shape, dtype=torch.int32, device=dev)
-    c_ema = 1.0 - observer.momentum if ema else 0.0
-    zp_sym = 0 if d.signed else (d.qmax + d.qmin + 1) // 2
     _observer_update_kernel[(1,)](
         part, mn, mx, ok, observer.min_val, observer.max_val, scale, inv, zp,
-        observer.nonfinite_batches, plan.split, plan.C,
-        c_ema, _EPS, float(d.qmin), float(d.qmax), float(d.qmax - d.qmin) / 2, float(zp_sym),
+        observer.nonfinite_batches, plan.split, plan.C, *_observer_consts(observer),
         FROM_PARTIALS=fused, HAVE_OK=not fused, EMA=ema, SYMMETRIC=observer.symmetric,
         BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4, **_LAUNCH)
     observer._observed = True
@@ -364,6 +360,7 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
 
 
 def _observer_consts(observer):
+    """(c_ema, eps, qmin, qmax, half range, symmetric zero point) as the kernels take them."""
     d = observer.dtype
     ema = _supported_observer(observer)
     return (1.0 - observer.momentum if ema else 0.0, _EPS, float(d.qmin), float(d.qmax),
@@ -401,17 +398,13 @@ class _ObserveTwoLaunch(torch.autograd.Function):
             BLOCK_S=max(1, min(_npow2(plan.split), 2048 // block_c)), BLOCK_C=block_c,
             BLOCK=BLOCK, num_warps=NUM_WARPS, **_LAUNCH)
         if need:
-            ctx.save_for_backward(mask)
-            ctx.layout = (x.shape, x.stride(), x.dtype, x.device)
+            save_mask(ctx, x, mask)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        shape, stride, dtype, device = ctx.layout
-        like = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        return fake_quant_backward(grad, mask, like, BLOCK), None, None, None, None, None
+        return (mask_backward(ctx, grad),) + (None,) * 5
 
 
 def _two_launch_axis(x: torch.Tensor, observer, axis):
@@ -438,7 +431,8 @@ def _per_tensor_programs(device) -> int:
 
 def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = False,
                        programs: Optional[int] = None, tile: int = 2048) -> Optional[torch.Tensor]:
-    """Observe, then fake-quantize with the observer's new qparams, in three kernels.
+    """Observe, then fake-quantize with the observer's new qparams, in two kernels (per
+    tensor, or weights' channels outermost, without host hooks) or three.
 
     Args:
         x: float32 / float16 / bfloat16 tensor on this backend's device.

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ...backends.registry import find_op
 from ...distributed import batch_mean_var, syncs_batch_stats
 
-__all__ = ["fold_weight", "normalize_train", "normalize", "normalize_composite",
+__all__ = ["scale_rows", "fold_weight", "normalize_train", "normalize", "normalize_composite",
            "update_bn_running_stats"]
 
 
@@ -62,6 +62,11 @@ def update_bn_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n) -> Non
         bn.running_var.lerp_((var.detach() * (n / (n - 1))).to(bn.running_var.dtype), f)
 
 
+def scale_rows(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``w`` with output channel (dimension 0) ``c`` multiplied by ``t[c]``."""
+    return w * t.reshape((-1,) + (1,) * (w.dim() - 1))
+
+
 def fold_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tensor, eps: float,
                 min_gamma: float):
     """``(w_fold, t, W, E)`` (see the module docstring); ``t`` carries no gradient."""
@@ -73,8 +78,7 @@ def fold_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tensor,
     sigma = torch.sqrt(running_var + eps)
     sgn = torch.where(gamma.detach() < 0, -1.0, 1.0)
     t = sgn * gamma.abs().clamp(min=min_gamma) / sigma  # gamma / sigma, away from 0
-    w_fold = w * t.reshape((-1,) + (1,) * (w.dim() - 1))
-    return w_fold, t.detach(), gamma * sgn, eps * t * t
+    return scale_rows(w, t), t.detach(), gamma * sgn, eps * t * t
 
 
 def normalize_train(z: torch.Tensor, W: torch.Tensor, beta: torch.Tensor, E: torch.Tensor,

@@ -40,7 +40,7 @@ import torch
 
 from ...distributed import batch_mean_var
 from ...nn import conv as Float
-from .bn_train import fold_weight, normalize_train, update_bn_running_stats
+from .bn_train import fold_weight, normalize_train, scale_rows, update_bn_running_stats
 from .module import QATModule
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
@@ -146,7 +146,7 @@ class BnFoldedModule(QATModule):
         gamma, beta, mean, sigma = bn_fold_params(self.bn)
         scale = gamma / sigma
         inner = self._inner()
-        w = inner.weight * scale.reshape((-1,) + (1,) * (inner.weight.dim() - 1))
+        w = scale_rows(inner.weight, scale)
         b = inner.bias if inner.bias is not None else torch.zeros_like(mean)
         return w, beta + (b - mean) * scale
 
@@ -154,9 +154,6 @@ class BnFoldedModule(QATModule):
         if y.numel() // max(y.size(1), 1) < 2:
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
                              f"when training, got input shape {tuple(x.shape)}")
-
-    def _fold_weight(self, w, t):
-        return w * t.reshape((-1,) + (1,) * (w.dim() - 1))
 
     def _forward_single(self, x, inner, bn):
         gamma, beta = (bn.weight, bn.bias) if bn.affine else bn_fold_params(bn)[:2]
@@ -176,7 +173,7 @@ class BnFoldedModule(QATModule):
         mean, var, n = batch_mean_var(y0, dims, bn)
         gamma, beta, _, sigma = bn_fold_params(bn)
         sigma_b = torch.sqrt(var + bn.eps)
-        w = self.apply_quant_weight(self._fold_weight(inner.weight, gamma / sigma))
+        w = self.apply_quant_weight(scale_rows(inner.weight, gamma / sigma))
         y = self._inner_forward(x, w, None)
         shift = beta - gamma * mean / sigma_b
         if inner.bias is not None:  # as in _forward_single
