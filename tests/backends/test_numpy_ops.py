@@ -137,6 +137,17 @@ def test_linear_per_tensor_and_repeated_calls():
         wt.mul_(-1).clamp_(-127, 127)
 
 
+def _requant_in_few_rows(fp, acc, p, dt):
+    """requant_fast on 1..4 rows at a time: the GEMV form of the folded path (no scratch
+    arrays), used for a fused ReLU or a zero rounding offset."""
+    out = np.empty(acc.shape, dt)
+    r0, step = 0, 1
+    while r0 < len(acc):
+        fp.requant_fast(acc[r0:r0 + step], p, out[r0:r0 + step])
+        r0, step = r0 + step, step % 4 + 1
+    return out
+
+
 @pytest.mark.parametrize("shift", [-5, -1, 0, 1, 2, 6, 10, 11, 15, 23, 31])
 def test_fast_requant_at_every_threshold(shift, monkeypatch):
     """Accumulators right at and around every output step, through the float32 fast path
@@ -165,6 +176,7 @@ def test_fast_requant_at_every_threshold(shift, monkeypatch):
         out = np.empty(acc.shape, np.int8)
         fp.requant_fast(acc, p, out)
         np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(_requant_in_few_rows(fp, acc, p, np.int8), want)
     # exact ties exist for the power-of-two multiplier; they must have been flagged
     assert shift <= 0 or sum(flagged) > 0
 
@@ -316,10 +328,12 @@ def test_fast_requant_dense_random_both_fixup_paths(monkeypatch):
         acc[:100] = np.arange(-50, 50)[:, None] * 2 ** shift
         for mm, sh in ((m, np.full(5, shift)), (m[0], shift)):
             p = fp.Params(mm, sh, zp, lo, hi, dt)
+            want = ref.requantize(acc.astype(np.int64), mm, sh, zp, lo, hi, dtype=dt)
             out = np.empty(acc.shape, dt)
             fp.requant_fast(acc, p, out)
-            np.testing.assert_array_equal(out, ref.requantize(acc.astype(np.int64), mm, sh, zp, lo,
-                                                              hi, dtype=dt))
+            np.testing.assert_array_equal(out, want)
+            small = acc[:400].astype(np.float32)  # |acc| < 2^24: a float32 GEMM's output
+            np.testing.assert_array_equal(_requant_in_few_rows(fp, small, p, dt), want[:400])
     assert any(0 < n <= 24 for n in counts) and any(n > 24 for n in counts)
 
 
@@ -346,6 +360,31 @@ def test_exact_matmul_blocks(kind, monkeypatch):
     monkeypatch.undo()
     assert np.array_equal(got.astype(np.int64), x @ w)
     assert (len(calls) > 1) == (kind != "sparse")
+
+
+def test_packed_weights_on_huge_pages_are_exact_copies():
+    """Float32 weights of 2 MiB and more start on a 2 MiB boundary (Linux), smaller ones are
+    plain arrays; either way an exact, writable, C-contiguous copy."""
+    import mmap
+    from gpuquant.backends.numpy import gemm
+    for shape in [(3, 5), (1024, 700), (700, 1024)]:
+        a = np.random.randint(-128, 128, shape).astype(np.int8)
+        for src in (a, a.T):
+            h = gemm.huge_page_array(src, np.float32)
+            assert h.dtype == np.float32 and h.flags.c_contiguous and h.flags.writeable
+            assert np.array_equal(h, src)
+            if h.nbytes >= 2 << 20 and hasattr(mmap, "MADV_HUGEPAGE"):
+                assert h.ctypes.data % (2 << 20) == 0
+
+
+def test_block_xmax_scans_the_data_only_when_the_dtype_range_needs_blocks():
+    from gpuquant.backends.numpy import gemm
+    x = np.array([[0, 3, 1]], dtype=np.uint8)
+    small = gemm.PackedWeight(np.full((1, 3, 2), -128, np.int8))
+    assert gemm.block_xmax(x, 0, small) == 255 and gemm.block_xmax(x, 200, small) == 200
+    wide = gemm.PackedWeight(np.full((1, 3000, 2), 127, np.int8))  # 255 * 381000 > 2^24
+    assert gemm.block_xmax(x, 0, wide) == 3
+    assert gemm.block_xmax(x.view(np.int8), -5, wide) == 8
 
 
 @pytest.mark.parametrize("k,pad,groups", [(3, 1, 1), (3, 0, 1), (1, 0, 1), (3, 1, 4)])

@@ -3,6 +3,7 @@ pairing, ratios, the results format, the GPU skip, errors, report files, the REA
 import json
 import os
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -99,9 +100,10 @@ def test_run_case_interleaves_providers_and_rotates_inputs():
     cfg = RunConfig(budget_s=0.002, min_reps=20, max_reps=20, rounds=4, max_input_sets=5)
     res = run_case("toy", _counting_case(log), "cpu", cfg)
     assert [r["provider"] for r in res.rows] == ["a", "b", "c"]
-    # warm-up: every provider once per input set; 5 sets were built
-    assert log[:15] == [(p, i) for p in "abc" for i in range(5)]
-    timed = log[15:]  # the warm-ups of sets 1..4 gave the repeat estimate
+    # warm-up: every provider once per input set (5 sets were built), untimed;
+    # then 3 warm calls (sets 1..3) give the provider's repeat estimate
+    assert log[:24] == [(p, i) for p in "abc" for i in (0, 1, 2, 3, 4, 1, 2, 3)]
+    timed = log[24:]
     assert len(timed) == 60
     # 4 rounds of 5 calls per provider, the provider order rotating each round
     blocks = [timed[k:k + 5] for k in range(0, 60, 5)]
@@ -110,6 +112,34 @@ def test_run_case_interleaves_providers_and_rotates_inputs():
     assert [o.pop() for o in owners] == list("abc" + "bca" + "cab" + "abc")
     for p in "abc":
         assert {i for q, i in timed if q == p} == set(range(5))   # every set used
+
+
+def test_repeat_estimate_ignores_first_calls():
+    """A provider that packs its weights on its first call on each set (slow once, then fast)
+    gets as many repeats as an eager one: the estimate comes from warm calls only."""
+    seen, counts = set(), {"lazy": 0, "eager": 0}
+
+    def lazy(x):
+        def run():
+            if id(x) not in seen:
+                seen.add(id(x))
+                time.sleep(0.02)
+            counts["lazy"] += 1
+            return x
+        return run
+
+    def eager(x):
+        def run():
+            counts["eager"] += 1
+            return x
+        return run
+
+    case = Case(params={"n": 4}, inputs=lambda i: torch.zeros(4),
+                providers={"lazy": lazy, "eager": eager},
+                throughput=lambda p, ms: (1.0, "x"))
+    run_case("toy", case, "cpu", RunConfig(budget_s=0.01, min_reps=2, max_reps=40, rounds=2,
+                                           max_input_sets=4))
+    assert counts["lazy"] == counts["eager"] == 4 + 3 + 40
 
 
 def test_input_sets_are_distinct_and_reproducible():

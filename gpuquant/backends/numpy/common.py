@@ -31,7 +31,7 @@ def from_nhwc(a: np.ndarray) -> torch.Tensor:
 
 
 def to_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().numpy()
+    return x.detach().numpy() if x.requires_grad else x.numpy()  # detach: ~0.4 us a call
 
 
 def from_numpy(a: np.ndarray) -> torch.Tensor:

@@ -343,6 +343,18 @@ def _requant_folded(acc2, p: Params, out2, bias, fold) -> None:
     k32, thr = fold
     rows, c = acc2.shape
     step = max(1, _CHUNK // c)
+    if rows <= 4 and rows < step:  # a GEMV's few outputs: no scratch arrays, no tiles or loop
+        u = acc2 * p.r32  # float64 for a float64 acc: only more precise than the bound
+        # (9.8 -> 6.3 us for 768 outputs)
+        u += k32
+        _clip(u, np.float32(p.lo), np.float32(p.hi), out=u)
+        y = np.rint(u)
+        np.copyto(out2, y, casting="unsafe")
+        u -= y
+        if _max(u, axis=None) >= thr or _min(u, axis=None) <= -thr:
+            np.abs(u, out=u)
+            _fixup(acc2, bias, p, out2, np.flatnonzero(u >= thr))
+        return
     n0 = min(step, rows)
     u_buf = np.empty((n0, c), np.float32)
     y_buf = np.empty((n0, c), np.float32)
