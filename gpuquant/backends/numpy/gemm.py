@@ -19,7 +19,7 @@ import mmap
 
 import numpy as np
 
-from .fixed_point import Params, requant_fast
+from .fixed_point import FEW_ROWS, Params, requant_few, requant_fast
 
 F32_EXACT = float(2 ** 24)
 _HUGE_PAGE = 2 << 20
@@ -203,6 +203,43 @@ def _pack_linear(w) -> PackedWeight:
 _LINEAR_ROWS = 256
 _NARROW_MIN = 2  # m = 1 is a GEMV either way: no second (N, K) copy of the weight for it
 _NARROW_MAX = 128
+
+
+class LinearPlan:
+    """What a linear layer's calls share: the packed weight, the requantization, the int64
+    bias and the bias-folded requantization constants (None where they do not apply)."""
+
+    __slots__ = ("pw", "p", "b", "fold", "n", "_gemv")
+
+    def __init__(self, pw: PackedWeight, p: Params, b=None):
+        self.pw, self.p, self.b = pw, p, b
+        self.fold = p.folded(b)
+        self.n = pw.w.shape[-1]
+        self._gemv = {}
+
+    def gemv_ok(self, dtype, zp: int) -> bool:
+        """Whether inputs of ``dtype`` with zero point ``zp`` take the GEMV form: one exact
+        float32 block over the dtype's whole range and the folded requantization."""
+        got = self._gemv.get((dtype, zp))
+        if got is None:
+            lo, hi = _RANGE[np.dtype(dtype)]
+            got = self._gemv[(dtype, zp)] = (
+                self.fold is not None and len(self.pw.blocks(max(zp - lo, hi - zp))) == 1)
+        return got
+
+
+def run_linear(xa: np.ndarray, zp: int, plan: LinearPlan) -> np.ndarray:
+    """:func:`linear_rows` with a :class:`LinearPlan`. Up to ``FEW_ROWS`` rows (a GEMV)
+    that :meth:`LinearPlan.gemv_ok` admits run as one float32 product and
+    :func:`~.fixed_point.requant_few`: ~10 NumPy calls in all, where the GEMV itself takes
+    only ~30-80 us and every call of Python around it counts (m = 1: the general path's
+    bookkeeping cost as much as a third of the GEMV)."""
+    if xa.shape[0] <= FEW_ROWS and plan.gemv_ok(xa.dtype, zp):
+        acc = np.matmul(to_f32(xa, zp), plan.pw.w[0])
+        out = np.empty(acc.shape, plan.p.np_dtype)
+        requant_few(acc, plan.p, out, plan.b, plan.fold)
+        return out
+    return linear_rows(xa, zp, plan.pw, plan.p, plan.b)
 
 
 def linear_rows(xa: np.ndarray, zp: int, pw: PackedWeight, p: Params, b=None) -> np.ndarray:

@@ -11,7 +11,7 @@ Providers (the timed call computes one layer, input ready in the provider's own 
 * ``numpy-float32`` (baseline): the same layer in float32 with NumPy: ``x @ w.T + b``;
   convolution as NHWC im2col (``np.pad`` + ``sliding_window_view``) and one matmul + bias;
 * ``gpuquant-numpy``: ``gpuquant.functional.integer`` conv2d / linear (validated front-end)
-  on the ``numpy`` backend: uint8 activations in channels_last memory, int8 per-channel
+  on the ``numpy`` backend (the CPU default, else chosen with ``backends.use``): uint8 activations in channels_last memory, int8 per-channel
   weights, int32 bias, fixed-point requantization with a fused ReLU, uint8 out;
 * ``torch-fbgemm``: PyTorch's own int8 CPU kernels (``torch.ao.nn.quantized`` Linear /
   Conv2d, the x86 / fbgemm engine, prepacked weights, NHWC quint8 input). Only this
@@ -126,6 +126,20 @@ def _np_conv_f32(x_nhwc, w_khwco, b, stride, pad):
 
 
 # ---------------------------------------------------------------------------------- providers
+def _on_numpy(fn):
+    """``fn`` run on the numpy backend the way a user's CPU call runs: as is where numpy is
+    already the backend of CPU tensors (the default), else inside ``backends.use("numpy")``."""
+    if "numpy" not in backends.available():
+        raise ProviderUnavailable("the numpy backend is not available")
+    if backends.current() is None and backends.auto_backend("cpu") == "numpy":
+        return fn
+
+    def run():
+        with backends.use("numpy"):
+            return fn()
+    return run
+
+
 def _conv_providers():
     def numpy_f32(inp):
         layers = inp["layers"]
@@ -135,15 +149,9 @@ def _conv_providers():
         return lambda: [_np_conv_f32(*a) for a in prepared]
 
     def gq_numpy(inp):
-        if "numpy" not in backends.available():
-            raise ProviderUnavailable("the numpy backend is not available")
         layers = inp["layers"]
-
-        def run():
-            with backends.use("numpy"):
-                return [qf.conv2d(d["xq"], d["zp"], d["wq"], d["bq"], d["stride"], d["pad"], 1, 1,
-                                  d["rq"]) for d in layers]
-        return run
+        return _on_numpy(lambda: [qf.conv2d(d["xq"], d["zp"], d["wq"], d["bq"], d["stride"],
+                                            d["pad"], 1, 1, d["rq"]) for d in layers])
 
     def gq_check(inp, out):
         if len(inp["layers"]) != 1:
@@ -211,13 +219,8 @@ def _linear_providers():
         return run
 
     def gq_numpy(inp):
-        if "numpy" not in backends.available():
-            raise ProviderUnavailable("the numpy backend is not available")
-
-        def run():
-            with backends.use("numpy"):
-                return qf.linear(inp["xq"], 0, inp["wq"], inp["bq"], inp["rq"])
-        return run
+        x, w, b, rq = inp["xq"], inp["wq"], inp["bq"], inp["rq"]
+        return _on_numpy(lambda: qf.linear(x, 0, w, b, rq))
 
     def gq_check(inp, out):
         with backends.use("reference"):
