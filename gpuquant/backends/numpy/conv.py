@@ -19,7 +19,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
 from .fixed_point import Params, requant_fast
-from .gemm import PackedWeight, exact_matmul, norm_fits, to_f32, xmax_of
+from .gemm import PackedWeight, block_xmax, exact_matmul, norm_fits, to_f32
 
 # im2col tile: 4 MiB of float32 (fits L3 with the weights; BLAS still sees >= ~256 rows).
 _TILE_BYTES = 4 << 20
@@ -89,14 +89,14 @@ def conv2d_nhwc(xa: np.ndarray, zp: int, w: np.ndarray, b, stride, padding, dila
     out = np.empty((n, ho, wo, o), dtype=p.np_dtype)
     if out.size == 0:
         return out
-    xmax = xmax_of(xa, zp)
 
     if cg == 1 and g == c and kh * kw <= _DW_MAX_TAPS:
         wt = cached("dw", lambda: _pack_dw(w))                    # (kh, kw, O)
-        _depthwise(xa, zp, wt, b, p, out, (sh, sw), (ph, pw), (dh, dw), xmax)
+        _depthwise(xa, zp, wt, b, p, out, (sh, sw), (ph, pw), (dh, dw))
         return out
 
     pwk = cached(f"conv_g{g}", lambda: _pack_conv(w, g))
+    xmax = block_xmax(xa, zp, pwk)  # no pass over the input where the dtype range is exact
     rows_out = out.reshape(n * ho * wo, o)
     sq = _row_sq_bound(xa, zp, kh * kw, pwk, xmax)
     if kh == 1 and kw == 1 and ph == 0 and pw == 0 and g == 1:
@@ -204,7 +204,7 @@ def _padded_int(xa: np.ndarray, zp: int, ph: int, pw: int) -> np.ndarray:
     return xp
 
 
-def _depthwise(xa, zp, wt, b, p, out, stride, padding, dilation, xmax):
+def _depthwise(xa, zp, wt, b, p, out, stride, padding, dilation):
     sh, sw = stride
     dh, dw = dilation
     n, ho, wo, o = out.shape
