@@ -67,6 +67,8 @@ CONV_CASES = [
     (1, 130, 5, 5, 3, 3, 1, 1, 1, 1, torch.uint8, 0),        # K = 1170: several float32 blocks
     (1, 5, 11, 13, 7, (3, 5), (2, 1), (1, 2), (1, 2), 1, torch.int8, -128),
     (3, 33, 5, 4, 17, 5, 1, 2, 1, 1, torch.uint8, 200),
+    (3, 17, 6, 5, 9, 3, 2, 1, 1, 1, torch.int8, 0),          # zp 0, C >= 16: cast im2col
+    (2, 32, 5, 5, 8, 3, 1, 1, 1, 2, torch.uint8, 0),         # the same, grouped
 ]
 
 
@@ -90,22 +92,28 @@ def test_conv2d_exact(case, bias):
 
 
 def test_conv2d_tiles_and_realistic_multipliers(monkeypatch):
-    """Tiny tiles (segments spanning images) and the multipliers real layers produce."""
+    """Tiny tiles (segments spanning images) and the multipliers real layers produce, with
+    few channels (float32 patches of a float32 input) and many (patches cast on the copy)."""
     from gpuquant.backends.numpy import conv
     monkeypatch.setattr(conv, "_TILE_BYTES", 3000)
-    x = _act((3, 12, 10, 9), torch.uint8)
-    wt = torch.randint(-127, 128, (20, 12, 3, 3), dtype=torch.int8)
-    b = torch.randint(-3000, 3000, (20,), dtype=torch.int32)
-    rq = make_requant(0.02, torch.rand(20) * 0.004 + 1e-4, 0.07, 5, quint8, "relu")
-    for stride in (1, 2):
-        got, want = _both(qf.conv2d, x, 0, wt, b, stride, 1, 1, 1, rq)
-        acc = ref.conv2d_acc(x.numpy(), 0, wt.numpy(), b.numpy(), (stride,) * 2, (1, 1), (1, 1), 1)
-        _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8), want)
-    w1 = torch.randint(-127, 128, (20, 12, 1, 1), dtype=torch.int8)  # 1x1 path, strided rows
-    for stride in (1, 2):
-        got, want = _both(qf.conv2d, x, 7, w1, b, stride, 0, 1, 1, rq)
-        acc = ref.conv2d_acc(x.numpy(), 7, w1.numpy(), b.numpy(), (stride,) * 2, (0, 0), (1, 1), 1)
-        _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8), want)
+    for c in (12, 20):
+        x = _act((3, c, 10, 9), torch.uint8)
+        wt = torch.randint(-127, 128, (20, c, 3, 3), dtype=torch.int8)
+        b = torch.randint(-3000, 3000, (20,), dtype=torch.int32)
+        rq = make_requant(0.02, torch.rand(20) * 0.004 + 1e-4, 0.07, 5, quint8, "relu")
+        for stride in (1, 2):
+            got, want = _both(qf.conv2d, x, 0, wt, b, stride, 1, 1, 1, rq)
+            acc = ref.conv2d_acc(x.numpy(), 0, wt.numpy(), b.numpy(), (stride,) * 2, (1, 1),
+                                 (1, 1), 1)
+            _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8),
+                          want)
+        w1 = torch.randint(-127, 128, (20, c, 1, 1), dtype=torch.int8)  # 1x1, strided rows
+        for stride in (1, 2):
+            got, want = _both(qf.conv2d, x, 7, w1, b, stride, 0, 1, 1, rq)
+            acc = ref.conv2d_acc(x.numpy(), 7, w1.numpy(), b.numpy(), (stride,) * 2, (0, 0),
+                                 (1, 1), 1)
+            _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8),
+                          want)
 
 
 @pytest.mark.parametrize("shape,k,xdt,zp", [
