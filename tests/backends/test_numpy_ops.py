@@ -371,8 +371,9 @@ def test_exact_matmul_blocks(kind, monkeypatch):
 
 
 def test_packed_weights_on_huge_pages_are_exact_copies():
-    """Float32 weights of 2 MiB and more start on a 2 MiB boundary (Linux), smaller ones are
-    plain arrays; either way an exact, writable, C-contiguous copy."""
+    """Float32 weights of one huge page (2 MiB on x86-64) and more start on a huge-page
+    boundary (Linux), smaller ones are plain arrays; either way an exact, writable,
+    C-contiguous copy."""
     import mmap
     from gpuquant.backends.numpy import gemm
     for shape in [(3, 5), (1024, 700), (700, 1024)]:
@@ -381,8 +382,8 @@ def test_packed_weights_on_huge_pages_are_exact_copies():
             h = gemm.huge_page_array(src, np.float32)
             assert h.dtype == np.float32 and h.flags.c_contiguous and h.flags.writeable
             assert np.array_equal(h, src)
-            if h.nbytes >= 2 << 20 and hasattr(mmap, "MADV_HUGEPAGE"):
-                assert h.ctypes.data % (2 << 20) == 0
+            if h.nbytes >= gemm._HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+                assert h.ctypes.data % gemm._HUGE_PAGE == 0
 
 
 def test_block_xmax_scans_the_data_only_when_the_dtype_range_needs_blocks():

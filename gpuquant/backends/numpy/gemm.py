@@ -22,20 +22,32 @@ import numpy as np
 from .fixed_point import FEW_ROWS, Params, requant_few, requant_fast
 
 F32_EXACT = float(2 ** 24)
-_HUGE_PAGE = 2 << 20
+
+
+def _huge_page_size() -> int:
+    """The transparent huge page size (Linux reports it; 2 MiB on x86-64 and on ARM64 with
+    4 KiB pages, 512 MiB with 64 KiB pages, where no weight is that large)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+_HUGE_PAGE = _huge_page_size()
 
 
 def huge_page_array(a: np.ndarray, dtype) -> np.ndarray:
-    """A C-contiguous copy of ``a`` as ``dtype`` whose whole 2 MiB extents lie on transparent
-    huge pages where the OS offers them (Linux ``madvise``; elsewhere a plain copy).
+    """A C-contiguous copy of ``a`` as ``dtype`` whose whole huge-page extents (2 MiB on
+    x86-64) lie on transparent huge pages where the OS offers them (Linux ``madvise``;
+    elsewhere, or for data smaller than one huge page, a plain copy).
 
     A GEMV / small-M GEMM streams its float32 weight once per call from L3 or DRAM; on 4 KiB
-    pages every 4 KiB of weight costs a TLB miss whose page walk competes with the stream,
-    and the interpreter's own work between calls evicts the page-table entries. Measured
-    (AMD EPYC, one core, 8 rotating 768 x 768 weights, a front-end call between GEMVs):
-    61 -> 36 us a GEMV. The mapping is 2 MiB longer than the data (virtual only: untouched
-    pages cost no memory) so that it contains aligned extents; only the extents the data
-    fills completely are advised, the tail stays on small pages (no memory is wasted).
+    pages every 4 KiB of weight costs a TLB miss and a page walk. Measured (AMD EPYC, one
+    core, 8 rotating 768 x 768 weights, a front-end call between GEMVs): 61 -> 36 us a
+    GEMV. The mapping is one huge page longer than the data (virtual only: untouched pages
+    cost no memory) so that it contains aligned extents; only the extents the data fills
+    completely are advised, the tail stays on small pages (no memory is wasted).
     """
     dtype = np.dtype(dtype)
     nbytes = a.size * dtype.itemsize
