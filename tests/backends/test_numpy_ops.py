@@ -101,19 +101,14 @@ def test_conv2d_tiles_and_realistic_multipliers(monkeypatch):
         wt = torch.randint(-127, 128, (20, c, 3, 3), dtype=torch.int8)
         b = torch.randint(-3000, 3000, (20,), dtype=torch.int32)
         rq = make_requant(0.02, torch.rand(20) * 0.004 + 1e-4, 0.07, 5, quint8, "relu")
-        for stride in (1, 2):
-            got, want = _both(qf.conv2d, x, 0, wt, b, stride, 1, 1, 1, rq)
-            acc = ref.conv2d_acc(x.numpy(), 0, wt.numpy(), b.numpy(), (stride,) * 2, (1, 1),
-                                 (1, 1), 1)
-            _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8),
-                          want)
         w1 = torch.randint(-127, 128, (20, c, 1, 1), dtype=torch.int8)  # 1x1, strided rows
-        for stride in (1, 2):
-            got, want = _both(qf.conv2d, x, 7, w1, b, stride, 0, 1, 1, rq)
-            acc = ref.conv2d_acc(x.numpy(), 7, w1.numpy(), b.numpy(), (stride,) * 2, (0, 0),
-                                 (1, 1), 1)
-            _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8),
-                          want)
+        for w, pad, zp in ((wt, 1, 0), (w1, 0, 7)):
+            for stride in (1, 2):
+                got, want = _both(qf.conv2d, x, zp, w, b, stride, pad, 1, 1, rq)
+                acc = ref.conv2d_acc(x.numpy(), zp, w.numpy(), b.numpy(), (stride,) * 2,
+                                     (pad, pad), (1, 1), 1)
+                _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1,
+                                                  dtype=np.uint8), want)
 
 
 @pytest.mark.parametrize("shape,k,xdt,zp", [

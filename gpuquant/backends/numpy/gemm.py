@@ -190,12 +190,17 @@ def xmax_of(x: np.ndarray, zp: int) -> int:
 _RANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 
 
+def range_xmax(dtype, zp: int) -> int:
+    """max ``|x - zp|`` over the whole range of an int8 / uint8 ``dtype``."""
+    lo, hi = _RANGE[np.dtype(dtype)]
+    return max(zp - lo, hi - zp)
+
+
 def block_xmax(x: np.ndarray, zp: int, pw: PackedWeight) -> int:
     """A bound of ``|x - zp|`` for :func:`exact_matmul`: the whole range of ``x``'s dtype
     when that already needs only one exact block (typical layers: no pass over the data,
     ~1.4 us of a 30 us GEMV at m = 1), else the data's own :func:`xmax_of`."""
-    lo, hi = _RANGE[x.dtype]
-    full = max(zp - lo, hi - zp)
+    full = range_xmax(x.dtype, zp)
     if len(pw.blocks(full)) == 1:
         return full
     return xmax_of(x, zp)
@@ -234,9 +239,8 @@ class LinearPlan:
         float32 block over the dtype's whole range and the folded requantization."""
         got = self._gemv.get((dtype, zp))
         if got is None:
-            lo, hi = _RANGE[np.dtype(dtype)]
             got = self._gemv[(dtype, zp)] = (
-                self.fold is not None and len(self.pw.blocks(max(zp - lo, hi - zp))) == 1)
+                self.fold is not None and len(self.pw.blocks(range_xmax(dtype, zp))) == 1)
         return got
 
 
