@@ -47,7 +47,8 @@ def huge_page_array(a: np.ndarray, dtype) -> np.ndarray:
     core, 8 rotating 768 x 768 weights, a front-end call between GEMVs): 61 -> 36 us a
     GEMV. The mapping is one huge page longer than the data (virtual only: untouched pages
     cost no memory) so that it contains aligned extents; only the extents the data fills
-    completely are advised, the tail stays on small pages (no memory is wasted).
+    completely are advised, the rest is advised against huge pages (under THP "always" the
+    tail would otherwise take a whole huge page), so no memory is wasted.
     """
     dtype = np.dtype(dtype)
     nbytes = a.size * dtype.itemsize
@@ -59,7 +60,11 @@ def huge_page_array(a: np.ndarray, dtype) -> np.ndarray:
         # THP leaves on small pages)
         mm = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         off = (-np.frombuffer(mm, np.uint8, count=1).ctypes.data) % _HUGE_PAGE
-        mm.madvise(advice, off, nbytes // _HUGE_PAGE * _HUGE_PAGE)
+        full = nbytes // _HUGE_PAGE * _HUGE_PAGE
+        mm.madvise(advice, off, full)
+        no_huge = getattr(mmap, "MADV_NOHUGEPAGE", None)
+        if no_huge is not None:  # THP "always": the tail must not take a whole huge page
+            mm.madvise(no_huge, off + full, len(mm) - off - full)
     except (OSError, ValueError):  # no anonymous maps or no THP: plain memory
         return np.ascontiguousarray(a, dtype=dtype)
     out = np.frombuffer(mm, np.uint8, count=nbytes, offset=off).view(dtype).reshape(a.shape)
