@@ -361,7 +361,7 @@ def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
                 fns.append(fn)
             # the repeat estimate from warm calls only: a first call that packs a weight or
             # compiles would inflate it, and fewer repeats mean fewer calls in a row per
-            # round, each colder (measured on the CPU: 0.80x vs 0.95x for the same linear)
+            # round, each colder (on the CPU the same linear read 0.79x that way, 0.94x this way)
             for k in range(max(2, min(len(fns), 3))):
                 timer.time_call(fns[(k + 1) % len(fns)], est)
             timer.sync()

@@ -338,21 +338,32 @@ _min = np.minimum.reduce
 FEW_ROWS = 4
 
 
-def requant_few(acc2, p: Params, out2, bias, fold) -> None:
-    """:func:`_requant_folded` for a GEMV's few output rows (``fold`` = ``p.folded(bias)``,
-    not None): the same passes without scratch arrays, tiles or a chunk loop (9.8 -> 6.3 us
-    for 768 outputs, where the call overhead is the cost). A float64 ``acc2`` is computed in
-    float64: only more precise than the bound."""
-    k32, thr = fold
-    u = acc2 * p.r32
-    u += k32
-    _clip(u, np.float32(p.lo), np.float32(p.hi), out=u)
-    y = np.rint(u)
-    np.copyto(out2, y, casting="unsafe")
+def _folded_chunk(a, r, k, lo, hi, thr, out, u=None, y=None):
+    """One chunk of the folded form: ``u = a * r + k``, clamp to ``[lo, hi]``, ``y = rint(u)``
+    stored into ``out``; returns the flat indices whose ``|u - y| >= thr`` (they need the
+    exact fix-up) or None. ``u`` / ``y``: scratch arrays of ``a``'s shape, or None to
+    allocate (a float64 ``a`` is then computed in float64: only more precise than the
+    bound)."""
+    u = np.multiply(a, r, out=u, casting="same_kind")
+    u += k
+    _clip(u, lo, hi, out=u)  # the ufunc: np.clip's wrapper costs ~5 us a call
+    y = np.rint(u, out=y)
+    np.copyto(out, y, casting="unsafe")
     u -= y
     if _max(u, axis=None) >= thr or _min(u, axis=None) <= -thr:
         np.abs(u, out=u)
-        _fixup(acc2, bias, p, out2, np.flatnonzero(u >= thr))
+        return np.flatnonzero(u >= thr)
+    return None
+
+
+def requant_few(acc2, p: Params, out2, bias, fold) -> None:
+    """:func:`_requant_folded` for a GEMV's few output rows (``fold`` = ``p.folded(bias)``,
+    not None): one :func:`_folded_chunk` without scratch arrays, tiles or a chunk loop
+    (9.8 -> 6.3 us for 768 outputs, where the call overhead is the cost)."""
+    k32, thr = fold
+    bad = _folded_chunk(acc2, p.r32, k32, np.float32(p.lo), np.float32(p.hi), thr, out2)
+    if bad is not None:
+        _fixup(acc2, bias, p, out2, bad)
 
 
 def _requant_folded(acc2, p: Params, out2, bias, fold) -> None:
@@ -369,7 +380,7 @@ def _requant_folded(acc2, p: Params, out2, bias, fold) -> None:
     n0 = min(step, rows)
     u_buf = np.empty((n0, c), np.float32)
     y_buf = np.empty((n0, c), np.float32)
-    lo, hi, nthr = np.float32(p.lo), np.float32(p.hi), -thr
+    lo, hi = np.float32(p.lo), np.float32(p.hi)
     if n0 >= 8 and c < _TILE_MAX_C:  # same-shape operands: one flat loop (Params.tiled)
         r_t, k_t = p.tiled("r", p.r32, n0, c), p.tiled("k", k32, n0, c)
     else:        # a few rows: broadcasting the (c,) vectors costs nothing, tiles would
@@ -380,15 +391,9 @@ def _requant_folded(acc2, p: Params, out2, bias, fold) -> None:
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
         kk = r1 - r0
-        u, y = u_buf[:kk], y_buf[:kk]
-        np.multiply(acc2[r0:r1], r_t[:kk] if r_2d else r_t, out=u, casting="same_kind")
-        u += k_t[:kk] if k_2d else k_t
-        _clip(u, lo, hi, out=u)  # the ufunc: np.clip's wrapper costs ~5 us a call
-        np.rint(u, out=y)
-        np.copyto(out2[r0:r1], y, casting="unsafe")
-        u -= y
-        if _max(u, axis=None) >= thr or _min(u, axis=None) <= nthr:
-            np.abs(u, out=u)
-            flagged.append(np.flatnonzero(u >= thr) + r0 * c)
+        bad = _folded_chunk(acc2[r0:r1], r_t[:kk] if r_2d else r_t, k_t[:kk] if k_2d else k_t,
+                            lo, hi, thr, out2[r0:r1], u_buf[:kk], y_buf[:kk])
+        if bad is not None:
+            flagged.append(bad + r0 * c)
     if flagged:  # one exact pass over every flagged element of every chunk
         _fixup(acc2, bias, p, out2, np.concatenate(flagged))

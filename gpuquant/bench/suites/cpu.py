@@ -11,8 +11,9 @@ Providers (the timed call computes one layer, input ready in the provider's own 
 * ``numpy-float32`` (baseline): the same layer in float32 with NumPy: ``x @ w.T + b``;
   convolution as NHWC im2col (``np.pad`` + ``sliding_window_view``) and one matmul + bias;
 * ``gpuquant-numpy``: ``gpuquant.functional.integer`` conv2d / linear (validated front-end)
-  on the ``numpy`` backend (the CPU default, else chosen with ``backends.use``): uint8 activations in channels_last memory, int8 per-channel
-  weights, int32 bias, fixed-point requantization with a fused ReLU, uint8 out;
+  on the ``numpy`` backend (the CPU default, else chosen with ``backends.use``): uint8
+  activations in channels_last memory, int8 per-channel weights, int32 bias, fixed-point
+  requantization with a fused ReLU, uint8 out;
 * ``torch-fbgemm``: PyTorch's own int8 CPU kernels (``torch.ao.nn.quantized`` Linear /
   Conv2d, the x86 / fbgemm engine, prepacked weights, NHWC quint8 input). Only this
   benchmark uses PyTorch's deprecated quantized tensors, as the comparison; the library
