@@ -107,6 +107,27 @@ def test_conv2d_matches_oracle(name):
     assert y.is_contiguous(memory_format=CL)
 
 
+# the tap-loop layers (>= 64 channels a group, more than one tap), plus a dilated one
+TAP_LOOP_CASES = {n: CONV_CASES[n] for n in ("3x3_s2_taploop_b1_uint8", "3x3_taploop_zp0_padded",
+                                             "3x1_c70_rect_stride")}
+TAP_LOOP_CASES["3x3_dil2_c256_two_blocks"] = ((1, 256, 6, 5), 10, (3, 3), 1, 2, 2, 1, torch.int8, 0)
+
+
+@pytest.mark.parametrize("pipe", [False, True])
+@pytest.mark.parametrize("name", list(TAP_LOOP_CASES))
+def test_conv2d_both_tap_loop_forms_match_oracle(name, pipe, monkeypatch):
+    """The two loop forms the GPU autotuner chooses between (taps unrolled; one pipelined
+    (tap, channel block) loop) give the oracle's bytes, with and without a channel mask,
+    zero point 0 and not, two channel blocks a tap."""
+    from gpuquant.backends.triton import conv
+    monkeypatch.setattr(conv, "INTERPRET_PIPE_TAPS", pipe)
+    x, zp, w, bias, st, pd, dl, groups = _conv_inputs(TAP_LOOP_CASES[name])
+    rq = rand_requant(w.shape[0], qint8, "relu", k=w[0].numel())
+    check_op("conv2d", (x, zp, w, bias, st, pd, dl, groups, rq), f"{name} pipe={pipe}")
+    if name == "3x3_taploop_zp0_padded":  # the fused residual epilogue on the same loop
+        _check_conv_add((x, zp, w, bias, st, pd, dl, groups, rq), f"pipe={pipe}")
+
+
 def test_conv2d_nchw_input_and_no_bias():
     x, zp, w, _, st, pd, dl, g = _conv_inputs(CONV_CASES["3x3_flatk"], channels_last=False)
     assert x.is_contiguous() and not x.is_contiguous(memory_format=CL)
@@ -119,13 +140,18 @@ def test_conv2d_nchw_input_and_no_bias():
 def test_conv2d_add_equals_conv_then_add(name):
     x, zp, w, bias, st, pd, dl, g = _conv_inputs(CONV_CASES[name])
     rq = rand_requant(w.shape[0], qint8, k=w[0].numel())
-    ref_y = ORACLES[0][1]["conv2d"](x, zp, w, bias, st, pd, dl, g, rq)
+    _check_conv_add((x, zp, w, bias, st, pd, dl, g, rq), name)
+
+
+def _check_conv_add(args, label):
+    """The fused conv + residual add (int8 residual, ReLU) == the oracles' conv then add."""
+    rq = args[-1]
+    ref_y = ORACLES[0][1]["conv2d"](*args)
     res = rand_act(tuple(ref_y.shape), torch.int8).contiguous(memory_format=CL)
     p = make_add_params(0.05, rq.zero_point, 0.03, -5, 0.07, 4, qint8, "relu")
-    got = TRITON["conv2d_add"](*dev((x, zp, w, bias, st, pd, dl, g, rq, res)), p)
+    got = TRITON["conv2d_add"](*dev(args + (res,)), p)
     for oname, ops in ORACLES:
-        want = ops["add"](ops["conv2d"](x, zp, w, bias, st, pd, dl, g, rq), res, p)
-        assert_same(got, want, f"conv2d_add {name} vs {oname}")
+        assert_same(got, ops["add"](ops["conv2d"](*args), res, p), f"conv2d_add {label} vs {oname}")
 
 
 def test_linear_add_and_dequant_outputs():

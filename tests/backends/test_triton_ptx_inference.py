@@ -27,14 +27,21 @@ ptx = ip.compile_ptx(fn, sig, const, 90, nw, ns, enable_fp_fusion=True)
 out["control_fusion_on"] = sorted(set(ip.FLOAT_HAZARD_RE.findall(ptx)))
 import re
 from gpuquant.backends.triton import conv
-stores = {}
-for zz in (False, True):  # the conv's A tile: zero-filled async copy vs a register pass
+stores, loops = {}, {}
+for zz, pipe in ((False, False), (True, False), (True, True)):
+    # the conv's A tile: zero-filled async copy vs a register pass; taps unrolled vs one
+    # pipelined loop over taps
     const = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "KH": 3, "KW": 3,
-             "FLAT_K": False, "EVEN_C": True, "ZP_ZERO": zz, "X_UINT8": False, "OUT_MODE": 0,
-             "HAS_RES": False}
+             "FLAT_K": False, "EVEN_C": True, "ZP_ZERO": zz, "PIPE_TAPS": pipe,
+             "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False}
     p = ip.compile_ptx(conv._qconv_kernel, ip._conv_sig(), const, 90, 4, 4)
-    stores[str(zz)] = len(re.findall(r"st\.shared\.v4", p))
+    if not pipe:
+        stores[str(zz)] = len(re.findall(r"st\.shared\.v4", p))
+    loops[str(pipe)] = {"wgmma_commits": len(re.findall(r"wgmma\.commit_group", p)),
+                        "cp_async_waits": [int(v) for v in
+                                           re.findall(r"cp\.async\.wait_group\s+(\d+)", p)]}
 out["conv_st_shared_v4"] = stores
+out["conv_tap_loops"] = loops
 print("JSON" + json.dumps(out))
 """
 
@@ -93,6 +100,15 @@ def test_tensor_core_instructions_and_no_float_hazards(tmp_path):
     # 16-byte shared-memory stores on sm_90)
     st = report["conv_st_shared_v4"]
     assert st["True"] * 4 <= st["False"], st
+    # a 3x3 conv, one 64-channel block a tap: unrolled, each of the 9 taps is its own
+    # loop (9 MMA groups, each waiting for all its copies: wait_group 0 after each);
+    # PIPE_TAPS, one loop whose copies run num_stages - 1 tiles ahead across taps (one MMA
+    # group; the steady state waits for the oldest tile only: wait_group > 0)
+    loops = report["conv_tap_loops"]
+    assert loops["False"]["wgmma_commits"] == 9 and loops["True"]["wgmma_commits"] == 1, loops
+    assert loops["False"]["cp_async_waits"].count(0) == 9, loops
+    waits = loops["True"]["cp_async_waits"]
+    assert waits.count(0) == 1 and max(waits) > 0, loops
 
 
 def test_every_launch_turns_fp_fusion_off(monkeypatch):

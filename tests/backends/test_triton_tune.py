@@ -13,7 +13,7 @@ def test_quick_tuning_keeps_two_large_and_the_small_tile_of_those_that_fit(famil
     a 64-channel layer gets three tiles 64 wide, not the one small tile of a fixed list."""
     monkeypatch.delenv("GPUQUANT_TRITON_TUNE", raising=False)
     cfgs = gemm.gemm_configs(family)
-    conv_cfgs = conv.conv_configs(family)
+    conv_cfgs = [c for c in conv.conv_configs(family) if not c.kwargs["PIPE_TAPS"]]
     big = {"M": 8192, "N": 8192}
     narrow = {"M": 200704, "N": 64}
     assert len(gemm.prune_configs(cfgs, big)) == len(cfgs)  # full: every config
@@ -61,3 +61,28 @@ def test_arch_family_from_capability_cached_per_device(cc, family, monkeypatch):
     # ... while "the current device" (no index) is asked every time
     assert common.arch_family(torch.device("cuda")) == "sm90"
     assert common.arch_family(torch.device("cpu")) == "interpret"
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_conv_tunes_both_tap_loop_forms_where_they_differ(quick, monkeypatch):
+    """Every conv tile comes in both tap-loop forms; a layer with a tap loop (3x3) times both
+    forms of each tile the GEMM's pruning keeps, a 1x1 / flat-K layer only the unrolled one
+    (there the two forms are the same loop)."""
+    if quick:
+        monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "quick")
+    else:
+        monkeypatch.delenv("GPUQUANT_TRITON_TUNE", raising=False)
+    cfgs = conv.conv_configs("sm90")
+    assert len(cfgs) == 2 * len(conv._CONV_TILES["sm90"])
+    shape = {"M": 64 * 56 * 56, "N": 64}
+    tiles = gemm.prune_configs([c for c in cfgs if not c.kwargs["PIPE_TAPS"]], shape)
+
+    def key(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages)
+    both = conv.prune_conv_configs(cfgs, shape, KH=3, KW=3, FLAT_K=False)
+    assert sorted((key(c), c.kwargs["PIPE_TAPS"]) for c in both) == \
+        sorted((key(c), p) for c in tiles for p in (False, True))
+    for one in (dict(KH=1, KW=1, FLAT_K=False), dict(KH=7, KW=7, FLAT_K=True)):
+        kept = conv.prune_conv_configs(cfgs, shape, **one)
+        assert [key(c) for c in kept] == [key(c) for c in tiles]
+        assert not any(c.kwargs["PIPE_TAPS"] for c in kept)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .fake_quant import _LAUNCH, _npow2, auto_interpreter, on_tensor_device
+from .launch import launch
 
 __all__ = ["bn_fold_weight", "bn_normalize_train", "OPS", "KERNELS"]
 
@@ -147,9 +148,9 @@ class _FoldWeight(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=w.device)
         wf = torch.empty_like(w)
         t, W, E, sigma = (torch.empty(C, **f32) for _ in range(4))
-        _fold_fwd_kernel[(C,)](w, gamma.detach(), running_var, wf, t, W, E, sigma, L,
-                               float(eps), float(min_gamma),
-                               BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4, **_LAUNCH)
+        launch(_fold_fwd_kernel, (C,), w, gamma.detach(), running_var, wf, t, W, E, sigma, L,
+               float(eps), float(min_gamma), BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4,
+               **_LAUNCH)
         ctx.save_for_backward(w, gamma, t, sigma)
         ctx.consts = (L, float(eps), float(min_gamma))
         ctx.mark_non_differentiable(t)
@@ -164,10 +165,9 @@ class _FoldWeight(torch.autograd.Function):
             gwf = torch.empty_like(w).copy_(gwf)
         gw = torch.empty_like(w) if need_w else gwf  # unused pointer without NEED_W
         gg = torch.empty_like(gamma, dtype=torch.float32)
-        _fold_bwd_kernel[(w.shape[0],)](gwf, w, gamma.detach(), t, sigma, gW.float(),
-                                        gE.float(), gw, gg, L, eps, min_gamma, NEED_W=need_w,
-                                        BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4,
-                                        **_LAUNCH)
+        launch(_fold_bwd_kernel, (w.shape[0],), gwf, w, gamma.detach(), t, sigma, gW.float(),
+               gE.float(), gw, gg, L, eps, min_gamma, NEED_W=need_w,
+               BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4, **_LAUNCH)
         return (gw if need_w else None), gg.to(gamma.dtype), None, None, None
 
 
@@ -184,11 +184,11 @@ class _NormalizeTrain(torch.autograd.Function):
                                      correction=0)
         var_eps, invstd, k = (torch.empty(C, **f32) for _ in range(3))
         block_c = min(_npow2(C), 1024)
-        _stats_finish_kernel[(1,)](
-            mean, s, E, W, t, bias if bias is not None else mean, running_mean, running_var,
-            nbt, var_eps, invstd, k, C, 0.0 if momentum is None else float(momentum),
-            n / (n - 1), FROM_INVSTD=z.is_cuda, HAS_BIAS=bias is not None,
-            CUMULATIVE=momentum is None, BLOCK_C=block_c, num_warps=4, **_LAUNCH)
+        launch(_stats_finish_kernel, (1,), mean, s, E, W, t, bias if bias is not None else mean,
+               running_mean, running_var, nbt, var_eps, invstd, k, C,
+               0.0 if momentum is None else float(momentum), n / (n - 1), FROM_INVSTD=z.is_cuda,
+               HAS_BIAS=bias is not None, CUMULATIVE=momentum is None, BLOCK_C=block_c,
+               num_warps=4, **_LAUNCH)
         # (z - mean) / sqrt(var + E) * W + beta: eval-form batch_norm, eps 0 (mixed dtypes)
         y = F.batch_norm(z, mean, var_eps, W, beta, False, 0.0, 0.0)
         ctx.save_for_backward(z, W, mean, invstd, k)

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 __all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "derived", "scalar_int", "scalar_float",
-           "ARCH_FAMILIES", "tune_subset", "TUNE_MODES"]
+           "ARCH_FAMILIES", "tune_subset", "TUNE_MODES", "cdiv"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -151,6 +151,12 @@ def _scalar(v, cast, tag: str):
             return cast(v.item())
         return derived(tag, (v,), (), lambda: cast(v.item()))
     return cast(v)
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host ints for grids and plans (``triton.cdiv`` is a constexpr
+    function: ~2 us a call from Python, a launcher makes several)."""
+    return -(-a // b)
 
 
 def scalar_int(v) -> int:

@@ -5,9 +5,11 @@ reduction K = KH * KW * Cg with the weight reordered once to (O, KH, KW, Cg) (me
 every K tile is a run of contiguous input channels. Two loop shapes, picked per layer:
 
 * taps outer, channels inner (``FLAT_K`` False, wide layers: every 3x3 / 1x1 of a ResNet):
-  the tap loop is unrolled (``KH``, ``KW`` are compile-time), each K tile is BLOCK_K
-  consecutive channels of one tap: one coalesced row load per output pixel (``EVEN_C``:
-  channels a multiple of BLOCK_K, no channel mask);
+  each K tile is BLOCK_K consecutive channels of one tap: one coalesced row load per output
+  pixel (``EVEN_C``: channels a multiple of BLOCK_K, no channel mask). Two forms the
+  autotuner times per layer (``PIPE_TAPS``): taps unrolled (``KH``, ``KW`` compile-time),
+  a channel-block loop each; or one loop over (tap, channel block) that the compiler's
+  software pipeline prefetches across taps;
 * flat K (``FLAT_K`` True, few channels a group, e.g. the 7x7 stem with C = 3): the K index
   is split into (tap, channel) per element so tiles are not mostly padding.
 
@@ -25,7 +27,8 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import LAUNCH_OPTS, arch_family, derived
+from .common import LAUNCH_OPTS, arch_family, cdiv, derived
+from .launch import launch
 from .gemm import (_OUT_MODES, epilogue_scalars, epilogue_tensors, family_configs,
                    grouped_tile, interpret_meta, output_dtype, prune_configs, qgemm,
                    quant_epilogue)
@@ -56,6 +59,28 @@ def _load_act(ptrs, mask, x_zp, ZP_ZERO: tl.constexpr):
     return a
 
 
+@triton.jit
+def _tap_block(acc, x_img, ih, iw, H, W_in, stride_xh, stride_xw, w_tap, c0, offs_k, Cg, x_zp,
+               EVEN_C: tl.constexpr, ZP_ZERO: tl.constexpr, X_UINT8: tl.constexpr):
+    """acc += one K tile of the tap whose input rows are (ih, iw): channels c0 .. c0 +
+    BLOCK_K of every output pixel's input pixel (a row outside the image reads as padding)
+    against the same channels of the tap's weight columns ``w_tap``."""
+    row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
+    a_rows = x_img + ih.to(tl.int64) * stride_xh + iw * stride_xw
+    c = c0 + offs_k
+    if EVEN_C:
+        a_mask = row_ok[:, None]
+        b = tl.load(w_tap[None, :] + c[:, None])
+    else:
+        c_ok = c < Cg
+        a_mask = row_ok[:, None] & c_ok[None, :]
+        b = tl.load(w_tap[None, :] + c[:, None], mask=c_ok[:, None], other=0)
+    a = _load_act(a_rows[:, None] + c[None, :], a_mask, x_zp, ZP_ZERO)
+    if X_UINT8:
+        a = a.to(tl.int8, bitcast=True) ^ -128
+    return tl.dot(a, b, acc, out_dtype=tl.int32)
+
+
 @triton.jit(do_not_specialize=["x_zp"])
 def _qconv_kernel(
     # pointers
@@ -71,7 +96,7 @@ def _qconv_kernel(
     x_zp, deq_scale,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr, EVEN_C: tl.constexpr,
-    ZP_ZERO: tl.constexpr,
+    ZP_ZERO: tl.constexpr, PIPE_TAPS: tl.constexpr,
     X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -108,33 +133,32 @@ def _qconv_kernel(
             if X_UINT8:
                 a = a.to(tl.int8, bitcast=True) ^ -128
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    elif PIPE_TAPS:
+        # one loop over (tap, channel block) pairs: the compiler's software pipeline
+        # (num_stages) prefetches across taps, so a 64-channel 3x3 layer (one block a tap)
+        # keeps num_stages - 1 tiles in flight; with ZP_ZERO every load is an async copy
+        n_cb = tl.cdiv(Cg, BLOCK_K)
+        for t in range(0, KH * KW * n_cb):
+            tap = t // n_cb
+            r = tap // KW
+            ih = ih0 + r * dil_h
+            iw = iw0 + (tap - r * KW) * dil_w
+            acc = _tap_block(acc, x_img, ih, iw, H, W_in, stride_xh, stride_xw,
+                             w_rows + tap * Cg, (t - tap * n_cb) * BLOCK_K, offs_k, Cg, x_zp,
+                             EVEN_C, ZP_ZERO, X_UINT8)
     else:
-        # taps unrolled (KH, KW compile-time), channel blocks a loop inside each: for a
-        # 3x3 64-channel layer, nine independent load -> dot steps in straight-line code
-        # that the compiler issues ahead. (A single flat loop over (tap, block), pipelined
-        # by num_stages, ran slower on an H200 in one lease: 0.19 ms against 0.14 ms for
-        # resnet50's 64-channel 3x3 at batch 64, though with other autotune tiles; see
-        # bench/README.md NOTES.)
+        # taps unrolled (KH, KW compile-time), channel blocks a loop inside each: straight-line
+        # code whose loads the compiler may issue ahead of the previous tap's dot, but each
+        # tap's loop is pipelined on its own (with one block a tap, no async prefetch across
+        # taps). The autotuner picks between this form and PIPE_TAPS per layer.
         for r in tl.static_range(KH):
             for s in tl.static_range(KW):
                 ih = ih0 + r * dil_h
                 iw = iw0 + s * dil_w
-                row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
-                a_rows = x_img + ih.to(tl.int64) * stride_xh + iw * stride_xw
-                w_tap = w_rows + (r * KW + s) * Cg
                 for c0 in range(0, Cg, BLOCK_K):
-                    c = c0 + offs_k
-                    if EVEN_C:
-                        a_mask = row_ok[:, None]
-                        b = tl.load(w_tap[None, :] + c[:, None])
-                    else:
-                        c_ok = c < Cg
-                        a_mask = row_ok[:, None] & c_ok[None, :]
-                        b = tl.load(w_tap[None, :] + c[:, None], mask=c_ok[:, None], other=0)
-                    a = _load_act(a_rows[:, None] + c[None, :], a_mask, x_zp, ZP_ZERO)
-                    if X_UINT8:
-                        a = a.to(tl.int8, bitcast=True) ^ -128
-                    acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+                    acc = _tap_block(acc, x_img, ih, iw, H, W_in, stride_xh, stride_xw,
+                                     w_rows + (r * KW + s) * Cg, c0, offs_k, Cg, x_zp,
+                                     EVEN_C, ZP_ZERO, X_UINT8)
 
     quant_epilogue(acc, offs_m, oc, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI, deq_scale,
                    Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
@@ -157,9 +181,34 @@ _CONV_TILES["generic"] = _CONV_TILES["sm89"]
 
 
 def conv_configs(family: str):
-    """Autotune configs of the implicit-GEMM conv kernel for an architecture family."""
-    return family_configs(_CONV_TILES, family)
+    """Autotune configs of the implicit-GEMM conv kernel for an architecture family: every
+    tile in both tap-loop forms (``PIPE_TAPS`` False: taps unrolled; True: one pipelined
+    loop over (tap, channel block)); :func:`prune_conv_configs` keeps one form where the
+    two are the same code."""
+    return [_with_form(c, pipe) for pipe in (False, True)
+            for c in family_configs(_CONV_TILES, family)]
 
+
+def _with_form(c, pipe: bool):
+    return triton.Config({**c.kwargs, "PIPE_TAPS": pipe}, num_warps=c.num_warps,
+                         num_stages=c.num_stages)
+
+
+def prune_conv_configs(configs, named_args, **kwargs):
+    """The GEMM's tile pruning (shape, quick subset) on the unrolled-form configs, then the
+    pipelined twin of every kept tile when the layer has a tap loop (more than one tap and
+    not ``FLAT_K``): the autotuner times both forms (which is faster depends on the layer:
+    with one channel block a tap only the pipelined form prefetches across taps; see
+    bench/README.md NOTES)."""
+    base = [c for c in configs if not c.kwargs.get("PIPE_TAPS")]
+    kept = prune_configs(base, named_args)
+    if kwargs.get("FLAT_K") or kwargs.get("KH", 1) * kwargs.get("KW", 1) == 1:
+        return kept
+    return kept + [_with_form(c, True) for c in kept]
+
+
+# The loop form the interpreter runs (it has no autotuner); the tests run both.
+INTERPRET_PIPE_TAPS = False
 
 _TUNED = {}
 
@@ -171,7 +220,7 @@ def _conv_kernel(family: str):
             _qconv_kernel)
         k = heur if family == "interpret" else triton.autotune(
             configs=conv_configs(family), key=["M", "N", "K", "Cg", "KH", "KW", "stride_h"],
-            prune_configs_by={"early_config_prune": prune_configs})(heur)
+            prune_configs_by={"early_config_prune": prune_conv_configs})(heur)
         _TUNED[family] = k
     return k
 
@@ -238,16 +287,15 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
     family = arch_family(dev)
     kern = _conv_kernel(family)
     flat_k = cg < 64
-    meta = interpret_meta(m, og, k if flat_k else cg) if family == "interpret" else {}
+    meta = {} if family != "interpret" else \
+        {**interpret_meta(m, og, k if flat_k else cg), "PIPE_TAPS": INTERPRET_PIPE_TAPS}
     res = r2d if r2d is not None else y2d
-    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(og, META["BLOCK_N"]),
+    grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(og, META["BLOCK_N"]),
                          groups)
     xs = x.stride()
-    kern[grid](x, w2d, b, mult, rsh, epi, res, y2d, m, og, k,
-               h, wd, ho, wo, cg, sh, sw, ph, pw, dh, dw,
-               xs[0], xs[2], xs[3], w2d.stride(0), y2d.stride(0), res.stride(0),
-               int(x_zp), float(deq_scale),
-               KH=kh, KW=kw, FLAT_K=flat_k, ZP_ZERO=int(x_zp) == 0,
-               X_UINT8=x.dtype == torch.uint8,
-               OUT_MODE=mode, HAS_RES=residual is not None, **meta, **LAUNCH_OPTS)
+    launch(kern, grid, x, w2d, b, mult, rsh, epi, res, y2d, m, og, k, h, wd, ho, wo, cg, sh, sw,
+           ph, pw, dh, dw, xs[0], xs[2], xs[3], w2d.stride(0), y2d.stride(0), res.stride(0),
+           int(x_zp), float(deq_scale), KH=kh, KW=kw, FLAT_K=flat_k, ZP_ZERO=int(x_zp) == 0,
+           X_UINT8=x.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=residual is not None, **meta,
+           **LAUNCH_OPTS)
     return y

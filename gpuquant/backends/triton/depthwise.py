@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import LAUNCH_OPTS, arch_family, derived, tune_subset
+from .common import LAUNCH_OPTS, arch_family, cdiv, derived, tune_subset
+from .launch import launch
 from .conv import window_origin
 from .gemm import _OUT_MODES, epilogue_scalars, epilogue_tensors, output_dtype, quant_epilogue
 
@@ -120,11 +121,10 @@ def qdepthwise2d(x, x_zp, w, bias, stride, padding, dilation, rq, *, out_mode="q
     if family == "interpret":
         p, cb, _ = _INTERPRET_DW  # larger blocks for larger layers: fewer interpreted ops
         meta = {"BLOCK_P": p if m <= 64 else 64, "BLOCK_C": cb if o <= 32 else 64}
-    grid = lambda META: (triton.cdiv(m, META["BLOCK_P"]), triton.cdiv(o, META["BLOCK_C"]))
+    grid = lambda META: (cdiv(m, META["BLOCK_P"]), cdiv(o, META["BLOCK_C"]))
     xs = x.stride()
-    kern[grid](x, w_taps, b, mult, rsh, epi, r2d, y2d, m, o, h, wd, ho, wo, o // c,
-               sh, sw, ph, pw, dh, dw, xs[0], xs[2], xs[3], xs[1], y2d.stride(0),
-               r2d.stride(0), int(x_zp), float(deq_scale),
-               KH=kh, KW=kw, OUT_MODE=mode, HAS_RES=residual is not None,
-               **meta, **LAUNCH_OPTS)
+    launch(kern, grid, x, w_taps, b, mult, rsh, epi, r2d, y2d, m, o, h, wd, ho, wo, o // c, sh, sw,
+           ph, pw, dh, dw, xs[0], xs[2], xs[3], xs[1], y2d.stride(0), r2d.stride(0), int(x_zp),
+           float(deq_scale), KH=kh, KW=kw, OUT_MODE=mode, HAS_RES=residual is not None, **meta,
+           **LAUNCH_OPTS)
     return y

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from ..reference_dynamic import EPS
-from .common import LAUNCH_OPTS, arch_family, sm_count, tune_subset
+from .common import LAUNCH_OPTS, arch_family, cdiv, sm_count, tune_subset
+from .launch import launch
 from .gemm import (OUT_SCALED, _config, _gemm_kernel, align_k, bf16_rne, grouped_tile,
                    interpret_meta)
 
@@ -105,9 +106,9 @@ def quantize_per_token(x, qmin, qmax):
     block_k = triton.next_power_of_2(k) if one_block else 4096
     # enough threads that a 16K row sits in registers (<= 64 floats a thread)
     num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
-    _quantize_per_token_kernel[(m,)](
-        x, q, scale, k, x.stride(0), q.stride(0), int(qmin), int(qmax), EPS,
-        BLOCK_K=block_k, ONE_BLOCK=one_block, num_warps=num_warps, **LAUNCH_OPTS)
+    launch(_quantize_per_token_kernel, (m,), x, q, scale, k, x.stride(0), q.stride(0), int(qmin),
+           int(qmax), EPS, BLOCK_K=block_k, ONE_BLOCK=one_block, num_warps=num_warps,
+           **LAUNCH_OPTS)
     return q, scale
 
 
@@ -128,16 +129,15 @@ def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
     meta = interpret_meta() if family == "interpret" else {}
 
     def grid(cfg):
-        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        return (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
 
     has_bias = bias is not None
     # _qgemm_kernel(X, W, BIAS, MULT, RSHIFT, EPI, RES, Y, ...): in the scaled mode MULT holds
     # the column (weight) scales, RSHIFT the row (token) scales, RES the float bias
     # (HAS_RES); BIAS and EPI are not read (any pointer will do)
-    kern[grid](xq, wq, x_scale, w_scale, x_scale, x_scale, bias if has_bias else out, out,
-               m, n, k, xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0),
-               0, 1.0, X_UINT8=False, OUT_MODE=OUT_SCALED, HAS_RES=has_bias, **meta,
-               **LAUNCH_OPTS)
+    launch(kern, grid, xq, wq, x_scale, w_scale, x_scale, x_scale, bias if has_bias else out, out,
+           m, n, k, xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0), 0, 1.0,
+           X_UINT8=False, OUT_MODE=OUT_SCALED, HAS_RES=has_bias, **meta, **LAUNCH_OPTS)
     return out
 
 
@@ -315,21 +315,20 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None):
                      device=x.device)
 
     def grid(cfg):
-        return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
+        return (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), split)
 
     has_bias = bias is not None
     bf16_bits = interpret and out.dtype == torch.bfloat16
-    _weight_only_kernel(interpret)[grid](
-        x, wq, out, w_scale, bias if has_bias else w_scale, ws, m, n, k, split,
-        x.stride(0), x.stride(1), wq.stride(0), wq.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=has_bias, DOT_F32=x.dtype == torch.float32 or interpret,
-        BF16_RNE_BITS=bf16_bits, **meta, **LAUNCH_OPTS)
+    launch(_weight_only_kernel(interpret), grid, x, wq, out, w_scale,
+           bias if has_bias else w_scale, ws, m, n, k, split, x.stride(0), x.stride(1),
+           wq.stride(0), wq.stride(1), out.stride(0), out.stride(1), HAS_BIAS=has_bias,
+           DOT_F32=x.dtype == torch.float32 or interpret, BF16_RNE_BITS=bf16_bits, **meta,
+           **LAUNCH_OPTS)
     if split > 1:
         rm, rn = 16, 128
-        _weight_only_reduce_kernel[(triton.cdiv(m, rm), triton.cdiv(n, rn))](
-            ws, out, w_scale, bias if has_bias else w_scale, m, n, split, out.stride(0),
-            out.stride(1), HAS_BIAS=has_bias, BF16_RNE_BITS=bf16_bits, BLOCK_M=rm,
-            BLOCK_N=rn, **LAUNCH_OPTS)
+        launch(_weight_only_reduce_kernel, (cdiv(m, rm), cdiv(n, rn)), ws, out, w_scale,
+               bias if has_bias else w_scale, m, n, split, out.stride(0), out.stride(1),
+               HAS_BIAS=has_bias, BF16_RNE_BITS=bf16_bits, BLOCK_M=rm, BLOCK_N=rn, **LAUNCH_OPTS)
     return out
 
 

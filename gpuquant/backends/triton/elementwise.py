@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import INTERPRET, LAUNCH_OPTS, derived, scalar_int
+from .common import INTERPRET, LAUNCH_OPTS, cdiv, derived, scalar_int
+from .launch import launch
 from .fixed_point import add_values_fast, requantize_i32, requantize_values
 from .conv import window_origin
 from .gemm import epilogue_scalars, residual_mode
@@ -245,7 +246,7 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(n: int):
-    return (triton.cdiv(n, _BLOCK),)
+    return (cdiv(n, _BLOCK),)
 
 
 def _on(t: torch.Tensor, device, dtype) -> torch.Tensor:
@@ -288,10 +289,9 @@ def quantize(x, scale, zero_point, qmin, qmax, axis, out_dtype):
     if x.numel() == 0:
         return y
     stride_c, c, per_ch = _axis_info(x, axis)
-    _quantize_kernel[_grid(x.numel())](
-        x, _inv_scale(scale, x.device), _on(zero_point, x.device, torch.int32), y, x.numel(),
-        stride_c, c, float(qmin), float(qmax), PER_CHANNEL=per_ch, BLOCK=_BLOCK,
-        **LAUNCH_OPTS)
+    launch(_quantize_kernel, _grid(x.numel()), x, _inv_scale(scale, x.device),
+           _on(zero_point, x.device, torch.int32), y, x.numel(), stride_c, c, float(qmin),
+           float(qmax), PER_CHANNEL=per_ch, BLOCK=_BLOCK, **LAUNCH_OPTS)
     return y
 
 
@@ -301,9 +301,9 @@ def dequantize(q, scale, zero_point, axis):
     if q.numel() == 0:
         return y
     stride_c, c, per_ch = _axis_info(q, axis)
-    _dequantize_kernel[_grid(q.numel())](
-        q, _on(scale, q.device, torch.float32), _on(zero_point, q.device, torch.int32), y,
-        q.numel(), stride_c, c, PER_CHANNEL=per_ch, BLOCK=_BLOCK, **LAUNCH_OPTS)
+    launch(_dequantize_kernel, _grid(q.numel()), q, _on(scale, q.device, torch.float32),
+           _on(zero_point, q.device, torch.int32), y, q.numel(), stride_c, c, PER_CHANNEL=per_ch,
+           BLOCK=_BLOCK, **LAUNCH_OPTS)
     return y
 
 
@@ -320,9 +320,8 @@ def requantize(acc, rq, axis=None):
     else:
         stride_c, c = 1, 1
         mult = rsh = _rq_vector(rq, dev)  # unused pointers
-    _requantize_kernel[_grid(acc.numel())](
-        acc, mult, rsh, _rq_vector(rq, dev), y, acc.numel(), stride_c, c,
-        PER_CHANNEL=per_ch, BLOCK=_BLOCK, **LAUNCH_OPTS)
+    launch(_requantize_kernel, _grid(acc.numel()), acc, mult, rsh, _rq_vector(rq, dev), y,
+           acc.numel(), stride_c, c, PER_CHANNEL=per_ch, BLOCK=_BLOCK, **LAUNCH_OPTS)
     return y
 
 
@@ -337,8 +336,8 @@ def add(a, b, p):
     y = torch.empty_like(a, dtype=p.out.dtype.storage)
     if a.numel() == 0:
         return y
-    _add_kernel[_grid(a.numel())](a, b, epilogue_scalars(None, p, a.device), y, a.numel(),
-                                  MODE=residual_mode(p), BLOCK=_BLOCK, **LAUNCH_OPTS)
+    launch(_add_kernel, _grid(a.numel()), a, b, epilogue_scalars(None, p, a.device), y, a.numel(),
+           MODE=residual_mode(p), BLOCK=_BLOCK, **LAUNCH_OPTS)
     return y
 
 
@@ -350,9 +349,8 @@ def mul(a, a_zp, b, b_zp, rq):
     y = torch.empty_like(a, dtype=rq.dtype.storage)
     if a.numel() == 0:
         return y
-    _mul_kernel[_grid(a.numel())](a, b, _rq_vector(rq, a.device), y, a.numel(),
-                                  scalar_int(a_zp), scalar_int(b_zp), BLOCK=_BLOCK,
-                                  **LAUNCH_OPTS)
+    launch(_mul_kernel, _grid(a.numel()), a, b, _rq_vector(rq, a.device), y, a.numel(),
+           scalar_int(a_zp), scalar_int(b_zp), BLOCK=_BLOCK, **LAUNCH_OPTS)
     return y
 
 
@@ -387,9 +385,8 @@ def concat(xs, zero_points, rqs, dim, out_dtype):
         rqv = _rq_vector(rq, dev) if rq is not None else out
         if rq is not None and rq.per_channel:
             raise NotImplementedError("triton concat: per-tensor requantization only")
-        _copy4d_kernel[_grid(x.numel())](
-            x, part, rqv, x.numel(), d1, d2, d3, *sx, *sy, scalar_int(zp),
-            REQUANT=rq is not None, BLOCK=_BLOCK, **LAUNCH_OPTS)
+        launch(_copy4d_kernel, _grid(x.numel()), x, part, rqv, x.numel(), d1, d2, d3, *sx, *sy,
+               scalar_int(zp), REQUANT=rq is not None, BLOCK=_BLOCK, **LAUNCH_OPTS)
     return out
 
 
@@ -432,11 +429,10 @@ def _pool(x, kernel_size, stride, padding, dilation, ceil_mode, is_max, zero_poi
         y2d = y.permute(0, 2, 3, 1).reshape(m, c)
         bp, bc = _POOL_TILE
         xs = x.stride()
-        _pool_kernel[(triton.cdiv(m, bp), triton.cdiv(c, bc))](
-            x, y2d, m, c, h, w, ho, wo, sh, sw, ph, pw, dh, dw, xs[0], xs[2], xs[3], xs[1],
-            y2d.stride(0), int(zero_point), int(divisor), int(qmin), int(qmax),
-            KH=kh, KW=kw, IS_MAX=is_max, COUNT_PAD=bool(count_pad), BLOCK_P=bp, BLOCK_C=bc,
-            **LAUNCH_OPTS)
+        launch(_pool_kernel, (cdiv(m, bp), cdiv(c, bc)), x, y2d, m, c, h, w, ho, wo, sh, sw, ph,
+               pw, dh, dw, xs[0], xs[2], xs[3], xs[1], y2d.stride(0), int(zero_point),
+               int(divisor), int(qmin), int(qmax), KH=kh, KW=kw, IS_MAX=is_max,
+               COUNT_PAD=bool(count_pad), BLOCK_P=bp, BLOCK_C=bc, **LAUNCH_OPTS)
     return y[0] if squeeze else y
 
 
@@ -468,9 +464,9 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin, qmax):
         y2d = y.permute(0, 2, 3, 1).reshape(n * oh * ow, c)
         bc = 32 if INTERPRET else 128
         xs = x.stride()
-        _adaptive_avg_kernel[(n * oh * ow, triton.cdiv(c, bc))](
-            x, y2d, c, h, w, oh, ow, xs[0], xs[2], xs[3], xs[1], y2d.stride(0),
-            scalar_int(zero_point), int(qmin), int(qmax), BLOCK_C=bc, **LAUNCH_OPTS)
+        launch(_adaptive_avg_kernel, (n * oh * ow, cdiv(c, bc)), x, y2d, c, h, w, oh, ow, xs[0],
+               xs[2], xs[3], xs[1], y2d.stride(0), scalar_int(zero_point), int(qmin), int(qmax),
+               BLOCK_C=bc, **LAUNCH_OPTS)
     return y[0] if squeeze else y
 
 

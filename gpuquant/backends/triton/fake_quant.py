@@ -59,6 +59,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .common import cdiv
+from .launch import launch
+
 __all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "row_plan",
            "as_rows", "RowPlan", "auto_interpreter", "udiv_magic", "OPS", "KERNELS"]
 
@@ -454,11 +457,11 @@ def _row_plan(x: "_Layout", axis: Optional[int], tile: int, want: int) -> RowPla
     else:
         block_r = max(1, min(_npow2(rows), tile))
         block_c = max(1, min(_npow2(C), tile // block_r))
-    n_rb = triton.cdiv(max(rows, 1), block_r)
-    n_cb = triton.cdiv(C, block_c)
-    split = max(1, min(n_rb, triton.cdiv(want, n_cb)))
-    n_iter = triton.cdiv(n_rb, split)
-    split = triton.cdiv(n_rb, n_iter)
+    n_rb = cdiv(max(rows, 1), block_r)
+    n_cb = cdiv(C, block_c)
+    split = max(1, min(n_rb, cdiv(want, n_cb)))
+    n_iter = cdiv(n_rb, split)
+    split = cdiv(n_rb, n_iter)
     rows32 = inner > 1 and split * n_iter * block_r < 2 ** 31
     m_in, l_in = udiv_magic(inner) if rows32 else (2 ** 32, 0)
     return RowPlan(rows, C, inner, s_o, s_i, s_c, block_r, block_c, split, n_iter,
@@ -513,7 +516,7 @@ def on_tensor_device(fn):
 
 
 def _grid(n: int, block: int):
-    return (triton.cdiv(n, block),)
+    return (cdiv(n, block),)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -568,11 +571,10 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
         inv = scale
     period, sc, C, wide, m_sc, l_sc, m_c, l_c, c_inner = _channel_args(
         tuple(x.shape), x.stride(), axis, block, wide, c_inner_ok)
-    _fq_fwd_kernel[_grid(n, block)](
-        _flat_span(x), _flat_span(y), mask, scale, inv, zero_point,
-        n, nbytes, period, sc, C, m_sc, l_sc, m_c, l_c, float(qmin), float(qmax),
-        PER_CHANNEL=per_channel, SAVE_MASK=save_mask, WIDE=wide, QMODE=qmode, BLOCK=block,
-        C_INNER=c_inner, RELU=relu, num_warps=NUM_WARPS, **_LAUNCH)
+    launch(_fq_fwd_kernel, _grid(n, block), _flat_span(x), _flat_span(y), mask, scale, inv,
+           zero_point, n, nbytes, period, sc, C, m_sc, l_sc, m_c, l_c, float(qmin), float(qmax),
+           PER_CHANNEL=per_channel, SAVE_MASK=save_mask, WIDE=wide, QMODE=qmode, BLOCK=block,
+           C_INNER=c_inner, RELU=relu, num_warps=NUM_WARPS, **_LAUNCH)
     return y, (mask if save_mask else None)
 
 
@@ -587,8 +589,8 @@ def fake_quant_backward(grad: torch.Tensor, mask: torch.Tensor, like: torch.Tens
     gx = torch.empty_like(grad)
     if n == 0:
         return gx
-    _fq_bwd_kernel[_grid(n, block)](_flat_span(grad), mask, _flat_span(gx), n, mask.numel(),
-                                    BLOCK=block, num_warps=NUM_WARPS, **_LAUNCH)
+    launch(_fq_bwd_kernel, _grid(n, block), _flat_span(grad), mask, _flat_span(gx), n,
+           mask.numel(), BLOCK=block, num_warps=NUM_WARPS, **_LAUNCH)
     return gx
 
 

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import LAUNCH_OPTS, arch_family, derived, scalar_int, sm_count, tune_subset
+from .common import LAUNCH_OPTS, arch_family, cdiv, derived, scalar_int, sm_count, tune_subset
+from .launch import launch
 from .fixed_point import add_mode, add_values_fast, requantize_i32
 
 __all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32",
@@ -255,7 +256,7 @@ def prune_configs(configs, named_args, **kwargs):
             and c.kwargs["BLOCK_N"] <= max(64, _next_pow2(n))]
 
     def programs(c):
-        return triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])
+        return cdiv(m, c.kwargs["BLOCK_M"]) * cdiv(n, c.kwargs["BLOCK_N"])
     return tune_subset(keep or configs[-1:], area=_tile_area, programs=programs,
                        min_programs=sm_count())
 
@@ -445,10 +446,9 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     family = arch_family(dev)
     kern = _gemm_kernel(family)
     meta = interpret_meta(m, n, k) if family == "interpret" else {}
-    grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
-    kern[grid](x2d, w2d, b, mult, rsh, epi, res, out, m, n, k,
-               x2d.stride(0), x2d.stride(1), w2d.stride(0), w2d.stride(1), out.stride(0),
-               res.stride(0), float(deq_scale),
-               X_UINT8=x2d.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=has_res,
-               **meta, **LAUNCH_OPTS)
+    grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(n, META["BLOCK_N"]),)
+    launch(kern, grid, x2d, w2d, b, mult, rsh, epi, res, out, m, n, k, x2d.stride(0),
+           x2d.stride(1), w2d.stride(0), w2d.stride(1), out.stride(0), res.stride(0),
+           float(deq_scale), X_UINT8=x2d.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=has_res,
+           **meta, **LAUNCH_OPTS)
     return out

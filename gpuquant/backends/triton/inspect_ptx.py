@@ -145,7 +145,9 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
     for name, sig, extra in chosen:
         out.append((name, gemm._qgemm_kernel, sig, {**meta, **extra}, nw, ns, True))
 
-    ccfgs = conv.conv_configs(fam)
+    # every tile in the unrolled tap-loop form, the first one also as the pipelined loop
+    # (3x3: one loop over taps; its MMA selection is the same for every tile)
+    ccfgs = [c for c in conv.conv_configs(fam) if not c.kwargs["PIPE_TAPS"]]
     for i, c in enumerate(ccfgs if all_configs else ccfgs[:1]):
         meta, nw, ns = cfg_of(c)
         ksz = 1 if ci else 3
@@ -154,6 +156,10 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
                     {**meta, "KH": ksz, "KW": ksz, "FLAT_K": False, "EVEN_C": True, "ZP_ZERO": True,
                      "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False}, nw, ns, True))
     meta, nw, ns = cfg_of(ccfgs[0])
+    out.append(("conv3x3_pipelined_taps", conv._qconv_kernel, _conv_sig(),
+                {**meta, "PIPE_TAPS": True, "KH": 3, "KW": 3, "FLAT_K": False, "EVEN_C": True,
+                 "ZP_ZERO": True, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False}, nw, ns,
+                True))
     out.append(("conv7x7_flatk_uint8_float_out", conv._qconv_kernel,
                 _conv_sig(x="*u8", y="*fp32"),
                 {**meta, "KH": 7, "KW": 7, "FLAT_K": True, "EVEN_C": False, "ZP_ZERO": False,

@@ -36,9 +36,11 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .common import cdiv
 from .fake_quant import (_FLOATS, _LAUNCH, _npow2, _rne, _row_offsets, _to_out, _tqt_scale,
                          as_rows, auto_interpreter, fake_quant_forward, on_tensor_device,
                          row_plan)
+from .launch import launch
 
 __all__ = ["lsq_fake_quant", "tqt_fake_quant", "OPS", "KERNELS"]
 
@@ -149,8 +151,8 @@ def sum_partials(part: torch.Tensor) -> torch.Tensor:
     out = torch.empty((K, C), dtype=torch.float32, device=part.device)
     block_c = min(_npow2(C), 128)
     block_s = max(1, min(_npow2(split), 2048 // block_c))
-    _sum_partials_kernel[(triton.cdiv(C, block_c), K)](part, out, split, C, BLOCK_S=block_s,
-                                                       BLOCK_C=block_c, num_warps=4, **_LAUNCH)
+    launch(_sum_partials_kernel, (cdiv(C, block_c), K), part, out, split, C, BLOCK_S=block_s,
+           BLOCK_C=block_c, num_warps=4, **_LAUNCH)
     return out
 
 
@@ -173,11 +175,10 @@ def learned_backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
         part.zero_()
     else:
         zp = zero_point.detach().float() if mode == 1 else scale
-        _learned_bwd_kernel[(triton.cdiv(plan.C, plan.block_c), plan.split)](
-            x, grad, gx, scale.detach().float(), zp, part,
-            *plan.kernel_args(), float(qmin), float(qmax), float(grad_factor),
-            MODE=mode, ROWS32=plan.rows32, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
-            num_warps=4, **_LAUNCH)
+        launch(_learned_bwd_kernel, (cdiv(plan.C, plan.block_c), plan.split), x, grad, gx,
+               scale.detach().float(), zp, part, *plan.kernel_args(), float(qmin), float(qmax),
+               float(grad_factor), MODE=mode, ROWS32=plan.rows32, BLOCK_R=plan.block_r,
+               BLOCK_C=plan.block_c, num_warps=4, **_LAUNCH)
     sums = sum_partials(part)
     dz = sums[1] if mode == 1 else None
     return gx, sums[0], dz

@@ -44,11 +44,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
                          _flat_span, _fq_relu, _npow2, _rne, _row_offsets, _store_mask,
                          _target_programs, _to_out, _udiv, as_rows, auto_interpreter,
                          dense_layout, mask_backward, on_tensor_device, row_plan, save_mask,
                          udiv_magic)
+from .launch import launch
 from torch.autograd.function import once_differentiable
 
 __all__ = ["observe_fake_quant", "observer_step", "OPS", "KERNELS"]
@@ -324,9 +326,9 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
     plan = row_plan(x, axis, tile=tile, programs=programs)
     dev = x.device
     part = torch.empty((2, plan.split, plan.C), dtype=torch.float32, device=dev)
-    _minmax_partial_kernel[(triton.cdiv(plan.C, plan.block_c), plan.split)](
-        x, part, *plan.kernel_args(), part, part, ROWS32=plan.rows32, BLOCK_R=plan.block_r,
-        BLOCK_C=plan.block_c, RELU=relu, num_warps=4, **_LAUNCH)
+    launch(_minmax_partial_kernel, (cdiv(plan.C, plan.block_c), plan.split), x, part,
+           *plan.kernel_args(), part, part, ROWS32=plan.rows32, BLOCK_R=plan.block_r,
+           BLOCK_C=plan.block_c, RELU=relu, num_warps=4, **_LAUNCH)
     per_channel = axis is not None
     shape = (plan.C,) if per_channel else ()
     if per_channel and observer.min_val.shape != shape:  # first batch, or a mismatch
@@ -342,19 +344,17 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
     else:
         mn = torch.empty(shape, dtype=torch.float32, device=dev)
         mx = torch.empty(shape, dtype=torch.float32, device=dev)
-        _minmax_reduce_kernel[(triton.cdiv(plan.C, block_c),)](
-            part, mn, mx, plan.split, plan.C, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
-            **_LAUNCH)
+        launch(_minmax_reduce_kernel, (cdiv(plan.C, block_c),), part, mn, mx, plan.split, plan.C,
+               BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4, **_LAUNCH)
         mn, mx = observer._reduce(mn, mx)
         ok = observer._finite_mask(mn, mx).to(torch.uint8)  # raises on NaN/Inf if asked
     scale = torch.empty(shape, dtype=torch.float32, device=dev)
     inv = torch.empty(shape, dtype=torch.float32, device=dev)
     zp = torch.empty(shape, dtype=torch.int32, device=dev)
-    _observer_update_kernel[(1,)](
-        part, mn, mx, ok, observer.min_val, observer.max_val, scale, inv, zp,
-        observer.nonfinite_batches, plan.split, plan.C, *_observer_consts(observer),
-        FROM_PARTIALS=fused, HAVE_OK=not fused, EMA=ema, SYMMETRIC=observer.symmetric,
-        BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4, **_LAUNCH)
+    launch(_observer_update_kernel, (1,), part, mn, mx, ok, observer.min_val, observer.max_val,
+           scale, inv, zp, observer.nonfinite_batches, plan.split, plan.C,
+           *_observer_consts(observer), FROM_PARTIALS=fused, HAVE_OK=not fused, EMA=ema,
+           SYMMETRIC=observer.symmetric, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4, **_LAUNCH)
     observer._observed = True
     return scale, zp, inv
 
@@ -382,21 +382,21 @@ class _ObserveTwoLaunch(torch.autograd.Function):
         m_l, l_l = udiv_magic(L)
         n = x.numel()
         part = torch.empty((2 * plan.split + 2) * C, dtype=torch.float32, device=x.device)
-        _minmax_partial_kernel[(triton.cdiv(C, plan.block_c), plan.split)](
-            x, part, *plan.kernel_args(), observer.min_val, observer.max_val,
-            ROWS32=plan.rows32, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, RELU=relu,
-            SNAPSHOT=True, num_warps=4, **_LAUNCH)
+        launch(_minmax_partial_kernel, (cdiv(C, plan.block_c), plan.split), x, part,
+               *plan.kernel_args(), observer.min_val, observer.max_val, ROWS32=plan.rows32,
+               BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, RELU=relu, SNAPSHOT=True, num_warps=4,
+               **_LAUNCH)
         y = torch.empty_like(x)
         nbytes = (n + 7) // 8
         mask = torch.empty(nbytes if need else 1, dtype=torch.uint8, device=x.device)
         block_c = min(_npow2(C), 256)
-        _observe_fq_kernel[(triton.cdiv(n, BLOCK),)](
-            _flat_span(x), _flat_span(y), mask, part, observer.min_val, observer.max_val,
-            observer.nonfinite_batches, n, nbytes, plan.split, C, L, m_l - 2 ** 32, l_l,
-            *_observer_consts(observer), EMA=_supported_observer(observer),
-            SYMMETRIC=observer.symmetric, RELU=relu, SAVE_MASK=need, PER_CHANNEL=per_channel,
-            BLOCK_S=max(1, min(_npow2(plan.split), 2048 // block_c)), BLOCK_C=block_c,
-            BLOCK=BLOCK, num_warps=NUM_WARPS, **_LAUNCH)
+        launch(_observe_fq_kernel, (cdiv(n, BLOCK),), _flat_span(x), _flat_span(y), mask, part,
+               observer.min_val, observer.max_val, observer.nonfinite_batches, n, nbytes,
+               plan.split, C, L, m_l - 2 ** 32, l_l, *_observer_consts(observer),
+               EMA=_supported_observer(observer), SYMMETRIC=observer.symmetric, RELU=relu,
+               SAVE_MASK=need, PER_CHANNEL=per_channel,
+               BLOCK_S=max(1, min(_npow2(plan.split), 2048 // block_c)), BLOCK_C=block_c,
+               BLOCK=BLOCK, num_warps=NUM_WARPS, **_LAUNCH)
         if need:
             save_mask(ctx, x, mask)
         return y

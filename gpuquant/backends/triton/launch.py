@@ -1,0 +1,129 @@
+"""Kernel launches with a memoised launch plan: Triton's own launch path, once per plan.
+
+``kernel[grid](*args, **meta)`` through Triton's ``Autotuner`` / ``Heuristics`` wrappers and
+``JITFunction.run`` costs the host about 50 us a launch on the development CPU (measured with
+a stand-in driver: ``tests/backends/fake_cuda.py``): the autotuner's key and argument dicts,
+the binder's specialization of every argument, the cache-key hash, the global-value check.
+A quantized network or a QAT step is dozens to hundreds of launches, so that is most of
+an eager batch-1 forward and of a QAT step's host time.
+
+:func:`launch` runs Triton's path the first time it sees a *plan key* and keeps what that
+launch resolved: the compiled kernel, the chosen autotune config, the heuristics' values,
+the constexpr and default arguments in signature order. Later calls with the same key call
+the compiled kernel's launcher directly, with the same argument list Triton would pass.
+
+The plan key holds everything Triton specializes or tunes on: each positional argument's
+value (ints, bools, None, strings), type (floats are never specialized), or dtype and
+16-byte alignment (tensors), the keyword meta-parameters, the kernel and the device. The
+grid is recomputed every call (a callable grid sees the plan's meta-parameters, as
+Triton's does). A plan is only made when every argument after the positional ones is a
+compile-time constant (else Triton's path runs every time).
+
+Under the interpreter (``TRITON_INTERPRET=1``) and with ``GPUQUANT_TRITON_FAST_LAUNCH=0``
+every call takes Triton's path. CI checks on the CPU, with a stand-in CUDA driver and the
+kernels compiled for sm_90, that both paths hand the launcher the same arguments.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+from .common import INTERPRET
+
+try:  # Triton >= 3.4 (the launch hooks live in knobs); older releases take Triton's path
+    from triton import knobs
+except ImportError:  # pragma: no cover - Triton 3.6 (GPU machines) and 3.9 (CI) have it
+    knobs = None
+
+__all__ = ["launch", "ENABLED", "clear_plans"]
+
+ENABLED = knobs is not None and \
+    os.environ.get("GPUQUANT_TRITON_FAST_LAUNCH", "1") not in ("", "0")
+
+_PLANS: dict = {}
+_NO_PLAN = object()  # a key whose launches always take Triton's path
+_MAX_PLANS = 4096  # plans are per exact shape: a workload of ever-new shapes starts over
+
+
+def clear_plans() -> None:
+    _PLANS.clear()
+
+
+def _arg_key(a):
+    t = a.__class__
+    if t is int:  # Triton specializes ints on their value (== 1, % 16, 64-bit)
+        return a
+    if t is float:  # never specialized
+        return float
+    if isinstance(a, torch.Tensor):  # pointer: dtype and 16-byte alignment
+        return (a.dtype, not a.data_ptr() & 15)
+    return (t, a)  # bool / None / str (a bool is not the int 1: its own type)
+
+
+def launch(kern, grid, *args, **meta):
+    """``kern[grid](*args, **meta)``, through a memoised plan after the first call per key.
+
+    ``kern``: a ``@triton.jit`` function, possibly wrapped by ``triton.autotune`` /
+    ``triton.heuristics``; runtime arguments positional, compile-time ones as keywords."""
+    if INTERPRET or not ENABLED:
+        return kern[grid](*args, **meta)
+    drv = driver.active
+    dev = drv.get_current_device()
+    key = (id(kern), dev, tuple(map(_arg_key, args)), tuple(meta.items()))
+    plan = _PLANS.get(key)
+    if plan is None:
+        compiled = kern[grid](*args, **meta)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = _make_plan(kern, compiled, args, meta)
+        return compiled
+    if plan is _NO_PLAN:
+        return kern[grid](*args, **meta)
+    compiled, tail, full_meta, _ = plan
+    g = grid(full_meta) if callable(grid) else grid
+    stream = drv.get_current_stream(dev)
+    vals = args + tail
+    hooks = knobs.runtime
+    compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream,
+                 compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata(g, stream, *vals),
+                 hooks.launch_enter_hook, hooks.launch_exit_hook, *vals)
+    return compiled
+
+
+def _make_plan(kern, compiled, args, meta):
+    """(compiled kernel, the values of every parameter after the positional ones in
+    signature order, the meta-parameters a callable grid reads, the kernel: kept alive, so
+    its id in the key is never another's), or _NO_PLAN."""
+    needed = ("run", "function", "packed_metadata", "launch_metadata")
+    if not all(hasattr(compiled, a) for a in needed):
+        return _NO_PLAN
+    full = dict(meta)
+    fn = kern
+    while not isinstance(fn, JITFunction):  # Autotuner / Heuristics wrappers, outside in
+        named = {**dict(zip(fn.arg_names, args)), **full}
+        config = getattr(fn, "best_config", None)
+        if config is not None:  # the autotuner: the config it chose for this call
+            full.update(config.all_kwargs())
+        values = getattr(fn, "values", None)
+        if isinstance(values, dict) and config is None:  # heuristics
+            for name, heur in values.items():
+                full[name] = heur(named)
+        fn = fn.fn
+    params = list(inspect.signature(fn.fn).parameters.values())
+    tail = []
+    for i, p in enumerate(params[len(args):], start=len(args)):
+        if not fn.params[i].is_constexpr:
+            return _NO_PLAN  # a runtime argument passed by keyword: no fixed tail
+        if p.name in full:
+            tail.append(full[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            tail.append(p.default)
+        else:
+            return _NO_PLAN
+    scalars = {n: a for n, a in zip(fn.arg_names, args) if not isinstance(a, torch.Tensor)}
+    return compiled, tuple(tail), {**scalars, **full}, kern  # no tensor kept alive

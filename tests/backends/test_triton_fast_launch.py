@@ -1,0 +1,87 @@
+"""The memoised launch plans of :mod:`gpuquant.backends.triton.launch` hand Triton's launcher
+the same arguments as Triton's own launch path (``JITFunction.run`` through the autotuner and
+heuristics wrappers), checked on the CPU: the kernels are compiled for sm_90 (PTX, no cubin)
+and launched into a recorder by a stand-in CUDA driver (``fake_cuda.py``). Runs in a
+subprocess without TRITON_INTERPRET (the interpreter replaces the jitted kernels)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from fake_cuda import fake_cuda
+from gpuquant.backends.triton import conv, depthwise, elementwise, fake_quant, gemm, launch
+from gpuquant.dtypes import qint8
+from gpuquant.functional.requant import make_requant
+for mod in (conv, gemm, depthwise):
+    mod.arch_family = lambda dev: "sm90"
+torch.manual_seed(0)
+CL = torch.channels_last
+rq = make_requant(0.02, torch.rand(24, dtype=torch.float64) * 0.01 + 0.001, 0.5, 0, qint8)
+x = torch.randint(-128, 128, (2, 16, 9, 9), dtype=torch.int8).contiguous(memory_format=CL)
+w = torch.randint(-127, 128, (24, 16, 1, 1), dtype=torch.int8)
+wd = torch.randint(-127, 128, (16, 1, 3, 3), dtype=torch.int8)
+rqd = make_requant(0.02, torch.rand(16, dtype=torch.float64) * 0.01 + 0.001, 0.5, 0, qint8)
+xf = torch.randn(4, 6, 5, 7)
+cases = {
+    # autotuned + heuristics, callable grid (implicit-GEMM conv, tap loop)
+    "conv1x1_s2": lambda: conv.qconv2d(x, 3, w, None, (2, 2), (0, 0), (1, 1), 1, rq),
+    # autotuned GEMM (1x1 stride-1 conv path), int8 residual epilogue variant
+    "linear": lambda: gemm.qgemm(x.permute(0, 2, 3, 1).reshape(-1, 16), 0, w.reshape(24, 16),
+                                 torch.arange(24, dtype=torch.int32), rq, w_src=w),
+    "depthwise": lambda: conv.qconv2d(x, 0, wd, None, (1, 1), (1, 1), (1, 1), 16, rqd),
+    # plain jit, tuple grid
+    "quantize": lambda: elementwise.quantize(xf, torch.tensor(0.05), torch.tensor(3), -128, 127,
+                                             None, torch.int8),
+    "fake_quant_fwd": lambda: fake_quant.fake_quant_forward(
+        xf, torch.tensor(0.05), torch.tensor(3, dtype=torch.int32), -128, 127, None, True),
+}
+out = {}
+def norm(a):
+    if isinstance(a, torch.Tensor):
+        return ["tensor", str(a.dtype), list(a.shape), list(a.stride()), a.data_ptr() % 16]
+    return [type(a).__name__, a if isinstance(a, (int, float, bool, str, type(None))) else repr(a)]
+with fake_cuda() as fk:
+    for name, fn in cases.items():
+        launch.ENABLED = False
+        fn()  # compile and autotune (the autotuner's timing launches are recorded too)
+        got = {}
+        for mode in ("triton", "plan", "fast"):
+            launch.ENABLED = mode != "triton"
+            if mode == "plan":
+                launch.clear_plans()
+            fk.launches.clear()
+            fn()
+            got[mode] = [[k, list(g), [norm(a) for a in args]] for k, g, args in fk.launches]
+        out[name] = {"same": got["fast"] == got["triton"] == got["plan"],
+                     "plans": sum(p is not launch._NO_PLAN for p in launch._PLANS.values()),
+                     "launches": len(got["fast"]), "nargs": [len(l[2]) for l in got["fast"]],
+                     "triton": got["triton"], "fast": got["fast"]}
+print("JSON" + json.dumps(out, default=str))
+"""
+
+
+def test_fast_launch_passes_the_launcher_what_triton_would(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    env["GPUQUANT_TRITON_TUNE"] = "quick"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(Path(__file__).parent)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1][4:])
+    for name, r in out.items():
+        assert r["launches"] >= 1, (name, r)
+        assert r["same"], (name, r["triton"], r["fast"])
+        assert r["plans"] == r["launches"], (name, r["plans"])  # every launch from a plan
