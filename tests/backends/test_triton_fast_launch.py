@@ -28,18 +28,22 @@ for mod in (conv, gemm, depthwise):
 torch.manual_seed(0)
 CL = torch.channels_last
 rq = make_requant(0.02, torch.rand(24, dtype=torch.float64) * 0.01 + 0.001, 0.5, 0, qint8)
-x = torch.randint(-128, 128, (2, 16, 9, 9), dtype=torch.int8).contiguous(memory_format=CL)
-w = torch.randint(-127, 128, (24, 16, 1, 1), dtype=torch.int8)
-wd = torch.randint(-127, 128, (16, 1, 3, 3), dtype=torch.int8)
-rqd = make_requant(0.02, torch.rand(16, dtype=torch.float64) * 0.01 + 0.001, 0.5, 0, qint8)
+x = torch.randint(-128, 128, (2, 64, 9, 9), dtype=torch.int8).contiguous(memory_format=CL)
+w = torch.randint(-127, 128, (24, 64, 1, 1), dtype=torch.int8)
+xs = torch.randint(0, 256, (1, 3, 12, 12), dtype=torch.uint8).contiguous(memory_format=CL)
+ws = torch.randint(-127, 128, (24, 3, 7, 7), dtype=torch.int8)
+wd = torch.randint(-127, 128, (64, 1, 3, 3), dtype=torch.int8)
+rqd = make_requant(0.02, torch.rand(64, dtype=torch.float64) * 0.01 + 0.001, 0.5, 0, qint8)
 xf = torch.randn(4, 6, 5, 7)
 cases = {
     # autotuned + heuristics, callable grid (implicit-GEMM conv, tap loop)
     "conv1x1_s2": lambda: conv.qconv2d(x, 3, w, None, (2, 2), (0, 0), (1, 1), 1, rq),
     # autotuned GEMM (1x1 stride-1 conv path), int8 residual epilogue variant
-    "linear": lambda: gemm.qgemm(x.permute(0, 2, 3, 1).reshape(-1, 16), 0, w.reshape(24, 16),
+    # im2col (plain jit) then the GEMM: the 7x7 stem, uint8 input
+    "stem_im2col": lambda: conv.qconv2d(xs, 128, ws, None, (2, 2), (3, 3), (1, 1), 1, rq),
+    "linear": lambda: gemm.qgemm(x.permute(0, 2, 3, 1).reshape(-1, 64), 0, w.reshape(24, 64),
                                  torch.arange(24, dtype=torch.int32), rq, w_src=w),
-    "depthwise": lambda: conv.qconv2d(x, 0, wd, None, (1, 1), (1, 1), (1, 1), 16, rqd),
+    "depthwise": lambda: conv.qconv2d(x, 0, wd, None, (1, 1), (1, 1), (1, 1), 64, rqd),
     # plain jit, tuple grid
     "quantize": lambda: elementwise.quantize(xf, torch.tensor(0.05), torch.tensor(3), -128, 127,
                                              None, torch.int8),

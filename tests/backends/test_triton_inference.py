@@ -174,13 +174,36 @@ def test_linear_add_and_dequant_outputs():
 
 def test_conv2d_dequant_output():
     x, zp, w, bias, st, pd, dl, g = _conv_inputs(CONV_CASES["3x3_s2_taploop_b1_uint8"])
-    rq = rand_requant(w.shape[0], qint8, k=w[0].numel())
+    _check_conv_dequant((x, zp, w, bias, st, pd, dl, g,
+                         rand_requant(w.shape[0], qint8, k=w[0].numel())), "tap loop")
+
+
+def _check_conv_dequant(args, label):
     scale = torch.tensor(0.125)
-    got = TRITON["conv2d_dequant"](*dev((x, zp, w, bias, st, pd, dl, g, rq)), scale)
+    got = TRITON["conv2d_dequant"](*dev(args), scale)
     for oname, ops in ORACLES:
-        y = ops["conv2d"](x, zp, w, bias, st, pd, dl, g, rq)
-        want = ops["dequantize"](y, scale, torch.tensor(rq.zero_point, dtype=torch.int32), None)
-        assert_same(got, want, f"conv2d_dequant vs {oname}")
+        want = ops["dequantize"](ops["conv2d"](*args), scale,
+                                 torch.tensor(args[-1].zero_point, dtype=torch.int32), None)
+        assert_same(got, want, f"conv2d_dequant {label} vs {oname}")
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 768])
+@pytest.mark.parametrize("name", ["7x7_stem_uint8", "3x3_flatk", "1x1_s2"])
+def test_few_channel_conv_is_im2col_then_gemm_in_chunks(name, chunk_bytes, monkeypatch):
+    """A conv with fewer than 64 channels and one group runs as an explicit im2col and the
+    GEMM (rows padded to 16 bytes against zero weight columns), the patch matrix in chunks
+    of IM2COL_BYTES: int8 / uint8 out, fused residual add and dequantized output equal the
+    oracles whether one chunk or many (768 bytes: 4 to 16 output pixels a chunk)."""
+    from gpuquant.backends.triton import conv
+    if chunk_bytes is not None:
+        monkeypatch.setattr(conv, "IM2COL_BYTES", chunk_bytes)
+    x, zp, w, bias, st, pd, dl, g = _conv_inputs(CONV_CASES[name])
+    for i, (dt, act) in enumerate(((qint8, "relu"), (quint8, "none"))):
+        args = (x, zp, w, bias, st, pd, dl, g, rand_requant(w.shape[0], dt, act, k=w[0].numel()))
+        check_op("conv2d", args, f"{name} chunk={chunk_bytes} {dt}")
+    _check_conv_add(args[:-1] + (rand_requant(w.shape[0], qint8, k=w[0].numel()),),
+                    f"{name} chunk={chunk_bytes}")
+    _check_conv_dequant(args, f"{name} chunk={chunk_bytes}")
 
 
 @pytest.mark.parametrize("name", ["3x3_dil2", "1x1_gemm_path", "depthwise_s2_uint8"])

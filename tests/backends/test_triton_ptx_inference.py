@@ -136,7 +136,10 @@ def test_every_launch_turns_fp_fusion_off(monkeypatch):
     x = torch.randint(-128, 128, (1, 4, 5, 5), dtype=torch.int8)
     w = torch.randint(-127, 128, (6, 4, 3, 3), dtype=torch.int8)
     rq = make_requant(0.1, torch.rand(6) + 0.1, 3.0, 0, qint8)
-    y = OPS["conv2d"](x, 0, w, None, (1, 1), (1, 1), (1, 1), 1, rq)
+    y = OPS["conv2d"](x, 0, w, None, (1, 1), (1, 1), (1, 1), 1, rq)  # im2col + GEMM
+    OPS["conv2d"](torch.randint(-128, 128, (1, 64, 3, 3), dtype=torch.int8), 0,
+                  torch.randint(-127, 128, (6, 64, 3, 3), dtype=torch.int8), None, (1, 1),
+                  (1, 1), (1, 1), 1, rq)  # implicit GEMM
     OPS["conv2d"](x, 0, w[:, :1].repeat(1, 1, 1, 1)[:4], None, (1, 1), (1, 1), (1, 1), 4,
                   make_requant(0.1, torch.rand(4) + 0.1, 3.0, 0, qint8))
     OPS["linear"](x.reshape(4, 25), 0, torch.randint(-5, 5, (3, 25), dtype=torch.int8), None,
@@ -148,6 +151,6 @@ def test_every_launch_turns_fp_fusion_off(monkeypatch):
     OPS["max_pool2d"](y, 2, 2, 0, 1, False)
     OPS["adaptive_avg_pool2d"](y, 0, (1, 1), -128, 127)
     names = {n for n, _ in seen}
-    assert {"_qconv_kernel", "_qdepthwise_kernel", "_qgemm_kernel", "_add_kernel",
-            "_quantize_kernel", "_pool_kernel", "_adaptive_avg_kernel"} <= names
+    assert {"_qconv_kernel", "_im2col_kernel", "_qdepthwise_kernel", "_qgemm_kernel",
+            "_add_kernel", "_quantize_kernel", "_pool_kernel", "_adaptive_avg_kernel"} <= names
     assert all(f is False for _, f in seen), seen

@@ -30,7 +30,7 @@ import torch
 from .common import LAUNCH_OPTS, arch_family, cdiv, derived
 from .launch import launch
 from .gemm import (_OUT_MODES, epilogue_scalars, epilogue_tensors, family_configs,
-                   grouped_tile, interpret_meta, output_dtype, prune_configs, qgemm,
+                   grouped_tile, interpret_meta, output_dtype, padded_k, prune_configs, qgemm,
                    quant_epilogue)
 
 __all__ = ["qconv2d", "conv_configs", "conv_out_size", "window_origin"]
@@ -164,6 +164,28 @@ def _qconv_kernel(
                    Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
 
 
+@triton.jit(do_not_specialize=["x_zp"])
+def _im2col_kernel(X, A, m0, M, K, Kp, H, W_in, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
+                   dil_h, dil_w, stride_xn, stride_xh, stride_xw, x_zp,
+                   CG: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """A (M, Kp) = the patches of output pixels m0 .. m0 + M, one row a pixel, K = KH * KW *
+    CG in (tap, channel) order; padding and columns K .. Kp read as the zero point."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    img, ih0, iw0 = window_origin(m0 + rows, Ho, Wo, stride_h, stride_w, pad_h, pad_w)
+    tap = kk // CG  # CG, KW compile-time: divisions by constants
+    ih = ih0[:, None] + (tap // KW * dil_h)[None, :]
+    iw = iw0[:, None] + (tap % KW * dil_w)[None, :]
+    row_ok = rows < M
+    ok = row_ok[:, None] & (kk < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
+    src = X + img.to(tl.int64)[:, None] * stride_xn + ih.to(tl.int64) * stride_xh \
+        + iw * stride_xw + (kk % CG)[None, :]
+    v = tl.load(src, mask=ok, other=x_zp)
+    tl.store(A + rows.to(tl.int64)[:, None] * Kp + kk[None, :], v,
+             mask=row_ok[:, None] & (kk < Kp)[None, :])
+
+
 # --------------------------------------------------------------------------- configs
 # Implicit GEMM tiles: the A tile is a gather (one row a pixel), so fewer stages than the
 # plain GEMM pay off; N of a ResNet layer is 64..2048, K per tap a multiple of 64.
@@ -279,6 +301,10 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
               residual=r2d, add_params=add_params, deq_scale=deq_scale,
               deq_zero_point=deq_zero_point, out=y2d)
         return y
+    if groups == 1 and cg < 64:
+        return _im2col_conv(x, x_zp, w, bias, (kh, kw, sh, sw, ph, pw, dh, dw), rq, y, y2d,
+                            r2d, out_mode=out_mode, add_params=add_params,
+                            deq_scale=deq_scale, deq_zero_point=deq_zero_point)
     w2d = reordered_weight(w)
     b, mult, rsh = epilogue_tensors(w, w2d, bias, rq, x_zp, x.dtype, dev)
     epi = epilogue_scalars(rq, add_params, dev, deq_zero_point)
@@ -298,4 +324,38 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
            int(x_zp), float(deq_scale), KH=kh, KW=kw, FLAT_K=flat_k, ZP_ZERO=int(x_zp) == 0,
            X_UINT8=x.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=residual is not None, **meta,
            **LAUNCH_OPTS)
+    return y
+
+
+# The patch matrix of a few-channel layer is built in chunks of at most this many bytes (the
+# L2 of an H100 is 50 MB: the GEMM reads a chunk soon after it is written).
+IM2COL_BYTES = 32 * 2 ** 20
+
+
+def _im2col_conv(x, x_zp, w, bias, geom, rq, y, y2d, r2d, **epilogue):
+    """A conv with few channels (the 7x7 stem, C = 3) as an explicit im2col and the GEMM.
+
+    In the implicit GEMM such a layer gathers one byte per (pixel, tap, channel) with a
+    division per element, and its K tiles are mostly padding; its patch matrix is small
+    (M x K bytes, K = 147 for the stem) and the GEMM over it runs at the GEMM's speed. The
+    patch rows are padded to a multiple of 16 bytes with the zero point against zero weight
+    columns (exact), and built in chunks of :data:`IM2COL_BYTES` output-pixel rows."""
+    kh, kw, sh, sw, ph, pw, dh, dw = geom
+    nb, c, h, wd = x.shape
+    ho, wo = y.shape[2], y.shape[3]
+    m, k = y2d.shape[0], kh * kw * c
+    kp = padded_k(k)
+    w2d = derived("conv_w_kpad", (w,), (kp, str(w.device)), lambda: torch.nn.functional.pad(
+        w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), (0, kp - k)).contiguous())
+    rows = max(1, min(m, IM2COL_BYTES // kp))
+    a = torch.empty((rows, kp), dtype=x.dtype, device=x.device)
+    bm, bk = 64, min(64, 1 << (kp - 1).bit_length())
+    xs = x.stride()
+    for m0 in range(0, m, rows):
+        r = min(rows, m - m0)
+        launch(_im2col_kernel, (cdiv(r, bm), cdiv(kp, bk)), x, a, m0, r, k, kp, h, wd, ho, wo,
+               sh, sw, ph, pw, dh, dw, xs[0], xs[2], xs[3], int(x_zp), CG=c, KW=kw,
+               BLOCK_M=bm, BLOCK_K=bk, **LAUNCH_OPTS)
+        qgemm(a[:r], x_zp, w2d, bias, rq, w_src=w, out=y2d[m0:m0 + r],
+              residual=None if r2d is None else r2d[m0:m0 + r], **epilogue)
     return y

@@ -36,7 +36,7 @@ _RUNTIME_DIV16 = {
                       "stride_ym", "stride_rm"),
     "_qdepthwise_kernel": ("O", "stride_xn", "stride_xh", "stride_xw", "stride_ym",
                            "stride_rm"),
-    "_quantize_kernel": ("numel",), "_add_kernel": ("numel",)}
+    "_quantize_kernel": ("numel",), "_add_kernel": ("numel",), "_im2col_kernel": ("Kp",)}
 
 
 def compile_ptx(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4,
@@ -171,6 +171,12 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
                      "ZP_ZERO": False, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": True},
                     nw, ns, True))
 
+    isig = {"X": "*u8", "A": "*u8"}
+    isig.update({k: "i32" for k in ("m0", "M", "K", "Kp", "H", "W_in", "Ho", "Wo", "stride_h",
+                                      "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+                                      "stride_xn", "stride_xh", "stride_xw", "x_zp")})
+    out.append(("im2col_stem", conv._im2col_kernel, isig,
+                {"CG": 3, "KW": 7, "BLOCK_M": 64, "BLOCK_K": 64}, 4, 1, False))
     dsig = {"X": "*i8", "W": "*i8", **_EPI_PTRS, "RES": "*i8", "Y": "*i8"}
     dsig.update({k: "i32" for k in ("M", "O", "H", "W_in", "Ho", "Wo", "CH_MULT", "stride_h",
                                       "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
