@@ -1,8 +1,8 @@
 """The memoised launch plans of :mod:`gpuquant.backends.triton.launch` hand Triton's launcher
 the same arguments as Triton's own launch path (``JITFunction.run`` through the autotuner and
 heuristics wrappers), checked on the CPU: the kernels are compiled for sm_90 (PTX, no cubin)
-and launched into a recorder by a stand-in CUDA driver (``fake_cuda.py``). Runs in a
-subprocess without TRITON_INTERPRET (the interpreter replaces the jitted kernels)."""
+and launched into a recorder by a stand-in CUDA driver (:mod:`gpuquant.backends.triton.standin`).
+Runs in a subprocess without TRITON_INTERPRET (the interpreter replaces the jitted kernels)."""
 from __future__ import annotations
 
 import json
@@ -16,15 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = r"""
-import json, sys
+import json
 import torch
-sys.path.insert(0, sys.argv[1])
-from fake_cuda import fake_cuda
-from gpuquant.backends.triton import conv, depthwise, elementwise, fake_quant, gemm, launch
+from gpuquant.backends.triton import conv, elementwise, fake_quant, gemm, launch
+from gpuquant.backends.triton.standin import standin_cuda
 from gpuquant.dtypes import qint8
 from gpuquant.functional.requant import make_requant
-for mod in (conv, gemm, depthwise):
-    mod.arch_family = lambda dev: "sm90"
 torch.manual_seed(0)
 CL = torch.channels_last
 rq = make_requant(0.02, torch.rand(24, dtype=torch.float64) * 0.01 + 0.001, 0.5, 0, qint8)
@@ -55,7 +52,7 @@ def norm(a):
     if isinstance(a, torch.Tensor):
         return ["tensor", str(a.dtype), list(a.shape), list(a.stride()), a.data_ptr() % 16]
     return [type(a).__name__, a if isinstance(a, (int, float, bool, str, type(None))) else repr(a)]
-with fake_cuda() as fk:
+with standin_cuda() as fk:
     for name, fn in cases.items():
         launch.ENABLED = False
         fn()  # compile and autotune (the autotuner's timing launches are recorded too)
@@ -81,8 +78,8 @@ def test_fast_launch_passes_the_launcher_what_triton_would(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
     env["GPUQUANT_TRITON_TUNE"] = "quick"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(Path(__file__).parent)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1][4:])
     for name, r in out.items():

@@ -2,7 +2,7 @@
 
 ``kernel[grid](*args, **meta)`` through Triton's ``Autotuner`` / ``Heuristics`` wrappers and
 ``JITFunction.run`` costs the host about 50 us a launch on the development CPU (measured with
-a stand-in driver: ``tests/backends/fake_cuda.py``): the autotuner's key and argument dicts,
+a stand-in driver, :mod:`.standin`): the autotuner's key and argument dicts,
 the binder's specialization of every argument, the cache-key hash, the global-value check.
 A quantized network or a QAT step is dozens to hundreds of launches, so that is most of
 an eager batch-1 forward and of a QAT step's host time.

@@ -1,0 +1,168 @@
+"""A stand-in CUDA driver: Triton's real launch path on a machine without a GPU.
+
+Inside :func:`standin_cuda` the kernels are compiled for ``sm_<cc>`` (TTIR -> PTX; no cubin,
+``ptxas`` is skipped), "loaded" without a device, and every launch is recorded instead of
+run, with the arguments Triton's launcher receives. CPU tensors stand for device tensors
+(their data pointers are what the launcher would get). Nothing is computed: outputs hold
+whatever ``torch.empty`` gave. Two uses:
+
+* CI checks that :mod:`.launch`'s plans hand the launcher exactly what Triton's own path does
+  (``tests/backends/test_triton_fast_launch.py``);
+* the host time of launches, i.e. what the GPU's host CPU spends in Python per kernel::
+
+      env -u TRITON_INTERPRET python -m gpuquant.backends.triton.standin resnet50
+
+  prints an eager int8 forward's host time with Triton's launch path and with launch
+  plans (``GPUQUANT_TRITON_TUNE=quick`` keeps the first call's compiles short).
+
+Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the jitted kernels).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+import torch
+
+__all__ = ["standin_cuda", "StandInDriver", "host_time"]
+
+
+class _Utils:
+    def load_binary(self, name, kernel, shared, device):
+        return ("module", 1, 64, 0, 1024)  # module, function, registers, spills, threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32, "sm_clock_rate": 1, "mem_clock_rate": 1, "mem_bus_width": 1}
+
+
+class StandInDriver:
+    """The parts of Triton's CUDA driver its JIT, autotuner and launcher use; ``launches``
+    holds (kernel name, grid, launcher arguments after the metadata) per launch."""
+
+    def __init__(self, cc: int = 90):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", cc, 32)
+        self.launches = []
+        self.utils = _Utils()
+        launches = self.launches
+
+        class Launcher:
+            def __init__(self, src, metadata):
+                self.name = getattr(getattr(src, "fn", None), "__name__", str(src))
+
+            def __call__(self, gx, gy, gz, stream, function, packed_metadata,
+                         launch_metadata, enter_hook, exit_hook, *args):
+                launches.append((self.name, (gx, gy, gz), args))
+        self.launcher_cls = Launcher
+
+    def is_active(self):
+        return True
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        def bench(fn, quantiles=None, **kw):  # every autotune config "takes" 1 ms
+            fn()
+            return [1.0, 1.0, 1.0] if quantiles else 1.0
+        return bench
+
+    def get_empty_cache_for_benchmark(self):
+        return torch.empty(16)
+
+    def clear_cache(self, cache):
+        pass
+
+
+@contextlib.contextmanager
+def standin_cuda(cc: int = 90, family: str = "sm90"):
+    """Within: Triton's active driver is a :class:`StandInDriver` (yielded), no cubin is
+    built, the launchers choose ``family``'s configs, and the triton backend takes CPU
+    tensors. Everything is restored on exit."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime import driver
+
+    from ... import backends
+    from .. import registry
+    from . import conv, depthwise, dynamic, gemm
+    from .common import INTERPRET
+    if INTERPRET:
+        raise RuntimeError("standin_cuda needs TRITON_INTERPRET unset (the interpreter "
+                           "replaces the jitted kernels)")
+    saved = [(m, "arch_family", m.arch_family) for m in (conv, gemm, depthwise, dynamic)]
+    real_cubin, real_avail = CUDABackend.make_cubin, torch.cuda.is_available
+    fake = StandInDriver(cc)
+    was_loaded, why_not = registry._loaded.get("triton"), registry._unavailable.pop("triton", None)
+    try:
+        CUDABackend.make_cubin = lambda self, src, metadata, *a, **k: b""
+        for m, name, _ in saved:
+            setattr(m, name, lambda dev: family)
+        torch.cuda.is_available = lambda: True  # the backend loads as on a GPU machine
+        mod = backends.get_backend("triton")
+        torch.cuda.is_available = real_avail
+        saved.append((mod, "DEVICES", mod.DEVICES))
+        mod.DEVICES = frozenset({"cpu", "cuda"})
+        driver.set_active(fake)
+        yield fake
+    finally:
+        torch.cuda.is_available = real_avail
+        CUDABackend.make_cubin = real_cubin
+        for m, name, v in saved:
+            setattr(m, name, v)
+        driver._active = None  # back to the default (created on next use)
+        if was_loaded is None:  # the backend's availability as it was: no GPU here
+            registry._loaded.pop("triton", None)
+        if why_not is not None:
+            registry._unavailable["triton"] = why_not
+
+
+def host_time(model: str = "resnet50", size: int = 64, batch: int = 1, reps: int = 10):
+    """{plans: ms} of one eager int8 ``model`` forward's host time, launch plans off / on
+    (best of 5 x ``reps``), and the number of launches a forward."""
+    from ... import backends
+    from ...bench.suites.models import _int8_model
+    from . import launch
+    net = _int8_model(model, 3, size, "cpu")
+    x = torch.randn(batch, 3, size, size)
+    out, enabled = {}, launch.ENABLED
+    with standin_cuda() as fake, torch.no_grad(), backends.use("triton"):
+        net(x)  # compiles and autotunes every kernel once
+        fake.launches.clear()
+        net(x)
+        out["launches"] = len(fake.launches)
+        for plans in (False, True):
+            launch.ENABLED = plans
+            net(x)
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    net(x)
+                best = min(best, (time.perf_counter() - t0) / reps * 1e3)
+            out[plans] = best
+        launch.ENABLED = enabled
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    for model in argv or ["resnet50"]:
+        r = host_time(model)
+        print(f"{model}: eager int8 forward, host time {r[False]:.2f} ms with Triton's launch "
+              f"path, {r[True]:.2f} ms with launch plans ({r['launches']} launches)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
