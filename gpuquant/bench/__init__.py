@@ -158,6 +158,30 @@ def _run_suite(suite: Suite, device: str, quick: bool, command: str,
     return doc
 
 
+def autotune_choices() -> List[str]:
+    """One line per problem the Triton kernels were autotuned for in this process: kernel,
+    autotune key (shape), the config chosen (tile, PIPE_TAPS for the conv, warps, stages)."""
+    lines = []
+    tri = "gpuquant.backends.triton."
+    tables = [(m, t) for m, t in (("gemm", "_TUNED"), ("conv", "_TUNED"), ("depthwise", "_TUNED"),
+                                   ("dynamic", "_WO_KERNELS"))
+              if tri + m in sys.modules]  # only kernels this process imported
+    for mod, table in tables:
+        for fam, kern in getattr(sys.modules[tri + mod], table).items():
+            for key, cfg in sorted(getattr(kern, "cache", {}).items(), key=str):
+                lines.append(f"{mod} [{fam}] key={key}: {cfg}")
+    return lines
+
+
+def _write_autotune_choices(path: str) -> List[str]:
+    lines = autotune_choices()
+    if not lines:
+        return []
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return [path]
+
+
 def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench/results/local",
               command: str = "gpuquant bench", cuda_available: Optional[bool] = None,
               save_each_case: bool = False, where: Optional[str] = None,
@@ -232,6 +256,8 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
             return 2
         errors = doc.pop("errors")
         paths = report.write_all(doc, out, x_param=suite.x_param)
+        if dev == "cuda":
+            paths += _write_autotune_choices(os.path.join(out, f"{name}.autotune.txt"))
         if partial and os.path.exists(partial):
             os.remove(partial)
         _log(f"suite {name}: {len(doc['rows'])} rows in {time.perf_counter() - t0:.1f} s -> "

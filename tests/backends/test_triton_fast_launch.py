@@ -68,6 +68,8 @@ with standin_cuda() as fk:
                      "plans": sum(p is not launch._NO_PLAN for p in launch._PLANS.values()),
                      "launches": len(got["fast"]), "nargs": [len(l[2]) for l in got["fast"]],
                      "triton": got["triton"], "fast": got["fast"]}
+from gpuquant.bench import autotune_choices
+out["autotune"] = autotune_choices()
 print("JSON" + json.dumps(out, default=str))
 """
 
@@ -82,6 +84,10 @@ def test_fast_launch_passes_the_launcher_what_triton_would(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1][4:])
+    # what the benchmark runner writes next to each GPU suite: the config chosen per shape
+    tuned = out.pop("autotune")
+    assert any(t.startswith("conv [sm90] key=") and "PIPE_TAPS: False" in t for t in tuned), tuned
+    assert any(t.startswith("gemm [sm90] key=") for t in tuned), tuned
     for name, r in out.items():
         assert r["launches"] >= 1, (name, r)
         assert r["same"], (name, r["triton"], r["fast"])
