@@ -28,6 +28,9 @@ import torch
 __all__ = ["standin_cuda", "StandInDriver", "host_time"]
 
 
+_LAUNCHES: list = []
+
+
 class _Utils:
     def load_binary(self, name, kernel, shared, device):
         return ("module", 1, 64, 0, 1024)  # module, function, registers, spills, threads
@@ -44,9 +47,11 @@ class StandInDriver:
     def __init__(self, cc: int = 90):
         from triton.backends.compiler import GPUTarget
         self.target = GPUTarget("cuda", cc, 32)
-        self.launches = []
+        # one list for every instance: a kernel compiled under an earlier stand-in keeps
+        # the launcher it was given, and records into this list too
+        _LAUNCHES.clear()
+        self.launches = launches = _LAUNCHES
         self.utils = _Utils()
-        launches = self.launches
 
         class Launcher:
             def __init__(self, src, metadata):
