@@ -10,6 +10,8 @@ Providers (same data, interleaved):
 
 * ``gpuquant-triton``: the backend's ``conv2d`` op on channels_last int8 activations with a
   per-channel requantizing epilogue, int8 out (the kernel a quantized ConvBn2d runs);
+* ``gpuquant-triton-graph``: the same launches replayed from a CUDA graph: the kernels'
+  time alone (the eager row includes whatever of the host's launch time the GPU waits for);
 * ``torch-bf16``: ``torch.nn.functional.conv2d`` in bfloat16, channels_last (cuDNN; the
   baseline, what a user would run instead);
 * ``gpuquant-cupy-<tier>``: the CuPy backend's ``conv2d`` (hand-written CUDA, ``kernels/``)
@@ -120,6 +122,29 @@ def _triton(layers):
     return run
 
 
+def _triton_graph(layers):
+    """The same launches captured once in a CUDA graph (after two eager warm-up calls on a
+    side stream: autotuning and the memoised weights happen there) and replayed: the
+    kernels' time without the host's (the eager row can be host-bound: 53 launches)."""
+    if layers[0]["x"].device.type != "cuda":
+        raise ProviderUnavailable("CUDA graphs need a CUDA device")
+    eager = _triton(layers)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            eager()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = eager()
+
+    def run():
+        graph.replay()
+        return outs
+    return run
+
+
 def _bf16(layers):
     calls = [(L["x"].to(torch.bfloat16).contiguous(memory_format=torch.channels_last),
               L["w"].to(torch.bfloat16).contiguous(memory_format=torch.channels_last),
@@ -156,6 +181,7 @@ def make_case(layer: str, specs: List[ConvSpec], batch: int, device: str,
     return Case(params={"model": model, "batch": batch, "layer": layer},
                 inputs=make_inputs(specs, batch, device),
                 providers={"gpuquant-triton": Provider(_triton, _check),
+                           "gpuquant-triton-graph": Provider(_triton_graph, _check),
                            "torch-bf16": Provider(_bf16), **_cupy_providers()},
                 throughput=lambda p, ms, t=total_ops: (t / (ms * 1e-3) / 1e12, "TOPS"))
 
