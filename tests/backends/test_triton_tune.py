@@ -86,3 +86,23 @@ def test_conv_tunes_both_tap_loop_forms_where_they_differ(quick, monkeypatch):
         kept = conv.prune_conv_configs(cfgs, shape, **one)
         assert [key(c) for c in kept] == [key(c) for c in tiles]
         assert not any(c.kwargs["PIPE_TAPS"] for c in kept)
+
+
+@pytest.mark.parametrize("family", ["sm80", "sm89", "sm90"])
+def test_gemm_configs_fitted_to_a_short_reduction(family):
+    """A 64-long K (ResNet's 1x1 convolutions) gets no K tile wider than 64 and no more than
+    2 stages (one K tile); K = 160 (the im2col'd stem) at most 256 wide; a long K keeps
+    every config as it is."""
+    cfgs = gemm.gemm_configs(family)
+    assert gemm.fit_k(cfgs, 4096) == cfgs
+    k64 = gemm.fit_k(cfgs, 64)
+    assert all(c.kwargs["BLOCK_K"] == 64 and c.num_stages == 2 for c in k64)
+    assert len({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in k64}) == \
+        len(k64)  # tiles that became equal are tried once
+    for c in gemm.fit_k(cfgs, 160):
+        bk = c.kwargs["BLOCK_K"]
+        assert bk <= 256 and c.num_stages <= max(2, -(-160 // bk) + 1)
+    assert all(c.kwargs["BLOCK_K"] == 32 for c in gemm.fit_k(cfgs, 9))
+    # the autotuner's prune: fitted, then the shape pruning
+    kept = gemm.prune_gemm_configs(cfgs, {"M": 200704, "N": 256, "K": 64})
+    assert kept and all(c.kwargs["BLOCK_K"] == 64 for c in kept)

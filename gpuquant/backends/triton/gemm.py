@@ -261,6 +261,29 @@ def prune_configs(configs, named_args, **kwargs):
                        min_programs=sm_count())
 
 
+def fit_k(configs, k: int) -> list:
+    """The configs fitted to a short reduction (the 1x1 convolutions of a ResNet: K = 64 to
+    256): BLOCK_K at most K rounded up to a power of two (>= 32: one int8 MMA step), so no
+    K tile is half padding; and no more pipeline stages than K tiles + 1 (with one or two K
+    tiles the extra stages' shared memory only lowers how many CTAs share a multiprocessor,
+    the only overlap such a kernel has). Order kept, duplicates dropped."""
+    out, seen = [], set()
+    for c in configs:
+        bk = min(c.kwargs["BLOCK_K"], max(32, _next_pow2(k)))
+        ns = min(c.num_stages, max(2, cdiv(k, bk) + 1))
+        key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bk, c.kwargs["GROUP_M"], c.num_warps,
+               ns)
+        if key not in seen:
+            seen.add(key)
+            out.append(c if (bk, ns) == (c.kwargs["BLOCK_K"], c.num_stages) else _config(key))
+    return out
+
+
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """:func:`fit_k` to the problem's K, then :func:`prune_configs`."""
+    return prune_configs(fit_k(configs, named_args["K"]), named_args)
+
+
 def _even_k(args):
     return args["K"] % args["BLOCK_K"] == 0
 
@@ -277,7 +300,7 @@ def _gemm_kernel(family: str):
             k = heur
         else:
             k = triton.autotune(configs=gemm_configs(family), key=["M", "N", "K"],
-                                prune_configs_by={"early_config_prune": prune_configs})(heur)
+                                prune_configs_by={"early_config_prune": prune_gemm_configs})(heur)
         _TUNED[family] = k
     return k
 

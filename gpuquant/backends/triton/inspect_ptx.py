@@ -131,6 +131,11 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
                     gemm._qgemm_kernel, _gemm_sig(),
                     {**meta, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False,
                      "EVEN_K": True}, nw, ns, True))
+    # the first tile fitted to a 64-long reduction (the 1x1 convolutions of a ResNet)
+    meta, nw, ns = cfg_of(gemm.fit_k(gcfgs[:1], 64)[0])
+    out.append(("gemm_fit_k64", gemm._qgemm_kernel, _gemm_sig(),
+                {**meta, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False, "EVEN_K": True},
+                nw, ns, True))
     meta, nw, ns = cfg_of(gcfgs[0])
     variants = (
             ("gemm_uint8_residual_bias64",
