@@ -21,9 +21,18 @@ LINEAR_CASES = [  # (M, K, N): M = 1 and <= 16, K and N not multiples of 8
     (1, 7, 5), (16, 33, 8), (13, 64, 123), (33, 70, 17), (3, 200, 40)]
 
 
+@pytest.fixture(params=[1, 2], ids=["epi_whole", "epi_halves"])
+def epi_split(request, monkeypatch):
+    """The GEMM's requantizing epilogue on the whole tile or on its two column halves (the
+    two forms the GPU autotuner times)."""
+    from gpuquant.backends.triton import gemm
+    monkeypatch.setattr(gemm, "INTERPRET_EPI_SPLIT", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("xdtype", [torch.int8, torch.uint8], ids=["int8", "uint8"])
 @pytest.mark.parametrize("mkn", LINEAR_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_linear_matches_oracle(mkn, xdtype):
+def test_linear_matches_oracle(mkn, xdtype, epi_split):
     m, k, n = mkn
     i = LINEAR_CASES.index(mkn)
     zp = [-7, 0, 100, -128, 3][i] if xdtype == torch.int8 else [128, 0, 255, 37, 200][i]
@@ -36,7 +45,7 @@ def test_linear_matches_oracle(mkn, xdtype):
     check_op("linear", (x, zp, w, bias, rq), f"linear {mkn} {xdtype}")
 
 
-def test_linear_batched_leading_dims_and_extremes():
+def test_linear_batched_leading_dims_and_extremes(epi_split):
     """(..., K) inputs, and the largest magnitudes (x = -128 or 255 against w = +-128): the
     dot products sit at the int32 bound the caller allows, nothing saturates."""
     k, n = 96, 19
@@ -50,7 +59,7 @@ def test_linear_batched_leading_dims_and_extremes():
            "linear extremes uint8")
 
 
-def test_requant_negative_rshift_small_accumulator():
+def test_requant_negative_rshift_small_accumulator(epi_split):
     """Multipliers >= 1 (negative rshift, the saturating left shift) on accumulators small
     enough not to saturate: every output distinct from the clamp."""
     m, k, n = 9, 7, 13
@@ -115,10 +124,10 @@ TAP_LOOP_CASES["3x3_dil2_c256_two_blocks"] = ((1, 256, 6, 5), 10, (3, 3), 1, 2, 
 
 @pytest.mark.parametrize("pipe", [False, True])
 @pytest.mark.parametrize("name", list(TAP_LOOP_CASES))
-def test_conv2d_both_tap_loop_forms_match_oracle(name, pipe, monkeypatch):
+def test_conv2d_both_tap_loop_forms_match_oracle(name, pipe, epi_split, monkeypatch):
     """The two loop forms the GPU autotuner chooses between (taps unrolled; one pipelined
     (tap, channel block) loop) give the oracle's bytes, with and without a channel mask,
-    zero point 0 and not, two channel blocks a tap."""
+    zero point 0 and not, two channel blocks a tap; each with the epilogue whole or split."""
     from gpuquant.backends.triton import conv
     monkeypatch.setattr(conv, "INTERPRET_PIPE_TAPS", pipe)
     x, zp, w, bias, st, pd, dl, groups = _conv_inputs(TAP_LOOP_CASES[name])
@@ -154,7 +163,7 @@ def _check_conv_add(args, label):
         assert_same(got, ops["add"](ops["conv2d"](*args), res, p), f"conv2d_add {label} vs {oname}")
 
 
-def test_linear_add_and_dequant_outputs():
+def test_linear_add_and_dequant_outputs(epi_split):
     m, k, n = 11, 45, 21
     x = rand_act((m, k), torch.uint8)
     w = rand_weight((n, k))

@@ -12,7 +12,7 @@ def test_quick_tuning_keeps_two_large_and_the_small_tile_of_those_that_fit(famil
     """Quick tuning picks among the tiles that fit the problem (after the shape pruning):
     a 64-channel layer gets three tiles 64 wide, not the one small tile of a fixed list."""
     monkeypatch.delenv("GPUQUANT_TRITON_TUNE", raising=False)
-    cfgs = gemm.gemm_configs(family)
+    cfgs = [c for c in gemm.gemm_configs(family) if c.kwargs["EPI_SPLIT"] == 1]
     conv_cfgs = [c for c in conv.conv_configs(family) if not c.kwargs["PIPE_TAPS"]]
     big = {"M": 8192, "N": 8192}
     narrow = {"M": 200704, "N": 64}
@@ -63,27 +63,42 @@ def test_arch_family_from_capability_cached_per_device(cc, family, monkeypatch):
     assert common.arch_family(torch.device("cpu")) == "interpret"
 
 
-@pytest.mark.parametrize("quick", [False, True])
-def test_conv_tunes_both_tap_loop_forms_where_they_differ(quick, monkeypatch):
-    """Every conv tile comes in both tap-loop forms; a layer with a tap loop (3x3) times both
-    forms of each tile the GEMM's pruning keeps, a 1x1 / flat-K layer only the unrolled one
-    (there the two forms are the same loop)."""
-    if quick:
+@pytest.fixture(params=["full", "quick"])
+def tune_mode(request, monkeypatch):
+    """GPUQUANT_TRITON_TUNE unset (every config) or "quick"."""
+    if request.param == "quick":
         monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "quick")
     else:
         monkeypatch.delenv("GPUQUANT_TRITON_TUNE", raising=False)
+    return request.param
+
+
+def test_conv_tunes_both_tap_loop_forms_where_they_differ(tune_mode):
+    """Every conv tile comes in both tap-loop forms (and the big ones with a split epilogue
+    too); a layer with a tap loop (3x3) times both loop forms of each tile the GEMM's
+    pruning keeps, a 1x1 / flat-K layer only the unrolled one (there the two forms are the
+    same loop); int8 / float outputs add the split-epilogue twins, the bare int32 not."""
     cfgs = conv.conv_configs("sm90")
-    assert len(cfgs) == 2 * len(conv._CONV_TILES["sm90"])
-    shape = {"M": 64 * 56 * 56, "N": 64}
-    tiles = gemm.prune_configs([c for c in cfgs if not c.kwargs["PIPE_TAPS"]], shape)
+    whole = [c for c in cfgs if c.kwargs["EPI_SPLIT"] == 1]
+    assert len(whole) == 2 * len(conv._CONV_TILES["sm90"])
+    assert all(gemm._acc_per_thread(c) >= 128 for c in cfgs if c.kwargs["EPI_SPLIT"] == 2)
+    shape = {"M": 64 * 56 * 56, "N": 256}
+    tiles = gemm.prune_configs([c for c in whole if not c.kwargs["PIPE_TAPS"]], shape)
 
     def key(c):
         return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages)
-    both = conv.prune_conv_configs(cfgs, shape, KH=3, KW=3, FLAT_K=False)
+    both = conv.prune_conv_configs(cfgs, shape, KH=3, KW=3, FLAT_K=False, OUT_MODE=2)
     assert sorted((key(c), c.kwargs["PIPE_TAPS"]) for c in both) == \
         sorted((key(c), p) for c in tiles for p in (False, True))
+    assert all(c.kwargs["EPI_SPLIT"] == 1 for c in both)
+    quant = conv.prune_conv_configs(cfgs, shape, KH=3, KW=3, FLAT_K=False, OUT_MODE=0)
+    assert quant[:len(both)] == both
+    split = quant[len(both):]
+    assert sorted((key(c), c.kwargs["PIPE_TAPS"]) for c in split) == \
+        sorted((key(c), c.kwargs["PIPE_TAPS"]) for c in both if gemm._acc_per_thread(c) >= 128)
+    assert split and all(c.kwargs["EPI_SPLIT"] == 2 for c in split)
     for one in (dict(KH=1, KW=1, FLAT_K=False), dict(KH=7, KW=7, FLAT_K=True)):
-        kept = conv.prune_conv_configs(cfgs, shape, **one)
+        kept = conv.prune_conv_configs(cfgs, shape, OUT_MODE=2, **one)
         assert [key(c) for c in kept] == [key(c) for c in tiles]
         assert not any(c.kwargs["PIPE_TAPS"] for c in kept)
 
@@ -97,8 +112,8 @@ def test_gemm_configs_fitted_to_a_short_reduction(family):
     assert gemm.fit_k(cfgs, 4096) == cfgs
     k64 = gemm.fit_k(cfgs, 64)
     assert all(c.kwargs["BLOCK_K"] == 64 and c.num_stages == 2 for c in k64)
-    assert len({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in k64}) == \
-        len(k64)  # tiles that became equal are tried once
+    assert len({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["EPI_SPLIT"])
+                for c in k64}) == len(k64)  # tiles that became equal are tried once
     for c in gemm.fit_k(cfgs, 160):
         bk = c.kwargs["BLOCK_K"]
         assert bk <= 256 and c.num_stages <= max(2, -(-160 // bk) + 1)
@@ -106,3 +121,22 @@ def test_gemm_configs_fitted_to_a_short_reduction(family):
     # the autotuner's prune: fitted, then the shape pruning
     kept = gemm.prune_gemm_configs(cfgs, {"M": 200704, "N": 256, "K": 64})
     assert kept and all(c.kwargs["BLOCK_K"] == 64 for c in kept)
+
+
+def test_gemm_tunes_the_split_epilogue_for_requantizing_outputs(tune_mode):
+    """Tiles with >= 128 accumulators a thread also come with the requantizing epilogue in
+    two column halves; int8 / float outputs time both forms of each tile kept, the bare
+    int32 and the scaled (W8A8) outputs only the whole-tile form."""
+    cfgs = gemm.gemm_configs("sm90")
+    split = [c for c in cfgs if c.kwargs["EPI_SPLIT"] == 2]
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in split} == {(128, 256), (256, 128)}
+    shape = {"M": 8192, "N": 8192, "K": 8192}
+    whole = gemm.prune_gemm_configs(cfgs, shape, OUT_MODE=2)
+    assert whole and all(c.kwargs["EPI_SPLIT"] == 1 for c in whole)
+    assert gemm.prune_gemm_configs(cfgs, shape, OUT_MODE=3) == whole
+    for mode in (0, 1):
+        both = gemm.prune_gemm_configs(cfgs, shape, OUT_MODE=mode)
+        assert both[:len(whole)] == whole
+        twins = both[len(whole):]
+        assert twins and all(c.kwargs["EPI_SPLIT"] == 2 for c in twins)
+        assert {gemm._tile_key(c) for c in twins} <= {gemm._tile_key(c) for c in whole}

@@ -28,10 +28,11 @@ import triton.language as tl
 import torch
 
 from .common import LAUNCH_OPTS, arch_family, cdiv, derived
+from . import gemm as _gemm
 from .launch import launch
-from .gemm import (_OUT_MODES, epilogue_scalars, epilogue_tensors, family_configs,
-                   grouped_tile, interpret_meta, output_dtype, padded_k, prune_configs, qgemm,
-                   quant_epilogue)
+from .gemm import (_OUT_MODES, _acc_per_thread, _tile_key, _with, epilogue_scalars,
+                   epilogue_tensors, family_configs, grouped_tile, interpret_meta,
+                   output_dtype, padded_k, prune_configs, qgemm, quant_epilogue)
 
 __all__ = ["qconv2d", "conv_configs", "conv_out_size", "window_origin"]
 
@@ -99,7 +100,7 @@ def _qconv_kernel(
     ZP_ZERO: tl.constexpr, PIPE_TAPS: tl.constexpr,
     X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr = 1,
 ):
     """X (Nb, H, W, C) int8/uint8 (strides given), W (O, KH*KW*Cg) int8 -> Y (M, O)."""
     pid = tl.program_id(0)
@@ -161,7 +162,7 @@ def _qconv_kernel(
                                      EVEN_C, ZP_ZERO, X_UINT8)
 
     quant_epilogue(acc, offs_m, oc, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT)
 
 
 @triton.jit(do_not_specialize=["x_zp"])
@@ -205,28 +206,34 @@ _CONV_TILES["generic"] = _CONV_TILES["sm89"]
 def conv_configs(family: str):
     """Autotune configs of the implicit-GEMM conv kernel for an architecture family: every
     tile in both tap-loop forms (``PIPE_TAPS`` False: taps unrolled; True: one pipelined
-    loop over (tap, channel block)); :func:`prune_conv_configs` keeps one form where the
-    two are the same code."""
-    return [_with_form(c, pipe) for pipe in (False, True)
-            for c in family_configs(_CONV_TILES, family)]
-
-
-def _with_form(c, pipe: bool):
-    return triton.Config({**c.kwargs, "PIPE_TAPS": pipe}, num_warps=c.num_warps,
-                         num_stages=c.num_stages)
+    loop over (tap, channel block)), and the tiles holding >= 128 accumulators a thread
+    also with the requantizing epilogue in two column halves (``EPI_SPLIT`` 2, as the
+    GEMM's: see :func:`.gemm.prune_gemm_configs`). :func:`prune_conv_configs` keeps one
+    form where the two are the same code."""
+    tiles = family_configs(_CONV_TILES, family)
+    out = [_with(c, PIPE_TAPS=pipe, EPI_SPLIT=1) for pipe in (False, True) for c in tiles]
+    if family != "interpret":
+        out += [_with(c, EPI_SPLIT=2) for c in out if _acc_per_thread(c) >= 128]
+    return out
 
 
 def prune_conv_configs(configs, named_args, **kwargs):
-    """The GEMM's tile pruning (shape, quick subset) on the unrolled-form configs, then the
-    pipelined twin of every kept tile when the layer has a tap loop (more than one tap and
-    not ``FLAT_K``): the autotuner times both forms (which is faster depends on the layer:
-    with one channel block a tap only the pipelined form prefetches across taps; see
-    bench/README.md NOTES)."""
-    base = [c for c in configs if not c.kwargs.get("PIPE_TAPS")]
-    kept = prune_configs(base, named_args)
-    if kwargs.get("FLAT_K") or kwargs.get("KH", 1) * kwargs.get("KW", 1) == 1:
-        return kept
-    return kept + [_with_form(c, True) for c in kept]
+    """The GEMM's tile pruning (shape, quick subset) on the unrolled-form, whole-epilogue
+    configs; then the pipelined twin of every kept tile when the layer has a tap loop
+    (more than one tap and not ``FLAT_K``): the autotuner times both forms (which is faster
+    depends on the layer: with one channel block a tap only the pipelined form prefetches
+    across taps; see bench/README.md NOTES); then, for int8 / float outputs, the
+    split-epilogue twin of each of those that has one."""
+    def key(c):
+        return _tile_key(c), c.kwargs.get("PIPE_TAPS", False), c.kwargs.get("EPI_SPLIT", 1)
+    index = {key(c): c for c in configs}
+    kept = prune_configs([c for c in configs if key(c)[1:] == (False, 1)], named_args)
+    if not (kwargs.get("FLAT_K") or kwargs.get("KH", 1) * kwargs.get("KW", 1) == 1):
+        kept = kept + [index[(_tile_key(c), True, 1)] for c in kept]
+    if kwargs.get("OUT_MODE") in (0, 1):
+        kept = kept + [index[k] for k in ((_tile_key(c), key(c)[1], 2) for c in kept)
+                       if k in index]
+    return kept
 
 
 # The loop form the interpreter runs (it has no autotuner); the tests run both.
@@ -314,7 +321,8 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
     kern = _conv_kernel(family)
     flat_k = cg < 64
     meta = {} if family != "interpret" else \
-        {**interpret_meta(m, og, k if flat_k else cg), "PIPE_TAPS": INTERPRET_PIPE_TAPS}
+        {**interpret_meta(m, og, k if flat_k else cg), "PIPE_TAPS": INTERPRET_PIPE_TAPS,
+         "EPI_SPLIT": _gemm.INTERPRET_EPI_SPLIT}
     res = r2d if r2d is not None else y2d
     grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(og, META["BLOCK_N"]),
                          groups)

@@ -80,7 +80,28 @@ def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
                    BIAS, MULT, RSHIFT, EPI, deq_scale,
                    # output and residual
                    Y, stride_ym, RES, stride_rm,
-                   OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr):
+                   OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr, EPI_SPLIT: tl.constexpr = 1):
+    """:func:`_quant_epilogue_tile` on the whole tile, or (``EPI_SPLIT`` 2) on each half of
+    its columns in turn."""
+    if EPI_SPLIT == 2:
+        bm: tl.constexpr = acc.shape[0]
+        bn: tl.constexpr = acc.shape[1]
+        a0, a1 = tl.split(tl.permute(tl.reshape(acc, (bm, 2, bn // 2)), (0, 2, 1)))
+        n0, n1 = tl.split(tl.permute(tl.reshape(offs_n, (2, bn // 2)), (1, 0)))
+        k0, k1 = tl.split(tl.permute(tl.reshape(mask_n, (2, bn // 2)), (1, 0)))
+        _quant_epilogue_tile(a0, offs_m, n0, mask_m, k0, BIAS, MULT, RSHIFT, EPI, deq_scale,
+                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+        _quant_epilogue_tile(a1, offs_m, n1, mask_m, k1, BIAS, MULT, RSHIFT, EPI, deq_scale,
+                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+    else:
+        _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI,
+                             deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+
+
+@triton.jit
+def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI,
+                         deq_scale, Y, stride_ym, RES, stride_rm,
+                         OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr):
     """Store ``epilogue(acc + bias)`` at ``Y[offs_m * stride_ym + offs_n]``.
 
     ``acc``: int32 (BM, BN); ``offs_n``: global output channels (index BIAS/MULT/RSHIFT).
@@ -160,7 +181,7 @@ def _qgemm_kernel(
     X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr = 1,
 ):
     """X (M, K) int8/uint8, W (N, K) int8 -> Y (M, N) int8/uint8, float32 or int32."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -194,7 +215,7 @@ def _qgemm_kernel(
                         stride_ym, HAS_RES)
     else:
         quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT, EPI,
-                       deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+                       deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT)
 
 
 # --------------------------------------------------------------------------- configs
@@ -236,8 +257,29 @@ def family_configs(tiles: dict, family: str):
 
 
 def gemm_configs(family: str):
-    """Autotune configs of the GEMM kernel for an architecture family."""
-    return family_configs(_GEMM_TILES, family)
+    """Autotune configs of the GEMM kernel for an architecture family: every tile with its
+    epilogue on the whole tile (``EPI_SPLIT`` 1), and the tiles holding >= 128 accumulators
+    a thread again with the requantizing epilogue in two column halves (``EPI_SPLIT`` 2;
+    :func:`prune_gemm_configs` keeps those for the requantizing output modes only)."""
+    base = [_with(c, EPI_SPLIT=1) for c in family_configs(_GEMM_TILES, family)]
+    if family == "interpret":
+        return base
+    return base + [_with(c, EPI_SPLIT=2) for c in base if _acc_per_thread(c) >= 128]
+
+
+def _with(c, **kwargs):
+    return triton.Config({**c.kwargs, **kwargs}, num_warps=c.num_warps,
+                         num_stages=c.num_stages)
+
+
+def _acc_per_thread(c) -> int:
+    return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+
+
+def _tile_key(c) -> tuple:
+    kw = c.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], c.num_warps,
+            c.num_stages)
 
 
 def _next_pow2(v: int) -> int:
@@ -271,22 +313,41 @@ def fit_k(configs, k: int) -> list:
     for c in configs:
         bk = min(c.kwargs["BLOCK_K"], max(32, _next_pow2(k)))
         ns = min(c.num_stages, max(2, cdiv(k, bk) + 1))
-        key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bk, c.kwargs["GROUP_M"], c.num_warps,
-               ns)
+        if (bk, ns) != (c.kwargs["BLOCK_K"], c.num_stages):
+            c = triton.Config({**c.kwargs, "BLOCK_K": bk}, num_warps=c.num_warps,
+                              num_stages=ns)
+        key = (_tile_key(c), c.kwargs.get("EPI_SPLIT", 1))
         if key not in seen:
             seen.add(key)
-            out.append(c if (bk, ns) == (c.kwargs["BLOCK_K"], c.num_stages) else _config(key))
+            out.append(c)
     return out
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """:func:`fit_k` to the problem's K, then :func:`prune_configs`."""
-    return prune_configs(fit_k(configs, named_args["K"]), named_args)
+    """:func:`fit_k` to the problem's K, then :func:`prune_configs` on the whole-tile
+    epilogue configs, then, for the requantizing output modes (int8 / float out), the
+    split-epilogue twin of each tile kept that has one: the autotuner times both.
+
+    Why the twin: read from the sm_90 SASS (Triton 3.6, ptxas), a 128x256 tile of 8 warps
+    holds 128 accumulators a thread plus the per-column bias, multiplier and shift of its
+    64 columns; its requantizing epilogue spilled ~160 registers to local memory and moved
+    the tile through shared memory twice. Requantizing each column half in turn spills
+    nothing (and stores straight from the MMA layout, byte-wide: which is faster is the
+    GPU's to say)."""
+    fitted = fit_k(configs, named_args["K"])
+    kept = prune_configs([c for c in fitted if c.kwargs.get("EPI_SPLIT", 1) == 1], named_args)
+    if kwargs.get("OUT_MODE") in (0, 1):
+        twins = {_tile_key(c): c for c in fitted if c.kwargs.get("EPI_SPLIT", 1) == 2}
+        kept = kept + [twins[_tile_key(c)] for c in kept if _tile_key(c) in twins]
+    return kept
 
 
 def _even_k(args):
     return args["K"] % args["BLOCK_K"] == 0
 
+
+# The epilogue form the interpreter runs (it has no autotuner); the tests run both.
+INTERPRET_EPI_SPLIT = 1
 
 _TUNED = {}
 
@@ -468,7 +529,8 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     k = x2d.shape[1]
     family = arch_family(dev)
     kern = _gemm_kernel(family)
-    meta = interpret_meta(m, n, k) if family == "interpret" else {}
+    meta = {} if family != "interpret" else \
+        {**interpret_meta(m, n, k), "EPI_SPLIT": INTERPRET_EPI_SPLIT}
     grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(n, META["BLOCK_N"]),)
     launch(kern, grid, x2d, w2d, b, mult, rsh, epi, res, out, m, n, k, x2d.stride(0),
            x2d.stride(1), w2d.stride(0), w2d.stride(1), out.stride(0), res.stride(0),

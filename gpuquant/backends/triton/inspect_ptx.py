@@ -16,7 +16,8 @@ import json
 import re
 import sys
 
-__all__ = ["compile_ptx", "kernel_variants", "inspect", "MMA_RE", "FLOAT_HAZARD_RE"]
+__all__ = ["compile_ptx", "compile_sass", "kernel_variants", "inspect", "MMA_RE",
+           "FLOAT_HAZARD_RE"]
 
 MMA_RE = re.compile(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*)")
 FLOAT_HAZARD_RE = re.compile(r"\b(fma\.rn\.f32|div\.full\.f32|div\.approx\.f32)")
@@ -73,11 +74,70 @@ def compile_ptx(fn, signature: dict, constexprs: dict, cc: int, num_warps: int =
     return compiled.asm["ptx"]
 
 
+def compile_sass(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4,
+                 num_stages: int = 3):
+    """The SASS (``nvdisasm`` of the cubin ``ptxas`` builds) of the jitted ``fn`` for
+    ``sm_<cc>``, with the launcher's run-time specializations; None when this Triton
+    install has no ``nvdisasm``. Used to count register spills (``STL`` / ``LDL``)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "nvdisasm")
+    if not os.path.exists(tool):
+        return None
+    got = {}
+    real = triton.compile
+
+    def keep(src, target=None, options=None):
+        got["k"] = real(src, target=target, options=options)
+        return got["k"]
+    triton.compile = keep
+    old_cache = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as d:
+        # a cache of its own: the PTX-only compiles cached empty cubins under the same keys
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(d, "cache")
+        try:
+            with _cubin_too():
+                compile_ptx(fn, signature, constexprs, cc, num_warps, num_stages)
+        finally:
+            triton.compile = real
+            if old_cache is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = old_cache
+        cubin = got["k"].asm["cubin"]
+        if not cubin:
+            raise RuntimeError("compile_sass: ptxas produced no cubin")
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([tool, "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+
+
+_BUILD_CUBIN = [False]
+
+
+@contextlib.contextmanager
+def _cubin_too():
+    _BUILD_CUBIN[0] = True
+    try:
+        yield
+    finally:
+        _BUILD_CUBIN[0] = False
+
+
 @contextlib.contextmanager
 def _no_cubin():
     """Stop after PTX: ptxas (the cubin stage) is most of the compile time and the PTX is
     what is checked. The kernels compiled here are inspected, never launched."""
     from triton.backends.nvidia.compiler import CUDABackend
+    if _BUILD_CUBIN[0]:  # compile_sass: the real cubin
+        yield
+        return
     real = CUDABackend.make_cubin
     CUDABackend.make_cubin = lambda self, src, metadata, *args, **kw: b""
     try:
@@ -124,11 +184,18 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
     def cfg_of(c):
         return dict(c.kwargs), c.num_warps, c.num_stages
 
-    gcfgs = gemm.gemm_configs(fam)
+    allg = gemm.gemm_configs(fam)
+    gcfgs = [c for c in allg if c.kwargs["EPI_SPLIT"] == 1]
     for i, c in enumerate(gcfgs if all_configs else gcfgs[:1]):
         meta, nw, ns = cfg_of(c)
         out.append((f"gemm[{i}:{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}]",
                     gemm._qgemm_kernel, _gemm_sig(),
+                    {**meta, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False,
+                     "EVEN_K": True}, nw, ns, True))
+    split = [c for c in allg if c.kwargs["EPI_SPLIT"] == 2]
+    if split:  # the requantizing epilogue in two column halves
+        meta, nw, ns = cfg_of(split[0])
+        out.append(("gemm_epi_split", gemm._qgemm_kernel, _gemm_sig(),
                     {**meta, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False,
                      "EVEN_K": True}, nw, ns, True))
     # the first tile fitted to a 64-long reduction (the 1x1 convolutions of a ResNet)
@@ -152,7 +219,8 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
 
     # every tile in the unrolled tap-loop form, the first one also as the pipelined loop
     # (3x3: one loop over taps; its MMA selection is the same for every tile)
-    ccfgs = [c for c in conv.conv_configs(fam) if not c.kwargs["PIPE_TAPS"]]
+    ccfgs = [c for c in conv.conv_configs(fam)
+             if not c.kwargs["PIPE_TAPS"] and c.kwargs["EPI_SPLIT"] == 1]
     for i, c in enumerate(ccfgs if all_configs else ccfgs[:1]):
         meta, nw, ns = cfg_of(c)
         ksz = 1 if ci else 3
