@@ -149,13 +149,17 @@ def test_add_arithmetic_modes():
     for name, (p, mode) in cases.items():
         assert add_mode(p, scalar_int(p.out.rshift)) == mode, name
         check_op("add", (a, b, p), f"add {name}")
-    # fused into the conv epilogue (conv output = a): both arithmetic paths
-    x = rand_act((2, 5, 5, 4), torch.int8).contiguous(memory_format=CL)
-    w = torch.randint(-127, 128, (6, 5, 3, 3), dtype=torch.int8)
+    # fused into the epilogue (conv output = a): every arithmetic path (a compile-time choice
+    # of the kernel), through the GEMM (5 channels: im2col), the implicit-GEMM conv (64
+    # channels) and the depthwise kernel
     rq = make_requant(0.02, torch.rand(6, dtype=torch.float64) * 0.01 + 0.001, 0.05, 3, qint8)
-    args = (x, 1, w, None, (1, 1), (1, 1), (1, 1), 1, rq)
-    for name in ("fast", "shift24", "input_lshift"):
-        p = cases[name][0]
-        got = TRITON["conv2d_add"](*dev(args), dev(b), p)
-        for oname, ops in ORACLES:
-            assert_same(got, ops["add"](ops["conv2d"](*args), b, p), f"conv2d_add {name} {oname}")
+    convs = {c: (rand_act((2, c, 5, 4), torch.int8).contiguous(memory_format=CL),
+                 torch.randint(-127, 128, (6, c // g, 3, 3), dtype=torch.int8), g)
+             for c, g in ((5, 1), (64, 1), (6, 6))}
+    for c, (x, w, g) in convs.items():
+        args = (x, 1, w, None, (1, 1), (1, 1), (1, 1), g, rq)
+        for name, (p, _) in cases.items():
+            got = TRITON["conv2d_add"](*dev(args), dev(b), p)
+            for oname, ops in ORACLES:
+                assert_same(got, ops["add"](ops["conv2d"](*args), b, p),
+                            f"conv2d_add C={c} {name} {oname}")

@@ -49,6 +49,12 @@ for split in (1, 2):  # the requantizing epilogue of a 128x256 tile, whole or in
              "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False, "EVEN_K": True}
     sass = ip.compile_sass(gemm._qgemm_kernel, ip._gemm_sig(), const, 90, 8, 3)
     spills[str(split)] = None if sass is None else len(re.findall(r"\bSTL\b", sass))
+# the fused residual add (make_add_params' 32-bit arithmetic) of a 128x128 conv tile
+const = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "KH": 3, "KW": 3,
+         "FLAT_K": False, "EVEN_C": True, "ZP_ZERO": True, "PIPE_TAPS": True, "X_UINT8": False,
+         "OUT_MODE": 0, "HAS_RES": True, "RES_MODE": 1}
+sass = ip.compile_sass(conv._qconv_kernel, ip._conv_sig(), const, 90, 8, 4)
+spills["residual_conv"] = None if sass is None else len(re.findall(r"\bSTL\b", sass))
 out["epilogue_spill_stores"] = spills
 print("JSON" + json.dumps(out))
 """
@@ -123,6 +129,10 @@ def test_tensor_core_instructions_and_no_float_hazards(tmp_path):
     sp = report["epilogue_spill_stores"]
     if sp["1"] is not None:
         assert sp["2"] < sp["1"], sp
+    # a ResNet block's last conv with its residual add fused, 128x128 tile: no spills (the
+    # add's arithmetic is a compile-time choice; as three runtime branches it spilled 112)
+    if sp["residual_conv"] is not None:
+        assert sp["residual_conv"] == 0, sp
 
 
 def test_every_launch_turns_fp_fusion_off(monkeypatch):

@@ -37,7 +37,7 @@ _OUT_MODES = {"quant": OUT_QUANT, "float": OUT_FLOAT, "int32": OUT_INT32, "scale
 # EPI: int64 vector of the epilogue's scalars (loaded once per program, so changing a zero
 # point never recompiles a kernel).
 _E_ZP, _E_QMIN, _E_QMAX, _E_SHIFT, _E_AZP, _E_AM, _E_AS, _E_BZP, _E_BM, _E_BS, \
-    _E_OM, _E_OS, _E_OZP, _E_OQMIN, _E_OQMAX, _E_DZP, _E_RESMODE = range(17)
+    _E_OM, _E_OS, _E_OZP, _E_OQMIN, _E_OQMAX, _E_DZP = range(16)
 
 
 @triton.jit
@@ -80,7 +80,8 @@ def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
                    BIAS, MULT, RSHIFT, EPI, deq_scale,
                    # output and residual
                    Y, stride_ym, RES, stride_rm,
-                   OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr, EPI_SPLIT: tl.constexpr = 1):
+                   OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr, EPI_SPLIT: tl.constexpr = 1,
+                   RES_MODE: tl.constexpr = 0):
     """:func:`_quant_epilogue_tile` on the whole tile, or (``EPI_SPLIT`` 2) on each half of
     its columns in turn."""
     if EPI_SPLIT == 2:
@@ -90,26 +91,28 @@ def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
         n0, n1 = tl.split(tl.permute(tl.reshape(offs_n, (2, bn // 2)), (1, 0)))
         k0, k1 = tl.split(tl.permute(tl.reshape(mask_n, (2, bn // 2)), (1, 0)))
         _quant_epilogue_tile(a0, offs_m, n0, mask_m, k0, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, RES_MODE)
         _quant_epilogue_tile(a1, offs_m, n1, mask_m, k1, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, RES_MODE)
     else:
         _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI,
-                             deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES)
+                             deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES,
+                             RES_MODE)
 
 
 @triton.jit
 def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI,
                          deq_scale, Y, stride_ym, RES, stride_rm,
-                         OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr):
+                         OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr, RES_MODE: tl.constexpr):
     """Store ``epilogue(acc + bias)`` at ``Y[offs_m * stride_ym + offs_n]``.
 
     ``acc``: int32 (BM, BN); ``offs_n``: global output channels (index BIAS/MULT/RSHIFT).
     BIAS is int32 (the folded bias fits: the usual case) or int64. The accumulator fits int32
     (the caller refuses shapes that could overflow), so the requantization runs in 32-bit
     arithmetic (:func:`.fixed_point.requantize_i32`); the saturating left shift is taken
-    only by tiles with a negative rshift (a uniform branch). EPI[16] picks the residual
-    add's arithmetic (:func:`.fixed_point.add_mode`).
+    only by tiles with a negative rshift (a uniform branch). ``RES_MODE`` is the residual
+    add's arithmetic (:func:`.fixed_point.add_mode`, decided on the host: one code path in
+    the kernel, not three behind a runtime branch).
     """
     mask = mask_m[:, None] & mask_n[None, :]
     bias = tl.load(BIAS + offs_n, mask=mask_n, other=0)
@@ -133,13 +136,7 @@ def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT
         if HAS_RES:
             r = tl.load(RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :],
                         mask=mask, other=0)
-            res_mode = tl.load(EPI + 16)
-            if res_mode == 1:
-                y = _residual_add(y, r, EPI, 1)
-            elif res_mode == 2:
-                y = _residual_add(y, r, EPI, 2)
-            else:
-                y = _residual_add(y, r, EPI, 0)
+            y = _residual_add(y, r, EPI, RES_MODE)
         if OUT_MODE == 1:
             tl.store(y_ptrs, (y - tl.load(EPI + 15)).to(tl.float32) * deq_scale, mask=mask)
         else:
@@ -181,7 +178,7 @@ def _qgemm_kernel(
     X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr = 1,
+    GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr = 1, RES_MODE: tl.constexpr = 0,
 ):
     """X (M, K) int8/uint8, W (N, K) int8 -> Y (M, N) int8/uint8, float32 or int32."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -215,7 +212,8 @@ def _qgemm_kernel(
                         stride_ym, HAS_RES)
     else:
         quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT, EPI,
-                       deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT)
+                       deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT,
+                       RES_MODE)
 
 
 # --------------------------------------------------------------------------- configs
@@ -437,7 +435,7 @@ def epilogue_scalars(rq, add_params, device, deq_zero_point: int = 0) -> torch.T
 
 
 def _epi_values(rq, add_params, deq_zero_point: int) -> tuple:
-    vals = [0] * 17
+    vals = [0] * 16
     if rq is not None:
         vals[_E_ZP], vals[_E_QMIN], vals[_E_QMAX] = rq.zero_point, rq.qmin, rq.qmax
     if add_params is not None:
@@ -448,7 +446,6 @@ def _epi_values(rq, add_params, deq_zero_point: int) -> tuple:
         vals[_E_OM] = scalar_int(p.out.multiplier)
         vals[_E_OS] = scalar_int(p.out.rshift)
         vals[_E_OZP], vals[_E_OQMIN], vals[_E_OQMAX] = p.out.zero_point, p.out.qmin, p.out.qmax
-        vals[_E_RESMODE] = add_mode(p, vals[_E_OS])
     vals[_E_DZP] = deq_zero_point
     return tuple(int(v) for v in vals)
 
@@ -535,5 +532,5 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     launch(kern, grid, x2d, w2d, b, mult, rsh, epi, res, out, m, n, k, x2d.stride(0),
            x2d.stride(1), w2d.stride(0), w2d.stride(1), out.stride(0), res.stride(0),
            float(deq_scale), X_UINT8=x2d.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=has_res,
-           **meta, **LAUNCH_OPTS)
+           RES_MODE=residual_mode(add_params) if has_res else 0, **meta, **LAUNCH_OPTS)
     return out

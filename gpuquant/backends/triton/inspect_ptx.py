@@ -207,7 +207,8 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
     variants = (
             ("gemm_uint8_residual_bias64",
              _gemm_sig(x="*u8", y="*u8", res="*u8", bias="*i64"),
-             {"X_UINT8": True, "OUT_MODE": 0, "HAS_RES": True, "EVEN_K": False}),
+             {"X_UINT8": True, "OUT_MODE": 0, "HAS_RES": True, "EVEN_K": False,
+              "RES_MODE": 1}),
             ("gemm_float_out", _gemm_sig(y="*fp32"),
              {"X_UINT8": False, "OUT_MODE": 1, "HAS_RES": False, "EVEN_K": True}),
             ("gemm_int32_out", _gemm_sig(y="*i32"),
@@ -241,7 +242,8 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
     if not ci:
         out.append(("conv3x3_residual", conv._qconv_kernel, _conv_sig(),
                     {**meta, "KH": 3, "KW": 3, "FLAT_K": False, "EVEN_C": False,
-                     "ZP_ZERO": False, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": True},
+                     "ZP_ZERO": False, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": True,
+                     "RES_MODE": 1},
                     nw, ns, True))
 
     isig = {"X": "*u8", "A": "*u8"}
