@@ -30,14 +30,16 @@ FAMILY_OF_CC = {80: "sm80", 86: "sm80", 89: "sm89", 90: "sm90"}
 # fact (vectorized 16-byte cp.async loads instead of byte loads). Compiling with the same
 # facts makes the inspected PTX the one that runs on channels_last tensors with C % 16 == 0.
 _RUNTIME_ONES = {"_qgemm_kernel": ("stride_xk", "stride_wk"),
-                 "_qdepthwise_kernel": ("stride_xc", "CH_MULT")}
+                 "_qdepthwise_kernel": ("stride_xc", "CH_MULT"),
+                 "_linear_weight_only_kernel": ("stride_ak", "stride_bk", "stride_cn")}
 _RUNTIME_DIV16 = {
     "_qgemm_kernel": ("N", "K", "stride_xm", "stride_wn", "stride_ym", "stride_rm"),
     "_qconv_kernel": ("N", "K", "Cg", "stride_xn", "stride_xh", "stride_xw", "stride_wo",
                       "stride_ym", "stride_rm"),
     "_qdepthwise_kernel": ("O", "stride_xn", "stride_xh", "stride_xw", "stride_ym",
                            "stride_rm"),
-    "_quantize_kernel": ("numel",), "_add_kernel": ("numel",), "_im2col_kernel": ("Kp",)}
+    "_quantize_kernel": ("numel",), "_add_kernel": ("numel",), "_im2col_kernel": ("Kp",),
+    "_linear_weight_only_kernel": ("N", "K", "stride_am", "stride_bn", "stride_cm")}
 
 
 def compile_ptx(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4,
