@@ -120,6 +120,8 @@ def test_conv2d_matches_oracle(name):
 TAP_LOOP_CASES = {n: CONV_CASES[n] for n in ("3x3_s2_taploop_b1_uint8", "3x3_taploop_zp0_padded",
                                              "3x1_c70_rect_stride")}
 TAP_LOOP_CASES["3x3_dil2_c256_two_blocks"] = ((1, 256, 6, 5), 10, (3, 3), 1, 2, 2, 1, torch.int8, 0)
+# 49 taps: the pipelined form's "inside the image" bits in 64 bits
+TAP_LOOP_CASES["7x7_c64_padded"] = ((1, 64, 9, 8), 8, (7, 7), 1, 3, 1, 1, torch.int8, 0)
 
 
 @pytest.mark.parametrize("pipe", [False, True])

@@ -62,13 +62,11 @@ def _load_act(ptrs, mask, x_zp, ZP_ZERO: tl.constexpr):
 
 
 @triton.jit
-def _tap_block(acc, x_img, ih, iw, H, W_in, stride_xh, stride_xw, w_tap, c0, offs_k, Cg, x_zp,
-               EVEN_C: tl.constexpr, ZP_ZERO: tl.constexpr, X_UINT8: tl.constexpr):
-    """acc += one K tile of the tap whose input rows are (ih, iw): channels c0 .. c0 +
-    BLOCK_K of every output pixel's input pixel (a row outside the image reads as padding)
-    against the same channels of the tap's weight columns ``w_tap``."""
-    row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
-    a_rows = x_img + ih.to(tl.int64) * stride_xh + iw * stride_xw
+def _k_tile(acc, a_rows, row_ok, w_tap, c0, offs_k, Cg, x_zp,
+            EVEN_C: tl.constexpr, ZP_ZERO: tl.constexpr, X_UINT8: tl.constexpr):
+    """acc += one K tile of a tap: channels c0 .. c0 + BLOCK_K of each output pixel's input
+    pixel at ``a_rows`` (rows with ``row_ok`` False, inside the padding, read as the zero
+    point) against the same channels of the tap's weight columns ``w_tap``."""
     c = c0 + offs_k
     if EVEN_C:
         a_mask = row_ok[:, None]
@@ -138,16 +136,35 @@ def _qconv_kernel(
     elif PIPE_TAPS:
         # one loop over (tap, channel block) pairs: the compiler's software pipeline
         # (num_stages) prefetches across taps, so a 64-channel 3x3 layer (one block a tap)
-        # keeps num_stages - 1 tiles in flight; with ZP_ZERO every load is an async copy
-        n_cb = tl.cdiv(Cg, BLOCK_K)
-        for t in range(0, KH * KW * n_cb):
-            tap = t // n_cb
-            r = tap // KW
-            ih = ih0 + r * dil_h
-            iw = iw0 + (tap - r * KW) * dil_w
-            acc = _tap_block(acc, x_img, ih, iw, H, W_in, stride_xh, stride_xw,
-                             w_rows + tap * Cg, (t - tap * n_cb) * BLOCK_K, offs_k, Cg, x_zp,
-                             EVEN_C, ZP_ZERO, X_UINT8)
+        # keeps num_stages - 1 tiles in flight; with ZP_ZERO every load is an async copy.
+        # What depends on the row is computed once, before the loop: each output pixel's
+        # window origin pointer and one bit a tap for "inside the image"; an iteration adds
+        # the tap's (scalar) offset and tests a bit, instead of 4 bounds checks, a 64-bit
+        # multiply-add and a division by the runtime block count per row.
+        tl.static_assert(KH * KW <= 63, "PIPE_TAPS: at most 63 taps (one bit each)")
+        row_base = x_img + ih0.to(tl.int64) * stride_xh + iw0.to(tl.int64) * stride_xw
+        if KH * KW <= 31:
+            inside = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        else:
+            inside = tl.zeros((BLOCK_M,), dtype=tl.int64)
+        for r in tl.static_range(KH):
+            for s in tl.static_range(KW):
+                ih = ih0 + r * dil_h
+                iw = iw0 + s * dil_w
+                ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
+                inside = inside | (ok.to(inside.dtype) << (r * KW + s))
+        tap = tl.zeros((), dtype=tl.int32)
+        c0 = tl.zeros((), dtype=tl.int32)
+        for t in range(0, KH * KW * tl.cdiv(Cg, BLOCK_K)):
+            tap_r = tap // KW
+            tap_off = (tap_r * dil_h).to(tl.int64) * stride_xh \
+                + ((tap - tap_r * KW) * dil_w).to(tl.int64) * stride_xw
+            row_ok = ((inside >> tap.to(inside.dtype)) & 1) != 0
+            acc = _k_tile(acc, row_base + tap_off, row_ok, w_rows + tap * Cg, c0, offs_k, Cg,
+                          x_zp, EVEN_C, ZP_ZERO, X_UINT8)
+            c0 += BLOCK_K
+            tap = tl.where(c0 >= Cg, tap + 1, tap)
+            c0 = tl.where(c0 >= Cg, 0, c0)
     else:
         # taps unrolled (KH, KW compile-time), channel blocks a loop inside each: straight-line
         # code whose loads the compiler may issue ahead of the previous tap's dot, but each
@@ -157,10 +174,11 @@ def _qconv_kernel(
             for s in tl.static_range(KW):
                 ih = ih0 + r * dil_h
                 iw = iw0 + s * dil_w
+                row_ok = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
+                a_rows = x_img + ih.to(tl.int64) * stride_xh + iw * stride_xw
                 for c0 in range(0, Cg, BLOCK_K):
-                    acc = _tap_block(acc, x_img, ih, iw, H, W_in, stride_xh, stride_xw,
-                                     w_rows + (r * KW + s) * Cg, c0, offs_k, Cg, x_zp,
-                                     EVEN_C, ZP_ZERO, X_UINT8)
+                    acc = _k_tile(acc, a_rows, row_ok, w_rows + (r * KW + s) * Cg, c0, offs_k,
+                                  Cg, x_zp, EVEN_C, ZP_ZERO, X_UINT8)
 
     quant_epilogue(acc, offs_m, oc, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI, deq_scale,
                    Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT, RES_MODE)
@@ -223,13 +241,13 @@ def prune_conv_configs(configs, named_args, **kwargs):
     configs; then the pipelined twin of every kept tile when the layer has a tap loop
     (more than one tap and not ``FLAT_K``): the autotuner times both forms (which is faster
     depends on the layer: with one channel block a tap only the pipelined form prefetches
-    across taps; see bench/README.md NOTES); then, for int8 / float outputs, the
-    split-epilogue twin of each of those that has one."""
+    across taps; see bench/README.md NOTES; at most 63 taps: one bit each); then, for
+    int8 / float outputs, the split-epilogue twin of each of those that has one."""
     def key(c):
         return _tile_key(c), c.kwargs.get("PIPE_TAPS", False), c.kwargs.get("EPI_SPLIT", 1)
     index = {key(c): c for c in configs}
     kept = prune_configs([c for c in configs if key(c)[1:] == (False, 1)], named_args)
-    if not (kwargs.get("FLAT_K") or kwargs.get("KH", 1) * kwargs.get("KW", 1) == 1):
+    if not kwargs.get("FLAT_K") and 1 < kwargs.get("KH", 1) * kwargs.get("KW", 1) <= 63:
         kept = kept + [index[(_tile_key(c), True, 1)] for c in kept]
     if kwargs.get("OUT_MODE") in (0, 1):
         kept = kept + [index[k] for k in ((_tile_key(c), key(c)[1], 2) for c in kept)
@@ -322,7 +340,8 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
     kern = _conv_kernel(family)
     flat_k = cg < 64
     meta = {} if family != "interpret" else \
-        {**interpret_meta(m, og, k if flat_k else cg), "PIPE_TAPS": INTERPRET_PIPE_TAPS,
+        {**interpret_meta(m, og, k if flat_k else cg),
+         "PIPE_TAPS": INTERPRET_PIPE_TAPS and kh * kw <= 63,
          "EPI_SPLIT": _gemm.INTERPRET_EPI_SPLIT}
     res = r2d if r2d is not None else y2d
     grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(og, META["BLOCK_N"]),
