@@ -10,8 +10,11 @@ every K tile is a run of contiguous input channels. Two loop shapes, picked per 
   autotuner times per layer (``PIPE_TAPS``): taps unrolled (``KH``, ``KW`` compile-time),
   a channel-block loop each; or one loop over (tap, channel block) that the compiler's
   software pipeline prefetches across taps;
-* flat K (``FLAT_K`` True, few channels a group, e.g. the 7x7 stem with C = 3): the K index
-  is split into (tap, channel) per element so tiles are not mostly padding.
+* flat K (``FLAT_K`` True, grouped convolutions with few channels a group): the K index is
+  split into (tap, channel) per element so tiles are not mostly padding.
+
+Few-channel convolutions with one group (the 7x7 stem, C = 3) run as an explicit im2col and
+the GEMM (:func:`_im2col_conv`).
 
 Padding is read as the activation's zero point (its value contributes ``x - zp = 0``), so
 the zero-point fold of :mod:`.gemm` stays exact at the borders. With zero point 0 (every
@@ -370,12 +373,12 @@ def _im2col_conv(x, x_zp, w, bias, geom, rq, y, y2d, r2d, **epilogue):
     patch rows are padded to a multiple of 16 bytes with the zero point against zero weight
     columns (exact), and built in chunks of :data:`IM2COL_BYTES` output-pixel rows."""
     kh, kw, sh, sw, ph, pw, dh, dw = geom
-    nb, c, h, wd = x.shape
+    _, c, h, wd = x.shape
     ho, wo = y.shape[2], y.shape[3]
     m, k = y2d.shape[0], kh * kw * c
     kp = padded_k(k)
-    w2d = derived("conv_w_kpad", (w,), (kp, str(w.device)), lambda: torch.nn.functional.pad(
-        w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), (0, kp - k)).contiguous())
+    w2d = derived("conv_w_kpad", (w,), (kp, str(w.device)),
+                  lambda: torch.nn.functional.pad(reordered_weight(w), (0, kp - k)))
     rows = max(1, min(m, IM2COL_BYTES // kp))
     a = torch.empty((rows, kp), dtype=x.dtype, device=x.device)
     bm, bk = 64, min(64, 1 << (kp - 1).bit_length())
