@@ -17,6 +17,7 @@ Applying it (every backend, bit for bit; see ``reference.requantize``)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -61,6 +62,10 @@ class Requant:
     the last dimension of a linear's output and dim 1 of a conv's). ``zero_point``,
     ``qmin``, ``qmax``: Python ints (the activation's clamp folded into qmin/qmax).
     ``dtype``: the output QuantDtype (its ``storage`` is the torch dtype written).
+    ``left_shift``: whether some ``rshift`` is negative (a multiplier >= 1: the saturating
+    left shift), known on the host; computed when the shifts are given as a CPU tensor (every
+    constructor in gpuquant builds them there), kept by :meth:`to`, None where unknown. The
+    GPU epilogues leave the left-shift path out only where :meth:`may_left_shift` is False.
     """
 
     multiplier: torch.Tensor
@@ -69,14 +74,34 @@ class Requant:
     qmin: int
     qmax: int
     dtype: QuantDtype
+    left_shift: Optional[bool] = None
+
+    def __post_init__(self):
+        if self.left_shift is None and isinstance(self.rshift, torch.Tensor) \
+                and self.rshift.device.type == "cpu":
+            self.left_shift = bool((self.rshift < 0).any())
+        self._shift_version = _version(self.rshift)
+
+    def may_left_shift(self) -> bool:
+        """False only when no ``rshift`` is negative for certain: known on the host and the
+        shifts not changed in place since (no device read)."""
+        return self.left_shift is not False or _version(self.rshift) != self._shift_version
 
     def to(self, device) -> "Requant":
+        known = self.left_shift if _version(self.rshift) == self._shift_version else None
         return Requant(self.multiplier.to(device), self.rshift.to(device), self.zero_point,
-                       self.qmin, self.qmax, self.dtype)
+                       self.qmin, self.qmax, self.dtype, known)
 
     @property
     def per_channel(self) -> bool:
         return self.multiplier.dim() == 1
+
+
+def _version(t) -> int:
+    try:
+        return t._version
+    except (AttributeError, RuntimeError):  # not a tensor; inference tensors have no counter
+        return 0
 
 
 def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_dtype,

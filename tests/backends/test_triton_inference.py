@@ -230,6 +230,31 @@ def test_bare_int32_accumulator(name):
     assert_same(got, ((x2.long() - 3) @ w2.long().t()).int(), "linear_int32")
 
 
+def test_left_shift_path_follows_the_requant(epi_split):
+    """The epilogue leaves the saturating left shift out only where the Requant knows no
+    rshift is negative: its shifts edited in place afterwards (a negative one written), or
+    the flag unknown, bring the path back; the bytes equal the oracle's every time."""
+    from gpuquant.functional.requant import Requant
+    m, k, n = 7, 24, 9
+    x = rand_act((m, k), torch.int8, zp=1, spread=2)
+    w = rand_weight((n, k), absmax=3)
+    rq = rand_requant(n, qint8, k=k)
+    assert rq.left_shift is False and not rq.may_left_shift()
+    assert rq.to("cpu").left_shift is False  # kept by .to()
+    ref = ORACLES[0][1]["linear"]
+    assert_same(TRITON["linear"](dev(x), 1, dev(w), None, rq), ref(x, 1, w, None, rq), "known")
+    rq.rshift[::2] = -3  # multipliers >= 1 now: the left shift is needed
+    rq.multiplier[::2] = 2 ** 30
+    assert rq.may_left_shift() and rq.to("cpu").left_shift is True
+    assert_same(TRITON["linear"](dev(x), 1, dev(w), None, rq), ref(x, 1, w, None, rq),
+                "edited in place")
+    unknown = Requant(rq.multiplier, rq.rshift, rq.zero_point, rq.qmin, rq.qmax, rq.dtype)
+    unknown.left_shift = None
+    assert unknown.may_left_shift()
+    assert_same(TRITON["linear"](dev(x), 1, dev(w), None, unknown), ref(x, 1, w, None, rq),
+                "unknown")
+
+
 def test_memoised_parameters_follow_inplace_updates():
     """The device copies / folded bias are memoised on identity and version: an in-place
     weight update, a new zero point or a new Requant never reuses stale values."""

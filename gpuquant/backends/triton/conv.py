@@ -35,7 +35,7 @@ from . import gemm as _gemm
 from .launch import launch
 from .gemm import (_OUT_MODES, _acc_per_thread, _tile_key, _with, epilogue_scalars,
                    epilogue_tensors, family_configs, grouped_tile, interpret_meta,
-                   output_dtype, padded_k, prune_configs, qgemm, quant_epilogue,
+                   left_shift, output_dtype, padded_k, prune_configs, qgemm, quant_epilogue,
                    residual_mode)
 
 __all__ = ["qconv2d", "conv_configs", "conv_out_size", "window_origin"]
@@ -103,6 +103,7 @@ def _qconv_kernel(
     X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr = 1, RES_MODE: tl.constexpr = 0,
+    LSHIFT: tl.constexpr = True,
 ):
     """X (Nb, H, W, C) int8/uint8 (strides given), W (O, KH*KW*Cg) int8 -> Y (M, O)."""
     pid = tl.program_id(0)
@@ -184,7 +185,7 @@ def _qconv_kernel(
                                   Cg, x_zp, EVEN_C, ZP_ZERO, X_UINT8)
 
     quant_epilogue(acc, offs_m, oc, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT, RES_MODE)
+                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT, RES_MODE, LSHIFT)
 
 
 @triton.jit(do_not_specialize=["x_zp"])
@@ -354,8 +355,8 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
            ph, pw, dh, dw, xs[0], xs[2], xs[3], w2d.stride(0), y2d.stride(0), res.stride(0),
            int(x_zp), float(deq_scale), KH=kh, KW=kw, FLAT_K=flat_k, ZP_ZERO=int(x_zp) == 0,
            X_UINT8=x.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=residual is not None,
-           RES_MODE=residual_mode(add_params) if residual is not None else 0, **meta,
-           **LAUNCH_OPTS)
+           RES_MODE=residual_mode(add_params) if residual is not None else 0,
+           LSHIFT=left_shift(rq), **meta, **LAUNCH_OPTS)
     return y
 
 

@@ -16,8 +16,8 @@ import torch
 from .common import LAUNCH_OPTS, arch_family, cdiv, derived, tune_subset
 from .launch import launch
 from .conv import window_origin
-from .gemm import (_OUT_MODES, epilogue_scalars, epilogue_tensors, output_dtype, quant_epilogue,
-                   residual_mode)
+from .gemm import (_OUT_MODES, epilogue_scalars, epilogue_tensors, left_shift, output_dtype,
+                   quant_epilogue, residual_mode)
 
 __all__ = ["qdepthwise2d", "is_depthwise", "depthwise_configs"]
 
@@ -36,6 +36,7 @@ def _qdepthwise_kernel(
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RES_MODE: tl.constexpr = 0,
+    LSHIFT: tl.constexpr = True,
 ):
     """X (Nb, H, W, C) int8/uint8, W (KH*KW, O) int8 (a tap's weights contiguous) ->
     Y (M = Nb*Ho*Wo, O)."""
@@ -57,7 +58,7 @@ def _qdepthwise_kernel(
             wt = tl.load(W + (r * KW + s) * O + offs_c, mask=mask_c, other=0)
             acc += (x.to(tl.int32) - x_zp) * wt.to(tl.int32)[None, :]
     quant_epilogue(acc, offs_p, offs_c, mask_p, mask_c, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, 1, RES_MODE)
+                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, 1, RES_MODE, LSHIFT)
 
 
 _DW_TILES = [(32, 64, 4), (64, 64, 4), (16, 128, 4), (128, 32, 4), (64, 128, 8)]
@@ -127,6 +128,6 @@ def qdepthwise2d(x, x_zp, w, bias, stride, padding, dilation, rq, *, out_mode="q
     launch(kern, grid, x, w_taps, b, mult, rsh, epi, r2d, y2d, m, o, h, wd, ho, wo, o // c, sh, sw,
            ph, pw, dh, dw, xs[0], xs[2], xs[3], xs[1], y2d.stride(0), r2d.stride(0), int(x_zp),
            float(deq_scale), KH=kh, KW=kw, OUT_MODE=mode, HAS_RES=residual is not None,
-           RES_MODE=residual_mode(add_params) if residual is not None else 0, **meta,
-           **LAUNCH_OPTS)
+           RES_MODE=residual_mode(add_params) if residual is not None else 0,
+           LSHIFT=left_shift(rq), **meta, **LAUNCH_OPTS)
     return y

@@ -81,7 +81,7 @@ def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
                    # output and residual
                    Y, stride_ym, RES, stride_rm,
                    OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr, EPI_SPLIT: tl.constexpr = 1,
-                   RES_MODE: tl.constexpr = 0):
+                   RES_MODE: tl.constexpr = 0, LSHIFT: tl.constexpr = True):
     """:func:`_quant_epilogue_tile` on the whole tile, or (``EPI_SPLIT`` 2) on each half of
     its columns in turn."""
     if EPI_SPLIT == 2:
@@ -91,26 +91,29 @@ def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
         n0, n1 = tl.split(tl.permute(tl.reshape(offs_n, (2, bn // 2)), (1, 0)))
         k0, k1 = tl.split(tl.permute(tl.reshape(mask_n, (2, bn // 2)), (1, 0)))
         _quant_epilogue_tile(a0, offs_m, n0, mask_m, k0, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, RES_MODE)
+                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, RES_MODE, LSHIFT)
         _quant_epilogue_tile(a1, offs_m, n1, mask_m, k1, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, RES_MODE)
+                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, RES_MODE, LSHIFT)
     else:
         _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI,
                              deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES,
-                             RES_MODE)
+                             RES_MODE, LSHIFT)
 
 
 @triton.jit
 def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI,
                          deq_scale, Y, stride_ym, RES, stride_rm,
-                         OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr, RES_MODE: tl.constexpr):
+                         OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr, RES_MODE: tl.constexpr,
+                         LSHIFT: tl.constexpr):
     """Store ``epilogue(acc + bias)`` at ``Y[offs_m * stride_ym + offs_n]``.
 
     ``acc``: int32 (BM, BN); ``offs_n``: global output channels (index BIAS/MULT/RSHIFT).
     BIAS is int32 (the folded bias fits: the usual case) or int64. The accumulator fits int32
     (the caller refuses shapes that could overflow), so the requantization runs in 32-bit
-    arithmetic (:func:`.fixed_point.requantize_i32`); the saturating left shift is taken
-    only by tiles with a negative rshift (a uniform branch). ``RES_MODE`` is the residual
+    arithmetic (:func:`.fixed_point.requantize_i32`). ``LSHIFT`` False (the host knows no
+    rshift is negative: :meth:`Requant.may_left_shift`) leaves the saturating left shift
+    out; True compiles it behind a uniform branch that tiles without a negative rshift
+    skip (the two paths in one kernel: twice the code). ``RES_MODE`` is the residual
     add's arithmetic (:func:`.fixed_point.add_mode`, decided on the host: one code path in
     the kernel, not three behind a runtime branch).
     """
@@ -129,8 +132,11 @@ def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT
         zp = tl.load(EPI + 0).to(tl.int32)
         lo = tl.load(EPI + 1).to(tl.int32)
         hi = tl.load(EPI + 2).to(tl.int32)
-        if tl.min(rsh, axis=0) < 0:
-            y = requantize_i32(v, mult[None, :], rsh[None, :], zp, lo, hi, True)
+        if LSHIFT:
+            if tl.min(rsh, axis=0) < 0:
+                y = requantize_i32(v, mult[None, :], rsh[None, :], zp, lo, hi, True)
+            else:
+                y = requantize_i32(v, mult[None, :], rsh[None, :], zp, lo, hi, False)
         else:
             y = requantize_i32(v, mult[None, :], rsh[None, :], zp, lo, hi, False)
         if HAS_RES:
@@ -179,6 +185,7 @@ def _qgemm_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr = 1, RES_MODE: tl.constexpr = 0,
+    LSHIFT: tl.constexpr = True,
 ):
     """X (M, K) int8/uint8, W (N, K) int8 -> Y (M, N) int8/uint8, float32 or int32."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -213,7 +220,7 @@ def _qgemm_kernel(
     else:
         quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT, EPI,
                        deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT,
-                       RES_MODE)
+                       RES_MODE, LSHIFT)
 
 
 # --------------------------------------------------------------------------- configs
@@ -450,6 +457,11 @@ def _epi_values(rq, add_params, deq_zero_point: int) -> tuple:
     return tuple(int(v) for v in vals)
 
 
+def left_shift(rq) -> bool:
+    """The epilogues' ``LSHIFT``: False only where the host knows no rshift is negative."""
+    return rq is not None and rq.may_left_shift()
+
+
 def residual_mode(add_params) -> int:
     """The arithmetic of an integer add with these params (:func:`.fixed_point.add_mode`)."""
     if add_params is None:
@@ -532,5 +544,6 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     launch(kern, grid, x2d, w2d, b, mult, rsh, epi, res, out, m, n, k, x2d.stride(0),
            x2d.stride(1), w2d.stride(0), w2d.stride(1), out.stride(0), res.stride(0),
            float(deq_scale), X_UINT8=x2d.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=has_res,
-           RES_MODE=residual_mode(add_params) if has_res else 0, **meta, **LAUNCH_OPTS)
+           RES_MODE=residual_mode(add_params) if has_res else 0, LSHIFT=left_shift(rq), **meta,
+           **LAUNCH_OPTS)
     return out
