@@ -47,7 +47,7 @@ import torch
 
 __all__ = ["Suite", "Case", "Provider", "ProviderUnavailable", "Timing", "RunConfig", "run_case",
            "params_key", "pair_rows", "device_name", "device_slug", "ROW_FIELDS",
-           "HEADER_FIELDS", "percentile"]
+           "HEADER_FIELDS", "percentile", "cuda_graph_of"]
 
 #: The keys of every result row, in order (contract section 3).
 ROW_FIELDS = ("suite", "case", "provider", "params", "median_ms", "p20_ms", "p80_ms",
@@ -175,6 +175,22 @@ class Suite:
 
 
 # ---------------------------------------------------------------------------------- stats
+def cuda_graph_of(fn: Callable[[], Any], warmup: int) -> Tuple[Any, Any]:
+    """``(graph, outputs)``: ``fn`` captured in a CUDA graph after ``warmup`` eager calls on a
+    side stream (autotuning and memoised parameters happen there, outside the capture);
+    ``graph.replay()`` reruns its kernels into ``outputs``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-quantile (0..1) of ``values`` by linear interpolation (numpy's default)."""
     if not values:

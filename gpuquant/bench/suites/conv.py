@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ...dtypes import qint8
 from ...functional.requant import make_requant
-from ..harness import Case, Provider, ProviderUnavailable, Suite
+from ..harness import Case, Provider, ProviderUnavailable, Suite, cuda_graph_of
 
 BATCH = 64
 
@@ -128,16 +128,7 @@ def _triton_graph(layers):
     kernels' time without the host's (the eager row can be host-bound: 53 launches)."""
     if layers[0]["x"].device.type != "cuda":
         raise ProviderUnavailable("CUDA graphs need a CUDA device")
-    eager = _triton(layers)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            eager()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = eager()
+    graph, outs = cuda_graph_of(_triton(layers), warmup=2)
 
     def run():
         graph.replay()

@@ -41,7 +41,7 @@ from typing import Dict, List
 
 import torch
 
-from ..harness import Case, Provider, ProviderUnavailable, Suite
+from ..harness import Case, Provider, ProviderUnavailable, Suite, cuda_graph_of
 
 MODELS = {"resnet50": (3, 224), "mobilenet_v2": (3, 224)}
 BATCHES = [1, 64, 256]
@@ -171,15 +171,11 @@ def _graphed(tag, get_model, prep, ctx):
         key = (tag, id(model), tuple(x.shape))
         if key not in _GRAPHS:
             static_x = x.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad(), ctx():
-                for _ in range(3):
-                    model(static_x)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), ctx(), torch.cuda.graph(graph):
-                static_y = model(static_x)
+
+            def forward():
+                with torch.no_grad(), ctx():
+                    return model(static_x)
+            graph, static_y = cuda_graph_of(forward, warmup=3)
             _GRAPHS[key] = (graph, static_x, static_y)
         graph, static_x, static_y = _GRAPHS[key]
 
