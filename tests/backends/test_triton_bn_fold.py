@@ -41,6 +41,7 @@ def spies(monkeypatch):
             return out
         monkeypatch.setitem(tb.OPS, name, wrapped)
     spy("bn_fold_weight")
+    spy("bn_fold_observe_fake_quant")
     spy("bn_normalize_train")
     return calls
 
@@ -92,7 +93,7 @@ def test_fused_bn_fold_equals_the_definition(spies, name, factory, shape, cl, mo
         assert int(fused.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked)
     assert fused.bn.weight.grad[0] != 0  # gamma = 0 still learns
     ran = [c for c in spies if c[1]]
-    assert {n for n, _ in ran} == {"bn_fold_weight", "bn_normalize_train"}
+    assert {n for n, _ in ran} == {"bn_fold_observe_fake_quant", "bn_normalize_train"}
 
 
 def test_fused_bn_fold_under_bf16_autocast(spies):
@@ -116,7 +117,7 @@ def test_fused_bn_fold_under_bf16_autocast(spies):
         torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-2, msg=n)
     assert fused.bn.running_var.dtype == torch.float32
     torch.testing.assert_close(fused.bn.running_var, ref.bn.running_var, rtol=1e-3, atol=1e-4)
-    assert {n for n, ok in spies if ok} == {"bn_fold_weight", "bn_normalize_train"}
+    assert {n for n, ok in spies if ok} == {"bn_fold_observe_fake_quant", "bn_normalize_train"}
 
 
 def test_fused_ops_decline_what_they_do_not_take():
@@ -130,3 +131,95 @@ def test_fused_ops_decline_what_they_do_not_take():
     if DEV == "cpu":  # the interpreter only when triton is chosen explicitly
         with backends.use("reference"):
             assert bn_fold.bn_fold_weight(w, gamma, rv, 1e-5, 1e-6) is None
+
+
+# ------------------------------------------------------- fold + observe + fake quant, fused
+def _weight_quantizers(kind):
+    from gpuquant import qint8_narrow, quint8
+    from gpuquant.quantization import (ExponentialMovingAverageObserver, FakeQuantize,
+                                       MinMaxObserver)
+    if kind == "minmax":
+        obs = MinMaxObserver(qint8_narrow, symmetric=True, axis=0, check_finite=False)
+        return obs, FakeQuantize(qint8_narrow)
+    obs = ExponentialMovingAverageObserver(0.7, quint8, symmetric=False, axis=0,
+                                           check_finite=False)
+    return obs, FakeQuantize(quint8)
+
+
+@pytest.mark.parametrize("kind", ["minmax", "ema_affine"])
+@pytest.mark.parametrize("shape,cl", [((6, 5, 3, 3), True), ((5, 1500), False),
+                                      ((3, 2, 1, 1), False)], ids=["conv_cl", "long_row", "tiny"])
+def test_fused_fold_observe_fake_quant_equals_the_unfused_kernels(kind, shape, cl):
+    """One launch (fold, per-channel observe, fake quant) and one backward launch give the
+    bytes of the three-launch path (bn_fold_weight, observe_fake_quant) and its gradients:
+    output, observer state, non-finite batch count, grad w and grad gamma, over steps that
+    include a NaN row, gamma 0 / below the clamp, and a frozen (disabled) observer."""
+    from gpuquant.backends.triton import observer as tobs
+    g = torch.Generator().manual_seed(7)
+    C = shape[0]
+    w0 = torch.randn(shape, generator=g).to(DEV)
+    if cl:
+        w0 = w0.contiguous(memory_format=torch.channels_last)
+    gamma0 = torch.randn(C, generator=g).to(DEV)
+    gamma0[0], gamma0[1 % C] = 0.0, -3e-7
+    rv = (torch.rand(C, generator=g) + 0.5).to(DEV)
+    pairs = [_weight_quantizers(kind) for _ in range(2)]
+    for o, f in pairs:
+        o.to(DEV), f.to(DEV)
+    for step in range(4):
+        if step == 3:
+            for o, _ in pairs:
+                o.disable()
+        w_in = (w0 * (1 + 0.5 * step)).clone()
+        if step == 1:
+            w_in[(C - 1,) + (0,) * (w_in.dim() - 1)] = float("nan")  # a non-finite row
+        outs = []
+        for fused, (obs, fq) in zip((True, False), pairs):
+            w = w_in.clone().requires_grad_(True)
+            gamma = gamma0.clone().requires_grad_(True)
+            with backends.use("triton"):
+                if fused:
+                    out = bn_fold.bn_fold_observe_fake_quant(w, gamma, rv, 1e-5, 1e-6, obs, fq)
+                    assert out is not None
+                    wq, t, W, E = out
+                else:
+                    wf, t, W, E = bn_fold.bn_fold_weight(w, gamma, rv, 1e-5, 1e-6)
+                    if obs.enabled:
+                        wq = tobs.observe_fake_quant(wf, obs, fq)
+                        assert wq is not None
+                    else:
+                        wq = fq(wf, obs.get_qparams())
+                gq = torch.randn(wq.shape, generator=torch.Generator().manual_seed(step)).to(DEV)
+                (wq * gq).sum().backward(retain_graph=True)
+                (W.sum() + E.sum()).backward()
+            outs.append((wq.detach(), t, W.detach(), E.detach(), w.grad, gamma.grad,
+                         obs.min_val.clone(), obs.max_val.clone(), int(obs.nonfinite_batches)))
+        names = ("wq", "t", "W", "E", "grad_w", "grad_gamma", "min_val", "max_val")
+        for n, a, b in zip(names, outs[0], outs[1]):
+            assert torch.equal(torch.nan_to_num(a, 9.0), torch.nan_to_num(b, 9.0)), (n, step)
+            assert torch.equal(a.isnan(), b.isnan()), (n, step)
+        assert outs[0][-1] == outs[1][-1] == (1 if step >= 1 else 0)
+        assert outs[0][0].stride() == w_in.stride()
+    assert torch.equal(bn_fold._ticket(pairs[0][0]).cpu(), torch.zeros(2, dtype=torch.int32))
+
+
+def test_fused_fold_observe_fake_quant_declines_what_it_does_not_take():
+    from gpuquant import qint8
+    from gpuquant.quantization import FakeQuantize, HistogramObserver, MinMaxObserver
+    w = torch.randn(4, 3, 3, 3, device=DEV)
+    gamma, rv = torch.randn(4, device=DEV), torch.rand(4, device=DEV) + 0.5
+    op = bn_fold.bn_fold_observe_fake_quant
+    with backends.use("triton"):
+        fq = FakeQuantize(qint8).to(DEV)
+        for obs in (MinMaxObserver(qint8, axis=0),  # check_finite: a host read
+                    MinMaxObserver(qint8, check_finite=False),  # per tensor
+                    MinMaxObserver(qint8, axis=1, check_finite=False),
+                    HistogramObserver(qint8)):
+            assert op(w, gamma, rv, 1e-5, 1e-6, obs.to(DEV), fq) is None
+        fresh = MinMaxObserver(qint8, axis=0, check_finite=False).to(DEV).disable()
+        assert op(w, gamma, rv, 1e-5, 1e-6, fresh, fq) is None  # nothing observed yet
+        obs = MinMaxObserver(qint8, axis=0, check_finite=False).to(DEV)
+        assert op(w, gamma, rv, 1e-5, 1e-6, obs, fq.disable()) is None
+        assert op(w, gamma, rv, 1e-5, 1e-6, obs, None) is None
+        assert op(w.double(), gamma, rv, 1e-5, 1e-6, obs, fq.enable()) is None
+        assert op(w, gamma, rv, 1e-5, 1e-6, obs, fq) is not None

@@ -29,10 +29,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fake_quant import _LAUNCH, _npow2, auto_interpreter, on_tensor_device
+from .fake_quant import _LAUNCH, _fq_math, _npow2, auto_interpreter, on_tensor_device
 from .launch import launch
+from .observer import (_INF, _NINF, _fake_quantize_class, _observer_consts, _plain_reduce,
+                       _supported_observer, _update_state)
 
-__all__ = ["bn_fold_weight", "bn_normalize_train", "OPS", "KERNELS"]
+__all__ = ["bn_fold_weight", "bn_fold_observe_fake_quant", "bn_normalize_train", "OPS",
+           "KERNELS"]
 
 _ROW_BLOCK = 1024
 
@@ -49,8 +52,22 @@ def _fold_factor(g, rv, eps, min_gamma):
 
 @triton.jit
 def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigma_ptr,
-                     L, eps, min_gamma, BLOCK: tl.constexpr):
-    """Program c: t, W = gamma * sign, E = eps * t * t, sigma, and w_fold[c] = w[c] * t."""
+                     L, eps, min_gamma,
+                     # FQ only: qparams out f32 (C,), observer min / max f32 (C,), its
+                     # nonfinite_batches i64 (1,), ticket i32 (2,) (zero between launches)
+                     qs_ptr, qz_ptr, min_ptr, max_ptr, bad_ptr, tick_ptr, C,
+                     c_ema, q_eps, qmin, qmax, half_range, zp_sym,
+                     BLOCK: tl.constexpr, FQ: tl.constexpr = False,
+                     OBSERVE: tl.constexpr = False, EMA: tl.constexpr = False,
+                     SYMMETRIC: tl.constexpr = True):
+    """Program c: t, W = gamma * sign, E = eps * t * t, sigma, and w_fold[c] = w[c] * t.
+
+    FQ: ``wf_ptr`` gets ``fake_quant(w[c] * t)`` instead, with the channel's qparams from its
+    per-channel observer state, updated first from this row's min / max when OBSERVE (the
+    arithmetic of :mod:`.observer`, so the state and the bytes equal the unfused path's);
+    the qparams go to ``qs`` / ``qz`` for the backward. Non-finite rows leave their state
+    and add 1 to ``bad`` once a launch: each program ORs its flag into ``tick[1]`` and takes
+    a ticket from ``tick[0]``; the last one adds the flag and zeroes both."""
     c = tl.program_id(0)
     g = tl.load(gamma_ptr + c)
     t, sgn, sigma = _fold_factor(g, tl.load(rv_ptr + c), eps, min_gamma)
@@ -59,28 +76,82 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
     tl.store(E_ptr + c, (eps * t) * t)
     tl.store(sigma_ptr + c, sigma)
     base = c.to(tl.int64) * L
-    for off in range(0, L, BLOCK):
-        i = off + tl.arange(0, BLOCK)
-        m = i < L
-        w = tl.load(w_ptr + base + i, mask=m, other=0.0)
-        tl.store(wf_ptr + base + i, w * t, mask=m)
+    if FQ:
+        old_min = tl.load(min_ptr + c)
+        old_max = tl.load(max_ptr + c)
+        if OBSERVE:
+            vmin = tl.full((BLOCK,), _INF, tl.float32)
+            vmax = tl.full((BLOCK,), _NINF, tl.float32)
+            for off in range(0, L, BLOCK):
+                i = off + tl.arange(0, BLOCK)
+                m = i < L
+                wf = tl.load(w_ptr + base + i, mask=m, other=0.0) * t
+                nan = wf != wf
+                vmin = tl.minimum(vmin, tl.where(m, tl.where(nan, _NINF, wf), _INF))
+                vmax = tl.maximum(vmax, tl.where(m, tl.where(nan, _INF, wf), _NINF))
+            mn = tl.min(vmin, axis=0)
+            mx = tl.max(vmax, axis=0)
+            ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
+        else:  # a frozen observer: qparams of the state as it is
+            mn = old_min
+            mx = old_max
+            ok = c < 0
+        new_min, new_max, s, zp = _update_state(mn, mx, ok, old_min, old_max, c_ema, q_eps,
+                                                qmin, qmax, half_range, zp_sym, EMA, SYMMETRIC)
+        inv = tl.math.div_rn(1.0, s)
+        tl.store(qs_ptr + c, s)
+        tl.store(qz_ptr + c, zp)
+        for off in range(0, L, BLOCK):
+            i = off + tl.arange(0, BLOCK)
+            m = i < L
+            wf = tl.load(w_ptr + base + i, mask=m, other=0.0) * t
+            y, _ = _fq_math(wf, inv, s, zp, qmin, qmax)
+            tl.store(wf_ptr + base + i, y, mask=m)
+        if OBSERVE:
+            tl.store(min_ptr + c, new_min)
+            tl.store(max_ptr + c, new_max)
+            tl.atomic_or(tick_ptr + 1, 1, mask=~ok)  # only the rare non-finite rows
+            if tl.atomic_add(tick_ptr, 1) == C - 1:  # the last program of the launch
+                anybad = tl.atomic_xchg(tick_ptr + 1, 0)
+                tl.atomic_xchg(tick_ptr, 0)
+                tl.store(bad_ptr, tl.load(bad_ptr) + anybad.to(tl.int64))
+    else:
+        for off in range(0, L, BLOCK):
+            i = off + tl.arange(0, BLOCK)
+            m = i < L
+            w = tl.load(w_ptr + base + i, mask=m, other=0.0)
+            tl.store(wf_ptr + base + i, w * t, mask=m)
 
 
 @triton.jit
 def _fold_bwd_kernel(gwf_ptr, w_ptr, gamma_ptr, t_ptr, sigma_ptr, gW_ptr, gE_ptr, gw_ptr, gg_ptr,
-                     L, eps, min_gamma, NEED_W: tl.constexpr, BLOCK: tl.constexpr):
+                     L, eps, min_gamma, qs_ptr, qz_ptr, qmin, qmax,
+                     NEED_W: tl.constexpr, BLOCK: tl.constexpr, FQ: tl.constexpr = False):
     """Program c: grad_w[c] = grad_w_fold[c] * t and
     grad_gamma = (sum(grad_w_fold[c] * w[c]) + grad_E * 2 eps t) * dt/dgamma + grad_W * sign,
-    dt/dgamma = 1 / sigma where min_gamma <= |gamma| (gamma != 0), else 0 (clamp, abs)."""
+    dt/dgamma = 1 / sigma where min_gamma <= |gamma| (gamma != 0), else 0 (clamp, abs).
+    FQ: ``gwf_ptr`` holds the gradient of the fake-quantized weight; the straight-through
+    mask (in range of the forward's qparams ``qs`` / ``qz``) is recomputed from w * t."""
     c = tl.program_id(0)
     t = tl.load(t_ptr + c)
+    s = t  # the qparams (FQ), defined on every path for the compiler
+    zp = t
+    inv = t
+    if FQ:
+        s = tl.load(qs_ptr + c)
+        zp = tl.load(qz_ptr + c)
+        inv = tl.math.div_rn(1.0, s)
     base = c.to(tl.int64) * L
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for off in range(0, L, BLOCK):
         i = off + tl.arange(0, BLOCK)
         m = i < L
         gwf = tl.load(gwf_ptr + base + i, mask=m, other=0.0)
-        acc += gwf * tl.load(w_ptr + base + i, mask=m, other=0.0)
+        w = tl.load(w_ptr + base + i, mask=m, other=0.0)
+        if FQ:  # grad * mask as the fake quant's backward computes it
+            _, inr = _fq_math(w * t, inv, s, zp, qmin, qmax)
+            gwf = gwf * inr.to(tl.float32)
+        acc += gwf * w
         if NEED_W:
             tl.store(gw_ptr + base + i, gwf * t, mask=m)
     g = tl.load(gamma_ptr + c)
@@ -141,34 +212,65 @@ def _rows_contiguous(w: torch.Tensor) -> bool:
 
 
 class _FoldWeight(torch.autograd.Function):
+    """Fold (and, given an observer, observe + fake-quantize) in one launch forward and
+    one backward."""
+
     @staticmethod
-    def forward(ctx, w, gamma, running_var, eps, min_gamma):
+    def forward(ctx, w, gamma, running_var, eps, min_gamma, observer=None):
         C = w.shape[0]
         L = w.numel() // C
         f32 = dict(dtype=torch.float32, device=w.device)
         wf = torch.empty_like(w)
         t, W, E, sigma = (torch.empty(C, **f32) for _ in range(4))
+        block = min(_ROW_BLOCK, _npow2(L))
+        if observer is None:
+            fq = dict(FQ=False)
+            qs = qz = t  # unused pointers
+            qargs = (t, t, t, t, t, t, C, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+            qmm = (0.0, 0.0)
+        else:
+            qs, qz = torch.empty(C, **f32), torch.empty(C, **f32)
+            consts = _observer_consts(observer)
+            qmm = consts[2:4]
+            fq = dict(FQ=True, OBSERVE=observer.enabled, EMA=_supported_observer(observer),
+                      SYMMETRIC=observer.symmetric)
+            qargs = (qs, qz, observer.min_val, observer.max_val, observer.nonfinite_batches,
+                     _ticket(observer), C) + consts
         launch(_fold_fwd_kernel, (C,), w, gamma.detach(), running_var, wf, t, W, E, sigma, L,
-               float(eps), float(min_gamma), BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4,
-               **_LAUNCH)
-        ctx.save_for_backward(w, gamma, t, sigma)
-        ctx.consts = (L, float(eps), float(min_gamma))
+               float(eps), float(min_gamma), *qargs, BLOCK=block, num_warps=4, **fq, **_LAUNCH)
+        ctx.save_for_backward(w, gamma, t, sigma, qs, qz)
+        ctx.consts = (L, float(eps), float(min_gamma), observer is not None) + tuple(qmm)
         ctx.mark_non_differentiable(t)
+        ctx.set_materialize_grads(False)  # no zero-fill launch for t's (absent) gradient
         return wf, t, W, E
 
     @staticmethod
     def backward(ctx, gwf, _gt, gW, gE):
-        w, gamma, t, sigma = ctx.saved_tensors
-        L, eps, min_gamma = ctx.consts
+        w, gamma, t, sigma, qs, qz = ctx.saved_tensors
+        L, eps, min_gamma, fq, qmin, qmax = ctx.consts
         need_w = ctx.needs_input_grad[0]
+        gwf = torch.zeros_like(w) if gwf is None else gwf
+        gW = torch.zeros_like(t) if gW is None else gW
+        gE = torch.zeros_like(t) if gE is None else gE
         if gwf.stride() != w.stride():
             gwf = torch.empty_like(w).copy_(gwf)
         gw = torch.empty_like(w) if need_w else gwf  # unused pointer without NEED_W
         gg = torch.empty_like(gamma, dtype=torch.float32)
-        launch(_fold_bwd_kernel, (w.shape[0],), gwf, w, gamma.detach(), t, sigma, gW.float(),
-               gE.float(), gw, gg, L, eps, min_gamma, NEED_W=need_w,
-               BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4, **_LAUNCH)
-        return (gw if need_w else None), gg.to(gamma.dtype), None, None, None
+        # contiguous: a gradient may arrive expanded (stride 0, e.g. from a sum)
+        launch(_fold_bwd_kernel, (w.shape[0],), gwf, w, gamma.detach(), t, sigma,
+               gW.float().contiguous(), gE.float().contiguous(), gw, gg, L, eps, min_gamma, qs, qz, qmin, qmax, NEED_W=need_w,
+               BLOCK=min(_ROW_BLOCK, _npow2(L)), FQ=fq, num_warps=4, **_LAUNCH)
+        return (gw if need_w else None), gg.to(gamma.dtype), None, None, None, None
+
+
+def _ticket(observer) -> torch.Tensor:
+    """The observer's launch ticket for the fused weight kernel: int32 (2,) on its device,
+    zero between launches (the kernel's last program resets it)."""
+    tk = observer.__dict__.get("_bn_fold_ticket")
+    if tk is None or tk.device != observer.min_val.device:
+        tk = torch.zeros(2, dtype=torch.int32, device=observer.min_val.device)
+        observer.__dict__["_bn_fold_ticket"] = tk
+    return tk
 
 
 class _NormalizeTrain(torch.autograd.Function):
@@ -215,7 +317,50 @@ def bn_fold_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tens
             or running_var.dtype != torch.float32 or w.shape[0] != gamma.numel()
             or w.numel() == 0 or not _rows_contiguous(w)):
         return None
-    return _FoldWeight.apply(w, gamma, running_var, eps, min_gamma)
+    return _FoldWeight.apply(w, gamma, running_var, eps, min_gamma, None)
+
+
+def _weight_pair_ok(w: torch.Tensor, observer, fake_quant) -> bool:
+    """Whether the fused weight kernel reproduces ``fake_quant(observer(w_fold))``: a plain
+    enabled FakeQuantize of the observer's dtype, a MinMax / moving-average observer per
+    output channel (axis 0) without host hooks, enabled, or disabled with qparams to give."""
+    if observer is None or fake_quant is None:
+        return False
+    if type(fake_quant) is not _fake_quantize_class() or not fake_quant.enabled:
+        return False
+    if _supported_observer(observer) is None or observer.dtype != fake_quant.dtype:
+        return False
+    if observer.axis is None or observer._resolve_axis(w) != 0 or observer.check_finite:
+        return False
+    if observer.min_val.device != w.device or not _plain_reduce(observer):
+        return False
+    C = w.shape[0]
+    if observer.enabled:
+        if observer.min_val.numel() == 0:  # first batch: size the state, as the observer does
+            observer._prepare_state(torch.empty(C, dtype=torch.float32, device=w.device))
+        return observer.min_val.numel() == C
+    return observer.has_observed and observer.min_val.numel() == C
+
+
+@on_tensor_device
+def bn_fold_observe_fake_quant(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tensor,
+                               eps: float, min_gamma: float, observer, fake_quant):
+    """:func:`bn_fold_weight`, then ``fake_quant(observer(w_fold))`` with the observer's new
+    qparams, in one launch (one program an output channel: the row's min / max, the state
+    update, the fake quant) and one backward launch (the straight-through mask recomputed
+    from ``w * t``, then the fold's gradients): ``(w_fq, t, W, E)``, or None for what it does
+    not take (the caller then folds and fake-quantizes in separate steps)."""
+    if auto_interpreter(w):
+        return None
+    if (w.dtype != torch.float32 or gamma.dtype != torch.float32 or w.dim() < 2
+            or running_var.dtype != torch.float32 or w.shape[0] != gamma.numel()
+            or w.numel() == 0 or not _rows_contiguous(w)):
+        return None
+    if not _weight_pair_ok(w, observer, fake_quant):
+        return None
+    if observer.enabled:
+        observer._observed = True
+    return _FoldWeight.apply(w, gamma, running_var, eps, min_gamma, observer)
 
 
 @on_tensor_device
@@ -233,11 +378,15 @@ def bn_normalize_train(z: torch.Tensor, W, beta, E, t, bn, bias=None) -> Optiona
 
 
 KERNELS = {
-    "_fold_fwd_kernel": (_fold_fwd_kernel, [dict(BLOCK=_ROW_BLOCK)]),
-    "_fold_bwd_kernel": (_fold_bwd_kernel, [dict(NEED_W=True, BLOCK=_ROW_BLOCK)]),
+    "_fold_fwd_kernel": (_fold_fwd_kernel, [dict(BLOCK=_ROW_BLOCK)] + [
+        dict(BLOCK=_ROW_BLOCK, FQ=True, OBSERVE=o, EMA=e, SYMMETRIC=s)
+        for o, e, s in ((True, False, True), (True, True, False), (False, False, True))]),
+    "_fold_bwd_kernel": (_fold_bwd_kernel, [dict(NEED_W=True, BLOCK=_ROW_BLOCK),
+                                            dict(NEED_W=True, BLOCK=_ROW_BLOCK, FQ=True)]),
     "_stats_finish_kernel": (_stats_finish_kernel, [
         dict(FROM_INVSTD=fi, HAS_BIAS=hb, CUMULATIVE=cu, BLOCK_C=1024)
         for fi, hb, cu in ((True, False, False), (False, True, True))]),
 }
 
-OPS = {"bn_fold_weight": bn_fold_weight, "bn_normalize_train": bn_normalize_train}
+OPS = {"bn_fold_weight": bn_fold_weight, "bn_fold_observe_fake_quant": bn_fold_observe_fake_quant,
+       "bn_normalize_train": bn_normalize_train}

@@ -2,7 +2,8 @@
 one-convolution form (see :mod:`.conv`): the weight fold, and batch normalisation with a
 per-channel epsilon.
 
-``fold_weight(w, gamma, running_var, eps, min_gamma) -> (w_fold, t, W, E)``::
+``fold_weight(w, gamma, running_var, eps, min_gamma) -> (w_fold, t, W, E)`` (and
+``fold_quant_weight``, the same with ``w_fold`` observed and fake-quantized)::
 
     t = sign(gamma) * max(|gamma|, min_gamma) / sqrt(running_var + eps)   (sign(0) = +1)
     w_fold = w * t (per output channel),  W = gamma * sign(gamma),  E = eps * t**2
@@ -45,8 +46,8 @@ import torch.nn.functional as F
 from ...backends.registry import find_op
 from ...distributed import batch_mean_var, syncs_batch_stats
 
-__all__ = ["scale_rows", "fold_weight", "normalize_train", "normalize", "normalize_composite",
-           "update_bn_running_stats"]
+__all__ = ["scale_rows", "fold_weight", "fold_quant_weight", "normalize_train", "normalize",
+           "normalize_composite", "update_bn_running_stats"]
 
 
 def update_bn_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n) -> None:
@@ -79,6 +80,22 @@ def fold_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tensor,
     sgn = torch.where(gamma.detach() < 0, -1.0, 1.0)
     t = sgn * gamma.abs().clamp(min=min_gamma) / sigma  # gamma / sigma, away from 0
     return scale_rows(w, t), t.detach(), gamma * sgn, eps * t * t
+
+
+def fold_quant_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tensor, eps: float,
+                      min_gamma: float, observer, fake_quant):
+    """``(fake_quant(observer(w_fold)), t, W, E)``: :func:`fold_weight`, then the weight's
+    observe + fake quant of :func:`~gpuquant.quantization.fake_quant.apply_fake_quant_with_observer`
+    (the definition); a backend op ``bn_fold_observe_fake_quant`` may do both at once for the
+    observer / fake-quant pairs it takes."""
+    fused = find_op("bn_fold_observe_fake_quant", w)
+    if fused is not None:
+        out = fused(w, gamma, running_var, eps, min_gamma, observer, fake_quant)
+        if out is not None:
+            return out
+    from ...quantization.fake_quant import apply_fake_quant_with_observer
+    wf, t, W, E = fold_weight(w, gamma, running_var, eps, min_gamma)
+    return apply_fake_quant_with_observer(wf, fake_quant, observer), t, W, E
 
 
 def normalize_train(z: torch.Tensor, W: torch.Tensor, beta: torch.Tensor, E: torch.Tensor,

@@ -40,7 +40,7 @@ import torch
 
 from ...distributed import batch_mean_var
 from ...nn import conv as Float
-from .bn_train import fold_weight, normalize_train, scale_rows, update_bn_running_stats
+from .bn_train import fold_quant_weight, normalize_train, scale_rows, update_bn_running_stats
 from .module import QATModule
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
@@ -157,8 +157,9 @@ class BnFoldedModule(QATModule):
 
     def _forward_single(self, x, inner, bn):
         gamma, beta = (bn.weight, bn.bias) if bn.affine else bn_fold_params(bn)[:2]
-        w, t, W, E = fold_weight(inner.weight, gamma, bn.running_var, bn.eps, _MIN_GAMMA)
-        z = self._inner_forward(x, self.apply_quant_weight(w), None)
+        wq, t, W, E = fold_quant_weight(inner.weight, gamma, bn.running_var, bn.eps, _MIN_GAMMA,
+                                        self.weight_observer, self.weight_fake_quant)
+        z = self._inner_forward(x, wq, None)
         self._check_batch(x, z)
         if inner.bias is not None:  # batch statistics cancel the bias: its gradient is
             # exactly 0; adding 0 * bias gives it one, so DDP sees it used
