@@ -15,6 +15,24 @@ from gpuquant.bench.suites.qat_step import qat_qconfig
 from gpuquant.quantization import quantize_qat
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _qconfig():
+    """qat_qconfig with affine activations. With the symmetric qint8 range the batch's
+    largest output sits on a rounding tie (max / scale = 127.5), so a one-ulp difference in
+    the normalisation (the fused op's own against F.batch_norm) flips that element between
+    127 (in range) and 128 (clamped, no gradient): tolerance comparisons of the gradients
+    cannot hold there. The fused op's bytes are checked exactly below, against a replica."""
+    from functools import partial
+
+    from gpuquant import quint8
+    from gpuquant.quantization import ExponentialMovingAverageObserver, FakeQuantize
+    return qat_qconfig()._replace(
+        act_observer=partial(ExponentialMovingAverageObserver, momentum=0.9, dtype=quint8,
+                             symmetric=False, check_finite=False),
+        act_fake_quant=partial(FakeQuantize, dtype=quint8))
+
+
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered")
 
 CASES = [  # (name, factory, input shape, channels_last, momentum)
@@ -42,6 +60,7 @@ def spies(monkeypatch):
         monkeypatch.setitem(tb.OPS, name, wrapped)
     spy("bn_fold_weight")
     spy("bn_fold_observe_fake_quant")
+    spy("bn_normalize_observe_fake_quant")
     spy("bn_normalize_train")
     return calls
 
@@ -66,7 +85,7 @@ def test_fused_bn_fold_equals_the_definition(spies, name, factory, shape, cl, mo
     torch.manual_seed(0)
     f = _randomize(factory(), 1)
     f.bn.momentum = momentum
-    fused = quantize_qat(copy.deepcopy(f), qat_qconfig()).to(DEV).train()
+    fused = quantize_qat(copy.deepcopy(f), _qconfig()).to(DEV).train()
     ref = copy.deepcopy(fused)
     if cl:
         fused = fused.to(memory_format=torch.channels_last)
@@ -92,8 +111,10 @@ def test_fused_bn_fold_equals_the_definition(spies, name, factory, shape, cl, mo
                                        rtol=1e-5, atol=1e-6, msg=n)
         assert int(fused.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked)
     assert fused.bn.weight.grad[0] != 0  # gamma = 0 still learns
-    ran = [c for c in spies if c[1]]
-    assert {n for n, _ in ran} == {"bn_fold_observe_fake_quant", "bn_normalize_train"}
+    ran = {n for n, ok in spies if ok}
+    # ReLU6 outputs take the two-step path (normalise, then observe + fake quant)
+    norm = "bn_normalize_train" if "6" in type(f).__name__ else "bn_normalize_observe_fake_quant"
+    assert ran == {"bn_fold_observe_fake_quant", norm}
 
 
 def test_fused_bn_fold_under_bf16_autocast(spies):
@@ -117,7 +138,8 @@ def test_fused_bn_fold_under_bf16_autocast(spies):
         torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-2, msg=n)
     assert fused.bn.running_var.dtype == torch.float32
     torch.testing.assert_close(fused.bn.running_var, ref.bn.running_var, rtol=1e-3, atol=1e-4)
-    assert {n for n, ok in spies if ok} == {"bn_fold_observe_fake_quant", "bn_normalize_train"}
+    assert {n for n, ok in spies if ok} == {"bn_fold_observe_fake_quant",
+                                            "bn_normalize_observe_fake_quant"}
 
 
 def test_fused_ops_decline_what_they_do_not_take():
@@ -223,3 +245,110 @@ def test_fused_fold_observe_fake_quant_declines_what_it_does_not_take():
         assert op(w, gamma, rv, 1e-5, 1e-6, obs, None) is None
         assert op(w.double(), gamma, rv, 1e-5, 1e-6, obs, fq.enable()) is None
         assert op(w, gamma, rv, 1e-5, 1e-6, obs, fq) is not None
+
+
+# --------------------------------------- batch norm + activation observe + fake quant, fused
+def _act_quantizers(kind):
+    from gpuquant import qint8, quint8
+    from gpuquant.quantization import (ExponentialMovingAverageObserver, FakeQuantize,
+                                       MinMaxObserver)
+    if kind == "minmax_affine":
+        return MinMaxObserver(quint8, symmetric=False, check_finite=False), FakeQuantize(quint8)
+    return (ExponentialMovingAverageObserver(0.8, qint8, symmetric=True, check_finite=False),
+            FakeQuantize(qint8))
+
+
+BN_ACT_CASES = [  # (id, shape, layout, dtype, relu, observer kind)
+    ("cl_f32_relu_ema", (3, 16, 5, 7), "cl", torch.float32, True, "ema"),
+    ("nchw_bf16_relu_ema", (2, 7, 6, 5), "nchw", torch.bfloat16, True, "ema"),
+    ("nchw_n1_f16_affine", (1, 12, 4, 9), "nchw", torch.float16, False, "minmax_affine"),
+    ("cl_c96_bf16_affine", (2, 96, 3, 3), "cl", torch.bfloat16, True, "minmax_affine"),
+    ("linear_f32_ema", (37, 10), "nchw", torch.float32, False, "ema"),
+]
+
+
+@pytest.mark.parametrize("shape,layout,dtype,relu,kind", [c[1:] for c in BN_ACT_CASES],
+                         ids=[c[0] for c in BN_ACT_CASES])
+def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, dtype, relu,
+                                                                 kind):
+    """bn_normalize_observe_fake_quant against the definition applied to the fused op's own
+    normalisation ((z - mean) * a + beta in float32, rounded to z's dtype, from the op's
+    mean and a): output bytes, observer state and non-finite count exactly, over steps with
+    a NaN channel (its outputs NaN, the batch not recorded) and a frozen observer; the
+    gradients exactly those of PyTorch's batch-norm backward given the fake quant's
+    straight-through gradient; the batch statistics and running statistics to float32
+    rounding of torch.var_mean's."""
+    from gpuquant.backends.triton import bn_act
+    from gpuquant.quantization.fake_quant import apply_fake_quant_with_observer
+    g = torch.Generator().manual_seed(11)
+    C = shape[1]
+    dims = (0,) + tuple(range(2, len(shape)))
+    sh = (1, -1) + (1,) * (len(shape) - 2)
+    W0 = (torch.rand(C, generator=g) + 0.3).to(DEV)
+    W0[1] = 0.0  # gamma = 0: that channel outputs beta
+    beta0 = (torch.randn(C, generator=g) * 0.3).to(DEV)
+    E = (torch.rand(C, generator=g) * 1e-4 + 1e-6).to(DEV)
+    t = (torch.rand(C, generator=g) + 0.5).to(DEV)
+    bn = torch.nn.BatchNorm2d(C, momentum=0.2).to(DEV)
+    rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
+    (obs, fq), (obs_r, fq_r) = _act_quantizers(kind), _act_quantizers(kind)
+    for m in (obs, fq, obs_r, fq_r):
+        m.to(DEV)
+    for step in range(4):
+        if step == 3:
+            obs.disable(), obs_r.disable()
+        z0 = (torch.randn(shape, generator=g) * 2 + 0.5).to(DEV).to(dtype)
+        if step == 1:
+            z0[(0, C - 1) + (0,) * (len(shape) - 2)] = float("nan")
+        if layout == "cl":
+            z0 = z0.contiguous(memory_format=torch.channels_last)
+        z = z0.clone().requires_grad_(True)
+        W, beta = W0.clone().requires_grad_(True), beta0.clone().requires_grad_(True)
+        Eg = E.clone().requires_grad_(True)
+        spy = {}
+        real = bn_act.bn_act_forward
+
+        def capture(*a, **k):
+            out = real(*a, **k)
+            spy["mean"], spy["invstd"], spy["a"] = (v.clone() for v in out[1:4])
+            return out
+        bn_act.bn_act_forward = capture
+        try:
+            with backends.use("triton"):
+                y = bn_act.bn_normalize_observe_fake_quant(z, W, beta, Eg, t, bn, None, obs, fq,
+                                                           "relu" if relu else "none")
+                assert y is not None
+                gy = torch.randn(shape, generator=g).to(DEV).to(dtype)
+                y.backward(gy)
+        finally:
+            bn_act.bn_act_forward = real
+        mean, invstd, a = spy["mean"], spy["invstd"], spy["a"]
+        # the definition on the op's normalisation
+        yn = ((z0.float() - mean.reshape(sh)) * a.reshape(sh) + beta0.reshape(sh)).to(dtype)
+        yn = yn.detach().requires_grad_(True)
+        with backends.use("reference"):
+            yr = apply_fake_quant_with_observer(yn, fq_r, obs_r, relu)
+        yr.backward(gy)
+        assert y.dtype == dtype and y.stride() == z0.stride()
+        assert torch.equal(y.isnan(), yr.isnan()), step
+        assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr)), step
+        for n in ("min_val", "max_val", "nonfinite_batches"):
+            assert torch.equal(getattr(obs, n), getattr(obs_r, n)), (n, step)
+        gz, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            yn.grad, z0, W0, None, None, mean, invstd, True, 0.0, [True, True, True])
+        for n, a_, b_ in (("z", z.grad, gz), ("W", W.grad, gw), ("beta", beta.grad, gb)):
+            assert torch.equal(torch.nan_to_num(a_), torch.nan_to_num(b_)), (n, step)
+        if step != 1:  # statistics (the NaN step's last channel is NaN throughout)
+            var_r, mean_r = torch.var_mean(z0.float(), dim=dims, correction=0)
+            torch.testing.assert_close(mean, mean_r, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(invstd, torch.rsqrt(var_r + E), rtol=1e-5, atol=1e-6)
+            n = z0.numel() // C
+            rm_new = torch.lerp(rm0, mean_r / t, 0.2)
+            rv_new = torch.lerp(rv0, var_r / (t * t) * (n / (n - 1)), 0.2)
+            torch.testing.assert_close(bn.running_mean, rm_new, rtol=1e-5, atol=1e-6,
+                                       equal_nan=True)  # NaN since the NaN step, as torch's
+            torch.testing.assert_close(bn.running_var, rv_new, rtol=1e-5, atol=1e-6,
+                                       equal_nan=True)
+        rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
+    assert int(bn.num_batches_tracked) == 4
+    assert int(obs.nonfinite_batches) == 1

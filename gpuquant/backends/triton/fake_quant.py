@@ -705,10 +705,11 @@ KERNELS = {
 OPS = {"fake_quant": fake_quant}
 
 # the other QAT kernel families of this backend, merged here (they import this module)
+from . import bn_act as _bn_act  # noqa: E402
 from . import bn_fold as _bn_fold  # noqa: E402
 from . import lsq as _lsq  # noqa: E402
 from . import observer as _observer  # noqa: E402
 
-for _fam in (_lsq, _observer, _bn_fold):
+for _fam in (_lsq, _observer, _bn_fold, _bn_act):
     OPS.update(_fam.OPS)
     KERNELS.update(_fam.KERNELS)

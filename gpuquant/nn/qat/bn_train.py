@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from ...backends.registry import find_op
 from ...distributed import batch_mean_var, syncs_batch_stats
 
-__all__ = ["scale_rows", "fold_weight", "fold_quant_weight", "normalize_train", "normalize",
-           "normalize_composite", "update_bn_running_stats"]
+__all__ = ["scale_rows", "fold_weight", "fold_quant_weight", "normalize_train",
+           "normalize_quant_train", "normalize", "normalize_composite", "update_bn_running_stats"]
 
 
 def update_bn_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n) -> None:
@@ -118,6 +118,19 @@ def normalize_train(z: torch.Tensor, W: torch.Tensor, beta: torch.Tensor, E: tor
     b = bias.detach() if bias is not None else 0.0
     update_bn_running_stats(bn, mean / t + b, var / (t * t), n)
     return y
+
+
+def normalize_quant_train(z: torch.Tensor, W: torch.Tensor, beta: torch.Tensor, E: torch.Tensor,
+                          t: torch.Tensor, bn: torch.nn.Module, bias, observer, fake_quant,
+                          activation: str):
+    """:func:`normalize_train`, then the output activation and its observe + fake quant
+    (:func:`~gpuquant.quantization.fake_quant.apply_fake_quant_with_observer`) in one backend
+    op (``bn_normalize_observe_fake_quant``) where one takes this case; else None, and the
+    caller runs the two steps."""
+    fused = find_op("bn_normalize_observe_fake_quant", z)
+    if fused is None:
+        return None
+    return fused(z, W, beta, E, t, bn, bias, observer, fake_quant, activation)
 
 
 def _channel_shape(z: torch.Tensor):

@@ -40,8 +40,9 @@ import torch
 
 from ...distributed import batch_mean_var
 from ...nn import conv as Float
-from .bn_train import fold_quant_weight, normalize_train, scale_rows, update_bn_running_stats
-from .module import QATModule
+from .bn_train import (fold_quant_weight, normalize_quant_train, normalize_train, scale_rows,
+                       update_bn_running_stats)
+from .module import QATModule, tag_output
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
            "BnFoldedModule", "bn_fold_params", "update_bn_running_stats", "BN_FOLD_MODES"]
@@ -164,7 +165,12 @@ class BnFoldedModule(QATModule):
         if inner.bias is not None:  # batch statistics cancel the bias: its gradient is
             # exactly 0; adding 0 * bias gives it one, so DDP sees it used
             beta = beta + 0.0 * inner.bias
-        return normalize_train(z, W, beta, E, t, bn, inner.bias)
+        # (output, whether it is already activated, observed and fake-quantized)
+        y = normalize_quant_train(z, W, beta, E, t, bn, inner.bias, self.act_observer,
+                                  self.act_fake_quant, self.activation)
+        if y is not None:
+            return y, True
+        return normalize_train(z, W, beta, E, t, bn, inner.bias), False
 
     def _forward_exact(self, x, inner, bn):
         y0 = self._inner_forward(x, inner.weight, None)  # float op: batch statistics
@@ -193,7 +199,9 @@ class BnFoldedModule(QATModule):
         inner, bn = self._inner(), self.bn
         if self.training and not self.bn_frozen:
             if self.bn_fold == "single":
-                y = self._forward_single(x, inner, bn)
+                y, quantized = self._forward_single(x, inner, bn)
+                if quantized:
+                    return tag_output(y, self)
             else:
                 y = self._forward_exact(x, inner, bn)
         else:

@@ -1,0 +1,382 @@
+"""Training-mode BatchNorm of a folded Conv+BN / Linear+BN QAT layer and its output's
+observe + fake quant, fused (Triton): op ``bn_normalize_observe_fake_quant``.
+
+The definition (:func:`gpuquant.nn.qat.bn_train.normalize_train`, then
+:func:`gpuquant.quantization.fake_quant.apply_fake_quant_with_observer` with the module's
+per-tensor activation observer) passes over the convolution output ``z`` five times: batch
+statistics, normalisation (writes ``y``), the observer's min / max of ``relu(y)``, the fake
+quant (reads ``y``, writes the output); two PyTorch launches and four Triton ones. Here
+three launches and two passes over ``z``:
+
+1. ``_bn_stats_kernel``: one read of ``z``: per (row split, channel) count-weighted mean,
+   sum of squared deviations (merged tile by tile with Chan's formula) and min / max;
+2. ``_bn_finish_kernel``: one program: the batch mean and variance per channel (the splits
+   merged in a fixed order), ``a = W / sqrt(var + E)``, the running statistics, and the
+   observer's batch min / max *without another pass*: ``y = (z - mean) * a + beta`` (each
+   operation rounded, ``a >= 0``), the rounding to ``z``'s dtype and ReLU are all
+   non-decreasing in ``z``, so the smallest / largest output of channel c is ``y(min z_c)`` /
+   ``y(max z_c)``, bit for bit. The observer update and qparams are those of
+   :mod:`.observer` (same jitted arithmetic);
+3. ``_bn_norm_fq_kernel``: reads ``z``, writes ``fake_quant(relu(y))``.
+
+Nothing is saved but ``z`` (the batch-norm backward needs it anyway) and per-channel
+vectors: the backward recomputes ``y`` and the straight-through mask from ``z``
+(``_bn_fq_grad_kernel``: the gradient times the mask, the fake quant's ReLU included), then
+PyTorch's fused batch-norm backward, as :mod:`.bn_fold`'s ``bn_normalize_train``.
+
+Exact where it can be: the output bytes and the observer's state equal the definition's
+applied to this normalisation (``(z - mean) * a + beta`` in float32, rounded to ``z``'s
+dtype); the batch statistics agree with ``torch.var_mean`` to float32 rounding (their sum
+order differs). Returns None (the caller runs the definition) for what it does not take:
+synchronised BatchNorm, per-channel or hooked activation observers, ReLU6, other
+fake-quant classes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cdiv
+from .fake_quant import (_FLOATS, _LAUNCH, _fq_relu, _npow2, _row_offsets, _to_out, as_rows,
+                         auto_interpreter, on_tensor_device, row_plan)
+from .launch import launch
+from .observer import (_INF, _NINF, _fake_quantize_class, _observer_consts, _plain_reduce,
+                       _supported_observer, _update_state)
+
+__all__ = ["bn_normalize_observe_fake_quant", "bn_act_forward", "OPS", "KERNELS"]
+
+_TILE = 2048       # elements a tile (rows x channels)
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_FINISH_BLOCK = 4096  # split x channel partials a finishing step
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _bn_stats_kernel(
+    z_ptr, part_ptr,
+    rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
+    ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (cb, sp): over its row blocks, per channel the mean, the sum of squared
+    deviations M2 (a tile's own two-pass mean and M2, merged into the running pair with
+    Chan's formula) and min / max (NaN as -inf / +inf); written to part f32 (4, split, C)."""
+    cb = tl.program_id(0)
+    sp = tl.program_id(1)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    coff = (c.to(tl.int64) * s_c)[None, :]
+    n_a = tl.sum(tl.zeros((BLOCK_R,), tl.float32), axis=0)
+    mean_a = tl.zeros((BLOCK_C,), tl.float32)
+    m2_a = tl.zeros((BLOCK_C,), tl.float32)
+    vmin = tl.full((BLOCK_C,), _INF, tl.float32)
+    vmax = tl.full((BLOCK_C,), _NINF, tl.float32)
+    for it in range(0, n_iter):
+        roff, rm = _row_offsets(sp * n_iter + it, rows, inner, s_o, s_i, m_in, l_in, ROWS32,
+                                BLOCK_R)
+        m = rm[:, None] & cm[None, :]
+        x = tl.load(z_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
+        n_t = tl.sum(rm.to(tl.float32), axis=0)
+        mean_t = tl.math.div_rn(tl.sum(x, axis=0), tl.maximum(n_t, 1.0))
+        d = tl.where(m, x - mean_t[None, :], 0.0)
+        m2_t = tl.sum(d * d, axis=0)
+        n = n_a + n_t
+        delta = mean_t - mean_a
+        w_t = tl.math.div_rn(n_t, tl.maximum(n, 1.0))
+        mean_a = mean_a + delta * w_t
+        m2_a = m2_a + m2_t + (delta * delta) * (n_a * w_t)
+        n_a = n
+        nan = x != x
+        vmin = tl.minimum(vmin, tl.min(tl.where(m, tl.where(nan, _NINF, x), _INF), axis=0))
+        vmax = tl.maximum(vmax, tl.max(tl.where(m, tl.where(nan, _INF, x), _NINF), axis=0))
+    base = sp.to(tl.int64) * C + c
+    plane = split * C
+    tl.store(part_ptr + base, mean_a, mask=cm)
+    tl.store(part_ptr + plane + base, m2_a, mask=cm)
+    tl.store(part_ptr + 2 * plane + base, vmin, mask=cm)
+    tl.store(part_ptr + 3 * plane + base, vmax, mask=cm)
+
+
+@triton.jit
+def _act_of(z, mean, a, beta, OUT: tl.constexpr, RELU: tl.constexpr):
+    """The normalised output as the fake quant sees it: ``(z - mean) * a + beta`` rounded to
+    the output dtype and read back as float32, ReLU'd when RELU (NaN stays NaN)."""
+    y = _to_out((z - mean) * a + beta, OUT).to(tl.float32)
+    if RELU:
+        y = tl.where(y < 0, 0.0, y)
+    return y
+
+
+@triton.jit
+def _bn_finish_kernel(
+    # partials f32 (4, split, C); per channel f32 (C,): W, beta, E, t, bias (HAS_BIAS)
+    part_ptr, W_ptr, beta_ptr, E_ptr, t_ptr, b_ptr,
+    # BatchNorm running statistics f32 (C,), num_batches_tracked i64 (1,)
+    rm_ptr, rv_ptr, nbt_ptr,
+    # out f32 (C,): mean, 1 / sqrt(var + E), a = W / sqrt(var + E), k = -W / (2 (var + E))
+    mean_ptr, invstd_ptr, a_ptr, k_ptr,
+    # observer state f32 (1,) each, its nonfinite_batches i64 (1,); out qparams f32 (2,)
+    min_ptr, max_ptr, bad_ptr, q_ptr,
+    # sizes: rows (values a channel), rows a split, splits, channels
+    rows, rows_per_split, split, C, momentum, unbias,
+    # observer constants
+    c_ema, q_eps, qmin, qmax, half_range, zp_sym,
+    OUT: tl.constexpr, RELU: tl.constexpr, OBSERVE: tl.constexpr, EMA: tl.constexpr,
+    SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, CUMULATIVE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program: batch statistics from the partials (mean = sum(n_s mean_s) / n, then
+    M2 = sum(M2_s + n_s (mean_s - mean)^2), fixed order), the per-channel vectors, the
+    running statistics (as BatchNorm: lerp with momentum or 1 / num_batches_tracked; mean / t
+    + bias, var / t^2 * n / (n - 1)), and the per-tensor observer of the output, whose batch
+    min / max are the outputs of each channel's extreme inputs (module docstring)."""
+    nbt = tl.load(nbt_ptr) + 1
+    tl.store(nbt_ptr, nbt)
+    if CUMULATIVE:
+        f = tl.math.div_rn(1.0, nbt.to(tl.float32))
+    else:
+        f = momentum
+    gmin = tl.full((BLOCK_C,), _INF, tl.float32)
+    gmax = tl.full((BLOCK_C,), _NINF, tl.float32)
+    plane = split * C
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        acc = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+        zmin = tl.full((BLOCK_S, BLOCK_C), _INF, tl.float32)
+        zmax = tl.full((BLOCK_S, BLOCK_C), _NINF, tl.float32)
+        for s0 in range(0, split, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            m = (sp < split)[:, None] & cm[None, :]
+            cnt = tl.minimum(tl.maximum(rows - sp * rows_per_split, 0), rows_per_split)
+            off = sp.to(tl.int64)[:, None] * C + c[None, :]
+            mu = tl.load(part_ptr + off, mask=m, other=0.0)
+            acc += tl.where(m, cnt.to(tl.float32)[:, None] * mu, 0.0)
+            zmin = tl.minimum(zmin, tl.load(part_ptr + 2 * plane + off, mask=m, other=_INF))
+            zmax = tl.maximum(zmax, tl.load(part_ptr + 3 * plane + off, mask=m, other=_NINF))
+        n_f = rows.to(tl.float32)
+        mean = tl.math.div_rn(tl.sum(acc, axis=0), n_f)
+        acc = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+        for s0 in range(0, split, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            m = (sp < split)[:, None] & cm[None, :]
+            cnt = tl.minimum(tl.maximum(rows - sp * rows_per_split, 0), rows_per_split)
+            off = sp.to(tl.int64)[:, None] * C + c[None, :]
+            d = tl.load(part_ptr + off, mask=m, other=0.0) - mean[None, :]
+            m2 = tl.load(part_ptr + plane + off, mask=m, other=0.0)
+            acc += tl.where(m, m2 + cnt.to(tl.float32)[:, None] * (d * d), 0.0)
+        var = tl.math.div_rn(tl.sum(acc, axis=0), n_f)
+        W = tl.load(W_ptr + c, mask=cm, other=0.0)
+        beta = tl.load(beta_ptr + c, mask=cm, other=0.0)
+        ve = var + tl.load(E_ptr + c, mask=cm, other=1.0)
+        inv = tl.math.div_rn(1.0, tl.sqrt_rn(ve))
+        a = inv * W
+        tl.store(mean_ptr + c, mean, mask=cm)
+        tl.store(invstd_ptr + c, inv, mask=cm)
+        tl.store(a_ptr + c, a, mask=cm)
+        tl.store(k_ptr + c, -0.5 * W * (inv * inv), mask=cm)
+        t = tl.load(t_ptr + c, mask=cm, other=1.0)
+        m_new = tl.math.div_rn(mean, t)
+        if HAS_BIAS:
+            m_new = m_new + tl.load(b_ptr + c, mask=cm, other=0.0)
+        v_new = tl.math.div_rn(var, t * t) * unbias
+        rmean = tl.load(rm_ptr + c, mask=cm, other=0.0)
+        rvar = tl.load(rv_ptr + c, mask=cm, other=0.0)
+        tl.store(rm_ptr + c, rmean + f * (m_new - rmean), mask=cm)
+        tl.store(rv_ptr + c, rvar + f * (v_new - rvar), mask=cm)
+        if OBSERVE:
+            lo = _act_of(tl.min(zmin, axis=0), mean, a, beta, OUT, RELU)
+            hi = _act_of(tl.max(zmax, axis=0), mean, a, beta, OUT, RELU)
+            gmin = tl.minimum(gmin, tl.where(cm, tl.where(lo != lo, _NINF, lo), _INF))
+            gmax = tl.maximum(gmax, tl.where(cm, tl.where(hi != hi, _INF, hi), _NINF))
+    old_min = tl.load(min_ptr)
+    old_max = tl.load(max_ptr)
+    if OBSERVE:
+        mn = tl.min(gmin, axis=0)
+        mx = tl.max(gmax, axis=0)
+        ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
+    else:  # a frozen observer: the qparams of its state
+        mn = old_min
+        mx = old_max
+        ok = tl.program_id(0) < 0
+    new_min, new_max, s, zp = _update_state(mn, mx, ok, old_min, old_max, c_ema, q_eps, qmin,
+                                            qmax, half_range, zp_sym, EMA, SYMMETRIC)
+    if OBSERVE:
+        tl.store(min_ptr, new_min)
+        tl.store(max_ptr, new_max)
+        tl.store(bad_ptr, tl.load(bad_ptr) + (~ok).to(tl.int64))
+    tl.store(q_ptr, s)
+    tl.store(q_ptr + 1, zp)
+
+
+@triton.jit
+def _bn_norm_fq_kernel(
+    z_ptr, y_ptr, g_ptr, gz_ptr,
+    rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
+    mean_ptr, a_ptr, beta_ptr, q_ptr, qmin, qmax,
+    GRAD: tl.constexpr, RELU: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Program (cb, row block): y = fake_quant(relu((z - mean) * a + beta)) with the
+    per-tensor qparams q = (scale, zero point); with GRAD instead the backward's
+    grad_y * mask (in range, and z's output > 0 with RELU), recomputed from z, to gz
+    (same layout as z)."""
+    cb = tl.program_id(0)
+    rb = tl.program_id(1)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)[None, :]
+    a = tl.load(a_ptr + c, mask=cm, other=0.0)[None, :]
+    beta = tl.load(beta_ptr + c, mask=cm, other=0.0)[None, :]
+    s = tl.load(q_ptr)
+    zp = tl.load(q_ptr + 1)
+    inv = tl.math.div_rn(1.0, s)
+    roff, rm = _row_offsets(rb, rows, inner, s_o, s_i, m_in, l_in, ROWS32, BLOCK_R)
+    off = roff[:, None] + (c.to(tl.int64) * s_c)[None, :]
+    m = rm[:, None] & cm[None, :]
+    z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
+    y = _act_of(z, mean, a, beta, z_ptr.dtype.element_ty, False)
+    yq, inr = _fq_relu(y, inv, s, zp, qmin, qmax, RELU)
+    if GRAD:
+        g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(gz_ptr + off, _to_out(g * inr.to(tl.float32), gz_ptr.dtype.element_ty),
+                 mask=m)
+    else:
+        tl.store(y_ptr + off, _to_out(yq, y_ptr.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------- launchers
+def _plans(z: torch.Tensor):
+    """(statistics plan, elementwise plan: one row block a program) of z's channel axis 1."""
+    return (row_plan(z, 1, tile=_TILE),
+            row_plan(z, 1, tile=_TILE, programs=2 ** 40))
+
+
+def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
+                   observer, relu: bool):
+    """The forward's three launches. ``z`` dense with :func:`as_rows`'s layout along axis 1.
+    Returns ``(y, mean, invstd, a, k, q)``; updates the running statistics, ``nbt`` and the
+    observer's state in place."""
+    C = z.shape[1]
+    rows = z.numel() // C
+    f32 = dict(dtype=torch.float32, device=z.device)
+    sp, ep = _plans(z)
+    part = torch.empty(4 * sp.split * C, **f32)
+    launch(_bn_stats_kernel, (cdiv(C, sp.block_c), sp.split), z, part, *sp.kernel_args(),
+           ROWS32=sp.rows32, BLOCK_R=sp.block_r, BLOCK_C=sp.block_c, num_warps=4, **_LAUNCH)
+    vec = torch.empty(4 * C + 2, **f32)
+    mean, invstd, a, k, q = vec[:C], vec[C:2 * C], vec[2 * C:3 * C], vec[3 * C:4 * C], vec[4 * C:]
+    block_c = min(_npow2(C), 256)
+    consts = _observer_consts(observer)
+    launch(_bn_finish_kernel, (1,), part, W, beta, E, t, bias if bias is not None else W,
+           running_mean, running_var, nbt, mean, invstd, a, k, observer.min_val,
+           observer.max_val, observer.nonfinite_batches, q, rows, sp.n_iter * sp.block_r,
+           sp.split, C, 0.0 if momentum is None else float(momentum), rows / (rows - 1),
+           *consts, OUT=_TL_DTYPE[z.dtype], RELU=relu, OBSERVE=observer.enabled,
+           EMA=_supported_observer(observer), SYMMETRIC=observer.symmetric,
+           HAS_BIAS=bias is not None, CUMULATIVE=momentum is None,
+           BLOCK_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // block_c)), BLOCK_C=block_c,
+           num_warps=8, **_LAUNCH)
+    y = torch.empty_like(z)
+    launch(_bn_norm_fq_kernel, (cdiv(C, ep.block_c), ep.split), z, y, z, z, *ep.kernel_args(),
+           mean, a, beta, q, *consts[2:4], GRAD=False, RELU=relu, ROWS32=ep.rows32,
+           BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
+    return y, mean, invstd, a, k, q
+
+
+def bn_act_grad_mask(gy, z, mean, a, beta, q, qmin, qmax, relu: bool):
+    """``grad_y * mask`` in z's layout, the mask recomputed from ``z``."""
+    if gy.stride() != z.stride():
+        gy = torch.empty_like(z).copy_(gy)
+    gz = torch.empty_like(z)
+    _, ep = _plans(z)
+    C = z.shape[1]
+    launch(_bn_norm_fq_kernel, (cdiv(C, ep.block_c), ep.split), z, z, gy, gz,
+           *ep.kernel_args(), mean, a, beta, q, qmin, qmax, GRAD=True, RELU=relu,
+           ROWS32=ep.rows32, BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
+    return gz
+
+
+class _BnActTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
+                observer, relu):
+        y, mean, invstd, a, k, q = bn_act_forward(z, W, beta, E, t, bias, running_mean,
+                                                  running_var, nbt, momentum, observer, relu)
+        ctx.save_for_backward(z, W, beta, mean, invstd, a, k, q)
+        ctx.consts = (float(observer.dtype.qmin), float(observer.dtype.qmax), relu)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        z, W, beta, mean, invstd, a, k, q = ctx.saved_tensors
+        qmin, qmax, relu = ctx.consts
+        need_z, need_w, need_b, need_e = ctx.needs_input_grad[:4]
+        g = bn_act_grad_mask(gy, z, mean, a, beta, q, qmin, qmax, relu)
+        gz, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g, z, W, None, None, mean, invstd, True, 0.0, [need_z, need_w or need_e, need_b])
+        ge = k * gw if need_e else None
+        return (gz, gw if need_w else None, gb, ge) + (None,) * 8
+
+
+def _act_pair_ok(z: torch.Tensor, observer, fake_quant) -> bool:
+    """A per-tensor MinMax / moving-average observer without host hooks (enabled, or
+    disabled with qparams to give) and an enabled plain FakeQuantize of its dtype."""
+    if observer is None or fake_quant is None:
+        return False
+    if type(fake_quant) is not _fake_quantize_class() or not fake_quant.enabled:
+        return False
+    if _supported_observer(observer) is None or observer.dtype != fake_quant.dtype:
+        return False
+    if observer.axis is not None or observer.check_finite or not _plain_reduce(observer):
+        return False
+    if observer.min_val.device != z.device or observer.min_val.numel() != 1:
+        return False
+    return observer.enabled or observer.has_observed
+
+
+# --------------------------------------------------------------------------- op
+@on_tensor_device
+def bn_normalize_observe_fake_quant(z: torch.Tensor, W, beta, E, t, bn, bias, observer,
+                                    fake_quant, activation: str = "none") -> Optional[torch.Tensor]:
+    """``fake_quant(observer(act(normalize_train(z, ...))))`` (module docstring) for
+    ``activation`` "none" or "relu"; updates ``bn``'s running statistics and the observer.
+    None for what it does not take."""
+    if auto_interpreter(z):
+        return None
+    if activation not in ("none", "relu") or not _act_pair_ok(z, observer, fake_quant):
+        return None
+    if (z.dim() < 2 or z.dtype not in _FLOATS or z.numel() == 0 or z.shape[1] < 1
+            or z.numel() // z.shape[1] < 2 or bn.running_mean.dtype != torch.float32
+            or bn.running_var.dtype != torch.float32
+            or any(v.dtype != torch.float32 for v in (W, beta, E, t))):
+        return None
+    from ...distributed import syncs_batch_stats
+    if syncs_batch_stats(bn):
+        return None
+    zr = as_rows(z, 1)
+    b = bias.detach().float().contiguous() if bias is not None else None
+    if observer.enabled:
+        observer._observed = True
+    y = _BnActTrain.apply(zr, W.contiguous(), beta.contiguous(), E.contiguous(), t.contiguous(), b,
+                          bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
+                          observer, activation == "relu")
+    return y
+
+
+_PLAN = dict(ROWS32=False, BLOCK_R=32, BLOCK_C=64)
+KERNELS = {
+    "_bn_stats_kernel": (_bn_stats_kernel, [_PLAN, dict(ROWS32=True, BLOCK_R=2048, BLOCK_C=1)]),
+    "_bn_finish_kernel": (_bn_finish_kernel, [
+        dict(OUT=o, RELU=r, OBSERVE=ob, EMA=e, SYMMETRIC=s, HAS_BIAS=hb, CUMULATIVE=cu,
+             BLOCK_S=16, BLOCK_C=256)
+        for o, r, ob, e, s, hb, cu in ((tl.bfloat16, True, True, True, True, False, False),
+                                       (tl.float32, False, True, False, False, True, True),
+                                       (tl.float16, True, False, True, True, False, False))]),
+    "_bn_norm_fq_kernel": (_bn_norm_fq_kernel, [dict(GRAD=g, RELU=True, **_PLAN)
+                                                for g in (False, True)]),
+}
+
+OPS = {"bn_normalize_observe_fake_quant": bn_normalize_observe_fake_quant}
