@@ -112,9 +112,7 @@ def test_fused_bn_fold_equals_the_definition(spies, name, factory, shape, cl, mo
         assert int(fused.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked)
     assert fused.bn.weight.grad[0] != 0  # gamma = 0 still learns
     ran = {n for n, ok in spies if ok}
-    # ReLU6 outputs take the two-step path (normalise, then observe + fake quant)
-    norm = "bn_normalize_train" if "6" in type(f).__name__ else "bn_normalize_observe_fake_quant"
-    assert ran == {"bn_fold_observe_fake_quant", norm}
+    assert ran == {"bn_fold_observe_fake_quant", "bn_normalize_observe_fake_quant"}
 
 
 def test_fused_bn_fold_under_bf16_autocast(spies):
@@ -258,18 +256,19 @@ def _act_quantizers(kind):
             FakeQuantize(qint8))
 
 
-BN_ACT_CASES = [  # (id, shape, layout, dtype, relu, observer kind)
-    ("cl_f32_relu_ema", (3, 16, 5, 7), "cl", torch.float32, True, "ema"),
-    ("nchw_bf16_relu_ema", (2, 7, 6, 5), "nchw", torch.bfloat16, True, "ema"),
-    ("nchw_n1_f16_affine", (1, 12, 4, 9), "nchw", torch.float16, False, "minmax_affine"),
-    ("cl_c96_bf16_affine", (2, 96, 3, 3), "cl", torch.bfloat16, True, "minmax_affine"),
-    ("linear_f32_ema", (37, 10), "nchw", torch.float32, False, "ema"),
+BN_ACT_CASES = [  # (id, shape, layout, dtype, activation, observer kind)
+    ("cl_f32_relu_ema", (3, 16, 5, 7), "cl", torch.float32, "relu", "ema"),
+    ("nchw_bf16_relu_ema", (2, 7, 6, 5), "nchw", torch.bfloat16, "relu", "ema"),
+    ("nchw_n1_f16_affine", (1, 12, 4, 9), "nchw", torch.float16, "none", "minmax_affine"),
+    ("cl_c96_bf16_relu6_affine", (2, 96, 3, 3), "cl", torch.bfloat16, "relu6", "minmax_affine"),
+    ("cl_c24_f32_relu6_ema", (2, 24, 4, 4), "cl", torch.float32, "relu6", "ema"),
+    ("linear_f32_ema", (37, 10), "nchw", torch.float32, "none", "ema"),
 ]
 
 
-@pytest.mark.parametrize("shape,layout,dtype,relu,kind", [c[1:] for c in BN_ACT_CASES],
+@pytest.mark.parametrize("shape,layout,dtype,act,kind", [c[1:] for c in BN_ACT_CASES],
                          ids=[c[0] for c in BN_ACT_CASES])
-def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, dtype, relu,
+def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, dtype, act,
                                                                  kind):
     """bn_normalize_observe_fake_quant against the definition applied to the fused op's own
     normalisation ((z - mean) * a + beta in float32, rounded to z's dtype, from the op's
@@ -284,7 +283,7 @@ def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, 
     C = shape[1]
     dims = (0,) + tuple(range(2, len(shape)))
     sh = (1, -1) + (1,) * (len(shape) - 2)
-    W0 = (torch.rand(C, generator=g) + 0.3).to(DEV)
+    W0 = ((torch.rand(C, generator=g) + 0.3) * (4 if act == "relu6" else 1)).to(DEV)
     W0[1] = 0.0  # gamma = 0: that channel outputs beta
     beta0 = (torch.randn(C, generator=g) * 0.3).to(DEV)
     E = (torch.rand(C, generator=g) * 1e-4 + 1e-6).to(DEV)
@@ -316,7 +315,7 @@ def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, 
         try:
             with backends.use("triton"):
                 y = bn_act.bn_normalize_observe_fake_quant(z, W, beta, Eg, t, bn, None, obs, fq,
-                                                           "relu" if relu else "none")
+                                                           act)
                 assert y is not None
                 gy = torch.randn(shape, generator=g).to(DEV).to(dtype)
                 y.backward(gy)
@@ -327,7 +326,10 @@ def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, 
         yn = ((z0.float() - mean.reshape(sh)) * a.reshape(sh) + beta0.reshape(sh)).to(dtype)
         yn = yn.detach().requires_grad_(True)
         with backends.use("reference"):
-            yr = apply_fake_quant_with_observer(yn, fq_r, obs_r, relu)
+            ya = torch.nn.functional.relu6(yn) if act == "relu6" else yn
+            if step == 0 and act == "relu6":
+                assert (ya == 6).any() and (ya == 0).any()  # both ends of ReLU6 are hit
+            yr = apply_fake_quant_with_observer(ya, fq_r, obs_r, act == "relu")
         yr.backward(gy)
         assert y.dtype == dtype and y.stride() == z0.stride()
         assert torch.equal(y.isnan(), yr.isnan()), step

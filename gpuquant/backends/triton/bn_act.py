@@ -28,8 +28,8 @@ Exact where it can be: the output bytes and the observer's state equal the defin
 applied to this normalisation (``(z - mean) * a + beta`` in float32, rounded to ``z``'s
 dtype); the batch statistics agree with ``torch.var_mean`` to float32 rounding (their sum
 order differs). Returns None (the caller runs the definition) for what it does not take:
-synchronised BatchNorm, per-channel or hooked activation observers, ReLU6, other
-fake-quant classes.
+synchronised BatchNorm, per-channel or hooked activation observers, other fake-quant
+classes.
 """
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ from .observer import (_INF, _NINF, _fake_quantize_class, _observer_consts, _pla
 __all__ = ["bn_normalize_observe_fake_quant", "bn_act_forward", "OPS", "KERNELS"]
 
 _TILE = 2048       # elements a tile (rows x channels)
+_ACTS = {"none": 0, "relu": 1, "relu6": 2}
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _FINISH_BLOCK = 4096  # split x channel partials a finishing step
 
@@ -100,12 +101,15 @@ def _bn_stats_kernel(
 
 
 @triton.jit
-def _act_of(z, mean, a, beta, OUT: tl.constexpr, RELU: tl.constexpr):
+def _act_of(z, mean, a, beta, OUT: tl.constexpr, ACT: tl.constexpr):
     """The normalised output as the fake quant sees it: ``(z - mean) * a + beta`` rounded to
-    the output dtype and read back as float32, ReLU'd when RELU (NaN stays NaN)."""
+    the output dtype and read back as float32, then ACT 1 ReLU, 2 ReLU6 (NaN stays NaN, as
+    torch's relu / relu6 keep it)."""
     y = _to_out((z - mean) * a + beta, OUT).to(tl.float32)
-    if RELU:
+    if ACT >= 1:
         y = tl.where(y < 0, 0.0, y)
+    if ACT == 2:
+        y = tl.where(y > 6.0, 6.0, y)
     return y
 
 
@@ -123,7 +127,7 @@ def _bn_finish_kernel(
     rows, rows_per_split, split, C, momentum, unbias,
     # observer constants
     c_ema, q_eps, qmin, qmax, half_range, zp_sym,
-    OUT: tl.constexpr, RELU: tl.constexpr, OBSERVE: tl.constexpr, EMA: tl.constexpr,
+    OUT: tl.constexpr, ACT: tl.constexpr, OBSERVE: tl.constexpr, EMA: tl.constexpr,
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -187,8 +191,8 @@ def _bn_finish_kernel(
         tl.store(rm_ptr + c, rmean + f * (m_new - rmean), mask=cm)
         tl.store(rv_ptr + c, rvar + f * (v_new - rvar), mask=cm)
         if OBSERVE:
-            lo = _act_of(tl.min(zmin, axis=0), mean, a, beta, OUT, RELU)
-            hi = _act_of(tl.max(zmax, axis=0), mean, a, beta, OUT, RELU)
+            lo = _act_of(tl.min(zmin, axis=0), mean, a, beta, OUT, ACT)
+            hi = _act_of(tl.max(zmax, axis=0), mean, a, beta, OUT, ACT)
             gmin = tl.minimum(gmin, tl.where(cm, tl.where(lo != lo, _NINF, lo), _INF))
             gmax = tl.maximum(gmax, tl.where(cm, tl.where(hi != hi, _INF, hi), _NINF))
     old_min = tl.load(min_ptr)
@@ -216,13 +220,14 @@ def _bn_norm_fq_kernel(
     z_ptr, y_ptr, g_ptr, gz_ptr,
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
     mean_ptr, a_ptr, beta_ptr, q_ptr, qmin, qmax,
-    GRAD: tl.constexpr, RELU: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr,
+    GRAD: tl.constexpr, ACT: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Program (cb, row block): y = fake_quant(relu((z - mean) * a + beta)) with the
-    per-tensor qparams q = (scale, zero point); with GRAD instead the backward's
-    grad_y * mask (in range, and z's output > 0 with RELU), recomputed from z, to gz
-    (same layout as z)."""
+    """Program (cb, row block): y = fake_quant(act((z - mean) * a + beta)) with the
+    per-tensor qparams q = (scale, zero point), act none / ReLU / ReLU6 (ACT 0 / 1 / 2);
+    with GRAD instead the backward's grad_y * mask (in range, times the activation's
+    gradient: 1 where 0 < x for ReLU, 0 < x < 6 for ReLU6, as torch's), recomputed from z,
+    to gz (same layout as z)."""
     cb = tl.program_id(0)
     rb = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -237,8 +242,14 @@ def _bn_norm_fq_kernel(
     off = roff[:, None] + (c.to(tl.int64) * s_c)[None, :]
     m = rm[:, None] & cm[None, :]
     z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
-    y = _act_of(z, mean, a, beta, z_ptr.dtype.element_ty, False)
-    yq, inr = _fq_relu(y, inv, s, zp, qmin, qmax, RELU)
+    y = _act_of(z, mean, a, beta, z_ptr.dtype.element_ty, 0)
+    if ACT == 2:
+        keep = (y > 0) & (y < 6.0)
+        yq, inr = _fq_relu(_act_of(z, mean, a, beta, z_ptr.dtype.element_ty, 2), inv, s, zp,
+                           qmin, qmax, False)
+        inr = inr & keep
+    else:
+        yq, inr = _fq_relu(y, inv, s, zp, qmin, qmax, ACT == 1)
     if GRAD:
         g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
         tl.store(gz_ptr + off, _to_out(g * inr.to(tl.float32), gz_ptr.dtype.element_ty),
@@ -255,8 +266,8 @@ def _plans(z: torch.Tensor):
 
 
 def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
-                   observer, relu: bool):
-    """The forward's three launches. ``z`` dense with :func:`as_rows`'s layout along axis 1.
+                   observer, act: int):
+    """The forward's three launches (``act`` 0 none, 1 ReLU, 2 ReLU6). ``z`` dense with :func:`as_rows`'s layout along axis 1.
     Returns ``(y, mean, invstd, a, k, q)``; updates the running statistics, ``nbt`` and the
     observer's state in place."""
     C = z.shape[1]
@@ -274,19 +285,19 @@ def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momen
            running_mean, running_var, nbt, mean, invstd, a, k, observer.min_val,
            observer.max_val, observer.nonfinite_batches, q, rows, sp.n_iter * sp.block_r,
            sp.split, C, 0.0 if momentum is None else float(momentum), rows / (rows - 1),
-           *consts, OUT=_TL_DTYPE[z.dtype], RELU=relu, OBSERVE=observer.enabled,
+           *consts, OUT=_TL_DTYPE[z.dtype], ACT=act, OBSERVE=observer.enabled,
            EMA=_supported_observer(observer), SYMMETRIC=observer.symmetric,
            HAS_BIAS=bias is not None, CUMULATIVE=momentum is None,
            BLOCK_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // block_c)), BLOCK_C=block_c,
            num_warps=8, **_LAUNCH)
     y = torch.empty_like(z)
     launch(_bn_norm_fq_kernel, (cdiv(C, ep.block_c), ep.split), z, y, z, z, *ep.kernel_args(),
-           mean, a, beta, q, *consts[2:4], GRAD=False, RELU=relu, ROWS32=ep.rows32,
+           mean, a, beta, q, *consts[2:4], GRAD=False, ACT=act, ROWS32=ep.rows32,
            BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
     return y, mean, invstd, a, k, q
 
 
-def bn_act_grad_mask(gy, z, mean, a, beta, q, qmin, qmax, relu: bool):
+def bn_act_grad_mask(gy, z, mean, a, beta, q, qmin, qmax, act: int):
     """``grad_y * mask`` in z's layout, the mask recomputed from ``z``."""
     if gy.stride() != z.stride():
         gy = torch.empty_like(z).copy_(gy)
@@ -294,7 +305,7 @@ def bn_act_grad_mask(gy, z, mean, a, beta, q, qmin, qmax, relu: bool):
     _, ep = _plans(z)
     C = z.shape[1]
     launch(_bn_norm_fq_kernel, (cdiv(C, ep.block_c), ep.split), z, z, gy, gz,
-           *ep.kernel_args(), mean, a, beta, q, qmin, qmax, GRAD=True, RELU=relu,
+           *ep.kernel_args(), mean, a, beta, q, qmin, qmax, GRAD=True, ACT=act,
            ROWS32=ep.rows32, BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
     return gz
 
@@ -302,19 +313,19 @@ def bn_act_grad_mask(gy, z, mean, a, beta, q, qmin, qmax, relu: bool):
 class _BnActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
-                observer, relu):
+                observer, act):
         y, mean, invstd, a, k, q = bn_act_forward(z, W, beta, E, t, bias, running_mean,
-                                                  running_var, nbt, momentum, observer, relu)
+                                                  running_var, nbt, momentum, observer, act)
         ctx.save_for_backward(z, W, beta, mean, invstd, a, k, q)
-        ctx.consts = (float(observer.dtype.qmin), float(observer.dtype.qmax), relu)
+        ctx.consts = (float(observer.dtype.qmin), float(observer.dtype.qmax), act)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         z, W, beta, mean, invstd, a, k, q = ctx.saved_tensors
-        qmin, qmax, relu = ctx.consts
+        qmin, qmax, act = ctx.consts
         need_z, need_w, need_b, need_e = ctx.needs_input_grad[:4]
-        g = bn_act_grad_mask(gy, z, mean, a, beta, q, qmin, qmax, relu)
+        g = bn_act_grad_mask(gy, z, mean, a, beta, q, qmin, qmax, act)
         gz, gw, gb = torch.ops.aten.native_batch_norm_backward(
             g, z, W, None, None, mean, invstd, True, 0.0, [need_z, need_w or need_e, need_b])
         ge = k * gw if need_e else None
@@ -342,11 +353,11 @@ def _act_pair_ok(z: torch.Tensor, observer, fake_quant) -> bool:
 def bn_normalize_observe_fake_quant(z: torch.Tensor, W, beta, E, t, bn, bias, observer,
                                     fake_quant, activation: str = "none") -> Optional[torch.Tensor]:
     """``fake_quant(observer(act(normalize_train(z, ...))))`` (module docstring) for
-    ``activation`` "none" or "relu"; updates ``bn``'s running statistics and the observer.
-    None for what it does not take."""
+    ``activation`` "none", "relu" or "relu6"; updates ``bn``'s running statistics and the
+    observer. None for what it does not take."""
     if auto_interpreter(z):
         return None
-    if activation not in ("none", "relu") or not _act_pair_ok(z, observer, fake_quant):
+    if activation not in _ACTS or not _act_pair_ok(z, observer, fake_quant):
         return None
     if (z.dim() < 2 or z.dtype not in _FLOATS or z.numel() == 0 or z.shape[1] < 1
             or z.numel() // z.shape[1] < 2 or bn.running_mean.dtype != torch.float32
@@ -362,7 +373,7 @@ def bn_normalize_observe_fake_quant(z: torch.Tensor, W, beta, E, t, bn, bias, ob
         observer._observed = True
     y = _BnActTrain.apply(zr, W.contiguous(), beta.contiguous(), E.contiguous(), t.contiguous(), b,
                           bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
-                          observer, activation == "relu")
+                          observer, _ACTS[activation])
     return y
 
 
@@ -370,13 +381,13 @@ _PLAN = dict(ROWS32=False, BLOCK_R=32, BLOCK_C=64)
 KERNELS = {
     "_bn_stats_kernel": (_bn_stats_kernel, [_PLAN, dict(ROWS32=True, BLOCK_R=2048, BLOCK_C=1)]),
     "_bn_finish_kernel": (_bn_finish_kernel, [
-        dict(OUT=o, RELU=r, OBSERVE=ob, EMA=e, SYMMETRIC=s, HAS_BIAS=hb, CUMULATIVE=cu,
+        dict(OUT=o, ACT=r, OBSERVE=ob, EMA=e, SYMMETRIC=s, HAS_BIAS=hb, CUMULATIVE=cu,
              BLOCK_S=16, BLOCK_C=256)
-        for o, r, ob, e, s, hb, cu in ((tl.bfloat16, True, True, True, True, False, False),
-                                       (tl.float32, False, True, False, False, True, True),
-                                       (tl.float16, True, False, True, True, False, False))]),
-    "_bn_norm_fq_kernel": (_bn_norm_fq_kernel, [dict(GRAD=g, RELU=True, **_PLAN)
-                                                for g in (False, True)]),
+        for o, r, ob, e, s, hb, cu in ((tl.bfloat16, 1, True, True, True, False, False),
+                                       (tl.float32, 0, True, False, False, True, True),
+                                       (tl.float16, 2, False, True, True, False, False))]),
+    "_bn_norm_fq_kernel": (_bn_norm_fq_kernel, [dict(GRAD=g, ACT=r, **_PLAN)
+                                                for g in (False, True) for r in (1, 2)]),
 }
 
 OPS = {"bn_normalize_observe_fake_quant": bn_normalize_observe_fake_quant}
