@@ -27,13 +27,13 @@ from gpuquant.backends.triton import fake_quant as fq
 HAZARD = re.compile(r"\b(fma\.rn(?:\.ftz)?\.f32|div\.full(?:\.ftz)?\.f32|div\.approx(?:\.ftz)?\.f32|"
                     r"rcp\.approx(?:\.ftz)?\.f32)")
 DIV32 = re.compile(r"\b((?:div|rem)\.[su]32)")
-X_LIKE = {"x_ptr", "y_ptr", "g_ptr", "gx_ptr"}
+X_LIKE = {"x_ptr", "y_ptr", "g_ptr", "gx_ptr", "z_ptr", "gz_ptr"}
 TYPES = {"mask_ptr": "*u8", "ok_ptr": "*u8", "bad_ptr": "*i64",
          "scale_ptr": "*fp32", "inv_ptr": "*fp32", "part_ptr": "*fp32", "mn_ptr": "*fp32",
          "mx_ptr": "*fp32", "min_ptr": "*fp32", "max_ptr": "*fp32", "out_ptr": "*fp32",
          "qmin": "fp32", "qmax": "fp32", "grad_factor": "fp32", "c_ema": "fp32", "eps": "fp32",
          "half_range": "fp32", "zp_sym": "fp32", "min_gamma": "fp32", "momentum": "fp32",
-         "unbias": "fp32", "nbt_ptr": "*i64"}
+         "unbias": "fp32", "nbt_ptr": "*i64", "q_eps": "fp32", "tick_ptr": "*i32"}
 
 def signature(fn, const, xdt):
     sig = {}

@@ -17,17 +17,27 @@ three launches and two passes over ``z``:
    non-decreasing in ``z``, so the smallest / largest output of channel c is ``y(min z_c)`` /
    ``y(max z_c)``, bit for bit. The observer update and qparams are those of
    :mod:`.observer` (same jitted arithmetic);
-3. ``_bn_norm_fq_kernel``: reads ``z``, writes ``fake_quant(relu(y))``.
+3. ``_bn_apply_kernel``: reads ``z``, writes ``fake_quant(act(y))``.
 
-Nothing is saved but ``z`` (the batch-norm backward needs it anyway) and per-channel
-vectors: the backward recomputes ``y`` and the straight-through mask from ``z``
-(``_bn_fq_grad_kernel``: the gradient times the mask, the fake quant's ReLU included), then
-PyTorch's fused batch-norm backward, as :mod:`.bn_fold`'s ``bn_normalize_train``.
+Nothing is saved but ``z`` and per-channel vectors. The backward recomputes ``y`` and the
+straight-through mask (the fake quant's range and the activation's gradient) from ``z``
+wherever it needs ``g = grad_y * mask``, and is batch norm's backward of ``g``, fused:
+
+1. ``_bn_bwd_reduce_kernel``: reads ``grad_y`` and ``z``: per (split, channel) ``sum(g)``
+   and ``sum(g * xhat)``;
+2. ``_bn_bwd_finish_kernel``: one program: the gradients of ``beta``, ``W`` and ``E`` and
+   the two per-channel means the last pass needs;
+3. ``_bn_apply_kernel`` (BWD): reads ``grad_y`` and ``z``, writes
+   ``grad_z = (g - mean(g) - xhat * mean(g * xhat)) * W / sqrt(var + E)``.
+
+Traffic per layer, in activation-sized passes (read or write): forward 3 (definition: 7),
+backward 5 (the mask multiply, then PyTorch's batch-norm backward: 8).
 
 Exact where it can be: the output bytes and the observer's state equal the definition's
 applied to this normalisation (``(z - mean) * a + beta`` in float32, rounded to ``z``'s
-dtype); the batch statistics agree with ``torch.var_mean`` to float32 rounding (their sum
-order differs). Returns None (the caller runs the definition) for what it does not take:
+dtype); the batch statistics agree with ``torch.var_mean``, and the gradients with
+``native_batch_norm_backward`` of the definition's straight-through gradient, to float32
+rounding (their sum order differs). Returns None (the caller runs the definition) for what it does not take:
 synchronised BatchNorm, per-channel or hooked activation observers, other fake-quant
 classes.
 """
@@ -46,7 +56,8 @@ from .launch import launch
 from .observer import (_INF, _NINF, _fake_quantize_class, _observer_consts, _plain_reduce,
                        _supported_observer, _update_state)
 
-__all__ = ["bn_normalize_observe_fake_quant", "bn_act_forward", "OPS", "KERNELS"]
+__all__ = ["bn_normalize_observe_fake_quant", "bn_act_forward", "bn_act_backward", "OPS",
+           "KERNELS"]
 
 _TILE = 2048       # elements a tile (rows x channels)
 _ACTS = {"none": 0, "relu": 1, "relu6": 2}
@@ -216,18 +227,35 @@ def _bn_finish_kernel(
 
 
 @triton.jit
-def _bn_norm_fq_kernel(
-    z_ptr, y_ptr, g_ptr, gz_ptr,
+def _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, OUT: tl.constexpr, ACT: tl.constexpr):
+    """(fake_quant(act(y)), straight-through mask) of z's normalised output ``y``; the mask
+    is in range times the activation's gradient (1 where 0 < y for ReLU, 0 < y < 6 for
+    ReLU6, as torch's)."""
+    y = _act_of(z, mean, a, beta, OUT, 0)
+    if ACT == 2:
+        keep = (y > 0) & (y < 6.0)
+        y6 = tl.where(y < 0, 0.0, tl.where(y > 6.0, 6.0, y))
+        yq, inr = _fq_relu(y6, inv, s, zp, qmin, qmax, False)
+        inr = inr & keep
+    else:
+        yq, inr = _fq_relu(y, inv, s, zp, qmin, qmax, ACT == 1)
+    return yq, inr
+
+
+@triton.jit
+def _bn_apply_kernel(
+    z_ptr, y_ptr, g_ptr,
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
-    mean_ptr, a_ptr, beta_ptr, q_ptr, qmin, qmax,
-    GRAD: tl.constexpr, ACT: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr,
+    # per channel f32 (C,): mean, a, beta, 1 / sqrt(var + E); co f32 (2, C) (BWD: the
+    # gradient's mean and its mean times xhat); q f32 (2,): scale, zero point
+    mean_ptr, a_ptr, beta_ptr, invstd_ptr, co_ptr, q_ptr, qmin, qmax,
+    BWD: tl.constexpr, ACT: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Program (cb, row block): y = fake_quant(act((z - mean) * a + beta)) with the
-    per-tensor qparams q = (scale, zero point), act none / ReLU / ReLU6 (ACT 0 / 1 / 2);
-    with GRAD instead the backward's grad_y * mask (in range, times the activation's
-    gradient: 1 where 0 < x for ReLU, 0 < x < 6 for ReLU6, as torch's), recomputed from z,
-    to gz (same layout as z)."""
+    """Program (cb, row block). Forward: y = fake_quant(act((z - mean) * a + beta)) with
+    the per-tensor qparams q. BWD: the batch-norm input gradient of the straight-through
+    gradient ``g = grad_y * mask`` (mask recomputed from z), to ``y_ptr`` (z's layout):
+    ``(g - mean(g) - xhat * mean(g * xhat)) * a``, ``xhat = (z - mean) / sqrt(var + E)``."""
     cb = tl.program_id(0)
     rb = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -242,20 +270,83 @@ def _bn_norm_fq_kernel(
     off = roff[:, None] + (c.to(tl.int64) * s_c)[None, :]
     m = rm[:, None] & cm[None, :]
     z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
-    y = _act_of(z, mean, a, beta, z_ptr.dtype.element_ty, 0)
-    if ACT == 2:
-        keep = (y > 0) & (y < 6.0)
-        yq, inr = _fq_relu(_act_of(z, mean, a, beta, z_ptr.dtype.element_ty, 2), inv, s, zp,
-                           qmin, qmax, False)
-        inr = inr & keep
-    else:
-        yq, inr = _fq_relu(y, inv, s, zp, qmin, qmax, ACT == 1)
-    if GRAD:
-        g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-        tl.store(gz_ptr + off, _to_out(g * inr.to(tl.float32), gz_ptr.dtype.element_ty),
-                 mask=m)
+    yq, inr = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, z_ptr.dtype.element_ty, ACT)
+    if BWD:
+        invstd = tl.load(invstd_ptr + c, mask=cm, other=0.0)[None, :]
+        mg = tl.load(co_ptr + c, mask=cm, other=0.0)[None, :]
+        mgx = tl.load(co_ptr + C + c, mask=cm, other=0.0)[None, :]
+        g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32) * inr.to(tl.float32)
+        gz = ((g - mg) - ((z - mean) * invstd) * mgx) * a
+        tl.store(y_ptr + off, _to_out(gz, y_ptr.dtype.element_ty), mask=m)
     else:
         tl.store(y_ptr + off, _to_out(yq, y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    z_ptr, g_ptr, part_ptr,
+    rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
+    mean_ptr, a_ptr, beta_ptr, invstd_ptr, q_ptr, qmin, qmax,
+    ACT: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program (cb, sp): per channel, over its row blocks, sum(g) and sum(g * xhat) of the
+    straight-through gradient ``g = grad_y * mask`` (mask recomputed from z); written to
+    part f32 (2, split, C)."""
+    cb = tl.program_id(0)
+    sp = tl.program_id(1)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    coff = (c.to(tl.int64) * s_c)[None, :]
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)[None, :]
+    a = tl.load(a_ptr + c, mask=cm, other=0.0)[None, :]
+    beta = tl.load(beta_ptr + c, mask=cm, other=0.0)[None, :]
+    invstd = tl.load(invstd_ptr + c, mask=cm, other=0.0)[None, :]
+    s = tl.load(q_ptr)
+    zp = tl.load(q_ptr + 1)
+    inv = tl.math.div_rn(1.0, s)
+    acc_g = tl.zeros((BLOCK_C,), tl.float32)
+    acc_gx = tl.zeros((BLOCK_C,), tl.float32)
+    for it in range(0, n_iter):
+        roff, rm = _row_offsets(sp * n_iter + it, rows, inner, s_o, s_i, m_in, l_in, ROWS32,
+                                BLOCK_R)
+        m = rm[:, None] & cm[None, :]
+        z = tl.load(z_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
+        _, inr = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, z_ptr.dtype.element_ty, ACT)
+        g = tl.load(g_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
+        g = tl.where(m, g * inr.to(tl.float32), 0.0)
+        acc_g += tl.sum(g, axis=0)
+        acc_gx += tl.sum(g * tl.where(m, (z - mean) * invstd, 0.0), axis=0)
+    base = sp.to(tl.int64) * C + c
+    tl.store(part_ptr + base, acc_g, mask=cm)
+    tl.store(part_ptr + split * C + base, acc_gx, mask=cm)
+
+
+@triton.jit
+def _bn_bwd_finish_kernel(
+    part_ptr, k_ptr, gW_ptr, gb_ptr, gE_ptr, co_ptr, rows, split, C,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program: per channel sum(g) (beta's gradient), sum(g * xhat) (W's), k times it
+    (E's: k = -W / (2 (var + E))), and for the apply pass mean(g), mean(g * xhat)."""
+    n_f = rows.to(tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        acc_g = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+        acc_gx = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+        for s0 in range(0, split, BLOCK_S):
+            sp = s0 + tl.arange(0, BLOCK_S)
+            m = (sp < split)[:, None] & cm[None, :]
+            off = sp.to(tl.int64)[:, None] * C + c[None, :]
+            acc_g += tl.load(part_ptr + off, mask=m, other=0.0)
+            acc_gx += tl.load(part_ptr + split * C + off, mask=m, other=0.0)
+        sg = tl.sum(acc_g, axis=0)
+        sgx = tl.sum(acc_gx, axis=0)
+        tl.store(gb_ptr + c, sg, mask=cm)
+        tl.store(gW_ptr + c, sgx, mask=cm)
+        tl.store(gE_ptr + c, tl.load(k_ptr + c, mask=cm, other=0.0) * sgx, mask=cm)
+        tl.store(co_ptr + c, tl.math.div_rn(sg, n_f), mask=cm)
+        tl.store(co_ptr + C + c, tl.math.div_rn(sgx, n_f), mask=cm)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -291,23 +382,38 @@ def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momen
            BLOCK_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // block_c)), BLOCK_C=block_c,
            num_warps=8, **_LAUNCH)
     y = torch.empty_like(z)
-    launch(_bn_norm_fq_kernel, (cdiv(C, ep.block_c), ep.split), z, y, z, z, *ep.kernel_args(),
-           mean, a, beta, q, *consts[2:4], GRAD=False, ACT=act, ROWS32=ep.rows32,
-           BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
+    launch(_bn_apply_kernel, (cdiv(C, ep.block_c), ep.split), z, y, z, *ep.kernel_args(),
+           mean, a, beta, invstd, invstd, q, *consts[2:4], BWD=False, ACT=act,
+           ROWS32=ep.rows32, BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
     return y, mean, invstd, a, k, q
 
 
-def bn_act_grad_mask(gy, z, mean, a, beta, q, qmin, qmax, act: int):
-    """``grad_y * mask`` in z's layout, the mask recomputed from ``z``."""
+def bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act: int):
+    """The batch-norm backward of the straight-through gradient ``grad_y * mask`` (the mask
+    recomputed from ``z``): ``(grad_z, grad_W, grad_beta, grad_E)`` in three launches (per
+    channel sums, one finishing program, the elementwise pass). PyTorch's
+    ``native_batch_norm_backward`` given ``grad_y * mask`` agrees to float32 rounding."""
     if gy.stride() != z.stride():
         gy = torch.empty_like(z).copy_(gy)
-    gz = torch.empty_like(z)
-    _, ep = _plans(z)
     C = z.shape[1]
-    launch(_bn_norm_fq_kernel, (cdiv(C, ep.block_c), ep.split), z, z, gy, gz,
-           *ep.kernel_args(), mean, a, beta, q, qmin, qmax, GRAD=True, ACT=act,
-           ROWS32=ep.rows32, BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
-    return gz
+    rows = z.numel() // C
+    f32 = dict(dtype=torch.float32, device=z.device)
+    sp, ep = _plans(z)
+    part = torch.empty(2 * sp.split * C, **f32)
+    launch(_bn_bwd_reduce_kernel, (cdiv(C, sp.block_c), sp.split), z, gy, part,
+           *sp.kernel_args(), mean, a, beta, invstd, q, qmin, qmax, ACT=act, ROWS32=sp.rows32,
+           BLOCK_R=sp.block_r, BLOCK_C=sp.block_c, num_warps=4, **_LAUNCH)
+    out = torch.empty(5 * C, **f32)
+    gW, gb, gE, co = out[:C], out[C:2 * C], out[2 * C:3 * C], out[3 * C:]
+    block_c = min(_npow2(C), 256)
+    launch(_bn_bwd_finish_kernel, (1,), part, k, gW, gb, gE, co, rows, sp.split, C,
+           BLOCK_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // block_c)), BLOCK_C=block_c,
+           num_warps=8, **_LAUNCH)
+    gz = torch.empty_like(z)
+    launch(_bn_apply_kernel, (cdiv(C, ep.block_c), ep.split), z, gz, gy, *ep.kernel_args(),
+           mean, a, beta, invstd, co, q, qmin, qmax, BWD=True, ACT=act, ROWS32=ep.rows32,
+           BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
+    return gz, gW, gb, gE
 
 
 class _BnActTrain(torch.autograd.Function):
@@ -316,20 +422,18 @@ class _BnActTrain(torch.autograd.Function):
                 observer, act):
         y, mean, invstd, a, k, q = bn_act_forward(z, W, beta, E, t, bias, running_mean,
                                                   running_var, nbt, momentum, observer, act)
-        ctx.save_for_backward(z, W, beta, mean, invstd, a, k, q)
+        ctx.save_for_backward(z, beta, mean, invstd, a, k, q)
         ctx.consts = (float(observer.dtype.qmin), float(observer.dtype.qmax), act)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        z, W, beta, mean, invstd, a, k, q = ctx.saved_tensors
+        z, beta, mean, invstd, a, k, q = ctx.saved_tensors
         qmin, qmax, act = ctx.consts
-        need_z, need_w, need_b, need_e = ctx.needs_input_grad[:4]
-        g = bn_act_grad_mask(gy, z, mean, a, beta, q, qmin, qmax, act)
-        gz, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            g, z, W, None, None, mean, invstd, True, 0.0, [need_z, need_w or need_e, need_b])
-        ge = k * gw if need_e else None
-        return (gz, gw if need_w else None, gb, ge) + (None,) * 8
+        gz, gW, gb, gE = bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act)
+        need = ctx.needs_input_grad
+        return (gz if need[0] else None, gW if need[1] else None, gb if need[2] else None,
+                gE if need[3] else None) + (None,) * 8
 
 
 def _act_pair_ok(z: torch.Tensor, observer, fake_quant) -> bool:
@@ -386,8 +490,10 @@ KERNELS = {
         for o, r, ob, e, s, hb, cu in ((tl.bfloat16, 1, True, True, True, False, False),
                                        (tl.float32, 0, True, False, False, True, True),
                                        (tl.float16, 2, False, True, True, False, False))]),
-    "_bn_norm_fq_kernel": (_bn_norm_fq_kernel, [dict(GRAD=g, ACT=r, **_PLAN)
-                                                for g in (False, True) for r in (1, 2)]),
+    "_bn_apply_kernel": (_bn_apply_kernel, [dict(BWD=b, ACT=r, **_PLAN)
+                                            for b in (False, True) for r in (1, 2)]),
+    "_bn_bwd_reduce_kernel": (_bn_bwd_reduce_kernel, [dict(ACT=r, **_PLAN) for r in (0, 2)]),
+    "_bn_bwd_finish_kernel": (_bn_bwd_finish_kernel, [dict(BLOCK_S=16, BLOCK_C=256)]),
 }
 
 OPS = {"bn_normalize_observe_fake_quant": bn_normalize_observe_fake_quant}
