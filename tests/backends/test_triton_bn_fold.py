@@ -358,3 +358,5 @@ def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, 
         rm0, rv0 = bn.running_mean.clone(), bn.running_var.clone()
     assert int(bn.num_batches_tracked) == 4
     assert int(obs.nonfinite_batches) == 1
+    # the last-program tickets of the statistics and gradient-sum kernels reset themselves
+    assert torch.equal(bn_act._tickets(bn).cpu(), torch.zeros(2, dtype=torch.int32))

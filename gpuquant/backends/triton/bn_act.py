@@ -6,40 +6,42 @@ The definition (:func:`gpuquant.nn.qat.bn_train.normalize_train`, then
 per-tensor activation observer) passes over the convolution output ``z`` five times: batch
 statistics, normalisation (writes ``y``), the observer's min / max of ``relu(y)``, the fake
 quant (reads ``y``, writes the output); two PyTorch launches and four Triton ones. Here
-three launches and two passes over ``z``:
+two launches and two passes over ``z``:
 
 1. ``_bn_stats_kernel``: one read of ``z``: per (row split, channel) count-weighted mean,
-   sum of squared deviations (merged tile by tile with Chan's formula) and min / max;
-2. ``_bn_finish_kernel``: one program: the batch mean and variance per channel (the splits
-   merged in a fixed order), ``a = W / sqrt(var + E)``, the running statistics, and the
-   observer's batch min / max *without another pass*: ``y = (z - mean) * a + beta`` (each
-   operation rounded, ``a >= 0``), the rounding to ``z``'s dtype and ReLU are all
-   non-decreasing in ``z``, so the smallest / largest output of channel c is ``y(min z_c)`` /
-   ``y(max z_c)``, bit for bit. The observer update and qparams are those of
-   :mod:`.observer` (same jitted arithmetic);
-3. ``_bn_apply_kernel``: reads ``z``, writes ``fake_quant(act(y))``.
+   sum of squared deviations (merged tile by tile with Chan's formula) and min / max. Its
+   last program to finish (a ticket, taken after a barrier, reset by that program) then
+   runs ``_bn_finish``: the batch mean and variance per channel (the splits merged in a
+   fixed order), ``a = W / sqrt(var + E)``, the running statistics, and the observer's
+   batch min / max *without another pass*: ``y = (z - mean) * a + beta`` (each operation
+   rounded, ``a >= 0``), the rounding to ``z``'s dtype and ReLU / ReLU6 are all
+   non-decreasing in ``z``, so the smallest / largest output of channel c is
+   ``y(min z_c)`` / ``y(max z_c)``, bit for bit. The observer update and qparams are those
+   of :mod:`.observer` (same jitted arithmetic);
+2. ``_bn_apply_kernel``: reads ``z``, writes ``fake_quant(act(y))``.
 
 Nothing is saved but ``z`` and per-channel vectors. The backward recomputes ``y`` and the
 straight-through mask (the fake quant's range and the activation's gradient) from ``z``
 wherever it needs ``g = grad_y * mask``, and is batch norm's backward of ``g``, fused:
 
 1. ``_bn_bwd_reduce_kernel``: reads ``grad_y`` and ``z``: per (split, channel) ``sum(g)``
-   and ``sum(g * xhat)``;
-2. ``_bn_bwd_finish_kernel``: one program: the gradients of ``beta``, ``W`` and ``E`` and
-   the two per-channel means the last pass needs;
-3. ``_bn_apply_kernel`` (BWD): reads ``grad_y`` and ``z``, writes
+   and ``sum(g * xhat)``; its last program runs ``_bn_bwd_finish``: the gradients of
+   ``beta``, ``W`` and ``E`` and the two per-channel means the last pass needs;
+2. ``_bn_apply_kernel`` (BWD): reads ``grad_y`` and ``z``, writes
    ``grad_z = (g - mean(g) - xhat * mean(g * xhat)) * W / sqrt(var + E)``.
 
-Traffic per layer, in activation-sized passes (read or write): forward 3 (definition: 7),
-backward 5 (the mask multiply, then PyTorch's batch-norm backward: 8).
+Per layer: 2 launches forward (the definition: 6) and 2 backward (4); activation-sized
+passes (read or write) 3 forward (7) and 5 backward (8). The tickets are per BatchNorm
+module (int32 (2,), zero between launches; concurrent launches for one module on two
+streams would share them: not supported).
 
 Exact where it can be: the output bytes and the observer's state equal the definition's
 applied to this normalisation (``(z - mean) * a + beta`` in float32, rounded to ``z``'s
 dtype); the batch statistics agree with ``torch.var_mean``, and the gradients with
 ``native_batch_norm_backward`` of the definition's straight-through gradient, to float32
-rounding (their sum order differs). Returns None (the caller runs the definition) for what it does not take:
-synchronised BatchNorm, per-channel or hooked activation observers, other fake-quant
-classes.
+rounding (their sum order differs). Returns None (the caller runs the definition) for
+what it does not take: synchronised BatchNorm, per-channel or hooked activation observers,
+other fake-quant classes.
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ __all__ = ["bn_normalize_observe_fake_quant", "bn_act_forward", "bn_act_backward
 _TILE = 2048       # elements a tile (rows x channels)
 _ACTS = {"none": 0, "relu": 1, "relu6": 2}
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_FINISH_BLOCK = 4096  # split x channel partials a finishing step
+_FINISH_BLOCK = 2048  # split x channel partials a finishing step (4 warps)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -70,11 +72,20 @@ _FINISH_BLOCK = 4096  # split x channel partials a finishing step
 def _bn_stats_kernel(
     z_ptr, part_ptr,
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
+    # ticket i32 (1,), zero between launches; then :func:`_bn_finish`'s arguments
+    tick_ptr, W_ptr, beta_ptr, E_ptr, t_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
+    mean_ptr, invstd_ptr, a_ptr, k_ptr, min_ptr, max_ptr, bad_ptr, q_ptr,
+    rows_per_split, momentum, unbias, c_ema, q_eps, qmin, qmax, half_range, zp_sym,
     ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    OUT: tl.constexpr, ACT: tl.constexpr, OBSERVE: tl.constexpr, EMA: tl.constexpr,
+    SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, CUMULATIVE: tl.constexpr,
+    FIN_S: tl.constexpr, FIN_C: tl.constexpr,
 ):
     """Program (cb, sp): over its row blocks, per channel the mean, the sum of squared
     deviations M2 (a tile's own two-pass mean and M2, merged into the running pair with
-    Chan's formula) and min / max (NaN as -inf / +inf); written to part f32 (4, split, C)."""
+    Chan's formula) and min / max (NaN as -inf / +inf); written to part f32 (4, split, C).
+    The last program to finish (a ticket taken after a barrier; it resets the ticket) runs
+    :func:`_bn_finish` over all partials: no second launch."""
     cb = tl.program_id(0)
     sp = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -109,6 +120,14 @@ def _bn_stats_kernel(
     tl.store(part_ptr + plane + base, m2_a, mask=cm)
     tl.store(part_ptr + 2 * plane + base, vmin, mask=cm)
     tl.store(part_ptr + 3 * plane + base, vmax, mask=cm)
+    tl.debug_barrier()  # every thread's partials stored before the ticket is taken
+    if tl.atomic_add(tick_ptr, 1) == tl.num_programs(0) * tl.num_programs(1) - 1:
+        tl.atomic_xchg(tick_ptr, 0)
+        _bn_finish(part_ptr, W_ptr, beta_ptr, E_ptr, t_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                   mean_ptr, invstd_ptr, a_ptr, k_ptr, min_ptr, max_ptr, bad_ptr, q_ptr,
+                   rows, rows_per_split, split, C, momentum, unbias,
+                   c_ema, q_eps, qmin, qmax, half_range, zp_sym,
+                   OUT, ACT, OBSERVE, EMA, SYMMETRIC, HAS_BIAS, CUMULATIVE, FIN_S, FIN_C)
 
 
 @triton.jit
@@ -125,7 +144,7 @@ def _act_of(z, mean, a, beta, OUT: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
-def _bn_finish_kernel(
+def _bn_finish(
     # partials f32 (4, split, C); per channel f32 (C,): W, beta, E, t, bias (HAS_BIAS)
     part_ptr, W_ptr, beta_ptr, E_ptr, t_ptr, b_ptr,
     # BatchNorm running statistics f32 (C,), num_batches_tracked i64 (1,)
@@ -142,7 +161,7 @@ def _bn_finish_kernel(
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One program: batch statistics from the partials (mean = sum(n_s mean_s) / n, then
+    """Run by the statistics kernel's last program: batch statistics from the partials (mean = sum(n_s mean_s) / n, then
     M2 = sum(M2_s + n_s (mean_s - mean)^2), fixed order), the per-channel vectors, the
     running statistics (as BatchNorm: lerp with momentum or 1 / num_batches_tracked; mean / t
     + bias, var / t^2 * n / (n - 1)), and the per-tensor observer of the output, whose batch
@@ -167,10 +186,12 @@ def _bn_finish_kernel(
             m = (sp < split)[:, None] & cm[None, :]
             cnt = tl.minimum(tl.maximum(rows - sp * rows_per_split, 0), rows_per_split)
             off = sp.to(tl.int64)[:, None] * C + c[None, :]
-            mu = tl.load(part_ptr + off, mask=m, other=0.0)
+            mu = tl.load(part_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
             acc += tl.where(m, cnt.to(tl.float32)[:, None] * mu, 0.0)
-            zmin = tl.minimum(zmin, tl.load(part_ptr + 2 * plane + off, mask=m, other=_INF))
-            zmax = tl.maximum(zmax, tl.load(part_ptr + 3 * plane + off, mask=m, other=_NINF))
+            zmin = tl.minimum(zmin, tl.load(part_ptr + 2 * plane + off, mask=m, other=_INF,
+                                            cache_modifier=".cg"))
+            zmax = tl.maximum(zmax, tl.load(part_ptr + 3 * plane + off, mask=m, other=_NINF,
+                                            cache_modifier=".cg"))
         n_f = rows.to(tl.float32)
         mean = tl.math.div_rn(tl.sum(acc, axis=0), n_f)
         acc = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
@@ -179,8 +200,8 @@ def _bn_finish_kernel(
             m = (sp < split)[:, None] & cm[None, :]
             cnt = tl.minimum(tl.maximum(rows - sp * rows_per_split, 0), rows_per_split)
             off = sp.to(tl.int64)[:, None] * C + c[None, :]
-            d = tl.load(part_ptr + off, mask=m, other=0.0) - mean[None, :]
-            m2 = tl.load(part_ptr + plane + off, mask=m, other=0.0)
+            d = tl.load(part_ptr + off, mask=m, other=0.0, cache_modifier=".cg") - mean[None, :]
+            m2 = tl.load(part_ptr + plane + off, mask=m, other=0.0, cache_modifier=".cg")
             acc += tl.where(m, m2 + cnt.to(tl.float32)[:, None] * (d * d), 0.0)
         var = tl.math.div_rn(tl.sum(acc, axis=0), n_f)
         W = tl.load(W_ptr + c, mask=cm, other=0.0)
@@ -287,11 +308,14 @@ def _bn_bwd_reduce_kernel(
     z_ptr, g_ptr, part_ptr,
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
     mean_ptr, a_ptr, beta_ptr, invstd_ptr, q_ptr, qmin, qmax,
+    # ticket i32 (1,), zero between launches; then :func:`_bn_bwd_finish`'s outputs
+    tick_ptr, k_ptr, gW_ptr, gb_ptr, gE_ptr, co_ptr,
     ACT: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    FIN_S: tl.constexpr, FIN_C: tl.constexpr,
 ):
     """Program (cb, sp): per channel, over its row blocks, sum(g) and sum(g * xhat) of the
     straight-through gradient ``g = grad_y * mask`` (mask recomputed from z); written to
-    part f32 (2, split, C)."""
+    part f32 (2, split, C). The last program to finish runs :func:`_bn_bwd_finish`."""
     cb = tl.program_id(0)
     sp = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -319,14 +343,19 @@ def _bn_bwd_reduce_kernel(
     base = sp.to(tl.int64) * C + c
     tl.store(part_ptr + base, acc_g, mask=cm)
     tl.store(part_ptr + split * C + base, acc_gx, mask=cm)
+    tl.debug_barrier()  # every thread's partials stored before the ticket is taken
+    if tl.atomic_add(tick_ptr, 1) == tl.num_programs(0) * tl.num_programs(1) - 1:
+        tl.atomic_xchg(tick_ptr, 0)
+        _bn_bwd_finish(part_ptr, k_ptr, gW_ptr, gb_ptr, gE_ptr, co_ptr, rows, split, C,
+                       FIN_S, FIN_C)
 
 
 @triton.jit
-def _bn_bwd_finish_kernel(
+def _bn_bwd_finish(
     part_ptr, k_ptr, gW_ptr, gb_ptr, gE_ptr, co_ptr, rows, split, C,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One program: per channel sum(g) (beta's gradient), sum(g * xhat) (W's), k times it
+    """Run by the reduce kernel's last program: per channel sum(g) (beta's gradient), sum(g * xhat) (W's), k times it
     (E's: k = -W / (2 (var + E))), and for the apply pass mean(g), mean(g * xhat)."""
     n_f = rows.to(tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -338,8 +367,9 @@ def _bn_bwd_finish_kernel(
             sp = s0 + tl.arange(0, BLOCK_S)
             m = (sp < split)[:, None] & cm[None, :]
             off = sp.to(tl.int64)[:, None] * C + c[None, :]
-            acc_g += tl.load(part_ptr + off, mask=m, other=0.0)
-            acc_gx += tl.load(part_ptr + split * C + off, mask=m, other=0.0)
+            acc_g += tl.load(part_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
+            acc_gx += tl.load(part_ptr + split * C + off, mask=m, other=0.0,
+                              cache_modifier=".cg")
         sg = tl.sum(acc_g, axis=0)
         sgx = tl.sum(acc_gx, axis=0)
         tl.store(gb_ptr + c, sg, mask=cm)
@@ -357,30 +387,31 @@ def _plans(z: torch.Tensor):
 
 
 def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
-                   observer, act: int):
-    """The forward's three launches (``act`` 0 none, 1 ReLU, 2 ReLU6). ``z`` dense with :func:`as_rows`'s layout along axis 1.
-    Returns ``(y, mean, invstd, a, k, q)``; updates the running statistics, ``nbt`` and the
+                   observer, act: int, tick: torch.Tensor):
+    """The forward's two launches (``act`` 0 none, 1 ReLU, 2 ReLU6; ``tick`` int32, zero
+    between launches). ``z`` dense with :func:`as_rows`'s layout along axis 1. Returns
+    ``(y, mean, invstd, a, k, q)``; updates the running statistics, ``nbt`` and the
     observer's state in place."""
     C = z.shape[1]
     rows = z.numel() // C
     f32 = dict(dtype=torch.float32, device=z.device)
     sp, ep = _plans(z)
     part = torch.empty(4 * sp.split * C, **f32)
-    launch(_bn_stats_kernel, (cdiv(C, sp.block_c), sp.split), z, part, *sp.kernel_args(),
-           ROWS32=sp.rows32, BLOCK_R=sp.block_r, BLOCK_C=sp.block_c, num_warps=4, **_LAUNCH)
     vec = torch.empty(4 * C + 2, **f32)
     mean, invstd, a, k, q = vec[:C], vec[C:2 * C], vec[2 * C:3 * C], vec[3 * C:4 * C], vec[4 * C:]
-    block_c = min(_npow2(C), 256)
+    fin_c = min(_npow2(C), 256)
     consts = _observer_consts(observer)
-    launch(_bn_finish_kernel, (1,), part, W, beta, E, t, bias if bias is not None else W,
-           running_mean, running_var, nbt, mean, invstd, a, k, observer.min_val,
-           observer.max_val, observer.nonfinite_batches, q, rows, sp.n_iter * sp.block_r,
-           sp.split, C, 0.0 if momentum is None else float(momentum), rows / (rows - 1),
-           *consts, OUT=_TL_DTYPE[z.dtype], ACT=act, OBSERVE=observer.enabled,
-           EMA=_supported_observer(observer), SYMMETRIC=observer.symmetric,
-           HAS_BIAS=bias is not None, CUMULATIVE=momentum is None,
-           BLOCK_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // block_c)), BLOCK_C=block_c,
-           num_warps=8, **_LAUNCH)
+    launch(_bn_stats_kernel, (cdiv(C, sp.block_c), sp.split), z, part, *sp.kernel_args(),
+           tick, W, beta, E, t, bias if bias is not None else W, running_mean, running_var,
+           nbt, mean, invstd, a, k, observer.min_val, observer.max_val,
+           observer.nonfinite_batches, q, sp.n_iter * sp.block_r,
+           0.0 if momentum is None else float(momentum), rows / (rows - 1), *consts,
+           ROWS32=sp.rows32, BLOCK_R=sp.block_r, BLOCK_C=sp.block_c, OUT=_TL_DTYPE[z.dtype],
+           ACT=act, OBSERVE=observer.enabled, EMA=_supported_observer(observer),
+           SYMMETRIC=observer.symmetric, HAS_BIAS=bias is not None,
+           CUMULATIVE=momentum is None,
+           FIN_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // fin_c)), FIN_C=fin_c,
+           num_warps=4, **_LAUNCH)
     y = torch.empty_like(z)
     launch(_bn_apply_kernel, (cdiv(C, ep.block_c), ep.split), z, y, z, *ep.kernel_args(),
            mean, a, beta, invstd, invstd, q, *consts[2:4], BWD=False, ACT=act,
@@ -388,10 +419,11 @@ def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momen
     return y, mean, invstd, a, k, q
 
 
-def bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act: int):
+def bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act: int,
+                    tick: torch.Tensor):
     """The batch-norm backward of the straight-through gradient ``grad_y * mask`` (the mask
-    recomputed from ``z``): ``(grad_z, grad_W, grad_beta, grad_E)`` in three launches (per
-    channel sums, one finishing program, the elementwise pass). PyTorch's
+    recomputed from ``z``): ``(grad_z, grad_W, grad_beta, grad_E)`` in two launches (per
+    channel sums with the finishing program, the elementwise pass). PyTorch's
     ``native_batch_norm_backward`` given ``grad_y * mask`` agrees to float32 rounding."""
     if gy.stride() != z.stride():
         gy = torch.empty_like(z).copy_(gy)
@@ -400,15 +432,14 @@ def bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act: int):
     f32 = dict(dtype=torch.float32, device=z.device)
     sp, ep = _plans(z)
     part = torch.empty(2 * sp.split * C, **f32)
-    launch(_bn_bwd_reduce_kernel, (cdiv(C, sp.block_c), sp.split), z, gy, part,
-           *sp.kernel_args(), mean, a, beta, invstd, q, qmin, qmax, ACT=act, ROWS32=sp.rows32,
-           BLOCK_R=sp.block_r, BLOCK_C=sp.block_c, num_warps=4, **_LAUNCH)
     out = torch.empty(5 * C, **f32)
     gW, gb, gE, co = out[:C], out[C:2 * C], out[2 * C:3 * C], out[3 * C:]
-    block_c = min(_npow2(C), 256)
-    launch(_bn_bwd_finish_kernel, (1,), part, k, gW, gb, gE, co, rows, sp.split, C,
-           BLOCK_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // block_c)), BLOCK_C=block_c,
-           num_warps=8, **_LAUNCH)
+    fin_c = min(_npow2(C), 256)
+    launch(_bn_bwd_reduce_kernel, (cdiv(C, sp.block_c), sp.split), z, gy, part,
+           *sp.kernel_args(), mean, a, beta, invstd, q, qmin, qmax, tick, k, gW, gb, gE, co,
+           ACT=act, ROWS32=sp.rows32, BLOCK_R=sp.block_r, BLOCK_C=sp.block_c,
+           FIN_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // fin_c)), FIN_C=fin_c,
+           num_warps=4, **_LAUNCH)
     gz = torch.empty_like(z)
     launch(_bn_apply_kernel, (cdiv(C, ep.block_c), ep.split), z, gz, gy, *ep.kernel_args(),
            mean, a, beta, invstd, co, q, qmin, qmax, BWD=True, ACT=act, ROWS32=ep.rows32,
@@ -416,24 +447,37 @@ def bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act: int):
     return gz, gW, gb, gE
 
 
+def _tickets(bn) -> torch.Tensor:
+    """``bn``'s launch tickets (int32 (2,): forward, backward) on its device, zero between
+    launches (each kernel's last program resets its own)."""
+    tk = bn.__dict__.get("_gpuquant_tickets")
+    dev = bn.running_mean.device
+    if tk is None or tk.device != dev:
+        tk = torch.zeros(2, dtype=torch.int32, device=dev)
+        bn.__dict__["_gpuquant_tickets"] = tk
+    return tk
+
+
 class _BnActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
-                observer, act):
+                observer, act, tick):
         y, mean, invstd, a, k, q = bn_act_forward(z, W, beta, E, t, bias, running_mean,
-                                                  running_var, nbt, momentum, observer, act)
-        ctx.save_for_backward(z, beta, mean, invstd, a, k, q)
+                                                  running_var, nbt, momentum, observer, act,
+                                                  tick[:1])
+        ctx.save_for_backward(z, beta, mean, invstd, a, k, q, tick)
         ctx.consts = (float(observer.dtype.qmin), float(observer.dtype.qmax), act)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        z, beta, mean, invstd, a, k, q = ctx.saved_tensors
+        z, beta, mean, invstd, a, k, q, tick = ctx.saved_tensors
         qmin, qmax, act = ctx.consts
-        gz, gW, gb, gE = bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act)
+        gz, gW, gb, gE = bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act,
+                                         tick[1:])
         need = ctx.needs_input_grad
         return (gz if need[0] else None, gW if need[1] else None, gb if need[2] else None,
-                gE if need[3] else None) + (None,) * 8
+                gE if need[3] else None) + (None,) * 9
 
 
 def _act_pair_ok(z: torch.Tensor, observer, fake_quant) -> bool:
@@ -477,23 +521,24 @@ def bn_normalize_observe_fake_quant(z: torch.Tensor, W, beta, E, t, bn, bias, ob
         observer._observed = True
     y = _BnActTrain.apply(zr, W.contiguous(), beta.contiguous(), E.contiguous(), t.contiguous(), b,
                           bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
-                          observer, _ACTS[activation])
+                          observer, _ACTS[activation], _tickets(bn))
     return y
 
 
 _PLAN = dict(ROWS32=False, BLOCK_R=32, BLOCK_C=64)
+_FIN = dict(OUT=tl.bfloat16, ACT=1, OBSERVE=True, EMA=True, SYMMETRIC=True, HAS_BIAS=False,
+            CUMULATIVE=False, FIN_S=8, FIN_C=256)
 KERNELS = {
-    "_bn_stats_kernel": (_bn_stats_kernel, [_PLAN, dict(ROWS32=True, BLOCK_R=2048, BLOCK_C=1)]),
-    "_bn_finish_kernel": (_bn_finish_kernel, [
-        dict(OUT=o, ACT=r, OBSERVE=ob, EMA=e, SYMMETRIC=s, HAS_BIAS=hb, CUMULATIVE=cu,
-             BLOCK_S=16, BLOCK_C=256)
-        for o, r, ob, e, s, hb, cu in ((tl.bfloat16, 1, True, True, True, False, False),
-                                       (tl.float32, 0, True, False, False, True, True),
-                                       (tl.float16, 2, False, True, True, False, False))]),
+    "_bn_stats_kernel": (_bn_stats_kernel, [
+        {**_PLAN, **_FIN},
+        {**_PLAN, **_FIN, "OUT": tl.float32, "ACT": 0, "EMA": False, "SYMMETRIC": False,
+         "HAS_BIAS": True, "CUMULATIVE": True},
+        dict(ROWS32=True, BLOCK_R=2048, BLOCK_C=1, **{**_FIN, "OUT": tl.float16, "ACT": 2,
+                                                       "OBSERVE": False})]),
     "_bn_apply_kernel": (_bn_apply_kernel, [dict(BWD=b, ACT=r, **_PLAN)
                                             for b in (False, True) for r in (1, 2)]),
-    "_bn_bwd_reduce_kernel": (_bn_bwd_reduce_kernel, [dict(ACT=r, **_PLAN) for r in (0, 2)]),
-    "_bn_bwd_finish_kernel": (_bn_bwd_finish_kernel, [dict(BLOCK_S=16, BLOCK_C=256)]),
+    "_bn_bwd_reduce_kernel": (_bn_bwd_reduce_kernel, [dict(ACT=r, FIN_S=8, FIN_C=256, **_PLAN)
+                                                      for r in (0, 2)]),
 }
 
 OPS = {"bn_normalize_observe_fake_quant": bn_normalize_observe_fake_quant}
