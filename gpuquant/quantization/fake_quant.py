@@ -455,14 +455,15 @@ class TQT(_LearnedBase):
 
 # --------------------------------------------------------------------------- the QAT hook
 def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQuantBase],
-                                   observer, relu: bool = False) -> torch.Tensor:
+                                   observer, relu: bool = False,
+                                   addend: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Observe ``x``, then fake-quantize it: the one function QAT modules call.
 
     ``observer(x)`` records (if it is enabled); then, if ``fake_quant`` is present and
     enabled, ``fake_quant(x, qparams)`` with ``fake_quant.get_qparams()`` (learned: LSQ, TQT)
     or else ``observer.get_qparams()``. Either may be None (a QConfig field left empty).
-    ``relu=True`` applies ``torch.relu`` to ``x`` first (a fused backend op
-    may fold it into its passes).
+    ``relu=True`` applies ``torch.relu`` to ``x`` first, and ``addend`` is added before that
+    (``x + addend``); a fused backend op may fold either into its passes.
 
     Raises:
         ValueError: fake quantization needs qparams but there is no observer, or the
@@ -476,9 +477,16 @@ def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQua
     # ---------------------------------------------------------------------------------------
     if observer is not None and fake_quant is not None and isinstance(x, torch.Tensor):
         fused = find_op("observe_fake_quant", x)
-        y = fused(x, observer, fake_quant, relu=relu) if fused is not None else None
+        if fused is None:
+            y = None
+        elif addend is None:
+            y = fused(x, observer, fake_quant, relu=relu)
+        else:
+            y = fused(x, observer, fake_quant, relu=relu, addend=addend)
         if y is not None:  # None: a pair the op does not handle
             return y
+    if addend is not None:
+        x = x + addend
     if relu:
         x = torch.relu(x)
     if observer is not None:

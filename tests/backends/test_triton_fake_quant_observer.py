@@ -158,6 +158,54 @@ def test_per_tensor_two_launch_path(monkeypatch, cls, kw, dt, relu):
     assert len(calls) == 4 and int(fused.nonfinite_batches) == 1
 
 
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_fused_add_observe_fake_quant(dt, relu, fmt):
+    """addend: fake_quant(observer(act(a + b))) without the sum written out (QAT Elemwise
+    add / add_relu): the output bytes, the observer state and both inputs' gradients equal
+    the definition's (torch's add, then observe + fake quant), batch after batch, a NaN
+    batch counted and skipped."""
+    fused = qobs.ExponentialMovingAverageObserver(0.8, gpuquant.qint8, symmetric=True,
+                                                  check_finite=False).to(DEV)
+    ref, fq = copy.deepcopy(fused), qfq.FakeQuantize(gpuquant.qint8)
+    for it in range(3):
+        a = (torch.randn(2, 6, 5, 7, device=DEV) * (1 + it)).to(dt)
+        b = (torch.randn(2, 6, 5, 7, device=DEV) - 0.2 * it).to(dt)
+        if fmt is not None:
+            a, b = a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
+        if it == 1:
+            b[1, 2, 3, 4] = float("nan")
+        a1, b1 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        a2, b2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        y = tobs.observe_fake_quant(a1, fused, fq, relu=relu, addend=b1, programs=3, tile=64)
+        with backends.use("reference"):
+            yr = qfq.apply_fake_quant_with_observer(a2, fq, ref, relu=relu, addend=b2)
+        assert y is not None and y.dtype == dt and y.stride() == a.stride()
+        assert torch.equal(y.isnan(), yr.isnan())
+        assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr))
+        assert_same_state(fused, ref)
+        g = torch.randn_like(a)
+        y.backward(g)
+        yr.backward(g)
+        for u, v in ((a1, a2), (b1, b2)):
+            assert torch.equal(torch.nan_to_num(u.grad), torch.nan_to_num(v.grad))
+    assert int(fused.nonfinite_batches) == 1
+
+
+def test_fused_add_declines_what_it_does_not_take():
+    obs = qobs.MinMaxObserver(gpuquant.qint8, check_finite=False).to(DEV)
+    fq = qfq.FakeQuantize(gpuquant.qint8)
+    a = torch.randn(2, 3, 4, 5, device=DEV)
+    for b in (torch.randn(1, 3, 4, 5, device=DEV),  # broadcast
+              a.contiguous(memory_format=torch.channels_last).clone(),  # other strides
+              a.double()):
+        assert tobs.observe_fake_quant(a, obs, fq, addend=b) is None
+    per_channel = qobs.MinMaxObserver(gpuquant.qint8, axis=1, check_finite=False).to(DEV)
+    assert tobs.observe_fake_quant(a, per_channel, fq, addend=a.clone()) is None
+    assert tobs.observe_fake_quant(a, obs, fq, addend=a.clone()) is not None
+
+
 @pytest.mark.parametrize("cls,kw", [(qobs.MinMaxObserver, {}),
                                      (qobs.ExponentialMovingAverageObserver, {"momentum": 0.7})])
 @pytest.mark.parametrize("shape,fmt", [((9, 4, 3, 3), None), ((9, 4, 3, 3), "cl"),
@@ -272,15 +320,31 @@ def test_apply_fake_quant_with_observer_takes_the_fused_path(monkeypatch):
     assert_same_state(obs, ref)
 
 
-def test_qat_network_on_triton_equals_reference():
+@pytest.mark.parametrize("bn_act", [False, True], ids=["bn_composite", "bn_act_fused"])
+def test_qat_network_on_triton_equals_reference(monkeypatch, bn_act):
     """A small QAT network (conv+bn+relu, conv+bn, add_relu, linear; fused observers on every
     weight and activation) trained two steps on the triton backend and on the reference
-    backend: the same outputs bit for bit, and the same gradients to float32 rounding (the
-    fused BN fold, gpuquant.backends.triton.bn_fold, orders the per-channel gradient
-    arithmetic differently from autograd; every other gradient is bit-identical)."""
+    backend. With batch norm normalised by PyTorch (bn_act off): the same outputs bit for
+    bit, and the same gradients to float32 rounding (the fused BN fold,
+    gpuquant.backends.triton.bn_fold, orders the per-channel gradient arithmetic differently
+    from autograd; every other gradient is bit-identical). With the fused batch norm +
+    fake quant (gpuquant.backends.triton.bn_act: its own normalisation, one ulp from
+    F.batch_norm's): outputs and gradients to float32 rounding, with affine activations
+    (a symmetric qint8 range puts the batch maximum on a rounding tie, where one ulp flips
+    the value and the gradient of that element)."""
+    import gpuquant.backends.triton as tb
     import gpuquant.nn as gnn
     from gpuquant.bench.suites.qat_step import qat_qconfig
     from gpuquant.quantization import quantize_qat
+    from functools import partial
+    qconfig = qat_qconfig()
+    if bn_act:
+        qconfig = qconfig._replace(
+            act_observer=partial(qobs.ExponentialMovingAverageObserver, momentum=0.9,
+                                 dtype=gpuquant.quint8, symmetric=False, check_finite=False),
+            act_fake_quant=partial(qfq.FakeQuantize, dtype=gpuquant.quint8))
+    else:
+        monkeypatch.delitem(tb.OPS, "bn_normalize_observe_fake_quant")
 
     class Net(gnn.Module):
         def __init__(self):
@@ -298,7 +362,7 @@ def test_qat_network_on_triton_equals_reference():
             y = self.add(self.c2(y), y)
             return self.dq(self.fc(self.pool(y).flatten(1)))
 
-    model = quantize_qat(Net(), qat_qconfig()).to(DEV)
+    model = quantize_qat(Net(), qconfig).to(DEV)
     twin = copy.deepcopy(model)
     for fmt in (torch.contiguous_format, torch.channels_last):
         x = torch.randn(2, 3, 6, 6, device=DEV).contiguous(memory_format=fmt)
@@ -311,10 +375,15 @@ def test_qat_network_on_triton_equals_reference():
                     y.square().sum().backward()
             outs.append((y.detach(), [p.grad.clone() for p in mod.parameters()]))
         (y, gs), (yr, gsr) = outs
-        assert torch.equal(y, yr)
+        if bn_act:
+            torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(y, yr)
         names = [n for n, _ in model.named_parameters()]
         for n, a, b in zip(names, gs, gsr):
-            if n.startswith(("c1.", "c2.")):  # the BN-folded layers
+            if bn_act:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+            elif n.startswith(("c1.", "c2.")):  # the BN-folded layers
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
             else:  # the Linear
                 assert torch.equal(a, b), n

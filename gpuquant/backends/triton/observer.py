@@ -69,9 +69,11 @@ def _minmax_partial_kernel(
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
     # observer state f32 (C,), read only with SNAPSHOT
     min_ptr, max_ptr,
+    # ADD: a second input of x's dtype and layout, x + x2 observed
+    x2_ptr,
     # meta
     ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    RELU: tl.constexpr = False, SNAPSHOT: tl.constexpr = False,
+    RELU: tl.constexpr = False, SNAPSHOT: tl.constexpr = False, ADD: tl.constexpr = False,
 ):
     """Per (row split, channel block) min and max of x (of relu(x) when RELU). SNAPSHOT: the
     programs of split 0 also copy the observer's min / max of their channels to
@@ -96,6 +98,9 @@ def _minmax_partial_kernel(
                                 BLOCK_R)
         m = rm[:, None] & cm[None, :]
         x = tl.load(x_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
+        if ADD:  # the sum as torch's add rounds it to the dtype
+            x2 = tl.load(x2_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
+            x = _to_out(x + x2, x_ptr.dtype.element_ty).to(tl.float32)
         if RELU:
             x = tl.where(x < 0, 0.0, x)  # NaN stays NaN, as torch's relu
         nan = x != x
@@ -158,10 +163,12 @@ def _observe_fq_kernel(
     numel, nbytes_mask, split, C, L, m_l, l_l,
     # observer constants (float32)
     c_ema, eps, qmin, qmax, half_range, zp_sym,
+    # ADD: a second input (x's dtype and layout): y = fake_quant(x + x2)
+    x2_ptr,
     # meta
     EMA: tl.constexpr, SYMMETRIC: tl.constexpr, RELU: tl.constexpr, SAVE_MASK: tl.constexpr,
     PER_CHANNEL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, ADD: tl.constexpr = False,
 ):
     """Observer update and fake quant in one launch (after the partial min/max kernel with
     SNAPSHOT): every program computes the new state and qparams it needs itself from the
@@ -217,6 +224,9 @@ def _observe_fq_kernel(
         zpf = tl.max(zp, axis=0)
     inv = tl.math.div_rn(1.0, s)
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if ADD:
+        x2 = tl.load(x2_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        x = _to_out(x + x2, x_ptr.dtype.element_ty).to(tl.float32)
     y, inr = _fq_relu(x, inv, s, zpf, qmin, qmax, RELU)
     tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
@@ -327,7 +337,7 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
     dev = x.device
     part = torch.empty((2, plan.split, plan.C), dtype=torch.float32, device=dev)
     launch(_minmax_partial_kernel, (cdiv(plan.C, plan.block_c), plan.split), x, part,
-           *plan.kernel_args(), part, part, ROWS32=plan.rows32, BLOCK_R=plan.block_r,
+           *plan.kernel_args(), part, part, x, ROWS32=plan.rows32, BLOCK_R=plan.block_r,
            BLOCK_C=plan.block_c, RELU=relu, num_warps=4, **_LAUNCH)
     per_channel = axis is not None
     shape = (plan.C,) if per_channel else ()
@@ -370,22 +380,24 @@ def _observer_consts(observer):
 class _ObserveTwoLaunch(torch.autograd.Function):
     """Observe + fake quant in two launches: the partial min/max (with the state snapshot),
     then ``_observe_fq_kernel``; the backward is the fake quant's (mask only). Per tensor,
-    or per channel with the channels outermost in memory (weights)."""
+    or per channel with the channels outermost in memory (weights). With ``x2`` (same
+    dtype and strides) the input is ``x + x2``, never written out; both get the gradient."""
 
     @staticmethod
-    def forward(ctx, x, observer, axis, relu, programs, tile):
-        need = ctx.needs_input_grad[0]
+    def forward(ctx, x, observer, axis, relu, programs, tile, x2=None):
+        need = ctx.needs_input_grad[0] or (x2 is not None and ctx.needs_input_grad[6])
         plan = row_plan(x, axis, tile=tile, programs=programs)
         per_channel = axis is not None
         C = plan.C
         L = x.stride(axis) if per_channel else 1
         m_l, l_l = udiv_magic(L)
         n = x.numel()
+        add = x2 is not None
         part = torch.empty((2 * plan.split + 2) * C, dtype=torch.float32, device=x.device)
         launch(_minmax_partial_kernel, (cdiv(C, plan.block_c), plan.split), x, part,
-               *plan.kernel_args(), observer.min_val, observer.max_val, ROWS32=plan.rows32,
-               BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, RELU=relu, SNAPSHOT=True, num_warps=4,
-               **_LAUNCH)
+               *plan.kernel_args(), observer.min_val, observer.max_val, x2 if add else x,
+               ROWS32=plan.rows32, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, RELU=relu,
+               SNAPSHOT=True, ADD=add, num_warps=4, **_LAUNCH)
         y = torch.empty_like(x)
         nbytes = (n + 7) // 8
         mask = torch.empty(nbytes if need else 1, dtype=torch.uint8, device=x.device)
@@ -393,18 +405,20 @@ class _ObserveTwoLaunch(torch.autograd.Function):
         launch(_observe_fq_kernel, (cdiv(n, BLOCK),), _flat_span(x), _flat_span(y), mask, part,
                observer.min_val, observer.max_val, observer.nonfinite_batches, n, nbytes,
                plan.split, C, L, m_l - 2 ** 32, l_l, *_observer_consts(observer),
-               EMA=_supported_observer(observer), SYMMETRIC=observer.symmetric, RELU=relu,
-               SAVE_MASK=need, PER_CHANNEL=per_channel,
+               _flat_span(x2 if add else x), EMA=_supported_observer(observer),
+               SYMMETRIC=observer.symmetric, RELU=relu, SAVE_MASK=need, PER_CHANNEL=per_channel,
                BLOCK_S=max(1, min(_npow2(plan.split), 2048 // block_c)), BLOCK_C=block_c,
-               BLOCK=BLOCK, num_warps=NUM_WARPS, **_LAUNCH)
+               BLOCK=BLOCK, ADD=add, num_warps=NUM_WARPS, **_LAUNCH)
         if need:
             save_mask(ctx, x, mask)
+        ctx.add = add
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        return (mask_backward(ctx, grad),) + (None,) * 5
+        g = mask_backward(ctx, grad)
+        return (g,) + (None,) * 5 + ((g,) if ctx.add else (None,))
 
 
 def _two_launch_axis(x: torch.Tensor, observer, axis):
@@ -430,7 +444,8 @@ def _per_tensor_programs(device) -> int:
 
 
 def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = False,
-                       programs: Optional[int] = None, tile: int = 2048) -> Optional[torch.Tensor]:
+                       addend: Optional[torch.Tensor] = None, programs: Optional[int] = None,
+                       tile: int = 2048) -> Optional[torch.Tensor]:
     """Observe, then fake-quantize with the observer's new qparams, in two kernels (per
     tensor, or weights' channels outermost, without host hooks) or three.
 
@@ -440,6 +455,10 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
         fake_quant: the fake-quant module (may be None).
         relu: observe and fake-quantize ``relu(x)``, with ReLU's gradient folded into the
             fake quant's mask: no ReLU pass of its own, forward or backward.
+        addend: observe and fake-quantize ``x + addend`` (the sum rounded to the dtype as
+            torch's add rounds it, never written out; both get the gradient). Taken for
+            per-tensor observers when ``addend`` has x's shape, dtype and strides (a dense
+            layout); else None.
         programs, tile: reduction partition (tests; defaults from the device).
 
     Returns:
@@ -462,6 +481,18 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
         return None
     axis = observer._resolve_axis(x)
     d = observer.dtype
+    if addend is not None:
+        if (axis is not None or not isinstance(addend, torch.Tensor)
+                or addend.shape != x.shape or addend.dtype != x.dtype
+                or addend.device != x.device or addend.stride() != x.stride()
+                or not dense_layout(x)):
+            return None
+        two, kaxis = _two_launch_axis(x, observer, None)
+        if not two:
+            return None
+        observer._observed = True
+        return _ObserveTwoLaunch.apply(x, observer, None, relu,
+                                       programs or _per_tensor_programs(x.device), tile, addend)
     xr = as_rows(x, axis)
     two, kaxis = _two_launch_axis(xr, observer, axis)
     if two:
@@ -481,7 +512,7 @@ KERNELS = {
     "_minmax_partial_kernel": (_minmax_partial_kernel, [
         dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1), dict(ROWS32=True, BLOCK_R=32, BLOCK_C=64),
         dict(ROWS32=False, BLOCK_R=1024, BLOCK_C=2, SNAPSHOT=True),
-        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1, RELU=True, SNAPSHOT=True)]),
+        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1, RELU=True, SNAPSHOT=True, ADD=True)]),
     "_observer_update_kernel": (_observer_update_kernel, [
         dict(FROM_PARTIALS=fp, HAVE_OK=not fp, EMA=e, SYMMETRIC=s, BLOCK_S=8, BLOCK_C=256)
         for fp, e, s in ((True, False, True), (True, True, False), (False, True, True))]),
@@ -489,6 +520,8 @@ KERNELS = {
     "_observe_fq_kernel": (_observe_fq_kernel, [
         dict(EMA=True, SYMMETRIC=True, RELU=True, SAVE_MASK=True, PER_CHANNEL=False,
              BLOCK_S=256, BLOCK_C=1, BLOCK=BLOCK),
+        dict(EMA=True, SYMMETRIC=True, RELU=True, SAVE_MASK=True, PER_CHANNEL=False,
+             BLOCK_S=256, BLOCK_C=1, BLOCK=BLOCK, ADD=True),
         dict(EMA=False, SYMMETRIC=True, RELU=False, SAVE_MASK=True, PER_CHANNEL=True,
              BLOCK_S=8, BLOCK_C=256, BLOCK=BLOCK),
         dict(EMA=True, SYMMETRIC=False, RELU=False, SAVE_MASK=True, PER_CHANNEL=True,

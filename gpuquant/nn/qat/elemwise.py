@@ -15,8 +15,10 @@ class Elemwise(QATModule, Float.Elemwise):
     def forward(self, a, b):
         self._require_qconfig()
         self._note_inputs(a, b)
-        if self.method == "add_relu":  # the ReLU goes to the fused fake quant
-            return self.apply_quant_activation(a + b, "relu")
+        if self.method in ("add", "add_relu"):  # the add (and ReLU) go to the fused
+            # observe + fake quant, which reads a and b and never writes the sum
+            return self.apply_quant_activation(a, "relu" if self.method == "add_relu" else "none",
+                                               addend=b)
         return self.apply_quant_activation(self._float_op(a, b))
 
 

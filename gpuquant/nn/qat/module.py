@@ -146,14 +146,18 @@ class QATModule(Module):
         from ...quantization.fake_quant import apply_fake_quant_with_observer
         return apply_fake_quant_with_observer(w, self.weight_fake_quant, self.weight_observer)
 
-    def apply_quant_activation(self, y: torch.Tensor, activation: str = "none") -> torch.Tensor:
+    def apply_quant_activation(self, y: torch.Tensor, activation: str = "none",
+                               addend: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Observe and fake-quantize the output ``activation(y)`` (``"none"``, ``"relu"``,
-        ``"relu6"``); tags it as this module's output. A ReLU goes to the fused
-        observe + fake-quant op, which folds it into its own passes where it can."""
+        ``"relu6"``), or ``activation(y + addend)``; tags it as this module's output. A ReLU
+        and the addend go to the fused observe + fake-quant op, which folds them into its
+        own passes where it can."""
         from ...quantization.fake_quant import apply_fake_quant_with_observer
         from ..conv import apply_activation
         relu = activation == "relu"
-        if not relu:
+        if activation not in ("none", "relu"):
+            if addend is not None:
+                y, addend = y + addend, None
             y = apply_activation(y, activation)
         if self.__dict__.get("_act_device") != y.device:
             # modules without parameters (stubs, Elemwise, Concat) cannot tell their device
@@ -162,7 +166,8 @@ class QATModule(Module):
                 if m is not None:
                     m.to(y.device)
             self.__dict__["_act_device"] = y.device
-        y = apply_fake_quant_with_observer(y, self.act_fake_quant, self.act_observer, relu)
+        y = apply_fake_quant_with_observer(y, self.act_fake_quant, self.act_observer, relu,
+                                           addend)
         return tag_output(y, self)
 
     def _note_inputs(self, *xs) -> None:
