@@ -360,3 +360,18 @@ def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, 
     assert int(obs.nonfinite_batches) == 1
     # the last-program tickets of the statistics and gradient-sum kernels reset themselves
     assert torch.equal(bn_act._tickets(bn).cpu(), torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+def test_fused_qat_kernels_on_the_gpu_with_many_programs():
+    """The same checks at ResNet-50 sizes on the device: thousands of programs race for the
+    last-program tickets (the weight kernel's non-finite count, the batch-norm statistics'
+    and gradient sums' finishing programs), which the interpreter runs one at a time."""
+    for shape, cl in (((512, 512, 3, 3), True), ((2048, 512), False)):
+        for kind in ("minmax", "ema_affine"):
+            test_fused_fold_observe_fake_quant_equals_the_unfused_kernels(kind, shape, cl)
+    for case in (((64, 64, 56, 56), "cl", torch.bfloat16, "relu", "ema"),
+                 ((32, 256, 14, 14), "nchw", torch.float32, "relu6", "minmax_affine"),
+                 ((16, 2048, 7, 7), "cl", torch.bfloat16, "none", "ema"),
+                 ((96, 96, 28, 28), "cl", torch.float16, "relu6", "ema")):
+        test_fused_bn_act_equals_the_definition_on_its_normalisation(*case)
