@@ -375,3 +375,29 @@ def test_fused_qat_kernels_on_the_gpu_with_many_programs():
                  ((16, 2048, 7, 7), "cl", torch.bfloat16, "none", "ema"),
                  ((96, 96, 28, 28), "cl", torch.float16, "relu6", "ema")):
         test_fused_bn_act_equals_the_definition_on_its_normalisation(*case)
+
+
+def test_fused_bn_statistics_with_a_large_mean():
+    """Per-channel mean 300 and standard deviation 0.05 (a cancellation trap for sums of
+    squares): the fused statistics (per-tile two-pass, Chan merges, one shifted pass over
+    the partials) keep the mean to 2 ulp and the variance to 5e-4 against float64."""
+    from gpuquant.backends.triton import bn_act
+    from gpuquant.quantization import ExponentialMovingAverageObserver
+    g = torch.Generator().manual_seed(3)
+    C = 8
+    z = (torch.randn(6, C, 17, 13, generator=g, dtype=torch.float64) * 0.05
+         + 300.0 + torch.arange(C, dtype=torch.float64).reshape(1, C, 1, 1))
+    z32 = z.float().to(DEV).contiguous(memory_format=torch.channels_last)
+    ones = torch.ones(C, device=DEV)
+    obs = ExponentialMovingAverageObserver(0.9, check_finite=False).to(DEV)
+    bn = torch.nn.BatchNorm2d(C).to(DEV)
+    with backends.use("triton"):
+        _, mean, invstd, *_ = bn_act.bn_act_forward(
+            z32, ones, ones * 0, ones * 1e-12, ones, None, bn.running_mean, bn.running_var,
+            bn.num_batches_tracked, 0.1, obs, 0, bn_act._tickets(bn)[:1])
+    var_r, mean_r = torch.var_mean(z32.double().cpu(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double().cpu(), mean_r, rtol=4e-7, atol=0)  # ~2 ulp
+    var = invstd.double().cpu() ** -2
+    # 1.1e-4 measured: the tile means near 300 carry float32's 1.5e-5 rounding into the
+    # between-tile part of the variance (mean / deviation = 6000 here; at 10, ~1e-9)
+    torch.testing.assert_close(var, var_r, rtol=5e-4, atol=0)

@@ -161,9 +161,9 @@ def _bn_finish(
     SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr, CUMULATIVE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Run by the statistics kernel's last program: batch statistics from the partials (mean = sum(n_s mean_s) / n, then
-    M2 = sum(M2_s + n_s (mean_s - mean)^2), fixed order), the per-channel vectors, the
-    running statistics (as BatchNorm: lerp with momentum or 1 / num_batches_tracked; mean / t
+    """Run by the statistics kernel's last program: batch statistics from the partials
+    (one pass over them, shifted by split 0's mean, fixed order), the per-channel vectors,
+    the running statistics (as BatchNorm: lerp with momentum or 1 / num_batches_tracked; mean / t
     + bias, var / t^2 * n / (n - 1)), and the per-tensor observer of the output, whose batch
     min / max are the outputs of each channel's extreme inputs (module docstring)."""
     nbt = tl.load(nbt_ptr) + 1
@@ -178,32 +178,33 @@ def _bn_finish(
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
-        acc = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+        # one pass over the partials, shifted by split 0's mean (|mean - shift| is about
+        # sigma / sqrt(split 0's count), so S2 / n - dbar^2 cancels nothing that matters):
+        # dbar = sum(n_s (mean_s - shift)) / n, var = sum(M2_s + n_s (mean_s - shift)^2) / n
+        # - dbar^2, mean = shift + dbar
+        shift = tl.load(part_ptr + c, mask=cm, other=0.0, cache_modifier=".cg")
+        acc1 = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
+        acc2 = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
         zmin = tl.full((BLOCK_S, BLOCK_C), _INF, tl.float32)
         zmax = tl.full((BLOCK_S, BLOCK_C), _NINF, tl.float32)
         for s0 in range(0, split, BLOCK_S):
             sp = s0 + tl.arange(0, BLOCK_S)
             m = (sp < split)[:, None] & cm[None, :]
-            cnt = tl.minimum(tl.maximum(rows - sp * rows_per_split, 0), rows_per_split)
+            cnt = tl.minimum(tl.maximum(rows - sp * rows_per_split, 0),
+                             rows_per_split).to(tl.float32)[:, None]
             off = sp.to(tl.int64)[:, None] * C + c[None, :]
-            mu = tl.load(part_ptr + off, mask=m, other=0.0, cache_modifier=".cg")
-            acc += tl.where(m, cnt.to(tl.float32)[:, None] * mu, 0.0)
+            d = tl.load(part_ptr + off, mask=m, other=0.0, cache_modifier=".cg") - shift[None, :]
+            m2 = tl.load(part_ptr + plane + off, mask=m, other=0.0, cache_modifier=".cg")
+            acc1 += tl.where(m, cnt * d, 0.0)
+            acc2 += tl.where(m, m2 + cnt * (d * d), 0.0)
             zmin = tl.minimum(zmin, tl.load(part_ptr + 2 * plane + off, mask=m, other=_INF,
                                             cache_modifier=".cg"))
             zmax = tl.maximum(zmax, tl.load(part_ptr + 3 * plane + off, mask=m, other=_NINF,
                                             cache_modifier=".cg"))
         n_f = rows.to(tl.float32)
-        mean = tl.math.div_rn(tl.sum(acc, axis=0), n_f)
-        acc = tl.zeros((BLOCK_S, BLOCK_C), tl.float32)
-        for s0 in range(0, split, BLOCK_S):
-            sp = s0 + tl.arange(0, BLOCK_S)
-            m = (sp < split)[:, None] & cm[None, :]
-            cnt = tl.minimum(tl.maximum(rows - sp * rows_per_split, 0), rows_per_split)
-            off = sp.to(tl.int64)[:, None] * C + c[None, :]
-            d = tl.load(part_ptr + off, mask=m, other=0.0, cache_modifier=".cg") - mean[None, :]
-            m2 = tl.load(part_ptr + plane + off, mask=m, other=0.0, cache_modifier=".cg")
-            acc += tl.where(m, m2 + cnt.to(tl.float32)[:, None] * (d * d), 0.0)
-        var = tl.math.div_rn(tl.sum(acc, axis=0), n_f)
+        dbar = tl.math.div_rn(tl.sum(acc1, axis=0), n_f)
+        mean = shift + dbar
+        var = tl.maximum(tl.math.div_rn(tl.sum(acc2, axis=0), n_f) - dbar * dbar, 0.0)
         W = tl.load(W_ptr + c, mask=cm, other=0.0)
         beta = tl.load(beta_ptr + c, mask=cm, other=0.0)
         ve = var + tl.load(E_ptr + c, mask=cm, other=1.0)
