@@ -14,6 +14,11 @@ remaining budget and killed at its deadline; benchmark suites run ``--quick`` wi
 (three autotune configs per kernel instead of up to eleven). A stage that the time left
 cannot start is recorded as skipped: run the rest in a second command with ``--stages``.
 
+On a machine with 8 or more CPUs, a background process (:mod:`.warm`, ``--warm-jobs``,
+low priority, the GPU hidden from it) compiles the chosen suites' Triton kernels from the
+start, in parallel, while the tests run: the suites then find most of their autotune
+configs in Triton's cache instead of compiling them one by one while the GPU waits.
+
 Writes into ``--out``: ``lease.tar.gz``, holding ``results/<device-slug>/`` with the
 suites' JSON / Markdown / PNG files, ``lease-logs/<stage>.log``, ``lease-env.txt`` and
 ``lease-summary.md``; and ``summary.md``, which is also printed last. ``tar -xzf
@@ -66,6 +71,46 @@ def plan_caps(stage: str, left: float, caps: Optional[dict] = None) -> Optional[
     return min(usable, cap)
 
 
+# suites whose kernels the background warm-up compiles (tests and qat_step compile few)
+WARM_SUITES = ("models", "conv", "gemm", "linear_dynamic", "fake_quant")
+
+
+def _default_warm_jobs() -> int:
+    n = os.cpu_count() or 1
+    return n - 2 if n >= 8 else 0
+
+
+def _start_warm(args, log_path: str, env: dict):
+    """The background compile of the chosen suites' kernels (:mod:`.warm`), or None."""
+    suites = [s for s in args.stage_list if s in WARM_SUITES]
+    if not args.warm_jobs or not suites:
+        return None
+    cmd = [sys.executable, "-m", "gpuquant.bench.warm", "--suites", ",".join(suites),
+           "--jobs", str(args.warm_jobs), "--budget", str(max(1.0, args.budget - PACK_RESERVE_S))]
+    log = open(log_path, "w")
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=_REPO, env=env,
+                            start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def _stop_warm(proc) -> str:
+    """Stop the warm-up if still running; its status for the summary."""
+    if proc is None:
+        return ""
+    status = "finished" if proc.poll() is not None else "stopped"
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    proc.log.close()
+    return status
+
+
 def _known_stages() -> List[str]:
     from .suites import registered
     return ["tests", "profile"] + list(registered())
@@ -105,9 +150,15 @@ def _parse(argv) -> argparse.Namespace:
                    help="the most seconds a stage may take, instead of its default, repeatable")
     p.add_argument("--profile-args", default="--what qat_step,int8_forward",
                    help="arguments of the 'profile' stage (python -m gpuquant.bench.profile)")
+    p.add_argument("--warm-jobs", type=int, default=_default_warm_jobs(),
+                   help="CPU processes compiling the suites' Triton kernels in the background "
+                        "from the start (gpuquant.bench.warm; 0: none; default: CPUs - 2 "
+                        "on machines with 8 or more)")
     args = p.parse_args(argv)
     if not args.budget > 0:
         p.error(f"--budget must be positive, got {args.budget}")
+    if args.warm_jobs < 0:
+        p.error(f"--warm-jobs must be >= 0, got {args.warm_jobs}")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     known = _known_stages()
     bad = [s for s in stages if s not in known]
@@ -240,6 +291,7 @@ def main(argv=None) -> int:
                PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
     if not args.full_tune:
         env["GPUQUANT_TRITON_TUNE"] = "quick"
+    warm = _start_warm(args, os.path.join(logs, "warm.log"), env)
     rows = []
     for stage in args.stage_list:
         left = args.budget - (time.monotonic() - t_start)
@@ -267,6 +319,10 @@ def main(argv=None) -> int:
         rows.append((stage, status, secs, _last_line(log)))
         print(f"[lease] {stage}: {status} in {secs:.0f} s", flush=True)
 
+    warm_status = _stop_warm(warm)
+    if warm is not None:
+        rows.append(("warm (background)", warm_status, time.monotonic() - t_start,
+                     _last_line(os.path.join(logs, "warm.log"))))
     total = time.monotonic() - t_start
     summary = [f"# GPU lease run ({slug}), {total:.0f} s of a {args.budget:.0f} s budget", "",
                f"tuning: {'full' if args.full_tune else 'quick (GPUQUANT_TRITON_TUNE=quick)'}; "
@@ -283,7 +339,7 @@ def main(argv=None) -> int:
         tar.add(os.path.join(work, "results"), arcname="results")
     shutil.rmtree(work, ignore_errors=True)
     print(text, flush=True)
-    return 0 if all(st == "passed" for _, st, _, _ in rows) else 1
+    return 0 if all(st == "passed" for s, st, _, _ in rows if s != "warm (background)") else 1
 
 
 if __name__ == "__main__":

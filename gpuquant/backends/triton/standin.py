@@ -1,13 +1,15 @@
 """A stand-in CUDA driver: Triton's real launch path on a machine without a GPU.
 
 Inside :func:`standin_cuda` the kernels are compiled for ``sm_<cc>`` (TTIR -> PTX; no cubin,
-``ptxas`` is skipped), "loaded" without a device, and every launch is recorded instead of
-run, with the arguments Triton's launcher receives. CPU tensors stand for device tensors
-(their data pointers are what the launcher would get). Nothing is computed: outputs hold
-whatever ``torch.empty`` gave. Two uses:
+``ptxas`` is skipped, unless ``cubin=True``), "loaded" without a device, and every launch is
+recorded instead of run, with the arguments Triton's launcher receives. CPU tensors stand
+for device tensors (their data pointers are what the launcher would get). Nothing is
+computed: outputs hold whatever ``torch.empty`` gave. Three uses:
 
 * CI checks that :mod:`.launch`'s plans hand the launcher exactly what Triton's own path does
   (``tests/backends/test_triton_fast_launch.py``);
+* warming a GPU machine's Triton cache on its CPU cores (:mod:`gpuquant.bench.warm`,
+  ``cubin=True``);
 * the host time of launches, i.e. what the GPU's host CPU spends in Python per kernel::
 
       env -u TRITON_INTERPRET python -m gpuquant.backends.triton.standin resnet50
@@ -20,6 +22,7 @@ Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the jitted ke
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 
@@ -91,26 +94,42 @@ class StandInDriver:
 
 
 @contextlib.contextmanager
-def standin_cuda(cc: int = 90, family: str = "sm90"):
-    """Within: Triton's active driver is a :class:`StandInDriver` (yielded), no cubin is
-    built, the launchers choose ``family``'s configs, and the triton backend takes CPU
-    tensors. Everything is restored on exit."""
+def standin_cuda(cc: int = 90, family: str = "sm90", cubin: bool = False, sms: int = 132):
+    """Within: Triton's active driver is a :class:`StandInDriver` (yielded), the launchers
+    choose ``family``'s configs and size grids for ``sms`` multiprocessors, and the triton
+    backend takes CPU tensors. Everything is restored on exit.
+
+    ``cubin`` False (measuring host time, checking launch arguments): no cubin is built
+    (``ptxas`` skipped) and Triton's cache is a private temporary directory, so the empty
+    binaries never land where a real launch could load them. True (warming the cache for a
+    GPU machine, :mod:`gpuquant.bench.warm`): real sm_``cc`` cubins, built by the ``ptxas``
+    Triton ships, into the usual cache (``TRITON_CACHE_DIR``), keyed exactly as a launch on
+    the GPU keys them."""
+    import tempfile
+
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime import driver
 
     from ... import backends
     from .. import registry
-    from . import conv, depthwise, dynamic, gemm
+    from . import conv, depthwise, dynamic, fake_quant, gemm, observer
     from .common import INTERPRET
     if INTERPRET:
         raise RuntimeError("standin_cuda needs TRITON_INTERPRET unset (the interpreter "
                            "replaces the jitted kernels)")
     saved = [(m, "arch_family", m.arch_family) for m in (conv, gemm, depthwise, dynamic)]
+    saved += [(m, "_target_programs", m._target_programs) for m in (fake_quant, observer)]
     real_cubin, real_avail = CUDABackend.make_cubin, torch.cuda.is_available
     fake = StandInDriver(cc)
     was_loaded, why_not = registry._loaded.get("triton"), registry._unavailable.pop("triton", None)
+    cache_env = os.environ.get("TRITON_CACHE_DIR")
+    private = None if cubin else tempfile.TemporaryDirectory(prefix="gpuquant-standin-")
     try:
-        CUDABackend.make_cubin = lambda self, src, metadata, *a, **k: b""
+        if private is not None:
+            os.environ["TRITON_CACHE_DIR"] = private.name
+            CUDABackend.make_cubin = lambda self, src, metadata, *a, **k: b""
+        for m in (fake_quant, observer):  # reduction grids as on the GPU (4 programs an SM)
+            m._target_programs = lambda device: 4 * sms
         for m, name, _ in saved:
             setattr(m, name, lambda dev: family)
         torch.cuda.is_available = lambda: True  # the backend loads as on a GPU machine
@@ -123,6 +142,12 @@ def standin_cuda(cc: int = 90, family: str = "sm90"):
     finally:
         torch.cuda.is_available = real_avail
         CUDABackend.make_cubin = real_cubin
+        if private is not None:
+            if cache_env is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = cache_env
+            private.cleanup()
         for m, name, v in saved:
             setattr(m, name, v)
         driver._active = None  # back to the default (created on next use)

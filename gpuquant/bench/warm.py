@@ -1,0 +1,140 @@
+"""Compile the GPU suites' Triton kernels before they are timed, on the CPU, in parallel.
+
+    python -m gpuquant.bench.warm --suites models,conv,gemm,linear_dynamic --jobs 14
+
+A lent GPU machine starts with an empty Triton cache, and the autotuner compiles every
+candidate config of every shape one after another in the benchmark's own process (about
+5 s for a 3x3 convolution config): on a short lease most of a stage's time went to
+compiling (bench/README.md, NOTES). Compiling needs no GPU. Each worker process here runs
+with the GPU hidden, inside :func:`gpuquant.backends.triton.standin.standin_cuda` with
+``cubin=True``: every ``gpuquant-triton*`` provider (not the CUDA-graph rows) of every
+``--quick`` case of the named suites is set up on CPU tensors and called once, so the
+autotuner compiles each candidate config, through the ``ptxas`` Triton ships, into
+Triton's cache directory (``TRITON_CACHE_DIR``, shared by the workers; Triton writes its
+entries atomically), while the launches are only recorded. The cache keys are the ones the
+GPU process computes (same source, Triton build, target ``sm_90``, options, argument
+specialisation, and the quick config lists chosen for 132 multiprocessors): the suites
+then find their kernels compiled. A key that differs (another GPU family, another Triton)
+costs nothing but the warm-up's CPU time.
+
+The lease runner (:mod:`gpuquant.bench.lease`) starts this in the background, at low CPU
+priority, while the GPU tests run. Cases are dealt to workers round-robin in the order of
+``--suites``; ``--budget`` stops the workers after that many seconds (what they compiled stays).
+Prints one line per worker when it ends: cases done, failures (a failure only means that
+case is not warmed), seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from typing import List, Sequence, Tuple
+
+__all__ = ["main", "work_list"]
+
+DEFAULT_SUITES = ("models", "conv", "gemm", "linear_dynamic", "fake_quant")
+
+
+def work_list(suites: Sequence[str]) -> List[Tuple[str, int]]:
+    """``(suite, case index)`` of every quick case of ``suites`` (CPU-built)."""
+    from .suites import load_suite
+    out = []
+    for name in suites:
+        out += [(name, i) for i in range(len(load_suite(name).cases(True, "cpu")))]
+    return out
+
+
+def _warm_cases(items: Sequence[Tuple[str, int]]) -> Tuple[int, int]:
+    """Run in a worker: (cases done, provider failures)."""
+    import torch
+
+    from ..backends.triton.standin import standin_cuda
+    from .harness import ProviderUnavailable
+    from .suites import load_suite
+    torch.set_num_threads(1)
+    done = failed = 0
+    cache = {}
+    with standin_cuda(cubin=True):
+        for name, idx in items:
+            if name not in cache:
+                cache[name] = load_suite(name).cases(True, "cpu")
+            case = cache[name][idx]
+            try:
+                inputs = case.inputs(0)
+            except Exception as e:  # noqa: BLE001 - a case we cannot build here is skipped
+                print(f"warm: {name} {case.name}: inputs: {type(e).__name__}: {e}",
+                      file=sys.stderr)
+                failed += 1
+                continue
+            for pname, prov in case.providers.items():
+                if not pname.startswith("gpuquant-triton") or pname.endswith("-graph"):
+                    continue
+                try:
+                    prov.setup(inputs)()
+                except ProviderUnavailable:
+                    pass
+                except Exception as e:  # noqa: BLE001 - reported, the rest goes on
+                    print(f"warm: {name} {case.name} {pname}: {type(e).__name__}: "
+                          f"{str(e)[:200]}", file=sys.stderr)
+                    failed += 1
+            done += 1
+    return done, failed
+
+
+def _worker(argv: Sequence[str]) -> int:
+    items = [(s.split(":")[0], int(s.split(":")[1])) for s in argv]
+    t0 = time.time()
+    done, failed = _warm_cases(items)
+    print(f"warm worker: {done}/{len(items)} cases, {failed} failures, "
+          f"{time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpuquant.bench.warm",
+                                description="compile the GPU suites' Triton kernels ahead, "
+                                            "on the CPU, in parallel")
+    p.add_argument("--suites", default=",".join(DEFAULT_SUITES),
+                   help="comma-separated suite names (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                   help="worker processes (default: CPUs - 2)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="stop the workers after this many seconds")
+    p.add_argument("--nice", type=int, default=19, help="CPU priority of the workers")
+    p.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is not None:
+        return _worker(args.worker)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    suites = [s for s in args.suites.split(",") if s]
+    items = work_list(suites)
+    jobs = min(args.jobs, len(items)) or 1
+    shares = [items[i::jobs] for i in range(jobs)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # workers never touch the GPU
+    env.setdefault("GPUQUANT_TRITON_TUNE", "quick")
+    t0 = time.time()
+    nice = (lambda: os.nice(args.nice)) if args.nice and hasattr(os, "nice") else None
+    procs = [subprocess.Popen([sys.executable, "-m", "gpuquant.bench.warm", "--worker"]
+                              + [f"{n}:{i}" for n, i in share], env=env, preexec_fn=nice)
+             for share in shares if share]
+    print(f"warm: {len(items)} cases of {', '.join(suites)} on {len(procs)} workers",
+          flush=True)
+    rc = 0
+    for proc in procs:
+        left = None if args.budget is None else max(0.0, args.budget - (time.time() - t0))
+        try:
+            rc |= proc.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = 1
+    print(f"warm: done in {time.time() - t0:.0f} s (exit {rc})", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

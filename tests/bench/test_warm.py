@@ -1,0 +1,64 @@
+"""The background compile of the GPU suites' Triton kernels (gpuquant.bench.warm): workers
+build real sm_90 cubins on the CPU into Triton's cache, keyed so that the same launch in
+another process finds them; the lease runner starts it and reports it."""
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from gpuquant.bench import lease, warm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _cubins(cache):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs
+                  if f.endswith(".cubin"))
+
+
+def _warm(cache, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(cache), PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "gpuquant.bench.warm", *args], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_warm_builds_cubins_that_a_second_process_finds(tmp_path):
+    cache = tmp_path / "cache"
+    first = _warm(cache, "--suites", "fake_quant", "--jobs", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "0 failures" in first.stdout and "warm: done" in first.stdout
+    built = _cubins(cache)
+    assert len(built) >= 5 and all(os.path.getsize(p) > 1000 for p in built)
+    stamp = {p: os.path.getmtime(p) for p in built}
+    again = _warm(cache, "--suites", "fake_quant", "--jobs", "1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    # every kernel was a cache hit: no new binary, none rewritten
+    assert _cubins(cache) == built
+    assert all(os.path.getmtime(p) == t for p, t in stamp.items())
+
+
+def test_warm_lists_quick_cases_and_rejects_bad_arguments(capsys):
+    items = warm.work_list(["gemm"])
+    assert items and {s for s, _ in items} == {"gemm"}
+    assert [i for _, i in items] == list(range(len(items)))
+    with pytest.raises(SystemExit) as e:
+        warm.main(["--jobs", "0"])
+    assert e.value.code == 2 and "--jobs must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown suite"):
+        warm.work_list(["no_such_suite"])
+
+
+def test_lease_starts_the_warm_up_and_reports_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    lease.main(["--out", str(out), "--budget", "200", "--stages", "tests,fake_quant",
+                "--warm-jobs", "1",
+                "--pytest-args", "-q tests/test_qparams.py -p no:cacheprovider -k dtype"])
+    text = (out / "summary.md").read_text()
+    assert "| warm (background) |" in text
+    with tarfile.open(out / "lease.tar.gz") as tar:
+        assert any(n.endswith("lease-logs/warm.log") for n in tar.getnames())
+    assert lease._parse(["--out", "x", "--warm-jobs", "0"]).warm_jobs == 0
