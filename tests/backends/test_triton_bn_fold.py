@@ -401,3 +401,55 @@ def test_fused_bn_statistics_with_a_large_mean():
     # 1.1e-4 measured: the tile means near 300 carry float32's 1.5e-5 rounding into the
     # between-tile part of the variance (mean / deviation = 6000 here; at 10, ~1e-9)
     torch.testing.assert_close(var, var_r, rtol=5e-4, atol=0)
+
+
+@pytest.mark.parametrize("bias,cl,mode", [(True, True, "frozen"), (False, False, "frozen"),
+                                          (True, False, "eval")])
+def test_fused_frozen_fold_equals_the_definition(monkeypatch, bias, cl, mode):
+    """Running-statistics Conv+BN (frozen BatchNorm while training, or eval): the fused
+    fold + observe + fake quant of the weight and the folded bias give the bytes of
+    folded_weight_bias() then the weight's observe + fake quant (weight observer state too),
+    and the gradients of w, gamma, beta and the conv bias to float32 rounding."""
+    import gpuquant.backends.triton as tb
+    f = _randomize(gnn.ConvBnRelu2d(4, 6, 3, padding=1, bias=bias), 5)
+    fused = quantize_qat(copy.deepcopy(f), qat_qconfig()).to(DEV)
+    fused.freeze_bn_stats()
+    fused = fused.train() if mode == "frozen" else fused.eval()
+    ref = copy.deepcopy(fused)
+    if cl:
+        fused = fused.to(memory_format=torch.channels_last)
+        ref = ref.to(memory_format=torch.channels_last)
+    calls = []
+    op = tb.OPS["bn_fold_frozen_observe_fake_quant"]
+
+    def spy(*a, **k):
+        out = op(*a, **k)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setitem(tb.OPS, "bn_fold_frozen_observe_fake_quant", spy)
+    for step in range(2):
+        x = torch.randn(3, 4, 7, 6, device=DEV) * (1 + step)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs = []
+        for m, fuse in ((fused, True), (ref, False)):
+            m.zero_grad()
+            if not fuse:
+                monkeypatch.delitem(tb.OPS, "bn_fold_frozen_observe_fake_quant")
+            with backends.use("triton"):
+                y = m(x)
+                y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(step))
+                           .to(DEV))
+            if not fuse:
+                monkeypatch.setitem(tb.OPS, "bn_fold_frozen_observe_fake_quant", spy)
+            outs.append(y.detach())
+        assert torch.equal(outs[0], outs[1])
+        for n in ("min_val", "max_val"):
+            assert torch.equal(getattr(fused.weight_observer, n), getattr(ref.weight_observer, n))
+        for (n, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+    assert calls == [True, True]
+    # the folded weight and bias as the int8 conversion reads them are unchanged
+    w1, b1 = fused.folded_weight_bias()
+    w2, b2 = ref.folded_weight_bias()
+    assert torch.equal(w1, w2) and torch.equal(b1, b2)

@@ -34,8 +34,8 @@ from .launch import launch
 from .observer import (_INF, _NINF, _fake_quantize_class, _observer_consts, _plain_reduce,
                        _supported_observer, _update_state)
 
-__all__ = ["bn_fold_weight", "bn_fold_observe_fake_quant", "bn_normalize_train", "OPS",
-           "KERNELS"]
+__all__ = ["bn_fold_weight", "bn_fold_observe_fake_quant", "bn_fold_frozen_observe_fake_quant",
+           "bn_normalize_train", "OPS", "KERNELS"]
 
 _ROW_BLOCK = 1024
 
@@ -57,10 +57,17 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
                      # nonfinite_batches i64 (1,), ticket i32 (2,) (zero between launches)
                      qs_ptr, qz_ptr, min_ptr, max_ptr, bad_ptr, tick_ptr, C,
                      c_ema, q_eps, qmin, qmax, half_range, zp_sym,
+                     # FROZEN only: beta, running mean, conv bias (HAS_B) in; folded bias out
+                     beta_ptr, rm_ptr, b_ptr, bf_ptr,
                      BLOCK: tl.constexpr, FQ: tl.constexpr = False,
                      OBSERVE: tl.constexpr = False, EMA: tl.constexpr = False,
-                     SYMMETRIC: tl.constexpr = True):
+                     SYMMETRIC: tl.constexpr = True, FROZEN: tl.constexpr = False,
+                     HAS_B: tl.constexpr = False):
     """Program c: t, W = gamma * sign, E = eps * t * t, sigma, and w_fold[c] = w[c] * t.
+
+    FROZEN (running statistics: eval, or frozen BatchNorm): t = gamma / sigma as it is (no
+    clamp), and the folded bias ``beta + (b - running_mean) * t`` to ``bf`` (W, E not
+    written), as ``BnFoldedModule.folded_weight_bias`` computes them.
 
     FQ: ``wf_ptr`` gets ``fake_quant(w[c] * t)`` instead, with the channel's qparams from its
     per-channel observer state, updated first from this row's min / max when OBSERVE (the
@@ -70,10 +77,19 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
     a ticket from ``tick[0]``; the last one adds the flag and zeroes both."""
     c = tl.program_id(0)
     g = tl.load(gamma_ptr + c)
-    t, sgn, sigma = _fold_factor(g, tl.load(rv_ptr + c), eps, min_gamma)
+    if FROZEN:
+        sigma = tl.sqrt_rn(tl.load(rv_ptr + c) + eps)
+        t = tl.math.div_rn(g, sigma)
+        if HAS_B:
+            bm = tl.load(b_ptr + c) - tl.load(rm_ptr + c)
+        else:
+            bm = 0.0 - tl.load(rm_ptr + c)
+        tl.store(bf_ptr + c, tl.load(beta_ptr + c) + bm * t)
+    else:
+        t, sgn, sigma = _fold_factor(g, tl.load(rv_ptr + c), eps, min_gamma)
+        tl.store(W_ptr + c, g * sgn)
+        tl.store(E_ptr + c, (eps * t) * t)
     tl.store(t_ptr + c, t)
-    tl.store(W_ptr + c, g * sgn)
-    tl.store(E_ptr + c, (eps * t) * t)
     tl.store(sigma_ptr + c, sigma)
     base = c.to(tl.int64) * L
     if FQ:
@@ -126,12 +142,19 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
 @triton.jit
 def _fold_bwd_kernel(gwf_ptr, w_ptr, gamma_ptr, t_ptr, sigma_ptr, gW_ptr, gE_ptr, gw_ptr, gg_ptr,
                      L, eps, min_gamma, qs_ptr, qz_ptr, qmin, qmax,
-                     NEED_W: tl.constexpr, BLOCK: tl.constexpr, FQ: tl.constexpr = False):
+                     # FROZEN only: grad of the folded bias, running mean, conv bias (HAS_B)
+                     # in; grads of beta and of the conv bias out
+                     gbf_ptr, rm_ptr, b_ptr, gbeta_ptr, gb_ptr,
+                     NEED_W: tl.constexpr, BLOCK: tl.constexpr, FQ: tl.constexpr = False,
+                     FROZEN: tl.constexpr = False, HAS_B: tl.constexpr = False):
     """Program c: grad_w[c] = grad_w_fold[c] * t and
     grad_gamma = (sum(grad_w_fold[c] * w[c]) + grad_E * 2 eps t) * dt/dgamma + grad_W * sign,
     dt/dgamma = 1 / sigma where min_gamma <= |gamma| (gamma != 0), else 0 (clamp, abs).
     FQ: ``gwf_ptr`` holds the gradient of the fake-quantized weight; the straight-through
-    mask (in range of the forward's qparams ``qs`` / ``qz``) is recomputed from w * t."""
+    mask (in range of the forward's qparams ``qs`` / ``qz``) is recomputed from w * t.
+    FROZEN (t = gamma / sigma, folded bias ``beta + (b - mean) t``): grad_gamma =
+    (sum(grad_w_fold * w) + grad_bf * (b - mean)) / sigma, grad_beta = grad_bf,
+    grad_b = grad_bf * t."""
     c = tl.program_id(0)
     t = tl.load(t_ptr + c)
     s = t  # the qparams (FQ), defined on every path for the compiler
@@ -154,12 +177,23 @@ def _fold_bwd_kernel(gwf_ptr, w_ptr, gamma_ptr, t_ptr, sigma_ptr, gW_ptr, gE_ptr
         acc += gwf * w
         if NEED_W:
             tl.store(gw_ptr + base + i, gwf * t, mask=m)
-    g = tl.load(gamma_ptr + c)
-    sgn = tl.where(g < 0, -1.0, 1.0)
-    live = (tl.abs(g) >= min_gamma) & (g != 0)
-    gt = tl.sum(acc, axis=0) + tl.load(gE_ptr + c) * ((2.0 * eps) * t)
-    dt = tl.where(live, tl.math.div_rn(gt, tl.load(sigma_ptr + c)), 0.0)
-    tl.store(gg_ptr + c, dt + tl.load(gW_ptr + c) * sgn)
+    if FROZEN:
+        gbf = tl.load(gbf_ptr + c)
+        if HAS_B:
+            bm = tl.load(b_ptr + c) - tl.load(rm_ptr + c)
+            tl.store(gb_ptr + c, gbf * t)
+        else:
+            bm = 0.0 - tl.load(rm_ptr + c)
+        tl.store(gbeta_ptr + c, gbf)
+        tl.store(gg_ptr + c, tl.math.div_rn(tl.sum(acc, axis=0) + gbf * bm,
+                                            tl.load(sigma_ptr + c)))
+    else:
+        g = tl.load(gamma_ptr + c)
+        sgn = tl.where(g < 0, -1.0, 1.0)
+        live = (tl.abs(g) >= min_gamma) & (g != 0)
+        gt = tl.sum(acc, axis=0) + tl.load(gE_ptr + c) * ((2.0 * eps) * t)
+        dt = tl.where(live, tl.math.div_rn(gt, tl.load(sigma_ptr + c)), 0.0)
+        tl.store(gg_ptr + c, dt + tl.load(gW_ptr + c) * sgn)
 
 
 @triton.jit
@@ -211,9 +245,34 @@ def _rows_contiguous(w: torch.Tensor) -> bool:
     return w.is_contiguous()
 
 
+def _fq_args(observer, C: int, t: torch.Tensor):
+    """The fused weight kernel's fake-quant arguments: (qs, qz, positional args, (qmin, qmax),
+    constexprs); ``observer`` None: no fake quant (``t`` fills the unused pointers)."""
+    if observer is None:
+        return t, t, (t, t, t, t, t, t, C, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), (0.0, 0.0), \
+            dict(FQ=False)
+    qs, qz = torch.empty(C, dtype=torch.float32, device=t.device), \
+        torch.empty(C, dtype=torch.float32, device=t.device)
+    consts = _observer_consts(observer)
+    meta = dict(FQ=True, OBSERVE=observer.enabled, EMA=_supported_observer(observer),
+                SYMMETRIC=observer.symmetric)
+    return qs, qz, (qs, qz, observer.min_val, observer.max_val, observer.nonfinite_batches,
+                    _ticket(observer), C) + consts, consts[2:4], meta
+
+
+def _dense_grad(g, like):
+    """``g`` in ``like``'s layout (zeros for an absent gradient); a gradient may arrive
+    expanded (stride 0, e.g. from a sum) or in another layout."""
+    if g is None:
+        return torch.zeros_like(like)
+    if g.stride() != like.stride():
+        return torch.empty_like(like).copy_(g)
+    return g
+
+
 class _FoldWeight(torch.autograd.Function):
     """Fold (and, given an observer, observe + fake-quantize) in one launch forward and
-    one backward."""
+    one backward: the training form (batch statistics, :func:`_fold_factor`)."""
 
     @staticmethod
     def forward(ctx, w, gamma, running_var, eps, min_gamma, observer=None):
@@ -222,22 +281,10 @@ class _FoldWeight(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=w.device)
         wf = torch.empty_like(w)
         t, W, E, sigma = (torch.empty(C, **f32) for _ in range(4))
-        block = min(_ROW_BLOCK, _npow2(L))
-        if observer is None:
-            fq = dict(FQ=False)
-            qs = qz = t  # unused pointers
-            qargs = (t, t, t, t, t, t, C, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-            qmm = (0.0, 0.0)
-        else:
-            qs, qz = torch.empty(C, **f32), torch.empty(C, **f32)
-            consts = _observer_consts(observer)
-            qmm = consts[2:4]
-            fq = dict(FQ=True, OBSERVE=observer.enabled, EMA=_supported_observer(observer),
-                      SYMMETRIC=observer.symmetric)
-            qargs = (qs, qz, observer.min_val, observer.max_val, observer.nonfinite_batches,
-                     _ticket(observer), C) + consts
+        qs, qz, qargs, qmm, fq = _fq_args(observer, C, t)
         launch(_fold_fwd_kernel, (C,), w, gamma.detach(), running_var, wf, t, W, E, sigma, L,
-               float(eps), float(min_gamma), *qargs, BLOCK=block, num_warps=4, **fq, **_LAUNCH)
+               float(eps), float(min_gamma), *qargs, t, t, t, t,
+               BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4, **fq, **_LAUNCH)
         ctx.save_for_backward(w, gamma, t, sigma, qs, qz)
         ctx.consts = (L, float(eps), float(min_gamma), observer is not None) + tuple(qmm)
         ctx.mark_non_differentiable(t)
@@ -249,18 +296,53 @@ class _FoldWeight(torch.autograd.Function):
         w, gamma, t, sigma, qs, qz = ctx.saved_tensors
         L, eps, min_gamma, fq, qmin, qmax = ctx.consts
         need_w = ctx.needs_input_grad[0]
-        gwf = torch.zeros_like(w) if gwf is None else gwf
-        gW = torch.zeros_like(t) if gW is None else gW
-        gE = torch.zeros_like(t) if gE is None else gE
-        if gwf.stride() != w.stride():
-            gwf = torch.empty_like(w).copy_(gwf)
+        gwf = _dense_grad(gwf, w)
         gw = torch.empty_like(w) if need_w else gwf  # unused pointer without NEED_W
         gg = torch.empty_like(gamma, dtype=torch.float32)
-        # contiguous: a gradient may arrive expanded (stride 0, e.g. from a sum)
         launch(_fold_bwd_kernel, (w.shape[0],), gwf, w, gamma.detach(), t, sigma,
-               gW.float().contiguous(), gE.float().contiguous(), gw, gg, L, eps, min_gamma, qs, qz, qmin, qmax, NEED_W=need_w,
+               _dense_grad(gW, t).float(), _dense_grad(gE, t).float(), gw, gg, L, eps,
+               min_gamma, qs, qz, qmin, qmax, t, t, t, t, t, NEED_W=need_w,
                BLOCK=min(_ROW_BLOCK, _npow2(L)), FQ=fq, num_warps=4, **_LAUNCH)
         return (gw if need_w else None), gg.to(gamma.dtype), None, None, None, None
+
+
+class _FoldWeightFrozen(torch.autograd.Function):
+    """The running-statistics fold (eval / frozen BatchNorm) + observe + fake quant of the
+    weight, and the folded bias, in one launch forward and one backward."""
+
+    @staticmethod
+    def forward(ctx, w, gamma, beta, bias, running_mean, running_var, eps, observer):
+        C = w.shape[0]
+        L = w.numel() // C
+        f32 = dict(dtype=torch.float32, device=w.device)
+        wf = torch.empty_like(w)
+        t, sigma, bf = (torch.empty(C, **f32) for _ in range(3))
+        qs, qz, qargs, qmm, fq = _fq_args(observer, C, t)
+        b = bias.detach() if bias is not None else t
+        launch(_fold_fwd_kernel, (C,), w, gamma.detach(), running_var, wf, t, t, t, sigma, L,
+               float(eps), 0.0, *qargs, beta.detach(), running_mean, b, bf,
+               BLOCK=min(_ROW_BLOCK, _npow2(L)), FROZEN=True, HAS_B=bias is not None,
+               num_warps=4, **fq, **_LAUNCH)
+        ctx.save_for_backward(w, gamma, t, sigma, qs, qz, running_mean, b)
+        ctx.consts = (L, float(eps), bias is not None) + tuple(qmm)
+        ctx.set_materialize_grads(False)
+        return wf, bf
+
+    @staticmethod
+    def backward(ctx, gwf, gbf):
+        w, gamma, t, sigma, qs, qz, running_mean, b = ctx.saved_tensors
+        L, eps, has_b, qmin, qmax = ctx.consts
+        need_w = ctx.needs_input_grad[0]
+        gwf = _dense_grad(gwf, w)
+        gw = torch.empty_like(w) if need_w else gwf
+        out = torch.empty(3 * t.numel(), dtype=torch.float32, device=t.device)
+        gg, gbeta, gb = out[:t.numel()], out[t.numel():2 * t.numel()], out[2 * t.numel():]
+        launch(_fold_bwd_kernel, (w.shape[0],), gwf, w, gamma.detach(), t, sigma, t, t, gw,
+               gg, L, eps, 0.0, qs, qz, qmin, qmax, _dense_grad(gbf, t).float(), running_mean,
+               b, gbeta, gb, NEED_W=need_w, BLOCK=min(_ROW_BLOCK, _npow2(L)), FQ=True,
+               FROZEN=True, HAS_B=has_b, num_warps=4, **_LAUNCH)
+        return ((gw if need_w else None), gg.to(gamma.dtype), gbeta, gb if has_b else None,
+                None, None, None, None)
 
 
 def _ticket(observer) -> torch.Tensor:
@@ -364,6 +446,29 @@ def bn_fold_observe_fake_quant(w: torch.Tensor, gamma: torch.Tensor, running_var
 
 
 @on_tensor_device
+def bn_fold_frozen_observe_fake_quant(w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                                      bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                                      running_var: torch.Tensor, eps: float, observer,
+                                      fake_quant):
+    """The running-statistics fold of ``BnFoldedModule.folded_weight_bias`` (eval, frozen
+    BatchNorm: ``t = gamma / sigma``), then ``fake_quant(observer(w * t))``, in one launch:
+    ``(w_fq, folded bias)``, or None for what it does not take."""
+    if auto_interpreter(w):
+        return None
+    vecs = (gamma, beta, running_mean, running_var) + ((bias,) if bias is not None else ())
+    if (w.dtype != torch.float32 or w.dim() < 2 or w.numel() == 0 or not _rows_contiguous(w)
+            or any(v.dtype != torch.float32 or v.numel() != w.shape[0] or v.dim() != 1
+                   or v.device != w.device for v in vecs)):
+        return None
+    if not _weight_pair_ok(w, observer, fake_quant):
+        return None
+    if observer.enabled:
+        observer._observed = True
+    return _FoldWeightFrozen.apply(w, gamma, beta.contiguous(), bias, running_mean.contiguous(),
+                                   running_var.contiguous(), eps, observer)
+
+
+@on_tensor_device
 def bn_normalize_train(z: torch.Tensor, W, beta, E, t, bn, bias=None) -> Optional[torch.Tensor]:
     """Fused :func:`gpuquant.nn.qat.bn_train.normalize_train` (local batch statistics); None
     for what it does not take."""
@@ -380,13 +485,18 @@ def bn_normalize_train(z: torch.Tensor, W, beta, E, t, bn, bias=None) -> Optiona
 KERNELS = {
     "_fold_fwd_kernel": (_fold_fwd_kernel, [dict(BLOCK=_ROW_BLOCK)] + [
         dict(BLOCK=_ROW_BLOCK, FQ=True, OBSERVE=o, EMA=e, SYMMETRIC=s)
-        for o, e, s in ((True, False, True), (True, True, False), (False, False, True))]),
+        for o, e, s in ((True, False, True), (True, True, False), (False, False, True))] + [
+        dict(BLOCK=_ROW_BLOCK, FQ=True, OBSERVE=True, FROZEN=True, HAS_B=b)
+        for b in (False, True)]),
     "_fold_bwd_kernel": (_fold_bwd_kernel, [dict(NEED_W=True, BLOCK=_ROW_BLOCK),
-                                            dict(NEED_W=True, BLOCK=_ROW_BLOCK, FQ=True)]),
+                                            dict(NEED_W=True, BLOCK=_ROW_BLOCK, FQ=True),
+                                            dict(NEED_W=True, BLOCK=_ROW_BLOCK, FQ=True,
+                                                 FROZEN=True, HAS_B=True)]),
     "_stats_finish_kernel": (_stats_finish_kernel, [
         dict(FROM_INVSTD=fi, HAS_BIAS=hb, CUMULATIVE=cu, BLOCK_C=1024)
         for fi, hb, cu in ((True, False, False), (False, True, True))]),
 }
 
 OPS = {"bn_fold_weight": bn_fold_weight, "bn_fold_observe_fake_quant": bn_fold_observe_fake_quant,
+       "bn_fold_frozen_observe_fake_quant": bn_fold_frozen_observe_fake_quant,
        "bn_normalize_train": bn_normalize_train}

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from ...backends.registry import find_op
 from ...distributed import batch_mean_var, syncs_batch_stats
 
-__all__ = ["scale_rows", "fold_weight", "fold_quant_weight", "normalize_train",
+__all__ = ["scale_rows", "fold_weight", "fold_quant_weight", "fold_quant_weight_frozen",
+           "normalize_train",
            "normalize_quant_train", "normalize", "normalize_composite", "update_bn_running_stats"]
 
 
@@ -118,6 +119,20 @@ def normalize_train(z: torch.Tensor, W: torch.Tensor, beta: torch.Tensor, E: tor
     b = bias.detach() if bias is not None else 0.0
     update_bn_running_stats(bn, mean / t + b, var / (t * t), n)
     return y
+
+
+def fold_quant_weight_frozen(module, observer, fake_quant):
+    """``(fake_quant(observer(w_fold)), b_fold)`` of a BatchNorm-folded module with its
+    running statistics (``module.folded_weight_bias()``, the definition) in one backend op
+    (``bn_fold_frozen_observe_fake_quant``) where one takes this case; else None."""
+    inner, bn = module._inner(), module.bn
+    fused = find_op("bn_fold_frozen_observe_fake_quant", inner.weight)
+    if fused is None:
+        return None
+    gamma, beta = (bn.weight, bn.bias) if bn.affine else \
+        (torch.ones_like(bn.running_var), torch.zeros_like(bn.running_var))
+    return fused(inner.weight, gamma, beta, inner.bias, bn.running_mean, bn.running_var,
+                 bn.eps, observer, fake_quant)
 
 
 def normalize_quant_train(z: torch.Tensor, W: torch.Tensor, beta: torch.Tensor, E: torch.Tensor,

@@ -40,8 +40,8 @@ import torch
 
 from ...distributed import batch_mean_var
 from ...nn import conv as Float
-from .bn_train import (fold_quant_weight, normalize_quant_train, normalize_train, scale_rows,
-                       update_bn_running_stats)
+from .bn_train import (fold_quant_weight, fold_quant_weight_frozen, normalize_quant_train,
+                       normalize_train, scale_rows, update_bn_running_stats)
 from .module import QATModule, tag_output
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
@@ -204,9 +204,12 @@ class BnFoldedModule(QATModule):
                     return tag_output(y, self)
             else:
                 y = self._forward_exact(x, inner, bn)
-        else:
-            w, b = self.folded_weight_bias()
-            y = self._inner_forward(x, self.apply_quant_weight(w), b)
+        else:  # running statistics; one fused launch for the weight and bias where taken
+            wb = fold_quant_weight_frozen(self, self.weight_observer, self.weight_fake_quant)
+            if wb is None:
+                w, b = self.folded_weight_bias()
+                wb = self.apply_quant_weight(w), b
+            y = self._inner_forward(x, *wb)
         return self.apply_quant_activation(y, self.activation)
 
 
