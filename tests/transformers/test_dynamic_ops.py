@@ -251,22 +251,21 @@ _PTX_SCRIPT = textwrap.dedent(r"""
         assert any(i.startswith(want) and "s8.s8" in i for i in mma), (cc, mma)
         assert not FLOAT_HAZARD_RE.findall(ptx), cc
         sig = {"a_ptr": "*bf16", "b_ptr": "*i8", "c_ptr": "*bf16", "b_scale_ptr": "*fp32",
-               "bias_ptr": "*fp32", "ws_ptr": "*fp32", **i32("M", "N", "K", "SPLIT_K",
+               "bias_ptr": "*fp32", "ws_ptr": "*fp32", "tick_ptr": "*i32",
+               **i32("M", "N", "K", "SPLIT_K",
                "stride_am", "stride_ak", "stride_bn", "stride_bk", "stride_cm", "stride_cn")}
         ptx = compile_ptx(D._linear_weight_only_kernel, sig, {"HAS_BIAS": True, "DOT_F32": False,
                           "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
                           "GROUP_M": 8, "EVEN_K": True}, cc, 4, 4)
         assert any("bf16.bf16.f32" in i for i in MMA_RE.findall(ptx)), cc
-        # split-K decode: the partial-sum variant and the in-order reduce kernel
+        # split-K decode: partials, then the tile's last program (ticket after a barrier,
+        # acquire-release atomics at GPU scope, partials read past L1) reduces in order
         ptx = compile_ptx(D._linear_weight_only_kernel, sig, {"HAS_BIAS": True, "DOT_F32": False,
                           "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
                           "GROUP_M": 1, "EVEN_K": False}, cc, 4, 4)
         assert "st.global" in ptx and not FLOAT_HAZARD_RE.findall(ptx), cc
-        rsig = {"ws_ptr": "*fp32", "c_ptr": "*bf16", "b_scale_ptr": "*fp32", "bias_ptr": "*fp32",
-                **i32("M", "N", "SPLIT_K", "stride_cm", "stride_cn")}
-        ptx = compile_ptx(D._weight_only_reduce_kernel, rsig, {"HAS_BIAS": True,
-                          "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 128}, cc, 4, 1)
-        assert "cvt.rn.bf16.f32" in ptx and not FLOAT_HAZARD_RE.findall(ptx), cc
+        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, cc
+        assert "cvt.rn.bf16.f32" in ptx and "bar.sync" in ptx, cc
     print("ptx ok")
 """)
 
@@ -313,9 +312,9 @@ def test_weight_only_split_k_choice():
 @pytest.mark.parametrize("k", [1024, 1000 + 37])  # whole BLOCK_Ks per range, and ragged
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_weight_only_split_k_matches_unsplit(k, dtype):
-    """Split-K decode (partials in float32, summed in order by the reduce kernel) gives the
-    unsplit result to float32 rounding, the same bytes on every call, and NumPy's within
-    the weight-only bound."""
+    """Split-K decode (partials in float32, summed in order by each tile's last program)
+    gives the unsplit result to float32 rounding, the same bytes on every call, and NumPy's
+    within the weight-only bound; the tile tickets are left zero."""
     if "triton" not in backends.available():
         pytest.skip("triton backend unavailable here")
     from gpuquant.backends.triton import dynamic as D
@@ -335,3 +334,4 @@ def test_weight_only_split_k_matches_unsplit(k, dtype):
     tol = scale * k * 2.0 ** -24 + exact.abs() * out_ulp[dtype] + 1e-6
     for y in (whole, parts):
         assert y.dtype == dtype and bool(((y.double() - exact).abs() <= tol).all())
+    assert not bool(D._tickets(1, x.device).any())

@@ -356,8 +356,9 @@ def _bn_bwd_finish(
     part_ptr, k_ptr, gW_ptr, gb_ptr, gE_ptr, co_ptr, rows, split, C,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Run by the reduce kernel's last program: per channel sum(g) (beta's gradient), sum(g * xhat) (W's), k times it
-    (E's: k = -W / (2 (var + E))), and for the apply pass mean(g), mean(g * xhat)."""
+    """Run by the reduce kernel's last program: per channel sum(g) (beta's gradient),
+    sum(g * xhat) (W's), k times it (E's: k = -W / (2 (var + E))), and for the apply pass
+    mean(g), mean(g * xhat)."""
     n_f = rows.to(tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)

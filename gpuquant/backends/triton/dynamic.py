@@ -144,8 +144,9 @@ def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
 # --------------------------------------------------------------------------- weight-only GEMM
 @triton.jit
 def _linear_weight_only_kernel(
-    # pointers (ws: float32 (SPLIT_K, M, N) partial sums, used when SPLIT_K > 1)
-    a_ptr, b_ptr, c_ptr, b_scale_ptr, bias_ptr, ws_ptr,
+    # pointers (ws: float32 (SPLIT_K, M, N) partial sums and tick: int32 a tile, zero
+    # between launches, used when SPLIT_K > 1)
+    a_ptr, b_ptr, c_ptr, b_scale_ptr, bias_ptr, ws_ptr, tick_ptr,
     # sizes
     M, N, K, SPLIT_K,
     # strides: a (M, K), b = W (N, K) read as W^T, c (M, N)
@@ -160,8 +161,10 @@ def _linear_weight_only_kernel(
 
     Split K (decode: few rows, so few column tiles to stream the weight with): program
     ``(tile, s)`` sums K block range ``s`` of ``SPLIT_K`` and stores the float32 partial in
-    ``ws[s]``; :func:`_weight_only_reduce_kernel` adds the partials in order (deterministic)
-    and applies the epilogue. ``EVEN_K``: every split's range is whole BLOCK_Ks."""
+    ``ws[s]``; the tile's last program to finish (a per-tile ticket, taken after a barrier
+    and reset by that program) adds the partials in order s = 0, 1, ... (deterministic)
+    and applies the epilogue: one launch. ``EVEN_K``: every split's range is whole
+    BLOCK_Ks."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
 
@@ -195,10 +198,20 @@ def _linear_weight_only_kernel(
 
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if SPLIT_K > 1:  # the partial sum; the reduce kernel does the epilogue
-        ws = ws_ptr + (pid_k.to(tl.int64) * M + offs_m.to(tl.int64)[:, None]) * N \
-            + offs_n[None, :]
-        tl.store(ws, acc, mask=mask_m[:, None] & mask_n[None, :])
+    if SPLIT_K > 1:  # the partial sum; the tile's last program reduces and finishes
+        mask = mask_m[:, None] & mask_n[None, :]
+        idx = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + idx, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial stored before the ticket is taken
+        tile = tl.program_id(0)
+        if tl.atomic_add(tick_ptr + tile, 1) == SPLIT_K - 1:
+            tl.atomic_xchg(tick_ptr + tile, 0)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in range(0, SPLIT_K):  # written by other multiprocessors: past L1
+                acc += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0,
+                               cache_modifier=".cg")
+            _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_ptr,
+                                  bias_ptr, stride_cm, stride_cn, HAS_BIAS, BF16_RNE_BITS)
     else:
         _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_ptr,
                               bias_ptr, stride_cm, stride_cn, HAS_BIAS, BF16_RNE_BITS)
@@ -222,25 +235,6 @@ def _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_pt
     tl.store(c_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _weight_only_reduce_kernel(ws_ptr, c_ptr, b_scale_ptr, bias_ptr, M, N, SPLIT_K,
-                               stride_cm, stride_cn, HAS_BIAS: tl.constexpr,
-                               BF16_RNE_BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr):
-    """c = (sum over s of ws[s], in order s = 0, 1, ...) * b_scale (+ bias)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    idx = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(0, SPLIT_K):
-        acc += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0)
-    _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_ptr, bias_ptr,
-                          stride_cm, stride_cn, HAS_BIAS, BF16_RNE_BITS)
-
-
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Autotuned per (M, N, K) on the
 # GPU: decode (M <= 16) is memory-bound on W, so narrow N tiles give many programs streaming
 # it (and K is split, see weight_only_split_k); prefill uses tensor-core tiles like the int8
@@ -257,8 +251,8 @@ def weight_only_split_k(m: int, n: int, k: int, sms: int) -> int:
     """How many K ranges a weight-only GEMM is split into: 1 beyond 16 rows (prefill has
     tiles enough); else enough to give about 4 programs a multiprocessor with 64-wide column
     tiles (a 4096-wide layer has 64 such tiles for 132 multiprocessors), a power of two,
-    at most ``k // 512``. The partial sums cost ``split * m * n * 4`` bytes of workspace and
-    one small reduce launch."""
+    at most ``k // 512``. The partial sums cost ``split * m * n * 4`` bytes of workspace,
+    written and read back through L2 by each tile's last program."""
     if m > 16 or k < 2 * _SPLIT_MIN_K:
         return 1
     tiles = max(1, -(-n // 64))
@@ -313,6 +307,8 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None):
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
     ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32,
                      device=x.device)
+    # a ticket per output tile of the smallest tile any config uses
+    tick = _tickets(cdiv(m, 16) * cdiv(n, 32), x.device) if split > 1 else ws
 
     def grid(cfg):
         return (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), split)
@@ -320,16 +316,25 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None):
     has_bias = bias is not None
     bf16_bits = interpret and out.dtype == torch.bfloat16
     launch(_weight_only_kernel(interpret), grid, x, wq, out, w_scale,
-           bias if has_bias else w_scale, ws, m, n, k, split, x.stride(0), x.stride(1),
+           bias if has_bias else w_scale, ws, tick, m, n, k, split, x.stride(0), x.stride(1),
            wq.stride(0), wq.stride(1), out.stride(0), out.stride(1), HAS_BIAS=has_bias,
            DOT_F32=x.dtype == torch.float32 or interpret, BF16_RNE_BITS=bf16_bits, **meta,
            **LAUNCH_OPTS)
-    if split > 1:
-        rm, rn = 16, 128
-        launch(_weight_only_reduce_kernel, (cdiv(m, rm), cdiv(n, rn)), ws, out, w_scale,
-               bias if has_bias else w_scale, m, n, split, out.stride(0), out.stride(1),
-               HAS_BIAS=has_bias, BF16_RNE_BITS=bf16_bits, BLOCK_M=rm, BLOCK_N=rn, **LAUNCH_OPTS)
     return out
+
+
+_TICKETS: dict = {}  # device -> int32 zeros, grown on demand (each launch leaves them zero)
+
+
+def _tickets(n: int, device) -> torch.Tensor:
+    """At least ``n`` zero int32 tickets on ``device`` for the split-K tiles. Shared by the
+    launches on a device: they run in stream order (concurrent split-K launches on two
+    streams of one device are not supported)."""
+    t = _TICKETS.get(device)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _TICKETS[device] = t
+    return t
 
 
 OPS = {
