@@ -18,10 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 _SCRIPT = r"""
 import json
 import torch
-from gpuquant.backends.triton import conv, elementwise, fake_quant, gemm, launch
+import gpuquant.backends as backends
+from gpuquant.backends.triton import bn_act, conv, dynamic, elementwise, fake_quant, gemm, launch
+from gpuquant.backends.triton import observer as tobs
 from gpuquant.backends.triton.standin import standin_cuda
 from gpuquant.dtypes import qint8
 from gpuquant.functional.requant import make_requant
+from gpuquant.quantization import ExponentialMovingAverageObserver, FakeQuantize
 torch.manual_seed(0)
 CL = torch.channels_last
 rq = make_requant(0.02, torch.rand(24, dtype=torch.float64) * 0.01 + 0.001, 0.5, 0, qint8)
@@ -32,6 +35,13 @@ ws = torch.randint(-127, 128, (24, 3, 7, 7), dtype=torch.int8)
 wd = torch.randint(-127, 128, (64, 1, 3, 3), dtype=torch.int8)
 rqd = make_requant(0.02, torch.rand(64, dtype=torch.float64) * 0.01 + 0.001, 0.5, 0, qint8)
 xf = torch.randn(4, 6, 5, 7)
+obs, fqm = ExponentialMovingAverageObserver(0.9, qint8, check_finite=False), FakeQuantize(qint8)
+bn, v6 = torch.nn.BatchNorm2d(6), torch.rand(6) + 0.5
+zc = torch.randn(4, 6, 5, 8).contiguous(memory_format=CL)
+xb, wqd = torch.randn(1, 1024), torch.randint(-127, 128, (96, 1024), dtype=torch.int8)
+def tri(f):
+    with backends.use("triton"):  # the fused QAT ops take CPU tensors only when chosen
+        return f()
 cases = {
     # autotuned + heuristics, callable grid (implicit-GEMM conv, tap loop)
     "conv1x1_s2": lambda: conv.qconv2d(x, 3, w, None, (2, 2), (0, 0), (1, 1), 1, rq),
@@ -46,8 +56,18 @@ cases = {
                                              None, torch.int8),
     "fake_quant_fwd": lambda: fake_quant.fake_quant_forward(
         xf, torch.tensor(0.05), torch.tensor(3, dtype=torch.int32), -128, 127, None, True),
+    # fused observer (row plan sized for 132 multiprocessors), batch norm + fake quant with
+    # its last-program ticket, split-K weight-only decode with per-tile tickets
+    "observe_fq": lambda: tri(lambda: tobs.observe_fake_quant(xf, obs, fqm)),
+    "bn_act": lambda: tri(lambda: bn_act.bn_act_forward(
+        zc, v6, v6, v6 * 1e-5, v6, None, bn.running_mean, bn.running_var,
+        bn.num_batches_tracked, 0.1, obs, 1, bn_act._tickets(bn)[:1])),
+    "weight_only_split": lambda: dynamic.linear_weight_only(xb, wqd, torch.rand(96), None,
+                                                            split_k=4),
 }
 out = {}
+with standin_cuda():
+    programs = fake_quant._target_programs(torch.device("cpu"))
 def norm(a):
     if isinstance(a, torch.Tensor):
         return ["tensor", str(a.dtype), list(a.shape), list(a.stride()), a.data_ptr() % 16]
@@ -70,6 +90,7 @@ with standin_cuda() as fk:
                      "triton": got["triton"], "fast": got["fast"]}
 from gpuquant.bench import autotune_choices
 out["autotune"] = autotune_choices()
+out["programs"] = programs
 print("JSON" + json.dumps(out, default=str))
 """
 
@@ -86,6 +107,7 @@ def test_fast_launch_passes_the_launcher_what_triton_would(tmp_path):
     out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1][4:])
     # what the benchmark runner writes next to each GPU suite: the config chosen per shape
     tuned = out.pop("autotune")
+    assert out.pop("programs") == 4 * 132  # reduction grids sized as on an H100 / H200
     assert any(t.startswith("conv [sm90] key=") and "PIPE_TAPS: False" in t for t in tuned), tuned
     assert any(t.startswith("gemm [sm90] key=") for t in tuned), tuned
     for name, r in out.items():

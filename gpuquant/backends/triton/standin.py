@@ -128,10 +128,11 @@ def standin_cuda(cc: int = 90, family: str = "sm90", cubin: bool = False, sms: i
         if private is not None:
             os.environ["TRITON_CACHE_DIR"] = private.name
             CUDABackend.make_cubin = lambda self, src, metadata, *a, **k: b""
-        for m in (fake_quant, observer):  # reduction grids as on the GPU (4 programs an SM)
-            m._target_programs = lambda device: 4 * sms
         for m, name, _ in saved:
-            setattr(m, name, lambda dev: family)
+            if name == "arch_family":
+                setattr(m, name, lambda dev: family)
+            else:  # reduction grids as on the GPU (4 programs a multiprocessor)
+                setattr(m, name, lambda device: 4 * sms)
         torch.cuda.is_available = lambda: True  # the backend loads as on a GPU machine
         mod = backends.get_backend("triton")
         torch.cuda.is_available = real_avail
