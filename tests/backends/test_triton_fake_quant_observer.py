@@ -234,6 +234,34 @@ def test_per_channel_two_launch_path(monkeypatch, cls, kw, shape, fmt):
     assert calls == [0] * 3 and int(fused.nonfinite_batches) == 1
 
 
+@pytest.mark.parametrize("cls,kw", [(qobs.MinMaxObserver, {}),
+                                     (qobs.ExponentialMovingAverageObserver, {"momentum": 0.7})])
+@pytest.mark.parametrize("shape,fmt,sym", [((9, 4, 3, 3), None, True), ((9, 4, 3, 3), "cl", False),
+                                           ((7, 1500), None, True), ((5, 1, 1, 1), None, False)])
+def test_per_channel_weights_in_one_launch(monkeypatch, cls, kw, shape, fmt, sym):
+    """Float32 weights per output channel (rows contiguous) take one launch a direction
+    (gpuquant.backends.triton.bn_fold.observe_rows_fake_quant: a program a channel, min /
+    max, state update, fake quant; the backward recomputes the mask): bit-identical output,
+    state and gradient to the definition, batch after batch, a NaN row counted once."""
+    from gpuquant.backends.triton import bn_fold
+    calls = []
+    orig = bn_fold._ObserveRows.apply
+    monkeypatch.setattr(bn_fold._ObserveRows, "apply", lambda *a: calls.append(1) or orig(*a))
+    d = gpuquant.qint8_narrow if sym else gpuquant.quint8
+    fused = cls(dtype=d, symmetric=sym, axis=0, check_finite=False, **kw).to(DEV)
+    ref, fq = copy.deepcopy(fused), qfq.FakeQuantize(d)
+    for it in range(4):
+        w = torch.randn(shape, device=DEV) * torch.rand(shape[0], *([1] * (len(shape) - 1)),
+                                                       device=DEV) * (1 + it) + 0.1 * it
+        if fmt == "cl":
+            w = w.contiguous(memory_format=torch.channels_last)
+        if it == 2:
+            w[(1,) + (0,) * (len(shape) - 1)] = float("nan")
+        check_step(w, fused, ref, fq)
+    # the first batch sizes the per-channel state through the three-launch path
+    assert len(calls) == 3 and int(fused.nonfinite_batches) == 1
+
+
 def test_nonfinite_batches_dropped_on_device():
     d = gpuquant.qint8
     for axis in (None, 0):

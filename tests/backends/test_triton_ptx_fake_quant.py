@@ -61,10 +61,21 @@ def ptx(fn, const, xdt, cc, fusion=False):
                        options={"num_warps": 4, "enable_fp_fusion": fusion})
     return c.asm["ptx"]
 
+import inspect
+
+def with_defaults(fn, const):
+    # constexpr parameters a variant leaves out take their defaults, as at a launch (typed
+    # as runtime ints they would compile another kernel)
+    params = inspect.signature(fn.fn).parameters
+    out = {p.name: p.default for p in fn.params if p.is_constexpr and p.name not in const
+           and params[p.name].default is not inspect.Parameter.empty}
+    return {**out, **const}
+
 report = {"triton": triton.__version__, "kernels": {}}
 for cc in (80, 90):
     for name, (fn, variants) in fq.KERNELS.items():
         for i, const in enumerate(variants):
+            const = with_defaults(fn, const)
             x_like = X_LIKE & set(fn.arg_names)
             for xdt in (("*fp32", "*bf16") if i == 0 and x_like else ("*fp32",)):
                 text = ptx(fn, const, xdt, cc)

@@ -30,12 +30,14 @@ import triton
 import triton.language as tl
 
 from .fake_quant import _LAUNCH, _fq_math, _npow2, auto_interpreter, on_tensor_device
+from torch.autograd.function import once_differentiable
+
 from .launch import launch
 from .observer import (_INF, _NINF, _fake_quantize_class, _observer_consts, _plain_reduce,
                        _supported_observer, _update_state)
 
 __all__ = ["bn_fold_weight", "bn_fold_observe_fake_quant", "bn_fold_frozen_observe_fake_quant",
-           "bn_normalize_train", "OPS", "KERNELS"]
+           "observe_rows_fake_quant", "bn_normalize_train", "OPS", "KERNELS"]
 
 _ROW_BLOCK = 1024
 
@@ -62,12 +64,16 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
                      BLOCK: tl.constexpr, FQ: tl.constexpr = False,
                      OBSERVE: tl.constexpr = False, EMA: tl.constexpr = False,
                      SYMMETRIC: tl.constexpr = True, FROZEN: tl.constexpr = False,
-                     HAS_B: tl.constexpr = False):
+                     HAS_B: tl.constexpr = False, FOLD: tl.constexpr = True):
     """Program c: t, W = gamma * sign, E = eps * t * t, sigma, and w_fold[c] = w[c] * t.
 
     FROZEN (running statistics: eval, or frozen BatchNorm): t = gamma / sigma as it is (no
     clamp), and the folded bias ``beta + (b - running_mean) * t`` to ``bf`` (W, E not
     written), as ``BnFoldedModule.folded_weight_bias`` computes them.
+
+    FOLD False (with FQ): no BatchNorm, t = 1 (``w * 1`` is ``w``, NaN and -0 included):
+    the per-channel observe + fake quant of a weight in one launch; nothing but ``wf``,
+    the state and ``qs`` / ``qz`` is written.
 
     FQ: ``wf_ptr`` gets ``fake_quant(w[c] * t)`` instead, with the channel's qparams from its
     per-channel observer state, updated first from this row's min / max when OBSERVE (the
@@ -76,8 +82,10 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
     and add 1 to ``bad`` once a launch: each program ORs its flag into ``tick[1]`` and takes
     a ticket from ``tick[0]``; the last one adds the flag and zeroes both."""
     c = tl.program_id(0)
-    g = tl.load(gamma_ptr + c)
-    if FROZEN:
+    if not FOLD:
+        t = 1.0
+    elif FROZEN:
+        g = tl.load(gamma_ptr + c)
         sigma = tl.sqrt_rn(tl.load(rv_ptr + c) + eps)
         t = tl.math.div_rn(g, sigma)
         if HAS_B:
@@ -86,11 +94,13 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
             bm = 0.0 - tl.load(rm_ptr + c)
         tl.store(bf_ptr + c, tl.load(beta_ptr + c) + bm * t)
     else:
+        g = tl.load(gamma_ptr + c)
         t, sgn, sigma = _fold_factor(g, tl.load(rv_ptr + c), eps, min_gamma)
         tl.store(W_ptr + c, g * sgn)
         tl.store(E_ptr + c, (eps * t) * t)
-    tl.store(t_ptr + c, t)
-    tl.store(sigma_ptr + c, sigma)
+    if FOLD:
+        tl.store(t_ptr + c, t)
+        tl.store(sigma_ptr + c, sigma)
     base = c.to(tl.int64) * L
     if FQ:
         old_min = tl.load(min_ptr + c)
@@ -146,7 +156,8 @@ def _fold_bwd_kernel(gwf_ptr, w_ptr, gamma_ptr, t_ptr, sigma_ptr, gW_ptr, gE_ptr
                      # in; grads of beta and of the conv bias out
                      gbf_ptr, rm_ptr, b_ptr, gbeta_ptr, gb_ptr,
                      NEED_W: tl.constexpr, BLOCK: tl.constexpr, FQ: tl.constexpr = False,
-                     FROZEN: tl.constexpr = False, HAS_B: tl.constexpr = False):
+                     FROZEN: tl.constexpr = False, HAS_B: tl.constexpr = False,
+                     FOLD: tl.constexpr = True):
     """Program c: grad_w[c] = grad_w_fold[c] * t and
     grad_gamma = (sum(grad_w_fold[c] * w[c]) + grad_E * 2 eps t) * dt/dgamma + grad_W * sign,
     dt/dgamma = 1 / sigma where min_gamma <= |gamma| (gamma != 0), else 0 (clamp, abs).
@@ -154,9 +165,12 @@ def _fold_bwd_kernel(gwf_ptr, w_ptr, gamma_ptr, t_ptr, sigma_ptr, gW_ptr, gE_ptr
     mask (in range of the forward's qparams ``qs`` / ``qz``) is recomputed from w * t.
     FROZEN (t = gamma / sigma, folded bias ``beta + (b - mean) t``): grad_gamma =
     (sum(grad_w_fold * w) + grad_bf * (b - mean)) / sigma, grad_beta = grad_bf,
-    grad_b = grad_bf * t."""
+    grad_b = grad_bf * t. FOLD False (with FQ): t = 1, only grad_w (the masked gradient)."""
     c = tl.program_id(0)
-    t = tl.load(t_ptr + c)
+    if FOLD:
+        t = tl.load(t_ptr + c)
+    else:
+        t = 1.0
     s = t  # the qparams (FQ), defined on every path for the compiler
     zp = t
     inv = t
@@ -177,7 +191,9 @@ def _fold_bwd_kernel(gwf_ptr, w_ptr, gamma_ptr, t_ptr, sigma_ptr, gW_ptr, gE_ptr
         acc += gwf * w
         if NEED_W:
             tl.store(gw_ptr + base + i, gwf * t, mask=m)
-    if FROZEN:
+    if not FOLD:
+        pass
+    elif FROZEN:
         gbf = tl.load(gbf_ptr + c)
         if HAS_B:
             bm = tl.load(b_ptr + c) - tl.load(rm_ptr + c)
@@ -345,6 +361,50 @@ class _FoldWeightFrozen(torch.autograd.Function):
                 None, None, None, None)
 
 
+class _ObserveRows(torch.autograd.Function):
+    """Per-channel observe + fake quant of a weight whose output-channel rows are
+    contiguous blocks (no BatchNorm): one launch forward, one backward (the mask
+    recomputed from ``w``)."""
+
+    @staticmethod
+    def forward(ctx, w, observer):
+        C = w.shape[0]
+        L = w.numel() // C
+        wf = torch.empty_like(w)
+        one = torch.empty(1, dtype=torch.float32, device=w.device)  # unused pointers
+        qs, qz, qargs, qmm, fq = _fq_args(observer, C, one)
+        launch(_fold_fwd_kernel, (C,), w, one, one, wf, one, one, one, one, L, 0.0, 0.0,
+               *qargs, one, one, one, one, BLOCK=min(_ROW_BLOCK, _npow2(L)), FOLD=False,
+               num_warps=4, **fq, **_LAUNCH)
+        ctx.save_for_backward(w, qs, qz)
+        ctx.consts = (L,) + tuple(qmm)
+        return wf
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gwq):
+        w, qs, qz = ctx.saved_tensors
+        L, qmin, qmax = ctx.consts
+        gwq = _dense_grad(gwq, w)
+        gw = torch.empty_like(w)
+        launch(_fold_bwd_kernel, (w.shape[0],), gwq, w, qs, qs, qs, qs, qs, gw, qs, L, 0.0, 0.0,
+               qs, qz, qmin, qmax, qs, qs, qs, qs, qs, NEED_W=True,
+               BLOCK=min(_ROW_BLOCK, _npow2(L)), FQ=True, FOLD=False, num_warps=4, **_LAUNCH)
+        return gw, None
+
+
+def observe_rows_fake_quant(w: torch.Tensor, observer) -> Optional[torch.Tensor]:
+    """``fake_quant(observer(w))`` for a supported per-channel observer along dimension 0
+    of a float32 weight whose rows are contiguous blocks, in one launch (a program a
+    channel: min / max, state update, fake quant) and one backward launch; None for what
+    it does not take. The caller (:func:`.observer.observe_fake_quant`) has checked the
+    observer / fake-quant pair."""
+    if (w.dtype != torch.float32 or w.dim() < 2 or w.numel() == 0 or not _rows_contiguous(w)
+            or observer.min_val.numel() != w.shape[0]):
+        return None
+    return _ObserveRows.apply(w, observer)
+
+
 def _ticket(observer) -> torch.Tensor:
     """The observer's launch ticket for the fused weight kernel: int32 (2,) on its device,
     zero between launches (the kernel's last program resets it)."""
@@ -487,11 +547,13 @@ KERNELS = {
         dict(BLOCK=_ROW_BLOCK, FQ=True, OBSERVE=o, EMA=e, SYMMETRIC=s)
         for o, e, s in ((True, False, True), (True, True, False), (False, False, True))] + [
         dict(BLOCK=_ROW_BLOCK, FQ=True, OBSERVE=True, FROZEN=True, HAS_B=b)
-        for b in (False, True)]),
+        for b in (False, True)] + [dict(BLOCK=_ROW_BLOCK, FQ=True, OBSERVE=True, FOLD=False)]),
     "_fold_bwd_kernel": (_fold_bwd_kernel, [dict(NEED_W=True, BLOCK=_ROW_BLOCK),
                                             dict(NEED_W=True, BLOCK=_ROW_BLOCK, FQ=True),
                                             dict(NEED_W=True, BLOCK=_ROW_BLOCK, FQ=True,
-                                                 FROZEN=True, HAS_B=True)]),
+                                                 FROZEN=True, HAS_B=True),
+                                            dict(NEED_W=True, BLOCK=_ROW_BLOCK, FQ=True,
+                                                 FOLD=False)]),
     "_stats_finish_kernel": (_stats_finish_kernel, [
         dict(FROM_INVSTD=fi, HAS_BIAS=hb, CUMULATIVE=cu, BLOCK_C=1024)
         for fi, hb, cu in ((True, False, False), (False, True, True))]),

@@ -497,6 +497,11 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
     two, kaxis = _two_launch_axis(xr, observer, axis)
     if two:
         observer._observed = True
+        if kaxis == 0 and not relu and programs is None:  # weights: one program a channel
+            from .bn_fold import observe_rows_fake_quant
+            y = observe_rows_fake_quant(xr, observer)
+            if y is not None:
+                return y
         if programs is None and kaxis is None:
             programs = _per_tensor_programs(x.device)
         return _ObserveTwoLaunch.apply(xr, observer, kaxis, relu, programs, tile)
