@@ -127,6 +127,8 @@ def test_backward_is_deterministic_and_split_independent():
     sum_close(a[2], c[2])
     plan = tlsq.row_plan(x, 1, tile=16, programs=5)
     assert plan.split > 1  # the two-stage path is exercised
+    # its second stage ran in the last program, which left the ticket zero
+    assert not bool(tlsq.launch_tickets(1, x.device).any())
 
 
 def test_lsq_module_runs_triton_op():

@@ -334,4 +334,4 @@ def test_weight_only_split_k_matches_unsplit(k, dtype):
     tol = scale * k * 2.0 ** -24 + exact.abs() * out_ulp[dtype] + 1e-6
     for y in (whole, parts):
         assert y.dtype == dtype and bool(((y.double() - exact).abs() <= tol).all())
-    assert not bool(D._tickets(1, x.device).any())
+    assert not bool(D.launch_tickets(1, x.device).any())

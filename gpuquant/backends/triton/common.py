@@ -168,3 +168,20 @@ def scalar_int(v) -> int:
 def scalar_float(v) -> float:
     """:func:`scalar_int` for a float (a scale)."""
     return _scalar(v, float, "scalar_f")
+
+
+_TICKETS: dict = {}  # device -> int32 zeros, grown on demand
+
+
+def launch_tickets(n: int, device) -> torch.Tensor:
+    """At least ``n`` int32 tickets on ``device``, zero between launches, for kernels whose
+    last program to finish (a ticket taken after a barrier, reset by that program) does the
+    final step of a reduction: the split-K weight-only GEMM (a ticket a tile), the LSQ / TQT
+    backward. Shared by the launches on a device, which run in stream order; two such
+    launches running concurrently on two streams of one device are not supported."""
+    key = torch.device(device)
+    t = _TICKETS.get(key)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 1024), dtype=torch.int32, device=key)
+        _TICKETS[key] = t
+    return t

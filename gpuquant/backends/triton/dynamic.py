@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..reference_dynamic import EPS
-from .common import LAUNCH_OPTS, arch_family, cdiv, sm_count, tune_subset
+from .common import LAUNCH_OPTS, arch_family, cdiv, launch_tickets, sm_count, tune_subset
 from .launch import launch
 from .gemm import (OUT_SCALED, _config, _gemm_kernel, align_k, bf16_rne, grouped_tile,
                    interpret_meta)
@@ -308,7 +308,7 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None):
     ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32,
                      device=x.device)
     # a ticket per output tile of the smallest tile any config uses
-    tick = _tickets(cdiv(m, 16) * cdiv(n, 32), x.device) if split > 1 else ws
+    tick = launch_tickets(cdiv(m, 16) * cdiv(n, 32), x.device) if split > 1 else ws
 
     def grid(cfg):
         return (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), split)
@@ -321,20 +321,6 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None):
            DOT_F32=x.dtype == torch.float32 or interpret, BF16_RNE_BITS=bf16_bits, **meta,
            **LAUNCH_OPTS)
     return out
-
-
-_TICKETS: dict = {}  # device -> int32 zeros, grown on demand (each launch leaves them zero)
-
-
-def _tickets(n: int, device) -> torch.Tensor:
-    """At least ``n`` zero int32 tickets on ``device`` for the split-K tiles. Shared by the
-    launches on a device: they run in stream order (concurrent split-K launches on two
-    streams of one device are not supported)."""
-    t = _TICKETS.get(device)
-    if t is None or t.numel() < n:
-        t = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _TICKETS[device] = t
-    return t
 
 
 OPS = {

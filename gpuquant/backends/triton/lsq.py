@@ -16,12 +16,12 @@ Kernels:
 * forward: the fake_quant kernel of :mod:`.fake_quant` (QMODE 1: float zero point rounded in
   the kernel; QMODE 2: scale built from ``log2_t`` in the kernel), writing ``y`` only;
   ``x`` is saved, since the scale gradient needs it anyway.
-* backward: one pass over ``x`` and ``grad``: writes ``grad_x`` and, per (row split, channel),
-  a partial sum of the scale (and zero point) gradient; a second tiny kernel adds the
-  partials of each channel in a fixed order. Bytes: read x + grad, write grad_x (3E an
-  element) plus ``split x C`` floats. The reduction is deterministic (the same partition and
-  order every call on a device, no atomics); atomics would not save a launch, since their
-  output would need zeroing first.
+* backward: one launch, one pass over ``x`` and ``grad``: writes ``grad_x`` and, per (row
+  split, channel), a partial sum of the scale (and zero point) gradient; the last program
+  to finish (a ticket, :func:`.common.launch_tickets`) adds the partials of each channel in
+  a fixed order. Bytes: read x + grad, write grad_x (3E an element) plus ``split x C``
+  floats. The reduction is deterministic (the same partition and order every call on a
+  device; the atomics only elect the program that finishes).
 
 Per-channel along any axis and channels_last without a copy (rows x channels tiles, see
 :func:`.fake_quant.row_plan`); float32 / float16 / bfloat16 ``x``; math in float32 with
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .common import cdiv
+from .common import cdiv, launch_tickets
 from .fake_quant import (_FLOATS, _LAUNCH, _npow2, _rne, _row_offsets, _to_out, _tqt_scale,
                          as_rows, auto_interpreter, fake_quant_forward, on_tensor_device,
                          row_plan)
@@ -56,10 +56,15 @@ def _learned_bwd_kernel(
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
     # quantization
     qmin, qmax, grad_factor,
+    # the sums out f32 (K, C); a ticket i32 (1,), zero between launches
+    out_ptr, tick_ptr,
     # meta
     MODE: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    FIN_S: tl.constexpr, FIN_C: tl.constexpr,
 ):
-    """grad_x and per-(split, channel) partial sums of the qparam gradients.
+    """grad_x and per-(split, channel) partial sums of the qparam gradients; the last
+    program to finish (a ticket taken after a barrier, reset by that program) sums the
+    partials of every channel in a fixed order into ``out``: one launch.
 
     MODE 1 (LSQ): ``scale`` f32, ``zp`` f32 (rounded, clamped); partials ``part[0, sp, c]`` of
     d scale and ``part[1, sp, c]`` of d zero_point. MODE 2 (TQT): ``scale_ptr`` = log2_t;
@@ -117,43 +122,31 @@ def _learned_bwd_kernel(
     tl.store(part_ptr + base, tl.sum(acc_s, axis=0), mask=cm)
     if MODE == 1:
         tl.store(part_ptr + split * C + base, tl.sum(acc_z, axis=0), mask=cm)
+    tl.debug_barrier()  # every thread's partials stored before the ticket is taken
+    if tl.atomic_add(tick_ptr, 1) == tl.num_programs(0) * tl.num_programs(1) - 1:
+        tl.atomic_xchg(tick_ptr, 0)
+        _sum_partials(part_ptr, out_ptr, split, C, 2 if MODE == 1 else 1, FIN_S, FIN_C)
 
 
 @triton.jit
-def _sum_partials_kernel(
-    # pointers: part f32 (K, split, C) -> out f32 (K, C)
-    part_ptr, out_ptr,
-    # sizes
-    split, C,
-    # meta
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Second reduction stage: out[k, c] = sum over sp of part[k, sp, c], in a fixed order."""
-    cb = tl.program_id(0)
-    k = tl.program_id(1)
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
-    base = k.to(tl.int64) * split * C
-    for s0 in range(0, split, BLOCK_S):
-        sp = s0 + tl.arange(0, BLOCK_S)
-        m = (sp < split)[:, None] & cm[None, :]
-        acc += tl.load(part_ptr + base + sp.to(tl.int64)[:, None] * C + c[None, :], mask=m,
-                       other=0.0)
-    tl.store(out_ptr + k * C + c, tl.sum(acc, axis=0), mask=cm)
+def _sum_partials(part_ptr, out_ptr, split, C, K, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[k, c] = sum over sp of part[k, sp, c] (f32 (K, split, C) -> (K, C)), in a fixed
+    order; the partials were written by other multiprocessors, so read past L1."""
+    for k in range(0, K):
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cm = c < C
+            acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
+            base = k * split * C
+            for s0 in range(0, split, BLOCK_S):
+                sp = s0 + tl.arange(0, BLOCK_S)
+                m = (sp < split)[:, None] & cm[None, :]
+                acc += tl.load(part_ptr + base + sp.to(tl.int64)[:, None] * C + c[None, :],
+                               mask=m, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + k * C + c, tl.sum(acc, axis=0), mask=cm)
 
 
 # --------------------------------------------------------------------------- launchers
-@on_tensor_device
-def sum_partials(part: torch.Tensor) -> torch.Tensor:
-    """(K, split, C) float32 -> (K, C), fixed order."""
-    K, split, C = part.shape
-    out = torch.empty((K, C), dtype=torch.float32, device=part.device)
-    block_c = min(_npow2(C), 128)
-    block_s = max(1, min(_npow2(split), 2048 // block_c))
-    launch(_sum_partials_kernel, (cdiv(C, block_c), K), part, out, split, C, BLOCK_S=block_s,
-           BLOCK_C=block_c, num_warps=4, **_LAUNCH)
-    return out
 
 
 @on_tensor_device
@@ -171,15 +164,18 @@ def learned_backward(x: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
     plan = row_plan(x, axis, tile=tile, programs=programs)
     K = 2 if mode == 1 else 1
     part = torch.empty((K, plan.split, plan.C), dtype=torch.float32, device=x.device)
+    sums = torch.empty((K, plan.C), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
-        part.zero_()
+        sums.zero_()
     else:
         zp = zero_point.detach().float() if mode == 1 else scale
+        fin_c = min(_npow2(plan.C), 128)
         launch(_learned_bwd_kernel, (cdiv(plan.C, plan.block_c), plan.split), x, grad, gx,
                scale.detach().float(), zp, part, *plan.kernel_args(), float(qmin), float(qmax),
-               float(grad_factor), MODE=mode, ROWS32=plan.rows32, BLOCK_R=plan.block_r,
-               BLOCK_C=plan.block_c, num_warps=4, **_LAUNCH)
-    sums = sum_partials(part)
+               float(grad_factor), sums, launch_tickets(1, x.device), MODE=mode,
+               ROWS32=plan.rows32, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+               FIN_S=max(1, min(_npow2(plan.split), 2048 // fin_c)), FIN_C=fin_c, num_warps=4,
+               **_LAUNCH)
     dz = sums[1] if mode == 1 else None
     return gx, sums[0], dz
 
@@ -294,10 +290,9 @@ def tqt_fake_quant(x, log2_t, qmin, qmax, axis, *, programs=None, tile=2048):
 
 KERNELS = {
     "_learned_bwd_kernel": (_learned_bwd_kernel, [
-        dict(MODE=m, ROWS32=r32, BLOCK_R=br, BLOCK_C=bc)
+        dict(MODE=m, ROWS32=r32, BLOCK_R=br, BLOCK_C=bc, FIN_S=16, FIN_C=128)
         for m, r32, br, bc in ((1, False, 2048, 1), (1, True, 32, 64), (2, False, 32, 64))
     ]),
-    "_sum_partials_kernel": (_sum_partials_kernel, [dict(BLOCK_S=16, BLOCK_C=128)]),
 }
 
 OPS = {"lsq_fake_quant": lsq_fake_quant, "tqt_fake_quant": tqt_fake_quant}
