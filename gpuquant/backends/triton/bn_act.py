@@ -51,12 +51,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .bn_fold import count_batch, running_update
 from .common import cdiv
 from .fake_quant import (_FLOATS, _LAUNCH, _fq_relu, _npow2, _row_offsets, _to_out, as_rows,
                          auto_interpreter, on_tensor_device, row_plan)
 from .launch import launch
-from .observer import (_INF, _NINF, _fake_quantize_class, _observer_consts, _plain_reduce,
-                       _supported_observer, _update_state)
+from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
+                       device_pair_ok)
 
 __all__ = ["bn_normalize_observe_fake_quant", "bn_act_forward", "bn_act_backward", "OPS",
            "KERNELS"]
@@ -163,15 +164,10 @@ def _bn_finish(
 ):
     """Run by the statistics kernel's last program: batch statistics from the partials
     (one pass over them, shifted by split 0's mean, fixed order), the per-channel vectors,
-    the running statistics (as BatchNorm: lerp with momentum or 1 / num_batches_tracked; mean / t
-    + bias, var / t^2 * n / (n - 1)), and the per-tensor observer of the output, whose batch
+    the running statistics (as BatchNorm: lerp with momentum or 1 / num_batches_tracked;
+    mean / t + bias, var / t^2 * n / (n - 1)), and the per-tensor observer of the output, whose batch
     min / max are the outputs of each channel's extreme inputs (module docstring)."""
-    nbt = tl.load(nbt_ptr) + 1
-    tl.store(nbt_ptr, nbt)
-    if CUMULATIVE:
-        f = tl.math.div_rn(1.0, nbt.to(tl.float32))
-    else:
-        f = momentum
+    f = count_batch(nbt_ptr, momentum, CUMULATIVE)
     gmin = tl.full((BLOCK_C,), _INF, tl.float32)
     gmax = tl.full((BLOCK_C,), _NINF, tl.float32)
     plane = split * C
@@ -214,15 +210,7 @@ def _bn_finish(
         tl.store(invstd_ptr + c, inv, mask=cm)
         tl.store(a_ptr + c, a, mask=cm)
         tl.store(k_ptr + c, -0.5 * W * (inv * inv), mask=cm)
-        t = tl.load(t_ptr + c, mask=cm, other=1.0)
-        m_new = tl.math.div_rn(mean, t)
-        if HAS_BIAS:
-            m_new = m_new + tl.load(b_ptr + c, mask=cm, other=0.0)
-        v_new = tl.math.div_rn(var, t * t) * unbias
-        rmean = tl.load(rm_ptr + c, mask=cm, other=0.0)
-        rvar = tl.load(rv_ptr + c, mask=cm, other=0.0)
-        tl.store(rm_ptr + c, rmean + f * (m_new - rmean), mask=cm)
-        tl.store(rv_ptr + c, rvar + f * (v_new - rvar), mask=cm)
+        running_update(mean, var, c, cm, t_ptr, b_ptr, rm_ptr, rv_ptr, f, unbias, HAS_BIAS)
         if OBSERVE:
             lo = _act_of(tl.min(zmin, axis=0), mean, a, beta, OUT, ACT)
             hi = _act_of(tl.max(zmax, axis=0), mean, a, beta, OUT, ACT)
@@ -265,6 +253,17 @@ def _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, OUT: tl.constexpr, ACT: tl
 
 
 @triton.jit
+def _channel_params(mean_ptr, a_ptr, beta_ptr, q_ptr, c, cm):
+    """(mean, a, beta) of channels ``c`` as (1, BLOCK_C) rows, and the per-tensor
+    (scale, zero point, 1 / scale)."""
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)[None, :]
+    a = tl.load(a_ptr + c, mask=cm, other=0.0)[None, :]
+    beta = tl.load(beta_ptr + c, mask=cm, other=0.0)[None, :]
+    s = tl.load(q_ptr)
+    return mean, a, beta, s, tl.load(q_ptr + 1), tl.math.div_rn(1.0, s)
+
+
+@triton.jit
 def _bn_apply_kernel(
     z_ptr, y_ptr, g_ptr,
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
@@ -282,12 +281,7 @@ def _bn_apply_kernel(
     rb = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)[None, :]
-    a = tl.load(a_ptr + c, mask=cm, other=0.0)[None, :]
-    beta = tl.load(beta_ptr + c, mask=cm, other=0.0)[None, :]
-    s = tl.load(q_ptr)
-    zp = tl.load(q_ptr + 1)
-    inv = tl.math.div_rn(1.0, s)
+    mean, a, beta, s, zp, inv = _channel_params(mean_ptr, a_ptr, beta_ptr, q_ptr, c, cm)
     roff, rm = _row_offsets(rb, rows, inner, s_o, s_i, m_in, l_in, ROWS32, BLOCK_R)
     off = roff[:, None] + (c.to(tl.int64) * s_c)[None, :]
     m = rm[:, None] & cm[None, :]
@@ -322,13 +316,8 @@ def _bn_bwd_reduce_kernel(
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     coff = (c.to(tl.int64) * s_c)[None, :]
-    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)[None, :]
-    a = tl.load(a_ptr + c, mask=cm, other=0.0)[None, :]
-    beta = tl.load(beta_ptr + c, mask=cm, other=0.0)[None, :]
+    mean, a, beta, s, zp, inv = _channel_params(mean_ptr, a_ptr, beta_ptr, q_ptr, c, cm)
     invstd = tl.load(invstd_ptr + c, mask=cm, other=0.0)[None, :]
-    s = tl.load(q_ptr)
-    zp = tl.load(q_ptr + 1)
-    inv = tl.math.div_rn(1.0, s)
     acc_g = tl.zeros((BLOCK_C,), tl.float32)
     acc_gx = tl.zeros((BLOCK_C,), tl.float32)
     for it in range(0, n_iter):
@@ -430,7 +419,6 @@ def bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act: int,
     if gy.stride() != z.stride():
         gy = torch.empty_like(z).copy_(gy)
     C = z.shape[1]
-    rows = z.numel() // C
     f32 = dict(dtype=torch.float32, device=z.device)
     sp, ep = _plans(z)
     part = torch.empty(2 * sp.split * C, **f32)
@@ -485,17 +473,8 @@ class _BnActTrain(torch.autograd.Function):
 def _act_pair_ok(z: torch.Tensor, observer, fake_quant) -> bool:
     """A per-tensor MinMax / moving-average observer without host hooks (enabled, or
     disabled with qparams to give) and an enabled plain FakeQuantize of its dtype."""
-    if observer is None or fake_quant is None:
-        return False
-    if type(fake_quant) is not _fake_quantize_class() or not fake_quant.enabled:
-        return False
-    if _supported_observer(observer) is None or observer.dtype != fake_quant.dtype:
-        return False
-    if observer.axis is not None or observer.check_finite or not _plain_reduce(observer):
-        return False
-    if observer.min_val.device != z.device or observer.min_val.numel() != 1:
-        return False
-    return observer.enabled or observer.has_observed
+    return (device_pair_ok(observer, fake_quant, z.device) and observer.axis is None
+            and observer.min_val.numel() == 1)
 
 
 # --------------------------------------------------------------------------- op

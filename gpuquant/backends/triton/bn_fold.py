@@ -33,8 +33,8 @@ from .fake_quant import _LAUNCH, _fq_math, _npow2, auto_interpreter, on_tensor_d
 from torch.autograd.function import once_differentiable
 
 from .launch import launch
-from .observer import (_INF, _NINF, _fake_quantize_class, _observer_consts, _plain_reduce,
-                       _supported_observer, _update_state)
+from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
+                       device_pair_ok)
 
 __all__ = ["bn_fold_weight", "bn_fold_observe_fake_quant", "bn_fold_frozen_observe_fake_quant",
            "observe_rows_fake_quant", "bn_normalize_train", "OPS", "KERNELS"]
@@ -213,6 +213,35 @@ def _fold_bwd_kernel(gwf_ptr, w_ptr, gamma_ptr, t_ptr, sigma_ptr, gW_ptr, gE_ptr
 
 
 @triton.jit
+def count_batch(nbt_ptr, momentum, CUMULATIVE: tl.constexpr):
+    """num_batches_tracked += 1; returns the running statistics' lerp factor: ``momentum``,
+    or 1 / num_batches_tracked when CUMULATIVE (BatchNorm's momentum None)."""
+    nbt = tl.load(nbt_ptr) + 1
+    tl.store(nbt_ptr, nbt)
+    if CUMULATIVE:
+        return tl.math.div_rn(1.0, nbt.to(tl.float32))
+    else:
+        return momentum
+
+
+@triton.jit
+def running_update(mean, var, c, cm, t_ptr, b_ptr, rm_ptr, rv_ptr, f, unbias,
+                   HAS_BIAS: tl.constexpr):
+    """BatchNorm's running-statistics update for channels ``c`` (mask ``cm``) of the folded
+    layer: the float layer's mean ``mean / t + bias`` and unbiased variance
+    ``var / t^2 * unbias``, lerped in with factor ``f`` (momentum or 1 / batches)."""
+    t = tl.load(t_ptr + c, mask=cm, other=1.0)
+    m_new = tl.math.div_rn(mean, t)
+    if HAS_BIAS:
+        m_new = m_new + tl.load(b_ptr + c, mask=cm, other=0.0)
+    v_new = tl.math.div_rn(var, t * t) * unbias
+    rm = tl.load(rm_ptr + c, mask=cm, other=0.0)
+    rv = tl.load(rv_ptr + c, mask=cm, other=0.0)
+    tl.store(rm_ptr + c, rm + f * (m_new - rm), mask=cm)
+    tl.store(rv_ptr + c, rv + f * (v_new - rv), mask=cm)
+
+
+@triton.jit
 def _stats_finish_kernel(mean_ptr, s_ptr, E_ptr, W_ptr, t_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
                          var_eps_ptr, invstd_ptr, k_ptr, C, momentum, unbias,
                          FROM_INVSTD: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -222,12 +251,7 @@ def _stats_finish_kernel(mean_ptr, s_ptr, E_ptr, W_ptr, t_ptr, b_ptr, rm_ptr, rv
     k = -W / (2 (var + E)) (d y / d E = k * xhat); updates the running statistics with
     mean / t + bias and var / t^2 * n / (n - 1) as BatchNorm does (lerp; momentum or, when
     CUMULATIVE, 1 / num_batches_tracked), and num_batches_tracked += 1."""
-    nbt = tl.load(nbt_ptr) + 1
-    tl.store(nbt_ptr, nbt)
-    if CUMULATIVE:
-        f = tl.math.div_rn(1.0, nbt.to(tl.float32))
-    else:
-        f = momentum
+    f = count_batch(nbt_ptr, momentum, CUMULATIVE)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
@@ -242,15 +266,7 @@ def _stats_finish_kernel(mean_ptr, s_ptr, E_ptr, W_ptr, t_ptr, b_ptr, rm_ptr, rv
         tl.store(var_eps_ptr + c, ve, mask=cm)
         tl.store(invstd_ptr + c, inv, mask=cm)
         tl.store(k_ptr + c, -0.5 * tl.load(W_ptr + c, mask=cm, other=0.0) * (inv * inv), mask=cm)
-        t = tl.load(t_ptr + c, mask=cm, other=1.0)
-        m_new = tl.math.div_rn(mean, t)
-        if HAS_BIAS:
-            m_new = m_new + tl.load(b_ptr + c, mask=cm, other=0.0)
-        v_new = tl.math.div_rn(var, t * t) * unbias
-        rm = tl.load(rm_ptr + c, mask=cm, other=0.0)
-        rv = tl.load(rv_ptr + c, mask=cm, other=0.0)
-        tl.store(rm_ptr + c, rm + f * (m_new - rm), mask=cm)
-        tl.store(rv_ptr + c, rv + f * (v_new - rv), mask=cm)
+        running_update(mean, var, c, cm, t_ptr, b_ptr, rm_ptr, rv_ptr, f, unbias, HAS_BIAS)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -466,22 +482,15 @@ def _weight_pair_ok(w: torch.Tensor, observer, fake_quant) -> bool:
     """Whether the fused weight kernel reproduces ``fake_quant(observer(w_fold))``: a plain
     enabled FakeQuantize of the observer's dtype, a MinMax / moving-average observer per
     output channel (axis 0) without host hooks, enabled, or disabled with qparams to give."""
-    if observer is None or fake_quant is None:
+    if not device_pair_ok(observer, fake_quant, w.device):
         return False
-    if type(fake_quant) is not _fake_quantize_class() or not fake_quant.enabled:
-        return False
-    if _supported_observer(observer) is None or observer.dtype != fake_quant.dtype:
-        return False
-    if observer.axis is None or observer._resolve_axis(w) != 0 or observer.check_finite:
-        return False
-    if observer.min_val.device != w.device or not _plain_reduce(observer):
+    if observer.axis is None or observer._resolve_axis(w) != 0:
         return False
     C = w.shape[0]
-    if observer.enabled:
-        if observer.min_val.numel() == 0:  # first batch: size the state, as the observer does
-            observer._prepare_state(torch.empty(C, dtype=torch.float32, device=w.device))
-        return observer.min_val.numel() == C
-    return observer.has_observed and observer.min_val.numel() == C
+    if observer.enabled and observer.min_val.numel() == 0:
+        # first batch: size the state, as the observer does
+        observer._prepare_state(torch.empty(C, dtype=torch.float32, device=w.device))
+    return observer.min_val.numel() == C
 
 
 @on_tensor_device

@@ -317,6 +317,22 @@ def _fake_quantize_class():
     return FakeQuantize
 
 
+def device_pair_ok(observer, fake_quant, device) -> bool:
+    """Whether a fused kernel can stand for ``fake_quant(observer(x))`` on ``device``: an
+    enabled plain FakeQuantize of the observer's dtype, a MinMax / moving-average observer
+    (not a subclass) without host hooks (``check_finite`` off, not distributed), its state
+    on ``device``, enabled or (frozen) with qparams to give. The axis is the caller's."""
+    if observer is None or fake_quant is None:
+        return False
+    if type(fake_quant) is not _fake_quantize_class() or not fake_quant.enabled:
+        return False
+    if _supported_observer(observer) is None or observer.dtype != fake_quant.dtype:
+        return False
+    if observer.check_finite or observer.min_val.device != device or not _plain_reduce(observer):
+        return False
+    return observer.enabled or observer.has_observed
+
+
 def _plain_reduce(observer) -> bool:
     """Whether the observer's ``_reduce`` hook is a no-op here (not distributed)."""
     from ...quantization import observer as obs_mod
