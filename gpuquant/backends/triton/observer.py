@@ -10,13 +10,15 @@
     variants), per-tensor or per-channel, with an enabled plain :class:`FakeQuantize` of the
     same dtype; on CPU tensors (the interpreter) only under ``gpuquant.backends.use("triton")``.
 
-Observers without host hooks (``check_finite=False``, not distributed), per tensor or per
-channel with the channels outermost in memory (weights), take two launches: the partial
-min/max kernel (which also snapshots the old state) and ``_observe_fq_kernel``, where every
-program computes the update and qparams it needs itself from the partials and the snapshot
-(the same jitted arithmetic, so they agree bit for bit; per channel, per element) and the
-new state is written once (program 0; each channel's first element). Otherwise (host
-hooks, channels not outermost: activations per channel):
+Float32 weights observed per output channel (rows contiguous) take one launch, a program a
+channel (:func:`.bn_fold.observe_rows_fake_quant`). Other observers without host hooks
+(``check_finite=False``, not distributed), per tensor or per channel with the channels
+outermost in memory, take two launches: the partial min/max kernel (which also snapshots
+the old state) and ``_observe_fq_kernel``, where every program computes the update and
+qparams it needs itself from the partials and the snapshot (the same jitted arithmetic, so
+they agree bit for bit; per channel, per element) and the new state is written once
+(program 0; each channel's first element). Otherwise (host hooks, channels not outermost:
+activations per channel):
 
 Passes (no host synchronisation when the observer has ``check_finite=False``):
 
@@ -462,8 +464,10 @@ def _per_tensor_programs(device) -> int:
 def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = False,
                        addend: Optional[torch.Tensor] = None, programs: Optional[int] = None,
                        tile: int = 2048) -> Optional[torch.Tensor]:
-    """Observe, then fake-quantize with the observer's new qparams, in two kernels (per
-    tensor, or weights' channels outermost, without host hooks) or three.
+    """Observe, then fake-quantize with the observer's new qparams: in one kernel for
+    float32 weights per output channel (rows contiguous; :func:`.bn_fold.observe_rows_fake_quant`),
+    two per tensor or with other channels-outermost layouts, three otherwise (host hooks,
+    channels not outermost), each without host hooks where the observer has none.
 
     Args:
         x: float32 / float16 / bfloat16 tensor on this backend's device.

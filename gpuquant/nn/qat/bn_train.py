@@ -47,8 +47,8 @@ from ...backends.registry import find_op
 from ...distributed import batch_mean_var, syncs_batch_stats
 
 __all__ = ["scale_rows", "fold_weight", "fold_quant_weight", "fold_quant_weight_frozen",
-           "normalize_train",
-           "normalize_quant_train", "normalize", "normalize_composite", "update_bn_running_stats"]
+           "normalize_train", "normalize_quant_train", "normalize", "normalize_composite",
+           "update_bn_running_stats"]
 
 
 def update_bn_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n) -> None:
