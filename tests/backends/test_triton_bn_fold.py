@@ -11,6 +11,7 @@ import gpuquant.backends as backends
 import gpuquant.backends.triton as tb
 import gpuquant.nn as gnn
 from gpuquant.backends.triton import bn_fold
+from gpuquant.backends.triton.common import module_tickets
 from gpuquant.bench.suites.qat_step import qat_qconfig
 from gpuquant.quantization import quantize_qat
 
@@ -220,7 +221,8 @@ def test_fused_fold_observe_fake_quant_equals_the_unfused_kernels(kind, shape, c
             assert torch.equal(a.isnan(), b.isnan()), (n, step)
         assert outs[0][-1] == outs[1][-1] == (1 if step >= 1 else 0)
         assert outs[0][0].stride() == w_in.stride()
-    assert torch.equal(bn_fold._ticket(pairs[0][0]).cpu(), torch.zeros(2, dtype=torch.int32))
+    tickets = module_tickets(pairs[0][0], pairs[0][0].min_val.device)
+    assert torch.equal(tickets.cpu(), torch.zeros(2, dtype=torch.int32))
 
 
 def test_fused_fold_observe_fake_quant_declines_what_it_does_not_take():
@@ -359,7 +361,8 @@ def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, 
     assert int(bn.num_batches_tracked) == 4
     assert int(obs.nonfinite_batches) == 1
     # the last-program tickets of the statistics and gradient-sum kernels reset themselves
-    assert torch.equal(bn_act._tickets(bn).cpu(), torch.zeros(2, dtype=torch.int32))
+    tickets = module_tickets(bn, bn.running_mean.device)
+    assert torch.equal(tickets.cpu(), torch.zeros(2, dtype=torch.int32))
 
 
 @pytest.mark.gpu
@@ -394,7 +397,7 @@ def test_fused_bn_statistics_with_a_large_mean():
     with backends.use("triton"):
         _, mean, invstd, *_ = bn_act.bn_act_forward(
             z32, ones, ones * 0, ones * 1e-12, ones, None, bn.running_mean, bn.running_var,
-            bn.num_batches_tracked, 0.1, obs, 0, bn_act._tickets(bn)[:1])
+            bn.num_batches_tracked, 0.1, obs, 0, module_tickets(bn, DEV)[:1])
     var_r, mean_r = torch.var_mean(z32.double().cpu(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double().cpu(), mean_r, rtol=4e-7, atol=0)  # ~2 ulp
     var = invstd.double().cpu() ** -2
@@ -453,3 +456,18 @@ def test_fused_frozen_fold_equals_the_definition(monkeypatch, bias, cl, mode):
     w1, b1 = fused.folded_weight_bias()
     w2, b2 = ref.folded_weight_bias()
     assert torch.equal(w1, w2) and torch.equal(b1, b2)
+
+
+def test_tickets_are_made_outside_graph_capture(monkeypatch):
+    """A kernel with launch tickets first needed inside CUDA-graph capture cannot allocate
+    them there (the zeros would live in the graph's pool): a clear error, not a stale
+    buffer; made before capture, they are reused."""
+    from gpuquant.backends.triton import common
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    owner = type("Owner", (), {})()
+    fake_cuda = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="inside CUDA-graph capture; run it once before"):
+        common._zero_tickets(2, fake_cuda)
+    made = torch.zeros(2, dtype=torch.int32)
+    owner.__dict__["_gpuquant_tickets"] = made
+    assert common.module_tickets(owner, "cpu") is made  # existing tickets: no allocation

@@ -21,6 +21,7 @@ import torch
 import gpuquant.backends as backends
 from gpuquant.backends.triton import bn_act, conv, dynamic, elementwise, fake_quant, gemm, launch
 from gpuquant.backends.triton import observer as tobs
+from gpuquant.backends.triton.common import module_tickets
 from gpuquant.backends.triton.standin import standin_cuda
 from gpuquant.dtypes import qint8
 from gpuquant.functional.requant import make_requant
@@ -61,7 +62,7 @@ cases = {
     "observe_fq": lambda: tri(lambda: tobs.observe_fake_quant(xf, obs, fqm)),
     "bn_act": lambda: tri(lambda: bn_act.bn_act_forward(
         zc, v6, v6, v6 * 1e-5, v6, None, bn.running_mean, bn.running_var,
-        bn.num_batches_tracked, 0.1, obs, 1, bn_act._tickets(bn)[:1])),
+        bn.num_batches_tracked, 0.1, obs, 1, module_tickets(bn, "cpu")[:1])),
     "weight_only_split": lambda: dynamic.linear_weight_only(xb, wqd, torch.rand(96), None,
                                                             split_k=4),
 }

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .bn_fold import count_batch, running_update
-from .common import cdiv
+from .common import cdiv, module_tickets
 from .fake_quant import (_FLOATS, _LAUNCH, _fq_relu, _npow2, _row_offsets, _to_out, as_rows,
                          auto_interpreter, on_tensor_device, row_plan)
 from .launch import launch
@@ -437,17 +437,6 @@ def bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act: int,
     return gz, gW, gb, gE
 
 
-def _tickets(bn) -> torch.Tensor:
-    """``bn``'s launch tickets (int32 (2,): forward, backward) on its device, zero between
-    launches (each kernel's last program resets its own)."""
-    tk = bn.__dict__.get("_gpuquant_tickets")
-    dev = bn.running_mean.device
-    if tk is None or tk.device != dev:
-        tk = torch.zeros(2, dtype=torch.int32, device=dev)
-        bn.__dict__["_gpuquant_tickets"] = tk
-    return tk
-
-
 class _BnActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
@@ -502,7 +491,8 @@ def bn_normalize_observe_fake_quant(z: torch.Tensor, W, beta, E, t, bn, bias, ob
         observer._observed = True
     y = _BnActTrain.apply(zr, W.contiguous(), beta.contiguous(), E.contiguous(), t.contiguous(), b,
                           bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
-                          observer, _ACTS[activation], _tickets(bn))
+                          observer, _ACTS[activation],
+                          module_tickets(bn, bn.running_mean.device))
     return y
 
 

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
-from .fake_quant import _LAUNCH, _fq_math, _npow2, auto_interpreter, on_tensor_device
 from torch.autograd.function import once_differentiable
 
+from .common import module_tickets
+from .fake_quant import _LAUNCH, _fq_math, _npow2, auto_interpreter, on_tensor_device
 from .launch import launch
 from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
                        device_pair_ok)
@@ -288,8 +288,9 @@ def _fq_args(observer, C: int, t: torch.Tensor):
     consts = _observer_consts(observer)
     meta = dict(FQ=True, OBSERVE=observer.enabled, EMA=_supported_observer(observer),
                 SYMMETRIC=observer.symmetric)
+    tick = module_tickets(observer, observer.min_val.device)
     return qs, qz, (qs, qz, observer.min_val, observer.max_val, observer.nonfinite_batches,
-                    _ticket(observer), C) + consts, consts[2:4], meta
+                    tick, C) + consts, consts[2:4], meta
 
 
 def _dense_grad(g, like):
@@ -419,16 +420,6 @@ def observe_rows_fake_quant(w: torch.Tensor, observer) -> Optional[torch.Tensor]
             or observer.min_val.numel() != w.shape[0]):
         return None
     return _ObserveRows.apply(w, observer)
-
-
-def _ticket(observer) -> torch.Tensor:
-    """The observer's launch ticket for the fused weight kernel: int32 (2,) on its device,
-    zero between launches (the kernel's last program resets it)."""
-    tk = observer.__dict__.get("_bn_fold_ticket")
-    if tk is None or tk.device != observer.min_val.device:
-        tk = torch.zeros(2, dtype=torch.int32, device=observer.min_val.device)
-        observer.__dict__["_bn_fold_ticket"] = tk
-    return tk
 
 
 class _NormalizeTrain(torch.autograd.Function):

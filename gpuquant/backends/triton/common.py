@@ -173,15 +173,40 @@ def scalar_float(v) -> float:
 _TICKETS: dict = {}  # device -> int32 zeros, grown on demand
 
 
+def _zero_tickets(n: int, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("gpuquant: a kernel with launch tickets (split-K weight-only GEMM, "
+                           "LSQ / TQT backward, the fused QAT batch norm and weight kernels) "
+                           "ran for the first time inside CUDA-graph capture; run it once "
+                           "before capturing (a warm-up step), so that its tickets exist")
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
+
 def launch_tickets(n: int, device) -> torch.Tensor:
     """At least ``n`` int32 tickets on ``device``, zero between launches, for kernels whose
     last program to finish (a ticket taken after a barrier, reset by that program) does the
     final step of a reduction: the split-K weight-only GEMM (a ticket a tile), the LSQ / TQT
     backward. Shared by the launches on a device, which run in stream order; two such
-    launches running concurrently on two streams of one device are not supported."""
+    launches running concurrently on two streams of one device are not supported.
+
+    Raises:
+        RuntimeError: first needed inside CUDA-graph capture (allocate before capturing)."""
     key = torch.device(device)
     t = _TICKETS.get(key)
     if t is None or t.numel() < n:
-        t = torch.zeros(max(n, 1024), dtype=torch.int32, device=key)
+        t = _zero_tickets(max(n, 1024), key)
         _TICKETS[key] = t
     return t
+
+
+def module_tickets(owner, device) -> torch.Tensor:
+    """``owner``'s own two int32 tickets on ``device`` (a BatchNorm: its statistics and
+    gradient-sum kernels; an observer: the fused weight kernel's non-finite count), zero
+    between launches; kept in the object, not its state_dict. Raises as
+    :func:`launch_tickets` does."""
+    device = torch.device(device)
+    tk = owner.__dict__.get("_gpuquant_tickets")
+    if tk is None or tk.device != device:
+        tk = _zero_tickets(2, device)
+        owner.__dict__["_gpuquant_tickets"] = tk
+    return tk
