@@ -513,6 +513,11 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
         observer._observed = True
         return _ObserveTwoLaunch.apply(x, observer, None, relu,
                                        programs or _per_tensor_programs(x.device), tile, addend)
+    if axis is not None and observer.min_val.numel() == 0 and not observer.check_finite \
+            and observer.min_val.device == x.device:
+        # first batch: size the per-channel state (+-inf) as the observer does, so that this
+        # batch takes the fused path too
+        observer._prepare_state(torch.empty(x.shape[axis], dtype=torch.float32, device=x.device))
     xr = as_rows(x, axis)
     two, kaxis = _two_launch_axis(xr, observer, axis)
     if two:
