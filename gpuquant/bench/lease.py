@@ -71,8 +71,8 @@ def plan_caps(stage: str, left: float, caps: Optional[dict] = None) -> Optional[
     return min(usable, cap)
 
 
-# suites whose kernels the background warm-up compiles (tests and qat_step compile few)
-WARM_SUITES = ("models", "conv", "gemm", "linear_dynamic", "fake_quant")
+# suites whose kernels the background warm-up compiles (the tests' are many small ones)
+WARM_SUITES = ("models", "conv", "gemm", "linear_dynamic", "fake_quant", "qat_step")
 
 
 def _default_warm_jobs() -> int:

@@ -7,8 +7,10 @@ candidate config of every shape one after another in the benchmark's own process
 5 s for a 3x3 convolution config): on a short lease most of a stage's time went to
 compiling (bench/README.md, NOTES). Compiling needs no GPU. Each worker process here runs
 with the GPU hidden, inside :func:`gpuquant.backends.triton.standin.standin_cuda` with
-``cubin=True``: every ``gpuquant-triton*`` provider (not the CUDA-graph rows) of every
-``--quick`` case of the named suites is set up on CPU tensors and called once, so the
+``cubin=True`` and the triton backend chosen: every ``gpuquant-triton*`` provider
+(``gpuquant-qat*`` for ``qat_step``, whose convolutions are replaced by their output's shape,
+:class:`_ShapeConv`; not the CUDA-graph rows) of every ``--quick`` case of the named suites
+is set up on CPU tensors and called once, so the
 autotuner compiles each candidate config, through the ``ptxas`` Triton ships, into
 Triton's cache directory (``TRITON_CACHE_DIR``, shared by the workers; Triton writes its
 entries atomically), while the launches are only recorded. The cache keys are the ones the
@@ -34,7 +36,54 @@ from typing import List, Sequence, Tuple
 
 __all__ = ["main", "work_list"]
 
-DEFAULT_SUITES = ("models", "conv", "gemm", "linear_dynamic", "fake_quant")
+DEFAULT_SUITES = ("models", "conv", "gemm", "linear_dynamic", "fake_quant", "qat_step")
+
+
+def _warmed(suite: str, provider: str) -> bool:
+    """The providers whose kernels are warmed: gpuquant's Triton ones (not CUDA-graph rows:
+    the same kernels as their eager twins)."""
+    if provider.endswith("-graph"):
+        return False
+    return provider.startswith("gpuquant-qat" if suite == "qat_step" else "gpuquant-triton")
+
+
+class _ShapeConv:
+    """``torch.nn.functional.conv2d`` replaced by its output's shape, dtype (bf16 under
+    autocast, as the real convolution) and layout, forward and backward: a QAT step on the
+    CPU then costs nothing but its Triton launches (recorded, not run) and small ops."""
+
+    def __enter__(self):
+        import torch
+        import torch.nn.functional as F
+
+        class Conv(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, w, b, stride, padding, dilation, groups):
+                def pair(v):
+                    return (v, v) if isinstance(v, int) else tuple(v)
+                (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+                kh, kw = w.shape[-2:]
+                ho = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+                wo = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+                dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") \
+                    else x.dtype
+                ctx.like = (x, w, b)
+                return torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=dt,
+                                   memory_format=torch.channels_last)
+
+            @staticmethod
+            def backward(ctx, gy):
+                x, w, b = ctx.like
+                return (torch.empty_like(x), torch.empty_like(w),
+                        None if b is None else torch.empty_like(b), None, None, None, None)
+
+        self._F, self._real = F, F.conv2d
+        F.conv2d = lambda x, w, b=None, stride=1, padding=0, dilation=1, groups=1: \
+            Conv.apply(x, w, b, stride, padding, dilation, groups)
+        return self
+
+    def __exit__(self, *exc):
+        self._F.conv2d = self._real
 
 
 def work_list(suites: Sequence[str]) -> List[Tuple[str, int]]:
@@ -48,15 +97,18 @@ def work_list(suites: Sequence[str]) -> List[Tuple[str, int]]:
 
 def _warm_cases(items: Sequence[Tuple[str, int]]) -> Tuple[int, int]:
     """Run in a worker: (cases done, provider failures)."""
+    import contextlib
+
     import torch
 
+    from .. import backends
     from ..backends.triton.standin import standin_cuda
     from .harness import ProviderUnavailable
     from .suites import load_suite
     torch.set_num_threads(1)
     done = failed = 0
     cache = {}
-    with standin_cuda(cubin=True):
+    with standin_cuda(cubin=True), backends.use("triton"):
         for name, idx in items:
             if name not in cache:
                 cache[name] = load_suite(name).cases(True, "cpu")
@@ -69,10 +121,11 @@ def _warm_cases(items: Sequence[Tuple[str, int]]) -> Tuple[int, int]:
                 failed += 1
                 continue
             for pname, prov in case.providers.items():
-                if not pname.startswith("gpuquant-triton") or pname.endswith("-graph"):
+                if not _warmed(name, pname):
                     continue
                 try:
-                    prov.setup(inputs)()
+                    with _ShapeConv() if name == "qat_step" else contextlib.nullcontext():
+                        prov.setup(inputs)()
                 except ProviderUnavailable:
                     pass
                 except Exception as e:  # noqa: BLE001 - reported, the rest goes on

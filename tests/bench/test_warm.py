@@ -62,3 +62,28 @@ def test_lease_starts_the_warm_up_and_reports_it(tmp_path, monkeypatch):
     with tarfile.open(out / "lease.tar.gz") as tar:
         assert any(n.endswith("lease-logs/warm.log") for n in tar.getnames())
     assert lease._parse(["--out", "x", "--warm-jobs", "0"]).warm_jobs == 0
+
+
+def test_shape_conv_stands_in_for_conv2d_forward_and_backward():
+    """The qat_step warm-up replaces F.conv2d by its output's shape, dtype (bf16 under CPU
+    autocast, as the real op) and channels_last layout, with a backward of the inputs'
+    shapes; F.conv2d is restored after."""
+    import torch
+    import torch.nn.functional as F
+    real = F.conv2d
+    x = torch.randn(2, 8, 15, 11).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    want = real(x, w, b, 2, 1, 1, 2)
+    with warm._ShapeConv():
+        y = F.conv2d(x, w, b, stride=2, padding=1, dilation=1, groups=2)
+        assert y.shape == want.shape and y.dtype == x.dtype
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert F.conv2d(x, w, None, (1, 2), (0, 1), 2).dtype == torch.bfloat16
+        y.sum().backward()
+    assert F.conv2d is real
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
+    assert warm._warmed("qat_step", "gpuquant-qat") and not warm._warmed("qat_step", "float")
+    assert not warm._warmed("conv", "gpuquant-triton-graph")
