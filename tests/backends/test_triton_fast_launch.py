@@ -22,7 +22,7 @@ import gpuquant.backends as backends
 from gpuquant.backends.triton import bn_act, conv, dynamic, elementwise, fake_quant, gemm, launch
 from gpuquant.backends.triton import observer as tobs
 from gpuquant.backends.triton.common import module_tickets
-from gpuquant.backends.triton.standin import standin_cuda
+from gpuquant.backends.triton.standin import TensorRecord, standin_cuda
 from gpuquant.dtypes import qint8
 from gpuquant.functional.requant import make_requant
 from gpuquant.quantization import ExponentialMovingAverageObserver, FakeQuantize
@@ -70,7 +70,7 @@ out = {}
 with standin_cuda():
     programs = fake_quant._target_programs(torch.device("cpu"))
 def norm(a):
-    if isinstance(a, torch.Tensor):
+    if isinstance(a, TensorRecord):
         return ["tensor", str(a.dtype), list(a.shape), list(a.stride()), a.data_ptr() % 16]
     return [type(a).__name__, a if isinstance(a, (int, float, bool, str, type(None))) else repr(a)]
 with standin_cuda() as fk:

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-__all__ = ["standin_cuda", "StandInDriver", "host_time"]
+__all__ = ["standin_cuda", "StandInDriver", "TensorRecord", "host_time"]
 
 
 _LAUNCHES: list = []
@@ -43,9 +43,27 @@ class _Utils:
                 "warpSize": 32, "sm_clock_rate": 1, "mem_clock_rate": 1, "mem_bus_width": 1}
 
 
+class TensorRecord(tuple):
+    """What a launch saw of a tensor argument: (dtype, shape, strides, data pointer)."""
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "TensorRecord":
+        return cls((t.dtype, tuple(t.shape), t.stride(), t.data_ptr()))
+
+    dtype = property(lambda self: self[0])
+    shape = property(lambda self: self[1])
+
+    def stride(self):
+        return self[2]
+
+    def data_ptr(self):
+        return self[3]
+
+
 class StandInDriver:
     """The parts of Triton's CUDA driver its JIT, autotuner and launcher use; ``launches``
-    holds (kernel name, grid, launcher arguments after the metadata) per launch."""
+    holds (kernel name, grid, launcher arguments after the metadata, tensors as
+    :class:`TensorRecord`) per launch."""
 
     def __init__(self, cc: int = 90):
         from triton.backends.compiler import GPUTarget
@@ -62,7 +80,11 @@ class StandInDriver:
 
             def __call__(self, gx, gy, gz, stream, function, packed_metadata,
                          launch_metadata, enter_hook, exit_hook, *args):
-                launches.append((self.name, (gx, gy, gz), args))
+                # tensors as records: holding them would keep the launch's outputs
+                # referenced (autograd then copies a gradient it could have taken)
+                launches.append((self.name, (gx, gy, gz),
+                                 tuple(TensorRecord.of(a) if isinstance(a, torch.Tensor)
+                                       else a for a in args)))
         self.launcher_cls = Launcher
 
     def is_active(self):
