@@ -115,3 +115,23 @@ def test_fast_launch_passes_the_launcher_what_triton_would(tmp_path):
         assert r["launches"] >= 1, (name, r)
         assert r["same"], (name, r["triton"], r["fast"])
         assert r["plans"] == r["launches"], (name, r["plans"])  # every launch from a plan
+
+
+def test_qat_step_host_time_runs_on_the_standin(tmp_path):
+    """gpuquant.backends.triton.standin.qat_host_time: a resnet18 QAT training step on the
+    stand-in driver (launches recorded, convolutions by shape) gives a host time and the
+    step's Triton launches (none for the float step)."""
+    pytest.importorskip("triton")
+    script = ("import json\n"
+              "from gpuquant.backends.triton.standin import qat_host_time\n"
+              "r = qat_host_time('resnet18', reps=1)\n"
+              "print('JSON' + json.dumps(r))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1][4:])
+    (ms_f, n_f), (ms_q, n_q) = r["float"], r["gpuquant-qat"]
+    assert n_f == 0 and n_q > 100 and ms_f > 0 and ms_q > 0

@@ -15,7 +15,8 @@ computed: outputs hold whatever ``torch.empty`` gave. Three uses:
       env -u TRITON_INTERPRET python -m gpuquant.backends.triton.standin resnet50
 
   prints an eager int8 forward's host time with Triton's launch path and with launch
-  plans (``GPUQUANT_TRITON_TUNE=quick`` keeps the first call's compiles short).
+  plans (``GPUQUANT_TRITON_TUNE=quick`` keeps the first call's compiles short); with
+  ``--qat resnet50`` the float and QAT training steps' (:func:`qat_host_time`).
 
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the jitted kernels).
 """
@@ -28,7 +29,7 @@ import time
 
 import torch
 
-__all__ = ["standin_cuda", "StandInDriver", "TensorRecord", "host_time"]
+__all__ = ["standin_cuda", "StandInDriver", "TensorRecord", "host_time", "qat_host_time"]
 
 
 _LAUNCHES: list = []
@@ -208,8 +209,51 @@ def host_time(model: str = "resnet50", size: int = 64, batch: int = 1, reps: int
     return out
 
 
+def qat_host_time(model: str = "resnet50", kinds=("float", "gpuquant-qat"), reps: int = 3):
+    """{provider: (ms, Triton launches)} of one training step of the ``qat_step`` suite's
+    providers at batch 2, 32x32, bf16 autocast: the Triton launches recorded, not run, the
+    convolutions replaced by their output's shape (:class:`gpuquant.bench.warm._ShapeConv`),
+    the garbage collector off (as the benchmark times). What is left is the host's work a
+    step plus the CPU compute of the small ops (the SGD update and the weights' casts are
+    not small: they are in both rows). Best of 5 x ``reps``."""
+    import gc
+
+    from ... import backends
+    from ...bench.suites import qat_step as Q
+    from ...bench.warm import _ShapeConv
+    params = {"model": model, "batch": 2, "resolution": 32, "dtype": "bfloat16"}
+    inp = Q._make_inputs(params, "cpu")(0)
+    out = {}
+    with standin_cuda() as fake, backends.use("triton"), _ShapeConv():
+        for kind in kinds:
+            step = Q._provider(kind, params, {}).setup(inp)
+            step()
+            step()
+            fake.launches.clear()
+            step()
+            n = len(fake.launches)
+            gc.collect()
+            gc.disable()
+            try:
+                best = float("inf")
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        step()
+                    best = min(best, (time.perf_counter() - t0) / reps * 1e3)
+            finally:
+                gc.enable()
+            out[kind] = (best, n)
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--qat":
+        for model in argv[1:] or ["resnet50"]:
+            for kind, (ms, n) in qat_host_time(model).items():
+                print(f"{model}: {kind} training step, host {ms:.1f} ms ({n} Triton launches)")
+        return 0
     for model in argv or ["resnet50"]:
         r = host_time(model)
         print(f"{model}: eager int8 forward, host time {r[False]:.2f} ms with Triton's launch "
