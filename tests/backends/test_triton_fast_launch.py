@@ -5,15 +5,9 @@ and launched into a recorder by a stand-in CUDA driver (:mod:`gpuquant.backends.
 Runs in a subprocess without TRITON_INTERPRET (the interpreter replaces the jitted kernels)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.compiled import run_json
 
 _SCRIPT = r"""
 import json
@@ -98,14 +92,7 @@ print("JSON" + json.dumps(out, default=str))
 
 def test_fast_launch_passes_the_launcher_what_triton_would(tmp_path):
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    env["GPUQUANT_TRITON_TUNE"] = "quick"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1][4:])
+    out = run_json(_SCRIPT, tmp_path / "triton_cache", GPUQUANT_TRITON_TUNE="quick")
     # what the benchmark runner writes next to each GPU suite: the config chosen per shape
     tuned = out.pop("autotune")
     assert out.pop("programs") == 4 * 132  # reduction grids sized as on an H100 / H200
@@ -126,12 +113,6 @@ def test_qat_step_host_time_runs_on_the_standin(tmp_path):
               "from gpuquant.backends.triton.standin import qat_host_time\n"
               "r = qat_host_time('resnet18', reps=1)\n"
               "print('JSON' + json.dumps(r))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1][4:])
+    r = run_json(script, tmp_path / "triton_cache")
     (ms_f, n_f), (ms_q, n_q) = r["float"], r["gpuquant-qat"]
     assert n_f == 0 and n_q > 100 and ms_f > 0 and ms_q > 0

@@ -6,15 +6,11 @@ division (launched with FP contraction off, the quantize kernel's ``x * inv_scal
 rounding add stay two roundings; a control compile with fusion on shows the hazard)."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.compiled import run_json
 
 _SCRIPT = r"""
 import json, sys
@@ -62,14 +58,7 @@ print("JSON" + json.dumps(out))
 
 def _compile_report(tmp_path):
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1]
-    return json.loads(line[4:])
+    return run_json(_SCRIPT, tmp_path / "triton_cache")
 
 
 SM80_MMA = "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"

@@ -2,15 +2,12 @@
 build real sm_90 cubins on the CPU into Triton's cache, keyed so that the same launch in
 another process finds them; the lease runner starts it and reports it."""
 import os
-import subprocess
-import sys
 import tarfile
 
 import pytest
 
 from gpuquant.bench import lease, warm
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.compiled import run_compiled
 
 
 def _cubins(cache):
@@ -19,10 +16,7 @@ def _cubins(cache):
 
 
 def _warm(cache, *args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(cache), PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "gpuquant.bench.warm", *args], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return run_compiled(["-m", "gpuquant.bench.warm", *args], cache, timeout=600)
 
 
 def test_warm_builds_cubins_that_a_second_process_finds(tmp_path):
