@@ -51,8 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bn_fold import count_batch, running_update
-from .common import cdiv, module_tickets
+from .bn_fold import _dense_grad, count_batch, running_update
+from .common import cdiv, last_to_finish, module_tickets
 from .fake_quant import (_FLOATS, _LAUNCH, _fq_relu, _npow2, _row_offsets, _to_out, as_rows,
                          auto_interpreter, on_tensor_device, row_plan)
 from .launch import launch
@@ -121,9 +121,7 @@ def _bn_stats_kernel(
     tl.store(part_ptr + plane + base, m2_a, mask=cm)
     tl.store(part_ptr + 2 * plane + base, vmin, mask=cm)
     tl.store(part_ptr + 3 * plane + base, vmax, mask=cm)
-    tl.debug_barrier()  # every thread's partials stored before the ticket is taken
-    if tl.atomic_add(tick_ptr, 1) == tl.num_programs(0) * tl.num_programs(1) - 1:
-        tl.atomic_xchg(tick_ptr, 0)
+    if last_to_finish(tick_ptr, tl.num_programs(0) * tl.num_programs(1)):
         _bn_finish(part_ptr, W_ptr, beta_ptr, E_ptr, t_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
                    mean_ptr, invstd_ptr, a_ptr, k_ptr, min_ptr, max_ptr, bad_ptr, q_ptr,
                    rows, rows_per_split, split, C, momentum, unbias,
@@ -333,9 +331,7 @@ def _bn_bwd_reduce_kernel(
     base = sp.to(tl.int64) * C + c
     tl.store(part_ptr + base, acc_g, mask=cm)
     tl.store(part_ptr + split * C + base, acc_gx, mask=cm)
-    tl.debug_barrier()  # every thread's partials stored before the ticket is taken
-    if tl.atomic_add(tick_ptr, 1) == tl.num_programs(0) * tl.num_programs(1) - 1:
-        tl.atomic_xchg(tick_ptr, 0)
+    if last_to_finish(tick_ptr, tl.num_programs(0) * tl.num_programs(1)):
         _bn_bwd_finish(part_ptr, k_ptr, gW_ptr, gb_ptr, gE_ptr, co_ptr, rows, split, C,
                        FIN_S, FIN_C)
 
@@ -416,8 +412,7 @@ def bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act: int,
     recomputed from ``z``): ``(grad_z, grad_W, grad_beta, grad_E)`` in two launches (per
     channel sums with the finishing program, the elementwise pass). PyTorch's
     ``native_batch_norm_backward`` given ``grad_y * mask`` agrees to float32 rounding."""
-    if gy.stride() != z.stride():
-        gy = torch.empty_like(z).copy_(gy)
+    gy = _dense_grad(gy, z)
     C = z.shape[1]
     f32 = dict(dtype=torch.float32, device=z.device)
     sp, ep = _plans(z)

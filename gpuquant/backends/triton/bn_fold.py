@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .common import module_tickets
+from .common import last_to_finish, module_tickets
 from .fake_quant import _LAUNCH, _fq_math, _npow2, auto_interpreter, on_tensor_device
 from .launch import launch
 from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
@@ -137,9 +137,8 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
             tl.store(min_ptr + c, new_min)
             tl.store(max_ptr + c, new_max)
             tl.atomic_or(tick_ptr + 1, 1, mask=~ok)  # only the rare non-finite rows
-            if tl.atomic_add(tick_ptr, 1) == C - 1:  # the last program of the launch
+            if last_to_finish(tick_ptr, C):
                 anybad = tl.atomic_xchg(tick_ptr + 1, 0)
-                tl.atomic_xchg(tick_ptr, 0)
                 tl.store(bad_ptr, tl.load(bad_ptr) + anybad.to(tl.int64))
     else:
         for off in range(0, L, BLOCK):

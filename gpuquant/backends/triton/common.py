@@ -9,6 +9,8 @@ from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 __all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "derived", "scalar_int", "scalar_float",
            "ARCH_FAMILIES", "tune_subset", "TUNE_MODES", "cdiv"]
@@ -197,6 +199,20 @@ def launch_tickets(n: int, device) -> torch.Tensor:
         t = _zero_tickets(max(n, 1024), key)
         _TICKETS[key] = t
     return t
+
+
+@triton.jit
+def last_to_finish(tick_ptr, n):
+    """In a kernel: whether this program is the last of ``n`` to get here, by the int32
+    ticket at ``tick_ptr`` (zero between launches: :func:`launch_tickets`,
+    :func:`module_tickets`). A barrier first, so that every thread's stores precede the
+    ticket; the acquire-release atomic then orders the other programs' stores before the
+    last one's loads (read them past L1: ``cache_modifier=".cg"``). The last program resets
+    the ticket for the next launch."""
+    tl.debug_barrier()
+    last = tl.atomic_add(tick_ptr, 1) == n - 1
+    tl.atomic_xchg(tick_ptr, 0, mask=last)
+    return last
 
 
 def module_tickets(owner, device) -> torch.Tensor:

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from ..reference_dynamic import EPS
-from .common import LAUNCH_OPTS, arch_family, cdiv, launch_tickets, sm_count, tune_subset
+from .common import (LAUNCH_OPTS, arch_family, cdiv, last_to_finish, launch_tickets, sm_count,
+                     tune_subset)
 from .launch import launch
 from .gemm import (OUT_SCALED, _config, _gemm_kernel, align_k, bf16_rne, grouped_tile,
                    interpret_meta)
@@ -202,10 +203,7 @@ def _linear_weight_only_kernel(
         mask = mask_m[:, None] & mask_n[None, :]
         idx = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + idx, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial stored before the ticket is taken
-        tile = tl.program_id(0)
-        if tl.atomic_add(tick_ptr + tile, 1) == SPLIT_K - 1:
-            tl.atomic_xchg(tick_ptr + tile, 0)
+        if last_to_finish(tick_ptr + tl.program_id(0), SPLIT_K):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in range(0, SPLIT_K):  # written by other multiprocessors: past L1
                 acc += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0,

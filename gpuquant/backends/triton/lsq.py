@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .common import cdiv, launch_tickets
+from .common import cdiv, last_to_finish, launch_tickets
 from .fake_quant import (_FLOATS, _LAUNCH, _npow2, _rne, _row_offsets, _to_out, _tqt_scale,
                          as_rows, auto_interpreter, fake_quant_forward, on_tensor_device,
                          row_plan)
@@ -122,9 +122,7 @@ def _learned_bwd_kernel(
     tl.store(part_ptr + base, tl.sum(acc_s, axis=0), mask=cm)
     if MODE == 1:
         tl.store(part_ptr + split * C + base, tl.sum(acc_z, axis=0), mask=cm)
-    tl.debug_barrier()  # every thread's partials stored before the ticket is taken
-    if tl.atomic_add(tick_ptr, 1) == tl.num_programs(0) * tl.num_programs(1) - 1:
-        tl.atomic_xchg(tick_ptr, 0)
+    if last_to_finish(tick_ptr, tl.num_programs(0) * tl.num_programs(1)):
         _sum_partials(part_ptr, out_ptr, split, C, 2 if MODE == 1 else 1, FIN_S, FIN_C)
 
 
