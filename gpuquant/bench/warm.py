@@ -49,8 +49,10 @@ def _warmed(suite: str, provider: str) -> bool:
 
 class _ShapeConv:
     """``torch.nn.functional.conv2d`` replaced by its output's shape, dtype (bf16 under
-    autocast, as the real convolution) and layout, forward and backward: a QAT step on the
-    CPU then costs nothing but its Triton launches (recorded, not run) and small ops."""
+    autocast, as the real convolution) and layout, forward and backward (and the fused QAT
+    layer's convolution backward, :func:`gpuquant.backends.triton.qat_layer.conv2d_backward`):
+    a QAT step on the CPU then costs nothing but its Triton launches (recorded, not run) and
+    small ops."""
 
     def __enter__(self):
         import torch
@@ -67,6 +69,7 @@ class _ShapeConv:
                 wo = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
                 dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") \
                     else x.dtype
+                x, w = x.to(dt), w.to(dt)  # autocast's casts: the real convolution's work
                 ctx.like = (x, w, b)
                 return torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=dt,
                                    memory_format=torch.channels_last)
@@ -77,13 +80,21 @@ class _ShapeConv:
                 return (torch.empty_like(x), torch.empty_like(w),
                         None if b is None else torch.empty_like(b), None, None, None, None)
 
+        from ..backends.triton import qat_layer
+
+        def conv_backward(gz, x, w, stride, padding, dilation, groups, need_x):
+            return (torch.empty_like(x) if need_x else None), torch.empty_like(w)
+
         self._F, self._real = F, F.conv2d
+        self._layer, self._real_bwd = qat_layer, qat_layer.conv2d_backward
         F.conv2d = lambda x, w, b=None, stride=1, padding=0, dilation=1, groups=1: \
             Conv.apply(x, w, b, stride, padding, dilation, groups)
+        qat_layer.conv2d_backward = conv_backward
         return self
 
     def __exit__(self, *exc):
         self._F.conv2d = self._real
+        self._layer.conv2d_backward = self._real_bwd
 
 
 def work_list(suites: Sequence[str]) -> List[Tuple[str, int]]:

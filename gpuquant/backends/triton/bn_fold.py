@@ -302,23 +302,45 @@ def _dense_grad(g, like):
     return g
 
 
+def fold_forward(w, gamma, running_var, eps, min_gamma, observer=None):
+    """The training fold's forward launch (and, given an observer, its observe + fake
+    quant): ``(wf, t, W, E, saved)``; ``saved`` is what :func:`fold_backward` needs."""
+    C = w.shape[0]
+    L = w.numel() // C
+    f32 = dict(dtype=torch.float32, device=w.device)
+    wf = torch.empty_like(w)
+    t, W, E, sigma = (torch.empty(C, **f32) for _ in range(4))
+    qs, qz, qargs, qmm, fq = _fq_args(observer, C, t)
+    launch(_fold_fwd_kernel, (C,), w, gamma.detach(), running_var, wf, t, W, E, sigma, L,
+           float(eps), float(min_gamma), *qargs, t, t, t, t,
+           BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4, **fq, **_LAUNCH)
+    return wf, t, W, E, ((sigma, qs, qz), (L, float(eps), float(min_gamma),
+                                           observer is not None) + tuple(qmm))
+
+
+def fold_backward(gwf, gW, gE, w, gamma, t, saved, need_w: bool):
+    """The training fold's backward launch: ``(grad_w or None, grad_gamma)`` from the
+    gradients of ``wf`` (in any layout, or None), ``W`` and ``E`` (None: zero)."""
+    (sigma, qs, qz), (L, eps, min_gamma, fq, qmin, qmax) = saved
+    gwf = _dense_grad(gwf, w)
+    gw = torch.empty_like(w) if need_w else gwf  # unused pointer without NEED_W
+    gg = torch.empty_like(gamma, dtype=torch.float32)
+    launch(_fold_bwd_kernel, (w.shape[0],), gwf, w, gamma.detach(), t, sigma,
+           _dense_grad(gW, t).float(), _dense_grad(gE, t).float(), gw, gg, L, eps,
+           min_gamma, qs, qz, qmin, qmax, t, t, t, t, t, NEED_W=need_w,
+           BLOCK=min(_ROW_BLOCK, _npow2(L)), FQ=fq, num_warps=4, **_LAUNCH)
+    return (gw if need_w else None), gg.to(gamma.dtype)
+
+
 class _FoldWeight(torch.autograd.Function):
     """Fold (and, given an observer, observe + fake-quantize) in one launch forward and
     one backward: the training form (batch statistics, :func:`_fold_factor`)."""
 
     @staticmethod
     def forward(ctx, w, gamma, running_var, eps, min_gamma, observer=None):
-        C = w.shape[0]
-        L = w.numel() // C
-        f32 = dict(dtype=torch.float32, device=w.device)
-        wf = torch.empty_like(w)
-        t, W, E, sigma = (torch.empty(C, **f32) for _ in range(4))
-        qs, qz, qargs, qmm, fq = _fq_args(observer, C, t)
-        launch(_fold_fwd_kernel, (C,), w, gamma.detach(), running_var, wf, t, W, E, sigma, L,
-               float(eps), float(min_gamma), *qargs, t, t, t, t,
-               BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4, **fq, **_LAUNCH)
-        ctx.save_for_backward(w, gamma, t, sigma, qs, qz)
-        ctx.consts = (L, float(eps), float(min_gamma), observer is not None) + tuple(qmm)
+        wf, t, W, E, saved = fold_forward(w, gamma, running_var, eps, min_gamma, observer)
+        ctx.save_for_backward(w, gamma, t, *saved[0])
+        ctx.consts = saved[1]
         ctx.mark_non_differentiable(t)
         ctx.set_materialize_grads(False)  # no zero-fill launch for t's (absent) gradient
         return wf, t, W, E
@@ -326,16 +348,9 @@ class _FoldWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gwf, _gt, gW, gE):
         w, gamma, t, sigma, qs, qz = ctx.saved_tensors
-        L, eps, min_gamma, fq, qmin, qmax = ctx.consts
-        need_w = ctx.needs_input_grad[0]
-        gwf = _dense_grad(gwf, w)
-        gw = torch.empty_like(w) if need_w else gwf  # unused pointer without NEED_W
-        gg = torch.empty_like(gamma, dtype=torch.float32)
-        launch(_fold_bwd_kernel, (w.shape[0],), gwf, w, gamma.detach(), t, sigma,
-               _dense_grad(gW, t).float(), _dense_grad(gE, t).float(), gw, gg, L, eps,
-               min_gamma, qs, qz, qmin, qmax, t, t, t, t, t, NEED_W=need_w,
-               BLOCK=min(_ROW_BLOCK, _npow2(L)), FQ=fq, num_warps=4, **_LAUNCH)
-        return (gw if need_w else None), gg.to(gamma.dtype), None, None, None, None
+        gw, gg = fold_backward(gwf, gW, gE, w, gamma, t, ((sigma, qs, qz), ctx.consts),
+                               ctx.needs_input_grad[0])
+        return gw, gg, None, None, None, None
 
 
 class _FoldWeightFrozen(torch.autograd.Function):

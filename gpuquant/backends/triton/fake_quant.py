@@ -709,7 +709,8 @@ from . import bn_act as _bn_act  # noqa: E402
 from . import bn_fold as _bn_fold  # noqa: E402
 from . import lsq as _lsq  # noqa: E402
 from . import observer as _observer  # noqa: E402
+from . import qat_layer as _qat_layer  # noqa: E402
 
-for _fam in (_lsq, _observer, _bn_fold, _bn_act):
+for _fam in (_lsq, _observer, _bn_fold, _bn_act, _qat_layer):
     OPS.update(_fam.OPS)
     KERNELS.update(_fam.KERNELS)

@@ -53,15 +53,17 @@ def clear_plans() -> None:
     _PLANS.clear()
 
 
-def _arg_key(a):
-    t = a.__class__
-    if t is int:  # Triton specializes ints on their value (== 1, % 16, 64-bit)
-        return a
-    if t is float:  # never specialized
-        return float
-    if isinstance(a, torch.Tensor):  # pointer: dtype and 16-byte alignment
-        return (a.dtype, not a.data_ptr() & 15)
-    return (t, a)  # bool / None / str (a bool is not the int 1: its own type)
+_Tensor = torch.Tensor
+
+
+def _args_key(args) -> tuple:
+    """What Triton specializes on, per positional argument (one comprehension: the launch
+    path's largest host cost): ints by value (== 1, % 16, 64-bit), floats never (their
+    type), tensors by dtype and 16-byte alignment, anything else (bool, None, str) by type
+    and value (a bool is not the int 1)."""
+    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor) else
+                  a if a.__class__ is int else float if a.__class__ is float else
+                  (a.__class__, a) for a in args])
 
 
 def launch(kern, grid, *args, **meta):
@@ -73,7 +75,7 @@ def launch(kern, grid, *args, **meta):
         return kern[grid](*args, **meta)
     drv = driver.active
     dev = drv.get_current_device()
-    key = (id(kern), dev, tuple(map(_arg_key, args)), tuple(meta.items()))
+    key = (id(kern), dev, _args_key(args), tuple(meta.items()))
     plan = _PLANS.get(key)
     if plan is None:
         compiled = kern[grid](*args, **meta)
@@ -88,10 +90,11 @@ def launch(kern, grid, *args, **meta):
     stream = drv.get_current_stream(dev)
     vals = args + tail
     hooks = knobs.runtime
+    enter = hooks.launch_enter_hook  # launch_metadata is None without one: skip the call
     compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream,
                  compiled.function, compiled.packed_metadata,
-                 compiled.launch_metadata(g, stream, *vals),
-                 hooks.launch_enter_hook, hooks.launch_exit_hook, *vals)
+                 None if enter is None else compiled.launch_metadata(g, stream, *vals),
+                 enter, hooks.launch_exit_hook, *vals)
     return compiled
 
 

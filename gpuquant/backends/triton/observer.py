@@ -335,11 +335,18 @@ def device_pair_ok(observer, fake_quant, device) -> bool:
     return observer.enabled or observer.has_observed
 
 
+@functools.lru_cache(maxsize=None)
+def _base_reduce(cls) -> bool:
+    """Whether observer class ``cls`` keeps the base class's (no-op) ``_reduce``."""
+    from ...quantization import observer as obs_mod
+    return cls._reduce is obs_mod.Observer._reduce
+
+
 def _plain_reduce(observer) -> bool:
     """Whether the observer's ``_reduce`` hook is a no-op here (not distributed)."""
-    from ...quantization import observer as obs_mod
-    if type(observer)._reduce is obs_mod.Observer._reduce:
+    if _base_reduce(type(observer)):
         return True
+    from ...quantization import observer as obs_mod
     return obs_mod._dist_world(getattr(observer, "group", None)) <= 1
 
 

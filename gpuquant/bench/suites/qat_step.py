@@ -12,9 +12,9 @@ Providers:
   activations qint8 per tensor, moving average 0.9) and ``check_finite=False``, so that the
   step has no host synchronisation (the default ``check_finite=True`` reads one flag per
   observer per step to raise on NaN / Inf). On CUDA the fake-quant ops run on the triton
-  backend automatically: a folded Conv+BN layer is its convolution plus the fused weight
-  fold + observe + fake quant (``bn_fold_observe_fake_quant``) and the fused batch norm +
-  activation + observe + fake quant (``bn_normalize_observe_fake_quant``), three launches
+  backend automatically: a folded Conv+BN layer is one autograd node
+  (``conv_bn_act_train``): its convolution plus the fused weight fold + observe + fake
+  quant and the fused batch norm + activation + observe + fake quant, three launches
   forward and three backward; residual adds go into ``observe_fake_quant``'s kernels;
 * ``gpuquant-qat-exact``: the same with Conv+BN trained in the two-convolution form
   (:func:`gpuquant.quantization.set_bn_fold` "exact"; the default is "single", one

@@ -19,6 +19,11 @@ bias``, ``var / t**2``)::
 ``torch.nn.functional.batch_norm`` takes one float eps, hence :func:`normalize`. Gradients
 flow to ``z``, ``W``, ``beta`` and ``E`` (and through ``fold_weight`` to ``w`` and gamma).
 
+A Conv2d layer's whole training forward (fold + observe + fake quant, convolution,
+normalisation + activation + observe + fake quant) can also be one backend op,
+``conv_bn_act_train`` (:mod:`gpuquant.backends.triton.qat_layer`: one autograd node, the
+same kernels), which :class:`~gpuquant.nn.qat.conv.BnFoldedModule` tries first.
+
 Each has a definition in torch ops (here) and a fused Triton version (backend ops
 ``bn_fold_weight`` / ``bn_normalize_train``, :mod:`gpuquant.backends.triton.bn_fold`) used on
 CUDA: the per-channel arithmetic is a few dozen PyTorch ops on vectors of C values, each a
