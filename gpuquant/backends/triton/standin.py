@@ -16,7 +16,8 @@ computed: outputs hold whatever ``torch.empty`` gave. Three uses:
 
   prints an eager int8 forward's host time with Triton's launch path and with launch
   plans (``GPUQUANT_TRITON_TUNE=quick`` keeps the first call's compiles short); with
-  ``--qat resnet50`` the float and QAT training steps' (:func:`qat_host_time`).
+  ``--qat resnet50`` the float and QAT training steps' (:func:`qat_host_time`); with
+  ``--layer`` a QAT Conv+BN+ReLU layer's against the float one's (:func:`layer_host_time`).
 
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the jitted kernels).
 """
@@ -29,7 +30,8 @@ import time
 
 import torch
 
-__all__ = ["standin_cuda", "StandInDriver", "TensorRecord", "host_time", "qat_host_time"]
+__all__ = ["standin_cuda", "StandInDriver", "TensorRecord", "host_time", "qat_host_time",
+           "layer_host_time"]
 
 
 _LAUNCHES: list = []
@@ -181,6 +183,17 @@ def standin_cuda(cc: int = 90, family: str = "sm90", cubin: bool = False, sms: i
             registry._unavailable["triton"] = why_not
 
 
+def _best_seconds(fn, reps: int, rounds: int = 5) -> float:
+    """Seconds a call of ``fn``: the best of ``rounds`` timings of ``reps`` calls."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
 def host_time(model: str = "resnet50", size: int = 64, batch: int = 1, reps: int = 10):
     """{plans: ms} of one eager int8 ``model`` forward's host time, launch plans off / on
     (best of 5 x ``reps``), and the number of launches a forward."""
@@ -198,13 +211,7 @@ def host_time(model: str = "resnet50", size: int = 64, batch: int = 1, reps: int
         for plans in (False, True):
             launch.ENABLED = plans
             net(x)
-            best = float("inf")
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    net(x)
-                best = min(best, (time.perf_counter() - t0) / reps * 1e3)
-            out[plans] = best
+            out[plans] = _best_seconds(lambda: net(x), reps) * 1e3
         launch.ENABLED = enabled
     return out
 
@@ -235,20 +242,70 @@ def qat_host_time(model: str = "resnet50", kinds=("float", "gpuquant-qat"), reps
             gc.collect()
             gc.disable()
             try:
-                best = float("inf")
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    for _ in range(reps):
-                        step()
-                    best = min(best, (time.perf_counter() - t0) / reps * 1e3)
+                out[kind] = (_best_seconds(step, reps) * 1e3, n)
             finally:
                 gc.enable()
-            out[kind] = (best, n)
+    return out
+
+
+def layer_host_time(layers: int = 8, reps: int = 200) -> dict:
+    """{form: host microseconds a layer} of a training step (forward + backward, grads set
+    to None) through a chain of ``layers`` ``ConvBnRelu2d(16, 16, 1)`` at batch 2, 4x4, for
+    the float layer, the QAT layer (one autograd node: ``conv_bn_act_train``) and the QAT
+    layer in its three-node form (that op declined). The compiled kernels' launcher is a
+    no-op here, so what is timed is Python, PyTorch's dispatch (and its CPU compute of the
+    tiny tensors, one thread) and the launch path, not the stand-in's recording. Best of
+    9 x ``reps``, GC off."""
+    import copy
+    import gc
+
+    from ... import backends
+    from ... import nn as gnn
+    from ...bench.suites.qat_step import qat_qconfig
+    from ...quantization import quantize_qat
+    from . import OPS
+    from . import launch as L
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    f = torch.nn.Sequential(*[gnn.ConvBnRelu2d(16, 16, 1) for _ in range(layers)])
+    f = f.train().to(memory_format=cl)
+    q = quantize_qat(copy.deepcopy(f), qat_qconfig()).train().to(memory_format=cl)
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=cl)
+    out = {}
+    one_node = OPS["conv_bn_act_train"]
+    with standin_cuda(), backends.use("triton"):
+        def step(m):
+            for p in m.parameters():
+                p.grad = None
+            m(x).sum().backward()
+        for _ in range(2):  # compiles, plans, observer state
+            step(q)
+        launcher = type(next(p for p in L._PLANS.values() if p is not L._NO_PLAN)[0].run)
+        record, launcher.__call__ = launcher.__call__, lambda *a: None
+        gc.collect()
+        gc.disable()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the tiny CPU ops: no thread-pool hand-offs
+        try:
+            for form, m in (("float", f), ("qat", q), ("qat-three-node", q)):
+                OPS["conv_bn_act_train"] = (lambda *a, **k: None) if form.endswith("node") \
+                    else one_node
+                step(m)
+                out[form] = _best_seconds(lambda: step(m), reps, rounds=9) / layers * 1e6
+        finally:
+            gc.enable()
+            torch.set_num_threads(threads)
+            OPS["conv_bn_act_train"] = one_node
+            launcher.__call__ = record
     return out
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--layer":
+        for form, us in layer_host_time().items():
+            print(f"ConvBnRelu2d {form}: host {us:.0f} us a layer (forward + backward)")
+        return 0
     if argv and argv[0] == "--qat":
         for model in argv[1:] or ["resnet50"]:
             for kind, (ms, n) in qat_host_time(model).items():
