@@ -73,9 +73,10 @@ _FINISH_BLOCK = 2048  # split x channel partials a finishing step (4 warps)
 def _bn_stats_kernel(
     z_ptr, part_ptr,
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
-    # ticket i32 (1,), zero between launches; then :func:`_bn_finish`'s arguments
+    # ticket i32 (1,), zero between launches; then :func:`_bn_finish`'s arguments, its four
+    # per-channel outputs and the qparams in one f32 (4 C + 2,) vector (see _vec_parts)
     tick_ptr, W_ptr, beta_ptr, E_ptr, t_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
-    mean_ptr, invstd_ptr, a_ptr, k_ptr, min_ptr, max_ptr, bad_ptr, q_ptr,
+    vec_ptr, min_ptr, max_ptr, bad_ptr,
     rows_per_split, momentum, unbias, c_ema, q_eps, qmin, qmax, half_range, zp_sym,
     ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     OUT: tl.constexpr, ACT: tl.constexpr, OBSERVE: tl.constexpr, EMA: tl.constexpr,
@@ -123,7 +124,8 @@ def _bn_stats_kernel(
     tl.store(part_ptr + 3 * plane + base, vmax, mask=cm)
     if last_to_finish(tick_ptr, tl.num_programs(0) * tl.num_programs(1)):
         _bn_finish(part_ptr, W_ptr, beta_ptr, E_ptr, t_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
-                   mean_ptr, invstd_ptr, a_ptr, k_ptr, min_ptr, max_ptr, bad_ptr, q_ptr,
+                   vec_ptr, vec_ptr + C, vec_ptr + 2 * C, vec_ptr + 3 * C, min_ptr, max_ptr,
+                   bad_ptr, vec_ptr + 4 * C,
                    rows, rows_per_split, split, C, momentum, unbias,
                    c_ema, q_eps, qmin, qmax, half_range, zp_sym,
                    OUT, ACT, OBSERVE, EMA, SYMMETRIC, HAS_BIAS, CUMULATIVE, FIN_S, FIN_C)
@@ -251,23 +253,25 @@ def _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, OUT: tl.constexpr, ACT: tl
 
 
 @triton.jit
-def _channel_params(mean_ptr, a_ptr, beta_ptr, q_ptr, c, cm):
+def _channel_params(vec_ptr, beta_ptr, c, cm, C):
     """(mean, a, beta) of channels ``c`` as (1, BLOCK_C) rows, and the per-tensor
-    (scale, zero point, 1 / scale)."""
-    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)[None, :]
-    a = tl.load(a_ptr + c, mask=cm, other=0.0)[None, :]
+    (scale, zero point, 1 / scale), from the statistics kernel's vector (mean at 0, a at
+    2 C, the qparams at 4 C)."""
+    mean = tl.load(vec_ptr + c, mask=cm, other=0.0)[None, :]
+    a = tl.load(vec_ptr + 2 * C + c, mask=cm, other=0.0)[None, :]
     beta = tl.load(beta_ptr + c, mask=cm, other=0.0)[None, :]
-    s = tl.load(q_ptr)
-    return mean, a, beta, s, tl.load(q_ptr + 1), tl.math.div_rn(1.0, s)
+    s = tl.load(vec_ptr + 4 * C)
+    return mean, a, beta, s, tl.load(vec_ptr + 4 * C + 1), tl.math.div_rn(1.0, s)
 
 
 @triton.jit
 def _bn_apply_kernel(
     z_ptr, y_ptr, g_ptr,
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
-    # per channel f32 (C,): mean, a, beta, 1 / sqrt(var + E); co f32 (2, C) (BWD: the
-    # gradient's mean and its mean times xhat); q f32 (2,): scale, zero point
-    mean_ptr, a_ptr, beta_ptr, invstd_ptr, co_ptr, q_ptr, qmin, qmax,
+    # the statistics kernel's f32 vector (mean, 1 / sqrt(var + E), a, k, qparams); beta f32
+    # (C,); BWD: the reduce kernel's f32 (5 C,) outputs, the gradient's mean and its mean
+    # times xhat at 3 C and 4 C
+    vec_ptr, beta_ptr, out_ptr, qmin, qmax,
     BWD: tl.constexpr, ACT: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -279,16 +283,16 @@ def _bn_apply_kernel(
     rb = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    mean, a, beta, s, zp, inv = _channel_params(mean_ptr, a_ptr, beta_ptr, q_ptr, c, cm)
+    mean, a, beta, s, zp, inv = _channel_params(vec_ptr, beta_ptr, c, cm, C)
     roff, rm = _row_offsets(rb, rows, inner, s_o, s_i, m_in, l_in, ROWS32, BLOCK_R)
     off = roff[:, None] + (c.to(tl.int64) * s_c)[None, :]
     m = rm[:, None] & cm[None, :]
     z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
     yq, inr = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, z_ptr.dtype.element_ty, ACT)
     if BWD:
-        invstd = tl.load(invstd_ptr + c, mask=cm, other=0.0)[None, :]
-        mg = tl.load(co_ptr + c, mask=cm, other=0.0)[None, :]
-        mgx = tl.load(co_ptr + C + c, mask=cm, other=0.0)[None, :]
+        invstd = tl.load(vec_ptr + C + c, mask=cm, other=0.0)[None, :]
+        mg = tl.load(out_ptr + 3 * C + c, mask=cm, other=0.0)[None, :]
+        mgx = tl.load(out_ptr + 4 * C + c, mask=cm, other=0.0)[None, :]
         g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32) * inr.to(tl.float32)
         gz = ((g - mg) - ((z - mean) * invstd) * mgx) * a
         tl.store(y_ptr + off, _to_out(gz, y_ptr.dtype.element_ty), mask=m)
@@ -300,9 +304,10 @@ def _bn_apply_kernel(
 def _bn_bwd_reduce_kernel(
     z_ptr, g_ptr, part_ptr,
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
-    mean_ptr, a_ptr, beta_ptr, invstd_ptr, q_ptr, qmin, qmax,
-    # ticket i32 (1,), zero between launches; then :func:`_bn_bwd_finish`'s outputs
-    tick_ptr, k_ptr, gW_ptr, gb_ptr, gE_ptr, co_ptr,
+    vec_ptr, beta_ptr, qmin, qmax,
+    # the layer's tickets i32 (2,) (this kernel takes the second), zero between launches;
+    # :func:`_bn_bwd_finish`'s outputs f32 (5 C,): grad W, grad beta, grad E, co (2 C)
+    tick_ptr, out_ptr,
     ACT: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     FIN_S: tl.constexpr, FIN_C: tl.constexpr,
 ):
@@ -314,8 +319,8 @@ def _bn_bwd_reduce_kernel(
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     coff = (c.to(tl.int64) * s_c)[None, :]
-    mean, a, beta, s, zp, inv = _channel_params(mean_ptr, a_ptr, beta_ptr, q_ptr, c, cm)
-    invstd = tl.load(invstd_ptr + c, mask=cm, other=0.0)[None, :]
+    mean, a, beta, s, zp, inv = _channel_params(vec_ptr, beta_ptr, c, cm, C)
+    invstd = tl.load(vec_ptr + C + c, mask=cm, other=0.0)[None, :]
     acc_g = tl.zeros((BLOCK_C,), tl.float32)
     acc_gx = tl.zeros((BLOCK_C,), tl.float32)
     for it in range(0, n_iter):
@@ -331,9 +336,9 @@ def _bn_bwd_reduce_kernel(
     base = sp.to(tl.int64) * C + c
     tl.store(part_ptr + base, acc_g, mask=cm)
     tl.store(part_ptr + split * C + base, acc_gx, mask=cm)
-    if last_to_finish(tick_ptr, tl.num_programs(0) * tl.num_programs(1)):
-        _bn_bwd_finish(part_ptr, k_ptr, gW_ptr, gb_ptr, gE_ptr, co_ptr, rows, split, C,
-                       FIN_S, FIN_C)
+    if last_to_finish(tick_ptr + 1, tl.num_programs(0) * tl.num_programs(1)):
+        _bn_bwd_finish(part_ptr, vec_ptr + 3 * C, out_ptr, out_ptr + C, out_ptr + 2 * C,
+                       out_ptr + 3 * C, rows, split, C, FIN_S, FIN_C)
 
 
 @triton.jit
@@ -373,26 +378,31 @@ def _plans(z: torch.Tensor):
             row_plan(z, 1, tile=_TILE, programs=2 ** 40))
 
 
+def _vec_parts(vec: torch.Tensor, C: int):
+    """(mean, 1 / sqrt(var + E), a, k, qparams) views of the statistics kernel's vector."""
+    return vec[:C], vec[C:2 * C], vec[2 * C:3 * C], vec[3 * C:4 * C], vec[4 * C:]
+
+
 def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
                    observer, act: int, tick: torch.Tensor):
-    """The forward's two launches (``act`` 0 none, 1 ReLU, 2 ReLU6; ``tick`` int32, zero
-    between launches). ``z`` dense with :func:`as_rows`'s layout along axis 1. Returns
-    ``(y, mean, invstd, a, k, q)``; updates the running statistics, ``nbt`` and the
-    observer's state in place."""
+    """The forward's two launches (``act`` 0 none, 1 ReLU, 2 ReLU6; ``tick`` the layer's
+    int32 (2,) tickets, zero between launches). ``z`` dense with :func:`as_rows`'s layout
+    along axis 1. Returns ``(y, vec)``, ``vec`` f32 (4 C + 2,) holding mean,
+    1 / sqrt(var + E), a, k and the qparams (:func:`_vec_parts`); updates the running
+    statistics, ``nbt`` and the observer's state in place."""
     C = z.shape[1]
     rows = z.numel() // C
     f32 = dict(dtype=torch.float32, device=z.device)
     sp, ep = _plans(z)
     part = torch.empty(4 * sp.split * C, **f32)
     vec = torch.empty(4 * C + 2, **f32)
-    mean, invstd, a, k, q = vec[:C], vec[C:2 * C], vec[2 * C:3 * C], vec[3 * C:4 * C], vec[4 * C:]
     fin_c = min(_npow2(C), 256)
     consts = _observer_consts(observer)
     launch(_bn_stats_kernel, (cdiv(C, sp.block_c), sp.split), z, part, *sp.kernel_args(),
            tick, W, beta, E, t, bias if bias is not None else W, running_mean, running_var,
-           nbt, mean, invstd, a, k, observer.min_val, observer.max_val,
-           observer.nonfinite_batches, q, sp.n_iter * sp.block_r,
-           0.0 if momentum is None else float(momentum), rows / (rows - 1), *consts,
+           nbt, vec, observer.min_val, observer.max_val, observer.nonfinite_batches,
+           sp.n_iter * sp.block_r, 0.0 if momentum is None else float(momentum),
+           rows / (rows - 1), *consts,
            ROWS32=sp.rows32, BLOCK_R=sp.block_r, BLOCK_C=sp.block_c, OUT=_TL_DTYPE[z.dtype],
            ACT=act, OBSERVE=observer.enabled, EMA=_supported_observer(observer),
            SYMMETRIC=observer.symmetric, HAS_BIAS=bias is not None,
@@ -401,54 +411,51 @@ def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momen
            num_warps=4, **_LAUNCH)
     y = torch.empty_like(z)
     launch(_bn_apply_kernel, (cdiv(C, ep.block_c), ep.split), z, y, z, *ep.kernel_args(),
-           mean, a, beta, invstd, invstd, q, *consts[2:4], BWD=False, ACT=act,
+           vec, beta, vec, *consts[2:4], BWD=False, ACT=act,
            ROWS32=ep.rows32, BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
-    return y, mean, invstd, a, k, q
+    return y, vec
 
 
-def bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act: int,
-                    tick: torch.Tensor):
+def bn_act_backward(gy, z, vec, beta, qmin, qmax, act: int, tick: torch.Tensor):
     """The batch-norm backward of the straight-through gradient ``grad_y * mask`` (the mask
     recomputed from ``z``): ``(grad_z, grad_W, grad_beta, grad_E)`` in two launches (per
-    channel sums with the finishing program, the elementwise pass). PyTorch's
-    ``native_batch_norm_backward`` given ``grad_y * mask`` agrees to float32 rounding."""
+    channel sums with the finishing program, the elementwise pass); ``vec`` and ``tick``
+    as :func:`bn_act_forward` had them. PyTorch's ``native_batch_norm_backward`` given
+    ``grad_y * mask`` agrees to float32 rounding."""
     gy = _dense_grad(gy, z)
     C = z.shape[1]
     f32 = dict(dtype=torch.float32, device=z.device)
     sp, ep = _plans(z)
     part = torch.empty(2 * sp.split * C, **f32)
-    out = torch.empty(5 * C, **f32)
-    gW, gb, gE, co = out[:C], out[C:2 * C], out[2 * C:3 * C], out[3 * C:]
+    out = torch.empty(5 * C, **f32)  # grad W, grad beta, grad E, co (2 C)
     fin_c = min(_npow2(C), 256)
     launch(_bn_bwd_reduce_kernel, (cdiv(C, sp.block_c), sp.split), z, gy, part,
-           *sp.kernel_args(), mean, a, beta, invstd, q, qmin, qmax, tick, k, gW, gb, gE, co,
+           *sp.kernel_args(), vec, beta, qmin, qmax, tick, out,
            ACT=act, ROWS32=sp.rows32, BLOCK_R=sp.block_r, BLOCK_C=sp.block_c,
            FIN_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // fin_c)), FIN_C=fin_c,
            num_warps=4, **_LAUNCH)
     gz = torch.empty_like(z)
     launch(_bn_apply_kernel, (cdiv(C, ep.block_c), ep.split), z, gz, gy, *ep.kernel_args(),
-           mean, a, beta, invstd, co, q, qmin, qmax, BWD=True, ACT=act, ROWS32=ep.rows32,
+           vec, beta, out, qmin, qmax, BWD=True, ACT=act, ROWS32=ep.rows32,
            BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
-    return gz, gW, gb, gE
+    return gz, out[:C], out[C:2 * C], out[2 * C:3 * C]
 
 
 class _BnActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
                 observer, act, tick):
-        y, mean, invstd, a, k, q = bn_act_forward(z, W, beta, E, t, bias, running_mean,
-                                                  running_var, nbt, momentum, observer, act,
-                                                  tick[:1])
-        ctx.save_for_backward(z, beta, mean, invstd, a, k, q, tick)
+        y, vec = bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt,
+                                momentum, observer, act, tick)
+        ctx.save_for_backward(z, beta, vec, tick)
         ctx.consts = (float(observer.dtype.qmin), float(observer.dtype.qmax), act)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        z, beta, mean, invstd, a, k, q, tick = ctx.saved_tensors
+        z, beta, vec, tick = ctx.saved_tensors
         qmin, qmax, act = ctx.consts
-        gz, gW, gb, gE = bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act,
-                                         tick[1:])
+        gz, gW, gb, gE = bn_act_backward(gy, z, vec, beta, qmin, qmax, act, tick)
         need = ctx.needs_input_grad
         return (gz if need[0] else None, gW if need[1] else None, gb if need[2] else None,
                 gE if need[3] else None) + (None,) * 9

@@ -66,11 +66,9 @@ class _ConvBnActTrain(torch.autograd.Function):
         z = as_rows(z, 1)
         b = bias.detach().float().contiguous() if bias is not None else None
         beta = beta.detach().contiguous()
-        y, mean, invstd, a, k, q = bn_act_forward(z, W, beta, E, t, b, bn.running_mean,
-                                                  bn.running_var, bn.num_batches_tracked,
-                                                  bn.momentum, act_observer, act, tick[:1])
-        ctx.save_for_backward(xc, wc, w, gamma, t, *fsaved[0], z, beta, mean, invstd, a, k,
-                              q, tick)
+        y, vec = bn_act_forward(z, W, beta, E, t, b, bn.running_mean, bn.running_var,
+                                bn.num_batches_tracked, bn.momentum, act_observer, act, tick)
+        ctx.save_for_backward(xc, wc, w, gamma, t, *fsaved[0], z, beta, vec, tick)
         ctx.consts = (fsaved[1], conv_args, float(act_observer.dtype.qmin),
                       float(act_observer.dtype.qmax), act, x.dtype,
                       bias.dtype if bias is not None else None)
@@ -79,13 +77,11 @@ class _ConvBnActTrain(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        (xc, wc, w, gamma, t, sigma, qs, qz, z, beta, mean, invstd, a, k, q,
-         tick) = ctx.saved_tensors
+        xc, wc, w, gamma, t, sigma, qs, qz, z, beta, vec, tick = ctx.saved_tensors
         (fconsts, (stride, padding, dilation, groups), qmin, qmax, act, x_dtype,
          bias_dtype) = ctx.consts
         need_x, need_w, need_g, need_b, need_bias = ctx.needs_input_grad[:5]
-        gz, gW, gb, gE = bn_act_backward(gy, z, mean, invstd, a, beta, k, q, qmin, qmax, act,
-                                         tick[1:])
+        gz, gW, gb, gE = bn_act_backward(gy, z, vec, beta, qmin, qmax, act, tick)
         gxc, gwc = conv2d_backward(gz, xc, wc, stride, padding, dilation, groups, need_x)
         gw, gg = fold_backward(gwc.to(w.dtype), gW, gE, w, gamma, t, ((sigma, qs, qz), fconsts),
                                need_w)
