@@ -190,6 +190,10 @@ def test_channels_innermost_tile_path_equals_general_path(c, shape, dt, qmode):
     (y1, m1), (y2, m2) = ys
     assert bits_equal(y1, y2) and torch.equal(m1, m2)
     assert y1.stride() == x.stride()
+    if qmode != 2:  # the tile path divides the scales itself: torch's 1 / scale, bit for bit
+        y3, m3 = tfq.fake_quant_forward(x, scale, zp, d.qmin, d.qmax, 1, True, block,
+                                        qmode=qmode, inv=1.0 / scale)
+        assert bits_equal(y1, y3) and torch.equal(m1, m3)
     if qmode == 0:
         yt = torch.fake_quantize_per_channel_affine(x.float(), scale, zp, 1, d.qmin, d.qmax)
         assert bits_equal(y1, yt.to(dt))

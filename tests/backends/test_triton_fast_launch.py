@@ -132,3 +132,15 @@ def test_layer_host_time_runs_on_the_standin(tmp_path):
     r = run_json(script, tmp_path / "triton_cache")
     assert r.pop("restored") is True
     assert set(r) == {"float", "qat", "qat-three-node"} and all(v > 0 for v in r.values())
+
+
+def test_fake_quant_host_time_runs_on_the_standin(tmp_path):
+    """gpuquant.backends.triton.standin.fake_quant_host_time: host time of the fake_quant
+    suite's fwd+bwd call, both granularities, and of PyTorch's per-channel op."""
+    pytest.importorskip("triton")
+    script = ("import json\n"
+              "from gpuquant.backends.triton.standin import fake_quant_host_time\n"
+              "print('JSON' + json.dumps(fake_quant_host_time(reps=2)))\n")
+    r = run_json(script, tmp_path / "triton_cache")
+    assert set(r) == {"per_tensor", "per_channel", "torch per_channel"}
+    assert all(v > 0 for v in r.values())

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .common import cdiv
+from .common import INTERPRET, cdiv
 from .launch import launch
 
 __all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "row_plan",
@@ -239,7 +239,7 @@ def _fq_fwd_kernel(
     # meta
     PER_CHANNEL: tl.constexpr, SAVE_MASK: tl.constexpr, WIDE: tl.constexpr,
     QMODE: tl.constexpr, BLOCK: tl.constexpr, C_INNER: tl.constexpr = 0,
-    RELU: tl.constexpr = False,
+    RELU: tl.constexpr = False, INV: tl.constexpr = True,
 ):
     """y = fake_quant(x) over a dense tensor in memory order; optional bit mask.
 
@@ -247,7 +247,8 @@ def _fq_fwd_kernel(
     as ``threshold_backward`` gives it), saving ReLU's own pass forward and backward.
 
     x, y: same dtype (f32/f16/bf16), same strides. scale: f32 (TQT: log2_t), zp: i32 (LSQ:
-    f32), one value or C values; inv: f32, C values (per-channel QMODE 0/1 only).
+    f32), one value or C values; inv: f32, C values (per-channel QMODE 0/1 only; with
+    C_INNER and INV False the kernel divides the tile's C scales itself).
     mask: u8, ceil(numel / 8) bytes.
 
     ``C_INNER`` (per-channel, channels innermost in memory, C a power of two dividing
@@ -263,7 +264,7 @@ def _fq_fwd_kernel(
         m = offs < numel
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, ch, qmin, qmax, QMODE,
-                                   QMODE != 2)
+                                   QMODE != 2 and INV)
         y, inr = _fq_relu(x, inv[None, :], s[None, :], zp[None, :], qmin, qmax, RELU)
         tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
         # the tile in memory order is the (BLOCK // 8, 8) layout the bit packing reads
@@ -332,8 +333,12 @@ def _as_dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _flat_span(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view of a dense tensor's elements in memory order (for passing to kernels)."""
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+    """A 1-D view of a dense tensor's elements in memory order (for passing to kernels).
+    A compiled kernel takes only the data pointer, which is ``t``'s own: ``t`` itself
+    there (a view costs the host a microsecond); the interpreter gets the view."""
+    if INTERPRET:
+        return t.as_strided((t.numel(),), (1,), t.storage_offset())
+    return t
 
 
 def channel_params(t: torch.Tensor, axis: Optional[int]) -> Tuple[int, int, int, bool]:
@@ -559,22 +564,28 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
     if n == 0:
         return y, (mask if save_mask else None)
     per_channel = axis is not None
-    scale = scale.detach().to(torch.float32)
+    if scale.dtype != torch.float32:  # (kernels read the data, never the autograd graph)
+        scale = scale.float()
     if qmode == 2:
         zero_point = scale
     else:
-        zero_point = zero_point.detach().to(torch.float32 if qmode == 1 else torch.int32)
-    if per_channel and inv is None:
-        # correctly rounded float32 division by torch, on the device (TQT: in the kernel)
-        inv = scale if qmode == 2 else 1.0 / scale
-    elif not per_channel:
-        inv = scale
+        zp_dtype = torch.float32 if qmode == 1 else torch.int32
+        if zero_point.dtype != zp_dtype:
+            zero_point = zero_point.to(zp_dtype)
     period, sc, C, wide, m_sc, l_sc, m_c, l_c, c_inner = _channel_args(
         tuple(x.shape), x.stride(), axis, block, wide, c_inner_ok)
+    have_inv = inv is not None
+    if per_channel and not have_inv and not c_inner:
+        # correctly rounded float32 division by torch, on the device (TQT: in the kernel;
+        # the tile path divides its C values in the kernel with div_rn: the same bits)
+        inv = scale if qmode == 2 else 1.0 / scale
+        have_inv = True
+    elif not have_inv:
+        inv = scale  # unused pointer
     launch(_fq_fwd_kernel, _grid(n, block), _flat_span(x), _flat_span(y), mask, scale, inv,
            zero_point, n, nbytes, period, sc, C, m_sc, l_sc, m_c, l_c, float(qmin), float(qmax),
            PER_CHANNEL=per_channel, SAVE_MASK=save_mask, WIDE=wide, QMODE=qmode, BLOCK=block,
-           C_INNER=c_inner, RELU=relu, num_warps=NUM_WARPS, **_LAUNCH)
+           C_INNER=c_inner, RELU=relu, INV=have_inv, num_warps=NUM_WARPS, **_LAUNCH)
     return y, (mask if save_mask else None)
 
 
@@ -695,8 +706,8 @@ KERNELS = {
         dict(PER_CHANNEL=p, SAVE_MASK=True, WIDE=False, QMODE=qm, BLOCK=BLOCK, C_INNER=0)
         for qm in (0, 1, 2) for p in (False, True)
     ] + [dict(PER_CHANNEL=True, SAVE_MASK=False, WIDE=True, QMODE=0, BLOCK=BLOCK, C_INNER=0)]
-      + [dict(PER_CHANNEL=True, SAVE_MASK=True, WIDE=False, QMODE=qm, BLOCK=BLOCK, C_INNER=64)
-         for qm in (0, 1)]
+      + [dict(PER_CHANNEL=True, SAVE_MASK=True, WIDE=False, QMODE=qm, BLOCK=BLOCK, C_INNER=64,
+              INV=inv) for qm in (0, 1) for inv in (True, False)]
       + [dict(PER_CHANNEL=False, SAVE_MASK=True, WIDE=False, QMODE=0, BLOCK=BLOCK, C_INNER=0,
               RELU=True)]),
     "_fq_bwd_kernel": (_fq_bwd_kernel, [dict(BLOCK=BLOCK)]),

@@ -17,7 +17,8 @@ computed: outputs hold whatever ``torch.empty`` gave. Three uses:
   prints an eager int8 forward's host time with Triton's launch path and with launch
   plans (``GPUQUANT_TRITON_TUNE=quick`` keeps the first call's compiles short); with
   ``--qat resnet50`` the float and QAT training steps' (:func:`qat_host_time`); with
-  ``--layer`` a QAT Conv+BN+ReLU layer's against the float one's (:func:`layer_host_time`).
+  ``--layer`` a QAT Conv+BN+ReLU layer's against the float one's (:func:`layer_host_time`);
+  with ``--fake-quant`` the fake-quant op's (:func:`fake_quant_host_time`).
 
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the jitted kernels).
 """
@@ -31,7 +32,7 @@ import time
 import torch
 
 __all__ = ["standin_cuda", "StandInDriver", "TensorRecord", "host_time", "qat_host_time",
-           "layer_host_time"]
+           "layer_host_time", "fake_quant_host_time"]
 
 
 _LAUNCHES: list = []
@@ -300,8 +301,50 @@ def layer_host_time(layers: int = 8, reps: int = 200) -> dict:
     return out
 
 
+def fake_quant_host_time(reps: int = 1000) -> dict:
+    """{granularity: host microseconds} of the ``fake_quant`` suite's ``gpuquant-triton``
+    fwd+bwd call (:func:`.fake_quant.fake_quant`, then ``torch.autograd.grad``) on a
+    (2, 64, 4, 4) channels_last tensor, the compiled launcher a no-op; and of PyTorch's
+    per-channel op the same way (its CPU compute of 2048 elements included). Best of
+    7 x ``reps``, one thread."""
+    from .fake_quant import fake_quant
+    x = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    xg = x.clone().requires_grad_(True)
+    qp = {"per_tensor": (torch.tensor(0.02), torch.tensor(128, dtype=torch.int32), 0, 255, None),
+          "per_channel": (torch.rand(64) * 0.02 + 0.005, torch.zeros(64, dtype=torch.int32),
+                          -128, 127, 1)}
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with standin_cuda():
+        from . import launch as L
+
+        def run(fq):
+            return lambda: torch.autograd.grad(fq(xg), xg, g)
+        calls = {k: run(lambda t, a=a: fake_quant(t, *a)) for k, a in qp.items()}
+        s, z = qp["per_channel"][:2]
+        calls["torch per_channel"] = run(
+            lambda t: torch.fake_quantize_per_channel_affine(t, s, z, 1, -128, 127))
+        for fn in calls.values():
+            fn()  # compiles
+        launcher = type(next(p for p in L._PLANS.values() if p is not L._NO_PLAN)[0].run)
+        record, launcher.__call__ = launcher.__call__, lambda *a: None
+        try:
+            for name, fn in calls.items():
+                out[name] = _best_seconds(fn, reps, rounds=7) * 1e6
+        finally:
+            launcher.__call__ = record
+            torch.set_num_threads(threads)
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--fake-quant":
+        for name, us in fake_quant_host_time().items():
+            print(f"fake_quant fwd+bwd, {name}: host {us:.0f} us")
+        return 0
     if argv and argv[0] == "--layer":
         for form, us in layer_host_time().items():
             print(f"ConvBnRelu2d {form}: host {us:.0f} us a layer (forward + backward)")
