@@ -144,3 +144,16 @@ def test_fake_quant_host_time_runs_on_the_standin(tmp_path):
     r = run_json(script, tmp_path / "triton_cache")
     assert set(r) == {"per_tensor", "per_channel", "torch per_channel"}
     assert all(v > 0 for v in r.values())
+
+
+def test_plans_pass_launch_hooks_only_when_there_is_one_to_call():
+    """Triton 3.6 / 3.9 keep an empty HookChain as the launch hooks (never None); a plan
+    passes None for it (no metadata built, no call from the launcher), and the chain itself
+    once a hook is registered, as Triton's own path would call it."""
+    knobs = pytest.importorskip("triton.knobs")
+    from gpuquant.backends.triton.launch import _hook
+    chain = knobs.HookChain()
+    assert _hook(None) is None and _hook(chain) is None
+    chain.add(print)
+    assert _hook(chain) is chain
+    assert _hook(print) is print  # a plain callable (older Triton, or set by hand)

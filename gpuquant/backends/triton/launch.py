@@ -90,12 +90,21 @@ def launch(kern, grid, *args, **meta):
     stream = drv.get_current_stream(dev)
     vals = args + tail
     hooks = knobs.runtime
-    enter = hooks.launch_enter_hook  # launch_metadata is None without one: skip the call
+    enter, leave = _hook(hooks.launch_enter_hook), _hook(hooks.launch_exit_hook)
     compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream,
                  compiled.function, compiled.packed_metadata,
                  None if enter is None else compiled.launch_metadata(g, stream, *vals),
-                 enter, hooks.launch_exit_hook, *vals)
+                 enter, leave, *vals)
     return compiled
+
+
+def _hook(h):
+    """A launch hook, or None where there is nothing to call. Triton 3.6 / 3.9 keep an
+    empty ``HookChain`` there (never None): its launcher then builds the launch metadata
+    and calls both chains from C on every launch, for nothing."""
+    if h is None or not getattr(h, "calls", True):
+        return None
+    return h
 
 
 def _make_plan(kern, compiled, args, meta):
