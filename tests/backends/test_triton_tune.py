@@ -129,7 +129,8 @@ def test_gemm_tunes_the_split_epilogue_for_requantizing_outputs(tune_mode):
     int32 and the scaled (W8A8) outputs only the whole-tile form."""
     cfgs = gemm.gemm_configs("sm90")
     split = [c for c in cfgs if c.kwargs["EPI_SPLIT"] == 2]
-    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in split} == {(128, 256), (256, 128)}
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in split} == \
+        {(128, 256, 8), (256, 128, 8), (128, 128, 4)}  # >= 128 accumulators a thread
     shape = {"M": 8192, "N": 8192, "K": 8192}
     whole = gemm.prune_gemm_configs(cfgs, shape, OUT_MODE=2)
     assert whole and all(c.kwargs["EPI_SPLIT"] == 1 for c in whole)
@@ -140,3 +141,32 @@ def test_gemm_tunes_the_split_epilogue_for_requantizing_outputs(tune_mode):
         twins = both[len(whole):]
         assert twins and all(c.kwargs["EPI_SPLIT"] == 2 for c in twins)
         assert {gemm._tile_key(c) for c in twins} <= {gemm._tile_key(c) for c in whole}
+
+
+def test_quick_tuning_on_sm90_also_tries_a_two_cta_gemm_tile(monkeypatch):
+    """Triton keeps no int8 wgmma in flight across K steps (its pipeliner wants a float32
+    accumulator), so on sm_90 a one-warpgroup tile that runs two CTAs a multiprocessor is
+    timed next to the large 8-warp tiles; other families and the conv kernel are unchanged."""
+    monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "quick")
+    big = {"M": 8192, "N": 8192, "K": 8192}
+    for family in ("sm90", "sm80"):
+        cfgs = gemm.gemm_configs(family)
+        kept = gemm.prune_gemm_configs(cfgs, big, family=family, OUT_MODE=2)
+        two = [c for c in kept if gemm.two_ctas_sm90(c)]
+        if family == "sm90":
+            assert [gemm._tile_key(c) for c in two] == [(128, 128, 128, 8, 4, 3)]
+            assert len(kept) == 4
+        else:
+            assert two == [] and len(kept) == 3
+    # a problem whose picks already hold one (a 64-wide N): nothing added
+    narrow = gemm.prune_gemm_configs(gemm.gemm_configs("sm90"), {"M": 200704, "N": 64, "K": 512},
+                                     family="sm90", OUT_MODE=2)
+    assert len(narrow) == 3
+    # the conv kernel, a 256-channel 3x3 layer at 56x56, batch 64: one more tile, 4 warps
+    cfgs = conv.conv_configs("sm90")
+    args = {"M": 64 * 56 * 56, "N": 256, "K": 9 * 256}
+    plain = conv.prune_conv_configs(cfgs, args, KH=3, KW=3, OUT_MODE=2)
+    sm90 = conv.prune_conv_configs(cfgs, args, family="sm90", KH=3, KW=3, OUT_MODE=2)
+    added = [c for c in sm90 if c not in plain]
+    assert len(added) == 2 and all(gemm.two_ctas_sm90(c) for c in added)  # both tap forms
+    assert not any(gemm.two_ctas_sm90(c) for c in plain)

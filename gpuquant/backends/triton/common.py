@@ -39,7 +39,8 @@ def tune_mode() -> str:
     return mode
 
 
-def tune_subset(configs: list, area=None, programs=None, min_programs: int = 0) -> list:
+def tune_subset(configs: list, area=None, programs=None, min_programs: int = 0,
+                also=None) -> list:
     """The autotune configs to try: all of them, or with ``GPUQUANT_TRITON_TUNE=quick`` three.
 
     Quick: the configs ordered by ``area(config)`` (largest tile first; list order without
@@ -49,16 +50,24 @@ def tune_subset(configs: list, area=None, programs=None, min_programs: int = 0) 
     the smallest. On a fresh GPU machine every config is compiled before it is timed (~5 s
     for a 3x3 conv config), which is most of a short benchmark run (``bench.lease`` sets
     quick). The inference kernels apply it after their shape pruning, so a 64-channel layer
-    gets three tiles 64 wide. Read at each call."""
+    gets three tiles 64 wide. ``also(config)``: a second kind of config worth a try (the
+    GEMM's tiles that run two CTAs a multiprocessor); quick adds the largest of them that
+    reaches ``min_programs`` (or the largest) when none is picked. Read at each call."""
     if tune_mode() == "full" or len(configs) <= 3:
         return list(configs)
     ordered = sorted(configs, key=area, reverse=True) if area is not None else list(configs)
-    i = 0
-    if programs is not None:
-        i = next((j for j, c in enumerate(ordered) if programs(c) >= min_programs),
-                 len(ordered) - 1)
+
+    def first_full(cands):
+        return next((j for j in cands if programs is None or programs(ordered[j]) >= min_programs),
+                    cands[-1] if cands else None)
+    i = first_full(list(range(len(ordered))))
     other = i - 1 if i > 0 else i + 1
-    return [ordered[j] for j in sorted({other, i, len(ordered) - 1})]
+    picked = {other, i, len(ordered) - 1}
+    if also is not None and not any(also(ordered[j]) for j in picked):
+        j = first_full([j for j, c in enumerate(ordered) if also(c)])
+        if j is not None:
+            picked.add(j)
+    return [ordered[j] for j in sorted(picked)]
 
 
 _SMS: dict = {}

@@ -26,6 +26,8 @@ convolutions go to the plain GEMM on the NHWC view; depthwise convolutions go to
 """
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 import torch
@@ -240,7 +242,7 @@ def conv_configs(family: str):
     return out
 
 
-def prune_conv_configs(configs, named_args, **kwargs):
+def prune_conv_configs(configs, named_args, family=None, **kwargs):
     """The GEMM's tile pruning (shape, quick subset) on the unrolled-form, whole-epilogue
     configs; then the pipelined twin of every kept tile when the layer has a tap loop
     (more than one tap and not ``FLAT_K``): the autotuner times both forms (which is faster
@@ -250,7 +252,7 @@ def prune_conv_configs(configs, named_args, **kwargs):
     def key(c):
         return _tile_key(c), c.kwargs.get("PIPE_TAPS", False), c.kwargs.get("EPI_SPLIT", 1)
     index = {key(c): c for c in configs}
-    kept = prune_configs([c for c in configs if key(c)[1:] == (False, 1)], named_args)
+    kept = prune_configs([c for c in configs if key(c)[1:] == (False, 1)], named_args, family)
     if not kwargs.get("FLAT_K") and 1 < kwargs.get("KH", 1) * kwargs.get("KW", 1) <= 63:
         kept = kept + [index[(_tile_key(c), True, 1)] for c in kept]
     if kwargs.get("OUT_MODE") in (0, 1):
@@ -272,7 +274,8 @@ def _conv_kernel(family: str):
             _qconv_kernel)
         k = heur if family == "interpret" else triton.autotune(
             configs=conv_configs(family), key=["M", "N", "K", "Cg", "KH", "KW", "stride_h"],
-            prune_configs_by={"early_config_prune": prune_conv_configs})(heur)
+            prune_configs_by={"early_config_prune": functools.partial(prune_conv_configs,
+                                                                      family=family)})(heur)
         _TUNED[family] = k
     return k
 

@@ -20,6 +20,8 @@ as float32 (``(y - zp) * scale``, the dequantized value) or as the bare int32 ac
 """
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 import torch
@@ -230,6 +232,7 @@ def _qgemm_kernel(
 # 163 KB (sm_80), 99 KB (sm_86 / sm_89).
 _GEMM_TILES = {
     "sm90": [(128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4),
+             (128, 128, 128, 8, 4, 3),
              (128, 64, 128, 8, 4, 4), (64, 128, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4),
              (32, 64, 256, 8, 4, 4), (16, 64, 256, 1, 4, 4)],
     "sm80": [(128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 4),
@@ -240,6 +243,24 @@ _GEMM_TILES = {
              (16, 64, 256, 1, 4, 3)],
 }
 _GEMM_TILES["generic"] = _GEMM_TILES["sm89"]
+_SMEM_HALF_SM90 = 113 * 1024  # half of an sm_90 multiprocessor's 227 KB
+
+
+def two_ctas_sm90(c) -> bool:
+    """Whether an sm_90 config runs two CTAs a multiprocessor: one warpgroup (4 warps, a
+    wgmma tile of >= 64 rows: even at 255 registers a thread two fit the register file)
+    and at most half the shared memory for its pipeline stages.
+
+    Why it matters: Triton makes no int8 wgmma asynchronous across loop iterations (its
+    MMAv3 pipeliner keeps a dot in flight only with a float32 accumulator:
+    WGMMAPipeline.cpp, "rule 2.1"), so every K step ends in ``wgmma.wait_group 0`` (the
+    sm_90 PTX of the GEMM and conv kernels says so; fp16 gets ``wait_group 1``). With one CTA
+    a multiprocessor (the 8-warp tiles: 144-206 registers a thread, ptxas, Triton 3.6) the
+    tensor cores idle through every drain; a second CTA can issue its MMAs then. Quick
+    tuning times one such tile next to the large ones (:func:`prune_configs`)."""
+    kw = c.kwargs
+    smem = c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"]
+    return c.num_warps == 4 and kw["BLOCK_M"] >= 64 and smem <= _SMEM_HALF_SM90
 # One small config under the interpreter: every tile costs numpy work there.
 INTERPRET_TILE = (32, 32, 32, 4, 4, 1)
 
@@ -295,9 +316,10 @@ def _tile_area(c) -> int:
     return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
 
 
-def prune_configs(configs, named_args, **kwargs):
+def prune_configs(configs, named_args, family=None, **kwargs):
     """Drop tiles far larger than the problem (M = 1 never needs 128 rows), then keep the
-    quick subset of the rest under ``GPUQUANT_TRITON_TUNE=quick`` (:func:`.common.tune_subset`)."""
+    quick subset of the rest under ``GPUQUANT_TRITON_TUNE=quick`` (:func:`.common.tune_subset`;
+    on sm_90 with a tile that runs two CTAs a multiprocessor, :func:`two_ctas_sm90`)."""
     m, n = named_args["M"], named_args["N"]
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, _next_pow2(m))
             and c.kwargs["BLOCK_N"] <= max(64, _next_pow2(n))]
@@ -305,7 +327,8 @@ def prune_configs(configs, named_args, **kwargs):
     def programs(c):
         return cdiv(m, c.kwargs["BLOCK_M"]) * cdiv(n, c.kwargs["BLOCK_N"])
     return tune_subset(keep or configs[-1:], area=_tile_area, programs=programs,
-                       min_programs=sm_count())
+                       min_programs=sm_count(),
+                       also=two_ctas_sm90 if family == "sm90" else None)
 
 
 def fit_k(configs, k: int) -> list:
@@ -328,7 +351,7 @@ def fit_k(configs, k: int) -> list:
     return out
 
 
-def prune_gemm_configs(configs, named_args, **kwargs):
+def prune_gemm_configs(configs, named_args, family=None, **kwargs):
     """:func:`fit_k` to the problem's K, then :func:`prune_configs` on the whole-tile
     epilogue configs, then, for the requantizing output modes (int8 / float out), the
     split-epilogue twin of each tile kept that has one: the autotuner times both.
@@ -340,7 +363,8 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     under 3.9) and stores straight from the MMA layout, byte-wide: which is faster is the
     GPU's to say."""
     fitted = fit_k(configs, named_args["K"])
-    kept = prune_configs([c for c in fitted if c.kwargs.get("EPI_SPLIT", 1) == 1], named_args)
+    kept = prune_configs([c for c in fitted if c.kwargs.get("EPI_SPLIT", 1) == 1], named_args,
+                         family)
     if kwargs.get("OUT_MODE") in (0, 1):
         twins = {_tile_key(c): c for c in fitted if c.kwargs.get("EPI_SPLIT", 1) == 2}
         kept = kept + [twins[_tile_key(c)] for c in kept if _tile_key(c) in twins]
@@ -365,8 +389,9 @@ def _gemm_kernel(family: str):
         if family == "interpret":
             k = heur
         else:
+            prune = functools.partial(prune_gemm_configs, family=family)
             k = triton.autotune(configs=gemm_configs(family), key=["M", "N", "K"],
-                                prune_configs_by={"early_config_prune": prune_gemm_configs})(heur)
+                                prune_configs_by={"early_config_prune": prune})(heur)
         _TUNED[family] = k
     return k
 
