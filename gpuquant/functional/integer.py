@@ -132,7 +132,8 @@ from ..dtypes import QuantDtype  # noqa: E402
 from .requant import AddParams, Requant  # noqa: E402
 
 __all__ += ["conv2d", "linear", "add", "mul", "concat", "max_pool2d", "avg_pool2d",
-            "adaptive_avg_pool2d", "conv2d_add", "linear_add", "conv2d_dequant", "linear_dequant"]
+            "adaptive_avg_pool2d", "conv2d_add", "linear_add", "conv2d_dequant", "linear_dequant",
+            "conv2d_checks", "conv2d_checked"]
 
 _ACT_DTYPES = (torch.int8, torch.uint8)
 
@@ -288,10 +289,44 @@ def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, group
         TypeError: wrong dtypes or argument types.
         ValueError: shape, group or device mismatch; an accumulator that could overflow int32.
     """
-    zp, stride, padding, dilation, _ = _conv_args(
-        "conv2d", x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq,
-        w_absmax, bias_absmax)
-    return get_op("conv2d", x)(x, zp, weight, bias, stride, padding, dilation, groups, rq)
+    checked = _conv_args("conv2d", x, x_zero_point, weight, bias, stride, padding, dilation,
+                         groups, rq, w_absmax, bias_absmax)
+    return conv2d_checked("", x, checked, weight, bias, groups, rq)
+
+
+_CONV_EPILOGUES = {"": "conv2d", "add": "conv2d_add", "dequant": "conv2d_dequant"}
+
+
+def conv2d_checked(epilogue: str, x, checked, weight, bias, groups, rq, *extra):
+    """:func:`conv2d` (``epilogue`` ""), :func:`conv2d_add` ("add"; ``extra``: residual,
+    add params) or :func:`conv2d_dequant` ("dequant"; ``extra``: scale) after their checks
+    of ``x`` and the layer: ``checked`` is what :func:`conv2d_checks` returned for an input
+    of ``x``'s shape, dtype and device with these ``weight``, ``bias``, ``groups`` and
+    ``rq``. ``extra`` is checked here. A quantized module keeps ``checked`` per input
+    shape (its weights are constants), so a call costs the host only the dispatch."""
+    zp, stride, padding, dilation, shape = checked
+    args = (x, zp, weight, bias, stride, padding, dilation, groups, rq)
+    if epilogue == "":
+        return get_op("conv2d", x)(*args)
+    op = _CONV_EPILOGUES[epilogue]
+    if epilogue == "add":
+        residual, add_params = extra
+        _check_add_params(op, rq.dtype.storage, residual, add_params)
+        _same_device(op, x, residual)
+        return _compose_or_fused(op, "conv2d", x, _same_shape(op, shape, residual.shape),
+                                 args + (residual, add_params))
+    (scale,) = extra
+    _check_scale(op, scale)
+    return _compose_or_fused(op, "conv2d", x, True, args + (scale,))
+
+
+def conv2d_checks(epilogue: str, x, x_zero_point, weight, bias, stride, padding, dilation,
+                  groups, rq, *, w_absmax=None, bias_absmax=None):
+    """The checks :func:`conv2d` / :func:`conv2d_add` / :func:`conv2d_dequant` make of ``x``
+    and the layer (not of ``extra``), raising what they raise; returns the ``checked``
+    tuple :func:`conv2d_checked` takes."""
+    return _conv_args(_CONV_EPILOGUES[epilogue], x, x_zero_point, weight, bias, stride,
+                      padding, dilation, groups, rq, w_absmax, bias_absmax)
 
 
 def _linear_args(op, x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax):
@@ -402,15 +437,9 @@ def conv2d_add(x, x_zero_point, weight, bias, stride, padding, dilation, groups,
     Raises:
         TypeError, ValueError: as :func:`conv2d` and :func:`add`.
     """
-    op = "conv2d_add"
-    zp, stride, padding, dilation, shape = _conv_args(
-        op, x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq,
-        w_absmax, bias_absmax)
-    _check_add_params(op, rq.dtype.storage, residual, add_params)
-    _same_device(op, x, residual)
-    return _compose_or_fused(op, "conv2d", x, _same_shape(op, shape, residual.shape),
-                             (x, zp, weight, bias, stride, padding, dilation, groups, rq,
-                              residual, add_params))
+    checked = _conv_args("conv2d_add", x, x_zero_point, weight, bias, stride, padding,
+                         dilation, groups, rq, w_absmax, bias_absmax)
+    return conv2d_checked("add", x, checked, weight, bias, groups, rq, residual, add_params)
 
 
 def linear_add(x, x_zero_point, weight, bias, rq, residual, add_params, *, w_absmax=None,
@@ -446,13 +475,9 @@ def conv2d_dequant(x, x_zero_point, weight, bias, stride, padding, dilation, gro
     """``dequantize(conv2d(x, ...))`` as float32 ``(y - rq.zero_point) * scale`` (a network's
     last layer), fused where the backend can; arguments as :func:`conv2d` plus the output
     ``scale`` (a float or a one-element tensor)."""
-    op = "conv2d_dequant"
-    zp, stride, padding, dilation, _ = _conv_args(
-        op, x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq,
-        w_absmax, bias_absmax)
-    _check_scale(op, scale)
-    return _compose_or_fused(op, "conv2d", x, True,
-                             (x, zp, weight, bias, stride, padding, dilation, groups, rq, scale))
+    checked = _conv_args("conv2d_dequant", x, x_zero_point, weight, bias, stride, padding,
+                         dilation, groups, rq, w_absmax, bias_absmax)
+    return conv2d_checked("dequant", x, checked, weight, bias, groups, rq, scale)
 
 
 def linear_dequant(x, x_zero_point, weight, bias, rq, scale, *, w_absmax=None, bias_absmax=None):

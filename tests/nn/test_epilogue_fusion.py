@@ -181,3 +181,38 @@ def test_verify_reports_fused_modules():
     kinds = {m.name: m.kind for m in report.modules}
     assert kinds["add1"] == "ConvAdd" and kinds["dequant"] == "ConvDequant"
     assert not any(n.endswith((".producer", ".add")) for n in names)
+
+
+def test_quantized_convs_check_each_input_shape_once(monkeypatch):
+    """A quantized conv module runs the functional op's checks of x against the layer once
+    per input shape (its weights are constants): repeated calls skip them, with the same
+    bytes; a new shape, a bad input, a bad residual or a weight assigned anew is checked."""
+    import gpuquant.functional.integer as integer
+    x = torch.randn(3, 3, 9, 7)
+    q = _convert(Blocks(), x)
+    f = fuse_epilogues(q)
+    calls = []
+    real = integer._conv_args
+    monkeypatch.setattr(integer, "_conv_args", lambda *a: calls.append(a[0]) or real(*a))
+    xs = torch.randn(4, 3, 9, 7)
+    with use("numpy"), torch.no_grad():
+        first = f(xs)
+        n = len(calls)
+        assert n == 4 and calls.count("conv2d_add") == 2  # conv0, conv1 + add, dw + add, twice
+        assert torch.equal(f(xs), first)
+        assert len(calls) == n  # nothing checked again
+        assert torch.equal(q(xs), first)  # q's conv1 / dw unfused: their "" epilogue is new
+        assert len(calls) == n + 2
+        f(torch.randn(2, 3, 5, 6))  # a new shape: checked
+        assert len(calls) == n + 6
+        conv0 = f.conv0
+        with pytest.raises(ValueError, match="x has 4 channels"):
+            conv0(torch.zeros(1, 4, 9, 7, dtype=torch.int8))
+        good = torch.zeros(4, 8, 9, 7, dtype=torch.int8)
+        p = f.add1.add.params(good.device, swap=f.add1.operand == 1)
+        f.add1.producer.run(good, "add", good, p)  # cached for this shape now
+        with pytest.raises(TypeError, match="residual must be an int8 or uint8"):
+            f.add1.producer.run(good, "add", good.float(), p)
+        conv0.weight = conv0.weight.float()  # a new tensor: a new key, checked
+        with pytest.raises(TypeError, match="weight must be a 4-D int8"):
+            f(xs)

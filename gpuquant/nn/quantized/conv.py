@@ -72,14 +72,23 @@ class Conv2d(WeightedModule):
 
     def run(self, x, epilogue: str = "", *extra):
         """The integer conv of ``x``, or a fused form of it (:mod:`.fused`): ``epilogue``
-        ``"add"`` (``extra``: residual, add params) or ``"dequant"`` (``extra``: scale)."""
-        self._check_input(x, "input", self.weight.device)
-        return _CONV_OPS[epilogue](x, self._zp("input", x.device), self.weight, self.bias,
-                                   self.stride, self.padding, self.dilation, self.groups,
-                                   self.requant(x.device), *extra, **self._bounds(x.device))
+        ``"add"`` (``extra``: residual, add params) or ``"dequant"`` (``extra``: scale).
 
-
-_CONV_OPS = {"": integer.conv2d, "add": integer.conv2d_add, "dequant": integer.conv2d_dequant}
+        The functional op's checks of ``x`` against the layer (shape, channels, zero point,
+        the accumulator range) run once per input shape and dtype: the layer's tensors are
+        constants (the cache is cleared when they are loaded or moved; a weight or bias
+        assigned anew is another key). ``extra`` is checked every call."""
+        w, b = self.weight, self.bias
+        self._check_input(x, "input", w.device)
+        rq = self.requant(x.device)
+        key = ("checked", epilogue, x.shape, x.dtype, id(w), id(b), id(rq))
+        checked = self._cache.get(key)
+        if checked is None:
+            checked = integer.conv2d_checks(
+                epilogue, x, self._zp("input", x.device), w, b, self.stride, self.padding,
+                self.dilation, self.groups, rq, **self._bounds(x.device))
+            self._cache[key] = checked
+        return integer.conv2d_checked(epilogue, x, checked, w, b, self.groups, rq, *extra)
 
 
 class ConvRelu2d(Conv2d):
