@@ -311,7 +311,7 @@ def fold_forward(w, gamma, running_var, eps, min_gamma, observer=None):
     wf = torch.empty_like(w)
     t, W, E, sigma = (torch.empty(C, **f32) for _ in range(4))
     qs, qz, qargs, qmm, fq = _fq_args(observer, C, t)
-    launch(_fold_fwd_kernel, (C,), w, gamma.detach(), running_var, wf, t, W, E, sigma, L,
+    launch(_fold_fwd_kernel, (C,), w, gamma, running_var, wf, t, W, E, sigma, L,
            float(eps), float(min_gamma), *qargs, t, t, t, t,
            BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4, **fq, **_LAUNCH)
     return wf, t, W, E, ((sigma, qs, qz), (L, float(eps), float(min_gamma),
@@ -325,7 +325,7 @@ def fold_backward(gwf, gW, gE, w, gamma, t, saved, need_w: bool):
     gwf = _dense_grad(gwf, w)
     gw = torch.empty_like(w) if need_w else gwf  # unused pointer without NEED_W
     gg = torch.empty_like(gamma, dtype=torch.float32)
-    launch(_fold_bwd_kernel, (w.shape[0],), gwf, w, gamma.detach(), t, sigma,
+    launch(_fold_bwd_kernel, (w.shape[0],), gwf, w, gamma, t, sigma,
            _dense_grad(gW, t).float(), _dense_grad(gE, t).float(), gw, gg, L, eps,
            min_gamma, qs, qz, qmin, qmax, t, t, t, t, t, NEED_W=need_w,
            BLOCK=min(_ROW_BLOCK, _npow2(L)), FQ=fq, num_warps=4, **_LAUNCH)

@@ -57,7 +57,8 @@ class _ConvBnActTrain(torch.autograd.Function):
                 act_observer, act, tick, name):
         wf, t, W, E, fsaved = fold_forward(w, gamma, bn.running_var, bn.eps, min_gamma,
                                            w_observer)
-        xc, wc = x.to(dt), wf.to(dt)  # autocast's casts (no-ops without it)
+        xc = x if x.dtype == dt else x.to(dt)  # autocast's casts (none without it)
+        wc = wf if wf.dtype == dt else wf.to(dt)
         stride, padding, dilation, groups = conv_args
         z = F.conv2d(xc, wc, None, stride, padding, dilation, groups)
         if z.numel() // max(z.shape[1], 1) < 2:
@@ -65,7 +66,8 @@ class _ConvBnActTrain(torch.autograd.Function):
                              f"got input shape {tuple(x.shape)}")
         z = as_rows(z, 1)
         b = bias.detach().float().contiguous() if bias is not None else None
-        beta = beta.detach().contiguous()
+        if not beta.is_contiguous():  # (kernels read the data: no detach needed)
+            beta = beta.contiguous()
         y, vec = bn_act_forward(z, W, beta, E, t, b, bn.running_mean, bn.running_var,
                                 bn.num_batches_tracked, bn.momentum, act_observer, act, tick)
         ctx.save_for_backward(xc, wc, w, gamma, t, *fsaved[0], z, beta, vec, tick)
@@ -83,9 +85,12 @@ class _ConvBnActTrain(torch.autograd.Function):
         need_x, need_w, need_g, need_b, need_bias = ctx.needs_input_grad[:5]
         gz, gW, gb, gE = bn_act_backward(gy, z, vec, beta, qmin, qmax, act, tick)
         gxc, gwc = conv2d_backward(gz, xc, wc, stride, padding, dilation, groups, need_x)
-        gw, gg = fold_backward(gwc.to(w.dtype), gW, gE, w, gamma, t, ((sigma, qs, qz), fconsts),
-                               need_w)
-        return ((gxc.to(x_dtype) if need_x else None), gw, (gg if need_g else None),
+        if gwc.dtype != w.dtype:
+            gwc = gwc.to(w.dtype)
+        gw, gg = fold_backward(gwc, gW, gE, w, gamma, t, ((sigma, qs, qz), fconsts), need_w)
+        if need_x and gxc.dtype != x_dtype:
+            gxc = gxc.to(x_dtype)
+        return ((gxc if need_x else None), gw, (gg if need_g else None),
                 (gb if need_b else None),
                 (torch.zeros(gb.shape, dtype=bias_dtype, device=gb.device) if need_bias
                  else None)) + (None,) * 9
