@@ -216,3 +216,19 @@ def test_quantized_convs_check_each_input_shape_once(monkeypatch):
         conv0.weight = conv0.weight.float()  # a new tensor: a new key, checked
         with pytest.raises(TypeError, match="weight must be a 4-D int8"):
             f(xs)
+
+
+def test_in_place_weight_edits_are_checked_again():
+    """The accumulator-range bound (max |weight|) and the per-shape checks follow in-place
+    edits of a quantized conv's weight: an edit that could overflow int32 is refused."""
+    x = torch.randn(2, 3, 9, 7)
+    q = _convert(Blocks(), x)
+    conv = q.conv1
+    xq = torch.zeros(2, 8, 9, 7, dtype=torch.int8)
+    with use("numpy"), torch.no_grad():
+        conv(xq)  # checked and cached for this shape
+        big = 2 ** 31 // (127 * 8 * 9 + 1) + 1  # a bias near the int32 edge
+        conv.bias.fill_(2 ** 31 - 1 - big)
+        conv.weight.fill_(127)
+        with pytest.raises(ValueError, match="overflow|int32|accumulator"):
+            conv(xq)

@@ -3,7 +3,7 @@ fixed-point requantization with the activation fused into the clamp."""
 from __future__ import annotations
 
 from ...functional import integer
-from .module import WeightedModule, quantize_weight_bias
+from .module import WeightedModule, _version, quantize_weight_bias
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
            "quantize_weight_bias"]
@@ -77,11 +77,13 @@ class Conv2d(WeightedModule):
         The functional op's checks of ``x`` against the layer (shape, channels, zero point,
         the accumulator range) run once per input shape and dtype: the layer's tensors are
         constants (the cache is cleared when they are loaded or moved; a weight or bias
-        assigned anew is another key). ``extra`` is checked every call."""
+        assigned anew or edited in place is another key). ``extra`` is checked every
+        call."""
         w, b = self.weight, self.bias
         self._check_input(x, "input", w.device)
         rq = self.requant(x.device)
-        key = ("checked", epilogue, x.shape, x.dtype, id(w), id(b), id(rq))
+        key = ("checked", epilogue, x.shape, x.dtype, id(w), id(b), id(rq), _version(w),
+               None if b is None else _version(b))
         checked = self._cache.get(key)
         if checked is None:
             checked = integer.conv2d_checks(

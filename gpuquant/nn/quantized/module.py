@@ -29,6 +29,13 @@ def placeholder_qparams(dtype) -> QParams:
     return QParams(d, 1.0, 0 if d.signed else (d.qmin + d.qmax + 1) // 2)
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return 0
+
+
 class QuantizedModule(Module):
     """Base of ``gpuquant.nn.quantized``: inference only (``train(True)`` raises)."""
 
@@ -86,14 +93,17 @@ class QuantizedModule(Module):
         return self._cached(("zp", name), device, lambda: int(getattr(self, f"{name}_zero_point")))
 
     def _bounds(self, device) -> dict:
-        """``max |weight|`` and ``max |bias|`` as ints for the accumulator-range check."""
+        """``max |weight|`` and ``max |bias|`` as ints for the accumulator-range check (read
+        once per version of the two tensors: an in-place edit is read again)."""
+        b = getattr(self, "bias", None)
+
         def build():
-            b = getattr(self, "bias", None)
             w = self.weight.to(torch.int32)  # int8 abs(-128) would wrap
             return {"w_absmax": int(w.abs().max()) if w.numel() else 0,
                     "bias_absmax": int(b.to(torch.int64).abs().max())
                     if b is not None and b.numel() else 0}
-        return dict(self._cached("bounds", device, build))
+        key = ("bounds", _version(self.weight), None if b is None else _version(b))
+        return dict(self._cached(key, device, build))
 
     def get_extra_state(self):
         return {"dtypes": dict(self._dtypes)}
