@@ -133,7 +133,7 @@ from .requant import AddParams, Requant  # noqa: E402
 
 __all__ += ["conv2d", "linear", "add", "mul", "concat", "max_pool2d", "avg_pool2d",
             "adaptive_avg_pool2d", "conv2d_add", "linear_add", "conv2d_dequant", "linear_dequant",
-            "conv2d_checks", "conv2d_checked"]
+            "layer_checks", "layer_checked"]
 
 _ACT_DTYPES = (torch.int8, torch.uint8)
 
@@ -289,44 +289,51 @@ def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, group
         TypeError: wrong dtypes or argument types.
         ValueError: shape, group or device mismatch; an accumulator that could overflow int32.
     """
-    checked = _conv_args("conv2d", x, x_zero_point, weight, bias, stride, padding, dilation,
-                         groups, rq, w_absmax, bias_absmax)
-    return conv2d_checked("", x, checked, weight, bias, groups, rq)
+    return layer_checked("conv2d", "", x, layer_checks(
+        "conv2d", "", x, x_zero_point, weight, bias, rq, (stride, padding, dilation, groups),
+        w_absmax=w_absmax, bias_absmax=bias_absmax))
 
 
-_CONV_EPILOGUES = {"": "conv2d", "add": "conv2d_add", "dequant": "conv2d_dequant"}
+def layer_checks(base: str, epilogue: str, x, x_zero_point, weight, bias, rq,
+                 conv_args=None, *, w_absmax=None, bias_absmax=None):
+    """The checks :func:`conv2d` / :func:`linear` (``base``) and their fused forms
+    (``epilogue`` "" / "add" / "dequant") make of ``x`` and the layer, raising what they
+    raise (not of the fused forms' extra operands); ``conv_args`` = (stride, padding,
+    dilation, groups) for conv2d. Returns the ``checked`` value :func:`layer_checked`
+    takes: the op's arguments after ``x`` and the output shape."""
+    op = base + ("_" + epilogue if epilogue else "")
+    if base == "conv2d":
+        stride, padding, dilation, groups = conv_args
+        zp, stride, padding, dilation, shape = _conv_args(
+            op, x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq,
+            w_absmax, bias_absmax)
+        return (zp, weight, bias, stride, padding, dilation, groups, rq), shape
+    zp, shape = _linear_args(op, x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax)
+    return (zp, weight, bias, rq), shape
 
 
-def conv2d_checked(epilogue: str, x, checked, weight, bias, groups, rq, *extra):
-    """:func:`conv2d` (``epilogue`` ""), :func:`conv2d_add` ("add"; ``extra``: residual,
-    add params) or :func:`conv2d_dequant` ("dequant"; ``extra``: scale) after their checks
-    of ``x`` and the layer: ``checked`` is what :func:`conv2d_checks` returned for an input
-    of ``x``'s shape, dtype and device with these ``weight``, ``bias``, ``groups`` and
-    ``rq``. ``extra`` is checked here. A quantized module keeps ``checked`` per input
-    shape (its weights are constants), so a call costs the host only the dispatch."""
-    zp, stride, padding, dilation, shape = checked
-    args = (x, zp, weight, bias, stride, padding, dilation, groups, rq)
-    if epilogue == "":
-        return get_op("conv2d", x)(*args)
-    op = _CONV_EPILOGUES[epilogue]
+def layer_checked(base: str, epilogue: str, x, checked, *extra):
+    """Run ``base`` ("conv2d" / "linear") or its fused form ``epilogue`` ("add": ``extra``
+    residual, add params; "dequant": ``extra`` scale; both checked here) on ``x`` after
+    :func:`layer_checks` gave ``checked`` for an input of ``x``'s shape, dtype and device.
+    A quantized module keeps ``checked`` per input shape (its weights are constants), so
+    a call costs the host only the dispatch."""
+    args, shape = checked
+    args = (x,) + args
+    if not epilogue:
+        return get_op(base, x)(*args)
+    op = base + "_" + epilogue
     if epilogue == "add":
         residual, add_params = extra
-        _check_add_params(op, rq.dtype.storage, residual, add_params)
+        _check_add_params(op, args[-1].dtype.storage, residual, add_params)
         _same_device(op, x, residual)
-        return _compose_or_fused(op, "conv2d", x, _same_shape(op, shape, residual.shape),
+        return _compose_or_fused(op, base, x, _same_shape(op, shape, residual.shape),
                                  args + (residual, add_params))
+    if epilogue != "dequant":
+        raise ValueError(f"{op}: unknown epilogue {epilogue!r}; allowed: '', 'add', 'dequant'")
     (scale,) = extra
     _check_scale(op, scale)
-    return _compose_or_fused(op, "conv2d", x, True, args + (scale,))
-
-
-def conv2d_checks(epilogue: str, x, x_zero_point, weight, bias, stride, padding, dilation,
-                  groups, rq, *, w_absmax=None, bias_absmax=None):
-    """The checks :func:`conv2d` / :func:`conv2d_add` / :func:`conv2d_dequant` make of ``x``
-    and the layer (not of ``extra``), raising what they raise; returns the ``checked``
-    tuple :func:`conv2d_checked` takes."""
-    return _conv_args(_CONV_EPILOGUES[epilogue], x, x_zero_point, weight, bias, stride,
-                      padding, dilation, groups, rq, w_absmax, bias_absmax)
+    return _compose_or_fused(op, base, x, True, args + (scale,))
 
 
 def _linear_args(op, x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax):
@@ -363,8 +370,9 @@ def linear(x, x_zero_point, weight, bias, rq, *, w_absmax=None, bias_absmax=None
     Raises:
         TypeError, ValueError: as :func:`conv2d`.
     """
-    zp, _ = _linear_args("linear", x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax)
-    return get_op("linear", x)(x, zp, weight, bias, rq)
+    return layer_checked("linear", "", x, layer_checks(
+        "linear", "", x, x_zero_point, weight, bias, rq, w_absmax=w_absmax,
+        bias_absmax=bias_absmax))
 
 
 def add(a, b, params):
@@ -437,21 +445,18 @@ def conv2d_add(x, x_zero_point, weight, bias, stride, padding, dilation, groups,
     Raises:
         TypeError, ValueError: as :func:`conv2d` and :func:`add`.
     """
-    checked = _conv_args("conv2d_add", x, x_zero_point, weight, bias, stride, padding,
-                         dilation, groups, rq, w_absmax, bias_absmax)
-    return conv2d_checked("add", x, checked, weight, bias, groups, rq, residual, add_params)
+    return layer_checked("conv2d", "add", x, layer_checks(
+        "conv2d", "add", x, x_zero_point, weight, bias, rq, (stride, padding, dilation, groups),
+        w_absmax=w_absmax, bias_absmax=bias_absmax), residual, add_params)
 
 
 def linear_add(x, x_zero_point, weight, bias, rq, residual, add_params, *, w_absmax=None,
                bias_absmax=None):
     """``add(linear(x, ...), residual, add_params)``, fused where the backend can (see
     :func:`conv2d_add`; arguments as :func:`linear` plus ``residual``, ``add_params``)."""
-    op = "linear_add"
-    zp, shape = _linear_args(op, x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax)
-    _check_add_params(op, rq.dtype.storage, residual, add_params)
-    _same_device(op, x, residual)
-    return _compose_or_fused(op, "linear", x, _same_shape(op, shape, residual.shape),
-                             (x, zp, weight, bias, rq, residual, add_params))
+    return layer_checked("linear", "add", x, layer_checks(
+        "linear", "add", x, x_zero_point, weight, bias, rq, w_absmax=w_absmax,
+        bias_absmax=bias_absmax), residual, add_params)
 
 
 def _check_scale(op, scale) -> None:
@@ -475,18 +480,17 @@ def conv2d_dequant(x, x_zero_point, weight, bias, stride, padding, dilation, gro
     """``dequantize(conv2d(x, ...))`` as float32 ``(y - rq.zero_point) * scale`` (a network's
     last layer), fused where the backend can; arguments as :func:`conv2d` plus the output
     ``scale`` (a float or a one-element tensor)."""
-    checked = _conv_args("conv2d_dequant", x, x_zero_point, weight, bias, stride, padding,
-                         dilation, groups, rq, w_absmax, bias_absmax)
-    return conv2d_checked("dequant", x, checked, weight, bias, groups, rq, scale)
+    return layer_checked("conv2d", "dequant", x, layer_checks(
+        "conv2d", "dequant", x, x_zero_point, weight, bias, rq,
+        (stride, padding, dilation, groups), w_absmax=w_absmax, bias_absmax=bias_absmax), scale)
 
 
 def linear_dequant(x, x_zero_point, weight, bias, rq, scale, *, w_absmax=None, bias_absmax=None):
     """``dequantize(linear(x, ...))`` as float32, fused where the backend can (see
     :func:`conv2d_dequant`)."""
-    op = "linear_dequant"
-    zp, _ = _linear_args(op, x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax)
-    _check_scale(op, scale)
-    return _compose_or_fused(op, "linear", x, True, (x, zp, weight, bias, rq, scale))
+    return layer_checked("linear", "dequant", x, layer_checks(
+        "linear", "dequant", x, x_zero_point, weight, bias, rq, w_absmax=w_absmax,
+        bias_absmax=bias_absmax), scale)
 
 
 def _broadcast_shape(op, a_shape, b_shape, what: str = "shapes") -> tuple:

@@ -191,16 +191,18 @@ def test_quantized_convs_check_each_input_shape_once(monkeypatch):
     x = torch.randn(3, 3, 9, 7)
     q = _convert(Blocks(), x)
     f = fuse_epilogues(q)
-    calls = []
-    real = integer._conv_args
+    calls, lin = [], []
+    real, real_lin = integer._conv_args, integer._linear_args
     monkeypatch.setattr(integer, "_conv_args", lambda *a: calls.append(a[0]) or real(*a))
+    monkeypatch.setattr(integer, "_linear_args", lambda *a: lin.append(a[0]) or real_lin(*a))
     xs = torch.randn(4, 3, 9, 7)
     with use("numpy"), torch.no_grad():
         first = f(xs)
-        n = len(calls)
+        n, n_lin = len(calls), len(lin)
         assert n == 4 and calls.count("conv2d_add") == 2  # conv0, conv1 + add, dw + add, twice
+        assert n_lin == 4 and "linear_add" in lin and "linear_dequant" in lin  # fc1 .. fc4
         assert torch.equal(f(xs), first)
-        assert len(calls) == n  # nothing checked again
+        assert len(calls) == n and len(lin) == n_lin  # nothing checked again
         assert torch.equal(q(xs), first)  # q's conv1 / dw unfused: their "" epilogue is new
         assert len(calls) == n + 2
         f(torch.randn(2, 3, 5, 6))  # a new shape: checked

@@ -243,6 +243,7 @@ _GEMM_TILES = {
              (16, 64, 256, 1, 4, 3)],
 }
 _GEMM_TILES["generic"] = _GEMM_TILES["sm89"]
+
 _SMEM_HALF_SM90 = 113 * 1024  # half of an sm_90 multiprocessor's 227 KB
 
 
@@ -261,6 +262,8 @@ def two_ctas_sm90(c) -> bool:
     kw = c.kwargs
     smem = c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"]
     return c.num_warps == 4 and kw["BLOCK_M"] >= 64 and smem <= _SMEM_HALF_SM90
+
+
 # One small config under the interpreter: every tile costs numpy work there.
 INTERPRET_TILE = (32, 32, 32, 4, 4, 1)
 

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ...distributed import syncs_batch_stats
 from .bn_act import _ACTS, _act_pair_ok, bn_act_backward, bn_act_forward
 from .bn_fold import _rows_contiguous, _weight_pair_ok, fold_backward, fold_forward
-from ...distributed import syncs_batch_stats
 from .common import module_tickets
 from .fake_quant import _FLOATS, as_rows, auto_interpreter, on_tensor_device
 

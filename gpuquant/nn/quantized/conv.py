@@ -2,8 +2,7 @@
 fixed-point requantization with the activation fused into the clamp."""
 from __future__ import annotations
 
-from ...functional import integer
-from .module import WeightedModule, _version, quantize_weight_bias
+from .module import WeightedModule, quantize_weight_bias
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
            "quantize_weight_bias"]
@@ -73,24 +72,9 @@ class Conv2d(WeightedModule):
     def run(self, x, epilogue: str = "", *extra):
         """The integer conv of ``x``, or a fused form of it (:mod:`.fused`): ``epilogue``
         ``"add"`` (``extra``: residual, add params) or ``"dequant"`` (``extra``: scale).
-
-        The functional op's checks of ``x`` against the layer (shape, channels, zero point,
-        the accumulator range) run once per input shape and dtype: the layer's tensors are
-        constants (the cache is cleared when they are loaded or moved; a weight or bias
-        assigned anew or edited in place is another key). ``extra`` is checked every
-        call."""
-        w, b = self.weight, self.bias
-        self._check_input(x, "input", w.device)
-        rq = self.requant(x.device)
-        key = ("checked", epilogue, x.shape, x.dtype, id(w), id(b), id(rq), _version(w),
-               None if b is None else _version(b))
-        checked = self._cache.get(key)
-        if checked is None:
-            checked = integer.conv2d_checks(
-                epilogue, x, self._zp("input", x.device), w, b, self.stride, self.padding,
-                self.dilation, self.groups, rq, **self._bounds(x.device))
-            self._cache[key] = checked
-        return integer.conv2d_checked(epilogue, x, checked, w, b, self.groups, rq, *extra)
+        The layer's checks run once per input shape (:meth:`_run_layer`)."""
+        return self._run_layer("conv2d", x, epilogue, extra,
+                               (self.stride, self.padding, self.dilation, self.groups))
 
 
 class ConvRelu2d(Conv2d):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from ...functional import integer
 from .module import WeightedModule, quantize_weight_bias
 
 __all__ = ["Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d"]
@@ -37,9 +36,7 @@ class Linear(WeightedModule):
 
     def run(self, x, epilogue: str = "", *extra):
         """The integer linear of ``x``, or a fused form of it (see ``Conv2d.run``)."""
-        self._check_input(x, "input", self.weight.device)
-        return _LINEAR_OPS[epilogue](x, self._zp("input", x.device), self.weight, self.bias,
-                                     self.requant(x.device), *extra, **self._bounds(x.device))
+        return self._run_layer("linear", x, epilogue, extra)
 
 
 class LinearRelu(Linear):
@@ -64,4 +61,3 @@ class LinearBnRelu1d(LinearBn1d):
     activation = "relu"
 
 
-_LINEAR_OPS = {"": integer.linear, "add": integer.linear_add, "dequant": integer.linear_dequant}

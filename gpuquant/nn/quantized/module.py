@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from ... import functional as GF
+from ...functional import integer as _integer
 from ...dtypes import get_dtype, qint32
 from ...qparams import QParams
 from ..module import Module
@@ -221,6 +222,28 @@ class WeightedModule(QuantizedModule):
         self._set_qparams("input", in_qp)
         self._set_qparams("output", out_qp)
         return self
+
+    def _run_layer(self, base: str, x, epilogue: str, extra: tuple, conv_args=None):
+        """The integer op ``base`` ("conv2d" / "linear") of ``x``, or its fused form
+        (``epilogue`` "add" / "dequant" with ``extra``), through
+        :func:`gpuquant.functional.integer.layer_checked`.
+
+        The functional op's checks of ``x`` against the layer (shape, channels, zero point,
+        the accumulator range) run once per input shape and dtype: the layer's tensors are
+        constants (the cache is cleared when they are loaded or moved; a weight or bias
+        assigned anew or edited in place is another key). ``extra`` is checked every
+        call."""
+        w, b = self.weight, self.bias
+        self._check_input(x, "input", w.device)
+        rq = self.requant(x.device)
+        key = ("checked", epilogue, x.shape, x.dtype, id(w), id(b), id(rq), _version(w),
+               None if b is None else _version(b))
+        checked = self._cache.get(key)
+        if checked is None:
+            checked = _integer.layer_checks(base, epilogue, x, self._zp("input", x.device),
+                                              w, b, rq, conv_args, **self._bounds(x.device))
+            self._cache[key] = checked
+        return _integer.layer_checked(base, epilogue, x, checked, *extra)
 
     def requant(self, device):
         """The fixed-point requantization parameters on ``device`` (cached)."""
