@@ -45,20 +45,25 @@ class Bottleneck(gnn.Module):
 
 
 class ResNet(gnn.Module):
-    """ResNet for ``(N, 3, H, W)`` images (any H, W >= 32)."""
+    """ResNet for ``(N, 3, H, W)`` images (any H, W >= 32). ``width``: the first stage's
+    channels (64, torchvision's; the stages double it); narrower nets have the same layers
+    and launches (the stand-in host timing uses 8: no CPU compute to speak of)."""
 
-    def __init__(self, block, layers, num_classes: int = 1000, zero_init_residual: bool = False):
+    def __init__(self, block, layers, num_classes: int = 1000, zero_init_residual: bool = False,
+                 width: int = 64):
         super().__init__()
-        self.inplanes = 64
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be a positive int, got {width!r}")
+        self.inplanes = width
         self.quant = gnn.QuantStub()
-        self.conv_bn_relu1 = gnn.ConvBnRelu2d(3, 64, 7, 2, 3, bias=False)
+        self.conv_bn_relu1 = gnn.ConvBnRelu2d(3, width, 7, 2, 3, bias=False)
         self.maxpool = gnn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], 2)
-        self.layer3 = self._make_layer(block, 256, layers[2], 2)
-        self.layer4 = self._make_layer(block, 512, layers[3], 2)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], 2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], 2)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], 2)
         self.avgpool = gnn.AdaptiveAvgPool2d((1, 1))
-        self.fc = gnn.Linear(512 * block.expansion, num_classes)
+        self.fc = gnn.Linear(8 * width * block.expansion, num_classes)
         self.dequant = gnn.DequantStub()
         for m in self.modules():
             if isinstance(m, torch.nn.Conv2d):

@@ -48,3 +48,16 @@ def test_three_forms_run(name, size):
     assert int8.quant(x).dtype == torch.int8
     assert any(isinstance(m, qnn.Elemwise) for m in int8.modules())
     check_modules(qat_modules, int8, cap)
+
+
+def test_narrow_resnet_has_the_same_layers():
+    """``width``: the same modules and output shape with fewer channels (the stand-in host
+    timing builds resnet50 at width 8); a bad width is refused."""
+    wide, narrow = M.resnet50(num_classes=10), M.resnet50(num_classes=10, width=8)
+    kinds = [type(m).__name__ for m in wide.modules()]
+    assert kinds == [type(m).__name__ for m in narrow.modules()]
+    assert narrow.fc.in_features == 256 and narrow.conv_bn_relu1.conv.out_channels == 8
+    assert narrow.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="width must be a positive int"):
+            M.resnet50(width=bad)

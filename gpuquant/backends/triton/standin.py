@@ -217,35 +217,51 @@ def host_time(model: str = "resnet50", size: int = 64, batch: int = 1, reps: int
     return out
 
 
-def qat_host_time(model: str = "resnet50", kinds=("float", "gpuquant-qat"), reps: int = 3):
+def qat_host_time(model: str = "resnet50", kinds=("float", "gpuquant-qat"), reps: int = 3,
+                  narrow: bool = True):
     """{provider: (ms, Triton launches)} of one training step of the ``qat_step`` suite's
-    providers at batch 2, 32x32, bf16 autocast: the Triton launches recorded, not run, the
-    convolutions replaced by their output's shape (:class:`gpuquant.bench.warm._ShapeConv`),
-    the garbage collector off (as the benchmark times). What is left is the host's work a
-    step plus the CPU compute of the small ops (the SGD update and the weights' casts are
-    not small: they are in both rows). Best of 5 x ``reps``."""
+    providers at batch 2, 32x32, bf16 autocast: the Triton launches counted, then the
+    compiled kernels' launcher a no-op, the convolutions replaced by their output's shape
+    (:class:`gpuquant.bench.warm._ShapeConv`), one thread, the garbage collector off (as the
+    benchmark times). ``narrow``: the model at 1/8 of its width (same layers and launches),
+    so the CPU compute of the SGD update and the weights' casts (25 M parameters at full
+    width) is small and what is left is the host's work a step. Best of 5 x ``reps``."""
     import gc
 
     from ... import backends
     from ...bench.suites import qat_step as Q
     from ...bench.warm import _ShapeConv
+    from . import launch as L
     params = {"model": model, "batch": 2, "resolution": 32, "dtype": "bfloat16"}
     inp = Q._make_inputs(params, "cpu")(0)
     out = {}
-    with standin_cuda() as fake, backends.use("triton"), _ShapeConv():
-        for kind in kinds:
-            step = Q._provider(kind, params, {}).setup(inp)
-            step()
-            step()
-            fake.launches.clear()
-            step()
-            n = len(fake.launches)
-            gc.collect()
-            gc.disable()
-            try:
-                out[kind] = (_best_seconds(step, reps) * 1e3, n)
-            finally:
-                gc.enable()
+    build, threads = Q._gpuquant_model, torch.get_num_threads()
+    Q._gpuquant_model = lambda name: build(name, narrow=narrow)
+    torch.set_num_threads(1)
+    try:
+        with standin_cuda() as fake, backends.use("triton"), _ShapeConv():
+            for kind in kinds:
+                step = Q._provider(kind, params, {}).setup(inp)
+                step()
+                step()
+                fake.launches.clear()
+                step()
+                n = len(fake.launches)
+                plans = [p for p in L._PLANS.values() if p is not L._NO_PLAN]
+                launcher = type(plans[0][0].run) if plans else None
+                if launcher is not None:
+                    record, launcher.__call__ = launcher.__call__, lambda *a: None
+                gc.collect()
+                gc.disable()
+                try:
+                    out[kind] = (_best_seconds(step, reps) * 1e3, n)
+                finally:
+                    gc.enable()
+                    if launcher is not None:
+                        launcher.__call__ = record
+    finally:
+        Q._gpuquant_model = build
+        torch.set_num_threads(threads)
     return out
 
 

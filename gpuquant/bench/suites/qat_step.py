@@ -61,13 +61,18 @@ def case_params(quick: bool, models=MODELS, batch: int = 64, resolution: int = 2
              "memory_format": "channels_last"} for m in models]
 
 
-def _gpuquant_model(name: str) -> torch.nn.Module:
+def _gpuquant_model(name: str, narrow: bool = False) -> torch.nn.Module:
+    """The model ``name``; ``narrow``: the same layers at 1/8 of the width (the stand-in
+    host timing, :func:`gpuquant.backends.triton.standin.qat_host_time`)."""
     from ... import models
     factories = {"resnet50": models.resnet50, "mobilenet_v2": models.mobilenet_v2,
                  "resnet18": models.resnet18}
     if name not in factories:
         raise ValueError(f"unknown model {name!r}; known: {sorted(factories)}")
-    return factories[name](num_classes=NUM_CLASSES)
+    if not narrow:
+        return factories[name](num_classes=NUM_CLASSES)
+    kw = {"width_mult": 0.125} if name.startswith("mobilenet") else {"width": 8}
+    return factories[name](num_classes=NUM_CLASSES, **kw)
 
 
 def qat_qconfig():
