@@ -49,3 +49,21 @@ def test_negative_priority_backend_never_auto_chosen(monkeypatch):
         registry.get_op("only_here", torch.zeros(1))
     with backends.use("slowpoke"):
         assert registry.get_op("only_here", torch.zeros(1))() == 1
+
+
+def test_try_op_runs_an_optional_op_or_gives_none(monkeypatch):
+    """try_op: the op's result where a backend has it and takes the case; None where no
+    backend has it or its op declines (returns None)."""
+    import types
+    from gpuquant.backends import registry
+    fake = types.SimpleNamespace(
+        NAME="opt", DEVICES=frozenset({"cpu"}), PRIORITY={"cpu": 50},
+        OPS={"maybe": lambda v, scale=1: None if v < 0 else v * scale},
+        is_available=lambda: (True, ""))
+    monkeypatch.setitem(registry._MODULES, "opt", "unused")
+    monkeypatch.setitem(registry._loaded, "opt", fake)
+    monkeypatch.setattr(registry, "_candidates", {})
+    x = torch.zeros(1)
+    assert registry.try_op("maybe", x, 3, scale=2) == 6
+    assert registry.try_op("maybe", x, -1) is None  # declined
+    assert registry.try_op("no_such_op", x, 3) is None

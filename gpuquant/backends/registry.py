@@ -28,8 +28,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["available", "use", "current", "get_backend", "get_op", "find_op", "fused_op",
-           "register", "unregister", "auto_backend", "BACKEND_NAMES"]
+__all__ = ["available", "use", "current", "get_backend", "get_op", "find_op", "try_op",
+           "fused_op", "register", "unregister", "auto_backend", "BACKEND_NAMES"]
 
 log = logging.getLogger("gpuquant.backends")
 
@@ -200,6 +200,14 @@ def find_op(op: str, device) -> Optional[Callable]:
         if op in mod.OPS:
             return mod.OPS[op]
     return None
+
+
+def try_op(op: str, device, *args, **kwargs):
+    """``find_op(op, device)(*args, **kwargs)``, or None where no backend has ``op`` or its
+    op declines the case (returns None): the optional fast paths' one calling convention,
+    the caller then runs the definition."""
+    fn = find_op(op, device)
+    return None if fn is None else fn(*args, **kwargs)
 
 
 def fused_op(op: str, base: str, device) -> Optional[Callable]:

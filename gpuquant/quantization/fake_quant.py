@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from .. import functional as F
-from ..backends.registry import find_op
+from ..backends.registry import find_op, try_op
 from ..dtypes import get_dtype, qint8
 from ..qparams import QParams
 
@@ -470,20 +470,15 @@ def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQua
             observer has not observed anything (e.g. disabled from the start).
     """
     # ---- FUSED FAST PATH: the single place for it (Triton issue) ------------------------
-    # A backend op "observe_fake_quant" (find_op("observe_fake_quant", x)) may record the
+    # A backend op "observe_fake_quant" (try_op("observe_fake_quant", x, ...)) may record the
     # batch statistics and fake-quantize in one pass, for the observer / fake-quant pairs it
     # supports, when both are present and enabled; it must leave the observer's state and
     # the output exactly as the calls below would. The calls below are the definition.
     # ---------------------------------------------------------------------------------------
     if observer is not None and fake_quant is not None and isinstance(x, torch.Tensor):
-        fused = find_op("observe_fake_quant", x)
-        if fused is None:
-            y = None
-        elif addend is None:
-            y = fused(x, observer, fake_quant, relu=relu)
-        else:
-            y = fused(x, observer, fake_quant, relu=relu, addend=addend)
-        if y is not None:  # None: a pair the op does not handle
+        more = {} if addend is None else {"addend": addend}
+        y = try_op("observe_fake_quant", x, x, observer, fake_quant, relu=relu, **more)
+        if y is not None:  # None: no such op, or a pair the op does not handle
             return y
     if addend is not None:
         x = x + addend

@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...backends.registry import find_op
+from ...backends.registry import find_op, try_op
 from ...distributed import batch_mean_var, syncs_batch_stats
 
 __all__ = ["scale_rows", "fold_weight", "fold_quant_weight", "fold_quant_weight_frozen",
@@ -77,11 +77,9 @@ def scale_rows(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def fold_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tensor, eps: float,
                 min_gamma: float):
     """``(w_fold, t, W, E)`` (see the module docstring); ``t`` carries no gradient."""
-    fused = find_op("bn_fold_weight", w)
-    if fused is not None:
-        out = fused(w, gamma, running_var, eps, min_gamma)
-        if out is not None:  # None: a case the fused op does not take
-            return out
+    out = try_op("bn_fold_weight", w, w, gamma, running_var, eps, min_gamma)
+    if out is not None:  # None: a case the fused op does not take
+        return out
     sigma = torch.sqrt(running_var + eps)
     sgn = torch.where(gamma.detach() < 0, -1.0, 1.0)
     t = sgn * gamma.abs().clamp(min=min_gamma) / sigma  # gamma / sigma, away from 0
@@ -94,11 +92,10 @@ def fold_quant_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.T
     observe + fake quant of :func:`~gpuquant.quantization.fake_quant.apply_fake_quant_with_observer`
     (the definition); a backend op ``bn_fold_observe_fake_quant`` may do both at once for the
     observer / fake-quant pairs it takes."""
-    fused = find_op("bn_fold_observe_fake_quant", w)
-    if fused is not None:
-        out = fused(w, gamma, running_var, eps, min_gamma, observer, fake_quant)
-        if out is not None:
-            return out
+    out = try_op("bn_fold_observe_fake_quant", w, w, gamma, running_var, eps, min_gamma,
+                 observer, fake_quant)
+    if out is not None:
+        return out
     from ...quantization.fake_quant import apply_fake_quant_with_observer
     wf, t, W, E = fold_weight(w, gamma, running_var, eps, min_gamma)
     return apply_fake_quant_with_observer(wf, fake_quant, observer), t, W, E
@@ -115,11 +112,9 @@ def normalize_train(z: torch.Tensor, W: torch.Tensor, beta: torch.Tensor, E: tor
         raise ValueError(f"expected more than 1 value per channel when training, got a "
                          f"batch-norm input of shape {tuple(z.shape)}")
     if not syncs_batch_stats(bn):
-        fused = find_op("bn_normalize_train", z)
-        if fused is not None:
-            y = fused(z, W, beta, E, t, bn, bias)
-            if y is not None:
-                return y
+        y = try_op("bn_normalize_train", z, z, W, beta, E, t, bn, bias)
+        if y is not None:
+            return y
     y, mean, var, n = normalize(z, W, beta, E, bn)
     b = bias.detach() if bias is not None else 0.0
     update_bn_running_stats(bn, mean / t + b, var / (t * t), n)
@@ -147,10 +142,8 @@ def normalize_quant_train(z: torch.Tensor, W: torch.Tensor, beta: torch.Tensor, 
     (:func:`~gpuquant.quantization.fake_quant.apply_fake_quant_with_observer`) in one backend
     op (``bn_normalize_observe_fake_quant``) where one takes this case; else None, and the
     caller runs the two steps."""
-    fused = find_op("bn_normalize_observe_fake_quant", z)
-    if fused is None:
-        return None
-    return fused(z, W, beta, E, t, bn, bias, observer, fake_quant, activation)
+    return try_op("bn_normalize_observe_fake_quant", z, z, W, beta, E, t, bn, bias, observer,
+                  fake_quant, activation)
 
 
 def _channel_shape(z: torch.Tensor):

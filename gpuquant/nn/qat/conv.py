@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from ...backends.registry import find_op
+from ...backends.registry import try_op
 from ...distributed import batch_mean_var
 from ...nn import conv as Float
 from .bn_train import (fold_quant_weight, fold_quant_weight_frozen, normalize_quant_train,
@@ -158,13 +158,11 @@ class BnFoldedModule(QATModule):
                              f"when training, got input shape {tuple(x.shape)}")
 
     def _forward_single(self, x, inner, bn):
-        fused = find_op("conv_bn_act_train", x)
-        if fused is not None:  # the whole layer as one autograd node, where a backend has it
-            y = fused(x, inner, bn, self.weight_observer, self.weight_fake_quant,
-                      self.act_observer, self.act_fake_quant, self.activation, _MIN_GAMMA,
-                      type(self).__name__)
-            if y is not None:
-                return y, True
+        y = try_op("conv_bn_act_train", x, x, inner, bn, self.weight_observer,
+                   self.weight_fake_quant, self.act_observer, self.act_fake_quant,
+                   self.activation, _MIN_GAMMA, type(self).__name__)
+        if y is not None:  # the whole layer as one autograd node, where a backend has it
+            return y, True
         gamma, beta = (bn.weight, bn.bias) if bn.affine else bn_fold_params(bn)[:2]
         wq, t, W, E = fold_quant_weight(inner.weight, gamma, bn.running_var, bn.eps, _MIN_GAMMA,
                                         self.weight_observer, self.weight_fake_quant)
