@@ -73,8 +73,9 @@ _FINISH_BLOCK = 2048  # split x channel partials a finishing step (4 warps)
 def _bn_stats_kernel(
     z_ptr, part_ptr,
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
-    # ticket i32 (1,), zero between launches; then :func:`_bn_finish`'s arguments, its four
-    # per-channel outputs and the qparams in one f32 (4 C + 2,) vector (see _vec_parts)
+    # the layer's tickets i32 (2,) (this kernel takes the first), zero between launches;
+    # then :func:`_bn_finish`'s arguments, its four per-channel outputs and the qparams in
+    # one f32 (4 C + 2,) vector (see _vec_parts)
     tick_ptr, W_ptr, beta_ptr, E_ptr, t_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
     vec_ptr, min_ptr, max_ptr, bad_ptr,
     rows_per_split, momentum, unbias, c_ema, q_eps, qmin, qmax, half_range, zp_sym,
