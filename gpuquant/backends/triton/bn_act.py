@@ -57,7 +57,7 @@ from .fake_quant import (_FLOATS, _LAUNCH, _fq_relu, _npow2, _row_offsets, _to_o
                          auto_interpreter, on_tensor_device, row_plan)
 from .launch import launch
 from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
-                       device_pair_ok)
+                       device_pair_ok, mark_observed)
 
 __all__ = ["bn_normalize_observe_fake_quant", "bn_act_forward", "bn_act_backward", "OPS",
            "KERNELS"]
@@ -490,8 +490,7 @@ def bn_normalize_observe_fake_quant(z: torch.Tensor, W, beta, E, t, bn, bias, ob
         return None
     zr = as_rows(z, 1)
     b = bias.detach().float().contiguous() if bias is not None else None
-    if observer.enabled:
-        observer._observed = True
+    mark_observed(observer)
     y = _BnActTrain.apply(zr, W.contiguous(), beta.contiguous(), E.contiguous(), t.contiguous(), b,
                           bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum,
                           observer, _ACTS[activation],

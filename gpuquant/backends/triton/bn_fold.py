@@ -34,7 +34,7 @@ from .common import last_to_finish, module_tickets
 from .fake_quant import _LAUNCH, _fq_math, _npow2, auto_interpreter, on_tensor_device
 from .launch import launch
 from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
-                       device_pair_ok)
+                       device_pair_ok, mark_observed)
 
 __all__ = ["bn_fold_weight", "bn_fold_observe_fake_quant", "bn_fold_frozen_observe_fake_quant",
            "observe_rows_fake_quant", "bn_normalize_train", "OPS", "KERNELS"]
@@ -514,8 +514,7 @@ def bn_fold_observe_fake_quant(w: torch.Tensor, gamma: torch.Tensor, running_var
         return None
     if not _weight_pair_ok(w, observer, fake_quant):
         return None
-    if observer.enabled:
-        observer._observed = True
+    mark_observed(observer)
     return _FoldWeight.apply(w, gamma, running_var, eps, min_gamma, observer)
 
 
@@ -536,8 +535,7 @@ def bn_fold_frozen_observe_fake_quant(w: torch.Tensor, gamma: torch.Tensor, beta
         return None
     if not _weight_pair_ok(w, observer, fake_quant):
         return None
-    if observer.enabled:
-        observer._observed = True
+    mark_observed(observer)
     return _FoldWeightFrozen.apply(w, gamma, beta.contiguous(), bias, running_mean.contiguous(),
                                    running_var.contiguous(), eps, observer)
 

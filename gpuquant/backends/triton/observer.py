@@ -55,7 +55,7 @@ from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, 
 from .launch import launch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["observe_fake_quant", "observer_step", "OPS", "KERNELS"]
+__all__ = ["observe_fake_quant", "observer_step", "mark_observed", "OPS", "KERNELS"]
 
 _EPS = float(torch.finfo(torch.float32).eps)
 _INF = tl.constexpr(float("inf"))  # module constants: no float() calls inside kernels
@@ -342,6 +342,14 @@ def _base_reduce(cls) -> bool:
     return cls._reduce is obs_mod.Observer._reduce
 
 
+def mark_observed(observer) -> None:
+    """What an enabled observer's own update sets (``has_observed``), for the fused kernels
+    that update its state; written to its ``__dict__`` (``Module.__setattr__`` costs the host
+    more than the rest of the flag's handling)."""
+    if observer.enabled and not observer.__dict__.get("_observed"):
+        observer.__dict__["_observed"] = True
+
+
 def _plain_reduce(observer) -> bool:
     """Whether the observer's ``_reduce`` hook is a no-op here (not distributed)."""
     if _base_reduce(type(observer)):
@@ -517,7 +525,7 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
         two, kaxis = _two_launch_axis(x, observer, None)
         if not two:
             return None
-        observer._observed = True
+        mark_observed(observer)
         return _ObserveTwoLaunch.apply(x, observer, None, relu,
                                        programs or _per_tensor_programs(x.device), tile, addend)
     if axis is not None and observer.min_val.numel() == 0 and not observer.check_finite \
@@ -528,7 +536,7 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
     xr = as_rows(x, axis)
     two, kaxis = _two_launch_axis(xr, observer, axis)
     if two:
-        observer._observed = True
+        mark_observed(observer)
         if kaxis == 0 and not relu and programs is None:  # weights: one program a channel
             from .bn_fold import observe_rows_fake_quant
             y = observe_rows_fake_quant(xr, observer)

@@ -37,6 +37,7 @@ from .bn_act import _ACTS, _act_pair_ok, bn_act_backward, bn_act_forward
 from .bn_fold import _rows_contiguous, _weight_pair_ok, fold_backward, fold_forward
 from .common import module_tickets
 from .fake_quant import _FLOATS, as_rows, auto_interpreter, on_tensor_device
+from .observer import mark_observed
 
 __all__ = ["conv_bn_act_train", "conv2d_backward", "OPS"]
 
@@ -105,13 +106,6 @@ def _autocast_dtype(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.dtype]:
     return x.dtype if x.dtype == w.dtype else None
 
 
-def _mark_observed(observer) -> None:
-    # what the observer's own update sets; its __dict__ directly (Module.__setattr__ costs
-    # the host more than the rest of the flag's handling)
-    if observer.enabled and not observer.__dict__.get("_observed"):
-        observer.__dict__["_observed"] = True
-
-
 @on_tensor_device
 def conv_bn_act_train(x: torch.Tensor, conv, bn, w_observer, w_fake_quant, act_observer,
                       act_fake_quant, activation: str, min_gamma: float,
@@ -146,8 +140,8 @@ def conv_bn_act_train(x: torch.Tensor, conv, bn, w_observer, w_fake_quant, act_o
         return None
     if not _weight_pair_ok(w, w_observer, w_fake_quant):
         return None
-    _mark_observed(w_observer)
-    _mark_observed(act_observer)
+    mark_observed(w_observer)
+    mark_observed(act_observer)
     return _ConvBnActTrain.apply(
         x, w, gamma, beta, params["bias"], bn,
         (conv.stride, conv.padding, conv.dilation, conv.groups), dt, float(min_gamma),
