@@ -44,6 +44,12 @@ def definition(x, fake_quant, observer, relu=False):
         return qfq.apply_fake_quant_with_observer(x, fake_quant, observer, relu=relu)
 
 
+def assert_same_with_nans(y, yr):
+    """Equal values, NaN exactly where the other has NaN."""
+    assert torch.equal(y.isnan(), yr.isnan())
+    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr))
+
+
 def check_step(x, fused, ref, fq, relu=False, **kw):
     """One batch through the fused op and through the definition: the same output bits
     (NaN where NaN), the same observer state, the same input gradient."""
@@ -51,8 +57,7 @@ def check_step(x, fused, ref, fq, relu=False, **kw):
     y = tobs.observe_fake_quant(xa, fused, fq, relu=relu, **kw)
     yr = definition(xb, fq, ref, relu=relu)
     assert y is not None and y.dtype == x.dtype
-    assert torch.equal(y.isnan(), yr.isnan())
-    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr))
+    assert_same_with_nans(y, yr)
     assert_same_state(fused, ref)
     g = torch.randn_like(x)
     y.backward(g)
@@ -182,8 +187,7 @@ def test_fused_add_observe_fake_quant(dt, relu, fmt):
         with backends.use("reference"):
             yr = qfq.apply_fake_quant_with_observer(a2, fq, ref, relu=relu, addend=b2)
         assert y is not None and y.dtype == dt and y.stride() == a.stride()
-        assert torch.equal(y.isnan(), yr.isnan())
-        assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(yr))
+        assert_same_with_nans(y, yr)
         assert_same_state(fused, ref)
         g = torch.randn_like(a)
         y.backward(g)
@@ -271,7 +275,7 @@ def test_nonfinite_batches_dropped_on_device():
         for x in xs:
             y = tobs.observe_fake_quant(x, fused, fq)
             yr = definition(x, fq, ref)
-            assert torch.equal(y.isnan(), yr.isnan()) and torch.equal(y.nan_to_num(), yr.nan_to_num())
+            assert_same_with_nans(y, yr)
             assert_same_state(fused, ref)
         assert int(fused.nonfinite_batches) == 2
 
