@@ -19,6 +19,12 @@ low priority, the GPU hidden from it) compiles the chosen suites' Triton kernels
 start, in parallel, while the tests run: the suites then find most of their autotune
 configs in Triton's cache instead of compiling them one by one while the GPU waits.
 
+A prebuilt Triton cache (:mod:`.tcache`: the same warm-up, run on the development machine
+for the GPU machine's Triton build, packed into ``.tcache/*.tar.gz``, carried with the
+checkout) is unpacked into the run's ``TRITON_CACHE_DIR`` first when its key fits this
+Triton (``--triton-cache``, default ``auto``); the summary says how many kernels it held and
+how many were still compiled during the run.
+
 Writes into ``--out``: ``lease.tar.gz``, holding ``results/<device-slug>/`` with the
 suites' JSON / Markdown / PNG files, ``lease-logs/<stage>.log``, ``lease-env.txt`` and
 ``lease-summary.md``; and ``summary.md``, which is also printed last. ``tar -xzf
@@ -40,7 +46,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 __all__ = ["main", "DEFAULT_STAGES", "plan_caps"]
 
@@ -59,6 +65,7 @@ DEFAULT_CAP = 90.0
 MIN_STAGE_S = 20.0      # a stage is not started with less than this left
 PACK_RESERVE_S = 10.0   # kept for writing the summary and the archive
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TCACHE_GLOB = ".tcache/*.tar.gz"  # where `tcache build` archives are carried (git-ignored)
 
 
 def plan_caps(stage: str, left: float, caps: Optional[dict] = None) -> Optional[float]:
@@ -111,6 +118,28 @@ def _stop_warm(proc) -> str:
     return status
 
 
+def _unpack_triton_cache(choice: str, cache_dir: str) -> Tuple[int, str]:
+    """Unpack the prebuilt Triton cache ``choice`` (an archive, 'auto' or 'none') into
+    ``cache_dir``: (kernels unpacked, a line for the summary)."""
+    from .tcache import unpack
+    if choice == "none":
+        return 0, "not asked for"
+    archives = [choice] if choice != "auto" else \
+        sorted(glob.glob(os.path.join(_REPO, TCACHE_GLOB)), key=os.path.getmtime, reverse=True)
+    if not archives:
+        return 0, f"none ({TCACHE_GLOB} not in the checkout)"
+    lines = []
+    for path in archives:
+        try:
+            n, line = unpack(path, cache_dir)
+        except ValueError as e:
+            n, line = 0, str(e)
+        lines.append(line.replace(_REPO + os.sep, ""))
+        if n:
+            return n, lines[-1]
+    return 0, "; ".join(lines)
+
+
 def _known_stages() -> List[str]:
     from .suites import registered
     return ["tests", "profile"] + list(registered())
@@ -154,7 +183,13 @@ def _parse(argv) -> argparse.Namespace:
                    help="CPU processes compiling the suites' Triton kernels in the background "
                         "from the start (gpuquant.bench.warm; 0: none; default: CPUs - 2 "
                         "on machines with 8 or more)")
+    p.add_argument("--triton-cache", default="auto", metavar="ARCHIVE|auto|none",
+                   help="a prebuilt Triton cache (gpuquant.bench.tcache build) to unpack into "
+                        "the run's TRITON_CACHE_DIR first; 'auto' (default): the newest "
+                        f"{TCACHE_GLOB} in the checkout, if any")
     args = p.parse_args(argv)
+    if args.triton_cache not in ("auto", "none") and not os.path.isfile(args.triton_cache):
+        p.error(f"--triton-cache: no such archive {args.triton_cache!r} (or 'auto', 'none')")
     if not args.budget > 0:
         p.error(f"--budget must be positive, got {args.budget}")
     if args.warm_jobs < 0:
@@ -291,6 +326,11 @@ def main(argv=None) -> int:
                PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
     if not args.full_tune:
         env["GPUQUANT_TRITON_TUNE"] = "quick"
+    tcache = os.path.join(work, "triton-cache")
+    unpacked, tcache_line = _unpack_triton_cache(args.triton_cache, tcache)
+    if unpacked:
+        env["TRITON_CACHE_DIR"] = tcache
+    print(f"[lease] prebuilt Triton cache: {tcache_line}", flush=True)
     warm = _start_warm(args, os.path.join(logs, "warm.log"), env)
     rows = []
     for stage in args.stage_list:
@@ -324,9 +364,14 @@ def main(argv=None) -> int:
         rows.append(("warm (background)", warm_status, time.monotonic() - t_start,
                      _last_line(os.path.join(logs, "warm.log"))))
     total = time.monotonic() - t_start
+    if unpacked:
+        from .tcache import count_kernels
+        tcache_line += (f"; compiled on this machine during the run: "
+                        f"{count_kernels(tcache) - unpacked}")
     summary = [f"# GPU lease run ({slug}), {total:.0f} s of a {args.budget:.0f} s budget", "",
                f"tuning: {'full' if args.full_tune else 'quick (GPUQUANT_TRITON_TUNE=quick)'}; "
                f"sizes: {'full' if args.full_sizes else '--quick'}", "",
+               f"prebuilt Triton cache: {tcache_line}", "",
                "| stage | status | seconds | last line of its log |", "|---|---|---:|---|"]
     summary += [f"| {s} | {st} | {sec:.0f} | {last.replace('|', '/')} |"
                 for s, st, sec, last in rows]

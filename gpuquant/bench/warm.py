@@ -116,7 +116,11 @@ def _warm_cases(items: Sequence[Tuple[str, int]]) -> Tuple[int, int]:
     from ..backends.triton.standin import standin_cuda
     from .harness import ProviderUnavailable
     from .suites import load_suite
+    from .tcache import KEY_ENV, patch_triton_key
     torch.set_num_threads(1)
+    key = os.environ.get(KEY_ENV)
+    if key:  # building a cache for another machine's Triton build (:mod:`.tcache`)
+        patch_triton_key(key)
     done = failed = 0
     cache = {}
     with standin_cuda(cubin=True), backends.use("triton"):

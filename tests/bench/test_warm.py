@@ -15,22 +15,33 @@ def _cubins(cache):
                   if f.endswith(".cubin"))
 
 
-def _warm(cache, *args):
-    return run_compiled(["-m", "gpuquant.bench.warm", *args], cache, timeout=600)
+def _warm(cache, *args, **env):
+    return run_compiled(["-m", "gpuquant.bench.warm", *args], cache, timeout=600, **env)
 
 
-def test_warm_builds_cubins_that_a_second_process_finds(tmp_path):
+def test_warm_builds_cubins_that_a_second_process_finds_after_a_move(tmp_path):
+    """The prebuilt-cache path (gpuquant.bench.tcache): cubins compiled under another Triton
+    build's key (a stand-in wheel's), packed, unpacked into another directory, are every
+    one found by a second process computing that key: nothing compiled again."""
+    from gpuquant.bench import tcache
+    from tests.bench.test_tcache import _wheel
+    key = tcache.triton_key_for_wheel(_wheel(tmp_path / "t.whl"))
     cache = tmp_path / "cache"
-    first = _warm(cache, "--suites", "fake_quant", "--jobs", "2")
+    first = _warm(cache, "--suites", "fake_quant", "--jobs", "2", **{tcache.KEY_ENV: key})
     assert first.returncode == 0, first.stdout + first.stderr
     assert "0 failures" in first.stdout and "warm: done" in first.stdout
     built = _cubins(cache)
     assert len(built) >= 5 and all(os.path.getsize(p) > 1000 for p in built)
-    stamp = {p: os.path.getmtime(p) for p in built}
-    again = _warm(cache, "--suites", "fake_quant", "--jobs", "1")
+    archive = str(tmp_path / "c.tar.gz")
+    assert tcache.pack(str(cache), archive, key)["kernels"] == tcache.count_kernels(str(cache))
+    moved = tmp_path / "moved"
+    n, _ = tcache.unpack(archive, str(moved), key=key)
+    assert n == len(built)
+    stamp = {p: os.path.getmtime(p) for p in _cubins(moved)}
+    again = _warm(moved, "--suites", "fake_quant", "--jobs", "1", **{tcache.KEY_ENV: key})
     assert again.returncode == 0, again.stdout + again.stderr
     # every kernel was a cache hit: no new binary, none rewritten
-    assert _cubins(cache) == built
+    assert _cubins(moved) == sorted(stamp) and tcache.count_kernels(str(moved)) == n
     assert all(os.path.getmtime(p) == t for p, t in stamp.items())
 
 
