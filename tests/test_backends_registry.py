@@ -21,6 +21,21 @@ def test_use_and_current():
     assert backends.current() is None
 
 
+def test_use_none_selects_automatically_inside_an_explicit_choice(monkeypatch):
+    x = torch.zeros(1)
+    auto = backends.get_op("quantize", x)
+    with backends.use("reference"):
+        forced = backends.get_op("quantize", x)
+    assert forced is not auto  # (automatic on the CPU: numpy)
+    monkeypatch.setenv("GPUQUANT_BACKEND", "reference")
+    with backends.use("numpy"):
+        with backends.use(None):
+            assert backends.current() is None
+            assert backends.get_op("quantize", x) is auto
+        assert backends.current() == "numpy"
+    assert backends.current() == "reference"
+
+
 def test_env_var(monkeypatch):
     monkeypatch.setenv("GPUQUANT_BACKEND", "reference")
     assert backends.current() == "reference"

@@ -54,18 +54,24 @@ def build(name: str, in_ch: int, size: int, num_classes: int = 1000) -> dict:
     """Float, int8 (CPU) networks for ``name``, memoised: {"float", "int8"}."""
     key = (name, in_ch, size, num_classes)
     if key not in _BUILT:
-        from ... import models
-        from ...quantization import disable_observer, quantize, quantize_qat
-        torch.manual_seed(0)
-        fp = models.settle_bn(getattr(models, name)(num_classes=num_classes),
-                              torch.randn(4, in_ch, size, size)).eval()
-        float_copy = copy.deepcopy(fp)
-        qat = quantize_qat(fp).eval()
-        with torch.no_grad():
-            qat(torch.randn(4, in_ch, size, size))  # calibration: the observers record
-        disable_observer(qat)
-        _BUILT[key] = {"float": float_copy, "int8": quantize(qat).eval()}
+        from ... import backends
+        with backends.use(None):  # the CPU's own backends, also inside the warm-up's
+            _BUILT[key] = _build(name, in_ch, size, num_classes)  # use("triton")
     return _BUILT[key]
+
+
+def _build(name: str, in_ch: int, size: int, num_classes: int) -> dict:
+    from ... import models
+    from ...quantization import disable_observer, quantize, quantize_qat
+    torch.manual_seed(0)
+    fp = models.settle_bn(getattr(models, name)(num_classes=num_classes),
+                          torch.randn(4, in_ch, size, size)).eval()
+    float_copy = copy.deepcopy(fp)
+    qat = quantize_qat(fp).eval()
+    with torch.no_grad():
+        qat(torch.randn(4, in_ch, size, size))  # calibration: the observers record
+    disable_observer(qat)
+    return {"float": float_copy, "int8": quantize(qat).eval()}
 
 
 def make_inputs(in_ch: int, size: int, batch: int, device: str):
