@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-triton36 bench clean gpu gpu-lease
+.PHONY: demo test test-triton36 bench clean gpu gpu-lease tcache
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -62,3 +62,15 @@ LEASE_OUT ?= lease-out
 LEASE_BUDGET ?= 540
 gpu-lease:
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m gpuquant.bench.lease --out $(LEASE_OUT) --budget $(LEASE_BUDGET)
+
+# Before a lease, here: the suites' kernels compiled for the GPU machines' Triton (3.6.0 on
+# CPython 3.12: its wheel gives the cache key) and packed into .tcache/ (git-ignored; carry
+# it with the checkout), which gpu-lease unpacks (gpuquant/bench/tcache.py). ~4 min on 2 cores.
+TRITON_WHEEL_DIR ?= /tmp/gpuquant-triton-wheel
+tcache: $(VENV_T36)/.installed
+	$(VENV_T36)/bin/python -m pip download -q --no-deps --only-binary=:all: \
+	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	  -d $(TRITON_WHEEL_DIR) triton==3.6.0
+	env -u TRITON_INTERPRET $(VENV_T36)/bin/python -m gpuquant.bench.tcache build \
+	  --wheel $$(ls $(TRITON_WHEEL_DIR)/triton-3.6.0-cp312-*.whl) \
+	  --out .tcache/triton-3.6.0-cp312-sm90.tar.gz
