@@ -118,6 +118,15 @@ def test_lease_per_stage_where_skip_cap(tmp_path, monkeypatch):
     assert prof_cmd[1:4] == ["-m", "gpuquant.bench.profile", "--out"]
     assert prof_cmd[-4:] == ["--what", "qat_step", "--batch", "8"]
     assert prof_cap == lease.DEFAULT_CAP
+    # by default the models stage leaves out torch.compile; "models:" keeps every provider
+    seen.clear()
+    lease.main(["--out", str(tmp_path / "o2"), "--budget", "500", "--stages", "models"])
+    cmd = seen[0][0]
+    assert cmd[cmd.index("--skip") + 1] == "torch-bf16-compile"
+    seen.clear()
+    lease.main(["--out", str(tmp_path / "o3"), "--budget", "500", "--stages", "models",
+                "--skip", "models:"])
+    assert "--skip" not in seen[0][0]
 
 
 @pytest.mark.parametrize("args,msg", [
