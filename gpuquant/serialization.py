@@ -6,14 +6,16 @@ small JSON description: the module tree (path and class of every module; for eac
 ``gpuquant.nn.quantized`` module its class name and constructor arguments), the modules'
 extra state (their dtype names), optionally the ``gpuquant.models`` builder, and a SHA-256
 over the JSON and every tensor's bytes. Nothing is pickled and no code is imported from the
-file other than classes of ``gpuquant.nn.quantized`` / ``torch.nn`` containers and builder
+file other than classes of ``gpuquant.nn.quantized`` (the transformer modules of
+``gpuquant.nn.quantized.linear_dynamic`` included) / ``torch.nn`` containers and builder
 functions of ``gpuquant.models``.
 
 Rebuilding the tree on load (the design choice): modules with arbitrary ``forward`` code
 (a user's ``Net``, ResNet's blocks) cannot be rebuilt from data. So ``load`` takes
 
-* ``model=skeleton``: an instance of the same architecture (e.g. the float model); every
-  quantized module recorded in the file replaces the module at its path; or
+* ``model=skeleton``: an instance of the same architecture (e.g. the float model, as it
+  was before ``quantize`` or ``quantize_dynamic``); every quantized module recorded in the
+  file replaces the module at its path; or
 * nothing, when the file names its builder (``save(..., arch="resnet18",
   arch_kwargs={"num_classes": 10})``, any function in ``gpuquant.models``), or when the
   model is made only of quantized modules inside ``torch.nn.Sequential`` / ``ModuleList``
@@ -47,9 +49,36 @@ def _quantized():
     return Q
 
 
+def _dynamic():
+    from .nn.quantized import linear_dynamic as D
+    return D
+
+
+def _saved_classes() -> dict:
+    """Class name -> class of every module with a saved form (names are unique)."""
+    Q, D = _quantized(), _dynamic()
+    classes = {n: getattr(Q, n) for n in Q.__all__[1:] if n not in ("ConvAdd", "ConvDequant")}
+    classes.update((n, getattr(D, n)) for n in ("DynamicLinear", "StaticActLinear",
+                                                "WeightOnlyLinear", "DynamicMultiheadAttention"))
+    return classes
+
+
 def _ctor_args(m, path: str) -> dict:
     """The constructor arguments of a gpuquant.nn.quantized module (JSON-able)."""
-    Q = _quantized()
+    Q, D = _quantized(), _dynamic()
+    if isinstance(m, D.DynamicMultiheadAttention):
+        proj = m.in_proj
+        weight_only = isinstance(proj, D.WeightOnlyLinear)
+        return {"embed_dim": m.embed_dim, "num_heads": m.num_heads,
+                "batch_first": m.batch_first, "bias": proj.bias is not None,
+                "weight_only": weight_only, "weight_dtype": proj.weight_dtype.name,
+                **({} if weight_only else {"act_dtype": proj.act_dtype.name})}
+    if isinstance(m, D._Int8WeightLinear):
+        args = {"in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None, "weight_dtype": m.weight_dtype.name}
+        if isinstance(m, D.DynamicLinear):  # StaticActLinear too; act_scale is a buffer
+            args["act_dtype"] = m.act_dtype.name
+        return args
     d = m._dtypes
     lst = (lambda v: list(v) if isinstance(v, (tuple, list)) else v)
     if isinstance(m, Q.Conv2d):
@@ -80,9 +109,8 @@ def _ctor_args(m, path: str) -> dict:
         raise TypeError(f"gpuquant.save: module {path or '<root>'!r} ({type(m).__name__}) comes "
                         f"from gpuquant.quantization.fuse_epilogues; save the model before "
                         f"fusing and fuse again after gpuquant.load")
-    saved = [n for n in Q.__all__[1:] if n not in ("ConvAdd", "ConvDequant")]
     raise TypeError(f"gpuquant.save: module {path or '<root>'!r} ({type(m).__name__}) has no "
-                    f"saved form; supported quantized classes: {saved}")
+                    f"saved form; supported quantized classes: {list(_saved_classes())}")
 
 
 def _tuples(v):
@@ -90,13 +118,14 @@ def _tuples(v):
 
 
 def _describe(model: torch.nn.Module) -> list:
-    Q = _quantized()
+    Q, D = _quantized(), _dynamic()
+    saved = _saved_classes()
     tree = []
     for path, m in model.named_modules():
         cls = type(m)
         entry = {"path": path, "class": f"{cls.__module__}.{cls.__qualname__}"}
-        if isinstance(m, Q.QuantizedModule):
-            if getattr(Q, cls.__name__, None) is not cls:
+        if isinstance(m, (Q.QuantizedModule, D._Int8WeightLinear, D.DynamicMultiheadAttention)):
+            if getattr(Q, cls.__name__, None) is not cls and saved.get(cls.__name__) is not cls:
                 raise TypeError(f"gpuquant.save: module {path or '<root>'!r} is a "
                                 f"{cls.__module__}.{cls.__name__}, not a class of "
                                 f"gpuquant.nn.quantized; it has no saved form")
@@ -232,9 +261,8 @@ def _read(path):
 
 
 def _build_quantized(entry, path):
-    Q = _quantized()
     name = entry.get("quantized")
-    cls = getattr(Q, name, None) if isinstance(name, str) and name in Q.__all__ else None
+    cls = _saved_classes().get(name) if isinstance(name, str) else None
     if cls is None:
         raise _bad(path, f"unknown quantized class {name!r} at {entry.get('path')!r}")
     args = {k: _tuples(v) for k, v in entry.get("args", {}).items()}
@@ -340,4 +368,5 @@ def load(path, model: Optional[torch.nn.Module] = None, map_location=None) -> to
     except RuntimeError as e:
         raise ValueError(f"gpuquant.load: {path!r} does not fit the model built "
                          f"({type(root).__name__}): {e}") from None
+    _dynamic().keep_off_torch_fast_path(root)  # as quantize_dynamic leaves the model
     return root.to(device).eval()

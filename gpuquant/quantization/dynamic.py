@@ -25,6 +25,12 @@ What is and is not swapped:
 * Not swapped: a lone ``NonDynamicallyQuantizableLinear`` outside an MHA; embeddings, norms,
   the attention matmuls themselves.
 * Modules under a ``gpuquant.nn.Module`` with ``disable_quantize()`` stay float.
+
+Every module is checked and converted before any is swapped in: an error (a NaN / Inf
+weight, a Linear too wide for the int32 accumulator, each naming the module) leaves the model
+as it was, ``inplace`` or not. ``torch.nn.TransformerEncoderLayer`` / ``TransformerEncoder``
+holding converted modules are kept off torch's fused fast path
+(:func:`~gpuquant.nn.quantized.linear_dynamic.keep_off_torch_fast_path`).
 """
 from __future__ import annotations
 
@@ -34,11 +40,12 @@ from typing import Callable, Optional
 
 import torch
 
-from ..dtypes import get_dtype, qint8, qint8_narrow
-from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
+from ..dtypes import qint8, qint8_narrow
+from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, max_in_features
 from ..nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
 from ..nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
-                                           WeightOnlyLinear, _Int8WeightLinear)
+                                           WeightOnlyLinear, _dtype_arg, _Int8WeightLinear,
+                                           keep_off_torch_fast_path)
 from .smoothquant import SmoothedLinear
 
 __all__ = ["quantize_dynamic", "prepare_dynamic_qat"]
@@ -108,8 +115,22 @@ def _wanted(mod, name, modules, filter_fn) -> bool:
     return keep
 
 
+def _check_finite_weights(mod, name: str, fn: str) -> None:
+    """A float weight with NaN / Inf has no int8 value: refuse it, naming the module."""
+    weights = ([mod.in_proj_weight, mod.out_proj.weight]
+               if isinstance(mod, torch.nn.MultiheadAttention) else [mod.weight])
+    for w in weights:
+        if not bool(torch.isfinite(w.detach()).all()):
+            raise ValueError(f"{fn}: {name or 'model'} ({type(mod).__name__}): its weight holds "
+                             f"NaN or Inf, which have no int8 value; fix the weights or exclude "
+                             f"it with filter_fn")
+
+
 def _walk(model, convert, modules, filter_fn):
-    """Replace children bottom-up-safe: decide on a child before descending into it."""
+    """Decide on a child before descending into it; build every replacement first and swap
+    them in only when all succeeded, so an error leaves ``model`` as it was."""
+    swaps = []
+
     def visit(parent, prefix):
         for cname, child in list(parent.named_children()):
             name = f"{prefix}.{cname}" if prefix else cname
@@ -117,13 +138,15 @@ def _walk(model, convert, modules, filter_fn):
                 continue
             new = convert(child, name)
             if new is not None:
-                setattr(parent, cname, new)
+                swaps.append((parent, cname, new))
             elif not isinstance(child, (_Int8WeightLinear, DynamicMultiheadAttention)):
                 visit(child, name)
     root = convert(model, "")
     if root is not None:
         return root
     visit(model, "")
+    for parent, cname, new in swaps:
+        setattr(parent, cname, new)
     return model
 
 
@@ -135,7 +158,7 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
     Args:
         model: any ``torch.nn.Module`` (a bare Linear is converted and returned).
         dtype: activation dtype, ``gpuquant.qint8`` (default; ``torch.qint8`` is read as it)
-            or ``qint8_narrow``.
+            or ``qint8_narrow`` (or their names).
         modules: classes to swap: ``torch.nn.Linear`` (subclasses included) and/or
             ``torch.nn.MultiheadAttention``. With ``torch.nn.Linear`` the MHAs are converted
             too (their projections are Linears).
@@ -150,18 +173,16 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
     Raises:
         TypeError: model is not a Module; filter_fn not callable or not returning a bool.
         ValueError: ``modules`` names a non-Linear class; an unsupported dtype; a Linear whose
-            ``in_features`` could overflow the int32 accumulator (message names it).
+            ``in_features`` could overflow the int32 accumulator, or a weight holding NaN or
+            Inf (the message names the module; nothing is swapped).
 
     Example:
         >>> qmodel = quantize_dynamic(model.eval(), filter_fn=lambda m, n: "lm_head" not in n)
     """
     fn = "quantize_dynamic"
     modules = _check_common(model, modules, filter_fn, inplace, fn)
-    if dtype is getattr(torch, "qint8", None):  # the name PyTorch users pass: same range
-        dtype = qint8
-    ad, wd = get_dtype(dtype), get_dtype(weight_dtype)
-    _check_dtype(ad, ACT_DTYPES, f"{fn}: dtype")
-    _check_dtype(wd, WEIGHT_DTYPES, f"{fn}: weight_dtype")
+    ad = _dtype_arg(dtype, ACT_DTYPES, f"{fn}: dtype")
+    wd = _dtype_arg(weight_dtype, WEIGHT_DTYPES, f"{fn}: weight_dtype")
     if not isinstance(weight_only, bool):
         raise TypeError(f"{fn}: weight_only must be a bool, got {type(weight_only).__name__}")
     if not inplace:
@@ -187,6 +208,7 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
             if not weight_only and mod.embed_dim > k_max:
                 raise ValueError(f"{fn}: {name}: embed_dim={mod.embed_dim} could overflow the "
                                  f"int32 accumulator; at most {k_max} fits")
+            _check_finite_weights(mod, name, fn)
             return DynamicMultiheadAttention.from_float_module(mod, ad, wd, weight_only)
         if isinstance(mod, _NDQ) or not _wanted(mod, name, modules, filter_fn):
             return None
@@ -195,20 +217,22 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
                         "torch.nn.Linear's", name, type(mod).__name__)
             return None
         if isinstance(mod, QATDynamicLinear):
+            _check_finite_weights(mod, name, fn)
             cls = WeightOnlyLinear if mod.weight_only else DynamicLinear
             return cls.from_qat_module(mod)
         return linear(mod, name)
 
     def linear(mod, name):
-        if weight_only:
-            return WeightOnlyLinear.from_float_module(mod, wd)
-        if mod.in_features > k_max:
+        if not weight_only and mod.in_features > k_max:
             raise ValueError(f"{fn}: {name or 'model'}: in_features={mod.in_features} could "
                              f"overflow the int32 accumulator ({ad.name} x {wd.name}); at most "
                              f"{k_max} fits (exclude it with filter_fn, or use weight_only=True)")
+        _check_finite_weights(mod, name, fn)
+        if weight_only:
+            return WeightOnlyLinear.from_float_module(mod, wd)
         return DynamicLinear.from_float_module(mod, ad, wd)
 
-    return _walk(model, convert, modules, filter_fn)
+    return keep_off_torch_fast_path(_walk(model, convert, modules, filter_fn))
 
 
 def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Linear,),
@@ -226,7 +250,8 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
     """
     fn = "prepare_dynamic_qat"
     modules = _check_common(model, modules, filter_fn, inplace, fn)
-    ad, wd = get_dtype(dtype), get_dtype(weight_dtype)
+    ad = _dtype_arg(dtype, ACT_DTYPES, f"{fn}: dtype")
+    wd = _dtype_arg(weight_dtype, WEIGHT_DTYPES, f"{fn}: weight_dtype")
     if not inplace:
         model = copy.deepcopy(model)
 

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..dtypes import qint8, qint8_narrow
-from ..functional.dynamic import ACT_DTYPES, _check_dtype, max_in_features
-from ..nn.quantized.linear_dynamic import StaticActLinear
+from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, max_in_features
+from ..nn.quantized.linear_dynamic import StaticActLinear, _dtype_arg, keep_off_torch_fast_path
 
 __all__ = ["SmoothedLinear", "calibrate_linear_inputs", "smoothing_factors", "smooth_quant",
            "quantize_static_linear"]
@@ -73,7 +73,8 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
     Args:
         model: the float model (run under ``torch.no_grad``, in its current mode).
         data: an iterable of inputs (a tensor, or a tuple of positional arguments), or a
-            callable ``data(model)`` that runs the forward passes itself.
+            callable ``data(model)`` that runs the forward passes itself. Batches with no
+            tokens (a Linear input of zero rows) add nothing.
         filter_fn: ``(module, name) -> bool``, which Linears to record.
 
     Returns:
@@ -81,7 +82,8 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
 
     Raises:
         TypeError: model not a Module, data neither iterable nor callable.
-        ValueError: the data produced NaN / Inf activations, or reached no Linear.
+        ValueError: the data produced NaN / Inf activations, or reached no Linear with at
+            least one token.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -91,6 +93,8 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
     def hook_for(name):
         def hook(mod, args):
             x = args[0].detach()
+            if x.numel() == 0:  # no tokens: nothing to record
+                return
             a = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
             if not bool(torch.isfinite(a).all()):
                 raise ValueError(f"calibrate_linear_inputs: the input of {name!r} holds NaN or Inf")
@@ -115,7 +119,8 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
         for h in hooks:
             h.remove()
     if not stats:
-        raise ValueError("calibrate_linear_inputs: no Linear ran on the calibration data")
+        raise ValueError("calibrate_linear_inputs: no Linear ran on the calibration data "
+                         "(or every batch it saw had zero tokens)")
     return stats
 
 
@@ -230,19 +235,25 @@ def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.T
     """Swap the calibrated Linears for :class:`~gpuquant.nn.quantized.linear_dynamic.
     StaticActLinear` (one activation scale per tensor: ``max(act_absmax) / 127``).
 
+    Every Linear is converted before any is swapped in (an error leaves the model as it
+    was); Transformer layers holding them are kept off torch's fused fast path
+    (:func:`~gpuquant.nn.quantized.linear_dynamic.keep_off_torch_fast_path`).
+
     Raises:
         TypeError: model not a Module.
         ValueError: unsupported dtype; in_features that could overflow int32.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    ad = _check_dtype(dtype, ACT_DTYPES, "dtype")
+    ad = _dtype_arg(dtype, ACT_DTYPES, "quantize_static_linear: dtype")
+    wd = _dtype_arg(weight_dtype, WEIGHT_DTYPES, "quantize_static_linear: weight_dtype")
     if not inplace:
         model = copy.deepcopy(model)
+    k_max = max_in_features(ad, wd)
+    swaps = []
     for name, lin in list(_linears(model, filter_fn)):
         if name not in act_absmax:
             continue
-        k_max = max_in_features(ad, weight_dtype)
         if lin.in_features > k_max:
             raise ValueError(f"{name}: in_features={lin.in_features} could overflow the int32 "
                              f"accumulator; at most {k_max} fits")
@@ -250,9 +261,10 @@ def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.T
         smooth = getattr(lin, "input_smoothing", None)
         if smooth is not None:  # recorded before the Linear's own 1/s multiply
             a = a * smooth.detach().abs().to(a.device)
-        q = StaticActLinear.from_float_module(lin, a.max(), ad, weight_dtype)
-        if name:
-            _set(model, name, q)
-        else:
+        q = StaticActLinear.from_float_module(lin, a.max(), ad, wd)
+        if not name:
             return q
-    return model
+        swaps.append((name, q))
+    for name, q in swaps:
+        _set(model, name, q)
+    return keep_off_torch_fast_path(model)

@@ -134,3 +134,78 @@ def test_bad_arguments(zoo_int8, tmp_path):
         gpuquant.load(tmp_path / "x", model="nope")
     with pytest.raises(ValueError, match="arch_kwargs given without arch"):
         gpuquant.save(zoo_int8, tmp_path / "x", arch_kwargs={"num_classes": 3})
+
+
+class _DynamicNet(torch.nn.Module):
+    """A transformer-ish float model for the quantize_dynamic round trips: a batch_first
+    encoder (MultiheadAttention + feed-forward), a SmoothQuant'ed Linear and a head."""
+
+    def __init__(self):
+        super().__init__()
+        from gpuquant.quantization.smoothquant import SmoothedLinear
+        self.encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(
+            16, 2, 32, dropout=0.0, batch_first=True), 2)
+        self.smoothed = SmoothedLinear(16, 16)
+        self.head = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                                        torch.nn.Linear(8, 3))
+
+    def forward(self, x, pad=None):
+        return self.head(self.smoothed(self.encoder(x, src_key_padding_mask=pad)))
+
+
+def _dynamic_net():
+    net = _DynamicNet()
+    with torch.no_grad():
+        net.smoothed.input_smoothing.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only", "static"])
+def test_round_trip_quantize_dynamic_model_with_float_skeleton(mode, tmp_path):
+    """quantize_dynamic / quantize_static_linear models load into a fresh float model of the
+    architecture (the skeleton convention of static models): same state, same bytes out,
+    and the loaded encoder kept off torch's nested-tensor fast path."""
+    from gpuquant.nn.quantized.linear_dynamic import DynamicMultiheadAttention
+    from gpuquant.quantization import calibrate_linear_inputs, quantize_dynamic
+    from gpuquant.quantization.smoothquant import quantize_static_linear
+    torch.manual_seed(5)
+    x = torch.randn(2, 6, 16)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    net = _dynamic_net()
+    if mode == "static":
+        qm = quantize_static_linear(net, calibrate_linear_inputs(net, [(x,)]))
+    else:
+        qm = quantize_dynamic(net, weight_only=mode == "weight_only")
+    path = tmp_path / "dyn.safetensors"
+    gpuquant.save(qm, path)
+    loaded = gpuquant.load(path, model=_dynamic_net())
+    _equal_state(qm, loaded)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in qm.modules()]
+    assert loaded.smoothed.input_smoothing is not None
+    if mode != "static":
+        assert isinstance(loaded.encoder.layers[0].self_attn, DynamicMultiheadAttention)
+    assert not loaded.encoder.use_nested_tensor
+    with torch.no_grad():
+        for args in ((x,), (x, pad)):
+            assert torch.equal(loaded(*args), qm(*args))
+
+
+def test_round_trip_dynamic_modules_container_only(tmp_path):
+    """Dynamic modules in a Sequential rebuild from the file alone, dtypes included."""
+    from gpuquant.nn.quantized.linear_dynamic import (DynamicLinear, StaticActLinear,
+                                                      WeightOnlyLinear)
+    torch.manual_seed(6)
+    seq = torch.nn.Sequential(
+        DynamicLinear.from_float_module(torch.nn.Linear(12, 9), gpuquant.qint8_narrow,
+                                        gpuquant.qint8),
+        WeightOnlyLinear.from_float_module(torch.nn.Linear(9, 7, bias=False)),
+        StaticActLinear.from_float_module(torch.nn.Linear(7, 5), act_absmax=2.5)).eval()
+    gpuquant.save(seq, tmp_path / "seq.safetensors")
+    loaded = gpuquant.load(tmp_path / "seq.safetensors")
+    _equal_state(seq, loaded)
+    assert loaded[0].act_dtype is gpuquant.qint8_narrow and loaded[0].weight_dtype is gpuquant.qint8
+    assert loaded[1].bias is None and float(loaded[2].act_scale) == float(seq[2].act_scale)
+    x = torch.randn(3, 4, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), seq(x))

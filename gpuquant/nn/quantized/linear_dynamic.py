@@ -13,6 +13,19 @@ All accept any leading dimensions, keep float biases, and run on the current bac
 (:mod:`gpuquant.backends`). They hold buffers only (no parameters) and refuse training
 mode. Built by :func:`gpuquant.quantization.quantize_dynamic` (or ``from_float_module`` /
 ``from_qat_module``).
+
+Buffers keep their dtypes through module casts: ``model.half()`` / ``.to(torch.bfloat16)``
+(as HuggingFace users cast whole models) move them but leave the int8 weights int8 and
+``weight_scale``, ``bias``, ``input_smoothing`` and ``act_scale`` float32 (the epilogue adds
+the bias in float32); only the activations follow the input's dtype.
+
+Gradients (frozen int8 base under a trainable adapter, e.g. LoRA): when grad is enabled
+and the input requires grad, every backend gives the same straight-through gradient
+``grad_x = grad_y @ W`` with ``W = weight * weight_scale[:, None]`` (the dequantized
+weight), computed in float32 and returned in the input's dtype: the activation
+quantization is passed straight through, the weights get no gradient (they are buffers).
+Without grad the integer op runs as is, at no extra cost. The attention math of
+:class:`DynamicMultiheadAttention` is ordinary float32 torch and differentiates as usual.
 """
 from __future__ import annotations
 
@@ -20,10 +33,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ...backends.reference_dynamic import EPS
 from ...backends.registry import get_op
-from ...dtypes import QuantDtype, get_dtype, qint8, qint8_narrow
+from ...dtypes import QuantDtype, qint8, qint8_narrow
 from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, linear_dynamic,
                                    linear_weight_only,
                                    max_in_features, quantize_per_token)
@@ -31,7 +45,26 @@ from ..module import Module
 
 __all__ = ["DynamicLinear", "WeightOnlyLinear", "StaticActLinear", "DynamicMultiheadAttention",
            "quantize_weight_per_channel",
-           "per_channel_weight_scale"]
+           "per_channel_weight_scale", "keep_off_torch_fast_path"]
+
+
+def _dtype_arg(dtype, allowed, what: str) -> QuantDtype:
+    """A dtype argument of the dynamic path: a gpuquant dtype or its name; ``torch.qint8``
+    (what users of PyTorch's ``quantize_dynamic`` pass) is read as ``gpuquant.qint8``, the
+    same range.
+
+    Raises:
+        TypeError, ValueError: as :func:`gpuquant.functional.dynamic._check_dtype` (the
+            message names ``what``, the value and the allowed dtypes).
+    """
+    if dtype is getattr(torch, "qint8", None):
+        dtype = qint8
+    return _check_dtype(dtype, allowed, what)
+
+
+def _dequantize(wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weight an int8 (N, K) weight stands for: ``wq * w_scale[:, None]``."""
+    return wq.to(torch.float32) * w_scale[:, None]
 
 
 def per_channel_weight_scale(weight: torch.Tensor,
@@ -62,7 +95,7 @@ def quantize_weight_per_channel(weight: torch.Tensor, dtype=qint8_narrow, scale=
         raise TypeError(f"weight must be a 2-D float tensor, got "
                         f"{getattr(weight, 'dtype', type(weight).__name__)} "
                         f"{tuple(getattr(weight, 'shape', ()))}")
-    d = _check_dtype(dtype, WEIGHT_DTYPES, "weight dtype")
+    d = _dtype_arg(dtype, WEIGHT_DTYPES, "weight dtype")
     if bool(torch.isnan(weight).any()) or bool(torch.isinf(weight).any()):
         raise ValueError("weight contains NaN or Inf, which have no int8 value")
     s = per_channel_weight_scale(weight, d) if scale is None else scale.detach().to(torch.float32)
@@ -78,10 +111,33 @@ def _check_linear(mod, what: str) -> None:
         raise TypeError(f"{what} needs a torch.nn.Linear (or subclass), got {type(mod).__name__}")
 
 
+class _StraightThroughInt8Linear(torch.autograd.Function):
+    """``y = compute(x)`` on the current backend's integer op; backward: the straight-through
+    gradient ``grad_x = grad_y @ dequantize(wq, w_scale)`` in float32, returned in ``x``'s
+    dtype, and none for the frozen int8 weight. Defined once here, so every backend gives the
+    same gradient (the ops themselves build no autograd graph)."""
+
+    @staticmethod
+    def forward(ctx, x, compute, wq, w_scale):
+        ctx.save_for_backward(wq, w_scale)
+        ctx.x_dtype = x.dtype
+        return compute(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        wq, w_scale = ctx.saved_tensors
+        grad_x = grad_y.to(torch.float32) @ _dequantize(wq, w_scale)
+        return grad_x.to(ctx.x_dtype), None, None, None
+
+
 class _Int8WeightLinear(Module):
     """Shared state: int8 ``weight`` (N, K), float32 ``weight_scale`` (N,), float32 ``bias``
     (N,) or None, optional float32 ``input_smoothing`` (K,) multiplied into the input first
-    (SmoothQuant's 1/s when it could not be folded into the previous layer)."""
+    (SmoothQuant's 1/s when it could not be folded into the previous layer).
+
+    Subclasses define ``_int8_linear(x, wq, w_scale, bias, out_dtype)``, the integer
+    computation; ``forward`` adds the checks, the float (debug) mode and the gradient."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  weight_dtype=qint8_narrow, device=None):
@@ -89,7 +145,7 @@ class _Int8WeightLinear(Module):
         for v, what in ((in_features, "in_features"), (out_features, "out_features")):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{what} must be an int >= 1, got {v!r}")
-        wd = _check_dtype(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
+        wd = _dtype_arg(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
         self.in_features, self.out_features, self.weight_dtype = in_features, out_features, wd
         self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.int8,
                                                    device=device))
@@ -112,6 +168,15 @@ class _Int8WeightLinear(Module):
             self.input_smoothing = smooth.detach().to(torch.float32).clone()
         return self
 
+    def _apply(self, fn, recurse=True):
+        # module casts (.half(), .to(torch.bfloat16), .double()) move the buffers but keep
+        # their dtypes: int8 weights, float32 scales and bias (the kernels take only those);
+        # the original tensor is moved, never a rounded copy cast back
+        def keep_dtype(t):
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+        return super()._apply(keep_dtype, recurse)
+
     # state_dict: the buffers, plus the dtype names as extra state; an input_smoothing
     # present in the state dict but not in this module is taken over
     def get_extra_state(self):
@@ -121,9 +186,9 @@ class _Int8WeightLinear(Module):
         return state
 
     def set_extra_state(self, state) -> None:
-        self.weight_dtype = get_dtype(state["weight_dtype"])
+        self.weight_dtype = _dtype_arg(state["weight_dtype"], WEIGHT_DTYPES, "weight_dtype")
         if "act_dtype" in state:
-            self.act_dtype = get_dtype(state["act_dtype"])
+            self.act_dtype = _dtype_arg(state["act_dtype"], ACT_DTYPES, "act_dtype")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "input_smoothing"
@@ -141,7 +206,7 @@ class _Int8WeightLinear(Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the integers stand for: ``weight * weight_scale[:, None]``."""
-        return self.weight.to(torch.float32) * self.weight_scale[:, None]
+        return _dequantize(self.weight, self.weight_scale)
 
     def _prepare(self, x: torch.Tensor):
         if self.training:
@@ -158,8 +223,26 @@ class _Int8WeightLinear(Module):
             return x.to(torch.float32) * self.input_smoothing
         return x
 
-    def _float_forward(self, x, out_dtype):
-        return F.linear(x.to(torch.float32), self.dequantized_weight(), self.bias).to(out_dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x)
+
+    def _linear(self, x: torch.Tensor, rows: Optional[slice] = None) -> torch.Tensor:
+        """The forward with only the weight's output rows ``rows`` (DynamicMultiheadAttention's
+        q / k / v parts of its packed in-projection); None: all of them."""
+        out_dtype = x.dtype if isinstance(x, torch.Tensor) else None
+        x = self._prepare(x)
+        wq, ws, b = self.weight, self.weight_scale, self.bias
+        if rows is not None:
+            wq, ws, b = wq[rows], ws[rows], None if b is None else b[rows]
+        if not self.quantize_enabled:
+            return F.linear(x.to(torch.float32), _dequantize(wq, ws), b).to(out_dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _StraightThroughInt8Linear.apply(
+                x, lambda t: self._int8_linear(t, wq, ws, b, out_dtype), wq, ws)
+        return self._int8_linear(x, wq, ws, b, out_dtype)
+
+    def _int8_linear(self, x, wq, w_scale, bias, out_dtype):
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -188,7 +271,7 @@ class DynamicLinear(_Int8WeightLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act_dtype=qint8,
                  weight_dtype=qint8_narrow, device=None):
         super().__init__(in_features, out_features, bias, weight_dtype, device)
-        ad = _check_dtype(act_dtype, ACT_DTYPES, "act_dtype")
+        ad = _dtype_arg(act_dtype, ACT_DTYPES, "act_dtype")
         self.act_dtype = ad
         k_max = max_in_features(ad, self.weight_dtype)
         if in_features > k_max:
@@ -214,14 +297,10 @@ class DynamicLinear(_Int8WeightLinear):
         wq, ws = quantize_weight_per_channel(qat.weight, qat.weight_dtype)
         return m._load_from_linear(qat, wq, ws)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = x.dtype if isinstance(x, torch.Tensor) else None
-        x = self._prepare(x)
-        if not self.quantize_enabled:
-            return self._float_forward(x, out_dtype)
+    def _int8_linear(self, x, wq, w_scale, bias, out_dtype):
         xq, xs = quantize_per_token(x, self.act_dtype)
-        return linear_dynamic(xq, xs, self.weight, self.weight_scale, self.bias, out_dtype,
-                              self.act_dtype, self.weight_dtype)
+        return linear_dynamic(xq, xs, wq, w_scale, bias, out_dtype, self.act_dtype,
+                              self.weight_dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act_dtype={self.act_dtype.name} (per token)"
@@ -231,7 +310,9 @@ class StaticActLinear(DynamicLinear):
     """W8A8 Linear with one static (calibrated) activation scale per tensor, float output.
 
     ``act_scale`` (float32 0-d buffer) quantizes every token the same way; otherwise as
-    :class:`DynamicLinear` (the same GEMM and epilogue). Pair with SmoothQuant
+    :class:`DynamicLinear` (the same GEMM and epilogue). A token holding NaN or Inf gives a
+    NaN output row on every backend, as in :class:`DynamicLinear` (its scale is NaN and its
+    integers 0, as ``quantize_per_token`` does; no host-side check). Pair with SmoothQuant
     (:func:`gpuquant.quantization.smoothquant.smooth_quant`) for transformers.
     """
 
@@ -259,27 +340,30 @@ class StaticActLinear(DynamicLinear):
         a = float(act_absmax)
         if not (a >= 0 and a != float("inf")):
             raise ValueError(f"act_absmax must be finite and >= 0, got {a!r}")
-        ad = get_dtype(act_dtype)
+        ad = _dtype_arg(act_dtype, ACT_DTYPES, "act_dtype")
         scale = max(torch.tensor(a, dtype=torch.float32) / float(ad.qmax), torch.tensor(EPS))
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, ad,
                 weight_dtype, act_scale=float(scale), device=linear.weight.device)
         return m._load_from_linear(linear)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = x.dtype if isinstance(x, torch.Tensor) else None
-        x = self._prepare(x)
-        if not self.quantize_enabled:
-            return self._float_forward(x, out_dtype)
-        k = self.in_features
-        x2 = x.reshape(-1, k).contiguous()
+    def _quantize_static(self, x: torch.Tensor):
+        """``x`` (..., K) -> (int8 of x's shape, float32 scale per token of x.shape[:-1])."""
         d = self.act_dtype
-        zp = torch.zeros((), dtype=torch.int32, device=x.device)
-        xq = get_op("quantize", x2)(x2, self.act_scale, zp, d.qmin, d.qmax, None, torch.int8) \
-            if x2.shape[0] else torch.empty(x2.shape, dtype=torch.int8, device=x.device)
-        xs = self.act_scale.expand(x2.shape[0]).contiguous()
-        y = linear_dynamic(xq, xs, self.weight, self.weight_scale, self.bias, out_dtype, d,
-                           self.weight_dtype)
-        return y.reshape(tuple(x.shape[:-1]) + (self.out_features,))
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        bad = ~torch.isfinite(x2).all(dim=1)
+        xs = torch.where(bad, float("nan"), self.act_scale)
+        if x2.shape[0]:
+            zp = torch.zeros((), dtype=torch.int32, device=x.device)
+            xq = get_op("quantize", x2)(x2, self.act_scale, zp, d.qmin, d.qmax, None, torch.int8)
+            xq.masked_fill_(bad[:, None], 0)  # whatever the backend made of NaN / Inf
+        else:
+            xq = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+        return xq.reshape(x.shape), xs.reshape(x.shape[:-1])
+
+    def _int8_linear(self, x, wq, w_scale, bias, out_dtype):
+        xq, xs = self._quantize_static(x)
+        return linear_dynamic(xq, xs, wq, w_scale, bias, out_dtype, self.act_dtype,
+                              self.weight_dtype)
 
     def extra_repr(self) -> str:
         return (_Int8WeightLinear.extra_repr(self) +
@@ -307,12 +391,8 @@ class WeightOnlyLinear(_Int8WeightLinear):
         _check_linear(qat, "WeightOnlyLinear.from_qat_module")
         return cls.from_float_module(qat, qat.weight_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out_dtype = x.dtype if isinstance(x, torch.Tensor) else None
-        x = self._prepare(x)
-        if not self.quantize_enabled:
-            return self._float_forward(x, out_dtype)
-        return linear_weight_only(x, self.weight, self.weight_scale, self.bias).to(out_dtype)
+    def _int8_linear(self, x, wq, w_scale, bias, out_dtype):
+        return linear_weight_only(x, wq, w_scale, bias).to(out_dtype)
 
 
 class DynamicMultiheadAttention(Module):
@@ -328,17 +408,51 @@ class DynamicMultiheadAttention(Module):
     ``add_bias_kv`` / ``add_zero_attn`` (:func:`supports` says; ``quantize_dynamic`` leaves
     other MHAs float and logs which). Dropout is inference-off.
 
-    Forward arguments and results are those of ``torch.nn.MultiheadAttention.forward``.
+    Forward arguments and results are those of ``torch.nn.MultiheadAttention.forward``
+    (attention weights in the query's dtype, as torch returns them).
+
+    Args:
+        embed_dim, num_heads, batch_first, bias: as ``torch.nn.MultiheadAttention``.
+        act_dtype, weight_dtype: as :class:`DynamicLinear`.
+        weight_only: :class:`WeightOnlyLinear` projections instead of W8A8.
+
+    Raises:
+        ValueError: sizes < 1, ``embed_dim`` not divisible by ``num_heads``, unsupported dtypes.
     """
 
-    def __init__(self, in_proj, out_proj, num_heads: int, batch_first: bool):
+    # torch.nn.TransformerEncoderLayer reads these to decide on its fused fast path
+    # (torch._transformer_encoder_layer_fwd, which takes the float weights). Like torch's
+    # own MHA without a packed float in-projection, this one has no in_proj_weight, so the
+    # layer runs its ordinary forward, which calls this module.
+    _qkv_same_embed_dim = False
+    in_proj_weight = None
+
+    def __init__(self, embed_dim: int, num_heads: int, batch_first: bool = False,
+                 bias: bool = True, act_dtype=qint8, weight_dtype=qint8_narrow,
+                 weight_only: bool = False, device=None):
         super().__init__()
-        self.in_proj, self.out_proj = in_proj, out_proj
-        self.embed_dim = out_proj.in_features
+        for v, what in ((embed_dim, "embed_dim"), (num_heads, "num_heads")):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{what} must be an int >= 1, got {v!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if weight_only:
+            def proj(n):
+                return WeightOnlyLinear(embed_dim, n, bias, weight_dtype, device)
+        else:
+            def proj(n):
+                return DynamicLinear(embed_dim, n, bias, act_dtype, weight_dtype, device)
+        self.in_proj, self.out_proj = proj(3 * embed_dim), proj(embed_dim)
+        self.embed_dim = embed_dim
         self.num_heads = num_heads
-        self.head_dim = self.embed_dim // num_heads
-        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        self.batch_first = bool(batch_first)
         self.train(False)
+
+    @property
+    def in_proj_bias(self) -> Optional[torch.Tensor]:
+        """The float32 bias of the packed in-projection (read by torch's Transformer layers)."""
+        return self.in_proj.bias
 
     @staticmethod
     def supports(mha: torch.nn.MultiheadAttention) -> Optional[str]:
@@ -365,29 +479,23 @@ class DynamicMultiheadAttention(Module):
             raise (TypeError if not isinstance(mha, torch.nn.MultiheadAttention) else ValueError)(
                 f"DynamicMultiheadAttention cannot convert this module: {why}")
         e = mha.embed_dim
-        lin_in = torch.nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None,
-                                 device=mha.in_proj_weight.device)
+        dev = mha.in_proj_weight.device
+        lin_in = torch.nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None, device=dev)
         with torch.no_grad():
             lin_in.weight.copy_(mha.in_proj_weight)
             if mha.in_proj_bias is not None:
                 lin_in.bias.copy_(mha.in_proj_bias)
-        def conv(lin):
-            if weight_only:
-                return WeightOnlyLinear.from_float_module(lin, weight_dtype)
-            return DynamicLinear.from_float_module(lin, act_dtype, weight_dtype)
-        return cls(conv(lin_in), conv(mha.out_proj), mha.num_heads, mha.batch_first)
+        m = cls(e, mha.num_heads, mha.batch_first, mha.in_proj_bias is not None, act_dtype,
+                weight_dtype, weight_only, device=dev)
+        cls_proj = type(m.in_proj)
+        args = (weight_dtype,) if weight_only else (act_dtype, weight_dtype)
+        m.in_proj = cls_proj.from_float_module(lin_in, *args)
+        m.out_proj = cls_proj.from_float_module(mha.out_proj, *args)
+        return m
 
     def _project(self, x, part: int):
-        p = self.in_proj
         e = self.embed_dim
-        lo, hi = part * e, (part + 1) * e
-        b = None if p.bias is None else p.bias[lo:hi]
-        x = p._prepare(x)
-        if isinstance(p, WeightOnlyLinear):
-            return linear_weight_only(x, p.weight[lo:hi], p.weight_scale[lo:hi], b)
-        xq, xs = quantize_per_token(x, p.act_dtype)
-        return linear_dynamic(xq, xs, p.weight[lo:hi], p.weight_scale[lo:hi], b, x.dtype,
-                              p.act_dtype, p.weight_dtype)
+        return self.in_proj._linear(x, slice(part * e, (part + 1) * e))
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
@@ -440,6 +548,7 @@ class DynamicMultiheadAttention(Module):
                 weights = weights.mean(dim=1)
             if unbatched:
                 weights = weights.squeeze(0)
+            weights = weights.to(out_dtype)
         return out, weights
 
 
@@ -449,3 +558,27 @@ def _additive(mask: torch.Tensor, device) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, device=device).masked_fill_(mask, float("-inf"))
     return mask.to(torch.float32)
+
+
+def keep_off_torch_fast_path(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep torch's fused Transformer paths away from the int8 modules of this file.
+
+    ``torch.nn.TransformerEncoderLayer`` (eval, no grad, batch_first) may call
+    ``torch._transformer_encoder_layer_fwd`` with its submodules' ``weight`` tensors (int8
+    buffers here), and ``torch.nn.TransformerEncoder`` may turn a padded batch into a nested
+    tensor, which the int8 Linears do not take. For every encoder layer holding one of these
+    modules this sets ``activation_relu_or_gelu = 0`` (read only to choose the fused path; the
+    layer's ordinary forward applies ``activation`` itself), and for every encoder holding
+    such layers ``use_nested_tensor = False`` (what torch's ``__init__`` decides for layers
+    that cannot take the fast path). Called by ``quantize_dynamic``,
+    ``quantize_static_linear`` and ``gpuquant.load``; returns ``model``.
+    """
+    def holds_int8(mod):
+        return any(isinstance(m, (_Int8WeightLinear, DynamicMultiheadAttention))
+                   for m in mod.modules())
+    for m in model.modules():
+        if isinstance(m, torch.nn.TransformerEncoderLayer) and holds_int8(m):
+            m.activation_relu_or_gelu = 0
+        elif isinstance(m, torch.nn.TransformerEncoder) and holds_int8(m):
+            m.use_nested_tensor = False
+    return model

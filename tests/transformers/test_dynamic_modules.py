@@ -1,0 +1,311 @@
+"""The transformer int8 modules inside real models: torch's Transformer layers (kept off
+their fused fast path), gradients through a frozen int8 base, non-finite input to the static
+path, module dtype casts, calibration on empty batches, conversion errors and dtype
+arguments."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gpuquant
+from gpuquant import backends
+from gpuquant.nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
+from gpuquant.nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
+                                                  StaticActLinear, WeightOnlyLinear)
+from gpuquant.quantization.dynamic import prepare_dynamic_qat, quantize_dynamic
+from gpuquant.quantization.smoothquant import (SmoothedLinear, calibrate_linear_inputs,
+                                               quantize_static_linear)
+
+BACKENDS = [b for b in ("reference", "numpy", "triton") if b in backends.available()]
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _slow_path(fn, *args, **kwargs):
+    """``fn(*args)`` with torch's Transformer / MHA fast paths switched off: what a model
+    whose attention is int8 must compute (a float MultiheadAttention, left float, may still
+    take its own fused kernel, so there only the float model is the reference)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def _assert_close_to_float(y, ref):
+    cos = F.cosine_similarity(y.float().reshape(-1, y.shape[-1]),
+                              ref.float().reshape(-1, ref.shape[-1]), dim=1)
+    assert float(cos.min()) > 0.999, float(cos.min())
+
+
+# --------------------------------------------------------------- torch Transformer layers
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("skip_attention", [False, True])
+def test_encoder_layer_batch_first_runs_the_int8_path(norm_first, skip_attention):
+    """batch_first=True under no_grad is where torch's layer takes its fused fast path (int8
+    buffers as float weights); converted, it must run its ordinary forward, also when only
+    the feed-forward Linears are int8 (the attention left float by filter_fn)."""
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True,
+                                       norm_first=norm_first).eval()
+    keep = (lambda m, n: "self_attn" not in n) if skip_attention else None
+    q = quantize_dynamic(layer, inplace=False, filter_fn=keep)
+    assert isinstance(q.linear1, DynamicLinear)
+    assert isinstance(q.self_attn, nn.MultiheadAttention if skip_attention
+                      else DynamicMultiheadAttention)
+    x = torch.randn(3, 7, 32)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(7)
+    for kw in ({}, {"src_key_padding_mask": pad}, {"src_mask": causal, "is_causal": True}):
+        with torch.no_grad():
+            y = q(x, **kw)
+            _assert_close_to_float(y, layer(x, **kw))
+        if not skip_attention:  # no grad and grad enabled: the same (ordinary) path
+            assert torch.equal(y, _slow_path(q, x, **kw))
+            assert torch.equal(q(x, **kw).detach(), y)
+
+
+def test_encoder_nested_tensor_fast_path_is_kept_off():
+    """TransformerEncoder turns a padded batch into a nested tensor when its first layer
+    looks fast-path-able; int8 layers take dense tensors only."""
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0,
+                                                           batch_first=True), 2).eval()
+    assert enc.use_nested_tensor
+    q = quantize_dynamic(enc, inplace=False)
+    assert not q.use_nested_tensor and enc.use_nested_tensor
+    x = torch.randn(2, 9, 32)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, 5:] = True
+    with torch.no_grad():
+        for kw in ({}, {"src_key_padding_mask": pad}):
+            y = q(x, **kw)
+            assert not y.is_nested and torch.equal(y, _slow_path(q, x, **kw))
+            keep = ~pad if kw else torch.ones(2, 9, dtype=torch.bool)  # torch zeroes the pads
+            _assert_close_to_float(y[keep], enc(x, **kw)[keep])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_transformer_encoder_decoder(batch_first):
+    t = nn.Transformer(32, 4, 2, 1, 64, dropout=0.0, batch_first=batch_first).eval()
+    q = quantize_dynamic(t, inplace=False)
+    src, tgt = torch.randn(5, 2, 32), torch.randn(3, 2, 32)
+    if batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    with torch.no_grad():
+        y = q(src, tgt)
+        assert torch.equal(y, _slow_path(q, src, tgt))
+        _assert_close_to_float(y, t(src, tgt))
+
+
+def test_static_linear_in_encoder_layer_stays_off_fast_path():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    q = quantize_static_linear(layer, calibrate_linear_inputs(layer, [x]), inplace=False)
+    assert isinstance(q.linear1, StaticActLinear)
+    with torch.no_grad():
+        _assert_close_to_float(q(x), layer(x))
+
+
+def test_mha_attention_weights_in_input_dtype():
+    for dt in (torch.float16, torch.bfloat16):
+        mha = nn.MultiheadAttention(16, 2, batch_first=True).eval().to(dt)
+        q = quantize_dynamic(mha, inplace=False)
+        x = torch.randn(2, 4, 16, dtype=dt)
+        with torch.no_grad():
+            w, (yq, wq) = mha(x, x, x)[1], q(x, x, x)
+            _, wq_heads = q(x, x, x, average_attn_weights=False)
+        assert w.dtype == dt and yq.dtype == dt and wq.dtype == dt and wq_heads.dtype == dt
+        assert (wq.float() - w.float()).abs().max() < 0.02
+
+
+# --------------------------------------------------------------------------- gradients
+
+def _modules(k=33, n=17):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n)
+    smoothed = SmoothedLinear(k, n)
+    with torch.no_grad():
+        smoothed.weight.copy_(lin.weight)
+        smoothed.bias.copy_(lin.bias)
+        smoothed.input_smoothing.uniform_(0.5, 2.0)
+    return {
+        "dynamic": DynamicLinear.from_float_module(lin),
+        "dynamic_smoothed": DynamicLinear.from_float_module(smoothed),
+        "weight_only": WeightOnlyLinear.from_float_module(lin),
+        "static": StaticActLinear.from_float_module(lin, act_absmax=3.0),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["dynamic", "dynamic_smoothed", "weight_only", "static"])
+def test_straight_through_input_gradient_same_on_every_backend(kind, dtype):
+    """grad_x = grad_y @ (weight * weight_scale) in float32, in x's dtype, on every backend;
+    the int8 buffers get none; the forward is the no-grad forward, bytes for bytes."""
+    m = _modules()[kind].eval()
+    assert not list(m.parameters())
+    x0 = torch.randn(2, 7, 33).to(dtype)
+    g = torch.randn(2, 7, 17).to(dtype)
+    want = g.float() @ m.dequantized_weight()
+    if m.input_smoothing is not None:  # x * input_smoothing in float32, then the Linear
+        want = want * m.input_smoothing
+    want = want.to(dtype)
+    for be in BACKENDS:
+        with backends.use(be):
+            x = x0.clone().requires_grad_(True)
+            y = m(x)
+            with torch.no_grad():
+                assert torch.equal(y.detach(), m(x0))
+            y.backward(g)
+        assert x.grad.dtype == dtype and torch.equal(x.grad, want), be
+    assert all(b.grad is None for b in m.buffers())
+
+
+def test_gradient_reaches_layers_before_a_frozen_int8_base():
+    """LoRA-style: a trainable layer feeds a frozen int8 base and an adapter; the base passes
+    the gradient straight through (so it is close to the float model's), the same bytes on
+    every backend, also through DynamicMultiheadAttention."""
+    torch.manual_seed(1)
+    up = nn.Linear(8, 16)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    q = quantize_dynamic(copy.deepcopy(mha))
+    x = torch.randn(3, 5, 8)
+
+    def grad_of_up(attn):
+        up.zero_grad()
+        h = up(x)
+        attn(h, h, h, need_weights=False)[0].pow(2).sum().backward()
+        return up.weight.grad.clone()
+    g_float = grad_of_up(mha)
+    grads = []
+    for be in BACKENDS:
+        with backends.use(be):
+            grads.append(grad_of_up(q))
+    assert all(torch.equal(g, grads[0]) for g in grads)
+    assert float((grads[0] - g_float).norm() / g_float.norm()) < 0.05
+
+
+def test_no_grad_forward_builds_no_graph():
+    m = _modules()["dynamic"]
+    x = torch.randn(4, 33, requires_grad=True)
+    with torch.no_grad():
+        assert m(x).grad_fn is None
+    assert m(x.detach()).grad_fn is None
+    assert m(x).grad_fn is not None
+
+
+# ------------------------------------------------------------- static path, non-finite rows
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN -> int cast
+def test_static_act_linear_non_finite_rows_give_nan_on_every_backend():
+    torch.manual_seed(2)
+    lin = nn.Linear(37, 6)
+    s = StaticActLinear.from_float_module(lin, act_absmax=3.0)
+    x = torch.randn(5, 37)
+    x[1, 5], x[2, 36], x[3, 0] = float("nan"), float("inf"), -float("inf")
+    outs = {}
+    for be in BACKENDS:
+        with backends.use(be):
+            xq, xs = s._quantize_static(x)
+            outs[be] = (xq, xs, s(x), s(x.to(torch.bfloat16)))
+    xq, xs, y, y16 = outs["numpy"]
+    assert not bool(xq[1:4].any()) and bool(torch.isnan(xs[1:4]).all())
+    assert bool(torch.isnan(y[1:4]).all()) and bool(torch.isnan(y16[1:4]).all())
+    assert bool(torch.isfinite(y[[0, 4]]).all())
+    for be, got in outs.items():  # exact, NaN where NaN (its sign and payload may differ)
+        for a, b in zip(got, outs["numpy"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=be)
+
+
+# --------------------------------------------------------------------------- dtype casts
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "to_bf16"])
+def test_module_casts_keep_int8_and_float32_buffers(cast):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16),
+                          nn.MultiheadAttention(16, 2, batch_first=True))
+    x = torch.randn(2, 3, 8)
+    calib = calibrate_linear_inputs(model[:3], [x])
+    variants = [quantize_dynamic(model, inplace=False),
+                quantize_dynamic(model, inplace=False, weight_only=True),
+                quantize_static_linear(model[:3], calib, inplace=False)]
+    for q in variants:
+        before = {k: v.clone() for k, v in q.state_dict().items() if isinstance(v, torch.Tensor)}
+        c = copy.deepcopy(q)
+        c = {"half": c.half, "bfloat16": c.bfloat16, "double": c.double,
+             "to_bf16": lambda: c.to(torch.bfloat16)}[cast]()
+        after = c.state_dict()
+        for k, v in before.items():
+            assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+        xd = x.to({"half": torch.float16, "double": torch.float32}.get(cast, torch.bfloat16))
+        with torch.no_grad():
+            assert torch.equal(_run(c, xd), _run(q, xd))
+
+
+def _run(model, x):
+    h = model[:3](x)
+    return model[3](h, h, h)[0] if len(model) == 4 else h
+
+
+# --------------------------------------------------------------------------- calibration
+
+def test_calibration_skips_empty_batches():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    data = [torch.randn(4, 16), torch.randn(0, 16), torch.randn(2, 0, 16), torch.randn(3, 16)]
+    got = calibrate_linear_inputs(model, data)
+    want = calibrate_linear_inputs(model, [data[0], data[3]])
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match="no Linear ran on the calibration data"):
+        calibrate_linear_inputs(model, [torch.randn(0, 16)])
+
+
+# --------------------------------------------------------------------- conversion errors
+
+def test_nan_weight_is_named_and_nothing_is_swapped():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)),
+                      nn.MultiheadAttention(4, 2))
+    with torch.no_grad():
+        m[1][0].weight[2, 1] = float("nan")
+    children = list(m.modules())
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match=r"quantize_dynamic: 1\.0 \(Linear\): its weight "
+                                             r"holds NaN or Inf"):
+            quantize_dynamic(m, inplace=inplace)
+        assert list(m.modules()) == children  # the same objects: nothing swapped
+    m2 = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2))
+    with torch.no_grad():
+        m2[1].out_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"1 \(MultiheadAttention\): its weight holds NaN"):
+        quantize_dynamic(m2)
+    assert type(m2[0]) is nn.Linear
+    # excluded by filter_fn: the rest converts
+    q = quantize_dynamic(m, inplace=False, filter_fn=lambda mod, n: n != "1.0")
+    assert isinstance(q[0], DynamicLinear) and type(q[1][0]) is nn.Linear
+
+
+def test_dtype_arguments_shared_by_every_entry_point():
+    m = nn.Sequential(nn.Linear(4, 4))
+    qat = prepare_dynamic_qat(m, dtype=torch.qint8, inplace=False)[0]
+    ref = prepare_dynamic_qat(m, dtype=gpuquant.qint8, inplace=False)[0]
+    assert isinstance(qat, QATDynamicLinear) and qat.act_dtype is gpuquant.qint8
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(qat(x), ref(x))
+    assert quantize_dynamic(m, dtype="qint8_narrow", inplace=False)[0].act_dtype \
+        is gpuquant.qint8_narrow
+    s = quantize_static_linear(m, {"0": torch.ones(4)}, dtype=torch.qint8, inplace=False)[0]
+    assert isinstance(s, StaticActLinear) and s.act_dtype is gpuquant.qint8
+    for fn in (quantize_dynamic, prepare_dynamic_qat):
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: dtype must be one of "
+                                             r"\['qint8', 'qint8_narrow'\], got quint8"):
+            fn(m, dtype=gpuquant.quint8, inplace=False)
+        with pytest.raises(ValueError, match=rf"{fn.__name__}: weight_dtype must be one of "
+                                             r"\['qint8_narrow', 'qint8'\], got qint4"):
+            fn(m, weight_dtype=gpuquant.qint4, inplace=False)
+        with pytest.raises(TypeError, match="torch.quint8"):
+            fn(m, dtype=torch.quint8, inplace=False)
+    with pytest.raises(ValueError, match=r"quantize_static_linear: dtype must be one of"):
+        quantize_static_linear(m, {"0": torch.ones(4)}, dtype=gpuquant.quint8)
