@@ -467,7 +467,8 @@ def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQua
 
     Raises:
         ValueError: fake quantization needs qparams but there is no observer, or the
-            observer has not observed anything (e.g. disabled from the start).
+            observer has not observed anything (e.g. disabled from the start, or only
+            empty inputs so far).
     """
     # ---- FUSED FAST PATH: the single place for it (Triton issue) ------------------------
     # A backend op "observe_fake_quant" (try_op("observe_fake_quant", x, ...)) may record the
@@ -495,5 +496,10 @@ def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQua
                 return fake_quant(x, None)  # data initialisation
             raise ValueError(f"{type(fake_quant).__name__} needs qparams but no observer was "
                              f"given (QConfig observer field is None)")
+        # an empty first batch: say so (an observer without the flag reports for itself)
+        if x.numel() == 0 and not getattr(observer, "has_observed", True):
+            raise ValueError(f"{type(observer).__name__} has not observed any data: its input "
+                             f"was empty (shape {tuple(x.shape)}) and an empty tensor records "
+                             f"nothing; run a non-empty batch first")
         qparams = observer.get_qparams()
     return fake_quant(x, qparams)

@@ -177,8 +177,9 @@ class Observer(nn.Module):
 
     def _require_observed(self) -> None:
         if not self._observed:
-            raise ValueError(f"{self._name()} has not observed any data: call it on a tensor "
-                             f"(or load a state_dict) before get_qparams()")
+            raise ValueError(f"{self._name()} has not observed any data: call it on a "
+                             f"non-empty tensor (an empty one records nothing) or load a "
+                             f"state_dict before get_qparams()")
 
     def _resolve_axis(self, x: torch.Tensor) -> Optional[int]:
         if self.axis is None:

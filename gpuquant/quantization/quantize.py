@@ -82,8 +82,30 @@ def _check_module(module, fn: str) -> None:
         raise TypeError(f"{fn}: module must be a torch.nn.Module, got {type(module).__name__}")
 
 
+def _check_bool(value, fn: str, arg: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {arg} must be a bool (True or False), got {value!r}")
+
+
 def _disabled(m) -> bool:
     return isinstance(m, Module) and m.quantize_disabled
+
+
+def _where(name: str, m) -> str:
+    return f"module {name or '<root>'!r} ({type(m).__name__})"
+
+
+def _qconfig_of(m, name: str, inherited: QConfig) -> QConfig:
+    """``m``'s own ``qconfig`` attribute (any torch.nn.Module may carry one), else
+    ``inherited``."""
+    qc = getattr(m, "qconfig", None)
+    if qc is None:
+        return inherited
+    if not isinstance(qc, QConfig):
+        raise TypeError(f"quantize_qat: {_where(name, m)} has a qconfig attribute of type "
+                        f"{type(qc).__name__}; it must be a gpuquant.quantization.QConfig "
+                        f"or None")
+    return qc
 
 
 def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconfig,
@@ -92,8 +114,14 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
     """Replace every quantizable float module (``gpuquant.nn``) by its QAT version and give
     it observers and fake quants from ``qconfig``.
 
-    A float module whose ``qconfig`` attribute is set uses that one (for itself and the
-    modules under it); ``disable_quantize()`` keeps a module (and its subtree) float.
+    A module whose ``qconfig`` attribute is set (a ``gpuquant.nn`` module or any
+    ``torch.nn.Module`` container, e.g. a ``torch.nn.Sequential``) uses that one for itself
+    and the modules under it; ``disable_quantize()`` keeps a module (and its subtree) float.
+
+    QAT modules already in the model are kept (converting twice is a no-op) when their
+    qconfig is the one they would get; to change the quantizers of a QAT model use
+    :func:`propagate_qconfig` (fresh observers) or :func:`reset_qconfig` (carries the
+    qparams over). QAT modules built directly, without a qconfig, get theirs here.
 
     Args:
         module: the float model (or a single gpuquant.nn module).
@@ -112,8 +140,11 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
         The QAT model (use the return value: a module passed alone is replaced, not changed).
 
     Raises:
-        TypeError: not a module, a bad qconfig or mapping, or a gpuquant float module whose
-            class has no QAT version in the mapping (named in the message).
+        TypeError: not a module, a bad qconfig, mapping or inplace, a ``qconfig`` attribute
+            that is not a QConfig, or a gpuquant float module whose class has no QAT version
+            in the mapping (named in the message).
+        ValueError: a QAT module already in the model has another qconfig than the one it
+            would get (named in the message).
 
     Example:
         >>> qat_model = quantize_qat(gpuquant.models.resnet18(), ema_fakequant_qconfig)
@@ -123,31 +154,54 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
         raise TypeError(f"quantize_qat: qconfig must be a gpuquant.quantization.QConfig, got "
                         f"{type(qconfig).__name__}")
     mapping = _check_mapping(mapping, _QAT_MAP, "from_float_module", "quantize_qat")
+    _check_bool(inplace, "quantize_qat", "inplace")
     if not inplace:
         module = copy.deepcopy(module)
     if needs_dropin(module):  # plain torch.nn model: trace, fuse into gpuquant.nn, add stubs
         module = prepare_plain(module, example_inputs)
 
+    # the whole tree is checked before the model is changed: (parent, child name, new child)
+    # and (QAT module built directly, its qconfig)
+    swaps, unready = [], []
+
     def convert(m, name: str, inherited: QConfig):
-        if _disabled(m) or isinstance(m, (QATModule, QuantizedModule)):
+        if _disabled(m) or isinstance(m, QuantizedModule):
             return m
-        qc = m.qconfig if isinstance(m, Module) and m.qconfig is not None else inherited
+        if isinstance(m, QATModule):
+            if not m.__dict__.get("_qat_ready", False):  # no quantizers yet
+                unready.append((m, _qconfig_of(m, name, inherited)))
+            elif m.qconfig != (m.qconfig if m.__dict__.get("_own_qconfig") else inherited):
+                raise ValueError(
+                    f"quantize_qat: {_where(name, m)} is already a QAT module with another "
+                    f"qconfig; quantize_qat does not replace quantizers: call "
+                    f"gpuquant.quantization.propagate_qconfig(model, qconfig) for fresh "
+                    f"observers and fake quants, or reset_qconfig(model, qconfig) to carry the "
+                    f"current qparams over")
+            return m
+        qc = _qconfig_of(m, name, inherited)
         cls = mapping.get(type(m))
         if cls is not None:
             new = cls.from_float_module(m)
             new.set_qconfig(qc)
+            if qc is not inherited:  # its own qconfig attribute: kept by a second call
+                new.__dict__["_own_qconfig"] = True
             return new
         if isinstance(m, tuple(_QAT_MAP)):
             raise TypeError(f"quantize_qat: module {name or '<root>'!r} of type "
                             f"{type(m).__name__} has no QAT version in the mapping; pass "
                             f"mapping={{{type(m).__name__}: ...}} or call disable_quantize() on it")
-        for child_name, child in list(m.named_children()):
+        for child_name, child in m.named_children():
             new = convert(child, f"{name}.{child_name}" if name else child_name, qc)
             if new is not child:
-                setattr(m, child_name, new)
+                swaps.append((m, child_name, new))
         return m
 
-    return convert(module, "", qconfig)
+    out = convert(module, "", qconfig)
+    for parent, child_name, new in swaps:
+        setattr(parent, child_name, new)
+    for m, qc in unready:
+        m.set_qconfig(qc)
+    return out
 
 
 def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
@@ -167,14 +221,22 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
         The quantized model (use the return value).
 
     Raises:
-        TypeError: a bad mapping, or a QAT module whose class is not in it (named).
-        ValueError: a module not observed yet, or fed by a float op (named in the message).
+        TypeError: a bad mapping or inplace, or a QAT module whose class is not in the
+            mapping (named).
+        ValueError: no QAT module in the model (call :func:`quantize_qat` first), a module
+            not observed yet, or one fed by a float op (named in the message).
 
     Example:
         >>> int8_model = quantize(qat_model)
     """
     _check_module(module, "quantize")
     mapping = _check_mapping(mapping, _QUANTIZED_MAP, "from_qat_module", "quantize")
+    _check_bool(inplace, "quantize", "inplace")
+    if not any(isinstance(m, (QATModule, QuantizedModule)) for m in module.modules()):
+        raise ValueError(f"quantize: no QAT module found in the {type(module).__name__} "
+                         f"model; convert it with gpuquant.quantization.quantize_qat(model, "
+                         f"qconfig) and train or calibrate it first (a model from "
+                         f"prepare_dynamic_qat converts with quantize_dynamic)")
     if not inplace:
         module = copy.deepcopy(module)
 
@@ -243,8 +305,7 @@ def freeze_bn_stats(module: torch.nn.Module, freeze: bool = True) -> torch.nn.Mo
         TypeError: ``module`` is not a torch.nn.Module, or ``freeze`` is not a bool.
     """
     _check_module(module, "freeze_bn_stats")
-    if not isinstance(freeze, bool):
-        raise TypeError(f"freeze_bn_stats: freeze must be a bool, got {type(freeze).__name__}")
+    _check_bool(freeze, "freeze_bn_stats", "freeze")
     for m in _bn_folded(module):
         m.freeze_bn_stats(freeze)
     return module
@@ -305,11 +366,12 @@ def reset_qconfig(module: torch.nn.Module, qconfig: QConfig,
     next forward). MegEngine's ``reset_qconfig``.
 
     Raises:
-        TypeError: ``qconfig`` is not a QConfig.
+        TypeError: ``qconfig`` is not a QConfig, or ``inplace`` not a bool.
     """
     _check_module(module, "reset_qconfig")
     if not isinstance(qconfig, QConfig):
         raise TypeError(f"reset_qconfig: qconfig must be a QConfig, got {type(qconfig).__name__}")
+    _check_bool(inplace, "reset_qconfig", "inplace")
     if not inplace:
         module = copy.deepcopy(module)
 

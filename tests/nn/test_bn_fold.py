@@ -201,3 +201,33 @@ def test_one_value_per_channel_in_training_is_refused(mode):
     with pytest.raises(ValueError, match="LinearBn1d.*more than 1 value"):
         lin(torch.randn(1, 3))
     conv.eval()(torch.randn(1, 3, 1, 1))  # eval: running statistics, any batch
+
+
+@pytest.mark.parametrize("cls", [gnn.ConvBn2d, gnn.ConvBnRelu2d, gnn.ConvBnRelu62d],
+                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["single", "exact"])
+def test_half_precision_model_trains_a_step(cls, dtype, mode):
+    """A model cast to float16 / bfloat16 (no autocast) trains: the fold stays in the
+    parameters' dtype (no float32 promotion), output in the input's dtype, finite loss and
+    gradients in the parameters' dtype; with fake quant and observers off the output is the
+    float module's to the dtype's rounding."""
+    torch.manual_seed(11)
+    f = randomize_bn(cls(3, 5, 3, padding=1, bias=True)).to(dtype).train()
+    ref = copy.deepcopy(f)
+    q = set_bn_fold(quantize_qat(copy.deepcopy(f), ema_fakequant_qconfig, inplace=False),
+                    mode).train()
+    x = (torch.randn(4, 3, 7, 9) * 2).to(dtype)
+    y = q(x)
+    assert y.dtype == dtype and y.shape == (4, 5, 7, 9)
+    loss = y.float().square().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in q.named_parameters():
+        assert p.grad is not None and p.grad.dtype == dtype, name
+        assert torch.isfinite(p.grad).all(), name
+    assert q.bn.running_mean.dtype == dtype and torch.isfinite(q.bn.running_var).all()
+    off = _float_off(quantize_qat(copy.deepcopy(f), ema_fakequant_qconfig, inplace=False))
+    y_off = set_bn_fold(off, mode).train()(x)
+    assert y_off.dtype == dtype
+    torch.testing.assert_close(y_off.float(), ref(x).float(), rtol=5e-2, atol=5e-2)

@@ -2,6 +2,7 @@
 BN folding edge cases, model-code compatibility, bad input."""
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import gpuquant
 import gpuquant.nn as gnn
 import gpuquant.nn.qat as qat_nn
 import gpuquant.nn.quantized as qnn
+from gpuquant.nn.qat.module import QATModule
+from gpuquant.nn.quantized.module import QuantizedModule
 from gpuquant.quantization import (FakeQuantBase, Observer, calibration_qconfig,
                                    disable_fake_quant, disable_observer, ema_fakequant_qconfig,
                                    ema_lowbit_fakequant_qconfig, enable_fake_quant,
@@ -384,3 +387,191 @@ def test_freeze_bn_stats_on_a_whole_model():
         freeze_bn_stats(q, 1)
     with pytest.raises(TypeError):
         freeze_bn_stats("model")
+
+
+class _Box(torch.nn.Module):
+    """A plain torch.nn container subclass (not a gpuquant.nn.Module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = gnn.ConvBnRelu2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+@pytest.mark.parametrize("container", ["sequential", "modulelist", "subclass"])
+def test_qconfig_on_a_torch_nn_container_is_honoured(container):
+    """A qconfig set on a plain torch.nn container applies to everything under it (nested
+    too), as on a gpuquant.nn.Module container; the rest keeps the argument's."""
+    inner = {"sequential": lambda: torch.nn.Sequential(gnn.ConvBnRelu2d(3, 4, 3),
+                                                        torch.nn.Sequential(gnn.Linear(4, 2))),
+             "modulelist": lambda: torch.nn.ModuleList([gnn.ConvBnRelu2d(3, 4, 3),
+                                                        gnn.Linear(4, 2)]),
+             "subclass": _Box}[container]()
+    inner.qconfig = lsq_qconfig
+    model = torch.nn.Sequential(gnn.QuantStub(), inner, gnn.Linear(3, 3), gnn.DequantStub())
+    q = quantize_qat(model, ema_fakequant_qconfig)
+    under = [m for m in q[1].modules() if isinstance(m, QATModule)]
+    assert under and all(m.qconfig is lsq_qconfig for m in under)
+    assert all(type(m.weight_fake_quant).__name__ == "LSQ" for m in under)
+    assert q[0].qconfig is ema_fakequant_qconfig and q[2].qconfig is ema_fakequant_qconfig
+    assert type(q[2].weight_fake_quant).__name__ != "LSQ"
+
+
+def test_qconfig_attribute_must_be_a_qconfig():
+    model = torch.nn.Sequential(gnn.QuantStub(), torch.nn.Sequential(gnn.Linear(3, 3)),
+                                gnn.DequantStub())
+    model[1].qconfig = "lsq"
+    with pytest.raises(TypeError, match=r"module '1' \(Sequential\) has a qconfig attribute "
+                                        r"of type str; it must be a gpuquant"):
+        quantize_qat(model, ema_fakequant_qconfig)
+    assert type(model[1][0]) is gnn.Linear  # nothing converted
+
+
+@pytest.mark.parametrize("fn", ["quantize_qat", "quantize", "reset_qconfig"])
+@pytest.mark.parametrize("bad", ["no", 0, None])
+def test_inplace_must_be_a_bool(fn, bad):
+    model = Net()
+    call = {"quantize_qat": lambda: quantize_qat(model, inplace=bad),
+            "quantize": lambda: quantize(_qat(model), inplace=bad),
+            "reset_qconfig": lambda: reset_qconfig(_qat(model), passive_qconfig,
+                                                   inplace=bad)}[fn]
+    with pytest.raises(TypeError, match=rf"{fn}: inplace must be a bool \(True or False\), "
+                                        rf"got {bad!r}"):
+        call()
+    if fn == "quantize_qat":
+        assert type(model.c1) is gnn.ConvBnRelu2d  # not converted
+
+
+def test_quantize_of_a_float_model_is_refused():
+    model = Net()
+    with pytest.raises(ValueError, match=r"quantize: no QAT module found in the Net model; "
+                                         r"convert it with .*quantize_qat"):
+        quantize(model)
+    assert type(model.c1) is gnn.ConvBnRelu2d
+    int8 = quantize(_qat())
+    assert quantize(int8) is int8  # an int8 model stays as it is
+
+
+def test_quantize_qat_of_a_qat_model_with_another_qconfig_is_refused():
+    """Converting again with the same qconfig is a no-op; another qconfig raises (before
+    anything changes) and points at propagate_qconfig / reset_qconfig, which do it."""
+    q = _qat()
+    fq = q.c1.weight_fake_quant
+    assert quantize_qat(q, ema_fakequant_qconfig) is q and q.c1.weight_fake_quant is fq
+    with pytest.raises(ValueError, match=r"module 'quant' \(QuantStub\) is already a QAT "
+                                         r"module with another qconfig.*propagate_qconfig.*"
+                                         r"reset_qconfig"):
+        quantize_qat(q, lsq_qconfig)
+    assert q.c1.weight_fake_quant is fq and q.c1.qconfig is ema_fakequant_qconfig
+    propagate_qconfig(q, lsq_qconfig)
+    assert type(q.c1.weight_fake_quant).__name__ == "LSQ"
+    assert quantize_qat(q, lsq_qconfig) is q  # consistent again
+    # a module's own qconfig (set on the float module) stays its own: converting again is
+    # still a no-op
+    m = torch.nn.Sequential(gnn.QuantStub(), gnn.ConvBnRelu2d(3, 4, 3), gnn.DequantStub())
+    m[1].qconfig = lsq_qconfig
+    q = quantize_qat(m, ema_fakequant_qconfig)
+    fq = q[1].weight_fake_quant
+    assert type(fq).__name__ == "LSQ" and quantize_qat(q, ema_fakequant_qconfig) is q
+    assert q[1].weight_fake_quant is fq
+
+
+def test_quantize_qat_gives_directly_built_qat_modules_their_quantizers():
+    """The error of a QAT module built without a qconfig says to call quantize_qat: that
+    works."""
+    model = torch.nn.Sequential(qat_nn.QuantStub(), qat_nn.ConvRelu2d(3, 4, 3),
+                                qat_nn.DequantStub())
+    q = quantize_qat(model, ema_fakequant_qconfig)
+    y = q(torch.randn(2, 3, 6, 7))
+    assert y.shape == (2, 4, 4, 5) and q[1].qconfig is ema_fakequant_qconfig
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (0, 3, 6, 6)])
+def test_empty_first_batch_says_the_input_was_empty(shape):
+    layer = gnn.Linear(4, 3) if len(shape) == 2 else gnn.ConvRelu2d(3, 4, 3)
+    q = quantize_qat(torch.nn.Sequential(gnn.QuantStub(), layer, gnn.DequantStub()))
+    with pytest.raises(ValueError, match=rf"ExponentialMovingAverageObserver has not observed "
+                                         rf"any data: its input was empty \(shape "
+                                         rf"{re.escape(str(shape))}\)"):
+        q(torch.randn(shape))
+    x = torch.randn((5,) + shape[1:])
+    assert q(x).shape[0] == 5 and q(torch.randn(shape)).shape[0] == 0  # empty after data: fine
+
+
+def _qparam_buffers(model):
+    """(name, tensor) of every qparam buffer (``<name>_scale`` / ``<name>_zero_point``) of
+    the quantized modules."""
+    return [(f"{n}.{k}", t) for n, m in model.named_modules()
+            if isinstance(m, QuantizedModule)
+            for k, t in m._buffers.items() if k.endswith(("_scale", "_zero_point"))]
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to_float16", "to_meta_bfloat16"])
+def test_floating_casts_keep_the_qparams_of_a_converted_model(cast):
+    """.half() / .bfloat16() / .to(dtype) leave the float32 scales and the integer buffers
+    as they are (the int8 model's arithmetic is fixed), so the output is unchanged; device
+    moves still apply to them."""
+    int8 = quantize(_qat())
+    x = torch.randn(4, 3, 9, 10).half()
+    want = int8(x)
+    before = {n: t.clone() for n, t in _qparam_buffers(int8)}
+    cast_model = copy.deepcopy(int8)
+    cast_model = {"half": lambda m: m.half(), "bfloat16": lambda m: m.bfloat16(),
+                  "to_float16": lambda m: m.to(torch.float16),
+                  "to_meta_bfloat16": lambda m: m.to("meta", torch.bfloat16)}[cast](cast_model)
+    after = dict(_qparam_buffers(cast_model))
+    assert before.keys() == after.keys() and before
+    for n, t in after.items():
+        assert t.dtype == before[n].dtype, n
+        assert t.device == torch.device("meta" if cast == "to_meta_bfloat16" else "cpu"), n
+        if t.device.type == "cpu":
+            assert torch.equal(t, before[n]), n
+    assert all(t.dtype in (torch.int8, torch.int32) for n, t in cast_model.named_buffers()
+               if n.endswith(("weight", "bias")))
+    if cast != "to_meta_bfloat16":
+        assert torch.equal(cast_model(x), want)
+
+
+@pytest.mark.parametrize("edit", ["in_place", "assign"])
+def test_qparam_edits_after_a_forward_are_honoured(edit):
+    """Scale and zero-point buffers edited in place or assigned anew after a forward give the
+    output of a model that had them from the start (the cached requantization, checks and
+    stub qparams are rebuilt); a fused ConvDequant follows its DequantStub's scale."""
+    from gpuquant.quantization import fuse_epilogues
+    int8 = quantize(_qat())
+    x = torch.randn(3, 3, 9, 10)
+    edits = [("fc2", "output_scale", 2.0), ("dequant", "input_scale", 2.0),
+             ("c1", "input_scale", 1.5), ("quant", "output_scale", 1.5),
+             ("avg", "input_zero_point", 1), ("fc", "output_zero_point", 3),
+             ("fc2", "input_zero_point", 3)]
+
+    def apply(model):
+        for mod, buf, f in edits:
+            m = getattr(model, mod)
+            if edit == "in_place":
+                getattr(m, buf).mul_(f) if isinstance(f, float) else getattr(m, buf).add_(f)
+            else:
+                setattr(m, buf, getattr(m, buf) * f if isinstance(f, float)
+                        else getattr(m, buf) + f)
+        return model
+
+    fresh = apply(copy.deepcopy(int8))
+    want = fresh(x)
+    used = copy.deepcopy(int8)
+    assert not torch.equal(used(x), want)
+    assert torch.equal(apply(used)(x), want)
+    assert torch.equal(used(x), want)  # and cached again
+
+    fused = fuse_epilogues(copy.deepcopy(int8))
+    assert isinstance(fused.dequant, qnn.ConvDequant)
+    fused(x)
+    dq = fused.dequant.dequant
+    if edit == "in_place":
+        dq.input_scale.mul_(2.0)
+    else:
+        dq.input_scale = dq.input_scale * 2.0
+    ref = copy.deepcopy(int8)
+    ref.dequant.input_scale.mul_(2.0)
+    assert torch.equal(fused(x), ref(x))

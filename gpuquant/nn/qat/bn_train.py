@@ -81,7 +81,9 @@ def fold_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tensor,
     if out is not None:  # None: a case the fused op does not take
         return out
     sigma = torch.sqrt(running_var + eps)
-    sgn = torch.where(gamma.detach() < 0, -1.0, 1.0)
+    # +-1 in gamma's dtype (python-scalar branches would give float32 and promote a
+    # float16 / bfloat16 fold)
+    sgn = torch.ones_like(gamma).masked_fill_(gamma.detach() < 0, -1.0)
     t = sgn * gamma.abs().clamp(min=min_gamma) / sigma  # gamma / sigma, away from 0
     return scale_rows(w, t), t.detach(), gamma * sgn, eps * t * t
 
@@ -173,6 +175,10 @@ class _Normalize(torch.autograd.Function):
         mean, var = _local_stats(z)
         var_eps = var + eps
         invstd = torch.rsqrt(var_eps)
+        # per-channel vectors in float32 like the statistics: batch_norm's mixed form takes a
+        # float16 / bfloat16 z only with all of them float32 (no-ops for float32 parameters;
+        # autograd casts the gradients back to the parameters' dtypes)
+        weight, bias = weight.float(), bias.float()
         # eval-form batch_norm with (mean, var + eps) as the running statistics and eps 0:
         # (z - mean) / sqrt(var + eps) * weight + bias in one pass, mixed dtypes allowed
         y = F.batch_norm(z, mean, var_eps, weight, bias, False, 0.0, 0.0)
@@ -210,7 +216,8 @@ def normalize(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: to
 
     Args:
         z: the folded convolution / linear output, float16 / bfloat16 / float32.
-        weight, bias, eps: (C,) float32 tensors (``eps`` > 0).
+        weight, bias, eps: (C,) tensors (``eps`` > 0), float32 or the parameters' float16 /
+            bfloat16.
         bn: the module's BatchNorm: decides local or global (synchronised) statistics.
 
     Returns:

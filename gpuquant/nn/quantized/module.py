@@ -4,7 +4,10 @@ Quantized activations between modules are plain int8 / uint8 tensors (channels_l
 4-D); each quantized module stores, from conversion, the qparams of its inputs and of its
 output as buffers (``<name>_scale``, ``<name>_zero_point``; the dtype names in the module's
 extra state), so ``state_dict`` round-trips exactly. Fixed-point requantization parameters
-are derived from those buffers once (cached per device, rebuilt after ``load_state_dict``).
+are derived from those buffers once (cached per device, rebuilt when a buffer they are built
+from is edited in place or replaced, and after ``load_state_dict``). The qparam scales stay
+float32 under floating casts (``.half()``, ``.to(torch.bfloat16)``): they define the integer
+arithmetic, not the dtype of the model's float inputs.
 """
 from __future__ import annotations
 
@@ -78,14 +81,26 @@ class QuantizedModule(Module):
         zp = getattr(self, f"{name}_zero_point")
         return QParams(self._dtypes[name], scale, zp, axis=0 if scale.dim() == 1 else None)
 
-    def _cached(self, key, device, build):
-        k = (key, str(device))
-        v = self._cache.get(k)
-        if v is None:
-            v = build()
-            if hasattr(v, "to"):
-                v = v.to(device)
-            self._cache[k] = v
+    def _cached(self, key, device, build, deps=None):
+        """``build()`` (moved to ``device``), cached per ``key`` and device while the tensors
+        it is built from, ``deps``, are the same objects at the same version: an in-place
+        edit or a newly assigned tensor rebuilds it. Default ``deps``: the module's buffers
+        and its submodules' (a fused module reads its parts' qparams)."""
+        if deps is None:
+            deps = [*self._buffers.values()]
+            for m in self._modules.values():
+                if m is not None:
+                    deps += m._buffers.values()
+        deps = tuple(deps)
+        stamp = tuple([(id(t), _version(t)) for t in deps if t is not None])
+        k = (key, device)
+        hit = self._cache.get(k)
+        if hit is not None and hit[0] == stamp:
+            return hit[2]
+        v = build()
+        if hasattr(v, "to"):
+            v = v.to(device)
+        self._cache[k] = (stamp, deps, v)  # deps held so that their ids stay unique
         return v
 
     def _zp(self, name: str, device) -> int:
@@ -103,8 +118,7 @@ class QuantizedModule(Module):
             return {"w_absmax": int(w.abs().max()) if w.numel() else 0,
                     "bias_absmax": int(b.to(torch.int64).abs().max())
                     if b is not None and b.numel() else 0}
-        key = ("bounds", _version(self.weight), None if b is None else _version(b))
-        return dict(self._cached(key, device, build))
+        return dict(self._cached("bounds", device, build, (self.weight, b)))
 
     def get_extra_state(self):
         return {"dtypes": dict(self._dtypes)}
@@ -118,8 +132,17 @@ class QuantizedModule(Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
+        # the qparam scales keep their float32 dtype under floating casts (.half(),
+        # .to(torch.bfloat16)) and follow device moves
         self._cache.clear()
-        return super()._apply(fn, *args, **kwargs)
+        scales = {id(self._buffers.get(f"{name}_scale")) for name in self._dtypes}
+
+        def keep_scales(t):
+            out = fn(t)
+            if id(t) in scales and out.dtype != t.dtype:
+                out = t.to(out.device)
+            return out
+        return super()._apply(keep_scales, *args, **kwargs)
 
     # ------------------------------------------------------------------ input checks
     def _check_input(self, x, name: str = "input", device: Optional[torch.device] = None):
@@ -229,20 +252,18 @@ class WeightedModule(QuantizedModule):
         :func:`gpuquant.functional.integer.layer_checked`.
 
         The functional op's checks of ``x`` against the layer (shape, channels, zero point,
-        the accumulator range) run once per input shape and dtype: the layer's tensors are
-        constants (the cache is cleared when they are loaded or moved; a weight or bias
-        assigned anew or edited in place is another key). ``extra`` is checked every
-        call."""
+        the accumulator range) and the requantization parameters are built once per input
+        shape and dtype, and again when one of the layer's buffers (weight, bias, scales,
+        zero points) is assigned anew or edited in place (:meth:`_cached`). ``extra`` is
+        checked every call."""
         w, b = self.weight, self.bias
         self._check_input(x, "input", w.device)
-        rq = self.requant(x.device)
-        key = ("checked", epilogue, x.shape, x.dtype, id(w), id(b), id(rq), _version(w),
-               None if b is None else _version(b))
-        checked = self._cache.get(key)
-        if checked is None:
-            checked = _integer.layer_checks(base, epilogue, x, self._zp("input", x.device),
-                                              w, b, rq, conv_args, **self._bounds(x.device))
-            self._cache[key] = checked
+
+        def build():
+            return _integer.layer_checks(base, epilogue, x, self._zp("input", x.device), w, b,
+                                         self.requant(x.device), conv_args,
+                                         **self._bounds(x.device))
+        checked = self._cached(("checked", epilogue, x.shape, x.dtype), x.device, build)
         return _integer.layer_checked(base, epilogue, x, checked, *extra)
 
     def requant(self, device):
