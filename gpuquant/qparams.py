@@ -10,18 +10,33 @@ from .dtypes import QuantDtype, get_dtype
 __all__ = ["QParams"]
 
 
-def _as_tensor(value, dtype: torch.dtype, what: str) -> torch.Tensor:
+def _as_tensor(value, dtype: torch.dtype, what: str, bounds=None) -> torch.Tensor:
+    """``value`` (a number or a tensor) as a tensor of ``dtype``. ``bounds``: for integer
+    ``dtype``, the ``QuantDtype`` whose ``[qmin, qmax]`` the values must lie in, checked
+    before the conversion (a cast to int32 would wrap a wider integer into range)."""
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() != dtype.is_floating_point:
             kind = "floating" if dtype.is_floating_point else "integer"
             raise TypeError(f"{what} must be a {kind} tensor, got dtype {value.dtype}")
-        return value.detach().to(dtype)
+        value = value.detach()
+        if bounds is not None:
+            v = value.cpu().to(torch.int64)  # uint8 vs a negative bound: compare as int64
+            bad = (v < bounds.qmin) | (v > bounds.qmax)
+            if bool(bad.any()):
+                _out_of_range(what, v[bad].flatten()[:4].tolist(), bounds)
+        return value.to(dtype)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number or a tensor, got {type(value).__name__} ({value!r})")
-    if dtype == torch.int32 and isinstance(value, float):
+    if not dtype.is_floating_point and isinstance(value, float):
         if not value.is_integer():
             raise ValueError(f"{what} must be an integer, got {value!r}")
+    if bounds is not None and not bounds.qmin <= value <= bounds.qmax:
+        _out_of_range(what, [value], bounds)
     return torch.tensor(value, dtype=dtype)
+
+
+def _out_of_range(what: str, values: list, d: QuantDtype):
+    raise ValueError(f"{what} {values} outside the range of {d.name}: [{d.qmin}, {d.qmax}]")
 
 
 class QParams:
@@ -50,7 +65,7 @@ class QParams:
     def __init__(self, dtype, scale, zero_point=0, axis: Optional[int] = None):
         self.dtype: QuantDtype = get_dtype(dtype)
         scale = _as_tensor(scale, torch.float32, "scale")
-        zero_point = _as_tensor(zero_point, torch.int32, "zero_point")
+        zero_point = _as_tensor(zero_point, torch.int32, "zero_point", self.dtype)
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
             raise TypeError(f"axis must be None or an int, got {type(axis).__name__} ({axis!r})")
         if axis is None:
@@ -77,12 +92,6 @@ class QParams:
         if bool(bad.any()):
             raise ValueError(f"scale must be finite and > 0, got {s[bad].flatten()[:4].tolist()} "
                              f"(at {int(bad.sum())} position(s))")
-        z = zero_point.detach().cpu()
-        d = self.dtype
-        badz = (z < d.qmin) | (z > d.qmax)
-        if bool(badz.any()):
-            raise ValueError(f"zero_point {z[badz].flatten()[:4].tolist()} outside the range of "
-                             f"{d.name}: [{d.qmin}, {d.qmax}]")
         self.scale = scale
         self.zero_point = zero_point
         self.axis = axis

@@ -214,3 +214,55 @@ def test_fake_quant_validation_errors():
         fake_quant(torch.zeros(3, dtype=torch.float64), qp)
     with pytest.raises(TypeError, match="QParams"):
         fake_quant(torch.zeros(3), (0.1, 0))
+
+
+def _backends():
+    """Every backend that runs quantize / dequantize here (triton through the interpreter)."""
+    return [b for b in ("reference", "numpy", "triton") if b in gpuquant.backends.available()]
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_quantize_qint32_exact_on_every_backend(axis):
+    """qint32: no wrap past 2^31 - 1 (a float32 clamp would give 2^31 and wrap to INT32_MIN)
+    and zero points beyond 2^24 added exactly; the same bytes on every backend."""
+    qint32 = gpuquant.qint32
+    x = (torch.rand(4, 37) - 0.5) * 8e9
+    x[:, :6] = torch.tensor([3e9, 2.2e9, 2.0 ** 31, -3e9, float("inf"), -float("inf")])
+    x[1, 6:] = torch.randint(-10 ** 6, 10 ** 6, (31,)).float() + 0.5  # ties
+    if axis is None:
+        scale, zp = torch.tensor(1.0), torch.randint(10 ** 8, 2 * 10 ** 8, ())
+    else:
+        scale = torch.tensor([1.0, 0.5, 0.25, 2.0])
+        zp = torch.tensor([int(torch.randint(10 ** 8, 2 * 10 ** 8, ())), -987654321,
+                           qint32.qmax, qint32.qmin])
+    qp = QParams(qint32, scale, zp, axis=axis)
+    shape = [-1, 1] if axis is not None else []
+    r = torch.round(x * (1.0 / scale).reshape(shape)).double()  # rne of the float32 product
+    want = (r + zp.double().reshape(shape)).clamp(qint32.qmin, qint32.qmax).to(torch.int32)
+    if axis is None:
+        assert want[0, :6].tolist() == [qint32.qmax] * 3 + [qint32.qmin, qint32.qmax, qint32.qmin]
+    for b in _backends():
+        with gpuquant.backends.use(b):
+            q = quantize(x, qp)
+            assert torch.equal(q, want), b
+            # (q - zp) in exact integers, one rounding to float32
+            d = dequantize(q, qp)
+            assert torch.equal(d, (q.long() - zp.long().reshape(shape)).float()
+                               * scale.reshape(shape)), b
+    with gpuquant.backends.use("numpy"):
+        one = quantize(torch.tensor([1.0]), QParams(qint32, 1.0, 123456789))
+    assert one.tolist() == [123456790]
+
+
+def test_quantize_dequantize_0d_on_every_backend():
+    qp = QParams(gpuquant.qint8, float(torch.rand(()) * 0.1 + 0.01), int(torch.randint(-9, 9, ())))
+    x = torch.randn(()) * 2
+    with gpuquant.backends.use("reference"):
+        want_q, want_dq = quantize(x, qp), dequantize(quantize(x, qp), qp)
+    assert want_q.shape == () and want_dq.shape == ()
+    for b in _backends():
+        with gpuquant.backends.use(b):
+            q = quantize(x, qp)
+            assert q.shape == () and q.dtype == torch.int8 and torch.equal(q, want_q), b
+            dq = dequantize(q, qp)
+            assert dq.shape == () and dq.dtype == torch.float32 and torch.equal(dq, want_dq), b

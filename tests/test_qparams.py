@@ -70,3 +70,23 @@ def test_wrong_types():
 def test_roundtrip_state():
     qp = QParams(gpuquant.quint8, torch.rand(5) + 0.1, torch.randint(0, 255, (5,), dtype=torch.int32), axis=-1)
     assert QParams.from_state(qp.state()) == qp
+
+
+@pytest.mark.parametrize("zp", [torch.tensor(2 ** 32 + 5), torch.tensor([2 ** 32 + 1, 3]),
+                                torch.tensor(-2 ** 32 + 2), 2 ** 40, -2 ** 40, 2.0 ** 40,
+                                2 ** 70])
+def test_zero_point_checked_before_the_int32_conversion(zp):
+    """A wide integer would wrap into range when cast to int32 (2^32 + 5 -> 5): refused with
+    the dtype's range, for tensors and Python numbers alike."""
+    per_channel = isinstance(zp, torch.Tensor) and zp.dim() == 1
+    scale = torch.ones(2) if per_channel else 0.1
+    with pytest.raises(ValueError, match=r"zero_point \[.*\] outside the range of qint8: "
+                                         r"\[-128, 127\]"):
+        QParams(gpuquant.qint8, scale, zp, axis=0 if per_channel else None)
+
+
+def test_zero_point_of_any_integer_dtype_in_range_is_accepted():
+    assert int(QParams(gpuquant.qint8, 0.1, torch.tensor(7, dtype=torch.uint8)).zero_point) == 7
+    assert int(QParams(gpuquant.qint8, 0.1, torch.tensor(-128)).zero_point) == -128
+    qp = QParams(gpuquant.qint32, 0.1, torch.tensor(2 ** 31 - 1))
+    assert qp.zero_point.dtype == torch.int32 and int(qp.zero_point) == 2 ** 31 - 1

@@ -219,20 +219,40 @@ def _check_bias(bias, o: int, op: str) -> None:
                             f"{tuple(getattr(bias, 'shape', ()))}")
 
 
-def _pool_window(kernel_size, stride, padding, op: str):
-    """(kernel, stride, padding) pairs; stride None / empty means the kernel size."""
+def _pool_window(x, kernel_size, stride, padding, op: str, dilation=(1, 1),
+                 ceil_mode: bool = False):
+    """(kernel, stride, padding) pairs of a pooling of ``x``; stride None / empty means the
+    kernel size. Refuses, as torch's pooling does, a window that leaves no output: the
+    padded input smaller than the dilated kernel (by more than ``stride - 1`` in ceil_mode,
+    where a last window may reach past the padding)."""
     k = _pair(kernel_size, "kernel_size", op)
     s = k if stride is None or stride == [] or stride == () else _pair(stride, "stride", op)
     p = _pair(padding, "padding", op, allow_zero=True)
     if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
         raise ValueError(f"{op}: padding {p} must be at most half the kernel size {k}")
+    size = tuple(x.shape[2:])
+    eff = tuple(d * (kk - 1) + 1 for d, kk in zip(dilation, k))
+    slack = tuple(st - 1 for st in s) if ceil_mode else (0, 0)
+    if any(n == 0 or n + 2 * pp + sl < e for n, pp, sl, e in zip(size, p, slack, eff)):
+        raise ValueError(f"{op}: padded input {size} + 2*{p} is smaller than the "
+                         f"{'dilated ' if eff != k else ''}kernel {eff}"
+                         f"{' (by more than stride - 1 in ceil_mode)' if ceil_mode else ''}: "
+                         f"no output")
     return k, s, p
 
 
-def _clamp_range(dtype: torch.dtype, qmin, qmax):
-    """The output clamp: the storage dtype's range where qmin / qmax are None."""
+def _clamp_range(dtype: torch.dtype, qmin, qmax, op: str):
+    """The output clamp: the storage dtype's range where qmin / qmax are None.
+
+    Raises:
+        ValueError: unless ``lo <= qmin <= qmax <= hi`` (``[lo, hi]`` the dtype's range).
+    """
     lo, hi = _RANGE_OF[dtype]
-    return (lo if qmin is None else int(qmin)), (hi if qmax is None else int(qmax))
+    qmin, qmax = (lo if qmin is None else int(qmin)), (hi if qmax is None else int(qmax))
+    if not lo <= qmin <= qmax <= hi:
+        raise ValueError(f"{op}: the output clamp [qmin, qmax] = [{qmin}, {qmax}] must be a "
+                         f"non-empty range inside the {dtype} range [{lo}, {hi}]")
+    return qmin, qmax
 
 
 def _conv_args(op, x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq,
@@ -579,15 +599,19 @@ def concat(xs, zero_points, rqs, dim, out_dtype):
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
-    """Max pooling on the integers (the output keeps the input's qparams).
+    """Max pooling on the integers (the output keeps the input's qparams). A window that
+    lies entirely in the padding (possible with dilation or ceil_mode) gives the storage
+    dtype's minimum (-128 / 0): the max of nothing is -inf, clamped to the representable
+    range (docs/NUMERICS.md).
 
     Raises:
-        TypeError: not an int8 / uint8 4-D tensor; ValueError: bad window arguments.
+        TypeError: not an int8 / uint8 4-D tensor; ValueError: bad window arguments, or a
+        (dilated) window larger than the padded input (no output).
     """
     op = "max_pool2d"
     _check_nchw(x, op)
-    k, s, p = _pool_window(kernel_size, stride, padding, op)
     d = _pair(dilation, "dilation", op)
+    k, s, p = _pool_window(x, kernel_size, stride, padding, op, d, bool(ceil_mode))
     return get_op("max_pool2d", x)(x, k, s, p, d, bool(ceil_mode))
 
 
@@ -601,17 +625,18 @@ def avg_pool2d(x, zero_point, kernel_size, stride=None, padding=0, ceil_mode=Fal
         storage dtype's range).
 
     Raises:
-        TypeError, ValueError: as :func:`max_pool2d`.
+        TypeError, ValueError: as :func:`max_pool2d`; ValueError also for a zero point
+        outside the dtype's range or a clamp not with ``lo <= qmin <= qmax <= hi``.
     """
     op = "avg_pool2d"
     _check_nchw(x, op)
     zp = _check_zp(zero_point, x.dtype, op)
-    k, s, p = _pool_window(kernel_size, stride, padding, op)
+    k, s, p = _pool_window(x, kernel_size, stride, padding, op, ceil_mode=bool(ceil_mode))
     if divisor_override is not None and (not isinstance(divisor_override, int)
                                          or divisor_override < 1):
         raise ValueError(f"{op}: divisor_override must be None or a positive int, got "
                          f"{divisor_override!r}")
-    qmin, qmax = _clamp_range(x.dtype, qmin, qmax)
+    qmin, qmax = _clamp_range(x.dtype, qmin, qmax, op)
     return get_op("avg_pool2d", x)(x, zp, k, s, p, bool(ceil_mode), bool(count_include_pad),
                                    divisor_override, qmin, qmax)
 
@@ -624,7 +649,7 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin=None, qmax=None):
         pair (None entries keep the input size); qmin, qmax: the output clamp.
 
     Raises:
-        TypeError, ValueError: as :func:`max_pool2d`.
+        TypeError, ValueError: as :func:`avg_pool2d`.
     """
     op = "adaptive_avg_pool2d"
     _check_nchw(x, op)
@@ -632,5 +657,5 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin=None, qmax=None):
     oh, ow = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * 2
     size = (x.shape[2] if oh is None else oh, x.shape[3] if ow is None else ow)
     size = _pair(size, "output_size", op)
-    qmin, qmax = _clamp_range(x.dtype, qmin, qmax)
+    qmin, qmax = _clamp_range(x.dtype, qmin, qmax, op)
     return get_op("adaptive_avg_pool2d", x)(x, zp, size, qmin, qmax)

@@ -66,6 +66,10 @@ class Requant:
     left shift), known on the host; computed when the shifts are given as a CPU tensor (every
     constructor in gpuquant builds them there), kept by :meth:`to`, None where unknown. The
     GPU epilogues leave the left-shift path out only where :meth:`may_left_shift` is False.
+
+    Raises:
+        ValueError: ``zero_point`` outside ``dtype``'s range, or a clamp that is not
+            ``dtype.qmin <= qmin <= qmax <= dtype.qmax``.
     """
 
     multiplier: torch.Tensor
@@ -77,6 +81,14 @@ class Requant:
     left_shift: Optional[bool] = None
 
     def __post_init__(self):
+        d = self.dtype
+        if not d.qmin <= self.zero_point <= d.qmax:
+            raise ValueError(f"Requant: output zero point {self.zero_point} is outside the "
+                             f"{d.name} range [{d.qmin}, {d.qmax}]")
+        if not d.qmin <= self.qmin <= self.qmax <= d.qmax:
+            raise ValueError(f"Requant: the output clamp [qmin, qmax] = [{self.qmin}, "
+                             f"{self.qmax}] must be a non-empty range inside the {d.name} "
+                             f"range [{d.qmin}, {d.qmax}]")
         if self.left_shift is None and isinstance(self.rshift, torch.Tensor) \
                 and self.rshift.device.type == "cpu":
             self.left_shift = bool((self.rshift < 0).any())
@@ -114,6 +126,10 @@ def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_d
             ops whose accumulator is in input units (mul passes s_a * s_b as in_scale).
         out_scale, out_zero_point, out_dtype: the output's qparams.
         activation: "none", "relu" or "relu6", fused as the clamp range.
+
+    Raises:
+        ValueError: ``out_zero_point`` outside the output dtype's range, an unknown
+            ``activation``.
     """
     dtype = get_dtype(out_dtype)
     real = (torch.as_tensor(in_scale, dtype=torch.float64).cpu()

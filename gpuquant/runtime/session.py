@@ -13,6 +13,7 @@ layout the kernels use (as torch's channels_last).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
 import numpy as np
@@ -314,7 +315,8 @@ class Session:
 
         Raises:
             TypeError: an input that is not a NumPy array.
-            ValueError: a wrong number of inputs.
+            ValueError: a wrong number of inputs; NaN in an input that is quantized (as the
+                torch model's ``quantize``).
         """
         if isinstance(x, dict):
             feeds = dict(x)
@@ -351,7 +353,10 @@ class Session:
 
 def _x_quantize(st, env):
     _, src, out, scale, zp, qmin, qmax = st
-    q = _ew.quantize_array(env[src], scale, zp, qmin, qmax, None, zp.dtype)
+    x = env[src]
+    if np.isnan(x).any():  # as gpuquant.functional.quantize (the torch model) refuses it
+        raise ValueError("quantize: x contains NaN, which has no quantized value")
+    q = _ew.quantize_array(x, scale, zp, qmin, qmax, None, zp.dtype)
     env[out] = _nchw(_nhwc(q)) if q.ndim == 4 else q
 
 
@@ -365,9 +370,9 @@ def _x_reshape(st, env):
     x = env[src]
     if op == "identity":
         env[out] = x
-    elif op == "flatten":
+    elif op == "flatten":  # both sizes spelt out: NumPy cannot infer a -1 of an empty batch
         axis = axis % x.ndim if x.ndim else 0
-        env[out] = np.reshape(x, (int(np.prod(x.shape[:axis], dtype=np.int64)), -1))
+        env[out] = np.reshape(x, (math.prod(x.shape[:axis]), math.prod(x.shape[axis:])))
     else:
         shape = [x.shape[i] if (s == 0 and i < x.ndim) else int(s) for i, s in enumerate(shape)]
         env[out] = np.reshape(x, shape)

@@ -140,7 +140,9 @@ def max_pool2d(x, k, s, p, d, ceil_mode):
             cols = [j * s[1] - p[1] + b * d[1] for b in range(k[1])]
             rows = [r for r in rows if 0 <= r < h]
             cols = [q for q in cols if 0 <= q < w]
-            out[:, :, i, j] = x[:, :, rows][:, :, :, cols].max(axis=(2, 3))
+            # a window entirely in the padding: -inf clamped to the dtype's minimum
+            out[:, :, i, j] = x[:, :, rows][:, :, :, cols].max(
+                axis=(2, 3), initial=np.iinfo(x.dtype).min)
     return out
 
 

@@ -223,7 +223,11 @@ def test_concat_exact():
 
 POOL_CASES = [  # kernel, stride, padding, dilation, ceil_mode, H, W
     (2, 2, 0, 1, False, 8, 8), (3, 2, 1, 1, False, 7, 9), (3, 2, 1, 1, True, 8, 6),
-    ((3, 2), (2, 1), (1, 0), (2, 1), True, 9, 5), (1, 1, 0, 1, False, 1, 1), (3, 3, 1, 1, True, 5, 7)]
+    ((3, 2), (2, 1), (1, 0), (2, 1), True, 9, 5), (1, 1, 0, 1, False, 1, 1), (3, 3, 1, 1, True, 5, 7),
+    # windows entirely in the padding (dilation; ceil_mode): max pool gives the dtype's min
+    ((2, 2), (1, 3), (1, 0), (2, 1), False, 1, 5), ((1, 2), (3, 2), (0, 1), (2, 2), True, 1, 1),
+    # ceil_mode: a window past the padded input by up to stride - 1 still has an output
+    (4, 3, 1, 1, True, 1, 1)]
 
 
 @pytest.mark.parametrize("case", POOL_CASES)
@@ -400,3 +404,93 @@ def test_conv2d_accepts_nchw_contiguous_input(k, pad, groups):
     got, want = _both(qf.conv2d, x, 11, w, None, 1, pad, 1, groups, rq)
     acc = ref.conv2d_acc(x.numpy(), 11, w.numpy(), None, (1, 1), (pad, pad), (1, 1), groups)
     _assert_exact(got, ref.requantize(acc, *ref.rq_args(rq)[:5], axis=1, dtype=np.uint8), want)
+
+
+# ------------------------------------------------------------------- edge shapes and ranges
+def _backends():
+    """Every backend that runs here (triton on CPU through the interpreter)."""
+    return [b for b in ("reference", "numpy", "triton") if b in backends.available()]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil,hw", [
+    (7, None, 0, 1, False, (5, 5)),           # kernel larger than the input
+    ((3, 6), 1, (1, 2), 1, False, (4, 1)),    # W: 1 + 2 * 2 < 6
+    (3, 1, 1, 3, False, (4, 4)),              # dilated kernel 7 > 4 + 2
+    (4, 2, 1, 1, True, (1, 1)),               # ceil_mode: 1 + 2 + (2 - 1) = 4 is enough...
+    (5, 2, 1, 1, True, (1, 1)),               # ... 5 is not
+    (2, 2, 1, 1, False, (0, 4)),              # an empty spatial dimension
+])
+def test_pool_window_without_output_raises_on_every_backend(kernel, stride, padding, dilation,
+                                                            ceil, hw):
+    x = _act((2, 3) + hw, torch.int8)
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    k, p, d = pair(kernel), pair(padding), pair(dilation)
+    s = k if stride is None else pair(stride)
+    fits = all(n > 0 and n + 2 * pp + (ss - 1 if ceil else 0) >= dd * (kk - 1) + 1
+               for n, kk, ss, pp, dd in zip(hw, k, s, p, d))
+    for b in _backends():
+        with backends.use(b):
+            if fits:  # the ceil_mode case that still has one output: torch's own shape
+                want = torch.nn.functional.max_pool2d(x.float(), k, s, p, d, ceil)
+                assert qf.max_pool2d(x, kernel, stride, padding, dilation, ceil).shape == \
+                    want.shape
+                continue
+            with pytest.raises(ValueError, match=r"max_pool2d: padded input .* is smaller than "
+                                                 r"the (dilated )?kernel"):
+                qf.max_pool2d(x, kernel, stride, padding, dilation, ceil)
+            if dilation == 1:
+                with pytest.raises(ValueError, match=r"avg_pool2d: padded input .* is smaller "
+                                                     r"than the kernel"):
+                    qf.avg_pool2d(x, 3, kernel, stride, padding, ceil)
+
+
+def test_requant_and_pool_clamp_ranges_are_checked():
+    with pytest.raises(ValueError, match=r"zero point 300 is outside the qint8 range \[-128, 127\]"):
+        make_requant(0.1, 0.01, 0.2, 300, qint8)
+    with pytest.raises(ValueError, match=r"zero point -1 is outside the quint8 range \[0, 255\]"):
+        make_requant(0.1, 0.01, 0.2, -1, quint8, "relu6")
+    with pytest.raises(ValueError, match=r"zero point 300 is outside"):
+        make_add_params(0.1, 0, 0.1, 0, 0.2, 300, qint8, "relu")
+    m, s = torch.tensor(2 ** 30, dtype=torch.int32), torch.tensor(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"clamp \[qmin, qmax\] = \[10, -10\].*\[-128, 127\]"):
+        Requant(m, s, 0, 10, -10, qint8)
+    with pytest.raises(ValueError, match=r"clamp \[qmin, qmax\] = \[-1, 255\].*\[0, 255\]"):
+        Requant(m, s, 0, -1, 255, quint8)
+    rq = make_requant(0.1, 0.01, 0.2, 127, qint8, "relu6")  # zp at the top: clamp [127, 127]
+    assert (rq.qmin, rq.qmax) == (127, 127)
+    x = _act((1, 4, 5, 5), torch.int8)
+    for b in _backends():
+        with backends.use(b):
+            with pytest.raises(ValueError, match=r"avg_pool2d: the output clamp \[qmin, qmax\] "
+                                                 r"= \[10, -10\].*\[-128, 127\]"):
+                qf.avg_pool2d(x, 0, 2, qmin=10, qmax=-10)
+            with pytest.raises(ValueError, match=r"adaptive_avg_pool2d: the output clamp .*"
+                                                 r"\[0, 300\].*\[-128, 127\]"):
+                qf.adaptive_avg_pool2d(x, 0, 2, qmin=0, qmax=300)
+            got = qf.avg_pool2d(x, 0, 2, qmin=-10, qmax=10)  # a valid narrow clamp
+            assert int(got.min()) >= -10 and int(got.max()) <= 10
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_empty_batch_with_fused_activation(activation, per_channel):
+    """N = 0 through linear and conv2d (the fused-ReLU requant path reduces over the
+    output): an empty output of the right shape on every backend."""
+    w_scale = torch.rand(9, dtype=torch.float64) * 0.01 + 1e-3 if per_channel else 0.01
+    rq = make_requant(0.05, w_scale, 0.1, 3, qint8, activation)
+    w = torch.randint(-127, 128, (9, 10), dtype=torch.int8)
+    wc = torch.randint(-127, 128, (9, 10, 3, 3), dtype=torch.int8)
+    bias = torch.randint(-1000, 1000, (9,), dtype=torch.int32)
+    for b in _backends():
+        with backends.use(b):
+            for n in (0, 2, 0):  # an empty batch also after a non-empty one (cached plans)
+                x = _act((n, 10), torch.int8)
+                y = qf.linear(x, -4, w, bias, rq)
+                assert y.shape == (n, 9) and y.dtype == torch.int8
+                with backends.use("reference"):
+                    assert torch.equal(y, qf.linear(x, -4, w, bias, rq))
+                xc = _act((n, 10, 5, 4), torch.int8)
+                y = qf.conv2d(xc, -4, wc, bias, 1, 1, 1, 1, rq)
+                assert y.shape == (n, 9, 5, 4) and y.dtype == torch.int8
+                with backends.use("reference"):
+                    assert torch.equal(y, qf.conv2d(xc, -4, wc, bias, 1, 1, 1, 1, rq))

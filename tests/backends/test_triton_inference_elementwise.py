@@ -49,6 +49,44 @@ def test_quantize_ties_round_half_even_and_half_inputs():
     check_op("quantize", (xb, torch.tensor(0.021), _i32(7), -127, 127, None, torch.int8), "bf16")
 
 
+@pytest.mark.parametrize("axis", [None, 1])
+def test_quantize_qint32_clamps_and_adds_the_zero_point_exactly(axis):
+    """qint32: values past the range (and +-inf) clamp to INT32_MAX / INT32_MIN (a float32
+    clamp at 2^31 - 1 would round to 2^31 and wrap), and zero points beyond 2^24 are added
+    exactly (not in float32)."""
+    imin, imax = -2 ** 31, 2 ** 31 - 1
+    x = torch.randn(4, 6, 33) * 3e9
+    x[0, 0, :6] = torch.tensor([3e9, 2.2e9, 2.0 ** 31, -3e9, float("inf"), -float("inf")])
+    x[1] = torch.randint(-2 ** 20, 2 ** 20, (6, 33)).float() + 0.5  # ties, small values
+    if axis is None:
+        scale, zp = torch.tensor(1.0), _i32(123456789)
+    else:
+        scale = torch.tensor([1.0, 0.5, 0.25, 2.0, 1.0, 1.0])
+        zp = torch.tensor([123456789, -987654321, imax, imin, 0, 16777217], dtype=torch.int32)
+    q = check_op("quantize", (x, scale, zp, imin, imax, axis, torch.int32), f"qint32 {axis}")
+    # the contract's formula in exact arithmetic: rne of the float32 product, then integers
+    shape = [1, -1, 1] if axis is not None else []
+    inv = (1.0 / scale).reshape(shape)
+    r = torch.round(x * inv).double()
+    want = (r + zp.double().reshape(shape)).clamp(imin, imax).to(torch.int64)
+    assert torch.equal(q.cpu().to(torch.int64), want)
+    if axis is None:
+        assert q[0, 0, :6].tolist() == [imax, imax, imax, imin, imax, imin]
+    check_op("dequantize", (cpu(q), scale, zp, axis), f"qint32 dequantize {axis}")
+    # q - zp leaves the int32 range: formed in int64 (int32 would wrap)
+    dq = check_op("dequantize", (_i32([imax, 0, imin]), torch.tensor(1.0), _i32(-2 ** 30), None),
+                  "qint32 dequantize past int32")
+    assert dq.cpu().tolist() == [3.0 * 2 ** 30, 2.0 ** 30, -(2.0 ** 30)]
+
+
+def test_quantize_dequantize_0d():
+    x = torch.tensor(1.53)
+    q = check_op("quantize", (x, torch.tensor(0.1), _i32(3), -128, 127, None, torch.int8), "0-d")
+    assert q.shape == () and int(q) == 18
+    dq = check_op("dequantize", (q.cpu(), torch.tensor(0.1), _i32(3), None), "0-d dequantize")
+    assert dq.shape == () and dq.dtype == torch.float32
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_requantize(per_channel):
     acc = torch.randint(-2 ** 31, 2 ** 31 - 1, (3, 6, 4, 5), dtype=torch.int32)
@@ -107,6 +145,43 @@ MAX_CASES = [(3, 2, 1, 1, False), (3, 2, 1, 1, True), (2, None, 0, 1, False),
 def test_max_pool2d(args):
     x = rand_act((2, 5, 9, 8), torch.int8).contiguous(memory_format=CL)
     check_op("max_pool2d", (x, *args), f"max_pool2d {args}")
+
+
+# (H, W), kernel, stride, padding, dilation, ceil_mode with windows entirely in the padding
+PAD_WINDOW_CASES = [((1, 5), (2, 2), (1, 3), (1, 0), (2, 1), False),
+                    ((2, 1), (2, 2), (3, 3), (1, 0), (3, 2), True),
+                    ((1, 1), (1, 2), (3, 2), (0, 1), (2, 2), True),
+                    ((2, 9), (2, 2), (1, 1), (1, 1), (3, 3), True),
+                    ((6, 1), (1, 2), (2, 2), (0, 1), (1, 2), True),
+                    ((1, 6), (2, 1), (2, 3), (1, 0), (2, 2), False)]
+
+
+def _max_pool_vs_torch(x, k, s, p, d, ceil):
+    """check_op of max_pool2d, and its bytes == torch's float max pool with -inf (a window
+    without an input element) clamped to the dtype's minimum; returns whether it had one."""
+    want = torch.nn.functional.max_pool2d(x.float(), k, s, p, d, ceil)
+    got = check_op("max_pool2d", (x, k, s, p, d, ceil), f"max_pool2d {k, s, p, d, ceil}")
+    assert torch.equal(got.cpu(), want.clamp(min=torch.iinfo(x.dtype).min).to(x.dtype))
+    return bool(torch.isinf(want).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+def test_max_pool2d_windows_in_the_padding(dtype):
+    """Dilation and ceil_mode can place a whole window in the padding: every backend gives
+    the dtype's minimum there (torch's float max pool: -inf)."""
+    for hw, k, s, p, d, ceil in PAD_WINDOW_CASES:
+        x = rand_act((2, 5) + hw, dtype).contiguous(memory_format=CL)
+        assert _max_pool_vs_torch(x, k, s, p, d, ceil)
+    for _ in range(30):  # random small geometries (some have such a window)
+        h, w = (int(v) for v in torch.randint(1, 5, (2,)))
+        k, d, s = (tuple(int(v) for v in torch.randint(1, 4, (2,))) for _ in range(3))
+        p = tuple(int(torch.randint(0, kk // 2 + 1, ())) for kk in k)
+        ceil = bool(torch.randint(0, 2, ()))
+        eff = [dd * (kk - 1) + 1 for dd, kk in zip(d, k)]
+        if any(n + 2 * pp + (ss - 1 if ceil else 0) < e
+               for n, pp, ss, e in zip((h, w), p, s, eff)):
+            continue  # no output: refused by gpuquant.functional
+        _max_pool_vs_torch(rand_act((2, 3, h, w), dtype), k, s, p, d, ceil)
 
 
 AVG_CASES = [(3, 2, (1, 1), False, True, None), (3, 2, (1, 1), True, False, None),

@@ -127,3 +127,25 @@ def test_int8_output_without_dequant_stub(zoo_uint8, tmp_path):
     got = rt.load(path).run(x.numpy())
     assert got.dtype == np.uint8 and got.shape == tuple(want.shape)
     assert got.tobytes() == want.numpy().tobytes()
+
+
+def test_runtime_nan_and_empty_batch_match_the_int8_model(zoo_int8, tmp_path):
+    """NaN input raises the int8 model's ValueError (it has no quantized value); an empty
+    batch gives the model's empty output (through conv, pools, flatten, linear)."""
+    import gpuquant.runtime as rt
+    path = tmp_path / "z.onnx"
+    to_onnx(zoo_int8, torch.randn(2, 3, 13, 11), path)
+    sess = rt.load(path)
+    x = torch.randn(3, 3, 13, 11)
+    x[1, 2, int(torch.randint(0, 13, ())), int(torch.randint(0, 11, ()))] = float("nan")
+    with pytest.raises(ValueError, match="quantize: x contains NaN") as want:
+        int8_forward(zoo_int8, x)
+    with pytest.raises(ValueError, match="quantize: x contains NaN") as got:
+        sess.run(x.numpy())
+    assert str(got.value) == str(want.value)
+    empty = torch.randn(0, 3, 13, 11)
+    want = int8_forward(zoo_int8, empty)
+    got = sess.run(empty.numpy())
+    assert want.shape[0] == 0 and got.shape == want.shape and got.dtype == want.dtype
+    # and a batch after the empty one is still exact
+    assert sess.run(x[:1].numpy()).tobytes() == int8_forward(zoo_int8, x[:1]).tobytes()

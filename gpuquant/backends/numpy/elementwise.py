@@ -19,23 +19,33 @@ def _bcast(a: np.ndarray, axis, ndim: int) -> np.ndarray:
     return a.reshape(shape)
 
 
+_F32_EXACT = 2 ** 24  # float32 holds every integer of magnitude up to this
+
+
 def quantize_array(xf: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int,
                    qmax: int, axis, np_dtype) -> np.ndarray:
-    """``clamp(rne(x * (1 / scale)) + zp, qmin, qmax)`` of a float32 array (contract 1)."""
+    """``clamp(rne(x * (1 / scale)) + zp, qmin, qmax)`` of a float32 array (contract 1).
+
+    The add and the clamp are exact: in float32 for ranges within +-2^24, in float64 where
+    the range (qint32: zero points and 2^31 - 1) holds integers float32 does not."""
     inv = np.float32(1.0) / np.asarray(scale, dtype=np.float32)      # IEEE float32 division
-    r = np.multiply(xf, _bcast(inv, axis, xf.ndim))
+    # (np.asarray: the product of 0-d arrays is a NumPy scalar, which out= cannot take)
+    r = np.asarray(np.multiply(xf, _bcast(inv, axis, np.ndim(xf)), dtype=np.float32))
     np.rint(r, out=r)                                                # round half to even
-    r += _bcast(np.asarray(zero_point).astype(np.float32), axis, xf.ndim)
+    if max(-qmin, qmax) > _F32_EXACT:
+        r = r.astype(np.float64)
+    r += _bcast(np.asarray(zero_point).astype(r.dtype), axis, r.ndim)
     np.clip(r, qmin, qmax, out=r)
     return r.astype(np_dtype)
 
 
 def dequantize_array(qn: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                      axis) -> np.ndarray:
-    """``(q - zp) * scale`` in float32."""
-    v = np.subtract(qn, _bcast(np.asarray(zero_point).astype(np.int32), axis, qn.ndim),
-                    dtype=np.int32).astype(np.float32)
-    v *= _bcast(np.asarray(scale, dtype=np.float32), axis, qn.ndim)
+    """``(q - zp) * scale`` in float32 (``q - zp`` in int64 for int32 ``q``: it may not fit)."""
+    wide = np.int64 if qn.dtype.itemsize >= 4 else np.int32
+    v = np.asarray(np.subtract(qn, _bcast(np.asarray(zero_point).astype(wide), axis, np.ndim(qn)),
+                               dtype=wide), dtype=np.float32)  # an array for 0-d q too
+    v *= _bcast(np.asarray(scale, dtype=np.float32), axis, np.ndim(qn))
     return v
 
 

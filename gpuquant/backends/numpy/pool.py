@@ -46,7 +46,9 @@ def max_pool2d_nhwc(xa, kernel_size, stride, padding, dilation, ceil_mode):
     dh, dw = _pair(dilation)
     n, h, w, c = xa.shape
     ho, wo = _out_len(h, kh, sh, ph, dh, ceil_mode), _out_len(w, kw, sw, pw, dw, ceil_mode)
-    fill = np.iinfo(xa.dtype).min  # stands for -inf: every window holds a real element
+    # padding stands for -inf, clamped to the dtype's minimum: what a window entirely in
+    # the padding (dilation, ceil_mode) gives, and never above a real element
+    fill = np.iinfo(xa.dtype).min
     buf = _padded(xa, ph, pw, (ho - 1) * sh + dh * (kh - 1) + 1, (wo - 1) * sw + dw * (kw - 1) + 1,
                   fill, xa.dtype)
     out = None

@@ -51,10 +51,15 @@ def _bcast(t: torch.Tensor, axis, ndim: int) -> torch.Tensor:
 
 
 def _quant_core(x, scale, zero_point, qmin, qmax, axis):
-    xf = x.float()
+    """``(r, clamp(r, qmin, qmax))`` with ``r = rne(x * inv_scale) + zero_point``: the
+    product and its rounding in float32; the add and the clamp exact, in float32 for ranges
+    within +-2^24 and in float64 beyond (qint32's zero points and qmax = 2^31 - 1 are not
+    float32 numbers)."""
     inv = _bcast(1.0 / scale.float(), axis, x.dim())
-    zp = _bcast(zero_point, axis, x.dim()).to(torch.float32)
-    r = torch.round(xf * inv) + zp  # rne; exact in float32 for |r| < 2^24
+    r = torch.round(x.float() * inv)  # rne
+    if max(-qmin, qmax) > 2 ** 24:
+        r = r.double()
+    r = r + _bcast(zero_point, axis, x.dim()).to(r.dtype)
     return r, r.clamp(qmin, qmax)
 
 
@@ -66,16 +71,16 @@ def quantize(x, scale, zero_point, qmin, qmax, axis, out_dtype):
 def dequantize(q, scale, zero_point, axis):
     zp = _bcast(zero_point, axis, q.dim())
     s = _bcast(scale.float(), axis, q.dim())
-    return (q.to(torch.int32) - zp).to(torch.float32) * s
+    return (q.to(torch.int64) - zp).to(torch.float32) * s  # int64: qint32 q - zp may not fit
 
 
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):
         r, q = _quant_core(x, scale, zero_point, qmin, qmax, axis)
-        zp = _bcast(zero_point, axis, x.dim()).to(torch.float32)
+        zp = _bcast(zero_point, axis, x.dim()).to(q.dtype)
         s = _bcast(scale.float(), axis, x.dim())
-        y = (q - zp) * s
+        y = (q - zp).to(torch.float32) * s  # the integer q - zp (exact), as dequantize
         y = torch.where(torch.isnan(x), x.float(), y)  # NaN in, NaN out
         ctx.save_for_backward((r >= qmin) & (r <= qmax))
         return y.to(x.dtype)
@@ -180,7 +185,8 @@ def concat(xs, zero_points, rqs, dim, out_dtype):
 
 def max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
     y = F.max_pool2d(x.to(torch.float32), kernel_size, stride, padding, dilation, ceil_mode)
-    return _channels_last(y.to(x.dtype))
+    # a window entirely in the padding is -inf: clamped to the dtype's minimum
+    return _channels_last(y.clamp(min=torch.iinfo(x.dtype).min).to(x.dtype))
 
 
 def _round_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -39,18 +39,22 @@ def _channel(offs, stride_c, C, PER_CHANNEL: tl.constexpr):
 @triton.jit
 def _quantize_kernel(X, INV, ZP, Y, numel, stride_c, C, qmin, qmax,
                      PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
-    """Y = clamp(rne(X * INV) + ZP, qmin, qmax); X float, INV float32, ZP int32."""
+    """Y = clamp(rne(X * INV) + ZP, qmin, qmax); X float, INV float32, ZP int32, qmin /
+    qmax integers."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     ch = _channel(offs, stride_c, C, PER_CHANNEL)
     x = tl.load(X + offs, mask=mask, other=0).to(tl.float32)
     inv = tl.load(INV + ch, mask=mask, other=1.0)
-    zp = tl.load(ZP + ch, mask=mask, other=0).to(tl.float32)
+    zp = tl.load(ZP + ch, mask=mask, other=0)
     v = x * inv
     # round half to even: exact for |v| < 2^22; larger floats are integers already
     r = tl.where(tl.abs(v) < 4194304.0, (v + 12582912.0) - 12582912.0, v)
-    r = tl.minimum(tl.maximum(r + zp, qmin), qmax)
-    tl.store(Y + offs, r.to(Y.dtype.element_ty), mask=mask)
+    # the add and the clamp in int64, exact for qint32 too (its zero points and 2^31 - 1 are
+    # not float32 numbers); r beyond +-2^32 clamps to the same bound whatever the zero point
+    r = tl.minimum(tl.maximum(r, -4294967296.0), 4294967296.0)
+    q = tl.minimum(tl.maximum(r.to(tl.int64) + zp, qmin), qmax)
+    tl.store(Y + offs, q.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -60,10 +64,14 @@ def _dequantize_kernel(Q, S, ZP, Y, numel, stride_c, C,
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     ch = _channel(offs, stride_c, C, PER_CHANNEL)
-    q = tl.load(Q + offs, mask=mask, other=0).to(tl.int32)
+    q = tl.load(Q + offs, mask=mask, other=0)
     s = tl.load(S + ch, mask=mask, other=1.0)
     zp = tl.load(ZP + ch, mask=mask, other=0)
-    tl.store(Y + offs, (q - zp).to(tl.float32) * s, mask=mask)
+    if Q.dtype.element_ty == tl.int32:  # qint32: q - zp may leave the int32 range
+        d = q.to(tl.int64) - zp
+    else:
+        d = q.to(tl.int32) - zp
+    tl.store(Y + offs, d.to(tl.float32) * s, mask=mask)
 
 
 @triton.jit
@@ -163,7 +171,8 @@ def _pool_kernel(X, Y, M, C, H, W, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil
                  zero_point, divisor, qmin, qmax,
                  KH: tl.constexpr, KW: tl.constexpr, IS_MAX: tl.constexpr,
                  COUNT_PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Max or average pooling, NHWC; Y rows are output pixels (M = N * Ho * Wo)."""
+    """Max or average pooling, NHWC; Y rows are output pixels (M = N * Ho * Wo). Max: a
+    window without an input element gives ``qmin`` (the storage dtype's minimum)."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < M
@@ -188,7 +197,7 @@ def _pool_kernel(X, Y, M, C, H, W, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil
             else:
                 acc += tl.where(m2, x - zero_point, 0)
     if IS_MAX:
-        y = acc
+        y = tl.maximum(acc, qmin)  # no element (a window in the padding): -inf -> qmin
     else:
         # torch's AvgPool2d divisor: the window clipped to the padded input, or to the input
         he = tl.minimum(hs + KH, H + pad_h)
@@ -290,8 +299,8 @@ def quantize(x, scale, zero_point, qmin, qmax, axis, out_dtype):
         return y
     stride_c, c, per_ch = _axis_info(x, axis)
     launch(_quantize_kernel, _grid(x.numel()), x, _inv_scale(scale, x.device),
-           _on(zero_point, x.device, torch.int32), y, x.numel(), stride_c, c, float(qmin),
-           float(qmax), PER_CHANNEL=per_ch, BLOCK=_BLOCK, **LAUNCH_OPTS)
+           _on(zero_point, x.device, torch.int32), y, x.numel(), stride_c, c, int(qmin),
+           int(qmax), PER_CHANNEL=per_ch, BLOCK=_BLOCK, **LAUNCH_OPTS)
     return y
 
 
@@ -437,7 +446,8 @@ def _pool(x, kernel_size, stride, padding, dilation, ceil_mode, is_max, zero_poi
 
 
 def max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode):
-    return _pool(x, kernel_size, stride, padding, dilation, ceil_mode, True)
+    return _pool(x, kernel_size, stride, padding, dilation, ceil_mode, True,
+                 qmin=torch.iinfo(x.dtype).min)
 
 
 def avg_pool2d(x, zero_point, kernel_size, stride, padding, ceil_mode, count_include_pad,

@@ -265,7 +265,7 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
                 {**dc.kwargs, "KH": 3, "KW": 3, "OUT_MODE": 0, "HAS_RES": False},
                 dc.num_warps, 2, False))
     qsig = {"X": "*fp32", "INV": "*fp32", "ZP": "*i32", "Y": "*i8", "numel": "i32",
-            "stride_c": "i32", "C": "i32", "qmin": "fp32", "qmax": "fp32"}
+            "stride_c": "i32", "C": "i32", "qmin": "i32", "qmax": "i32"}
     out.append(("quantize", elementwise._quantize_kernel, qsig,
                 {"PER_CHANNEL": True, "BLOCK": 1024}, 4, 2, False))
     asig = {"A": "*i8", "B": "*i8", "EPI": "*i64", "Y": "*i8", "numel": "i32"}
