@@ -11,6 +11,7 @@ arithmetic, not the dtype of the model's float inputs.
 """
 from __future__ import annotations
 
+import operator
 from typing import Dict, Optional
 
 import torch
@@ -31,6 +32,9 @@ def placeholder_qparams(dtype) -> QParams:
     ``from_qat_module`` or ``load_state_dict`` sets the real qparams."""
     d = get_dtype(dtype)
     return QParams(d, 1.0, 0 if d.signed else (d.qmin + d.qmax + 1) // 2)
+
+
+_VERSION_OF = operator.attrgetter("_version")
 
 
 def _version(t: torch.Tensor) -> int:
@@ -92,7 +96,10 @@ class QuantizedModule(Module):
                 if m is not None:
                     deps += m._buffers.values()
         deps = tuple(deps)
-        stamp = tuple([(id(t), _version(t)) for t in deps if t is not None])
+        try:  # C-level loops: this runs on every module call
+            stamp = tuple(map(id, deps)) + tuple(map(_VERSION_OF, deps))
+        except (AttributeError, RuntimeError):  # a None bias, inference tensors
+            stamp = tuple([(id(t), _version(t)) for t in deps if t is not None])
         k = (key, device)
         hit = self._cache.get(k)
         if hit is not None and hit[0] == stamp:
