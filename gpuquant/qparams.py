@@ -9,6 +9,10 @@ from .dtypes import QuantDtype, get_dtype
 
 __all__ = ["QParams"]
 
+# the smallest float32 scale whose float32 reciprocal is finite: 1 / 2^-128 = 2^128
+# overflows float32; the next float32 above 2^-128 is the first that does not
+_MIN_SCALE = float(torch.nextafter(torch.tensor(2.0 ** -128), torch.tensor(1.0)))
+
 
 def _as_tensor(value, dtype: torch.dtype, what: str, bounds=None) -> torch.Tensor:
     """``value`` (a number or a tensor) as a tensor of ``dtype``. ``bounds``: for integer
@@ -88,9 +92,12 @@ class QParams:
         if zero_point.device != scale.device:
             zero_point = zero_point.to(scale.device)
         s = scale.detach().cpu()
-        bad = ~torch.isfinite(s) | (s <= 0)
+        # 1 / scale (the kernels' inv_scale, float32) must be finite too: below ~2.94e-39 it
+        # is inf, and 0 * inf made 0.0 NaN
+        bad = ~torch.isfinite(s) | (s <= 0) | ~torch.isfinite(1.0 / s)
         if bool(bad.any()):
-            raise ValueError(f"scale must be finite and > 0, got {s[bad].flatten()[:4].tolist()} "
+            raise ValueError(f"scale must be finite and > 0 with a finite float32 reciprocal "
+                             f"(>= {_MIN_SCALE:.3g}), got {s[bad].flatten()[:4].tolist()} "
                              f"(at {int(bad.sum())} position(s))")
         self.scale = scale
         self.zero_point = zero_point

@@ -29,6 +29,17 @@ def test_bad_scale(scale):
         QParams(gpuquant.qint8, scale, 0)
 
 
+def test_scale_needs_a_finite_float32_reciprocal():
+    """Below ~2.94e-39 the float32 inv_scale is inf (and fake_quant made 0.0 NaN)."""
+    from gpuquant.qparams import _MIN_SCALE
+    assert math.isfinite(float(1.0 / torch.tensor(_MIN_SCALE)))
+    assert not math.isfinite(float(1.0 / torch.tensor(2.0 ** -128)))
+    QParams(gpuquant.qint8, _MIN_SCALE, 0)
+    for s in (2.0 ** -128, 2e-39, 1e-45):
+        with pytest.raises(ValueError, match="finite float32 reciprocal"):
+            QParams(gpuquant.qint8, s, 0)
+
+
 def test_bad_per_channel_scale_names_value():
     s = torch.tensor([0.1, 0.0, 0.2])
     with pytest.raises(ValueError, match=r"0\.0"):

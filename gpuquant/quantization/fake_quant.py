@@ -301,7 +301,15 @@ class _LearnedBase(FakeQuantBase):
         self._check_input(x)
         axis = self._resolve_axis(x)
         if not self._initialized:
-            self._initialize(x, axis, self._usable_qparams(qparams, x))
+            qp = self._usable_qparams(qparams, x)
+            if qp is None and (x.numel() == 0 or not bool(torch.isfinite(x.detach()).all())):
+                # (once: the first call) a NaN / Inf or empty batch would start the learned
+                # parameter at NaN or Inf for good
+                raise ValueError(f"{type(self).__name__}: the first input initialises "
+                                 f"{learned} from the data, and it "
+                                 f"{'is empty' if x.numel() == 0 else 'contains NaN or Inf'}; "
+                                 f"start it on a finite, non-empty batch (or from qparams)")
+            self._initialize(x, axis, qp)
         self._check_channels(x, axis, getattr(self, learned))
         return axis
 

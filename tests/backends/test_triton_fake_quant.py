@@ -367,3 +367,36 @@ def test_double_backward_is_refused():
     (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward|not differentiable|once_differentiable|does not require grad"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_qint32_takes_the_exact_zero_point_add(axis):
+    """qint32's zero points past 2^24 and its qmax are no float32 numbers: the op gives the
+    reference's exact bytes (forward and gradient mask) instead of the float32 kernels'."""
+    d = gpuquant.qint32
+    c = 3
+    shape = () if axis is None else (c,)
+    scale = torch.full(shape, 1.0)
+    zp = torch.full(shape, 123456789, dtype=torch.int32)
+    if axis is not None:
+        zp[1], zp[2] = d.qmax, d.qmin
+    x = torch.cat([torch.tensor([1.0, 2.0, 123.5, -7.25, 3e9, -3e9]),
+                   torch.randn(30) * 1e6]).reshape(-1, 1).expand(-1, c).contiguous()
+    x = x if axis is not None else x[:, 0].contiguous()
+    g = torch.randn(x.shape)
+    y, gx = run_ours(x, scale, zp, d, axis, g)
+    yr, gxr = run_ref(x, scale, zp, d, axis, g)
+    assert bits_equal(y, yr) and bits_equal(gx, gxr)
+    assert tfq.float32_exact(-(1 << 24), 1 << 24) and not tfq.float32_exact(d.qmin, d.qmax)
+
+
+def test_fused_observer_declines_qint32():
+    from gpuquant.backends.triton import observer as tobs
+    from gpuquant.quantization import observer as O
+    from gpuquant.quantization.fake_quant import FakeQuantize
+    with backends.use("triton"):
+        for d, taken in ((gpuquant.qint8, True), (gpuquant.qint32, False)):
+            obs, fq = O.MinMaxObserver(d, check_finite=False), FakeQuantize(d)
+            y = tobs.observe_fake_quant(torch.randn(64), obs, fq)
+            assert (y is not None) == taken
+            assert tobs.device_pair_ok(obs, fq, torch.device("cpu")) == taken

@@ -399,3 +399,16 @@ def test_learned_fake_quant_on_cuda_matches_cpu_and_never_syncs():
             torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(y.cpu(), cpu(x))
     torch.testing.assert_close(gpu.scale.grad.cpu(), cpu.scale.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [LSQ, TQT])
+@pytest.mark.parametrize("x", [torch.tensor([float("inf"), 1.0]),
+                               torch.tensor([0.5, float("nan")]), torch.empty(0)],
+                         ids=["inf", "nan", "empty"])
+def test_learned_quantizers_refuse_to_start_from_a_non_finite_or_empty_batch(cls, x):
+    """The data init would set the learned scale to NaN / Inf for good."""
+    fq = cls()
+    with pytest.raises(ValueError, match="initialises .* from the data"):
+        fq(x)
+    y = fq(torch.randn(16))  # still uninitialised: a clean batch starts it
+    assert bool(torch.isfinite(y).all())

@@ -675,6 +675,13 @@ def _check(x, scale, zero_point, qmin, qmax, axis, fn):
                              f"{scale.numel()} and zero_point {zero_point.numel()} values")
 
 
+def float32_exact(qmin: int, qmax: int) -> bool:
+    """Whether the kernels' float32 arithmetic (``rne(x * inv) + zp``, the clamp) is exact
+    for this integer range: every integer in it a float32 number (|q| <= 2^24). Not so for
+    qint32, which these ops hand to the reference backend's definition."""
+    return max(-int(qmin), int(qmax)) <= 1 << 24
+
+
 def fake_quant(x, scale, zero_point, qmin, qmax, axis, *, block: int = BLOCK):
     """Fake-quantize ``x`` (see the module docstring); differentiable in ``x`` (STE).
 
@@ -691,6 +698,9 @@ def fake_quant(x, scale, zero_point, qmin, qmax, axis, *, block: int = BLOCK):
         ValueError: devices differ, bad axis, qparam shapes not matching.
     """
     _check(x, scale, zero_point, qmin, qmax, axis, "fake_quant")
+    if not float32_exact(qmin, qmax):  # qint32: the reference's exact zero-point add
+        from ..reference import fake_quant as exact
+        return exact(x, scale, zero_point, qmin, qmax, axis)
     if axis is not None and x.shape[axis] == 1:
         axis = None  # one channel: per-tensor math, same bytes
         scale, zero_point = scale.reshape(()), zero_point.reshape(())

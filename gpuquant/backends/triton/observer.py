@@ -50,8 +50,8 @@ from .common import cdiv
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
                          _flat_span, _fq_relu, _npow2, _rne, _row_offsets, _store_mask,
                          _target_programs, _to_out, _udiv, as_rows, auto_interpreter,
-                         dense_layout, mask_backward, on_tensor_device, row_plan, save_mask,
-                         udiv_magic)
+                         dense_layout, float32_exact, mask_backward, on_tensor_device, row_plan,
+                         save_mask, udiv_magic)
 from .launch import launch
 from torch.autograd.function import once_differentiable
 
@@ -330,6 +330,8 @@ def device_pair_ok(observer, fake_quant, device) -> bool:
         return False
     if _supported_observer(observer) is None or observer.dtype != fake_quant.dtype:
         return False
+    if not float32_exact(observer.dtype.qmin, observer.dtype.qmax):
+        return False
     if observer.check_finite or observer.min_val.device != device or not _plain_reduce(observer):
         return False
     return observer.enabled or observer.has_observed
@@ -511,6 +513,8 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
             or not observer.enabled:
         return None
     if _supported_observer(observer) is None or observer.dtype != fake_quant.dtype:
+        return None
+    if not float32_exact(observer.dtype.qmin, observer.dtype.qmax):
         return None
     if x.dtype not in _FLOATS or x.numel() == 0:
         return None
