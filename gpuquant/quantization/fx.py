@@ -5,10 +5,13 @@
 is not a :mod:`gpuquant.nn` module; the result is made of :mod:`gpuquant.nn` float modules
 and goes through the usual float -> QAT flow. Steps:
 
-1. **Trace** with ``torch.fx`` (``torch.nn`` layers, :mod:`gpuquant.nn` fused modules and
-   modules marked with :func:`disable_quantize` are leaves). A submodule whose forward
+1. **Trace** with ``torch.fx`` (``torch.nn`` layers, subclasses of ``Conv2d`` / ``Linear`` /
+   ``BatchNorm1d`` / ``BatchNorm2d`` keeping their forward, :mod:`gpuquant.nn` fused modules
+   and modules marked with :func:`disable_quantize` are leaves). A submodule whose forward
    cannot be traced (data-dependent control flow, ...) becomes a leaf that stays float; a
    failure in the model's own ``forward`` raises, saying where and how to proceed.
+   Dropout function calls (``F.dropout(x, p, self.training)``: fx froze the mode flag) become
+   ``nn.Dropout`` modules, which follow ``train()`` / ``eval()``.
 2. **Functionalize** in-place ops (``+=``, ``relu_``, ``inplace=True``): later uses of the
    mutated value read the op's result, so every op can be swapped for a module.
 3. **Fuse and swap** (the new modules carry the same ``Parameter`` and BatchNorm buffer
@@ -93,8 +96,12 @@ def disable_quantize(module: torch.nn.Module, value: bool = True) -> torch.nn.Mo
 
 
 def _same_forward(m: torch.nn.Module, base: type) -> bool:
-    """``m`` is a ``base`` whose forward is ``base``'s own (a subclass may compute otherwise)."""
-    return isinstance(m, base) and type(m).forward is base.forward
+    """``m`` is a ``base`` whose forward is ``base``'s own (a subclass may compute otherwise;
+    for ``Conv2d`` also its ``_conv_forward``, which that forward calls)."""
+    if not isinstance(m, base) or type(m).forward is not base.forward:
+        return False
+    return not issubclass(base, torch.nn.Conv2d) or \
+        type(m)._conv_forward is torch.nn.Conv2d._conv_forward
 
 
 def needs_dropin(model: torch.nn.Module) -> bool:
@@ -116,9 +123,15 @@ def needs_dropin(model: torch.nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------------- tracing
+# plain layers the fusion reads as modules: their subclasses keeping the forward are leaves
+# too (fx's own rule only knows classes defined in torch.nn)
+_LEAF_BASES = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+
+
 class _Tracer(fx.Tracer):
-    """Leaves: torch.nn layers, gpuquant ops, disabled modules and submodules whose forward
-    failed to trace (those are recorded in ``fallbacks``)."""
+    """Leaves: torch.nn layers (and subclasses of Conv2d, Linear, BatchNorm1d/2d keeping
+    their forward), gpuquant ops, disabled modules and submodules whose forward failed to
+    trace (those are recorded in ``fallbacks``)."""
 
     def __init__(self):
         super().__init__()
@@ -129,6 +142,8 @@ class _Tracer(fx.Tracer):
             return True
         if isinstance(m, Module):
             return isinstance(m, (_GNN_LEAVES, QATModule, QuantizedModule))
+        if any(_same_forward(m, base) for base in _LEAF_BASES):
+            return True
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
@@ -309,14 +324,29 @@ _MUL_FNS = {operator.mul, torch.mul}
 _CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
 _PASS_FNS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
              torch.transpose, torch.split, torch.chunk, torch.unbind, torch.tensor_split,
-             operator.getitem, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-             F.alpha_dropout, F.feature_alpha_dropout}
+             operator.getitem}
 _PASS_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "permute", "transpose",
                  "contiguous", "split", "chunk", "unbind", "tensor_split", "view_as",
                  "reshape_as", "expand", "expand_as", "unflatten", "movedim"}
 _PASS_MODULES = (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Identity, torch.nn.Dropout,
                  torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
                  torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+# dropout functions -> (module doing the same, argument names, default of the mode flag).
+# fx records the mode flag (``self.training``) as the constant it had when traced; the module
+# follows model.train() / eval() instead, and the int8 model (eval) drops it
+_F_DROPOUT_ARGS = ("input", "p", "training", "inplace")
+_DROPOUT_FNS = {
+    F.dropout: (torch.nn.Dropout, _F_DROPOUT_ARGS, True),
+    F.dropout1d: (torch.nn.Dropout1d, _F_DROPOUT_ARGS, True),
+    F.dropout2d: (torch.nn.Dropout2d, _F_DROPOUT_ARGS, True),
+    F.dropout3d: (torch.nn.Dropout3d, _F_DROPOUT_ARGS, True),
+    F.alpha_dropout: (torch.nn.AlphaDropout, _F_DROPOUT_ARGS, False),
+    F.feature_alpha_dropout: (torch.nn.FeatureAlphaDropout, _F_DROPOUT_ARGS, False),
+    torch.dropout: (torch.nn.Dropout, ("input", "p", "train"), None),
+    torch.alpha_dropout: (torch.nn.AlphaDropout, ("input", "p", "train"), None),
+    torch.feature_alpha_dropout: (torch.nn.FeatureAlphaDropout, ("input", "p", "train"), None),
+}
 
 _POOL_FN_PARAMS = {
     F.max_pool2d: (gnn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
@@ -345,8 +375,7 @@ def _fn_name(target) -> str:
 
 # pass-through ops that may write a new tensor (a reshape of a non-contiguous view, dropout
 # while training): their output loses the QAT producer tag unless it is carried over
-_MAY_COPY_FNS = {torch.flatten, torch.reshape, F.dropout, F.dropout1d, F.dropout2d,
-                 F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+_MAY_COPY_FNS = {torch.flatten, torch.reshape}
 _MAY_COPY_METHODS = {"flatten", "reshape", "view", "contiguous", "reshape_as"}
 _MAY_COPY_MODULES = tuple(m for m in _PASS_MODULES if m not in (torch.nn.Unflatten,
                                                                  torch.nn.Identity))
@@ -447,6 +476,42 @@ class _Rewriter:
         self.modules[name] = module
         self.used_names.add(name)
         return name
+
+    # ------------------------------------------------------------------ 0. dropout calls
+    def dropout_modules(self) -> None:
+        """``F.dropout(x, p, self.training)`` (and the other dropout functions) -> an
+        ``nn.Dropout(p)`` module node (``Dropout1d`` ... as fits). fx traced the mode flag as
+        a constant; the module starts in that mode (the same float computation) and then
+        follows ``train()`` / ``eval()``, so the eval QAT model and the int8 model do not
+        drop (as for ``nn.Dropout``). A call whose ``p`` or mode is not a constant stays a
+        float op (warned)."""
+        for n in list(self.graph.nodes):
+            if n.op != "call_function" or n.target not in _DROPOUT_FNS:
+                continue
+            cls, names, default = _DROPOUT_FNS[n.target]
+            if len(n.args) > len(names) or not n.args or \
+                    any(k not in names[1:] for k in n.kwargs):
+                continue
+            kw = dict(zip(names, n.args))
+            if any(k in kw for k in n.kwargs):
+                continue
+            kw.update(n.kwargs)
+            p, mode = kw.get("p", 0.5), kw.get(names[2], default)
+            inplace = kw.get("inplace", False)
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or \
+                    not isinstance(mode, bool) or not isinstance(inplace, bool) or \
+                    not 0 <= p <= 1:
+                continue
+            new = cls(float(p), inplace=inplace)
+            new.training = mode
+            name = self._new_name(n, cls.__name__.lower())
+            self._set_module(name, new)
+            with self.graph.inserting_before(n):
+                node = self.graph.call_module(name, (kw["input"],))
+            node.meta = dict(n.meta)
+            n.replace_all_uses_with(node)
+            self.graph.erase_node(n)
+            self.site_count[name] = 1
 
     # ------------------------------------------------------------------ 1. in-place ops
     def functionalize(self) -> None:
@@ -852,6 +917,7 @@ def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule
     if example_inputs is not None:
         _propagate(gm, example_inputs)
     rw = _Rewriter(gm, fallbacks, _Kinds(example_inputs is not None))
+    rw.dropout_modules()
     rw.functionalize()
     rw.fuse()
     warn = rw.stub()
