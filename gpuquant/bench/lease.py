@@ -66,7 +66,8 @@ DEFAULT_CAP = 90.0
 # the bf16 networks took most of the models stage's 150 s on the H200 (lease 1), for a
 # comparison row the targets do not need
 DEFAULT_SKIP = {"models": "torch-bf16-compile"}
-MIN_STAGE_S = 20.0      # a stage is not started with less than this left
+MIN_STAGE_S = 45.0      # a stage is not started with less than this left (a suite's process
+                        # takes ~20-30 s for start-up, CUDA and its ceilings before a case)
 PACK_RESERVE_S = 10.0   # kept for writing the summary and the archive
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TCACHE_GLOB = ".tcache/*.tar.gz"  # where `tcache build` archives are carried (git-ignored)
@@ -185,10 +186,11 @@ def _parse(argv) -> argparse.Namespace:
                    help="the most seconds a stage may take, instead of its default, repeatable")
     p.add_argument("--profile-args", default="--what qat_step,int8_forward",
                    help="arguments of the 'profile' stage (python -m gpuquant.bench.profile)")
-    p.add_argument("--warm-jobs", type=int, default=_default_warm_jobs(),
+    p.add_argument("--warm-jobs", type=int, default=None,
                    help="CPU processes compiling the suites' Triton kernels in the background "
                         "from the start (gpuquant.bench.warm; 0: none; default: CPUs - 2 "
-                        "on machines with 8 or more)")
+                        "on machines with 8 or more, none when a prebuilt Triton cache was "
+                        "unpacked: its compile load would only disturb the timings)")
     p.add_argument("--triton-cache", default="auto", metavar="ARCHIVE|auto|none",
                    help="a prebuilt Triton cache (gpuquant.bench.tcache build) to unpack into "
                         "the run's TRITON_CACHE_DIR first; 'auto' (default): the newest "
@@ -198,7 +200,7 @@ def _parse(argv) -> argparse.Namespace:
         p.error(f"--triton-cache: no such archive {args.triton_cache!r} (or 'auto', 'none')")
     if not args.budget > 0:
         p.error(f"--budget must be positive, got {args.budget}")
-    if args.warm_jobs < 0:
+    if args.warm_jobs is not None and args.warm_jobs < 0:
         p.error(f"--warm-jobs must be >= 0, got {args.warm_jobs}")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     known = _known_stages()
@@ -338,6 +340,8 @@ def main(argv=None) -> int:
     if unpacked:
         env["TRITON_CACHE_DIR"] = tcache
     print(f"[lease] prebuilt Triton cache: {tcache_line}", flush=True)
+    if args.warm_jobs is None:
+        args.warm_jobs = 0 if unpacked else _default_warm_jobs()
     warm = _start_warm(args, os.path.join(logs, "warm.log"), env)
     rows = []
     for stage in args.stage_list:

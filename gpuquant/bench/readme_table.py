@@ -21,6 +21,7 @@ __all__ = ["render_results", "replace_block", "main", "START", "END"]
 
 START = "<!-- bench:start -->"
 END = "<!-- bench:end -->"
+PARTIAL = ".partial.json"  # what a suite cut short leaves (harness --save-each-case)
 
 
 def _suite_order(name: str):
@@ -51,14 +52,20 @@ def render_results(results_dir: str = "bench/results", exclude: Sequence[str] = 
     found = False
     for slug in slugs:
         folder = os.path.join(results_dir, slug)
-        files = sorted((f for f in os.listdir(folder) if f.endswith(".json")),
-                       key=lambda f: _suite_order(f[:-5]))
+        names = [f for f in os.listdir(folder) if f.endswith(".json")]
+        # a suite cut short leaves <suite>.partial.json: shown (marked) only where the suite
+        # has no finished file
+        files = sorted((f for f in names if not f.endswith(PARTIAL)
+                        or f[:-len(PARTIAL)] + ".json" not in names),
+                       key=lambda f: _suite_order(f.split(".")[0]))
         if not files:
             continue
         found = True
         out += [f"### `{slug}`", ""]
         for f in files:
             doc = report.load_json(os.path.join(folder, f))
+            if f.endswith(PARTIAL):
+                doc["suite"] = f"{doc.get('suite') or f[:-len(PARTIAL)]} (cut short)"
             out.append(report.render_markdown(doc, heading_level=4))
             png = os.path.join(folder, f[:-5] + ".png")
             if link_base is not None and os.path.exists(png):

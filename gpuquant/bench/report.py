@@ -61,22 +61,39 @@ def validate_doc(doc: Mapping[str, Any]) -> None:
                              f"{row['exact_vs_numpy']!r}")
 
 
+GRAPH = "-graph"  # providers replaying CUDA graphs: compared with the baseline's graph row
+
+
+def ratio_base(provider: str, baseline: Optional[str], by_provider: Mapping[str, Any]):
+    """The provider ``provider`` is compared with: ``<baseline>-graph`` for a ``-graph`` row
+    when the same params have one (graph against graph: both without host time), else the
+    document's baseline."""
+    if baseline and provider.endswith(GRAPH) and provider != baseline + GRAPH \
+            and baseline + GRAPH in by_provider:
+        return baseline + GRAPH
+    return baseline
+
+
 def annotate(doc: Mapping[str, Any]) -> List[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
     """Pair the rows by params and add, per row, ``ratio`` (speedup vs the document's
-    ``baseline`` provider for the same params, None if it has no such row) and ``fraction``
-    (of the ceiling for the row's unit, None where undefined).
+    ``baseline`` provider for the same params, or vs its ``-graph`` row for a ``-graph``
+    provider (:func:`ratio_base`); None if there is no such row), ``ratio_vs`` (that
+    provider's name) and ``fraction`` (of the ceiling for the row's unit, None where
+    undefined).
 
-    Returns ``[(params, [row + {"ratio", "fraction"}, ...]), ...]`` with the baseline first.
+    Returns ``[(params, [row + {"ratio", "ratio_vs", "fraction"}, ...]), ...]`` with the
+    baseline first.
     """
     baseline = doc.get("baseline")
     ceilings = doc.get("ceilings")
     out = []
     for params, by_provider in pair_rows(doc["rows"]):
-        base = by_provider.get(baseline)
         names = sorted(by_provider, key=lambda n: (n != baseline, list(by_provider).index(n)))
         rows = []
         for n in names:
             r = dict(by_provider[n])
+            r["ratio_vs"] = ratio_base(n, baseline, by_provider)
+            base = by_provider.get(r["ratio_vs"])
             r["ratio"] = speedup(base["median_ms"], r["median_ms"]) if base else None
             r["fraction"] = fraction_of_ceiling(r["throughput"], r["unit"], ceilings)
             rows.append(r)
@@ -168,8 +185,13 @@ def render_markdown(doc: Mapping[str, Any], heading_level: int = 2) -> str:
                 cells.append({True: "yes", False: "**NO**", None: "-"}[r["exact_vs_numpy"]])
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    graph_vs = baseline is not None and any(r.get("ratio_vs") == baseline + GRAPH
+                                            and r["provider"] != baseline + GRAPH
+                                            for _, rows in groups for r in rows)
     lines.append(f"`vs {baseline}`: speedup, {baseline}'s median time / the provider's "
                  f"(same params, same run)."
+                 + (f" `-graph` rows: vs `{baseline}{GRAPH}` (CUDA graph against CUDA graph)."
+                    if graph_vs else "")
                  + (f" †: p80 > {NOISY} x p20, the machine was busy; read with care."
                     if any_noisy else ""))
     return "\n".join(lines) + "\n"
@@ -282,7 +304,8 @@ def summary_lines(docs: Sequence[Mapping[str, Any]]) -> List[str]:
         per: Dict[str, Dict[str, list]] = {}
         for _, rows in annotate(doc):
             for r in rows:
-                d = per.setdefault(r["provider"], {"ratio": [], "frac": [], "exact": []})
+                d = per.setdefault(r["provider"], {"ratio": [], "frac": [], "exact": [],
+                                                   "vs": r["ratio_vs"]})
                 d["ratio"].append(r["ratio"])
                 d["frac"].append(r["fraction"])
                 d["exact"].append(r["exact_vs_numpy"])
@@ -293,7 +316,7 @@ def summary_lines(docs: Sequence[Mapping[str, Any]]) -> List[str]:
             if prov == baseline:
                 text += "   (baseline)"
             elif g is not None:
-                text += f"   {g:6.2f}x vs {baseline} (geomean; {min(rs):.2f}x..{max(rs):.2f}x)"
+                text += f"   {g:6.2f}x vs {d['vs']} (geomean; {min(rs):.2f}x..{max(rs):.2f}x)"
             fr = [v for v in d["frac"] if v is not None]
             if fr:
                 text += f"   up to {100 * max(fr):.0f}% of ceiling"

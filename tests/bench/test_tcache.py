@@ -133,3 +133,21 @@ def test_cli_check_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         tcache.main(["build", "--wheel", str(tmp_path / "nope.whl"), "--out", archive])
     assert e.value.code == 2 and "must be a Triton wheel file" in capsys.readouterr().err
+
+
+def test_lease_starts_no_warm_up_when_the_archive_fits(tmp_path, monkeypatch):
+    """The prebuilt kernels make the background compile redundant; its CPU load would only
+    disturb the host-bound timings. Without an archive the default stays CPUs - 2."""
+    src = tmp_path / "a"
+    _fake_cache(src, kernels=1)
+    fits = str(tmp_path / "fits.tar.gz")
+    tcache.pack(str(src), fits, tcache.local_triton_key())
+    monkeypatch.setattr(lease, "_default_warm_jobs", lambda: 6)
+    seen = []
+    monkeypatch.setattr(lease, "_start_warm", lambda args, log, env: seen.append(args.warm_jobs))
+    args = ["--budget", "60", "--stages", "tests",
+            "--pytest-args", "-q tests/test_qparams.py -p no:cacheprovider -k dtype"]
+    lease.main(["--out", str(tmp_path / "o1"), "--triton-cache", fits] + args)
+    lease.main(["--out", str(tmp_path / "o2"), "--triton-cache", "none"] + args)
+    lease.main(["--out", str(tmp_path / "o3"), "--triton-cache", fits, "--warm-jobs", "2"] + args)
+    assert seen == [0, 6, 2]
