@@ -44,7 +44,10 @@ does the untimed preparation and returns the zero-argument callable that is time
 
 Conventions: provider names as the contract gives them (``gpuquant-<backend>``, ``torch``,
 ``torch-int-mm``, ``torch-bf16``, ``numpy-float32``...); ``check(inputs, output)`` returns
-True/False for ``exact_vs_numpy`` (output equal to the NumPy oracle on set 0) or None;
+True/False for ``exact_vs_numpy`` (output equal to the NumPy oracle on set 0, dtype and
+shape included: ``harness.exact``; where the oracle is too slow for the whole output, on
+sampled images that include the last: ``harness.sample_rows``, ``harness.exact_rows``) or
+None; a suite of slow calls (a training step) raises ``Suite(min_reps=...)``;
 throughput in ``GB/s`` (elementwise: bytes read + written), ``TOPS`` (int8 GEMM/conv,
 2*m*n*k), ``TFLOPS`` (float), ``images/s`` (models): the first three get a
 fraction-of-ceiling column. ``--quick`` sizes must keep every CPU-capable suite together
@@ -63,11 +66,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .harness import (Case, Provider, ProviderUnavailable, RunConfig, Suite, device_name,
-                      device_slug, pair_rows, params_key, run_case)
+from .harness import (Case, Provider, ProviderUnavailable, Suite, device_name, device_slug,
+                      error_text, pair_rows, params_key, run_case)
 
 __all__ = ["run_bench", "Suite", "Case", "Provider", "ProviderUnavailable", "pair_rows",
-           "params_key", "device_name", "device_slug", "environment"]
+           "params_key", "device_name", "device_slug", "environment", "triton_tune"]
 
 
 def _version(module: str) -> Optional[str]:
@@ -77,13 +80,26 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
+def triton_tune() -> Optional[str]:
+    """The Triton kernels' autotune mode, ``GPUQUANT_TRITON_TUNE`` as they read it ("full"
+    or "quick"; the variable's text if they would refuse it); None without Triton."""
+    try:
+        from ..backends.triton.common import tune_mode
+    except ImportError:
+        return None
+    try:
+        return tune_mode()
+    except ValueError:
+        return os.environ.get("GPUQUANT_TRITON_TUNE")
+
+
 def environment(device: str, command: str) -> Dict[str, Any]:
-    """The header of a results file (contract section 3)."""
+    """The header of a results file (contract section 3, then gpuquant's own keys)."""
     from .. import __version__
     return {"device": device_name(device), "torch": torch.__version__,
             "triton": _version("triton"), "cupy": _version("cupy"), "gpuquant": __version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command,
+            "command": command, "triton_tune": triton_tune(),
             "host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                      "python": platform.python_version(), "machine": platform.machine()}}
 
@@ -106,13 +122,18 @@ def parse_where(text: Optional[str]) -> Dict[str, List[str]]:
     return where
 
 
+class UsageError(ValueError):
+    """A command line ``gpuquant bench`` cannot run (exit status 2), e.g. a ``--where`` param
+    the suite lacks."""
+
+
 def _select(suite: Suite, cases: List[Case], where: Dict[str, List[str]],
             skip: Sequence[str]) -> List[Case]:
     if where:
         names = set().union(*(c.params for c in cases)) if cases else set()
         unknown = sorted(set(where) - names)
         if unknown:
-            raise ValueError(f"--where: suite {suite.name!r} has no param {unknown[0]!r}; its "
+            raise UsageError(f"--where: suite {suite.name!r} has no param {unknown[0]!r}; its "
                              f"params: {sorted(names)}")
         cases = [c for c in cases
                  if all(str(c.params.get(k)) in vs for k, vs in where.items())]
@@ -127,35 +148,40 @@ def _run_suite(suite: Suite, device: str, quick: bool, command: str,
                ceilings: Dict[str, Any], partial: Optional[str] = None,
                where: Optional[Dict[str, List[str]]] = None,
                skip: Sequence[str] = ()) -> Dict[str, Any]:
-    cfg = RunConfig.for_run(quick, device)
+    """The suite's results document. A case whose inputs (or anything else outside its
+    providers) raise is recorded in ``errors`` and left out; the next case runs."""
+    cfg = suite.run_config(quick, device)
     cases = suite.cases(quick, device)
     if not isinstance(cases, list) or not all(isinstance(c, Case) for c in cases):
         raise TypeError(f"suite {suite.name!r}: cases() must return a list of Case")
     cases = _select(suite, cases, where or {}, skip)
     doc = environment(device, command)
     doc.update({"suite": suite.name, "baseline": suite.baseline, "quick": bool(quick),
-                "ceilings": ceilings})
-    rows: List[Dict[str, Any]] = []
-    errors: List[str] = []
-    reported_unavailable = set()
+                "ceilings": ceilings, "errors": [], "unavailable": {}, "rows": []})
     for i, case in enumerate(cases):
-        res = run_case(suite.name, case, device, cfg)
-        for prov, why in res.unavailable.items():
-            if prov not in reported_unavailable:
-                reported_unavailable.add(prov)
-                _log(f"  {suite.name}: provider {prov} unavailable here: {why}")
-        for prov, err in res.errors.items():
-            errors.append(f"{suite.name} [{case.name}] {prov}: {err}")
-            _log(f"  ERROR {suite.name} [{case.name}] provider {prov}: {err}")
-        rows += res.rows
-        times = ", ".join(f"{r['provider']} {r['median_ms']:.4g} ms" for r in res.rows)
-        _log(f"  [{suite.name} {i + 1}/{len(cases)}] {case.name}: {times}")
+        try:
+            res = run_case(suite.name, case, device, cfg)
+        except Exception as e:  # noqa: BLE001 - its inputs failed: recorded, next case
+            _error(doc, f"{suite.name} [{case.name}]: {error_text(e)}")
+        else:
+            for prov, why in res.unavailable.items():
+                if prov not in doc["unavailable"]:
+                    doc["unavailable"][prov] = why
+                    _log(f"  {suite.name}: provider {prov} unavailable here: {why}")
+            for prov, err in res.errors.items():
+                _error(doc, f"{suite.name} [{case.name}] {prov}: {err}")
+            doc["rows"] += res.rows
+            times = ", ".join(f"{r['provider']} {r['median_ms']:.4g} ms" for r in res.rows)
+            _log(f"  [{suite.name} {i + 1}/{len(cases)}] {case.name}: {times}")
         if partial:  # the rows so far, in case the run is cut short (bench.lease)
             from .report import write_json
-            write_json(dict(doc, rows=rows, errors=errors, partial=True), partial)
-    doc["rows"] = rows
-    doc["errors"] = errors
+            write_json(dict(doc, partial=True), partial)
     return doc
+
+
+def _error(doc: Dict[str, Any], line: str) -> None:
+    doc["errors"].append(line)
+    _log(f"  ERROR {line}")
 
 
 def autotune_choices() -> List[str]:
@@ -200,9 +226,16 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
             (see :func:`parse_where`; a param the suite lacks is an error).
         skip: providers to leave out (never the baseline), e.g. ``["torch-bf16-compile"]``.
 
+    Each ``<suite>.json`` holds, besides contract section 3's keys: ``triton_tune`` (the
+    kernels' autotune mode, :func:`triton_tune`), ``host``, ``suite``, ``baseline``,
+    ``quick``, ``ceilings``, ``errors`` (one line per failed provider or case) and
+    ``unavailable`` (provider -> why it could not run here); the markdown's notes repeat
+    the last three.
+
     Returns:
-        0 when every suite ran clean; 1 when a provider failed or an output differed from
-        the NumPy oracle; 2 for an unknown or unwritten suite name.
+        0 when every suite ran clean; 1 when a provider, a case or a whole suite failed (the
+        other suites still run) or an output differed from the NumPy oracle; 2 for an
+        unknown or unwritten suite name or a ``--where`` a suite cannot apply.
     """
     from . import report, suites as registry
     from .ceilings import measure_ceilings
@@ -236,26 +269,29 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
         if dev is None:
             _log(f"suite {name} needs a CUDA GPU: skipped")
             continue
-        suite = registry.load_suite(name)
-        if dev not in ceilings:
-            _log(f"measuring ceilings on {dev} ...")
-            ceilings[dev] = measure_ceilings(dev, quick=quick)
-            for kind, c in ceilings[dev].items():
-                _log(f"  ceiling {kind}: {c['value']:.4g} {c['unit']} ({c['what']})")
         t0 = time.perf_counter()
-        _log(f"suite {name} on {device_name(dev)} ({dev}), baseline {suite.baseline}")
         partial = None
         if save_each_case:
             os.makedirs(out, exist_ok=True)
             partial = os.path.join(out, f"{name}.partial.json")
         try:
+            suite = registry.load_suite(name)
+            if dev not in ceilings:
+                _log(f"measuring ceilings on {dev} ...")
+                ceilings[dev] = measure_ceilings(dev, quick=quick)
+                for kind, c in ceilings[dev].items():
+                    _log(f"  ceiling {kind}: {c['value']:.4g} {c['unit']} ({c['what']})")
+            _log(f"suite {name} on {device_name(dev)} ({dev}), baseline {suite.baseline}")
             doc = _run_suite(suite, dev, quick, command, ceilings[dev], partial, where_map,
                              skip)
-        except ValueError as e:
+            paths = report.write_all(doc, out, x_param=suite.x_param)
+        except UsageError as e:
             print(f"gpuquant bench: {e}", file=sys.stderr)
             return 2
-        errors = doc.pop("errors")
-        paths = report.write_all(doc, out, x_param=suite.x_param)
+        except Exception as e:  # noqa: BLE001 - recorded; the next suite still runs
+            failed.append(f"{name}: {error_text(e)}")
+            _log(f"  ERROR suite {name} failed: {failed[-1]}")
+            continue
         if dev == "cuda":
             paths += _write_autotune_choices(os.path.join(out, f"{name}.autotune.txt"))
         if partial and os.path.exists(partial):
@@ -264,8 +300,8 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
              f"{', '.join(paths)}")
         docs.append(doc)
         inexact = [r for r in doc["rows"] if r["exact_vs_numpy"] is False]
-        failed += errors + [f"{name} [{r['case']}] {r['provider']}: output differs from the "
-                            f"NumPy oracle" for r in inexact]
+        failed += doc["errors"] + [f"{name} [{r['case']}] {r['provider']}: output differs "
+                                   f"from the NumPy oracle" for r in inexact]
     _log(f"\nsummary ({time.perf_counter() - t_start:.1f} s, results in {os.path.abspath(out)}):")
     for line in report.summary_lines(docs):
         _log(line)

@@ -16,13 +16,19 @@ How a case is measured (:func:`run_case`):
    set 0 goes to the provider's ``check`` for ``exact_vs_numpy``.
 3. Then 2-3 timed calls estimate each provider's time; the repeat count fills a time budget
    (0.2 s a provider with ``quick`` on the CPU, 1 s otherwise; 0.1 s / 0.5 s on the GPU),
-   at least 5 calls.
+   at least 5 calls (more where the suite asks: ``Suite.min_reps``).
 4. Timed calls are interleaved: the repeats are split into rounds (up to 100 on the CPU,
    10 on the GPU), each round runs every provider in turn (the order rotating from round
    to round), so drift in clocks or machine load hits all providers alike. On the GPU the
    events are read once at the end, so launches run ahead of the device as in ``do_bench``.
 5. Median, 20th and 80th percentile of the per-call times, in milliseconds; the case's
    ``throughput(params, ms)`` turns the median into the unit users quote.
+
+Failures: a provider that raises (in setup, its warm-up, its check or a timed call) is
+recorded in the case's ``errors`` and left out of the rest of the case; the others keep
+their rows. After a CUDA out-of-memory error what the failed call held is given back first
+(:func:`error_text`). An exception building the case's inputs propagates: the caller
+(``gpuquant bench``) records it for the case and goes on with the next one.
 
 Timers: ``time.perf_counter`` around each call on the CPU; CUDA events around each call on
 the GPU (synchronised once a round). We time with our own events rather than
@@ -40,20 +46,24 @@ import platform
 import re
 import statistics
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = ["Suite", "Case", "Provider", "ProviderUnavailable", "Timing", "RunConfig", "run_case",
-           "params_key", "pair_rows", "device_name", "device_slug", "ROW_FIELDS",
-           "HEADER_FIELDS", "percentile", "cuda_graph_of"]
+           "CaseResult", "error_text", "params_key", "pair_rows", "device_name", "device_slug",
+           "ROW_FIELDS", "HEADER_FIELDS", "percentile", "cuda_graph_of", "sample_rows", "exact",
+           "exact_rows"]
 
 #: The keys of every result row, in order (contract section 3).
 ROW_FIELDS = ("suite", "case", "provider", "params", "median_ms", "p20_ms", "p80_ms",
               "throughput", "unit", "exact_vs_numpy")
-#: The keys every results file starts with (contract section 3); gpuquant adds ``host``, ``suite``,
-#: ``baseline``, ``quick`` and ``ceilings`` after them.
+#: The keys every results file starts with (contract section 3); gpuquant adds ``triton_tune``,
+#: ``host``, ``suite``, ``baseline``, ``quick``, ``ceilings``, ``errors`` and ``unavailable``
+#: after them (the contract names the keys every file has, not a closed set;
+#: :func:`gpuquant.bench.run_bench` says what each added one holds).
 HEADER_FIELDS = ("device", "torch", "triton", "cupy", "gpuquant", "date", "command")
 
 _PARAM_TYPES = (bool, int, float, str)
@@ -76,7 +86,9 @@ class Provider:
         check: optional ``check(inputs, output) -> True | False | None``, called with set 0's
             inputs and ``run()``'s return value; True/False say whether the output equals the
             NumPy oracle bit for bit (``exact_vs_numpy``), None that the question does not
-            apply. Without ``check`` the row records None.
+            apply. Without ``check`` the row records None. Compare with :func:`exact` /
+            :func:`exact_rows` (dtype and shape too), and look past the first image: an
+            error in the last tile of a kernel shows only there (:func:`sample_rows`).
     """
 
     setup: Callable[[Any], Callable[[], Any]]
@@ -144,6 +156,10 @@ class Suite:
         x_param: the param plotted on the x axis (default: the numeric param with the most
             distinct values).
         description: one line for the report.
+        min_reps: at least this many timed calls per provider and case (the harness's
+            default, :attr:`RunConfig.min_reps`, is 5), for suites whose calls are slow enough
+            that the time budget alone would give a handful (a 30 ms training step gets 5
+            calls from the GPU's 0.1 s quick budget).
     """
 
     name: str
@@ -152,6 +168,7 @@ class Suite:
     device: str = "cuda"
     x_param: Optional[str] = None
     description: str = ""
+    min_reps: Optional[int] = None
 
     def __post_init__(self):
         if self.device not in ("cuda", "cpu", "any"):
@@ -160,6 +177,10 @@ class Suite:
         if not callable(self.cases):
             raise TypeError(f"Suite {self.name!r}: cases must be callable (quick, device) -> "
                             f"list[Case], got {self.cases!r}")
+        if self.min_reps is not None and (not isinstance(self.min_reps, int)
+                                          or self.min_reps < 1):
+            raise ValueError(f"Suite {self.name!r}: min_reps must be a positive int, got "
+                             f"{self.min_reps!r}")
 
     @property
     def needs_gpu(self) -> bool:
@@ -172,6 +193,14 @@ class Suite:
         if cuda_available:
             return "cuda"
         return None if self.device == "cuda" else "cpu"
+
+    def run_config(self, quick: bool, device: str) -> "RunConfig":
+        """:meth:`RunConfig.for_run` with this suite's ``min_reps``."""
+        cfg = RunConfig.for_run(quick, device)
+        if self.min_reps is not None:
+            cfg.min_reps = max(cfg.min_reps, self.min_reps)
+            cfg.max_reps = max(cfg.max_reps, cfg.min_reps)
+        return cfg
 
 
 # ---------------------------------------------------------------------------------- stats
@@ -336,6 +365,29 @@ def _build_input_sets(case: Case, cfg: RunConfig) -> List[Any]:
     return sets
 
 
+# ---------------------------------------------------------------------------------- exactness
+def sample_rows(n: int, k: int = 8) -> torch.Tensor:
+    """Indices along dim 0 an ``exact_vs_numpy`` check compares where the whole output would
+    cost the CPU oracle too much: the first, the last and evenly spaced ones between (at
+    most ``k``, at least 2 where ``n`` allows: the last image is where a kernel's partial
+    tile goes wrong)."""
+    return torch.unique(torch.linspace(0, n - 1, min(n, max(k, 2))).round().long())
+
+
+def exact(got: Any, want: torch.Tensor) -> bool:
+    """``got`` equals ``want`` bit for bit, with the same dtype and shape (``torch.equal``
+    alone promotes: an int32 output equals its int8 oracle)."""
+    return (isinstance(got, torch.Tensor) and got.dtype == want.dtype
+            and got.shape == want.shape and bool(torch.equal(got.cpu(), want.cpu())))
+
+
+def exact_rows(got: Any, want: torch.Tensor, rows: torch.Tensor, n: int) -> bool:
+    """``got`` has ``n`` rows (dim 0) and its ``rows`` (:func:`sample_rows`) are ``want``,
+    the oracle's output for those rows, as :func:`exact` says."""
+    return (isinstance(got, torch.Tensor) and got.dim() > 0 and got.shape[0] == n
+            and exact(got[rows.to(got.device)], want))
+
+
 # ---------------------------------------------------------------------------------- run
 @dataclass
 class CaseResult:
@@ -344,48 +396,71 @@ class CaseResult:
     errors: Dict[str, str]               # provider -> "ExcType: message"
 
 
+def error_text(e: BaseException) -> str:
+    """``"ExcType: message"``, as errors are recorded. After a CUDA out-of-memory error it
+    first gives back what it can, so that the providers and cases after it do not fail for
+    want of memory: the failed call's finished frames are cleared (their tensors freed) and
+    ``torch.cuda.empty_cache()`` returns the allocator's cached blocks. The caller drops its
+    own references to the failed work before calling."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        traceback.clear_frames(e.__traceback__)
+        gc.collect()
+        torch.cuda.empty_cache()
+    return f"{type(e).__name__}: {e}"
+
+
+def _prepare(prov: Provider, sets: List[Any], timer) -> Tuple[List[Callable[[], Any]],
+                                                               Optional[bool], Timing]:
+    """A provider's untimed part: ``(timed callables one per set, exact_vs_numpy, repeat
+    estimate)``."""
+    fns = []
+    exact_vs_numpy = None
+    est = Timing()
+    for j, inp in enumerate(sets):
+        fn = prov.setup(inp)
+        if not callable(fn):
+            raise TypeError(f"setup returned {type(fn).__name__}, expected a callable")
+        out = fn()  # first call on every set: warm-up (compilation, packed weights)
+        if j == 0 and prov.check is not None:  # ... and the exactness check
+            exact_vs_numpy = prov.check(inp, out)
+            if exact_vs_numpy is not None and not isinstance(exact_vs_numpy, bool):
+                raise TypeError(f"check returned {exact_vs_numpy!r}, expected True, False or "
+                                f"None")
+        del out
+        fns.append(fn)
+    # the repeat estimate from warm calls only: a first call that packs a weight or
+    # compiles would inflate it, and fewer repeats mean fewer calls in a row per
+    # round, each colder (on the CPU the same linear read 0.79x that way, 0.94x this way)
+    for k in range(max(2, min(len(fns), 3))):
+        timer.time_call(fns[(k + 1) % len(fns)], est)
+    timer.sync()
+    return fns, exact_vs_numpy, est
+
+
 def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
              timer=None) -> CaseResult:
     """Measure every provider of ``case`` on ``device``; returns its rows (contract section 3).
 
     A provider whose ``setup`` raises :class:`ProviderUnavailable` is left out (reported in
-    ``unavailable``); any other exception in setup, run or check is recorded in ``errors``
-    and the provider is left out; the other providers still run.
+    ``unavailable``); any other exception in its setup, warm-up, check or timed calls is
+    recorded in ``errors`` and the provider is left out (from the rounds still to run, if it
+    failed there); the other providers keep running and get their rows. An exception from
+    ``case.inputs`` propagates (no provider can run without inputs).
     """
     timer = timer or make_timer(device)
     sets = _build_input_sets(case, cfg)
     runs: Dict[str, List[Callable[[], Any]]] = {}
-    exact: Dict[str, Optional[bool]] = {}
+    exact_vs_numpy: Dict[str, Optional[bool]] = {}
     unavailable: Dict[str, str] = {}
     errors: Dict[str, str] = {}
     estimates: Dict[str, Timing] = {}
     for name, prov in case.providers.items():
         try:
-            fns = []
-            est = Timing()
-            for j, inp in enumerate(sets):
-                fn = prov.setup(inp)
-                if not callable(fn):
-                    raise TypeError(f"setup returned {type(fn).__name__}, expected a callable")
-                out = fn()  # first call on every set: warm-up (compilation, packed weights)
-                if j == 0:  # ... and the exactness check
-                    res = prov.check(inp, out) if prov.check is not None else None
-                    if res is not None and not isinstance(res, bool):
-                        raise TypeError(f"check returned {res!r}, expected True, False or None")
-                    exact[name] = res
-                del out
-                fns.append(fn)
-            # the repeat estimate from warm calls only: a first call that packs a weight or
-            # compiles would inflate it, and fewer repeats mean fewer calls in a row per
-            # round, each colder (on the CPU the same linear read 0.79x that way, 0.94x this way)
-            for k in range(max(2, min(len(fns), 3))):
-                timer.time_call(fns[(k + 1) % len(fns)], est)
-            timer.sync()
-            runs[name], estimates[name] = fns, est
+            runs[name], exact_vs_numpy[name], estimates[name] = _prepare(prov, sets, timer)
         except ProviderUnavailable as e:
             unavailable[name] = str(e)
         except Exception as e:  # noqa: BLE001 - reported as an error row-less provider
-            errors[name] = f"{type(e).__name__}: {e}"
+            errors[name] = error_text(e)
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -396,9 +471,8 @@ def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
         per_call_s = max(statistics.median(est.times_ms), 1e-4) / 1e3
         reps[name] = int(min(cfg.max_reps, max(cfg.min_reps, cfg.budget_s / per_call_s)))
 
-    names = list(runs)
     n_rounds = max(1, min(cfg.rounds, min(reps.values()) if reps else 1))
-    counters = {n: 0 for n in names}
+    counters = {n: 0 for n in runs}
     # the garbage collector off while timing, as timeit does: a collection triggered by the
     # autograd objects of a fwd+bwd call otherwise lands in whichever call runs then (on an
     # H200 the fake_quant fwd+bwd rows had medians 2-10x their p20)
@@ -406,13 +480,19 @@ def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
     gc.disable()
     try:
         for r in range(n_rounds):
-            order = names[r % len(names):] + names[:r % len(names)] if names else []
-            for name in order:
+            live = list(runs)  # in the case's order, less the providers that failed
+            if not live:
+                break
+            for name in live[r % len(live):] + live[:r % len(live)]:
                 share = reps[name] * (r + 1) // n_rounds - reps[name] * r // n_rounds
                 fns = runs[name]
-                for _ in range(share):
-                    timer.time_call(fns[counters[name] % len(fns)], timings[name])
-                    counters[name] += 1
+                try:
+                    for _ in range(share):
+                        timer.time_call(fns[counters[name] % len(fns)], timings[name])
+                        counters[name] += 1
+                except Exception as e:  # noqa: BLE001 - recorded; the others go on
+                    del runs[name], timings[name], fns
+                    errors[name] = error_text(e)
         # one sync at the end: on the GPU the launches run ahead of the device (as in
         # do_bench), so the events time the kernels, not the host's launch latency
         timer.sync()
@@ -421,14 +501,14 @@ def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
             gc.enable()
 
     rows = []
-    for name in names:
+    for name in runs:
         t = timings[name]
         med = t.median_ms
         value, unit = case.throughput(dict(case.params), med)
         rows.append({"suite": suite_name, "case": case.name, "provider": name,
                      "params": dict(case.params), "median_ms": med, "p20_ms": t.p20_ms,
                      "p80_ms": t.p80_ms, "throughput": float(value), "unit": str(unit),
-                     "exact_vs_numpy": exact.get(name)})
+                     "exact_vs_numpy": exact_vs_numpy.get(name)})
     return CaseResult(rows, unavailable, errors)
 
 

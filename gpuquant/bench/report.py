@@ -15,7 +15,7 @@ from .ceilings import fraction_of_ceiling
 from .harness import HEADER_FIELDS, ROW_FIELDS, pair_rows
 
 __all__ = ["speedup", "annotate", "validate_doc", "write_json", "load_json", "render_markdown",
-           "write_markdown", "write_png", "summary_lines", "choose_x_param", "geomean"]
+           "notes_markdown", "write_markdown", "write_png", "summary_lines", "choose_x_param", "geomean"]
 
 
 #: a row whose p80 time exceeds NOISY x its p20 time is flagged in the markdown
@@ -136,6 +136,19 @@ def _cell(v) -> str:
     return str(v).replace("|", "\\|")
 
 
+def notes_markdown(doc: Mapping[str, Any]) -> str:
+    """The notes under a suite's table (``<suite>.md``): the autotune mode, the providers
+    unavailable here and why, the errors."""
+    def items(title, lines):
+        return f"\n{title}:\n\n" + "".join(f"- {' '.join(str(x).split())}\n" for x in lines) \
+            if lines else ""
+    text = f"\nTriton autotuning: `{doc['triton_tune']}` (`GPUQUANT_TRITON_TUNE`).\n" \
+        if doc.get("triton_tune") else ""
+    text += items("Unavailable here", [f"`{p}`: {why}" for p, why in
+                                       (doc.get("unavailable") or {}).items()])
+    return text + items("Errors", doc.get("errors") or [])
+
+
 def render_markdown(doc: Mapping[str, Any], heading_level: int = 2) -> str:
     """The suite's table: one line per (case, provider), the case's params in the first
     columns (shown once per case), median ms with [p20, p80], throughput, speedup vs the
@@ -194,7 +207,7 @@ def render_markdown(doc: Mapping[str, Any], heading_level: int = 2) -> str:
                     if graph_vs else "")
                  + (f" †: p80 > {NOISY} x p20, the machine was busy; read with care."
                     if any_noisy else ""))
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + notes_markdown(doc)
 
 
 def write_markdown(doc: Mapping[str, Any], path: str) -> None:

@@ -51,6 +51,27 @@ def test_fake_quant_suite_providers_run_and_agree():
         assert all(r["unit"] == "GB/s" and r["throughput"] > 0 for r in res.rows)
 
 
+def test_fake_quant_check_sees_the_last_image_dtype_and_shape():
+    """check_output compares images spread over the batch, the last included, and the whole
+    output's dtype and shape: a wrong value in the last image is caught, and so is a float32
+    output for a bfloat16 input."""
+    for p in fq_suite.case_params(True, sizes=[64 * 1024 * 4], dtypes=["bfloat16"]):
+        torch.manual_seed(0)
+        inp = fq_suite._make_inputs(p, "cpu")(0)
+        assert inp["x"].shape[0] == 4
+        out = fq_suite._torch_setup(inp)()
+        assert fq_suite.check_output(inp, out), p
+        outs = list(out) if isinstance(out, tuple) else [out]
+        for k in range(len(outs)):
+            bad = [t.detach().clone() for t in outs]
+            bad[k][-1, -1, -1, -1] += 1                             # last image, last element
+            assert not fq_suite.check_output(inp, tuple(bad) if len(bad) > 1 else bad[0]), p
+            wrong = [t.detach().float() if j == k else t for j, t in enumerate(outs)]
+            assert not fq_suite.check_output(inp, tuple(wrong) if len(wrong) > 1 else wrong[0])
+            short = [t[:3] if j == k else t for j, t in enumerate(outs)]
+            assert not fq_suite.check_output(inp, tuple(short) if len(short) > 1 else short[0])
+
+
 def test_qat_step_suite_cases():
     ps = qat_suite.case_params(False)
     assert [p["model"] for p in ps] == ["resnet50", "mobilenet_v2"]

@@ -65,6 +65,10 @@ def test_gemm_providers_run_and_check():
     assert gemm_suite._check_requant(inp, out)
     out[-1, 0] += 1
     assert not gemm_suite._check_requant(inp, out)
+    assert not gemm_suite._check_requant(inp, out[:-1])            # a row missing
+    assert not gemm_suite._check_requant(inp, out.int())           # int32, same values
+    acc = inp["x"].long() @ inp["w"].long().t() + inp["bias"].long()
+    assert gemm_suite._check_bare(inp, acc.int()) and not gemm_suite._check_bare(inp, acc)
 
 
 def test_conv_layers_are_resnet50():
@@ -108,6 +112,25 @@ def test_conv_providers_run_and_check():
     assert rows["gpuquant-triton"]["unit"] == "TOPS"
 
 
+def test_conv_check_sees_the_last_image_dtype_and_shape():
+    """The conv check compares every layer's first and last image with the NumPy backend, and
+    the whole output's dtype and shape: a wrong value in the last image is caught."""
+    from gpuquant import backends
+    specs = [conv_suite.ConvSpec(8, 9, 12, 3, 2, 1), conv_suite.ConvSpec(16, 5, 24, 1, 1, 0)]
+    torch.manual_seed(0)
+    layers = conv_suite.make_inputs(specs, 3, "cpu")(0)
+    ref = backends.get_backend("numpy").OPS["conv2d"]
+    outs = [ref(L["x"], L["zp"], L["w"], L["bias"], (L["spec"].stride,) * 2,
+                (L["spec"].pad,) * 2, (1, 1), 1, L["rq"]) for L in layers]
+    assert conv_suite._check(layers, outs)
+    bad = [y.clone() for y in outs]
+    bad[-1][-1, -1, -1, -1] += 1                                   # last image, last tile
+    assert not conv_suite._check(layers, bad)
+    assert not conv_suite._check(layers, [y.int() for y in outs])  # equal values, int32
+    assert not conv_suite._check(layers, [y[:2] for y in outs])    # the last image missing
+    assert not conv_suite._check(layers, outs[:1])                 # a layer missing
+
+
 def test_models_case_generation_and_providers(monkeypatch):
     cases = models_suite._cases(False, "cuda")
     assert {(c.params["model"], c.params["batch"]) for c in cases} == {
@@ -123,6 +146,14 @@ def test_models_case_generation_and_providers(monkeypatch):
     assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
     assert rows["gpuquant-triton"]["unit"] == "images/s"
     assert "torch-bf16" in rows
+    # the check sees the last image and the dtype
+    check = case.providers["gpuquant-triton"].check
+    inp = case.inputs(0)
+    out = case.providers["gpuquant-triton"].setup(inp)()
+    assert check(inp, out) and out.shape[0] == 3
+    bad = out.clone()
+    bad[-1, -1] += 1
+    assert not check(inp, bad) and not check(inp, out.double())
     # CUDA graphs: unavailable on the CPU, said so (their capture runs in the gpu test below)
     assert unavailable == {"gpuquant-triton-graph": "CUDA graphs need a CUDA device",
                            "torch-bf16-graph": "CUDA graphs need a CUDA device"}

@@ -4,6 +4,7 @@ import json
 import os
 import textwrap
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -536,3 +537,175 @@ def test_run_case_times_with_the_garbage_collector_off():
     assert gc.isenabled()
     harness.run_case("t", case, "cpu", RunConfig(budget_s=0.01, min_reps=5, max_input_sets=2))
     assert gc.isenabled() and seen and seen[-1] is False
+
+
+# ---------------------------------------------------------------------------------- failures
+def _raising_after(calls, exc=RuntimeError("boom")):
+    """A provider whose calls succeed ``calls`` times, then raise ``exc``."""
+    count = {"n": 0}
+
+    def setup(x):
+        def run():
+            count["n"] += 1
+            if count["n"] > calls:
+                raise exc
+            return x
+        return run
+    return setup
+
+
+def test_provider_raising_mid_timing_is_dropped_others_keep_rows():
+    calls = {"good": 0}
+
+    def good(x):
+        return lambda: calls.__setitem__("good", calls["good"] + 1) or x
+    # 2 input sets: 2 warm-up + 2 estimate calls, then the 7th call (in the timed rounds) raises
+    case = Case(params={"n": 4}, inputs=lambda i: torch.zeros(4),
+                providers={"bad": _raising_after(6), "good": good},
+                throughput=lambda p, ms: (1.0, "x"))
+    cfg = RunConfig(budget_s=0.001, min_reps=20, max_reps=20, rounds=5, max_input_sets=2)
+    res = run_case("s", case, "cpu", cfg)
+    assert [r["provider"] for r in res.rows] == ["good"]
+    assert res.errors == {"bad": "RuntimeError: boom"}
+    assert calls["good"] == 2 + 2 + 20          # every round ran without the dropped provider
+
+
+def test_out_of_memory_frees_the_cache(monkeypatch):
+    """A CUDA out-of-memory error: recorded like any error, and the allocator's cache given
+    back (torch.cuda.empty_cache) before the next provider runs; the frames of the failed
+    call are cleared, so what they held is freed."""
+    freed, held = [], []   # freed: at each empty_cache, whether the hog's tensor was gone
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(held[0]() is None))
+
+    def hog(x):
+        def run():
+            big = torch.empty(1000)
+            held.append(weakref.ref(big))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return run
+    case = Case(params={"n": 4}, inputs=lambda i: torch.zeros(4),
+                providers={"hog": hog, "ok": lambda x: (lambda: x),
+                           "late": Provider(_raising_after(
+                               3, torch.cuda.OutOfMemoryError("out of memory, timed")))},
+                throughput=lambda p, ms: (1.0, "x"))
+    res = run_case("s", case, "cpu", RunConfig(budget_s=0.001, min_reps=5, max_input_sets=1))
+    assert [r["provider"] for r in res.rows] == ["ok"]
+    assert set(res.errors) == {"hog", "late"} and "OutOfMemoryError" in res.errors["late"]
+    assert freed == [True, True]
+
+
+FAILING_SUITE_SRC = '''
+import torch
+from gpuquant.bench import Case, Provider, ProviderUnavailable, Suite
+
+CALLS = {{}}
+
+def _cases(quick, device):
+    {cases_raise}
+    out = []
+    for n in (1000, 2000, 3000):
+        def inputs(i, n=n):
+            if n == 2000:
+                raise MemoryError("no room for the inputs")
+            return torch.randn(n)
+
+        def flaky(x):
+            def run():
+                CALLS["flaky"] = CALLS.get("flaky", 0) + 1
+                if CALLS["flaky"] > 12:
+                    raise RuntimeError("flaky died mid-timing")
+                return x.sum()
+            return run
+
+        def missing(x):
+            raise ProviderUnavailable("needs a gizmo")
+
+        def counted(x, n=n):
+            def run():
+                CALLS[n] = CALLS.get(n, 0) + 1
+                return x.sum()
+            return run
+        out.append(Case(
+            params={{"op": "sum", "numel": n}}, inputs=inputs,
+            providers={{"base": counted, "flaky": flaky, "gizmo": missing}},
+            throughput=lambda p, ms: (4 * p["numel"] / (ms * 1e-3) / 1e9, "GB/s")))
+    return out
+
+SUITE = Suite(name="{name}", baseline="base", cases=_cases, device="cpu", min_reps={min_reps})
+'''
+
+
+def _failing_suite(fake_suite, name, cases_raise=False, min_reps=None):
+    return fake_suite(name, src=FAILING_SUITE_SRC.format(
+        name=name, min_reps=min_reps,
+        cases_raise="raise RuntimeError('the suite itself is broken')" if cases_raise else ""))
+
+
+def test_run_bench_records_failures_and_goes_on(fast, fake_suite, tmp_path, capsys,
+                                                monkeypatch):
+    """A provider dying mid-timing, a case whose inputs fail and a suite that fails as a
+    whole are all recorded (exit 1); the other providers, cases and suites still run, and
+    the JSON and markdown keep the errors, the unavailable providers and the tuning mode."""
+    monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "quick")
+    broken = _failing_suite(fake_suite, "toy_broken_whole", cases_raise=True)
+    name = _failing_suite(fake_suite, "toy_failing")
+    out = tmp_path / "out"
+    rc = run_bench([broken, name], quick=True, out=str(out), command="c", save_each_case=True)
+    assert rc == 1
+    log = capsys.readouterr().out
+    assert not (out / f"{broken}.json").exists()
+    doc = json.loads((out / f"{name}.json").read_text())
+    report.validate_doc(doc)
+    assert not (out / f"{name}.partial.json").exists()
+    # case 1: flaky's 13th call raises in the timed rounds (6 untimed calls before them), the
+    # baseline keeps its row; case 2: its inputs fail, no rows; case 3 runs (flaky fails
+    # again, in its warm-up)
+    by_case = {}
+    for r in doc["rows"]:
+        by_case.setdefault(r["params"]["numel"], set()).add(r["provider"])
+    assert by_case == {1000: {"base"}, 3000: {"base"}}
+    assert doc["errors"] == [
+        f"{name} [op=sum numel=1000] flaky: RuntimeError: flaky died mid-timing",
+        f"{name} [op=sum numel=2000]: MemoryError: no room for the inputs",
+        f"{name} [op=sum numel=3000] flaky: RuntimeError: flaky died mid-timing"]
+    assert doc["unavailable"] == {"gizmo": "needs a gizmo"}
+    try:
+        import triton  # noqa: F401
+        assert doc["triton_tune"] == "quick"
+    except ImportError:
+        assert doc["triton_tune"] is None
+    md = (out / f"{name}.md").read_text()
+    assert "Unavailable here" in md and "`gizmo`: needs a gizmo" in md
+    assert "Errors:" in md and "no room for the inputs" in md
+    # the summary lists every problem, the broken suite's included
+    problems = log[log.index("problem(s):"):]
+    assert f"{broken}: RuntimeError: the suite itself is broken" in problems
+    assert "no room for the inputs" in problems and "flaky died" in problems
+
+
+def test_suite_min_reps_honoured(fast, fake_suite, tmp_path):
+    from gpuquant.bench.suites import load_suite
+    name = _failing_suite(fake_suite, "toy_min_reps", min_reps=40)
+    run_bench([name], quick=True, out=str(tmp_path), command="c")
+    mod = __import__(f"_gq_bench_{name}")
+    # 3 input sets: 3 warm-up + 3 estimate calls, then the timed ones
+    assert mod.CALLS[1000] - 6 >= 40 and mod.CALLS[3000] - 6 >= 40
+    assert RunConfig.for_run(True, "cpu").min_reps == 5       # the harness's default
+    for suite, at_least in (("qat_step", 15), ("models", 15), ("conv", 10)):
+        assert load_suite(suite).run_config(True, "cpu").min_reps >= at_least, suite
+    with pytest.raises(ValueError, match="min_reps"):
+        harness.Suite("x", "p", lambda q, d: [], min_reps=0)
+
+
+def test_exact_checks_dtype_shape_and_sampled_rows():
+    a = torch.arange(12, dtype=torch.int8).reshape(4, 3)
+    assert harness.exact(a, a.clone()) and not harness.exact(a.int(), a)   # dtype
+    assert not harness.exact(a.reshape(3, 4), a) and not harness.exact(None, a)
+    rows = harness.sample_rows(4)
+    assert rows.tolist() == [0, 1, 2, 3] and harness.sample_rows(100, 2).tolist() == [0, 99]
+    assert harness.sample_rows(1000).tolist()[-1] == 999 and len(harness.sample_rows(1000)) == 8
+    assert harness.exact_rows(a, a[[0, 3]], torch.tensor([0, 3]), 4)
+    assert not harness.exact_rows(a[:3], a[[0, 2]], torch.tensor([0, 2]), 4)  # rows missing
+    bad = a.clone()
+    bad[3, 2] += 1
+    assert not harness.exact_rows(bad, a[[0, 3]], torch.tensor([0, 3]), 4)

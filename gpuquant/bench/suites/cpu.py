@@ -41,7 +41,7 @@ from ... import backends
 from ...dtypes import qint8_narrow, quint8
 from ...functional import integer as qf
 from ...functional.requant import make_requant
-from ..harness import Case, Provider, ProviderUnavailable, Suite
+from ..harness import Case, Provider, ProviderUnavailable, Suite, exact
 
 LINEAR_SHAPES = ((1, 768, 768), (64, 1024, 1024), (512, 4096, 1024))
 
@@ -160,7 +160,7 @@ def _conv_providers():
         d = inp["layers"][0]
         with backends.use("reference"):
             want = qf.conv2d(d["xq"], d["zp"], d["wq"], d["bq"], d["stride"], d["pad"], 1, 1, d["rq"])
-        return bool(torch.equal(out[0], want))
+        return exact(out[0], want)
 
     def torch_f32(inp):
         prepared = [(d["xf"], d["wf"], d["bf"], d["stride"], d["pad"]) for d in inp["layers"]]
@@ -226,7 +226,7 @@ def _linear_providers():
     def gq_check(inp, out):
         with backends.use("reference"):
             want = qf.linear(inp["xq"], 0, inp["wq"], inp["bq"], inp["rq"])
-        return bool(torch.equal(out, want))
+        return exact(out, want)
 
     def torch_f32(inp):
         x, w, b = inp["xf"], inp["wf"], inp["bf"]

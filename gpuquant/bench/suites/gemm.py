@@ -23,9 +23,10 @@ Throughput: TOPS = 2 m n k / time (int8 ops for the int8 providers, bf16 FLOPs f
 ``torch-int-mm``; on H100 >= 60% of the 1979 dense int8 TOPS at 8192^3; the epilogue costs
 <= 5% over bare.
 
-``exact_vs_numpy``: on a sample of 8 rows of input set 0 (rows are independent): the
-requantized output against the NumPy backend's ``linear`` on the same rows; the int32
-outputs (bare, ``torch._int_mm``) against the exact int64 product in NumPy. ``torch-bf16``:
+``exact_vs_numpy``: dtype and shape of the whole output of input set 0, values on a sample
+of 8 rows, the first and the last included (rows are independent): the requantized output
+against the NumPy backend's ``linear`` on the same rows; the int32 outputs (bare,
+``torch._int_mm``) against the exact int64 product in NumPy. ``torch-bf16``:
 None (not an integer op).
 
 Run on a GPU: ``gpuquant bench gemm --out bench/results/<device-slug>``.
@@ -39,7 +40,7 @@ import torch
 
 from ...dtypes import qint8
 from ...functional.requant import make_requant
-from ..harness import Case, Provider, ProviderUnavailable, Suite
+from ..harness import Case, Provider, ProviderUnavailable, Suite, exact_rows, sample_rows
 
 SQUARES = [256, 512, 1024, 2048, 4096, 8192]
 SHAPES: List[Tuple[int, int, int]] = (
@@ -63,11 +64,6 @@ def _triton_ops():
         raise ProviderUnavailable(str(e)) from None
 
 
-def sample_rows(m: int) -> torch.Tensor:
-    """Rows checked for exact_vs_numpy: first, last and evenly spaced ones between."""
-    return torch.unique(torch.linspace(0, m - 1, min(m, SAMPLE_ROWS)).round().long())
-
-
 def make_inputs(m: int, n: int, k: int, device: str):
     def inputs(i):
         x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
@@ -81,18 +77,14 @@ def make_inputs(m: int, n: int, k: int, device: str):
     return inputs
 
 
-def _rows_np(inp, out_rows):
-    idx = sample_rows(inp["x"].shape[0])
-    return idx, out_rows[idx.to(out_rows.device)].cpu()
-
-
 def _check_requant(inp, out):
     from ... import backends
-    idx, got = _rows_np(inp, out)
+    m = inp["x"].shape[0]
+    idx = sample_rows(m, SAMPLE_ROWS)
     x = inp["x"][idx.to(inp["x"].device)].cpu()
     want = backends.get_backend("numpy").OPS["linear"](x, 0, inp["w"].cpu(), inp["bias"].cpu(),
                                                        inp["rq"])
-    return bool(torch.equal(got, want))
+    return exact_rows(out, want, idx, m)
 
 
 def _exact_int32(inp, idx, with_bias):
@@ -103,14 +95,23 @@ def _exact_int32(inp, idx, with_bias):
     return acc
 
 
+def _check_int32(inp, out, with_bias):
+    """The int32 (m, n) output's sampled rows against the exact int64 product."""
+    m, n = inp["x"].shape[0], inp["w"].shape[0]
+    if not (isinstance(out, torch.Tensor) and out.dtype == torch.int32
+            and tuple(out.shape) == (m, n)):
+        return False
+    idx = sample_rows(m, SAMPLE_ROWS)
+    got = out[idx.to(out.device)].cpu().numpy().astype(np.int64)
+    return bool(np.array_equal(got, _exact_int32(inp, idx, with_bias)))
+
+
 def _check_bare(inp, out):
-    idx, got = _rows_np(inp, out)
-    return bool(np.array_equal(got.numpy().astype(np.int64), _exact_int32(inp, idx, True)))
+    return _check_int32(inp, out, True)
 
 
 def _check_int_mm(inp, out):
-    idx, got = _rows_np(inp, out)
-    return bool(np.array_equal(got.numpy().astype(np.int64), _exact_int32(inp, idx, False)))
+    return _check_int32(inp, out, False)
 
 
 def _triton_requant(inp):

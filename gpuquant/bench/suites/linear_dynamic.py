@@ -31,7 +31,7 @@ import copy
 import torch
 
 from ... import backends
-from ..harness import Case, Provider, ProviderUnavailable, Suite
+from ..harness import Case, Provider, ProviderUnavailable, Suite, exact
 
 _NK = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336))
 _M = (1, 16, 128, 2048)
@@ -74,7 +74,7 @@ def _gpuquant(weight_only: bool):
         mod = copy.deepcopy(inp["modules"][False]).to("cpu")
         with backends.use("numpy"), torch.no_grad():
             ref = mod(inp["x"].cpu())
-        return bool(torch.equal(out.cpu(), ref))
+        return exact(out, ref)
     return Provider(setup, check=check)
 
 

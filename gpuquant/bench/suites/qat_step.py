@@ -33,6 +33,8 @@ Providers:
 
 Throughput: images/s. Target (issue 5): ``gpuquant-qat`` at most 1.25x the ``float`` step for
 resnet50. Each provider builds its model once (untimed) and reuses it for every input set.
+At least 15 timed steps a provider and case (``Suite.min_reps``: a 20-40 ms step would get
+5 from the GPU's 0.1 s quick budget).
 
 Run on a GPU: ``gpuquant bench qat_step --out bench/results/<device-slug>``.
 """
@@ -213,4 +215,5 @@ def _cases(quick: bool, device: str) -> List[Case]:
 
 
 SUITE = Suite(name="qat_step", baseline="float", cases=_cases, device="cuda", x_param="model",
+              min_reps=15,
               description="one training step: float vs gpuquant QAT vs torch.ao eager QAT")
