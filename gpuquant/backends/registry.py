@@ -230,10 +230,16 @@ def fused_op(op: str, base: str, device) -> Optional[Callable]:
     return None
 
 
+def verifying() -> bool:
+    """Whether ``GPUQUANT_VERIFY`` asks for each op to be checked against the NumPy oracle
+    (read on every call: tests and users set it at run time)."""
+    return os.environ.get("GPUQUANT_VERIFY", "0").strip().lower() not in ("", "0", "false",
+                                                                          "no")
+
+
 def _verified(op: str, fn: Callable, backend: str) -> Callable:
     """``GPUQUANT_VERIFY=1``: check each call against the NumPy oracle (see :mod:`.verify`)."""
-    if backend == "numpy" or os.environ.get("GPUQUANT_VERIFY", "0").strip().lower() in (
-            "", "0", "false", "no"):
+    if backend == "numpy" or not verifying():
         return fn
     from .verify import checked_op
     return checked_op(op, fn, backend)

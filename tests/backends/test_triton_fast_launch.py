@@ -146,6 +146,18 @@ def test_fake_quant_host_time_runs_on_the_standin(tmp_path):
     assert all(v > 0 for v in r.values())
 
 
+def test_linear_host_time_runs_on_the_standin(tmp_path):
+    """gpuquant.backends.triton.standin.linear_host_time: host time of a decode step's
+    F.linear and of the W8A8 and weight-only modules (their memoised path)."""
+    pytest.importorskip("triton")
+    script = ("import json\n"
+              "from gpuquant.backends.triton.standin import linear_host_time\n"
+              "print('JSON' + json.dumps(linear_host_time(reps=2)))\n")
+    r = run_json(script, tmp_path / "triton_cache")
+    assert set(r) == {"torch F.linear", "gpuquant-triton (W8A8)", "gpuquant-triton-w8"}
+    assert all(v > 0 for v in r.values())
+
+
 def test_plans_pass_launch_hooks_only_when_there_is_one_to_call():
     """Triton 3.6 / 3.9 keep an empty HookChain as the launch hooks (never None); a plan
     passes None for it (no metadata built, no call from the launcher), and the chain itself

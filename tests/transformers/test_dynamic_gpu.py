@@ -56,3 +56,25 @@ def test_triton_gpu_integer_products_exact():
                            torch.ones(96, device="cuda"), None, torch.float32)
     exact = (xq.to(torch.int64) @ wq.to(torch.int64).t()).to(torch.int32).to(torch.float32)
     assert torch.equal(y.cpu(), exact)
+
+
+@pytest.mark.parametrize("cls", ["DynamicLinear", "WeightOnlyLinear"])
+def test_decode_replays_from_cuda_graph(cls):
+    """The bench's decode ``-graph`` rows: a module captured in a CUDA graph (split-K
+    weight-only included: its workspace comes from the graph's pool, its tickets are
+    allocated by the warm-up) replays to the eager call's bytes, with new input data."""
+    from gpuquant.bench.harness import cuda_graph_of
+    from gpuquant.nn.quantized import linear_dynamic as LD
+    lin = torch.nn.Linear(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    mod = getattr(LD, cls).from_float_module(lin).eval()
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        with backends.use("triton"), torch.no_grad():
+            return mod(x)
+    graph, out = cuda_graph_of(call, warmup=3)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, call())

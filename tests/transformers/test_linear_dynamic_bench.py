@@ -13,8 +13,24 @@ def test_case_grid():
     assert {m for m, _, _ in grid} == {1, 16, 128, 2048}
     assert {n for _, n, _ in grid} | {k for _, _, k in grid} == {4096, 11008, 14336}
     assert len(grid) == 20
-    assert set(cases[0].providers) == {"torch-bf16", "gpuquant-triton", "gpuquant-triton-w8",
-                                       "torchao", "torchao-w8"}
+    eager = {"torch-bf16", "gpuquant-triton", "gpuquant-triton-w8", "torchao", "torchao-w8"}
+    graphs = {"torch-bf16-graph", "gpuquant-triton-graph", "gpuquant-triton-w8-graph"}
+    for c in cases:  # decode rows (m <= 16) also replay CUDA graphs
+        want = eager | graphs if c.params["m"] <= 16 else eager
+        assert set(c.providers) == want, c.params
+
+
+def test_graph_providers_unavailable_off_cuda():
+    case = harness.Case(params={"m": 1, "n": 8, "k": 16, "dtype": "bfloat16"},
+                        inputs=ld._make_inputs(1, 8, 16, "cpu"),
+                        providers={"torch-bf16": ld._torch_bf16(),
+                                   "torch-bf16-graph": ld._graphed(ld._torch_bf16())},
+                        throughput=lambda p, ms: (2 * p["m"] * p["n"] * p["k"] / ms / 1e9, "TOPS"))
+    cfg = harness.RunConfig(budget_s=0.01, min_reps=1, max_reps=2, rounds=1, max_input_sets=1)
+    res = harness.run_case("linear_dynamic", case, "cpu", cfg)
+    assert not res.errors, res.errors
+    assert "torch-bf16-graph" in res.unavailable
+    assert {r["provider"] for r in res.rows} == {"torch-bf16"}
 
 
 def test_tiny_case_runs_and_checks_on_cpu():

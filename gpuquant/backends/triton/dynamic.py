@@ -276,6 +276,7 @@ def _wo_even_k(a) -> bool:
 
 
 _WO_KERNELS = {}
+_WO_SPLITS: dict = {}  # (m, n, k, device) -> split: asked on every decode step
 
 
 def _weight_only_kernel(interpret: bool):
@@ -298,15 +299,25 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None):
     if out.numel() == 0:
         return out
     interpret = arch_family(x.device) == "interpret"
-    split = weight_only_split_k(m, n, k, sm_count()) if split_k is None else int(split_k)
+    if split_k is None:
+        key = (m, n, k, x.device)
+        split = _WO_SPLITS.get(key)
+        if split is None:
+            if len(_WO_SPLITS) > 4096:
+                _WO_SPLITS.clear()
+            split = _WO_SPLITS[key] = weight_only_split_k(m, n, k, sm_count())
+    else:
+        split = int(split_k)
     meta = {}
     if interpret:
         bm, bn, bk, gm, nw, ns = _WO_INTERPRET_TILE
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
-    ws = torch.empty((split, m, n) if split > 1 else (1,), dtype=torch.float32,
-                     device=x.device)
-    # a ticket per output tile of the smallest tile any config uses
-    tick = launch_tickets(cdiv(m, 16) * cdiv(n, 32), x.device) if split > 1 else ws
+    if split > 1:
+        ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        # a ticket per output tile of the smallest tile any config uses
+        tick = launch_tickets(cdiv(m, 16) * cdiv(n, 32), x.device)
+    else:  # not read: any float32 pointer (the same specialization as a workspace)
+        ws = tick = w_scale
 
     def grid(cfg):
         return (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), split)

@@ -18,7 +18,9 @@ computed: outputs hold whatever ``torch.empty`` gave. Three uses:
   plans (``GPUQUANT_TRITON_TUNE=quick`` keeps the first call's compiles short); with
   ``--qat resnet50`` the float and QAT training steps' (:func:`qat_host_time`); with
   ``--layer`` a QAT Conv+BN+ReLU layer's against the float one's (:func:`layer_host_time`);
-  with ``--fake-quant`` the fake-quant op's (:func:`fake_quant_host_time`).
+  with ``--fake-quant`` the fake-quant op's (:func:`fake_quant_host_time`); with
+  ``--linear`` a decode step's dynamic / weight-only Linear against ``F.linear``
+  (:func:`linear_host_time`).
 
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the jitted kernels).
 """
@@ -32,7 +34,7 @@ import time
 import torch
 
 __all__ = ["standin_cuda", "StandInDriver", "TensorRecord", "host_time", "qat_host_time",
-           "layer_host_time", "fake_quant_host_time"]
+           "layer_host_time", "fake_quant_host_time", "linear_host_time"]
 
 
 _LAUNCHES: list = []
@@ -355,8 +357,51 @@ def fake_quant_host_time(reps: int = 1000) -> dict:
     return out
 
 
+def linear_host_time(reps: int = 2000) -> dict:
+    """{provider: host microseconds} of the ``linear_dynamic`` suite's decode call (one token,
+    bf16, no grad, backend chosen outside the call) for ``torch.nn.functional.linear`` and
+    the W8A8 dynamic and weight-only modules (memoised path), on a 64 x 64 Linear, the
+    compiled launcher a no-op; the first two calls (compiles, memo) untimed. Best of
+    7 x ``reps``, one thread, GC off."""
+    import gc
+
+    from ... import backends
+    from ...nn.quantized.linear_dynamic import DynamicLinear, WeightOnlyLinear
+    from . import launch as L
+    lin = torch.nn.Linear(64, 64).bfloat16()
+    x = torch.randn(1, 64).bfloat16()
+    w, b = lin.weight.detach(), lin.bias.detach()
+    out = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with standin_cuda(), torch.no_grad(), backends.use("triton"):
+        mods = {"gpuquant-triton (W8A8)": DynamicLinear.from_float_module(lin).eval(),
+                "gpuquant-triton-w8": WeightOnlyLinear.from_float_module(lin).eval()}
+        for m in mods.values():
+            m(x)
+            m(x)
+        launcher = type(next(p for p in L._PLANS.values() if p is not L._NO_PLAN)[0].run)
+        record, launcher.__call__ = launcher.__call__, lambda *a: None
+        gc.collect()
+        gc.disable()
+        try:
+            out["torch F.linear"] = _best_seconds(
+                lambda: torch.nn.functional.linear(x, w, b), reps, rounds=7) * 1e6
+            for name, m in mods.items():
+                out[name] = _best_seconds(lambda m=m: m(x), reps, rounds=7) * 1e6
+        finally:
+            gc.enable()
+            launcher.__call__ = record
+            torch.set_num_threads(threads)
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--linear":
+        for name, us in linear_host_time().items():
+            print(f"decode Linear (1 x 64 x 64, bf16), {name}: host {us:.1f} us")
+        return 0
     if argv and argv[0] == "--fake-quant":
         for name, us in fake_quant_host_time().items():
             print(f"fake_quant fwd+bwd, {name}: host {us:.0f} us")

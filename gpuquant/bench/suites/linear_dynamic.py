@@ -14,7 +14,13 @@ Providers (each times one Linear's forward, bf16 in, bf16 out):
 * ``gpuquant-triton-w8``: :class:`~gpuquant.nn.quantized.linear_dynamic.WeightOnlyLinear`
   (bf16 x int8 weights, float32 accumulation);
 * ``torchao`` / ``torchao-w8``: torchao's int8 dynamic-activation / weight-only
-  quantization of the same Linear, when torchao is importable.
+  quantization of the same Linear, when torchao is importable;
+* decode rows (``m <= 16``) also: ``torch-bf16-graph``, ``gpuquant-triton-graph``,
+  ``gpuquant-triton-w8-graph``: the same call captured once in a CUDA graph (after warm-up
+  calls: autotuning happens there) and replayed. A decode step's Linear is a few
+  microseconds of GPU time, about what the host spends launching it, so the eager rows can
+  measure the host; the graph rows (compared graph against graph) measure the kernels, as
+  a serving engine that replays its decode step from a graph runs them.
 
 Throughput: ``2 m n k`` operations per second, in TOPS for every provider (so the rows
 compare directly). ``exact_vs_numpy``: the W8A8 output on input set 0 against the same
@@ -31,8 +37,9 @@ import copy
 import torch
 
 from ... import backends
-from ..harness import Case, Provider, ProviderUnavailable, Suite, exact
+from ..harness import Case, Provider, ProviderUnavailable, Suite, cuda_graph_of, exact
 
+_GRAPH_MAX_M = 16  # decode rows: graph-replayed providers too
 _NK = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336))
 _M = (1, 16, 128, 2048)
 
@@ -78,6 +85,21 @@ def _gpuquant(weight_only: bool):
     return Provider(setup, check=check)
 
 
+def _graphed(provider: Provider) -> Provider:
+    """``provider``'s call captured in a CUDA graph (after 3 warm-up calls on a side stream)
+    and replayed; its output check, if any, reads the graph's output."""
+    def setup(inp):
+        if inp["x"].device.type != "cuda":
+            raise ProviderUnavailable("CUDA graphs need a CUDA device")
+        graph, out = cuda_graph_of(provider.setup(inp), warmup=3)
+
+        def run():
+            graph.replay()
+            return out
+        return run
+    return Provider(setup, check=provider.check)
+
+
 def _torchao(weight_only: bool):
     def setup(inp):
         try:
@@ -106,12 +128,17 @@ def _cases(quick: bool, device: str):
     cases = []
     for n, k in nk:
         for m in ms:
+            providers = {"torch-bf16": _torch_bf16(), "gpuquant-triton": _gpuquant(False),
+                         "gpuquant-triton-w8": _gpuquant(True), "torchao": _torchao(False),
+                         "torchao-w8": _torchao(True)}
+            if m <= _GRAPH_MAX_M:
+                providers.update({f"{name}-graph": _graphed(providers[name])
+                                  for name in ("torch-bf16", "gpuquant-triton",
+                                               "gpuquant-triton-w8")})
             cases.append(Case(
                 params={"m": m, "n": n, "k": k, "dtype": "bfloat16"},
                 inputs=_make_inputs(m, n, k, device),
-                providers={"torch-bf16": _torch_bf16(), "gpuquant-triton": _gpuquant(False),
-                           "gpuquant-triton-w8": _gpuquant(True), "torchao": _torchao(False),
-                           "torchao-w8": _torchao(True)},
+                providers=providers,
                 throughput=lambda p, ms_: (2 * p["m"] * p["n"] * p["k"] / (ms_ * 1e-3) / 1e12,
                                            "TOPS")))
     return cases

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ...backends.reference_dynamic import EPS
+from ...backends import registry
 from ...backends.registry import get_op
 from ...dtypes import QuantDtype, qint8, qint8_narrow
 from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, linear_dynamic,
@@ -131,6 +132,18 @@ class _StraightThroughInt8Linear(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None, None, None
 
 
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _version(t: Optional[torch.Tensor]) -> int:
+    if t is None:
+        return -2
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return -1
+
+
 class _Int8WeightLinear(Module):
     """Shared state: int8 ``weight`` (N, K), float32 ``weight_scale`` (N,), float32 ``bias``
     (N,) or None, optional float32 ``input_smoothing`` (K,) multiplied into the input first
@@ -153,6 +166,7 @@ class _Int8WeightLinear(Module):
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.register_buffer("input_smoothing", None)
         self.quantize_enabled = True
+        self._fast: dict = {}
         self.train(False)
 
     def _load_from_linear(self, linear: torch.nn.Linear, wq=None, ws=None):
@@ -224,7 +238,52 @@ class _Int8WeightLinear(Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x)
+        # The decode fast path: a memoised call of the backend op(s) for this input dtype,
+        # device and backend choice, made after a full call (every check) while the
+        # module's buffers stay the same objects at the same version. It skips the
+        # functional front end's checks of the module's own tensors and the op lookup: a
+        # decode step's Linear is a few microseconds of GPU time, so the host's Python is
+        # what an eager step pays (bench: linear_dynamic, stand-in: ``--linear``).
+        if (x.__class__ is torch.Tensor and not self.training and self.quantize_enabled
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            hit = self._fast.get((x.dtype, x.device, registry._explicit(), registry.verifying()))
+            if hit is not None and x.dim() and x.shape[-1] == self.in_features:
+                stamp, run = hit
+                if stamp == self._stamp() and x.numel():
+                    shape = x.shape
+                    y = run(x.reshape(-1, self.in_features).contiguous())
+                    return y.reshape(shape[:-1] + (self.out_features,))
+        y = self._linear(x)
+        if (x.__class__ is torch.Tensor and self.quantize_enabled
+                and self.input_smoothing is None and x.dtype in _FAST_DTYPES):
+            run = self._fast_run(x.device, x.dtype)
+            if run is not None:
+                key = (x.dtype, x.device, registry._explicit(), registry.verifying())
+                if len(self._fast) > 8:
+                    self._fast.clear()
+                self._fast[key] = (self._stamp(), run)
+        return y
+
+    def _stamp(self) -> tuple:
+        """What the fast path's memo depends on: the buffers' identities and versions, and
+        the activation dtype."""
+        return (getattr(self, "act_dtype", None),
+                *[(id(t), _version(t)) for t in self._buffers.values()])
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_fast"] = {}  # closures: rebuilt on the first call after unpickling
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("_fast", {})
+        super().__setstate__(state)
+
+    def _fast_run(self, device, dtype):
+        """``run(x2)`` -> (M, N) output for a contiguous (M, K) input of ``dtype`` on
+        ``device`` (M >= 1), calling the current backend's op(s) with this module's
+        tensors, already checked by the full call that just ran; None: no fast path."""
+        return None
 
     def _linear(self, x: torch.Tensor, rows: Optional[slice] = None) -> torch.Tensor:
         """The forward with only the weight's output rows ``rows`` (DynamicMultiheadAttention's
@@ -301,6 +360,19 @@ class DynamicLinear(_Int8WeightLinear):
         xq, xs = quantize_per_token(x, self.act_dtype)
         return linear_dynamic(xq, xs, wq, w_scale, bias, out_dtype, self.act_dtype,
                               self.weight_dtype)
+
+    def _fast_run(self, device, dtype):
+        if type(self)._int8_linear is not DynamicLinear._int8_linear:
+            return None  # (StaticActLinear: its own quantization)
+        quant, gemm = get_op("quantize_per_token", device), get_op("linear_dynamic", device)
+        qmin, qmax = self.act_dtype.qmin, self.act_dtype.qmax
+        wq, ws, b = self.weight.contiguous(), self.weight_scale.contiguous(), self.bias
+        b = None if b is None else b.contiguous()
+
+        def run(x2):
+            xq, xs = quant(x2, qmin, qmax)
+            return gemm(xq, xs, wq, ws, b, dtype)
+        return run
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act_dtype={self.act_dtype.name} (per token)"
@@ -393,6 +465,12 @@ class WeightOnlyLinear(_Int8WeightLinear):
 
     def _int8_linear(self, x, wq, w_scale, bias, out_dtype):
         return linear_weight_only(x, wq, w_scale, bias).to(out_dtype)
+
+    def _fast_run(self, device, dtype):
+        gemm = get_op("linear_weight_only", device)
+        wq, ws, b = self.weight.contiguous(), self.weight_scale.contiguous(), self.bias
+        b = None if b is None else b.contiguous()
+        return lambda x2: gemm(x2, wq, ws, b)
 
 
 class DynamicMultiheadAttention(Module):
