@@ -19,6 +19,8 @@ def _as_tensor(value, dtype: torch.dtype, what: str, bounds=None) -> torch.Tenso
     ``dtype``, the ``QuantDtype`` whose ``[qmin, qmax]`` the values must lie in, checked
     before the conversion (a cast to int32 would wrap a wider integer into range)."""
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{what} must be a real number tensor, got dtype {value.dtype}")
         if value.is_floating_point() != dtype.is_floating_point:
             kind = "floating" if dtype.is_floating_point else "integer"
             raise TypeError(f"{what} must be a {kind} tensor, got dtype {value.dtype}")

@@ -6,9 +6,12 @@ case could leave the int32 range are refused before any backend runs.
 """
 from __future__ import annotations
 
+import struct as _struct
 import weakref
 
 import torch
+
+from ..qparams import _MIN_SCALE
 
 __all__ = ["check_accumulator_range"]
 
@@ -148,7 +151,7 @@ def _check_act(x, op: str, what: str = "x") -> None:
 
 def _check_zp(zp, dtype: torch.dtype, op: str, what: str = "zero point") -> int:
     if isinstance(zp, torch.Tensor):
-        if zp.numel() != 1 or zp.dtype.is_floating_point:
+        if zp.numel() != 1 or zp.dtype.is_floating_point or zp.dtype == torch.bool:
             raise TypeError(f"{op}: {what} must be an int or a one-element integer tensor, got "
                             f"{zp.dtype} of shape {tuple(zp.shape)}")
         zp = int(zp.item())
@@ -209,6 +212,9 @@ def _check_weight(weight, ndim: int, op: str) -> None:
         raise TypeError(f"{op}: weight must be a {ndim}-D int8 tensor, got "
                         f"{getattr(weight, 'dtype', type(weight).__name__)} of shape "
                         f"{tuple(getattr(weight, 'shape', ()))}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"{op}: weight must have at least one output and one input channel, "
+                         f"got shape {tuple(weight.shape)}")
 
 
 def _check_bias(bias, o: int, op: str) -> None:
@@ -491,8 +497,15 @@ def _check_scale(op, scale) -> None:
         v = float(scale)
     else:
         raise TypeError(f"{op}: scale must be a float, got {type(scale).__name__}")
-    if not (v > 0.0 and v < float("inf")):
-        raise ValueError(f"{op}: scale must be positive and finite, got {v}")
+    # used in float32 (as QParams' scales): the float32 value and its reciprocal must be
+    # finite and > 0 (1e300 would make inf, 1e-300 zero)
+    try:
+        s32 = _struct.unpack("f", _struct.pack("f", v))[0] if v == v else -1.0
+    except OverflowError:
+        s32 = float("inf")
+    if not (_MIN_SCALE <= s32 < float("inf")):
+        raise ValueError(f"{op}: scale must be positive and finite in float32 with a finite "
+                         f"float32 reciprocal (about 2.94e-39 to 3.4e38), got {v}")
 
 
 def conv2d_dequant(x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq, scale,
@@ -586,6 +599,13 @@ def concat(xs, zero_points, rqs, dim, out_dtype):
                                 f"{out_dtype.storage}")
         else:
             _check_rq(rq, op)
+            if rq.dtype.storage != out_dtype.storage or rq.per_channel:
+                raise ValueError(f"{op}: rqs[{i}] must be a per-tensor requantization to the "
+                                 f"output dtype {out_dtype.name}, got "
+                                 f"{'a per-channel one to ' if rq.per_channel else ''}"
+                                 f"{rq.dtype.name}")
+    if out_dtype.storage not in (torch.int8, torch.uint8):
+        raise ValueError(f"{op}: out_dtype must be an 8-bit dtype, got {out_dtype.name}")
     _same_device(op, *xs)
     nd = xs[0].dim()
     if isinstance(dim, bool) or not isinstance(dim, int) or not -nd <= dim < nd:
@@ -654,8 +674,16 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin=None, qmax=None):
     op = "adaptive_avg_pool2d"
     _check_nchw(x, op)
     zp = _check_zp(zero_point, x.dtype, op)
-    oh, ow = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * 2
+    if isinstance(output_size, (tuple, list)):
+        if len(output_size) != 2:
+            raise ValueError(f"{op}: output_size must be an int or a pair, got {output_size!r}")
+        oh, ow = output_size
+    else:
+        oh = ow = output_size
     size = (x.shape[2] if oh is None else oh, x.shape[3] if ow is None else ow)
     size = _pair(size, "output_size", op)
+    if x.shape[2] == 0 or x.shape[3] == 0:  # (as torch: no window to average)
+        raise ValueError(f"{op}: input spatial size must be non-empty, got shape "
+                         f"{tuple(x.shape)}")
     qmin, qmax = _clamp_range(x.dtype, qmin, qmax, op)
     return get_op("adaptive_avg_pool2d", x)(x, zp, size, qmin, qmax)

@@ -28,6 +28,7 @@ __all__ = ["quantize_multiplier", "Requant", "make_requant", "AddParams", "make_
 
 INT32_MIN = -(2 ** 31)
 INT32_MAX = 2 ** 31 - 1
+_RSHIFT_MIN, _RSHIFT_MAX = -30, 31  # what quantize_multiplier gives (m in [2^-62, 2^30))
 ACTIVATIONS = ("none", "relu", "relu6")
 
 
@@ -82,6 +83,32 @@ class Requant:
 
     def __post_init__(self):
         d = self.dtype
+        if not isinstance(d, QuantDtype):
+            raise TypeError(f"Requant: dtype must be a gpuquant QuantDtype, got {d!r}")
+        for name in ("zero_point", "qmin", "qmax"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not hasattr(v, "__index__") or (
+                    isinstance(v, torch.Tensor) and (v.numel() != 1 or v.is_floating_point())):
+                raise TypeError(f"Requant: {name} must be an int, got {v!r}")
+            setattr(self, name, int(v.__index__()))
+        for name in ("multiplier", "rshift"):
+            v = getattr(self, name)
+            if not isinstance(v, torch.Tensor) or v.dtype != torch.int32:
+                raise TypeError(f"Requant: {name} must be an int32 tensor, got "
+                                f"{getattr(v, 'dtype', type(v).__name__)}")
+            if v.dim() > 1:
+                raise ValueError(f"Requant: {name} must have shape () or (C,), got "
+                                 f"{tuple(v.shape)}")
+        if self.multiplier.shape != self.rshift.shape:
+            raise ValueError(f"Requant: multiplier and rshift shapes differ: "
+                             f"{tuple(self.multiplier.shape)} and {tuple(self.rshift.shape)}")
+        if self.multiplier.device.type == "cpu" and self.rshift.device.type == "cpu":
+            m, r = self.multiplier, self.rshift  # (device tensors: checked where made)
+            if bool((m < 0).any()) or bool(((r < _RSHIFT_MIN) | (r > _RSHIFT_MAX)).any()):
+                raise ValueError(f"Requant: multipliers must be in [0, 2^31) and shifts in "
+                                 f"[{_RSHIFT_MIN}, {_RSHIFT_MAX}] (make_requant's range), got "
+                                 f"multipliers {m.flatten()[:4].tolist()}, shifts "
+                                 f"{r.flatten()[:4].tolist()}")
         if not d.qmin <= self.zero_point <= d.qmax:
             raise ValueError(f"Requant: output zero point {self.zero_point} is outside the "
                              f"{d.name} range [{d.qmin}, {d.qmax}]")
@@ -116,6 +143,25 @@ def _version(t) -> int:
         return 0
 
 
+def _int_arg(v, what: str) -> int:
+    """An integer argument (int, NumPy integer, one-element integer tensor, or an integral
+    float) as an int; bools and non-integral values refused, never truncated."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.dtype == torch.bool or v.is_complex():
+            raise TypeError(f"{what} must be an int, got a {v.dtype} tensor of shape "
+                            f"{tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, bool):
+        raise TypeError(f"{what} must be an int, got {v!r}")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ValueError(f"{what} must be an integer, got {v!r}")
+        return int(v)
+    if not hasattr(v, "__index__"):
+        raise TypeError(f"{what} must be an int, got {type(v).__name__} ({v!r})")
+    return int(v.__index__())
+
+
 def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_dtype,
                  activation: str = "none") -> Requant:
     """Requant for ``acc`` in units of ``in_scale * w_scale`` to an output of ``out_scale``.
@@ -132,6 +178,7 @@ def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_d
             ``activation``.
     """
     dtype = get_dtype(out_dtype)
+    out_zero_point = _int_arg(out_zero_point, "make_requant: out_zero_point")
     real = (torch.as_tensor(in_scale, dtype=torch.float64).cpu()
             * torch.as_tensor(w_scale, dtype=torch.float64).cpu() / float(out_scale))
     mult, shift = quantize_multiplier(real)
@@ -157,6 +204,13 @@ def make_add_params(a_scale: float, a_zp: int, b_scale: float, b_zp: int, out_sc
                     out_zp: int, out_dtype, activation: str = "none") -> AddParams:
     """As TFLite's ``PrepareGeneralSubOrAdd``: left_shift 20, inputs scaled by
     ``s_i / (2 max(s_a, s_b))``, the sum by ``2 max(s_a, s_b) / (2^20 s_out)``."""
+    a_zp, b_zp, out_zp = (_int_arg(v, f"make_add_params: {n}") for v, n in
+                          ((a_zp, "a_zp"), (b_zp, "b_zp"), (out_zp, "out_zp")))
+    for v, n in ((a_scale, "a_scale"), (b_scale, "b_scale")):
+        f = float(v) if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool) \
+            else None
+        if f is None or not (0.0 < f < float("inf")):
+            raise ValueError(f"make_add_params: {n} must be a finite float > 0, got {v!r}")
     left_shift, (ma, sa), (mb, sb), sum_scale = add_multipliers(a_scale, b_scale)
     out = make_requant(sum_scale, 1.0, out_scale, out_zp, out_dtype, activation)
     return AddParams(left_shift, int(a_zp), int(ma), int(sa), int(b_zp), int(mb), int(sb), out)

@@ -120,6 +120,34 @@ def test_fused_bn_fold_equals_the_definition(spies, name, factory, shape, cl, mo
         assert ran == {"conv_bn_act_train"}
 
 
+@pytest.mark.parametrize("momentum", [1.0, 0.7, None])
+@pytest.mark.parametrize("factory,shape", [
+    (lambda: gnn.ConvBnRelu2d(3, 4, 1), (4, 3, 3, 3)),  # conv_bn_act_train
+    (lambda: gnn.LinearBn1d(3, 4), (12, 3)),             # bn_normalize_observe_fake_quant
+], ids=["conv", "linear"])
+def test_fused_running_stats_update_at_large_factors(spies, factory, shape, momentum):
+    """Momentum >= 0.5 and the first batch of a cumulative average (factor 1): the running
+    statistics are lerped from the nearer end, as ``torch.lerp`` does; ``rv + 1 * (v - rv)``
+    lost a low-variance channel's variance to cancellation (0.0 for 7.7e-9)."""
+    torch.manual_seed(0)
+    f = factory()
+    f.bn.momentum = momentum
+    layer = getattr(f, "conv", None) or f.linear
+    with torch.no_grad():  # channel 0's output: nearly constant (variance ~1e-8)
+        layer.weight[0] *= 1e-4
+    fused = quantize_qat(f, _qconfig()).to(DEV).train()
+    ref = copy.deepcopy(fused)
+    x = torch.randn(shape, device=DEV)
+    with backends.use("triton"):
+        fused(x)
+    with backends.use("reference"):
+        ref(x)
+    assert {n for n, ok in spies if ok}
+    for n in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(fused.bn, n), getattr(ref.bn, n), rtol=1e-5,
+                                   atol=0, msg=n)
+
+
 def test_fused_bn_fold_under_bf16_autocast(spies):
     """bf16 convolution output (mixed dtypes in the statistics, the normalisation and its
     backward): close to the definition at bf16 precision, running statistics in float32."""

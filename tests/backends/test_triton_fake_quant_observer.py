@@ -293,6 +293,22 @@ def test_check_finite_raises_and_keeps_state():
     assert torch.equal(obs.min_val, before[0]) and torch.equal(obs.max_val, before[1])
 
 
+def test_refused_first_per_channel_batch_leaves_the_state_unsized():
+    """A first per-channel batch refused for NaN leaves the state as it was (empty), so a
+    next batch of another channel count is taken, as on the reference backend."""
+    d = gpuquant.qint8
+    obs = qobs.MinMaxObserver(d, axis=1).to(DEV)
+    fq = qfq.FakeQuantize(d)
+    bad = torch.randn(2, 4, 3, device=DEV)
+    bad[0, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        tobs.observe_fake_quant(bad, obs, fq)
+    assert obs.min_val.numel() == 0 and obs.max_val.numel() == 0
+    good = torch.randn(2, 3, 3, device=DEV)
+    tobs.observe_fake_quant(good, obs, fq)
+    assert torch.equal(obs.min_val, good.amin(dim=(0, 2)))
+
+
 def test_unsupported_pairs_return_none():
     d = gpuquant.qint8
     x = torch.randn(3, 4, device=DEV)

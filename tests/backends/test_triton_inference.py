@@ -183,6 +183,27 @@ def test_linear_add_and_dequant_outputs(epi_split):
         assert_same(got_deq, want, f"linear_dequant vs {oname}")
 
 
+@pytest.mark.parametrize("layout", ["transposed", "column_slice", "expanded_columns",
+                                    "expanded_rows"])
+def test_linear_add_residual_of_any_strides(layout):
+    """The residual's column stride is honoured (the kernel reads unit-stride rows: a view
+    with another column stride is made contiguous first; broadcast rows read as they are)."""
+    m, k, n = 5, 9, 7
+    x = rand_act((m, k), torch.uint8)
+    w = rand_weight((n, k))
+    rq = rand_requant(n, quint8, "none", k=k)
+    p = make_add_params(0.1, rq.zero_point, 0.2, 4, 0.15, 0, quint8)
+    base = rand_act((m, n), torch.uint8)
+    res = {"transposed": base.t().contiguous().t(),
+           "column_slice": torch.stack([base, base], 2).reshape(m, 2 * n)[:, ::2],
+           "expanded_columns": base[:, :1].expand(m, n),
+           "expanded_rows": base[:1].expand(m, n)}[layout]
+    got = TRITON["linear_add"](*dev((x, 3, w, None, rq, res)), p)
+    for oname, ops in ORACLES:
+        want = ops["add"](ops["linear"](x, 3, w, None, rq), res.contiguous(), p)
+        assert_same(got, want, f"linear_add {layout} vs {oname}")
+
+
 def test_conv2d_dequant_output():
     x, zp, w, bias, st, pd, dl, g = _conv_inputs(CONV_CASES["3x3_s2_taploop_b1_uint8"])
     _check_conv_dequant((x, zp, w, bias, st, pd, dl, g,

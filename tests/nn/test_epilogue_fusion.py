@@ -108,6 +108,10 @@ def test_fused_frontends_refuse_bad_input():
         GF.conv2d_add(x, zp, w.float(), b, st, pd, dl, g, rq, res, p)
     with pytest.raises(ValueError, match="conv2d_dequant: scale must be positive and finite"):
         GF.conv2d_dequant(x, zp, w, b, st, pd, dl, g, rq, float("nan"))
+    for bad in (1e300, 3.5e38, 1e-300, 1e-39, torch.tensor(1e300, dtype=torch.float64)):
+        # not a float32 with a finite float32 reciprocal (QParams refuses the same)
+        with pytest.raises(ValueError, match="conv2d_dequant: scale must be positive and finite"):
+            GF.conv2d_dequant(x, zp, w, b, st, pd, dl, g, rq, bad)
     with pytest.raises(TypeError, match="linear_dequant: scale must be a float"):
         GF.linear_dequant(torch.zeros(2, 4, dtype=torch.int8), 0,
                           torch.zeros(3, 4, dtype=torch.int8), None, rq_pt(), "0.1")

@@ -38,6 +38,7 @@ def test_ops_agree_across_backends(xdtype):
     addp = GF.make_add_params(0.05, zp, 0.08, zp, 0.1, 2, gpuquant.qint8, "relu")
     w_dw = _w((6, 1, 3, 3))
     rq10, rq6, rq17, rq = _rq(10), _rq(6, gpuquant.quint8, "relu6"), _rq(17), _rq()
+    rq_u8 = _rq(out_dtype=gpuquant.quint8)
     results = {}
     for name in CPU_BACKENDS:
         with backends.use(name):
@@ -47,8 +48,8 @@ def test_ops_agree_across_backends(xdtype):
                 GF.linear(xl, zp, wl, None, rq17),
                 GF.add(a2, b2, addp),
                 GF.mul(a2, zp, b2[:, :, :1, :1], zp, rq),
-                GF.concat([a2, b2], [zp, zp], [None, rq], 1, gpuquant.qint8 if xdtype == torch.int8
-                          else gpuquant.quint8),
+                GF.concat([a2, b2], [zp, zp], [None, rq if xdtype == torch.int8 else rq_u8], 1,
+                          gpuquant.qint8 if xdtype == torch.int8 else gpuquant.quint8),
                 GF.max_pool2d(x, 3, 2, 1),
                 GF.avg_pool2d(x, zp, 3, 2, 1, True, False),
                 GF.adaptive_avg_pool2d(x, zp, (2, 3)),
@@ -57,6 +58,43 @@ def test_ops_agree_across_backends(xdtype):
     for name, outs in results.items():
         for i, (o, r) in enumerate(zip(outs, ref)):
             assert o.dtype == r.dtype and torch.equal(o, r), (name, i)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (3, 1)])
+def test_elementwise_ops_keep_low_rank_shapes(shape):
+    """add / mul of 0-d and small tensors: every backend (the Triton interpreter too) gives
+    the same bytes in the input's shape (NumPy scalars and 1-d copies are not)."""
+    a, b = _x(shape), _x(shape)
+    addp = GF.make_add_params(0.1, 3, 0.3, 7, 0.2, 1, gpuquant.qint8)
+    rq = _rq()
+    results = {}
+    for name in CPU_BACKENDS + ["triton"]:
+        with backends.use(name):
+            results[name] = [GF.add(a, b, addp), GF.mul(a, 3, b, 7, rq)]
+    for name, outs in results.items():
+        for o, r in zip(outs, results["reference"]):
+            assert o.shape == shape and o.dtype == r.dtype and torch.equal(o, r), name
+
+
+def test_int32_outputs_agree_across_backends():
+    """Requantization to qint32 (a range float32 cannot bound: the NumPy backend takes its
+    exact int64 path; it used to loop forever sizing its float32 threshold)."""
+    x, w = _x((3, 40)), _w((6, 40))
+    b = torch.randint(-2 ** 20, 2 ** 20, (6,), dtype=torch.int32)
+    xc, wc = _x((2, 5, 6, 7)), _w((4, 5, 3, 3))
+    rqs = [GF.make_requant(0.05, torch.rand(6) * 0.01 + 1e-3, 1e-5, -77, gpuquant.qint32),
+           GF.make_requant(0.05, 0.01, 1e-4, 12345, gpuquant.qint32)]
+    rq4 = GF.make_requant(0.05, torch.rand(4) * 0.01 + 1e-3, 1e-5, 0, gpuquant.qint32)
+    results = {}
+    for name in CPU_BACKENDS + ["triton"]:
+        with backends.use(name):
+            results[name] = [GF.linear(x, 3, w, b, rqs[0]), GF.linear(x, 3, w, None, rqs[1]),
+                             GF.conv2d(xc, -2, wc, None, 1, 1, 1, 1, rq4),
+                             GF.mul(xc, 3, xc, -4, rqs[1])]
+    for name, outs in results.items():
+        for i, (o, r) in enumerate(zip(outs, results["reference"])):
+            assert o.dtype == torch.int32 and torch.equal(o, r), (name, i)
+    assert results["reference"][0].abs().max() > 2 ** 16  # beyond any 8/16-bit range
 
 
 def test_conv2d_validation():
@@ -101,3 +139,74 @@ def test_other_ops_validation():
         GF.max_pool2d(_x((3, 4)), 2)
     with pytest.raises(ValueError, match="padding"):
         GF.avg_pool2d(a, 0, 2, 2, 2)
+
+
+def test_requant_built_by_hand_is_checked():
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    R = GF.Requant
+    R(i32(2 ** 30), i32(5), 0, -128, 127, gpuquant.qint8)  # valid
+    R(i32([2 ** 30, 0]), i32([-30, 31]), 0, -128, 127, gpuquant.qint8)  # the range's ends
+    for args, err, msg in [
+        ((i32(2 ** 30), i32(40), 0, -128, 127), ValueError, "shifts in"),
+        ((i32(2 ** 30), i32(-31), 0, -128, 127), ValueError, "shifts in"),
+        ((i32(-5), i32(3), 0, -128, 127), ValueError, r"multipliers must be in \[0, 2\^31\)"),
+        ((torch.tensor(2 ** 33), i32(3), 0, -128, 127), TypeError, "multiplier must be an int32"),
+        ((2 ** 30, i32(3), 0, -128, 127), TypeError, "multiplier must be an int32 tensor"),
+        ((i32([[2 ** 30]] * 6), i32([[3]] * 6), 0, -128, 127), ValueError, r"shape \(\) or \(C,\)"),
+        ((i32([2 ** 30] * 6), i32([3] * 5), 0, -128, 127), ValueError, "shapes differ"),
+        ((i32(2 ** 30), i32(3), 1.5, -128, 127), TypeError, "zero_point must be an int"),
+        ((i32(2 ** 30), i32(3), True, -128, 127), TypeError, "zero_point must be an int"),
+        ((i32(2 ** 30), i32(3), 0, -128.0, 127), TypeError, "qmin must be an int"),
+    ]:
+        with pytest.raises(err, match=msg):
+            R(*args, gpuquant.qint8)
+    with pytest.raises(TypeError, match="dtype must be a gpuquant QuantDtype"):
+        R(i32(2 ** 30), i32(3), 0, -128, 127, torch.int8)
+
+
+def test_concat_requants_must_target_the_output_dtype():
+    a, b = _x((1, 2, 3, 3)), _x((1, 2, 3, 3))
+    rq8, rqu8 = _rq(), _rq(out_dtype=gpuquant.quint8)
+    with pytest.raises(ValueError, match=r"rqs\[1\] must be a per-tensor requantization to the "
+                                         r"output dtype qint8, got quint8"):
+        GF.concat([a, b], [0, 0], [rq8, rqu8], 1, gpuquant.qint8)
+    with pytest.raises(ValueError, match="per-tensor"):
+        GF.concat([a, b], [0, 0], [_rq(2), None], 1, gpuquant.qint8)
+    with pytest.raises(ValueError, match="out_dtype must be an 8-bit dtype, got qint32"):
+        GF.concat([a, b], [0, 0],
+                  [GF.make_requant(0.1, 1.0, 0.1, 0, gpuquant.qint32)] * 2, 1, gpuquant.qint32)
+
+
+def test_adaptive_avg_pool_refuses_empty_planes_and_bad_sizes():
+    for name in CPU_BACKENDS + ["triton"]:
+        with backends.use(name):
+            with pytest.raises(ValueError, match="spatial size must be non-empty"):
+                GF.adaptive_avg_pool2d(_x((1, 2, 0, 5)), 0, 2)
+            with pytest.raises(ValueError, match="output_size must be an int or a pair"):
+                GF.adaptive_avg_pool2d(_x((1, 2, 4, 5)), 0, (2,))
+
+
+def test_parameter_builders_refuse_what_they_would_truncate():
+    with pytest.raises(ValueError, match="a_scale must be a finite float > 0"):
+        GF.make_add_params(0.0, 0, 0.0, 0, 0.3, 0, gpuquant.qint8)
+    with pytest.raises(ValueError, match="out_zero_point must be an integer, got 1.7"):
+        GF.make_requant(0.1, 0.1, 0.1, 1.7, gpuquant.qint8)
+    with pytest.raises(ValueError, match="b_zp must be an integer, got -0.9"):
+        GF.make_add_params(0.1, 1, 0.2, -0.9, 0.3, 2, gpuquant.qint8)
+    with pytest.raises(TypeError, match="out_zp must be an int"):
+        GF.make_add_params(0.1, 1, 0.2, 0, 0.3, True, gpuquant.qint8)
+    p = GF.make_add_params(0.1, 3.0, 0.2, torch.tensor(-4), 0.3, 2, gpuquant.qint8)
+    assert (p.a_zero_point, p.b_zero_point, p.out.zero_point) == (3, -4, 2)
+    with pytest.raises(TypeError):
+        gpuquant.QParams(gpuquant.qint8, 0.1, torch.tensor(True))
+    with pytest.raises(TypeError, match="zero point must be an int or a one-element integer"):
+        GF.linear(_x((1, 4)), torch.tensor(True), _w((2, 4)), None, _rq())
+
+
+def test_layers_refuse_weights_without_channels():
+    for name in CPU_BACKENDS + ["triton"]:
+        with backends.use(name):
+            with pytest.raises(ValueError, match="at least one output and one input channel"):
+                GF.conv2d(_x((1, 3, 4, 4)), 0, _w((0, 3, 1, 1)), None, 1, 0, 1, 1, _rq())
+            with pytest.raises(ValueError, match="at least one output and one input channel"):
+                GF.linear(_x((2, 0)), 0, _w((3, 0)), None, _rq())

@@ -62,6 +62,9 @@ class Params:
         big = max(abs(self.lo - self.zp), abs(self.hi - self.zp)) + 3
         # (+ |zp| + 1 for the rounding of the constant d + zp of the fused-ReLU form)
         w = 1.25 * _EPS32 * (4.0 * big + max(abs(self.lo), abs(self.hi)) + abs(self.zp) + 3.0)
+        if w >= 2.0 ** -8:  # wide output ranges (int32): float32 cannot bound them; exact path
+            self.float_ok32 = False
+            w = 0.25
         thr = np.float32(0.5 - w)
         while float(thr) > 0.5 - w:  # round the threshold down, never up
             thr = np.nextafter(thr, np.float32(0))
@@ -196,7 +199,7 @@ def mbqm_int64(acc: np.ndarray, m, rshift) -> np.ndarray:
 
 def requant_int64(acc: np.ndarray, p: Params, out: np.ndarray = None) -> np.ndarray:
     """Exact requantization of int32-valued ``acc`` (any integer dtype) with ``p``."""
-    y = mbqm_int64(acc, p.m, p.rshift)
+    y = np.asarray(mbqm_int64(acc, p.m, p.rshift))  # (0-d arithmetic gives a scalar)
     np.clip(y, p.lo - p.zp, p.hi - p.zp, out=y)
     if out is None:
         out = np.empty_like(y, dtype=p.np_dtype)  # keeps y's memory order

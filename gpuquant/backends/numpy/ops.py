@@ -99,7 +99,10 @@ def _views(*ts):
 
 
 def _wrap(y: np.ndarray, nhwc: bool) -> torch.Tensor:
-    return common.from_nhwc(y) if nhwc else torch.from_numpy(np.ascontiguousarray(y))
+    if nhwc:
+        return common.from_nhwc(y)
+    # (np.ascontiguousarray makes a 0-d array 1-d)
+    return torch.from_numpy(np.ascontiguousarray(y).reshape(np.shape(y)))
 
 
 def add(a, b, p):

@@ -236,8 +236,16 @@ def running_update(mean, var, c, cm, t_ptr, b_ptr, rm_ptr, rv_ptr, f, unbias,
     v_new = tl.math.div_rn(var, t * t) * unbias
     rm = tl.load(rm_ptr + c, mask=cm, other=0.0)
     rv = tl.load(rv_ptr + c, mask=cm, other=0.0)
-    tl.store(rm_ptr + c, rm + f * (m_new - rm), mask=cm)
-    tl.store(rv_ptr + c, rv + f * (v_new - rv), mask=cm)
+    tl.store(rm_ptr + c, _lerp(rm, m_new, f), mask=cm)
+    tl.store(rv_ptr + c, _lerp(rv, v_new, f), mask=cm)
+
+
+@triton.jit
+def _lerp(a, b, f):
+    """``torch.lerp(a, b, f)``'s formula: from the nearer end, so ``f = 1`` (momentum 1, or
+    the first batch of a cumulative average) gives ``b`` exactly, not ``a + (b - a)``."""
+    d = b - a
+    return tl.where(f < 0.5, a + f * d, b - d * (1.0 - f))
 
 
 @triton.jit

@@ -79,8 +79,13 @@ def requantize_i32(v, multiplier, rshift, zero_point, qmin, qmax, HAS_LSHIFT: tl
     the same expression. ``x * m`` of two int32 is one ``mul.wide.s32``.
     """
     y = mbqm_i32(v, multiplier, rshift, HAS_LSHIFT)
-    # clamp before adding the zero point: no int32 overflow for any y
-    y = tl.minimum(tl.maximum(y, qmin - zero_point), qmax - zero_point)
+    # clamp before adding the zero point: no int32 overflow for any y. The bounds are
+    # scalars (or a column row): taken in 64 bits and cut to int32, so an int32 output
+    # range with a zero point (qmax - zp > 2^31 - 1) does not wrap
+    zp64 = zero_point.to(tl.int64)
+    lo = tl.maximum(qmin.to(tl.int64) - zp64, -2147483648).to(tl.int32)
+    hi = tl.minimum(qmax.to(tl.int64) - zp64, 2147483647).to(tl.int32)
+    y = tl.minimum(tl.maximum(y, lo), hi)
     return y + zero_point
 
 

@@ -561,6 +561,8 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     if m == 0 or n == 0:
         return out
     has_res = residual is not None
+    if has_res and residual.shape[1] > 1 and residual.stride(1) != 1:
+        residual = residual.contiguous()  # the kernel reads rows with unit column stride
     res = residual if has_res else out
     x2d, w2d = align_k(x2d, w2d, w2d if w_src is None else w_src)
     k = x2d.shape[1]

@@ -376,9 +376,10 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
            BLOCK_C=plan.block_c, RELU=relu, num_warps=4, **_LAUNCH)
     per_channel = axis is not None
     shape = (plan.C,) if per_channel else ()
-    if per_channel and observer.min_val.shape != shape:  # first batch, or a mismatch
-        observer._prepare_state(torch.empty(shape, dtype=torch.float32, device=dev))
-    if observer.min_val.device != dev:
+    fresh = per_channel and observer.min_val.shape != shape  # first batch, or a mismatch
+    if fresh and observer.min_val.numel():
+        observer._prepare_state(torch.empty(shape, dtype=torch.float32, device=dev))  # raises
+    elif observer.min_val.device != dev and not fresh:
         raise ValueError(f"{observer._name()}: state is on {observer.min_val.device} but the "
                          f"input is on {dev}; move the observer with .to()")
     fused = not observer.check_finite and _plain_reduce(observer)
@@ -393,6 +394,8 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
                BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4, **_LAUNCH)
         mn, mx = observer._reduce(mn, mx)
         ok = observer._finite_mask(mn, mx).to(torch.uint8)  # raises on NaN/Inf if asked
+    if fresh:  # size the per-channel state (+-inf) only once nothing can refuse the batch
+        observer._prepare_state(torch.empty(shape, dtype=torch.float32, device=dev))
     scale = torch.empty(shape, dtype=torch.float32, device=dev)
     inv = torch.empty(shape, dtype=torch.float32, device=dev)
     zp = torch.empty(shape, dtype=torch.int32, device=dev)
@@ -445,7 +448,7 @@ class _ObserveTwoLaunch(torch.autograd.Function):
                BLOCK_S=max(1, min(_npow2(plan.split), 2048 // block_c)), BLOCK_C=block_c,
                BLOCK=BLOCK, ADD=add, num_warps=NUM_WARPS, **_LAUNCH)
         if need:
-            save_mask(ctx, x, mask)
+            save_mask(ctx, x, mask, relu=relu)  # +0.0 where ReLU is dead (fake_quant.py)
         ctx.add = add
         return y
 
