@@ -239,18 +239,34 @@ def _bn_finish(
 
 @triton.jit
 def _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, OUT: tl.constexpr, ACT: tl.constexpr):
-    """(fake_quant(act(y)), straight-through mask) of z's normalised output ``y``; the mask
-    is in range times the activation's gradient (1 where 0 < y for ReLU, 0 < y < 6 for
-    ReLU6, as torch's)."""
+    """(fake_quant(act(y)), the fake quant's in-range mask, the activation's live mask) of
+    z's normalised output ``y``. The backward is the definition's chain: ``g * in_range``
+    (the fake quant's multiply), then the activation's ``where(live, ., 0)`` (torch's
+    threshold / hardtanh backward: 0 < y for ReLU, not (y <= 0 or y >= 6) for ReLU6, so an
+    inf or NaN upstream gradient at a dead position gives 0, not NaN). Without an
+    activation the live mask is the in-range one and is not used."""
     y = _act_of(z, mean, a, beta, OUT, 0)
     if ACT == 2:
-        keep = (y > 0) & (y < 6.0)
-        y6 = tl.where(y < 0, 0.0, tl.where(y > 6.0, 6.0, y))
-        yq, inr = _fq_relu(y6, inv, s, zp, qmin, qmax, False)
-        inr = inr & keep
+        live = ~((y <= 0.0) | (y >= 6.0))
+        ya = tl.where(y < 0, 0.0, tl.where(y > 6.0, 6.0, y))
+    elif ACT == 1:
+        live = y > 0
+        ya = tl.where(y < 0, 0.0, y)
     else:
-        yq, inr = _fq_relu(y, inv, s, zp, qmin, qmax, ACT == 1)
-    return yq, inr
+        ya = y
+    yq, inr = _fq_relu(ya, inv, s, zp, qmin, qmax, False)
+    if ACT == 0:
+        live = inr
+    return yq, inr, live
+
+
+@triton.jit
+def _act_grad(g, inr, live, ACT: tl.constexpr):
+    """The straight-through gradient of fake_quant(act(y)) for upstream ``g`` (float32)."""
+    g = g * inr.to(tl.float32)
+    if ACT != 0:
+        g = tl.where(live, g, 0.0)
+    return g
 
 
 @triton.jit
@@ -289,12 +305,13 @@ def _bn_apply_kernel(
     off = roff[:, None] + (c.to(tl.int64) * s_c)[None, :]
     m = rm[:, None] & cm[None, :]
     z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
-    yq, inr = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, z_ptr.dtype.element_ty, ACT)
+    yq, inr, live = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, z_ptr.dtype.element_ty,
+                            ACT)
     if BWD:
         invstd = tl.load(vec_ptr + C + c, mask=cm, other=0.0)[None, :]
         mg = tl.load(out_ptr + 3 * C + c, mask=cm, other=0.0)[None, :]
         mgx = tl.load(out_ptr + 4 * C + c, mask=cm, other=0.0)[None, :]
-        g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32) * inr.to(tl.float32)
+        g = _act_grad(tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32), inr, live, ACT)
         gz = ((g - mg) - ((z - mean) * invstd) * mgx) * a
         tl.store(y_ptr + off, _to_out(gz, y_ptr.dtype.element_ty), mask=m)
     else:
@@ -329,9 +346,10 @@ def _bn_bwd_reduce_kernel(
                                 BLOCK_R)
         m = rm[:, None] & cm[None, :]
         z = tl.load(z_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
-        _, inr = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, z_ptr.dtype.element_ty, ACT)
+        _, inr, live = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax,
+                               z_ptr.dtype.element_ty, ACT)
         g = tl.load(g_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
-        g = tl.where(m, g * inr.to(tl.float32), 0.0)
+        g = tl.where(m, _act_grad(g, inr, live, ACT), 0.0)
         acc_g += tl.sum(g, axis=0)
         acc_gx += tl.sum(g * tl.where(m, (z - mean) * invstd, 0.0), axis=0)
     base = sp.to(tl.int64) * C + c

@@ -24,7 +24,27 @@ Numerics (contract sections 1 and 4), bit-identical to ``torch.fake_quantize_per
   kernel for sm_80 / sm_90 and checks the PTX (tests/backends/test_triton_ptx_fake_quant.py).
 * NaN in gives NaN out; its gradient is 0 (the mask is false), as the reference backend.
 * The backward computes ``grad * mask`` (not ``where``) in float32, so signs of zero and NaN
-  gradients match PyTorch bit for bit.
+  gradients match PyTorch bit for bit (``torch.fake_quantize_*`` and the reference backend
+  multiply: ``-g * 0 = -0.0``, ``inf * 0 = NaN``).
+
+ReLU fused (``relu=True``: :func:`.observer.observe_fake_quant`, also with ``addend``): the
+forward fake-quantizes ``relu(x)`` and folds ReLU's gradient into the same one-bit mask
+(bit set iff ``x > 0`` and in range), and the backward (``_fq_bwd_kernel`` with RELU) writes
+``where(bit, grad * 1, +0.0)``. The definition is ReLU's ``threshold_backward`` after the
+fake quant's multiply, i.e. ``+0.0`` wherever ``relu(x) <= 0`` whatever the upstream
+gradient (negative, +-inf, NaN), and ``grad * 0`` where the fake quant's own mask is false.
+A zero bit cannot tell the two apart, so the backward gives ``+0.0`` for every zero bit:
+bit for bit the definition at ReLU-dead positions (``x <= 0``, ``-0.0`` included: the common
+case, which ``grad * mask`` got wrong: ``-0.0`` for negative and NaN for non-finite
+``grad``) and at in-range positions. The one remaining difference, at positions the fake
+quant clamps high (``rne(relu(x) * inv_scale) + zp > qmax``: possible when a moving-average
+range lags the batch) and at NaN inputs (``relu(NaN) = NaN``, mask false): the definition
+gives ``grad * 0`` there, i.e. ``-0.0`` where ``grad < 0`` and NaN where ``grad`` is +-inf
+or NaN; the fused backward gives ``+0.0``. Equal as numbers for every finite gradient
+(``-0.0 == +0.0``); only the sign of zero and the NaN of a non-finite upstream gradient
+at those positions differ. (Telling them apart would take a second bit an element, +1/8
+byte forward and backward, or recomputing from ``x``: see the table below.) Without ReLU the
+backward stays ``grad * mask``, bit-identical to PyTorch.
 
 Layout: any dense layout (contiguous, channels_last, any permutation) is processed in memory
 order, without a copy; the channel of an element is ``(offset // stride[axis]) % C``, two
@@ -294,9 +314,11 @@ def _fq_bwd_kernel(
     # sizes
     numel, nbytes_mask,
     # meta
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, RELU: tl.constexpr = False,
 ):
-    """grad_x = grad * mask (float32 math, so -0.0 and NaN match torch), memory order."""
+    """grad_x = grad * mask (float32 math, so -0.0 and NaN match torch), memory order.
+    RELU (the mask has ReLU's gradient folded in): ``where(mask, grad * 1, +0.0)``, ReLU's
+    ``threshold_backward`` at dead positions whatever ``grad`` is (module docstring)."""
     pid = tl.program_id(0)
     offs, _ = _block_offsets(pid, BLOCK)
     m = offs < numel
@@ -304,7 +326,10 @@ def _fq_bwd_kernel(
     bytes_ = tl.load(mask_ptr + boffs, mask=boffs < nbytes_mask, other=0)
     keep = _unpack_bits(bytes_)
     g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(gx_ptr + offs, _to_out(g * keep, gx_ptr.dtype.element_ty), mask=m)
+    gx = g * keep
+    if RELU:
+        gx = tl.where(keep != 0.0, gx, 0.0)  # +0.0 (not g * 0: -0.0 / NaN) where dead
+    tl.store(gx_ptr + offs, _to_out(gx, gx_ptr.dtype.element_ty), mask=m)
 
 
 # --------------------------------------------------------------------------- layout helpers
@@ -591,8 +616,9 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
 
 @on_tensor_device
 def fake_quant_backward(grad: torch.Tensor, mask: torch.Tensor, like: torch.Tensor,
-                        block: int = BLOCK) -> torch.Tensor:
-    """grad_x in the layout of ``like`` (x's shape and strides): ``grad * mask``."""
+                        block: int = BLOCK, relu: bool = False) -> torch.Tensor:
+    """grad_x in the layout of ``like`` (x's shape and strides): ``grad * mask``; with
+    ``relu`` (a mask with ReLU's gradient folded in) ``+0.0`` wherever the mask is 0."""
     if grad.stride() != like.stride() or not dense_layout(grad):
         like.copy_(grad)
         grad = like
@@ -601,7 +627,7 @@ def fake_quant_backward(grad: torch.Tensor, mask: torch.Tensor, like: torch.Tens
     if n == 0:
         return gx
     launch(_fq_bwd_kernel, _grid(n, block), _flat_span(grad), mask, _flat_span(gx), n,
-           mask.numel(), BLOCK=block, num_warps=NUM_WARPS, **_LAUNCH)
+           mask.numel(), BLOCK=block, RELU=relu, num_warps=NUM_WARPS, **_LAUNCH)
     return gx
 
 
@@ -617,7 +643,7 @@ class FakeQuantFunction(torch.autograd.Function):
         y, mask = fake_quant_forward(x, scale, zero_point, qmin, qmax, axis, need, block,
                                      inv=inv, relu=relu)
         if need:
-            save_mask(ctx, x, mask, block)
+            save_mask(ctx, x, mask, block, relu=relu)
         return y
 
     @staticmethod
@@ -626,19 +652,24 @@ class FakeQuantFunction(torch.autograd.Function):
         return (mask_backward(ctx, grad),) + (None,) * 8
 
 
-def save_mask(ctx, x: torch.Tensor, mask: torch.Tensor, block: int = BLOCK) -> None:
-    """Keep what a straight-through backward needs: the bit mask and x's layout (not x)."""
+def save_mask(ctx, x: torch.Tensor, mask: torch.Tensor, block: int = BLOCK,
+              relu: bool = False) -> None:
+    """Keep what a straight-through backward needs: the bit mask and x's layout (not x).
+    ``relu``: the forward folded ReLU's gradient into the mask (the backward then gives
+    ``+0.0`` at its zero bits, as ReLU's ``threshold_backward``)."""
     ctx.save_for_backward(mask)
     ctx.layout = (x.shape, x.stride(), x.dtype, x.device)
     ctx.block = block
+    ctx.relu = relu
 
 
 def mask_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-    """``grad * mask`` in x's layout, from what :func:`save_mask` kept."""
+    """``grad * mask`` in x's layout, from what :func:`save_mask` kept (``+0.0`` at the
+    zero bits of a ReLU-folded mask)."""
     (mask,) = ctx.saved_tensors
     shape, stride, dtype, device = ctx.layout
     like = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-    return fake_quant_backward(grad, mask, like, ctx.block)
+    return fake_quant_backward(grad, mask, like, ctx.block, getattr(ctx, "relu", False))
 
 
 def auto_interpreter(x: torch.Tensor) -> bool:
@@ -720,7 +751,7 @@ KERNELS = {
               INV=inv) for qm in (0, 1) for inv in (True, False)]
       + [dict(PER_CHANNEL=False, SAVE_MASK=True, WIDE=False, QMODE=0, BLOCK=BLOCK, C_INNER=0,
               RELU=True)]),
-    "_fq_bwd_kernel": (_fq_bwd_kernel, [dict(BLOCK=BLOCK)]),
+    "_fq_bwd_kernel": (_fq_bwd_kernel, [dict(BLOCK=BLOCK), dict(BLOCK=BLOCK, RELU=True)]),
 }
 
 OPS = {"fake_quant": fake_quant}
