@@ -46,6 +46,7 @@ Backend ops (optional fused kernels; this module's torch code is the definition)
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -54,7 +55,7 @@ import torch.nn as nn
 from .. import functional as F
 from ..backends.registry import find_op, try_op
 from ..dtypes import get_dtype, qint8
-from ..qparams import QParams
+from ..qparams import _MIN_SCALE, QParams
 
 __all__ = ["FakeQuantBase", "FakeQuantize", "LSQ", "TQT", "apply_fake_quant_with_observer",
            "lsq_fake_quant", "tqt_fake_quant"]
@@ -119,11 +120,88 @@ class _LSQFakeQuant(torch.autograd.Function):
                 dzp if ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
+def _bad_scale(s: torch.Tensor) -> torch.Tensor:
+    """Where a float32 scale is unusable (QParams' rule): NaN, Inf, <= 0, or a reciprocal
+    ``1 / scale`` that is not a finite float32 (scale below ~2.94e-39)."""
+    s = s.detach().float()
+    return ~torch.isfinite(s) | (s <= 0) | ~torch.isfinite(1.0 / s)
+
+
+def _scale_error(what: str, s: torch.Tensor, bad: torch.Tensor) -> str:
+    """The text naming the bad scale values (host reads: error path only)."""
+    return (f"{what} must be finite and > 0 with a finite float32 reciprocal "
+            f"(in [{_MIN_SCALE:.3g}, 3.4e38]), got {s.detach()[bad].flatten()[:4].tolist()} "
+            f"(at {int(bad.sum())} position(s))")
+
+
+def _check_learned_args(fn: str, x, params: dict, qmin, qmax, axis) -> None:
+    """The argument checks of the public learned fake-quant functions (the Triton op's own,
+    plus the Python-number arguments), before any backend is chosen, so every backend
+    refuses the same inputs. No host sync."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: x must be a float32/float16/bfloat16 tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    for name, v in (("qmin", qmin), ("qmax", qmax)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__} ({v!r})")
+    if not qmin <= qmax:
+        raise ValueError(f"{fn}: need qmin <= qmax, got {qmin}, {qmax}")
+    if axis is not None:
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"{fn}: axis must be None or an int, got {type(axis).__name__} "
+                            f"({axis!r})")
+        if not 0 <= axis < x.dim():
+            raise ValueError(f"{fn}: axis {axis} out of range for {x.dim()}-d x; allowed "
+                             f"[0, {x.dim() - 1}]")
+    want = 1 if axis is None else x.shape[axis]
+    for name, p in params.items():
+        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a float tensor, got "
+                            f"{getattr(p, 'dtype', type(p).__name__)}")
+        if p.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {p.device}, x on {x.device}")
+        if p.numel() != want or (axis is not None and p.dim() != 1):
+            raise ValueError(f"{fn}: {name} must have {want} value(s) "
+                             f"({'0-d' if axis is None else f'(C,) along axis {axis}'}), got "
+                             f"shape {tuple(p.shape)}")
+
+
 def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                    qmax: int, axis: Optional[int], grad_factor: float) -> torch.Tensor:
     """LSQ fake quantization (signature and gradients in the module docstring); runs the
     backend op ``"lsq_fake_quant"`` where one is registered for ``x``'s device, else the torch
-    definition here."""
+    definition here.
+
+    The arguments are checked first, on every backend alike; the check of the values of
+    ``scale`` and ``zero_point`` costs one scalar device-to-host read (:class:`LSQ`, whose
+    scale is valid by construction, calls the unchecked form: no host sync).
+
+    Raises:
+        TypeError: x not a float32/float16/bfloat16 tensor; scale or zero_point not float
+            tensors; qmin, qmax, axis not ints; grad_factor not a number.
+        ValueError: qmin > qmax; axis out of range (it must be None or in [0, x.dim() - 1]);
+            scale / zero_point of the wrong shape or device; a scale that is not finite and
+            > 0 with a finite float32 reciprocal; a non-finite zero point or grad_factor.
+    """
+    fn = "lsq_fake_quant"
+    _check_learned_args(fn, x, {"scale": scale, "zero_point": zero_point}, qmin, qmax, axis)
+    if isinstance(grad_factor, bool) or not isinstance(grad_factor, numbers.Real):
+        raise TypeError(f"{fn}: grad_factor must be a float, got {type(grad_factor).__name__} "
+                        f"({grad_factor!r})")
+    if not math.isfinite(grad_factor):
+        raise ValueError(f"{fn}: grad_factor must be finite, got {grad_factor!r}")
+    bad = _bad_scale(scale)
+    zp_bad = ~torch.isfinite(zero_point.detach())
+    if bool(bad.any() | zp_bad.any()):  # the one host read
+        if bool(bad.any()):
+            raise ValueError(f"{fn}: {_scale_error('scale', scale, bad)}")
+        raise ValueError(f"{fn}: zero_point must be finite, got "
+                         f"{zero_point.detach()[zp_bad].flatten()[:4].tolist()}")
+    return _lsq_fake_quant(x, scale, zero_point, int(qmin), int(qmax), axis, float(grad_factor))
+
+
+def _lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor):
+    """:func:`lsq_fake_quant` without the checks (the LSQ module: no host sync)."""
     op = find_op("lsq_fake_quant", x)
     if op is not None:
         return op(x, scale, zero_point, qmin, qmax, axis, grad_factor)
@@ -172,7 +250,31 @@ class _TQTFakeQuant(torch.autograd.Function):
 def tqt_fake_quant(x: torch.Tensor, log2_t: torch.Tensor, qmin: int, qmax: int,
                    axis: Optional[int]) -> torch.Tensor:
     """TQT fake quantization (signature and gradients in the module docstring); runs the
-    backend op ``"tqt_fake_quant"`` where one is registered, else the torch definition."""
+    backend op ``"tqt_fake_quant"`` where one is registered, else the torch definition.
+
+    The arguments are checked first, on every backend alike; the check of the scale
+    ``2**ceil(log2_t) / (qmax + 1)`` costs one scalar device-to-host read (:class:`TQT`
+    calls the unchecked form: no host sync).
+
+    Raises:
+        TypeError: x not a float32/float16/bfloat16 tensor; log2_t not a float tensor; qmin,
+            qmax, axis not ints.
+        ValueError: qmin > qmax; axis out of range (None or in [0, x.dim() - 1]); log2_t of
+            the wrong shape or device; a log2_t whose scale is not finite and > 0 with a
+            finite float32 reciprocal (NaN, or log2_t beyond about +-120).
+    """
+    fn = "tqt_fake_quant"
+    _check_learned_args(fn, x, {"log2_t": log2_t}, qmin, qmax, axis)
+    s = _tqt_scale(log2_t.detach(), int(qmax))
+    bad = _bad_scale(s)
+    if bool(bad.any()):  # the one host read
+        raise ValueError(f"{fn}: log2_t {log2_t.detach()[bad].flatten()[:4].tolist()} gives "
+                         f"{_scale_error('a scale 2**ceil(log2_t) / (qmax + 1) that', s, bad)}")
+    return _tqt_fake_quant(x, log2_t, int(qmin), int(qmax), axis)
+
+
+def _tqt_fake_quant(x, log2_t, qmin, qmax, axis):
+    """:func:`tqt_fake_quant` without the checks (the TQT module: no host sync)."""
     op = find_op("tqt_fake_quant", x)
     if op is not None:
         return op(x, log2_t, qmin, qmax, axis)
@@ -313,6 +415,17 @@ class _LearnedBase(FakeQuantBase):
         self._check_channels(x, axis, getattr(self, learned))
         return axis
 
+    def _check_start(self, scale: torch.Tensor, learned: str, source: str) -> None:
+        """Refuse an initial (effective) scale that is not a finite float32 with a finite
+        float32 reciprocal (QParams' rule), before anything is set: the module then stays
+        uninitialised. One host read, on the first call only."""
+        bad = _bad_scale(scale)
+        if bool(bad.any()):
+            raise ValueError(f"{type(self).__name__}: initialising {learned} from {source} gives "
+                             f"a scale that float32 cannot use: "
+                             f"{_scale_error('the scale', scale.detach().float(), bad)}; start it "
+                             f"from data of smaller magnitude (or from valid qparams)")
+
     def _set(self, name: str, value: torch.Tensor) -> None:
         p = getattr(self, name)
         p.data = value.detach().to(p.device, torch.float32).reshape(
@@ -376,17 +489,20 @@ class LSQ(_LearnedBase):
     def _initialize(self, x: torch.Tensor, axis, qparams: Optional[QParams]) -> None:
         with torch.no_grad():
             if qparams is not None:
-                self._set("scale", qparams.scale)
+                s, source = qparams.scale, "the qparams"
                 zp = qparams.zero_point.float()
                 if self.symmetric:
                     zp = torch.full_like(zp, self._fixed_zero_point())
-                self._set("zero_point", zp)
             else:
                 a = x.detach().float().abs()
                 mean = a.mean() if axis is None else a.movedim(axis, 0).reshape(x.shape[axis], -1).mean(1)
                 s = torch.clamp(2.0 * mean / math.sqrt(self.dtype.qmax), min=_EPS)
-                self._set("scale", s)
-                self._set("zero_point", torch.full_like(s, self._fixed_zero_point()))
+                source = "the data (2 * mean|x| / sqrt(qmax), in float32)"
+                zp = torch.full_like(s, self._fixed_zero_point())
+            # the scale as forward uses it (_effective_scale)
+            self._check_start(s.float().abs().clamp_min(_EPS), "scale", source)
+            self._set("scale", s)
+            self._set("zero_point", zp)
         self._mark_initialized()
 
     def _effective_scale(self) -> torch.Tensor:
@@ -399,7 +515,8 @@ class LSQ(_LearnedBase):
         d = self.dtype
         n = x.numel() if axis is None else x.numel() // max(x.shape[axis], 1)
         g = 1.0 / math.sqrt(max(n, 1) * d.qmax) if self.grad_scaling else 1.0
-        return lsq_fake_quant(x, self._effective_scale(), self.zero_point, d.qmin, d.qmax, axis, g)
+        return _lsq_fake_quant(x, self._effective_scale(), self.zero_point, d.qmin, d.qmax, axis,
+                               g)
 
     def get_qparams(self) -> Optional[QParams]:
         """The learned qparams (no host sync), or None before initialisation."""
@@ -437,17 +554,22 @@ class TQT(_LearnedBase):
             if qparams is not None:
                 zp = qparams.zero_point.float()
                 amax = qparams.scale.float() * torch.max(d.qmax - zp, zp - d.qmin)
+                source = "the qparams (threshold scale * max(qmax - zp, zp - qmin))"
             else:
                 a = x.detach().float().abs()
                 amax = a.amax() if axis is None else a.movedim(axis, 0).reshape(x.shape[axis], -1).amax(1)
-            self._set("log2_t", torch.log2(torch.clamp(amax, min=_EPS * (d.qmax + 1))))
+                source = "the data (threshold max|x|)"
+            log2_t = torch.log2(torch.clamp(amax, min=_EPS * (d.qmax + 1)))
+            # 2**ceil(log2_t) is inf in float32 for thresholds above 2**127
+            self._check_start(_tqt_scale(log2_t, d.qmax), "log2_t", source)
+            self._set("log2_t", log2_t)
         self._mark_initialized()
 
     def forward(self, x: torch.Tensor, qparams: Optional[QParams] = None) -> torch.Tensor:
         if not self.enabled:
             return x
         axis = self._prepare(x, qparams, "log2_t")
-        return tqt_fake_quant(x, self.log2_t, self.dtype.qmin, self.dtype.qmax, axis)
+        return _tqt_fake_quant(x, self.log2_t, self.dtype.qmin, self.dtype.qmax, axis)
 
     def get_qparams(self) -> Optional[QParams]:
         """The power-of-two qparams (no host sync), or None before initialisation."""
@@ -462,6 +584,28 @@ class TQT(_LearnedBase):
 
 
 # --------------------------------------------------------------------------- the QAT hook
+def _check_quantizer_args(x, fake_quant, observer, addend) -> None:
+    """Argument checks of :func:`apply_fake_quant_with_observer` (host-side only: no sync)."""
+    fn = "apply_fake_quant_with_observer"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}")
+    for what, m, kind in (("fake_quant", fake_quant, "a fake-quant module (FakeQuantize, LSQ, "
+                                                     "TQT: a FakeQuantBase)"),
+                          ("observer", observer, "an observer module (an Observer)")):
+        if m is not None and not (isinstance(m, nn.Module) and hasattr(m, "get_qparams")):
+            raise TypeError(f"{fn}: {what} must be None or {kind}, got {type(m).__name__} "
+                            f"({m!r:.60})")
+    if addend is not None:
+        if not isinstance(addend, torch.Tensor):
+            raise TypeError(f"{fn}: addend must be None or a torch.Tensor, got "
+                            f"{type(addend).__name__}")
+        try:
+            torch.broadcast_shapes(x.shape, addend.shape)
+        except RuntimeError:
+            raise ValueError(f"{fn}: addend of shape {tuple(addend.shape)} does not broadcast "
+                             f"with x of shape {tuple(x.shape)}") from None
+
+
 def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQuantBase],
                                    observer, relu: bool = False,
                                    addend: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -474,10 +618,13 @@ def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQua
     (``x + addend``); a fused backend op may fold either into its passes.
 
     Raises:
-        ValueError: fake quantization needs qparams but there is no observer, or the
-            observer has not observed anything (e.g. disabled from the start, or only
-            empty inputs so far).
+        TypeError: ``x`` or ``addend`` not a tensor; ``fake_quant`` / ``observer`` neither
+            None nor a module with ``get_qparams`` (a FakeQuantBase / an Observer).
+        ValueError: ``addend``'s shape does not broadcast with ``x``'s; fake quantization
+            needs qparams but there is no observer, or the observer has not observed anything
+            (e.g. disabled from the start, or only empty inputs so far).
     """
+    _check_quantizer_args(x, fake_quant, observer, addend)
     # ---- FUSED FAST PATH: the single place for it (Triton issue) ------------------------
     # A backend op "observe_fake_quant" (try_op("observe_fake_quant", x, ...)) may record the
     # batch statistics and fake-quantize in one pass, for the observer / fake-quant pairs it

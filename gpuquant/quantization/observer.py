@@ -24,11 +24,15 @@ Conventions (all observers):
   passed explicitly and 128 otherwise; gpuquant always uses the contract's
   ``(qmax + qmin + 1) // 2`` (128 for quint8, 8 for quint4).
 * NaN or Inf input raises ``ValueError`` naming the observer, and the state is left as it was
-  (never a poisoned scale). Detecting it costs one scalar device-to-host read per recorded
-  batch (the batch min/max are reduced on the device first, so NaN and Inf show up there).
-  ``check_finite=False`` skips that read for hot GPU loops: a non-finite batch (or channel)
-  is then dropped on the device, leaving the state unchanged, and counted in the buffer
-  ``nonfinite_batches``.
+  (never a poisoned scale). So does finite input that would leave a range with no finite
+  float32 scale: affine (``symmetric=False``), ``max - min`` overflows float32 once the ends
+  pass about +-1.7e38 (``[-2e38, 2e38]``: the scale ``(max - min) / 255`` would be inf); a
+  moving average can overflow too. Detecting either costs one scalar device-to-host read per
+  recorded batch (the batch min/max and the range they leave are reduced on the device
+  first and read together), so ``get_qparams()`` needs no check and no sync.
+  ``check_finite=False`` skips that read for hot GPU loops: such a batch (or channel) is then
+  dropped on the device, leaving the state unchanged, and counted in the buffer
+  ``nonfinite_batches``. A loaded ``state_dict`` whose range gives no finite scale is refused.
 * ``get_qparams()`` before anything was recorded raises ``ValueError`` ("... has not
   observed any data").
 """
@@ -58,8 +62,67 @@ def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: Qu
     The expressions are ``torch.ao.quantization.UniformQuantizationObserverBase.
     _calculate_qparams``'s, written the same way so that they round the same way on the same
     device. ``min_val`` / ``max_val`` are float32 tensors of any (equal) shape; the result has
-    that shape. No host sync.
+    that shape. ``dtype``: a :class:`gpuquant.QuantDtype` or its name.
+
+    The arguments are checked, which costs one scalar device-to-host read (the observers
+    use the unchecked computation, their state being valid by construction).
+
+    Raises:
+        TypeError: min_val / max_val not float32 tensors, a bad dtype, symmetric not a bool.
+        ValueError: shapes or devices that differ; NaN or Inf in the range; a range whose
+            scale is not a finite float32 (affine: ``max - min`` overflows float32).
     """
+    dtype = get_dtype(dtype)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"qparams_from_min_max: symmetric must be a bool, got "
+                        f"{type(symmetric).__name__} ({symmetric!r})")
+    for what, t in (("min_val", min_val), ("max_val", max_val)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"qparams_from_min_max: {what} must be a float32 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if min_val.shape != max_val.shape or min_val.device != max_val.device:
+        raise ValueError(f"qparams_from_min_max: min_val ({tuple(min_val.shape)}, "
+                         f"{min_val.device}) and max_val ({tuple(max_val.shape)}, "
+                         f"{max_val.device}) must have the same shape and device")
+    fits = _range_fits(min_val, max_val, symmetric)
+    if not bool(fits.all()):
+        _raise_range("qparams_from_min_max", min_val, max_val, fits, symmetric, dtype,
+                     "refusing to compute qparams from it")
+    return _qparams_from_min_max(min_val, max_val, dtype, symmetric)
+
+
+def _range_fits(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Where the range ``[lo, hi]`` gives a finite float32 scale (elementwise, on the device,
+    no host sync): ``lo`` and ``hi`` finite and, affine, ``max(hi, 0) - min(lo, 0)`` too (it
+    overflows float32 for finite ends beyond +-1.7e38). The scale is then at least eps and at
+    most float32 max / (qmax - qmin) (or / ((qmax - qmin) / 2)), so its reciprocal and the
+    zero point are finite as well."""
+    ok = torch.isfinite(lo) & torch.isfinite(hi)
+    if not symmetric:
+        ok &= torch.isfinite(torch.clamp(hi, min=0.0) - torch.clamp(lo, max=0.0))
+    return ok
+
+
+def _raise_range(name: str, lo: torch.Tensor, hi: torch.Tensor, fits: torch.Tensor,
+                 symmetric: bool, dtype: QuantDtype, action: str):
+    """The ValueError for a range that gives no finite float32 scale (host reads: error path)."""
+    bad = (~fits).reshape(-1).cpu()
+    i = int(bad.nonzero()[0])
+    lo_v, hi_v = float(lo.reshape(-1)[i]), float(hi.reshape(-1)[i])
+    where = "" if lo.dim() == 0 else f" (channel {i}; {int(bad.sum())} channel(s) in all)"
+    if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
+        why = "it is not finite (NaN or Inf, e.g. a moving average that overflowed float32)"
+    else:
+        why = (f"its width max(max, 0) - min(min, 0) overflows float32 (> 3.4e38), so the "
+               f"affine scale (max - min) / {dtype.qmax - dtype.qmin} would be inf; only a "
+               f"symmetric range (symmetric=True) or rescaled data can be quantized")
+    raise ValueError(f"{name}: the range [min, max] = [{lo_v:.6g}, {hi_v:.6g}]{where} gives no "
+                     f"finite float32 scale: {why}; {action}")
+
+
+def _qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: QuantDtype,
+                          symmetric: bool):
+    """:func:`qparams_from_min_max` without the checks: no host sync (observers)."""
     qmin, qmax = dtype.qmin, dtype.qmax
     min_neg = torch.min(min_val, torch.zeros_like(min_val))
     max_pos = torch.max(max_val, torch.zeros_like(max_val))
@@ -206,14 +269,35 @@ class Observer(nn.Module):
         """Hook for the Sync* observers (all_reduce across processes)."""
         return mn, mx
 
-    def _finite_mask(self, mn: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
-        """Which entries of a batch's (min, max) are usable; raises if check_finite is on."""
+    def _prospective_range(self, mn: torch.Tensor, mx: torch.Tensor):
+        """Hook: the range ``(lo, hi)`` the qparams would come from once the batch with
+        min/max ``mn``/``mx`` is recorded (computed, not stored), or None (nothing to check)."""
+        return None
+
+    def _finite_mask(self, mn: torch.Tensor, mx: torch.Tensor, new_range=None) -> torch.Tensor:
+        """Which entries of a batch's (min, max) are usable: finite, and leaving a range
+        (``new_range``, else :meth:`_prospective_range`) that gives a finite float32 scale;
+        raises if check_finite is on, else the unusable entries are dropped and counted."""
         ok = torch.isfinite(mn) & torch.isfinite(mx)
+        if new_range is None:
+            new_range = self._prospective_range(mn, mx)
+        fits = None if new_range is None else _range_fits(*new_range, self.symmetric)
         if self.check_finite:
-            if not bool(ok.all()):  # the one host read of an observer step
+            if fits is None:
+                state = (~ok).any().to(torch.int8)
+            else:  # 1: non-finite batch, 2: the range it leaves overflows; still one read
+                state = torch.where(ok.all(), (~fits).any().to(torch.int8) * 2,
+                                    torch.ones((), dtype=torch.int8, device=ok.device))
+            state = int(state)  # the one host read of an observer step
+            if state == 1:
                 raise ValueError(f"{self._name()}: input contains NaN or Inf; refusing to record "
                                  f"it (the observer's state is unchanged)")
+            if state == 2:
+                _raise_range(self._name(), *new_range, fits, self.symmetric, self.dtype,
+                             "refusing to record this batch (the observer's state is unchanged)")
         else:
+            if fits is not None:
+                ok = ok & fits
             self.nonfinite_batches += (~ok).any().to(torch.int64)
         return ok
 
@@ -245,19 +329,32 @@ class _RangeObserver(Observer):
 
     def _record(self, x: torch.Tensor) -> None:
         mn, mx = self._batch_min_max(x)
-        ok = self._finite_mask(mn, mx)
+        new_min, new_max = self._prospective_range(mn, mx)
+        ok = self._finite_mask(mn, mx, (new_min, new_max))
         self._prepare_state(mn)
-        new_min, new_max = self._combine(mn, mx)
         self.min_val.copy_(torch.where(ok, new_min, self.min_val))
         self.max_val.copy_(torch.where(ok, new_max, self.max_val))
         self._observed = True
 
-    def _combine(self, mn, mx):
+    def _prospective_range(self, mn, mx):
+        """The state after recording a batch with min/max ``mn``/``mx`` (not stored): what
+        :meth:`_finite_mask` checks before anything is written (the fused Triton path calls
+        ``_finite_mask(mn, mx)`` too, before sizing per-channel state)."""
+        cur_min, cur_max = self.min_val, self.max_val
+        if cur_min.shape != mn.shape:
+            if self.axis is not None and cur_min.numel() == 0:  # first per-channel batch
+                cur_min, cur_max = torch.full_like(mn, math.inf), torch.full_like(mn, -math.inf)
+            else:
+                self._prepare_state(mn)  # raises: the channel count differs
+        return self._combine(mn, mx, cur_min, cur_max)
+
+    def _combine(self, mn, mx, cur_min, cur_max):
         raise NotImplementedError
 
     def get_qparams(self) -> QParams:
+        # the recorded range gives a finite scale (refused in _record, on its host read)
         self._require_observed()
-        scale, zp = qparams_from_min_max(self.min_val, self.max_val, self.dtype, self.symmetric)
+        scale, zp = _qparams_from_min_max(self.min_val, self.max_val, self.dtype, self.symmetric)
         return QParams.trusted(self.dtype, scale, zp, self.axis)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -268,8 +365,13 @@ class _RangeObserver(Observer):
                 setattr(self, name, torch.empty_like(t, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        self._observed = self.min_val.numel() > 0 and bool(
-            (torch.isfinite(self.min_val) & torch.isfinite(self.max_val)).any())
+        finite = torch.isfinite(self.min_val) & torch.isfinite(self.max_val)
+        self._observed = self.min_val.numel() > 0 and bool(finite.any())
+        if self._observed:  # a state_dict is outside input: its range must give a scale
+            fits = _range_fits(self.min_val, self.max_val, self.symmetric) | ~finite
+            if not bool(fits.all()):
+                _raise_range(self._name(), self.min_val, self.max_val, fits, self.symmetric,
+                             self.dtype, "refusing to load it")
 
 
 class MinMaxObserver(_RangeObserver):
@@ -284,8 +386,8 @@ class MinMaxObserver(_RangeObserver):
         >>> obs(conv.weight); qp = obs.get_qparams()
     """
 
-    def _combine(self, mn, mx):
-        return torch.min(mn, self.min_val), torch.max(mx, self.max_val)
+    def _combine(self, mn, mx, cur_min, cur_max):
+        return torch.min(mn, cur_min), torch.max(mx, cur_max)
 
 
 class ExponentialMovingAverageObserver(_RangeObserver):
@@ -314,12 +416,12 @@ class ExponentialMovingAverageObserver(_RangeObserver):
         super().__init__(dtype, symmetric, axis, check_finite)
         self.momentum = float(momentum)
 
-    def _combine(self, mn, mx):
+    def _combine(self, mn, mx, cur_min, cur_max):
         c = 1.0 - self.momentum
         # entries never set yet (still +-inf) start from the batch value (no host branch)
-        fresh = ~(torch.isfinite(self.min_val) & torch.isfinite(self.max_val))
-        ema_min = self.min_val + c * (mn - self.min_val)
-        ema_max = self.max_val + c * (mx - self.max_val)
+        fresh = ~(torch.isfinite(cur_min) & torch.isfinite(cur_max))
+        ema_min = cur_min + c * (mn - cur_min)
+        ema_max = cur_max + c * (mx - cur_max)
         return torch.where(fresh, mn, ema_min), torch.where(fresh, mx, ema_max)
 
     def extra_repr(self) -> str:
@@ -439,12 +541,8 @@ class HistogramObserver(Observer):
         self.register_buffer("max_val", torch.full((), -math.inf))
 
     # ---------------------------------------------------------------- recording
-    def _record(self, x: torch.Tensor) -> None:
-        mn, mx = self._batch_min_max(x)
-        ok = self._finite_mask(mn, mx)
-        if not self.check_finite:  # a dropped batch must still index the bins safely
-            x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        v = x.abs() if self.symmetric else x
+    def _prospective_range(self, mn, mx):
+        """The histogram's range ``(lo, hi)`` after a batch with min/max ``mn``/``mx``."""
         if self.symmetric:
             b_lo = torch.zeros_like(mn)
             b_hi = torch.max(-mn, mx)
@@ -453,6 +551,16 @@ class HistogramObserver(Observer):
         have = torch.isfinite(self.min_val)
         lo = torch.where(have, torch.min(self.hist_lo, b_lo), b_lo)
         hi = torch.where(have, torch.max(self.hist_hi, b_hi), b_hi)
+        return lo, hi
+
+    def _record(self, x: torch.Tensor) -> None:
+        mn, mx = self._batch_min_max(x)
+        # the bins span [lo, hi]: affine, hi - lo must not overflow float32 (checked here)
+        lo, hi = self._prospective_range(mn, mx)
+        ok = self._finite_mask(mn, mx, (lo, hi))
+        if not self.check_finite:  # a dropped batch must still index the bins safely
+            x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        v = x.abs() if self.symmetric else x
         lo = torch.where(ok, lo, self.hist_lo)
         hi = torch.where(ok, hi, self.hist_hi)
         old = self._rebin(lo, hi)
@@ -520,7 +628,8 @@ class HistogramObserver(Observer):
         counts = self.histogram.float()
         out = []
         for k in range(0, lo.numel(), 512):  # bounded memory: 512 x bins at a time
-            scale, zp = qparams_from_min_max(lo[k:k + 512], hi[k:k + 512], self.dtype, self.symmetric)
+            scale, zp = _qparams_from_min_max(lo[k:k + 512], hi[k:k + 512], self.dtype,
+                                              self.symmetric)
             s, z = scale[:, None], zp[:, None].float()
             q = (torch.round(centers * (1.0 / s)) + z).clamp_(self.dtype.qmin, self.dtype.qmax)
             err = (q - z).mul_(s).sub_(centers)
@@ -555,8 +664,8 @@ class HistogramObserver(Observer):
 
     def get_qparams(self) -> QParams:
         self._require_observed()
-        lo, hi = self._choose_range()
-        scale, zp = qparams_from_min_max(lo, hi, self.dtype, self.symmetric)
+        lo, hi = self._choose_range()  # inside the recorded range: a finite scale
+        scale, zp = _qparams_from_min_max(lo, hi, self.dtype, self.symmetric)
         return QParams.trusted(self.dtype, scale, zp, None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -568,6 +677,11 @@ class HistogramObserver(Observer):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._observed = bool(torch.isfinite(self.min_val)) and bool(self.histogram.sum() > 0)
+        if self._observed:  # a state_dict is outside input: the bins' range must fit float32
+            fits = _range_fits(self.hist_lo, self.hist_hi, self.symmetric)
+            if not bool(fits):
+                _raise_range(self._name(), self.hist_lo, self.hist_hi, fits, self.symmetric,
+                             self.dtype, "refusing to load it")
 
     def extra_repr(self) -> str:
         extra = f", percentile={self.percentile}" if self.mode == "percentile" else ""

@@ -27,7 +27,7 @@ Flow::
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -124,16 +124,46 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
     return stats
 
 
+def _check_absmax(a, what: str, in_features: Optional[int] = None) -> torch.Tensor:
+    """``a``, checked: a 1-D float tensor (of ``in_features`` values when given), finite and
+    >= 0 (a max |x| per input channel, as :func:`calibrate_linear_inputs` records it)."""
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+        raise TypeError(f"{what} must be a float tensor (one max |x| per input channel, from "
+                        f"calibrate_linear_inputs), got {getattr(a, 'dtype', type(a).__name__)}")
+    want = "(K,)" if in_features is None else f"({in_features},)"
+    if a.dim() != 1 or a.numel() == 0 or (in_features is not None and a.numel() != in_features):
+        raise ValueError(f"{what} must have shape {want} (one value per input channel of the "
+                         f"Linear), got shape {tuple(a.shape)}")
+    bad = ~torch.isfinite(a.detach()) | (a.detach() < 0)
+    if bool(bad.any()):
+        raise ValueError(f"{what} must be finite and >= 0 (a max |x| per input channel), got "
+                         f"{a.detach()[bad][:4].tolist()} at {int(bad.sum())} channel(s)")
+    return a
+
+
+def _absmax_of(act_absmax, name: str, lin, fn: str) -> torch.Tensor:
+    """``act_absmax[name]``, checked against the Linear ``lin`` it was recorded for."""
+    return _check_absmax(act_absmax[name], f"{fn}: act_absmax[{name!r}]", lin.in_features)
+
+
+def _check_absmax_dict(act_absmax, fn: str) -> None:
+    if not isinstance(act_absmax, Mapping):
+        raise TypeError(f"{fn}: act_absmax must be a dict {{linear name: tensor}} (from "
+                        f"calibrate_linear_inputs), got {type(act_absmax).__name__}")
+
+
 def smoothing_factors(act_absmax: torch.Tensor, weights: Iterable[torch.Tensor],
                       alpha: float = 0.5) -> torch.Tensor:
     """``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (float32, (K,)) for Linears sharing an input.
 
     Raises:
-        ValueError: alpha outside [0, 1]; shapes that do not match.
+        TypeError: act_absmax not a float tensor.
+        ValueError: alpha outside [0, 1]; act_absmax not 1-D, negative or not finite; shapes
+            that do not match.
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    ax = act_absmax.detach().to(torch.float32)
+    ax = _check_absmax(act_absmax, "smoothing_factors: act_absmax").detach().to(torch.float32)
     wmax = None
     for w in weights:
         if w.shape[-1] != ax.shape[0]:
@@ -181,12 +211,18 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
 
     Raises:
         ValueError: alpha out of range; unknown names; a fold target that is not a norm with
-            a weight; a Linear without calibration data.
+            a weight; a Linear without calibration data; calibration data of the wrong shape
+            (not ``(in_features,)``), negative or not finite.
+        TypeError: model not a Module; act_absmax not a dict of float tensors.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_absmax_dict(act_absmax, "smooth_quant")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    for name, lin in _linears(model, filter_fn):  # every entry checked before any change
+        if name in act_absmax:
+            _absmax_of(act_absmax, name, lin, "smooth_quant")
     if not inplace:
         model = copy.deepcopy(model)
     fold = dict(fold or {})
@@ -204,7 +240,8 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
                     raise ValueError(f"smooth_quant: {n!r} is not a Linear ({type(lin).__name__})")
                 if n not in act_absmax:
                     raise ValueError(f"smooth_quant: no calibration data for {n!r}")
-            ax = torch.stack([act_absmax[n] for n in lin_names]).amax(dim=0)
+            ax = torch.stack([_absmax_of(act_absmax, n, lin, "smooth_quant").to(torch.float32)
+                              for n, lin in zip(lin_names, lins)]).amax(dim=0)
             s = smoothing_factors(ax, [lin.weight for lin in lins], alpha).to(norm.weight.device)
             norm.weight.div_(s.to(norm.weight.dtype))
             if getattr(norm, "bias", None) is not None:
@@ -215,7 +252,8 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
         for name, lin in list(_linears(model, filter_fn)):
             if name in done or name not in act_absmax:
                 continue
-            s = smoothing_factors(act_absmax[name], [lin.weight], alpha).to(lin.weight.device)
+            a = _absmax_of(act_absmax, name, lin, "smooth_quant")
+            s = smoothing_factors(a, [lin.weight], alpha).to(lin.weight.device)
             new = SmoothedLinear(lin.in_features, lin.out_features, lin.bias is not None,
                                  device=lin.weight.device, dtype=lin.weight.dtype)
             new.weight.copy_(lin.weight * s.to(lin.weight.dtype))
@@ -240,11 +278,13 @@ def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.T
     (:func:`~gpuquant.nn.quantized.linear_dynamic.keep_off_torch_fast_path`).
 
     Raises:
-        TypeError: model not a Module.
-        ValueError: unsupported dtype; in_features that could overflow int32.
+        TypeError: model not a Module; act_absmax not a dict of float tensors.
+        ValueError: unsupported dtype; in_features that could overflow int32; calibration
+            data of the wrong shape (not ``(in_features,)``), negative or not finite.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_absmax_dict(act_absmax, "quantize_static_linear")
     ad = _dtype_arg(dtype, ACT_DTYPES, "quantize_static_linear: dtype")
     wd = _dtype_arg(weight_dtype, WEIGHT_DTYPES, "quantize_static_linear: weight_dtype")
     if not inplace:
@@ -257,7 +297,7 @@ def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.T
         if lin.in_features > k_max:
             raise ValueError(f"{name}: in_features={lin.in_features} could overflow the int32 "
                              f"accumulator; at most {k_max} fits")
-        a = act_absmax[name].to(torch.float32)
+        a = _absmax_of(act_absmax, name, lin, "quantize_static_linear").to(torch.float32)
         smooth = getattr(lin, "input_smoothing", None)
         if smooth is not None:  # recorded before the Linear's own 1/s multiply
             a = a * smooth.detach().abs().to(a.device)
