@@ -23,7 +23,10 @@ def main(argv=None) -> int:
                          help="providers to leave out (not the baseline), e.g. torch-bf16-compile")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo import out_problem, run_demo
+        why = None if args.out is None else out_problem(args.out)
+        if why is not None:  # up front: the demo trains for a while before writing
+            p_demo.error(f"argument --out: {why}")
         return run_demo(out=args.out)
     from .bench import run_bench
     return run_bench(args.suites, quick=args.quick, out=args.out,

@@ -106,6 +106,26 @@ def _int8_bytes(qmodel) -> int:
                if isinstance(t, torch.Tensor))
 
 
+def out_problem(out) -> Optional[str]:
+    """Why ``out`` cannot be the demo's output folder (None when it can): checked before the
+    run, so a bad path fails at once rather than after training."""
+    if not isinstance(out, (str, os.PathLike)):
+        return f"must be a folder path (str or os.PathLike), got {type(out).__name__}"
+    out = os.fspath(out)
+    if not out:
+        return "must not be empty"
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"{out!r} exists and is not a folder"
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{out!r} cannot be created: {parent!r} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{out!r} cannot be written: no write permission in {parent!r}"
+    return None
+
+
 def run_demo(out: Optional[str] = None, float_epochs: int = 12, qat_epochs: int = 4,
              quiet: bool = False) -> int:
     """Run the demo; print the table; with ``out`` write ``out/demo.json``. Returns 0.
@@ -114,7 +134,16 @@ def run_demo(out: Optional[str] = None, float_epochs: int = 12, qat_epochs: int 
         out: folder for ``demo.json`` (created if missing), or None.
         float_epochs, qat_epochs: training length (the defaults meet the README's targets).
         quiet: no progress lines (the table is still printed).
+
+    Raises:
+        TypeError / ValueError: an ``out`` that is not a usable folder path (checked before
+            the run).
     """
+    if out is not None:
+        why = out_problem(out)
+        if why is not None:
+            raise (TypeError if not isinstance(out, (str, os.PathLike)) else ValueError)(
+                f"run_demo: out {why}")
     threads = torch.get_num_threads()
     if not torch.cuda.is_available():
         # one thread: this network is far too small to gain from more, and on a shared

@@ -17,7 +17,7 @@ Rebuilding the tree on load (the design choice): modules with arbitrary ``forwar
   was before ``quantize`` or ``quantize_dynamic``); every quantized module recorded in the
   file replaces the module at its path; or
 * nothing, when the file names its builder (``save(..., arch="resnet18",
-  arch_kwargs={"num_classes": 10})``, any function in ``gpuquant.models``), or when the
+  arch_kwargs={"num_classes": 10})``, any builder function in ``gpuquant.models``), or when the
   model is made only of quantized modules inside ``torch.nn.Sequential`` / ``ModuleList``
   / ``ModuleDict`` (plus ``Identity``, ``Dropout``, ``Flatten``).
 
@@ -42,6 +42,16 @@ _CONTAINERS = {"Sequential": torch.nn.Sequential, "ModuleList": torch.nn.ModuleL
                "ModuleDict": torch.nn.ModuleDict, "Identity": torch.nn.Identity,
                "Dropout": torch.nn.Dropout, "Flatten": torch.nn.Flatten}
 _EXTRA = "_extra_state"
+
+
+def _safetensors(who: str):
+    """safetensors.torch (in the deploy extra), with an install hint where it is missing."""
+    try:
+        import safetensors.torch as st
+    except ImportError as e:
+        raise ImportError(f"{who} needs the safetensors package (gpuquant's file format): "
+                          f"pip install safetensors (or pip install 'gpuquant[deploy]')") from e
+    return st
 
 
 def _quantized():
@@ -156,19 +166,21 @@ def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
         model: the model (any device; tensors are stored from CPU copies).
         path: the file to write (conventionally ``*.safetensors``).
         arch: optional name of the ``gpuquant.models`` function that builds the
-            architecture (e.g. ``"resnet18"``), so ``load(path)`` needs no skeleton.
+            architecture (``"resnet18"``, ``"resnet50"``, ``"mobilenet_v2"`` or
+            ``"digits_net"``), so ``load(path)`` needs no skeleton.
         arch_kwargs: its keyword arguments (JSON values), e.g. ``{"num_classes": 10}``.
 
     Raises:
         TypeError: not a module, a quantized module class with no saved form (named), or
             arguments of the wrong type.
-        ValueError: an unknown ``arch``, or ``arch_kwargs`` that are not JSON values.
+        ValueError: an ``arch`` that is not a builder of ``gpuquant.models`` (resnet18,
+            resnet50, mobilenet_v2, digits_net), or ``arch_kwargs`` that are not JSON values.
+        ImportError: the safetensors package is not installed (names the install).
 
     Example:
         >>> gpuquant.save(int8_model, "net.safetensors", arch="resnet18",
         ...               arch_kwargs={"num_classes": 10})
     """
-    from safetensors.torch import save as st_save
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"gpuquant.save: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
@@ -184,6 +196,7 @@ def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
         builder = {"arch": arch, "kwargs": dict(arch_kwargs or {})}
     elif arch_kwargs is not None:
         raise ValueError("gpuquant.save: arch_kwargs given without arch")
+    st_save = _safetensors("gpuquant.save").save
     tensors, extra = {}, {}
     for k, v in model.state_dict().items():
         if k.endswith(_EXTRA) and not isinstance(v, torch.Tensor):
@@ -208,9 +221,9 @@ def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
 
 def _builder(arch, who: str):
     from . import models
-    if not isinstance(arch, str) or arch not in models.__all__ or arch[:1].isupper():
+    if not isinstance(arch, str) or arch not in models._BUILDERS:
         raise ValueError(f"{who}: arch must name a builder function of gpuquant.models, got "
-                         f"{arch!r}; allowed: {[n for n in models.__all__ if n[:1].islower()]}")
+                         f"{arch!r}; allowed: {list(models._BUILDERS)}")
     return getattr(models, arch)
 
 
@@ -220,7 +233,7 @@ def _bad(path, what: str) -> ValueError:
 
 def _read(path):
     """(description dict, tensors) of a file, every check done."""
-    from safetensors.torch import load as st_load
+    st_load = _safetensors("gpuquant.load").load
     with open(path, "rb") as f:
         data = f.read()
     if len(data) < 8:
@@ -269,10 +282,30 @@ def _build_quantized(entry, path):
     return cls(**args)
 
 
-def _set_submodule(root, dotted: str, module) -> None:
+_SLOTS = ("__dict__", "_parameters", "_buffers", "_modules")
+
+
+def _set_submodule(root, dotted: str, module, undo: Optional[list] = None) -> None:
+    """Put ``module`` at ``dotted``; with ``undo``, first record what was there."""
     parent_path, _, leaf = dotted.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
+    if undo is not None:  # setattr may drop a parameter / buffer / attribute of that name
+        undo.append((parent, leaf, leaf in parent._non_persistent_buffers_set,
+                     [(slot, getattr(parent, slot).get(leaf, _SLOTS)) for slot in _SLOTS]))
     setattr(parent, leaf, module) if hasattr(parent, leaf) else parent.add_module(leaf, module)
+
+
+def _undo(undo: list) -> None:
+    """Put back what :func:`_set_submodule` replaced, newest first."""
+    for parent, leaf, non_persistent, slots in reversed(undo):
+        for slot, old in slots:
+            d = getattr(parent, slot)
+            if old is _SLOTS:
+                d.pop(leaf, None)
+            else:
+                d[leaf] = old
+        if non_persistent:
+            parent._non_persistent_buffers_set.add(leaf)
 
 
 def _from_tree(desc, path):
@@ -298,8 +331,9 @@ def _from_tree(desc, path):
     return root
 
 
-def _graft(skeleton, desc, path):
-    """Put the file's quantized modules into ``skeleton`` at their paths."""
+def _graft(skeleton, desc, path, undo: Optional[list] = None):
+    """Put the file's quantized modules into ``skeleton`` at their paths (recording in
+    ``undo`` what they replace)."""
     for entry in desc["tree"]:
         p = entry["path"]
         if "quantized" not in entry:
@@ -308,7 +342,7 @@ def _graft(skeleton, desc, path):
         if not p:
             return m
         try:
-            _set_submodule(skeleton, p, m)
+            _set_submodule(skeleton, p, m, undo)
         except AttributeError:
             raise ValueError(f"gpuquant.load: {path!r}: the model given has no module at "
                              f"{p.rpartition('.')[0]!r} (the file's quantized module "
@@ -322,20 +356,23 @@ def load(path, model: Optional[torch.nn.Module] = None, map_location=None) -> to
     Args:
         path: the file.
         model: optional skeleton of the same architecture (e.g. a fresh float model): the
-            saved quantized modules replace its modules at their paths (changed in place).
+            saved quantized modules replace its modules at their paths (changed in place;
+            left as it was when the load fails).
             Needed unless the file names a ``gpuquant.models`` builder or the model is only
             quantized modules in ``torch.nn`` containers.
         map_location: device for the loaded tensors (``"cpu"``, ``"cuda"``, a
-            ``torch.device``); default CPU.
+            ``torch.device``, an int CUDA index); default CPU.
 
     Returns:
         The quantized model, in eval mode, on ``map_location``.
 
     Raises:
         TypeError: arguments of the wrong type.
+        ImportError: the safetensors package is not installed (names the install).
         FileNotFoundError: no such file.
-        ValueError: a truncated, corrupted or foreign file, a skeleton that does not fit
-            (each names the file and the fault), or a tree that needs a skeleton.
+        ValueError: a truncated, corrupted or foreign file, a description that does not
+            build a model, a skeleton that does not fit (each names the file and the fault),
+            a tree that needs a skeleton, or a ``map_location`` that is no device here.
 
     Example:
         >>> qmodel = gpuquant.load("net.safetensors", map_location="cuda")
@@ -349,24 +386,82 @@ def load(path, model: Optional[torch.nn.Module] = None, map_location=None) -> to
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"gpuquant.load: no such file {path!r}")
-    device = torch.device("cpu") if map_location is None else torch.device(map_location)
+    device = _device(map_location)
     desc, tensors = _read(path)
-    if model is not None:
-        root = _graft(model, desc, path)
-    elif desc.get("builder"):
-        b = desc["builder"]
-        root = _graft(_builder(b["arch"], "gpuquant.load")(**b.get("kwargs", {})), desc, path)
-    else:
-        root = _from_tree(desc, path)
+    # A skeleton is changed in place only when the whole load succeeds: every module put into
+    # it is recorded and put back on any failure (cheaper than grafting into a deep copy of a
+    # possibly large float model, and the caller keeps the object it passed on success).
+    undo: list = []
+    try:
+        root = _build_root(path, desc, tensors, model, undo)
+    except BaseException:
+        _undo(undo)
+        raise
+    _dynamic().keep_off_torch_fast_path(root)  # as quantize_dynamic leaves the model
+    return root.to(device).eval()
+
+
+def _device(map_location) -> torch.device:
+    """``map_location`` as a usable torch.device (ValueError / TypeError otherwise)."""
+    if map_location is None:
+        return torch.device("cpu")
+    if isinstance(map_location, bool) or not isinstance(map_location, (str, int, torch.device)):
+        raise TypeError(f"gpuquant.load: map_location must be None, a str, an int (CUDA "
+                        f"index) or a torch.device, got {type(map_location).__name__}")
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"gpuquant.load: map_location {map_location!r} is not a device "
+                         f"({e}); use e.g. 'cpu', 'cuda', 'cuda:0'") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"gpuquant.load: map_location {map_location!r} is not available "
+                         f"here ({type(e).__name__}: {e})") from None
+    return device
+
+
+def _build_root(path, desc, tensors, model, undo: list):
+    """The model with the file's modules and tensors (``model`` changed in place)."""
+    try:
+        if not isinstance(desc.get("tree"), list) or not all(
+                isinstance(e, dict) and isinstance(e.get("path"), str) for e in desc["tree"]):
+            raise TypeError("'tree' must be a list of module entries with a 'path'")
+        if model is not None:
+            root = _graft(model, desc, path, undo)
+        elif desc.get("builder"):
+            b = desc["builder"]
+            root = _graft(_builder(b["arch"], "gpuquant.load")(**b.get("kwargs", {})), desc,
+                          path)
+        else:
+            root = _from_tree(desc, path)
+            if root is None:
+                raise KeyError("no entry for the root module (path '')")
+        state = dict(tensors)
+        state.update(desc.get("extra_state", {}))
+    except (KeyError, TypeError, AttributeError, RuntimeError, IndexError) as e:
+        raise _bad(path, f"its description does not build a model"
+                         f"{' into the model given' if model is not None else ''} "
+                         f"({type(e).__name__}: {e})") from None
     if type(root).__name__ != desc.get("root"):
         raise ValueError(f"gpuquant.load: {path!r} holds a {desc.get('root')} but the model "
                          f"built is a {type(root).__name__}")
-    state = dict(tensors)
-    state.update(desc.get("extra_state", {}))
+    # torch's load_state_dict copies what fits before it reports what does not: keep the
+    # skeleton's own tensors (not those of the modules just put in) to put them back
+    grafted = [e["path"] + "." for e in desc["tree"] if "quantized" in e] if model is not None \
+        else None
+    own = {k: v for k, v in root.state_dict(keep_vars=True).items()
+           if grafted is not None and k in state and isinstance(v, torch.Tensor)
+           and not any(k.startswith(g) for g in grafted)}
+    kept = {k: v.detach().clone() for k, v in own.items()}
     try:
         root.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except Exception as e:
+        with torch.no_grad():
+            for k, v in kept.items():
+                own[k].copy_(v)
+        if not isinstance(e, (RuntimeError, TypeError, KeyError, ValueError, AttributeError)):
+            raise
         raise ValueError(f"gpuquant.load: {path!r} does not fit the model built "
-                         f"({type(root).__name__}): {e}") from None
-    _dynamic().keep_off_torch_fast_path(root)  # as quantize_dynamic leaves the model
-    return root.to(device).eval()
+                         f"({type(root).__name__}): {type(e).__name__}: {e}") from None
+    return root

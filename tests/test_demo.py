@@ -28,3 +28,26 @@ def test_demo_meets_targets(tmp_path, capsys):
     assert "gpuquant.runtime accuracy" in printed and "onnxruntime int8 accuracy" in printed
     if r["onnxruntime_acc"] is not None:
         assert abs(r["onnxruntime_acc"] - r["qat_int8_acc"]) <= 0.005
+
+
+@pytest.mark.parametrize("bad", ["", "afile", "afile/sub"])
+def test_demo_bad_out_is_a_usage_error_up_front(tmp_path, capsys, monkeypatch, bad):
+    """A bad --out exits with argparse's code 2 before any training."""
+    from gpuquant import cli, demo
+    (tmp_path / "afile").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "_run", lambda *a, **k: pytest.fail("the demo ran"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--out", bad])
+    assert e.value.code == 2
+    assert "argument --out" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="out"):
+        demo.run_demo(out=bad)
+    with pytest.raises(TypeError, match="out"):
+        demo.run_demo(out=3)
+
+
+def test_demo_out_new_nested_folder_is_accepted(tmp_path):
+    from gpuquant.demo import out_problem
+    assert out_problem(str(tmp_path / "a" / "b")) is None
+    assert out_problem(tmp_path) is None

@@ -22,6 +22,7 @@ output step of gpuquant per layer; the steps compound through a network).
 from __future__ import annotations
 
 import operator
+import os
 from typing import Dict, Optional
 
 import numpy as np
@@ -170,16 +171,19 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
             output is float after a ``DequantStub`` (else the int8 / uint8 tensor).
         example_input: a float tensor (one input) or a tuple of them; used to trace the
             model and learn the shapes.
-        path: file to write, or None (only return the model).
-        opset: ONNX opset (>= 13).
+        path: file to write (a str or ``os.PathLike``), or None (only return the model).
+        opset: ONNX opset, from 13 to the newest the installed onnx package knows.
         dynamic_batch: make the first dimension of inputs and outputs symbolic (``N``).
 
     Returns:
         The ``onnx.ModelProto`` (checked with ``onnx.checker``).
 
     Raises:
-        TypeError: not a module, or inputs that are not float tensors.
-        ValueError: an opset below 13, a model in training mode.
+        TypeError: not a module, inputs that are not float tensors, a path that is not a
+            str / os.PathLike.
+        ValueError: an opset outside 13 to the installed onnx's newest, a model in training
+            mode, a model with no static quantized module (e.g. only ``quantize_dynamic``'s
+            modules, which have no QDQ export).
         NotImplementedError: a module or operation with no QDQ export (named), e.g. a float
             layer left in the model, an activation dtype other than qint8 / quint8.
 
@@ -196,13 +200,26 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise TypeError(f"to_onnx: example_input[{i}] must be a float tensor, got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 13:
-        raise ValueError(f"to_onnx: opset must be an int >= 13 (QDQ with per-channel axis), got "
-                         f"{opset!r}")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"to_onnx: path must be None, a str or an os.PathLike, got "
+                        f"{type(path).__name__} {path!r}")
+    max_opset = _onnx()[0].defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= max_opset:
+        raise ValueError(f"to_onnx: opset must be an int from 13 (QDQ with per-channel axis) to "
+                         f"{max_opset} (the newest the installed onnx knows), got {opset!r}")
     if model.training:
         raise ValueError("to_onnx: the model is in training mode; export the quantized model "
                          "(gpuquant.quantization.quantize returns it in eval mode)")
     if not any(isinstance(m, Q.QuantizedModule) for m in model.modules()):
+        from ..nn.quantized import linear_dynamic as D
+        dyn = [f"{n or '<root>'} ({type(m).__name__})" for n, m in model.named_modules()
+               if isinstance(m, (D._Int8WeightLinear, D.DynamicMultiheadAttention))]
+        if dyn:
+            raise ValueError(f"to_onnx: the model's quantized modules are dynamic / weight-only "
+                             f"ones ({', '.join(dyn[:3])}{', ...' if len(dyn) > 3 else ''}; "
+                             f"from quantize_dynamic), which have no QDQ ONNX export: only the "
+                             f"static int8 modules of gpuquant.nn.quantized (from "
+                             f"gpuquant.quantization.quantize) export")
         raise ValueError("to_onnx: the model holds no gpuquant.nn.quantized module; convert it "
                          "with gpuquant.quantization.quantize first")
 
@@ -225,11 +242,12 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
     onnx, helper = b.onnx, b.helper
     env: Dict[str, object] = {}      # fx node name -> _Q | ("float", onnx name)
     graph_inputs, graph_outputs = [], []
+    no_batch = set()                 # fx nodes whose first dimension is not the batch
 
-    def batch_shape(shape):
+    def batch_shape(shape, batch=True):
         shape = list(shape)
         if dynamic_batch and shape:
-            shape[0] = "N"
+            shape[0] = "N" if batch else None  # e.g. flatten(x, 0): N * C * H * W
         return shape
 
     def q_of(arg, who: str) -> _Q:
@@ -252,6 +270,12 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
         return b.dequantize(q, s, z)
 
     for node in graph.nodes:
+        if any(a.name in no_batch for a in node.all_input_nodes):
+            no_batch.add(node.name)
+        if node.op == "call_module" and isinstance(modules.get(node.target), torch.nn.Flatten) \
+                and _merges_batch(vals[node.args[0].name], vals[node.name], node,
+                                  modules[node.target].start_dim):
+            no_batch.add(node.name)
         if node.op == "placeholder":
             i = len(graph_inputs)
             if i >= len(inputs):
@@ -318,8 +342,8 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
             elif isinstance(m, (torch.nn.Identity, torch.nn.Dropout)):
                 env[node.name] = env[node.args[0].name]
             elif isinstance(m, torch.nn.Flatten):
-                env[node.name] = _reshape(b, env[node.args[0].name], vals[node.name], base,
-                                          flatten_axis=m.start_dim if m.end_dim == -1 else None)
+                env[node.name] = _flatten(b, env[node.args[0].name], vals[node.args[0].name],
+                                          vals[node.name], base, m.start_dim, m.end_dim)
             else:
                 raise NotImplementedError(
                     f"to_onnx: {who} has no QDQ export; supported: gpuquant.nn.quantized "
@@ -327,6 +351,10 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
                     f"(a float layer left in the model cannot run between int8 tensors)")
         elif node.op in ("call_function", "call_method"):
             env[node.name] = _tensor_op(b, node, env, vals)
+            a0 = node.args[0] if node.args else None
+            if isinstance(a0, torch.fx.Node) and _merges_batch(vals[a0.name], vals[node.name],
+                                                               node):
+                no_batch.add(node.name)
         elif node.op == "output":
             outs = node.args[0]
             outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
@@ -339,8 +367,8 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
                 t = vals[o.name]
                 et = onnx.TensorProto.FLOAT if isinstance(v, tuple) else (
                     onnx.TensorProto.INT8 if v.dtype == "qint8" else onnx.TensorProto.UINT8)
-                graph_outputs.append(helper.make_tensor_value_info(name, et,
-                                                                   batch_shape(t.shape)))
+                graph_outputs.append(helper.make_tensor_value_info(
+                    name, et, batch_shape(t.shape, o.name not in no_batch)))
         elif node.op == "get_attr":
             raise NotImplementedError(f"to_onnx: attribute access {node.target!r} in forward is "
                                       f"not supported")
@@ -378,10 +406,28 @@ def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
         k = _pair(m.kernel_size)
         st = k if m.stride in (None, [], ()) else _pair(m.stride)
         p = _pair(m.padding)
+        cip = bool(m.count_include_pad)
+        if cip and m.ceil_mode:
+            # ceil_mode windows that run past the padded input: PyTorch divides by the taps
+            # inside the padded input, onnxruntime's QLinearAveragePool (what it fuses
+            # DQ -> AveragePool -> Q into) by the whole kernel. With no padding PyTorch's
+            # divisor is count_include_pad=0's, which every consumer reads the same way.
+            if p == (0, 0):
+                cip = False
+            else:
+                out_hw = tuple(vals[node.name].shape[-2:])
+                for n_in, n_out, kk, ss, pp in zip(shape_in[-2:], out_hw, k, st, p):
+                    if (n_out - 1) * ss - pp + kk > n_in + pp:
+                        raise NotImplementedError(
+                            f"to_onnx: {who} with ceil_mode=True, count_include_pad=True and "
+                            f"padding={p} has windows past the padded input at input size "
+                            f"{tuple(shape_in[-2:])}: ONNX consumers disagree on their divisor "
+                            f"(onnxruntime's QLinearAveragePool divides by the whole kernel, "
+                            f"PyTorch by the taps inside the padded input); use "
+                            f"count_include_pad=False, padding=0 or ceil_mode=False")
         y = b.node("AveragePool", [x], f"{base}_avgpool", kernel_shape=list(k),
                    strides=list(st), pads=[p[0], p[1], p[0], p[1]],
-                   ceil_mode=int(bool(m.ceil_mode)),
-                   count_include_pad=int(bool(m.count_include_pad)))
+                   ceil_mode=int(bool(m.ceil_mode)), count_include_pad=int(cip))
     else:
         oh, ow = tuple(vals[node.name].shape[-2:])
         h, w = shape_in[-2:]
@@ -397,15 +443,42 @@ def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
     return b.quantize(y, base, s, z, dt, tuple(vals[node.name].shape))
 
 
-def _reshape(b: _Builder, src, out_val, base: str, flatten_axis=None):
+def _merges_batch(in_val, out_val, node, start_dim=None) -> bool:
+    """Whether a flatten / reshape output's first dimension is no longer the batch."""
+    if start_dim is None and (node.target is torch.flatten or node.target == "flatten"):
+        start_dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    if start_dim is not None and in_val.dim() and start_dim % in_val.dim() == 0 \
+            and out_val.dim() < in_val.dim():
+        return True
+    return in_val.dim() == 0 or out_val.dim() == 0 or out_val.shape[0] != in_val.shape[0]
+
+
+def _flatten(b: _Builder, src, in_val, out_val, base: str, start: int, end: int):
+    """torch.flatten(x, start, end): ONNX Flatten where it is the same (start 1 to the last
+    dimension: ONNX Flatten is always 2-D), else a Reshape copying the dimensions before
+    ``start`` (0), -1 for the flattened ones, then the trailing ones."""
+    nd = in_val.dim()
+    if nd == 0:
+        return _reshape(b, src, out_val, base)
+    start, end = int(start) % nd, int(end) % nd
+    if start == 1 and end == nd - 1:
+        return _reshape(b, src, out_val, base, flatten_axis=1)
+    return _reshape(b, src, out_val, base,
+                    shape=[0] * start + [-1] + list(out_val.shape[start + 1:]))
+
+
+def _reshape(b: _Builder, src, out_val, base: str, flatten_axis=None, shape=None,
+             in_val=None):
     """Flatten / Reshape of an int8 tensor (or a float one)."""
     name = src.name if isinstance(src, _Q) else src[1]
     if flatten_axis is not None:
         y = b.node("Flatten", [name], f"{base}_flatten", axis=int(flatten_axis))
     else:
-        shape = list(out_val.shape)
-        if shape:
-            shape[0] = 0  # 0: copy the (symbolic) batch dimension
+        if shape is None:
+            shape = list(out_val.shape)
+            if shape:  # 0: copy the (symbolic) batch dimension; -1 where it is merged away
+                keep = in_val is None or (in_val.dim() and in_val.shape[0] == shape[0])
+                shape[0] = 0 if keep else -1
         sh = b.init(f"{base}_shape", np.array(shape, dtype=np.int64))
         y = b.node("Reshape", [name, sh], f"{base}_reshape")
     if isinstance(src, _Q):
@@ -426,11 +499,9 @@ def _tensor_op(b: _Builder, node, env, vals):
     if target is torch.flatten or target == "flatten":
         start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
         end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
-        end = end % in_val.dim()
-        return _reshape(b, src, vals[node.name], node.name,
-                        flatten_axis=start % in_val.dim() if end == in_val.dim() - 1 else None)
+        return _flatten(b, src, in_val, vals[node.name], node.name, start, end)
     if target in ("reshape", "view") or target is torch.reshape:
-        return _reshape(b, src, vals[node.name], node.name)
+        return _reshape(b, src, vals[node.name], node.name, in_val=in_val)
     if target in ("contiguous",):
         return src
     if target is operator.getitem:

@@ -9,6 +9,8 @@ from .resnet import ResNet, resnet18, resnet50
 
 __all__ = ["resnet18", "resnet50", "mobilenet_v2", "digits_net", "ResNet", "MobileNetV2",
            "DigitsNet", "settle_bn"]
+# the functions that build a network (what gpuquant.save(arch=...) may name)
+_BUILDERS = ("resnet18", "resnet50", "mobilenet_v2", "digits_net")
 
 
 def settle_bn(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:

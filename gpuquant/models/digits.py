@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import nn as gnn
+from ._checks import positive_int
 
 __all__ = ["DigitsNet", "digits_net"]
 
@@ -14,6 +15,8 @@ class DigitsNet(gnn.Module):
 
     def __init__(self, num_classes: int = 10, width: int = 32):
         super().__init__()
+        num_classes = positive_int(num_classes, "num_classes", "DigitsNet")
+        width = positive_int(width, "width", "DigitsNet", minimum=2)  # conv1 has width // 2
         self.quant = gnn.QuantStub()
         self.conv1 = gnn.ConvBnRelu2d(1, width // 2, 3, padding=1, bias=False)           # 8x8
         self.conv2 = gnn.ConvBnRelu2d(width // 2, width, 3, stride=2, padding=1, bias=False)  # 4x4

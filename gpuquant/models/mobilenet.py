@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import nn as gnn
+from ._checks import positive_float, positive_int
 
 __all__ = ["MobileNetV2", "InvertedResidual", "mobilenet_v2"]
 
@@ -40,6 +41,8 @@ class MobileNetV2(gnn.Module):
 
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2):
         super().__init__()
+        num_classes = positive_int(num_classes, "num_classes", "MobileNetV2")
+        width_mult = positive_float(width_mult, "width_mult", "MobileNetV2")
         setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1],
                    [6, 160, 3, 2], [6, 320, 1, 1]]
         inp = _make_divisible(32 * width_mult)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import nn as gnn
+from ._checks import positive_int
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet50"]
 
@@ -54,6 +55,7 @@ class ResNet(gnn.Module):
         super().__init__()
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"width must be a positive int, got {width!r}")
+        num_classes = positive_int(num_classes, "num_classes", "ResNet")
         self.inplanes = width
         self.quant = gnn.QuantStub()
         self.conv_bn_relu1 = gnn.ConvBnRelu2d(3, width, 7, 2, 3, bias=False)

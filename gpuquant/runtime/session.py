@@ -105,6 +105,9 @@ class Session:
             self._plan(n)
 
     # ------------------------------------------------------------------ planning
+    def _where(self, node) -> str:
+        return f"{self.source}: node {node.name!r} ({node.op_type})"
+
     def _err(self, node, msg: str):
         return RuntimeFormatError(f"{self.source}: node {node.name!r} ({node.op_type}): {msg}")
 
@@ -186,8 +189,9 @@ class Session:
             return
         if op in ("Flatten", "Reshape", "Identity"):
             a = self._attrs(n)
-            shape = self._const[n.input[1]] if op == "Reshape" else None
-            self._steps.append((op.lower(), n.input[0], n.output[0], a.get("axis", 1), shape))
+            shape = self._scalar(n.input[1], n) if op == "Reshape" else None
+            self._steps.append((op.lower(), n.input[0], n.output[0], a.get("axis", 1), shape,
+                                self._where(n)))
             return
         if op not in _FUSABLE:
             raise self._err(n, f"not supported by gpuquant.runtime (it runs the QDQ graphs "
@@ -215,7 +219,8 @@ class Session:
         cache: dict = {}
         self._steps.append(("conv", xq, out, zx, np.ascontiguousarray(w, np.int8), b,
                             tuple(a.get("strides", [1, 1])), tuple(pads[:2]),
-                            tuple(a.get("dilations", [1, 1])), int(a.get("group", 1)), p, cache))
+                            tuple(a.get("dilations", [1, 1])), int(a.get("group", 1)), p, cache,
+                            self._where(n)))
 
     def _plan_Gemm(self, n, a):
         if a.get("transB", 0) != 1 or a.get("transA", 0) != 0 or a.get("alpha", 1.0) != 1.0 \
@@ -223,7 +228,7 @@ class Session:
             raise self._err(n, "only Gemm(x, W, b) with transB=1 (a Linear layer) is supported")
         xq, zx, w, b, out, p = self._weighted(n)
         pw = _gemm.pack_linear(np.ascontiguousarray(w, np.int8))
-        self._steps.append(("linear", xq, out, zx, pw, b, p))
+        self._steps.append(("linear", xq, out, zx, pw, b, p, w.shape[1], self._where(n)))
 
     def _plan_Add(self, n, a):
         aq, sa, za = self._view(n.input[0], n)
@@ -287,19 +292,21 @@ class Session:
         out = self._pool_tail(n, sx, zx)
         k, strides, pads = self._pool_window(n, a)
         self._steps.append(("maxpool", xq, out, k, strides, pads,
-                            tuple(a.get("dilations", [1, 1])), bool(a.get("ceil_mode", 0))))
+                            tuple(a.get("dilations", [1, 1])), bool(a.get("ceil_mode", 0)),
+                            self._where(n)))
 
     def _plan_AveragePool(self, n, a):
         xq, sx, zx = self._view(n.input[0], n)
         out = self._pool_tail(n, sx, zx)
         k, strides, pads = self._pool_window(n, a)
         self._steps.append(("avgpool", xq, out, zx, k, strides, pads,
-                            bool(a.get("ceil_mode", 0)), bool(a.get("count_include_pad", 0))))
+                            bool(a.get("ceil_mode", 0)), bool(a.get("count_include_pad", 0)),
+                            self._where(n)))
 
     def _plan_GlobalAveragePool(self, n, a):
         xq, sx, zx = self._view(n.input[0], n)
         out = self._pool_tail(n, sx, zx)
-        self._steps.append(("gap", xq, out, zx))
+        self._steps.append(("gap", xq, out, zx, self._where(n)))
 
     # ------------------------------------------------------------------ execution
     def run(self, x, *more):
@@ -316,7 +323,8 @@ class Session:
         Raises:
             TypeError: an input that is not a NumPy array.
             ValueError: a wrong number of inputs; NaN in an input that is quantized (as the
-                torch model's ``quantize``).
+                torch model's ``quantize``); an input too small for a layer's window, or
+                whose size does not fit a layer (as the torch int8 model; names the node).
         """
         if isinstance(x, dict):
             feeds = dict(x)
@@ -366,7 +374,7 @@ def _x_dequantize(st, env):
 
 
 def _x_reshape(st, env):
-    op, src, out, axis, shape = st
+    op, src, out, axis, shape, where = st
     x = env[src]
     if op == "identity":
         env[out] = x
@@ -375,11 +383,38 @@ def _x_reshape(st, env):
         env[out] = np.reshape(x, (math.prod(x.shape[:axis]), math.prod(x.shape[axis:])))
     else:
         shape = [x.shape[i] if (s == 0 and i < x.ndim) else int(s) for i, s in enumerate(shape)]
+        if -1 in shape:  # spelt out: NumPy cannot infer a -1 of an empty array
+            j = shape.index(-1)
+            rest = math.prod(shape[:j]) * math.prod(shape[j + 1:])
+            if rest and x.size % rest == 0:
+                shape[j] = x.size // rest
+            elif x.size == 0:  # as the exporter writes it: -1 stands for input dimensions
+                shape[j] = math.prod(x.shape[j:x.ndim - (len(shape) - j - 1)])
+        if math.prod(shape) != x.size or any(d < 0 for d in shape):
+            raise ValueError(f"{where}: cannot reshape an input of shape {list(x.shape)} to "
+                             f"{list(shape)} (the graph's shape {[int(v) for v in st[4]]}); "
+                             f"a different input size reaches it")
         env[out] = np.reshape(x, shape)
 
 
+def _check_window(where: str, op: str, x: np.ndarray, k, stride, pads, dil=(1, 1),
+                  ceil_mode=False) -> None:
+    """As gpuquant.functional's int8 ops (and torch) refuse a window that leaves no output:
+    the padded input smaller than the (dilated) kernel (by more than stride - 1 in ceil_mode)."""
+    size = tuple(x.shape[2:])
+    eff = tuple(d * (kk - 1) + 1 for d, kk in zip(dil, k))
+    slack = tuple(s - 1 for s in stride) if ceil_mode else (0, 0)
+    if x.ndim != 4 or any(n == 0 or n + 2 * p + sl < e
+                          for n, p, sl, e in zip(size, pads, slack, eff)):
+        raise ValueError(f"{where}: {op}: padded input {size} + 2*{tuple(pads)} is smaller than "
+                         f"the {'dilated ' if eff != tuple(k) else ''}kernel {eff}"
+                         f"{' (by more than stride - 1 in ceil_mode)' if ceil_mode else ''}: "
+                         f"no output")
+
+
 def _x_conv(st, env):
-    _, src, out, zx, w, b, stride, pads, dil, groups, p, cache = st
+    _, src, out, zx, w, b, stride, pads, dil, groups, p, cache, where = st
+    _check_window(where, "conv2d", env[src], w.shape[2:], stride, pads, dil)
 
     def cached(kind, build):
         if kind not in cache:
@@ -390,8 +425,12 @@ def _x_conv(st, env):
 
 
 def _x_linear(st, env):
-    _, src, out, zx, pw, b, p = st
-    env[out] = _gemm.linear_rows(np.ascontiguousarray(env[src]), zx, pw, p, b)
+    _, src, out, zx, pw, b, p, k, where = st
+    x = env[src]
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"{where}: linear: x of shape {list(x.shape)} must be (N, {k}) "
+                         f"(in_features={k}); a different input size reaches it")
+    env[out] = _gemm.linear_rows(np.ascontiguousarray(x), zx, pw, p, b)
 
 
 def _pair_views(names, env):
@@ -425,21 +464,26 @@ def _x_concat(st, env):
 
 
 def _x_maxpool(st, env):
-    _, src, out, k, s, pads, dil, ceil = st
+    _, src, out, k, s, pads, dil, ceil, where = st
+    _check_window(where, "max_pool2d", env[src], k, s, pads, dil, ceil)
     env[out] = _nchw(_pool.max_pool2d_nhwc(_nhwc(env[src]), k, s, pads, dil, ceil))
 
 
 def _x_avgpool(st, env):
-    _, src, out, zx, k, s, pads, ceil, cip = st
+    _, src, out, zx, k, s, pads, ceil, cip, where = st
     x = env[src]
+    _check_window(where, "avg_pool2d", x, k, s, pads, (1, 1), ceil)
     qmin, qmax = _RANGE[x.dtype]
     env[out] = _nchw(_pool.avg_pool2d_nhwc(_nhwc(x), zx, k, s, pads, ceil, cip, None, qmin,
                                            qmax))
 
 
 def _x_gap(st, env):
-    _, src, out, zx = st
+    _, src, out, zx, where = st
     x = env[src]
+    if x.ndim != 4 or 0 in x.shape[2:]:
+        raise ValueError(f"{where}: adaptive_avg_pool2d: input of spatial size "
+                         f"{tuple(x.shape[2:])} has nothing to average")
     qmin, qmax = _RANGE[x.dtype]
     env[out] = _nchw(_pool.adaptive_avg_pool2d_nhwc(_nhwc(x), zx, (1, 1), qmin, qmax))
 

@@ -61,3 +61,31 @@ def test_narrow_resnet_has_the_same_layers():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="width must be a positive int"):
             M.resnet50(width=bad)
+
+
+@pytest.mark.parametrize("build,kw,err", [
+    (M.mobilenet_v2, {"width_mult": 0}, ValueError),
+    (M.mobilenet_v2, {"width_mult": -1.0}, ValueError),
+    (M.mobilenet_v2, {"width_mult": float("nan")}, ValueError),
+    (M.mobilenet_v2, {"width_mult": float("inf")}, ValueError),
+    (M.mobilenet_v2, {"width_mult": "1"}, TypeError),
+    (M.mobilenet_v2, {"width_mult": True}, TypeError),
+    (M.mobilenet_v2, {"num_classes": 0}, ValueError),
+    (M.resnet18, {"num_classes": -1}, ValueError),
+    (M.resnet50, {"num_classes": 2.0}, TypeError),
+    (M.digits_net, {"num_classes": 0}, ValueError),
+    (M.digits_net, {"num_classes": True}, TypeError),
+    (M.digits_net, {"width": 1}, ValueError),
+    (M.digits_net, {"width": 8.0}, TypeError),
+])
+def test_builders_validate_arguments(build, kw, err):
+    name = next(iter(kw))
+    with pytest.raises(err, match=name):
+        build(**kw)
+
+
+def test_builders_accept_valid_arguments():
+    import numpy as np
+    assert M.mobilenet_v2(num_classes=np.int64(3), width_mult=0.25).classifier[1].out_features == 3
+    assert M.digits_net(num_classes=4, width=2).fc2.out_features == 4
+    assert M.resnet18(num_classes=1, width=8).fc.out_features == 1

@@ -1,0 +1,330 @@
+"""Regression tests of deployment fixes: AveragePool ceil_mode export, failed load leaves the
+skeleton untouched, runtime size checks, flatten(start_dim) export, save/load argument and
+file checks, to_onnx argument checks."""
+import numpy as np
+import pytest
+import torch
+
+import gpuquant.nn as gnn
+from gpuquant import backends
+from gpuquant.export import to_onnx
+
+from conftest import int8_forward
+from deploy_helpers import calibrated
+
+onnx = pytest.importorskip("onnx")
+import gpuquant.runtime as rt  # noqa: E402
+
+
+def _int8(model, shape, lo=0.0):
+    torch.manual_seed(0)
+    with backends.use("reference"):
+        return calibrated(model, shape, batches=2)
+
+
+def _ort(path, x):
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def _attrs(node):
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Pool(gnn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.quant = gnn.QuantStub()
+        self.pool = gnn.AvgPool2d(**kw)
+        self.dq = gnn.DequantStub()
+
+    def forward(self, x):
+        return self.dq(self.pool(self.quant(x)))
+
+
+# ------------------------------------------------------------ AvgPool2d(ceil_mode=True)
+@pytest.mark.parametrize("kw,hw", [
+    (dict(kernel_size=2, stride=2, ceil_mode=True), (3, 3)),            # partial last window
+    (dict(kernel_size=3, stride=2, ceil_mode=True), (6, 5)),
+    (dict(kernel_size=2, stride=2, ceil_mode=True, count_include_pad=False), (5, 3)),
+    (dict(kernel_size=3, stride=2, padding=1, ceil_mode=True), (5, 5)),  # no partial window
+])
+def test_avgpool_ceil_mode_export_matches_gpuquant(kw, hw, tmp_path):
+    m = _int8(_Pool(**kw), (4, 2) + hw)
+    x = torch.randn(2, 2, *hw)
+    path = tmp_path / "pool.onnx"
+    proto = to_onnx(m, x, path)
+    pool = next(n for n in proto.graph.node if n.op_type == "AveragePool")
+    a = _attrs(pool)
+    assert a["ceil_mode"] == 1
+    if kw.get("padding", 0) == 0:   # PyTorch's divisor is count_include_pad=0's there
+        assert a["count_include_pad"] == 0
+    else:
+        assert a["count_include_pad"] == 1
+    want = int8_forward(m, x)
+    got_rt = rt.load(path).run(x.numpy())
+    assert got_rt.tobytes() == want.tobytes()
+    got = _ort(path, x.numpy())
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() / m.dq.input_scale.item() <= 1 + 1e-3
+
+
+def test_avgpool_ceil_count_include_pad_past_padding_refused():
+    # 3 windows, the last from 3 to 6 > 4 + 1: past the padded input, where onnxruntime's
+    # QLinearAveragePool and PyTorch disagree on the divisor
+    m = _int8(_Pool(kernel_size=3, stride=2, padding=1, ceil_mode=True), (2, 1, 4, 4))
+    with pytest.raises(NotImplementedError, match="count_include_pad=True"):
+        to_onnx(m, torch.randn(1, 1, 4, 4))
+    # the same pool without count_include_pad exports
+    m = _int8(_Pool(kernel_size=3, stride=2, padding=1, ceil_mode=True,
+                    count_include_pad=False), (2, 1, 4, 4))
+    to_onnx(m, torch.randn(1, 1, 4, 4))
+
+
+# ------------------------------------------------------------ save / load
+import gpuquant  # noqa: E402
+from gpuquant.serialization import _digest  # noqa: E402
+
+
+class _Small(gnn.Module):
+    def __init__(self, head=False):
+        super().__init__()
+        self.quant, self.conv, self.dq = gnn.QuantStub(), gnn.ConvRelu2d(3, 4, 3), gnn.DequantStub()
+        self.head = torch.nn.Linear(6, 2) if head else None
+
+    def forward(self, x):
+        y = self.dq(self.conv(self.quant(x)))
+        return self.head(y) if self.head is not None else y
+
+
+@pytest.fixture(scope="module")
+def small_int8():
+    return _int8(_Small(), (2, 3, 8, 8))
+
+
+def _snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}, \
+        {n: type(s) for n, s in m.named_modules()}
+
+
+@pytest.mark.parametrize("how", ["missing keys", "wrong shape", "bad extra state"])
+def test_failed_load_leaves_skeleton_untouched(small_int8, tmp_path, how):
+    path = tmp_path / "m.safetensors"
+    gpuquant.save(small_int8, path)
+    if how == "wrong shape":   # "keep" fits (torch would copy it before refusing "extra")
+        _rewrite(path, lambda d: None, {"keep": torch.zeros(3), "extra": torch.zeros(2)})
+    if how == "bad extra state":   # a checksummed file whose extra state is not a dict
+        _rewrite(path, lambda d: d["extra_state"].update(
+            {k: 5 for k in list(d["extra_state"])[-1:]}))
+    mine = _Small(head=how == "missing keys").eval()
+    if how == "wrong shape":
+        mine.register_buffer("keep", torch.ones(3))
+        mine.register_buffer("extra", torch.ones(3))
+    state, kinds = _snapshot(mine)
+    x = torch.randn(1, 3, 8, 8)
+    before = mine(x)
+    with pytest.raises(ValueError, match="m.safetensors"):
+        gpuquant.load(path, model=mine)
+    state2, kinds2 = _snapshot(mine)
+    assert kinds2 == kinds and state2.keys() == state.keys()
+    assert all(torch.equal(state[k], state2[k]) for k in state)
+    assert torch.equal(mine(x), before)
+    # a successful load still changes the skeleton in place and returns it
+    good = _Small().eval()
+    assert gpuquant.load(_saved(small_int8, tmp_path), model=good) is good
+    assert type(good.conv).__module__.startswith("gpuquant.nn.quantized")
+
+
+def _saved(m, tmp_path):
+    p = tmp_path / "ok.safetensors"
+    gpuquant.save(m, p)
+    return p
+
+
+def _rewrite(path, edit, more_tensors=None):
+    """Edit a saved file's description (and add tensors), write it back with a valid
+    checksum."""
+    import json
+    import struct
+    from safetensors.torch import load as st_load, save as st_save
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    desc = json.loads(json.loads(data[8:8 + n])["__metadata__"]["gpuquant"])
+    tensors = st_load(data)
+    tensors.update(more_tensors or {})
+    edit(desc)
+    text = json.dumps(desc, sort_keys=True)
+    path.write_bytes(st_save(tensors, metadata={"gpuquant": text,
+                                                "gpuquant_sha256": _digest(text, tensors)}))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d.pop("tree"),
+    lambda d: d.update(tree=5),
+    lambda d: d["tree"][2]["args"].update(bogus=1),
+    lambda d: d["tree"][2]["args"].update(out_features=-1),
+    lambda d: d.update(tree=d["tree"][1:]),
+    lambda d: d["extra_state"].update({"1._extra_state": 5}),
+    lambda d: d.update(extra_state=[1]),
+    lambda d: d.update(builder={"kwargs": {}}),
+], ids=["no tree", "tree not a list", "unknown arg", "negative size", "no root",
+        "extra state int", "extra state list", "builder without arch"])
+def test_malformed_checksummed_file_is_value_error(tmp_path, edit):
+    torch.manual_seed(0)
+    with backends.use("reference"):
+        qm = calibrated(torch.nn.Sequential(gnn.QuantStub(), gnn.Linear(4, 3),
+                                            gnn.DequantStub()), (4, 4), batches=1)
+    path = tmp_path / "m.safetensors"
+    gpuquant.save(qm, path)
+    _rewrite(path, edit)
+    with pytest.raises(ValueError, match=r"m\.safetensors"):
+        gpuquant.load(path)
+
+
+def test_bad_map_location(small_int8, tmp_path):
+    path = _saved(small_int8, tmp_path)
+    with pytest.raises(ValueError, match="map_location 'gpu'"):
+        gpuquant.load(path, map_location="gpu")
+    with pytest.raises(ValueError, match="map_location"):
+        gpuquant.load(path, map_location="cuda:x")
+    with pytest.raises(TypeError, match="map_location"):
+        gpuquant.load(path, map_location=1.5)
+    if not torch.cuda.is_available():
+        mine = _Small().eval()
+        with pytest.raises(ValueError, match="not available"):
+            gpuquant.load(path, model=mine, map_location="cuda")
+        assert not type(mine.conv).__module__.startswith("gpuquant.nn.quantized")
+    assert gpuquant.load(path, model=_Small(), map_location=torch.device("cpu")) is not None
+
+
+def test_save_arch_only_builders(small_int8, tmp_path):
+    with pytest.raises(ValueError, match=r"got 'settle_bn'; allowed: \['resnet18', 'resnet50', "
+                                         r"'mobilenet_v2', 'digits_net'\]$"):
+        gpuquant.save(small_int8, tmp_path / "x", arch="settle_bn")
+    for bad in ("ResNet", "MobileNetV2", "nope", 3):
+        with pytest.raises(ValueError, match="builder function"):
+            gpuquant.save(small_int8, tmp_path / "x", arch=bad)
+    assert not (tmp_path / "x").exists()
+
+
+def test_save_load_without_safetensors_hint(small_int8, tmp_path, monkeypatch):
+    import builtins
+    path = _saved(small_int8, tmp_path)
+    real = builtins.__import__
+
+    def no_safetensors(name, *a, **k):
+        if name == "safetensors" or name.startswith("safetensors."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_safetensors)
+    with pytest.raises(ImportError, match=r"safetensors.*pip install"):
+        gpuquant.save(small_int8, tmp_path / "y.safetensors")
+    with pytest.raises(ImportError, match=r"safetensors.*pip install"):
+        gpuquant.load(path)
+
+
+# ------------------------------------------------------------ runtime: inputs too small
+class _One(gnn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.quant, self.layer, self.dq = gnn.QuantStub(), layer, gnn.DequantStub()
+
+    def forward(self, x):
+        return self.dq(self.layer(self.quant(x)))
+
+
+@pytest.mark.parametrize("layer,op", [
+    (lambda: gnn.AvgPool2d(2), "avg_pool2d"),
+    (lambda: gnn.MaxPool2d(3), "max_pool2d"),
+    (lambda: gnn.MaxPool2d(3, 2, ceil_mode=True), "max_pool2d"),
+    (lambda: gnn.Conv2d(1, 2, 3), "conv2d"),
+    (lambda: gnn.Conv2d(1, 2, 3, dilation=2, padding=1), "conv2d"),
+])
+@pytest.mark.parametrize("hw", [(1, 6), (6, 0)])
+def test_runtime_refuses_input_smaller_than_window(layer, op, hw, tmp_path):
+    m = _int8(_One(layer()), (2, 1, 6, 6))
+    path = tmp_path / "m.onnx"
+    to_onnx(m, torch.randn(1, 1, 6, 6), path)
+    sess = rt.load(path)
+    x = torch.randn(1, 1, *hw)
+    with pytest.raises(ValueError, match=f"{op}: padded input"):
+        int8_forward(m, x)
+    with pytest.raises(ValueError, match=rf"node '.*'.*{op}: padded input \({hw[0]}, {hw[1]}\)"):
+        sess.run(x.numpy())
+    # a large enough input still runs, byte for byte as the int8 model
+    x = torch.randn(2, 1, 5, 7)
+    assert sess.run(x.numpy()).tobytes() == int8_forward(m, x).tobytes()
+
+
+def test_runtime_refuses_empty_input_to_global_pool(tmp_path):
+    m = _int8(_One(gnn.AdaptiveAvgPool2d(1)), (2, 1, 6, 6))
+    path = tmp_path / "m.onnx"
+    to_onnx(m, torch.randn(1, 1, 6, 6), path)
+    with pytest.raises(ValueError, match="adaptive_avg_pool2d"):
+        rt.load(path).run(np.zeros((1, 1, 0, 4), np.float32))
+
+
+# ------------------------------------------------------------ flatten(start_dim) export
+class _Flat(gnn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        self.quant, self.conv, self.dq = gnn.QuantStub(), gnn.Conv2d(3, 4, 1), gnn.DequantStub()
+
+    def forward(self, x):
+        return self.dq(self.f(self.conv(self.quant(x))))
+
+
+@pytest.mark.parametrize("f,op", [
+    (lambda x: torch.flatten(x, 1), "Flatten"),
+    (lambda x: torch.flatten(x, 2), "Reshape"),
+    (lambda x: torch.flatten(x, -2), "Reshape"),
+    (lambda x: torch.flatten(x), "Reshape"),
+    (lambda x: x.flatten(1, 2), "Reshape"),
+    (torch.nn.Flatten(2), "Reshape"),
+    (torch.nn.Flatten(0), "Reshape"),
+    (lambda x: x.reshape(-1, 5), "Reshape"),
+], ids=["flatten1", "flatten2", "flatten-2", "flatten0", "flatten1_2", "Flatten(2)",
+        "Flatten(0)", "reshape-1_5"])
+def test_flatten_start_dim_export(f, op, tmp_path):
+    m = _int8(_Flat(f), (2, 3, 4, 5))
+    path = tmp_path / "m.onnx"
+    proto = to_onnx(m, torch.randn(3, 3, 4, 5), path)
+    assert op in [n.op_type for n in proto.graph.node]
+    sess = rt.load(path)
+    for batch in (3, 2, 0):   # dynamic batch, the empty batch included
+        x = torch.randn(batch, 3, 4, 5)
+        want = int8_forward(m, x)
+        got = sess.run(x.numpy())
+        assert got.shape == want.shape and got.tobytes() == want.tobytes()
+    x = torch.randn(2, 3, 4, 5)
+    want = int8_forward(m, x)
+    got = _ort(path, x.numpy())
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() / m.dq.input_scale.item() <= 1 + 1e-3
+
+
+# ------------------------------------------------------------ to_onnx arguments
+def test_to_onnx_opset_and_path_checked(small_int8, tmp_path, monkeypatch):
+    x = torch.randn(1, 3, 8, 8)
+    newest = onnx.defs.onnx_opset_version()
+    for bad in (99, newest + 1, 12, 13.0, True):
+        with pytest.raises(ValueError, match=rf"opset must be an int from 13 .* to {newest}"):
+            to_onnx(small_int8, x, opset=bad)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TypeError, match="path must be None, a str or an os.PathLike"):
+        to_onnx(small_int8, x, path=5)
+    assert not (tmp_path / "5").exists()
+    to_onnx(small_int8, x, path=tmp_path / "ok.onnx")   # os.PathLike and str still work
+    to_onnx(small_int8, x, path=str(tmp_path / "ok2.onnx"))
+    assert (tmp_path / "ok.onnx").is_file() and (tmp_path / "ok2.onnx").is_file()
+
+
+def test_to_onnx_dynamic_model_says_dynamic():
+    from gpuquant.quantization import quantize_dynamic
+    m = quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval())
+    with pytest.raises(ValueError, match=r"dynamic / weight-only.*0 \(DynamicLinear\).*no QDQ"):
+        to_onnx(m, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="holds no gpuquant.nn.quantized module"):
+        to_onnx(torch.nn.Sequential(torch.nn.Linear(4, 3)).eval(), torch.randn(2, 4))
