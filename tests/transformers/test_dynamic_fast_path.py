@@ -154,3 +154,14 @@ def test_static_act_linear_keeps_its_own_path():
         mod(x)
         assert mod._fast == {}
         assert torch.equal(mod(x), _full(mod, x))
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_module_built_under_inference_mode(cls):
+    """Inference tensors have no version counter: the memo still works (identity only)."""
+    x = torch.randn(3, 40)
+    with torch.inference_mode():
+        mod = _mod(cls)
+        y = mod(x)
+        assert torch.equal(mod(x), y) and len(mod._fast) == 1
+        assert torch.equal(y, _full(mod, x))

@@ -38,6 +38,16 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+def version(t: torch.Tensor) -> int:
+    """``t._version``; -1 for an inference tensor (made under ``torch.inference_mode``), which
+    has no version counter: the caches then key on its storage only (an in-place edit of such
+    a weight inside inference mode is not seen)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 # --------------------------------------------------------------------------- weight cache
 class WeightCache:
     """Prepacked forms of constant weight tensors (float32 GEMM matrices, |w| block sums).
@@ -55,7 +65,7 @@ class WeightCache:
 
     def get(self, w: torch.Tensor, kind: str, build):
         key = (id(w), kind)
-        sig = (w.data_ptr(), w.shape, w.stride(), w._version, w.dtype)
+        sig = (w.data_ptr(), w.shape, w.stride(), version(w), w.dtype)
         with self._lock:
             hit = self._d.get(key)
         if hit is not None and hit[0] == sig and hit[1]() is w:

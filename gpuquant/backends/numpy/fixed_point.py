@@ -146,7 +146,7 @@ class Params:
     def from_requant(cls, rq) -> "Params":
         """Params of a Requant, cached per Requant object (modules keep theirs for life)."""
         from . import common
-        sig = (rq.multiplier, rq.multiplier._version, rq.rshift, rq.rshift._version,
+        sig = (rq.multiplier, common.version(rq.multiplier), rq.rshift, common.version(rq.rshift),
                rq.zero_point, rq.qmin, rq.qmax, rq.dtype)
         hit = _PARAMS.get(id(rq))
         if hit is not None and hit[0]() is rq:

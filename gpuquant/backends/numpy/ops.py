@@ -60,9 +60,10 @@ def _linear_plan(w, bias, rq) -> "_gemm.LinearPlan":
     triple and checked against each one's storage and in-place version (one lookup where
     the weight cache, the bias cache and the Requant cache took one each: ~4 us cold)."""
     m, sh = rq.multiplier, rq.rshift
-    sig = (w.data_ptr(), w._version, w.shape, w.stride(),
-           None if bias is None else (bias.data_ptr(), bias._version, bias.shape),
-           m._version, sh._version, rq.zero_point, rq.qmin, rq.qmax, rq.dtype)
+    ver = common.version
+    sig = (w.data_ptr(), ver(w), w.shape, w.stride(),
+           None if bias is None else (bias.data_ptr(), ver(bias), bias.shape),
+           ver(m), ver(sh), rq.zero_point, rq.qmin, rq.qmax, rq.dtype)
     key = (id(w), id(bias), id(rq))
     hit = _PLANS.get(key)
     if hit is not None:

@@ -267,8 +267,12 @@ class _Int8WeightLinear(Module):
     def _stamp(self) -> tuple:
         """What the fast path's memo depends on: the buffers' identities and versions, and
         the activation dtype."""
-        return (getattr(self, "act_dtype", None),
-                *[(id(t), _version(t)) for t in self._buffers.values()])
+        vals = tuple(self._buffers.values())
+        try:  # (C-level loops: this runs on every call)
+            versions = tuple([t._version for t in vals if t is not None])
+        except RuntimeError:  # inference tensors carry no version counter
+            versions = tuple([_version(t) for t in vals])
+        return self.__dict__.get("act_dtype"), tuple(map(id, vals)), versions
 
     def __getstate__(self):
         state = super().__getstate__()
