@@ -86,6 +86,20 @@ def test_backend_tier_for_uses_the_device_capability(monkeypatch):
         cb.tier_for("cuda:0")
 
 
+def test_cuda13_compiler_refuses_pascal_and_volta(monkeypatch):
+    """CUDA 13's NVRTC builds sm_75+ only: a 6.1 .. 7.2 device gets a clear ValueError naming
+    the fix (CUDA 12 CuPy), not a compiler exception at the first call."""
+    import gpuquant.backends.cupy as cb
+    assert dispatch.build_min_capability(13) == (7, 5)
+    assert dispatch.build_min_capability(12) == dispatch.build_min_capability(0) == (6, 1)
+    monkeypatch.setattr(cb, "_NVRTC", [13])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
+    with pytest.raises(ValueError, match=r"7\.0.*CUDA 13 compiler builds for 7\.5.*cuda12"):
+        cb._capability("cuda:0")
+    monkeypatch.setattr(cb, "_NVRTC", [12])
+    assert cb._capability("cuda:0") == (7, 0)
+
+
 # --------------------------------------------------------------------------- availability
 def test_unavailable_without_cupy_or_gpu_says_why():
     import gpuquant.backends.cupy as cb

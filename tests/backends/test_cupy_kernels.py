@@ -139,7 +139,8 @@ inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return
 namespace gqemu {
 const int kStack = 64 * 1024;
 struct Copy { unsigned char* dst; const signed char* src; bool valid; long group; };
-struct Fiber { ucontext_t ctx; gq_dim3 tid; bool done; std::vector<Copy> pending; long committed; };
+// wait: 0 running, 1 at a warp-level sync (ldmatrix, mma, shfl), 2 at __syncthreads
+struct Fiber { ucontext_t ctx; gq_dim3 tid; bool done; int wait; std::vector<Copy> pending; long committed; };
 static Fiber F[1024];
 static std::vector<char> stacks;
 static int nthreads = 0, cur = 0, mode = 0;
@@ -148,16 +149,20 @@ static gq_dim3 block_idx, grid_dim;
 static std::function<void()> body;
 static unsigned A_s[32][32][4], B_s[32][32][2];
 
-inline void barrier() { swapcontext(&F[cur].ctx, &sched); }
+inline void barrier() { F[cur].wait = 2; swapcontext(&F[cur].ctx, &sched); }
+inline void warp_barrier() { F[cur].wait = 1; swapcontext(&F[cur].ctx, &sched); }
 static void entry() { body(); F[cur].done = true; swapcontext(&F[cur].ctx, &sched); }
 
 inline void do_copy(const Copy& c) {
   for (int i = 0; i < 16; ++i) c.dst[i] = c.valid ? (unsigned char)c.src[i] : 0;
 }
 
-// Runs every block in turn; inside a block, each fiber runs to its next barrier in a pass.
-// Returns 0, -1 when threads leave while others wait at a barrier, -2 when cp.async copies
-// were never waited for.
+// Runs every block in turn. Inside a block, between two __syncthreads, the warps run one
+// after another (warp 0 to its next __syncthreads, then warp 1, ...): the most skew a GPU can
+// show, so a missing block barrier lets a warp overwrite shared memory another still reads.
+// A warp's 32 fibers run in lockstep from one warp-level sync to the next. Returns 0; -1 when
+// threads leave while others wait at a barrier; -2 when cp.async copies were never waited
+// for; -3 when a warp's fibers diverge between a warp sync and __syncthreads.
 inline int launch(int gx, int gy, int gz, int nt) {
   nthreads = nt;
   stacks.assign((size_t)nt * kStack, 0);
@@ -174,16 +179,30 @@ inline int launch(int gx, int gy, int gz, int nt) {
           makecontext(&F[t].ctx, entry, 0);
           F[t].tid = {(unsigned)t, 0u, 0u};
           F[t].done = false;
+          F[t].wait = 0;
           F[t].pending.clear();
           F[t].committed = 0;
         }
         for (;;) {
-          for (int t = 0; t < nt; ++t)
-            if (!F[t].done) { cur = t; swapcontext(&sched, &F[t].ctx); }
+          for (int w0 = 0; w0 < nt; w0 += 32) {  // each warp up to its next __syncthreads
+            const int w1 = w0 + 32 < nt ? w0 + 32 : nt;
+            for (;;) {
+              bool ran = false;
+              for (int t = w0; t < w1; ++t)
+                if (!F[t].done && F[t].wait != 2) {
+                  F[t].wait = 0; cur = t; swapcontext(&sched, &F[t].ctx); ran = true;
+                }
+              if (!ran) break;
+              int at_warp = 0, other = 0;
+              for (int t = w0; t < w1; ++t) (F[t].wait == 1 && !F[t].done ? at_warp : other)++;
+              if (at_warp && other) return -3;
+            }
+          }
           int ndone = 0;
           for (int t = 0; t < nt; ++t) ndone += F[t].done;
           if (ndone == nt) break;
           if (ndone) return -1;
+          for (int t = 0; t < nt; ++t) F[t].wait = 0;  // every thread at __syncthreads
         }
         for (int t = 0; t < nt; ++t)
           if (!F[t].pending.empty()) return -2;
@@ -224,13 +243,13 @@ static const unsigned char* gq_emu_addr[32][32];
 inline void gq_emu_ldmatrix_x4(unsigned* r, const unsigned char* p) {
   const int tid = (int)threadIdx.x, w = tid / 32, lane = tid % 32;
   gq_emu_addr[w][lane] = p;
-  gqemu::barrier();
+  gqemu::warp_barrier();
   const int g = lane >> 2, t = lane & 3;
   for (int j = 0; j < 4; ++j) {
     const unsigned char* q = gq_emu_addr[w][8 * j + g] + 4 * t;
     r[j] = (unsigned)q[0] | ((unsigned)q[1] << 8) | ((unsigned)q[2] << 16) | ((unsigned)q[3] << 24);
   }
-  gqemu::barrier();
+  gqemu::warp_barrier();
 }
 
 // __shfl_xor_sync over the full warp: lane l reads lane l ^ mask's value.
@@ -238,9 +257,9 @@ static int gq_emu_shfl_s[32][32];
 inline int __shfl_xor_sync(unsigned, int v, int mask) {
   const int tid = (int)threadIdx.x, w = tid / 32, lane = tid % 32;
   gq_emu_shfl_s[w][lane] = v;
-  gqemu::barrier();
+  gqemu::warp_barrier();
   const int r = gq_emu_shfl_s[w][lane ^ mask];
-  gqemu::barrier();
+  gqemu::warp_barrier();
   return r;
 }
 
@@ -254,7 +273,7 @@ inline void gq_emu_mma_m16n8k32(int* c, const unsigned* a, const unsigned* b) {
   const int tid = (int)threadIdx.x, w = tid / 32, lane = tid % 32;
   for (int i = 0; i < 4; ++i) gqemu::A_s[w][lane][i] = a[i];
   for (int i = 0; i < 2; ++i) gqemu::B_s[w][lane][i] = b[i];
-  gqemu::barrier();
+  gqemu::warp_barrier();
   const int g = lane >> 2, t = lane & 3;
   for (int i = 0; i < 4; ++i) {
     const int r = g + 8 * (i >> 1), col = 2 * t + (i & 1);
@@ -266,7 +285,7 @@ inline void gq_emu_mma_m16n8k32(int* c, const unsigned* a, const unsigned* b) {
     }
     c[i] = (int)s;
   }
-  gqemu::barrier();
+  gqemu::warp_barrier();
 }
 
 // mma.sync m8n8k16: A[r][k] in lane 4 r + k / 4; B[k][n] in lane 4 n + k / 4;
@@ -275,7 +294,7 @@ inline void gq_emu_mma_m8n8k16(int* c, unsigned a, unsigned b) {
   const int tid = (int)threadIdx.x, w = tid / 32, lane = tid % 32;
   gqemu::A_s[w][lane][0] = a;
   gqemu::B_s[w][lane][0] = b;
-  gqemu::barrier();
+  gqemu::warp_barrier();
   const int g = lane >> 2, t = lane & 3;
   for (int i = 0; i < 2; ++i) {
     const int col = 2 * t + i;
@@ -285,7 +304,7 @@ inline void gq_emu_mma_m8n8k16(int* c, unsigned a, unsigned b) {
                       gq_emu_byte(gqemu::B_s[w][4 * col + (k >> 2)][0], k));
     c[i] = (int)s;
   }
-  gqemu::barrier();
+  gqemu::warp_barrier();
 }
 """
 
@@ -351,7 +370,8 @@ def emu_execute(get_lib, plan: launch.Launch, mode: int) -> torch.Tensor:
     gx, gy, gz = plan.grid
     assert plan.block == (256, 1, 1)
     rc = lib.gq_emu_run(gx, gy, gz, mode, ptrs, iv)
-    assert rc == 0, f"emulated kernel failed: rc={rc} (-1 barrier divergence, -2 cp.async left)"
+    assert rc == 0, (f"emulated kernel failed: rc={rc} (-1 barrier divergence, -2 cp.async "
+                     f"left, -3 a warp diverged between a warp sync and __syncthreads)")
     return plan.finish(plan.out)
 
 
@@ -445,6 +465,26 @@ def test_plan_rejects_bad_inputs():
         launch.plan_conv2d(x, x_zp, w, bias, 1, "same", 1, 1, rq, "dp4a")
     with pytest.raises(ValueError, match="output would be empty"):
         launch.plan_conv2d(x, x_zp, w, bias, 1, 0, 3, 1, rq, "dp4a")
+    # the kernels store a byte an output: an int32 requantization is refused, not packed
+    from gpuquant import qint32
+    from gpuquant.functional.requant import make_requant
+    rq32 = make_requant(0.02, torch.full((8,), 0.01), 2e-4, 0, qint32)
+    with pytest.raises(NotImplementedError, match="8-bit outputs only, got .* qint32"):
+        launch.plan_conv2d(x, x_zp, w, bias, *conv_args, rq32, "mma80")
+    x, x_zp, w, bias, rq = make_linear((5,), 16, 3, torch.int8, "qint8", "normal", gen)
+    with pytest.raises(NotImplementedError, match="8-bit outputs only"):
+        launch.plan_linear(x, x_zp, w, bias, make_requant(0.02, 0.01, 2e-4, 0, qint32), "dp4a")
+
+
+def test_weights_made_under_inference_mode_are_planned(emu_build):
+    """Inference tensors carry no version counter: the weight cache keys on storage."""
+    gen = torch.Generator().manual_seed(5)
+    x, x_zp, w, bias, rq = make_linear((20,), 16, 5, torch.int8, "qint8", "normal", gen)
+    with torch.inference_mode():
+        wi = w.clone()
+    for tier in ("dp4a", "mma80"):
+        _check(emu_execute(emu_build, launch.plan_linear(x, x_zp, wi, bias, rq, tier), 0),
+               x, x_zp, w, bias, rq)
 
 
 # --------------------------------------------------------------------------- real GPU

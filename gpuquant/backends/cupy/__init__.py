@@ -44,7 +44,41 @@ def is_available():
     caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
     if not any(tuple(c) >= dispatch.TIER_MIN_CAPABILITY["dp4a"] for c in caps):
         return False, f"no CUDA device of compute capability >= 6.1 (found {caps})"
+    low = _build_min()
+    if not any(tuple(c) >= low for c in caps):
+        return False, (f"CuPy's CUDA {_nvrtc_major()} compiler builds for compute capability "
+                       f">= {low[0]}.{low[1]} only (found {caps}); install gpuquant[cuda12]")
     return True, ""
+
+
+_NVRTC: list = []
+
+
+def _nvrtc_major() -> int:
+    """Major version of CuPy's NVRTC (0 where it cannot be read: no limit assumed)."""
+    if not _NVRTC:
+        try:
+            import cupy
+            _NVRTC.append(int(cupy.cuda.nvrtc.getVersion()[0]))
+        except Exception:  # noqa: BLE001 - an old CuPy or no NVRTC: the build says why
+            _NVRTC.append(0)
+    return _NVRTC[0]
+
+
+def _build_min():
+    return dispatch.build_min_capability(_nvrtc_major())
+
+
+def _capability(device):
+    """The device's compute capability, refused where CuPy's compiler cannot build for it."""
+    cap = torch.cuda.get_device_capability(device)
+    low = _build_min()
+    if tuple(cap) < low:
+        raise ValueError(f"cupy backend: device {device} has compute capability "
+                         f"{cap[0]}.{cap[1]}, but CuPy's CUDA {_nvrtc_major()} compiler builds "
+                         f"for {low[0]}.{low[1]} and newer only; install gpuquant[cuda12] (CUDA "
+                         f"12 builds the dp4a tier for 6.1+) or use the triton backend")
+    return cap
 
 
 def tier_for(device) -> str:
@@ -65,7 +99,7 @@ def _check_cuda(op, *tensors):
 def linear(x, x_zp, w, bias, rq):
     """Integer linear, signature and bytes as ``gpuquant.backends.reference.linear``."""
     _check_cuda("linear", x, w, bias)
-    cap = torch.cuda.get_device_capability(x.device)
+    cap = _capability(x.device)
     return execute(plan_linear(x, x_zp, w, bias, rq, dispatch.select_tier(cap)), cap)
 
 
@@ -73,7 +107,7 @@ def conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq):
     """Integer conv2d, signature and bytes as ``gpuquant.backends.reference.conv2d``
     (output channels_last)."""
     _check_cuda("conv2d", x, w, bias)
-    cap = torch.cuda.get_device_capability(x.device)
+    cap = _capability(x.device)
     plan = plan_conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq,
                        dispatch.select_tier(cap))
     return execute(plan, cap)

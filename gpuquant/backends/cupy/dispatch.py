@@ -21,7 +21,7 @@ import os
 from typing import Optional, Tuple
 
 __all__ = ["TIERS", "TIER_MIN_CAPABILITY", "TIER_BUILD_ARCHS", "CAPABILITY_TIER", "ENV_VAR",
-           "default_tier", "select_tier", "check_tier"]
+           "default_tier", "select_tier", "check_tier", "build_min_capability"]
 
 ENV_VAR = "GPUQUANT_CUPY_TIER"
 TIERS = ("dp4a", "mma75", "mma80", "sm90")
@@ -43,6 +43,13 @@ CAPABILITY_TIER = {
     (8, 9): "mma80",                                   # Ada: L4, L40, RTX 40xx
     (9, 0): "sm90",                                    # Hopper: H100, H200
 }
+
+
+def build_min_capability(nvrtc_major: int) -> Tuple[int, int]:
+    """The oldest compute capability CuPy's NVRTC of major version ``nvrtc_major`` compiles
+    for: CUDA 13 dropped sm_50 .. sm_72 (Pascal and Volta: the dp4a tier there needs CuPy
+    built for CUDA 12, ``gpuquant[cuda12]``)."""
+    return (7, 5) if nvrtc_major >= 13 else TIER_MIN_CAPABILITY["dp4a"]
 
 
 def _cap(capability) -> Tuple[int, int]:

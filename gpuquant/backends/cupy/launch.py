@@ -81,9 +81,16 @@ def _act_params(x: torch.Tensor, x_zp: int):
 _WEIGHT_CACHE: dict = {}
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor (torch.inference_mode): keyed on storage only
+        return -1
+
+
 def _prepared_weight(w: torch.Tensor, key, make):
     """``make() -> (w_ready, colsum)``, cached per weight tensor while it is unchanged."""
-    version = (w._version, w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.device)
+    version = (_version(w), w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.device)
     wid = id(w)
     entry = _WEIGHT_CACHE.get(wid)
     if entry is None or entry[0]() is not w:
@@ -141,8 +148,17 @@ def _pad_last(t: torch.Tensor, to: int) -> torch.Tensor:
     return out
 
 
+def _check_out_dtype(rq, op: str) -> None:
+    """The kernels store one byte an output (``gq_epilogue``): 8-bit outputs only."""
+    if rq.dtype.storage not in (torch.int8, torch.uint8):
+        raise NotImplementedError(
+            f"cupy backend op {op!r} writes 8-bit outputs only, got a requantization to "
+            f"{rq.dtype.name}; use the triton or reference backend for it")
+
+
 def plan_linear(x, x_zp, w, bias, rq, tier: str) -> Launch:
     """Plan ``linear(x, x_zp, w, bias, rq)`` (shapes as the reference backend) for ``tier``."""
+    _check_out_dtype(rq, "linear")
     a_xor, zp_eff = _act_params(x, x_zp)
     k = x.shape[-1]
     n = w.shape[0]
@@ -196,6 +212,7 @@ def plan_conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq, tier: s
 
     Grouped convs with channels per group not a multiple of 16 use the dp4a kernel.
     """
+    _check_out_dtype(rq, "conv2d")
     a_xor, zp_eff = _act_params(x, x_zp)
     (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride"), _pair(padding, "padding"),
                                     _pair(dilation, "dilation"))
