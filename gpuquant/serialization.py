@@ -453,6 +453,13 @@ def _build_root(path, desc, tensors, model, undo: list):
     own = {k: v for k, v in root.state_dict(keep_vars=True).items()
            if grafted is not None and k in state and isinstance(v, torch.Tensor)
            and not any(k.startswith(g) for g in grafted)}
+    for k, v in own.items():  # load_state_dict would cast the file's tensor to the skeleton's
+        t = state[k]
+        if (isinstance(t, torch.Tensor) and t.is_floating_point() and v.is_floating_point()
+                and t.dtype != v.dtype):
+            raise ValueError(f"gpuquant.load: {path!r} holds {k!r} as {t.dtype} but the model "
+                             f"given has it as {v.dtype} (the model was cast, e.g. .half(), "
+                             f"before saving); cast the skeleton the same way first")
     kept = {k: v.detach().clone() for k, v in own.items()}
     try:
         root.load_state_dict(state, strict=True)

@@ -91,8 +91,12 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
     hooks = []
 
     def hook_for(name):
-        def hook(mod, args):
-            x = args[0].detach()
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"calibrate_linear_inputs: {name!r} was called without its "
+                                f"input tensor (positional or input=...)")
+            x = x.detach()
             if x.numel() == 0:  # no tokens: nothing to record
                 return
             a = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
@@ -102,7 +106,7 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
         return hook
 
     for name, m in _linears(model, filter_fn):
-        hooks.append(m.register_forward_pre_hook(hook_for(name)))
+        hooks.append(m.register_forward_pre_hook(hook_for(name), with_kwargs=True))
     try:
         with torch.no_grad():
             if callable(data):
@@ -226,6 +230,17 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
     if not inplace:
         model = copy.deepcopy(model)
     fold = dict(fold or {})
+    seen: Dict[str, str] = {}
+    for norm_name, lin_names in fold.items():  # a Linear has one input: one factor, one fold
+        if isinstance(lin_names, str):
+            raise TypeError(f"smooth_quant: fold[{norm_name!r}] must be a list of Linear "
+                            f"names, got the string {lin_names!r}")
+        for n in lin_names:
+            if n in seen:
+                raise ValueError(f"smooth_quant: Linear {n!r} is listed twice in fold (under "
+                                 f"{seen[n]!r} and {norm_name!r}); its weight would be scaled "
+                                 f"twice")
+            seen[n] = norm_name
     done = set()
     with torch.no_grad():
         for norm_name, lin_names in fold.items():

@@ -328,3 +328,28 @@ def test_to_onnx_dynamic_model_says_dynamic():
         to_onnx(m, torch.randn(2, 4))
     with pytest.raises(ValueError, match="holds no gpuquant.nn.quantized module"):
         to_onnx(torch.nn.Sequential(torch.nn.Linear(4, 3)).eval(), torch.randn(2, 4))
+
+
+def test_load_into_a_skeleton_of_another_float_dtype_is_refused(tmp_path):
+    """A model cast (.half()) before saving, loaded into a float32 skeleton: the float parts
+    would be cast back and the first call crash; refused by name, the skeleton kept."""
+    import torch
+    import gpuquant
+    from gpuquant.quantization import quantize_dynamic
+    torch.manual_seed(0)
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    q = quantize_dynamic(make(), filter_fn=lambda m, n: n == "0", inplace=False).half()
+    path = tmp_path / "m.safetensors"
+    gpuquant.save(q, str(path))
+    skel = make()
+    before = type(skel[0])
+    with pytest.raises(ValueError, match=r"'1.weight' as torch.float16 but the model given has "
+                                         r"it as torch.float32"):
+        gpuquant.load(str(path), model=skel)
+    assert type(skel[0]) is before  # put back
+    out = gpuquant.load(str(path), model=make().half())
+    x = torch.randn(3, 8).half()
+    with torch.no_grad():
+        assert torch.equal(out(x), q(x))

@@ -165,3 +165,18 @@ def test_module_built_under_inference_mode(cls):
         y = mod(x)
         assert torch.equal(mod(x), y) and len(mod._fast) == 1
         assert torch.equal(y, _full(mod, x))
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_no_memo_for_strided_buffers(cls):
+    """A memo of a contiguous copy could go stale (edits the version stamp cannot see):
+    strided buffers take the full path every call."""
+    mod = _mod(cls)
+    mod.weight_scale = torch.stack([mod.weight_scale, mod.weight_scale], 1)[:, 0]
+    assert not mod.weight_scale.is_contiguous()
+    x = torch.randn(2, 40)
+    with torch.no_grad():
+        mod(x)
+        mod(x)
+    assert mod._fast == {}
+    assert torch.equal(mod(x), _full(mod, x))

@@ -121,6 +121,25 @@ def test_mha_attention_weights_in_input_dtype():
         assert (wq.float() - w.float()).abs().max() < 0.02
 
 
+def test_mha_masks_of_other_dtypes_or_shapes_are_refused():
+    """As torch's MultiheadAttention: bool or float masks only (a byte mask with 1 = masked
+    was added to the scores as +1); a key_padding_mask of the wrong shape is named."""
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    q = quantize_dynamic(mha, inplace=False)
+    x = torch.randn(2, 4, 16)
+    with torch.no_grad():
+        for bad in (torch.zeros(4, 4, dtype=torch.uint8), torch.zeros(4, 4, dtype=torch.int64)):
+            with pytest.raises(TypeError, match="only bool and floating types of attn_mask"):
+                q(x, x, x, attn_mask=bad)
+        with pytest.raises(TypeError, match="of key_padding_mask"):
+            q(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.uint8))
+        with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(2, 4\)"):
+            q(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+        kpm = torch.tensor([[False, False, True, True], [False] * 4])
+        y, w = q(x, x, x, key_padding_mask=kpm)
+        assert torch.equal(w[0, :, 2:], torch.zeros(4, 2))  # masked keys get no weight
+
+
 # --------------------------------------------------------------------------- gradients
 
 def _modules(k=33, n=17):

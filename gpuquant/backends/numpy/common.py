@@ -55,7 +55,11 @@ class WeightCache:
     Quantized models call conv/linear with the same int8 weight tensor every time; like
     fbgemm's prepacked weights, the float32 (K, N) layout is built once. Entries are keyed
     by the tensor's identity and checked against its data pointer, shape, strides and
-    in-place version counter, so a modified or freed tensor is never served stale.
+    in-place version counter, so a tensor modified in place, assigned anew or freed is never
+    served stale. Not seen: edits PyTorch itself does not count, i.e. writes through
+    ``w.data`` (a separate version counter) and writes to an inference tensor inside
+    ``torch.inference_mode``; edit quantized weights under ``torch.no_grad()`` on the tensor
+    itself, or assign a new tensor (docs/NUMERICS.md, "Caches").
     """
 
     def __init__(self, max_entries: int = 256):

@@ -283,6 +283,12 @@ class _Int8WeightLinear(Module):
         state.setdefault("_fast", {})
         super().__setstate__(state)
 
+    def _buffers_contiguous(self) -> bool:
+        """The memo holds the buffers themselves (a contiguous copy could go stale: edits an
+        inference tensor or ``.data`` make are invisible to the version stamp)."""
+        return all(t is None or t.is_contiguous() for t in
+                   (self.weight, self.weight_scale, self.bias))
+
     def _fast_run(self, device, dtype):
         """``run(x2)`` -> (M, N) output for a contiguous (M, K) input of ``dtype`` on
         ``device`` (M >= 1), calling the current backend's op(s) with this module's
@@ -368,10 +374,11 @@ class DynamicLinear(_Int8WeightLinear):
     def _fast_run(self, device, dtype):
         if type(self)._int8_linear is not DynamicLinear._int8_linear:
             return None  # (StaticActLinear: its own quantization)
+        if not self._buffers_contiguous():
+            return None
         quant, gemm = get_op("quantize_per_token", device), get_op("linear_dynamic", device)
         qmin, qmax = self.act_dtype.qmin, self.act_dtype.qmax
-        wq, ws, b = self.weight.contiguous(), self.weight_scale.contiguous(), self.bias
-        b = None if b is None else b.contiguous()
+        wq, ws, b = self.weight, self.weight_scale, self.bias
 
         def run(x2):
             xq, xs = quant(x2, qmin, qmax)
@@ -471,9 +478,10 @@ class WeightOnlyLinear(_Int8WeightLinear):
         return linear_weight_only(x, wq, w_scale, bias).to(out_dtype)
 
     def _fast_run(self, device, dtype):
+        if not self._buffers_contiguous():
+            return None
         gemm = get_op("linear_weight_only", device)
-        wq, ws, b = self.weight.contiguous(), self.weight_scale.contiguous(), self.bias
-        b = None if b is None else b.contiguous()
+        wq, ws, b = self.weight, self.weight_scale, self.bias
         return lambda x2: gemm(x2, wq, ws, b)
 
 
@@ -610,7 +618,14 @@ class DynamicMultiheadAttention(Module):
             if mask.dim() == 2:
                 mask = mask.unsqueeze(0)
         if key_padding_mask is not None:
-            kpm = _additive(key_padding_mask, q.device).reshape(bsz, 1, 1, src_len)
+            if tuple(key_padding_mask.shape) != (bsz, src_len):
+                want = (src_len,) if unbatched else (bsz, src_len)
+                got = tuple(key_padding_mask.shape)[1:] if unbatched else \
+                    tuple(key_padding_mask.shape)
+                raise ValueError(f"DynamicMultiheadAttention: key_padding_mask must have shape "
+                                 f"{want} (batch, source length), got {got}")
+            kpm = _additive(key_padding_mask, q.device, "key_padding_mask").reshape(
+                bsz, 1, 1, src_len)
             kpm = kpm.expand(bsz, h, 1, src_len).reshape(bsz * h, 1, src_len)
             mask = kpm if mask is None else mask + kpm
         scores = torch.bmm(q * (1.0 / d ** 0.5), k.transpose(1, 2))
@@ -634,8 +649,17 @@ class DynamicMultiheadAttention(Module):
         return out, weights
 
 
-def _additive(mask: torch.Tensor, device) -> torch.Tensor:
-    """A boolean (True = masked) or float mask as a float32 additive mask."""
+def _additive(mask: torch.Tensor, device, what: str = "attn_mask") -> torch.Tensor:
+    """A boolean (True = masked) or float mask as a float32 additive mask.
+
+    Raises:
+        TypeError: another dtype (as torch's MultiheadAttention: the old byte masks with
+            1 = masked would otherwise be added as +1 to the scores).
+    """
+    if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool
+                                                  or mask.is_floating_point()):
+        raise TypeError(f"DynamicMultiheadAttention: only bool and floating types of {what} are "
+                        f"supported, got {getattr(mask, 'dtype', type(mask).__name__)}")
     mask = mask.to(device)
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, device=device).masked_fill_(mask, float("-inf"))
