@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import nn as gnn
+from ..nn.qat.module import keep_producer
 from ._checks import positive_int
 
 __all__ = ["DigitsNet", "digits_net"]
@@ -30,7 +31,7 @@ class DigitsNet(gnn.Module):
     def forward(self, x):
         x = self.conv2(self.conv1(self.quant(x)))
         x = self.pool(self.add_relu(self.conv3(x), x))
-        x = torch.flatten(x, 1)
+        x = keep_producer(torch.flatten(x, 1), x)  # (a copy in channels_last)
         return self.dequant(self.fc2(self.fc1(x)))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import nn as gnn
+from ..nn.qat.module import keep_producer
 from ._checks import positive_float, positive_int
 
 __all__ = ["MobileNetV2", "InvertedResidual", "mobilenet_v2"]
@@ -68,9 +69,12 @@ class MobileNetV2(gnn.Module):
                 torch.nn.init.zeros_(m.bias)
 
     def forward(self, x):
-        x = self.features(self.quant(x))
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.dequant(self.classifier(x))
+        x = self.avgpool(self.features(self.quant(x)))
+        x = keep_producer(torch.flatten(x, 1), x)
+        # (training-mode dropout writes a new tensor: it carries the pool's qparams, as the
+        # int8 model's identity dropout does)
+        x = keep_producer(self.classifier[0](x), x)
+        return self.dequant(self.classifier[1](x))
 
 
 def mobilenet_v2(num_classes: int = 1000, **kwargs) -> MobileNetV2:

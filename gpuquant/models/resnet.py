@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import nn as gnn
+from ..nn.qat.module import keep_producer
 from ._checks import positive_int
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet50"]
@@ -89,7 +90,8 @@ class ResNet(gnn.Module):
     def forward(self, x):
         x = self.maxpool(self.conv_bn_relu1(self.quant(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = torch.flatten(self.avgpool(x), 1)
+        x = self.avgpool(x)
+        x = keep_producer(torch.flatten(x, 1), x)
         return self.dequant(self.fc(x))
 
 

@@ -110,7 +110,9 @@ class BnFoldedModule(QATModule):
 
     def freeze_bn_stats(self, freeze: bool = True) -> "BnFoldedModule":
         """Use (and stop updating) the running statistics while training, as the int8
-        model will (Krishnamoorthi 2018: freeze after enough steps); returns the module."""
+        model will (Krishnamoorthi 2018: freeze after enough steps); returns the module.
+        Putting the BatchNorm itself in eval mode (``module.bn.eval()``) does the same while
+        it stays there."""
         self.bn_frozen = bool(freeze)
         return self
 
@@ -203,7 +205,9 @@ class BnFoldedModule(QATModule):
         self._require_qconfig()
         self._note_inputs(x)
         inner, bn = self._inner(), self.bn
-        if self.training and not self.bn_frozen:
+        # bn.eval() inside a training model (the plain-PyTorch way to freeze BatchNorm) uses
+        # the running statistics, as the float model does: the same as freeze_bn_stats()
+        if self.training and not self.bn_frozen and bn.training:
             if self.bn_fold == "single":
                 y, quantized = self._forward_single(x, inner, bn)
                 if quantized:

@@ -29,7 +29,7 @@ import torch
 from ...qparams import QParams
 from ..module import Module
 
-__all__ = ["QATModule", "tag_output", "source_of"]
+__all__ = ["QATModule", "tag_output", "source_of", "keep_producer"]
 
 # storage of a tensor produced by a QAT module -> that module (weak on the storage)
 _PRODUCERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -56,6 +56,19 @@ def source_of(x: torch.Tensor) -> Optional["QATModule"]:
     """The QAT module whose output qparams ``x`` carries, or None."""
     st = _storage(x)
     return None if st is None else _PRODUCERS.get(st)
+
+
+def keep_producer(y, x):
+    """``y``, recorded as carrying the qparams of the QAT module that produced ``x`` (what
+    the int8 model sees: the same integers re-viewed, dropout being the identity there), so
+    :func:`~gpuquant.quantization.quantize` finds the input qparams of the module that reads
+    ``y``. For model code whose reshapes or dropouts of quantized values may copy (a
+    channels_last flatten, training-mode dropout); a no-op on int8 tensors and where ``x``
+    has no QAT producer."""
+    src = source_of(x)
+    if src is not None and isinstance(y, torch.Tensor) and y.is_floating_point():
+        tag_output(y, src)
+    return y
 
 
 def _make(factory, what: str):
@@ -236,7 +249,10 @@ class QATModule(Module):
         slots = self.__dict__.get("_input_sources", [])
         if not slots:
             raise ValueError(f"{who} has not run yet: run forward passes of the QAT model "
-                             f"(calibration or training) before quantize()")
+                             f"(calibration or training) before quantize(). A model restored "
+                             f"with load_state_dict needs one too (it records who feeds each "
+                             f"module); to keep the restored ranges, call "
+                             f"gpuquant.quantization.disable_observer(model) first")
         out = []
         for i, slot in enumerate(slots):
             # a None next to real producers comes from a training-mode pass through an op

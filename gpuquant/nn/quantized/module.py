@@ -131,6 +131,11 @@ class QuantizedModule(Module):
         return {"dtypes": dict(self._dtypes)}
 
     def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("dtypes"), dict):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{type(self).__name__}: the state_dict's extra state ({keys}) is "
+                             f"not a quantized module's (it holds 'dtypes'); a QAT model's "
+                             f"state_dict loads into the QAT model, then quantize() converts it")
         self._dtypes = {k: get_dtype(v).name for k, v in state["dtypes"].items()}
         self._cache.clear()
 

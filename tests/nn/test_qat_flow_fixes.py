@@ -1,0 +1,74 @@
+"""QAT flow details found by probing: a BatchNorm put in eval mode inside a training model,
+the library's own models converted after channels_last or training-only passes, and a QAT
+state_dict offered to an int8 model."""
+import copy
+
+import pytest
+import torch
+
+import gpuquant
+import gpuquant.nn as gnn
+from gpuquant.quantization import ema_fakequant_qconfig, quantize, quantize_qat
+
+
+@pytest.mark.parametrize("factory,shape", [
+    (lambda: gnn.ConvBnRelu2d(3, 6, 3, padding=1), (4, 3, 5, 5)),
+    (lambda: gnn.LinearBn1d(5, 6), (8, 5)),
+])
+def test_bn_in_eval_mode_inside_a_training_model_uses_running_stats(factory, shape):
+    torch.manual_seed(0)
+    f = factory().train()
+    with torch.no_grad():
+        f.bn.running_mean.uniform_(-1, 1)
+        f.bn.running_var.uniform_(0.5, 2)
+    q = quantize_qat(copy.deepcopy(f), ema_fakequant_qconfig).train()
+    q.apply(gpuquant.quantization.disable_fake_quant)
+    q.apply(gpuquant.quantization.disable_observer)
+    f.bn.eval()
+    q.bn.eval()
+    rm = q.bn.running_mean.clone()
+    x = torch.randn(shape)
+    y, yf = q(x), f(x)
+    assert torch.equal(q.bn.running_mean, rm)  # not updated
+    torch.testing.assert_close(y, yf, rtol=1e-5, atol=1e-5)  # the float model's numbers
+    y.sum().backward()  # still trains the weights
+    weight = q.conv.weight if hasattr(q, "conv") else q.linear.weight
+    assert weight.grad is not None
+
+
+def _train(model, x, steps=2):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+
+
+def test_digits_net_trained_channels_last_converts():
+    torch.manual_seed(0)
+    q = quantize_qat(gpuquant.models.digits_net(), ema_fakequant_qconfig).train()
+    q = q.to(memory_format=torch.channels_last)
+    x = torch.randn(16, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    _train(q, x)
+    qm = quantize(q.eval())
+    assert qm(x).shape == (16, 10)
+
+
+def test_mobilenet_trained_in_training_mode_only_converts():
+    torch.manual_seed(0)
+    m = gpuquant.models.mobilenet_v2(num_classes=5, width_mult=0.25)
+    q = quantize_qat(m, ema_fakequant_qconfig).train()
+    x = torch.randn(2, 3, 32, 32)
+    _train(q, x, steps=1)  # no eval pass: the classifier's input came through dropout
+    qm = quantize(q.eval())
+    assert qm(x).shape == (2, 5)
+
+
+def test_qat_state_dict_into_an_int8_model_is_named():
+    torch.manual_seed(0)
+    q = quantize_qat(gpuquant.models.digits_net(), ema_fakequant_qconfig)
+    q(torch.randn(4, 1, 8, 8))
+    sd = q.state_dict()
+    qm = quantize(copy.deepcopy(q).eval())
+    with pytest.raises(ValueError, match="is not a quantized module's.*QAT model's state_dict"):
+        qm.load_state_dict(sd)
