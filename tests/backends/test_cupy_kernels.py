@@ -4,7 +4,9 @@ Two ways to run the same cases:
 
 * on the CPU (always, needs g++): the very sources in ``kernels/`` are compiled for the host
   with ``GQ_HOST_EMU`` and run one fiber per CUDA thread; block-wide barriers for
-  ``__syncthreads``, the warp-level ``mma.sync`` computed from the PTX ISA fragment layouts,
+  ``__syncthreads``, between which the warps run one after another (a missing barrier shows
+  as a wrong byte), warp-level syncs for ``ldmatrix`` / ``shfl`` / ``mma.sync`` (the last
+  computed from the PTX ISA fragment layouts),
   ``cp.async`` copies deferred to ``cp.async.wait_group`` (the latest the hardware may land
   them) or done at once (the earliest). The host-side plans (padding, zero-point correction,
   weight layout) are the backend's own (:mod:`gpuquant.backends.cupy.launch`).
