@@ -280,6 +280,29 @@ def test_nonfinite_batches_dropped_on_device():
         assert int(fused.nonfinite_batches) == 2
 
 
+@pytest.mark.parametrize("cls,kw", OBSERVERS[:2])
+@pytest.mark.parametrize("axis,shape", [(None, (4, 9)), (0, (4, 9)), (1, (3, 4, 5, 6)),
+                                        (None, (5, 2048 * 3))])
+def test_ranges_past_float32_dropped_on_device_as_the_definition(cls, kw, axis, shape):
+    """check_finite=False, affine: a finite batch whose range would leave no finite float32
+    scale (max - min past 3.4e38) is dropped and counted by the kernels, as the observer's
+    definition drops it (no NaN output, the state kept)."""
+    d = gpuquant.quint8
+    fused = cls(**kw, dtype=d, symmetric=False, axis=axis, check_finite=False).to(DEV)
+    ref, fq = copy.deepcopy(fused), qfq.FakeQuantize(d)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(shape, generator=g).to(DEV) for _ in range(4)]
+    xs[1] = xs[1] * 2e38  # wider than float32 in every channel
+    xs[1].view(-1)[0] = -3e38
+    for x in xs:
+        y = tobs.observe_fake_quant(x, fused, fq)
+        yr = definition(x, fq, ref)
+        assert_same_with_nans(y, yr)
+        assert_same_state(fused, ref)
+        assert not bool(torch.isnan(y).any())
+    assert int(fused.nonfinite_batches) == int(ref.nonfinite_batches) >= 1
+
+
 def test_check_finite_raises_and_keeps_state():
     d = gpuquant.qint8
     obs = qobs.MinMaxObserver(d, axis=None).to(DEV)  # check_finite=True: the one host read

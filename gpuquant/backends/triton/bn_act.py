@@ -227,8 +227,8 @@ def _bn_finish(
         mn = old_min
         mx = old_max
         ok = tl.program_id(0) < 0
-    new_min, new_max, s, zp = _update_state(mn, mx, ok, old_min, old_max, c_ema, q_eps, qmin,
-                                            qmax, half_range, zp_sym, EMA, SYMMETRIC)
+    new_min, new_max, s, zp, ok = _update_state(mn, mx, ok, old_min, old_max, c_ema, q_eps,
+                                                qmin, qmax, half_range, zp_sym, EMA, SYMMETRIC)
     if OBSERVE:
         tl.store(min_ptr, new_min)
         tl.store(max_ptr, new_max)

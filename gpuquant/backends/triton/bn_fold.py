@@ -122,8 +122,9 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
             mn = old_min
             mx = old_max
             ok = c < 0
-        new_min, new_max, s, zp = _update_state(mn, mx, ok, old_min, old_max, c_ema, q_eps,
-                                                qmin, qmax, half_range, zp_sym, EMA, SYMMETRIC)
+        new_min, new_max, s, zp, ok = _update_state(mn, mx, ok, old_min, old_max, c_ema,
+                                                    q_eps, qmin, qmax, half_range, zp_sym, EMA,
+                                                    SYMMETRIC)
         inv = tl.math.div_rn(1.0, s)
         tl.store(qs_ptr + c, s)
         tl.store(qz_ptr + c, zp)

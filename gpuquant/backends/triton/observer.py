@@ -133,7 +133,10 @@ def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_ran
                   EMA: tl.constexpr, SYMMETRIC: tl.constexpr):
     """The observer update (MinMax or moving average; batches with ``ok`` False leave the
     state) and torch.ao's ``_calculate_qparams`` of the new state, operation by operation:
-    (new_min, new_max, scale, zero point as float32)."""
+    (new_min, new_max, scale, zero point as float32, ok). The returned ``ok`` is also False
+    where the state the batch would leave gives no finite float32 scale (a moving average
+    that overflows; affine, ``max(max, 0) - min(min, 0)`` past float32): that batch is
+    dropped and counted, as the observers' ``_finite_mask`` does with check_finite off."""
     if EMA:
         fresh = ~((tl.abs(old_min) < _INF) & (tl.abs(old_max) < _INF))
         new_min = tl.where(fresh, mn, old_min + c_ema * (mn - old_min))
@@ -141,6 +144,10 @@ def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_ran
     else:
         new_min = tl.minimum(mn, old_min)
         new_max = tl.maximum(mx, old_max)
+    fits = (tl.abs(new_min) < _INF) & (tl.abs(new_max) < _INF)
+    if not SYMMETRIC:
+        fits = fits & (tl.abs(tl.maximum(new_max, 0.0) - tl.minimum(new_min, 0.0)) < _INF)
+    ok = ok & fits
     new_min = tl.where(ok, new_min, old_min)
     new_max = tl.where(ok, new_max, old_max)
     min_neg = tl.minimum(new_min, 0.0)
@@ -153,7 +160,7 @@ def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_ran
         scale = tl.maximum(tl.math.div_rn(max_pos - min_neg, qmax - qmin), eps)
         zp = qmin - _rne(tl.math.div_rn(min_neg, scale))
         zp = tl.minimum(tl.maximum(zp, qmin), qmax)
-    return new_min, new_max, scale, zp
+    return new_min, new_max, scale, zp, ok
 
 
 @triton.jit
@@ -190,6 +197,11 @@ def _observe_fq_kernel(
             ccm = cc < C
             bmn, bmx = _reduce_partials(part_ptr, split, C, cc, ccm, BLOCK_S, BLOCK_C)
             bok = (tl.abs(bmn) < _INF) & (tl.abs(bmx) < _INF)
+            bold_min = tl.load(part_ptr + 2 * split * C + cc, mask=ccm, other=0.0)
+            bold_max = tl.load(part_ptr + (2 * split + 1) * C + cc, mask=ccm, other=0.0)
+            b_min, b_max, b_s, b_zp, bok = _update_state(bmn, bmx, bok, bold_min, bold_max,
+                                                         c_ema, eps, qmin, qmax, half_range,
+                                                         zp_sym, EMA, SYMMETRIC)
             bad = tl.maximum(bad, (ccm & ~bok).to(tl.int32))
         tl.store(bad_ptr, tl.load(bad_ptr) + tl.max(bad, axis=0).to(tl.int64))
     if PER_CHANNEL:
@@ -204,7 +216,7 @@ def _observe_fq_kernel(
         old_min = tl.load(part_ptr + 2 * split * C + ch)
         old_max = tl.load(part_ptr + (2 * split + 1) * C + ch)
         ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
-        new_min, new_max, s, zpf = _update_state(
+        new_min, new_max, s, zpf, ok = _update_state(
             mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_range, zp_sym, EMA,
             SYMMETRIC)
         owner = m & (offs == ch.to(tl.int64) * L)  # each channel's first element
@@ -216,7 +228,7 @@ def _observe_fq_kernel(
         old_min = tl.load(part_ptr + 2 * split + one)
         old_max = tl.load(part_ptr + 2 * split + 1 + one)
         ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
-        new_min, new_max, scale, zp = _update_state(
+        new_min, new_max, scale, zp, ok = _update_state(
             mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_range, zp_sym, EMA,
             SYMMETRIC)
         first = (one + pid) == 0  # program 0
@@ -264,12 +276,13 @@ def _observer_update_kernel(
             ok = tl.load(ok_ptr + c, mask=cm, other=0) != 0
         else:
             ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
-            bad = tl.maximum(bad, (cm & ~ok).to(tl.int32))
         old_min = tl.load(min_ptr + c, mask=cm, other=0.0)
         old_max = tl.load(max_ptr + c, mask=cm, other=0.0)
-        new_min, new_max, scale, zp = _update_state(
+        new_min, new_max, scale, zp, ok = _update_state(
             mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_range, zp_sym, EMA,
             SYMMETRIC)
+        if not HAVE_OK:
+            bad = tl.maximum(bad, (cm & ~ok).to(tl.int32))
         tl.store(min_ptr + c, new_min, mask=cm)
         tl.store(max_ptr + c, new_max, mask=cm)
         tl.store(scale_ptr + c, scale, mask=cm)
