@@ -13,7 +13,10 @@ and goes through the usual float -> QAT flow. Steps:
    Dropout function calls (``F.dropout(x, p, self.training)``: fx froze the mode flag) become
    ``nn.Dropout`` modules, which follow ``train()`` / ``eval()``.
 2. **Functionalize** in-place ops (``+=``, ``relu_``, ``inplace=True``): later uses of the
-   mutated value read the op's result, so every op can be swapped for a module.
+   mutated value read the op's result, so every op can be swapped for a module. An in-place
+   write to a value that shares memory with another value still read afterwards (a view,
+   basic indexing, split...: ``F.relu(y[:, :4], inplace=True)``, ``z = y[:, 4:]; z += 1``)
+   is refused (``ValueError`` naming the op and line): fx records values, not memory.
 3. **Fuse and swap** (the new modules carry the same ``Parameter`` and BatchNorm buffer
    objects): Conv2d [-> BatchNorm2d] [-> ReLU | ReLU6] (modules, ``F.relu``,
    ``torch.relu``, ``.relu()``) into ``Conv2d`` / ``ConvRelu2d`` / ``ConvBn2d`` /
@@ -38,9 +41,13 @@ them a few rules (``.size()``, ``.shape``, ``len`` give non-tensors) stand in.
 """
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
+import linecache
 import operator
 import os
+import sys
 import traceback
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -52,7 +59,8 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .. import nn as gnn
 from ..nn.module import Module
-from ..nn.qat.module import QATModule, source_of, tag_output
+from ..nn.qat.module import QATModule, keep_producer
+from ..nn.quantized.conv import _explicit_padding
 from ..nn.quantized.module import QuantizedModule
 
 __all__ = ["needs_dropin", "prepare_plain", "disable_quantize", "DropInWarning",
@@ -136,6 +144,28 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.fallbacks: Dict[str, str] = {}   # module path -> why it could not be traced
+        self.erased: set = set()              # nodes taken by a rollback
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        # a rollback may have erased the get_attr node of a cached parameter proxy: forget it
+        for k in [k for k, p in parameter_proxy_cache.items() if p.node in self.erased]:
+            del parameter_proxy_cache[k]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        # where in-place ops (and augmented assignments, which fx records out of place)
+        # happen: functionalize checks them and names the line when it cannot
+        aug = kind == "call_function" and target in _AUG_OPS and args and \
+            isinstance(args[0], fx.Node)
+        if aug or _looks_inplace(kind, target, kwargs, self.root):
+            frame = _user_frame()
+            if frame is not None:
+                line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+                node.meta["dropin_src"] = (frame.f_code.co_filename, frame.f_lineno, line)
+                if aug and _augmented(line, _AUG_OPS[target], frame, args[0]):
+                    node.meta["dropin_augmented"] = True
+        return node
 
     def is_leaf_module(self, m, qualname: str) -> bool:
         if _is_disabled(m) or qualname in self.fallbacks:
@@ -161,6 +191,7 @@ class _Tracer(fx.Tracer):
         except Exception as e:  # noqa: BLE001 -- not hidden: the module stays float, warned
             # roll the partial trace back, then record the module as one float leaf
             while self.graph._root.prev is not last:
+                self.erased.add(self.graph._root.prev)
                 self.graph.erase_node(self.graph._root.prev)
             self.module_stack.clear()
             self.module_stack.update(stack)
@@ -168,6 +199,51 @@ class _Tracer(fx.Tracer):
             self.num_calls.update(calls)
             self.fallbacks[qualname] = f"{type(e).__name__}: {_first_line(e)}{_where(e)}"
             return super().call_module(m, forward, args, kwargs)
+
+
+# augmented assignments fx records as the plain operator (a Proxy has no ``__iadd__``)
+_AUG_OPS = {operator.add: ast.Add, operator.sub: ast.Sub, operator.mul: ast.Mult,
+            operator.truediv: ast.Div, operator.floordiv: ast.FloorDiv, operator.mod: ast.Mod,
+            operator.pow: ast.Pow, operator.matmul: ast.MatMult, operator.and_: ast.BitAnd,
+            operator.or_: ast.BitOr, operator.xor: ast.BitXor, operator.lshift: ast.LShift,
+            operator.rshift: ast.RShift}
+
+
+def _looks_inplace(kind, target, kwargs, root) -> bool:
+    """A cheap test at trace time: the node may write its first argument in place."""
+    if kind == "call_method":
+        return isinstance(target, str) and target.endswith("_") and not target.endswith("__")
+    if kind == "call_function":
+        return target in _INPLACE_FNS or kwargs.get("inplace", False) is True
+    if kind == "call_module":
+        try:
+            return getattr(root.get_submodule(target), "inplace", False) is True
+        except AttributeError:
+            return False
+    return False
+
+
+def _user_frame():
+    """The innermost frame outside torch and this file (the model code being traced)."""
+    torch_dir = os.path.dirname(torch.__file__)
+    f = sys._getframe(1)
+    while f is not None and (f.f_code.co_filename.startswith(torch_dir) or
+                             f.f_code.co_filename == __file__):
+        f = f.f_back
+    return f
+
+
+def _augmented(line: str, op: type, frame, first: fx.Node) -> bool:
+    """Whether ``line`` is ``name op= ...`` with ``name`` bound to the proxy of ``first``:
+    the operator node is an in-place update of ``first``, not a new value."""
+    try:
+        stmt = ast.parse(line).body
+    except SyntaxError:
+        return False
+    names = [a.target.id for a in stmt if isinstance(a, ast.AugAssign) and
+             isinstance(a.op, op) and isinstance(a.target, ast.Name)]
+    values = [frame.f_locals.get(name) for name in names]
+    return any(isinstance(v, fx.Proxy) and v.node is first for v in values)
 
 
 def _first_line(e: BaseException) -> str:
@@ -185,10 +261,37 @@ def _where(e: BaseException) -> str:
     return ""
 
 
-def _trace(model: torch.nn.Module) -> Tuple[fx.GraphModule, Dict[str, str]]:
+def _concrete_args(model: torch.nn.Module, example_inputs: Optional[tuple]) -> Dict[str, object]:
+    """Check ``example_inputs`` against ``model.forward``'s signature; the parameters with a
+    constant default (``None``, a bool, int, float or str) that they do not supply (all of
+    them without example inputs) are traced at their default (torch.fx ``concrete_args``), so
+    ``if residual is not None:`` takes the branch of the usual call ``model(x)``."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return {}
+    n = 0
+    if example_inputs is not None:
+        try:
+            sig.bind(*example_inputs)
+        except TypeError as e:
+            raise TypeError(f"quantize_qat: example_inputs hold {len(example_inputs)} "
+                            f"value(s), which {type(model).__name__}.forward{sig} does not take "
+                            f"({e}); give one value per positional parameter of forward") \
+                from None
+        n = len(example_inputs)
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [p for p in sig.parameters.values() if p.kind in positional][n:] + \
+        [p for p in sig.parameters.values() if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    return {p.name: p.default for p in params
+            if p.default is None or type(p.default) in (bool, int, float, str)}
+
+
+def _trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, object]] = None
+           ) -> Tuple[fx.GraphModule, Dict[str, str]]:
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as e:  # noqa: BLE001 -- re-raised with where and what to do
         raise ValueError(
             f"quantize_qat: torch.fx cannot trace the forward of the model itself "
@@ -199,6 +302,15 @@ def _trace(model: torch.nn.Module) -> Tuple[fx.GraphModule, Dict[str, str]]:
             f"gpuquant.quantization.fx.disable_quantize(submodule) (gpuquant modules: "
             f"submodule.disable_quantize()); wrap a free function with torch.fx.wrap; or build "
             f"the model from gpuquant.nn modules.") from e
+    try:
+        params = set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = set()
+    for n in graph.nodes:  # fx names a concrete parameter's placeholder ``residual_1``
+        if n.op == "placeholder" and concrete_args and n.target not in params and \
+                n.target.rpartition("_")[0] in concrete_args:
+            n.target = n.target.rpartition("_")[0]  # keep the model's signature
+            n.meta["dropin_concrete"] = True
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm.training = model.training
     return gm, tracer.fallbacks
@@ -244,6 +356,8 @@ class _Kinds:
         return self._guess(n) == "container"
 
     def _guess(self, n: fx.Node) -> str:
+        if n.op == "placeholder" and n.meta.get("dropin_concrete"):
+            return "other"
         if n.op == "call_method":
             if n.target in _META_METHODS:
                 return "other"
@@ -381,19 +495,34 @@ _MAY_COPY_MODULES = tuple(m for m in _PASS_MODULES if m not in (torch.nn.Unflatt
                                                                  torch.nn.Identity))
 
 
-def keep_producer(y, x):
-    """``y``, recorded as carrying the qparams of the QAT module that produced ``x`` (what
-    the int8 model sees: the same integers re-viewed, dropout being the identity there), so
-    :func:`~gpuquant.quantization.quantize` finds the input qparams of the module that reads
-    ``y``. Inserted by drop-in conversion after reshapes and dropouts of quantized values;
-    a no-op on int8 tensors."""
-    src = source_of(x)
-    if src is not None and isinstance(y, torch.Tensor) and y.is_floating_point():
-        tag_output(y, src)
-    return y
+# ops whose result may share memory with their first argument (in-place writes through
+# them reach it): the pass-through ops and a few more
+_VIEW_FNS = _PASS_FNS | {torch.narrow, torch.select, torch.movedim, torch.moveaxis,
+                         torch.swapaxes, torch.swapdims, torch.t, torch.detach,
+                         torch.diagonal, torch.split_with_sizes}
+_VIEW_METHODS = _PASS_METHODS | {"narrow", "select", "t", "detach", "swapaxes", "swapdims",
+                                 "moveaxis", "diagonal", "unfold", "as_strided",
+                                 "split_with_sizes", "to", "type", "type_as", "float"}
+_VIEW_ATTRS = {"T", "mT", "H", "mH", "data", "real", "imag"}
+
+
+def _index_kind(idx) -> str:
+    """'basic' (ints, slices, None, ...: a view), 'advanced' (lists, tensors, bools: a copy)
+    or 'unknown' (a traced value, which may be a tensor)."""
+    kind = "basic"
+    for p in idx if isinstance(idx, tuple) else (idx,):
+        if p is None or p is Ellipsis or isinstance(p, slice):
+            continue
+        if isinstance(p, bool) or not isinstance(p, (int, fx.Node)):
+            return "advanced"
+        if isinstance(p, fx.Node):
+            kind = "unknown"
+    return kind
 
 
 def _may_copy(n: fx.Node, modules) -> bool:
+    if n.op == "call_function" and n.target is operator.getitem:
+        return len(n.args) > 1 and _index_kind(n.args[1]) != "basic"  # x[[0, 2]], x[mask]
     if n.op == "call_function":
         return n.target in _MAY_COPY_FNS
     if n.op == "call_method":
@@ -513,6 +642,32 @@ class _Rewriter:
             self.graph.erase_node(n)
             self.site_count[name] = 1
 
+    # ------------------------------------------------------------------ keyword calls
+    def positional_calls(self) -> None:
+        """``self.fc(input=x)`` -> ``self.fc(x)`` for ``torch.nn`` layers (and subclasses
+        keeping their forward), so keyword calls fuse and swap like positional ones."""
+        for n in self.graph.nodes:
+            if n.op != "call_module" or not n.kwargs:
+                continue
+            m = self.modules[n.target]
+            if _is_disabled(m) or n.target in self.fallbacks or isinstance(m, Module) or not (
+                    type(m).__module__.startswith("torch.nn.") or
+                    any(_same_forward(m, base) for base in _LEAF_BASES)):
+                continue
+            try:
+                bound = inspect.signature(m.forward).bind(*n.args, **n.kwargs)
+            except TypeError:
+                continue
+            args = []
+            for p in inspect.signature(m.forward).parameters.values():
+                if p.name not in bound.arguments or p.kind not in (
+                        inspect.Parameter.POSITIONAL_ONLY,
+                        inspect.Parameter.POSITIONAL_OR_KEYWORD):
+                    break
+                args.append(bound.arguments[p.name])
+            if len(args) == len(bound.arguments):
+                n.args, n.kwargs = tuple(args), {}
+
     # ------------------------------------------------------------------ 1. in-place ops
     def functionalize(self) -> None:
         order = {n: i for i, n in enumerate(self.graph.nodes)}
@@ -520,9 +675,12 @@ class _Rewriter:
             mutated = self._inplace_target(n)
             if mutated is None:
                 continue
+            self._check_no_alias(n, mutated, order)
             for user in list(mutated.users):
                 if user is not n and order[user] > order[n]:
                     user.replace_input_with(mutated, n)
+            if n.meta.get("dropin_augmented"):
+                continue  # ``y += x``: fx recorded it out of place already
             if n.op == "call_method":
                 n.target = n.target[:-1]
             elif n.op == "call_function" and n.target in _INPLACE_FNS:
@@ -538,6 +696,8 @@ class _Rewriter:
         first = n.args[0] if n.args else None
         if not isinstance(first, fx.Node):
             return None
+        if n.meta.get("dropin_augmented"):  # ``y += x`` on a tensor (ints are rebound)
+            return first if self._is_tensor(first) else None
         if n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__") \
                 and hasattr(torch.Tensor, n.target[:-1]):
             return first
@@ -549,6 +709,75 @@ class _Rewriter:
             if getattr(m, "inplace", False) is True and type(m).__module__.startswith("torch.nn"):
                 return first
         return None
+
+    def _is_tensor(self, n: fx.Node) -> bool:
+        if self.kinds.has_meta and "dropin_ran" in n.meta:
+            return isinstance(n.meta.get("tensor_meta"), TensorMetadata)
+        return self.kinds._guess(n) == "tensor"
+
+    def _view_of(self, n: fx.Node) -> Optional[fx.Node]:
+        """The value ``n`` may share memory with, when ``n`` is a view-like op (a view,
+        basic indexing, split, ``.to`` / ``.float()`` that may return their input...)."""
+        src = n.args[0] if n.args else None
+        if not isinstance(src, fx.Node):
+            return None
+        if n.op == "call_function" and n.target is operator.getitem:
+            if self.kinds.is_container(src):  # an element of split(x): a view of x
+                return src if self._view_of(src) is not None else None
+            return src if _index_kind(n.args[1] if len(n.args) > 1 else None) != \
+                "advanced" else None
+        if n.op == "call_function":
+            if n.target is getattr:
+                return src if n.args[1] in _VIEW_ATTRS else None
+            return src if n.target in _VIEW_FNS else None
+        if n.op == "call_method":
+            return src if n.target in _VIEW_METHODS else None
+        if n.op == "call_module":
+            return src if type(self.modules[n.target]) in _PASS_MODULES else None
+        return None
+
+    def _check_no_alias(self, n: fx.Node, target: fx.Node, order) -> None:
+        """Raise when in-place op ``n`` writes ``target`` while another value made before
+        ``n`` shares its memory (a view of it, or what it is a view of) and is read after
+        ``n``: functionalizing rewires later reads of ``target`` only, the graph would lose
+        the write."""
+        at = order[n]
+        group, todo = {target}, [target]
+        while todo:
+            a = todo.pop()
+            near = [self._view_of(a)] + [u for u in a.users if self._view_of(u) is a]
+            for b in near:
+                if isinstance(b, fx.Node) and b not in group and order.get(b, at) < at:
+                    group.add(b)
+                    todo.append(b)
+        for other in group - {target}:
+            late = [u for u in other.users
+                    if u is not n and order.get(u, -1) > at and not self._is_meta(u)]
+            if late:
+                src = n.meta.get("dropin_src")
+                where = f" (at {src[0]}:{src[1]}: {src[2]})" if src else ""
+                raise ValueError(
+                    f"quantize_qat: in-place {self._describe_inplace(n)}{where} writes "
+                    f"'{target.name}', which shares memory with '{other.name}' (a view, "
+                    f"indexing, split... of the same tensor), and '{other.name}' is read "
+                    f"after the write (by '{late[0].name}'): torch.fx records values, not "
+                    f"memory, so the converted graph would lose the write. Write it out of "
+                    f"place (e.g. y = torch.cat([F.relu(y[:, :4]), y[:, 4:]], 1)), or move "
+                    f"that code into a submodule marked with "
+                    f"gpuquant.quantization.fx.disable_quantize(submodule).")
+
+    def _describe_inplace(self, n: fx.Node) -> str:
+        if n.meta.get("dropin_augmented"):
+            sym = {operator.add: "+=", operator.sub: "-=", operator.mul: "*=",
+                   operator.truediv: "/="}.get(n.target, f"{_fn_name(n.target)} (augmented)")
+            return f"'{sym}'"
+        if n.op == "call_method":
+            return f"'.{n.target}()'"
+        if n.op == "call_module":
+            return f"module '{n.target}' ({type(self.modules[n.target]).__name__}, inplace=True)"
+        if n.target in _INPLACE_FNS:
+            return f"'{_fn_name(n.target)}'"
+        return f"'{_fn_name(n.target)}(..., inplace=True)'"
 
     # ------------------------------------------------------------------ 2. fusion and swaps
     def fuse(self) -> None:
@@ -576,6 +805,12 @@ class _Rewriter:
         if _same_forward(m, torch.nn.Conv2d) and not isinstance(m, Module):
             if m.padding_mode != "zeros":
                 self.reasons[n] = f"padding_mode={m.padding_mode!r} has no int8 form"
+                return
+            try:
+                _explicit_padding(m)
+            except NotImplementedError:
+                self.reasons[n] = (f"padding='same' with kernel_size={m.kernel_size}, "
+                                   f"dilation={m.dilation} pads asymmetrically: no int8 form")
                 return
             self._fuse_linear_like(n, m, torch.nn.BatchNorm2d, "conv")
         elif _same_forward(m, torch.nn.Linear) and not isinstance(m, Module):
@@ -836,7 +1071,8 @@ class _Rewriter:
 
     def _stub_name(self, a: fx.Node, base: str) -> str:
         if a.op == "placeholder" and base == "quant":
-            ph = [p for p in self.graph.nodes if p.op == "placeholder"]
+            ph = [p for p in self.graph.nodes if p.op == "placeholder" and
+                  not p.meta.get("dropin_concrete")]
             name = "quant" if len(ph) == 1 else f"quant_{a.name}"
             return self._unique(name)
         if base == "dequant" and all(u.op == "output" for u in a.users):
@@ -891,14 +1127,19 @@ def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule
             ``torch.fx``; submodules that are not stay float whole.
         example_inputs: optional tuple of positional inputs (or one tensor) for one forward
             pass in eval mode without gradients, to learn which values are float tensors.
+            Parameters of ``forward`` with a constant default (``None``, bool, int, float,
+            str) that they do not supply (without them: all such parameters) are traced at
+            their default (``concrete_args``; the result asserts they keep it).
 
     Returns:
         The rewritten ``GraphModule`` (class name: the model's).
 
     Raises:
-        TypeError: ``model`` is not a module, or bad ``example_inputs``.
+        TypeError: ``model`` is not a module, or bad ``example_inputs`` (not a tuple, or a
+            count ``forward`` does not take).
         ValueError: the model's own forward cannot be traced (the message gives the fx error,
-            where it happened and how to proceed), or ``example_inputs`` do not run.
+            where it happened and how to proceed), an in-place op writes through a view of a
+            value read afterwards (the op and its line), or ``example_inputs`` do not run.
 
     Warns:
         DropInWarning: once, naming every part that stays float for want of an int8 form or
@@ -911,13 +1152,16 @@ def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule
         raise TypeError(f"prepare_plain: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
     example_inputs = _check_example_inputs(example_inputs)
+    concrete = _concrete_args(model, example_inputs)
     if _Tracer().is_leaf_module(model, "") and not _is_disabled(model):
         model = torch.nn.Sequential(model)  # a lone layer: trace it as the call of a leaf
-    gm, fallbacks = _trace(model)
+        concrete = {}
+    gm, fallbacks = _trace(model, concrete)
     if example_inputs is not None:
         _propagate(gm, example_inputs)
     rw = _Rewriter(gm, fallbacks, _Kinds(example_inputs is not None))
     rw.dropout_modules()
+    rw.positional_calls()
     rw.functionalize()
     rw.fuse()
     warn = rw.stub()

@@ -1,0 +1,305 @@
+"""Drop-in conversion edge cases: in-place writes through views (refused), advanced
+indexing (a copy), optional forward parameters, padding='same' with an even kernel, keyword
+calls of layers, the example_inputs count, and the rollback of a submodule that read a
+Parameter before failing to trace."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gpuquant.backends as backends
+import gpuquant.nn.qat as qat_nn
+from gpuquant.quantization import quantize, quantize_qat
+from gpuquant.quantization.fx import DropInWarning, prepare_plain
+
+from tests.dropin.dropin_helpers import INT8_BACKEND
+
+
+def convert(fn, *args, **kw):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = fn(*args, **kw)
+    return out, [str(w.message) for w in rec if issubclass(w.category, DropInWarning)]
+
+
+def qat_then_int8(qat, x):
+    qat.train()
+    qat(x)
+    qat.eval()
+    with torch.no_grad():
+        y_qat = qat(x)
+    int8 = quantize(copy.deepcopy(qat))
+    with backends.use(INT8_BACKEND), torch.no_grad():
+        y8 = int8(x)
+    return y_qat, y8
+
+
+# ------------------------------------------------------------- 1. in-place writes via views
+class TwoConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+
+
+class ViewRelu(TwoConvs):
+    def forward(self, x):
+        y = self.a(x)
+        F.relu(y[:, :4], inplace=True)
+        return self.b(y)
+
+
+class ViewAdd(TwoConvs):
+    def forward(self, x):
+        y = self.a(x)
+        z = y[:, 4:]
+        z += 1.0                      # fx records z + 1.0: the write to y is not in the graph
+        return self.b(y)
+
+
+class StaleView(TwoConvs):
+    def forward(self, x):
+        y = self.a(x)
+        v = y.view(y.shape)
+        y.relu_()                     # v sees it too
+        return self.b(v)
+
+
+class ChunkMul(TwoConvs):
+    def forward(self, x):
+        y = self.a(x)
+        p, q = y.chunk(2, 1)
+        p.mul_(2.0)
+        return self.b(y)
+
+
+@pytest.mark.parametrize("cls, op", [(ViewRelu, "F.relu(..., inplace=True)"),
+                                     (ViewAdd, "'+='"), (StaleView, "'.relu_()'"),
+                                     (ChunkMul, "'.mul_()'")])
+@pytest.mark.parametrize("with_examples", [True, False])
+def test_inplace_write_through_a_view_is_refused(cls, op, with_examples):
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match="in-place") as e:
+        prepare_plain(cls(), (x,) if with_examples else None)
+    msg = str(e.value)
+    assert op in msg and "test_dropin_edge_cases.py:" in msg and "shares memory" in msg
+
+
+class ViewOnly(TwoConvs):        # the view is the only value read afterwards: exact
+    def forward(self, x):
+        y = self.a(x)
+        z = y[:, :8]
+        z.relu_()
+        return self.b(z)
+
+
+class SliceAfter(TwoConvs):      # views made after the write read the written value
+    def forward(self, x):
+        y = self.a(x)
+        y.relu_()
+        z = y[:, :4]
+        return self.b(torch.cat([z, y[:, 4:]], 1))
+
+
+class SameTensor(TwoConvs):      # ident is the same tensor as y: it sees the += too
+    def forward(self, x):
+        y = self.a(x)
+        ident = y
+        y += self.b(y)
+        n = y.size(1)
+        n += 0                        # an int: rebound, not written
+        return self.b(ident)[:, :n] + y
+
+
+@pytest.mark.parametrize("cls", [ViewOnly, SliceAfter, SameTensor])
+@pytest.mark.parametrize("with_examples", [True, False])
+def test_inplace_ops_without_live_aliases_stay_exact(cls, with_examples):
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        want = model(x)
+    gm, _ = convert(prepare_plain, copy.deepcopy(model), (x,) if with_examples else None)
+    with torch.no_grad():
+        assert torch.equal(gm.eval()(x), want)
+
+
+# ------------------------------------------------------------------- 2. advanced indexing
+class AdvIndex(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y[:, [0, 2, 4]] + y[:, torch.tensor([1, 3, 5])]
+
+
+def test_advanced_indexing_keeps_the_producer():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    qat, msgs = convert(quantize_qat, AdvIndex(), example_inputs=(x,))
+    assert not msgs and qat.code.count("keep_producer(") == 2
+    y_qat, y8 = qat_then_int8(qat, x)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
+
+
+# ------------------------------------------------------------- 3. optional forward params
+class Optional_(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x, residual=None, scale: float = 1.0):
+        y = self.conv(x)
+        if residual is not None:
+            y = y + residual
+        if scale != 1.0:              # control flow on a constant default: traced at 1.0
+            y = y * scale
+        return y
+
+
+@pytest.mark.parametrize("with_examples", [True, False])
+def test_unsupplied_optional_parameters_are_traced_at_their_default(with_examples):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    model = Optional_().eval()
+    with torch.no_grad():
+        want = model(x)
+    gm, msgs = convert(prepare_plain, copy.deepcopy(model), (x,) if with_examples else None)
+    assert not msgs and "def forward(self, x, residual = None, scale = 1.0)" in gm.code
+    with torch.no_grad():
+        assert torch.equal(gm.eval()(x), want)
+    with pytest.raises(AssertionError, match="residual has been specialized"):
+        gm(x, torch.randn(2, 8, 6, 6))
+    qat, _ = convert(quantize_qat, copy.deepcopy(model), example_inputs=(x,) if with_examples
+                     else None)
+    y_qat, y8 = qat_then_int8(qat, x)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
+
+
+def test_supplied_optional_parameter_stays_an_input():
+    x, r = torch.randn(2, 3, 6, 6), torch.randn(2, 8, 6, 6)
+    model = Optional_().eval()
+    with torch.no_grad():
+        want = model(x, r)
+    gm, _ = convert(prepare_plain, copy.deepcopy(model), (x, r))
+    with torch.no_grad():
+        assert torch.equal(gm.eval()(x, r), want)
+
+
+# ---------------------------------------------------------------- 6. example_inputs count
+def test_example_inputs_count_is_checked():
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(TypeError, match=r"example_inputs hold 4 value\(s\), which "
+                                        r"Optional_.forward\(x, residual=None, scale: float"):
+        quantize_qat(Optional_(), example_inputs=(x, x, 1.0, "junk"))
+    with pytest.raises(TypeError, match=r"example_inputs hold 3 value\(s\), which "
+                                        r"Conv2d.forward\(input: torch.Tensor\)"):
+        quantize_qat(nn.Conv2d(3, 8, 3), example_inputs=(x, x, "junk"))
+
+    class TwoArgs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x, k: int):
+            return self.conv(x) * k
+    with pytest.raises(TypeError, match=r"example_inputs hold 1 value\(s\), which "
+                                        r"TwoArgs.forward\(x, k: int\)"):
+        quantize_qat(TwoArgs(), example_inputs=(x,))
+
+
+# ---------------------------------------------------------- 4. padding='same', even kernel
+class SameEven(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 4, padding="same")
+        self.c2 = nn.Conv2d(8, 8, 3, padding="same")   # odd kernel: symmetric, quantized
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(self.c(x))).mean((2, 3)))
+
+
+def test_same_padding_with_even_kernel_stays_float_warned():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    qat, msgs = convert(quantize_qat, SameEven(), example_inputs=(x,))
+    assert len(msgs) == 1 and "module 'c' (Conv2d: padding='same'" in msgs[0] and \
+        "pads asymmetrically" in msgs[0]
+    assert type(qat.c) is nn.Conv2d and isinstance(qat.c2, qat_nn.ConvRelu2d)
+    y_qat, y8 = qat_then_int8(qat, x)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
+
+
+# ------------------------------------------------------------------- 5. keyword calls
+class KwCalls(nn.Module):
+    def __init__(self, kw):
+        super().__init__()
+        self.kw = kw
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        if self.kw:
+            y = F.relu(self.bn(input=self.conv(input=x)))
+            return self.fc(input=torch.flatten(y.mean((2, 3), keepdim=True), 1))
+        y = F.relu(self.bn(self.conv(x)))
+        return self.fc(torch.flatten(y.mean((2, 3), keepdim=True), 1))
+
+
+def test_keyword_calls_are_quantized_like_positional_ones():
+    x = torch.randn(2, 3, 6, 6)
+    torch.manual_seed(0)
+    pos, msgs_pos = convert(quantize_qat, KwCalls(False), example_inputs=(x,))
+    torch.manual_seed(0)
+    kw, msgs_kw = convert(quantize_qat, KwCalls(True), example_inputs=(x,))
+    assert not msgs_pos and not msgs_kw
+    assert isinstance(kw.conv, qat_nn.ConvBnRelu2d) and isinstance(kw.fc, qat_nn.Linear)
+    assert kw.code.replace("kw", "") == pos.code.replace("kw", "")
+    y_pos, y8_pos = qat_then_int8(pos, x)
+    y_kw, y8_kw = qat_then_int8(kw, x)
+    assert torch.equal(y_pos, y_kw) and torch.equal(y8_pos, y8_kw)
+
+
+# ------------------------------------------------------- 7. rollback after a Parameter read
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+
+    def forward(self, x):
+        y = x * self.scale           # a get_attr node, then the trace fails: rolled back
+        if y.mean() > 0:
+            return y
+        return -y
+
+
+class ParamAfterRollback(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = Gate()
+        self.conv2 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.conv2(self.gate(self.conv(x))) * self.gate.scale
+
+
+@pytest.mark.parametrize("with_examples", [True, False])
+def test_parameter_read_by_a_rolled_back_submodule(with_examples):
+    torch.manual_seed(0)
+    model = ParamAfterRollback().eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        want = model(x)
+    gm, msgs = convert(prepare_plain, copy.deepcopy(model), (x,) if with_examples else None)
+    assert len(msgs) == 1 and "module 'gate' (Gate: not traceable" in msgs[0]
+    gm.graph.lint()
+    with torch.no_grad():
+        assert torch.equal(gm.eval()(x), want)
