@@ -509,3 +509,17 @@ def test_tickets_are_made_outside_graph_capture(monkeypatch):
     made = torch.zeros(2, dtype=torch.int32)
     owner.__dict__["_gpuquant_tickets"] = made
     assert common.module_tickets(owner, "cpu") is made  # existing tickets: no allocation
+
+
+@pytest.mark.parametrize("shape", [(256, 64, 112, 112), (168, 64, 112, 112), (700, 256, 56, 56),
+                                   (400, 32, 112, 112), (2, 2048, 7, 7)])
+def test_apply_kernel_grid_within_cuda_limits(shape):
+    """One row block a program: a channels_last ResNet stem at batch 168+ has more than
+    65535 of them; they go on grid axis 0 (axes 1 and 2 stop at 65535 on CUDA)."""
+    from gpuquant.backends.triton import bn_act
+    from gpuquant.backends.triton.fake_quant import row_plan
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        z = torch.empty(shape, device="meta").to(memory_format=fmt)
+        ep = row_plan(z, 1, tile=bn_act._TILE, programs=2 ** 40)
+        gx, gy = bn_act.apply_grid(ep, shape[1])
+        assert gx < 2 ** 31 and gy <= 65535, (shape, fmt, gx, gy)

@@ -25,7 +25,7 @@ from triton.compiler import ASTSource
 from gpuquant.backends.triton import fake_quant as fq
 
 HAZARD = re.compile(r"\b(fma\.rn(?:\.ftz)?\.f32|div\.full(?:\.ftz)?\.f32|div\.approx(?:\.ftz)?\.f32|"
-                    r"rcp\.approx(?:\.ftz)?\.f32)")
+                    r"(?:rcp|sqrt|rsqrt|ex2|lg2)\.approx(?:\.ftz)?\.f32)")
 DIV32 = re.compile(r"\b((?:div|rem)\.[su]32)")
 X_LIKE = {"x_ptr", "y_ptr", "g_ptr", "gx_ptr", "z_ptr", "gz_ptr"}
 TYPES = {"mask_ptr": "*u8", "ok_ptr": "*u8", "bad_ptr": "*i64",

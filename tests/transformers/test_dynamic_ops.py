@@ -335,3 +335,19 @@ def test_weight_only_split_k_matches_unsplit(k, dtype):
     for y in (whole, parts):
         assert y.dtype == dtype and bool(((y.double() - exact).abs() <= tol).all())
     assert not bool(D.launch_tickets(1, x.device).any())
+
+
+def test_bf16_epilogue_keeps_every_nan_a_nan():
+    """The bit-level bf16 rounding of the W8A8 epilogue: a GPU's canonical NaN (0x7FFFFFFF)
+    and negative NaNs became -0.0 / +0.0 (their payload carried into the sign); every NaN
+    now stores torch's bf16 NaN 0x7FC0."""
+    from gpuquant import backends
+    from gpuquant.backends.triton.dynamic import linear_dynamic as triton_linear_dynamic
+    xq = torch.ones(4, 32, dtype=torch.int8)
+    wq = torch.ones(3, 32, dtype=torch.int8)
+    xs = torch.tensor([0x3F800000, 0x7FC00000, 0x7FFFFFFF, -1], dtype=torch.int32)
+    xs = xs.view(torch.float32)
+    with backends.use("triton"):
+        y = triton_linear_dynamic(xq, xs, wq, torch.ones(3), None, torch.bfloat16)
+    assert torch.equal(y[0], torch.full((3,), 32.0, dtype=torch.bfloat16))
+    assert (y[1:].view(torch.int16) == 0x7FC0).all()

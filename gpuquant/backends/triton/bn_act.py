@@ -281,6 +281,13 @@ def _channel_params(vec_ptr, beta_ptr, c, cm, C):
     return mean, a, beta, s, tl.load(vec_ptr + 4 * C + 1), tl.math.div_rn(1.0, s)
 
 
+def apply_grid(ep, C: int) -> tuple:
+    """``_bn_apply_kernel``'s grid: (row blocks, channel blocks). One row block a program, so
+    the row blocks go on axis 0 (up to 2^31 - 1): a channels_last ResNet stem at batch 168+
+    has more than 65535 of them, CUDA's limit on axes 1 and 2."""
+    return (ep.split, cdiv(C, ep.block_c))
+
+
 @triton.jit
 def _bn_apply_kernel(
     z_ptr, y_ptr, g_ptr,
@@ -292,12 +299,12 @@ def _bn_apply_kernel(
     BWD: tl.constexpr, ACT: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Program (cb, row block). Forward: y = fake_quant(act((z - mean) * a + beta)) with
+    """Program (row block, cb). Forward: y = fake_quant(act((z - mean) * a + beta)) with
     the per-tensor qparams q. BWD: the batch-norm input gradient of the straight-through
     gradient ``g = grad_y * mask`` (mask recomputed from z), to ``y_ptr`` (z's layout):
     ``(g - mean(g) - xhat * mean(g * xhat)) * a``, ``xhat = (z - mean) / sqrt(var + E)``."""
-    cb = tl.program_id(0)
-    rb = tl.program_id(1)
+    rb = tl.program_id(0)  # row blocks on axis 0 (up to 2^31 - 1; axis 1 stops at 65535)
+    cb = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     mean, a, beta, s, zp, inv = _channel_params(vec_ptr, beta_ptr, c, cm, C)
@@ -429,7 +436,7 @@ def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momen
            FIN_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // fin_c)), FIN_C=fin_c,
            num_warps=4, **_LAUNCH)
     y = torch.empty_like(z)
-    launch(_bn_apply_kernel, (cdiv(C, ep.block_c), ep.split), z, y, z, *ep.kernel_args(),
+    launch(_bn_apply_kernel, apply_grid(ep, C), z, y, z, *ep.kernel_args(),
            vec, beta, vec, *consts[2:4], BWD=False, ACT=act,
            ROWS32=ep.rows32, BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
     return y, vec
@@ -454,7 +461,7 @@ def bn_act_backward(gy, z, vec, beta, qmin, qmax, act: int, tick: torch.Tensor):
            FIN_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // fin_c)), FIN_C=fin_c,
            num_warps=4, **_LAUNCH)
     gz = torch.empty_like(z)
-    launch(_bn_apply_kernel, (cdiv(C, ep.block_c), ep.split), z, gz, gy, *ep.kernel_args(),
+    launch(_bn_apply_kernel, apply_grid(ep, C), z, gz, gy, *ep.kernel_args(),
            vec, beta, out, qmin, qmax, BWD=True, ACT=act, ROWS32=ep.rows32,
            BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
     return gz, out[:C], out[C:2 * C], out[2 * C:3 * C]

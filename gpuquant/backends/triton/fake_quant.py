@@ -218,7 +218,11 @@ def _unpack_bits(bytes_):
 def _tqt_scale(log2_t, qmax):
     """TQT's power-of-two scale ``2**ceil(log2_t) / (qmax + 1)`` (float32, exact): the power
     of two is built from its exponent bits (exponent clamped to the normal range)."""
-    e = tl.minimum(tl.maximum(tl.math.ceil(log2_t), -126.0), 127.0).to(tl.int32)
+    c = tl.math.ceil(log2_t)
+    # the GPU's ceil (cvt.rpi.ftz) flushes a subnormal input to 0: ceil of a positive one
+    # is 1 (a negative one's is -0.0 either way)
+    c = tl.where(log2_t > 0.0, tl.maximum(c, 1.0), c)
+    e = tl.minimum(tl.maximum(c, -126.0), 127.0).to(tl.int32)
     p2 = ((e + 127) << 23).to(tl.float32, bitcast=True)
     return tl.math.div_rn(p2, qmax + 1.0)
 

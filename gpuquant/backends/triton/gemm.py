@@ -60,10 +60,13 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def bf16_rne(y):
-    """float32 -> bfloat16 rounding half to even on the bits (NaN and Inf stay NaN and Inf):
-    the GPU's cvt.rn; the interpreter's own conversion truncates."""
+    """float32 -> bfloat16 rounding half to even on the bits, as torch's conversion: NaN
+    becomes 0x7FC0 (the bit trick alone would carry a NaN's payload into the exponent or
+    the sign: the GPU's canonical NaN 0x7FFFFFFF gave -0.0), Inf stays Inf. The
+    interpreter's own conversion truncates."""
     bits = y.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    bits = tl.where(y != y, 0x7FC0, bits)
     return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 

@@ -86,6 +86,9 @@ class StandInDriver:
 
             def __call__(self, gx, gy, gz, stream, function, packed_metadata,
                          launch_metadata, enter_hook, exit_hook, *args):
+                if not (gx < 2 ** 31 and gy <= 65535 and gz <= 65535):
+                    raise RuntimeError(f"{self.name}: grid {(gx, gy, gz)} is past CUDA's "
+                                       f"limits (x < 2^31, y and z <= 65535)")
                 # tensors as records: holding them would keep the launch's outputs
                 # referenced (autograd then copies a gradient it could have taken)
                 launches.append((self.name, (gx, gy, gz),
