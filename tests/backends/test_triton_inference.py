@@ -420,3 +420,12 @@ def test_align_k_copies_a_misaligned_view_with_aligned_k():
     w = torch.randint(-127, 128, (7, 32), dtype=torch.int8)
     xa, wa = gemm.align_k(x, w, w)
     assert wa is w and xa.shape == (5, 32) and xa.stride() == (32, 1) and torch.equal(xa, x)
+
+
+def test_every_launcher_runs_on_its_inputs_device():
+    """Triton launches on the current device: every inference and dynamic op is wrapped to
+    switch to its input's GPU first (a model on cuda:1 while cuda:0 is current)."""
+    from gpuquant.backends.triton import OPS, dynamic, inference
+    for name in list(inference.OPS) + list(dynamic.OPS):
+        fn = OPS[name]
+        assert getattr(fn, "__wrapped__", None) is not None, name

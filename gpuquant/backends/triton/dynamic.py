@@ -25,6 +25,7 @@ import triton.language as tl
 from ..reference_dynamic import EPS
 from .common import (LAUNCH_OPTS, arch_family, cdiv, last_to_finish, launch_tickets, sm_count,
                      tune_subset)
+from .fake_quant import on_tensor_device
 from .launch import launch
 from .gemm import (OUT_SCALED, _config, _gemm_kernel, align_k, bf16_rne, grouped_tile,
                    interpret_meta)
@@ -332,8 +333,8 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None):
     return out
 
 
-OPS = {
-    "quantize_per_token": quantize_per_token,
-    "linear_dynamic": linear_dynamic,
-    "linear_weight_only": linear_weight_only,
+OPS = {  # each on its input's GPU (a model on cuda:1 while cuda:0 is current)
+    "quantize_per_token": on_tensor_device(quantize_per_token),
+    "linear_dynamic": on_tensor_device(linear_dynamic),
+    "linear_weight_only": on_tensor_device(linear_weight_only),
 }

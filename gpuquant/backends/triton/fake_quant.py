@@ -538,12 +538,15 @@ def _row_offsets(rb, plan_rows, inner, s_o, s_i, m_in, l_in, ROWS32: tl.constexp
 
 
 def on_tensor_device(fn):
-    """Decorator for launchers whose first argument is a tensor: launch on that tensor's GPU
-    (Triton launches on the current device), not on whichever device is current."""
+    """Decorator for launchers whose first argument is a tensor (or a list of them, as
+    concat's): launch on that tensor's GPU (Triton launches on the current device and its
+    stream), not on whichever device is current."""
     @functools.wraps(fn)
     def wrapper(t, *args, **kwargs):
-        if t.is_cuda and t.device.index != torch.cuda.current_device():
-            with torch.cuda.device(t.device):
+        first = t if isinstance(t, torch.Tensor) else (t[0] if t else None)
+        if (isinstance(first, torch.Tensor) and first.is_cuda
+                and first.device.index != torch.cuda.current_device()):
+            with torch.cuda.device(first.device):
                 return fn(t, *args, **kwargs)
         return fn(t, *args, **kwargs)
     return wrapper

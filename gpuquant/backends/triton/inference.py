@@ -19,6 +19,7 @@ Beyond the reference ops, ``OPS`` holds the fused kernels of :mod:`gpuquant.back
 from __future__ import annotations
 
 from .common import scalar_float
+from .fake_quant import on_tensor_device
 from .conv import qconv2d
 from .elementwise import OPS as _ELEMENTWISE_OPS
 from .gemm import qgemm
@@ -84,3 +85,5 @@ OPS = {
     "conv2d_int32": conv2d_int32, "linear_int32": linear_int32,
 }
 OPS.update(_ELEMENTWISE_OPS)
+# every launcher on its input's GPU (a model on cuda:1 while cuda:0 is current)
+OPS = {name: on_tensor_device(fn) for name, fn in OPS.items()}
