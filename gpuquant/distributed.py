@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["convert_sync_batchnorm", "batch_mean_var", "syncs_batch_stats", "check_ready_for_ddp",
+__all__ = ["check_group", "convert_sync_batchnorm", "batch_mean_var", "syncs_batch_stats", "check_ready_for_ddp",
            "save_checkpoint", "load_checkpoint", "unwrap", "world_size", "rank"]
 
 _CHECKPOINT_FORMAT = "gpuquant-qat-checkpoint-1"
@@ -77,6 +77,25 @@ def _fused_bn_modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BnFoldedModule)]
 
 
+def check_group(group, who: str):
+    """``group`` if it is None (the default group) or a torch.distributed process group.
+
+    Raises:
+        TypeError: anything else (it would fail only at the first all-reduce, inside torch).
+    """
+    if group is None:
+        return None
+    try:
+        from torch.distributed import ProcessGroup
+    except ImportError:  # pragma: no cover - torch built without distributed
+        ProcessGroup = ()
+    if not isinstance(group, ProcessGroup):
+        raise TypeError(f"{who}: the process group must be None (the default group) or a "
+                        f"torch.distributed ProcessGroup, got {type(group).__name__} "
+                        f"({group!r})")
+    return group
+
+
 def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.nn.Module:
     """Make every fused QAT BatchNorm (``ConvBn*`` / ``LinearBn*`` of ``gpuquant.nn.qat``)
     under ``model`` compute its training batch statistics over all processes of
@@ -94,11 +113,12 @@ def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.
         process_group: a torch.distributed process group, or None for the default one.
 
     Raises:
-        TypeError: ``model`` is not a module.
+        TypeError: ``model`` is not a module; ``process_group`` not None or a process group.
         ValueError: ``model`` has no fused QAT BatchNorm module.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_group(process_group, "convert_sync_batchnorm")
     mods = _fused_bn_modules(unwrap(model))
     if not mods:
         raise ValueError("convert_sync_batchnorm: no fused QAT BatchNorm module (gpuquant.nn.qat "

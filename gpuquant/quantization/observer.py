@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..distributed import check_group
 from ..dtypes import QuantDtype, get_dtype, qint8
 from ..qparams import QParams
 
@@ -442,6 +443,34 @@ class _SyncMixin:
     initialised or the group has one process. NaN is mapped to -inf / +inf before the
     reduction, so a non-finite batch on one process is seen (and raised) on all of them."""
 
+    _given = None  # the all-reduced (min, max) an empty local batch records
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # An empty local batch still joins the all-reduce (the other processes wait in it;
+        # skipping it would pair this process's next call with their current one) and
+        # records the global batch, as torch.nn.SyncBatchNorm lets empty ranks take part.
+        if (self.enabled and isinstance(x, torch.Tensor) and x.numel() == 0
+                and x.dtype in _FLOAT_DTYPES and _dist_world(self.group) > 1):
+            with torch.no_grad():
+                axis = self._resolve_axis(x)
+                shape = () if axis is None else (x.shape[axis],)
+                dev = self.nonfinite_batches.device
+                mn, mx = self._reduce(torch.full(shape, math.inf, device=dev),
+                                      torch.full(shape, -math.inf, device=dev))
+                if bool((mn <= mx).all()):  # some process had data (one read, empty only)
+                    self._given = (mn, mx)
+                    try:
+                        self._record(x)
+                    finally:
+                        self._given = None
+            return x
+        return super().forward(x)
+
+    def _batch_min_max(self, x: torch.Tensor):
+        if self._given is not None:
+            return self._given
+        return super()._batch_min_max(x)
+
     def _reduce(self, mn, mx):
         if _dist_world(self.group) <= 1:
             return mn, mx
@@ -465,7 +494,7 @@ class SyncMinMaxObserver(_SyncMixin, MinMaxObserver):
     def __init__(self, dtype=qint8, symmetric: bool = True, axis: Optional[int] = None,
                  check_finite: bool = True, group=None):
         super().__init__(dtype, symmetric, axis, check_finite)
-        self.group = group
+        self.group = check_group(group, type(self).__name__)
 
 
 class SyncExponentialMovingAverageObserver(_SyncMixin, ExponentialMovingAverageObserver):
@@ -475,7 +504,7 @@ class SyncExponentialMovingAverageObserver(_SyncMixin, ExponentialMovingAverageO
     def __init__(self, momentum: float = 0.9, dtype=qint8, symmetric: bool = True,
                  axis: Optional[int] = None, check_finite: bool = True, group=None):
         super().__init__(momentum, dtype, symmetric, axis, check_finite)
-        self.group = group
+        self.group = check_group(group, type(self).__name__)
 
 
 # --------------------------------------------------------------------------- histogram

@@ -110,10 +110,11 @@ def normalize_train(z: torch.Tensor, W: torch.Tensor, beta: torch.Tensor, E: tor
     Raises:
         ValueError: fewer than 2 values per channel.
     """
-    if z.dim() < 2 or z.numel() // max(z.size(1), 1) < 2:
+    synced = syncs_batch_stats(bn)  # (the global batch counts there, as in SyncBatchNorm)
+    if z.dim() < 2 or (z.numel() // max(z.size(1), 1) < 2 and not synced):
         raise ValueError(f"expected more than 1 value per channel when training, got a "
                          f"batch-norm input of shape {tuple(z.shape)}")
-    if not syncs_batch_stats(bn):
+    if not synced:
         y = try_op("bn_normalize_train", z, z, W, beta, E, t, bn, bias)
         if y is not None:
             return y

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from ...backends.registry import try_op
-from ...distributed import batch_mean_var
+from ...distributed import batch_mean_var, syncs_batch_stats
 from ...nn import conv as Float
 from .bn_train import (fold_quant_weight, fold_quant_weight_frozen, normalize_quant_train,
                        normalize_train, scale_rows, update_bn_running_stats)
@@ -155,7 +155,10 @@ class BnFoldedModule(QATModule):
         return w, beta + (b - mean) * scale
 
     def _check_batch(self, x, y) -> None:
-        if y.numel() // max(y.size(1), 1) < 2:
+        # a synchronised BatchNorm normalises over the global batch: a local batch of 1 (or
+        # 0) is fine there, as in torch.nn.SyncBatchNorm (and refusing it on one rank would
+        # leave the others waiting in the all-reduce)
+        if y.numel() // max(y.size(1), 1) < 2 and not syncs_batch_stats(self.bn):
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
                              f"when training, got input shape {tuple(x.shape)}")
 

@@ -1,0 +1,60 @@
+"""Distributed QAT with uneven local batches (gloo, 2 CPU processes): an empty local batch
+still joins the synced observers' all-reduce; a local batch of 1 trains under a synchronised
+BatchNorm; bad process groups are refused up front."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gpuquant
+from gpuquant import distributed as gdist
+from gpuquant import nn as gnn
+from gpuquant.quantization import (SyncExponentialMovingAverageObserver, SyncMinMaxObserver,
+                                   quantize_qat, sync_ema_fakequant_qconfig)
+from tests.distributed.dist_launch import run
+
+
+def _empty_worker(rank, world):
+    obs = SyncExponentialMovingAverageObserver(0.9, axis=None)
+    pc = SyncMinMaxObserver(axis=1)
+    batches = [torch.tensor([-5.0, 5.0]), torch.tensor([-2.0, 2.0])]
+    for step, b in enumerate(batches):
+        x = torch.empty(0) if (rank == 1 and step == 0) else b * (rank + 1)
+        obs(x)
+        pc(x.reshape(-1, 1).expand(-1, 3) if x.numel() else torch.empty(0, 3))
+    return [obs.min_val.item(), obs.max_val.item(), pc.min_val.tolist(), pc.max_val.tolist()]
+
+
+def test_empty_local_batch_joins_the_all_reduce():
+    """Rank 1's first batch is empty: both ranks record the global batches, in step."""
+    r0, r1 = run(_empty_worker, 2)
+    assert r0 == r1
+    # step 0: rank 0's [-5, 5] alone; step 1: [-2, 2] and [-4, 4] -> [-4, 4]; EMA 0.9
+    assert r0[0] == pytest.approx(-5 + 0.1 * (-4 + 5)) and r0[1] == pytest.approx(4.9)
+    assert r0[2] == [-5.0] * 3 and r0[3] == [5.0] * 3  # min / max over both steps
+
+
+def _batch_one_worker(rank, world):
+    torch.manual_seed(0)
+    m = quantize_qat(gnn.LinearBnRelu1d(8, 4), sync_ema_fakequant_qconfig).train()
+    gdist.convert_sync_batchnorm(m)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 8, generator=g)
+    local = x[:4] if rank == 0 else x[4:]
+    m(local).sum().backward()
+    return m.bn.running_mean.tolist()
+
+
+def test_local_batch_of_one_under_synchronised_batchnorm():
+    r0, r1 = run(_batch_one_worker, 2)
+    assert r0 == r1
+
+
+def test_bad_process_groups_are_refused():
+    m = quantize_qat(gnn.LinearBn1d(8, 4), sync_ema_fakequant_qconfig)
+    with pytest.raises(TypeError, match="process group must be None"):
+        gdist.convert_sync_batchnorm(m, process_group="world")
+    with pytest.raises(TypeError, match="SyncMinMaxObserver: the process group"):
+        SyncMinMaxObserver(group=3)
+    with pytest.raises(TypeError, match="SyncExponentialMovingAverageObserver"):
+        SyncExponentialMovingAverageObserver(group=object())
