@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 
@@ -28,10 +29,15 @@ def main(argv=None) -> int:
         if why is not None:  # up front: the demo trains for a while before writing
             p_demo.error(f"argument --out: {why}")
         return run_demo(out=args.out)
+    from ._paths import out_problem
+    why = out_problem(args.out)
+    if why is not None:  # up front: the suites run for minutes before writing
+        p_bench.error(f"argument --out: {why}")
     from .bench import run_bench
     return run_bench(args.suites, quick=args.quick, out=args.out,
                      save_each_case=args.save_each_case, where=args.where, skip=args.skip,
-                     command="gpuquant " + " ".join(sys.argv[1:] if argv is None else argv))
+                     command=shlex.join(["gpuquant"] + list(sys.argv[1:] if argv is None
+                                                            else argv)))
 
 
 if __name__ == "__main__":

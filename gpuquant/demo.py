@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from ._paths import out_problem
+
 __all__ = ["run_demo", "load_digits_data"]
 
 SEED = 0
@@ -104,26 +106,6 @@ def _int8_bytes(qmodel) -> int:
     # weights, biases and qparams of the quantized modules (what an int8 deployment stores)
     return sum(t.numel() * t.element_size() for k, t in qmodel.state_dict().items()
                if isinstance(t, torch.Tensor))
-
-
-def out_problem(out) -> Optional[str]:
-    """Why ``out`` cannot be the demo's output folder (None when it can): checked before the
-    run, so a bad path fails at once rather than after training."""
-    if not isinstance(out, (str, os.PathLike)):
-        return f"must be a folder path (str or os.PathLike), got {type(out).__name__}"
-    out = os.fspath(out)
-    if not out:
-        return "must not be empty"
-    if os.path.exists(out) and not os.path.isdir(out):
-        return f"{out!r} exists and is not a folder"
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{out!r} cannot be created: {parent!r} is not a folder"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{out!r} cannot be written: no write permission in {parent!r}"
-    return None
 
 
 def run_demo(out: Optional[str] = None, float_epochs: int = 12, qat_epochs: int = 4,

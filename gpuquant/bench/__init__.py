@@ -135,13 +135,38 @@ def _select(suite: Suite, cases: List[Case], where: Dict[str, List[str]],
         if unknown:
             raise UsageError(f"--where: suite {suite.name!r} has no param {unknown[0]!r}; its "
                              f"params: {sorted(names)}")
-        cases = [c for c in cases
-                 if all(str(c.params.get(k)) in vs for k, vs in where.items())]
+        kept = [c for c in cases
+                if all(str(c.params.get(k)) in vs for k, vs in where.items())]
+        if cases and not kept:  # (nothing to measure: the suite's files are left as they are)
+            values = {k: sorted({str(c.params.get(k)) for c in cases}) for k in where}
+            raise UsageError(f"--where: no case of suite {suite.name!r} matches; the values "
+                             f"there: {values}")
+        cases = kept
     for c in cases:
         for prov in skip:
             if prov != suite.baseline:
                 c.providers.pop(prov, None)
     return cases
+
+
+def _unknown_skips(names, devices, skip, quick: bool, cuda: bool) -> Optional[str]:
+    """Why ``skip`` names a provider none of the suites ``names`` has (a typo would run it),
+    or None. Reads only the case lists (inputs are built lazily)."""
+    from . import suites as registry
+    known = set()
+    for name in names:
+        dev = {"cpu": "cpu", "cuda": "cuda", "any": "cuda" if cuda else "cpu"}[devices[name]]
+        try:
+            cases = registry.load_suite(name).cases(quick, dev)
+        except Exception:  # noqa: BLE001 - the suite's own run reports it
+            return None
+        for c in cases:
+            known |= set(c.providers)
+    unknown = sorted(set(skip) - known)
+    if unknown:
+        return (f"--skip: no suite run here has a provider {unknown[0]!r}; "
+                f"providers: {sorted(known)}")
+    return None
 
 
 def _run_suite(suite: Suite, device: str, quick: bool, command: str,
@@ -255,6 +280,13 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
         print(f"gpuquant bench: {e}", file=sys.stderr)
         return 2
     cuda = torch.cuda.is_available() if cuda_available is None else bool(cuda_available)
+    from .._paths import out_problem
+    why = out_problem(out)
+    if why is None and skip:
+        why = _unknown_skips(names, devices, skip, quick, cuda)
+    if why is not None:  # before anything is measured
+        print(f"gpuquant bench: {why}", file=sys.stderr)
+        return 2
     if not suites:
         missing = [n for n in registry.registered() if n not in names]
         if missing:

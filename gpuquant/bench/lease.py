@@ -208,6 +208,10 @@ def _parse(argv) -> argparse.Namespace:
     if bad or not stages:
         p.error(f"unknown stage(s) {bad or args.stages!r}; known: {known}")
     args.stage_list = list(dict.fromkeys(stages))
+    from .._paths import out_problem
+    why = out_problem(args.out)
+    if why is not None:  # before the lease's minutes are spent
+        p.error(f"argument --out: {why}")
     args.where_map = _per_stage(args.where, "where", known, p)
     skips = {**DEFAULT_SKIP, **_per_stage(args.skip, "skip", known, p)}
     args.skip_map = {k: v for k, v in skips.items() if v}  # "--skip models:": skip nothing
