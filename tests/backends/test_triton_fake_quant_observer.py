@@ -456,3 +456,30 @@ def test_qat_network_on_triton_equals_reference(monkeypatch, bn_act):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
             else:  # the Linear
                 assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("dtype,sym", [(gpuquant.qint8, True), (gpuquant.quint8, False)])
+def test_compiled_kernels_divide_as_torch_does_on_cuda(monkeypatch, dtype, sym):
+    """torch.ao divides the range by a Python float: on CUDA PyTorch computes that as a
+    multiplication by the float32 reciprocal (up to one ulp off a division). The compiled
+    kernels (GPU) do the same (``_RECIP_DIV``); the interpreter divides, as torch on the CPU.
+    Here the GPU branch runs under the interpreter against that CUDA arithmetic."""
+    import triton.language as tl
+    monkeypatch.setattr(tobs, "_RECIP_DIV", tl.constexpr(True))
+    g = torch.Generator().manual_seed(8)
+    differs = 0
+    for _ in range(40):
+        x = torch.randn(257, generator=g) * torch.rand(1, generator=g) * 10 + 0.3
+        obs = qobs.MinMaxObserver(dtype, symmetric=sym, check_finite=False)
+        scale, zp, inv = tobs.observer_step(x, obs, None)
+        mn, mx = x.min().clamp(max=0), x.max().clamp(min=0)
+        if sym:
+            b = torch.tensor(float(dtype.qmax - dtype.qmin) / 2)
+            num = torch.maximum(-mn, mx)
+        else:
+            b = torch.tensor(float(dtype.qmax - dtype.qmin))
+            num = mx - mn
+        cuda_like = torch.clamp(num * (1.0 / b), min=torch.finfo(torch.float32).eps)
+        assert torch.equal(scale.reshape(()), cuda_like), (scale, cuda_like)
+        differs += int(not torch.equal(cuda_like, torch.clamp(num / b, min=1.1920929e-07)))
+    assert differs > 0  # the two divisions do differ on some of these batches

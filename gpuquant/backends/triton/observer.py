@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv
+from .common import INTERPRET, cdiv
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
                          _flat_span, _fq_relu, _npow2, _rne, _row_offsets, _store_mask,
                          _target_programs, _to_out, _udiv, as_rows, auto_interpreter,
@@ -60,6 +60,12 @@ __all__ = ["observe_fake_quant", "observer_step", "mark_observed", "OPS", "KERNE
 _EPS = float(torch.finfo(torch.float32).eps)
 _INF = tl.constexpr(float("inf"))  # module constants: no float() calls inside kernels
 _NINF = tl.constexpr(float("-inf"))
+# How torch divides a tensor by a Python float on the device the kernel stands for: on CUDA
+# as ``a * fl32(1 / b)`` (PyTorch's div_true_kernel_cuda, "may lose one bit"), on the CPU
+# exactly. The observers' definition (torch.ao's _calculate_qparams) divides by
+# ``float(qmax - qmin)`` that way, so compiled kernels (GPU) multiply by the reciprocal and
+# the interpreter (CPU tensors) divides: each matches torch on its own device bit for bit.
+_RECIP_DIV = tl.constexpr(not INTERPRET)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -154,10 +160,16 @@ def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_ran
     max_pos = tl.maximum(new_max, 0.0)
     if SYMMETRIC:
         max_pos = tl.maximum(-min_neg, max_pos)
-        scale = tl.maximum(tl.math.div_rn(max_pos, half_range), eps)
+        if _RECIP_DIV:
+            scale = tl.maximum(max_pos * tl.math.div_rn(1.0, half_range), eps)
+        else:
+            scale = tl.maximum(tl.math.div_rn(max_pos, half_range), eps)
         zp = scale * 0.0 + zp_sym
     else:
-        scale = tl.maximum(tl.math.div_rn(max_pos - min_neg, qmax - qmin), eps)
+        if _RECIP_DIV:
+            scale = tl.maximum((max_pos - min_neg) * tl.math.div_rn(1.0, qmax - qmin), eps)
+        else:
+            scale = tl.maximum(tl.math.div_rn(max_pos - min_neg, qmax - qmin), eps)
         zp = qmin - _rne(tl.math.div_rn(min_neg, scale))
         zp = tl.minimum(tl.maximum(zp, qmin), qmax)
     return new_min, new_max, scale, zp, ok
