@@ -181,7 +181,12 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
         qc = _qconfig_of(m, name, inherited)
         cls = mapping.get(type(m))
         if cls is not None:
-            new = cls.from_float_module(m)
+            try:
+                new = cls.from_float_module(m)
+            except (NotImplementedError, ValueError, TypeError) as e:
+                kind = ValueError if isinstance(e, NotImplementedError) else type(e)
+                raise kind(f"quantize_qat: {_where(name, m)}: {e}; keep it float with "
+                           f"disable_quantize() (with stubs around it) or change it") from e
             new.set_qconfig(qc)
             if qc is not inherited:  # its own qconfig attribute: kept by a second call
                 new.__dict__["_own_qconfig"] = True
@@ -190,8 +195,14 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
             raise TypeError(f"quantize_qat: module {name or '<root>'!r} of type "
                             f"{type(m).__name__} has no QAT version in the mapping; pass "
                             f"mapping={{{type(m).__name__}: ...}} or call disable_quantize() on it")
-        for child_name, child in m.named_children():
-            new = convert(child, f"{name}.{child_name}" if name else child_name, qc)
+        done = {}  # one module under two names of this parent: one QAT module for both
+        for child_name, child in list(m._modules.items()):  # (named_children skips aliases)
+            if child is None:
+                continue
+            if id(child) not in done:
+                done[id(child)] = convert(child, f"{name}.{child_name}" if name else child_name,
+                                          qc)
+            new = done[id(child)]
             if new is not child:
                 swaps.append((m, child_name, new))
         return m
@@ -257,8 +268,13 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
                 if name and repr(name) not in msg:
                     msg = f"module {name!r} ({type(m).__name__}): {msg}"
                 raise ValueError(f"quantize: {msg}") from e
-        for child_name, child in list(m.named_children()):
-            new = convert(child, f"{name}.{child_name}" if name else child_name)
+        done = {}  # one module under two names of this parent: one quantized module
+        for child_name, child in list(m._modules.items()):  # (named_children skips aliases)
+            if child is None:
+                continue
+            if id(child) not in done:
+                done[id(child)] = convert(child, f"{name}.{child_name}" if name else child_name)
+            new = done[id(child)]
             if new is not child:
                 setattr(m, child_name, new)
         return m

@@ -51,6 +51,13 @@ class _PassQParams(QATModule):
 class MaxPool2d(_PassQParams, Float.MaxPool2d):
     """QAT ``MaxPool2d``."""
 
+    @classmethod
+    def from_float_module(cls, float_module):
+        if getattr(float_module, "return_indices", False):
+            raise ValueError("MaxPool2d with return_indices=True has no int8 form (the "
+                             "integer op returns the pooled values only)")
+        return super().from_float_module(float_module)
+
     def _pool(self, x):
         return Float.MaxPool2d.forward(self, x)
 

@@ -1,0 +1,77 @@
+"""Module-flow edges found by probing: two QuantStubs on slices of one input, a module under
+two names of one parent, conversion errors naming the module, MaxPool2d(return_indices)."""
+import pytest
+import torch
+
+import gpuquant.nn as gnn
+from gpuquant.quantization import (calibration_qconfig, disable_fake_quant,
+                                   ema_fakequant_qconfig, enable_fake_quant, quantize,
+                                   quantize_qat)
+
+
+class TwoStubs(gnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_rgb, self.q_depth = gnn.QuantStub(), gnn.QuantStub()
+        self.c_rgb = gnn.Conv2d(3, 4, 3, padding=1)
+        self.c_depth = gnn.Conv2d(1, 4, 3, padding=1)
+        self.dq1, self.dq2 = gnn.DequantStub(), gnn.DequantStub()
+
+    def forward(self, x):
+        a, b = self.q_rgb(x[:, :3]), self.q_depth(x[:, 3:])
+        return self.dq1(self.c_rgb(a)), self.dq2(self.c_depth(b))
+
+
+def _data(n):
+    x = torch.rand(n, 4, 8, 8)
+    x[:, 3:] *= 100.0  # a depth channel beside RGB
+    return x
+
+
+def test_stubs_on_slices_of_one_input_keep_their_own_qparams():
+    torch.manual_seed(0)
+    m = quantize_qat(TwoStubs().eval(), calibration_qconfig)  # no fake quant
+    with torch.no_grad():
+        for _ in range(3):
+            m(_data(8))
+    i = quantize(m, inplace=False)
+    assert torch.equal(i.c_rgb.input_scale.reshape(()),
+                       m.q_rgb.get_activation_qparams().scale.reshape(()))
+    assert torch.equal(i.c_depth.input_scale.reshape(()),
+                       m.q_depth.get_activation_qparams().scale.reshape(()))
+    # the usual warm-up recipe (fake quant off, then on) converts too
+    m = quantize_qat(TwoStubs(), ema_fakequant_qconfig)
+    disable_fake_quant(m)
+    m(_data(8))
+    enable_fake_quant(m)
+    m(_data(8))
+    quantize(m.eval())
+
+
+def test_module_under_two_names_of_one_parent_is_converted_under_both():
+    class Alias(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.dq = gnn.QuantStub(), gnn.DequantStub()
+            self.a = gnn.Linear(4, 4)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.dq(self.b(self.a(self.q(x))))
+    m = quantize_qat(Alias(), ema_fakequant_qconfig)
+    assert m.a is m.b and type(m.a).__module__.startswith("gpuquant.nn.qat")
+    m(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="comes from 2 producers"):  # two call sites
+        quantize(m.eval(), inplace=False)
+
+
+def test_conversion_errors_name_the_module():
+    seq = torch.nn.Sequential(gnn.QuantStub(), torch.nn.Sequential(
+        gnn.ConvBnRelu2d(3, 3, 3, padding=1)), gnn.DequantStub())
+    seq[1][0].bn.track_running_stats = False
+    seq[1][0].bn.running_mean = seq[1][0].bn.running_var = None
+    with pytest.raises(ValueError, match=r"module '1\.0' \(ConvBnRelu2d\).*disable_quantize"):
+        quantize_qat(seq, ema_fakequant_qconfig)
+    pool = torch.nn.Sequential(gnn.QuantStub(), gnn.MaxPool2d(2, return_indices=True))
+    with pytest.raises(ValueError, match=r"module '1' \(MaxPool2d\).*return_indices"):
+        quantize_qat(pool, ema_fakequant_qconfig)
