@@ -82,3 +82,40 @@ def test_try_op_runs_an_optional_op_or_gives_none(monkeypatch):
     assert registry.try_op("maybe", x, 3, scale=2) == 6
     assert registry.try_op("maybe", x, -1) is None  # declined
     assert registry.try_op("no_such_op", x, 3) is None
+
+
+def test_use_is_per_asyncio_task():
+    """Two tasks of one event loop each inside their own use(): each sees its own choice
+    (a thread-local stack was shared by the tasks)."""
+    import asyncio
+    from gpuquant.backends import registry
+
+    async def task(name, gate_in, gate_out, seen):
+        with backends.use(name):
+            gate_in.set()
+            await gate_out.wait()
+            seen[name] = registry.current()
+        seen[name + "-after"] = registry.current()
+
+    async def main():
+        seen = {}
+        a_in, b_in, go = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        t1 = asyncio.create_task(task("numpy", a_in, go, seen))
+        t2 = asyncio.create_task(task("reference", b_in, go, seen))
+        await a_in.wait()
+        await b_in.wait()
+        go.set()
+        await asyncio.gather(t1, t2)
+        return seen
+    seen = asyncio.run(main())
+    assert seen["numpy"] == "numpy" and seen["reference"] == "reference"
+    assert seen["numpy-after"] is None and seen["reference-after"] is None
+
+
+def test_verify_env_off_words(monkeypatch):
+    from gpuquant.backends import registry
+    for word in ("", "0", "false", "no", "off", "OFF"):
+        monkeypatch.setenv("GPUQUANT_VERIFY", word)
+        assert not registry.verifying()
+    monkeypatch.setenv("GPUQUANT_VERIFY", "1")
+    assert registry.verifying()

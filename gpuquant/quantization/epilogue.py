@@ -69,11 +69,19 @@ def fuse_epilogues(model: torch.nn.Module) -> fx.GraphModule:
         ``(producer, consumer)`` qualified names that were fused.
 
     Raises:
-        TypeError: not a module. ValueError: no quantized module, or training mode.
+        TypeError: not a module. ValueError: no quantized module, training mode, or modules
+            with forward hooks (the fused graph would not call them).
         NotImplementedError: ``torch.fx`` cannot trace the model.
     """
     who = "fuse_epilogues"
     _check_model(model, who)
+    hooked = [name or "<root>" for name, m in model.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks]
+    if hooked:  # the traced graph calls no hooks, and fused modules run their parts directly
+        raise ValueError(f"{who}: modules with forward hooks or pre-hooks ({hooked[:4]}"
+                         f"{' ...' if len(hooked) > 4 else ''}) would silently lose them; "
+                         f"remove the hooks first (and register them on the fused model's "
+                         f"modules if needed)")
     gm = _trace(model, who)
     graph = gm.graph
     modules = dict(gm.named_modules())
@@ -124,6 +132,8 @@ def fuse_epilogues(model: torch.nn.Module) -> fx.GraphModule:
     gm.recompile()
     gm.delete_all_unused_submodules()  # the producers now live inside the fused modules
     gm.fused = fused
+    # torch.fx's GraphModule.__deepcopy__ restores the attributes listed here
+    gm.meta.setdefault("_user_preserved_attributes", {})["fused"] = fused
     return gm
 
 

@@ -494,3 +494,19 @@ def test_empty_batch_with_fused_activation(activation, per_channel):
                 assert y.shape == (n, 9, 5, 4) and y.dtype == torch.int8
                 with backends.use("reference"):
                     assert torch.equal(y, qf.conv2d(xc, -4, wc, bias, 1, 1, 1, 1, rq))
+
+
+def test_graph_capture_is_refused_clearly():
+    """torch.jit.trace would record a NumPy op's result as a constant; torch.compile would
+    trace NumPy calls on fake tensors: both refused with a clear error."""
+    import gpuquant.functional as GF
+    from gpuquant import QParams, backends, qint8
+    x = torch.randn(2, 3)
+    qp = QParams(qint8, 0.1, 0)
+
+    def f(t):
+        return GF.quantize(t, qp)
+    with backends.use("numpy"):
+        with pytest.raises(NotImplementedError, match="cannot be recorded by torch.jit.trace"):
+            torch.jit.trace(f, (x,), check_trace=False)
+        assert torch.equal(f(x), f(x))  # eager is unaffected

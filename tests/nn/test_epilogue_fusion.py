@@ -148,6 +148,14 @@ def test_fuse_refuses_bad_models():
     q.training = True
     with pytest.raises(ValueError, match="training mode"):
         fuse_epilogues(q)
+    q.training = False
+    h = q.conv3.register_forward_hook(lambda m, i, o: o)  # the fused graph would skip it
+    with pytest.raises(ValueError, match=r"forward hooks or pre-hooks \(\['conv3'\]\)"):
+        fuse_epilogues(q)
+    h.remove()
+    f = fuse_epilogues(q)
+    import copy
+    assert copy.deepcopy(f).fused == f.fused  # the documented attribute survives a copy
 
 
 def test_unfuse_export_and_save(tmp_path):

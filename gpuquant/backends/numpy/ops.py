@@ -8,6 +8,7 @@ the very same code.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import numpy as np
@@ -169,3 +170,35 @@ OPS.update(_DYNAMIC_OPS)
 from ..fused import compose as _compose  # noqa: E402
 
 OPS.update(_compose(OPS))
+
+
+def _eager_only(name, fn):
+    """``fn`` (NumPy code on tensors' memory), kept out of graph capture:
+
+    * under ``torch.jit.trace`` it would be recorded as a constant (the traced model then
+      ignores its input): refused with a clear error;
+    * under ``torch.compile`` dynamo would trace the NumPy calls on fake tensors and fail
+      deep inside torch: refused with a clear error instead (torch versions that graph-break
+      on the raise run the op eagerly, where ``is_compiling()`` is False)."""
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                f"numpy backend op {name!r} cannot be recorded by torch.jit.trace (it computes "
+                f"in NumPy: the trace would hold this call's result as a constant); trace "
+                f"under gpuquant.backends.use('reference')")
+        if _is_compiling():
+            raise NotImplementedError(
+                f"numpy backend op {name!r} cannot run inside torch.compile (it computes in "
+                f"NumPy); compile the model under gpuquant.backends.use('reference'), or "
+                f"leave the int8 modules out of the compiled region (torch.compiler.disable)")
+        return fn(*args, **kwargs)
+    return op
+
+
+def _is_compiling() -> bool:
+    f = getattr(torch.compiler, "is_compiling", None)
+    return bool(f()) if f is not None else False
+
+
+OPS = {name: _eager_only(name, fn) for name, fn in OPS.items()}
