@@ -661,8 +661,10 @@ class HistogramObserver(Observer):
                                               self.symmetric)
             s, z = scale[:, None], zp[:, None].float()
             q = (torch.round(centers * (1.0 / s)) + z).clamp_(self.dtype.qmin, self.dtype.qmax)
-            err = (q - z).mul_(s).sub_(centers)
-            out.append((err * err) @ counts)  # float32 is plenty to rank candidates
+            err = (q - z).mul_(s).sub_(centers).double()
+            # squared in float64: float32 overflows past |x| ~ 1e19 (inf, then inf * an empty
+            # bin's 0 = NaN, and argmin picked the first NaN)
+            out.append((err * err) @ counts.double())
         return torch.cat(out) / counts.sum().clamp(min=1)
 
     def _choose_range(self):

@@ -183,11 +183,11 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
         if cls is not None:
             try:
                 new = cls.from_float_module(m)
+                new.set_qconfig(qc)
             except (NotImplementedError, ValueError, TypeError) as e:
                 kind = ValueError if isinstance(e, NotImplementedError) else type(e)
                 raise kind(f"quantize_qat: {_where(name, m)}: {e}; keep it float with "
                            f"disable_quantize() (with stubs around it) or change it") from e
-            new.set_qconfig(qc)
             if qc is not inherited:  # its own qconfig attribute: kept by a second call
                 new.__dict__["_own_qconfig"] = True
             return new

@@ -75,3 +75,28 @@ def test_conversion_errors_name_the_module():
     pool = torch.nn.Sequential(gnn.QuantStub(), gnn.MaxPool2d(2, return_indices=True))
     with pytest.raises(ValueError, match=r"module '1' \(MaxPool2d\).*return_indices"):
         quantize_qat(pool, ema_fakequant_qconfig)
+
+
+def test_per_channel_activation_qconfig_refused_before_training():
+    """The integer ops (and the QAT pooling) take one activation scale: a per-channel
+    activation observer is refused at quantize_qat, naming the module, not after a run."""
+    from functools import partial
+
+    from gpuquant.quantization import MinMaxObserver
+    qc = ema_fakequant_qconfig._replace(act_observer=partial(MinMaxObserver, axis=1))
+    m = torch.nn.Sequential(gnn.QuantStub(), gnn.Conv2d(3, 8, 3), gnn.AvgPool2d(2),
+                            gnn.DequantStub())
+    with pytest.raises(ValueError, match=r"module '0' \(QuantStub\).*per channel \(axis=1\)"):
+        quantize_qat(m, qc)
+
+
+def test_accumulator_overflow_refused_at_conversion():
+    """K, max|w| and the bias are known at conversion: a layer whose int32 accumulator could
+    overflow is refused by quantize(), not at the first inference."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(gnn.QuantStub(), gnn.Linear(140000, 2), gnn.DequantStub())
+    q = quantize_qat(m, ema_fakequant_qconfig)
+    q(torch.randn(2, 140000))
+    with pytest.raises(ValueError, match=r"module '1' \(Linear\).*int32 accumulator could "
+                                         r"overflow.*at most k=132103"):
+        quantize(q.eval(), inplace=False)

@@ -493,3 +493,19 @@ def test_observers_never_sync_the_host_on_cuda(make):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert qp.scale.is_cuda and bool((qp.scale > 0).all())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_histogram_mse_is_scale_invariant_to_huge_magnitudes(symmetric):
+    """The MSE search squares errors in float64: in float32 they overflowed past ~1e19 and
+    argmin picked a NaN candidate (clip amax / 32)."""
+    from gpuquant.quantization import HistogramObserver
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, generator=g)
+    ratios = []
+    for k in (1.0, 1e20, 1e30):
+        obs = HistogramObserver(symmetric=symmetric, mode="mse")
+        obs(x * k)
+        ratios.append(float(obs.get_qparams().scale) / k)
+    assert ratios[1] == pytest.approx(ratios[0], rel=1e-4)
+    assert ratios[2] == pytest.approx(ratios[0], rel=1e-4)

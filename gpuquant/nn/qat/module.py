@@ -134,6 +134,14 @@ class QATModule(Module):
         if self.with_act:
             self.act_observer = _make(qconfig.act_observer, "act_observer")
             self.act_fake_quant = _make(qconfig.act_fake_quant, "act_fake_quant")
+            for m in (self.act_observer, self.act_fake_quant):
+                if getattr(m, "axis", None) is not None:  # before a training run, not after
+                    raise ValueError(
+                        f"{type(self).__name__}: the qconfig's activation "
+                        f"{'observer' if m is self.act_observer else 'fake quant'} is per "
+                        f"channel (axis={m.axis}); int8 activations are per tensor (the "
+                        f"integer ops and the QAT pooling take one scale): use a per-tensor "
+                        f"activation observer")
         if dev is not None:
             for m in (self.weight_observer, self.weight_fake_quant, self.act_observer,
                       self.act_fake_quant):

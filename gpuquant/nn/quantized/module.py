@@ -227,6 +227,13 @@ def quantize_weight_bias(qat_module, name: str):
                 raise ValueError(f"{who}: the bias does not fit int32 in units of s_x * s_w "
                                  f"(max |b / (s_x s_w)| = {float(r.abs().max()):.3g})")
             b_q = r.to(torch.int32).to(w.device)
+        # the int32 accumulator's worst case is known here (shape, input range, weights,
+        # bias): refused at conversion, not at the first inference
+        k = 1
+        for d in w_q.shape[1:]:
+            k *= int(d)
+        _integer.check_accumulator_range(k, in_qp.dtype, int(in_qp.zero_point.reshape(-1)[0]),
+                                         w_q, 0 if b_q is None else b_q, op=who)
     return w_q, b_q, w_qp, in_qp, out_qp
 
 
