@@ -40,8 +40,18 @@ def test_env_var(monkeypatch):
     monkeypatch.setenv("GPUQUANT_BACKEND", "reference")
     assert backends.current() == "reference"
     monkeypatch.setenv("GPUQUANT_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="bogus"):
+    with pytest.raises(ValueError, match="GPUQUANT_BACKEND='bogus' names no backend"):
         backends.current()
+
+
+def test_verify_refuses_qat_models():
+    import gpuquant
+    from gpuquant.quantization import ema_fakequant_qconfig, quantize_qat
+    q = quantize_qat(gpuquant.models.digits_net(), ema_fakequant_qconfig)
+    x = torch.randn(2, 1, 8, 8)
+    q(x)
+    with pytest.raises(ValueError, match="QAT modules.*quantize first"):
+        backends.verify(q.eval(), x)
 
 
 def test_explicit_backend_missing_op_raises():

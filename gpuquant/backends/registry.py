@@ -122,6 +122,9 @@ def _explicit() -> Optional[str]:
     if stack:
         return stack[-1]
     env = os.environ.get("GPUQUANT_BACKEND")
+    if env and env not in _MODULES:
+        raise ValueError(f"GPUQUANT_BACKEND={env!r} names no backend; known: "
+                         f"{list(_MODULES)}, available here: {available()}")
     return env or None
 
 

@@ -192,11 +192,17 @@ def verify(model: torch.nn.Module, *inputs, backend: Optional[str] = None, **kwa
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: unknown backend, one that cannot run here, or the NumPy backend is not
-            available.
+        ValueError: unknown backend, one that cannot run here, the NumPy backend is not
+            available, or QAT modules in the model (convert it first).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"verify: model must be a torch.nn.Module, got {type(model).__name__}")
+    from ..nn.qat.module import QATModule
+    qat = [n or "<root>" for n, m in model.named_modules() if isinstance(m, QATModule)]
+    if qat:  # its fake quant has no NumPy (integer) form to compare with
+        raise ValueError(f"verify: the model holds QAT modules ({qat[:3]}); verify compares "
+                         f"a quantized model's integer ops: convert it with "
+                         f"gpuquant.quantization.quantize first")
     registry.get_backend(ORACLE)  # raises with the list of available backends
     if backend is not None:
         with registry.use(backend):
