@@ -37,7 +37,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .common import cdiv, last_to_finish, launch_tickets
-from .fake_quant import (_FLOATS, _LAUNCH, _npow2, _rne, _row_offsets, _to_out, _tqt_scale,
+from .fake_quant import (_LAUNCH, _npow2, _rne, _row_offsets, _to_out, _tqt_scale,
                          as_rows, auto_interpreter, fake_quant_forward, on_tensor_device,
                          row_plan)
 from .launch import launch
@@ -220,25 +220,10 @@ class TQTFunction(torch.autograd.Function):
 
 
 def _check(x, params, qmin, qmax, axis, fn):
-    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
-        raise TypeError(f"{fn}: x must be a float32/float16/bfloat16 tensor, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
-    if not qmin <= qmax:
-        raise ValueError(f"{fn}: need qmin <= qmax, got {qmin}, {qmax}")
-    if axis is not None and not 0 <= axis < x.dim():
-        raise ValueError(f"{fn}: axis {axis} out of range for {x.dim()}-d x; allowed "
-                         f"[0, {x.dim() - 1}]")
-    want = 1 if axis is None else x.shape[axis]
-    for name, p in params.items():
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-            raise TypeError(f"{fn}: {name} must be a float tensor, got "
-                            f"{getattr(p, 'dtype', type(p).__name__)}")
-        if p.device != x.device:
-            raise ValueError(f"{fn}: {name} is on {p.device}, x on {x.device}")
-        if p.numel() != want or (axis is not None and p.dim() != 1):
-            raise ValueError(f"{fn}: {name} must have {want} value(s) "
-                             f"({'0-d' if axis is None else f'(C,) along axis {axis}'}), got "
-                             f"shape {tuple(p.shape)}")
+    """The public functions' argument checks (:mod:`gpuquant.quantization.fake_quant`), for
+    callers of this op itself."""
+    from ...quantization.fake_quant import _check_learned_args
+    _check_learned_args(fn, x, params, qmin, qmax, axis)
 
 
 def lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor, *, programs=None,
