@@ -478,6 +478,19 @@ def test_plan_rejects_bad_inputs():
         launch.plan_linear(x, x_zp, w, bias, make_requant(0.02, 0.01, 2e-4, 0, qint32), "dp4a")
 
 
+def test_plans_past_cuda_grid_limits_are_refused():
+    """A grid past CUDA's limits (y, z <= 65535) is a ValueError at planning, not a driver
+    error at launch: 70000 groups put the group axis on z."""
+    from gpuquant.functional.requant import make_requant
+    from gpuquant.dtypes import get_dtype
+    rq = make_requant(0.02, torch.tensor(0.01), 0.5, 0, get_dtype("qint8"), "none")
+    c = 70000
+    x = torch.ones((1, c, 2, 2), dtype=torch.int8)
+    w = torch.ones((c, 1, 1, 1), dtype=torch.int8)
+    with pytest.raises(ValueError, match="past CUDA's limits"):
+        launch.plan_conv2d(x, 0, w, None, 1, 0, 1, c, rq, "mma80")
+
+
 def test_weights_made_under_inference_mode_are_planned(emu_build):
     """Inference tensors carry no version counter: the weight cache keys on storage."""
     gen = torch.Generator().manual_seed(5)

@@ -51,6 +51,13 @@ class Launch:
     out: torch.Tensor
     finish: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
 
+    def __post_init__(self):
+        gx, gy, gz = self.grid
+        if not (gx < 2 ** 31 and gy <= 65535 and gz <= 65535):  # CUDA's grid limits
+            raise ValueError(f"cupy backend op: the {self.family} kernel's grid {self.grid} is "
+                             f"past CUDA's limits (x < 2^31, y and z <= 65535) for this shape; "
+                             f"use the triton backend for it")
+
     @property
     def empty(self) -> bool:
         return self.out.numel() == 0
