@@ -129,3 +129,28 @@ def test_verify_env_off_words(monkeypatch):
         assert not registry.verifying()
     monkeypatch.setenv("GPUQUANT_VERIFY", "1")
     assert registry.verifying()
+
+
+def test_one_use_instance_shared_by_threads():
+    """use() keeps no per-entry state: one instance entered by two threads at once."""
+    import threading
+    from gpuquant.backends import registry
+    u = backends.use("reference")
+    seen, errors = [], []
+    barrier = threading.Barrier(2)
+
+    def work():
+        try:
+            with u:
+                barrier.wait()
+                seen.append(registry.current())
+                barrier.wait()
+            seen.append(registry.current())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    ts = [threading.Thread(target=work) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors and sorted(seen, key=str) == [None, None, "reference", "reference"]

@@ -134,10 +134,10 @@ def _scale_error(what: str, s: torch.Tensor, bad: torch.Tensor) -> str:
             f"(at {int(bad.sum())} position(s))")
 
 
-def _check_learned_args(fn: str, x, params: dict, qmin, qmax, axis) -> None:
+def _check_learned_args(fn: str, x, params: dict, qmin, qmax, axis):
     """The argument checks of the public learned fake-quant functions (the Triton op's own,
     plus the Python-number arguments), before any backend is chosen, so every backend
-    refuses the same inputs. No host sync."""
+    refuses the same inputs. No host sync. Returns ``axis`` (None or non-negative)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{fn}: x must be a float32/float16/bfloat16 tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
@@ -150,9 +150,10 @@ def _check_learned_args(fn: str, x, params: dict, qmin, qmax, axis) -> None:
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"{fn}: axis must be None or an int, got {type(axis).__name__} "
                             f"({axis!r})")
-        if not 0 <= axis < x.dim():
+        if not -x.dim() <= axis < x.dim():
             raise ValueError(f"{fn}: axis {axis} out of range for {x.dim()}-d x; allowed "
-                             f"[0, {x.dim() - 1}]")
+                             f"[{-x.dim()}, {x.dim() - 1}]")
+        axis = axis % x.dim()  # (a negative axis counts from the end, as in torch)
     want = 1 if axis is None else x.shape[axis]
     for name, p in params.items():
         if not isinstance(p, torch.Tensor) or not p.is_floating_point():
@@ -164,6 +165,7 @@ def _check_learned_args(fn: str, x, params: dict, qmin, qmax, axis) -> None:
             raise ValueError(f"{fn}: {name} must have {want} value(s) "
                              f"({'0-d' if axis is None else f'(C,) along axis {axis}'}), got "
                              f"shape {tuple(p.shape)}")
+    return axis
 
 
 def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
@@ -179,12 +181,13 @@ def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     Raises:
         TypeError: x not a float32/float16/bfloat16 tensor; scale or zero_point not float
             tensors; qmin, qmax, axis not ints; grad_factor not a number.
-        ValueError: qmin > qmax; axis out of range (it must be None or in [0, x.dim() - 1]);
+        ValueError: qmin > qmax; axis out of range (None or in [-x.dim(), x.dim() - 1]);
             scale / zero_point of the wrong shape or device; a scale that is not finite and
             > 0 with a finite float32 reciprocal; a non-finite zero point or grad_factor.
     """
     fn = "lsq_fake_quant"
-    _check_learned_args(fn, x, {"scale": scale, "zero_point": zero_point}, qmin, qmax, axis)
+    axis = _check_learned_args(fn, x, {"scale": scale, "zero_point": zero_point}, qmin, qmax,
+                               axis)
     if isinstance(grad_factor, bool) or not isinstance(grad_factor, numbers.Real):
         raise TypeError(f"{fn}: grad_factor must be a float, got {type(grad_factor).__name__} "
                         f"({grad_factor!r})")
@@ -259,12 +262,12 @@ def tqt_fake_quant(x: torch.Tensor, log2_t: torch.Tensor, qmin: int, qmax: int,
     Raises:
         TypeError: x not a float32/float16/bfloat16 tensor; log2_t not a float tensor; qmin,
             qmax, axis not ints.
-        ValueError: qmin > qmax; axis out of range (None or in [0, x.dim() - 1]); log2_t of
+        ValueError: qmin > qmax; axis out of range (None or in [-x.dim(), x.dim() - 1]); log2_t of
             the wrong shape or device; a log2_t whose scale is not finite and > 0 with a
             finite float32 reciprocal (NaN, or log2_t beyond about +-120).
     """
     fn = "tqt_fake_quant"
-    _check_learned_args(fn, x, {"log2_t": log2_t}, qmin, qmax, axis)
+    axis = _check_learned_args(fn, x, {"log2_t": log2_t}, qmin, qmax, axis)
     s = _tqt_scale(log2_t.detach(), int(qmax))
     bad = _bad_scale(s)
     if bool(bad.any()):  # the one host read

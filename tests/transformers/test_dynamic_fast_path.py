@@ -180,3 +180,28 @@ def test_no_memo_for_strided_buffers(cls):
         mod(x)
     assert mod._fast == {}
     assert torch.equal(mod(x), _full(mod, x))
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_memo_lets_go_of_replaced_buffers(cls):
+    """A module moved (or given new buffers) must not keep its old buffers alive through
+    the memo's closures."""
+    import gc
+    import weakref
+    mod = _mod(cls)
+    x = torch.randn(2, 40)
+    with torch.no_grad():
+        mod(x)
+        mod(x)
+    old = weakref.ref(mod.weight)
+    mod._apply(lambda t: t.clone())  # what .to() / .cuda() do, on the CPU
+    gc.collect()
+    assert old() is None and mod._fast == {}
+    with torch.no_grad():
+        mod(x)
+        mod(x)
+        old = weakref.ref(mod.weight_scale)
+        mod.weight_scale = mod.weight_scale * 1.0  # assigned anew
+        mod(x)
+    gc.collect()
+    assert old() is None

@@ -221,9 +221,9 @@ class TQTFunction(torch.autograd.Function):
 
 def _check(x, params, qmin, qmax, axis, fn):
     """The public functions' argument checks (:mod:`gpuquant.quantization.fake_quant`), for
-    callers of this op itself."""
+    callers of this op itself; returns the axis, non-negative."""
     from ...quantization.fake_quant import _check_learned_args
-    _check_learned_args(fn, x, params, qmin, qmax, axis)
+    return _check_learned_args(fn, x, params, qmin, qmax, axis)
 
 
 def lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor, *, programs=None,
@@ -244,7 +244,8 @@ def lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor, *, progr
         TypeError: x or qparams of the wrong dtype.
         ValueError: bad axis or range, shapes or devices that do not match.
     """
-    _check(x, {"scale": scale, "zero_point": zero_point}, qmin, qmax, axis, "lsq_fake_quant")
+    axis = _check(x, {"scale": scale, "zero_point": zero_point}, qmin, qmax, axis,
+                  "lsq_fake_quant")
     if auto_interpreter(x):  # CPU without use("triton"): the torch definition, not the interpreter
         from ...quantization.fake_quant import _LSQFakeQuant
         return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, axis, grad_factor)
@@ -264,7 +265,7 @@ def tqt_fake_quant(x, log2_t, qmin, qmax, axis, *, programs=None, tile=2048):
     Raises:
         TypeError, ValueError: as :func:`lsq_fake_quant`.
     """
-    _check(x, {"log2_t": log2_t}, qmin, qmax, axis, "tqt_fake_quant")
+    axis = _check(x, {"log2_t": log2_t}, qmin, qmax, axis, "tqt_fake_quant")
     if auto_interpreter(x):  # CPU without use("triton"): the torch definition, not the interpreter
         from ...quantization.fake_quant import _TQTFakeQuant
         return _TQTFakeQuant.apply(x, log2_t, qmin, qmax, axis)

@@ -189,6 +189,7 @@ class _Int8WeightLinear(Module):
         def keep_dtype(t):
             moved = fn(t)
             return moved if moved.dtype == t.dtype else t.to(moved.device)
+        self._fast.clear()  # (its closures hold the buffers: a moved module must let go)
         return super()._apply(keep_dtype, recurse)
 
     # state_dict: the buffers, plus the dtype names as extra state; an input_smoothing
@@ -205,6 +206,7 @@ class _Int8WeightLinear(Module):
             self.act_dtype = _dtype_arg(state["act_dtype"], ACT_DTYPES, "act_dtype")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._fast.clear()
         key = prefix + "input_smoothing"
         if key in state_dict and self.input_smoothing is None:
             self.input_smoothing = torch.empty_like(state_dict[key], dtype=torch.float32)
@@ -249,7 +251,9 @@ class _Int8WeightLinear(Module):
             hit = self._fast.get((x.dtype, x.device, registry._explicit(), registry.verifying()))
             if hit is not None and x.dim() and x.shape[-1] == self.in_features:
                 stamp, run = hit
-                if stamp == self._stamp() and x.numel():
+                if stamp != self._stamp():  # buffers replaced or edited: every memo is stale
+                    self._fast.clear()     # (and would keep the old tensors alive)
+                elif x.numel():
                     shape = x.shape
                     y = run(x.reshape(-1, self.in_features).contiguous())
                     return y.reshape(shape[:-1] + (self.out_features,))
