@@ -11,6 +11,7 @@ import weakref
 
 import torch
 
+from .._tensors import version
 from ..qparams import _MIN_SCALE
 
 __all__ = ["check_accumulator_range"]
@@ -42,10 +43,10 @@ def _bias_abs_max(b, op: str) -> int:
     that cost ~10 us, as much as a small layer's whole GEMV)."""
     if not isinstance(b, torch.Tensor) or b.dtype.is_floating_point or b.dtype == torch.bool:
         return _abs_max(b, "bias", op)
-    try:
-        sig = (b.data_ptr(), b._version, b.shape, b.dtype)
-    except RuntimeError:  # inference tensors have no version counter: no caching
+    ver = version(b)
+    if ver < 0:  # an inference tensor has no version counter: no caching
         return _abs_max(b, "bias", op)
+    sig = (b.data_ptr(), ver, b.shape, b.dtype)
     hit = _BIAS_MAX.get(id(b))
     if hit is not None and hit[0]() is b and hit[1] == sig:
         return hit[2]

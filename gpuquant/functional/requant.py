@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from .._tensors import version as _version
 from ..dtypes import QuantDtype, get_dtype
 
 __all__ = ["quantize_multiplier", "Requant", "make_requant", "AddParams", "make_add_params",
@@ -134,13 +135,6 @@ class Requant:
     @property
     def per_channel(self) -> bool:
         return self.multiplier.dim() == 1
-
-
-def _version(t) -> int:
-    try:
-        return t._version
-    except (AttributeError, RuntimeError):  # not a tensor; inference tensors have no counter
-        return 0
 
 
 def _int_arg(v, what: str) -> int:

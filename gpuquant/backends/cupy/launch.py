@@ -24,6 +24,7 @@ from typing import Callable, Tuple
 
 import torch
 
+from ..._tensors import version as _version
 from . import loader
 
 __all__ = ["Launch", "plan_linear", "plan_conv2d", "execute", "BLOCK_TILES", "GEMV_MAX_M"]
@@ -86,13 +87,6 @@ def _act_params(x: torch.Tensor, x_zp: int):
 # views of the weight), so they do not keep it alive, and go when it does; an in-place change
 # (``_version``) or a new storage (``.data =``) invalidates them.
 _WEIGHT_CACHE: dict = {}
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor (torch.inference_mode): keyed on storage only
-        return -1
 
 
 def _prepared_weight(w: torch.Tensor, key, make):

@@ -12,6 +12,8 @@ import weakref
 import numpy as np
 import torch
 
+from ..._tensors import version
+
 _NP = {torch.int8: np.int8, torch.uint8: np.uint8, torch.int32: np.int32,
        torch.int64: np.int64, torch.float32: np.float32, torch.float64: np.float64}
 
@@ -36,16 +38,6 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
 
 def from_numpy(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
-
-
-def version(t: torch.Tensor) -> int:
-    """``t._version``; -1 for an inference tensor (made under ``torch.inference_mode``), which
-    has no version counter: the caches then key on its storage only (an in-place edit of such
-    a weight inside inference mode is not seen)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
 
 
 # --------------------------------------------------------------------------- weight cache

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._tensors import version as _version
+
 __all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "derived", "scalar_int", "scalar_float",
            "ARCH_FAMILIES", "tune_subset", "TUNE_MODES", "cdiv"]
 
@@ -107,13 +109,6 @@ def _family_of(device: torch.device) -> str:
     if fam is None:
         fam = "sm90" if cc >= (9, 0) and cc < (10, 0) else "generic"
     return "sm89" if fam == "sm86" else fam  # sm86: sm89's shared memory (99 KB), its tiles
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors carry no version counter
-        return 0
 
 
 class _DerivedCache:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ...backends.reference_dynamic import EPS
+from ..._tensors import version as _version
 from ...backends import registry
 from ...backends.registry import get_op
 from ...dtypes import QuantDtype, qint8, qint8_narrow
@@ -133,15 +134,6 @@ class _StraightThroughInt8Linear(torch.autograd.Function):
 
 
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _version(t: Optional[torch.Tensor]) -> int:
-    if t is None:
-        return -2
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors carry no version counter
-        return -1
 
 
 class _Int8WeightLinear(Module):

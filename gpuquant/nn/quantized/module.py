@@ -19,6 +19,7 @@ import torch.fx
 
 from ... import functional as GF
 from ...functional import integer as _integer
+from ..._tensors import version as _version
 from ...dtypes import get_dtype, qint32
 from ...qparams import QParams
 from ..module import Module
@@ -35,13 +36,6 @@ def placeholder_qparams(dtype) -> QParams:
 
 
 _VERSION_OF = operator.attrgetter("_version")
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors carry no version counter
-        return 0
 
 
 class QuantizedModule(Module):
