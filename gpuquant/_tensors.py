@@ -1,7 +1,7 @@
-"""Tensor helpers shared across the package (no torch import needed to call them)."""
+"""Tensor helpers shared across the package."""
 from __future__ import annotations
 
-__all__ = ["version"]
+__all__ = ["version", "batch_norm_eps0"]
 
 
 def version(t) -> int:
@@ -14,3 +14,16 @@ def version(t) -> int:
         return -1
     except AttributeError:
         return -2
+
+
+def batch_norm_eps0(z, mean, var_eps, weight, bias):
+    """``(z - mean) / sqrt(var_eps) * weight + bias`` per channel (dimension 1) in one pass:
+    eval-form batch_norm with ``var + eps`` already in ``var_eps`` and eps 0, mixed dtypes
+    allowed (a float16 / bfloat16 ``z`` with float32 per-channel vectors).
+
+    Calls the ATen op, not ``torch.nn.functional.batch_norm``: torch 2.10 and 2.11 refuse eps
+    0 there even in eval form (pytorch/pytorch#173337; 2.13 allows it). With eps 0 ATen never
+    picks cuDNN (it needs eps >= 1e-5) and runs its native kernel."""
+    import torch
+    return torch.batch_norm(z, weight, bias, mean, var_eps, False, 0.0, 0.0,
+                            torch.backends.cudnn.enabled)

@@ -231,3 +231,40 @@ def test_half_precision_model_trains_a_step(cls, dtype, mode):
     y_off = set_bn_fold(off, mode).train()(x)
     assert y_off.dtype == dtype
     torch.testing.assert_close(y_off.float(), ref(x).float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.fixture
+def strict_batch_norm(monkeypatch):
+    """torch 2.10 and 2.11's F.batch_norm (the GPU machines' torch): eps <= 0 is refused even
+    in eval form (2.13, CI's, allows 0 there); our eps-0 normalisations must not go through it."""
+    real = torch.nn.functional.batch_norm
+
+    def strict(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive, but got {eps}")
+        return real(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", strict)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_training_normalisations_run_where_batch_norm_refuses_eps_zero(strict_batch_norm,
+                                                                      backend):
+    import gpuquant.backends as backends
+    from gpuquant.backends.triton import bn_fold
+
+    z, w, b, eps = _inputs((2, 6, 5, 7), torch.float32, False, seed=11)
+    y, *_ = normalize(z, w, b, eps, torch.nn.BatchNorm2d(6))
+    y2, *_ = normalize_composite(z, w, b, eps, torch.nn.BatchNorm2d(6))
+    torch.testing.assert_close(y, y2, rtol=1e-4, atol=1e-4)
+    with backends.use(backend):
+        if backend == "triton":  # the fused local-statistics op itself (interpreter)
+            bn = torch.nn.BatchNorm2d(6)
+            t = torch.ones(6)
+            out = bn_fold.bn_normalize_train(z, w, b, eps, t, bn)
+            assert out is not None
+            torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-4)
+        torch.manual_seed(0)
+        model = quantize_qat(Wrap(gnn.ConvBnRelu2d(3, 4, 3)), ema_fakequant_qconfig).train()
+        model(torch.randn(2, 3, 6, 6)).sum().backward()
+        assert model.m.conv.weight.grad is not None

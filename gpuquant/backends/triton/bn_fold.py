@@ -25,11 +25,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ..._tensors import batch_norm_eps0
 from .common import last_to_finish, module_tickets
 from .fake_quant import _LAUNCH, _fq_math, _npow2, auto_interpreter, on_tensor_device
 from .launch import launch
@@ -464,7 +464,7 @@ class _NormalizeTrain(torch.autograd.Function):
                HAS_BIAS=bias is not None, CUMULATIVE=momentum is None, BLOCK_C=block_c,
                num_warps=4, **_LAUNCH)
         # (z - mean) / sqrt(var + E) * W + beta: eval-form batch_norm, eps 0 (mixed dtypes)
-        y = F.batch_norm(z, mean, var_eps, W, beta, False, 0.0, 0.0)
+        y = batch_norm_eps0(z, mean, var_eps, W, beta)
         ctx.save_for_backward(z, W, mean, invstd, k)
         return y
 
