@@ -328,13 +328,17 @@ def test_weight_only_split_k_matches_unsplit(k, dtype):
     parts = D.linear_weight_only(x, wq, ws, b, split_k=4)
     again = D.linear_weight_only(x, wq, ws, b, split_k=4)
     assert torch.equal(parts, again)
+    # a forced tile (tuning probes) computes the same products
+    tiled = D.linear_weight_only(x, wq, ws, b, split_k=2, tile=(16, 64, 64, 1, 4, 2))
     exact = (x.double() @ wq.double().t()) * ws.double() + b.double()
     out_ulp = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
     scale = (x.double().abs() @ wq.double().abs().t()) * ws.double()
     tol = scale * k * 2.0 ** -24 + exact.abs() * out_ulp[dtype] + 1e-6
-    for y in (whole, parts):
+    for y in (whole, parts, tiled):
         assert y.dtype == dtype and bool(((y.double() - exact).abs() <= tol).all())
     assert not bool(D.launch_tickets(1, x.device).any())
+    with pytest.raises(ValueError, match="tile must be"):
+        D.linear_weight_only(x, wq, ws, b, tile=(16, 16, 64, 1, 4, 2))
 
 
 def test_bf16_epilogue_keeps_every_nan_a_nan():

@@ -291,9 +291,10 @@ def _weight_only_kernel(interpret: bool):
     return k
 
 
-def linear_weight_only(x, wq, w_scale, bias, split_k=None):
-    """The weight-only GEMM launcher; ``split_k`` overrides :func:`weight_only_split_k`
-    (tests)."""
+def linear_weight_only(x, wq, w_scale, bias, split_k=None, tile=None):
+    """The weight-only GEMM launcher; ``split_k`` overrides :func:`weight_only_split_k`,
+    ``tile`` (one ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)`` tuple) the
+    autotuner's choice (tests and tuning probes)."""
     m, k = x.shape
     n = wq.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -309,10 +310,15 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None):
             split = _WO_SPLITS[key] = weight_only_split_k(m, n, k, sm_count())
     else:
         split = int(split_k)
+    if tile is not None and (len(tile) != 6 or tile[0] < 16 or tile[1] < 32):
+        raise ValueError(f"linear_weight_only: tile must be (BLOCK_M >= 16, BLOCK_N >= 32, "
+                         f"BLOCK_K, GROUP_M, num_warps, num_stages), got {tile!r}")
     meta = {}
-    if interpret:
-        bm, bn, bk, gm, nw, ns = _WO_INTERPRET_TILE
+    if interpret or tile is not None:
+        bm, bn, bk, gm, nw, ns = _WO_INTERPRET_TILE if tile is None else tile
         meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+        if not interpret:
+            meta.update(num_warps=nw, num_stages=ns)
     if split > 1:
         ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         # a ticket per output tile of the smallest tile any config uses
@@ -325,7 +331,7 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None):
 
     has_bias = bias is not None
     bf16_bits = interpret and out.dtype == torch.bfloat16
-    launch(_weight_only_kernel(interpret), grid, x, wq, out, w_scale,
+    launch(_weight_only_kernel(interpret or tile is not None), grid, x, wq, out, w_scale,
            bias if has_bias else w_scale, ws, tick, m, n, k, split, x.stride(0), x.stride(1),
            wq.stride(0), wq.stride(1), out.stride(0), out.stride(1), HAS_BIAS=has_bias,
            DOT_F32=x.dtype == torch.float32 or interpret, BF16_RNE_BITS=bf16_bits, **meta,

@@ -1,0 +1,130 @@
+"""GPU probe (one short lease): weight-only decode tiles and L2-flush method; fake-quant
+fwd+bwd host time. Prints a report; not a benchmark suite (no side-by-side contract rows).
+
+    python bench/probes/decode_fq_probe.py [--parts fq,decode] [--reps 50]
+
+``decode``: for m = 1 and the three quick (n, k) shapes, bf16: ``F.linear`` against the
+weight-only GEMM with the autotuner's choice and with every decode tile forced at split
+K / 2, K, 2 K of the heuristic's, timed per call with CUDA events after an L2 flush that
+writes (``buf.zero_()``, as the harness and ``triton.testing.do_bench``: the flushed lines
+are dirty, and their write-back shares the timed kernel's bandwidth) or reads (``buf.sum``:
+clean lines, as a decode step finds the previous layer's weights). ``fq``: the fake-quant
+suite's ``gpuquant-triton`` fwd+bwd calls and its ``torch`` per-channel one at 2^20 float32: host microseconds a call (no sync inside the loop), the
+per-call time the harness would record, and whether a call synchronises the host.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def _flushers():
+    buf = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    acc = torch.empty((), dtype=torch.int64, device="cuda")
+    return {"write": buf.zero_, "read": lambda: torch.sum(buf, dtype=torch.int64, out=acc)}
+
+
+def _timed(fn, flush, reps):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ev = []
+    for _ in range(reps):
+        flush()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        ev.append((a, b))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3  # us
+
+
+def decode(reps):
+    from gpuquant.backends.triton import dynamic as D
+    from gpuquant.backends.triton.common import sm_count
+    from gpuquant.nn.quantized.linear_dynamic import WeightOnlyLinear
+    flushers = _flushers()
+    sms = sm_count()
+    decode_tiles = [t for t in D._WO_TILES if t[0] == 16]
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        mod = WeightOnlyLinear.from_float_module(lin).eval()
+        w, b = lin.weight.detach(), lin.bias.detach()
+        wq, ws, bias = mod.weight, mod.weight_scale, mod.bias
+        calls = {"torch-bf16": lambda: torch.nn.functional.linear(x, w, b)}
+        with torch.no_grad():
+            mod(x)
+        calls["module (autotuned)"] = lambda: mod(x)
+        split0 = D.weight_only_split_k(1, n, k, sms)
+        for tile in decode_tiles:
+            for split in sorted({max(1, split0 // 2), split0, split0 * 2}):
+                calls[f"tile {tile} split {split}"] = (
+                    lambda tile=tile, split=split: D.linear_weight_only(x, wq, ws, bias,
+                                                                        split_k=split,
+                                                                        tile=tile))
+        print(f"\n## decode m=1 n={n} k={k} (heuristic split {split0}); median us of {reps}")
+        print(f"{'call':48s} {'write-flush':>12s} {'read-flush':>12s}")
+        base = {}
+        for name, fn in calls.items():
+            try:
+                t = {m: _timed(fn, f, reps) for m, f in flushers.items()}
+            except Exception as e:  # a tile that does not compile or fit: say so, go on
+                print(f"{name:48s} failed: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            if name == "torch-bf16":
+                base = t
+            ratio = " ".join(f"{base[m] / t[m]:.2f}x" for m in t)
+            print(f"{name:48s} {t['write']:12.1f} {t['read']:12.1f}   vs bf16 {ratio}")
+
+
+def fake_quant(reps):
+    from gpuquant.bench.suites import fake_quant as F
+    calls = {}
+    for gran in ("per_tensor", "per_channel"):
+        params = {"mode": "fwd+bwd", "granularity": gran, "dtype": "float32", "numel": 2 ** 20}
+        inp = F._make_inputs(params, "cuda")(0)
+        calls[f"triton {gran}"] = F._triton_setup(inp)
+        if gran == "per_channel":
+            calls["torch per_channel"] = F._torch_setup(inp)
+    flush = _flushers()["write"]
+    print(f"\n## fake_quant suite fwd+bwd calls, 2^20 float32; {reps} calls")
+    for name, fn in calls.items():
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            sync = "no"
+        except RuntimeError as e:
+            sync = f"yes ({str(e)[:60]})"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        host = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+        timed = _timed(fn, flush, reps)
+        print(f"{name:22s} host median {statistics.median(host):7.1f} us (p80 "
+              f"{sorted(host)[int(0.8 * len(host))]:7.1f}); harness-style {timed:7.1f} us; "
+              f"syncs the host: {sync}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--parts", default="fq,decode")
+    p.add_argument("--reps", type=int, default=50)
+    a = p.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__)
+    for part in a.parts.split(","):
+        {"fq": fake_quant, "decode": decode}[part](a.reps)
+
+
+if __name__ == "__main__":
+    main()
