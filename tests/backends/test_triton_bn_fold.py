@@ -417,12 +417,19 @@ def test_fused_qat_kernels_on_the_gpu_with_many_programs():
         test_fused_bn_act_equals_the_definition_on_its_normalisation(*case)
 
 
-def test_fused_bn_statistics_with_a_large_mean():
+@pytest.mark.parametrize("plan", ["default", "many-iterations"])
+def test_fused_bn_statistics_with_a_large_mean(monkeypatch, plan):
     """Per-channel mean 300 and standard deviation 0.05 (a cancellation trap for sums of
-    squares): the fused statistics (per-tile two-pass, Chan merges, one shifted pass over
-    the partials) keep the mean to 2 ulp and the variance to 5e-4 against float64."""
+    squares): the fused statistics (a Welford pair per element slot, Chan merges, one
+    shifted pass over the partials) keep the mean to 2 ulp and the variance to 5e-4 against
+    float64. ``many-iterations``: small tiles and 3 programs a channel block, so each slot
+    sees many values and the last row block is partly past the rows."""
     from gpuquant.backends.triton import bn_act
+    from gpuquant.backends.triton import fake_quant as tfq
     from gpuquant.quantization import ExponentialMovingAverageObserver
+    if plan == "many-iterations":
+        monkeypatch.setattr(bn_act, "_TILE", 64)             # 8 channels x 8 rows a tile
+        monkeypatch.setattr(tfq, "_target_programs", lambda device: 3)
     g = torch.Generator().manual_seed(3)
     C = 8
     z = (torch.randn(6, C, 17, 13, generator=g, dtype=torch.float64) * 0.05

@@ -412,8 +412,9 @@ def test_qat_network_on_triton_equals_reference(monkeypatch, bn_act):
             act_observer=partial(qobs.ExponentialMovingAverageObserver, momentum=0.9,
                                  dtype=gpuquant.quint8, symmetric=False, check_finite=False),
             act_fake_quant=partial(qfq.FakeQuantize, dtype=gpuquant.quint8))
-    else:
+    else:  # batch norm by PyTorch: neither fused op that computes its own statistics
         monkeypatch.delitem(tb.OPS, "bn_normalize_observe_fake_quant")
+        monkeypatch.delitem(tb.OPS, "conv_bn_act_train")
 
     class Net(gnn.Module):
         def __init__(self):

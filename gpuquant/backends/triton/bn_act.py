@@ -9,10 +9,10 @@ quant (reads ``y``, writes the output); two PyTorch launches and four Triton one
 two launches and two passes over ``z``:
 
 1. ``_bn_stats_kernel``: one read of ``z``: per (row split, channel) count-weighted mean,
-   sum of squared deviations (merged tile by tile with Chan's formula) and min / max. Its
-   last program to finish (a ticket, taken after a barrier, reset by that program) then
-   runs ``_bn_finish``: the batch mean and variance per channel (the splits merged in a
-   fixed order), ``a = W / sqrt(var + E)``, the running statistics, and the observer's
+   sum of squared deviations (a Welford pair per element slot, merged with Chan's formula
+   at the end) and min / max. Its last program to finish (a ticket, taken after a barrier,
+   reset by that program) then runs ``_bn_finish``: the batch mean and variance per
+   channel (the splits merged in a fixed order), ``a = W / sqrt(var + E)``, the running statistics, and the observer's
    batch min / max *without another pass*: ``y = (z - mean) * a + beta`` (each operation
    rounded, ``a >= 0``), the rounding to ``z``'s dtype and ReLU / ReLU6 are all
    non-decreasing in ``z``, so the smallest / largest output of channel c is
@@ -85,38 +85,39 @@ def _bn_stats_kernel(
     FIN_S: tl.constexpr, FIN_C: tl.constexpr,
 ):
     """Program (cb, sp): over its row blocks, per channel the mean, the sum of squared
-    deviations M2 (a tile's own two-pass mean and M2, merged into the running pair with
-    Chan's formula) and min / max (NaN as -inf / +inf); written to part f32 (4, split, C).
-    The last program to finish (a ticket taken after a barrier; it resets the ticket) runs
-    :func:`_bn_finish` over all partials: no second launch."""
+    deviations M2 and min / max (NaN as -inf / +inf); written to part f32 (4, split, C).
+    Each element slot of the (BLOCK_R, BLOCK_C) tile keeps its own Welford pair across the
+    loop (element-wise work only: no cross-thread reduction a row block), merged with
+    Chan's formula once at the end. The last program to finish (a ticket taken after a
+    barrier; it resets the ticket) runs :func:`_bn_finish` over all partials: no second
+    launch."""
     cb = tl.program_id(0)
     sp = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     coff = (c.to(tl.int64) * s_c)[None, :]
-    n_a = tl.sum(tl.zeros((BLOCK_R,), tl.float32), axis=0)
-    mean_a = tl.zeros((BLOCK_C,), tl.float32)
-    m2_a = tl.zeros((BLOCK_C,), tl.float32)
-    vmin = tl.full((BLOCK_C,), _INF, tl.float32)
-    vmax = tl.full((BLOCK_C,), _NINF, tl.float32)
+    n_r = tl.zeros((BLOCK_R,), tl.float32)  # values each row slot has seen
+    mean_2 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    m2_2 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    vmin = tl.full((BLOCK_R, BLOCK_C), _INF, tl.float32)
+    vmax = tl.full((BLOCK_R, BLOCK_C), _NINF, tl.float32)
     for it in range(0, n_iter):
         roff, rm = _row_offsets(sp * n_iter + it, rows, inner, s_o, s_i, m_in, l_in, ROWS32,
                                 BLOCK_R)
         m = rm[:, None] & cm[None, :]
         x = tl.load(z_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
-        n_t = tl.sum(rm.to(tl.float32), axis=0)
-        mean_t = tl.math.div_rn(tl.sum(x, axis=0), tl.maximum(n_t, 1.0))
-        d = tl.where(m, x - mean_t[None, :], 0.0)
-        m2_t = tl.sum(d * d, axis=0)
-        n = n_a + n_t
-        delta = mean_t - mean_a
-        w_t = tl.math.div_rn(n_t, tl.maximum(n, 1.0))
-        mean_a = mean_a + delta * w_t
-        m2_a = m2_a + m2_t + (delta * delta) * (n_a * w_t)
-        n_a = n
+        n_r = n_r + rm.to(tl.float32)
+        w = tl.where(rm, tl.math.div_rn(1.0, tl.maximum(n_r, 1.0)), 0.0)[:, None]
+        delta = x - mean_2
+        mean_2 = mean_2 + delta * w  # (a row slot past the rows keeps its 0 and count 0)
+        m2_2 = m2_2 + tl.where(m, delta * (x - mean_2), 0.0)
         nan = x != x
-        vmin = tl.minimum(vmin, tl.min(tl.where(m, tl.where(nan, _NINF, x), _INF), axis=0))
-        vmax = tl.maximum(vmax, tl.max(tl.where(m, tl.where(nan, _INF, x), _NINF), axis=0))
+        vmin = tl.minimum(vmin, tl.where(m, tl.where(nan, _NINF, x), _INF))
+        vmax = tl.maximum(vmax, tl.where(m, tl.where(nan, _INF, x), _NINF))
+    n_2 = tl.broadcast_to(n_r[:, None], (BLOCK_R, BLOCK_C))
+    _, mean_a, m2_a = tl.reduce((n_2, mean_2, m2_2), 0, _chan_merge)
+    vmin = tl.min(vmin, axis=0)
+    vmax = tl.max(vmax, axis=0)
     base = sp.to(tl.int64) * C + c
     plane = split * C
     tl.store(part_ptr + base, mean_a, mask=cm)
@@ -130,6 +131,15 @@ def _bn_stats_kernel(
                    rows, rows_per_split, split, C, momentum, unbias,
                    c_ema, q_eps, qmin, qmax, half_range, zp_sym,
                    OUT, ACT, OBSERVE, EMA, SYMMETRIC, HAS_BIAS, CUMULATIVE, FIN_S, FIN_C)
+
+
+@triton.jit
+def _chan_merge(n1, mean1, m2_1, n2, mean2, m2_2):
+    """Two (count, mean, M2) Welford pairs merged (Chan et al.); empty ones are neutral."""
+    n = n1 + n2
+    delta = mean2 - mean1
+    w = tl.math.div_rn(n2, tl.maximum(n, 1.0))
+    return n, mean1 + delta * w, m2_1 + m2_2 + (delta * delta) * (n1 * w)
 
 
 @triton.jit
@@ -346,8 +356,8 @@ def _bn_bwd_reduce_kernel(
     coff = (c.to(tl.int64) * s_c)[None, :]
     mean, a, beta, s, zp, inv = _channel_params(vec_ptr, beta_ptr, c, cm, C)
     invstd = tl.load(vec_ptr + C + c, mask=cm, other=0.0)[None, :]
-    acc_g = tl.zeros((BLOCK_C,), tl.float32)
-    acc_gx = tl.zeros((BLOCK_C,), tl.float32)
+    acc_g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # per element slot: one sum at the end
+    acc_gx = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
     for it in range(0, n_iter):
         roff, rm = _row_offsets(sp * n_iter + it, rows, inner, s_o, s_i, m_in, l_in, ROWS32,
                                 BLOCK_R)
@@ -357,11 +367,11 @@ def _bn_bwd_reduce_kernel(
                                z_ptr.dtype.element_ty, ACT)
         g = tl.load(g_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
         g = tl.where(m, _act_grad(g, inr, live, ACT), 0.0)
-        acc_g += tl.sum(g, axis=0)
-        acc_gx += tl.sum(g * tl.where(m, (z - mean) * invstd, 0.0), axis=0)
+        acc_g += g
+        acc_gx += g * tl.where(m, (z - mean) * invstd, 0.0)
     base = sp.to(tl.int64) * C + c
-    tl.store(part_ptr + base, acc_g, mask=cm)
-    tl.store(part_ptr + split * C + base, acc_gx, mask=cm)
+    tl.store(part_ptr + base, tl.sum(acc_g, axis=0), mask=cm)
+    tl.store(part_ptr + split * C + base, tl.sum(acc_gx, axis=0), mask=cm)
     if last_to_finish(tick_ptr + 1, tl.num_programs(0) * tl.num_programs(1)):
         _bn_bwd_finish(part_ptr, vec_ptr + 3 * C, out_ptr, out_ptr + C, out_ptr + 2 * C,
                        out_ptr + 3 * C, rows, split, C, FIN_S, FIN_C)
