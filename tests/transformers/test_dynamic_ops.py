@@ -301,12 +301,14 @@ def test_non_finite_rows_give_nan_not_garbage(backend):
 
 def test_weight_only_split_k_choice():
     from gpuquant.backends.triton.dynamic import weight_only_split_k as split
-    assert split(1, 4096, 4096, 132) == 8        # 64 column tiles: 8 K ranges of 512
-    assert split(16, 11008, 4096, 132) == 2      # 172 tiles already fill 132 SMs once
-    assert split(1, 4096, 14336, 132) == 8       # capped by 4 programs a multiprocessor
+    assert split(1, 4096, 4096, 132) == 4        # 64 column tiles: 4 K ranges of 1024
+    assert split(16, 11008, 4096, 132) == 2      # 172 tiles: 1.53 programs a SM -> 2
+    assert split(1, 4096, 14336, 132) == 4       # about 2 programs a multiprocessor
+    assert split(1, 14336, 4096, 132) == 1       # 224 tiles: 1.18 -> 1
     assert split(17, 4096, 4096, 132) == 1       # prefill: tiles enough
     assert split(1, 4096, 1000, 132) == 1        # too short a K to split
-    assert split(1, 64, 1 << 20, 132) in (256, 512) and split(1, 64, 1 << 20, 132) & 1 == 0
+    assert split(1, 4096, 1500, 132) == 2        # capped by k // 512
+    assert split(1, 64, 1 << 20, 132) == 256     # 264 / 1 tile -> 256
 
 
 @pytest.mark.parametrize("k", [1024, 1000 + 37])  # whole BLOCK_Ks per range, and ragged

@@ -248,17 +248,22 @@ _SPLIT_MIN_K = 512  # no split leaves a program fewer K values than this
 
 def weight_only_split_k(m: int, n: int, k: int, sms: int) -> int:
     """How many K ranges a weight-only GEMM is split into: 1 beyond 16 rows (prefill has
-    tiles enough); else enough to give about 4 programs a multiprocessor with 64-wide column
-    tiles (a 4096-wide layer has 64 such tiles for 132 multiprocessors), a power of two,
-    at most ``k // 512``. The partial sums cost ``split * m * n * 4`` bytes of workspace,
-    written and read back through L2 by each tile's last program."""
+    tiles enough); else about 2 programs a multiprocessor with 64-wide column tiles
+    (``2 * sms / tiles`` rounded to the nearest power of two: a 4096-wide layer has 64
+    such tiles for 132 multiprocessors, split 4; an 11008-wide one 172, split 2), at most
+    ``k // 512``. The partial sums cost ``split * m * n * 4`` bytes of workspace, written
+    and read back through L2 by each tile's last program.
+
+    Measured on an H100 (bench/README.md NOTES, "H100 lease"): at m = 1, n = k = 4096 split
+    4 took 15.4 us against 16.0 (8, the former rule's 4 programs a multiprocessor) and 18.2
+    (16); at n = 4096, k = 11008, 4 beat 8 on three of the four tiles."""
     if m > 16 or k < 2 * _SPLIT_MIN_K:
         return 1
     tiles = max(1, -(-n // 64))
-    want = max(1, (4 * sms) // tiles)
+    want = 2 * sms / tiles
     cap = max(1, k // _SPLIT_MIN_K)
     split = 1
-    while split * 2 <= min(want, cap):
+    while split * 2 <= cap and split * 2 <= want * 2 ** 0.5:  # nearest power of two (log2)
         split *= 2
     return split
 
