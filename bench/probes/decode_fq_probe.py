@@ -10,7 +10,8 @@ writes (``buf.zero_()``, as the harness and ``triton.testing.do_bench``: the flu
 are dirty, and their write-back shares the timed kernel's bandwidth) or reads (``buf.sum``:
 clean lines, as a decode step finds the previous layer's weights). ``fq``: the fake-quant
 suite's ``gpuquant-triton`` fwd+bwd calls and its ``torch`` per-channel one at 2^20 float32: host microseconds a call (no sync inside the loop), the
-per-call time the harness would record, and whether a call synchronises the host.
+per-call time the harness would record, whether a call synchronises the host, and the
+profiler's kernel time and launch count a call.
 """
 import argparse
 import statistics
@@ -113,6 +114,9 @@ def fake_quant(reps):
         print(f"{name:22s} host median {statistics.median(host):7.1f} us (p80 "
               f"{sorted(host)[int(0.8 * len(host))]:7.1f}); harness-style {timed:7.1f} us; "
               f"syncs the host: {sync}")
+    from gpuquant.bench.profile import profile_step
+    for name, fn in calls.items():  # where the time goes: kernels, launches, host ops
+        print("\n".join(profile_step(f"fake_quant fwd+bwd {name}", fn)[:4]))
 
 
 def main():
