@@ -225,9 +225,12 @@ _PTX_SCRIPT = textwrap.dedent(r"""
     MMA_RE = re.compile(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*)")
     FLOAT_HAZARD_RE = re.compile(r"\b(fma\.rn\.f32|div\.full\.f32|div\.approx\.f32)")
 
-    def compile_ptx(fn, signature, constexprs, cc, num_warps=4, num_stages=3):
+    def compile_ptx(fn, signature, constexprs, cc, num_warps=4, num_stages=3, aligned=()):
         sig = dict(signature, **{k: "constexpr" for k in constexprs})
-        src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs))
+        # ``aligned``: arguments a launch specializes as divisible by 16 (16-byte pointers)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                 if a in aligned}
+        src = ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
         return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={
             "num_warps": num_warps, "num_stages": num_stages,
             "enable_fp_fusion": False}).asm["ptx"]
@@ -256,16 +259,28 @@ _PTX_SCRIPT = textwrap.dedent(r"""
                "stride_am", "stride_ak", "stride_bn", "stride_bk", "stride_cm", "stride_cn")}
         ptx = compile_ptx(D._linear_weight_only_kernel, sig, {"HAS_BIAS": True, "DOT_F32": False,
                           "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
-                          "GROUP_M": 8, "EVEN_K": True}, cc, 4, 4)
+                          "GROUP_M": 8, "EVEN_K": True, "GEMV": False}, cc, 4, 4)
         assert any("bf16.bf16.f32" in i for i in MMA_RE.findall(ptx)), cc
         # split-K decode: partials, then the tile's last program (ticket after a barrier,
         # acquire-release atomics at GPU scope, partials read past L1) reduces in order
         ptx = compile_ptx(D._linear_weight_only_kernel, sig, {"HAS_BIAS": True, "DOT_F32": False,
                           "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
-                          "GROUP_M": 1, "EVEN_K": False}, cc, 4, 4)
+                          "GROUP_M": 1, "EVEN_K": False, "GEMV": False}, cc, 4, 4)
         assert "st.global" in ptx and not FLOAT_HAZARD_RE.findall(ptx), cc
         assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, cc
         assert "cvt.rn.bf16.f32" in ptx and "bar.sync" in ptx, cc
+        # the one-row GEMV form: no MMA, W streamed with 16-byte loads (as launched on a
+        # contiguous weight with K a multiple of 16: unit strides specialized to 1)
+        unit = ("stride_ak", "stride_bk", "stride_cn")
+        ptx = compile_ptx(D._linear_weight_only_kernel,
+                          {k: v for k, v in sig.items() if k not in unit},
+                          {**dict.fromkeys(unit, 1), "HAS_BIAS": True, "DOT_F32": False,
+                           "BF16_RNE_BITS": False, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256,
+                           "GROUP_M": 1, "EVEN_K": True, "GEMV": True}, cc, 4, 1,
+                          aligned=("a_ptr", "b_ptr", "c_ptr", "b_scale_ptr", "bias_ptr",
+                                   "ws_ptr", "K", "N", "stride_am", "stride_bn", "stride_cm"))
+        assert not MMA_RE.findall(ptx) and "ld.global.v4.b32" in ptx, cc
+        assert not FLOAT_HAZARD_RE.findall(ptx), cc
     print("ptx ok")
 """)
 
@@ -341,6 +356,51 @@ def test_weight_only_split_k_matches_unsplit(k, dtype):
     assert not bool(D.launch_tickets(1, x.device).any())
     with pytest.raises(ValueError, match="tile must be"):
         D.linear_weight_only(x, wq, ws, b, tile=(16, 16, 64, 1, 4, 2))
+
+
+@pytest.mark.parametrize("k,split", [(1024, 1), (1024, 4), (1000 + 37, 3)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_weight_only_gemv_form_matches_the_tensor_core_form(k, split, dtype):
+    """The one-row GEMV configs (BLOCK_M 1: CUDA cores, element-wise partial products,
+    one sum along K) give the dot form's result to float32 rounding, split or not; more than
+    one row is refused for them."""
+    if "triton" not in backends.available():
+        pytest.skip("triton backend unavailable here")
+    from gpuquant.backends.triton import dynamic as D
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 40
+    g = torch.Generator().manual_seed(k + split)
+    x = torch.randn(1, k, generator=g).to(dtype).to(dev)
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).to(dev)
+    ws = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(dev)
+    b = torch.randn(n, generator=g).to(dev)
+    gemv = D.linear_weight_only(x, wq, ws, b, split_k=split, tile=(1, 32, 64, 1, 4, 1))
+    assert torch.equal(gemv, D.linear_weight_only(x, wq, ws, b, split_k=split,
+                                                  tile=(1, 32, 64, 1, 4, 1)))
+    exact = (x.double() @ wq.double().t()) * ws.double() + b.double()
+    out_ulp = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+    scale = (x.double().abs() @ wq.double().abs().t()) * ws.double()
+    tol = scale * k * 2.0 ** -24 + exact.abs() * out_ulp[dtype] + 1e-6
+    assert gemv.dtype == dtype and bool(((gemv.double() - exact).abs() <= tol).all())
+    assert not bool(D.launch_tickets(1, x.device).any())
+    with pytest.raises(ValueError, match="one row"):
+        D.linear_weight_only(x.expand(2, k), wq, ws, b, tile=(1, 32, 64, 1, 4, 1))
+
+
+def test_weight_only_autotune_tries_both_forms_for_one_row():
+    """Quick tuning of a one-row decode keeps a GEMV config beside the tensor-core tiles;
+    two rows never get one."""
+    from gpuquant.backends.triton import dynamic as D
+    configs = [D._wo_config(t) for t in D._WO_TILES + D._WO_GEMV_TILES]
+    for mode in ("quick", "full"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("GPUQUANT_TRITON_TUNE", mode)
+            one = D._wo_prune(configs, {"M": 1})
+            two = D._wo_prune(configs, {"M": 2})
+        assert any(c.kwargs["GEMV"] for c in one) and any(not c.kwargs["GEMV"] for c in one)
+        assert not any(c.kwargs["GEMV"] for c in two)
+        if mode == "quick":
+            assert len(one) <= 4
 
 
 def test_bf16_epilogue_keeps_every_nan_a_nan():

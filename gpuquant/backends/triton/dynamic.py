@@ -27,7 +27,7 @@ from .common import (LAUNCH_OPTS, arch_family, cdiv, last_to_finish, launch_tick
                      tune_subset)
 from .fake_quant import on_tensor_device
 from .launch import launch
-from .gemm import (OUT_SCALED, _config, _gemm_kernel, align_k, bf16_rne, grouped_tile,
+from .gemm import (OUT_SCALED, _config, _gemm_kernel, _with, align_k, bf16_rne, grouped_tile,
                    interpret_meta)
 
 __all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]
@@ -156,10 +156,15 @@ def _linear_weight_only_kernel(
     # meta
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BF16_RNE_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GEMV: tl.constexpr = False,
 ):
     """c = (a @ b^T) * b_scale[n] (+ bias[n]): a float16/bfloat16/float32 (M, K), b int8
     (N, K) converted to a's dtype in registers (exact), float32 accumulator, c a's dtype.
+
+    ``GEMV`` (configs with ``BLOCK_M`` 1, tried for one-row decode): no tensor cores; each
+    program streams a (BLOCK_N, BLOCK_K) tile of W along K (its contiguous axis: 16-byte
+    loads) and keeps ``w * a`` element-wise in float32 (products exact: int8 times a 16-bit
+    float fits float32's mantissa), summed along K once at the end.
 
     Split K (decode: few rows, so few column tiles to stream the weight with): program
     ``(tile, s)`` sums K block range ``s`` of ``SPLIT_K`` and stores the float32 partial in
@@ -172,31 +177,18 @@ def _linear_weight_only_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     # rows past M / columns past N wrap around (loads stay in bounds); the store masks them
     offs_am = (offs_m % M).to(tl.int64)
     offs_bn = (offs_n % N).to(tl.int64)
     k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_k * k_per
     k_hi = tl.minimum(K, k_lo + k_per)
-    a_ptrs = a_ptr + offs_am[:, None] * stride_am + (k_lo + offs_k)[None, :] * stride_ak
-    b_ptrs = b_ptr + (k_lo + offs_k)[:, None] * stride_bk + offs_bn[None, :] * stride_bn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = k_hi - k_lo - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
-        if DOT_F32:  # float32 activations, or the interpreter (it has no bfloat16 dot)
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b.to(a.dtype), acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    if GEMV:  # BLOCK_M 1: the program's row is pid_m
+        acc = _gemv_tile(a_ptr + pid_m.to(tl.int64) * stride_am, b_ptr, offs_bn, k_lo, k_hi,
+                         stride_ak, stride_bn, stride_bk, BLOCK_N, BLOCK_K, EVEN_K)
+    else:
+        acc = _dot_tile(a_ptr, b_ptr, offs_am, offs_bn, k_lo, k_hi, stride_am, stride_ak,
+                        stride_bn, stride_bk, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -214,6 +206,55 @@ def _linear_weight_only_kernel(
     else:
         _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_ptr,
                               bias_ptr, stride_cm, stride_cn, HAS_BIAS, BF16_RNE_BITS)
+
+
+@triton.jit
+def _dot_tile(a_ptr, b_ptr, offs_am, offs_bn, k_lo, k_hi, stride_am, stride_ak, stride_bn,
+              stride_bk, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32: a[rows, k_lo:k_hi] @ W[cols, k_lo:k_hi]^T on tensor
+    cores (W converted to a's dtype in registers)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + (k_lo + offs_k)[None, :] * stride_ak
+    b_ptrs = b_ptr + (k_lo + offs_k)[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = k_hi - k_lo - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+        if DOT_F32:  # float32 activations, or the interpreter (it has no bfloat16 dot)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.to(a.dtype), acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _gemv_tile(a_row_ptr, b_ptr, offs_bn, k_lo, k_hi, stride_ak, stride_bn, stride_bk,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """(1, BLOCK_N) float32: one row of a times W[cols, k_lo:k_hi]^T on the CUDA cores."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = a_row_ptr + (k_lo + offs_k) * stride_ak
+    w_ptrs = b_ptr + offs_bn[:, None] * stride_bn + (k_lo + offs_k)[None, :] * stride_bk
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_left = k_hi - k_lo - kb * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k < k_left, other=0)
+            w = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        x_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_bk
+    return tl.sum(acc, axis=1)[None, :]
 
 
 @triton.jit
@@ -242,6 +283,8 @@ _WO_TILES = [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 256, 1, 4,
              (16, 128, 128, 1, 4, 4), (32, 64, 128, 1, 4, 4),
              (64, 64, 128, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 4, 3),
              (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3)]
+# one-row decode also tries the CUDA-core form (GEMV, BLOCK_M 1; num_stages unused: no dot)
+_WO_GEMV_TILES = [(1, 32, 256, 1, 4, 1), (1, 64, 256, 1, 8, 1), (1, 32, 512, 1, 8, 1)]
 _WO_INTERPRET_TILE = (16, 32, 32, 4, 4, 1)  # one small tile: every tile is numpy work there
 _SPLIT_MIN_K = 512  # no split leaves a program fewer K values than this
 
@@ -268,13 +311,21 @@ def weight_only_split_k(m: int, n: int, k: int, sms: int) -> int:
     return split
 
 
+def _wo_config(t):
+    """An autotune config of a weight-only tile tuple (GEMV when ``BLOCK_M`` is 1)."""
+    return _with(_config(t), GEMV=t[0] == 1)
+
+
 def _wo_prune(configs, named_args, **kwargs):
-    """No row tile far taller than M (decode never needs 128 rows)."""
+    """No row tile far taller than M (decode never needs 128 rows); the GEMV form for one
+    row only (quick tuning keeps one of each form)."""
     m = named_args["M"]
     cap = max(16, triton.next_power_of_2(m))
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (m == 1 or
+                                                                 not c.kwargs["GEMV"])]
     return tune_subset(keep or configs[:1],
-                       area=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+                       area=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
+                       also=lambda c: c.kwargs["GEMV"])
 
 
 def _wo_even_k(a) -> bool:
@@ -290,7 +341,8 @@ def _weight_only_kernel(interpret: bool):
     if k is None:
         heur = triton.heuristics({"EVEN_K": _wo_even_k})(_linear_weight_only_kernel)
         k = heur if interpret else triton.autotune(
-            configs=[_config(t) for t in _WO_TILES], key=["M", "N", "K", "SPLIT_K"],
+            configs=[_wo_config(t) for t in _WO_TILES + _WO_GEMV_TILES],
+            key=["M", "N", "K", "SPLIT_K"],
             prune_configs_by={"early_config_prune": _wo_prune})(heur)
         _WO_KERNELS[interpret] = k
     return k
@@ -315,13 +367,15 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None, tile=None):
             split = _WO_SPLITS[key] = weight_only_split_k(m, n, k, sm_count())
     else:
         split = int(split_k)
-    if tile is not None and (len(tile) != 6 or tile[0] < 16 or tile[1] < 32):
-        raise ValueError(f"linear_weight_only: tile must be (BLOCK_M >= 16, BLOCK_N >= 32, "
-                         f"BLOCK_K, GROUP_M, num_warps, num_stages), got {tile!r}")
+    if tile is not None and (len(tile) != 6 or tile[1] < 32 or not (
+            tile[0] >= 16 or (tile[0] == 1 and m == 1))):
+        raise ValueError(f"linear_weight_only: tile must be (BLOCK_M >= 16, or 1 for one "
+                         f"row; BLOCK_N >= 32, BLOCK_K, GROUP_M, num_warps, num_stages), got "
+                         f"{tile!r} for {m} row(s)")
     meta = {}
     if interpret or tile is not None:
         bm, bn, bk, gm, nw, ns = _WO_INTERPRET_TILE if tile is None else tile
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "GEMV": bm == 1}
         if not interpret:
             meta.update(num_warps=nw, num_stages=ns)
     if split > 1:
