@@ -1,7 +1,7 @@
 """GPU probe (one short lease): weight-only decode tiles and L2-flush method; fake-quant
 fwd+bwd host time. Prints a report; not a benchmark suite (no side-by-side contract rows).
 
-    python bench/probes/decode_fq_probe.py [--parts fq,decode] [--reps 50]
+    python bench/probes/decode_fq_probe.py [--parts fq,decode,hostprof] [--reps 50]
 
 ``decode``: for m = 1 and the three quick (n, k) shapes, bf16: ``F.linear`` against the
 weight-only GEMM with the autotuner's choice and with every decode tile forced at split
@@ -11,7 +11,8 @@ are dirty, and their write-back shares the timed kernel's bandwidth) or reads (`
 clean lines, as a decode step finds the previous layer's weights). ``fq``: the fake-quant
 suite's ``gpuquant-triton`` fwd+bwd calls and its ``torch`` per-channel one at 2^20 float32: host microseconds a call (no sync inside the loop), the
 per-call time the harness would record, whether a call synchronises the host, and the
-profiler's kernel time and launch count a call.
+profiler's kernel time and launch count a call. ``hostprof``: cProfile on the GPU machine
+of the host-bound calls (see :func:`host_profile`).
 """
 import argparse
 import statistics
@@ -119,6 +120,45 @@ def fake_quant(reps):
         print("\n".join(profile_step(f"fake_quant fwd+bwd {name}", fn)[:4]))
 
 
+def host_profile(reps):
+    """cProfile of host-bound calls on the GPU machine itself (the stand-in driver on the dev
+    CPU cannot show what real CUDA costs the host): the fake-quant suite's per-channel
+    fwd+bwd, the conv suite's 53 eager calls, a QAT training step (resnet50, batch 64)."""
+    import cProfile
+    import pstats
+
+    from gpuquant.bench.suites import conv as C
+    from gpuquant.bench.suites import fake_quant as F
+    from gpuquant.bench.suites import qat_step as Q
+    params = {"mode": "fwd+bwd", "granularity": "per_channel", "dtype": "float32",
+              "numel": 2 ** 20}
+    calls = {"fake_quant per_channel fwd+bwd": (F._triton_setup(F._make_inputs(params,
+                                                                             "cuda")(0)), reps)}
+    with torch.no_grad():
+        layers = C.make_inputs(C.resnet50_convs(), 64, "cuda")(0)
+    calls["conv suite: 53 eager conv2d op calls"] = (C._triton(layers), max(2, reps // 10))
+    qp = {"model": "resnet50", "batch": 64, "resolution": 224, "dtype": "bfloat16",
+          "memory_format": "channels_last"}
+    calls["qat_step gpuquant-qat resnet50 b64"] = (
+        Q._provider("gpuquant-qat", qp, {}).setup(Q._make_inputs(qp, "cuda")(0)),
+        max(2, reps // 10))
+    for name, (fn, n) in calls.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        t0 = time.perf_counter()
+        pr.enable()
+        for _ in range(n):
+            fn()
+        pr.disable()
+        host = (time.perf_counter() - t0) / n * 1e3
+        torch.cuda.synchronize()
+        print(f"\n## host profile: {name}: {host:.3f} ms a call (profiled, {n} calls)")
+        st = pstats.Stats(pr)
+        st.sort_stats("tottime").print_stats(18)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--parts", default="fq,decode")
@@ -126,7 +166,7 @@ def main():
     a = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     for part in a.parts.split(","):
-        {"fq": fake_quant, "decode": decode}[part](a.reps)
+        {"fq": fake_quant, "decode": decode, "hostprof": host_profile}[part](a.reps)
 
 
 if __name__ == "__main__":
