@@ -54,16 +54,34 @@ def clear_plans() -> None:
 
 
 _Tensor = torch.Tensor
+_KEYERS: dict = {}  # tuple of the positional arguments' classes -> that signature's keyer
+
+
+def _make_keyer(types: tuple):
+    """A function of the positional arguments giving what Triton specializes on, for one
+    tuple of argument classes: tensors' dtype and 16-byte alignment, ints' and other
+    values (bool, None, str) by value, floats nothing (never specialized; their class is
+    in the key already). Generated once per signature with fixed indices: no per-argument
+    type dispatch at launch time (the launch path's largest host cost)."""
+    parts = []
+    for i, t in enumerate(types):
+        if issubclass(t, _Tensor):
+            parts.append(f"a[{i}].dtype, not a[{i}].data_ptr() & 15")
+        elif t is not float:
+            parts.append(f"a[{i}]")
+    return eval("lambda a: (" + "".join(p + ", " for p in parts) + ")")  # noqa: S307
 
 
 def _args_key(args) -> tuple:
-    """What Triton specializes on, per positional argument (one comprehension: the launch
-    path's largest host cost): ints by value (== 1, % 16, 64-bit), floats never (their
-    type), tensors by dtype and 16-byte alignment, anything else (bool, None, str) by type
-    and value (a bool is not the int 1)."""
-    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor) else
-                  a if a.__class__ is int else float if a.__class__ is float else
-                  (a.__class__, a) for a in args])
+    """What Triton specializes on, per positional argument (:func:`_make_keyer`), with the
+    arguments' classes: the keyer itself stands for them (one per class tuple)."""
+    types = tuple(map(type, args))
+    keyer = _KEYERS.get(types)
+    if keyer is None:
+        if len(_KEYERS) >= _MAX_PLANS:
+            _KEYERS.clear()
+        keyer = _KEYERS[types] = _make_keyer(types)
+    return keyer, keyer(args)
 
 
 def launch(kern, grid, *args, **meta):
