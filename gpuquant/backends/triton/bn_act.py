@@ -57,7 +57,7 @@ from .fake_quant import (_FLOATS, _LAUNCH, _fq_relu, _npow2, _row_offsets, _to_o
                          auto_interpreter, on_tensor_device, row_plan)
 from .launch import launch
 from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
-                       device_pair_ok, mark_observed)
+                       device_pair_ok, mark_observed, observer_state)
 
 __all__ = ["bn_normalize_observe_fake_quant", "bn_act_forward", "bn_act_backward", "OPS",
            "KERNELS"]
@@ -436,7 +436,7 @@ def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momen
     consts = _observer_consts(observer)
     launch(_bn_stats_kernel, (cdiv(C, sp.block_c), sp.split), z, part, *sp.kernel_args(),
            tick, W, beta, E, t, bias if bias is not None else W, running_mean, running_var,
-           nbt, vec, observer.min_val, observer.max_val, observer.nonfinite_batches,
+           nbt, vec, *observer_state(observer),
            sp.n_iter * sp.block_r, 0.0 if momentum is None else float(momentum),
            rows / (rows - 1), *consts,
            ROWS32=sp.rows32, BLOCK_R=sp.block_r, BLOCK_C=sp.block_c, OUT=_TL_DTYPE[z.dtype],
@@ -501,7 +501,7 @@ def _act_pair_ok(z: torch.Tensor, observer, fake_quant) -> bool:
     """A per-tensor MinMax / moving-average observer without host hooks (enabled, or
     disabled with qparams to give) and an enabled plain FakeQuantize of its dtype."""
     return (device_pair_ok(observer, fake_quant, z.device) and observer.axis is None
-            and observer.min_val.numel() == 1)
+            and observer._buffers["min_val"].numel() == 1)
 
 
 # --------------------------------------------------------------------------- op

@@ -34,7 +34,7 @@ from .common import last_to_finish, module_tickets
 from .fake_quant import _LAUNCH, _fq_math, _npow2, auto_interpreter, on_tensor_device
 from .launch import launch
 from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
-                       device_pair_ok, mark_observed)
+                       device_pair_ok, mark_observed, observer_state)
 
 __all__ = ["bn_fold_weight", "bn_fold_observe_fake_quant", "bn_fold_frozen_observe_fake_quant",
            "observe_rows_fake_quant", "bn_normalize_train", "OPS", "KERNELS"]
@@ -296,9 +296,9 @@ def _fq_args(observer, C: int, t: torch.Tensor):
     consts = _observer_consts(observer)
     meta = dict(FQ=True, OBSERVE=observer.enabled, EMA=_supported_observer(observer),
                 SYMMETRIC=observer.symmetric)
-    tick = module_tickets(observer, observer.min_val.device)
-    return qs, qz, (qs, qz, observer.min_val, observer.max_val, observer.nonfinite_batches,
-                    tick, C) + consts, consts[2:4], meta
+    state = observer_state(observer)
+    tick = module_tickets(observer, state[0].device)
+    return qs, qz, (qs, qz, *state, tick, C) + consts, consts[2:4], meta
 
 
 def _dense_grad(g, like):
@@ -501,10 +501,10 @@ def _weight_pair_ok(w: torch.Tensor, observer, fake_quant) -> bool:
     if observer.axis is None or observer._resolve_axis(w) != 0:
         return False
     C = w.shape[0]
-    if observer.enabled and observer.min_val.numel() == 0:
+    if observer.enabled and observer._buffers["min_val"].numel() == 0:
         # first batch: size the state, as the observer does
         observer._prepare_state(torch.empty(C, dtype=torch.float32, device=w.device))
-    return observer.min_val.numel() == C
+    return observer._buffers["min_val"].numel() == C
 
 
 @on_tensor_device

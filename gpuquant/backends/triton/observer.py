@@ -353,11 +353,14 @@ def device_pair_ok(observer, fake_quant, device) -> bool:
         return False
     if type(fake_quant) is not _fake_quantize_class() or not fake_quant.enabled:
         return False
-    if _supported_observer(observer) is None or observer.dtype != fake_quant.dtype:
+    dtype = observer.dtype
+    if _supported_observer(observer) is None or dtype != fake_quant.dtype:
         return False
-    if not float32_exact(observer.dtype.qmin, observer.dtype.qmax):
+    if not float32_exact(dtype.qmin, dtype.qmax):
         return False
-    if observer.check_finite or observer.min_val.device != device or not _plain_reduce(observer):
+    # the state buffer read from _buffers: Module.__getattr__ costs more than the rest here
+    if (observer.check_finite or observer._buffers["min_val"].device != device
+            or not _plain_reduce(observer)):
         return False
     return observer.enabled or observer.has_observed
 
@@ -367,6 +370,13 @@ def _base_reduce(cls) -> bool:
     """Whether observer class ``cls`` keeps the base class's (no-op) ``_reduce``."""
     from ...quantization import observer as obs_mod
     return cls._reduce is obs_mod.Observer._reduce
+
+
+def observer_state(observer):
+    """(min_val, max_val, nonfinite_batches): a supported observer's state buffers, read from
+    ``_buffers`` (each ``Module.__getattr__`` costs the per-call host path ~0.5 us)."""
+    b = observer._buffers
+    return b["min_val"], b["max_val"], b["nonfinite_batches"]
 
 
 def mark_observed(observer) -> None:
@@ -457,8 +467,9 @@ class _ObserveTwoLaunch(torch.autograd.Function):
         n = x.numel()
         add = x2 is not None
         part = torch.empty((2 * plan.split + 2) * C, dtype=torch.float32, device=x.device)
+        state = observer_state(observer)
         launch(_minmax_partial_kernel, (cdiv(C, plan.block_c), plan.split), x, part,
-               *plan.kernel_args(), observer.min_val, observer.max_val, x2 if add else x,
+               *plan.kernel_args(), *state[:2], x2 if add else x,
                ROWS32=plan.rows32, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, RELU=relu,
                SNAPSHOT=True, ADD=add, num_warps=4, **_LAUNCH)
         y = torch.empty_like(x)
@@ -466,8 +477,8 @@ class _ObserveTwoLaunch(torch.autograd.Function):
         mask = torch.empty(nbytes if need else 1, dtype=torch.uint8, device=x.device)
         block_c = min(_npow2(C), 256)
         launch(_observe_fq_kernel, (cdiv(n, BLOCK),), _flat_span(x), _flat_span(y), mask, part,
-               observer.min_val, observer.max_val, observer.nonfinite_batches, n, nbytes,
-               plan.split, C, L, m_l - 2 ** 32, l_l, *_observer_consts(observer),
+               *state, n, nbytes, plan.split, C, L, m_l - 2 ** 32, l_l,
+               *_observer_consts(observer),
                _flat_span(x2 if add else x), EMA=_supported_observer(observer),
                SYMMETRIC=observer.symmetric, RELU=relu, SAVE_MASK=need, PER_CHANNEL=per_channel,
                BLOCK_S=max(1, min(_npow2(plan.split), 2048 // block_c)), BLOCK_C=block_c,

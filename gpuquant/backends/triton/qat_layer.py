@@ -56,8 +56,9 @@ class _ConvBnActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, gamma, beta, bias, bn, conv_args, dt, min_gamma, w_observer,
                 act_observer, act, tick, name):
-        wf, t, W, E, fsaved = fold_forward(w, gamma, bn.running_var, bn.eps, min_gamma,
-                                           w_observer)
+        buffers = bn._buffers  # (not Module.__getattr__: the per-step host path)
+        wf, t, W, E, fsaved = fold_forward(w, gamma, buffers["running_var"], bn.eps,
+                                           min_gamma, w_observer)
         xc = x if x.dtype == dt else x.to(dt)  # autocast's casts (none without it)
         wc = wf if wf.dtype == dt else wf.to(dt)
         stride, padding, dilation, groups = conv_args
@@ -69,8 +70,9 @@ class _ConvBnActTrain(torch.autograd.Function):
         b = bias.detach().float().contiguous() if bias is not None else None
         if not beta.is_contiguous():  # (kernels read the data: no detach needed)
             beta = beta.contiguous()
-        y, vec = bn_act_forward(z, W, beta, E, t, b, bn.running_mean, bn.running_var,
-                                bn.num_batches_tracked, bn.momentum, act_observer, act, tick)
+        y, vec = bn_act_forward(z, W, beta, E, t, b, buffers["running_mean"],
+                                buffers["running_var"], buffers["num_batches_tracked"],
+                                bn.momentum, act_observer, act, tick)
         ctx.save_for_backward(xc, wc, w, gamma, t, *fsaved[0], z, beta, vec, tick)
         ctx.consts = (fsaved[1], conv_args, float(act_observer.dtype.qmin),
                       float(act_observer.dtype.qmax), act, x.dtype,
