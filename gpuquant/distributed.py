@@ -133,8 +133,8 @@ def _sync_group(bn):
     """The process group to reduce ``bn``'s batch statistics over, or None for local ones."""
     if isinstance(bn, torch.nn.SyncBatchNorm):
         group = bn.process_group
-    elif bn.__dict__.get("gpuquant_sync_stats", False):  # (set as plain attributes:
-        group = bn.__dict__.get("gpuquant_sync_group")  # no Module.__getattr__ miss a call)
+    elif getattr(bn, "__dict__", {}).get("gpuquant_sync_stats", False):  # plain attributes
+        group = bn.__dict__.get("gpuquant_sync_group")  # (no Module.__getattr__ miss a call)
     else:
         return None
     if not _initialized():
