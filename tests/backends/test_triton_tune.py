@@ -170,3 +170,31 @@ def test_quick_tuning_on_sm90_also_tries_a_two_cta_gemm_tile(monkeypatch):
     added = [c for c in sm90 if c not in plain]
     assert len(added) == 2 and all(gemm.two_ctas_sm90(c) for c in added)  # both tap forms
     assert not any(gemm.two_ctas_sm90(c) for c in plain)
+
+
+def test_quick_tuning_of_a_residual_epilogue_also_tries_a_register_light_tile(monkeypatch):
+    """The fused residual add's epilogue spills on the large tiles quick tuning picks first
+    (ptxas, sm_90); with HAS_RES quick tuning also times the largest tile of at most 64
+    accumulators a thread (GEMM and conv), in both tap-loop forms for a 3x3 conv."""
+    monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "quick")
+    shape = {"M": 12544, "N": 1024, "K": 256}  # resnet50 batch 64, layer3's residual 1x1
+
+    def light(c):
+        return gemm._acc_per_thread(c) <= 64 and gemm._tile_area(c) >= 64 * 64
+    cfgs = gemm.gemm_configs("sm90")
+    plain = gemm.prune_gemm_configs(cfgs, shape, family="sm90", OUT_MODE=0, HAS_RES=False)
+    res = gemm.prune_gemm_configs(cfgs, shape, family="sm90", OUT_MODE=0, HAS_RES=True)
+    assert not any(light(c) for c in plain)
+    added = [c for c in res if c not in plain]
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in added] == \
+        [(128, 128, 8)]
+    assert all(c.kwargs["BLOCK_K"] <= 256 for c in added)  # fitted to K like the rest
+    ccfgs = conv.conv_configs("sm90")
+    cshape = {"M": 64 * 28 * 28, "N": 128, "K": 1152}
+    cres = conv.prune_conv_configs(ccfgs, cshape, family="sm90", KH=3, KW=3, FLAT_K=False,
+                                   OUT_MODE=0, HAS_RES=True)
+    lights = [c for c in cres if light(c)]
+    assert {c.kwargs["PIPE_TAPS"] for c in lights} == {False, True}
+    monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "full")  # full tuning: every config as before
+    assert gemm.prune_gemm_configs(cfgs, shape, family="sm90", OUT_MODE=0, HAS_RES=True) == \
+        gemm.prune_gemm_configs(cfgs, shape, family="sm90", OUT_MODE=0, HAS_RES=False)

@@ -38,7 +38,7 @@ from .launch import launch
 from .gemm import (_OUT_MODES, _acc_per_thread, _tile_key, _with, epilogue_scalars,
                    epilogue_tensors, family_configs, grouped_tile, interpret_meta,
                    left_shift, output_dtype, padded_k, prune_configs, qgemm, quant_epilogue,
-                   residual_mode)
+                   residual_mode, with_light_tile)
 
 __all__ = ["qconv2d", "conv_configs", "conv_out_size", "window_origin"]
 
@@ -252,7 +252,9 @@ def prune_conv_configs(configs, named_args, family=None, **kwargs):
     def key(c):
         return _tile_key(c), c.kwargs.get("PIPE_TAPS", False), c.kwargs.get("EPI_SPLIT", 1)
     index = {key(c): c for c in configs}
-    kept = prune_configs([c for c in configs if key(c)[1:] == (False, 1)], named_args, family)
+    whole = [c for c in configs if key(c)[1:] == (False, 1)]
+    kept = with_light_tile(whole, named_args, prune_configs(whole, named_args, family),
+                           **kwargs)
     if not kwargs.get("FLAT_K") and 1 < kwargs.get("KH", 1) * kwargs.get("KW", 1) <= 63:
         kept = kept + [index[(_tile_key(c), True, 1)] for c in kept]
     if kwargs.get("OUT_MODE") in (0, 1):
