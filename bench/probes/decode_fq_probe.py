@@ -15,6 +15,7 @@ profiler's kernel time and launch count a call. ``hostprof``: cProfile on the GP
 of the host-bound calls (see :func:`host_profile`).
 """
 import argparse
+import gc
 import statistics
 import time
 
@@ -105,16 +106,20 @@ def fake_quant(reps):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
-        host = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            host.append((time.perf_counter() - t0) * 1e6)
-        torch.cuda.synchronize()
+        hosts = {}
+        for collect in (True, False):  # the harness times with the garbage collector off
+            (gc.enable if collect else gc.disable)()
+            host = hosts["gc on" if collect else "gc off"] = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                host.append((time.perf_counter() - t0) * 1e6)
+            torch.cuda.synchronize()
+        gc.enable()
         timed = _timed(fn, flush, reps)
-        print(f"{name:22s} host median {statistics.median(host):7.1f} us (p80 "
-              f"{sorted(host)[int(0.8 * len(host))]:7.1f}); harness-style {timed:7.1f} us; "
-              f"syncs the host: {sync}")
+        said = "; ".join(f"{k} median {statistics.median(v):7.1f} us (p80 "
+                         f"{sorted(v)[int(0.8 * len(v))]:7.1f})" for k, v in hosts.items())
+        print(f"{name:22s} host {said}; harness-style {timed:7.1f} us; syncs the host: {sync}")
     from gpuquant.bench.profile import profile_step
     for name, fn in calls.items():  # where the time goes: kernels, launches, host ops
         print("\n".join(profile_step(f"fake_quant fwd+bwd {name}", fn)[:4]))
