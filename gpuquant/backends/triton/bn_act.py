@@ -12,12 +12,12 @@ two launches and two passes over ``z``:
    sum of squared deviations (a Welford pair per element slot, merged with Chan's formula
    at the end) and min / max. Its last program to finish (a ticket, taken after a barrier,
    reset by that program) then runs ``_bn_finish``: the batch mean and variance per
-   channel (the splits merged in a fixed order), ``a = W / sqrt(var + E)``, the running statistics, and the observer's
-   batch min / max *without another pass*: ``y = (z - mean) * a + beta`` (each operation
-   rounded, ``a >= 0``), the rounding to ``z``'s dtype and ReLU / ReLU6 are all
-   non-decreasing in ``z``, so the smallest / largest output of channel c is
-   ``y(min z_c)`` / ``y(max z_c)``, bit for bit. The observer update and qparams are those
-   of :mod:`.observer` (same jitted arithmetic);
+   channel (the splits merged in a fixed order), ``a = W / sqrt(var + E)``, the running
+   statistics, and the observer's batch min / max *without another pass*:
+   ``y = (z - mean) * a + beta`` (each operation rounded, ``a >= 0``), the rounding to
+   ``z``'s dtype and ReLU / ReLU6 are all non-decreasing in ``z``, so the smallest /
+   largest output of channel c is ``y(min z_c)`` / ``y(max z_c)``, bit for bit. The
+   observer update and qparams are those of :mod:`.observer` (same jitted arithmetic);
 2. ``_bn_apply_kernel``: reads ``z``, writes ``fake_quant(act(y))``.
 
 Nothing is saved but ``z`` and per-channel vectors. The backward recomputes ``y`` and the

@@ -323,18 +323,24 @@ def _tile_area(c) -> int:
     return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
 
 
+def _fits(c, m: int, n: int) -> bool:
+    """Whether a tile is not far larger than an (m, n) problem (M = 1 never needs 128 rows)."""
+    return (c.kwargs["BLOCK_M"] <= max(32, _next_pow2(m))
+            and c.kwargs["BLOCK_N"] <= max(64, _next_pow2(n)))
+
+
+def _programs(c, m: int, n: int) -> int:
+    return cdiv(m, c.kwargs["BLOCK_M"]) * cdiv(n, c.kwargs["BLOCK_N"])
+
+
 def prune_configs(configs, named_args, family=None, **kwargs):
     """Drop tiles far larger than the problem (M = 1 never needs 128 rows), then keep the
     quick subset of the rest under ``GPUQUANT_TRITON_TUNE=quick`` (:func:`.common.tune_subset`;
     on sm_90 with a tile that runs two CTAs a multiprocessor, :func:`two_ctas_sm90`)."""
     m, n = named_args["M"], named_args["N"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, _next_pow2(m))
-            and c.kwargs["BLOCK_N"] <= max(64, _next_pow2(n))]
-
-    def programs(c):
-        return cdiv(m, c.kwargs["BLOCK_M"]) * cdiv(n, c.kwargs["BLOCK_N"])
-    return tune_subset(keep or configs[-1:], area=_tile_area, programs=programs,
-                       min_programs=sm_count(),
+    keep = [c for c in configs if _fits(c, m, n)]
+    return tune_subset(keep or configs[-1:], area=_tile_area,
+                       programs=lambda c: _programs(c, m, n), min_programs=sm_count(),
                        also=two_ctas_sm90 if family == "sm90" else None)
 
 
@@ -374,15 +380,11 @@ def with_light_tile(configs, named_args, kept, **kwargs):
     if any(_acc_per_thread(c) <= 64 and _tile_area(c) >= 64 * 64 for c in kept):
         return kept
     m, n = named_args["M"], named_args["N"]
-    light = sorted((c for c in configs if _acc_per_thread(c) <= 64
-                    and c.kwargs["BLOCK_M"] <= max(32, _next_pow2(m))
-                    and c.kwargs["BLOCK_N"] <= max(64, _next_pow2(n))),
+    light = sorted((c for c in configs if _acc_per_thread(c) <= 64 and _fits(c, m, n)),
                    key=_tile_area, reverse=True)
     if not light:
         return kept
-    pick = next((c for c in light
-                 if cdiv(m, c.kwargs["BLOCK_M"]) * cdiv(n, c.kwargs["BLOCK_N"]) >= sm_count()),
-                light[-1])
+    pick = next((c for c in light if _programs(c, m, n) >= sm_count()), light[-1])
     return kept + [pick]
 
 
