@@ -35,6 +35,12 @@ EXPECT = {
     "sm90": (["mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32",
               "cp.async.cg.shared.global", "cp.async.wait_group",
               "ldmatrix.sync.aligned.m8n8.x4.shared.b16"], ["m8n8k16"]),
+    # one stage of wgmmas in flight (wait_group 1), the proxy fence between the cp.async /
+    # st.shared writes and the wgmma reads
+    "wgmma": (["wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8",
+               "wgmma.wait_group.sync.aligned 1;", "wgmma.fence.sync.aligned",
+               "fence.proxy.async.shared::cta", "cp.async.cg.shared.global",
+               "cp.async.wait_group"], ["mma.sync", "ldmatrix"]),
 }
 # No float arithmetic in the integer kernels (so no FMA contraction hazard, contract sec. 4).
 FORBIDDEN_EVERYWHERE = ["fma.rn.f32", "div.full.f32", "div.rn.f32", "cvt.rn.f32"]
@@ -94,7 +100,8 @@ def test_ptx_uses_the_tier_instructions(tmp_path, name):
 
 def test_tier_guard_refuses_older_architectures(tmp_path):
     """mma80 / sm90 sources stop with a clear #error below their architecture."""
-    for name, arch in (("gemm_mma80.cu", 75), ("conv_sm90.cu", 89)):
+    for name, arch in (("gemm_mma80.cu", 75), ("conv_sm90.cu", 89), ("gemm_wgmma.cu", 90),
+                       ("conv_wgmma.cu", 89)):
         r = _nvcc(["--ptx", f"-arch=sm_{arch}", "-o", str(tmp_path / "x.ptx"), name], KDIR)
         assert r.returncode != 0 and "needs sm_" in r.stderr, r.stderr
 

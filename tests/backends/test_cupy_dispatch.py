@@ -51,8 +51,8 @@ def test_forced_tier_too_new_for_the_device(monkeypatch, forced, cap):
 
 
 def test_invalid_tier_name(monkeypatch):
-    monkeypatch.setenv(dispatch.ENV_VAR, "wgmma")
-    with pytest.raises(ValueError, match=r"unknown gpuquant CUDA tier 'wgmma'.*dp4a"):
+    monkeypatch.setenv(dispatch.ENV_VAR, "tma")
+    with pytest.raises(ValueError, match=r"unknown gpuquant CUDA tier 'tma'.*dp4a"):
         dispatch.select_tier((9, 0))
     with pytest.raises(ValueError, match="unknown"):
         dispatch.select_tier((9, 0), forced="tensorcore")
@@ -72,6 +72,7 @@ def test_build_archs_follow_minimum_capability():
     assert dispatch.TIER_BUILD_ARCHS["mma75"] == (75, 80, 86, 89, 90)
     assert dispatch.TIER_BUILD_ARCHS["mma80"] == (80, 86, 89, 90)
     assert dispatch.TIER_BUILD_ARCHS["sm90"] == (90,)
+    assert dispatch.TIER_BUILD_ARCHS["wgmma"] == ("90a",)   # arch-specific: sm_90a only
     for cap, tier in dispatch.CAPABILITY_TIER.items():
         assert cap >= dispatch.TIER_MIN_CAPABILITY[tier]
 
@@ -229,7 +230,34 @@ def test_bench_tier_providers():
     with pytest.raises(ValueError, match="op must be"):
         tier_providers("matmul")
     with pytest.raises(ValueError, match="unknown tier"):
-        tier_providers("conv2d", tiers=("wgmma",))
+        tier_providers("conv2d", tiers=("tma",))
     if not cb.is_available()[0]:
         with pytest.raises(ProviderUnavailable, match="cupy backend"):
             provs["gpuquant-cupy-dp4a"].setup(())
+
+
+def test_wgmma_tier_is_hopper_only_and_opt_in():
+    """sm_90a code runs on 9.x only (not on 10.0, whose instruction set has no wgmma); the
+    table keeps Hopper on sm90 until the wgmma tier is measured."""
+    assert dispatch.default_tier((9, 0)) == "sm90"
+    assert dispatch.select_tier((9, 0), forced="wgmma") == "wgmma"
+    assert dispatch.runs_tier("wgmma", (9, 0)) and not dispatch.runs_tier("wgmma", (8, 9))
+    with pytest.raises(ValueError, match=r"'wgmma' is built for sm_90a .* 10\.0"):
+        dispatch.select_tier((10, 0), forced="wgmma")
+    with pytest.raises(ValueError, match=r"'wgmma' needs compute capability 9\.0"):
+        dispatch.check_tier("wgmma", (8, 6))
+    assert dispatch.select_tier((10, 0), forced="sm90") == "sm90"
+
+
+def test_wgmma_dynamic_shared_memory_matches_the_kernel_header():
+    """The launcher's dynamic shared memory equals kernels/wgmma_tile.cuh's GQ_WG_SMEM_BYTES."""
+    import re
+    from gpuquant.backends.cupy import loader
+    text = (loader.kernels_dir() / "wgmma_tile.cuh").read_text()
+    d = {k: int(v) for k, v in re.findall(r"#define (GQ_WG_B[MNK]|GQ_WG_STAGES) (\d+)", text)}
+    want = d["GQ_WG_STAGES"] * (d["GQ_WG_BM"] + d["GQ_WG_BN"]) * d["GQ_WG_BK"] + 1024
+    assert loader.dynamic_smem("wgmma") == want == 197632
+    assert want <= 227 * 1024                       # an H100 block's opt-in maximum
+    assert loader.dynamic_smem("mma80") == 0
+    assert loader.arch_options("wgmma") == ("--gpu-architecture=sm_90a",)
+    assert loader.arch_options("sm90") == ()

@@ -131,7 +131,7 @@ _EMU_PRELUDE = r"""
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 struct gq_dim3 { unsigned x, y, z; };
@@ -141,8 +141,10 @@ inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return
 namespace gqemu {
 const int kStack = 64 * 1024;
 struct Copy { unsigned char* dst; const signed char* src; bool valid; long group; };
+struct Wgmma { int* d; unsigned long long a, b; long group; };
 // wait: 0 running, 1 at a warp-level sync (ldmatrix, mma, shfl), 2 at __syncthreads
-struct Fiber { ucontext_t ctx; gq_dim3 tid; bool done; int wait; std::vector<Copy> pending; long committed; };
+struct Fiber { ucontext_t ctx; gq_dim3 tid; bool done; int wait; std::vector<Copy> pending; long committed;
+               std::vector<Wgmma> wg_pending; long wg_committed; };
 static Fiber F[1024];
 static std::vector<char> stacks;
 static int nthreads = 0, cur = 0, mode = 0;
@@ -164,7 +166,8 @@ inline void do_copy(const Copy& c) {
 // show, so a missing block barrier lets a warp overwrite shared memory another still reads.
 // A warp's 32 fibers run in lockstep from one warp-level sync to the next. Returns 0; -1 when
 // threads leave while others wait at a barrier; -2 when cp.async copies were never waited
-// for; -3 when a warp's fibers diverge between a warp sync and __syncthreads.
+// for; -3 when a warp's fibers diverge between a warp sync and __syncthreads; -4 when
+// wgmma groups were never waited for.
 inline int launch(int gx, int gy, int gz, int nt) {
   nthreads = nt;
   stacks.assign((size_t)nt * kStack, 0);
@@ -184,6 +187,8 @@ inline int launch(int gx, int gy, int gz, int nt) {
           F[t].wait = 0;
           F[t].pending.clear();
           F[t].committed = 0;
+          F[t].wg_pending.clear();
+          F[t].wg_committed = 0;
         }
         for (;;) {
           for (int w0 = 0; w0 < nt; w0 += 32) {  // each warp up to its next __syncthreads
@@ -208,6 +213,8 @@ inline int launch(int gx, int gy, int gz, int nt) {
         }
         for (int t = 0; t < nt; ++t)
           if (!F[t].pending.empty()) return -2;
+        for (int t = 0; t < nt; ++t)
+          if (!F[t].wg_pending.empty()) return -4;
       }
   return 0;
 }
@@ -290,6 +297,56 @@ inline void gq_emu_mma_m16n8k32(int* c, const unsigned* a, const unsigned* b) {
   gqemu::warp_barrier();
 }
 
+// Shared memory of the wgmma tier: one aligned static buffer a kernel; a "shared address"
+// is the offset from its start (what the 14-bit descriptor fields hold, >> 4).
+static unsigned char* gq_emu_smem_base = nullptr;
+inline unsigned gq_emu_smem_addr(const void* p) {
+  return (unsigned)((const unsigned char*)p - gq_emu_smem_base);
+}
+
+// wgmma.mma_async m64n256k32 s32.s8.s8, both operands K-major in shared memory, decoded
+// from the descriptors' bits (start address 0-13, stride byte offset 32-45, swizzle 62-63;
+// 128-byte swizzle: address bits 4-6 ^= bits 7-9). Issued into the thread's open group,
+// computed at the wait_group that retires it (the latest the hardware may read).
+inline const unsigned char* gq_emu_desc_byte(unsigned long long desc, int row, int k) {
+  const unsigned start = (unsigned)(desc & 0x3FFF) << 4;
+  const unsigned sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4;
+  const unsigned swz = (unsigned)(desc >> 62);
+  unsigned addr = start + (unsigned)(row >> 3) * sbo + (unsigned)(row & 7) * 128u + (unsigned)k;
+  if (swz == 1) addr ^= ((addr >> 7) & 7u) << 4;
+  else return nullptr;  // only the 128-byte swizzle is emulated
+  return gq_emu_smem_base + addr;
+}
+static bool gq_emu_bad_desc = false;
+inline void gq_emu_wgmma_compute(const gqemu::Wgmma& w) {
+  const int t = (int)threadIdx.x % 128, v = t / 32, lane = t % 32, g = lane >> 2, q = lane & 3;
+  for (int j = 0; j < 32; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * v + g + 8 * (e >> 1), col = 8 * j + 2 * q + (e & 1);
+      unsigned s = (unsigned)w.d[4 * j + e];
+      for (int k = 0; k < 32; ++k) {
+        const unsigned char* a = gq_emu_desc_byte(w.a, row, k);
+        const unsigned char* b = gq_emu_desc_byte(w.b, col, k);
+        if (!a || !b) { gq_emu_bad_desc = true; return; }
+        s += (unsigned)((int)(signed char)*a * (int)(signed char)*b);
+      }
+      w.d[4 * j + e] = (int)s;
+    }
+}
+inline void gq_emu_wgmma_m64n256k32(int* d, unsigned long long a, unsigned long long b) {
+  gqemu::Fiber& f = gqemu::F[gqemu::cur];
+  f.wg_pending.push_back({d, a, b, f.wg_committed});
+}
+inline void gq_emu_wgmma_commit() { gqemu::F[gqemu::cur].wg_committed++; }
+inline void gq_emu_wgmma_wait(int n) {
+  gqemu::Fiber& f = gqemu::F[gqemu::cur];
+  std::vector<gqemu::Wgmma> keep;
+  for (const auto& w : f.wg_pending) {
+    if (w.group < f.wg_committed - n) gq_emu_wgmma_compute(w); else keep.push_back(w);
+  }
+  f.wg_pending.swap(keep);
+}
+
 // mma.sync m8n8k16: A[r][k] in lane 4 r + k / 4; B[k][n] in lane 4 n + k / 4;
 // C[r][c] in lane 4 r + c / 2, register c % 2.
 inline void gq_emu_mma_m8n8k16(int* c, unsigned a, unsigned b) {
@@ -318,7 +375,9 @@ extern "C" __attribute__((visibility("default"))) int gq_emu_run(int gx, int gy,
     GQ_KERNEL((const signed char*)p[0], (const signed char*)p[1], (const gq_i64*)p[2],
               (const int*)p[3], (const int*)p[4], (unsigned char*)p[5], GQ_INT_ARGS);
   };
-  return gqemu::launch(gx, gy, gz, 256);
+  gq_emu_bad_desc = false;
+  const int rc = gqemu::launch(gx, gy, gz, 256);
+  return rc ? rc : (gq_emu_bad_desc ? -5 : 0);
 }
 """
 _GEMM_INTS = ",".join(f"iv[{i}]" for i in range(7))
@@ -373,7 +432,8 @@ def emu_execute(get_lib, plan: launch.Launch, mode: int) -> torch.Tensor:
     assert plan.block == (256, 1, 1)
     rc = lib.gq_emu_run(gx, gy, gz, mode, ptrs, iv)
     assert rc == 0, (f"emulated kernel failed: rc={rc} (-1 barrier divergence, -2 cp.async "
-                     f"left, -3 a warp diverged between a warp sync and __syncthreads)")
+                     f"left, -3 a warp diverged between a warp sync and __syncthreads, -4 "
+                     f"wgmma groups left, -5 a wgmma descriptor the emulation cannot read)")
     return plan.finish(plan.out)
 
 
@@ -403,7 +463,7 @@ def test_emulated_linear_matches_oracle(emu_build, tier, x_dtype, out_dtype):
                                            activation=("none", "relu", "relu6")[i % 3])
         plan = launch.plan_linear(x, x_zp, w, None if i == 1 else bias, rq, tier)
         _poison(plan)
-        mode = i % 2 if tier in ("mma80", "sm90") else 0
+        mode = i % 2 if tier in ("mma80", "sm90", "wgmma") else 0
         got = emu_execute(emu_build, plan, mode)
         _check(got, x, x_zp, w, None if i == 1 else bias, rq)
 
@@ -421,6 +481,27 @@ def test_emulated_conv_matches_oracle(emu_build, tier, x_dtype, out_dtype):
         got = emu_execute(emu_build, plan, mode=(i + 1) % 2)
         assert got.is_contiguous(memory_format=torch.channels_last)
         _check(got, x, x_zp, w, bias, rq, conv_args)
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_emulated_wgmma_pipeline_deep_k(emu_build, mode):
+    """The wgmma tier's pipeline over many K stages (its stage is 128 bytes of K), several
+    tiles both ways, in both copy timings: copies landing at issue (mode 1) with every wgmma
+    read at its retiring wait_group is where a stage refilled while a wgmma may still read
+    it shows (tested: prefetching one stage further, or waiting for one wgmma group less,
+    fails here)."""
+    gen = torch.Generator().manual_seed(21 + mode)
+    x, x_zp, w, bias, rq = make_linear((130,), 1200, 300, torch.uint8, "quint8", "normal", gen)
+    plan = launch.plan_linear(x, x_zp, w, bias, rq, "wgmma")
+    assert plan.grid == (2, 2, 1)
+    _poison(plan)
+    _check(emu_execute(emu_build, plan, mode), x, x_zp, w, bias, rq)
+    case = (1, 64, 6, 6, 272, (3, 3), 1, 1, 1, 1)   # Kg = 576: 5 stages; 272 channels: 2 tiles
+    x, x_zp, w, bias, conv_args, rq = make_conv(case, torch.int8, "qint8", "left_shift", gen,
+                                                activation="relu")
+    plan = launch.plan_conv2d(x, x_zp, w, bias, *conv_args, rq, "wgmma")
+    _poison(plan)
+    _check(emu_execute(emu_build, plan, mode), x, x_zp, w, bias, rq, conv_args)
 
 
 def test_emulated_conv_pads_with_the_zero_point(emu_build):
@@ -507,7 +588,7 @@ def _gpu_tiers():
     if not torch.cuda.is_available():
         return list(TIERS)
     cap = torch.cuda.get_device_capability()
-    return [t for t in TIERS if cap >= dispatch.TIER_MIN_CAPABILITY[t]]
+    return [t for t in TIERS if dispatch.runs_tier(t, cap)]
 
 
 @pytest.fixture
@@ -573,7 +654,7 @@ def test_gpu_default_tier_and_forced_tier_errors(cupy_backend, monkeypatch):
     cap = torch.cuda.get_device_capability()
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     assert tier_for("cuda") == dispatch.default_tier(cap)
-    too_new = [t for t in TIERS if cap < dispatch.TIER_MIN_CAPABILITY[t]]
+    too_new = [t for t in TIERS if not dispatch.runs_tier(t, cap)]
     for t in too_new:
         monkeypatch.setenv(dispatch.ENV_VAR, t)
         with pytest.raises(ValueError, match=t):

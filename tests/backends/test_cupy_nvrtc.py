@@ -74,8 +74,9 @@ def _nvrtc_compile(src: str, name: str, options):
 
 
 CASES = [(fam, tier, arch) for fam in ("gemm", "conv") for tier in dispatch.TIERS
-         for arch in (dispatch.TIER_BUILD_ARCHS[tier][0], 90)] + [("gemv", "dp4a", 75),
-                                                                 ("gemv", "dp4a", 90)]
+         for arch in ((dispatch.TIER_BUILD_ARCHS[tier][0],) if tier in dispatch.TIER_ARCH_SPECIFIC
+                      else (dispatch.TIER_BUILD_ARCHS[tier][0], 90))] + [
+    ("gemv", "dp4a", 75), ("gemv", "dp4a", 90)]
 
 
 @pytest.mark.parametrize("family,tier,arch", sorted(set(CASES)))

@@ -9,10 +9,13 @@ dp4a     sm_61+          ``__dp4a`` (s8 x s8 -> s32 four-way dot), any shape
 mma75    sm_75+          ``mma.sync.aligned.m8n8k16`` s8 (Turing IMMA), plain 16-byte loads
 mma80    sm_80+          ``mma.sync.aligned.m16n8k32`` s8 + ``cp.async`` 3-stage pipeline
 sm90     sm_90+          the mma80 main loop with a 4-stage pipeline, built for sm_90
-                         (no wgmma yet; unmeasured, see kernels/README.md)
+wgmma    sm_90 (9.x)     ``wgmma.mma_async`` m64n256k32 s8 from swizzled shared memory, a
+                         4-stage cp.async pipeline with one stage of wgmmas in flight; built
+                         for sm_90a (an architecture-specific target: Hopper only, not
+                         Blackwell). Opt-in (``GPUQUANT_CUPY_TIER=wgmma``) until measured
 =======  ==============  =====================================================================
 
-``GPUQUANT_CUPY_TIER=dp4a|mma75|mma80|sm90`` forces a tier (tests, benchmarks); a tier the GPU
+``GPUQUANT_CUPY_TIER=dp4a|mma75|mma80|sm90|wgmma`` forces a tier (tests, benchmarks); a tier the GPU
 cannot run raises ``ValueError`` naming the tier and the device's capability.
 """
 from __future__ import annotations
@@ -20,19 +23,25 @@ from __future__ import annotations
 import os
 from typing import Optional, Tuple
 
-__all__ = ["TIERS", "TIER_MIN_CAPABILITY", "TIER_BUILD_ARCHS", "CAPABILITY_TIER", "ENV_VAR",
+__all__ = ["TIERS", "TIER_MIN_CAPABILITY", "TIER_BUILD_ARCHS", "TIER_ARCH_SPECIFIC",
+           "runs_tier", "CAPABILITY_TIER", "ENV_VAR",
            "default_tier", "select_tier", "check_tier", "build_min_capability"]
 
 ENV_VAR = "GPUQUANT_CUPY_TIER"
-TIERS = ("dp4a", "mma75", "mma80", "sm90")
+TIERS = ("dp4a", "mma75", "mma80", "sm90", "wgmma")
 
 # Oldest compute capability each tier's instructions exist on.
-TIER_MIN_CAPABILITY = {"dp4a": (6, 1), "mma75": (7, 5), "mma80": (8, 0), "sm90": (9, 0)}
+TIER_MIN_CAPABILITY = {"dp4a": (6, 1), "mma75": (7, 5), "mma80": (8, 0), "sm90": (9, 0),
+                       "wgmma": (9, 0)}
+# Tiers built for an architecture-specific target ("sm_90a"): they run on that major
+# version only (wgmma is not in sm_100's instruction set), and are compiled for that target.
+TIER_ARCH_SPECIFIC = {"wgmma": ((9, 0), "90a")}
 
 # The architectures CI compiles each tier's sources for with nvcc (no GPU needed); the
 # kernels/*.cu files of a tier carry an #error guard below their minimum architecture.
 CI_ARCHS = (75, 80, 86, 89, 90)
-TIER_BUILD_ARCHS = {t: tuple(a for a in CI_ARCHS if a >= 10 * c[0] + c[1])
+TIER_BUILD_ARCHS = {t: ((TIER_ARCH_SPECIFIC[t][1],) if t in TIER_ARCH_SPECIFIC else
+                        tuple(a for a in CI_ARCHS if a >= 10 * c[0] + c[1]))
                     for t, c in TIER_MIN_CAPABILITY.items()}
 
 # The table. Capabilities not listed: >= 8.0 (newer chips keep mma.sync and cp.async) run
@@ -92,6 +101,10 @@ def check_tier(tier: str, capability) -> str:
         raise ValueError(f"tier {tier!r} needs compute capability {need[0]}.{need[1]} or newer; "
                          f"this device has {cap[0]}.{cap[1]} (its default tier: "
                          f"{_default_or_none(cap)!r})")
+    if tier in TIER_ARCH_SPECIFIC and cap[0] != TIER_ARCH_SPECIFIC[tier][0][0]:
+        raise ValueError(f"tier {tier!r} is built for sm_{TIER_ARCH_SPECIFIC[tier][1]} and runs "
+                         f"on compute capability {need[0]}.x only; this device has "
+                         f"{cap[0]}.{cap[1]} (its default tier: {_default_or_none(cap)!r})")
     return tier
 
 
@@ -119,3 +132,13 @@ def select_tier(capability, forced: Optional[str] = None) -> str:
     if not isinstance(forced, str):
         raise TypeError(f"tier must be a string, got {type(forced).__name__} ({forced!r})")
     return check_tier(forced.strip().lower(), capability)
+
+
+def runs_tier(tier: str, capability) -> bool:
+    """Whether a device of ``capability`` can run ``tier`` (:func:`check_tier` without the
+    error)."""
+    try:
+        check_tier(tier, capability)
+    except ValueError:
+        return False
+    return True

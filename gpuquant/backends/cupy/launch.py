@@ -30,7 +30,8 @@ from . import loader
 __all__ = ["Launch", "plan_linear", "plan_conv2d", "execute", "BLOCK_TILES", "GEMV_MAX_M"]
 
 # (BM, BN) output tile of one thread block, per tier (see kernels/*_tile.cuh).
-BLOCK_TILES = {"dp4a": (64, 64), "mma75": (128, 128), "mma80": (128, 128), "sm90": (128, 128)}
+BLOCK_TILES = {"dp4a": (64, 64), "mma75": (128, 128), "mma80": (128, 128), "sm90": (128, 128),
+               "wgmma": (128, 256)}
 THREADS = 256
 # linear with at most this many rows runs kernels/gemv_dp4a.cu (one warp per output column,
 # GEMV_COLUMNS columns a block) on every tier: the GEMM tiles would be almost empty.
@@ -275,6 +276,7 @@ def execute(launch: Launch, capability) -> torch.Tensor:
             args = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(a)
                          for a in launch.args)
             stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream)
+            smem = loader.dynamic_smem(launch.tier) if launch.family != "gemv" else 0
             with stream:
-                kern(launch.grid, launch.block, args)
+                kern(launch.grid, launch.block, args, shared_mem=smem)
     return launch.finish(launch.out)

@@ -8,13 +8,18 @@ text and options) changes whenever any header does.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import tempfile
 import threading
 from pathlib import Path
 from typing import Dict, Tuple
 
-__all__ = ["kernels_dir", "source", "kernel_file", "get_kernel", "NVRTC_OPTIONS"]
+from . import dispatch
+
+__all__ = ["kernels_dir", "source", "kernel_file", "get_kernel", "NVRTC_OPTIONS",
+           "dynamic_smem", "arch_options"]
 
 # No floating point is computed in these kernels; --fmad=false keeps it that way if any is
 # ever added (contract section 4).
@@ -62,19 +67,82 @@ def source(name: str, _seen=None) -> str:
     return _INCLUDE.sub(expand, text).replace("#pragma once", "")
 
 
+# Dynamic shared memory a block of an arch-specific tier's kernels asks for (the other
+# tiers use static shared memory only): kernels/wgmma_tile.cuh's GQ_WG_SMEM_BYTES.
+_DYNAMIC_SMEM = {"wgmma": 4 * (128 + 256) * 128 + 1024}
+
+
+def dynamic_smem(tier: str) -> int:
+    """Bytes of dynamic shared memory a block of ``tier``'s GEMM / conv kernel takes."""
+    return _DYNAMIC_SMEM.get(tier, 0)
+
+
+def arch_options(tier: str) -> Tuple[str, ...]:
+    """NVRTC options of an architecture-specific tier (``--gpu-architecture=sm_90a``); empty
+    for the others (CuPy picks the device's architecture)."""
+    if tier in dispatch.TIER_ARCH_SPECIFIC:
+        return (f"--gpu-architecture=sm_{dispatch.TIER_ARCH_SPECIFIC[tier][1]}",)
+    return ()
+
+
+def _compile_arch_specific(family: str, tier: str):
+    """An arch-specific tier's kernel: NVRTC (CuPy's bindings) to a cubin for the tier's
+    target, cached on disk by source and options, loaded with ``cupy.RawModule(path=)``.
+    CuPy's own compile path picks ``sm_<major><minor>`` itself, which cannot express
+    ``sm_90a``."""
+    import cupy
+    from cupy.cuda import nvrtc
+    name = kernel_file(family, tier)
+    src = source(name)
+    opts = NVRTC_OPTIONS + arch_options(tier)
+    use_cubin = hasattr(nvrtc, "getCUBIN")
+    if not use_cubin:  # old CuPy: PTX for the arch-specific virtual target, driver JIT
+        opts = NVRTC_OPTIONS + tuple(o.replace("=sm_", "=compute_") for o in arch_options(tier))
+    digest = hashlib.sha256("\0".join((src,) + opts).encode()).hexdigest()[:24]
+    cache = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+    path = cache / f"gpuquant_{family}_{tier}_{digest}.{'cubin' if use_cubin else 'ptx'}"
+    if not path.is_file():
+        prog = nvrtc.createProgram(src, name, (), ())
+        try:
+            try:
+                nvrtc.compileProgram(prog, opts)
+            except nvrtc.NVRTCError as e:
+                raise RuntimeError(f"NVRTC could not compile {name} with {opts}: "
+                                   f"{nvrtc.getProgramLog(prog)}") from e
+            data = nvrtc.getCUBIN(prog) if use_cubin else nvrtc.getPTX(prog)
+        finally:
+            nvrtc.destroyProgram(prog)
+        if isinstance(data, str):
+            data = data.encode()
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=path.suffix)  # atomic: rename
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    k = cupy.RawModule(path=str(path)).get_function(f"gq_{family}_{tier}")
+    smem = dynamic_smem(tier)
+    if smem > 48 * 1024 and family in ("gemm", "conv"):
+        k.max_dynamic_shared_size_bytes = smem
+    return k
+
+
 def get_kernel(family: str, tier: str, capability: Tuple[int, int], device_index: int):
     """The compiled ``gq_<family>_<tier>`` kernel for a device (compiled once, then cached).
 
-    CuPy compiles for the current device's architecture (``sm_<major><minor>``); this must
-    be called inside ``cupy.cuda.Device(device_index)``.
+    CuPy compiles for the current device's architecture (``sm_<major><minor>``); an
+    architecture-specific tier (``dispatch.TIER_ARCH_SPECIFIC``) for its own target. This
+    must be called inside ``cupy.cuda.Device(device_index)``.
     """
     key = (family, tier, tuple(capability), device_index)
     with _lock:
         k = _cache.get(key)
         if k is None:
-            import cupy
-            mod = cupy.RawModule(code=source(kernel_file(family, tier)),
-                                 options=NVRTC_OPTIONS)
-            k = mod.get_function(f"gq_{family}_{tier}")
+            if tier in dispatch.TIER_ARCH_SPECIFIC:
+                k = _compile_arch_specific(family, tier)
+            else:
+                import cupy
+                mod = cupy.RawModule(code=source(kernel_file(family, tier)),
+                                     options=NVRTC_OPTIONS)
+                k = mod.get_function(f"gq_{family}_{tier}")
             _cache[key] = k
     return k
