@@ -87,3 +87,63 @@ def test_nvrtc_compiles_kernel(family, tier, arch):
     assert ok, f"NVRTC failed for {family}_{tier} on sm_{arch}:\n{log}"
     assert log == "", f"NVRTC printed diagnostics for {family}_{tier} on sm_{arch}:\n{log}"
     assert cubin[:4] == b"\x7fELF" and f"gq_{family}_{tier}".encode() in cubin
+
+
+def test_arch_specific_loader_writes_the_whole_cubin(tmp_path, monkeypatch):
+    """The wgmma tier's compile path (``loader._compile_arch_specific``) run against this
+    NVRTC through a stand-in for CuPy's bindings that truncates the cubin by one byte, as
+    CuPy 13 / 14's ``nvrtc.getCUBIN`` does: the file handed to ``RawModule(path=)`` is the
+    whole cubin NVRTC made, the kernel gets its dynamic shared memory limit, and a second
+    call reuses the file."""
+    import types
+
+    made = {}
+
+    class NVRTCError(RuntimeError):
+        pass
+
+    def create(src, name, headers, include_names):
+        assert isinstance(src, str) and isinstance(name, str) and headers == ()
+        return {"src": src, "name": name}
+
+    def compile_(prog, options):
+        ok, log, cubin = _nvrtc_compile(prog["src"], prog["name"], list(options))
+        if not ok:
+            prog["log"] = log
+            raise NVRTCError(log)
+        prog["cubin"], made["cubin"], made["options"] = cubin, cubin, tuple(options)
+
+    nvrtc_mod = types.SimpleNamespace(
+        createProgram=create, compileProgram=compile_, NVRTCError=NVRTCError,
+        getCUBIN=lambda p: p["cubin"][:-1],      # CuPy's off-by-one
+        getPTX=lambda p: b"", getProgramLog=lambda p: p.get("log", ""),
+        destroyProgram=lambda p: None)
+
+    class Kernel:
+        max_dynamic_shared_size_bytes = 0
+
+    class RawModule:
+        def __init__(self, path):
+            made.setdefault("paths", []).append(path)
+            self.path = path
+
+        def get_function(self, name):
+            made["name"] = name
+            return Kernel()
+
+    cupy = types.ModuleType("cupy")
+    cupy.RawModule = RawModule
+    cuda = types.ModuleType("cupy.cuda")
+    cuda.nvrtc = nvrtc_mod
+    cupy.cuda = cuda
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    k = loader._compile_arch_specific("gemm", "wgmma")
+    assert "--gpu-architecture=sm_90a" in made["options"]
+    assert made["name"] == "gq_gemm_wgmma"
+    with open(made["paths"][0], "rb") as f:
+        assert f.read() == made["cubin"]                 # not one byte short
+    assert k.max_dynamic_shared_size_bytes == loader.dynamic_smem("wgmma")
+    loader._compile_arch_specific("gemm", "wgmma")
+    assert made["paths"][1] == made["paths"][0] and len(list(tmp_path.iterdir())) == 1

@@ -85,6 +85,25 @@ def arch_options(tier: str) -> Tuple[str, ...]:
     return ()
 
 
+# Part of the on-disk cache key of arch-specific cubins; bumped when what is written changes.
+_CACHE_FORMAT = "2"  # 2: the cubin padded to its full ELF extent (see _whole_cubin)
+
+
+def _whole_cubin(data: bytes) -> bytes:
+    """CuPy 13 / 14's ``nvrtc.getCUBIN`` returns the cubin less its last byte (it slices
+    ``size - 1`` as for PTX's terminating NUL; NVRTC's CUBIN size has none), which a
+    file loaded with ``cuModuleLoad`` would miss: pad the ELF back to the extent its
+    program and section header tables declare."""
+    import struct
+    if data[:4] == b"\x7fELF" and len(data) >= 0x40 and data[4] == 2:  # 64-bit ELF
+        phoff, shoff = struct.unpack_from("<QQ", data, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 0x36)
+        end = max(phoff + phnum * phentsize, shoff + shnum * shentsize)
+        if len(data) < end:
+            data += b"\0" * (end - len(data))
+    return data
+
+
 def _compile_arch_specific(family: str, tier: str):
     """An arch-specific tier's kernel: NVRTC (CuPy's bindings) to a cubin for the tier's
     target, cached on disk by source and options, loaded with ``cupy.RawModule(path=)``.
@@ -98,7 +117,7 @@ def _compile_arch_specific(family: str, tier: str):
     use_cubin = hasattr(nvrtc, "getCUBIN")
     if not use_cubin:  # old CuPy: PTX for the arch-specific virtual target, driver JIT
         opts = NVRTC_OPTIONS + tuple(o.replace("=sm_", "=compute_") for o in arch_options(tier))
-    digest = hashlib.sha256("\0".join((src,) + opts).encode()).hexdigest()[:24]
+    digest = hashlib.sha256("\0".join((_CACHE_FORMAT, src) + opts).encode()).hexdigest()[:24]
     cache = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
     path = cache / f"gpuquant_{family}_{tier}_{digest}.{'cubin' if use_cubin else 'ptx'}"
     if not path.is_file():
@@ -109,7 +128,7 @@ def _compile_arch_specific(family: str, tier: str):
             except nvrtc.NVRTCError as e:
                 raise RuntimeError(f"NVRTC could not compile {name} with {opts}: "
                                    f"{nvrtc.getProgramLog(prog)}") from e
-            data = nvrtc.getCUBIN(prog) if use_cubin else nvrtc.getPTX(prog)
+            data = _whole_cubin(nvrtc.getCUBIN(prog)) if use_cubin else nvrtc.getPTX(prog)
         finally:
             nvrtc.destroyProgram(prog)
         if isinstance(data, str):
