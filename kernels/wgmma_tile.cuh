@@ -286,6 +286,7 @@ __device__ void gq_wg_tile(ALoader* al, const signed char* __restrict__ w,
     const unsigned sa = sbase + (kt % GQ_WG_STAGES) * GQ_WG_STAGE_BYTES + wg * 64 * GQ_WG_BK;
     const unsigned sb = sbase + (kt % GQ_WG_STAGES) * GQ_WG_STAGE_BYTES + GQ_WG_A_BYTES;
     gq_wg_fence_acc(d);
+    __syncwarp();  // the conv loader branches per thread: reconverge before .sync.aligned
     gq_wg_fence();
 #pragma unroll
     for (int ks = 0; ks < GQ_WG_BK / 32; ++ks)
@@ -321,7 +322,9 @@ __device__ void gq_wg_tile(ALoader* al, const signed char* __restrict__ w,
 #define GQ_WG_SMEM_DECL static __attribute__((aligned(1024))) unsigned char gq_smem[GQ_WG_SMEM_BYTES]; \
   gq_emu_smem_base = gq_smem;
 #else
-#define GQ_WG_SMEM_DECL extern __shared__ __align__(1024) unsigned char gq_smem[];
+// (declared 16-byte aligned only: with __align__(1024) the compiler folds the re-alignment
+// in gq_wg_tile to nothing and the kernel would trust the driver's placement silently)
+#define GQ_WG_SMEM_DECL extern __shared__ __align__(16) unsigned char gq_smem[];
 #endif
 
 // The entry points (same parameters as the mma tiers'; launched with GQ_WG_SMEM_BYTES of

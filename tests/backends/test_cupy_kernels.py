@@ -224,6 +224,7 @@ inline int launch(int gx, int gy, int gz, int nt) {
 #define blockIdx (gqemu::block_idx)
 #define gridDim (gqemu::grid_dim)
 inline void __syncthreads() { gqemu::barrier(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { gqemu::warp_barrier(); }
 
 inline int __dp4a(int a, int b, int c) {
   unsigned s = (unsigned)c;
