@@ -589,7 +589,8 @@ def _gpu_tiers():
     if not torch.cuda.is_available():
         return list(TIERS)
     cap = torch.cuda.get_device_capability()
-    return [t for t in TIERS if dispatch.runs_tier(t, cap)]
+    # opt-in tiers never run on a GPU before run in a child process first (below)
+    return [t for t in TIERS if dispatch.runs_tier(t, cap) and t not in dispatch.OPT_IN_TIERS]
 
 
 @pytest.fixture
@@ -647,6 +648,19 @@ def test_gpu_conv_byte_identical(cupy_backend, monkeypatch, tier, x_dtype, out_d
         torch.cuda.synchronize()
         assert got.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(got.cpu(), want), (tier, case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tier", dispatch.OPT_IN_TIERS)
+def test_gpu_opt_in_tier_in_a_child_process(cupy_backend, tier):
+    """An opt-in tier's first GPU run (a kernel written without a GPU may fault, and a CUDA
+    fault would fail every later test of this process): the self-check in a child process,
+    byte for byte against NumPy; then, only if it passed, the full cases here."""
+    from gpuquant.backends.cupy.selfcheck import check_isolated
+    if not dispatch.runs_tier(tier, torch.cuda.get_device_capability()):
+        pytest.skip(f"this GPU cannot run tier {tier!r}")
+    passed, report = check_isolated(tier)
+    assert passed, report
 
 
 @pytest.mark.gpu
@@ -710,3 +724,41 @@ def test_bench_args_fit_the_gemm_and_conv_suites(emu_build):
               (L["spec"].pad,) * 2, (1, 1), 1, L["rq"]) for L in layers]
     outs = [emu_execute(emu_build, launch.plan_conv2d(*c, "dp4a"), 0) for c in calls]
     assert conv_suite._check(layers, outs)
+
+
+def test_selfcheck_child_process_reports_instead_of_raising():
+    """The isolation wrapper: whatever the child does comes back as (False, why); here it
+    exits 2 (no CUDA device, or no CuPy), and a bad tier name is a usage error."""
+    from gpuquant.backends.cupy import selfcheck
+    selfcheck.check_isolated.cache_clear()
+    passed, why = selfcheck.check_isolated("wgmma", timeout=120)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the GPU test covers the real run")
+    assert not passed and "exited with status 2" in why and "wgmma" in why
+    assert selfcheck.main(["tensorcores"]) == 2
+    selfcheck.check_isolated.cache_clear()
+
+
+def test_selfcheck_compares_every_case_with_numpy(monkeypatch):
+    """run_cases' comparison on the CPU: a backend that returns NumPy's bytes passes every
+    case; one byte changed in each output fails every case."""
+    from gpuquant import backends
+    from gpuquant.backends.cupy import selfcheck
+    npb = backends.get_backend("numpy")
+    get = backends.get_backend
+
+    def fake(flip):
+        def op(name):
+            def run(*a):
+                out = npb.OPS[name](*a).clone()
+                if flip:
+                    out[(0,) * out.dim()] ^= 1
+                return out
+            return run
+        return type("B", (), {"OPS": {"linear": op("linear"), "conv2d": op("conv2d")}})
+    for flip, want in ((False, 0), (True, 6)):
+        monkeypatch.setattr(backends, "get_backend",
+                            lambda n, f=flip: fake(f) if n == "cupy" else get(n))
+        bad, report = selfcheck.run_cases("wgmma", device="cpu")
+        assert bad == want, report
+        assert report.count("\n") == 5

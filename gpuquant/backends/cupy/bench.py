@@ -73,6 +73,11 @@ def tier_providers(op: str, args_of: Callable[[Any], tuple] = tuple,
                 dispatch.check_tier(tier, cap)
             except ValueError as e:
                 raise ProviderUnavailable(str(e))
+            if tier in dispatch.OPT_IN_TIERS:  # never run on a GPU before: first in a child
+                from .selfcheck import check_isolated
+                passed, why = check_isolated(tier)
+                if not passed:
+                    raise ProviderUnavailable(why)
 
             if many:
                 def run():

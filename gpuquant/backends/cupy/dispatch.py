@@ -24,6 +24,7 @@ import os
 from typing import Optional, Tuple
 
 __all__ = ["TIERS", "TIER_MIN_CAPABILITY", "TIER_BUILD_ARCHS", "TIER_ARCH_SPECIFIC",
+           "OPT_IN_TIERS",
            "runs_tier", "CAPABILITY_TIER", "ENV_VAR",
            "default_tier", "select_tier", "check_tier", "build_min_capability"]
 
@@ -36,6 +37,10 @@ TIER_MIN_CAPABILITY = {"dp4a": (6, 1), "mma75": (7, 5), "mma80": (8, 0), "sm90":
 # Tiers built for an architecture-specific target ("sm_90a"): they run on that major
 # version only (wgmma is not in sm_100's instruction set), and are compiled for that target.
 TIER_ARCH_SPECIFIC = {"wgmma": ((9, 0), "90a")}
+# Tiers not in the table and not yet run on a GPU: their benchmark rows and GPU tests first
+# pass :func:`gpuquant.backends.cupy.selfcheck.check_isolated` (a child process: a fault
+# there cannot poison the caller's CUDA context).
+OPT_IN_TIERS = ("wgmma",)
 
 # The architectures CI compiles each tier's sources for with nvcc (no GPU needed); the
 # kernels/*.cu files of a tier carry an #error guard below their minimum architecture.
