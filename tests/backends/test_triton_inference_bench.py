@@ -41,7 +41,8 @@ def test_gemm_case_generation():
     for c in cases:
         assert set(c.providers) == {"gpuquant-triton", "gpuquant-triton-bare", "torch-int-mm",
                                     "torch-bf16", "gpuquant-cupy-dp4a", "gpuquant-cupy-mma75",
-                                    "gpuquant-cupy-mma80", "gpuquant-cupy-sm90"}
+                                    "gpuquant-cupy-mma80", "gpuquant-cupy-sm90",
+                                    "gpuquant-cupy-wgmma"}
     quick = gemm_suite._cases(True, "cuda")
     assert 0 < len(quick) < len(cases)
     cls = gemm_suite.shape_classes()
