@@ -20,7 +20,7 @@
 // inside K or fully past it), A / B / x base pointers 16-byte aligned, and for conv
 // cg % 16 == 0 (a chunk never straddles a (r, s) window position).
 #pragma once
-#include "igemm.cuh"
+#include "tile_copy.cuh"
 
 #define GQ_MMA_BM 128
 #define GQ_MMA_BN 128
@@ -31,47 +31,6 @@
 // Byte offset of (row, byte col) in a swizzled [rows][32] stage.
 GQ_HD int gq_swz(int row, int col) {
   return row * GQ_MMA_BK + ((((col >> 4) ^ (row >> 2)) & 1) << 4) + (col & 15);
-}
-
-#if !defined(GQ_HOST_EMU)
-GQ_D unsigned gq_smem_addr(const void* p) {
-  return (unsigned)__cvta_generic_to_shared(p);
-}
-#endif
-
-// 16 bytes global -> shared; valid == false writes 16 zero bytes.
-GQ_D void gq_copy16(unsigned char* dst, const signed char* src, bool valid) {
-#if GQ_CP_ASYNC && defined(GQ_HOST_EMU)
-  gq_emu_cp_async(dst, src, valid);
-#elif GQ_CP_ASYNC
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(gq_smem_addr(dst)),
-               "l"(src), "r"(valid ? 16 : 0));
-#else
-  uint4 v = make_uint4(0u, 0u, 0u, 0u);
-  if (valid) v = *reinterpret_cast<const uint4*>(src);
-  *reinterpret_cast<uint4*>(dst) = v;
-#endif
-}
-
-GQ_D void gq_fill16(unsigned char* dst, unsigned word) {
-  *reinterpret_cast<uint4*>(dst) = make_uint4(word, word, word, word);
-}
-
-GQ_D void gq_commit() {
-#if GQ_CP_ASYNC && defined(GQ_HOST_EMU)
-  gq_emu_commit();
-#elif GQ_CP_ASYNC
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-template <int N>
-GQ_D void gq_wait() {
-#if GQ_CP_ASYNC && defined(GQ_HOST_EMU)
-  gq_emu_wait(N);
-#elif GQ_CP_ASYNC
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
 }
 
 // One m16n8k32 tile, s8 x s8 -> s32. PTX fragment layout, lane = 4 * g + t:
@@ -124,46 +83,6 @@ GQ_D void gq_ldmatrix_x4(unsigned* r, const unsigned char* p) {
                : "r"(gq_smem_addr(p)));
 #endif
 }
-
-// A chunks of a linear layer: (M, K) row-major.
-struct GqGemmChunkA {
-  const signed char* a;
-  int M, K;
-  gq_i64 base;
-  bool valid;
-  GQ_D void set_row(int m) { valid = m < M; base = valid ? (gq_i64)m * K : 0; }
-  // 16 bytes at k into dst (zeros past K or M).
-  GQ_D void load(unsigned char* dst, int k) const {
-    const bool ok = valid && k < K;
-    gq_copy16(dst, a + (ok ? base + k : 0), ok);
-  }
-};
-
-// A chunks of a convolution: 16 channels of one input pixel, or the zero point (padding).
-struct GqConvChunkA {
-  const signed char* x;
-  GqConvGeom g;
-  int M, K, group;
-  unsigned pad_word;
-  int img, ih0, iw0;
-  bool valid;
-  GQ_D void set_row(int m) {
-    valid = m < M;
-    img = ih0 = iw0 = 0;
-    if (valid) gq_conv_row(g, m, &img, &ih0, &iw0);
-  }
-  GQ_D void load(unsigned char* dst, int k) const {
-    if (!valid || k >= K) {
-      gq_copy16(dst, x, false);
-      return;
-    }
-    const gq_i64 off = gq_conv_offset(g, img, ih0, iw0, k, group);
-    if (off < 0)
-      gq_fill16(dst, pad_word);
-    else
-      gq_copy16(dst, x + off, true);
-  }
-};
 
 template <class ALoader>
 __device__ void gq_mma_tile(ALoader al, const signed char* __restrict__ w,

@@ -40,7 +40,10 @@
 // Requirements checked by the host launcher: K % 16 == 0, A / B / x base pointers 16-byte
 // aligned, conv cg % 16 == 0 (as mma_tile.cuh).
 #pragma once
-#include "igemm.cuh"
+#ifndef GQ_CP_ASYNC
+#define GQ_CP_ASYNC 1
+#endif
+#include "tile_copy.cuh"
 
 #define GQ_WG_BM 128
 #define GQ_WG_BN 256
@@ -64,43 +67,10 @@
 // Byte offset of (row, 16-byte chunk c) in a swizzled [rows][128] tile.
 GQ_HD int gq_wg_swz(int row, int c) { return row * GQ_WG_BK + (((c ^ row) & 7) << 4); }
 
-#if defined(GQ_HOST_EMU)
-GQ_D unsigned gq_wg_saddr(const void* p) { return gq_emu_smem_addr(p); }
-#else
-GQ_D unsigned gq_wg_saddr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-#endif
-
 // Shared-memory matrix descriptor of a K-major, 128-byte swizzled operand at saddr.
 GQ_D unsigned long long gq_wg_desc(unsigned saddr) {
   return (unsigned long long)((saddr & 0x3FFFFu) >> 4) | (1ull << 16) |
          ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
-}
-
-GQ_D void gq_wg_cp16(unsigned char* dst, const signed char* src, bool valid) {
-#if defined(GQ_HOST_EMU)
-  gq_emu_cp_async(dst, src, valid);
-#else
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(gq_wg_saddr(dst)),
-               "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-#endif
-}
-
-GQ_D void gq_wg_cp_commit() {
-#if defined(GQ_HOST_EMU)
-  gq_emu_commit();
-#else
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int N>
-GQ_D void gq_wg_cp_wait() {
-#if defined(GQ_HOST_EMU)
-  gq_emu_wait(N);
-#else
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
 }
 
 GQ_D void gq_wg_fence_proxy_async() {
@@ -171,46 +141,6 @@ GQ_D void gq_wgmma_m64n256k32(int* d, unsigned long long desc_a, unsigned long l
 #endif
 }
 
-// A chunks of a linear layer: (M, K) row-major.
-struct GqWgChunkA {
-  const signed char* a;
-  int M, K;
-  gq_i64 base;
-  bool valid;
-  GQ_D void set_row(int m) { valid = m < M; base = valid ? (gq_i64)m * K : 0; }
-  GQ_D void load(unsigned char* dst, int k) const {
-    const bool ok = valid && k < K;
-    gq_wg_cp16(dst, a + (ok ? base + k : 0), ok);
-  }
-};
-
-// A chunks of a convolution: 16 channels of one input pixel, or the zero point (padding).
-struct GqWgConvChunkA {
-  const signed char* x;
-  GqConvGeom g;
-  int M, K, group;
-  unsigned pad_word;
-  int img, ih0, iw0;
-  bool valid;
-  GQ_D void set_row(int m) {
-    valid = m < M;
-    img = ih0 = iw0 = 0;
-    if (valid) gq_conv_row(g, m, &img, &ih0, &iw0);
-  }
-  GQ_D void load(unsigned char* dst, int k) const {
-    if (!valid || k >= K) {
-      gq_wg_cp16(dst, x, false);
-      return;
-    }
-    const gq_i64 off = gq_conv_offset(g, img, ih0, iw0, k, group);
-    if (off < 0) {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(pad_word, pad_word, pad_word, pad_word);
-    } else {
-      gq_wg_cp16(dst, x + off, true);
-    }
-  }
-};
-
 // One stage's copies: this thread's A chunks (rows tid / 8 + 32 i, chunk tid % 8) and B
 // chunks (rows tid / 8 + 32 i of the 256-row weight tile).
 template <class ALoader>
@@ -227,7 +157,7 @@ GQ_D void gq_wg_load_stage(const ALoader* al, const signed char* __restrict__ w,
   for (int i = 0; i < GQ_WG_B_CHUNKS; ++i) {
     const int n = n0 + r0 + 32 * i;
     const bool ok = n < N && k < K;
-    gq_wg_cp16(bs + gq_wg_swz(r0 + 32 * i, c),
+    gq_copy16(bs + gq_wg_swz(r0 + 32 * i, c),
                ok ? w + ((gq_i64)group * N + n) * K + k : w, ok);
   }
 }
@@ -239,7 +169,7 @@ __device__ void gq_wg_tile(ALoader* al, const signed char* __restrict__ w,
                            int M, int N, int K, int ldo, int group, int a_xor,
                            int zero_point, int qmin, int qmax, unsigned char* smem_raw) {
   // first stage 1024-byte aligned in the shared window (the swizzle uses address bits 7-9)
-  unsigned char* smem = smem_raw + ((1024 - (gq_wg_saddr(smem_raw) & 1023)) & 1023);
+  unsigned char* smem = smem_raw + ((1024 - (gq_smem_addr(smem_raw) & 1023)) & 1023);
   const int tid = threadIdx.x;
   const int wg = tid >> 7, v = (tid >> 5) & 3, lane = tid & 31;
   const int g = lane >> 2, q = lane & 3;
@@ -253,17 +183,17 @@ __device__ void gq_wg_tile(ALoader* al, const signed char* __restrict__ w,
   for (int s = 0; s < GQ_WG_STAGES - 2; ++s) {
     if (s < ktiles)
       gq_wg_load_stage(al, w, smem + s * GQ_WG_STAGE_BYTES, s, tid, n0, N, K, group);
-    gq_wg_cp_commit();
+    gq_commit();
   }
 
   int d[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) d[i] = 0;
   const unsigned axor = (unsigned)a_xor;
-  const unsigned sbase = gq_wg_saddr(smem);
+  const unsigned sbase = gq_smem_addr(smem);
 
   for (int kt = 0; kt < ktiles; ++kt) {
-    gq_wg_cp_wait<GQ_WG_STAGES - 3>();
+    gq_wait<GQ_WG_STAGES - 3>();
     unsigned char* stage = smem + (kt % GQ_WG_STAGES) * GQ_WG_STAGE_BYTES;
     if (axor) {  // uint8 x: x ^ 0x80 = x - 128 on this thread's own A chunks, in place
 #pragma unroll
@@ -281,7 +211,7 @@ __device__ void gq_wg_tile(ALoader* al, const signed char* __restrict__ w,
       if (nt < ktiles)
         gq_wg_load_stage(al, w, smem + (nt % GQ_WG_STAGES) * GQ_WG_STAGE_BYTES, nt, tid, n0,
                          N, K, group);
-      gq_wg_cp_commit();
+      gq_commit();
     }
     const unsigned sa = sbase + (kt % GQ_WG_STAGES) * GQ_WG_STAGE_BYTES + wg * 64 * GQ_WG_BK;
     const unsigned sb = sbase + (kt % GQ_WG_STAGES) * GQ_WG_STAGE_BYTES + GQ_WG_A_BYTES;
@@ -297,7 +227,7 @@ __device__ void gq_wg_tile(ALoader* al, const signed char* __restrict__ w,
   }
   gq_wg_wait<0>();
   gq_wg_fence_acc(d);
-  gq_wg_cp_wait<0>();
+  gq_wait<0>();
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -336,7 +266,7 @@ NAME(const signed char* __restrict__ a, const signed char* __restrict__ w, \
      const int* __restrict__ rshift, unsigned char* __restrict__ out, \
      int M, int N, int K, int a_xor, int zero_point, int qmin, int qmax) { \
   GQ_WG_SMEM_DECL \
-  GqWgChunkA al[GQ_WG_A_CHUNKS]; \
+  GqGemmChunkA al[GQ_WG_A_CHUNKS]; \
   for (int i = 0; i < GQ_WG_A_CHUNKS; ++i) { \
     al[i].a = a; al[i].M = M; al[i].K = K; al[i].base = 0; al[i].valid = false; \
   } \
@@ -353,7 +283,7 @@ NAME(const signed char* __restrict__ x, const signed char* __restrict__ w, \
      int H, int W, int C, int cg, int ho, int wo, int kw, int sh, int sw, int ph, \
      int pw, int dh, int dw, int pad_byte) { \
   GQ_WG_SMEM_DECL \
-  GqWgConvChunkA al[GQ_WG_A_CHUNKS]; \
+  GqConvChunkA al[GQ_WG_A_CHUNKS]; \
   for (int i = 0; i < GQ_WG_A_CHUNKS; ++i) { \
     al[i].x = x; \
     al[i].g.H = H; al[i].g.W = W; al[i].g.C = C; al[i].g.cg = cg; al[i].g.ho = ho; \
