@@ -54,3 +54,16 @@ GQ_HD unsigned char gq_epilogue(int acc, int ch, const gq_i64* bias_eff, const i
                            qmin, qmax);
   return (unsigned char)(y & 0xff);  // int8 and uint8 outputs share the byte
 }
+
+// Two adjacent accumulators of one output row (columns n, n + 1 of the group, as every
+// tensor-core fragment holds them) through the epilogue into the row's bytes; columns past
+// N are skipped.
+GQ_HD void gq_store_pair(unsigned char* orow, const int* c, int n, int N, int group,
+                         const gq_i64* bias_eff, const int* mult, const int* rshift,
+                         int zero_point, int qmin, int qmax) {
+  for (int e = 0; e < 2; ++e) {
+    if (n + e >= N) continue;
+    const int ch = group * N + n + e;
+    orow[ch] = gq_epilogue(c[e], ch, bias_eff, mult, rshift, zero_point, qmin, qmax);
+  }
+}

@@ -181,16 +181,9 @@ __device__ void gq_mma_tile(ALoader al, const signed char* __restrict__ w,
       if (m >= M) continue;
       unsigned char* orow = out + (gq_i64)m * ldo;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int n = n0 + wn * 32 + j * 8 + 2 * t + e;
-          if (n >= N) continue;
-          const int ch = group * N + n;
-          orow[ch] = gq_epilogue(acc[i][j][2 * h + e], ch, bias_eff, mult, rshift, zero_point,
-                                 qmin, qmax);
-        }
-      }
+      for (int j = 0; j < 4; ++j)
+        gq_store_pair(orow, &acc[i][j][2 * h], n0 + wn * 32 + j * 8 + 2 * t, N, group,
+                      bias_eff, mult, rshift, zero_point, qmin, qmax);
     }
   }
 }
