@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-triton36 bench clean gpu gpu-lease tcache
+.PHONY: demo test test-triton36 bench clean gpu gpu-lease tcache wheels
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -74,3 +74,12 @@ tcache: $(VENV_T36)/.installed
 	env -u TRITON_INTERPRET $(VENV_T36)/bin/python -m gpuquant.bench.tcache build \
 	  --wheel $$(ls $(TRITON_WHEEL_DIR)/triton-3.6.0-cp312-*.whl) \
 	  --out .tcache/triton-3.6.0-cp312-sm90.tar.gz
+
+# Before a lease, here: wheels of the optional comparison packages (torchao: the
+# linear_dynamic suite's torchao rows) for the GPU machines' CPython 3.12, into .tcache/wheels/
+# (carried with .tcache); the lease runner unzips each and uses it if it imports there
+# (gpuquant/bench/wheels.py). torchao 0.17.0: built against torch 2.11 (the GPU machines').
+TORCHAO_SPEC ?= torchao==0.17.0
+wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 -d .tcache/wheels "$(TORCHAO_SPEC)"

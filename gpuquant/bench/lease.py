@@ -25,6 +25,11 @@ checkout) is unpacked into the run's ``TRITON_CACHE_DIR`` first when its key fit
 Triton (``--triton-cache``, default ``auto``); the summary says how many kernels it held and
 how many were still compiled during the run.
 
+Wheels of optional comparison packages carried in ``.tcache/wheels/`` (torchao: ``make
+wheels``; the machine reaches no package index) are checked for import in background
+processes and put on the ``linear_dynamic`` stage's ``PYTHONPATH`` if they import
+(``--wheels``, :mod:`.wheels`).
+
 Writes into ``--out``: ``lease.tar.gz``, holding ``results/<device-slug>/`` with the
 suites' JSON / Markdown / PNG files, ``lease-logs/<stage>.log``, ``lease-env.txt`` and
 ``lease-summary.md``; and ``summary.md``, which is also printed last. ``tar -xzf
@@ -71,6 +76,7 @@ MIN_STAGE_S = 45.0      # a stage is not started with less than this left (a sui
 PACK_RESERVE_S = 10.0   # kept for writing the summary and the archive
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TCACHE_GLOB = ".tcache/*.tar.gz"  # where `tcache build` archives are carried (git-ignored)
+WHEEL_STAGES = ("linear_dynamic",)  # the stages with rows of a carried package (torchao)
 
 
 def plan_caps(stage: str, left: float, caps: Optional[dict] = None) -> Optional[float]:
@@ -145,6 +151,28 @@ def _unpack_triton_cache(choice: str, cache_dir: str) -> Tuple[int, str]:
     return 0, "; ".join(lines)
 
 
+def _carried_wheels(choice: str, site_root: str, env: dict):
+    """The import checks of the carried wheels (:class:`.wheels.Carried`), started now, or
+    None when there are none."""
+    from .wheels import WHEELS_GLOB, Carried
+    if choice == "none":
+        return None
+    pattern = os.path.join(_REPO, WHEELS_GLOB) if choice == "auto" else \
+        os.path.join(choice, "*.whl")
+    wheels = sorted(glob.glob(pattern))
+    return Carried(wheels, site_root, env) if wheels else None
+
+
+def _use_carried(carried, env: dict, wait: bool = True) -> None:
+    """Put the carried packages that import on the stages' PYTHONPATH; their summary line
+    goes into ``env["GPUQUANT_LEASE_WHEELS"]`` (printed, and read by the summary)."""
+    paths, line = carried.result(wait)
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths + [env["PYTHONPATH"]])
+    env["GPUQUANT_LEASE_WHEELS"] = line
+    print(f"[lease] carried packages: {line}", flush=True)
+
+
 def _known_stages() -> List[str]:
     from .suites import registered
     return ["tests", "profile"] + list(registered())
@@ -191,6 +219,11 @@ def _parse(argv) -> argparse.Namespace:
                         "from the start (gpuquant.bench.warm; 0: none; default: CPUs - 2 "
                         "on machines with 8 or more, none when a prebuilt Triton cache was "
                         "unpacked: its compile load would only disturb the timings)")
+    p.add_argument("--wheels", default="auto", metavar="DIR|auto|none",
+                   help="wheels of optional comparison packages (torchao) to make importable "
+                        "for the suites when they import (gpuquant.bench.wheels; `make "
+                        "wheels` fetches them here); 'auto' (default): the checkout's "
+                        ".tcache/wheels/*.whl")
     p.add_argument("--triton-cache", default="auto", metavar="ARCHIVE|auto|none",
                    help="a prebuilt Triton cache (gpuquant.bench.tcache build) to unpack into "
                         "the run's TRITON_CACHE_DIR first; 'auto' (default): the newest "
@@ -198,6 +231,8 @@ def _parse(argv) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.triton_cache not in ("auto", "none") and not os.path.isfile(args.triton_cache):
         p.error(f"--triton-cache: no such archive {args.triton_cache!r} (or 'auto', 'none')")
+    if args.wheels not in ("auto", "none") and not os.path.isdir(args.wheels):
+        p.error(f"--wheels: no such folder {args.wheels!r} (or 'auto', 'none')")
     if not args.budget > 0:
         p.error(f"--budget must be positive, got {args.budget}")
     if args.warm_jobs is not None and args.warm_jobs < 0:
@@ -344,6 +379,7 @@ def main(argv=None) -> int:
     if unpacked:
         env["TRITON_CACHE_DIR"] = tcache
     print(f"[lease] prebuilt Triton cache: {tcache_line}", flush=True)
+    carried = _carried_wheels(args.wheels, os.path.join(work, "site"), env)
     if args.warm_jobs is None:
         args.warm_jobs = 0 if unpacked else _default_warm_jobs()
     warm = _start_warm(args, os.path.join(logs, "warm.log"), env)
@@ -354,6 +390,9 @@ def main(argv=None) -> int:
         if cap is None:
             rows.append((stage, "skipped: no time left", 0.0, ""))
             continue
+        if stage in WHEEL_STAGES and carried is not None:
+            _use_carried(carried, env)
+            carried = None
         if stage == "tests":
             cmd = [sys.executable, "-m", "pytest"] + args.pytest_args.split()
         elif stage == "profile":
@@ -374,6 +413,8 @@ def main(argv=None) -> int:
         rows.append((stage, status, secs, _last_line(log)))
         print(f"[lease] {stage}: {status} in {secs:.0f} s", flush=True)
 
+    if carried is not None:  # no stage used them: the summary says what the checks found
+        _use_carried(carried, env, wait=False)
     warm_status = _stop_warm(warm)
     if warm is not None:
         rows.append(("warm (background)", warm_status, time.monotonic() - t_start,
@@ -387,6 +428,7 @@ def main(argv=None) -> int:
                f"tuning: {'full' if args.full_tune else 'quick (GPUQUANT_TRITON_TUNE=quick)'}; "
                f"sizes: {'full' if args.full_sizes else '--quick'}", "",
                f"prebuilt Triton cache: {tcache_line}", "",
+               f"carried packages: {env.get('GPUQUANT_LEASE_WHEELS', 'none carried')}", "",
                "| stage | status | seconds | last line of its log |", "|---|---|---:|---|"]
     summary += [f"| {s} | {st} | {sec:.0f} | {last.replace('|', '/')} |"
                 for s, st, sec, last in rows]

@@ -181,3 +181,65 @@ def test_profile_step_reports_on_the_gpu():
     launches = float(next(ln for ln in lines if ln.startswith("kernel launches")).split()[-1])
     assert launches >= 2 and launches == int(launches)
     assert "top 25 by GPU time" in text
+
+
+def _wheel(folder, name, version, init):
+    """A minimal wheel (zip) holding package ``name`` with ``__init__.py`` = ``init``."""
+    import zipfile
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}/__init__.py", init)
+        z.writestr(f"{name}-{version}.dist-info/METADATA", f"Name: {name}\nVersion: {version}\n")
+    return path
+
+
+def test_carried_wheels_import_checked_in_a_child(tmp_path):
+    """A carried wheel goes on PYTHONPATH only when a child process imports it: one that
+    aborts its interpreter (as a torchao built for another torch does) is reported, not
+    used; an installed package is left alone; a bad file name is named."""
+    import os
+
+    from gpuquant.bench import wheels
+    d = tmp_path / "w"
+    d.mkdir()
+    ok = _wheel(d, "gqfake_ok", "1.2", "__version__ = '1.2'\n")
+    bad = _wheel(d, "gqfake_bad", "0.1", "import os\nos.abort()\n")
+    have = _wheel(d, "json", "9.9", "")  # the standard library's json is importable
+    junk = d / "junk.whl"
+    junk.write_bytes(b"")
+    env = dict(os.environ, PYTHONPATH="")
+    c = wheels.Carried([str(ok), str(bad), str(have), str(junk)], str(tmp_path / "site"), env)
+    paths, line = c.result()
+    assert paths == [str(tmp_path / "site" / "gqfake_ok")]
+    assert "gqfake_ok 1.2 from the carried wheel" in line
+    assert "gqfake_bad 0.1: carried wheel does not import here" in line
+    assert "already installed (carried 9.9 not used)" in line.split("json ")[1]
+    assert "not a wheel file name" in line and "'junk.whl'" in line
+    assert c.result() == (paths, line)  # once
+    assert wheels.wheel_package("torchao-0.17.0-cp310-abi3-manylinux_2_28_x86_64.whl") == \
+        ("torchao", "0.17.0")
+
+
+def test_lease_puts_carried_wheels_on_the_suites_path(tmp_path, monkeypatch):
+    """--wheels DIR: the linear_dynamic stage (and those after it) see the carried package
+    on PYTHONPATH, the stages before it do not; the summary names what was carried."""
+    seen = {}
+
+    def fake_run(cmd, log_path, deadline, env):
+        seen[cmd[cmd.index("bench") + 1] if "bench" in cmd else cmd[2]] = env["PYTHONPATH"]
+        with open(log_path, "w") as f:
+            f.write("ok\n")
+        return "passed", 0, 0.0
+    monkeypatch.setattr(lease, "_run_stage", fake_run)
+    d = tmp_path / "w"
+    d.mkdir()
+    _wheel(d, "gqfake_ok", "1.2", "__version__ = '1.2'\n")
+    out = tmp_path / "o"
+    assert lease.main(["--out", str(out), "--budget", "500", "--stages",
+                       "gemm,linear_dynamic,conv", "--wheels", str(d)]) == 0
+    assert "gqfake_ok" not in seen["gemm"]
+    assert "gqfake_ok" in seen["linear_dynamic"] and "gqfake_ok" in seen["conv"]
+    assert "carried packages: gqfake_ok 1.2 from the carried wheel" in \
+        (out / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        lease.main(["--out", str(out), "--wheels", str(tmp_path / "nope")])

@@ -14,7 +14,8 @@ def test_case_grid():
     assert {n for _, n, _ in grid} | {k for _, _, k in grid} == {4096, 11008, 14336}
     assert len(grid) == 20
     eager = {"torch-bf16", "gpuquant-triton", "gpuquant-triton-w8", "torchao", "torchao-w8"}
-    graphs = {"torch-bf16-graph", "gpuquant-triton-graph", "gpuquant-triton-w8-graph"}
+    graphs = {"torch-bf16-graph", "gpuquant-triton-graph", "gpuquant-triton-w8-graph",
+              "torchao-graph", "torchao-w8-graph"}
     for c in cases:  # decode rows (m <= 16) also replay CUDA graphs
         want = eager | graphs if c.params["m"] <= 16 else eager
         assert set(c.providers) == want, c.params
@@ -31,6 +32,25 @@ def test_graph_providers_unavailable_off_cuda():
     assert not res.errors, res.errors
     assert "torch-bf16-graph" in res.unavailable
     assert {r["provider"] for r in res.rows} == {"torch-bf16"}
+
+
+def test_foreign_capture_failure_is_unavailable(monkeypatch):
+    """torchao's call failing to capture makes its graph row unavailable (with the reason);
+    ours failing to capture is an error of the run."""
+    import types
+
+    import pytest
+
+    def broken(fn, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+    monkeypatch.setattr(ld, "cuda_graph_of", broken)
+    inp = {"x": types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"))}
+    prov = harness.Provider(lambda inp: (lambda: None))
+    with pytest.raises(harness.ProviderUnavailable,
+                       match="does not capture in a CUDA graph \\(operation not permitted"):
+        ld._graphed(prov, foreign=True).setup(inp)
+    with pytest.raises(RuntimeError, match="operation not permitted"):
+        ld._graphed(prov).setup(inp)
 
 
 def test_tiny_case_runs_and_checks_on_cpu():

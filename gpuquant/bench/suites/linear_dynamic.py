@@ -14,9 +14,13 @@ Providers (each times one Linear's forward, bf16 in, bf16 out):
 * ``gpuquant-triton-w8``: :class:`~gpuquant.nn.quantized.linear_dynamic.WeightOnlyLinear`
   (bf16 x int8 weights, float32 accumulation);
 * ``torchao`` / ``torchao-w8``: torchao's int8 dynamic-activation / weight-only
-  quantization of the same Linear, when torchao is importable;
+  quantization of the same Linear (``quantize_``, eager: torchao's kernels are meant to be
+  fused by ``torch.compile``, whose compile time per shape a lease cannot afford), when
+  torchao is importable (on a GPU machine with no network: carried as a wheel, ``make
+  wheels``, :mod:`gpuquant.bench.wheels`);
 * decode rows (``m <= 16``) also: ``torch-bf16-graph``, ``gpuquant-triton-graph``,
-  ``gpuquant-triton-w8-graph``: the same call captured once in a CUDA graph (after warm-up
+  ``gpuquant-triton-w8-graph``, ``torchao-graph``, ``torchao-w8-graph`` (unavailable if
+  torchao's call does not capture): the same call captured once in a CUDA graph (after warm-up
   calls: autotuning happens there) and replayed. A decode step's Linear is a few
   microseconds of GPU time, about what the host spends launching it, so the eager rows can
   measure the host; the graph rows (compared graph against graph) measure the kernels, as
@@ -85,13 +89,22 @@ def _gpuquant(weight_only: bool):
     return Provider(setup, check=check)
 
 
-def _graphed(provider: Provider) -> Provider:
+def _graphed(provider: Provider, foreign: bool = False) -> Provider:
     """``provider``'s call captured in a CUDA graph (after 3 warm-up calls on a side stream)
-    and replayed; its output check, if any, reads the graph's output."""
+    and replayed; its output check, if any, reads the graph's output. ``foreign`` (another
+    library's op): a capture that fails makes the row unavailable, with the reason, instead
+    of an error of the run (ours must capture: a failure of theirs is theirs)."""
     def setup(inp):
         if inp["x"].device.type != "cuda":
             raise ProviderUnavailable("CUDA graphs need a CUDA device")
-        graph, out = cuda_graph_of(provider.setup(inp), warmup=3)
+        fn = provider.setup(inp)
+        try:
+            graph, out = cuda_graph_of(fn, warmup=3)
+        except RuntimeError as e:
+            if not foreign:
+                raise
+            raise ProviderUnavailable(f"does not capture in a CUDA graph "
+                                      f"({str(e).splitlines()[0][:200]})") from None
 
         def run():
             graph.replay()
@@ -132,9 +145,11 @@ def _cases(quick: bool, device: str):
                          "gpuquant-triton-w8": _gpuquant(True), "torchao": _torchao(False),
                          "torchao-w8": _torchao(True)}
             if m <= _GRAPH_MAX_M:
-                providers.update({f"{name}-graph": _graphed(providers[name])
+                providers.update({f"{name}-graph": _graphed(providers[name],
+                                                            name.startswith("torchao"))
                                   for name in ("torch-bf16", "gpuquant-triton",
-                                               "gpuquant-triton-w8")})
+                                               "gpuquant-triton-w8", "torchao",
+                                               "torchao-w8")})
             cases.append(Case(
                 params={"m": m, "n": n, "k": k, "dtype": "bfloat16"},
                 inputs=_make_inputs(m, n, k, device),
