@@ -261,3 +261,24 @@ def test_wgmma_dynamic_shared_memory_matches_the_kernel_header():
     assert loader.dynamic_smem("mma80") == 0
     assert loader.arch_options("wgmma") == ("--gpu-architecture=sm_90a",)
     assert loader.arch_options("sm90") == ()
+
+
+def test_cupy_stream_uses_the_stream_protocol_where_cupy_has_it():
+    """CuPy 14 deprecates ExternalStream (a warning on every launch): torch's stream goes
+    through Stream.from_external and the CUDA stream protocol there, ExternalStream on
+    CuPy 13."""
+    import types
+
+    from gpuquant.backends.cupy.launch import cupy_stream
+    seen = []
+
+    class Stream14:
+        @classmethod
+        def from_external(cls, obj):
+            seen.append(obj.__cuda_stream__())
+            return "from_external"
+    new = types.SimpleNamespace(cuda=types.SimpleNamespace(Stream=Stream14))
+    assert cupy_stream(new, 0xABC) == "from_external" and seen == [(0, 0xABC)]
+    old = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        Stream=type("Stream13", (), {}), ExternalStream=lambda ptr: ("external", ptr)))
+    assert cupy_stream(old, 0xABC) == ("external", 0xABC)

@@ -259,6 +259,28 @@ def plan_conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq, tier: s
                   out, lambda t: t.permute(0, 3, 1, 2))
 
 
+class _StreamHandle:
+    """A raw ``cudaStream_t`` in the CUDA stream protocol (``__cuda_stream__``: version 0,
+    the handle), which CuPy 14's ``Stream.from_external`` takes."""
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+def cupy_stream(cupy, ptr: int):
+    """CuPy's view of the external stream ``ptr`` (torch's): ``Stream.from_external`` where
+    CuPy has it (14: ``ExternalStream`` is deprecated and warned on every launch), else
+    ``ExternalStream`` (CuPy 13)."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(ptr))
+    return cupy.cuda.ExternalStream(ptr)
+
+
 def execute(launch: Launch, capability) -> torch.Tensor:
     """Run a plan on its tensors' GPU with CuPy, on torch's current stream; returns the result."""
     if not launch.empty:
@@ -275,7 +297,7 @@ def execute(launch: Launch, capability) -> torch.Tensor:
             # parameter), ints as int32: no CuPy array wrappers on the hot path
             args = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(a)
                          for a in launch.args)
-            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream)
+            stream = cupy_stream(cupy, torch.cuda.current_stream(dev).cuda_stream)
             smem = loader.dynamic_smem(launch.tier) if launch.family != "gemv" else 0
             with stream:
                 kern(launch.grid, launch.block, args, shared_mem=smem)
