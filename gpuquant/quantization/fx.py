@@ -311,9 +311,56 @@ def _trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, object]] = 
                 n.target.rpartition("_")[0] in concrete_args:
             n.target = n.target.rpartition("_")[0]  # keep the model's signature
             n.meta["dropin_concrete"] = True
+    _default_checks(graph, type(model).__name__)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm.training = model.training
     return gm, tracer.fallbacks
+
+
+_SPECIALIZED = " has been specialized to have value "
+
+
+def traced_at_default(value, default, name: str, model: str) -> None:
+    """The converted forward's check of a parameter traced at its default (``concrete_args``):
+    fx's own is a bare ``AssertionError``.
+
+    Raises:
+        ValueError: ``value`` is not ``default``, naming the parameter and the way out.
+    """
+    if default is None:
+        ok = value is None
+    else:
+        ok = not isinstance(value, torch.Tensor) and value == default
+    if not ok:
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) \
+            else repr(value)
+        raise ValueError(f"{model}.forward: parameter {name!r} was fixed at its default "
+                         f"{default!r} when the model was converted (traced with torch.fx "
+                         f"concrete_args), got {shown}; to keep it an input, give it in "
+                         f"example_inputs to quantize_qat")
+
+
+def _default_checks(graph: fx.Graph, model: str) -> None:
+    """Replace fx's checks of the parameters traced at their default (``torch._assert(x ==
+    default, ...)``, ``_assert_is_none(x, ...)``) by :func:`traced_at_default`."""
+    for n in list(graph.nodes):
+        msg = n.args[1] if n.op == "call_function" and len(n.args) == 2 else None
+        if not isinstance(msg, str) or _SPECIALIZED not in msg:
+            continue
+        name = msg.partition(_SPECIALIZED)[0]
+        cond = n.args[0]
+        if n.target is torch._assert and isinstance(cond, fx.Node) and \
+                cond.target is operator.eq and len(cond.users) == 1:
+            value, default = cond.args
+        elif getattr(n.target, "__name__", "") == "_assert_is_none":
+            value, default = cond, None
+        else:
+            continue
+        with graph.inserting_before(n):
+            graph.call_function(traced_at_default, (value, default, name, model))
+        graph.erase_node(n)
+        if default is not None:
+            graph.erase_node(cond)
 
 
 # ------------------------------------------------------------------ what a value is (kinds)
@@ -860,6 +907,9 @@ class _Rewriter:
             setattr(new, kind, m)
             new.bn = bn
             new.training = m.training
+            qc = getattr(m, "qconfig", None)  # the layer's own qconfig governs the fused one
+            if qc is not None:
+                new.qconfig = qc
         self._replace(n, chain, new, n.args, self._module_site_name(n.target))
 
     def _foldable(self, bn, m, bn_node: fx.Node, kind: str) -> bool:
@@ -1113,6 +1163,25 @@ def _check_example_inputs(example_inputs) -> Optional[tuple]:
                     f"inputs (or one tensor), got {type(example_inputs).__name__}")
 
 
+def _carry_qconfigs(model: torch.nn.Module, gm: fx.GraphModule) -> None:
+    """Copy the ``qconfig`` attributes of the model and of its traced-through containers onto
+    the GraphModule and the plain containers it rebuilt at the same paths (fx keeps leaf
+    modules, so theirs stay), where :func:`quantize_qat` finds and inherits them: the modules
+    the rewrite puts in a container's path (fused layers, functional ops made modules, stubs
+    inside it) get that container's qconfig, as in a ``gpuquant.nn`` model."""
+    for name, m in model.named_modules():
+        qc = m.__dict__.get("qconfig")
+        if qc is None:
+            continue
+        target = gm
+        for part in name.split(".") if name else []:
+            target = target._modules.get(part)
+            if target is None:
+                break
+        if target is not None and target is not m and "qconfig" not in target.__dict__:
+            target.qconfig = qc
+
+
 def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule:
     """Turn a plain ``torch.nn`` model into a ``torch.fx.GraphModule`` of
     :mod:`gpuquant.nn` float modules with quantize / dequantize stubs, ready for
@@ -1129,7 +1198,8 @@ def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule
             pass in eval mode without gradients, to learn which values are float tensors.
             Parameters of ``forward`` with a constant default (``None``, bool, int, float,
             str) that they do not supply (without them: all such parameters) are traced at
-            their default (``concrete_args``; the result asserts they keep it).
+            their default (``concrete_args``; the result raises ``ValueError`` when called
+            with another value).
 
     Returns:
         The rewritten ``GraphModule`` (class name: the model's).
@@ -1157,6 +1227,7 @@ def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule
         model = torch.nn.Sequential(model)  # a lone layer: trace it as the call of a leaf
         concrete = {}
     gm, fallbacks = _trace(model, concrete)
+    _carry_qconfigs(model, gm)
     if example_inputs is not None:
         _propagate(gm, example_inputs)
     rw = _Rewriter(gm, fallbacks, _Kinds(example_inputs is not None))

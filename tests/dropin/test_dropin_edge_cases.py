@@ -173,8 +173,15 @@ def test_unsupplied_optional_parameters_are_traced_at_their_default(with_example
     assert not msgs and "def forward(self, x, residual = None, scale = 1.0)" in gm.code
     with torch.no_grad():
         assert torch.equal(gm.eval()(x), want)
-    with pytest.raises(AssertionError, match="residual has been specialized"):
+    with pytest.raises(ValueError, match="Optional_.forward: parameter 'residual' was fixed "
+                                         "at its default None .* got a tensor of shape "
+                                         r"\(2, 8, 6, 6\); to keep it an input, give it in "
+                                         "example_inputs"):
         gm(x, torch.randn(2, 8, 6, 6))
+    with pytest.raises(ValueError, match="parameter 'scale' was fixed at its default 1.0 .* "
+                                         "got 2.0"):
+        gm(x, None, 2.0)
+    assert torch.equal(gm(x, None, 1.0), gm(x))  # the default itself, given: fine
     qat, _ = convert(quantize_qat, copy.deepcopy(model), example_inputs=(x,) if with_examples
                      else None)
     y_qat, y8 = qat_then_int8(qat, x)
@@ -303,3 +310,28 @@ def test_parameter_read_by_a_rolled_back_submodule(with_examples):
     gm.graph.lint()
     with torch.no_grad():
         assert torch.equal(gm.eval()(x), want)
+
+
+# ------------------------------------------------------------- qconfig attributes, traced
+def test_qconfig_on_containers_and_fused_layers_survives_the_trace():
+    """A qconfig attribute on a plain container applies to everything the rewrite puts in
+    it (fused layers, its stubs' users), and one on a Conv fused with its BatchNorm to the
+    fused layer, as in a gpuquant.nn model; the rest gets the global one."""
+    from gpuquant.quantization import ema_fakequant_qconfig, ema_lowbit_fakequant_qconfig
+    low = ema_lowbit_fakequant_qconfig
+    m = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()),
+                      nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1)),
+                      nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)))
+    m[1].qconfig = low          # a container's
+    m[0][0].qconfig = low       # a Conv fused with its BatchNorm
+    x = torch.randn(1, 3, 6, 6)
+    qat, _ = convert(quantize_qat, m, ema_fakequant_qconfig, example_inputs=(x,))
+    got = {n: mod.qconfig is low for n, mod in qat.named_modules()
+           if isinstance(mod, qat_nn.QATModule) and n not in ("quant", "dequant")}
+    assert got == {"0.0": True, "1.0": True, "1.2": True, "2.0": False}, got
+    assert "qconfig" not in m[0].__dict__ and "qconfig" not in m[2][0].__dict__  # untouched
+    root = nn.Sequential(nn.Conv2d(3, 2, 1))
+    root.qconfig = low          # the model's own: the whole GraphModule
+    qat, _ = convert(quantize_qat, root, ema_fakequant_qconfig, example_inputs=(x,))
+    assert all(mod.qconfig is low for mod in qat.modules()
+               if isinstance(mod, qat_nn.QATModule))
