@@ -128,15 +128,24 @@ def _check_finite_weights(mod, name: str, fn: str) -> None:
 
 def _walk(model, convert, modules, filter_fn):
     """Decide on a child before descending into it; build every replacement first and swap
-    them in only when all succeeded, so an error leaves ``model`` as it was."""
+    them in only when all succeeded, so an error leaves ``model`` as it was. A module
+    registered under several names (tied, or ``[layer] * n``) is converted once, at its
+    first name, and that one replacement goes to every name (the tie is kept)."""
     swaps = []
+    done = {}  # id(child) -> its replacement, or None (kept, and descended into once)
 
     def visit(parent, prefix):
-        for cname, child in list(parent.named_children()):
+        for cname, child in list(parent._modules.items()):  # every name, aliases included
+            if child is None:
+                continue
             name = f"{prefix}.{cname}" if prefix else cname
+            if id(child) in done:
+                if done[id(child)] is not None:
+                    swaps.append((parent, cname, done[id(child)]))
+                continue
             if getattr(child, "quantize_disabled", False):
                 continue
-            new = convert(child, name)
+            new = done[id(child)] = convert(child, name)
             if new is not None:
                 swaps.append((parent, cname, new))
             elif not isinstance(child, (_Int8WeightLinear, DynamicMultiheadAttention)):

@@ -58,12 +58,24 @@ class SmoothedLinear(torch.nn.Linear):
 
 def _linears(model, filter_fn=None):
     """Linears computing ``torch.nn.Linear``'s forward (or SmoothedLinear's): subclasses with
-    their own forward (fused activations) are left alone."""
+    their own forward (fused activations) are left alone. A Linear registered under several
+    names comes once, at its first (:func:`_set` swaps every name)."""
+    from .dynamic import _wanted
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and not isinstance(m, _NDQ) and \
                 type(m).forward in (torch.nn.Linear.forward, SmoothedLinear.forward):
-            if filter_fn is None or filter_fn(m, name):
+            if _wanted(m, name, torch.nn.Linear, filter_fn):
                 yield name, m
+
+
+def _check_args(model, filter_fn, inplace, fn: str) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"{fn}: filter_fn must be callable (module, name) -> bool or None, got "
+                        f"{type(filter_fn).__name__}")
+    if inplace is not None and not isinstance(inplace, bool):
+        raise TypeError(f"{fn}: inplace must be a bool, got {type(inplace).__name__}")
 
 
 def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Callable] = None
@@ -81,12 +93,12 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
         ``{qualified_name: float32 tensor (in_features,)}``.
 
     Raises:
-        TypeError: model not a Module, data neither iterable nor callable.
+        TypeError: model not a Module, data neither iterable nor callable, filter_fn not
+            callable or not returning a bool.
         ValueError: the data produced NaN / Inf activations, or reached no Linear with at
             least one token.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_args(model, filter_fn, None, "calibrate_linear_inputs")
     stats: Dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -190,8 +202,13 @@ def _get(model, name):
 
 
 def _set(model, name, new):
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    """Put ``new`` in place of the module at ``name``, under every name that module has (a
+    tied or repeated Linear stays one module)."""
+    old = model.get_submodule(name)
+    for m in list(model.modules()):
+        for child_name, child in list(m._modules.items()):
+            if child is old:
+                setattr(m, child_name, new)
 
 
 def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], alpha: float = 0.5,
@@ -217,11 +234,14 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
         ValueError: alpha out of range; unknown names; a fold target that is not a norm with
             a weight; a Linear without calibration data; calibration data of the wrong shape
             (not ``(in_features,)``), negative or not finite.
-        TypeError: model not a Module; act_absmax not a dict of float tensors.
+        TypeError: model not a Module; act_absmax not a dict of float tensors; fold not a
+            dict; filter_fn not callable or not returning a bool; inplace not a bool.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_args(model, filter_fn, inplace, "smooth_quant")
     _check_absmax_dict(act_absmax, "smooth_quant")
+    if fold is not None and not isinstance(fold, Mapping):
+        raise TypeError(f"smooth_quant: fold must be a dict {{norm_name: [linear_name, ...]}} "
+                        f"or None, got {type(fold).__name__}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     for name, lin in _linears(model, filter_fn):  # every entry checked before any change
@@ -293,12 +313,12 @@ def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.T
     (:func:`~gpuquant.nn.quantized.linear_dynamic.keep_off_torch_fast_path`).
 
     Raises:
-        TypeError: model not a Module; act_absmax not a dict of float tensors.
+        TypeError: model not a Module; act_absmax not a dict of float tensors; filter_fn not
+            callable or not returning a bool; inplace not a bool.
         ValueError: unsupported dtype; in_features that could overflow int32; calibration
             data of the wrong shape (not ``(in_features,)``), negative or not finite.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_args(model, filter_fn, inplace, "quantize_static_linear")
     _check_absmax_dict(act_absmax, "quantize_static_linear")
     ad = _dtype_arg(dtype, ACT_DTYPES, "quantize_static_linear: dtype")
     wd = _dtype_arg(weight_dtype, WEIGHT_DTYPES, "quantize_static_linear: weight_dtype")

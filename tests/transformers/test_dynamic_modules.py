@@ -16,7 +16,7 @@ from gpuquant.nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultihea
                                                   StaticActLinear, WeightOnlyLinear)
 from gpuquant.quantization.dynamic import prepare_dynamic_qat, quantize_dynamic
 from gpuquant.quantization.smoothquant import (SmoothedLinear, calibrate_linear_inputs,
-                                               quantize_static_linear)
+                                               quantize_static_linear, smooth_quant)
 
 BACKENDS = [b for b in ("reference", "numpy", "triton") if b in backends.available()]
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -328,3 +328,48 @@ def test_dtype_arguments_shared_by_every_entry_point():
             fn(m, dtype=torch.quint8, inplace=False)
     with pytest.raises(ValueError, match=r"quantize_static_linear: dtype must be one of"):
         quantize_static_linear(m, {"0": torch.ones(4)}, dtype=gpuquant.quint8)
+
+
+def test_linear_under_several_names_is_converted_once_and_stays_tied():
+    """A Linear registered twice (tied encoder / decoder, ``ModuleList([lin] * 3)``) becomes
+    one quantized module under every name, in each conversion entry point."""
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    q = quantize_dynamic(nn.ModuleList([lin] * 3), inplace=False)
+    assert all(type(m) is DynamicLinear for m in q) and q[0] is q[1] is q[2]
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(8, 8)
+            self.dec = self.enc
+
+        def forward(self, x):
+            return self.dec(torch.relu(self.enc(x)))
+    q = quantize_dynamic(Tied(), inplace=False)
+    assert type(q.enc) is DynamicLinear and q.dec is q.enc
+    p = prepare_dynamic_qat(nn.Sequential(lin, nn.ReLU(), lin), inplace=False)
+    assert type(p[0]) is QATDynamicLinear and p[2] is p[0]
+    m = Tied()
+    x = torch.randn(4, 8)
+    absmax = {"enc": x.abs().amax(0) + 1.0}
+    s = smooth_quant(copy.deepcopy(m), absmax)
+    assert s.dec is s.enc and type(s.enc) is SmoothedLinear
+    st = quantize_static_linear(copy.deepcopy(m), absmax)
+    assert type(st.enc) is StaticActLinear and st.dec is st.enc
+
+
+@pytest.mark.parametrize("call,err,msg", [
+    (lambda m, a: smooth_quant(m, a, filter_fn=3), TypeError, "filter_fn must be callable"),
+    (lambda m, a: smooth_quant(m, a, fold="ln"), TypeError, "fold must be a dict"),
+    (lambda m, a: smooth_quant(m, a, inplace=1), TypeError, "inplace must be a bool, got int"),
+    (lambda m, a: smooth_quant(m, a, filter_fn=lambda mod, n: 1), TypeError,
+     "filter_fn must return a bool"),
+    (lambda m, a: quantize_static_linear(m, a, inplace=1), TypeError, "inplace must be a bool"),
+    (lambda m, a: calibrate_linear_inputs(m, [torch.randn(2, 4)], filter_fn=3), TypeError,
+     "calibrate_linear_inputs: filter_fn must be callable"),
+])
+def test_smoothquant_arguments_are_checked(call, err, msg):
+    m = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(err, match=msg):
+        call(m, {"0": torch.ones(4)})
