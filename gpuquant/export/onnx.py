@@ -349,6 +349,9 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
                     f"to_onnx: {who} has no QDQ export; supported: gpuquant.nn.quantized "
                     f"modules ({', '.join(Q.__all__[1:])}), Identity, Dropout, Flatten "
                     f"(a float layer left in the model cannot run between int8 tensors)")
+        elif node.op in ("call_function", "call_method") and _reads_shape(node, env):
+            env[node.name] = _SHAPE  # x.size(0), x.shape[1] * 2: no ONNX node (a reshape
+            # takes its shape from the traced output, with the batch dimension kept free)
         elif node.op in ("call_function", "call_method"):
             env[node.name] = _tensor_op(b, node, env, vals)
             a0 = node.args[0] if node.args else None
@@ -484,6 +487,26 @@ def _reshape(b: _Builder, src, out_val, base: str, flatten_axis=None, shape=None
     if isinstance(src, _Q):
         return _Q(y, src.scale, src.zp, src.dtype, tuple(out_val.shape))
     return ("float", y)
+
+
+_SHAPE = ("shape",)  # env value of a Python number / size read off a tensor's shape
+_SHAPE_METHODS = ("size", "dim", "numel", "nelement")
+_SHAPE_ARITH = (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+                operator.neg)
+
+
+def _reads_shape(node, env) -> bool:
+    """Whether ``node`` is a value read off a tensor's shape (``x.size(0)``, ``x.dim()``,
+    ``x.shape``) or arithmetic on such values only."""
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target is getattr and len(node.args) == 2 and node.args[1] in ("shape", "ndim"):
+        return True
+    inputs = node.all_input_nodes
+    return node.target in _SHAPE_ARITH and bool(inputs) and \
+        all(env.get(a.name) is _SHAPE for a in inputs)
 
 
 def _tensor_op(b: _Builder, node, env, vals):

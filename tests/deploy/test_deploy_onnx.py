@@ -231,3 +231,40 @@ def test_onnxruntime_each_op_within_one_step(op, u8, tmp_path):
     assert d.max() <= 1 + 1e-3 and (d < 0.5).mean() >= 0.95, (d.max(), (d < 0.5).mean())
     import gpuquant.runtime as rt
     assert rt.load(path).run(*[x.numpy() for x in xs]).tobytes() == want.tobytes()
+
+
+class _ViewBySize(gnn.Module):
+    """Flattening written with the tensor's own sizes, as torchvision-style code does."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.c, self.p = gnn.QuantStub(), gnn.ConvRelu2d(3, 8, 3), gnn.AdaptiveAvgPool2d(1)
+        self.fc, self.dq = gnn.Linear(8, 4), gnn.DequantStub()
+
+    def forward(self, x):
+        x = self.p(self.c(self.q(x)))
+        x = x.view(x.size(0), -1)
+        x = x.reshape(x.shape[0], x.size(1) * 1)
+        return self.dq(self.fc(x))
+
+
+def test_view_by_the_tensors_own_size_exports(tmp_path):
+    """``x.view(x.size(0), -1)`` / ``x.shape[0]``: the size reads make no ONNX node (the
+    reshape takes its shape from the traced output, batch dimension free): exported at batch
+    2, run at 5, within one output step of gpuquant, and the NumPy runtime byte-identical."""
+    from gpuquant import backends
+    from gpuquant.quantization import quantize, quantize_qat
+    torch.manual_seed(0)
+    q = quantize_qat(_ViewBySize())
+    for _ in range(3):
+        q(torch.randn(4, 3, 8, 8))
+    qm = quantize(q.eval())
+    path = tmp_path / "view.onnx"
+    to_onnx(qm, torch.randn(2, 3, 8, 8), path)
+    x = torch.randn(5, 3, 8, 8)
+    with backends.use("numpy"), torch.no_grad():
+        want = qm(x).numpy()
+    d = _steps(_ort(path, x.numpy()), want, qm.dq.input_scale.item())
+    assert d.max() <= 1 + 1e-3
+    import gpuquant.runtime as rt
+    assert rt.load(path).run(x.numpy()).tobytes() == want.tobytes()
