@@ -129,11 +129,17 @@ def _tuples(v):
 
 def _describe(model: torch.nn.Module) -> list:
     Q, D = _quantized(), _dynamic()
+    from .nn.qat.module import QATModule
     saved = _saved_classes()
     tree = []
     for path, m in model.named_modules():
         cls = type(m)
         entry = {"path": path, "class": f"{cls.__module__}.{cls.__qualname__}"}
+        if isinstance(m, QATModule):
+            raise ValueError(f"gpuquant.save: module {path or '<root>'!r} is a QAT module "
+                             f"({cls.__name__}): save the int8 model that "
+                             f"gpuquant.quantization.quantize(model) returns (a QAT "
+                             f"checkpoint: torch.save(model.state_dict()))")
         if isinstance(m, (Q.QuantizedModule, D._Int8WeightLinear, D.DynamicMultiheadAttention)):
             if getattr(Q, cls.__name__, None) is not cls and saved.get(cls.__name__) is not cls:
                 raise TypeError(f"gpuquant.save: module {path or '<root>'!r} is a "
@@ -146,6 +152,10 @@ def _describe(model: torch.nn.Module) -> list:
         elif isinstance(m, torch.nn.Flatten):
             entry["args"] = {"start_dim": m.start_dim, "end_dim": m.end_dim}
         tree.append(entry)
+    if not any("quantized" in e for e in tree):
+        raise ValueError(f"gpuquant.save: {type(model).__name__} holds no quantized module; it "
+                         f"saves what gpuquant.quantization.quantize / quantize_dynamic return "
+                         f"(a float model: torch.save(model.state_dict()))")
     return tree
 
 
@@ -174,7 +184,8 @@ def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
         TypeError: not a module, a quantized module class with no saved form (named), or
             arguments of the wrong type.
         ValueError: an ``arch`` that is not a builder of ``gpuquant.models`` (resnet18,
-            resnet50, mobilenet_v2, digits_net), or ``arch_kwargs`` that are not JSON values.
+            resnet50, mobilenet_v2, digits_net), ``arch_kwargs`` that are not JSON values, a
+            model holding QAT modules (not converted yet) or no quantized module.
         ImportError: the safetensors package is not installed (names the install).
 
     Example:

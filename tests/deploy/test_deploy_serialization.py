@@ -209,3 +209,25 @@ def test_round_trip_dynamic_modules_container_only(tmp_path):
     x = torch.randn(3, 4, 12)
     with torch.no_grad():
         assert torch.equal(loaded(x), seq(x))
+
+
+def test_save_refuses_qat_and_float_models(tmp_path):
+    """A QAT model (``quantize`` forgotten) or a float one has no int8 saved form: refused at
+    save, naming the module, instead of a file that fails at load."""
+    import gpuquant.nn as gnn
+    from gpuquant.quantization import quantize_qat
+
+    class Net(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.c, self.dq = gnn.QuantStub(), gnn.Conv2d(3, 4, 3), gnn.DequantStub()
+
+        def forward(self, x):
+            return self.dq(self.c(self.q(x)))
+    qat = quantize_qat(Net())
+    qat(torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match="module 'q' is a QAT module .*quantize\\(model\\)"):
+        gpuquant.save(qat, tmp_path / "qat.safetensors")
+    with pytest.raises(ValueError, match="Net holds no quantized module"):
+        gpuquant.save(Net(), tmp_path / "float.safetensors")
+    assert not (tmp_path / "qat.safetensors").exists()
