@@ -56,6 +56,7 @@ from .. import functional as F
 from ..backends.registry import find_op, try_op
 from ..dtypes import get_dtype, qint8
 from ..qparams import _MIN_SCALE, QParams
+from .observer import check_bool
 
 __all__ = ["FakeQuantBase", "FakeQuantize", "LSQ", "TQT", "apply_fake_quant_with_observer",
            "lsq_fake_quant", "tqt_fake_quant"]
@@ -476,8 +477,10 @@ class LSQ(_LearnedBase):
     def __init__(self, dtype=qint8, axis: Optional[int] = None, symmetric: bool = True,
                  init: str = "qparams", grad_scaling: bool = True):
         super().__init__(dtype, axis, init)
-        self.symmetric = bool(symmetric)
-        self.grad_scaling = bool(grad_scaling)
+        check_bool(symmetric, type(self).__name__, "symmetric")
+        check_bool(grad_scaling, type(self).__name__, "grad_scaling")
+        self.symmetric = symmetric
+        self.grad_scaling = grad_scaling
         self.scale = nn.Parameter(torch.ones(self._param_shape()))
         zp0 = torch.zeros(self._param_shape())
         if symmetric:

@@ -56,6 +56,11 @@ _EPS = torch.finfo(torch.float32).eps
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_bool(value, fn: str, arg: str) -> None:
+    """Refuse a flag that is not a bool (``"no"`` would read as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {arg} must be a bool (True or False), got {value!r}")
+
 def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: QuantDtype,
                          symmetric: bool):
     """Scale (float32) and zero point (int32) from a range, elementwise, on the device.
@@ -178,7 +183,8 @@ class Observer(nn.Module):
             raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__} ({symmetric!r})")
         self.symmetric = symmetric
         self.axis = _check_axis(axis)
-        self.check_finite = bool(check_finite)
+        check_bool(check_finite, type(self).__name__, "check_finite")
+        self.check_finite = check_finite
         self.enabled = True
         self._observed = False
         self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.int64))

@@ -33,6 +33,7 @@ from ..nn.quantized.module import QuantizedModule
 from .fake_quant import FakeQuantBase
 from .fx import needs_dropin, prepare_plain
 from .observer import Observer
+from .observer import check_bool as _check_bool
 from .qconfig import QConfig, ema_fakequant_qconfig
 
 __all__ = ["quantize_qat", "quantize", "enable_fake_quant", "disable_fake_quant",
@@ -80,11 +81,6 @@ def _check_mapping(mapping, default, method: str, arg: str) -> Dict[type, type]:
 def _check_module(module, fn: str) -> None:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"{fn}: module must be a torch.nn.Module, got {type(module).__name__}")
-
-
-def _check_bool(value, fn: str, arg: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{fn}: {arg} must be a bool (True or False), got {value!r}")
 
 
 def _disabled(m) -> bool:

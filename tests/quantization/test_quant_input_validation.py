@@ -391,3 +391,23 @@ def test_smoothquant_functions_refuse_a_non_dict_and_smoothing_factors_checks_to
     want = a.sqrt() / w.abs().amax(0).sqrt()
     want[3] = 1.0
     assert torch.equal(s, want.clamp(1e-5, 1e5))
+
+
+@pytest.mark.parametrize("make,arg", [
+    (lambda: MinMaxObserver(check_finite="no"), "check_finite"),
+    (lambda: LSQ(grad_scaling="no"), "grad_scaling"),
+    (lambda: LSQ(symmetric=1), "symmetric"),
+])
+def test_flags_must_be_bools(make, arg):
+    """A flag given as "no" or 1 is refused (bool() would read "no" as True)."""
+    with pytest.raises(TypeError, match=f"{arg} must be a bool"):
+        make()
+
+
+def test_freeze_bn_stats_flag_must_be_a_bool():
+    import gpuquant.nn as gnn
+    from gpuquant.quantization import quantize_qat
+    m = quantize_qat(gnn.ConvBn2d(3, 4, 3))
+    with pytest.raises(TypeError, match="freeze must be a bool"):
+        m.freeze_bn_stats("no")
+    assert m.freeze_bn_stats().bn_frozen is True and m.freeze_bn_stats(False).bn_frozen is False

@@ -113,7 +113,10 @@ class BnFoldedModule(QATModule):
         model will (Krishnamoorthi 2018: freeze after enough steps); returns the module.
         Putting the BatchNorm itself in eval mode (``module.bn.eval()``) does the same while
         it stays there."""
-        self.bn_frozen = bool(freeze)
+        if not isinstance(freeze, bool):
+            raise TypeError(f"{type(self).__name__}.freeze_bn_stats: freeze must be a bool "
+                            f"(True or False), got {freeze!r}")
+        self.bn_frozen = freeze
         return self
 
     def set_bn_fold(self, mode: str) -> "BnFoldedModule":
