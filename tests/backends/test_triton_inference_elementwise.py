@@ -58,6 +58,8 @@ def test_quantize_qint32_clamps_and_adds_the_zero_point_exactly(axis):
     x = torch.randn(4, 6, 33) * 3e9
     x[0, 0, :6] = torch.tensor([3e9, 2.2e9, 2.0 ** 31, -3e9, float("inf"), -float("inf")])
     x[1] = torch.randint(-2 ** 20, 2 ** 20, (6, 33)).float() + 0.5  # ties, small values
+    sign = torch.randint(0, 2, (6, 33)).float() * 2 - 1  # ties in [2^22, 2^23): float32
+    x[2] = sign * (torch.randint(2 ** 22, 2 ** 23, (6, 33)).float() + 0.5)  # has halves there
     if axis is None:
         scale, zp = torch.tensor(1.0), _i32(123456789)
     else:

@@ -20,6 +20,7 @@ from .common import INTERPRET, LAUNCH_OPTS, cdiv, derived, scalar_int
 from .launch import launch
 from .fixed_point import add_values_fast, requantize_i32, requantize_values
 from .conv import window_origin
+from .fake_quant import _rne
 from .gemm import epilogue_scalars, residual_mode
 
 __all__ = ["OPS"]
@@ -48,8 +49,9 @@ def _quantize_kernel(X, INV, ZP, Y, numel, stride_c, C, qmin, qmax,
     inv = tl.load(INV + ch, mask=mask, other=1.0)
     zp = tl.load(ZP + ch, mask=mask, other=0)
     v = x * inv
-    # round half to even: exact for |v| < 2^22; larger floats are integers already
-    r = tl.where(tl.abs(v) < 4194304.0, (v + 12582912.0) - 12582912.0, v)
+    # round half to even, exact for every float32 (|v| in [2^22, 2^23) has halves too:
+    # qint32's range reaches them)
+    r = _rne(v)
     # the add and the clamp in int64, exact for qint32 too (its zero points and 2^31 - 1 are
     # not float32 numbers); r beyond +-2^32 clamps to the same bound whatever the zero point
     r = tl.minimum(tl.maximum(r, -4294967296.0), 4294967296.0)
