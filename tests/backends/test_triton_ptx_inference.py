@@ -2,7 +2,7 @@
 section 4): every GEMM / conv autotune config uses the int8 tensor-core MMA
 (``mma.sync.aligned.m16n8k32 ... s32.s8.s8.s32`` on sm_80, ``wgmma.mma_async ... s32.s8.s8``
 on sm_90 for tiles of >= 64 rows), and no kernel holds an ``fma.rn.f32`` or approximate
-division (launched with FP contraction off, the quantize kernel's ``x * inv_scale`` and
+division (launched with FP contraction off, a quantize kernel's ``x * inv_scale`` and
 rounding add stay two roundings; a control compile with fusion on shows the hazard)."""
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ import json, sys
 from gpuquant.backends.triton import inspect_ptx as ip
 from gpuquant.backends.triton import elementwise
 out = {str(cc): ip.inspect(cc, ci=True) for cc in (80, 90)}
-name, fn, sig, const, nw, ns, _ = [v for v in ip.kernel_variants(90, ci=True)
-                                   if v[0] == "quantize"][0]
-ptx = ip.compile_ptx(fn, sig, const, 90, nw, ns, enable_fp_fusion=True)
+from gpuquant.backends.triton import dynamic as D
+sig = {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
+       "stride_qm": "i32", "qmin": "i32", "qmax": "i32", "eps": "fp32"}
+ptx = ip.compile_ptx(D._quantize_per_token_kernel, sig, {"BLOCK_K": 4096, "ONE_BLOCK": True},
+                     90, 8, 3, enable_fp_fusion=True)
 out["control_fusion_on"] = sorted(set(ip.FLOAT_HAZARD_RE.findall(ptx)))
 import re
 from gpuquant.backends.triton import conv
@@ -95,8 +97,9 @@ def test_tensor_core_instructions_and_no_float_hazards(tmp_path):
     for cc in ("80", "90"):
         for name, v in report[cc].items():
             assert v["float_hazards"] == [], (cc, name, v["float_hazards"])
-    # the same quantize kernel with FP fusion on contracts x * inv + 1.5 * 2^23 into an FMA:
-    # the check above can see the hazard it guards against
+    # the per-token quantize kernel with FP fusion on contracts x * inv + 1.5 * 2^23 into an
+    # FMA: the check above can see the hazard it guards against (the quantize kernel's
+    # rounding, abs(v) + 2^23, no longer contracts even so)
     assert "fma.rn.f32" in report["control_fusion_on"]
     # a conv whose activation zero point is 0 pads with the async copy's zero fill: its A
     # tile no longer passes through registers to apply the padding value (far fewer
