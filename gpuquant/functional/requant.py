@@ -117,6 +117,13 @@ class Requant:
             raise ValueError(f"Requant: the output clamp [qmin, qmax] = [{self.qmin}, "
                              f"{self.qmax}] must be a non-empty range inside the {d.name} "
                              f"range [{d.qmin}, {d.qmax}]")
+        if not self.qmin <= self.zero_point <= self.qmax:
+            # an activation's clamp keeps real 0 (ReLU: [zp, qmax], ReLU6: [zp, zp + 6 / s]);
+            # the int32 epilogues clamp y - zp before adding zp, which needs it too
+            raise ValueError(f"Requant: the output clamp [qmin, qmax] = [{self.qmin}, "
+                             f"{self.qmax}] must contain the zero point {self.zero_point} "
+                             f"(real 0 stays representable, as every activation clamp keeps "
+                             f"it)")
         if self.left_shift is None and isinstance(self.rshift, torch.Tensor) \
                 and self.rshift.device.type == "cpu":
             self.left_shift = bool((self.rshift < 0).any())

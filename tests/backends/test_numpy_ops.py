@@ -6,7 +6,7 @@ import torch
 
 import gpuquant.backends as backends
 import gpuquant.functional.integer as qf
-from gpuquant.dtypes import qint8, quint8
+from gpuquant.dtypes import get_dtype, qint8, quint8
 from gpuquant.functional.requant import Requant, make_add_params, make_requant
 
 import int64_reference as ref
@@ -456,6 +456,12 @@ def test_requant_and_pool_clamp_ranges_are_checked():
         Requant(m, s, 0, 10, -10, qint8)
     with pytest.raises(ValueError, match=r"clamp \[qmin, qmax\] = \[-1, 255\].*\[0, 255\]"):
         Requant(m, s, 0, -1, 255, quint8)
+    # a clamp without the zero point (no activation makes one; the int32 epilogues clamp
+    # y - zp first, which would wrap for qint32 far from it)
+    with pytest.raises(ValueError, match=r"must contain the zero point 2147483647"):
+        Requant(m, s, 2 ** 31 - 1, -2 ** 31, -2 ** 30, get_dtype("qint32"))
+    with pytest.raises(ValueError, match=r"\[0, 40\] must contain the zero point -3"):
+        Requant(m, s, -3, 0, 40, qint8)
     rq = make_requant(0.1, 0.01, 0.2, 127, qint8, "relu6")  # zp at the top: clamp [127, 127]
     assert (rq.qmin, rq.qmax) == (127, 127)
     x = _act((1, 4, 5, 5), torch.int8)
