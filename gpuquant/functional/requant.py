@@ -30,6 +30,7 @@ __all__ = ["quantize_multiplier", "Requant", "make_requant", "AddParams", "make_
 INT32_MIN = -(2 ** 31)
 INT32_MAX = 2 ** 31 - 1
 _RSHIFT_MIN, _RSHIFT_MAX = -30, 31  # what quantize_multiplier gives (m in [2^-62, 2^30))
+ADD_MAX_LEFT_SHIFT = 23  # (x - zp) * 2^left_shift of 8-bit inputs (|x - zp| <= 255) fits int32
 ACTIVATIONS = ("none", "relu", "relu6")
 
 
@@ -199,6 +200,30 @@ class AddParams:
     b_multiplier: int
     b_rshift: int
     out: Requant  # per-tensor; its multiplier/rshift rescale the sum
+
+    def __post_init__(self):
+        """Hand-built parameters are held to what every backend computes alike (as
+        :class:`Requant` is): refused with a ValueError / TypeError naming the value."""
+        for name in ("left_shift", "a_zero_point", "a_multiplier", "a_rshift", "b_zero_point",
+                     "b_multiplier", "b_rshift"):
+            v = getattr(self, name)
+            if isinstance(v, (bool, float)) or not hasattr(v, "__index__"):
+                raise TypeError(f"AddParams: {name} must be an int, got {v!r}")
+            setattr(self, name, int(v.__index__()))
+        if not 0 <= self.left_shift <= ADD_MAX_LEFT_SHIFT:
+            raise ValueError(f"AddParams: left_shift must be in [0, {ADD_MAX_LEFT_SHIFT}] (8-bit "
+                             f"inputs shifted by it fit int32), got {self.left_shift}")
+        for side in ("a", "b"):
+            m, r = getattr(self, f"{side}_multiplier"), getattr(self, f"{side}_rshift")
+            if not (0 <= m < 2 ** 31 and _RSHIFT_MIN <= r <= _RSHIFT_MAX):
+                raise ValueError(f"AddParams: {side}_multiplier must be in [0, 2^31) and "
+                                 f"{side}_rshift in [{_RSHIFT_MIN}, {_RSHIFT_MAX}] (make_requant's "
+                                 f"range), got {m} and {r}")
+        if not isinstance(self.out, Requant):
+            raise TypeError(f"AddParams: out must be a Requant, got {type(self.out).__name__}")
+        if self.out.multiplier.numel() != 1:
+            raise ValueError(f"AddParams: out must be per-tensor (one multiplier), got "
+                             f"{self.out.multiplier.numel()}")
 
 
 def make_add_params(a_scale: float, a_zp: int, b_scale: float, b_zp: int, out_scale: float,

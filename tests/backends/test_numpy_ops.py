@@ -462,6 +462,30 @@ def test_requant_and_pool_clamp_ranges_are_checked():
         Requant(m, s, 2 ** 31 - 1, -2 ** 31, -2 ** 30, get_dtype("qint32"))
     with pytest.raises(ValueError, match=r"\[0, 40\] must contain the zero point -3"):
         Requant(m, s, -3, 0, 40, qint8)
+
+
+@pytest.mark.parametrize("fields,err,msg", [
+    ({"a_rshift": 32}, ValueError, r"a_multiplier must be in \[0, 2\^31\) and a_rshift in "
+                                   r"\[-30, 31\].*got 1073741824 and 32"),
+    ({"b_multiplier": -5}, ValueError, r"b_multiplier must be in \[0, 2\^31\)"),
+    ({"left_shift": -1}, ValueError, r"left_shift must be in \[0, 23\].*got -1"),
+    ({"left_shift": 64}, ValueError, r"left_shift must be in \[0, 23\]"),
+    ({"a_zero_point": 0.5}, TypeError, r"a_zero_point must be an int, got 0.5"),
+    ({"left_shift": True}, TypeError, r"left_shift must be an int"),
+    ({"out": "x"}, TypeError, r"out must be a Requant"),
+])
+def test_hand_built_add_params_are_checked(fields, err, msg):
+    """AddParams outside make_add_params' ranges (where the backends' 32- / 64-bit forms
+    part ways) are refused, as Requant's are."""
+    from gpuquant.functional import AddParams, make_add_params
+    good = make_add_params(0.1, 3, 0.2, -4, 0.3, 5, qint8, "relu")
+    kw = {f: getattr(good, f) for f in ("left_shift", "a_zero_point", "a_multiplier",
+                                         "a_rshift", "b_zero_point", "b_multiplier",
+                                         "b_rshift", "out")}
+    kw["a_multiplier"] = 2 ** 30
+    AddParams(**kw)
+    with pytest.raises(err, match=msg):
+        AddParams(**{**kw, **fields})
     rq = make_requant(0.1, 0.01, 0.2, 127, qint8, "relu6")  # zp at the top: clamp [127, 127]
     assert (rq.qmin, rq.qmax) == (127, 127)
     x = _act((1, 4, 5, 5), torch.int8)
