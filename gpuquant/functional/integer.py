@@ -352,7 +352,12 @@ def layer_checked(base: str, epilogue: str, x, checked, *extra):
     op = base + "_" + epilogue
     if epilogue == "add":
         residual, add_params = extra
-        _check_add_params(op, args[-1].dtype.storage, residual, add_params)
+        storage = args[-1].dtype.storage
+        if storage not in (torch.int8, torch.uint8):  # the add takes 8-bit operands
+            raise ValueError(f"{op}: the {base}'s output (rq.dtype {args[-1].dtype.name}) "
+                             f"must be 8-bit (qint8, quint8 or their narrow forms) to add "
+                             f"a residual to it")
+        _check_add_params(op, storage, residual, add_params)
         _same_device(op, x, residual)
         return _compose_or_fused(op, base, x, _same_shape(op, shape, residual.shape),
                                  args + (residual, add_params))

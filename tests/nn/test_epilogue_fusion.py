@@ -115,6 +115,11 @@ def test_fused_frontends_refuse_bad_input():
     with pytest.raises(TypeError, match="linear_dequant: scale must be a float"):
         GF.linear_dequant(torch.zeros(2, 4, dtype=torch.int8), 0,
                           torch.zeros(3, 4, dtype=torch.int8), None, rq_pt(), "0.1")
+    rq32 = GF.make_requant(0.02, 0.01, 0.1, 3, "qint32", "none")
+    with pytest.raises(ValueError, match=r"linear_add: the linear's output \(rq.dtype qint32\) "
+                                         r"must be 8-bit"):
+        GF.linear_add(torch.zeros(2, 4, dtype=torch.int8), 0, torch.zeros(3, 4, dtype=torch.int8),
+                      None, rq32, torch.zeros(2, 3, dtype=torch.int8), p)
     with pytest.raises(ValueError, match="linear_add: x has 5 features"):
         GF.linear_add(torch.zeros(2, 5, dtype=torch.int8), 0, torch.zeros(3, 4, dtype=torch.int8),
                       None, rq_pt(), torch.zeros(2, 3, dtype=torch.int8), p)
