@@ -56,8 +56,11 @@ def activation_bounds(qmin: int, qmax: int, scale: float, zero_point: int, activ
     if activation in ("relu", "relu6"):
         lo = max(lo, int(zero_point))
     if activation == "relu6":
-        six = int(zero_point) + int(np.rint(np.float32(6.0 / float(scale))))
-        hi = min(hi, max(six, lo))
+        with np.errstate(over="ignore"):
+            steps = np.float32(6.0 / float(scale))
+        if np.isfinite(steps):  # else (a scale below ~1.8e-38) 6 is past every integer
+            six = int(zero_point) + int(np.rint(steps))
+            hi = min(hi, max(six, lo))
     return lo, hi
 
 

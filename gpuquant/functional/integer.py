@@ -133,7 +133,7 @@ def check_accumulator_range(k, x_range, x_zero_point, w_absmax=128, bias_absmax=
 from ..backends.fused import compose  # noqa: E402
 from ..backends.registry import fused_op, get_op  # noqa: E402
 from ..dtypes import QuantDtype  # noqa: E402
-from .requant import AddParams, Requant  # noqa: E402
+from .requant import AddParams, Requant, _int_arg  # noqa: E402
 
 __all__ += ["conv2d", "linear", "add", "mul", "concat", "max_pool2d", "avg_pool2d",
             "adaptive_avg_pool2d", "conv2d_add", "linear_add", "conv2d_dequant", "linear_dequant",
@@ -255,7 +255,8 @@ def _clamp_range(dtype: torch.dtype, qmin, qmax, op: str):
         ValueError: unless ``lo <= qmin <= qmax <= hi`` (``[lo, hi]`` the dtype's range).
     """
     lo, hi = _RANGE_OF[dtype]
-    qmin, qmax = (lo if qmin is None else int(qmin)), (hi if qmax is None else int(qmax))
+    qmin = lo if qmin is None else _int_arg(qmin, f"{op}: qmin")
+    qmax = hi if qmax is None else _int_arg(qmax, f"{op}: qmax")
     if not lo <= qmin <= qmax <= hi:
         raise ValueError(f"{op}: the output clamp [qmin, qmax] = [{qmin}, {qmax}] must be a "
                          f"non-empty range inside the {dtype} range [{lo}, {hi}]")
@@ -659,6 +660,7 @@ def avg_pool2d(x, zero_point, kernel_size, stride=None, padding=0, ceil_mode=Fal
     zp = _check_zp(zero_point, x.dtype, op)
     k, s, p = _pool_window(x, kernel_size, stride, padding, op, ceil_mode=bool(ceil_mode))
     if divisor_override is not None and (not isinstance(divisor_override, int)
+                                         or isinstance(divisor_override, bool)
                                          or divisor_override < 1):
         raise ValueError(f"{op}: divisor_override must be None or a positive int, got "
                          f"{divisor_override!r}")

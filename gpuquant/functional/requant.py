@@ -177,10 +177,17 @@ def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_d
 
     Raises:
         ValueError: ``out_zero_point`` outside the output dtype's range, an unknown
-            ``activation``.
+            ``activation``, an ``out_scale`` that is not a finite float > 0, scales whose
+            ratio is not a finite positive multiplier.
     """
     dtype = get_dtype(out_dtype)
     out_zero_point = _int_arg(out_zero_point, "make_requant: out_zero_point")
+    f = float(out_scale) if isinstance(out_scale, (int, float, torch.Tensor)) and \
+        not isinstance(out_scale, bool) and getattr(out_scale, "numel", lambda: 1)() == 1 \
+        else None
+    if f is None or not 0.0 < f < float("inf"):
+        raise ValueError(f"make_requant: out_scale must be a finite float > 0, got "
+                         f"{out_scale!r}")
     real = (torch.as_tensor(in_scale, dtype=torch.float64).cpu()
             * torch.as_tensor(w_scale, dtype=torch.float64).cpu() / float(out_scale))
     mult, shift = quantize_multiplier(real)

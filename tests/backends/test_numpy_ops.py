@@ -540,3 +540,24 @@ def test_graph_capture_is_refused_clearly():
         with pytest.raises(NotImplementedError, match="cannot be recorded by torch.jit.trace"):
             torch.jit.trace(f, (x,), check_trace=False)
         assert torch.equal(f(x), f(x))  # eager is unaffected
+
+
+def test_pool_bounds_are_integers_and_relu6_tiny_scales():
+    """Pool clamp bounds given as non-integers are refused, never truncated; a ReLU6 whose
+    6 / scale overflows float32 leaves the dtype's top as the clamp (it raised); make_requant
+    names a bad out_scale."""
+    from gpuquant import functional as GF
+    x = torch.zeros(1, 3, 5, 5, dtype=torch.int8)
+    with pytest.raises(ValueError, match="avg_pool2d: qmin must be an integer, got 1.5"):
+        GF.avg_pool2d(x, 0, 2, qmin=1.5)
+    with pytest.raises(TypeError, match="adaptive_avg_pool2d: qmax must be an int, got True"):
+        GF.adaptive_avg_pool2d(x, 0, 1, qmax=True)
+    with pytest.raises(ValueError, match="divisor_override must be None or a positive int, got "
+                                         "True"):
+        GF.avg_pool2d(x, 0, 2, divisor_override=True)
+    assert GF.avg_pool2d(x, 0, 2, qmin=2.0).min() == 2  # an integral float is that integer
+    rq = make_requant(1e-38, 1.0, 1e-38, 3, qint8, "relu6")
+    assert (rq.qmin, rq.qmax) == (3, 127)
+    with pytest.raises(ValueError, match="make_requant: out_scale must be a finite float > 0, "
+                                         "got 'x'"):
+        make_requant(0.1, 1.0, "x", 0, qint8)
