@@ -55,6 +55,15 @@ def _check_vec(v, n: int, dtype: torch.dtype, device, what: str, op: str) -> tor
     return v.contiguous()
 
 
+def _check_w_scale(ws: torch.Tensor, op: str) -> None:
+    """Weight scales must be finite and > 0; checked on CPU tensors (on a GPU the check would
+    synchronise every call: device scales are checked where they are made, as Requant's)."""
+    if ws.device.type == "cpu" and ws.numel() and not bool(
+            (torch.isfinite(ws) & (ws > 0)).all()):
+        bad = ws[~(torch.isfinite(ws) & (ws > 0))]
+        raise ValueError(f"{op}: w_scale must be finite and > 0, got {bad[:4].tolist()}")
+
+
 def max_in_features(act_dtype=qint8, weight_dtype=qint8_narrow) -> int:
     """Largest ``in_features`` (K) whose int32 accumulator cannot overflow."""
     a = get_dtype(act_dtype)
@@ -122,7 +131,8 @@ def linear_dynamic(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
     Raises:
         TypeError: wrong tensor dtypes.
         ValueError: shape mismatches, devices differ, K = 0, or K > :func:`max_in_features`
-            (the int32 accumulator could overflow).
+            (the int32 accumulator could overflow); a w_scale not finite and > 0 (checked
+            on CPU tensors: on a GPU the check would synchronise every call).
     """
     op = "linear_dynamic"
     for t, what in ((xq, "xq"), (wq, "wq")):
@@ -149,6 +159,7 @@ def linear_dynamic(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
     m = xq.numel() // k
     xs = _check_vec(x_scale.reshape(m), m, torch.float32, xq.device, "x_scale", op)
     ws = _check_vec(w_scale, n, torch.float32, xq.device, "w_scale", op)
+    _check_w_scale(ws, op)
     b = None if bias is None else _check_vec(bias, n, torch.float32, xq.device, "bias", op)
     out_shape = tuple(xq.shape[:-1]) + (n,)
     if m == 0:
@@ -169,7 +180,8 @@ def linear_weight_only(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
 
     Raises:
         TypeError: wrong tensor dtypes.
-        ValueError: shape mismatches, devices differ, K = 0.
+        ValueError: shape mismatches, devices differ, K = 0; a w_scale not finite and > 0
+            (checked on CPU tensors).
     """
     op = "linear_weight_only"
     _check_float(x, "x", op)
@@ -186,6 +198,7 @@ def linear_weight_only(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     if wq.device != x.device:
         raise ValueError(f"{op}: wq is on {wq.device} but x is on {x.device}")
     ws = _check_vec(w_scale, n, torch.float32, x.device, "w_scale", op)
+    _check_w_scale(ws, op)
     b = None if bias is None else _check_vec(bias, n, torch.float32, x.device, "bias", op)
     out_shape = tuple(x.shape[:-1]) + (n,)
     m = x.numel() // k

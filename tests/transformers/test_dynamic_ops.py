@@ -417,3 +417,17 @@ def test_bf16_epilogue_keeps_every_nan_a_nan():
         y = triton_linear_dynamic(xq, xs, wq, torch.ones(3), None, torch.bfloat16)
     assert torch.equal(y[0], torch.full((3,), 32.0, dtype=torch.bfloat16))
     assert (y[1:].view(torch.int16) == 0x7FC0).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0])
+def test_bad_weight_scales_are_refused_on_cpu(bad):
+    """A weight scale that is NaN, Inf, 0 or negative gives NaN / Inf / sign-flipped columns:
+    refused on CPU tensors (a GPU would synchronise for the check every call)."""
+    from gpuquant.functional.dynamic import linear_dynamic, linear_weight_only
+    xq, xs = quantize_per_token(torch.randn(2, 8))
+    wq = torch.ones(3, 8, dtype=torch.int8)
+    ws = torch.tensor([0.1, bad, 0.2])
+    with pytest.raises(ValueError, match=r"linear_dynamic: w_scale must be finite and > 0"):
+        linear_dynamic(xq, xs, wq, ws)
+    with pytest.raises(ValueError, match=r"linear_weight_only: w_scale must be finite and > 0"):
+        linear_weight_only(torch.randn(2, 8), wq, ws)
