@@ -30,7 +30,8 @@ __all__ = ["quantize_multiplier", "Requant", "make_requant", "AddParams", "make_
 INT32_MIN = -(2 ** 31)
 INT32_MAX = 2 ** 31 - 1
 _RSHIFT_MIN, _RSHIFT_MAX = -30, 31  # what quantize_multiplier gives (m in [2^-62, 2^30))
-ADD_MAX_LEFT_SHIFT = 23  # (x - zp) * 2^left_shift of 8-bit inputs (|x - zp| <= 255) fits int32
+ADD_MAX_LEFT_SHIFT = 24  # (x - zp) * 2^left_shift (8-bit inputs: |x - zp| <= 255) times a
+# multiplier < 2^31 fits int64 (the backends' wide path); TFLite / make_add_params use 20
 ACTIVATIONS = ("none", "relu", "relu6")
 
 
@@ -219,7 +220,8 @@ class AddParams:
             setattr(self, name, int(v.__index__()))
         if not 0 <= self.left_shift <= ADD_MAX_LEFT_SHIFT:
             raise ValueError(f"AddParams: left_shift must be in [0, {ADD_MAX_LEFT_SHIFT}] (8-bit "
-                             f"inputs shifted by it fit int32), got {self.left_shift}")
+                             f"inputs shifted by it, times a multiplier, fit int64), got "
+                             f"{self.left_shift}")
         for side in ("a", "b"):
             m, r = getattr(self, f"{side}_multiplier"), getattr(self, f"{side}_rshift")
             if not (0 <= m < 2 ** 31 and _RSHIFT_MIN <= r <= _RSHIFT_MAX):

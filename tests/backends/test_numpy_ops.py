@@ -468,8 +468,8 @@ def test_requant_and_pool_clamp_ranges_are_checked():
     ({"a_rshift": 32}, ValueError, r"a_multiplier must be in \[0, 2\^31\) and a_rshift in "
                                    r"\[-30, 31\].*got 1073741824 and 32"),
     ({"b_multiplier": -5}, ValueError, r"b_multiplier must be in \[0, 2\^31\)"),
-    ({"left_shift": -1}, ValueError, r"left_shift must be in \[0, 23\].*got -1"),
-    ({"left_shift": 64}, ValueError, r"left_shift must be in \[0, 23\]"),
+    ({"left_shift": -1}, ValueError, r"left_shift must be in \[0, 24\].*got -1"),
+    ({"left_shift": 25}, ValueError, r"left_shift must be in \[0, 24\]"),
     ({"a_zero_point": 0.5}, TypeError, r"a_zero_point must be an int, got 0.5"),
     ({"left_shift": True}, TypeError, r"left_shift must be an int"),
     ({"out": "x"}, TypeError, r"out must be a Requant"),
