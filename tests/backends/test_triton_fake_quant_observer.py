@@ -484,3 +484,19 @@ def test_compiled_kernels_divide_as_torch_does_on_cuda(monkeypatch, dtype, sym):
         assert torch.equal(scale.reshape(()), cuda_like), (scale, cuda_like)
         differs += int(not torch.equal(cuda_like, torch.clamp(num / b, min=1.1920929e-07)))
     assert differs > 0  # the two divisions do differ on some of these batches
+
+
+@pytest.mark.parametrize("axis", [-1, 2])
+def test_output_keeps_the_input_layout_where_a_copy_ran(axis):
+    """Per channel along an axis the kernels cannot take in place (channels_last, last /
+    height axis: a contiguous copy runs): the output comes back in x's strides, as the
+    reference's, with the same values."""
+    x = torch.randn(2, 4, 3, 5, device=DEV).contiguous(memory_format=torch.channels_last)
+    outs = {}
+    for be in ("reference", "triton"):
+        with backends.use(be):
+            obs = qobs.MinMaxObserver(gpuquant.qint8, axis=axis, check_finite=False).to(DEV)
+            outs[be] = qfq.apply_fake_quant_with_observer(x, qfq.FakeQuantize(gpuquant.qint8),
+                                                          obs)
+    assert outs["triton"].stride() == outs["reference"].stride() == x.stride()
+    assert torch.equal(outs["triton"], outs["reference"])

@@ -125,3 +125,29 @@ def test_one_node_layer_refuses_one_value_per_channel():
     with backends.use("triton"), pytest.raises(ValueError, match="ConvBnRelu2d: expected more "
                                                                  "than 1 value per channel"):
         m(torch.randn(1, 3, 3, 3, device=DEV))
+    # the refused batch left the activation observer unobserved, as the reference does
+    assert not m.act_observer.has_observed and m.weight_observer.has_observed
+    with pytest.raises(ValueError, match="has not observed"):
+        m.get_activation_qparams()
+
+
+@pytest.mark.parametrize("factory,shape", [
+    (lambda: gnn.ConvBnRelu2d(3, 4, 3), (2, 3, 5, 5)),   # one node (conv_bn_act_train)
+    (lambda: gnn.LinearBn1d(5, 4), (6, 5)),              # the fold and bn + act ops
+])
+def test_double_backward_through_fused_kernels_is_refused(factory, shape):
+    """create_graph=True (a gradient penalty) through the fused QAT kernels, whose
+    gradients are not differentiable: a clear error, not second-order terms silently
+    dropped (the reference backend computes them); a plain backward is unaffected."""
+    torch.manual_seed(0)
+    m = quantize_qat(factory(), qat_qconfig()).to(DEV).train()
+    x = torch.randn(*shape, device=DEV, requires_grad=True)
+    with backends.use("triton"):
+        m(x)
+        y = m(x)
+        with pytest.raises(RuntimeError, match="double backward .*create_graph=True.*"
+                                               r"backends.use\('reference'\)"):
+            torch.autograd.grad((y * torch.randn_like(y)).sum(), x, create_graph=True)
+        y = m(x)
+        (gx,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
+        assert torch.isfinite(gx).all()

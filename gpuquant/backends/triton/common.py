@@ -230,3 +230,19 @@ def module_tickets(owner, device) -> torch.Tensor:
         tk = _zero_tickets(2, device)
         owner.__dict__["_gpuquant_tickets"] = tk
     return tk
+
+
+def no_double_backward(what: str) -> None:
+    """Called first in the backward of a fused QAT Function whose gradients come from Triton
+    kernels (constants to autograd): under ``create_graph=True`` (grad mode is on in a
+    backward only then) their second-order terms would be dropped silently.
+
+    Raises:
+        RuntimeError: asked for a differentiable gradient (as torch's once-differentiable
+            functions do), naming the way out.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what}: double backward (create_graph=True, e.g. a gradient "
+                           f"penalty) through gpuquant's fused Triton QAT kernels is not "
+                           f"supported (their gradients are not differentiable); run that "
+                           f"step with gpuquant.backends.use('reference')")

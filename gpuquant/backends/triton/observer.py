@@ -584,16 +584,27 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
             from .bn_fold import observe_rows_fake_quant
             y = observe_rows_fake_quant(xr, observer)
             if y is not None:
-                return y
+                return _in_layout_of(y, x)
         if programs is None and kaxis is None:
             programs = _per_tensor_programs(x.device)
-        return _ObserveTwoLaunch.apply(xr, observer, kaxis, relu, programs, tile)
+        return _in_layout_of(_ObserveTwoLaunch.apply(xr, observer, kaxis, relu, programs, tile),
+                             x)
     with torch.no_grad():
         scale, zp, inv = observer_step(xr.detach(), observer, axis, programs, tile, relu)
     if axis is not None and x.shape[axis] == 1:
         scale, zp, inv, axis = scale.reshape(()), zp.reshape(()), None, None
-    return FakeQuantFunction.apply(xr, scale, zp, d.qmin, d.qmax, axis, BLOCK,
-                                   inv if axis is not None else None, relu)
+    return _in_layout_of(FakeQuantFunction.apply(xr, scale, zp, d.qmin, d.qmax, axis, BLOCK,
+                                                 inv if axis is not None else None, relu), x)
+
+
+def _in_layout_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` in dense ``x``'s strides (a layout the kernels' row plan cannot take, e.g.
+    channels_last per channel along the last axis, ran on a contiguous copy), as the
+    reference's element-wise ops give it; ``y`` itself otherwise."""
+    if y.stride() == x.stride() or not dense_layout(x):
+        return y
+    out = torch.empty_strided(x.shape, x.stride(), dtype=y.dtype, device=y.device)
+    return out.copy_(y)
 
 
 KERNELS = {

@@ -30,12 +30,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ...distributed import syncs_batch_stats
 from .bn_act import _ACTS, _act_pair_ok, bn_act_backward, bn_act_forward
 from .bn_fold import _rows_contiguous, _weight_pair_ok, fold_backward, fold_forward
-from .common import module_tickets
+from .common import module_tickets, no_double_backward
 from .fake_quant import _FLOATS, as_rows, auto_interpreter, on_tensor_device
 from .observer import mark_observed
 
@@ -80,8 +79,8 @@ class _ConvBnActTrain(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy):
+        no_double_backward("Conv + batch-norm layer (training)")
         xc, wc, w, gamma, t, sigma, qs, qz, z, beta, vec, tick = ctx.saved_tensors
         (fconsts, (stride, padding, dilation, groups), qmin, qmax, act, x_dtype,
          bias_dtype) = ctx.consts
@@ -142,12 +141,13 @@ def conv_bn_act_train(x: torch.Tensor, conv, bn, w_observer, w_fake_quant, act_o
         return None
     if not _weight_pair_ok(w, w_observer, w_fake_quant):
         return None
-    mark_observed(w_observer)
-    mark_observed(act_observer)
-    return _ConvBnActTrain.apply(
+    mark_observed(w_observer)  # the weight is observed first, as in the three-node form
+    y = _ConvBnActTrain.apply(
         x, w, gamma, beta, params["bias"], bn,
         (conv.stride, conv.padding, conv.dilation, conv.groups), dt, float(min_gamma),
         w_observer, act_observer, act, module_tickets(bn, running_mean.device), name)
+    mark_observed(act_observer)  # after: a batch the forward refuses leaves it unobserved
+    return y
 
 
 OPS = {"conv_bn_act_train": conv_bn_act_train}
