@@ -219,6 +219,8 @@ def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
                             f"not a tensor; it has no safe saved form")
     desc = {"format": FORMAT, "version": VERSION, "root": type(model).__name__,
             "builder": builder, "tree": _describe(model), "extra_state": extra}
+    if isinstance(model, torch.fx.GraphModule):  # converted from plain torch.nn (drop-in)
+        desc["dropin"] = True
     try:
         text = json.dumps(desc, sort_keys=True)
     except TypeError as e:
@@ -333,7 +335,9 @@ def _from_tree(desc, path):
                 raise ValueError(
                     f"gpuquant.load: {path!r}: module {p or '<root>'!r} is a {cls_path}, whose "
                     f"code is not in the file; pass model=<an instance of the architecture> "
-                    f"(e.g. the float model), or save with arch=<gpuquant.models builder>")
+                    f"(e.g. the float model; one converted from plain torch.nn: "
+                    f"gpuquant.quantization.prepare_plain(<float model>, example_inputs)), "
+                    f"or save with arch=<gpuquant.models builder>")
             m = cls(**entry.get("args", {}))
         if not p:
             root = m
@@ -454,6 +458,12 @@ def _build_root(path, desc, tensors, model, undo: list):
         raise _bad(path, f"its description does not build a model"
                          f"{' into the model given' if model is not None else ''} "
                          f"({type(e).__name__}: {e})") from None
+    if desc.get("dropin") and not isinstance(root, torch.fx.GraphModule):
+        raise ValueError(f"gpuquant.load: {path!r} holds a model converted from plain torch.nn "
+                         f"(its forward is a traced torch.fx graph with quant stubs, which the "
+                         f"{type(root).__name__} given does not run); pass model="
+                         f"gpuquant.quantization.prepare_plain(<float model>, example_inputs) "
+                         f"as the skeleton")
     if type(root).__name__ != desc.get("root"):
         raise ValueError(f"gpuquant.load: {path!r} holds a {desc.get('root')} but the model "
                          f"built is a {type(root).__name__}")

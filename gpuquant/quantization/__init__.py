@@ -17,6 +17,7 @@ from .quantize import (disable_fake_quant, disable_observer, enable_fake_quant, 
 from .dynamic import prepare_dynamic_qat, quantize_dynamic
 from .epilogue import fuse_epilogues, unfuse_epilogues
 from .smoothquant import calibrate_linear_inputs, quantize_static_linear, smooth_quant
+from .fx import disable_quantize, prepare_plain
 
 __all__ = [
     # qconfig
@@ -34,6 +35,8 @@ __all__ = [
     "quantize_qat", "quantize", "enable_fake_quant", "disable_fake_quant", "enable_observer",
     "disable_observer", "freeze_bn_stats", "set_bn_fold", "propagate_qconfig", "reset_qconfig", "get_qat_mapping",
     "get_quantized_mapping", "fuse_epilogues", "unfuse_epilogues",
+    # plain torch.nn models (drop-in: traced with torch.fx)
+    "prepare_plain", "disable_quantize",
     # transformers: dynamic per-token W8A8 / weight-only, SmoothQuant
     "quantize_dynamic", "prepare_dynamic_qat", "calibrate_linear_inputs", "smooth_quant",
     "quantize_static_linear",

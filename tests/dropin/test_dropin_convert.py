@@ -346,6 +346,12 @@ def test_save_load_round_trip(tmp_path):
                            model=prepare_plain(skeleton, (x,)))
     with backends.use(INT8_BACKEND):
         assert torch.equal(loaded(x), int8(x))
+    # the float model itself as the skeleton would load and then fail on its first call
+    # (its forward has no stubs): refused at load, naming prepare_plain; so is no skeleton
+    with pytest.raises(ValueError, match="converted from plain torch.nn .*prepare_plain"):
+        gpuquant.load(tmp_path / "m.safetensors", model=WithBlocks())
+    with pytest.raises(ValueError, match="prepare_plain"):
+        gpuquant.load(tmp_path / "m.safetensors")
 
 
 class InPlace(nn.Module):
