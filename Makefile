@@ -4,9 +4,12 @@
 #                  kernels through TRITON_INTERPRET=1)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# On a CPU-only machine the pinned CPU build of torch avoids a multi-GB CUDA download;
-# override with TORCH_SPEC='torch' (or your CUDA build) on a GPU machine.
+# torch 2.13.0: this project's machines hold its CPU build locally; from PyPI pip takes the
+# multi-GB CUDA build, so elsewhere set TORCH_INDEX=https://download.pytorch.org/whl/cpu for
+# the CPU build; override with TORCH_SPEC='torch' (or your CUDA build) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_PIP_ARGS = $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 PYTEST_ARGS ?= -n 2
 
 .PHONY: demo test test-triton36 bench clean gpu gpu-lease tcache wheels
@@ -14,7 +17,7 @@ PYTEST_ARGS ?= -n 2
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[test,demo,bench]'
 	touch $@
 
@@ -33,7 +36,7 @@ TRITON36_TESTS ?= tests/backends/test_triton_*.py tests/transformers
 $(VENV_T36)/.installed: pyproject.toml
 	python3 -m venv $(VENV_T36)
 	$(VENV_T36)/bin/python -m pip install -q --upgrade pip
-	$(VENV_T36)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VENV_T36)/bin/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(VENV_T36)/bin/python -m pip install -q -e '.[test]' "triton==3.6.0" "numpy<2.4"
 	touch $@
 
