@@ -24,4 +24,26 @@ def out_problem(out) -> Optional[str]:
         return f"{out!r} cannot be created: {parent!r} is not a folder"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"{out!r} cannot be written: no write permission in {parent!r}"
+    return _try_write(out)
+
+
+def _try_write(out: str) -> Optional[str]:
+    """Create ``out`` and a file in it, then remove what was made: ``os.access`` says yes to
+    root on read-only or virtual file systems (``/proc``), where only trying tells."""
+    import shutil
+    import tempfile
+    first_new = None
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        first_new, path = path, os.path.dirname(path)
+    try:
+        os.makedirs(out, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".gpuquant-write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return f"{out!r} cannot be written: {e.strerror or e}"
+    finally:
+        if first_new is not None and os.path.isdir(first_new):
+            shutil.rmtree(first_new, ignore_errors=True)
     return None

@@ -149,21 +149,29 @@ def _select(suite: Suite, cases: List[Case], where: Dict[str, List[str]],
     return cases
 
 
-def _unknown_skips(names, devices, skip, quick: bool, cuda: bool) -> Optional[str]:
+def _argument_problem(names, devices, skip, where, quick: bool, cuda: bool) -> Optional[str]:
     """Why ``skip`` names a provider none of the suites ``names`` has (a typo would run it),
-    or None. Reads only the case lists (inputs are built lazily)."""
+    or ``where`` cannot apply to one of them (a param it lacks, no case matching), or None:
+    checked before anything is measured. Reads only the case lists (inputs are built
+    lazily)."""
     from . import suites as registry
     known = set()
     for name in names:
         dev = {"cpu": "cpu", "cuda": "cuda", "any": "cuda" if cuda else "cpu"}[devices[name]]
         try:
-            cases = registry.load_suite(name).cases(quick, dev)
+            suite = registry.load_suite(name)
+            cases = suite.cases(quick, dev)
         except Exception:  # noqa: BLE001 - the suite's own run reports it
             return None
         for c in cases:
             known |= set(c.providers)
+        if where:
+            try:
+                _select(suite, cases, where, ())
+            except UsageError as e:
+                return str(e)
     unknown = sorted(set(skip) - known)
-    if unknown:
+    if skip and unknown:
         return (f"--skip: no suite run here has a provider {unknown[0]!r}; "
                 f"providers: {sorted(known)}")
     return None
@@ -260,7 +268,9 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
     Returns:
         0 when every suite ran clean; 1 when a provider, a case or a whole suite failed (the
         other suites still run) or an output differed from the NumPy oracle; 2 for an
-        unknown or unwritten suite name or a ``--where`` a suite cannot apply.
+        unknown or unwritten suite name, a ``--where`` a suite cannot apply or a ``--skip``
+        no suite has (checked before anything is measured); 3 when every suite named needs
+        a CUDA GPU and there is none (nothing measured).
     """
     from . import report, suites as registry
     from .ceilings import measure_ceilings
@@ -282,8 +292,8 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
     cuda = torch.cuda.is_available() if cuda_available is None else bool(cuda_available)
     from .._paths import out_problem
     why = out_problem(out)
-    if why is None and skip:
-        why = _unknown_skips(names, devices, skip, quick, cuda)
+    if why is None and (skip or where_map):
+        why = _argument_problem(names, devices, skip, where_map, quick, cuda)
     if why is not None:  # before anything is measured
         print(f"gpuquant bench: {why}", file=sys.stderr)
         return 2
@@ -339,6 +349,9 @@ def run_bench(suites: Sequence[str] = (), quick: bool = False, out: str = "bench
         _log(line)
     if not docs:
         _log("  no suite ran")
+    if suites and not docs and not failed and not cuda:  # named, and all need a GPU
+        _log("every suite named needs a CUDA GPU: nothing was measured (exit status 3)")
+        return 3
     if failed:
         _log(f"\n{len(failed)} problem(s):")
         for f in failed:

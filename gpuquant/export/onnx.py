@@ -198,8 +198,10 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"to_onnx: example_input[{i}] must be a float tensor, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
+            what = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else \
+                f"a {type(x).__module__}.{type(x).__name__}"
+            raise TypeError(f"to_onnx: example_input[{i}] must be a float tensor "
+                            f"(torch.Tensor), got {what}")
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"to_onnx: path must be None, a str or an os.PathLike, got "
                         f"{type(path).__name__} {path!r}")

@@ -37,3 +37,36 @@ def test_recorded_command_is_shell_quoted(monkeypatch, tmp_path):
     argv = ["bench", "quant", "--out", str(tmp_path), "--where", "qdtype=quint8|qint8"]
     assert cli.main(argv) == 0
     assert shlex.split(seen["command"]) == ["gpuquant"] + argv
+
+
+def test_where_is_checked_for_every_suite_before_any_runs(tmp_path, capsys, monkeypatch):
+    """A --where the second suite cannot apply is refused before the first suite (or the
+    ceilings) is measured."""
+    import gpuquant.bench as bench
+    measured = []
+    monkeypatch.setattr("gpuquant.bench.ceilings.measure_ceilings",
+                        lambda *a, **k: measured.append(a) or {})
+    rc = bench.run_bench(["quant", "cpu"], quick=True, out=str(tmp_path / "r"),
+                         where="op=linear,m=1")
+    assert rc == 2 and not measured and not (tmp_path / "r").exists()
+    assert "suite 'quant' has no param" in capsys.readouterr().err
+
+
+def test_gpu_suite_named_without_a_gpu_exits_3(tmp_path, capsys):
+    """Named explicitly, a GPU suite that cannot run here is not a clean success."""
+    import gpuquant.bench as bench
+    assert bench.run_bench(["gemm"], quick=True, out=str(tmp_path / "g"),
+                           cuda_available=False) == 3
+    assert "every suite named needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_out_that_cannot_be_written_is_refused_even_as_root(tmp_path):
+    """os.access says yes to root on /proc; the check tries to write instead, and leaves
+    nothing behind where it succeeds."""
+    import os
+
+    from gpuquant._paths import out_problem
+    assert "cannot be written" in out_problem("/proc/gpuquant-out")
+    new = tmp_path / "a" / "b"
+    assert out_problem(str(new)) is None and not (tmp_path / "a").exists()
+    assert out_problem(str(tmp_path)) is None and os.listdir(tmp_path) == []

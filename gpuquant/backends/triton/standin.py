@@ -399,8 +399,28 @@ def linear_host_time(reps: int = 2000) -> dict:
     return out
 
 
+_USAGE = """usage: python -m gpuquant.backends.triton.standin [MODEL ...]
+       python -m gpuquant.backends.triton.standin --qat [MODEL ...] | --layer | --fake-quant | --linear
+
+Host time of gpuquant's launches with a stand-in CUDA driver (no GPU): an eager int8 forward
+of each MODEL (gpuquant.models builders; default resnet50), a QAT training step (--qat), one
+QAT Conv+BN+ReLU layer (--layer), the fake-quant op (--fake-quant), a decode-step Linear
+(--linear). Run with TRITON_INTERPRET unset."""
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0
+    from ... import models
+    flags = ("--qat", "--layer", "--fake-quant", "--linear")
+    bad = [a for a in argv if a.startswith("-") and (a not in flags or a != argv[0])] + \
+        [a for a in argv if not a.startswith("-") and a not in models._BUILDERS]
+    if bad:
+        print(f"standin: unknown argument {bad[0]!r}; models: {sorted(models._BUILDERS)}\n"
+              f"{_USAGE}", file=sys.stderr)
+        return 2
     if argv and argv[0] == "--linear":
         for name, us in linear_host_time().items():
             print(f"decode Linear (1 x 64 x 64, bf16), {name}: host {us:.1f} us")
