@@ -101,7 +101,13 @@ def environment(device: str, command: str) -> Dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command, "triton_tune": triton_tune(),
             "host": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                     "python": platform.python_version(), "machine": platform.machine()}}
+                     "python": platform.python_version(), "machine": platform.machine(),
+                     # the BLAS / OpenMP pools NumPy and torch use (read at their import):
+                     # CPU timings on a small machine depend on them
+                     "thread_env": {v: os.environ.get(v) for v in _THREAD_VARS}}}
+
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _log(msg: str) -> None:

@@ -161,6 +161,12 @@ def render_markdown(doc: Mapping[str, Any], heading_level: int = 2) -> str:
     lines.append(f"{doc['date']} · `{doc['command']}` · gpuquant {doc['gpuquant']}, torch "
                  f"{doc['torch']}, triton {doc['triton']}, cupy {doc['cupy']}")
     lines.append("")
+    host = doc.get("host") or {}
+    if isinstance(host.get("thread_env"), dict):  # (files from before it was recorded: none)
+        env = ", ".join(f"{k}={v}" for k, v in host["thread_env"].items() if v is not None)
+        lines.append(f"Host: {host.get('cpus')} CPUs, torch threads {host.get('torch_threads')}; "
+                     f"{env or 'BLAS / OpenMP threads not pinned (their defaults)'}.")
+        lines.append("")
     ceilings = doc.get("ceilings") or {}
     if ceilings:
         parts = [f"{kind}: {_num(c['value'])} {c['unit']} ({c['what']})"
