@@ -58,3 +58,30 @@ def test_bad_process_groups_are_refused():
         SyncMinMaxObserver(group=3)
     with pytest.raises(TypeError, match="SyncExponentialMovingAverageObserver"):
         SyncExponentialMovingAverageObserver(group=object())
+
+
+def _tiny_global_batch_worker(rank, world):
+    torch.manual_seed(0)
+    out = []
+    for momentum in (0.1, None):
+        m = quantize_qat(gnn.ConvBnRelu2d(2, 3, 1), sync_ema_fakequant_qconfig)
+        m.bn.momentum = momentum
+        m = gdist.convert_sync_batchnorm(m).train()
+        with torch.no_grad():
+            m(torch.randn(4, 2, 3, 3))  # a healthy step
+        before = (m.bn.running_mean.clone(), m.bn.running_var.clone(),
+                  int(m.bn.num_batches_tracked))
+        with torch.no_grad():
+            m(torch.randn([1, 0][rank], 2, 1, 1))  # global batch: 1 value per channel
+            m(torch.randn(0, 2, 1, 1))             # global batch: none
+        after = (m.bn.running_mean, m.bn.running_var, int(m.bn.num_batches_tracked))
+        out.append(torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+                   and before[2] == after[2] == 1)
+    return out
+
+
+def test_global_batch_of_one_value_leaves_running_statistics_unchanged():
+    """A synchronised step whose global batch has < 2 values per channel (no rank can see
+    it locally) leaves running mean / var and num_batches_tracked as they were, on every
+    rank (they became NaN: 0 * inf, 0 / 0), without a host read."""
+    assert run(_tiny_global_batch_worker, 2) == [[True, True], [True, True]]

@@ -58,15 +58,31 @@ __all__ = ["scale_rows", "fold_weight", "fold_quant_weight", "fold_quant_weight_
 
 def update_bn_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n) -> None:
     """Update ``bn``'s running statistics as ``torch.nn.BatchNorm*`` does in training
-    (biased ``var`` given, the unbiased one stored; momentum None = cumulative average)."""
+    (biased ``var`` given, the unbiased one stored; momentum None = cumulative average).
+
+    ``n``: the count per channel, an int, or (synchronised statistics) the global count as a
+    device tensor. A global batch of fewer than 2 values per channel (which a local check
+    cannot see) leaves the statistics and ``num_batches_tracked`` as they were, on the
+    device: its unbiased variance is 0 * inf (and its mean 0 / 0 when empty), which would
+    make them NaN on every rank; torch's SyncBatchNorm raises there, at the cost of a host
+    read every step."""
     with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
+        if isinstance(n, torch.Tensor):
+            ok = n > 1
+            bn.num_batches_tracked.add_(ok.to(bn.num_batches_tracked.dtype))
+            mean = torch.where(ok, mean.detach().to(bn.running_mean.dtype), bn.running_mean)
+            var = torch.where(ok, (var.detach() * (n / (n - 1).clamp(min=1))).to(
+                bn.running_var.dtype), bn.running_var)
+        else:
+            bn.num_batches_tracked.add_(1)
+            mean = mean.detach().to(bn.running_mean.dtype)
+            var = (var.detach() * (n / (n - 1))).to(bn.running_var.dtype)
         if bn.momentum is None:  # a device tensor: no host read (CUDA-graph capturable)
-            f = torch.reciprocal(bn.num_batches_tracked.to(bn.running_mean.dtype))
+            f = torch.reciprocal(bn.num_batches_tracked.clamp(min=1).to(bn.running_mean.dtype))
         else:
             f = bn.momentum
-        bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), f)
-        bn.running_var.lerp_((var.detach() * (n / (n - 1))).to(bn.running_var.dtype), f)
+        bn.running_mean.lerp_(mean, f)
+        bn.running_var.lerp_(var, f)
 
 
 def scale_rows(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
