@@ -118,9 +118,16 @@ def run_demo(out: Optional[str] = None, float_epochs: int = 12, qat_epochs: int 
         quiet: no progress lines (the table is still printed).
 
     Raises:
-        TypeError / ValueError: an ``out`` that is not a usable folder path (checked before
-            the run).
+        TypeError / ValueError: an ``out`` that is not a usable folder path, epoch counts
+            that are not ints >= 1, a ``quiet`` that is not a bool (checked before the run).
     """
+    for name, v in (("float_epochs", float_epochs), ("qat_epochs", qat_epochs)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"run_demo: {name} must be an int, got {v!r}")
+        if v < 1:
+            raise ValueError(f"run_demo: {name} must be >= 1, got {v}")
+    if not isinstance(quiet, bool):
+        raise TypeError(f"run_demo: quiet must be a bool, got {quiet!r}")
     if out is not None:
         why = out_problem(out)
         if why is not None:
@@ -140,8 +147,8 @@ def run_demo(out: Optional[str] = None, float_epochs: int = 12, qat_epochs: int 
 def _run(out, float_epochs, qat_epochs, quiet) -> int:
     from . import backends
     from .models import digits_net
-    from .quantization import (calibration_qconfig, ema_fakequant_qconfig, fuse_epilogues,
-                               quantize, quantize_qat)
+    from .quantization import (calibration_qconfig, disable_observer, ema_fakequant_qconfig,
+                               fuse_epilogues, quantize, quantize_qat)
 
     def log(msg):
         if not quiet:
@@ -186,7 +193,8 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
     qat = quantize_qat(copy.deepcopy(float_model), ema_fakequant_qconfig)
     _train(qat, x_tr, y_tr, qat_epochs, 3e-4, log, "QAT", freeze_bn_at=qat_epochs // 2)
     times["QAT fine-tune"] = time.perf_counter() - t
-    qat_pred = _predict(qat, x_te)
+    disable_observer(qat)  # observers record in eval mode too: the test set must not move
+    qat_pred = _predict(qat, x_te)  # the ranges of the model that gets converted
     qat_acc = float((qat_pred == y_te).float().mean())
     log(f"  QAT (fake-quant) accuracy {qat_acc:.4f}")
 

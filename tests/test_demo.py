@@ -51,3 +51,32 @@ def test_demo_out_new_nested_folder_is_accepted(tmp_path):
     from gpuquant.demo import out_problem
     assert out_problem(str(tmp_path / "a" / "b")) is None
     assert out_problem(tmp_path) is None
+
+
+@pytest.mark.parametrize("kw,err,msg", [
+    ({"float_epochs": 0}, ValueError, "float_epochs must be >= 1, got 0"),
+    ({"qat_epochs": -3}, ValueError, "qat_epochs must be >= 1"),
+    ({"float_epochs": 1.5}, TypeError, "float_epochs must be an int, got 1.5"),
+    ({"quiet": "no"}, TypeError, "quiet must be a bool"),
+])
+def test_demo_arguments_are_checked_up_front(kw, err, msg):
+    from gpuquant.demo import run_demo
+    with pytest.raises(err, match=msg):
+        run_demo(**kw)
+
+
+def test_demo_qat_evaluation_does_not_calibrate_on_the_test_set(monkeypatch):
+    """The QAT model's test-set evaluation runs with its observers off: the ranges converted
+    to int8 are the training data's (observers record in eval mode too)."""
+    from gpuquant import demo
+    seen = []
+    real = demo._predict
+
+    def spy(model, x):
+        from gpuquant.quantization.observer import Observer
+        seen.append([m.enabled for m in model.modules() if isinstance(m, Observer)])
+        return real(model, x)
+    monkeypatch.setattr(demo, "_predict", spy)
+    demo.run_demo(float_epochs=1, qat_epochs=1, quiet=True)
+    qat_calls = [s for s in seen if s]  # the QAT model's call (the int8 ones have none)
+    assert qat_calls and not any(any(s) for s in qat_calls)
