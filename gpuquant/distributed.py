@@ -96,6 +96,29 @@ def check_group(group, who: str):
     return group
 
 
+class GroupRef:
+    """A process group held by a module, shared (not copied) by ``copy.deepcopy``: a
+    ``ProcessGroup`` cannot be copied or pickled, and a copy of the model (``quantize(...,
+    inplace=False)``) runs in the same processes. Pickling one (``torch.save(model)``) raises
+    a TypeError saying to save the ``state_dict`` instead."""
+    __slots__ = ("group",)
+
+    def __init__(self, group):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+    def __reduce__(self):
+        if self.group is None:  # the default group: nothing process-specific to keep
+            return (GroupRef, (None,))
+        raise TypeError("a module holding an explicit torch.distributed process group cannot "
+                        "be pickled; save model.state_dict() instead")
+
+
 def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.nn.Module:
     """Make every fused QAT BatchNorm (``ConvBn*`` / ``LinearBn*`` of ``gpuquant.nn.qat``)
     under ``model`` compute its training batch statistics over all processes of
@@ -125,7 +148,7 @@ def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.
                          "ConvBn* / LinearBn*) in the model; call it after quantize_qat")
     for _, m in mods:
         m.bn.gpuquant_sync_stats = True
-        m.bn.gpuquant_sync_group = process_group
+        m.bn.gpuquant_sync_group = GroupRef(process_group)
     return model
 
 
@@ -134,7 +157,8 @@ def _sync_group(bn):
     if isinstance(bn, torch.nn.SyncBatchNorm):
         group = bn.process_group
     elif getattr(bn, "__dict__", {}).get("gpuquant_sync_stats", False):  # plain attributes
-        group = bn.__dict__.get("gpuquant_sync_group")  # (no Module.__getattr__ miss a call)
+        ref = bn.__dict__.get("gpuquant_sync_group")  # (no Module.__getattr__ miss a call)
+        group = ref.group if isinstance(ref, GroupRef) else ref
     else:
         return None
     if not _initialized():

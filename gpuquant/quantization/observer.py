@@ -451,6 +451,17 @@ class _SyncMixin:
 
     _given = None  # the all-reduced (min, max) an empty local batch records
 
+    @property
+    def group(self):
+        """The process group (None: the default one)."""
+        ref = self.__dict__.get("_group_ref")
+        return None if ref is None else ref.group
+
+    @group.setter
+    def group(self, group) -> None:
+        from ..distributed import GroupRef  # shared by deepcopy: a ProcessGroup cannot copy
+        self.__dict__["_group_ref"] = GroupRef(group)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # An empty local batch still joins the all-reduce (the other processes wait in it;
         # skipping it would pair this process's next call with their current one) and

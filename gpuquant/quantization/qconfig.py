@@ -69,6 +69,12 @@ class QConfig(namedtuple("QConfig", _FIELDS)):
 
     __slots__ = ()
 
+    def __deepcopy__(self, memo):
+        # immutable: a copied model shares its QConfig (a partial's arguments, e.g. a
+        # torch.distributed process group, may not be copyable; and quantize_qat compares
+        # qconfigs, whose partials compare by identity)
+        return self
+
     def __new__(cls, weight_observer=None, act_observer=None, weight_fake_quant=None,
                 act_fake_quant=None):
         values = (weight_observer, act_observer, weight_fake_quant, act_fake_quant)

@@ -85,3 +85,46 @@ def test_global_batch_of_one_value_leaves_running_statistics_unchanged():
     it locally) leaves running mean / var and num_batches_tracked as they were, on every
     rank (they became NaN: 0 * inf, 0 / 0), without a host read."""
     assert run(_tiny_global_batch_worker, 2) == [[True, True], [True, True]]
+
+
+def _explicit_group_worker(rank, world):
+    import copy
+    import functools
+    import io
+
+    import torch.distributed as dist
+
+    from gpuquant.models import digits_net
+    from gpuquant.quantization import QConfig, disable_observer, quantize
+    g = dist.new_group([0, 1])
+    base = sync_ema_fakequant_qconfig
+    qc = QConfig(weight_observer=base.weight_observer, weight_fake_quant=base.weight_fake_quant,
+                 act_observer=functools.partial(SyncExponentialMovingAverageObserver, 0.9,
+                                                group=g),
+                 act_fake_quant=base.act_fake_quant)
+    m = gdist.convert_sync_batchnorm(quantize_qat(digits_net(), qc), process_group=g)
+    with torch.no_grad():
+        m(torch.randn(4, 1, 8, 8))
+    twin = copy.deepcopy(m)  # shares the group: it still all-reduces over it
+    with torch.no_grad():
+        twin(torch.randn(4, 1, 8, 8) * (rank + 1))
+    same_group = all(o.group is g for o in twin.modules()
+                     if isinstance(o, SyncExponentialMovingAverageObserver))
+    disable_observer(m)
+    q = quantize(m.eval(), inplace=False)  # the documented conversion step
+    try:
+        torch.save(m, io.BytesIO())
+        saved = "saved"
+    except TypeError as e:
+        saved = str(e)
+    return same_group, type(q).__name__, twin.fc2.act_observer.max_val.item(), saved
+
+
+def test_models_with_an_explicit_process_group_copy_and_convert():
+    """quantize(..., inplace=False) and deepcopy of a model whose synced observers and
+    BatchNorms hold an explicit process group (a ProcessGroup cannot be copied): the copy
+    shares the group; pickling the whole module says to save its state_dict."""
+    r0, r1 = run(_explicit_group_worker, 2)
+    assert r0[0] and r1[0] and r0[1] == r1[1] == "DigitsNet"
+    assert r0[2] == r1[2]  # the copies all-reduced together
+    assert "save model.state_dict() instead" in r0[3]
