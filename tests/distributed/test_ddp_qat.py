@@ -539,7 +539,7 @@ def test_convert_sync_batchnorm_checks_its_input():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         gdist.convert_sync_batchnorm(None)
     m = gdist.convert_sync_batchnorm(quantize_qat(digits_net(), sync_ema_fakequant_qconfig))
-    assert m.conv1.bn.gpuquant_sync_stats and m.conv1.bn.gpuquant_sync_group is None
+    assert m.conv1.bn.gpuquant_sync_stats and m.conv1.bn.gpuquant_sync_group.group is None
 
 
 # --------------------------------------------------------------------------- NCCL (GPU)
