@@ -24,3 +24,20 @@ def positive_float(value, name: str, who: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{who}: {name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def flag(value, name: str, who: str) -> bool:
+    """``value`` as a bool: TypeError for anything else (``"no"`` would read as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{who}: {name} must be a bool (True or False), got {value!r}")
+    return value
+
+
+def probability(value, name: str, who: str) -> float:
+    """``value`` as a float in [0, 1] (bools refused: True would drop everything)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{who}: {name} must be a number in [0, 1], got "
+                        f"{type(value).__name__} {value!r}")
+    if not 0.0 <= value <= 1.0:  # (NaN fails too)
+        raise ValueError(f"{who}: {name} must be in [0, 1], got {value!r}")
+    return float(value)

@@ -7,7 +7,7 @@ import torch
 
 from .. import nn as gnn
 from ..nn.qat.module import keep_producer
-from ._checks import positive_float, positive_int
+from ._checks import positive_float, positive_int, probability
 
 __all__ = ["MobileNetV2", "InvertedResidual", "mobilenet_v2"]
 
@@ -44,6 +44,7 @@ class MobileNetV2(gnn.Module):
         super().__init__()
         num_classes = positive_int(num_classes, "num_classes", "MobileNetV2")
         width_mult = positive_float(width_mult, "width_mult", "MobileNetV2")
+        dropout = probability(dropout, "dropout", "MobileNetV2")
         setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1],
                    [6, 160, 3, 2], [6, 320, 1, 1]]
         inp = _make_divisible(32 * width_mult)

@@ -9,7 +9,7 @@ import torch
 
 from .. import nn as gnn
 from ..nn.qat.module import keep_producer
-from ._checks import positive_int
+from ._checks import flag, positive_int
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet50"]
 
@@ -54,9 +54,9 @@ class ResNet(gnn.Module):
     def __init__(self, block, layers, num_classes: int = 1000, zero_init_residual: bool = False,
                  width: int = 64):
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive int, got {width!r}")
+        width = positive_int(width, "width", "ResNet")
         num_classes = positive_int(num_classes, "num_classes", "ResNet")
+        zero_init_residual = flag(zero_init_residual, "zero_init_residual", "ResNet")
         self.inplanes = width
         self.quant = gnn.QuantStub()
         self.conv_bn_relu1 = gnn.ConvBnRelu2d(3, width, 7, 2, 3, bias=False)

@@ -58,8 +58,10 @@ def test_narrow_resnet_has_the_same_layers():
     assert kinds == [type(m).__name__ for m in narrow.modules()]
     assert narrow.fc.in_features == 256 and narrow.conv_bn_relu1.conv.out_channels == 8
     assert narrow.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
-    for bad in (0, 2.5, True):
-        with pytest.raises(ValueError, match="width must be a positive int"):
+    with pytest.raises(ValueError, match="width must be an int >= 1, got 0"):
+        M.resnet50(width=0)
+    for bad in (2.5, True, "8"):
+        with pytest.raises(TypeError, match="width must be an int >= 1"):
             M.resnet50(width=bad)
 
 
@@ -77,6 +79,10 @@ def test_narrow_resnet_has_the_same_layers():
     (M.digits_net, {"num_classes": True}, TypeError),
     (M.digits_net, {"width": 1}, ValueError),
     (M.digits_net, {"width": 8.0}, TypeError),
+    (M.resnet18, {"zero_init_residual": "no"}, TypeError),
+    (M.mobilenet_v2, {"dropout": True}, TypeError),
+    (M.mobilenet_v2, {"dropout": float("nan")}, ValueError),
+    (M.mobilenet_v2, {"dropout": 1.5}, ValueError),
 ])
 def test_builders_validate_arguments(build, kw, err):
     name = next(iter(kw))
@@ -88,4 +94,5 @@ def test_builders_accept_valid_arguments():
     import numpy as np
     assert M.mobilenet_v2(num_classes=np.int64(3), width_mult=0.25).classifier[1].out_features == 3
     assert M.digits_net(num_classes=4, width=2).fc2.out_features == 4
+    assert M.resnet18(num_classes=3, width=np.int64(8)).conv_bn_relu1.conv.out_channels == 8
     assert M.resnet18(num_classes=1, width=8).fc.out_features == 1
