@@ -23,7 +23,7 @@ ADD_LEFT_SHIFT = 20
 def quantize_multiplier_one(m: float):
     """``m > 0`` -> ``(multiplier, rshift)`` with ``multiplier`` in [2^30, 2^31) and
     ``m ~= multiplier * 2^-31 * 2^-rshift`` (TFLite ``QuantizeMultiplier``: ``math.frexp``,
-    rounding half away from zero); below 2^-62 -> ``(0, 0)``.
+    rounding half away from zero); below 2^-32 (``frexp`` exponent < -31) -> ``(0, 0)``.
 
     Raises:
         ValueError: ``m`` not finite and > 0, or ``m >= 2^30``.

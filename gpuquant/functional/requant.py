@@ -4,7 +4,7 @@ A real multiplier ``m = s_in * s_w[c] / s_out`` (> 0) becomes an int32 ``multipl
 [2^30, 2^31) and a right shift ``rshift`` with ``m ~= multiplier * 2^-31 * 2^-rshift``,
 computed in float64 with ``math.frexp`` exactly as TFLite's ``QuantizeMultiplier``
 (rounding half away from zero). ``rshift`` may be negative (a left shift, for m >= 1);
-multipliers below 2^-31 * 2^-31 become (0, 0), as TFLite does.
+multipliers below 2^-32 (``frexp`` exponent < -31) become (0, 0), as TFLite does.
 
 Applying it (every backend, bit for bit; see ``reference.requantize``)::
 
@@ -29,7 +29,7 @@ __all__ = ["quantize_multiplier", "Requant", "make_requant", "AddParams", "make_
 
 INT32_MIN = -(2 ** 31)
 INT32_MAX = 2 ** 31 - 1
-_RSHIFT_MIN, _RSHIFT_MAX = -30, 31  # what quantize_multiplier gives (m in [2^-62, 2^30))
+_RSHIFT_MIN, _RSHIFT_MAX = -30, 31  # what quantize_multiplier gives (m in [2^-32, 2^30))
 ADD_MAX_LEFT_SHIFT = 24  # (x - zp) * 2^left_shift (8-bit inputs: |x - zp| <= 255) times a
 # multiplier < 2^31 fits int64 (the backends' wide path); TFLite / make_add_params use 20
 ACTIVATIONS = ("none", "relu", "relu6")
