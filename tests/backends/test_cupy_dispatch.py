@@ -282,3 +282,49 @@ def test_cupy_stream_uses_the_stream_protocol_where_cupy_has_it():
     old = types.SimpleNamespace(cuda=types.SimpleNamespace(
         Stream=type("Stream13", (), {}), ExternalStream=lambda ptr: ("external", ptr)))
     assert cupy_stream(old, 0xABC) == ("external", 0xABC)
+
+
+def test_plans_check_their_arguments_before_indexing():
+    """The exported plan functions (CPU tensors stand in: nothing is launched) refuse bad
+    arguments with ValueError / TypeError naming them; a linear whose x has another K than
+    the weight is refused even when the weight's prepared form is cached for a K padded to
+    the same multiple of 16 (it ran on the first K columns)."""
+    from gpuquant.backends.cupy.launch import plan_conv2d, plan_linear
+    from gpuquant.functional.requant import make_requant
+    rq = make_requant(0.02, torch.full((3,), 0.01), 0.1, 0, get_dtype("qint8"))
+    w = torch.randint(-127, 128, (3, 20), dtype=torch.int8)
+    plan_linear(torch.zeros(9, 20, dtype=torch.int8), 0, w, None, rq, "mma80")  # cached
+    with pytest.raises(ValueError, match=r"x has 17 features but the weight \(3, 20\)"):
+        plan_linear(torch.zeros(9, 17, dtype=torch.int8), 0, w, None, rq, "mma80")
+    x4 = torch.zeros(1, 4, 5, 5, dtype=torch.int8)
+    w4 = torch.zeros(3, 4, 3, 3, dtype=torch.int8)
+    cases = [
+        (lambda: plan_linear(torch.zeros(9, 20, dtype=torch.int8), 0, w, None, rq, "tensor"),
+         ValueError, "unknown gpuquant CUDA tier 'tensor'"),
+        (lambda: plan_linear(torch.zeros(9, 20, dtype=torch.int8), 0.5, w, None, rq, "mma80"),
+         TypeError, "x_zp must be an int"),
+        (lambda: plan_linear(torch.zeros(9, 20, dtype=torch.uint8), 300, w, None, rq, "mma80"),
+         ValueError, r"x_zp 300 is outside"),
+        (lambda: plan_linear(torch.zeros(9, 20, dtype=torch.int8), 0, w,
+                             torch.zeros(3), rq, "mma80"), TypeError, "bias must be None or an int32"),
+        (lambda: plan_linear(torch.zeros(9, 20, dtype=torch.int8), 0, w,
+                             torch.zeros(1, dtype=torch.int32), rq, "mma80"),
+         ValueError, r"bias must have shape \(3,\)"),
+        (lambda: plan_linear(torch.zeros((), dtype=torch.int8), 0, w, None, rq, "mma80"),
+         ValueError, "x must be a tensor with"),
+        (lambda: plan_conv2d(x4, 0, w4, None, 1, 0, 1, 0, rq, "mma80"),
+         ValueError, "groups must be a positive int, got 0"),
+        (lambda: plan_conv2d(x4, 0, w4, None, 0, 0, 1, 1, rq, "mma80"),
+         ValueError, "stride must be >= 1"),
+        (lambda: plan_conv2d(x4, 0, w4, None, 1, -1, 1, 1, rq, "mma80"),
+         ValueError, "padding must be >= 0"),
+        (lambda: plan_conv2d(x4, 0, w4, None, 1, 0, 0, 1, rq, "mma80"),
+         ValueError, "dilation must be >= 1"),
+        (lambda: plan_conv2d(x4[0], 0, w4, None, 1, 0, 1, 1, rq, "mma80"),
+         ValueError, "x must be a tensor with 4 dimensions"),
+        (lambda: plan_conv2d(x4, 0, w4[0], None, 1, 0, 1, 1, rq, "mma80"),
+         ValueError, "weight must have 4 dimensions"),
+    ]
+    for call, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            call()

@@ -741,7 +741,10 @@ def test_selfcheck_child_process_reports_instead_of_raising():
 
 def test_selfcheck_compares_every_case_with_numpy(monkeypatch):
     """run_cases' comparison on the CPU: a backend that returns NumPy's bytes passes every
-    case; one byte changed in each output fails every case."""
+    case; one byte changed in each output fails every case; the tier it forces is not left
+    in the caller's environment."""
+    import os
+
     from gpuquant import backends
     from gpuquant.backends.cupy import selfcheck
     npb = backends.get_backend("numpy")
@@ -759,6 +762,14 @@ def test_selfcheck_compares_every_case_with_numpy(monkeypatch):
     for flip, want in ((False, 0), (True, 6)):
         monkeypatch.setattr(backends, "get_backend",
                             lambda n, f=flip: fake(f) if n == "cupy" else get(n))
+        monkeypatch.setenv("GPUQUANT_CUPY_TIER", "mma80")
         bad, report = selfcheck.run_cases("wgmma", device="cpu")
         assert bad == want, report
         assert report.count("\n") == 5
+        # the forced tier is the caller's again (it leaked into the process)
+        assert os.environ["GPUQUANT_CUPY_TIER"] == "mma80"
+    monkeypatch.delenv("GPUQUANT_CUPY_TIER")
+    monkeypatch.setattr(backends, "get_backend",
+                        lambda n: fake(False) if n == "cupy" else get(n))
+    selfcheck.run_cases("wgmma", device="cpu")
+    assert "GPUQUANT_CUPY_TIER" not in os.environ

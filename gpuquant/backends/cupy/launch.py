@@ -76,11 +76,44 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _act_params(x: torch.Tensor, x_zp: int):
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.int8, torch.uint8):
+        raise TypeError(f"quantized activations must be torch.int8 or torch.uint8 tensors, "
+                        f"got {getattr(x, 'dtype', type(x).__name__)}")
+    if isinstance(x_zp, torch.Tensor) and x_zp.numel() == 1 and not x_zp.is_floating_point():
+        x_zp = x_zp.item()
+    if isinstance(x_zp, bool) or not isinstance(x_zp, int):
+        raise TypeError(f"x_zp must be an int, got {type(x_zp).__name__} {x_zp!r}")
+    lo, hi = (0, 255) if x.dtype == torch.uint8 else (-128, 127)
+    if not lo <= x_zp <= hi:
+        raise ValueError(f"x_zp {x_zp} is outside the {x.dtype} range [{lo}, {hi}]")
     if x.dtype == torch.uint8:
-        return _U8_XOR, int(x_zp) - 128
-    if x.dtype == torch.int8:
-        return 0, int(x_zp)
-    raise TypeError(f"quantized activations must be torch.int8 or torch.uint8, got {x.dtype}")
+        return _U8_XOR, x_zp - 128
+    return 0, x_zp
+
+
+def _check_plan_args(x, w, bias, tier: str, x_dims, w_dims: int, op: str) -> None:
+    """What a plan reads before it indexes anything: known tier, ranks, weight dtype, an
+    int32 bias of one value an output, one device."""
+    from .dispatch import TIERS
+    if tier not in TIERS:
+        raise ValueError(f"{op}: unknown gpuquant CUDA tier {tier!r}; allowed: {list(TIERS)}")
+    if not isinstance(x, torch.Tensor) or x.dim() not in x_dims:
+        raise ValueError(f"{op}: x must be a tensor with {' or '.join(map(str, x_dims))} "
+                         f"dimensions, got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a tensor, got {type(w).__name__}")
+    _check_weight(w, w_dims)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype != torch.int32:
+            raise TypeError(f"{op}: bias must be None or an int32 tensor, got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)}")
+        if bias.dim() != 1 or bias.shape[0] != w.shape[0]:
+            raise ValueError(f"{op}: bias must have shape ({w.shape[0]},), got "
+                             f"{tuple(bias.shape)}")
+    devices = {t.device for t in (x, w, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: x, weight and bias must be on one device, got "
+                         f"{sorted(map(str, devices))}")
 
 
 # id(weight) -> (weakref to it, {layout key: (version key, (kernel-ready weight, colsum))}): a
@@ -161,14 +194,17 @@ def _check_out_dtype(rq, op: str) -> None:
 def plan_linear(x, x_zp, w, bias, rq, tier: str) -> Launch:
     """Plan ``linear(x, x_zp, w, bias, rq)`` (shapes as the reference backend) for ``tier``."""
     _check_out_dtype(rq, "linear")
+    _check_plan_args(x, w, bias, tier, range(1, 64), 2, "linear")
     a_xor, zp_eff = _act_params(x, x_zp)
     k = x.shape[-1]
     n = w.shape[0]
+    if w.shape[1] != k:  # (the prepared weight is cached by padded K: check it here)
+        raise ValueError(f"linear: x has {k} features but the weight {tuple(w.shape)} takes "
+                         f"{w.shape[1]}")
     lead = tuple(x.shape[:-1])
     m = 1
     for s in lead:
         m *= int(s)
-    _check_weight(w, 2)
     a = x.reshape(m, k)
     _check_rows(m)
     if m <= GEMV_MAX_M:                # a few rows: the warp-per-column kernel, any tier
@@ -196,16 +232,17 @@ def plan_linear(x, x_zp, w, bias, rq, tier: str) -> Launch:
                   lambda o: o.reshape(lead + (n,)))
 
 
-def _pair(v, name):
-    if isinstance(v, str):
+def _pair(v, name, minimum: int):
+    """An int or a pair of ints, each >= ``minimum``, as a pair."""
+    t = (v, v) if isinstance(v, int) and not isinstance(v, bool) else \
+        (tuple(v) if isinstance(v, (tuple, list)) else None)
+    if t is not None and len(t) == 1:
+        t = (t[0], t[0])
+    if t is None or len(t) != 2 or any(isinstance(i, bool) or not isinstance(i, int)
+                                       for i in t):
         raise ValueError(f"conv2d {name} must be an int or a pair of ints, got {v!r}")
-    if isinstance(v, int):
-        return v, v
-    t = tuple(int(i) for i in v)
-    if len(t) == 1:
-        return t[0], t[0]
-    if len(t) != 2:
-        raise ValueError(f"conv2d {name} must be an int or a pair of ints, got {v!r}")
+    if min(t) < minimum:
+        raise ValueError(f"conv2d {name} must be >= {minimum}, got {v!r}")
     return t
 
 
@@ -215,20 +252,21 @@ def plan_conv2d(x, x_zp, w, bias, stride, padding, dilation, groups, rq, tier: s
     Grouped convs with channels per group not a multiple of 16 use the dp4a kernel.
     """
     _check_out_dtype(rq, "conv2d")
+    _check_plan_args(x, w, bias, tier, (4,), 4, "conv2d")
     a_xor, zp_eff = _act_params(x, x_zp)
-    (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride"), _pair(padding, "padding"),
-                                    _pair(dilation, "dilation"))
+    (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
+                                    _pair(dilation, "dilation", 1))
     nimg, c, h, wd = (int(s) for s in x.shape)
     o, cg, kh, kw = (int(s) for s in w.shape)
-    groups = int(groups)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"conv2d groups must be a positive int, got {groups!r}")
     og = o // groups
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if ho <= 0 or wo <= 0:
         raise ValueError(f"conv2d output would be empty ({ho}x{wo}) for input {h}x{wd}, kernel "
                          f"{kh}x{kw}, stride {(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}")
-    _check_weight(w, 4)
-    if groups < 1 or c % groups or o % groups or c // groups != cg:
+    if c % groups or o % groups or c // groups != cg:
         raise ValueError(f"conv2d weight {tuple(w.shape)} and groups={groups} do not fit an "
                          f"input of {c} channels")
     xh = x.permute(0, 2, 3, 1)                       # NHWC view (free for channels_last)

@@ -37,8 +37,20 @@ def run_cases(tier: str, device: str = "cuda") -> Tuple[int, str]:
     cupy_b = backends.get_backend("cupy")
     ref = backends.get_backend("numpy").OPS
     gen = torch.Generator().manual_seed(2026)
+    saved = os.environ.get("GPUQUANT_CUPY_TIER")
+    os.environ["GPUQUANT_CUPY_TIER"] = tier  # (restored below: the caller's process)
+    try:
+        return _compare(tier, device, cupy_b, ref, gen, make_requant, get_dtype)
+    finally:
+        if saved is None:
+            os.environ.pop("GPUQUANT_CUPY_TIER", None)
+        else:
+            os.environ["GPUQUANT_CUPY_TIER"] = saved
+
+
+def _compare(tier, device, cupy_b, ref, gen, make_requant, get_dtype) -> Tuple[int, str]:
+    import torch
     bad, lines = 0, []
-    os.environ["GPUQUANT_CUPY_TIER"] = tier
     for i, (lead, k, n) in enumerate(LINEAR_CASES):
         x_dtype = (torch.uint8, torch.int8)[i % 2]
         lo, hi = (0, 255) if x_dtype == torch.uint8 else (-128, 127)
