@@ -154,3 +154,28 @@ def test_one_use_instance_shared_by_threads():
     for t in ts:
         t.join()
     assert not errors and sorted(seen, key=str) == [None, None, "reference", "reference"]
+
+
+def test_device_arguments_are_read_or_refused():
+    """A device string torch reads ("cpu:0") is its type; None, a number or a string that is
+    no device is refused, naming it (no silent None, no 'no backend computes on 3')."""
+    from gpuquant.backends import registry as r
+    assert r.auto_backend("cpu:0") == r.auto_backend("cpu")
+    assert r.get_op("add", "cpu:0") is r.get_op("add", "cpu")
+    for bad, err in ((None, TypeError), (3, TypeError), ("gpu", ValueError)):
+        with pytest.raises(err, match="device"):
+            r.auto_backend(bad)
+    with pytest.raises(TypeError):
+        r.find_op("add", None)
+
+
+def test_register_refuses_what_is_no_backend():
+    from gpuquant.backends import registry as r
+    with pytest.raises(TypeError, match="module path must be a non-empty string"):
+        r.register("x", 5)
+    r.register("not_a_backend", "json")
+    try:
+        assert "not_a_backend" not in r.available()  # one unavailable entry, not a crash
+        assert "is not a gpuquant backend" in r._why_not("not_a_backend")
+    finally:
+        r.unregister("not_a_backend")

@@ -54,6 +54,9 @@ def register(name: str, module_path: str) -> None:
     """Register an extra backend package (tests use this to plant a faulty backend)."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"backend name must be a non-empty string, got {name!r}")
+    if not isinstance(module_path, str) or not module_path:
+        raise TypeError(f"backend module path must be a non-empty string (a module name), got "
+                        f"{module_path!r}")
     _MODULES[name] = module_path
     _forget(name)
 
@@ -78,7 +81,12 @@ def _load(name: str):
         return None
     try:
         mod = importlib.import_module(_MODULES[name])
-        ok, reason = mod.is_available()
+        missing = [a for a in ("is_available", "OPS", "DEVICES", "PRIORITY")
+                   if not hasattr(mod, a)]
+        if missing:  # (register() of a module that is no backend: one unavailable entry)
+            ok, reason = False, f"{_MODULES[name]} is not a gpuquant backend (no {missing})"
+        else:
+            ok, reason = mod.is_available()
     except ImportError as e:  # a missing optional dependency (cupy, triton) is not an error
         ok, reason = False, f"import failed: {e}"
     if ok:
@@ -167,11 +175,22 @@ class use:
 
 
 def _device_type(device) -> str:
+    """The device type of a tensor, a ``torch.device`` or a device string (``"cuda:0"``).
+
+    Raises:
+        TypeError / ValueError: anything else, or a string torch does not read as a device.
+    """
     if isinstance(device, torch.Tensor):
         return device.device.type
     if isinstance(device, torch.device):
         return device.type
-    return str(device)
+    if isinstance(device, str):
+        try:
+            return torch.device(device).type
+        except RuntimeError as e:
+            raise ValueError(f"not a device: {device!r} ({e})") from None
+    raise TypeError(f"expected a tensor, a torch.device or a device string, got "
+                    f"{type(device).__name__} {device!r}")
 
 
 def _priority(mod, dev: str) -> int:
@@ -233,11 +252,24 @@ def fused_op(op: str, base: str, device) -> Optional[Callable]:
     return None
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
 def verifying() -> bool:
     """Whether ``GPUQUANT_VERIFY`` asks for each op to be checked against the NumPy oracle
-    (read on every call: tests and users set it at run time)."""
-    return os.environ.get("GPUQUANT_VERIFY", "0").strip().lower() not in ("", "0", "false",
-                                                                          "no", "off")
+    (read on every call: tests and users set it at run time).
+
+    Raises:
+        ValueError: a value that is neither on (1, true, yes, on) nor off (empty, 0, false,
+            no, off): ``disable`` must not turn checking on.
+    """
+    v = os.environ.get("GPUQUANT_VERIFY", "").strip().lower()
+    if v in _OFF:
+        return False
+    if v in _ON:
+        return True
+    raise ValueError(f"GPUQUANT_VERIFY={os.environ['GPUQUANT_VERIFY']!r}: use one of "
+                     f"{list(_ON)} (check every op against the NumPy oracle) or {list(_OFF)}")
 
 
 def _verified(op: str, fn: Callable, backend: str) -> Callable:

@@ -89,10 +89,14 @@ class Provider:
             apply. Without ``check`` the row records None. Compare with :func:`exact` /
             :func:`exact_rows` (dtype and shape too), and look past the first image: an
             error in the last tile of a kernel shows only there (:func:`sample_rows`).
+        unit: optional unit of this provider's rows in place of the case's (same value):
+            a bf16 provider in an int8 suite says ``"TFLOPS"``, so its fraction of the
+            ceiling is taken against the float ceiling, not the int8 one.
     """
 
     setup: Callable[[Any], Callable[[], Any]]
     check: Optional[Callable[[Any, Any], Optional[bool]]] = None
+    unit: Optional[str] = None
 
 
 @dataclass
@@ -340,6 +344,18 @@ class RunConfig:
     input_bytes: int = 512 * 2 ** 20   # all input sets of a case together (memory cap)
     rotate_bytes: int = 64 * 2 ** 20   # stop adding sets once this much is in rotation
 
+    def __post_init__(self):
+        for k in ("min_reps", "max_reps", "rounds", "max_input_sets"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"RunConfig: {k} must be an int >= 1, got {v!r}")
+        if self.min_reps > self.max_reps:
+            raise ValueError(f"RunConfig: min_reps ({self.min_reps}) > max_reps "
+                             f"({self.max_reps})")
+        if not (isinstance(self.budget_s, (int, float)) and self.budget_s >= 0):
+            raise ValueError(f"RunConfig: budget_s must be a number >= 0, got "
+                             f"{self.budget_s!r}")
+
     @classmethod
     def for_run(cls, quick: bool, device: str) -> "RunConfig":
         if device == "cuda":
@@ -505,6 +521,7 @@ def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
         t = timings[name]
         med = t.median_ms
         value, unit = case.throughput(dict(case.params), med)
+        unit = case.providers[name].unit or unit
         rows.append({"suite": suite_name, "case": case.name, "provider": name,
                      "params": dict(case.params), "median_ms": med, "p20_ms": t.p20_ms,
                      "p80_ms": t.p80_ms, "throughput": float(value), "unit": str(unit),

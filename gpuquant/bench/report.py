@@ -5,6 +5,7 @@ Everything here works from the results document alone (the dict written to
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -31,7 +32,16 @@ def speedup(baseline_ms: Optional[float], provider_ms: Optional[float]) -> Optio
 
 
 def geomean(values: Sequence[float]) -> Optional[float]:
-    vals = [v for v in values if v is not None and v > 0]
+    """Geometric mean of the values that are not None; None when there are none.
+
+    Raises:
+        ValueError: a value that is not a finite number > 0 (a ratio of times never is).
+    """
+    vals = [v for v in values if v is not None]
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                math.isfinite(v) and v > 0):
+            raise ValueError(f"geomean: values must be finite numbers > 0, got {v!r}")
     if not vals:
         return None
     return math.exp(sum(math.log(v) for v in vals) / len(vals))
@@ -44,15 +54,30 @@ def validate_doc(doc: Mapping[str, Any]) -> None:
     missing = [k for k in HEADER_FIELDS + ("rows",) if k not in doc]
     if missing:
         raise ValueError(f"results document lacks header fields {missing}")
+    for k in ("device", "torch", "gpuquant", "date", "command"):
+        if not isinstance(doc[k], str):
+            raise ValueError(f"header field {k!r} must be a string, got {doc[k]!r}")
+    try:
+        datetime.datetime.fromisoformat(doc["date"])
+    except ValueError:
+        raise ValueError(f"header field 'date' must be ISO 8601, got {doc['date']!r}") from None
+    if not isinstance(doc["rows"], list):
+        raise ValueError(f"'rows' must be a list, got {type(doc['rows']).__name__}")
     for i, row in enumerate(doc["rows"]):
-        if tuple(row) != ROW_FIELDS:
+        if not isinstance(row, Mapping) or set(row) != set(ROW_FIELDS):  # (any key order)
             raise ValueError(f"row {i} has fields {list(row)}, expected {list(ROW_FIELDS)}")
-        if not isinstance(row["params"], dict):
-            raise ValueError(f"row {i}: params must be an object, got {row['params']!r}")
+        for k in ("suite", "case", "provider", "unit"):
+            if not isinstance(row[k], str):
+                raise ValueError(f"row {i}: {k} must be a string, got {row[k]!r}")
+        if not isinstance(row["params"], dict) or not all(
+                isinstance(v, (str, bool, int)) or v is None
+                or (isinstance(v, float) and math.isfinite(v)) for v in row["params"].values()):
+            raise ValueError(f"row {i}: params must be an object of finite JSON scalars, got "
+                             f"{row['params']!r}")
         for k in ("median_ms", "p20_ms", "p80_ms", "throughput"):
             if not isinstance(row[k], (int, float)) or isinstance(row[k], bool) \
-                    or not math.isfinite(row[k]):
-                raise ValueError(f"row {i}: {k} must be a finite number, got {row[k]!r}")
+                    or not math.isfinite(row[k]) or row[k] < 0:
+                raise ValueError(f"row {i}: {k} must be a finite number >= 0, got {row[k]!r}")
         if not row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]:
             raise ValueError(f"row {i}: expected p20 <= median <= p80, got {row['p20_ms']}, "
                              f"{row['median_ms']}, {row['p80_ms']}")
@@ -104,7 +129,7 @@ def annotate(doc: Mapping[str, Any]) -> List[Tuple[Dict[str, Any], List[Dict[str
 def write_json(doc: Mapping[str, Any], path: str) -> None:
     validate_doc(doc)
     with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+        json.dump(doc, f, indent=1, allow_nan=False)  # strict JSON (no bare NaN / Infinity)
         f.write("\n")
 
 
@@ -320,15 +345,18 @@ def summary_lines(docs: Sequence[Mapping[str, Any]]) -> List[str]:
     for doc in docs:
         suite = doc.get("suite", "?")
         baseline = doc.get("baseline")
-        per: Dict[str, Dict[str, list]] = {}
+        # keyed by (provider, the provider its ratio is against): a -graph row is compared
+        # graph against graph where that row exists, else with the eager baseline; the two
+        # are separate lines, never one mean under one name
+        per: Dict[tuple, Dict[str, list]] = {}
         for _, rows in annotate(doc):
             for r in rows:
-                d = per.setdefault(r["provider"], {"ratio": [], "frac": [], "exact": [],
-                                                   "vs": r["ratio_vs"]})
+                d = per.setdefault((r["provider"], r["ratio_vs"]),
+                                   {"ratio": [], "frac": [], "exact": [], "vs": r["ratio_vs"]})
                 d["ratio"].append(r["ratio"])
                 d["frac"].append(r["fraction"])
                 d["exact"].append(r["exact_vs_numpy"])
-        for prov, d in per.items():
+        for (prov, _), d in per.items():
             rs = [v for v in d["ratio"] if v is not None]
             g = geomean(rs)
             text = f"  {suite:<14} {prov:<24} {len(d['ratio']):>3} cases"

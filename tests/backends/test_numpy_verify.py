@@ -149,3 +149,47 @@ def test_quantized_networks_identical_on_numpy_and_reference(name):
     report = backends.verify(model, torch.randn(*shape), backend="reference")
     assert report.ok, str(report)
     assert len(report.modules) >= (10 if name == "digits" else 30)
+
+
+def test_weight_only_linears_are_compared_to_float_rounding(monkeypatch):
+    """Weight-only Linears accumulate in float (not bit-exact across backends): verify and
+    GPUQUANT_VERIFY compare their float outputs (and those after them) within float32
+    rounding of the K-term sum, and still catch a wrong result."""
+    from gpuquant.backends import reference_dynamic
+    from gpuquant.quantization.dynamic import quantize_dynamic
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(512, 64), torch.nn.GELU(), torch.nn.LayerNorm(64))
+    m = quantize_dynamic(net.eval(), weight_only=True)
+    x = torch.randn(8, 512)
+    assert backends.verify(m, x, backend="reference").ok
+    monkeypatch.setenv("GPUQUANT_VERIFY", "1")
+    with backends.use("reference"):
+        m(x)
+    real = reference_dynamic.linear_weight_only
+    monkeypatch.setitem(backends.get_backend("reference").OPS, "linear_weight_only",
+                        lambda *a: real(*a) * 1.001)  # a 0.1% error: caught
+    fresh = quantize_dynamic(net.eval(), weight_only=True, inplace=False)  # (no memoised op)
+    with backends.use("reference"), pytest.raises(VerifyError, match="linear_weight_only"):
+        fresh(x)
+
+
+def test_float_outputs_are_compared_by_their_bits():
+    """-0.0 against +0.0 is a byte difference (NUMERICS.md keeps the sign of zero)."""
+    from gpuquant.backends.verify import _compare
+    assert _compare(torch.tensor([0.0, float("nan")]), torch.tensor([0.0, float("nan")]))[0]
+    assert not _compare(torch.tensor([-0.0]), torch.tensor([0.0]))[0]
+    assert not _compare(torch.tensor([-0.0], dtype=torch.bfloat16),
+                        torch.tensor([0.0], dtype=torch.bfloat16))[0]
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("on", True), ("", False), ("off", False),
+                                      ("0", False)])
+def test_verify_env_values(monkeypatch, value, on):
+    monkeypatch.setenv("GPUQUANT_VERIFY", value)
+    assert registry.verifying() is on
+
+
+def test_verify_env_rejects_other_values(monkeypatch):
+    monkeypatch.setenv("GPUQUANT_VERIFY", "disable")
+    with pytest.raises(ValueError, match="GPUQUANT_VERIFY='disable'"):
+        registry.verifying()

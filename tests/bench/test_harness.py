@@ -359,9 +359,17 @@ def test_device_slug():
 
 def test_validate_doc_rejects_bad_documents():
     good = {k: "x" for k in HEADER_FIELDS}
+    good["date"] = "2026-11-26T12:00:00+00:00"
     good["rows"] = [_row("a", {"n": 1}, 1.0)]
     report.validate_doc(good)
+    import json  # any key order is a valid JSON object
+    report.validate_doc(json.loads(json.dumps(good, sort_keys=True)))
     for bad in ({k: v for k, v in good.items() if k != "date"},
+                dict(good, date="last tuesday"), dict(good, device=None),
+                dict(good, rows=[dict(_row("a", {"n": 1}, 1.0), provider=None)]),
+                dict(good, rows=[dict(_row("a", {"n": {"nested": [1]}}, 1.0))]),
+                dict(good, rows=[dict(_row("a", {"n": float("nan")}, 1.0))]),
+                dict(good, rows=[dict(_row("a", {"n": 1}, 1.0), median_ms=-1.0, p20_ms=-2.0)]),
                 dict(good, rows=[dict(_row("a", {"n": 1}, 1.0), extra=1)]),
                 dict(good, rows=[dict(_row("a", {"n": 1}, 1.0), median_ms=float("nan"))]),
                 dict(good, rows=[dict(_row("a", {"n": 1}, 1.0), p20_ms=5.0)]),
@@ -709,3 +717,33 @@ def test_exact_checks_dtype_shape_and_sampled_rows():
     bad = a.clone()
     bad[3, 2] += 1
     assert not harness.exact_rows(bad, a[[0, 3]], torch.tensor([0, 3]), 4)
+
+
+def test_summary_keeps_ratios_against_different_providers_apart():
+    """A -graph provider is compared graph against graph where that row exists, else with
+    the eager baseline: the summary gives one line per comparison, not one mean."""
+    doc = {"device": "cpu", "torch": "2", "triton": None, "cupy": None, "gpuquant": "0",
+           "date": "2026-01-01T00:00:00+00:00", "command": "x", "suite": "s",
+           "baseline": "torch",
+           "rows": [_row("torch", {"n": 1}, 10.0), _row("torch-graph", {"n": 1}, 1.0),
+                    _row("gpuquant-triton-graph", {"n": 1}, 1.0), _row("torch", {"n": 2}, 10.0),
+                    _row("gpuquant-triton-graph", {"n": 2}, 1.0)]}
+    lines = [ln for ln in report.summary_lines([doc]) if "gpuquant-triton-graph" in ln]
+    assert len(lines) == 2
+    assert any("1.00x vs torch-graph" in ln for ln in lines)
+    assert any("10.00x vs torch " in ln for ln in lines)
+
+
+def test_geomean_refuses_values_that_are_no_ratio():
+    assert report.geomean([None, 4.0, 1.0]) == 2.0 and report.geomean([None]) is None
+    for bad in ([0.0, 4.0], [-1.0], [float("nan")], [float("inf")], ["a"]):
+        with pytest.raises(ValueError, match="geomean: values must be finite numbers > 0"):
+            report.geomean(bad)
+
+
+def test_run_config_checks_its_knobs():
+    from gpuquant.bench.harness import RunConfig
+    for kw in ({"max_input_sets": 0}, {"min_reps": 0}, {"min_reps": 10, "max_reps": 3},
+               {"budget_s": -1.0}):
+        with pytest.raises(ValueError, match="RunConfig"):
+            RunConfig(**kw)

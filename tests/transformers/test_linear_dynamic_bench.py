@@ -67,7 +67,8 @@ def test_tiny_case_runs_and_checks_on_cpu():
     assert not res.errors, res.errors
     assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
     assert rows["gpuquant-triton-w8"]["exact_vs_numpy"] is None
-    assert rows["torch-bf16"]["unit"] == "TOPS"
+    assert rows["torch-bf16"]["unit"] == "TFLOPS"  # its fraction: of the bf16 ceiling
+    assert rows["gpuquant-triton"]["unit"] == "TOPS"
     try:
         import torchao  # noqa: F401
     except ImportError:

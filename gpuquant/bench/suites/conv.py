@@ -18,7 +18,8 @@ Providers (same data, interleaved):
   with each tier forced (dp4a, mma75, mma80, sm90); tiers the GPU cannot run, or no CuPy,
   report unavailable.
 
-Throughput: TOPS = 2 N Ho Wo O (C / groups) KH KW / time. Target (issue 6): ``all``
+Throughput: 2 N Ho Wo O (C / groups) KH KW / time, TOPS (TFLOPS for ``torch-bf16``: its
+fraction of the ceiling is of the bf16 peak). Target (issue 6): ``all``
 >= 1.5x faster than ``torch-bf16``.
 
 ``exact_vs_numpy``: the Triton (and CuPy) output of every layer on input set 0 against the
@@ -189,7 +190,7 @@ def make_case(layer: str, specs: List[ConvSpec], batch: int, device: str,
                 inputs=make_inputs(specs, batch, device),
                 providers={"gpuquant-triton": Provider(_triton, _check),
                            "gpuquant-triton-graph": Provider(_triton_graph, _check),
-                           "torch-bf16": Provider(_bf16), **_cupy_providers()},
+                           "torch-bf16": Provider(_bf16, unit="TFLOPS"), **_cupy_providers()},
                 throughput=lambda p, ms, t=total_ops: (t / (ms * 1e-3) / 1e12, "TOPS"))
 
 

@@ -26,8 +26,9 @@ Providers (each times one Linear's forward, bf16 in, bf16 out):
   measure the host; the graph rows (compared graph against graph) measure the kernels, as
   a serving engine that replays its decode step from a graph runs them.
 
-Throughput: ``2 m n k`` operations per second, in TOPS for every provider (so the rows
-compare directly). ``exact_vs_numpy``: the W8A8 output on input set 0 against the same
+Throughput: ``2 m n k`` operations per second for every provider (the rows compare
+directly), labelled TFLOPS for the bf16 ``torch-bf16`` rows (their fraction of the ceiling is
+of the bf16 peak) and TOPS for the others. ``exact_vs_numpy``: the W8A8 output on input set 0 against the same
 module run by the NumPy backend on the CPU (bit-identical by contract); None for the float
 paths (weight-only and bf16 accumulate in floating point, in the GPU's order).
 
@@ -60,7 +61,7 @@ def _torch_bf16():
     def setup(inp):
         x, w, b = inp["x"], inp["lin"].weight.detach(), inp["lin"].bias.detach()
         return lambda: torch.nn.functional.linear(x, w, b)
-    return Provider(setup)
+    return Provider(setup, unit="TFLOPS")  # (its fraction: of the bf16 ceiling)
 
 
 def _gpuquant(weight_only: bool):
@@ -110,7 +111,7 @@ def _graphed(provider: Provider, foreign: bool = False) -> Provider:
             graph.replay()
             return out
         return run
-    return Provider(setup, check=provider.check)
+    return Provider(setup, check=provider.check, unit=provider.unit)
 
 
 def _torchao(weight_only: bool):
