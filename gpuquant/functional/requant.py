@@ -126,18 +126,21 @@ class Requant:
                              f"{self.qmax}] must contain the zero point {self.zero_point} "
                              f"(real 0 stays representable, as every activation clamp keeps "
                              f"it)")
-        if self.left_shift is None and isinstance(self.rshift, torch.Tensor) \
-                and self.rshift.device.type == "cpu":
+        if isinstance(self.rshift, torch.Tensor) and self.rshift.device.type == "cpu":
+            # the values decide, whatever was passed (dataclasses.replace passes the old flag)
             self.left_shift = bool((self.rshift < 0).any())
-        self._shift_version = _version(self.rshift)
+        self._shift_src = self.rshift  # (the flag describes this tensor: reassigning it,
+        self._shift_version = _version(self.rshift)  # or writing it in place, voids it)
 
     def may_left_shift(self) -> bool:
         """False only when no ``rshift`` is negative for certain: known on the host and the
-        shifts not changed in place since (no device read)."""
-        return self.left_shift is not False or _version(self.rshift) != self._shift_version
+        shifts neither replaced nor changed in place since (no device read)."""
+        return (self.left_shift is not False or self.rshift is not self._shift_src
+                or _version(self.rshift) != self._shift_version)
 
     def to(self, device) -> "Requant":
-        known = self.left_shift if _version(self.rshift) == self._shift_version else None
+        known = self.left_shift if (self.rshift is self._shift_src and _version(self.rshift)
+                                    == self._shift_version) else None
         return Requant(self.multiplier.to(device), self.rshift.to(device), self.zero_point,
                        self.qmin, self.qmax, self.dtype, known)
 

@@ -115,8 +115,8 @@ class _DerivedCache:
     """Values derived from source tensors, keyed on the sources' identity and version.
 
     A hit requires every source to be the very same live tensor (weak references) at the
-    same version, so an in-place update of a weight or a freed-and-reused id never returns
-    stale data.
+    same version, storage, shape and strides, so an in-place update of a weight, a
+    ``.data =`` reassignment or a freed-and-reused id never returns stale data.
     """
 
     def __init__(self, maxsize: int = 4096):
@@ -125,7 +125,11 @@ class _DerivedCache:
 
     def __call__(self, tag: str, sources: Sequence[Optional[torch.Tensor]], extra: tuple,
                  make: Callable[[], object]):
-        key = (tag,) + tuple(None if t is None else (id(t), _version(t)) for t in sources) + extra
+        # identity and version, and the storage, shape and strides: ``w.data = new`` keeps
+        # the first two and changes the others
+        key = (tag,) + tuple(None if t is None else (id(t), _version(t), t.data_ptr(),
+                                                     tuple(t.shape), t.stride(), t.dtype)
+                             for t in sources) + extra
         hit = self._d.get(key)
         if hit is not None:
             refs, value = hit

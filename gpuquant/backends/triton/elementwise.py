@@ -12,6 +12,8 @@ the round-half-even trick ``(v + 1.5 * 2^23) - 1.5 * 2^23``.
 """
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 import torch
@@ -376,8 +378,13 @@ def _as4d(t: torch.Tensor):
 def concat(xs, zero_points, rqs, dim, out_dtype):
     xs = list(xs)
     nd = xs[0].dim()
-    if nd > 4:
-        raise NotImplementedError(f"triton concat supports up to 4-D tensors, got {nd}-D")
+    if nd > 4:  # (outer, dim, inner) views of contiguous copies: a concat is a copy
+        d = dim % nd
+        outer = math.prod(int(v) for v in xs[0].shape[:d])
+        inner = math.prod(int(v) for v in xs[0].shape[d + 1:])
+        y = concat([x.contiguous().reshape(outer, int(x.shape[d]), inner) for x in xs],
+                   zero_points, rqs, 1, out_dtype)
+        return y.reshape(xs[0].shape[:d] + (y.shape[1],) + xs[0].shape[d + 1:])
     dim = dim % nd
     shape = list(xs[0].shape)
     shape[dim] = sum(int(x.shape[dim]) for x in xs)

@@ -276,7 +276,10 @@ class WeightedModule(QuantizedModule):
             return _integer.layer_checks(base, epilogue, x, self._zp("input", x.device), w, b,
                                          self.requant(x.device), conv_args,
                                          **self._bounds(x.device))
-        checked = self._cached(("checked", epilogue, x.shape, x.dtype), x.device, build)
+        # (the layer's arguments and activation in the key: a module edited after its first
+        # call, m.padding = ..., is checked and run with its new geometry)
+        checked = self._cached(("checked", epilogue, x.shape, x.dtype, conv_args,
+                                self.activation), x.device, build)
         return _integer.layer_checked(base, epilogue, x, checked, *extra)
 
     def requant(self, device):
@@ -285,7 +288,7 @@ class WeightedModule(QuantizedModule):
             out = self._qparams("output")
             return GF.make_requant(self.input_scale, self.weight_scale, float(out.scale),
                                    int(out.zero_point), out.dtype, self.activation)
-        return self._cached("rq", device, build)
+        return self._cached(("rq", self.activation), device, build)
 
 
 class QuantizedTracer(torch.fx.Tracer):
