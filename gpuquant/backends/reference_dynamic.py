@@ -73,7 +73,8 @@ def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
 
 
 def linear_weight_only(x, wq, w_scale, bias):
-    y = (x.to(torch.float32) @ wq.to(torch.float32).t()) * w_scale.to(torch.float32)[None, :]
+    with torch.autocast(x.device.type, enabled=False):  # the definition: float32 always
+        y = (x.to(torch.float32) @ wq.to(torch.float32).t()) * w_scale.to(torch.float32)[None, :]
     if bias is not None:
         y = y + bias.to(torch.float32)[None, :]
     return y.to(x.dtype)

@@ -77,9 +77,14 @@ def _as_linear(conv1d) -> torch.nn.Linear:
 
 def _custom_forward(mod) -> bool:
     """A Linear subclass with its own forward (a fused ReLU, say): swapping it for a plain
-    quantized Linear would change what it computes, so it stays float (and is logged)."""
-    return (type(mod).forward is not torch.nn.Linear.forward
-            and not isinstance(mod, (QATDynamicLinear, SmoothedLinear)))
+    quantized Linear would change what it computes, so it stays float (and is logged).
+    ``gpuquant.nn.Linear`` without an activation computes ``torch.nn.Linear``'s function."""
+    if type(mod).forward is torch.nn.Linear.forward or \
+            isinstance(mod, (QATDynamicLinear, SmoothedLinear)):
+        return False
+    from ..nn.linear import Linear as GnnLinear
+    return not (type(mod).forward is GnnLinear.forward
+                and getattr(mod, "activation", None) == "none")
 
 
 def _check_common(model, modules, filter_fn, inplace, fn: str):
@@ -196,7 +201,9 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
         raise TypeError(f"{fn}: weight_only must be a bool, got {type(weight_only).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    linear_wanted = any(issubclass(c, torch.nn.Linear) for c in modules)
+    # torch.nn.Linear itself named: MHA projections and HF Conv1D (Linears in all but name)
+    # are wanted too; a subclass named alone selects that subclass only
+    linear_wanted = torch.nn.Linear in modules
     k_max = max_in_features(ad, wd)
 
     def convert(mod, name):
@@ -274,6 +281,9 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
             log.warning("prepare_dynamic_qat: %s (%s) stays float: its forward is not "
                         "torch.nn.Linear's", name, type(mod).__name__)
             return None
-        return QATDynamicLinear.from_float_module(mod, ad, wd, weight_only)
+        try:
+            return QATDynamicLinear.from_float_module(mod, ad, wd, weight_only)
+        except ValueError as e:  # (the int32 bound: name the module, as quantize_dynamic)
+            raise ValueError(f"prepare_dynamic_qat: {name or 'model'}: {e}") from None
 
-    return _walk(model, convert, modules, filter_fn)
+    return keep_off_torch_fast_path(_walk(model, convert, modules, filter_fn))

@@ -62,10 +62,17 @@ def _linears(model, filter_fn=None):
     names comes once, at its first (:func:`_set` swaps every name)."""
     from .dynamic import _wanted
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and not isinstance(m, _NDQ) and \
-                type(m).forward in (torch.nn.Linear.forward, SmoothedLinear.forward):
+        if isinstance(m, torch.nn.Linear) and not isinstance(m, _NDQ) and (
+                type(m).forward in (torch.nn.Linear.forward, SmoothedLinear.forward)
+                or (type(m).forward is _gnn_linear_forward()
+                    and getattr(m, "activation", None) == "none")):
             if _wanted(m, name, torch.nn.Linear, filter_fn):
                 yield name, m
+
+
+def _gnn_linear_forward():
+    from ..nn.linear import Linear
+    return Linear.forward  # (gpuquant.nn.Linear without an activation: torch's function)
 
 
 def _check_args(model, filter_fn, inplace, fn: str) -> None:
@@ -278,11 +285,12 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
             ax = torch.stack([_absmax_of(act_absmax, n, lin, "smooth_quant").to(torch.float32)
                               for n, lin in zip(lin_names, lins)]).amax(dim=0)
             s = smoothing_factors(ax, [lin.weight for lin in lins], alpha).to(norm.weight.device)
-            norm.weight.div_(s.to(norm.weight.dtype))
+            # products in float32, then cast: s may pass fp16's range (up to 1e5)
+            norm.weight.copy_((norm.weight.float() / s.float()).to(norm.weight.dtype))
             if getattr(norm, "bias", None) is not None:
-                norm.bias.div_(s.to(norm.bias.dtype))
+                norm.bias.copy_((norm.bias.float() / s.float()).to(norm.bias.dtype))
             for lin in lins:
-                lin.weight.mul_(s.to(lin.weight.dtype))
+                lin.weight.copy_((lin.weight.float() * s.float()).to(lin.weight.dtype))
             done.update(lin_names)
         for name, lin in list(_linears(model, filter_fn)):
             if name in done or name not in act_absmax:
@@ -291,7 +299,7 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
             s = smoothing_factors(a, [lin.weight], alpha).to(lin.weight.device)
             new = SmoothedLinear(lin.in_features, lin.out_features, lin.bias is not None,
                                  device=lin.weight.device, dtype=lin.weight.dtype)
-            new.weight.copy_(lin.weight * s.to(lin.weight.dtype))
+            new.weight.copy_((lin.weight.float() * s.float()).to(lin.weight.dtype))
             if lin.bias is not None:
                 new.bias.copy_(lin.bias)
             prev = getattr(lin, "input_smoothing", None)
@@ -299,7 +307,7 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
             new.input_smoothing.copy_(inv if prev is None else prev * inv)
             new.train(lin.training)
             _set(model, name, new)
-    return model
+    return keep_off_torch_fast_path(model)  # the fused path would skip the 1/s multiply
 
 
 def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor],

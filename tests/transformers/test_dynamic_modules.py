@@ -373,3 +373,80 @@ def test_smoothquant_arguments_are_checked(call, err, msg):
     m = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(err, match=msg):
         call(m, {"0": torch.ones(4)})
+
+
+def test_qat_and_smoothed_encoder_layers_stay_off_torch_fast_path():
+    """torch's fused encoder path (eval, no_grad) reads the Linears' weights directly: a
+    dynamic-QAT layer ran float there, a smoothed one lost its 1/s input multiply."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    x = torch.randn(2, 6, 32) * torch.linspace(0.1, 10, 32)
+    qat = prepare_dynamic_qat(copy.deepcopy(layer)).eval()
+    with torch.no_grad():
+        y_nograd, y_float = qat(x), layer(x)
+    y_grad = qat(x).detach()
+    assert not torch.equal(y_nograd, y_float)          # fake quant ran
+    assert torch.allclose(y_nograd, y_grad, atol=1e-5)  # as in grad mode
+    sm = smooth_quant(copy.deepcopy(layer), calibrate_linear_inputs(layer, [x]))
+    with torch.no_grad():
+        assert torch.allclose(sm(x), y_float, atol=1e-4)
+
+
+def test_gpuquant_linear_without_activation_is_converted():
+    import gpuquant.nn as gnn
+    m = quantize_dynamic(nn.Sequential(gnn.Linear(8, 4), gnn.LinearRelu(8, 4)))
+    assert type(m[0]) is DynamicLinear and type(m[1]) is gnn.LinearRelu  # fused ReLU: float
+    p = prepare_dynamic_qat(nn.Sequential(gnn.Linear(8, 4)))
+    assert type(p[0]) is QATDynamicLinear
+    assert set(calibrate_linear_inputs(nn.Sequential(gnn.Linear(8, 4)), [torch.randn(2, 8)])) \
+        == {"0"}
+
+
+def test_qat_linear_under_autocast_matches_the_int8_module():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    qat = prepare_dynamic_qat(copy.deepcopy(lin)).eval()
+    q = quantize_dynamic(copy.deepcopy(qat))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        a = q(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            b = qat(x)
+    assert (a - b.float()).abs().max() < 1e-5
+
+
+def test_smooth_quant_fp16_with_extreme_factors_stays_finite():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4)).half()
+    with torch.no_grad():
+        m[1].weight[:, 3] = 1e-6
+    x = torch.randn(16, 8).half()
+    ax = calibrate_linear_inputs(m, [x])
+    for fold in (None, {"0": ["1"]}):
+        assert torch.isfinite(smooth_quant(copy.deepcopy(m), ax, alpha=0.0, fold=fold)(x)).all()
+
+
+def test_linear_subclass_named_alone_selects_only_it():
+    class MyLinear(nn.Linear):
+        pass
+    m = nn.ModuleDict(dict(mine=MyLinear(8, 8), plain=nn.Linear(8, 8),
+                           attn=nn.MultiheadAttention(8, 2)))
+    quantize_dynamic(m, modules=(MyLinear,))
+    assert type(m["mine"]) is DynamicLinear and type(m["plain"]) is nn.Linear
+    assert type(m["attn"]) is nn.MultiheadAttention
+
+
+def test_prepare_dynamic_qat_names_the_module_that_could_overflow():
+    with pytest.raises(ValueError, match="prepare_dynamic_qat: 0: .*in_features=200000"):
+        prepare_dynamic_qat(nn.Sequential(nn.Linear(200000, 2)))
+
+
+def test_reference_weight_only_ignores_autocast():
+    torch.manual_seed(0)
+    q = quantize_dynamic(nn.Linear(64, 32), weight_only=True)
+    x = torch.randn(4, 64)
+    with backends.use("reference"), torch.no_grad():
+        y0 = q(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y1 = q(x)
+    assert torch.equal(y0, y1)

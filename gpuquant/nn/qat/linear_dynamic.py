@@ -151,7 +151,10 @@ class DynamicLinear(torch.nn.Linear, Module):
             xf = fake_quant_per_token(xf, self.act_dtype)
         w = fake_quant_weight_per_channel(self.weight, self.weight_dtype)
         b = None if self.bias is None else self.bias.to(torch.float32)
-        return F.linear(xf, w, b).to(out_dtype)
+        # float32 even under autocast: the served int8 module's epilogue is float32, and
+        # the two must agree to float32 rounding
+        with torch.autocast(xf.device.type, enabled=False):
+            return F.linear(xf, w.float(), b).to(out_dtype)
 
     def extra_repr(self) -> str:
         mode = "weight-only" if self.weight_only else f"act {self.act_dtype.name} per token"

@@ -672,12 +672,17 @@ def keep_off_torch_fast_path(model: torch.nn.Module) -> torch.nn.Module:
     modules this sets ``activation_relu_or_gelu = 0`` (read only to choose the fused path; the
     layer's ordinary forward applies ``activation`` itself), and for every encoder holding
     such layers ``use_nested_tensor = False`` (what torch's ``__init__`` decides for layers
-    that cannot take the fast path). Called by ``quantize_dynamic``,
+    that cannot take the fast path); also for layers holding QAT or smoothed Linears (any
+    Linear with its own forward: the fused path reads ``weight`` and skips it). Called by
+    ``quantize_dynamic``, ``prepare_dynamic_qat``, ``smooth_quant``,
     ``quantize_static_linear`` and ``gpuquant.load``; returns ``model``.
     """
+    def changed(m):  # a module the fused path would bypass: int8, QAT, smoothed
+        return isinstance(m, (_Int8WeightLinear, DynamicMultiheadAttention)) or (
+            isinstance(m, torch.nn.Linear) and type(m).forward is not torch.nn.Linear.forward)
+
     def holds_int8(mod):
-        return any(isinstance(m, (_Int8WeightLinear, DynamicMultiheadAttention))
-                   for m in mod.modules())
+        return any(changed(m) for m in mod.modules())
     for m in model.modules():
         if isinstance(m, torch.nn.TransformerEncoderLayer) and holds_int8(m):
             m.activation_relu_or_gelu = 0
