@@ -251,3 +251,43 @@ def test_in_place_weight_edits_are_checked_again():
         conv.weight.fill_(127)
         with pytest.raises(ValueError, match="overflow|int32|accumulator"):
             conv(xq)
+
+
+def test_dequant_output_is_contiguous_nchw_fused_or_not():
+    """The float result leaving the int8 network has the float / QAT models' layout, so
+    float code after it (``y.view(y.size(0), -1)``) runs on the int8 model too."""
+    import gpuquant.nn as gnn
+    from gpuquant.quantization import fuse_epilogues, quantize, quantize_qat
+
+    class Net(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.conv, self.dq = gnn.QuantStub(), gnn.Conv2d(3, 4, 3, padding=1), \
+                gnn.DequantStub()
+
+        def forward(self, x):
+            y = self.dq(self.conv(self.q(x)))
+            return y.view(y.size(0), -1)
+    x = torch.randn(2, 3, 5, 5)
+    qat = quantize_qat(Net().eval()).eval()
+    with torch.no_grad():
+        want = qat(x)
+        q = quantize(qat)
+        f = fuse_epilogues(q)
+        for m in (q, f):
+            with use("numpy"):
+                y = m(x)
+            assert y.shape == want.shape == (2, 100)
+        with use("numpy"):
+            assert torch.equal(q(x), f(x))
+
+
+def test_quantized_module_constructors_check_their_arguments():
+    with pytest.raises(ValueError, match=r"divisible by groups \(2\)"):
+        Q.Conv2d(3, 8, 3, groups=2)
+    with pytest.raises(ValueError, match="kernel height must be a positive int, got 0"):
+        Q.Conv2d(3, 8, 0)
+    with pytest.raises(ValueError, match="num_inputs must be a positive int, got -1"):
+        Q.Concat(-1)
+    with pytest.raises(ValueError, match="8-bit storage .* got qint32"):
+        Q.QuantStub("qint32")

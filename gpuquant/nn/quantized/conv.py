@@ -41,6 +41,13 @@ class Conv2d(WeightedModule):
                  groups=1, bias=True, input_dtype="qint8", output_dtype="qint8",
                  weight_dtype="qint8_narrow"):
         kh, kw = _pair(kernel_size)
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
+                        ("groups", groups), ("kernel height", kh), ("kernel width", kw)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Conv2d: {name} must be a positive int, got {v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"Conv2d: in_channels ({in_channels}) and out_channels "
+                             f"({out_channels}) must be divisible by groups ({groups})")
         super().__init__((out_channels, in_channels // groups, kh, kw), bias, input_dtype,
                          output_dtype, weight_dtype)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)

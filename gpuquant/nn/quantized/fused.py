@@ -17,7 +17,7 @@ from .conv import Conv2d
 from .elemwise import Elemwise
 from .linear import Linear
 from .module import QuantizedModule
-from .stubs import DequantStub
+from .stubs import DequantStub, float_layout
 
 __all__ = ["ConvAdd", "ConvDequant"]
 
@@ -77,7 +77,7 @@ class ConvDequant(QuantizedModule):
         self._check_mode()
         dev = self.producer.weight.device
         scale = self._cached("scale", dev, lambda: float(self.dequant.input_scale))
-        return self.producer.run(x, "dequant", scale)
+        return float_layout(self.producer.run(x, "dequant", scale))  # as the DequantStub
 
 
 def matching_qparams(producer, dequant) -> bool:

@@ -15,7 +15,11 @@ class QuantStub(QuantizedModule):
 
     def __init__(self, output_dtype="qint8"):
         super().__init__()
-        self._set_qparams("output", placeholder_qparams(output_dtype))
+        qp = placeholder_qparams(output_dtype)
+        if qp.dtype.storage not in (torch.int8, torch.uint8):
+            raise ValueError(f"QuantStub: output_dtype must have 8-bit storage (qint8, quint8 or "
+                             f"their narrow / 4-bit forms), got {qp.dtype.name}")
+        self._set_qparams("output", qp)
 
     @classmethod
     def from_qat_module(cls, qat_module, name: str = ""):
@@ -52,4 +56,11 @@ class DequantStub(QuantizedModule):
     def forward(self, x):
         self._check_input(x, "input")
         qp = self._cached("qp", x.device, lambda: self._qparams("input"))
-        return GF.dequantize(x, qp)
+        return float_layout(GF.dequantize(x, qp))
+
+
+def float_layout(y):
+    """A float result leaving the int8 part of a network in the layout the float and QAT
+    models give (contiguous NCHW), not the int8 activations' channels_last: float code after
+    it (``y.view(y.size(0), -1)``) runs on all three unchanged."""
+    return y.contiguous() if y.dim() == 4 else y
