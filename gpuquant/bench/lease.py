@@ -44,6 +44,7 @@ import glob
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -143,7 +144,7 @@ def _unpack_triton_cache(choice: str, cache_dir: str) -> Tuple[int, str]:
     for path in archives:
         try:
             n, line = unpack(path, cache_dir)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 -- optional: a damaged archive is a line
             n, line = 0, str(e)
         lines.append(line.replace(_REPO + os.sep, ""))
         if n:
@@ -163,10 +164,11 @@ def _carried_wheels(choice: str, site_root: str, env: dict):
     return Carried(wheels, site_root, env) if wheels else None
 
 
-def _use_carried(carried, env: dict, wait: bool = True) -> None:
+def _use_carried(carried, env: dict, wait: bool = True, until: Optional[float] = None) -> None:
     """Put the carried packages that import on the stages' PYTHONPATH; their summary line
-    goes into ``env["GPUQUANT_LEASE_WHEELS"]`` (printed, and read by the summary)."""
-    paths, line = carried.result(wait)
+    goes into ``env["GPUQUANT_LEASE_WHEELS"]`` (printed, and read by the summary). Waits for
+    the import checks at most until the monotonic time ``until``."""
+    paths, line = carried.result(wait, until)
     if paths:
         env["PYTHONPATH"] = os.pathsep.join(paths + [env["PYTHONPATH"]])
     env["GPUQUANT_LEASE_WHEELS"] = line
@@ -312,18 +314,69 @@ def _run_stage(cmd: Sequence[str], log_path: str, deadline: float, env: dict):
         try:
             rc = proc.wait(timeout=deadline)
         except subprocess.TimeoutExpired:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=5)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            _kill_group(proc)
             return f"timed out at {deadline:.0f} s", None, time.monotonic() - t0
+        except BaseException:  # SIGTERM / SIGINT while waiting: the stage goes too
+            _kill_group(proc)
+            raise
+        finally:  # children it left behind (a server, a stray worker) must not hold the GPU
+            _kill_group(proc, grace=0.0)
     return ("passed" if rc == 0 else f"failed (exit {rc})"), rc, time.monotonic() - t0
+
+
+def _kill_group(proc, grace: float = 5.0) -> None:
+    """SIGTERM then SIGKILL to ``proc``'s process group (its own session), whether or not
+    the leader is still alive; ``grace`` seconds for the leader to exit in between."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        if sig == signal.SIGTERM and grace > 0:
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so the run still writes its results."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
+def _write_summary(args, slug, t_start, tcache_line, unpacked, tcache, env, rows, results,
+                   work, ended) -> str:
+    """summary.md (printed last), lease-summary.md and lease.tar.gz from what was measured."""
+    total = time.monotonic() - t_start
+    if unpacked:
+        from .tcache import count_kernels
+        tcache_line += (f"; compiled on this machine during the run: "
+                        f"{count_kernels(tcache) - unpacked}")
+    summary = [f"# GPU lease run ({slug}), {total:.0f} s of a {args.budget:.0f} s budget "
+               f"({ended})", "",
+               f"tuning: {env.get('GPUQUANT_TRITON_TUNE')} (GPUQUANT_TRITON_TUNE); "
+               f"sizes: {'full' if args.full_sizes else '--quick'}", "",
+               f"prebuilt Triton cache: {tcache_line}", "",
+               f"carried packages: {env.get('GPUQUANT_LEASE_WHEELS', 'none carried')}", "",
+               "| stage | status | seconds | last line of its log |", "|---|---|---:|---|"]
+    summary += [f"| {s} | {st} | {sec:.0f} | {last.replace('|', '/')} |"
+                for s, st, sec, last in rows]
+    summary += ["", "```"] + (_bench_summary(results) or ["  no benchmark results"]) + ["```"]
+    text = "\n".join(summary) + "\n"
+    for path in (os.path.join(results, "lease-summary.md"), os.path.join(args.out, "summary.md")):
+        with open(path, "w") as f:
+            f.write(text)
+    with tarfile.open(os.path.join(args.out, "lease.tar.gz"), "w:gz") as tar:
+        tar.add(os.path.join(work, "results"), arcname="results")
+    shutil.rmtree(work, ignore_errors=True)
+    return text
 
 
 def _last_line(path: str) -> str:
@@ -372,8 +425,7 @@ def main(argv=None) -> int:
     shutil.move(env_txt, os.path.join(results, "lease-env.txt"))
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
-    if not args.full_tune:
-        env["GPUQUANT_TRITON_TUNE"] = "quick"
+    env["GPUQUANT_TRITON_TUNE"] = "full" if args.full_tune else "quick"  # (never inherited)
     tcache = os.path.join(work, "triton-cache")
     unpacked, tcache_line = _unpack_triton_cache(args.triton_cache, tcache)
     if unpacked:
@@ -384,62 +436,53 @@ def main(argv=None) -> int:
         args.warm_jobs = 0 if unpacked else _default_warm_jobs()
     warm = _start_warm(args, os.path.join(logs, "warm.log"), env)
     rows = []
-    for stage in args.stage_list:
-        left = args.budget - (time.monotonic() - t_start)
-        cap = plan_caps(stage, left, args.cap_map)
-        if cap is None:
-            rows.append((stage, "skipped: no time left", 0.0, ""))
-            continue
-        if stage in WHEEL_STAGES and carried is not None:
-            _use_carried(carried, env)
-            carried = None
-        if stage == "tests":
-            cmd = [sys.executable, "-m", "pytest"] + args.pytest_args.split()
-        elif stage == "profile":
-            cmd = [sys.executable, "-m", "gpuquant.bench.profile", "--out", results] \
-                + args.profile_args.split()
-        else:
-            cmd = [sys.executable, "-m", "gpuquant.cli", "bench", stage, "--out", results,
-                   "--save-each-case"] + ([] if args.full_sizes else ["--quick"])
-            if stage in args.where_map:
-                cmd += ["--where", args.where_map[stage]]
-            if stage in args.skip_map:
-                cmd += ["--skip", args.skip_map[stage]]
-        log = os.path.join(logs, f"{stage}.log")
-        print(f"[lease] {stage}: up to {cap:.0f} s ...", flush=True)
-        status, rc, secs = _run_stage(cmd, log, cap, env)
-        if rc in (0, 3) and stage not in ("tests", "profile") and _needs_gpu(log):
-            status = "skipped: needs a CUDA GPU"  # (gpuquant bench's exit status 3)
-        rows.append((stage, status, secs, _last_line(log)))
-        print(f"[lease] {stage}: {status} in {secs:.0f} s", flush=True)
-
-    if carried is not None:  # no stage used them: the summary says what the checks found
-        _use_carried(carried, env, wait=False)
-    warm_status = _stop_warm(warm)
-    if warm is not None:
-        rows.append(("warm (background)", warm_status, time.monotonic() - t_start,
-                     _last_line(os.path.join(logs, "warm.log"))))
-    total = time.monotonic() - t_start
-    if unpacked:
-        from .tcache import count_kernels
-        tcache_line += (f"; compiled on this machine during the run: "
-                        f"{count_kernels(tcache) - unpacked}")
-    summary = [f"# GPU lease run ({slug}), {total:.0f} s of a {args.budget:.0f} s budget", "",
-               f"tuning: {'full' if args.full_tune else 'quick (GPUQUANT_TRITON_TUNE=quick)'}; "
-               f"sizes: {'full' if args.full_sizes else '--quick'}", "",
-               f"prebuilt Triton cache: {tcache_line}", "",
-               f"carried packages: {env.get('GPUQUANT_LEASE_WHEELS', 'none carried')}", "",
-               "| stage | status | seconds | last line of its log |", "|---|---|---:|---|"]
-    summary += [f"| {s} | {st} | {sec:.0f} | {last.replace('|', '/')} |"
-                for s, st, sec, last in rows]
-    summary += ["", "```"] + (_bench_summary(results) or ["  no benchmark results"]) + ["```"]
-    text = "\n".join(summary) + "\n"
-    for path in (os.path.join(results, "lease-summary.md"), os.path.join(args.out, "summary.md")):
-        with open(path, "w") as f:
-            f.write(text)
-    with tarfile.open(os.path.join(args.out, "lease.tar.gz"), "w:gz") as tar:
-        tar.add(os.path.join(work, "results"), arcname="results")
-    shutil.rmtree(work, ignore_errors=True)
+    ended = "ran to its end"
+    # SIGTERM (an outer timeout, the device tool giving the machine back): stop the stage,
+    # and still write what was measured (the finally below)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        for stage in args.stage_list:
+            if stage in WHEEL_STAGES and carried is not None:  # (its wait counts: before
+                until = t_start + args.budget - PACK_RESERVE_S - MIN_STAGE_S  # the cap)
+                _use_carried(carried, env, until=until)
+                carried = None
+            left = args.budget - (time.monotonic() - t_start)
+            cap = plan_caps(stage, left, args.cap_map)
+            if cap is None:
+                rows.append((stage, "skipped: no time left", 0.0, ""))
+                continue
+            if stage == "tests":
+                cmd = [sys.executable, "-m", "pytest"] + shlex.split(args.pytest_args)
+            elif stage == "profile":
+                cmd = [sys.executable, "-m", "gpuquant.bench.profile", "--out", results] \
+                    + shlex.split(args.profile_args)
+            else:
+                cmd = [sys.executable, "-m", "gpuquant.cli", "bench", stage, "--out", results,
+                       "--save-each-case"] + ([] if args.full_sizes else ["--quick"])
+                if stage in args.where_map:
+                    cmd += ["--where", args.where_map[stage]]
+                if stage in args.skip_map:
+                    cmd += ["--skip", args.skip_map[stage]]
+            log = os.path.join(logs, f"{stage}.log")
+            print(f"[lease] {stage}: up to {cap:.0f} s ...", flush=True)
+            status, rc, secs = _run_stage(cmd, log, cap, env)
+            if rc in (0, 3) and stage not in ("tests", "profile") and _needs_gpu(log):
+                status = "skipped: needs a CUDA GPU"  # (gpuquant bench's exit status 3)
+            rows.append((stage, status, secs, _last_line(log)))
+            print(f"[lease] {stage}: {status} in {secs:.0f} s", flush=True)
+    except (_Terminated, KeyboardInterrupt) as e:
+        ended = f"stopped by {'SIGTERM' if isinstance(e, _Terminated) else 'SIGINT'}"
+        rows.append(("(run)", ended, time.monotonic() - t_start, ""))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if carried is not None:  # no stage used them: the summary says what the checks found
+            _use_carried(carried, env, wait=False)
+        warm_status = _stop_warm(warm)
+        if warm is not None:
+            rows.append(("warm (background)", warm_status, time.monotonic() - t_start,
+                         _last_line(os.path.join(logs, "warm.log"))))
+        text = _write_summary(args, slug, t_start, tcache_line, unpacked, tcache, env, rows,
+                              results, work, ended)
     print(text, flush=True)
     return 0 if all(st == "passed" for s, st, _, _ in rows if s != "warm (background)") else 1
 

@@ -37,6 +37,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import zlib
 import tempfile
 import zipfile
 from typing import Optional, Tuple
@@ -173,7 +174,8 @@ def read_manifest(archive: str) -> dict:
         with tarfile.open(archive, "r:gz") as tar:
             f = tar.extractfile(MANIFEST)
             return json.loads(f.read())
-    except (OSError, KeyError, tarfile.TarError, ValueError, AttributeError) as e:
+    except (OSError, EOFError, zlib.error, KeyError, tarfile.TarError, ValueError,
+            AttributeError) as e:  # (a truncated gzip raises EOFError, a damaged one zlib's)
         raise ValueError(f"{archive!r} is not a Triton cache archive of "
                          f"gpuquant.bench.tcache ({type(e).__name__}: {e})") from None
 
@@ -192,11 +194,14 @@ def unpack(archive: str, cache_dir: str, key: Optional[str] = None) -> Tuple[int
         return 0, (f"{archive}: built for another Triton build (key {manifest.get('key_id')}, "
                    f"Triton {manifest.get('triton')}; this one: {mine}): not used")
     os.makedirs(cache_dir, exist_ok=True)
-    with tarfile.open(archive, "r:gz") as tar:
-        members = [m for m in tar.getmembers() if m.isfile() and m.name != MANIFEST
-                   and m.name.count("/") == 1 and ".." not in m.name
-                   and not m.name.startswith("/")]
-        tar.extractall(cache_dir, members=members)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name != MANIFEST
+                       and m.name.count("/") == 1 and ".." not in m.name
+                       and not m.name.startswith("/")]
+            tar.extractall(cache_dir, members=members)
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as e:  # damaged past the manifest
+        raise ValueError(f"{archive!r}: cannot be unpacked ({type(e).__name__}: {e})") from None
     kernels = 0
     for name, groups in _entries(cache_dir):
         d = os.path.join(cache_dir, name)

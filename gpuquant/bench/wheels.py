@@ -18,6 +18,7 @@ before the stage that needs them (:class:`Carried`), so they cost the lease no w
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -72,8 +73,10 @@ class Carried:
             try:
                 with zipfile.ZipFile(path) as z:
                     z.extractall(folder)
-            except (OSError, zipfile.BadZipFile) as e:
-                self._notes.append(f"{name} {version}: cannot unzip {path} ({e})")
+            except Exception as e:  # noqa: BLE001 -- optional, per wheel: zlib.error, EOFError
+                shutil.rmtree(folder, ignore_errors=True)
+                self._notes.append(f"{name} {version}: cannot unzip {path} "
+                                   f"({type(e).__name__}: {e})")
                 continue
             # both at once: installed already (the plain environment)? from the wheel?
             self._checks.append((name, version, folder, self._probe(name, env, None),
@@ -87,11 +90,15 @@ class Carried:
         return subprocess.Popen([sys.executable, "-c", _PROBE, name], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def _wait(self, proc, wait: bool) -> Tuple[bool, str]:
+    def _wait(self, proc, wait: bool, until: Optional[float]) -> Tuple[bool, str]:
         """(imported, version or the last line of its error)."""
+        if not wait and proc.poll() is None:  # still running: stop it, report that
+            proc.kill()
+            proc.communicate()
+            return False, "its import check had not finished when the run ended"
+        deadline = self._deadline if until is None else min(self._deadline, until)
         try:
-            left = max(0.0, self._deadline - time.monotonic()) if wait else 0.0
-            out, err = proc.communicate(timeout=left)
+            out, err = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
@@ -101,16 +108,17 @@ class Carried:
         lines = [ln for ln in (err or "").strip().splitlines() if ln.strip()]
         return False, (lines[-1] if lines else f"exit status {proc.returncode}")
 
-    def result(self, wait: bool = True) -> Tuple[List[str], str]:
+    def result(self, wait: bool = True, until: Optional[float] = None
+               ) -> Tuple[List[str], str]:
         """(folders for PYTHONPATH, a summary line), once: waits for the checks up to
-        ``IMPORT_TIMEOUT_S`` from the start (``wait`` False: not at all) and stops those
-        still running."""
+        ``IMPORT_TIMEOUT_S`` from the start or the monotonic time ``until``, whichever comes
+        first (``wait`` False: not at all), and stops those still running."""
         if self._done is not None:
             return self._done
         paths, notes = [], list(self._notes)
         for name, version, folder, plain, carried in self._checks:
-            ok, what = self._wait(plain, wait)
-            ok_c, what_c = self._wait(carried, wait)
+            ok, what = self._wait(plain, wait, until)
+            ok_c, what_c = self._wait(carried, wait, until)
             if ok:
                 notes.append(f"{name} {what} already installed (carried {version} not used)")
             elif ok_c:

@@ -243,3 +243,85 @@ def test_lease_puts_carried_wheels_on_the_suites_path(tmp_path, monkeypatch):
         (out / "summary.md").read_text()
     with pytest.raises(SystemExit):
         lease.main(["--out", str(out), "--wheels", str(tmp_path / "nope")])
+
+
+def test_damaged_carried_files_are_lines_not_crashes(tmp_path):
+    """A truncated Triton-cache archive or a wheel whose compressed data is damaged (both
+    optional) become a line of the summary; the run goes on."""
+    import gzip
+    import zipfile
+
+    from gpuquant.bench import wheels
+    arc = tmp_path / "cache.tar.gz"
+    arc.write_bytes(gzip.compress(b"x" * 100000)[:200])  # truncated gzip: EOFError inside
+    n, line = lease._unpack_triton_cache(str(arc), str(tmp_path / "tc"))
+    assert n == 0 and "cache.tar.gz" in line
+    whl = tmp_path / "gqbad-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("gqbad/__init__.py", "x = 1\n" * 2000)
+    data = bytearray(whl.read_bytes())
+    start = data.index(b"gqbad/__init__.py") + len("gqbad/__init__.py")
+    for i in range(start + 10, start + 60):
+        data[i] ^= 0x5A
+    whl.write_bytes(bytes(data))
+    _, note = wheels.Carried([str(whl)], str(tmp_path / "site"), {}).result()
+    assert "gqbad 1.0: cannot unzip" in note
+
+
+def test_stage_children_are_killed_when_the_stage_ends(tmp_path):
+    """A stage that exits leaving a child (a stray worker) does not keep it running."""
+    import os
+    import time
+    log = tmp_path / "s.log"
+    code = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(300)']); print(p.pid, flush=True)")
+    status, rc, _ = lease._run_stage([sys.executable, "-c", code], str(log), 30,
+                                     dict(os.environ))
+    assert status == "passed" and rc == 0
+    pid = int(log.read_text().split()[-1])
+    time.sleep(0.3)
+    state = open(f"/proc/{pid}/stat").read().split()[2] if os.path.exists(f"/proc/{pid}") \
+        else "gone"
+    assert state in ("Z", "X", "gone")  # killed (a zombie until init reaps it)
+
+
+def test_stage_arguments_keep_their_quoting(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(cmd, log_path, deadline, env):
+        seen.append(list(cmd))
+        with open(log_path, "w") as f:
+            f.write("ok\n")
+        return "passed", 0, 0.0
+    monkeypatch.setattr(lease, "_run_stage", fake_run)
+    lease.main(["--out", str(tmp_path / "o"), "--budget", "500", "--stages", "tests",
+                "--pytest-args", '-q -k "dtype and not nothing" tests/test_qparams.py',
+                "--triton-cache", "none", "--wheels", "none"])
+    assert seen[0][-3:] == ["-k", "dtype and not nothing", "tests/test_qparams.py"]
+
+
+def test_sigterm_still_writes_the_summary_and_archive(tmp_path):
+    """An outer timeout's SIGTERM stops the running stage and the run still leaves
+    summary.md and lease.tar.gz with what it has."""
+    import signal
+    import subprocess
+    import time
+    test = tmp_path / "test_sleep.py"
+    test.write_text("import time\n\ndef test_sleep():\n    time.sleep(120)\n")
+    import os
+    out, work = tmp_path / "out", tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "gpuquant.bench.lease", "--out", str(out),
+                             "--budget", "200", "--stages", "tests", "--triton-cache", "none",
+                             "--wheels", "none", "--pytest-args",
+                             f"-q -p no:cacheprovider {test}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, TMPDIR=str(work)))
+    deadline = time.monotonic() + 120
+    while not list(work.rglob("tests.log")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the stage has started once its log exists
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    text = (out / "summary.md").read_text()
+    assert "stopped by SIGTERM" in text and (out / "lease.tar.gz").exists()
