@@ -186,9 +186,10 @@ def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_d
     """
     dtype = get_dtype(out_dtype)
     out_zero_point = _int_arg(out_zero_point, "make_requant: out_zero_point")
-    f = float(out_scale) if isinstance(out_scale, (int, float, torch.Tensor)) and \
-        not isinstance(out_scale, bool) and getattr(out_scale, "numel", lambda: 1)() == 1 \
-        else None
+    try:  # a Python / NumPy real, a one-element tensor or 0-d array
+        f = None if isinstance(out_scale, (bool, str, bytes)) else float(out_scale)
+    except (TypeError, ValueError):
+        f = None
     if f is None or not 0.0 < f < float("inf"):
         raise ValueError(f"make_requant: out_scale must be a finite float > 0, got "
                          f"{out_scale!r}")

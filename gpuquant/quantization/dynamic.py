@@ -114,9 +114,13 @@ def _wanted(mod, name, modules, filter_fn) -> bool:
     if filter_fn is None:
         return True
     keep = filter_fn(mod, name)
+    if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.numel() == 1:
+        keep = bool(keep)
+    elif type(keep).__module__ == "numpy" and type(keep).__name__ in ("bool_", "bool"):
+        keep = bool(keep)  # (NumPy's bool scalar)
     if not isinstance(keep, bool):
-        raise TypeError(f"filter_fn must return a bool, returned {type(keep).__name__} for "
-                        f"{name!r}")
+        raise TypeError(f"filter_fn must return a bool, returned "
+                        f"{type(keep).__module__}.{type(keep).__name__} for {name!r}")
     return keep
 
 

@@ -561,3 +561,14 @@ def test_pool_bounds_are_integers_and_relu6_tiny_scales():
     with pytest.raises(ValueError, match="make_requant: out_scale must be a finite float > 0, "
                                          "got 'x'"):
         make_requant(0.1, 1.0, "x", 0, qint8)
+
+
+def test_make_requant_takes_numpy_scales():
+    import numpy as np
+    from gpuquant.functional import make_add_params
+    a = make_requant(0.1, torch.tensor([0.02]), np.float32(0.05), 0, qint8)
+    b = make_requant(0.1, torch.tensor([0.02]), np.array(0.05), 0, qint8)
+    c = make_requant(0.1, torch.tensor([0.02]), 0.05, 0, qint8)
+    assert torch.equal(b.multiplier, c.multiplier)  # (np.float32(0.05) is another number)
+    assert a.multiplier.dtype == torch.int32 and int(a.rshift) == int(c.rshift)
+    assert make_add_params(0.1, 0, 0.1, 0, np.float32(0.2), 0, qint8).left_shift == 20

@@ -136,18 +136,21 @@ def test_one_node_layer_refuses_one_value_per_channel():
     (lambda: gnn.LinearBn1d(5, 4), (6, 5)),              # the fold and bn + act ops
 ])
 def test_double_backward_through_fused_kernels_is_refused(factory, shape):
-    """create_graph=True (a gradient penalty) through the fused QAT kernels, whose
-    gradients are not differentiable: a clear error, not second-order terms silently
-    dropped (the reference backend computes them); a plain backward is unaffected."""
+    """A second backward through the fused QAT kernels' gradients (not differentiable: a
+    gradient penalty) raises a clear error instead of dropping their second-order terms
+    silently (the reference backend computes them); a create_graph=True backward that
+    never differentiates through them, and a plain one, run."""
     torch.manual_seed(0)
     m = quantize_qat(factory(), qat_qconfig()).to(DEV).train()
     x = torch.randn(*shape, device=DEV, requires_grad=True)
     with backends.use("triton"):
         m(x)
         y = m(x)
+        (gx,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x, create_graph=True)
+        assert torch.isfinite(gx).all()
         with pytest.raises(RuntimeError, match="double backward .*create_graph=True.*"
                                                r"backends.use\('reference'\)"):
-            torch.autograd.grad((y * torch.randn_like(y)).sum(), x, create_graph=True)
+            gx.pow(2).sum().backward()
         y = m(x)
         (gx,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
         assert torch.isfinite(gx).all()

@@ -291,3 +291,17 @@ def test_quantized_module_constructors_check_their_arguments():
         Q.Concat(-1)
     with pytest.raises(ValueError, match="8-bit storage .* got qint32"):
         Q.QuantStub("qint32")
+
+
+def test_quantized_modules_take_numpy_ints_and_list_geometry():
+    """NumPy integers are ints to the constructors; a conv's padding assigned as a list
+    after its first call is checked and run with the new geometry (the checked-state key
+    must be hashable)."""
+    import numpy as np
+    m = Q.Conv2d(np.int64(4), np.int64(8), np.int64(3))
+    assert Q.Concat(np.int64(2)).num_inputs == 2
+    x = torch.zeros(1, 4, 6, 6, dtype=torch.int8)
+    with use("numpy"):
+        assert m(x).shape == (1, 8, 4, 4)
+        m.padding = [1, 1]
+        assert m(x).shape == (1, 8, 6, 6)

@@ -450,3 +450,14 @@ def test_reference_weight_only_ignores_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y1 = q(x)
     assert torch.equal(y0, y1)
+
+
+def test_filter_fn_may_answer_with_numpy_or_torch_bools():
+    import numpy as np
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    ax = calibrate_linear_inputs(m, [torch.randn(2, 4)], filter_fn=lambda mod, n: np.bool_(True))
+    assert set(ax) == {"0", "1"}
+    q = quantize_dynamic(copy.deepcopy(m), filter_fn=lambda mod, n: torch.tensor(n == "0"))
+    assert type(q[0]) is DynamicLinear and type(q[1]) is nn.Linear
+    with pytest.raises(TypeError, match="filter_fn must return a bool, returned builtins.str"):
+        quantize_dynamic(copy.deepcopy(m), filter_fn=lambda mod, n: "yes")

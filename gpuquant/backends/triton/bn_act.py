@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .bn_fold import _dense_grad, count_batch, running_update
-from .common import cdiv, last_to_finish, module_tickets, no_double_backward
+from .common import cdiv, last_to_finish, module_tickets, once_differentiable_kernels
 from .fake_quant import (_FLOATS, _LAUNCH, _fq_relu, _npow2, _row_offsets, _to_out, as_rows,
                          auto_interpreter, on_tensor_device, row_plan)
 from .launch import launch
@@ -488,8 +488,8 @@ class _BnActTrain(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable_kernels("batch-norm + activation (training)")
     def backward(ctx, gy):
-        no_double_backward("batch-norm + activation (training)")
         z, beta, vec, tick = ctx.saved_tensors
         qmin, qmax, act = ctx.consts
         gz, gW, gb, gE = bn_act_backward(gy, z, vec, beta, qmin, qmax, act, tick)

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..._tensors import batch_norm_eps0
-from .common import last_to_finish, module_tickets, no_double_backward
+from .common import last_to_finish, module_tickets, once_differentiable_kernels
 from .fake_quant import _LAUNCH, _fq_math, _npow2, auto_interpreter, on_tensor_device
 from .launch import launch
 from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
@@ -355,8 +355,8 @@ class _FoldWeight(torch.autograd.Function):
         return wf, t, W, E
 
     @staticmethod
+    @once_differentiable_kernels("batch-norm weight fold (training)")
     def backward(ctx, gwf, _gt, gW, gE):
-        no_double_backward("batch-norm weight fold (training)")
         w, gamma, t, sigma, qs, qz = ctx.saved_tensors
         gw, gg = fold_backward(gwf, gW, gE, w, gamma, t, ((sigma, qs, qz), ctx.consts),
                                ctx.needs_input_grad[0])
@@ -386,8 +386,8 @@ class _FoldWeightFrozen(torch.autograd.Function):
         return wf, bf
 
     @staticmethod
+    @once_differentiable_kernels("batch-norm weight fold (frozen statistics)")
     def backward(ctx, gwf, gbf):
-        no_double_backward("batch-norm weight fold (frozen statistics)")
         w, gamma, t, sigma, qs, qz, running_mean, b = ctx.saved_tensors
         L, eps, has_b, qmin, qmax = ctx.consts
         need_w = ctx.needs_input_grad[0]

@@ -3,6 +3,7 @@ and a memo of tensors derived from parameters (device copies, reordered weights,
 bias) so that a quantized network runs with no host round trip after its first call."""
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from collections import OrderedDict
@@ -236,17 +237,37 @@ def module_tickets(owner, device) -> torch.Tensor:
     return tk
 
 
-def no_double_backward(what: str) -> None:
-    """Called first in the backward of a fused QAT Function whose gradients come from Triton
-    kernels (constants to autograd): under ``create_graph=True`` (grad mode is on in a
-    backward only then) their second-order terms would be dropped silently.
+def once_differentiable_kernels(what: str):
+    """Decorator for the backward of a fused QAT Function whose gradients come from Triton
+    kernels (constants to autograd). Under ``create_graph=True`` (grad mode is on in a
+    backward only then) the gradients are computed as usual but carry a node that raises
+    if a second backward reaches it, naming ``what`` and the way out, as torch's
+    ``once_differentiable`` does, except that it does so whatever the incoming gradient
+    (torch's attaches the node only when that requires grad, so a gradient penalty whose
+    ``grad_outputs`` are constants got its second-order terms dropped silently). A
+    ``create_graph=True`` backward that never differentiates through it runs."""
+    msg = (f"{what}: double backward (create_graph=True, e.g. a gradient penalty) through "
+           f"gpuquant's fused Triton QAT kernels is not supported (their gradients are not "
+           f"differentiable); run that step with gpuquant.backends.use('reference')")
 
-    Raises:
-        RuntimeError: asked for a differentiable gradient (as torch's once-differentiable
-            functions do), naming the way out.
-    """
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"{what}: double backward (create_graph=True, e.g. a gradient "
-                           f"penalty) through gpuquant's fused Triton QAT kernels is not "
-                           f"supported (their gradients are not differentiable); run that "
-                           f"step with gpuquant.backends.use('reference')")
+    def deco(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                outs = backward(ctx, *grads)
+            single = not isinstance(outs, tuple)
+            outs = (outs,) if single else outs
+            err = torch._C._functions.DelayedError(msg.encode(), len(outs))
+
+            def alias(v):  # (an input that requires grad gives the outputs a grad_fn)
+                if isinstance(v, torch.Tensor):
+                    v = v.detach()
+                    v.requires_grad = True
+                return v
+            wrapped = err(*[alias(v) for v in outs])
+            wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+            return wrapped[0] if single else tuple(wrapped)
+        return wrapper
+    return deco

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ...distributed import syncs_batch_stats
 from .bn_act import _ACTS, _act_pair_ok, bn_act_backward, bn_act_forward
 from .bn_fold import _rows_contiguous, _weight_pair_ok, fold_backward, fold_forward
-from .common import module_tickets, no_double_backward
+from .common import module_tickets, once_differentiable_kernels
 from .fake_quant import _FLOATS, as_rows, auto_interpreter, on_tensor_device
 from .observer import mark_observed
 
@@ -79,8 +79,8 @@ class _ConvBnActTrain(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable_kernels("Conv + batch-norm layer (training)")
     def backward(ctx, gy):
-        no_double_backward("Conv + batch-norm layer (training)")
         xc, wc, w, gamma, t, sigma, qs, qz, z, beta, vec, tick = ctx.saved_tensors
         (fconsts, (stride, padding, dilation, groups), qmin, qmax, act, x_dtype,
          bias_dtype) = ctx.consts

@@ -2,6 +2,8 @@
 fixed-point requantization with the activation fused into the clamp."""
 from __future__ import annotations
 
+import numbers
+
 from .module import WeightedModule, quantize_weight_bias
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
@@ -43,8 +45,11 @@ class Conv2d(WeightedModule):
         kh, kw = _pair(kernel_size)
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
                         ("groups", groups), ("kernel height", kh), ("kernel width", kw)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"Conv2d: {name} must be a positive int, got {v!r}")
+            if v < 1:
                 raise ValueError(f"Conv2d: {name} must be a positive int, got {v!r}")
+        in_channels, out_channels, groups = int(in_channels), int(out_channels), int(groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv2d: in_channels ({in_channels}) and out_channels "
                              f"({out_channels}) must be divisible by groups ({groups})")

@@ -1,6 +1,8 @@
 """Integer elementwise ops (TFLite add / mul) and concat."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ... import functional as GF
@@ -109,9 +111,11 @@ class Concat(QuantizedModule):
 
     def __init__(self, num_inputs: int = 1, input_dtype="qint8", output_dtype="qint8"):
         super().__init__()
-        if isinstance(num_inputs, bool) or not isinstance(num_inputs, int) or num_inputs < 1:
+        if isinstance(num_inputs, bool) or not isinstance(num_inputs, numbers.Integral):
+            raise TypeError(f"Concat: num_inputs must be a positive int, got {num_inputs!r}")
+        if num_inputs < 1:
             raise ValueError(f"Concat: num_inputs must be a positive int, got {num_inputs!r}")
-        self.num_inputs = num_inputs
+        self.num_inputs = int(num_inputs)
         self._set_qparams("input", QParams(input_dtype, torch.ones(self.num_inputs),
                                            torch.zeros(self.num_inputs, dtype=torch.int32)
                                            + int(placeholder_qparams(input_dtype).zero_point), 0))

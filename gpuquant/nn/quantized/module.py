@@ -278,7 +278,9 @@ class WeightedModule(QuantizedModule):
                                          **self._bounds(x.device))
         # (the layer's arguments and activation in the key: a module edited after its first
         # call, m.padding = ..., is checked and run with its new geometry)
-        checked = self._cached(("checked", epilogue, x.shape, x.dtype, conv_args,
+        key_args = None if conv_args is None else tuple(
+            tuple(a) if isinstance(a, list) else a for a in conv_args)  # (hashable)
+        checked = self._cached(("checked", epilogue, x.shape, x.dtype, key_args,
                                 self.activation), x.device, build)
         return _integer.layer_checked(base, epilogue, x, checked, *extra)
 
