@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from ._checks import check_bool, positive_int
 from ._paths import out_problem
 
 __all__ = ["run_demo", "load_digits_data"]
@@ -121,13 +122,9 @@ def run_demo(out: Optional[str] = None, float_epochs: int = 12, qat_epochs: int 
         TypeError / ValueError: an ``out`` that is not a usable folder path, epoch counts
             that are not ints >= 1, a ``quiet`` that is not a bool (checked before the run).
     """
-    for name, v in (("float_epochs", float_epochs), ("qat_epochs", qat_epochs)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"run_demo: {name} must be an int, got {v!r}")
-        if v < 1:
-            raise ValueError(f"run_demo: {name} must be >= 1, got {v}")
-    if not isinstance(quiet, bool):
-        raise TypeError(f"run_demo: quiet must be a bool, got {quiet!r}")
+    float_epochs = positive_int(float_epochs, "float_epochs", "run_demo")
+    qat_epochs = positive_int(qat_epochs, "qat_epochs", "run_demo")
+    check_bool(quiet, "run_demo", "quiet")
     if out is not None:
         why = out_problem(out)
         if why is not None:

@@ -54,9 +54,9 @@ def test_demo_out_new_nested_folder_is_accepted(tmp_path):
 
 
 @pytest.mark.parametrize("kw,err,msg", [
-    ({"float_epochs": 0}, ValueError, "float_epochs must be >= 1, got 0"),
-    ({"qat_epochs": -3}, ValueError, "qat_epochs must be >= 1"),
-    ({"float_epochs": 1.5}, TypeError, "float_epochs must be an int, got 1.5"),
+    ({"float_epochs": 0}, ValueError, "run_demo: float_epochs must be an int >= 1, got 0"),
+    ({"qat_epochs": -3}, ValueError, "run_demo: qat_epochs must be an int >= 1, got -3"),
+    ({"float_epochs": 1.5}, TypeError, "run_demo: float_epochs must be an int >= 1, got float 1.5"),
     ({"quiet": "no"}, TypeError, "quiet must be a bool"),
 ])
 def test_demo_arguments_are_checked_up_front(kw, err, msg):

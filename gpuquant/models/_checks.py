@@ -4,16 +4,7 @@ from __future__ import annotations
 import math
 import numbers
 
-
-def positive_int(value, name: str, who: str, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum``: TypeError for a non-int (bool included),
-    ValueError for a smaller one."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{who}: {name} must be an int >= {minimum}, got "
-                        f"{type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{who}: {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+from .._checks import positive_int  # noqa: F401 -- the builders' import
 
 
 def positive_float(value, name: str, who: str) -> float:
@@ -24,13 +15,6 @@ def positive_float(value, name: str, who: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{who}: {name} must be a finite number > 0, got {value!r}")
     return float(value)
-
-
-def flag(value, name: str, who: str) -> bool:
-    """``value`` as a bool: TypeError for anything else (``"no"`` would read as True)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{who}: {name} must be a bool (True or False), got {value!r}")
-    return value
 
 
 def probability(value, name: str, who: str) -> float:

@@ -9,7 +9,8 @@ import torch
 
 from .. import nn as gnn
 from ..nn.qat.module import keep_producer
-from ._checks import flag, positive_int
+from .._checks import check_bool
+from ._checks import positive_int
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet50"]
 
@@ -56,7 +57,7 @@ class ResNet(gnn.Module):
         super().__init__()
         width = positive_int(width, "width", "ResNet")
         num_classes = positive_int(num_classes, "num_classes", "ResNet")
-        zero_init_residual = flag(zero_init_residual, "zero_init_residual", "ResNet")
+        check_bool(zero_init_residual, "ResNet", "zero_init_residual")
         self.inplanes = width
         self.quant = gnn.QuantStub()
         self.conv_bn_relu1 = gnn.ConvBnRelu2d(3, width, 7, 2, 3, bias=False)

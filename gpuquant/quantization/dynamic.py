@@ -46,7 +46,6 @@ from ..nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
 from ..nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
                                            WeightOnlyLinear, _dtype_arg, _Int8WeightLinear,
                                            keep_off_torch_fast_path)
-from .smoothquant import SmoothedLinear
 
 __all__ = ["quantize_dynamic", "prepare_dynamic_qat"]
 
@@ -75,26 +74,38 @@ def _as_linear(conv1d) -> torch.nn.Linear:
     return lin
 
 
+def computes_linear(mod) -> bool:
+    """Whether ``mod``'s forward is ``torch.nn.Linear``'s function: its own, or
+    ``gpuquant.nn.Linear``'s without an activation."""
+    from ..nn.linear import Linear as GnnLinear
+    forward = type(mod).forward
+    return forward is torch.nn.Linear.forward or (
+        forward is GnnLinear.forward and getattr(mod, "activation", None) == "none")
+
+
 def _custom_forward(mod) -> bool:
     """A Linear subclass with its own forward (a fused ReLU, say): swapping it for a plain
-    quantized Linear would change what it computes, so it stays float (and is logged).
-    ``gpuquant.nn.Linear`` without an activation computes ``torch.nn.Linear``'s function."""
-    if type(mod).forward is torch.nn.Linear.forward or \
-            isinstance(mod, (QATDynamicLinear, SmoothedLinear)):
-        return False
-    from ..nn.linear import Linear as GnnLinear
-    return not (type(mod).forward is GnnLinear.forward
-                and getattr(mod, "activation", None) == "none")
+    quantized Linear would change what it computes, so it stays float (and is logged)."""
+    from .smoothquant import SmoothedLinear  # (smoothquant imports this module)
+    return not computes_linear(mod) and not isinstance(mod, (QATDynamicLinear, SmoothedLinear))
 
 
-def _check_common(model, modules, filter_fn, inplace, fn: str):
+def check_model_args(model, filter_fn, inplace, fn: str) -> None:
+    """The model, ``filter_fn`` and ``inplace`` (None: the entry point has none) of the
+    Linear-converting entry points (this module's and :mod:`.smoothquant`'s)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(inplace, bool):
+    if inplace is not None and not isinstance(inplace, bool):
         raise TypeError(f"{fn}: inplace must be a bool, got {type(inplace).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"{fn}: filter_fn must be callable (module, name) -> bool or None, got "
                         f"{type(filter_fn).__name__}")
+
+
+def _check_common(model, modules, filter_fn, inplace, fn: str):
+    if inplace is None:  # (required here)
+        raise TypeError(f"{fn}: inplace must be a bool, got NoneType")
+    check_model_args(model, filter_fn, inplace, fn)
     if isinstance(modules, type):
         modules = (modules,)
     if not isinstance(modules, (tuple, list, set, frozenset)) or not modules:

@@ -56,7 +56,7 @@ from .. import functional as F
 from ..backends.registry import find_op, try_op
 from ..dtypes import get_dtype, qint8
 from ..qparams import _MIN_SCALE, QParams
-from .observer import check_bool
+from .._checks import check_bool
 
 __all__ = ["FakeQuantBase", "FakeQuantize", "LSQ", "TQT", "apply_fake_quant_with_observer",
            "lsq_fake_quant", "tqt_fake_quant"]

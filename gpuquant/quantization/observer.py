@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .._checks import check_bool
 from ..distributed import check_group
 from ..dtypes import QuantDtype, get_dtype, qint8
 from ..qparams import QParams
@@ -55,11 +56,6 @@ __all__ = ["Observer", "MinMaxObserver", "ExponentialMovingAverageObserver", "Hi
 _EPS = torch.finfo(torch.float32).eps
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def check_bool(value, fn: str, arg: str) -> None:
-    """Refuse a flag that is not a bool (``"no"`` would read as True)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{fn}: {arg} must be a bool (True or False), got {value!r}")
 
 def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: QuantDtype,
                          symmetric: bool):

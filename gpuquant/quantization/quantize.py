@@ -33,7 +33,7 @@ from ..nn.quantized.module import QuantizedModule
 from .fake_quant import FakeQuantBase
 from .fx import needs_dropin, prepare_plain
 from .observer import Observer
-from .observer import check_bool as _check_bool
+from .._checks import check_bool as _check_bool
 from .qconfig import QConfig, ema_fakequant_qconfig
 
 __all__ = ["quantize_qat", "quantize", "enable_fake_quant", "disable_fake_quant",

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..dtypes import qint8, qint8_narrow
 from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, max_in_features
 from ..nn.quantized.linear_dynamic import StaticActLinear, _dtype_arg, keep_off_torch_fast_path
+from .dynamic import _wanted, check_model_args, computes_linear
 
 __all__ = ["SmoothedLinear", "calibrate_linear_inputs", "smoothing_factors", "smooth_quant",
            "quantize_static_linear"]
@@ -60,29 +61,11 @@ def _linears(model, filter_fn=None):
     """Linears computing ``torch.nn.Linear``'s forward (or SmoothedLinear's): subclasses with
     their own forward (fused activations) are left alone. A Linear registered under several
     names comes once, at its first (:func:`_set` swaps every name)."""
-    from .dynamic import _wanted
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and not isinstance(m, _NDQ) and (
-                type(m).forward in (torch.nn.Linear.forward, SmoothedLinear.forward)
-                or (type(m).forward is _gnn_linear_forward()
-                    and getattr(m, "activation", None) == "none")):
+                computes_linear(m) or type(m).forward is SmoothedLinear.forward):
             if _wanted(m, name, torch.nn.Linear, filter_fn):
                 yield name, m
-
-
-def _gnn_linear_forward():
-    from ..nn.linear import Linear
-    return Linear.forward  # (gpuquant.nn.Linear without an activation: torch's function)
-
-
-def _check_args(model, filter_fn, inplace, fn: str) -> None:
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"{fn}: filter_fn must be callable (module, name) -> bool or None, got "
-                        f"{type(filter_fn).__name__}")
-    if inplace is not None and not isinstance(inplace, bool):
-        raise TypeError(f"{fn}: inplace must be a bool, got {type(inplace).__name__}")
 
 
 def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Callable] = None
@@ -105,7 +88,7 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
         ValueError: the data produced NaN / Inf activations, or reached no Linear with at
             least one token.
     """
-    _check_args(model, filter_fn, None, "calibrate_linear_inputs")
+    check_model_args(model, filter_fn, None, "calibrate_linear_inputs")
     stats: Dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -244,7 +227,7 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
         TypeError: model not a Module; act_absmax not a dict of float tensors; fold not a
             dict; filter_fn not callable or not returning a bool; inplace not a bool.
     """
-    _check_args(model, filter_fn, inplace, "smooth_quant")
+    check_model_args(model, filter_fn, inplace, "smooth_quant")
     _check_absmax_dict(act_absmax, "smooth_quant")
     if fold is not None and not isinstance(fold, Mapping):
         raise TypeError(f"smooth_quant: fold must be a dict {{norm_name: [linear_name, ...]}} "
@@ -326,7 +309,7 @@ def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.T
         ValueError: unsupported dtype; in_features that could overflow int32; calibration
             data of the wrong shape (not ``(in_features,)``), negative or not finite.
     """
-    _check_args(model, filter_fn, inplace, "quantize_static_linear")
+    check_model_args(model, filter_fn, inplace, "quantize_static_linear")
     _check_absmax_dict(act_absmax, "quantize_static_linear")
     ad = _dtype_arg(dtype, ACT_DTYPES, "quantize_static_linear: dtype")
     wd = _dtype_arg(weight_dtype, WEIGHT_DTYPES, "quantize_static_linear: weight_dtype")

@@ -285,9 +285,9 @@ def test_dequant_output_is_contiguous_nchw_fused_or_not():
 def test_quantized_module_constructors_check_their_arguments():
     with pytest.raises(ValueError, match=r"divisible by groups \(2\)"):
         Q.Conv2d(3, 8, 3, groups=2)
-    with pytest.raises(ValueError, match="kernel height must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="Conv2d: kernel height must be an int >= 1, got 0"):
         Q.Conv2d(3, 8, 0)
-    with pytest.raises(ValueError, match="num_inputs must be a positive int, got -1"):
+    with pytest.raises(ValueError, match="Concat: num_inputs must be an int >= 1, got -1"):
         Q.Concat(-1)
     with pytest.raises(ValueError, match="8-bit storage .* got qint32"):
         Q.QuantStub("qint32")

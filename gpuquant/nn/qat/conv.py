@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._checks import check_bool
 from ...backends.registry import try_op
 from ...distributed import batch_mean_var, syncs_batch_stats
 from ...nn import conv as Float
@@ -113,9 +114,7 @@ class BnFoldedModule(QATModule):
         model will (Krishnamoorthi 2018: freeze after enough steps); returns the module.
         Putting the BatchNorm itself in eval mode (``module.bn.eval()``) does the same while
         it stays there."""
-        if not isinstance(freeze, bool):
-            raise TypeError(f"{type(self).__name__}.freeze_bn_stats: freeze must be a bool "
-                            f"(True or False), got {freeze!r}")
+        check_bool(freeze, f"{type(self).__name__}.freeze_bn_stats", "freeze")
         self.bn_frozen = freeze
         return self
 

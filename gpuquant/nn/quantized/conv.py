@@ -2,8 +2,7 @@
 fixed-point requantization with the activation fused into the clamp."""
 from __future__ import annotations
 
-import numbers
-
+from ..._checks import positive_int
 from .module import WeightedModule, quantize_weight_bias
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
@@ -43,13 +42,10 @@ class Conv2d(WeightedModule):
                  groups=1, bias=True, input_dtype="qint8", output_dtype="qint8",
                  weight_dtype="qint8_narrow"):
         kh, kw = _pair(kernel_size)
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
-                        ("groups", groups), ("kernel height", kh), ("kernel width", kw)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise TypeError(f"Conv2d: {name} must be a positive int, got {v!r}")
-            if v < 1:
-                raise ValueError(f"Conv2d: {name} must be a positive int, got {v!r}")
-        in_channels, out_channels, groups = int(in_channels), int(out_channels), int(groups)
+        in_channels, out_channels, groups, kh, kw = (
+            positive_int(v, name, "Conv2d") for name, v in (
+                ("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups),
+                ("kernel height", kh), ("kernel width", kw)))
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Conv2d: in_channels ({in_channels}) and out_channels "
                              f"({out_channels}) must be divisible by groups ({groups})")

@@ -1,11 +1,11 @@
 """Integer elementwise ops (TFLite add / mul) and concat."""
 from __future__ import annotations
 
-import numbers
 
 import torch
 
 from ... import functional as GF
+from ..._checks import positive_int
 from ...functional.requant import Requant, activation_range
 from ...dtypes import get_dtype
 from ...multipliers import single_rounding_multiplier
@@ -111,11 +111,7 @@ class Concat(QuantizedModule):
 
     def __init__(self, num_inputs: int = 1, input_dtype="qint8", output_dtype="qint8"):
         super().__init__()
-        if isinstance(num_inputs, bool) or not isinstance(num_inputs, numbers.Integral):
-            raise TypeError(f"Concat: num_inputs must be a positive int, got {num_inputs!r}")
-        if num_inputs < 1:
-            raise ValueError(f"Concat: num_inputs must be a positive int, got {num_inputs!r}")
-        self.num_inputs = int(num_inputs)
+        self.num_inputs = positive_int(num_inputs, "num_inputs", "Concat")
         self._set_qparams("input", QParams(input_dtype, torch.ones(self.num_inputs),
                                            torch.zeros(self.num_inputs, dtype=torch.int32)
                                            + int(placeholder_qparams(input_dtype).zero_point), 0))
