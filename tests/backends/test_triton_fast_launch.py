@@ -67,6 +67,20 @@ def norm(a):
     if isinstance(a, TensorRecord):
         return ["tensor", str(a.dtype), list(a.shape), list(a.stride()), a.data_ptr() % 16]
     return [type(a).__name__, a if isinstance(a, (int, float, bool, str, type(None))) else repr(a)]
+def as_plan_passes(triton_launches):
+    # what a plan must hand the launcher for these launches of Triton's path: the same
+    # list, with each tensor as its data pointer (an int; its alignment is compared)
+    return [[k, g, [["pointer", a[-1]] if a[0] == "tensor" else a for a in args]]
+            for k, g, args in triton_launches]
+def plan_norm(launches, like):
+    # a plan's launches normalised as like (as_plan_passes) has them: an int where
+    # Triton's path passed a tensor stands for that pointer (its alignment kept)
+    out = []
+    for i, (k, g, args) in enumerate(launches):
+        ref = like[i][2] if i < len(like) else []
+        out.append([k, list(g), [["pointer", a % 16] if j < len(ref) and ref[j][0] == "pointer"
+                                 and type(a) is int else norm(a) for j, a in enumerate(args)]])
+    return out
 with standin_cuda() as fk:
     for name, fn in cases.items():
         launch.ENABLED = False
@@ -78,8 +92,13 @@ with standin_cuda() as fk:
                 launch.clear_plans()
             fk.launches.clear()
             fn()
-            got[mode] = [[k, list(g), [norm(a) for a in args]] for k, g, args in fk.launches]
-        out[name] = {"same": got["fast"] == got["triton"] == got["plan"],
+            if mode == "fast":
+                got[mode] = plan_norm(fk.launches, want)
+            else:  # Triton's path (the "plan" run makes the plans through it)
+                got[mode] = [[k, list(g), [norm(a) for a in args]] for k, g, args in fk.launches]
+                want = as_plan_passes(got[mode])
+        out[name] = {"same": got["fast"] == want and got["plan"] == got["triton"],
+                     "pointers": sum(a[0] == "tensor" for l in got["triton"] for a in l[2]),
                      "plans": sum(p is not launch._NO_PLAN for p in launch._PLANS.values()),
                      "launches": len(got["fast"]), "nargs": [len(l[2]) for l in got["fast"]],
                      "triton": got["triton"], "fast": got["fast"]}
@@ -101,6 +120,7 @@ def test_fast_launch_passes_the_launcher_what_triton_would(tmp_path):
     for name, r in out.items():
         assert r["launches"] >= 1, (name, r)
         assert r["same"], (name, r["triton"], r["fast"])
+        assert r["pointers"] >= 1, name  # tensors reach the launcher as their addresses
         assert r["plans"] == r["launches"], (name, r["plans"])  # every launch from a plan
 
 
@@ -169,3 +189,23 @@ def test_plans_pass_launch_hooks_only_when_there_is_one_to_call():
     chain.add(print)
     assert _hook(chain) is chain
     assert _hook(print) is print  # a plain callable (older Triton, or set by hand)
+
+
+def test_plan_keys_carry_device_kind_and_pass_tensors_as_addresses():
+    """A plan hands the launcher each tensor as its address (an int: no data_ptr() call and
+    no cuPointerGetAttribute driver call per pointer in the launcher); the key holds the
+    tensor's dtype, device kind (a CPU tensor never reuses a CUDA tensor's plan, so
+    Triton's own path refuses it) and 16-byte alignment, ints by value, floats not at all."""
+    pytest.importorskip("triton")
+    import torch
+
+    from gpuquant.backends.triton.launch import _args_key
+    t = torch.zeros(8)
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    (keyer, key), vals = _args_key((t, 5, 2.5, None, p, t[1:]))
+    assert vals == (t.data_ptr(), 5, 2.5, None, p.data_ptr(), t[1:].data_ptr())
+    assert all(type(v) is int for v in (vals[0], vals[4], vals[5]))
+    assert key == (torch.float32, False, True, 5, None, torch.float16, False,
+                   not p.data_ptr() & 15, torch.float32, False, False)
+    (keyer2, key2), _ = _args_key((t, 6, 9.0, None, p, t[1:]))
+    assert keyer2 is keyer and key2 != key and key2[3] == 6  # one keyer per class tuple

@@ -10,7 +10,9 @@ an eager batch-1 forward and of a QAT step's host time.
 :func:`launch` runs Triton's path the first time it sees a *plan key* and keeps what that
 launch resolved: the compiled kernel, the chosen autotune config, the heuristics' values,
 the constexpr and default arguments in signature order. Later calls with the same key call
-the compiled kernel's launcher directly, with the same argument list Triton would pass.
+the compiled kernel's launcher directly, with the argument list Triton would pass, except
+that each tensor is its data pointer (an int): the launcher then skips, per pointer
+argument, a ``data_ptr()`` call and a ``cuPointerGetAttribute`` driver call.
 
 The plan key holds everything Triton specializes or tunes on: each positional argument's
 value (ints, bools, None, strings), type (floats are never specialized), or dtype and
@@ -58,30 +60,44 @@ _KEYERS: dict = {}  # tuple of the positional arguments' classes -> that signatu
 
 
 def _make_keyer(types: tuple):
-    """A function of the positional arguments giving what Triton specializes on, for one
-    tuple of argument classes: tensors' dtype and 16-byte alignment, ints' and other
-    values (bool, None, str) by value, floats nothing (never specialized; their class is
-    in the key already). Generated once per signature with fixed indices: no per-argument
-    type dispatch at launch time (the launch path's largest host cost)."""
-    parts = []
+    """A function of the positional arguments giving (what Triton specializes on, the
+    arguments as the launcher takes them), for one tuple of argument classes: tensors'
+    dtype, device kind and 16-byte alignment, ints' and other values (bool, None, str) by
+    value, floats nothing (never specialized; their class is in the key already). In the
+    launcher's arguments each tensor is its data pointer, a Python int: the launcher takes
+    an int as the address itself, where for a tensor it calls ``data_ptr()`` and then the
+    driver's ``cuPointerGetAttribute`` (one driver call per pointer argument per launch,
+    Triton 3.6 and 3.9). The pointer is read once, for both. The device kind in the key
+    keeps that check's purpose: a CPU tensor never matches a plan made for CUDA tensors, so
+    it takes Triton's path, which refuses it. Generated once per signature with fixed
+    indices: no per-argument type dispatch at launch time (the launch path's largest host
+    cost)."""
+    key, vals = [], []
     for i, t in enumerate(types):
         if issubclass(t, _Tensor):
-            parts.append(f"a[{i}].dtype, not a[{i}].data_ptr() & 15")
-        elif t is not float:
-            parts.append(f"a[{i}]")
-    return eval("lambda a: (" + "".join(p + ", " for p in parts) + ")")  # noqa: S307
+            key.append(f"a[{i}].dtype, a[{i}].is_cuda, not (p{i} := a[{i}].data_ptr()) & 15")
+            vals.append(f"p{i}")
+        else:
+            if t is not float:
+                key.append(f"a[{i}]")
+            vals.append(f"a[{i}]")
+    src = "lambda a: ((" + "".join(k + ", " for k in key) + "), (" + \
+        "".join(v + ", " for v in vals) + "))"
+    return eval(src)  # noqa: S307
 
 
 def _args_key(args) -> tuple:
-    """What Triton specializes on, per positional argument (:func:`_make_keyer`), with the
-    arguments' classes: the keyer itself stands for them (one per class tuple)."""
+    """(key, launcher arguments): what Triton specializes on, per positional argument
+    (:func:`_make_keyer`), with the arguments' classes (the keyer itself stands for them,
+    one per class tuple), and the arguments with tensors as their data pointers."""
     types = tuple(map(type, args))
     keyer = _KEYERS.get(types)
     if keyer is None:
         if len(_KEYERS) >= _MAX_PLANS:
             _KEYERS.clear()
         keyer = _KEYERS[types] = _make_keyer(types)
-    return keyer, keyer(args)
+    key, vals = keyer(args)
+    return (keyer, key), vals
 
 
 def launch(kern, grid, *args, **meta):
@@ -93,7 +109,8 @@ def launch(kern, grid, *args, **meta):
         return kern[grid](*args, **meta)
     drv = driver.active
     dev = drv.get_current_device()
-    key = (id(kern), dev, _args_key(args), tuple(meta.items()))
+    args_key, ptr_args = _args_key(args)
+    key = (id(kern), dev, args_key, tuple(meta.items()))
     plan = _PLANS.get(key)
     if plan is None:
         compiled = kern[grid](*args, **meta)
@@ -106,13 +123,12 @@ def launch(kern, grid, *args, **meta):
     compiled, tail, full_meta, _ = plan
     g = grid(full_meta) if callable(grid) else grid
     stream = drv.get_current_stream(dev)
-    vals = args + tail
     hooks = knobs.runtime
     enter, leave = _hook(hooks.launch_enter_hook), _hook(hooks.launch_exit_hook)
     compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream,
                  compiled.function, compiled.packed_metadata,
-                 None if enter is None else compiled.launch_metadata(g, stream, *vals),
-                 enter, leave, *vals)
+                 None if enter is None else compiled.launch_metadata(g, stream, *args, *tail),
+                 enter, leave, *ptr_args, *tail)
     return compiled
 
 
