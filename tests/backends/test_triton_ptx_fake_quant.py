@@ -189,3 +189,43 @@ def test_elementwise_kernels_use_128_bit_accesses(report):
     for k, v in report["kernels"].items():
         if "_fq_fwd_kernel" in k or "_fq_bwd_kernel" in k:
             assert v["v4_ld"] and v["v4_st"], k
+
+
+_OCCUPANCY_SCRIPT = r'''
+import glob, json, os, sys, torch
+from gpuquant import backends
+from gpuquant.backends.triton import observer as O
+from gpuquant.backends.triton.inspect_ptx import cubin_resources
+from gpuquant.backends.triton.standin import standin_cuda
+from gpuquant.bench.suites.qat_step import qat_qconfig
+qc = qat_qconfig()
+cl = torch.channels_last
+with standin_cuda(cubin=True), backends.use("triton"):
+    for dt, add in ((torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, False)):
+        x = torch.randn(8, 64, 32, 32, dtype=dt).contiguous(memory_format=cl).requires_grad_()
+        x2 = torch.randn(8, 64, 32, 32, dtype=dt).contiguous(memory_format=cl)
+        y = O.observe_fake_quant(x, qc.act_observer(), qc.act_fake_quant(), relu=add,
+                                 addend=x2 if add else None)
+        assert y is not None
+out = {}
+for path in glob.glob(os.path.join(os.environ["TRITON_CACHE_DIR"], "*", "*.cubin")):
+    for name, res in cubin_resources(path).items():
+        out.setdefault(name, []).append(res)
+print("JSON" + json.dumps(out))
+'''
+
+
+def test_two_launch_observer_keeps_its_programs_resident(tmp_path):
+    """The two-launch observer's partial kernel runs 8 programs of 4 warps a multiprocessor
+    (observer._two_launch_programs): all resident at once only at <= 64 registers a thread
+    (65536 a multiprocessor); past that a second partial wave of programs doubles its time.
+    Compiled for sm_90 as the launch compiles it (the stand-in driver, real ptxas), for
+    the activation forms a QAT step takes: bf16 with the residual addend and ReLU, bf16
+    and float32 plain."""
+    from tests.compiled import run_json
+    out = run_json(_OCCUPANCY_SCRIPT, tmp_path / "cache")
+    regs = out["_observe_partial_kernel"]
+    assert len(regs) == 3, regs
+    for r in regs:
+        assert r["REG"] <= 64 and r["STACK"] == 0, regs
+    assert all(r["STACK"] == 0 for r in out["_observe_fq_kernel"]), out["_observe_fq_kernel"]

@@ -187,7 +187,8 @@ _TICKETS: dict = {}  # device -> int32 zeros, grown on demand
 def _zero_tickets(n: int, device: torch.device) -> torch.Tensor:
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("gpuquant: a kernel with launch tickets (split-K weight-only GEMM, "
-                           "LSQ / TQT backward, the fused QAT batch norm and weight kernels) "
+                           "LSQ / TQT backward, the fused QAT batch norm, weight and observer "
+                           "kernels) "
                            "ran for the first time inside CUDA-graph capture; run it once "
                            "before capturing (a warm-up step), so that its tickets exist")
     return torch.zeros(n, dtype=torch.int32, device=device)
@@ -226,7 +227,8 @@ def last_to_finish(tick_ptr, n):
 
 def module_tickets(owner, device) -> torch.Tensor:
     """``owner``'s own two int32 tickets on ``device`` (a BatchNorm: its statistics and
-    gradient-sum kernels; an observer: the fused weight kernel's non-finite count), zero
+    gradient-sum kernels; an observer: the fused weight kernel's non-finite count, the
+    two-launch observe + fake quant's state update), zero
     between launches; kept in the object, not its state_dict. Raises as
     :func:`launch_tickets` does."""
     device = torch.device(device)

@@ -16,8 +16,8 @@ import json
 import re
 import sys
 
-__all__ = ["compile_ptx", "compile_sass", "kernel_variants", "inspect", "MMA_RE",
-           "FLOAT_HAZARD_RE"]
+__all__ = ["compile_ptx", "compile_sass", "cubin_resources", "kernel_variants", "inspect",
+           "MMA_RE", "FLOAT_HAZARD_RE"]
 
 MMA_RE = re.compile(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*)")
 FLOAT_HAZARD_RE = re.compile(r"\b(fma\.rn\.f32|div\.full\.f32|div\.approx\.f32)")
@@ -118,6 +118,28 @@ def compile_sass(fn, signature: dict, constexprs: dict, cc: int, num_warps: int 
             f.write(cubin)
         return subprocess.run([tool, "-c", path], capture_output=True, text=True,
                               check=True).stdout
+
+
+def cubin_resources(path) -> dict:
+    """{kernel name: {"REG": registers a thread, "STACK": bytes, "SHARED": bytes, ...}} of a
+    cubin, from ``cuobjdump -res-usage`` (shipped with Triton's NVIDIA backend): what
+    decides how many programs a multiprocessor holds at once."""
+    import os
+    import subprocess
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    text = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    out, name = {}, None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            name = m.group(1)
+        elif name and "REG:" in line:
+            out[name] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+    return out
 
 
 _BUILD_CUBIN = [False]

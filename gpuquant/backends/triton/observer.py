@@ -13,12 +13,11 @@
 Float32 weights observed per output channel (rows contiguous) take one launch, a program a
 channel (:func:`.bn_fold.observe_rows_fake_quant`). Other observers without host hooks
 (``check_finite=False``, not distributed), per tensor or per channel with the channels
-outermost in memory, take two launches: the partial min/max kernel (which also snapshots
-the old state) and ``_observe_fq_kernel``, where every program computes the update and
-qparams it needs itself from the partials and the snapshot (the same jitted arithmetic, so
-they agree bit for bit; per channel, per element) and the new state is written once
-(program 0; each channel's first element). Otherwise (host hooks, channels not outermost:
-activations per channel):
+outermost in memory, take two launches: ``_observe_partial_kernel`` (partial min / max; the
+last of its programs to finish, by the observer's ticket, reduces the partials, updates the
+state and writes the qparams) and ``_observe_fq_kernel`` (the fake quant with those
+qparams; per channel, each element's channel from its offset). Otherwise (host hooks,
+channels not outermost: activations per channel), three:
 
 Passes (no host synchronisation when the observer has ``check_finite=False``):
 
@@ -46,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cdiv
+from .common import INTERPRET, cdiv, last_to_finish, module_tickets
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
                          _flat_span, _fq_relu, _npow2, _rne, _row_offsets, _store_mask,
                          _target_programs, _to_out, _udiv, as_rows, auto_interpreter,
@@ -70,32 +69,14 @@ _RECIP_DIV = tl.constexpr(not INTERPRET)
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _minmax_partial_kernel(
-    # pointers: x (any float dtype), part f32 (2, split, C): [0] minima, [1] maxima
-    x_ptr, part_ptr,
-    # row plan (see fake_quant.RowPlan)
-    rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
-    # observer state f32 (C,), read only with SNAPSHOT
-    min_ptr, max_ptr,
-    # ADD: a second input of x's dtype and layout, x + x2 observed
-    x2_ptr,
-    # meta
-    ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    RELU: tl.constexpr = False, SNAPSHOT: tl.constexpr = False, ADD: tl.constexpr = False,
-):
-    """Per (row split, channel block) min and max of x (of relu(x) when RELU). SNAPSHOT: the
-    programs of split 0 also copy the observer's min / max of their channels to
-    part[2 * split * C + c] and part[(2 * split + 1) * C + c], the state as it was before
-    this batch, for ``_observe_fq_kernel`` (which updates the state while its programs still
-    need the old one)."""
+def _partial_minmax(x_ptr, part_ptr, rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
+                    x2_ptr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_C: tl.constexpr, RELU: tl.constexpr, ADD: tl.constexpr):
+    """This program's (row split, channel block) min and max of x (of relu(x) when RELU; of
+    x + x2 rounded to x's dtype when ADD; NaN as -inf / +inf, as the observer maps it),
+    stored to part f32 (2, split, C): [0] minima, [1] maxima."""
     cb = tl.program_id(0)
     sp = tl.program_id(1)
-    if SNAPSHOT:  # the programs of split 0 copy their channels' state
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        first = (c + sp * C) < C  # c < C and sp == 0
-        tl.store(part_ptr + 2 * split * C + c, tl.load(min_ptr + c, mask=first), mask=first)
-        tl.store(part_ptr + (2 * split + 1) * C + c, tl.load(max_ptr + c, mask=first),
-                 mask=first)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     coff = (c.to(tl.int64) * s_c)[None, :]
@@ -120,6 +101,54 @@ def _minmax_partial_kernel(
 
 
 @triton.jit
+def _minmax_partial_kernel(
+    # pointers: x (any float dtype), part f32 (2, split, C): [0] minima, [1] maxima
+    x_ptr, part_ptr,
+    # row plan (see fake_quant.RowPlan)
+    rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
+    # meta
+    ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr = False,
+):
+    """Per (row split, channel block) min and max of x (of relu(x) when RELU): the first
+    pass of :func:`observer_step` (observers with host hooks between the passes)."""
+    _partial_minmax(x_ptr, part_ptr, rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
+                    x_ptr, ROWS32, BLOCK_R, BLOCK_C, RELU, False)
+
+
+@triton.jit
+def _observe_partial_kernel(
+    # pointers: x (any float dtype), part f32 (2 split + 2) C, observer min / max f32 (C,),
+    # its nonfinite_batches i64 (1,), the observer's ticket i32 (zero between launches)
+    x_ptr, part_ptr, min_ptr, max_ptr, bad_ptr, tick_ptr,
+    # row plan (see fake_quant.RowPlan)
+    rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
+    # observer constants (float32)
+    c_ema, eps, qmin, qmax, half_range, zp_sym,
+    # ADD: a second input of x's dtype and layout, x + x2 observed
+    x2_ptr,
+    # meta
+    ROWS32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, ADD: tl.constexpr, EMA: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_CF: tl.constexpr,
+):
+    """The observer's whole update in one launch: each program its partial min / max
+    (:func:`_partial_minmax`); the last program to finish (the observer's ticket,
+    :func:`.common.last_to_finish`) reduces the partials, updates the state in place, adds
+    a batch with any non-finite channel to ``bad`` and writes each channel's scale and
+    zero point (float32) to ``part[2 split C + c]`` / ``part[(2 split + 1) C + c]``, the
+    arithmetic of ``_observer_update_kernel`` (:func:`_update_channels`). ``_observe_fq_kernel`` then only reads the
+    qparams: no per-program reduction of the partials, no state snapshot."""
+    _partial_minmax(x_ptr, part_ptr, rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
+                    x2_ptr, ROWS32, BLOCK_R, BLOCK_C, RELU, ADD)
+    if last_to_finish(tick_ptr, tl.num_programs(0) * tl.num_programs(1)):
+        _update_channels(part_ptr, part_ptr, part_ptr, part_ptr, min_ptr, max_ptr,
+                         part_ptr + 2 * split * C, part_ptr, part_ptr + (2 * split + 1) * C,
+                         bad_ptr, split, C, c_ema, eps, qmin, qmax, half_range, zp_sym, True,
+                         False, EMA, SYMMETRIC, BLOCK_S, BLOCK_CF, False)
+
+
+@triton.jit
 def _reduce_partials(part_ptr, split, C, c, cm, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """(min, max) over the ``split`` partials of channels ``c`` (mask ``cm``) in part f32
     (2, split, C)."""
@@ -129,8 +158,11 @@ def _reduce_partials(part_ptr, split, C, c, cm, BLOCK_S: tl.constexpr, BLOCK_C: 
         sp = s0 + tl.arange(0, BLOCK_S)
         m = (sp < split)[:, None] & cm[None, :]
         off = sp.to(tl.int64)[:, None] * C + c[None, :]
-        vmin = tl.minimum(vmin, tl.load(part_ptr + off, mask=m, other=_INF))
-        vmax = tl.maximum(vmax, tl.load(part_ptr + split * C + off, mask=m, other=_NINF))
+        # past L1: the last program of a launch reads the other programs' stores
+        vmin = tl.minimum(vmin, tl.load(part_ptr + off, mask=m, other=_INF,
+                                        cache_modifier=".cg"))
+        vmax = tl.maximum(vmax, tl.load(part_ptr + split * C + off, mask=m, other=_NINF,
+                                        cache_modifier=".cg"))
     return tl.min(vmin, axis=0), tl.max(vmax, axis=0)
 
 
@@ -177,82 +209,39 @@ def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_ran
 
 @triton.jit
 def _observe_fq_kernel(
-    # pointers: x, y (same dtype and strides, dense), mask u8, part f32 ((2 split + 2) C),
-    # observer min / max f32 (C,), bad i64 (1,)
-    x_ptr, y_ptr, mask_ptr, part_ptr, min_ptr, max_ptr, bad_ptr,
+    # pointers: x, y (same dtype and strides, dense), mask u8, qparams f32: scale (C,) then
+    # zero point (C,)
+    x_ptr, y_ptr, mask_ptr, q_ptr,
     # sizes; channels (PER_CHANNEL): element offset // L, C channels, L = m_l / l_l magic
-    numel, nbytes_mask, split, C, L, m_l, l_l,
-    # observer constants (float32)
-    c_ema, eps, qmin, qmax, half_range, zp_sym,
+    numel, nbytes_mask, C, m_l, l_l,
+    # the dtype's range (float32)
+    qmin, qmax,
     # ADD: a second input (x's dtype and layout): y = fake_quant(x + x2)
     x2_ptr,
     # meta
-    EMA: tl.constexpr, SYMMETRIC: tl.constexpr, RELU: tl.constexpr, SAVE_MASK: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, SAVE_MASK: tl.constexpr, PER_CHANNEL: tl.constexpr,
     BLOCK: tl.constexpr, ADD: tl.constexpr = False,
 ):
-    """Observer update and fake quant in one launch (after the partial min/max kernel with
-    SNAPSHOT): every program computes the new state and qparams it needs itself from the
-    partials and the state snapshot (the arithmetic of ``_observer_update_kernel``, so all
-    agree bit for bit), per tensor once a program, per channel (channels outermost in
-    memory: weights) per element; the first element of each channel writes its new state;
-    program 0 counts a batch with any non-finite channel. Then y = fake_quant(x) (of relu(x)
-    when RELU) and the bit mask."""
+    """y = fake_quant(x) (of relu(x) when RELU, of x + x2 when ADD) with the qparams
+    ``_observe_partial_kernel`` left (per tensor; per channel with the channels outermost
+    in memory), and the bit mask."""
     pid = tl.program_id(0)
     offs, _ = _block_offsets(pid, BLOCK)
     m = offs < numel
-    # program 0: bad[0] += any channel non-finite (reads only the partials)
-    bad = tl.zeros((BLOCK_C,), dtype=tl.int32)
-    if pid == 0:
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            ccm = cc < C
-            bmn, bmx = _reduce_partials(part_ptr, split, C, cc, ccm, BLOCK_S, BLOCK_C)
-            bok = (tl.abs(bmn) < _INF) & (tl.abs(bmx) < _INF)
-            bold_min = tl.load(part_ptr + 2 * split * C + cc, mask=ccm, other=0.0)
-            bold_max = tl.load(part_ptr + (2 * split + 1) * C + cc, mask=ccm, other=0.0)
-            b_min, b_max, b_s, b_zp, bok = _update_state(bmn, bmx, bok, bold_min, bold_max,
-                                                         c_ema, eps, qmin, qmax, half_range,
-                                                         zp_sym, EMA, SYMMETRIC)
-            bad = tl.maximum(bad, (ccm & ~bok).to(tl.int32))
-        tl.store(bad_ptr, tl.load(bad_ptr) + tl.max(bad, axis=0).to(tl.int64))
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if ADD:  # the sum as torch's add rounds it to the dtype
+        x2 = tl.load(x2_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        x = _to_out(x + x2, x_ptr.dtype.element_ty).to(tl.float32)
     if PER_CHANNEL:
         loc = offs.to(tl.uint32)  # numel < 2^31 on this path
         ch = _udiv(loc, m_l.to(tl.uint32, bitcast=True), l_l).to(tl.int32)
         ch = tl.where(m, ch, 0)
-        mn = tl.full((BLOCK // 8, 8), _INF, tl.float32)
-        mx = tl.full((BLOCK // 8, 8), _NINF, tl.float32)
-        for sp in range(0, split):
-            mn = tl.minimum(mn, tl.load(part_ptr + sp * C + ch))
-            mx = tl.maximum(mx, tl.load(part_ptr + (split + sp) * C + ch))
-        old_min = tl.load(part_ptr + 2 * split * C + ch)
-        old_max = tl.load(part_ptr + (2 * split + 1) * C + ch)
-        ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
-        new_min, new_max, s, zpf, ok = _update_state(
-            mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_range, zp_sym, EMA,
-            SYMMETRIC)
-        owner = m & (offs == ch.to(tl.int64) * L)  # each channel's first element
-        tl.store(min_ptr + ch, new_min, mask=owner)
-        tl.store(max_ptr + ch, new_max, mask=owner)
+        s = tl.load(q_ptr + ch)
+        zpf = tl.load(q_ptr + C + ch)
     else:
-        one = tl.arange(0, 1)
-        mn, mx = _reduce_partials(part_ptr, split, 1, one, one == 0, BLOCK_S, 1)
-        old_min = tl.load(part_ptr + 2 * split + one)
-        old_max = tl.load(part_ptr + 2 * split + 1 + one)
-        ok = (tl.abs(mn) < _INF) & (tl.abs(mx) < _INF)
-        new_min, new_max, scale, zp, ok = _update_state(
-            mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_range, zp_sym, EMA,
-            SYMMETRIC)
-        first = (one + pid) == 0  # program 0
-        tl.store(min_ptr + one, new_min, mask=first)
-        tl.store(max_ptr + one, new_max, mask=first)
-        s = tl.max(scale, axis=0)  # the one value as a scalar
-        zpf = tl.max(zp, axis=0)
+        s = tl.load(q_ptr)
+        zpf = tl.load(q_ptr + 1)
     inv = tl.math.div_rn(1.0, s)
-    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    if ADD:
-        x2 = tl.load(x2_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        x = _to_out(x + x2, x_ptr.dtype.element_ty).to(tl.float32)
     y, inr = _fq_relu(x, inv, s, zpf, qmin, qmax, RELU)
     tl.store(y_ptr + offs, _to_out(y, y_ptr.dtype.element_ty), mask=m)
     if SAVE_MASK:
@@ -260,21 +249,16 @@ def _observe_fq_kernel(
 
 
 @triton.jit
-def _observer_update_kernel(
-    # pointers
-    part_ptr, mn_ptr, mx_ptr, ok_ptr, min_ptr, max_ptr, scale_ptr, inv_ptr, zp_ptr, bad_ptr,
-    # sizes
-    split, C,
-    # observer constants (float32)
-    c_ema, eps, qmin, qmax, half_range, zp_sym,
-    # meta
-    FROM_PARTIALS: tl.constexpr, HAVE_OK: tl.constexpr, EMA: tl.constexpr,
-    SYMMETRIC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """One program. Batch min/max from the partials (FROM_PARTIALS) or from ``mn``/``mx``;
-    ``ok`` (u8) given (HAVE_OK) or computed, and then ``bad[0] += any(!ok)`` (i64);
-    ``min``/``max`` (f32, C) updated in place; ``scale``, ``inv = 1 / scale`` (f32, for the
-    per-channel fake_quant: no separate launch) and ``zp`` (i32) written."""
+def _update_channels(part_ptr, mn_ptr, mx_ptr, ok_ptr, min_ptr, max_ptr, scale_ptr, inv_ptr,
+                     zp_ptr, bad_ptr, split, C, c_ema, eps, qmin, qmax, half_range, zp_sym,
+                     FROM_PARTIALS: tl.constexpr, HAVE_OK: tl.constexpr, EMA: tl.constexpr,
+                     SYMMETRIC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                     WRITE_INV: tl.constexpr):
+    """In one program, every channel: batch min / max from the partials (FROM_PARTIALS) or
+    from ``mn`` / ``mx``; ``ok`` (u8) given (HAVE_OK) or computed, and then ``bad[0] +=
+    any(!ok)`` (i64); ``min`` / ``max`` (f32, C) updated in place; ``scale`` (f32), ``inv =
+    1 / scale`` (f32, WRITE_INV) and the zero point (in ``zp_ptr``'s type: int32, or float32)
+    written."""
     bad = tl.zeros((BLOCK_C,), dtype=tl.int32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -298,10 +282,30 @@ def _observer_update_kernel(
         tl.store(min_ptr + c, new_min, mask=cm)
         tl.store(max_ptr + c, new_max, mask=cm)
         tl.store(scale_ptr + c, scale, mask=cm)
-        tl.store(inv_ptr + c, tl.math.div_rn(1.0, scale), mask=cm)
-        tl.store(zp_ptr + c, zp.to(tl.int32), mask=cm)
+        if WRITE_INV:
+            tl.store(inv_ptr + c, tl.math.div_rn(1.0, scale), mask=cm)
+        tl.store(zp_ptr + c, zp.to(zp_ptr.dtype.element_ty), mask=cm)
     if not HAVE_OK:
         tl.store(bad_ptr, tl.load(bad_ptr) + tl.max(bad, axis=0).to(tl.int64))
+
+
+@triton.jit
+def _observer_update_kernel(
+    # pointers
+    part_ptr, mn_ptr, mx_ptr, ok_ptr, min_ptr, max_ptr, scale_ptr, inv_ptr, zp_ptr, bad_ptr,
+    # sizes
+    split, C,
+    # observer constants (float32)
+    c_ema, eps, qmin, qmax, half_range, zp_sym,
+    # meta
+    FROM_PARTIALS: tl.constexpr, HAVE_OK: tl.constexpr, EMA: tl.constexpr,
+    SYMMETRIC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program: :func:`_update_channels`, with ``inv = 1 / scale`` (for the per-channel
+    fake_quant: no separate launch) and the zero point as int32."""
+    _update_channels(part_ptr, mn_ptr, mx_ptr, ok_ptr, min_ptr, max_ptr, scale_ptr, inv_ptr,
+                     zp_ptr, bad_ptr, split, C, c_ema, eps, qmin, qmax, half_range, zp_sym,
+                     FROM_PARTIALS, HAVE_OK, EMA, SYMMETRIC, BLOCK_S, BLOCK_C, True)
 
 
 @triton.jit
@@ -407,7 +411,7 @@ def observer_step(x: torch.Tensor, observer, axis: Optional[int], programs: Opti
     dev = x.device
     part = torch.empty((2, plan.split, plan.C), dtype=torch.float32, device=dev)
     launch(_minmax_partial_kernel, (cdiv(plan.C, plan.block_c), plan.split), x, part,
-           *plan.kernel_args(), part, part, x, ROWS32=plan.rows32, BLOCK_R=plan.block_r,
+           *plan.kernel_args(), ROWS32=plan.rows32, BLOCK_R=plan.block_r,
            BLOCK_C=plan.block_c, RELU=relu, num_warps=4, **_LAUNCH)
     per_channel = axis is not None
     shape = (plan.C,) if per_channel else ()
@@ -451,10 +455,11 @@ def _observer_consts(observer):
 
 
 class _ObserveTwoLaunch(torch.autograd.Function):
-    """Observe + fake quant in two launches: the partial min/max (with the state snapshot),
-    then ``_observe_fq_kernel``; the backward is the fake quant's (mask only). Per tensor,
-    or per channel with the channels outermost in memory (weights). With ``x2`` (same
-    dtype and strides) the input is ``x + x2``, never written out; both get the gradient."""
+    """Observe + fake quant in two launches: ``_observe_partial_kernel`` (partial min / max;
+    its last program updates the state and writes the qparams), then ``_observe_fq_kernel``;
+    the backward is the fake quant's (mask only). Per tensor, or per channel with the
+    channels outermost in memory (weights). With ``x2`` (same dtype and strides) the input
+    is ``x + x2``, never written out; both get the gradient."""
 
     @staticmethod
     def forward(ctx, x, observer, axis, relu, programs, tile, x2=None):
@@ -467,22 +472,23 @@ class _ObserveTwoLaunch(torch.autograd.Function):
         n = x.numel()
         add = x2 is not None
         part = torch.empty((2 * plan.split + 2) * C, dtype=torch.float32, device=x.device)
-        state = observer_state(observer)
-        launch(_minmax_partial_kernel, (cdiv(C, plan.block_c), plan.split), x, part,
-               *plan.kernel_args(), *state[:2], x2 if add else x,
-               ROWS32=plan.rows32, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, RELU=relu,
-               SNAPSHOT=True, ADD=add, num_warps=4, **_LAUNCH)
+        mn, mx, bad = observer_state(observer)
+        block_c = min(_npow2(C), 256)
+        consts = _observer_consts(observer)
+        launch(_observe_partial_kernel, (cdiv(C, plan.block_c), plan.split), x, part, mn, mx,
+               bad, module_tickets(observer, x.device), *plan.kernel_args(), *consts,
+               x2 if add else x, ROWS32=plan.rows32, BLOCK_R=plan.block_r,
+               BLOCK_C=plan.block_c, RELU=relu, ADD=add, EMA=_supported_observer(observer),
+               SYMMETRIC=observer.symmetric,
+               BLOCK_S=max(1, min(_npow2(plan.split), 1024 // block_c)), BLOCK_CF=block_c,
+               num_warps=4, **_LAUNCH)
         y = torch.empty_like(x)
         nbytes = (n + 7) // 8
         mask = torch.empty(nbytes if need else 1, dtype=torch.uint8, device=x.device)
-        block_c = min(_npow2(C), 256)
-        launch(_observe_fq_kernel, (cdiv(n, BLOCK),), _flat_span(x), _flat_span(y), mask, part,
-               *state, n, nbytes, plan.split, C, L, m_l - 2 ** 32, l_l,
-               *_observer_consts(observer),
-               _flat_span(x2 if add else x), EMA=_supported_observer(observer),
-               SYMMETRIC=observer.symmetric, RELU=relu, SAVE_MASK=need, PER_CHANNEL=per_channel,
-               BLOCK_S=max(1, min(_npow2(plan.split), 2048 // block_c)), BLOCK_C=block_c,
-               BLOCK=BLOCK, ADD=add, num_warps=NUM_WARPS, **_LAUNCH)
+        launch(_observe_fq_kernel, (cdiv(n, BLOCK),), _flat_span(x), _flat_span(y), mask,
+               part[2 * plan.split * C:], n, nbytes, C, m_l - 2 ** 32, l_l, consts[2], consts[3],
+               _flat_span(x2 if add else x), RELU=relu, SAVE_MASK=need,
+               PER_CHANNEL=per_channel, BLOCK=BLOCK, ADD=add, num_warps=NUM_WARPS, **_LAUNCH)
         if need:
             save_mask(ctx, x, mask, relu=relu)  # +0.0 where ReLU is dead (fake_quant.py)
         ctx.add = add
@@ -511,10 +517,15 @@ def _two_launch_axis(x: torch.Tensor, observer, axis):
     return ok, axis
 
 
-def _per_tensor_programs(device) -> int:
-    """Partial min/max programs for the two-launch per-tensor path: every fake-quant program
-    re-reads the partials (2 floats each) from L2, so half the usual count."""
-    return max(1, _target_programs(device) // 2)
+def _two_launch_programs(device) -> int:
+    """Partial min / max programs of the two-launch path: twice the usual count, 8 a
+    multiprocessor (4 warps each, 2048-element tiles: 32 KB of 16-byte loads in flight a
+    multiprocessor, 64 KB with an addend). All resident at once while the kernel keeps to
+    64 registers a thread (56 on sm_90, Triton 3.6 and 3.9; the last program's reduction is
+    sized for that, ``BLOCK_S * BLOCK_CF <= 1024``), so no second partial wave. Partials
+    cost only that last program, once (the fake-quant programs read the qparams it
+    wrote)."""
+    return 2 * _target_programs(device)
 
 
 def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = False,
@@ -570,7 +581,7 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
             return None
         mark_observed(observer)
         return _ObserveTwoLaunch.apply(x, observer, None, relu,
-                                       programs or _per_tensor_programs(x.device), tile, addend)
+                                       programs or _two_launch_programs(x.device), tile, addend)
     if axis is not None and observer.min_val.numel() == 0 and not observer.check_finite \
             and observer.min_val.device == x.device:
         # first batch: size the per-channel state (+-inf) as the observer does, so that this
@@ -585,10 +596,8 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
             y = observe_rows_fake_quant(xr, observer)
             if y is not None:
                 return _in_layout_of(y, x)
-        if programs is None and kaxis is None:
-            programs = _per_tensor_programs(x.device)
-        return _in_layout_of(_ObserveTwoLaunch.apply(xr, observer, kaxis, relu, programs, tile),
-                             x)
+        return _in_layout_of(_ObserveTwoLaunch.apply(
+            xr, observer, kaxis, relu, programs or _two_launch_programs(x.device), tile), x)
     with torch.no_grad():
         scale, zp, inv = observer_step(xr.detach(), observer, axis, programs, tile, relu)
     if axis is not None and x.shape[axis] == 1:
@@ -609,22 +618,21 @@ def _in_layout_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 KERNELS = {
     "_minmax_partial_kernel": (_minmax_partial_kernel, [
-        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1), dict(ROWS32=True, BLOCK_R=32, BLOCK_C=64),
-        dict(ROWS32=False, BLOCK_R=1024, BLOCK_C=2, SNAPSHOT=True),
-        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1, RELU=True, SNAPSHOT=True, ADD=True)]),
+        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1), dict(ROWS32=True, BLOCK_R=32, BLOCK_C=64,
+                                                          RELU=True)]),
+    "_observe_partial_kernel": (_observe_partial_kernel, [
+        dict(ROWS32=False, BLOCK_R=2048, BLOCK_C=1, RELU=True, ADD=True, EMA=True,
+             SYMMETRIC=True, BLOCK_S=1024, BLOCK_CF=1),
+        dict(ROWS32=False, BLOCK_R=1024, BLOCK_C=2, RELU=False, ADD=False, EMA=False,
+             SYMMETRIC=False, BLOCK_S=8, BLOCK_CF=256)]),
     "_observer_update_kernel": (_observer_update_kernel, [
         dict(FROM_PARTIALS=fp, HAVE_OK=not fp, EMA=e, SYMMETRIC=s, BLOCK_S=8, BLOCK_C=256)
         for fp, e, s in ((True, False, True), (True, True, False), (False, True, True))]),
     "_minmax_reduce_kernel": (_minmax_reduce_kernel, [dict(BLOCK_S=8, BLOCK_C=256)]),
     "_observe_fq_kernel": (_observe_fq_kernel, [
-        dict(EMA=True, SYMMETRIC=True, RELU=True, SAVE_MASK=True, PER_CHANNEL=False,
-             BLOCK_S=256, BLOCK_C=1, BLOCK=BLOCK),
-        dict(EMA=True, SYMMETRIC=True, RELU=True, SAVE_MASK=True, PER_CHANNEL=False,
-             BLOCK_S=256, BLOCK_C=1, BLOCK=BLOCK, ADD=True),
-        dict(EMA=False, SYMMETRIC=True, RELU=False, SAVE_MASK=True, PER_CHANNEL=True,
-             BLOCK_S=8, BLOCK_C=256, BLOCK=BLOCK),
-        dict(EMA=True, SYMMETRIC=False, RELU=False, SAVE_MASK=True, PER_CHANNEL=True,
-             BLOCK_S=8, BLOCK_C=256, BLOCK=BLOCK)]),
+        dict(RELU=True, SAVE_MASK=True, PER_CHANNEL=False, BLOCK=BLOCK),
+        dict(RELU=True, SAVE_MASK=True, PER_CHANNEL=False, BLOCK=BLOCK, ADD=True),
+        dict(RELU=False, SAVE_MASK=True, PER_CHANNEL=True, BLOCK=BLOCK)]),
 }
 
 OPS = {"observe_fake_quant": observe_fake_quant}
