@@ -82,6 +82,8 @@ CONV_CASES = {
     "3x3_dil2": ((2, 8, 9, 9), 6, (3, 3), 1, 2, 2, 1, torch.int8, 0),
     "3x3_taploop_zp0_padded": ((1, 64, 6, 5), 20, (3, 3), 1, 1, 1, 1, torch.int8, 0),
     "7x7_stem_uint8": ((1, 3, 11, 11), 16, (7, 7), 2, 3, 1, 1, torch.uint8, 0),
+    # im2col with a tap row of 5 x 5 channels, unequal strides, padding and dilations
+    "3x5_few_rect_dil": ((2, 5, 10, 9), 6, (3, 5), (2, 1), (2, 3), (2, 3), 1, torch.uint8, 200),
     "1x1_gemm_path": ((2, 16, 5, 5), 24, (1, 1), 1, 0, 1, 1, torch.int8, 9),
     "1x1_s2": ((2, 16, 5, 5), 24, (1, 1), 2, 0, 1, 1, torch.uint8, 77),
     "grouped": ((1, 8, 6, 5), 12, (3, 3), 1, 1, 1, 2, torch.int8, -1),
@@ -236,6 +238,20 @@ def test_few_channel_conv_is_im2col_then_gemm_in_chunks(name, chunk_bytes, monke
     _check_conv_add(args[:-1] + (rand_requant(w.shape[0], qint8, k=w[0].numel()),),
                     f"{name} chunk={chunk_bytes}")
     _check_conv_dequant(args, f"{name} chunk={chunk_bytes}")
+
+
+def test_few_channel_conv_refuses_a_window_past_int32_offsets():
+    """The im2col kernel's per-column source offsets are int32: a window spanning 2^31
+    bytes or more (rows that far apart) is refused by name before any launch, not read at
+    wrapped offsets. Meta tensors: nothing is allocated or run."""
+    from gpuquant.backends.triton import conv
+    x = torch.empty_strided((1, 3, 8, 8), (3 * 2 ** 29, 1, 2 ** 29, 3), dtype=torch.uint8,
+                            device="meta")
+    w = torch.empty((4, 3, 7, 7), dtype=torch.int8, device="meta")
+    y2d = torch.empty((1, 4), dtype=torch.int8, device="meta")
+    y = y2d.view(1, 1, 1, 4).permute(0, 3, 1, 2)
+    with pytest.raises(ValueError, match="spans 3221225493 bytes"):
+        conv._im2col_conv(x, 0, w, None, (7, 7, 2, 2, 0, 0, 1, 1), None, y, y2d, None)
 
 
 @pytest.mark.parametrize("name", ["3x3_dil2", "1x1_gemm_path", "depthwise_s2_uint8"])

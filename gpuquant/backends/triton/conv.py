@@ -196,18 +196,33 @@ def _im2col_kernel(X, A, m0, M, K, Kp, H, W_in, Ho, Wo, stride_h, stride_w, pad_
                    CG: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """A (M, Kp) = the patches of output pixels m0 .. m0 + M, one row a pixel, K = KH * KW *
-    CG in (tap, channel) order; padding and columns K .. Kp read as the zero point."""
+    CG in (tap, channel) order; padding and columns K .. Kp read as the zero point.
+
+    The source offset of element (pixel, column) is a per-pixel base (image, window origin;
+    int64) plus a per-column offset (tap row, tap column, channel; int32: the caller checks
+    that a window spans fewer than 2^31 bytes), and the padding test compares the window
+    origin plus the column's tap displacement, unsigned (a negative row or column wraps past
+    the bound). A thread holds one pixel and many columns of the tile, so the column terms
+    are per element too: they come from two divisions by compile-time constants (the tap
+    row, then the tap column within it), not four plus 64-bit multiplications."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     img, ih0, iw0 = window_origin(m0 + rows, Ho, Wo, stride_h, stride_w, pad_h, pad_w)
-    tap = kk // CG  # CG, KW compile-time: divisions by constants
-    ih = ih0[:, None] + (tap // KW * dil_h)[None, :]
-    iw = iw0[:, None] + (tap % KW * dil_w)[None, :]
     row_ok = rows < M
-    ok = row_ok[:, None] & (kk < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W_in)
-    src = X + img.to(tl.int64)[:, None] * stride_xn + ih.to(tl.int64) * stride_xh \
-        + iw * stride_xw + (kk % CG)[None, :]
-    v = tl.load(src, mask=ok, other=x_zp)
+    base = img.to(tl.int64) * stride_xn + ih0.to(tl.int64) * stride_xh \
+        + iw0.to(tl.int64) * stride_xw  # per row (outside the image in the padding: masked)
+    r = kk // (KW * CG)  # tap row; KW, CG compile-time: divisions by constants
+    j = kk - r * (KW * CG)
+    s = j // CG  # tap column
+    dh = r * dil_h
+    dw = s * dil_w
+    # dh * stride_xh + dw * stride_xw + (j - s * CG), the scalar factors once a program
+    col = r * (dil_h * stride_xh) + s * (dil_w * stride_xw - CG) + j
+    ih = (ih0[:, None] + dh[None, :]).to(tl.uint32, bitcast=True)
+    iw = (iw0[:, None] + dw[None, :]).to(tl.uint32, bitcast=True)
+    ok = (row_ok[:, None] & (kk < K)[None, :]) & (ih < H.to(tl.uint32)) \
+        & (iw < W_in.to(tl.uint32))
+    v = tl.load(X + (base[:, None] + col[None, :]), mask=ok, other=x_zp)
     tl.store(A + rows.to(tl.int64)[:, None] * Kp + kk[None, :], v,
              mask=row_ok[:, None] & (kk < Kp)[None, :])
 
@@ -383,12 +398,16 @@ def _im2col_conv(x, x_zp, w, bias, geom, rq, y, y2d, r2d, **epilogue):
     ho, wo = y.shape[2], y.shape[3]
     m, k = y2d.shape[0], kh * kw * c
     kp = padded_k(k)
+    xs = x.stride()
+    span = (kh - 1) * dh * xs[2] + (kw - 1) * dw * xs[3] + c
+    if span >= 2 ** 31:  # the kernel's per-column offsets are int32
+        raise ValueError(f"qconv2d: a {kh}x{kw} window (dilation {dh}x{dw}) of this input spans "
+                         f"{span} bytes; the few-channel path takes fewer than 2^31")
     w2d = derived("conv_w_kpad", (w,), (kp, str(w.device)),
                   lambda: torch.nn.functional.pad(reordered_weight(w), (0, kp - k)))
     rows = max(1, min(m, IM2COL_BYTES // kp))
     a = torch.empty((rows, kp), dtype=x.dtype, device=x.device)
     bm, bk = 64, min(64, 1 << (kp - 1).bit_length())
-    xs = x.stride()
     for m0 in range(0, m, rows):
         r = min(rows, m - m0)
         launch(_im2col_kernel, (cdiv(r, bm), cdiv(kp, bk)), x, a, m0, r, k, kp, h, wd, ho, wo,
