@@ -43,6 +43,12 @@ cases = {
     # autotuned GEMM (1x1 stride-1 conv path), int8 residual epilogue variant
     # im2col (plain jit) then the GEMM: the 7x7 stem, uint8 input
     "stem_im2col": lambda: conv.qconv2d(xs, 128, ws, None, (2, 2), (3, 3), (1, 1), 1, rq),
+    # few channels with an input height / width of 1 (Triton turns an int argument equal
+    # to 1 into a constant: the im2col kernel's bounds must still compile)
+    "im2col_h1": lambda: conv.qconv2d(xs[:, :, :1], 128, ws[:, :, :1, :3], None, (1, 1),
+                                      (0, 1), (1, 1), 1, rq),
+    "im2col_w1": lambda: conv.qconv2d(xs[:, :, :, :1], 128, ws[:, :, :3, :1], None, (1, 1),
+                                      (1, 0), (1, 1), 1, rq),
     "linear": lambda: gemm.qgemm(x.permute(0, 2, 3, 1).reshape(-1, 64), 0, w.reshape(24, 64),
                                  torch.arange(24, dtype=torch.int32), rq, w_src=w),
     "depthwise": lambda: conv.qconv2d(x, 0, wd, None, (1, 1), (1, 1), (1, 1), 64, rqd),

@@ -190,7 +190,9 @@ def _qconv_kernel(
                    Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT, RES_MODE, LSHIFT)
 
 
-@triton.jit(do_not_specialize=["x_zp"])
+# H, W_in not specialized: the bounds are compared as uint32 scalars (a 1 would arrive as an
+# int constant, which has no .to)
+@triton.jit(do_not_specialize=["x_zp", "H", "W_in"])
 def _im2col_kernel(X, A, m0, M, K, Kp, H, W_in, Ho, Wo, stride_h, stride_w, pad_h, pad_w,
                    dil_h, dil_w, stride_xn, stride_xh, stride_xw, x_zp,
                    CG: tl.constexpr, KW: tl.constexpr, BLOCK_M: tl.constexpr,
