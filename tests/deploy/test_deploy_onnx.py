@@ -6,6 +6,7 @@ import torch
 
 import gpuquant.nn as gnn
 from gpuquant.export import to_onnx
+from gpuquant.export.ort import session as ort_session
 
 from conftest import int8_forward
 from deploy_helpers import calibrated
@@ -15,8 +16,8 @@ from onnx import numpy_helper  # noqa: E402
 
 
 def _ort(path, x):
-    ort = pytest.importorskip("onnxruntime")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pytest.importorskip("onnxruntime")
+    sess = ort_session(path)  # fused int8 kernels off where they saturate (no VNNI)
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
@@ -224,8 +225,8 @@ def test_onnxruntime_each_op_within_one_step(op, u8, tmp_path):
     to_onnx(qm, tuple(xs), path)
     with backends.use("numpy"), torch.no_grad():
         want = qm(*xs).numpy()
-    ort = pytest.importorskip("onnxruntime")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pytest.importorskip("onnxruntime")
+    sess = ort_session(path)
     got = sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)})[0]
     d = _steps(got, want, qm.dq.input_scale.item())
     assert d.max() <= 1 + 1e-3 and (d < 0.5).mean() >= 0.95, (d.max(), (d < 0.5).mean())
@@ -268,3 +269,34 @@ def test_view_by_the_tensors_own_size_exports(tmp_path):
     assert d.max() <= 1 + 1e-3
     import gpuquant.runtime as rt
     assert rt.load(path).run(x.numpy()).tobytes() == want.tobytes()
+
+
+def test_ort_session_avoids_the_int8_saturation_on_cpus_without_vnni(tmp_path):
+    """gpuquant.export.ort: which CPUs saturate (x86 without VNNI / AMX int8 flags; x86
+    without a readable cpuinfo counts as saturating; ARM never), the session's optimization
+    level capped at BASIC there and only there, argument checks."""
+    from gpuquant.export import ort as gort
+    vnni = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+    plain = "processor\t: 0\nflags\t\t: fpu sse2 avx2\n"
+    assert not gort.int8_saturates(vnni, "x86_64")
+    assert gort.int8_saturates(plain, "x86_64")
+    assert not gort.int8_saturates("flags : avx2 avx_vnni", "AMD64")
+    assert gort.int8_saturates("no flags line", "x86_64")
+    assert not gort.int8_saturates(plain, "aarch64")
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "lin.onnx"
+    qm = calibrated(torch.nn.Sequential(gnn.QuantStub(), gnn.Linear(4, 3), gnn.DequantStub()),
+                    (2, 4))
+    to_onnx(qm, torch.randn(2, 4), path)
+    import unittest.mock as um
+    for saturates in (True, False):
+        with um.patch.object(gort, "int8_saturates", lambda: saturates):
+            opts = ort.SessionOptions()
+            gort.session(path, options=opts)
+            basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            assert (opts.graph_optimization_level == basic) == saturates
+            gort.session(str(path), providers="CPUExecutionProvider")  # one name, not chars
+    with pytest.raises(TypeError, match="path must be a str"):
+        gort.session(3)
+    with pytest.raises(TypeError, match="options must be an onnxruntime.SessionOptions"):
+        gort.session(path, options={})

@@ -1,0 +1,76 @@
+"""Running an exported QDQ model in onnxruntime on the CPU without its int8 saturation.
+
+onnxruntime's extended graph optimizations fuse QDQ patterns into integer kernels
+(``QLinearConv``, ``MatMulInteger``, ...). On x86 CPUs without VNNI (AVX2 or AVX-512
+without ``avx512_vnni`` / ``avx_vnni``: e.g. AMD Zen 2 / 3, Intel before Cascade Lake) its
+u8 x s8 kernels multiply with ``vpmaddubsw``, which adds two byte products into a
+saturating int16: with full-range int8 weights (|w| up to 127) and activations near the
+ends of their range, those sums clip and the outputs are wrong by many quantization steps
+(measured on an AVX2-only AMD EPYC, onnxruntime 1.31 / 1.32: up to 37 steps on one
+1x1 ConvBn2d; 0 with the same weights halved to 7 bits). This is onnxruntime's documented
+"saturation issue", not a property of the exported file: with those fusions off
+(``ORT_ENABLE_BASIC``) onnxruntime computes DequantizeLinear -> float op -> QuantizeLinear
+and is within one output step of gpuquant.
+
+:func:`session` opens an ``InferenceSession`` on the CPU execution provider and, on such
+CPUs, caps the optimization level at ``ORT_ENABLE_BASIC``. Other x86 CPUs (VNNI or AMX)
+and other architectures (ARM's ``sdot`` / ``smmla`` do not saturate) keep onnxruntime's
+default.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from typing import Optional
+
+__all__ = ["session", "int8_saturates"]
+
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_saturates(cpuinfo: Optional[str] = None, machine: Optional[str] = None) -> bool:
+    """Whether onnxruntime's fused u8 x s8 CPU kernels may saturate on this machine: an
+    x86-64 CPU whose flags (``/proc/cpuinfo``, or ``cpuinfo`` given) name no VNNI / AMX
+    int8 extension. x86 without a readable ``/proc/cpuinfo`` (macOS, Windows) counts as
+    saturating (the safe answer); other architectures do not."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return True
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return not any(f in flags for f in _VNNI_FLAGS)
+    return True
+
+
+def session(path, providers=("CPUExecutionProvider",), options=None):
+    """An ``onnxruntime.InferenceSession`` for the exported model at ``path`` (str or
+    ``os.PathLike``), on ``providers``; where :func:`int8_saturates` and the CPU execution
+    provider runs it, the graph optimization level is capped at ``ORT_ENABLE_BASIC`` (in
+    ``options``, an ``onnxruntime.SessionOptions``, or a new one).
+
+    Raises:
+        ImportError: onnxruntime is not installed.
+        TypeError: ``path`` is not a str / path, or ``options`` not a SessionOptions.
+    """
+    import onnxruntime as ort
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"session: path must be a str or os.PathLike, got "
+                        f"{type(path).__name__}")
+    if options is None:
+        options = ort.SessionOptions()
+    elif not isinstance(options, ort.SessionOptions):
+        raise TypeError(f"session: options must be an onnxruntime.SessionOptions, got "
+                        f"{type(options).__name__}")
+    providers = [providers] if isinstance(providers, str) else list(providers)
+    if "CPUExecutionProvider" in providers and int8_saturates():
+        basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if int(options.graph_optimization_level) > int(basic):
+            options.graph_optimization_level = basic
+    return ort.InferenceSession(str(path), options, providers=providers)
