@@ -44,6 +44,12 @@ _CONTAINERS = {"Sequential": torch.nn.Sequential, "ModuleList": torch.nn.ModuleL
 _EXTRA = "_extra_state"
 
 
+def _root_name(model) -> str:
+    """The model's class name as saved (a drop-in model's original one, deep copies too)."""
+    from .quantization.fx import root_name
+    return root_name(model)
+
+
 def _safetensors(who: str):
     """safetensors.torch (in the deploy extra), with an install hint where it is missing."""
     try:
@@ -217,7 +223,7 @@ def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
         else:
             raise TypeError(f"gpuquant.save: state_dict entry {k!r} is a {type(v).__name__}, "
                             f"not a tensor; it has no safe saved form")
-    desc = {"format": FORMAT, "version": VERSION, "root": type(model).__name__,
+    desc = {"format": FORMAT, "version": VERSION, "root": _root_name(model),
             "builder": builder, "tree": _describe(model), "extra_state": extra}
     if isinstance(model, torch.fx.GraphModule):  # converted from plain torch.nn (drop-in)
         desc["dropin"] = True
@@ -464,9 +470,9 @@ def _build_root(path, desc, tensors, model, undo: list):
                          f"{type(root).__name__} given does not run); pass model="
                          f"gpuquant.quantization.prepare_plain(<float model>, example_inputs) "
                          f"as the skeleton")
-    if type(root).__name__ != desc.get("root"):
+    if _root_name(root) != desc.get("root"):
         raise ValueError(f"gpuquant.load: {path!r} holds a {desc.get('root')} but the model "
-                         f"built is a {type(root).__name__}")
+                         f"built is a {_root_name(root)}")
     # torch's load_state_dict copies what fits before it reports what does not: keep the
     # skeleton's own tensors (not those of the modules just put in) to put them back
     grafted = [e["path"] + "." for e in desc["tree"] if "quantized" in e] if model is not None \

@@ -313,8 +313,24 @@ def _trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, object]] = 
             n.meta["dropin_concrete"] = True
     _default_checks(graph, type(model).__name__)
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    # the model's class name, as gpuquant.save records it: GraphModule.__deepcopy__ (and so
+    # quantize(inplace=False)) gives the copy the class name "GraphModule", meta survives
+    gm.meta[ROOT_NAME_KEY] = type(model).__name__
     gm.training = model.training
     return gm, tracer.fallbacks
+
+
+ROOT_NAME_KEY = "gpuquant_root_name"
+
+
+def root_name(model) -> str:
+    """The class name a saved model is known by: a drop-in model's (prepare_plain) original
+    class name, kept in its GraphModule ``meta`` through deep copies; else the type's."""
+    if isinstance(model, fx.GraphModule):
+        name = getattr(model, "meta", {}).get(ROOT_NAME_KEY)
+        if isinstance(name, str):
+            return name
+    return type(model).__name__
 
 
 _SPECIALIZED = " has been specialized to have value "

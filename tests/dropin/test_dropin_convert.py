@@ -354,6 +354,27 @@ def test_save_load_round_trip(tmp_path):
         gpuquant.load(tmp_path / "m.safetensors")
 
 
+def test_save_load_of_a_copied_conversion(tmp_path):
+    """quantize(inplace=False) deep-copies the drop-in GraphModule, whose copy torch.fx
+    names "GraphModule": the file still records the model's own class name, so the
+    documented skeleton (prepare_plain of the float model), or a deep copy of it, loads it."""
+    import copy
+
+    import gpuquant
+    x = torch.randn(2, 3, 6, 6)
+    qat = quantize_qat(settle_bn(WithBlocks(), torch.randn(4, 3, 6, 6)), example_inputs=(x,))
+    with torch.no_grad():
+        qat.eval()(x)
+    int8 = quantize(qat, inplace=False)
+    assert type(int8).__name__ == "GraphModule"  # what torch.fx's deepcopy does
+    gpuquant.save(int8, tmp_path / "m.safetensors")
+    for skeleton in (prepare_plain(WithBlocks(), (x,)),
+                     copy.deepcopy(prepare_plain(WithBlocks(), (x,)))):
+        loaded = gpuquant.load(tmp_path / "m.safetensors", model=skeleton)
+        with backends.use(INT8_BACKEND):
+            assert torch.equal(loaded(x), int8(x))
+
+
 class InPlace(nn.Module):
     def __init__(self):
         super().__init__()
