@@ -390,6 +390,28 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
     return proto
 
 
+def _ceil_mode(ceil_mode, in_hw, out_hw, k, st, p, dil, who: str) -> int:
+    """The ONNX ``ceil_mode`` giving PyTorch's pool output size ``out_hw``. PyTorch's ceil
+    mode drops a last window that would start in the right padding; ONNX's (and
+    onnxruntime's) keeps it. Where PyTorch dropped it in every dimension the windows are
+    floor mode's (0: same windows, same divisors); where it kept a partial window in every
+    dimension, 1. One dimension of each cannot be said with ONNX's one attribute and
+    symmetric pads (what gpuquant.runtime reads): refused by name."""
+    if not ceil_mode:
+        return 0
+    room = [n + 2 * pp - d * (kk - 1) - 1 for n, pp, d, kk in zip(in_hw, p, dil, k)]
+    out = [int(o) for o in out_hw]
+    if out == [-(-r // ss) + 1 for r, ss in zip(room, st)]:
+        return 1
+    if out == [r // ss + 1 for r, ss in zip(room, st)]:
+        return 0
+    raise NotImplementedError(
+        f"to_onnx: {who} with ceil_mode=True at input size {tuple(in_hw)}: PyTorch keeps a "
+        f"partial last window in one dimension and drops it (it would start in the padding) "
+        f"in the other, which ONNX's single ceil_mode cannot say; pad the input or use "
+        f"ceil_mode=False")
+
+
 def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
     from ..nn import quantized as Q
     x = dq_input(node.args[0], m, "input", who)
@@ -401,9 +423,11 @@ def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
         k = _pair(m.kernel_size)
         st = k if m.stride in (None, [], ()) else _pair(m.stride)
         p = _pair(m.padding)
+        dil = _pair(m.dilation)
+        ceil = _ceil_mode(m.ceil_mode, shape_in[-2:], vals[node.name].shape[-2:], k, st, p, dil,
+                          who)
         y = b.node("MaxPool", [x], f"{base}_maxpool", kernel_shape=list(k), strides=list(st),
-                   pads=[p[0], p[1], p[0], p[1]], dilations=list(_pair(m.dilation)),
-                   ceil_mode=int(bool(m.ceil_mode)))
+                   pads=[p[0], p[1], p[0], p[1]], dilations=list(dil), ceil_mode=ceil)
     elif isinstance(m, Q.AvgPool2d):
         if m.divisor_override:
             raise NotImplementedError(f"to_onnx: {who} with divisor_override (ONNX AveragePool "
@@ -430,9 +454,11 @@ def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
                             f"(onnxruntime's QLinearAveragePool divides by the whole kernel, "
                             f"PyTorch by the taps inside the padded input); use "
                             f"count_include_pad=False, padding=0 or ceil_mode=False")
+        ceil = _ceil_mode(m.ceil_mode, shape_in[-2:], vals[node.name].shape[-2:], k, st, p,
+                          (1, 1), who)
         y = b.node("AveragePool", [x], f"{base}_avgpool", kernel_shape=list(k),
-                   strides=list(st), pads=[p[0], p[1], p[0], p[1]],
-                   ceil_mode=int(bool(m.ceil_mode)), count_include_pad=int(cip))
+                   strides=list(st), pads=[p[0], p[1], p[0], p[1]], ceil_mode=ceil,
+                   count_include_pad=int(cip))
     else:
         oh, ow = tuple(vals[node.name].shape[-2:])
         h, w = shape_in[-2:]
