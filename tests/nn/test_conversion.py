@@ -575,3 +575,51 @@ def test_qparam_edits_after_a_forward_are_honoured(edit):
     ref = copy.deepcopy(int8)
     ref.dequant.input_scale.mul_(2.0)
     assert torch.equal(fused(x), ref(x))
+
+
+class _DeadInput(gnn.Module):
+    """c1's ReLU output is always zero (bias -100), so c2's input scale stays at eps."""
+
+    def __init__(self, linear=False):
+        super().__init__()
+        self.q = gnn.QuantStub()
+        self.c1 = gnn.ConvRelu2d(3, 4, 3, padding=1)
+        self.c2 = gnn.Linear(64, 5) if linear else gnn.Conv2d(4, 5, 3, padding=1)
+        self.dq = gnn.DequantStub()
+        with torch.no_grad():
+            self.c1.bias.fill_(-100.0)
+            self.c2.bias.copy_(torch.tensor([0.5, -3.0, 40.0, 0.0, 1e-3]))
+        self.linear = linear
+
+    def forward(self, x):
+        y = self.c1(self.q(x))
+        if self.linear:
+            y = y.flatten(2)
+        return self.dq(self.c2(y))
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_bias_past_int32_at_a_degenerate_input_scale_raises_the_weight_scale(linear):
+    """A layer whose input was always zero (s_x = float32 eps): b / (s_x s_w) is past int32
+    for ordinary biases. Conversion raises those channels' weight scales until the bias
+    fits (a warning names them; the others keep the observer's), and the int8 output stays
+    within one output step of the QAT model's."""
+    torch.manual_seed(0)
+    qat = quantize_qat(_DeadInput(linear), ema_fakequant_qconfig)
+    for _ in range(3):
+        qat(torch.randn(2, 3, 8, 8))
+    qat.eval()
+    s_w = qat.c2.get_weight_qparams().scale.clone()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        want = qat(x)
+    with pytest.warns(UserWarning, match=r"module 'c2'.*channel\(s\) \[0, 1, 2\].*raised"):
+        int8 = quantize(copy.deepcopy(qat))
+    got_scale = int8.c2._qparams("weight").scale
+    assert torch.equal(got_scale[3:], s_w[3:].to(got_scale))  # the bias fits there
+    assert bool((got_scale[:3] > s_w[:3]).all())
+    assert int8.c2.bias.abs().max() < 2 ** 31 - 1
+    with gpuquant.backends.use("numpy"), torch.no_grad():
+        got = int8(x)
+    step = float(int8.c2._qparams("output").scale)
+    assert (got - want).abs().max() <= step * (1 + 1e-4)

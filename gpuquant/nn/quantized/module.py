@@ -211,24 +211,71 @@ def quantize_weight_bias(qat_module, name: str):
         else:
             w_qp = QParams(w_qp.dtype, w_qp.scale.reshape(1).expand(o).clone(),
                            torch.zeros(o, dtype=torch.int32), axis=0)
+        k = 1
+        for d in w.shape[1:]:
+            k *= int(d)
+        if b is not None:
+            w_qp = _bias_fitting_weight_scale(w_qp, b, in_qp, k, who)
         w_qp = QParams(w_qp.dtype, w_qp.scale.to(w.device), w_qp.zero_point.to(w.device), 0)
         w_q = GF.quantize(w, w_qp)
         b_q = None
         if b is not None:
-            s = in_qp.scale.double().cpu() * w_qp.scale.double().cpu()
-            r = torch.round(b.detach().double().cpu() / s)
+            r = torch.round(b.detach().double().cpu() / _bias_unit(in_qp, w_qp))
             if bool((r.abs() > qint32.qmax).any()):
                 raise ValueError(f"{who}: the bias does not fit int32 in units of s_x * s_w "
                                  f"(max |b / (s_x s_w)| = {float(r.abs().max()):.3g})")
             b_q = r.to(torch.int32).to(w.device)
         # the int32 accumulator's worst case is known here (shape, input range, weights,
         # bias): refused at conversion, not at the first inference
-        k = 1
-        for d in w_q.shape[1:]:
-            k *= int(d)
         _integer.check_accumulator_range(k, in_qp.dtype, int(in_qp.zero_point.reshape(-1)[0]),
                                          w_q, 0 if b_q is None else b_q, op=who)
     return w_q, b_q, w_qp, in_qp, out_qp
+
+
+def _bias_unit(in_qp: QParams, w_qp: QParams) -> torch.Tensor:
+    """``s_x * s_w[c]`` in float64 (CPU): the bias's int32 unit per output channel."""
+    return in_qp.scale.double().cpu() * w_qp.scale.double().cpu()
+
+
+def _bias_fitting_weight_scale(w_qp: QParams, b: torch.Tensor, in_qp: QParams, k: int,
+                               who: str) -> QParams:
+    """``w_qp``, with the scale of each output channel whose bias would not fit the int32
+    accumulator in units of ``s_x * s_w[c]`` raised until it does (a warning names them).
+
+    That happens where the input's range was degenerate (an input that was always zero
+    leaves ``s_x`` at float32's eps, 1.2e-7, and ``b / (s_x s_w)`` past 2^31 for any bias
+    above ~2 ``max |w|``). Raising ``s_w[c]`` to ``|b| / (s_x L)``, L the room the worst-case
+    accumulator leaves the bias (:func:`.integer.check_accumulator_range`), keeps the bias
+    exact to half a unit and coarsens that channel's weights, whose products with inputs
+    of at most ``max |x - zp| s_x`` change the output by at most ``k max|x - zp| s_x s_w[c]
+    / 2 = k max|x - zp| |b| / (2 L)`` (~4e-5 ``|b|`` at k = 1000): far below the one output
+    step the contract allows between the QAT and the int8 module."""
+    unit = _bias_unit(in_qp, w_qp)
+    need = b.detach().double().cpu().abs() / unit
+    if not bool((need > qint32.qmax - 0.5).any()):
+        return w_qp
+    zp = int(in_qp.zero_point.reshape(-1)[0])
+    x_room = max(abs(in_qp.dtype.qmin - zp), abs(in_qp.dtype.qmax - zp))
+    w_max = max(abs(w_qp.dtype.qmin), abs(w_qp.dtype.qmax))
+    room = qint32.qmax - k * x_room * w_max - 1
+    if room < 2 ** 24:  # no useful room: the accumulator check will name the shape
+        return w_qp
+    s_x = float(in_qp.scale.double().reshape(-1)[0])
+    bad = need > qint32.qmax - 0.5
+    want = b.detach().double().cpu().abs() / (s_x * room)
+    scale = w_qp.scale.detach().double().cpu().clone()
+    raised = torch.where(bad, torch.maximum(scale, want), scale).float()
+    # float32 rounding of the raised scales: up, so that the bias fits
+    low = raised.double() < torch.where(bad, want, scale)
+    raised = torch.where(low, torch.nextafter(raised, torch.tensor(float("inf"))), raised)
+    import warnings
+    chans = torch.nonzero(bad).reshape(-1).tolist()
+    warnings.warn(f"{who}: the bias of output channel(s) {chans[:8]}"
+                  f"{'...' if len(chans) > 8 else ''} does not fit int32 in units of s_x * s_w "
+                  f"(input scale s_x = {s_x:.3g}: a degenerate input range?); their weight scale "
+                  f"is raised so that it does (the weights' share of those outputs was below "
+                  f"{k * x_room / (2 * room):.1e} of the bias)", stacklevel=3)
+    return QParams(w_qp.dtype, raised.to(w_qp.scale.device), w_qp.zero_point, w_qp.axis)
 
 
 class WeightedModule(QuantizedModule):
