@@ -623,3 +623,23 @@ def test_bias_past_int32_at_a_degenerate_input_scale_raises_the_weight_scale(lin
         got = int8(x)
     step = float(int8.c2._qparams("output").scale)
     assert (got - want).abs().max() <= step * (1 + 1e-4)
+
+
+def test_requant_multiplier_past_range_fails_the_conversion_naming_the_module():
+    """Scales whose requantization multiplier s_x s_w / s_y reaches 2^30 (a ReLU6 output
+    range after an input range of 1e14) are refused by quantize(), naming the module, not
+    at the int8 model's first call."""
+    class Net(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.c, self.dq = gnn.QuantStub(), gnn.ConvRelu62d(3, 4, 3), gnn.DequantStub()
+
+        def forward(self, x):
+            return self.dq(self.c(self.q(x)))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6) * 1e14
+    qat = quantize_qat(Net(), calibration_qconfig)
+    qat.eval()(x)
+    with pytest.raises(ValueError, match=r"module 'c' \(ConvRelu62d\): requantization "
+                                         r"multiplier .* too large"):
+        quantize(qat)

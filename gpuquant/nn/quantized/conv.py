@@ -3,7 +3,7 @@ fixed-point requantization with the activation fused into the clamp."""
 from __future__ import annotations
 
 from ..._checks import positive_int
-from .module import WeightedModule, quantize_weight_bias
+from .module import WeightedModule, converted_name, quantize_weight_bias
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
            "quantize_weight_bias"]
@@ -72,7 +72,8 @@ class Conv2d(WeightedModule):
                 _explicit_padding(conv),
                 conv.dilation, conv.groups, b_q is not None, in_qp.dtype, out_qp.dtype,
                 w_qp.dtype)
-        return m._load_converted(w_q, b_q, w_qp, in_qp, out_qp)
+        return m._load_converted(w_q, b_q, w_qp, in_qp, out_qp,
+                                 converted_name(qat_module, name))
 
     def forward(self, x):
         return self.run(x)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .module import WeightedModule, quantize_weight_bias
+from .module import WeightedModule, converted_name, quantize_weight_bias
 
 __all__ = ["Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d"]
 
@@ -29,7 +29,8 @@ class Linear(WeightedModule):
         w_q, b_q, w_qp, in_qp, out_qp = quantize_weight_bias(qat_module, name)
         m = cls(lin.in_features, lin.out_features, b_q is not None, in_qp.dtype, out_qp.dtype,
                 w_qp.dtype)
-        return m._load_converted(w_q, b_q, w_qp, in_qp, out_qp)
+        return m._load_converted(w_q, b_q, w_qp, in_qp, out_qp,
+                                 converted_name(qat_module, name))
 
     def forward(self, x):
         return self.run(x)

@@ -186,7 +186,7 @@ def quantize_weight_bias(qat_module, name: str):
         ValueError: qparams of the wrong kind (per-channel activations, asymmetric weights,
             a 16/32-bit activation dtype) or a bias outside int32.
     """
-    who = f"module {name!r} ({type(qat_module).__name__})" if name else type(qat_module).__name__
+    who = converted_name(qat_module, name)
     in_qp = qat_module.input_qparams(name)[0]
     out_qp = qat_module.get_activation_qparams()
     w_qp = qat_module.get_weight_qparams()
@@ -230,6 +230,11 @@ def quantize_weight_bias(qat_module, name: str):
         _integer.check_accumulator_range(k, in_qp.dtype, int(in_qp.zero_point.reshape(-1)[0]),
                                          w_q, 0 if b_q is None else b_q, op=who)
     return w_q, b_q, w_qp, in_qp, out_qp
+
+
+def converted_name(qat_module, name: str = "") -> str:
+    """How conversion errors name a module: ``module 'name' (Class)``, or the class."""
+    return f"module {name!r} ({type(qat_module).__name__})" if name else type(qat_module).__name__
 
 
 def _bias_unit(in_qp: QParams, w_qp: QParams) -> torch.Tensor:
@@ -295,8 +300,13 @@ class WeightedModule(QuantizedModule):
         for name, dt in (("input", input_dtype), ("output", output_dtype)):
             self._set_qparams(name, placeholder_qparams(dt))
 
-    def _load_converted(self, w_q, b_q, w_qp, in_qp, out_qp) -> "WeightedModule":
-        """Take :func:`quantize_weight_bias`'s results (on the weight's device); returns self."""
+    def _load_converted(self, w_q, b_q, w_qp, in_qp, out_qp, who: str = "") -> "WeightedModule":
+        """Take :func:`quantize_weight_bias`'s results (on the weight's device); returns self.
+        The requantization is built here, so that scales it cannot take (a multiplier past
+        2^30) fail the conversion naming the module, not its first call.
+
+        Raises:
+            ValueError: :func:`gpuquant.functional.make_requant`'s, prefixed with ``who``."""
         self.to(w_q.device)
         self.weight = w_q
         if b_q is not None:
@@ -304,6 +314,10 @@ class WeightedModule(QuantizedModule):
         self._set_qparams("weight", w_qp)
         self._set_qparams("input", in_qp)
         self._set_qparams("output", out_qp)
+        try:
+            self.requant(w_q.device)
+        except ValueError as e:
+            raise ValueError(f"{who or type(self).__name__}: {e}") from None
         return self
 
     def _run_layer(self, base: str, x, epilogue: str, extra: tuple, conv_args=None):
