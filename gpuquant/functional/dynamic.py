@@ -30,9 +30,25 @@ WEIGHT_DTYPES = (qint8_narrow, qint8)
 
 
 def _check_dtype(dtype, allowed, what: str) -> QuantDtype:
-    d = get_dtype(dtype)
+    """A dtype argument of the dynamic path: one of ``allowed`` (gpuquant dtypes), given as
+    the dtype or its name; ``torch.qint8`` (what users of PyTorch's ``quantize_dynamic``
+    pass) is read as ``gpuquant.qint8``, the same range.
+
+    Raises:
+        TypeError: not a dtype or a name; ValueError: another dtype. The message names
+            ``what``, the value and only the ``allowed`` dtypes."""
+    if dtype is getattr(torch, "qint8", None):
+        dtype = qint8
+    names = [a.name for a in allowed]
+    try:
+        d = get_dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{what} must be one of {names} (a gpuquant dtype, its name, or "
+                        f"torch.qint8), got {dtype!r} ({type(dtype).__name__})") from None
+    except ValueError:
+        raise ValueError(f"{what} must be one of {names}, got {dtype!r}") from None
     if d not in allowed:
-        raise ValueError(f"{what} must be one of {[a.name for a in allowed]}, got {d.name}")
+        raise ValueError(f"{what} must be one of {names}, got {d.name}")
     return d
 
 
@@ -66,8 +82,8 @@ def _check_w_scale(ws: torch.Tensor, op: str) -> None:
 
 def max_in_features(act_dtype=qint8, weight_dtype=qint8_narrow) -> int:
     """Largest ``in_features`` (K) whose int32 accumulator cannot overflow."""
-    a = get_dtype(act_dtype)
-    w = get_dtype(weight_dtype)
+    a = _check_dtype(act_dtype, ACT_DTYPES, "max_in_features: act_dtype")
+    w = _check_dtype(weight_dtype, WEIGHT_DTYPES, "max_in_features: weight_dtype")
     per_k = max(-a.qmin, a.qmax) * max(-w.qmin, w.qmax)
     return (2 ** 31 - 1) // per_k
 

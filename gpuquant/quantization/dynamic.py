@@ -41,10 +41,10 @@ from typing import Callable, Optional
 import torch
 
 from ..dtypes import qint8, qint8_narrow
-from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, max_in_features
+from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
 from ..nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
 from ..nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
-                                           WeightOnlyLinear, _dtype_arg, _Int8WeightLinear,
+                                           WeightOnlyLinear, _Int8WeightLinear,
                                            keep_off_torch_fast_path)
 
 __all__ = ["quantize_dynamic", "prepare_dynamic_qat"]
@@ -210,8 +210,8 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
     """
     fn = "quantize_dynamic"
     modules = _check_common(model, modules, filter_fn, inplace, fn)
-    ad = _dtype_arg(dtype, ACT_DTYPES, f"{fn}: dtype")
-    wd = _dtype_arg(weight_dtype, WEIGHT_DTYPES, f"{fn}: weight_dtype")
+    ad = _check_dtype(dtype, ACT_DTYPES, f"{fn}: dtype")
+    wd = _check_dtype(weight_dtype, WEIGHT_DTYPES, f"{fn}: weight_dtype")
     if not isinstance(weight_only, bool):
         raise TypeError(f"{fn}: weight_only must be a bool, got {type(weight_only).__name__}")
     if not inplace:
@@ -281,8 +281,8 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
     """
     fn = "prepare_dynamic_qat"
     modules = _check_common(model, modules, filter_fn, inplace, fn)
-    ad = _dtype_arg(dtype, ACT_DTYPES, f"{fn}: dtype")
-    wd = _dtype_arg(weight_dtype, WEIGHT_DTYPES, f"{fn}: weight_dtype")
+    ad = _check_dtype(dtype, ACT_DTYPES, f"{fn}: dtype")
+    wd = _check_dtype(weight_dtype, WEIGHT_DTYPES, f"{fn}: weight_dtype")
     if not inplace:
         model = copy.deepcopy(model)
 

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..dtypes import qint8, qint8_narrow
-from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, max_in_features
-from ..nn.quantized.linear_dynamic import StaticActLinear, _dtype_arg, keep_off_torch_fast_path
+from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
+from ..nn.quantized.linear_dynamic import StaticActLinear, keep_off_torch_fast_path
 from .dynamic import _wanted, check_model_args, computes_linear
 
 __all__ = ["SmoothedLinear", "calibrate_linear_inputs", "smoothing_factors", "smooth_quant",
@@ -311,8 +311,8 @@ def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.T
     """
     check_model_args(model, filter_fn, inplace, "quantize_static_linear")
     _check_absmax_dict(act_absmax, "quantize_static_linear")
-    ad = _dtype_arg(dtype, ACT_DTYPES, "quantize_static_linear: dtype")
-    wd = _dtype_arg(weight_dtype, WEIGHT_DTYPES, "quantize_static_linear: weight_dtype")
+    ad = _check_dtype(dtype, ACT_DTYPES, "quantize_static_linear: dtype")
+    wd = _check_dtype(weight_dtype, WEIGHT_DTYPES, "quantize_static_linear: weight_dtype")
     if not inplace:
         model = copy.deepcopy(model)
     k_max = max_in_features(ad, wd)

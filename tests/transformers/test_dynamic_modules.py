@@ -328,6 +328,51 @@ def test_dtype_arguments_shared_by_every_entry_point():
             fn(m, dtype=torch.quint8, inplace=False)
     with pytest.raises(ValueError, match=r"quantize_static_linear: dtype must be one of"):
         quantize_static_linear(m, {"0": torch.ones(4)}, dtype=gpuquant.quint8)
+    # torch.qint8 everywhere a dynamic-path dtype is taken; refusals list only what is taken
+    from gpuquant.functional import dynamic as FD
+    from gpuquant.nn.qat.linear_dynamic import fake_quant_per_token
+    x = torch.randn(3, 4)
+    assert QATDynamicLinear(4, 4, act_dtype=torch.qint8).act_dtype is gpuquant.qint8
+    assert QATDynamicLinear.from_float_module(nn.Linear(4, 4), act_dtype=torch.qint8).act_dtype \
+        is gpuquant.qint8
+    assert torch.equal(fake_quant_per_token(x, torch.qint8), fake_quant_per_token(x))
+    assert all(torch.equal(a, b) for a, b in zip(FD.quantize_per_token(x, torch.qint8),
+                                                 FD.quantize_per_token(x)))
+    assert FD.max_in_features(torch.qint8) == FD.max_in_features(gpuquant.qint8)
+    with pytest.raises(TypeError, match=r"must be one of \['qint8', 'qint8_narrow'\] \(a "
+                                        r"gpuquant dtype, its name, or torch.qint8\), got "
+                                        r"torch.quint8"):
+        FD.quantize_per_token(x, torch.quint8)
+    with pytest.raises(ValueError, match=r"must be one of \['qint8', 'qint8_narrow'\], got "
+                                         r"'int3'"):
+        QATDynamicLinear(4, 4, act_dtype="int3")
+
+
+def test_mha_self_attention_batch_first_projects_once(monkeypatch):
+    """Self-attention (query is key is value) takes the one packed in-projection GEMM with
+    batch_first and unbatched inputs too (their transposed / unsqueezed views are new
+    objects): one per-token quantization for the in-projection, not three."""
+    import gpuquant.nn.quantized.linear_dynamic as LD
+    calls = []
+    real = LD.quantize_per_token
+
+    def counting(x, *a, **k):
+        calls.append(tuple(x.shape))
+        return real(x, *a, **k)
+    monkeypatch.setattr(LD, "quantize_per_token", counting)
+    for batch_first, shape in ((True, (2, 5, 16)), (False, (5, 2, 16)), (True, (5, 16))):
+        mha = nn.MultiheadAttention(16, 2, batch_first=batch_first).eval()
+        q = quantize_dynamic(mha, inplace=False)
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            calls.clear()
+            got = q(x, x, x, need_weights=False)[0]
+            n_self = len(calls)
+            calls.clear()
+            want = q(x, x.clone(), x.clone(), need_weights=False)[0]  # three projections
+            n_cross = len(calls)
+        assert n_self == 2 and n_cross > n_self, (batch_first, shape, n_self, n_cross)
+        assert torch.equal(got, want)
 
 
 def test_linear_under_several_names_is_converted_once_and_stays_tied():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backends.reference_dynamic import EPS
-from ...dtypes import get_dtype, qint8, qint8_narrow
+from ...dtypes import qint8, qint8_narrow
 from ...functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
 from ...functional.quant import fake_quant
 from ...qparams import QParams
@@ -63,7 +63,7 @@ def fake_quant_per_token(x: torch.Tensor, dtype=qint8) -> torch.Tensor:
 
 def fake_quant_weight_per_channel(w: torch.Tensor, dtype=qint8_narrow) -> torch.Tensor:
     """Symmetric per-output-channel fake quantization of a (N, K) weight, float32, STE."""
-    d = get_dtype(dtype)
+    d = _check_dtype(dtype, WEIGHT_DTYPES, "fake_quant_weight_per_channel: dtype")
     w32 = w.to(torch.float32)
     with torch.no_grad():
         amax = w32.abs().amax(dim=1)
@@ -98,9 +98,8 @@ class DynamicLinear(torch.nn.Linear, Module):
         self._init_dynamic(act_dtype, weight_dtype, weight_only)
 
     def _init_dynamic(self, act_dtype, weight_dtype, weight_only):
-        ad, wd = get_dtype(act_dtype), get_dtype(weight_dtype)
-        _check_dtype(ad, ACT_DTYPES, "act_dtype")
-        _check_dtype(wd, WEIGHT_DTYPES, "weight_dtype")
+        ad = _check_dtype(act_dtype, ACT_DTYPES, "act_dtype")
+        wd = _check_dtype(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
         if not isinstance(weight_only, bool):
             raise TypeError(f"weight_only must be a bool, got {type(weight_only).__name__}")
         if not weight_only and self.in_features > max_in_features(ad, wd):

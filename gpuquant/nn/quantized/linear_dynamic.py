@@ -50,20 +50,6 @@ __all__ = ["DynamicLinear", "WeightOnlyLinear", "StaticActLinear", "DynamicMulti
            "per_channel_weight_scale", "keep_off_torch_fast_path"]
 
 
-def _dtype_arg(dtype, allowed, what: str) -> QuantDtype:
-    """A dtype argument of the dynamic path: a gpuquant dtype or its name; ``torch.qint8``
-    (what users of PyTorch's ``quantize_dynamic`` pass) is read as ``gpuquant.qint8``, the
-    same range.
-
-    Raises:
-        TypeError, ValueError: as :func:`gpuquant.functional.dynamic._check_dtype` (the
-            message names ``what``, the value and the allowed dtypes).
-    """
-    if dtype is getattr(torch, "qint8", None):
-        dtype = qint8
-    return _check_dtype(dtype, allowed, what)
-
-
 def _dequantize(wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """The float32 weight an int8 (N, K) weight stands for: ``wq * w_scale[:, None]``."""
     return wq.to(torch.float32) * w_scale[:, None]
@@ -97,7 +83,7 @@ def quantize_weight_per_channel(weight: torch.Tensor, dtype=qint8_narrow, scale=
         raise TypeError(f"weight must be a 2-D float tensor, got "
                         f"{getattr(weight, 'dtype', type(weight).__name__)} "
                         f"{tuple(getattr(weight, 'shape', ()))}")
-    d = _dtype_arg(dtype, WEIGHT_DTYPES, "weight dtype")
+    d = _check_dtype(dtype, WEIGHT_DTYPES, "weight dtype")
     if bool(torch.isnan(weight).any()) or bool(torch.isinf(weight).any()):
         raise ValueError("weight contains NaN or Inf, which have no int8 value")
     s = per_channel_weight_scale(weight, d) if scale is None else scale.detach().to(torch.float32)
@@ -150,7 +136,7 @@ class _Int8WeightLinear(Module):
         for v, what in ((in_features, "in_features"), (out_features, "out_features")):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{what} must be an int >= 1, got {v!r}")
-        wd = _dtype_arg(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
+        wd = _check_dtype(weight_dtype, WEIGHT_DTYPES, "weight_dtype")
         self.in_features, self.out_features, self.weight_dtype = in_features, out_features, wd
         self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=torch.int8,
                                                    device=device))
@@ -193,9 +179,9 @@ class _Int8WeightLinear(Module):
         return state
 
     def set_extra_state(self, state) -> None:
-        self.weight_dtype = _dtype_arg(state["weight_dtype"], WEIGHT_DTYPES, "weight_dtype")
+        self.weight_dtype = _check_dtype(state["weight_dtype"], WEIGHT_DTYPES, "weight_dtype")
         if "act_dtype" in state:
-            self.act_dtype = _dtype_arg(state["act_dtype"], ACT_DTYPES, "act_dtype")
+            self.act_dtype = _check_dtype(state["act_dtype"], ACT_DTYPES, "act_dtype")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._fast.clear()
@@ -336,7 +322,7 @@ class DynamicLinear(_Int8WeightLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act_dtype=qint8,
                  weight_dtype=qint8_narrow, device=None):
         super().__init__(in_features, out_features, bias, weight_dtype, device)
-        ad = _dtype_arg(act_dtype, ACT_DTYPES, "act_dtype")
+        ad = _check_dtype(act_dtype, ACT_DTYPES, "act_dtype")
         self.act_dtype = ad
         k_max = max_in_features(ad, self.weight_dtype)
         if in_features > k_max:
@@ -419,7 +405,7 @@ class StaticActLinear(DynamicLinear):
         a = float(act_absmax)
         if not (a >= 0 and a != float("inf")):
             raise ValueError(f"act_absmax must be finite and >= 0, got {a!r}")
-        ad = _dtype_arg(act_dtype, ACT_DTYPES, "act_dtype")
+        ad = _check_dtype(act_dtype, ACT_DTYPES, "act_dtype")
         scale = max(torch.tensor(a, dtype=torch.float32) / float(ad.qmax), torch.tensor(EPS))
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, ad,
                 weight_dtype, act_scale=float(scale), device=linear.weight.device)
@@ -495,7 +481,10 @@ class DynamicMultiheadAttention(Module):
     other MHAs float and logs which). Dropout is inference-off.
 
     Forward arguments and results are those of ``torch.nn.MultiheadAttention.forward``
-    (attention weights in the query's dtype, as torch returns them).
+    (attention weights in the query's dtype, as torch returns them). A query whose keys are
+    all masked gets NaN, the softmax of all -inf, as torch's math path gives it (with
+    ``need_weights=True``, or float masks); torch's fused path for a lone boolean mask
+    without weights gives zeros there instead.
 
     Args:
         embed_dim, num_heads, batch_first, bias: as ``torch.nn.MultiheadAttention``.
@@ -587,6 +576,7 @@ class DynamicMultiheadAttention(Module):
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         if self.training:
             raise RuntimeError("DynamicMultiheadAttention is an inference module; call .eval()")
+        same = query is key and key is value
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -594,12 +584,14 @@ class DynamicMultiheadAttention(Module):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         if self.batch_first and not unbatched:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if same:  # self-attention: one projection (the views above are new objects)
+            key = value = query
         # now (L, N, E) as in torch's functional MHA
         tgt_len, bsz, e = query.shape
         src_len = key.shape[0]
         h, d = self.num_heads, self.head_dim
         out_dtype = query.dtype
-        if query is key and key is value:
+        if same:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
         else:
             q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
