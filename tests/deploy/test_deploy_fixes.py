@@ -71,15 +71,6 @@ def test_avgpool_ceil_mode_export_matches_gpuquant(kw, hw, tmp_path):
     assert np.abs(got - want).max() / m.dq.input_scale.item() <= 1 + 1e-3
 
 
-class _AnyPool(gnn.Module):
-    def __init__(self, pool):
-        super().__init__()
-        self.quant, self.pool, self.dq = gnn.QuantStub(), pool, gnn.DequantStub()
-
-    def forward(self, x):
-        return self.dq(self.pool(self.quant(x)))
-
-
 @pytest.mark.parametrize("make,hw", [
     # PyTorch drops the last window (it would start in the right padding) in both
     # dimensions, where ONNX's ceil mode keeps it: floor mode gives PyTorch's windows
@@ -91,7 +82,7 @@ def test_pool_ceil_mode_dropped_last_window_exports(make, hw, tmp_path):
     """ceil_mode pools whose last window PyTorch drops: exported in floor mode (same
     windows and divisors; onnx's shape inference agrees on the size), the runtime's bytes
     equal gpuquant's, onnxruntime within one step."""
-    m = _int8(_AnyPool(make()), (4, 2) + hw)
+    m = _int8(_One(make()), (4, 2) + hw)
     x = torch.randn(2, 2, *hw)
     path = tmp_path / "pool.onnx"
     proto = to_onnx(m, x, path)
@@ -107,7 +98,7 @@ def test_pool_ceil_mode_dropped_last_window_exports(make, hw, tmp_path):
 def test_pool_ceil_mode_dropped_in_one_dimension_only_refused():
     # kernel 2 drops H's last window at 11, kernel 3 keeps a partial one in W at 6: no
     # single ONNX ceil_mode says both
-    m = _int8(_AnyPool(gnn.MaxPool2d((2, 3), 2, 1, ceil_mode=True)), (2, 1, 11, 6))
+    m = _int8(_One(gnn.MaxPool2d((2, 3), 2, 1, ceil_mode=True)), (2, 1, 11, 6))
     with pytest.raises(NotImplementedError, match="partial last window in one dimension"):
         to_onnx(m, torch.randn(1, 1, 11, 6))
 

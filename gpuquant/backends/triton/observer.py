@@ -137,8 +137,9 @@ def _observe_partial_kernel(
     :func:`.common.last_to_finish`) reduces the partials, updates the state in place, adds
     a batch with any non-finite channel to ``bad`` and writes each channel's scale and
     zero point (float32) to ``part[2 split C + c]`` / ``part[(2 split + 1) C + c]``, the
-    arithmetic of ``_observer_update_kernel`` (:func:`_update_channels`). ``_observe_fq_kernel`` then only reads the
-    qparams: no per-program reduction of the partials, no state snapshot."""
+    arithmetic of ``_observer_update_kernel`` (:func:`_update_channels`).
+    ``_observe_fq_kernel`` then only reads the qparams: no per-program reduction of the
+    partials, no state snapshot."""
     _partial_minmax(x_ptr, part_ptr, rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
                     x2_ptr, ROWS32, BLOCK_R, BLOCK_C, RELU, ADD)
     if last_to_finish(tick_ptr, tl.num_programs(0) * tl.num_programs(1)):
