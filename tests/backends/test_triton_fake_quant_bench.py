@@ -20,17 +20,19 @@ def test_fake_quant_suite_cases():
     assert {p["numel"] for p in quick} == {2 ** 20, 2 ** 24}
     assert {(p["mode"], p["granularity"], p["dtype"]) for p in full} == {
         (m, g, d) for m in ("fwd", "bwd", "fwd+bwd") for g in ("per_tensor", "per_channel")
-        for d in ("float32", "bfloat16")}
-    assert len(full) == 3 * 2 * 2 * 5
+        for d in ("float32", "bfloat16")} | {("observe", "per_tensor", d)
+                                             for d in ("float32", "bfloat16")}
+    assert len(full) == (3 * 2 + 1) * 2 * 5
     for n in (2 ** 20, 2 ** 28):
         shape = fq_suite.activation_shape(n)
         assert shape[1] == 64 and shape[2] == shape[3] == 32 and torch.Size(shape).numel() == n
     assert fq_suite.bytes_per_element({"mode": "fwd+bwd", "dtype": "bfloat16"}) == 8
     assert fq_suite.bytes_per_element({"mode": "bwd", "dtype": "float32"}) == 8
+    assert fq_suite.bytes_per_element({"mode": "observe", "dtype": "bfloat16"}) == 6
     with pytest.raises(ValueError, match="power of 4"):
         fq_suite.activation_shape(64 * 8)
     cases = fq_suite.build_cases(full, "cpu")  # builds no tensors
-    for c in cases:
+    for c in cases:  # torch-fused where it applies (observe: with its observer on)
         fused = c.params["granularity"] == "per_tensor" and c.params["dtype"] == "float32"
         assert set(c.providers) == {"torch", "gpuquant-triton", "copy"} | (
             {"torch-fused"} if fused else set())
@@ -51,11 +53,32 @@ def test_fake_quant_suite_providers_run_and_agree():
         assert all(r["unit"] == "GB/s" and r["throughput"] > 0 for r in res.rows)
 
 
+def test_fake_quant_observe_mode_checks_the_observer_qparams():
+    """observe mode: each provider's y is checked with the qparams its observer holds after
+    the call; y made with other qparams (the observer's state before the batch, or a
+    shifted zero point) is caught."""
+    (p,) = [q for q in fq_suite.case_params(True, sizes=[64 * 64], dtypes=["float32"])
+            if q["mode"] == "observe"]
+    torch.manual_seed(1)
+    inp = fq_suite._make_inputs(p, "cpu")(0)
+    for setup in (fq_suite._observe_triton_setup, fq_suite._observe_torch_setup,
+                  fq_suite._observe_fused_setup):
+        out = setup(inp)()
+        assert fq_suite._check_observed(inp, out), setup.__name__
+        setup(inp)()  # a fresh observer, its qparams recorded again
+        qp = fq_suite._OBSERVED[id(inp)]()
+        shifted = lambda: (qp[0], qp[1] + 1)  # noqa: E731
+        fq_suite._OBSERVED[id(inp)] = shifted
+        assert not fq_suite._check_observed(inp, out), setup.__name__
+
+
 def test_fake_quant_check_sees_the_last_image_dtype_and_shape():
     """check_output compares images spread over the batch, the last included, and the whole
     output's dtype and shape: a wrong value in the last image is caught, and so is a float32
     output for a bfloat16 input."""
     for p in fq_suite.case_params(True, sizes=[64 * 1024 * 4], dtypes=["bfloat16"]):
+        if p["mode"] == "observe":  # its check: the test above
+            continue
         torch.manual_seed(0)
         inp = fq_suite._make_inputs(p, "cpu")(0)
         assert inp["x"].shape[0] == 4

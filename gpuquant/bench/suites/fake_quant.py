@@ -2,7 +2,9 @@
 the bandwidth ceiling (GPU only).
 
 Params: ``mode`` (``fwd``: the training forward, writing ``y`` and what the backward keeps;
-``bwd``: the backward alone, the graph built untimed; ``fwd+bwd``), ``granularity``
+``bwd``: the backward alone, the graph built untimed; ``fwd+bwd``; ``observe``: per tensor,
+the QAT activation step: a moving-average observer records ``x``, then the training forward
+with its new qparams), ``granularity``
 (``per_tensor``: quint8, zero point near 128; ``per_channel``: qint8, zero point 0, along the
 channel axis), ``dtype`` (float32, bfloat16), ``numel`` (2^20 ... 2^28; ``--quick``: 2^20,
 2^24). The input is an activation as a QAT network sees it: ``(N, 64, H, W)`` in
@@ -18,11 +20,20 @@ Providers (all on the same tensors, interleaved):
 * ``torch-fused``: ``torch.fused_moving_avg_obs_fake_quant`` with the observer off (so it
   does the same work), per-tensor float32 only (where it applies);
 * ``copy``: ``Tensor.copy_`` moving the bytes the op must move at minimum (fwd: read x,
-  write y; bwd: read grad, write grad_x; fwd+bwd: both): the achievable-bandwidth ceiling,
-  measured in the same run.
+  write y; bwd: read grad, write grad_x; fwd+bwd: both; observe: ``x.amax()`` then the
+  copy, x read twice: the qparams of a batch depend on all of it): the achievable-bandwidth
+  ceiling, measured in the same run.
 
-Throughput: GB/s of those minimal bytes (2E an element for fwd and bwd, 4E for fwd+bwd,
-E = 4 or 2 bytes). Targets (issue 5), at numel >= 2^24: ``gpuquant-triton`` at least 2x
+``observe`` mode (quint8, affine, momentum 0.9, on a fresh observer each input set):
+``gpuquant-triton`` is :func:`gpuquant.backends.triton.observer.observe_fake_quant` (the
+two-launch path the QAT modules take, no host sync); ``torch`` PyTorch's eager QAT module,
+``torch.ao.quantization.FakeQuantize`` with its ``MovingAverageMinMaxObserver``;
+``torch-fused`` ``torch.fused_moving_avg_obs_fake_quant`` with the observer on (float32).
+Their ``exact_vs_numpy``: ``y`` against the formula with the qparams the provider's
+observer holds after that call (what the observer computed is the observer tests' subject).
+
+Throughput: GB/s of those minimal bytes (2E an element for fwd and bwd, 4E for fwd+bwd, 3E
+for observe, E = 4 or 2 bytes). Targets (issue 5), at numel >= 2^24: ``gpuquant-triton`` at least 2x
 faster than ``torch`` per-channel fwd+bwd; its time within 1 / 0.85 of ``copy``'s; per-channel
 no more than 1.1x per-tensor.
 
@@ -35,8 +46,9 @@ Run on a GPU: ``gpuquant bench fake_quant --out bench/results/<device-slug>``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -45,7 +57,7 @@ from ...dtypes import qint8, quint8
 from ..harness import Case, Provider, ProviderUnavailable, Suite, exact_rows, sample_rows
 
 CHANNELS = 64
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd", "observe")
 GRANULARITIES = ("per_tensor", "per_channel")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SIZES = [2 ** 20, 2 ** 22, 2 ** 24, 2 ** 26, 2 ** 28]
@@ -70,12 +82,13 @@ def case_params(quick: bool, sizes=None, dtypes=None) -> List[Dict]:
     sizes = sizes or (QUICK_SIZES if quick else SIZES)
     dtypes = dtypes or list(DTYPES)
     return [{"mode": m, "granularity": g, "dtype": dt, "numel": n}
-            for m in MODES for g in GRANULARITIES for dt in dtypes for n in sizes]
+            for m in MODES for g in GRANULARITIES for dt in dtypes for n in sizes
+            if not (m == "observe" and g == "per_channel")]
 
 
 def bytes_per_element(params) -> int:
     e = torch.finfo(DTYPES[params["dtype"]]).bits // 8
-    return (4 if params["mode"] == "fwd+bwd" else 2) * e
+    return {"fwd+bwd": 4, "observe": 3}.get(params["mode"], 2) * e
 
 
 def _throughput(params, ms):
@@ -109,7 +122,7 @@ def _runner(fq, inp):
     """The timed callable for ``fq(t) -> y`` in the input's mode."""
     x, g, mode = inp["x"], inp["g"], inp["mode"]
     xg = x.detach().clone().requires_grad_(True)
-    if mode == "fwd":
+    if mode in ("fwd", "observe"):
         return lambda: fq(xg)  # the training forward (keeps what the backward needs)
     if mode == "bwd":
         y = fq(xg)
@@ -149,7 +162,7 @@ def check_output(inp, out) -> bool:
     mode = inp["mode"]
     if mode == "fwd+bwd" and not (isinstance(out, tuple) and len(out) == 2):
         return False
-    pairs = {"fwd": [(out, y_ref)], "bwd": [(out, gx_ref)],
+    pairs = {"fwd": [(out, y_ref)], "observe": [(out, y_ref)], "bwd": [(out, gx_ref)],
              "fwd+bwd": list(zip(out, (y_ref, gx_ref)))}[mode]
     return all(exact_rows(got, want, rows, n) for got, want in pairs)
 
@@ -203,9 +216,81 @@ def _check_fused(inp, out) -> bool:
     return check_output(dict(inp, scale=s, zp=zp), out)
 
 
+_OBSERVED: Dict[int, Callable[[], tuple]] = {}  # id(inputs) -> the provider's qparams now
+
+
+def _check_observed(inp, out) -> bool:
+    """``observe`` mode: ``out`` against the formula with the qparams the provider's observer
+    holds after the call that gave it."""
+    s, zp = _OBSERVED.pop(id(inp))()
+    if not (bool(torch.isfinite(s).all()) and float(s) > 0):
+        return False
+    return check_output(dict(inp, scale=s.reshape(()).float(), zp=zp.reshape(()).int()), out)
+
+
+def _observe_triton_setup(inp):
+    try:
+        from ...backends import registry
+        from ...backends.triton.observer import observe_fake_quant
+        registry.get_backend("triton")
+    except (ImportError, ValueError) as e:
+        raise ProviderUnavailable(f"triton backend not available here: {e}")
+    from ... import backends
+    from ...quantization import ExponentialMovingAverageObserver, FakeQuantize
+    dev = inp["x"].device
+    obs = ExponentialMovingAverageObserver(0.9, quint8, symmetric=False,
+                                           check_finite=False).to(dev)
+    fqm = FakeQuantize(quint8).to(dev)
+
+    def fq(t):  # on CPU tensors (the interpreter) only when the backend is chosen
+        with backends.use("triton") if dev.type == "cpu" else contextlib.nullcontext():
+            y = observe_fake_quant(t, obs, fqm)
+        if y is None:
+            raise ProviderUnavailable("observe_fake_quant does not take this observer pair")
+        return y
+    _OBSERVED[id(inp)] = lambda: (obs.get_qparams().scale, obs.get_qparams().zero_point)
+    return _runner(fq, inp)
+
+
+def _observe_torch_setup(inp):
+    from torch.ao.quantization import FakeQuantize as TorchFakeQuantize
+    from torch.ao.quantization import MovingAverageMinMaxObserver
+    m = TorchFakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=quint8.qmin,
+                          quant_max=quint8.qmax, dtype=torch.quint8, averaging_constant=0.1,
+                          qscheme=torch.per_tensor_affine).to(inp["x"].device)
+    try:
+        m(inp["x"].detach().clone())
+    except RuntimeError as e:  # e.g. a dtype its kernels do not take
+        raise ProviderUnavailable(f"torch.ao FakeQuantize: {e}")
+    m.activation_post_process.reset_min_max_vals()
+    _OBSERVED[id(inp)] = lambda: (m.scale, m.zero_point)
+    return _runner(m, inp)
+
+
+def _observe_fused_setup(inp):
+    dev = inp["x"].device
+    on = torch.ones(1, dtype=torch.long, device=dev)
+    rmin = torch.full((1,), float("inf"), device=dev)
+    rmax = torch.full((1,), float("-inf"), device=dev)
+    s = torch.ones(1, device=dev)
+    zp = torch.zeros(1, dtype=torch.int32, device=dev)
+    lo, hi = quint8.qmin, quint8.qmax
+
+    def fq(t):
+        return torch.fused_moving_avg_obs_fake_quant(t, on, on, rmin, rmax, s, zp, 0.1, lo, hi,
+                                                     0, False, False)
+    _OBSERVED[id(inp)] = lambda: (s, zp)
+    return _runner(fq, inp)
+
+
 def _copy_setup(inp):
     x, g, mode = inp["x"], inp["g"], inp["mode"]
     y, gx = torch.empty_like(x), torch.empty_like(g)
+    if mode == "observe":
+        def observe_bytes():
+            x.amax()
+            return y.copy_(x)
+        return observe_bytes
     if mode == "fwd":
         return lambda: y.copy_(x)
     if mode == "bwd":
@@ -221,13 +306,22 @@ def _copy_setup(inp):
 def build_cases(params_list, device) -> List[Case]:
     cases = []
     for p in params_list:
-        providers = {
-            "torch": Provider(_torch_setup, check=check_output),
-            "gpuquant-triton": Provider(_triton_setup, check=check_output),
-            "copy": Provider(_copy_setup),
-        }
-        if p["granularity"] == "per_tensor" and p["dtype"] == "float32":
-            providers["torch-fused"] = Provider(_torch_fused_setup, check=_check_fused)
+        if p["mode"] == "observe":
+            providers = {
+                "torch": Provider(_observe_torch_setup, check=_check_observed),
+                "gpuquant-triton": Provider(_observe_triton_setup, check=_check_observed),
+                "copy": Provider(_copy_setup),
+            }
+            if p["dtype"] == "float32":
+                providers["torch-fused"] = Provider(_observe_fused_setup, check=_check_observed)
+        else:
+            providers = {
+                "torch": Provider(_torch_setup, check=check_output),
+                "gpuquant-triton": Provider(_triton_setup, check=check_output),
+                "copy": Provider(_copy_setup),
+            }
+            if p["granularity"] == "per_tensor" and p["dtype"] == "float32":
+                providers["torch-fused"] = Provider(_torch_fused_setup, check=_check_fused)
         cases.append(Case(params=dict(p), inputs=_make_inputs(p, device), providers=providers,
                           throughput=_throughput))
     return cases
