@@ -354,6 +354,16 @@ class _RangeObserver(Observer):
     def _combine(self, mn, mx, cur_min, cur_max):
         raise NotImplementedError
 
+    def recorded_finite(self) -> bool:
+        """Whether some recorded batch was kept: with ``check_finite=False`` a non-finite
+        batch is dropped without a host read (counted in ``nonfinite_batches``), so an
+        observer whose every batch held NaN / Inf reports ``has_observed`` with its state
+        still +-inf (qparams of scale eps). A host read, for conversion; per channel: any
+        channel."""
+        if not self._observed or self.min_val.numel() == 0:
+            return False
+        return bool((torch.isfinite(self.min_val) & torch.isfinite(self.max_val)).any())
+
     def get_qparams(self) -> QParams:
         # the recorded range gives a finite scale (refused in _record, on its host read)
         self._require_observed()

@@ -32,7 +32,7 @@ from ..nn.qat.module import QATModule
 from ..nn.quantized.module import QuantizedModule
 from .fake_quant import FakeQuantBase
 from .fx import needs_dropin, prepare_plain
-from .observer import Observer
+from .observer import Observer, _RangeObserver
 from .._checks import check_bool as _check_bool
 from .qconfig import QConfig, ema_fakequant_qconfig
 
@@ -257,6 +257,14 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
                                 f"{type(m).__name__} has no quantized version in the mapping; "
                                 f"pass mapping={{{type(m).__name__}: ...}} or call "
                                 f"disable_quantize() on it")
+            for o in m.modules():  # a state no finite batch reached: qparams of scale eps
+                if isinstance(o, _RangeObserver) and o.has_observed and not o.recorded_finite():
+                    raise ValueError(
+                        f"quantize: module {name or '<root>'!r} ({type(m).__name__}): its "
+                        f"{o._name()} kept no batch: every batch it saw held NaN / Inf "
+                        f"(dropped without a host read under check_finite=False; "
+                        f"nonfinite_batches = {int(o.nonfinite_batches)}); calibrate it on "
+                        f"finite data")
             try:
                 return cls.from_qat_module(m, name)
             except ValueError as e:

@@ -643,3 +643,39 @@ def test_requant_multiplier_past_range_fails_the_conversion_naming_the_module():
     with pytest.raises(ValueError, match=r"module 'c' \(ConvRelu62d\): requantization "
                                          r"multiplier .* too large"):
         quantize(qat)
+
+
+def test_observer_that_kept_no_batch_fails_the_conversion_by_name():
+    """With check_finite=False a NaN / Inf batch is dropped without a host read; an observer
+    that saw only such batches reports has_observed with a +-inf state (qparams of scale
+    eps): quantize() refuses it, naming the module and the dropped count, instead of an
+    int8 model whose outputs are all ~0. One finite batch after is enough."""
+    from functools import partial
+
+    from gpuquant.quantization import (ExponentialMovingAverageObserver, FakeQuantize,
+                                       MinMaxObserver, QConfig)
+    qc = QConfig(weight_observer=partial(MinMaxObserver, symmetric=True, axis=0,
+                                         dtype=gpuquant.qint8_narrow, check_finite=False),
+                 act_observer=partial(ExponentialMovingAverageObserver, 0.9,
+                                      check_finite=False),
+                 weight_fake_quant=partial(FakeQuantize, gpuquant.qint8_narrow),
+                 act_fake_quant=partial(FakeQuantize, gpuquant.qint8))
+
+    class Net(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.c, self.dq = gnn.QuantStub(), gnn.ConvRelu2d(3, 4, 3), gnn.DequantStub()
+
+        def forward(self, x):
+            return self.dq(self.c(self.q(x)))
+    qat = quantize_qat(Net(), qc).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        qat(torch.full_like(x, float("nan")))
+    assert qat.q.act_observer.has_observed and not qat.q.act_observer.recorded_finite()
+    with pytest.raises(ValueError, match=r"quantize: module 'q' \(QuantStub\): its .* kept no "
+                                         r"batch.*nonfinite_batches = 1"):
+        quantize(copy.deepcopy(qat))
+    with torch.no_grad():
+        qat(x)
+    quantize(qat)
