@@ -625,20 +625,24 @@ def test_bias_past_int32_at_a_degenerate_input_scale_raises_the_weight_scale(lin
     assert (got - want).abs().max() <= step * (1 + 1e-4)
 
 
+class _StubbedConv(gnn.Module):
+    """QuantStub -> ``layer`` (as ``c``) -> DequantStub."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.q, self.c, self.dq = gnn.QuantStub(), layer, gnn.DequantStub()
+
+    def forward(self, x):
+        return self.dq(self.c(self.q(x)))
+
+
 def test_requant_multiplier_past_range_fails_the_conversion_naming_the_module():
     """Scales whose requantization multiplier s_x s_w / s_y reaches 2^30 (a ReLU6 output
     range after an input range of 1e14) are refused by quantize(), naming the module, not
     at the int8 model's first call."""
-    class Net(gnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.c, self.dq = gnn.QuantStub(), gnn.ConvRelu62d(3, 4, 3), gnn.DequantStub()
-
-        def forward(self, x):
-            return self.dq(self.c(self.q(x)))
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6) * 1e14
-    qat = quantize_qat(Net(), calibration_qconfig)
+    qat = quantize_qat(_StubbedConv(gnn.ConvRelu62d(3, 4, 3)), calibration_qconfig)
     qat.eval()(x)
     with pytest.raises(ValueError, match=r"module 'c' \(ConvRelu62d\): requantization "
                                          r"multiplier .* too large"):
@@ -660,15 +664,7 @@ def test_observer_that_kept_no_batch_fails_the_conversion_by_name():
                                       check_finite=False),
                  weight_fake_quant=partial(FakeQuantize, gpuquant.qint8_narrow),
                  act_fake_quant=partial(FakeQuantize, gpuquant.qint8))
-
-    class Net(gnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.c, self.dq = gnn.QuantStub(), gnn.ConvRelu2d(3, 4, 3), gnn.DequantStub()
-
-        def forward(self, x):
-            return self.dq(self.c(self.q(x)))
-    qat = quantize_qat(Net(), qc).eval()
+    qat = quantize_qat(_StubbedConv(gnn.ConvRelu2d(3, 4, 3)), qc).eval()
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         qat(torch.full_like(x, float("nan")))
