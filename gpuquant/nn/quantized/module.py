@@ -12,6 +12,7 @@ arithmetic, not the dtype of the model's float inputs.
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -255,9 +256,9 @@ def _bias_fitting_weight_scale(w_qp: QParams, b: torch.Tensor, in_qp: QParams, k
     of at most ``max |x - zp| s_x`` change the output by at most ``k max|x - zp| s_x s_w[c]
     / 2 = k max|x - zp| |b| / (2 L)`` (~4e-5 ``|b|`` at k = 1000): far below the one output
     step the contract allows between the QAT and the int8 module."""
-    unit = _bias_unit(in_qp, w_qp)
-    need = b.detach().double().cpu().abs() / unit
-    if not bool((need > qint32.qmax - 0.5).any()):
+    b_abs = b.detach().double().cpu().abs()
+    bad = b_abs / _bias_unit(in_qp, w_qp) > qint32.qmax - 0.5
+    if not bool(bad.any()):
         return w_qp
     zp = int(in_qp.zero_point.reshape(-1)[0])
     x_room = max(abs(in_qp.dtype.qmin - zp), abs(in_qp.dtype.qmax - zp))
@@ -266,14 +267,12 @@ def _bias_fitting_weight_scale(w_qp: QParams, b: torch.Tensor, in_qp: QParams, k
     if room < 2 ** 24:  # no useful room: the accumulator check will name the shape
         return w_qp
     s_x = float(in_qp.scale.double().reshape(-1)[0])
-    bad = need > qint32.qmax - 0.5
-    want = b.detach().double().cpu().abs() / (s_x * room)
+    want = b_abs / (s_x * room)
     scale = w_qp.scale.detach().double().cpu().clone()
     raised = torch.where(bad, torch.maximum(scale, want), scale).float()
     # float32 rounding of the raised scales: up, so that the bias fits
     low = raised.double() < torch.where(bad, want, scale)
     raised = torch.where(low, torch.nextafter(raised, torch.tensor(float("inf"))), raised)
-    import warnings
     chans = torch.nonzero(bad).reshape(-1).tolist()
     warnings.warn(f"{who}: the bias of output channel(s) {chans[:8]}"
                   f"{'...' if len(chans) > 8 else ''} does not fit int32 in units of s_x * s_w "
