@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._compile import eager_under_compile
 from ..backends.registry import get_op
 from ..dtypes import QuantDtype, get_dtype, qint8, qint8_narrow
 from .integer import check_accumulator_range
@@ -88,6 +89,7 @@ def max_in_features(act_dtype=qint8, weight_dtype=qint8_narrow) -> int:
     return (2 ** 31 - 1) // per_k
 
 
+@eager_under_compile
 def quantize_per_token(x: torch.Tensor, dtype=qint8) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantization with one scale per token (row of the last dimension).
 
@@ -124,6 +126,7 @@ def quantize_per_token(x: torch.Tensor, dtype=qint8) -> Tuple[torch.Tensor, torc
     return q.reshape(x.shape), s.reshape(x.shape[:-1])
 
 
+@eager_under_compile
 def linear_dynamic(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
                    w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
                    out_dtype: torch.dtype = torch.float32, act_dtype=qint8,
@@ -185,6 +188,7 @@ def linear_dynamic(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
     return y.reshape(out_shape)
 
 
+@eager_under_compile
 def linear_weight_only(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                        bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weight-only int8 linear: ``(x @ wq.T) * w_scale + bias`` with a float32 accumulator,

@@ -11,6 +11,7 @@ import weakref
 
 import torch
 
+from .._compile import eager_under_compile
 from .._tensors import version
 from ..qparams import _MIN_SCALE
 
@@ -294,6 +295,7 @@ def _conv_args(op, x, x_zero_point, weight, bias, stride, padding, dilation, gro
     return zp, stride, padding, dilation, (x.shape[0], o, ho, wo)
 
 
+@eager_under_compile
 def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, groups=1, rq=None,
            *, w_absmax=None, bias_absmax=None):
     """Integer 2-D convolution: ``requant(sum((x - zp_x) * w) + bias)``.
@@ -389,6 +391,7 @@ def _linear_args(op, x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax):
     return zp, (*x.shape[:-1], o)
 
 
+@eager_under_compile
 def linear(x, x_zero_point, weight, bias, rq, *, w_absmax=None, bias_absmax=None):
     """Integer fully connected layer on the last dimension: ``requant(sum((x - zp_x) * w) + bias)``.
 
@@ -408,6 +411,7 @@ def linear(x, x_zero_point, weight, bias, rq, *, w_absmax=None, bias_absmax=None
         bias_absmax=bias_absmax))
 
 
+@eager_under_compile
 def add(a, b, params):
     """Integer addition with TFLite's reference semantics (shapes broadcast).
 
@@ -464,6 +468,7 @@ def _composed(x) -> dict:
     return compose(_OpsOn(x))
 
 
+@eager_under_compile
 def conv2d_add(x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq, residual,
                add_params, *, w_absmax=None, bias_absmax=None):
     """``add(conv2d(x, ...), residual, add_params)`` in one pass where the backend has the
@@ -483,6 +488,7 @@ def conv2d_add(x, x_zero_point, weight, bias, stride, padding, dilation, groups,
         w_absmax=w_absmax, bias_absmax=bias_absmax), residual, add_params)
 
 
+@eager_under_compile
 def linear_add(x, x_zero_point, weight, bias, rq, residual, add_params, *, w_absmax=None,
                bias_absmax=None):
     """``add(linear(x, ...), residual, add_params)``, fused where the backend can (see
@@ -515,6 +521,7 @@ def _check_scale(op, scale) -> None:
                          f"float32 reciprocal (about 2.94e-39 to 3.4e38), got {v}")
 
 
+@eager_under_compile
 def conv2d_dequant(x, x_zero_point, weight, bias, stride, padding, dilation, groups, rq, scale,
                    *, w_absmax=None, bias_absmax=None):
     """``dequantize(conv2d(x, ...))`` as float32 ``(y - rq.zero_point) * scale`` (a network's
@@ -525,6 +532,7 @@ def conv2d_dequant(x, x_zero_point, weight, bias, stride, padding, dilation, gro
         (stride, padding, dilation, groups), w_absmax=w_absmax, bias_absmax=bias_absmax), scale)
 
 
+@eager_under_compile
 def linear_dequant(x, x_zero_point, weight, bias, rq, scale, *, w_absmax=None, bias_absmax=None):
     """``dequantize(linear(x, ...))`` as float32, fused where the backend can (see
     :func:`conv2d_dequant`)."""
@@ -557,6 +565,7 @@ def _same_shape(op, out_shape, res_shape) -> bool:
         tuple(out_shape) == tuple(res_shape)
 
 
+@eager_under_compile
 def mul(a, a_zero_point, b, b_zero_point, rq):
     """Integer multiplication (TFLite ``Mul``): ``requant((a - zp_a) * (b - zp_b))``.
 
@@ -573,6 +582,7 @@ def mul(a, a_zero_point, b, b_zero_point, rq):
     return get_op("mul", a)(a, za, b, zb, rq)
 
 
+@eager_under_compile
 def concat(xs, zero_points, rqs, dim, out_dtype):
     """Concatenate quantized tensors into one output's qparams.
 
@@ -625,6 +635,7 @@ def concat(xs, zero_points, rqs, dim, out_dtype):
     return get_op("concat", xs[0])(xs, zps, list(rqs), d, out_dtype.storage)
 
 
+@eager_under_compile
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """Max pooling on the integers (the output keeps the input's qparams). A window that
     lies entirely in the padding (possible with dilation or ceil_mode) gives the storage
@@ -642,6 +653,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     return get_op("max_pool2d", x)(x, k, s, p, d, bool(ceil_mode))
 
 
+@eager_under_compile
 def avg_pool2d(x, zero_point, kernel_size, stride=None, padding=0, ceil_mode=False,
                count_include_pad=True, divisor_override=None, qmin=None, qmax=None):
     """Integer average pooling (TFLite rounding; PyTorch's divisor rules).
@@ -669,6 +681,7 @@ def avg_pool2d(x, zero_point, kernel_size, stride=None, padding=0, ceil_mode=Fal
                                    divisor_override, qmin, qmax)
 
 
+@eager_under_compile
 def adaptive_avg_pool2d(x, zero_point, output_size, qmin=None, qmax=None):
     """Integer adaptive average pooling (PyTorch's windows, TFLite rounding).
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .._compile import eager_under_compile
 from ..backends.registry import get_op
 from ..qparams import QParams
 
@@ -30,6 +31,7 @@ def _on(qparams: QParams, x: torch.Tensor):
     return s, z
 
 
+@eager_under_compile
 def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """Float -> integer: ``clamp(rne(x * (1/scale)) + zero_point, qmin, qmax)``.
 
@@ -62,6 +64,7 @@ def quantize(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     return get_op("quantize", x)(x, s, z, d.qmin, d.qmax, axis, d.storage)
 
 
+@eager_under_compile
 def dequantize(q: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """Integer -> float32: ``(q - zero_point) * scale``.
 
@@ -80,6 +83,7 @@ def dequantize(q: torch.Tensor, qparams: QParams) -> torch.Tensor:
     return get_op("dequantize", q)(q, s, z, axis)
 
 
+@eager_under_compile
 def fake_quant(x: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """``dequantize(quantize(x))`` in ``x``'s dtype, differentiable with the
     straight-through estimator (gradient passes where the unclamped value is in range).

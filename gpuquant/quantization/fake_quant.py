@@ -52,6 +52,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .._compile import EagerUnderCompile, eager_under_compile
 from .. import functional as F
 from ..backends.registry import find_op, try_op
 from ..dtypes import get_dtype, qint8
@@ -169,6 +170,7 @@ def _check_learned_args(fn: str, x, params: dict, qmin, qmax, axis):
     return axis
 
 
+@eager_under_compile
 def lsq_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                    qmax: int, axis: Optional[int], grad_factor: float) -> torch.Tensor:
     """LSQ fake quantization (signature and gradients in the module docstring); runs the
@@ -251,6 +253,7 @@ class _TQTFakeQuant(torch.autograd.Function):
             None, None, None
 
 
+@eager_under_compile
 def tqt_fake_quant(x: torch.Tensor, log2_t: torch.Tensor, qmin: int, qmax: int,
                    axis: Optional[int]) -> torch.Tensor:
     """TQT fake quantization (signature and gradients in the module docstring); runs the
@@ -286,7 +289,7 @@ def _tqt_fake_quant(x, log2_t, qmin, qmax, axis):
 
 
 # --------------------------------------------------------------------------- modules
-class FakeQuantBase(nn.Module):
+class FakeQuantBase(EagerUnderCompile, nn.Module):
     """Base of the fake-quant modules: ``forward(x, qparams) -> tensor``; when disabled,
     ``forward`` returns ``x`` unchanged. ``get_qparams()`` returns learned qparams (LSQ, TQT)
     or None (qparams come from the observer).
@@ -612,6 +615,7 @@ def _check_quantizer_args(x, fake_quant, observer, addend) -> None:
                              f"with x of shape {tuple(x.shape)}") from None
 
 
+@eager_under_compile
 def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQuantBase],
                                    observer, relu: bool = False,
                                    addend: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .._compile import EagerUnderCompile, eager_under_compile
 from .._checks import check_bool
 from ..distributed import check_group
 from ..dtypes import QuantDtype, get_dtype, qint8
@@ -57,6 +58,7 @@ _EPS = torch.finfo(torch.float32).eps
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@eager_under_compile
 def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: QuantDtype,
                          symmetric: bool):
     """Scale (float32) and zero point (int32) from a range, elementwise, on the device.
@@ -153,7 +155,7 @@ def _check_axis(axis) -> Optional[int]:
     return axis
 
 
-class Observer(nn.Module):
+class Observer(EagerUnderCompile, nn.Module):
     """Base class of all observers (see the module docstring for the shared conventions).
 
     Subclasses implement ``_record(x)`` (``x`` a detached float32 tensor with at least one

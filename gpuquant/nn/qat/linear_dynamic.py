@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..._compile import EagerUnderCompile
 from ...backends.reference_dynamic import EPS
 from ...dtypes import qint8, qint8_narrow
 from ...functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
@@ -72,7 +73,7 @@ def fake_quant_weight_per_channel(w: torch.Tensor, dtype=qint8_narrow) -> torch.
     return fake_quant(w32, QParams.trusted(d, scale, zp, axis=0))
 
 
-class DynamicLinear(torch.nn.Linear, Module):
+class DynamicLinear(EagerUnderCompile, torch.nn.Linear, Module):
     """Fake-quant Linear for the W8A8 dynamic (or int8 weight-only) serving mode.
 
     Args:

@@ -27,6 +27,7 @@ from typing import List, Optional
 import torch
 
 from ...qparams import QParams
+from ..._compile import EagerUnderCompile
 from ..module import Module
 
 __all__ = ["QATModule", "tag_output", "source_of", "keep_producer"]
@@ -80,7 +81,7 @@ def _make(factory, what: str):
     return factory()
 
 
-class QATModule(Module):
+class QATModule(EagerUnderCompile, Module):
     """Base of the QAT modules (``gpuquant.nn.qat``).
 
     Class attributes ``with_weight`` / ``with_act`` say which quantizers the module has.

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ...backends.reference_dynamic import EPS
+from ..._compile import EagerUnderCompile
 from ..._tensors import version as _version
 from ...backends import registry
 from ...backends.registry import get_op
@@ -122,7 +123,7 @@ class _StraightThroughInt8Linear(torch.autograd.Function):
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class _Int8WeightLinear(Module):
+class _Int8WeightLinear(EagerUnderCompile, Module):
     """Shared state: int8 ``weight`` (N, K), float32 ``weight_scale`` (N,), float32 ``bias``
     (N,) or None, optional float32 ``input_smoothing`` (K,) multiplied into the input first
     (SmoothQuant's 1/s when it could not be folded into the previous layer).
@@ -467,7 +468,7 @@ class WeightOnlyLinear(_Int8WeightLinear):
         return lambda x2: gemm(x2, wq, ws, b)
 
 
-class DynamicMultiheadAttention(Module):
+class DynamicMultiheadAttention(EagerUnderCompile, Module):
     """``torch.nn.MultiheadAttention`` (inference) with W8A8 dynamic (or weight-only) int8
     projections.
 

@@ -23,6 +23,7 @@ from ...functional import integer as _integer
 from ..._tensors import version as _version
 from ...dtypes import get_dtype, qint32
 from ...qparams import QParams
+from ..._compile import EagerUnderCompile
 from ..module import Module
 
 __all__ = ["QuantizedModule", "WeightedModule", "QuantizedTracer", "placeholder_qparams",
@@ -39,7 +40,7 @@ def placeholder_qparams(dtype) -> QParams:
 _VERSION_OF = operator.attrgetter("_version")
 
 
-class QuantizedModule(Module):
+class QuantizedModule(EagerUnderCompile, Module):
     """Base of ``gpuquant.nn.quantized``: inference only (``train(True)`` raises)."""
 
     def __init__(self):

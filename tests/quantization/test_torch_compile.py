@@ -1,0 +1,125 @@
+"""QAT and int8 models, and gpuquant's functional ops, under ``torch.compile``: gpuquant's
+modules and ops run eagerly at graph breaks (gpuquant/_compile.py), so a compiled model
+trains and infers bit-identically to the eager one. (Before: Dynamo stopped with an
+internal error inside a QAT model's fake quantizer.)"""
+import copy
+import inspect
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+import gpuquant
+import gpuquant.functional as GF
+from gpuquant import QParams, backends, qint8, quint8
+from gpuquant._compile import eager_under_compile
+from gpuquant.quantization import (ema_fakequant_qconfig, lsq_qconfig, quantize, quantize_qat)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Plain(nn.Module):
+    """A plain torch.nn model (drop-in path): conv-bn-relu, a residual add, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)) + y)
+        return self.fc(y.mean((2, 3)))
+
+
+def _no_recompile_storm(caplog):
+    """Dynamo logs a warning when it recompiles one code object past its limit (it did once
+    per module instance when the eager wrapper's own frame was compiled)."""
+    text = caplog.text
+    assert "recompile_limit" not in text and "cache_size_limit" not in text, text[-2000:]
+
+
+@pytest.mark.parametrize("qconfig", [ema_fakequant_qconfig, lsq_qconfig], ids=["ema", "lsq"])
+def test_qat_training_steps_equal_eager(qconfig, caplog):
+    """Three SGD steps of a drop-in QAT model, compiled and eager from the same start:
+    losses, gradients, observer / LSQ state and weights bit-identical."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    qat = quantize_qat(_Plain(), qconfig, example_inputs=(x[:1],))
+    qat(x)  # state sized (LSQ initialises from the first batch)
+    twin = copy.deepcopy(qat)
+    compiled = torch.compile(twin, backend="aot_eager")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (qat, twin)]
+    caplog.set_level(logging.WARNING)
+    for step in range(3):
+        xs = torch.randn(4, 3, 8, 8)
+        losses = []
+        for fn, opt in zip((qat, compiled), opts):
+            opt.zero_grad()
+            loss = fn(xs).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1]), step
+    for (n, a), (_, b) in zip(qat.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, n
+    _no_recompile_storm(caplog)
+
+
+def test_inductor_qat_forward_and_int8_model():
+    """The default backend (Inductor): a QAT model's training forward and the converted
+    int8 model (NumPy backend, which refuses to be traced) equal their eager results."""
+    torch.manual_seed(1)
+    net = gpuquant.models.digits_net()
+    x = torch.randn(3, 1, 8, 8)
+    qat = quantize_qat(net, ema_fakequant_qconfig)
+    qat(x)
+    twin = copy.deepcopy(qat)
+    y_eager = qat(x)
+    y_comp = torch.compile(twin)(x)
+    assert torch.equal(y_eager, y_comp)
+    q = quantize(qat.eval())
+    with backends.use("numpy"):
+        assert torch.equal(q(x), torch.compile(q)(x))
+
+
+def test_functional_ops_inside_a_compiled_function():
+    """quantize / dequantize / integer linear (NumPy backend, whose ops refuse to be traced)
+    and fake_quant (reference backend, Inductor) called inside the user's compiled functions
+    run eagerly: results exact."""
+    torch.manual_seed(2)
+    qp_x, qp_w = QParams(quint8, 0.04, 128), QParams(qint8, 0.01, 0)
+    x, w = torch.randn(5, 16), torch.randn(7, 16)
+    rq = GF.make_requant(0.04, 0.01, 0.1, 3, quint8)
+
+    def f(t):
+        xq = GF.quantize(t * 2, qp_x)
+        y = GF.linear(xq, 128, GF.quantize(w, qp_w), None, rq)
+        return GF.dequantize(xq, qp_x) + 1, y
+
+    def g(t):
+        return GF.fake_quant(t * 2, qp_x) * 3
+
+    with backends.use("numpy"):
+        want = f(x)
+        got = torch.compile(f, backend="aot_eager")(x)
+    want, got = want + (g(x),), got + (torch.compile(g)(x),)
+    for a, b in zip(want, got):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_eager_wrapper_keeps_signature_and_defaults():
+    """The wrapper has the forward's own signature (torch.fx reads it to make placeholders;
+    defaults and keyword-only arguments pass through unchanged)."""
+    def fwd(self, x, y=3, *rest, scale=2.0, **kw):
+        return x, y, rest, scale, kw
+
+    w = eager_under_compile(fwd)
+    assert inspect.signature(w) == inspect.signature(fwd)
+    assert w(None, 1) == (1, 3, (), 2.0, {})
+    assert w(None, 1, 2, 5, 6, scale=4.0, extra=1) == (1, 2, (5, 6), 4.0, {"extra": 1})
+    assert eager_under_compile(w) is w and w._torchdynamo_disable
