@@ -137,8 +137,15 @@ def _describe(model: torch.nn.Module) -> list:
     Q, D = _quantized(), _dynamic()
     from .nn.qat.module import QATModule
     saved = _saved_classes()
-    tree = []
-    for path, m in model.named_modules():
+    tree, first, aliases = [], {}, []
+    for path, m in model.named_modules(remove_duplicate=False):
+        if any(path.startswith(a + ".") for a in aliases):
+            continue  # inside a shared module: its first path describes it
+        if id(m) in first:  # one module under a second name (tied / shared layers)
+            tree.append({"path": path, "alias_of": first[id(m)]})
+            aliases.append(path)
+            continue
+        first[id(m)] = path
         cls = type(m)
         entry = {"path": path, "class": f"{cls.__module__}.{cls.__qualname__}"}
         if isinstance(m, QATModule):
@@ -275,8 +282,16 @@ def _read(path):
     if desc.get("version") != VERSION:
         raise _bad(path, f"format version {desc.get('version')!r}, this gpuquant reads "
                          f"{VERSION}")
-    ends = [int(v["data_offsets"][1]) for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    ends = []
+    for k, v in header.items():
+        if k == "__metadata__" or not isinstance(v, dict) or "data_offsets" not in v:
+            continue
+        off = v["data_offsets"]
+        if not (isinstance(off, list) and len(off) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in off)):
+            raise _bad(path, f"tensor {k!r} has data_offsets {off!r}, expected two "
+                             f"non-negative integers (corrupted header)")
+        ends.append(off[1])
     need = 8 + n + max(ends, default=0)
     if len(data) != need:
         raise _bad(path, f"{len(data)} bytes, the header describes {need} (truncated or "
@@ -331,6 +346,9 @@ def _from_tree(desc, path):
     """Rebuild a model made only of quantized modules and torch.nn containers."""
     root = None
     for entry in desc["tree"]:
+        if "alias_of" in entry:
+            _set_submodule(root, entry["path"], root.get_submodule(entry["alias_of"]))
+            continue
         p, cls_path = entry["path"], entry["class"]
         if "quantized" in entry:
             m = _build_quantized(entry, path)
@@ -355,11 +373,17 @@ def _from_tree(desc, path):
 def _graft(skeleton, desc, path, undo: Optional[list] = None):
     """Put the file's quantized modules into ``skeleton`` at their paths (recording in
     ``undo`` what they replace)."""
+    built = {}
     for entry in desc["tree"]:
         p = entry["path"]
-        if "quantized" not in entry:
+        if "alias_of" in entry:  # a shared module's second name: the same module there
+            m = built.get(entry["alias_of"])
+            if m is None:
+                continue  # a shared float module: the skeleton shares it already
+        elif "quantized" not in entry:
             continue
-        m = _build_quantized(entry, path)
+        else:
+            m = built[p] = _build_quantized(entry, path)
         if not p:
             return m
         try:
@@ -475,8 +499,10 @@ def _build_root(path, desc, tensors, model, undo: list):
                          f"built is a {_root_name(root)}")
     # torch's load_state_dict copies what fits before it reports what does not: keep the
     # skeleton's own tensors (not those of the modules just put in) to put them back
-    grafted = [e["path"] + "." for e in desc["tree"] if "quantized" in e] if model is not None \
-        else None
+    quantized = {e["path"] for e in desc["tree"] if "quantized" in e}
+    grafted = [e["path"] + "." for e in desc["tree"]
+               if e["path"] in quantized or e.get("alias_of") in quantized] \
+        if model is not None else None
     own = {k: v for k, v in root.state_dict(keep_vars=True).items()
            if grafted is not None and k in state and isinstance(v, torch.Tensor)
            and not any(k.startswith(g) for g in grafted)}

@@ -231,3 +231,41 @@ def test_save_refuses_qat_and_float_models(tmp_path):
     with pytest.raises(ValueError, match="Net holds no quantized module"):
         gpuquant.save(Net(), tmp_path / "float.safetensors")
     assert not (tmp_path / "qat.safetensors").exists()
+
+
+def test_shared_module_round_trip(tmp_path):
+    """A module under two names (tied / shared layers: quantize_dynamic keeps the tie)
+    saves once with an alias and loads shared again, into a skeleton or from the file
+    alone (the load failed on the second name's keys; found by review)."""
+    from gpuquant.quantization import quantize_dynamic
+
+    def build():
+        shared = torch.nn.Linear(8, 8)
+        return torch.nn.Sequential(shared, torch.nn.ReLU(), shared).eval()
+    torch.manual_seed(7)
+    x = torch.randn(3, 8)
+    qm = quantize_dynamic(build())
+    assert qm[0] is qm[2]
+    path = tmp_path / "tied.safetensors"
+    gpuquant.save(qm, path)
+    loaded = gpuquant.load(path, model=build())
+    assert loaded[0] is loaded[2] and type(loaded[0]) is type(qm[0])
+    lin = torch.nn.Linear(8, 8)
+    bare = quantize_dynamic(torch.nn.Sequential(lin, torch.nn.Sequential(lin)).eval())
+    gpuquant.save(bare, path)
+    alone = gpuquant.load(path)
+    assert alone[0] is alone[1][0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qm(x)) and torch.equal(alone(x), bare(x))
+
+
+def test_malformed_data_offsets_is_refused(saved, tmp_path):
+    """A header whose data_offsets is not two integers (one byte: [a,b] -> [a.b], still
+    JSON) is refused naming the file (it raised IndexError)."""
+    path, data = saved
+    i = data.index(b'"data_offsets":[') + len(b'"data_offsets":[')
+    j = data.index(b",", i)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[:j] + b"." + data[j + 1:])
+    with pytest.raises(ValueError, match=r"bad\.safetensors.*data_offsets"):
+        gpuquant.load(bad, model=ZooNet())
