@@ -231,7 +231,8 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
         TypeError: a bad mapping or inplace, or a QAT module whose class is not in the
             mapping (named).
         ValueError: no QAT module in the model (call :func:`quantize_qat` first), a module
-            not observed yet, or one fed by a float op (named in the message).
+            not observed yet, or one fed by a float op (named in the message). A failure
+            leaves ``module`` unchanged.
 
     Example:
         >>> int8_model = quantize(qat_model)
@@ -267,7 +268,7 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
                         f"finite data")
             try:
                 return cls.from_qat_module(m, name)
-            except ValueError as e:
+            except (ValueError, NotImplementedError) as e:
                 msg = str(e)
                 if name and repr(name) not in msg:
                     msg = f"module {name!r} ({type(m).__name__}): {msg}"
@@ -280,10 +281,15 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
                 done[id(child)] = convert(child, f"{name}.{child_name}" if name else child_name)
             new = done[id(child)]
             if new is not child:
-                setattr(m, child_name, new)
+                swaps.append((m, child_name, new))
         return m
 
+    # every module converts before any is swapped in: a failure leaves the QAT model as it
+    # was (trainable, convertible once fixed), as quantize_qat does
+    swaps: list = []
     out = convert(module, "")
+    for parent, child_name, new in swaps:
+        setattr(parent, child_name, new)
     return out.eval()
 
 

@@ -72,3 +72,42 @@ def test_qat_state_dict_into_an_int8_model_is_named():
     qm = quantize(copy.deepcopy(q).eval())
     with pytest.raises(ValueError, match="is not a quantized module's.*QAT model's state_dict"):
         qm.load_state_dict(sd)
+
+
+class _Forgot(gnn.Module):
+    """A float multiply between two QAT convs (the second conv's input is not quantized)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.c1, self.c2 = gnn.QuantStub(), gnn.ConvRelu2d(3, 4, 3), gnn.Conv2d(4, 4, 3)
+        self.dq = gnn.DequantStub()
+
+    def forward(self, x):
+        return self.dq(self.c2(self.c1(self.q(x)) * 0.5))
+
+
+def test_failed_quantize_leaves_the_qat_model_unchanged():
+    """quantize swapped modules while walking the tree: an error at the second conv left the
+    stub and the first conv int8 (the QAT model untrainable, not convertible once fixed).
+    Now nothing is swapped unless every module converts (found by review)."""
+    torch.manual_seed(1)
+    m = quantize_qat(_Forgot(), ema_fakequant_qconfig)
+    m(torch.randn(2, 3, 8, 8))
+    before = {n: type(c) for n, c in m.named_modules()}
+    with pytest.raises(ValueError, match="module 'c2'.*not produced by a quantized module"):
+        quantize(m)
+    assert {n: type(c) for n, c in m.named_modules()} == before
+    m.train()
+    m(torch.randn(2, 3, 8, 8)).sum().backward()  # still trains
+
+
+@pytest.mark.parametrize("make", [lambda: gnn.ConvBnRelu2d(4, 6, 2, padding="same"),
+                                  lambda: gnn.Conv2d(4, 6, (3, 2), padding="same", dilation=3),
+                                  lambda: gnn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")])
+def test_padding_without_int8_form_refused_before_training(make):
+    """An asymmetric padding='same' (even dilated kernel extent) passed quantize_qat and the
+    whole training, then failed at quantize with a NotImplementedError naming no module;
+    refused by quantize_qat now, like padding_mode (found by review)."""
+    net = torch.nn.Sequential(gnn.QuantStub(), make(), gnn.DequantStub())
+    with pytest.raises(ValueError, match="quantize_qat: module '1'.*(asymmetrically|padding_mode)"):
+        quantize_qat(net, ema_fakequant_qconfig)

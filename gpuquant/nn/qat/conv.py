@@ -42,6 +42,7 @@ from ..._checks import check_bool
 from ...backends.registry import try_op
 from ...distributed import batch_mean_var, syncs_batch_stats
 from ...nn import conv as Float
+from ..quantized.conv import _explicit_padding
 from .bn_train import (fold_quant_weight, fold_quant_weight_frozen, normalize_quant_train,
                        normalize_train, scale_rows, update_bn_running_stats)
 from .module import QATModule, tag_output
@@ -68,15 +69,29 @@ def check_foldable_bn(bn, owner: str) -> None:
                                   f"running statistics to fold into the weights")
 
 
+def check_int8_padding(conv, who: str) -> None:
+    """Refuse, before QAT starts, a padding the int8 convolution cannot run (it failed only
+    at ``quantize``, after training): a ``padding_mode`` other than 'zeros', or
+    ``padding='same'`` that pads asymmetrically (an even dilated kernel extent).
+
+    Raises:
+        NotImplementedError: naming ``who`` (``quantize_qat`` names the module).
+    """
+    if conv.padding_mode != "zeros":
+        raise NotImplementedError(f"{who}: padding_mode={conv.padding_mode!r} is not supported "
+                                  f"by the int8 convolution (only 'zeros')")
+    try:
+        _explicit_padding(conv)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{who}: {e}") from None
+
+
 class Conv2d(QATModule, Float.Conv2d):
     """QAT ``Conv2d``: weight fake-quantized per output channel, output fake-quantized."""
 
     @classmethod
     def from_float_module(cls, float_module):
-        if float_module.padding_mode != "zeros":
-            raise NotImplementedError(f"{type(float_module).__name__}: padding_mode="
-                                      f"{float_module.padding_mode!r} is not supported by the "
-                                      f"int8 convolution (only 'zeros')")
+        check_int8_padding(float_module, type(float_module).__name__)
         return super().from_float_module(float_module)
 
     def folded_weight_bias(self):
@@ -234,10 +249,7 @@ class ConvBn2d(BnFoldedModule, Float.ConvBn2d):
     @classmethod
     def from_float_module(cls, float_module):
         check_foldable_bn(float_module.bn, type(float_module).__name__)
-        if float_module.conv.padding_mode != "zeros":
-            raise NotImplementedError(f"{type(float_module).__name__}: padding_mode="
-                                      f"{float_module.conv.padding_mode!r} is not supported (only "
-                                      f"'zeros')")
+        check_int8_padding(float_module.conv, type(float_module).__name__)
         return super().from_float_module(float_module)
 
     def _inner(self):
