@@ -111,3 +111,37 @@ def test_padding_without_int8_form_refused_before_training(make):
     net = torch.nn.Sequential(gnn.QuantStub(), make(), gnn.DequantStub())
     with pytest.raises(ValueError, match="quantize_qat: module '1'.*(asymmetrically|padding_mode)"):
         quantize_qat(net, ema_fakequant_qconfig)
+
+
+class _Fc(gnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.fc, self.dq = gnn.QuantStub(), gnn.Linear(4, 1), gnn.DequantStub()
+
+    def forward(self, x):
+        return self.dq(self.fc(self.q(x)))
+
+
+def test_bias_coarser_than_the_output_step_is_named():
+    """Two inputs that cancel give an output range far narrower than s_x * s_w: the bias's
+    int32 unit is ~9 output steps, and rounding the bias alone moves the int8 output ~4
+    steps from QAT's (QAT adds the float bias). quantize warns naming the module and
+    channel; a calibrated model of ordinary ranges gets no warning (found by review)."""
+    import warnings
+    torch.manual_seed(0)
+    u = (torch.rand(256, 1) * 2 - 1) * 0.9
+    x = torch.cat([u, -u, (torch.rand(256, 1) * 2 - 1) * 0.01, torch.ones(256, 1)], 1)
+    m = _Fc()
+    with torch.no_grad():
+        m.fc.weight.copy_(torch.tensor([[30.0, 30.0, 1.0, 0.0]]))
+        m.fc.bias.fill_(0.0195)
+    m = quantize_qat(m, ema_fakequant_qconfig)
+    m(x)
+    with pytest.warns(UserWarning, match=r"module 'fc' \(Linear\): rounding the bias.*"
+                                         r"channel\(s\) \[0\] by up to 4\.\d output steps"):
+        quantize(m.eval(), inplace=False)
+    ok = quantize_qat(_Fc(), ema_fakequant_qconfig)
+    ok(torch.randn(64, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize(ok.eval())
