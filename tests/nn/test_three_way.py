@@ -1,6 +1,7 @@
 """The contract's three-way check for every module (MegEngine's module tests):
 1. QAT with fake quant and observers off == float;
-2. QAT == fake_quant of the float math with the QAT qparams;
+2. QAT == fake_quant of the float math with the QAT qparams (the bias on its int32 grid
+   s_x * s_w, as MegEngine's check);
 3. dequantized int8 output within 1 output step of QAT everywhere, identical on >= 99% of
    the elements for single conv / linear layers (the measured share is asserted)."""
 import pytest
@@ -56,14 +57,24 @@ def _float_off(qat):
     return qat
 
 
+def _bias_fq(qat, b):
+    """The bias on its int32 grid: qint32 fake quant with scale s_x * s_w[c] (in float64,
+    as conversion rounds it), MegEngine's fake_quant_bias."""
+    if b is None:
+        return None
+    unit = qat.stubs[0].get_activation_qparams().scale.double() * \
+        qat.m.get_weight_qparams().scale.double()
+    return (torch.round(b.detach().double() / unit) * unit).float()
+
+
 def _conv_expected(qat, x):
     m = qat.m
     x_fq = fake_quant(x, qat.stubs[0].get_activation_qparams())
     w, b = m.folded_weight_bias()
     w_fq = fake_quant(w.detach(), m.get_weight_qparams())
     conv = m.conv if hasattr(m, "bn") else m
-    y = F.conv2d(x_fq, w_fq, None if b is None else b.detach(), conv.stride, conv.padding,
-                 conv.dilation, conv.groups)
+    y = F.conv2d(x_fq, w_fq, _bias_fq(qat, b), conv.stride, conv.padding, conv.dilation,
+                 conv.groups)
     return fake_quant(gnn.conv.apply_activation(y, m.activation), m.get_activation_qparams())
 
 
@@ -71,8 +82,7 @@ def _linear_expected(qat, x):
     m = qat.m
     x_fq = fake_quant(x, qat.stubs[0].get_activation_qparams())
     w, b = m.folded_weight_bias()
-    y = F.linear(x_fq, fake_quant(w.detach(), m.get_weight_qparams()),
-                 None if b is None else b.detach())
+    y = F.linear(x_fq, fake_quant(w.detach(), m.get_weight_qparams()), _bias_fq(qat, b))
     return fake_quant(gnn.conv.apply_activation(y, m.activation), m.get_activation_qparams())
 
 

@@ -102,7 +102,7 @@ class Conv2d(QATModule, Float.Conv2d):
         self._require_qconfig()
         self._note_inputs(x)
         w = self.apply_quant_weight(self.weight)
-        y = self._conv_forward(x, w, self.bias)
+        y = self._conv_forward(x, w, self.apply_quant_bias(self.bias, x))
         return self.apply_quant_activation(y, self.activation)
 
 
@@ -239,7 +239,7 @@ class BnFoldedModule(QATModule):
             if wb is None:
                 w, b = self.folded_weight_bias()
                 wb = self.apply_quant_weight(w), b
-            y = self._inner_forward(x, *wb)
+            y = self._inner_forward(x, wb[0], self.apply_quant_bias(wb[1], x))
         return self.apply_quant_activation(y, self.activation)
 
 

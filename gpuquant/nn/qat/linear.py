@@ -19,7 +19,8 @@ class Linear(QATModule, Float.Linear):
     def forward(self, x):
         self._require_qconfig()
         self._note_inputs(x)
-        y = F.linear(x, self.apply_quant_weight(self.weight), self.bias)
+        w = self.apply_quant_weight(self.weight)
+        y = F.linear(x, w, self.apply_quant_bias(self.bias, x))
         return self.apply_quant_activation(y, self.activation)
 
 

@@ -192,6 +192,28 @@ class QATModule(EagerUnderCompile, Module):
                                            addend)
         return tag_output(y, self)
 
+    def apply_quant_bias(self, b: Optional[torch.Tensor], x: torch.Tensor):
+        """``b`` on the int8 model's bias grid: ``rne(b / (s_x * s_w[c])) * s_x * s_w[c]``
+        with ``s_x`` the scale of ``x``'s producer and ``s_w`` this module's (folded) weight
+        scales, the rounding done as conversion does it (float64); straight-through
+        gradient (MegEngine's ``apply_quant_bias``). Without it QAT added the float bias and
+        an int8 layer whose bias unit is coarser than its output step (cancelling inputs, a
+        zero-initialised BatchNorm weight, an LSQ weight scale far above the weights) came
+        out several steps from the QAT model. ``b`` unchanged where the int8 model's bias
+        is not defined yet: no bias, no quantized producer, or the input's or weight's fake
+        quant off (float behaviour). Call after :meth:`apply_quant_weight` (the weight scale
+        of this step)."""
+        fq = self.weight_fake_quant
+        if b is None or fq is None or not fq.enabled:
+            return b
+        src = source_of(x)
+        if src is None or not src.act_fake_quant_enabled():
+            return b
+        unit = src.get_activation_qparams().scale.double().reshape(()) * \
+            self.get_weight_qparams().scale.double().reshape(-1)
+        q = (torch.round(b.detach().double() / unit) * unit).to(b.dtype)
+        return b + (q - b).detach()
+
     def _note_inputs(self, *xs) -> None:
         """Record the producers of this call's inputs (one slot per input)."""
         slots: List[list] = self.__dict__.setdefault("_input_sources", [])

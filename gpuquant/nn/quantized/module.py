@@ -227,34 +227,11 @@ def quantize_weight_bias(qat_module, name: str):
                 raise ValueError(f"{who}: the bias does not fit int32 in units of s_x * s_w "
                                  f"(max |b / (s_x s_w)| = {float(r.abs().max()):.3g})")
             b_q = r.to(torch.int32).to(w.device)
-            _warn_coarse_bias(b, r, _bias_unit(in_qp, w_qp), out_qp, who)
         # the int32 accumulator's worst case is known here (shape, input range, weights,
         # bias): refused at conversion, not at the first inference
         _integer.check_accumulator_range(k, in_qp.dtype, int(in_qp.zero_point.reshape(-1)[0]),
                                          w_q, 0 if b_q is None else b_q, op=who)
     return w_q, b_q, w_qp, in_qp, out_qp
-
-
-def _warn_coarse_bias(b: torch.Tensor, r: torch.Tensor, unit: torch.Tensor, out_qp: QParams,
-                      who: str) -> None:
-    """Warn where rounding the bias to its int32 unit ``s_x * s_w[c]`` alone moves an
-    output by more than half an output step: QAT adds the float bias, so there the int8
-    output can be several steps from the QAT output (beyond the one-step agreement of
-    docs/NUMERICS.md). It happens when the unit is coarser than the output step (an
-    output range much narrower than input and weights suggest: cancelling inputs, a
-    zero-initialised BatchNorm weight, a learned weight scale far above the weights)."""
-    shift = (b.detach().double().cpu().reshape(-1) - r.reshape(-1) * unit.reshape(-1)).abs()
-    steps = shift / float(out_qp.scale.reshape(-1)[0])
-    bad = steps > 0.5
-    if not bool(bad.any()):
-        return
-    chans = torch.nonzero(bad).reshape(-1).tolist()
-    warnings.warn(f"{who}: rounding the bias to int32 units of s_x * s_w moves output "
-                  f"channel(s) {chans[:8]}{'...' if len(chans) > 8 else ''} by up to "
-                  f"{float(steps.max()):.2g} output steps (the unit is "
-                  f"{float((unit.reshape(-1) / float(out_qp.scale.reshape(-1)[0])).max()):.2g} "
-                  f"output steps), which QAT does not model: the int8 output there can differ "
-                  f"from the QAT output by more than one step", stacklevel=3)
 
 
 def converted_name(qat_module, name: str = "") -> str:
