@@ -88,7 +88,9 @@ def _ctor_args(m, path: str) -> dict:
         return {"embed_dim": m.embed_dim, "num_heads": m.num_heads,
                 "batch_first": m.batch_first, "bias": proj.bias is not None,
                 "weight_only": weight_only, "weight_dtype": proj.weight_dtype.name,
-                **({} if weight_only else {"act_dtype": proj.act_dtype.name})}
+                **({} if weight_only else {"act_dtype": proj.act_dtype.name}),
+                # (only when set: files without it, older ones too, load with 0)
+                **({"dropout": m.dropout} if m.dropout else {})}
     if isinstance(m, D._Int8WeightLinear):
         args = {"in_features": m.in_features, "out_features": m.out_features,
                 "bias": m.bias is not None, "weight_dtype": m.weight_dtype.name}

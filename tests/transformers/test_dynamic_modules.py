@@ -140,6 +140,94 @@ def test_mha_masks_of_other_dtypes_or_shapes_are_refused():
         assert torch.equal(w[0, :, 2:], torch.zeros(4, 2))  # masked keys get no weight
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_bad_shapes_are_named_before_projecting(batch_first, monkeypatch):
+    """Inputs torch's MHA refuses gave a size-mismatch RuntimeError, 'too many values to
+    unpack' or an IndexError here: each is a ValueError naming the shape received and the
+    one expected, raised before any projection runs."""
+    torch.manual_seed(21)
+    mha = nn.MultiheadAttention(16, 2, batch_first=batch_first).eval()
+    q = quantize_dynamic(mha, inplace=False)
+
+    def bt(n, length, e=16):  # (batch n, length) in the module's layout
+        return torch.randn(n, length, e) if batch_first else torch.randn(length, n, e)
+    x, kv, u = bt(2, 3), bt(2, 5), torch.randn(3, 16)
+    cases = [
+        ((x, x, x), {"attn_mask": torch.zeros(4, 4)},
+         r"the shape of the 2-D attn_mask is \(4, 4\), but should be \(3, 3\)"),
+        ((x, kv, kv), {"attn_mask": torch.zeros(3, 3)},
+         r"2-D attn_mask is \(3, 3\), but should be \(3, 5\)"),
+        ((x, x, x), {"attn_mask": torch.zeros(2, 3, 3)},
+         r"3-D attn_mask is \(2, 3, 3\), but should be \(4, 3, 3\)"),
+        ((x, x, x), {"attn_mask": torch.zeros(1, 1, 3, 3)},
+         r"attn_mask must be 2-D .*got a 4-D tensor of shape \(1, 1, 3, 3\)"),
+        ((x[None],) * 3, {}, r"query must be unbatched 2-D .* got a 4-D tensor of shape"),
+        ((torch.randn(16),) * 3, {}, r"got a 1-D tensor of shape \(16,\)"),
+        ((x, bt(3, 5), bt(3, 5)), {}, r"key and value must have the query's batch size 2"),
+        ((x, bt(2, 5, 8), bt(2, 5, 8)), {},
+         r"key must have embedding dimension 16 .*got shape \((2, 5|5, 2), 8\)"),
+        ((x, kv, bt(2, 4)), {}, r"key and value must have the same shape"),
+        ((x, kv[0], kv[0]), {}, r"for a 3-D query, key and value must be 3-D too"),
+        ((u, u, u), {"attn_mask": torch.zeros(4, 3, 3)},  # unbatched: (num_heads, L, S)
+         r"3-D attn_mask is \(4, 3, 3\), but should be \(2, 3, 3\)"),
+    ]
+
+    def boom(*a, **k):
+        raise AssertionError("projected before the checks")
+    monkeypatch.setattr(q.in_proj, "_linear", boom)
+    with torch.no_grad():
+        for args, kw, msg in cases:
+            with pytest.raises(Exception):  # torch refuses each of them too
+                mha(*args, **kw)
+            with pytest.raises(ValueError, match=msg):
+                q(*args, **kw)
+    monkeypatch.undo()
+    mask = torch.randn(4, 3, 5)  # a valid 3-D mask, (N * num_heads, L, S), as torch's
+    with torch.no_grad():
+        _assert_close_to_float(q(x, kv, kv, attn_mask=mask)[0],
+                               _slow_path(mha, x, kv, kv, attn_mask=mask)[0])
+
+
+def test_mha_trains_with_torch_attention_dropout(tmp_path):
+    """model.train() was refused. With dropout 0 training computes as eval (same output,
+    weights and input gradient); with p > 0 the attention weights are dropped after the
+    softmax as torch's math path does it (the same draws: the same weights zeroed, the rest
+    scaled by 1 / (1 - p)); eval mode never drops; p survives gpuquant.save / load."""
+    torch.manual_seed(22)
+    q = quantize_dynamic(nn.MultiheadAttention(16, 2, batch_first=True).eval())
+    x0 = torch.randn(3, 5, 16)
+
+    def run(train):
+        q.train(train)
+        x = x0.clone().requires_grad_(True)
+        y, w = q(x, x, x)
+        (y.pow(2).sum() + w.pow(2).sum()).backward()
+        return y.detach(), w.detach(), x.grad
+    want = run(False)
+    got = run(True)
+    assert q.training and q.in_proj.training and q.dropout == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    p = 0.25
+    drop = nn.MultiheadAttention(16, 2, dropout=p, batch_first=True).train()
+    qd = quantize_dynamic(copy.deepcopy(drop)).train()
+    assert qd.dropout == p
+    with torch.no_grad():
+        torch.manual_seed(23)
+        w_torch = drop(x0, x0, x0, average_attn_weights=False)[1]
+        torch.manual_seed(23)
+        w_q = qd(x0, x0, x0, average_attn_weights=False)[1]
+        kept = w_q != 0
+        assert torch.equal(w_torch != 0, kept) and 0.1 < float((~kept).float().mean()) < 0.4
+        w_eval = qd.eval()(x0, x0, x0, average_attn_weights=False)[1]
+        torch.testing.assert_close(w_q[kept], (w_eval / (1 - p))[kept])
+        assert torch.equal(qd(x0, x0, x0)[0], qd(x0, x0, x0)[0])  # eval: no dropout
+    gpuquant.save(nn.Sequential(qd), tmp_path / "mha.safetensors")
+    assert gpuquant.load(tmp_path / "mha.safetensors")[0].dropout == p
+    with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\], got 1.5"):
+        DynamicMultiheadAttention(16, 2, dropout=1.5)
+
+
 # --------------------------------------------------------------------------- gradients
 
 def _modules(k=33, n=17):
@@ -204,6 +292,37 @@ def test_gradient_reaches_layers_before_a_frozen_int8_base():
             grads.append(grad_of_up(q))
     assert all(torch.equal(g, grads[0]) for g in grads)
     assert float((grads[0] - g_float).norm() / g_float.norm()) < 0.05
+
+
+class _Adapted(nn.Module):
+    """LoRA-style: a frozen int8 base plus a trainable low-rank adapter."""
+
+    def __init__(self, base, k, n, rank=4):
+        super().__init__()
+        self.base = base
+        self.down, self.up = nn.Linear(k, rank, bias=False), nn.Linear(rank, n, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "dynamic_smoothed", "weight_only", "static"])
+def test_adapter_over_int8_base_trains_in_training_mode(kind):
+    """model.train() over a frozen int8 Linear (the LoRA use the docs advertise) raised
+    "inference module; call .eval()"; the base computes as in eval mode: the same output,
+    input gradient and adapter gradients."""
+    m = _Adapted(_modules()[kind], 33, 17)
+    x0 = torch.randn(2, 5, 33)
+
+    def run():
+        m.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        y = m(x)
+        y.pow(2).sum().backward()
+        return y.detach(), x.grad, m.down.weight.grad.clone(), m.up.weight.grad.clone()
+    want = run() if not m.eval().training else None
+    got = run() if m.train().base.training else None
+    assert got is not None and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_no_grad_forward_builds_no_graph():

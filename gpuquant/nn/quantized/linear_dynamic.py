@@ -10,8 +10,10 @@
   mode, e.g. after SmoothQuant); same GEMM as the dynamic one.
 
 All accept any leading dimensions, keep float biases, and run on the current backend
-(:mod:`gpuquant.backends`). They hold buffers only (no parameters) and refuse training
-mode. Built by :func:`gpuquant.quantization.quantize_dynamic` (or ``from_float_module`` /
+(:mod:`gpuquant.backends`). They hold buffers only (no parameters); their forward is the
+same in training and eval mode (no dropout, no statistics), so a model holding them may be
+put in training mode (``model.train()`` for adapters trained over a frozen int8 base).
+Built by :func:`gpuquant.quantization.quantize_dynamic` (or ``from_float_module`` /
 ``from_qat_module``).
 
 Buffers keep their dtypes through module casts: ``model.half()`` / ``.to(torch.bfloat16)``
@@ -25,7 +27,8 @@ and the input requires grad, every backend gives the same straight-through gradi
 weight), computed in float32 and returned in the input's dtype: the activation
 quantization is passed straight through, the weights get no gradient (they are buffers).
 Without grad the integer op runs as is, at no extra cost. The attention math of
-:class:`DynamicMultiheadAttention` is ordinary float32 torch and differentiates as usual.
+:class:`DynamicMultiheadAttention` is ordinary float32 torch and differentiates as usual;
+in training mode it applies the converted MHA's attention dropout, as torch does.
 """
 from __future__ import annotations
 
@@ -204,9 +207,6 @@ class _Int8WeightLinear(EagerUnderCompile, Module):
         return _dequantize(self.weight, self.weight_scale)
 
     def _prepare(self, x: torch.Tensor):
-        if self.training:
-            raise RuntimeError(f"{type(self).__name__} is an inference module; call .eval() "
-                               f"(train the QAT version, gpuquant.nn.qat.linear_dynamic)")
         if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16,
                                                                torch.bfloat16):
             raise TypeError(f"{type(self).__name__} takes a float32/float16/bfloat16 tensor, got "
@@ -225,7 +225,7 @@ class _Int8WeightLinear(EagerUnderCompile, Module):
         # functional front end's checks of the module's own tensors and the op lookup: a
         # decode step's Linear is a few microseconds of GPU time, so the host's Python is
         # what an eager step pays (bench: linear_dynamic, stand-in: ``--linear``).
-        if (x.__class__ is torch.Tensor and not self.training and self.quantize_enabled
+        if (x.__class__ is torch.Tensor and self.quantize_enabled
                 and not (x.requires_grad and torch.is_grad_enabled())):
             hit = self._fast.get((x.dtype, x.device, registry._explicit(), registry.verifying()))
             if hit is not None and x.dim() and x.shape[-1] == self.in_features:
@@ -469,8 +469,7 @@ class WeightOnlyLinear(_Int8WeightLinear):
 
 
 class DynamicMultiheadAttention(EagerUnderCompile, Module):
-    """``torch.nn.MultiheadAttention`` (inference) with W8A8 dynamic (or weight-only) int8
-    projections.
+    """``torch.nn.MultiheadAttention`` with W8A8 dynamic (or weight-only) int8 projections.
 
     ``torch.nn.MultiheadAttention`` cannot take a swapped ``out_proj``: its forward reads
     ``in_proj_weight`` and ``out_proj.weight`` directly (``out_proj`` is a
@@ -479,21 +478,31 @@ class DynamicMultiheadAttention(EagerUnderCompile, Module):
     and ``out_proj`` are int8; the attention itself (scores, softmax, weighted sum) stays in
     float32, as in PyTorch's MHA math path. Supported: ``embed_dim == kdim == vdim``, no
     ``add_bias_kv`` / ``add_zero_attn`` (:func:`supports` says; ``quantize_dynamic`` leaves
-    other MHAs float and logs which). Dropout is inference-off.
+    other MHAs float and logs which).
+
+    Training mode (adapters trained over the frozen int8 projections) computes as eval mode
+    except for attention dropout: with ``dropout`` > 0 (taken over from the converted MHA)
+    the attention weights are dropped out after the softmax, as torch's math path does (the
+    returned weights are the dropped ones, as torch's); eval mode never drops.
 
     Forward arguments and results are those of ``torch.nn.MultiheadAttention.forward``
-    (attention weights in the query's dtype, as torch returns them). A query whose keys are
-    all masked gets NaN, the softmax of all -inf, as torch's math path gives it (with
-    ``need_weights=True``, or float masks); torch's fused path for a lone boolean mask
-    without weights gives zeros there instead.
+    (attention weights in the query's dtype, as torch returns them), with torch's shape
+    checks made before any projection. A query whose keys are all masked gets NaN, the
+    softmax of all -inf, as torch's math path gives it (with ``need_weights=True``, or float
+    masks); torch's fused path for a lone boolean mask without weights gives zeros there
+    instead.
 
     Args:
-        embed_dim, num_heads, batch_first, bias: as ``torch.nn.MultiheadAttention``.
+        embed_dim, num_heads, batch_first, bias, dropout: as ``torch.nn.MultiheadAttention``.
         act_dtype, weight_dtype: as :class:`DynamicLinear`.
         weight_only: :class:`WeightOnlyLinear` projections instead of W8A8.
 
     Raises:
-        ValueError: sizes < 1, ``embed_dim`` not divisible by ``num_heads``, unsupported dtypes.
+        ValueError: sizes < 1, ``embed_dim`` not divisible by ``num_heads``, unsupported
+            dtypes, ``dropout`` outside [0, 1]; in ``forward``, inputs or masks of the wrong
+            shape (the message names the shape received and the one expected).
+        TypeError: in ``forward``, query / key / value not tensors, masks neither bool nor
+            float.
     """
 
     # torch.nn.TransformerEncoderLayer reads these to decide on its fused fast path
@@ -505,13 +514,17 @@ class DynamicMultiheadAttention(EagerUnderCompile, Module):
 
     def __init__(self, embed_dim: int, num_heads: int, batch_first: bool = False,
                  bias: bool = True, act_dtype=qint8, weight_dtype=qint8_narrow,
-                 weight_only: bool = False, device=None):
+                 weight_only: bool = False, device=None, dropout: float = 0.0):
         super().__init__()
         for v, what in ((embed_dim, "embed_dim"), (num_heads, "num_heads")):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{what} must be an int >= 1, got {v!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
+                not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+        self.dropout = float(dropout)
         if weight_only:
             def proj(n):
                 return WeightOnlyLinear(embed_dim, n, bias, weight_dtype, device)
@@ -562,7 +575,7 @@ class DynamicMultiheadAttention(EagerUnderCompile, Module):
             if mha.in_proj_bias is not None:
                 lin_in.bias.copy_(mha.in_proj_bias)
         m = cls(e, mha.num_heads, mha.batch_first, mha.in_proj_bias is not None, act_dtype,
-                weight_dtype, weight_only, device=dev)
+                weight_dtype, weight_only, device=dev, dropout=mha.dropout)
         cls_proj = type(m.in_proj)
         args = (weight_dtype,) if weight_only else (act_dtype, weight_dtype)
         m.in_proj = cls_proj.from_float_module(lin_in, *args)
@@ -573,12 +586,55 @@ class DynamicMultiheadAttention(EagerUnderCompile, Module):
         e = self.embed_dim
         return self.in_proj._linear(x, slice(part * e, (part + 1) * e))
 
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """torch's MultiheadAttention shape checks, made before any projection, as
+        ValueError naming the shape received and the one expected; True: unbatched (2-D)."""
+        name = type(self).__name__
+        for t, what in ((query, "query"), (key, "key"), (value, "value"),
+                        (key_padding_mask, "key_padding_mask")):
+            if not isinstance(t, torch.Tensor) and not (t is None and what == "key_padding_mask"):
+                raise TypeError(f"{name}: {what} must be a tensor, got {type(t).__name__}")
+        bf, e = self.batch_first, self.embed_dim
+        if query.dim() not in (2, 3):
+            raise ValueError(f"{name}: query must be unbatched 2-D (L, E) or batched 3-D "
+                             f"{'(N, L, E)' if bf else '(L, N, E)'}, got a {query.dim()}-D "
+                             f"tensor of shape {tuple(query.shape)}")
+        unbatched = query.dim() == 2
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"{name}: for a {query.dim()}-D query, key and value must be "
+                             f"{query.dim()}-D too, got shapes {tuple(key.shape)} and "
+                             f"{tuple(value.shape)}")
+        for t, what in ((query, "query"), (key, "key"), (value, "value")):
+            if t.shape[-1] != e:
+                raise ValueError(f"{name}: {what} must have embedding dimension {e} (its "
+                                 f"last), got shape {tuple(t.shape)}")
+        if key.shape != value.shape:
+            raise ValueError(f"{name}: key and value must have the same shape, got key "
+                             f"{tuple(key.shape)} and value {tuple(value.shape)}")
+        b = 0 if bf else 1  # batch dimension, batched input
+        if not unbatched and key.shape[b] != query.shape[b]:
+            raise ValueError(f"{name}: key and value must have the query's batch size "
+                             f"{query.shape[b]} (dimension {b}), got key shape "
+                             f"{tuple(key.shape)} for query shape {tuple(query.shape)}")
+        if isinstance(attn_mask, torch.Tensor):  # (other types: _additive's TypeError)
+            seq = 1 if bf and not unbatched else 0
+            tgt, src = query.shape[seq], key.shape[seq]
+            heads = self.num_heads if unbatched else query.shape[b] * self.num_heads
+            if attn_mask.dim() not in (2, 3):
+                raise ValueError(f"{name}: attn_mask must be 2-D (L, S) = {(tgt, src)} or 3-D "
+                                 f"({'num_heads' if unbatched else 'N * num_heads'}, L, S) = "
+                                 f"{(heads, tgt, src)}, got a {attn_mask.dim()}-D tensor of "
+                                 f"shape {tuple(attn_mask.shape)}")
+            want = (tgt, src) if attn_mask.dim() == 2 else (heads, tgt, src)
+            if tuple(attn_mask.shape) != want:
+                raise ValueError(f"{name}: the shape of the {attn_mask.dim()}-D attn_mask is "
+                                 f"{tuple(attn_mask.shape)}, but should be {want}")
+        return unbatched
+
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
-        if self.training:
-            raise RuntimeError("DynamicMultiheadAttention is an inference module; call .eval()")
+        unbatched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         same = query is key and key is value
-        unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
@@ -592,18 +648,12 @@ class DynamicMultiheadAttention(EagerUnderCompile, Module):
         src_len = key.shape[0]
         h, d = self.num_heads, self.head_dim
         out_dtype = query.dtype
-        if same:
-            q, k, v = self.in_proj(query).chunk(3, dim=-1)
-        else:
-            q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
-        q = q.to(torch.float32).reshape(tgt_len, bsz * h, d).transpose(0, 1)
-        k = k.to(torch.float32).reshape(src_len, bsz * h, d).transpose(0, 1)
-        v = v.to(torch.float32).reshape(src_len, bsz * h, d).transpose(0, 1)
-        mask = None
+        dev = query.device
+        mask = None  # the masks (checked) before the projections
         if attn_mask is None and is_causal:
-            attn_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).triu(1)
+            attn_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=dev).triu(1)
         if attn_mask is not None:
-            mask = _additive(attn_mask, q.device)
+            mask = _additive(attn_mask, dev)
             if mask.dim() == 2:
                 mask = mask.unsqueeze(0)
         if key_padding_mask is not None:
@@ -613,14 +663,23 @@ class DynamicMultiheadAttention(EagerUnderCompile, Module):
                     tuple(key_padding_mask.shape)
                 raise ValueError(f"DynamicMultiheadAttention: key_padding_mask must have shape "
                                  f"{want} (batch, source length), got {got}")
-            kpm = _additive(key_padding_mask, q.device, "key_padding_mask").reshape(
+            kpm = _additive(key_padding_mask, dev, "key_padding_mask").reshape(
                 bsz, 1, 1, src_len)
             kpm = kpm.expand(bsz, h, 1, src_len).reshape(bsz * h, 1, src_len)
             mask = kpm if mask is None else mask + kpm
+        if same:
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+        else:
+            q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
+        q = q.to(torch.float32).reshape(tgt_len, bsz * h, d).transpose(0, 1)
+        k = k.to(torch.float32).reshape(src_len, bsz * h, d).transpose(0, 1)
+        v = v.to(torch.float32).reshape(src_len, bsz * h, d).transpose(0, 1)
         scores = torch.bmm(q * (1.0 / d ** 0.5), k.transpose(1, 2))
         if mask is not None:
             scores = scores + mask
         attn = torch.softmax(scores, dim=-1)
+        if self.training and self.dropout > 0:  # as torch's math path: weights, after softmax
+            attn = F.dropout(attn, p=self.dropout)
         out = torch.bmm(attn, v).transpose(0, 1).reshape(tgt_len * bsz, e).to(out_dtype)
         out = self.out_proj(out).reshape(tgt_len, bsz, e)
         if self.batch_first and not unbatched:
