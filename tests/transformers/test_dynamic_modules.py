@@ -424,6 +424,39 @@ def test_nan_weight_is_named_and_nothing_is_swapped():
     assert isinstance(q[0], DynamicLinear) and type(q[1][0]) is nn.Linear
 
 
+def test_qat_conversion_and_static_scale_arguments_are_checked():
+    """from_qat_module of a float Linear raised AttributeError ('act_dtype'); several
+    values for the one static scale a reshape RuntimeError or 'only one element tensors'."""
+    torch.manual_seed(24)
+    lin = nn.Linear(4, 2)
+    for cls in (DynamicLinear, WeightOnlyLinear):
+        with pytest.raises(TypeError, match=rf"{cls.__name__}.from_qat_module needs a "
+                                            r"gpuquant\.nn\.qat\.linear_dynamic\.DynamicLinear, "
+                                            r"got torch\.nn\.modules\.linear\.Linear"):
+            cls.from_qat_module(lin)
+        assert isinstance(cls.from_qat_module(QATDynamicLinear.from_float_module(lin)), cls)
+    with pytest.raises(ValueError, match=r"act_scale must be exactly one value .*got 2 values"):
+        StaticActLinear(4, 2, act_scale=[1.0, 2.0])
+    with pytest.raises(ValueError, match=r"act_absmax must be exactly one value .*got 3 values "
+                                         r"\(shape \(3,\)\)"):
+        StaticActLinear.from_float_module(lin, act_absmax=torch.ones(3))
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 1e-50, torch.tensor([0.0])):
+        with pytest.raises(ValueError, match="act_scale must be finite and > 0"):
+            StaticActLinear(4, 2, act_scale=bad)
+    for bad in (-1.0, float("nan"), torch.tensor([float("inf")])):
+        with pytest.raises(ValueError, match="act_absmax must be finite and >= 0"):
+            StaticActLinear.from_float_module(lin, act_absmax=bad)
+    with pytest.raises(TypeError, match="act_scale must be a number or a one-element tensor"):
+        StaticActLinear(4, 2, act_scale="1.0")
+    scale = torch.rand(1) + 0.5
+    m = StaticActLinear(4, 2, act_scale=scale)
+    scale.fill_(7.0)  # the module holds its own copy
+    assert m.act_scale.shape == () and float(m.act_scale) < 2
+    absmax = torch.rand(1, 1) * 3 + 1
+    assert float(StaticActLinear.from_float_module(lin, act_absmax=absmax).act_scale) == float(
+        StaticActLinear.from_float_module(lin, act_absmax=float(absmax)).act_scale)
+
+
 def test_dtype_arguments_shared_by_every_entry_point():
     m = nn.Sequential(nn.Linear(4, 4))
     qat = prepare_dynamic_qat(m, dtype=torch.qint8, inplace=False)[0]

@@ -48,6 +48,7 @@ from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, line
                                    linear_weight_only,
                                    max_in_features, quantize_per_token)
 from ..module import Module
+from ..qat.linear_dynamic import DynamicLinear as QATDynamicLinear
 
 __all__ = ["DynamicLinear", "WeightOnlyLinear", "StaticActLinear", "DynamicMultiheadAttention",
            "quantize_weight_per_channel",
@@ -101,6 +102,38 @@ def quantize_weight_per_channel(weight: torch.Tensor, dtype=qint8_narrow, scale=
 def _check_linear(mod, what: str) -> None:
     if not isinstance(mod, torch.nn.Linear):
         raise TypeError(f"{what} needs a torch.nn.Linear (or subclass), got {type(mod).__name__}")
+
+
+def _check_qat(mod, what: str) -> None:
+    """``mod`` must be the QAT Linear whose dtypes the conversion reads (a float Linear has
+    none: convert it with ``from_float_module``)."""
+    if not isinstance(mod, QATDynamicLinear):
+        raise TypeError(f"{what} needs a gpuquant.nn.qat.linear_dynamic.DynamicLinear, got "
+                        f"{type(mod).__module__}.{type(mod).__qualname__} (a float Linear "
+                        f"converts with from_float_module)")
+
+
+def _one_value(v, what: str) -> torch.Tensor:
+    """``v`` (a number, or a tensor / sequence of one element) as a 0-d float32 CPU tensor
+    (float32 first, so the checks see the value the module will hold: 1e-50 is 0 there).
+
+    Raises:
+        TypeError: not a number, tensor or sequence of numbers.
+        ValueError: other than exactly one value.
+    """
+    if isinstance(v, (bool, str)):
+        raise TypeError(f"{what} must be a number or a one-element tensor, got "
+                        f"{type(v).__name__} {v!r}")
+    try:
+        t = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v,
+                            dtype=torch.float32, device="cpu")
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{what} must be a number or a one-element tensor, got "
+                        f"{type(v).__name__}") from None
+    if t.numel() != 1:
+        raise ValueError(f"{what} must be exactly one value (per tensor, not per channel), "
+                         f"got {t.numel()} values (shape {tuple(t.shape)})")
+    return t.reshape(()).clone()  # (never the caller's storage)
 
 
 class _StraightThroughInt8Linear(torch.autograd.Function):
@@ -342,8 +375,12 @@ class DynamicLinear(_Int8WeightLinear):
     @classmethod
     def from_qat_module(cls, qat) -> "DynamicLinear":
         """Convert a :class:`gpuquant.nn.qat.linear_dynamic.DynamicLinear`: same integers and
-        scales its fake-quant used, so outputs agree to float32 rounding."""
-        _check_linear(qat, "DynamicLinear.from_qat_module")
+        scales its fake-quant used, so outputs agree to float32 rounding.
+
+        Raises:
+            TypeError: ``qat`` is not that QAT module (a float Linear: ``from_float_module``).
+        """
+        _check_qat(qat, "DynamicLinear.from_qat_module")
         m = cls(qat.in_features, qat.out_features, qat.bias is not None, qat.act_dtype,
                 qat.weight_dtype, device=qat.weight.device)
         wq, ws = quantize_weight_per_channel(qat.weight, qat.weight_dtype)
@@ -380,15 +417,21 @@ class StaticActLinear(DynamicLinear):
     NaN output row on every backend, as in :class:`DynamicLinear` (its scale is NaN and its
     integers 0, as ``quantize_per_token`` does; no host-side check). Pair with SmoothQuant
     (:func:`gpuquant.quantization.smoothquant.smooth_quant`) for transformers.
+
+    Raises:
+        TypeError: ``act_scale`` neither a number nor a tensor.
+        ValueError: as :class:`DynamicLinear`; ``act_scale`` not exactly one value, not
+            finite or not > 0 (in float32).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act_dtype=qint8,
                  weight_dtype=qint8_narrow, act_scale: float = 1.0, device=None):
         super().__init__(in_features, out_features, bias, act_dtype, weight_dtype, device)
-        s = torch.as_tensor(act_scale, dtype=torch.float32, device=device).reshape(())
-        if not bool(torch.isfinite(s)) or float(s) <= 0:
-            raise ValueError(f"act_scale must be finite and > 0, got {float(s)!r}")
-        self.register_buffer("act_scale", s)
+        s = _one_value(act_scale, "act_scale")
+        if not 0 < float(s) < float("inf"):
+            raise ValueError(f"act_scale must be finite and > 0 (in float32), got "
+                             f"{float(s)!r}")
+        self.register_buffer("act_scale", s.to(device))
 
     @classmethod
     def from_float_module(cls, linear: torch.nn.Linear, act_absmax=None, act_dtype=qint8,
@@ -397,13 +440,14 @@ class StaticActLinear(DynamicLinear):
         the scale is ``max(act_absmax / 127, eps)``.
 
         Raises:
-            ValueError: act_absmax missing, negative or not finite.
+            TypeError: act_absmax neither a number nor a tensor.
+            ValueError: act_absmax missing, not exactly one value, negative or not finite.
         """
         _check_linear(linear, "StaticActLinear.from_float_module")
         if act_absmax is None:
             raise ValueError("StaticActLinear.from_float_module needs act_absmax (from calibration:"
                              " gpuquant.quantization.calibrate_linear_inputs)")
-        a = float(act_absmax)
+        a = float(_one_value(act_absmax, "act_absmax"))
         if not (a >= 0 and a != float("inf")):
             raise ValueError(f"act_absmax must be finite and >= 0, got {a!r}")
         ad = _check_dtype(act_dtype, ACT_DTYPES, "act_dtype")
@@ -454,7 +498,12 @@ class WeightOnlyLinear(_Int8WeightLinear):
 
     @classmethod
     def from_qat_module(cls, qat) -> "WeightOnlyLinear":
-        _check_linear(qat, "WeightOnlyLinear.from_qat_module")
+        """Convert a :class:`gpuquant.nn.qat.linear_dynamic.DynamicLinear` (its weight dtype).
+
+        Raises:
+            TypeError: ``qat`` is not that QAT module (a float Linear: ``from_float_module``).
+        """
+        _check_qat(qat, "WeightOnlyLinear.from_qat_module")
         return cls.from_float_module(qat, qat.weight_dtype)
 
     def _int8_linear(self, x, wq, w_scale, bias, out_dtype):
