@@ -214,7 +214,9 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
         fold: ``{norm_name: [linear_name, ...]}``: Linears fed (only) by that LayerNorm /
             RMSNorm share one factor, folded into the norm's weight (and bias). Linears not
             named here become :class:`SmoothedLinear`.
-        filter_fn: ``(module, name) -> bool``; False leaves that Linear alone.
+        filter_fn: ``(module, name) -> bool``; False leaves that Linear alone. The Linears of
+            one ``fold`` group share their norm's output, so it must answer False for all of
+            them (the group, norm included, is left alone) or for none.
         inplace: modify ``model`` (default) or a deep copy.
 
     Returns:
@@ -222,8 +224,10 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
 
     Raises:
         ValueError: alpha out of range; unknown names; a fold target that is not a norm with
-            a weight; a Linear without calibration data; calibration data of the wrong shape
-            (not ``(in_features,)``), negative or not finite.
+            a weight; a fold group listing no Linear, or one that ``filter_fn`` excludes only
+            in part (the message names the Linears and the norm); a Linear without
+            calibration data; calibration data of the wrong shape (not ``(in_features,)``),
+            negative or not finite. Every check is made before the model is changed.
         TypeError: model not a Module; act_absmax not a dict of float tensors; fold not a
             dict; filter_fn not callable or not returning a bool; inplace not a bool.
     """
@@ -237,34 +241,53 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
     for name, lin in _linears(model, filter_fn):  # every entry checked before any change
         if name in act_absmax:
             _absmax_of(act_absmax, name, lin, "smooth_quant")
-    if not inplace:
-        model = copy.deepcopy(model)
     fold = dict(fold or {})
     seen: Dict[str, str] = {}
+    groups = []  # (norm name, Linear names) to fold, every one checked before any change
     for norm_name, lin_names in fold.items():  # a Linear has one input: one factor, one fold
         if isinstance(lin_names, str):
             raise TypeError(f"smooth_quant: fold[{norm_name!r}] must be a list of Linear "
                             f"names, got the string {lin_names!r}")
+        lin_names = list(lin_names)
+        if not lin_names:
+            raise ValueError(f"smooth_quant: fold[{norm_name!r}] lists no Linear")
         for n in lin_names:
             if n in seen:
                 raise ValueError(f"smooth_quant: Linear {n!r} is listed twice in fold (under "
                                  f"{seen[n]!r} and {norm_name!r}); its weight would be scaled "
                                  f"twice")
             seen[n] = norm_name
+        norm = _get(model, norm_name)
+        if getattr(norm, "weight", None) is None or not isinstance(
+                norm, (torch.nn.LayerNorm, getattr(torch.nn, "RMSNorm", torch.nn.LayerNorm))):
+            raise ValueError(f"smooth_quant: fold target {norm_name!r} must be a LayerNorm or "
+                             f"RMSNorm with an affine weight, got {type(norm).__name__}")
+        lins = [_get(model, n) for n in lin_names]
+        for n, lin in zip(lin_names, lins):
+            if not isinstance(lin, torch.nn.Linear):
+                raise ValueError(f"smooth_quant: {n!r} is not a Linear ({type(lin).__name__})")
+        kept = [n for n, lin in zip(lin_names, lins) if _wanted(lin, n, torch.nn.Linear,
+                                                                 filter_fn)]
+        if not kept:  # filter_fn leaves the whole group alone
+            continue
+        if len(kept) != len(lin_names):
+            left = [n for n in lin_names if n not in kept]
+            raise ValueError(f"smooth_quant: filter_fn excludes {left} but keeps {kept} of the "
+                             f"Linears fed by {norm_name!r} (fold[{norm_name!r}]): their one "
+                             f"factor is folded into that norm, so every one of them is "
+                             f"rescaled; exclude all of them (the group is left alone) or none")
+        for n, lin in zip(lin_names, lins):
+            if n not in act_absmax:
+                raise ValueError(f"smooth_quant: no calibration data for {n!r}")
+            _absmax_of(act_absmax, n, lin, "smooth_quant")
+        groups.append((norm_name, lin_names))
+    if not inplace:
+        model = copy.deepcopy(model)
     done = set()
     with torch.no_grad():
-        for norm_name, lin_names in fold.items():
-            norm = _get(model, norm_name)
-            if getattr(norm, "weight", None) is None or not isinstance(
-                    norm, (torch.nn.LayerNorm, getattr(torch.nn, "RMSNorm", torch.nn.LayerNorm))):
-                raise ValueError(f"smooth_quant: fold target {norm_name!r} must be a LayerNorm or "
-                                 f"RMSNorm with an affine weight, got {type(norm).__name__}")
-            lins = [_get(model, n) for n in lin_names]
-            for n, lin in zip(lin_names, lins):
-                if not isinstance(lin, torch.nn.Linear):
-                    raise ValueError(f"smooth_quant: {n!r} is not a Linear ({type(lin).__name__})")
-                if n not in act_absmax:
-                    raise ValueError(f"smooth_quant: no calibration data for {n!r}")
+        for norm_name, lin_names in groups:
+            norm = model.get_submodule(norm_name)
+            lins = [model.get_submodule(n) for n in lin_names]
             ax = torch.stack([_absmax_of(act_absmax, n, lin, "smooth_quant").to(torch.float32)
                               for n, lin in zip(lin_names, lins)]).amax(dim=0)
             s = smoothing_factors(ax, [lin.weight for lin in lins], alpha).to(norm.weight.device)

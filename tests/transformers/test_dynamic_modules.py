@@ -572,6 +572,46 @@ def test_smoothquant_arguments_are_checked(call, err, msg):
         call(m, {"0": torch.ones(4)})
 
 
+class _SharedNorm(nn.Module):
+    """Two Linears reading one LayerNorm (a fold group)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln, self.q, self.k = nn.LayerNorm(8), nn.Linear(8, 6), nn.Linear(8, 6)
+        with torch.no_grad():
+            self.ln.weight.uniform_(0.5, 2.0)
+            self.ln.bias.uniform_(-1.0, 1.0)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return self.q(h) + self.k(h)
+
+
+def test_smooth_quant_fold_group_excluded_in_part_is_refused():
+    """A Linear of a fold group that filter_fn excluded was rescaled anyway (its factor is
+    folded into the shared norm): refused, naming the Linears and the norm, with the model
+    unchanged; excluding the whole group leaves it (norm included) alone."""
+    torch.manual_seed(25)
+    m = _SharedNorm()
+    x = torch.randn(4, 5, 8) * torch.linspace(0.2, 6.0, 8)
+    absmax = calibrate_linear_inputs(m, [x])
+    fold = {"ln": ["q", "k"]}
+    before = copy.deepcopy(m.state_dict())
+
+    def unchanged(model):
+        return all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"filter_fn excludes \['k'\] but keeps \['q'\] of "
+                                         r"the Linears fed by 'ln'"):
+        smooth_quant(m, absmax, fold=fold, filter_fn=lambda mod, n: n != "k")
+    assert unchanged(m)
+    s = smooth_quant(m, absmax, fold=fold, filter_fn=lambda mod, n: n not in ("q", "k"))
+    assert s is m and unchanged(m) and type(m.q) is nn.Linear and type(m.k) is nn.Linear
+    s = smooth_quant(copy.deepcopy(m), absmax, fold=fold)  # no filter: the group is folded
+    assert not torch.equal(s.ln.weight, m.ln.weight) and type(s.k) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(s(x), m(x), rtol=1e-4, atol=1e-4)
+
+
 def test_qat_and_smoothed_encoder_layers_stay_off_torch_fast_path():
     """torch's fused encoder path (eval, no_grad) reads the Linears' weights directly: a
     dynamic-QAT layer ran float there, a smoothed one lost its 1/s input multiply."""
