@@ -33,7 +33,11 @@ def load(path) -> Session:
         TypeError: ``path`` of the wrong type.
         FileNotFoundError: no such file.
         ValueError: not a readable ONNX file, or a graph not in gpuquant's QDQ form
-            (:class:`RuntimeFormatError`, naming the node).
+            (:class:`RuntimeFormatError`, naming the node and what is expected): a model
+            without to_onnx's ``gpuquant.format`` metadata (e.g. onnxruntime's
+            ``quantize_static`` output), weights other than int8 with zero points 0 per
+            tensor or per output channel (axis 0), an int32 bias whose scale is not
+            ``float32(s_x) * s_w``, ``auto_pad``, a QuantizeLinear without its zero point.
     """
     try:
         import onnx

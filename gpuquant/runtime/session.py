@@ -8,6 +8,12 @@ int8 / uint8 tensor. Fixed-point multipliers come from the stored float32 scales
 :mod:`gpuquant.multipliers`, exactly as the quantized modules derive theirs, and the ops are
 the NumPy backend's torch-free kernels, so outputs equal gpuquant's byte for byte.
 
+The integer steps read only what gpuquant's form holds (int8 weights with zero point 0, an
+int32 bias in units of ``s_x * s_w``, explicit pads), so anything else is refused at load
+with :class:`RuntimeFormatError` naming the node, as is a model without to_onnx's
+``gpuquant.format`` metadata (another quantizer's QDQ graph), rather than run with other
+numbers.
+
 Activations are held in their logical (NCHW) shape; 4-D ones are views of NHWC memory, the
 layout the kernels use (as torch's channels_last).
 """
@@ -29,11 +35,19 @@ from ..multipliers import (activation_bounds, add_multipliers, quantize_multipli
 __all__ = ["Session", "RuntimeFormatError"]
 
 _RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
+FORMAT_KEY, FORMAT = "gpuquant.format", "qdq-v1"   # the metadata to_onnx writes
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
 
 
 class RuntimeFormatError(ValueError):
-    """The ONNX graph is not in the QDQ form gpuquant exports (names the node)."""
+    """The ONNX graph is not in the QDQ form gpuquant exports (names the node), or the model
+    was not written by :func:`gpuquant.export.to_onnx` (no ``gpuquant.format`` metadata)."""
+
+
+def _head(a, n: int = 4) -> str:
+    """The first ``n`` values of an array, for messages."""
+    v = np.asarray(a).reshape(-1)
+    return str(v[:n].tolist())[:-1] + (", ...]" if v.size > n else "]")
 
 
 def _nhwc(a: np.ndarray) -> np.ndarray:
@@ -80,6 +94,17 @@ class Session:
     def __init__(self, model, source: str = "<model>"):
         from onnx import numpy_helper
         self.source = source
+        meta = {p.key: p.value for p in model.metadata_props}
+        if meta.get(FORMAT_KEY) != FORMAT:
+            # another producer's QDQ graph (e.g. onnxruntime's quantize_static: uint8 weights
+            # with zero points, float-requantized bias) would run with other numbers
+            got = f"{FORMAT_KEY}={meta[FORMAT_KEY]!r}" if FORMAT_KEY in meta else \
+                f"no {FORMAT_KEY!r} metadata"
+            raise RuntimeFormatError(
+                f"{source}: not a graph written by gpuquant.export.to_onnx ({got}; expected "
+                f"{FORMAT_KEY}={FORMAT!r}): gpuquant.runtime runs only gpuquant's QDQ form, "
+                f"not other quantizers' (e.g. onnxruntime.quantization); run those in "
+                f"onnxruntime")
         g = model.graph
         self._const: Dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
                                               for t in g.initializer}
@@ -128,13 +153,45 @@ class Session:
                                   f"activation")
         return v
 
-    def _dq_const(self, name: str, node):
-        """(int array, float32 scales) of a DequantizeLinear of an initializer."""
+    def _dq_const(self, name: str, node, what: str, dtype):
+        """(int array, float32 scale, DequantizeLinear) of a DequantizeLinear of an
+        initializer in gpuquant's form: ``dtype`` values, zero points 0 (or none), the scale
+        per tensor or per output channel (axis 0). ``what``: "weight" or "bias"."""
         p = self._producer.get(name)
         if p is None or p.op_type != "DequantizeLinear" or p.input[0] not in self._const:
-            raise self._err(node, f"input {name!r} must be a DequantizeLinear of an initializer")
+            raise self._err(node, f"{what} {name!r} must be a DequantizeLinear of an initializer")
         self._fused.add(id(p))
-        return self._const[p.input[0]], np.asarray(self._scalar(p.input[1], p), np.float32)
+        q = self._const[p.input[0]]
+        scale = np.asarray(self._scalar(p.input[1], p))
+        zp = self._scalar(p.input[2], p) if len(p.input) > 2 and p.input[2] else None
+        axis = self._attrs(p).get("axis", 1)  # ONNX's default axis is 1
+        if q.dtype != dtype or q.ndim == 0:
+            raise self._err(p, f"{what} of {node.name!r} is {q.dtype} of shape "
+                               f"{list(q.shape)}; gpuquant's QDQ form stores {np.dtype(dtype)} "
+                               f"{what}s, output channels first")
+        per_channel = scale.ndim == 1 and scale.shape[0] == q.shape[0] and axis % q.ndim == 0
+        if scale.dtype != np.float32 or not (scale.ndim == 0 or per_channel):
+            raise self._err(p, f"{what} scale of {node.name!r} ({scale.dtype}, shape "
+                               f"{list(scale.shape)}, axis {axis}); expected float32, per "
+                               f"tensor or per output channel (axis 0, {q.shape[0]} values)")
+        if zp is not None and (zp.dtype != dtype or zp.shape != scale.shape or zp.any()):
+            raise self._err(p, f"{what} zero point of {node.name!r} ({zp.dtype} {_head(zp)}) "
+                               f"must be {np.dtype(dtype)} zeros shaped as the scale: "
+                               f"gpuquant's {what}s are symmetric (zero point 0)")
+        return q, scale, p
+
+    def _q_params(self, q):
+        """(float32 scale, zero point array) of a QuantizeLinear: per tensor, to int8 / uint8,
+        with its zero point given (ONNX's default is uint8 0)."""
+        if len(q.input) < 3 or not q.input[2]:
+            raise self._err(q, "QuantizeLinear without a zero point input; gpuquant's QDQ "
+                               "form gives every QuantizeLinear its int8 / uint8 zero point")
+        scale, zp = self._scalar(q.input[1], q), self._scalar(q.input[2], q)
+        if np.ndim(scale) != 0 or np.ndim(zp) != 0 or zp.dtype not in _RANGE:
+            raise self._err(q, f"activations must be quantized per tensor to int8 / uint8, got "
+                               f"scale shape {list(np.shape(scale))}, zero point {zp.dtype} "
+                               f"shape {list(np.shape(zp))}")
+        return np.float32(scale), zp
 
     def _tail(self, node):
         """Follow ``node``'s output through an optional Relu / Clip(0, 6) to its one
@@ -159,8 +216,7 @@ class Session:
             raise self._err(node, "its output must feed exactly one QuantizeLinear (QDQ form)")
         q = cons[0]
         self._fused.add(id(q))
-        scale = np.float32(self._scalar(q.input[1], q))
-        zp_arr = self._scalar(q.input[2], q)
+        scale, zp_arr = self._q_params(q)
         return act, q.output[0], float(scale), int(zp_arr), zp_arr.dtype
 
     def _plan(self, n):
@@ -182,8 +238,7 @@ class Session:
                                     int(zp)))
             return
         if op == "QuantizeLinear":
-            scale = np.float32(self._scalar(n.input[1], n))
-            zp = self._scalar(n.input[2], n)
+            scale, zp = self._q_params(n)
             qmin, qmax = _RANGE[zp.dtype]
             self._steps.append(("quantize", n.input[0], n.output[0], scale, zp, qmin, qmax))
             return
@@ -203,19 +258,30 @@ class Session:
         """Conv / Gemm: (input name, input zero point, int8 weight, int64 bias or None,
         output name, requantization params from ``s_x * s_w / s_y``)."""
         xq, sx, zx = self._view(n.input[0], n)
-        w, sw = self._dq_const(n.input[1], n)
+        w, sw, _ = self._dq_const(n.input[1], n, "weight", np.int8)
+        if not (np.isfinite(sw).all() and (sw > 0).all()):
+            raise self._err(n, f"weight scales must be positive and finite, got {_head(sw)}")
         b = None
         if len(n.input) > 2 and n.input[2]:
-            b = self._dq_const(n.input[2], n)[0].astype(np.int64)
+            b, sb, p_b = self._dq_const(n.input[2], n, "bias", np.int32)
+            # the int32 bias is added to the accumulator, whose unit is s_x * s_w: its scale
+            # must be that product (as the exporter writes it, float32), bit for bit
+            want = np.float32(sx) * sw
+            if b.ndim != 1 or b.shape[0] != w.shape[0] or \
+                    np.broadcast_to(sb, b.shape).tobytes() != \
+                    np.broadcast_to(want, b.shape).tobytes():
+                raise self._err(p_b, f"bias of {n.name!r} (shape {list(b.shape)}, scale "
+                                     f"{_head(sb)}) must hold one int32 per output channel "
+                                     f"({w.shape[0]}) at scale float32(s_x) * s_w "
+                                     f"({_head(want)}), the accumulator's unit")
+            b = b.astype(np.int64)
         act, out, sy, zy, dt = self._tail(n)
         p = _requant_params(np.float64(sx) * sw.astype(np.float64) / float(sy), zy, dt, act, sy)
         return xq, zx, w, b, out, p
 
     def _plan_Conv(self, n, a):
         xq, zx, w, b, out, p = self._weighted(n)
-        pads = list(a.get("pads", [0, 0, 0, 0]))
-        if pads[:2] != pads[2:]:
-            raise self._err(n, f"asymmetric pads {pads}")
+        pads = self._pads(n, a)
         cache: dict = {}
         self._steps.append(("conv", xq, out, zx, np.ascontiguousarray(w, np.int8), b,
                             tuple(a.get("strides", [1, 1])), tuple(pads[:2]),
@@ -271,7 +337,7 @@ class Session:
             p = self._producer.get(p.input[0])
         if p is None or p.op_type != "QuantizeLinear":
             return None
-        return self._const[p.input[2]].dtype
+        return self._q_params(p)[1].dtype
 
     def _pool_tail(self, n, sx, zx):
         act, out, sy, zy, dt = self._tail(n)
@@ -279,11 +345,21 @@ class Session:
             raise self._err(n, "a pool's output must keep its input's qparams")
         return out
 
-    def _pool_window(self, n, a):
-        """(kernel, strides, symmetric pads) of a MaxPool / AveragePool node."""
+    def _pads(self, n, a) -> list:
+        """A Conv's / pool's explicit symmetric ``pads`` (auto_pad NOTSET, as exported)."""
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        if auto != "NOTSET":
+            raise self._err(n, f"auto_pad={auto!r}; gpuquant's QDQ form gives explicit pads "
+                               f"(auto_pad NOTSET or absent)")
         pads = list(a.get("pads", [0, 0, 0, 0]))
         if pads[:2] != pads[2:]:
             raise self._err(n, f"asymmetric pads {pads}")
+        return pads
+
+    def _pool_window(self, n, a):
+        """(kernel, strides, symmetric pads) of a MaxPool / AveragePool node."""
+        pads = self._pads(n, a)
         k = tuple(a["kernel_shape"])
         return k, tuple(a.get("strides", k)), tuple(pads[:2])
 

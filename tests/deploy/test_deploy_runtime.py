@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import gpuquant.nn as gnn
 from gpuquant.export import to_onnx
 
 from conftest import int8_forward
@@ -94,7 +95,12 @@ def test_runtime_errors(zoo_int8, tmp_path):
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
     plain = tmp_path / "plain.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(plain))
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(model, str(plain))
+    with pytest.raises(rt.RuntimeFormatError, match="not a graph written by .*to_onnx"):
+        rt.load(plain)
+    helper.set_model_props(model, {"gpuquant.format": "qdq-v1"})
+    onnx.save(model, str(plain))
     with pytest.raises(rt.RuntimeFormatError, match="'sig' \\(Sigmoid\\).*not supported"):
         rt.load(plain)
     path = tmp_path / "z.onnx"
@@ -149,3 +155,131 @@ def test_runtime_nan_and_empty_batch_match_the_int8_model(zoo_int8, tmp_path):
     assert want.shape[0] == 0 and got.shape == want.shape and got.dtype == want.dtype
     # and a batch after the empty one is still exact
     assert sess.run(x[:1].numpy()).tobytes() == int8_forward(zoo_int8, x[:1]).tobytes()
+
+
+class _ConvPool(gnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant, self.conv = gnn.QuantStub(), gnn.ConvRelu2d(3, 5, 3, padding=1)
+        self.pool, self.dq = gnn.MaxPool2d(2), gnn.DequantStub()
+
+    def forward(self, x):
+        return self.dq(self.pool(self.conv(self.quant(x))))
+
+
+def _set_init(proto, suffix, edit):
+    from onnx import numpy_helper
+    t = next(t for t in proto.graph.initializer if t.name.endswith(suffix))
+    t.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(t)), t.name))
+
+
+def _set_attr(proto, op, name, value):
+    """Set attribute ``name`` of the first node ``op`` (an op type or a node name's end);
+    auto_pad replaces the explicit pads."""
+    import onnx
+    n = next(n for n in proto.graph.node if op in (n.op_type, n.name[-len(op):]))
+    keep = [a for a in n.attribute if a.name not in (name, "pads" if name == "auto_pad" else "")]
+    del n.attribute[:]
+    n.attribute.extend(keep + [onnx.helper.make_attribute(name, value)])
+
+
+def _drop_q_zero_point(proto):
+    q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
+    del q.input[2]
+
+
+_NOT_GPUQUANT_FORM = {
+    "weight zero point 5": (lambda p: _set_init(p, "weight_zero_point",
+                                                lambda a: np.full_like(a, 5)),
+                            r"weight_dq.*weight zero point of 'conv_conv.*\[5, 5, 5, 5, \.\.\.\]"
+                            r".*zero point 0"),
+    "bias scale doubled": (lambda p: _set_init(p, "bias_scale", lambda a: a * 2),
+                           r"bias_dq.*bias of 'conv_conv.*at scale float32\(s_x\) \* s_w"),
+    "uint8 weight": (lambda p: (_set_init(p, "conv_weight", lambda a: (a.astype(np.int16) + 128)
+                                          .astype(np.uint8)),
+                                _set_init(p, "weight_zero_point",
+                                          lambda a: np.full(a.shape, 128, np.uint8))),
+                     r"weight_dq.*weight of 'conv_conv.*is uint8.*stores int8 weights"),
+    "weight axis 1": (lambda p: _set_attr(p, "weight_dq_DequantizeLinear", "axis", 1),
+                      r"weight_dq.*weight scale of 'conv_conv.*axis 1\).*axis 0"),
+    "conv auto_pad": (lambda p: _set_attr(p, "Conv", "auto_pad", "SAME_UPPER"),
+                      r"'conv_conv_Conv' \(Conv\): auto_pad='SAME_UPPER'.*NOTSET"),
+    "pool auto_pad": (lambda p: _set_attr(p, "MaxPool", "auto_pad", "SAME_LOWER"),
+                      r"\(MaxPool\): auto_pad='SAME_LOWER'"),
+    "QuantizeLinear without zero point": (_drop_q_zero_point,
+                                          r"\(QuantizeLinear\): QuantizeLinear without a zero "
+                                          r"point"),
+    "no format metadata": (lambda p: p.ClearField("metadata_props"),
+                           r"not a graph written by gpuquant.export.to_onnx \(no "
+                           r"'gpuquant.format' metadata"),
+}
+
+
+@pytest.fixture(scope="module")
+def conv_pool_int8():
+    from deploy_helpers import calibrated
+    from gpuquant import backends
+    torch.manual_seed(5)
+    with backends.use("reference"):
+        return calibrated(_ConvPool(), (3, 3, 8, 7), batches=2)
+
+
+@pytest.mark.parametrize("edit", sorted(_NOT_GPUQUANT_FORM))
+def test_runtime_refuses_qdq_graphs_not_in_gpuquants_form(conv_pool_int8, edit):
+    """A QDQ graph that is not gpuquant's (other weight zero points / dtype / axis, another
+    bias scale, auto_pad, a QuantizeLinear without its zero point, no gpuquant.format
+    metadata) is refused naming the node, not run with other numbers (found by review)."""
+    import copy
+
+    import gpuquant.runtime as rt
+    x = torch.randn(2, 3, 8, 7)
+    proto = to_onnx(conv_pool_int8, x)
+    # gpuquant's own export loads and runs byte for byte
+    assert rt.load(proto).run(x.numpy()).tobytes() == int8_forward(conv_pool_int8, x).tobytes()
+    change, match = _NOT_GPUQUANT_FORM[edit]
+    bad = copy.deepcopy(proto)
+    change(bad)
+    with pytest.raises(rt.RuntimeFormatError, match=match):
+        rt.load(bad)
+
+
+def test_runtime_refuses_onnxruntime_quantized_model(tmp_path):
+    """onnxruntime's quantize_static QDQ model (uint8 weights with zero points) is refused:
+    without gpuquant's metadata, and with it forged, by its weights (found by review)."""
+    pytest.importorskip("onnxruntime.quantization")
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    import gpuquant.runtime as rt
+    rng = np.random.default_rng()
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Relu", ["c"], ["y"], name="relu")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 5])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "float.onnx"))
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": rng.standard_normal((2, 3, 6, 5)).astype(np.float32)}
+                            for _ in range(3)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"), Batches(),
+                    quant_format=QuantFormat.QDQ, weight_type=QuantType.QUInt8,
+                    activation_type=QuantType.QUInt8, per_channel=False)
+    with pytest.raises(rt.RuntimeFormatError, match="not a graph written by gpuquant"):
+        rt.load(tmp_path / "q.onnx")
+    forged = onnx.load(str(tmp_path / "q.onnx"))
+    helper.set_model_props(forged, {"gpuquant.format": "qdq-v1"})
+    with pytest.raises(rt.RuntimeFormatError, match=r"weight of 'conv' is uint8.*int8 weights"):
+        rt.load(forged)
