@@ -185,7 +185,9 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
             mode, a model with no static quantized module (e.g. only ``quantize_dynamic``'s
             modules, which have no QDQ export).
         NotImplementedError: a module or operation with no QDQ export (named), e.g. a float
-            layer left in the model, an activation dtype other than qint8 / quint8.
+            layer left in the model, an activation dtype other than qint8 / quint8; an output
+            other than a tensor or a flat tuple / list of tensors (a dict, a nested tuple,
+            None; named).
 
     Example:
         >>> qmodel = quantize(qat_model)
@@ -361,8 +363,7 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
                                                                node):
                 no_batch.add(node.name)
         elif node.op == "output":
-            outs = node.args[0]
-            outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+            outs = _flat_outputs(node.args[0], env)
             for i, o in enumerate(outs):
                 v = env[o.name]
                 src = v[1] if isinstance(v, tuple) else v.name
@@ -388,6 +389,34 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
     if path is not None:
         onnx.save(proto, str(path))
     return proto
+
+
+def _flat_outputs(out, env) -> list:
+    """The traced model's outputs as a list of fx nodes of tensors: one tensor, or a flat
+    tuple / list of them (ONNX graph outputs are a flat list of tensors)."""
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def seq(o) -> str:  # fx stores lists as immutable_list
+        return "tuple" if isinstance(o, tuple) else "list"
+
+    def what(o) -> str:
+        if isinstance(o, dict):
+            return f"a dict (keys {list(o)})"
+        if isinstance(o, (tuple, list)):
+            return f"a {seq(o)} (nested)"
+        if isinstance(o, torch.fx.Node):
+            return f"a value read off a tensor's shape (node {o.name!r})"
+        return "None" if o is None else f"a {type(o).__name__} ({o!r})"
+
+    for i, o in enumerate(outs):
+        if not isinstance(o, torch.fx.Node) or env.get(o.name) is _SHAPE:
+            whole = f"a {seq(out)} whose item {i} is {what(o)}" \
+                if isinstance(out, (tuple, list)) else what(o)
+            hint = "; return a tuple of its values" if isinstance(o, dict) else ""
+            raise NotImplementedError(f"to_onnx: the model's output is {whole}; supported: a "
+                                      f"tensor or a flat tuple / list of tensors (ONNX graph "
+                                      f"outputs are a flat list){hint}")
+    return outs
 
 
 def _ceil_mode(ceil_mode, in_hw, out_hw, k, st, p, dil, who: str) -> int:

@@ -164,6 +164,60 @@ def test_unsupported_content_is_named(zoo_int8):
         to_onnx(torch.nn.Sequential(torch.nn.ReLU()).eval(), torch.randn(1, 3))
 
 
+class _Outputs(gnn.Module):
+    """A conv's float output and the int8 input, returned as ``mode`` says."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.quant, self.conv = gnn.QuantStub(), gnn.ConvRelu2d(3, 4, 3, padding=1)
+        self.dq = gnn.DequantStub()
+
+    def forward(self, x):
+        q = self.quant(x)
+        a, b = self.dq(self.conv(q)), q
+        return {"tuple": lambda: (a, b), "list": lambda: [b, a],
+                "dict": lambda: {"a": a, "b": b}, "nested": lambda: (a, (b,)),
+                "none": lambda: (a, b, None), "size": lambda: (a, x.size(0))}[self.mode]()
+
+
+_BAD_OUTPUTS = {
+    "dict": r"output is a dict \(keys \['a', 'b'\]\).*flat tuple / list of tensors",
+    "nested": r"output is a tuple whose item 1 is a tuple \(nested\).*flat tuple",
+    "none": r"output is a tuple whose item 2 is None.*flat tuple",
+    "size": r"output is a tuple whose item 1 is a value read off a tensor's shape",
+}
+
+
+@pytest.mark.parametrize("mode", sorted(_BAD_OUTPUTS))
+def test_unsupported_output_structure_is_named(mode):
+    """A dict, nested or None output is refused with the exporter's NotImplementedError
+    naming it (was an AttributeError; found by review)."""
+    from gpuquant import backends
+    with backends.use("reference"):
+        m = calibrated(_Outputs(mode), (2, 3, 5, 6))
+    with pytest.raises(NotImplementedError, match=_BAD_OUTPUTS[mode]):
+        to_onnx(m, torch.randn(1, 3, 5, 6))
+
+
+@pytest.mark.parametrize("mode", ["tuple", "list"])
+def test_flat_tuple_or_list_output_exports(mode, tmp_path):
+    """A flat tuple / list of tensors (float and int8) is the graph's outputs, in order."""
+    import gpuquant.runtime as rt
+    from gpuquant import backends
+    with backends.use("reference"):
+        m = calibrated(_Outputs(mode), (2, 3, 5, 6))
+    x = torch.randn(2, 3, 5, 6)
+    path = tmp_path / "two.onnx"
+    proto = to_onnx(m, x, path)
+    assert [o.name for o in proto.graph.output] == ["output_0", "output_1"]
+    with backends.use("numpy"), torch.no_grad():
+        want = [t.numpy() for t in m(x)]
+    got = rt.load(path).run(x.numpy())
+    assert [g.dtype for g in got] == [w.dtype for w in want]
+    assert all(g.tobytes() == w.tobytes() for g, w in zip(got, want))
+
+
 class _One(gnn.Module):
     """QuantStub -> one module -> DequantStub."""
 
