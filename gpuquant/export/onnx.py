@@ -15,14 +15,20 @@ tensor's shape, and each node is written with the ONNX helper API:
   ``MaxPool`` / ``AveragePool`` / ``GlobalAveragePool``, each between DQ and Q;
 * ``flatten`` / ``reshape`` / ``view`` act on the int8 tensor itself.
 
-The graph's batch dimension is symbolic (``N``). :mod:`gpuquant.runtime` executes these
-files with the contract's integer semantics; onnxruntime requantizes in float (within one
-output step of gpuquant per layer; the steps compound through a network).
+The graph's batch dimension is symbolic (``N``) and its spatial size free, except where a
+node holds only for the example's spatial size (an ``AdaptiveAvgPool2d`` to more than 1x1, a
+fixed-kernel ``AveragePool``; a ``ceil_mode`` pool whose windows depend on the size): then
+the model's metadata says so (``gpuquant.fixed_input_hw`` = ``"H,W"``, the nodes in
+``gpuquant.size_dependent_nodes``), ``to_onnx`` warns once, and :mod:`gpuquant.runtime`
+refuses other sizes. :mod:`gpuquant.runtime` executes these files with the contract's
+integer semantics; onnxruntime requantizes in float (within one output step of gpuquant per
+layer; the steps compound through a network).
 """
 from __future__ import annotations
 
 import operator
 import os
+import warnings
 from typing import Dict, Optional
 
 import numpy as np
@@ -31,6 +37,7 @@ import torch
 from ..nn.quantized.fused import ConvAdd, ConvDequant
 from ..nn.quantized.module import QuantizedTracer
 from ..quantization.epilogue import unfuse_epilogues
+from ..runtime.session import FIXED_HW_KEY, FIXED_NODES_KEY, FORMAT, FORMAT_KEY
 
 __all__ = ["to_onnx", "OPSET"]
 
@@ -76,6 +83,7 @@ class _Builder:
         self.names = set()
         self.model_name = model_name
         self._dq = {}
+        self.size_dependent = []  # (ONNX node name, why): valid only at the example's size
 
     def fresh(self, base: str) -> str:
         base = base.replace(".", "_") or "t"
@@ -188,6 +196,13 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
             layer left in the model, an activation dtype other than qint8 / quint8; an output
             other than a tensor or a flat tuple / list of tensors (a dict, a nested tuple,
             None; named).
+
+    Warns:
+        UserWarning: once, naming the nodes, where the graph holds only for the example's
+            spatial size (a non-global ``AdaptiveAvgPool2d``, a ``ceil_mode`` pool whose
+            windows depend on the size); the model's metadata then records it
+            (``gpuquant.fixed_input_hw`` = ``"H,W"``, one per 4-D input, ``;`` between) and
+            :mod:`gpuquant.runtime` refuses other sizes.
 
     Example:
         >>> qmodel = quantize(qat_model)
@@ -384,11 +399,36 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
     proto = helper.make_model(g, producer_name="gpuquant",
                               opset_imports=[helper.make_opsetid("", int(opset))])
     proto.ir_version = min(proto.ir_version, 8)  # readable by older onnxruntime releases
-    helper.set_model_props(proto, {"gpuquant.format": "qdq-v1"})
+    props = {FORMAT_KEY: FORMAT}
+    if b.size_dependent:
+        props.update(_fixed_size(b.size_dependent, inputs))
+    helper.set_model_props(proto, props)
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
         onnx.save(proto, str(path))
     return proto
+
+
+def _fixed_size(nodes, inputs) -> dict:
+    """Metadata (and one UserWarning) for a graph whose ``nodes`` ((name, why) pairs) hold
+    only for the example inputs' spatial size."""
+    hw = [tuple(int(d) for d in x.shape[-2:]) for x in inputs if x.dim() == 4]
+    size = " and ".join(f"{h}x{w}" for h, w in hw) or "the example's size"
+    warnings.warn(f"to_onnx: the ONNX graph is valid only at input spatial size {size} (the "
+                  f"example's): " + "; ".join(f"node {n!r} ({why})" for n, why in nodes) +
+                  f". gpuquant.runtime refuses other sizes (metadata {FIXED_HW_KEY!r}); export "
+                  f"with an example of each size you run", UserWarning, stacklevel=3)
+    return {FIXED_HW_KEY: ";".join(f"{h},{w}" for h, w in hw),
+            FIXED_NODES_KEY: ",".join(n for n, _ in nodes)}
+
+
+def _ceil_depends_on_size(k, st, p, dil) -> bool:
+    """Whether a ceil_mode pool's ONNX form (:func:`_ceil_mode`'s choice) holds for one
+    input size only. In a dimension with stride 1 ceil and floor mode agree; with no padding
+    and a stride at most the (dilated) kernel PyTorch never drops a last window, so ONNX's
+    ceil_mode 1 is PyTorch's at every size. Elsewhere the choice follows the example."""
+    return any(s != 1 and (pp != 0 or s > d * (kk - 1) + 1)
+               for kk, s, pp, d in zip(k, st, p, dil))
 
 
 def _flat_outputs(out, env) -> list:
@@ -457,6 +497,7 @@ def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
                           who)
         y = b.node("MaxPool", [x], f"{base}_maxpool", kernel_shape=list(k), strides=list(st),
                    pads=[p[0], p[1], p[0], p[1]], dilations=list(dil), ceil_mode=ceil)
+        size_dep = m.ceil_mode and _ceil_depends_on_size(k, st, p, dil)
     elif isinstance(m, Q.AvgPool2d):
         if m.divisor_override:
             raise NotImplementedError(f"to_onnx: {who} with divisor_override (ONNX AveragePool "
@@ -488,10 +529,12 @@ def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
         y = b.node("AveragePool", [x], f"{base}_avgpool", kernel_shape=list(k),
                    strides=list(st), pads=[p[0], p[1], p[0], p[1]], ceil_mode=ceil,
                    count_include_pad=int(cip))
+        size_dep = m.ceil_mode and _ceil_depends_on_size(k, st, p, (1, 1))
     else:
         oh, ow = tuple(vals[node.name].shape[-2:])
         h, w = shape_in[-2:]
-        if (oh, ow) == (1, 1):
+        size_dep = (oh, ow) != (1, 1)  # a fixed kernel: adaptive at this input size only
+        if not size_dep:
             y = b.node("GlobalAveragePool", [x], f"{base}_gap")
         elif h % oh == 0 and w % ow == 0:
             k = (h // oh, w // ow)
@@ -500,6 +543,11 @@ def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
         else:
             raise NotImplementedError(f"to_onnx: {who}: adaptive pooling from {(h, w)} to "
                                       f"{(oh, ow)} has windows of unequal sizes (no ONNX op)")
+    if size_dep:
+        why = "adaptive pooling as a fixed-kernel AveragePool" \
+            if isinstance(m, Q.AdaptiveAvgPool2d) else "ceil_mode windows"
+        b.size_dependent.append((b.nodes[-1].name,
+                                 f"{who}: {why} for input {tuple(shape_in[-2:])}"))
     return b.quantize(y, base, s, z, dt, tuple(vals[node.name].shape))
 
 

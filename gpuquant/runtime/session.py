@@ -35,7 +35,10 @@ from ..multipliers import (activation_bounds, add_multipliers, quantize_multipli
 __all__ = ["Session", "RuntimeFormatError"]
 
 _RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
-FORMAT_KEY, FORMAT = "gpuquant.format", "qdq-v1"   # the metadata to_onnx writes
+# the metadata to_onnx writes: the format; where a node holds only for the export example's
+# spatial size, that size ("H,W" for each 4-D input in order, ";" between) and the nodes
+FORMAT_KEY, FORMAT = "gpuquant.format", "qdq-v1"
+FIXED_HW_KEY, FIXED_NODES_KEY = "gpuquant.fixed_input_hw", "gpuquant.size_dependent_nodes"
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
 
 
@@ -89,6 +92,10 @@ class Session:
 
     Attributes:
         input_names, output_names: the graph's input and output names.
+        fixed_input_hw: input name -> (H, W) for the 4-D inputs of a graph that holds only
+            at the export example's spatial size (``gpuquant.fixed_input_hw`` metadata: a
+            non-global adaptive pool, a size-dependent ``ceil_mode`` pool); empty when the
+            graph runs at any spatial size.
     """
 
     def __init__(self, model, source: str = "<model>"):
@@ -115,6 +122,10 @@ class Session:
                      for d in i.type.tensor_type.shape.dim]
             for i in g.input if i.name not in self._const}
         self.output_names = [o.name for o in g.output]
+        self.fixed_input_hw = self._fixed_input_hw(meta)
+        fixed_nodes = [n for n in meta.get(FIXED_NODES_KEY, "").split(",") if n]
+        self._fixed_why = f" (node {', '.join(map(repr, fixed_nodes))} exported for that " \
+                          f"size)" if fixed_nodes else ""
         self._producer = {}
         self._consumers: Dict[str, list] = {}
         nodes = list(g.node)  # one wrapper per node: fused nodes are tracked by id()
@@ -128,6 +139,23 @@ class Session:
         self._fused = set()
         for n in nodes:
             self._plan(n)
+
+    def _fixed_input_hw(self, meta: dict) -> Dict[str, tuple]:
+        """The ``gpuquant.fixed_input_hw`` metadata ("H,W" for each 4-D input, ";" between)
+        as input name -> (H, W)."""
+        if FIXED_HW_KEY not in meta:
+            return {}
+        four_d = [k for k in self.input_names if len(self._input_dims[k]) == 4]
+        try:
+            hw = [tuple(int(v) for v in e.split(",")) for e in meta[FIXED_HW_KEY].split(";")]
+        except ValueError:
+            hw = []
+        if len(hw) != len(four_d) or any(len(e) != 2 or min(e) < 1 for e in hw):
+            raise RuntimeFormatError(
+                f"{self.source}: metadata {FIXED_HW_KEY}={meta[FIXED_HW_KEY]!r} must give "
+                f"'H,W' (positive ints) for each of the {len(four_d)} 4-D inputs {four_d}, "
+                f"';' between")
+        return dict(zip(four_d, hw))
 
     # ------------------------------------------------------------------ planning
     def _where(self, node) -> str:
@@ -400,7 +428,9 @@ class Session:
             TypeError: an input that is not a NumPy array.
             ValueError: a wrong number of inputs; NaN in an input that is quantized (as the
                 torch model's ``quantize``); an input too small for a layer's window, or
-                whose size does not fit a layer (as the torch int8 model; names the node).
+                whose size does not fit a layer (as the torch int8 model; names the node);
+                a spatial size other than :attr:`fixed_input_hw`'s where the graph holds
+                only for the export example's (names the nodes).
         """
         if isinstance(x, dict):
             feeds = dict(x)
@@ -420,12 +450,20 @@ class Session:
             if not np.issubdtype(v.dtype, np.floating):
                 raise TypeError(f"{self.source}: input {k!r} must be a float array, got {v.dtype}")
             dims = self._input_dims.get(k) or []
+            fixed = self.fixed_input_hw.get(k)
             if dims and (v.ndim != len(dims) or (len(dims) > 1 and dims[1] is not None
                                                  and v.shape[1] != dims[1])):
+                size = "" if len(dims) != 4 else ", any spatial size" if fixed is None else \
+                    f", spatial size {fixed[0]}x{fixed[1]} only"
                 raise ValueError(f"{self.source}: input {k!r} must have shape "
                                  f"{['N' if d is None else d for d in dims]} (any batch"
-                                 f"{', any spatial size' if len(dims) == 4 else ''}), got "
-                                 f"{list(v.shape)}")
+                                 f"{size}), got {list(v.shape)}")
+            if fixed is not None and tuple(v.shape[2:]) != fixed:
+                raise ValueError(f"{self.source}: input {k!r} of spatial size "
+                                 f"{v.shape[2]}x{v.shape[3]}: this graph holds only for "
+                                 f"{fixed[0]}x{fixed[1]}, the export example's"
+                                 f"{self._fixed_why}; export again with an example of this "
+                                 f"size")
             env[k] = np.ascontiguousarray(v, dtype=np.float32)
         for st in self._steps:
             _EXEC[st[0]](st, env)

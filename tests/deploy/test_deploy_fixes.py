@@ -1,6 +1,6 @@
 """Regression tests of deployment fixes: AveragePool ceil_mode export, failed load leaves the
 skeleton untouched, runtime size checks, flatten(start_dim) export, save/load argument and
-file checks, to_onnx argument checks."""
+file checks, to_onnx argument checks, graphs valid at the example's spatial size only."""
 import numpy as np
 import pytest
 import torch
@@ -33,6 +33,13 @@ def _attrs(node):
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _fixed_size_warning(expected=True):
+    """to_onnx's warning that the graph holds for the example's spatial size only."""
+    import contextlib
+    return pytest.warns(UserWarning, match="valid only at input spatial size") if expected \
+        else contextlib.nullcontext()
+
+
 class _Pool(gnn.Module):
     def __init__(self, **kw):
         super().__init__()
@@ -55,7 +62,8 @@ def test_avgpool_ceil_mode_export_matches_gpuquant(kw, hw, tmp_path):
     m = _int8(_Pool(**kw), (4, 2) + hw)
     x = torch.randn(2, 2, *hw)
     path = tmp_path / "pool.onnx"
-    proto = to_onnx(m, x, path)
+    with _fixed_size_warning(kw.get("padding", 0)):  # padded: windows depend on the size
+        proto = to_onnx(m, x, path)
     pool = next(n for n in proto.graph.node if n.op_type == "AveragePool")
     a = _attrs(pool)
     assert a["ceil_mode"] == 1
@@ -85,7 +93,8 @@ def test_pool_ceil_mode_dropped_last_window_exports(make, hw, tmp_path):
     m = _int8(_One(make()), (4, 2) + hw)
     x = torch.randn(2, 2, *hw)
     path = tmp_path / "pool.onnx"
-    proto = to_onnx(m, x, path)
+    with _fixed_size_warning():
+        proto = to_onnx(m, x, path)
     pool = next(n for n in proto.graph.node if n.op_type in ("MaxPool", "AveragePool"))
     assert _attrs(pool)["ceil_mode"] == 0
     want = int8_forward(m, x)
@@ -112,7 +121,8 @@ def test_avgpool_ceil_count_include_pad_past_padding_refused():
     # the same pool without count_include_pad exports
     m = _int8(_Pool(kernel_size=3, stride=2, padding=1, ceil_mode=True,
                     count_include_pad=False), (2, 1, 4, 4))
-    to_onnx(m, torch.randn(1, 1, 4, 4))
+    with _fixed_size_warning():
+        to_onnx(m, torch.randn(1, 1, 4, 4))
 
 
 # ------------------------------------------------------------ save / load
@@ -386,3 +396,111 @@ def test_load_into_a_skeleton_of_another_float_dtype_is_refused(tmp_path):
     x = torch.randn(3, 8).half()
     with torch.no_grad():
         assert torch.equal(out(x), q(x))
+
+
+# ------------------------------------------------------------ graphs for one spatial size
+def _meta(proto):
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+@pytest.mark.parametrize("make,hw,other", [
+    (lambda: gnn.AdaptiveAvgPool2d((2, 2)), (8, 6), (6, 6)),            # a fixed kernel
+    (lambda: gnn.MaxPool2d(3, 3, padding=1, ceil_mode=True), (5, 5), (6, 5)),
+    (lambda: gnn.AvgPool2d(3, 3, padding=1, ceil_mode=True), (5, 7), (12, 7)),
+], ids=["adaptive2x2", "maxpool_ceil", "avgpool_ceil"])
+def test_size_dependent_pool_graph_holds_for_the_example_size_only(make, hw, other, tmp_path):
+    """A pool whose ONNX node is right for the example's spatial size only: to_onnx warns
+    naming the node and records the size in the metadata; the runtime refuses another size
+    (it ran it with the example's windows: other numbers, found by review)."""
+    import copy
+    m = _int8(_One(make()), (4, 2) + hw)
+    x = torch.randn(2, 2, *hw)
+    path = tmp_path / "m.onnx"
+    with pytest.warns(UserWarning, match=rf"valid only at input spatial size {hw[0]}x{hw[1]} "
+                                         rf".*node 'layer_\w+' \(module 'layer'"):
+        proto = to_onnx(m, x, path)
+    meta = _meta(proto)
+    assert meta["gpuquant.fixed_input_hw"] == f"{hw[0]},{hw[1]}"
+    node = meta["gpuquant.size_dependent_nodes"]
+    assert node in {n.name for n in proto.graph.node}
+    sess = rt.load(path)
+    assert sess.fixed_input_hw == {"input": hw}
+    assert sess.run(x.numpy()).tobytes() == int8_forward(m, x).tobytes()
+    y = torch.randn(1, 2, *other)
+    want = int8_forward(m, y)  # the int8 model runs any size
+    with pytest.raises(ValueError, match=rf"'input' of spatial size {other[0]}x{other[1]}: "
+                                         rf"this graph holds only for {hw[0]}x{hw[1]}.*'{node}'"):
+        sess.run(y.numpy())
+    with pytest.raises(ValueError, match=rf"spatial size {hw[0]}x{hw[1]} only\), got") as e:
+        sess.run(np.zeros((1, 3) + hw, np.float32))
+    assert "any spatial size" not in str(e.value)
+    # what the refusal prevents: the graph's windows at that size are not the model's
+    unchecked = copy.deepcopy(proto)
+    unchecked.ClearField("metadata_props")
+    onnx.helper.set_model_props(unchecked, {"gpuquant.format": "qdq-v1"})
+    got = rt.load(unchecked).run(y.numpy())
+    assert got.shape != want.shape or got.tobytes() != want.tobytes()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: gnn.AdaptiveAvgPool2d(1),                         # global
+    lambda: gnn.MaxPool2d(3, 2, ceil_mode=True),              # no padding, stride <= kernel
+    lambda: gnn.AvgPool2d(2, 2, ceil_mode=True),
+    lambda: gnn.MaxPool2d(3, 1, padding=1, ceil_mode=True),   # stride 1
+    lambda: gnn.AvgPool2d((3, 2), (1, 2), padding=(1, 0), ceil_mode=True),
+], ids=["global", "maxpool_ceil_nopad", "avgpool_ceil_nopad", "maxpool_ceil_stride1",
+        "avgpool_ceil_mixed"])
+def test_size_independent_pool_graph_runs_any_size(make, tmp_path):
+    """Global pools and ceil_mode pools whose windows do not depend on the size: no warning,
+    no fixed size, any spatial size runs byte for byte as the int8 model."""
+    import warnings
+    m = _int8(_One(make()), (4, 2, 7, 6))
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        proto = to_onnx(m, torch.randn(1, 2, 7, 6), path)
+    assert not [w for w in caught if "valid only" in str(w.message)]
+    assert "gpuquant.fixed_input_hw" not in _meta(proto)
+    sess = rt.load(path)
+    assert sess.fixed_input_hw == {}
+    for hw in [(7, 6), (9, 11), (4, 5)]:
+        x = torch.randn(2, 2, *hw)
+        assert sess.run(x.numpy()).tobytes() == int8_forward(m, x).tobytes(), hw
+    with pytest.raises(ValueError, match=r"any spatial size\), got"):
+        sess.run(np.zeros((1, 3, 7, 6), np.float32))
+
+
+class _CatPool(gnn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qa, self.qb, self.cat = gnn.QuantStub(), gnn.QuantStub(), gnn.Concat()
+        self.pool, self.dq = gnn.AdaptiveAvgPool2d((3, 1)), gnn.DequantStub()
+
+    def forward(self, a, b):
+        return self.dq(self.pool(self.cat([self.qa(a), self.qb(b)], 1)))
+
+
+def test_size_dependent_graph_with_two_inputs(tmp_path):
+    """Two 4-D inputs: the metadata gives each one's size; the runtime names the input."""
+    from gpuquant.quantization import calibration_qconfig, quantize, quantize_qat
+    torch.manual_seed(0)
+    with backends.use("reference"):
+        q = quantize_qat(_CatPool().eval(), calibration_qconfig)
+        with torch.no_grad():
+            q(torch.randn(2, 2, 6, 4), torch.randn(2, 1, 6, 4))
+        m = quantize(q)
+    xs = (torch.randn(2, 2, 6, 4), torch.randn(2, 1, 6, 4))
+    with pytest.warns(UserWarning, match="valid only at input spatial size 6x4 and 6x4"):
+        proto = to_onnx(m, xs)
+    assert _meta(proto)["gpuquant.fixed_input_hw"] == "6,4;6,4"
+    sess = rt.load(proto)
+    assert sess.fixed_input_hw == {"input_0": (6, 4), "input_1": (6, 4)}
+    with backends.use("numpy"), torch.no_grad():
+        want = m(*xs).numpy()
+    assert sess.run(*[x.numpy() for x in xs]).tobytes() == want.tobytes()
+    with pytest.raises(ValueError, match="'input_1' of spatial size 9x4: .* only for 6x4"):
+        sess.run(xs[0].numpy(), torch.randn(2, 1, 9, 4).numpy())
+    onnx.helper.set_model_props(proto, {"gpuquant.format": "qdq-v1",
+                                        "gpuquant.fixed_input_hw": "6,4"})
+    with pytest.raises(rt.RuntimeFormatError, match=r"'H,W' .* for each of the 2 4-D inputs"):
+        rt.load(proto)
