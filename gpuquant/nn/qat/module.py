@@ -199,12 +199,16 @@ class QATModule(EagerUnderCompile, Module):
         gradient (MegEngine's ``apply_quant_bias``). Without it QAT added the float bias and
         an int8 layer whose bias unit is coarser than its output step (cancelling inputs, a
         zero-initialised BatchNorm weight, an LSQ weight scale far above the weights) came
-        out several steps from the QAT model. ``b`` unchanged where the int8 model's bias
-        is not defined yet: no bias, no quantized producer, or the input's or weight's fake
-        quant off (float behaviour). Call after :meth:`apply_quant_weight` (the weight scale
-        of this step)."""
+        out several steps from the QAT model.
+
+        In eval mode only: the QAT model one validates is the one that deploys, and a
+        training step keeps its host time (the two qparams and the rounding are ~30 small
+        ops a layer; the straight-through gradient is the same either way). ``b``
+        unchanged, too, where the int8 model's bias is not defined yet: no bias, no
+        quantized producer, or the input's or weight's fake quant off (float behaviour).
+        Call after :meth:`apply_quant_weight` (this call's weight scale)."""
         fq = self.weight_fake_quant
-        if b is None or fq is None or not fq.enabled:
+        if b is None or self.training or fq is None or not fq.enabled:
             return b
         src = source_of(x)
         if src is None or not src.act_fake_quant_enabled():
