@@ -117,14 +117,18 @@ def _check_plan_args(x, w, bias, tier: str, x_dims, w_dims: int, op: str) -> Non
 
 
 # id(weight) -> (weakref to it, {layout key: (version key, (kernel-ready weight, colsum))}): a
-# module's weight is re-laid out and summed once, not every call. Entries hold copies (never
-# views of the weight), so they do not keep it alive, and go when it does; an in-place change
-# (``_version``) or a new storage (``.data =``) invalidates them.
+# module's weight is re-laid out and summed once, not every call. Entries go when the weight
+# tensor does (a weak reference); a weight already in the kernel's layout is cached as itself
+# (a view: no second copy of every Linear weight on the GPU); an in-place change
+# (``_version``) or a new storage (``.data =``) invalidates them. Inference tensors have no
+# version counter: never cached (an in-place load under inference_mode kept the old bytes).
 _WEIGHT_CACHE: dict = {}
 
 
 def _prepared_weight(w: torch.Tensor, key, make):
     """``make() -> (w_ready, colsum)``, cached per weight tensor while it is unchanged."""
+    if _version(w) < 0:
+        return make()
     version = (_version(w), w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.device)
     wid = id(w)
     entry = _WEIGHT_CACHE.get(wid)
@@ -138,8 +142,6 @@ def _prepared_weight(w: torch.Tensor, key, make):
     if hit is not None and hit[0] == version:
         return hit[1]
     w_ready, colsum = make()
-    if w_ready.untyped_storage().data_ptr() == w.untyped_storage().data_ptr():
-        w_ready = w_ready.clone()
     entry[1][key] = (version, (w_ready, colsum))
     return w_ready, colsum
 

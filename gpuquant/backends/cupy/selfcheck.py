@@ -1,7 +1,8 @@
 """A tier's first run on a GPU, in a child process: ``python -m gpuquant.backends.cupy.selfcheck
 <tier>`` runs a few linear and conv2d cases with the tier forced and compares every byte with
 the NumPy backend; exit status 0 when all match, 1 when one differs, 2 when it cannot run
-here (no CUDA, no CuPy, a device that cannot run the tier).
+here (no CUDA, no CuPy, a device that cannot run the tier), 3 when a case raised (a compile
+error, a CUDA fault).
 
 Why a child process: a kernel never run on hardware (the ``wgmma`` tier was written without
 a GPU) may fault, and a CUDA fault is sticky: every later CUDA call of that process fails.
@@ -15,6 +16,7 @@ import functools
 import os
 import subprocess
 import sys
+import traceback
 from typing import Tuple
 
 __all__ = ["check_isolated", "run_cases", "main"]
@@ -102,7 +104,8 @@ def check_isolated(tier: str, timeout: float = 300.0) -> Tuple[bool, str]:
     if r.returncode == 0:
         return True, out
     return False, (f"the {tier} tier's self-check exited with status {r.returncode} "
-                   f"(1: bytes differ from NumPy, 2: cannot run here, other: it crashed):\n"
+                   f"(1: bytes differ from NumPy, 2: cannot run here, 3 or other: it "
+                   f"crashed):\n"
                    f"{out[-3000:]}")
 
 
@@ -127,8 +130,13 @@ def main(argv=None) -> int:
     if not dispatch.runs_tier(tier, cap):
         print(f"this device ({cap[0]}.{cap[1]}) cannot run tier {tier!r}", file=sys.stderr)
         return 2
-    bad, report = run_cases(tier)
-    torch.cuda.synchronize()
+    try:
+        bad, report = run_cases(tier)
+        torch.cuda.synchronize()
+    except Exception:  # a compile error or a CUDA fault: not a byte mismatch (status 1)
+        traceback.print_exc()
+        print(f"tier {tier}: the self-check crashed (above)", file=sys.stderr)
+        return 3
     print(f"{torch.cuda.get_device_name()} tier {tier}: "
           f"{'all bytes equal NumPy' if not bad else f'{bad} case(s) differ'}\n{report}")
     return 1 if bad else 0
