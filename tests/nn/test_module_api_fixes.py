@@ -100,3 +100,28 @@ def test_accumulator_overflow_refused_at_conversion():
     with pytest.raises(ValueError, match=r"module '1' \(Linear\).*int32 accumulator could "
                                          r"overflow.*at most k=132103"):
         quantize(q.eval(), inplace=False)
+
+
+def test_load_state_dict_under_inference_mode_reaches_the_backends():
+    """A quantized model made under torch.inference_mode has inference-tensor buffers (no
+    version counter); load_state_dict writes them in place, and the NumPy backend's packed
+    weights, keyed on identity and storage, kept the old weights' bytes. The load now gives
+    them new storage (found by review of the cupy weight cache)."""
+    import copy
+    from gpuquant import backends
+    from gpuquant.quantization import ema_fakequant_qconfig, quantize, quantize_qat
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = quantize_qat(torch.nn.Sequential(gnn.QuantStub(), gnn.Linear(16, 8),
+                                             gnn.DequantStub()), ema_fakequant_qconfig)
+        m(torch.randn(32, 16))
+        return quantize(m.eval())
+    q, other = make(0), make(1)
+    x = torch.randn(4, 16)
+    with backends.use("numpy"), torch.inference_mode():
+        served = copy.deepcopy(q)
+        assert served[1].weight.is_inference()
+        served(x)  # packs the first weights
+        served.load_state_dict(other.state_dict())
+        assert torch.equal(served(x), other(x))

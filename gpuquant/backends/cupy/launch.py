@@ -121,14 +121,14 @@ def _check_plan_args(x, w, bias, tier: str, x_dims, w_dims: int, op: str) -> Non
 # tensor does (a weak reference); a weight already in the kernel's layout is cached as itself
 # (a view: no second copy of every Linear weight on the GPU); an in-place change
 # (``_version``) or a new storage (``.data =``) invalidates them. Inference tensors have no
-# version counter: never cached (an in-place load under inference_mode kept the old bytes).
+# version counter: keyed on identity and storage, as every gpuquant cache (an in-place write
+# to one under inference_mode is not seen; ``load_state_dict`` into a quantized module gives
+# its inference-tensor buffers new storage, so a load is).
 _WEIGHT_CACHE: dict = {}
 
 
 def _prepared_weight(w: torch.Tensor, key, make):
     """``make() -> (w_ready, colsum)``, cached per weight tensor while it is unchanged."""
-    if _version(w) < 0:
-        return make()
     version = (_version(w), w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.device)
     wid = id(w)
     entry = _WEIGHT_CACHE.get(wid)

@@ -137,7 +137,15 @@ class QuantizedModule(EagerUnderCompile, Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache.clear()
-        return super()._load_from_state_dict(*args, **kwargs)
+        out = super()._load_from_state_dict(*args, **kwargs)
+        # an inference tensor (made under torch.inference_mode) has no version counter, and
+        # the backends' caches (packed weights, column sums) key it on identity and storage:
+        # loaded in place it would keep the old weights' packs; new storage voids them
+        for name, t in self._buffers.items():
+            if t is not None and t.is_inference():
+                with torch.inference_mode():
+                    self._buffers[name] = t.clone()
+        return out
 
     def _apply(self, fn, *args, **kwargs):
         # the qparam scales keep their float32 dtype under floating casts (.half(),
