@@ -57,14 +57,14 @@ def _frame_hooks():
 _HOOKS = _frame_hooks()
 
 
-def _call_text(sig: inspect.Signature):
+def _call_text(sig: inspect.Signature, defaults: str):
     """(parameter list, argument list) of a signature as source text, defaults referenced
-    as ``_d[name]``: a wrapper with the forward's own signature passes its arguments on
+    as ``<defaults>[name]``: a wrapper with the forward's own signature passes its arguments on
     without packing them into ``*args`` / ``**kwargs`` (half the wrapper's cost)."""
     params, args = [], []
     kinds = [p.kind for p in sig.parameters.values()]
     for p in sig.parameters.values():
-        d = "" if p.default is inspect.Parameter.empty else f"=_d[{p.name!r}]"
+        d = "" if p.default is inspect.Parameter.empty else f"={defaults}[{p.name!r}]"
         if p.kind is p.VAR_POSITIONAL:
             params.append(f"*{p.name}")
             args.append(f"*{p.name}")
@@ -85,6 +85,12 @@ def _call_text(sig: inspect.Signature):
     return ", ".join(params), ", ".join(args)
 
 
+def _free_name(name: str, sig: inspect.Signature) -> str:
+    while name in sig.parameters:
+        name += "_"
+    return name
+
+
 def eager_under_compile(fwd):
     if getattr(fwd, "_gq_eager", False):
         return fwd
@@ -100,14 +106,18 @@ def eager_under_compile(fwd):
         return disabled[0]
 
     sig = inspect.signature(fwd)
-    params, args = _call_text(sig)
+    # the body's own names, none a parameter's (a parameter named _fwd shadowed it)
+    active, call, slow_name, defaults = (_free_name(n, sig) for n in ("_active", "_fwd",
+                                                                      "_slow", "_d"))
+    params, args = _call_text(sig, defaults)
     src = (f"def forward({params}):\n"
-           f"    if _active() is None:\n"
-           f"        return _fwd({args})\n"
-           f"    return _slow()({args})\n")
-    scope = {"_active": _HOOKS[0], "_fwd": fwd, "_slow": slow,
-             "_d": {p.name: p.default for p in sig.parameters.values()}}
-    exec(compile(src, f"<gpuquant eager forward of {fwd.__qualname__}>", "exec"), scope)  # noqa: S102
+           f"    if {active}() is None:\n"
+           f"        return {call}({args})\n"
+           f"    return {slow_name}()({args})\n")
+    scope = {active: _HOOKS[0], call: fwd, slow_name: slow,
+             defaults: {p.name: p.default for p in sig.parameters.values()}}
+    code = compile(src, f"<gpuquant eager forward of {fwd.__qualname__}>", "exec")
+    exec(code, scope)  # noqa: S102
     forward = functools.wraps(fwd)(scope["forward"])
     _HOOKS[1](forward.__code__)  # Dynamo never compiles this frame on its own
     forward._gq_eager = True

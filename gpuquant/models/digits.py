@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._compile import eager_under_compile
 from .. import nn as gnn
 from ..nn.qat.module import keep_producer
 from ._checks import positive_int
@@ -28,6 +29,7 @@ class DigitsNet(gnn.Module):
         self.fc2 = gnn.Linear(64, num_classes)
         self.dequant = gnn.DequantStub()
 
+    @eager_under_compile  # only gpuquant modules inside: nothing to compile
     def forward(self, x):
         x = self.conv2(self.conv1(self.quant(x)))
         x = self.pool(self.add_relu(self.conv3(x), x))

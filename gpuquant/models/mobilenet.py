@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .._compile import eager_under_compile
 from .. import nn as gnn
 from ..nn.qat.module import keep_producer
 from ._checks import positive_float, positive_int, probability
@@ -32,6 +33,7 @@ class InvertedResidual(gnn.Module):
         self.conv = torch.nn.Sequential(*layers)
         self.add = gnn.Elemwise("add") if self.use_res_connect else None
 
+    @eager_under_compile  # only gpuquant modules inside: nothing to compile
     def forward(self, x):
         y = self.conv(x)
         return self.add(x, y) if self.use_res_connect else y
@@ -69,6 +71,7 @@ class MobileNetV2(gnn.Module):
                 torch.nn.init.normal_(m.weight, 0, 0.01)
                 torch.nn.init.zeros_(m.bias)
 
+    @eager_under_compile  # only gpuquant modules inside: nothing to compile
     def forward(self, x):
         x = self.avgpool(self.features(self.quant(x)))
         x = keep_producer(torch.flatten(x, 1), x)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .._compile import eager_under_compile
 from .. import nn as gnn
 from ..nn.qat.module import keep_producer
 from .._checks import check_bool
@@ -25,6 +26,7 @@ class BasicBlock(gnn.Module):
         self.downsample = downsample
         self.add_relu = gnn.Elemwise("add_relu")
 
+    @eager_under_compile  # only gpuquant modules inside: nothing to compile
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         return self.add_relu(self.conv_bn2(self.conv_bn_relu1(x)), identity)
@@ -41,6 +43,7 @@ class Bottleneck(gnn.Module):
         self.downsample = downsample
         self.add_relu = gnn.Elemwise("add_relu")
 
+    @eager_under_compile  # only gpuquant modules inside: nothing to compile
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         y = self.conv_bn3(self.conv_bn_relu2(self.conv_bn_relu1(x)))
@@ -88,6 +91,7 @@ class ResNet(gnn.Module):
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return torch.nn.Sequential(*layers)
 
+    @eager_under_compile  # only gpuquant modules inside: nothing to compile
     def forward(self, x):
         x = self.maxpool(self.conv_bn_relu1(self.quant(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))

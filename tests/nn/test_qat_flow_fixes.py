@@ -148,3 +148,23 @@ def test_qat_models_the_int32_bias_grid():
         int8 = quantize(m, inplace=False)
         assert float(((int8(x) - m(x)).abs() / s_y).max()) <= 1 + 1e-4
     assert g.shape == (1,) and float(g) > 0  # straight through: rounding passes the gradient
+
+
+def test_weight_qparams_along_another_axis_still_train():
+    """Per-channel weight qparams along the input axis: QAT trains (conversion refuses them
+    with a clear error); the bias grid, defined only for output-channel scales, leaves such
+    a bias alone (it raised a broadcast error in the QAT forward; found by review)."""
+    from functools import partial
+    from gpuquant import qint8, qint8_narrow
+    from gpuquant.quantization import FakeQuantize, MinMaxObserver, QConfig
+    qc = QConfig(weight_observer=partial(MinMaxObserver, dtype=qint8_narrow, symmetric=True,
+                                         axis=1),
+                 act_observer=partial(MinMaxObserver, dtype=qint8, symmetric=True),
+                 weight_fake_quant=partial(FakeQuantize, dtype=qint8_narrow),
+                 act_fake_quant=partial(FakeQuantize, dtype=qint8))
+    m = quantize_qat(torch.nn.Sequential(gnn.QuantStub(), gnn.Linear(6, 4), gnn.DequantStub()),
+                     qc)
+    m(torch.randn(3, 6))
+    assert m.eval()(torch.randn(3, 6)).shape == (3, 4)
+    with pytest.raises(ValueError, match="axis 0"):
+        quantize(m)

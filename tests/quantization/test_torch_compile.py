@@ -123,3 +123,40 @@ def test_eager_wrapper_keeps_signature_and_defaults():
     assert w(None, 1) == (1, 3, (), 2.0, {})
     assert w(None, 1, 2, 5, 6, scale=4.0, extra=1) == (1, 2, (5, 6), 4.0, {"extra": 1})
     assert eager_under_compile(w) is w and w._torchdynamo_disable
+
+
+def test_gpuquant_models_train_eval_and_batch_changes_without_recompile_storm(caplog):
+    """A train / eval loop over a compiled gpuquant resnet18 with a batch-size change and
+    outputs kept alive: the blocks' forwards (only gpuquant modules inside) and
+    keep_producer run eagerly, so Dynamo neither recompiles per block shape nor guards on
+    the producer table's size (both hit its recompile limit; found by review)."""
+    torch.manual_seed(4)
+    qat = quantize_qat(gpuquant.models.resnet18(num_classes=10), ema_fakequant_qconfig)
+    qat(torch.randn(4, 3, 32, 32))
+    compiled = torch.compile(qat, backend="aot_eager")
+    opt = torch.optim.SGD(qat.parameters(), lr=0.01)
+    caplog.set_level(logging.WARNING)
+    for _ in range(2):
+        qat.train()
+        for b in (4, 5):
+            opt.zero_grad()
+            compiled(torch.randn(b, 3, 32, 32)).square().mean().backward()
+            opt.step()
+        qat.eval()
+        with torch.no_grad():
+            kept = [compiled(torch.randn(4, 3, 32, 32)) for _ in range(10)]
+    assert len(kept) == 10
+    _no_recompile_storm(caplog)
+
+
+def test_wrapper_names_never_shadow_a_parameter():
+    """A user subclass whose forward has a parameter named like the wrapper's own helpers
+    (_fwd, _active, _slow, _d) still runs (it got None as the forward to call)."""
+    net = quantize_qat(nn.Sequential(gpuquant.nn.QuantStub(), gpuquant.nn.Linear(4, 3),
+                                     gpuquant.nn.DequantStub()))
+
+    class MyLinear(type(net[1])):
+        def forward(self, x, _fwd=None, _active=1, _slow=2, _d=3):
+            return super().forward(x)
+    net[1].__class__ = MyLinear
+    assert net(torch.randn(2, 4)).shape == (2, 3)

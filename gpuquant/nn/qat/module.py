@@ -27,7 +27,7 @@ from typing import List, Optional
 import torch
 
 from ...qparams import QParams
-from ..._compile import EagerUnderCompile
+from ..._compile import EagerUnderCompile, eager_under_compile
 from ..module import Module
 
 __all__ = ["QATModule", "tag_output", "source_of", "keep_producer"]
@@ -59,6 +59,7 @@ def source_of(x: torch.Tensor) -> Optional["QATModule"]:
     return None if st is None else _PRODUCERS.get(st)
 
 
+@eager_under_compile  # called from model code and drop-in graphs: its table is no guard
 def keep_producer(y, x):
     """``y``, recorded as carrying the qparams of the QAT module that produced ``x`` (what
     the int8 model sees: the same integers re-viewed, dropout being the identity there), so
@@ -213,8 +214,13 @@ class QATModule(EagerUnderCompile, Module):
         src = source_of(x)
         if src is None or not src.act_fake_quant_enabled():
             return b
+        w_qp = self.get_weight_qparams()
+        if w_qp.per_channel:  # per output channel (axis 0) only: conversion refuses others
+            weight = self._inner().weight if hasattr(self, "_inner") else self.weight
+            if w_qp.resolve_axis(weight.dim()) != 0:
+                return b
         unit = src.get_activation_qparams().scale.double().reshape(()) * \
-            self.get_weight_qparams().scale.double().reshape(-1)
+            w_qp.scale.double().reshape(-1)
         q = (torch.round(b.detach().double() / unit) * unit).to(b.dtype)
         return b + (q - b).detach()
 
