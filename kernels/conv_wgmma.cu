@@ -1,6 +1,6 @@
 // conv_wgmma.cu: int8 conv2d (implicit GEMM over NHWC), Hopper tier "wgmma": the main loop
 // of kernels/wgmma_tile.cuh (wgmma.mma_async m64n256k32 s8, 4-stage cp.async pipeline).
-// Unmeasured: see kernels/README.md.
+// Exact on an H200, slower than Triton: see kernels/README.md.
 //
 // x (n, H, W, C) NHWC, w (O, kh, kw, cg), out (n, ho, wo, O) NHWC. Launch grid
 // (ceil(n*ho*wo / 128), ceil(og / 256), groups), block 256, GQ_WG_SMEM_BYTES of dynamic

@@ -1,7 +1,7 @@
 // gemm_wgmma.cu: int8 linear layer, Hopper tier "wgmma": wgmma.mma_async m64n256k32 s8 from
 // 128-byte swizzled shared memory, a 4-stage cp.async pipeline, the wgmmas of one stage in
-// flight while the next stages load (kernels/wgmma_tile.cuh). Unmeasured: see
-// kernels/README.md.
+// flight while the next stages load (kernels/wgmma_tile.cuh). Exact on an H200, slower
+// than the Triton GEMM: see kernels/README.md.
 //
 // out (M, N) = requant(A (M, K) . W (N, K)^T + bias_eff); launch grid
 // (ceil(M / 128), ceil(N / 256), 1), block 256, GQ_WG_SMEM_BYTES of dynamic shared memory.
