@@ -92,6 +92,8 @@ def _free_name(name: str, sig: inspect.Signature) -> str:
 
 
 def eager_under_compile(fwd):
+    """``fwd`` (a function or method) as a wrapper that runs it eagerly under
+    ``torch.compile`` and as itself otherwise (module docstring); idempotent."""
     if getattr(fwd, "_gq_eager", False):
         return fwd
     if _HOOKS is None:  # pragma: no cover - see the module docstring
@@ -104,6 +106,7 @@ def eager_under_compile(fwd):
         if not disabled:
             disabled.append(torch.compiler.disable(fwd, recursive=True))
         return disabled[0]
+    _HOOKS[1](slow.__code__)  # nor this one (it was compiled once per class)
 
     sig = inspect.signature(fwd)
     # the body's own names, none a parameter's (a parameter named _fwd shadowed it)
