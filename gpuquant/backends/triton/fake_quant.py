@@ -194,9 +194,18 @@ def _to_out(y, OUT: tl.constexpr):
 def _block_offsets(pid, BLOCK: tl.constexpr):
     """A program's BLOCK elements as a (BLOCK // 8, 8) tile in memory order: element
     ``8 * i + j`` at [i, j], so the bit mask packs and unpacks along axis 1 with no reshape.
-    Returns (int64 offsets, int32 offsets within the block)."""
+    Returns (the block's first element, int64; int32 offsets within the block): callers
+    advance their pointers by the first once and index with the int32 offsets, so no
+    per-element 64-bit arithmetic (tensors past 2^31 elements keep exact addresses)."""
     local = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
-    return pid.to(tl.int64) * BLOCK + local, local
+    return pid.to(tl.int64) * BLOCK, local
+
+
+@triton.jit
+def _block_rem(numel, base, BLOCK: tl.constexpr):
+    """How many of a block's elements exist (0..BLOCK, int32): one scalar, so the bounds
+    test is an int32 compare per element."""
+    return tl.minimum(numel - base, BLOCK).to(tl.int32)
 
 
 @triton.jit
@@ -281,11 +290,15 @@ def _fq_fwd_kernel(
     general path computes a channel index and gathers three qparams for every element.
     """
     pid = tl.program_id(0)
+    base = pid.to(tl.int64) * BLOCK
+    rem = _block_rem(numel, base, BLOCK)
+    x_ptr += base
+    y_ptr += base
     if C_INNER > 0:
         rows = tl.arange(0, BLOCK // C_INNER)
         ch = tl.arange(0, C_INNER)
-        offs = pid.to(tl.int64) * BLOCK + rows[:, None] * C_INNER + ch[None, :]
-        m = offs < numel
+        offs = rows[:, None] * C_INNER + ch[None, :]
+        m = offs < rem
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, ch, qmin, qmax, QMODE,
                                    QMODE != 2 and INV)
@@ -295,12 +308,11 @@ def _fq_fwd_kernel(
         inr = tl.reshape(inr & m, (BLOCK // 8, 8))
         m = tl.full((BLOCK // 8, 8), 1, tl.int1)
     else:
-        offs, offs_local = _block_offsets(pid, BLOCK)
-        m = offs < numel
+        _, offs = _block_offsets(pid, BLOCK)
+        m = offs < rem
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if PER_CHANNEL:
-            c = _channel_of(pid, offs_local, period, stride_c, C, m_sc, l_sc, m_c, l_c, WIDE,
-                            BLOCK)
+            c = _channel_of(pid, offs, period, stride_c, C, m_sc, l_sc, m_c, l_c, WIDE, BLOCK)
             s, inv, zp = _load_qparams(scale_ptr, inv_ptr, zp_ptr, c, qmin, qmax, QMODE,
                                        QMODE != 2)
         else:
@@ -324,8 +336,10 @@ def _fq_bwd_kernel(
     RELU (the mask has ReLU's gradient folded in): ``where(mask, grad * 1, +0.0)``, ReLU's
     ``threshold_backward`` at dead positions whatever ``grad`` is (module docstring)."""
     pid = tl.program_id(0)
-    offs, _ = _block_offsets(pid, BLOCK)
-    m = offs < numel
+    base, offs = _block_offsets(pid, BLOCK)
+    m = offs < _block_rem(numel, base, BLOCK)
+    g_ptr += base
+    gx_ptr += base
     boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
     bytes_ = tl.load(mask_ptr + boffs, mask=boffs < nbytes_mask, other=0)
     keep = _unpack_bits(bytes_)

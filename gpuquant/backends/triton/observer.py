@@ -227,7 +227,8 @@ def _observe_fq_kernel(
     ``_observe_partial_kernel`` left (per tensor; per channel with the channels outermost
     in memory), and the bit mask."""
     pid = tl.program_id(0)
-    offs, _ = _block_offsets(pid, BLOCK)
+    base, local = _block_offsets(pid, BLOCK)
+    offs = base + local
     m = offs < numel
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if ADD:  # the sum as torch's add rounds it to the dtype
