@@ -67,7 +67,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .harness import (Case, Provider, ProviderUnavailable, Suite, device_name, device_slug,
-                      error_text, pair_rows, params_key, run_case)
+                      error_text, make_timer, pair_rows, params_key, run_case)
 
 __all__ = ["run_bench", "Suite", "Case", "Provider", "ProviderUnavailable", "pair_rows",
            "params_key", "device_name", "device_slug", "environment", "triton_tune"]
@@ -199,7 +199,8 @@ def _run_suite(suite: Suite, device: str, quick: bool, command: str,
                 "ceilings": ceilings, "errors": [], "unavailable": {}, "rows": []})
     for i, case in enumerate(cases):
         try:
-            res = run_case(suite.name, case, device, cfg)
+            res = run_case(suite.name, case, device, cfg,
+                           timer=make_timer(device, suite.gpu_head_start_ms))
         except Exception as e:  # noqa: BLE001 - its inputs failed: recorded, next case
             _error(doc, f"{suite.name} [{case.name}]: {error_text(e)}")
         else:

@@ -495,6 +495,25 @@ def test_cuda_timer_bookkeeping_with_fake_events():
     assert a.times_ms == [1.0, 2.0, 3.0]   # nothing resolved twice
 
 
+def test_cuda_timer_head_start_comes_before_the_flush():
+    """Suite.gpu_head_start_ms: the GPU-side wait is enqueued before each timed call's flush
+    (so the queue is busy while the host submits the call); checked values."""
+    order = []
+    timer = harness._CudaTimer(event=_FakeEvent, synchronize=lambda: None,
+                               flush=lambda: order.append("flush"),
+                               head_start=lambda: order.append("wait"))
+    for _ in range(2):
+        timer.time_call(lambda: order.append("call"), harness.Timing())
+    assert order == ["wait", "flush", "call"] * 2
+    assert harness.make_timer("cpu", 0.3) is not None  # no GPU: plain wall-clock timer
+    for bad in (-1, 11, True, "0.3"):
+        with pytest.raises(ValueError, match="gpu_head_start_ms"):
+            harness.Suite(name="s", baseline="b", cases=lambda q, d: [],
+                          gpu_head_start_ms=bad)
+    from gpuquant.bench.suites.fake_quant import SUITE
+    assert SUITE.gpu_head_start_ms == 0.3
+
+
 @pytest.mark.gpu
 def test_quant_suite_and_ceilings_on_gpu(tmp_path):
     assert run_bench(["quant"], quick=True, out=str(tmp_path), command="test") == 0
