@@ -136,6 +136,6 @@ class EagerUnderCompile:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        fwd = cls.__dict__.get("forward")
-        if callable(fwd):
+        fwd = getattr(cls, "forward", None)  # its own, or one a mixin before us brought
+        if callable(fwd) and not getattr(fwd, "_gq_eager", False):
             cls.forward = eager_under_compile(fwd)

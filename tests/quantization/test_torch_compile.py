@@ -160,3 +160,12 @@ def test_wrapper_names_never_shadow_a_parameter():
             return super().forward(x)
     net[1].__class__ = MyLinear
     assert net(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_forwards_from_mixins_are_wrapped_too():
+    """A forward a mixin brings (the Sync observers' _SyncMixin, ahead of the observer in
+    the MRO) is wrapped like one a class defines (it was traced by Dynamo)."""
+    from gpuquant.quantization import SyncExponentialMovingAverageObserver, SyncMinMaxObserver
+    from gpuquant.quantization.observer import _SyncMixin
+    for cls in (SyncMinMaxObserver, SyncExponentialMovingAverageObserver):
+        assert cls.forward._gq_eager and cls.forward.__wrapped__ is _SyncMixin.forward
