@@ -136,6 +136,10 @@ class EagerUnderCompile:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        fwd = getattr(cls, "forward", None)  # its own, or one a mixin before us brought
-        if callable(fwd) and not getattr(fwd, "_gq_eager", False):
+        # its own forward, or one a mixin ahead of it in the MRO brought; never torch's
+        # placeholder (set on a base such as QATModule it would hide the forward of a class
+        # that comes after it in a subclass's MRO)
+        fwd = getattr(cls, "forward", None)
+        if (callable(fwd) and fwd is not torch.nn.Module.forward
+                and not getattr(fwd, "_gq_eager", False)):
             cls.forward = eager_under_compile(fwd)
