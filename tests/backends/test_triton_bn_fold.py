@@ -9,7 +9,10 @@ import torch
 
 import gpuquant.backends as backends
 import gpuquant.backends.triton as tb
+import triton
+import triton.language as tl
 import gpuquant.nn as gnn
+from gpuquant.backends.triton import bn_act as _bn_act
 from gpuquant.backends.triton import bn_fold
 from gpuquant.backends.triton.common import module_tickets
 from gpuquant.bench.suites.qat_step import qat_qconfig
@@ -316,8 +319,7 @@ def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, 
     C = shape[1]
     dims = (0,) + tuple(range(2, len(shape)))
     sh = (1, -1) + (1,) * (len(shape) - 2)
-    W0 = ((torch.rand(C, generator=g) + 0.3) * (4 if act == "relu6" else 1)).to(DEV)
-    W0[1] = 0.0  # gamma = 0: that channel outputs beta
+    W1 = ((torch.rand(C, generator=g) + 0.3) * (4 if act == "relu6" else 1)).to(DEV)
     beta0 = (torch.randn(C, generator=g) * 0.3).to(DEV)
     E = (torch.rand(C, generator=g) * 1e-4 + 1e-6).to(DEV)
     t = (torch.rand(C, generator=g) + 0.5).to(DEV)
@@ -329,6 +331,9 @@ def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, 
     for step in range(4):
         if step == 3:
             obs.disable(), obs_r.disable()
+        W0 = W1.clone()
+        if step < 2:  # gamma = 0: that channel outputs beta (its channel block's backward
+            W0[1] = 0.0  # recomputes the mask; steps 2 and 3 compare with the bounds)
         z0 = (torch.randn(shape, generator=g) * 2 + 0.5).to(DEV).to(dtype)
         if step == 1:
             z0[(0, C - 1) + (0,) * (len(shape) - 2)] = float("nan")
@@ -343,8 +348,8 @@ def test_fused_bn_act_equals_the_definition_on_its_normalisation(shape, layout, 
         def capture(*a, **k):
             out = real(*a, **k)
             C = out[0].shape[1]
-            spy["mean"], spy["invstd"], spy["a"], _, _ = (v.clone() for v in
-                                                          bn_act._vec_parts(out[1], C))
+            spy["mean"], spy["invstd"], spy["a"], *_ = (v.clone() for v in
+                                                         bn_act._vec_parts(out[1], C))
             return out
         bn_act.bn_act_forward = capture
         try:
@@ -530,3 +535,122 @@ def test_apply_kernel_grid_within_cuda_limits(shape):
         ep = row_plan(z, 1, tile=bn_act._TILE, programs=2 ** 40)
         gx, gy = bn_act.apply_grid(ep, shape[1])
         assert gx < 2 ** 31 and gy <= 65535, (shape, fmt, gx, gy)
+
+
+@triton.jit
+def _mask_bounds_kernel(z_ptr, par_ptr, bounds_ptr, out_ptr, N, C, qmin, qmax,
+                        OUT: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """A test kernel: per channel :func:`bn_act._mask_thresholds`, and for each z and
+    upstream gradient 1, inf and -inf (which tell every in-range / live combination apart:
+    0, g, or g * 0 = NaN) the backward's straight-through gradient both ways: compared with
+    the bounds, and recomputed (``_fq_act``)."""
+    pid = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    cm = c < C
+    mean = tl.load(par_ptr + c, mask=cm, other=0.0)
+    a = tl.load(par_ptr + C + c, mask=cm, other=1.0)
+    beta = tl.load(par_ptr + 2 * C + c, mask=cm, other=0.0)
+    s = tl.load(par_ptr + 3 * C)
+    zp = tl.load(par_ptr + 3 * C + 1)
+    inv = tl.math.div_rn(1.0, s)
+    live_lo, live_hi, inr_lo, inr_hi, reg = _bn_act._mask_thresholds(
+        mean, a, beta, s, zp, inv, qmin, qmax, OUT, ACT)
+    if pid == 0:
+        tl.store(bounds_ptr + c, live_lo, mask=cm)
+        tl.store(bounds_ptr + C + c, live_hi, mask=cm)
+        tl.store(bounds_ptr + 2 * C + c, inr_lo, mask=cm)
+        tl.store(bounds_ptr + 3 * C + c, inr_hi, mask=cm)
+        tl.store(bounds_ptr + 4 * C + c, reg, mask=cm)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    zm = offs < N
+    z = tl.load(z_ptr + offs, mask=zm, other=0.0).to(tl.float32)[:, None]
+    o = offs[:, None] * C + c[None, :]
+    m = zm[:, None] & cm[None, :]
+    plane = N * C
+    mean, a, beta = mean[None, :], a[None, :], beta[None, :]
+    bounds = (live_lo[None, :], live_hi[None, :], inr_lo[None, :], inr_hi[None, :])
+    for k in tl.static_range(3):
+        g = tl.full(z.shape, 1.0 if k == 0 else (float("inf") if k == 1 else float("-inf")),
+                    tl.float32) + 0.0 * mean
+        fast = _bn_act._st_grad(g, z, mean, a, beta, inv, s, zp, qmin, qmax, *bounds, True,
+                                OUT, ACT)
+        slow = _bn_act._st_grad(g, z, mean, a, beta, inv, s, zp, qmin, qmax, *bounds, False,
+                                OUT, ACT)
+        tl.store(out_ptr + 2 * k * plane + o, fast, mask=m)
+        tl.store(out_ptr + (2 * k + 1) * plane + o, slow, mask=m)
+
+
+def _every_value(dtype):
+    """Every value of a 16-bit float dtype (NaNs included), as float32."""
+    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    return bits.view(dtype).float()
+
+
+def _f32_probe_values(bounds, g):
+    """float32 values for the float32 case: random ones over many magnitudes, specials, and
+    each finite bound with its 3 neighbours either side."""
+    mags = torch.exp2(torch.randint(-40, 40, (4000,), generator=g).float())
+    vals = [torch.randn(4000, generator=g) * mags, torch.randn(4000, generator=g) * 3,
+            torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"),
+                          3.4028235e38, -3.4028235e38, 1e-45, -1e-45])]
+    b = bounds[:4].flatten()
+    b = b[torch.isfinite(b)]
+    for _ in range(3):
+        vals += [b]
+        b_up, b_dn = torch.nextafter(b, torch.tensor(float("inf"))), \
+            torch.nextafter(b, torch.tensor(float("-inf")))
+        vals += [b_up, b_dn]
+        b = torch.cat([b_up, b_dn])
+    return torch.cat(vals)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # the bisection's huge values
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("act", [0, 1, 2])
+@pytest.mark.parametrize("qrange", [(0.0, 255.0, 128.0), (-128.0, 127.0, 0.0),
+                                    (-127.0, 127.0, -3.0)])
+def test_backward_mask_bounds_equal_the_recomputed_masks(dtype, act, qrange):
+    """The backward's straight-through masks as comparisons of z with per-channel bounds
+    (found by bisection in the forward) equal the masks recomputed from z (normalisation,
+    activation, fake quant) for every bfloat16 / float16 value, NaN and infinities
+    included, and for float32 values around each bound; channels where the bounds do not
+    hold (a <= 0, a non-finite mean or beta) are flagged for the recompute path."""
+    from gpuquant.backends.triton.bn_act import _TL_DTYPE
+    g = torch.Generator().manual_seed(int(act * 10 + qrange[0]) + 7)
+    qmin, qmax, zp = qrange
+    C = 12
+    mean = torch.randn(C, generator=g) * 3
+    a = torch.rand(C, generator=g) * 4 + 0.01
+    beta = torch.randn(C, generator=g)
+    mean[0], a[0] = 0.0, 1.0                    # the identity
+    a[1] = 3e-30                                # y ~ beta for every finite z
+    mean[2], a[2] = 6e4, 1e30                   # (z - mean) * a overflows
+    beta[3] = 2.5 * 0.037                        # beta on a rounding tie of the scale
+    irregular = {8: ("a", 0.0), 9: ("a", -0.5), 10: ("mean", float("nan")),
+                 11: ("beta", float("inf"))}
+    for c, (n, v) in irregular.items():
+        dict(mean=mean, a=a, beta=beta)[n][c] = v
+    s = 0.037
+    par = torch.cat([mean, a, beta, torch.tensor([s, zp])]).to(DEV)
+    kern = _mask_bounds_kernel
+    bounds = torch.empty(5 * C, device=DEV)
+    if dtype == torch.float32:
+        # bounds first (one z), then the values around them
+        one = torch.zeros(1, device=DEV)
+        kern[(1,)](one, par, bounds, torch.empty(6 * C, device=DEV), 1, C,
+                   qmin, qmax, OUT=_TL_DTYPE[dtype], ACT=act, BLOCK=16, BLOCK_C=16)
+        z = _f32_probe_values(bounds.view(5, C)[:, :8].cpu(), g).to(DEV)
+    else:
+        z = _every_value(dtype).to(DEV)
+    N, BLOCK = z.numel(), 1 << 16
+    out = torch.empty(6 * N * C, device=DEV)
+    kern[(triton.cdiv(N, BLOCK),)](z.to(dtype), par, bounds, out, N, C, qmin, qmax,
+                                   OUT=_TL_DTYPE[dtype], ACT=act, BLOCK=BLOCK, BLOCK_C=16)
+    out = out.view(3, 2, N, C)[..., :8].cpu()
+    reg = bounds.view(5, C)[4].cpu()
+    assert reg.tolist() == [1.0] * 8 + [0.0] * 4
+    ones = out[0, 1]
+    assert (ones == 1).any() and (ones == 0).any()  # both sides of the masks are hit
+    for k in range(3):  # bit for bit (the NaNs are both torch's canonical one)
+        assert torch.equal(out[k, 0].view(torch.int32), out[k, 1].view(torch.int32)), k

@@ -20,9 +20,17 @@ two launches and two passes over ``z``:
    observer update and qparams are those of :mod:`.observer` (same jitted arithmetic);
 2. ``_bn_apply_kernel``: reads ``z``, writes ``fake_quant(act(y))``.
 
-Nothing is saved but ``z`` and per-channel vectors. The backward recomputes ``y`` and the
-straight-through mask (the fake quant's range and the activation's gradient) from ``z``
-wherever it needs ``g = grad_y * mask``, and is batch norm's backward of ``g``, fused:
+Nothing is saved but ``z`` and per-channel vectors. The straight-through mask (the fake
+quant's range and the activation's gradient) is a function of ``z`` alone per channel, and
+a monotone one: ``y`` and the fake quant's integer are non-decreasing in ``z`` (``a > 0``),
+so "live" and "in range" each hold on an interval of ``z``. The forward's apply kernel finds
+those intervals' bounds per channel by bisection over the float32 order (exact; 32 steps
+a bound, run by one program per channel block), and the backward compares ``z`` with them
+wherever it needs ``g = grad_y * mask``: ~2 comparisons an element where recomputing the
+normalisation, rounding, activation and fake quant took ~20 instructions (the gradient-sum
+kernel's sm_90 loop: 40.5 -> 21.4 SASS instructions an element, bf16). Channels where the
+argument does not hold (``a <= 0``, a non-finite mean, beta or qparams) recompute as before.
+The backward is batch norm's backward of ``g``, fused:
 
 1. ``_bn_bwd_reduce_kernel``: reads ``grad_y`` and ``z``: per (split, channel) ``sum(g)``
    and ``sum(g * xhat)``; its last program runs ``_bn_bwd_finish``: the gradients of
@@ -53,7 +61,8 @@ import triton.language as tl
 
 from .bn_fold import _dense_grad, count_batch, running_update
 from .common import cdiv, last_to_finish, module_tickets, once_differentiable_kernels
-from .fake_quant import (_FLOATS, _LAUNCH, _fq_relu, _npow2, _row_offsets, _to_out, as_rows,
+from .fake_quant import (_FLOATS, _LAUNCH, _fq_relu, _npow2, _rne, _row_offsets, _to_out,
+                         as_rows,
                          auto_interpreter, on_tensor_device, row_plan)
 from .launch import launch
 from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
@@ -75,7 +84,7 @@ def _bn_stats_kernel(
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
     # the layer's tickets i32 (2,) (this kernel takes the first), zero between launches;
     # then :func:`_bn_finish`'s arguments, its four per-channel outputs and the qparams in
-    # one f32 (4 C + 2,) vector (see _vec_parts)
+    # one f32 (9 C + 2,) vector (see _vec_parts; the apply kernel writes its last 5 C)
     tick_ptr, W_ptr, beta_ptr, E_ptr, t_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
     vec_ptr, min_ptr, max_ptr, bad_ptr,
     rows_per_split, momentum, unbias, c_ema, q_eps, qmin, qmax, half_range, zp_sym,
@@ -291,6 +300,118 @@ def _channel_params(vec_ptr, beta_ptr, c, cm, C):
     return mean, a, beta, s, tl.load(vec_ptr + 4 * C + 1), tl.math.div_rn(1.0, s)
 
 
+@triton.jit
+def _key_value(k):
+    """The float32 of an order key (int64 holding an int32): keys order the non-NaN floats
+    as their values, -0.0 just below +0.0 (``bits ^ 0x7FFFFFFF`` for negative floats)."""
+    k32 = k.to(tl.int32)
+    return tl.where(k32 < 0, k32 ^ 0x7FFFFFFF, k32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mask_preds(x, mean, a, beta, inv, zp, qmin, qmax, OUT: tl.constexpr,
+                ACT: tl.constexpr):
+    """The four monotone predicates the straight-through mask of ``z = x`` is made of
+    (:func:`_fq_act`): ``y > 0`` and ``y < 6`` of the normalised output ``y`` (ReLU / ReLU6
+    liveness), ``r >= qmin`` and ``r <= qmax`` of the fake quant's unclamped integer
+    ``r = rne(act(y) / s) + zp``. With ``a > 0`` and everything else finite, ``y`` and ``r``
+    are non-decreasing in ``x`` (each float operation rounds monotonically), so the first
+    and third go false -> true along the floats and the others true -> false."""
+    y = _act_of(x, mean, a, beta, OUT, 0)
+    ya = y
+    if ACT >= 1:
+        ya = tl.where(ya < 0, 0.0, ya)
+    if ACT == 2:
+        ya = tl.where(ya > 6.0, 6.0, ya)
+    r = _rne(ya * inv) + zp
+    return y > 0, y < 6.0, r >= qmin, r <= qmax
+
+
+@triton.jit
+def _mask_thresholds(mean, a, beta, s, zp, inv, qmin, qmax, OUT: tl.constexpr,
+                     ACT: tl.constexpr):
+    """Per channel (vectors): the straight-through mask as comparisons of ``z`` itself,
+    ``(live_lo, live_hi, inr_lo, inr_hi, regular)``: for every non-NaN ``z``,
+    ``y(z) > 0 <=> z >= live_lo``, ``y(z) < 6 <=> z <= live_hi``, and the fake quant's
+    in-range test ``<=> inr_lo <= z <= inr_hi`` (``-inf`` / ``+inf``: always; NaN: never).
+    Found by bisection over the float32 order keys (32 steps a bound: exact, as each
+    predicate is monotone, :func:`_mask_preds`), so the backward's two passes compare
+    instead of recomputing the normalisation and the fake quant per element. Valid where
+    ``regular`` (1.0): ``a > 0``, mean, a, beta, the scale, its inverse and the zero point
+    finite; elsewhere (0.0) the backward recomputes."""
+    lo_f = tl.zeros_like(mean).to(tl.int64) - 2139095041  # key of -inf
+    hi_f = lo_f * 0 + 2139095040  # key of +inf
+    p = _mask_preds(_key_value(lo_f), mean, a, beta, inv, zp, qmin, qmax, OUT, ACT)
+    q = _mask_preds(_key_value(hi_f), mean, a, beta, inv, zp, qmin, qmax, OUT, ACT)
+    # (lo, hi) of the four searches: predicate false / true at the ends of the rising ones
+    # (0, 2), true / false at the ends of the falling ones (1, 3)
+    lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3 = lo_f, hi_f, lo_f, hi_f, lo_f, hi_f, lo_f, hi_f
+    for _ in range(32):
+        m0 = (lo0 + hi0) >> 1
+        m1 = (lo1 + hi1) >> 1
+        m2 = (lo2 + hi2) >> 1
+        m3 = (lo3 + hi3) >> 1
+        t0 = _mask_preds(_key_value(m0), mean, a, beta, inv, zp, qmin, qmax, OUT, ACT)[0]
+        t1 = _mask_preds(_key_value(m1), mean, a, beta, inv, zp, qmin, qmax, OUT, ACT)[1]
+        t2 = _mask_preds(_key_value(m2), mean, a, beta, inv, zp, qmin, qmax, OUT, ACT)[2]
+        t3 = _mask_preds(_key_value(m3), mean, a, beta, inv, zp, qmin, qmax, OUT, ACT)[3]
+        hi0 = tl.where(t0, m0, hi0)
+        lo0 = tl.where(t0, lo0, m0)
+        lo1 = tl.where(t1, m1, lo1)
+        hi1 = tl.where(t1, hi1, m1)
+        hi2 = tl.where(t2, m2, hi2)
+        lo2 = tl.where(t2, lo2, m2)
+        lo3 = tl.where(t3, m3, lo3)
+        hi3 = tl.where(t3, hi3, m3)
+    nan = (lo_f * 0 + 0x7FC00000).to(tl.int32).to(tl.float32, bitcast=True)  # (a NaN
+    # global would fail Triton's check that globals are unchanged: NaN != NaN)
+    live_lo = tl.where(p[0], _NINF, tl.where(q[0], _key_value(hi0), nan))
+    live_hi = tl.where(q[1], _INF, tl.where(p[1], _key_value(lo1), nan))
+    inr_lo = tl.where(p[2], _NINF, tl.where(q[2], _key_value(hi2), nan))
+    inr_hi = tl.where(q[3], _INF, tl.where(p[3], _key_value(lo3), nan))
+    ok_c = (tl.abs(mean) < _INF) & (tl.abs(beta) < _INF) & (a > 0) & (a < _INF)
+    ok_q = (s > 0) & (s < _INF) & (inv > 0) & (inv < _INF) & (tl.abs(zp) < _INF)  # scalars
+    return live_lo, live_hi, inr_lo, inr_hi, tl.where(ok_q, ok_c.to(tl.float32), 0.0)
+
+
+@triton.jit
+def _load_thresholds(vec_ptr, c, cm, C):
+    """The (1, BLOCK_C) rows of :func:`_mask_thresholds`' bounds the forward's apply kernel
+    stored at ``4 C + 2`` of the statistics vector, and whether every channel here has them
+    (a scalar)."""
+    t_ptr = vec_ptr + 4 * C + 2
+    live_lo = tl.load(t_ptr + c, mask=cm, other=0.0)[None, :]
+    live_hi = tl.load(t_ptr + C + c, mask=cm, other=0.0)[None, :]
+    inr_lo = tl.load(t_ptr + 2 * C + c, mask=cm, other=0.0)[None, :]
+    inr_hi = tl.load(t_ptr + 3 * C + c, mask=cm, other=0.0)[None, :]
+    regular = tl.min(tl.load(t_ptr + 4 * C + c, mask=cm, other=1.0), axis=0) > 0
+    return live_lo, live_hi, inr_lo, inr_hi, regular
+
+
+@triton.jit
+def _st_grad(g, z, mean, a, beta, inv, s, zp, qmin, qmax, live_lo, live_hi, inr_lo, inr_hi,
+             regular, OUT: tl.constexpr, ACT: tl.constexpr):
+    """The backward's straight-through gradient of upstream ``g`` (float32) at ``z``
+    (:func:`_act_grad` of :func:`_fq_act`'s masks). Where every channel of the tile is
+    regular the masks are comparisons of ``z`` with :func:`_mask_thresholds`' bounds (NaN
+    ``z``: never in range; live only for ReLU6, whose ``not (y <= 0 or y >= 6)`` holds for
+    NaN), else recomputed from ``z``. The gradient, not the masks, leaves the branch: one
+    float a value where two predicates would be packed into and out of bit registers."""
+    if regular:
+        inr = (z >= inr_lo) & (z <= inr_hi)
+        if ACT == 1:
+            live = z >= live_lo
+        elif ACT == 2:
+            live = (z != z) | ((z >= live_lo) & (z <= live_hi))
+        else:
+            live = inr
+        gs = _act_grad(g, inr, live, ACT)
+    else:
+        _, inr, live = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, OUT, ACT)
+        gs = _act_grad(g, inr, live, ACT)
+    return gs
+
+
 def apply_grid(ep, C: int) -> tuple:
     """``_bn_apply_kernel``'s grid: (row blocks, channel blocks). One row block a program, so
     the row blocks go on axis 0 (up to 2^31 - 1): a channels_last ResNet stem at batch 168+
@@ -322,17 +443,32 @@ def _bn_apply_kernel(
     off = roff[:, None] + (c.to(tl.int64) * s_c)[None, :]
     m = rm[:, None] & cm[None, :]
     z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
-    yq, inr, live = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, z_ptr.dtype.element_ty,
-                            ACT)
     if BWD:
         invstd = tl.load(vec_ptr + C + c, mask=cm, other=0.0)[None, :]
         mg = tl.load(out_ptr + 3 * C + c, mask=cm, other=0.0)[None, :]
         mgx = tl.load(out_ptr + 4 * C + c, mask=cm, other=0.0)[None, :]
-        g = _act_grad(tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32), inr, live, ACT)
+        live_lo, live_hi, inr_lo, inr_hi, regular = _load_thresholds(vec_ptr, c, cm, C)
+        g = _st_grad(tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32), z, mean, a, beta,
+                     inv, s, zp, qmin, qmax, live_lo, live_hi, inr_lo, inr_hi, regular,
+                     z_ptr.dtype.element_ty, ACT)
         gz = ((g - mg) - ((z - mean) * invstd) * mgx) * a
         tl.store(y_ptr + off, _to_out(gz, y_ptr.dtype.element_ty), mask=m)
     else:
+        yq, _, _ = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, z_ptr.dtype.element_ty,
+                           ACT)
         tl.store(y_ptr + off, _to_out(yq, y_ptr.dtype.element_ty), mask=m)
+        if rb == 0:  # the backward's mask bounds of these channels (vectors, not rows)
+            live_lo, live_hi, inr_lo, inr_hi, regular = _mask_thresholds(
+                tl.load(vec_ptr + c, mask=cm, other=0.0),
+                tl.load(vec_ptr + 2 * C + c, mask=cm, other=0.0),
+                tl.load(beta_ptr + c, mask=cm, other=0.0), s, zp, inv, qmin, qmax,
+                z_ptr.dtype.element_ty, ACT)
+            t_ptr = vec_ptr + 4 * C + 2
+            tl.store(t_ptr + c, live_lo, mask=cm)
+            tl.store(t_ptr + C + c, live_hi, mask=cm)
+            tl.store(t_ptr + 2 * C + c, inr_lo, mask=cm)
+            tl.store(t_ptr + 3 * C + c, inr_hi, mask=cm)
+            tl.store(t_ptr + 4 * C + c, regular, mask=cm)
 
 
 @triton.jit
@@ -356,6 +492,7 @@ def _bn_bwd_reduce_kernel(
     coff = (c.to(tl.int64) * s_c)[None, :]
     mean, a, beta, s, zp, inv = _channel_params(vec_ptr, beta_ptr, c, cm, C)
     invstd = tl.load(vec_ptr + C + c, mask=cm, other=0.0)[None, :]
+    live_lo, live_hi, inr_lo, inr_hi, regular = _load_thresholds(vec_ptr, c, cm, C)
     acc_g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # per element slot: one sum at the end
     acc_gx = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
     for it in range(0, n_iter):
@@ -363,10 +500,10 @@ def _bn_bwd_reduce_kernel(
                                 BLOCK_R)
         m = rm[:, None] & cm[None, :]
         z = tl.load(z_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
-        _, inr, live = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax,
-                               z_ptr.dtype.element_ty, ACT)
         g = tl.load(g_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
-        g = tl.where(m, _act_grad(g, inr, live, ACT), 0.0)
+        g = tl.where(m, _st_grad(g, z, mean, a, beta, inv, s, zp, qmin, qmax, live_lo,
+                                 live_hi, inr_lo, inr_hi, regular, z_ptr.dtype.element_ty,
+                                 ACT), 0.0)
         acc_g += g
         acc_gx += g * tl.where(m, (z - mean) * invstd, 0.0)
     base = sp.to(tl.int64) * C + c
@@ -415,15 +552,17 @@ def _plans(z: torch.Tensor):
 
 
 def _vec_parts(vec: torch.Tensor, C: int):
-    """(mean, 1 / sqrt(var + E), a, k, qparams) views of the statistics kernel's vector."""
-    return vec[:C], vec[C:2 * C], vec[2 * C:3 * C], vec[3 * C:4 * C], vec[4 * C:]
+    """(mean, 1 / sqrt(var + E), a, k, qparams, the backward's mask bounds) views of the
+    statistics vector (the bounds (5, C): :func:`_mask_thresholds`' five outputs)."""
+    return (vec[:C], vec[C:2 * C], vec[2 * C:3 * C], vec[3 * C:4 * C], vec[4 * C:4 * C + 2],
+            vec[4 * C + 2:].view(5, C))
 
 
 def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
                    observer, act: int, tick: torch.Tensor):
     """The forward's two launches (``act`` 0 none, 1 ReLU, 2 ReLU6; ``tick`` the layer's
     int32 (2,) tickets, zero between launches). ``z`` dense with :func:`as_rows`'s layout
-    along axis 1. Returns ``(y, vec)``, ``vec`` f32 (4 C + 2,) holding mean,
+    along axis 1. Returns ``(y, vec)``, ``vec`` f32 (9 C + 2,) holding mean,
     1 / sqrt(var + E), a, k and the qparams (:func:`_vec_parts`); updates the running
     statistics, ``nbt`` and the observer's state in place."""
     C = z.shape[1]
@@ -431,7 +570,7 @@ def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momen
     f32 = dict(dtype=torch.float32, device=z.device)
     sp, ep = _plans(z)
     part = torch.empty(4 * sp.split * C, **f32)
-    vec = torch.empty(4 * C + 2, **f32)
+    vec = torch.empty(9 * C + 2, **f32)
     fin_c = min(_npow2(C), 256)
     consts = _observer_consts(observer)
     launch(_bn_stats_kernel, (cdiv(C, sp.block_c), sp.split), z, part, *sp.kernel_args(),
