@@ -28,8 +28,12 @@ those intervals' bounds per channel by bisection over the float32 order (exact; 
 a bound, run by one program per channel block), and the backward compares ``z`` with them
 wherever it needs ``g = grad_y * mask``: ~2 comparisons an element where recomputing the
 normalisation, rounding, activation and fake quant took ~20 instructions (the gradient-sum
-kernel's sm_90 loop: 40.5 -> 21.4 SASS instructions an element, bf16). Channels where the
-argument does not hold (``a <= 0``, a non-finite mean, beta or qparams) recompute as before.
+kernel's sm_90 loop, bf16, ReLU: 40.5 -> 16.7 SASS instructions an element, 96-100
+registers as before; the elementwise backward ~56 -> ~28 with its setup, 72-80 registers).
+If a channel of the layer breaks the argument (``a <= 0``: gamma = 0, as zero-initialised
+residual BatchNorms start; a non-finite mean, beta or qparams), a flag the forward lowers
+sends both backward kernels down the recompute path, in a loop of its own (two loops, so
+neither holds the other's registers).
 The backward is batch norm's backward of ``g``, fused:
 
 1. ``_bn_bwd_reduce_kernel``: reads ``grad_y`` and ``z``: per (split, channel) ``sum(g)``
@@ -84,7 +88,7 @@ def _bn_stats_kernel(
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
     # the layer's tickets i32 (2,) (this kernel takes the first), zero between launches;
     # then :func:`_bn_finish`'s arguments, its four per-channel outputs and the qparams in
-    # one f32 (9 C + 2,) vector (see _vec_parts; the apply kernel writes its last 5 C)
+    # one f32 (8 C + 3,) vector (see _vec_parts; the apply kernel writes the mask bounds)
     tick_ptr, W_ptr, beta_ptr, E_ptr, t_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr,
     vec_ptr, min_ptr, max_ptr, bad_ptr,
     rows_per_split, momentum, unbias, c_ema, q_eps, qmin, qmax, half_range, zp_sym,
@@ -254,6 +258,7 @@ def _bn_finish(
         tl.store(bad_ptr, tl.load(bad_ptr) + (~ok).to(tl.int64))
     tl.store(q_ptr, s)
     tl.store(q_ptr + 1, zp)
+    tl.store(q_ptr + 2 + 4 * C, 1.0)  # the mask bounds' flag (the apply kernel lowers it)
 
 
 @triton.jit
@@ -370,6 +375,8 @@ def _mask_thresholds(mean, a, beta, s, zp, inv, qmin, qmax, OUT: tl.constexpr,
     inr_lo = tl.where(p[2], _NINF, tl.where(q[2], _key_value(hi2), nan))
     inr_hi = tl.where(q[3], _INF, tl.where(p[3], _key_value(lo3), nan))
     ok_c = (tl.abs(mean) < _INF) & (tl.abs(beta) < _INF) & (a > 0) & (a < _INF)
+    if ACT != 0:  # the backward then tests only the upper in-range bound (fewer registers)
+        ok_c = ok_c & (inr_lo <= live_lo)
     ok_q = (s > 0) & (s < _INF) & (inv > 0) & (inv < _INF) & (tl.abs(zp) < _INF)  # scalars
     return live_lo, live_hi, inr_lo, inr_hi, tl.where(ok_q, ok_c.to(tl.float32), 0.0)
 
@@ -377,14 +384,14 @@ def _mask_thresholds(mean, a, beta, s, zp, inv, qmin, qmax, OUT: tl.constexpr,
 @triton.jit
 def _load_thresholds(vec_ptr, c, cm, C):
     """The (1, BLOCK_C) rows of :func:`_mask_thresholds`' bounds the forward's apply kernel
-    stored at ``4 C + 2`` of the statistics vector, and whether every channel here has them
-    (a scalar)."""
+    stored at ``4 C + 2`` of the statistics vector, and whether every channel of the layer
+    has them (a scalar at ``8 C + 2``: no reduction across the tile's threads)."""
     t_ptr = vec_ptr + 4 * C + 2
     live_lo = tl.load(t_ptr + c, mask=cm, other=0.0)[None, :]
     live_hi = tl.load(t_ptr + C + c, mask=cm, other=0.0)[None, :]
     inr_lo = tl.load(t_ptr + 2 * C + c, mask=cm, other=0.0)[None, :]
     inr_hi = tl.load(t_ptr + 3 * C + c, mask=cm, other=0.0)[None, :]
-    regular = tl.min(tl.load(t_ptr + 4 * C + c, mask=cm, other=1.0), axis=0) > 0
+    regular = tl.load(t_ptr + 4 * C) > 0
     return live_lo, live_hi, inr_lo, inr_hi, regular
 
 
@@ -398,14 +405,13 @@ def _st_grad(g, z, mean, a, beta, inv, s, zp, qmin, qmax, live_lo, live_hi, inr_
     NaN), else recomputed from ``z``. The gradient, not the masks, leaves the branch: one
     float a value where two predicates would be packed into and out of bit registers."""
     if regular:
-        inr = (z >= inr_lo) & (z <= inr_hi)
-        if ACT == 1:
-            live = z >= live_lo
+        if ACT == 1:  # (regular: inr_lo <= live_lo, so where live, z >= inr_lo holds)
+            gs = _act_grad(g, z <= inr_hi, z >= live_lo, ACT)
         elif ACT == 2:
-            live = (z != z) | ((z >= live_lo) & (z <= live_hi))
+            gs = _act_grad(g, z <= inr_hi, (z != z) | ((z >= live_lo) & (z <= live_hi)), ACT)
         else:
-            live = inr
-        gs = _act_grad(g, inr, live, ACT)
+            inr = (z >= inr_lo) & (z <= inr_hi)
+            gs = _act_grad(g, inr, inr, ACT)
     else:
         _, inr, live = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, OUT, ACT)
         gs = _act_grad(g, inr, live, ACT)
@@ -420,40 +426,57 @@ def apply_grid(ep, C: int) -> tuple:
 
 
 @triton.jit
+def _bn_apply_bwd(z_ptr, y_ptr, g_ptr, off, m, c, cm, C, vec_ptr, beta_ptr, out_ptr, qmin,
+                  qmax, REGULAR: tl.constexpr, ACT: tl.constexpr):
+    """The apply kernel's backward tile: ``(g - mean(g) - (z - mean) * proj) * a`` of the
+    straight-through gradient (:func:`_st_grad`, its path fixed by REGULAR), ``proj =
+    mean(g * xhat) / sqrt(var + E)`` (so ``(z - mean) * proj = xhat * mean(g * xhat)``;
+    PyTorch's elementwise backward has the same four per-channel factors)."""
+    mean, a, beta, s, zp, inv = _channel_params(vec_ptr, beta_ptr, c, cm, C)
+    mg = tl.load(out_ptr + 3 * C + c, mask=cm, other=0.0)[None, :]
+    proj = tl.load(out_ptr + 4 * C + c, mask=cm, other=0.0)[None, :]
+    live_lo, live_hi, inr_lo, inr_hi, _ = _load_thresholds(vec_ptr, c, cm, C)
+    z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
+    g = _st_grad(tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32), z, mean, a, beta,
+                 inv, s, zp, qmin, qmax, live_lo, live_hi, inr_lo, inr_hi, REGULAR,
+                 z_ptr.dtype.element_ty, ACT)
+    gz = ((g - mg) - (z - mean) * proj) * a
+    tl.store(y_ptr + off, _to_out(gz, y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _bn_apply_kernel(
     z_ptr, y_ptr, g_ptr,
     rows, inner, s_o, s_i, m_in, l_in, C, s_c, n_iter, split,
     # the statistics kernel's f32 vector (mean, 1 / sqrt(var + E), a, k, qparams); beta f32
-    # (C,); BWD: the reduce kernel's f32 (5 C,) outputs, the gradient's mean and its mean
-    # times xhat at 3 C and 4 C
+    # (C,); BWD: the reduce kernel's f32 (5 C,) outputs, the gradient's mean at 3 C and
+    # proj = mean(g * xhat) / sqrt(var + E) at 4 C
     vec_ptr, beta_ptr, out_ptr, qmin, qmax,
     BWD: tl.constexpr, ACT: tl.constexpr, ROWS32: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Program (row block, cb). Forward: y = fake_quant(act((z - mean) * a + beta)) with
     the per-tensor qparams q. BWD: the batch-norm input gradient of the straight-through
-    gradient ``g = grad_y * mask`` (mask recomputed from z), to ``y_ptr`` (z's layout):
-    ``(g - mean(g) - xhat * mean(g * xhat)) * a``, ``xhat = (z - mean) / sqrt(var + E)``."""
+    gradient ``g = grad_y * mask`` (the mask from the forward's bounds, or recomputed from
+    z), to ``y_ptr`` (z's layout): ``(g - mean(g) - xhat * mean(g * xhat)) * a``,
+    ``xhat = (z - mean) / sqrt(var + E)``."""
     rb = tl.program_id(0)  # row blocks on axis 0 (up to 2^31 - 1; axis 1 stops at 65535)
     cb = tl.program_id(1)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    mean, a, beta, s, zp, inv = _channel_params(vec_ptr, beta_ptr, c, cm, C)
     roff, rm = _row_offsets(rb, rows, inner, s_o, s_i, m_in, l_in, ROWS32, BLOCK_R)
     off = roff[:, None] + (c.to(tl.int64) * s_c)[None, :]
     m = rm[:, None] & cm[None, :]
-    z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
-    if BWD:
-        invstd = tl.load(vec_ptr + C + c, mask=cm, other=0.0)[None, :]
-        mg = tl.load(out_ptr + 3 * C + c, mask=cm, other=0.0)[None, :]
-        mgx = tl.load(out_ptr + 4 * C + c, mask=cm, other=0.0)[None, :]
-        live_lo, live_hi, inr_lo, inr_hi, regular = _load_thresholds(vec_ptr, c, cm, C)
-        g = _st_grad(tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32), z, mean, a, beta,
-                     inv, s, zp, qmin, qmax, live_lo, live_hi, inr_lo, inr_hi, regular,
-                     z_ptr.dtype.element_ty, ACT)
-        gz = ((g - mg) - ((z - mean) * invstd) * mgx) * a
-        tl.store(y_ptr + off, _to_out(gz, y_ptr.dtype.element_ty), mask=m)
+    if BWD:  # (a branch a program, each path loading and holding only what it uses)
+        if tl.load(vec_ptr + 8 * C + 2) > 0:
+            _bn_apply_bwd(z_ptr, y_ptr, g_ptr, off, m, c, cm, C, vec_ptr, beta_ptr, out_ptr,
+                          qmin, qmax, True, ACT)
+        else:
+            _bn_apply_bwd(z_ptr, y_ptr, g_ptr, off, m, c, cm, C, vec_ptr, beta_ptr, out_ptr,
+                          qmin, qmax, False, ACT)
     else:
+        mean, a, beta, s, zp, inv = _channel_params(vec_ptr, beta_ptr, c, cm, C)
+        z = tl.load(z_ptr + off, mask=m, other=0.0).to(tl.float32)
         yq, _, _ = _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, z_ptr.dtype.element_ty,
                            ACT)
         tl.store(y_ptr + off, _to_out(yq, y_ptr.dtype.element_ty), mask=m)
@@ -468,7 +491,25 @@ def _bn_apply_kernel(
             tl.store(t_ptr + C + c, live_hi, mask=cm)
             tl.store(t_ptr + 2 * C + c, inr_lo, mask=cm)
             tl.store(t_ptr + 3 * C + c, inr_hi, mask=cm)
-            tl.store(t_ptr + 4 * C + c, regular, mask=cm)
+            # the layer's flag: 1 from the statistics kernel, 0 if a channel is irregular
+            tl.atomic_min(t_ptr + 4 * C, tl.min(tl.where(cm, regular, 1.0), axis=0))
+
+
+@triton.jit
+def _bwd_sums(acc_g, acc_gx, rb, z_ptr, g_ptr, rows, inner, s_o, s_i, m_in, l_in, coff, cm,
+              mean, a, beta, inv, s, zp, qmin, qmax, live_lo, live_hi, inr_lo, inr_hi,
+              REGULAR: tl.constexpr, ACT: tl.constexpr, ROWS32: tl.constexpr,
+              BLOCK_R: tl.constexpr):
+    """One row block of the gradient sums: ``acc_g += g``, ``acc_gx += g * (z - mean)`` of
+    the straight-through gradient (:func:`_st_grad`, its path fixed by REGULAR); times
+    1 / sqrt(var + E) after the loop, as PyTorch's reduction does."""
+    roff, rm = _row_offsets(rb, rows, inner, s_o, s_i, m_in, l_in, ROWS32, BLOCK_R)
+    m = rm[:, None] & cm[None, :]
+    z = tl.load(z_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
+    g = tl.where(m, _st_grad(g, z, mean, a, beta, inv, s, zp, qmin, qmax, live_lo, live_hi,
+                             inr_lo, inr_hi, REGULAR, z_ptr.dtype.element_ty, ACT), 0.0)
+    return acc_g + g, acc_gx + g * tl.where(m, z - mean, 0.0)
 
 
 @triton.jit
@@ -491,37 +532,39 @@ def _bn_bwd_reduce_kernel(
     cm = c < C
     coff = (c.to(tl.int64) * s_c)[None, :]
     mean, a, beta, s, zp, inv = _channel_params(vec_ptr, beta_ptr, c, cm, C)
-    invstd = tl.load(vec_ptr + C + c, mask=cm, other=0.0)[None, :]
     live_lo, live_hi, inr_lo, inr_hi, regular = _load_thresholds(vec_ptr, c, cm, C)
     acc_g = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # per element slot: one sum at the end
     acc_gx = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-    for it in range(0, n_iter):
-        roff, rm = _row_offsets(sp * n_iter + it, rows, inner, s_o, s_i, m_in, l_in, ROWS32,
-                                BLOCK_R)
-        m = rm[:, None] & cm[None, :]
-        z = tl.load(z_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + roff[:, None] + coff, mask=m, other=0.0).to(tl.float32)
-        g = tl.where(m, _st_grad(g, z, mean, a, beta, inv, s, zp, qmin, qmax, live_lo,
-                                 live_hi, inr_lo, inr_hi, regular, z_ptr.dtype.element_ty,
-                                 ACT), 0.0)
-        acc_g += g
-        acc_gx += g * tl.where(m, (z - mean) * invstd, 0.0)
+    # two loops, not a branch an iteration: each holds only its own path's values (registers)
+    if regular:
+        for it in range(0, n_iter):
+            acc_g, acc_gx = _bwd_sums(acc_g, acc_gx, sp * n_iter + it, z_ptr, g_ptr, rows,
+                                      inner, s_o, s_i, m_in, l_in, coff, cm, mean, a, beta, inv,
+                                      s, zp, qmin, qmax, live_lo, live_hi, inr_lo, inr_hi,
+                                      True, ACT, ROWS32, BLOCK_R)
+    else:
+        for it in range(0, n_iter):
+            acc_g, acc_gx = _bwd_sums(acc_g, acc_gx, sp * n_iter + it, z_ptr, g_ptr, rows,
+                                      inner, s_o, s_i, m_in, l_in, coff, cm, mean, a, beta, inv,
+                                      s, zp, qmin, qmax, live_lo, live_hi, inr_lo, inr_hi,
+                                      False, ACT, ROWS32, BLOCK_R)
     base = sp.to(tl.int64) * C + c
     tl.store(part_ptr + base, tl.sum(acc_g, axis=0), mask=cm)
-    tl.store(part_ptr + split * C + base, tl.sum(acc_gx, axis=0), mask=cm)
+    invstd = tl.load(vec_ptr + C + c, mask=cm, other=0.0)
+    tl.store(part_ptr + split * C + base, tl.sum(acc_gx, axis=0) * invstd, mask=cm)
     if last_to_finish(tick_ptr + 1, tl.num_programs(0) * tl.num_programs(1)):
-        _bn_bwd_finish(part_ptr, vec_ptr + 3 * C, out_ptr, out_ptr + C, out_ptr + 2 * C,
-                       out_ptr + 3 * C, rows, split, C, FIN_S, FIN_C)
+        _bn_bwd_finish(part_ptr, vec_ptr + 3 * C, vec_ptr + C, out_ptr, out_ptr + C,
+                       out_ptr + 2 * C, out_ptr + 3 * C, rows, split, C, FIN_S, FIN_C)
 
 
 @triton.jit
 def _bn_bwd_finish(
-    part_ptr, k_ptr, gW_ptr, gb_ptr, gE_ptr, co_ptr, rows, split, C,
+    part_ptr, k_ptr, invstd_ptr, gW_ptr, gb_ptr, gE_ptr, co_ptr, rows, split, C,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Run by the reduce kernel's last program: per channel sum(g) (beta's gradient),
     sum(g * xhat) (W's), k times it (E's: k = -W / (2 (var + E))), and for the apply pass
-    mean(g), mean(g * xhat)."""
+    mean(g) and mean(g * xhat) / sqrt(var + E)."""
     n_f = rows.to(tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -541,7 +584,8 @@ def _bn_bwd_finish(
         tl.store(gW_ptr + c, sgx, mask=cm)
         tl.store(gE_ptr + c, tl.load(k_ptr + c, mask=cm, other=0.0) * sgx, mask=cm)
         tl.store(co_ptr + c, tl.math.div_rn(sg, n_f), mask=cm)
-        tl.store(co_ptr + C + c, tl.math.div_rn(sgx, n_f), mask=cm)
+        tl.store(co_ptr + C + c, tl.math.div_rn(sgx, n_f) *
+                 tl.load(invstd_ptr + c, mask=cm, other=0.0), mask=cm)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -553,16 +597,17 @@ def _plans(z: torch.Tensor):
 
 def _vec_parts(vec: torch.Tensor, C: int):
     """(mean, 1 / sqrt(var + E), a, k, qparams, the backward's mask bounds) views of the
-    statistics vector (the bounds (5, C): :func:`_mask_thresholds`' five outputs)."""
+    statistics vector (the bounds (4, C): :func:`_mask_thresholds`' first four outputs;
+    then the layer's flag: 1.0 where every channel's bounds hold)."""
     return (vec[:C], vec[C:2 * C], vec[2 * C:3 * C], vec[3 * C:4 * C], vec[4 * C:4 * C + 2],
-            vec[4 * C + 2:].view(5, C))
+            vec[4 * C + 2:8 * C + 2].view(4, C), vec[8 * C + 2:])
 
 
 def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
                    observer, act: int, tick: torch.Tensor):
     """The forward's two launches (``act`` 0 none, 1 ReLU, 2 ReLU6; ``tick`` the layer's
     int32 (2,) tickets, zero between launches). ``z`` dense with :func:`as_rows`'s layout
-    along axis 1. Returns ``(y, vec)``, ``vec`` f32 (9 C + 2,) holding mean,
+    along axis 1. Returns ``(y, vec)``, ``vec`` f32 (8 C + 3,) holding mean,
     1 / sqrt(var + E), a, k and the qparams (:func:`_vec_parts`); updates the running
     statistics, ``nbt`` and the observer's state in place."""
     C = z.shape[1]
@@ -570,7 +615,7 @@ def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momen
     f32 = dict(dtype=torch.float32, device=z.device)
     sp, ep = _plans(z)
     part = torch.empty(4 * sp.split * C, **f32)
-    vec = torch.empty(9 * C + 2, **f32)
+    vec = torch.empty(8 * C + 3, **f32)
     fin_c = min(_npow2(C), 256)
     consts = _observer_consts(observer)
     launch(_bn_stats_kernel, (cdiv(C, sp.block_c), sp.split), z, part, *sp.kernel_args(),
