@@ -9,7 +9,9 @@ and goes through the usual float -> QAT flow. Steps:
    ``BatchNorm1d`` / ``BatchNorm2d`` keeping their forward, :mod:`gpuquant.nn` fused modules
    and modules marked with :func:`disable_quantize` are leaves). A submodule whose forward
    cannot be traced (data-dependent control flow, ...) becomes a leaf that stays float; a
-   failure in the model's own ``forward`` raises, saying where and how to proceed.
+   failure in the model's own ``forward`` raises, saying where and how to proceed. The model
+   is traced in train and in eval mode: a submodule whose ops differ (``if self.training:``,
+   which one trace would freeze) becomes a float leaf; the model's own forward raises.
    Dropout function calls (``F.dropout(x, p, self.training)``: fx froze the mode flag) become
    ``nn.Dropout`` modules, which follow ``train()`` / ``eval()``.
 2. **Functionalize** in-place ops (``+=``, ``relu_``, ``inplace=True``): later uses of the
@@ -287,21 +289,123 @@ def _concrete_args(model: torch.nn.Module, example_inputs: Optional[tuple]) -> D
             if p.default is None or type(p.default) in (bool, int, float, str)}
 
 
-def _trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, object]] = None
-           ) -> Tuple[fx.GraphModule, Dict[str, str]]:
+_HOW_TO_PROCEED = ("move the untraceable code (e.g. control flow on tensor values) into a "
+                   "submodule, which is then kept float automatically, or mark that submodule "
+                   "with gpuquant.quantization.fx.disable_quantize(submodule) (gpuquant "
+                   "modules: submodule.disable_quantize()); wrap a free function with "
+                   "torch.fx.wrap; or build the model from gpuquant.nn modules.")
+
+
+def _trace_graph(model: torch.nn.Module, concrete_args, leaves: Dict[str, str],
+                 mode: str = "") -> Tuple[fx.Graph, Dict[str, str]]:
+    """One fx trace; ``leaves``: module paths traced as float leaves from the start."""
     tracer = _Tracer()
+    tracer.fallbacks.update(leaves)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args or None)
     except Exception as e:  # noqa: BLE001 -- re-raised with where and what to do
         raise ValueError(
             f"quantize_qat: torch.fx cannot trace the forward of the model itself "
-            f"({type(model).__name__}, module path '<root>'): {type(e).__name__}: "
-            f"{_first_line(e)}{_where(e)}. How to proceed: move the untraceable code (e.g. "
-            f"control flow on tensor values) into a submodule, which is then kept float "
-            f"automatically, or mark that submodule with "
-            f"gpuquant.quantization.fx.disable_quantize(submodule) (gpuquant modules: "
-            f"submodule.disable_quantize()); wrap a free function with torch.fx.wrap; or build "
-            f"the model from gpuquant.nn modules.") from e
+            f"({type(model).__name__}, module path '<root>'){mode}: {type(e).__name__}: "
+            f"{_first_line(e)}{_where(e)}. How to proceed: {_HOW_TO_PROCEED}") from e
+    return graph, tracer.fallbacks
+
+
+def _node_scope(n: fx.Node) -> str:
+    """The path of the module whose forward made ``n`` ('' for the model's own)."""
+    paths = [v[0] for v in (n.meta.get("nn_module_stack") or {}).values()]
+    if n.op == "call_module" and paths and paths[-1] == n.target:
+        paths.pop()  # a leaf's call belongs to its caller
+    return paths[-1] if paths else ""
+
+
+def _mode_signature(graph: fx.Graph, wiring: bool) -> List[Tuple[str, str, str]]:
+    """(scope, key, label) for each node, to compare the traces of the two modes. The mode
+    flag of the dropout functions is left out of the key (those become modules that follow
+    the mode); without ``wiring`` an argument node is only '%' in the key (shift-invariant:
+    an op added elsewhere does not change the entries of other scopes)."""
+    index: Dict[fx.Node, int] = {}
+    out = []
+    for i, n in enumerate(graph.nodes):
+        index[n] = i
+        args, kwargs = list(n.args), dict(n.kwargs)
+        if n.op == "call_function" and n.target in _DROPOUT_FNS:
+            flag = _DROPOUT_FNS[n.target][1][2]
+            if len(args) > 2:
+                args[2] = "<mode>"
+            if flag in kwargs:
+                kwargs[flag] = "<mode>"
+        ref = (lambda a: f"%{index[a]}") if wiring else (lambda a: "%")
+        args, kwargs = fx.node.map_arg((tuple(args), kwargs), ref)
+        target = n.target
+        if n.op == "get_attr" and target.startswith("_tensor_constant"):
+            target = "_tensor_constant"  # each trace names its constants anew
+        label = {"call_method": f".{n.target}()", "call_module": f"module '{n.target}'",
+                 "call_function": _fn_name(n.target) if callable(n.target) else str(n.target)
+                 }.get(n.op, n.op)
+        out.append((_node_scope(n), repr((n.op, target, args, kwargs)), label))
+    return out
+
+
+def _mode_dependent_scope(a: fx.Graph, b: fx.Graph) -> Optional[Tuple[str, str]]:
+    """For the traces ``a`` and ``b`` of the two modes: None if they agree, else the deepest
+    module path whose own ops differ ('' for the model's own forward) and the first
+    differing ops (labels, ``a``'s then ``b``'s)."""
+    wa, wb = _mode_signature(a, True), _mode_signature(b, True)
+    if [k for _, k, _ in wa] == [k for _, k, _ in wb]:
+        return None
+    sa, sb = _mode_signature(a, False), _mode_signature(b, False)
+    scopes = sorted({s for s, _, _ in sa + sb}, key=lambda s: (-s.count(".") - 1 if s else 0, s))
+    for scope in scopes:  # deepest first
+        own_a = [e for e in sa if e[0] == scope]
+        own_b = [e for e in sb if e[0] == scope]
+        if [e[1] for e in own_a] != [e[1] for e in own_b]:
+            break
+    else:  # the same ops, wired differently (``return p if self.training else q``)
+        scope, own_a, own_b = None, wa, wb
+    k = next((i for i, (x, y) in enumerate(zip(own_a, own_b)) if x[1] != y[1]),
+             min(len(own_a), len(own_b)))
+    la = own_a[k][2] if k < len(own_a) else "nothing"
+    lb = own_b[k][2] if k < len(own_b) else "nothing"
+    if scope is None:
+        scope = (own_a[k] if k < len(own_a) else own_b[k])[0]
+    return scope, f"{la} against {lb}"
+
+
+def _trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, object]] = None
+           ) -> Tuple[fx.GraphModule, Dict[str, str]]:
+    # fx runs the forward once, so ``if self.training:`` is frozen at the mode of the trace:
+    # trace in the other mode too; a submodule whose ops differ becomes a float leaf (it
+    # then follows train() / eval() as it runs eagerly), the model's own forward is refused
+    leaves: Dict[str, str] = {}
+    other = "eval" if model.training else "train"
+    while True:
+        graph, fallbacks = _trace_graph(model, concrete_args, leaves)
+        modes = {m: m.training for m in model.modules()}
+        attrs = set(model.__dict__)
+        try:
+            model.train(other == "train")
+            graph_other, _ = _trace_graph(model, concrete_args, leaves, f" in {other} mode")
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+            for name in set(model.__dict__) - attrs:  # fx stores the trace's constants there
+                delattr(model, name)
+        diff = _mode_dependent_scope(graph, graph_other)
+        if diff is None:
+            break
+        scope, ops = diff
+        op = f"first differing op: {ops} in {'train' if other == 'eval' else 'eval'} / {other} mode"
+        if scope == "" or scope in leaves:
+            raise ValueError(
+                f"quantize_qat: the forward of the model itself ({type(model).__name__}, "
+                f"module path '{scope or '<root>'}') computes differently in train and eval "
+                f"mode (e.g. it reads self.training; {op}): torch.fx records "
+                f"one mode only, and the converted model would run it in both. How to "
+                f"proceed: for dropout use nn.Dropout or F.dropout(x, p, self.training); "
+                f"{_HOW_TO_PROCEED}")
+        leaves[scope] = ("its forward computes differently in train and eval mode (reads "
+                         "self.training), which a torch.fx trace would freeze")
     try:
         params = set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
@@ -312,12 +416,12 @@ def _trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, object]] = 
             n.target = n.target.rpartition("_")[0]  # keep the model's signature
             n.meta["dropin_concrete"] = True
     _default_checks(graph, type(model).__name__)
-    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     # the model's class name, as gpuquant.save records it: GraphModule.__deepcopy__ (and so
     # quantize(inplace=False)) gives the copy the class name "GraphModule", meta survives
     gm.meta[ROOT_NAME_KEY] = type(model).__name__
     gm.training = model.training
-    return gm, tracer.fallbacks
+    return gm, fallbacks
 
 
 ROOT_NAME_KEY = "gpuquant_root_name"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import gpuquant.backends as backends
 import gpuquant.nn.qat as qat_nn
-from gpuquant.quantization import quantize, quantize_qat
+from gpuquant.quantization import disable_observer, quantize, quantize_qat
 from gpuquant.quantization.fx import DropInWarning, prepare_plain
 
 from tests.dropin.dropin_helpers import INT8_BACKEND
@@ -335,3 +335,56 @@ def test_qconfig_on_containers_and_fused_layers_survives_the_trace():
     qat, _ = convert(quantize_qat, root, ema_fakequant_qconfig, example_inputs=(x,))
     assert all(mod.qconfig is low for mod in qat.modules()
                if isinstance(mod, qat_nn.QATModule))
+
+
+# ------------------------------------------------------- forward depending on train / eval
+class EvalSoftmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        if not self.training:         # fx would freeze the branch of the mode it traced in
+            y = y.softmax(1)
+        return y
+
+
+class DropPath(nn.Module):
+    def forward(self, x):
+        if self.training:
+            return x * torch.rand_like(x[:, :1, :1, :1]).ge(0.5).to(x.dtype) * 2.0
+        return x
+
+
+class DropPathBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.drop_path = DropPath()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(x + self.drop_path(F.dropout(self.conv(x), 0.1, self.training)))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_forward_depending_on_the_mode_is_not_frozen(train):
+    """fx runs forward once: ``if self.training:`` would be frozen at the mode of the trace
+    (the eval QAT model and the int8 model silently kept the training branch). The model's
+    own forward is refused; a submodule stays a float leaf (following train / eval)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ValueError, match=r"differently in train and eval mode.*\.softmax\(\)"):
+        quantize_qat(EvalSoftmax().train(train), example_inputs=(x,))
+    model = DropPathBlock().train(train)
+    x = torch.randn(2, 4, 6, 6)
+    qat, msgs = convert(quantize_qat, copy.deepcopy(model), example_inputs=(x,))
+    assert len(msgs) == 1 and "module 'drop_path' (DropPath: not traceable" in msgs[0]
+    assert "differently in train and eval mode" in msgs[0]
+    assert not hasattr(model, "_tensor_constant1")  # the second trace leaves nothing behind
+    y_qat, y8 = qat_then_int8(qat, x)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
+    disable_observer(qat)
+    with torch.no_grad():
+        assert torch.equal(qat(x), y_qat)  # eval: no path dropped
