@@ -1,7 +1,7 @@
 """Tensor helpers shared across the package."""
 from __future__ import annotations
 
-__all__ = ["version", "batch_norm_eps0"]
+__all__ = ["version", "batch_norm_eps0", "keep_dtype"]
 
 
 def version(t) -> int:
@@ -27,3 +27,17 @@ def batch_norm_eps0(z, mean, var_eps, weight, bias):
     import torch
     return torch.batch_norm(z, weight, bias, mean, var_eps, False, 0.0, 0.0,
                             torch.backends.cudnn.enabled)
+
+
+def keep_dtype(fn):
+    """``fn`` (a ``torch.nn.Module._apply`` conversion) for tensors that keep their dtype:
+    a conversion that would change a floating tensor's dtype (``model.half()``,
+    ``.to(torch.bfloat16)``) only moves it to the device ``fn`` chose. For quantizer state
+    (observer ranges, scales, learned step sizes): float32 by the contract; in bfloat16 a
+    moving average stalls (an update below its resolution rounds away) and the qparams change."""
+    def apply(t):
+        out = fn(t)
+        if t.is_floating_point() and getattr(out, "dtype", t.dtype) != t.dtype:
+            return t.to(device=out.device)
+        return out
+    return apply

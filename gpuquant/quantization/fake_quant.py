@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 
 from .._compile import EagerUnderCompile, eager_under_compile
+from .._tensors import keep_dtype
 from .. import functional as F
 from ..backends.registry import find_op, try_op
 from ..dtypes import get_dtype, qint8
@@ -302,6 +303,11 @@ class FakeQuantBase(EagerUnderCompile, nn.Module):
         super().__init__()
         self.dtype = get_dtype(dtype)
         self.enabled = True
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(torch.bfloat16) move learned scales (float32) but keep their
+        # dtype: the qparams stay float32 and small optimizer steps are not rounded away
+        return super()._apply(keep_dtype(fn), recurse)
 
     def enable(self) -> "FakeQuantBase":
         self.enabled = True

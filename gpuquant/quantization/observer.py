@@ -11,6 +11,9 @@ Conventions (all observers):
   (None = per-tensor, an int = per-channel along that axis, negative counts from the end).
 * State lives in registered buffers, so ``state_dict()`` / ``load_state_dict()`` round-trip
   (per-channel buffers take the channel count of the first tensor, or of the loaded state);
+  ``.to(device)`` moves it, but a dtype conversion of the model (``model.half()``,
+  ``.to(torch.bfloat16)``) leaves its dtype alone (float32 ranges: in bfloat16 a moving
+  average would stall and the qparams change);
   the ``enabled`` switch travels as extra state (key ``_extra_state``).
 * ``get_qparams()`` computes scale and zero point on the device in float32 torch ops
   (no ``.item()``, no host sync) with exactly ``torch.ao.quantization``'s formulas
@@ -45,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from .._compile import EagerUnderCompile, eager_under_compile
+from .._tensors import keep_dtype
 from .._checks import check_bool
 from ..distributed import check_group
 from ..dtypes import QuantDtype, get_dtype, qint8
@@ -186,6 +190,10 @@ class Observer(EagerUnderCompile, nn.Module):
         self.enabled = True
         self._observed = False
         self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.int64))
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(torch.bfloat16) move the state, never change its dtype
+        return super()._apply(keep_dtype(fn), recurse)
 
     # ------------------------------------------------------------------ switches
     def enable(self) -> "Observer":

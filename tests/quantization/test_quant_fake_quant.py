@@ -275,6 +275,22 @@ def test_learned_state_dict_round_trip(make):
     assert torch.equal(b(x), a(x))
 
 
+@pytest.mark.parametrize("make", [lambda: LSQ(gpuquant.qint8, axis=0, symmetric=False),
+                                  lambda: TQT(gpuquant.qint8)])
+def test_learned_scales_stay_float32_through_model_dtype_conversion(make):
+    """model.to(torch.bfloat16) used to turn the learned scale into a bfloat16 Parameter:
+    bfloat16 qparams (the contract: float32) and optimizer steps rounded away."""
+    a = make()
+    x = torch.randn(4, 8)
+    a(x)
+    want = a.get_qparams()
+    torch.nn.Sequential(a).to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in a.parameters())
+    got = a.get_qparams()
+    assert got.scale.dtype == torch.float32 and got == want
+    assert a(x.bfloat16()).dtype == torch.bfloat16
+
+
 def test_learned_modules_validate():
     with pytest.raises(ValueError, match="init"):
         LSQ(init="random")

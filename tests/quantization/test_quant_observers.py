@@ -317,6 +317,24 @@ def test_half_inputs_observed_in_float32():
         assert a.get_qparams() == b.get_qparams()
 
 
+@pytest.mark.parametrize("fd", [torch.float16, torch.bfloat16])
+def test_model_dtype_conversion_keeps_the_observer_state_dtype(fd):
+    """model.half() / .to(torch.bfloat16) used to convert the range buffers: the qparams
+    changed, and a bfloat16 moving average stalled (an update below its resolution rounds
+    away: a range moving from 1.0 to 1.03 stayed at 1.0)."""
+    a, b = ExponentialMovingAverageObserver(0.9), ExponentialMovingAverageObserver(0.9)
+    h = HistogramObserver()
+    a.to(fd)
+    torch.nn.Sequential(h).to(fd)  # also as a child of a converted module
+    assert a.min_val.dtype == torch.float32 and h.histogram.dtype == torch.float64
+    for i in range(30):
+        x = torch.tensor([-1.0, 1.0]) * (1.0 if i == 0 else 1.03)
+        a(x.to(fd))
+        b(x.to(fd))
+    assert a.max_val.dtype == torch.float32 and a.get_qparams() == b.get_qparams()
+    assert float(a.max_val) > 1.02
+
+
 def test_observer_argument_validation():
     with pytest.raises(ValueError, match="unknown quantized dtype"):
         MinMaxObserver("int7")
