@@ -969,6 +969,9 @@ class _Rewriter:
             if isinstance(m, _GNN_QUANT_OPS):
                 self.quantized.add(n)
             return
+        if (_same_forward(m, torch.nn.Conv2d) or _same_forward(m, torch.nn.Linear)) and \
+                not isinstance(m, Module) and self._parameters_read(n):
+            return
         if _same_forward(m, torch.nn.Conv2d) and not isinstance(m, Module):
             if m.padding_mode != "zeros":
                 self.reasons[n] = f"padding_mode={m.padding_mode!r} has no int8 form"
@@ -990,6 +993,21 @@ class _Rewriter:
             new = cls(**{k: getattr(m, k) for k in _POOL_ARGS[cls]})
             new.training = m.training
             self._replace(n, [n], new, n.args[:1], self._module_site_name(n.target))
+
+    def _parameters_read(self, n: fx.Node) -> bool:
+        """Whether the forward also reads the layer's parameters directly (``self.fc.weight``,
+        a weight shared with a functional op) where the layer would be swapped in place: the
+        fused module there has them elsewhere, the int8 one holds int8 weights. The layer
+        then stays float (warned)."""
+        if self.site_count[n.target] != 1:  # swapped per call site: the original stays
+            return False
+        prefix = n.target + "."
+        read = sorted({g.target[len(prefix):] for g in self.graph.nodes
+                       if g.op == "get_attr" and g.target.startswith(prefix)})
+        if read:
+            self.reasons[n] = (f"its {', '.join(read)} also read directly by the forward, "
+                               f"and the int8 layer there holds them as integers")
+        return bool(read)
 
     def _fuse_linear_like(self, n: fx.Node, m, bn_type, kind: str) -> None:
         if len(n.args) != 1 or n.kwargs:

@@ -388,3 +388,41 @@ def test_forward_depending_on_the_mode_is_not_frozen(train):
     disable_observer(qat)
     with torch.no_grad():
         assert torch.equal(qat(x), y_qat)  # eval: no path dropped
+
+
+# ------------------------------------------------- a layer's parameters read by the forward
+class ReadsWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x))).mean((2, 3))
+        y = self.fc(y) + F.linear(y, self.fc.weight) * self.conv.weight.abs().mean()
+        return self.head(y)
+
+
+@pytest.mark.parametrize("with_examples", [True, False])
+def test_layer_whose_parameters_the_forward_reads_stays_float(with_examples):
+    """``self.conv.weight`` read beside the call of ``self.conv``: fused with its BatchNorm
+    the conv's weight moved to ``conv.conv.weight`` (the conversion crashed: 'references
+    nonexistent attribute'), and an int8 ``fc`` would have handed out int8 weights."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    model = ReadsWeights().eval()
+    with torch.no_grad():
+        want = model(x)
+    qat, msgs = convert(quantize_qat, copy.deepcopy(model),
+                        example_inputs=(x,) if with_examples else None)
+    assert len(msgs) == 1
+    assert "module 'conv' (Conv2d: its weight also read directly" in msgs[0]
+    assert "module 'fc' (Linear: its weight also read directly" in msgs[0]
+    assert isinstance(qat.head, qat_nn.Linear)  # the others are quantized as usual
+    y_qat, y8 = qat_then_int8(qat, x)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
+    gm, _ = convert(prepare_plain, copy.deepcopy(model), (x,) if with_examples else None)
+    with torch.no_grad():
+        assert torch.equal(gm.eval()(x), want)
