@@ -490,6 +490,10 @@ _META_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "stride",
                  "is_contiguous", "__len__", "data_ptr", "element_size", "is_floating_point"}
 _META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad",
                "is_quantized", "names"}
+# meta reads whose answer an int8 tensor gives differently (its dtype, its integers): they
+# read the dequantized value
+_VALUE_META_METHODS = {"item", "tolist", "is_floating_point", "element_size"}
+_VALUE_META_ATTRS = {"dtype"}
 _CONTAINER_METHODS = {"split", "chunk", "unbind", "tensor_split", "split_with_sizes", "sort",
                       "topk", "max", "min", "median", "mode", "kthvalue", "unique"}
 _CONTAINER_FNS = {torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.sort,
@@ -1209,7 +1213,11 @@ class _Rewriter:
                     and not _is_disabled(self.modules[n.target]):
                 rewrite_inputs(n, as_quantized)
                 kind[n] = _F
-            elif self._is_meta(n):  # sizes, shapes, dtypes: read from int8 tensors alike
+            elif self._is_meta(n):  # sizes, shapes, devices: read from int8 tensors alike
+                if (n.op == "call_method" and n.target in _VALUE_META_METHODS) or \
+                        (n.op == "call_function" and n.target is getattr and
+                         n.args[1] in _VALUE_META_ATTRS):
+                    rewrite_inputs(n, as_float)  # y.dtype, y[0, 0].item(): the float value's
                 kind[n] = _O
             elif self._passes_through(n, kind):
                 src = n.args[0]

@@ -426,3 +426,36 @@ def test_layer_whose_parameters_the_forward_reads_stays_float(with_examples):
     gm, _ = convert(prepare_plain, copy.deepcopy(model), (x,) if with_examples else None)
     with torch.no_grad():
         assert torch.equal(gm.eval()(x), want)
+
+
+# ------------------------------------------------------ dtype / value reads of int8 values
+class ReadsDtype(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x, mask):
+        y = self.a(x)
+        m = mask.to(y.dtype)          # masks follow the activations' dtype
+        return self.c(y) * m, y[0, 1, 2, 3].item(), y.is_floating_point()
+
+
+def test_dtype_and_value_reads_of_quantized_values_see_the_float_value():
+    """``mask.to(y.dtype)``, ``y[...].item()`` read from the int8 tensor gave an int8 mask
+    (the int8 model crashed in the QuantStub after it, or computed in int8), the raw integer
+    and False; they read the dequantized value now, as QAT does."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 3, 4, 5), torch.rand(2, 1, 4, 5) > 0.3
+    qat, msgs = convert(quantize_qat, ReadsDtype(), example_inputs=(x, mask))
+    qat.train()
+    qat(x, mask)
+    qat.eval()
+    with torch.no_grad():
+        y_qat, item_qat, fp_qat = qat(x, mask)
+    int8 = quantize(copy.deepcopy(qat))
+    with backends.use(INT8_BACKEND), torch.no_grad():
+        y8, item8, fp8 = int8(x, mask)
+    assert y8.dtype == torch.float32 and float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
+    assert isinstance(item8, float) and item8 == item_qat and item8 != 0.0
+    assert fp8 is True and fp_qat is True
