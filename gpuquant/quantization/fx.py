@@ -385,12 +385,19 @@ def _trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, object]] = 
         attrs = set(model.__dict__)
         try:
             model.train(other == "train")
-            graph_other, _ = _trace_graph(model, concrete_args, leaves, f" in {other} mode")
+            graph_other, fallbacks_other = _trace_graph(model, concrete_args, leaves,
+                                                        f" in {other} mode")
         finally:
             for m, mode in modes.items():
                 m.training = mode
             for name in set(model.__dict__) - attrs:  # fx stores the trace's constants there
                 delattr(model, name)
+        # a submodule untraceable in one mode only: a float leaf in both, then compare
+        once = {k: v for k, v in {**fallbacks_other, **fallbacks}.items()
+                if (k in fallbacks) != (k in fallbacks_other)}
+        if once:
+            leaves.update(once)
+            continue
         diff = _mode_dependent_scope(graph, graph_other)
         if diff is None:
             break

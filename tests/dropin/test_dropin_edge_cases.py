@@ -357,19 +357,27 @@ class DropPath(nn.Module):
         return x
 
 
+class DropPathShape(nn.Module):
+    def forward(self, x):  # untraceable in train mode only (torch.rand of a traced size)
+        if self.training:
+            return x * torch.rand(x.shape[0], 1, 1, 1).ge(0.5).to(x.dtype) * 2.0
+        return x
+
+
 class DropPathBlock(nn.Module):
-    def __init__(self):
+    def __init__(self, drop_path=DropPath):
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.drop_path = DropPath()
+        self.drop_path = drop_path()
         self.head = nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
         return self.head(x + self.drop_path(F.dropout(self.conv(x), 0.1, self.training)))
 
 
+@pytest.mark.parametrize("drop_path", [DropPath, DropPathShape])
 @pytest.mark.parametrize("train", [True, False])
-def test_forward_depending_on_the_mode_is_not_frozen(train):
+def test_forward_depending_on_the_mode_is_not_frozen(train, drop_path):
     """fx runs forward once: ``if self.training:`` would be frozen at the mode of the trace
     (the eval QAT model and the int8 model silently kept the training branch). The model's
     own forward is refused; a submodule stays a float leaf (following train / eval)."""
@@ -377,11 +385,13 @@ def test_forward_depending_on_the_mode_is_not_frozen(train):
     x = torch.randn(2, 3, 6, 6)
     with pytest.raises(ValueError, match=r"differently in train and eval mode.*\.softmax\(\)"):
         quantize_qat(EvalSoftmax().train(train), example_inputs=(x,))
-    model = DropPathBlock().train(train)
+    model = DropPathBlock(drop_path).train(train)
     x = torch.randn(2, 4, 6, 6)
     qat, msgs = convert(quantize_qat, copy.deepcopy(model), example_inputs=(x,))
-    assert len(msgs) == 1 and "module 'drop_path' (DropPath: not traceable" in msgs[0]
-    assert "differently in train and eval mode" in msgs[0]
+    assert len(msgs) == 1
+    assert f"module 'drop_path' ({drop_path.__name__}: not traceable" in msgs[0]
+    assert drop_path is DropPathShape or "differently in train and eval mode" in msgs[0]
+    assert isinstance(qat.conv, qat_nn.Conv2d)  # the rest of the block is quantized
     assert not hasattr(model, "_tensor_constant1")  # the second trace leaves nothing behind
     y_qat, y8 = qat_then_int8(qat, x)
     assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
