@@ -91,6 +91,12 @@ class QConfig(namedtuple("QConfig", _FIELDS)):
                                 f"or None, got {type(v).__name__} ({v!r})")
         return super().__new__(cls, *values)
 
+    @classmethod
+    def _make(cls, iterable) -> "QConfig":
+        # namedtuple's _make (and so _replace, the usual way to tweak a preset:
+        # ema_fakequant_qconfig._replace(act_observer=...)) bypassed the checks of __new__
+        return cls(*iterable)
+
 
 # --------------------------------------------------------------------------- presets
 _w_minmax = partial(MinMaxObserver, dtype=qint8_narrow, symmetric=True, axis=0)

@@ -37,6 +37,18 @@ def test_qconfig_rejects_instances_naming_the_field(field):
         QConfig(**{field: 3})
 
 
+@pytest.mark.parametrize("value, match", [("ema", "act_observer must be a factory .* str"),
+                                          (MinMaxObserver(), "act_observer must be a factory")])
+def test_qconfig_replace_is_checked_too(value, match):
+    """``preset._replace(field=...)`` (namedtuple's way to tweak a preset) skipped the checks:
+    a string failed later with "'str' object is not callable", naming no field."""
+    with pytest.raises(TypeError, match=match):
+        gq.ema_fakequant_qconfig._replace(act_observer=value)
+    qc = gq.ema_fakequant_qconfig._replace(act_observer=MinMaxObserver)
+    assert isinstance(qc, QConfig) and qc.act_observer is MinMaxObserver
+    assert qc.weight_observer is gq.ema_fakequant_qconfig.weight_observer
+
+
 def test_qconfig_accepts_classes_partials_and_none():
     qc = QConfig(weight_observer=partial(MinMaxObserver, axis=0), act_observer=MinMaxObserver,
                  weight_fake_quant=None, act_fake_quant=FakeQuantize)
