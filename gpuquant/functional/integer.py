@@ -284,9 +284,11 @@ def _conv_args(op, x, x_zero_point, weight, bias, stride, padding, dilation, gro
     padding = _pair(padding, "padding", op, allow_zero=True)
     dilation = _pair(dilation, "dilation", op)
     eff_h, eff_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
-    if x.shape[2] + 2 * padding[0] < eff_h or x.shape[3] + 2 * padding[1] < eff_w:
+    # an empty plane is refused however it is padded (as torch, the pools and the runtime do)
+    if 0 in x.shape[2:] or x.shape[2] + 2 * padding[0] < eff_h or \
+            x.shape[3] + 2 * padding[1] < eff_w:
         raise ValueError(f"{op}: padded input {tuple(x.shape[2:])} + 2*{padding} is smaller than "
-                         f"the dilated kernel ({eff_h}, {eff_w})")
+                         f"the dilated kernel ({eff_h}, {eff_w}) or empty: no output")
     check_accumulator_range(cg * kh * kw, x.dtype, zp,
                             weight if w_absmax is None else w_absmax,
                             bias if bias_absmax is None else bias_absmax, op=op)

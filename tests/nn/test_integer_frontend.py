@@ -186,6 +186,18 @@ def test_adaptive_avg_pool_refuses_empty_planes_and_bad_sizes():
                 GF.adaptive_avg_pool2d(_x((1, 2, 4, 5)), 0, (2,))
 
 
+def test_conv2d_refuses_empty_planes_on_every_backend():
+    # an empty H or W with padding: the NumPy backend made a (1, 6, 2, 7) output of bias
+    # only, the reference raised torch's RuntimeError; an empty batch stays allowed
+    w, b, rq = _w((6, 4, 1, 1)), torch.full((6,), 5000, dtype=torch.int32), _rq(6)
+    for name in CPU_BACKENDS + ["triton"]:
+        with backends.use(name):
+            for shape in [(1, 4, 0, 5), (1, 4, 5, 0)]:
+                with pytest.raises(ValueError, match="padded input .* is smaller than the"):
+                    GF.conv2d(_x(shape), 0, w, b, 1, 1, 1, 1, rq)
+            assert GF.conv2d(_x((0, 4, 3, 3)), 0, w, b, 1, 1, 1, 1, rq).shape == (0, 6, 5, 5)
+
+
 def test_parameter_builders_refuse_what_they_would_truncate():
     with pytest.raises(ValueError, match="a_scale must be a finite float > 0"):
         GF.make_add_params(0.0, 0, 0.0, 0, 0.3, 0, gpuquant.qint8)
