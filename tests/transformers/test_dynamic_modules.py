@@ -527,6 +527,37 @@ def test_mha_self_attention_batch_first_projects_once(monkeypatch):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_mha_cross_attention_packs_its_projection_weights_once(weight_only, monkeypatch):
+    """Cross-attention projects with row slices of the packed in-projection: the same view
+    objects each call, so the NumPy backend's prepacked weights are reused (a new view each
+    call repacked the weight on every call: 17x a 768-wide projection); an in-place edit of
+    the weight is still seen."""
+    import gpuquant.backends.numpy.dynamic as ND
+    packs = []
+    real_get = ND.common.WEIGHTS.get
+
+    def counting_get(w, kind, build):
+        return real_get(w, kind, lambda: packs.append(kind) or build())
+    monkeypatch.setattr(ND.common.WEIGHTS, "get", counting_get)
+    mha = nn.MultiheadAttention(16, 2).eval()
+    q = DynamicMultiheadAttention.from_float_module(mha, weight_only=weight_only)
+    x, mem = torch.randn(1, 2, 16), torch.randn(5, 2, 16)
+    with backends.use("numpy"), torch.no_grad():
+        first = q(x, mem, mem, need_weights=False)[0]
+        n_first = len(packs)
+        again = q(x, mem, mem, need_weights=False)[0]
+        assert len(packs) == n_first > 0, (n_first, len(packs))
+        assert torch.equal(first, again)
+        q.in_proj.weight[16:32].neg_()  # the key rows, edited in place
+        edited = q(x, mem, mem, need_weights=False)[0]
+    assert not torch.equal(edited, first)
+    fresh = copy.deepcopy(q)
+    fresh.in_proj._fast.clear()
+    with backends.use("numpy"), torch.no_grad():
+        assert torch.equal(edited, fresh(x, mem, mem, need_weights=False)[0])
+
+
 def test_linear_under_several_names_is_converted_once_and_stays_tied():
     """A Linear registered twice (tied encoder / decoder, ``ModuleList([lin] * 3)``) becomes
     one quantized module under every name, in each conversion entry point."""

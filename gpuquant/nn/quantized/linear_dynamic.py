@@ -318,13 +318,31 @@ class _Int8WeightLinear(EagerUnderCompile, Module):
         x = self._prepare(x)
         wq, ws, b = self.weight, self.weight_scale, self.bias
         if rows is not None:
-            wq, ws, b = wq[rows], ws[rows], None if b is None else b[rows]
+            wq, ws, b = self._rows(rows)
         if not self.quantize_enabled:
             return F.linear(x.to(torch.float32), _dequantize(wq, ws), b).to(out_dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             return _StraightThroughInt8Linear.apply(
                 x, lambda t: self._int8_linear(t, wq, ws, b, out_dtype), wq, ws)
         return self._int8_linear(x, wq, ws, b, out_dtype)
+
+    def _rows(self, rows: slice):
+        """``(weight, weight_scale, bias)`` restricted to the output rows ``rows``: the same
+        view objects from call to call while the buffers stay the same objects at the same
+        version (memoised beside the fast path). The backends key their prepacked weights on
+        the tensor object (the NumPy backend's float32 GEMM copy): a new view each call
+        repacked the weight on every cross-attention projection (17x a 768-wide one)."""
+        key = ("rows", rows.start, rows.stop, rows.step)
+        stamp = self._stamp()
+        hit = self._fast.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        b = self.bias
+        parts = (self.weight[rows], self.weight_scale[rows], None if b is None else b[rows])
+        if len(self._fast) > 8:
+            self._fast.clear()
+        self._fast[key] = (stamp, parts)
+        return parts
 
     def _int8_linear(self, x, wq, w_scale, bias, out_dtype):
         raise NotImplementedError
