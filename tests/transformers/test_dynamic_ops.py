@@ -431,3 +431,18 @@ def test_bad_weight_scales_are_refused_on_cpu(bad):
         linear_dynamic(xq, xs, wq, ws)
     with pytest.raises(ValueError, match=r"linear_weight_only: w_scale must be finite and > 0"):
         linear_weight_only(torch.randn(2, 8), wq, ws)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0, 1e-40])
+def test_quantize_weight_per_channel_refuses_bad_given_scales(bad):
+    """A scale passed to quantize_weight_per_channel is held to QParams' rule: 0 made every
+    weight +-127 (with scale 0: the layer silently computed its bias only), -1 flipped the
+    weights' signs, NaN / a subnormal (reciprocal inf) gave 0 or +-127 garbage."""
+    from gpuquant.nn.quantized.linear_dynamic import quantize_weight_per_channel
+    w = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="scale must be finite and > 0 .* at 1 channel"):
+        quantize_weight_per_channel(w, scale=torch.tensor([0.1, bad, 0.2]))
+    with pytest.raises(TypeError, match="scale must be a float tensor"):
+        quantize_weight_per_channel(w, scale=torch.ones(3, dtype=torch.int64))
+    q, s = quantize_weight_per_channel(w, scale=torch.tensor([0.1, 0.05, 0.2]))
+    assert torch.equal(q, torch.round(w * (1 / s)[:, None]).clamp(-127, 127).to(torch.int8))

@@ -44,6 +44,7 @@ from ..._tensors import version as _version
 from ...backends import registry
 from ...backends.registry import get_op
 from ...dtypes import QuantDtype, qint8, qint8_narrow
+from ...qparams import _MIN_SCALE
 from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, linear_dynamic,
                                    linear_weight_only,
                                    max_in_features, quantize_per_token)
@@ -81,8 +82,9 @@ def quantize_weight_per_channel(weight: torch.Tensor, dtype=qint8_narrow, scale=
     :func:`per_channel_weight_scale`.
 
     Raises:
-        TypeError: weight is not a 2-D float tensor.
-        ValueError: dtype is not a signed int8 dtype; a given scale of the wrong shape.
+        TypeError: weight is not a 2-D float tensor; a given scale is not a float tensor.
+        ValueError: dtype is not a signed int8 dtype; a given scale of the wrong shape, or
+            not finite and > 0 with a finite float32 reciprocal (as QParams' scales).
     """
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
         raise TypeError(f"weight must be a 2-D float tensor, got "
@@ -91,9 +93,19 @@ def quantize_weight_per_channel(weight: torch.Tensor, dtype=qint8_narrow, scale=
     d = _check_dtype(dtype, WEIGHT_DTYPES, "weight dtype")
     if bool(torch.isnan(weight).any()) or bool(torch.isinf(weight).any()):
         raise ValueError("weight contains NaN or Inf, which have no int8 value")
+    if scale is not None and (not isinstance(scale, torch.Tensor)
+                              or not scale.is_floating_point()):
+        raise TypeError(f"scale must be a float tensor of shape ({weight.shape[0]},), got "
+                        f"{getattr(scale, 'dtype', type(scale).__name__)}")
     s = per_channel_weight_scale(weight, d) if scale is None else scale.detach().to(torch.float32)
     if s.shape != (weight.shape[0],):
         raise ValueError(f"scale must have shape ({weight.shape[0]},), got {tuple(s.shape)}")
+    if scale is not None:  # 0, NaN or a subnormal (1 / s = inf) made +-127 / 0 / NaN silently
+        bad = ~(s.cpu() >= _MIN_SCALE) | ~torch.isfinite(s.cpu())
+        if bool(bad.any()):
+            raise ValueError(f"scale must be finite and > 0 with a finite float32 reciprocal "
+                             f"(>= {_MIN_SCALE:.3g}), got {s.cpu()[bad][:4].tolist()} at "
+                             f"{int(bad.sum())} channel(s)")
     w = weight.detach().to(torch.float32)
     q = torch.round(w * (1.0 / s)[:, None]).clamp_(d.qmin, d.qmax).to(torch.int8)
     return q, s.contiguous()
