@@ -191,6 +191,12 @@ def _get(model, name):
         raise ValueError(f"smooth_quant: no module named {name!r} in the model") from None
 
 
+def _held_elsewhere(model, param, owner) -> bool:
+    """Whether a module of ``model`` other than ``owner`` holds the Parameter ``param``."""
+    return any(m is not owner and any(p is param for p in m._parameters.values())
+               for m in model.modules())
+
+
 def _set(model, name, new):
     """Put ``new`` in place of the module at ``name``, under every name that module has (a
     tied or repeated Linear stays one module)."""
@@ -213,7 +219,9 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
             with very large outliers).
         fold: ``{norm_name: [linear_name, ...]}``: Linears fed (only) by that LayerNorm /
             RMSNorm share one factor, folded into the norm's weight (and bias). Linears not
-            named here become :class:`SmoothedLinear`.
+            named here become :class:`SmoothedLinear`. A folded Linear whose weight is tied
+            to another module (an LM head to its embedding) takes its own scaled copy; the
+            other module keeps its values.
         filter_fn: ``(module, name) -> bool``; False leaves that Linear alone. The Linears of
             one ``fold`` group share their norm's output, so it must answer False for all of
             them (the group, norm included, is left alone) or for none.
@@ -295,8 +303,14 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
             norm.weight.copy_((norm.weight.float() / s.float()).to(norm.weight.dtype))
             if getattr(norm, "bias", None) is not None:
                 norm.bias.copy_((norm.bias.float() / s.float()).to(norm.bias.dtype))
-            for lin in lins:
-                lin.weight.copy_((lin.weight.float() * s.float()).to(lin.weight.dtype))
+            for lin in {id(lin): lin for lin in lins}.values():  # (one module, two names: once)
+                w = (lin.weight.float() * s.float()).to(lin.weight.dtype)
+                if _held_elsewhere(model, lin.weight, lin):
+                    # tied (an LM head to its embedding): scaling it in place would rescale
+                    # the other holder's values too; the Linear takes its own scaled copy
+                    lin.weight = torch.nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+                else:
+                    lin.weight.copy_(w)
             done.update(lin_names)
         for name, lin in list(_linears(model, filter_fn)):
             if name in done or name not in act_absmax:

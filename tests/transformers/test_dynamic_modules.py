@@ -603,6 +603,46 @@ def test_smoothquant_arguments_are_checked(call, err, msg):
         call(m, {"0": torch.ones(4)})
 
 
+class _TiedHeadLM(nn.Module):
+    """An embedding, a final LayerNorm and an LM head tied to the embedding (GPT-2 style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 16), nn.Linear(16, 16)
+        self.norm, self.lm_head = nn.LayerNorm(16), nn.Linear(16, 50, bias=False)
+        self.lm_head.weight = self.emb.weight
+        self.alias = self.fc  # one Linear under two names
+
+    def forward(self, ids):
+        return self.lm_head(self.norm(self.fc(self.emb(ids))))
+
+
+def test_smooth_quant_fold_keeps_tied_weights_and_aliases_right():
+    """Folding into a Linear whose weight is tied to an embedding scaled the embedding in
+    place too (the model's function changed: 2.9 off on its logits); a Linear listed under
+    two names of one group was scaled twice. Now the head takes its own scaled copy, the
+    embedding keeps its values, and an aliased Linear is scaled once."""
+    m = _TiedHeadLM().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    emb0 = m.emb.weight.detach().clone()
+    with torch.no_grad():
+        ref = m(ids)
+    smooth_quant(m, calibrate_linear_inputs(m, [ids]), fold={"norm": ["lm_head"]})
+    with torch.no_grad():
+        out = m(ids)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(m.emb.weight, emb0) and m.lm_head.weight is not m.emb.weight
+    # one Linear under two names of a group: the same result as listed once
+    m1 = _TiedHeadLM().eval()
+    m1.ln_x = nn.LayerNorm(16)  # (a norm to fold into; the weights are compared directly)
+    m2, w0 = copy.deepcopy(m1), m1.fc.weight.detach().clone()
+    a = {"fc": torch.rand(16) + 0.5, "alias": torch.rand(16) + 0.5}
+    smooth_quant(m1, a, fold={"ln_x": ["fc", "alias"]})
+    smooth_quant(m2, {"fc": torch.maximum(a["fc"], a["alias"])}, fold={"ln_x": ["fc"]})
+    assert torch.equal(m1.fc.weight, m2.fc.weight) and not torch.equal(m1.fc.weight, w0)
+    assert torch.equal(m1.ln_x.weight, m2.ln_x.weight)
+
+
 class _SharedNorm(nn.Module):
     """Two Linears reading one LayerNorm (a fold group)."""
 
