@@ -315,7 +315,11 @@ def _build_quantized(entry, path):
     if cls is None:
         raise _bad(path, f"unknown quantized class {name!r} at {entry.get('path')!r}")
     args = {k: _tuples(v) for k, v in entry.get("args", {}).items()}
-    return cls(**args)
+    try:
+        return cls(**args)
+    except (ValueError, NotImplementedError) as e:  # the constructors' argument checks
+        raise _bad(path, f"module {entry.get('path')!r} ({name}) cannot be built from its "
+                         f"saved arguments ({type(e).__name__}: {e})") from None
 
 
 _SLOTS = ("__dict__", "_parameters", "_buffers", "_modules")

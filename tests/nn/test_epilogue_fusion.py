@@ -293,6 +293,31 @@ def test_quantized_module_constructors_check_their_arguments():
         Q.QuantStub("qint32")
 
 
+def test_quantized_conv_and_linear_constructors_take_torch_geometry():
+    """torch's padding='same' / 'valid' are resolved as conversion does (the module kept
+    ('same', 'same') and failed its first call); geometry and sizes that torch refuses are
+    refused at construction, naming the value (Linear(0, 4) and Conv2d(stride=0) were
+    built and failed at their first call)."""
+    m = Q.Conv2d(4, 8, 3, padding="same", dilation=2)
+    assert m.padding == (2, 2) and Q.Conv2d(4, 8, 3, padding="valid").padding == (0, 0)
+    with use("numpy"):
+        assert m(torch.zeros(1, 4, 6, 6, dtype=torch.int8)).shape == (1, 8, 6, 6)
+    with pytest.raises(NotImplementedError, match="asymmetrically"):
+        Q.Conv2d(4, 8, 4, padding="same")
+    with pytest.raises(ValueError, match="Conv2d: stride must be an int >= 1, got 0"):
+        Q.Conv2d(4, 8, 3, stride=0)
+    with pytest.raises(ValueError, match="Conv2d: padding must be an int >= 0, got -1"):
+        Q.Conv2d(4, 8, 3, padding=(1, -1))
+    with pytest.raises(ValueError, match="Conv2d: dilation must be an int or a pair"):
+        Q.Conv2d(4, 8, 3, dilation=(1, 1, 1))
+    with pytest.raises(ValueError, match="padding must be an int, a pair, 'valid' or 'same'"):
+        Q.Conv2d(4, 8, 3, padding="full")
+    with pytest.raises(ValueError, match="Linear: in_features must be an int >= 1, got 0"):
+        Q.Linear(0, 4)
+    with pytest.raises(TypeError, match="LinearRelu: out_features must be an int >= 1"):
+        Q.LinearRelu(4, 2.5)
+
+
 def test_quantized_modules_take_numpy_ints_and_list_geometry():
     """NumPy integers are ints to the constructors; a conv's padding assigned as a list
     after its first call is checked and run with the new geometry (the checked-state key

@@ -16,19 +16,33 @@ def _pair(v):
 def _explicit_padding(conv) -> tuple:
     """torch's string paddings as numbers: 'valid' -> 0, 'same' -> half the dilated kernel
     (when that is symmetric)."""
-    if not isinstance(conv.padding, str):
-        return _pair(conv.padding)
-    if conv.padding == "valid":
+    return _padding_pair(conv.padding, conv.kernel_size, conv.dilation)
+
+
+def _padding_pair(padding, kernel_size, dilation) -> tuple:
+    """:func:`_explicit_padding` of the arguments themselves."""
+    if not isinstance(padding, str):
+        return _pair(padding)
+    if padding == "valid":
         return (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
     pads = []
-    for k, d in zip(_pair(conv.kernel_size), _pair(conv.dilation)):
+    for k, d in zip(_pair(kernel_size), _pair(dilation)):
         total = d * (k - 1)
         if total % 2:
-            raise NotImplementedError(f"padding='same' with kernel {conv.kernel_size} and "
-                                      f"dilation {conv.dilation} pads asymmetrically, which the "
+            raise NotImplementedError(f"padding='same' with kernel {kernel_size} and "
+                                      f"dilation {dilation} pads asymmetrically, which the "
                                       f"int8 convolution does not support; pad explicitly")
         pads.append(total // 2)
     return tuple(pads)
+
+
+def _geometry(v, name: str, minimum: int) -> tuple:
+    """A stride / padding / dilation argument as a pair of ints >= ``minimum``."""
+    if isinstance(v, (tuple, list)) and len(v) != 2:
+        raise ValueError(f"Conv2d: {name} must be an int or a pair of ints, got {v!r}")
+    return tuple(positive_int(a, name, "Conv2d", minimum) for a in _pair(v))
 
 
 class Conv2d(WeightedModule):
@@ -53,7 +67,10 @@ class Conv2d(WeightedModule):
                          output_dtype, weight_dtype)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = (kh, kw)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.stride, self.dilation = _geometry(stride, "stride", 1), _geometry(dilation,
+                                                                               "dilation", 1)
+        # torch's 'valid' / 'same' as numbers, as conversion stores them
+        self.padding = _geometry(_padding_pair(padding, (kh, kw), self.dilation), "padding", 0)
         self.groups = int(groups)
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._checks import positive_int
 from .module import WeightedModule, converted_name, quantize_weight_bias
 
 __all__ = ["Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d"]
@@ -13,9 +14,12 @@ class Linear(WeightedModule):
 
     def __init__(self, in_features, out_features, bias=True, input_dtype="qint8",
                  output_dtype="qint8", weight_dtype="qint8_narrow"):
+        in_features, out_features = (positive_int(v, name, type(self).__name__) for name, v in
+                                     (("in_features", in_features),
+                                      ("out_features", out_features)))
         super().__init__((out_features, in_features), bias, input_dtype, output_dtype,
                          weight_dtype)
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features, self.out_features = in_features, out_features
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
