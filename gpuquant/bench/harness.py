@@ -16,7 +16,8 @@ How a case is measured (:func:`run_case`):
    set 0 goes to the provider's ``check`` for ``exact_vs_numpy``.
 3. Then 2-3 timed calls estimate each provider's time; the repeat count fills a time budget
    (0.2 s a provider with ``quick`` on the CPU, 1 s otherwise; 0.1 s / 0.5 s on the GPU),
-   at least 5 calls (more where the suite asks: ``Suite.min_reps``).
+   at least 5 calls (more where the suite asks: ``Suite.min_reps``); a GPU head start
+   (``Suite.gpu_head_start_ms``) counts in each call's share of that budget.
 4. Timed calls are interleaved: the repeats are split into rounds (up to 100 on the CPU,
    10 on the GPU), each round runs every provider in turn (the order rotating from round
    to round), so drift in clocks or machine load hits all providers alike. On the GPU the
@@ -272,6 +273,8 @@ class Timing:
 class _CpuTimer:
     """perf_counter around each call."""
 
+    head_start_ms = 0.0  # (no GPU-side wait before a call)
+
     def time_call(self, fn: Callable[[], Any], sink: Timing) -> None:
         t0 = time.perf_counter()
         fn()
@@ -285,12 +288,16 @@ class _CudaTimer:
     """CUDA events around each call, L2 flushed before it; resolved once a round.
 
     ``event``, ``synchronize`` and ``flush`` default to the real CUDA ones; tests pass fakes
-    to exercise the bookkeeping on the CPU."""
+    to exercise the bookkeeping on the CPU. ``head_start_ms``: how long ``head_start``'s
+    wait lasts on the GPU (untimed, but device time every call costs: :func:`run_case`
+    counts it in the repeats' budget)."""
 
-    def __init__(self, event=None, synchronize=None, flush=None, head_start=None):
+    def __init__(self, event=None, synchronize=None, flush=None, head_start=None,
+                 head_start_ms: float = 0.0):
         self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
         self._synchronize = synchronize or torch.cuda.synchronize
         self._head_start = head_start  # enqueues a GPU-side wait (Suite.gpu_head_start_ms)
+        self.head_start_ms = float(head_start_ms) if head_start is not None else 0.0
         if flush is None:
             props = torch.cuda.get_device_properties(torch.cuda.current_device())
             l2 = int(getattr(props, "L2_cache_size", 0) or 0)
@@ -334,7 +341,7 @@ def _gpu_sleep(ms: float):
 def make_timer(device: str, gpu_head_start_ms: float = 0.0):
     if device == "cuda":
         return _CudaTimer(head_start=_gpu_sleep(gpu_head_start_ms) if gpu_head_start_ms > 0
-                          else None)
+                          else None, head_start_ms=gpu_head_start_ms)
     if device == "cpu":
         return _CpuTimer()
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -510,11 +517,14 @@ def run_case(suite_name: str, case: Case, device: str, cfg: RunConfig,
     if device == "cuda":
         torch.cuda.synchronize()
 
-    # the repeats that fill the budget, from the warm-up times
+    # the repeats that fill the budget, from the warm-up times; a GPU head start
+    # (Suite.gpu_head_start_ms) is device time every timed call costs too, untimed: counted
+    # here, or a 10 us call with a 0.3 ms head start ran 5000 times, 31x its budget
     reps: Dict[str, int] = {}
     timings: Dict[str, Timing] = {n: Timing() for n in runs}
+    head_ms = float(getattr(timer, "head_start_ms", 0.0) or 0.0)
     for name, est in estimates.items():
-        per_call_s = max(statistics.median(est.times_ms), 1e-4) / 1e3
+        per_call_s = (max(statistics.median(est.times_ms), 1e-4) + head_ms) / 1e3
         reps[name] = int(min(cfg.max_reps, max(cfg.min_reps, cfg.budget_s / per_call_s)))
 
     n_rounds = max(1, min(cfg.rounds, min(reps.values()) if reps else 1))

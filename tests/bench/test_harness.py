@@ -766,3 +766,33 @@ def test_run_config_checks_its_knobs():
                {"budget_s": -1.0}):
         with pytest.raises(ValueError, match="RunConfig"):
             RunConfig(**kw)
+
+
+def test_head_start_counts_toward_the_repeat_budget():
+    """Suite.gpu_head_start_ms: the GPU-side wait before every timed call is device time
+    the events leave out; the repeat count must still fill the budget with it included.
+    (A 10 us call with fake_quant's 0.3 ms head start ran 5000 times: 1.55 s of GPU time
+    for a 0.1 s quick budget, per provider and case: the fake_quant stage would have run
+    ~4x its lease cap.)"""
+    _FakeEvent.clock[0] = 0.0
+
+    def sleep():
+        _FakeEvent.clock[0] += 0.3   # GPU time of the head start (before the start event)
+
+    timer = harness._CudaTimer(event=_FakeEvent, synchronize=lambda: None, flush=lambda: None,
+                               head_start=sleep)
+    timer.head_start_ms = 0.3   # what make_timer(..., 0.3) gives it
+
+    def prov(x):
+        def call():
+            _FakeEvent.clock[0] += 0.01
+        return call
+    case = Case(params={"n": 1}, inputs=lambda i: torch.zeros(1), providers={"a": prov},
+                throughput=lambda p, ms: (1.0 / ms, "GB/s"))
+    cfg = RunConfig(budget_s=0.1, min_reps=5, max_reps=5000, max_input_sets=1)
+    t0 = _FakeEvent.clock[0]
+    res = run_case("s", case, "cpu", cfg, timer=timer)
+    assert res.rows and res.rows[0]["median_ms"] == pytest.approx(0.01)  # the wait untimed
+    gpu_ms = _FakeEvent.clock[0] - t0
+    assert gpu_ms <= 1.2 * cfg.budget_s * 1e3, gpu_ms   # ~0.1 s, not 1.55 s
+    assert harness._CpuTimer.head_start_ms == 0.0
