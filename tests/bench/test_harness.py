@@ -796,3 +796,33 @@ def test_head_start_counts_toward_the_repeat_budget():
     gpu_ms = _FakeEvent.clock[0] - t0
     assert gpu_ms <= 1.2 * cfg.budget_s * 1e3, gpu_ms   # ~0.1 s, not 1.55 s
     assert harness._CpuTimer.head_start_ms == 0.0
+
+
+def test_qat_step_gpuquant_rows_refuse_a_fallback_backend(monkeypatch):
+    """qat_step's gpuquant-qat* rows on CUDA tensors are the triton backend's; where it
+    cannot run (an import error under another Triton, TRITON_INTERPRET set) the QAT
+    modules' automatic backend choice would run the reference backend's fake quant under
+    the same row name: the provider is unavailable instead, saying why. The float rows and
+    the CPU runs (explicit backends, the stand-in timing) are untouched."""
+    from types import SimpleNamespace
+
+    from gpuquant import backends
+    from gpuquant.bench.suites import qat_step as Q
+    params = Q.case_params(True, models=("resnet18",))[0]
+    built = []
+    monkeypatch.setitem(Q.BUILDERS, "gpuquant-qat",
+                        lambda name, dev: built.append(dev) or torch.nn.Linear(1, 1))
+    monkeypatch.setattr(backends, "available", lambda: ["reference", "numpy", "cupy"])
+    cuda_inp = {"x": SimpleNamespace(device=torch.device("cuda")), "target": None}
+    for kind in ("gpuquant-qat", "gpuquant-qat-graph"):
+        with pytest.raises(ProviderUnavailable, match="triton"):
+            Q._provider(kind, params, {}).setup(cuda_inp)
+    assert built == []   # refused before any model was built or moved
+    monkeypatch.setattr(backends, "available", lambda: ["reference", "numpy", "triton"])
+    monkeypatch.setattr(backends, "current", lambda: "reference")
+    with pytest.raises(ProviderUnavailable, match="'reference'"):
+        Q._provider("gpuquant-qat", params, {}).setup(cuda_inp)
+    # CPU tensors: unchanged (the CPU test of the suite, the stand-in's host timing)
+    cpu_inp = {"x": torch.zeros(1, 3, 4, 4), "target": torch.zeros(1, dtype=torch.long)}
+    Q._provider("gpuquant-qat", params, {}).setup(cpu_inp)
+    assert built == [torch.device("cpu")]

@@ -15,7 +15,9 @@ Providers:
   backend automatically: a folded Conv+BN layer is one autograd node
   (``conv_bn_act_train``): its convolution plus the fused weight fold + observe + fake
   quant and the fused batch norm + activation + observe + fake quant, three launches
-  forward and three backward; residual adds go into ``observe_fake_quant``'s kernels;
+  forward and three backward; residual adds go into ``observe_fake_quant``'s kernels
+  (the ``gpuquant-qat*`` rows are unavailable on CUDA where the triton backend cannot run
+  or another is chosen: the automatic choice would time another backend's ops unsaid);
 * ``gpuquant-qat-exact``: the same with Conv+BN trained in the two-convolution form
   (:func:`gpuquant.quantization.set_bn_fold` "exact"; the default is "single", one
   convolution a layer);
@@ -141,6 +143,21 @@ PROVIDERS: Dict[str, tuple] = {"float": ("float", False), "float-graph": ("float
 _GRAPH_WARMUP_STEPS = 3  # eager steps before capture: observers start, autotuning is done
 
 
+def _need_triton() -> None:
+    """The gpuquant rows on CUDA are the triton backend's (the QAT modules pick it
+    automatically there): where it cannot run, or another backend is chosen
+    (``GPUQUANT_BACKEND``), the automatic choice would quietly give the reference
+    backend's plain-torch fake quant (or CuPy's) under the same row name."""
+    from ... import backends
+    if "triton" not in backends.available():
+        raise ProviderUnavailable("the triton backend cannot run here (the QAT step would "
+                                  "fall back to another backend)")
+    chosen = backends.current()
+    if chosen not in (None, "triton"):
+        raise ProviderUnavailable(f"backend {chosen!r} is chosen (GPUQUANT_BACKEND), not "
+                                  f"triton")
+
+
 def _provider(kind: str, params: Dict, cache: Dict) -> Provider:
     """A provider whose model and optimizer are built on the first input set and reused.
     Graph providers capture the model's forward and backward once
@@ -157,6 +174,8 @@ def _provider(kind: str, params: Dict, cache: Dict) -> Provider:
                                       f"{params['dtype']} autocast")
         if graphed and x.device.type != "cuda":
             raise ProviderUnavailable("CUDA graphs need a CUDA device")
+        if builder.startswith("gpuquant") and x.device.type == "cuda":
+            _need_triton()
         amp = params["dtype"] == "bfloat16"
         if "model" not in cache:
             model = BUILDERS[builder](params["model"], x.device)
