@@ -826,3 +826,25 @@ def test_qat_step_gpuquant_rows_refuse_a_fallback_backend(monkeypatch):
     cpu_inp = {"x": torch.zeros(1, 3, 4, 4), "target": torch.zeros(1, dtype=torch.long)}
     Q._provider("gpuquant-qat", params, {}).setup(cpu_inp)
     assert built == [torch.device("cpu")]
+
+
+def test_linear_dynamic_weight_only_rows_are_compared_with_the_float_ceiling():
+    """The weight-only rows (gpuquant-triton-w8, torchao-w8, and their -graph twins) run
+    bf16 x bf16 MMAs (the int8 weights converted before the dot): their "of ceiling" is a
+    fraction of the bf16 peak (TFLOPS), as torch-bf16's, not of the int8 peak (the H200's
+    m=2048 w8 rows read 39-43% of the int8 peak, ~50% of the bf16 one). W8A8 rows: TOPS."""
+    from gpuquant.bench.suites import linear_dynamic as L
+    cases = L._cases(True, "cpu")   # builds no tensors
+    ceilings = {"int8": {"value": 1000.0, "unit": "TOPS", "what": "t"},
+                "float": {"value": 500.0, "unit": "TFLOPS", "what": "t"}}
+    seen = set()
+    for c in cases:
+        for name, prov in c.providers.items():
+            unit = prov.unit or c.throughput(c.params, 1.0)[1]
+            want = "TFLOPS" if name.startswith("torch-bf16") or "-w8" in name else "TOPS"
+            assert unit == want, (c.name, name, unit)
+            seen.add(name)
+    assert {"gpuquant-triton-w8", "gpuquant-triton-w8-graph", "torchao-w8",
+            "torchao-w8-graph", "gpuquant-triton", "torchao-graph"} <= seen
+    from gpuquant.bench.ceilings import fraction_of_ceiling
+    assert fraction_of_ceiling(250.0, "TFLOPS", ceilings) == 0.5

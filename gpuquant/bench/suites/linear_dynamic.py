@@ -27,8 +27,10 @@ Providers (each times one Linear's forward, bf16 in, bf16 out):
   a serving engine that replays its decode step from a graph runs them.
 
 Throughput: ``2 m n k`` operations per second for every provider (the rows compare
-directly), labelled TFLOPS for the bf16 ``torch-bf16`` rows (their fraction of the ceiling is
-of the bf16 peak) and TOPS for the others. ``exact_vs_numpy``: the W8A8 output on input set 0 against the same
+directly), labelled TFLOPS for the rows whose products run on the float tensor cores
+(``torch-bf16`` and the weight-only ``*-w8`` rows, which convert the int8 weights to bf16
+before the MMA: their fraction of the ceiling is of the bf16 peak) and TOPS for the W8A8
+ones (int8 MMA, the int8 peak). ``exact_vs_numpy``: the W8A8 output on input set 0 against the same
 module run by the NumPy backend on the CPU (bit-identical by contract); None for the float
 paths (weight-only and bf16 accumulate in floating point, in the GPU's order).
 
@@ -87,7 +89,9 @@ def _gpuquant(weight_only: bool):
         with backends.use("numpy"), torch.no_grad():
             ref = mod(inp["x"].cpu())
         return exact(out, ref)
-    return Provider(setup, check=check)
+    # weight-only: bf16 activations times the weights converted to bf16 (float tensor
+    # cores): its fraction of the ceiling is of the bf16 peak, not the int8 one
+    return Provider(setup, check=check, unit="TFLOPS" if weight_only else None)
 
 
 def _graphed(provider: Provider, foreign: bool = False) -> Provider:
@@ -133,7 +137,7 @@ def _torchao(weight_only: bool):
             with torch.no_grad():
                 return model(x)
         return run
-    return Provider(setup)
+    return Provider(setup, unit="TFLOPS" if weight_only else None)  # (as _gpuquant's)
 
 
 def _cases(quick: bool, device: str):
