@@ -127,10 +127,16 @@ def annotate(doc: Mapping[str, Any]) -> List[Tuple[Dict[str, Any], List[Dict[str
 
 
 def write_json(doc: Mapping[str, Any], path: str) -> None:
+    """Validate ``doc`` and write it to ``path`` whole or not at all (a temporary file, then
+    renamed): the lease kills a suite at its deadline, and a kill during the rewrite of
+    ``<suite>.partial.json`` after a case left a truncated file (every row measured so far
+    lost, and ``readme_table`` refusing the folder)."""
     validate_doc(doc)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, allow_nan=False)  # strict JSON (no bare NaN / Infinity)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def load_json(path: str) -> Dict[str, Any]:

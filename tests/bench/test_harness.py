@@ -848,3 +848,25 @@ def test_linear_dynamic_weight_only_rows_are_compared_with_the_float_ceiling():
             "torchao-w8-graph", "gpuquant-triton", "torchao-graph"} <= seen
     from gpuquant.bench.ceilings import fraction_of_ceiling
     assert fraction_of_ceiling(250.0, "TFLOPS", ceilings) == 0.5
+
+
+def test_results_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """run_bench rewrites <suite>.partial.json after every case and the lease kills a stage
+    at its deadline (SIGTERM: no cleanup): a kill during the rewrite must leave the previous
+    file, not a truncated one (which lost every row so far and broke readme_table)."""
+    path = str(tmp_path / "fake_quant.partial.json")
+    first = _sample_doc("AMD EPYC", 2.0, 1.0)
+    report.write_json(first, path)
+    real_dump = json.dump
+
+    def killed_mid_write(doc, f, **kw):
+        text = json.dumps(doc, **kw)
+        f.write(text[: len(text) // 2])
+        f.flush()
+        raise KeyboardInterrupt  # stands in for the SIGTERM that ends the process
+    monkeypatch.setattr(json, "dump", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_json(_sample_doc("AMD EPYC", 3.0, 1.0), path)
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert report.load_json(path)["rows"] == first["rows"]
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".json")] == ["fake_quant.partial.json"]
