@@ -28,10 +28,10 @@ from .. import nn as Float
 from ..nn import qat as QAT
 from ..nn import quantized as Quantized
 from ..nn.module import Module
-from ..nn.qat.module import QATModule
+from ..nn.qat.module import QATModule, keep_producer_hook
 from ..nn.quantized.module import QuantizedModule
 from .fake_quant import FakeQuantBase
-from .fx import needs_dropin, prepare_plain
+from .fx import _PASS_MODULES, needs_dropin, prepare_plain
 from .observer import Observer, _RangeObserver
 from .._checks import check_bool as _check_bool
 from .qconfig import QConfig, ema_fakequant_qconfig
@@ -157,8 +157,9 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
         module = prepare_plain(module, example_inputs)
 
     # the whole tree is checked before the model is changed: (parent, child name, new child)
-    # and (QAT module built directly, its qconfig)
-    swaps, unready = [], []
+    # and (QAT module built directly, its qconfig); and the torch.nn pass-through modules
+    # (Dropout, Flatten, ...) whose output keeps its input's producer
+    swaps, unready, passes = [], [], []
 
     def convert(m, name: str, inherited: QConfig):
         if _disabled(m) or isinstance(m, QuantizedModule):
@@ -187,6 +188,8 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
             if qc is not inherited:  # its own qconfig attribute: kept by a second call
                 new.__dict__["_own_qconfig"] = True
             return new
+        if isinstance(m, _PASS_MODULES):
+            passes.append(m)
         if isinstance(m, tuple(_QAT_MAP)):
             raise TypeError(f"quantize_qat: module {name or '<root>'!r} of type "
                             f"{type(m).__name__} has no QAT version in the mapping; pass "
@@ -208,6 +211,12 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
         setattr(parent, child_name, new)
     for m, qc in unready:
         m.set_qconfig(qc)
+    for m in passes:
+        # a training-mode dropout, or a flatten of a channels_last activation, writes a new
+        # tensor: without the hook the module reading it lost its input's producer, and a
+        # model trained without an eval pass (or in channels_last) failed to convert
+        if keep_producer_hook not in m._forward_hooks.values():
+            m.register_forward_hook(keep_producer_hook)
     return out
 
 
@@ -290,6 +299,11 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
     out = convert(module, "")
     for parent, child_name, new in swaps:
         setattr(parent, child_name, new)
+    for m in out.modules():  # quantize_qat's pass-through hooks: no use on int8 tensors
+        for k in [k for k, h in m._forward_hooks.items() if h is keep_producer_hook]:
+            del m._forward_hooks[k]
+            m._forward_hooks_with_kwargs.pop(k, None)
+            m._forward_hooks_always_called.pop(k, None)
     return out.eval()
 
 

@@ -168,3 +168,45 @@ def test_weight_qparams_along_another_axis_still_train():
     assert m.eval()(torch.randn(3, 6)).shape == (3, 4)
     with pytest.raises(ValueError, match="axis 0"):
         quantize(m)
+
+
+class _DropoutHead(gnn.Module):
+    """A hand-built network with torch.nn pass-through modules between QAT layers: a
+    Flatten (a copy for a channels_last activation) and a Dropout (a new tensor in training
+    mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.c = gnn.QuantStub(), gnn.ConvBnRelu2d(3, 4, 3, padding=1)
+        self.flat, self.drop = torch.nn.Flatten(), torch.nn.Dropout(0.5)
+        self.fc, self.dq = gnn.Linear(4 * 4 * 4, 5), gnn.DequantStub()
+
+    def forward(self, x):
+        return self.dq(self.fc(self.drop(self.flat(self.c(self.q(x))))))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hand_built_model_with_dropout_and_flatten_converts_after_training_only(
+        channels_last):
+    """Found by review: the Linear after an nn.Dropout (or an nn.Flatten of a channels_last
+    activation) recorded no producer in training mode, so a model trained without an eval
+    pass failed to convert ("not produced by a quantized module: put a QuantStub before
+    it"). quantize_qat now hooks the pass-through modules as the drop-in flow does."""
+    torch.manual_seed(0)
+    q = quantize_qat(_DropoutHead(), ema_fakequant_qconfig).train()
+    x = torch.randn(8, 3, 4, 4)
+    if channels_last:
+        q = q.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    _train(q, x)
+    gpuquant.quantization.disable_observer(q)
+    qm = quantize(copy.deepcopy(q).eval())
+    y, yq = q.eval()(x), qm(x)
+    step = q.fc.get_activation_qparams().scale
+    assert (y - yq).abs().max() <= step * 1.001
+    assert not qm.drop._forward_hooks  # the int8 model carries no hook (fuse_epilogues)
+    copy.deepcopy(q)(x)  # the hook copies and pickles with the model
+    import pickle
+    pickle.loads(pickle.dumps(q))(x)
+    q = quantize_qat(q, ema_fakequant_qconfig)  # a second call adds no second hook
+    assert len(q.drop._forward_hooks) == 1

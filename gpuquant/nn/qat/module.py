@@ -30,7 +30,7 @@ from ...qparams import QParams
 from ..._compile import EagerUnderCompile, eager_under_compile
 from ..module import Module
 
-__all__ = ["QATModule", "tag_output", "source_of", "keep_producer"]
+__all__ = ["QATModule", "tag_output", "source_of", "keep_producer", "keep_producer_hook"]
 
 # storage of a tensor produced by a QAT module -> that module (weak on the storage)
 _PRODUCERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -71,6 +71,17 @@ def keep_producer(y, x):
     if src is not None and isinstance(y, torch.Tensor) and y.is_floating_point():
         tag_output(y, src)
     return y
+
+
+def keep_producer_hook(module, args, output):
+    """Forward hook of the pass-through modules of a QAT model (``torch.nn.Dropout``,
+    ``Flatten``, ...; :func:`~gpuquant.quantization.quantize_qat` registers it): their output
+    carries the qparams of their input's producer (:func:`keep_producer`). A training-mode
+    dropout or a flatten of a channels_last tensor writes a new tensor, whose module reading
+    it could not be converted otherwise."""
+    if args:
+        return keep_producer(output, args[0])
+    return None
 
 
 def _make(factory, what: str):
@@ -305,7 +316,11 @@ class QATModule(EagerUnderCompile, Module):
                 raise ValueError(f"input {i} of {who} was not produced by a quantized module "
                                  f"(it came from a float op or the model's input): put a "
                                  f"gpuquant.nn.QuantStub before it, or call disable_quantize() "
-                                 f"on it")
+                                 f"on it. If it is a quantized module's output that model code "
+                                 f"copied (torch.flatten / reshape of a channels_last tensor, a "
+                                 f"functional dropout in training mode), pass it through "
+                                 f"gpuquant.nn.qat.module.keep_producer(y, x) or a torch.nn "
+                                 f"module (nn.Flatten, nn.Dropout)")
             qps = [s.get_activation_qparams() for s in slot]
             if any(q != qps[0] for q in qps[1:]):
                 raise ValueError(f"input {i} of {who} comes from {len(qps)} producers with "
