@@ -315,14 +315,26 @@ def _set_all(module, kind, method: str):
     return module
 
 
+def _set_dynamic(module, enabled: bool):
+    # the fake-quant Linears of prepare_dynamic_qat hold their switch themselves (no
+    # FakeQuantBase inside): the model-wide switches skipped them, silently
+    from ..nn.qat.linear_dynamic import DynamicLinear
+    for m in module.modules():
+        if isinstance(m, DynamicLinear):
+            m.enable_fake_quant(enabled)
+    return module
+
+
 def enable_fake_quant(module: torch.nn.Module) -> torch.nn.Module:
-    """Turn on every fake quant under ``module``; returns it."""
-    return _set_all(module, FakeQuantBase, "enable_fake_quant")
+    """Turn on every fake quant under ``module`` (the fake-quant Linears of
+    ``prepare_dynamic_qat`` too); returns it."""
+    return _set_dynamic(_set_all(module, FakeQuantBase, "enable_fake_quant"), True)
 
 
 def disable_fake_quant(module: torch.nn.Module) -> torch.nn.Module:
-    """Turn off every fake quant under ``module`` (QAT modules then compute in float)."""
-    return _set_all(module, FakeQuantBase, "disable_fake_quant")
+    """Turn off every fake quant under ``module`` (QAT modules then compute in float; the
+    fake-quant Linears of ``prepare_dynamic_qat`` compute as ``torch.nn.Linear``)."""
+    return _set_dynamic(_set_all(module, FakeQuantBase, "disable_fake_quant"), False)
 
 
 def enable_observer(module: torch.nn.Module) -> torch.nn.Module:

@@ -769,3 +769,21 @@ def test_filter_fn_may_answer_with_numpy_or_torch_bools():
     assert type(q[0]) is DynamicLinear and type(q[1]) is nn.Linear
     with pytest.raises(TypeError, match="filter_fn must return a bool, returned builtins.str"):
         quantize_dynamic(copy.deepcopy(m), filter_fn=lambda mod, n: "yes")
+
+
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_model_wide_fake_quant_switches_reach_dynamic_qat_linears(weight_only):
+    """Found by review: gpuquant.quantization.disable_fake_quant(model) on a
+    prepare_dynamic_qat model changed nothing (it only looked for FakeQuantBase modules, and
+    the dynamic QAT Linear holds its own switch): the model kept fake-quantizing, silently."""
+    from gpuquant.quantization import disable_fake_quant, enable_fake_quant
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    qat = prepare_dynamic_qat(copy.deepcopy(float_model), weight_only=weight_only)
+    x = torch.randn(3, 16)
+    y_fq = qat(x)
+    assert not torch.equal(y_fq, float_model(x))
+    assert disable_fake_quant(qat) is qat
+    assert torch.equal(qat(x), float_model(x))
+    assert enable_fake_quant(qat) is qat
+    assert torch.equal(qat(x), y_fq)
