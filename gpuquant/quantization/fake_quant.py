@@ -448,6 +448,22 @@ class _LearnedBase(FakeQuantBase):
         self.initialized.fill_(True)
         self._initialized = True
 
+    def set_qparams(self, qparams: QParams) -> None:
+        """Start the learned parameters from ``qparams`` now, as the first qparams given to
+        ``forward`` would (MegEngine's ``set_qparams``;
+        :func:`~gpuquant.quantization.reset_qconfig` carries trained qparams over with it).
+
+        Raises:
+            TypeError: not a QParams.
+            ValueError: another dtype, per-tensor against per-channel, or a scale float32
+                cannot use.
+        """
+        self._check_qparams(qparams)
+        if (qparams.axis is None) != (self.axis is None):
+            raise ValueError(f"{type(self).__name__}(axis={self.axis!r}) cannot start from "
+                             f"qparams with axis={qparams.axis!r}")
+        self._initialize(None, self.axis, qparams)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         for name, t in list(self.named_parameters(recurse=False)) + \

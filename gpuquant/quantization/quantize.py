@@ -30,7 +30,7 @@ from ..nn import quantized as Quantized
 from ..nn.module import Module
 from ..nn.qat.module import QATModule, keep_producer_hook
 from ..nn.quantized.module import QuantizedModule
-from .fake_quant import FakeQuantBase
+from .fake_quant import FakeQuantBase, _LearnedBase
 from .fx import _PASS_MODULES, needs_dropin, prepare_plain
 from .observer import Observer, _RangeObserver
 from .._checks import check_bool as _check_bool
@@ -414,8 +414,9 @@ def reset_qconfig(module: torch.nn.Module, qconfig: QConfig,
                   inplace: bool = True) -> torch.nn.Module:
     """Replace the observers and fake quants of every QAT module by ``qconfig``'s, carrying
     the current qparams over where the new ones take them (``set_qparams``, e.g.
-    :class:`PassiveObserver`; learned LSQ / TQT scales initialise from the observer on the
-    next forward). MegEngine's ``reset_qconfig``.
+    :class:`PassiveObserver`, and learned LSQ / TQT scales, which start from them; a learned
+    fake quant of another dtype, or per-channel where they are per-tensor, initialises from
+    its observer on the next forward instead). MegEngine's ``reset_qconfig``.
 
     Raises:
         TypeError: ``qconfig`` is not a QConfig, or ``inplace`` not a bool.
@@ -431,6 +432,9 @@ def reset_qconfig(module: torch.nn.Module, qconfig: QConfig,
         inst = factory() if factory is not None else None
         if inst is not None and qparams is not None and \
                 callable(getattr(inst, "set_qparams", None)):
+            if isinstance(inst, _LearnedBase) and (
+                    qparams.dtype != inst.dtype or (qparams.axis is None) != (inst.axis is None)):
+                return inst  # (cannot start from these: from its observer, as before)
             inst.set_qparams(qparams)
         return inst
 

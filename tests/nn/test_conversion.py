@@ -245,6 +245,36 @@ def test_enable_disable_helpers_and_reset():
     assert type(q.c1.act_fake_quant).__name__ == "LSQ"
 
 
+def test_reset_qconfig_to_lsq_carries_the_trained_qparams():
+    """Found by review: reset_qconfig(model, lsq_qconfig) (MegEngine's flow: train with
+    moving averages, then learn the scales) dropped the trained ranges: LSQ had no
+    set_qparams, so it started from a fresh observer's first batch (a scale 15% off in a probe,
+    the QAT model's outputs moved) although LSQ starts from qparams by design."""
+    q = _qat()
+    disable_observer(q)
+    x = torch.randn(4, 3, 9, 10)
+    y = q(x)
+    before = {n: (m.get_weight_qparams() if m.with_weight else None,
+                  m.get_activation_qparams() if m.with_act else None)
+              for n, m in q.named_modules() if isinstance(m, QATModule)}
+    reset_qconfig(q, lsq_qconfig)
+    for n, m in q.named_modules():
+        if isinstance(m, QATModule):
+            w, a = before[n]
+            if w is not None:
+                assert type(m.weight_fake_quant).__name__ == "LSQ"
+                assert m.get_weight_qparams() == w, n
+            if a is not None:
+                assert m.get_activation_qparams() == a, n
+    assert torch.equal(q(x), y)  # the same model, now with learnable scales
+    # a learned fake quant that cannot take them (another dtype) starts from its observer
+    q = _qat(qconfig=ema_lowbit_fakequant_qconfig)
+    reset_qconfig(q, lsq_qconfig)
+    assert not q.c1.act_fake_quant._initialized
+    q(x)
+    assert q.c1.act_fake_quant._initialized
+
+
 def test_quantize_before_observation_names_module():
     q = quantize_qat(Net())
     with pytest.raises(ValueError, match="'quant'|observ|not run"):
