@@ -420,11 +420,25 @@ def reset_qconfig(module: torch.nn.Module, qconfig: QConfig,
 
     Raises:
         TypeError: ``qconfig`` is not a QConfig, or ``inplace`` not a bool.
+        ValueError: the qconfig quantizes activations per channel (nothing is changed).
     """
     _check_module(module, "reset_qconfig")
     if not isinstance(qconfig, QConfig):
         raise TypeError(f"reset_qconfig: qconfig must be a QConfig, got {type(qconfig).__name__}")
     _check_bool(inplace, "reset_qconfig", "inplace")
+    if any(isinstance(m, QATModule) and m.with_act and not _disabled(m)
+           for m in module.modules()):
+        # set_qconfig's check (quantize_qat, propagate_qconfig), before anything changes: a
+        # per-channel activation quantizer failed later, inside the QAT forward, with a
+        # shape error from the layer after a pooling
+        for what in ("act_observer", "act_fake_quant"):
+            factory = getattr(qconfig, what)
+            axis = getattr(factory() if factory is not None else None, "axis", None)
+            if axis is not None:
+                raise ValueError(f"reset_qconfig: the qconfig's {what} is per channel "
+                                 f"(axis={axis}); int8 activations are per tensor (the integer "
+                                 f"ops and the QAT pooling take one scale): use a per-tensor "
+                                 f"activation quantizer")
     if not inplace:
         module = copy.deepcopy(module)
 

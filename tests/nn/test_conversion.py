@@ -275,6 +275,24 @@ def test_reset_qconfig_to_lsq_carries_the_trained_qparams():
     assert q.c1.act_fake_quant._initialized
 
 
+def test_reset_qconfig_refuses_per_channel_activations_before_changing_anything():
+    """Found by review: quantize_qat and propagate_qconfig refuse a per-channel activation
+    observer, reset_qconfig took it: the next QAT forward failed with a shape error from
+    the layer after a pooling, far from the cause."""
+    from functools import partial
+    from gpuquant.quantization import MinMaxObserver
+    q = _qat()
+    bad = ema_fakequant_qconfig._replace(
+        act_observer=partial(MinMaxObserver, dtype=gpuquant.qint8, axis=1))
+    before = {n: type(m) for n, m in q.named_modules()}
+    observers = [m.act_observer for m in q.modules() if isinstance(m, QATModule) and m.with_act]
+    with pytest.raises(ValueError, match=r"reset_qconfig: .*act_observer is per channel"):
+        reset_qconfig(q, bad)
+    assert {n: type(m) for n, m in q.named_modules()} == before
+    assert observers == [m.act_observer for m in q.modules()
+                         if isinstance(m, QATModule) and m.with_act]
+
+
 def test_quantize_before_observation_names_module():
     q = quantize_qat(Net())
     with pytest.raises(ValueError, match="'quant'|observ|not run"):
