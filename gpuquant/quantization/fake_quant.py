@@ -441,8 +441,12 @@ class _LearnedBase(FakeQuantBase):
 
     def _set(self, name: str, value: torch.Tensor) -> None:
         p = getattr(self, name)
-        p.data = value.detach().to(p.device, torch.float32).reshape(
-            () if self.axis is None else (-1,)).clone()
+        # a normal tensor even when the first call runs under torch.inference_mode (a
+        # calibration pass): an inference tensor as the learned parameter failed every
+        # training step after it
+        with torch.inference_mode(False):
+            p.data = value.detach().to(p.device, torch.float32).reshape(
+                () if self.axis is None else (-1,)).clone()
 
     def _mark_initialized(self) -> None:
         self.initialized.fill_(True)

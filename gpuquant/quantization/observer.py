@@ -334,8 +334,13 @@ class _RangeObserver(Observer):
         if self.axis is None:
             return
         if self.min_val.numel() == 0:  # first per-channel batch: size the buffers
-            self.min_val = torch.full_like(mn, math.inf)
-            self.max_val = torch.full_like(mn, -math.inf)
+            # as normal tensors even when this batch runs under torch.inference_mode (a
+            # calibration pass): inference tensors cannot be updated in place afterwards,
+            # and the first training step failed
+            with torch.inference_mode(False):
+                self.min_val = torch.full(mn.shape, math.inf, dtype=mn.dtype, device=mn.device)
+                self.max_val = torch.full(mn.shape, -math.inf, dtype=mn.dtype,
+                                          device=mn.device)
         elif self.min_val.shape != mn.shape:
             raise ValueError(f"{self._name()}: tensor has {mn.numel()} channels along axis "
                              f"{self.axis} but the observer has seen {self.min_val.numel()}")

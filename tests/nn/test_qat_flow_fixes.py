@@ -210,3 +210,24 @@ def test_hand_built_model_with_dropout_and_flatten_converts_after_training_only(
     pickle.loads(pickle.dumps(q))(x)
     q = quantize_qat(q, ema_fakequant_qconfig)  # a second call adds no second hook
     assert len(q.drop._forward_hooks) == 1
+
+
+@pytest.mark.parametrize("qconfig", ["ema", "lsq", "tqt", "calibration"])
+def test_first_pass_under_inference_mode_leaves_a_trainable_model(qconfig):
+    """Found by review: the state sized or initialised on the first pass (per-channel
+    observer ranges, LSQ / TQT scales) was created as inference tensors when that pass ran
+    under torch.inference_mode() (a calibration loop), and every training step after it
+    failed ("Inplace update to inference tensor outside InferenceMode", "Inference tensors
+    cannot be saved for backward")."""
+    from gpuquant.quantization import (calibration_qconfig, lsq_qconfig, quantize_qat,
+                                       tqt_qconfig)
+    qc = {"ema": ema_fakequant_qconfig, "lsq": lsq_qconfig, "tqt": tqt_qconfig,
+          "calibration": calibration_qconfig}[qconfig]
+    torch.manual_seed(0)
+    q = quantize_qat(gpuquant.models.digits_net(), qc)
+    x = torch.randn(8, 1, 8, 8)
+    with torch.inference_mode():
+        q.eval()(x)
+    assert not any(t.is_inference() for t in list(q.parameters()) + list(q.buffers()))
+    _train(q.train(), x)
+    assert quantize(q.eval())(x).shape == (8, 10)
