@@ -98,7 +98,8 @@ def _bn_stats_kernel(
     FIN_S: tl.constexpr, FIN_C: tl.constexpr,
 ):
     """Program (cb, sp): over its row blocks, per channel the mean, the sum of squared
-    deviations M2 and min / max (NaN as -inf / +inf); written to part f32 (4, split, C).
+    deviations M2 and min / max (a NaN leaves M2 NaN: see the loop); written to part f32
+    (4, split, C).
     Each element slot of the (BLOCK_R, BLOCK_C) tile keeps its own Welford pair across the
     loop (element-wise work only: no cross-thread reduction a row block), merged with
     Chan's formula once at the end. The last program to finish (a ticket taken after a
@@ -124,9 +125,11 @@ def _bn_stats_kernel(
         delta = x - mean_2
         mean_2 = mean_2 + delta * w  # (a row slot past the rows keeps its 0 and count 0)
         m2_2 = m2_2 + tl.where(m, delta * (x - mean_2), 0.0)
-        nan = x != x
-        vmin = tl.minimum(vmin, tl.where(m, tl.where(nan, _NINF, x), _INF))
-        vmax = tl.maximum(vmax, tl.where(m, tl.where(nan, _INF, x), _NINF))
+        # no NaN test: a NaN makes the channel's mean NaN (and an inf its M2: inf - inf),
+        # so every output of it is NaN and _bn_finish's observer sees a non-finite batch
+        # whatever min / max hold (minimum drops NaN on the GPU, keeps it in the interpreter)
+        vmin = tl.minimum(vmin, tl.where(m, x, _INF))
+        vmax = tl.maximum(vmax, tl.where(m, x, _NINF))
     n_2 = tl.broadcast_to(n_r[:, None], (BLOCK_R, BLOCK_C))
     _, mean_a, m2_a = tl.reduce((n_2, mean_2, m2_2), 0, _chan_merge)
     vmin = tl.min(vmin, axis=0)
@@ -224,7 +227,10 @@ def _bn_finish(
         n_f = rows.to(tl.float32)
         dbar = tl.math.div_rn(tl.sum(acc1, axis=0), n_f)
         mean = shift + dbar
-        var = tl.maximum(tl.math.div_rn(tl.sum(acc2, axis=0), n_f) - dbar * dbar, 0.0)
+        # (NaN propagates, as in torch: the GPU's plain max would drop it and give a NaN
+        # batch a variance of 0, hence finite running statistics)
+        var = tl.maximum(tl.math.div_rn(tl.sum(acc2, axis=0), n_f) - dbar * dbar, 0.0,
+                         propagate_nan=tl.PropagateNan.ALL)
         W = tl.load(W_ptr + c, mask=cm, other=0.0)
         beta = tl.load(beta_ptr + c, mask=cm, other=0.0)
         ve = var + tl.load(E_ptr + c, mask=cm, other=1.0)

@@ -48,7 +48,9 @@ def _fold_factor(g, rv, eps, min_gamma):
     """(t, sign, sigma) of one channel, each operation rounded as torch rounds it."""
     sigma = tl.sqrt_rn(rv + eps)
     sgn = tl.where(g < 0, -1.0, 1.0)
-    t = tl.math.div_rn(sgn * tl.maximum(tl.abs(g), min_gamma), sigma)
+    # NaN gamma stays NaN, as torch's clamp keeps it (the GPU's plain max would drop it)
+    t = tl.math.div_rn(sgn * tl.maximum(tl.abs(g), min_gamma, propagate_nan=tl.PropagateNan.ALL),
+                       sigma)
     return t, sgn, sigma
 
 
