@@ -500,3 +500,44 @@ def test_output_keeps_the_input_layout_where_a_copy_ran(axis):
                                                           obs)
     assert outs["triton"].stride() == outs["reference"].stride() == x.stride()
     assert torch.equal(outs["triton"], outs["reference"])
+
+
+def assert_same_state_with_nans(a, b):
+    """:func:`assert_same_state` for states that hold NaN (NaN where the other has NaN)."""
+    for name in ("min_val", "max_val"):
+        assert_same_with_nans(getattr(a, name), getattr(b, name))
+    assert torch.equal(a.nonfinite_batches, b.nonfinite_batches)
+    qa, qb = a.get_qparams(), b.get_qparams()
+    assert_same_with_nans(qa.scale, qb.scale)
+    assert torch.equal(qa.zero_point, qb.zero_point)
+
+
+@pytest.mark.parametrize("cls,kw", OBSERVERS[:2])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("shape,axis", [((4, 9), None), ((9, 4, 3, 3), 0), ((3, 5, 4, 2), 1)])
+def test_nan_state_as_the_definition(cls, kw, sym, shape, axis):
+    """A NaN in the state (a loaded state_dict: load_state_dict takes a non-finite range as
+    unobserved) through every fused path (per tensor: two launches; float32 weights per
+    output channel: one; other axes: observer_step): MinMax keeps it NaN as the
+    definition's torch.min / torch.max do (every batch dropped and counted, a NaN scale, NaN
+    outputs), the moving average starts afresh from the next batch (its isfinite test).
+    On the GPU the plain min.f32 / max.f32 dropped the NaN: a fresh MinMax range and, before
+    that, a scale of eps (the PTX check is in test_triton_ptx_fake_quant.py)."""
+    d = gpuquant.qint8 if sym else gpuquant.quint8
+    fused = cls(dtype=d, symmetric=sym, axis=axis, check_finite=False, **kw).to(DEV)
+    fused(torch.randn(shape, device=DEV))  # size and set the state
+    state = fused.state_dict()
+    state["min_val"].view(-1)[-1] = float("nan")
+    state["max_val"].view(-1)[-1] = float("nan")
+    fused.load_state_dict(state)
+    ref, fq = copy.deepcopy(fused), qfq.FakeQuantize(d)
+    for it in range(3):
+        x = torch.randn(shape, device=DEV) * (1 + it)
+        y = tobs.observe_fake_quant(x, fused, fq, programs=3, tile=64)
+        yr = definition(x, fq, ref)
+        assert y is not None
+        assert_same_with_nans(y, yr)
+        assert_same_state_with_nans(fused, ref)
+    kept = bool(fused.min_val.isnan().any())
+    assert kept == (cls is qobs.MinMaxObserver)
+    assert int(fused.nonfinite_batches) == (3 if kept else 0)

@@ -54,14 +54,39 @@ def attrs(fn, const):
     return {(k,): [["tt.divisibility", 16]] for k, a in enumerate(fn.arg_names)
             if a not in const and (a.endswith("_ptr") or a in ("numel", "nbytes_mask"))}
 
-def ptx(fn, const, xdt, cc, fusion=False):
+def ptx(fn, const, xdt, cc, fusion=False, ir="ptx"):
     src = ASTSource(fn=fn, signature=signature(fn, const, xdt), constexprs=dict(const),
                     attrs=attrs(fn, const))
     c = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                        options={"num_warps": 4, "enable_fp_fusion": fusion})
-    return c.asm["ptx"]
+    return c.asm[ir] if ir else c.asm
 
 import inspect
+
+# float min / max by the source line they come from, read off the TTGIR (whose every op
+# keeps its location; the PTX's .loc loses some, "file.py:0"): arith.maximumf / minimumf
+# (PropagateNan.ALL; max.NaN / min.NaN in the PTX) propagate NaN as the interpreter's NumPy
+# and torch do, maxnumf / minnumf (max.f32 / min.f32) drop it
+LOCDEF = re.compile(r"^(#loc\d*) = loc\((.*)\)\s*$", re.M)
+MLIR_MINMAX = re.compile(r"arith\.(maximumf|minimumf|maxnumf|minnumf)\b.*\bloc\((.*)\)\s*$")
+PTX_NAN = re.compile(r"\b(?:min|max)(?:\.ftz)?\.NaN\.f32\b")
+
+def minmax_sites(ttgir):
+    defs = dict(LOCDEF.findall(ttgir))
+
+    def site(loc, depth=0):  # the innermost (callee) file:line of a location
+        loc = defs.get(loc, loc)
+        m = re.match(r'"([^"]+)":(\d+):\d+', loc)
+        if m:
+            return f"{m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}"
+        m = re.match(r'(?:callsite\(|"[^"]*"\(|fused\[)(#loc\d*|"[^"]+":\d+:\d+)', loc)
+        return site(m.group(1), depth + 1) if m and depth < 64 else "?"
+    nan, plain = set(), set()
+    for line in ttgir.splitlines():
+        m = MLIR_MINMAX.search(line)
+        if m:
+            (nan if m.group(1) in ("maximumf", "minimumf") else plain).add(site(m.group(2)))
+    return sorted(nan), sorted(plain)
 
 def with_defaults(fn, const):
     # constexpr parameters a variant leaves out take their defaults, as at a launch (typed
@@ -78,8 +103,10 @@ for cc in (80, 90):
             const = with_defaults(fn, const)
             x_like = X_LIKE & set(fn.arg_names)
             for xdt in (("*fp32", "*bf16") if i == 0 and x_like else ("*fp32",)):
-                text = ptx(fn, const, xdt, cc)
+                asm = ptx(fn, const, xdt, cc, ir=None)
+                text = asm["ptx"]
                 key = f"sm{cc}:{name}[{i}]:{xdt}"
+                nan_sites, plain_sites = minmax_sites(asm["ttgir"])
                 report["kernels"][key] = {"hazards": sorted(set(HAZARD.findall(text))),
                                           "div_rn": "div.rn.f32" in text,
                                           "div32": len(DIV32.findall(text)),
@@ -87,7 +114,11 @@ for cc in (80, 90):
                                           "v4_ld": "ld.global.v4" in text,
                                           "v4_st": "st.global.v4" in text,
                                           "has_ld": "ld.global" in text,
-                                          "max_nan": "max.NaN.f32" in text}
+                                          "ptx_nan_minmax": len(PTX_NAN.findall(text)),
+                                          "nan_minmax": nan_sites,
+                                          "plain_minmax": plain_sites,
+                                          "const": {k: v for k, v in const.items()
+                                                    if isinstance(v, (bool, int))}}
     # the check can see the hazard: the LSQ backward (rne(zp + x * inv), EMA-like a + b * c)
     # compiled with fusion on contracts into fma
     fn, variants = fq.KERNELS["_learned_bwd_kernel"]
@@ -245,15 +276,69 @@ def test_two_launch_observer_keeps_its_programs_resident(tmp_path):
     assert all(r["STACK"] == 0 for r in out["_observe_fq_kernel"]), out["_observe_fq_kernel"]
 
 
-def test_batch_norm_maxima_that_must_keep_nan_propagate_it_on_the_gpu(report):
-    # the interpreter's maximum (NumPy's) keeps NaN, the GPU's plain max.f32 drops it: the
-    # batch variance max(var, 0) and the fold's max(|gamma|, min_gamma) ask for max.NaN, so
-    # a NaN batch gives NaN running statistics and a NaN gamma a NaN fold, as in torch, on
-    # the GPU too
-    # (the fold's variants 0-3 clamp |gamma|; the frozen ones and FOLD=False do not)
-    clamping = [f"_fold_fwd_kernel[{i}]" for i in range(4)]
-    checked = [k for k in report["kernels"]
-               if "_bn_stats_kernel" in k or any(c in k for c in clamping)]
-    assert len(checked) >= 8, checked
-    for k in checked:
-        assert report["kernels"][k]["max_nan"], k
+def _site(path: str, text: str) -> str:
+    """``"file.py:line"`` of the one line of gpuquant/backends/triton/``path`` holding ``text``."""
+    lines = (ROOT / "gpuquant" / "backends" / "triton" / path).read_text().splitlines()
+    hits = [n + 1 for n, line in enumerate(lines) if text in line]
+    assert len(hits) == 1, (path, text, hits)
+    return f"{path}:{hits[0]}"
+
+
+def _nan_propagating_calls() -> set:
+    """Every ``"file.py:line"`` of the kernels' sources where a tl.maximum / tl.minimum call
+    starts that asks for ``propagate_nan`` (what .loc names for its instruction)."""
+    import ast
+    out = set()
+    for f in (ROOT / "gpuquant" / "backends" / "triton").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("maximum", "minimum")
+                    and any(k.arg == "propagate_nan" for k in node.keywords)):
+                out.add(f"{f.name}:{node.lineno}")
+    return out
+
+
+def test_maxima_that_must_keep_nan_propagate_it_on_the_gpu(report):
+    """The interpreter's maximum / minimum (NumPy's) keep NaN, the GPU's plain max.f32 /
+    min.f32 drop it, so CI's interpreter runs cannot see these; checked site by site in
+    the compiled IR (a kernel-wide "some max.NaN" would be met by any one of them):
+    the batch variance max(var, 0) (a NaN batch: NaN running statistics, not var 0); the
+    fold's max(|gamma|, min_gamma) (NaN gamma: a NaN fold); the observer update's MinMax
+    combine and qparams (a NaN state, e.g. loaded: it stays NaN, every batch dropped and
+    counted, NaN scale, as the definition's torch.min / torch.max give; the plain ones gave a
+    fresh range and a scale of eps)."""
+    var = {_site("bn_act.py", "var = tl.maximum(tl.math.div_rn(tl.sum(acc2")}
+    fold = {_site("bn_fold.py", "t = tl.math.div_rn(sgn * tl.maximum(tl.abs(g)")}
+    obs = lambda t: _site("observer.py", t)  # noqa: E731
+    state = {obs("min_neg = tl.minimum(new_min, 0.0"), obs("max_pos = tl.maximum(new_max, 0.0")}
+    sym = {obs("max_pos = tl.maximum(-min_neg, max_pos"),
+           obs("scale = tl.maximum(max_pos * tl.math.div_rn(1.0, half_range)")}
+    asym = {obs("scale = tl.maximum((max_pos - min_neg) * tl.math.div_rn(1.0, qmax - qmin)")}
+    minmax = {obs("new_min = tl.minimum(mn, old_min"), obs("new_max = tl.maximum(mx, old_max")}
+    marked = _nan_propagating_calls()
+    assert var | fold | state | sym | asym | minmax <= marked
+    checked = {}
+    for key, k in report["kernels"].items():
+        name, c = key.split(":")[1].split("[")[0], k["const"]
+        want = set()
+        if name == "_bn_stats_kernel":
+            want |= var
+        if name == "_fold_fwd_kernel" and c["FOLD"] and not c["FROZEN"]:
+            want |= fold
+        if name in ("_observer_update_kernel", "_observe_partial_kernel", "_bn_stats_kernel") \
+                or (name == "_fold_fwd_kernel" and c["FQ"]):  # _update_state
+            want |= state | (sym if c["SYMMETRIC"] else asym)
+            if not c["EMA"] and c.get("OBSERVE", True):  # (frozen: min(old, old) folds away)
+                want |= minmax
+        nan, plain = set(k["nan_minmax"]), set(k["plain_minmax"])
+        assert want <= nan, (key, sorted(want - nan))
+        # and they reach the PTX as min.NaN / max.NaN (sm_80+), the plain ones as min / max
+        assert (k["ptx_nan_minmax"] > 0) == bool(nan), (key, k["ptx_nan_minmax"], nan)
+        # no site asking for propagation has a plain min / max (half of a clamp pair)
+        assert not marked & plain, (key, sorted(marked & plain))
+        if want:
+            checked[key] = sorted(want)
+    names = {k.split(":")[1].split("[")[0] for k in checked}
+    assert names == {"_bn_stats_kernel", "_fold_fwd_kernel", "_observer_update_kernel",
+                     "_observe_partial_kernel"}, names
+    assert len(checked) >= 2 * 17, sorted(checked)

@@ -176,33 +176,45 @@ def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_ran
     where the state the batch would leave gives no finite float32 scale (a moving average
     that overflows; affine, ``max(max, 0) - min(min, 0)`` past float32): that batch is
     dropped and counted, as the observers' ``_finite_mask`` does with check_finite off."""
-    if EMA:
+    # NaN: the batch's mn / mx never are (NaN maps to -inf / +inf); a state may be (a loaded
+    # state_dict). The definition's torch.min / torch.max keep it, so a MinMax state that
+    # is NaN stays NaN (every batch dropped and counted) and gives NaN qparams; the GPU's
+    # plain min.f32 / max.f32 would drop it (a fresh range from the next batch, a scale of
+    # eps), hence PropagateNan.ALL (min.NaN / max.NaN, as the interpreter's NumPy does)
+    if EMA:  # (a NaN state counts as fresh, as the definition's isfinite test has it)
         fresh = ~((tl.abs(old_min) < _INF) & (tl.abs(old_max) < _INF))
         new_min = tl.where(fresh, mn, old_min + c_ema * (mn - old_min))
         new_max = tl.where(fresh, mx, old_max + c_ema * (mx - old_max))
     else:
-        new_min = tl.minimum(mn, old_min)
-        new_max = tl.maximum(mx, old_max)
+        new_min = tl.minimum(mn, old_min, propagate_nan=tl.PropagateNan.ALL)
+        new_max = tl.maximum(mx, old_max, propagate_nan=tl.PropagateNan.ALL)
     fits = (tl.abs(new_min) < _INF) & (tl.abs(new_max) < _INF)
     if not SYMMETRIC:
         fits = fits & (tl.abs(tl.maximum(new_max, 0.0) - tl.minimum(new_min, 0.0)) < _INF)
     ok = ok & fits
     new_min = tl.where(ok, new_min, old_min)
     new_max = tl.where(ok, new_max, old_max)
-    min_neg = tl.minimum(new_min, 0.0)
-    max_pos = tl.maximum(new_max, 0.0)
+    # _calculate_qparams' torch.min / torch.max keep a NaN state's NaN through to the scale
+    # (max.NaN on the GPU); the zero point's clamp keeps the plain max / min: a NaN one
+    # becomes qmin, as torch's on CUDA (round(NaN).to(int64) is 0 there, then qmin - 0)
+    min_neg = tl.minimum(new_min, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    max_pos = tl.maximum(new_max, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if SYMMETRIC:
-        max_pos = tl.maximum(-min_neg, max_pos)
+        max_pos = tl.maximum(-min_neg, max_pos, propagate_nan=tl.PropagateNan.ALL)
         if _RECIP_DIV:
-            scale = tl.maximum(max_pos * tl.math.div_rn(1.0, half_range), eps)
+            scale = tl.maximum(max_pos * tl.math.div_rn(1.0, half_range), eps,
+                               propagate_nan=tl.PropagateNan.ALL)
         else:
-            scale = tl.maximum(tl.math.div_rn(max_pos, half_range), eps)
-        zp = scale * 0.0 + zp_sym
+            scale = tl.maximum(tl.math.div_rn(max_pos, half_range), eps,
+                               propagate_nan=tl.PropagateNan.ALL)
+        zp = tl.zeros_like(scale) + zp_sym  # (not scale * 0: NaN for a NaN scale)
     else:
         if _RECIP_DIV:
-            scale = tl.maximum((max_pos - min_neg) * tl.math.div_rn(1.0, qmax - qmin), eps)
+            scale = tl.maximum((max_pos - min_neg) * tl.math.div_rn(1.0, qmax - qmin), eps,
+                               propagate_nan=tl.PropagateNan.ALL)
         else:
-            scale = tl.maximum(tl.math.div_rn(max_pos - min_neg, qmax - qmin), eps)
+            scale = tl.maximum(tl.math.div_rn(max_pos - min_neg, qmax - qmin), eps,
+                               propagate_nan=tl.PropagateNan.ALL)
         zp = qmin - _rne(tl.math.div_rn(min_neg, scale))
         zp = tl.minimum(tl.maximum(zp, qmin), qmax)
     return new_min, new_max, scale, zp, ok
