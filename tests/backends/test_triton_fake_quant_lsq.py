@@ -170,3 +170,54 @@ def test_cpu_without_explicit_triton_runs_the_definition():
     assert "LSQFakeQuant" in type(y.grad_fn).__name__ and "LSQFunction" not in type(y.grad_fn).__name__
     y = tlsq.lsq_fake_quant(x, s, z, -128, 127, None, 1.0)  # fixture: use("triton")
     assert "LSQFunction" in type(y.grad_fn).__name__
+
+
+def _same_or_both_nan(a, b, close=False):
+    """Equal where finite (or close, for sums), NaN exactly where the other has NaN."""
+    assert a.shape == b.shape and torch.equal(a.isnan(), b.isnan()), (a, b)
+    if close:
+        sum_close(torch.nan_to_num(a), torch.nan_to_num(b))
+    else:
+        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_nan_learned_parameters_give_the_definitions_nans(axis):
+    """A NaN zero point or scale of LSQ and a NaN log2_t of TQT (a NaN training step: the
+    modules call the op unchecked) give what the torch definition gives: NaN outputs, the
+    NaN qparam's gradient NaN (the zero point's 0: every NaN r counts as inside), dx = dy.
+    The zero point's clamp and TQT's exponent clamp dropped the NaN on the GPU (max.f32):
+    finite outputs and gradients from a zero point of qmin or a scale of 2^-126 / (qmax + 1)
+    (the PTX checks in test_triton_ptx_fake_quant.py)."""
+    d = gpuquant.qint8
+    shape = (5, 3, 7)
+    x = torch.randn(shape, device=DEV) * 1.5
+    x[0, 0, 0] = float("nan")
+    g = torch.randn(shape, device=DEV)
+    nan = float("nan")
+    cases = []
+    s, z = params(shape, axis, d)
+    if axis is None:
+        cases += [(s, torch.tensor(nan, device=DEV)), (torch.tensor(nan, device=DEV), z)]
+    else:
+        zn, sn = z.clone(), s.clone()
+        zn[1], sn[2] = nan, nan
+        cases += [(s, zn), (sn, z)]
+    for s, z in cases:
+        ours = run_lsq(lambda *a: tlsq.lsq_fake_quant(*a, programs=3, tile=64), x, s, z, d,
+                       axis, 0.37, g)
+        defn = run_lsq(qfq._LSQFakeQuant.apply, x, s, z, d, axis, 0.37, g)
+        assert bool(ours[0].isnan().any()) and bool(ours[2].isnan().any())
+        for a, b, close in zip(ours, defn, (False, False, True, True)):
+            _same_or_both_nan(a, b.reshape(a.shape), close)
+    lt = torch.full(() if axis is None else (shape[axis],), 0.8, device=DEV)
+    lt.view(-1)[-1] = nan
+    out = []
+    for fn in (lambda *a: tlsq.tqt_fake_quant(*a, programs=3, tile=64), qfq._TQTFakeQuant.apply):
+        xx, ll = x.clone().requires_grad_(), lt.clone().requires_grad_()
+        y = fn(xx, ll, d.qmin, d.qmax, axis)
+        y.backward(g)
+        out.append((y.detach(), xx.grad, ll.grad))
+    assert bool(out[0][0].isnan().any())
+    for a, b, close in zip(out[0], out[1], (False, False, True)):
+        _same_or_both_nan(a, b, close)

@@ -306,7 +306,8 @@ def test_maxima_that_must_keep_nan_propagate_it_on_the_gpu(report):
     fold's max(|gamma|, min_gamma) (NaN gamma: a NaN fold); the observer update's MinMax
     combine and qparams (a NaN state, e.g. loaded: it stays NaN, every batch dropped and
     counted, NaN scale, as the definition's torch.min / torch.max give; the plain ones gave a
-    fresh range and a scale of eps)."""
+    fresh range and a scale of eps); LSQ's zero-point clamp (a NaN zero point: NaN outputs
+    and scale gradient as the definition, not a zero point of qmin), forward and backward."""
     var = {_site("bn_act.py", "var = tl.maximum(tl.math.div_rn(tl.sum(acc2")}
     fold = {_site("bn_fold.py", "t = tl.math.div_rn(sgn * tl.maximum(tl.abs(g)")}
     obs = lambda t: _site("observer.py", t)  # noqa: E731
@@ -315,8 +316,9 @@ def test_maxima_that_must_keep_nan_propagate_it_on_the_gpu(report):
            obs("scale = tl.maximum(max_pos * tl.math.div_rn(1.0, half_range)")}
     asym = {obs("scale = tl.maximum((max_pos - min_neg) * tl.math.div_rn(1.0, qmax - qmin)")}
     minmax = {obs("new_min = tl.minimum(mn, old_min"), obs("new_max = tl.maximum(mx, old_max")}
+    lsq_zp = {_site("fake_quant.py", "return tl.minimum(tl.maximum(_rne(zp), qmin")}
     marked = _nan_propagating_calls()
-    assert var | fold | state | sym | asym | minmax <= marked
+    assert var | fold | state | sym | asym | minmax | lsq_zp <= marked
     checked = {}
     for key, k in report["kernels"].items():
         name, c = key.split(":")[1].split("[")[0], k["const"]
@@ -330,6 +332,9 @@ def test_maxima_that_must_keep_nan_propagate_it_on_the_gpu(report):
             want |= state | (sym if c["SYMMETRIC"] else asym)
             if not c["EMA"] and c.get("OBSERVE", True):  # (frozen: min(old, old) folds away)
                 want |= minmax
+        if (name == "_fq_fwd_kernel" and c["QMODE"] == 1) or \
+                (name == "_learned_bwd_kernel" and c["MODE"] == 1):
+            want |= lsq_zp
         nan, plain = set(k["nan_minmax"]), set(k["plain_minmax"])
         assert want <= nan, (key, sorted(want - nan))
         # and they reach the PTX as min.NaN / max.NaN (sm_80+), the plain ones as min / max
@@ -340,5 +345,5 @@ def test_maxima_that_must_keep_nan_propagate_it_on_the_gpu(report):
             checked[key] = sorted(want)
     names = {k.split(":")[1].split("[")[0] for k in checked}
     assert names == {"_bn_stats_kernel", "_fold_fwd_kernel", "_observer_update_kernel",
-                     "_observe_partial_kernel"}, names
-    assert len(checked) >= 2 * 17, sorted(checked)
+                     "_observe_partial_kernel", "_fq_fwd_kernel", "_learned_bwd_kernel"}, names
+    assert len(checked) >= 2 * 24, sorted(checked)

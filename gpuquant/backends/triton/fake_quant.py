@@ -233,7 +233,19 @@ def _tqt_scale(log2_t, qmax):
     c = tl.where(log2_t > 0.0, tl.maximum(c, 1.0), c)
     e = tl.minimum(tl.maximum(c, -126.0), 127.0).to(tl.int32)
     p2 = ((e + 127) << 23).to(tl.float32, bitcast=True)
-    return tl.math.div_rn(p2, qmax + 1.0)
+    # a NaN log2_t (a NaN step of the learned parameter) gives a NaN scale, as the
+    # definition's exp2(ceil(NaN)) does: the GPU's clamp drops the NaN (e = -126, a finite
+    # scale) and the interpreter's int cast of NaN is undefined
+    return tl.where(log2_t != log2_t, log2_t, tl.math.div_rn(p2, qmax + 1.0))
+
+
+@triton.jit
+def _learned_zp(zp, qmin, qmax):
+    """LSQ's float zero point as the forward uses it, ``clamp(rne(zp), qmin, qmax)``, with a
+    NaN kept as torch's clamp keeps it (then every output and the scale's gradient are NaN,
+    as in the definition): the GPU's plain max / min would make it ``qmin``."""
+    return tl.minimum(tl.maximum(_rne(zp), qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -251,7 +263,7 @@ def _load_qparams(scale_ptr, inv_ptr, zp_ptr, idx, qmin, qmax, QMODE: tl.constex
     else:
         s = tl.load(scale_ptr + idx)
         if QMODE == 1:
-            zp = tl.minimum(tl.maximum(_rne(tl.load(zp_ptr + idx)), qmin), qmax)
+            zp = _learned_zp(tl.load(zp_ptr + idx), qmin, qmax)
         else:
             zp = tl.load(zp_ptr + idx).to(tl.float32)
     if HAVE_INV:

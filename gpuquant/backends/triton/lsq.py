@@ -37,9 +37,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .common import cdiv, last_to_finish, launch_tickets
-from .fake_quant import (_LAUNCH, _npow2, _rne, _row_offsets, _to_out, _tqt_scale,
-                         as_rows, auto_interpreter, fake_quant_forward, on_tensor_device,
-                         row_plan)
+from .fake_quant import (_LAUNCH, _learned_zp, _npow2, _rne, _row_offsets, _to_out,
+                         _tqt_scale, as_rows, auto_interpreter, fake_quant_forward,
+                         on_tensor_device, row_plan)
 from .launch import launch
 
 __all__ = ["lsq_fake_quant", "tqt_fake_quant", "OPS", "KERNELS"]
@@ -81,7 +81,7 @@ def _learned_bwd_kernel(
         zp = s * 0.0
     else:
         s = tl.load(scale_ptr + c, mask=cm, other=1.0)
-        zp = tl.minimum(tl.maximum(_rne(tl.load(zp_ptr + c, mask=cm, other=0.0)), qmin), qmax)
+        zp = _learned_zp(tl.load(zp_ptr + c, mask=cm, other=0.0), qmin, qmax)
     inv = tl.math.div_rn(1.0, s)
     s2 = s[None, :]
     inv2 = inv[None, :]
