@@ -654,3 +654,29 @@ def test_backward_mask_bounds_equal_the_recomputed_masks(dtype, act, qrange):
     assert (ones == 1).any() and (ones == 0).any()  # both sides of the masks are hit
     for k in range(3):  # bit for bit (the NaNs are both torch's canonical one)
         assert torch.equal(out[k, 0].view(torch.int32), out[k, 1].view(torch.int32)), k
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")  # 1 / 0^2, in the branch not taken
+def test_stats_finish_from_invstd_keeps_a_nan_variance():
+    """On CUDA the batch statistics come from torch.batch_norm_stats as 1 / sqrt(var) (eps 0,
+    0 where var is 0) and the finishing kernel turns them back into the variance. A NaN
+    batch's invstd is NaN there: its variance and running variance must be NaN, as
+    torch.var_mean gives the definition, not 0 (finite running statistics from a NaN batch,
+    the GPU-only path that the CPU tests, which pass the variance, never took)."""
+    from gpuquant.backends.triton.launch import launch
+    C = 4
+    f32 = dict(dtype=torch.float32, device=DEV)
+    mean = torch.tensor([float("nan"), 1.0, -2.0, 0.5], **f32)
+    invstd = torch.tensor([float("nan"), 0.0, 0.5, 2.0], **f32)  # var NaN, 0, 4, 0.25
+    E, W, t = torch.full((C,), 1e-5, **f32), torch.ones(C, **f32), torch.ones(C, **f32)
+    rm, rv = torch.zeros(C, **f32), torch.ones(C, **f32)
+    nbt = torch.zeros((), dtype=torch.int64, device=DEV)
+    var_eps, inv, k = (torch.empty(C, **f32) for _ in range(3))
+    launch(bn_fold._stats_finish_kernel, (1,), mean, invstd, E, W, t, mean, rm, rv, nbt, var_eps,
+           inv, k, C, 0.1, 2.0, FROM_INVSTD=True, HAS_BIAS=False, CUMULATIVE=False,
+           BLOCK_C=4, num_warps=4)
+    var = torch.tensor([float("nan"), 0.0, 4.0, 0.25], **f32)
+    assert torch.equal(var_eps.isnan(), var.isnan()) and torch.equal(rv.isnan(), var.isnan())
+    torch.testing.assert_close(var_eps[1:], var[1:] + E[1:])
+    torch.testing.assert_close(rv[1:], 0.9 + 0.1 * var[1:] * 2.0)
+    assert bool(rm[0].isnan()) and int(nbt) == 1

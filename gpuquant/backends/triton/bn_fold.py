@@ -267,8 +267,9 @@ def _stats_finish_kernel(mean_ptr, s_ptr, E_ptr, W_ptr, t_ptr, b_ptr, rm_ptr, rv
         cm = c < C
         mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
         s = tl.load(s_ptr + c, mask=cm, other=1.0)
-        if FROM_INVSTD:
-            var = tl.where(s > 0, tl.math.div_rn(1.0, s * s), 0.0)
+        if FROM_INVSTD:  # (a NaN batch's NaN invstd gives a NaN var, as torch.var_mean,
+            # not 0: finite running statistics; the CUDA-only path the interpreter never runs)
+            var = tl.where(s > 0, tl.math.div_rn(1.0, s * s), tl.where(s == 0, 0.0, s))
         else:
             var = s
         ve = var + tl.load(E_ptr + c, mask=cm, other=1.0)
