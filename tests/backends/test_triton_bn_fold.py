@@ -680,3 +680,14 @@ def test_stats_finish_from_invstd_keeps_a_nan_variance():
     torch.testing.assert_close(var_eps[1:], var[1:] + E[1:])
     torch.testing.assert_close(rv[1:], 0.9 + 0.1 * var[1:] * 2.0)
     assert bool(rm[0].isnan()) and int(nbt) == 1
+
+
+@pytest.mark.gpu
+def test_backward_mask_bounds_on_the_gpu():
+    """The bounds against the recompute, compiled: the GPU's own rounding, comparisons and
+    NaN handling on both sides (one compile per output dtype and activation)."""
+    for dtype, act, qrange in ((torch.bfloat16, 1, (0.0, 255.0, 128.0)),
+                               (torch.bfloat16, 2, (-128.0, 127.0, 0.0)),
+                               (torch.float16, 0, (-127.0, 127.0, -3.0)),
+                               (torch.float32, 1, (-128.0, 127.0, 0.0))):
+        test_backward_mask_bounds_equal_the_recomputed_masks(dtype, act, qrange)
