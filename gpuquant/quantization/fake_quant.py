@@ -3,11 +3,11 @@
 * :class:`FakeQuantize`: fake-quantizes with the qparams it is given (an observer's);
   :func:`gpuquant.functional.fake_quant` (straight-through estimator).
 * :class:`LSQ`: learned step size (Esser et al. 2019, "Learned Step Size Quantization"), with
-  the paper's gradient scale ``g = 1 / sqrt(n * qmax)``, ``n`` the number of elements
-  sharing one scale (the whole tensor per-tensor, one channel's slice per-channel, so each
-  channel's scale sees gradients of the same size as a per-tensor scale would).
-  Gradients are those of ``torch._fake_quantize_learnable_per_tensor_affine`` /
-  ``_per_channel_affine`` (the outside reference).
+  the paper's gradient scale ``g = 1 / sqrt(numel * qmax)`` (contract section 1),
+  ``numel`` the elements of the whole tensor, per-tensor and per-channel alike, as torch's
+  ``_LearnableFakeQuantize`` computes it. Gradients are those of
+  ``torch._fake_quantize_learnable_per_tensor_affine`` / ``_per_channel_affine`` (the
+  outside reference).
 * :class:`TQT`: trained quantization thresholds (Jain et al. 2019): a learned ``log2 t``,
   power-of-two scale ``2**ceil(log2 t) / (qmax + 1)``, zero point 0, gradients per the
   paper (straight-through on ``ceil`` and ``round``).
@@ -486,8 +486,9 @@ class LSQ(_LearnedBase):
 
     The forward pass is :func:`gpuquant.functional.fake_quant` with the learned scale
     (``|scale|``, at least float32 eps) and rounded zero point; gradients are torch's
-    learnable fake-quant ones with ``grad_factor = 1 / sqrt(n * qmax)`` (``n`` = elements per
-    scale; ``grad_scaling=False`` gives 1).
+    learnable fake-quant ones with ``grad_factor = 1 / sqrt(numel * qmax)`` (``numel`` = the
+    elements of the whole tensor, per-channel too, as the contract and torch's
+    ``_LearnableFakeQuantize`` have it; ``grad_scaling=False`` gives 1).
 
     Args:
         dtype: quantized dtype.
@@ -548,8 +549,9 @@ class LSQ(_LearnedBase):
             return x
         axis = self._prepare(x, qparams, "scale")
         d = self.dtype
-        n = x.numel() if axis is None else x.numel() // max(x.shape[axis], 1)
-        g = 1.0 / math.sqrt(max(n, 1) * d.qmax) if self.grad_scaling else 1.0
+        # the contract's g = 1 / sqrt(numel * qmax): the whole tensor's elements, per-channel
+        # too (torch's _LearnableFakeQuantize: X.numel()), not one channel's
+        g = 1.0 / math.sqrt(max(x.numel(), 1) * d.qmax) if self.grad_scaling else 1.0
         return _lsq_fake_quant(x, self._effective_scale(), self.zero_point, d.qmin, d.qmax, axis,
                                g)
 

@@ -88,7 +88,7 @@ def test_lsq_per_channel_matches_torch_learnable(dtype, symmetric, shape, axis):
     lsq = LSQ(dtype, axis=axis, symmetric=symmetric)
     xa = x.clone().requires_grad_(True)
     y = lsq(xa, QParams(dtype, scale, zp, axis=axis))
-    g = _grad_factor(x.numel() // c, dtype)  # elements per channel
+    g = _grad_factor(x.numel(), dtype)  # the whole tensor's elements (contract, torch)
     xb = x.clone().requires_grad_(True)
     s_ref = scale.clone().requires_grad_(True)
     z_ref = zp.float().requires_grad_(True)
@@ -104,6 +104,39 @@ def test_lsq_per_channel_matches_torch_learnable(dtype, symmetric, shape, axis):
         torch.testing.assert_close(lsq.zero_point.grad, z_ref.grad, rtol=2e-5, atol=1e-7)
     qp = lsq.get_qparams()
     assert torch.equal(qp.scale, scale) and torch.equal(qp.zero_point, zp) and qp.axis == axis
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1], ids=str)
+def test_lsq_per_channel_grad_scale_is_the_contracts_numel_as_torch_module(axis):
+    """Contract section 1: LSQ's gradient scale is ``g = 1 / sqrt(numel * qmax)``, and torch's
+    ``_LearnableFakeQuantize`` (the outside reference) uses ``X.numel()`` per-channel too,
+    not the elements of one channel (which made per-channel scale gradients sqrt(C) times
+    torch's)."""
+    from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
+    torch.manual_seed(5)
+    shape = (6, 4, 3, 3)
+    ax = axis % len(shape)
+    c = shape[ax]
+    dtype = gpuquant.qint8_narrow
+    scale = torch.rand(c) * 0.05 + 0.01
+    bshape = [-1 if d == ax else 1 for d in range(len(shape))]
+    x = torch.randn(shape) * scale.reshape(bshape) * 100
+    lsq = LSQ(dtype, axis=axis)
+    y = lsq(x, QParams(dtype, scale, 0, axis=axis))
+    ref_mod = _LearnableFakeQuantize(observer=torch.ao.quantization.PerChannelMinMaxObserver,
+                                     quant_min=dtype.qmin, quant_max=dtype.qmax,
+                                     channel_len=c, use_grad_scaling=True, ch_axis=ax,
+                                     dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    ref_mod.toggle_observer_update(False)
+    with torch.no_grad():
+        ref_mod.scale.copy_(scale)
+        ref_mod.zero_point.zero_()
+    ref = ref_mod(x)
+    assert torch.equal(y, ref)
+    dy = torch.randn(shape)
+    y.backward(dy)
+    ref.backward(dy)
+    torch.testing.assert_close(lsq.scale.grad, ref_mod.scale.grad, rtol=2e-5, atol=1e-7)
 
 
 def test_lsq_data_init_half_input_and_no_grad_scaling():
@@ -383,7 +416,7 @@ def test_learned_ops_dispatch_to_a_backend_op(monkeypatch):
         y.sum().backward()
         TQT(gpuquant.qint4)(x, QParams(gpuquant.qint4, 0.3, 0))
     registry.unregister("learned_test")
-    assert calls[0] == ("lsq", -127, 127, 2, 1.0 / math.sqrt(24 * 127), (5,))
+    assert calls[0] == ("lsq", -127, 127, 2, 1.0 / math.sqrt(120 * 127), (5,))
     assert calls[1] == ("tqt", -8, 7, None)
     assert lsq.scale.grad is not None
 
