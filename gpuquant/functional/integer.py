@@ -211,9 +211,13 @@ def _check_nchw(x, op: str) -> None:
 
 def _check_weight(weight, ndim: int, op: str) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or weight.dim() != ndim:
-        raise TypeError(f"{op}: weight must be a {ndim}-D int8 tensor, got "
-                        f"{getattr(weight, 'dtype', type(weight).__name__)} of shape "
-                        f"{tuple(getattr(weight, 'shape', ()))}")
+        # a wrong kind or dtype is a TypeError, an int8 weight of the wrong rank a ValueError
+        # (the documented split: TypeError for dtypes, ValueError for shapes)
+        kind = ValueError if isinstance(weight, torch.Tensor) and weight.dtype == torch.int8 \
+            else TypeError
+        raise kind(f"{op}: weight must be a {ndim}-D int8 tensor, got "
+                   f"{getattr(weight, 'dtype', type(weight).__name__)} of shape "
+                   f"{tuple(getattr(weight, 'shape', ()))}")
     if weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"{op}: weight must have at least one output and one input channel, "
                          f"got shape {tuple(weight.shape)}")
@@ -222,9 +226,12 @@ def _check_weight(weight, ndim: int, op: str) -> None:
 def _check_bias(bias, o: int, op: str) -> None:
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.dtype != torch.int32 or bias.shape != (o,):
-            raise TypeError(f"{op}: bias must be None or int32 of shape ({o},), got "
-                            f"{getattr(bias, 'dtype', type(bias).__name__)} "
-                            f"{tuple(getattr(bias, 'shape', ()))}")
+            # an int32 bias of the wrong shape is a ValueError, anything else a TypeError
+            kind = ValueError if isinstance(bias, torch.Tensor) and bias.dtype == torch.int32 \
+                else TypeError
+            raise kind(f"{op}: bias must be None or int32 of shape ({o},), got "
+                       f"{getattr(bias, 'dtype', type(bias).__name__)} "
+                       f"{tuple(getattr(bias, 'shape', ()))}")
 
 
 def _pool_window(x, kernel_size, stride, padding, op: str, dilation=(1, 1),

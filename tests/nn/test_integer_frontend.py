@@ -141,6 +141,30 @@ def test_other_ops_validation():
         GF.avg_pool2d(a, 0, 2, 2, 2)
 
 
+def test_weight_and_bias_of_the_wrong_shape_are_value_errors():
+    """conv2d / linear document ``TypeError`` for wrong dtypes and ``ValueError`` for shape
+    mismatches (as for ``x``: "x must be 4-D" is a ValueError); a weight of the right dtype
+    but the wrong rank, or an int32 bias of the wrong length, raised TypeError."""
+    x, w, rq = _x((1, 4, 5, 5)), _w((6, 4, 3, 3)), _rq(6)
+    with pytest.raises(ValueError, match=r"bias must be None or int32 of shape \(6,\), got "
+                                         r"torch.int32 \(5,\)"):
+        GF.conv2d(x, 0, w, torch.zeros(5, dtype=torch.int32), rq=rq)
+    with pytest.raises(ValueError, match="bias must be None or int32 of shape"):
+        GF.conv2d(x, 0, w, torch.zeros(1, 6, dtype=torch.int32), rq=rq)
+    with pytest.raises(ValueError, match="weight must be a 4-D int8 tensor, got torch.int8 "
+                                         "of shape"):
+        GF.conv2d(x, 0, w[:, :, 0], None, rq=rq)
+    with pytest.raises(ValueError, match="weight must be a 2-D int8"):
+        GF.linear(_x((3, 8)), 0, _w((4, 8, 1)), None, _rq(4))
+    with pytest.raises(ValueError, match="bias must be None or int32 of shape"):
+        GF.linear(_x((3, 8)), 0, _w((4, 8)), torch.zeros(3, dtype=torch.int32), _rq(4))
+    # wrong dtypes stay TypeErrors
+    with pytest.raises(TypeError, match="bias"):
+        GF.linear(_x((3, 8)), 0, _w((4, 8)), torch.zeros(4, dtype=torch.int64), _rq(4))
+    with pytest.raises(TypeError, match="weight"):
+        GF.linear(_x((3, 8)), 0, _w((4, 8)).to(torch.int16), None, _rq(4))
+
+
 def test_requant_built_by_hand_is_checked():
     i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
     R = GF.Requant
