@@ -1,6 +1,7 @@
 """QParams: dtype, scale and zero point (per tensor or per channel along ``axis``)."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -31,6 +32,11 @@ def _as_tensor(value, dtype: torch.dtype, what: str, bounds=None) -> torch.Tenso
             if bool(bad.any()):
                 _out_of_range(what, v[bad].flatten()[:4].tolist(), bounds)
         return value.to(dtype)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        # a NumPy scalar (np.float32, np.int64, ...: registered as numbers.Real) as the
+        # Python number it holds, exactly (np.bool_ is no numbers.Real and stays refused)
+        value = value.item() if hasattr(value, "item") else \
+            (int(value) if isinstance(value, numbers.Integral) else float(value))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a number or a tensor, got {type(value).__name__} ({value!r})")
     if not dtype.is_floating_point and isinstance(value, float):

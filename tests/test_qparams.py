@@ -101,3 +101,26 @@ def test_zero_point_of_any_integer_dtype_in_range_is_accepted():
     assert int(QParams(gpuquant.qint8, 0.1, torch.tensor(-128)).zero_point) == -128
     qp = QParams(gpuquant.qint32, 0.1, torch.tensor(2 ** 31 - 1))
     assert qp.zero_point.dtype == torch.int32 and int(qp.zero_point) == 2 ** 31 - 1
+
+
+def test_numpy_scalars_are_numbers_like_python_ones():
+    """The contract's scalar scale (float32) and zero point: a NumPy float32 / int scalar
+    (what a scale computed with NumPy is, and what gpuquant.runtime works in) is as good as
+    a Python number. np.float64 (a float subclass) was accepted but np.float32, np.int32 and
+    np.int64 raised TypeError "must be a number or a tensor"."""
+    np = pytest.importorskip("numpy")
+    want = QParams(gpuquant.quint8, float(np.float32(0.05)), 3)
+    for s in (np.float32(0.05), np.float64(np.float32(0.05))):
+        for z in (np.int32(3), np.int64(3), np.uint8(3), 3):
+            assert QParams(gpuquant.quint8, s, z) == want
+    assert QParams(gpuquant.qint8, np.float16(0.5), np.int8(-2)) == QParams(gpuquant.qint8, 0.5, -2)
+    with pytest.raises(ValueError, match=r"zero_point \[300\] outside the range of qint8"):
+        QParams(gpuquant.qint8, np.float32(0.1), np.int64(300))
+    with pytest.raises(ValueError, match="scale must be finite and > 0"):
+        QParams(gpuquant.qint8, np.float32(0.0), 0)
+    with pytest.raises(ValueError, match="zero_point must be an integer"):
+        QParams(gpuquant.qint8, 0.1, np.float32(1.5))
+    with pytest.raises(TypeError):
+        QParams(gpuquant.qint8, np.bool_(True), 0)
+    with pytest.raises(TypeError):
+        QParams(gpuquant.qint8, 0.1, np.bool_(False))
