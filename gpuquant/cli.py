@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -36,8 +37,20 @@ def main(argv=None) -> int:
     from .bench import run_bench
     return run_bench(args.suites, quick=args.quick, out=args.out,
                      save_each_case=args.save_each_case, where=args.where, skip=args.skip,
-                     command=shlex.join(["gpuquant"] + list(sys.argv[1:] if argv is None
-                                                            else argv)))
+                     command=_command_line(argv))
+
+
+def _command_line(argv) -> str:
+    """The command line to record (contract section 3: "the exact command line"): for
+    ``python -m gpuquant ...`` the interpreter's own (``sys.orig_argv``: interpreter,
+    options, ``-m gpuquant``, arguments); for the ``gpuquant`` console script (or arguments
+    passed to :func:`main`) ``gpuquant`` and the arguments."""
+    if argv is None:
+        orig = getattr(sys, "orig_argv", None)  # Python >= 3.10
+        if orig and os.path.basename(sys.argv[0]) == "__main__.py" and "-m" in orig:
+            return shlex.join(orig)
+        argv = sys.argv[1:]
+    return shlex.join(["gpuquant"] + list(argv))
 
 
 if __name__ == "__main__":

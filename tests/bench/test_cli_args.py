@@ -39,6 +39,28 @@ def test_recorded_command_is_shell_quoted(monkeypatch, tmp_path):
     assert shlex.split(seen["command"]) == ["gpuquant"] + argv
 
 
+def test_recorded_command_is_the_exact_python_m_command_line(monkeypatch, tmp_path):
+    """Contract section 3: "command" is the exact command line. Run as ``python -m
+    gpuquant bench ...`` (``python -m gpuquant ... too``), it was recorded as ``gpuquant
+    bench ...``, a command that was not run (and may not be on the PATH)."""
+    import os
+    import sys
+    seen = {}
+    import gpuquant.bench as bench
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: seen.update(k) or 0)
+    args = ["bench", "quant", "--quick", "--out", str(tmp_path / "a b")]
+    main_py = os.path.join(os.path.dirname(cli.__file__), "__main__.py")
+    monkeypatch.setattr(sys, "argv", [main_py] + args)
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "-X", "utf8", "-m", "gpuquant"] + args)
+    assert cli.main() == 0
+    assert shlex.split(seen["command"]) == ["python3", "-X", "utf8", "-m", "gpuquant"] + args
+    # the console script: what was typed is ``gpuquant ...``
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/gpuquant"] + args)
+    monkeypatch.setattr(sys, "orig_argv", ["/venv/bin/python", "/venv/bin/gpuquant"] + args)
+    assert cli.main() == 0
+    assert shlex.split(seen["command"]) == ["gpuquant"] + args
+
+
 def test_where_is_checked_for_every_suite_before_any_runs(tmp_path, capsys, monkeypatch):
     """A --where the second suite cannot apply is refused before the first suite (or the
     ceilings) is measured."""
