@@ -249,10 +249,14 @@ def check_ready_for_ddp(model: torch.nn.Module) -> None:
     from .quantization.observer import Observer
     model = unwrap(model)
     waiting: List[str] = []
+    # a disabled module is still lazy: enabling it after the wrap (fake quant off for the
+    # calibration / warm-up steps, on later) sizes and initialises it per process then, and a
+    # per-channel LSQ / TQT parameter changing shape under DDP fails the first backward
     for name, m in model.named_modules():
-        if isinstance(m, _LearnedBase) and m.enabled and not bool(m.initialized):
-            waiting.append(f"{name} ({type(m).__name__}: scale not initialised)")
-        elif isinstance(m, Observer) and m.enabled and getattr(m, "axis", None) is not None:
+        if isinstance(m, _LearnedBase) and not bool(m.initialized):
+            waiting.append(f"{name} ({type(m).__name__}: scale not initialised"
+                           f"{'' if m.enabled else '; it is disabled: enable it for the pass or call set_qparams'})")
+        elif isinstance(m, Observer) and getattr(m, "axis", None) is not None:
             mv = getattr(m, "min_val", None)
             if isinstance(mv, torch.Tensor) and mv.numel() == 0:
                 waiting.append(f"{name} ({type(m).__name__}: per-channel state not sized)")

@@ -483,6 +483,19 @@ def test_check_ready_for_ddp_names_lazy_modules():
         gdist.check_ready_for_ddp("model")
 
 
+def test_check_ready_for_ddp_counts_disabled_learned_scales_as_lazy():
+    """Fake quant off for the warm-up pass (observers only), on after the DDP wrap: the
+    per-channel LSQ scales would take their shape under DDP and the first backward fails
+    ('got [10] but expected shape compatible with [0]'); check_ready_for_ddp must say so."""
+    from gpuquant.quantization import disable_fake_quant
+    model = quantize_qat(_small_net(), LEARNED_QCONFIGS["lsq"])
+    disable_fake_quant(model)
+    with torch.no_grad():
+        model(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"conv\.weight_fake_quant \(LSQ.*disabled"):
+        gdist.check_ready_for_ddp(model)
+
+
 def test_switches_round_trip_through_state_dict():
     a = quantize_qat(digits_net(), sync_ema_fakequant_qconfig)
     with torch.no_grad():
