@@ -55,6 +55,17 @@ def run_lsq(fn, x, s, z, d, axis, gf, g):
     return y.detach(), xx.grad, ss.grad, zz.grad
 
 
+def run_tqt(x, lt, d, axis, g):
+    """(ours, the definition's): (output, grad x, grad log2 t) of the TQT op each."""
+    out = []
+    for fn in (lambda *a: tlsq.tqt_fake_quant(*a, programs=3, tile=64), qfq._TQTFakeQuant.apply):
+        xx, ll = x.clone().requires_grad_(), lt.clone().requires_grad_()
+        y = fn(xx, ll, d.qmin, d.qmax, axis)
+        y.backward(g)
+        out.append((y.detach(), xx.grad, ll.grad))
+    return out
+
+
 @pytest.mark.parametrize("d", [gpuquant.qint8, gpuquant.quint8, gpuquant.qint4],
                          ids=lambda d: d.name)
 @pytest.mark.parametrize("shape,axis,fmt", CASES, ids=str)
@@ -104,13 +115,7 @@ def test_tqt_matches_definition(d, shape, axis, fmt):
     sshape = () if axis is None else (shape[axis],)
     lt = torch.randn(sshape, device=DEV) * 0.7 + 0.8
     g = torch.randn(shape, device=DEV)
-    out = []
-    for fn in (lambda *a: tlsq.tqt_fake_quant(*a, programs=3, tile=64), qfq._TQTFakeQuant.apply):
-        xx, ll = x.clone().requires_grad_(), lt.clone().requires_grad_()
-        y = fn(xx, ll, d.qmin, d.qmax, axis)
-        y.backward(g)
-        out.append((y.detach(), xx.grad, ll.grad))
-    (y, gx, gl), (yr, gxr, glr) = out
+    (y, gx, gl), (yr, gxr, glr) = run_tqt(x, lt, d, axis, g)
     assert torch.equal(y, yr) and torch.equal(gx, gxr)
     sum_close(gl, glr)
 
@@ -212,12 +217,7 @@ def test_nan_learned_parameters_give_the_definitions_nans(axis):
             _same_or_both_nan(a, b.reshape(a.shape), close)
     lt = torch.full(() if axis is None else (shape[axis],), 0.8, device=DEV)
     lt.view(-1)[-1] = nan
-    out = []
-    for fn in (lambda *a: tlsq.tqt_fake_quant(*a, programs=3, tile=64), qfq._TQTFakeQuant.apply):
-        xx, ll = x.clone().requires_grad_(), lt.clone().requires_grad_()
-        y = fn(xx, ll, d.qmin, d.qmax, axis)
-        y.backward(g)
-        out.append((y.detach(), xx.grad, ll.grad))
+    out = run_tqt(x, lt, d, axis, g)
     assert bool(out[0][0].isnan().any())
     for a, b, close in zip(out[0], out[1], (False, False, True)):
         _same_or_both_nan(a, b, close)
