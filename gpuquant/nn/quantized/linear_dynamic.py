@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ...backends.reference_dynamic import EPS
+from ...qparams import _MIN_SCALE
 from ..._compile import EagerUnderCompile
 from ..._tensors import version as _version
 from ...backends import registry
@@ -458,9 +459,11 @@ class StaticActLinear(DynamicLinear):
                  weight_dtype=qint8_narrow, act_scale: float = 1.0, device=None):
         super().__init__(in_features, out_features, bias, act_dtype, weight_dtype, device)
         s = _one_value(act_scale, "act_scale")
-        if not 0 < float(s) < float("inf"):
-            raise ValueError(f"act_scale must be finite and > 0 (in float32), got "
-                             f"{float(s)!r}")
+        # the kernels quantize with the float32 reciprocal: below ~2.94e-39 it is inf, 0 * inf
+        # is NaN, and the backends' clamps make different integers of NaN (0 / -128)
+        if not (0 < float(s) < float("inf") and float(1.0 / s.float()) < float("inf")):
+            raise ValueError(f"act_scale must be finite and > 0 with a finite float32 "
+                             f"reciprocal (>= {_MIN_SCALE:.3g}), got {float(s)!r}")
         self.register_buffer("act_scale", s.to(device))
 
     @classmethod
