@@ -446,3 +446,20 @@ def test_quantize_weight_per_channel_refuses_bad_given_scales(bad):
         quantize_weight_per_channel(w, scale=torch.ones(3, dtype=torch.int64))
     q, s = quantize_weight_per_channel(w, scale=torch.tensor([0.1, 0.05, 0.2]))
     assert torch.equal(q, torch.round(w * (1 / s)[:, None]).clamp(-127, 127).to(torch.int8))
+
+
+def test_per_channel_weight_scale_checks_its_arguments():
+    """per_channel_weight_scale (public) checks the weight and dtype as
+    quantize_weight_per_channel does: a wrong dtype raised AttributeError ('NoneType' has no
+    attribute 'qmax'), a 1-d weight an IndexError from amax."""
+    from gpuquant.nn.quantized.linear_dynamic import per_channel_weight_scale
+    w = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="weight dtype must be one of"):
+        per_channel_weight_scale(w, dtype=None)
+    with pytest.raises(ValueError, match="weight dtype must be one of"):
+        per_channel_weight_scale(w, dtype=gpuquant.quint8)
+    for bad in (torch.randn(4), torch.randint(0, 3, (3, 4)), [[1.0]]):
+        with pytest.raises(TypeError, match="weight must be a 2-D float tensor"):
+            per_channel_weight_scale(bad)
+    assert torch.equal(per_channel_weight_scale(w, "qint8"),
+                       per_channel_weight_scale(w, gpuquant.qint8))

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ...backends.reference_dynamic import EPS
-from ...qparams import _MIN_SCALE
 from ..._compile import EagerUnderCompile
 from ..._tensors import version as _version
 from ...backends import registry
@@ -62,11 +61,25 @@ def _dequantize(wq: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     return wq.to(torch.float32) * w_scale[:, None]
 
 
+def _check_weight_2d(weight) -> None:
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
+        raise TypeError(f"weight must be a 2-D float tensor, got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)} "
+                        f"{tuple(getattr(weight, 'shape', ()))}")
+
+
 def per_channel_weight_scale(weight: torch.Tensor,
                              dtype: QuantDtype = qint8_narrow) -> torch.Tensor:
     """Symmetric per-output-channel scales of a (N, K) float weight, as
     ``torch.ao.quantization.PerChannelMinMaxObserver`` (qscheme per_channel_symmetric) computes
-    them: ``max(max|w_n| / ((qmax - qmin) / 2), eps)`` in float32."""
+    them: ``max(max|w_n| / ((qmax - qmin) / 2), eps)`` in float32.
+
+    Raises:
+        TypeError: weight is not a 2-D float tensor.
+        ValueError: dtype is not a signed int8 dtype.
+    """
+    _check_weight_2d(weight)
+    dtype = _check_dtype(dtype, WEIGHT_DTYPES, "weight dtype")
     w = weight.detach().to(torch.float32)
     absmax = w.abs().amax(dim=1)
     # a tensor divisor, not a Python float: on CUDA, PyTorch divides by a host scalar as a
@@ -87,10 +100,7 @@ def quantize_weight_per_channel(weight: torch.Tensor, dtype=qint8_narrow, scale=
         ValueError: dtype is not a signed int8 dtype; a given scale of the wrong shape, or
             not finite and > 0 with a finite float32 reciprocal (as QParams' scales).
     """
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
-        raise TypeError(f"weight must be a 2-D float tensor, got "
-                        f"{getattr(weight, 'dtype', type(weight).__name__)} "
-                        f"{tuple(getattr(weight, 'shape', ()))}")
+    _check_weight_2d(weight)
     d = _check_dtype(dtype, WEIGHT_DTYPES, "weight dtype")
     if bool(torch.isnan(weight).any()) or bool(torch.isinf(weight).any()):
         raise ValueError("weight contains NaN or Inf, which have no int8 value")
