@@ -181,8 +181,9 @@ def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_d
 
     Raises:
         ValueError: ``out_zero_point`` outside the output dtype's range, an unknown
-            ``activation``, an ``out_scale`` that is not a finite float > 0, scales whose
-            ratio is not a finite positive multiplier.
+            ``activation``, an ``out_scale`` that is not a finite float > 0, an ``in_scale``
+            or ``w_scale`` not finite and > 0 (each), scales whose ratio is not a finite
+            positive multiplier.
     """
     dtype = get_dtype(out_dtype)
     out_zero_point = _int_arg(out_zero_point, "make_requant: out_zero_point")
@@ -193,8 +194,14 @@ def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_d
     if f is None or not 0.0 < f < float("inf"):
         raise ValueError(f"make_requant: out_scale must be a finite float > 0, got "
                          f"{out_scale!r}")
-    real = (torch.as_tensor(in_scale, dtype=torch.float64).cpu()
-            * torch.as_tensor(w_scale, dtype=torch.float64).cpu() / float(out_scale))
+    s_in = torch.as_tensor(in_scale, dtype=torch.float64).cpu()
+    s_w = torch.as_tensor(w_scale, dtype=torch.float64).cpu()
+    for what, v in (("in_scale", s_in), ("w_scale", s_w)):  # each, not just their product:
+        bad = ~(torch.isfinite(v) & (v > 0))              # two negative scales multiply to
+        if bool(bad.any()):                                # a positive, sign-flipped layer
+            raise ValueError(f"make_requant: {what} must be finite and > 0, got "
+                             f"{v[bad].flatten()[:4].tolist()}")
+    real = s_in * s_w / float(out_scale)
     mult, shift = quantize_multiplier(real)
     lo, hi = activation_range(dtype, float(out_scale), int(out_zero_point), activation)
     return Requant(mult, shift, int(out_zero_point), lo, hi, dtype)

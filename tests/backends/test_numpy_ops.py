@@ -572,3 +572,16 @@ def test_make_requant_takes_numpy_scales():
     assert torch.equal(b.multiplier, c.multiplier)  # (np.float32(0.05) is another number)
     assert a.multiplier.dtype == torch.int32 and int(a.rshift) == int(c.rshift)
     assert make_add_params(0.1, 0, 0.1, 0, np.float32(0.2), 0, qint8).left_shift == 20
+
+
+def test_make_requant_checks_each_scale():
+    """Two negative scales multiply to a positive multiplier: the layer's sign flipped
+    silently (found by review); a NaN weight scale among per-channel ones is named."""
+    with pytest.raises(ValueError, match=r"make_requant: in_scale must be finite and > 0, "
+                                         r"got \[-0\.1"):
+        make_requant(-0.1, -0.02, 0.05, 0, qint8)
+    with pytest.raises(ValueError, match=r"make_requant: w_scale must be finite and > 0, "
+                                         r"got \[nan\]"):
+        make_requant(0.1, torch.tensor([0.02, float("nan"), 0.03]), 0.05, 0, qint8)
+    with pytest.raises(ValueError, match="w_scale must be finite and > 0"):
+        make_requant(0.1, 0.0, 0.05, 0, qint8)
