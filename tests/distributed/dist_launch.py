@@ -33,6 +33,10 @@ def _entry(fn, rank, world, port, queue, args):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    except BaseException:  # no group: the parent may start over on another port
+        queue.put((rank, "rendezvous", traceback.format_exc()))
+        return
+    try:
         try:
             queue.put((rank, "ok", fn(rank, world, *args)))
         finally:
@@ -50,6 +54,20 @@ def run(fn, world: int = 2, args=()) -> list:
     # DistributedDataParallel's constructor imports torch._dynamo (~900 modules, seconds):
     # do it once here so that every forked worker inherits it
     import torch._dynamo  # noqa: F401
+    for attempt in (1, 2):
+        try:
+            return _run_once(fn, world, args)
+        except _RendezvousFailed as e:  # no worker ran fn: start over on a fresh port
+            if attempt == 2:
+                raise AssertionError(str(e)) from None
+
+
+class _RendezvousFailed(Exception):
+    """The workers did not all join the process group (a port taken between free_port()
+    and the bind, or a forked worker starved under load: seen once on a busy 2-core CI)."""
+
+
+def _run_once(fn, world: int, args) -> list:
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
@@ -61,6 +79,8 @@ def run(fn, world: int = 2, args=()) -> list:
         results = {}
         for _ in procs:
             rank, status, value = queue.get(timeout=TIMEOUT_S)
+            if status == "rendezvous":
+                raise _RendezvousFailed(f"worker {rank} failed to join the group:\n{value}")
             if status != "ok":
                 raise AssertionError(f"worker {rank} failed:\n{value}")
             results[rank] = value

@@ -595,3 +595,30 @@ def test_nccl_single_process_qat_step_smoke(tmp_path):
                 assert torch.equal(v, v2), k
     finally:
         dist.destroy_process_group()
+
+
+def _rank_times_ten(rank, world):
+    return rank * 10
+
+
+def test_launcher_starts_over_when_the_group_cannot_form(monkeypatch):
+    """The test launcher retries once on a fresh port when a worker cannot join the process
+    group (no test code ran): a port taken between free_port() and the store's bind, or a
+    worker starved under load (one CI-like run timed out 'waiting for clients')."""
+    import socket
+
+    from tests.distributed import dist_launch
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    ports = iter([busy.getsockname()[1]])
+    real = dist_launch.free_port
+    monkeypatch.setattr(dist_launch, "free_port", lambda: next(ports, None) or real())
+    attempts = []
+    once = dist_launch._run_once
+    monkeypatch.setattr(dist_launch, "_run_once", lambda *a: attempts.append(1) or once(*a))
+    try:
+        assert dist_launch.run(_rank_times_ten, 2) == [0, 10]
+    finally:
+        busy.close()
+    assert len(attempts) == 2
