@@ -394,6 +394,8 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
             raise NotImplementedError(f"to_onnx: attribute access {node.target!r} in forward is "
                                       f"not supported")
 
+    if not b.size_dependent:  # any spatial size runs: say so in the declared shapes, else
+        _free_spatial(graph_inputs, graph_outputs)  # onnxruntime refuses other sizes
     g = helper.make_graph(b.nodes, f"gpuquant_{b.model_name}", graph_inputs, graph_outputs,
                           initializer=b.inits)
     proto = helper.make_model(g, producer_name="gpuquant",
@@ -407,6 +409,21 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
     if path is not None:
         onnx.save(proto, str(path))
     return proto
+
+
+def _free_spatial(graph_inputs, graph_outputs) -> None:
+    """Make H and W of the 4-D inputs symbolic (``H`` / ``W``, ``H_i`` / ``W_i`` for input i
+    of several) and those of the 4-D outputs unknown: the graph holds at any spatial size."""
+    for i, vi in enumerate(graph_inputs):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 4:
+            sfx = "" if len(graph_inputs) == 1 else f"_{i}"
+            dims[2].dim_param, dims[3].dim_param = f"H{sfx}", f"W{sfx}"
+    for vi in graph_outputs:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 4:
+            dims[2].Clear()
+            dims[3].Clear()
 
 
 def _fixed_size(nodes, inputs) -> dict:

@@ -121,6 +121,10 @@ class Session:
             i.name: [d.dim_value if d.HasField("dim_value") else None
                      for d in i.type.tensor_type.shape.dim]
             for i in g.input if i.name not in self._const}
+        self._dim_names = {  # for messages: the symbolic dims' names (N, H, W)
+            i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
+                     for d in i.type.tensor_type.shape.dim]
+            for i in g.input if i.name not in self._const}
         self.output_names = [o.name for o in g.output]
         self.fixed_input_hw = self._fixed_input_hw(meta)
         fixed_nodes = [n for n in meta.get(FIXED_NODES_KEY, "").split(",") if n]
@@ -456,7 +460,7 @@ class Session:
                 size = "" if len(dims) != 4 else ", any spatial size" if fixed is None else \
                     f", spatial size {fixed[0]}x{fixed[1]} only"
                 raise ValueError(f"{self.source}: input {k!r} must have shape "
-                                 f"{['N' if d is None else d for d in dims]} (any batch"
+                                 f"{self._dim_names[k]} (any batch"
                                  f"{size}), got {list(v.shape)}")
             if fixed is not None and tuple(v.shape[2:]) != fixed:
                 raise ValueError(f"{self.source}: input {k!r} of spatial size "

@@ -470,6 +470,33 @@ def test_size_independent_pool_graph_runs_any_size(make, tmp_path):
         sess.run(np.zeros((1, 3, 7, 6), np.float32))
 
 
+def _declared(vi):
+    return [d.dim_param if d.HasField("dim_param") else
+            d.dim_value if d.HasField("dim_value") else None
+            for d in vi.type.tensor_type.shape.dim]
+
+
+def test_size_independent_graph_declares_free_spatial_size(tmp_path):
+    """A graph that holds at any spatial size declares H and W symbolic (its 4-D outputs'
+    unknown): it had the example's 7x6 as fixed dims, so onnxruntime refused every other
+    size the README promises (found by review); a size-dependent graph keeps them fixed."""
+    m = _int8(_One(gnn.Conv2d(2, 3, 3, padding=1)), (4, 2, 7, 6))
+    path = tmp_path / "m.onnx"
+    proto = to_onnx(m, torch.randn(1, 2, 7, 6), path)
+    assert _declared(proto.graph.input[0]) == ["N", 2, "H", "W"]
+    assert _declared(proto.graph.output[0]) == ["N", 3, None, None]
+    x = torch.randn(2, 2, 9, 11)
+    want = int8_forward(m, x)
+    assert rt.load(path).run(x.numpy()).tobytes() == want.tobytes()
+    got = _ort(path, x.numpy())  # within one output step (onnxruntime requantizes in float)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= float(m.layer.output_scale) * 1.001
+    with _fixed_size_warning():
+        fixed = to_onnx(_int8(_One(gnn.AdaptiveAvgPool2d((2, 2))), (4, 2, 8, 6)),
+                        torch.randn(1, 2, 8, 6))
+    assert _declared(fixed.graph.input[0]) == ["N", 2, 8, 6]
+
+
 class _CatPool(gnn.Module):
     def __init__(self):
         super().__init__()

@@ -110,7 +110,7 @@ def test_runtime_errors(zoo_int8, tmp_path):
         sess.run(np.zeros((1, 3, 8, 8), np.int8))
     with pytest.raises(TypeError, match="numpy.ndarray"):
         sess.run(torch.zeros(1, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"must have shape \['N', 3, 8, 8\].*got \[1, 4, 8, 8\]"):
+    with pytest.raises(ValueError, match=r"must have shape \['N', 3, 'H', 'W'\].*got \[1, 4, 8, 8\]"):
         sess.run(np.zeros((1, 4, 8, 8), np.float32))
     with pytest.raises(ValueError, match="must have shape"):
         sess.run(np.zeros((3, 8, 8), np.float32))
