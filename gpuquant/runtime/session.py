@@ -430,7 +430,9 @@ class Session:
 
         Raises:
             TypeError: an input that is not a NumPy array.
-            ValueError: a wrong number of inputs; NaN in an input that is quantized (as the
+            ValueError: a wrong number of inputs; a rank, channel count or (where the
+                graph fixes it: ``to_onnx(..., dynamic_batch=False)``) batch size other than
+                the graph's; NaN in an input that is quantized (as the
                 torch model's ``quantize``); an input too small for a layer's window, or
                 whose size does not fit a layer (as the torch int8 model; names the node);
                 a spatial size other than :attr:`fixed_input_hw`'s where the graph holds
@@ -455,12 +457,16 @@ class Session:
                 raise TypeError(f"{self.source}: input {k!r} must be a float array, got {v.dtype}")
             dims = self._input_dims.get(k) or []
             fixed = self.fixed_input_hw.get(k)
-            if dims and (v.ndim != len(dims) or (len(dims) > 1 and dims[1] is not None
-                                                 and v.shape[1] != dims[1])):
+            # the batch too where the graph fixes it (to_onnx(..., dynamic_batch=False)), as
+            # onnxruntime refuses another; 4-D spatial sizes: fixed_input_hw below
+            if dims and (v.ndim != len(dims) or any(
+                    d is not None and v.shape[i] != d for i, d in enumerate(dims)
+                    if i < 2 or len(dims) != 4)):
                 size = "" if len(dims) != 4 else ", any spatial size" if fixed is None else \
                     f", spatial size {fixed[0]}x{fixed[1]} only"
+                batch = "any batch" if dims[0] is None else f"batch {dims[0]} only"
                 raise ValueError(f"{self.source}: input {k!r} must have shape "
-                                 f"{self._dim_names[k]} (any batch"
+                                 f"{self._dim_names[k]} ({batch}"
                                  f"{size}), got {list(v.shape)}")
             if fixed is not None and tuple(v.shape[2:]) != fixed:
                 raise ValueError(f"{self.source}: input {k!r} of spatial size "

@@ -78,6 +78,25 @@ def test_runtime_in_process_matches_and_keeps_int_semantics(zoo_uint8, tmp_path)
     assert sess.run({"input": x.numpy()}).tobytes() == got.tobytes()
 
 
+def test_runtime_refuses_batch_other_than_a_fixed_one(zoo_int8, tmp_path):
+    """A graph exported with dynamic_batch=False declares its batch: the runtime ran any
+    batch (onnxruntime refuses one), so a file meant for batch 2 silently ran others (found
+    by review); a dynamic-batch graph still runs any batch."""
+    import gpuquant.runtime as rt
+    path = tmp_path / "b2.onnx"
+    to_onnx(zoo_int8, torch.randn(2, 3, 8, 8), path, dynamic_batch=False)
+    sess = rt.load(path)
+    x = torch.randn(2, 3, 8, 8)
+    assert sess.run(x.numpy()).tobytes() == int8_forward(zoo_int8, x).tobytes()
+    for n in (1, 3):
+        with pytest.raises(ValueError, match=r"must have shape \[2, 3, 'H', 'W'\] \(batch 2 "
+                                             r"only, any spatial size\), got \[%d," % n):
+            sess.run(np.zeros((n, 3, 8, 8), np.float32))
+    dyn = tmp_path / "bn.onnx"
+    to_onnx(zoo_int8, torch.randn(2, 3, 8, 8), dyn)
+    assert rt.load(dyn).run(np.zeros((3, 3, 8, 8), np.float32)).shape[0] == 3
+
+
 def test_runtime_errors(zoo_int8, tmp_path):
     import onnx
     from onnx import TensorProto, helper
