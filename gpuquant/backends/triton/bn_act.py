@@ -98,8 +98,8 @@ def _bn_stats_kernel(
     FIN_S: tl.constexpr, FIN_C: tl.constexpr,
 ):
     """Program (cb, sp): over its row blocks, per channel the mean, the sum of squared
-    deviations M2 and min / max (a NaN leaves M2 NaN: see the loop); written to part f32
-    (4, split, C).
+    deviations M2 and min / max (no NaN test: a NaN makes the channel's mean NaN, see the
+    loop); written to part f32 (4, split, C).
     Each element slot of the (BLOCK_R, BLOCK_C) tile keeps its own Welford pair across the
     loop (element-wise work only: no cross-thread reduction a row block), merged with
     Chan's formula once at the end. The last program to finish (a ticket taken after a
@@ -349,7 +349,9 @@ def _mask_thresholds(mean, a, beta, s, zp, inv, qmin, qmax, OUT: tl.constexpr,
     predicate is monotone, :func:`_mask_preds`), so the backward's two passes compare
     instead of recomputing the normalisation and the fake quant per element. Valid where
     ``regular`` (1.0): ``a > 0``, mean, a, beta, the scale, its inverse and the zero point
-    finite; elsewhere (0.0) the backward recomputes."""
+    finite, and with an activation ``inr_lo <= live_lo`` (the backward then tests only the
+    upper in-range bound); one irregular channel (0.0) sends the layer's backward down the
+    recompute path."""
     lo_f = tl.zeros_like(mean).to(tl.int64) - 2139095041  # key of -inf
     hi_f = lo_f * 0 + 2139095040  # key of +inf
     p = _mask_preds(_key_value(lo_f), mean, a, beta, inv, zp, qmin, qmax, OUT, ACT)
@@ -405,7 +407,7 @@ def _load_thresholds(vec_ptr, c, cm, C):
 def _st_grad(g, z, mean, a, beta, inv, s, zp, qmin, qmax, live_lo, live_hi, inr_lo, inr_hi,
              regular, OUT: tl.constexpr, ACT: tl.constexpr):
     """The backward's straight-through gradient of upstream ``g`` (float32) at ``z``
-    (:func:`_act_grad` of :func:`_fq_act`'s masks). Where every channel of the tile is
+    (:func:`_act_grad` of :func:`_fq_act`'s masks). Where every channel of the layer is
     regular the masks are comparisons of ``z`` with :func:`_mask_thresholds`' bounds (NaN
     ``z``: never in range; live only for ReLU6, whose ``not (y <= 0 or y >= 6)`` holds for
     NaN), else recomputed from ``z``. The gradient, not the masks, leaves the branch: one
