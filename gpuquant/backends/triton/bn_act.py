@@ -163,7 +163,12 @@ def _act_of(z, mean, a, beta, OUT: tl.constexpr, ACT: tl.constexpr):
     """The normalised output as the fake quant sees it: ``(z - mean) * a + beta`` rounded to
     the output dtype and read back as float32, then ACT 1 ReLU, 2 ReLU6 (NaN stays NaN, as
     torch's relu / relu6 keep it)."""
-    y = _to_out((z - mean) * a + beta, OUT).to(tl.float32)
+    return _act(_to_out((z - mean) * a + beta, OUT).to(tl.float32), ACT)
+
+
+@triton.jit
+def _act(y, ACT: tl.constexpr):
+    """ACT 0 none, 1 ReLU, 2 ReLU6 of float32 ``y`` (NaN stays NaN, as torch's keep it)."""
     if ACT >= 1:
         y = tl.where(y < 0, 0.0, y)
     if ACT == 2:
@@ -278,13 +283,9 @@ def _fq_act(z, mean, a, beta, inv, s, zp, qmin, qmax, OUT: tl.constexpr, ACT: tl
     y = _act_of(z, mean, a, beta, OUT, 0)
     if ACT == 2:
         live = ~((y <= 0.0) | (y >= 6.0))
-        ya = tl.where(y < 0, 0.0, tl.where(y > 6.0, 6.0, y))
     elif ACT == 1:
         live = y > 0
-        ya = tl.where(y < 0, 0.0, y)
-    else:
-        ya = y
-    yq, inr = _fq_relu(ya, inv, s, zp, qmin, qmax, False)
+    yq, inr = _fq_relu(_act(y, ACT), inv, s, zp, qmin, qmax, False)
     if ACT == 0:
         live = inr
     return yq, inr, live
@@ -329,12 +330,7 @@ def _mask_preds(x, mean, a, beta, inv, zp, qmin, qmax, OUT: tl.constexpr,
     are non-decreasing in ``x`` (each float operation rounds monotonically), so the first
     and third go false -> true along the floats and the others true -> false."""
     y = _act_of(x, mean, a, beta, OUT, 0)
-    ya = y
-    if ACT >= 1:
-        ya = tl.where(ya < 0, 0.0, ya)
-    if ACT == 2:
-        ya = tl.where(ya > 6.0, 6.0, ya)
-    r = _rne(ya * inv) + zp
+    r = _rne(_act(y, ACT) * inv) + zp
     return y > 0, y < 6.0, r >= qmin, r <= qmax
 
 

@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from ...backends.reference_dynamic import EPS
 from ..._compile import EagerUnderCompile
-from ..._tensors import version as _version
+from ..._tensors import keep_dtype, version as _version
 from ...backends import registry
 from ...backends.registry import get_op
 from ...dtypes import QuantDtype, qint8, qint8_narrow
@@ -224,11 +224,8 @@ class _Int8WeightLinear(EagerUnderCompile, Module):
         # module casts (.half(), .to(torch.bfloat16), .double()) move the buffers but keep
         # their dtypes: int8 weights, float32 scales and bias (the kernels take only those);
         # the original tensor is moved, never a rounded copy cast back
-        def keep_dtype(t):
-            moved = fn(t)
-            return moved if moved.dtype == t.dtype else t.to(moved.device)
         self._fast.clear()  # (its closures hold the buffers: a moved module must let go)
-        return super()._apply(keep_dtype, recurse)
+        return super()._apply(keep_dtype(fn), recurse)
 
     # state_dict: the buffers, plus the dtype names as extra state; an input_smoothing
     # present in the state dict but not in this module is taken over
