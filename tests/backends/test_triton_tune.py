@@ -198,3 +198,55 @@ def test_quick_tuning_of_a_residual_epilogue_also_tries_a_register_light_tile(mo
     monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "full")  # full tuning: every config as before
     assert gemm.prune_gemm_configs(cfgs, shape, family="sm90", OUT_MODE=0, HAS_RES=True) == \
         gemm.prune_gemm_configs(cfgs, shape, family="sm90", OUT_MODE=0, HAS_RES=False)
+
+
+_KEY_SCRIPT = r"""
+import json
+import torch
+from triton.runtime.autotuner import Autotuner
+from gpuquant.backends.triton import conv, depthwise, gemm
+from gpuquant.backends.triton.standin import standin_cuda
+from gpuquant.dtypes import qint8
+from gpuquant.functional.requant import make_add_params, make_requant
+Autotuner._bench = lambda self, *a, config=None, **k: [1.0, 1.0, 1.0]  # no timing compiles
+torch.manual_seed(0)
+CL = torch.channels_last
+def rq(n, out_scale):
+    return make_requant(0.02, torch.rand(n, dtype=torch.float64) * 0.01 + 0.001, out_scale, 0,
+                        qint8)
+x = torch.randint(-128, 128, (1, 64, 4, 8), dtype=torch.int8).contiguous(memory_format=CL)
+w1 = torch.randint(-127, 128, (64, 64, 1, 1), dtype=torch.int8)
+w3 = torch.randint(-127, 128, (64, 64, 3, 3), dtype=torch.int8)
+wd = torch.randint(-127, 128, (64, 1, 3, 3), dtype=torch.int8)
+res = torch.randint(-128, 128, (1, 64, 4, 8), dtype=torch.int8).contiguous(memory_format=CL)
+add = make_add_params(0.5, 0, 0.5, 0, 0.5, 0, qint8)
+out = {}
+with standin_cuda():
+    for name, wt, groups, table in (("gemm", w1, 1, gemm), ("conv", w3, 1, conv),
+                                    ("depthwise", wd, 64, depthwise)):
+        pad = (0, 0) if wt.shape[-1] == 1 else (1, 1)
+        def call(zp=0, residual=None, scale=0.5):
+            conv.qconv2d(x, zp, wt, None, (1, 1), pad, (1, 1), groups, rq(64, scale),
+                         residual=residual, add_params=add if residual is not None else None)
+        call()
+        call(residual=res)
+        call(scale=1e-6)  # an output scale this small needs the saturating left shift
+        if name == "conv":
+            call(zp=3)
+        out[name] = [list(map(str, k)) for k in table._TUNED["sm90"].cache]
+print("JSON" + json.dumps(out))
+"""
+
+
+def test_autotune_key_holds_the_epilogue_and_the_zero_point(tmp_path):
+    """The same shape with and without a fused residual add (or the saturating left shift,
+    or, for the conv's A loader, a nonzero zero point) is tuned separately: those compile to
+    different register budgets (the residual add spills 303 registers a thread on the
+    256x128 tile that is spill-free without it), so one shape's choice must not serve the
+    other (resnet50's layer1 downsample and its first residual conv share M, N, K)."""
+    from tests.compiled import run_json
+    keys = run_json(_KEY_SCRIPT, tmp_path / "triton_cache", GPUQUANT_TRITON_TUNE="quick",
+                    timeout=600)
+    for name, want in (("gemm", 3), ("conv", 4), ("depthwise", 3)):
+        assert len(keys[name]) == want, (name, keys[name])
+        assert len({tuple(k) for k in keys[name]}) == want

@@ -292,7 +292,8 @@ def _conv_kernel(family: str):
         heur = triton.heuristics({"EVEN_C": lambda a: a["Cg"] % a["BLOCK_K"] == 0})(
             _qconv_kernel)
         k = heur if family == "interpret" else triton.autotune(
-            configs=conv_configs(family), key=["M", "N", "K", "Cg", "KH", "KW", "stride_h"],
+            configs=conv_configs(family),
+            key=["M", "N", "K", "Cg", "KH", "KW", "stride_h", "ZP_ZERO", *_gemm.EPILOGUE_KEY],
             prune_configs_by={"early_config_prune": functools.partial(prune_conv_configs,
                                                                       family=family)})(heur)
         _TUNED[family] = k

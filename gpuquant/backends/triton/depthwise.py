@@ -16,8 +16,8 @@ import torch
 from .common import LAUNCH_OPTS, arch_family, cdiv, derived, tune_subset
 from .launch import launch
 from .conv import window_origin
-from .gemm import (_OUT_MODES, epilogue_scalars, epilogue_tensors, left_shift, output_dtype,
-                   quant_epilogue, residual_mode)
+from .gemm import (EPILOGUE_KEY, _OUT_MODES, epilogue_scalars, epilogue_tensors, left_shift,
+                   output_dtype, quant_epilogue, residual_mode)
 
 __all__ = ["qdepthwise2d", "is_depthwise", "depthwise_configs"]
 
@@ -79,7 +79,7 @@ def _dw_kernel(family: str):
     k = _TUNED.get(family)
     if k is None:
         k = _qdepthwise_kernel if family == "interpret" else triton.autotune(
-            configs=depthwise_configs(family), key=["M", "O", "KH", "KW", "stride_h"])(
+            configs=depthwise_configs(family), key=["M", "O", "KH", "KW", "stride_h", *EPILOGUE_KEY])(
                 _qdepthwise_kernel)
         _TUNED[family] = k
     return k

@@ -418,6 +418,15 @@ INTERPRET_EPI_SPLIT = 1
 
 _TUNED = {}
 
+# The epilogue's compile-time choices, in every int8 kernel's autotune key beside the shape
+# (the tensors' dtypes are in it already). Without them a 1x1 convolution with a fused
+# residual add reused the tile timed for the same shape without one: in resnet50, layer1's
+# downsample (no residual) runs before its first block's last conv (the same M, N, K, with
+# the residual), and that 256x128 tile of 8 warps, spill-free without the add, spills 303
+# registers a thread with it (ptxas, sm_90, Triton 3.6); 128x128 of 4 warps spills 265 with
+# the saturating left shift and 1 without.
+EPILOGUE_KEY = ("HAS_RES", "RES_MODE", "LSHIFT")
+
 
 def _gemm_kernel(family: str):
     """The launchable kernel for a family: autotuned on the GPU, plain under the interpreter."""
@@ -428,7 +437,8 @@ def _gemm_kernel(family: str):
             k = heur
         else:
             prune = functools.partial(prune_gemm_configs, family=family)
-            k = triton.autotune(configs=gemm_configs(family), key=["M", "N", "K"],
+            k = triton.autotune(configs=gemm_configs(family),
+                                key=["M", "N", "K", *EPILOGUE_KEY],
                                 prune_configs_by={"early_config_prune": prune})(heur)
         _TUNED[family] = k
     return k
