@@ -214,7 +214,7 @@ def _parse(argv) -> argparse.Namespace:
                         "keeps them all")
     p.add_argument("--cap", action="append", metavar="STAGE=SECONDS",
                    help="the most seconds a stage may take, instead of its default, repeatable")
-    p.add_argument("--profile-args", default="--what qat_step,int8_forward",
+    p.add_argument("--profile-args", default="--what qat_step,int8_forward,conv_all",
                    help="arguments of the 'profile' stage (python -m gpuquant.bench.profile)")
     p.add_argument("--warm-jobs", type=int, default=None,
                    help="CPU processes compiling the suites' Triton kernels in the background "

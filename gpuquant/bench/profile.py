@@ -1,15 +1,19 @@
 """Where the time of a GPU step goes: ``torch.profiler`` tables of the steps the benchmark
 suites time, for reading after a lease.
 
-    python -m gpuquant.bench.profile --out DIR [--what qat_step,int8_forward]
+    python -m gpuquant.bench.profile --out DIR [--what qat_step,int8_forward,conv_all]
                                      [--model resnet50] [--batch 64]
 
 ``qat_step``: one training step of the ``qat_step`` suite (float, then gpuquant QAT; bf16
 autocast, channels_last). ``int8_forward``: the ``models`` suite's fused int8 network under
-the triton backend. For each: the wall time of a step (CUDA events, median of 5 after 3
-warm-ups), the GPU time its kernels add up to, the number of kernel launches, and the 25
-ops with the most GPU time and the 15 with the most host time. Writes
-``DIR/profile-<what>.txt`` and prints it. Needs a CUDA GPU (exit 1 without one).
+the triton backend. ``conv_all``: the ``conv`` suite's "all" row (resnet50's 53
+convolutions, batch 64; ``--model`` / ``--batch`` do not apply), Triton int8 then cuDNN
+bf16. For each: the wall time of a step (CUDA events, median of 5 after 3 warm-ups), the
+GPU time its kernels add up to, the number of kernel launches, the 25 ops with the most GPU
+time, the 15 with the most host time, and for ``int8_forward`` and ``conv_all`` every
+kernel of one step in order with its time (``int8_forward``'s convolutions against
+``conv_all``'s, layer by layer). Writes ``DIR/profile-<what>.txt`` and prints it. Needs a
+CUDA GPU (exit 1 without one).
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import torch
 
 __all__ = ["main", "profile_step"]
 
-WHATS = ("qat_step", "int8_forward")
+WHATS = ("qat_step", "int8_forward", "conv_all")
+_TIMELINES = ("int8_forward", "conv_all")  # what lists every kernel of a step in order
 
 
 def _median_ms(step: Callable[[], object], n: int = 5) -> float:
@@ -49,8 +54,23 @@ def device_summary(events, steps: int):
     return total / steps, len(dev) / steps
 
 
-def profile_step(title: str, step: Callable[[], object], warmup: int = 3) -> List[str]:
-    """Warm ``step`` up, time it, profile two calls; returns the report's lines."""
+def timeline(events, steps: int) -> List[str]:
+    """One line per device activity of the first of ``steps`` profiled steps, in start order:
+    index, GPU microseconds, name (kernels of the same name, such as the convolutions of a
+    network, told apart by their place)."""
+    import torch
+    cuda = torch.autograd.DeviceType.CUDA
+    dev = sorted((e for e in events if getattr(e, "device_type", None) == cuda),
+                 key=lambda e: e.time_range.start)
+    dev = dev[:len(dev) // steps]
+    return [f"{i:4d} {e.time_range.end - e.time_range.start:10.1f} us  {e.name[:90]}"
+            for i, e in enumerate(dev)]
+
+
+def profile_step(title: str, step: Callable[[], object], warmup: int = 3,
+                 kernels: bool = False) -> List[str]:
+    """Warm ``step`` up, time it, profile two calls; returns the report's lines (with
+    ``kernels``, every kernel of one step in order: :func:`timeline`)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warmup):
@@ -74,6 +94,9 @@ def profile_step(title: str, step: Callable[[], object], warmup: int = 3) -> Lis
              "top 15 by host time (2 steps):",
              events.table(sort_by="self_cpu_time_total", row_limit=15,
                           max_name_column_width=60), ""]
+    if kernels:
+        lines += ["every kernel of one step, in order (index, GPU time, name):",
+                  *timeline(prof.events(), steps=2), ""]
     return lines
 
 
@@ -96,6 +119,13 @@ def _int8_steps(model_name: str, batch: int):
            M._bf16(model_name, in_ch, size, "cuda", False)({"x": x}))
 
 
+def _conv_all_steps(model_name: str, batch: int):
+    from .suites import conv as C
+    layers = C.make_inputs(C.resnet50_convs(), C.BATCH, "cuda")(0)
+    yield f"conv_all gpuquant-triton resnet50 batch {C.BATCH}", C._triton(layers)
+    yield f"conv_all torch-bf16 resnet50 batch {C.BATCH}", C._bf16(layers)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpuquant.bench.profile",
                                 description=__doc__.split("\n\n")[0])
@@ -114,14 +144,14 @@ def main(argv=None) -> int:
         print("gpuquant.bench.profile: needs a CUDA GPU", file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)
-    gens = {"qat_step": _qat_steps, "int8_forward": _int8_steps}
+    gens = {"qat_step": _qat_steps, "int8_forward": _int8_steps, "conv_all": _conv_all_steps}
     rc = 0
     for what in whats:
         lines: List[str] = []
         try:
             for title, step in gens[what](args.model, args.batch):
                 print(f"[profile] {title} ...", flush=True)
-                lines += profile_step(title, step)
+                lines += profile_step(title, step, kernels=what in _TIMELINES)
         except Exception as e:  # noqa: BLE001 - report what broke, keep the other profiles
             lines.append(f"FAILED: {type(e).__name__}: {e}")
             rc = 1

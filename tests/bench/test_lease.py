@@ -168,14 +168,31 @@ def test_device_summary_counts_each_device_activity_once():
     assert device_summary(events, steps=2) == (12.0, 2.0)
 
 
+def test_timeline_lists_the_first_steps_kernels_in_start_order():
+    import torch
+
+    from gpuquant.bench.profile import timeline
+
+    class Ev:
+        def __init__(self, dev, start, end, name):
+            self.device_type, self.name = dev, name
+            self.time_range = type("R", (), {"start": start, "end": end})()
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = [Ev(cuda, 70, 75, "b"), Ev(cpu, 0, 50, "host"), Ev(cuda, 10, 17, "a"),
+              Ev(cuda, 110, 112, "b"), Ev(cuda, 100, 107, "a")]
+    lines = timeline(events, steps=2)
+    assert [ln.split() for ln in lines] == [["0", "7.0", "us", "a"], ["1", "5.0", "us", "b"]]
+
+
 @pytest.mark.gpu
 def test_profile_step_reports_on_the_gpu():
     import torch
 
     from gpuquant.bench.profile import profile_step
     a = torch.randn(256, 256, device="cuda")
-    lines = profile_step("mm", lambda: a @ a @ a)
+    lines = profile_step("mm", lambda: a @ a @ a, kernels=True)
     text = "\n".join(lines)
+    assert "every kernel of one step, in order" in text
     assert lines[0] == "## mm"
     # two matmuls: at least two kernels (cuBLAS may add its own, e.g. a split-K reduction)
     launches = float(next(ln for ln in lines if ln.startswith("kernel launches")).split()[-1])
