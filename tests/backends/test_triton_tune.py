@@ -204,7 +204,7 @@ _KEY_SCRIPT = r"""
 import json
 import torch
 from triton.runtime.autotuner import Autotuner
-from gpuquant.backends.triton import conv, depthwise, gemm
+from gpuquant.backends.triton import conv, depthwise, dynamic, gemm
 from gpuquant.backends.triton.standin import standin_cuda
 from gpuquant.dtypes import qint8
 from gpuquant.functional.requant import make_add_params, make_requant
@@ -234,19 +234,24 @@ with standin_cuda():
         if name == "conv":
             call(zp=3)
         out[name] = [list(map(str, k)) for k in table._TUNED["sm90"].cache]
+    xb, wq = torch.randn(1, 256), torch.randint(-127, 128, (64, 256), dtype=torch.int8)
+    for bias in (None, torch.randn(64)):  # the weight-only GEMM, with and without a bias
+        dynamic.linear_weight_only(xb, wq, torch.rand(64), bias, split_k=1)
+    out["weight_only"] = [list(map(str, k)) for k in dynamic._WO_KERNELS[False].cache]
 print("JSON" + json.dumps(out))
 """
 
 
 def test_autotune_key_holds_the_epilogue_and_the_zero_point(tmp_path):
     """The same shape with and without a fused residual add (or the saturating left shift,
-    or, for the conv's A loader, a nonzero zero point) is tuned separately: those compile to
+    or, for the conv's A loader, a nonzero zero point; the weight-only GEMM's bias) is
+    tuned separately: those compile to
     different register budgets (the residual add spills 303 registers a thread on the
     256x128 tile that is spill-free without it), so one shape's choice must not serve the
     other (resnet50's layer1 downsample and its first residual conv share M, N, K)."""
     from tests.compiled import run_json
     keys = run_json(_KEY_SCRIPT, tmp_path / "triton_cache", GPUQUANT_TRITON_TUNE="quick",
                     timeout=600)
-    for name, want in (("gemm", 3), ("conv", 4), ("depthwise", 3)):
+    for name, want in (("gemm", 3), ("conv", 4), ("depthwise", 3), ("weight_only", 2)):
         assert len(keys[name]) == want, (name, keys[name])
         assert len({tuple(k) for k in keys[name]}) == want

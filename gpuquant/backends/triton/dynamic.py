@@ -342,7 +342,7 @@ def _weight_only_kernel(interpret: bool):
         heur = triton.heuristics({"EVEN_K": _wo_even_k})(_linear_weight_only_kernel)
         k = heur if interpret else triton.autotune(
             configs=[_wo_config(t) for t in _WO_TILES + _WO_GEMV_TILES],
-            key=["M", "N", "K", "SPLIT_K"],
+            key=["M", "N", "K", "SPLIT_K", "HAS_BIAS"],  # the epilogue, as gemm.EPILOGUE_KEY
             prune_configs_by={"early_config_prune": _wo_prune})(heur)
         _WO_KERNELS[interpret] = k
     return k
