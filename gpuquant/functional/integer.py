@@ -245,6 +245,9 @@ def _pool_window(x, kernel_size, stride, padding, op: str, dilation=(1, 1),
     p = _pair(padding, "padding", op, allow_zero=True)
     if p[0] * 2 > k[0] or p[1] * 2 > k[1]:
         raise ValueError(f"{op}: padding {p} must be at most half the kernel size {k}")
+    if x.shape[1] == 0:  # (as torch's max / average pools: only the batch may be empty)
+        raise ValueError(f"{op}: x has no channels (shape {tuple(x.shape)}); only the batch "
+                         f"dimension may be empty")
     size = tuple(x.shape[2:])
     eff = tuple(d * (kk - 1) + 1 for d, kk in zip(dilation, k))
     slack = tuple(st - 1 for st in s) if ceil_mode else (0, 0)

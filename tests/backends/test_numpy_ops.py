@@ -444,6 +444,25 @@ def test_pool_window_without_output_raises_on_every_backend(kernel, stride, padd
                     qf.avg_pool2d(x, 3, kernel, stride, padding, ceil)
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 4, 4), (0, 0, 3, 3)])
+def test_pool_input_without_channels_raises_on_every_backend(shape):
+    """A max / average pool of an input with no channels is refused (as by torch's pools)
+    on every backend alike; the reference backend crashed in torch while the NumPy and
+    Triton ones returned an empty tensor. An empty batch still pools."""
+    x = _act(shape, torch.int8)
+    for b in _backends():
+        with backends.use(b):
+            with pytest.raises(ValueError, match=r"max_pool2d: x has no channels"):
+                qf.max_pool2d(x, 2, 2, 1, 1, True)
+            with pytest.raises(ValueError, match=r"avg_pool2d: x has no channels"):
+                qf.avg_pool2d(x, 3, 2, 2, 1, True, False)
+            empty_batch = _act((0, 3) + shape[2:], torch.int8)
+            assert qf.max_pool2d(empty_batch, 2).shape == (0, 3) + tuple(
+                n // 2 for n in shape[2:])
+            assert qf.avg_pool2d(empty_batch, 3, 2).shape == (0, 3) + tuple(
+                n // 2 for n in shape[2:])
+
+
 def test_requant_and_pool_clamp_ranges_are_checked():
     with pytest.raises(ValueError, match=r"zero point 300 is outside the qint8 range \[-128, 127\]"):
         make_requant(0.1, 0.01, 0.2, 300, qint8)
