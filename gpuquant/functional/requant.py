@@ -168,6 +168,18 @@ def _int_arg(v, what: str) -> int:
     return int(v.__index__())
 
 
+def _positive_scale(v, what: str) -> float:
+    """A scale argument (a Python / NumPy real, a one-element tensor or 0-d array) as a
+    float; ValueError naming ``what`` unless it is finite and > 0."""
+    try:
+        f = None if isinstance(v, (bool, str, bytes)) else float(v)
+    except (TypeError, ValueError):
+        f = None
+    if f is None or not 0.0 < f < float("inf"):
+        raise ValueError(f"{what} must be a finite float > 0, got {v!r}")
+    return f
+
+
 def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_dtype,
                  activation: str = "none") -> Requant:
     """Requant for ``acc`` in units of ``in_scale * w_scale`` to an output of ``out_scale``.
@@ -187,13 +199,7 @@ def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_d
     """
     dtype = get_dtype(out_dtype)
     out_zero_point = _int_arg(out_zero_point, "make_requant: out_zero_point")
-    try:  # a Python / NumPy real, a one-element tensor or 0-d array
-        f = None if isinstance(out_scale, (bool, str, bytes)) else float(out_scale)
-    except (TypeError, ValueError):
-        f = None
-    if f is None or not 0.0 < f < float("inf"):
-        raise ValueError(f"make_requant: out_scale must be a finite float > 0, got "
-                         f"{out_scale!r}")
+    _positive_scale(out_scale, "make_requant: out_scale")
     s_in = torch.as_tensor(in_scale, dtype=torch.float64).cpu()
     s_w = torch.as_tensor(w_scale, dtype=torch.float64).cpu()
     for what, v in (("in_scale", s_in), ("w_scale", s_w)):  # each, not just their product:
@@ -252,11 +258,8 @@ def make_add_params(a_scale: float, a_zp: int, b_scale: float, b_zp: int, out_sc
     ``s_i / (2 max(s_a, s_b))``, the sum by ``2 max(s_a, s_b) / (2^20 s_out)``."""
     a_zp, b_zp, out_zp = (_int_arg(v, f"make_add_params: {n}") for v, n in
                           ((a_zp, "a_zp"), (b_zp, "b_zp"), (out_zp, "out_zp")))
-    for v, n in ((a_scale, "a_scale"), (b_scale, "b_scale")):
-        f = float(v) if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool) \
-            else None
-        if f is None or not (0.0 < f < float("inf")):
-            raise ValueError(f"make_add_params: {n} must be a finite float > 0, got {v!r}")
+    for v, n in ((a_scale, "a_scale"), (b_scale, "b_scale")):  # (as make_requant's scales:
+        _positive_scale(v, f"make_add_params: {n}")               # NumPy reals too)
     left_shift, (ma, sa), (mb, sb), sum_scale = add_multipliers(a_scale, b_scale)
     out = make_requant(sum_scale, 1.0, out_scale, out_zp, out_dtype, activation)
     return AddParams(left_shift, int(a_zp), int(ma), int(sa), int(b_zp), int(mb), int(sb), out)

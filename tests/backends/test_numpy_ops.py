@@ -593,6 +593,24 @@ def test_make_requant_takes_numpy_scales():
     assert make_add_params(0.1, 0, 0.1, 0, np.float32(0.2), 0, qint8).left_shift == 20
 
 
+def test_make_add_params_takes_numpy_input_scales():
+    """The input scales as NumPy reals too (as the output scale and make_requant's): an
+    np.float32 a_scale was refused as "must be a finite float > 0, got 0.1" (found by
+    review); the parameters equal those of the same float."""
+    import numpy as np
+    from gpuquant.functional import make_add_params
+    want = make_add_params(float(np.float32(0.1)), 3, float(np.float32(0.2)), -4, 0.3, 5, qint8)
+    for a in (np.float32(0.1), np.array(0.1, dtype=np.float32)):
+        got = make_add_params(a, 3, np.float32(0.2), -4, 0.3, 5, qint8)
+        assert (got.a_multiplier, got.a_rshift) == (want.a_multiplier, want.a_rshift)
+        assert (got.b_multiplier, got.b_rshift) == (want.b_multiplier, want.b_rshift)
+        assert torch.equal(got.out.multiplier, want.out.multiplier)
+    for bad in (0.0, float("nan"), np.float32(-1.0), True, "x"):
+        with pytest.raises(ValueError, match=r"make_add_params: b_scale must be a finite "
+                                             r"float > 0"):
+            make_add_params(0.1, 0, bad, 0, 0.3, 0, qint8)
+
+
 def test_make_requant_checks_each_scale():
     """Two negative scales multiply to a positive multiplier: the layer's sign flipped
     silently (found by review); a NaN weight scale among per-channel ones is named."""
