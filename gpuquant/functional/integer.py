@@ -685,9 +685,10 @@ def avg_pool2d(x, zero_point, kernel_size, stride=None, padding=0, ceil_mode=Fal
     k, s, p = _pool_window(x, kernel_size, stride, padding, op, ceil_mode=bool(ceil_mode))
     if divisor_override is not None and (not isinstance(divisor_override, int)
                                          or isinstance(divisor_override, bool)
-                                         or divisor_override < 1):
-        raise ValueError(f"{op}: divisor_override must be None or a positive int, got "
-                         f"{divisor_override!r}")
+                                         or not 1 <= divisor_override < 2 ** 63):
+        # (an int64, as torch's: Triton read 2^63 as a negative divisor, 127 everywhere)
+        raise ValueError(f"{op}: divisor_override must be None or a positive int below 2^63, "
+                         f"got {divisor_override!r}")
     qmin, qmax = _clamp_range(x.dtype, qmin, qmax, op)
     return get_op("avg_pool2d", x)(x, zp, k, s, p, bool(ceil_mode), bool(count_include_pad),
                                    divisor_override, qmin, qmax)

@@ -571,8 +571,8 @@ def test_pool_bounds_are_integers_and_relu6_tiny_scales():
         GF.avg_pool2d(x, 0, 2, qmin=1.5)
     with pytest.raises(TypeError, match="adaptive_avg_pool2d: qmax must be an int, got True"):
         GF.adaptive_avg_pool2d(x, 0, 1, qmax=True)
-    with pytest.raises(ValueError, match="divisor_override must be None or a positive int, got "
-                                         "True"):
+    with pytest.raises(ValueError, match="divisor_override must be None or a positive int "
+                                         "below 2\\^63, got True"):
         GF.avg_pool2d(x, 0, 2, divisor_override=True)
     assert GF.avg_pool2d(x, 0, 2, qmin=2.0).min() == 2  # an integral float is that integer
     rq = make_requant(1e-38, 1.0, 1e-38, 3, qint8, "relu6")
@@ -591,6 +591,21 @@ def test_make_requant_takes_numpy_scales():
     assert torch.equal(b.multiplier, c.multiplier)  # (np.float32(0.05) is another number)
     assert a.multiplier.dtype == torch.int32 and int(a.rshift) == int(c.rshift)
     assert make_add_params(0.1, 0, 0.1, 0, np.float32(0.2), 0, qint8).left_shift == 20
+
+
+@pytest.mark.parametrize("divisor", [2 ** 63, 2 ** 64])
+def test_avg_pool_divisor_override_past_int64_refused_on_every_backend(divisor):
+    """A divisor_override beyond int64 (torch refuses it too) is a ValueError on every
+    backend; Triton had read 2^63 as a negative divisor and returned 127 everywhere, NumPy
+    raised an OverflowError, the reference gave -128 (found by review). 2^63 - 1 pools."""
+    x = _act((2, 3, 6, 6), torch.int8)
+    for b in _backends():
+        with backends.use(b):
+            with pytest.raises(ValueError, match=r"divisor_override must be None or a "
+                                                 r"positive int below 2\^63"):
+                qf.avg_pool2d(x, -128, 3, 1, 1, False, True, divisor)
+            assert bool((qf.avg_pool2d(x, -128, 3, 1, 1, False, True, 2 ** 63 - 1)
+                         == -128).all())
 
 
 def test_make_add_params_takes_numpy_input_scales():
