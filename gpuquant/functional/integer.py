@@ -141,6 +141,7 @@ __all__ += ["conv2d", "linear", "add", "mul", "concat", "max_pool2d", "avg_pool2
             "layer_checks", "layer_checked"]
 
 _ACT_DTYPES = (torch.int8, torch.uint8)
+_GEOMETRY_MAX = 2 ** 31 - 1  # kernel sizes, strides, paddings, dilations, output sizes
 
 
 def _check_act(x, op: str, what: str = "x") -> None:
@@ -193,13 +194,17 @@ def _same_device(op: str, *ts) -> None:
 
 def _pair(v, what: str, op: str, allow_zero: bool = False) -> tuple:
     if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int \
-            and min(v) >= (0 if allow_zero else 1):
+            and min(v) >= (0 if allow_zero else 1) and max(v) <= _GEOMETRY_MAX:
         return v  # the modules' own (validated) pairs: the common case, no further checks
     t = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
     if len(t) != 2 or any(isinstance(a, bool) or not isinstance(a, int) for a in t):
         raise TypeError(f"{op}: {what} must be an int or a pair of ints, got {v!r}")
     if any(a < (0 if allow_zero else 1) for a in t):
         raise ValueError(f"{op}: {what} must be >= {0 if allow_zero else 1}, got {v!r}")
+    if any(a > _GEOMETRY_MAX for a in t):
+        # (torch's pools take C ints; past them the backends parted: torch's RuntimeError,
+        # a result from NumPy, an int64 / int32 mix-up in a Triton kernel)
+        raise ValueError(f"{op}: {what} must be at most 2^31 - 1, got {v!r}")
     return t
 
 

@@ -463,6 +463,31 @@ def test_pool_input_without_channels_raises_on_every_backend(shape):
                 n // 2 for n in shape[2:])
 
 
+@pytest.mark.parametrize("big", [2 ** 31, 2 ** 63])
+def test_geometry_past_int32_refused_on_every_backend(big):
+    """Strides / dilations past 2^31 - 1 are a ValueError on every backend (found by
+    review): torch's pools (the reference) raised a RuntimeError or TypeError, NumPy
+    returned a result, Triton's conv an interpreter error for a stride of 2^31. At
+    2^31 - 1 every backend gives the same bytes."""
+    x = _act((2, 3, 6, 6), torch.int8)
+    w = torch.ones(4, 3, 1, 1, dtype=torch.int8)
+    rq = _requant(4, qint8)
+    calls = {"max_pool2d stride": lambda s: qf.max_pool2d(x, 2, s, 1, 1, True),
+             "max_pool2d dilation": lambda d: qf.max_pool2d(x, 1, 1, 0, d),
+             "avg_pool2d stride": lambda s: qf.avg_pool2d(x, 0, 2, s),
+             "conv2d stride": lambda s: qf.conv2d(x, 0, w, None, s, 0, 1, 1, rq),
+             "conv2d dilation": lambda d: qf.conv2d(x, 0, w, None, 1, 0, d, 1, rq)}
+    for what, call in calls.items():
+        outs = []
+        for b in _backends():
+            with backends.use(b):
+                with pytest.raises(ValueError, match=rf"{what.replace(' ', ': ')} must be at "
+                                                     rf"most 2\^31 - 1"):
+                    call(big)
+                outs.append(call(2 ** 31 - 1))
+        assert all(torch.equal(o, outs[0]) for o in outs), what
+
+
 def test_requant_and_pool_clamp_ranges_are_checked():
     with pytest.raises(ValueError, match=r"zero point 300 is outside the qint8 range \[-128, 127\]"):
         make_requant(0.1, 0.01, 0.2, 300, qint8)
