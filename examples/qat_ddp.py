@@ -53,7 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="checkpoint file, written after every epoch")
     p.add_argument("--resume", action="store_true", help="continue from --ckpt")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.resume and not args.ckpt:
+        p.error("--resume needs --ckpt (the checkpoint file the interrupted run wrote)")
+    return args
 
 
 def setup():

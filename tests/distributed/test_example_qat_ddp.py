@@ -44,3 +44,11 @@ def test_example_trains_converts_and_resumes_bit_identically(tmp_path):
             assert v == b["model"][k], k  # switches (extra state)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_example_resume_without_a_checkpoint_is_a_usage_error(capsys):
+    """docs/DISTRIBUTED.md: 'run the same command with --resume'; the CPU command has no
+    --ckpt, so that must say what is missing, not fail in load_checkpoint(None)."""
+    with pytest.raises(SystemExit) as e:
+        _example().parse_args(["--epochs", "3", "--resume"])
+    assert e.value.code == 2 and "--resume needs --ckpt" in capsys.readouterr().err
