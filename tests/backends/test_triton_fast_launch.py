@@ -184,6 +184,17 @@ def test_linear_host_time_runs_on_the_standin(tmp_path):
     assert all(v > 0 for v in r.values())
 
 
+def test_standin_command_under_the_interpreter_is_a_usage_error(monkeypatch, capsys):
+    """README: ``env -u TRITON_INTERPRET python -m gpuquant.backends.triton.standin ...``;
+    with TRITON_INTERPRET left set (as the test shells have it) the command says so and
+    exits 2, instead of a RuntimeError traceback from standin_cuda."""
+    pytest.importorskip("triton")
+    from gpuquant.backends.triton import common, standin
+    monkeypatch.setattr(common, "INTERPRET", True)
+    assert standin.main(["--linear"]) == 2
+    assert "env -u TRITON_INTERPRET" in capsys.readouterr().err
+
+
 def test_plans_pass_launch_hooks_only_when_there_is_one_to_call():
     """Triton 3.6 / 3.9 keep an empty HookChain as the launch hooks (never None); a plan
     passes None for it (no metadata built, no call from the launcher), and the chain itself

@@ -421,6 +421,12 @@ def main(argv=None) -> int:
         print(f"standin: unknown argument {bad[0]!r}; models: {sorted(models._BUILDERS)}\n"
               f"{_USAGE}", file=sys.stderr)
         return 2
+    from . import common
+    if common.INTERPRET:  # standin_cuda would raise: say how to run it instead
+        print("standin: TRITON_INTERPRET is set (the interpreter replaces the jitted kernels); "
+              "run: env -u TRITON_INTERPRET python -m gpuquant.backends.triton.standin "
+              f"{' '.join(argv)}".rstrip(), file=sys.stderr)
+        return 2
     if argv and argv[0] == "--linear":
         for name, us in linear_host_time().items():
             print(f"decode Linear (1 x 64 x 64, bf16), {name}: host {us:.1f} us")
