@@ -259,7 +259,28 @@ def _parse(argv) -> argparse.Namespace:
         p.error(f"--cap: seconds must be a number, got {caps}")
     if any(not v > 0 for v in args.cap_map.values()):
         p.error(f"--cap: seconds must be positive, got {args.cap_map}")
+    _check_suite_args(args, p)
     return args
+
+
+def _check_suite_args(args, p) -> None:
+    """What a suite stage's ``gpuquant bench --where / --skip`` would refuse (exit 2: a
+    malformed --where, a param or a provider the suite lacks), refused now: not after the
+    stages before it have spent the lease."""
+    from . import _argument_problem, parse_where
+    from .suites import registered, suite_device
+    for stage in sorted(set(args.where_map) | set(args.skip_map)):
+        if stage not in registered():
+            continue
+        try:
+            where = parse_where(args.where_map.get(stage))
+        except ValueError as e:
+            p.error(f"{stage}: {e}")
+        skip = [s.strip() for s in args.skip_map.get(stage, "").split(",") if s.strip()]
+        why = _argument_problem([stage], {stage: suite_device(stage)}, skip, where,
+                                not args.full_sizes, True)
+        if why is not None:
+            p.error(f"{stage}: {why}")
 
 
 def _env_report(path: str) -> str:

@@ -141,6 +141,22 @@ def test_lease_rejects_bad_per_stage_arguments(args, msg, capsys):
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["--where", "gemm:m"], "gemm: --where: expected NAME=VALUE"),
+    (["--where", "gemm:model=resnet50"], "gemm: --where: suite 'gemm' has no param 'model'"),
+    (["--skip", "conv:gpuquant-trtion"], "conv: --skip: no suite run here has a provider"),
+])
+def test_lease_checks_a_suites_where_and_skip_before_any_stage_runs(args, msg, tmp_path,
+                                                                    monkeypatch, capsys):
+    """A --where / --skip the suite's gpuquant bench would refuse (exit 2) is refused when
+    the lease starts, not when its stage comes up after the tests and the other suites."""
+    ran = []
+    monkeypatch.setattr(lease, "_run_stage", lambda *a, **k: ran.append(a) or ("passed", 0, 0.0))
+    with pytest.raises(SystemExit) as e:
+        lease.main(["--out", str(tmp_path / "o"), "--budget", "500"] + args)
+    assert e.value.code == 2 and msg in capsys.readouterr().err and not ran
+
+
 def test_profile_refuses_without_a_gpu_and_bad_arguments(tmp_path, capsys):
     from gpuquant.bench import profile
     if not __import__("torch").cuda.is_available():
