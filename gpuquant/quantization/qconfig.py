@@ -33,6 +33,7 @@ Presets (decisions, with the reason):
 """
 from __future__ import annotations
 
+import inspect
 from collections import namedtuple
 from functools import partial
 
@@ -90,6 +91,29 @@ class QConfig(namedtuple("QConfig", _FIELDS)):
                 raise TypeError(f"QConfig.{name} must be a factory (a class or functools.partial) "
                                 f"or None, got {type(v).__name__} ({v!r})")
         return super().__new__(cls, *values)
+
+    def without_host_reads(self) -> "QConfig":
+        """This QConfig with ``check_finite=False`` on both observers: a training step then
+        reads nothing back to the host (on CUDA, each non-finite check is one scalar read,
+        a stall of the launch queue), so the whole QAT step can be captured in a CUDA graph
+        (README, "Triton QAT kernels"). A NaN / Inf batch is then skipped and counted by
+        the observer instead of raising.
+
+        Raises:
+            TypeError: an observer factory that takes no ``check_finite`` argument.
+        """
+        def off(name):
+            f = getattr(self, name)
+            if f is None:
+                return None
+            try:
+                inspect.signature(f).bind_partial(check_finite=False)
+            except (TypeError, ValueError):
+                raise TypeError(f"QConfig.without_host_reads: {name} ({f!r}) takes no "
+                                f"check_finite argument") from None
+            return partial(f, check_finite=False)
+        return self._replace(weight_observer=off("weight_observer"),
+                             act_observer=off("act_observer"))
 
     @classmethod
     def _make(cls, iterable) -> "QConfig":

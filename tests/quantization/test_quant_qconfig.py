@@ -100,3 +100,39 @@ def test_lowbit_preset_is_four_bit():
     qc = gq.ema_lowbit_fakequant_qconfig
     assert qc.weight_observer().dtype is gpuquant.qint4
     assert qc.act_observer().dtype is gpuquant.quint4
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_without_host_reads_turns_the_observers_finite_check_off(name):
+    """Every preset's observers built from ``without_host_reads()`` skip the non-finite
+    check (the one host read a step makes) and keep every other argument; a NaN batch is
+    then dropped, not raised; fake quants and None fields stay as they were."""
+    qc = getattr(gq, name)
+    off = qc.without_host_reads()
+    assert isinstance(off, QConfig)
+    assert (off.weight_fake_quant, off.act_fake_quant) == (qc.weight_fake_quant,
+                                                           qc.act_fake_quant)
+    for field in ("weight_observer", "act_observer"):
+        before, after = getattr(qc, field), getattr(off, field)
+        if before is None:
+            assert after is None
+            continue
+        a, b = before(), after()
+        assert a.check_finite and not b.check_finite
+        assert (type(a), a.dtype, a.symmetric, a.axis) == (type(b), b.dtype, b.symmetric,
+                                                            b.axis)
+    if isinstance(off.act_observer(), PassiveObserver):
+        return  # reads no data
+    nan = torch.tensor([1.0, float("nan")])
+    off.act_observer()(nan)  # dropped
+    with pytest.raises(ValueError):
+        qc.act_observer()(nan)
+
+
+def test_without_host_reads_refuses_an_observer_without_the_argument():
+    class Plain(torch.nn.Module):
+        def __init__(self, dtype=None):
+            super().__init__()
+
+    with pytest.raises(TypeError, match="act_observer .* takes no check_finite"):
+        QConfig(act_observer=Plain).without_host_reads()

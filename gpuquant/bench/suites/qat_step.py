@@ -42,7 +42,6 @@ Run on a GPU: ``gpuquant bench qat_step --out bench/results/<device-slug>``.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Dict, List
 
 import torch
@@ -81,16 +80,8 @@ def _gpuquant_model(name: str, narrow: bool = False) -> torch.nn.Module:
 
 def qat_qconfig():
     """``ema_fakequant_qconfig`` with ``check_finite=False`` (no host sync in the step)."""
-    from ...dtypes import qint8, qint8_narrow
-    from ...quantization import (ExponentialMovingAverageObserver, FakeQuantize,
-                                 MinMaxObserver, QConfig)
-    return QConfig(
-        weight_observer=partial(MinMaxObserver, dtype=qint8_narrow, symmetric=True, axis=0,
-                                check_finite=False),
-        act_observer=partial(ExponentialMovingAverageObserver, momentum=0.9, dtype=qint8,
-                             symmetric=True, check_finite=False),
-        weight_fake_quant=partial(FakeQuantize, dtype=qint8_narrow),
-        act_fake_quant=partial(FakeQuantize, dtype=qint8))
+    from ...quantization import ema_fakequant_qconfig
+    return ema_fakequant_qconfig.without_host_reads()
 
 
 def _build_float(name, device):
