@@ -208,10 +208,10 @@ def _pair(v, what: str, op: str, allow_zero: bool = False) -> tuple:
     return t
 
 
-def _check_nchw(x, op: str) -> None:
+def _check_nchw(x, op: str, allowed: str = "4-D (N, C, H, W)") -> None:
     _check_act(x, op)
     if x.dim() != 4:
-        raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must be {allowed}, got shape {tuple(x.shape)}")
 
 
 def _check_weight(weight, ndim: int, op: str) -> None:
@@ -283,7 +283,7 @@ def _conv_args(op, x, x_zero_point, weight, bias, stride, padding, dilation, gro
                w_absmax, bias_absmax):
     """Checks of :func:`conv2d` (shared by the fused forms); returns the zero point, the
     stride, padding and dilation pairs and the output shape ``(N, O, Ho, Wo)``."""
-    _check_nchw(x, op)
+    _check_nchw(x, op, "4-D (N, C, H, W) or 3-D unbatched (C, H, W)")
     zp = _check_zp(x_zero_point, x.dtype, op)
     _check_weight(weight, 4, op)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
@@ -318,7 +318,8 @@ def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, group
     """Integer 2-D convolution: ``requant(sum((x - zp_x) * w) + bias)``.
 
     Args:
-        x: int8 / uint8 ``(N, C, H, W)`` (channels_last memory preferred).
+        x: int8 / uint8 ``(N, C, H, W)`` (channels_last memory preferred), or unbatched
+            ``(C, H, W)``, run as a batch of 1 (as ``torch.nn.functional.conv2d`` does).
         x_zero_point: the input's zero point (int).
         weight: int8 ``(O, C / groups, kh, kw)`` (symmetric, zero point 0).
         bias: int32 ``(O,)`` or None, in units of ``s_x * s_w[o]``.
@@ -330,7 +331,8 @@ def conv2d(x, x_zero_point, weight, bias, stride=1, padding=0, dilation=1, group
             default: read from the tensors.
 
     Returns:
-        ``(N, O, Ho, Wo)`` tensor of ``rq.dtype.storage`` in channels_last memory.
+        ``(N, O, Ho, Wo)`` tensor of ``rq.dtype.storage`` in channels_last memory
+        (``(O, Ho, Wo)``, that batch of 1 without its batch dimension, for a 3-D ``x``).
 
     Raises:
         TypeError: wrong dtypes or argument types.
@@ -349,6 +351,8 @@ def layer_checks(base: str, epilogue: str, x, x_zero_point, weight, bias, rq,
     dilation, groups) for conv2d. Returns the ``checked`` value :func:`layer_checked`
     takes: the op's arguments after ``x`` and the output shape."""
     op = base + ("_" + epilogue if epilogue else "")
+    if _unbatched(base, x):
+        x = x.unsqueeze(0)
     if base == "conv2d":
         stride, padding, dilation, groups = conv_args
         zp, stride, padding, dilation, shape = _conv_args(
@@ -365,6 +369,8 @@ def layer_checked(base: str, epilogue: str, x, checked, *extra):
     :func:`layer_checks` gave ``checked`` for an input of ``x``'s shape, dtype and device.
     A quantized module keeps ``checked`` per input shape (its weights are constants), so
     a call costs the host only the dispatch."""
+    if _unbatched(base, x):
+        return _unbatched_conv(epilogue, x, checked, extra)
     args, shape = checked
     args = (x,) + args
     if not epilogue:
@@ -386,6 +392,25 @@ def layer_checked(base: str, epilogue: str, x, checked, *extra):
     (scale,) = extra
     _check_scale(op, scale)
     return _compose_or_fused(op, base, x, True, args + (scale,))
+
+
+def _unbatched(base: str, x) -> bool:
+    """Whether ``x`` is an unbatched ``(C, H, W)`` input of conv2d (or a fused form)."""
+    return base == "conv2d" and isinstance(x, torch.Tensor) and x.dim() == 3
+
+
+def _unbatched_conv(epilogue: str, x, checked, extra):
+    """:func:`layer_checked` of conv2d on an unbatched ``(C, H, W)`` ``x``, as torch's conv2d
+    runs one: the batch of 1 ``x[None]`` (the same bytes), its output without the batch
+    dimension. A residual of at most 3 dimensions is given one too; a 4-D residual
+    broadcasts the output to its own batch, which is kept (as torch's add of the two)."""
+    squeeze = True
+    if epilogue == "add" and extra and isinstance(extra[0], torch.Tensor):
+        squeeze = extra[0].dim() <= 3
+        if squeeze:
+            extra = (extra[0].unsqueeze(0),) + tuple(extra[1:])
+    y = layer_checked("conv2d", epilogue, x.unsqueeze(0), checked, *extra)
+    return y.squeeze(0) if squeeze else y
 
 
 def _linear_args(op, x, x_zero_point, weight, bias, rq, w_absmax, bias_absmax):

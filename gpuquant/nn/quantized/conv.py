@@ -46,7 +46,9 @@ def _geometry(v, name: str, minimum: int) -> tuple:
 
 
 class Conv2d(WeightedModule):
-    """Integer ``Conv2d``: ``forward(x)`` with ``x`` int8 / uint8 ``(N, C, H, W)``.
+    """Integer ``Conv2d``: ``forward(x)`` with ``x`` int8 / uint8 ``(N, C, H, W)``, or
+    unbatched ``(C, H, W)`` as ``torch.nn.Conv2d`` takes it (run as a batch of 1, the same
+    bytes; the output without the batch dimension).
 
     Built by :meth:`from_qat_module` (or :func:`gpuquant.quantization.quantize`); the
     constructor makes an empty module of the right shapes (for ``load_state_dict``).

@@ -61,6 +61,7 @@ class DequantStub(QuantizedModule):
 
 def float_layout(y):
     """A float result leaving the int8 part of a network in the layout the float and QAT
-    models give (contiguous NCHW), not the int8 activations' channels_last: float code after
-    it (``y.view(y.size(0), -1)``) runs on all three unchanged."""
-    return y.contiguous() if y.dim() == 4 else y
+    models give (contiguous NCHW, or CHW for an unbatched conv's output), not the int8
+    activations' channels_last: float code after it (``y.view(y.size(0), -1)``) runs on all
+    three unchanged."""
+    return y.contiguous() if y.dim() in (3, 4) else y
