@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["QuantDtype", "qint8", "qint8_narrow", "quint8", "qint4", "quint4", "qint32",
-           "ALL_DTYPES", "get_dtype"]
+           "ALL_DTYPES", "OBSERVED_DTYPES", "get_dtype", "observed_dtype"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,11 @@ quint4 = QuantDtype("quint4", 0, 15, torch.uint8)
 qint32 = QuantDtype("qint32", -(2 ** 31), 2 ** 31 - 1, torch.int32)
 
 ALL_DTYPES = (qint8, qint8_narrow, quint8, qint4, quint4, qint32)
+#: the dtypes observers and fake quants take: the activations' and the weights' (the
+#: contract's dtype table). qint32 is the bias's, which conversion quantizes from the input
+#: and weight scales and nothing observes: a model trained with a qint32 observer or fake
+#: quant has no int8 form (quantize refused it only after training).
+OBSERVED_DTYPES = (qint8, qint8_narrow, quint8, qint4, quint4)
 _BY_NAME = {d.name: d for d in ALL_DTYPES}
 
 
@@ -67,3 +72,19 @@ def get_dtype(dtype) -> QuantDtype:
         raise ValueError(f"unknown quantized dtype {dtype!r}; allowed: {sorted(_BY_NAME)}")
     raise TypeError(f"dtype must be a gpuquant.QuantDtype or its name, got {type(dtype).__name__} "
                     f"({dtype!r}); allowed: {sorted(_BY_NAME)}")
+
+
+def observed_dtype(dtype, who: str) -> QuantDtype:
+    """:func:`get_dtype` of the ``dtype`` argument of an observer or fake quant (``who``), one
+    of :data:`OBSERVED_DTYPES`.
+
+    Raises:
+        TypeError, ValueError: as :func:`get_dtype`; ValueError also for another dtype
+            (qint32), naming it and the allowed ones.
+    """
+    d = get_dtype(dtype)
+    if d not in OBSERVED_DTYPES:
+        raise ValueError(f"{who}: dtype {d.name} is not an activation or weight dtype (qint32 "
+                         f"is the bias's, quantized at conversion, never observed); allowed: "
+                         f"{[a.name for a in OBSERVED_DTYPES]}")
+    return d

@@ -56,7 +56,7 @@ from .._compile import EagerUnderCompile, eager_under_compile
 from .._tensors import keep_dtype
 from .. import functional as F
 from ..backends.registry import find_op, try_op
-from ..dtypes import get_dtype, qint8
+from ..dtypes import observed_dtype, qint8
 from ..qparams import _MIN_SCALE, QParams
 from .._checks import check_bool
 
@@ -296,12 +296,16 @@ class FakeQuantBase(EagerUnderCompile, nn.Module):
     or None (qparams come from the observer).
 
     Args:
-        dtype: the quantized dtype simulated.
+        dtype: the quantized dtype simulated: one of ``gpuquant.dtypes.OBSERVED_DTYPES`` (not
+            qint32, the bias's).
+
+    Raises:
+        ValueError: another dtype (qint32), or an unknown name; TypeError: not a dtype.
     """
 
     def __init__(self, dtype=qint8):
         super().__init__()
-        self.dtype = get_dtype(dtype)
+        self.dtype = observed_dtype(dtype, type(self).__name__)
         self.enabled = True
 
     def _apply(self, fn, recurse=True):

@@ -51,7 +51,7 @@ from .._compile import EagerUnderCompile, eager_under_compile
 from .._tensors import keep_dtype
 from .._checks import check_bool
 from ..distributed import check_group
-from ..dtypes import QuantDtype, get_dtype, qint8
+from ..dtypes import QuantDtype, get_dtype, observed_dtype, qint8
 from ..qparams import QParams
 
 __all__ = ["Observer", "MinMaxObserver", "ExponentialMovingAverageObserver", "HistogramObserver",
@@ -167,7 +167,8 @@ class Observer(EagerUnderCompile, nn.Module):
     ``self._observed = True`` in ``_record`` once something usable was recorded.
 
     Args:
-        dtype: the quantized dtype the qparams are for (QuantDtype or its name).
+        dtype: the quantized dtype the qparams are for (QuantDtype or its name): one of
+            ``gpuquant.dtypes.OBSERVED_DTYPES`` (not qint32, the bias's).
         symmetric: symmetric range (zero point fixed) or affine.
         axis: None for per-tensor, an int for per-channel.
         check_finite: raise on NaN/Inf input (one scalar host read per recorded batch);
@@ -175,12 +176,13 @@ class Observer(EagerUnderCompile, nn.Module):
 
     Raises:
         TypeError: bad argument types.
+        ValueError: a dtype outside ``OBSERVED_DTYPES`` (qint32).
     """
 
     def __init__(self, dtype=qint8, symmetric: bool = True, axis: Optional[int] = None,
                  check_finite: bool = True):
         super().__init__()
-        self.dtype = get_dtype(dtype)
+        self.dtype = observed_dtype(dtype, type(self).__name__)
         if not isinstance(symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__} ({symmetric!r})")
         self.symmetric = symmetric

@@ -404,6 +404,31 @@ def test_flags_must_be_bools(make, arg):
         make()
 
 
+_DTYPE_USERS = [MinMaxObserver, ExponentialMovingAverageObserver, HistogramObserver,
+                gpuquant.quantization.PassiveObserver, gpuquant.quantization.SyncMinMaxObserver,
+                gpuquant.quantization.SyncExponentialMovingAverageObserver, FakeQuantize, LSQ,
+                TQT]
+
+
+@pytest.mark.parametrize("cls", _DTYPE_USERS, ids=lambda c: c.__name__)
+def test_observers_and_fake_quants_refuse_qint32(cls):
+    """qint32 is the bias's dtype (quantized at conversion, never observed): an observer or
+    fake quant of it trained a model quantize() refused only afterwards. Refused at
+    construction, naming the dtype and the allowed ones; the others are taken."""
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: dtype qint32 is not an activation "
+                                         r"or weight dtype .*allowed: \['qint8', "
+                                         r"'qint8_narrow', 'quint8', 'qint4', 'quint4'\]"):
+        cls(dtype=gpuquant.qint32)
+    with pytest.raises(ValueError, match="dtype qint32"):
+        cls(dtype="qint32")
+    for d in gpuquant.dtypes.OBSERVED_DTYPES:
+        assert cls(dtype=d).dtype is d
+    # the functional ops keep taking qint32 qparams (the bias grid, int32 outputs)
+    qp = QParams(gpuquant.qint32, 0.5, 12345)
+    x = torch.randn(9) * 100
+    assert torch.equal(gpuquant.functional.fake_quant(x, qp), torch.round(x / 0.5) * 0.5)
+
+
 def test_freeze_bn_stats_flag_must_be_a_bool():
     import gpuquant.nn as gnn
     from gpuquant.quantization import quantize_qat
