@@ -39,7 +39,9 @@ class Module(torch.nn.Module):
         :func:`~gpuquant.quantization.quantize`; returns the module.
 
         Put a ``DequantStub`` before and a ``QuantStub`` after a float island inside a
-        quantized network, as the quantized neighbours exchange int8 tensors.
+        quantized network, as the quantized neighbours exchange int8 tensors. Marked in a
+        QAT model (after ``quantize_qat``), a QAT module keeps its quantizers there and
+        ``quantize`` turns it back into its float class, with its trained weights.
 
         Raises:
             TypeError: ``value`` is not a bool.

@@ -50,6 +50,7 @@ def _derive(src_ns, dst_ns) -> Dict[type, type]:
 
 _QAT_MAP = _derive(Float, QAT)
 _QUANTIZED_MAP = _derive(QAT, Quantized)
+_FLOAT_MAP = {q: f for f, q in _QAT_MAP.items()}  # QAT class -> its float class
 
 
 def get_qat_mapping() -> Dict[type, type]:
@@ -89,6 +90,22 @@ def _disabled(m) -> bool:
 
 def _where(name: str, m) -> str:
     return f"module {name or '<root>'!r} ({type(m).__name__})"
+
+
+def _convert_children(m, name: str, convert, swaps: list):
+    """``convert(child, qualified name)`` of each child of ``m`` (once for a module under two
+    names of ``m``: one converted module for both); ``(m, child name, new child)`` appended
+    to ``swaps`` where it returns another module. Returns ``m``."""
+    done = {}
+    for child_name, child in list(m._modules.items()):  # (named_children skips aliases)
+        if child is None:
+            continue
+        if id(child) not in done:
+            done[id(child)] = convert(child, f"{name}.{child_name}" if name else child_name)
+        new = done[id(child)]
+        if new is not child:
+            swaps.append((m, child_name, new))
+    return m
 
 
 def _qconfig_of(m, name: str, inherited: QConfig) -> QConfig:
@@ -194,17 +211,7 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
             raise TypeError(f"quantize_qat: module {name or '<root>'!r} of type "
                             f"{type(m).__name__} has no QAT version in the mapping; pass "
                             f"mapping={{{type(m).__name__}: ...}} or call disable_quantize() on it")
-        done = {}  # one module under two names of this parent: one QAT module for both
-        for child_name, child in list(m._modules.items()):  # (named_children skips aliases)
-            if child is None:
-                continue
-            if id(child) not in done:
-                done[id(child)] = convert(child, f"{name}.{child_name}" if name else child_name,
-                                          qc)
-            new = done[id(child)]
-            if new is not child:
-                swaps.append((m, child_name, new))
-        return m
+        return _convert_children(m, name, lambda c, n: convert(c, n, qc), swaps)
 
     out = convert(module, "", qconfig)
     for parent, child_name, new in swaps:
@@ -228,6 +235,9 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
     The QAT model must have run forward passes (calibration or training): observers need
     data, and each module's input qparams are those of the module that fed it then.
 
+    Modules marked with ``disable_quantize()`` stay float; a QAT module marked after
+    :func:`quantize_qat` goes back to its float class (its trained weights, no quantizers).
+
     Args:
         module: the QAT model.
         mapping: QAT class -> quantized class (default: derived from the class names).
@@ -237,11 +247,12 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
         The quantized model (use the return value).
 
     Raises:
-        TypeError: a bad mapping or inplace, or a QAT module whose class is not in the
-            mapping (named).
+        TypeError: a bad mapping or inplace, a QAT module whose class is not in the
+            mapping, or one marked with ``disable_quantize()`` whose class has no known float
+            class (named).
         ValueError: no QAT module in the model (call :func:`quantize_qat` first), a module
-            not observed yet, or one fed by a float op (named in the message). A failure
-            leaves ``module`` unchanged.
+            not observed yet, or one fed by a float op or by a module kept float (named in
+            the message). A failure leaves ``module`` unchanged.
 
     Example:
         >>> int8_model = quantize(qat_model)
@@ -258,8 +269,10 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
         module = copy.deepcopy(module)
 
     def convert(m, name: str):
-        if _disabled(m) or isinstance(m, QuantizedModule):
+        if isinstance(m, QuantizedModule):
             return m
+        if _disabled(m):
+            return keep_float(m, name)
         if isinstance(m, QATModule):
             cls = mapping.get(type(m))
             if cls is None:
@@ -282,16 +295,23 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
                 if name and repr(name) not in msg:
                     msg = f"module {name!r} ({type(m).__name__}): {msg}"
                 raise ValueError(f"quantize: {msg}") from e
-        done = {}  # one module under two names of this parent: one quantized module
-        for child_name, child in list(m._modules.items()):  # (named_children skips aliases)
-            if child is None:
-                continue
-            if id(child) not in done:
-                done[id(child)] = convert(child, f"{name}.{child_name}" if name else child_name)
-            new = done[id(child)]
-            if new is not child:
-                swaps.append((m, child_name, new))
-        return m
+        return _convert_children(m, name, convert, swaps)
+
+    def keep_float(m, name: str):
+        # disable_quantize() keeps m float; a QAT module in it was marked after quantize_qat
+        # and goes back to its float class (it was left QAT in the int8 model, where its
+        # float conv met the int8 activations: 'Input type (signed char) and bias type
+        # (float) should be the same')
+        if isinstance(m, QATModule):
+            cls = _FLOAT_MAP.get(type(m))
+            if cls is None:
+                raise TypeError(f"quantize: {_where(name, m)} is marked with "
+                                f"disable_quantize() but its QAT class has no known float "
+                                f"class (known: {sorted(c.__name__ for c in _FLOAT_MAP)}); "
+                                f"mark it before quantize_qat")
+            return m.to_float_module(cls)
+        return m if isinstance(m, QuantizedModule) else _convert_children(m, name, keep_float,
+                                                                           swaps)
 
     # every module converts before any is swapped in: a failure leaves the QAT model as it
     # was (trainable, convertible once fixed), as quantize_qat does

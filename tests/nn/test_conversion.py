@@ -177,6 +177,58 @@ def test_disable_quantize_keeps_float():
         m.disable_quantize("yes")
 
 
+class FloatHead(gnn.Module):
+    """A quantized conv, a ConvBn2d head between stubs (``stubs``) or fed and read directly
+    by quantized modules, a quantized tail conv."""
+
+    def __init__(self, stubs=True):
+        super().__init__()
+        self.q, self.c = gnn.QuantStub(), gnn.ConvRelu2d(3, 4, 3)
+        self.dq, self.q2 = (gnn.DequantStub(), gnn.QuantStub()) if stubs else (None, None)
+        self.head = gnn.ConvBn2d(4, 5, 1)
+        self.tail, self.out = gnn.Conv2d(5, 2, 1), gnn.DequantStub()
+
+    def forward(self, x):
+        y = self.c(self.q(x))
+        y = self.q2(self.head(self.dq(y))) if self.q2 is not None else self.head(y)
+        return self.out(self.tail(y))
+
+
+def test_disable_quantize_after_quantize_qat_keeps_the_module_float():
+    """disable_quantize() on a module of a QAT model: quantize() left the QAT module in the
+    int8 model (fake-quantizing, its observers recording); without stubs around it the int8
+    model failed at its first call ('Input type (signed char) and bias type (float) should
+    be the same'). It goes back to its float class with the trained weights, as a module
+    marked before quantize_qat stays float; without stubs, quantize names the module that
+    reads it."""
+    x = torch.randn(4, 3, 7, 6)
+    qat = quantize_qat(randomize_bn(FloatHead()).eval())
+    with torch.no_grad():
+        qat(x)
+    assert qat.head.disable_quantize() is qat.head
+    int8 = quantize(qat, inplace=False)
+    head = int8.head
+    assert type(head) is gnn.ConvBn2d and type(int8.c) is qnn.ConvRelu2d
+    assert not any(isinstance(m, (QATModule, FakeQuantBase, Observer)) for m in head.modules())
+    ref = gnn.ConvBn2d(4, 5, 1).eval()
+    assert head.state_dict().keys() == ref.state_dict().keys()
+    ref.load_state_dict(qat.head.state_dict(), strict=False)
+    z = torch.randn(2, 4, 5, 4)
+    with torch.no_grad():
+        assert torch.equal(head(z), ref(z))
+        y = int8(x)
+    assert y.dtype == torch.float32 and y.shape == (4, 2, 5, 4)
+    # a quantized module reading the float module's output has no int8 input
+    qat = quantize_qat(randomize_bn(FloatHead(stubs=False)).eval())
+    with torch.no_grad():
+        qat(x)
+    qat.head.disable_quantize()
+    with pytest.raises(ValueError, match=r"quantize: input 0 of module 'tail' \(Conv2d\) comes "
+                                         r"from a ConvBn2d marked with disable_quantize\(\), "
+                                         r"which stays float"):
+        quantize(qat, inplace=False)
+
+
 def test_per_module_qconfig_override():
     m = Net()
     m.fc2.qconfig = calibration_qconfig

@@ -119,6 +119,8 @@ class BnFoldedModule(QATModule):
     weights of the inner layer (see the module docstring). Output channels are dimension 1 of
     the output; subclasses give the inner layer and its float op."""
 
+    QAT_STATE = QATModule.QAT_STATE + ("bn_frozen", "bn_fold")
+
     def _init_qat(self) -> None:
         super()._init_qat()
         self.bn_frozen = False

@@ -127,6 +127,27 @@ class QATModule(EagerUnderCompile, Module):
         qat._init_qat()
         return qat
 
+    #: what _init_qat, set_qconfig and forward add to the float module's attributes
+    QAT_STATE = ("weight_observer", "weight_fake_quant", "act_observer", "act_fake_quant",
+                 "_input_sources", "_qat_ready", "_own_qconfig", "_act_device")
+
+    def to_float_module(self, float_cls: type) -> Module:
+        """The inverse of :meth:`from_float_module`: a ``float_cls`` module (the float class
+        this QAT class stands for) sharing this module's parameters, buffers and inner
+        modules, without the quantizers and QAT state; the qconfig only where it was the
+        module's own. :func:`~gpuquant.quantization.quantize` uses it for a QAT module
+        marked with ``disable_quantize()``."""
+        m = float_cls.__new__(float_cls)
+        drop = set(self.QAT_STATE)
+        if not self.__dict__.get("_own_qconfig", False):
+            drop.add("qconfig")
+        for k, v in self.__dict__.items():
+            if k not in drop:
+                m.__dict__[k] = copy.copy(v) if isinstance(v, (dict, set)) else v
+        for k in self.QAT_STATE:
+            m._modules.pop(k, None)  # (a copy of this module's dict)
+        return m
+
     def set_qconfig(self, qconfig) -> "QATModule":
         """Build fresh observers and fake quants from ``qconfig``'s factories.
 
@@ -312,6 +333,13 @@ class QATModule(EagerUnderCompile, Module):
             # that is the identity in eval mode (Dropout): the int8 model sees the producer
             if any(s is not None for s in slot):
                 slot = [s for s in slot if s is not None]
+            kept_float = [s for s in slot if s is not None and s.quantize_disabled]
+            if kept_float:
+                raise ValueError(f"input {i} of {who} comes from a "
+                                 f"{type(kept_float[0]).__name__} marked with "
+                                 f"disable_quantize(), which stays float in the int8 model: "
+                                 f"put a gpuquant.nn.QuantStub after it (and a DequantStub "
+                                 f"before it), or call disable_quantize() on this module too")
             if not slot or any(s is None for s in slot):
                 raise ValueError(f"input {i} of {who} was not produced by a quantized module "
                                  f"(it came from a float op or the model's input): put a "
