@@ -429,7 +429,8 @@ class Session:
             The output array (a list when the graph has several outputs).
 
         Raises:
-            TypeError: an input that is not a NumPy array.
+            TypeError: an input that is not a NumPy array; a dict followed by positional
+                arrays (the inputs come one way or the other).
             ValueError: a wrong number of inputs; a rank, channel count or (where the
                 graph fixes it: ``to_onnx(..., dynamic_batch=False)``) batch size other than
                 the graph's; NaN in an input that is quantized (as the
@@ -439,6 +440,10 @@ class Session:
                 only for the export example's (names the nodes).
         """
         if isinstance(x, dict):
+            if more:
+                raise TypeError(f"{self.source}: run takes the inputs as one dict name -> array "
+                                f"or as positional arrays, not both: got a dict of "
+                                f"{sorted(x)} and {len(more)} more positional argument(s)")
             feeds = dict(x)
         else:
             if len((x,) + more) != len(self.input_names):

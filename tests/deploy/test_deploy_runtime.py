@@ -136,6 +136,14 @@ def test_runtime_errors(zoo_int8, tmp_path):
     with pytest.raises(ValueError, match="expects inputs"):
         sess.run(np.zeros((1, 3, 8, 8), np.float32), np.zeros(3, np.float32))
 
+    # a dict and positional arrays: the positional ones were dropped without a word
+    a = np.random.rand(1, 3, 8, 8).astype(np.float32)
+    assert np.array_equal(sess.run({"input": a}), sess.run(a))
+    with pytest.raises(TypeError, match=r"z\.onnx: run takes the inputs as one dict name -> "
+                                        r"array or as positional arrays, not both: got a dict "
+                                        r"of \['input'\] and 1 more positional argument"):
+        sess.run({"input": a}, a)
+
 
 def test_int8_output_without_dequant_stub(zoo_uint8, tmp_path):
     """A model ending on a quantized module exports an int8 / uint8 graph output."""
