@@ -350,7 +350,8 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
         path: the file.
         model: the QAT model built as for the run that saved (plain or DDP-wrapped).
         optimizer: its state is loaded when given (the file must hold one).
-        restore_rng: restore this process's RNG states (needs the same world size).
+        restore_rng: restore this process's RNG states (needs the same world size, and
+            this process in ``group``).
         map_location: as ``torch.load`` (e.g. ``"cpu"`` or ``f"cuda:{local_rank}"``).
         strict: as ``load_state_dict``.
         group: process group (default group).
@@ -359,8 +360,9 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
         The checkpoint dict (``step``, ``extra``, ...).
 
     Raises:
-        ValueError: not a gpuquant checkpoint, no optimizer state in it, or a different world
-            size with ``restore_rng``.
+        ValueError: not a gpuquant checkpoint, no optimizer state in it, or, with
+            ``restore_rng``, a different world size or a process outside ``group`` (the
+            model and optimizer state are loaded before that check).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -376,6 +378,12 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
         optimizer.load_state_dict(ckpt["optimizer"])
     if restore_rng:
         ws, r = world_size(group), rank(group)
+        if r < 0:  # torch's rank (and size) of a group this process is not in: -1
+            raise ValueError(f"this process is not in the process group passed to "
+                             f"load_checkpoint: the checkpoint holds the RNG states of that "
+                             f"group's {ckpt['world_size']} processes, none of them this "
+                             f"one's; pass restore_rng=False (its RNG states are then left "
+                             f"as they are)")
         if ckpt["world_size"] != ws:
             raise ValueError(f"checkpoint was written by {ckpt['world_size']} processes, this "
                              f"run has {ws}: RNG states cannot be restored one-to-one; pass "

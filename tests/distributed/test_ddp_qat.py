@@ -472,6 +472,50 @@ def test_checkpoint_errors(tmp_path):
     gdist.load_checkpoint(path, model, restore_rng=False)
 
 
+def _outside_group_worker(rank, world, path):
+    import torch.distributed as dist
+    g = dist.new_group([0])  # rank 1 is outside it
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    torch.manual_seed(100 + rank)  # the ranks' RNG states differ
+    if rank == 0:
+        gdist.save_checkpoint(path, model, group=g)
+        want = torch.rand(4)  # what a resumed process draws next
+    dist.barrier()
+    with torch.no_grad():
+        model.weight.zero_()
+    torch.manual_seed(999)
+    if rank == 0:
+        gdist.load_checkpoint(path, model, group=g)
+        return torch.equal(torch.rand(4), want)
+    state = torch.get_rng_state()
+    try:
+        gdist.load_checkpoint(path, model, group=g)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    untouched = torch.equal(torch.get_rng_state(), state)
+    gdist.load_checkpoint(path, model, group=g, restore_rng=False)
+    return error, untouched and torch.equal(torch.get_rng_state(), state), \
+        bool(model.weight.abs().sum() > 0)
+
+
+def test_load_checkpoint_outside_the_group_refuses_to_restore_rng(tmp_path):
+    """A process outside ``group`` has no RNG state in the checkpoint. torch gives it rank
+    and size -1 in the group: the states were indexed with that rank (the last process's)
+    wherever the size check passed, and torch 2.13's size -1 fails that check with a
+    misleading 'written by 1 processes, this run has -1'. It is refused naming the cause,
+    before any indexing; restore_rng=False loads the model and leaves its RNG alone."""
+    r0, r1 = run(_outside_group_worker, 2, args=(str(tmp_path / "g.pt"),))
+    assert r0 is True
+    error, rng_untouched, loaded = r1
+    assert error is not None and error.startswith(
+        "this process is not in the process group passed to load_checkpoint: the checkpoint "
+        "holds the RNG states of that group's 1 processes, none of them this one's; pass "
+        "restore_rng=False")
+    assert rng_untouched and loaded
+
+
 def test_check_ready_for_ddp_names_lazy_modules():
     model = quantize_qat(_small_net(), LEARNED_QCONFIGS["lsq"])
     with pytest.raises(ValueError, match=r"conv\.weight_fake_quant \(LSQ"):
