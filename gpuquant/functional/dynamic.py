@@ -72,13 +72,19 @@ def _check_vec(v, n: int, dtype: torch.dtype, device, what: str, op: str) -> tor
     return v.contiguous()
 
 
-def _check_w_scale(ws: torch.Tensor, op: str) -> None:
-    """Weight scales must be finite and > 0; checked on CPU tensors (on a GPU the check would
-    synchronise every call: device scales are checked where they are made, as Requant's)."""
-    if ws.device.type == "cpu" and ws.numel() and not bool(
-            (torch.isfinite(ws) & (ws > 0)).all()):
-        bad = ws[~(torch.isfinite(ws) & (ws > 0))]
-        raise ValueError(f"{op}: w_scale must be finite and > 0, got {bad[:4].tolist()}")
+def _check_scales(s: torch.Tensor, what: str, op: str, nan_ok: bool = False) -> None:
+    """Scales must be finite and > 0 (or NaN where ``nan_ok``: the per-token scale
+    :func:`quantize_per_token` gives a token holding NaN or Inf, whose output row is NaN);
+    checked on CPU tensors (on a GPU the check would synchronise every call: device scales
+    are checked where they are made, as Requant's)."""
+    if s.device.type == "cpu" and s.numel():
+        ok = torch.isfinite(s) & (s > 0)
+        if nan_ok:
+            ok |= torch.isnan(s)
+        if not bool(ok.all()):
+            raise ValueError(f"{op}: {what} must be finite and > 0"
+                             f"{' (or NaN: a token holding NaN / Inf)' if nan_ok else ''}, got "
+                             f"{s[~ok][:4].tolist()}")
 
 
 def max_in_features(act_dtype=qint8, weight_dtype=qint8_narrow) -> int:
@@ -136,7 +142,11 @@ def linear_dynamic(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
 
     Args:
         xq: int8 ``(..., K)`` activations (from :func:`quantize_per_token`).
-        x_scale: float32 ``xq.shape[:-1]``: one scale per row.
+        x_scale: float32 ``xq.shape[:-1]``: one scale per row, finite and > 0, or NaN for a
+            row :func:`quantize_per_token` found NaN / Inf in (its output row is NaN).
+            Checked on CPU tensors only: on CUDA the check would read the scales back to
+            the host every call, so a negative, zero or infinite scale there is not refused
+            and scales (or flips the sign of) its output row.
         wq: int8 ``(N, K)`` weights, symmetric per output channel.
         w_scale: float32 ``(N,)``.
         bias: float32 ``(N,)`` or None (added in float).
@@ -150,9 +160,20 @@ def linear_dynamic(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
     Raises:
         TypeError: wrong tensor dtypes.
         ValueError: shape mismatches, devices differ, K = 0, or K > :func:`max_in_features`
-            (the int32 accumulator could overflow); a w_scale not finite and > 0 (checked
-            on CPU tensors: on a GPU the check would synchronise every call).
+            (the int32 accumulator could overflow); a w_scale not finite and > 0, or an
+            x_scale neither that nor NaN (checked on CPU tensors: on a GPU the check would
+            synchronise every call).
     """
+    return _linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype, act_dtype, weight_dtype,
+                           check_x_scale=True)
+
+
+def _linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype, act_dtype, weight_dtype, *,
+                    check_x_scale: bool) -> torch.Tensor:
+    """:func:`linear_dynamic`, its ``x_scale`` values checked only where ``check_x_scale``:
+    the dynamic Linears pass scales valid by construction (``quantize_per_token``'s, or a
+    checked ``act_scale``), read back for nothing (and left unwritten by the host-time
+    stand-in backend, which computes nothing)."""
     op = "linear_dynamic"
     for t, what in ((xq, "xq"), (wq, "wq")):
         if not isinstance(t, torch.Tensor):
@@ -177,8 +198,10 @@ def linear_dynamic(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor,
                          f"{getattr(x_scale, 'shape', type(x_scale).__name__)}")
     m = xq.numel() // k
     xs = _check_vec(x_scale.reshape(m), m, torch.float32, xq.device, "x_scale", op)
+    if check_x_scale:
+        _check_scales(xs, "x_scale", op, nan_ok=True)
     ws = _check_vec(w_scale, n, torch.float32, xq.device, "w_scale", op)
-    _check_w_scale(ws, op)
+    _check_scales(ws, "w_scale", op)
     b = None if bias is None else _check_vec(bias, n, torch.float32, xq.device, "bias", op)
     out_shape = tuple(xq.shape[:-1]) + (n,)
     if m == 0:
@@ -218,7 +241,7 @@ def linear_weight_only(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     if wq.device != x.device:
         raise ValueError(f"{op}: wq is on {wq.device} but x is on {x.device}")
     ws = _check_vec(w_scale, n, torch.float32, x.device, "w_scale", op)
-    _check_w_scale(ws, op)
+    _check_scales(ws, "w_scale", op)
     b = None if bias is None else _check_vec(bias, n, torch.float32, x.device, "bias", op)
     out_shape = tuple(x.shape[:-1]) + (n,)
     m = x.numel() // k

@@ -433,6 +433,27 @@ def test_bad_weight_scales_are_refused_on_cpu(bad):
         linear_weight_only(torch.randn(2, 8), wq, ws)
 
 
+@pytest.mark.parametrize("bad", [-1.0, -0.0, 0.0, float("inf"), float("-inf")])
+def test_bad_token_scales_are_refused_on_cpu(bad):
+    """A negative per-token scale silently flipped the sign of its output row (0 zeroed
+    it, Inf made it Inf / NaN): refused on CPU tensors, naming the value. NaN stays allowed:
+    it is the scale quantize_per_token gives a token holding NaN / Inf (a NaN row out)."""
+    xq, xs = quantize_per_token(torch.randn(3, 8))
+    wq = torch.randint(-127, 128, (5, 8), dtype=torch.int8)
+    ws = torch.rand(5) + 0.01
+    good = linear_dynamic(xq, xs, wq, ws)
+    xs_bad = xs.clone()
+    xs_bad[1] = bad
+    with pytest.raises(ValueError, match=r"linear_dynamic: x_scale must be finite and > 0 "
+                                         r"\(or NaN: a token holding NaN / Inf\), got "
+                                         rf"\[{bad!r}\]"):
+        linear_dynamic(xq, xs_bad, wq, ws)
+    xs_nan = xs.clone()
+    xs_nan[1] = float("nan")
+    y = linear_dynamic(xq, xs_nan, wq, ws)
+    assert y[1].isnan().all() and torch.equal(y[[0, 2]], good[[0, 2]])
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0, 1e-40])
 def test_quantize_weight_per_channel_refuses_bad_given_scales(bad):
     """A scale passed to quantize_weight_per_channel is held to QParams' rule: 0 made every

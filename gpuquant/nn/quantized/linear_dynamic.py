@@ -45,7 +45,7 @@ from ...backends import registry
 from ...backends.registry import get_op
 from ...dtypes import QuantDtype, qint8, qint8_narrow
 from ...qparams import _MIN_SCALE
-from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, linear_dynamic,
+from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, _linear_dynamic,
                                    linear_weight_only,
                                    max_in_features, quantize_per_token)
 from ..module import Module
@@ -426,8 +426,8 @@ class DynamicLinear(_Int8WeightLinear):
 
     def _int8_linear(self, x, wq, w_scale, bias, out_dtype):
         xq, xs = quantize_per_token(x, self.act_dtype)
-        return linear_dynamic(xq, xs, wq, w_scale, bias, out_dtype, self.act_dtype,
-                              self.weight_dtype)
+        return _linear_dynamic(xq, xs, wq, w_scale, bias, out_dtype, self.act_dtype,
+                               self.weight_dtype, check_x_scale=False)
 
     def _fast_run(self, device, dtype):
         if type(self)._int8_linear is not DynamicLinear._int8_linear:
@@ -512,8 +512,8 @@ class StaticActLinear(DynamicLinear):
 
     def _int8_linear(self, x, wq, w_scale, bias, out_dtype):
         xq, xs = self._quantize_static(x)
-        return linear_dynamic(xq, xs, wq, w_scale, bias, out_dtype, self.act_dtype,
-                              self.weight_dtype)
+        return _linear_dynamic(xq, xs, wq, w_scale, bias, out_dtype, self.act_dtype,
+                               self.weight_dtype, check_x_scale=False)
 
     def extra_repr(self) -> str:
         return (_Int8WeightLinear.extra_repr(self) +
