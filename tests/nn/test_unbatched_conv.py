@@ -59,7 +59,7 @@ class Net(gnn.Module):
         super().__init__()
         self.quant = gnn.QuantStub()
         self.c0 = gnn.ConvRelu2d(3, 6, 3, padding=1)
-        self.c1 = gnn.ConvBn2d(6, 6, 3, padding=1)
+        self.c1 = gnn.Conv2d(6, 6, 3, padding=1)  # (a ConvBn2d refuses 3-D, as torch's BN)
         self.add = gnn.Elemwise("add")
         self.c2 = gnn.Conv2d(6, 5, 1)
         self.dequant = gnn.DequantStub()
@@ -108,3 +108,19 @@ def test_linear_ranks_follow_the_qat_modules():
         for xs in (x[0, 0], x):
             with pytest.raises(ValueError, match=r"LinearBn1d takes \(N, in_features\) input"):
                 m(xs)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_qat_conv_bn_refuses_unbatched_input_as_its_float_module(mode):
+    """A BatchNorm2d takes 4-D input only: so do the float ConvBn2d and the QAT one, in
+    training and in eval (the QAT layer used to run a 3-D input, normalising over the wrong
+    dimension: wrong numbers without an error where H_out equals the channel count)."""
+    f = gnn.ConvBnRelu2d(3, 6, 3, padding=1)
+    qat = quantize_qat(torch.nn.Sequential(gnn.QuantStub(), copy.deepcopy(f),
+                                           gnn.DequantStub()))
+    x = torch.randn(3, 6, 6)
+    for m in (f, qat):
+        getattr(m, mode)()
+        with pytest.raises(ValueError, match="expected 4D input"):
+            m(x)
+    assert getattr(qat, mode)()(x[None]).shape == (1, 6, 6, 6)

@@ -225,6 +225,12 @@ class BnFoldedModule(QATModule):
 
     def forward(self, x):
         self._require_qconfig()
+        try:  # the float module's BatchNorm refuses other ranks: so does the QAT one (a 3-D
+            # input to a ConvBn2d was normalised over the wrong dimension)
+            self.bn._check_input_dim(x)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {e} (shape {tuple(x.shape)}), as its "
+                             f"float module's {type(self.bn).__name__}") from None
         self._note_inputs(x)
         inner, bn = self._inner(), self.bn
         # bn.eval() inside a training model (the plain-PyTorch way to freeze BatchNorm) uses
