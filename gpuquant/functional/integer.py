@@ -6,6 +6,7 @@ case could leave the int32 range are refused before any backend runs.
 """
 from __future__ import annotations
 
+import functools
 import struct as _struct
 import weakref
 
@@ -208,6 +209,9 @@ def _pair(v, what: str, op: str, allow_zero: bool = False) -> tuple:
     return t
 
 
+_NCHW_OR_CHW = "4-D (N, C, H, W) or 3-D unbatched (C, H, W)"  # conv2d's and the pools' x
+
+
 def _check_nchw(x, op: str, allowed: str = "4-D (N, C, H, W)") -> None:
     _check_act(x, op)
     if x.dim() != 4:
@@ -283,7 +287,7 @@ def _conv_args(op, x, x_zero_point, weight, bias, stride, padding, dilation, gro
                w_absmax, bias_absmax):
     """Checks of :func:`conv2d` (shared by the fused forms); returns the zero point, the
     stride, padding and dilation pairs and the output shape ``(N, O, Ho, Wo)``."""
-    _check_nchw(x, op, "4-D (N, C, H, W) or 3-D unbatched (C, H, W)")
+    _check_nchw(x, op, _NCHW_OR_CHW)
     zp = _check_zp(x_zero_point, x.dtype, op)
     _check_weight(weight, 4, op)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
@@ -677,31 +681,46 @@ def concat(xs, zero_points, rqs, dim, out_dtype):
     return get_op("concat", xs[0])(xs, zps, list(rqs), d, out_dtype.storage)
 
 
+def _takes_unbatched(fn):
+    """``fn`` (a pool of a 4-D ``x``) taking an unbatched ``(C, H, W)`` ``x`` too, as torch's
+    pools and the QAT modules do: run as the batch of 1 ``x[None]`` (the same bytes), the
+    output without its batch dimension."""
+    @functools.wraps(fn)
+    def pool(x, *args, **kwargs):
+        if isinstance(x, torch.Tensor) and x.dim() == 3:
+            return fn(x.unsqueeze(0), *args, **kwargs).squeeze(0)
+        return fn(x, *args, **kwargs)
+    return pool
+
+
 @eager_under_compile
+@_takes_unbatched
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """Max pooling on the integers (the output keeps the input's qparams). A window that
     lies entirely in the padding (possible with dilation or ceil_mode) gives the storage
     dtype's minimum (-128 / 0): the max of nothing is -inf, clamped to the representable
-    range (docs/NUMERICS.md).
+    range (docs/NUMERICS.md). An unbatched ``(C, H, W)`` ``x`` runs as a batch of 1.
 
     Raises:
-        TypeError: not an int8 / uint8 4-D tensor; ValueError: bad window arguments, or a
+        TypeError: not an int8 / uint8 tensor; ValueError: bad window arguments, or a
         (dilated) window larger than the padded input (no output).
     """
     op = "max_pool2d"
-    _check_nchw(x, op)
+    _check_nchw(x, op, _NCHW_OR_CHW)
     d = _pair(dilation, "dilation", op)
     k, s, p = _pool_window(x, kernel_size, stride, padding, op, d, bool(ceil_mode))
     return get_op("max_pool2d", x)(x, k, s, p, d, bool(ceil_mode))
 
 
 @eager_under_compile
+@_takes_unbatched
 def avg_pool2d(x, zero_point, kernel_size, stride=None, padding=0, ceil_mode=False,
                count_include_pad=True, divisor_override=None, qmin=None, qmax=None):
     """Integer average pooling (TFLite rounding; PyTorch's divisor rules).
 
     Args:
-        x: int8 / uint8 ``(N, C, H, W)``; zero_point: its zero point; the window arguments as
+        x: int8 / uint8 ``(N, C, H, W)`` or unbatched ``(C, H, W)`` (run as a batch of 1);
+        zero_point: its zero point; the window arguments as
         ``torch.nn.functional.avg_pool2d``; qmin, qmax: the output clamp (default: the
         storage dtype's range).
 
@@ -710,7 +729,7 @@ def avg_pool2d(x, zero_point, kernel_size, stride=None, padding=0, ceil_mode=Fal
         outside the dtype's range or a clamp not with ``lo <= qmin <= qmax <= hi``.
     """
     op = "avg_pool2d"
-    _check_nchw(x, op)
+    _check_nchw(x, op, _NCHW_OR_CHW)
     zp = _check_zp(zero_point, x.dtype, op)
     k, s, p = _pool_window(x, kernel_size, stride, padding, op, ceil_mode=bool(ceil_mode))
     if divisor_override is not None and (not isinstance(divisor_override, int)
@@ -725,18 +744,19 @@ def avg_pool2d(x, zero_point, kernel_size, stride=None, padding=0, ceil_mode=Fal
 
 
 @eager_under_compile
+@_takes_unbatched
 def adaptive_avg_pool2d(x, zero_point, output_size, qmin=None, qmax=None):
     """Integer adaptive average pooling (PyTorch's windows, TFLite rounding).
 
     Args:
-        x: int8 / uint8 ``(N, C, H, W)``; zero_point: its zero point; output_size: int or
-        pair (None entries keep the input size); qmin, qmax: the output clamp.
+        x: int8 / uint8 ``(N, C, H, W)`` or unbatched ``(C, H, W)``; zero_point: its zero
+        point; output_size: int or pair (None entries keep the input size); qmin, qmax: the output clamp.
 
     Raises:
         TypeError, ValueError: as :func:`avg_pool2d`.
     """
     op = "adaptive_avg_pool2d"
-    _check_nchw(x, op)
+    _check_nchw(x, op, _NCHW_OR_CHW)
     zp = _check_zp(zero_point, x.dtype, op)
     if isinstance(output_size, (tuple, list)):
         if len(output_size) != 2:

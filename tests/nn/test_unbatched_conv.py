@@ -1,6 +1,7 @@
-"""Unbatched ``(C, H, W)`` input to the int8 convolutions, as ``torch.nn.Conv2d`` and the QAT
-Conv2d take it: run as a batch of 1, the same bytes, the output without its batch dimension
-(the converted model refused it: 'conv2d: x must be 4-D (N, C, H, W)')."""
+"""Unbatched ``(C, H, W)`` input to the int8 convolutions and pools, as ``torch.nn.Conv2d``,
+torch's pools and the QAT modules take it: run as a batch of 1, the same bytes, the output
+without its batch dimension (the converted model refused it: 'conv2d: x must be 4-D (N, C,
+H, W)'); the BN-folded QAT modules refuse it, as their float modules' BatchNorm2d does."""
 import copy
 
 import pytest
@@ -124,3 +125,30 @@ def test_qat_conv_bn_refuses_unbatched_input_as_its_float_module(mode):
         with pytest.raises(ValueError, match="expected 4D input"):
             m(x)
     assert getattr(qat, mode)()(x[None]).shape == (1, 6, 6, 6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pools_take_unbatched_input_in_qat_and_int8(backend):
+    """The functional pools run an unbatched input as the batch of 1; a QAT model of pools
+    on a 3-D input gives the int8 model's values exactly (the average pools' integer
+    rounding included), as it does with the batch dimension."""
+    x = _x((6, 9, 7))
+    with backends.use(backend):
+        for y, y1 in ((GF.max_pool2d(x, 3, 2, 1), GF.max_pool2d(x[None], 3, 2, 1)),
+                      (GF.avg_pool2d(x, 3, 3, 2, 1, True), GF.avg_pool2d(x[None], 3, 3, 2, 1,
+                                                                          True)),
+                      (GF.adaptive_avg_pool2d(x, -2, (2, 3)),
+                       GF.adaptive_avg_pool2d(x[None], -2, (2, 3)))):
+            assert y.dim() == 3 and torch.equal(y, y1[0])
+    net = torch.nn.Sequential(gnn.QuantStub(), gnn.MaxPool2d(2, ceil_mode=True),
+                              gnn.AvgPool2d(3, 1, 1), gnn.AdaptiveAvgPool2d((2, 2)),
+                              gnn.DequantStub())
+    qat = quantize_qat(net).eval()
+    qat(torch.randn(2, 4, 9, 7))
+    disable_observer(qat)
+    q = quantize(copy.deepcopy(qat)).eval()
+    xf = torch.randn(4, 9, 7)
+    with backends.use(backend):
+        y = q(xf)
+    assert y.shape == (4, 2, 2) and torch.equal(y, qat(xf))
+    assert torch.equal(y, qat(xf[None])[0])

@@ -29,9 +29,13 @@ class _PassQParams(QATModule):
         self._note_inputs(x)
         src = source_of(x)
         y = self._pool(x)
-        if src is not None and src.act_fake_quant_enabled() and x.dim() == 4:
+        if src is not None and src.act_fake_quant_enabled() and x.dim() in (3, 4):
             qp = src.get_activation_qparams()
-            yq = self._snap(x, y, qp)
+            if x.dim() == 3:  # unbatched (C, H, W): as the batch of 1, as the integer op
+                yq = self._snap(x[None], y[None], qp)
+                yq = None if yq is None else yq[0]
+            else:
+                yq = self._snap(x, y, qp)
             if yq is not None:
                 y = y + (yq - y).detach()  # straight-through
         return tag_output(y, src)
