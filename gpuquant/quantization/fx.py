@@ -61,7 +61,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .. import nn as gnn
 from ..nn.module import Module
-from ..nn.qat.module import QATModule, keep_producer
+from ..nn.qat.module import QATModule, keep_producer, keep_producer_hook
 from ..nn.quantized.conv import _explicit_padding
 from ..nn.quantized.module import QuantizedModule
 
@@ -112,6 +112,30 @@ def _same_forward(m: torch.nn.Module, base: type) -> bool:
         return False
     return not issubclass(base, torch.nn.Conv2d) or \
         type(m)._conv_forward is torch.nn.Conv2d._conv_forward
+
+
+def _hooked(m: torch.nn.Module) -> Optional[str]:
+    """Why ``m`` must stay the module it is: the hooks or parametrizations it carries
+    (``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``, a user's hooks) run only
+    when ``m`` itself is called or its weight read, and a fused or swapped module computes
+    without it (a pruned conv folded with its BatchNorm would train a stale weight). None
+    when it carries none."""
+    def names(hooks):
+        return ", ".join(sorted({getattr(h, "__name__", type(h).__name__) for h in hooks}))
+    what = []
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        what.append(f"parametrizations of {', '.join(m.parametrizations)}")
+    for kind, hooks in (("forward pre-hooks", m._forward_pre_hooks.values()),
+                        ("forward hooks", [h for h in m._forward_hooks.values()
+                                           if h is not keep_producer_hook]),
+                        ("backward hooks", list(m._backward_pre_hooks.values())
+                         + list(m._backward_hooks.values()))):
+        if hooks:
+            what.append(f"{kind} ({names(hooks)})")
+    if not what:
+        return None
+    return (f"carries {'; '.join(what)}, which a fused or int8 module would skip; remove "
+            f"them to quantize it")
 
 
 def needs_dropin(model: torch.nn.Module) -> bool:
@@ -593,7 +617,7 @@ def _activation_of(n: fx.Node, modules) -> Optional[str]:
     """'relu' / 'relu6' when node ``n`` applies exactly that to its single tensor input."""
     if n.op == "call_module":
         m = modules[n.target]
-        if len(n.args) == 1 and not n.kwargs:
+        if len(n.args) == 1 and not n.kwargs and _hooked(m) is None:
             if type(m) is torch.nn.ReLU:
                 return "relu"
             if type(m) is torch.nn.ReLU6:
@@ -647,6 +671,10 @@ _POOL_FN_PARAMS = {
                                    "count_include_pad", "divisor_override")),
     F.adaptive_avg_pool2d: (gnn.AdaptiveAvgPool2d, ("output_size",)),
 }
+# modules drop-in conversion may fuse or swap: kept as they are when they carry hooks
+_HOOK_CHECKED = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm,
+                 torch.nn.ReLU, torch.nn.ReLU6, torch.nn.MaxPool2d, torch.nn.AvgPool2d,
+                 torch.nn.AdaptiveAvgPool2d)
 _POOL_MODULES = {torch.nn.MaxPool2d: gnn.MaxPool2d, torch.nn.AvgPool2d: gnn.AvgPool2d,
                  torch.nn.AdaptiveAvgPool2d: gnn.AdaptiveAvgPool2d}
 _POOL_ARGS = {gnn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "return_indices",
@@ -980,6 +1008,10 @@ class _Rewriter:
             if isinstance(m, _GNN_QUANT_OPS):
                 self.quantized.add(n)
             return
+        why = _hooked(m) if isinstance(m, _HOOK_CHECKED) else None
+        if why is not None:
+            self.reasons[n] = why
+            return
         if (_same_forward(m, torch.nn.Conv2d) or _same_forward(m, torch.nn.Linear)) and \
                 not isinstance(m, Module) and self._parameters_read(n):
             return
@@ -1063,6 +1095,8 @@ class _Rewriter:
 
     def _foldable(self, bn, m, bn_node: fx.Node, kind: str) -> bool:
         out = m.out_channels if kind == "conv" else m.out_features
+        if _hooked(bn) is not None:
+            return False
         if not bn.track_running_stats or bn.running_var is None or bn.num_features != out:
             return False
         if kind == "linear" and self.kinds.has_meta and "dropin_ran" in bn_node.meta:

@@ -1,7 +1,7 @@
 """Drop-in conversion edge cases: in-place writes through views (refused), advanced
 indexing (a copy), optional forward parameters, padding='same' with an even kernel, keyword
 calls of layers, the example_inputs count, and the rollback of a submodule that read a
-Parameter before failing to trace."""
+Parameter before failing to trace, layers carrying hooks or parametrizations."""
 import copy
 import warnings
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.prune  # noqa: F401 -- torch.nn.utils.prune (not imported by torch)
 
 import gpuquant.backends as backends
 import gpuquant.nn.qat as qat_nn
@@ -469,3 +470,57 @@ def test_dtype_and_value_reads_of_quantized_values_see_the_float_value():
     assert y8.dtype == torch.float32 and float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
     assert isinstance(item8, float) and item8 == item_qat and item8 != 0.0
     assert fp8 is True and fp_qat is True
+
+
+# ------------------------------------------------ layers carrying hooks or parametrizations
+class Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.mid = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.mid(F.relu(self.bn(self.conv(x))))
+        return self.head(F.relu(self.fc(y.mean((2, 3)))))
+
+
+def test_layers_with_hooks_or_parametrizations_stay_float():
+    """A pruned conv (torch.nn.utils.prune: a forward pre-hook computing ``weight``) folded
+    with its BatchNorm trained on the stale ``weight`` tensor (its ``weight_orig`` never
+    moved), a weight_norm (parametrized) Linear swapped alone crashed at the first forward
+    with "'Linear' object has no attribute 'weight'", and a user's forward hook on a layer
+    never fired. Such layers stay as they are (float, named in the warning); the rest is
+    quantized."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    model = Hooked()
+    torch.nn.utils.prune.l1_unstructured(model.conv, "weight", amount=0.5)
+    torch.nn.utils.parametrizations.weight_norm(model.fc)
+    seen = []
+    model.mid.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+    before = model.conv.weight_orig.detach().clone()
+    qat, msgs = convert(quantize_qat, model, example_inputs=(x,))
+    assert len(msgs) == 1
+    assert "module 'conv' (Conv2d: carries forward pre-hooks (L1Unstructured)" in msgs[0]
+    assert "module 'fc' (ParametrizedLinear: carries parametrizations of weight" in msgs[0]
+    assert "module 'mid' (Conv2d: carries forward hooks" in msgs[0]
+    assert isinstance(qat.head, qat_nn.Linear)
+    qat.train()
+    opt = torch.optim.SGD(qat.parameters(), lr=0.1)
+    seen.clear()
+    qat(x).pow(2).mean().backward()
+    opt.step()
+    assert seen == [(2, 4, 6, 6)]
+    assert not torch.equal(model.conv.weight_orig, before)  # the pruned weight trains
+    y_qat, y8 = qat_then_int8(qat, x)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
+    gm, _ = convert(prepare_plain, model, (x,))
+    with torch.no_grad():
+        assert torch.equal(gm.eval()(x), model.eval()(x))
+    assert not torch.equal(want, model(x))  # (it trained)
