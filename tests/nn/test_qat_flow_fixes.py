@@ -231,3 +231,51 @@ def test_first_pass_under_inference_mode_leaves_a_trainable_model(qconfig):
     assert not any(t.is_inference() for t in list(q.parameters()) + list(q.buffers()))
     _train(q.train(), x)
     assert quantize(q.eval())(x).shape == (8, 10)
+
+
+class _InPlaceBetween(torch.nn.Module):
+    """Model code that changes a quantized module's output in place: the int8 model runs
+    the same torch op on the integers."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.q, self.c = gnn.QuantStub(), gnn.Conv2d(3, 4, 3, padding=1)
+        self.c2, self.dq, self.op = gnn.Conv2d(4, 4, 1), gnn.DequantStub(), op
+
+    def forward(self, x):
+        y = self.c(self.q(x))
+        self.op(y)
+        return self.dq(self.c2(y))
+
+
+@pytest.mark.parametrize("op", [lambda y: torch.nn.functional.relu(y, inplace=True),
+                                lambda y: y.mul_(2), lambda y: y[:, 0].zero_()],
+                         ids=["relu_inplace", "mul_", "slice_zero_"])
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_quantized_output_changed_in_place_is_refused(op, asymmetric):
+    """Found by review: an in-place float op on a quantized module's output kept the storage
+    and so the producer tag: the consumer converted, and the int8 model applied the op to
+    the integers (relu on uint8 with a zero point: a no-op; y.mul_(2): int8 products, not
+    the real ones): 7-14% off the QAT output, silently. The consumer now counts as fed by a
+    float op (a clear error at quantize)."""
+    from functools import partial
+    from gpuquant.quantization import ExponentialMovingAverageObserver, FakeQuantize, QConfig
+    qc = ema_fakequant_qconfig
+    if asymmetric:
+        qc = qc._replace(
+            act_observer=partial(ExponentialMovingAverageObserver, dtype=gpuquant.quint8,
+                                 symmetric=False),
+            act_fake_quant=partial(FakeQuantize, dtype=gpuquant.quint8))
+    assert isinstance(qc, QConfig)
+    torch.manual_seed(0)
+    q = quantize_qat(_InPlaceBetween(op), qc)
+    x = torch.randn(2, 3, 6, 6)
+    _train(q, x)
+    with pytest.raises(ValueError, match="input 0 of module 'c2'.*changed it in place"):
+        quantize(q.eval())
+    # an in-place training-mode dropout stays a pass-through (nn.Dropout's hook)
+    q = quantize_qat(_InPlaceBetween(torch.nn.Dropout(0.5, inplace=True)), qc)
+    _train(q.train(), x)
+    gpuquant.quantization.disable_observer(q)
+    qm = quantize(copy.deepcopy(q).eval())
+    assert (q.eval()(x) - qm(x)).abs().max() <= q.c2.get_activation_qparams().scale * 1.001

@@ -32,7 +32,8 @@ from ..module import Module
 
 __all__ = ["QATModule", "tag_output", "source_of", "keep_producer", "keep_producer_hook"]
 
-# storage of a tensor produced by a QAT module -> that module (weak on the storage)
+# storage of a tensor produced by a QAT module -> (that module, the tensor's version then)
+# (weak on the storage)
 _PRODUCERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -45,18 +46,36 @@ def _storage(x):
         return None
 
 
+def _version(x: torch.Tensor):
+    try:
+        return x._version  # shared by a tensor and its views
+    except RuntimeError:  # inference tensors (torch.inference_mode) keep no version counter
+        return None
+
+
 def tag_output(y: torch.Tensor, source: Optional["QATModule"]) -> torch.Tensor:
     """Record that ``y`` (and every view of it) carries ``source``'s output qparams."""
     st = _storage(y)
     if st is not None and source is not None:
-        _PRODUCERS[st] = source
+        _PRODUCERS[st] = (source, _version(y))
     return y
 
 
-def source_of(x: torch.Tensor) -> Optional["QATModule"]:
-    """The QAT module whose output qparams ``x`` carries, or None."""
+def _producer(x) -> Optional["QATModule"]:
     st = _storage(x)
-    return None if st is None else _PRODUCERS.get(st)
+    entry = None if st is None else _PRODUCERS.get(st)
+    return None if entry is None else entry[0]
+
+
+def source_of(x: torch.Tensor) -> Optional["QATModule"]:
+    """The QAT module whose output qparams ``x`` carries, or None; None too where model code
+    changed it in place since (``F.relu(y, inplace=True)``, ``y.mul_(2)``, ``y[:, 0] = 0``):
+    the int8 model would run that op on the integers, so it is a float op like any other."""
+    st = _storage(x)
+    entry = None if st is None else _PRODUCERS.get(st)
+    if entry is None or entry[1] != _version(x):
+        return None
+    return entry[0]
 
 
 @eager_under_compile  # called from model code and drop-in graphs: its table is no guard
@@ -66,8 +85,8 @@ def keep_producer(y, x):
     :func:`~gpuquant.quantization.quantize` finds the input qparams of the module that reads
     ``y``. For model code whose reshapes or dropouts of quantized values may copy (a
     channels_last flatten, training-mode dropout); a no-op on int8 tensors and where ``x``
-    has no QAT producer."""
-    src = source_of(x)
+    has no QAT producer. An in-place dropout's output counts as ``x``'s producer's too."""
+    src = _producer(x)
     if src is not None and isinstance(y, torch.Tensor) and y.is_floating_point():
         tag_output(y, src)
     return y
@@ -342,7 +361,8 @@ class QATModule(EagerUnderCompile, Module):
                                  f"before it), or call disable_quantize() on this module too")
             if not slot or any(s is None for s in slot):
                 raise ValueError(f"input {i} of {who} was not produced by a quantized module "
-                                 f"(it came from a float op or the model's input): put a "
+                                 f"(it came from a float op, or model code changed it in "
+                                 f"place, or the model's input): put a "
                                  f"gpuquant.nn.QuantStub before it, or call disable_quantize() "
                                  f"on it. If it is a quantized module's output that model code "
                                  f"copied (torch.flatten / reshape of a channels_last tensor, a "
