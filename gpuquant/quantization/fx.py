@@ -162,15 +162,32 @@ def needs_dropin(model: torch.nn.Module) -> bool:
 _LEAF_BASES = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
 
 
+def _grad_modes():
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+
+
+class _GradModeError(RuntimeError):
+    """An op traced under another grad / autocast mode than the trace began in."""
+
+
 class _Tracer(fx.Tracer):
     """Leaves: torch.nn layers (and subclasses of Conv2d, Linear, BatchNorm1d/2d keeping
     their forward), gpuquant ops, disabled modules and submodules whose forward failed to
-    trace (those are recorded in ``fallbacks``)."""
+    trace (those are recorded in ``fallbacks``). An op traced inside ``torch.no_grad()``,
+    ``set_grad_enabled``, ``inference_mode`` or ``autocast`` fails the trace of its module:
+    fx records no mode, so the converted model would have computed it with the caller's
+    (a stop-gradient silently gone)."""
 
     def __init__(self):
         super().__init__()
         self.fallbacks: Dict[str, str] = {}   # module path -> why it could not be traced
         self.erased: set = set()              # nodes taken by a rollback
+        self.modes = _grad_modes()
+
+    def trace(self, root, concrete_args=None):
+        self.modes = _grad_modes()
+        return super().trace(root, concrete_args)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         # a rollback may have erased the get_attr node of a cached parameter proxy: forget it
@@ -179,6 +196,11 @@ class _Tracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if kind not in ("placeholder", "output") and _grad_modes() != self.modes:
+            raise _GradModeError(
+                "torch.fx records no torch.no_grad() / set_grad_enabled / inference_mode / "
+                "autocast block: the converted model would run this op in the caller's mode "
+                "(for a stop-gradient write .detach() on what the block computes)")
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         # where in-place ops (and augmented assignments, which fx records out of place)
         # happen: functionalize checks them and names the line when it cannot

@@ -1,7 +1,8 @@
 """Drop-in conversion edge cases: in-place writes through views (refused), advanced
 indexing (a copy), optional forward parameters, padding='same' with an even kernel, keyword
 calls of layers, the example_inputs count, and the rollback of a submodule that read a
-Parameter before failing to trace, layers carrying hooks or parametrizations."""
+Parameter before failing to trace, layers carrying hooks or parametrizations, and
+no_grad blocks in forward."""
 import copy
 import warnings
 
@@ -524,3 +525,52 @@ def test_layers_with_hooks_or_parametrizations_stay_float():
     with torch.no_grad():
         assert torch.equal(gm.eval()(x), model.eval()(x))
     assert not torch.equal(want, model(x))  # (it trained)
+
+
+# ------------------------------------------------------------ grad-mode blocks in forward
+class _Teacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.t(x)
+
+
+class StopGrad(nn.Module):
+    def __init__(self, in_root):
+        super().__init__()
+        self.in_root = in_root
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.teacher = _Teacher()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if self.in_root:
+            with torch.no_grad():
+                t = self.teacher.t(x)
+        else:
+            t = self.teacher(x)
+        return self.fc((F.relu(self.c(x)) + t).mean((2, 3)))
+
+
+def test_no_grad_block_in_forward_is_not_dropped():
+    """torch.fx records no grad mode: a ``with torch.no_grad():`` block (a teacher branch, a
+    stop-gradient) was traced as ordinary ops, and the QAT model silently trained through
+    it. In a submodule the module stays float (warned, it keeps its block); in the model's
+    own forward the conversion is refused, naming the line."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    qat, msgs = convert(quantize_qat, StopGrad(in_root=False), example_inputs=(x,))
+    assert len(msgs) == 1 and "module 'teacher' (_Teacher: not traceable" in msgs[0]
+    assert "no_grad" in msgs[0]
+    qat.train()(x).sum().backward()
+    assert qat.teacher.t.weight.grad is None and qat.c.weight.grad is not None
+    y_qat, y8 = qat_then_int8(qat, x)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
+    with pytest.raises(ValueError, match=r"(?s)forward of the model itself.*no_grad.*"
+                                         r"\.detach\(\).*test_dropin_edge_cases.py"):
+        quantize_qat(StopGrad(in_root=True), example_inputs=(x,))
+    with torch.no_grad():  # converting under no_grad is no block in the forward
+        quantize_qat(nn.Sequential(nn.Conv2d(3, 4, 1)), example_inputs=(x,))
