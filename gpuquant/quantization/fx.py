@@ -171,6 +171,10 @@ class _GradModeError(RuntimeError):
     """An op traced under another grad / autocast mode than the trace began in."""
 
 
+class _StateWriteError(RuntimeError):
+    """An in-place op traced on a parameter or buffer of the model (module state)."""
+
+
 class _Tracer(fx.Tracer):
     """Leaves: torch.nn layers (and subclasses of Conv2d, Linear, BatchNorm1d/2d keeping
     their forward), gpuquant ops, disabled modules and submodules whose forward failed to
@@ -201,6 +205,13 @@ class _Tracer(fx.Tracer):
                 "torch.fx records no torch.no_grad() / set_grad_enabled / inference_mode / "
                 "autocast block: the converted model would run this op in the caller's mode "
                 "(for a stop-gradient write .detach() on what the block computes)")
+        if _looks_inplace(kind, target, kwargs, self.root) and args:
+            state = _state_written(args[0])
+            if state is not None:
+                raise _StateWriteError(
+                    f"in-place write to the model's parameter / buffer '{state}' in forward: "
+                    f"torch.fx records values, not memory, so the converted model would "
+                    f"never store the update")
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         # where in-place ops (and augmented assignments, which fx records out of place)
         # happen: functionalize checks them and names the line when it cannot
@@ -269,6 +280,27 @@ def _looks_inplace(kind, target, kwargs, root) -> bool:
         except AttributeError:
             return False
     return False
+
+
+def _state_written(a) -> Optional[str]:
+    """The parameter or buffer (``get_attr`` target) that value ``a`` is, or a view of (the
+    result of an in-place op is its input), else None. fx's own constants
+    (``torch.zeros(3)`` made in forward) are no state."""
+    while isinstance(a, fx.Node):
+        if a.op == "get_attr":
+            return None if a.target.startswith("_tensor_constant") else a.target
+        if a.op == "call_function" and a.target is operator.getitem:
+            view = len(a.args) > 1 and _index_kind(a.args[1]) != "advanced"
+        elif a.op == "call_function" and a.target is getattr:
+            view = len(a.args) > 1 and a.args[1] in _VIEW_ATTRS
+        else:
+            view = a.op in ("call_function", "call_method") and (
+                a.target in _VIEW_FNS or a.target in _VIEW_METHODS or
+                _looks_inplace(a.op, a.target, a.kwargs, None))
+        if not view or not a.args:
+            return None
+        a = a.args[0]
+    return None
 
 
 def _user_frame():
@@ -615,6 +647,8 @@ def _node_args(n: fx.Node) -> List[fx.Node]:
 def _propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Run ``example_inputs`` through ``gm`` (eval, no grad) recording shapes and dtypes."""
     modes = {m: m.training for m in gm.modules()}
+    # a float leaf may update its own buffers (a running mean) even in eval mode
+    buffers = {b: b.clone() for b in gm.buffers() if not torch.nn.parameter.is_lazy(b)}
     try:
         gm.eval()
         with torch.no_grad():
@@ -626,6 +660,10 @@ def _propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
     finally:
         for m, mode in modes.items():
             m.training = mode
+        with torch.no_grad():
+            for b, v in buffers.items():
+                if not torch.equal(b, v):
+                    b.copy_(v)
     for n in gm.graph.nodes:
         n.meta["dropin_ran"] = True
 

@@ -1,8 +1,8 @@
 """Drop-in conversion edge cases: in-place writes through views (refused), advanced
 indexing (a copy), optional forward parameters, padding='same' with an even kernel, keyword
 calls of layers, the example_inputs count, and the rollback of a submodule that read a
-Parameter before failing to trace, layers carrying hooks or parametrizations, and
-no_grad blocks in forward."""
+Parameter before failing to trace, layers carrying hooks or parametrizations,
+no_grad blocks and in-place writes to buffers in forward."""
 import copy
 import warnings
 
@@ -574,3 +574,61 @@ def test_no_grad_block_in_forward_is_not_dropped():
         quantize_qat(StopGrad(in_root=True), example_inputs=(x,))
     with torch.no_grad():  # converting under no_grad is no block in the forward
         quantize_qat(nn.Sequential(nn.Conv2d(3, 4, 1)), example_inputs=(x,))
+
+
+# ---------------------------------------------- in-place writes to parameters / buffers
+class _RunningMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x):
+        self.mu.mul_(0.9).add_(0.1 * x.mean((0, 2, 3), keepdim=True).detach())
+        return x - self.mu
+
+
+class WritesState(nn.Module):
+    def __init__(self, in_root):
+        super().__init__()
+        self.in_root = in_root
+        self.pre = _RunningMean()
+        self.c = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if self.in_root:
+            self.pre.mu += 0.1 * x.mean((0, 2, 3), keepdim=True).detach()
+            y = x - self.pre.mu
+        else:
+            y = self.pre(x)
+        z = torch.zeros(1, 4, 1, 1).add_(1.0)  # a fresh tensor written in place: no state
+        return self.fc((self.c(y) * z).mean((2, 3)))
+
+
+def test_inplace_write_to_a_buffer_in_forward_is_not_dropped():
+    """``self.mu.mul_(0.9).add_(...)`` in forward: functionalizing made it out of place, so
+    the buffer was never updated (silently); ``self.mu += ...`` failed with a KeyError from
+    the second trace, and left a torch.fx Proxy in the model's buffer. In a submodule the
+    module stays float (warned, it updates its buffer as written); in the model's own forward
+    the conversion is refused naming the line, the model untouched."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4) + 3
+    model = WritesState(in_root=False)
+    qat, msgs = convert(quantize_qat, copy.deepcopy(model), example_inputs=(x,))
+    assert len(msgs) == 1 and "module 'pre' (_RunningMean: not traceable" in msgs[0]
+    assert "buffer 'pre.mu'" in msgs[0]
+    model.train()
+    qat.train()
+    for _ in range(2):
+        model(x)
+        qat(x)
+    assert torch.equal(qat.pre.mu, model.pre.mu) and bool((model.pre.mu > 0.5).all())
+    model = WritesState(in_root=True)
+    with pytest.raises(ValueError, match=r"(?s)forward of the model itself.*buffer 'pre.mu'"
+                                         r".*test_dropin_edge_cases.py"):
+        quantize_qat(model, example_inputs=(x,))
+    assert type(model.pre.mu) is torch.Tensor and not model.pre.mu.any()
+    # the example pass leaves buffers as they were; lazy ones it materializes
+    lazy = quantize_qat(nn.Sequential(nn.LazyConv2d(4, 1), nn.LazyBatchNorm2d()),
+                        example_inputs=(x,))
+    assert lazy(x).shape == (2, 4, 4, 4)
