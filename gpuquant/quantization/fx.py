@@ -191,7 +191,14 @@ class _Tracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None):
         self.modes = _grad_modes()
-        return super().trace(root, concrete_args)
+        saved = _state_of(root, "")
+        try:
+            graph = super().trace(root, concrete_args)
+        finally:
+            written = _undo_proxies(saved)
+        if written:
+            raise _StateWriteError(_assigned(written))
+        return graph
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         # a rollback may have erased the get_attr node of a cached parameter proxy: forget it
@@ -245,9 +252,15 @@ class _Tracer(fx.Tracer):
                               lambda a: a.node if isinstance(a, fx.Proxy) else a)
         last = self.graph._root.prev
         stack, calls = self.module_stack.copy(), dict(self.num_calls)
+        saved = _state_of(m, qualname)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            written = _undo_proxies(saved)
+            if written:
+                raise _StateWriteError(_assigned(written))
+            return out
         except Exception as e:  # noqa: BLE001 -- not hidden: the module stays float, warned
+            _undo_proxies(saved)
             # roll the partial trace back, then record the module as one float leaf
             while self.graph._root.prev is not last:
                 self.erased.add(self.graph._root.prev)
@@ -301,6 +314,36 @@ def _state_written(a) -> Optional[str]:
             return None
         a = a.args[0]
     return None
+
+
+def _state_of(m: torch.nn.Module, path: str) -> list:
+    """What :func:`_undo_proxies` restores: the attributes, buffers and parameters of ``m``
+    and the modules under it."""
+    return [(f"{path}.{name}" if path and name else path or name, store, dict(store))
+            for name, sm in m.named_modules(remove_duplicate=False)
+            for store in (sm.__dict__, sm._buffers, sm._parameters)]
+
+
+def _undo_proxies(saved: list) -> List[str]:
+    """Put back what a trace assigned a traced value (an fx Proxy) to (``self.mu = ...`` in
+    forward: fx runs the assignment once, records nothing, and leaves the Proxy in the
+    model); returns the names of those that held a value before (state the converted model
+    would never update; new attributes are caches, dropped)."""
+    written = []
+    for path, store, before in saved:
+        for k in [k for k, v in store.items() if isinstance(v, fx.Proxy)]:
+            if k in before and not isinstance(before[k], fx.Proxy):
+                written.append(f"{path}.{k}" if path else k)
+                store[k] = before[k]
+            elif k not in before:
+                del store[k]
+    return written
+
+
+def _assigned(written: List[str]) -> str:
+    return (f"assigns a traced value to the model's {', '.join(repr(w) for w in written)} in "
+            f"forward: torch.fx records values, not memory, so the converted model would never "
+            f"store it")
 
 
 def _user_frame():
@@ -647,8 +690,11 @@ def _node_args(n: fx.Node) -> List[fx.Node]:
 def _propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Run ``example_inputs`` through ``gm`` (eval, no grad) recording shapes and dtypes."""
     modes = {m: m.training for m in gm.modules()}
-    # a float leaf may update its own buffers (a running mean) even in eval mode
-    buffers = {b: b.clone() for b in gm.buffers() if not torch.nn.parameter.is_lazy(b)}
+    # a float leaf may update its own buffers (a running mean) even in eval mode, in place
+    # or by assigning new tensors
+    buffers = [(m._buffers, {k: (b, b.clone()) for k, b in m._buffers.items()
+                             if b is not None and not torch.nn.parameter.is_lazy(b)})
+               for m in gm.modules()]
     try:
         gm.eval()
         with torch.no_grad():
@@ -661,9 +707,11 @@ def _propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
         for m, mode in modes.items():
             m.training = mode
         with torch.no_grad():
-            for b, v in buffers.items():
-                if not torch.equal(b, v):
-                    b.copy_(v)
+            for store, before in buffers:
+                for k, (b, v) in before.items():
+                    store[k] = b
+                    if not torch.equal(b, v):
+                        b.copy_(v)
     for n in gm.graph.nodes:
         n.meta["dropin_ran"] = True
 

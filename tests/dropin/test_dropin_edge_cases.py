@@ -587,6 +587,16 @@ class _RunningMean(nn.Module):
         return x - self.mu
 
 
+class _Reassigns(_RunningMean):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        self.mu = 0.9 * self.mu + 0.1 * x.mean((0, 2, 3), keepdim=True).detach()
+        return self.c(x - self.mu)
+
+
 class WritesState(nn.Module):
     def __init__(self, in_root):
         super().__init__()
@@ -628,6 +638,17 @@ def test_inplace_write_to_a_buffer_in_forward_is_not_dropped():
                                          r".*test_dropin_edge_cases.py"):
         quantize_qat(model, example_inputs=(x,))
     assert type(model.pre.mu) is torch.Tensor and not model.pre.mu.any()
+    # assigned instead of written in place: the same (fx left its Proxy in the buffer)
+    model = nn.Sequential(_Reassigns(), nn.Conv2d(3, 4, 1))
+    qat, msgs = convert(quantize_qat, model, example_inputs=(x,))
+    assert len(msgs) == 1 and "assigns a traced value to the model's '0.mu'" in msgs[0]
+    assert type(model[0].mu) is torch.Tensor and not model[0].mu.any()  # the example pass too
+    qat(x)
+    assert bool((qat.get_submodule("0").mu > 0.2).all())
+    model = _Reassigns()
+    with pytest.raises(ValueError, match=r"forward of the model itself.*'mu'"):
+        quantize_qat(model, example_inputs=(x,))
+    assert type(model.mu) is torch.Tensor
     # the example pass leaves buffers as they were; lazy ones it materializes
     lazy = quantize_qat(nn.Sequential(nn.LazyConv2d(4, 1), nn.LazyBatchNorm2d()),
                         example_inputs=(x,))
