@@ -66,7 +66,9 @@ DEFAULT_STAGES = ("tests", "models", "conv", "qat_step", "fake_quant", "linear_d
 # since its 3x3 layers tune two loop forms and its large tiles a split epilogue too (up to 10
 # configs a shape instead of 3 under quick tuning) and it has a graph row.
 STAGE_CAP = {"tests": 120.0, "models": 240.0, "conv": 150.0, "gemm": 90.0, "fake_quant": 60.0,
-             "qat_step": 120.0}  # qat_step: 30 s with 2 providers running; now 6
+             "qat_step": 120.0,  # qat_step: 30 s with 2 providers running; now 6
+             "profile": 240.0}  # its int8_forward builds and compiles the whole network, as
+                                # models does, and conv_all tunes the 53 convolutions
 DEFAULT_CAP = 90.0
 # providers a stage leaves out unless --skip STAGE: (empty) says otherwise: torch.compile of
 # the bf16 networks took most of the models stage's 150 s on the H200 (lease 1), for a

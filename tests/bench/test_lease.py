@@ -117,7 +117,7 @@ def test_lease_per_stage_where_skip_cap(tmp_path, monkeypatch):
     assert models_cmd[models_cmd.index("--skip") + 1] == "torch-bf16-compile"
     assert prof_cmd[1:4] == ["-m", "gpuquant.bench.profile", "--out"]
     assert prof_cmd[-4:] == ["--what", "qat_step", "--batch", "8"]
-    assert prof_cap == lease.DEFAULT_CAP
+    assert prof_cap == lease.STAGE_CAP["profile"]
     # by default the models stage leaves out torch.compile; "models:" keeps every provider
     seen.clear()
     lease.main(["--out", str(tmp_path / "o2"), "--budget", "500", "--stages", "models"])
