@@ -31,8 +31,8 @@ and goes through the usual float -> QAT flow. Steps:
    module per call site (``conv_1``, ``conv_2``: own output qparams, shared weights).
 4. **Stub**: every value is quantized (made by a quantized op), float, or not a float tensor.
    Ops that only re-view their input (``flatten``, ``view``, ``reshape``, ``squeeze``,
-   ``permute``, indexing, ``split``, ``Dropout``, ``Identity``, ...) keep their input's kind
-   and work on int8 tensors unchanged. A ``QuantStub`` goes where a float value feeds a
+   ``permute``, indexing, ``split``, ``detach``, ``Dropout``, ``Identity``, ...) keep their
+   input's kind and work on int8 tensors unchanged. A ``QuantStub`` goes where a float value feeds a
    quantized op (the model's inputs), a ``DequantStub`` where a quantized value feeds a float
    op or the output. Float ops other than those are the unsupported parts: they stay float,
    and one :class:`DropInWarning` names them all.
@@ -748,10 +748,10 @@ _MUL_FNS = {operator.mul, torch.mul}
 _CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
 _PASS_FNS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
              torch.transpose, torch.split, torch.chunk, torch.unbind, torch.tensor_split,
-             operator.getitem}
+             torch.detach, operator.getitem}
 _PASS_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "permute", "transpose",
                  "contiguous", "split", "chunk", "unbind", "tensor_split", "view_as",
-                 "reshape_as", "expand", "expand_as", "unflatten", "movedim"}
+                 "reshape_as", "expand", "expand_as", "unflatten", "movedim", "detach"}
 _PASS_MODULES = (torch.nn.Flatten, torch.nn.Unflatten, torch.nn.Identity, torch.nn.Dropout,
                  torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
                  torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)

@@ -472,6 +472,40 @@ def test_copying_reshape_and_training_dropout_keep_the_producer():
     assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02  # measured 0, 8 seeds
 
 
+class DetachedBranch(nn.Module):
+    """A stop-gradient (what drop-in conversion suggests for a no_grad block in forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return self.head(y.detach()) + torch.detach(y)
+
+
+def test_detach_passes_quantized_values_through():
+    """``.detach()`` / ``torch.detach`` of a quantized value is a pass-through op, as a
+    view is: no dequantize / quantize pair around it in the int8 model; in training it
+    still stops the gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    qat = quantize_qat(DetachedBranch(), example_inputs=(x,))
+    qat(x).sum().backward()
+    assert qat.conv.weight.grad is None and qat.head.weight.grad is not None
+    disable_observer(qat)
+    int8 = quantize(qat.eval(), inplace=False)
+    stubs = [n for n, m in int8.named_modules() if type(m).__name__ in ("QuantStub",
+                                                                         "DequantStub")]
+    assert len(stubs) == 2, stubs  # the input's and the output's only
+    with torch.no_grad():
+        y_qat = qat(x)
+    with backends.use(INT8_BACKEND):
+        y8 = int8(x)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
+
+
 def test_a_lone_layer():
     x = torch.randn(3, 6)
     layer = nn.Linear(6, 4)
