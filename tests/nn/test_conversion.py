@@ -725,6 +725,29 @@ def test_bias_past_int32_at_a_degenerate_input_scale_raises_the_weight_scale(lin
     assert (got - want).abs().max() <= step * (1 + 1e-4)
 
 
+@pytest.mark.parametrize("linear", [False, True])
+def test_bias_fitted_at_conversion_runs_with_4bit_activations(linear):
+    """quint4 activations are stored as uint8, and the integer op checks the accumulator's
+    worst case with the storage's range (|x - zp| <= 255) on every call. The bias fitting of
+    a degenerate input scale (and the conversion's own accumulator check) used the 4-bit
+    range instead (<= 15): quantize() accepted a model whose bias left too little room, and
+    every inference of it raised. Now the int8 model runs, within one output step."""
+    torch.manual_seed(0)
+    qat = quantize_qat(_DeadInput(linear), ema_lowbit_fakequant_qconfig)
+    for _ in range(3):
+        qat(torch.randn(2, 3, 8, 8))
+    qat.eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        want = qat(x)
+    with pytest.warns(UserWarning, match=r"module 'c2'.*raised"):
+        int8 = quantize(copy.deepcopy(qat))
+    with gpuquant.backends.use("numpy"), torch.no_grad():
+        got = int8(x)
+    step = float(int8.c2._qparams("output").scale)
+    assert (got - want).abs().max() <= step * (1 + 1e-4)
+
+
 class _StubbedConv(gnn.Module):
     """QuantStub -> ``layer`` (as ``c``) -> DequantStub."""
 

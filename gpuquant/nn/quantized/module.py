@@ -236,8 +236,10 @@ def quantize_weight_bias(qat_module, name: str):
                                  f"(max |b / (s_x s_w)| = {float(r.abs().max()):.3g})")
             b_q = r.to(torch.int32).to(w.device)
         # the int32 accumulator's worst case is known here (shape, input range, weights,
-        # bias): refused at conversion, not at the first inference
-        _integer.check_accumulator_range(k, in_qp.dtype, int(in_qp.zero_point.reshape(-1)[0]),
+        # bias): refused at conversion, not at the first inference. The input range is its
+        # storage's (uint8 for quint4), the one the integer op checks on every call
+        _integer.check_accumulator_range(k, in_qp.dtype.storage,
+                                         int(in_qp.zero_point.reshape(-1)[0]),
                                          w_q, 0 if b_q is None else b_q, op=who)
     return w_q, b_q, w_qp, in_qp, out_qp
 
@@ -270,7 +272,9 @@ def _bias_fitting_weight_scale(w_qp: QParams, b: torch.Tensor, in_qp: QParams, k
     if not bool(bad.any()):
         return w_qp
     zp = int(in_qp.zero_point.reshape(-1)[0])
-    x_room = max(abs(in_qp.dtype.qmin - zp), abs(in_qp.dtype.qmax - zp))
+    # the storage's range (uint8 for quint4): the integer op checks the accumulator with it
+    info = torch.iinfo(in_qp.dtype.storage)
+    x_room = max(abs(info.min - zp), abs(info.max - zp))
     w_max = max(abs(w_qp.dtype.qmin), abs(w_qp.dtype.qmax))
     room = qint32.qmax - k * x_room * w_max - 1
     if room < 2 ** 24:  # no useful room: the accumulator check will name the shape
