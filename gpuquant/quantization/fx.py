@@ -812,9 +812,9 @@ _MAY_COPY_MODULES = tuple(m for m in _PASS_MODULES if m not in (torch.nn.Unflatt
 # ops whose result may share memory with their first argument (in-place writes through
 # them reach it): the pass-through ops and a few more
 _VIEW_FNS = _PASS_FNS | {torch.narrow, torch.select, torch.movedim, torch.moveaxis,
-                         torch.swapaxes, torch.swapdims, torch.t, torch.detach,
-                         torch.diagonal, torch.split_with_sizes}
-_VIEW_METHODS = _PASS_METHODS | {"narrow", "select", "t", "detach", "swapaxes", "swapdims",
+                         torch.swapaxes, torch.swapdims, torch.t, torch.diagonal,
+                         torch.split_with_sizes}
+_VIEW_METHODS = _PASS_METHODS | {"narrow", "select", "t", "swapaxes", "swapdims",
                                  "moveaxis", "diagonal", "unfold", "as_strided",
                                  "split_with_sizes", "to", "type", "type_as", "float"}
 _VIEW_ATTRS = {"T", "mT", "H", "mH", "data", "real", "imag"}
