@@ -750,7 +750,8 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin=None, qmax=None):
 
     Args:
         x: int8 / uint8 ``(N, C, H, W)`` or unbatched ``(C, H, W)``; zero_point: its zero
-        point; output_size: int or pair (None entries keep the input size); qmin, qmax: the output clamp.
+        point; output_size: int or pair (None entries keep the input size); qmin, qmax:
+        the output clamp.
 
     Raises:
         TypeError, ValueError: as :func:`avg_pool2d`.

@@ -79,8 +79,8 @@ def _dw_kernel(family: str):
     k = _TUNED.get(family)
     if k is None:
         k = _qdepthwise_kernel if family == "interpret" else triton.autotune(
-            configs=depthwise_configs(family), key=["M", "O", "KH", "KW", "stride_h", *EPILOGUE_KEY])(
-                _qdepthwise_kernel)
+            configs=depthwise_configs(family),
+            key=["M", "O", "KH", "KW", "stride_h", *EPILOGUE_KEY])(_qdepthwise_kernel)
         _TUNED[family] = k
     return k
 
