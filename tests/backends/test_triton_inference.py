@@ -126,19 +126,21 @@ TAP_LOOP_CASES["3x3_dil2_c256_two_blocks"] = ((1, 256, 6, 5), 10, (3, 3), 1, 2, 
 TAP_LOOP_CASES["7x7_c64_padded"] = ((1, 64, 9, 8), 8, (7, 7), 1, 3, 1, 1, torch.int8, 0)
 
 
-@pytest.mark.parametrize("pipe", [False, True])
+@pytest.mark.parametrize("pipe,l1", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("name", list(TAP_LOOP_CASES))
-def test_conv2d_both_tap_loop_forms_match_oracle(name, pipe, epi_split, monkeypatch):
-    """The two loop forms the GPU autotuner chooses between (taps unrolled; one pipelined
-    (tap, channel block) loop) give the oracle's bytes, with and without a channel mask,
-    zero point 0 and not, two channel blocks a tap; each with the epilogue whole or split."""
+def test_conv2d_both_tap_loop_forms_match_oracle(name, pipe, l1, epi_split, monkeypatch):
+    """The loop forms the GPU autotuner chooses between (taps unrolled; one pipelined
+    (tap, channel block) loop, its tiles copied through L2 only or through L1) give the
+    oracle's bytes, with and without a channel mask, zero point 0 and not, two channel
+    blocks a tap; each with the epilogue whole or split."""
     from gpuquant.backends.triton import conv
     monkeypatch.setattr(conv, "INTERPRET_PIPE_TAPS", pipe)
+    monkeypatch.setattr(conv, "INTERPRET_L1_CACHE", l1)
     x, zp, w, bias, st, pd, dl, groups = _conv_inputs(TAP_LOOP_CASES[name])
     rq = rand_requant(w.shape[0], qint8, "relu", k=w[0].numel())
-    check_op("conv2d", (x, zp, w, bias, st, pd, dl, groups, rq), f"{name} pipe={pipe}")
+    check_op("conv2d", (x, zp, w, bias, st, pd, dl, groups, rq), f"{name} pipe={pipe} l1={l1}")
     if name == "3x3_taploop_zp0_padded":  # the fused residual epilogue on the same loop
-        _check_conv_add((x, zp, w, bias, st, pd, dl, groups, rq), f"pipe={pipe}")
+        _check_conv_add((x, zp, w, bias, st, pd, dl, groups, rq), f"pipe={pipe} l1={l1}")
 
 
 def test_conv2d_nchw_input_and_no_bias():

@@ -26,20 +26,29 @@ out["control_fusion_on"] = sorted(set(ip.FLOAT_HAZARD_RE.findall(ptx)))
 import re
 from gpuquant.backends.triton import conv
 stores, loops = {}, {}
-for zz, pipe in ((False, False), (True, False), (True, True)):
+copies = {}
+for zz, pipe, l1 in ((False, False, False), (True, False, False), (True, True, False),
+                     (True, True, True)):
     # the conv's A tile: zero-filled async copy vs a register pass; taps unrolled vs one
-    # pipelined loop over taps
+    # pipelined loop over taps; its tiles copied through L2 only or through L1
     const = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "KH": 3, "KW": 3,
              "FLAT_K": False, "EVEN_C": True, "ZP_ZERO": zz, "PIPE_TAPS": pipe,
-             "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False}
+             "L1_CACHE": l1, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False}
     p = ip.compile_ptx(conv._qconv_kernel, ip._conv_sig(), const, 90, 4, 4)
     if not pipe:
         stores[str(zz)] = len(re.findall(r"st\.shared\.v4", p))
-    loops[str(pipe)] = {"wgmma_commits": len(re.findall(r"wgmma\.commit_group", p)),
-                        "cp_async_waits": [int(v) for v in
-                                           re.findall(r"cp\.async\.wait_group\s+(\d+)", p)]}
+    if zz:
+        copies[f"pipe={pipe} l1={l1}"] = sorted(set(
+            m.group(1) + " " + m.group(2) for m in
+            re.finditer(r"cp\.async\.(c[ag])\.shared\.global\s*\[[^]]*\],\s*\[[^]]*\],\s*"
+                        r"(0x[0-9a-f]+)", p)))
+    if not l1:
+        loops[str(pipe)] = {"wgmma_commits": len(re.findall(r"wgmma\.commit_group", p)),
+                            "cp_async_waits": [int(v) for v in
+                                               re.findall(r"cp\.async\.wait_group\s+(\d+)", p)]}
 out["conv_st_shared_v4"] = stores
 out["conv_tap_loops"] = loops
+out["conv_copies"] = copies
 from gpuquant.backends.triton import gemm
 spills = {}
 for split in (1, 2):  # the requantizing epilogue of a 128x256 tile, whole or in halves
@@ -115,6 +124,11 @@ def test_tensor_core_instructions_and_no_float_hazards(tmp_path):
     assert loops["False"]["cp_async_waits"].count(0) == 9, loops
     waits = loops["True"]["cp_async_waits"]
     assert waits.count(0) == 1 and max(waits) > 0, loops
+    # the tiles' asynchronous copies: 16 bytes through L2 only (.cg), or with L1_CACHE
+    # 8 bytes allocated in L1 (.ca), the form in which Triton 3.6 and 3.9 both emit .ca
+    cp = report["conv_copies"]
+    assert cp["pipe=False l1=False"] == cp["pipe=True l1=False"] == ["cg 0x10"], cp
+    assert cp["pipe=True l1=True"] == ["ca 0x8"], cp
     # register spills (SASS local stores) of the 128x256 tile's requantizing epilogue: the
     # split form (two column halves) spills less (Triton 3.6, the GPU machines' version: 0
     # against 160; Triton 3.9: 59 against 143)

@@ -74,33 +74,39 @@ def tune_mode(request, monkeypatch):
 
 
 def test_conv_tunes_both_tap_loop_forms_where_they_differ(tune_mode):
-    """Every conv tile comes in both tap-loop forms (and the big ones with a split epilogue
-    too); a layer with a tap loop (3x3) times both loop forms of each tile the GEMM's
-    pruning keeps, a 1x1 / flat-K layer only the unrolled one (there the two forms are the
-    same loop); int8 / float outputs add the split-epilogue twins, the bare int32 not."""
+    """Every conv tile comes in both tap-loop forms, the pipelined one also with its tiles
+    copied through L1 (and the big ones with a split epilogue too); a layer with a tap
+    loop (3x3) times the three forms of each tile the GEMM's pruning keeps, a 1x1 / flat-K
+    layer only the unrolled one (there the forms are the same loop); int8 / float outputs
+    add the split-epilogue twins, the bare int32 not."""
     cfgs = conv.conv_configs("sm90")
     whole = [c for c in cfgs if c.kwargs["EPI_SPLIT"] == 1]
-    assert len(whole) == 2 * len(conv._CONV_TILES["sm90"])
+    assert len(whole) == 3 * len(conv._CONV_TILES["sm90"])
+    assert all(c.kwargs["PIPE_TAPS"] for c in cfgs if c.kwargs["L1_CACHE"])
     assert all(gemm._acc_per_thread(c) >= 128 for c in cfgs if c.kwargs["EPI_SPLIT"] == 2)
     shape = {"M": 64 * 56 * 56, "N": 256}
     tiles = gemm.prune_configs([c for c in whole if not c.kwargs["PIPE_TAPS"]], shape)
 
     def key(c):
         return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages)
+
+    def form(c):
+        return c.kwargs["PIPE_TAPS"], c.kwargs["L1_CACHE"]
+    forms = [(False, False), (True, False), (True, True)]
     both = conv.prune_conv_configs(cfgs, shape, KH=3, KW=3, FLAT_K=False, OUT_MODE=2)
-    assert sorted((key(c), c.kwargs["PIPE_TAPS"]) for c in both) == \
-        sorted((key(c), p) for c in tiles for p in (False, True))
+    assert sorted((key(c), form(c)) for c in both) == \
+        sorted((key(c), f) for c in tiles for f in forms)
     assert all(c.kwargs["EPI_SPLIT"] == 1 for c in both)
     quant = conv.prune_conv_configs(cfgs, shape, KH=3, KW=3, FLAT_K=False, OUT_MODE=0)
     assert quant[:len(both)] == both
     split = quant[len(both):]
-    assert sorted((key(c), c.kwargs["PIPE_TAPS"]) for c in split) == \
-        sorted((key(c), c.kwargs["PIPE_TAPS"]) for c in both if gemm._acc_per_thread(c) >= 128)
+    assert sorted((key(c), form(c)) for c in split) == \
+        sorted((key(c), form(c)) for c in both if gemm._acc_per_thread(c) >= 128)
     assert split and all(c.kwargs["EPI_SPLIT"] == 2 for c in split)
     for one in (dict(KH=1, KW=1, FLAT_K=False), dict(KH=7, KW=7, FLAT_K=True)):
         kept = conv.prune_conv_configs(cfgs, shape, OUT_MODE=2, **one)
         assert [key(c) for c in kept] == [key(c) for c in tiles]
-        assert not any(c.kwargs["PIPE_TAPS"] for c in kept)
+        assert not any(c.kwargs["PIPE_TAPS"] or c.kwargs["L1_CACHE"] for c in kept)
 
 
 @pytest.mark.parametrize("family", ["sm80", "sm89", "sm90"])
@@ -168,7 +174,8 @@ def test_quick_tuning_on_sm90_also_tries_a_two_cta_gemm_tile(monkeypatch):
     plain = conv.prune_conv_configs(cfgs, args, KH=3, KW=3, OUT_MODE=2)
     sm90 = conv.prune_conv_configs(cfgs, args, family="sm90", KH=3, KW=3, OUT_MODE=2)
     added = [c for c in sm90 if c not in plain]
-    assert len(added) == 2 and all(gemm.two_ctas_sm90(c) for c in added)  # both tap forms
+    # in the three tap-loop forms
+    assert len(added) == 3 and all(gemm.two_ctas_sm90(c) for c in added)
     assert not any(gemm.two_ctas_sm90(c) for c in plain)
 
 

@@ -9,7 +9,9 @@ every K tile is a run of contiguous input channels. Two loop shapes, picked per 
   pixel (``EVEN_C``: channels a multiple of BLOCK_K, no channel mask). Two forms the
   autotuner times per layer (``PIPE_TAPS``): taps unrolled (``KH``, ``KW`` compile-time),
   a channel-block loop each; or one loop over (tap, channel block) that the compiler's
-  software pipeline prefetches across taps;
+  software pipeline prefetches across taps. The pipelined form also comes with the tiles
+  copied as 8-byte ``cp.async.ca`` (``L1_CACHE``: allocated in L1, where neighbouring taps
+  read the same input rows again) instead of 16-byte ``cp.async.cg`` (L2 only);
 * flat K (``FLAT_K`` True, grouped convolutions with few channels a group): the K index is
   split into (tap, channel) per element so tiles are not mostly padding.
 
@@ -105,7 +107,7 @@ def _qconv_kernel(
     X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr = 1, RES_MODE: tl.constexpr = 0,
-    LSHIFT: tl.constexpr = True,
+    LSHIFT: tl.constexpr = True, L1_CACHE: tl.constexpr = False,
 ):
     """X (Nb, H, W, C) int8/uint8 (strides given), W (O, KH*KW*Cg) int8 -> Y (M, O)."""
     pid = tl.program_id(0)
@@ -115,6 +117,13 @@ def _qconv_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    if L1_CACHE:
+        # the same indices, seen by the compiler as runs of 8: the tiles' asynchronous
+        # copies become 8-byte cp.async.ca (cached in L1) instead of 16-byte cp.async.cg
+        # (L2 only: Triton 3.6 picks .cg for every 16-byte copy, whatever the load's
+        # cache_modifier). A 3x3 layer reads each input pixel once a tap, 9 times; in L1
+        # a tap's rows are mostly the previous tap's, one pixel or one row over.
+        offs_k = (offs_k // 8) * 8 + offs_k % 8
     mask_m = offs_m < M
     mask_n = offs_n < N
     # output pixel -> (image, oh, ow) -> top-left input coordinate
@@ -248,40 +257,50 @@ _CONV_TILES["generic"] = _CONV_TILES["sm89"]
 def conv_configs(family: str):
     """Autotune configs of the implicit-GEMM conv kernel for an architecture family: every
     tile in both tap-loop forms (``PIPE_TAPS`` False: taps unrolled; True: one pipelined
-    loop over (tap, channel block)), and the tiles holding >= 128 accumulators a thread
-    also with the requantizing epilogue in two column halves (``EPI_SPLIT`` 2, as the
-    GEMM's: see :func:`.gemm.prune_gemm_configs`). :func:`prune_conv_configs` keeps one
-    form where the two are the same code."""
+    loop over (tap, channel block)), the pipelined form also with its tiles copied through
+    L1 (``L1_CACHE``), and the tiles holding >= 128 accumulators a thread also with the
+    requantizing epilogue in two column halves (``EPI_SPLIT`` 2, as the GEMM's: see
+    :func:`.gemm.prune_gemm_configs`). :func:`prune_conv_configs` keeps one form where the
+    forms are the same code."""
     tiles = family_configs(_CONV_TILES, family)
-    out = [_with(c, PIPE_TAPS=pipe, EPI_SPLIT=1) for pipe in (False, True) for c in tiles]
+    out = [_with(c, PIPE_TAPS=pipe, EPI_SPLIT=1, L1_CACHE=False) for pipe in (False, True)
+           for c in tiles]
     if family != "interpret":
+        out += [_with(c, L1_CACHE=True) for c in out if c.kwargs["PIPE_TAPS"]]
         out += [_with(c, EPI_SPLIT=2) for c in out if _acc_per_thread(c) >= 128]
     return out
 
 
 def prune_conv_configs(configs, named_args, family=None, **kwargs):
     """The GEMM's tile pruning (shape, quick subset) on the unrolled-form, whole-epilogue
-    configs; then the pipelined twin of every kept tile when the layer has a tap loop
-    (more than one tap and not ``FLAT_K``): the autotuner times both forms (which is faster
-    depends on the layer: with one channel block a tap only the pipelined form prefetches
-    across taps; see bench/README.md NOTES; at most 63 taps: one bit each); then, for
-    int8 / float outputs, the split-epilogue twin of each of those that has one."""
+    configs; then, when the layer has a tap loop (more than one tap and not ``FLAT_K``),
+    the pipelined twin of every kept tile, and that twin again with its tiles copied
+    through L1 (``L1_CACHE``, where one exists): the autotuner times all three (which is
+    faster depends on the layer: with one channel block a tap only the pipelined form
+    prefetches across taps; see bench/README.md NOTES; at most 63 taps: one bit each);
+    then, for int8 / float outputs, the split-epilogue twin of each of those that has
+    one."""
     def key(c):
-        return _tile_key(c), c.kwargs.get("PIPE_TAPS", False), c.kwargs.get("EPI_SPLIT", 1)
+        kw = c.kwargs
+        return (_tile_key(c), kw.get("PIPE_TAPS", False), kw.get("L1_CACHE", False),
+                kw.get("EPI_SPLIT", 1))
     index = {key(c): c for c in configs}
-    whole = [c for c in configs if key(c)[1:] == (False, 1)]
+    whole = [c for c in configs if key(c)[1:] == (False, False, 1)]
     kept = with_light_tile(whole, named_args, prune_configs(whole, named_args, family),
                            **kwargs)
     if not kwargs.get("FLAT_K") and 1 < kwargs.get("KH", 1) * kwargs.get("KW", 1) <= 63:
-        kept = kept + [index[(_tile_key(c), True, 1)] for c in kept]
+        pipelined = [index[(_tile_key(c), True, False, 1)] for c in kept]
+        kept = kept + pipelined + [index[k] for k in ((_tile_key(c), True, True, 1)
+                                                      for c in pipelined) if k in index]
     if kwargs.get("OUT_MODE") in (0, 1):
-        kept = kept + [index[k] for k in ((_tile_key(c), key(c)[1], 2) for c in kept)
-                       if k in index]
+        kept = kept + [index[k] for k in ((*key(c)[:3], 2) for c in kept) if k in index]
     return kept
 
 
-# The loop form the interpreter runs (it has no autotuner); the tests run both.
+# The loop form the interpreter runs (it has no autotuner); the tests run both, and the
+# pipelined form with and without L1_CACHE.
 INTERPRET_PIPE_TAPS = False
+INTERPRET_L1_CACHE = False
 
 _TUNED = {}
 
@@ -369,7 +388,7 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
     meta = {} if family != "interpret" else \
         {**interpret_meta(m, og, k if flat_k else cg),
          "PIPE_TAPS": INTERPRET_PIPE_TAPS and kh * kw <= 63,
-         "EPI_SPLIT": _gemm.INTERPRET_EPI_SPLIT}
+         "L1_CACHE": INTERPRET_L1_CACHE, "EPI_SPLIT": _gemm.INTERPRET_EPI_SPLIT}
     res = r2d if r2d is not None else y2d
     grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(og, META["BLOCK_N"]),
                          groups)
