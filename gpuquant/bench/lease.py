@@ -67,8 +67,10 @@ DEFAULT_STAGES = ("tests", "models", "conv", "qat_step", "fake_quant", "linear_d
 # configs a shape instead of 3 under quick tuning) and it has a graph row.
 STAGE_CAP = {"tests": 120.0, "models": 240.0, "conv": 150.0, "gemm": 90.0, "fake_quant": 60.0,
              "qat_step": 120.0,  # qat_step: 30 s with 2 providers running; now 6
-             "profile": 240.0}  # its int8_forward builds and compiles the whole network, as
+             "profile": 240.0,  # its int8_forward builds and compiles the whole network, as
                                 # models does, and conv_all tunes the 53 convolutions
+             "counters": 180.0}  # ncu over the conv suite's quick layers: tuning, then ~30
+                                 # kernels a few dozen replay passes each
 DEFAULT_CAP = 90.0
 # providers a stage leaves out unless --skip STAGE: (empty) says otherwise: torch.compile of
 # the bf16 networks took most of the models stage's 150 s on the H200 (lease 1), for a
@@ -179,7 +181,7 @@ def _use_carried(carried, env: dict, wait: bool = True, until: Optional[float] =
 
 def _known_stages() -> List[str]:
     from .suites import registered
-    return ["tests", "profile"] + list(registered())
+    return ["tests", "profile", "counters"] + list(registered())
 
 
 def _per_stage(items, what: str, known: List[str], p) -> dict:
@@ -218,6 +220,9 @@ def _parse(argv) -> argparse.Namespace:
                    help="the most seconds a stage may take, instead of its default, repeatable")
     p.add_argument("--profile-args", default="--what qat_step,int8_forward,conv_all",
                    help="arguments of the 'profile' stage (python -m gpuquant.bench.profile)")
+    p.add_argument("--counters-args", default="",
+                   help="arguments of the 'counters' stage (python -m gpuquant.bench.counters: "
+                        "Nsight Compute counters of the conv suite's layers)")
     p.add_argument("--warm-jobs", type=int, default=None,
                    help="CPU processes compiling the suites' Triton kernels in the background "
                         "from the start (gpuquant.bench.warm; 0: none; default: CPUs - 2 "
@@ -476,9 +481,9 @@ def main(argv=None) -> int:
                 continue
             if stage == "tests":
                 cmd = [sys.executable, "-m", "pytest"] + shlex.split(args.pytest_args)
-            elif stage == "profile":
-                cmd = [sys.executable, "-m", "gpuquant.bench.profile", "--out", results] \
-                    + shlex.split(args.profile_args)
+            elif stage in ("profile", "counters"):
+                cmd = [sys.executable, "-m", f"gpuquant.bench.{stage}", "--out", results] \
+                    + shlex.split(args.profile_args if stage == "profile" else args.counters_args)
             else:
                 cmd = [sys.executable, "-m", "gpuquant.cli", "bench", stage, "--out", results,
                        "--save-each-case"] + ([] if args.full_sizes else ["--quick"])
@@ -489,7 +494,8 @@ def main(argv=None) -> int:
             log = os.path.join(logs, f"{stage}.log")
             print(f"[lease] {stage}: up to {cap:.0f} s ...", flush=True)
             status, rc, secs = _run_stage(cmd, log, cap, env)
-            if rc in (0, 3) and stage not in ("tests", "profile") and _needs_gpu(log):
+            if rc in (0, 3) and stage not in ("tests", "profile", "counters") \
+                    and _needs_gpu(log):
                 status = "skipped: needs a CUDA GPU"  # (gpuquant bench's exit status 3)
             rows.append((stage, status, secs, _last_line(log)))
             print(f"[lease] {stage}: {status} in {secs:.0f} s", flush=True)

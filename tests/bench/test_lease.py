@@ -118,6 +118,14 @@ def test_lease_per_stage_where_skip_cap(tmp_path, monkeypatch):
     assert prof_cmd[1:4] == ["-m", "gpuquant.bench.profile", "--out"]
     assert prof_cmd[-4:] == ["--what", "qat_step", "--batch", "8"]
     assert prof_cap == lease.STAGE_CAP["profile"]
+    # the counters stage runs the ncu driver with its own arguments
+    seen.clear()
+    lease.main(["--out", str(tmp_path / "oc"), "--budget", "500", "--stages", "counters",
+                "--counters-args", "--layers c64-o64-k3-s1-h56"])
+    (cnt_cmd, cnt_cap), = seen
+    assert cnt_cmd[1:4] == ["-m", "gpuquant.bench.counters", "--out"]
+    assert cnt_cmd[-2:] == ["--layers", "c64-o64-k3-s1-h56"]
+    assert cnt_cap == lease.STAGE_CAP["counters"]
     # by default the models stage leaves out torch.compile; "models:" keeps every provider
     seen.clear()
     lease.main(["--out", str(tmp_path / "o2"), "--budget", "500", "--stages", "models"])
