@@ -447,3 +447,42 @@ def test_every_launcher_runs_on_its_inputs_device():
     for name in list(inference.OPS) + list(dynamic.OPS):
         fn = OPS[name]
         assert getattr(fn, "__wrapped__", None) is not None, name
+
+
+@pytest.mark.parametrize("programs", [1, 2, 3])
+def test_persistent_gemm_loops_over_tiles(programs, monkeypatch):
+    """The persistent tile loop (PERSISTENT: at most that many programs a multiprocessor,
+    each looping over its tiles; here 1-3 programs for up to 5x4 tiles, so programs run
+    several tiles each and some one fewer) gives the oracle's bytes in every output mode:
+    int8 requantized, with the fused residual add, dequantized float, bare int32, and the
+    dynamic W8A8 scaled float."""
+    from gpuquant.backends import get_backend
+    from gpuquant.backends.triton import gemm
+    monkeypatch.setattr(gemm, "INTERPRET_PERSISTENT", programs)
+    monkeypatch.setattr(gemm, "sm_count", lambda *a: 1)  # programs = PERSISTENT x 1
+    m, k, n = 150, 40, 100
+    x = rand_act((m, k), torch.int8)
+    w = rand_weight((n, k))
+    b = torch.randint(-999, 999, (n,), dtype=torch.int32)
+    rq = rand_requant(n, qint8, "relu", k=k, big=True)
+    check_op("linear", (x, -3, w, b, rq), f"persistent x{programs}")
+    res = rand_act((m, n), torch.int8)
+    p = make_add_params(0.04, rq.zero_point, 0.05, 3, 0.06, -2, qint8)
+    got_add = TRITON["linear_add"](*dev((x, -3, w, b, rq, res)), p)
+    got_deq = TRITON["linear_dequant"](*dev((x, -3, w, b, rq)), torch.tensor(0.03))
+    for oname, ops in ORACLES:
+        y = ops["linear"](x, -3, w, b, rq)
+        assert_same(got_add, ops["add"](y, res, p), f"persistent linear_add vs {oname}")
+        want = ops["dequantize"](y, torch.tensor(0.03),
+                                 torch.tensor(rq.zero_point, dtype=torch.int32), None)
+        assert_same(got_deq, want, f"persistent linear_dequant vs {oname}")
+    from gpuquant.backends.triton.gemm import qgemm
+    acc = qgemm(dev(x), -3, dev(w), dev(b), None, out_mode="int32")
+    want32 = (x.to(torch.int64) + 3) @ w.to(torch.int64).T + b
+    assert torch.equal(cpu(acc).to(torch.int64), want32)
+    xs = torch.rand(m, dtype=torch.float32) * 0.1 + 0.01
+    ws = torch.rand(n, dtype=torch.float32) * 0.1 + 0.01
+    fb = torch.randn(n)
+    got = get_backend("triton").OPS["linear_dynamic"](*dev((x, xs, w, ws, fb)), torch.float32)
+    want = get_backend("numpy").OPS["linear_dynamic"](x, xs, w, ws, fb, torch.float32)
+    assert torch.equal(cpu(got), want)

@@ -63,6 +63,17 @@ const = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "KH": 3, "
 sass = ip.compile_sass(conv._qconv_kernel, ip._conv_sig(), const, 90, 8, 4)
 spills["residual_conv"] = None if sass is None else len(re.findall(r"\bSTL\b", sass))
 out["epilogue_spill_stores"] = spills
+drains = {}
+for pers in (0, 2):  # one program a tile; the persistent, flattened tile loop
+    const = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "EPI_SPLIT": 1,
+             "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False, "EVEN_K": True,
+             "LSHIFT": False, "PERSISTENT": pers}  # (one epilogue: the PTX in loop order)
+    p = ip.compile_ptx(gemm._qgemm_kernel, ip._gemm_sig(), const, 90, 4, 3)
+    first_store = p.index("st.global")
+    last_mma = p.rindex("wgmma.mma_async", 0, first_store)
+    drains[str(pers)] = re.search(r"cp\.async\.wait_group\s+0\b",
+                                  p[last_mma:first_store]) is not None
+out["gemm_drain_before_epilogue"] = drains
 print("JSON" + json.dumps(out))
 """
 
@@ -139,6 +150,9 @@ def test_tensor_core_instructions_and_no_float_hazards(tmp_path):
     # add's arithmetic is a compile-time choice; as three runtime branches it spilled 112)
     if sp["residual_conv"] is not None:
         assert sp["residual_conv"] == 0, sp
+    # one program a tile waits for all its copies (cp.async.wait_group 0) before the
+    # epilogue; the persistent loop stores a tile with the next tile's copies in flight
+    assert report["gemm_drain_before_epilogue"] == {"0": True, "2": False}, report
 
 
 def test_every_launch_turns_fp_fusion_off(monkeypatch):

@@ -167,7 +167,7 @@ def test_quick_tuning_on_sm90_also_tries_a_two_cta_gemm_tile(monkeypatch):
     # a problem whose picks already hold one (a 64-wide N): nothing added
     narrow = gemm.prune_gemm_configs(gemm.gemm_configs("sm90"), {"M": 200704, "N": 64, "K": 512},
                                      family="sm90", OUT_MODE=2)
-    assert len(narrow) == 3
+    assert len([c for c in narrow if not c.kwargs.get("PERSISTENT")]) == 3  # (+ persistent)
     # the conv kernel, a 256-channel 3x3 layer at 56x56, batch 64: one more tile, 4 warps
     cfgs = conv.conv_configs("sm90")
     args = {"M": 64 * 56 * 56, "N": 256, "K": 9 * 256}
@@ -186,8 +186,9 @@ def test_quick_tuning_of_a_residual_epilogue_also_tries_a_register_light_tile(mo
     monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "quick")
     shape = {"M": 12544, "N": 1024, "K": 256}  # resnet50 batch 64, layer3's residual 1x1
 
-    def light(c):
-        return gemm._acc_per_thread(c) <= 64 and gemm._tile_area(c) >= 64 * 64
+    def light(c):  # (the persistent twin of a short reduction is another matter)
+        return gemm._acc_per_thread(c) <= 64 and gemm._tile_area(c) >= 64 * 64 \
+            and not c.kwargs.get("PERSISTENT")
     cfgs = gemm.gemm_configs("sm90")
     plain = gemm.prune_gemm_configs(cfgs, shape, family="sm90", OUT_MODE=0, HAS_RES=False)
     res = gemm.prune_gemm_configs(cfgs, shape, family="sm90", OUT_MODE=0, HAS_RES=True)
@@ -262,3 +263,27 @@ def test_autotune_key_holds_the_epilogue_and_the_zero_point(tmp_path):
     for name, want in (("gemm", 3), ("conv", 4), ("depthwise", 3), ("weight_only", 2)):
         assert len(keys[name]) == want, (name, keys[name])
         assert len({tuple(k) for k in keys[name]}) == want
+
+
+def test_short_reductions_also_time_a_persistent_tile(monkeypatch):
+    """A GEMM with a short K and many tiles (resnet50's 1x1 convolutions at batch 64) also
+    times the persistent form of its largest light 4-warp tile, launched with at most
+    PERSISTENT_CTAS programs a multiprocessor; long reductions and small problems do not."""
+    monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "quick")
+    for family in ("sm90", "sm80"):
+        cfgs = gemm.gemm_configs(family)
+        for shape in ({"M": 200704, "N": 64, "K": 256}, {"M": 12544, "N": 1024, "K": 256},
+                      {"M": 200704, "N": 256, "K": 64}):
+            kept = gemm.prune_gemm_configs(cfgs, shape, family=family, OUT_MODE=0)
+            pers = [c for c in kept if c.kwargs.get("PERSISTENT")]
+            assert len(pers) == 1, (family, shape)
+            c = pers[0]
+            assert c.kwargs["PERSISTENT"] == gemm.PERSISTENT_CTAS and c.num_warps == 4
+            assert gemm._acc_per_thread(c) <= 64 and c.kwargs["BLOCK_K"] <= shape["K"]
+            grid = gemm.gemm_grid(shape["M"], shape["N"])
+            tiles = gemm._programs(c, shape["M"], shape["N"])
+            assert grid({**c.kwargs}) == (min(tiles, gemm.PERSISTENT_CTAS * 132),)
+            assert grid({**c.kwargs, "PERSISTENT": 0}) == (tiles,)
+        for shape in ({"M": 2048, "N": 4096, "K": 4096}, {"M": 64, "N": 256, "K": 256}):
+            kept = gemm.prune_gemm_configs(cfgs, shape, family=family, OUT_MODE=0)
+            assert not any(c.kwargs.get("PERSISTENT") for c in kept), (family, shape)

@@ -27,8 +27,8 @@ from .common import (LAUNCH_OPTS, arch_family, cdiv, last_to_finish, launch_tick
                      tune_subset)
 from .fake_quant import on_tensor_device
 from .launch import launch
-from .gemm import (OUT_SCALED, _config, _gemm_kernel, _with, align_k, bf16_rne, grouped_tile,
-                   interpret_meta)
+from .gemm import (OUT_SCALED, _config, _gemm_kernel, _with, align_k, bf16_rne, gemm_grid,
+                   grouped_tile, interpret_meta)
 
 __all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]
 
@@ -129,16 +129,13 @@ def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
     family = arch_family(xq.device)
     kern = _gemm_kernel(family)
     meta = interpret_meta() if family == "interpret" else {}
-
-    def grid(cfg):
-        return (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
-
     has_bias = bias is not None
     # _qgemm_kernel(X, W, BIAS, MULT, RSHIFT, EPI, RES, Y, ...): in the scaled mode MULT holds
     # the column (weight) scales, RSHIFT the row (token) scales, RES the float bias
     # (HAS_RES); BIAS and EPI are not read (any pointer will do)
-    launch(kern, grid, xq, wq, x_scale, w_scale, x_scale, x_scale, bias if has_bias else out, out,
-           m, n, k, xq.stride(0), xq.stride(1), wq.stride(0), wq.stride(1), out.stride(0), 0, 1.0,
+    launch(kern, gemm_grid(m, n), xq, wq, x_scale, w_scale, x_scale, x_scale,
+           bias if has_bias else out, out, m, n, k, xq.stride(0), xq.stride(1), wq.stride(0),
+           wq.stride(1), out.stride(0), 0, 1.0,
            X_UINT8=False, OUT_MODE=OUT_SCALED, HAS_RES=has_bias, **meta, **LAUNCH_OPTS)
     return out
 
