@@ -150,7 +150,8 @@ def _walk(model, convert, modules, filter_fn):
     """Decide on a child before descending into it; build every replacement first and swap
     them in only when all succeeded, so an error leaves ``model`` as it was. A module
     registered under several names (tied, or ``[layer] * n``) is converted once, at its
-    first name, and that one replacement goes to every name (the tie is kept)."""
+    first name, and that one replacement goes to every name (the tie is kept). A root
+    marked ``disable_quantize()`` is left as it is, subtree included, as under a parent."""
     swaps = []
     done = {}  # id(child) -> its replacement, or None (kept, and descended into once)
 
@@ -170,6 +171,8 @@ def _walk(model, convert, modules, filter_fn):
                 swaps.append((parent, cname, new))
             elif not isinstance(child, (_Int8WeightLinear, DynamicMultiheadAttention)):
                 visit(child, name)
+    if getattr(model, "quantize_disabled", False):  # (as a child's flag, below)
+        return model
     root = convert(model, "")
     if root is not None:
         return root

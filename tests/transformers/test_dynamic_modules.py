@@ -789,3 +789,32 @@ def test_model_wide_fake_quant_switches_reach_dynamic_qat_linears(weight_only):
     assert torch.equal(qat(x), float_model(x))
     assert enable_fake_quant(qat) is qat
     assert torch.equal(qat(x), y_fq)
+
+
+def test_disable_quantize_on_the_root_keeps_it_float():
+    """``disable_quantize()`` on the model passed in keeps it float, as it does on the same
+    module under a parent: a root gpuquant.nn.Linear was converted, and a disabled root
+    container had its torch.nn.Linear children converted (they carry no flag of their own)."""
+    class Net(gpuquant.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.g = gpuquant.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.g(self.fc(x))
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    for convert in (quantize_dynamic, prepare_dynamic_qat,
+                    lambda m, **kw: quantize_dynamic(m, weight_only=True, **kw)):
+        net = Net().disable_quantize()
+        nested = convert(nn.Sequential(net), inplace=False)[0]  # under a parent: float
+        assert type(nested.fc) is nn.Linear and type(nested.g) is gpuquant.nn.Linear
+        root = convert(net, inplace=False)
+        assert type(root) is Net
+        assert type(root.fc) is nn.Linear and type(root.g) is gpuquant.nn.Linear
+        assert torch.equal(root(x), net(x))
+        assert convert(net) is net and type(net.fc) is nn.Linear  # inplace
+        lin = gpuquant.nn.Linear(8, 8).disable_quantize()
+        assert type(convert(lin, inplace=False)) is gpuquant.nn.Linear
+        assert convert(lin) is lin
