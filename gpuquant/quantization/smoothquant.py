@@ -152,6 +152,17 @@ def _absmax_of(act_absmax, name: str, lin, fn: str) -> torch.Tensor:
     return _check_absmax(act_absmax[name], f"{fn}: act_absmax[{name!r}]", lin.in_features)
 
 
+def _weight_input_absmax(act_absmax, name: str, lin, fn: str) -> torch.Tensor:
+    """float32 ``max|x_j|`` of what ``lin``'s weight multiplies: ``act_absmax[name]`` (checked),
+    times a SmoothedLinear's own ``|input_smoothing|`` (calibration records the input
+    before the Linear's forward, so before that multiply)."""
+    a = _absmax_of(act_absmax, name, lin, fn).to(torch.float32)
+    smooth = getattr(lin, "input_smoothing", None)
+    if smooth is not None:
+        a = a * smooth.detach().abs().to(a.device)
+    return a
+
+
 def _check_absmax_dict(act_absmax, fn: str) -> None:
     if not isinstance(act_absmax, Mapping):
         raise TypeError(f"{fn}: act_absmax must be a dict {{linear name: tensor}} (from "
@@ -214,7 +225,9 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
 
     Args:
         model: the float model.
-        act_absmax: from :func:`calibrate_linear_inputs`.
+        act_absmax: from :func:`calibrate_linear_inputs`. For a Linear smoothed before
+            (a :class:`SmoothedLinear`, recorded before its own input multiply) the factors
+            are those of the input times that multiply, what its weight sees.
         alpha: migration strength in [0, 1] (0.5 is the paper's default; 0.75-0.85 for models
             with very large outliers).
         fold: ``{norm_name: [linear_name, ...]}``: Linears fed (only) by that LayerNorm /
@@ -296,7 +309,7 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
         for norm_name, lin_names in groups:
             norm = model.get_submodule(norm_name)
             lins = [model.get_submodule(n) for n in lin_names]
-            ax = torch.stack([_absmax_of(act_absmax, n, lin, "smooth_quant").to(torch.float32)
+            ax = torch.stack([_weight_input_absmax(act_absmax, n, lin, "smooth_quant")
                               for n, lin in zip(lin_names, lins)]).amax(dim=0)
             s = smoothing_factors(ax, [lin.weight for lin in lins], alpha).to(norm.weight.device)
             # products in float32, then cast: s may pass fp16's range (up to 1e5)
@@ -315,7 +328,7 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
         for name, lin in list(_linears(model, filter_fn)):
             if name in done or name not in act_absmax:
                 continue
-            a = _absmax_of(act_absmax, name, lin, "smooth_quant")
+            a = _weight_input_absmax(act_absmax, name, lin, "smooth_quant")
             s = smoothing_factors(a, [lin.weight], alpha).to(lin.weight.device)
             new = SmoothedLinear(lin.in_features, lin.out_features, lin.bias is not None,
                                  device=lin.weight.device, dtype=lin.weight.dtype)
@@ -360,10 +373,7 @@ def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.T
         if lin.in_features > k_max:
             raise ValueError(f"{name}: in_features={lin.in_features} could overflow the int32 "
                              f"accumulator; at most {k_max} fits")
-        a = _absmax_of(act_absmax, name, lin, "quantize_static_linear").to(torch.float32)
-        smooth = getattr(lin, "input_smoothing", None)
-        if smooth is not None:  # recorded before the Linear's own 1/s multiply
-            a = a * smooth.detach().abs().to(a.device)
+        a = _weight_input_absmax(act_absmax, name, lin, "quantize_static_linear")
         q = StaticActLinear.from_float_module(lin, a.max(), ad, wd)
         if not name:
             return q

@@ -818,3 +818,41 @@ def test_disable_quantize_on_the_root_keeps_it_float():
         lin = gpuquant.nn.Linear(8, 8).disable_quantize()
         assert type(convert(lin, inplace=False)) is gpuquant.nn.Linear
         assert convert(lin) is lin
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_smooth_quant_again_balances_what_the_weight_sees(fold):
+    """Smoothing an already smoothed Linear takes its factors from the input its weight
+    multiplies (the recorded input times its ``input_smoothing``), as quantize_static_linear
+    reads it: at alpha 0.5 the first pass leaves max|x'_j| = max|W'_j|, so a second pass
+    keeps that balance (factors of 1). It used the raw recorded input and moved the
+    outliers into the weight again (a column's max went 2.7 -> 11.9)."""
+    torch.manual_seed(0)
+    k = 16
+    outliers = torch.ones(k)
+    outliers[torch.randperm(k)[:3]] = torch.rand(3) * 30 + 10
+    data = [torch.randn(32, k) * outliers for _ in range(2)]
+    m = nn.Sequential(nn.LayerNorm(k), nn.Linear(k, 8)) if fold else nn.Sequential(
+        nn.Linear(k, 8))
+    with torch.no_grad():
+        if fold:  # a LayerNorm feeding outliers: its affine weight carries them
+            m[0].weight.copy_(outliers * (1 + torch.rand(k)))
+            m[0].bias.copy_(torch.randn(k))
+    x = torch.cat(data)
+    ref = m(x)
+    lin_name = "1" if fold else "0"
+    smooth_quant(m, calibrate_linear_inputs(m, data), alpha=0.5)  # -> SmoothedLinear
+    assert type(m[-1]) is SmoothedLinear
+
+    def balance(m):
+        lin = m[-1]
+        seen = ((m[0](x) if fold else x) * lin.input_smoothing).abs().amax(0)
+        return seen, lin.weight.detach().abs().amax(0)
+    seen, wmax = balance(m)
+    torch.testing.assert_close(seen, wmax, rtol=1e-5, atol=0)
+    again = calibrate_linear_inputs(m, data)
+    smooth_quant(m, again, alpha=0.5, fold={"0": [lin_name]} if fold else None)
+    seen2, wmax2 = balance(m)
+    torch.testing.assert_close(seen2, seen, rtol=1e-5, atol=0)
+    torch.testing.assert_close(wmax2, wmax, rtol=1e-5, atol=0)
+    torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
