@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from ..dtypes import qint8, qint8_narrow
 from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
@@ -246,7 +247,8 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
     Raises:
         ValueError: alpha out of range; unknown names; a fold target that is not a norm with
             a weight; a fold group listing no Linear, or one that ``filter_fn`` excludes only
-            in part (the message names the Linears and the norm); a Linear without
+            in part (the message names the Linears and the norm); a fold group whose
+            norm or Linears are parametrized (``torch.nn.utils.parametrize``); a Linear without
             calibration data; calibration data of the wrong shape (not ``(in_features,)``),
             negative or not finite. Every check is made before the model is changed.
         TypeError: model not a Module; act_absmax not a dict of float tensors; fold not a
@@ -301,6 +303,14 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
             if n not in act_absmax:
                 raise ValueError(f"smooth_quant: no calibration data for {n!r}")
             _absmax_of(act_absmax, n, lin, "smooth_quant")
+        for n, mod in [(norm_name, norm)] + list(zip(lin_names, lins)):
+            if parametrize.is_parametrized(mod):  # (its weight: a new tensor each read)
+                raise ValueError(f"smooth_quant: {n!r} ({type(mod).__name__}) in "
+                                 f"fold[{norm_name!r}] has its tensors computed by a "
+                                 f"torch.nn.utils.parametrize parametrization, so the factor "
+                                 f"cannot be folded into them; remove it first "
+                                 f"(parametrize.remove_parametrizations) or leave the group "
+                                 f"out of fold")
         groups.append((norm_name, lin_names))
     if not inplace:
         model = copy.deepcopy(model)

@@ -856,3 +856,27 @@ def test_smooth_quant_again_balances_what_the_weight_sees(fold):
     torch.testing.assert_close(seen2, seen, rtol=1e-5, atol=0)
     torch.testing.assert_close(wmax2, wmax, rtol=1e-5, atol=0)
     torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_smooth_quant_fold_refuses_parametrized_modules():
+    """A fold group's norm and Linears must hold their tensors: a parametrized Linear
+    (``weight_norm``) computes a new weight tensor at every read, so the folded factor was
+    written into a temporary while the norm was divided by it (the model's output moved by
+    0.67). Refused before any change; outside fold (a SmoothedLinear) it smooths as before."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    x = torch.randn(6, 8) * (torch.rand(8) * 10)
+    for wn in ("lin", "norm"):
+        m = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4))
+        weight_norm(m[1] if wn == "lin" else m[0])
+        ref = m(x)
+        before = copy.deepcopy(m.state_dict())
+        absmax = calibrate_linear_inputs(m, [x])
+        with pytest.raises(ValueError, match=f"{'1' if wn == 'lin' else '0'}.*parametriz"):
+            smooth_quant(m, absmax, fold={"0": ["1"]})
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+        assert torch.equal(m(x), ref)
+        s = smooth_quant(m, absmax, inplace=False)  # not folded: a SmoothedLinear
+        assert type(s[1]) is SmoothedLinear and not parametrize.is_parametrized(s[1])
+        torch.testing.assert_close(s(x), ref, rtol=1e-5, atol=1e-5)
