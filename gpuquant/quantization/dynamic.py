@@ -39,6 +39,7 @@ import logging
 from typing import Callable, Optional
 
 import torch
+from torch.nn.utils import parametrize
 
 from ..dtypes import qint8, qint8_narrow
 from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
@@ -277,7 +278,8 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
     activation fake-quant + per-channel weight fake-quant, STE) to fine-tune a model for the
     mode :func:`quantize_dynamic` serves; the swapped modules share the original parameters.
     ``quantize_dynamic`` on the result converts them. Arguments as :func:`quantize_dynamic`
-    (``torch.nn.MultiheadAttention`` and HuggingFace ``Conv1D`` are left as they are).
+    (``torch.nn.MultiheadAttention``, HuggingFace ``Conv1D`` and parametrized Linears, e.g.
+    ``weight_norm``, whose weight is no parameter to share, are left as they are, logged).
 
     Raises:
         TypeError, ValueError: as :func:`quantize_dynamic`.
@@ -298,6 +300,11 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
         if _custom_forward(mod):
             log.warning("prepare_dynamic_qat: %s (%s) stays float: its forward is not "
                         "torch.nn.Linear's", name, type(mod).__name__)
+            return None
+        if parametrize.is_parametrized(mod):
+            log.warning("prepare_dynamic_qat: %s (%s) stays float: its weight is computed by "
+                        "a torch.nn.utils.parametrize parametrization, not a parameter the "
+                        "QAT Linear could share", name, type(mod).__name__)
             return None
         try:
             return QATDynamicLinear.from_float_module(mod, ad, wd, weight_only)

@@ -880,3 +880,30 @@ def test_smooth_quant_fold_refuses_parametrized_modules():
         s = smooth_quant(m, absmax, inplace=False)  # not folded: a SmoothedLinear
         assert type(s[1]) is SmoothedLinear and not parametrize.is_parametrized(s[1])
         torch.testing.assert_close(s(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_dynamic_qat_leaves_parametrized_linears_float(caplog):
+    """The QAT Linear shares its float Linear's parameters; a parametrized Linear's weight
+    is computed at each read, so the QAT module held a frozen plain tensor (no parameter,
+    not in state_dict, never trained). Such a Linear stays float (logged) and
+    ``from_float_module`` refuses it; quantize_dynamic still converts it."""
+    from torch.nn.utils.parametrizations import weight_norm
+    torch.manual_seed(0)
+    m = nn.Sequential(weight_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(5, 8)
+    names = {n for n, _ in m.named_parameters()}
+    with caplog.at_level("WARNING", logger="gpuquant.quantization"):
+        p = prepare_dynamic_qat(m, inplace=False)
+    assert "0 (ParametrizedLinear) stays float" in caplog.text
+    assert type(p[2]) is QATDynamicLinear and type(p[0]).__name__ == "ParametrizedLinear"
+    assert {n for n, _ in p.named_parameters()} == names
+    assert set(p.state_dict()) == set(m.state_dict())
+    p(x).sum().backward()
+    assert all(t.grad is not None for t in p.parameters())
+    with pytest.raises(ValueError, match="parametrized"):
+        QATDynamicLinear.from_float_module(m[0])
+    q = quantize_dynamic(p, inplace=False)
+    assert type(q[0]) is DynamicLinear and type(q[2]) is DynamicLinear
+    ref = quantize_dynamic(m, inplace=False)
+    with torch.no_grad():
+        assert torch.equal(q[0](x), ref[0](x))

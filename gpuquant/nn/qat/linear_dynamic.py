@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from ..._compile import EagerUnderCompile
 from ...backends.reference_dynamic import EPS
@@ -112,10 +113,22 @@ class DynamicLinear(EagerUnderCompile, torch.nn.Linear, Module):
     @classmethod
     def from_float_module(cls, linear: torch.nn.Linear, act_dtype=qint8,
                           weight_dtype=qint8_narrow, weight_only=False) -> "DynamicLinear":
-        """The QAT version of ``linear``, sharing its weight and bias parameters."""
+        """The QAT version of ``linear``, sharing its weight and bias parameters.
+
+        Raises:
+            TypeError: not a ``torch.nn.Linear``.
+            ValueError: ``linear`` is parametrized (``torch.nn.utils.parametrize``, e.g.
+                ``weight_norm``): its weight is computed at each read, not a parameter to
+                share (the QAT module held a frozen copy that training never updated).
+        """
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"DynamicLinear.from_float_module needs a torch.nn.Linear, got "
                             f"{type(linear).__name__}")
+        if parametrize.is_parametrized(linear):
+            raise ValueError("DynamicLinear.from_float_module: the Linear is parametrized "
+                             "(torch.nn.utils.parametrize): its weight is computed from other "
+                             "parameters, which the QAT Linear cannot share; remove the "
+                             "parametrization first (parametrize.remove_parametrizations)")
         qat = cls.__new__(cls)
         torch.nn.Module.__init__(qat)
         qat.in_features, qat.out_features = linear.in_features, linear.out_features
