@@ -18,7 +18,8 @@ What is and is not swapped:
   :class:`~gpuquant.nn.quantized.linear_dynamic.DynamicMultiheadAttention` (its forward reads
   ``in_proj_weight`` and ``out_proj.weight`` directly, so swapping ``out_proj`` alone would be
   ignored, which is why PyTorch types it ``NonDynamicallyQuantizableLinear``). MHAs with
-  ``kdim``/``vdim`` != ``embed_dim`` or ``add_bias_kv`` / ``add_zero_attn`` stay float (logged).
+  ``kdim``/``vdim`` != ``embed_dim``, ``add_bias_kv`` / ``add_zero_attn``, or a subclass's
+  own forward stay float (logged).
 * HuggingFace ``Conv1D`` (GPT-2 style: a Linear with its weight stored transposed) is
   swapped too when ``torch.nn.Linear`` is requested (recognised by its ``nf`` / ``nx``
   attributes and weight shape; ``transformers`` is never imported).

@@ -907,3 +907,32 @@ def test_prepare_dynamic_qat_leaves_parametrized_linears_float(caplog):
     ref = quantize_dynamic(m, inplace=False)
     with torch.no_grad():
         assert torch.equal(q[0](x), ref[0](x))
+
+
+def test_multihead_attention_subclass_with_its_own_forward_stays_float(caplog):
+    """A MultiheadAttention subclass whose forward adds something (here a scale) was
+    replaced by DynamicMultiheadAttention, which computes torch's forward: the subclass's
+    own computation was dropped silently (its output halved). It stays float, logged, as
+    Linear subclasses with their own forward do; a subclass keeping torch's forward is
+    converted."""
+    class ScaledMHA(nn.MultiheadAttention):
+        def forward(self, query, key, value, **kwargs):
+            out, w = super().forward(query, key, value, **kwargs)
+            return out * 2.0, w
+
+    class PlainSubclass(nn.MultiheadAttention):
+        pass
+    torch.manual_seed(0)
+    m = nn.ModuleDict(dict(scaled=ScaledMHA(16, 2), plain=PlainSubclass(16, 2))).eval()
+    x = torch.randn(5, 3, 16)
+    with caplog.at_level("WARNING", logger="gpuquant.quantization"):
+        q = quantize_dynamic(m, inplace=False)
+    assert type(q["scaled"]) is ScaledMHA and "scaled (MultiheadAttention) stays float" in \
+        caplog.text and "ScaledMHA" in caplog.text
+    assert type(q["scaled"].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    with torch.no_grad():
+        assert torch.equal(q["scaled"](x, x, x)[0], m["scaled"](x, x, x)[0])
+    assert type(q["plain"]) is DynamicMultiheadAttention
+    assert DynamicMultiheadAttention.supports(m["plain"]) is None
+    with pytest.raises(ValueError, match="its forward"):
+        DynamicMultiheadAttention.from_float_module(m["scaled"])

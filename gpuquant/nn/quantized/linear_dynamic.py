@@ -566,8 +566,8 @@ class DynamicMultiheadAttention(EagerUnderCompile, Module):
     packed ``in_proj`` (3E x E; one GEMM for self-attention, row slices for cross-attention)
     and ``out_proj`` are int8; the attention itself (scores, softmax, weighted sum) stays in
     float32, as in PyTorch's MHA math path. Supported: ``embed_dim == kdim == vdim``, no
-    ``add_bias_kv`` / ``add_zero_attn`` (:func:`supports` says; ``quantize_dynamic`` leaves
-    other MHAs float and logs which).
+    ``add_bias_kv`` / ``add_zero_attn``, torch's own forward (not a subclass's)
+    (:func:`supports` says; ``quantize_dynamic`` leaves other MHAs float and logs which).
 
     Training mode (adapters trained over the frozen int8 projections) computes as eval mode
     except for attention dropout: with ``dropout`` > 0 (taken over from the converted MHA)
@@ -637,6 +637,9 @@ class DynamicMultiheadAttention(EagerUnderCompile, Module):
         """None if ``mha`` can be converted, else the reason it cannot."""
         if not isinstance(mha, torch.nn.MultiheadAttention):
             return f"not a torch.nn.MultiheadAttention ({type(mha).__name__})"
+        if type(mha).forward is not torch.nn.MultiheadAttention.forward:
+            # (as Linear subclasses with their own forward: replacing it would drop that)
+            return f"its forward ({type(mha).__name__}'s) is not torch.nn.MultiheadAttention's"
         if not mha._qkv_same_embed_dim:
             return "kdim / vdim differ from embed_dim (separate q/k/v projection weights)"
         if mha.bias_k is not None or mha.add_zero_attn:
