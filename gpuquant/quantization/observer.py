@@ -733,6 +733,16 @@ class HistogramObserver(Observer):
         best = torch.argmin(self._mse(lo_g, hi_g)).reshape(1)
         return lo_g.gather(0, best).reshape(()), hi_g.gather(0, best).reshape(())
 
+    def recorded_finite(self) -> bool:
+        """Whether some recorded batch was kept: with ``check_finite=False`` a non-finite
+        batch is dropped without a host read (counted in ``nonfinite_batches``), so an
+        observer whose every batch held NaN / Inf reports ``has_observed`` with an empty
+        histogram (qparams of scale eps). A host read, for conversion (as
+        ``MinMaxObserver.recorded_finite``)."""
+        if not self._observed:
+            return False
+        return bool(torch.isfinite(self.min_val)) and bool(self.histogram.sum() > 0)
+
     def get_qparams(self) -> QParams:
         self._require_observed()
         lo, hi = self._choose_range()  # inside the recorded range: a finite scale

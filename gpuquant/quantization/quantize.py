@@ -32,7 +32,7 @@ from ..nn.qat.module import QATModule, keep_producer_hook
 from ..nn.quantized.module import QuantizedModule
 from .fake_quant import FakeQuantBase, _LearnedBase
 from .fx import _PASS_MODULES, needs_dropin, prepare_plain
-from .observer import Observer, _RangeObserver
+from .observer import HistogramObserver, Observer, _RangeObserver
 from .._checks import check_bool as _check_bool
 from .qconfig import QConfig, ema_fakequant_qconfig
 
@@ -281,7 +281,8 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
                                 f"pass mapping={{{type(m).__name__}: ...}} or call "
                                 f"disable_quantize() on it")
             for o in m.modules():  # a state no finite batch reached: qparams of scale eps
-                if isinstance(o, _RangeObserver) and o.has_observed and not o.recorded_finite():
+                if isinstance(o, (_RangeObserver, HistogramObserver)) and o.has_observed \
+                        and not o.recorded_finite():
                     raise ValueError(
                         f"quantize: module {name or '<root>'!r} ({type(m).__name__}): its "
                         f"{o._name()} kept no batch: every batch it saw held NaN / Inf "

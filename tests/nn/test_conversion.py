@@ -798,3 +798,29 @@ def test_observer_that_kept_no_batch_fails_the_conversion_by_name():
     with torch.no_grad():
         qat(x)
     quantize(qat)
+
+
+def test_histogram_observer_that_kept_no_batch_fails_the_conversion_by_name():
+    """The same for the calibration observer: calibration_qconfig.without_host_reads() drops
+    NaN / Inf batches on the device; a HistogramObserver that saw only such batches has an
+    empty histogram and gave qparams of scale eps, and quantize() converted it silently (the
+    check covered the MinMax / moving-average observers only). Now it is refused by name;
+    one finite batch after is enough."""
+    qat = quantize_qat(_StubbedConv(gnn.ConvRelu2d(3, 4, 3)),
+                       calibration_qconfig.without_host_reads()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    bad = x.clone()
+    bad[torch.rand(bad.shape) < 0.5] = float("nan")
+    bad[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        qat(bad)
+    with pytest.raises(ValueError, match=r"quantize: module 'q' \(QuantStub\): its "
+                                         r"HistogramObserver kept no batch.*"
+                                         r"nonfinite_batches = 1"):
+        quantize(copy.deepcopy(qat))
+    obs = qat.q.act_observer
+    assert obs.has_observed and not obs.recorded_finite()
+    with torch.no_grad():
+        qat(x)
+    assert obs.recorded_finite() and qat.c.act_observer.recorded_finite()
+    quantize(qat)
