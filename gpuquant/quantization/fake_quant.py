@@ -699,4 +699,22 @@ def apply_fake_quant_with_observer(x: torch.Tensor, fake_quant: Optional[FakeQua
                              f"was empty (shape {tuple(x.shape)}) and an empty tensor records "
                              f"nothing; run a non-empty batch first")
         qparams = observer.get_qparams()
+        if isinstance(fake_quant, _LearnedBase) and fake_quant.init != "data":
+            _check_kept_a_batch(observer, fake_quant)
     return fake_quant(x, qparams)
+
+
+def _check_kept_a_batch(observer, fake_quant) -> None:
+    """Before a learned fake quant (not yet initialised: its first call) starts from
+    ``observer``'s qparams: refuse an observer that kept no batch. With
+    ``check_finite=False`` a NaN / Inf batch is dropped on the device and the observer still
+    reports ``has_observed``, its qparams those of an empty range (scale eps), from which the
+    learned scale would start and never recover. One host read, on the first call only."""
+    kept = getattr(observer, "recorded_finite", None)
+    if kept is None or kept():
+        return
+    raise ValueError(f"{type(fake_quant).__name__}: the first input initialises its learned "
+                     f"qparams from {type(observer).__name__}'s, but the observer has kept no "
+                     f"batch: every batch it saw held NaN or Inf (dropped under "
+                     f"check_finite=False; nonfinite_batches = "
+                     f"{int(observer.nonfinite_batches)}); start it on a finite batch")

@@ -461,3 +461,28 @@ def test_learned_quantizers_refuse_to_start_from_a_non_finite_or_empty_batch(cls
         fq(x)
     y = fq(torch.randn(16))  # still uninitialised: a clean batch starts it
     assert bool(torch.isfinite(y).all())
+
+
+@pytest.mark.parametrize("cls", [LSQ, TQT])
+@pytest.mark.parametrize("observer", [
+    lambda: ExponentialMovingAverageObserver(0.9, gpuquant.qint8, check_finite=False),
+    lambda: MinMaxObserver(gpuquant.qint8, check_finite=False),
+    lambda: gpuquant.quantization.HistogramObserver(gpuquant.qint8, check_finite=False)],
+    ids=["ema", "minmax", "histogram"])
+def test_learned_quantizers_refuse_to_start_from_an_observer_that_kept_no_batch(cls, observer):
+    """check_finite=False drops a NaN / Inf batch on the device and the observer still
+    reports has_observed, with the qparams of an empty range (scale eps): LSQ / TQT started
+    from them, and the layer's outputs stayed ~0 (a learned scale of 1.2e-7). Now the first
+    call refuses, the learned quantizer stays uninitialised, and a finite batch starts it
+    from the observer's range."""
+    obs, fq = observer(), cls(gpuquant.qint8)
+    x = torch.randn(256) * 3
+    bad = x.clone()
+    bad[int(torch.randint(256, ()))] = float("inf")
+    with pytest.raises(ValueError, match=r"kept no batch.*nonfinite_batches = 1"):
+        apply_fake_quant_with_observer(bad, fq, obs)
+    assert fq.get_qparams() is None
+    y = apply_fake_quant_with_observer(x, fq, obs)
+    qp = fq.get_qparams()
+    assert float(qp.scale) > 1e-3
+    assert (y - x).abs().max() <= float(qp.scale)
