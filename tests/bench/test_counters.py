@@ -84,6 +84,7 @@ def test_ncu_command_profiles_only_the_marked_ranges(tmp_path):
     assert cmd[0] == "/x/ncu"
     assert cmd[cmd.index("--profile-from-start") + 1] == "off"
     assert cmd[cmd.index("--clock-control") + 1] == "none"
+    assert cmd[cmd.index("--print-units") + 1] == "base"  # (ns, bytes: what _number scales)
     assert cmd[cmd.index("--metrics") + 1] == "lts__t_bytes.sum"
     assert cmd[-5:] == ["--inner", "--out", str(tmp_path), "--layers", "c64-o64-k3-s1-h56"]
     assert "--metrics" not in K.ncu_command("/x/ncu", str(tmp_path), ["a"], [])
