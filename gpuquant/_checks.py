@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["check_bool", "positive_int"]
+__all__ = ["check_bool", "positive_int", "unit_interval"]
 
 
 def check_bool(value, fn: str, arg: str) -> None:
@@ -21,3 +21,14 @@ def positive_int(value, name: str, who: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{who}: {name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def unit_interval(value, name: str, who: str) -> float:
+    """``value`` as a float in [0, 1]: TypeError for a non-number (bool included; NumPy
+    scalars are numbers), ValueError outside [0, 1] or NaN."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{who}: {name} must be a real number in [0, 1], got "
+                        f"{type(value).__name__} {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{who}: {name} must be in [0, 1], got {value!r}")
+    return float(value)

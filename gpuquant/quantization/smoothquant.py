@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from .._checks import unit_interval
 from ..dtypes import qint8, qint8_narrow
 from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
 from ..nn.quantized.linear_dynamic import StaticActLinear, keep_off_torch_fast_path
@@ -175,12 +176,11 @@ def smoothing_factors(act_absmax: torch.Tensor, weights: Iterable[torch.Tensor],
     """``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (float32, (K,)) for Linears sharing an input.
 
     Raises:
-        TypeError: act_absmax not a float tensor.
+        TypeError: act_absmax not a float tensor; alpha not a real number.
         ValueError: alpha outside [0, 1]; act_absmax not 1-D, negative or not finite; shapes
             that do not match.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    alpha = unit_interval(alpha, "alpha", "smoothing_factors")
     ax = _check_absmax(act_absmax, "smoothing_factors: act_absmax").detach().to(torch.float32)
     wmax = None
     for w in weights:
@@ -259,8 +259,7 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
     if fold is not None and not isinstance(fold, Mapping):
         raise TypeError(f"smooth_quant: fold must be a dict {{norm_name: [linear_name, ...]}} "
                         f"or None, got {type(fold).__name__}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    alpha = unit_interval(alpha, "alpha", "smooth_quant")
     for name, lin in _linears(model, filter_fn):  # every entry checked before any change
         if name in act_absmax:
             _absmax_of(act_absmax, name, lin, "smooth_quant")

@@ -224,6 +224,18 @@ def test_quantize_dynamic_bad_input():
         q(torch.ones(3, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match="alpha"):
         smooth_quant(model, {}, alpha=1.5)
+    # alpha: NumPy scalars are numbers; a tensor, a string, a bool are not, NaN is out of
+    # range (each said as such: the message named [0, 1] for a valid np.float32 before)
+    import numpy as np
+    from gpuquant.quantization.smoothquant import smoothing_factors
+    w, ax = torch.randn(4, 8), torch.rand(8) + 0.5
+    assert torch.equal(smoothing_factors(ax, [w], alpha=np.float32(0.75)),
+                       smoothing_factors(ax, [w], alpha=0.75))
+    for bad in (torch.tensor(0.5), "0.5", True):
+        with pytest.raises(TypeError, match="alpha must be a real number"):
+            smooth_quant(model, {}, alpha=bad)
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got nan"):
+        smooth_quant(model, {}, alpha=float("nan"))
     with pytest.raises(ValueError, match="LayerNorm"):
         smooth_quant(model, {"0": torch.ones(8)}, fold={"1": ["0"]})
 
