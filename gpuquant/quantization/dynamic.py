@@ -118,6 +118,10 @@ def _check_common(model, modules, filter_fn, inplace, fn: str):
         if not isinstance(cls, type) or not issubclass(cls, allowed):
             raise ValueError(f"{fn}: modules may name torch.nn.Linear (and subclasses) or "
                              f"torch.nn.MultiheadAttention only, got {cls!r}")
+        if issubclass(cls, _NDQ):  # (it would select nothing: a lone one is never swapped)
+            raise ValueError(f"{fn}: modules names {cls.__name__}, a MultiheadAttention's "
+                             f"out_proj, which is quantized with its attention module only: "
+                             f"name torch.nn.MultiheadAttention (or torch.nn.Linear) instead")
     return tuple(modules)
 
 
@@ -206,7 +210,8 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
 
     Raises:
         TypeError: model is not a Module; filter_fn not callable or not returning a bool.
-        ValueError: ``modules`` names a non-Linear class; an unsupported dtype; a Linear whose
+        ValueError: ``modules`` names a non-Linear class or MHA's out_proj type
+            (``NonDynamicallyQuantizableLinear``); an unsupported dtype; a Linear whose
             ``in_features`` could overflow the int32 accumulator, or a weight holding NaN or
             Inf (the message names the module; nothing is swapped).
 

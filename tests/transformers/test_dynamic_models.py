@@ -224,6 +224,10 @@ def test_quantize_dynamic_bad_input():
         q(torch.ones(3, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match="alpha"):
         smooth_quant(model, {}, alpha=1.5)
+    # naming MHA's out_proj type selects nothing (a lone one is never swapped): said so
+    with pytest.raises(ValueError, match="NonDynamicallyQuantizableLinear, a Multihead"):
+        quantize_dynamic(model, modules=(nn.modules.linear.NonDynamicallyQuantizableLinear,),
+                         inplace=False)
     # alpha: NumPy scalars are numbers; a tensor, a string, a bool are not, NaN is out of
     # range (each said as such: the message named [0, 1] for a valid np.float32 before)
     import numpy as np
