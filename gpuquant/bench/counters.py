@@ -287,7 +287,7 @@ def _known_metrics(ncu: str) -> Optional[set]:
 
 def ncu_command(ncu: str, out: str, layers: Sequence[str], metrics: Sequence[str]) -> List[str]:
     cmd = [ncu, "--clock-control", "none", "--profile-from-start", "off",
-           "--target-processes", "all", "--csv", "--print-units", "base",
+           "--target-processes", "application-only", "--csv", "--print-units", "base",
            "--log-file", os.path.join(out, "counters.csv")]
     for s in SECTIONS:
         cmd += ["--section", s]
