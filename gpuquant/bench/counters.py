@@ -212,28 +212,34 @@ def _configs_for(kern, key_before: set):
     return [(k, c) for k, c in kern.cache.items() if k not in key_before]
 
 
-def _inner(out: str, layer_names: Sequence[str]) -> int:
-    """Runs under ncu: tunes each layer, then profiles one call of each variant."""
+def profile_calls(layer_names: Sequence[str], device: str = "cuda", batch: Optional[int] = None,
+                  profiler=None, sync=None) -> List[dict]:
+    """The profiled process's work: for each layer, tune and warm it, then one call of each
+    variant (module docstring) between ``profiler.start()`` / ``stop()`` (CUDA's by
+    default), a separator call between two of gpuquant's. Returns the calls in order,
+    {"label", "ours"} (what :func:`group_kernels` pairs with ncu's rows). ``device``,
+    ``batch``, ``profiler`` and ``sync`` are the test's handles (the stand-in driver runs it
+    on the CPU)."""
     import torch
 
     from .suites import conv as C
     from ..backends.triton import conv as tconv
-    from ..backends.triton.common import arch_family
     from ..backends.triton.launch import clear_plans
 
+    profiler = torch.cuda.profiler if profiler is None else profiler
+    sync = torch.cuda.synchronize if sync is None else sync
     specs = {s.name: s for s in C.distinct_convs()}
-    family = arch_family(torch.device("cuda"))
-    kern = tconv._conv_kernel(family)
+    kern = tconv._conv_kernel(tconv.arch_family(torch.device(device)))  # (the family the
+    # conv launcher asks for: the stand-in driver sets it)
     calls: List[dict] = []
-
-    sep_input = torch.ones(8, device="cuda")
+    sep_input = torch.ones(8, device=device)
 
     def one_profiled_call(fn) -> None:
-        torch.cuda.synchronize()
-        torch.cuda.profiler.start()
+        sync()
+        profiler.start()
         fn()
-        torch.cuda.synchronize()
-        torch.cuda.profiler.stop()
+        sync()
+        profiler.stop()
 
     def profiled(label: str, ours: bool, fn) -> None:
         """One call of ``fn`` (after one unprofiled call) between profiler start / stop."""
@@ -245,28 +251,37 @@ def _inner(out: str, layer_names: Sequence[str]) -> int:
         calls.append({"label": label, "ours": ours})
 
     for name in layer_names:
-        L = C.make_inputs([specs[name]], C.BATCH, "cuda")(0)
+        spec = specs[name]
+        L = C.make_inputs([spec], C.BATCH if batch is None else batch, device)(0)
         run = C._triton(L)
         before = set(kern.cache)
         run()
         run()  # tuned and warm
-        torch.cuda.synchronize()
+        sync()
         chosen = _configs_for(kern, before)
         profiled(f"{name} gpuquant-triton", True, run)
-        spec = specs[name]
         for key, cfg in chosen:
             other = other_copy_form(cfg, spec.k)
-            if other is not None:
-                flip = other.kwargs["L1_CACHE"]
-                kern.cache[key] = other
-                clear_plans()  # (a launch plan holds the kernel of the config it met)
+            if other is None:
+                continue
+            kern.cache[key] = other
+            clear_plans()  # (a launch plan holds the kernel of the config it met)
+            try:
                 run()  # compiled outside the profiled range
-                profiled(f"{name} gpuquant-triton L1_CACHE={flip}", True, run)
+                profiled(f"{name} gpuquant-triton L1_CACHE={other.kwargs['L1_CACHE']}", True,
+                         run)
+            finally:
                 kern.cache[key] = cfg
                 clear_plans()
         profiled(f"{name} torch-bf16", False, C._bf16(L))
         print(f"[counters] {name}: chosen "
               f"{[str(c) for _, c in chosen] or 'im2col + GEMM (no conv config)'}", flush=True)
+    return calls
+
+
+def _inner(out: str, layer_names: Sequence[str]) -> int:
+    """Runs under ncu: :func:`profile_calls`, the calls written for the driver."""
+    calls = profile_calls(layer_names)
     with open(os.path.join(out, _CALLS_FILE), "w") as f:
         json.dump(calls, f)
     return 0

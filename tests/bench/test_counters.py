@@ -116,3 +116,53 @@ def test_the_other_copy_form_of_a_chosen_config():
         # every variant is a config the autotuner knows (so the prebuilt cache has it)
         assert any(c.kwargs == other.kwargs and c.num_warps == other.num_warps
                    and c.num_stages == other.num_stages for c in conv.conv_configs("sm90"))
+
+
+_PROFILED_SCRIPT = r"""
+import json
+from gpuquant import backends
+from gpuquant.backends.triton import conv
+from gpuquant.backends.triton.standin import standin_cuda
+from gpuquant.bench import counters as K
+conv._CONV_TILES["sm90"] = [(64, 64, 64, 8, 4, 2)]  # one tile: three loop forms to compile
+conv._TUNED.clear()
+events = []
+with standin_cuda() as fk, backends.use("triton"):
+    kern = conv._conv_kernel("sm90")
+
+    class Profiler:  # what each profiled window holds: the config in force, our launches
+        def start(self):
+            cfg = kern.best_config.kwargs if kern.best_config is not None else {}
+            events.append({"L1_CACHE": cfg.get("L1_CACHE"), "PIPE_TAPS": cfg.get("PIPE_TAPS"),
+                           "at": len(fk.launches)})
+
+        def stop(self):
+            events[-1]["ours"] = sum(k == "_qconv_kernel" for k, _, _ in
+                                     fk.launches[events[-1]["at"]:])
+    calls = K.profile_calls(["c64-o64-k3-s1-h56"], device="cpu", batch=1,
+                            profiler=Profiler(), sync=lambda: None)
+    cached = [dict(c.kwargs) for c in kern.cache.values()]
+print("JSON" + json.dumps({"calls": calls, "events": events, "cached": cached}))
+"""
+
+
+def test_profiled_calls_force_each_variant(tmp_path):
+    """The profiled process on the stand-in CUDA driver (no GPU; a 3x3 layer, one tile,
+    batch 1): a profiled window each for the autotuner's choice, the same tile with
+    L1_CACHE flipped (with a separator between the two), and cuDNN's stand-in; each of
+    ours launches the conv kernel once with the config said; the choice is back in the
+    autotuner's cache afterwards."""
+    from tests.compiled import run_json
+    out = run_json(_PROFILED_SCRIPT, tmp_path / "triton_cache", GPUQUANT_TRITON_TUNE="quick")
+    calls, events = out["calls"], out["events"]
+    name = "c64-o64-k3-s1-h56"
+    assert calls == [{"label": f"{name} gpuquant-triton", "ours": True},
+                     {"label": "separator", "ours": False},
+                     {"label": f"{name} gpuquant-triton L1_CACHE=True", "ours": True},
+                     {"label": f"{name} torch-bf16", "ours": False}]
+    assert len(events) == 4
+    # the stand-in times every config alike: the autotuner keeps the first (taps unrolled)
+    assert (events[0]["PIPE_TAPS"], events[0]["L1_CACHE"]) == (False, False)
+    assert (events[2]["PIPE_TAPS"], events[2]["L1_CACHE"]) == (True, True)
+    assert [e["ours"] for e in events] == [1, 0, 1, 0]
+    assert [(c["PIPE_TAPS"], c["L1_CACHE"]) for c in out["cached"]] == [(False, False)]
