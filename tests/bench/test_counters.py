@@ -166,3 +166,43 @@ def test_profiled_calls_force_each_variant(tmp_path):
     assert (events[2]["PIPE_TAPS"], events[2]["L1_CACHE"]) == (True, True)
     assert [e["ours"] for e in events] == [1, 0, 1, 0]
     assert [(c["PIPE_TAPS"], c["L1_CACHE"]) for c in out["cached"]] == [(False, False)]
+
+
+def test_driver_end_to_end_with_a_stand_in_ncu(tmp_path, monkeypatch):
+    """main() with an ncu stand-in (a script that answers --query-metrics and, instead of
+    profiling, writes the CSV and the calls file the real run would): the metrics asked
+    for are those the ncu lists, and counters.txt holds the table."""
+    import json
+    import stat
+    import sys
+
+    import torch
+    rows = _csv([("_qconv_kernel", _metrics(45.2, 173e6, "4")),
+                 ("sm90_xmma_fprop", _metrics(41.6, 200e6, "1"))])
+    calls = [{"label": "c64 gpuquant-triton", "ours": True},
+             {"label": "c64 torch-bf16", "ours": False}]
+    (tmp_path / "rows.csv").write_text(rows)
+    (tmp_path / "calls.json").write_text(json.dumps(calls))
+    fake = tmp_path / "ncu"
+    fake.write_text(f"""#!{sys.executable}
+import shutil, sys
+args = sys.argv[1:]
+if args == ["--query-metrics"]:
+    print("Device GH100\\nlts__t_bytes  bytes through L2\\ndram__bytes_read  bytes read")
+    sys.exit(0)
+open({str(tmp_path / "args.txt")!r}, "w").write("\\n".join(args))
+shutil.copy({str(tmp_path / "rows.csv")!r}, args[args.index("--log-file") + 1])
+out = args[args.index("--out") + 1]
+shutil.copy({str(tmp_path / "calls.json")!r}, out + "/counters-calls.json")
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "out"
+    assert K.main(["--out", str(out), "--ncu", str(fake), "--layers",
+                   "c64-o64-k3-s1-h56"]) == 0
+    args = (tmp_path / "args.txt").read_text().splitlines()
+    assert args[args.index("--metrics") + 1] == "lts__t_bytes.sum,dram__bytes_read.sum"
+    assert args[-6:] == ["gpuquant.bench.counters", "--inner", "--out", str(out), "--layers",
+                         "c64-o64-k3-s1-h56"]
+    text = (out / "counters.txt").read_text()
+    assert "2 kernels" in text and "c64 gpuquant-triton" in text and "45.2" in text
