@@ -61,9 +61,14 @@ def tag_output(y: torch.Tensor, source: Optional["QATModule"]) -> torch.Tensor:
     return y
 
 
-def _producer(x) -> Optional["QATModule"]:
+def _entry(x):
+    """``x``'s storage's (producer, version when tagged), or None."""
     st = _storage(x)
-    entry = None if st is None else _PRODUCERS.get(st)
+    return None if st is None else _PRODUCERS.get(st)
+
+
+def _producer(x) -> Optional["QATModule"]:
+    entry = _entry(x)
     return None if entry is None else entry[0]
 
 
@@ -71,8 +76,7 @@ def source_of(x: torch.Tensor) -> Optional["QATModule"]:
     """The QAT module whose output qparams ``x`` carries, or None; None too where model code
     changed it in place since (``F.relu(y, inplace=True)``, ``y.mul_(2)``, ``y[:, 0] = 0``):
     the int8 model would run that op on the integers, so it is a float op like any other."""
-    st = _storage(x)
-    entry = None if st is None else _PRODUCERS.get(st)
+    entry = _entry(x)
     if entry is None or entry[1] != _version(x):
         return None
     return entry[0]
