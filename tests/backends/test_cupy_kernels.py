@@ -706,6 +706,33 @@ def test_weight_preparation_is_cached_and_invalidated(emu_build):
     assert wid not in launch._WEIGHT_CACHE                # the cache does not keep it alive
 
 
+
+def test_weight_cache_releases_weights_already_in_kernel_layout():
+    """A weight already in the kernel's layout is cached as a view of itself (no copy); that
+    view must not keep the weight alive (a view's ``_base`` did: the weak reference never
+    fired, and every such weight stayed in GPU memory after its module was gone)."""
+    import gc
+    import weakref
+    gen = torch.Generator().manual_seed(10)
+    x, x_zp, w, bias, rq = make_linear((20,), 32, 8, torch.int8, "qint8", "normal", gen)
+    case = (1, 16, 5, 5, 8, (3, 3), 1, 1, 1, 1)
+    xc, zc, wc, bc, conv_args, rqc = make_conv(case, torch.int8, "qint8", "normal", gen)
+    wc = wc.contiguous(memory_format=torch.channels_last)   # (O, kh, kw, cg) already
+    for tier in ("dp4a", "mma80"):
+        for wt, plan in ((w, lambda t: launch.plan_linear(x, x_zp, w, bias, rq, t)),
+                         (w, lambda t: launch.plan_linear(x[:2], x_zp, w, bias, rq, t)),
+                         (wc, lambda t: launch.plan_conv2d(xc, zc, wc, bc, *conv_args, rqc, t))):
+            p = plan(tier)
+            assert p.args[1].untyped_storage().data_ptr() == wt.untyped_storage().data_ptr()
+            assert id(wt) in launch._WEIGHT_CACHE
+    refs = [(weakref.ref(w), id(w)), (weakref.ref(wc), id(wc))]
+    del w, wc, p, plan, wt
+    gc.collect()
+    for r, wid in refs:
+        assert r() is None, "the weight cache keeps the weight tensor alive"
+        assert wid not in launch._WEIGHT_CACHE
+
+
 @pytest.mark.gpu
 def test_gpu_bench_providers_run_every_tier(cupy_backend):
     from gpuquant.backends.cupy.bench import tier_providers

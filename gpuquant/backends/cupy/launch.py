@@ -142,6 +142,11 @@ def _prepared_weight(w: torch.Tensor, key, make):
     if hit is not None and hit[0] == version:
         return hit[1]
     w_ready, colsum = make()
+    if w_ready._base is not None:
+        # a view of w (already in the kernel's layout): a view's ``_base`` references w, which
+        # would keep w alive through this cache and its weak reference would never fire; a
+        # detached alias shares the storage without holding the tensor
+        w_ready = w_ready.detach()
     entry[1][key] = (version, (w_ready, colsum))
     return w_ready, colsum
 
