@@ -8,7 +8,7 @@
 // ungrouped convs; grouped convs with other channel counts run conv_dp4a.cu). Built only for
 // sm_90a.
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 900 || !defined(__CUDA_ARCH_FEAT_SM90_ALL))
-#error "conv_wgmma.cu needs sm_90a (compile with -arch=sm_90a)"
+#error "conv_wgmma.cu needs sm_90a only (nvcc -gencode arch=compute_90a,code=sm_90a)"
 #endif
 #include "wgmma_tile.cuh"
 

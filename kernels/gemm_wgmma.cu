@@ -8,7 +8,7 @@
 // K % 16 == 0 and 16-byte aligned A and W (the launcher pads K otherwise). Built only for
 // sm_90a (wgmma is an architecture-specific feature).
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ < 900 || !defined(__CUDA_ARCH_FEAT_SM90_ALL))
-#error "gemm_wgmma.cu needs sm_90a (compile with -arch=sm_90a)"
+#error "gemm_wgmma.cu needs sm_90a only (nvcc -gencode arch=compute_90a,code=sm_90a)"
 #endif
 #include "wgmma_tile.cuh"
 

@@ -106,6 +106,19 @@ def test_tier_guard_refuses_older_architectures(tmp_path):
         assert r.returncode != 0 and "needs sm_" in r.stderr, r.stderr
 
 
+
+def test_wgmma_guard_names_flags_that_build_it(tmp_path):
+    """The wgmma sources' #error names the nvcc flags to build them with; those flags build
+    them. (``-arch=sm_90a``, which it named before, also runs a compute_90 pass under CUDA
+    13's nvcc, where the guard fires: following the advice failed.)"""
+    for name in ("gemm_wgmma.cu", "conv_wgmma.cu"):
+        r = _nvcc(["--ptx", "-arch=sm_89", "-o", str(tmp_path / "x.ptx"), name], KDIR)
+        m = re.search(r"\((?:nvcc|compile with) ([^)]*)\)", r.stderr)
+        assert r.returncode != 0 and m, r.stderr
+        ok = _nvcc([*m.group(1).split(), "-c", "-o", str(tmp_path / "x.o"), name], KDIR)
+        assert ok.returncode == 0, f"nvcc {m.group(1)} {name}:\n{ok.stderr}"
+
+
 def test_nvrtc_source_assembly_compiles(tmp_path):
     """The include-expanded text the loader hands NVRTC is itself a valid translation unit."""
     src = tmp_path / "assembled_conv_mma80.cu"
