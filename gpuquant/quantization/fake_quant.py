@@ -59,6 +59,7 @@ from ..backends.registry import find_op, try_op
 from ..dtypes import observed_dtype, qint8
 from ..qparams import _MIN_SCALE, QParams
 from .._checks import check_bool
+from .observer import granularity_mismatch
 
 __all__ = ["FakeQuantBase", "FakeQuantize", "LSQ", "TQT", "apply_fake_quant_with_observer",
            "lsq_fake_quant", "tqt_fake_quant"]
@@ -478,6 +479,9 @@ class _LearnedBase(FakeQuantBase):
                 list(self.named_buffers(recurse=False)):
             src = state_dict.get(prefix + name)
             if src is not None and src.shape != t.shape:
+                if name != "initialized" and granularity_mismatch(self, prefix + name, src,
+                                                                  self.axis, error_msgs):
+                    continue  # another qconfig's state: torch's size-mismatch error too
                 t.data = torch.empty_like(src, device=t.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

@@ -322,6 +322,21 @@ class Observer(EagerUnderCompile, nn.Module):
 
 
 # --------------------------------------------------------------------------- min / max family
+def granularity_mismatch(module, key: str, t, axis, error_msgs: list) -> bool:
+    """Whether a loaded state tensor ``t`` (``key``) is of the other granularity than the
+    module's (a 1-D per-channel tensor for a per-tensor module, a 0-d one for a per-channel
+    module): then a message naming the key and both granularities goes to ``error_msgs``
+    (``load_state_dict`` raises it) and the module's tensor must not be resized to it."""
+    if not isinstance(t, torch.Tensor) or t.dim() == (0 if axis is None else 1):
+        return False
+    what = "per-tensor" if t.dim() == 0 else f"{t.dim()}-D"
+    error_msgs.append(f"{key}: the state_dict holds {what} state of shape {list(t.shape)} but "
+                      f"{type(module).__name__}(axis={axis!r}) is "
+                      f"{'per-tensor (0-d state)' if axis is None else 'per-channel (1-D state)'}"
+                      f": it was saved from a model built with another qconfig")
+    return True
+
+
 class _RangeObserver(Observer):
     """Observers keeping a running ``min_val`` / ``max_val`` (buffers)."""
 
@@ -392,6 +407,11 @@ class _RangeObserver(Observer):
         for name in ("min_val", "max_val"):
             t = state_dict.get(prefix + name)
             if t is not None and t.shape != getattr(self, name).shape:
+                # per-channel state resizes to the loaded channel count; per-tensor state
+                # into a per-channel observer (or the reverse) is another qconfig's: left
+                # to torch's size-mismatch error
+                if granularity_mismatch(self, prefix + name, t, self.axis, error_msgs):
+                    continue
                 setattr(self, name, torch.empty_like(t, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -825,12 +845,18 @@ class PassiveObserver(Observer):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        mismatch = False
         for name in ("scale", "zero_point"):
             t = state_dict.get(prefix + name)
             if t is not None and t.shape != getattr(self, name).shape:
+                if granularity_mismatch(self, prefix + name, t, self.axis, error_msgs):
+                    mismatch = True
+                    continue
                 setattr(self, name, torch.empty_like(t, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if mismatch:  # load_state_dict raises the message
+            return
         self._observed = bool(self.is_set)
         if self._observed:  # validate: a state_dict is outside input
             QParams(self.dtype, self.scale, self.zero_point, self.axis)
