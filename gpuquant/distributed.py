@@ -293,6 +293,8 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
     gathered to rank 0, which alone writes the file (atomically: a temporary file, then
     rename) and all processes return after it is written. Model and optimizer state are
     rank 0's (DDP keeps them identical). Not for FSDP-sharded models (see DISTRIBUTED.md).
+    When rank 0 cannot write the file, every process raises (rank 0 the original error, the
+    others a RuntimeError quoting it), so the processes stay in step.
 
     Args:
         path: file to write (str or os.PathLike).
@@ -305,6 +307,8 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
     Raises:
         TypeError: bad argument types.
         NotImplementedError: an FSDP2-sharded model (use torch.distributed.checkpoint).
+        RuntimeError / OSError: rank 0 could not write the file (on the other processes: a
+            RuntimeError naming the file and rank 0's error).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -325,15 +329,34 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
     if world_size(group) > 1:
         rngs = [None] * world_size(group)
         dist.all_gather_object(rngs, _rng_state(), group=group)
+    distributed = world_size(group) > 1
+    error = None
     if rank(group) == 0:
         ckpt = {"format": _CHECKPOINT_FORMAT, "model": module.state_dict(),
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "step": step, "extra": extra, "rng": rngs, "world_size": len(rngs)}
         tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    if world_size(group) > 1:
-        dist.barrier(group=group)
+        try:
+            torch.save(ckpt, tmp)
+            os.replace(tmp, path)
+        except Exception as e:  # (a missing folder, a full disk, no permission)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if not distributed:
+                raise
+            error = e
+    if distributed:
+        # rank 0's outcome reaches every process (and, as a barrier would, they return only
+        # after the file is written): a failed write raises everywhere at once, instead of
+        # the others waiting in a barrier rank 0 never reaches until the collective timeout
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.broadcast_object_list(status, src=src, group=group)
+        if error is not None:
+            raise error
+        if status[0] is not None:
+            raise RuntimeError(f"save_checkpoint: rank 0 of the group could not write "
+                               f"{os.fspath(path)!r} ({status[0]}); no checkpoint was written")
 
 
 def load_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
