@@ -355,6 +355,39 @@ def test_memo_entries_die_with_their_sources():
     del w
     gc.collect()
     assert not any(k in derived._d for k in mine)
+    # a channels_last weight: its (O, KH*KW*C) reorder is a view of it, which the cache
+    # held (and with it the weight) until stored as a detached alias
+    import weakref
+    w = dev(rand_weight((6, 8, 3, 3))).contiguous(memory_format=CL)
+    want = TRITON["conv2d"](x, 0, w, None, (1, 1), (1, 1), (1, 1), 1, rq)
+    for oname, ops in ORACLES:
+        assert_same(want, ops["conv2d"](cpu(x), 0, cpu(w), None, (1, 1), (1, 1), (1, 1), 1,
+                                        rq), f"channels_last weight vs {oname}")
+    alive, wid = weakref.ref(w), id(w)
+    mine = [k for k in derived._d if any(isinstance(e, tuple) and e[0] == wid for e in k[1:])]
+    assert mine
+    del w
+    gc.collect()
+    assert alive() is None and not any(k in derived._d for k in mine)
+
+
+def test_derived_values_never_pin_their_sources():
+    """A memoised value that is its source (``t.to(device)`` already there) or a view of it
+    is kept as a detached alias: same storage, no reference to the source tensor."""
+    import gc
+    import weakref
+
+    from gpuquant.backends.triton.common import derived
+    for make in (lambda t: t, lambda t: t.t(), lambda t: (t.reshape(-1), t.sum())):
+        src = torch.randn(4, 4)
+        alive = weakref.ref(src)
+        got = derived("test_pin", (src,), (), lambda: make(src))
+        first = got[0] if isinstance(got, tuple) else got
+        assert first.data_ptr() == src.data_ptr()
+        assert derived("test_pin", (src,), (), lambda: None) is got  # a hit
+        del src, got, first
+        gc.collect()
+        assert alive() is None
 
 
 # --------------------------------------------------------------------------- fixed point

@@ -138,7 +138,7 @@ class _DerivedCache:
                    for r, t in zip(refs, sources)):
                 self._d.move_to_end(key)
                 return value
-        value = make()
+        value = _unpinned(make(), sources)
         # an entry dies with any of its sources (no reordered weights of dead layers kept)
         drop = lambda _ref, key=key, d=self._d: d.pop(key, None)  # noqa: E731
         refs = tuple(None if t is None else weakref.ref(t, drop) for t in sources)
@@ -149,6 +149,21 @@ class _DerivedCache:
 
     def clear(self) -> None:
         self._d.clear()
+
+
+def _unpinned(value, sources):
+    """``value`` holding no reference to a source tensor: a derived value that is a source
+    itself (``t.to(device)`` on the device already) or a view (``_base``) of one (a
+    channels_last weight's (O, KH*KW*C) reorder is a view) would keep that source alive
+    through the cache, so its weak reference never fired and freed layers' weights stayed
+    in memory. A detached alias shares the storage without referencing the tensor."""
+    if isinstance(value, torch.Tensor):
+        if value._base is not None or any(value is t for t in sources):
+            return value.detach()
+        return value
+    if isinstance(value, tuple):
+        return tuple(_unpinned(v, sources) for v in value)
+    return value
 
 
 derived = _DerivedCache()
