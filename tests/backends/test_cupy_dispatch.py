@@ -97,6 +97,10 @@ def test_cuda13_compiler_refuses_pascal_and_volta(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
     with pytest.raises(ValueError, match=r"7\.0.*CUDA 13 compiler builds for 7\.5.*cuda12"):
         cb._capability("cuda:0")
+    # tier_for says what the ops would: no tier for a device the compiler cannot build for
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    with pytest.raises(ValueError, match=r"7\.0.*CUDA 13 compiler builds for 7\.5"):
+        cb.tier_for("cuda:0")
     monkeypatch.setattr(cb, "_NVRTC", [12])
     assert cb._capability("cuda:0") == (7, 0)
 

@@ -85,9 +85,10 @@ def tier_for(device) -> str:
     """The tier ops on ``device`` run (the table, or ``GPUQUANT_CUPY_TIER``).
 
     Raises:
-        ValueError: a forced tier the device cannot run, or an unknown tier name.
+        ValueError: a device CuPy's compiler cannot build for (as the ops refuse it), a
+            forced tier the device cannot run, or an unknown tier name.
     """
-    return dispatch.select_tier(torch.cuda.get_device_capability(torch.device(device)))
+    return dispatch.select_tier(_capability(torch.device(device)))
 
 
 def _check_cuda(op, *tensors):

@@ -68,8 +68,9 @@ def tier_providers(op: str, args_of: Callable[[Any], tuple] = tuple,
             got = args_of(inputs)
             many = isinstance(got, list)
             calls = [tuple(c) for c in got] if many else [tuple(got)]
-            cap = torch.cuda.get_device_capability(calls[0][0].device)
-            try:
+            from . import _capability
+            try:  # a device CuPy's compiler cannot build for, then a tier it cannot run
+                cap = _capability(calls[0][0].device)
                 dispatch.check_tier(tier, cap)
             except ValueError as e:
                 raise ProviderUnavailable(str(e))
