@@ -36,7 +36,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["main", "find_ncu", "group_kernels", "summarize", "triton_kernel_names"]
+__all__ = ["main", "find_ncu", "parse_csv", "group_kernels", "summarize", "profile_calls",
+           "triton_kernel_names"]
 
 SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "LaunchStats",
             "ComputeWorkloadAnalysis", "WarpStateStats")
