@@ -870,3 +870,23 @@ def test_results_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(json, "dump", real_dump)
     assert report.load_json(path)["rows"] == first["rows"]
     assert [f for f in os.listdir(tmp_path) if f.endswith(".json")] == ["fake_quant.partial.json"]
+
+
+def test_quant_suite_qparams_live_on_the_inputs_device():
+    """The gpuquant providers' QParams hold the same device tensors the torch provider reads:
+    CPU qparams made every timed gpuquant call on a GPU copy scale and zero point over first
+    (a host sync in the timed window) while torch's call copied nothing. ("meta" stands in
+    for a GPU here: any device other than the CPU shows it.)"""
+    from gpuquant.bench.suites import quant
+    for op, mode, _ in quant._OPS:
+        for granularity in ("per_tensor", "per_channel"):
+            torch.manual_seed(0)
+            inp = quant._make_inputs(op, mode, granularity, 4096, "meta")(0)
+            assert inp["x"].device.type == "meta"
+            assert inp["qp"].scale is inp["scale"] and inp["qp"].zero_point is inp["zp"]
+            assert inp["qp"].scale.device.type == "meta", (op, mode, granularity)
+    # on the CPU the suite's qparams are still what QParams validates and checks pass with
+    torch.manual_seed(0)
+    inp = quant._make_inputs("fake_quant", "fwd", "per_channel", 4096, "cpu")(0)
+    from gpuquant import QParams
+    assert inp["qp"] == QParams(inp["qp"].dtype, inp["scale"], inp["zp"], axis=0)
