@@ -890,3 +890,24 @@ def test_quant_suite_qparams_live_on_the_inputs_device():
     inp = quant._make_inputs("fake_quant", "fwd", "per_channel", 4096, "cpu")(0)
     from gpuquant import QParams
     assert inp["qp"] == QParams(inp["qp"].dtype, inp["scale"], inp["zp"], axis=0)
+
+
+def test_quant_suite_checks_see_the_output_dtype():
+    """An output of the right values in another dtype (float64 for a float32 dequantize or
+    fake_quant, int32 for an int8 quantize) is not exact: NumPy's array_equal alone let it
+    pass."""
+    from gpuquant.bench.suites import quant
+    for op, mode, _ in quant._OPS:
+        for granularity in ("per_tensor", "per_channel"):
+            torch.manual_seed(0)
+            inp = quant._make_inputs(op, mode, granularity, 4096, "cpu")(0)
+            prov = quant._torch_provider(op, mode)
+            out = prov.setup(inp)()
+            assert prov.check(inp, out) is True, (op, mode, granularity)
+
+            def other(t):
+                return t.double() if t.is_floating_point() else t.to(torch.int32)
+            bad = tuple(other(o) for o in out) if isinstance(out, tuple) else other(out)
+            assert prov.check(inp, bad) is False, (op, mode, granularity)
+            if isinstance(out, tuple):  # only the gradient in another dtype
+                assert prov.check(inp, (out[0], other(out[1]))) is False
