@@ -173,3 +173,35 @@ def test_models_graph_providers_on_the_gpu(monkeypatch):
     rows = {r["provider"]: r for r in res.rows}
     assert rows["gpuquant-triton-graph"]["exact_vs_numpy"] is True
     assert rows["torch-bf16-graph"]["median_ms"] > 0
+
+
+def test_models_compile_row_compiles_the_network(monkeypatch):
+    """``torch-bf16-compile`` compiles the float network: gpuquant.models' forwards run
+    eagerly under torch.compile (for their QAT / int8 forms), so compiling the float copy as
+    it was gave Dynamo no graph at all and the row timed the eager network."""
+    pytest.importorskip("gpuquant.models")
+    monkeypatch.setitem(models_suite.MODELS, "digits_net", (1, 8))
+    monkeypatch.setattr(models_suite, "_BUILT", {})  # (no compiled model left for others)
+    real = torch.compile
+    ops = []
+
+    def backend(gm, example_inputs):  # counts the graphs' calls; runs them as traced
+        ops.append(sum(n.op in ("call_function", "call_module", "call_method")
+                       for n in gm.graph.nodes))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=backend, **kw))
+    torch._dynamo.reset()
+    try:
+        case = models_suite.make_case("digits_net", 3, "cpu")
+        inp = case.inputs(0)
+        y = case.providers["torch-bf16-compile"].setup(inp)()
+        want = case.providers["torch-bf16"].setup(inp)()
+    finally:
+        torch._dynamo.reset()
+    # the convolutions, batch norms, pool and linears were traced (not one opaque call)
+    assert ops and sum(ops) >= 8, ops
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    # the eager bf16 network the other rows use keeps its own forwards
+    eager = models_suite._bf16_model("digits_net", 1, 8, "cpu", False)
+    assert "forward" not in vars(eager)
