@@ -205,3 +205,31 @@ def test_models_compile_row_compiles_the_network(monkeypatch):
     # the eager bf16 network the other rows use keeps its own forwards
     eager = models_suite._bf16_model("digits_net", 1, 8, "cpu", False)
     assert "forward" not in vars(eager)
+
+
+def test_models_compile_row_is_static_for_every_batch(monkeypatch):
+    """The compiled network serves every batch of a model: each batch gets a graph of its
+    own static shape, not (after the first) one with a symbolic batch size, which Dynamo's
+    automatic dynamic shapes made for every later batch."""
+    pytest.importorskip("gpuquant.models")
+    monkeypatch.setitem(models_suite.MODELS, "digits_net", (1, 8))
+    monkeypatch.setattr(models_suite, "_BUILT", {})
+    real = torch.compile
+    symbolic = []
+
+    def backend(gm, example_inputs):
+        symbolic.append(any(isinstance(e, torch.SymInt) for e in example_inputs) or any(
+            isinstance(n.meta.get("example_value"), torch.SymInt)
+            for n in gm.graph.nodes if n.op == "placeholder"))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=backend, **kw))
+    torch._dynamo.reset()
+    try:
+        for batch in (1, 3, 5):
+            case = models_suite.make_case("digits_net", batch, "cpu")
+            inp = case.inputs(0)
+            assert case.providers["torch-bf16-compile"].setup(inp)().shape[0] == batch
+    finally:
+        torch._dynamo.reset()
+    assert len(symbolic) >= 3 and not any(symbolic), symbolic

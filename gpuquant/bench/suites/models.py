@@ -106,7 +106,10 @@ def _bf16_model(name, in_ch, size, device, compile_: bool, example=None):
         model = model.to(memory_format=torch.channels_last).eval()
         if compile_:
             try:
-                model = torch.compile(_traceable(model))
+                # dynamic=False: one network serves every batch of the suite, and after
+                # its first batch Dynamo would recompile it with a symbolic batch size
+                # (automatic dynamic shapes): the later batches' rows timed that graph
+                model = torch.compile(_traceable(model), dynamic=False)
                 with torch.no_grad():
                     model(example)  # compiles here, untimed
             except Exception as e:  # noqa: BLE001 - any compile failure: leave it out
