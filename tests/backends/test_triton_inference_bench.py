@@ -137,7 +137,8 @@ def test_models_case_generation_and_providers(monkeypatch):
     assert {(c.params["model"], c.params["batch"]) for c in cases} == {
         (m, b) for m in ("resnet50", "mobilenet_v2") for b in (1, 64, 256)}
     assert set(cases[0].providers) == {"gpuquant-triton", "torch-bf16", "torch-bf16-compile",
-                                       "gpuquant-triton-graph", "torch-bf16-graph"}
+                                       "gpuquant-triton-graph", "torch-bf16-graph",
+                                       "torch-bf16-bnfold", "torch-bf16-bnfold-graph"}
     # the providers end to end on the digits network (8x8 images) on the CPU
     pytest.importorskip("gpuquant.models")
     monkeypatch.setitem(models_suite.MODELS, "digits_net", (1, 8))
@@ -146,7 +147,7 @@ def test_models_case_generation_and_providers(monkeypatch):
     rows, unavailable = _rows(case)
     assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
     assert rows["gpuquant-triton"]["unit"] == "images/s"
-    assert "torch-bf16" in rows
+    assert "torch-bf16" in rows and "torch-bf16-bnfold" in rows
     # the check sees the last image and the dtype
     check = case.providers["gpuquant-triton"].check
     inp = case.inputs(0)
@@ -157,7 +158,27 @@ def test_models_case_generation_and_providers(monkeypatch):
     assert not check(inp, bad) and not check(inp, out.double())
     # CUDA graphs: unavailable on the CPU, said so (their capture runs in the gpu test below)
     assert unavailable == {"gpuquant-triton-graph": "CUDA graphs need a CUDA device",
-                           "torch-bf16-graph": "CUDA graphs need a CUDA device"}
+                           "torch-bf16-graph": "CUDA graphs need a CUDA device",
+                           "torch-bf16-bnfold-graph": "CUDA graphs need a CUDA device"}
+
+
+def test_models_bnfold_rows_fold_every_conv_batch_norm():
+    """torch-bf16-bnfold's network: no BatchNorm left in a Conv+BN module, the same float
+    function (float32, to rounding) as the network it came from."""
+    import copy
+    M = pytest.importorskip("gpuquant.models")
+    from gpuquant.nn.conv import ConvBn2d
+    torch.manual_seed(0)
+    for name in ("resnet18", "mobilenet_v2"):
+        net = getattr(M, name)(num_classes=10)
+        x = torch.randn(2, 3, 32, 32)
+        net.train()(x)  # BatchNorm statistics away from their initial values
+        net.eval()
+        want = net(x)
+        folded = models_suite.fold_batch_norms(copy.deepcopy(net))
+        convbns = [m for m in folded.modules() if isinstance(m, ConvBn2d)]
+        assert convbns and all(isinstance(m.bn, torch.nn.Identity) for m in convbns)
+        torch.testing.assert_close(folded(x), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

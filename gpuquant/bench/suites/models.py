@@ -14,6 +14,11 @@ Providers (same float images in, logits out, interleaved):
 * ``torch-bf16``: the same float network in bfloat16, channels_last, eager (the baseline);
 * ``torch-bf16-compile``: that network through ``torch.compile`` (left out where compiling
   fails);
+* ``torch-bf16-bnfold`` / ``torch-bf16-bnfold-graph``: the bf16 network with each
+  convolution's BatchNorm folded into its weights and bias (in float32, then cast), eager
+  and as a CUDA graph: what a user deploying bf16 would run, and what the int8 network does
+  (its BatchNorms are folded too). ``torch-bf16`` keeps the baseline the targets name; these
+  rows say how much of the int8 network's lead is the folding;
 * ``gpuquant-triton-graph`` / ``torch-bf16-graph``: the int8 and the bf16 eager networks
   captured once in a CUDA graph (after three warm-up calls: autotuning and every memo happen
   there) and replayed, each call copying its images into the graph's input: no host
@@ -96,13 +101,18 @@ def _int8_model(name, in_ch, size, device):
     return built[key]
 
 
-def _bf16_model(name, in_ch, size, device, compile_: bool, example=None):
+def _bf16_model(name, in_ch, size, device, compile_: bool, example=None,
+                bn_fold: bool = False):
     """The bf16 channels_last network on ``device``, eager or through ``torch.compile``
-    (compiled on ``example``, untimed); ProviderUnavailable where compiling fails."""
+    (compiled on ``example``, untimed), with ``bn_fold`` its convolutions' BatchNorms folded
+    (:func:`fold_batch_norms`); ProviderUnavailable where compiling fails."""
     built = build(name, in_ch, size)
-    key = ("bf16-compile" if compile_ else "bf16", device)
+    key = ("bf16-compile" if compile_ else "bf16", bn_fold, device)
     if key not in built:
-        model = copy.deepcopy(built["float"]).to(device=device, dtype=torch.bfloat16)
+        model = copy.deepcopy(built["float"])
+        if bn_fold:
+            model = fold_batch_norms(model)
+        model = model.to(device=device, dtype=torch.bfloat16)
         model = model.to(memory_format=torch.channels_last).eval()
         if compile_:
             try:
@@ -120,6 +130,21 @@ def _bf16_model(name, in_ch, size, device, compile_: bool, example=None):
     if built[key] is None:
         raise ProviderUnavailable("torch.compile failed (see the first case)")
     return built[key]
+
+
+def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (float32, in place) with every ``gpuquant.nn`` Conv+BN module's BatchNorm
+    folded into its convolution (``torch.nn.utils.fusion.fuse_conv_bn_eval``, inference
+    statistics) and replaced by an identity; returned in eval mode."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from ...nn.conv import ConvBn2d
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, ConvBn2d) and isinstance(m.bn, torch.nn.BatchNorm2d):
+            m.conv = fuse_conv_bn_eval(m.conv, m.bn)
+            m.bn = torch.nn.Identity()
+    return model
 
 
 def _traceable(model: torch.nn.Module) -> torch.nn.Module:
@@ -180,10 +205,10 @@ def _check(name, in_ch, size):
     return check
 
 
-def _bf16(name, in_ch, size, device, compile_: bool):
+def _bf16(name, in_ch, size, device, compile_: bool, bn_fold: bool = False):
     def setup(inp):
         x = _bf16_input(inp["x"])
-        model = _bf16_model(name, in_ch, size, device, compile_, x)
+        model = _bf16_model(name, in_ch, size, device, compile_, x, bn_fold)
 
         def run():
             with torch.no_grad():
@@ -230,8 +255,9 @@ def _triton_graph(name, in_ch, size, device):
     return _graphed("int8", get_model, lambda x: x, _triton_ctx)
 
 
-def _bf16_graph(name, in_ch, size, device):
-    return _graphed("bf16", lambda x: _bf16_model(name, in_ch, size, device, False, x),
+def _bf16_graph(name, in_ch, size, device, bn_fold: bool = False):
+    return _graphed("bf16", lambda x: _bf16_model(name, in_ch, size, device, False, x,
+                                                   bn_fold),
                     _bf16_input, contextlib.nullcontext)
 
 
@@ -247,6 +273,10 @@ def make_case(name: str, batch: int, device: str) -> Case:
                     "gpuquant-triton-graph": Provider(_triton_graph(name, in_ch, size, device),
                                                       _check(name, in_ch, size)),
                     "torch-bf16-graph": Provider(_bf16_graph(name, in_ch, size, device)),
+                    "torch-bf16-bnfold": Provider(_bf16(name, in_ch, size, device, False,
+                                                        bn_fold=True)),
+                    "torch-bf16-bnfold-graph": Provider(_bf16_graph(name, in_ch, size, device,
+                                                                    bn_fold=True)),
                 },
                 throughput=lambda p, ms: (p["batch"] / (ms * 1e-3), "images/s"))
 
