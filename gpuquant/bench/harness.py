@@ -32,7 +32,8 @@ their rows. After a CUDA out-of-memory error what the failed call held is given 
 (``gpuquant bench``) records it for the case and goes on with the next one.
 
 Timers: ``time.perf_counter`` around each call on the CPU; CUDA events around each call on
-the GPU (synchronised once a round). We time with our own events rather than
+the GPU, read once after the last round (the launches run ahead of the device, as in
+``do_bench``, so the events time the kernels). We time with our own events rather than
 ``triton.testing.do_bench`` because ``do_bench`` measures one function at a time and so
 cannot interleave providers; the method is the same (events per call, L2 flush, median and
 quantiles).
@@ -285,7 +286,7 @@ class _CpuTimer:
 
 
 class _CudaTimer:
-    """CUDA events around each call, L2 flushed before it; resolved once a round.
+    """CUDA events around each call, L2 flushed before it; read at :meth:`sync`.
 
     ``event``, ``synchronize`` and ``flush`` default to the real CUDA ones; tests pass fakes
     to exercise the bookkeeping on the CPU. ``head_start_ms``: how long ``head_start``'s
@@ -349,9 +350,12 @@ def make_timer(device: str, gpu_head_start_ms: float = 0.0):
 
 # ---------------------------------------------------------------------------------- inputs
 def _nbytes(obj) -> int:
-    """Bytes of all tensors / arrays inside ``obj`` (nested tuples, lists, dicts)."""
+    """Bytes of all tensors / arrays inside ``obj`` (nested tuples, lists, dicts; a module's
+    parameters and buffers: ``linear_dynamic``'s input sets hold their weights in one)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
+    if isinstance(obj, torch.nn.Module):
+        return sum(_nbytes(t) for t in (*obj.parameters(), *obj.buffers()))
     if hasattr(obj, "nbytes") and not isinstance(obj, (str, bytes)):
         try:
             return int(obj.nbytes)

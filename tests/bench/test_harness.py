@@ -165,6 +165,18 @@ def test_input_rotation_respects_memory_budget():
     assert len(harness._build_input_sets(case, cfg)) == 3
     cfg = RunConfig(max_input_sets=8, input_bytes=64 << 20, rotate_bytes=2 << 20)
     assert len(harness._build_input_sets(case, cfg)) == 2
+    # a module in an input set counts its parameters and buffers (linear_dynamic's sets
+    # hold their weights in an nn.Linear: they counted 0 bytes, so a case kept up to
+    # max_input_sets of them whatever the caps said)
+    lin = torch.nn.Linear(256, 1024)  # 1 MiB of weight, 4 KiB of bias
+    bn = torch.nn.BatchNorm1d(8)      # buffers too
+    assert harness._nbytes({"lin": lin, "x": torch.zeros(4)}) == (256 * 1024 + 1024 + 4) * 4
+    assert harness._nbytes(bn) == sum(t.numel() * t.element_size()
+                                      for t in (*bn.parameters(), *bn.buffers()))
+    case = Case(params={"n": 2}, inputs=lambda i: {"lin": torch.nn.Linear(256, 1024)},
+                providers={"p": lambda x: (lambda: x)}, throughput=lambda p, ms: (1.0, "x"))
+    cfg = RunConfig(max_input_sets=8, input_bytes=64 << 20, rotate_bytes=2 << 20)
+    assert len(harness._build_input_sets(case, cfg)) == 2
 
 
 def test_run_case_rows_stats_check_unavailable_and_errors():
