@@ -96,6 +96,19 @@ def check_op(op, args, what):
     return got
 
 
+def check_linear_add_and_dequant(x, zp, w, b, rq, res, p, scale, what):
+    """Triton's fused ``linear_add`` (residual ``res`` with AddParams ``p``) and
+    ``linear_dequant`` (``scale``) == each oracle's linear followed by its add / dequantize,
+    byte for byte."""
+    got_add = TRITON["linear_add"](*dev((x, zp, w, b, rq, res)), p)
+    got_deq = TRITON["linear_dequant"](*dev((x, zp, w, b, rq)), scale)
+    for name, ops in ORACLES:
+        y = ops["linear"](x, zp, w, b, rq)
+        assert_same(got_add, ops["add"](y, res, p), f"{what} linear_add vs {name}")
+        want = ops["dequantize"](y, scale, torch.tensor(rq.zero_point, dtype=torch.int32), None)
+        assert_same(got_deq, want, f"{what} linear_dequant vs {name}")
+
+
 def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
     got = got.cpu()
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"

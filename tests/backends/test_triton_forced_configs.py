@@ -14,7 +14,7 @@ import contextlib
 import pytest
 import torch
 
-from _triton_inference_util import (ORACLES, TRITON, assert_same, check_op, cpu, dev,
+from _triton_inference_util import (check_linear_add_and_dequant, check_op, cpu, dev,
                                     rand_act, rand_requant, rand_weight)
 from gpuquant import qint8, quint8
 from gpuquant.functional.requant import make_add_params
@@ -95,19 +95,13 @@ def test_gemm_tile_loops_on_the_gpu(persistent):
                   EPI_SPLIT=1, PERSISTENT=persistent)
     with forced(gemm, cfg, programs_per_sm=3):
         check_op("linear", (x, -3, w, b, rq), f"gemm persistent={persistent}")
-        got_add = TRITON["linear_add"](*dev((x, -3, w, b, rq, res)), p)
-        got_deq = TRITON["linear_dequant"](*dev((x, -3, w, b, rq)), torch.tensor(0.03))
+        check_linear_add_and_dequant(x, -3, w, b, rq, res, p, torch.tensor(0.03),
+                                     f"gemm persistent={persistent}")
         xs = torch.rand(m) * 0.1 + 0.01
         ws = torch.rand(n) * 0.1 + 0.01
         fb = torch.randn(n)
         got_dyn = get_backend("triton").OPS["linear_dynamic"](*dev((x, xs, w, ws, fb)),
                                                               torch.bfloat16)
-    for oname, ops in ORACLES:
-        y = ops["linear"](x, -3, w, b, rq)
-        assert_same(got_add, ops["add"](y, res, p), f"persistent={persistent} add {oname}")
-        want = ops["dequantize"](y, torch.tensor(0.03),
-                                 torch.tensor(rq.zero_point, dtype=torch.int32), None)
-        assert_same(got_deq, want, f"persistent={persistent} dequant {oname}")
     want_dyn = get_backend("numpy").OPS["linear_dynamic"](x, xs, w, ws, fb, torch.bfloat16)
     assert torch.equal(cpu(got_dyn), want_dyn)
 

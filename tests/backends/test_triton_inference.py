@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _triton_inference_util import (DEV, ORACLES, TRITON, assert_same, check_op, cpu, dev,
-                                    poison, rand_act, rand_requant, rand_weight)  # noqa: F401
+from _triton_inference_util import (DEV, ORACLES, TRITON, assert_same,  # noqa: F401
+                                    check_linear_add_and_dequant, check_op, cpu, dev, poison,
+                                    rand_act, rand_requant, rand_weight)
 from gpuquant import qint8, quint8
 from gpuquant.functional.requant import make_add_params, make_requant
 
@@ -177,14 +178,7 @@ def test_linear_add_and_dequant_outputs(epi_split):
     rq = rand_requant(n, quint8, "relu", k=k)
     res = rand_act((m, n), torch.uint8)
     p = make_add_params(0.04, rq.zero_point, 0.05, 120, 0.06, 130, quint8)
-    scale = torch.tensor(0.0371)
-    got_add = TRITON["linear_add"](*dev((x, 140, w, b, rq, res)), p)
-    got_deq = TRITON["linear_dequant"](*dev((x, 140, w, b, rq)), scale)
-    for oname, ops in ORACLES:
-        y = ops["linear"](x, 140, w, b, rq)
-        assert_same(got_add, ops["add"](y, res, p), f"linear_add vs {oname}")
-        want = ops["dequantize"](y, scale, torch.tensor(rq.zero_point, dtype=torch.int32), None)
-        assert_same(got_deq, want, f"linear_dequant vs {oname}")
+    check_linear_add_and_dequant(x, 140, w, b, rq, res, p, torch.tensor(0.0371), "uint8")
 
 
 @pytest.mark.parametrize("layout", ["transposed", "column_slice", "expanded_columns",
@@ -501,14 +495,8 @@ def test_persistent_gemm_loops_over_tiles(programs, monkeypatch):
     check_op("linear", (x, -3, w, b, rq), f"persistent x{programs}")
     res = rand_act((m, n), torch.int8)
     p = make_add_params(0.04, rq.zero_point, 0.05, 3, 0.06, -2, qint8)
-    got_add = TRITON["linear_add"](*dev((x, -3, w, b, rq, res)), p)
-    got_deq = TRITON["linear_dequant"](*dev((x, -3, w, b, rq)), torch.tensor(0.03))
-    for oname, ops in ORACLES:
-        y = ops["linear"](x, -3, w, b, rq)
-        assert_same(got_add, ops["add"](y, res, p), f"persistent linear_add vs {oname}")
-        want = ops["dequantize"](y, torch.tensor(0.03),
-                                 torch.tensor(rq.zero_point, dtype=torch.int32), None)
-        assert_same(got_deq, want, f"persistent linear_dequant vs {oname}")
+    check_linear_add_and_dequant(x, -3, w, b, rq, res, p, torch.tensor(0.03),
+                                 f"persistent x{programs}")
     from gpuquant.backends.triton.gemm import qgemm
     acc = qgemm(dev(x), -3, dev(w), dev(b), None, out_mode="int32")
     want32 = (x.to(torch.int64) + 3) @ w.to(torch.int64).T + b
