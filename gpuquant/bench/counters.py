@@ -47,6 +47,8 @@ WANTED_METRICS = (
     "lts__t_sector_hit_rate.pct",
     "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed",
     "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed",
+    "sm__pipe_tensor_op_imma_cycles_active.avg.pct_of_peak_sustained_elapsed",
+    "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed",
     "sm__inst_executed_pipe_tensor_op_gmma.sum",
     *(f"smsp__average_warps_issue_stalled_{r}_per_issue_active.ratio" for r in (
         "long_scoreboard", "barrier", "wait", "math_pipe_throttle", "mio_throttle",
@@ -60,10 +62,14 @@ COLUMNS = (("us", "Duration"), ("SM%", "Compute (SM) Throughput"),
            ("L1hit%", "L1/TEX Hit Rate"), ("L2hit%", "L2 Hit Rate"),
            ("occ%", "Achieved Occupancy"), ("regs", "Registers Per Thread"),
            ("cyc/issue", "Warp Cycles Per Issued Instruction"),
+           ("issue%", "Issue Slots Busy"),
            ("L1 MB", "l1tex__t_bytes.sum"), ("L2 MB", "lts__t_bytes.sum"),
            ("DRAM rd MB", "dram__bytes_read.sum"), ("DRAM wr MB", "dram__bytes_write.sum"),
            ("gmma%", "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed"),
-           ("hmma%", "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed"))
+           ("hmma%", "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed"),
+           ("imma%", "sm__pipe_tensor_op_imma_cycles_active.avg.pct_of_peak_sustained_elapsed"),
+           ("tensor%", "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed"),
+           ("wgmma inst", "sm__inst_executed_pipe_tensor_op_gmma.sum"))
 STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 _CALLS_FILE = "counters-calls.json"
 
@@ -124,7 +130,14 @@ def parse_csv(text: str) -> List[dict]:
             continue  # (a message line of ncu's between the rows)
         k = launches.setdefault(row["ID"], {"id": int(row["ID"]),
                                             "kernel": row.get("Kernel Name", "")})
-        k[row["Metric Name"]] = (row.get("Metric Value", ""), row.get("Metric Unit", ""))
+        name, value = row["Metric Name"], (row.get("Metric Value", ""), row.get("Metric Unit", ""))
+        # one name in two sections ("Memory Throughput": % of peak in SpeedOfLight, byte/s in
+        # MemoryWorkloadAnalysis): the plain name keeps the percentage, the other its unit
+        if name in k and k[name][1] != value[1]:
+            if value[1] == "%":
+                k[name], value = value, k[name]
+            name = f"{name} [{value[1]}]"
+        k[name] = value
     return sorted(launches.values(), key=lambda k: k["id"])
 
 
@@ -161,6 +174,7 @@ def _number(v: Tuple[str, str]) -> Optional[float]:
     except (AttributeError, ValueError):
         return None
     scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,
+             "ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6,  # (ncu 2025's --print-units base)
              "byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3}.get(unit, 1.0)
     return x * scale
 
@@ -321,6 +335,10 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default=",".join(C.QUICK_LAYERS),
                    help="comma-separated conv suite layer names (default: its quick ones)")
     p.add_argument("--ncu", default=None, help="the ncu executable (default: found)")
+    p.add_argument("--reread", action="store_true",
+                   help="no profiling: rewrite counters.txt from the counters.csv and "
+                        "counters-calls.json already in --out (a lease's, after a change "
+                        "to the table; needs no GPU)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     known = [s.name for s in C.distinct_convs()]
@@ -335,10 +353,17 @@ def main(argv=None) -> int:
     report = os.path.join(args.out, "counters.txt")
 
     def fail(why: str) -> int:
-        with open(report, "w") as f:
-            f.write(f"counters: {why}\n")
+        if not args.reread:  # (a reread leaves the lease's own report as it was)
+            with open(report, "w") as f:
+                f.write(f"counters: {why}\n")
         print(f"gpuquant.bench.counters: {why}", file=sys.stderr)
         return 1
+    if args.reread:
+        csv_path = os.path.join(args.out, "counters.csv")
+        if not os.path.exists(csv_path):
+            return fail(f"--reread: no {csv_path}")
+        return _write_report(args.out, parse_csv(open(csv_path).read()), report, fail,
+                             "(reread from counters.csv)")
     if not torch.cuda.is_available():
         return fail("needs a CUDA GPU")
     ncu = find_ncu(args.ncu)
@@ -359,14 +384,26 @@ def main(argv=None) -> int:
         tail = (r.stderr or r.stdout or text).strip().splitlines()[-5:]
         return fail(f"ncu exit {r.returncode}, {len(launches)} kernels profiled: "
                     + " | ".join(tail))
-    with open(os.path.join(args.out, _CALLS_FILE)) as f:
-        calls = json.load(f)
+    return _write_report(args.out, launches, report, fail,
+                         f"{ncu} (metrics asked beyond the sections: {len(metrics)} of "
+                         f"{len(WANTED_METRICS)} known to this ncu)")
+
+
+def _write_report(out: str, launches: List[dict], report: str, fail, how: str) -> int:
+    """counters.txt from ncu's launches and the profiled calls (``out``'s
+    counters-calls.json); ``fail(why)`` when they cannot be paired."""
+    try:
+        with open(os.path.join(out, _CALLS_FILE)) as f:
+            calls = json.load(f)
+    except (OSError, ValueError) as e:
+        return fail(f"no profiled calls ({_CALLS_FILE}): {e}")
     try:
         groups = group_kernels(launches, calls, triton_kernel_names())
     except ValueError as e:
         return fail(str(e))
-    lines = [f"# counters: {ncu} ({len(launches)} kernels; metrics asked beyond the sections: "
-             f"{len(metrics)} of {len(WANTED_METRICS)} known to this ncu)", "",
+    lines = [f"# counters: {len(launches)} kernels, {how}", "",
+             "us: kernel time under ncu (caches flushed before each kernel: slower than the "
+             "suite's timings); %: of peak; MB: bytes through each level", "",
              *summarize(groups)]
     out_text = "\n".join(lines) + "\n"
     with open(report, "w") as f:

@@ -206,7 +206,8 @@ def _parse(argv) -> argparse.Namespace:
                    help="comma-separated stages: 'tests' and benchmark suite names")
     p.add_argument("--full-tune", action="store_true",
                    help="autotune over every config (default: GPUQUANT_TRITON_TUNE=quick)")
-    p.add_argument("--pytest-args", default="-q -m gpu tests -p no:cacheprovider --durations=15",
+    p.add_argument("--pytest-args", default="-q -m gpu tests -p no:cacheprovider --durations=15 "
+                                             "-o faulthandler_timeout=60",
                    help="arguments of the 'tests' stage's pytest run")
     p.add_argument("--full-sizes", action="store_true",
                    help="run the suites without --quick")
@@ -396,14 +397,18 @@ def _write_summary(args, slug, t_start, tcache_line, unpacked, tcache, env, rows
                "| stage | status | seconds | last line of its log |", "|---|---|---:|---|"]
     summary += [f"| {s} | {st} | {sec:.0f} | {last.replace('|', '/')} |"
                 for s, st, sec, last in rows]
-    summary += ["", "```"] + (_bench_summary(results) or ["  no benchmark results"]) + ["```"]
-    text = "\n".join(summary) + "\n"
-    for path in (os.path.join(results, "lease-summary.md"), os.path.join(args.out, "summary.md")):
-        with open(path, "w") as f:
-            f.write(text)
-    with tarfile.open(os.path.join(args.out, "lease.tar.gz"), "w:gz") as tar:
-        tar.add(os.path.join(work, "results"), arcname="results")
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        summary += ["", "```"] + (_bench_summary(results) or ["  no benchmark results"]) \
+            + ["```"]
+        text = "\n".join(summary) + "\n"
+        for path in (os.path.join(results, "lease-summary.md"),
+                     os.path.join(args.out, "summary.md")):
+            with open(path, "w") as f:
+                f.write(text)
+    finally:  # whatever the summary did, the measured files go into the archive
+        with tarfile.open(os.path.join(args.out, "lease.tar.gz"), "w:gz") as tar:
+            tar.add(os.path.join(work, "results"), arcname="results")
+        shutil.rmtree(work, ignore_errors=True)
     return text
 
 
@@ -430,7 +435,8 @@ def _bench_summary(results_dir: str) -> List[str]:
                 doc = json.load(f)
         except (OSError, ValueError):
             continue
-        if doc.get("rows"):
+        # (not every JSON file there is a suite's results: counters-calls.json is a list)
+        if isinstance(doc, dict) and isinstance(doc.get("rows"), list) and doc["rows"]:
             if doc.get("partial"):
                 doc["suite"] = f"{doc.get('suite', '?')} (cut short)"
             docs.append(doc)

@@ -69,6 +69,29 @@ def test_csv_to_launches_to_calls_to_table():
         K.group_kernels(launches[1:], [dict(calls[0], ours=False)] + calls[1:], OURS)
 
 
+def test_one_metric_name_in_two_sections_and_base_units():
+    """ncu 2025 with --print-units base: durations in "ns"; "Memory Throughput" is both a %
+    (SpeedOfLight) and a byte/s figure (MemoryWorkloadAnalysis), in either order: the plain
+    name keeps the percentage (the table's mem% column once showed 5.7e+11)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n")
+    w.writerow(HEADER)
+    for i, rows in enumerate([[("Memory Throughput", "byte/s", "571,087,452,471.48"),
+                               ("Memory Throughput", "%", "28.73")],
+                              [("Memory Throughput", "%", "39.32"),
+                               ("Memory Throughput", "byte/s", "1.2e12")]]):
+        for metric, unit, value in rows + [("Duration", "ns", "50,496")]:
+            w.writerow([i, 1, "python", "h", "_qconv_kernel", 1, 7, "(128, 1, 1)",
+                        "(1568, 1, 1)", 0, "9.0", "section", metric, unit, value])
+    launches = K.parse_csv(buf.getvalue())
+    assert [k["Memory Throughput"] for k in launches] == [("28.73", "%"), ("39.32", "%")]
+    assert launches[0]["Memory Throughput [byte/s]"] == ("571,087,452,471.48", "byte/s")
+    assert K._number(launches[0]["Duration"]) == pytest.approx(50.496)
+    groups = K.group_kernels(launches[:1], [{"label": "c64", "ours": True}], OURS)
+    row = K.summarize(groups)[1].split()
+    assert row[2:4] == ["50.5", "28.73"]  # us, mem%
+
+
 def test_parse_csv_without_rows():
     assert K.parse_csv("==PROF== no kernels were profiled\n") == []
 
@@ -206,3 +229,12 @@ shutil.copy({str(tmp_path / "calls.json")!r}, out + "/counters-calls.json")
                          "c64-o64-k3-s1-h56"]
     text = (out / "counters.txt").read_text()
     assert "2 kernels" in text and "c64 gpuquant-triton" in text and "45.2" in text
+    # --reread: the table again from the files the run left, no ncu, no GPU
+    (out / "counters.txt").unlink()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert K.main(["--out", str(out), "--reread"]) == 0
+    again = (out / "counters.txt").read_text()
+    assert "reread" in again and again.split("\n\n", 1)[1] == text.split("\n\n", 1)[1]
+    (out / "counters-calls.json").unlink()
+    assert K.main(["--out", str(out), "--reread"]) == 1
+    assert (out / "counters.txt").read_text() == again  # a failed reread keeps the table

@@ -44,6 +44,28 @@ def test_lease_runs_stages_and_packs_results(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip().endswith("```")  # the summary is printed last
 
 
+def test_bench_summary_reads_only_suite_results(tmp_path):
+    """The results folder also holds JSON that is no suite's results (the counters stage's
+    counters-calls.json is a list): the summary leaves it out instead of failing (a lease
+    lost every file to this once: the archive is written after the summary)."""
+    (tmp_path / "counters-calls.json").write_text(json.dumps([{"label": "x", "ours": True}]))
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "norows.json").write_text(json.dumps({"suite": "gemm", "rows": "?"}))
+    assert lease._bench_summary(str(tmp_path)) == []
+
+
+def test_lease_archive_is_written_when_the_summary_fails(tmp_path, monkeypatch):
+    def broken(results_dir):
+        raise RuntimeError("summary bug")
+    monkeypatch.setattr(lease, "_bench_summary", broken)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="summary bug"):
+        lease.main(["--out", str(out), "--budget", "60", "--stages", "tests",
+                    "--pytest-args", "-q tests/test_qparams.py -p no:cacheprovider -k dtype"])
+    with tarfile.open(out / "lease.tar.gz") as tar:
+        assert any(n.endswith("lease-logs/tests.log") for n in tar.getnames())
+
+
 def test_lease_skips_stages_without_time(tmp_path):
     out = tmp_path / "out"
     rc = lease.main(["--out", str(out), "--budget", "5", "--stages", "tests,models"])
