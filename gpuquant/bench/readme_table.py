@@ -24,15 +24,19 @@ END = "<!-- bench:end -->"
 PARTIAL = ".partial.json"  # what a suite cut short leaves (harness --save-each-case)
 
 
-def _suite_order(name: str):
+def _registered():
     from . import suites
-    reg = suites.registered()
+    return suites.registered()
+
+
+def _suite_order(name: str):
+    reg = _registered()
     return (reg.index(name) if name in reg else len(reg), name)
 
 
 def render_results(results_dir: str = "bench/results", exclude: Sequence[str] = ("local",),
                    link_base: Optional[str] = None) -> str:
-    """Markdown for every ``<results_dir>/<slug>/<suite>.json``.
+    """Markdown for every ``<results_dir>/<slug>/<suite>.json`` of a registered suite.
 
     Args:
         results_dir: the folder holding one subfolder per device slug.
@@ -52,7 +56,11 @@ def render_results(results_dir: str = "bench/results", exclude: Sequence[str] = 
     found = False
     for slug in slugs:
         folder = os.path.join(results_dir, slug)
-        names = [f for f in os.listdir(folder) if f.endswith(".json")]
+        # only the suites' results: a lease also leaves other JSON there (the counters
+        # stage's counters-calls.json, a list of profiled calls)
+        known = set(_registered())
+        names = [f for f in os.listdir(folder)
+                 if f.endswith(".json") and f.split(".")[0] in known]
         # a suite cut short leaves <suite>.partial.json: shown (marked) only where the suite
         # has no finished file
         files = sorted((f for f in names if not f.endswith(PARTIAL)
