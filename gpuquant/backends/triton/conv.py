@@ -405,6 +405,14 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
 # The patch matrix of a few-channel layer is built in chunks of at most this many bytes (the
 # L2 of an H100 is 50 MB: the GEMM reads a chunk soon after it is written).
 IM2COL_BYTES = 32 * 2 ** 20
+# The im2col tile (pixels, columns; Kp is a multiple of 16). The kernel is bound by its
+# integer index math (the H200's ncu: 66% of issue slots, math-pipe throttle; 50 us a 32 MB
+# chunk of the stem, 4 chunks). Its layout gives each thread whole columns of rows, so the
+# column terms (two divisions by constants and the offsets) are shared by the rows a thread
+# holds and the row terms by its columns: 512 x 16 holds 4 x 16, and ptxas (sm_90, Triton
+# 3.6) counts 18 instructions an element against 28 for 64 x 64 (1 x 32), and no
+# shared-memory layout change before the stores.
+IM2COL_TILE = (512, 16)
 
 
 def _im2col_conv(x, x_zp, w, bias, geom, rq, y, y2d, r2d, **epilogue):
@@ -429,7 +437,7 @@ def _im2col_conv(x, x_zp, w, bias, geom, rq, y, y2d, r2d, **epilogue):
                   lambda: torch.nn.functional.pad(reordered_weight(w), (0, kp - k)))
     rows = max(1, min(m, IM2COL_BYTES // kp))
     a = torch.empty((rows, kp), dtype=x.dtype, device=x.device)
-    bm, bk = 64, min(64, 1 << (kp - 1).bit_length())
+    bm, bk = IM2COL_TILE
     for m0 in range(0, m, rows):
         r = min(rows, m - m0)
         launch(_im2col_kernel, (cdiv(r, bm), cdiv(kp, bk)), x, a, m0, r, k, kp, h, wd, ho, wo,

@@ -275,7 +275,8 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
                                       "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
                                       "stride_xn", "stride_xh", "stride_xw", "x_zp")})
     out.append(("im2col_stem", conv._im2col_kernel, isig,
-                {"CG": 3, "KW": 7, "BLOCK_M": 64, "BLOCK_K": 64}, 4, 1, False))
+                {"CG": 3, "KW": 7, "BLOCK_M": conv.IM2COL_TILE[0],
+                 "BLOCK_K": conv.IM2COL_TILE[1]}, 4, 1, False))
     dsig = {"X": "*i8", "W": "*i8", **_EPI_PTRS, "RES": "*i8", "Y": "*i8"}
     dsig.update({k: "i32" for k in ("M", "O", "H", "W_in", "Ho", "Wo", "CH_MULT", "stride_h",
                                       "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
