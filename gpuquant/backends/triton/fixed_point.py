@@ -66,19 +66,23 @@ def add_values(a, b, shift_factor, a_zp, a_mult, a_rshift, b_zp, b_mult, b_rshif
 
 
 @triton.jit
-def requantize_i32(v, multiplier, rshift, zero_point, qmin, qmax, HAS_LSHIFT: tl.constexpr):
+def requantize_i32(v, multiplier, rshift, zero_point, qmin, qmax, HAS_LSHIFT: tl.constexpr,
+                   SAT: tl.constexpr = True):
     """:func:`requantize_values` for an int32 accumulator tile, in 32-bit arithmetic except
     one widening multiply (the GEMM / conv epilogue's fast form; same results).
 
     ``v`` int32 (BM, BN); ``multiplier``, ``rshift`` int32 per column (1, BN);
-    ``HAS_LSHIFT``: some ``rshift`` < 0 (else the saturating left shift is skipped).
+    ``HAS_LSHIFT``: some ``rshift`` < 0 (else the saturating left shift is skipped);
+    ``SAT`` False: the caller knows ``v`` (after any left shift) is never -2^31, the one
+    input whose doubling high multiply saturates (with a multiplier of -2^31), so the
+    test and select an element are left out (same results).
 
     SaturatingRoundingDoublingHighMul is ``(x * m + 2^30) >> 31`` (arithmetic shift): for
     ``ab = x * m >= 0`` that is gemmlowp's ``(ab + 2^30) / 2^31``; for ``ab < 0`` gemmlowp
     computes ``trunc((ab + 1 - 2^30) / 2^31)`` = ``ceil(...)`` = ``floor((ab + 2^30) / 2^31)``,
     the same expression. ``x * m`` of two int32 is one ``mul.wide.s32``.
     """
-    y = mbqm_i32(v, multiplier, rshift, HAS_LSHIFT)
+    y = mbqm_i32(v, multiplier, rshift, HAS_LSHIFT, SAT)
     # clamp before adding the zero point: no int32 overflow for any y. The bounds are
     # scalars (or a column row): taken in 64 bits and cut to int32, so an int32 output
     # range with a zero point (qmax - zp > 2^31 - 1) does not wrap
@@ -90,9 +94,9 @@ def requantize_i32(v, multiplier, rshift, zero_point, qmin, qmax, HAS_LSHIFT: tl
 
 
 @triton.jit
-def mbqm_i32(v, multiplier, rshift, HAS_LSHIFT: tl.constexpr):
+def mbqm_i32(v, multiplier, rshift, HAS_LSHIFT: tl.constexpr, SAT: tl.constexpr = True):
     """MultiplyByQuantizedMultiplier of int32 ``v`` in 32-bit arithmetic (see
-    :func:`requantize_i32`); int32 result."""
+    :func:`requantize_i32`, also for ``SAT``); int32 result."""
     if HAS_LSHIFT:
         left = tl.maximum(-rshift, 0).to(tl.int64)
         x = tl.minimum(tl.maximum(v.to(tl.int64) << left, -2147483648), 2147483647)
@@ -101,7 +105,8 @@ def mbqm_i32(v, multiplier, rshift, HAS_LSHIFT: tl.constexpr):
         x = v
     ab = x.to(tl.int64) * multiplier.to(tl.int64)
     hi = ((ab + 1073741824) >> 31).to(tl.int32)
-    hi = tl.where((x == -2147483648) & (multiplier == -2147483648), 2147483647, hi)
+    if SAT:
+        hi = tl.where((x == -2147483648) & (multiplier == -2147483648), 2147483647, hi)
     # RoundingDivideByPOT (half away from zero); the mask per column, in int64 for rshift 31
     right = tl.maximum(rshift, 0)
     mask = ((right.to(tl.int64) * 0 + 1) << right.to(tl.int64)) - 1
@@ -126,14 +131,20 @@ def add_values_fast(a, b, shift_factor, a_zp, a_mult, a_rshift, b_zp, b_mult, b_
         y = add_values(a, b, shift_factor, a_zp, a_mult, a_rshift, b_zp, b_mult, b_rshift,
                        o_mult, o_rshift, o_zp, o_qmin, o_qmax)
     else:
+        # no saturating high multiply (SAT False): |va|, |vb| <= 255 * 2^22 < 2^30 (8-bit
+        # values less their zero points, shifted by at most 22: add_mode), a term's
+        # magnitude is at most its input's (multipliers below 1), so |total| < 2^31 - 1:
+        # never -2^31; only the output's left shift (MODE 2) can make one. (Three tests
+        # and selects an output fewer in a fused residual epilogue, the network's costliest
+        # kernels on an H200: 64 SASS instructions an output against 28 without it.)
         sf = shift_factor.to(tl.int32)
         va = (a.to(tl.int32) - a_zp.to(tl.int32)) * sf
         vb = (b.to(tl.int32) - b_zp.to(tl.int32)) * sf
-        total = (mbqm_i32(va, a_mult.to(tl.int32), a_rshift.to(tl.int32), False)
-                 + mbqm_i32(vb, b_mult.to(tl.int32), b_rshift.to(tl.int32), False))
+        total = (mbqm_i32(va, a_mult.to(tl.int32), a_rshift.to(tl.int32), False, False)
+                 + mbqm_i32(vb, b_mult.to(tl.int32), b_rshift.to(tl.int32), False, False))
         y = requantize_i32(total, o_mult.to(tl.int32), o_rshift.to(tl.int32),
                            o_zp.to(tl.int32), o_qmin.to(tl.int32), o_qmax.to(tl.int32),
-                           MODE == 2)
+                           MODE == 2, MODE == 2)
     return y
 
 
