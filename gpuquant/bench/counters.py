@@ -362,8 +362,9 @@ def main(argv=None) -> int:
         csv_path = os.path.join(args.out, "counters.csv")
         if not os.path.exists(csv_path):
             return fail(f"--reread: no {csv_path}")
-        return _write_report(args.out, parse_csv(open(csv_path).read()), report, fail,
-                             "(reread from counters.csv)")
+        with open(csv_path) as f:
+            launches = parse_csv(f.read())
+        return _write_report(args.out, launches, report, fail, "(reread from counters.csv)")
     if not torch.cuda.is_available():
         return fail("needs a CUDA GPU")
     ncu = find_ncu(args.ncu)

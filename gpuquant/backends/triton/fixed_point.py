@@ -136,7 +136,7 @@ def add_values_fast(a, b, shift_factor, a_zp, a_mult, a_rshift, b_zp, b_mult, b_
         # magnitude is at most its input's (multipliers below 1), so |total| < 2^31 - 1:
         # never -2^31; only the output's left shift (MODE 2) can make one. (Three tests
         # and selects an output fewer in a fused residual epilogue, the network's costliest
-        # kernels on an H200: 64 SASS instructions an output against 28 without it.)
+        # kernels on an H200: 80 -> 75 SASS instructions an output, against 28 without it.)
         sf = shift_factor.to(tl.int32)
         va = (a.to(tl.int32) - a_zp.to(tl.int32)) * sf
         vb = (b.to(tl.int32) - b_zp.to(tl.int32)) * sf
