@@ -205,6 +205,51 @@ def test_adaptive_avg_pool2d(size):
     check_op("adaptive_avg_pool2d", (x, -3, size, -128, 127), f"adaptive {size}")
 
 
+def test_add_32_bit_modes_at_the_extremes():
+    """The 32-bit add modes' short forms (no saturation test, one-add rounding division,
+    the AddParams read as 32-bit words) at their bounds: every int8 value against every
+    uint8 value, zero points at both ends of the 8-bit ranges, input multipliers just
+    below 1 and rshifts 0 (no rounding) to 31, exact ties of the rounding division of both
+    signs, the output with and without a left shift;
+    alone and fused into a conv's epilogue, bytes equal to the oracles. Parameters past the
+    32-bit bounds (left shift 21, a zero point outside [-128, 255]) take the int64 mode."""
+    import dataclasses
+
+    from gpuquant.backends.triton.common import scalar_int
+    from gpuquant.backends.triton.fixed_point import add_mode
+    from gpuquant.functional.requant import AddParams
+    a = torch.arange(-128, 128, dtype=torch.int8).repeat(256).view(8, 32, 16, 16)
+    b = torch.arange(0, 256, dtype=torch.uint8).repeat_interleave(256).view(8, 32, 16, 16)
+    a, b = a.contiguous(memory_format=CL), b.contiguous(memory_format=CL)
+    cases = []
+    for (za, zb), (ma, ra), (mb, rb) in (((-128, 255), (2 ** 31 - 1, 0), (2 ** 31 - 1, 0)),
+                                         ((255, -128), (2 ** 30 + 7, 3), (2 ** 31 - 5, 31)),
+                                         ((-128, -128), (2 ** 31 - 1, 1), (2 ** 30, 17)),
+                                         # ties: 2^19 (x - zp) / 2^20 is k + 1/2 for odd x - zp
+                                         ((3, 0), (2 ** 30, 20), (2 ** 30, 20))):
+        for out_scale in (2.0 ** 21 * 0.7, 3e-3):  # output rshift >= 0, and < 0 (mode 2)
+            out = make_requant(1.0, 1.0, out_scale, 5, qint8)
+            p = AddParams(20, za, ma, ra, zb, mb, rb, out)
+            cases.append((p, 2 if scalar_int(out.rshift) < 0 else 1))
+    for p, mode in cases:
+        assert add_mode(p, scalar_int(p.out.rshift)) == mode, p
+        check_op("add", (a, b, p), f"add extremes {p}")
+    p = cases[0][0]
+    for wide in (dataclasses.replace(p, left_shift=21), dataclasses.replace(p, a_zero_point=256)):
+        assert add_mode(wide, scalar_int(wide.out.rshift)) == 0
+    # fused: the conv's own output against every uint8 residual value
+    rq = make_requant(0.02, torch.rand(6, dtype=torch.float64) * 0.01 + 0.001, 0.05, 3, qint8)
+    x = rand_act((2, 64, 16, 16), torch.int8).contiguous(memory_format=CL)
+    w = torch.randint(-127, 128, (6, 64, 3, 3), dtype=torch.int8)
+    r = torch.arange(0, 256, dtype=torch.uint8).repeat(12).view(2, 6, 16, 16)
+    r = r.contiguous(memory_format=CL)
+    args = (x, 1, w, None, (1, 1), (1, 1), (1, 1), 1, rq)
+    for p, _ in cases:
+        got = TRITON["conv2d_add"](*dev(args), dev(r), p)
+        for oname, ops in ORACLES:
+            assert_same(got, ops["add"](ops["conv2d"](*args), r, p), f"conv2d_add {oname}")
+
+
 def test_add_arithmetic_modes():
     """make_add_params' parameters take the 32-bit path (mode 1; mode 2 with an output left
     shift); hand-made ones outside its bounds (left shift 24, an input multiplier >= 1) the

@@ -20,7 +20,7 @@ import torch
 
 from .common import INTERPRET, LAUNCH_OPTS, cdiv, derived, scalar_int
 from .launch import launch
-from .fixed_point import add_values_fast, requantize_i32, requantize_values
+from .fixed_point import add_epi, requantize_i32, requantize_values
 from .conv import window_origin
 from .fake_quant import _rne
 from .gemm import epilogue_scalars, residual_mode
@@ -125,10 +125,7 @@ def _add_kernel(A, B, EPI, Y, numel, MODE: tl.constexpr, BLOCK: tl.constexpr):
     mask = offs < numel
     a = tl.load(A + offs, mask=mask, other=0)
     b = tl.load(B + offs, mask=mask, other=0)
-    y = add_values_fast(a, b, tl.load(EPI + 3), tl.load(EPI + 4), tl.load(EPI + 5),
-                        tl.load(EPI + 6), tl.load(EPI + 7), tl.load(EPI + 8),
-                        tl.load(EPI + 9), tl.load(EPI + 10), tl.load(EPI + 11),
-                        tl.load(EPI + 12), tl.load(EPI + 13), tl.load(EPI + 14), MODE)
+    y = add_epi(a, b, EPI, MODE)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 

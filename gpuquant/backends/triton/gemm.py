@@ -29,7 +29,7 @@ import torch
 from .common import (LAUNCH_OPTS, arch_family, cdiv, derived, scalar_int, sm_count, tune_mode,
                      tune_subset)
 from .launch import launch
-from .fixed_point import add_mode, add_values_fast, requantize_i32
+from .fixed_point import add_epi, add_mode, requantize_i32
 
 __all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32",
            "OUT_SCALED"]
@@ -73,11 +73,7 @@ def bf16_rne(y):
 
 @triton.jit
 def _residual_add(y, r, EPI, MODE: tl.constexpr):
-    z = add_values_fast(y, r, tl.load(EPI + 3), tl.load(EPI + 4), tl.load(EPI + 5),
-                        tl.load(EPI + 6), tl.load(EPI + 7), tl.load(EPI + 8),
-                        tl.load(EPI + 9), tl.load(EPI + 10), tl.load(EPI + 11),
-                        tl.load(EPI + 12), tl.load(EPI + 13), tl.load(EPI + 14), MODE)
-    return z.to(tl.int32)  # within the output's clamp range
+    return add_epi(y, r, EPI, MODE).to(tl.int32)  # within the output's clamp range
 
 
 @triton.jit
