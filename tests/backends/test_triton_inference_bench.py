@@ -107,10 +107,14 @@ def test_conv_shapes_match_the_gpuquant_resnet50():
 def test_conv_providers_run_and_check():
     specs = [conv_suite.ConvSpec(8, 9, 12, 3, 2, 1), conv_suite.ConvSpec(3, 11, 8, 7, 2, 3),
              conv_suite.ConvSpec(16, 5, 24, 1, 1, 0)]
-    rows, _ = _rows(conv_suite.make_case("all", specs, 2, "cpu"))
+    rows, unavailable = _rows(conv_suite.make_case("all", specs, 2, "cpu"))
     assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
     assert rows["torch-bf16"]["exact_vs_numpy"] is None
     assert rows["gpuquant-triton"]["unit"] == "TOPS"
+    # both graph rows (the -graph rows are read against torch-bf16-graph): GPU only
+    assert {k: v for k, v in unavailable.items() if "cupy" not in k} == {
+        "gpuquant-triton-graph": "CUDA graphs need a CUDA device",
+        "torch-bf16-graph": "CUDA graphs need a CUDA device"}
 
 
 def test_conv_check_sees_the_last_image_dtype_and_shape():

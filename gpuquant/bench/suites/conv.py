@@ -14,6 +14,9 @@ Providers (same data, interleaved):
   time alone (the eager row includes whatever of the host's launch time the GPU waits for);
 * ``torch-bf16``: ``torch.nn.functional.conv2d`` in bfloat16, channels_last (cuDNN; the
   baseline, what a user would run instead);
+* ``torch-bf16-graph``: the same replayed from a CUDA graph: the ``-graph`` rows are
+  compared with it (graph against graph; before it existed they were read against the
+  eager ``torch-bf16``, whose "all" row includes 53 launches of host time);
 * ``gpuquant-cupy-<tier>``: the CuPy backend's ``conv2d`` (hand-written CUDA, ``kernels/``)
   with each tier forced (dp4a, mma75, mma80, sm90); tiers the GPU cannot run, or no CuPy,
   report unavailable.
@@ -129,18 +132,21 @@ def _triton(layers):
     return run
 
 
-def _triton_graph(layers):
-    """The same launches captured once in a CUDA graph (after two eager warm-up calls on a
-    side stream: autotuning and the memoised weights happen there) and replayed: the
-    kernels' time without the host's (the eager row can be host-bound: 53 launches)."""
-    if layers[0]["x"].device.type != "cuda":
-        raise ProviderUnavailable("CUDA graphs need a CUDA device")
-    graph, outs = cuda_graph_of(_triton(layers), warmup=2)
+def _graphed(eager):
+    """The provider setup replaying ``eager(layers)``'s launches from a CUDA graph, captured
+    once after two eager warm-up calls on a side stream (autotuning, the memoised weights,
+    cuDNN's algorithm choice happen there): the kernels' time without the host's (an eager
+    row of the 53 layers can be host-bound)."""
+    def setup(layers):
+        if layers[0]["x"].device.type != "cuda":
+            raise ProviderUnavailable("CUDA graphs need a CUDA device")
+        graph, outs = cuda_graph_of(eager(layers), warmup=2)
 
-    def run():
-        graph.replay()
-        return outs
-    return run
+        def run():
+            graph.replay()
+            return outs
+        return run
+    return setup
 
 
 def _bf16(layers):
@@ -189,8 +195,10 @@ def make_case(layer: str, specs: List[ConvSpec], batch: int, device: str,
     return Case(params={"model": model, "batch": batch, "layer": layer},
                 inputs=make_inputs(specs, batch, device),
                 providers={"gpuquant-triton": Provider(_triton, _check),
-                           "gpuquant-triton-graph": Provider(_triton_graph, _check),
-                           "torch-bf16": Provider(_bf16, unit="TFLOPS"), **_cupy_providers()},
+                           "gpuquant-triton-graph": Provider(_graphed(_triton), _check),
+                           "torch-bf16": Provider(_bf16, unit="TFLOPS"),
+                           "torch-bf16-graph": Provider(_graphed(_bf16), unit="TFLOPS"),
+                           **_cupy_providers()},
                 throughput=lambda p, ms, t=total_ops: (t / (ms * 1e-3) / 1e12, "TOPS"))
 
 
