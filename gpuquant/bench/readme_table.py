@@ -54,11 +54,11 @@ def render_results(results_dir: str = "bench/results", exclude: Sequence[str] = 
     slugs = sorted(d for d in os.listdir(results_dir)
                    if os.path.isdir(os.path.join(results_dir, d)) and d not in exclude)
     found = False
+    # only the suites' results: a lease also leaves other JSON there (the counters stage's
+    # counters-calls.json, a list of profiled calls)
+    known = set(_registered())
     for slug in slugs:
         folder = os.path.join(results_dir, slug)
-        # only the suites' results: a lease also leaves other JSON there (the counters
-        # stage's counters-calls.json, a list of profiled calls)
-        known = set(_registered())
         names = [f for f in os.listdir(folder)
                  if f.endswith(".json") and f.split(".")[0] in known]
         # a suite cut short leaves <suite>.partial.json: shown (marked) only where the suite
