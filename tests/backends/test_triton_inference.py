@@ -432,6 +432,112 @@ def test_requantize_i32_equals_reference_fixed_point(zp, qmin, qmax):
         assert_same(y, want[:, cols].to(torch.int32), f"requantize_i32 lshift={lshift}")
 
 
+from gpuquant.backends.triton.fixed_point import requantize_folded  # noqa: E402
+
+
+@triton.jit
+def _requant_folded_probe(ACC, C0, MULT, RC, Y, R, C, zp, qmin, qmax, SIGNED: tl.constexpr,
+                          BR: tl.constexpr, BC: tl.constexpr):
+    rows = tl.arange(0, BR)
+    cols = tl.arange(0, BC)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    acc = tl.load(ACC + rows[:, None] * C + cols[None, :], mask=mask, other=0)
+    c0 = tl.load(C0 + cols, mask=cols < C, other=0)
+    m = tl.load(MULT + cols, mask=cols < C, other=0)
+    rc = tl.load(RC + cols, mask=cols < C, other=0)
+    y = requantize_folded(acc, c0[None, :], m[None, :], rc[None, :], zp, qmin, qmax, SIGNED)
+    tl.store(Y + rows[:, None] * C + cols[None, :], y, mask=mask)
+
+
+@pytest.mark.parametrize("zp,qmin,qmax,relu", [(5, -128, 127, False),
+                                               (0, -2 ** 31, 2 ** 31 - 1, False),
+                                               (-3, -3, 127, True), (0, 0, 255, True),
+                                               (7, 7, 20, True)])
+def test_folded_requantization_equals_reference(zp, qmin, qmax, relu):
+    """The folded requantization (bias and nudge in one 64-bit addend, one-add rounding;
+    with a ReLU clamp the rounding constant in the addend too and no sign term) == the
+    reference's int64 one, for every rshift in [1, 31], multipliers 0, 2^30, 2^31 - 1 and
+    random ones, random biases, accumulators up to the bound the host checks
+    (``_folded_fits``) and exact ties of the rounding division, both signs."""
+    from gpuquant.backends.reference import multiply_by_quantized_multiplier
+    from gpuquant.backends.triton.gemm import _folded_fits, folded_tensors
+    shifts = torch.tensor(list(range(1, 32)) * 2, dtype=torch.int32)
+    c = shifts.numel()
+    mults = torch.randint(2 ** 30, 2 ** 31, (c,), dtype=torch.int64)
+    mults[31:] = 2 ** 30  # x 2^30 / 2^31 = x / 2: hi is known, so ties can be made
+    mults[:3] = torch.tensor([2 ** 31 - 1, 0, 2 ** 30 + 1])
+    bias = torch.randint(-2 ** 27, 2 ** 27, (c,), dtype=torch.int64)
+    bound = 2 ** 29
+    assert _folded_fits(mults.to(torch.int32), shifts, bound)
+    assert not _folded_fits(mults.to(torch.int32), shifts, 2 ** 31 - 1)  # 2^31-1 at rshift 1
+    assert not _folded_fits(mults[:3].to(torch.int32), torch.tensor([1, 0, 2]), 10)
+    x = torch.randint(-bound, bound + 1, (40, c), dtype=torch.int64)
+    x[:4] //= 2 ** 20
+    x[4:8] = torch.tensor([-bound, bound, -1, 0]).reshape(4, 1)
+    for j in range(31, c):  # hi = floor((x + 1) / 2) at +-(k 2^r + 2^(r-1)): exact ties
+        r = int(shifts[j])
+        ties = [(k * 2 ** r + 2 ** (r - 1)) for k in (0, 1, -1, -2, 5, -6)]
+        xs = [2 * h - 1 for h in ties] + [2 * h for h in ties]
+        xs = [v for v in xs if -bound <= v <= bound]
+        x[8:8 + len(xs), j] = torch.tensor(xs)
+    acc = (x - bias).to(torch.int32)
+    want = (multiply_by_quantized_multiplier(x, mults, shifts.long()) + zp).clamp(qmin, qmax)
+    c0, rc = folded_tensors(bias, mults.to(torch.int32), shifts, relu)
+    y = torch.empty_like(acc).to(DEV)
+    _requant_folded_probe[(1,)](dev(acc), dev(c0), dev(mults.to(torch.int32)), dev(rc), y,
+                                acc.shape[0], c, zp, qmin, qmax, SIGNED=not relu, BR=64, BC=64)
+    assert_same(y, want.to(torch.int32), f"requantize_folded relu={relu}")
+
+
+def test_epilogue_requantization_modes():
+    """Which requantization the host picks for a layer (gemm.epilogue_tensors), and that
+    each one gives the oracles' bytes through the linear, conv and depthwise kernels:
+    folded with a ReLU clamp (3) or without (2); the 32-bit form where a column's rshift is
+    0 (1) or negative (0: the left shift), or where an accumulator could round past int32
+    (a 2^31 - 1 multiplier at rshift 31 with a 2^30 bias); the int32 output never folded.
+    The per-column tensors run EPI_PAD zeros past the last channel (unmasked loads)."""
+    from gpuquant.backends.triton import gemm
+    from gpuquant.functional.requant import Requant
+    n, k = 6, 40
+    x = rand_act((9, k), torch.uint8)
+    xc = rand_act((2, k, 5, 4), torch.uint8).contiguous(memory_format=CL)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    wc = torch.randint(-127, 128, (n, k, 3, 3), dtype=torch.int8)
+    wd = torch.randint(-127, 128, (k, 1, 3, 3), dtype=torch.int8)
+    b = torch.randint(-5000, 5000, (n,), dtype=torch.int32)
+    relu = make_requant(0.02, torch.rand(n, dtype=torch.float64) * 0.01 + 0.001, 0.05, 3, qint8,
+                        "relu")
+    plain = make_requant(0.02, torch.rand(n, dtype=torch.float64) * 0.01 + 0.001, 0.05, 3,
+                         qint8)
+
+    def edit(rq, col, mult, rshift):
+        m, s = rq.multiplier.clone(), rq.rshift.clone()
+        m[col], s[col] = mult, rshift
+        return Requant(m, s, rq.zero_point, rq.qmin, rq.qmax, rq.dtype)
+    big_b = b.clone()
+    big_b[2] = 2 ** 30
+    # the same multiplier and shift tensors without the ReLU clamp: memoised apart
+    unclamped = Requant(relu.multiplier, relu.rshift, relu.zero_point, -128, 127, qint8)
+    cases = {"folded_relu": (relu, b, gemm.RQ_FOLDED_RELU), "folded": (plain, b, gemm.RQ_FOLDED),
+             "same_tensors_no_relu": (unclamped, b, gemm.RQ_FOLDED),
+             "rshift0": (edit(plain, 1, 2 ** 30 + 5, 0), b, gemm.RQ_PLAIN),
+             "lshift": (edit(relu, 4, 2 ** 30 + 5, -2), b, gemm.RQ_LSHIFT),
+             "past_bound": (edit(plain, 2, 2 ** 31 - 1, 31), big_b, gemm.RQ_PLAIN)}
+    for name, (rq, bias, mode) in cases.items():
+        got = gemm.epilogue_tensors(w, w, bias, rq, 7, torch.uint8, torch.device("cpu"))
+        assert got[3] == mode, name
+        assert all(t.numel() == n + gemm.EPI_PAD for t in got[:3]), name
+        assert gemm.epilogue_tensors(w, w, bias, rq, 7, torch.uint8, torch.device("cpu"),
+                                     foldable=False)[3] in (gemm.RQ_LSHIFT, gemm.RQ_PLAIN)
+        check_op("linear", (x, 7, w, bias, rq), f"linear {name}")
+        check_op("conv2d", (xc, 7, wc, bias, (1, 1), (1, 1), (1, 1), 1, rq), f"conv {name}")
+        if name != "past_bound":
+            rqd = Requant(rq.multiplier.repeat(7)[:k], rq.rshift.repeat(7)[:k], rq.zero_point,
+                          rq.qmin, rq.qmax, rq.dtype)
+            check_op("conv2d", (xc, 7, wd, bias.repeat(7)[:k], (1, 1), (1, 1), (1, 1), k, rqd),
+                     f"depthwise {name}")
+
+
 def test_unaligned_k_is_zero_padded_exactly(monkeypatch):
     """Rows whose length is not a multiple of 16 bytes are zero-padded along K before the
     GEMM (vectorised loads on the GPU); the padding must not change a byte, and the padded

@@ -206,13 +206,15 @@ def test_adaptive_avg_pool2d(size):
 
 
 def test_add_32_bit_modes_at_the_extremes():
-    """The 32-bit add modes' short forms (no saturation test, one-add rounding division,
-    the AddParams read as 32-bit words) at their bounds: every int8 value against every
-    uint8 value, zero points at both ends of the 8-bit ranges, input multipliers just
-    below 1 and rshifts 0 (no rounding) to 31, exact ties of the rounding division of both
-    signs, the output with and without a left shift;
-    alone and fused into a conv's epilogue, bytes equal to the oracles. Parameters past the
-    32-bit bounds (left shift 21, a zero point outside [-128, 255]) take the int64 mode."""
+    """The folded add modes (the inputs' zero points and nudges in one multiply-add, the
+    one-add rounding division, exact power-of-two terms, an output ReLU's rounding without
+    the sign term, the AddParams read as 32-bit words) at their bounds: every int8 value
+    against every uint8 value, zero points at both ends of the 8-bit ranges, input
+    multipliers just below 1 and rshifts 0 (no rounding) to 31, exact terms with shifts 0
+    to 19 (and 20, one past: not exact), exact ties of the rounding division of both signs,
+    the output with and without a left shift and a ReLU; alone and fused into a conv's
+    epilogue, bytes equal to the oracles. Parameters past the 32-bit bounds (left shift 21,
+    a zero point outside [-128, 255]) take the int64 mode."""
     import dataclasses
 
     from gpuquant.backends.triton.common import scalar_int
@@ -222,15 +224,22 @@ def test_add_32_bit_modes_at_the_extremes():
     b = torch.arange(0, 256, dtype=torch.uint8).repeat_interleave(256).view(8, 32, 16, 16)
     a, b = a.contiguous(memory_format=CL), b.contiguous(memory_format=CL)
     cases = []
-    for (za, zb), (ma, ra), (mb, rb) in (((-128, 255), (2 ** 31 - 1, 0), (2 ** 31 - 1, 0)),
-                                         ((255, -128), (2 ** 30 + 7, 3), (2 ** 31 - 5, 31)),
-                                         ((-128, -128), (2 ** 31 - 1, 1), (2 ** 30, 17)),
-                                         # ties: 2^19 (x - zp) / 2^20 is k + 1/2 for odd x - zp
-                                         ((3, 0), (2 ** 30, 20), (2 ** 30, 20))):
-        for out_scale in (2.0 ** 21 * 0.7, 3e-3):  # output rshift >= 0, and < 0 (mode 2)
-            out = make_requant(1.0, 1.0, out_scale, 5, qint8)
+    # (zero points, a's (multiplier, rshift), b's, the mode for an output rshift >= 1)
+    for (za, zb), (ma, ra), (mb, rb), kind in (
+            ((-128, 255), (2 ** 31 - 1, 0), (2 ** 31 - 1, 0), 1),
+            ((255, -128), (2 ** 30 + 7, 3), (2 ** 31 - 5, 31), 1),
+            ((-128, -128), (2 ** 31 - 1, 1), (2 ** 30, 17), 4),   # b exact: x 2^2
+            ((-128, 255), (2 ** 30, 0), (2 ** 31 - 1, 5), 3),     # a exact: x 2^19
+            ((0, 3), (2 ** 31 - 1, 2), (2 ** 30, 19), 4),         # b exact: x 2^0
+            ((5, 7), (2 ** 30, 0), (2 ** 30, 0), 1),              # both exact, no rshift
+            # ties: 2^19 (x - zp) / 2^20 is k + 1/2 for odd x - zp (rshift 20: not exact)
+            ((3, 0), (2 ** 30, 20), (2 ** 30, 20), 1)):
+        for out_scale, act in ((2.0 ** 21 * 0.7, "none"), (2.0 ** 21 * 0.7, "relu"),
+                               (3e-3, "none")):  # output rshift >= 1, and < 0 (mode 2)
+            out = make_requant(1.0, 1.0, out_scale, 5, qint8, act)
             p = AddParams(20, za, ma, ra, zb, mb, rb, out)
-            cases.append((p, 2 if scalar_int(out.rshift) < 0 else 1))
+            mode = 2 if scalar_int(out.rshift) < 1 else kind + (8 if act == "relu" else 0)
+            cases.append((p, mode))
     for p, mode in cases:
         assert add_mode(p, scalar_int(p.out.rshift)) == mode, p
         check_op("add", (a, b, p), f"add extremes {p}")
@@ -251,9 +260,10 @@ def test_add_32_bit_modes_at_the_extremes():
 
 
 def test_add_arithmetic_modes():
-    """make_add_params' parameters take the 32-bit path (mode 1; mode 2 with an output left
-    shift); hand-made ones outside its bounds (left shift 24, an input multiplier >= 1) the
-    int64 path; every mode gives the reference's bytes, alone and fused into a conv."""
+    """make_add_params' parameters take the folded paths (modes 1, 3, 4 and their ReLU
+    forms 9, 11, 12; mode 2 with an output left shift); hand-made ones outside its bounds
+    (left shift 24, an input multiplier >= 1) the int64 path; every mode gives the
+    reference's bytes, alone and fused into a conv."""
     import dataclasses
 
     from gpuquant.backends.triton.fixed_point import add_mode
@@ -265,8 +275,16 @@ def test_add_arithmetic_modes():
     ma, sa = quantize_multiplier(1.7)  # an input multiplier >= 1: rshift < 0
     wide = dataclasses.replace(base, left_shift=24)
     neg_in = dataclasses.replace(base, a_multiplier=int(ma), a_rshift=int(sa))
-    cases = {"fast": (base, 1), "fast_out_lshift": (big_out, 2), "shift24": (wide, 0),
-             "input_lshift": (neg_in, 0)}
+    # the folded modes: a's scale the larger (a's term an exact shift), b's, equal scales
+    # (both exact, neither rounded: the general folded form); + 8 with the output ReLU
+    cases = {"fast_a_exact_relu": (base, 11),
+             "fast_a_exact": (make_add_params(0.05, 3, 0.04, 130, 0.06, -2, qint8), 3),
+             "fast_b_exact_relu": (make_add_params(0.03, 3, 0.04, 130, 0.06, -2, qint8,
+                                                   "relu"), 12),
+             "fast_equal": (make_add_params(0.04, 3, 0.04, 130, 0.06, -2, qint8), 1),
+             "fast_equal_relu": (make_add_params(0.04, 3, 0.04, 130, 0.06, -2, qint8,
+                                                 "relu"), 9),
+             "fast_out_lshift": (big_out, 2), "shift24": (wide, 0), "input_lshift": (neg_in, 0)}
     from gpuquant.backends.triton.common import scalar_int
     for name, (p, mode) in cases.items():
         assert add_mode(p, scalar_int(p.out.rshift)) == mode, name

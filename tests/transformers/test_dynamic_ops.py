@@ -247,7 +247,7 @@ _PTX_SCRIPT = textwrap.dedent(r"""
                "deq_scale": "fp32"}
         c = G.gemm_configs(fam)[0]
         ptx = compile_ptx(G._qgemm_kernel, sig, {**c.kwargs, "X_UINT8": False, "OUT_MODE": 3,
-                          "HAS_RES": True, "EVEN_K": True, "RES_MODE": 0, "LSHIFT": False,
+                          "HAS_RES": True, "EVEN_K": True, "RES_MODE": 0, "RQ_MODE": 1,
                           "PERSISTENT": 0}, cc,
                           c.num_warps, c.num_stages)
         mma = set(MMA_RE.findall(ptx))

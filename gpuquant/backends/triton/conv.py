@@ -39,7 +39,7 @@ from . import gemm as _gemm
 from .launch import launch
 from .gemm import (_OUT_MODES, _acc_per_thread, _tile_key, _with, epilogue_scalars,
                    epilogue_tensors, family_configs, grouped_tile, interpret_meta,
-                   left_shift, output_dtype, padded_k, prune_configs, qgemm, quant_epilogue,
+                   output_dtype, padded_k, prune_configs, qgemm, quant_epilogue,
                    residual_mode, with_light_tile)
 
 __all__ = ["qconv2d", "conv_configs", "conv_out_size", "window_origin"]
@@ -107,7 +107,7 @@ def _qconv_kernel(
     X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr = 1, RES_MODE: tl.constexpr = 0,
-    LSHIFT: tl.constexpr = True, L1_CACHE: tl.constexpr = False,
+    RQ_MODE: tl.constexpr = 0, L1_CACHE: tl.constexpr = False,
 ):
     """X (Nb, H, W, C) int8/uint8 (strides given), W (O, KH*KW*Cg) int8 -> Y (M, O)."""
     pid = tl.program_id(0)
@@ -196,7 +196,7 @@ def _qconv_kernel(
                                   Cg, x_zp, EVEN_C, ZP_ZERO, X_UINT8)
 
     quant_epilogue(acc, offs_m, oc, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT, RES_MODE, LSHIFT)
+                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT, RES_MODE, RQ_MODE)
 
 
 # H, W_in not specialized: the bounds are compared as uint32 scalars (a 1 would arrive as an
@@ -378,7 +378,8 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
                             r2d, out_mode=out_mode, add_params=add_params,
                             deq_scale=deq_scale, deq_zero_point=deq_zero_point)
     w2d = reordered_weight(w)
-    b, mult, rsh = epilogue_tensors(w, w2d, bias, rq, x_zp, x.dtype, dev)
+    b, mult, rsh, rq_mode = epilogue_tensors(w, w2d, bias, rq, x_zp, x.dtype, dev,
+                                             foldable=mode in (_gemm.OUT_QUANT, _gemm.OUT_FLOAT))
     epi = epilogue_scalars(rq, add_params, dev, deq_zero_point)
     og = o // groups
     k = kh * kw * cg
@@ -398,7 +399,7 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
            int(x_zp), float(deq_scale), KH=kh, KW=kw, FLAT_K=flat_k, ZP_ZERO=int(x_zp) == 0,
            X_UINT8=x.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=residual is not None,
            RES_MODE=residual_mode(add_params) if residual is not None else 0,
-           LSHIFT=left_shift(rq), **meta, **LAUNCH_OPTS)
+           RQ_MODE=rq_mode, **meta, **LAUNCH_OPTS)
     return y
 
 

@@ -16,8 +16,8 @@ import torch
 from .common import LAUNCH_OPTS, arch_family, cdiv, derived, tune_subset
 from .launch import launch
 from .conv import window_origin
-from .gemm import (EPILOGUE_KEY, _OUT_MODES, epilogue_scalars, epilogue_tensors, left_shift,
-                   output_dtype, quant_epilogue, residual_mode)
+from .gemm import (EPILOGUE_KEY, _OUT_MODES, OUT_FLOAT, OUT_QUANT, epilogue_scalars,
+                   epilogue_tensors, output_dtype, quant_epilogue, residual_mode)
 
 __all__ = ["qdepthwise2d", "is_depthwise", "depthwise_configs"]
 
@@ -36,7 +36,7 @@ def _qdepthwise_kernel(
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, RES_MODE: tl.constexpr = 0,
-    LSHIFT: tl.constexpr = True,
+    RQ_MODE: tl.constexpr = 0,
 ):
     """X (Nb, H, W, C) int8/uint8, W (KH*KW, O) int8 (a tap's weights contiguous) ->
     Y (M = Nb*Ho*Wo, O)."""
@@ -58,7 +58,7 @@ def _qdepthwise_kernel(
             wt = tl.load(W + (r * KW + s) * O + offs_c, mask=mask_c, other=0)
             acc += (x.to(tl.int32) - x_zp) * wt.to(tl.int32)[None, :]
     quant_epilogue(acc, offs_p, offs_c, mask_p, mask_c, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, 1, RES_MODE, LSHIFT)
+                   Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, 1, RES_MODE, RQ_MODE)
 
 
 _DW_TILES = [(32, 64, 4), (64, 64, 4), (16, 128, 4), (128, 32, 4), (64, 128, 8)]
@@ -114,8 +114,9 @@ def qdepthwise2d(x, x_zp, w, bias, stride, padding, dilation, rq, *, out_mode="q
             .reshape(m, o)
     w_taps = derived("dw_w", (w,), (str(dev),),
                      lambda: w.reshape(o, kh * kw).t().contiguous())  # (KH*KW, O)
-    b, mult, rsh = epilogue_tensors(w, w.reshape(o, kh * kw), bias, rq, int(x_zp), x.dtype,
-                                    dev, fold_zero_point=False)
+    b, mult, rsh, rq_mode = epilogue_tensors(w, w.reshape(o, kh * kw), bias, rq, int(x_zp),
+                                             x.dtype, dev, fold_zero_point=False,
+                                             foldable=mode in (OUT_QUANT, OUT_FLOAT))
     epi = epilogue_scalars(rq, add_params, dev, deq_zero_point)
     family = arch_family(dev)
     kern = _dw_kernel(family)
@@ -129,5 +130,5 @@ def qdepthwise2d(x, x_zp, w, bias, stride, padding, dilation, rq, *, out_mode="q
            ph, pw, dh, dw, xs[0], xs[2], xs[3], xs[1], y2d.stride(0), r2d.stride(0), int(x_zp),
            float(deq_scale), KH=kh, KW=kw, OUT_MODE=mode, HAS_RES=residual is not None,
            RES_MODE=residual_mode(add_params) if residual is not None else 0,
-           LSHIFT=left_shift(rq), **meta, **LAUNCH_OPTS)
+           RQ_MODE=rq_mode, **meta, **LAUNCH_OPTS)
     return y

@@ -120,7 +120,7 @@ def _requant_i32(v, m, s, RQV, PER_CHANNEL: tl.constexpr):
 @triton.jit
 def _add_kernel(A, B, EPI, Y, numel, MODE: tl.constexpr, BLOCK: tl.constexpr):
     """TFLite integer add of two same-layout tensors; EPI as in :mod:`.gemm`; MODE: the
-    arithmetic (:func:`.fixed_point.add_values_fast`: 32-bit for make_add_params' params)."""
+    arithmetic (:func:`.fixed_point.add_epi`: folded for make_add_params' params)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     a = tl.load(A + offs, mask=mask, other=0)

@@ -29,7 +29,7 @@ import torch
 from .common import (LAUNCH_OPTS, arch_family, cdiv, derived, scalar_int, sm_count, tune_mode,
                      tune_subset)
 from .launch import launch
-from .fixed_point import add_epi, add_mode, requantize_i32
+from .fixed_point import add_epi, add_mode, requantize_folded, requantize_i32, round_constants
 
 __all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32",
            "OUT_SCALED"]
@@ -38,9 +38,23 @@ OUT_QUANT, OUT_FLOAT, OUT_INT32, OUT_SCALED = 0, 1, 2, 3
 _OUT_MODES = {"quant": OUT_QUANT, "float": OUT_FLOAT, "int32": OUT_INT32, "scaled": OUT_SCALED}
 
 # EPI: int64 vector of the epilogue's scalars (loaded once per program, so changing a zero
-# point never recompiles a kernel).
+# point never recompiles a kernel): the output's zero point and clamp, an add's AddParams
+# (int64 mode), the dequantized output's zero point, then the add's folded constants
+# (.fixed_point.fast_add_terms: the inputs' mad.wide addends, the output's rshift and
+# rounding constant packed, each input's multiplier and rounding constants, the funnel
+# shift 31 - left_shift, the output's 64-bit requantization addend).
 _E_ZP, _E_QMIN, _E_QMAX, _E_SHIFT, _E_AZP, _E_AM, _E_AS, _E_BZP, _E_BM, _E_BS, \
-    _E_OM, _E_OS, _E_OZP, _E_OQMIN, _E_OQMAX, _E_DZP = range(16)
+    _E_OM, _E_OS, _E_OZP, _E_OQMIN, _E_OQMAX, _E_DZP, \
+    _E_FA_K, _E_FB_K, _E_FO_RC, _E_FA_M, _E_FA_C, _E_FA_DM, _E_FA_S, \
+    _E_FB_M, _E_FB_C, _E_FB_DM, _E_FB_S, _E_F_SH, _E_FO_C0 = range(29)
+_E_LEN = 29
+
+# The requantization's arithmetic (RQ_MODE, decided on the host: epilogue_tensors):
+# 0 general with the saturating left shift behind a uniform branch, 1 general without it
+# (no rshift is negative), 2 folded (.fixed_point.requantize_folded: every rshift >= 1).
+# 3 folded for a clamp at or above the zero point (a fused ReLU: requantize_folded's SIGNED
+# False, the rounding constant in the bias's addend).
+RQ_LSHIFT, RQ_PLAIN, RQ_FOLDED, RQ_FOLDED_RELU = 0, 1, 2, 3
 
 
 @triton.jit
@@ -83,7 +97,7 @@ def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
                    # output and residual
                    Y, stride_ym, RES, stride_rm,
                    OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr, EPI_SPLIT: tl.constexpr = 1,
-                   RES_MODE: tl.constexpr = 0, LSHIFT: tl.constexpr = True):
+                   RES_MODE: tl.constexpr = 0, RQ_MODE: tl.constexpr = 0):
     """:func:`_quant_epilogue_tile` on the whole tile, or (``EPI_SPLIT`` 2) on each half of
     its columns in turn."""
     if EPI_SPLIT == 2:
@@ -93,56 +107,62 @@ def quant_epilogue(acc, offs_m, offs_n, mask_m, mask_n,
         n0, n1 = tl.split(tl.permute(tl.reshape(offs_n, (2, bn // 2)), (1, 0)))
         k0, k1 = tl.split(tl.permute(tl.reshape(mask_n, (2, bn // 2)), (1, 0)))
         _quant_epilogue_tile(a0, offs_m, n0, mask_m, k0, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, RES_MODE, LSHIFT)
+                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, RES_MODE, RQ_MODE)
         _quant_epilogue_tile(a1, offs_m, n1, mask_m, k1, BIAS, MULT, RSHIFT, EPI, deq_scale,
-                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, RES_MODE, LSHIFT)
+                             Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, RES_MODE, RQ_MODE)
     else:
         _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI,
                              deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES,
-                             RES_MODE, LSHIFT)
+                             RES_MODE, RQ_MODE)
 
 
 @triton.jit
 def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT, EPI,
                          deq_scale, Y, stride_ym, RES, stride_rm,
                          OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr, RES_MODE: tl.constexpr,
-                         LSHIFT: tl.constexpr):
+                         RQ_MODE: tl.constexpr):
     """Store ``epilogue(acc + bias)`` at ``Y[offs_m * stride_ym + offs_n]``.
 
-    ``acc``: int32 (BM, BN); ``offs_n``: global output channels (index BIAS/MULT/RSHIFT).
-    BIAS is int32 (the folded bias fits: the usual case) or int64. The accumulator fits int32
-    (the caller refuses shapes that could overflow), so the requantization runs in 32-bit
-    arithmetic (:func:`.fixed_point.requantize_i32`). ``LSHIFT`` False (the host knows no
-    rshift is negative: :meth:`Requant.may_left_shift`) leaves the saturating left shift
-    out; True compiles it behind a uniform branch that tiles without a negative rshift
-    skip (the two paths in one kernel: twice the code). ``RES_MODE`` is the residual
-    add's arithmetic (:func:`.fixed_point.add_mode`, decided on the host: one code path in
-    the kernel, not three behind a runtime branch).
+    ``acc``: int32 (BM, BN); ``offs_n``: global output channels (index BIAS/MULT/RSHIFT,
+    which hold :data:`EPI_PAD` columns past the last: read without a mask, so the compiler
+    zeroes no registers for masked-off lanes, 1.25 instructions an output on the 128x128
+    tile). The accumulator plus bias fits int32 (the caller refuses shapes that could
+    overflow). ``RQ_MODE`` (:func:`epilogue_tensors`, decided on the host) is the
+    requantization's arithmetic: 2 and 3 (every rshift >= 1, the usual case), the folded
+    form (:func:`.fixed_point.requantize_folded`: BIAS holds ``bias * multiplier + 2^30``
+    and RSHIFT the shift with its rounding constant, both int64; 3 for a ReLU clamp, its
+    rounding without the sign term); 0 and 1, the 32-bit form
+    (:func:`.fixed_point.requantize_i32`, BIAS int32 or int64, MULT int32) with the
+    saturating left shift compiled behind a uniform branch that tiles without a negative
+    rshift skip (0) or left out (1: the host knows no rshift is negative). ``RES_MODE`` is
+    the residual add's arithmetic (:func:`.fixed_point.add_mode`).
     """
     mask = mask_m[:, None] & mask_n[None, :]
-    bias = tl.load(BIAS + offs_n, mask=mask_n, other=0)
-    if BIAS.dtype.element_ty == tl.int64:
-        v = (acc.to(tl.int64) + bias[None, :]).to(tl.int32)
-    else:
-        v = acc + bias[None, :]
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if OUT_MODE == 2:
-        tl.store(y_ptrs, v, mask=mask)
+        tl.store(y_ptrs, _plus_bias(acc, BIAS, offs_n, mask_n), mask=mask)
     else:
-        mult = tl.load(MULT + offs_n, mask=mask_n, other=0)
-        rsh = tl.load(RSHIFT + offs_n, mask=mask_n, other=0)
+        mult = tl.load(MULT + offs_n)
+        rsh = tl.load(RSHIFT + offs_n)
         zp = tl.load(EPI + 0).to(tl.int32)
         lo = tl.load(EPI + 1).to(tl.int32)
         hi = tl.load(EPI + 2).to(tl.int32)
-        # SAT False: a Requant's multipliers are in [0, 2^31) (Requant checks them), never
-        # the -2^31 whose doubling high multiply saturates (3 instructions an output fewer)
-        if LSHIFT:
-            if tl.min(rsh, axis=0) < 0:
-                y = requantize_i32(v, mult[None, :], rsh[None, :], zp, lo, hi, True, False)
+        if RQ_MODE >= 2:
+            c0 = tl.load(BIAS + offs_n)
+            y = requantize_folded(acc, c0[None, :], mult[None, :], rsh[None, :], zp, lo, hi,
+                                  RQ_MODE == 2)
+        else:
+            v = _plus_bias(acc, BIAS, offs_n, mask_n)
+            # SAT False: a Requant's multipliers are in [0, 2^31) (Requant checks them),
+            # never the -2^31 whose doubling high multiply saturates
+            if RQ_MODE == 0:
+                if tl.min(rsh, axis=0) < 0:
+                    y = requantize_i32(v, mult[None, :], rsh[None, :], zp, lo, hi, True, False)
+                else:
+                    y = requantize_i32(v, mult[None, :], rsh[None, :], zp, lo, hi, False,
+                                       False)
             else:
                 y = requantize_i32(v, mult[None, :], rsh[None, :], zp, lo, hi, False, False)
-        else:
-            y = requantize_i32(v, mult[None, :], rsh[None, :], zp, lo, hi, False, False)
         if HAS_RES:
             r = tl.load(RES + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :],
                         mask=mask, other=0)
@@ -151,6 +171,17 @@ def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT
             tl.store(y_ptrs, (y - tl.load(EPI + 15)).to(tl.float32) * deq_scale, mask=mask)
         else:
             tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _plus_bias(acc, BIAS, offs_n, mask_n):
+    """``acc + bias`` as int32 (BIAS int32, or int64 when a folded bias does not fit)."""
+    bias = tl.load(BIAS + offs_n)
+    if BIAS.dtype.element_ty == tl.int64:
+        v = (acc.to(tl.int64) + bias[None, :]).to(tl.int32)
+    else:
+        v = acc + bias[None, :]
+    return v
 
 
 @triton.jit
@@ -189,7 +220,7 @@ def _qgemm_kernel(
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr = 1, RES_MODE: tl.constexpr = 0,
-    LSHIFT: tl.constexpr = True, PERSISTENT: tl.constexpr = 0,
+    RQ_MODE: tl.constexpr = 0, PERSISTENT: tl.constexpr = 0,
 ):
     """X (M, K) int8/uint8, W (N, K) int8 -> Y (M, N) int8/uint8, float32 or int32.
 
@@ -199,7 +230,7 @@ def _qgemm_kernel(
         _persistent_tiles(X, W, BIAS, MULT, RSHIFT, EPI, RES, Y, M, N, K, stride_xm,
                           stride_xk, stride_wn, stride_wk, stride_ym, stride_rm, deq_scale,
                           X_UINT8, OUT_MODE, HAS_RES, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                          GROUP_M, EPI_SPLIT, RES_MODE, LSHIFT)
+                          GROUP_M, EPI_SPLIT, RES_MODE, RQ_MODE)
         return
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _tile_acc(X, W, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
@@ -212,7 +243,7 @@ def _qgemm_kernel(
     else:
         quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT, EPI,
                        deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, EPI_SPLIT,
-                       RES_MODE, LSHIFT)
+                       RES_MODE, RQ_MODE)
 
 
 @triton.jit
@@ -249,7 +280,7 @@ def _persistent_tiles(X, W, BIAS, MULT, RSHIFT, EPI, RES, Y, M, N, K, stride_xm,
                       X_UINT8: tl.constexpr, OUT_MODE: tl.constexpr, HAS_RES: tl.constexpr,
                       EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr,
-                      RES_MODE: tl.constexpr, LSHIFT: tl.constexpr):
+                      RES_MODE: tl.constexpr, RQ_MODE: tl.constexpr):
     """The GEMM as a persistent program: tiles pid, pid + programs, ... in one flattened
     loop (``tl.range(..., flatten=True)``), so the software pipeline issues the next
     tile's first copies before this tile's epilogue, where one program a tile waits for
@@ -272,7 +303,7 @@ def _persistent_tiles(X, W, BIAS, MULT, RSHIFT, EPI, RES, Y, M, N, K, stride_xm,
         else:
             quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT,
                            EPI, deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES,
-                           EPI_SPLIT, RES_MODE, LSHIFT)
+                           EPI_SPLIT, RES_MODE, RQ_MODE)
 
 
 # --------------------------------------------------------------------------- configs
@@ -516,7 +547,7 @@ _TUNED = {}
 # the residual), and that 256x128 tile of 8 warps, spill-free without the add, spills 303
 # registers a thread with it (ptxas, sm_90, Triton 3.6); 128x128 of 4 warps spills 265 with
 # the saturating left shift and 1 without.
-EPILOGUE_KEY = ("HAS_RES", "RES_MODE", "LSHIFT")
+EPILOGUE_KEY = ("HAS_RES", "RES_MODE", "RQ_MODE")
 
 
 def _gemm_kernel(family: str):
@@ -564,14 +595,32 @@ def _narrow_bias(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous()
 
 
-def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero_point=True):
-    """Device tensors of the epilogue, memoised on (weight, bias, rq) identity and version:
-    ``(bias (N,) int32 or int64, multiplier (N,) int32, rshift (N,) int32)``.
+# The per-column epilogue tensors run this many columns past the last output channel (the
+# widest BLOCK_N / BLOCK_C of the GEMM, conv and depthwise tiles), zeros: the kernels read a
+# tile's columns without a mask
+EPI_PAD = 256
+
+
+def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero_point=True,
+                     foldable=True):
+    """Device tensors of the epilogue and its requantization mode, memoised on (weight, bias,
+    rq) identity and version: ``(bias, multiplier, rshift, rq_mode)``.
+
+    ``rq_mode`` (the kernels' ``RQ_MODE``): :data:`RQ_FOLDED` where ``foldable`` (an int8
+    or dequantized output: the bare int32 output needs the plain bias), every rshift is >=
+    1 and :func:`_folded_fits` holds; then the three tensors are ``bias * multiplier +
+    2^30`` (int64), the multiplier (int32) and ``rshift | 2^(rshift - 1) << 32`` (int64)
+    (:func:`.fixed_point.requantize_folded`); :data:`RQ_FOLDED_RELU` for such a layer
+    whose clamp starts at or above its zero point, with ``2^(rshift - 1) 2^31`` added to
+    the first and the rshift alone (int64) as the third. Otherwise :data:`RQ_LSHIFT` or
+    :data:`RQ_PLAIN` (no rshift negative) and bias (N,) int32 (int64 where a folded zero
+    point makes it overflow), multiplier and rshift (N,) int32. Deciding reads the
+    requantization's shifts and the bias's bound on the host once (memoised).
 
     ``fold_zero_point`` False (depthwise kernel: it subtracts the zero point itself) keeps
-    the plain bias.
+    the plain bias. Each tensor holds :data:`EPI_PAD` zeros past its N columns.
     """
-    n = w2d.shape[0]
+    n, k = w2d.shape
     shift = 128 if x_dtype == torch.uint8 else 0
     mult_t = None if rq is None else rq.multiplier
     rsh_t = None if rq is None else rq.rshift
@@ -584,13 +633,53 @@ def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero
                 else bias.to(device=device, dtype=torch.int32).contiguous()
         if rq is None:
             z = torch.zeros(n, dtype=torch.int32, device=device)
-            return b, z, z
+            return b, z, z, RQ_PLAIN
         m = rq.multiplier.to(device=device, dtype=torch.int32).reshape(-1).expand(n).contiguous()
         s = rq.rshift.to(device=device, dtype=torch.int32).reshape(-1).expand(n).contiguous()
-        return b, m, s
+        if foldable and n > 0:
+            # |x - zp| <= 255 for the depthwise kernel's operand, |x'| <= 128 for the MMA's
+            acc_max = k * (128 if fold_zero_point else 255) * 128 \
+                + int(b.to(torch.int64).abs().max())
+            if _folded_fits(m.cpu(), s.cpu(), acc_max):
+                c0, rc = folded_tensors(b, m, s, relu_clamp)
+                return c0, m, rc, (RQ_FOLDED_RELU if relu_clamp else RQ_FOLDED)
+        return b, m, s, (RQ_LSHIFT if left_shift(rq) else RQ_PLAIN)
 
+    def padded():
+        *ts, mode = make()
+        return (*(torch.nn.functional.pad(t, (0, EPI_PAD)) for t in ts), mode)
+
+    # (the ReLU test reads the Requant's ints, which two Requants sharing tensors may not
+    # share: it is in the key)
+    relu_clamp = rq is not None and rq.qmin >= rq.zero_point
     return derived("epilogue", (w_src, bias, mult_t, rsh_t),
-                   (x_zp, shift, fold_zero_point, n, str(device)), make)
+                   (x_zp, shift, fold_zero_point, foldable, relu_clamp, n, k, str(device)),
+                   padded)
+
+
+def folded_tensors(bias: torch.Tensor, mult: torch.Tensor, rshift: torch.Tensor, relu: bool):
+    """The folded requantization's per-column ``(c0, rc)`` (int64) for an int32 / int64
+    bias and int32 multipliers and rshifts >= 1 (:func:`.fixed_point.requantize_folded`):
+    ``c0 = bias * m + 2^30`` and ``rc = rshift | 2^(rshift - 1) << 32``; for a ReLU clamp
+    (``relu``: its SIGNED False) ``2^(rshift - 1) 2^31`` in ``c0`` and ``rc = rshift``."""
+    c0 = bias.to(torch.int64) * mult.to(torch.int64) + (1 << 30)
+    s64 = rshift.to(torch.int64)
+    c = (1 << s64) >> 1
+    if relu:
+        return (c0 + (c << 31)).contiguous(), s64.contiguous()
+    return c0.contiguous(), (s64 | (c << 32)).contiguous()
+
+
+def _folded_fits(mult: torch.Tensor, rshift: torch.Tensor, acc_max: int) -> bool:
+    """Whether the folded requantization is exact for these (CPU) multipliers and shifts
+    and accumulators up to ``acc_max`` in magnitude: every rshift >= 1, and the rounding's
+    ``|hi| + 2^(rshift - 1)`` below 2^31, where ``|hi| <= (acc_max m + 2^30) / 2^31``."""
+    if mult.numel() == 0 or int(rshift.min()) < 1:
+        return False
+    m, r = mult.to(torch.int64), rshift.to(torch.int64)
+    acc_max = min(acc_max, 2 ** 31)
+    hi = (acc_max * m + (1 << 30)) >> 31
+    return bool((hi + ((1 << r) >> 1) < 2 ** 31).all())
 
 
 def epilogue_scalars(rq, add_params, device, deq_zero_point: int = 0) -> torch.Tensor:
@@ -606,7 +695,7 @@ def epilogue_scalars(rq, add_params, device, deq_zero_point: int = 0) -> torch.T
 
 
 def _epi_values(rq, add_params, deq_zero_point: int) -> tuple:
-    vals = [0] * 16
+    vals = [0] * _E_LEN
     if rq is not None:
         vals[_E_ZP], vals[_E_QMIN], vals[_E_QMAX] = rq.zero_point, rq.qmin, rq.qmax
     if add_params is not None:
@@ -614,15 +703,37 @@ def _epi_values(rq, add_params, deq_zero_point: int) -> tuple:
         vals[_E_SHIFT] = 1 << p.left_shift
         vals[_E_AZP], vals[_E_AM], vals[_E_AS] = p.a_zero_point, p.a_multiplier, p.a_rshift
         vals[_E_BZP], vals[_E_BM], vals[_E_BS] = p.b_zero_point, p.b_multiplier, p.b_rshift
-        vals[_E_OM] = scalar_int(p.out.multiplier)
-        vals[_E_OS] = scalar_int(p.out.rshift)
+        om, ors = scalar_int(p.out.multiplier), scalar_int(p.out.rshift)
+        vals[_E_OM], vals[_E_OS] = om, ors
         vals[_E_OZP], vals[_E_OQMIN], vals[_E_OQMAX] = p.out.zero_point, p.out.qmin, p.out.qmax
+        mode = add_mode(p, ors)
+        if mode != 0:  # the folded modes' constants (.fixed_point.fast_add_terms)
+            ls = p.left_shift
+            vals[_E_F_SH] = 31 - ls
+            c = round_constants(max(ors, 0))[0]
+            if mode >= 8:  # (.fixed_point.requantize_folded's SIGNED False)
+                vals[_E_FO_RC], vals[_E_FO_C0] = ors, (1 << 30) + (c << 31)
+            else:
+                vals[_E_FO_RC], vals[_E_FO_C0] = ors | (c << 32), 1 << 30
+            for zp, m, r, (k, mi, ci, di, si), exact in (
+                    (p.a_zero_point, p.a_multiplier, p.a_rshift,
+                     (_E_FA_K, _E_FA_M, _E_FA_C, _E_FA_DM, _E_FA_S), mode % 8 == 3),
+                    (p.b_zero_point, p.b_multiplier, p.b_rshift,
+                     (_E_FB_K, _E_FB_M, _E_FB_C, _E_FB_DM, _E_FB_S), mode % 8 == 4)):
+                if exact:  # (x - zp) 2^e as x * 2^e + (-zp 2^e)
+                    e = ls - 1 - r
+                    vals[mi], vals[k] = 1 << e, -zp << e
+                else:
+                    vals[k], vals[mi] = (1 << (30 - ls)) - zp * m, m
+                    vals[ci], vals[di] = round_constants(r)
+                    vals[si] = r
     vals[_E_DZP] = deq_zero_point
     return tuple(int(v) for v in vals)
 
 
 def left_shift(rq) -> bool:
-    """The epilogues' ``LSHIFT``: False only where the host knows no rshift is negative."""
+    """Whether an epilogue needs the saturating left shift: False only where the host knows
+    no rshift is negative."""
     return rq is not None and rq.may_left_shift()
 
 
@@ -689,8 +800,9 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     m, k = x2d.shape
     n = w2d.shape[0]
     dev = x2d.device
-    b, mult, rsh = epilogue_tensors(w2d if w_src is None else w_src, w2d, bias, rq, x_zp,
-                                    x2d.dtype, dev)
+    b, mult, rsh, rq_mode = epilogue_tensors(w2d if w_src is None else w_src, w2d, bias, rq,
+                                             x_zp, x2d.dtype, dev,
+                                             foldable=mode in (OUT_QUANT, OUT_FLOAT))
     epi = epilogue_scalars(rq, add_params, dev, deq_zero_point)
     if out is None:
         out = torch.empty((m, n), dtype=output_dtype(mode, rq, add_params), device=dev)
@@ -710,6 +822,6 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     launch(kern, gemm_grid(m, n), x2d, w2d, b, mult, rsh, epi, res, out, m, n, k, x2d.stride(0),
            x2d.stride(1), w2d.stride(0), w2d.stride(1), out.stride(0), res.stride(0),
            float(deq_scale), X_UINT8=x2d.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=has_res,
-           RES_MODE=residual_mode(add_params) if has_res else 0, LSHIFT=left_shift(rq), **meta,
+           RES_MODE=residual_mode(add_params) if has_res else 0, RQ_MODE=rq_mode, **meta,
            **LAUNCH_OPTS)
     return out

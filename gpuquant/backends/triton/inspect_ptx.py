@@ -171,18 +171,23 @@ def _no_cubin():
 
 
 _EPI_PTRS = {"BIAS": "*i32", "MULT": "*i32", "RSHIFT": "*i32", "EPI": "*i64"}
+# the folded requantization's (RQ_MODE 2 and 3, gemm.epilogue_tensors): int64 bias addends
+# and packed shifts
+_FOLDED_PTRS = {**_EPI_PTRS, "BIAS": "*i64", "RSHIFT": "*i64"}
 
 
-def _gemm_sig(x="*i8", y="*i8", res="*i8", bias="*i32"):
-    s = {"X": x, "W": "*i8", **_EPI_PTRS, "BIAS": bias, "RES": res, "Y": y}
+def _gemm_sig(x="*i8", y="*i8", res="*i8", bias="*i32", folded=False):
+    s = {"X": x, "W": "*i8", **(_FOLDED_PTRS if folded else _EPI_PTRS), "RES": res, "Y": y}
+    if not folded:
+        s["BIAS"] = bias
     s.update({k: "i32" for k in ("M", "N", "K", "stride_xm", "stride_xk", "stride_wn",
                                    "stride_wk", "stride_ym", "stride_rm")})
     s["deq_scale"] = "fp32"
     return s
 
 
-def _conv_sig(x="*i8", y="*i8", res="*i8"):
-    s = {"X": x, "W": "*i8", **_EPI_PTRS, "RES": res, "Y": y}
+def _conv_sig(x="*i8", y="*i8", res="*i8", folded=False):
+    s = {"X": x, "W": "*i8", **(_FOLDED_PTRS if folded else _EPI_PTRS), "RES": res, "Y": y}
     s.update({k: "i32" for k in ("M", "N", "K", "H", "W_in", "Ho", "Wo", "Cg", "stride_h",
                                    "stride_w", "pad_h", "pad_w", "dil_h", "dil_w", "stride_xn",
                                    "stride_xh", "stride_xw", "stride_wo", "stride_ym",
@@ -194,7 +199,9 @@ def _conv_sig(x="*i8", y="*i8", res="*i8"):
 def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
     """(name, fn, signature, constexprs, num_warps, num_stages, expect_mma) to compile for
     ``sm_<cc>``: every autotune config of the GEMM and conv kernels in their main form
-    (int8 in / out), plus one config of each epilogue variant and the CUDA-core kernels.
+    (int8 in / out, the folded requantization of a ReLU layer), plus one config of each
+    epilogue variant (the folded form without ReLU, the general form with the left shift,
+    an int64 bias, float and int32 outputs, residual adds) and the CUDA-core kernels.
 
     ``ci``: the conv configs are compiled with a 1x1 filter (the same tap-loop code and
     instruction selection as 3x3, without the 9x unrolling that makes a 3x3 compile take
@@ -213,28 +220,29 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
     for i, c in enumerate(gcfgs if all_configs else gcfgs[:1]):
         meta, nw, ns = cfg_of(c)
         out.append((f"gemm[{i}:{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}]",
-                    gemm._qgemm_kernel, _gemm_sig(),
+                    gemm._qgemm_kernel, _gemm_sig(folded=True),
                     {**meta, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False,
-                     "EVEN_K": True}, nw, ns, True))
+                     "EVEN_K": True, "RQ_MODE": gemm.RQ_FOLDED_RELU}, nw, ns, True))
     split = [c for c in allg if c.kwargs["EPI_SPLIT"] == 2]
     if split:  # the requantizing epilogue in two column halves
         meta, nw, ns = cfg_of(split[0])
-        out.append(("gemm_epi_split", gemm._qgemm_kernel, _gemm_sig(),
+        out.append(("gemm_epi_split", gemm._qgemm_kernel, _gemm_sig(folded=True),
                     {**meta, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False,
-                     "EVEN_K": True}, nw, ns, True))
+                     "EVEN_K": True, "RQ_MODE": gemm.RQ_FOLDED_RELU}, nw, ns, True))
     # the first tile fitted to a 64-long reduction (the 1x1 convolutions of a ResNet)
     meta, nw, ns = cfg_of(gemm.fit_k(gcfgs[:1], 64)[0])
-    out.append(("gemm_fit_k64", gemm._qgemm_kernel, _gemm_sig(),
-                {**meta, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False, "EVEN_K": True},
-                nw, ns, True))
+    out.append(("gemm_fit_k64", gemm._qgemm_kernel, _gemm_sig(folded=True),
+                {**meta, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False, "EVEN_K": True,
+                 "RQ_MODE": gemm.RQ_FOLDED}, nw, ns, True))
     meta, nw, ns = cfg_of(gcfgs[0])
     variants = (
             ("gemm_uint8_residual_bias64",
              _gemm_sig(x="*u8", y="*u8", res="*u8", bias="*i64"),
              {"X_UINT8": True, "OUT_MODE": 0, "HAS_RES": True, "EVEN_K": False,
               "RES_MODE": 1}),
-            ("gemm_float_out", _gemm_sig(y="*fp32"),
-             {"X_UINT8": False, "OUT_MODE": 1, "HAS_RES": False, "EVEN_K": True}),
+            ("gemm_float_out", _gemm_sig(y="*fp32", folded=True),
+             {"X_UINT8": False, "OUT_MODE": 1, "HAS_RES": False, "EVEN_K": True,
+              "RQ_MODE": gemm.RQ_FOLDED}),
             ("gemm_int32_out", _gemm_sig(y="*i32"),
              {"X_UINT8": False, "OUT_MODE": 2, "HAS_RES": False, "EVEN_K": True}))
     # ci: the float-out epilogue on every target, the residual + uint8 one on sm_80 only
@@ -250,24 +258,25 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
         meta, nw, ns = cfg_of(c)
         ksz = 1 if ci else 3
         out.append((f"conv{ksz}x{ksz}[{i}:{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}]",
-                    conv._qconv_kernel, _conv_sig(),
+                    conv._qconv_kernel, _conv_sig(folded=True),
                     {**meta, "KH": ksz, "KW": ksz, "FLAT_K": False, "EVEN_C": True, "ZP_ZERO": True,
-                     "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False}, nw, ns, True))
+                     "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False,
+                     "RQ_MODE": gemm.RQ_FOLDED_RELU}, nw, ns, True))
     meta, nw, ns = cfg_of(ccfgs[0])
-    out.append(("conv3x3_pipelined_taps", conv._qconv_kernel, _conv_sig(),
+    out.append(("conv3x3_pipelined_taps", conv._qconv_kernel, _conv_sig(folded=True),
                 {**meta, "PIPE_TAPS": True, "KH": 3, "KW": 3, "FLAT_K": False, "EVEN_C": True,
-                 "ZP_ZERO": True, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False}, nw, ns,
-                True))
+                 "ZP_ZERO": True, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": False,
+                 "RQ_MODE": gemm.RQ_FOLDED_RELU}, nw, ns, True))
     out.append(("conv7x7_flatk_uint8_float_out", conv._qconv_kernel,
                 _conv_sig(x="*u8", y="*fp32"),
                 {**meta, "KH": 7, "KW": 7, "FLAT_K": True, "EVEN_C": False, "ZP_ZERO": False,
                  "X_UINT8": True,
                  "OUT_MODE": 1, "HAS_RES": False}, nw, ns, True))
     if not ci:
-        out.append(("conv3x3_residual", conv._qconv_kernel, _conv_sig(),
+        out.append(("conv3x3_residual", conv._qconv_kernel, _conv_sig(folded=True),
                     {**meta, "KH": 3, "KW": 3, "FLAT_K": False, "EVEN_C": False,
                      "ZP_ZERO": False, "X_UINT8": False, "OUT_MODE": 0, "HAS_RES": True,
-                     "RES_MODE": 1},
+                     "RES_MODE": 11, "RQ_MODE": gemm.RQ_FOLDED},
                     nw, ns, True))
 
     isig = {"X": "*u8", "A": "*u8"}
@@ -277,7 +286,7 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
     out.append(("im2col_stem", conv._im2col_kernel, isig,
                 {"CG": 3, "KW": 7, "BLOCK_M": conv.IM2COL_TILE[0],
                  "BLOCK_K": conv.IM2COL_TILE[1]}, 4, 1, False))
-    dsig = {"X": "*i8", "W": "*i8", **_EPI_PTRS, "RES": "*i8", "Y": "*i8"}
+    dsig = {"X": "*i8", "W": "*i8", **_FOLDED_PTRS, "RES": "*i8", "Y": "*i8"}
     dsig.update({k: "i32" for k in ("M", "O", "H", "W_in", "Ho", "Wo", "CH_MULT", "stride_h",
                                       "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
                                       "stride_xn", "stride_xh", "stride_xw", "stride_xc",
@@ -285,26 +294,35 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
     dsig["deq_scale"] = "fp32"
     dc = depthwise.depthwise_configs(fam)[0]
     out.append(("depthwise3x3", depthwise._qdepthwise_kernel, dsig,
-                {**dc.kwargs, "KH": 3, "KW": 3, "OUT_MODE": 0, "HAS_RES": False},
-                dc.num_warps, 2, False))
+                {**dc.kwargs, "KH": 3, "KW": 3, "OUT_MODE": 0, "HAS_RES": False,
+                 "RQ_MODE": gemm.RQ_FOLDED_RELU}, dc.num_warps, 2, False))
     qsig = {"X": "*fp32", "INV": "*fp32", "ZP": "*i32", "Y": "*i8", "numel": "i32",
             "stride_c": "i32", "C": "i32", "qmin": "i32", "qmax": "i32"}
     out.append(("quantize", elementwise._quantize_kernel, qsig,
                 {"PER_CHANNEL": True, "BLOCK": 1024}, 4, 2, False))
     asig = {"A": "*i8", "B": "*i8", "EPI": "*i64", "Y": "*i8", "numel": "i32"}
-    out.append(("add", elementwise._add_kernel, asig, {"BLOCK": 1024, "MODE": 1}, 4, 2,
+    out.append(("add", elementwise._add_kernel, asig, {"BLOCK": 1024, "MODE": 11}, 4, 2,
                 False))
     return out
 
 
+# the folded requantization's multiply-adds (.fixed_point.mad_wide): inline PTX blocks
+# (LLVM's own mad.wide.s32 computes addresses)
+MAD_WIDE_RE = re.compile(r"// begin inline asm\n(?:\s*\.loc[^\n]*\n)?\s*mad\.wide\.s32")
+
+
 def inspect(cc: int, all_configs: bool = True, ci: bool = False) -> dict:
-    """Per kernel variant: the MMA instructions and float hazards in its PTX for sm_<cc>."""
+    """Per kernel variant: the MMA instructions, float hazards and (for the folded
+    requantization's variants) ``mad.wide.s32`` count in its PTX for sm_<cc>."""
     report = {}
     for name, fn, sig, const, nw, ns, expect_mma in kernel_variants(cc, all_configs, ci):
         ptx = compile_ptx(fn, sig, const, cc, nw, ns, enable_fp_fusion=False)
         report[name] = {"mma": sorted(set(MMA_RE.findall(ptx))),
                         "float_hazards": sorted(set(FLOAT_HAZARD_RE.findall(ptx))),
-                        "expect_mma": expect_mma, "num_warps": nw, "num_stages": ns}
+                        "expect_mma": expect_mma, "num_warps": nw, "num_stages": ns,
+                        "folded": bool(const.get("RQ_MODE", 0) >= 2 or const.get("MODE", 0) > 0
+                                       or (const.get("HAS_RES") and const.get("RES_MODE", 0))),
+                        "mad_wide": len(MAD_WIDE_RE.findall(ptx))}
     return report
 
 
