@@ -179,13 +179,15 @@ def requantize_folded(acc, c0, multiplier, rc, zero_point, qmin, qmax,
     ``SIGNED`` False, for a clamp whose lower bound is at least the zero point (ReLU,
     ReLU6): every ``hi < 0`` rounds to some ``q <= 0`` and is clamped to ``qmin`` whatever
     the tie rule, so the rounding is ``(hi + 2^(rshift - 1)) >> rshift``, and the host
-    folds the constant into ``c0`` (``+ 2^(rshift - 1) 2^31``; ``rc`` then holds the
-    rshift alone): two instructions fewer."""
-    hi = (mad_wide(acc, multiplier, c0) >> 31).to(tl.int32)
+    folds the constant into ``c0`` (``+ 2^(rshift - 1) 2^31``); ``(z >> 31) >> rshift``
+    is then the 64-bit sum's high word shifted by ``rshift - 1``, which ``rc`` holds: three
+    instructions fewer."""
+    z = mad_wide(acc, multiplier, c0)
     if SIGNED:
-        q = round_shift(hi, (rc >> 32).to(tl.int32), 0, rc.to(tl.int32), False)
-    else:
-        q = hi >> rc.to(tl.int32)
+        q = round_shift((z >> 31).to(tl.int32), (rc >> 32).to(tl.int32), 0, rc.to(tl.int32),
+                        False)
+    else:  # the high word: no funnel shift
+        q = (z >> 32).to(tl.int32) >> rc.to(tl.int32)
     q = q + zero_point
     return tl.minimum(tl.maximum(q, qmin), qmax)
 

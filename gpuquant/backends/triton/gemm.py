@@ -612,7 +612,7 @@ def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero
     2^30`` (int64), the multiplier (int32) and ``rshift | 2^(rshift - 1) << 32`` (int64)
     (:func:`.fixed_point.requantize_folded`); :data:`RQ_FOLDED_RELU` for such a layer
     whose clamp starts at or above its zero point, with ``2^(rshift - 1) 2^31`` added to
-    the first and the rshift alone (int64) as the third. Otherwise :data:`RQ_LSHIFT` or
+    the first and ``rshift - 1`` (int64) as the third. Otherwise :data:`RQ_LSHIFT` or
     :data:`RQ_PLAIN` (no rshift negative) and bias (N,) int32 (int64 where a folded zero
     point makes it overflow), multiplier and rshift (N,) int32. Deciding reads the
     requantization's shifts and the bias's bound on the host once (memoised).
@@ -661,12 +661,12 @@ def folded_tensors(bias: torch.Tensor, mult: torch.Tensor, rshift: torch.Tensor,
     """The folded requantization's per-column ``(c0, rc)`` (int64) for an int32 / int64
     bias and int32 multipliers and rshifts >= 1 (:func:`.fixed_point.requantize_folded`):
     ``c0 = bias * m + 2^30`` and ``rc = rshift | 2^(rshift - 1) << 32``; for a ReLU clamp
-    (``relu``: its SIGNED False) ``2^(rshift - 1) 2^31`` in ``c0`` and ``rc = rshift``."""
+    (``relu``: its SIGNED False) ``2^(rshift - 1) 2^31`` in ``c0`` and ``rc = rshift - 1``."""
     c0 = bias.to(torch.int64) * mult.to(torch.int64) + (1 << 30)
     s64 = rshift.to(torch.int64)
     c = (1 << s64) >> 1
     if relu:
-        return (c0 + (c << 31)).contiguous(), s64.contiguous()
+        return (c0 + (c << 31)).contiguous(), (s64 - 1).contiguous()
     return c0.contiguous(), (s64 | (c << 32)).contiguous()
 
 
@@ -712,7 +712,7 @@ def _epi_values(rq, add_params, deq_zero_point: int) -> tuple:
             vals[_E_F_SH] = 31 - ls
             c = round_constants(max(ors, 0))[0]
             if mode >= 8:  # (.fixed_point.requantize_folded's SIGNED False)
-                vals[_E_FO_RC], vals[_E_FO_C0] = ors, (1 << 30) + (c << 31)
+                vals[_E_FO_RC], vals[_E_FO_C0] = ors - 1, (1 << 30) + (c << 31)
             else:
                 vals[_E_FO_RC], vals[_E_FO_C0] = ors | (c << 32), 1 << 30
             for zp, m, r, (k, mi, ci, di, si), exact in (
