@@ -106,12 +106,8 @@ class Requant:
             raise ValueError(f"Requant: multiplier and rshift shapes differ: "
                              f"{tuple(self.multiplier.shape)} and {tuple(self.rshift.shape)}")
         if self.multiplier.device.type == "cpu" and self.rshift.device.type == "cpu":
-            m, r = self.multiplier, self.rshift  # (device tensors: checked where made)
-            if bool((m < 0).any()) or bool(((r < _RSHIFT_MIN) | (r > _RSHIFT_MAX)).any()):
-                raise ValueError(f"Requant: multipliers must be in [0, 2^31) and shifts in "
-                                 f"[{_RSHIFT_MIN}, {_RSHIFT_MAX}] (make_requant's range), got "
-                                 f"multipliers {m.flatten()[:4].tolist()}, shifts "
-                                 f"{r.flatten()[:4].tolist()}")
+            # (device tensors: checked where a kernel first reads them, check_values)
+            self.check_values(self.multiplier, self.rshift)
         if not d.qmin <= self.zero_point <= d.qmax:
             raise ValueError(f"Requant: output zero point {self.zero_point} is outside the "
                              f"{d.name} range [{d.qmin}, {d.qmax}]")
@@ -131,6 +127,18 @@ class Requant:
             self.left_shift = bool((self.rshift < 0).any())
         self._shift_src = self.rshift  # (the flag describes this tensor: reassigning it,
         self._shift_version = _version(self.rshift)  # or writing it in place, voids it)
+
+    @staticmethod
+    def check_values(m: torch.Tensor, r: torch.Tensor, who: str = "Requant") -> None:
+        """ValueError unless the CPU tensors ``m`` (multipliers) are in [0, 2^31) and ``r``
+        (shifts) in make_requant's range: what every backend's fixed point relies on."""
+        bad = (m < 0) | (r < _RSHIFT_MIN) | (r > _RSHIFT_MAX)
+        if bool(bad.any()):
+            i = bad.flatten().nonzero()[:4].flatten()
+            raise ValueError(f"{who}: multipliers must be in [0, 2^31) and shifts in "
+                             f"[{_RSHIFT_MIN}, {_RSHIFT_MAX}] (make_requant's range), got "
+                             f"multipliers {m.flatten()[i].tolist()}, shifts "
+                             f"{r.flatten()[i].tolist()} (channels {i.tolist()})")
 
     def may_left_shift(self) -> bool:
         """False only when no ``rshift`` is negative for certain: known on the host and the

@@ -538,6 +538,23 @@ def test_epilogue_requantization_modes():
                      f"depthwise {name}")
 
 
+def test_epilogue_refuses_requant_values_out_of_range():
+    """A Requant edited in place past make_requant's range (a negative multiplier, a shift
+    of 32), which its constructor never saw, is refused where the epilogue first reads it:
+    a ValueError naming the values, not wrong bytes."""
+    n, k = 5, 24
+    x = rand_act((3, k), torch.int8)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    for col, mult, shift in ((2, -7, 9), (4, 2 ** 30, 32)):
+        rq = make_requant(0.02, torch.rand(n, dtype=torch.float64) * 0.01 + 0.001, 0.05, 3,
+                          qint8)
+        TRITON["linear"](*dev((x, 0, w, None, rq)))
+        rq.multiplier[col], rq.rshift[col] = mult, shift
+        with pytest.raises(ValueError, match=r"multipliers must be in \[0, 2\^31\).*channels \[" +
+                           str(col)):
+            TRITON["linear"](*dev((x, 0, w, None, rq)))
+
+
 def test_unaligned_k_is_zero_padded_exactly(monkeypatch):
     """Rows whose length is not a multiple of 16 bytes are zero-padded along K before the
     GEMM (vectorised loads on the GPU); the padding must not change a byte, and the padded

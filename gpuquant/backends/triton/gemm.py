@@ -29,6 +29,7 @@ import torch
 from .common import (LAUNCH_OPTS, arch_family, cdiv, derived, scalar_int, sm_count, tune_mode,
                      tune_subset)
 from .launch import launch
+from ...functional.requant import Requant
 from .fixed_point import add_epi, add_mode, requantize_folded, requantize_i32, round_constants
 
 __all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32",
@@ -615,7 +616,8 @@ def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero
     the first and ``rshift - 1`` (int64) as the third. Otherwise :data:`RQ_LSHIFT` or
     :data:`RQ_PLAIN` (no rshift negative) and bias (N,) int32 (int64 where a folded zero
     point makes it overflow), multiplier and rshift (N,) int32. Deciding reads the
-    requantization's shifts and the bias's bound on the host once (memoised).
+    requantization's multipliers, shifts and the bias's bound on the host once (memoised),
+    and checks the multipliers and shifts (ValueError outside make_requant's range).
 
     ``fold_zero_point`` False (depthwise kernel: it subtracts the zero point itself) keeps
     the plain bias. Each tensor holds :data:`EPI_PAD` zeros past its N columns.
@@ -636,11 +638,15 @@ def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero
             return b, z, z, RQ_PLAIN
         m = rq.multiplier.to(device=device, dtype=torch.int32).reshape(-1).expand(n).contiguous()
         s = rq.rshift.to(device=device, dtype=torch.int32).reshape(-1).expand(n).contiguous()
+        # (checked again: a Requant made on the device, or edited in place, was not checked
+        # where it was made)
+        m_host, s_host = m.cpu(), s.cpu()
+        Requant.check_values(m_host, s_host, "triton conv / linear epilogue")
         if foldable and n > 0:
             # |x - zp| <= 255 for the depthwise kernel's operand, |x'| <= 128 for the MMA's
             acc_max = k * (128 if fold_zero_point else 255) * 128 \
                 + int(b.to(torch.int64).abs().max())
-            if _folded_fits(m.cpu(), s.cpu(), acc_max):
+            if _folded_fits(m_host, s_host, acc_max):
                 c0, rc = folded_tensors(b, m, s, relu_clamp)
                 return c0, m, rc, (RQ_FOLDED_RELU if relu_clamp else RQ_FOLDED)
         return b, m, s, (RQ_LSHIFT if left_shift(rq) else RQ_PLAIN)

@@ -15,8 +15,10 @@ import inspect as inspect_mod
 import json
 import re
 import sys
+from typing import Optional
 
-__all__ = ["compile_ptx", "compile_sass", "cubin_resources", "kernel_variants", "inspect",
+__all__ = ["compile_ptx", "compile_sass", "sass_instructions", "epilogue_cost", "cubin_resources",
+           "kernel_variants", "inspect",
            "MMA_RE", "FLOAT_HAZARD_RE"]
 
 MMA_RE = re.compile(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*)")
@@ -118,6 +120,32 @@ def compile_sass(fn, signature: dict, constexprs: dict, cc: int, num_warps: int 
             f.write(cubin)
         return subprocess.run([tool, "-c", path], capture_output=True, text=True,
                               check=True).stdout
+
+
+def sass_instructions(sass: str) -> int:
+    """How many SASS instructions a ``compile_sass`` listing holds (NOPs left out)."""
+    return sum(1 for line in sass.splitlines()
+               if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+\S", line) and "NOP" not in line)
+
+
+def epilogue_cost(cc: int = 90) -> Optional[dict]:
+    """SASS instructions an output of the GEMM kernel on a 128x128 tile of 8 warps with
+    K = 64 (one K step: the whole kernel is about the epilogue, as in resnet50's layer1
+    1x1 convolutions), in the forms resnet50's layers run: the folded requantization of a
+    ReLU layer (``RQ_MODE`` 3) and of a block's last conv with its residual add fused
+    (``RQ_MODE`` 2, ``RES_MODE`` 11). None without ``nvdisasm``."""
+    from . import gemm
+    out = {}
+    for name, extra in (("relu", {"HAS_RES": False, "RQ_MODE": gemm.RQ_FOLDED_RELU}),
+                        ("residual", {"HAS_RES": True, "RES_MODE": 11,
+                                      "RQ_MODE": gemm.RQ_FOLDED})):
+        const = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPI_SPLIT": 1,
+                 "X_UINT8": False, "OUT_MODE": 0, "EVEN_K": True, "PERSISTENT": 0, **extra}
+        sass = compile_sass(gemm._qgemm_kernel, _gemm_sig(folded=True), const, cc, 8, 2)
+        if sass is None:
+            return None
+        out[name] = round(sass_instructions(sass) / (128 * 128 / 256), 2)
+    return out
 
 
 def cubin_resources(path) -> dict:
