@@ -523,6 +523,12 @@ def test_epilogue_requantization_modes():
              "rshift0": (edit(plain, 1, 2 ** 30 + 5, 0), b, gemm.RQ_PLAIN),
              "lshift": (edit(relu, 4, 2 ** 30 + 5, -2), b, gemm.RQ_LSHIFT),
              "past_bound": (edit(plain, 2, 2 ** 31 - 1, 31), big_b, gemm.RQ_PLAIN)}
+    # every tile of every family reads its columns within the padding
+    from gpuquant.backends.triton import conv, depthwise
+    for fam in ("sm80", "sm89", "sm90"):
+        for c in gemm.gemm_configs(fam) + conv.conv_configs(fam):
+            assert c.kwargs["BLOCK_N"] <= gemm.EPI_PAD, (fam, c)
+        assert all(c.kwargs["BLOCK_C"] <= gemm.EPI_PAD for c in depthwise.depthwise_configs(fam))
     for name, (rq, bias, mode) in cases.items():
         got = gemm.epilogue_tensors(w, w, bias, rq, 7, torch.uint8, torch.device("cpu"))
         assert got[3] == mode, name
