@@ -141,7 +141,7 @@ def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT
     mask = mask_m[:, None] & mask_n[None, :]
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     if OUT_MODE == 2:
-        tl.store(y_ptrs, _plus_bias(acc, BIAS, offs_n, mask_n), mask=mask)
+        tl.store(y_ptrs, _plus_bias(acc, BIAS, offs_n), mask=mask)
     else:
         mult = tl.load(MULT + offs_n)
         rsh = tl.load(RSHIFT + offs_n)
@@ -153,7 +153,7 @@ def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT
             y = requantize_folded(acc, c0[None, :], mult[None, :], rsh[None, :], zp, lo, hi,
                                   RQ_MODE == 2)
         else:
-            v = _plus_bias(acc, BIAS, offs_n, mask_n)
+            v = _plus_bias(acc, BIAS, offs_n)
             # SAT False: a Requant's multipliers are in [0, 2^31) (Requant checks them),
             # never the -2^31 whose doubling high multiply saturates
             if RQ_MODE == 0:
@@ -175,7 +175,7 @@ def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT
 
 
 @triton.jit
-def _plus_bias(acc, BIAS, offs_n, mask_n):
+def _plus_bias(acc, BIAS, offs_n):
     """``acc + bias`` as int32 (BIAS int32, or int64 when a folded bias does not fit)."""
     bias = tl.load(BIAS + offs_n)
     if BIAS.dtype.element_ty == tl.int64:
