@@ -21,6 +21,19 @@ __all__ = ["multiply_by_quantized_multiplier", "requantize_values", "add_values"
 # the interpreter runs no inline PTX (mad_wide)
 _INTERPRETED: tl.constexpr = tl.constexpr(INTERPRET)
 
+# The EPI vector of the inference kernels (gemm._epi_values fills it; int64 slots, one
+# loaded once a program, so changing a zero point never recompiles a kernel): the output's
+# zero point and clamp, an add's AddParams (add_values' int64 mode), the dequantized
+# output's zero point, then the add's folded constants (fast_add_terms: the inputs'
+# mad.wide addends, the output's rshift with its rounding constant, each input's
+# multiplier, rounding constants and rshift, the funnel shift 31 - left_shift, the
+# output's 64-bit requantization addend). 32-bit values are read as their slot's low word.
+(_E_ZP, _E_QMIN, _E_QMAX, _E_SHIFT, _E_AZP, _E_AM, _E_AS, _E_BZP, _E_BM, _E_BS,
+ _E_OM, _E_OS, _E_OZP, _E_OQMIN, _E_OQMAX, _E_DZP,
+ _E_FA_K, _E_FB_K, _E_FO_RC, _E_FA_M, _E_FA_C, _E_FA_DM, _E_FA_S,
+ _E_FB_M, _E_FB_C, _E_FB_DM, _E_FB_S, _E_F_SH, _E_FO_C0) = (tl.constexpr(i) for i in range(29))
+_E_LEN = 29
+
 
 @triton.jit
 def multiply_by_quantized_multiplier(x, multiplier, rshift):
@@ -196,7 +209,7 @@ def requantize_folded(acc, c0, multiplier, rc, zero_point, qmin, qmax,
 def fast_add_terms(a, b, EPI, EXACT: tl.constexpr = 0):
     """The sum of an integer add's two rescaled inputs, ``mbqm((a - a_zp) 2^ls, a_mult,
     a_rshift) + mbqm((b - b_zp) 2^ls, b_mult, b_rshift)``, from the folded constants at
-    ``EPI[16:28]`` (:func:`gemm._epi_values`; valid for 8-bit inputs, 8-bit zero points,
+    ``EPI[_E_FA_K:_E_FO_C0]`` (:func:`gemm._epi_values`; valid for 8-bit inputs, 8-bit zero points,
     ls <= 20 and rshifts >= 0: :func:`add_mode`).
 
     ``(x - zp) 2^ls m + 2^30 = 2^ls ((x - zp) m + 2^(30 - ls))``, so the doubling high
@@ -212,8 +225,8 @@ def fast_add_terms(a, b, EPI, EXACT: tl.constexpr = 0):
     to ``(x - zp) 2^(ls - 1)``, a multiple of 2^r, so no rounding is left: one multiply-add
     (its constants in the term's multiplier and addend slots), and the other term's rshift
     is >= 1 (its real multiplier is below 0.5), so its rounding needs no mask."""
-    return (_add_term(a, EPI, 16, 19, EXACT == 1, EXACT == 0)
-            + _add_term(b, EPI, 17, 23, EXACT == 2, EXACT == 0))
+    return (_add_term(a, EPI, _E_FA_K, _E_FA_M, EXACT == 1, EXACT == 0)
+            + _add_term(b, EPI, _E_FB_K, _E_FB_M, EXACT == 2, EXACT == 0))
 
 
 @triton.jit
@@ -221,13 +234,13 @@ def _add_term(x, EPI, K: tl.constexpr, M: tl.constexpr, EXACT: tl.constexpr,
               ANY_SHIFT: tl.constexpr):
     """One input's term of :func:`fast_add_terms`: its 64-bit addend at ``EPI[K]``, its
     multiplier, rounding constants and rshift in the low words of ``EPI[M:M + 4]``, the
-    funnel shift in ``EPI[27]``."""
+    funnel shift at ``EPI[_E_F_SH]``."""
     E = EPI.to(tl.pointer_type(tl.int32))
     if EXACT:
         t = x.to(tl.int32) * tl.load(E + 2 * M) + tl.load(E + 2 * K)
     else:
         h = mad_wide(x, tl.load(E + 2 * M), tl.load(EPI + K))
-        h = h >> tl.load(E + 2 * 27).to(tl.int64)
+        h = h >> tl.load(E + 2 * _E_F_SH).to(tl.int64)
         t = round_shift(h.to(tl.int32), tl.load(E + 2 * (M + 1)), tl.load(E + 2 * (M + 2)),
                         tl.load(E + 2 * (M + 3)), ANY_SHIFT)
     return t
@@ -240,7 +253,7 @@ def add_epi(a, b, EPI, MODE: tl.constexpr):
     :mod:`.gemm`); int32 results within the output's clamp range.
 
     ``MODE`` (:func:`add_mode`, the host's choice): 0, :func:`add_values` in int64 (any
-    AddParams, ``EPI[3:15]``); 1, :func:`fast_add_terms` and the output's requantization
+    AddParams, ``EPI[_E_SHIFT:_E_DZP]``); 1, :func:`fast_add_terms` and the output's requantization
     as :func:`requantize_folded` (an output rshift >= 1, the usual case); 2,
     :func:`fast_add_terms` and :func:`requantize_i32` with its saturating left shift (any
     other output rshift); 3 and 4, mode 1 with input a's (3) or b's (4) term exact
@@ -251,23 +264,24 @@ def add_epi(a, b, EPI, MODE: tl.constexpr):
     H200: its general form took 80 SASS instructions an output on the 128x128 GEMM tile,
     sm_90, Triton 3.6.)"""
     if MODE == 0:
-        y = add_values(a, b, tl.load(EPI + 3), tl.load(EPI + 4), tl.load(EPI + 5),
-                       tl.load(EPI + 6), tl.load(EPI + 7), tl.load(EPI + 8), tl.load(EPI + 9),
-                       tl.load(EPI + 10), tl.load(EPI + 11), tl.load(EPI + 12),
-                       tl.load(EPI + 13), tl.load(EPI + 14))
+        y = add_values(a, b, tl.load(EPI + _E_SHIFT), tl.load(EPI + _E_AZP),
+                       tl.load(EPI + _E_AM), tl.load(EPI + _E_AS), tl.load(EPI + _E_BZP),
+                       tl.load(EPI + _E_BM), tl.load(EPI + _E_BS), tl.load(EPI + _E_OM),
+                       tl.load(EPI + _E_OS), tl.load(EPI + _E_OZP), tl.load(EPI + _E_OQMIN),
+                       tl.load(EPI + _E_OQMAX))
     else:
         KIND: tl.constexpr = MODE % 8
         total = fast_add_terms(a, b, EPI, 1 if KIND == 3 else (2 if KIND == 4 else 0))
         E = EPI.to(tl.pointer_type(tl.int32))
-        zp = tl.load(E + 2 * 12)  # the output's zero point and clamp: EPI[12:15]
-        lo = tl.load(E + 2 * 13)
-        hi = tl.load(E + 2 * 14)
-        if KIND == 2:  # the output's multiplier and rshift: EPI[10:12]
-            y = requantize_i32(total, tl.load(E + 2 * 10), tl.load(E + 2 * 11), zp, lo, hi,
-                               True, True)
+        zp = tl.load(E + 2 * _E_OZP)
+        lo = tl.load(E + 2 * _E_OQMIN)
+        hi = tl.load(E + 2 * _E_OQMAX)
+        if KIND == 2:
+            y = requantize_i32(total, tl.load(E + 2 * _E_OM), tl.load(E + 2 * _E_OS), zp, lo,
+                               hi, True, True)
         else:
-            y = requantize_folded(total, tl.load(EPI + 28), tl.load(E + 2 * 10),
-                                  tl.load(EPI + 18), zp, lo, hi, MODE < 8)
+            y = requantize_folded(total, tl.load(EPI + _E_FO_C0), tl.load(E + 2 * _E_OM),
+                                  tl.load(EPI + _E_FO_RC), zp, lo, hi, MODE < 8)
     return y
 
 

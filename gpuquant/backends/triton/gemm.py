@@ -30,7 +30,11 @@ from .common import (LAUNCH_OPTS, arch_family, cdiv, derived, scalar_int, sm_cou
                      tune_subset)
 from .launch import launch
 from ...functional.requant import Requant
-from .fixed_point import add_epi, add_mode, requantize_folded, requantize_i32, round_constants
+from .fixed_point import (_E_AM, _E_AS, _E_AZP, _E_BM, _E_BS, _E_BZP, _E_DZP, _E_F_SH, _E_FA_C,
+                          _E_FA_DM, _E_FA_K, _E_FA_M, _E_FA_S, _E_FB_C, _E_FB_DM, _E_FB_K,
+                          _E_FB_M, _E_FB_S, _E_FO_C0, _E_FO_RC, _E_LEN, _E_OM, _E_OQMAX,
+                          _E_OQMIN, _E_OS, _E_OZP, _E_QMAX, _E_QMIN, _E_SHIFT, _E_ZP, add_epi,
+                          add_mode, requantize_folded, requantize_i32, round_constants)
 
 __all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT", "OUT_INT32",
            "OUT_SCALED"]
@@ -38,17 +42,8 @@ __all__ = ["qgemm", "gemm_configs", "epilogue_tensors", "OUT_QUANT", "OUT_FLOAT"
 OUT_QUANT, OUT_FLOAT, OUT_INT32, OUT_SCALED = 0, 1, 2, 3
 _OUT_MODES = {"quant": OUT_QUANT, "float": OUT_FLOAT, "int32": OUT_INT32, "scaled": OUT_SCALED}
 
-# EPI: int64 vector of the epilogue's scalars (loaded once per program, so changing a zero
-# point never recompiles a kernel): the output's zero point and clamp, an add's AddParams
-# (int64 mode), the dequantized output's zero point, then the add's folded constants
-# (.fixed_point.fast_add_terms: the inputs' mad.wide addends, the output's rshift and
-# rounding constant packed, each input's multiplier and rounding constants, the funnel
-# shift 31 - left_shift, the output's 64-bit requantization addend).
-_E_ZP, _E_QMIN, _E_QMAX, _E_SHIFT, _E_AZP, _E_AM, _E_AS, _E_BZP, _E_BM, _E_BS, \
-    _E_OM, _E_OS, _E_OZP, _E_OQMIN, _E_OQMAX, _E_DZP, \
-    _E_FA_K, _E_FB_K, _E_FO_RC, _E_FA_M, _E_FA_C, _E_FA_DM, _E_FA_S, \
-    _E_FB_M, _E_FB_C, _E_FB_DM, _E_FB_S, _E_F_SH, _E_FO_C0 = range(29)
-_E_LEN = 29
+# EPI: the int64 vector of the epilogue's scalars; its slots (_E_*) are defined beside the
+# kernels that read them (.fixed_point)
 
 # The requantization's arithmetic (RQ_MODE, decided on the host: epilogue_tensors):
 # 0 general with the saturating left shift behind a uniform branch, 1 general without it
@@ -145,9 +140,9 @@ def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT
     else:
         mult = tl.load(MULT + offs_n)
         rsh = tl.load(RSHIFT + offs_n)
-        zp = tl.load(EPI + 0).to(tl.int32)
-        lo = tl.load(EPI + 1).to(tl.int32)
-        hi = tl.load(EPI + 2).to(tl.int32)
+        zp = tl.load(EPI + _E_ZP).to(tl.int32)
+        lo = tl.load(EPI + _E_QMIN).to(tl.int32)
+        hi = tl.load(EPI + _E_QMAX).to(tl.int32)
         if RQ_MODE >= 2:
             c0 = tl.load(BIAS + offs_n)
             y = requantize_folded(acc, c0[None, :], mult[None, :], rsh[None, :], zp, lo, hi,
@@ -169,7 +164,7 @@ def _quant_epilogue_tile(acc, offs_m, offs_n, mask_m, mask_n, BIAS, MULT, RSHIFT
                         mask=mask, other=0)
             y = _residual_add(y, r, EPI, RES_MODE)
         if OUT_MODE == 1:
-            tl.store(y_ptrs, (y - tl.load(EPI + 15)).to(tl.float32) * deq_scale, mask=mask)
+            tl.store(y_ptrs, (y - tl.load(EPI + _E_DZP)).to(tl.float32) * deq_scale, mask=mask)
         else:
             tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -626,6 +621,9 @@ def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero
     shift = 128 if x_dtype == torch.uint8 else 0
     mult_t = None if rq is None else rq.multiplier
     rsh_t = None if rq is None else rq.rshift
+    # (the ReLU test reads the Requant's ints, which two Requants sharing tensors may not
+    # share: it is in the memo key)
+    relu_clamp = rq is not None and rq.qmin >= rq.zero_point
 
     def make():
         if fold_zero_point:
@@ -655,9 +653,6 @@ def epilogue_tensors(w_src, w2d, bias, rq, x_zp: int, x_dtype, device, fold_zero
         *ts, mode = make()
         return (*(torch.nn.functional.pad(t, (0, EPI_PAD)) for t in ts), mode)
 
-    # (the ReLU test reads the Requant's ints, which two Requants sharing tensors may not
-    # share: it is in the key)
-    relu_clamp = rq is not None and rq.qmin >= rq.zero_point
     return derived("epilogue", (w_src, bias, mult_t, rsh_t),
                    (x_zp, shift, fold_zero_point, foldable, relu_clamp, n, k, str(device)),
                    padded)
@@ -716,11 +711,12 @@ def _epi_values(rq, add_params, deq_zero_point: int) -> tuple:
         if mode != 0:  # the folded modes' constants (.fixed_point.fast_add_terms)
             ls = p.left_shift
             vals[_E_F_SH] = 31 - ls
-            c = round_constants(max(ors, 0))[0]
-            if mode >= 8:  # (.fixed_point.requantize_folded's SIGNED False)
-                vals[_E_FO_RC], vals[_E_FO_C0] = ors - 1, (1 << 30) + (c << 31)
-            else:
-                vals[_E_FO_RC], vals[_E_FO_C0] = ors | (c << 32), 1 << 30
+            if mode != 2:  # the output's folded requantization (mode 2: the general one)
+                c = round_constants(ors)[0]
+                if mode >= 8:  # (.fixed_point.requantize_folded's SIGNED False)
+                    vals[_E_FO_RC], vals[_E_FO_C0] = ors - 1, (1 << 30) + (c << 31)
+                else:
+                    vals[_E_FO_RC], vals[_E_FO_C0] = ors | (c << 32), 1 << 30
             for zp, m, r, (k, mi, ci, di, si), exact in (
                     (p.a_zero_point, p.a_multiplier, p.a_rshift,
                      (_E_FA_K, _E_FA_M, _E_FA_C, _E_FA_DM, _E_FA_S), mode % 8 == 3),
