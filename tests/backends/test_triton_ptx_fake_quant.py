@@ -42,6 +42,8 @@ def signature(fn, const, xdt):
             sig[a] = "constexpr"
         elif a in X_LIKE:
             sig[a] = xdt
+        elif a == "wf_ptr" and str(const.get("OUT", "fp32")) != "fp32":
+            sig[a] = "*" + str(const["OUT"])  # the BN fold's weight in the conv's dtype
         elif a == "zp_ptr":  # int32 zero point, LSQ float zero point
             sig[a] = "*fp32" if const.get("QMODE") == 1 or const.get("MODE") == 1 else "*i32"
         else:

@@ -65,9 +65,8 @@ import triton.language as tl
 
 from .bn_fold import _dense_grad, count_batch, running_update
 from .common import cdiv, last_to_finish, module_tickets, once_differentiable_kernels
-from .fake_quant import (_FLOATS, _LAUNCH, _fq_relu, _npow2, _rne, _row_offsets, _to_out,
-                         as_rows,
-                         auto_interpreter, on_tensor_device, row_plan)
+from .fake_quant import (_FLOATS, _LAUNCH, _TL_DTYPE, _fq_relu, _npow2, _rne, _row_offsets,
+                         _to_out, as_rows, auto_interpreter, on_tensor_device, row_plan)
 from .launch import launch
 from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
                        device_pair_ok, mark_observed, observer_state)
@@ -77,7 +76,6 @@ __all__ = ["bn_normalize_observe_fake_quant", "bn_act_forward", "bn_act_backward
 
 _TILE = 2048       # elements a tile (rows x channels)
 _ACTS = {"none": 0, "relu": 1, "relu6": 2}
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _FINISH_BLOCK = 2048  # split x channel partials a finishing step (4 warps)
 
 

@@ -31,7 +31,8 @@ from torch.autograd.function import once_differentiable
 
 from ..._tensors import batch_norm_eps0
 from .common import last_to_finish, module_tickets, once_differentiable_kernels
-from .fake_quant import _LAUNCH, _fq_math, _npow2, auto_interpreter, on_tensor_device
+from .fake_quant import (_LAUNCH, _TL_DTYPE, _fq_math, _npow2, _to_out, auto_interpreter,
+                         on_tensor_device)
 from .launch import launch
 from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
                        device_pair_ok, mark_observed, observer_state)
@@ -66,8 +67,11 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
                      BLOCK: tl.constexpr, FQ: tl.constexpr = False,
                      OBSERVE: tl.constexpr = False, EMA: tl.constexpr = False,
                      SYMMETRIC: tl.constexpr = True, FROZEN: tl.constexpr = False,
-                     HAS_B: tl.constexpr = False, FOLD: tl.constexpr = True):
+                     HAS_B: tl.constexpr = False, FOLD: tl.constexpr = True,
+                     OUT: tl.constexpr = tl.float32):
     """Program c: t, W = gamma * sign, E = eps * t * t, sigma, and w_fold[c] = w[c] * t.
+    ``wf`` is written in OUT (float32, or the convolution's autocast dtype: the float32
+    value rounded to nearest even, as ``.to(dtype)`` rounds it, in the same pass).
 
     FROZEN (running statistics: eval, or frozen BatchNorm): t = gamma / sigma as it is (no
     clamp), and the folded bias ``beta + (b - running_mean) * t`` to ``bf`` (W, E not
@@ -135,7 +139,7 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
             m = i < L
             wf = tl.load(w_ptr + base + i, mask=m, other=0.0) * t
             y, _ = _fq_math(wf, inv, s, zp, qmin, qmax)
-            tl.store(wf_ptr + base + i, y, mask=m)
+            tl.store(wf_ptr + base + i, _to_out(y, OUT), mask=m)
         if OBSERVE:
             tl.store(min_ptr + c, new_min)
             tl.store(max_ptr + c, new_max)
@@ -148,7 +152,7 @@ def _fold_fwd_kernel(w_ptr, gamma_ptr, rv_ptr, wf_ptr, t_ptr, W_ptr, E_ptr, sigm
             i = off + tl.arange(0, BLOCK)
             m = i < L
             w = tl.load(w_ptr + base + i, mask=m, other=0.0)
-            tl.store(wf_ptr + base + i, w * t, mask=m)
+            tl.store(wf_ptr + base + i, _to_out(w * t, OUT), mask=m)
 
 
 @triton.jit
@@ -185,7 +189,7 @@ def _fold_bwd_kernel(gwf_ptr, w_ptr, gamma_ptr, t_ptr, sigma_ptr, gW_ptr, gE_ptr
     for off in range(0, L, BLOCK):
         i = off + tl.arange(0, BLOCK)
         m = i < L
-        gwf = tl.load(gwf_ptr + base + i, mask=m, other=0.0)
+        gwf = tl.load(gwf_ptr + base + i, mask=m, other=0.0).to(tl.float32)  # (bf16: exact)
         w = tl.load(w_ptr + base + i, mask=m, other=0.0)
         if FQ:  # grad * mask as the fake quant's backward computes it
             _, inr = _fq_math(w * t, inv, s, zp, qmin, qmax)
@@ -314,25 +318,28 @@ def _dense_grad(g, like):
     return g
 
 
-def fold_forward(w, gamma, running_var, eps, min_gamma, observer=None):
+def fold_forward(w, gamma, running_var, eps, min_gamma, observer=None, out_dtype=None):
     """The training fold's forward launch (and, given an observer, its observe + fake
-    quant): ``(wf, t, W, E, saved)``; ``saved`` is what :func:`fold_backward` needs."""
+    quant): ``(wf, t, W, E, saved)``; ``saved`` is what :func:`fold_backward` needs. ``wf``
+    in ``out_dtype`` (default w's): ``wf.to(out_dtype)``'s bytes without the cast's launch."""
     C = w.shape[0]
     L = w.numel() // C
     f32 = dict(dtype=torch.float32, device=w.device)
-    wf = torch.empty_like(w)
+    wf = torch.empty_like(w, dtype=out_dtype)
     t, W, E, sigma = (torch.empty(C, **f32) for _ in range(4))
     qs, qz, qargs, qmm, fq = _fq_args(observer, C, t)
     launch(_fold_fwd_kernel, (C,), w, gamma, running_var, wf, t, W, E, sigma, L,
            float(eps), float(min_gamma), *qargs, t, t, t, t,
-           BLOCK=min(_ROW_BLOCK, _npow2(L)), num_warps=4, **fq, **_LAUNCH)
+           BLOCK=min(_ROW_BLOCK, _npow2(L)), OUT=_TL_DTYPE[wf.dtype], num_warps=4, **fq,
+           **_LAUNCH)
     return wf, t, W, E, ((sigma, qs, qz), (L, float(eps), float(min_gamma),
                                            observer is not None) + tuple(qmm))
 
 
 def fold_backward(gwf, gW, gE, w, gamma, t, saved, need_w: bool):
     """The training fold's backward launch: ``(grad_w or None, grad_gamma)`` from the
-    gradients of ``wf`` (in any layout, or None), ``W`` and ``E`` (None: zero)."""
+    gradients of ``wf`` (in any layout and floating dtype, or None: read as float32, so a
+    bfloat16 gradient needs no cast first), ``W`` and ``E`` (None: zero)."""
     (sigma, qs, qz), (L, eps, min_gamma, fq, qmin, qmax) = saved
     gwf = _dense_grad(gwf, w)
     gw = torch.empty_like(w) if need_w else gwf  # unused pointer without NEED_W
@@ -573,7 +580,10 @@ KERNELS = {
         dict(BLOCK=_ROW_BLOCK, FQ=True, OBSERVE=o, EMA=e, SYMMETRIC=s)
         for o, e, s in ((True, False, True), (True, True, False), (False, False, True))] + [
         dict(BLOCK=_ROW_BLOCK, FQ=True, OBSERVE=True, FROZEN=True, HAS_B=b)
-        for b in (False, True)] + [dict(BLOCK=_ROW_BLOCK, FQ=True, OBSERVE=True, FOLD=False)]),
+        for b in (False, True)] + [dict(BLOCK=_ROW_BLOCK, FQ=True, OBSERVE=True, FOLD=False)] + [
+        # the one-node layer's form under bf16 autocast: the weight written in bfloat16
+        dict(BLOCK=_ROW_BLOCK, FQ=True, OBSERVE=True, EMA=False, SYMMETRIC=True,
+             OUT=tl.bfloat16)]),
     "_fold_bwd_kernel": (_fold_bwd_kernel, [dict(NEED_W=True, BLOCK=_ROW_BLOCK),
                                             dict(NEED_W=True, BLOCK=_ROW_BLOCK, FQ=True),
                                             dict(NEED_W=True, BLOCK=_ROW_BLOCK, FQ=True,

@@ -89,6 +89,7 @@ __all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "r
 BLOCK = 4096
 NUM_WARPS = 8
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _LAUNCH = {"enable_fp_fusion": False}  # bit-exactness: no fma contraction (contract section 4)
 
 

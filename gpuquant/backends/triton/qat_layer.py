@@ -13,9 +13,11 @@ a step), one set of argument checks instead of two, no intermediate autograd out
 
 Forward: :func:`.bn_fold.fold_forward`; the convolution of ``x`` and the fake-quantized
 folded weight, both cast as autocast would cast them (so under bf16 autocast ``z`` is bf16,
-as in the three-node form); :func:`.bn_act.bn_act_forward`. Backward:
-:func:`.bn_act.bn_act_backward`, ``aten.convolution_backward`` (the function the
-convolution's autograd node calls), :func:`.bn_fold.fold_backward`. The arithmetic and its
+as in the three-node form; the weight's cast is the fold kernel's own rounded store, not a
+launch); :func:`.bn_act.bn_act_forward`. Backward: :func:`.bn_act.bn_act_backward`,
+``aten.convolution_backward`` (the function the convolution's autograd node calls),
+:func:`.bn_fold.fold_backward` (which reads the weight gradient in the convolution's dtype:
+no cast back to float32 first). The arithmetic and its
 order are those of the three-node form, so outputs, state and gradients are bit-identical
 to it (tests). A convolution bias (cancelled by the batch statistics) gets a zero gradient,
 as the three-node form's ``beta + 0 * bias`` gives it.
@@ -56,10 +58,11 @@ class _ConvBnActTrain(torch.autograd.Function):
     def forward(ctx, x, w, gamma, beta, bias, bn, conv_args, dt, min_gamma, w_observer,
                 act_observer, act, tick, name):
         buffers = bn._buffers  # (not Module.__getattr__: the per-step host path)
-        wf, t, W, E, fsaved = fold_forward(w, gamma, buffers["running_var"], bn.eps,
-                                           min_gamma, w_observer)
-        xc = x if x.dtype == dt else x.to(dt)  # autocast's casts (none without it)
-        wc = wf if wf.dtype == dt else wf.to(dt)
+        # the folded, fake-quantized weight written in the convolution's dtype: autocast's
+        # cast of it, in the fold's own pass
+        wc, t, W, E, fsaved = fold_forward(w, gamma, buffers["running_var"], bn.eps,
+                                           min_gamma, w_observer, out_dtype=dt)
+        xc = x if x.dtype == dt else x.to(dt)  # autocast's cast (none without it)
         stride, padding, dilation, groups = conv_args
         z = F.conv2d(xc, wc, None, stride, padding, dilation, groups)
         if z.numel() // max(z.shape[1], 1) < 2:
@@ -87,8 +90,7 @@ class _ConvBnActTrain(torch.autograd.Function):
         need_x, need_w, need_g, need_b, need_bias = ctx.needs_input_grad[:5]
         gz, gW, gb, gE = bn_act_backward(gy, z, vec, beta, qmin, qmax, act, tick)
         gxc, gwc = conv2d_backward(gz, xc, wc, stride, padding, dilation, groups, need_x)
-        if gwc.dtype != w.dtype:
-            gwc = gwc.to(w.dtype)
+        # (gwc in the convolution's dtype: the fold's backward reads it as float32 itself)
         gw, gg = fold_backward(gwc, gW, gE, w, gamma, t, ((sigma, qs, qz), fconsts), need_w)
         if need_x and gxc.dtype != x_dtype:
             gxc = gxc.to(x_dtype)
