@@ -57,7 +57,8 @@ other fake-quant classes.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -65,8 +66,9 @@ import triton.language as tl
 
 from .bn_fold import _dense_grad, count_batch, running_update
 from .common import cdiv, last_to_finish, module_tickets, once_differentiable_kernels
-from .fake_quant import (_FLOATS, _LAUNCH, _TL_DTYPE, _fq_relu, _npow2, _rne, _row_offsets,
-                         _to_out, as_rows, auto_interpreter, on_tensor_device, row_plan)
+from .fake_quant import (_FLOATS, _LAUNCH, _TL_DTYPE, _Layout, _fq_relu, _npow2, _rne,
+                         _row_offsets, _row_plan, _target_programs, _to_out, as_rows,
+                         auto_interpreter, on_tensor_device)
 from .launch import launch
 from .observer import (_INF, _NINF, _observer_consts, _supported_observer, _update_state,
                        device_pair_ok, mark_observed, observer_state)
@@ -591,10 +593,45 @@ def _bn_bwd_finish(
 
 
 # --------------------------------------------------------------------------- launchers
-def _plans(z: torch.Tensor):
-    """(statistics plan, elementwise plan: one row block a program) of z's channel axis 1."""
-    return (row_plan(z, 1, tile=_TILE),
-            row_plan(z, 1, tile=_TILE, programs=2 ** 40))
+class _Shape(NamedTuple):
+    """What a layer's two launch pairs derive from ``z``'s shape, strides and device, once
+    per layout (:func:`_shape_of`): the statistics plan's scalars, grid and constexprs, the
+    elementwise plan's (one row block a program), the partial sums' split, the finishing
+    blocks, the running statistics' row count and unbiasing factor."""
+    C: int
+    split: int
+    stats_grid: tuple
+    stats_args: tuple
+    stats_meta: dict
+    apply_grid: tuple
+    apply_args: tuple
+    apply_meta: dict
+    fin_meta: dict
+    rows_walked: int
+    unbias: float
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_of(shape: tuple, strides: tuple, device: torch.device) -> _Shape:
+    layout = _Layout(shape, strides)
+    sp = _row_plan(layout, 1, _TILE, _target_programs(device))
+    ep = _row_plan(layout, 1, _TILE, 2 ** 40)
+    C, rows = sp.C, sp.rows
+    fin_c = min(_npow2(C), 256)
+    return _Shape(
+        C, sp.split, (cdiv(C, sp.block_c), sp.split), sp.kernel_args(),
+        dict(ROWS32=sp.rows32, BLOCK_R=sp.block_r, BLOCK_C=sp.block_c),
+        apply_grid(ep, C), ep.kernel_args(),
+        dict(ROWS32=ep.rows32, BLOCK_R=ep.block_r, BLOCK_C=ep.block_c),
+        dict(FIN_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // fin_c)), FIN_C=fin_c),
+        sp.n_iter * sp.block_r, rows / (rows - 1) if rows > 1 else float("inf"))
+
+
+def _shape(z: torch.Tensor) -> _Shape:
+    """:func:`_shape_of` of ``z`` (dense, :func:`as_rows`' layout along axis 1): the plans,
+    grids and constexprs of a layer's launches, memoised per layout (deriving them each
+    call was about a third of the launchers' host time)."""
+    return _shape_of(tuple(z.shape), z.stride(), z.device)
 
 
 def _vec_parts(vec: torch.Tensor, C: int):
@@ -612,29 +649,23 @@ def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momen
     along axis 1. Returns ``(y, vec)``, ``vec`` f32 (8 C + 3,) holding mean,
     1 / sqrt(var + E), a, k and the qparams (:func:`_vec_parts`); updates the running
     statistics, ``nbt`` and the observer's state in place."""
-    C = z.shape[1]
-    rows = z.numel() // C
-    f32 = dict(dtype=torch.float32, device=z.device)
-    sp, ep = _plans(z)
-    part = torch.empty(4 * sp.split * C, **f32)
-    vec = torch.empty(8 * C + 3, **f32)
-    fin_c = min(_npow2(C), 256)
+    sh = _shape(z)
+    C = sh.C
+    part = torch.empty(4 * sh.split * C, dtype=torch.float32, device=z.device)
+    vec = torch.empty(8 * C + 3, dtype=torch.float32, device=z.device)
     consts = _observer_consts(observer)
-    launch(_bn_stats_kernel, (cdiv(C, sp.block_c), sp.split), z, part, *sp.kernel_args(),
+    launch(_bn_stats_kernel, sh.stats_grid, z, part, *sh.stats_args,
            tick, W, beta, E, t, bias if bias is not None else W, running_mean, running_var,
            nbt, vec, *observer_state(observer),
-           sp.n_iter * sp.block_r, 0.0 if momentum is None else float(momentum),
-           rows / (rows - 1), *consts,
-           ROWS32=sp.rows32, BLOCK_R=sp.block_r, BLOCK_C=sp.block_c, OUT=_TL_DTYPE[z.dtype],
-           ACT=act, OBSERVE=observer.enabled, EMA=_supported_observer(observer),
-           SYMMETRIC=observer.symmetric, HAS_BIAS=bias is not None,
-           CUMULATIVE=momentum is None,
-           FIN_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // fin_c)), FIN_C=fin_c,
-           num_warps=4, **_LAUNCH)
+           sh.rows_walked, 0.0 if momentum is None else float(momentum), sh.unbias, *consts,
+           OUT=_TL_DTYPE[z.dtype], ACT=act, OBSERVE=observer.enabled,
+           EMA=_supported_observer(observer), SYMMETRIC=observer.symmetric,
+           HAS_BIAS=bias is not None, CUMULATIVE=momentum is None, num_warps=4,
+           **sh.stats_meta, **sh.fin_meta, **_LAUNCH)
     y = torch.empty_like(z)
-    launch(_bn_apply_kernel, apply_grid(ep, C), z, y, z, *ep.kernel_args(),
-           vec, beta, vec, *consts[2:4], BWD=False, ACT=act,
-           ROWS32=ep.rows32, BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
+    launch(_bn_apply_kernel, sh.apply_grid, z, y, z, *sh.apply_args,
+           vec, beta, vec, *consts[2:4], BWD=False, ACT=act, num_warps=4,
+           **sh.apply_meta, **_LAUNCH)
     return y, vec
 
 
@@ -645,21 +676,17 @@ def bn_act_backward(gy, z, vec, beta, qmin, qmax, act: int, tick: torch.Tensor):
     as :func:`bn_act_forward` had them. PyTorch's ``native_batch_norm_backward`` given
     ``grad_y * mask`` agrees to float32 rounding."""
     gy = _dense_grad(gy, z)
-    C = z.shape[1]
-    f32 = dict(dtype=torch.float32, device=z.device)
-    sp, ep = _plans(z)
-    part = torch.empty(2 * sp.split * C, **f32)
-    out = torch.empty(5 * C, **f32)  # grad W, grad beta, grad E, co (2 C)
-    fin_c = min(_npow2(C), 256)
-    launch(_bn_bwd_reduce_kernel, (cdiv(C, sp.block_c), sp.split), z, gy, part,
-           *sp.kernel_args(), vec, beta, qmin, qmax, tick, out,
-           ACT=act, ROWS32=sp.rows32, BLOCK_R=sp.block_r, BLOCK_C=sp.block_c,
-           FIN_S=max(1, min(_npow2(sp.split), _FINISH_BLOCK // fin_c)), FIN_C=fin_c,
-           num_warps=4, **_LAUNCH)
+    sh = _shape(z)
+    C = sh.C
+    part = torch.empty(2 * sh.split * C, dtype=torch.float32, device=z.device)
+    out = torch.empty(5 * C, dtype=torch.float32, device=z.device)  # grad W, beta, E, co (2C)
+    launch(_bn_bwd_reduce_kernel, sh.stats_grid, z, gy, part, *sh.stats_args, vec, beta,
+           qmin, qmax, tick, out, ACT=act, num_warps=4, **sh.stats_meta, **sh.fin_meta,
+           **_LAUNCH)
     gz = torch.empty_like(z)
-    launch(_bn_apply_kernel, apply_grid(ep, C), z, gz, gy, *ep.kernel_args(),
-           vec, beta, out, qmin, qmax, BWD=True, ACT=act, ROWS32=ep.rows32,
-           BLOCK_R=ep.block_r, BLOCK_C=ep.block_c, num_warps=4, **_LAUNCH)
+    launch(_bn_apply_kernel, sh.apply_grid, z, gz, gy, *sh.apply_args,
+           vec, beta, out, qmin, qmax, BWD=True, ACT=act, num_warps=4,
+           **sh.apply_meta, **_LAUNCH)
     return gz, out[:C], out[C:2 * C], out[2 * C:3 * C]
 
 
