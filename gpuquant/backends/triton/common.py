@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..._tensors import version as _version
 
-__all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "derived", "scalar_int", "scalar_float",
+__all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "bf16_rne", "derived", "scalar_int", "scalar_float",
            "ARCH_FAMILIES", "tune_subset", "TUNE_MODES", "cdiv"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -288,3 +288,15 @@ def once_differentiable_kernels(what: str):
             return wrapped[0] if single else tuple(wrapped)
         return wrapper
     return deco
+
+
+@triton.jit
+def bf16_rne(y):
+    """float32 -> bfloat16 rounding half to even on the bits, as torch's conversion: NaN
+    becomes 0x7FC0 (the bit trick alone would carry a NaN's payload into the exponent or
+    the sign: the GPU's canonical NaN 0x7FFFFFFF gave -0.0), Inf stays Inf. The
+    interpreter's own conversion truncates."""
+    bits = y.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    bits = tl.where(y != y, 0x7FC0, bits)
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)

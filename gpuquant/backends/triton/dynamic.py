@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 
 from ..reference_dynamic import EPS
-from .common import (LAUNCH_OPTS, arch_family, cdiv, last_to_finish, launch_tickets, sm_count,
-                     tune_subset)
+from .common import (LAUNCH_OPTS, arch_family, bf16_rne, cdiv, last_to_finish, launch_tickets,
+                     sm_count, tune_subset)
 from .fake_quant import on_tensor_device
 from .launch import launch
-from .gemm import (OUT_SCALED, _config, _gemm_kernel, _with, align_k, bf16_rne, gemm_grid,
+from .gemm import (OUT_SCALED, _config, _gemm_kernel, _with, align_k, gemm_grid,
                    grouped_tile, interpret_meta)
 
 __all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]

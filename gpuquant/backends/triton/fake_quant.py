@@ -79,7 +79,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .common import INTERPRET, cdiv
+from .common import INTERPRET, bf16_rne, cdiv
 from .launch import launch
 
 __all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "row_plan",
@@ -183,10 +183,7 @@ def _to_out(y, OUT: tl.constexpr):
     the bits: the interpreter's cast truncates while the GPU's ``cvt.rn.bf16.f32`` rounds, and
     both must give torch's bytes (NaN becomes torch's canonical 0x7FC0)."""
     if OUT == tl.bfloat16:
-        b = y.to(tl.uint32, bitcast=True)
-        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        r = tl.where(y != y, 0x7FC0, r)
-        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return bf16_rne(y)
     else:
         return y.to(OUT)
 

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import (LAUNCH_OPTS, arch_family, cdiv, derived, scalar_int, sm_count, tune_mode,
-                     tune_subset)
+from .common import (LAUNCH_OPTS, arch_family, bf16_rne, cdiv, derived, scalar_int, sm_count,
+                     tune_mode, tune_subset)
 from .launch import launch
 from ...functional.requant import Requant
 from .fixed_point import (_E_AM, _E_AS, _E_AZP, _E_BM, _E_BS, _E_BZP, _E_DZP, _E_F_SH, _E_FA_C,
@@ -67,18 +67,6 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
-
-
-@triton.jit
-def bf16_rne(y):
-    """float32 -> bfloat16 rounding half to even on the bits, as torch's conversion: NaN
-    becomes 0x7FC0 (the bit trick alone would carry a NaN's payload into the exponent or
-    the sign: the GPU's canonical NaN 0x7FFFFFFF gave -0.0), Inf stays Inf. The
-    interpreter's own conversion truncates."""
-    bits = y.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    bits = tl.where(y != y, 0x7FC0, bits)
-    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
