@@ -39,7 +39,8 @@ observer with ``check_finite=True`` does its one host read (the raise on NaN / I
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -47,7 +48,8 @@ import triton.language as tl
 
 from .common import INTERPRET, cdiv, last_to_finish, module_tickets
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
-                         _flat_span, _fq_relu, _npow2, _rne, _row_offsets, _store_mask,
+                         _flat_span, _fq_relu, _Layout, _npow2, _rne, _row_offsets, _row_plan,
+                         _store_mask,
                          _target_programs, _to_out, _udiv, as_rows, auto_interpreter,
                          dense_layout, float32_exact, mask_backward, on_tensor_device, row_plan,
                          save_mask, udiv_magic)
@@ -468,6 +470,40 @@ def _observer_consts(observer):
             float(d.qmax - d.qmin) / 2, float(0 if d.signed else (d.qmax + d.qmin + 1) // 2))
 
 
+class _TwoLaunchShape(NamedTuple):
+    """What :class:`_ObserveTwoLaunch`'s launches derive from the input's layout, once per
+    layout (:func:`_two_launch_shape`): the partial min / max plan's grid, scalars and
+    constexprs, the partials' size and where the qparams follow them, the fake quant's
+    grid, the channel period's magic numbers and the mask's bytes."""
+    C: int
+    part_numel: int
+    qparams_at: int
+    partial_grid: tuple
+    plan_args: tuple
+    partial_meta: dict
+    fq_grid: tuple
+    n: int
+    nbytes: int
+    m_l: int
+    l_l: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _two_launch_shape(shape: tuple, strides: tuple, axis, tile: int,
+                      programs: int) -> _TwoLaunchShape:
+    plan = _row_plan(_Layout(shape, strides), axis, tile, programs)
+    C = plan.C
+    m_l, l_l = udiv_magic(strides[axis] if axis is not None else 1)
+    n = math.prod(shape)
+    block_c = min(_npow2(C), 256)
+    return _TwoLaunchShape(
+        C, (2 * plan.split + 2) * C, 2 * plan.split * C, (cdiv(C, plan.block_c), plan.split),
+        plan.kernel_args(),
+        dict(ROWS32=plan.rows32, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+             BLOCK_S=max(1, min(_npow2(plan.split), 1024 // block_c)), BLOCK_CF=block_c),
+        (cdiv(n, BLOCK),), n, (n + 7) // 8, m_l - 2 ** 32, l_l)
+
+
 class _ObserveTwoLaunch(torch.autograd.Function):
     """Observe + fake quant in two launches: ``_observe_partial_kernel`` (partial min / max;
     its last program updates the state and writes the qparams), then ``_observe_fq_kernel``;
@@ -478,31 +514,22 @@ class _ObserveTwoLaunch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, observer, axis, relu, programs, tile, x2=None):
         need = ctx.needs_input_grad[0] or (x2 is not None and ctx.needs_input_grad[6])
-        plan = row_plan(x, axis, tile=tile, programs=programs)
-        per_channel = axis is not None
-        C = plan.C
-        L = x.stride(axis) if per_channel else 1
-        m_l, l_l = udiv_magic(L)
-        n = x.numel()
+        sh = _two_launch_shape(tuple(x.shape), x.stride(), axis, tile, programs)
         add = x2 is not None
-        part = torch.empty((2 * plan.split + 2) * C, dtype=torch.float32, device=x.device)
+        part = torch.empty(sh.part_numel, dtype=torch.float32, device=x.device)
         mn, mx, bad = observer_state(observer)
-        block_c = min(_npow2(C), 256)
         consts = _observer_consts(observer)
-        launch(_observe_partial_kernel, (cdiv(C, plan.block_c), plan.split), x, part, mn, mx,
-               bad, module_tickets(observer, x.device), *plan.kernel_args(), *consts,
-               x2 if add else x, ROWS32=plan.rows32, BLOCK_R=plan.block_r,
-               BLOCK_C=plan.block_c, RELU=relu, ADD=add, EMA=_supported_observer(observer),
-               SYMMETRIC=observer.symmetric,
-               BLOCK_S=max(1, min(_npow2(plan.split), 1024 // block_c)), BLOCK_CF=block_c,
-               num_warps=4, **_LAUNCH)
+        launch(_observe_partial_kernel, sh.partial_grid, x, part, mn, mx,
+               bad, module_tickets(observer, x.device), *sh.plan_args, *consts,
+               x2 if add else x, RELU=relu, ADD=add, EMA=_supported_observer(observer),
+               SYMMETRIC=observer.symmetric, num_warps=4, **sh.partial_meta, **_LAUNCH)
         y = torch.empty_like(x)
-        nbytes = (n + 7) // 8
-        mask = torch.empty(nbytes if need else 1, dtype=torch.uint8, device=x.device)
-        launch(_observe_fq_kernel, (cdiv(n, BLOCK),), _flat_span(x), _flat_span(y), mask,
-               part[2 * plan.split * C:], n, nbytes, C, m_l - 2 ** 32, l_l, consts[2], consts[3],
-               _flat_span(x2 if add else x), RELU=relu, SAVE_MASK=need,
-               PER_CHANNEL=per_channel, BLOCK=BLOCK, ADD=add, num_warps=NUM_WARPS, **_LAUNCH)
+        mask = torch.empty(sh.nbytes if need else 1, dtype=torch.uint8, device=x.device)
+        launch(_observe_fq_kernel, sh.fq_grid, _flat_span(x), _flat_span(y), mask,
+               part[sh.qparams_at:], sh.n, sh.nbytes, sh.C, sh.m_l, sh.l_l, consts[2],
+               consts[3], _flat_span(x2 if add else x), RELU=relu, SAVE_MASK=need,
+               PER_CHANNEL=axis is not None, BLOCK=BLOCK, ADD=add, num_warps=NUM_WARPS,
+               **_LAUNCH)
         if need:
             save_mask(ctx, x, mask, relu=relu)  # +0.0 where ReLU is dead (fake_quant.py)
         ctx.add = add
