@@ -259,6 +259,45 @@ def test_fused_fold_observe_fake_quant_equals_the_unfused_kernels(kind, shape, c
     assert torch.equal(tickets.cpu(), torch.zeros(2, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_fq", [False, True], ids=["fold", "fold_fq"])
+def test_fold_writes_the_weight_in_the_conv_dtype(dt, with_fq):
+    """``fold_forward(out_dtype=dt)`` writes ``wf.to(dt)``'s bytes (the one-node QAT layer's
+    autocast cast, done in the fold's store): round to nearest even, ties both ways, the
+    largest finite float32 (Inf in float16), Inf, -0; and ``fold_backward`` given the
+    gradient in ``dt`` equals it given that gradient cast to float32 first."""
+    g = torch.Generator().manual_seed(3)
+    C, L = 4, 300
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (C, L), generator=g, dtype=torch.int64)
+    w = (torch.randn(C, L, generator=g) * 3).to(DEV)
+    if not with_fq:  # t == 1 exactly (gamma == sqrt(1 + 0)): the stored values are w's own
+        w = bits.to(torch.int32).view(torch.float32).to(DEV)
+        w = torch.where(w.isnan(), torch.zeros((), device=DEV), w)
+        ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -11,
+                             1 + 3 * 2 ** -11, 3.4028235e38, float("inf"), -0.0])
+        w[0, :ties.numel()] = ties.to(DEV)
+    gamma = torch.ones(C, device=DEV)
+    rv = torch.ones(C, device=DEV)
+    obs = _weight_quantizers("minmax")[0].to(DEV) if with_fq else None
+    if obs is not None:
+        obs._prepare_state(torch.empty(C, device=DEV))
+    outs = []
+    for out_dtype in (dt, None):  # (the MinMax state sees w twice: the same qparams)
+        with backends.use("triton"):
+            outs.append(bn_fold.fold_forward(w, gamma, rv, 0.0, 1e-6, obs, out_dtype=out_dtype))
+    wf_dt, wf32 = outs[0][0], outs[1][0]
+    assert wf_dt.dtype == dt and wf32.dtype == torch.float32
+    want = wf32.to(dt)
+    assert torch.equal(wf_dt.view(torch.int16), want.view(torch.int16))
+    t, saved = outs[0][1], outs[0][4]
+    gwf = (torch.randn(C, L, generator=g) * 2).to(DEV).to(dt)
+    with backends.use("triton"):
+        a = bn_fold.fold_backward(gwf, None, None, w, gamma, t, saved, True)
+        b = bn_fold.fold_backward(gwf.float(), None, None, w, gamma, t, saved, True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
 def test_fused_fold_observe_fake_quant_declines_what_it_does_not_take():
     from gpuquant import qint8
     from gpuquant.quantization import FakeQuantize, HistogramObserver, MinMaxObserver
