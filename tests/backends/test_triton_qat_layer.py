@@ -154,3 +154,40 @@ def test_double_backward_through_fused_kernels_is_refused(factory, shape):
         y = m(x)
         (gx,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
         assert torch.isfinite(gx).all()
+
+
+def test_one_node_layer_casts_neither_the_weight_nor_its_gradient(monkeypatch):
+    """Under bf16 autocast the fold kernel writes the folded weight in bf16 (no cast launch
+    after it) and its backward takes the convolution's bf16 weight gradient as it is (no
+    cast to float32 before it): each cast was a launch and an allocation a layer a step."""
+    seen = []
+    fwd, bwd = qat_layer.fold_forward, qat_layer.fold_backward
+
+    def fold_forward(*a, **k):
+        out = fwd(*a, **k)
+        seen.append(("weight", out[0].dtype))
+        return out
+
+    def fold_backward(gwf, *a, **k):
+        seen.append(("grad", gwf.dtype))
+        return bwd(gwf, *a, **k)
+    monkeypatch.setattr(qat_layer, "fold_forward", fold_forward)
+    monkeypatch.setattr(qat_layer, "fold_backward", fold_backward)
+    casts = []
+    real_to = torch.Tensor.to
+
+    def to(self, *a, **k):  # the layer's parameter-sized casts (x is cast once, it is 4-d)
+        if self.dim() == 4 and self.shape[1:] == (4, 3, 3):
+            casts.append(self.dtype)
+        return real_to(self, *a, **k)
+    torch.manual_seed(0)
+    m = quantize_qat(_randomize(gnn.ConvBnRelu2d(4, 8, 3, padding=1), 1),
+                     qat_qconfig()).to(DEV).train()
+    x = torch.randn(2, 4, 6, 6, device=DEV)
+    _step(m, x, None, True, True)  # observers start
+    seen.clear()
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    _step(m, x, None, True, True)
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert seen == [("weight", torch.bfloat16), ("grad", torch.bfloat16)]
+    assert casts == []
