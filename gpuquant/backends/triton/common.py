@@ -15,8 +15,8 @@ import triton.language as tl
 
 from ..._tensors import version as _version
 
-__all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "bf16_rne", "derived", "scalar_int", "scalar_float",
-           "ARCH_FAMILIES", "tune_subset", "TUNE_MODES", "cdiv"]
+__all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "bf16_rne", "derived", "scalar_int",
+           "scalar_float", "ARCH_FAMILIES", "tune_subset", "TUNE_MODES", "cdiv"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

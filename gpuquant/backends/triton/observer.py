@@ -49,10 +49,9 @@ import triton.language as tl
 from .common import INTERPRET, cdiv, last_to_finish, module_tickets
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
                          _flat_span, _fq_relu, _Layout, _npow2, _rne, _row_offsets, _row_plan,
-                         _store_mask,
-                         _target_programs, _to_out, _udiv, as_rows, auto_interpreter,
-                         dense_layout, float32_exact, mask_backward, on_tensor_device, row_plan,
-                         save_mask, udiv_magic)
+                         _store_mask, _target_programs, _to_out, _udiv, as_rows,
+                         auto_interpreter, dense_layout, float32_exact, mask_backward,
+                         on_tensor_device, row_plan, save_mask, udiv_magic)
 from .launch import launch
 from torch.autograd.function import once_differentiable
 
