@@ -31,6 +31,14 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(iview[a.dtype]), b.contiguous().view(iview[b.dtype]))
 
 
+def bits_equal_but_nan_payloads(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """:func:`bits_equal` with every NaN equal to every other: torch's own NaN bytes depend on
+    the path (its vectorised CPU float -> bfloat16 conversion makes 0xFFFF, the scalar one
+    0x7FC0, CUDA's 0x7FFF; float16 keeps a payload or quiets it)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and bits_equal(a.masked_fill(nan, 0), b.masked_fill(nan, 0))
+
+
 def run_ours(x, scale, zp, d, axis, grad, block=SMALL):
     xx = x.detach().clone().requires_grad_()
     y = tfq.fake_quant(xx, scale, zp, d.qmin, d.qmax, axis, block=block)
@@ -296,6 +304,50 @@ def test_input_errors():
         tfq.fake_quant(x, s, z, -128, 127, None)
     with pytest.raises(ValueError, match="qmin <= qmax"):
         tfq.fake_quant(x, s, z, 5, -5, 1)
+
+
+def every_half_value(dt, device=DEV):
+    """All 65536 bit patterns of float16 / bfloat16 (NaNs of every payload and sign, both
+    infinities and zeros, subnormals), in a shuffled order."""
+    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    return bits[torch.randperm(bits.numel())].view(dt).to(device)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_every_half_value_matches_reference(dt):
+    """Every float16 / bfloat16 input through the forward and backward kernels, per tensor
+    (flat) and per channel (channels_last, the channel-tile path), scales with exact ties
+    (2^-3) and without (0.1): bit for bit the reference backend's (torch's ops on the same
+    device; NaN bytes aside, which torch itself makes differently by path). Compiled, the
+    kernels round with the hardware's ``cvt.rni`` and convert with its ``cvt.rn.bf16``,
+    which the interpreter emulates; on a GPU (the gpu-marked test below runs this) this is
+    what checks those instructions against torch's conversion. Under the interpreter it
+    also covers the subnormal bfloat16 gradients that its own conversion gets wrong."""
+    same = bits_equal_but_nan_payloads
+    x, g = every_half_value(dt), every_half_value(dt)
+    z = torch.tensor(3, dtype=torch.int32, device=DEV)
+    for d in (gpuquant.qint8, gpuquant.quint8):
+        for s in (2.0 ** -3, 0.1):
+            sc = torch.tensor(s, device=DEV)
+            y, gx = run_ours(x, sc, z, d, None, g, block=tfq.BLOCK)  # (few programs)
+            yr, gxr = run_ref(x, sc, z, d, None, g)
+            assert same(y, yr) and same(gx, gxr), (dt, d.name, s)
+    xc = x.view(16, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    gc = g.view(16, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    sc = torch.rand(64, device=DEV) * 0.2 + 0.01
+    sc[:8] = 2.0 ** -torch.arange(8, device=DEV, dtype=torch.float32)  # exact ties
+    zc = torch.randint(-5, 6, (64,), dtype=torch.int32, device=DEV)
+    y, gx = run_ours(xc, sc, zc, gpuquant.qint8, 1, gc, block=tfq.BLOCK)
+    yr, gxr = run_ref(xc, sc, zc, gpuquant.qint8, 1, gc)
+    assert same(y, yr) and same(gx, gxr), dt
+
+
+@pytest.mark.gpu
+def test_every_half_value_on_the_gpu():
+    """The test above on the device: the compiled rounding and bfloat16 conversion."""
+    for dt in (torch.bfloat16, torch.float16):
+        test_every_half_value_matches_reference(dt)
 
 
 @pytest.mark.gpu

@@ -27,6 +27,7 @@ from gpuquant.backends.triton import fake_quant as fq
 HAZARD = re.compile(r"\b(fma\.rn(?:\.ftz)?\.f32|div\.full(?:\.ftz)?\.f32|div\.approx(?:\.ftz)?\.f32|"
                     r"(?:rcp|sqrt|rsqrt|ex2|lg2)\.approx(?:\.ftz)?\.f32)")
 DIV32 = re.compile(r"\b((?:div|rem)\.[su]32)")
+BF16_TRICK = re.compile(r"\badd\.s32\s+%r\d+, %r\d+, 32767;")  # bf16_rne's 0x7FFF bias
 X_LIKE = {"x_ptr", "y_ptr", "g_ptr", "gx_ptr", "z_ptr", "gz_ptr"}
 TYPES = {"mask_ptr": "*u8", "ok_ptr": "*u8", "bad_ptr": "*i64",
          "scale_ptr": "*fp32", "inv_ptr": "*fp32", "part_ptr": "*fp32", "mn_ptr": "*fp32",
@@ -117,6 +118,10 @@ for cc in (80, 90):
                                           "v4_st": "st.global.v4" in text,
                                           "has_ld": "ld.global" in text,
                                           "ptx_nan_minmax": len(PTX_NAN.findall(text)),
+                                          "cvt_rni": text.count("cvt.rni.f32.f32"),
+                                          "rne_trick": "0f4B000000" in text,
+                                          "cvt_bf16": "cvt.rn.bf16" in text,
+                                          "bf16_trick": bool(BF16_TRICK.search(text)),
                                           "nan_minmax": nan_sites,
                                           "plain_minmax": plain_sites,
                                           "const": {k: v for k, v in const.items()
@@ -181,6 +186,20 @@ def test_division_is_correctly_rounded_where_used(report):
     for k, v in report["kernels"].items():
         if "_observer_update_kernel" in k or ("_fq_fwd_kernel[0]" in k):
             assert v["div_rn"], k
+
+
+def test_compiled_kernels_round_with_one_instruction(report):
+    """Compiled, rounding half to even is ``cvt.rni.f32.f32`` and float32 -> bfloat16 is
+    ``cvt.rn.bf16`` (``common.rne`` / ``to_bf16``): one instruction each, where the
+    interpreter's emulations (the 2^23 trick, the rounding on the bits) took ~4 and ~6 an
+    element. No compiled kernel keeps either emulation."""
+    emulated = sorted(k for k, v in report["kernels"].items() if v["rne_trick"] or v["bf16_trick"])
+    assert not emulated, emulated
+    for cc in (80, 90):
+        for name in ("_fq_fwd_kernel[0]", "_observe_fq_kernel[0]", "_learned_bwd_kernel[0]"):
+            assert report["kernels"][f"sm{cc}:{name}:*fp32"]["cvt_rni"] > 0, (cc, name)
+        for name in ("_fq_fwd_kernel[0]", "_fq_bwd_kernel[0]", "_observe_fq_kernel[0]"):
+            assert report["kernels"][f"sm{cc}:{name}:*bf16"]["cvt_bf16"], (cc, name)
 
 
 def test_hazard_check_detects_fusion(report):

@@ -18,10 +18,16 @@ from gpuquant.backends.triton import inspect_ptx as ip
 from gpuquant.backends.triton import elementwise
 out = {str(cc): ip.inspect(cc, ci=True) for cc in (80, 90)}
 from gpuquant.backends.triton import dynamic as D
-sig = {"x_ptr": "*bf16", "q_ptr": "*i8", "scale_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
-       "stride_qm": "i32", "qmin": "i32", "qmax": "i32", "eps": "fp32"}
-ptx = ip.compile_ptx(D._quantize_per_token_kernel, sig, {"BLOCK_K": 4096, "ONE_BLOCK": True},
-                     90, 8, 3, enable_fp_fusion=True)
+# the control: a kernel with a float multiply-add (the weight-only GEMV's w * x summed, its
+# epilogue's acc * scale + bias) compiled with fusion on shows the hazard the check looks for
+sig = {"a_ptr": "*bf16", "b_ptr": "*i8", "c_ptr": "*bf16", "b_scale_ptr": "*fp32",
+       "bias_ptr": "*fp32", "ws_ptr": "*fp32", "tick_ptr": "*i32",
+       **{a: "i32" for a in ("M", "N", "K", "SPLIT_K", "stride_am", "stride_ak", "stride_bn",
+                             "stride_bk", "stride_cm", "stride_cn")}}
+ptx = ip.compile_ptx(D._linear_weight_only_kernel, sig,
+                     {"HAS_BIAS": True, "DOT_F32": False, "BLOCK_M": 1, "BLOCK_N": 32,
+                      "BLOCK_K": 256, "GROUP_M": 1, "EVEN_K": True, "GEMV": True},
+                     90, 4, 1, enable_fp_fusion=True)
 out["control_fusion_on"] = sorted(set(ip.FLOAT_HAZARD_RE.findall(ptx)))
 import re
 from gpuquant.backends.triton import conv
@@ -122,9 +128,9 @@ def test_tensor_core_instructions_and_no_float_hazards(tmp_path):
         for name, v in report[cc].items():
             assert v["float_hazards"] == [], (cc, name, v["float_hazards"])
             assert (v["mad_wide"] > 0) == v["folded"], (cc, name, v)
-    # the per-token quantize kernel with FP fusion on contracts x * inv + 1.5 * 2^23 into an
-    # FMA: the check above can see the hazard it guards against (the quantize kernel's
-    # rounding, abs(v) + 2^23, no longer contracts even so)
+    # the weight-only GEMV with FP fusion on contracts its multiply-adds into FMAs: the check
+    # above can see the hazard it guards against (compiled, the quantize kernels round with
+    # cvt.rni, so x * inv has no add left to contract with)
     assert "fma.rn.f32" in report["control_fusion_on"]
     # a conv whose activation zero point is 0 pads with the async copy's zero fill: its A
     # tile no longer passes through registers to apply the padding value (far fewer

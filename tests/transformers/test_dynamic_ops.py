@@ -259,13 +259,13 @@ _PTX_SCRIPT = textwrap.dedent(r"""
                **i32("M", "N", "K", "SPLIT_K",
                "stride_am", "stride_ak", "stride_bn", "stride_bk", "stride_cm", "stride_cn")}
         ptx = compile_ptx(D._linear_weight_only_kernel, sig, {"HAS_BIAS": True, "DOT_F32": False,
-                          "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
+                          "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
                           "GROUP_M": 8, "EVEN_K": True, "GEMV": False}, cc, 4, 4)
         assert any("bf16.bf16.f32" in i for i in MMA_RE.findall(ptx)), cc
         # split-K decode: partials, then the tile's last program (ticket after a barrier,
         # acquire-release atomics at GPU scope, partials read past L1) reduces in order
         ptx = compile_ptx(D._linear_weight_only_kernel, sig, {"HAS_BIAS": True, "DOT_F32": False,
-                          "BF16_RNE_BITS": False, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
+                          "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128,
                           "GROUP_M": 1, "EVEN_K": False, "GEMV": False}, cc, 4, 4)
         assert "st.global" in ptx and not FLOAT_HAZARD_RE.findall(ptx), cc
         assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, cc
@@ -276,7 +276,7 @@ _PTX_SCRIPT = textwrap.dedent(r"""
         ptx = compile_ptx(D._linear_weight_only_kernel,
                           {k: v for k, v in sig.items() if k not in unit},
                           {**dict.fromkeys(unit, 1), "HAS_BIAS": True, "DOT_F32": False,
-                           "BF16_RNE_BITS": False, "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256,
+                           "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256,
                            "GROUP_M": 1, "EVEN_K": True, "GEMV": True}, cc, 4, 1,
                           aligned=("a_ptr", "b_ptr", "c_ptr", "b_scale_ptr", "bias_ptr",
                                    "ws_ptr", "K", "N", "stride_am", "stride_bn", "stride_cm"))

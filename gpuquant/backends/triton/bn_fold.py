@@ -30,7 +30,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..._tensors import batch_norm_eps0
-from .common import last_to_finish, module_tickets, once_differentiable_kernels
+from .common import last_to_finish, module_tickets, once_differentiable_kernels, to_f32
 from .fake_quant import (_LAUNCH, _TL_DTYPE, _fq_math, _npow2, _to_out, auto_interpreter,
                          on_tensor_device)
 from .launch import launch
@@ -189,7 +189,7 @@ def _fold_bwd_kernel(gwf_ptr, w_ptr, gamma_ptr, t_ptr, sigma_ptr, gW_ptr, gE_ptr
     for off in range(0, L, BLOCK):
         i = off + tl.arange(0, BLOCK)
         m = i < L
-        gwf = tl.load(gwf_ptr + base + i, mask=m, other=0.0).to(tl.float32)  # (bf16: exact)
+        gwf = to_f32(tl.load(gwf_ptr + base + i, mask=m, other=0.0))  # (bf16: exact)
         w = tl.load(w_ptr + base + i, mask=m, other=0.0)
         if FQ:  # grad * mask as the fake quant's backward computes it
             _, inr = _fq_math(w * t, inv, s, zp, qmin, qmax)

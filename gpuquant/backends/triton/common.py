@@ -12,13 +12,20 @@ from typing import Callable, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..._tensors import version as _version
 
-__all__ = ["INTERPRET", "LAUNCH_OPTS", "arch_family", "bf16_rne", "derived", "scalar_int",
-           "scalar_float", "ARCH_FAMILIES", "tune_subset", "TUNE_MODES", "cdiv"]
+__all__ = ["INTERPRET", "COMPILED", "LAUNCH_OPTS", "arch_family", "bf16_rne", "to_bf16",
+           "to_f32", "rne", "derived", "scalar_int", "scalar_float", "ARCH_FAMILIES", "tune_subset",
+           "TUNE_MODES", "cdiv"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Kernels compiled for the GPU (not run by the interpreter): where the interpreter lacks an
+# instruction (libdevice.rint) or differs from it (its float32 -> bfloat16 cast truncates),
+# a kernel takes the hardware's one instruction when compiled and an exact emulation
+# under the interpreter, through the two helpers below.
+COMPILED = tl.constexpr(not INTERPRET)
 
 # Every inference kernel launches with FP contraction off: the integer kernels do not care,
 # and the float ones (quantize: x * inv_scale, then the rne trick's add) depend on separate
@@ -300,3 +307,44 @@ def bf16_rne(y):
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     bits = tl.where(y != y, 0x7FC0, bits)
     return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def to_bf16(y):
+    """float32 -> bfloat16 as torch converts on the device the kernel runs for. Compiled:
+    ``cvt.rn.bf16.f32`` (paired into ``cvt.rn.bf16x2.f32``), torch's own conversion on CUDA
+    (``__float2bfloat16``: half to even, NaN 0x7FFF), one instruction for two values.
+    Interpreted: :func:`bf16_rne` on the bits, torch's CPU conversion (NaN 0x7FC0)."""
+    if COMPILED:
+        return y.to(tl.bfloat16)
+    else:
+        return bf16_rne(y)
+
+
+@triton.jit
+def to_f32(x):
+    """float16 / bfloat16 / float32 ``x`` as float32, exactly. Interpreted, a bfloat16 goes
+    through its bits: Triton's interpreter normalises a subnormal bfloat16 as if float32's
+    exponent range started above it (its exponent clamps at zero: 0x0024 became 0x0010),
+    which matters where a value passes through unchanged (a gradient). Compiled, a shift."""
+    if COMPILED:
+        return x.to(tl.float32)
+    elif x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def rne(v):
+    """Round float32 ``v`` half to even (exact for every value: |v| >= 2^23 is an integer
+    already, inf and NaN pass). Compiled: ``cvt.rni.f32.f32``, one instruction. Interpreted
+    (where ``libdevice.rint`` is missing): ``(|v| + 2^23) - 2^23`` with the sign put back,
+    which needs FP contraction off around it (the kernels launch so)."""
+    if COMPILED:
+        return libdevice.rint(v)
+    else:
+        a = tl.abs(v)
+        r = (a + 8388608.0) - 8388608.0
+        r = tl.where(v < 0, -r, r)
+        return tl.where(a < 8388608.0, r, v)

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from ..reference_dynamic import EPS
-from .common import (LAUNCH_OPTS, arch_family, bf16_rne, cdiv, last_to_finish, launch_tickets,
-                     sm_count, tune_subset)
+from .common import (LAUNCH_OPTS, arch_family, cdiv, last_to_finish, launch_tickets,
+                     rne, sm_count, to_bf16, tune_subset)
 from .fake_quant import on_tensor_device
 from .launch import launch
 from .gemm import (OUT_SCALED, _config, _gemm_kernel, _with, align_k, gemm_grid,
@@ -32,7 +32,6 @@ from .gemm import (OUT_SCALED, _config, _gemm_kernel, _with, align_k, gemm_grid,
 
 __all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]
 
-_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + M) - M rounds half to even, |v| < 2^22
 _INF = tl.constexpr(float("inf"))
 # no NaN module constant: Triton (3.6) checks that a kernel's globals are unchanged by
 # comparing values, and NaN != NaN makes every launch after the first fail; the quiet NaN
@@ -83,7 +82,7 @@ def _quantize_per_token_kernel(
     tl.store(scale_ptr + row, tl.where(row_ok, scale, nan))
     if ONE_BLOCK:
         v = x * inv
-        r = (v + _RNE_MAGIC) - _RNE_MAGIC
+        r = rne(v)
         r = tl.minimum(tl.maximum(r, qmin.to(tl.float32)), qmax.to(tl.float32))
         r = tl.where(row_ok, r, 0.0)
         tl.store(q_row + offs, r.to(tl.int8), mask=mask)
@@ -92,7 +91,7 @@ def _quantize_per_token_kernel(
             mask = offs + k0 < K
             xk = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
             v = xk * inv
-            r = (v + _RNE_MAGIC) - _RNE_MAGIC
+            r = rne(v)
             r = tl.minimum(tl.maximum(r, qmin.to(tl.float32)), qmax.to(tl.float32))
             r = tl.where(row_ok, r, 0.0)
             tl.store(q_row + k0 + offs, r.to(tl.int8), mask=mask)
@@ -151,7 +150,7 @@ def _linear_weight_only_kernel(
     # strides: a (M, K), b = W (N, K) read as W^T, c (M, N)
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     # meta
-    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BF16_RNE_BITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GEMV: tl.constexpr = False,
 ):
@@ -199,10 +198,10 @@ def _linear_weight_only_kernel(
                 acc += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0,
                                cache_modifier=".cg")
             _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_ptr,
-                                  bias_ptr, stride_cm, stride_cn, HAS_BIAS, BF16_RNE_BITS)
+                                  bias_ptr, stride_cm, stride_cn, HAS_BIAS)
     else:
         _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_ptr,
-                              bias_ptr, stride_cm, stride_cn, HAS_BIAS, BF16_RNE_BITS)
+                              bias_ptr, stride_cm, stride_cn, HAS_BIAS)
 
 
 @triton.jit
@@ -256,8 +255,7 @@ def _gemv_tile(a_row_ptr, b_ptr, offs_bn, k_lo, k_hi, stride_ak, stride_bn, stri
 
 @triton.jit
 def _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_ptr, bias_ptr,
-                          stride_cm, stride_cn, HAS_BIAS: tl.constexpr,
-                          BF16_RNE_BITS: tl.constexpr):
+                          stride_cm, stride_cn, HAS_BIAS: tl.constexpr):
     """c[m, n] = acc * b_scale[n] (+ bias[n]) rounded once to c's dtype."""
     w_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
     y = acc * w_scale[None, :]
@@ -265,8 +263,8 @@ def _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_pt
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         y = y + bias[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    if BF16_RNE_BITS:  # under the interpreter: the GPU's cvt.rn on the bits
-        out = bf16_rne(y)
+    if c_ptr.dtype.element_ty == tl.bfloat16:  # (the interpreter's own cast truncates)
+        out = to_bf16(y)
     else:
         out = y.to(c_ptr.dtype.element_ty)
     tl.store(c_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
@@ -386,11 +384,10 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None, tile=None):
         return (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]), split)
 
     has_bias = bias is not None
-    bf16_bits = interpret and out.dtype == torch.bfloat16
     launch(_weight_only_kernel(interpret or tile is not None), grid, x, wq, out, w_scale,
            bias if has_bias else w_scale, ws, tick, m, n, k, split, x.stride(0), x.stride(1),
            wq.stride(0), wq.stride(1), out.stride(0), out.stride(1), HAS_BIAS=has_bias,
-           DOT_F32=x.dtype == torch.float32 or interpret, BF16_RNE_BITS=bf16_bits, **meta,
+           DOT_F32=x.dtype == torch.float32 or interpret, **meta,
            **LAUNCH_OPTS)
     return out
 

@@ -79,7 +79,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .common import INTERPRET, bf16_rne, cdiv
+from .common import INTERPRET, cdiv, rne, to_bf16, to_f32
 from .launch import launch
 
 __all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "row_plan",
@@ -94,14 +94,7 @@ _LAUNCH = {"enable_fp_fusion": False}  # bit-exactness: no fma contraction (cont
 
 
 # --------------------------------------------------------------------------- jitted helpers
-@triton.jit
-def _rne(v):
-    """Round half to even of float32 ``v``; exact for every value (|v| >= 2^23 is already an
-    integer and passes through, inf stays, NaN stays). Needs fusion off around it."""
-    a = tl.abs(v)
-    r = (a + 8388608.0) - 8388608.0
-    r = tl.where(v < 0, -r, r)
-    return tl.where(a < 8388608.0, r, v)
+_rne = rne  # the fake-quant family's name for it (its kernels' helpers import it from here)
 
 
 @triton.jit
@@ -179,11 +172,10 @@ def udiv_magic(d: int) -> Tuple[int, int]:
 
 @triton.jit
 def _to_out(y, OUT: tl.constexpr):
-    """float32 -> the output dtype, rounding to nearest even. float32 -> bfloat16 is done on
-    the bits: the interpreter's cast truncates while the GPU's ``cvt.rn.bf16.f32`` rounds, and
-    both must give torch's bytes (NaN becomes torch's canonical 0x7FC0)."""
+    """float32 -> the output dtype, rounding to nearest even as torch on the kernel's device
+    (:func:`~.common.to_bf16`: the interpreter's own bfloat16 cast truncates)."""
     if OUT == tl.bfloat16:
-        return bf16_rne(y)
+        return to_bf16(y)
     else:
         return y.to(OUT)
 
@@ -353,7 +345,7 @@ def _fq_bwd_kernel(
     boffs = pid.to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
     bytes_ = tl.load(mask_ptr + boffs, mask=boffs < nbytes_mask, other=0)
     keep = _unpack_bits(bytes_)
-    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    g = to_f32(tl.load(g_ptr + offs, mask=m, other=0.0))
     gx = g * keep
     if RELU:
         gx = tl.where(keep != 0.0, gx, 0.0)  # +0.0 (not g * 0: -0.0 / NaN) where dead

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .common import cdiv, last_to_finish, launch_tickets
+from .common import cdiv, last_to_finish, launch_tickets, to_f32
 from .fake_quant import (_LAUNCH, _learned_zp, _npow2, _rne, _row_offsets, _to_out,
                          _tqt_scale, as_rows, auto_interpreter, fake_quant_forward,
                          on_tensor_device, row_plan)
@@ -95,7 +95,7 @@ def _learned_bwd_kernel(
         off = roff[:, None] + coff
         m = rm[:, None] & cm[None, :]
         x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+        dy = to_f32(tl.load(g_ptr + off, mask=m, other=0.0))
         if MODE == 2:
             v = x * inv2
             r = _rne(v)
