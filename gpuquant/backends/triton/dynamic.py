@@ -12,9 +12,9 @@
 
 Numerics are those of :mod:`gpuquant.backends.reference_dynamic`, bit for bit for
 ``quantize_per_token`` and ``linear_dynamic``: divisions use ``tl.div_rn`` (IEEE; ``/`` is
-``div.full.f32`` on the GPU), rounding is the ``+-1.5 * 2^23`` trick (|v| <= 127.x here), and
-every launch passes ``enable_fp_fusion=False`` so ``x * inv + C`` and the epilogue's
-``y * w_scale + bias`` round twice, as PyTorch does, instead of once in an FMA.
+``div.full.f32`` on the GPU), rounding half to even is :func:`~.common.rne` (``cvt.rni``
+compiled), and every launch passes ``enable_fp_fusion=False`` so the epilogue's
+``y * w_scale + bias`` rounds twice, as PyTorch does, instead of once in an FMA.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ kernels read NHWC (a program owns a block of output pixels x a block of channels
 write channels_last. Per-tensor parameters travel as small device tensors (memoised), never
 as host reads, so a network runs without host round trips. The float kernels (quantize,
 dequantize) launch with FP contraction off: ``x * inv_scale`` is rounded on its own before
-the round-half-even trick ``(v + 1.5 * 2^23) - 1.5 * 2^23``.
+it is rounded half to even (:func:`~.common.rne`: ``cvt.rni`` compiled, an exact add-and-
+subtract emulation under the interpreter).
 """
 from __future__ import annotations
 

@@ -15,9 +15,12 @@ Numerics (contract sections 1 and 4), bit-identical to ``torch.fake_quantize_per
   ``tl.math.div_rn`` (``div.rn.f32``, once a program), per-channel with torch on the device
   (one tiny launch, no host sync; the fused observer writes it itself). Never Triton's ``/``
   (``div.full.f32``, approximate).
-* ``rne`` is the add-and-subtract trick ``(|v| + 2^23) - 2^23`` with the sign put back, exact
-  for ``|v| < 2^23``; larger ``|v|`` are integers already and pass through, so no clamp is
-  needed before rounding (the STE mask sees the true ``rne(v) + zp``); inf stays inf.
+* ``rne`` (:func:`~.common.rne`) rounds half to even: compiled, ``cvt.rni.f32.f32``; under
+  the interpreter (no ``libdevice.rint``) the add-and-subtract trick ``(|v| + 2^23) - 2^23``
+  with the sign put back, exact for ``|v| < 2^23`` (larger ``|v|`` are integers already and
+  pass through). So no clamp is needed before rounding (the STE mask sees the true
+  ``rne(v) + zp``); inf stays inf. float32 -> bfloat16 likewise (:func:`~.common.to_bf16`:
+  ``cvt.rn.bf16.f32`` compiled, on the bits interpreted).
 * Every kernel launches with ``enable_fp_fusion=False``: products followed by sums
   (``zp + x * inv`` in LSQ, the moving average ``min + c * (m - min)``) must round twice, as
   the interpreter and PyTorch do, not once in an ``fma.rn.f32``. A CPU test compiles each
