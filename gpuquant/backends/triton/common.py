@@ -312,9 +312,9 @@ def bf16_rne(y):
 @triton.jit
 def to_bf16(y):
     """float32 -> bfloat16 as torch converts on the device the kernel runs for. Compiled:
-    ``cvt.rn.bf16.f32`` (paired into ``cvt.rn.bf16x2.f32``), torch's own conversion on CUDA
-    (``__float2bfloat16``: half to even, NaN 0x7FFF), one instruction for two values.
-    Interpreted: :func:`bf16_rne` on the bits, torch's CPU conversion (NaN 0x7FC0)."""
+    ``cvt.rn.bf16.f32``, torch's own conversion on CUDA (``__float2bfloat16``: half to
+    even, NaN 0x7FFF), one instruction (ptxas packs some pairs into one). Interpreted:
+    :func:`bf16_rne` on the bits, as torch's scalar CPU conversion (NaN 0x7FC0)."""
     if COMPILED:
         return y.to(tl.bfloat16)
     else:
