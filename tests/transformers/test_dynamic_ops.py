@@ -241,6 +241,16 @@ _PTX_SCRIPT = textwrap.dedent(r"""
         ptx = compile_ptx(D._quantize_per_token_kernel, sig, {"BLOCK_K": 4096, "ONE_BLOCK": True},
                           cc, num_warps=8)
         assert not FLOAT_HAZARD_RE.findall(ptx) and "div.rn.f32" in ptx, cc
+        # the transformer QAT's row fake quant: IEEE divisions, cvt.rni rounding, no FMA,
+        # 16-byte loads of a bf16 row
+        sig = {"x_ptr": "*bf16", "y_ptr": "*fp32", "mask_ptr": "*u8", **i32("K", "stride_xm"),
+               **{a: "fp32" for a in ("divisor", "qmin", "qmax", "eps")}}
+        for one in (True, False):
+            ptx = compile_ptx(D._fake_quant_rows_kernel, sig, {"BLOCK_K": 4096,
+                              "ONE_BLOCK": one, "SAVE_MASK": True}, cc, num_warps=8,
+                              aligned=("x_ptr", "y_ptr", "mask_ptr", "K", "stride_xm"))
+            assert not FLOAT_HAZARD_RE.findall(ptx) and "div.rn.f32" in ptx, (cc, one)
+            assert "cvt.rni.f32.f32" in ptx and "ld.global.v4" in ptx, (cc, one)
         sig = {"X": "*i8", "W": "*i8", "BIAS": "*fp32", "MULT": "*fp32", "RSHIFT": "*fp32",
                "EPI": "*fp32", "RES": "*fp32", "Y": "*bf16", **i32("M", "N", "K", "stride_xm",
                "stride_xk", "stride_wn", "stride_wk", "stride_ym", "stride_rm"),

@@ -8,7 +8,10 @@
   int32 intermediate in memory);
 * ``_linear_weight_only_kernel``: float activations times int8 weights converted to the
   activation dtype in registers, float32 accumulator, epilogue ``acc * w_scale[n] + bias[n]``
-  (a float GEMM, so not part of the int8 kernel).
+  (a float GEMM, so not part of the int8 kernel);
+* ``_fake_quant_rows_kernel``: QAT for these modes (:mod:`gpuquant.nn.qat.linear_dynamic`):
+  one program a row; the row's absmax scale, the fake quant and its straight-through bit
+  mask in one launch (per-token activations, per-output-channel weights).
 
 Numerics are those of :mod:`gpuquant.backends.reference_dynamic`, bit for bit for
 ``quantize_per_token`` and ``linear_dynamic``: divisions use ``tl.div_rn`` (IEEE; ``/`` is
@@ -21,16 +24,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ..reference_dynamic import EPS
 from .common import (LAUNCH_OPTS, arch_family, cdiv, last_to_finish, launch_tickets,
-                     rne, sm_count, to_bf16, tune_subset)
-from .fake_quant import on_tensor_device
+                     rne, sm_count, to_bf16, to_f32, tune_subset)
+from .fake_quant import (_FLOATS, _fq_math, _pack_bits, auto_interpreter, mask_backward,
+                         on_tensor_device, save_mask)
 from .launch import launch
 from .gemm import (OUT_SCALED, _config, _gemm_kernel, _with, align_k, gemm_grid,
                    grouped_tile, interpret_meta)
 
-__all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "OPS"]
+__all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "fake_quant_rows",
+           "OPS"]
 
 _INF = tl.constexpr(float("inf"))
 # no NaN module constant: Triton (3.6) checks that a kernel's globals are unchanged by
@@ -111,6 +117,127 @@ def quantize_per_token(x, qmin, qmax):
            int(qmax), EPS, BLOCK_K=block_k, ONE_BLOCK=one_block, num_warps=num_warps,
            **LAUNCH_OPTS)
     return q, scale
+
+
+# --------------------------------------------------------------------------- row fake quant
+@triton.jit
+def _fake_quant_rows_kernel(
+    # pointers (y float32 (M, K) contiguous; mask: its bits in y's memory order)
+    x_ptr, y_ptr, mask_ptr,
+    # sizes and strides (x's columns are contiguous)
+    K, stride_xm,
+    # scalars (float32): the row scale's divisor, the quantized range, the scale's floor
+    divisor, qmin, qmax, eps,
+    # meta
+    BLOCK_K: tl.constexpr, ONE_BLOCK: tl.constexpr, SAVE_MASK: tl.constexpr,
+):
+    """Program ``m``: row ``m`` of x fake-quantized symmetrically with its own scale,
+    ``max(max_k |x[m, k]| / divisor, eps)`` (a NaN anywhere in the row makes it NaN, as
+    torch's ``amax`` does; an inf makes it inf, and the row's outputs NaN), then
+    :func:`.fake_quant._fq_math` with zero point 0, ``inv = 1 / scale`` correctly rounded. The in-range bits go to ``mask``
+    in y's memory order (``K % 8 == 0``: a row's bits are whole bytes, no byte shared)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    y_row = y_ptr + row * K
+    m_row = mask_ptr + row * (K // 8)
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_BLOCK:
+        mask = offs < K
+        x = to_f32(tl.load(x_row + offs, mask=mask, other=0.0))
+        amax = tl.max(tl.abs(x), axis=0)
+        n_nan = tl.sum(tl.where(x != x, 1, 0), axis=0)  # (the GPU's max drops NaN)
+    else:
+        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        nans = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            xk = to_f32(tl.load(x_row + k0 + offs, mask=offs + k0 < K, other=0.0))
+            acc = tl.maximum(acc, tl.abs(xk))
+            nans += tl.where(xk != xk, 1, 0)
+        amax = tl.max(acc, axis=0)
+        n_nan = tl.sum(nans, axis=0)
+    nan = tl.full((), _QNAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+    amax = tl.where(n_nan > 0, nan, amax)
+    scale = tl.maximum(tl.div_rn(amax, divisor), eps, propagate_nan=tl.PropagateNan.ALL)
+    inv = tl.div_rn(1.0, scale)
+    # an infinite scale (an inf in the row): inv 0, and the definition's every output is NaN
+    # (0 * inf, or clamp(rne(inf * 0)) = NaN at the infinities, which the clamp below, as
+    # the GPU's max / min, would turn into qmin)
+    finite = scale < _INF
+    if ONE_BLOCK:
+        y, inr = _fq_math(x, inv, scale, 0.0, qmin, qmax)
+        y = tl.where(finite, y, nan)
+        tl.store(y_row + offs, y, mask=mask)
+        if SAVE_MASK:
+            bits = _pack_bits(tl.reshape(inr & mask, (BLOCK_K // 8, 8)))
+            boffs = tl.arange(0, BLOCK_K // 8)
+            tl.store(m_row + boffs, bits, mask=boffs < K // 8)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            mk = offs + k0 < K
+            xk = to_f32(tl.load(x_row + k0 + offs, mask=mk, other=0.0))
+            y, inr = _fq_math(xk, inv, scale, 0.0, qmin, qmax)
+            y = tl.where(finite, y, nan)
+            tl.store(y_row + k0 + offs, y, mask=mk)
+            if SAVE_MASK:
+                bits = _pack_bits(tl.reshape(inr & mk, (BLOCK_K // 8, 8)))
+                boffs = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                tl.store(m_row + boffs, bits, mask=boffs < K // 8)
+
+
+def fake_quant_rows_forward(x, divisor: float, qmin: float, qmax: float, eps: float,
+                            save_mask: bool):
+    """Launch :func:`_fake_quant_rows_kernel` on a (M, K) float ``x`` with contiguous columns
+    and ``K % 8 == 0``: (y float32 (M, K) contiguous, the bit mask or None)."""
+    m, k = x.shape
+    y = torch.empty((m, k), dtype=torch.float32, device=x.device)
+    mask = torch.empty((m * k // 8) if save_mask else 1, dtype=torch.uint8, device=x.device)
+    if m == 0:
+        return y, (mask if save_mask else None)
+    one_block = k <= _ONE_BLOCK_MAX_K
+    block_k = max(8, triton.next_power_of_2(k)) if one_block else 4096
+    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    launch(_fake_quant_rows_kernel, (m,), x, y, mask, k, x.stride(0), float(divisor),
+           float(qmin), float(qmax), float(eps), BLOCK_K=block_k, ONE_BLOCK=one_block,
+           SAVE_MASK=save_mask, num_warps=num_warps, **LAUNCH_OPTS)
+    return y, (mask if save_mask else None)
+
+
+class _FakeQuantRows(torch.autograd.Function):
+    """Forward: one launch (row scales, fake quant, bit mask); backward: the fake quant's
+    mask kernel, the gradient then cast to x's dtype (the definition's ``.to(float32)``
+    backward)."""
+
+    @staticmethod
+    def forward(ctx, x, divisor, qmin, qmax, eps):
+        need = ctx.needs_input_grad[0]
+        y, mask = fake_quant_rows_forward(x, divisor, qmin, qmax, eps, need)
+        if need:
+            save_mask(ctx, y, mask)
+            ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        gx = mask_backward(ctx, grad)
+        return (gx if gx.dtype == ctx.x_dtype else gx.to(ctx.x_dtype)), None, None, None, None
+
+
+def fake_quant_rows(x: torch.Tensor, divisor: float, qmin: int, qmax: int, eps: float):
+    """Op ``fake_quant_rows``: each row of a 2-d float tensor fake-quantized symmetrically in
+    float32 with the scale ``max(max|row| / divisor, eps)``, straight-through gradient: what
+    :func:`gpuquant.nn.qat.linear_dynamic.fake_quant_per_token` (divisor qmax) and the
+    per-output-channel weight fake quant (divisor ``(qmax - qmin) / 2``) compute from torch
+    ops and :func:`gpuquant.functional.fake_quant`, bit for bit, in one pass of one launch
+    instead of a cast, ``abs``, ``amax``, the scale's ops and the fake quant's own launch.
+    None (the caller composes the definition) for what it does not take: a CPU tensor
+    without ``use("triton")``, columns not contiguous, ``K % 8 != 0`` (a row's mask bits
+    would share a byte with the next row's), an empty tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOATS:
+        return None
+    if auto_interpreter(x) or x.numel() == 0 or x.shape[1] % 8 or x.stride(1) != 1:
+        return None
+    return _FakeQuantRows.apply(x, float(divisor), float(qmin), float(qmax), float(eps))
 
 
 # --------------------------------------------------------------------------- W8A8 GEMM
@@ -396,4 +523,5 @@ OPS = {  # each on its input's GPU (a model on cuda:1 while cuda:0 is current)
     "quantize_per_token": on_tensor_device(quantize_per_token),
     "linear_dynamic": on_tensor_device(linear_dynamic),
     "linear_weight_only": on_tensor_device(linear_weight_only),
+    "fake_quant_rows": on_tensor_device(fake_quant_rows),
 }

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from ..._compile import EagerUnderCompile
+from ...backends.registry import try_op
 from ...backends.reference_dynamic import EPS
 from ...dtypes import qint8, qint8_narrow
 from ...functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
@@ -52,26 +53,32 @@ def fake_quant_per_token(x: torch.Tensor, dtype=qint8) -> torch.Tensor:
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"fake_quant_per_token: x needs a non-empty last dimension, got shape "
                          f"{tuple(x.shape)}")
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] == 0:
-        return x2.reshape(x.shape)
-    with torch.no_grad():
-        amax = x2.abs().amax(dim=1)  # divided by a tensor: as the int8 kernels, on any device
-        scale = torch.clamp(amax / torch.full_like(amax, float(d.qmax)), min=EPS)
-    zp = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
-    y = fake_quant(x2, QParams.trusted(d, scale, zp, axis=0))
-    return y.reshape(x.shape)
+        return x2.to(torch.float32).reshape(x.shape)
+    return _fake_quant_rows(x2, float(d.qmax), d).reshape(x.shape)
 
 
 def fake_quant_weight_per_channel(w: torch.Tensor, dtype=qint8_narrow) -> torch.Tensor:
     """Symmetric per-output-channel fake quantization of a (N, K) weight, float32, STE."""
     d = _check_dtype(dtype, WEIGHT_DTYPES, "fake_quant_weight_per_channel: dtype")
-    w32 = w.to(torch.float32)
+    return _fake_quant_rows(w, float(d.qmax - d.qmin) / 2, d)
+
+
+def _fake_quant_rows(x2: torch.Tensor, divisor: float, d) -> torch.Tensor:
+    """Each row of the (M, K) float ``x2`` fake-quantized symmetrically in float32 with the
+    scale ``max(max|row| / divisor, EPS)`` (STE; the scale a constant): the backend's
+    one-launch op ``fake_quant_rows`` where it has one and takes the case (Triton), else
+    this definition, whose bytes that op reproduces."""
+    y = try_op("fake_quant_rows", x2, x2, divisor, d.qmin, d.qmax, EPS)
+    if y is not None:
+        return y
+    x32 = x2.to(torch.float32)
     with torch.no_grad():
-        amax = w32.abs().amax(dim=1)
-        scale = torch.clamp(amax / torch.full_like(amax, float(d.qmax - d.qmin) / 2), min=EPS)
-    zp = torch.zeros(scale.shape, dtype=torch.int32, device=w.device)
-    return fake_quant(w32, QParams.trusted(d, scale, zp, axis=0))
+        amax = x32.abs().amax(dim=1)  # divided by a tensor: as the int8 kernels, on any device
+        scale = torch.clamp(amax / torch.full_like(amax, divisor), min=EPS)
+    zp = torch.zeros(scale.shape, dtype=torch.int32, device=x2.device)
+    return fake_quant(x32, QParams.trusted(d, scale, zp, axis=0))
 
 
 class DynamicLinear(EagerUnderCompile, torch.nn.Linear, Module):
