@@ -28,8 +28,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 COMPILED = tl.constexpr(not INTERPRET)
 
 # Every inference kernel launches with FP contraction off: the integer kernels do not care,
-# and the float ones (quantize: x * inv_scale, then the rne trick's add) depend on separate
-# roundings (contract section 4).
+# and the float ones (quantize: x * inv_scale, then the interpreter's rounding trick's add)
+# depend on separate roundings (contract section 4).
 LAUNCH_OPTS = {"enable_fp_fusion": False}
 
 # compute capability (major, minor) -> family whose autotune configs apply; the one place

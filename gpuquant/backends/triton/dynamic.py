@@ -134,8 +134,9 @@ def _fake_quant_rows_kernel(
     """Program ``m``: row ``m`` of x fake-quantized symmetrically with its own scale,
     ``max(max_k |x[m, k]| / divisor, eps)`` (a NaN anywhere in the row makes it NaN, as
     torch's ``amax`` does; an inf makes it inf, and the row's outputs NaN), then
-    :func:`.fake_quant._fq_math` with zero point 0, ``inv = 1 / scale`` correctly rounded. The in-range bits go to ``mask``
-    in y's memory order (``K % 8 == 0``: a row's bits are whole bytes, no byte shared)."""
+    :func:`.fake_quant._fq_math` with zero point 0, ``inv = 1 / scale`` correctly rounded.
+    The in-range bits go to ``mask`` in y's memory order (``K % 8 == 0``: a row's bits are
+    whole bytes, no byte shared)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     y_row = y_ptr + row * K
