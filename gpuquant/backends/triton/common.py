@@ -17,7 +17,7 @@ from triton.language.extra import libdevice
 from ..._tensors import version as _version
 
 __all__ = ["INTERPRET", "COMPILED", "LAUNCH_OPTS", "arch_family", "bf16_rne", "to_bf16",
-           "to_f32", "rne", "derived", "scalar_int", "scalar_float", "ARCH_FAMILIES", "tune_subset",
+           "to_dtype", "to_f32", "rne", "derived", "scalar_int", "scalar_float", "ARCH_FAMILIES", "tune_subset",
            "TUNE_MODES", "cdiv"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -319,6 +319,17 @@ def to_bf16(y):
         return y.to(tl.bfloat16)
     else:
         return bf16_rne(y)
+
+
+@triton.jit
+def to_dtype(y, OUT: tl.constexpr):
+    """float32 ``y`` -> ``OUT`` (a float dtype), rounding half to even as torch converts on
+    the kernel's device: bfloat16 through :func:`to_bf16`, the others by the cast (exact
+    in the interpreter too)."""
+    if OUT == tl.bfloat16:
+        return to_bf16(y)
+    else:
+        return y.to(OUT)
 
 
 @triton.jit

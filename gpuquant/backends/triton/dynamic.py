@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from ..reference_dynamic import EPS
 from .common import (LAUNCH_OPTS, arch_family, cdiv, last_to_finish, launch_tickets,
-                     rne, sm_count, to_bf16, to_f32, tune_subset)
+                     rne, sm_count, to_dtype, to_f32, tune_subset)
 from .fake_quant import (_FLOATS, _fq_math, _pack_bits, auto_interpreter, mask_backward,
                          on_tensor_device, save_mask)
 from .launch import launch
@@ -391,10 +391,7 @@ def _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_pt
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         y = y + bias[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    if c_ptr.dtype.element_ty == tl.bfloat16:  # (the interpreter's own cast truncates)
-        out = to_bf16(y)
-    else:
-        out = y.to(c_ptr.dtype.element_ty)
+    out = to_dtype(y, c_ptr.dtype.element_ty)
     tl.store(c_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 
 

@@ -82,7 +82,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .common import INTERPRET, cdiv, rne, to_bf16, to_f32
+from .common import INTERPRET, cdiv, rne, to_dtype, to_f32
 from .launch import launch
 
 __all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "row_plan",
@@ -173,14 +173,7 @@ def udiv_magic(d: int) -> Tuple[int, int]:
     return m, l
 
 
-@triton.jit
-def _to_out(y, OUT: tl.constexpr):
-    """float32 -> the output dtype, rounding to nearest even as torch on the kernel's device
-    (:func:`~.common.to_bf16`: the interpreter's own bfloat16 cast truncates)."""
-    if OUT == tl.bfloat16:
-        return to_bf16(y)
-    else:
-        return y.to(OUT)
+_to_out = to_dtype  # the family's name for it (float32 -> the output dtype, as torch rounds)
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import triton.language as tl
 import torch
 
 from .common import (LAUNCH_OPTS, arch_family, cdiv, derived, scalar_int, sm_count,
-                     to_bf16, tune_mode, tune_subset)
+                     to_dtype, tune_mode, tune_subset)
 from .launch import launch
 from ...functional.requant import Requant
 from .fixed_point import (_E_AM, _E_AS, _E_AZP, _E_BM, _E_BS, _E_BZP, _E_DZP, _E_F_SH, _E_FA_C,
@@ -174,7 +174,7 @@ def scaled_epilogue(acc, offs_m, offs_n, mask_m, mask_n, COL_SCALE, ROW_SCALE, F
     """OUT_MODE 3, "scaled" (dynamic W8A8, :mod:`.dynamic`): store
     ``float(acc) * ROW_SCALE[m] * COL_SCALE[n] (+ FBIAS[n])`` (float32, each step rounded:
     launched without FMA) as Y's float dtype, rounded half to even (bfloat16: torch's
-    conversion on the kernel's device, :func:`~.common.to_bf16`)."""
+    conversion on the kernel's device, :func:`~.common.to_dtype`)."""
     rs = tl.load(ROW_SCALE + offs_m, mask=mask_m, other=0.0)
     cs = tl.load(COL_SCALE + offs_n, mask=mask_n, other=0.0)
     y = acc.to(tl.float32) * rs[:, None]
@@ -182,10 +182,7 @@ def scaled_epilogue(acc, offs_m, offs_n, mask_m, mask_n, COL_SCALE, ROW_SCALE, F
     if HAS_BIAS:
         y = y + tl.load(FBIAS + offs_n, mask=mask_n, other=0.0)[None, :]
     y_ptrs = Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    if Y.dtype.element_ty == tl.bfloat16:
-        out = to_bf16(y)
-    else:
-        out = y.to(Y.dtype.element_ty)
+    out = to_dtype(y, Y.dtype.element_ty)
     tl.store(y_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 
 
