@@ -103,16 +103,23 @@ def _quantize_per_token_kernel(
             tl.store(q_row + k0 + offs, r.to(tl.int8), mask=mask)
 
 
+def _row_blocks(k: int, least: int = 1):
+    """(one block?, BLOCK_K, num_warps) of a one-program-a-row kernel over ``k`` columns: the
+    whole row in one block up to ``_ONE_BLOCK_MAX_K`` (at least ``least`` wide), with
+    enough threads that a 16K row sits in registers (<= 64 floats a thread); else
+    4096-wide chunks."""
+    one_block = k <= _ONE_BLOCK_MAX_K
+    block_k = max(least, triton.next_power_of_2(k)) if one_block else 4096
+    return one_block, block_k, 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+
+
 def quantize_per_token(x, qmin, qmax):
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
-    one_block = k <= _ONE_BLOCK_MAX_K
-    block_k = triton.next_power_of_2(k) if one_block else 4096
-    # enough threads that a 16K row sits in registers (<= 64 floats a thread)
-    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    one_block, block_k, num_warps = _row_blocks(k)
     launch(_quantize_per_token_kernel, (m,), x, q, scale, k, x.stride(0), q.stride(0), int(qmin),
            int(qmax), EPS, BLOCK_K=block_k, ONE_BLOCK=one_block, num_warps=num_warps,
            **LAUNCH_OPTS)
@@ -194,9 +201,7 @@ def fake_quant_rows_forward(x, divisor: float, qmin: float, qmax: float, eps: fl
     mask = torch.empty((m * k // 8) if save_mask else 1, dtype=torch.uint8, device=x.device)
     if m == 0:
         return y, (mask if save_mask else None)
-    one_block = k <= _ONE_BLOCK_MAX_K
-    block_k = max(8, triton.next_power_of_2(k)) if one_block else 4096
-    num_warps = 4 if block_k <= 2048 else (8 if block_k <= 8192 else 16)
+    one_block, block_k, num_warps = _row_blocks(k, least=8)  # (whole mask bytes)
     launch(_fake_quant_rows_kernel, (m,), x, y, mask, k, x.stride(0), float(divisor),
            float(qmin), float(qmax), float(eps), BLOCK_K=block_k, ONE_BLOCK=one_block,
            SAVE_MASK=save_mask, num_warps=num_warps, **LAUNCH_OPTS)
