@@ -78,3 +78,39 @@ def test_decode_replays_from_cuda_graph(cls):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, call())
+
+
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_qat_under_autocast_on_the_gpu(weight_only):
+    """The QAT Linear under CUDA autocast: its forward is the served int8 computation (equal
+    to the converted module's output and to the NumPy oracle's), its gradients the float32
+    composition's to bf16 rounding (test_dynamic_models' CPU test, compiled kernels)."""
+    import copy
+
+    from gpuquant.quantization.dynamic import prepare_dynamic_qat, quantize_dynamic
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4096, 1000)
+    x = (torch.randn(300, 4096) * torch.exp(torch.randn(300, 1))).to(torch.bfloat16)
+    qat = prepare_dynamic_qat(torch.nn.Sequential(copy.deepcopy(lin).cuda()),
+                              weight_only=weight_only)[0]
+    xg = x.cuda().requires_grad_()
+    g = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16)
+    with backends.use("triton"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = qat(xg)
+        y.backward(g)
+        grads = (xg.grad, qat.weight.grad, qat.bias.grad)
+        with torch.no_grad():
+            served = quantize_dynamic(copy.deepcopy(torch.nn.Sequential(qat)),
+                                      weight_only=weight_only)[0]
+            assert torch.equal(y, served(x.cuda()))
+        xg.grad = qat.weight.grad = qat.bias.grad = None
+        qat(xg).backward(g)  # autocast off: the float32 composition
+    want = (xg.grad, qat.weight.grad, qat.bias.grad)
+    if not weight_only:  # the NumPy oracle of the W8A8 output (weight-only: float32 sums)
+        with backends.use("numpy"), torch.no_grad():
+            ref = quantize_dynamic(torch.nn.Sequential(copy.deepcopy(qat).cpu()))[0](x)
+        assert torch.equal(y.cpu(), ref)
+    for a, b in zip(grads, want):
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        assert err < 2e-2, err

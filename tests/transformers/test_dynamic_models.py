@@ -169,6 +169,67 @@ def test_qat_gradients_straight_through():
     assert torch.allclose(lin.bias.grad, g.sum(0))
 
 
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "reference", "triton"])
+@pytest.mark.parametrize("weight_only,smoothed,x_dtype", [
+    (False, False, torch.bfloat16), (False, True, torch.float32), (True, False, torch.float32),
+    (True, True, torch.bfloat16)])
+def test_qat_under_autocast_runs_the_served_int8_computation(backend, weight_only, smoothed,
+                                                             x_dtype):
+    """Under autocast the QAT Linear's forward is the converted module's int8 computation,
+    bit for bit on every backend, and its straight-through gradients are the float32
+    composition's to the autocast dtype's rounding (its backward GEMMs run in bf16)."""
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(96, 40))
+    x = (torch.randn(5, 3, 96) * torch.exp(torch.randn(5, 3, 1))).to(x_dtype)
+    if smoothed:
+        float_model = smooth_quant(float_model, calibrate_linear_inputs(float_model, [x.float()]))
+    qat = prepare_dynamic_qat(float_model, weight_only=weight_only)[0]
+    assert (getattr(qat, "input_smoothing", None) is not None) == smoothed
+    xg = x.clone().requires_grad_()
+    g = torch.randn(5, 3, 40).to(x_dtype)
+    with backends.use(backend):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = qat(xg)
+        assert type(y.grad_fn).__name__ == "_ServedForwardBackward"
+        y.backward(g)
+        grads = (xg.grad, qat.weight.grad, qat.bias.grad)
+        served = quantize_dynamic(copy.deepcopy(nn.Sequential(qat)), weight_only=weight_only)[0]
+        with torch.no_grad():
+            assert torch.equal(y, served(x)) and y.dtype == x_dtype
+        if backend == "numpy":  # (no fake_quant op there: the composition below needs one)
+            return
+        xg.grad = qat.weight.grad = qat.bias.grad = None
+        y32 = qat(xg)  # autocast off: the float32 composition
+        y32.backward(g)
+    assert _rel(y, y32) < 1e-2
+    for a, b in zip(grads, (xg.grad, qat.weight.grad, qat.bias.grad)):
+        assert a.dtype == b.dtype and _rel(a, b) < 2e-2
+
+
+def test_qat_under_autocast_non_finite_rows():
+    """A token holding NaN or Inf: its output row is NaN (as served) and it passes no input
+    gradient; the other tokens' gradients stay finite. A weight of qint8 range (scale
+    max / 127.5, not the per-token scale) keeps the float32 composition."""
+    torch.manual_seed(0)
+    qat = prepare_dynamic_qat(nn.Sequential(nn.Linear(32, 16)))[0]
+    x = torch.randn(4, 32)
+    x[1, 3], x[2, 5] = float("nan"), float("inf")
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = qat(xg)
+    y.sum().backward()
+    assert torch.isnan(y[1:3]).all() and torch.isfinite(y[[0, 3]]).all()
+    assert torch.equal(xg.grad[1:3], torch.zeros(2, 32))
+    assert torch.isfinite(xg.grad).all() and xg.grad[[0, 3]].abs().sum() > 0
+    wide = prepare_dynamic_qat(nn.Sequential(nn.Linear(32, 16)), weight_dtype=gpuquant.qint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(wide[0](torch.randn(2, 32)).grad_fn).__name__ != "_ServedForwardBackward"
+
+
 def test_quantize_dynamic_api():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 8)))
     before = copy.deepcopy(model.state_dict())

@@ -722,7 +722,7 @@ def test_qat_linear_under_autocast_matches_the_int8_module():
         a = q(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             b = qat(x)
-    assert (a - b.float()).abs().max() < 1e-5
+    assert torch.equal(a, b)  # under autocast the QAT forward is the int8 computation
 
 
 def test_smooth_quant_fp16_with_extreme_factors_stays_finite():

@@ -12,18 +12,31 @@ Gradients: straight-through estimator (``gpuquant.functional.fake_quant``) for t
 the weight; the scales are treated as constants (no gradient flows through the absmax).
 Forward equals the quantized module's to float32 rounding: the integers and scales are the
 same, only the order of the float32 sum differs.
+
+Under autocast (mixed-precision training) with ``qint8_narrow`` weights (the default), the
+forward is the converted module's own int8 computation instead (:class:`_ServedForward`):
+the per-token quantization of the input and the weight's per-channel one, then the int8
+GEMM with its float32 epilogue, so the output equals the served module's bit for bit on
+every backend and the GEMM runs on int8 tensor cores. The backward's two GEMMs run in the
+autocast dtype, as autocast runs a float Linear's. (The float32 composition above forced
+three float32 GEMMs a step under autocast: without TF32, PyTorch's default, an H100's
+float32 peak is 67 TFLOPS, where the bf16 GEMM measured 787 TFLOPS on this repository's
+H200 runs.) Without autocast, or with ``qint8`` weights (scale ``max / 127.5``, not the
+per-token op's), the float32 composition runs.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 from ..._compile import EagerUnderCompile
 from ...backends.registry import try_op
 from ...backends.reference_dynamic import EPS
 from ...dtypes import qint8, qint8_narrow
-from ...functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
+from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, _linear_dynamic,
+                                  linear_weight_only, max_in_features, quantize_per_token)
 from ...functional.quant import fake_quant
 from ...qparams import QParams
 from ..module import Module
@@ -79,6 +92,67 @@ def _fake_quant_rows(x2: torch.Tensor, divisor: float, d) -> torch.Tensor:
         scale = torch.clamp(amax / torch.full_like(amax, divisor), min=EPS)
     zp = torch.zeros(scale.shape, dtype=torch.int32, device=x2.device)
     return fake_quant(x32, QParams.trusted(d, scale, zp, axis=0))
+
+
+class _ServedForward(torch.autograd.Function):
+    """The QAT Linear under autocast (``qint8_narrow`` weights): forward, the serving module's
+    int8 computation itself (:func:`~gpuquant.functional.dynamic.quantize_per_token` of the
+    input and, rows being output channels, of the weight: ``max|w_n| / 127`` and the clamp
+    to [-127, 127] are the per-channel quantization conversion applies; then
+    ``linear_dynamic``, or ``linear_weight_only`` with ``act`` None), so its output is the
+    converted module's, bit for bit, and its GEMM runs on int8 tensor cores. Backward,
+    straight through the fake quants: ``grad_y @ w_fq`` and ``grad_y^T @ x_fq`` in the
+    autocast dtype ``cdt``, as autocast runs a float Linear's backward, where the
+    float32 composition ran two float32 GEMMs. Per-token and ``qint8_narrow`` scales keep
+    every finite value inside the integer range, so the straight-through mask is 1 except
+    on rows the quantization found NaN or Inf in (scale NaN): those pass no gradient.
+    Saved: the int8 input and weight and their scales (1 byte an element, not the float32
+    fake-quantized input)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_dtype, act, cdt):
+        k = x.shape[-1]
+        wq, ws = quantize_per_token(weight, qint8_narrow)
+        x2 = x.reshape(-1, k)
+        if act is None:
+            y = linear_weight_only(x2, wq, ws, bias).to(out_dtype)
+            saved = (x2, wq, ws)
+        else:
+            xq, xs = quantize_per_token(x2, act)
+            y = _linear_dynamic(xq, xs, wq, ws, bias, out_dtype, act, qint8_narrow,
+                                check_x_scale=False)
+            saved = (xq, xs, wq, ws)
+        ctx.save_for_backward(*saved)
+        ctx.act, ctx.cdt, ctx.x_shape, ctx.x_dtype = act, cdt, x.shape, x.dtype
+        ctx.w_dtype = weight.dtype
+        return y.reshape(tuple(x.shape[:-1]) + (wq.shape[0],))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        cdt, f32 = ctx.cdt, torch.float32
+        if ctx.act is None:
+            x_fq, wq, ws = ctx.saved_tensors
+            x_fq, keep = x_fq.to(cdt), None
+        else:
+            xq, xs, wq, ws = ctx.saved_tensors
+            x_fq = (xq * xs[:, None]).to(cdt)  # (int8 * float32: one float32 kernel)
+            keep = torch.isfinite(xs)[:, None]
+        w_fq = (wq * ws[:, None]).to(cdt)
+        g = gy.reshape(-1, wq.shape[0])
+        gc = g.to(cdt)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = gc @ w_fq
+            if keep is not None:
+                gx = torch.where(keep, gx, torch.zeros((), dtype=gx.dtype, device=gx.device))
+            gx = gx.to(ctx.x_dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            gw = torch.where(torch.isfinite(ws)[:, None], (gc.t() @ x_fq).to(f32),
+                             torch.zeros((), dtype=f32, device=g.device)).to(ctx.w_dtype)
+        if ctx.needs_input_grad[2]:
+            gb = g.to(f32).sum(0)
+        return gx, gw, gb, None, None, None
 
 
 class DynamicLinear(EagerUnderCompile, torch.nn.Linear, Module):
@@ -164,16 +238,22 @@ class DynamicLinear(EagerUnderCompile, torch.nn.Linear, Module):
                 x = (x.to(torch.float32) * smooth).to(x.dtype)
             return F.linear(x, self.weight, self.bias)
         out_dtype = x.dtype
-        xf = x.to(torch.float32)
-        if smooth is not None:
-            xf = xf * smooth
-        if not self.weight_only:
+        xf = x if smooth is None else x.to(torch.float32) * smooth
+        b = None if self.bias is None else self.bias.to(torch.float32)
+        dev = x.device.type
+        if self.weight_dtype == qint8_narrow and torch.is_autocast_enabled(dev):
+            # the serving module's int8 computation forward, the autocast dtype backward
+            return _ServedForward.apply(xf, self.weight, b, out_dtype,
+                                        None if self.weight_only else self.act_dtype,
+                                        torch.get_autocast_dtype(dev))
+        if self.weight_only:
+            xf = xf.to(torch.float32)
+        else:  # (float32 out; the row op reads a bf16 / fp16 x itself: no cast pass first)
             xf = fake_quant_per_token(xf, self.act_dtype)
         w = fake_quant_weight_per_channel(self.weight, self.weight_dtype)
-        b = None if self.bias is None else self.bias.to(torch.float32)
-        # float32 even under autocast: the served int8 module's epilogue is float32, and
-        # the two must agree to float32 rounding
-        with torch.autocast(xf.device.type, enabled=False):
+        # float32 (under autocast too, for qint8 weights): the served int8 module's epilogue
+        # is float32, and the two must agree to float32 rounding
+        with torch.autocast(dev, enabled=False):
             return F.linear(xf, w.float(), b).to(out_dtype)
 
     def extra_repr(self) -> str:
