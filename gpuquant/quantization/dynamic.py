@@ -19,7 +19,9 @@ What is and is not swapped:
   ``in_proj_weight`` and ``out_proj.weight`` directly, so swapping ``out_proj`` alone would be
   ignored, which is why PyTorch types it ``NonDynamicallyQuantizableLinear``). MHAs with
   ``kdim``/``vdim`` != ``embed_dim``, ``add_bias_kv`` / ``add_zero_attn``, or a subclass's
-  own forward stay float (logged).
+  own forward stay float (logged). ``prepare_dynamic_qat`` swaps the same MHAs for the QAT
+  :class:`gpuquant.nn.qat.linear_dynamic.DynamicMultiheadAttention`, which
+  ``quantize_dynamic`` converts with its projections' own mode and dtypes.
 * HuggingFace ``Conv1D`` (GPT-2 style: a Linear with its weight stored transposed) is
   swapped too when ``torch.nn.Linear`` is requested (recognised by its ``nf`` / ``nx``
   attributes and weight shape; ``transformers`` is never imported).
@@ -44,7 +46,9 @@ from torch.nn.utils import parametrize
 
 from ..dtypes import qint8, qint8_narrow
 from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
+from ..nn.attention import AttentionOverProjections
 from ..nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
+from ..nn.qat.linear_dynamic import DynamicMultiheadAttention as QATDynamicMHA
 from ..nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
                                            WeightOnlyLinear, _Int8WeightLinear,
                                            keep_off_torch_fast_path)
@@ -141,10 +145,29 @@ def _wanted(mod, name, modules, filter_fn) -> bool:
     return keep
 
 
+def _mha_selected(mod, name: str, modules, filter_fn, fn: str) -> bool:
+    """Whether ``quantize_dynamic`` / ``prepare_dynamic_qat`` (``fn``) convert the
+    ``torch.nn.MultiheadAttention`` ``mod``: ``modules`` names ``torch.nn.Linear`` (its
+    projections are Linears) or an MHA class it is, ``filter_fn`` keeps it, and the dynamic
+    attention takes its configuration (else it stays float, logged)."""
+    if not (torch.nn.Linear in modules or isinstance(mod, modules)):
+        return False
+    if filter_fn is not None and not _wanted(mod, name, (torch.nn.MultiheadAttention,),
+                                             filter_fn):
+        return False
+    why = DynamicMultiheadAttention.supports(mod)
+    if why is not None:
+        log.warning("%s: %s (MultiheadAttention) stays float: %s", fn, name, why)
+        return False
+    return True
+
+
 def _check_finite_weights(mod, name: str, fn: str) -> None:
     """A float weight with NaN / Inf has no int8 value: refuse it, naming the module."""
     weights = ([mod.in_proj_weight, mod.out_proj.weight]
-               if isinstance(mod, torch.nn.MultiheadAttention) else [mod.weight])
+               if isinstance(mod, torch.nn.MultiheadAttention) else
+               [mod.in_proj.weight, mod.out_proj.weight] if isinstance(mod, QATDynamicMHA)
+               else [mod.weight])
     for w in weights:
         if not bool(torch.isfinite(w.detach()).all()):
             raise ValueError(f"{fn}: {name or 'model'} ({type(mod).__name__}): its weight holds "
@@ -175,7 +198,7 @@ def _walk(model, convert, modules, filter_fn):
             new = done[id(child)] = convert(child, name)
             if new is not None:
                 swaps.append((parent, cname, new))
-            elif not isinstance(child, (_Int8WeightLinear, DynamicMultiheadAttention)):
+            elif not isinstance(child, (_Int8WeightLinear, AttentionOverProjections)):
                 visit(child, name)
     if getattr(model, "quantize_disabled", False):  # (as a child's flag, below)
         return model
@@ -236,15 +259,15 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
             if filter_fn is not None and not _wanted(mod, name, (torch.nn.Module,), filter_fn):
                 return None
             return linear(_as_linear(mod), name)
+        if isinstance(mod, QATDynamicMHA):  # (prepare_dynamic_qat's: its own mode, dtypes)
+            if not (linear_wanted or torch.nn.MultiheadAttention in modules):
+                return None
+            if filter_fn is not None and not _wanted(mod, name, (QATDynamicMHA,), filter_fn):
+                return None
+            _check_finite_weights(mod, name, fn)
+            return DynamicMultiheadAttention.from_qat_module(mod)
         if isinstance(mod, torch.nn.MultiheadAttention):
-            if not (linear_wanted or isinstance(mod, modules)):
-                return None
-            if filter_fn is not None and not _wanted(mod, name, (torch.nn.MultiheadAttention,),
-                                                     filter_fn):
-                return None
-            why = DynamicMultiheadAttention.supports(mod)
-            if why is not None:
-                log.warning("quantize_dynamic: %s (MultiheadAttention) stays float: %s", name, why)
+            if not _mha_selected(mod, name, modules, filter_fn, fn):
                 return None
             if not weight_only and mod.embed_dim > k_max:
                 raise ValueError(f"{fn}: {name}: embed_dim={mod.embed_dim} could overflow the "
@@ -283,8 +306,11 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
     """Swap Linears for :class:`gpuquant.nn.qat.linear_dynamic.DynamicLinear` (per-token
     activation fake-quant + per-channel weight fake-quant, STE) to fine-tune a model for the
     mode :func:`quantize_dynamic` serves; the swapped modules share the original parameters.
-    ``quantize_dynamic`` on the result converts them. Arguments as :func:`quantize_dynamic`
-    (``torch.nn.MultiheadAttention``, HuggingFace ``Conv1D`` and parametrized Linears, e.g.
+    ``quantize_dynamic`` on the result converts them. ``torch.nn.MultiheadAttention`` modules
+    that ``quantize_dynamic`` would convert become the QAT
+    :class:`gpuquant.nn.qat.linear_dynamic.DynamicMultiheadAttention` (fake-quantized packed
+    in-projection and out-projection, sharing the MHA's parameters). Arguments as
+    :func:`quantize_dynamic` (HuggingFace ``Conv1D`` and parametrized Linears, e.g.
     ``weight_norm``, whose weight is no parameter to share, are left as they are, logged).
 
     Raises:
@@ -299,8 +325,12 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
 
     def convert(mod, name):
         if isinstance(mod, torch.nn.MultiheadAttention):
-            log.warning("prepare_dynamic_qat: %s (MultiheadAttention) is not fake-quantized", name)
-            return None
+            if not _mha_selected(mod, name, modules, filter_fn, fn):
+                return None
+            try:
+                return QATDynamicMHA.from_float_module(mod, ad, wd, weight_only)
+            except ValueError as e:  # (the int32 bound: name the module)
+                raise ValueError(f"prepare_dynamic_qat: {name or 'model'}: {e}") from None
         if isinstance(mod, (_NDQ, QATDynamicLinear)) or not _wanted(mod, name, modules, filter_fn):
             return None
         if _custom_forward(mod):

@@ -39,9 +39,10 @@ from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, _lin
                                   linear_weight_only, max_in_features, quantize_per_token)
 from ...functional.quant import fake_quant
 from ...qparams import QParams
+from ..attention import AttentionOverProjections, mha_supported
 from ..module import Module
 
-__all__ = ["DynamicLinear", "fake_quant_per_token"]
+__all__ = ["DynamicLinear", "DynamicMultiheadAttention", "fake_quant_per_token"]
 
 
 def fake_quant_per_token(x: torch.Tensor, dtype=qint8) -> torch.Tensor:
@@ -232,25 +233,31 @@ class DynamicLinear(EagerUnderCompile, torch.nn.Linear, Module):
         return self.enable_fake_quant(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, self.weight, self.bias)
+
+    def _forward(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        """The forward with ``weight`` / ``bias`` (this module's, or some of their output
+        rows: the QAT attention's q / k / v parts of its packed in-projection; per-channel
+        scales make a row's fake quant the same either way)."""
         smooth = getattr(self, "input_smoothing", None)
         if not self.fake_quant_enabled:
             if smooth is not None:
                 x = (x.to(torch.float32) * smooth).to(x.dtype)
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, weight, bias)
         out_dtype = x.dtype
         xf = x if smooth is None else x.to(torch.float32) * smooth
-        b = None if self.bias is None else self.bias.to(torch.float32)
+        b = None if bias is None else bias.to(torch.float32)
         dev = x.device.type
         if self.weight_dtype == qint8_narrow and torch.is_autocast_enabled(dev):
             # the serving module's int8 computation forward, the autocast dtype backward
-            return _ServedForward.apply(xf, self.weight, b, out_dtype,
+            return _ServedForward.apply(xf, weight, b, out_dtype,
                                         None if self.weight_only else self.act_dtype,
                                         torch.get_autocast_dtype(dev))
         if self.weight_only:
             xf = xf.to(torch.float32)
         else:  # (float32 out; the row op reads a bf16 / fp16 x itself: no cast pass first)
             xf = fake_quant_per_token(xf, self.act_dtype)
-        w = fake_quant_weight_per_channel(self.weight, self.weight_dtype)
+        w = fake_quant_weight_per_channel(weight, self.weight_dtype)
         # float32 (under autocast too, for qint8 weights): the served int8 module's epilogue
         # is float32, and the two must agree to float32 rounding
         with torch.autocast(dev, enabled=False):
@@ -259,3 +266,99 @@ class DynamicLinear(EagerUnderCompile, torch.nn.Linear, Module):
     def extra_repr(self) -> str:
         mode = "weight-only" if self.weight_only else f"act {self.act_dtype.name} per token"
         return super().extra_repr() + f", {mode}, weight {self.weight_dtype.name} per channel"
+
+
+class DynamicMultiheadAttention(AttentionOverProjections):
+    """QAT version of ``torch.nn.MultiheadAttention`` for the dynamic serving mode: what
+    :func:`gpuquant.quantization.prepare_dynamic_qat` swaps an MHA for, and what
+    :func:`gpuquant.quantization.quantize_dynamic` then converts to the served
+    :class:`gpuquant.nn.quantized.linear_dynamic.DynamicMultiheadAttention`.
+
+    Its packed in-projection and its out-projection are QAT :class:`DynamicLinear` modules
+    (per-token input and per-channel weight fake quants, straight-through gradients; under
+    autocast the served int8 computation itself) that share the converted MHA's parameters
+    (``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``), so an
+    optimizer made for the float model trains them. The attention itself (scores, softmax,
+    attention dropout in training mode, the weighted sum) is the served module's forward
+    (:class:`gpuquant.nn.attention.AttentionOverProjections`); forward
+    arguments, results and checks are ``torch.nn.MultiheadAttention.forward``'s. Supported:
+    what the served module supports (:func:`gpuquant.nn.attention.mha_supported`).
+
+    Its ``state_dict`` has ``torch.nn.MultiheadAttention``'s keys (``in_proj_weight``,
+    ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``), and it loads them: a float
+    checkpoint loads into the QAT model and a QAT checkpoint into the float one.
+
+    Raises:
+        ValueError, TypeError: as ``torch.nn.MultiheadAttention`` and :class:`DynamicLinear`.
+
+    Example:
+        >>> mha = DynamicMultiheadAttention.from_float_module(torch.nn.MultiheadAttention(64, 4))
+        >>> out, _ = mha(q, k, v)   # trains; quantize_dynamic converts it
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = False, device=None, act_dtype=qint8,
+                 weight_dtype=qint8_narrow, weight_only: bool = False):
+        super().__init__()
+        mha = torch.nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias,
+                                          batch_first=batch_first, device=device)
+        self._take(mha, act_dtype, weight_dtype, weight_only)
+
+    @classmethod
+    def from_float_module(cls, mha: torch.nn.MultiheadAttention, act_dtype=qint8,
+                          weight_dtype=qint8_narrow, weight_only: bool = False):
+        """The QAT version of ``mha``, sharing its parameters.
+
+        Raises:
+            TypeError: not a ``torch.nn.MultiheadAttention``.
+            ValueError: a configuration the served module does not take (the message says
+                which).
+        """
+        why = mha_supported(mha)
+        if why is not None:
+            raise (TypeError if not isinstance(mha, torch.nn.MultiheadAttention) else ValueError)(
+                f"DynamicMultiheadAttention (QAT) cannot take this module: {why}")
+        m = cls.__new__(cls)
+        AttentionOverProjections.__init__(m)
+        m._take(mha, act_dtype, weight_dtype, weight_only)
+        return m
+
+    def _take(self, mha, act_dtype, weight_dtype, weight_only):
+        e = mha.embed_dim
+        # a shell Linear holding the MHA's packed in-projection parameters (no storage of
+        # its own), for DynamicLinear.from_float_module to share
+        shell = torch.nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None, device="meta")
+        shell.weight = mha.in_proj_weight
+        shell.bias = mha.in_proj_bias
+        self.in_proj = DynamicLinear.from_float_module(shell, act_dtype, weight_dtype,
+                                                       weight_only)
+        self.out_proj = DynamicLinear.from_float_module(mha.out_proj, act_dtype, weight_dtype,
+                                                        weight_only)
+        self.embed_dim, self.num_heads = e, mha.num_heads
+        self.head_dim = e // mha.num_heads
+        self.batch_first, self.dropout = bool(mha.batch_first), float(mha.dropout)
+        self.train(mha.training)
+        # state_dict keys as torch's MHA names them: checkpoints move between the two
+        self.register_state_dict_post_hook(_mha_keys_out)
+        self.register_load_state_dict_pre_hook(_mha_keys_in)
+
+    def _project(self, x, part: int):
+        e, p = self.embed_dim, self.in_proj
+        rows = slice(part * e, (part + 1) * e)
+        return p._forward(x, p.weight[rows], None if p.bias is None else p.bias[rows])
+
+
+_MHA_KEYS = (("in_proj.weight", "in_proj_weight"), ("in_proj.bias", "in_proj_bias"))
+
+
+def _mha_keys_out(module, state_dict, prefix, local_metadata):
+    for ours, torchs in _MHA_KEYS:
+        if prefix + ours in state_dict:
+            state_dict[prefix + torchs] = state_dict.pop(prefix + ours)
+
+
+def _mha_keys_in(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                 unexpected_keys, error_msgs):
+    for ours, torchs in _MHA_KEYS:
+        if prefix + torchs in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + torchs)

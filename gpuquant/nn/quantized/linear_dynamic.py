@@ -48,6 +48,7 @@ from ...qparams import _MIN_SCALE
 from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, _linear_dynamic,
                                    linear_weight_only,
                                    max_in_features, quantize_per_token)
+from ..attention import AttentionOverProjections, mha_supported
 from ..module import Module
 from ..qat.linear_dynamic import DynamicLinear as QATDynamicLinear
 
@@ -557,7 +558,7 @@ class WeightOnlyLinear(_Int8WeightLinear):
         return lambda x2: gemm(x2, wq, ws, b)
 
 
-class DynamicMultiheadAttention(EagerUnderCompile, Module):
+class DynamicMultiheadAttention(AttentionOverProjections):
     """``torch.nn.MultiheadAttention`` with W8A8 dynamic (or weight-only) int8 projections.
 
     ``torch.nn.MultiheadAttention`` cannot take a swapped ``out_proj``: its forward reads
@@ -594,13 +595,6 @@ class DynamicMultiheadAttention(EagerUnderCompile, Module):
             float.
     """
 
-    # torch.nn.TransformerEncoderLayer reads these to decide on its fused fast path
-    # (torch._transformer_encoder_layer_fwd, which takes the float weights). Like torch's
-    # own MHA without a packed float in-projection, this one has no in_proj_weight, so the
-    # layer runs its ordinary forward, which calls this module.
-    _qkv_same_embed_dim = False
-    in_proj_weight = None
-
     def __init__(self, embed_dim: int, num_heads: int, batch_first: bool = False,
                  bias: bool = True, act_dtype=qint8, weight_dtype=qint8_narrow,
                  weight_only: bool = False, device=None, dropout: float = 0.0):
@@ -627,24 +621,7 @@ class DynamicMultiheadAttention(EagerUnderCompile, Module):
         self.batch_first = bool(batch_first)
         self.train(False)
 
-    @property
-    def in_proj_bias(self) -> Optional[torch.Tensor]:
-        """The float32 bias of the packed in-projection (read by torch's Transformer layers)."""
-        return self.in_proj.bias
-
-    @staticmethod
-    def supports(mha: torch.nn.MultiheadAttention) -> Optional[str]:
-        """None if ``mha`` can be converted, else the reason it cannot."""
-        if not isinstance(mha, torch.nn.MultiheadAttention):
-            return f"not a torch.nn.MultiheadAttention ({type(mha).__name__})"
-        if type(mha).forward is not torch.nn.MultiheadAttention.forward:
-            # (as Linear subclasses with their own forward: replacing it would drop that)
-            return f"its forward ({type(mha).__name__}'s) is not torch.nn.MultiheadAttention's"
-        if not mha._qkv_same_embed_dim:
-            return "kdim / vdim differ from embed_dim (separate q/k/v projection weights)"
-        if mha.bias_k is not None or mha.add_zero_attn:
-            return "add_bias_kv / add_zero_attn are not supported"
-        return None
+    supports = staticmethod(mha_supported)  # None if an MHA can be converted, else why
 
     @classmethod
     def from_float_module(cls, mha: torch.nn.MultiheadAttention, act_dtype=qint8,
@@ -674,136 +651,32 @@ class DynamicMultiheadAttention(EagerUnderCompile, Module):
         m.out_proj = cls_proj.from_float_module(mha.out_proj, *args)
         return m
 
+    @classmethod
+    def from_qat_module(cls, qat):
+        """Convert the QAT attention of :func:`gpuquant.quantization.prepare_dynamic_qat`
+        (:class:`gpuquant.nn.qat.linear_dynamic.DynamicMultiheadAttention`): its two QAT
+        Linears as :meth:`DynamicLinear.from_qat_module` (or :class:`WeightOnlyLinear`'s)
+        convert them, the rest (heads, batch_first, dropout) as it is.
+
+        Raises:
+            TypeError: ``qat`` is not that QAT module.
+        """
+        from ..qat.linear_dynamic import DynamicMultiheadAttention as QAT
+        if not isinstance(qat, QAT):
+            raise TypeError(f"DynamicMultiheadAttention.from_qat_module needs the QAT "
+                            f"DynamicMultiheadAttention (prepare_dynamic_qat), got "
+                            f"{type(qat).__name__}")
+        p = qat.in_proj
+        m = cls(qat.embed_dim, qat.num_heads, qat.batch_first, p.bias is not None,
+                p.act_dtype, p.weight_dtype, p.weight_only, device=p.weight.device,
+                dropout=qat.dropout)
+        cls_proj = WeightOnlyLinear if p.weight_only else DynamicLinear
+        m.in_proj, m.out_proj = (cls_proj.from_qat_module(q) for q in (p, qat.out_proj))
+        return m
+
     def _project(self, x, part: int):
         e = self.embed_dim
         return self.in_proj._linear(x, slice(part * e, (part + 1) * e))
-
-    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
-        """torch's MultiheadAttention shape checks, made before any projection, as
-        ValueError naming the shape received and the one expected; True: unbatched (2-D)."""
-        name = type(self).__name__
-        for t, what in ((query, "query"), (key, "key"), (value, "value"),
-                        (key_padding_mask, "key_padding_mask")):
-            if not isinstance(t, torch.Tensor) and not (t is None and what == "key_padding_mask"):
-                raise TypeError(f"{name}: {what} must be a tensor, got {type(t).__name__}")
-        bf, e = self.batch_first, self.embed_dim
-        if query.dim() not in (2, 3):
-            raise ValueError(f"{name}: query must be unbatched 2-D (L, E) or batched 3-D "
-                             f"{'(N, L, E)' if bf else '(L, N, E)'}, got a {query.dim()}-D "
-                             f"tensor of shape {tuple(query.shape)}")
-        unbatched = query.dim() == 2
-        if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(f"{name}: for a {query.dim()}-D query, key and value must be "
-                             f"{query.dim()}-D too, got shapes {tuple(key.shape)} and "
-                             f"{tuple(value.shape)}")
-        for t, what in ((query, "query"), (key, "key"), (value, "value")):
-            if t.shape[-1] != e:
-                raise ValueError(f"{name}: {what} must have embedding dimension {e} (its "
-                                 f"last), got shape {tuple(t.shape)}")
-        if key.shape != value.shape:
-            raise ValueError(f"{name}: key and value must have the same shape, got key "
-                             f"{tuple(key.shape)} and value {tuple(value.shape)}")
-        b = 0 if bf else 1  # batch dimension, batched input
-        if not unbatched and key.shape[b] != query.shape[b]:
-            raise ValueError(f"{name}: key and value must have the query's batch size "
-                             f"{query.shape[b]} (dimension {b}), got key shape "
-                             f"{tuple(key.shape)} for query shape {tuple(query.shape)}")
-        if isinstance(attn_mask, torch.Tensor):  # (other types: _additive's TypeError)
-            seq = 1 if bf and not unbatched else 0
-            tgt, src = query.shape[seq], key.shape[seq]
-            heads = self.num_heads if unbatched else query.shape[b] * self.num_heads
-            if attn_mask.dim() not in (2, 3):
-                raise ValueError(f"{name}: attn_mask must be 2-D (L, S) = {(tgt, src)} or 3-D "
-                                 f"({'num_heads' if unbatched else 'N * num_heads'}, L, S) = "
-                                 f"{(heads, tgt, src)}, got a {attn_mask.dim()}-D tensor of "
-                                 f"shape {tuple(attn_mask.shape)}")
-            want = (tgt, src) if attn_mask.dim() == 2 else (heads, tgt, src)
-            if tuple(attn_mask.shape) != want:
-                raise ValueError(f"{name}: the shape of the {attn_mask.dim()}-D attn_mask is "
-                                 f"{tuple(attn_mask.shape)}, but should be {want}")
-        return unbatched
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
-                attn_mask=None, average_attn_weights=True, is_causal=False):
-        unbatched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
-        same = query is key and key is value
-        if unbatched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        if self.batch_first and not unbatched:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        if same:  # self-attention: one projection (the views above are new objects)
-            key = value = query
-        # now (L, N, E) as in torch's functional MHA
-        tgt_len, bsz, e = query.shape
-        src_len = key.shape[0]
-        h, d = self.num_heads, self.head_dim
-        out_dtype = query.dtype
-        dev = query.device
-        mask = None  # the masks (checked) before the projections
-        if attn_mask is None and is_causal:
-            attn_mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=dev).triu(1)
-        if attn_mask is not None:
-            mask = _additive(attn_mask, dev)
-            if mask.dim() == 2:
-                mask = mask.unsqueeze(0)
-        if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) != (bsz, src_len):
-                want = (src_len,) if unbatched else (bsz, src_len)
-                got = tuple(key_padding_mask.shape)[1:] if unbatched else \
-                    tuple(key_padding_mask.shape)
-                raise ValueError(f"DynamicMultiheadAttention: key_padding_mask must have shape "
-                                 f"{want} (batch, source length), got {got}")
-            kpm = _additive(key_padding_mask, dev, "key_padding_mask").reshape(
-                bsz, 1, 1, src_len)
-            kpm = kpm.expand(bsz, h, 1, src_len).reshape(bsz * h, 1, src_len)
-            mask = kpm if mask is None else mask + kpm
-        if same:
-            q, k, v = self.in_proj(query).chunk(3, dim=-1)
-        else:
-            q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
-        q = q.to(torch.float32).reshape(tgt_len, bsz * h, d).transpose(0, 1)
-        k = k.to(torch.float32).reshape(src_len, bsz * h, d).transpose(0, 1)
-        v = v.to(torch.float32).reshape(src_len, bsz * h, d).transpose(0, 1)
-        scores = torch.bmm(q * (1.0 / d ** 0.5), k.transpose(1, 2))
-        if mask is not None:
-            scores = scores + mask
-        attn = torch.softmax(scores, dim=-1)
-        if self.training and self.dropout > 0:  # as torch's math path: weights, after softmax
-            attn = F.dropout(attn, p=self.dropout)
-        out = torch.bmm(attn, v).transpose(0, 1).reshape(tgt_len * bsz, e).to(out_dtype)
-        out = self.out_proj(out).reshape(tgt_len, bsz, e)
-        if self.batch_first and not unbatched:
-            out = out.transpose(0, 1)
-        if unbatched:
-            out = out.squeeze(1)
-        weights = None
-        if need_weights:
-            weights = attn.reshape(bsz, h, tgt_len, src_len)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-            if unbatched:
-                weights = weights.squeeze(0)
-            weights = weights.to(out_dtype)
-        return out, weights
-
-
-def _additive(mask: torch.Tensor, device, what: str = "attn_mask") -> torch.Tensor:
-    """A boolean (True = masked) or float mask as a float32 additive mask.
-
-    Raises:
-        TypeError: another dtype (as torch's MultiheadAttention: the old byte masks with
-            1 = masked would otherwise be added as +1 to the scores).
-    """
-    if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool
-                                                  or mask.is_floating_point()):
-        raise TypeError(f"DynamicMultiheadAttention: only bool and floating types of {what} are "
-                        f"supported, got {getattr(mask, 'dtype', type(mask).__name__)}")
-    mask = mask.to(device)
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=device).masked_fill_(mask, float("-inf"))
-    return mask.to(torch.float32)
 
 
 def keep_off_torch_fast_path(model: torch.nn.Module) -> torch.nn.Module:
@@ -822,7 +695,7 @@ def keep_off_torch_fast_path(model: torch.nn.Module) -> torch.nn.Module:
     ``quantize_static_linear`` and ``gpuquant.load``; returns ``model``.
     """
     def changed(m):  # a module the fused path would bypass: int8, QAT, smoothed
-        return isinstance(m, (_Int8WeightLinear, DynamicMultiheadAttention)) or (
+        return isinstance(m, (_Int8WeightLinear, AttentionOverProjections)) or (
             isinstance(m, torch.nn.Linear) and type(m).forward is not torch.nn.Linear.forward)
 
     def holds_int8(mod):
