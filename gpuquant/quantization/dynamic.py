@@ -47,6 +47,8 @@ from torch.nn.utils import parametrize
 from ..dtypes import qint8, qint8_narrow
 from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
 from ..nn.attention import AttentionOverProjections
+from ..nn.qat.linear_dynamic import DynamicConv1D as QATConv1D
+from ..nn.qat.linear_dynamic import is_hf_conv1d as _is_hf_conv1d
 from ..nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
 from ..nn.qat.linear_dynamic import DynamicMultiheadAttention as QATDynamicMHA
 from ..nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
@@ -58,16 +60,6 @@ __all__ = ["quantize_dynamic", "prepare_dynamic_qat"]
 log = logging.getLogger("gpuquant.quantization")
 
 _NDQ = torch.nn.modules.linear.NonDynamicallyQuantizableLinear
-
-
-def _is_hf_conv1d(mod) -> bool:
-    """HuggingFace's ``Conv1D`` (GPT-2 / GPT): ``y = x @ weight + bias`` with weight
-    (in, out), a Linear with its weight transposed. Recognised by shape, without importing
-    ``transformers``."""
-    w = getattr(mod, "weight", None)
-    return (type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "nf", None), int)
-            and isinstance(getattr(mod, "nx", None), int) and isinstance(w, torch.Tensor)
-            and tuple(w.shape) == (mod.nx, mod.nf))
 
 
 def _as_linear(conv1d) -> torch.nn.Linear:
@@ -160,6 +152,14 @@ def _mha_selected(mod, name: str, modules, filter_fn, fn: str) -> bool:
         log.warning("%s: %s (MultiheadAttention) stays float: %s", fn, name, why)
         return False
     return True
+
+
+def _named(make, name: str):
+    """``make()``, its ValueError (the int32 bound) naming the module, as quantize_dynamic's."""
+    try:
+        return make()
+    except ValueError as e:
+        raise ValueError(f"prepare_dynamic_qat: {name or 'model'}: {e}") from None
 
 
 def _check_finite_weights(mod, name: str, fn: str) -> None:
@@ -255,6 +255,14 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
     k_max = max_in_features(ad, wd)
 
     def convert(mod, name):
+        if linear_wanted and isinstance(mod, QATConv1D):  # (its own mode and dtypes)
+            if filter_fn is not None and not _wanted(mod, name, (torch.nn.Module,), filter_fn):
+                return None
+            _check_finite_weights(mod, name, fn)
+            lin = _as_linear(mod)
+            if mod.weight_only:
+                return WeightOnlyLinear.from_float_module(lin, mod.weight_dtype)
+            return DynamicLinear.from_float_module(lin, mod.act_dtype, mod.weight_dtype)
         if linear_wanted and _is_hf_conv1d(mod):
             if filter_fn is not None and not _wanted(mod, name, (torch.nn.Module,), filter_fn):
                 return None
@@ -309,9 +317,10 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
     ``quantize_dynamic`` on the result converts them. ``torch.nn.MultiheadAttention`` modules
     that ``quantize_dynamic`` would convert become the QAT
     :class:`gpuquant.nn.qat.linear_dynamic.DynamicMultiheadAttention` (fake-quantized packed
-    in-projection and out-projection, sharing the MHA's parameters). Arguments as
-    :func:`quantize_dynamic` (HuggingFace ``Conv1D`` and parametrized Linears, e.g.
-    ``weight_norm``, whose weight is no parameter to share, are left as they are, logged).
+    in-projection and out-projection, sharing the MHA's parameters), and HuggingFace
+    ``Conv1D`` layers (GPT-2) :class:`gpuquant.nn.qat.linear_dynamic.DynamicConv1D`.
+    Arguments as :func:`quantize_dynamic` (parametrized Linears, e.g. ``weight_norm``, whose
+    weight is no parameter to share, are left as they are, logged).
 
     Raises:
         TypeError, ValueError: as :func:`quantize_dynamic`.
@@ -324,13 +333,15 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
         model = copy.deepcopy(model)
 
     def convert(mod, name):
+        if torch.nn.Linear in modules and _is_hf_conv1d(mod):  # (as quantize_dynamic)
+            if filter_fn is not None and not _wanted(mod, name, (torch.nn.Module,), filter_fn):
+                return None
+            return _named(lambda: QATConv1D.from_float_module(mod, ad, wd, weight_only), name)
         if isinstance(mod, torch.nn.MultiheadAttention):
             if not _mha_selected(mod, name, modules, filter_fn, fn):
                 return None
-            try:
-                return QATDynamicMHA.from_float_module(mod, ad, wd, weight_only)
-            except ValueError as e:  # (the int32 bound: name the module)
-                raise ValueError(f"prepare_dynamic_qat: {name or 'model'}: {e}") from None
+            return _named(lambda: QATDynamicMHA.from_float_module(mod, ad, wd, weight_only),
+                          name)
         if isinstance(mod, (_NDQ, QATDynamicLinear)) or not _wanted(mod, name, modules, filter_fn):
             return None
         if _custom_forward(mod):
@@ -342,9 +353,6 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
                         "a torch.nn.utils.parametrize parametrization, not a parameter the "
                         "QAT Linear could share", name, type(mod).__name__)
             return None
-        try:
-            return QATDynamicLinear.from_float_module(mod, ad, wd, weight_only)
-        except ValueError as e:  # (the int32 bound: name the module, as quantize_dynamic)
-            raise ValueError(f"prepare_dynamic_qat: {name or 'model'}: {e}") from None
+        return _named(lambda: QATDynamicLinear.from_float_module(mod, ad, wd, weight_only), name)
 
     return keep_off_torch_fast_path(_walk(model, convert, modules, filter_fn))

@@ -339,9 +339,9 @@ def _set_all(module, kind, method: str):
 def _set_dynamic(module, enabled: bool):
     # the fake-quant Linears of prepare_dynamic_qat hold their switch themselves (no
     # FakeQuantBase inside): the model-wide switches skipped them, silently
-    from ..nn.qat.linear_dynamic import DynamicLinear
+    from ..nn.qat.linear_dynamic import DynamicConv1D, DynamicLinear
     for m in module.modules():
-        if isinstance(m, DynamicLinear):
+        if isinstance(m, (DynamicLinear, DynamicConv1D)):
             m.enable_fake_quant(enabled)
     return module
 

@@ -384,6 +384,49 @@ def test_huggingface_conv1d_is_swapped():
         assert token_cosine(q(x), ref) > 0.999 and token_cosine(w(x), ref) > 0.9999
 
 
+@pytest.mark.parametrize("weight_only", [False, True])
+def test_huggingface_conv1d_qat_trains_and_converts(weight_only):
+    """prepare_dynamic_qat swaps a Conv1D for the QAT DynamicConv1D sharing its parameters
+    (and state_dict keys); an optimizer made for the float model trains it; quantize_dynamic
+    converts it as the float Conv1D; under autocast QAT and served agree bit for bit; the
+    model-wide fake-quant switch reaches it."""
+    from gpuquant.nn.qat.linear_dynamic import DynamicConv1D
+    from gpuquant.quantization import disable_fake_quant, enable_fake_quant
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(24, 16), nn.GELU(), Conv1D(8, 24))
+    keys = set(model.state_dict())
+    w0 = model[0].weight
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    qat = prepare_dynamic_qat(copy.deepcopy(model), weight_only=weight_only)
+    assert type(qat[0]) is DynamicConv1D and set(qat.state_dict()) == keys
+    floats = nn.Sequential(model[0], nn.GELU(), model[2])  # (the float Conv1Ds themselves)
+    qat = prepare_dynamic_qat(model, weight_only=weight_only)  # inplace: the same parameters
+    assert qat[0].weight is w0 and qat[0].weight.shape == (16, 24)
+    x = torch.randn(3, 5, 16)
+    opt.zero_grad()
+    qat(x).square().mean().backward()
+    before = w0.detach().clone()
+    opt.step()
+    assert w0.grad.abs().sum() > 0 and not torch.equal(before, w0)
+    served = quantize_dynamic(copy.deepcopy(qat))
+    kind = WeightOnlyLinear if weight_only else DynamicLinear
+    assert type(served[0]) is kind and type(served[2]) is kind
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(qat(x), served(x))
+        assert token_cosine(qat(x), served(x)) > 0.9999
+        y_fq = qat(x)
+        disable_fake_quant(qat)
+        assert torch.allclose(qat(x), floats(x), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(y_fq, floats(x), rtol=1e-5, atol=1e-6)
+        enable_fake_quant(qat)
+        assert torch.equal(qat(x), y_fq)
+    with pytest.raises(TypeError, match="needs a HuggingFace Conv1D"):
+        DynamicConv1D.from_float_module(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="prepare_dynamic_qat: 0: .*in_features=200000"):
+        prepare_dynamic_qat(nn.Sequential(Conv1D(2, 200000)))
+
+
 def _linear_of(conv):
     lin = nn.Linear(conv.nx, conv.nf)
     with torch.no_grad():

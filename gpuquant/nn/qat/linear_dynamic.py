@@ -42,7 +42,8 @@ from ...qparams import QParams
 from ..attention import AttentionOverProjections, mha_supported
 from ..module import Module
 
-__all__ = ["DynamicLinear", "DynamicMultiheadAttention", "fake_quant_per_token"]
+__all__ = ["DynamicLinear", "DynamicConv1D", "DynamicMultiheadAttention",
+           "fake_quant_per_token", "is_hf_conv1d"]
 
 
 def fake_quant_per_token(x: torch.Tensor, dtype=qint8) -> torch.Tensor:
@@ -266,6 +267,61 @@ class DynamicLinear(EagerUnderCompile, torch.nn.Linear, Module):
     def extra_repr(self) -> str:
         mode = "weight-only" if self.weight_only else f"act {self.act_dtype.name} per token"
         return super().extra_repr() + f", {mode}, weight {self.weight_dtype.name} per channel"
+
+
+def is_hf_conv1d(mod) -> bool:
+    """HuggingFace's ``Conv1D`` (GPT-2 / GPT): ``y = x @ weight + bias`` with weight
+    (in, out), a Linear with its weight transposed. Recognised by name and shape, without
+    importing ``transformers``."""
+    w = getattr(mod, "weight", None)
+    return (type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "nf", None), int)
+            and isinstance(getattr(mod, "nx", None), int) and isinstance(w, torch.Tensor)
+            and tuple(w.shape) == (mod.nx, mod.nf))
+
+
+class DynamicConv1D(EagerUnderCompile, Module):
+    """QAT version of HuggingFace's ``Conv1D`` (GPT-2 / GPT: ``y = x @ weight + bias`` with
+    ``weight`` (in, out), a Linear with its weight stored transposed) for the dynamic serving
+    mode: :class:`DynamicLinear`'s forward (same fake quants, same autocast path) over
+    ``weight.t()``. It shares the ``Conv1D``'s ``weight`` and ``bias`` parameters (same
+    ``state_dict`` keys and shapes), so an optimizer made for the float model trains them,
+    and :func:`gpuquant.quantization.quantize_dynamic` converts it as it converts a float
+    ``Conv1D``. Made by :func:`gpuquant.quantization.prepare_dynamic_qat` (the ``Conv1D`` is
+    recognised by its ``nf`` / ``nx`` attributes; ``transformers`` is never imported).
+
+    Raises:
+        ValueError: ``in_features`` (``nx``) that could overflow the int32 accumulator.
+    """
+
+    _forward = DynamicLinear._forward
+    _init_dynamic = DynamicLinear._init_dynamic
+    enable_fake_quant = DynamicLinear.enable_fake_quant
+    disable_fake_quant = DynamicLinear.disable_fake_quant
+
+    @classmethod
+    def from_float_module(cls, conv1d, act_dtype=qint8, weight_dtype=qint8_narrow,
+                          weight_only: bool = False) -> "DynamicConv1D":
+        """The QAT version of the ``Conv1D`` ``conv1d``, sharing its parameters."""
+        if not is_hf_conv1d(conv1d):
+            raise TypeError(f"DynamicConv1D.from_float_module needs a HuggingFace Conv1D "
+                            f"(a class named Conv1D with nf, nx and a weight of shape "
+                            f"(nx, nf)), got {type(conv1d).__name__}")
+        m = cls.__new__(cls)
+        torch.nn.Module.__init__(m)
+        m.nf, m.nx = conv1d.nf, conv1d.nx
+        m.in_features, m.out_features = conv1d.nx, conv1d.nf
+        m.weight, m.bias = conv1d.weight, conv1d.bias
+        m.training = conv1d.training
+        m._init_dynamic(act_dtype, weight_dtype, weight_only)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x, self.weight.t(), self.bias)
+
+    def extra_repr(self) -> str:
+        mode = "weight-only" if self.weight_only else f"act {self.act_dtype.name} per token"
+        return (f"nx={self.nx}, nf={self.nf}, bias={self.bias is not None}, {mode}, weight "
+                f"{self.weight_dtype.name} per channel")
 
 
 class DynamicMultiheadAttention(AttentionOverProjections):
