@@ -114,3 +114,25 @@ def test_qat_under_autocast_on_the_gpu(weight_only):
     for a, b in zip(grads, want):
         err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
         assert err < 2e-2, err
+
+
+def test_qat_encoder_layer_under_autocast_on_the_gpu():
+    """A QAT TransformerEncoderLayer (its MHA and Linears) under CUDA autocast equals its
+    converted layer bit for bit, and a training step reaches the MHA's parameters."""
+    import copy
+
+    from gpuquant.quantization.dynamic import prepare_dynamic_qat, quantize_dynamic
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(256, 8, 1024, dropout=0.0, batch_first=True)
+    layer = layer.cuda()
+    mha = layer.self_attn
+    qat = prepare_dynamic_qat(layer)
+    x = torch.randn(4, 33, 256, device="cuda")
+    with backends.use("triton"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            qat(x).float().square().mean().backward()
+        assert mha.in_proj_weight.grad.abs().sum() > 0
+        qat.eval()
+        served = quantize_dynamic(copy.deepcopy(qat))
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.equal(qat(x), served(x))

@@ -51,6 +51,7 @@ from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, _lin
 from ..attention import AttentionOverProjections, mha_supported
 from ..module import Module
 from ..qat.linear_dynamic import DynamicLinear as QATDynamicLinear
+from ..qat.linear_dynamic import DynamicMultiheadAttention as QATDynamicMHA
 
 __all__ = ["DynamicLinear", "WeightOnlyLinear", "StaticActLinear", "DynamicMultiheadAttention",
            "quantize_weight_per_channel",
@@ -661,8 +662,7 @@ class DynamicMultiheadAttention(AttentionOverProjections):
         Raises:
             TypeError: ``qat`` is not that QAT module.
         """
-        from ..qat.linear_dynamic import DynamicMultiheadAttention as QAT
-        if not isinstance(qat, QAT):
+        if not isinstance(qat, QATDynamicMHA):
             raise TypeError(f"DynamicMultiheadAttention.from_qat_module needs the QAT "
                             f"DynamicMultiheadAttention (prepare_dynamic_qat), got "
                             f"{type(qat).__name__}")
