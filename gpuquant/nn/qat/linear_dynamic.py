@@ -406,8 +406,13 @@ class DynamicMultiheadAttention(AttentionOverProjections):
         self.batch_first, self.dropout = bool(mha.batch_first), float(mha.dropout)
         self.train(mha.training)
         # state_dict keys as torch's MHA names them: checkpoints move between the two
-        self.register_state_dict_post_hook(_mha_keys_out)
-        self.register_load_state_dict_pre_hook(_mha_keys_in)
+        # (the public hook methods where torch has them, else the private ones they wrap)
+        if hasattr(self, "register_load_state_dict_pre_hook"):
+            self.register_state_dict_post_hook(_mha_keys_out)
+            self.register_load_state_dict_pre_hook(_mha_keys_in)
+        else:  # pragma: no cover - older torch
+            self._register_state_dict_hook(_mha_keys_out)
+            self._register_load_state_dict_pre_hook(_mha_keys_in, with_module=True)
 
     def _project(self, x, part: int):
         e, p = self.embed_dim, self.in_proj
