@@ -164,7 +164,7 @@ class _ServedForward(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gw = torch.where(torch.isfinite(ws)[:, None], gc.t() @ x_fq, zero).to(ctx.w_dtype)
         if ctx.needs_input_grad[2]:
-            gb = g.to(f32).sum(0)
+            gb = g.sum(0, dtype=f32)  # (no float32 copy of grad_y first)
         return gx, gw, gb, None, None, None
 
 
