@@ -128,3 +128,23 @@ def test_qat_attention_state_dict_has_torch_keys():
     qat.load_state_dict(float_sd)  # strict, the other way
     assert torch.equal(qat.self_attn.in_proj.weight, layer.self_attn.in_proj_weight)
     assert torch.equal(qat.self_attn.in_proj.bias, layer.self_attn.in_proj_bias)
+
+
+def test_qat_attention_without_bias_unbatched_and_causal():
+    """An MHA without biases keeps torch's keys (no bias entries); unbatched input and
+    is_causal go through the shared forward; QAT == served under autocast."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, bias=False, batch_first=True)
+    keys = set(mha.state_dict())
+    qat = QATMHA.from_float_module(mha)
+    assert set(qat.state_dict()) == keys and qat.in_proj.bias is None
+    x = torch.randn(5, 16, requires_grad=True)
+    mask = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    out, _ = qat(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+    out.sum().backward()
+    assert out.shape == (5, 16) and mha.in_proj_weight.grad.abs().sum() > 0
+    served = DynamicMultiheadAttention.from_qat_module(qat.eval()).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, _ = qat(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+        b, _ = served(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+    assert torch.equal(a, b)
