@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .._compile import EagerUnderCompile
 from .module import Module
 
-__all__ = ["AttentionOverProjections", "mha_supported"]
+__all__ = ["AttentionOverProjections", "mha_supported", "require_supported"]
 
 
 def mha_supported(mha: torch.nn.MultiheadAttention) -> Optional[str]:
@@ -28,6 +28,16 @@ def mha_supported(mha: torch.nn.MultiheadAttention) -> Optional[str]:
     if mha.bias_k is not None or mha.add_zero_attn:
         return "add_bias_kv / add_zero_attn are not supported"
     return None
+
+
+def require_supported(mha, what: str) -> None:
+    """Raise unless :func:`mha_supported` takes ``mha``: TypeError for something that is no
+    ``torch.nn.MultiheadAttention``, ValueError for a configuration it does not take; the
+    message is ``what`` and the reason."""
+    why = mha_supported(mha)
+    if why is not None:
+        raise (TypeError if not isinstance(mha, torch.nn.MultiheadAttention) else ValueError)(
+            f"{what}: {why}")
 
 
 class AttentionOverProjections(EagerUnderCompile, Module):

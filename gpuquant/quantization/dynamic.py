@@ -255,18 +255,16 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
     k_max = max_in_features(ad, wd)
 
     def convert(mod, name):
-        if linear_wanted and isinstance(mod, QATConv1D):  # (its own mode and dtypes)
+        if linear_wanted and (isinstance(mod, QATConv1D) or _is_hf_conv1d(mod)):
             if filter_fn is not None and not _wanted(mod, name, (torch.nn.Module,), filter_fn):
                 return None
-            _check_finite_weights(mod, name, fn)
+            if not isinstance(mod, QATConv1D):
+                return linear(_as_linear(mod), name)
+            _check_finite_weights(mod, name, fn)  # (prepare_dynamic_qat's: its own dtypes)
             lin = _as_linear(mod)
             if mod.weight_only:
                 return WeightOnlyLinear.from_float_module(lin, mod.weight_dtype)
             return DynamicLinear.from_float_module(lin, mod.act_dtype, mod.weight_dtype)
-        if linear_wanted and _is_hf_conv1d(mod):
-            if filter_fn is not None and not _wanted(mod, name, (torch.nn.Module,), filter_fn):
-                return None
-            return linear(_as_linear(mod), name)
         if isinstance(mod, QATDynamicMHA):  # (prepare_dynamic_qat's: its own mode, dtypes)
             if not (linear_wanted or torch.nn.MultiheadAttention in modules):
                 return None

@@ -39,7 +39,7 @@ from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, _lin
                                   linear_weight_only, max_in_features, quantize_per_token)
 from ...functional.quant import fake_quant
 from ...qparams import QParams
-from ..attention import AttentionOverProjections, mha_supported
+from ..attention import AttentionOverProjections, require_supported
 from ..module import Module
 
 __all__ = ["DynamicLinear", "DynamicConv1D", "DynamicMultiheadAttention",
@@ -96,15 +96,11 @@ def _fake_quant_rows(x2: torch.Tensor, divisor: float, d) -> torch.Tensor:
     return fake_quant(x32, QParams.trusted(d, scale, zp, axis=0))
 
 
-def _like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=dtype, device=t.device)
-
-
 def _dequantized(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(q * s[:, None]).to(dtype)`` (int8 rows times float32 row scales) in one pass: the
     product is computed in float32 and rounded once as it is stored (3 bytes an element
     for bfloat16, where the product and the cast moved 11)."""
-    return torch.mul(q, s[:, None], out=_like(q, dtype))
+    return torch.mul(q, s[:, None], out=torch.empty(q.shape, dtype=dtype, device=q.device))
 
 
 class _ServedForward(torch.autograd.Function):
@@ -381,10 +377,7 @@ class DynamicMultiheadAttention(AttentionOverProjections):
             ValueError: a configuration the served module does not take (the message says
                 which).
         """
-        why = mha_supported(mha)
-        if why is not None:
-            raise (TypeError if not isinstance(mha, torch.nn.MultiheadAttention) else ValueError)(
-                f"DynamicMultiheadAttention (QAT) cannot take this module: {why}")
+        require_supported(mha, "DynamicMultiheadAttention (QAT) cannot take this module")
         m = cls.__new__(cls)
         AttentionOverProjections.__init__(m)
         m._take(mha, act_dtype, weight_dtype, weight_only)

@@ -48,7 +48,7 @@ from ...qparams import _MIN_SCALE
 from ...functional.dynamic import (ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, _linear_dynamic,
                                    linear_weight_only,
                                    max_in_features, quantize_per_token)
-from ..attention import AttentionOverProjections, mha_supported
+from ..attention import AttentionOverProjections, mha_supported, require_supported
 from ..module import Module
 from ..qat.linear_dynamic import DynamicLinear as QATDynamicLinear
 from ..qat.linear_dynamic import DynamicMultiheadAttention as QATDynamicMHA
@@ -633,10 +633,7 @@ class DynamicMultiheadAttention(AttentionOverProjections):
             TypeError: not a MultiheadAttention.
             ValueError: an unsupported configuration (the message says which).
         """
-        why = cls.supports(mha)
-        if why is not None:
-            raise (TypeError if not isinstance(mha, torch.nn.MultiheadAttention) else ValueError)(
-                f"DynamicMultiheadAttention cannot convert this module: {why}")
+        require_supported(mha, "DynamicMultiheadAttention cannot convert this module")
         e = mha.embed_dim
         dev = mha.in_proj_weight.device
         lin_in = torch.nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None, device=dev)
