@@ -1,14 +1,17 @@
-"""GPU probe (one short lease): weight-only decode tiles and L2-flush method; fake-quant
-fwd+bwd host time. Prints a report; not a benchmark suite (no side-by-side contract rows).
+"""GPU probe (one short lease): weight-only decode and prefill tiles and L2-flush method;
+fake-quant fwd+bwd host time. Prints a report; not a benchmark suite (no side-by-side
+contract rows).
 
-    python bench/probes/decode_fq_probe.py [--parts fq,decode,hostprof] [--reps 50]
+    python bench/probes/decode_fq_probe.py [--parts fq,decode,prefill,hostprof] [--reps 50]
 
 ``decode``: for m = 1 and the three quick (n, k) shapes, bf16: ``F.linear`` against the
 weight-only GEMM with the autotuner's choice and with every decode tile forced at split
 K / 2, K, 2 K of the heuristic's, timed per call with CUDA events after an L2 flush that
 writes (``buf.zero_()``, as the harness and ``triton.testing.do_bench``: the flushed lines
 are dirty, and their write-back shares the timed kernel's bandwidth) or reads (``buf.sum``:
-clean lines, as a decode step finds the previous layer's weights). ``fq``: the fake-quant
+clean lines, as a decode step finds the previous layer's weights). ``prefill``: the same at
+m = 2048, every prefill tile forced in the plain form and in the transposed one (``W_A``:
+the converted weight as the MMA's register operand), with their TFLOPS. ``fq``: the fake-quant
 suite's ``gpuquant-triton`` fwd+bwd calls and its ``torch`` per-channel one at 2^20 float32: host microseconds a call (no sync inside the loop), the
 per-call time the harness would record, whether a call synchronises the host, and the
 profiler's kernel time and launch count a call. ``hostprof``: cProfile on the GPU machine
@@ -43,23 +46,50 @@ def _timed(fn, flush, reps):
     return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3  # us
 
 
+_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # the suite's quick (n, k)
+
+
+def _weight_only_calls(m, n, k):
+    """(x, packed weight, scale, bias, calls): bf16 ``F.linear`` and the weight-only
+    module (autotuned, warmed) on one (m, n, k)."""
+    from gpuquant.nn.quantized.linear_dynamic import WeightOnlyLinear
+    lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    mod = WeightOnlyLinear.from_float_module(lin).eval()
+    w, b = lin.weight.detach(), lin.bias.detach()
+    calls = {"torch-bf16": lambda: torch.nn.functional.linear(x, w, b)}
+    with torch.no_grad():
+        mod(x)
+    calls["module (autotuned)"] = lambda: mod(x)
+    return x, mod.weight, mod.weight_scale, mod.bias, calls
+
+
+def _report(title, calls, reps, flops=None):
+    """Each call's median us under both flushes and its speed-up over ``torch-bf16``."""
+    flushers = _flushers()
+    print(f"\n## {title}; median us of {reps}")
+    print(f"{'call':48s} {'write-flush':>12s} {'read-flush':>12s}")
+    base = {}
+    for name, fn in calls.items():
+        try:
+            t = {f: _timed(fn, flush, reps) for f, flush in flushers.items()}
+        except Exception as e:  # a tile that does not compile or fit: say so, go on
+            print(f"{name:48s} failed: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        if name == "torch-bf16":
+            base = t
+        ratio = " ".join(f"{base[f] / t[f]:.2f}x" for f in t)
+        rate = f"  {flops / t['write'] / 1e6:6.0f} TFLOPS" if flops else ""
+        print(f"{name:48s} {t['write']:12.1f} {t['read']:12.1f}   vs bf16 {ratio}{rate}")
+
+
 def decode(reps):
     from gpuquant.backends.triton import dynamic as D
     from gpuquant.backends.triton.common import sm_count
-    from gpuquant.nn.quantized.linear_dynamic import WeightOnlyLinear
-    flushers = _flushers()
     sms = sm_count()
     decode_tiles = [t for t in D._WO_TILES if t[0] == 16]
-    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
-        lin = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        mod = WeightOnlyLinear.from_float_module(lin).eval()
-        w, b = lin.weight.detach(), lin.bias.detach()
-        wq, ws, bias = mod.weight, mod.weight_scale, mod.bias
-        calls = {"torch-bf16": lambda: torch.nn.functional.linear(x, w, b)}
-        with torch.no_grad():
-            mod(x)
-        calls["module (autotuned)"] = lambda: mod(x)
+    for n, k in _SHAPES:
+        x, wq, ws, bias, calls = _weight_only_calls(1, n, k)
         split0 = D.weight_only_split_k(1, n, k, sms)
         for tile in decode_tiles:
             for split in sorted({max(1, split0 // 2), split0, split0 * 2}):
@@ -67,19 +97,23 @@ def decode(reps):
                     lambda tile=tile, split=split: D.linear_weight_only(x, wq, ws, bias,
                                                                         split_k=split,
                                                                         tile=tile))
-        print(f"\n## decode m=1 n={n} k={k} (heuristic split {split0}); median us of {reps}")
-        print(f"{'call':48s} {'write-flush':>12s} {'read-flush':>12s}")
-        base = {}
-        for name, fn in calls.items():
-            try:
-                t = {m: _timed(fn, f, reps) for m, f in flushers.items()}
-            except Exception as e:  # a tile that does not compile or fit: say so, go on
-                print(f"{name:48s} failed: {type(e).__name__}: {str(e)[:80]}")
-                continue
-            if name == "torch-bf16":
-                base = t
-            ratio = " ".join(f"{base[m] / t[m]:.2f}x" for m in t)
-            print(f"{name:48s} {t['write']:12.1f} {t['read']:12.1f}   vs bf16 {ratio}")
+        _report(f"decode m=1 n={n} k={k} (heuristic split {split0})", calls, reps)
+
+
+def prefill(reps, m=2048):
+    from gpuquant.backends.triton import dynamic as D
+    forms = [(t, False) for t in D._WO_TILES if t[0] >= 64] + \
+        [(t, True) for t in D._WO_W_A_TILES]
+    for n, k in _SHAPES:
+        x, wq, ws, bias, calls = _weight_only_calls(m, n, k)
+        for tile, w_a in forms:
+            calls[f"tile {tile}{' W_A' if w_a else ''}"] = (
+                lambda tile=tile, w_a=w_a: D.linear_weight_only(x, wq, ws, bias, split_k=1,
+                                                                tile=tile, w_a=w_a))
+        _report(f"prefill m={m} n={n} k={k}", calls, reps, flops=2 * m * n * k)
+        tuned = getattr(D._weight_only_kernel(False), "cache", {})
+        print("autotuned:", {str(key): str(cfg) for key, cfg in tuned.items()
+                             if tuple(key[:3]) == (m, n, k)})
 
 
 def fake_quant(reps):
@@ -171,7 +205,8 @@ def main():
     a = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     for part in a.parts.split(","):
-        {"fq": fake_quant, "decode": decode, "hostprof": host_profile}[part](a.reps)
+        {"fq": fake_quant, "decode": decode, "prefill": prefill,
+         "hostprof": host_profile}[part](a.reps)
 
 
 if __name__ == "__main__":

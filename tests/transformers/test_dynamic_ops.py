@@ -217,6 +217,7 @@ def test_bad_inputs():
 
 
 _PTX_SCRIPT = textwrap.dedent(r"""
+    import inspect
     import re
     import triton
     from triton.backends.compiler import GPUTarget
@@ -226,6 +227,9 @@ _PTX_SCRIPT = textwrap.dedent(r"""
     FLOAT_HAZARD_RE = re.compile(r"\b(fma\.rn\.f32|div\.full\.f32|div\.approx\.f32)")
 
     def compile_ptx(fn, signature, constexprs, cc, num_warps=4, num_stages=3, aligned=()):
+        defaults = {p.name: p.default for p in inspect.signature(fn.fn).parameters.values()
+                    if p.default is not p.empty and p.name not in signature}
+        constexprs = {**defaults, **constexprs}  # the launcher's defaults (GEMV, W_A)
         sig = dict(signature, **{k: "constexpr" for k in constexprs})
         # ``aligned``: arguments a launch specializes as divisible by 16 (16-byte pointers)
         attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
@@ -280,6 +284,24 @@ _PTX_SCRIPT = textwrap.dedent(r"""
         assert "st.global" in ptx and not FLOAT_HAZARD_RE.findall(ptx), cc
         assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, cc
         assert "cvt.rn.bf16.f32" in ptx and "bar.sync" in ptx, cc
+        # the transposed prefill form (W_A): on sm_90 the converted weight is wgmma's
+        # register operand and a wgmma group stays in flight across K steps (the plain form
+        # stores the converted tile to shared memory and waits: wait_group 0 only)
+        # (as launched on contiguous tensors: unit strides specialized to 1, the rest aligned)
+        unit = ("stride_ak", "stride_bk", "stride_cn")
+        aligned = ("a_ptr", "b_ptr", "c_ptr", "N", "K", "stride_am", "stride_bn", "stride_cm")
+        for w_a in (True, False):
+            ptx = compile_ptx(D._linear_weight_only_kernel,
+                              {k: v for k, v in sig.items() if k not in unit}, {
+                **dict.fromkeys(unit, 1), "HAS_BIAS": True, "DOT_F32": False,
+                "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": True,
+                "GEMV": False, "W_A": w_a}, cc, 4, 4, aligned=aligned)
+            assert any("bf16.bf16" in i for i in MMA_RE.findall(ptx)), (cc, w_a)
+            assert not FLOAT_HAZARD_RE.findall(ptx), (cc, w_a)
+            if cc == 90:
+                reg_a = re.search(r"wgmma\.mma_async[^;]*\}, \{%r", ptx) is not None
+                in_flight = re.search(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]", ptx)
+                assert reg_a == w_a and (in_flight is not None) == w_a, (w_a, reg_a)
         # the one-row GEMV form: no MMA, W streamed with 16-byte loads (as launched on a
         # contiguous weight with K a multiple of 16: unit strides specialized to 1)
         unit = ("stride_ak", "stride_bk", "stride_cn")
@@ -400,18 +422,58 @@ def test_weight_only_gemv_form_matches_the_tensor_core_form(k, split, dtype):
 
 def test_weight_only_autotune_tries_both_forms_for_one_row():
     """Quick tuning of a one-row decode keeps a GEMV config beside the tensor-core tiles;
-    two rows never get one."""
+    two rows never get one. Prefill keeps a transposed (W_A) tile beside the plain ones;
+    decode never gets one (its tiles are 64 rows or more)."""
     from gpuquant.backends.triton import dynamic as D
-    configs = [D._wo_config(t) for t in D._WO_TILES + D._WO_GEMV_TILES]
+    configs = [D._wo_config(t) for t in D._WO_TILES + D._WO_GEMV_TILES] + \
+        [D._wo_config(t, w_a=True) for t in D._WO_W_A_TILES]
     for mode in ("quick", "full"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("GPUQUANT_TRITON_TUNE", mode)
             one = D._wo_prune(configs, {"M": 1})
             two = D._wo_prune(configs, {"M": 2})
+            prefill = D._wo_prune(configs, {"M": 2048})
         assert any(c.kwargs["GEMV"] for c in one) and any(not c.kwargs["GEMV"] for c in one)
         assert not any(c.kwargs["GEMV"] for c in two)
+        assert not any(c.kwargs["W_A"] for c in one + two)
+        assert any(c.kwargs["W_A"] for c in prefill)
+        assert any(not c.kwargs["W_A"] for c in prefill)
         if mode == "quick":
-            assert len(one) <= 4
+            assert len(one) <= 4 and len(prefill) <= 4
+            # the transposed form's largest tile: its best ratio of issue to MMA work
+            assert [c.kwargs["BLOCK_M"] for c in prefill if c.kwargs["W_A"]] == [256]
+
+
+@pytest.mark.parametrize("m,k,split", [(37, 1037, 1), (20, 1024, 3), (1, 300, 1)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_weight_only_transposed_form_matches(m, k, split, dtype):
+    """The transposed tensor-core form (W_A: W @ x^T, the accumulator transposed for the
+    epilogue) gives the plain form's result to float32 rounding, split or not, ragged K and
+    partial tiles included; it needs a tensor-core tile."""
+    if "triton" not in backends.available():
+        pytest.skip("triton backend unavailable here")
+    from gpuquant.backends.triton import dynamic as D
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 72
+    g = torch.Generator().manual_seed(m * k + split)
+    x = torch.randn(m, k, generator=g).to(dtype).to(dev)
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).to(dev)
+    ws = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(dev)
+    b = torch.randn(n, generator=g).to(dev)
+    tile = (16, 32, 64, 1, 4, 2)
+    wa = D.linear_weight_only(x, wq, ws, b, split_k=split, tile=tile, w_a=True)
+    plain = D.linear_weight_only(x, wq, ws, b, split_k=split, tile=tile)
+    exact = (x.double() @ wq.double().t()) * ws.double() + b.double()
+    out_ulp = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+    scale = (x.double().abs() @ wq.double().abs().t()) * ws.double()
+    tol = scale * k * 2.0 ** -24 + exact.abs() * out_ulp[dtype] + 1e-6
+    for y in (wa, plain):
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert bool(((y.double() - exact).abs() <= tol).all())
+    assert not bool(D.launch_tickets(1, x.device).any())
+    for bad in (None, (1, 32, 64, 1, 4, 1)):
+        with pytest.raises(ValueError, match="w_a=True needs a tensor-core tile"):
+            D.linear_weight_only(x[:1], wq, ws, b, tile=bad, w_a=True)
 
 
 def test_bf16_epilogue_keeps_every_nan_a_nan():

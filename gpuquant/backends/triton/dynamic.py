@@ -286,6 +286,7 @@ def _linear_weight_only_kernel(
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, GEMV: tl.constexpr = False,
+    W_A: tl.constexpr = False,
 ):
     """c = (a @ b^T) * b_scale[n] (+ bias[n]): a float16/bfloat16/float32 (M, K), b int8
     (N, K) converted to a's dtype in registers (exact), float32 accumulator, c a's dtype.
@@ -294,6 +295,14 @@ def _linear_weight_only_kernel(
     program streams a (BLOCK_N, BLOCK_K) tile of W along K (its contiguous axis: 16-byte
     loads) and keeps ``w * a`` element-wise in float32 (products exact: int8 times a 16-bit
     float fits float32's mantissa), summed along K once at the end.
+
+    ``W_A`` (prefill tiles): the tile is computed transposed, ``W @ a^T``, so the converted
+    weight is the MMA's first operand. On sm_90 ``wgmma`` takes that operand from registers,
+    where the converted second operand of ``a @ W^T`` has to be stored back to shared memory
+    (a store, a proxy fence and a barrier every K step) and waited for with
+    ``wgmma.wait_group 0``; transposed, the converted tile never leaves the registers and one
+    ``wgmma`` group stays in flight (``wait_group 1``). The accumulator is transposed back
+    once, for the epilogue.
 
     Split K (decode: few rows, so few column tiles to stream the weight with): program
     ``(tile, s)`` sums K block range ``s`` of ``SPLIT_K`` and stores the float32 partial in
@@ -317,7 +326,9 @@ def _linear_weight_only_kernel(
                          stride_ak, stride_bn, stride_bk, BLOCK_N, BLOCK_K, EVEN_K)
     else:
         acc = _dot_tile(a_ptr, b_ptr, offs_am, offs_bn, k_lo, k_hi, stride_am, stride_ak,
-                        stride_bn, stride_bk, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+                        stride_bn, stride_bk, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_A)
+        if W_A:
+            acc = tl.trans(acc)
 
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -340,23 +351,38 @@ def _linear_weight_only_kernel(
 @triton.jit
 def _dot_tile(a_ptr, b_ptr, offs_am, offs_bn, k_lo, k_hi, stride_am, stride_ak, stride_bn,
               stride_bk, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, W_A: tl.constexpr):
     """(BLOCK_M, BLOCK_N) float32: a[rows, k_lo:k_hi] @ W[cols, k_lo:k_hi]^T on tensor
-    cores (W converted to a's dtype in registers)."""
+    cores (W converted to a's dtype in registers). ``W_A``: the transposed tile,
+    (BLOCK_N, BLOCK_M) = W @ a^T, the converted W the MMA's first operand."""
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_am[:, None] * stride_am + (k_lo + offs_k)[None, :] * stride_ak
-    b_ptrs = b_ptr + (k_lo + offs_k)[:, None] * stride_bk + offs_bn[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if W_A:  # a^T (BLOCK_K, BLOCK_M), W (BLOCK_N, BLOCK_K)
+        a_k = offs_k[:, None]
+        b_k = offs_k[None, :]
+        a_ptrs = a_ptr + offs_am[None, :] * stride_am + (k_lo + a_k) * stride_ak
+        b_ptrs = b_ptr + offs_bn[:, None] * stride_bn + (k_lo + b_k) * stride_bk
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:  # a (BLOCK_M, BLOCK_K), W^T (BLOCK_K, BLOCK_N)
+        a_k = offs_k[None, :]
+        b_k = offs_k[:, None]
+        a_ptrs = a_ptr + offs_am[:, None] * stride_am + (k_lo + a_k) * stride_ak
+        b_ptrs = b_ptr + offs_bn[None, :] * stride_bn + (k_lo + b_k) * stride_bk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
             k_left = k_hi - k_lo - kb * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            a = tl.load(a_ptrs, mask=a_k < k_left, other=0)
+            b = tl.load(b_ptrs, mask=b_k < k_left, other=0)
         if DOT_F32:  # float32 activations, or the interpreter (it has no bfloat16 dot)
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            if W_A:
+                acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif W_A:
+            acc = tl.dot(b.to(a.dtype), a, acc)
         else:
             acc = tl.dot(a, b.to(a.dtype), acc)
         a_ptrs += BLOCK_K * stride_ak
@@ -410,6 +436,14 @@ _WO_TILES = [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 256, 1, 4,
              (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3)]
 # one-row decode also tries the CUDA-core form (GEMV, BLOCK_M 1; num_stages unused: no dot)
 _WO_GEMV_TILES = [(1, 32, 256, 1, 4, 1), (1, 64, 256, 1, 8, 1), (1, 32, 512, 1, 8, 1)]
+# prefill also tries the transposed form (W_A: the converted weight is the MMA's register
+# operand). BLOCK_N is then wgmma's M: 64 rows a warpgroup. Compiled for sm_90 (Triton 3.6
+# and 3.9), 256x128x64 on 8 warps issues ~250-300 SASS instructions a warp a K step for four
+# m64n256k16 wgmma (~1000 tensor-core cycles), with a wgmma group in flight; the
+# untransposed tile is ~190 but waits for its wgmma (wait_group 0) after converting W and
+# storing it to shared memory, every K step. Largest first: quick tuning keeps the first.
+_WO_W_A_TILES = [(256, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4),
+                 (64, 128, 64, 8, 4, 4)]
 _WO_INTERPRET_TILE = (16, 32, 32, 4, 4, 1)  # one small tile: every tile is numpy work there
 _SPLIT_MIN_K = 512  # no split leaves a program fewer K values than this
 
@@ -436,21 +470,23 @@ def weight_only_split_k(m: int, n: int, k: int, sms: int) -> int:
     return split
 
 
-def _wo_config(t):
-    """An autotune config of a weight-only tile tuple (GEMV when ``BLOCK_M`` is 1)."""
-    return _with(_config(t), GEMV=t[0] == 1)
+def _wo_config(t, w_a: bool = False):
+    """An autotune config of a weight-only tile tuple (GEMV when ``BLOCK_M`` is 1; ``w_a``:
+    the transposed tensor-core form)."""
+    return _with(_config(t), GEMV=t[0] == 1, W_A=w_a)
 
 
 def _wo_prune(configs, named_args, **kwargs):
     """No row tile far taller than M (decode never needs 128 rows); the GEMV form for one
-    row only (quick tuning keeps one of each form)."""
+    row only (quick tuning keeps a config of the other form: GEMV for one row, the
+    transposed form for prefill)."""
     m = named_args["M"]
     cap = max(16, triton.next_power_of_2(m))
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (m == 1 or
                                                                  not c.kwargs["GEMV"])]
     return tune_subset(keep or configs[:1],
                        area=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
-                       also=lambda c: c.kwargs["GEMV"])
+                       also=lambda c: c.kwargs["GEMV"] or c.kwargs["W_A"])
 
 
 def _wo_even_k(a) -> bool:
@@ -466,17 +502,19 @@ def _weight_only_kernel(interpret: bool):
     if k is None:
         heur = triton.heuristics({"EVEN_K": _wo_even_k})(_linear_weight_only_kernel)
         k = heur if interpret else triton.autotune(
-            configs=[_wo_config(t) for t in _WO_TILES + _WO_GEMV_TILES],
+            configs=[_wo_config(t) for t in _WO_TILES + _WO_GEMV_TILES] +
+            [_wo_config(t, w_a=True) for t in _WO_W_A_TILES],
             key=["M", "N", "K", "SPLIT_K", "HAS_BIAS"],  # the epilogue, as gemm.EPILOGUE_KEY
             prune_configs_by={"early_config_prune": _wo_prune})(heur)
         _WO_KERNELS[interpret] = k
     return k
 
 
-def linear_weight_only(x, wq, w_scale, bias, split_k=None, tile=None):
+def linear_weight_only(x, wq, w_scale, bias, split_k=None, tile=None, w_a=False):
     """The weight-only GEMM launcher; ``split_k`` overrides :func:`weight_only_split_k`,
     ``tile`` (one ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)`` tuple) the
-    autotuner's choice (tests and tuning probes)."""
+    autotuner's choice (tests and tuning probes), ``w_a`` with it: that tile in the
+    transposed form (``W_A``)."""
     m, k = x.shape
     n = wq.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -497,10 +535,14 @@ def linear_weight_only(x, wq, w_scale, bias, split_k=None, tile=None):
         raise ValueError(f"linear_weight_only: tile must be (BLOCK_M >= 16, or 1 for one "
                          f"row; BLOCK_N >= 32, BLOCK_K, GROUP_M, num_warps, num_stages), got "
                          f"{tile!r} for {m} row(s)")
+    if w_a and (tile is None or tile[0] < 16):
+        raise ValueError(f"linear_weight_only: w_a=True needs a tensor-core tile (BLOCK_M >= "
+                         f"16), got tile={tile!r}")
     meta = {}
     if interpret or tile is not None:
         bm, bn, bk, gm, nw, ns = _WO_INTERPRET_TILE if tile is None else tile
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "GEMV": bm == 1}
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "GEMV": bm == 1,
+                "W_A": bool(w_a)}
         if not interpret:
             meta.update(num_warps=nw, num_stages=ns)
     if split > 1:
