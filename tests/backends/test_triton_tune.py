@@ -39,6 +39,23 @@ def test_quick_tuning_keeps_two_large_and_the_small_tile_of_those_that_fit(famil
     assert len(gemm.gemm_configs("interpret")) == 1  # the interpreter's one tile either way
 
 
+def test_quick_subset_adds_one_config_of_each_kind_it_lacks(monkeypatch):
+    """``also``: one predicate or a tuple of them; quick adds the largest config of each
+    kind that none of its picks has, and nothing for a kind already picked."""
+    monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "quick")
+    configs = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]  # area = the value: 10 and 9 picked, and 1
+    assert common.tune_subset(configs, area=lambda c: c) == [10, 9, 1]
+    assert common.tune_subset(configs, area=lambda c: c, also=lambda c: c == 5) == \
+        [10, 9, 5, 1]
+    odd, small = (lambda c: c % 2 == 1 and 3 < c < 9), (lambda c: c < 4)  # 1 is small
+    assert common.tune_subset(configs, area=lambda c: c, also=(odd, small)) == [10, 9, 7, 1]
+    assert common.tune_subset(configs, area=lambda c: c, also=(lambda c: c == 6,
+                                                               lambda c: c == 4)) == \
+        [10, 9, 6, 4, 1]
+    monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "full")
+    assert common.tune_subset(configs, also=(odd,)) == configs
+
+
 def test_bad_tune_mode_is_refused(monkeypatch):
     monkeypatch.setenv("GPUQUANT_TRITON_TUNE", "fastest")
     with pytest.raises(ValueError, match=r"GPUQUANT_TRITON_TUNE must be one of \('full', 'quick'\), "

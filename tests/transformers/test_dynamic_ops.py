@@ -284,15 +284,26 @@ _PTX_SCRIPT = textwrap.dedent(r"""
         assert "st.global" in ptx and not FLOAT_HAZARD_RE.findall(ptx), cc
         assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, cc
         assert "cvt.rn.bf16.f32" in ptx and "bar.sync" in ptx, cc
-        # the transposed prefill form (W_A): on sm_90 the converted weight is wgmma's
-        # register operand and a wgmma group stays in flight across K steps (the plain form
-        # stores the converted tile to shared memory and waits: wait_group 0 only)
         # (as launched on contiguous tensors: unit strides specialized to 1, the rest aligned)
         unit = ("stride_ak", "stride_bk", "stride_cn")
         aligned = ("a_ptr", "b_ptr", "c_ptr", "N", "K", "stride_am", "stride_bn", "stride_cm")
+        contiguous = {k: v for k, v in sig.items() if k not in unit}
+        # decode's deep pipeline: 6 stages keep 5 tiles of W in flight (two commit groups a
+        # stage: x and W), where 4 stages keep 3
+        waits = {}
+        for stages in (4, 6):
+            ptx = compile_ptx(D._linear_weight_only_kernel, contiguous, {
+                **dict.fromkeys(unit, 1), "HAS_BIAS": True, "DOT_F32": False, "BLOCK_M": 16,
+                "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "EVEN_K": True, "GEMV": False},
+                cc, 4, stages, aligned=aligned)
+            waits[stages] = max(int(v) for v in re.findall(r"cp\.async\.wait_group\s+(\d+)",
+                                                          ptx))
+        assert waits == {4: 4, 6: 8}, (cc, waits)
+        # the transposed prefill form (W_A): on sm_90 the converted weight is wgmma's
+        # register operand and a wgmma group stays in flight across K steps (the plain form
+        # stores the converted tile to shared memory and waits: wait_group 0 only)
         for w_a in (True, False):
-            ptx = compile_ptx(D._linear_weight_only_kernel,
-                              {k: v for k, v in sig.items() if k not in unit}, {
+            ptx = compile_ptx(D._linear_weight_only_kernel, contiguous, {
                 **dict.fromkeys(unit, 1), "HAS_BIAS": True, "DOT_F32": False,
                 "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EVEN_K": True,
                 "GEMV": False, "W_A": w_a}, cc, 4, 4, aligned=aligned)
@@ -321,7 +332,8 @@ _PTX_SCRIPT = textwrap.dedent(r"""
 def test_kernels_compile_for_sm80_sm90():
     """The GPU code (compiled here without a GPU): no FMA contraction or approximate division
     in the per-token quantize kernel, int8 tensor-core MMA (mma.sync / wgmma) in the W8A8
-    GEMM's scaled epilogue mode, bf16 MMA in the weight-only GEMM."""
+    GEMM's scaled epilogue mode, bf16 MMA in the weight-only GEMM (its decode pipelines'
+    depth; its transposed prefill form's register operand on sm_90)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -438,10 +450,15 @@ def test_weight_only_autotune_tries_both_forms_for_one_row():
         assert not any(c.kwargs["W_A"] for c in one + two)
         assert any(c.kwargs["W_A"] for c in prefill)
         assert any(not c.kwargs["W_A"] for c in prefill)
+        # decode also tries a deep pipeline (6 stages or more) beside the 4-stage tiles
+        for got in (one, D._wo_prune(configs, {"M": 16})):
+            assert any(c.num_stages >= 6 for c in got)
+            assert any(c.num_stages == 4 and c.kwargs["BLOCK_N"] == 64 for c in got)
         if mode == "quick":
             assert len(one) <= 4 and len(prefill) <= 4
             # the transposed form's largest tile: its best ratio of issue to MMA work
             assert [c.kwargs["BLOCK_M"] for c in prefill if c.kwargs["W_A"]] == [256]
+            assert not any(c.num_stages >= 6 for c in prefill)
 
 
 @pytest.mark.parametrize("m,k,split", [(37, 1037, 1), (20, 1024, 3), (1, 300, 1)])

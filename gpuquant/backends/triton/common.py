@@ -62,7 +62,8 @@ def tune_subset(configs: list, area=None, programs=None, min_programs: int = 0,
     quick). The inference kernels apply it after their shape pruning, so a 64-channel layer
     gets three tiles 64 wide. ``also(config)``: a second kind of config worth a try (the
     GEMM's tiles that run two CTAs a multiprocessor); quick adds the largest of them that
-    reaches ``min_programs`` (or the largest) when none is picked. Read at each call."""
+    reaches ``min_programs`` (or the largest) when none is picked. A tuple of such
+    predicates: one config for each kind none picked so far has. Read at each call."""
     if tune_mode() == "full" or len(configs) <= 3:
         return list(configs)
     ordered = sorted(configs, key=area, reverse=True) if area is not None else list(configs)
@@ -73,10 +74,11 @@ def tune_subset(configs: list, area=None, programs=None, min_programs: int = 0,
     i = first_full(list(range(len(ordered))))
     other = i - 1 if i > 0 else i + 1
     picked = {other, i, len(ordered) - 1}
-    if also is not None and not any(also(ordered[j]) for j in picked):
-        j = first_full([j for j, c in enumerate(ordered) if also(c)])
-        if j is not None:
-            picked.add(j)
+    for kind in (() if also is None else also if isinstance(also, tuple) else (also,)):
+        if not any(kind(ordered[j]) for j in picked):
+            j = first_full([j for j, c in enumerate(ordered) if kind(c)])
+            if j is not None:
+                picked.add(j)
     return [ordered[j] for j in sorted(picked)]
 
 

@@ -429,8 +429,13 @@ def _weight_only_epilogue(acc, offs_m, offs_n, mask_m, mask_n, c_ptr, b_scale_pt
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Autotuned per (M, N, K) on the
 # GPU: decode (M <= 16) is memory-bound on W, so narrow N tiles give many programs streaming
 # it (and K is split, see weight_only_split_k); prefill uses tensor-core tiles like the int8
-# GEMM's (bf16 A: BLOCK_K 64 is 128-byte rows).
-_WO_TILES = [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 256, 1, 4, 3),
+# GEMM's (bf16 A: BLOCK_K 64 is 128-byte rows). Decode's deep pipelines (6 and 8 stages of a
+# 16x64x128 tile, 72 / 96 KB of shared memory: 3 / 2 programs a multiprocessor) keep 40-56
+# KB of W in flight a program where 4 stages keep 24: a decode step moves only ~120 KB a
+# multiprocessor (4096^2 on 132), so what is in flight at once sets its time, not the
+# bandwidth (bench/README.md NOTES).
+_WO_TILES = [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 128, 1, 4, 6),
+             (16, 64, 128, 1, 4, 8), (16, 64, 256, 1, 4, 3),
              (16, 128, 128, 1, 4, 4), (32, 64, 128, 1, 4, 4),
              (64, 64, 128, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 4, 3),
              (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3)]
@@ -478,15 +483,17 @@ def _wo_config(t, w_a: bool = False):
 
 def _wo_prune(configs, named_args, **kwargs):
     """No row tile far taller than M (decode never needs 128 rows); the GEMV form for one
-    row only (quick tuning keeps a config of the other form: GEMV for one row, the
-    transposed form for prefill)."""
+    row only. Quick tuning keeps a config of the other form (GEMV for one row, the
+    transposed form for prefill) and, for decode, a deep pipeline."""
     m = named_args["M"]
     cap = max(16, triton.next_power_of_2(m))
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (m == 1 or
                                                                  not c.kwargs["GEMV"])]
+    kinds = (lambda c: c.kwargs["GEMV"] or c.kwargs["W_A"],)
+    if m <= 16:
+        kinds += (lambda c: c.num_stages >= 6,)
     return tune_subset(keep or configs[:1],
-                       area=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
-                       also=lambda c: c.kwargs["GEMV"] or c.kwargs["W_A"])
+                       area=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], also=kinds)
 
 
 def _wo_even_k(a) -> bool:
