@@ -461,12 +461,12 @@ def test_weight_only_autotune_tries_both_forms_for_one_row():
             assert not any(c.num_stages >= 6 for c in prefill)
 
 
-@pytest.mark.parametrize("m,k,split", [(37, 1037, 1), (20, 1024, 3), (1, 300, 1)])
+@pytest.mark.parametrize("m,k,split", [(37, 1037, 1), (20, 1024, 3), (16, 512, 2), (1, 300, 1)])
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_weight_only_transposed_form_matches(m, k, split, dtype):
     """The transposed tensor-core form (W_A: W @ x^T, the accumulator transposed for the
-    epilogue) gives the plain form's result to float32 rounding, split or not, ragged K and
-    partial tiles included; it needs a tensor-core tile."""
+    epilogue) gives the plain form's result to float32 rounding, split or not, whole or
+    ragged K blocks, partial tiles included; it needs a tensor-core tile."""
     if "triton" not in backends.available():
         pytest.skip("triton backend unavailable here")
     from gpuquant.backends.triton import dynamic as D
