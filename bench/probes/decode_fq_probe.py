@@ -5,17 +5,18 @@ contract rows).
     python bench/probes/decode_fq_probe.py [--parts fq,decode,prefill,hostprof] [--reps 50]
 
 ``decode``: for m = 1 and the three quick (n, k) shapes, bf16: ``F.linear`` against the
-weight-only GEMM with the autotuner's choice and with every decode tile forced at split
-K / 2, K, 2 K of the heuristic's, timed per call with CUDA events after an L2 flush that
-writes (``buf.zero_()``, as the harness and ``triton.testing.do_bench``: the flushed lines
-are dirty, and their write-back shares the timed kernel's bandwidth) or reads (``buf.sum``:
-clean lines, as a decode step finds the previous layer's weights). ``prefill``: the same at
-m = 2048, every prefill tile forced in the plain form and in the transposed one (``W_A``:
-the converted weight as the MMA's register operand), with their TFLOPS. ``fq``: the fake-quant
-suite's ``gpuquant-triton`` fwd+bwd calls and its ``torch`` per-channel one at 2^20 float32: host microseconds a call (no sync inside the loop), the
-per-call time the harness would record, whether a call synchronises the host, and the
-profiler's kernel time and launch count a call. ``hostprof``: cProfile on the GPU machine
-of the host-bound calls (see :func:`host_profile`).
+weight-only GEMM with the autotuner's choice and with every decode tile (the one-row GEMV
+ones included) forced at split K / 2, K, 2 K of the heuristic's, timed per call with CUDA
+events after an L2 flush that writes (``buf.zero_()``, as the harness and
+``triton.testing.do_bench``: the flushed lines are dirty, and their write-back shares the
+timed kernel's bandwidth) or reads (``buf.sum``: clean lines, as a decode step finds the
+previous layer's weights). ``prefill``: the same at m = 2048, every prefill tile forced in
+the plain form and in the transposed one (``W_A``: the converted weight as the MMA's
+register operand), with their TFLOPS. ``fq``: the fake-quant suite's ``gpuquant-triton``
+fwd+bwd calls and its ``torch`` per-channel one at 2^20 float32: host microseconds a call
+(no sync inside the loop), the per-call time the harness would record, whether a call
+synchronises the host, and the profiler's kernel time and launch count a call.
+``hostprof``: cProfile on the GPU machine of the host-bound calls (see :func:`host_profile`).
 """
 import argparse
 import gc
@@ -87,7 +88,7 @@ def decode(reps):
     from gpuquant.backends.triton import dynamic as D
     from gpuquant.backends.triton.common import sm_count
     sms = sm_count()
-    decode_tiles = [t for t in D._WO_TILES if t[0] == 16]
+    decode_tiles = [t for t in D._WO_TILES if t[0] == 16] + D._WO_GEMV_TILES
     for n, k in _SHAPES:
         x, wq, ws, bias, calls = _weight_only_calls(1, n, k)
         split0 = D.weight_only_split_k(1, n, k, sms)

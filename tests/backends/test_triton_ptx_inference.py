@@ -18,9 +18,11 @@ from gpuquant.backends.triton import inspect_ptx as ip
 from gpuquant.backends.triton import elementwise
 out = {str(cc): ip.inspect(cc, ci=True) for cc in (80, 90)}
 from gpuquant.backends.triton import dynamic as D
-# the control: a kernel with a float multiply-add (the weight-only GEMV's w * x summed, its
-# epilogue's acc * scale + bias) compiled with fusion on shows the hazard the check looks for
-sig = {"a_ptr": "*bf16", "b_ptr": "*i8", "c_ptr": "*bf16", "b_scale_ptr": "*fp32",
+# the control: a kernel with a float multiply-add (the weight-only GEMV's w * x summed for
+# float32 activations, its epilogue's acc * scale + bias) compiled with fusion on shows the
+# hazard the check looks for (with 16-bit activations the GEMV's products are exact and it
+# asks for FMAs itself)
+sig = {"a_ptr": "*fp32", "b_ptr": "*i8", "c_ptr": "*fp32", "b_scale_ptr": "*fp32",
        "bias_ptr": "*fp32", "ws_ptr": "*fp32", "tick_ptr": "*i32",
        **{a: "i32" for a in ("M", "N", "K", "SPLIT_K", "stride_am", "stride_ak", "stride_bn",
                              "stride_bk", "stride_cm", "stride_cn")}}

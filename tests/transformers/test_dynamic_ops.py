@@ -314,17 +314,30 @@ _PTX_SCRIPT = textwrap.dedent(r"""
                 in_flight = re.search(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]", ptx)
                 assert reg_a == w_a and (in_flight is not None) == w_a, (w_a, reg_a)
         # the one-row GEMV form: no MMA, W streamed with 16-byte loads (as launched on a
-        # contiguous weight with K a multiple of 16: unit strides specialized to 1)
+        # contiguous weight with K a multiple of 16: unit strides specialized to 1). With
+        # bf16 activations each int8 becomes float32 by integer ops and one add (no cvt from
+        # an integer: I2F runs at a quarter of the float rate) and each exact product is
+        # accumulated by an FMA: 64 a thread a K step (32 x 256 over 128 threads), no other
+        # (the epilogue's acc * scale + bias stays two roundings); with float32
+        # activations, whose products round, multiply then add, no FMA at all
         unit = ("stride_ak", "stride_bk", "stride_cn")
-        ptx = compile_ptx(D._linear_weight_only_kernel,
-                          {k: v for k, v in sig.items() if k not in unit},
-                          {**dict.fromkeys(unit, 1), "HAS_BIAS": True, "DOT_F32": False,
-                           "BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256,
-                           "GROUP_M": 1, "EVEN_K": True, "GEMV": True}, cc, 4, 1,
-                          aligned=("a_ptr", "b_ptr", "c_ptr", "b_scale_ptr", "bias_ptr",
-                                   "ws_ptr", "K", "N", "stride_am", "stride_bn", "stride_cm"))
-        assert not MMA_RE.findall(ptx) and "ld.global.v4.b32" in ptx, cc
-        assert not FLOAT_HAZARD_RE.findall(ptx), cc
+        gemv_sig = {k: v for k, v in sig.items() if k not in unit}
+        for act in ("*bf16", "*fp32"):
+            ptx = compile_ptx(D._linear_weight_only_kernel,
+                              {**gemv_sig, "a_ptr": act, "c_ptr": act},
+                              {**dict.fromkeys(unit, 1), "HAS_BIAS": True,
+                               "DOT_F32": act == "*fp32", "BLOCK_M": 1, "BLOCK_N": 32,
+                               "BLOCK_K": 256, "GROUP_M": 1, "EVEN_K": True, "GEMV": True},
+                              cc, 4, 1,
+                              aligned=("a_ptr", "b_ptr", "c_ptr", "b_scale_ptr", "bias_ptr",
+                                       "ws_ptr", "K", "N", "stride_am", "stride_bn",
+                                       "stride_cm"))
+            assert not MMA_RE.findall(ptx) and "ld.global.v4.b32" in ptx, (cc, act)
+            assert not re.findall(r"div\.(?:full|approx)\.f32", ptx), (cc, act)
+            fmas = len(re.findall(r"\bfma\.rn\.f32", ptx))
+            assert fmas == (64 if act == "*bf16" else 0), (cc, act, fmas)
+            if act == "*bf16":
+                assert not re.findall(r"cvt\.rn\.f32\.s(?:8|16|32)", ptx), cc
     print("ptx ok")
 """)
 

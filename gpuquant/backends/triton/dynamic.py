@@ -293,8 +293,13 @@ def _linear_weight_only_kernel(
 
     ``GEMV`` (configs with ``BLOCK_M`` 1, tried for one-row decode): no tensor cores; each
     program streams a (BLOCK_N, BLOCK_K) tile of W along K (its contiguous axis: 16-byte
-    loads) and keeps ``w * a`` element-wise in float32 (products exact: int8 times a 16-bit
-    float fits float32's mantissa), summed along K once at the end.
+    loads) and keeps ``w * a`` element-wise in float32, summed along K once at the end.
+    With 16-bit activations the products are exact (int8 times a 16-bit float fits
+    float32's mantissa), so an FMA accumulates each (the same rounding as a multiply and an
+    add) and the int8 is converted by integer ops (:func:`_int8_to_f32`): ~4.5 full-rate
+    SASS instructions an element, where ``I2F`` alone ran at 16 a cycle a multiprocessor (a
+    quarter of the float rate: ~4 us of a 4096^2 layer on an H200, the likely reason these
+    configs lost the tuning to the tensor-core tiles).
 
     ``W_A`` (prefill tiles): the tile is computed transposed, ``W @ a^T``, so the converted
     weight is the MMA's first operand. On sm_90 ``wgmma`` takes that operand from registers,
@@ -391,6 +396,15 @@ def _dot_tile(a_ptr, b_ptr, offs_am, offs_bn, k_lo, k_hi, stride_am, stride_ak, 
 
 
 @triton.jit
+def _int8_to_f32(w):
+    """int8 -> float32 exactly without ``I2F`` (a quarter-rate instruction on sm_80 / sm_90:
+    16 a cycle a multiprocessor): the byte's offset-binary form ``w + 128`` (its bits with
+    the top one flipped) as the low mantissa bits of 2^23, minus 2^23 + 128."""
+    u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+    return (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
 def _gemv_tile(a_row_ptr, b_ptr, offs_bn, k_lo, k_hi, stride_ak, stride_bn, stride_bk,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """(1, BLOCK_N) float32: one row of a times W[cols, k_lo:k_hi]^T on the CUDA cores."""
@@ -406,7 +420,10 @@ def _gemv_tile(a_row_ptr, b_ptr, offs_bn, k_lo, k_hi, stride_ak, stride_bn, stri
             k_left = k_hi - k_lo - kb * BLOCK_K
             x = tl.load(x_ptrs, mask=offs_k < k_left, other=0)
             w = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        if x.dtype == tl.float32:  # products rounded: multiply, then add (no FMA)
+            acc += w.to(tl.float32) * x[None, :]
+        else:  # int8 x a 16-bit float is exact in float32: an FMA rounds as mul + add do
+            acc = tl.fma(_int8_to_f32(w), x.to(tl.float32)[None, :], acc)
         x_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_bk
     return tl.sum(acc, axis=1)[None, :]
