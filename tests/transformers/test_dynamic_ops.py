@@ -313,18 +313,16 @@ _PTX_SCRIPT = textwrap.dedent(r"""
                 reg_a = re.search(r"wgmma\.mma_async[^;]*\}, \{%r", ptx) is not None
                 in_flight = re.search(r"wgmma\.wait_group\.sync\.aligned\s+[1-9]", ptx)
                 assert reg_a == w_a and (in_flight is not None) == w_a, (w_a, reg_a)
-        # the one-row GEMV form: no MMA, W streamed with 16-byte loads (as launched on a
-        # contiguous weight with K a multiple of 16: unit strides specialized to 1). With
-        # bf16 activations each int8 becomes float32 by integer ops and one add (no cvt from
-        # an integer: I2F runs at a quarter of the float rate) and each exact product is
+        # the one-row GEMV form: no MMA, W streamed with 16-byte loads (contiguous, as
+        # above, and K a multiple of 16). With bf16 activations each int8 becomes float32 by
+        # integer ops and one add (no cvt from an integer: I2F runs at a quarter of the
+        # float rate) and each exact product is
         # accumulated by an FMA: 64 a thread a K step (32 x 256 over 128 threads), no other
         # (the epilogue's acc * scale + bias stays two roundings); with float32
         # activations, whose products round, multiply then add, no FMA at all
-        unit = ("stride_ak", "stride_bk", "stride_cn")
-        gemv_sig = {k: v for k, v in sig.items() if k not in unit}
         for act in ("*bf16", "*fp32"):
             ptx = compile_ptx(D._linear_weight_only_kernel,
-                              {**gemv_sig, "a_ptr": act, "c_ptr": act},
+                              {**contiguous, "a_ptr": act, "c_ptr": act},
                               {**dict.fromkeys(unit, 1), "HAS_BIAS": True,
                                "DOT_F32": act == "*fp32", "BLOCK_M": 1, "BLOCK_N": 32,
                                "BLOCK_K": 256, "GROUP_M": 1, "EVEN_K": True, "GEMV": True},

@@ -381,15 +381,15 @@ def _dot_tile(a_ptr, b_ptr, offs_am, offs_bn, k_lo, k_hi, stride_am, stride_ak, 
             k_left = k_hi - k_lo - kb * BLOCK_K
             a = tl.load(a_ptrs, mask=a_k < k_left, other=0)
             b = tl.load(b_ptrs, mask=b_k < k_left, other=0)
-        if DOT_F32:  # float32 activations, or the interpreter (it has no bfloat16 dot)
-            if W_A:
-                acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif W_A:
-            acc = tl.dot(b.to(a.dtype), a, acc)
+        # float32 activations, or the interpreter (it has no bfloat16 dot): an IEEE float32 dot
+        prec: tl.constexpr = "ieee" if DOT_F32 else None
+        if DOT_F32:
+            a = a.to(tl.float32)
+        w = b.to(a.dtype)
+        if W_A:
+            acc = tl.dot(w, a, acc, input_precision=prec)
         else:
-            acc = tl.dot(a, b.to(a.dtype), acc)
+            acc = tl.dot(a, w, acc, input_precision=prec)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
