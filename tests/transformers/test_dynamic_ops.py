@@ -470,6 +470,16 @@ def test_weight_only_autotune_tries_both_forms_for_one_row():
             # the transposed form's largest tile: its best ratio of issue to MMA work
             assert [c.kwargs["BLOCK_M"] for c in prefill if c.kwargs["W_A"]] == [256]
             assert not any(c.num_stages >= 6 for c in prefill)
+            # the new kinds are added to the plain tiles quick tuning picked before them,
+            # never in their place
+            plain = [D._wo_config(t) for t in D._WO_TILES + D._WO_GEMV_TILES]
+            for m in (1, 16, 128, 2048):
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setenv("GPUQUANT_TRITON_TUNE", mode)
+                    before = D._wo_prune(plain, {"M": m})
+                    now = D._wo_prune(configs, {"M": m})
+                assert all(c in now for c in before if c.num_stages < 6), m
+                assert sum(c.kwargs["W_A"] for c in now) == (m > 16), m
 
 
 @pytest.mark.parametrize("m,k,split", [(37, 1037, 1), (20, 1024, 3), (16, 512, 2), (1, 300, 1)])

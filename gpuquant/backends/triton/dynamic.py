@@ -28,7 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from ..reference_dynamic import EPS
 from .common import (LAUNCH_OPTS, arch_family, cdiv, last_to_finish, launch_tickets,
-                     rne, sm_count, to_dtype, to_f32, tune_subset)
+                     rne, sm_count, to_dtype, to_f32, tune_mode, tune_subset)
 from .fake_quant import (_FLOATS, _fq_math, _pack_bits, auto_interpreter, mask_backward,
                          on_tensor_device, save_mask)
 from .launch import launch
@@ -500,17 +500,20 @@ def _wo_config(t, w_a: bool = False):
 
 def _wo_prune(configs, named_args, **kwargs):
     """No row tile far taller than M (decode never needs 128 rows); the GEMV form for one
-    row only. Quick tuning keeps a config of the other form (GEMV for one row, the
-    transposed form for prefill) and, for decode, a deep pipeline."""
+    row only. Quick tuning keeps a GEMV config for one row and, for decode, a deep
+    pipeline; the transposed (``W_A``) tiles are added to its picks (the largest that fits),
+    never in place of a plain one."""
     m = named_args["M"]
     cap = max(16, triton.next_power_of_2(m))
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= cap and (m == 1 or
                                                                  not c.kwargs["GEMV"])]
-    kinds = (lambda c: c.kwargs["GEMV"] or c.kwargs["W_A"],)
+    w_a = [c for c in keep if c.kwargs["W_A"]]
+    kinds = (lambda c: c.kwargs["GEMV"],)
     if m <= 16:
         kinds += (lambda c: c.num_stages >= 6,)
-    return tune_subset(keep or configs[:1],
-                       area=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], also=kinds)
+    plain = tune_subset([c for c in keep if not c.kwargs["W_A"]] or configs[:1],
+                        area=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], also=kinds)
+    return plain + (w_a if tune_mode() == "full" else w_a[:1])
 
 
 def _wo_even_k(a) -> bool:
