@@ -328,7 +328,7 @@ def _linear_weight_only_kernel(
     k_hi = tl.minimum(K, k_lo + k_per)
     if GEMV:  # BLOCK_M 1: the program's row is pid_m
         acc = _gemv_tile(a_ptr + pid_m.to(tl.int64) * stride_am, b_ptr, offs_bn, k_lo, k_hi,
-                         stride_ak, stride_bn, stride_bk, BLOCK_N, BLOCK_K, EVEN_K)
+                         stride_ak, stride_bn, stride_bk, BLOCK_N, BLOCK_K)
     else:
         acc = _dot_tile(a_ptr, b_ptr, offs_am, offs_bn, k_lo, k_hi, stride_am, stride_ak,
                         stride_bn, stride_bk, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, W_A)
@@ -406,26 +406,30 @@ def _int8_to_f32(w):
 
 @triton.jit
 def _gemv_tile(a_row_ptr, b_ptr, offs_bn, k_lo, k_hi, stride_ak, stride_bn, stride_bk,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """(1, BLOCK_N) float32: one row of a times W[cols, k_lo:k_hi]^T on the CUDA cores."""
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(1, BLOCK_N) float32: one row of a times W[cols, k_lo:k_hi]^T on the CUDA cores.
+    Triton pipelines no plain load, so the loop loads K block ``kb + 1`` into registers
+    before it computes block ``kb`` (two blocks of W in flight a thread, not one); masked
+    by the K left, whole blocks or not (16-byte loads all the same)."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = a_row_ptr + (k_lo + offs_k) * stride_ak
     w_ptrs = b_ptr + offs_bn[:, None] * stride_bn + (k_lo + offs_k)[None, :] * stride_bk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_left = k_hi - k_lo - kb * BLOCK_K
-            x = tl.load(x_ptrs, mask=offs_k < k_left, other=0)
-            w = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
+    n_k = tl.cdiv(k_hi - k_lo, BLOCK_K)
+    x_next = tl.load(x_ptrs, mask=offs_k < k_hi - k_lo, other=0)
+    w_next = tl.load(w_ptrs, mask=offs_k[None, :] < k_hi - k_lo, other=0)
+    for kb in range(0, n_k):
+        x = x_next
+        w = w_next
+        x_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_bk
+        k_left = k_hi - k_lo - (kb + 1) * BLOCK_K  # <= 0 after the last block: no load
+        x_next = tl.load(x_ptrs, mask=offs_k < k_left, other=0)
+        w_next = tl.load(w_ptrs, mask=offs_k[None, :] < k_left, other=0)
         if x.dtype == tl.float32:  # products rounded: multiply, then add (no FMA)
             acc += w.to(tl.float32) * x[None, :]
         else:  # int8 x a 16-bit float is exact in float32: an FMA rounds as mul + add do
             acc = tl.fma(_int8_to_f32(w), x.to(tl.float32)[None, :], acc)
-        x_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_bk
     return tl.sum(acc, axis=1)[None, :]
 
 
