@@ -136,3 +136,44 @@ def test_qat_encoder_layer_under_autocast_on_the_gpu():
         served = quantize_dynamic(copy.deepcopy(qat))
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             assert torch.equal(qat(x), served(x))
+
+
+def _every_weight_only_tile():
+    """(tile, w_a) of every weight-only config the autotuner may pick: plain tensor-core
+    tiles, transposed (W_A) ones and the one-row GEMV ones."""
+    from gpuquant.backends.triton import dynamic as D
+    return ([(t, False) for t in D._WO_TILES] + [(t, True) for t in D._WO_W_A_TILES]
+            + [(t, False) for t in D._WO_GEMV_TILES])
+
+
+@pytest.mark.parametrize("tile,w_a", _every_weight_only_tile(),
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else ("W_A" if v else "plain"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_weight_only_tile_on_the_gpu(tile, w_a, dtype):
+    """Each weight-only config forced (compiled for this GPU: the transposed form's register
+    operand, the GEMV's exact int8 -> float conversion and register prefetch, the deep
+    pipelines), whole and ragged K, split and not: within float32 summation rounding of the
+    float64 product (test_dynamic_ops' CPU checks run one small tile through the
+    interpreter)."""
+    from gpuquant.backends.triton import dynamic as D
+    g = torch.Generator().manual_seed(sum(tile) + 7 * w_a)
+    n = 1000
+    for m, k, split in ([(1, 2050, 1), (1, 4096, 3)] if tile[0] == 1 else
+                        [(37, 2050, 1), (300, 4096, 1), (5, 4096, 3)]):
+        x = (torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g)))
+        x = x.to(dtype).cuda()
+        wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).cuda()
+        ws = (torch.rand(n, generator=g) * 0.01 + 1e-3).cuda()
+        b = torch.randn(n, generator=g).cuda()
+        y = D.linear_weight_only(x, wq, ws, b, split_k=split, tile=tile, w_a=w_a)
+        exact = (x.double() @ wq.double().t()) * ws.double() + b.double()
+        scale = (x.double().abs() @ wq.double().abs().t()) * ws.double()
+        out_ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -23
+        tol = scale * k * 2.0 ** -24 + exact.abs() * out_ulp + 1e-6
+        err = (y.double() - exact).abs()
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert bool((err <= tol).all()), (m, k, split, (err / tol).max().item())
+        assert torch.equal(y, D.linear_weight_only(x, wq, ws, b, split_k=split, tile=tile,
+                                                   w_a=w_a)), "not deterministic"
+    assert not bool(D.launch_tickets(1, x.device).any())
