@@ -20,6 +20,7 @@ synchronises the host, and the profiler's kernel time and launch count a call.
 """
 import argparse
 import gc
+import os
 import statistics
 import time
 
@@ -45,9 +46,6 @@ def _timed(fn, flush, reps):
         ev.append((a, b))
     torch.cuda.synchronize()
     return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3  # us
-
-
-_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # the suite's quick (n, k)
 
 
 def _weight_only_calls(m, n, k):
@@ -87,30 +85,29 @@ def _report(title, calls, reps, flops=None):
 def decode(reps):
     from gpuquant.backends.triton import dynamic as D
     from gpuquant.backends.triton.common import sm_count
+    from gpuquant.bench.warm import WO_PROBE_SHAPES, weight_only_probe_launches
     sms = sm_count()
-    decode_tiles = [t for t in D._WO_TILES if t[0] == 16] + D._WO_GEMV_TILES
-    for n, k in _SHAPES:
+    for n, k in WO_PROBE_SHAPES:
         x, wq, ws, bias, calls = _weight_only_calls(1, n, k)
+        for _, split, tile, _ in weight_only_probe_launches("decode", n, k, sms):
+            calls[f"tile {tile} split {split}"] = (
+                lambda tile=tile, split=split: D.linear_weight_only(x, wq, ws, bias,
+                                                                    split_k=split, tile=tile))
         split0 = D.weight_only_split_k(1, n, k, sms)
-        for tile in decode_tiles:
-            for split in sorted({max(1, split0 // 2), split0, split0 * 2}):
-                calls[f"tile {tile} split {split}"] = (
-                    lambda tile=tile, split=split: D.linear_weight_only(x, wq, ws, bias,
-                                                                        split_k=split,
-                                                                        tile=tile))
         _report(f"decode m=1 n={n} k={k} (heuristic split {split0})", calls, reps)
 
 
-def prefill(reps, m=2048):
+def prefill(reps):
     from gpuquant.backends.triton import dynamic as D
-    forms = [(t, False) for t in D._WO_TILES if t[0] >= 64] + \
-        [(t, True) for t in D._WO_W_A_TILES]
-    for n, k in _SHAPES:
+    from gpuquant.backends.triton.common import sm_count
+    from gpuquant.bench.warm import WO_PROBE_PREFILL_M as m
+    from gpuquant.bench.warm import WO_PROBE_SHAPES, weight_only_probe_launches
+    for n, k in WO_PROBE_SHAPES:
         x, wq, ws, bias, calls = _weight_only_calls(m, n, k)
-        for tile, w_a in forms:
+        for _, split, tile, w_a in weight_only_probe_launches("prefill", n, k, sm_count()):
             calls[f"tile {tile}{' W_A' if w_a else ''}"] = (
-                lambda tile=tile, w_a=w_a: D.linear_weight_only(x, wq, ws, bias, split_k=1,
-                                                                tile=tile, w_a=w_a))
+                lambda tile=tile, w_a=w_a, split=split: D.linear_weight_only(
+                    x, wq, ws, bias, split_k=split, tile=tile, w_a=w_a))
         _report(f"prefill m={m} n={n} k={k}", calls, reps, flops=2 * m * n * k)
         tuned = getattr(D._weight_only_kernel(False), "cache", {})
         print("autotuned:", {str(key): str(cfg) for key, cfg in tuned.items()
@@ -204,6 +201,9 @@ def main():
     p.add_argument("--parts", default="fq,decode")
     p.add_argument("--reps", type=int, default=50)
     a = p.parse_args()
+    # the lease's suites tune quick; so does the probe (its forced tiles are in `make
+    # tcache`'s prebuilt cache, gpuquant.bench.warm's weight_only_tiles)
+    os.environ.setdefault("GPUQUANT_TRITON_TUNE", "quick")
     print(torch.cuda.get_device_name(), torch.__version__)
     for part in a.parts.split(","):
         {"fq": fake_quant, "decode": decode, "prefill": prefill,

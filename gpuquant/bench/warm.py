@@ -19,6 +19,10 @@ specialisation, and the quick config lists chosen for 132 multiprocessors): the 
 then find their kernels compiled. A key that differs (another GPU family, another Triton)
 costs nothing but the warm-up's CPU time.
 
+``--suites weight_only_tiles`` (not a suite; :func:`work_list`) compiles every weight-only
+GEMM config forced, at the launches of the GPU probe and of the every-tile GPU test: the
+prebuilt cache (:mod:`.tcache`) includes them.
+
 The lease runner (:mod:`gpuquant.bench.lease`) starts this in the background, at low CPU
 priority, while the GPU tests run. Cases are dealt to workers round-robin in the order of
 ``--suites``; ``--budget`` stops the workers after that many seconds (what they compiled stays).
@@ -97,12 +101,78 @@ class _ShapeConv:
         self._layer.conv2d_backward = self._real_bwd
 
 
+# Not a suite: every weight-only GEMM config forced, as the GPU probe
+# (bench/probes/decode_fq_probe.py, parts decode and prefill) and the every-tile GPU test
+# (tests/transformers/test_dynamic_gpu.py) launch them: ~150 kernels that a lease would
+# otherwise compile one after another while the GPU waits. `make tcache` warms them too.
+WEIGHT_ONLY_TILES = "weight_only_tiles"
+WO_PROBE_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (n, k): the suite's quick
+WO_PROBE_PREFILL_M = 2048
+WO_TEST_N = 1000
+
+
+def weight_only_forms() -> list:
+    """(tile, w_a) of every weight-only config the autotuner may pick: the plain
+    tensor-core tiles, the transposed (W_A) ones, the one-row GEMV ones."""
+    from ..backends.triton import dynamic as D
+    return ([(t, False) for t in D._WO_TILES] + [(t, True) for t in D._WO_W_A_TILES]
+            + [(t, False) for t in D._WO_GEMV_TILES])
+
+
+def weight_only_test_shapes(tile) -> list:
+    """(m, k, split_k) the every-tile GPU test runs ``tile`` on (n = WO_TEST_N): whole and
+    ragged K, split and not; one row for a GEMV tile."""
+    if tile[0] == 1:
+        return [(1, 2050, 1), (1, 4096, 3)]
+    return [(37, 2050, 1), (300, 4096, 1), (5, 4096, 3)]
+
+
+def weight_only_probe_launches(part: str, n: int, k: int, sms: int) -> list:
+    """(m, split_k, tile, w_a) the probe forces on (n, k): ``decode`` (m = 1): every 16-row
+    and GEMV tile at half, once and twice the heuristic's split; ``prefill`` (m = 2048):
+    every tile of 64 rows or more, unsplit, plain and transposed."""
+    from ..backends.triton import dynamic as D
+    if part == "decode":
+        split0 = D.weight_only_split_k(1, n, k, sms)
+        return [(1, s, t, w) for t, w in weight_only_forms() if t[0] in (1, 16) and not w
+                for s in sorted({max(1, split0 // 2), split0, split0 * 2})]
+    if part == "prefill":
+        return [(WO_PROBE_PREFILL_M, 1, t, w) for t, w in weight_only_forms() if t[0] >= 64]
+    raise ValueError(f"weight_only_probe_launches: part must be 'decode' or 'prefill', got "
+                     f"{part!r}")
+
+
+def _weight_only_launches(sms: int = 132) -> list:
+    """(m, n, k, split_k, tile, w_a, dtype name) of :data:`WEIGHT_ONLY_TILES`' work: the
+    probe's launches (bf16) and the every-tile test's (bf16 and float32)."""
+    out = [(m, n, k, s, t, w, "bfloat16") for part in ("decode", "prefill")
+           for n, k in WO_PROBE_SHAPES
+           for m, s, t, w in weight_only_probe_launches(part, n, k, sms)]
+    out += [(m, WO_TEST_N, k, s, t, w, dt) for t, w in weight_only_forms()
+            for dt in ("bfloat16", "float32") for m, k, s in weight_only_test_shapes(t)]
+    return out
+
+
+def _warm_weight_only(idx: int) -> None:
+    """Launch one of :func:`_weight_only_launches` on CPU tensors (inside the stand-in)."""
+    import torch
+
+    from ..backends.triton import dynamic as D
+    m, n, k, split, tile, w_a, dt = _weight_only_launches()[idx]
+    D.linear_weight_only(torch.zeros(m, k, dtype=getattr(torch, dt)),
+                         torch.zeros(n, k, dtype=torch.int8), torch.ones(n), torch.zeros(n),
+                         split_k=split, tile=tile, w_a=w_a)
+
+
 def work_list(suites: Sequence[str]) -> List[Tuple[str, int]]:
-    """``(suite, case index)`` of every quick case of ``suites`` (CPU-built)."""
+    """``(suite, case index)`` of every quick case of ``suites`` (CPU-built); for
+    :data:`WEIGHT_ONLY_TILES`, an index into its launches."""
     from .suites import load_suite
     out = []
     for name in suites:
-        out += [(name, i) for i in range(len(load_suite(name).cases(True, "cpu")))]
+        n = len(_weight_only_launches()) if name == WEIGHT_ONLY_TILES else \
+            len(load_suite(name).cases(True, "cpu"))
+        out += [(name, i) for i in range(n)]
     return out
 
 
@@ -125,6 +195,15 @@ def _warm_cases(items: Sequence[Tuple[str, int]]) -> Tuple[int, int]:
     cache = {}
     with standin_cuda(cubin=True), backends.use("triton"):
         for name, idx in items:
+            if name == WEIGHT_ONLY_TILES:
+                try:
+                    _warm_weight_only(idx)
+                    done += 1
+                except Exception as e:  # noqa: BLE001 - reported, the rest goes on
+                    print(f"warm: {name} {idx}: {type(e).__name__}: {str(e)[:200]}",
+                          file=sys.stderr)
+                    failed += 1
+                continue
             if name not in cache:
                 cache[name] = load_suite(name).cases(True, "cpu")
             case = cache[name][idx]

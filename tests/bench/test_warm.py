@@ -56,6 +56,44 @@ def test_warm_lists_quick_cases_and_rejects_bad_arguments(capsys):
         warm.work_list(["no_such_suite"])
 
 
+def test_weight_only_tiles_cover_the_probe_and_the_gpu_test():
+    """The weight-only forced configs the prebuilt cache holds: every config the autotuner
+    may pick, at each launch of the GPU probe (decode: 16-row and GEMV tiles at three
+    splits; prefill: the large tiles, plain and transposed) and of the every-tile GPU test
+    (bf16 and float32)."""
+    from gpuquant.backends.triton import dynamic as D
+    forms = warm.weight_only_forms()
+    assert len(forms) == len(D._WO_TILES) + len(D._WO_W_A_TILES) + len(D._WO_GEMV_TILES)
+    launches = warm._weight_only_launches()
+    assert [i for _, i in warm.work_list([warm.WEIGHT_ONLY_TILES])] == \
+        list(range(len(launches)))
+    for t, w in forms:
+        for dt in ("bfloat16", "float32"):
+            for m, k, s in warm.weight_only_test_shapes(t):
+                assert (m, warm.WO_TEST_N, k, s, t, w, dt) in launches
+    for n, k in warm.WO_PROBE_SHAPES:
+        dec = warm.weight_only_probe_launches("decode", n, k, 132)
+        split0 = D.weight_only_split_k(1, n, k, 132)
+        assert {s for _, s, _, _ in dec} == {max(1, split0 // 2), split0, split0 * 2}
+        assert {t for _, _, t, _ in dec} == {t for t, _ in forms if t[0] in (1, 16)}
+        pre = warm.weight_only_probe_launches("prefill", n, k, 132)
+        assert {w for _, _, _, w in pre} == {False, True}
+        for m, s, t, w in dec + pre:
+            assert (m, n, k, s, t, w, "bfloat16") in launches
+    with pytest.raises(ValueError, match="part must be"):
+        warm.weight_only_probe_launches("both", 4096, 4096, 132)
+
+
+def test_warm_compiles_a_weight_only_tile(tmp_path):
+    """A weight_only_tiles item, compiled by a warm worker: a real sm_90 cubin of the
+    weight-only kernel in Triton's cache."""
+    cache = tmp_path / "cache"
+    proc = _warm(cache, "--worker", f"{warm.WEIGHT_ONLY_TILES}:0")
+    assert proc.returncode == 0 and "1/1 cases, 0 failures" in proc.stdout, \
+        proc.stdout + proc.stderr[-3000:]
+    assert any("_linear_weight_only_kernel" in os.path.basename(p) for p in _cubins(cache))
+
+
 def test_lease_starts_the_warm_up_and_reports_it(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "out"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gpuquant import backends
+from gpuquant.bench.warm import WO_TEST_N, weight_only_forms, weight_only_test_shapes
 from gpuquant.functional.dynamic import linear_dynamic, linear_weight_only, quantize_per_token
 from gpuquant.nn.quantized.linear_dynamic import DynamicLinear
 
@@ -138,15 +139,7 @@ def test_qat_encoder_layer_under_autocast_on_the_gpu():
             assert torch.equal(qat(x), served(x))
 
 
-def _every_weight_only_tile():
-    """(tile, w_a) of every weight-only config the autotuner may pick: plain tensor-core
-    tiles, transposed (W_A) ones and the one-row GEMV ones."""
-    from gpuquant.backends.triton import dynamic as D
-    return ([(t, False) for t in D._WO_TILES] + [(t, True) for t in D._WO_W_A_TILES]
-            + [(t, False) for t in D._WO_GEMV_TILES])
-
-
-@pytest.mark.parametrize("tile,w_a", _every_weight_only_tile(),
+@pytest.mark.parametrize("tile,w_a", weight_only_forms(),
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
                          else ("W_A" if v else "plain"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -155,12 +148,11 @@ def test_every_weight_only_tile_on_the_gpu(tile, w_a, dtype):
     operand, the GEMV's exact int8 -> float conversion and register prefetch, the deep
     pipelines), whole and ragged K, split and not: within float32 summation rounding of the
     float64 product (test_dynamic_ops' CPU checks run one small tile through the
-    interpreter)."""
+    interpreter). Its kernels are in `make tcache`'s prebuilt cache (gpuquant.bench.warm)."""
     from gpuquant.backends.triton import dynamic as D
     g = torch.Generator().manual_seed(sum(tile) + 7 * w_a)
-    n = 1000
-    for m, k, split in ([(1, 2050, 1), (1, 4096, 3)] if tile[0] == 1 else
-                        [(37, 2050, 1), (300, 4096, 1), (5, 4096, 3)]):
+    n = WO_TEST_N
+    for m, k, split in weight_only_test_shapes(tile):
         x = (torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g)))
         x = x.to(dtype).cuda()
         wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).cuda()
