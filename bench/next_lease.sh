@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The next GPU lease, prepared as one command (device tool: carry [".tcache"], timeout_s 570,
+# then give_back). Here first: `make tcache` (kernels changed since the last archive; it
+# also holds the weight-only probe's and every-tile test's forced configs) and `make wheels`.
+#
+#   bash bench/next_lease.sh "$OUT"
+#
+# What it measures, in order (the predictions it checks: bench/README.md NOTES, the entries
+# dated 2026-11-27 and 2026-11-28):
+#   1. bench/probes/decode_fq_probe.py --parts prefill,decode: every weight-only tile forced,
+#      plain and transposed (W_A) at m = 2048, and the decode tiles (deep pipelines, GEMV)
+#      at m = 1, against F.linear bf16 -> $OUT/wo_probe.txt (~2 min, capped at 140 s);
+#   2. the lease runner (~6.5 min): linear_dynamic (issue 12's rows), models and conv (issue
+#      6's network and "all" targets, after the folded requantization), the gpu-marked tests
+#      of the weight-only and dynamic kernels and the forced conv / GEMM configs (8 pytest
+#      workers), qat_step (issue 5) -> $OUT/lease.tar.gz, $OUT/summary.md.
+# Back here: tar -xzf lease.tar.gz -C bench; python -m gpuquant.bench.readme_table --write
+# README.md; a NOTES entry against the predictions.
+set -u
+OUT=${1:?usage: bash bench/next_lease.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+TC=$(mktemp -d)
+python -c "import glob, sys; from gpuquant.bench.tcache import unpack
+a = sorted(glob.glob('.tcache/*.tar.gz'))
+print(unpack(a[-1], sys.argv[1])[1] if a else 'no prebuilt Triton cache')" "$TC" \
+    > "$OUT/wo_probe.txt" 2>&1
+TRITON_CACHE_DIR=$TC timeout 140 python bench/probes/decode_fq_probe.py \
+    --parts prefill,decode --reps 30 >> "$OUT/wo_probe.txt" 2>&1
+echo "probe exit $?" >> "$OUT/wo_probe.txt"
+TESTS="tests/transformers/test_dynamic_gpu.py tests/backends/test_triton_forced_configs.py"
+python -m gpuquant.bench.lease --out "$OUT" --budget 385 \
+    --stages linear_dynamic,models,tests,qat_step,conv --cap tests=80 \
+    --pytest-args "-q -m gpu -n 8 $TESTS -p no:cacheprovider -o faulthandler_timeout=60"
