@@ -1,18 +1,21 @@
 """Where the time of a GPU step goes: ``torch.profiler`` tables of the steps the benchmark
 suites time, for reading after a lease.
 
-    python -m gpuquant.bench.profile --out DIR [--what qat_step,int8_forward,conv_all]
-                                     [--model resnet50] [--batch 64]
+    python -m gpuquant.bench.profile --out DIR [--what qat_step,int8_forward,conv_all,
+                                     linear_prefill] [--model resnet50] [--batch 64]
 
 ``qat_step``: one training step of the ``qat_step`` suite (float, then gpuquant QAT; bf16
 autocast, channels_last). ``int8_forward``: the ``models`` suite's fused int8 network under
 the triton backend. ``conv_all``: the ``conv`` suite's "all" row (resnet50's 53
 convolutions, batch 64; ``--model`` / ``--batch`` do not apply), Triton int8 then cuDNN
-bf16. For each: the wall time of a step (CUDA events, median of 5 after 3 warm-ups), the
+bf16. ``linear_prefill``: the ``linear_dynamic`` suite's prefill rows (m = 2048, its quick
+(n, k)): W8A8 (per-token quantize, then the int8 GEMM), weight-only and bf16 ``F.linear``;
+the kernel list splits a W8A8 row into its two kernels and the gap between them (wall
+time minus the kernels' sum). For each: the wall time of a step (CUDA events, median of 5 after 3 warm-ups), the
 GPU time its kernels add up to, the number of kernel launches, the 25 ops with the most GPU
 time, the 15 with the most host time, and for ``int8_forward`` and ``conv_all`` every
 kernel of one step in order with its time (``int8_forward``'s convolutions against
-``conv_all``'s, layer by layer). Writes ``DIR/profile-<what>.txt`` and prints it. Needs a
+``conv_all``'s, layer by layer; also for ``linear_prefill``). Writes ``DIR/profile-<what>.txt`` and prints it. Needs a
 CUDA GPU (exit 1 without one).
 """
 from __future__ import annotations
@@ -26,8 +29,9 @@ import torch
 
 __all__ = ["main", "profile_step"]
 
-WHATS = ("qat_step", "int8_forward", "conv_all")
-_TIMELINES = ("int8_forward", "conv_all")  # what lists every kernel of a step in order
+WHATS = ("qat_step", "int8_forward", "conv_all", "linear_prefill")
+_TIMELINES = ("int8_forward", "conv_all", "linear_prefill")  # every kernel of a step listed
+LINEAR_PREFILL_M = 2048  # linear_prefill's tokens (the suite's prefill rows)
 
 
 def _median_ms(step: Callable[[], object], n: int = 5) -> float:
@@ -126,6 +130,20 @@ def _conv_all_steps(model_name: str, batch: int):
     yield f"conv_all torch-bf16 resnet50 batch {C.BATCH}", C._bf16(layers)
 
 
+def _linear_steps(model_name: str, batch: int, device: str = "cuda", nk=None,
+                  m: int = LINEAR_PREFILL_M):
+    """The ``linear_dynamic`` suite's prefill rows, each provider's call as the suite sets
+    it up (``--model`` / ``--batch`` do not apply; ``nk`` default: the suite's quick
+    (n, k))."""
+    from .suites import linear_dynamic as LD
+    for n, k in (nk or LD._NK[:3]):
+        inp = LD._make_inputs(m, n, k, device)(0)
+        for name, prov in (("gpuquant-triton", LD._gpuquant(False)),
+                           ("gpuquant-triton-w8", LD._gpuquant(True)),
+                           ("torch-bf16", LD._torch_bf16())):
+            yield f"linear_prefill {name} m={m} n={n} k={k}", prov.setup(inp)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpuquant.bench.profile",
                                 description=__doc__.split("\n\n")[0])
@@ -144,7 +162,8 @@ def main(argv=None) -> int:
         print("gpuquant.bench.profile: needs a CUDA GPU", file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)
-    gens = {"qat_step": _qat_steps, "int8_forward": _int8_steps, "conv_all": _conv_all_steps}
+    gens = {"qat_step": _qat_steps, "int8_forward": _int8_steps, "conv_all": _conv_all_steps,
+            "linear_prefill": _linear_steps}
     rc = 0
     for what in whats:
         lines: List[str] = []

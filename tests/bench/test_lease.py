@@ -199,6 +199,24 @@ def test_profile_refuses_without_a_gpu_and_bad_arguments(tmp_path, capsys):
         profile.main(["--out", str(tmp_path), "--batch", "0"])
 
 
+def test_profile_linear_prefill_steps_are_the_suites_calls():
+    """``--what linear_prefill``: the linear_dynamic suite's W8A8, weight-only and bf16 calls
+    at each (n, k), as the suite sets them up (run here small, through the interpreter;
+    their outputs are the suite's own checks' business)."""
+    import torch
+
+    from gpuquant import backends
+    from gpuquant.bench import profile
+    assert "linear_prefill" in profile.WHATS and "linear_prefill" in profile._TIMELINES
+    steps = list(profile._linear_steps("resnet50", 64, device="cpu", nk=((40, 48),), m=5))
+    assert [t for t, _ in steps] == [f"linear_prefill {p} m=5 n=40 k=48" for p in
+                                     ("gpuquant-triton", "gpuquant-triton-w8", "torch-bf16")]
+    if "triton" not in backends.available():
+        pytest.skip("triton backend unavailable here")
+    outs = [step() for _, step in steps]
+    assert all(o.shape == (5, 40) and o.dtype == torch.bfloat16 for o in outs)
+
+
 def test_device_summary_counts_each_device_activity_once():
     import torch
 
