@@ -9,13 +9,16 @@
 # dated 2026-11-27 and 2026-11-28):
 #   1. bench/probes/decode_fq_probe.py --parts prefill,decode: every weight-only tile forced,
 #      plain and transposed (W_A) at m = 2048, and the decode tiles (deep pipelines, GEMV)
-#      at m = 1, against F.linear bf16 -> $OUT/wo_probe.txt (~2 min, capped at 140 s);
+#      at m = 1, against F.linear bf16 -> $OUT/wo_probe.txt (its kernels are in the prebuilt
+#      cache: well under a minute expected; capped at 140 s);
 #   2. the lease runner (~6.5 min): linear_dynamic (issue 12's rows); a profile of its prefill
 #      rows (`--what linear_prefill`: the W8A8 row's quantize kernel, GEMM and the gap between
 #      them, the ~13 us of the m = 2048 row outside its GEMM); models and conv (issue 6's
 #      network and "all" targets, after the folded requantization); the gpu-marked tests of
 #      the weight-only and dynamic kernels and the forced conv / GEMM configs (8 pytest
-#      workers); qat_step (issue 5) -> $OUT/lease.tar.gz, $OUT/summary.md.
+#      workers); qat_step (issue 5); then, if the budget still allows one (the runner skips a
+#      stage it cannot start), fake_quant (the cvt.rni bf16 kernels) and gemm
+#      -> $OUT/lease.tar.gz, $OUT/summary.md.
 # Back here: tar -xzf lease.tar.gz -C bench; python -m gpuquant.bench.readme_table --write
 # README.md; a NOTES entry against the predictions.
 set -u
@@ -33,6 +36,7 @@ TRITON_CACHE_DIR=$TC timeout 140 python bench/probes/decode_fq_probe.py \
 echo "probe exit $?" >> "$OUT/wo_probe.txt"
 TESTS="tests/transformers/test_dynamic_gpu.py tests/backends/test_triton_forced_configs.py"
 python -m gpuquant.bench.lease --out "$OUT" --budget 395 \
-    --stages linear_dynamic,profile,models,tests,qat_step,conv --cap tests=80 --cap profile=60 \
+    --stages linear_dynamic,profile,models,tests,qat_step,conv,fake_quant,gemm \
+    --cap tests=80 --cap profile=60 \
     --profile-args "--what linear_prefill" \
     --pytest-args "-q -m gpu -n 8 $TESTS -p no:cacheprovider -o faulthandler_timeout=60"
