@@ -9,13 +9,14 @@ autocast, channels_last). ``int8_forward``: the ``models`` suite's fused int8 ne
 the triton backend. ``conv_all``: the ``conv`` suite's "all" row (resnet50's 53
 convolutions, batch 64; ``--model`` / ``--batch`` do not apply), Triton int8 then cuDNN
 bf16. ``linear_prefill``: the ``linear_dynamic`` suite's prefill rows (m = 2048, its quick
-(n, k)): W8A8 (per-token quantize, then the int8 GEMM), weight-only and bf16 ``F.linear``;
-the kernel list splits a W8A8 row into its two kernels and the gap between them (wall
-time minus the kernels' sum). For each: the wall time of a step (CUDA events, median of 5 after 3 warm-ups), the
-GPU time its kernels add up to, the number of kernel launches, the 25 ops with the most GPU
-time, the 15 with the most host time, and for ``int8_forward`` and ``conv_all`` every
-kernel of one step in order with its time (``int8_forward``'s convolutions against
-``conv_all``'s, layer by layer; also for ``linear_prefill``). Writes ``DIR/profile-<what>.txt`` and prints it. Needs a
+(n, k); ``--model`` / ``--batch`` do not apply): W8A8 (per-token quantize, then the int8
+GEMM), weight-only and bf16 ``F.linear``; its kernel list splits a W8A8 row into its two
+kernels and the gap between them (wall time minus the kernels' sum). For each: the wall
+time of a step (CUDA events, median of 5 after 3 warm-ups), the GPU time its kernels add
+up to, the number of kernel launches, the 25 ops with the most GPU time, the 15 with the
+most host time, and for ``int8_forward``, ``conv_all`` and ``linear_prefill`` every kernel
+of one step in order with its time (``int8_forward``'s convolutions against
+``conv_all``'s, layer by layer). Writes ``DIR/profile-<what>.txt`` and prints it. Needs a
 CUDA GPU (exit 1 without one).
 """
 from __future__ import annotations

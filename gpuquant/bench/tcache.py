@@ -265,8 +265,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "gpuquant.bench.warm", "--jobs", str(args.jobs),
                "--nice", "0", "--suites", suites]
         rc = subprocess.call(cmd, env=env)
-        m = pack(cache, args.out, key, note=f"commit {_git_head()}, suites "
-                 f"{args.suites or 'default'}, warm exit {rc}")
+        m = pack(cache, args.out, key, note=f"commit {_git_head()}, suites {suites}, "
+                 f"warm exit {rc}")
     print(f"{args.out}: {m['kernels']} kernels, {os.path.getsize(args.out) / 2 ** 20:.1f} MiB, "
           f"key {m['key_id']}")
     return 0 if rc == 0 else 1
