@@ -111,14 +111,6 @@ WO_PROBE_PREFILL_M = 2048
 WO_TEST_N = 1000
 
 
-def weight_only_forms() -> list:
-    """(tile, w_a) of every weight-only config the autotuner may pick: the plain
-    tensor-core tiles, the transposed (W_A) ones, the one-row GEMV ones."""
-    from ..backends.triton import dynamic as D
-    return ([(t, False) for t in D._WO_TILES] + [(t, True) for t in D._WO_W_A_TILES]
-            + [(t, False) for t in D._WO_GEMV_TILES])
-
-
 def weight_only_test_shapes(tile) -> list:
     """(m, k, split_k) the every-tile GPU test runs ``tile`` on (n = WO_TEST_N): whole and
     ragged K, split and not; one row for a GEMV tile."""
@@ -134,10 +126,10 @@ def weight_only_probe_launches(part: str, n: int, k: int, sms: int) -> list:
     from ..backends.triton import dynamic as D
     if part == "decode":
         split0 = D.weight_only_split_k(1, n, k, sms)
-        return [(1, s, t, w) for t, w in weight_only_forms() if t[0] in (1, 16) and not w
+        return [(1, s, t, w) for t, w in D.weight_only_forms() if t[0] in (1, 16) and not w
                 for s in sorted({max(1, split0 // 2), split0, split0 * 2})]
     if part == "prefill":
-        return [(WO_PROBE_PREFILL_M, 1, t, w) for t, w in weight_only_forms() if t[0] >= 64]
+        return [(WO_PROBE_PREFILL_M, 1, t, w) for t, w in D.weight_only_forms() if t[0] >= 64]
     raise ValueError(f"weight_only_probe_launches: part must be 'decode' or 'prefill', got "
                      f"{part!r}")
 
@@ -145,6 +137,7 @@ def weight_only_probe_launches(part: str, n: int, k: int, sms: int) -> list:
 def _weight_only_launches(sms: int = 132) -> list:
     """(m, n, k, split_k, tile, w_a, dtype name) of :data:`WEIGHT_ONLY_TILES`' work: the
     probe's launches (bf16) and the every-tile test's (bf16 and float32)."""
+    from ..backends.triton.dynamic import weight_only_forms
     out = [(m, n, k, s, t, w, "bfloat16") for part in ("decode", "prefill")
            for n, k in WO_PROBE_SHAPES
            for m, s, t, w in weight_only_probe_launches(part, n, k, sms)]

@@ -62,7 +62,7 @@ def test_weight_only_tiles_cover_the_probe_and_the_gpu_test():
     splits; prefill: the large tiles, plain and transposed) and of the every-tile GPU test
     (bf16 and float32)."""
     from gpuquant.backends.triton import dynamic as D
-    forms = warm.weight_only_forms()
+    forms = D.weight_only_forms()
     assert len(forms) == len(D._WO_TILES) + len(D._WO_W_A_TILES) + len(D._WO_GEMV_TILES)
     launches = warm._weight_only_launches()
     assert [i for _, i in warm.work_list([warm.WEIGHT_ONLY_TILES])] == \

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gpuquant import backends
-from gpuquant.bench.warm import WO_TEST_N, weight_only_forms, weight_only_test_shapes
+from gpuquant.backends.triton.dynamic import weight_only_forms
+from gpuquant.bench.warm import WO_TEST_N, weight_only_test_shapes
 from gpuquant.functional.dynamic import linear_dynamic, linear_weight_only, quantize_per_token
 from gpuquant.nn.quantized.linear_dynamic import DynamicLinear
 

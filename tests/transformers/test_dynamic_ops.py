@@ -448,8 +448,7 @@ def test_weight_only_autotune_tries_both_forms_for_one_row():
     two rows never get one. Prefill keeps a transposed (W_A) tile beside the plain ones;
     decode never gets one (its tiles are 64 rows or more)."""
     from gpuquant.backends.triton import dynamic as D
-    configs = [D._wo_config(t) for t in D._WO_TILES + D._WO_GEMV_TILES] + \
-        [D._wo_config(t, w_a=True) for t in D._WO_W_A_TILES]
+    configs = [D._wo_config(t, w_a) for t, w_a in D.weight_only_forms()]
     for mode in ("quick", "full"):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("GPUQUANT_TRITON_TUNE", mode)

@@ -496,6 +496,14 @@ def weight_only_split_k(m: int, n: int, k: int, sms: int) -> int:
     return split
 
 
+def weight_only_forms() -> list:
+    """(tile, w_a) of every weight-only config the autotuner may pick, in its order: the
+    plain tensor-core tiles, the one-row GEMV ones, the transposed (``W_A``) ones (also the
+    forced configs the GPU test and probe run: :mod:`gpuquant.bench.warm`)."""
+    return [(t, False) for t in _WO_TILES + _WO_GEMV_TILES] + \
+        [(t, True) for t in _WO_W_A_TILES]
+
+
 def _wo_config(t, w_a: bool = False):
     """An autotune config of a weight-only tile tuple (GEMV when ``BLOCK_M`` is 1; ``w_a``:
     the transposed tensor-core form)."""
@@ -533,8 +541,7 @@ def _weight_only_kernel(interpret: bool):
     if k is None:
         heur = triton.heuristics({"EVEN_K": _wo_even_k})(_linear_weight_only_kernel)
         k = heur if interpret else triton.autotune(
-            configs=[_wo_config(t) for t in _WO_TILES + _WO_GEMV_TILES] +
-            [_wo_config(t, w_a=True) for t in _WO_W_A_TILES],
+            configs=[_wo_config(t, w_a) for t, w_a in weight_only_forms()],
             key=["M", "N", "K", "SPLIT_K", "HAS_BIAS"],  # the epilogue, as gemm.EPILOGUE_KEY
             prune_configs_by={"early_config_prune": _wo_prune})(heur)
         _WO_KERNELS[interpret] = k
