@@ -32,7 +32,6 @@ __all__ = ["main", "profile_step"]
 
 WHATS = ("qat_step", "int8_forward", "conv_all", "linear_prefill")
 _TIMELINES = ("int8_forward", "conv_all", "linear_prefill")  # every kernel of a step listed
-LINEAR_PREFILL_M = 2048  # linear_prefill's tokens (the suite's prefill rows)
 
 
 def _median_ms(step: Callable[[], object], n: int = 5) -> float:
@@ -131,13 +130,13 @@ def _conv_all_steps(model_name: str, batch: int):
     yield f"conv_all torch-bf16 resnet50 batch {C.BATCH}", C._bf16(layers)
 
 
-def _linear_steps(model_name: str, batch: int, device: str = "cuda", nk=None,
-                  m: int = LINEAR_PREFILL_M):
+def _linear_steps(model_name: str, batch: int, device: str = "cuda", nk=None, m=None):
     """The ``linear_dynamic`` suite's prefill rows, each provider's call as the suite sets
-    it up (``--model`` / ``--batch`` do not apply; ``nk`` default: the suite's quick
-    (n, k))."""
+    it up (``--model`` / ``--batch`` do not apply; ``nk`` / ``m`` default: the suite's
+    quick (n, k) and prefill m)."""
     from .suites import linear_dynamic as LD
-    for n, k in (nk or LD._NK[:3]):
+    m = m or LD.PREFILL_M
+    for n, k in (nk or LD.QUICK_NK):
         inp = LD._make_inputs(m, n, k, device)(0)
         for name, prov in (("gpuquant-triton", LD._gpuquant(False)),
                            ("gpuquant-triton-w8", LD._gpuquant(True)),

@@ -38,6 +38,8 @@ import sys
 import time
 from typing import List, Sequence, Tuple
 
+from .suites.linear_dynamic import PREFILL_M, QUICK_NK
+
 __all__ = ["main", "work_list"]
 
 DEFAULT_SUITES = ("models", "conv", "gemm", "linear_dynamic", "fake_quant", "qat_step")
@@ -106,8 +108,8 @@ class _ShapeConv:
 # (tests/transformers/test_dynamic_gpu.py) launch them: ~150 kernels that a lease would
 # otherwise compile one after another while the GPU waits. `make tcache` warms them too.
 WEIGHT_ONLY_TILES = "weight_only_tiles"
-WO_PROBE_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (n, k): the suite's quick
-WO_PROBE_PREFILL_M = 2048
+WO_PROBE_SHAPES = QUICK_NK  # (n, k): the linear_dynamic suite's quick ones
+WO_PROBE_PREFILL_M = PREFILL_M
 WO_TEST_N = 1000
 
 

@@ -49,6 +49,8 @@ from ..harness import Case, Provider, ProviderUnavailable, Suite, cuda_graph_of,
 _GRAPH_MAX_M = 16  # decode rows: graph-replayed providers too
 _NK = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336))
 _M = (1, 16, 128, 2048)
+QUICK_NK = _NK[:3]  # --quick's (n, k), also the GPU probe's and linear_prefill's
+PREFILL_M = _M[-1]  # the prefill rows' tokens
 
 
 def _make_inputs(m: int, n: int, k: int, device: str):
@@ -141,8 +143,8 @@ def _torchao(weight_only: bool):
 
 
 def _cases(quick: bool, device: str):
-    nk = _NK[:3] if quick else _NK
-    ms = (1, 2048) if quick else _M
+    nk = QUICK_NK if quick else _NK
+    ms = (1, PREFILL_M) if quick else _M
     cases = []
     for n, k in nk:
         for m in ms:
