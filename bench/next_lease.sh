@@ -11,18 +11,20 @@
 #      plain and transposed (W_A) at m = 2048, and the decode tiles (deep pipelines, GEMV)
 #      at m = 1, against F.linear bf16 -> $OUT/wo_probe.txt (its kernels are in the prebuilt
 #      cache: well under a minute expected; capped at 140 s);
-#   2. bench/probes/gluon_int8_wgmma.py: an int8 GEMM written in Gluon that keeps one
-#      wgmma group in flight (Triton's tl.dot drains the tensor cores every int8 K step),
-#      exact against torch._int_mm, timed beside the Triton bare GEMM at issue 6's and
-#      issue 12's shapes -> $OUT/gluon_probe.txt (capped at 60 s);
+#   2. bench/probes/gluon_int8_wgmma.py: the sm_90 Gluon main loop (gemm_sm90.py: the int8
+#      wgmma kept in flight, which Triton's tl.dot never does), each tile forced, exact
+#      against torch._int_mm and timed beside the Triton bare GEMM at issue 6's and 12's
+#      shapes, and the W8A8 GEMM on both paths at m = 2048 -> $OUT/gluon_probe.txt (90 s:
+#      its ~10 Gluon kernels are compiled there, not in the prebuilt cache);
 #   3. the lease runner (what is left of 555 s: ~6-7 min): linear_dynamic (issue 12's
 #      rows); a profile of its prefill rows (`--what linear_prefill`: the W8A8 row's
 #      quantize kernel, GEMM and the gap between them, the ~13 us of the m = 2048 row
 #      outside its GEMM); models and conv (issue 6's network and "all" targets, after the
 #      folded requantization); the gpu-marked tests of the weight-only and dynamic kernels
-#      and the forced conv / GEMM configs (8 pytest workers); qat_step (issue 5); then, if
-#      the budget still allows one (the runner skips a stage it cannot start), fake_quant
-#      (the cvt.rni bf16 kernels) and gemm -> $OUT/lease.tar.gz, $OUT/summary.md.
+#      and the forced conv / GEMM configs and Gluon tiles against the NumPy oracle (8 pytest
+#      workers); qat_step (issue 5); then, if the budget still allows one (the runner skips
+#      a stage it cannot start), fake_quant (the cvt.rni bf16 kernels) and gemm (with the
+#      Gluon bare rows) -> $OUT/lease.tar.gz, $OUT/summary.md.
 # Back here: tar -xzf lease.tar.gz -C bench; python -m gpuquant.bench.readme_table --write
 # README.md; a NOTES entry against the predictions.
 set -u
@@ -38,13 +40,14 @@ print(unpack(a[-1], sys.argv[1])[1] if a else 'no prebuilt Triton cache')" "$TC"
 TRITON_CACHE_DIR=$TC timeout 140 python bench/probes/decode_fq_probe.py \
     --parts prefill,decode --reps 30 >> "$OUT/wo_probe.txt" 2>&1
 echo "probe exit $?" >> "$OUT/wo_probe.txt"
-TRITON_CACHE_DIR=$TC timeout 60 python bench/probes/gluon_int8_wgmma.py --reps 40 \
+TRITON_CACHE_DIR=$TC timeout 90 python bench/probes/gluon_int8_wgmma.py --reps 40 \
     > "$OUT/gluon_probe.txt" 2>&1
 echo "probe exit $?" >> "$OUT/gluon_probe.txt"
 BUDGET=$((555 - SECONDS))
 TESTS="tests/transformers/test_dynamic_gpu.py tests/backends/test_triton_forced_configs.py"
+TESTS="$TESTS tests/backends/test_triton_gemm_sm90.py"
 python -m gpuquant.bench.lease --out "$OUT" --budget $BUDGET \
     --stages linear_dynamic,profile,models,tests,qat_step,conv,fake_quant,gemm \
-    --cap tests=80 --cap profile=60 \
+    --cap tests=100 --cap profile=60 \
     --profile-args "--what linear_prefill" \
     --pytest-args "-q -m gpu -n 8 $TESTS -p no:cacheprovider -o faulthandler_timeout=60"

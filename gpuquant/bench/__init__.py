@@ -230,7 +230,7 @@ def autotune_choices() -> List[str]:
     lines = []
     tri = "gpuquant.backends.triton."
     tables = [(m, t) for m, t in (("gemm", "_TUNED"), ("conv", "_TUNED"), ("depthwise", "_TUNED"),
-                                   ("dynamic", "_WO_KERNELS"))
+                                   ("dynamic", "_WO_KERNELS"), ("gemm_sm90", "_TUNED"))
               if tri + m in sys.modules]  # only kernels this process imported
     for mod, table in tables:
         for fam, kern in getattr(sys.modules[tri + mod], table).items():

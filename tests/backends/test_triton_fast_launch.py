@@ -37,6 +37,13 @@ xb, wqd = torch.randn(1, 1024), torch.randint(-127, 128, (96, 1024), dtype=torch
 def tri(f):
     with backends.use("triton"):  # the fused QAT ops take CPU tensors only when chosen
         return f()
+from gpuquant.backends.triton import gemm_sm90
+xg = torch.randint(-128, 128, (256, 64), dtype=torch.int8)
+rq_relu = make_requant(0.02, torch.rand(24, dtype=torch.float64) * 0.01 + 0.001, 0.5, 0, qint8,
+                       "relu")
+def gluon_gemm():  # the sm_90 Gluon kernel: two TMA descriptors among its arguments
+    with gemm_sm90.use(True, config=gemm_sm90.CONFIGS[0]):
+        return gemm.qgemm(xg, 0, w.reshape(24, 64), None, rq_relu, w_src=w)
 cases = {
     # autotuned + heuristics, callable grid (implicit-GEMM conv, tap loop)
     "conv1x1_s2": lambda: conv.qconv2d(x, 3, w, None, (2, 2), (0, 0), (1, 1), 1, rq),
@@ -65,6 +72,7 @@ cases = {
         bn.num_batches_tracked, 0.1, obs, 1, module_tickets(bn, "cpu"))),
     "weight_only_split": lambda: dynamic.linear_weight_only(xb, wqd, torch.rand(96), None,
                                                             split_k=4),
+    "gluon_gemm": gluon_gemm,
 }
 out = {}
 with standin_cuda():
@@ -123,6 +131,7 @@ def test_fast_launch_passes_the_launcher_what_triton_would(tmp_path):
     assert out.pop("programs") == 4 * 132  # reduction grids sized as on an H100 / H200
     assert any(t.startswith("conv [sm90] key=") and "PIPE_TAPS: False" in t for t in tuned), tuned
     assert any(t.startswith("gemm [sm90] key=") for t in tuned), tuned
+    assert out["gluon_gemm"]["triton"][0][0] == "_qgemm_sm90_kernel"
     for name, r in out.items():
         assert r["launches"] >= 1, (name, r)
         assert r["same"], (name, r["triton"], r["fast"])

@@ -38,11 +38,14 @@ def test_gemm_case_generation():
     assert {(1, 4096, 4096), (16, 4096, 4096), (8192, 8192, 8192)} <= shapes
     assert any(n % 8 or k % 8 for _, n, k in shapes)
     assert min(m for m, _, _ in shapes) == 1 and max(max(s) for s in shapes) >= 8192
-    for c in cases:
+    for c in cases:  # (m >= 128: the sm_90 Gluon main loop's bare row too)
         assert set(c.providers) == {"gpuquant-triton", "gpuquant-triton-bare", "torch-int-mm",
                                     "torch-bf16", "gpuquant-cupy-dp4a", "gpuquant-cupy-mma75",
                                     "gpuquant-cupy-mma80", "gpuquant-cupy-sm90",
-                                    "gpuquant-cupy-wgmma"}
+                                    "gpuquant-cupy-wgmma"} | \
+            ({"gpuquant-triton-gluon-bare"} if c.params["m"] >= 128 else set())
+    from gpuquant.backends.triton import gemm_sm90
+    assert gemm_suite.GLUON_MIN_M == gemm_sm90.MIN_M
     quick = gemm_suite._cases(True, "cuda")
     assert 0 < len(quick) < len(cases)
     cls = gemm_suite.shape_classes()
@@ -58,6 +61,8 @@ def test_gemm_providers_run_and_check():
     assert "torch-int-mm" in unavailable and "m=5" in unavailable["torch-int-mm"]
     rows, unavailable = _rows(gemm_suite.make_case(24, 16, 64, "cpu"))
     assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
+    rows, unavailable = _rows(gemm_suite.make_case(128, 16, 32, "cpu"))  # off sm_90: why
+    assert "sm_90" in unavailable["gpuquant-triton-gluon-bare"]
     if "torch-int-mm" in rows:  # torch._int_mm on CPU where this torch has it
         assert rows["torch-int-mm"]["exact_vs_numpy"] is True
     # a wrong output is caught by the check (sampled rows)

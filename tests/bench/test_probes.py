@@ -1,29 +1,15 @@
-"""The GPU probes the next lease runs: each must at least compile here, so that a broken
-probe does not cost device time."""
-import importlib.util
-
+"""The GPU probes the next lease runs start here (imports, arguments), so that a broken
+probe does not cost device time; what they compile is checked with the package's kernels
+(``tests/backends/test_triton_gemm_sm90.py``)."""
 import pytest
 
+from gpuquant.backends.triton import gemm_sm90
 from tests.compiled import run_compiled
 
 
-def _has_gluon_hopper() -> bool:
-    try:
-        return importlib.util.find_spec("triton.experimental.gluon.language.nvidia.hopper") \
-            is not None
-    except ModuleNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not _has_gluon_hopper(), reason="this Triton has no Gluon Hopper dialect")
-def test_gluon_int8_probe_keeps_a_wgmma_in_flight_on_sm90(tmp_path):
-    """bench/probes/gluon_int8_wgmma.py compiles every config for sm_90 without a GPU, and
-    each one's PTX has the int8 wgmma (s32 += s8 x s8), TMA copies and a ``wait_group 1``:
-    one MMA group kept in flight, which Triton's tl.dot never does for int8."""
-    proc = run_compiled(["bench/probes/gluon_int8_wgmma.py", "--compile-only"], tmp_path,
-                        timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("(")]
-    assert len(rows) >= 5
-    for ln in rows:
-        assert ".s32.s8.s8" in ln and "wait_group [0, 1]" in ln and "TMA True" in ln, ln
+@pytest.mark.skipif(not gemm_sm90.AVAILABLE, reason="this Triton has no Gluon Hopper dialect")
+def test_gluon_probe_starts_and_asks_for_an_sm90_gpu(tmp_path):
+    proc = run_compiled(["bench/probes/gluon_int8_wgmma.py", "--shapes", "256x256x256"],
+                        tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "needs an sm_90 GPU" in proc.stdout

@@ -16,9 +16,26 @@ def test_case_grid():
     eager = {"torch-bf16", "gpuquant-triton", "gpuquant-triton-w8", "torchao", "torchao-w8"}
     graphs = {"torch-bf16-graph", "gpuquant-triton-graph", "gpuquant-triton-w8-graph",
               "torchao-graph", "torchao-w8-graph"}
-    for c in cases:  # decode rows (m <= 16) also replay CUDA graphs
-        want = eager | graphs if c.params["m"] <= 16 else eager
+    for c in cases:  # decode rows (m <= 16) also replay CUDA graphs; m >= 128 the Gluon GEMM
+        m = c.params["m"]
+        want = eager | (graphs if m <= 16 else set()) | \
+            ({"gpuquant-triton-gluon"} if m >= 128 else set())
         assert set(c.providers) == want, c.params
+    from gpuquant.backends.triton import gemm_sm90
+    assert ld.GLUON_MIN_M == gemm_sm90.MIN_M
+
+
+def test_gluon_provider_unavailable_off_sm90():
+    """Off an sm_90 GPU the Gluon W8A8 row reports why it did not run."""
+    case = harness.Case(params={"m": 128, "n": 8, "k": 16, "dtype": "bfloat16"},
+                        inputs=ld._make_inputs(128, 8, 16, "cpu"),
+                        providers={"gpuquant-triton-gluon": ld._gpuquant(False, gluon=True)},
+                        throughput=lambda p, ms: (2 * p["m"] * p["n"] * p["k"] / ms / 1e9,
+                                                  "TOPS"))
+    cfg = harness.RunConfig(budget_s=0.01, min_reps=1, max_reps=2, rounds=1, max_input_sets=1)
+    res = harness.run_case("linear_dynamic", case, "cpu", cfg)
+    assert not res.errors, res.errors
+    assert "gpuquant-triton-gluon" in res.unavailable
 
 
 def test_graph_providers_unavailable_off_cuda():

@@ -34,6 +34,7 @@ from .fake_quant import (_FLOATS, _fq_math, _pack_bits, auto_interpreter, mask_b
 from .launch import launch
 from .gemm import (OUT_SCALED, _config, _gemm_kernel, _with, align_k, gemm_grid,
                    grouped_tile, interpret_meta)
+from . import gemm_sm90
 
 __all__ = ["quantize_per_token", "linear_dynamic", "linear_weight_only", "fake_quant_rows",
            "OPS"]
@@ -259,9 +260,13 @@ def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
     xq, wq = align_k(xq, wq, wq)  # unaligned K: zero-padded (exact), see gemm.align_k
     k = xq.shape[1]
     family = arch_family(xq.device)
+    has_bias = bias is not None
+    if gemm_sm90.applies(family, xq, wq, OUT_SCALED):  # (the same epilogue, async main loop)
+        return gemm_sm90.qgemm_sm90(xq, wq, x_scale, w_scale, x_scale, x_scale,
+                                    bias if has_bias else out, out, 1.0, OUT_SCALED, has_bias,
+                                    0, 0)
     kern = _gemm_kernel(family)
     meta = interpret_meta() if family == "interpret" else {}
-    has_bias = bias is not None
     # _qgemm_kernel(X, W, BIAS, MULT, RSHIFT, EPI, RES, Y, ...): in the scaled mode MULT holds
     # the column (weight) scales, RSHIFT the row (token) scales, RES the float bias
     # (HAS_RES); BIAS and EPI are not read (any pointer will do)

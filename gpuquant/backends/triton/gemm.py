@@ -802,6 +802,10 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     x2d, w2d = align_k(x2d, w2d, w2d if w_src is None else w_src)
     k = x2d.shape[1]
     family = arch_family(dev)
+    res_mode = residual_mode(add_params) if has_res else 0
+    if gemm_sm90.applies(family, x2d, w2d, mode, rq_mode, has_res):
+        return gemm_sm90.qgemm_sm90(x2d, w2d, b, mult, rsh, epi, res, out, deq_scale, mode,
+                                    has_res, res_mode, rq_mode)
     kern = _gemm_kernel(family)
     meta = {} if family != "interpret" else \
         {**interpret_meta(m, n, k), "EPI_SPLIT": INTERPRET_EPI_SPLIT,
@@ -809,6 +813,9 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     launch(kern, gemm_grid(m, n), x2d, w2d, b, mult, rsh, epi, res, out, m, n, k, x2d.stride(0),
            x2d.stride(1), w2d.stride(0), w2d.stride(1), out.stride(0), res.stride(0),
            float(deq_scale), X_UINT8=x2d.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=has_res,
-           RES_MODE=residual_mode(add_params) if has_res else 0, RQ_MODE=rq_mode, **meta,
-           **LAUNCH_OPTS)
+           RES_MODE=res_mode, RQ_MODE=rq_mode, **meta, **LAUNCH_OPTS)
     return out
+
+
+# the sm_90 Gluon main loop calls this module's epilogues: imported once they exist
+from . import gemm_sm90  # noqa: E402

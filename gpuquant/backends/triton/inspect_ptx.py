@@ -17,8 +17,8 @@ import re
 import sys
 from typing import Optional
 
-__all__ = ["compile_ptx", "compile_sass", "sass_instructions", "epilogue_cost", "cubin_resources",
-           "kernel_variants", "inspect",
+__all__ = ["compile_ptx", "compile_gluon", "compile_sass", "sass_instructions",
+           "epilogue_cost", "cubin_resources", "kernel_variants", "inspect",
            "MMA_RE", "FLOAT_HAZARD_RE"]
 
 MMA_RE = re.compile(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*)")
@@ -76,6 +76,41 @@ def compile_ptx(fn, signature: dict, constexprs: dict, cc: int, num_warps: int =
                                   options={"num_warps": num_warps, "num_stages": num_stages,
                                            "enable_fp_fusion": enable_fp_fusion})
     return compiled.asm["ptx"]
+
+
+def compile_gluon(fn, signature: dict, constexprs: dict, cc: int = 90, num_warps: int = 4,
+                  cubin: bool = False):
+    """The compiled ``@gluon.jit`` kernel ``fn`` for ``sm_<cc>`` (``.asm["ptx"]``, with
+    ``cubin`` the ptxas output too, ``.asm["cubin"]``; ``.metadata.shared``: its shared
+    memory), from ``signature`` and ``constexprs`` as the kernel's own helper gives them
+    (e.g. :func:`.gemm_sm90.signature`). Gluon kernels have no interpreter: this is how CI
+    checks them. Compiled without FMA contraction, as they are launched."""
+    import os
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    if not hasattr(fn, "arg_names"):
+        raise TypeError("compile_gluon needs a @gluon.jit function; unset TRITON_INTERPRET")
+    sig = {**signature, **{k: "constexpr" for k in constexprs}}
+    src = GluonASTSource(fn, sig, dict(constexprs))
+    opts = {"num_warps": num_warps, "enable_fp_fusion": False}
+    target = GPUTarget("cuda", cc, 32)
+    if not cubin:
+        with _no_cubin():
+            return triton.compile(src, target=target, options=opts)
+    old_cache = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as d:  # not the PTX-only compiles' empty cubins
+        os.environ["TRITON_CACHE_DIR"] = d
+        try:
+            return triton.compile(src, target=target, options=opts)
+        finally:
+            if old_cache is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = old_cache
 
 
 def compile_sass(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4,

@@ -15,8 +15,10 @@ that each tensor is its data pointer (an int): the launcher then skips, per poin
 argument, a ``data_ptr()`` call and a ``cuPointerGetAttribute`` driver call.
 
 The plan key holds everything Triton specializes or tunes on: each positional argument's
-value (ints, bools, None, strings), type (floats are never specialized), or dtype and
-16-byte alignment (tensors), the keyword meta-parameters, the kernel and the device. The
+value (ints, bools, None, strings), type (floats are never specialized), dtype and 16-byte
+alignment (tensors), or base dtype, block shape and shared layout (Gluon's TMA tensor
+descriptors, passed to the launcher as they are: it encodes them), the keyword
+meta-parameters, the kernel and the device. The
 grid is recomputed every call (a callable grid sees the plan's meta-parameters, as
 Triton's does). A plan is only made when every argument after the positional ones is a
 compile-time constant (else Triton's path runs every time).
@@ -77,6 +79,10 @@ def _make_keyer(types: tuple):
         if issubclass(t, _Tensor):
             key.append(f"a[{i}].dtype, a[{i}].is_cuda, not (p{i} := a[{i}].data_ptr()) & 15")
             vals.append(f"p{i}")
+        elif _is_descriptor(t):  # what Triton specializes a TMA descriptor on; passed as is
+            key.append(f"a[{i}].base.dtype, a[{i}].base.is_cuda, tuple(a[{i}].block_shape), "
+                       f"a[{i}].layout")
+            vals.append(f"a[{i}]")
         else:
             if t is not float:
                 key.append(f"a[{i}]")
@@ -84,6 +90,14 @@ def _make_keyer(types: tuple):
     src = "lambda a: ((" + "".join(k + ", " for k in key) + "), (" + \
         "".join(v + ", " for v in vals) + "))"
     return eval(src)  # noqa: S307
+
+
+def _is_descriptor(t) -> bool:
+    """A host-side TMA tensor descriptor class (Gluon's ``TensorDescriptor``: base tensor,
+    block shape, shared layout), which Triton specializes on its base's dtype, its block
+    shape and its layout only, and whose launcher builds the ``CUtensorMap`` itself."""
+    fields = getattr(t, "__dataclass_fields__", None)
+    return fields is not None and {"base", "block_shape", "layout"} <= fields.keys()
 
 
 def _args_key(args) -> tuple:

@@ -11,6 +11,10 @@ Providers (same int8 operands, interleaved):
   int8 out), the kernel a quantized Linear / 1x1 conv runs;
 * ``gpuquant-triton-bare``: the same kernel writing the bare int32 accumulator
   (``linear_int32``), to price the epilogue;
+* ``gpuquant-triton-gluon-bare`` (m >= 128): the bare GEMM on the sm_90 Gluon main loop
+  (:mod:`gpuquant.backends.triton.gemm_sm90`: the int8 ``wgmma`` kept in flight, tuned per
+  shape), beside the Triton kernel's; unavailable off sm_90 (the ``gpuquant-triton*`` rows
+  run the Triton kernel whatever ``GPUQUANT_SM90_GEMM`` says);
 * ``torch-int-mm``: ``torch._int_mm(x, w.t())`` (cuBLASLt int8 -> int32; the baseline);
   unavailable where it refuses the shape (m <= 16, k or n not a multiple of 8);
 * ``torch-bf16``: ``x_bf16 @ w_bf16.t()`` (what a user would run instead of int8);
@@ -54,6 +58,7 @@ SHAPES: List[Tuple[int, int, int]] = (
 QUICK_SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (1000, 1000, 1000), (4095, 4097, 4093),
                 (4096, 4096, 4096), (8192, 8192, 8192)]
 SAMPLE_ROWS = 8
+GLUON_MIN_M = 128  # gemm_sm90.MIN_M (not imported here: the suite loads without Triton)
 
 
 def _triton_ops():
@@ -114,16 +119,43 @@ def _check_int_mm(inp, out):
     return _check_int32(inp, out, False)
 
 
+def _on_triton_kernel(fn):
+    """``fn`` with the sm_90 Gluon main loop switched off (whatever GPUQUANT_SM90_GEMM
+    says): the ``gpuquant-triton*`` rows are the Triton kernel's."""
+    from ...backends.triton import gemm_sm90
+
+    def run():
+        with gemm_sm90.use(False):
+            return fn()
+    return run
+
+
 def _triton_requant(inp):
     op = _triton_ops()["linear"]
     x, w, b, rq = inp["x"], inp["w"], inp["bias"], inp["rq"]
-    return lambda: op(x, 0, w, b, rq)
+    return _on_triton_kernel(lambda: op(x, 0, w, b, rq))
 
 
 def _triton_bare(inp):
     op = _triton_ops()["linear_int32"]
     x, w, b = inp["x"], inp["w"], inp["bias"]
-    return lambda: op(x, 0, w, b)
+    return _on_triton_kernel(lambda: op(x, 0, w, b))
+
+
+def _gluon_bare(inp):
+    """``gpuquant-triton-bare`` with the sm_90 Gluon main loop switched on (tuned per
+    shape); unavailable off sm_90."""
+    from ...backends.triton import gemm_sm90
+    x, w, b = inp["x"], inp["w"], inp["bias"]
+    why = gemm_sm90.unavailable(x.device)
+    if why is not None:
+        raise ProviderUnavailable(why)
+    op = _triton_ops()["linear_int32"]
+
+    def run():
+        with gemm_sm90.use(True):
+            return op(x, 0, w, b)
+    return run
 
 
 def _int_mm(inp):
@@ -154,12 +186,14 @@ def _throughput(p, ms):
 
 def make_case(m: int, n: int, k: int, device: str) -> Case:
     """One GEMM case with every provider (``device``: where the tensors live)."""
+    providers = {"gpuquant-triton": Provider(_triton_requant, _check_requant),
+                 "gpuquant-triton-bare": Provider(_triton_bare, _check_bare),
+                 "torch-int-mm": Provider(_int_mm, _check_int_mm),
+                 "torch-bf16": Provider(_bf16, unit="TFLOPS"), **_cupy_providers()}
+    if m >= GLUON_MIN_M:
+        providers["gpuquant-triton-gluon-bare"] = Provider(_gluon_bare, _check_bare)
     return Case(params={"m": m, "n": n, "k": k}, inputs=make_inputs(m, n, k, device),
-                providers={"gpuquant-triton": Provider(_triton_requant, _check_requant),
-                           "gpuquant-triton-bare": Provider(_triton_bare, _check_bare),
-                           "torch-int-mm": Provider(_int_mm, _check_int_mm),
-                           "torch-bf16": Provider(_bf16, unit="TFLOPS"), **_cupy_providers()},
-                throughput=_throughput)
+                providers=providers, throughput=_throughput)
 
 
 def _cases(quick: bool, device: str) -> List[Case]:

@@ -11,6 +11,10 @@ Providers (each times one Linear's forward, bf16 in, bf16 out):
 * ``gpuquant-triton``: :class:`gpuquant.nn.quantized.linear_dynamic.DynamicLinear` on the
   Triton backend: per-token quantize kernel, then the int8 GEMM with the row x column scale
   + bias epilogue writing bf16 (two launches, everything included);
+* ``gpuquant-triton-gluon`` (rows with m >= 128): the same with its GEMM on the sm_90
+  Gluon main loop (:mod:`gpuquant.backends.triton.gemm_sm90`, the int8 ``wgmma`` kept in
+  flight; tuned per shape; unavailable off sm_90; ``gpuquant-triton`` runs the Triton
+  kernel whatever ``GPUQUANT_SM90_GEMM`` says);
 * ``gpuquant-triton-w8``: :class:`~gpuquant.nn.quantized.linear_dynamic.WeightOnlyLinear`
   (bf16 x int8 weights, float32 accumulation);
 * ``torchao`` / ``torchao-w8``: torchao's int8 dynamic-activation / weight-only
@@ -51,6 +55,7 @@ _NK = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336))
 _M = (1, 16, 128, 2048)
 QUICK_NK = _NK[:3]  # --quick's (n, k), also the GPU probe's and linear_prefill's
 PREFILL_M = _M[-1]  # the prefill rows' tokens
+GLUON_MIN_M = 128  # gemm_sm90.MIN_M (not imported here: the suite loads without Triton)
 
 
 def _make_inputs(m: int, n: int, k: int, device: str):
@@ -68,19 +73,28 @@ def _torch_bf16():
     return Provider(setup, unit="TFLOPS")  # (its fraction: of the bf16 ceiling)
 
 
-def _gpuquant(weight_only: bool):
+def _gpuquant(weight_only: bool, gluon: bool = False):
+    """``gluon``: W8A8 with the sm_90 Gluon main loop switched on for its GEMM
+    (``gpuquant-triton-gluon``; unavailable off sm_90 and below its minimum m)."""
     from ...nn.quantized.linear_dynamic import DynamicLinear, WeightOnlyLinear
 
     def setup(inp):
         if "triton" not in backends.available():
             raise ProviderUnavailable("the Triton backend cannot run here")
+        from ...backends.triton import gemm_sm90
+        x = inp["x"]
+        if gluon:
+            why = gemm_sm90.unavailable(x.device)
+            if why is None and x.shape[0] < gemm_sm90.MIN_M:
+                why = f"the Gluon path takes m >= {gemm_sm90.MIN_M} (below: the Triton kernel)"
+            if why is not None:
+                raise ProviderUnavailable(why)
         cls = WeightOnlyLinear if weight_only else DynamicLinear
         mod = cls.from_float_module(inp["lin"]).eval()
-        x = inp["x"]
         inp.setdefault("modules", {})[weight_only] = mod
 
         def run():
-            with backends.use("triton"), torch.no_grad():
+            with backends.use("triton"), torch.no_grad(), gemm_sm90.use(gluon):
                 return mod(x)
         return run
 
@@ -151,6 +165,8 @@ def _cases(quick: bool, device: str):
             providers = {"torch-bf16": _torch_bf16(), "gpuquant-triton": _gpuquant(False),
                          "gpuquant-triton-w8": _gpuquant(True), "torchao": _torchao(False),
                          "torchao-w8": _torchao(True)}
+            if m >= GLUON_MIN_M:
+                providers["gpuquant-triton-gluon"] = _gpuquant(False, gluon=True)
             if m <= _GRAPH_MAX_M:
                 providers.update({f"{name}-graph": _graphed(providers[name],
                                                             name.startswith("torchao"))
