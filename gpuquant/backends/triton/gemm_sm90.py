@@ -46,7 +46,7 @@ import triton
 from .common import LAUNCH_OPTS, cdiv, tune_mode
 from .launch import launch
 
-try:  # Gluon's Hopper dialect (Triton >= 3.5); without it the Triton kernel runs everywhere
+try:  # Gluon's Hopper dialect (Triton >= 3.5)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma,
@@ -54,8 +54,8 @@ try:  # Gluon's Hopper dialect (Triton >= 3.5); without it the Triton kernel run
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     AVAILABLE = True
-except ImportError:  # pragma: no cover - Triton 3.6 (GPU machines) and 3.9 (CI) have it
-    AVAILABLE = False
+except Exception:  # noqa: BLE001 - absent, or an API this code does not know (Triton 3.6
+    AVAILABLE = False  # and 3.9 have it): then the Triton kernel runs everywhere
 
 __all__ = ["AVAILABLE", "CONFIGS", "MIN_M", "enabled", "use", "unavailable", "applies",
            "qgemm_sm90"]
