@@ -48,6 +48,6 @@ TESTS="tests/transformers/test_dynamic_gpu.py tests/backends/test_triton_forced_
 TESTS="$TESTS tests/backends/test_triton_gemm_sm90.py"
 python -m gpuquant.bench.lease --out "$OUT" --budget $BUDGET \
     --stages linear_dynamic,profile,models,tests,qat_step,conv,fake_quant,gemm \
-    --cap tests=100 --cap profile=60 \
+    --cap tests=120 --cap profile=60 \
     --profile-args "--what linear_prefill" \
     --pytest-args "-q -m gpu -n 8 $TESTS -p no:cacheprovider -o faulthandler_timeout=60"
