@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _triton_inference_util import TRITON  # noqa: F401  (skips without the triton backend)
-from gpuquant.bench.harness import RunConfig, run_case
+from gpuquant.bench.harness import ProviderUnavailable, RunConfig, run_case
 from gpuquant.bench.suites import load_suite
 from gpuquant.bench.suites import conv as conv_suite
 from gpuquant.bench.suites import gemm as gemm_suite
@@ -116,10 +116,13 @@ def test_conv_providers_run_and_check():
     assert rows["gpuquant-triton"]["exact_vs_numpy"] is True
     assert rows["torch-bf16"]["exact_vs_numpy"] is None
     assert rows["gpuquant-triton"]["unit"] == "TOPS"
-    # both graph rows (the -graph rows are read against torch-bf16-graph): GPU only
+    # the graph rows (the -graph rows are read against torch-bf16-graph): GPU only
     assert {k: v for k, v in unavailable.items() if "cupy" not in k} == {
         "gpuquant-triton-graph": "CUDA graphs need a CUDA device",
+        "gpuquant-triton-gluon-graph": "CUDA graphs need a CUDA device",
         "torch-bf16-graph": "CUDA graphs need a CUDA device"}
+    with pytest.raises(ProviderUnavailable, match="sm_90"):  # the Gluon main loop's: sm_90
+        conv_suite._triton_gluon(conv_suite.make_inputs(specs, 2, "cpu")(0))
 
 
 def test_conv_check_sees_the_last_image_dtype_and_shape():

@@ -261,7 +261,7 @@ def linear_dynamic(xq, x_scale, wq, w_scale, bias, out_dtype):
     k = xq.shape[1]
     family = arch_family(xq.device)
     has_bias = bias is not None
-    if gemm_sm90.applies(family, xq, wq, OUT_SCALED):  # (the same epilogue, async main loop)
+    if gemm_sm90.applies(family, xq, wq):  # (the same epilogue after an async main loop)
         return gemm_sm90.qgemm_sm90(xq, wq, x_scale, w_scale, x_scale, x_scale,
                                     bias if has_bias else out, out, 1.0, OUT_SCALED, has_bias,
                                     0, 0)

@@ -803,7 +803,7 @@ def qgemm(x2d: torch.Tensor, x_zp: int, w2d: torch.Tensor, bias, rq, *, w_src=No
     k = x2d.shape[1]
     family = arch_family(dev)
     res_mode = residual_mode(add_params) if has_res else 0
-    if gemm_sm90.applies(family, x2d, w2d, mode, rq_mode, has_res):
+    if gemm_sm90.applies(family, x2d, w2d):
         return gemm_sm90.qgemm_sm90(x2d, w2d, b, mult, rsh, epi, res, out, deq_scale, mode,
                                     has_res, res_mode, rq_mode)
     kern = _gemm_kernel(family)

@@ -20,12 +20,13 @@ same bytes (the GPU tests check every tile against the NumPy oracle, byte for by
 When it runs. Only where it applies: an sm_90 device, int8 activations (uint8 ones take
 the Triton kernel's xor), K-contiguous rows 16-byte aligned (TMA; :func:`.gemm.align_k` pads
 K to a multiple of 16 before), at least :data:`MIN_M` rows (smaller problems are the
-decode-sized GEMMs the Triton kernel's small tiles serve), an epilogue it compiles without
-spills (:data:`EPILOGUE_FORMS`: no fused residual add, no folded requantization without a
-ReLU), and only while it is switched on: ``GPUQUANT_SM90_GEMM=gluon`` (read at each call) or :func:`use` — off by default
-until the benchmarks (``gpuquant-triton-gluon`` rows) show it faster on the GPU.
-Gluon kernels do not run under ``TRITON_INTERPRET``: CI compiles every config for sm_90
-and checks the PTX (``tests/backends/test_triton_gemm_sm90.py``); the GPU tests run it.
+decode-sized GEMMs the Triton kernel's small tiles serve), any epilogue (those whose
+whole-tile form spills run on each half of the columns in turn, :func:`epi_split`), and
+only while it is switched on: ``GPUQUANT_SM90_GEMM=gluon`` (read at each call) or
+:func:`use`; off by default until the benchmarks (``gpuquant-triton-gluon`` rows) show it
+faster on the GPU. Gluon kernels do not run under ``TRITON_INTERPRET``: CI compiles every
+config for sm_90 and checks the PTX and registers
+(``tests/backends/test_triton_gemm_sm90.py``); the GPU tests run it.
 
 Tile choice: per problem (shape and epilogue), every config (``GPUQUANT_TRITON_TUNE=quick``:
 the first three) is timed once on the problem's own tensors with CUDA events and the
@@ -124,10 +125,9 @@ def unavailable(device) -> "str | None":
     return None
 
 
-def applies(family: str, x2d: torch.Tensor, w2d: torch.Tensor, out_mode: int,
-            rq_mode: int = 1, has_res: bool = False) -> bool:
-    """Whether this GEMM (after :func:`.gemm.align_k`) runs here."""
-    if family != "sm90" or not enabled() or not epilogue_fits(out_mode, rq_mode, has_res):
+def applies(family: str, x2d: torch.Tensor, w2d: torch.Tensor) -> bool:
+    """Whether this GEMM (after :func:`.gemm.align_k`) runs here: any epilogue."""
+    if family != "sm90" or not enabled():
         return False
     return (x2d.dtype == torch.int8 and w2d.dtype == torch.int8 and x2d.shape[0] >= MIN_M
             and x2d.shape[1] % 16 == 0 and x2d.stride(1) == 1 and w2d.stride(1) == 1
@@ -167,7 +167,8 @@ if AVAILABLE:
                            stride_ym, stride_rm, deq_scale,
                            OUT_MODE: gl.constexpr, HAS_RES: gl.constexpr,
                            RES_MODE: gl.constexpr, RQ_MODE: gl.constexpr,
-                           STAGES: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr):
+                           STAGES: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr,
+                           EPI_SPLIT: gl.constexpr):
         """A (M, K) and B (N, K) int8 through TMA descriptors; the other arguments as
         :func:`.gemm._qgemm_kernel`'s (OUT_MODE 3: MULT, RSHIFT, RES hold the column scales,
         the row scales and the float bias)."""
@@ -228,6 +229,19 @@ if AVAILABLE:
         if OUT_MODE == 3:
             scaled_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, MULT, RSHIFT, RES, Y,
                             stride_ym, HAS_RES)
+        elif EPI_SPLIT == 2:  # each half of the columns in turn (.gemm's EPI_SPLIT; here the
+            # column indices are made in the halves' own layout)
+            a0, a1 = gl.split(gl.permute(gl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+            half: gl.constexpr = a0.type.layout
+            hm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, half))
+            hn = off_n + gl.arange(0, BN // 2, layout=gl.SliceLayout(0, half))
+            quant_epilogue(a0, hm, hn, hm < M, hn < N, BIAS, MULT, RSHIFT,
+                           EPI, deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, 1,
+                           RES_MODE, RQ_MODE)
+            hn = hn + BN // 2
+            quant_epilogue(a1, hm, hn, hm < M, hn < N, BIAS, MULT, RSHIFT,
+                           EPI, deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, 1,
+                           RES_MODE, RQ_MODE)
         else:
             quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT,
                            EPI, deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, 1,
@@ -241,25 +255,22 @@ def shared_layouts(bm: int, bn: int, bk: int):
             gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
 
 
-# The epilogue forms this kernel takes, (OUT_MODE, RQ_MODE, HAS_RES, RES_MODE, Y): the bare
-# int32 accumulator, W8A8's scaled float (HAS_RES: its bias), and the requantizations whose
-# whole-tile epilogue stays in registers. The folded form without a ReLU (RQ_MODE 2), the
-# general one with the left shift (0) and a fused residual add spill on these tiles
-# (ptxas sm_90, Triton 3.6: 4-692 bytes a thread: the tile's epilogue is live at once,
-# and Gluon has no layout for the Triton kernel's split of its columns, EPI_SPLIT), so
-# those GEMMs keep the Triton kernel (:func:`epilogue_fits`).
+# The epilogue forms, (OUT_MODE, RQ_MODE, HAS_RES, RES_MODE, Y): the bare int32
+# accumulator, W8A8's scaled float (HAS_RES: its bias), the requantizations (ReLU-folded,
+# plain, folded, general with the left shift), a fused residual add, the dequantized float.
 EPILOGUE_FORMS = {"int32": (2, 0, False, 0, "*i32"), "scaled_bf16": (3, 0, True, 0, "*bf16"),
                   "relu_folded": (0, 3, False, 0, "*i8"), "plain": (0, 1, False, 0, "*i8"),
-                  "float": (1, 1, False, 0, "*fp32")}
+                  "folded": (0, 2, False, 0, "*i8"), "general": (0, 0, False, 0, "*i8"),
+                  "residual": (0, 2, True, 11, "*i8"), "float": (1, 1, False, 0, "*fp32")}
 
 
-def epilogue_fits(out_mode: int, rq_mode: int, has_res: bool) -> bool:
-    """Whether this epilogue is one of :data:`EPILOGUE_FORMS`' kinds."""
-    if out_mode == 3:
-        return True
-    if out_mode == 2:
-        return not has_res
-    return not has_res and rq_mode in (1, 3)
+def epi_split(out_mode: int, rq_mode: int, has_res: bool) -> int:
+    """``EPI_SPLIT``: 2 (the epilogue on each half of the tile's columns in turn) for the
+    requantizations whose whole-tile epilogue spills: the folded form without a ReLU
+    (RQ_MODE 2), the general one (0) and any fused residual add (ptxas sm_90, Triton 3.6:
+    8-632 bytes a thread on these tiles whole, none split); 1 otherwise (fewer registers:
+    202 against 226 for the ReLU-folded form on the 128x128 tile)."""
+    return 2 if out_mode in (0, 1) and (has_res or rq_mode in (0, 2)) else 1
 
 
 def signature(config, form: str = "int32"):
@@ -281,7 +292,8 @@ def signature(config, form: str = "int32"):
            "M": "i32", "N": "i32", "K": "i32", "stride_ym": "i32", "stride_rm": "i32",
            "deq_scale": "fp32"}
     const = {"OUT_MODE": out_mode, "HAS_RES": has_res, "RES_MODE": res_mode,
-             "RQ_MODE": rq_mode, "STAGES": stages, "GROUP": GROUP_M, "num_warps": warps}
+             "RQ_MODE": rq_mode, "STAGES": stages, "GROUP": GROUP_M, "num_warps": warps,
+             "EPI_SPLIT": epi_split(out_mode, rq_mode, has_res)}
     return sig, const
 
 
@@ -370,7 +382,7 @@ def qgemm_sm90(x2d, w2d, b, mult, rsh, epi, res, out, deq_scale: float, out_mode
     rest = (b, mult, rsh, epi, res, out, m, n, k, out.stride(0), res.stride(0),
             float(deq_scale))
     meta = {"OUT_MODE": out_mode, "HAS_RES": has_res, "RES_MODE": res_mode,
-            "RQ_MODE": rq_mode}
+            "RQ_MODE": rq_mode, "EPI_SPLIT": epi_split(out_mode, rq_mode, has_res)}
     key = (m, n, k, out_mode, has_res, res_mode, rq_mode, out.dtype, b.dtype)
     cfg = _choose(key, x2d, w2d, rest, meta)
     _launch(cfg, x2d, w2d, rest, meta)

@@ -12,6 +12,9 @@ Providers (same data, interleaved):
   per-channel requantizing epilogue, int8 out (the kernel a quantized ConvBn2d runs);
 * ``gpuquant-triton-graph``: the same launches replayed from a CUDA graph: the kernels'
   time alone (the eager row includes whatever of the host's launch time the GPU waits for);
+* ``gpuquant-triton-gluon-graph``: the graph row with the sm_90 Gluon GEMM main loop
+  switched on (:mod:`gpuquant.backends.triton.gemm_sm90`): the 1x1 stride-1 layers, which
+  run as GEMMs, get it; the others are the same kernels; unavailable off sm_90;
 * ``torch-bf16``: ``torch.nn.functional.conv2d`` in bfloat16, channels_last (cuDNN; the
   baseline, what a user would run instead);
 * ``torch-bf16-graph``: the same replayed from a CUDA graph: the ``-graph`` rows are
@@ -122,14 +125,26 @@ def _conv_op():
         raise ProviderUnavailable(str(e)) from None
 
 
-def _triton(layers):
+def _triton(layers, gluon: bool = False):
+    """Every layer's ``conv2d``; ``gluon``: with the sm_90 Gluon GEMM main loop switched on
+    (the 1x1 stride-1 layers go through the GEMM; off, whatever GPUQUANT_SM90_GEMM says)."""
     op = _conv_op()
+    from ...backends.triton import gemm_sm90
+    if gluon:
+        why = gemm_sm90.unavailable(layers[0]["x"].device)
+        if why is not None:
+            raise ProviderUnavailable(why)
     calls = [(L["x"], L["zp"], L["w"], L["bias"], (L["spec"].stride,) * 2,
               (L["spec"].pad,) * 2, (1, 1), 1, L["rq"]) for L in layers]
 
     def run():
-        return [op(*c) for c in calls]
+        with gemm_sm90.use(gluon):
+            return [op(*c) for c in calls]
     return run
+
+
+def _triton_gluon(layers):
+    return _triton(layers, gluon=True)
 
 
 def _graphed(eager):
@@ -196,6 +211,8 @@ def make_case(layer: str, specs: List[ConvSpec], batch: int, device: str,
                 inputs=make_inputs(specs, batch, device),
                 providers={"gpuquant-triton": Provider(_triton, _check),
                            "gpuquant-triton-graph": Provider(_graphed(_triton), _check),
+                           "gpuquant-triton-gluon-graph": Provider(_graphed(_triton_gluon),
+                                                                   _check),
                            "torch-bf16": Provider(_bf16, unit="TFLOPS"),
                            "torch-bf16-graph": Provider(_graphed(_bf16), unit="TFLOPS"),
                            **_cupy_providers()},
