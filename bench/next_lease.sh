@@ -20,7 +20,7 @@
 #      rows); a profile of its prefill rows (`--what linear_prefill`: the W8A8 row's
 #      quantize kernel, GEMM and the gap between them, the ~13 us of the m = 2048 row
 #      outside its GEMM); models and conv (issue 6's network and "all" targets, after the
-#      folded requantization); the gpu-marked tests of the weight-only and dynamic kernels
+#      folded requantization; conv also with the Gluon main loop's graph row); the gpu-marked tests of the weight-only and dynamic kernels
 #      and the forced conv / GEMM configs and Gluon tiles against the NumPy oracle (8 pytest
 #      workers); qat_step (issue 5); then, if the budget still allows one (the runner skips
 #      a stage it cannot start), fake_quant (the cvt.rni bf16 kernels) and gemm (with the
