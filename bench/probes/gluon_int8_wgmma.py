@@ -26,7 +26,6 @@ kernels' time; the L2 cleared before each run), the W8A8 rows eager too. Without
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 import triton
@@ -37,15 +36,9 @@ SHAPES = [(333, 520, 1040), (4096, 4096, 4096), (8192, 8192, 8192), (2048, 4096,
           (2048, 11008, 4096), (2048, 4096, 11008)]
 
 
-def ptx_facts(ptx: str) -> dict:
-    mma = sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx)))
-    waits = [int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
-    return {"mma": mma, "waits": sorted(set(waits)), "tma": "cp.async.bulk.tensor" in ptx}
-
-
 def compile_only() -> int:
     from gpuquant.backends.triton import gemm_sm90 as S
-    from gpuquant.backends.triton.inspect_ptx import compile_gluon
+    from gpuquant.backends.triton.inspect_ptx import compile_gluon, wgmma_facts
     print(f"triton {triton.__version__}, sm_90, compiled without a GPU")
     bad = 0
     for cfg in S.CONFIGS:
@@ -58,7 +51,7 @@ def compile_only() -> int:
                       f"{str(e).splitlines()[0][:200]}")
                 bad += 1
                 continue
-            f, shared = ptx_facts(k.asm["ptx"]), k.metadata.shared
+            f, shared = wgmma_facts(k.asm["ptx"]), k.metadata.shared
             ok = (any(".s32.s8.s8" in x for x in f["mma"]) and 1 in f["waits"] and f["tma"]
                   and shared <= 232448)
             bad += not ok

@@ -20,9 +20,10 @@ pytestmark = pytest.mark.skipif(not gemm_sm90.AVAILABLE,
                                 reason="this Triton has no Gluon Hopper dialect")
 
 _COMPILE_SCRIPT = r"""
-import json, os, re, tempfile
+import json, os, tempfile
 from gpuquant.backends.triton import gemm_sm90 as S
-from gpuquant.backends.triton.inspect_ptx import FLOAT_HAZARD_RE, compile_gluon, cubin_resources
+from gpuquant.backends.triton.inspect_ptx import (FLOAT_HAZARD_RE, compile_gluon,
+                                                  cubin_resources, wgmma_facts)
 out = {}
 jobs = [(c, "int32") for c in S.CONFIGS] + [(S.CONFIGS[1], f) for f in S.EPILOGUE_FORMS
                                             if f != "int32"]
@@ -30,12 +31,8 @@ for cfg, form in jobs:
     sig, const = S.signature(cfg, form)
     k = compile_gluon(S._qgemm_sm90_kernel, sig, const, 90, cfg[3])
     ptx = k.asm["ptx"]
-    out[f"{cfg} {form}"] = {
-        "mma": sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))),
-        "waits": sorted(set(int(w) for w in re.findall(
-            r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx))),
-        "tma": "cp.async.bulk.tensor" in ptx, "shared": k.metadata.shared,
-        "hazards": FLOAT_HAZARD_RE.findall(ptx)}
+    out[f"{cfg} {form}"] = {**wgmma_facts(ptx), "shared": k.metadata.shared,
+                            "hazards": FLOAT_HAZARD_RE.findall(ptx)}
 # spills, through ptxas: the largest epilogues on a one-warpgroup and a two-warpgroup tile
 for i, form in [(0, "folded"), (0, "residual")] + [
         (1, f) for f in ("relu_folded", "scaled_bf16", "folded", "general", "residual")]:

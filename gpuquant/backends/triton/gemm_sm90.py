@@ -136,7 +136,7 @@ def applies(family: str, x2d: torch.Tensor, w2d: torch.Tensor) -> bool:
 
 
 if AVAILABLE:
-    from .gemm import quant_epilogue, scaled_epilogue
+    from .gemm import grouped_tile, quant_epilogue, scaled_epilogue
 
     # the TMA copy into shared memory: async_copy_global_to_shared in Triton 3.6, async_load
     # in 3.9 (where the old name raises)
@@ -176,14 +176,7 @@ if AVAILABLE:
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0]
 
-        # grouped tile order (GROUP row blocks share their B tiles in L2), as .gemm's
-        pid = gl.program_id(0)
-        grid_n = gl.cdiv(N, BN)
-        in_group = GROUP * grid_n
-        first_m = (pid // in_group) * GROUP
-        group_rows = gl.minimum(gl.cdiv(M, BM) - first_m, GROUP)
-        pid_m = first_m + (pid % in_group) % group_rows
-        pid_n = (pid % in_group) // group_rows
+        pid_m, pid_n = grouped_tile(gl.program_id(0), M, N, BM, BN, GROUP)  # (.gemm's order)
         off_m = pid_m * BM
         off_n = pid_n * BN
 
@@ -276,7 +269,7 @@ def epi_split(out_mode: int, rq_mode: int, has_res: bool) -> int:
 def signature(config, form: str = "int32"):
     """(signature, constexprs) of :func:`_qgemm_sm90_kernel` for ``config`` and one of
     :data:`EPILOGUE_FORMS`: what the launcher specializes for aligned tensors, for compiling
-    without a GPU (:func:`.inspect_ptx.compile_gluon_ptx`)."""
+    without a GPU (:func:`.inspect_ptx.compile_gluon`)."""
     bm, bn, bk, warps, stages = config
     out_mode, rq_mode, has_res, res_mode, y = EPILOGUE_FORMS[form]
     la, lb = shared_layouts(bm, bn, bk)

@@ -17,7 +17,7 @@ import re
 import sys
 from typing import Optional
 
-__all__ = ["compile_ptx", "compile_gluon", "compile_sass", "sass_instructions",
+__all__ = ["compile_ptx", "compile_gluon", "wgmma_facts", "compile_sass", "sass_instructions",
            "epilogue_cost", "cubin_resources", "kernel_variants", "inspect",
            "MMA_RE", "FLOAT_HAZARD_RE"]
 
@@ -76,6 +76,16 @@ def compile_ptx(fn, signature: dict, constexprs: dict, cc: int, num_warps: int =
                                   options={"num_warps": num_warps, "num_stages": num_stages,
                                            "enable_fp_fusion": enable_fp_fusion})
     return compiled.asm["ptx"]
+
+
+def wgmma_facts(ptx: str) -> dict:
+    """What a Hopper GEMM's PTX says of its main loop: the distinct ``wgmma.mma_async``
+    instructions, the distinct ``wgmma.wait_group`` counts (1: one group kept in flight; 0
+    only: the tensor cores drain every step) and whether it copies with TMA."""
+    return {"mma": sorted(set(re.findall(r"wgmma\.mma_async[\w.]*", ptx))),
+            "waits": sorted({int(w) for w in re.findall(
+                r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}),
+            "tma": "cp.async.bulk.tensor" in ptx}
 
 
 def compile_gluon(fn, signature: dict, constexprs: dict, cc: int = 90, num_warps: int = 4,
