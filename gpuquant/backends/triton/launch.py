@@ -18,10 +18,10 @@ The plan key holds everything Triton specializes or tunes on: each positional ar
 value (ints, bools, None, strings), type (floats are never specialized), dtype and 16-byte
 alignment (tensors), or base dtype, block shape and shared layout (Gluon's TMA tensor
 descriptors, passed to the launcher as they are: it encodes them), the keyword
-meta-parameters, the kernel and the device. The
-grid is recomputed every call (a callable grid sees the plan's meta-parameters, as
-Triton's does). A plan is only made when every argument after the positional ones is a
-compile-time constant (else Triton's path runs every time).
+meta-parameters, the kernel and the device. The grid is recomputed every call (a callable
+grid sees the plan's meta-parameters, as Triton's does). A plan is only made when every
+argument after the positional ones is a compile-time constant (else Triton's path runs
+every time).
 
 Under the interpreter (``TRITON_INTERPRET=1``) and with ``GPUQUANT_TRITON_FAST_LAUNCH=0``
 every call takes Triton's path. CI checks on the CPU, with a stand-in CUDA driver and the

@@ -75,7 +75,7 @@ def _torch_bf16():
 
 def _gpuquant(weight_only: bool, gluon: bool = False):
     """``gluon``: W8A8 with the sm_90 Gluon main loop switched on for its GEMM
-    (``gpuquant-triton-gluon``; unavailable off sm_90 and below its minimum m)."""
+    (``gpuquant-triton-gluon``; unavailable off sm_90); off, the Triton kernel."""
     from ...nn.quantized.linear_dynamic import DynamicLinear, WeightOnlyLinear
 
     def setup(inp):
@@ -83,10 +83,8 @@ def _gpuquant(weight_only: bool, gluon: bool = False):
             raise ProviderUnavailable("the Triton backend cannot run here")
         from ...backends.triton import gemm_sm90
         x = inp["x"]
-        if gluon:
+        if gluon:  # (its rows are the cases with m >= GLUON_MIN_M)
             why = gemm_sm90.unavailable(x.device)
-            if why is None and x.shape[0] < gemm_sm90.MIN_M:
-                why = f"the Gluon path takes m >= {gemm_sm90.MIN_M} (below: the Triton kernel)"
             if why is not None:
                 raise ProviderUnavailable(why)
         cls = WeightOnlyLinear if weight_only else DynamicLinear
