@@ -66,19 +66,13 @@ def _bench(fn, reps, graph: bool = True):
     host's launch path out of it: the Gluon path's Python launch costs more than the Triton
     kernel's memoised plan, which would hide a kernel difference at the m = 2048 shapes),
     or called eagerly (host included, as the linear_dynamic suite's rows are)."""
-    import torch
     from triton.testing import do_bench
+
+    from gpuquant.bench.harness import cuda_graph_of
     fn()  # compiles and tunes outside the capture
     if not graph:
         return do_bench(fn, warmup=10, rep=reps, return_mode="median")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g, _ = cuda_graph_of(fn, warmup=1)
     return do_bench(g.replay, warmup=10, rep=reps, return_mode="median")
 
 

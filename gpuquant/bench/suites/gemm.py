@@ -119,13 +119,13 @@ def _check_int_mm(inp, out):
     return _check_int32(inp, out, False)
 
 
-def _on_triton_kernel(fn):
-    """``fn`` with the sm_90 Gluon main loop switched off (whatever GPUQUANT_SM90_GEMM
-    says): the ``gpuquant-triton*`` rows are the Triton kernel's."""
+def _on_path(fn, gluon: bool = False):
+    """``fn`` with the sm_90 Gluon main loop switched on (``gluon``) or off, whatever
+    GPUQUANT_SM90_GEMM says: the ``gpuquant-triton*`` rows are the Triton kernel's."""
     from ...backends.triton import gemm_sm90
 
     def run():
-        with gemm_sm90.use(False):
+        with gemm_sm90.use(gluon):
             return fn()
     return run
 
@@ -133,29 +133,24 @@ def _on_triton_kernel(fn):
 def _triton_requant(inp):
     op = _triton_ops()["linear"]
     x, w, b, rq = inp["x"], inp["w"], inp["bias"], inp["rq"]
-    return _on_triton_kernel(lambda: op(x, 0, w, b, rq))
+    return _on_path(lambda: op(x, 0, w, b, rq))
 
 
-def _triton_bare(inp):
+def _triton_bare(inp, gluon: bool = False):
+    """The bare int32 GEMM; ``gluon``: on the sm_90 Gluon main loop (tuned per shape),
+    unavailable off sm_90."""
     op = _triton_ops()["linear_int32"]
     x, w, b = inp["x"], inp["w"], inp["bias"]
-    return _on_triton_kernel(lambda: op(x, 0, w, b))
+    if gluon:
+        from ...backends.triton import gemm_sm90
+        why = gemm_sm90.unavailable(x.device)
+        if why is not None:
+            raise ProviderUnavailable(why)
+    return _on_path(lambda: op(x, 0, w, b), gluon)
 
 
 def _gluon_bare(inp):
-    """``gpuquant-triton-bare`` with the sm_90 Gluon main loop switched on (tuned per
-    shape); unavailable off sm_90."""
-    from ...backends.triton import gemm_sm90
-    x, w, b = inp["x"], inp["w"], inp["bias"]
-    why = gemm_sm90.unavailable(x.device)
-    if why is not None:
-        raise ProviderUnavailable(why)
-    op = _triton_ops()["linear_int32"]
-
-    def run():
-        with gemm_sm90.use(True):
-            return op(x, 0, w, b)
-    return run
+    return _triton_bare(inp, gluon=True)
 
 
 def _int_mm(inp):
