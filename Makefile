@@ -69,7 +69,8 @@ gpu-lease:
 # Before a lease, here: the suites' kernels compiled for the GPU machines' Triton (3.6.0 on
 # CPython 3.12: its wheel gives the cache key) and packed into .tcache/ (git-ignored; carry
 # it with the checkout), which gpu-lease unpacks (gpuquant/bench/tcache.py), with the
-# weight-only GEMM's forced configs (the GPU probe's and test's: warm.py weight_only_tiles).
+# weight-only and Gluon GEMMs' forced configs (the GPU probes' and tests': warm.py
+# weight_only_tiles, gluon_tiles).
 # ~10 min on 2 cores.
 TRITON_WHEEL_DIR ?= /tmp/gpuquant-triton-wheel
 tcache: $(VENV_T36)/.installed

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next GPU lease, prepared as one command (device tool: carry [".tcache"], timeout_s 570,
 # then give_back). Here first: `make tcache` (kernels changed since the last archive; it
-# also holds the weight-only probe's and every-tile test's forced configs) and `make wheels`.
+# also holds the weight-only and Gluon probes' and GPU tests' forced configs) and `make wheels`.
 #
 #   bash bench/next_lease.sh "$OUT"
 #
@@ -14,8 +14,9 @@
 #   2. bench/probes/gluon_int8_wgmma.py: the sm_90 Gluon main loop (gemm_sm90.py: the int8
 #      wgmma kept in flight, which Triton's tl.dot never does), each tile forced, exact
 #      against torch._int_mm and timed beside the Triton bare GEMM at issue 6's and 12's
-#      shapes, and the W8A8 GEMM on both paths at m = 2048 -> $OUT/gluon_probe.txt (90 s:
-#      its ~10 Gluon kernels are compiled there, not in the prebuilt cache);
+#      shapes, and the W8A8 GEMM on both paths at m = 2048 -> $OUT/gluon_probe.txt (90 s;
+#      its Gluon kernels, and the Gluon GPU tests', are in the prebuilt cache: warm.py
+#      gluon_tiles);
 #   3. the lease runner (what is left of 555 s: ~6-7 min): linear_dynamic (issue 12's
 #      rows); a profile of its prefill rows (`--what linear_prefill`: the W8A8 row's
 #      quantize kernel, GEMM and the gap between them, the ~13 us of the m = 2048 row

@@ -235,8 +235,9 @@ def main(argv=None) -> int:
                         "--python-version 3.12 --only-binary=:all: triton==3.6.0)")
     b.add_argument("--out", required=True, help="archive to write (.tar.gz)")
     b.add_argument("--suites", default=None,
-                   help="suites to warm (default: warm's, and its weight_only_tiles: the "
-                        "weight-only GEMM's forced configs of the GPU probe and test)")
+                   help="suites to warm (default: warm's, and its weight_only_tiles and "
+                        "gluon_tiles: the weight-only and Gluon GEMMs' forced configs of "
+                        "the GPU probes and tests)")
     b.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
     c = sub.add_parser("check", help="print an archive's manifest and whether it fits here")
     c.add_argument("archive")
@@ -260,8 +261,8 @@ def main(argv=None) -> int:
         p.error(str(e))
     with tempfile.TemporaryDirectory(prefix="gpuquant-tcache-") as cache:
         env = dict(os.environ, TRITON_CACHE_DIR=cache, **{KEY_ENV: key})
-        from .warm import DEFAULT_SUITES, WEIGHT_ONLY_TILES
-        suites = args.suites or ",".join(DEFAULT_SUITES + (WEIGHT_ONLY_TILES,))
+        from .warm import DEFAULT_SUITES, GLUON_TILES, WEIGHT_ONLY_TILES
+        suites = args.suites or ",".join(DEFAULT_SUITES + (WEIGHT_ONLY_TILES, GLUON_TILES))
         cmd = [sys.executable, "-m", "gpuquant.bench.warm", "--jobs", str(args.jobs),
                "--nice", "0", "--suites", suites]
         rc = subprocess.call(cmd, env=env)

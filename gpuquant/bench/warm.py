@@ -21,7 +21,10 @@ costs nothing but the warm-up's CPU time.
 
 ``--suites weight_only_tiles`` (not a suite; :func:`work_list`) compiles every weight-only
 GEMM config forced, at the launches of the GPU probe and of the every-tile GPU test: the
-prebuilt cache (:mod:`.tcache`) includes them.
+prebuilt cache (:mod:`.tcache`) includes them. ``--suites gluon_tiles`` likewise compiles the
+sm_90 Gluon GEMM's configs forced at the Gluon probe's and GPU tests' launches; and in every
+worker an untuned Gluon problem (the suites' ``gpuquant-triton-gluon*`` rows) compiles each
+config the GPU's tuning will time (``gemm_sm90.STANDIN_COMPILES_ALL``).
 
 The lease runner (:mod:`gpuquant.bench.lease`) starts this in the background, at low CPU
 priority, while the GPU tests run. Cases are dealt to workers round-robin in the order of
@@ -159,6 +162,107 @@ def _warm_weight_only(idx: int) -> None:
                          split_k=split, tile=tile, w_a=w_a)
 
 
+GLUON_TILES = "gluon_tiles"
+# (m, n, k) of the Gluon probe (bench/probes/gluon_int8_wgmma.py): a ragged shape first (M, N
+# and the K tail not multiples of any tile; n and k multiples of 8 for torch._int_mm, its
+# reference), then issue 6's gemm rows and issue 12's W8A8 prefill rows (m = 2048)
+GLUON_PROBE_SHAPES = [(333, 520, 1040), (4096, 4096, 4096), (8192, 8192, 8192),
+                      (2048, 4096, 4096), (2048, 11008, 4096), (2048, 4096, 11008)]
+# (m, n, k) of the every-config GPU test (tests/backends/test_triton_gemm_sm90.py): ragged
+# (M, N and the K tail past every tile) and deep; and of its tuned-path test
+GLUON_TEST_SHAPES = ((333, 520, 1040), (256, 384, 4096))
+GLUON_TUNED_SHAPE = (512, 768, 2048)
+
+
+def _gluon_requant(n: int, k: int, activation: str, big: bool, g):
+    """A per-channel qint8 Requant whose outputs spread over the range for an accumulator of
+    ``k`` random int8 products; ``big``: every other channel's multiplier >= 1 (negative
+    rshifts: the general form)."""
+    import torch
+
+    from .. import qint8
+    from ..functional.requant import make_requant
+    w_scale = torch.rand(n, dtype=torch.float64, generator=g) * 0.9 + 0.1
+    if big:
+        w_scale[::2] *= 2.0 ** torch.randint(3, 9, (len(w_scale[::2]),), generator=g).double()
+    out_scale = 0.02 * float(w_scale.median()) * 60.0 * k ** 0.5  # ~ +-60 output steps
+    zp = int(torch.randint(-10, 11, (), generator=g))
+    return make_requant(0.02, w_scale, out_scale, zp, qint8, activation)
+
+
+def gluon_test_calls(m: int, n: int, k: int, seed: int = 0) -> list:
+    """``(what, op, args)`` on CPU tensors: the triton backend's int8 Linear ops in every
+    epilogue form the Gluon kernel takes (requantized with a ReLU: the folded form with the
+    tie rule dropped; without one: folded, split epilogue; with negative rshifts: the
+    general form, split; a fused residual add; dequantized; bare int32), and the W8A8
+    Linear in bf16 / fp16 / fp32 with and without bias: 13 GEMMs. The every-config GPU
+    test runs these against the NumPy oracle, and :data:`GLUON_TILES` compiles them."""
+    import torch
+
+    from .. import qint8
+    from ..functional.requant import make_add_params
+    g = torch.Generator().manual_seed(seed * 1009 + m * 7 + n * 3 + k)
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-5000, 5000, (n,), dtype=torch.int32, generator=g)
+    relu = _gluon_requant(n, k, "relu", False, g)
+    plain = _gluon_requant(n, k, "none", False, g)
+    big = _gluon_requant(n, k, "relu6", True, g)
+    res = torch.randint(-128, 128, (m, n), dtype=torch.int8, generator=g)
+    p = make_add_params(0.04, plain.zero_point, 0.05, 3, 0.06, -2, qint8)
+    xs = torch.rand(m, generator=g) * 0.1 + 0.01
+    ws = torch.rand(n, generator=g) * 0.1 + 0.01
+    fb = torch.randn(n, generator=g)
+    scale = torch.tensor(0.03)
+    out = [("linear relu", "linear", (x, 3, w, b, relu)),
+           ("linear_dequant relu", "linear_dequant", (x, 3, w, b, relu, scale)),
+           ("linear_int32", "linear_int32", (x, 3, w, b)),
+           ("linear folded", "linear", (x, 3, w, b, plain)),
+           ("linear general", "linear", (x, 3, w, b, big)),
+           ("linear_add", "linear_add", (x, 3, w, b, plain, res, p)),
+           ("linear_dequant folded", "linear_dequant", (x, 3, w, b, plain, scale))]
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for bias in (fb, None):
+            out.append((f"linear_dynamic {dt} bias {bias is not None}", "linear_dynamic",
+                        (x, xs, w, ws, bias, dt)))
+    return out
+
+
+def _gluon_launches() -> list:
+    """``(part, config index, m, n, k)`` of :data:`GLUON_TILES`' work, every config: the
+    probe's bare int32 GEMM (forced) and W8A8 GEMM at m = 2048 (tuned: in full, the probe
+    sets no quick mode), the every-config GPU test's calls, the tuned-path test's W8A8 GEMM."""
+    from ..backends.triton.gemm_sm90 import CONFIGS
+    shapes = {"int32": GLUON_PROBE_SHAPES, "test": GLUON_TEST_SHAPES,
+              "w8a8": [s for s in GLUON_PROBE_SHAPES if s[0] == 2048] + [GLUON_TUNED_SHAPE]}
+    return [(part, c, m, n, k) for part in ("int32", "w8a8", "test")
+            for c in range(len(CONFIGS)) for m, n, k in shapes[part]]
+
+
+def _warm_gluon(idx: int) -> None:
+    """Launch one of :func:`_gluon_launches` on CPU tensors (inside the stand-in), its config
+    forced."""
+    import torch
+
+    from ..backends import get_backend
+    from ..backends.triton import gemm_sm90 as S
+    part, c, m, n, k = _gluon_launches()[idx]
+    ops = get_backend("triton").OPS
+    with S.use(True, config=S.CONFIGS[c]):
+        if part == "test":
+            for _, op, args in gluon_test_calls(m, n, k):
+                ops[op](*args)
+            return
+        # zeros: the probe's values do not change what compiles
+        a, b = torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8)
+        if part == "int32":
+            ops["linear_int32"](a, 0, b, torch.zeros(n, dtype=torch.int32))
+        else:
+            ops["linear_dynamic"](a, torch.ones(m), b, torch.ones(n),
+                                  None if (m, n, k) == GLUON_TUNED_SHAPE else torch.ones(n),
+                                  torch.bfloat16)
+
+
 def work_list(suites: Sequence[str]) -> List[Tuple[str, int]]:
     """``(suite, case index)`` of every quick case of ``suites`` (CPU-built); for
     :data:`WEIGHT_ONLY_TILES`, an index into its launches."""
@@ -166,6 +270,7 @@ def work_list(suites: Sequence[str]) -> List[Tuple[str, int]]:
     out = []
     for name in suites:
         n = len(_weight_only_launches()) if name == WEIGHT_ONLY_TILES else \
+            len(_gluon_launches()) if name == GLUON_TILES else \
             len(load_suite(name).cases(True, "cpu"))
         out += [(name, i) for i in range(n)]
     return out
@@ -178,6 +283,7 @@ def _warm_cases(items: Sequence[Tuple[str, int]]) -> Tuple[int, int]:
     import torch
 
     from .. import backends
+    from ..backends.triton import gemm_sm90
     from ..backends.triton.standin import standin_cuda
     from .harness import ProviderUnavailable
     from .suites import load_suite
@@ -186,13 +292,15 @@ def _warm_cases(items: Sequence[Tuple[str, int]]) -> Tuple[int, int]:
     key = os.environ.get(KEY_ENV)
     if key:  # building a cache for another machine's Triton build (:mod:`.tcache`)
         patch_triton_key(key)
+    gemm_sm90.STANDIN_COMPILES_ALL = True  # the Gluon rows' tuning candidates
     done = failed = 0
     cache = {}
+    tiles = {WEIGHT_ONLY_TILES: _warm_weight_only, GLUON_TILES: _warm_gluon}
     with standin_cuda(cubin=True), backends.use("triton"):
         for name, idx in items:
-            if name == WEIGHT_ONLY_TILES:
+            if name in tiles:
                 try:
-                    _warm_weight_only(idx)
+                    tiles[name](idx)
                     done += 1
                 except Exception as e:  # noqa: BLE001 - reported, the rest goes on
                     print(f"warm: {name} {idx}: {type(e).__name__}: {str(e)[:200]}",

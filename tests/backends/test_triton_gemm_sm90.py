@@ -150,6 +150,9 @@ with standin_cuda() as fk, backends.use("triton"):
                                                                 torch.bfloat16))
             run("dynamic m=16 " + tag, lambda: ops["linear_dynamic"](x[:16], xs[:16], w, ws,
                                                                      None, torch.float16))
+    S.STANDIN_COMPILES_ALL = True  # as the warm-up sets it: the quick candidates compiled
+    with S.use(True):
+        run("warm-up", lambda: ops["linear_dynamic"](x, xs, w, ws, None, torch.float32))
 print("JSON" + json.dumps(out, default=str))
 """
 
@@ -160,9 +163,12 @@ def test_the_int8_linears_launch_it_when_they_should(tmp_path):
     without a ReLU, with a fused residual add, int32) and the W8A8 Linear launch the Gluon
     kernel, once (nothing to time there), one program per tile of the 300 x 200 output
     (128 x 256 for the forced two-warpgroup config: 3; the default 128 x 128: 6), while a
-    16-row W8A8 problem keeps the Triton kernel."""
+    16-row W8A8 problem keeps the Triton kernel. Under the warm-up's switch an untuned
+    problem launches (compiles) each config quick tuning would time, then the default."""
     out = run_json(_STANDIN_SCRIPT, tmp_path / "cache", timeout=600,
                    GPUQUANT_TRITON_TUNE="quick")
+    warm = out.pop("warm-up")  # configs 0, 1, 2 (quick tuning's), then the launch (0)
+    assert [g for _, g, _ in warm] == [[6, 1, 1], [3, 1, 1], [4, 1, 1], [6, 1, 1]], warm
     assert len(out) == 18
     for name, launches in out.items():
         kernel, grid, shapes = launches[-1]  # (the Triton kernel's autotuner launches first)
@@ -178,6 +184,39 @@ def _sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
+def _check_calls(calls, what):
+    """Each ``(name, op, args)`` of :func:`gpuquant.bench.warm.gluon_test_calls` on the
+    triton backend (on the device where there is one) == the NumPy oracle, byte for byte;
+    the bare int32 GEMM (no oracle op) == the exact int64 product plus bias."""
+    import sys
+    sys.path.insert(0, "tests/backends")
+    from _triton_inference_util import assert_same, dev
+    from gpuquant import backends
+    numpy_ops = backends.get_backend("numpy").OPS
+    tri = backends.get_backend("triton").OPS
+    for name, op, args in calls:
+        got = tri[op](*dev(args))
+        if op == "linear_int32":
+            x, zp, w, b = args
+            want = ((x.long() - zp) @ w.long().t() + b.long()).int()
+        else:
+            want = numpy_ops[op](*args)
+        assert_same(got, want, f"{what} {name}")
+
+
+def test_the_gpu_tests_checks_on_the_cpu():
+    """The every-config GPU test's calls and comparisons (below), run here on the Triton
+    kernel through the interpreter at a small shape (Gluon has no interpreter): the oracle
+    of every op exists and agrees, so the GPU run can only fail on the Gluon kernel."""
+    from gpuquant import backends
+    from gpuquant.bench import warm
+    if "triton" not in backends.available() or torch.cuda.is_available():
+        pytest.skip("runs the triton backend through the interpreter (TRITON_INTERPRET=1)")
+    calls = warm.gluon_test_calls(37, 24, 80)
+    assert len(calls) == 13 and len({n for n, _, _ in calls}) == 13
+    _check_calls(calls, "interpreter 37x24x80")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100 / H200)")
 @pytest.mark.parametrize("config", range(6))
@@ -185,48 +224,19 @@ def test_each_config_gives_the_oracles_bytes_on_the_gpu(config):
     """Each config forced: the int8 Linear with a ReLU requantization (whole epilogue),
     without one and with negative rshifts (the folded and general forms, split epilogue),
     with a fused residual add, its dequantized (float) and bare int32 forms, and the W8A8
-    Linear in bf16 / fp16 / fp32 with and without bias, against the NumPy oracle byte for
-    byte, on a ragged shape (M, N and the K tail past every tile) and a deep one; the Gluon
-    kernel ran for each."""
-    import sys
-    sys.path.insert(0, "tests/backends")
-    from _triton_inference_util import (check_linear_add_and_dequant, check_op, cpu, dev,
-                                        rand_act, rand_requant, rand_weight)
-    from gpuquant import backends, qint8
-    from gpuquant.functional.requant import make_add_params
+    Linear in bf16 / fp16 / fp32 with and without bias (:func:`gpuquant.bench.warm.
+    gluon_test_calls`: the prebuilt cache holds these kernels), against the NumPy oracle
+    byte for byte, on a ragged shape (M, N and the K tail past every tile) and a deep one;
+    the Gluon kernel ran for each."""
     from gpuquant.backends.triton import gemm_sm90 as S
+    from gpuquant.bench import warm
     cfg = S.CONFIGS[config]
-    numpy_ops = backends.get_backend("numpy").OPS
-    tri = backends.get_backend("triton").OPS
-    g = torch.Generator().manual_seed(90 + config)
-    for m, n, k in ((333, 520, 1040), (256, 384, 4096)):
-        torch.manual_seed(m + n + k + config)
-        x, w = rand_act((m, k), torch.int8), rand_weight((n, k))
-        b = torch.randint(-5000, 5000, (n,), dtype=torch.int32, generator=g)
-        rq = rand_requant(n, qint8, "relu", k=k)
-        rq_none = rand_requant(n, qint8, "none", k=k)
-        rq_big = rand_requant(n, qint8, "relu6", k=k, big=True)  # negative rshifts
-        res = rand_act((m, n), torch.int8)
-        p = make_add_params(0.04, rq_none.zero_point, 0.05, 3, 0.06, -2, qint8)
-        xs = torch.rand(m, generator=g) * 0.1 + 0.01
-        ws = torch.rand(n, generator=g) * 0.1 + 0.01
-        fb = torch.randn(n, generator=g)
+    for m, n, k in warm.GLUON_TEST_SHAPES:
+        calls = warm.gluon_test_calls(m, n, k)
         before = S.STATS["launches"]
         with S.use(True, config=cfg):
-            check_op("linear", (x, 3, w, b, rq), f"{cfg} linear relu {m}x{n}x{k}")
-            check_op("linear_dequant", (x, 3, w, b, rq, torch.tensor(0.03)),
-                     f"{cfg} linear_dequant {m}x{n}x{k}")
-            check_op("linear_int32", (x, 3, w, b), f"{cfg} linear_int32 {m}x{n}x{k}")
-            check_op("linear", (x, 3, w, b, rq_none), f"{cfg} linear folded {m}x{n}x{k}")
-            check_op("linear", (x, 3, w, b, rq_big), f"{cfg} linear general {m}x{n}x{k}")
-            check_linear_add_and_dequant(x, 3, w, b, rq_none, res, p, torch.tensor(0.03),
-                                         f"{cfg} {m}x{n}x{k}")
-            for dt in (torch.bfloat16, torch.float16, torch.float32):
-                for bias in (fb, None):
-                    got = tri["linear_dynamic"](*dev((x, xs, w, ws, bias)), dt)
-                    want = numpy_ops["linear_dynamic"](x, xs, w, ws, bias, dt)
-                    assert torch.equal(cpu(got), want), (cfg, dt, bias is None, m, n, k)
-        assert S.STATS["launches"] == before + 13, (cfg, S.STATS["launches"] - before)
+            _check_calls(calls, f"{cfg} {m}x{n}x{k}")
+        assert S.STATS["launches"] == before + len(calls), (cfg, S.STATS["launches"] - before)
 
 
 @pytest.mark.gpu
@@ -236,8 +246,9 @@ def test_the_tuned_path_on_the_gpu():
     tensors and keeps the fastest (one entry a problem); the output is the oracle's."""
     from gpuquant import backends
     from gpuquant.backends.triton import gemm_sm90 as S
+    from gpuquant.bench.warm import GLUON_TUNED_SHAPE
     torch.manual_seed(7)
-    m, n, k = 512, 768, 2048
+    m, n, k = GLUON_TUNED_SHAPE
     x = torch.randint(-128, 128, (m, k), dtype=torch.int8)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     xs, ws = torch.rand(m) * 0.1 + 0.01, torch.rand(n) * 0.1 + 0.01

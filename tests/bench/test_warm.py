@@ -130,3 +130,54 @@ def test_shape_conv_stands_in_for_conv2d_forward_and_backward():
     assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
     assert warm._warmed("qat_step", "gpuquant-qat") and not warm._warmed("qat_step", "float")
     assert not warm._warmed("conv", "gpuquant-triton-graph")
+
+
+def test_gluon_tiles_cover_the_probe_and_the_gpu_tests():
+    """The sm_90 Gluon GEMM's forced configs the prebuilt cache holds: every config at each
+    launch of the Gluon probe (bare int32 GEMM at its shapes; the W8A8 GEMM at m = 2048,
+    which the probe tunes in full) and of the every-config and tuned-path GPU tests."""
+    from gpuquant.backends.triton import gemm_sm90 as S
+    launches = warm._gluon_launches()
+    assert [i for _, i in warm.work_list([warm.GLUON_TILES])] == list(range(len(launches)))
+    configs = set(range(len(S.CONFIGS)))
+    for part, shapes in (("int32", warm.GLUON_PROBE_SHAPES), ("test", warm.GLUON_TEST_SHAPES),
+                         ("w8a8", [s for s in warm.GLUON_PROBE_SHAPES if s[0] == 2048]
+                          + [warm.GLUON_TUNED_SHAPE])):
+        for shape in shapes:
+            assert {c for p, c, *s in launches if p == part and tuple(s) == shape} == configs
+    assert any(m % 16 and n % 16 for m, n, _ in warm.GLUON_PROBE_SHAPES)  # a ragged one
+    assert len(warm.gluon_test_calls(*warm.GLUON_TEST_SHAPES[0])) == 13
+
+
+_GLUON_PROBE_CALL = r"""
+import torch
+from gpuquant import backends
+from gpuquant.backends.triton import gemm_sm90 as S
+from gpuquant.backends.triton.standin import standin_cuda
+with standin_cuda(cubin=True), backends.use("triton"), S.use(True, config=S.CONFIGS[0]):
+    m, n, k = 333, 520, 1040  # as the probe calls it, with its random values
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    backends.get_backend("triton").OPS["linear_int32"](a, 0, b, torch.zeros(n, dtype=torch.int32))
+"""
+
+
+@pytest.mark.skipif(not __import__("gpuquant.backends.triton.gemm_sm90",
+                                   fromlist=["AVAILABLE"]).AVAILABLE,
+                    reason="this Triton has no Gluon Hopper dialect")
+def test_a_warmed_gluon_tile_is_what_the_probe_finds(tmp_path):
+    """One :data:`GLUON_TILES` item (the probe's ragged bare GEMM on config 0) warmed in one
+    process; the probe's own call in another compiles nothing new."""
+    idx = warm._gluon_launches().index(("int32", 0, 333, 520, 1040))
+    cache = tmp_path / "cache"
+    script = ("from gpuquant.bench import warm\n"
+              f"print(warm._warm_cases([(warm.GLUON_TILES, {idx})]))")
+    first = run_compiled(["-c", script], cache, timeout=600)
+    assert first.returncode == 0 and "(1, 0)" in first.stdout, first.stderr[-3000:]
+    built = _cubins(cache)
+    assert any("_qgemm_sm90_kernel" in p for p in built), built
+    stamp = {p: os.path.getmtime(p) for p in built}
+    again = run_compiled(["-c", _GLUON_PROBE_CALL], cache, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _cubins(cache) == sorted(stamp)
+    assert all(os.path.getmtime(p) == t for p, t in stamp.items())
