@@ -21,9 +21,11 @@
 #      rows); a profile of its prefill rows (`--what linear_prefill`: the W8A8 row's
 #      quantize kernel, GEMM and the gap between them, the ~13 us of the m = 2048 row
 #      outside its GEMM); models and conv (issue 6's network and "all" targets, after the
-#      folded requantization; conv also with the Gluon main loop's graph row); the gpu-marked tests of the weight-only and dynamic kernels
-#      and the forced conv / GEMM configs and Gluon tiles against the NumPy oracle (8 pytest
-#      workers); qat_step (issue 5); then, if the budget still allows one (the runner skips
+#      folded requantization; conv also with the Gluon main loop's graph row); the
+#      gpu-marked tests of the weight-only and dynamic kernels and the forced conv / GEMM
+#      configs and Gluon tiles against the NumPy oracle, and of the compiled fake-quant,
+#      LSQ and BN-fold rounding (cvt.rni / cvt.rn.bf16, which the interpreter never runs:
+#      every half value against torch) (8 pytest workers); qat_step (issue 5); then, if the budget still allows one (the runner skips
 #      a stage it cannot start), fake_quant (the cvt.rni bf16 kernels) and gemm (with the
 #      Gluon bare rows) -> $OUT/lease.tar.gz, $OUT/summary.md.
 # Back here: tar -xzf lease.tar.gz -C bench; python -m gpuquant.bench.readme_table --write
@@ -46,7 +48,8 @@ TRITON_CACHE_DIR=$TC timeout 90 python bench/probes/gluon_int8_wgmma.py --reps 4
 echo "probe exit $?" >> "$OUT/gluon_probe.txt"
 BUDGET=$((555 - SECONDS))
 TESTS="tests/transformers/test_dynamic_gpu.py tests/backends/test_triton_forced_configs.py"
-TESTS="$TESTS tests/backends/test_triton_gemm_sm90.py"
+TESTS="$TESTS tests/backends/test_triton_gemm_sm90.py tests/backends/test_triton_fake_quant.py"
+TESTS="$TESTS tests/backends/test_triton_bn_fold.py tests/quantization/test_quant_fake_quant.py"
 python -m gpuquant.bench.lease --out "$OUT" --budget $BUDGET \
     --stages linear_dynamic,profile,models,tests,qat_step,conv,fake_quant,gemm \
     --cap tests=120 --cap profile=60 \
