@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["check_bool", "positive_int", "unit_interval"]
+__all__ = ["check_bool", "positive_int", "int_pair", "unit_interval"]
 
 
 def check_bool(value, fn: str, arg: str) -> None:
@@ -21,6 +21,18 @@ def positive_int(value, name: str, who: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{who}: {name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def int_pair(value, name: str, who: str, minimum: int = 1) -> tuple:
+    """An int or a pair (tuple / list of two) of ints >= ``minimum`` as a pair: TypeError
+    for another kind, ValueError for another length or a smaller value (a layer's
+    kernel size, stride, padding, dilation)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{who}: {name} must be an int or a pair of ints, got {value!r}")
+        return tuple(positive_int(v, name, who, minimum) for v in value)
+    v = positive_int(value, name, who, minimum)
+    return (v, v)
 
 
 def unit_interval(value, name: str, who: str) -> float:

@@ -25,6 +25,11 @@ def settle_bn(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     Returns:
         ``model``, left in training mode.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"settle_bn: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"settle_bn: x must be a tensor (a batch of inputs), got "
+                        f"{type(x).__name__}")
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.momentum = 1.0

@@ -58,6 +58,14 @@ class ResNet(gnn.Module):
     def __init__(self, block, layers, num_classes: int = 1000, zero_init_residual: bool = False,
                  width: int = 64):
         super().__init__()
+        if not (isinstance(block, type) and issubclass(block, torch.nn.Module)
+                and isinstance(getattr(block, "expansion", None), int)):
+            raise TypeError(f"ResNet: block must be a block class with an int 'expansion' "
+                            f"(gpuquant.models.resnet.BasicBlock, Bottleneck), got {block!r}")
+        if not isinstance(layers, (tuple, list)) or len(layers) != 4:
+            raise ValueError(f"ResNet: layers must be 4 block counts (one a stage), got "
+                             f"{layers!r}")
+        layers = [positive_int(n, "layers", "ResNet") for n in layers]
         width = positive_int(width, "width", "ResNet")
         num_classes = positive_int(num_classes, "num_classes", "ResNet")
         check_bool(zero_init_residual, "ResNet", "zero_init_residual")

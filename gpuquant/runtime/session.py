@@ -101,6 +101,9 @@ class Session:
     def __init__(self, model, source: str = "<model>"):
         from onnx import numpy_helper
         self.source = source
+        if not hasattr(model, "metadata_props") or not hasattr(model, "graph"):
+            raise TypeError(f"Session: model must be an onnx.ModelProto (gpuquant.runtime.load "
+                            f"reads one from a path), got {type(model).__name__}")
         meta = {p.key: p.value for p in model.metadata_props}
         if meta.get(FORMAT_KEY) != FORMAT:
             # another producer's QDQ graph (e.g. onnxruntime's quantize_static: uint8 weights

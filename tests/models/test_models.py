@@ -96,3 +96,20 @@ def test_builders_accept_valid_arguments():
     assert M.digits_net(num_classes=4, width=2).fc2.out_features == 4
     assert M.resnet18(num_classes=3, width=np.int64(8)).conv_bn_relu1.conv.out_channels == 8
     assert M.resnet18(num_classes=1, width=8).fc.out_features == 1
+
+
+def test_resnet_settle_bn_and_runtime_session_refuse_wrong_kinds():
+    from gpuquant.models.resnet import BasicBlock, ResNet
+    from gpuquant.runtime.session import Session
+    with pytest.raises(TypeError, match="block must be a block class"):
+        ResNet("basic", [2, 2, 2, 2])
+    with pytest.raises(ValueError, match="layers must be 4 block counts"):
+        ResNet(BasicBlock, [2, 2, 2])
+    with pytest.raises(ValueError, match="layers must be an int >= 1, got 0"):
+        ResNet(BasicBlock, [2, 0, 2, 2])  # (a stage of 0 blocks would build 1)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        M.settle_bn("net", torch.zeros(2, 3, 32, 32))
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        M.settle_bn(M.digits_net(), [[0.0]])
+    with pytest.raises(TypeError, match="onnx.ModelProto"):
+        Session({"graph": None})

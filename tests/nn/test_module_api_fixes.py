@@ -125,3 +125,45 @@ def test_load_state_dict_under_inference_mode_reaches_the_backends():
         served(x)  # packs the first weights
         served.load_state_dict(other.state_dict())
         assert torch.equal(served(x), other(x))
+
+
+@pytest.mark.parametrize("build,kind,match", [
+    (lambda: gnn.Linear(-1, 3), ValueError, "Linear: in_features must be an int >= 1, got -1"),
+    (lambda: gnn.LinearRelu(4, 0), ValueError, "out_features must be an int >= 1, got 0"),
+    (lambda: gnn.LinearBn1d(3.5, 2), TypeError, "in_features must be an int >= 1, got float"),
+    (lambda: gnn.LinearBnRelu1d(3, -3), ValueError, "out_features"),
+    (lambda: gnn.Conv2d(3, 4, 3, stride=0), ValueError, "Conv2d: stride must be an int >= 1"),
+    (lambda: gnn.ConvRelu2d(3, 4, 3, padding=-1), ValueError, "padding must be an int >= 0"),
+    (lambda: gnn.ConvRelu62d(3, 4, 3, dilation=(1, 0)), ValueError, "dilation"),
+    (lambda: gnn.Conv2d(3, 4, (3, -1)), ValueError, "kernel_size must be an int >= 1"),
+    (lambda: gnn.Conv2d(3, 4, (3, 3, 3)), ValueError, "kernel_size must be an int or a pair"),
+    (lambda: gnn.ConvBn2d(-3, 3, 3), ValueError, "ConvBn2d: in_channels must be an int >= 1"),
+    (lambda: gnn.ConvBnRelu2d(3, 4, 3, groups=3), ValueError, "divisible by groups"),
+    (lambda: gnn.ConvBnRelu62d(3, 4, 3, stride="2"), TypeError, "stride must be an int"),
+    (lambda: gnn.Conv2d(3, 4, 3, padding="bad"), ValueError, "padding"),
+    (lambda: gnn.MaxPool2d(0), ValueError, "MaxPool2d: kernel_size must be an int >= 1"),
+    (lambda: gnn.MaxPool2d(3, stride=0), ValueError, "stride must be an int >= 1"),
+    (lambda: gnn.MaxPool2d(3, 2, padding=2), ValueError, "at most half"),
+    (lambda: gnn.AvgPool2d(2, padding=-1), ValueError, "padding must be an int >= 0"),
+    (lambda: gnn.AvgPool2d(2, divisor_override=0), ValueError, "divisor_override"),
+    (lambda: gnn.AdaptiveAvgPool2d(-1), ValueError, "output_size must be an int >= 1"),
+    (lambda: gnn.AdaptiveAvgPool2d((1, 2, 3)), ValueError, "an int or a pair"),
+])
+def test_float_layers_refuse_bad_geometry_at_construction(build, kind, match):
+    """torch's constructors make a negative count a RuntimeError and take a zero or negative
+    stride, dilation, padding or window until the first forward (or until conversion, where
+    the int8 layer refuses it): gpuquant's layers refuse them where they are written."""
+    with pytest.raises(kind, match=match):
+        build()
+
+
+def test_float_layers_take_what_torch_takes():
+    """The forms torch takes still build, with torch's attributes (padding strings kept)."""
+    c = gnn.Conv2d(3, 6, (3, 1), (1, 2), "valid", 1, 3, bias=False)
+    assert c.padding == "valid" and c.kernel_size == (3, 1) and c.bias is None
+    assert gnn.Conv2d(4, 4, 3, padding="same", dilation=2).padding == "same"
+    assert gnn.ConvBnRelu2d(4, 8, 1, groups=2).conv.groups == 2
+    assert gnn.MaxPool2d((3, 2), None, (1, 1), 1, False, True).stride == (3, 2)
+    assert gnn.AvgPool2d(3, 2, 1, True, False, 7).divisor_override == 7
+    assert gnn.AdaptiveAvgPool2d((None, 3)).output_size == (None, 3)
+    assert gnn.Linear(5, 2, device="cpu", dtype=torch.float64).weight.dtype == torch.float64

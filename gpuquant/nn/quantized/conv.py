@@ -2,7 +2,7 @@
 fixed-point requantization with the activation fused into the clamp."""
 from __future__ import annotations
 
-from ..._checks import positive_int
+from ..._checks import int_pair, positive_int
 from .module import WeightedModule, converted_name, quantize_weight_bias
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
@@ -40,9 +40,7 @@ def _padding_pair(padding, kernel_size, dilation) -> tuple:
 
 def _geometry(v, name: str, minimum: int) -> tuple:
     """A stride / padding / dilation argument as a pair of ints >= ``minimum``."""
-    if isinstance(v, (tuple, list)) and len(v) != 2:
-        raise ValueError(f"Conv2d: {name} must be an int or a pair of ints, got {v!r}")
-    return tuple(positive_int(a, name, "Conv2d", minimum) for a in _pair(v))
+    return int_pair(v, name, "Conv2d", minimum)
 
 
 class Conv2d(WeightedModule):
