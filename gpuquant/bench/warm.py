@@ -50,10 +50,24 @@ DEFAULT_SUITES = ("models", "conv", "gemm", "linear_dynamic", "fake_quant", "qat
 
 def _warmed(suite: str, provider: str) -> bool:
     """The providers whose kernels are warmed: gpuquant's Triton ones (not CUDA-graph rows:
-    the same kernels as their eager twins)."""
+    the same kernels as their eager twins; a graph row without one is warmed through the
+    eager function its setup carries, :func:`_warm_setup`)."""
     if provider.endswith("-graph"):
         return False
     return provider.startswith("gpuquant-qat" if suite == "qat_step" else "gpuquant-triton")
+
+
+def _warm_setup(suite: str, name: str, providers: dict):
+    """The setup to warm ``name`` with, or None: its own (:func:`_warmed`), or for a CUDA-graph
+    row of gpuquant's with no eager twin in the case (the conv suite's Gluon row) the eager
+    setup its graph replays (``setup.eager``: the stand-in cannot capture a graph)."""
+    prov = providers[name]
+    if _warmed(suite, name):
+        return prov.setup
+    twin = name[:-len("-graph")]
+    if name.endswith("-graph") and twin not in providers and _warmed(suite, twin):
+        return getattr(prov.setup, "eager", None)
+    return None
 
 
 class _ShapeConv:
@@ -317,12 +331,13 @@ def _warm_cases(items: Sequence[Tuple[str, int]]) -> Tuple[int, int]:
                       file=sys.stderr)
                 failed += 1
                 continue
-            for pname, prov in case.providers.items():
-                if not _warmed(name, pname):
+            for pname in case.providers:
+                setup = _warm_setup(name, pname, case.providers)
+                if setup is None:
                     continue
                 try:
                     with _ShapeConv() if name == "qat_step" else contextlib.nullcontext():
-                        prov.setup(inputs)()
+                        setup(inputs)()
                 except ProviderUnavailable:
                     pass
                 except Exception as e:  # noqa: BLE001 - reported, the rest goes on

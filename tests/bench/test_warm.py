@@ -181,3 +181,40 @@ def test_a_warmed_gluon_tile_is_what_the_probe_finds(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert _cubins(cache) == sorted(stamp)
     assert all(os.path.getmtime(p) == t for p, t in stamp.items())
+
+
+def test_graph_rows_without_an_eager_twin_are_warmed_through_their_eager_function():
+    """A CUDA-graph row is warmed only where the case has no eager twin (the conv suite's
+    Gluon row), through the eager function its setup carries; other rows as before."""
+    from gpuquant.bench.harness import Provider
+    from gpuquant.bench.suites import conv
+    case = conv.make_case("all", conv.resnet50_convs()[:2], 1, "cpu")
+    got = {name: warm._warm_setup("conv", name, case.providers) for name in case.providers}
+    assert got["gpuquant-triton-gluon-graph"] is conv._triton_gluon
+    assert got["gpuquant-triton"] is case.providers["gpuquant-triton"].setup
+    assert got["gpuquant-triton-graph"] is None  # its eager twin compiles the same kernels
+    assert got["torch-bf16"] is None and got["torch-bf16-graph"] is None
+    bare = {"gpuquant-triton-x-graph": Provider(lambda inp: None)}  # no .eager: not warmed
+    assert warm._warm_setup("conv", "gpuquant-triton-x-graph", bare) is None
+
+
+_GLUON_ROWS_ON_THE_STANDIN = r"""
+import json, torch
+from gpuquant.backends.triton import gemm_sm90 as S
+from gpuquant.backends.triton.standin import standin_cuda
+out = {"cpu": S.unavailable(torch.device("cpu")) is None}
+with standin_cuda():
+    out["standin"] = S.unavailable(torch.device("cpu"))
+print("JSON" + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not __import__("gpuquant.backends.triton.gemm_sm90",
+                                   fromlist=["AVAILABLE"]).AVAILABLE,
+                    reason="this Triton has no Gluon Hopper dialect")
+def test_the_gluon_rows_are_available_on_the_standin(tmp_path):
+    """The suites' Gluon rows run on the stand-in driver (sm_90 on CPU tensors), so the
+    warm-up compiles them; off it, a CPU device has no Gluon path."""
+    from tests.compiled import run_json
+    assert run_json(_GLUON_ROWS_ON_THE_STANDIN, tmp_path / "c", timeout=300) == \
+        {"cpu": False, "standin": None}

@@ -119,8 +119,9 @@ def unavailable(device) -> "str | None":
     the bench's ``gpuquant-triton-gluon`` providers' reason for an unavailable row."""
     if not AVAILABLE:
         return "this Triton has no Gluon Hopper dialect (needs Triton >= 3.5)"
+    from . import gemm  # (its arch_family: the stand-in driver's family on CPU tensors too)
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+    if gemm.arch_family(device) != "sm90":
         return f"the Gluon int8 main loop is for sm_90 (H100 / H200), not {device}"
     return None
 

@@ -151,7 +151,8 @@ def _graphed(eager):
     """The provider setup replaying ``eager(layers)``'s launches from a CUDA graph, captured
     once after two eager warm-up calls on a side stream (autotuning, the memoised weights,
     cuDNN's algorithm choice happen there): the kernels' time without the host's (an eager
-    row of the 53 layers can be host-bound)."""
+    row of the 53 layers can be host-bound). ``setup.eager``: ``eager`` itself, which the
+    kernel warm-up (:mod:`gpuquant.bench.warm`) runs where no graph can be captured."""
     def setup(layers):
         if layers[0]["x"].device.type != "cuda":
             raise ProviderUnavailable("CUDA graphs need a CUDA device")
@@ -161,6 +162,7 @@ def _graphed(eager):
             graph.replay()
             return outs
         return run
+    setup.eager = eager
     return setup
 
 
