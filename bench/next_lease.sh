@@ -14,16 +14,18 @@
 #   2. bench/probes/gluon_int8_wgmma.py: the sm_90 Gluon main loop (gemm_sm90.py: the int8
 #      wgmma kept in flight, which Triton's tl.dot never does), each tile forced, exact
 #      against torch._int_mm and timed beside the Triton bare GEMM at issue 6's and 12's
-#      shapes, and the W8A8 GEMM on both paths at m = 2048 -> $OUT/gluon_probe.txt (90 s;
+#      shapes, the W8A8 GEMM on both paths at m = 2048, and resnet50's 3x3 layers on the
+#      Triton conv and each Gluon conv tile (conv_sm90.py) -> $OUT/gluon_probe.txt (110 s;
 #      its Gluon kernels, and the Gluon GPU tests', are in the prebuilt cache: warm.py
-#      gluon_tiles);
+#      gluon_tiles; quick tuning, as the suites: the Triton kernels' picks are warmed);
 #   3. the lease runner (what is left of 555 s: ~6-7 min): linear_dynamic (issue 12's
 #      rows); a profile of its prefill rows (`--what linear_prefill`: the W8A8 row's
 #      quantize kernel, GEMM and the gap between them, the ~13 us of the m = 2048 row
 #      outside its GEMM); models and conv (issue 6's network and "all" targets, after the
-#      folded requantization; conv also with the Gluon main loop's graph row); the
+#      folded requantization; conv also with the Gluon main loops' graph row: the GEMM's
+#      for the 1x1 layers, the implicit-GEMM conv's for the 3x3 and strided ones); the
 #      gpu-marked tests of the weight-only and dynamic kernels and the forced conv / GEMM
-#      configs and Gluon tiles against the NumPy oracle, and of the compiled fake-quant,
+#      configs and Gluon GEMM / conv tiles against the NumPy oracle, and of the compiled fake-quant,
 #      LSQ and BN-fold rounding (cvt.rni / cvt.rn.bf16, which the interpreter never runs:
 #      every half value against torch) (8 pytest workers); qat_step (issue 5); then, if the budget still allows one (the runner skips
 #      a stage it cannot start), fake_quant (the cvt.rni bf16 kernels) and gemm (with the
@@ -43,12 +45,14 @@ print(unpack(a[-1], sys.argv[1])[1] if a else 'no prebuilt Triton cache')" "$TC"
 TRITON_CACHE_DIR=$TC timeout 140 python bench/probes/decode_fq_probe.py \
     --parts prefill,decode --reps 30 >> "$OUT/wo_probe.txt" 2>&1
 echo "probe exit $?" >> "$OUT/wo_probe.txt"
-TRITON_CACHE_DIR=$TC timeout 90 python bench/probes/gluon_int8_wgmma.py --reps 40 \
+TRITON_CACHE_DIR=$TC GPUQUANT_TRITON_TUNE=quick timeout 110 \
+    python bench/probes/gluon_int8_wgmma.py --reps 40 \
     > "$OUT/gluon_probe.txt" 2>&1
 echo "probe exit $?" >> "$OUT/gluon_probe.txt"
 BUDGET=$((555 - SECONDS))
 TESTS="tests/transformers/test_dynamic_gpu.py tests/backends/test_triton_forced_configs.py"
-TESTS="$TESTS tests/backends/test_triton_gemm_sm90.py tests/backends/test_triton_fake_quant.py"
+TESTS="$TESTS tests/backends/test_triton_gemm_sm90.py tests/backends/test_triton_conv_sm90.py"
+TESTS="$TESTS tests/backends/test_triton_fake_quant.py"
 TESTS="$TESTS tests/backends/test_triton_bn_fold.py tests/quantization/test_quant_fake_quant.py"
 python -m gpuquant.bench.lease --out "$OUT" --budget $BUDGET \
     --stages linear_dynamic,profile,models,tests,qat_step,conv,fake_quant,gemm \

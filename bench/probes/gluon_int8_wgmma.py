@@ -14,7 +14,10 @@ until measurements like these show where it wins. This probe forces each tile of
   ``torch.equal`` (a ragged 333 x 520 x 1040 first: masks and TMA's zero fill);
 * at the W8A8 prefill shapes (m = 2048, issue 12): the whole dynamic Linear's GEMM
   (``linear_dynamic``, bf16 out) on the Triton kernel and on the Gluon path (tuned), the
-  two outputs compared with ``torch.equal``.
+  two outputs compared with ``torch.equal``;
+* resnet50's 3x3 layers at batch 64 (issue 6's conv rows): the Triton conv kernel against
+  each config of the Gluon implicit-GEMM conv (``conv_sm90.py``) forced, outputs compared
+  with ``torch.equal``.
 
 Times: ``triton.testing.do_bench`` medians of one call replayed from a CUDA graph (the
 kernels' time; the L2 cleared before each run), the W8A8 rows eager too. Without a GPU,
@@ -33,28 +36,35 @@ import triton
 from gpuquant.bench.warm import GLUON_PROBE_SHAPES as SHAPES  # (its kernels are prebuilt)
 
 
-def compile_only() -> int:
-    from gpuquant.backends.triton import gemm_sm90 as S
+def _compiled_ok(what, fn, sig, const, warps, needs=()) -> bool:
+    """Compile one Gluon kernel for sm_90 and print what its PTX holds: the int8 wgmma, one
+    group kept in flight, TMA, within 227 KiB (and each of ``needs`` in the PTX)."""
     from gpuquant.backends.triton.inspect_ptx import compile_gluon, wgmma_facts
+    try:
+        k = compile_gluon(fn, sig, const, 90, warps)
+    except Exception as e:  # report every config, then fail
+        print(f"{what}: compile failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return False
+    f, shared = wgmma_facts(k.asm["ptx"]), k.metadata.shared
+    ok = (any(".s32.s8.s8" in x for x in f["mma"]) and 1 in f["waits"] and f["tma"]
+          and shared <= 232448 and all(n in k.asm["ptx"] for n in needs))
+    print(f"{what}: {' '.join(f['mma'])}; wait_group {f['waits']}; TMA {f['tma']}; "
+          f"shared {shared // 1024} KiB{'' if ok else '  <-- NOT async int8 / too big'}")
+    return ok
+
+
+def compile_only() -> int:
+    from gpuquant.backends.triton import conv_sm90 as C
+    from gpuquant.backends.triton import gemm_sm90 as S
     print(f"triton {triton.__version__}, sm_90, compiled without a GPU")
     bad = 0
     for cfg in S.CONFIGS:
         for form in ("int32", "scaled_bf16"):
-            sig, const = S.signature(cfg, form)
-            try:
-                k = compile_gluon(S._qgemm_sm90_kernel, sig, const, 90, cfg[3])
-            except Exception as e:  # report every config, then fail
-                print(f"{cfg} {form}: compile failed: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200]}")
-                bad += 1
-                continue
-            f, shared = wgmma_facts(k.asm["ptx"]), k.metadata.shared
-            ok = (any(".s32.s8.s8" in x for x in f["mma"]) and 1 in f["waits"] and f["tma"]
-                  and shared <= 232448)
-            bad += not ok
-            print(f"{cfg} {form}: {' '.join(f['mma'])}; wait_group {f['waits']}; "
-                  f"TMA {f['tma']}; shared {shared // 1024} KiB"
-                  f"{'' if ok else '  <-- NOT async int8 / too big'}")
+            bad += not _compiled_ok(f"{cfg} {form}", S._qgemm_sm90_kernel,
+                                    *S.signature(cfg, form), cfg[3])
+    for cfg in C.CONFIGS:  # the implicit-GEMM conv: 3x3, requantized without an activation
+        bad += not _compiled_ok(f"conv {cfg}", C._qconv_sm90_kernel, *C.signature(cfg, "folded"),
+                                cfg[3], needs=("cp.async.cg.shared.global",))
     return 1 if bad else 0
 
 
@@ -131,8 +141,48 @@ def on_gpu(shapes, reps: int) -> int:
             print(f"  W8A8 GEMM (scaled bf16 epilogue): graph triton {gt * 1e3:.1f} us, gluon "
                   f"(tuned) {gg * 1e3:.1f} us, {gt / gg:.2f}x; eager {et * 1e3:.1f} / "
                   f"{eg * 1e3:.1f} us, {et / eg:.2f}x; same bytes {same}")
-    print(f"\ngluon tiles chosen: {S._TUNED['sm90'].cache}")
+    bad += conv_on_gpu(reps)
+    print(f"\ngluon tiles chosen: {S._TUNED['sm90'].cache} {S._TUNED['sm90-conv'].cache}")
     return 1 if bad else 0
+
+
+def conv_on_gpu(reps: int) -> int:
+    """resnet50's 3x3 layers at batch 64 (GLUON_CONV_PROBE_LAYERS): the Triton conv kernel
+    (tuned) against each Gluon conv config forced, outputs compared with torch.equal, times
+    from CUDA graphs. Returns the number of failures."""
+    import torch
+    from gpuquant import backends
+    from gpuquant.backends.triton import conv_sm90 as C
+    from gpuquant.backends.triton import gemm_sm90 as S
+    from gpuquant.bench.warm import GLUON_CONV_PROBE_LAYERS, gluon_conv_probe_call
+    op = backends.get_backend("triton").OPS["conv2d"]
+    bad = 0
+    for layer in GLUON_CONV_PROBE_LAYERS:
+        args, ops = gluon_conv_probe_call(layer, "cuda")
+        tops = ops * 1e-9  # / ms = TOPS
+        with S.use(False):
+            ref = op(*args)
+            t_tri = _bench(lambda: op(*args), reps)
+        print(f"\nconv {layer} (batch, C, H, O, k, stride, pad): triton {t_tri * 1e3:.1f} us "
+              f"({tops / t_tri:.0f} TOPS)")
+        for cfg in C.CONFIGS:
+            if layer[1] % cfg[2]:
+                continue
+            with S.use(True), C.force(cfg):
+                try:
+                    out = op(*args)
+                    torch.cuda.synchronize()
+                except Exception as e:
+                    print(f"  gluon conv {cfg}: failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160]}")
+                    bad += 1
+                    continue
+                same = bool(torch.equal(out, ref))
+                t = _bench(lambda: op(*args), reps)
+            bad += not same
+            print(f"  gluon conv {cfg}: {t * 1e3:.1f} us ({tops / t:.0f} TOPS), "
+                  f"{t_tri / t:.2f}x triton, same bytes {same}")
+    return bad
 
 
 def main(argv=None) -> int:

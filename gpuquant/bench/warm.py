@@ -242,15 +242,95 @@ def gluon_test_calls(m: int, n: int, k: int, seed: int = 0) -> list:
     return out
 
 
+# (batch, C, H, W, O, kernel, stride, padding, dilation) of the Gluon conv's GPU test: a
+# 3x3 layer with ragged output channels and pixels, a strided one with 128 channels, a
+# strided 1x1 (resnet50's downsampling), a dilated one, a 5x5 on a non-square image
+GLUON_CONV_TEST_LAYERS = ((2, 64, 14, 14, 96, 3, 1, 1, 1), (3, 128, 15, 15, 64, 3, 2, 1, 1),
+                          (2, 64, 16, 16, 40, 1, 2, 0, 1), (1, 64, 20, 20, 64, 3, 1, 2, 2),
+                          (2, 64, 12, 9, 32, 5, 1, 2, 1))
+
+
+# (batch, C, H, O, kernel, stride, padding) of the Gluon probe's conv part: resnet50's 3x3
+# layers at batch 64 (each stage's stride-1 layer, and the strided one of stage 2)
+GLUON_CONV_PROBE_LAYERS = ((64, 64, 56, 64, 3, 1, 1), (64, 128, 56, 128, 3, 2, 1),
+                           (64, 128, 28, 128, 3, 1, 1), (64, 256, 14, 256, 3, 1, 1),
+                           (64, 512, 7, 512, 3, 1, 1))
+
+
+def gluon_conv_probe_call(layer, device="cpu") -> tuple:
+    """``(args, ops)`` of the Gluon probe's conv on ``layer`` (one of
+    :data:`GLUON_CONV_PROBE_LAYERS`): the triton ``conv2d`` op's arguments (random int8
+    channels_last activations, zero point 0, a per-channel requantization without an
+    activation, as the conv suite's: its Triton kernels are warmed there) on ``device``, and
+    the operations of one call."""
+    import torch
+
+    from .. import qint8
+    from ..functional.requant import make_requant
+    nb, c, h, o, k, st, pad = layer
+    g = torch.Generator().manual_seed(nb + c + h + o + k + st)
+    x = torch.randint(-128, 128, (nb, c, h, h), dtype=torch.int8, generator=g)
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-127, 128, (o, c, k, k), dtype=torch.int8, generator=g).to(device)
+    b = torch.randint(-5000, 5000, (o,), dtype=torch.int32, generator=g).to(device)
+    w_scale = torch.rand(o, dtype=torch.float64, generator=g) * 0.9 + 0.1
+    rq = make_requant(0.02, w_scale, 0.02 * float(w_scale.median()) * 60.0 * (c * k * k) ** 0.5,
+                      0, qint8)
+    ho = (h + 2 * pad - k) // st + 1
+    return (x, 0, w, b, (st, st), (pad, pad), (1, 1), 1, rq), 2 * nb * ho * ho * o * c * k * k
+
+
+def gluon_conv_test_calls(layer, seed: int = 0) -> list:
+    """``(what, op, args)`` on CPU tensors: the triton backend's int8 conv ops on ``layer``
+    (one of :data:`GLUON_CONV_TEST_LAYERS`; zero point 0, channels_last) in every epilogue
+    form the Gluon conv takes (requantized with a ReLU, without one, with negative rshifts,
+    a fused residual add, dequantized, bare int32): 6 convolutions. The Gluon conv's GPU
+    test runs these against the NumPy oracle, and :data:`GLUON_TILES` compiles them."""
+    import torch
+
+    from .. import qint8
+    from ..functional.requant import make_add_params
+    nb, c, h, w_, o, k, st, pad, dil = layer
+    g = torch.Generator().manual_seed(seed * 1009 + nb * c * h * w_ + o * k + st + pad * dil)
+    x = torch.randint(-128, 128, (nb, c, h, w_), dtype=torch.int8, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-127, 128, (o, c, k, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-5000, 5000, (o,), dtype=torch.int32, generator=g)
+    kk = c * k * k
+    relu, plain = _gluon_requant(o, kk, "relu", False, g), _gluon_requant(o, kk, "none", False, g)
+    big = _gluon_requant(o, kk, "relu6", True, g)
+    ho = (h + 2 * pad - dil * (k - 1) - 1) // st + 1
+    wo = (w_ + 2 * pad - dil * (k - 1) - 1) // st + 1
+    res = torch.randint(-128, 128, (nb, o, ho, wo), dtype=torch.int8, generator=g)
+    res = res.contiguous(memory_format=torch.channels_last)
+    p = make_add_params(0.04, plain.zero_point, 0.05, 3, 0.06, -2, qint8)
+    geo = (x, 0, w, b, (st, st), (pad, pad), (dil, dil), 1)
+    return [("conv2d relu", "conv2d", geo + (relu,)),
+            ("conv2d folded", "conv2d", geo + (plain,)),
+            ("conv2d general", "conv2d", geo + (big,)),
+            ("conv2d_add", "conv2d_add", geo + (plain, res, p)),
+            ("conv2d_dequant", "conv2d_dequant", geo + (relu, torch.tensor(0.03))),
+            ("conv2d_int32", "conv2d_int32", geo)]
+
+
 def _gluon_launches() -> list:
     """``(part, config index, m, n, k)`` of :data:`GLUON_TILES`' work, every config: the
-    probe's bare int32 GEMM (forced) and W8A8 GEMM at m = 2048 (tuned: in full, the probe
-    sets no quick mode), the every-config GPU test's calls, the tuned-path test's W8A8 GEMM."""
+    probe's bare int32 GEMM (forced) and W8A8 GEMM at m = 2048 (tuned; every config, whatever
+    the tuning mode), the every-config GPU test's calls, the tuned-path test's W8A8 GEMM (the
+    tests tune in full);
+    and ``("conv" | "conv_probe", config index, layer index, 0, 0)``: the Gluon conv's GPU
+    test and its probe part, each config on the layers whose channels its block divides."""
+    from ..backends.triton import conv_sm90
     from ..backends.triton.gemm_sm90 import CONFIGS
     shapes = {"int32": GLUON_PROBE_SHAPES, "test": GLUON_TEST_SHAPES,
               "w8a8": [s for s in GLUON_PROBE_SHAPES if s[0] == 2048] + [GLUON_TUNED_SHAPE]}
-    return [(part, c, m, n, k) for part in ("int32", "w8a8", "test")
-            for c in range(len(CONFIGS)) for m, n, k in shapes[part]]
+    out = [(part, c, m, n, k) for part in ("int32", "w8a8", "test")
+           for c in range(len(CONFIGS)) for m, n, k in shapes[part]]
+    # the Gluon conv's test: each config on each layer whose channels its BLOCK_K divides
+    return out + [(part, c, i, 0, 0) for part, layers in (("conv", GLUON_CONV_TEST_LAYERS),
+                                                          ("conv_probe", GLUON_CONV_PROBE_LAYERS))
+                  for c, cfg in enumerate(conv_sm90.CONFIGS)
+                  for i, layer in enumerate(layers) if layer[1] % cfg[2] == 0]
 
 
 def _warm_gluon(idx: int) -> None:
@@ -262,6 +342,14 @@ def _warm_gluon(idx: int) -> None:
     from ..backends.triton import gemm_sm90 as S
     part, c, m, n, k = _gluon_launches()[idx]
     ops = get_backend("triton").OPS
+    if part in ("conv", "conv_probe"):
+        from ..backends.triton import conv_sm90
+        calls = gluon_conv_test_calls(GLUON_CONV_TEST_LAYERS[m]) if part == "conv" else \
+            [(None, "conv2d", gluon_conv_probe_call(GLUON_CONV_PROBE_LAYERS[m])[0])]
+        with S.use(True), conv_sm90.force(conv_sm90.CONFIGS[c]):
+            for _, op, args in calls:
+                ops[op](*args)
+        return
     with S.use(True, config=S.CONFIGS[c]):
         if part == "test":
             for _, op, args in gluon_test_calls(m, n, k):

@@ -122,3 +122,25 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
         raise AssertionError(f"{what}: {int(bad.sum())} of {got.numel()} elements differ, "
                              f"first at {idx}: got {[got[tuple(i)].item() for i in idx]}, "
                              f"want {[want[tuple(i)].item() for i in idx]}")
+
+
+def check_calls(calls, what):
+    """Each ``(name, op, args)`` (:func:`gpuquant.bench.warm.gluon_test_calls` /
+    ``gluon_conv_test_calls``) on the triton backend, on the device where there is one ==
+    the NumPy oracle, byte for byte; the bare int32 ops (no oracle op) == the exact
+    product / convolution in float64 (exact: |sums| < 2^53) plus bias."""
+    numpy_ops = get_backend("numpy").OPS
+    for name, op, args in calls:
+        got = TRITON[op](*dev(args))
+        if op == "linear_int32":
+            x, zp, w, b = args
+            want = ((x.long() - zp) @ w.long().t() + b.long()).int()
+        elif op == "conv2d_int32":
+            x, zp, w, b, st, pad, dil, groups = args
+            want = torch.nn.functional.conv2d(x.double() - zp, w.double(), b.double(), st, pad,
+                                              dil, groups).round().to(torch.int32)
+            want = want.contiguous(memory_format=torch.channels_last)
+        else:
+            want = numpy_ops[op](*args)
+        assert_same(got, want, f"{what} {name}")
+

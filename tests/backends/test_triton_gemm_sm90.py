@@ -185,23 +185,10 @@ def _sm90():
 
 
 def _check_calls(calls, what):
-    """Each ``(name, op, args)`` of :func:`gpuquant.bench.warm.gluon_test_calls` on the
-    triton backend (on the device where there is one) == the NumPy oracle, byte for byte;
-    the bare int32 GEMM (no oracle op) == the exact int64 product plus bias."""
     import sys
     sys.path.insert(0, "tests/backends")
-    from _triton_inference_util import assert_same, dev
-    from gpuquant import backends
-    numpy_ops = backends.get_backend("numpy").OPS
-    tri = backends.get_backend("triton").OPS
-    for name, op, args in calls:
-        got = tri[op](*dev(args))
-        if op == "linear_int32":
-            x, zp, w, b = args
-            want = ((x.long() - zp) @ w.long().t() + b.long()).int()
-        else:
-            want = numpy_ops[op](*args)
-        assert_same(got, want, f"{what} {name}")
+    from _triton_inference_util import check_calls
+    check_calls(calls, what)
 
 
 def test_the_gpu_tests_checks_on_the_cpu():

@@ -147,6 +147,14 @@ def test_gluon_tiles_cover_the_probe_and_the_gpu_tests():
             assert {c for p, c, *s in launches if p == part and tuple(s) == shape} == configs
     assert any(m % 16 and n % 16 for m, n, _ in warm.GLUON_PROBE_SHAPES)  # a ragged one
     assert len(warm.gluon_test_calls(*warm.GLUON_TEST_SHAPES[0])) == 13
+    # the Gluon conv's test: every config on each layer whose channels its block divides
+    from gpuquant.backends.triton import conv_sm90 as C
+    conv = {(c, i) for p, c, i, *_ in launches if p == "conv"}
+    assert conv == {(c, i) for c, cfg in enumerate(C.CONFIGS)
+                    for i, layer in enumerate(warm.GLUON_CONV_TEST_LAYERS)
+                    if layer[1] % cfg[2] == 0}
+    assert {c for c, _ in conv} == set(range(len(C.CONFIGS)))
+    assert len(warm.gluon_conv_test_calls(warm.GLUON_CONV_TEST_LAYERS[0])) == 6
 
 
 _GLUON_PROBE_CALL = r"""

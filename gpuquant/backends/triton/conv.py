@@ -391,6 +391,13 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
          "PIPE_TAPS": INTERPRET_PIPE_TAPS and kh * kw <= 63,
          "L1_CACHE": INTERPRET_L1_CACHE, "EPI_SPLIT": _gemm.INTERPRET_EPI_SPLIT}
     res = r2d if r2d is not None else y2d
+    res_mode = residual_mode(add_params) if residual is not None else 0
+    if m >= conv_sm90.MIN_M and conv_sm90.applies(family, x, w, x_zp, groups):
+        # the sm_90 Gluon main loop (opt-in; one wgmma group kept in flight)
+        conv_sm90.qconv_sm90(x, w2d, kh, kw, (c, h, wd, ho, wo, sh, sw, ph, pw, dh, dw), b,
+                             mult, rsh, epi, res, y2d, deq_scale, mode, residual is not None,
+                             res_mode, rq_mode)
+        return y
     grid = lambda META: (cdiv(m, META["BLOCK_M"]) * cdiv(og, META["BLOCK_N"]),
                          groups)
     xs = x.stride()
@@ -398,8 +405,7 @@ def qconv2d(x, x_zp: int, w, bias, stride, padding, dilation, groups, rq, *,
            ph, pw, dh, dw, xs[0], xs[2], xs[3], w2d.stride(0), y2d.stride(0), res.stride(0),
            int(x_zp), float(deq_scale), KH=kh, KW=kw, FLAT_K=flat_k, ZP_ZERO=int(x_zp) == 0,
            X_UINT8=x.dtype == torch.uint8, OUT_MODE=mode, HAS_RES=residual is not None,
-           RES_MODE=residual_mode(add_params) if residual is not None else 0,
-           RQ_MODE=rq_mode, **meta, **LAUNCH_OPTS)
+           RES_MODE=res_mode, RQ_MODE=rq_mode, **meta, **LAUNCH_OPTS)
     return y
 
 
@@ -448,3 +454,6 @@ def _im2col_conv(x, x_zp, w, bias, geom, rq, y, y2d, r2d, **epilogue):
         qgemm(a[:r], x_zp, w2d, bias, rq, w_src=w, out=y2d[m0:m0 + r],
               residual=None if r2d is None else r2d[m0:m0 + r], **epilogue)
     return y
+
+
+from . import conv_sm90  # noqa: E402 (it imports this module's window_origin)

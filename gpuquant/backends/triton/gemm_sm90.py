@@ -218,13 +218,28 @@ if AVAILABLE:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
 
-        offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
-        offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+        mma_epilogue(acc, off_m, off_n, M, N, BIAS, MULT, RSHIFT, EPI, deq_scale, Y,
+                     stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, RES_MODE, RQ_MODE,
+                     EPI_SPLIT)
+
+    @gluon.jit
+    def mma_epilogue(acc, off_m, off_n, M, N, BIAS, MULT, RSHIFT, EPI, deq_scale, Y,
+                     stride_ym, RES, stride_rm, OUT_MODE: gl.constexpr, HAS_RES: gl.constexpr,
+                     RES_MODE: gl.constexpr, RQ_MODE: gl.constexpr, EPI_SPLIT: gl.constexpr):
+        """The (BM, BN) accumulator tile at (off_m, off_n), in its MMA layout, through
+        :mod:`.gemm`'s epilogue (the GEMM's and :mod:`.conv_sm90`'s kernels): the scaled
+        float form (OUT_MODE 3), or the requantizing one, on each half of the columns in
+        turn where ``EPI_SPLIT`` is 2 (.gemm's split; here the column indices are made in
+        the halves' own layout)."""
+        BM: gl.constexpr = acc.shape[0]
+        BN: gl.constexpr = acc.shape[1]
+        mma: gl.constexpr = acc.type.layout
         if OUT_MODE == 3:
+            offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+            offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
             scaled_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, MULT, RSHIFT, RES, Y,
                             stride_ym, HAS_RES)
-        elif EPI_SPLIT == 2:  # each half of the columns in turn (.gemm's EPI_SPLIT; here the
-            # column indices are made in the halves' own layout)
+        elif EPI_SPLIT == 2:
             a0, a1 = gl.split(gl.permute(gl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
             half: gl.constexpr = a0.type.layout
             hm = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, half))
@@ -237,6 +252,8 @@ if AVAILABLE:
                            EPI, deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, 1,
                            RES_MODE, RQ_MODE)
         else:
+            offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, mma))
+            offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
             quant_epilogue(acc, offs_m, offs_n, offs_m < M, offs_n < N, BIAS, MULT, RSHIFT,
                            EPI, deq_scale, Y, stride_ym, RES, stride_rm, OUT_MODE, HAS_RES, 1,
                            RES_MODE, RQ_MODE)
@@ -337,38 +354,39 @@ def _launch(cfg, x2d, w2d, rest, meta):
            num_warps=warps, **meta, **LAUNCH_OPTS)
 
 
-def _time(cfg, x2d, w2d, rest, meta, reps: int = 5) -> float:
-    _launch(cfg, x2d, w2d, rest, meta)  # compiles; the timed runs below are warm
+def _time(run, reps: int = 5) -> float:
+    """Milliseconds a call of ``run()`` (one launch), CUDA events over ``reps`` warm calls."""
+    run()  # compiles; the timed runs below are warm
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
-        _launch(cfg, x2d, w2d, rest, meta)
+        run()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
 
 
-def _choose(key, x2d, w2d, rest, meta):
-    forced = getattr(_local, "config", None)
-    if forced is not None:
-        return forced
-    table = _TUNED["sm90"].cache
+def pick(table: dict, key, configs: list, run, on_device: bool, aliased: bool):
+    """The config for problem ``key``: ``table``'s, or the fastest of ``configs`` (quick
+    tuning: the first three) timed on the problem's own tensors (``run(config)`` launches
+    it), kept in ``table``. Not timed, and not kept, the first config: off the device (the
+    stand-in driver's CPU tensors; under the warm-up every candidate is launched there, so
+    compiled, as the GPU's tuning will), inside a CUDA graph capture, or where the output
+    overwrites what the kernel reads (``aliased``: each timed run would read the previous
+    one's output)."""
     cfg = table.get(key)
     if cfg is not None:
         return cfg
-    cands = CONFIGS if tune_mode() == "full" else CONFIGS[:3]
-    if not x2d.is_cuda:  # the stand-in driver's CPU tensors (.standin): nothing to time;
-        if STANDIN_COMPILES_ALL:  # the warm-up (.bench.warm): what the GPU's tuning compiles
+    cands = configs if tune_mode() == "full" else configs[:3]
+    if not on_device:
+        if STANDIN_COMPILES_ALL:
             for c in cands:
-                _launch(c, x2d, w2d, rest, meta)
-        return CONFIGS[0]
-    aliased = meta["HAS_RES"] and rest[4].data_ptr() == rest[5].data_ptr()
-    if torch.cuda.is_current_stream_capturing() or aliased:
-        # no timing inside a capture, nor where the output overwrites the residual (or
-        # bias) it reads: each timed run would read the previous one's output; not kept
-        return CONFIGS[0]
+                run(c)
+        return configs[0]
+    if aliased or torch.cuda.is_current_stream_capturing():
+        return configs[0]
     # (every config fits sm_90's 227 KiB of shared memory: the CI compile test checks it)
-    times = {c: _time(c, x2d, w2d, rest, meta) for c in cands}
+    times = {c: _time(lambda c=c: run(c)) for c in cands}
     cfg = table[key] = min(times, key=times.get)
     return cfg
 
@@ -383,7 +401,11 @@ def qgemm_sm90(x2d, w2d, b, mult, rsh, epi, res, out, deq_scale: float, out_mode
             float(deq_scale))
     meta = {"OUT_MODE": out_mode, "HAS_RES": has_res, "RES_MODE": res_mode,
             "RQ_MODE": rq_mode, "EPI_SPLIT": epi_split(out_mode, rq_mode, has_res)}
-    key = (m, n, k, out_mode, has_res, res_mode, rq_mode, out.dtype, b.dtype)
-    cfg = _choose(key, x2d, w2d, rest, meta)
+    cfg = getattr(_local, "config", None)  # forced (use(config=))
+    if cfg is None:
+        key = (m, n, k, out_mode, has_res, res_mode, rq_mode, out.dtype, b.dtype)
+        cfg = pick(_TUNED["sm90"].cache, key, CONFIGS,
+                   lambda c: _launch(c, x2d, w2d, rest, meta), x2d.is_cuda,
+                   has_res and res.data_ptr() == out.data_ptr())
     _launch(cfg, x2d, w2d, rest, meta)
     return out

@@ -41,7 +41,9 @@ _RUNTIME_DIV16 = {
     "_qdepthwise_kernel": ("O", "stride_xn", "stride_xh", "stride_xw", "stride_ym",
                            "stride_rm"),
     "_quantize_kernel": ("numel",), "_add_kernel": ("numel",), "_im2col_kernel": ("Kp",),
-    "_linear_weight_only_kernel": ("N", "K", "stride_am", "stride_bn", "stride_cm")}
+    "_linear_weight_only_kernel": ("N", "K", "stride_am", "stride_bn", "stride_cm"),
+    "_qconv_sm90_kernel": ("N", "C", "stride_xn", "stride_xh", "stride_xw", "stride_ym",
+                           "stride_rm")}
 
 
 def compile_ptx(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4,
@@ -105,7 +107,13 @@ def compile_gluon(fn, signature: dict, constexprs: dict, cc: int = 90, num_warps
     if not hasattr(fn, "arg_names"):
         raise TypeError("compile_gluon needs a @gluon.jit function; unset TRITON_INTERPRET")
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
-    src = GluonASTSource(fn, sig, dict(constexprs))
+    # the launcher's 16-divisibility of pointers and aligned sizes, for the kernels that
+    # gather with cp.async (its vector width follows from it; TMA's does not)
+    div16 = _RUNTIME_DIV16.get(fn.__name__)
+    attrs = {} if div16 is None else {
+        (fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, ty in signature.items()
+        if ty.startswith("*") or a in div16}
+    src = GluonASTSource(fn, sig, dict(constexprs), attrs)
     opts = {"num_warps": num_warps, "enable_fp_fusion": False}
     target = GPUTarget("cuda", cc, 32)
     if not cubin:

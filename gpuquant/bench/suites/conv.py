@@ -12,9 +12,10 @@ Providers (same data, interleaved):
   per-channel requantizing epilogue, int8 out (the kernel a quantized ConvBn2d runs);
 * ``gpuquant-triton-graph``: the same launches replayed from a CUDA graph: the kernels'
   time alone (the eager row includes whatever of the host's launch time the GPU waits for);
-* ``gpuquant-triton-gluon-graph``: the graph row with the sm_90 Gluon GEMM main loop
-  switched on (:mod:`gpuquant.backends.triton.gemm_sm90`): the 1x1 stride-1 layers, which
-  run as GEMMs, get it; the others are the same kernels; unavailable off sm_90;
+* ``gpuquant-triton-gluon-graph``: the graph row with the sm_90 Gluon main loops switched
+  on (:mod:`gpuquant.backends.triton.gemm_sm90`, :mod:`~gpuquant.backends.triton.conv_sm90`):
+  the 1x1 stride-1 layers (GEMMs) and the stem's im2col GEMM get the GEMM's, the 3x3 and
+  strided 1x1 layers (64 or more channels, zero point 0) the conv's; unavailable off sm_90;
 * ``torch-bf16``: ``torch.nn.functional.conv2d`` in bfloat16, channels_last (cuDNN; the
   baseline, what a user would run instead);
 * ``torch-bf16-graph``: the same replayed from a CUDA graph: the ``-graph`` rows are
