@@ -91,14 +91,11 @@ with standin_cuda() as fk, backends.use("triton"):
     run("3x3", x, w3)
     run("3x3 forced 128x256", x, w3, cfg=C.CONFIGS[1])
     run("3x3 off", x, w3, on=False)
-    run("3x3 zero point 3", x, w3, zp=3)
-    run("3x3 uint8", x.view(torch.uint8), w3, zp=128)
-    run("3x3 groups 2", torch.zeros(2, 128, 14, 14, dtype=torch.int8), w3, groups=2)
-    run("3x3 96 channels", torch.zeros(2, 96, 14, 14, dtype=torch.int8),
-        torch.zeros(96, 96, 3, 3, dtype=torch.int8))
-    run("3x3 small", torch.zeros(1, 64, 8, 8, dtype=torch.int8), w3)  # M = 64
+    # M = 100 (the Triton kernel's specialization of M = 392: no second compile)
+    run("3x3 small", torch.zeros(1, 64, 10, 10, dtype=torch.int8), w3)
     run("1x1 stride 2", torch.zeros(2, 64, 16, 16, dtype=torch.int8),
         torch.zeros(40, 64, 1, 1, dtype=torch.int8), stride=2, pad=0)
+    # the other refusals are applies()'s (test_routing_rules): no more Triton compiles here
     try:
         run("forced 128-channel block on 64", x, w3, cfg=C.CONFIGS[3])
     except ValueError as e:
@@ -111,13 +108,12 @@ def test_the_int8_conv_launches_it_when_it_should(tmp_path):
     """On the stand-in CUDA driver (sm_90, CPU tensors standing for device ones): switched
     on, a 3x3 and a strided 1x1 int8 convolution with zero point 0 and channels a multiple
     of 64 launch the Gluon kernel, once (nothing to time there), one program a tile; off,
-    with a zero point, uint8, groups, 96 channels or fewer than MIN_M output pixels, the
-    Triton kernel; a forced config whose channel block does not divide the layer's is
-    refused."""
+    or with fewer than MIN_M output pixels, the Triton kernel; a forced config whose
+    channel block does not divide the layer's is refused."""
     out = run_json(_STANDIN_SCRIPT, tmp_path / "cache", timeout=900,
                    GPUQUANT_TRITON_TUNE="quick")
     assert "needs channels a multiple of 128, got 64" in out.pop("forced error")
-    assert len(out) == 9
+    assert len(out) == 5
     for name, launches in out.items():
         if name in ("3x3", "3x3 forced 128x256", "1x1 stride 2"):
             assert [k for k, _ in launches] == ["_qconv_sm90_kernel"], (name, launches)
@@ -127,6 +123,33 @@ def test_the_int8_conv_launches_it_when_it_should(tmp_path):
     # on 128 x 256 -> 4; 128 pixels x 40 channels -> 1
     assert out["3x3"][-1][1] == [4, 1, 1] and out["3x3 forced 128x256"][-1][1] == [4, 1, 1]
     assert out["1x1 stride 2"][-1][1] == [1, 1, 1]
+
+
+def test_routing_rules(monkeypatch):
+    """Which convolutions take the Gluon path: on, sm_90, int8 channels_last input with zero
+    point 0 (the copies' zero fill is the padding), groups 1, channels a multiple of 64,
+    16-byte aligned; the forced config's errors."""
+    from gpuquant.backends.triton import conv_sm90 as C
+    cl = torch.channels_last
+    x = torch.zeros(2, 64, 14, 14, dtype=torch.int8).contiguous(memory_format=cl)
+    w = torch.zeros(96, 64, 3, 3, dtype=torch.int8)
+    monkeypatch.delenv(gemm_sm90.ENV, raising=False)
+    assert not C.applies("sm90", x, w, 0, 1)  # off by default
+    with gemm_sm90.use(True):
+        assert C.applies("sm90", x, w, 0, 1)
+        for fam in ("interpret", "sm80", "sm89", "generic"):
+            assert not C.applies(fam, x, w, 0, 1)
+        assert not C.applies("sm90", x, w, 3, 1)  # a zero point: padding is not zero
+        assert not C.applies("sm90", x.view(torch.uint8), w, 128, 1)
+        x128 = torch.zeros(2, 128, 14, 14, dtype=torch.int8).contiguous(memory_format=cl)
+        assert not C.applies("sm90", x128, w, 0, 2)  # groups
+        assert C.applies("sm90", x128, torch.zeros(8, 128, 1, 1, dtype=torch.int8), 0, 1)
+        x96 = torch.zeros(2, 96, 14, 14, dtype=torch.int8).contiguous(memory_format=cl)
+        assert not C.applies("sm90", x96, w, 0, 1)  # channels % 64
+        assert not C.applies("sm90", x.contiguous(), w, 0, 1)  # not channels_last
+    with pytest.raises(ValueError, match="config must be one of"):
+        with C.force((64, 64, 64, 4, 2)):
+            pass
 
 
 # --------------------------------------------------------------------------- on the GPU
