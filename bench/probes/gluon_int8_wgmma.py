@@ -29,6 +29,7 @@ kernels' time; the L2 cleared before each run), the W8A8 rows eager too. Without
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import triton
@@ -108,20 +109,9 @@ def on_gpu(shapes, reps: int) -> int:
               f"({tops / t_tri:.0f} TOPS, exact {tri_ok})")
         bad += not tri_ok
         for cfg in S.CONFIGS:
-            with S.use(True, config=cfg):
-                try:
-                    out = ops["linear_int32"](a, 0, b, zero)
-                    torch.cuda.synchronize()
-                except Exception as e:
-                    print(f"  gluon {cfg}: failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160]}")
-                    bad += 1
-                    continue
-                exact = bool(torch.equal(out, ref))
-                t = _bench(lambda: ops["linear_int32"](a, 0, b, zero), reps)
-            bad += not exact
-            print(f"  gluon {cfg}: {t * 1e3:.1f} us ({tops / t:.0f} TOPS), "
-                  f"{t_tri / t:.2f}x triton, {t_mm / t:.2f}x int_mm, exact {exact}")
+            bad += not _forced_row(f"gluon {cfg}", S.use(True, config=cfg),
+                                   lambda: ops["linear_int32"](a, 0, b, zero), ref, reps, tops,
+                                   {"triton": t_tri, "int_mm": t_mm})
         if m == 2048:  # W8A8 prefill: the dynamic Linear's GEMM with its scaled epilogue
             xs = torch.rand(m, device="cuda") * 0.01 + 1e-3
             ws = torch.rand(n, device="cuda") * 0.01 + 1e-3
@@ -166,23 +156,36 @@ def conv_on_gpu(reps: int) -> int:
         print(f"\nconv {layer} (batch, C, H, O, k, stride, pad): triton {t_tri * 1e3:.1f} us "
               f"({tops / t_tri:.0f} TOPS)")
         for cfg in C.CONFIGS:
-            if layer[1] % cfg[2]:
-                continue
-            with S.use(True), C.force(cfg):
-                try:
-                    out = op(*args)
-                    torch.cuda.synchronize()
-                except Exception as e:
-                    print(f"  gluon conv {cfg}: failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160]}")
-                    bad += 1
-                    continue
-                same = bool(torch.equal(out, ref))
-                t = _bench(lambda: op(*args), reps)
-            bad += not same
-            print(f"  gluon conv {cfg}: {t * 1e3:.1f} us ({tops / t:.0f} TOPS), "
-                  f"{t_tri / t:.2f}x triton, same bytes {same}")
+            if layer[1] % cfg[2] == 0:
+                bad += not _forced_row(f"gluon conv {cfg}", _both(S.use(True), C.force(cfg)),
+                                       lambda: op(*args), ref, reps, tops, {"triton": t_tri})
     return bad
+
+
+@contextlib.contextmanager
+def _both(a, b):
+    with a, b:
+        yield
+
+
+def _forced_row(what, forcing, run, ref, reps, tops, baselines) -> bool:
+    """One forced Gluon tile: ``run()`` inside the ``forcing`` context, its output compared
+    with ``ref`` (torch.equal), timed from a CUDA graph; prints its time, TOPS and speedup
+    over each of ``baselines`` (name: ms). False where it failed or differed."""
+    import torch
+    with forcing:
+        try:
+            out = run()
+            torch.cuda.synchronize()
+        except Exception as e:  # report every tile, then fail
+            print(f"  {what}: failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            return False
+        exact = bool(torch.equal(out, ref))
+        t = _bench(run, reps)
+    print(f"  {what}: {t * 1e3:.1f} us ({tops / t:.0f} TOPS), "
+          + ", ".join(f"{b / t:.2f}x {name}" for name, b in baselines.items())
+          + f", exact {exact}")
+    return exact
 
 
 def main(argv=None) -> int:

@@ -124,6 +124,11 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
                              f"want {[want[tuple(i)].item() for i in idx]}")
 
 
+def sm90() -> bool:
+    """An H100 / H200 here (the Gluon kernels' GPU tests)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
 def check_calls(calls, what):
     """Each ``(name, op, args)`` (:func:`gpuquant.bench.warm.gluon_test_calls` /
     ``gluon_conv_test_calls``) on the triton backend, on the device where there is one ==

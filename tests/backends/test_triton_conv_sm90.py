@@ -15,6 +15,7 @@ import pytest
 import torch
 import triton
 
+from _triton_inference_util import check_calls, sm90
 from gpuquant.backends.triton import gemm_sm90
 from tests.compiled import run_json
 
@@ -153,17 +154,6 @@ def test_routing_rules(monkeypatch):
 
 
 # --------------------------------------------------------------------------- on the GPU
-def _sm90():
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-
-
-def _check_calls(calls, what):
-    import sys
-    sys.path.insert(0, "tests/backends")
-    from _triton_inference_util import check_calls
-    check_calls(calls, what)
-
-
 def test_the_gpu_tests_checks_on_the_cpu():
     """The Gluon conv's GPU test's calls and comparisons (below), run here on the Triton
     kernel through the interpreter on the first layer (Gluon has no interpreter): the oracle
@@ -174,11 +164,11 @@ def test_the_gpu_tests_checks_on_the_cpu():
         pytest.skip("runs the triton backend through the interpreter (TRITON_INTERPRET=1)")
     calls = warm.gluon_conv_test_calls(warm.GLUON_CONV_TEST_LAYERS[0])
     assert len(calls) == 6 and len({n for n, _, _ in calls}) == 6
-    _check_calls(calls, "interpreter")
+    check_calls(calls, "interpreter")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100 / H200)")
+@pytest.mark.skipif(not sm90(), reason="needs an sm_90 GPU (H100 / H200)")
 @pytest.mark.parametrize("config", range(5))
 def test_each_config_gives_the_oracles_bytes_on_the_gpu(config):
     """Each config forced, on every test layer whose channels its block divides (3x3,
@@ -197,12 +187,12 @@ def test_each_config_gives_the_oracles_bytes_on_the_gpu(config):
         calls = warm.gluon_conv_test_calls(layer)
         before = S.STATS["launches"]
         with S.use(True), C.force(cfg):
-            _check_calls(calls, f"{cfg} {layer}")
+            check_calls(calls, f"{cfg} {layer}")
         assert S.STATS["launches"] == before + len(calls), (cfg, layer)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100 / H200)")
+@pytest.mark.skipif(not sm90(), reason="needs an sm_90 GPU (H100 / H200)")
 def test_the_tuned_conv_on_the_gpu():
     """Switched on without a forced config: the first call times the configs whose channel
     block divides the layer's and keeps the fastest; the bytes are the oracle's."""
@@ -212,6 +202,6 @@ def test_the_tuned_conv_on_the_gpu():
     layer = warm.GLUON_CONV_TEST_LAYERS[1]
     before = len(S._TUNED["sm90-conv"].cache)
     with S.use(True):
-        _check_calls(warm.gluon_conv_test_calls(layer, seed=1)[:1], f"tuned {layer}")
+        check_calls(warm.gluon_conv_test_calls(layer, seed=1)[:1], f"tuned {layer}")
     assert len(S._TUNED["sm90-conv"].cache) == before + 1
     assert all(c in C.CONFIGS for c in S._TUNED["sm90-conv"].cache.values())

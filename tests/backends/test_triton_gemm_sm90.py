@@ -12,6 +12,7 @@ import pytest
 import torch
 import triton
 
+from _triton_inference_util import check_calls, sm90
 from gpuquant.backends.triton import gemm_sm90
 from tests.compiled import run_json
 
@@ -180,17 +181,6 @@ def test_the_int8_linears_launch_it_when_they_should(tmp_path):
 
 
 # --------------------------------------------------------------------------- on the GPU
-def _sm90():
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-
-
-def _check_calls(calls, what):
-    import sys
-    sys.path.insert(0, "tests/backends")
-    from _triton_inference_util import check_calls
-    check_calls(calls, what)
-
-
 def test_the_gpu_tests_checks_on_the_cpu():
     """The every-config GPU test's calls and comparisons (below), run here on the Triton
     kernel through the interpreter at a small shape (Gluon has no interpreter): the oracle
@@ -201,11 +191,11 @@ def test_the_gpu_tests_checks_on_the_cpu():
         pytest.skip("runs the triton backend through the interpreter (TRITON_INTERPRET=1)")
     calls = warm.gluon_test_calls(37, 24, 80)
     assert len(calls) == 13 and len({n for n, _, _ in calls}) == 13
-    _check_calls(calls, "interpreter 37x24x80")
+    check_calls(calls, "interpreter 37x24x80")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100 / H200)")
+@pytest.mark.skipif(not sm90(), reason="needs an sm_90 GPU (H100 / H200)")
 @pytest.mark.parametrize("config", range(6))
 def test_each_config_gives_the_oracles_bytes_on_the_gpu(config):
     """Each config forced: the int8 Linear with a ReLU requantization (whole epilogue),
@@ -222,12 +212,12 @@ def test_each_config_gives_the_oracles_bytes_on_the_gpu(config):
         calls = warm.gluon_test_calls(m, n, k)
         before = S.STATS["launches"]
         with S.use(True, config=cfg):
-            _check_calls(calls, f"{cfg} {m}x{n}x{k}")
+            check_calls(calls, f"{cfg} {m}x{n}x{k}")
         assert S.STATS["launches"] == before + len(calls), (cfg, S.STATS["launches"] - before)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100 / H200)")
+@pytest.mark.skipif(not sm90(), reason="needs an sm_90 GPU (H100 / H200)")
 def test_the_tuned_path_on_the_gpu():
     """Switched on without a forced config: the first call times the configs on its own
     tensors and keeps the fastest (one entry a problem); the output is the oracle's."""
