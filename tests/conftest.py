@@ -1,6 +1,9 @@
 """Shared test set-up: seeding, device marks, the Triton interpreter on CPU-only machines."""
+import atexit
 import os
 import random
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -11,6 +14,16 @@ if not HAS_CUDA:
     # Triton kernels run on CPU tensors through the interpreter; must be set before triton
     # is imported anywhere.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if "GPUQUANT_STANDIN_CACHE" not in os.environ:
+    # One Triton cache for every stand-in driver run of this session (tests run it in child
+    # processes; pytest-xdist's workers inherit the variable): a kernel compiled for one is
+    # a cache hit for the rest, where each would compile it into its own temporary
+    # directory. Its entries have empty cubins (gpuquant.backends.triton.standin), so it
+    # is this directory, never a real Triton cache; removed at exit.
+    _standin_cache = tempfile.mkdtemp(prefix="gpuquant-standin-tests-")
+    os.environ["GPUQUANT_STANDIN_CACHE"] = _standin_cache
+    atexit.register(shutil.rmtree, _standin_cache, True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -132,7 +132,9 @@ def standin_cuda(cc: int = 90, family: str = "sm90", cubin: bool = False, sms: i
 
     ``cubin`` False (measuring host time, checking launch arguments): no cubin is built
     (``ptxas`` skipped) and Triton's cache is a private temporary directory, so the empty
-    binaries never land where a real launch could load them. True (warming the cache for a
+    binaries never land where a real launch could load them (``GPUQUANT_STANDIN_CACHE``
+    names a directory to use instead, kept across calls and processes: the test suite's
+    stand-in runs share their compiles through it; never a real Triton cache). True (warming the cache for a
     GPU machine, :mod:`gpuquant.bench.warm`): real sm_``cc`` cubins, built by the ``ptxas``
     Triton ships, into the usual cache (``TRITON_CACHE_DIR``), keyed exactly as a launch on
     the GPU keys them."""
@@ -154,10 +156,11 @@ def standin_cuda(cc: int = 90, family: str = "sm90", cubin: bool = False, sms: i
     fake = StandInDriver(cc)
     was_loaded, why_not = registry._loaded.get("triton"), registry._unavailable.pop("triton", None)
     cache_env = os.environ.get("TRITON_CACHE_DIR")
-    private = None if cubin else tempfile.TemporaryDirectory(prefix="gpuquant-standin-")
+    shared = None if cubin else os.environ.get("GPUQUANT_STANDIN_CACHE") or None
+    private = None if cubin or shared else tempfile.TemporaryDirectory(prefix="gpuquant-standin-")
     try:
-        if private is not None:
-            os.environ["TRITON_CACHE_DIR"] = private.name
+        if not cubin:
+            os.environ["TRITON_CACHE_DIR"] = shared or private.name
             CUDABackend.make_cubin = lambda self, src, metadata, *a, **k: b""
         for m, name, _ in saved:
             if name == "arch_family":
@@ -174,11 +177,12 @@ def standin_cuda(cc: int = 90, family: str = "sm90", cubin: bool = False, sms: i
     finally:
         torch.cuda.is_available = real_avail
         CUDABackend.make_cubin = real_cubin
-        if private is not None:
+        if not cubin:
             if cache_env is None:
                 os.environ.pop("TRITON_CACHE_DIR", None)
             else:
                 os.environ["TRITON_CACHE_DIR"] = cache_env
+        if private is not None:
             private.cleanup()
         for m, name, v in saved:
             setattr(m, name, v)
