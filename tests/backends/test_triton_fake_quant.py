@@ -261,8 +261,16 @@ def test_expanded_and_strided_incoming_gradient():
     y = tfq.fake_quant(x, scale, zp, d.qmin, d.qmax, 1, block=SMALL)
     y.sum().backward()  # the incoming gradient is an expanded (stride 0) tensor
     r = torch.round(x.detach() * (1.0 / scale).reshape(1, -1, 1, 1)) + zp.reshape(1, -1, 1, 1)
-    assert torch.equal(x.grad, ((r >= d.qmin) & (r <= d.qmax)).float())
+    mask = ((r >= d.qmin) & (r <= d.qmax)).float()
+    assert torch.equal(x.grad, mask)
     assert x.grad.stride() == x.stride()
+    # an incoming gradient in another layout (contiguous against x's channels_last) and in
+    # x's own (read as it is)
+    for g in (torch.randn(x.shape, device=DEV),
+              torch.randn(x.shape, device=DEV).contiguous(memory_format=torch.channels_last)):
+        y = tfq.fake_quant(x, scale, zp, d.qmin, d.qmax, 1, block=SMALL)
+        (gx,) = torch.autograd.grad(y, x, g)
+        assert torch.equal(gx, g * mask) and gx.stride() == x.stride()
 
 
 def test_empty_and_scalar():

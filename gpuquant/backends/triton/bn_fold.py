@@ -27,10 +27,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ..._tensors import batch_norm_eps0
-from .common import last_to_finish, module_tickets, once_differentiable_kernels, to_f32
+from .common import (last_to_finish, module_tickets, once_differentiable,
+                     once_differentiable_kernels, to_f32)
 from .fake_quant import (_LAUNCH, _TL_DTYPE, _fq_math, _npow2, _to_out, auto_interpreter,
                          on_tensor_device)
 from .launch import launch

@@ -80,9 +80,8 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .common import INTERPRET, cdiv, rne, to_dtype, to_f32
+from .common import INTERPRET, cdiv, once_differentiable, rne, to_dtype, to_f32
 from .launch import launch
 
 __all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "row_plan",
@@ -634,13 +633,15 @@ def fake_quant_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
 
 
 @on_tensor_device
-def fake_quant_backward(grad: torch.Tensor, mask: torch.Tensor, like: torch.Tensor,
+def fake_quant_backward(grad: torch.Tensor, mask: torch.Tensor, layout: tuple,
                         block: int = BLOCK, relu: bool = False) -> torch.Tensor:
-    """grad_x in the layout of ``like`` (x's shape and strides): ``grad * mask``; with
-    ``relu`` (a mask with ReLU's gradient folded in) ``+0.0`` wherever the mask is 0."""
-    if grad.stride() != like.stride() or not dense_layout(grad):
-        like.copy_(grad)
-        grad = like
+    """grad_x in x's layout (``layout``: x's shape, strides, dtype and device, dense):
+    ``grad * mask``; with ``relu`` (a mask with ReLU's gradient folded in) ``+0.0`` wherever
+    the mask is 0. A gradient in another layout or dtype is copied into x's first (the
+    usual one, x's own layout, is read as it is: no copy, no buffer)."""
+    shape, stride, dtype, device = layout
+    if grad.stride() != stride or grad.dtype != dtype:  # (x's strides: dense, as x was)
+        grad = torch.empty_strided(shape, stride, dtype=dtype, device=device).copy_(grad)
     n = grad.numel()
     gx = torch.empty_like(grad)
     if n == 0:
@@ -686,9 +687,7 @@ def mask_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
     """``grad * mask`` in x's layout, from what :func:`save_mask` kept (``+0.0`` at the
     zero bits of a ReLU-folded mask)."""
     (mask,) = ctx.saved_tensors
-    shape, stride, dtype, device = ctx.layout
-    like = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-    return fake_quant_backward(grad, mask, like, ctx.block, getattr(ctx, "relu", False))
+    return fake_quant_backward(grad, mask, ctx.layout, ctx.block, ctx.relu)
 
 
 def auto_interpreter(x: torch.Tensor) -> bool:
@@ -753,10 +752,12 @@ def fake_quant(x, scale, zero_point, qmin, qmax, axis, *, block: int = BLOCK):
         return exact(x, scale, zero_point, qmin, qmax, axis)
     if axis is not None and x.shape[axis] == 1:
         axis = None  # one channel: per-tensor math, same bytes
-        scale, zero_point = scale.reshape(()), zero_point.reshape(())
-    return FakeQuantFunction.apply(x, scale.reshape(-1) if axis is not None else scale.reshape(()),
-                                   zero_point.reshape(-1) if axis is not None else
-                                   zero_point.reshape(()), int(qmin), int(qmax), axis, block)
+    dim = 0 if axis is None else 1  # the kernels' qparams: 0-d or (C,) (no view if so)
+    if scale.dim() != dim:
+        scale = scale.reshape(-1 if dim else ())
+    if zero_point.dim() != dim:
+        zero_point = zero_point.reshape(-1 if dim else ())
+    return FakeQuantFunction.apply(x, scale, zero_point, int(qmin), int(qmax), axis, block)
 
 
 # kernels and the constexpr variants CI compiles to PTX (tests/backends/test_triton_ptx_*):

@@ -34,9 +34,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .common import cdiv, last_to_finish, launch_tickets, to_f32
+from .common import cdiv, last_to_finish, launch_tickets, once_differentiable, to_f32
 from .fake_quant import (_LAUNCH, _learned_zp, _npow2, _rne, _row_offsets, _to_out,
                          _tqt_scale, as_rows, auto_interpreter, fake_quant_forward,
                          on_tensor_device, row_plan)

@@ -46,14 +46,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cdiv, last_to_finish, module_tickets
+from .common import INTERPRET, cdiv, last_to_finish, module_tickets, once_differentiable
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
                          _flat_span, _fq_relu, _Layout, _npow2, _rne, _row_offsets, _row_plan,
                          _store_mask, _target_programs, _to_out, _udiv, as_rows,
                          auto_interpreter, dense_layout, float32_exact, mask_backward,
                          on_tensor_device, row_plan, save_mask, udiv_magic)
 from .launch import launch
-from torch.autograd.function import once_differentiable
 
 __all__ = ["observe_fake_quant", "observer_step", "mark_observed", "OPS", "KERNELS"]
 
