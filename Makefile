@@ -71,7 +71,7 @@ gpu-lease:
 # it with the checkout), which gpu-lease unpacks (gpuquant/bench/tcache.py), with the
 # weight-only and Gluon GEMMs' forced configs (the GPU probes' and tests': warm.py
 # weight_only_tiles, gluon_tiles).
-# ~16 min on 2 cores (1047 kernels, 39 MiB: PTX kept only for the Gluon kernels).
+# ~16 min on 2 cores (1047 kernels, 34 MiB: metadata and cubins, no PTX).
 TRITON_WHEEL_DIR ?= /tmp/gpuquant-triton-wheel
 tcache: $(VENV_T36)/.installed
 	$(VENV_T36)/bin/python -m pip download -q --no-deps --only-binary=:all: \

@@ -9,8 +9,7 @@ included): every autotune candidate of every benchmark shape compiles there befo
 timed, and the background warm-up (:mod:`.warm`) that compiles them on the machine's CPUs
 runs beside the timed stages. Compiling needs no GPU, so ``build`` runs that same warm-up
 here, into a private cache directory, and packs what it compiled (each kernel's metadata
-and cubin, the PTX only of the kernels whose PTX is read there: :data:`PTX_KEPT`; not the
-intermediate IRs) into one archive. The lease runner
+and cubin; not its PTX or the intermediate IRs) into one archive. The lease runner
 (:mod:`.lease`, ``--triton-cache``) unpacks it into the run's ``TRITON_CACHE_DIR``; the
 suites then find their kernels compiled.
 
@@ -47,13 +46,11 @@ __all__ = ["triton_key_for_wheel", "key_id", "pack", "unpack", "read_manifest", 
            "main", "KEY_ENV"]
 
 MANIFEST = "MANIFEST.json"
-KEEP = (".json", ".cubin")  # what a launch needs of an entry
-# Kernels whose PTX is kept too: the GPU machine reads theirs (the Gluon probe,
-# bench/probes/gluon_int8_wgmma.py, compiles them through inspect_ptx.compile_gluon, a cache
-# hit there, and reads .asm["ptx"]). Nothing run there reads another kernel's PTX, and PTX
-# was a third of the archive (51 -> 40 MiB at 1047 kernels, 2026-11-28): the checkout, the
-# archive and the wheels travel to the GPU machine within 64 MiB together.
-PTX_KEPT = ("_qgemm_sm90_kernel", "_qconv_sm90_kernel")
+# What a launch needs of an entry. Not the PTX: nothing run on the GPU machine reads a cached
+# kernel's PTX (the probes' PTX checks are their --compile-only mode, here), and it was half
+# the archive (51.0 -> 34.3 MiB at 1047 kernels, 2026-11-28): the checkout, the archive and
+# the wheels travel to the GPU machine within 64 MiB together.
+KEEP = (".json", ".cubin")
 KEY_ENV = "GPUQUANT_TRITON_KEY"  # the triton_key the warm-up's workers compile under
 
 
@@ -148,8 +145,8 @@ def count_kernels(cache_dir: Optional[str]) -> int:
 
 
 def pack(cache_dir: str, out: str, key: str, note: str = "") -> dict:
-    """Write ``cache_dir``'s compiled kernels (metadata, cubin; PTX for :data:`PTX_KEPT`'s)
-    to the gzipped tar ``out``, its manifest (naming ``key``) first; returns the manifest."""
+    """Write ``cache_dir``'s compiled kernels (metadata and cubin: :data:`KEEP`) to the
+    gzipped tar ``out``, its manifest (naming ``key``) first; returns the manifest."""
     import triton
     entries = list(_entries(cache_dir))
     manifest = {"triton": triton.__version__, "key_id": key_id(key), "kernels": len(entries),
@@ -165,7 +162,7 @@ def pack(cache_dir: str, out: str, key: str, note: str = "") -> dict:
         for name, _ in entries:
             d = os.path.join(cache_dir, name)
             for f in sorted(os.listdir(d)):
-                if f.endswith(KEEP) or (f.endswith(".ptx") and f[:-4] in PTX_KEPT):
+                if f.endswith(KEEP):
                     tar.add(os.path.join(d, f), arcname=f"{name}/{f}")
     os.replace(tmp, out)
     return manifest

@@ -5,7 +5,6 @@ for the new place), and the lease runner unpacking the archive. The compiled rou
 tests/bench/test_warm.py."""
 import json
 import os
-import re
 import zipfile
 
 import pytest
@@ -60,13 +59,12 @@ def test_key_for_wheel_refuses_what_it_cannot_vouch_for(tmp_path, case, msg):
         tcache.triton_key_for_wheel(str(path))
 
 
-def _fake_cache(root, kernels=2, names=None):
-    """Cache entries as Triton writes them: files plus a group naming them by absolute path
-    (kernel ``i`` named ``names[i]``, default ``k<i>``)."""
+def _fake_cache(root, kernels=2):
+    """Cache entries as Triton writes them: files plus a group naming them by absolute path."""
     for i in range(kernels):
         d = root / f"HASH{i}"
         d.mkdir(parents=True)
-        k = names[i] if names else f"k{i}"
+        k = f"k{i}"
         files = {f"{k}.{ext}": f"{ext} of {i}" for ext in ("json", "cubin", "ptx", "llir",
                                                            "ttgir", "source")}
         for name, text in files.items():
@@ -78,11 +76,10 @@ def _fake_cache(root, kernels=2, names=None):
 
 
 def test_pack_unpack_moves_kernels_and_rewrites_their_groups(tmp_path):
-    """Metadata and cubin of every kernel travel; PTX only for the kernels whose PTX the GPU
-    machine reads (tcache.PTX_KEPT: the Gluon kernels); the groups name what is there."""
+    """Metadata and cubin of every kernel travel (not the PTX or the IRs); the groups name
+    what is there."""
     src, dst = tmp_path / "a", tmp_path / "b"
-    gluon = tcache.PTX_KEPT[0]
-    _fake_cache(src, 3, names=["k0", "k1", gluon])
+    _fake_cache(src, 3)
     assert tcache.count_kernels(str(src)) == 3 and tcache.count_kernels(str(dst)) == 0
     key = "some-triton-key"
     archive = str(tmp_path / "c.tar.gz")
@@ -91,9 +88,8 @@ def test_pack_unpack_moves_kernels_and_rewrites_their_groups(tmp_path):
     assert tcache.read_manifest(archive) == m
     n, line = tcache.unpack(archive, str(dst), key=key)
     assert n == 3 and "3 kernels unpacked" in line
-    for i, k in enumerate(["k0", "k1", gluon]):
-        d = dst / f"HASH{i}"
-        kept = ("json", "cubin", "ptx") if k == gluon else ("json", "cubin")
+    for i in range(3):
+        d, k, kept = dst / f"HASH{i}", f"k{i}", ("json", "cubin")
         assert sorted(os.listdir(d)) == sorted([f"{k}.{e}" for e in kept] +
                                                [f"__grp__{k}.json"])
         group = json.loads((d / f"__grp__{k}.json").read_text())["child_paths"]
@@ -159,10 +155,3 @@ def test_lease_starts_no_warm_up_when_the_archive_fits(tmp_path, monkeypatch):
     lease.main(["--out", str(tmp_path / "o3"), "--triton-cache", fits, "--warm-jobs", "2"] + args)
     assert seen == [0, 6, 2]
 
-
-def test_the_kept_ptx_is_the_gluon_kernels():
-    """tcache.PTX_KEPT names the Gluon kernels (the GPU machine's Gluon probe reads their
-    PTX from the unpacked cache): a renamed kernel would lose its PTX there."""
-    here = os.path.join(os.path.dirname(os.path.dirname(tcache.__file__)), "backends", "triton")
-    src = "".join(open(os.path.join(here, f)).read() for f in ("gemm_sm90.py", "conv_sm90.py"))
-    assert set(tcache.PTX_KEPT) == set(re.findall(r"def (_\w+_sm90_kernel)\(", src))
