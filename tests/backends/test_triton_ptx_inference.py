@@ -84,6 +84,12 @@ for pers in (0, 2):  # one program a tile; the persistent, flattened tile loop
     drains[str(pers)] = re.search(r"cp\.async\.wait_group\s+0\b",
                                   p[last_mma:first_store]) is not None
 out["gemm_drain_before_epilogue"] = drains
+# the PTX-only compiles' empty cubins went to a cache of this process's own, not the
+# caller's (where a launch of the same kernel could load one)
+import glob, os
+out["cubins_in_callers_cache"] = len(glob.glob(os.path.join(os.environ["TRITON_CACHE_DIR"],
+                                                            "*", "*.cubin")))
+out["ptx_only_cache_is_private"] = ip._ptx_only_cache() != os.environ["TRITON_CACHE_DIR"]
 print("JSON" + json.dumps(out))
 """
 
@@ -103,6 +109,8 @@ def _block_m(name):
 def test_tensor_core_instructions_and_no_float_hazards(tmp_path):
     """One compile run (about 40 s of CPU; one test so that pytest-xdist runs it once)."""
     report = _compile_report(tmp_path)
+    assert report.pop("cubins_in_callers_cache") == 0
+    assert report.pop("ptx_only_cache_is_private")
     # sm_80: every GEMM / conv config on mma.sync m16n8k32 s8; no MMA elsewhere
     r = report["80"]
     assert sum(n.startswith("gemm[") for n in r) == 8 and sum(n.startswith("conv") for n in r) >= 8

@@ -235,20 +235,46 @@ def _cubin_too():
         _BUILD_CUBIN[0] = False
 
 
+_PTX_ONLY_CACHE: list = []  # this process's cache directory for PTX-only compiles
+
+
+def _ptx_only_cache() -> str:
+    """A private Triton cache directory for this process's PTX-only compiles (removed at
+    exit): their empty cubins sit under the keys a launch of the same kernel computes (the
+    Gluon conv's compile carries the launcher's specialization on purpose), so in a real
+    cache, e.g. ``--compile-only`` on a machine with a GPU, a later launch would load one."""
+    if not _PTX_ONLY_CACHE:
+        import atexit
+        import shutil
+        import tempfile
+        d = tempfile.mkdtemp(prefix="gpuquant-ptx-only-")
+        atexit.register(shutil.rmtree, d, True)
+        _PTX_ONLY_CACHE.append(d)
+    return _PTX_ONLY_CACHE[0]
+
+
 @contextlib.contextmanager
 def _no_cubin():
     """Stop after PTX: ptxas (the cubin stage) is most of the compile time and the PTX is
-    what is checked. The kernels compiled here are inspected, never launched."""
+    what is checked. The kernels compiled here are inspected, never launched; their empty
+    cubins go to a cache of this process's own (:func:`_ptx_only_cache`)."""
+    import os
+
     from triton.backends.nvidia.compiler import CUDABackend
     if _BUILD_CUBIN[0]:  # compile_sass: the real cubin
         yield
         return
-    real = CUDABackend.make_cubin
+    real, old_cache = CUDABackend.make_cubin, os.environ.get("TRITON_CACHE_DIR")
     CUDABackend.make_cubin = lambda self, src, metadata, *args, **kw: b""
+    os.environ["TRITON_CACHE_DIR"] = _ptx_only_cache()
     try:
         yield
     finally:
         CUDABackend.make_cubin = real
+        if old_cache is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = old_cache
 
 
 _EPI_PTRS = {"BIAS": "*i32", "MULT": "*i32", "RSHIFT": "*i32", "EPI": "*i64"}
