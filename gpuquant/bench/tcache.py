@@ -46,10 +46,10 @@ __all__ = ["triton_key_for_wheel", "key_id", "pack", "unpack", "read_manifest", 
            "main", "KEY_ENV"]
 
 MANIFEST = "MANIFEST.json"
-# What a launch needs of an entry. Not the PTX: nothing run on the GPU machine reads a cached
-# kernel's PTX (the probes' PTX checks are their --compile-only mode, here), and it was half
-# the archive (51.0 -> 34.3 MiB at 1047 kernels, 2026-11-28): the checkout, the archive and
-# the wheels travel to the GPU machine within 64 MiB together.
+# What a launch needs of an entry. Not the PTX: nothing run on the GPU machine reads a
+# cached kernel's PTX (the probes' PTX checks are their --compile-only mode, here), and it
+# was a third of the archive (51.0 -> 33.7 MiB at 1047 kernels, 2026-11-28): the checkout,
+# the archive and the wheels travel to the GPU machine within 64 MiB together.
 KEEP = (".json", ".cubin")
 KEY_ENV = "GPUQUANT_TRITON_KEY"  # the triton_key the warm-up's workers compile under
 

@@ -97,7 +97,6 @@ def compile_gluon(fn, signature: dict, constexprs: dict, cc: int = 90, num_warps
     memory), from ``signature`` and ``constexprs`` as the kernel's own helper gives them
     (e.g. :func:`.gemm_sm90.signature`). Gluon kernels have no interpreter: this is how CI
     checks them. Compiled without FMA contraction, as they are launched."""
-    import os
     import tempfile
 
     import triton
@@ -119,16 +118,8 @@ def compile_gluon(fn, signature: dict, constexprs: dict, cc: int = 90, num_warps
     if not cubin:
         with _no_cubin():
             return triton.compile(src, target=target, options=opts)
-    old_cache = os.environ.get("TRITON_CACHE_DIR")
-    with tempfile.TemporaryDirectory() as d:  # not the PTX-only compiles' empty cubins
-        os.environ["TRITON_CACHE_DIR"] = d
-        try:
-            return triton.compile(src, target=target, options=opts)
-        finally:
-            if old_cache is None:
-                os.environ.pop("TRITON_CACHE_DIR", None)
-            else:
-                os.environ["TRITON_CACHE_DIR"] = old_cache
+    with tempfile.TemporaryDirectory() as d, _triton_cache(d):  # a real cubin: its own cache
+        return triton.compile(src, target=target, options=opts)
 
 
 def compile_sass(fn, signature: dict, constexprs: dict, cc: int, num_warps: int = 4,
@@ -152,19 +143,12 @@ def compile_sass(fn, signature: dict, constexprs: dict, cc: int, num_warps: int 
         got["k"] = real(src, target=target, options=options)
         return got["k"]
     triton.compile = keep
-    old_cache = os.environ.get("TRITON_CACHE_DIR")
     with tempfile.TemporaryDirectory() as d:
-        # a cache of its own: the PTX-only compiles cached empty cubins under the same keys
-        os.environ["TRITON_CACHE_DIR"] = os.path.join(d, "cache")
-        try:
-            with _cubin_too():
+        try:  # a cache of its own, as every compile here that builds a real cubin
+            with _triton_cache(os.path.join(d, "cache")), _cubin_too():
                 compile_ptx(fn, signature, constexprs, cc, num_warps, num_stages)
         finally:
             triton.compile = real
-            if old_cache is None:
-                os.environ.pop("TRITON_CACHE_DIR", None)
-            else:
-                os.environ["TRITON_CACHE_DIR"] = old_cache
         cubin = got["k"].asm["cubin"]
         if not cubin:
             raise RuntimeError("compile_sass: ptxas produced no cubin")
@@ -235,14 +219,31 @@ def _cubin_too():
         _BUILD_CUBIN[0] = False
 
 
+@contextlib.contextmanager
+def _triton_cache(path: str):
+    """Triton's cache directory is ``path`` within (``TRITON_CACHE_DIR``, read at each
+    compile), then as it was."""
+    import os
+    old = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = old
+
+
 _PTX_ONLY_CACHE: list = []  # this process's cache directory for PTX-only compiles
 
 
 def _ptx_only_cache() -> str:
     """A private Triton cache directory for this process's PTX-only compiles (removed at
-    exit): their empty cubins sit under the keys a launch of the same kernel computes (the
-    Gluon conv's compile carries the launcher's specialization on purpose), so in a real
-    cache, e.g. ``--compile-only`` on a machine with a GPU, a later launch would load one."""
+    exit). Their empty cubins may sit under the key a launch of the same kernel computes
+    (the Gluon conv's compile carries the launcher's specialization on purpose; not
+    compared), so in a real cache, e.g. ``--compile-only`` on a machine with a GPU, a later
+    launch could load one."""
     if not _PTX_ONLY_CACHE:
         import atexit
         import shutil
@@ -258,23 +259,17 @@ def _no_cubin():
     """Stop after PTX: ptxas (the cubin stage) is most of the compile time and the PTX is
     what is checked. The kernels compiled here are inspected, never launched; their empty
     cubins go to a cache of this process's own (:func:`_ptx_only_cache`)."""
-    import os
-
     from triton.backends.nvidia.compiler import CUDABackend
     if _BUILD_CUBIN[0]:  # compile_sass: the real cubin
         yield
         return
-    real, old_cache = CUDABackend.make_cubin, os.environ.get("TRITON_CACHE_DIR")
+    real = CUDABackend.make_cubin
     CUDABackend.make_cubin = lambda self, src, metadata, *args, **kw: b""
-    os.environ["TRITON_CACHE_DIR"] = _ptx_only_cache()
     try:
-        yield
+        with _triton_cache(_ptx_only_cache()):
+            yield
     finally:
         CUDABackend.make_cubin = real
-        if old_cache is None:
-            os.environ.pop("TRITON_CACHE_DIR", None)
-        else:
-            os.environ["TRITON_CACHE_DIR"] = old_cache
 
 
 _EPI_PTRS = {"BIAS": "*i32", "MULT": "*i32", "RSHIFT": "*i32", "EPI": "*i64"}

@@ -134,10 +134,10 @@ def standin_cuda(cc: int = 90, family: str = "sm90", cubin: bool = False, sms: i
     (``ptxas`` skipped) and Triton's cache is a private temporary directory, so the empty
     binaries never land where a real launch could load them (``GPUQUANT_STANDIN_CACHE``
     names a directory to use instead, kept across calls and processes: the test suite's
-    stand-in runs share their compiles through it; never a real Triton cache). True (warming the cache for a
-    GPU machine, :mod:`gpuquant.bench.warm`): real sm_``cc`` cubins, built by the ``ptxas``
-    Triton ships, into the usual cache (``TRITON_CACHE_DIR``), keyed exactly as a launch on
-    the GPU keys them."""
+    stand-in runs share their compiles through it; never a real Triton cache). True
+    (warming the cache for a GPU machine, :mod:`gpuquant.bench.warm`): real sm_``cc``
+    cubins, built by the ``ptxas`` Triton ships, into the usual cache
+    (``TRITON_CACHE_DIR``), keyed exactly as a launch on the GPU keys them."""
     import tempfile
 
     from triton.backends.nvidia.compiler import CUDABackend
