@@ -3,6 +3,7 @@ and a memo of tensors derived from parameters (device copies, reordered weights,
 bias) so that a quantized network runs with no host round trip after its first call."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import weakref
@@ -18,7 +19,7 @@ from ..._tensors import version as _version
 
 __all__ = ["INTERPRET", "COMPILED", "LAUNCH_OPTS", "arch_family", "bf16_rne", "to_bf16",
            "to_dtype", "to_f32", "rne", "derived", "scalar_int", "scalar_float", "ARCH_FAMILIES", "tune_subset",
-           "TUNE_MODES", "cdiv"]
+           "TUNE_MODES", "cdiv", "triton_cache_dir"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Kernels compiled for the GPU (not run by the interpreter): where the interpreter lacks an
@@ -261,6 +262,21 @@ def module_tickets(owner, device) -> torch.Tensor:
         tk = _zero_tickets(2, device)
         owner.__dict__["_gpuquant_tickets"] = tk
     return tk
+
+
+@contextlib.contextmanager
+def triton_cache_dir(path: str):
+    """Triton's cache directory is ``path`` within (``TRITON_CACHE_DIR``, read at each
+    compile), then as it was."""
+    old = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = old
 
 
 def once_differentiable(backward):

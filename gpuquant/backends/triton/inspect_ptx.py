@@ -17,6 +17,8 @@ import re
 import sys
 from typing import Optional
 
+from .common import triton_cache_dir
+
 __all__ = ["compile_ptx", "compile_gluon", "wgmma_facts", "compile_sass", "sass_instructions",
            "epilogue_cost", "cubin_resources", "kernel_variants", "inspect",
            "MMA_RE", "FLOAT_HAZARD_RE"]
@@ -118,7 +120,7 @@ def compile_gluon(fn, signature: dict, constexprs: dict, cc: int = 90, num_warps
     if not cubin:
         with _no_cubin():
             return triton.compile(src, target=target, options=opts)
-    with tempfile.TemporaryDirectory() as d, _triton_cache(d):  # a real cubin: its own cache
+    with tempfile.TemporaryDirectory() as d, triton_cache_dir(d):  # a real cubin: its own cache
         return triton.compile(src, target=target, options=opts)
 
 
@@ -145,7 +147,7 @@ def compile_sass(fn, signature: dict, constexprs: dict, cc: int, num_warps: int 
     triton.compile = keep
     with tempfile.TemporaryDirectory() as d:
         try:  # a cache of its own, as every compile here that builds a real cubin
-            with _triton_cache(os.path.join(d, "cache")), _cubin_too():
+            with triton_cache_dir(os.path.join(d, "cache")), _cubin_too():
                 compile_ptx(fn, signature, constexprs, cc, num_warps, num_stages)
         finally:
             triton.compile = real
@@ -219,22 +221,6 @@ def _cubin_too():
         _BUILD_CUBIN[0] = False
 
 
-@contextlib.contextmanager
-def _triton_cache(path: str):
-    """Triton's cache directory is ``path`` within (``TRITON_CACHE_DIR``, read at each
-    compile), then as it was."""
-    import os
-    old = os.environ.get("TRITON_CACHE_DIR")
-    os.environ["TRITON_CACHE_DIR"] = path
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_CACHE_DIR", None)
-        else:
-            os.environ["TRITON_CACHE_DIR"] = old
-
-
 _PTX_ONLY_CACHE: list = []  # this process's cache directory for PTX-only compiles
 
 
@@ -266,7 +252,7 @@ def _no_cubin():
     real = CUDABackend.make_cubin
     CUDABackend.make_cubin = lambda self, src, metadata, *args, **kw: b""
     try:
-        with _triton_cache(_ptx_only_cache()):
+        with triton_cache_dir(_ptx_only_cache()):
             yield
     finally:
         CUDABackend.make_cubin = real

@@ -146,7 +146,7 @@ def standin_cuda(cc: int = 90, family: str = "sm90", cubin: bool = False, sms: i
     from ... import backends
     from .. import registry
     from . import conv, depthwise, dynamic, fake_quant, gemm, observer
-    from .common import INTERPRET
+    from .common import INTERPRET, triton_cache_dir
     if INTERPRET:
         raise RuntimeError("standin_cuda needs TRITON_INTERPRET unset (the interpreter "
                            "replaces the jitted kernels)")
@@ -155,42 +155,37 @@ def standin_cuda(cc: int = 90, family: str = "sm90", cubin: bool = False, sms: i
     real_cubin, real_avail = CUDABackend.make_cubin, torch.cuda.is_available
     fake = StandInDriver(cc)
     was_loaded, why_not = registry._loaded.get("triton"), registry._unavailable.pop("triton", None)
-    cache_env = os.environ.get("TRITON_CACHE_DIR")
     shared = None if cubin else os.environ.get("GPUQUANT_STANDIN_CACHE") or None
     private = None if cubin or shared else tempfile.TemporaryDirectory(prefix="gpuquant-standin-")
-    try:
-        if not cubin:
-            os.environ["TRITON_CACHE_DIR"] = shared or private.name
-            CUDABackend.make_cubin = lambda self, src, metadata, *a, **k: b""
-        for m, name, _ in saved:
-            if name == "arch_family":
-                setattr(m, name, lambda dev: family)
-            else:  # reduction grids as on the GPU (4 programs a multiprocessor)
-                setattr(m, name, lambda device: 4 * sms)
-        torch.cuda.is_available = lambda: True  # the backend loads as on a GPU machine
-        mod = backends.get_backend("triton")
-        torch.cuda.is_available = real_avail
-        saved.append((mod, "DEVICES", mod.DEVICES))
-        mod.DEVICES = frozenset({"cpu", "cuda"})
-        driver.set_active(fake)
-        yield fake
-    finally:
-        torch.cuda.is_available = real_avail
-        CUDABackend.make_cubin = real_cubin
-        if not cubin:
-            if cache_env is None:
-                os.environ.pop("TRITON_CACHE_DIR", None)
-            else:
-                os.environ["TRITON_CACHE_DIR"] = cache_env
-        if private is not None:
-            private.cleanup()
-        for m, name, v in saved:
-            setattr(m, name, v)
-        driver._active = None  # back to the default (created on next use)
-        if was_loaded is None:  # the backend's availability as it was: no GPU here
-            registry._loaded.pop("triton", None)
-        if why_not is not None:
-            registry._unavailable["triton"] = why_not
+    cache = contextlib.nullcontext() if cubin else triton_cache_dir(shared or private.name)
+    with cache:  # cubin False: the stand-in's own cache (above)
+        try:
+            if not cubin:
+                CUDABackend.make_cubin = lambda self, src, metadata, *a, **k: b""
+            for m, name, _ in saved:
+                if name == "arch_family":
+                    setattr(m, name, lambda dev: family)
+                else:  # reduction grids as on the GPU (4 programs a multiprocessor)
+                    setattr(m, name, lambda device: 4 * sms)
+            torch.cuda.is_available = lambda: True  # the backend loads as on a GPU machine
+            mod = backends.get_backend("triton")
+            torch.cuda.is_available = real_avail
+            saved.append((mod, "DEVICES", mod.DEVICES))
+            mod.DEVICES = frozenset({"cpu", "cuda"})
+            driver.set_active(fake)
+            yield fake
+        finally:
+            torch.cuda.is_available = real_avail
+            CUDABackend.make_cubin = real_cubin
+            if private is not None:
+                private.cleanup()
+            for m, name, v in saved:
+                setattr(m, name, v)
+            driver._active = None  # back to the default (created on next use)
+            if was_loaded is None:  # the backend's availability as it was: no GPU here
+                registry._loaded.pop("triton", None)
+            if why_not is not None:
+                registry._unavailable["triton"] = why_not
 
 
 def _best_seconds(fn, reps: int, rounds: int = 5) -> float:
