@@ -155,18 +155,20 @@ def test_qat_step_host_time_runs_on_the_standin(tmp_path):
 
 def test_layer_host_time_runs_on_the_standin(tmp_path):
     """gpuquant.backends.triton.standin.layer_host_time: host time a layer of the float,
-    one-node QAT and three-node QAT Conv+BN+ReLU forms (the compiled launcher a no-op), and
-    the op it toggles is restored afterwards."""
+    one-node QAT (with and without layer plans) and three-node QAT Conv+BN+ReLU forms (the
+    compiled launcher a no-op), and the op and switch it toggles are restored afterwards."""
     pytest.importorskip("triton")
     script = ("import json\n"
               "from gpuquant.backends.triton import OPS, qat_layer\n"
               "from gpuquant.backends.triton.standin import layer_host_time\n"
               "r = layer_host_time(layers=2, reps=2)\n"
-              "r['restored'] = OPS['conv_bn_act_train'] is qat_layer.conv_bn_act_train\n"
+              "r['restored'] = OPS['conv_bn_act_train'] is qat_layer.conv_bn_act_train "
+              "and qat_layer.PLANS is True\n"
               "print('JSON' + json.dumps(r))\n")
     r = run_json(script, tmp_path / "triton_cache")
     assert r.pop("restored") is True
-    assert set(r) == {"float", "qat", "qat-three-node"} and all(v > 0 for v in r.values())
+    assert set(r) == {"float", "qat", "qat-no-layer-plans", "qat-three-node"}
+    assert all(v > 0 for v in r.values())
 
 
 def test_fake_quant_host_time_runs_on_the_standin(tmp_path):

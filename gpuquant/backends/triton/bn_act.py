@@ -642,17 +642,34 @@ def _vec_parts(vec: torch.Tensor, C: int):
             vec[4 * C + 2:8 * C + 2].view(4, C), vec[8 * C + 2:])
 
 
+def vec_numel(C: int) -> int:
+    """The float32 elements of :func:`bn_act_forward`'s statistics vector."""
+    return 8 * C + 3
+
+
+def part_numel(z: torch.Tensor, backward: bool = False) -> int:
+    """The float32 elements of the partial sums :func:`bn_act_forward` (or, ``backward``,
+    :func:`bn_act_backward`) reduces ``z``'s channels through."""
+    sh = _shape(z)
+    return (2 if backward else 4) * sh.split * sh.C
+
+
 def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momentum,
-                   observer, act: int, tick: torch.Tensor):
+                   observer, act: int, tick: torch.Tensor, out=None):
     """The forward's two launches (``act`` 0 none, 1 ReLU, 2 ReLU6; ``tick`` the layer's
     int32 (2,) tickets, zero between launches). ``z`` dense with :func:`as_rows`'s layout
-    along axis 1. Returns ``(y, vec)``, ``vec`` f32 (8 C + 3,) holding mean,
+    along axis 1. Returns ``(y, vec)``, ``vec`` f32 (:func:`vec_numel`,) holding mean,
     1 / sqrt(var + E), a, k and the qparams (:func:`_vec_parts`); updates the running
-    statistics, ``nbt`` and the observer's state in place."""
+    statistics, ``nbt`` and the observer's state in place. ``out``: ``(partial sums
+    (:func:`part_numel`,), vec, y)`` to use, else new tensors."""
     sh = _shape(z)
     C = sh.C
-    part = torch.empty(4 * sh.split * C, dtype=torch.float32, device=z.device)
-    vec = torch.empty(8 * C + 3, dtype=torch.float32, device=z.device)
+    if out is None:
+        part = torch.empty(4 * sh.split * C, dtype=torch.float32, device=z.device)
+        vec = torch.empty(vec_numel(C), dtype=torch.float32, device=z.device)
+        y = None
+    else:
+        part, vec, y = out
     consts = _observer_consts(observer)
     launch(_bn_stats_kernel, sh.stats_grid, z, part, *sh.stats_args,
            tick, W, beta, E, t, bias if bias is not None else W, running_mean, running_var,
@@ -662,28 +679,35 @@ def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momen
            EMA=_supported_observer(observer), SYMMETRIC=observer.symmetric,
            HAS_BIAS=bias is not None, CUMULATIVE=momentum is None, num_warps=4,
            **sh.stats_meta, **sh.fin_meta, **_LAUNCH)
-    y = torch.empty_like(z)
+    if y is None:
+        y = torch.empty_like(z)
     launch(_bn_apply_kernel, sh.apply_grid, z, y, z, *sh.apply_args,
            vec, beta, vec, *consts[2:4], BWD=False, ACT=act, num_warps=4,
            **sh.apply_meta, **_LAUNCH)
     return y, vec
 
 
-def bn_act_backward(gy, z, vec, beta, qmin, qmax, act: int, tick: torch.Tensor):
+def bn_act_backward(gy, z, vec, beta, qmin, qmax, act: int, tick: torch.Tensor, bufs=None):
     """The batch-norm backward of the straight-through gradient ``grad_y * mask`` (the mask
     recomputed from ``z``): ``(grad_z, grad_W, grad_beta, grad_E)`` in two launches (per
     channel sums with the finishing program, the elementwise pass); ``vec`` and ``tick``
     as :func:`bn_act_forward` had them. PyTorch's ``native_batch_norm_backward`` given
-    ``grad_y * mask`` agrees to float32 rounding."""
+    ``grad_y * mask`` agrees to float32 rounding. ``bufs``: ``(partial sums
+    (:func:`part_numel` backward), float32 (5 C,), grad_z)`` to use, else new tensors."""
     gy = _dense_grad(gy, z)
     sh = _shape(z)
     C = sh.C
-    part = torch.empty(2 * sh.split * C, dtype=torch.float32, device=z.device)
-    out = torch.empty(5 * C, dtype=torch.float32, device=z.device)  # grad W, beta, E, co (2C)
+    if bufs is None:
+        part = torch.empty(2 * sh.split * C, dtype=torch.float32, device=z.device)
+        out = torch.empty(5 * C, dtype=torch.float32, device=z.device)  # W, beta, E, co (2C)
+        gz = None
+    else:
+        part, out, gz = bufs
     launch(_bn_bwd_reduce_kernel, sh.stats_grid, z, gy, part, *sh.stats_args, vec, beta,
            qmin, qmax, tick, out, ACT=act, num_warps=4, **sh.stats_meta, **sh.fin_meta,
            **_LAUNCH)
-    gz = torch.empty_like(z)
+    if gz is None:
+        gz = torch.empty_like(z)
     launch(_bn_apply_kernel, sh.apply_grid, z, gz, gy, *sh.apply_args,
            vec, beta, out, qmin, qmax, BWD=True, ACT=act, num_warps=4,
            **sh.apply_meta, **_LAUNCH)

@@ -292,14 +292,16 @@ def _rows_contiguous(w: torch.Tensor) -> bool:
     return w.is_contiguous()
 
 
-def _fq_args(observer, C: int, t: torch.Tensor):
+def _fq_args(observer, C: int, t: torch.Tensor, qs=None, qz=None):
     """The fused weight kernel's fake-quant arguments: (qs, qz, positional args, (qmin, qmax),
-    constexprs); ``observer`` None: no fake quant (``t`` fills the unused pointers)."""
+    constexprs); ``observer`` None: no fake quant (``t`` fills the unused pointers). ``qs``,
+    ``qz``: where the qparams go (None: new tensors)."""
     if observer is None:
         return t, t, (t, t, t, t, t, t, C, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0), (0.0, 0.0), \
             dict(FQ=False)
-    qs, qz = torch.empty(C, dtype=torch.float32, device=t.device), \
-        torch.empty(C, dtype=torch.float32, device=t.device)
+    if qs is None:
+        qs, qz = torch.empty(C, dtype=torch.float32, device=t.device), \
+            torch.empty(C, dtype=torch.float32, device=t.device)
     consts = _observer_consts(observer)
     meta = dict(FQ=True, OBSERVE=observer.enabled, EMA=_supported_observer(observer),
                 SYMMETRIC=observer.symmetric)
@@ -318,16 +320,37 @@ def _dense_grad(g, like):
     return g
 
 
-def fold_forward(w, gamma, running_var, eps, min_gamma, observer=None, out_dtype=None):
+FOLD_VECTORS = 6  # t, W, E, sigma and the qparams (scale, zero point): float32 (C,) each
+
+
+def pad16(n: int) -> int:
+    """``n`` float32 elements rounded up to a multiple of 16 bytes: vectors placed one after
+    another at these steps in one buffer keep the 16-byte alignment Triton specializes on."""
+    return (n + 3) & ~3
+
+
+def fold_vectors(buf: torch.Tensor, C: int) -> tuple:
+    """(t, W, E, sigma, scale, zero point): the fold's float32 (C,) vectors in ``buf``
+    (:data:`FOLD_VECTORS` x :func:`pad16` (C) elements at least), each 16-byte aligned."""
+    return buf.as_strided((FOLD_VECTORS, C), (pad16(C), 1)).unbind(0)
+
+
+def fold_forward(w, gamma, running_var, eps, min_gamma, observer=None, out_dtype=None,
+                 out=None):
     """The training fold's forward launch (and, given an observer, its observe + fake
     quant): ``(wf, t, W, E, saved)``; ``saved`` is what :func:`fold_backward` needs. ``wf``
-    in ``out_dtype`` (default w's): ``wf.to(out_dtype)``'s bytes without the cast's launch."""
+    in ``out_dtype`` (default w's): ``wf.to(out_dtype)``'s bytes without the cast's launch.
+    ``out``: ``(wf, buf)`` to write into (``buf`` as :func:`fold_vectors` reads it), else
+    new tensors."""
     C = w.shape[0]
     L = w.numel() // C
-    f32 = dict(dtype=torch.float32, device=w.device)
-    wf = torch.empty_like(w, dtype=out_dtype)
-    t, W, E, sigma = (torch.empty(C, **f32) for _ in range(4))
-    qs, qz, qargs, qmm, fq = _fq_args(observer, C, t)
+    if out is None:
+        wf = torch.empty_like(w, dtype=out_dtype)
+        buf = torch.empty(FOLD_VECTORS * pad16(C), dtype=torch.float32, device=w.device)
+    else:
+        wf, buf = out
+    t, W, E, sigma, qs, qz = fold_vectors(buf, C)
+    qs, qz, qargs, qmm, fq = _fq_args(observer, C, t, qs, qz)
     launch(_fold_fwd_kernel, (C,), w, gamma, running_var, wf, t, W, E, sigma, L,
            float(eps), float(min_gamma), *qargs, t, t, t, t,
            BLOCK=min(_ROW_BLOCK, _npow2(L)), OUT=_TL_DTYPE[wf.dtype], num_warps=4, **fq,

@@ -23,14 +23,19 @@ grid sees the plan's meta-parameters, as Triton's does). A plan is only made whe
 argument after the positional ones is a compile-time constant (else Triton's path runs
 every time).
 
+:func:`recording` lets a caller see the launches a piece of code makes as the launcher gets
+them (the QAT layer's plans replay a step's launches from it, :mod:`.qat_layer`).
+
 Under the interpreter (``TRITON_INTERPRET=1``) and with ``GPUQUANT_TRITON_FAST_LAUNCH=0``
 every call takes Triton's path. CI checks on the CPU, with a stand-in CUDA driver and the
 kernels compiled for sm_90, that both paths hand the launcher the same arguments.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import threading
 
 import torch
 from triton.runtime import driver
@@ -43,7 +48,7 @@ try:  # Triton >= 3.4 (the launch hooks live in knobs); older releases take Trit
 except ImportError:  # pragma: no cover - Triton 3.6 (GPU machines) and 3.9 (CI) have it
     knobs = None
 
-__all__ = ["launch", "ENABLED", "clear_plans"]
+__all__ = ["launch", "ENABLED", "clear_plans", "recording"]
 
 ENABLED = knobs is not None and \
     os.environ.get("GPUQUANT_TRITON_FAST_LAUNCH", "1") not in ("", "0")
@@ -55,6 +60,31 @@ _MAX_PLANS = 4096  # plans are per exact shape: a workload of ever-new shapes st
 
 def clear_plans() -> None:
     _PLANS.clear()
+
+
+class _Recording(threading.local):
+    out = None  # the open recording of this thread (autograd runs a CUDA backward on its
+    # own device thread), or None
+
+
+_REC = _Recording()
+
+
+@contextlib.contextmanager
+def recording():
+    """Within: each :func:`launch` of this thread appends ``(plan, grid, launcher
+    arguments, tensor mask)`` to the list yielded, once it has launched: the plan that
+    launch used or made (``(compiled, tail, meta, kern)``; None where Triton's path runs
+    every time, e.g. under the interpreter), the grid resolved, the arguments as the
+    plan hands them to the launcher (tensors as their data pointers) and which of them were
+    tensors. What a caller replays a fixed sequence of launches from
+    (:mod:`.qat_layer`'s layer plans)."""
+    prev = _REC.out
+    _REC.out = out = []
+    try:
+        yield out
+    finally:
+        _REC.out = prev
 
 
 _Tensor = torch.Tensor
@@ -120,7 +150,10 @@ def launch(kern, grid, *args, **meta):
     ``kern``: a ``@triton.jit`` function, possibly wrapped by ``triton.autotune`` /
     ``triton.heuristics``; runtime arguments positional, compile-time ones as keywords."""
     if INTERPRET or not ENABLED:
-        return kern[grid](*args, **meta)
+        compiled = kern[grid](*args, **meta)
+        if _REC.out is not None:
+            _REC.out.append((None, None, None, None))
+        return compiled
     drv = driver.active
     dev = drv.get_current_device()
     args_key, ptr_args = _args_key(args)
@@ -130,10 +163,15 @@ def launch(kern, grid, *args, **meta):
         compiled = kern[grid](*args, **meta)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        _PLANS[key] = _make_plan(kern, compiled, args, meta)
+        _PLANS[key] = plan = _make_plan(kern, compiled, args, meta)
+        if _REC.out is not None:
+            _record(plan, grid, args, ptr_args)
         return compiled
     if plan is _NO_PLAN:
-        return kern[grid](*args, **meta)
+        compiled = kern[grid](*args, **meta)
+        if _REC.out is not None:
+            _record(plan, grid, args, ptr_args)
+        return compiled
     compiled, tail, full_meta, _ = plan
     g = grid(full_meta) if callable(grid) else grid
     stream = drv.get_current_stream(dev)
@@ -143,7 +181,17 @@ def launch(kern, grid, *args, **meta):
                  compiled.function, compiled.packed_metadata,
                  None if enter is None else compiled.launch_metadata(g, stream, *args, *tail),
                  enter, leave, *ptr_args, *tail)
+    if _REC.out is not None:
+        _REC.out.append((plan, g, ptr_args, [isinstance(a, _Tensor) for a in args]))
     return compiled
+
+
+def _record(plan, grid, args, ptr_args) -> None:
+    if plan is _NO_PLAN:
+        _REC.out.append((None, None, None, None))
+        return
+    g = grid(plan[2]) if callable(grid) else grid
+    _REC.out.append((plan, g, ptr_args, [isinstance(a, _Tensor) for a in args]))
 
 
 def _hook(h):
