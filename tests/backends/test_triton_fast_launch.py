@@ -159,15 +159,15 @@ def test_layer_host_time_runs_on_the_standin(tmp_path):
     compiled launcher a no-op), and the op and switch it toggles are restored afterwards."""
     pytest.importorskip("triton")
     script = ("import json\n"
-              "from gpuquant.backends.triton import OPS, qat_layer\n"
+              "from gpuquant.backends.triton import OPS, launch, qat_layer\n"
               "from gpuquant.backends.triton.standin import layer_host_time\n"
               "r = layer_host_time(layers=2, reps=2)\n"
               "r['restored'] = OPS['conv_bn_act_train'] is qat_layer.conv_bn_act_train "
-              "and qat_layer.PLANS is True\n"
+              "and launch.REPLAYS is True\n"
               "print('JSON' + json.dumps(r))\n")
     r = run_json(script, tmp_path / "triton_cache")
     assert r.pop("restored") is True
-    assert set(r) == {"float", "qat", "qat-no-layer-plans", "qat-three-node"}
+    assert set(r) == {"float", "qat", "qat-no-replays", "qat-three-node"}
     assert all(v > 0 for v in r.values())
 
 

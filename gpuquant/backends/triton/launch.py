@@ -23,8 +23,12 @@ grid sees the plan's meta-parameters, as Triton's does). A plan is only made whe
 argument after the positional ones is a compile-time constant (else Triton's path runs
 every time).
 
-:func:`recording` lets a caller see the launches a piece of code makes as the launcher gets
-them (the QAT layer's plans replay a step's launches from it, :mod:`.qat_layer`).
+Replays, one level up: :func:`recording` lets a caller see the launches a piece of code makes
+as the launcher gets them, and :func:`replays` turns them into calls of the launchers with
+the same arguments but for the addresses of the call's new tensors. A caller that can tell
+by a cheap signature that its next call makes the same launches (the QAT layer,
+:mod:`.qat_layer`; the observe + fake quant of activations, :mod:`.observer`) replays them,
+skipping its checks and the launch path. ``REPLAYS = False`` turns them off.
 
 Under the interpreter (``TRITON_INTERPRET=1``) and with ``GPUQUANT_TRITON_FAST_LAUNCH=0``
 every call takes Triton's path. CI checks on the CPU, with a stand-in CUDA driver and the
@@ -48,7 +52,8 @@ try:  # Triton >= 3.4 (the launch hooks live in knobs); older releases take Trit
 except ImportError:  # pragma: no cover - Triton 3.6 (GPU machines) and 3.9 (CI) have it
     knobs = None
 
-__all__ = ["launch", "ENABLED", "clear_plans", "recording"]
+__all__ = ["launch", "ENABLED", "clear_plans", "recording", "replays", "replays_on",
+           "current_stream", "PlanCache", "REPLAYS"]
 
 ENABLED = knobs is not None and \
     os.environ.get("GPUQUANT_TRITON_FAST_LAUNCH", "1") not in ("", "0")
@@ -235,3 +240,78 @@ def _make_plan(kern, compiled, args, meta):
             return _NO_PLAN
     scalars = {n: a for n, a in zip(fn.arg_names, args) if not isinstance(a, torch.Tensor)}
     return compiled, tuple(tail), {**scalars, **full}, kern  # no tensor kept alive
+
+
+REPLAYS = True  # callers' replays (below) where launch plans are on; False: off
+
+
+def replays_on() -> bool:
+    """Replays apply: compiled kernels with launch plans and no launch hooks (a profiler's
+    hooks see each launch through Triton's path)."""
+    if not (REPLAYS and ENABLED) or INTERPRET:
+        return False
+    rt = knobs.runtime
+    return _hook(rt.launch_enter_hook) is None and _hook(rt.launch_exit_hook) is None
+
+
+def current_stream():
+    """The current device's current stream, as a launch takes it."""
+    drv = driver.active
+    return drv.get_current_stream(drv.get_current_device())
+
+
+def replays(records, slots, fixed, n: int):
+    """The ``n`` recorded launches (:func:`recording`) as functions ``(stream,
+    pointers)`` calling each compiled kernel's launcher as the launch plan did, with every
+    tensor argument rewritten as an offset into one of ``slots`` (the step's tensors, in
+    order: ``pointers`` are their addresses at replay) or, failing that, kept as a constant
+    if it is in ``fixed`` (addresses the signature pins). False where that is not possible:
+    another number of launches, a launch without a plan (Triton's path), a pointer in
+    neither, a slot not 16-byte aligned (Triton specializes on alignment), an argument of
+    another kind."""
+    if len(records) != n:
+        return False
+    spans = []
+    for k, v in enumerate(slots):
+        p = v.data_ptr()
+        if p & 15:
+            return False
+        spans.append((p, p + v.numel() * v.element_size(), k))
+    out = []
+    for plan, grid, args, mask in records:
+        if plan is None:
+            return False
+        compiled, tail = plan[0], plan[1]
+        consts, items = [], []
+        for a, is_tensor in zip(args, mask):
+            if is_tensor:
+                at = next(((k, a - lo) for lo, hi, k in spans if lo <= a < hi), None)
+                if at is not None:
+                    items.append(f"b[{at[0]}] + {at[1]}" if at[1] else f"b[{at[0]}]")
+                    continue
+                if a not in fixed:
+                    return False
+            elif not isinstance(a, (int, float, bool, type(None))):
+                return False
+            items.append(f"K[{len(consts)}]")
+            consts.append(a)
+        for a in tail:
+            items.append(f"K[{len(consts)}]")
+            consts.append(a)
+        g = (tuple(grid) + (1, 1))[:3]
+        src = (f"lambda stream, b: run({g[0]}, {g[1]}, {g[2]}, stream, fn, md, None, None, "
+               f"None, {', '.join(items)})")
+        out.append(eval(src, {"run": compiled.run, "fn": compiled.function,  # noqa: S307
+                              "md": compiled.packed_metadata, "K": tuple(consts)}))
+    return tuple(out)
+
+
+class PlanCache(dict):
+    """A module's replay plans by signature, kept in its ``__dict__``: never copied or
+    pickled with the module (they hold compiled kernels and addresses)."""
+
+    def __deepcopy__(self, memo):
+        return PlanCache()
+
+    def __reduce__(self):
+        return PlanCache, ()

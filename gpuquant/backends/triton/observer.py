@@ -38,6 +38,7 @@ observer with ``check_finite=True`` does its one host read (the raise on NaN / I
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import NamedTuple, Optional
@@ -52,7 +53,8 @@ from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, 
                          _store_mask, _target_programs, _to_out, _udiv, as_rows,
                          auto_interpreter, dense_layout, float32_exact, mask_backward,
                          on_tensor_device, row_plan, save_mask, udiv_magic)
-from .launch import launch
+from . import launch as _launch
+from .launch import launch, recording
 
 __all__ = ["observe_fake_quant", "observer_step", "mark_observed", "OPS", "KERNELS"]
 
@@ -397,6 +399,17 @@ def observer_state(observer):
     return b["min_val"], b["max_val"], b["nonfinite_batches"]
 
 
+def observer_signature(o) -> tuple:
+    """(a supported observer's settings and flags, the addresses of its state and
+    tickets): what a replayed launch of it derives from (:func:`.launch.replays`)."""
+    b, d = o._buffers, o.__dict__
+    tk = d.get("_gpuquant_tickets")
+    return (o, o.enabled, d.get("_observed"), getattr(o, "momentum", None), o.dtype,
+            o.symmetric, o.check_finite, o.axis), \
+        (b["min_val"].data_ptr(), b["max_val"].data_ptr(), b["nonfinite_batches"].data_ptr(),
+         tk.data_ptr() if tk is not None else None)
+
+
 def mark_observed(observer) -> None:
     """What an enabled observer's own update sets (``has_observed``), for the fused kernels
     that update its state; written to its ``__dict__`` (``Module.__setattr__`` costs the host
@@ -510,24 +523,46 @@ class _ObserveTwoLaunch(torch.autograd.Function):
     is ``x + x2``, never written out; both get the gradient."""
 
     @staticmethod
-    def forward(ctx, x, observer, axis, relu, programs, tile, x2=None):
+    def forward(ctx, x, observer, axis, relu, programs, tile, x2=None, plan=None):
         need = ctx.needs_input_grad[0] or (x2 is not None and ctx.needs_input_grad[6])
-        sh = _two_launch_shape(tuple(x.shape), x.stride(), axis, tile, programs)
         add = x2 is not None
-        part = torch.empty(sh.part_numel, dtype=torch.float32, device=x.device)
-        mn, mx, bad = observer_state(observer)
-        consts = _observer_consts(observer)
-        launch(_observe_partial_kernel, sh.partial_grid, x, part, mn, mx,
-               bad, module_tickets(observer, x.device), *sh.plan_args, *consts,
-               x2 if add else x, RELU=relu, ADD=add, EMA=_supported_observer(observer),
-               SYMMETRIC=observer.symmetric, num_warps=4, **sh.partial_meta, **_LAUNCH)
         y = torch.empty_like(x)
-        mask = torch.empty(sh.nbytes if need else 1, dtype=torch.uint8, device=x.device)
-        launch(_observe_fq_kernel, sh.fq_grid, _flat_span(x), _flat_span(y), mask,
-               part[sh.qparams_at:], sh.n, sh.nbytes, sh.C, sh.m_l, sh.l_l, consts[2],
-               consts[3], _flat_span(x2 if add else x), RELU=relu, SAVE_MASK=need,
-               PER_CHANNEL=axis is not None, BLOCK=BLOCK, ADD=add, num_warps=NUM_WARPS,
-               **_LAUNCH)
+        if plan is not None and plan.fwd:  # a replay (plan.fwd None: record this call)
+            part = torch.empty(plan.part, dtype=torch.float32, device=x.device)
+            mask = torch.empty(plan.mask, dtype=torch.uint8, device=x.device)
+            b = (x.data_ptr(), part.data_ptr(), y.data_ptr(), mask.data_ptr()) + \
+                ((x2.data_ptr(),) if add else ())
+            if not (b[0] | b[-1]) & 15:  # inputs aligned as recorded (else: generic)
+                stream = _launch.current_stream()
+                plan.fwd[0](stream, b)
+                plan.fwd[1](stream, b)
+                plan = _REPLAYED
+        if plan is not _REPLAYED:
+            with recording() if plan is not None and plan.fwd is None else _NO_RECORDING \
+                    as rec:
+                sh = _two_launch_shape(tuple(x.shape), x.stride(), axis, tile, programs)
+                part = torch.empty(sh.part_numel, dtype=torch.float32, device=x.device)
+                mn, mx, bad = observer_state(observer)
+                consts = _observer_consts(observer)
+                launch(_observe_partial_kernel, sh.partial_grid, x, part, mn, mx,
+                       bad, module_tickets(observer, x.device), *sh.plan_args, *consts,
+                       x2 if add else x, RELU=relu, ADD=add,
+                       EMA=_supported_observer(observer), SYMMETRIC=observer.symmetric,
+                       num_warps=4, **sh.partial_meta, **_LAUNCH)
+                mask = torch.empty(sh.nbytes if need else 1, dtype=torch.uint8,
+                                   device=x.device)
+                launch(_observe_fq_kernel, sh.fq_grid, _flat_span(x), _flat_span(y), mask,
+                       part[sh.qparams_at:], sh.n, sh.nbytes, sh.C, sh.m_l, sh.l_l,
+                       consts[2], consts[3], _flat_span(x2 if add else x), RELU=relu,
+                       SAVE_MASK=need, PER_CHANNEL=axis is not None, BLOCK=BLOCK, ADD=add,
+                       num_warps=NUM_WARPS, **_LAUNCH)
+            if rec is not None:
+                mn, mx, bad = observer_state(observer)
+                tk = module_tickets(observer, x.device)
+                fixed = {t.data_ptr() for t in (mn, mx, bad, tk)}
+                plan.fwd = _launch.replays(rec, (x, part, y, mask) + ((x2,) if add else ()),
+                                           fixed, 2)
+                plan.part, plan.mask = part.numel(), mask.numel()
         if need:
             save_mask(ctx, x, mask, relu=relu)  # +0.0 where ReLU is dead (fake_quant.py)
         ctx.add = add
@@ -537,7 +572,61 @@ class _ObserveTwoLaunch(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         g = mask_backward(ctx, grad)
-        return (g,) + (None,) * 5 + ((g,) if ctx.add else (None,))
+        return (g,) + (None,) * 5 + ((g,) if ctx.add else (None,)) + (None,)
+
+
+class _FqPlan:
+    """A per-tensor observe + fake quant call's replay (:func:`.launch.replays`): ``fwd``
+    None until recorded, False where not replayable, else its two launches; the partials'
+    and the mask's sizes; the programs the call resolved."""
+    __slots__ = ("fwd", "part", "mask", "programs")
+
+    def __init__(self, programs: int):
+        self.fwd, self.part, self.mask, self.programs = None, 0, 0, programs
+
+
+_REPLAYED = object()
+_NO_RECORDING = contextlib.nullcontext()
+_MAX_FQ_PLANS = 8
+
+
+def _fq_signature(x, observer, fake_quant, relu, addend, programs, tile) -> tuple:
+    """What a per-tensor observe + fake quant call's checks and two launches derive from
+    (the grad mode and the inputs' requires_grad decide the mask), with the addresses of
+    the observer's state and tickets; the inputs' own addresses are the call's."""
+    settings, ptrs = observer_signature(observer)
+    return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, relu, programs, tile,
+            None if addend is None else (addend.shape, addend.stride(), addend.dtype,
+                                         addend.device, addend.requires_grad),
+            torch.is_grad_enabled(), settings, fake_quant, fake_quant.enabled,
+            fake_quant.dtype) + ptrs
+
+
+def _replayed_fake_quant(x, observer, fake_quant, relu, addend, programs, tile):
+    """The call replayed where its signature has a replayable plan, else None."""
+    plans = observer.__dict__.get("_gpuquant_fq_plans")
+    if plans is None:
+        return None
+    plan = plans.get(_fq_signature(x, observer, fake_quant, relu, addend, programs, tile))
+    if not plan or not _plain_reduce(observer):  # (distributed: the world may change)
+        return None
+    mark_observed(observer)
+    return _ObserveTwoLaunch.apply(x, observer, None, relu, plan.programs, tile, addend,
+                                   plan)
+
+
+def _recorded_fake_quant(x, observer, fake_quant, relu, addend, programs, tile):
+    """The generic two-launch call, recorded for replays under its signature."""
+    plan = _FqPlan(programs or _two_launch_programs(x.device))
+    y = _ObserveTwoLaunch.apply(x, observer, None, relu, plan.programs, tile, addend, plan)
+    if plan.fwd is not None:
+        plans = observer.__dict__.get("_gpuquant_fq_plans")
+        if plans is None:
+            plans = observer.__dict__["_gpuquant_fq_plans"] = _launch.PlanCache()
+        if len(plans) >= _MAX_FQ_PLANS:
+            plans.clear()
+        plans[_fq_signature(x, observer, fake_quant, relu, addend, programs, tile)] = plan
+    return y
 
 
 def _two_launch_axis(x: torch.Tensor, observer, axis):
@@ -598,6 +687,11 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
         return None
     if auto_interpreter(x):  # the interpreter only when chosen with use("triton")
         return None
+    replay = _launch.replays_on()
+    if replay:  # a per-tensor call seen before with this signature: its launches again
+        y = _replayed_fake_quant(x, observer, fake_quant, relu, addend, programs, tile)
+        if y is not None:
+            return y
     if type(fake_quant) is not _fake_quantize_class() or not fake_quant.enabled \
             or not observer.enabled:
         return None
@@ -619,6 +713,8 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
         if not two:
             return None
         mark_observed(observer)
+        if replay:
+            return _recorded_fake_quant(x, observer, fake_quant, relu, addend, programs, tile)
         return _ObserveTwoLaunch.apply(x, observer, None, relu,
                                        programs or _two_launch_programs(x.device), tile, addend)
     if axis is not None and observer.min_val.numel() == 0 and not observer.check_finite \
@@ -635,6 +731,8 @@ def observe_fake_quant(x: torch.Tensor, observer, fake_quant, *, relu: bool = Fa
             y = observe_rows_fake_quant(xr, observer)
             if y is not None:
                 return _in_layout_of(y, x)
+        if replay and kaxis is None and xr is x:
+            return _recorded_fake_quant(x, observer, fake_quant, relu, None, programs, tile)
         return _in_layout_of(_ObserveTwoLaunch.apply(
             xr, observer, kaxis, relu, programs or _two_launch_programs(x.device), tile), x)
     with torch.no_grad():

@@ -37,7 +37,7 @@ nor pinned by the signature makes the step not replayable (the generic path runs
 recording again). The GPU work is the same, launch for launch (checked on the stand-in
 driver against both the generic path and Triton's own launch path, after each kind of
 change the signature must see). Off under the interpreter, with
-``GPUQUANT_TRITON_FAST_LAUNCH=0``, with launch hooks set, or with ``PLANS = False``.
+``GPUQUANT_TRITON_FAST_LAUNCH=0``, with launch hooks set, or with ``launch.REPLAYS = False``.
 
 Returns None (the caller runs the three-node form) for what it does not take: not a
 ``torch.nn.Conv2d`` with numeric padding and zero padding mode, a 4-d input, autocast off
@@ -57,10 +57,10 @@ from .bn_act import (_ACTS, _act_pair_ok, bn_act_backward, bn_act_forward, part_
                      vec_numel)
 from .bn_fold import (FOLD_VECTORS, _dense_grad, _rows_contiguous, _weight_pair_ok,
                       fold_backward, fold_forward, fold_vectors, pad16)
-from .common import INTERPRET, module_tickets, once_differentiable_kernels
+from .common import module_tickets, once_differentiable_kernels
 from .fake_quant import _FLOATS, as_rows, auto_interpreter, on_tensor_device
 from .launch import recording
-from .observer import _plain_reduce, mark_observed
+from .observer import _plain_reduce, mark_observed, observer_signature
 
 __all__ = ["conv_bn_act_train", "conv2d_backward", "OPS"]
 
@@ -87,7 +87,7 @@ class _ConvBnActTrain(torch.autograd.Function):
         xc = x if x.dtype == dt else x.to(dt)  # autocast's cast (none without it)
         stride, padding, dilation, groups = conv_args
         if plan is not None and plan.fwd:  # replay (plan.fwd None: record this step)
-            stream = _stream()
+            stream = _launch.current_stream()
             b = (buf.data_ptr(), wf.data_ptr())
             if (b[0] | b[1]) & 15:
                 _misaligned(name)
@@ -145,7 +145,7 @@ class _ConvBnActTrain(torch.autograd.Function):
         plan = ctx.plan
         gy = _dense_grad(gy, z)
         # None: record this backward; False: the generic path; else replay
-        replays = plan.bwd.get(need) if plan is not None and _plans_on() else False
+        replays = plan.bwd.get(need) if plan is not None and _launch.replays_on() else False
         part = torch.empty(plan.part_bwd if replays else part_numel(z, backward=True),
                            dtype=torch.float32, device=z.device)
         sums = torch.empty(5 * C, dtype=torch.float32, device=z.device)  # W, beta, E, co
@@ -156,7 +156,7 @@ class _ConvBnActTrain(torch.autograd.Function):
             if b[1] & 15:  # an incoming gradient at an odd address: the generic path
                 replays = False
         if replays:
-            stream = _stream()
+            stream = _launch.current_stream()
             replays[0](stream, b)
             replays[1](stream, b)
             gxc, gwc = conv2d_backward(gz, xc, wc, stride, padding, dilation, groups, need_x)
@@ -195,7 +195,7 @@ def _misaligned(name: str) -> None:
     """A replay's new tensors must be 16-byte aligned, as the recorded ones were (PyTorch's
     allocators align far more: this is an allocator that does not)."""
     raise RuntimeError(f"{name}: a new tensor's address is not 16-byte aligned; set "
-                           f"gpuquant.backends.triton.qat_layer.PLANS = False")
+                           f"gpuquant.backends.triton.launch.REPLAYS = False")
 
 
 def _autocast_dtype(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.dtype]:
@@ -208,9 +208,6 @@ def _autocast_dtype(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.dtype]:
 
 
 # --------------------------------------------------------------------------- layer plans
-PLANS = True  # layer plans (below) where launch plans are on; False: every call as generic
-
-
 class _LayerPlan:
     """What a layer's step replays while its :func:`_signature` holds: its six launches
     (three forward, three backward per set of needed gradients) as calls of the compiled
@@ -219,7 +216,7 @@ class _LayerPlan:
     an offset into one of the step's new tensors (:func:`_replays`). A replay skips the
     layer's checks, the launch path's keys and most of its allocations; the GPU work is
     the same. ``fwd`` None: not recorded yet; False: not replayable (the generic path runs
-    without recording); else the three forward launches."""
+    without recording); else the three forward launches (:func:`.launch.replays`)."""
     __slots__ = ("fwd", "bwd", "fixed", "rows_copy", "part", "part_bwd")
 
     def __init__(self, fixed):
@@ -227,86 +224,15 @@ class _LayerPlan:
         self.rows_copy, self.part, self.part_bwd = False, 0, 0
 
     def record_forward(self, rec, slots, rows_copy: bool, part: int) -> None:
-        self.fwd = _replays(rec, slots, self.fixed, 3)
+        self.fwd = _launch.replays(rec, slots, self.fixed, 3)
         self.rows_copy, self.part = rows_copy, part
 
     def record_backward(self, need, rec, slots) -> None:
-        self.bwd[need] = _replays(rec, slots, (), 3)
+        self.bwd[need] = _launch.replays(rec, slots, (), 3)
         self.part_bwd = slots[2].numel()
 
 
-def _stream():
-    drv = _launch.driver.active
-    return drv.get_current_stream(drv.get_current_device())
-
-
-def _replays(records, slots, fixed, n: int):
-    """The ``n`` recorded launches (:func:`.launch.recording`) as functions ``(stream,
-    pointers)`` calling each compiled kernel's launcher as the launch plan did, with every
-    tensor argument rewritten as an offset into one of ``slots`` (the step's tensors, in
-    order: ``pointers`` are their addresses at replay) or, failing that, kept as a constant
-    if it is in ``fixed`` (addresses the signature pins). False where that is not possible:
-    another number of launches, a launch without a plan (Triton's path), a pointer in
-    neither, a slot not 16-byte aligned (Triton specializes on alignment), an argument of
-    another kind."""
-    if len(records) != n:
-        return False
-    spans = []
-    for k, v in enumerate(slots):
-        p = v.data_ptr()
-        if p & 15:
-            return False
-        spans.append((p, p + v.numel() * v.element_size(), k))
-    out = []
-    for plan, grid, args, mask in records:
-        if plan is None:
-            return False
-        compiled, tail = plan[0], plan[1]
-        consts, items = [], []
-        for a, is_tensor in zip(args, mask):
-            if is_tensor:
-                at = next(((k, a - lo) for lo, hi, k in spans if lo <= a < hi), None)
-                if at is not None:
-                    items.append(f"b[{at[0]}] + {at[1]}" if at[1] else f"b[{at[0]}]")
-                    continue
-                if a not in fixed:
-                    return False
-            elif not isinstance(a, (int, float, bool, type(None))):
-                return False
-            items.append(f"K[{len(consts)}]")
-            consts.append(a)
-        for a in tail:
-            items.append(f"K[{len(consts)}]")
-            consts.append(a)
-        g = (tuple(grid) + (1, 1))[:3]
-        src = (f"lambda stream, b: run({g[0]}, {g[1]}, {g[2]}, stream, fn, md, None, None, "
-               f"None, {', '.join(items)})")
-        out.append(eval(src, {"run": compiled.run, "fn": compiled.function,  # noqa: S307
-                              "md": compiled.packed_metadata, "K": tuple(consts)}))
-    return tuple(out)
-
-
-class _Plans(dict):
-    """A layer's plans by signature, kept in its BatchNorm's ``__dict__``: never copied or
-    pickled with the module (they hold compiled kernels and addresses)."""
-
-    def __deepcopy__(self, memo):
-        return _Plans()
-
-    def __reduce__(self):
-        return _Plans, ()
-
-
 _MAX_LAYER_PLANS = 8  # signatures a layer keeps (train / eval batch sizes, autocast on / off)
-
-
-def _observer_sig(o) -> tuple:
-    b, d = o._buffers, o.__dict__
-    tk = d.get("_gpuquant_tickets")
-    return (o, o.enabled, d.get("_observed"), getattr(o, "momentum", None), o.dtype,
-            o.symmetric, o.check_finite, o.axis), \
-        (b["min_val"].data_ptr(), b["max_val"].data_ptr(), b["nonfinite_batches"].data_ptr(),
-         tk.data_ptr() if tk is not None else None)
 
 
 def _signature(x, conv, w, bias, bn, gamma, beta, dt, wo, wfq, ao, afq, act, min_gamma):
@@ -317,7 +243,7 @@ def _signature(x, conv, w, bias, bn, gamma, beta, dt, wo, wfq, ao, afq, act, min
     each call, not here."""
     b = bn._buffers
     tk = bn.__dict__.get("_gpuquant_tickets")
-    (wos, wop), (aos, aop) = _observer_sig(wo), _observer_sig(ao)
+    (wos, wop), (aos, aop) = observer_signature(wo), observer_signature(ao)
     ptrs = (w.data_ptr(), gamma.data_ptr(), beta.data_ptr(), b["running_mean"].data_ptr(),
             b["running_var"].data_ptr(), b["num_batches_tracked"].data_ptr(),
             bias.data_ptr() if bias is not None else None,
@@ -328,16 +254,6 @@ def _signature(x, conv, w, bias, bn, gamma, beta, dt, wo, wfq, ao, afq, act, min
             bn.eps, bn.momentum, bn.affine, gamma.dtype, beta.dtype,
             b["running_mean"].dtype, b["running_var"].dtype, wos, wfq, wfq.enabled,
             wfq.dtype, aos, afq, afq.enabled, afq.dtype) + ptrs, ptrs
-
-
-def _plans_on() -> bool:
-    """Layer plans apply: compiled kernels with launch plans and no launch hooks (a
-    profiler's hooks see each launch through Triton's path)."""
-    if not (PLANS and _launch.ENABLED) or INTERPRET:
-        return False
-    rt = _launch.knobs.runtime
-    return _launch._hook(rt.launch_enter_hook) is None and \
-        _launch._hook(rt.launch_exit_hook) is None
 
 
 # --------------------------------------------------------------------------- op
@@ -369,7 +285,7 @@ def conv_bn_act_train(x: torch.Tensor, conv, bn, w_observer, w_fake_quant, act_o
         return None
     dt = _autocast_dtype(x, w)
     min_gamma = float(min_gamma)
-    on = _plans_on()
+    on = _launch.replays_on()
     plan = plans = None
     if on:
         plans = bn.__dict__.get("_gpuquant_layer_plans")
@@ -402,7 +318,7 @@ def conv_bn_act_train(x: torch.Tensor, conv, bn, w_observer, w_fake_quant, act_o
         sig = _signature(x, conv, w, bias, bn, gamma, beta, dt, w_observer, w_fake_quant,
                          act_observer, act_fake_quant, act, min_gamma)[0]
         if plans is None:
-            plans = bn.__dict__["_gpuquant_layer_plans"] = _Plans()
+            plans = bn.__dict__["_gpuquant_layer_plans"] = _launch.PlanCache()
         if len(plans) >= _MAX_LAYER_PLANS:
             plans.clear()
         plans[sig] = plan

@@ -230,15 +230,14 @@ def qat_host_time(model: str = "resnet50", kinds=("float", "gpuquant-qat"), reps
     benchmark times). ``narrow``: the model at 1/8 of its width (same layers and launches),
     so the CPU compute of the SGD update and the weights' casts (25 M parameters at full
     width) is small and what is left is the host's work a step. A kind ending in
-    ``-no-layer-plans``: that provider with the QAT layer plans off. Best of 5 x ``reps``,
-    the kinds' timings interleaved."""
+    ``-no-replays``: that provider with replays (:func:`.launch.replays`) off. Best of 5 x
+    ``reps``, the kinds' timings interleaved."""
     import gc
 
     from ... import backends
     from ...bench.suites import qat_step as Q
     from ...bench.warm import _ShapeConv
     from . import launch as L
-    from . import qat_layer
     params = {"model": model, "batch": 2, "resolution": 32, "dtype": "bfloat16"}
     inp = Q._make_inputs(params, "cpu")(0)
     build, threads = Q._gpuquant_model, torch.get_num_threads()
@@ -247,14 +246,14 @@ def qat_host_time(model: str = "resnet50", kinds=("float", "gpuquant-qat"), reps
     try:
         with standin_cuda() as fake, backends.use("triton"), _ShapeConv():
             steps, launcher = {}, None
-            for kind in kinds:  # "...-no-layer-plans": that provider, qat_layer.PLANS off
-                qat_layer.PLANS = not kind.endswith(_NO_LAYER_PLANS)
-                step = Q._provider(kind.removesuffix(_NO_LAYER_PLANS), params, {}).setup(inp)
+            for kind in kinds:  # "...-no-replays": that provider, replays off
+                L.REPLAYS = not kind.endswith(_NO_REPLAYS)
+                step = Q._provider(kind.removesuffix(_NO_REPLAYS), params, {}).setup(inp)
                 step()
                 step()
                 fake.launches.clear()
                 step()
-                steps[kind] = (step, qat_layer.PLANS, len(fake.launches))
+                steps[kind] = (step, L.REPLAYS, len(fake.launches))
             plans = [p for p in L._PLANS.values() if p is not L._NO_PLAN]
             launcher = type(plans[0][0].run) if plans else None
             if launcher is not None:
@@ -265,7 +264,7 @@ def qat_host_time(model: str = "resnet50", kinds=("float", "gpuquant-qat"), reps
             try:
                 for _ in range(5):  # the kinds interleaved: this machine's noise is slow
                     for kind, (step, on, _) in steps.items():
-                        qat_layer.PLANS = on
+                        L.REPLAYS = on
                         best[kind] = min(best[kind], _best_seconds(step, reps, rounds=1))
             finally:
                 gc.enable()
@@ -275,18 +274,18 @@ def qat_host_time(model: str = "resnet50", kinds=("float", "gpuquant-qat"), reps
     finally:
         Q._gpuquant_model = build
         torch.set_num_threads(threads)
-        qat_layer.PLANS = True
+        L.REPLAYS = True
     return out
 
 
-_NO_LAYER_PLANS = "-no-layer-plans"
+_NO_REPLAYS = "-no-replays"
 
 
 def layer_host_time(layers: int = 8, reps: int = 200) -> dict:
     """{form: host microseconds a layer} of a training step (forward + backward, grads set
     to None) through a chain of ``layers`` ``ConvBnRelu2d(16, 16, 1)`` at batch 2, 4x4, for
     the float layer, the QAT layer (one autograd node: ``conv_bn_act_train``, its steps
-    replayed from layer plans), the same without layer plans, and the QAT layer in its
+    replayed from layer plans), the same without replays, and the QAT layer in its
     three-node form (that op declined). The compiled kernels' launcher is a
     no-op here, so what is timed is Python, PyTorch's dispatch (and its CPU compute of the
     tiny tensors, one thread) and the launch path, not the stand-in's recording. Best of
@@ -298,7 +297,7 @@ def layer_host_time(layers: int = 8, reps: int = 200) -> dict:
     from ... import nn as gnn
     from ...bench.suites.qat_step import qat_qconfig
     from ...quantization import quantize_qat
-    from . import OPS, qat_layer
+    from . import OPS
     from . import launch as L
     torch.manual_seed(0)
     cl = torch.channels_last
@@ -322,18 +321,18 @@ def layer_host_time(layers: int = 8, reps: int = 200) -> dict:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the tiny CPU ops: no thread-pool hand-offs
         try:
-            for form, m in (("float", f), ("qat", q), ("qat-no-layer-plans", q),
+            for form, m in (("float", f), ("qat", q), ("qat-no-replays", q),
                             ("qat-three-node", q)):
                 OPS["conv_bn_act_train"] = (lambda *a, **k: None) if form.endswith("node") \
                     else one_node
-                qat_layer.PLANS = form != "qat-no-layer-plans"
+                L.REPLAYS = form != "qat-no-replays"
                 step(m)
                 out[form] = _best_seconds(lambda: step(m), reps, rounds=9) / layers * 1e6
         finally:
             gc.enable()
             torch.set_num_threads(threads)
             OPS["conv_bn_act_train"] = one_node
-            qat_layer.PLANS = True
+            L.REPLAYS = True
             launcher.__call__ = record
     return out
 
@@ -457,7 +456,7 @@ def main(argv=None) -> int:
         return 0
     if argv and argv[0] == "--qat":
         for model in argv[1:] or ["resnet50"]:
-            kinds = ("float", "gpuquant-qat", "gpuquant-qat" + _NO_LAYER_PLANS)
+            kinds = ("float", "gpuquant-qat", "gpuquant-qat" + _NO_REPLAYS)
             for kind, (ms, n) in qat_host_time(model, kinds).items():
                 print(f"{model}: {kind} training step, host {ms:.1f} ms ({n} Triton launches)")
         return 0
