@@ -76,14 +76,18 @@ _REC = _Recording()
 
 
 @contextlib.contextmanager
-def recording():
-    """Within: each :func:`launch` of this thread appends ``(plan, grid, launcher
+def recording(on: bool = True):
+    """Within (``on``; else it yields None and records nothing): each :func:`launch` of
+    this thread appends ``(plan, grid, launcher
     arguments, tensor mask)`` to the list yielded, once it has launched: the plan that
     launch used or made (``(compiled, tail, meta, kern)``; None where Triton's path runs
     every time, e.g. under the interpreter), the grid resolved, the arguments as the
     plan hands them to the launcher (tensors as their data pointers) and which of them were
     tensors. What a caller replays a fixed sequence of launches from
     (:mod:`.qat_layer`'s layer plans)."""
+    if not on:
+        yield None
+        return
     prev = _REC.out
     _REC.out = out = []
     try:

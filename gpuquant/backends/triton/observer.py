@@ -38,7 +38,6 @@ observer with ``check_finite=True`` does its one host read (the raise on NaN / I
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import NamedTuple, Optional
@@ -538,8 +537,7 @@ class _ObserveTwoLaunch(torch.autograd.Function):
                 plan.fwd[1](stream, b)
                 plan = _REPLAYED
         if plan is not _REPLAYED:
-            with recording() if plan is not None and plan.fwd is None else _NO_RECORDING \
-                    as rec:
+            with recording(plan is not None and plan.fwd is None) as rec:
                 sh = _two_launch_shape(tuple(x.shape), x.stride(), axis, tile, programs)
                 part = torch.empty(sh.part_numel, dtype=torch.float32, device=x.device)
                 mn, mx, bad = observer_state(observer)
@@ -557,11 +555,8 @@ class _ObserveTwoLaunch(torch.autograd.Function):
                        SAVE_MASK=need, PER_CHANNEL=axis is not None, BLOCK=BLOCK, ADD=add,
                        num_warps=NUM_WARPS, **_LAUNCH)
             if rec is not None:
-                mn, mx, bad = observer_state(observer)
-                tk = module_tickets(observer, x.device)
-                fixed = {t.data_ptr() for t in (mn, mx, bad, tk)}
                 plan.fwd = _launch.replays(rec, (x, part, y, mask) + ((x2,) if add else ()),
-                                           fixed, 2)
+                                           set(observer_signature(observer)[1]), 2)
                 plan.part, plan.mask = part.numel(), mask.numel()
         if need:
             save_mask(ctx, x, mask, relu=relu)  # +0.0 where ReLU is dead (fake_quant.py)
@@ -586,7 +581,6 @@ class _FqPlan:
 
 
 _REPLAYED = object()
-_NO_RECORDING = contextlib.nullcontext()
 _MAX_FQ_PLANS = 8
 
 

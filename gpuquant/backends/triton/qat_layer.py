@@ -45,7 +45,6 @@ with an input dtype other than the weight's, and everything the two fused ops re
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -103,7 +102,7 @@ class _ConvBnActTrain(torch.autograd.Function):
             plan.fwd[1](stream, b)
             plan.fwd[2](stream, b)
         else:
-            with recording() if plan is not None else _NO_RECORDING as rec:
+            with recording(plan is not None) as rec:
                 buffers = bn._buffers  # (not Module.__getattr__: the per-step host path)
                 t, W, E = fold_forward(w, gamma, buffers["running_var"], bn.eps, min_gamma,
                                        w_observer, out_dtype=dt, out=(wf, buf))[1:4]
@@ -167,7 +166,7 @@ class _ConvBnActTrain(torch.autograd.Function):
             gb = sums[C:2 * C]
             gw = gw if need_w else None
         else:
-            with recording() if replays is None else _NO_RECORDING as rec:
+            with recording(replays is None) as rec:
                 vec = buf[FOLD_VECTORS * pad16(C):]
                 t, _, _, sigma, qs, qz = fold_vectors(buf, C)
                 gz, gW, gb, gE = bn_act_backward(gy, z, vec, beta, qmin, qmax, act, tick,
@@ -188,14 +187,11 @@ class _ConvBnActTrain(torch.autograd.Function):
                  else None)) + (None,) * 10
 
 
-_NO_RECORDING = contextlib.nullcontext()
-
-
 def _misaligned(name: str) -> None:
     """A replay's new tensors must be 16-byte aligned, as the recorded ones were (PyTorch's
     allocators align far more: this is an allocator that does not)."""
     raise RuntimeError(f"{name}: a new tensor's address is not 16-byte aligned; set "
-                           f"gpuquant.backends.triton.launch.REPLAYS = False")
+                       f"gpuquant.backends.triton.launch.REPLAYS = False")
 
 
 def _autocast_dtype(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.dtype]:
@@ -213,10 +209,10 @@ class _LayerPlan:
     (three forward, three backward per set of needed gradients) as calls of the compiled
     kernels' launchers with the argument lists that :mod:`.launch`'s plans handed them when
     the step was recorded, each pointer either a tensor the signature pins (a constant) or
-    an offset into one of the step's new tensors (:func:`_replays`). A replay skips the
+    an offset into one of the step's new tensors (:func:`.launch.replays`). A replay skips the
     layer's checks, the launch path's keys and most of its allocations; the GPU work is
     the same. ``fwd`` None: not recorded yet; False: not replayable (the generic path runs
-    without recording); else the three forward launches (:func:`.launch.replays`)."""
+    without recording); else the three forward launches."""
     __slots__ = ("fwd", "bwd", "fixed", "rows_copy", "part", "part_bwd")
 
     def __init__(self, fixed):
