@@ -650,7 +650,10 @@ def vec_numel(C: int) -> int:
 def part_numel(z: torch.Tensor, backward: bool = False) -> int:
     """The float32 elements of the partial sums :func:`bn_act_forward` (or, ``backward``,
     :func:`bn_act_backward`) reduces ``z``'s channels through."""
-    sh = _shape(z)
+    return _part_len(_shape(z), backward)
+
+
+def _part_len(sh: _Shape, backward: bool) -> int:
     return (2 if backward else 4) * sh.split * sh.C
 
 
@@ -665,7 +668,7 @@ def bn_act_forward(z, W, beta, E, t, bias, running_mean, running_var, nbt, momen
     sh = _shape(z)
     C = sh.C
     if out is None:
-        part = torch.empty(4 * sh.split * C, dtype=torch.float32, device=z.device)
+        part = torch.empty(_part_len(sh, False), dtype=torch.float32, device=z.device)
         vec = torch.empty(vec_numel(C), dtype=torch.float32, device=z.device)
         y = None
     else:
@@ -698,7 +701,7 @@ def bn_act_backward(gy, z, vec, beta, qmin, qmax, act: int, tick: torch.Tensor, 
     sh = _shape(z)
     C = sh.C
     if bufs is None:
-        part = torch.empty(2 * sh.split * C, dtype=torch.float32, device=z.device)
+        part = torch.empty(_part_len(sh, True), dtype=torch.float32, device=z.device)
         out = torch.empty(5 * C, dtype=torch.float32, device=z.device)  # W, beta, E, co (2C)
         gz = None
     else:

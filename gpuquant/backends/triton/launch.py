@@ -78,8 +78,8 @@ _REC = _Recording()
 @contextlib.contextmanager
 def recording(on: bool = True):
     """Within (``on``; else it yields None and records nothing): each :func:`launch` of
-    this thread appends ``(plan, grid, launcher
-    arguments, tensor mask)`` to the list yielded, once it has launched: the plan that
+    this thread appends ``(plan, grid, launcher arguments, tensor mask)`` to the list
+    yielded, once it has launched: the plan that
     launch used or made (``(compiled, tail, meta, kern)``; None where Triton's path runs
     every time, e.g. under the interpreter), the grid resolved, the arguments as the
     plan hands them to the launcher (tensors as their data pointers) and which of them were
@@ -179,7 +179,7 @@ def launch(kern, grid, *args, **meta):
     if plan is _NO_PLAN:
         compiled = kern[grid](*args, **meta)
         if _REC.out is not None:
-            _record(plan, grid, args, ptr_args)
+            _REC.out.append((None, None, None, None))
         return compiled
     compiled, tail, full_meta, _ = plan
     g = grid(full_meta) if callable(grid) else grid
@@ -191,11 +191,13 @@ def launch(kern, grid, *args, **meta):
                  None if enter is None else compiled.launch_metadata(g, stream, *args, *tail),
                  enter, leave, *ptr_args, *tail)
     if _REC.out is not None:
-        _REC.out.append((plan, g, ptr_args, [isinstance(a, _Tensor) for a in args]))
+        _record(plan, g, args, ptr_args)
     return compiled
 
 
 def _record(plan, grid, args, ptr_args) -> None:
+    """Append one launch to the open recording: (None, ...) for a launch that always takes
+    Triton's path; else the plan, the grid resolved and the launcher's arguments."""
     if plan is _NO_PLAN:
         _REC.out.append((None, None, None, None))
         return
