@@ -10,7 +10,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 TORCH_PIP_ARGS = $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-PYTEST_ARGS ?= -n 2
+# worksteal: an idle worker takes queued tests from the other. xdist's default ("load") hands
+# out consecutive chunks and never takes them back, which left one worker idle for the last
+# ~7 of 14 minutes (bench/README.md NOTES, 2026-11-28).
+PYTEST_ARGS ?= -n 2 --dist worksteal
 
 .PHONY: demo test test-triton36 bench clean gpu gpu-lease tcache wheels
 
