@@ -31,7 +31,9 @@ def _as_tensor(value, dtype: torch.dtype, what: str, bounds=None) -> torch.Tenso
             bad = (v < bounds.qmin) | (v > bounds.qmax)
             if bool(bad.any()):
                 _out_of_range(what, v[bad].flatten()[:4].tolist(), bounds)
-        return value.to(dtype)
+        # a copy, always: the caller's tensor changed after validation must not change these
+        # qparams (a float32 scale zeroed in place had made every later quantize saturate)
+        return value.to(dtype, copy=True)
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
         # a NumPy scalar (np.float32, np.int64, ...: registered as numbers.Real) as the
         # Python number it holds, exactly (np.bool_ is no numbers.Real and stays refused)
@@ -45,6 +47,15 @@ def _as_tensor(value, dtype: torch.dtype, what: str, bounds=None) -> torch.Tenso
     if bounds is not None and not bounds.qmin <= value <= bounds.qmax:
         _out_of_range(what, [value], bounds)
     return torch.tensor(value, dtype=dtype)
+
+
+def _max_scale(d: QuantDtype) -> float:
+    """The largest float32 scale whose ``scale * (qmax - qmin)`` is finite float32."""
+    span = torch.tensor(float(d.qmax - d.qmin))
+    big = torch.tensor(torch.finfo(torch.float32).max) / span
+    while not torch.isfinite(big * span):
+        big = torch.nextafter(big, torch.tensor(0.0))
+    return float(big)
 
 
 def _out_of_range(what: str, values: list, d: QuantDtype):
@@ -101,12 +112,18 @@ class QParams:
             zero_point = zero_point.to(scale.device)
         s = scale.detach().cpu()
         # 1 / scale (the kernels' inv_scale, float32) must be finite too: below ~2.94e-39 it
-        # is inf, and 0 * inf made 0.0 NaN
-        bad = ~torch.isfinite(s) | (s <= 0) | ~torch.isfinite(1.0 / s)
+        # is inf, and 0 * inf made 0.0 NaN; and the dtype's whole range dequantized,
+        # (q - zero_point) * scale, must be finite float32 (above ~1.3e36 for 8 bits it was
+        # inf)
+        span = float(self.dtype.qmax - self.dtype.qmin)
+        bad = ~torch.isfinite(s) | (s <= 0) | ~torch.isfinite(1.0 / s) | \
+            ~torch.isfinite(s * span)
         if bool(bad.any()):
-            raise ValueError(f"scale must be finite and > 0 with a finite float32 reciprocal "
-                             f"(>= {_MIN_SCALE:.3g}), got {s[bad].flatten()[:4].tolist()} "
-                             f"(at {int(bad.sum())} position(s))")
+            raise ValueError(f"scale must be finite and > 0 with a finite float32 reciprocal, "
+                             f"and {self.dtype.name}'s range times it finite in float32 (in "
+                             f"[{_MIN_SCALE:.3g}, {_max_scale(self.dtype):.3g}]), got "
+                             f"{s[bad].flatten()[:4].tolist()} (at {int(bad.sum())} "
+                             f"position(s))")
         self.scale = scale
         self.zero_point = zero_point
         self.axis = axis
@@ -142,6 +159,9 @@ class QParams:
         """
         if self.axis is None:
             return None
+        if ndim == 0:
+            raise ValueError(f"per-channel QParams (axis {self.axis}) need a tensor with a "
+                             f"channel axis, got a 0-d tensor")
         if not -ndim <= self.axis < ndim:
             raise ValueError(f"axis {self.axis} out of range for a tensor of {ndim} dimensions; "
                              f"allowed: [{-ndim}, {ndim - 1}]")
@@ -160,6 +180,19 @@ class QParams:
         return axis
 
     def to(self, device) -> "QParams":
+        """These qparams on ``device`` (a ``torch.device`` or a device string).
+
+        Raises:
+            ValueError: a string torch does not read as a device. TypeError: not a device.
+        """
+        if isinstance(device, str):
+            try:
+                device = torch.device(device)
+            except RuntimeError as e:
+                raise ValueError(f"QParams.to: not a device: {device!r} ({e})") from None
+        elif not isinstance(device, torch.device):
+            raise TypeError(f"QParams.to: device must be a torch.device or a device string, "
+                            f"got {type(device).__name__} ({device!r})")
         return QParams(self.dtype, self.scale.to(device), self.zero_point.to(device), self.axis)
 
     def item_scale(self) -> float:
@@ -194,6 +227,18 @@ class QParams:
 
     @classmethod
     def from_state(cls, state: dict) -> "QParams":
+        """The QParams of a :meth:`state` dict (validated as the constructor validates).
+
+        Raises:
+            TypeError: not a dict. ValueError: a key missing; what the constructor raises.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"QParams.from_state needs a dict (QParams.state()), got "
+                            f"{type(state).__name__}")
+        missing = [k for k in ("dtype", "scale", "zero_point", "axis") if k not in state]
+        if missing:
+            raise ValueError(f"QParams.from_state: the state lacks {missing}; a QParams state "
+                             f"has dtype, scale, zero_point and axis (QParams.state())")
         return cls(state["dtype"], state["scale"], state["zero_point"], state["axis"])
 
 

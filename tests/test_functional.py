@@ -208,6 +208,22 @@ def test_dequantize_validation_errors():
                    QParams(gpuquant.qint8, torch.full((5,), 0.1), torch.zeros(5, dtype=torch.int32), axis=-2))
 
 
+@pytest.mark.parametrize("dtype", [gpuquant.qint4, gpuquant.quint4, gpuquant.qint8_narrow])
+def test_dequantize_refuses_values_outside_a_narrow_dtype(dtype):
+    info = torch.iinfo(dtype.storage)
+    zp = (dtype.qmin + dtype.qmax) // 2
+    qp = QParams(dtype, 0.1, zp)
+    q = torch.randint(dtype.qmin, dtype.qmax + 1, (3, 17), dtype=torch.int64)
+    ok = dequantize(q.to(dtype.storage), qp)  # in range: as before
+    assert torch.equal(ok, (q - zp).float() * qp.scale)
+    outside = list(range(info.min, dtype.qmin)) + list(range(dtype.qmax + 1, info.max + 1))
+    v = outside[int(torch.randint(0, len(outside), ()))]
+    q[1, int(torch.randint(0, 17, ()))] = v
+    with pytest.raises(ValueError, match=fr"q holds \[{v}\] \(at 1 position\(s\)\), outside "
+                                         fr"{dtype.name}'s range"):
+        dequantize(q.to(dtype.storage), qp)
+
+
 def test_fake_quant_validation_errors():
     qp = QParams(gpuquant.qint8, 0.1, 0)
     with pytest.raises(TypeError, match="float32"):

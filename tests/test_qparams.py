@@ -124,3 +124,47 @@ def test_numpy_scalars_are_numbers_like_python_ones():
         QParams(gpuquant.qint8, np.bool_(True), 0)
     with pytest.raises(TypeError):
         QParams(gpuquant.qint8, 0.1, np.bool_(False))
+
+
+def test_qparams_own_copies_of_the_tensors_they_were_given():
+    s = torch.rand(3) + 0.05
+    z = torch.randint(-5, 5, (3,), dtype=torch.int32)
+    qp = QParams(gpuquant.qint8, s, z, axis=0)
+    want_s, want_z = s.clone(), z.clone()
+    s.zero_()  # changed after validation: must not reach the qparams
+    z.fill_(1000)
+    assert torch.equal(qp.scale, want_s) and torch.equal(qp.zero_point, want_z)
+
+
+@pytest.mark.parametrize("dtype", [gpuquant.qint8, gpuquant.quint8, gpuquant.qint4,
+                                   gpuquant.qint32])
+def test_scale_whose_range_overflows_float32_is_refused(dtype):
+    from gpuquant.qparams import _max_scale
+    top = _max_scale(dtype)
+    span = torch.tensor(float(dtype.qmax - dtype.qmin))
+    assert torch.isfinite(torch.tensor(top) * span)  # the bound itself is accepted
+    QParams(dtype, top, 0 if dtype.qmin < 0 else dtype.qmin)
+    over = float(torch.nextafter(torch.tensor(top), torch.tensor(math.inf)))
+    big = float(torch.empty(()).uniform_(over, 3e38))
+    for v in (over, big):
+        with pytest.raises(ValueError, match=f"{dtype.name}'s range times it finite"):
+            QParams(dtype, v, 0 if dtype.qmin < 0 else dtype.qmin)
+
+
+def test_from_state_and_to_name_what_is_wrong():
+    with pytest.raises(ValueError, match=r"lacks \['zero_point', 'axis'\]"):
+        QParams.from_state({"dtype": "qint8", "scale": 0.1})
+    with pytest.raises(TypeError, match="needs a dict"):
+        QParams.from_state([("dtype", "qint8")])
+    qp = QParams(gpuquant.qint8, 0.1)
+    with pytest.raises(ValueError, match="QParams.to: not a device: 'foo'"):
+        qp.to("foo")
+    with pytest.raises(TypeError, match="device must be a torch.device or a device string"):
+        qp.to(3.5)
+    assert qp.to("cpu") == qp and qp.to(torch.device("cpu")) == qp
+
+
+def test_per_channel_qparams_on_a_0d_tensor_say_it_has_no_channel_axis():
+    qp = QParams(gpuquant.qint8, torch.rand(1) + 0.1, 0, axis=0)
+    with pytest.raises(ValueError, match="need a tensor with a channel axis, got a 0-d tensor"):
+        qp.check_tensor(torch.tensor(1.0))

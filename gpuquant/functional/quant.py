@@ -10,6 +10,8 @@ from ..qparams import QParams
 __all__ = ["quantize", "dequantize", "fake_quant"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_STORAGE_RANGE = {t: (torch.iinfo(t).min, torch.iinfo(t).max)
+                  for t in (torch.int8, torch.uint8, torch.int32)}
 
 
 def _check_float(x, fn: str) -> None:
@@ -70,15 +72,24 @@ def dequantize(q: torch.Tensor, qparams: QParams) -> torch.Tensor:
 
     Raises:
         TypeError: q is not an integer tensor of the qparams' storage dtype.
-        ValueError: axis out of range or channel count mismatch.
+        ValueError: axis out of range or channel count mismatch; in a CPU ``q`` of a dtype
+            narrower than its storage (qint4, quint4, qint8_narrow), a value outside the
+            dtype's range (not checked on CUDA: a host sync every call).
     """
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"dequantize: q must be a torch.Tensor, got {type(q).__name__}")
     _check_qparams(qparams, "dequantize")
-    if q.dtype != qparams.dtype.storage:
-        raise TypeError(f"dequantize: q has dtype {q.dtype} but {qparams.dtype.name} is stored "
-                        f"as {qparams.dtype.storage}")
+    d = qparams.dtype
+    if q.dtype != d.storage:
+        raise TypeError(f"dequantize: q has dtype {q.dtype} but {d.name} is stored "
+                        f"as {d.storage}")
     axis = qparams.check_tensor(q)
+    if not q.is_cuda and q.numel() and (d.qmin, d.qmax) != _STORAGE_RANGE.get(d.storage):
+        bad = (q < d.qmin) | (q > d.qmax)
+        if bool(bad.any()):  # (CPU only, as quantize's NaN check)
+            raise ValueError(f"dequantize: q holds {q[bad].flatten()[:4].tolist()} (at "
+                             f"{int(bad.sum())} position(s)), outside {d.name}'s range "
+                             f"[{d.qmin}, {d.qmax}]")
     s, z = _on(qparams, q)
     return get_op("dequantize", q)(q, s, z, axis)
 

@@ -131,6 +131,9 @@ def _bad_scale(s: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(s) | (s <= 0) | ~torch.isfinite(1.0 / s)
 
 
+_NO_SCALE = "gives no usable scale (finite, > 0, with a finite float32 reciprocal)"
+
+
 def _scale_error(what: str, s: torch.Tensor, bad: torch.Tensor) -> str:
     """The text naming the bad scale values (host reads: error path only)."""
     return (f"{what} must be finite and > 0 with a finite float32 reciprocal "
@@ -475,6 +478,19 @@ class _LearnedBase(FakeQuantBase):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        init = state_dict.get(prefix + "initialized", self.initialized)
+        if isinstance(init, torch.Tensor) and init.numel() == 1 and bool(init):
+            # a state_dict is outside input: refuse learned values forward cannot use (a
+            # diverged run's NaN scale, a log2_t past float32) before anything is copied
+            def incoming(name):
+                t = state_dict.get(prefix + name)
+                return (t if isinstance(t, torch.Tensor) else getattr(self, name)).detach()
+            for what, vals, bad, why in self._loaded_problems(incoming):
+                if bool(bad.any()):
+                    raise ValueError(f"{type(self).__name__}: the state's {what} "
+                                     f"{vals.cpu()[bad.cpu()].flatten()[:4].tolist()} (at "
+                                     f"{int(bad.sum())} position(s)) {why}; refusing to load "
+                                     f"it (the module keeps its state)")
         for name, t in list(self.named_parameters(recurse=False)) + \
                 list(self.named_buffers(recurse=False)):
             src = state_dict.get(prefix + name)
@@ -563,6 +579,13 @@ class LSQ(_LearnedBase):
         return _lsq_fake_quant(x, self._effective_scale(), self.zero_point, d.qmin, d.qmax, axis,
                                g)
 
+    def _loaded_problems(self, incoming):
+        """(name, values, where unusable) of a state's learned values (a load's check)."""
+        s = incoming("scale").float()
+        zp = incoming("zero_point").float()
+        return (("scale", s, _bad_scale(s.abs().clamp_min(_EPS)) | torch.isnan(s), _NO_SCALE),
+                ("zero_point", zp, ~torch.isfinite(zp), "is not finite"))
+
     def get_qparams(self) -> Optional[QParams]:
         """The learned qparams (no host sync), or None before initialisation."""
         if not self._initialized:
@@ -615,6 +638,11 @@ class TQT(_LearnedBase):
             return x
         axis = self._prepare(x, qparams, "log2_t")
         return _tqt_fake_quant(x, self.log2_t, self.dtype.qmin, self.dtype.qmax, axis)
+
+    def _loaded_problems(self, incoming):
+        """(name, values, where unusable) of a state's learned values (a load's check)."""
+        t = incoming("log2_t").float()
+        return (("log2_t", t, _bad_scale(_tqt_scale(t, self.dtype.qmax)), _NO_SCALE),)
 
     def get_qparams(self) -> Optional[QParams]:
         """The power-of-two qparams (no host sync), or None before initialisation."""

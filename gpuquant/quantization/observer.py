@@ -120,12 +120,38 @@ def _raise_range(name: str, lo: torch.Tensor, hi: torch.Tensor, fits: torch.Tens
     where = "" if lo.dim() == 0 else f" (channel {i}; {int(bad.sum())} channel(s) in all)"
     if not (math.isfinite(lo_v) and math.isfinite(hi_v)):
         why = "it is not finite (NaN or Inf, e.g. a moving average that overflowed float32)"
+    elif lo_v > hi_v:
+        why = "min > max (no data gives that; torch.ao's observers refuse it too)"
     else:
         why = (f"its width max(max, 0) - min(min, 0) overflows float32 (> 3.4e38), so the "
                f"affine scale (max - min) / {dtype.qmax - dtype.qmin} would be inf; only a "
                f"symmetric range (symmetric=True) or rescaled data can be quantized")
     raise ValueError(f"{name}: the range [min, max] = [{lo_v:.6g}, {hi_v:.6g}]{where} gives no "
                      f"finite float32 scale: {why}; {action}")
+
+
+def _incoming(state_dict, key: str, current: torch.Tensor) -> torch.Tensor:
+    """What loading ``state_dict`` would put in the buffer ``current`` (its entry ``key``, else
+    its own value), as float32 on the CPU: checked before anything is copied, so that a
+    refused state leaves the observer as it was."""
+    t = state_dict.get(key)
+    t = current if not isinstance(t, torch.Tensor) else t
+    return t.detach().to("cpu", torch.float32)
+
+
+def _check_loaded_range(name: str, lo: torch.Tensor, hi: torch.Tensor, symmetric: bool,
+                        dtype: QuantDtype) -> None:
+    """Raise (before the load) for a state whose recorded range gives no finite scale or
+    has min > max in some channel; channels never observed (+-inf, or NaN ends) are left
+    to the observed flag, as a fresh observer's."""
+    if lo.shape != hi.shape or lo.numel() == 0:
+        return  # (torch's size checks report it)
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    if bool(finite.any()):
+        fits = (_range_fits(lo, hi, symmetric) & (lo <= hi)) | ~finite
+        if not bool(fits.all()):
+            _raise_range(name, lo, hi, fits, symmetric, dtype,
+                         "refusing to load it (the observer keeps its state)")
 
 
 def _qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: QuantDtype,
@@ -404,6 +430,10 @@ class _RangeObserver(Observer):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # a state_dict is outside input: its range must give a scale (checked first)
+        _check_loaded_range(self._name(), _incoming(state_dict, prefix + "min_val", self.min_val),
+                            _incoming(state_dict, prefix + "max_val", self.max_val),
+                            self.symmetric, self.dtype)
         for name in ("min_val", "max_val"):
             t = state_dict.get(prefix + name)
             if t is not None and t.shape != getattr(self, name).shape:
@@ -417,11 +447,6 @@ class _RangeObserver(Observer):
                                       unexpected_keys, error_msgs)
         finite = torch.isfinite(self.min_val) & torch.isfinite(self.max_val)
         self._observed = self.min_val.numel() > 0 and bool(finite.any())
-        if self._observed:  # a state_dict is outside input: its range must give a scale
-            fits = _range_fits(self.min_val, self.max_val, self.symmetric) | ~finite
-            if not bool(fits.all()):
-                _raise_range(self._name(), self.min_val, self.max_val, fits, self.symmetric,
-                             self.dtype, "refusing to load it")
 
 
 class MinMaxObserver(_RangeObserver):
@@ -771,6 +796,14 @@ class HistogramObserver(Observer):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # a state_dict is outside input: the bins' range must fit float32 (checked first)
+        hist = _incoming(state_dict, prefix + "histogram", self.histogram)
+        if bool(torch.isfinite(_incoming(state_dict, prefix + "min_val", self.min_val)).all()) \
+                and bool(hist.sum() > 0):
+            _check_loaded_range(self._name(), _incoming(state_dict, prefix + "hist_lo",
+                                                        self.hist_lo),
+                                _incoming(state_dict, prefix + "hist_hi", self.hist_hi),
+                                self.symmetric, self.dtype)
         t = state_dict.get(prefix + "histogram")
         if t is not None and t.shape != self.histogram.shape:
             self.histogram = torch.empty_like(t, device=self.histogram.device)
@@ -778,11 +811,6 @@ class HistogramObserver(Observer):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._observed = bool(torch.isfinite(self.min_val)) and bool(self.histogram.sum() > 0)
-        if self._observed:  # a state_dict is outside input: the bins' range must fit float32
-            fits = _range_fits(self.hist_lo, self.hist_hi, self.symmetric)
-            if not bool(fits):
-                _raise_range(self._name(), self.hist_lo, self.hist_hi, fits, self.symmetric,
-                             self.dtype, "refusing to load it")
 
     def extra_repr(self) -> str:
         extra = f", percentile={self.percentile}" if self.mode == "percentile" else ""
@@ -845,6 +873,18 @@ class PassiveObserver(Observer):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # validate first (a state_dict is outside input): a refused state leaves this as it was
+        is_set = state_dict.get(prefix + "is_set", self.is_set)
+        scale = state_dict.get(prefix + "scale", self.scale)
+        zp = state_dict.get(prefix + "zero_point", self.zero_point)
+        if isinstance(is_set, torch.Tensor) and bool(is_set) and \
+                all(isinstance(t, torch.Tensor) for t in (scale, zp)) and \
+                (self.axis is None) == (scale.dim() == 0):  # (else torch's size error)
+            try:
+                QParams(self.dtype, scale.detach().float(), zp.detach(), self.axis)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{self._name()}: the state's qparams are invalid: {e}; "
+                                 f"refusing to load it (the observer keeps its state)") from None
         mismatch = False
         for name in ("scale", "zero_point"):
             t = state_dict.get(prefix + name)
@@ -858,5 +898,3 @@ class PassiveObserver(Observer):
         if mismatch:  # load_state_dict raises the message
             return
         self._observed = bool(self.is_set)
-        if self._observed:  # validate: a state_dict is outside input
-            QParams(self.dtype, self.scale, self.zero_point, self.axis)

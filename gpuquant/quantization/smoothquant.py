@@ -85,8 +85,8 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
         ``{qualified_name: float32 tensor (in_features,)}``.
 
     Raises:
-        TypeError: model not a Module, data neither iterable nor callable, filter_fn not
-            callable or not returning a bool.
+        TypeError: model not a Module, data neither iterable nor callable, a batch neither
+            a tensor nor a tuple / list, filter_fn not callable or not returning a bool.
         ValueError: the data produced NaN / Inf activations, or reached no Linear with at
             least one token.
     """
@@ -99,7 +99,8 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
             x = args[0] if args else kwargs.get("input")
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"calibrate_linear_inputs: {name!r} was called without its "
-                                f"input tensor (positional or input=...)")
+                                f"input tensor (positional or input=...), got "
+                                f"{type(x).__name__}")
             x = x.detach()
             if x.numel() == 0:  # no tokens: nothing to record
                 return
@@ -121,8 +122,17 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
                 except TypeError:
                     raise TypeError(f"data must be an iterable of inputs or a callable, got "
                                     f"{type(data).__name__}") from None
-                for batch in it:
-                    model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+                for i, batch in enumerate(it):
+                    if isinstance(batch, (tuple, list)):
+                        model(*batch)
+                    elif isinstance(batch, torch.Tensor):
+                        model(batch)
+                    else:
+                        raise TypeError(
+                            f"calibrate_linear_inputs: batch {i} of data is a "
+                            f"{type(batch).__module__}.{type(batch).__name__}; each batch "
+                            f"must be a tensor or a tuple of the model's positional "
+                            f"arguments (a NumPy array: torch.from_numpy)")
     finally:
         for h in hooks:
             h.remove()
@@ -165,10 +175,21 @@ def _weight_input_absmax(act_absmax, name: str, lin, fn: str) -> torch.Tensor:
     return a
 
 
-def _check_absmax_dict(act_absmax, fn: str) -> None:
+def _check_absmax_dict(act_absmax, fn: str, model: torch.nn.Module) -> None:
+    """A dict whose every key names a Linear of ``model`` (a misspelt name left that Linear
+    unsmoothed or float, silently)."""
     if not isinstance(act_absmax, Mapping):
         raise TypeError(f"{fn}: act_absmax must be a dict {{linear name: tensor}} (from "
                         f"calibrate_linear_inputs), got {type(act_absmax).__name__}")
+    known = {n for n, m in model.named_modules(remove_duplicate=False)
+             if isinstance(m, torch.nn.Linear)}
+    unknown = [k for k in act_absmax if k not in known]
+    if unknown:
+        some = sorted(known)[:6]
+        raise ValueError(f"{fn}: act_absmax names {unknown[:4]!r}, which "
+                         f"{'is' if len(unknown) == 1 else 'are'} not a Linear of the model; "
+                         f"its Linears: {some}{' ...' if len(known) > len(some) else ''} "
+                         f"({len(known)} in all)")
 
 
 def smoothing_factors(act_absmax: torch.Tensor, weights: Iterable[torch.Tensor],
@@ -245,7 +266,8 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
         The smoothed model (same float function up to rounding).
 
     Raises:
-        ValueError: alpha out of range; unknown names; a fold target that is not a norm with
+        ValueError: alpha out of range; unknown names (in act_absmax: not a Linear of the
+            model); a fold target that is not a norm with
             a weight; a fold group listing no Linear, or one that ``filter_fn`` excludes only
             in part (the message names the Linears and the norm); a fold group whose
             norm or Linears are parametrized (``torch.nn.utils.parametrize``); a Linear without
@@ -255,7 +277,7 @@ def smooth_quant(model: torch.nn.Module, act_absmax: Dict[str, torch.Tensor], al
             dict; filter_fn not callable or not returning a bool; inplace not a bool.
     """
     check_model_args(model, filter_fn, inplace, "smooth_quant")
-    _check_absmax_dict(act_absmax, "smooth_quant")
+    _check_absmax_dict(act_absmax, "smooth_quant", model)
     if fold is not None and not isinstance(fold, Mapping):
         raise TypeError(f"smooth_quant: fold must be a dict {{norm_name: [linear_name, ...]}} "
                         f"or None, got {type(fold).__name__}")
@@ -365,11 +387,12 @@ def quantize_static_linear(model: torch.nn.Module, act_absmax: Dict[str, torch.T
     Raises:
         TypeError: model not a Module; act_absmax not a dict of float tensors; filter_fn not
             callable or not returning a bool; inplace not a bool.
-        ValueError: unsupported dtype; in_features that could overflow int32; calibration
-            data of the wrong shape (not ``(in_features,)``), negative or not finite.
+        ValueError: unsupported dtype; in_features that could overflow int32; a name in
+            act_absmax that is no Linear of the model; calibration data of the wrong shape
+            (not ``(in_features,)``), negative or not finite.
     """
     check_model_args(model, filter_fn, inplace, "quantize_static_linear")
-    _check_absmax_dict(act_absmax, "quantize_static_linear")
+    _check_absmax_dict(act_absmax, "quantize_static_linear", model)
     ad = _check_dtype(dtype, ACT_DTYPES, "quantize_static_linear: dtype")
     wd = _check_dtype(weight_dtype, WEIGHT_DTYPES, "quantize_static_linear: weight_dtype")
     if not inplace:

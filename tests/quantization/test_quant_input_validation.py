@@ -157,8 +157,75 @@ def test_loading_a_state_dict_with_a_too_wide_range_is_refused(cls):
     for k in ("max_val", "hist_hi"):
         if k in sd:
             sd[k] = torch.tensor(3e38)
+    dst = cls(dtype=gpuquant.quint8, symmetric=False)
+    dst(torch.randn(12) * 3)
+    before, state = dst.get_qparams(), _state(dst)
     with pytest.raises(ValueError, match="refusing to load it"):
-        cls(dtype=gpuquant.quint8, symmetric=False).load_state_dict(sd)
+        dst.load_state_dict(sd)
+    # refused before anything was copied: the observer is as it was
+    assert dst.get_qparams() == before
+    assert _same_state(state, _state(dst))
+
+
+@pytest.mark.parametrize("cls", [MinMaxObserver, HistogramObserver])
+def test_loading_a_state_dict_with_min_above_max_is_refused(cls):
+    src = cls()
+    src(torch.randn(10))
+    sd = src.state_dict()
+    lo, hi = ("hist_lo", "hist_hi") if "hist_lo" in sd else ("min_val", "max_val")
+    v = float(torch.rand(()) * 5 + 0.5)
+    sd[lo], sd[hi] = torch.tensor(v), torch.tensor(-v)  # min > max: no data gives it
+    dst = cls()
+    dst(torch.randn(9))
+    before = dst.get_qparams()
+    with pytest.raises(ValueError, match="min > max"):
+        dst.load_state_dict(sd)
+    assert dst.get_qparams() == before
+    cls().load_state_dict(cls().state_dict())  # a fresh (unobserved) state loads
+
+
+def test_loading_a_per_channel_state_with_one_channel_inverted_is_refused():
+    src = MinMaxObserver(axis=0)
+    src(torch.randn(5, 7))
+    sd = src.state_dict()
+    c = int(torch.randint(0, 5, ()))
+    sd["max_val"][c] = sd["min_val"][c] - 1.0
+    with pytest.raises(ValueError, match=f"channel {c}; 1 channel"):
+        MinMaxObserver(axis=0).load_state_dict(sd)
+
+
+def test_loading_invalid_passive_qparams_is_refused_and_keeps_the_old_ones():
+    from gpuquant.quantization import PassiveObserver
+    src = PassiveObserver()
+    src.set_qparams(QParams(gpuquant.qint8, 0.1))
+    sd = src.state_dict()
+    sd["scale"] = -torch.rand(()) - 0.01
+    dst = PassiveObserver()
+    qp = QParams(gpuquant.qint8, float(torch.rand(()) + 0.1), 1)
+    dst.set_qparams(qp)
+    with pytest.raises(ValueError, match="the state's qparams are invalid"):
+        dst.load_state_dict(sd)
+    assert dst.get_qparams() == qp
+
+
+@pytest.mark.parametrize("make, name, bad", [
+    (lambda: LSQ(), "scale", float("nan")),
+    (lambda: LSQ(symmetric=False), "zero_point", float("inf")),
+    (lambda: TQT(), "log2_t", 200.0),
+    (lambda: TQT(), "log2_t", float("nan")),
+])
+def test_loading_learned_values_forward_cannot_use_is_refused(make, name, bad):
+    src = make()
+    src(torch.randn(16))
+    sd = src.state_dict()
+    sd[name] = torch.tensor(bad)
+    dst = make()
+    dst(torch.randn(16) * 2)
+    state = _state(dst)
+    with pytest.raises(ValueError, match=f"the state's {name} .*refusing to load it"):
+        dst.load_state_dict(sd)
+    assert _same_state(state, _state(dst))
+    make().load_state_dict(make().state_dict())  # uninitialised: nothing to check
 
 
 # --------------------------------------------------------------------------- qparams_from_min_max
@@ -215,11 +282,11 @@ def test_tqt_refuses_thresholds_above_2_pow_127(backend):
     with pytest.raises(ValueError, match=r"TQT: initialising log2_t from the data .*\[inf\]"):
         fq(torch.tensor([big, -1.0]))
     assert fq.get_qparams() is None
-    # from valid qparams whose threshold scale * 128 exceeds float32
-    s = float(torch.empty(()).uniform_(1e37, 1e38))
-    fq = TQT(gpuquant.qint8)
+    # from valid qparams (255 scale finite) whose threshold 255 scale is past 2**127
+    s = float(torch.empty(()).uniform_(2.0 ** 127 / 255 * 1.01, 1.33e36))
+    fq = TQT(gpuquant.quint8)
     with pytest.raises(ValueError, match=r"TQT: initialising log2_t from the qparams"):
-        fq(torch.randn(8), QParams(gpuquant.qint8, s, 0))
+        fq(torch.rand(8), QParams(gpuquant.quint8, s, 0))
     assert fq.get_qparams() is None
     # the largest threshold that works: 2**127 gives the scale 2**120
     fq = TQT(init="data")
@@ -372,6 +439,28 @@ def test_smoothquant_functions_check_the_calibration_data(fn, bad, exc, msg):
         call(net, {"2": good, "0": bad})
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert type(net[0]) is torch.nn.Linear and type(net[2]) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("fn", ["smooth_quant", "quantize_static_linear"])
+def test_smoothquant_functions_refuse_names_that_are_no_linear(fn):
+    net = _net()
+    before = copy.deepcopy(net.state_dict())
+    call = smooth_quant if fn == "smooth_quant" else quantize_static_linear
+    for key in ("zz", "1", "layer0"):  # nothing, the ReLU, a misspelling
+        with pytest.raises(ValueError, match=fr"{fn}: act_absmax names \['{key}'\], which is "
+                                             fr"not a Linear of the model; its Linears: "
+                                             fr"\['0', '2'\]"):
+            call(net, {"0": torch.rand(8) + 0.1, key: torch.rand(8) + 0.1})
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert type(net[0]) is torch.nn.Linear and type(net[2]) is torch.nn.Linear
+
+
+def test_calibration_data_of_numpy_rows_is_refused_by_name():
+    import numpy as np
+    from gpuquant.quantization.smoothquant import calibrate_linear_inputs
+    with pytest.raises(TypeError, match="batch 0 of data is a numpy.ndarray; each batch must "
+                                        "be a tensor or a tuple"):
+        calibrate_linear_inputs(_net(), np.ones((2, 8), np.float32))
 
 
 def test_smoothquant_functions_refuse_a_non_dict_and_smoothing_factors_checks_too():
