@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-__all__ = ["quantize_multiplier_one", "activation_bounds", "single_rounding_multiplier",
+__all__ = ["quantize_multiplier_one", "SATURATED", "activation_bounds", "single_rounding_multiplier",
            "add_multipliers", "ADD_LEFT_SHIFT", "ACTIVATIONS", "INT32_MIN", "INT32_MAX"]
 
 INT32_MIN = -(2 ** 31)
@@ -20,13 +20,22 @@ ACTIVATIONS = ("none", "relu", "relu6")
 ADD_LEFT_SHIFT = 20
 
 
-def quantize_multiplier_one(m: float):
+SATURATED = (2 ** 31 - 1, -30)  # the largest multiplier: ~2^30
+
+
+def quantize_multiplier_one(m: float, saturate: bool = False):
     """``m > 0`` -> ``(multiplier, rshift)`` with ``multiplier`` in [2^30, 2^31) and
     ``m ~= multiplier * 2^-31 * 2^-rshift`` (TFLite ``QuantizeMultiplier``: ``math.frexp``,
     rounding half away from zero); below 2^-32 (``frexp`` exponent < -31) -> ``(0, 0)``.
 
+    ``m >= 2^30`` with ``saturate`` (an output range narrower than 2^30, every 8- and 4-bit
+    dtype) -> :data:`SATURATED`, the largest multiplier: with it, as with ``m`` itself, an
+    accumulator of 0 gives the zero point and every other one saturates the output (``|acc|
+    m >= 2^30``), so the bytes are those of the exact multiplier. Such scales come from a
+    layer whose calibrated output range is empty (a dead ReLU: scale eps) after large inputs.
+
     Raises:
-        ValueError: ``m`` not finite and > 0, or ``m >= 2^30``.
+        ValueError: ``m`` not finite and > 0, or ``m >= 2^30`` without ``saturate``.
     """
     if not (m > 0 and math.isfinite(m)):
         raise ValueError(f"requantization multiplier must be finite and > 0, got {m!r}")
@@ -38,8 +47,10 @@ def quantize_multiplier_one(m: float):
     if e < -31:  # too small to represent: TFLite flushes to zero
         return 0, 0
     if e > 30:
-        raise ValueError(f"requantization multiplier {m!r} too large (>= 2^30): scales are "
-                         f"inconsistent")
+        if saturate:
+            return SATURATED
+        raise ValueError(f"requantization multiplier {m!r} too large (>= 2^30) for an output "
+                         f"range of 2^30 or more: scales are inconsistent")
     return int(q_fixed), int(-e)
 
 

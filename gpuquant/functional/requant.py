@@ -40,14 +40,17 @@ from ..multipliers import activation_bounds, add_multipliers  # noqa: E402
 from ..multipliers import quantize_multiplier_one as _quantize_one  # noqa: E402
 
 
-def quantize_multiplier(real) -> tuple:
+def quantize_multiplier(real, saturate: bool = False) -> tuple:
     """Float multipliers -> (int32 multiplier tensor, int32 rshift tensor), same shape.
 
     Args:
         real: float, sequence or tensor of positive multipliers (computed in float64).
+        saturate: the output range is narrower than 2^30: multipliers >= 2^30 become the
+            largest one, which saturates every nonzero accumulator as they do
+            (:func:`gpuquant.multipliers.quantize_multiplier_one`); else they raise.
     """
     t = torch.as_tensor(real, dtype=torch.float64).detach().cpu()
-    pairs = [_quantize_one(float(v)) for v in t.flatten().tolist()]
+    pairs = [_quantize_one(float(v), saturate) for v in t.flatten().tolist()]
     mult = torch.tensor([p[0] for p in pairs], dtype=torch.int32).reshape(t.shape)
     shift = torch.tensor([p[1] for p in pairs], dtype=torch.int32).reshape(t.shape)
     return mult, shift
@@ -203,7 +206,8 @@ def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_d
         ValueError: ``out_zero_point`` outside the output dtype's range, an unknown
             ``activation``, an ``out_scale`` that is not a finite float > 0, an ``in_scale``
             or ``w_scale`` not finite and > 0 (each), scales whose ratio is not a finite
-            positive multiplier.
+            positive multiplier. (A ratio >= 2^30 saturates every nonzero accumulator for
+            an 8- or 4-bit output: it becomes the largest multiplier, same bytes.)
     """
     dtype = get_dtype(out_dtype)
     out_zero_point = _int_arg(out_zero_point, "make_requant: out_zero_point")
@@ -216,7 +220,7 @@ def make_requant(in_scale, w_scale, out_scale: float, out_zero_point: int, out_d
             raise ValueError(f"make_requant: {what} must be finite and > 0, got "
                              f"{v[bad].flatten()[:4].tolist()}")
     real = s_in * s_w / float(out_scale)
-    mult, shift = quantize_multiplier(real)
+    mult, shift = quantize_multiplier(real, saturate=dtype.qmax - dtype.qmin < 2 ** 30)
     lo, hi = activation_range(dtype, float(out_scale), int(out_zero_point), activation)
     return Requant(mult, shift, int(out_zero_point), lo, hi, dtype)
 

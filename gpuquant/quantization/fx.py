@@ -687,6 +687,46 @@ def _node_args(n: fx.Node) -> List[fx.Node]:
     return out
 
 
+def _node_text(gm: fx.GraphModule, n: fx.Node) -> str:
+    """Node ``n`` of ``gm`` for messages: the module it calls, or the function / method and
+    the module whose forward calls it."""
+    if n.op == "call_module":
+        return f"module '{n.target}' ({type(gm.get_submodule(n.target)).__name__})"
+    if n.op in ("call_function", "call_method"):
+        what = f".{n.target}()" if n.op == "call_method" else _fn_name(n.target)
+        stack = n.meta.get("nn_module_stack") or {}
+        scope = list(stack.values())[-1][0] if stack else ""
+        return f"{what} in '{scope or '<root>'}'"
+    return f"node {n.name!r} ({n.op})"
+
+
+class _RanNode(fx.Interpreter):
+    """Hands :class:`ShapeProp` the result of the node :class:`_ShapeProp` just ran."""
+
+    def run_node(self, n: fx.Node):
+        ran = self.__dict__.pop("_ran", None)
+        if ran is not None and ran[0] is n:
+            return ran[1]
+        return super().run_node(n)
+
+
+class _ShapeProp(ShapeProp, _RanNode):
+    """``ShapeProp`` whose failing node raises its own error, unprinted: ShapeProp.run_node
+    prints the whole traceback to stderr (``traceback.print_exc``) before re-raising it as
+    a ``RuntimeError`` naming only the node, and quantize_qat raises a ValueError of its own.
+    Each node runs once, here; ShapeProp records its metadata (its ``super().run_node`` is
+    :class:`_RanNode`'s). ``failed``: the node that raised, or None."""
+
+    failed: Optional[fx.Node] = None
+
+    def run_node(self, n: fx.Node):
+        if self.fake_mode is None:  # (fake tensors: ShapeProp's own path)
+            self.failed = n
+            self._ran = (n, fx.Interpreter.run_node(self, n))
+            self.failed = None
+        return super().run_node(n)
+
+
 def _propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Run ``example_inputs`` through ``gm`` (eval, no grad) recording shapes and dtypes."""
     modes = {m: m.training for m in gm.modules()}
@@ -695,14 +735,16 @@ def _propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
     buffers = [(m._buffers, {k: (b, b.clone()) for k, b in m._buffers.items()
                              if b is not None and not torch.nn.parameter.is_lazy(b)})
                for m in gm.modules()]
+    prop = _ShapeProp(gm)
     try:
         gm.eval()
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            prop.propagate(*example_inputs)
     except Exception as e:  # noqa: BLE001 -- re-raised with context
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        at = f" at {_node_text(gm, prop.failed)}" if prop.failed is not None else ""
         raise ValueError(f"quantize_qat: example_inputs (shapes {shapes}) do not run through "
-                         f"the traced model: {type(e).__name__}: {_first_line(e)}") from e
+                         f"the traced model{at}: {type(e).__name__}: {_first_line(e)}") from e
     finally:
         for m, mode in modes.items():
             m.training = mode

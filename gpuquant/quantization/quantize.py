@@ -92,6 +92,34 @@ def _where(name: str, m) -> str:
     return f"module {name or '<root>'!r} ({type(m).__name__})"
 
 
+def _named(msg: str, name: str, m) -> str:
+    """``msg`` prefixed with the module's name and class (:func:`_where`) unless it names the
+    module already (its name; for the root, its class)."""
+    if (repr(name) in msg) if name else (type(m).__name__ in msg):
+        return msg
+    return f"{_where(name, m)}: {msg}"
+
+
+def _check_converted_qparams(q: torch.nn.Module) -> None:
+    """Validate the qparams a converted module holds, as :class:`~gpuquant.QParams` does
+    (scale finite, > 0, with a finite float32 reciprocal; zero point in range). Learned fake
+    quants and observers hand theirs over unvalidated (``QParams.trusted``: no host read
+    while training), so a TQT threshold trained below float32's range passed conversion in a
+    QuantStub, a pooling or an Elemwise and failed at the int8 model's first call, naming no
+    module.
+
+    Raises:
+        ValueError: naming the qparams (``input``, ``output``, ...) and QParams' reason.
+    """
+    for sub in q.modules():
+        if isinstance(sub, QuantizedModule):
+            for key in sub._dtypes:
+                try:
+                    sub._qparams(key)
+                except ValueError as e:
+                    raise ValueError(f"its {key} qparams: {e}") from None
+
+
 def _convert_children(m, name: str, convert, swaps: list):
     """``convert(child, qualified name)`` of each child of ``m`` (once for a module under two
     names of ``m``: one converted module for both); ``(m, child name, new child)`` appended
@@ -251,7 +279,8 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
             mapping, or one marked with ``disable_quantize()`` whose class has no known float
             class (named).
         ValueError: no QAT module in the model (call :func:`quantize_qat` first), a module
-            not observed yet, or one fed by a float op or by a module kept float (named in
+            not observed yet, one fed by a float op or by a module kept float, or one whose
+            qparams are unusable (a learned scale trained past float32's range; named in
             the message). A failure leaves ``module`` unchanged.
 
     Example:
@@ -290,12 +319,11 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
                         f"nonfinite_batches = {int(o.nonfinite_batches)}); calibrate it on "
                         f"finite data")
             try:
-                return cls.from_qat_module(m, name)
+                q = cls.from_qat_module(m, name)
+                _check_converted_qparams(q)
+                return q
             except (ValueError, NotImplementedError) as e:
-                msg = str(e)
-                if name and repr(name) not in msg:
-                    msg = f"module {name!r} ({type(m).__name__}): {msg}"
-                raise ValueError(f"quantize: {msg}") from e
+                raise ValueError(f"quantize: {_named(str(e), name, m)}") from e
         return _convert_children(m, name, convert, swaps)
 
     def keep_float(m, name: str):

@@ -8,7 +8,7 @@ torch nor the rest of gpuquant's torch code). Reading the file needs the ``onnx`
 
 Example:
     >>> sess = gpuquant.runtime.load("model.onnx")
-    >>> logits = sess.run(images)            # float32 numpy in, numpy out
+    >>> logits = sess.run(images)            # float32 (or float16) numpy in, numpy out
 """
 from __future__ import annotations
 

@@ -63,7 +63,8 @@ def _nchw(a: np.ndarray) -> np.ndarray:
 
 def _requant_params(real: np.ndarray, zp: int, np_dtype, activation: str, out_scale: float):
     real = np.asarray(real, dtype=np.float64)
-    pairs = [quantize_multiplier_one(float(v)) for v in real.reshape(-1)]
+    # 8-bit outputs: a multiplier past 2^30 saturates, as make_requant's does
+    pairs = [quantize_multiplier_one(float(v), saturate=True) for v in real.reshape(-1)]
     mult = np.array([p[0] for p in pairs], dtype=np.int64).reshape(real.shape)
     shift = np.array([p[1] for p in pairs], dtype=np.int64).reshape(real.shape)
     qmin, qmax = _RANGE[np.dtype(np_dtype)]
@@ -424,16 +425,18 @@ class Session:
         """Run the model.
 
         Args:
-            x: the input as a NumPy array (float32; other float dtypes are converted), or a
-                dict name -> array for several inputs; further positional arrays for further
-                inputs.
+            x: the input as a NumPy array (float32, or float16: read as float32 exactly, as
+                the torch int8 model's ``QuantStub`` reads it), or a dict name -> array for
+                several inputs; further positional arrays for further inputs.
 
         Returns:
             The output array (a list when the graph has several outputs).
 
         Raises:
-            TypeError: an input that is not a NumPy array; a dict followed by positional
-                arrays (the inputs come one way or the other).
+            TypeError: an input that is not a NumPy array, or of a dtype other than float32 /
+                float16 (float64 included, as the torch int8 model refuses it: a silent
+                conversion would round it; convert with ``x.astype(numpy.float32)``); a dict
+                followed by positional arrays (the inputs come one way or the other).
             ValueError: a wrong number of inputs; a rank, channel count or (where the
                 graph fixes it: ``to_onnx(..., dynamic_batch=False)``) batch size other than
                 the graph's; NaN in an input that is quantized (as the
@@ -461,8 +464,13 @@ class Session:
             if not isinstance(v, np.ndarray):
                 raise TypeError(f"{self.source}: input {k!r} must be a numpy.ndarray, got "
                                 f"{type(v).__name__}")
-            if not np.issubdtype(v.dtype, np.floating):
-                raise TypeError(f"{self.source}: input {k!r} must be a float array, got {v.dtype}")
+            if v.dtype.kind != "f" or v.dtype.itemsize not in (2, 4):
+                # float32 / float16, those of the torch int8 model's QuantStub that NumPy has
+                # (float16 converts exactly; the torch model quantizes it in float32 too);
+                # float64 is refused there (and by to_onnx), and converting it here rounded
+                hint = "; convert with x.astype(numpy.float32)" if v.dtype.kind == "f" else ""
+                raise TypeError(f"{self.source}: input {k!r} must be a float32 or float16 array "
+                                f"(as the torch int8 model takes it), got {v.dtype}{hint}")
             dims = self._input_dims.get(k) or []
             fixed = self.fixed_input_hw.get(k)
             # the batch too where the graph fixes it (to_onnx(..., dynamic_batch=False)), as

@@ -72,10 +72,33 @@ def test_runtime_in_process_matches_and_keeps_int_semantics(zoo_uint8, tmp_path)
     sess = rt.load(path)
     assert sess.input_names == ["input"] and sess.output_names == ["output"]
     x = torch.randn(4, 3, 13, 11)
-    # float64 input is converted to float32 first, as gpuquant's QuantStub sees float32
-    got = sess.run(x.numpy().astype(np.float64))
+    got = sess.run(x.numpy())
     assert got.tobytes() == int8_forward(zoo_uint8, x).tobytes()
     assert sess.run({"input": x.numpy()}).tobytes() == got.tobytes()
+
+
+def test_runtime_takes_the_float_dtypes_the_torch_model_takes(zoo_int8, tmp_path):
+    """float64 input: the torch int8 model (and to_onnx) raise 'quantize: x must be float32,
+    float16 or bfloat16, got torch.float64', the runtime converted it to float32 without a
+    word and ran. It now raises a TypeError naming the input, its dtype and the allowed
+    ones. float16, which the torch model takes (quantizing it in float32), runs and gives
+    its bytes."""
+    import gpuquant.runtime as rt
+    path = tmp_path / "z.onnx"
+    to_onnx(zoo_int8, torch.randn(2, 3, 8, 8), path)
+    sess = rt.load(path)
+    x = torch.randn(3, 3, 8, 9)
+    with pytest.raises(TypeError, match=r"float32, float16 or bfloat16, got torch.float64"):
+        zoo_int8(x.double())
+    with pytest.raises(TypeError, match=r"input 'input' must be a float32 or float16 array "
+                                        r"\(as the torch int8 model takes it\), got float64; "
+                                        r"convert with x.astype\(numpy.float32\)"):
+        sess.run(x.numpy().astype(np.float64))
+    with pytest.raises(TypeError, match=r"input 'input' must be a float32 .*got float64"):
+        sess.run({"input": x.numpy().astype(np.float64)})
+    h = x.half()
+    assert sess.run(h.numpy()).tobytes() == int8_forward(zoo_int8, h).tobytes()
+    assert sess.run(x.numpy()).tobytes() == int8_forward(zoo_int8, x).tobytes()
 
 
 def test_runtime_refuses_batch_other_than_a_fixed_one(zoo_int8, tmp_path):
@@ -125,7 +148,8 @@ def test_runtime_errors(zoo_int8, tmp_path):
     path = tmp_path / "z.onnx"
     to_onnx(zoo_int8, torch.randn(1, 3, 8, 8), path)
     sess = rt.load(path)
-    with pytest.raises(TypeError, match="float array"):
+    with pytest.raises(TypeError, match=r"input 'input' must be a float32 or float16 array "
+                                        r".*got int8$"):
         sess.run(np.zeros((1, 3, 8, 8), np.int8))
     with pytest.raises(TypeError, match="numpy.ndarray"):
         sess.run(torch.zeros(1, 3, 8, 8))

@@ -327,6 +327,40 @@ def test_bad_input():
     with pytest.raises(TypeError, match="value must be a bool"):
         disable_quantize(nn.ReLU(), 1)
 
+class _BadCat(nn.Module):
+    """Concatenates a 3x3 convolution's output with a 1x1's: no input runs through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+def test_example_inputs_that_do_not_run_raise_without_printing(capfd):
+    """example_inputs the traced model cannot run: the ValueError was right, but torch's
+    ShapeProp printed the whole traceback to stderr first (traceback.print_exc in its
+    run_node) and the message named only the node ('ShapeProp error for: node=...'). Now
+    nothing is printed, and the message names the module and the real error."""
+    x = torch.randn(2, 3, 8, 8)
+    capfd.readouterr()
+    with pytest.raises(ValueError, match=r"example_inputs \(shapes \[\(1, 5, 8, 8\)\]\) do not "
+                                         r"run through the traced model at module 'stem.0' "
+                                         r"\(Conv2d\): RuntimeError: .*expected input\[1, 5, "
+                                         r"8, 8\] to have 3 channels"):
+        quantize_qat(Patterns(), example_inputs=(torch.randn(1, 5, 8, 8),))
+    with pytest.raises(ValueError, match=r"do not run through the traced model at "
+                                         r"torch.cat in '<root>': RuntimeError: Sizes of "
+                                         r"tensors must match"):
+        quantize_qat(_BadCat(), example_inputs=(torch.randn(2, 3, 8, 7),))
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", err[:500]
+    model = Patterns()
+    qat = quantize_qat(model, example_inputs=(x,))  # a good example still converts
+    assert any(isinstance(m, QATModule) for m in qat.modules())
+
+
 
 def test_save_load_round_trip(tmp_path):
     """gpuquant.save / load with the converted float model as the skeleton (float islands'

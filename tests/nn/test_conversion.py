@@ -4,6 +4,7 @@ import copy
 import io
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -759,17 +760,41 @@ class _StubbedConv(gnn.Module):
         return self.dq(self.c(self.q(x)))
 
 
-def test_requant_multiplier_past_range_fails_the_conversion_naming_the_module():
-    """Scales whose requantization multiplier s_x s_w / s_y reaches 2^30 (a ReLU6 output
-    range after an input range of 1e14) are refused by quantize(), naming the module, not
-    at the int8 model's first call."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 6, 6) * 1e14
-    qat = quantize_qat(_StubbedConv(gnn.ConvRelu62d(3, 4, 3)), calibration_qconfig)
-    qat.eval()(x)
-    with pytest.raises(ValueError, match=r"module 'c' \(ConvRelu62d\): requantization "
-                                         r"multiplier .* too large"):
-        quantize(qat)
+@pytest.mark.parametrize("make", [lambda: gnn.ConvRelu2d(1, 3, 1), lambda: gnn.ConvRelu62d(1, 3, 1)],
+                         ids=["relu", "relu6"])
+def test_requant_multiplier_past_2_pow_30_saturates_as_the_exact_one_does(make, tmp_path):
+    """A layer whose calibrated output range is empty (a dead ReLU: scale eps) after inputs
+    of ~1e8 has a requantization multiplier s_x s_w / s_y past 2^30, which quantize() used
+    to refuse ("scales are inconsistent"). With it, as with the largest multiplier
+    (2^31 - 1, rshift -30) now used, an accumulator of 0 gives the zero point and any other
+    saturates the 8-bit output: the int8 model equals the QAT model byte for byte on every
+    backend and in the exported runtime, for dead, live and zero inputs."""
+    from gpuquant.multipliers import SATURATED
+    from gpuquant.quantization import disable_observer, ema_fakequant_qconfig
+    net = _StubbedConv(make())
+    with torch.no_grad():
+        net.c.weight.fill_(-float(torch.rand(()) + 0.5))
+        net.c.bias.fill_(-float(torch.rand(())))
+    qat = quantize_qat(net, ema_fakequant_qconfig).eval()
+    x = torch.rand(2, 1, 5, 4) * 1e8
+    with torch.no_grad():
+        qat(x)  # calibration: every output <= 0
+    int8 = quantize(copy.deepcopy(qat))
+    r = int8.c.requant("cpu")
+    assert r.multiplier.tolist() == [SATURATED[0]] * 3 and r.rshift.tolist() == [SATURATED[1]] * 3
+    disable_observer(qat)
+    xs = torch.cat([x, -x, torch.zeros_like(x)])  # dead, saturating, zero accumulators
+    with torch.no_grad():
+        want = qat(xs)
+        for be in [b for b in ("numpy", "reference", "triton") if b in gpuquant.backends.available()]:
+            with gpuquant.backends.use(be):
+                assert torch.equal(int8(xs), want), be
+    assert bool((want > 0).any()) and bool((want == 0).any())
+    pytest.importorskip("onnx")
+    import gpuquant.runtime as rt
+    from gpuquant.export import to_onnx
+    to_onnx(int8, xs, tmp_path / "m.onnx")
+    assert np.array_equal(rt.load(tmp_path / "m.onnx").run(xs.numpy()), want.numpy())
 
 
 def test_observer_that_kept_no_batch_fails_the_conversion_by_name():
@@ -824,3 +849,54 @@ def test_histogram_observer_that_kept_no_batch_fails_the_conversion_by_name():
         qat(x)
     assert obs.recorded_finite() and qat.c.act_observer.recorded_finite()
     quantize(qat)
+
+
+
+@pytest.mark.parametrize("where,target", [
+    ("q", lambda m: m.q),  # a QuantStub: converted unchecked, failed at the first call
+    ("c", lambda m: m.c),  # its activation: the conversion's own check
+])
+def test_learned_scale_past_float32_fails_the_conversion_naming_the_module(where, target):
+    """A TQT threshold trained so low that its scale (5.6e-45) has no float32 reciprocal:
+    the learned fake quants hand their qparams over unvalidated, so a QuantStub's converted
+    without a word and the int8 model failed at its first call with 'scale must be finite
+    and > 0 ... got [5.6e-45]', naming no module. quantize() now refuses it naming the
+    module (and which of its qparams), as it names the others."""
+    torch.manual_seed(0)
+    qat = quantize_qat(_StubbedConv(gnn.ConvRelu2d(3, 4, 3)), tqt_qconfig)
+    qat(torch.randn(2, 3, 6, 6))
+    with torch.no_grad():
+        target(qat).act_fake_quant.log2_t.fill_(-140.0)  # scale 2**-140 / 128
+    with pytest.raises(ValueError, match=rf"quantize: module '{where}' \(\w+\): "
+                                         rf".*scale must be finite and > 0.*5.6\d*e-45"):
+        quantize(qat)
+    assert isinstance(qat.q, QATModule)  # unchanged
+
+
+def test_conversion_error_of_a_root_module_names_it():
+    """quantize() of a QAT module itself (no parent): its errors name it too."""
+    q = quantize_qat(gnn.QuantStub(), tqt_qconfig)
+    q(torch.randn(2, 3))
+    with torch.no_grad():
+        q.act_fake_quant.log2_t.fill_(-140.0)
+    with pytest.raises(ValueError, match=r"quantize: module '<root>' \(QuantStub\): its "
+                                         r"output qparams: scale must be finite"):
+        quantize(q)
+
+
+def test_quant_stub_names_a_numpy_array_as_one():
+    """A NumPy array given to the int8 model: 'QuantStub: expects a float tensor, got
+    float32' read as a dtype problem; the message now says it is not a torch.Tensor and how
+    to convert it."""
+    torch.manual_seed(0)
+    qat = quantize_qat(_StubbedConv(gnn.ConvRelu2d(3, 4, 3)))
+    x = torch.randn(2, 3, 6, 7)
+    qat(x)
+    int8 = quantize(qat)
+    with pytest.raises(TypeError, match=r"QuantStub: expects a float torch.Tensor .*got "
+                                        r"numpy.ndarray \(float32\); convert with "
+                                        r"torch.from_numpy\(x\)"):
+        int8(x.numpy())
+    with pytest.raises(TypeError, match=r"got list$"):
+        int8.q([1.0, 2.0])
+    int8(torch.from_numpy(x.numpy()))

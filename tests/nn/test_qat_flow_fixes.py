@@ -279,3 +279,79 @@ def test_quantized_output_changed_in_place_is_refused(op, asymmetric):
     gpuquant.quantization.disable_observer(q)
     qm = quantize(copy.deepcopy(q).eval())
     assert (q.eval()(x) - qm(x)).abs().max() <= q.c2.get_activation_qparams().scale * 1.001
+
+
+def _qat_state(m):
+    """Every tensor of a QAT module's state (observers, fake quants, BatchNorm statistics),
+    cloned."""
+    return {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("bn_fold", ["single", "exact", "frozen"])
+@pytest.mark.parametrize("factory,good,bad,what", [
+    (lambda: gnn.ConvBnRelu2d(3, 8, 3), (4, 3, 6, 7), (1, 4, 6, 7),
+     r"ConvBnRelu2d: x of shape \(1, 4, 6, 7\) has 4 channels, expected 3 \(the layer's "
+     r"in_channels\)"),
+    (lambda: gnn.ConvRelu62d(3, 8, 3), (2, 3, 6, 7), (2, 5, 6, 7),
+     r"ConvRelu62d: x of shape \(2, 5, 6, 7\) has 5 channels, expected 3"),
+    (lambda: gnn.Conv2d(6, 4, 1, groups=2), (6, 5, 5), (2, 6, 5),
+     r"Conv2d: x of shape \(2, 6, 5\) has 2 channels, expected 6"),  # unbatched (C, H, W)
+    (lambda: gnn.LinearBnRelu1d(5, 6), (4, 5), (4, 7),
+     r"LinearBnRelu1d: x of shape \(4, 7\) has 7 features, expected 5 \(the layer's "
+     r"in_features\)"),
+    (lambda: gnn.LinearRelu(5, 6), (2, 3, 5), (2, 3, 4),
+     r"LinearRelu: x of shape \(2, 3, 4\) has 4 features in its last dimension, expected 5"),
+])
+def test_qat_layers_refuse_a_wrong_input_size_before_touching_state(factory, good, bad, what,
+                                                                     bn_fold):
+    """A channel / feature count the layer cannot take: the int8 layer raised a ValueError
+    naming it, the QAT layer let torch's RuntimeError through ('Given groups=1, weight of
+    size [8, 3, 3, 3], expected input[1, 4, 8, 8] to have 3 channels'), after its observers
+    had seen the batch. Now a ValueError naming the module, the shape and the expected
+    count, and the refused batch leaves every observer and BatchNorm statistic as it was."""
+    q = quantize_qat(factory(), ema_fakequant_qconfig).train()
+    if hasattr(q, "bn"):
+        q.set_bn_fold("exact" if bn_fold == "exact" else "single")
+        q.freeze_bn_stats(bn_fold == "frozen")
+    q(torch.randn(good))
+    before = _qat_state(q)
+    with pytest.raises(ValueError, match=what):
+        q(torch.randn(bad))
+    after = _qat_state(q)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), \
+        [k for k in before if not torch.equal(before[k], after[k])]
+    q(torch.randn(good))  # still trains
+
+
+@pytest.mark.parametrize("factory,bad,what", [
+    (lambda: gnn.MaxPool2d(2), (1, 6, 1, 1),
+     r"MaxPool2d: padded input \(1, 1\) \+ 2\*\(0, 0\) is smaller than the kernel \(2, 2\): "
+     r"no output"),
+    (lambda: gnn.MaxPool2d(3, dilation=2, padding=1), (2, 3, 1, 5),
+     r"MaxPool2d: padded input \(1, 5\) \+ 2\*\(1, 1\) is smaller than the dilated kernel "
+     r"\(5, 5\)"),
+    (lambda: gnn.MaxPool2d(3, stride=2, ceil_mode=True), (3, 1, 4),
+     r"MaxPool2d: padded input \(1, 4\) .* kernel \(3, 3\) \(by more than stride - 1 in "
+     r"ceil_mode\)"),
+    (lambda: gnn.AvgPool2d(3, padding=1), (2, 3, 0, 4),
+     r"AvgPool2d: padded input \(0, 4\) \+ 2\*\(1, 1\) is smaller than the kernel"),
+    (lambda: gnn.AvgPool2d(2), (2, 0, 4, 4), r"AvgPool2d: x has no channels"),
+    (lambda: gnn.AdaptiveAvgPool2d(1), (2, 3, 0, 4),
+     r"AdaptiveAvgPool2d: input spatial size must be non-empty, got shape \(2, 3, 0, 4\)"),
+    (lambda: gnn.MaxPool2d(2), (3, 4),
+     r"MaxPool2d: x must be 4-D \(N, C, H, W\) or 3-D unbatched \(C, H, W\), got shape "
+     r"\(3, 4\)"),
+])
+def test_qat_pools_refuse_what_the_int8_pools_refuse(factory, bad, what):
+    """A window that leaves no output: the int8 pool raised 'max_pool2d: padded input (1, 1)
+    + 2*(0, 0) is smaller than the kernel (2, 2)', the QAT pool let torch's RuntimeError
+    ('Calculated output size: (6x0x0)') through (and an empty plane under an adaptive pool
+    gave NaN). Now the same rule and wording, naming the module; inputs that leave an
+    output still run."""
+    q = quantize_qat(torch.nn.Sequential(gnn.QuantStub(), factory()), ema_fakequant_qconfig)
+    q(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=what):
+        q[1](torch.randn(bad))
+    q[1](q[0](torch.randn(1, 3, 3, 4)))  # inputs with an output still run
+    assert q[1](q[0](torch.randn(3, 3, 4))).dim() == 3  # unbatched

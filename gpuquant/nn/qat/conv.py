@@ -45,10 +45,11 @@ from ...nn import conv as Float
 from ..quantized.conv import _explicit_padding
 from .bn_train import (fold_quant_weight, fold_quant_weight_frozen, normalize_quant_train,
                        normalize_train, scale_rows, update_bn_running_stats)
-from .module import QATModule, tag_output
+from .module import QATModule, check_image_input, tag_output
 
 __all__ = ["Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d", "ConvBnRelu62d",
-           "BnFoldedModule", "bn_fold_params", "update_bn_running_stats", "BN_FOLD_MODES"]
+           "BnFoldedModule", "bn_fold_params", "update_bn_running_stats", "BN_FOLD_MODES",
+           "check_conv_input", "wrong_input_size"]
 
 BN_FOLD_MODES = ("single", "exact")
 _MIN_GAMMA = 1e-6  # |gamma| below this folds with this (single form, see the module docstring)
@@ -86,6 +87,32 @@ def check_int8_padding(conv, who: str) -> None:
         raise NotImplementedError(f"{who}: {e}") from None
 
 
+def wrong_input_size(module, x, dim: int, what: str, expected: int, attr: str) -> ValueError:
+    """The ValueError for an input ``x`` whose size along ``dim`` (``what``: "channels",
+    "features") is not the layer's ``attr`` (``expected``), naming ``module`` and ``x``'s shape,
+    as the int8 layer refuses it. The QAT layers raise it before touching any state (torch's
+    own RuntimeError came after the input's producer had been noted and the weight observer
+    had run)."""
+    extra = " in its last dimension" if dim == -1 else ""
+    return ValueError(f"{type(module).__name__}: x of shape {tuple(x.shape)} has {x.shape[dim]} "
+                      f"{what}{extra}, expected {expected} (the layer's {attr})")
+
+
+def check_conv_input(module, x, in_channels: int) -> None:
+    """Refuse, before any state is touched (the input's producer noted, observers, BatchNorm
+    statistics), an input a convolution cannot take, as the int8 convolution refuses it:
+    not 4-D ``(N, C, H, W)`` or 3-D unbatched ``(C, H, W)``, or a channel count other than
+    ``in_channels``. Shapes only (no device sync): this runs every training step.
+
+    Raises:
+        TypeError: ``x`` is not a tensor. ValueError: naming ``module``, ``x``'s shape and
+        what is allowed.
+    """
+    check_image_input(module, x)
+    if x.shape[-3] != in_channels:
+        raise wrong_input_size(module, x, -3, "channels", in_channels, "in_channels")
+
+
 class Conv2d(QATModule, Float.Conv2d):
     """QAT ``Conv2d``: weight fake-quantized per output channel, output fake-quantized."""
 
@@ -100,6 +127,7 @@ class Conv2d(QATModule, Float.Conv2d):
 
     def forward(self, x):
         self._require_qconfig()
+        check_conv_input(self, x, self.in_channels)
         self._note_inputs(x)
         w = self.apply_quant_weight(self.weight)
         y = self._conv_forward(x, w, self.apply_quant_bias(self.bias, x))
@@ -120,6 +148,9 @@ class BnFoldedModule(QATModule):
     the output; subclasses give the inner layer and its float op."""
 
     QAT_STATE = QATModule.QAT_STATE + ("bn_frozen", "bn_fold")
+    #: the inner layer's input size attribute, and its name in messages (dimension 1 of the
+    #: input, whose rank the BatchNorm's own check fixes)
+    _IN_SIZE, _IN_WHAT = "in_channels", "channels"
 
     def _init_qat(self) -> None:
         super()._init_qat()
@@ -231,8 +262,13 @@ class BnFoldedModule(QATModule):
         except ValueError as e:
             raise ValueError(f"{type(self).__name__}: {e} (shape {tuple(x.shape)}), as its "
                              f"float module's {type(self.bn).__name__}") from None
-        self._note_inputs(x)
         inner, bn = self._inner(), self.bn
+        # before any state: a refused batch must not reach the observers or the BatchNorm's
+        # running statistics (one host-side comparison a step)
+        if x.shape[1] != getattr(inner, self._IN_SIZE):
+            raise wrong_input_size(self, x, 1, self._IN_WHAT, getattr(inner, self._IN_SIZE),
+                                   self._IN_SIZE)
+        self._note_inputs(x)
         # bn.eval() inside a training model (the plain-PyTorch way to freeze BatchNorm) uses
         # the running statistics, as the float model does: the same as freeze_bn_stats()
         if self.training and not self.bn_frozen and bn.training:

@@ -1,10 +1,11 @@
 """QAT fully connected layers; LinearBn1d folds BatchNorm1d as :mod:`.conv` does."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from .. import linear as Float
-from .conv import BnFoldedModule, check_foldable_bn
+from .conv import BnFoldedModule, check_foldable_bn, wrong_input_size
 from .module import QATModule
 
 __all__ = ["Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d"]
@@ -18,6 +19,16 @@ class Linear(QATModule, Float.Linear):
 
     def forward(self, x):
         self._require_qconfig()
+        # before any state is touched (the producer noted, the observers), as the int8
+        # linear refuses it; shapes only, no device sync
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: x must be a torch.Tensor, got "
+                            f"{type(x).__module__}.{type(x).__name__}")
+        if x.dim() < 1:
+            raise ValueError(f"{type(self).__name__}: x must have at least one dimension "
+                             f"(..., in_features), got a 0-d tensor")
+        if x.shape[-1] != self.in_features:
+            raise wrong_input_size(self, x, -1, "features", self.in_features, "in_features")
         self._note_inputs(x)
         w = self.apply_quant_weight(self.weight)
         y = F.linear(x, w, self.apply_quant_bias(self.bias, x))
@@ -30,6 +41,8 @@ class LinearRelu(Linear, Float.LinearRelu):
 
 class LinearBn1d(BnFoldedModule, Float.LinearBn1d):
     """QAT ``LinearBn1d``: BatchNorm1d folded into the weights (Krishnamoorthi 2018)."""
+
+    _IN_SIZE, _IN_WHAT = "in_features", "features"
 
     @classmethod
     def from_float_module(cls, float_module):

@@ -53,6 +53,22 @@ def _version(x: torch.Tensor):
         return None
 
 
+def check_image_input(module, x) -> None:
+    """Refuse what no int8 image op takes, before any state is touched: not a tensor, or
+    neither 4-D ``(N, C, H, W)`` nor 3-D unbatched ``(C, H, W)`` (shapes only: no device
+    sync).
+
+    Raises:
+        TypeError: not a tensor. ValueError: naming ``module`` and the shape.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}: x must be a torch.Tensor, got "
+                        f"{type(x).__module__}.{type(x).__name__}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"{type(module).__name__}: x must be 4-D (N, C, H, W) or 3-D "
+                         f"unbatched (C, H, W), got shape {tuple(x.shape)}")
+
+
 def tag_output(y: torch.Tensor, source: Optional["QATModule"]) -> torch.Tensor:
     """Record that ``y`` (and every view of it) carries ``source``'s output qparams."""
     st = _storage(y)

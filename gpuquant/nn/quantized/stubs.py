@@ -31,10 +31,26 @@ class QuantStub(QuantizedModule):
         return m
 
     def forward(self, x):
+        """Quantize ``x`` with the observed qparams.
+
+        Raises:
+            TypeError: ``x`` is not a float ``torch.Tensor`` (a NumPy array is named as one,
+                with its dtype: convert it with ``torch.from_numpy``), or its dtype is not
+                float32 / float16 / bfloat16 (:func:`gpuquant.functional.quantize`'s).
+        """
         self._check_mode()
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"QuantStub: expects a float tensor, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if not isinstance(x, torch.Tensor):
+            mod = type(x).__module__
+            kind = type(x).__name__ if mod == "builtins" else f"{mod}.{type(x).__name__}"
+            if mod == "numpy" and hasattr(x, "dtype"):  # (without importing numpy)
+                conv = "torch.from_numpy(x)" if type(x).__name__ == "ndarray" else \
+                    "torch.tensor(x)"
+                kind += f" ({x.dtype}); convert with {conv}"
+            raise TypeError(f"QuantStub: expects a float torch.Tensor (float32, float16 or "
+                            f"bfloat16), got {kind}")
+        if not x.is_floating_point():
+            raise TypeError(f"QuantStub: expects a float tensor (float32, float16 or bfloat16), "
+                            f"got {x.dtype}")
         qp = self._cached("qp", x.device, lambda: self._qparams("output"))
         return self._as_layout(GF.quantize(x, qp))
 
