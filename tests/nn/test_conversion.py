@@ -900,3 +900,49 @@ def test_quant_stub_names_a_numpy_array_as_one():
     with pytest.raises(TypeError, match=r"got list$"):
         int8.q([1.0, 2.0])
     int8(torch.from_numpy(x.numpy()))
+
+
+def test_concat_of_inputs_of_two_dtypes_is_refused_at_the_first_step():
+    """The int8 Concat takes inputs of one dtype; a quint8 branch beside a qint8 one trained
+    and calibrated, then quantize() refused it. The QAT Concat now refuses it at its first
+    forward, naming both inputs; with one dtype it converts, and Elemwise("add") takes
+    the mixed pair."""
+    from functools import partial
+
+    from gpuquant.quantization import (ExponentialMovingAverageObserver, FakeQuantize,
+                                       MinMaxObserver, QConfig, ema_fakequant_qconfig)
+    u8 = QConfig(partial(MinMaxObserver, dtype=gpuquant.qint8_narrow, axis=0),
+                 partial(ExponentialMovingAverageObserver, dtype=gpuquant.quint8,
+                         symmetric=False),
+                 partial(FakeQuantize, dtype=gpuquant.qint8_narrow),
+                 partial(FakeQuantize, dtype=gpuquant.quint8))
+
+    class Net(gnn.Module):
+        def __init__(self, join):
+            super().__init__()
+            self.q, self.dq = gnn.QuantStub(), gnn.DequantStub()
+            self.a = gnn.ConvBnRelu2d(3, 4, 3, padding=1)
+            self.a.qconfig = u8  # quint8 output
+            self.b = gnn.ConvBn2d(3, 5, 3, padding=1)  # qint8 output (the default)
+            self.j = join
+
+        def forward(self, x):
+            x = self.q(x)
+            a, b = self.a(x), self.b(x)
+            y = self.j([a, b], 1) if isinstance(self.j, gnn.Concat) else self.j(a, b[:, :4])
+            return self.dq(y)
+
+    x = torch.randn(2, 3, 6, 6)
+    qat = quantize_qat(Net(gnn.Concat()), ema_fakequant_qconfig)
+    with pytest.raises(ValueError, match=r"Concat: input 0 \(ConvBnRelu2d\) is quint8 and input "
+                                         r"1 \(ConvBn2d\) is qint8; the int8 Concat takes "
+                                         r"inputs of one dtype"):
+        qat(x)
+    one = Net(gnn.Concat())
+    one.a.qconfig = None  # one dtype: trains and converts
+    qat1 = quantize_qat(one, ema_fakequant_qconfig)
+    qat1(x)
+    quantize(qat1)
+    mixed_add = quantize_qat(Net(gnn.Elemwise("add")), ema_fakequant_qconfig)
+    mixed_add(x)  # the add takes inputs of two dtypes
+    quantize(mixed_add)
