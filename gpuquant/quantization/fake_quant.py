@@ -271,12 +271,15 @@ def tqt_fake_quant(x: torch.Tensor, log2_t: torch.Tensor, qmin: int, qmax: int,
     Raises:
         TypeError: x not a float32/float16/bfloat16 tensor; log2_t not a float tensor; qmin,
             qmax, axis not ints.
-        ValueError: qmin > qmax; axis out of range (None or in [-x.dim(), x.dim() - 1]); log2_t of
-            the wrong shape or device; a log2_t whose scale is not finite and > 0 with a
+        ValueError: qmin > qmax; qmax < 0; axis out of range (None or in [-x.dim(),
+            x.dim() - 1]); log2_t of the wrong shape or device; a log2_t whose scale is not finite and > 0 with a
             finite float32 reciprocal (NaN, or log2_t beyond about +-120).
     """
     fn = "tqt_fake_quant"
     axis = _check_learned_args(fn, x, {"log2_t": log2_t}, qmin, qmax, axis)
+    if qmax < 0:  # (no threshold: the scale 2**ceil(log2_t) / (qmax + 1) is inf or negative)
+        raise ValueError(f"{fn}: qmax must be >= 0 (the scale is 2**ceil(log2_t) / "
+                         f"(qmax + 1)), got qmax={qmax}")
     s = _tqt_scale(log2_t.detach(), int(qmax))
     bad = _bad_scale(s)
     if bool(bad.any()):  # the one host read

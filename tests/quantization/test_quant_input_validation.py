@@ -525,3 +525,9 @@ def test_freeze_bn_stats_flag_must_be_a_bool():
     with pytest.raises(TypeError, match="freeze must be a bool"):
         m.freeze_bn_stats("no")
     assert m.freeze_bn_stats().bn_frozen is True and m.freeze_bn_stats(False).bn_frozen is False
+
+
+def test_tqt_fake_quant_names_a_negative_qmax(backend):
+    qmax = -int(torch.randint(1, 9, ()))
+    with pytest.raises(ValueError, match=f"qmax must be >= 0 .*got qmax={qmax}"):
+        tqt_fake_quant(torch.randn(5), torch.tensor(1.0), qmax - 4, qmax, None)
