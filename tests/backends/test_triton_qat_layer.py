@@ -156,6 +156,45 @@ def test_double_backward_through_fused_kernels_is_refused(factory, shape):
         assert torch.isfinite(gx).all()
 
 
+class _Stubbed(gnn.Module):
+    """QuantStub -> ``layer`` (twice the input for an Elemwise) -> DequantStub."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.q, self.m, self.dq = gnn.QuantStub(), layer, gnn.DequantStub()
+
+    def forward(self, x):
+        x = self.q(x)
+        return self.dq(self.m(x, x) if isinstance(self.m, gnn.Elemwise) else self.m(x))
+
+
+@pytest.mark.parametrize("layer,fake_quant", [
+    (lambda: gnn.ConvBnRelu2d(3, 4, 3), True),   # the one-node layer, the stub's fake quant
+    (lambda: gnn.ConvBnRelu2d(3, 4, 3), False),  # the batch-norm normalisation kernel alone
+    (lambda: gnn.Conv2d(3, 4, 3), True),         # weight observe + fake quant
+    (lambda: gnn.Elemwise("mul"), True),         # observe + fake quant of an activation
+], ids=["convbn", "convbn-fq-off", "conv", "mul"])
+def test_double_backward_through_any_triton_qat_kernel_names_the_way_out(layer, fake_quant):
+    """Every Triton QAT kernel's backward (fake quant, LSQ / TQT, the observers', the
+    batch-norm ones) refuses a second backward with gpuquant's message: a model's QuantStub
+    (plain fake quant) gave torch's generic once_differentiable error, and with fake quant
+    off the batch-norm normalisation's kernel gave a wrong gamma gradient silently."""
+    from gpuquant.quantization import disable_fake_quant, disable_observer
+    torch.manual_seed(1)
+    m = quantize_qat(_Stubbed(layer()), qat_qconfig()).to(DEV).train()
+    if not fake_quant:
+        disable_fake_quant(m)
+        disable_observer(m)
+    x = torch.randn(2, 3, 5, 5, device=DEV, requires_grad=True)
+    with backends.use("triton"):
+        m(x)
+        y = m(x)
+        (gx,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match=r"double backward .*create_graph=True.*"
+                                               r"backends.use\('reference'\)"):
+            gx.pow(2).sum().backward()
+
+
 def test_one_node_layer_casts_neither_the_weight_nor_its_gradient(monkeypatch):
     """Under bf16 autocast the fold kernel writes the folded weight in bf16 (no cast launch
     after it) and its backward takes the convolution's bf16 weight gradient as it is (no

@@ -29,8 +29,7 @@ import triton
 import triton.language as tl
 
 from ..._tensors import batch_norm_eps0
-from .common import (last_to_finish, module_tickets, once_differentiable,
-                     once_differentiable_kernels, to_f32)
+from .common import last_to_finish, module_tickets, once_differentiable_kernels, to_f32
 from .fake_quant import (_LAUNCH, _TL_DTYPE, _fq_math, _npow2, _to_out, auto_interpreter,
                          on_tensor_device)
 from .launch import launch
@@ -456,7 +455,7 @@ class _ObserveRows(torch.autograd.Function):
         return wf
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable_kernels("weight observe + fake quantization")
     def backward(ctx, gwq):
         w, qs, qz = ctx.saved_tensors
         L, qmin, qmax = ctx.consts
@@ -504,6 +503,7 @@ class _NormalizeTrain(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable_kernels("batch-norm (training)")  # (E's second-order terms: none)
     def backward(ctx, gy):
         z, W, mean, invstd, k = ctx.saved_tensors
         need_z, need_w, need_b, need_e = ctx.needs_input_grad[:4]

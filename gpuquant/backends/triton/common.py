@@ -279,20 +279,6 @@ def triton_cache_dir(path: str):
             os.environ["TRITON_CACHE_DIR"] = old
 
 
-def once_differentiable(backward):
-    """``torch.autograd.function.once_differentiable``, the same semantics, without its
-    ``no_grad`` context where grad mode is off already: in every backward but a
-    ``create_graph=True`` one (the context costs the host microseconds a call)."""
-    slow = torch.autograd.function.once_differentiable(backward)
-
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        if torch.is_grad_enabled():
-            return slow(ctx, *grads)
-        return backward(ctx, *grads)
-    return wrapper
-
-
 def once_differentiable_kernels(what: str):
     """Decorator for the backward of a fused QAT Function whose gradients come from Triton
     kernels (constants to autograd). Under ``create_graph=True`` (grad mode is on in a

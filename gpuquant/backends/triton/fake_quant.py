@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cdiv, once_differentiable, rne, to_dtype, to_f32
+from .common import INTERPRET, cdiv, once_differentiable_kernels, rne, to_dtype, to_f32
 from .launch import launch
 
 __all__ = ["fake_quant", "FakeQuantFunction", "dense_layout", "channel_view", "row_plan",
@@ -667,7 +667,7 @@ class FakeQuantFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the kernels' outputs carry no graph: refuse double backward
+    @once_differentiable_kernels("fake quantization")
     def backward(ctx, grad):
         return (mask_backward(ctx, grad),) + (None,) * 8
 

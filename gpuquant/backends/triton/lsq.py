@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, last_to_finish, launch_tickets, once_differentiable, to_f32
+from .common import (cdiv, last_to_finish, launch_tickets, once_differentiable_kernels,
+                     to_f32)
 from .fake_quant import (_LAUNCH, _learned_zp, _npow2, _rne, _row_offsets, _to_out,
                          _tqt_scale, as_rows, auto_interpreter, fake_quant_forward,
                          on_tensor_device, row_plan)
@@ -187,7 +188,7 @@ class LSQFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the kernels' outputs carry no graph: refuse double backward
+    @once_differentiable_kernels("LSQ fake quantization")
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax, axis, g, plan_args = ctx.args
@@ -209,7 +210,7 @@ class TQTFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the kernels' outputs carry no graph: refuse double backward
+    @once_differentiable_kernels("TQT fake quantization")
     def backward(ctx, grad):
         x, log2_t = ctx.saved_tensors
         qmin, qmax, axis, plan_args = ctx.args

@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cdiv, last_to_finish, module_tickets, once_differentiable
+from .common import (INTERPRET, cdiv, last_to_finish, module_tickets,
+                     once_differentiable_kernels)
 from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, _block_offsets,
                          _flat_span, _fq_relu, _Layout, _npow2, _rne, _row_offsets, _row_plan,
                          _store_mask, _target_programs, _to_out, _udiv, as_rows,
@@ -564,7 +565,7 @@ class _ObserveTwoLaunch(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable_kernels("observe + fake quantization")
     def backward(ctx, grad):
         g = mask_backward(ctx, grad)
         return (g,) + (None,) * 5 + ((g,) if ctx.add else (None,)) + (None,)
