@@ -272,8 +272,9 @@ def tqt_fake_quant(x: torch.Tensor, log2_t: torch.Tensor, qmin: int, qmax: int,
         TypeError: x not a float32/float16/bfloat16 tensor; log2_t not a float tensor; qmin,
             qmax, axis not ints.
         ValueError: qmin > qmax; qmax < 0; axis out of range (None or in [-x.dim(),
-            x.dim() - 1]); log2_t of the wrong shape or device; a log2_t whose scale is not finite and > 0 with a
-            finite float32 reciprocal (NaN, or log2_t beyond about +-120).
+            x.dim() - 1]); log2_t of the wrong shape or device; a log2_t whose scale is not
+            finite and > 0 with a finite float32 reciprocal (NaN, or log2_t beyond about
+            +-120).
     """
     fn = "tqt_fake_quant"
     axis = _check_learned_args(fn, x, {"log2_t": log2_t}, qmin, qmax, axis)
@@ -583,7 +584,8 @@ class LSQ(_LearnedBase):
                                g)
 
     def _loaded_problems(self, incoming):
-        """(name, values, where unusable) of a state's learned values (a load's check)."""
+        """(name, values, where unusable, why) of a state's learned values (a load's
+        check, before anything is copied)."""
         s = incoming("scale").float()
         zp = incoming("zero_point").float()
         return (("scale", s, _bad_scale(s.abs().clamp_min(_EPS)) | torch.isnan(s), _NO_SCALE),
@@ -643,7 +645,8 @@ class TQT(_LearnedBase):
         return _tqt_fake_quant(x, self.log2_t, self.dtype.qmin, self.dtype.qmax, axis)
 
     def _loaded_problems(self, incoming):
-        """(name, values, where unusable) of a state's learned values (a load's check)."""
+        """(name, values, where unusable, why) of a state's learned values (a load's
+        check, before anything is copied)."""
         t = incoming("log2_t").float()
         return (("log2_t", t, _bad_scale(_tqt_scale(t, self.dtype.qmax)), _NO_SCALE),)
 
