@@ -85,8 +85,8 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
         ``{qualified_name: float32 tensor (in_features,)}``.
 
     Raises:
-        TypeError: model not a Module, data neither iterable nor callable, a batch neither
-            a tensor nor a tuple / list, filter_fn not callable or not returning a bool.
+        TypeError: model not a Module, data neither iterable nor callable, a batch that is
+            a NumPy array, filter_fn not callable or not returning a bool.
         ValueError: the data produced NaN / Inf activations, or reached no Linear with at
             least one token.
     """
@@ -123,16 +123,14 @@ def calibrate_linear_inputs(model: torch.nn.Module, data, filter_fn: Optional[Ca
                     raise TypeError(f"data must be an iterable of inputs or a callable, got "
                                     f"{type(data).__name__}") from None
                 for i, batch in enumerate(it):
-                    if isinstance(batch, (tuple, list)):
-                        model(*batch)
-                    elif isinstance(batch, torch.Tensor):
-                        model(batch)
-                    else:
+                    if type(batch).__module__ == "numpy":  # (a model taking one input of
+                        # another kind, a dict say, gets it as it is)
                         raise TypeError(
                             f"calibrate_linear_inputs: batch {i} of data is a "
-                            f"{type(batch).__module__}.{type(batch).__name__}; each batch "
-                            f"must be a tensor or a tuple of the model's positional "
-                            f"arguments (a NumPy array: torch.from_numpy)")
+                            f"numpy.{type(batch).__name__}; each batch must be a tensor or a "
+                            f"tuple of the model's positional arguments (convert with "
+                            f"torch.from_numpy)")
+                    model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
     finally:
         for h in hooks:
             h.remove()
