@@ -100,26 +100,6 @@ def _named(msg: str, name: str, m) -> str:
     return f"{_where(name, m)}: {msg}"
 
 
-def _check_converted_qparams(q: torch.nn.Module) -> None:
-    """Validate the qparams a converted module holds, as :class:`~gpuquant.QParams` does
-    (scale finite, > 0, with a finite float32 reciprocal; zero point in range). Learned fake
-    quants and observers hand theirs over unvalidated (``QParams.trusted``: no host read
-    while training), so a TQT threshold trained below float32's range passed conversion in a
-    QuantStub, a pooling or an Elemwise and failed at the int8 model's first call, naming no
-    module.
-
-    Raises:
-        ValueError: naming the qparams (``input``, ``output``, ...) and QParams' reason.
-    """
-    for sub in q.modules():
-        if isinstance(sub, QuantizedModule):
-            for key in sub._dtypes:
-                try:
-                    sub._qparams(key)
-                except ValueError as e:
-                    raise ValueError(f"its {key} qparams: {e}") from None
-
-
 def _convert_children(m, name: str, convert, swaps: list):
     """``convert(child, qualified name)`` of each child of ``m`` (once for a module under two
     names of ``m``: one converted module for both); ``(m, child name, new child)`` appended
@@ -319,9 +299,7 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
                         f"nonfinite_batches = {int(o.nonfinite_batches)}); calibrate it on "
                         f"finite data")
             try:
-                q = cls.from_qat_module(m, name)
-                _check_converted_qparams(q)
-                return q
+                return cls.from_qat_module(m, name)
             except (ValueError, NotImplementedError) as e:
                 raise ValueError(f"quantize: {_named(str(e), name, m)}") from e
         return _convert_children(m, name, convert, swaps)

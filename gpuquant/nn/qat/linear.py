@@ -1,12 +1,11 @@
 """QAT fully connected layers; LinearBn1d folds BatchNorm1d as :mod:`.conv` does."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .. import linear as Float
 from .conv import BnFoldedModule, check_foldable_bn, wrong_input_size
-from .module import QATModule
+from .module import QATModule, check_tensor_input
 
 __all__ = ["Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d"]
 
@@ -21,9 +20,7 @@ class Linear(QATModule, Float.Linear):
         self._require_qconfig()
         # before any state is touched (the producer noted, the observers), as the int8
         # linear refuses it; shapes only, no device sync
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{type(self).__name__}: x must be a torch.Tensor, got "
-                            f"{type(x).__module__}.{type(x).__name__}")
+        check_tensor_input(self, x)
         if x.dim() < 1:
             raise ValueError(f"{type(self).__name__}: x must have at least one dimension "
                              f"(..., in_features), got a 0-d tensor")

@@ -53,6 +53,17 @@ def _version(x: torch.Tensor):
         return None
 
 
+def check_tensor_input(module, x) -> None:
+    """Refuse an ``x`` that is not a tensor, naming ``module``'s class and what ``x`` is.
+
+    Raises:
+        TypeError: not a tensor.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}: x must be a torch.Tensor, got "
+                        f"{type(x).__module__}.{type(x).__name__}")
+
+
 def check_image_input(module, x) -> None:
     """Refuse what no int8 image op takes, before any state is touched: not a tensor, or
     neither 4-D ``(N, C, H, W)`` nor 3-D unbatched ``(C, H, W)`` (shapes only: no device
@@ -61,9 +72,7 @@ def check_image_input(module, x) -> None:
     Raises:
         TypeError: not a tensor. ValueError: naming ``module`` and the shape.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{type(module).__name__}: x must be a torch.Tensor, got "
-                        f"{type(x).__module__}.{type(x).__name__}")
+    check_tensor_input(module, x)
     if x.dim() not in (3, 4):
         raise ValueError(f"{type(module).__name__}: x must be 4-D (N, C, H, W) or 3-D "
                          f"unbatched (C, H, W), got shape {tuple(x.shape)}")

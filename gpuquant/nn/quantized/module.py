@@ -64,6 +64,19 @@ class QuantizedModule(EagerUnderCompile, Module):
 
     # ------------------------------------------------------------------ qparams as buffers
     def _set_qparams(self, name: str, qp: QParams) -> None:
+        """Hold ``qp`` as the buffers ``{name}_scale`` / ``{name}_zero_point``. Validated here
+        as :class:`~gpuquant.QParams` validates (scale finite, > 0, with a finite float32
+        reciprocal; zero point in range): learned fake quants and observers hand theirs over
+        unvalidated (``QParams.trusted``: no host read while training), and a TQT threshold
+        trained below float32's range would otherwise fail at the int8 model's first call.
+
+        Raises:
+            ValueError: naming ``name`` (``input``, ``output``, ...) and QParams' reason.
+        """
+        try:
+            QParams(qp.dtype, qp.scale, qp.zero_point, axis=qp.axis)
+        except ValueError as e:
+            raise ValueError(f"its {name} qparams: {e}") from None
         self._dtypes[name] = qp.dtype.name
         scale = qp.scale.detach().to(torch.float32).clone()
         zp = qp.zero_point.detach().to(torch.int32).clone()
