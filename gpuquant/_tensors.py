@@ -1,7 +1,7 @@
 """Tensor helpers shared across the package."""
 from __future__ import annotations
 
-__all__ = ["version", "batch_norm_eps0", "keep_dtype"]
+__all__ = ["version", "batch_norm_eps0", "keep_dtype", "keep_dtype_of"]
 
 
 def version(t) -> int:
@@ -40,4 +40,17 @@ def keep_dtype(fn):
         if t.is_floating_point() and getattr(out, "dtype", t.dtype) != t.dtype:
             return t.to(device=out.device)
         return out
+    return apply
+
+
+def keep_dtype_of(fn, tensors):
+    """``fn`` as :func:`keep_dtype` makes it for the tensors in ``tensors`` (by identity;
+    None entries skipped), ``fn`` itself for the rest: a module's float32 constants (qparam
+    scales, SmoothQuant's factors) keep float32 under ``model.half()`` while its weights
+    follow the cast."""
+    ids = {id(t) for t in tensors if t is not None}
+    kept = keep_dtype(fn)
+
+    def apply(t):
+        return kept(t) if id(t) in ids else fn(t)
     return apply

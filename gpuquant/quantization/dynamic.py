@@ -42,7 +42,7 @@ import logging
 from typing import Callable, Optional
 
 import torch
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from ..dtypes import qint8, qint8_narrow
 from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
@@ -51,6 +51,7 @@ from ..nn.qat.linear_dynamic import DynamicConv1D as QATConv1D
 from ..nn.qat.linear_dynamic import is_hf_conv1d as _is_hf_conv1d
 from ..nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
 from ..nn.qat.linear_dynamic import DynamicMultiheadAttention as QATDynamicMHA
+from ..nn.qat.linear_dynamic import weight_not_a_parameter
 from ..nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
                                            WeightOnlyLinear, _Int8WeightLinear,
                                            keep_off_torch_fast_path)
@@ -162,6 +163,13 @@ def _named(make, name: str):
         raise ValueError(f"prepare_dynamic_qat: {name or 'model'}: {e}") from None
 
 
+def _check_initialized(mod, name: str, fn: str) -> None:
+    """Refuse a lazy Linear (``torch.nn.LazyLinear``) not yet run, naming the module."""
+    if isinstance(mod._parameters.get("weight"), torch.nn.parameter.UninitializedParameter):
+        raise ValueError(f"{fn}: {name or 'model'} ({type(mod).__name__}) is lazy and not yet "
+                         f"initialized (in_features unknown); run one forward pass first")
+
+
 def _check_finite_weights(mod, name: str, fn: str) -> None:
     """A float weight with NaN / Inf has no int8 value: refuse it, naming the module."""
     weights = ([mod.in_proj_weight, mod.out_proj.weight]
@@ -175,14 +183,50 @@ def _check_finite_weights(mod, name: str, fn: str) -> None:
                              f"it with filter_fn")
 
 
-def _walk(model, convert, modules, filter_fn):
+def _carry_hooks(old: torch.nn.Module, new: torch.nn.Module, name: str, fn: str) -> None:
+    """Register ``old``'s hooks on its replacement ``new``, in their order and with their
+    flags (``with_kwargs``, ``always_call``): forward pre-hooks and forward hooks (as
+    ``torch.ao``'s ``swap_module`` carries them; the replacement takes the same arguments
+    and returns the same kind of output) and full backward (pre-)hooks.
+    ``torch.nn.utils.prune``'s pre-hook is not carried: it recomputes a float weight the
+    int8 module does not have, and the int8 weight holds the pruned one already.
+
+    Raises:
+        ValueError: ``old`` has a non-full backward hook (``register_backward_hook``, which
+            torch deprecates and which fires on the last op's inputs, not the module's).
+    """
+    if old._backward_hooks and not old._is_full_backward_hook:
+        raise ValueError(f"{fn}: {name or 'model'} ({type(old).__name__}) has a backward hook "
+                         f"from register_backward_hook, which cannot be moved to its "
+                         f"replacement; use register_full_backward_hook, or exclude the "
+                         f"module with filter_fn")
+    for hid, h in old._forward_pre_hooks.items():
+        if not isinstance(h, prune.BasePruningMethod):
+            new.register_forward_pre_hook(h, with_kwargs=hid in old._forward_pre_hooks_with_kwargs)
+    for hid, h in old._forward_hooks.items():
+        new.register_forward_hook(h, with_kwargs=hid in old._forward_hooks_with_kwargs,
+                                  always_call=hid in old._forward_hooks_always_called)
+    for h in old._backward_pre_hooks.values():
+        new.register_full_backward_pre_hook(h)
+    for h in old._backward_hooks.values():
+        new.register_full_backward_hook(h)
+
+
+def _walk(model, convert, modules, filter_fn, fn: str):
     """Decide on a child before descending into it; build every replacement first and swap
     them in only when all succeeded, so an error leaves ``model`` as it was. A module
     registered under several names (tied, or ``[layer] * n``) is converted once, at its
     first name, and that one replacement goes to every name (the tie is kept). A root
-    marked ``disable_quantize()`` is left as it is, subtree included, as under a parent."""
+    marked ``disable_quantize()`` is left as it is, subtree included, as under a parent.
+    A replacement takes the hooks of the module it replaces (:func:`_carry_hooks`)."""
     swaps = []
     done = {}  # id(child) -> its replacement, or None (kept, and descended into once)
+
+    def replace(mod, name):
+        new = convert(mod, name)
+        if new is not None and new is not mod:
+            _carry_hooks(mod, new, name, fn)
+        return new
 
     def visit(parent, prefix):
         for cname, child in list(parent._modules.items()):  # every name, aliases included
@@ -195,14 +239,14 @@ def _walk(model, convert, modules, filter_fn):
                 continue
             if getattr(child, "quantize_disabled", False):
                 continue
-            new = done[id(child)] = convert(child, name)
+            new = done[id(child)] = replace(child, name)
             if new is not None:
                 swaps.append((parent, cname, new))
             elif not isinstance(child, (_Int8WeightLinear, AttentionOverProjections)):
                 visit(child, name)
     if getattr(model, "quantize_disabled", False):  # (as a child's flag, below)
         return model
-    root = convert(model, "")
+    root = replace(model, "")
     if root is not None:
         return root
     visit(model, "")
@@ -293,6 +337,7 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
         return linear(mod, name)
 
     def linear(mod, name):
+        _check_initialized(mod, name, fn)
         if not weight_only and mod.in_features > k_max:
             raise ValueError(f"{fn}: {name or 'model'}: in_features={mod.in_features} could "
                              f"overflow the int32 accumulator ({ad.name} x {wd.name}); at most "
@@ -302,7 +347,7 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
             return WeightOnlyLinear.from_float_module(mod, wd)
         return DynamicLinear.from_float_module(mod, ad, wd)
 
-    return keep_off_torch_fast_path(_walk(model, convert, modules, filter_fn))
+    return keep_off_torch_fast_path(_walk(model, convert, modules, filter_fn, fn))
 
 
 def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Linear,),
@@ -317,8 +362,9 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
     :class:`gpuquant.nn.qat.linear_dynamic.DynamicMultiheadAttention` (fake-quantized packed
     in-projection and out-projection, sharing the MHA's parameters), and HuggingFace
     ``Conv1D`` layers (GPT-2) :class:`gpuquant.nn.qat.linear_dynamic.DynamicConv1D`.
-    Arguments as :func:`quantize_dynamic` (parametrized Linears, e.g. ``weight_norm``, whose
-    weight is no parameter to share, are left as they are, logged).
+    Arguments as :func:`quantize_dynamic` (parametrized Linears, e.g. ``weight_norm``, and
+    pruned ones (``torch.nn.utils.prune``), whose weight is no parameter to share, are left
+    as they are, logged).
 
     Raises:
         TypeError, ValueError: as :func:`quantize_dynamic`.
@@ -351,6 +397,12 @@ def prepare_dynamic_qat(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.L
                         "a torch.nn.utils.parametrize parametrization, not a parameter the "
                         "QAT Linear could share", name, type(mod).__name__)
             return None
+        _check_initialized(mod, name, fn)
+        if weight_not_a_parameter(mod) is not None:
+            log.warning("prepare_dynamic_qat: %s (%s) stays float: its weight is computed at "
+                        "each forward (torch.nn.utils.prune?), not a parameter the QAT Linear "
+                        "could share", name, type(mod).__name__)
+            return None
         return _named(lambda: QATDynamicLinear.from_float_module(mod, ad, wd, weight_only), name)
 
-    return keep_off_torch_fast_path(_walk(model, convert, modules, filter_fn))
+    return keep_off_torch_fast_path(_walk(model, convert, modules, filter_fn, fn))

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from .._checks import unit_interval
+from .._tensors import keep_dtype_of
 from ..dtypes import qint8, qint8_narrow
 from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
 from ..nn.quantized.linear_dynamic import StaticActLinear, keep_off_torch_fast_path
@@ -48,11 +49,16 @@ _S_MIN, _S_MAX = 1e-5, 1e5
 
 class SmoothedLinear(torch.nn.Linear):
     """``torch.nn.Linear`` whose input is first multiplied per channel by ``input_smoothing``
-    (float32 buffer (in_features,), SmoothQuant's ``1 / s``; the weight holds ``W * s``)."""
+    (float32 buffer (in_features,), SmoothQuant's ``1 / s``; the weight holds ``W * s``).
+    The factors stay float32 under ``model.half()`` / ``.to(torch.bfloat16)`` (up to 1e5:
+    past float16's range), as the weight and bias follow the cast."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.register_buffer("input_smoothing", torch.ones(in_features, device=device))
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(keep_dtype_of(fn, [self.input_smoothing]), recurse)
 
     def forward(self, x):
         xs = (x.to(torch.float32) * self.input_smoothing).to(x.dtype)

@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
 from ..._compile import EagerUnderCompile
+from ..._tensors import keep_dtype_of
 from ...backends.registry import try_op
 from ...backends.reference_dynamic import EPS
 from ...dtypes import qint8, qint8_narrow
@@ -164,6 +165,22 @@ class _ServedForward(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+def weight_not_a_parameter(linear: torch.nn.Linear):
+    """Why ``linear``'s weight is no parameter a QAT Linear could share and train, or None:
+    an uninitialized lazy Linear (``torch.nn.LazyLinear`` before its first forward), or a
+    weight computed at each forward (``torch.nn.utils.prune``'s ``weight_orig * weight_mask``,
+    refreshed by a pre-hook the swap would drop)."""
+    w = linear._parameters.get("weight")
+    if isinstance(w, torch.nn.parameter.UninitializedParameter):
+        return ("the Linear is lazy and not yet initialized (in_features unknown); run one "
+                "forward pass first")
+    if w is None:
+        return ("its weight is not a parameter but computed at each forward (pruned with "
+                "torch.nn.utils.prune?), which the QAT Linear cannot share; make it permanent "
+                "first (torch.nn.utils.prune.remove)")
+    return None
+
+
 class DynamicLinear(EagerUnderCompile, torch.nn.Linear, Module):
     """Fake-quant Linear for the W8A8 dynamic (or int8 weight-only) serving mode.
 
@@ -208,17 +225,21 @@ class DynamicLinear(EagerUnderCompile, torch.nn.Linear, Module):
         Raises:
             TypeError: not a ``torch.nn.Linear``.
             ValueError: ``linear`` is parametrized (``torch.nn.utils.parametrize``, e.g.
-                ``weight_norm``): its weight is computed at each read, not a parameter to
-                share (the QAT module held a frozen copy that training never updated).
+                ``weight_norm``) or pruned (``torch.nn.utils.prune``): its weight is computed
+                at each read, not a parameter to share (the QAT module held a frozen copy
+                that training never updated); a lazy Linear not yet initialized.
         """
+        fn = "DynamicLinear.from_float_module"
         if not isinstance(linear, torch.nn.Linear):
-            raise TypeError(f"DynamicLinear.from_float_module needs a torch.nn.Linear, got "
-                            f"{type(linear).__name__}")
+            raise TypeError(f"{fn} needs a torch.nn.Linear, got {type(linear).__name__}")
         if parametrize.is_parametrized(linear):
-            raise ValueError("DynamicLinear.from_float_module: the Linear is parametrized "
-                             "(torch.nn.utils.parametrize): its weight is computed from other "
-                             "parameters, which the QAT Linear cannot share; remove the "
-                             "parametrization first (parametrize.remove_parametrizations)")
+            raise ValueError(f"{fn}: the Linear is parametrized (torch.nn.utils.parametrize): "
+                             f"its weight is computed from other parameters, which the QAT "
+                             f"Linear cannot share; remove the parametrization first "
+                             f"(parametrize.remove_parametrizations)")
+        why = weight_not_a_parameter(linear)
+        if why is not None:
+            raise ValueError(f"{fn}: {why}")
         qat = cls.__new__(cls)
         torch.nn.Module.__init__(qat)
         qat.in_features, qat.out_features = linear.in_features, linear.out_features
@@ -230,6 +251,11 @@ class DynamicLinear(EagerUnderCompile, torch.nn.Linear, Module):
         qat.training = linear.training
         qat._init_dynamic(act_dtype, weight_dtype, weight_only)
         return qat
+
+    def _apply(self, fn, recurse=True):
+        # SmoothQuant's factors stay float32 (up to 1e5: past float16's range) under .half()
+        return super()._apply(keep_dtype_of(fn, [getattr(self, "input_smoothing", None)]),
+                              recurse)
 
     def enable_fake_quant(self, enabled: bool = True) -> "DynamicLinear":
         if not isinstance(enabled, bool):
@@ -360,7 +386,7 @@ class DynamicMultiheadAttention(AttentionOverProjections):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 batch_first: bool = False, device=None, act_dtype=qint8,
+                 *, batch_first: bool = False, device=None, act_dtype=qint8,
                  weight_dtype=qint8_narrow, weight_only: bool = False):
         super().__init__()
         mha = torch.nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, bias=bias,

@@ -584,7 +584,9 @@ class DynamicMultiheadAttention(AttentionOverProjections):
     instead.
 
     Args:
-        embed_dim, num_heads, batch_first, bias, dropout: as ``torch.nn.MultiheadAttention``.
+        embed_dim, num_heads, dropout, bias: as ``torch.nn.MultiheadAttention``, in its
+            order; the rest keyword-only (torch's fifth is ``add_bias_kv``).
+        batch_first, device: as ``torch.nn.MultiheadAttention``.
         act_dtype, weight_dtype: as :class:`DynamicLinear`.
         weight_only: :class:`WeightOnlyLinear` projections instead of W8A8.
 
@@ -592,17 +594,21 @@ class DynamicMultiheadAttention(AttentionOverProjections):
         ValueError: sizes < 1, ``embed_dim`` not divisible by ``num_heads``, unsupported
             dtypes, ``dropout`` outside [0, 1]; in ``forward``, inputs or masks of the wrong
             shape (the message names the shape received and the one expected).
-        TypeError: in ``forward``, query / key / value not tensors, masks neither bool nor
-            float.
+        TypeError: ``bias``, ``batch_first`` or ``weight_only`` not a bool; in ``forward``,
+            query / key / value not tensors, masks neither bool nor float.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, batch_first: bool = False,
-                 bias: bool = True, act_dtype=qint8, weight_dtype=qint8_narrow,
-                 weight_only: bool = False, device=None, dropout: float = 0.0):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 *, batch_first: bool = False, device=None, act_dtype=qint8,
+                 weight_dtype=qint8_narrow, weight_only: bool = False):
         super().__init__()
         for v, what in ((embed_dim, "embed_dim"), (num_heads, "num_heads")):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{what} must be an int >= 1, got {v!r}")
+        for v, what in ((bias, "bias"), (batch_first, "batch_first"),
+                        (weight_only, "weight_only")):
+            if not isinstance(v, bool):
+                raise TypeError(f"{what} must be a bool, got {type(v).__name__} ({v!r})")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
@@ -619,7 +625,7 @@ class DynamicMultiheadAttention(AttentionOverProjections):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.batch_first = bool(batch_first)
+        self.batch_first = batch_first
         self.train(False)
 
     supports = staticmethod(mha_supported)  # None if an MHA can be converted, else why
@@ -641,8 +647,9 @@ class DynamicMultiheadAttention(AttentionOverProjections):
             lin_in.weight.copy_(mha.in_proj_weight)
             if mha.in_proj_bias is not None:
                 lin_in.bias.copy_(mha.in_proj_bias)
-        m = cls(e, mha.num_heads, mha.batch_first, mha.in_proj_bias is not None, act_dtype,
-                weight_dtype, weight_only, device=dev, dropout=mha.dropout)
+        m = cls(e, mha.num_heads, mha.dropout, mha.in_proj_bias is not None,
+                batch_first=bool(mha.batch_first), device=dev, act_dtype=act_dtype,
+                weight_dtype=weight_dtype, weight_only=weight_only)
         cls_proj = type(m.in_proj)
         args = (weight_dtype,) if weight_only else (act_dtype, weight_dtype)
         m.in_proj = cls_proj.from_float_module(lin_in, *args)
@@ -664,9 +671,9 @@ class DynamicMultiheadAttention(AttentionOverProjections):
                             f"DynamicMultiheadAttention (prepare_dynamic_qat), got "
                             f"{type(qat).__name__}")
         p = qat.in_proj
-        m = cls(qat.embed_dim, qat.num_heads, qat.batch_first, p.bias is not None,
-                p.act_dtype, p.weight_dtype, p.weight_only, device=p.weight.device,
-                dropout=qat.dropout)
+        m = cls(qat.embed_dim, qat.num_heads, qat.dropout, p.bias is not None,
+                batch_first=bool(qat.batch_first), device=p.weight.device,
+                act_dtype=p.act_dtype, weight_dtype=p.weight_dtype, weight_only=p.weight_only)
         cls_proj = WeightOnlyLinear if p.weight_only else DynamicLinear
         m.in_proj, m.out_proj = (cls_proj.from_qat_module(q) for q in (p, qat.out_proj))
         return m

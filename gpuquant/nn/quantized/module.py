@@ -20,7 +20,7 @@ import torch.fx
 
 from ... import functional as GF
 from ...functional import integer as _integer
-from ..._tensors import version as _version
+from ..._tensors import keep_dtype_of, version as _version
 from ...dtypes import get_dtype, qint32
 from ...qparams import QParams
 from ..._compile import EagerUnderCompile
@@ -164,14 +164,8 @@ class QuantizedModule(EagerUnderCompile, Module):
         # the qparam scales keep their float32 dtype under floating casts (.half(),
         # .to(torch.bfloat16)) and follow device moves
         self._cache.clear()
-        scales = {id(self._buffers.get(f"{name}_scale")) for name in self._dtypes}
-
-        def keep_scales(t):
-            out = fn(t)
-            if id(t) in scales and out.dtype != t.dtype:
-                out = t.to(out.device)
-            return out
-        return super()._apply(keep_scales, *args, **kwargs)
+        scales = [self._buffers.get(f"{name}_scale") for name in self._dtypes]
+        return super()._apply(keep_dtype_of(fn, scales), *args, **kwargs)
 
     # ------------------------------------------------------------------ input checks
     def _check_input(self, x, name: str = "input", device: Optional[torch.device] = None):
