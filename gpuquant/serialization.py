@@ -236,6 +236,7 @@ def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
             "builder": builder, "tree": _describe(model), "extra_state": extra}
     if isinstance(model, torch.fx.GraphModule):  # converted from plain torch.nn (drop-in)
         desc["dropin"] = True
+        desc["graph"] = _module_calls(model)
     try:
         text = json.dumps(desc, sort_keys=True)
     except TypeError as e:
@@ -325,10 +326,22 @@ def _build_quantized(entry, path):
 _SLOTS = ("__dict__", "_parameters", "_buffers", "_modules")
 
 
+def _module_calls(gm: torch.fx.GraphModule) -> list:
+    """The modules a traced (drop-in) model calls, in its graph's order."""
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+
+
 def _set_submodule(root, dotted: str, module, undo: Optional[list] = None) -> None:
-    """Put ``module`` at ``dotted``; with ``undo``, first record what was there."""
+    """Put ``module`` at ``dotted``; with ``undo`` (grafting into a skeleton, which must
+    hold a module there), first record what was there.
+
+    Raises:
+        AttributeError: no module at ``dotted``'s parent path; grafting, none at ``dotted``.
+    """
     parent_path, _, leaf = dotted.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
+    if undo is not None and leaf not in parent._modules:
+        raise AttributeError(f"no module {dotted!r}")
     if undo is not None:  # setattr may drop a parameter / buffer / attribute of that name
         undo.append((parent, leaf, leaf in parent._non_persistent_buffers_set,
                      [(slot, getattr(parent, slot).get(leaf, _SLOTS)) for slot in _SLOTS]))
@@ -395,10 +408,49 @@ def _graft(skeleton, desc, path, undo: Optional[list] = None):
         try:
             _set_submodule(skeleton, p, m, undo)
         except AttributeError:
+            hint = _DROPIN_HINT if desc.get("dropin") else ""
             raise ValueError(f"gpuquant.load: {path!r}: the model given has no module at "
-                             f"{p.rpartition('.')[0]!r} (the file's quantized module "
-                             f"{p!r} goes there); is it the same architecture?") from None
+                             f"{p!r} (the file's quantized {type(m).__name__} goes there); "
+                             f"is it the same architecture?{hint}") from None
+    _check_fit(skeleton, desc, path)
     return skeleton
+
+
+_DROPIN_HINT = (" (a model converted from plain torch.nn: build the skeleton as the saved "
+                "model was, with the same disable_quantize() calls before prepare_plain)")
+
+
+def _check_fit(root, desc, path) -> None:
+    """Refuse a skeleton whose own modules (those the file does not replace: containers,
+    float islands) are of other classes than the saved model's, or, for a drop-in model,
+    whose traced graph calls other modules: the loaded model would compute something else.
+    Classes compare by qualified name (a class saved from ``__main__`` matches the same
+    class imported from a module)."""
+    for e in desc["tree"]:
+        p = e["path"]
+        if not p or "alias_of" in e or "quantized" in e or not isinstance(e.get("class"), str):
+            continue
+        try:
+            cls = type(root.get_submodule(p))
+        except AttributeError:
+            raise ValueError(f"gpuquant.load: {path!r}: the model given has no module at {p!r} "
+                             f"(a {e['class']} in the saved model); is it the same "
+                             f"architecture?") from None
+        full = f"{cls.__module__}.{cls.__qualname__}"
+        if e["class"] != full and not e["class"].endswith("." + cls.__qualname__):
+            raise ValueError(f"gpuquant.load: {path!r}: module {p!r} is a {full} in the model "
+                             f"given but a {e['class']} in the saved model; is it the same "
+                             f"architecture?")
+    want = desc.get("graph")
+    if isinstance(want, list) and isinstance(root, torch.fx.GraphModule):
+        got = _module_calls(root)
+        if got != want:
+            i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b),
+                     min(len(got), len(want)))
+            at = lambda seq: repr(seq[i]) if i < len(seq) else "nothing"  # noqa: E731
+            raise ValueError(f"gpuquant.load: {path!r}: the model given calls other modules "
+                             f"than the saved one: its call {i} is {at(got)}, the saved "
+                             f"model's {at(want)}{_DROPIN_HINT}")
 
 
 def load(path, model: Optional[torch.nn.Module] = None, map_location=None) -> torch.nn.Module:
@@ -474,6 +526,13 @@ def _device(map_location) -> torch.device:
 
 def _build_root(path, desc, tensors, model, undo: list):
     """The model with the file's modules and tensors (``model`` changed in place)."""
+    if desc.get("dropin") and not isinstance(model, torch.fx.GraphModule):
+        given = "no model" if model is None else f"the {type(model).__name__} given"
+        raise ValueError(f"gpuquant.load: {path!r} holds a model converted from plain torch.nn "
+                         f"(its forward is a traced torch.fx graph with quant stubs, which "
+                         f"{given} does not run); pass model="
+                         f"gpuquant.quantization.prepare_plain(<float model>, example_inputs) "
+                         f"as the skeleton")
     try:
         if not isinstance(desc.get("tree"), list) or not all(
                 isinstance(e, dict) and isinstance(e.get("path"), str) for e in desc["tree"]):
@@ -494,12 +553,6 @@ def _build_root(path, desc, tensors, model, undo: list):
         raise _bad(path, f"its description does not build a model"
                          f"{' into the model given' if model is not None else ''} "
                          f"({type(e).__name__}: {e})") from None
-    if desc.get("dropin") and not isinstance(root, torch.fx.GraphModule):
-        raise ValueError(f"gpuquant.load: {path!r} holds a model converted from plain torch.nn "
-                         f"(its forward is a traced torch.fx graph with quant stubs, which the "
-                         f"{type(root).__name__} given does not run); pass model="
-                         f"gpuquant.quantization.prepare_plain(<float model>, example_inputs) "
-                         f"as the skeleton")
     if _root_name(root) != desc.get("root"):
         raise ValueError(f"gpuquant.load: {path!r} holds a {desc.get('root')} but the model "
                          f"built is a {_root_name(root)}")

@@ -51,13 +51,16 @@ def int8_saturates(cpuinfo: Optional[str] = None, machine: Optional[str] = None)
 
 def session(path, providers=("CPUExecutionProvider",), options=None):
     """An ``onnxruntime.InferenceSession`` for the exported model at ``path`` (str or
-    ``os.PathLike``), on ``providers``; where :func:`int8_saturates` and the CPU execution
-    provider runs it, the graph optimization level is capped at ``ORT_ENABLE_BASIC`` (in
-    ``options``, an ``onnxruntime.SessionOptions``, or a new one).
+    ``os.PathLike``), on ``providers`` (names, or ``(name, options dict)`` pairs, as
+    onnxruntime takes them); where :func:`int8_saturates`, the graph optimization level is
+    capped at ``ORT_ENABLE_BASIC`` (in ``options``, an ``onnxruntime.SessionOptions``, or a
+    new one) whatever the providers: onnxruntime runs on the CPU execution provider every node
+    the others do not take, and with an empty list all of them.
 
     Raises:
         ImportError: onnxruntime is not installed.
-        TypeError: ``path`` is not a str / path, or ``options`` not a SessionOptions.
+        TypeError: ``path`` is not a str / path, ``options`` not a SessionOptions, a
+            provider neither a name nor a ``(name, dict)`` pair.
     """
     import onnxruntime as ort
     if not isinstance(path, (str, os.PathLike)):
@@ -69,7 +72,12 @@ def session(path, providers=("CPUExecutionProvider",), options=None):
         raise TypeError(f"session: options must be an onnxruntime.SessionOptions, got "
                         f"{type(options).__name__}")
     providers = [providers] if isinstance(providers, str) else list(providers)
-    if "CPUExecutionProvider" in providers and int8_saturates():
+    for p in providers:
+        if not (isinstance(p, str) or (isinstance(p, (tuple, list)) and len(p) == 2
+                                       and isinstance(p[0], str) and isinstance(p[1], dict))):
+            raise TypeError(f"session: each provider must be a name or a (name, options dict) "
+                            f"pair, got {p!r}")
+    if int8_saturates():
         basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if int(options.graph_optimization_level) > int(basic):
             options.graph_optimization_level = basic

@@ -346,13 +346,19 @@ def test_ort_session_avoids_the_int8_saturation_on_cpus_without_vnni(tmp_path):
                     (2, 4))
     to_onnx(qm, torch.randn(2, 4), path)
     import unittest.mock as um
+    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     for saturates in (True, False):
         with um.patch.object(gort, "int8_saturates", lambda: saturates):
-            opts = ort.SessionOptions()
-            gort.session(path, options=opts)
-            basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            assert (opts.graph_optimization_level == basic) == saturates
+            # onnxruntime's (name, options) pairs and an empty list (the CPU provider as
+            # fallback) are capped too: they kept the saturating fusions, 196 steps off
+            for providers in (("CPUExecutionProvider",), [("CPUExecutionProvider", {})], []):
+                opts = ort.SessionOptions()
+                gort.session(path, providers=providers, options=opts)
+                assert (opts.graph_optimization_level == basic) == saturates, providers
             gort.session(str(path), providers="CPUExecutionProvider")  # one name, not chars
+    with pytest.raises(TypeError, match=r"each provider must be a name or a \(name, options "
+                                        r"dict\) pair, got 3"):
+        gort.session(path, providers=[3])
     with pytest.raises(TypeError, match="path must be a str"):
         gort.session(3)
     with pytest.raises(TypeError, match="options must be an onnxruntime.SessionOptions"):

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import gpuquant
+import gpuquant.nn as gnn
+from gpuquant import backends
 from gpuquant.models import digits_net
 
 from conftest import int8_forward
-from deploy_helpers import ZooNet
+from deploy_helpers import ZooNet, calibrated
 
 
 def _equal_state(a, b):
@@ -269,3 +271,89 @@ def test_malformed_data_offsets_is_refused(saved, tmp_path):
     bad.write_bytes(data[:j] + b"." + data[j + 1:])
     with pytest.raises(ValueError, match=r"bad\.safetensors.*data_offsets"):
         gpuquant.load(bad, model=ZooNet())
+
+
+class _Island(gnn.Module):
+    """An int8 conv, a float activation island between stubs, an int8 conv."""
+
+    def __init__(self, act=torch.nn.GELU):
+        super().__init__()
+        self.quant, self.c1, self.dq1 = gnn.QuantStub(), gnn.Conv2d(3, 8, 3, padding=1), \
+            gnn.DequantStub()
+        self.act, self.q2, self.c2, self.dq = act(), gnn.QuantStub(), gnn.Conv2d(8, 4, 1), \
+            gnn.DequantStub()
+
+    def forward(self, x):
+        x = self.dq1(self.c1(self.quant(x)))
+        return self.dq(self.c2(self.q2(self.act(x))))
+
+
+def test_skeleton_with_another_float_module_class_is_refused(tmp_path):
+    """The file records every module's class, but a skeleton's own modules were never
+    compared with it: a float GELU island loaded into a ReLU skeleton, silently computing
+    other numbers. Classes compare by qualified name (__main__.Net fits mymodels.Net)."""
+    with backends.use("reference"):
+        qm = calibrated(_Island(), (4, 3, 8, 8), batches=1)
+    path = tmp_path / "island.safetensors"
+    gpuquant.save(qm, path)
+    skeleton = _Island(torch.nn.ReLU)
+    with pytest.raises(ValueError, match=r"module 'act' is a torch.nn.modules.activation.ReLU "
+                                         r"in the model given but a torch.nn.modules.activation"
+                                         r".GELU in the saved model"):
+        gpuquant.load(path, model=skeleton)
+    assert type(skeleton.c1) is gnn.Conv2d  # left as it was
+    loaded = gpuquant.load(path, model=_Island())
+    x = torch.randn(2, 3, 8, 8)
+    with backends.use("numpy"), torch.no_grad():
+        assert torch.equal(loaded(x), qm(x))
+
+
+class _Two(torch.nn.Module):
+    def __init__(self, swap=False):
+        super().__init__()
+        self.c1, self.c2, self.pool = torch.nn.Conv2d(3, 3, 3, padding=1), \
+            torch.nn.Conv2d(3, 3, 1), torch.nn.MaxPool2d(2)
+        self.swap = swap
+
+    def forward(self, x):
+        a, b = (self.c2, self.c1) if self.swap else (self.c1, self.c2)
+        return self.pool(b(torch.relu(a(x))))
+
+
+def test_dropin_skeleton_tracing_another_graph_is_refused(tmp_path):
+    """A drop-in file grafted into a skeleton traced otherwise loaded silently: with a
+    disable_quantize() the saved model had and the skeleton not, the file's extra stubs were
+    added but never called and the skeleton's final stub took the file's scale (outputs 0.96
+    off at 0.70). The skeleton must hold a module at every quantized path (the audit's case),
+    and its graph must call the saved model's modules in the saved order (here)."""
+    import warnings
+    from gpuquant.quantization import (disable_quantize, ema_fakequant_qconfig, prepare_plain,
+                                       quantize, quantize_qat)
+    ex = torch.randn(2, 3, 8, 8)
+    m = _Two()
+    disable_quantize(m.pool)
+    with backends.use("reference"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = quantize_qat(m, ema_fakequant_qconfig, example_inputs=(ex,))
+        qat(ex)
+        q = quantize(qat.eval())
+    path = tmp_path / "dropin.safetensors"
+    gpuquant.save(q, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        undisabled = prepare_plain(_Two(), (ex,))
+        swapped = _Two(swap=True)
+        disable_quantize(swapped.pool)
+        swapped = prepare_plain(swapped, (ex,))
+        same = _Two()
+        disable_quantize(same.pool)
+        same = prepare_plain(same, (ex,))
+    with pytest.raises(ValueError, match=r"its call 3 is 'pool', the saved model's 'dequant' "
+                                         r".*same disable_quantize"):
+        gpuquant.load(path, model=undisabled)
+    with pytest.raises(ValueError, match=r"calls other modules than the saved one: its call 1 "
+                                         r"is 'c2', the saved model's 'c1'"):
+        gpuquant.load(path, model=swapped)
+    loaded = gpuquant.load(path, model=same)
+    with backends.use("numpy"), torch.no_grad():
+        assert torch.equal(loaded(ex), q(ex))
