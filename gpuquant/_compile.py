@@ -143,3 +143,13 @@ class EagerUnderCompile:
         if (callable(fwd) and fwd is not torch.nn.Module.forward
                 and not getattr(fwd, "_gq_eager", False)):
             cls.forward = eager_under_compile(fwd)
+
+
+def uncompiled(model):
+    """The module ``torch.compile(model)`` wraps (its ``_orig_mod``), else ``model``: what
+    saving and export describe (the same modules and parameters, without the wrapper's
+    ``_orig_mod.`` prefix)."""
+    import torch
+    opt = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    cls = getattr(opt, "OptimizedModule", None)
+    return model._orig_mod if cls is not None and isinstance(model, cls) else model

@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from ._compile import uncompiled
+
 __all__ = ["save", "load"]
 
 FORMAT = "gpuquant-model"
@@ -199,7 +201,9 @@ def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
         TypeError: not a module, a quantized module class with no saved form (named), or
             arguments of the wrong type.
         ValueError: an ``arch`` that is not a builder of ``gpuquant.models`` (resnet18,
-            resnet50, mobilenet_v2, digits_net), ``arch_kwargs`` that are not JSON values, a
+            resnet50, mobilenet_v2, digits_net) or does not build the model's architecture
+            with ``arch_kwargs`` (checked on the meta device), ``arch_kwargs`` that are not
+            JSON values, a
             model holding QAT modules (not converted yet) or no quantized module.
         ImportError: the safetensors package is not installed (names the install).
 
@@ -210,6 +214,7 @@ def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"gpuquant.save: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
+    model = uncompiled(model)  # torch.compile(model): saved as the model it wraps
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"gpuquant.save: path must be a str or os.PathLike, got "
                         f"{type(path).__name__}")
@@ -234,6 +239,8 @@ def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
                             f"not a tensor; it has no safe saved form")
     desc = {"format": FORMAT, "version": VERSION, "root": _root_name(model),
             "builder": builder, "tree": _describe(model), "extra_state": extra}
+    if builder is not None:
+        _check_builder(builder, desc)
     if isinstance(model, torch.fx.GraphModule):  # converted from plain torch.nn (drop-in)
         desc["dropin"] = True
         desc["graph"] = _module_calls(model)
@@ -256,6 +263,31 @@ def _builder(arch, who: str):
     return getattr(models, arch)
 
 
+def _check_builder(builder: dict, desc: dict) -> None:
+    """Refuse an ``arch`` / ``arch_kwargs`` that does not build the saved model's
+    architecture (built on the meta device: no memory), which ``load(path)`` would only
+    find out: other keyword arguments, another root class, no module at a quantized path."""
+    arch, kwargs = builder["arch"], builder["kwargs"]
+    try:
+        with torch.device("meta"):
+            built = _builder(arch, "gpuquant.save")(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"gpuquant.save: arch={arch!r} does not build with arch_kwargs="
+                         f"{kwargs!r} ({type(e).__name__}: {e})") from None
+    if _root_name(built) != desc["root"]:
+        raise ValueError(f"gpuquant.save: arch={arch!r} builds a {_root_name(built)}, but the "
+                         f"model is a {desc['root']}; name its builder, or save without arch "
+                         f"(load then takes model=<skeleton>)")
+    for e in desc["tree"]:
+        if "quantized" in e and e["path"]:
+            try:
+                built.get_submodule(e["path"])
+            except AttributeError:
+                raise ValueError(f"gpuquant.save: arch={arch!r} (arch_kwargs={kwargs!r}) builds "
+                                 f"no module at {e['path']!r}, where the model holds a "
+                                 f"{e['quantized']}; is it the model's architecture?") from None
+
+
 def _bad(path, what: str) -> ValueError:
     return ValueError(f"gpuquant.load: {path!r} is not a valid gpuquant model file: {what}")
 
@@ -265,9 +297,16 @@ def _read(path):
     st_load = _safetensors("gpuquant.load").load
     with open(path, "rb") as f:
         data = f.read()
+    if data[:4] == b"PK\x03\x04":
+        raise _bad(path, "it is a zip archive (a torch.save file?); gpuquant.load reads the "
+                         "safetensors files gpuquant.save writes")
     if len(data) < 8:
         raise _bad(path, f"{len(data)} bytes, shorter than a safetensors header (truncated?)")
     (n,) = struct.unpack("<Q", data[:8])
+    if len(data) > 8 and data[8:9] != b"{":
+        raise _bad(path, "not a safetensors file (its header does not begin with '{'; an "
+                         "ONNX file? gpuquant.runtime.load and onnxruntime read those); "
+                         "gpuquant.load reads the files gpuquant.save writes")
     if n > len(data) - 8:
         raise _bad(path, f"the header claims {n} bytes but only {len(data) - 8} follow "
                          f"(truncated?)")
@@ -472,8 +511,9 @@ def load(path, model: Optional[torch.nn.Module] = None, map_location=None) -> to
     Raises:
         TypeError: arguments of the wrong type.
         ImportError: the safetensors package is not installed (names the install).
-        FileNotFoundError: no such file.
-        ValueError: a truncated, corrupted or foreign file, a description that does not
+        FileNotFoundError: no such file. IsADirectoryError: ``path`` is a directory.
+        ValueError: a truncated, corrupted or foreign file (a ``torch.save`` or ONNX file
+            is named as one), a description that does not
             build a model, a skeleton that does not fit (each names the file and the fault),
             a tree that needs a skeleton, or a ``map_location`` that is no device here.
 
@@ -487,6 +527,8 @@ def load(path, model: Optional[torch.nn.Module] = None, map_location=None) -> to
         raise TypeError(f"gpuquant.load: model must be None or a torch.nn.Module skeleton, got "
                         f"{type(model).__name__}")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"gpuquant.load: {path!r} is a directory, not a model file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"gpuquant.load: no such file {path!r}")
     device = _device(map_location)

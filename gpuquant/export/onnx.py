@@ -34,6 +34,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from .._compile import uncompiled
 from ..nn.quantized.fused import ConvAdd, ConvDequant
 from ..nn.quantized.module import QuantizedTracer
 from ..quantization.epilogue import unfuse_epilogues
@@ -212,13 +213,15 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"to_onnx: model must be a torch.nn.Module, got {type(model).__name__}")
+    model = uncompiled(model)  # torch.compile(model): the model it wraps
     inputs = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             what = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else \
                 f"a {type(x).__module__}.{type(x).__name__}"
             raise TypeError(f"to_onnx: example_input[{i}] must be a float tensor "
-                            f"(torch.Tensor), got {what}")
+                            f"(torch.Tensor), got {what} (leave out parameters that are not "
+                            f"tensors: forward runs with their defaults)")
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"to_onnx: path must be None, a str or an os.PathLike, got "
                         f"{type(path).__name__} {path!r}")
@@ -250,6 +253,20 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
         raise NotImplementedError(f"to_onnx: torch.fx could not trace {type(model).__name__} "
                                   f"({type(e).__name__}: {e}); export needs forward code "
                                   f"without data-dependent control flow") from e
+    params = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) > len(params):
+        raise ValueError(f"to_onnx: example_input gives {len(inputs)} inputs but "
+                         f"{type(model).__name__}.forward takes {len(params)} "
+                         f"({', '.join(n.target for n in params)})")
+    for n in params[len(inputs):]:  # parameters left to their defaults
+        if not n.args:
+            raise ValueError(f"to_onnx: the model takes more inputs than example_input gives "
+                             f"({len(inputs)}): {n.target!r} has no example")
+        if n.users:
+            raise ValueError(f"to_onnx: forward's parameter {n.target!r} (default "
+                             f"{n.args[0]!r}) is used by the model; the ONNX graph's inputs "
+                             f"are the example tensors only: compute it in the model or make "
+                             f"it a constant attribute")
     gm = torch.fx.GraphModule(model, graph)
     rec = _Recorder(gm)
     with torch.no_grad():
@@ -297,9 +314,8 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
             no_batch.add(node.name)
         if node.op == "placeholder":
             i = len(graph_inputs)
-            if i >= len(inputs):
-                raise ValueError(f"to_onnx: the model takes more inputs than example_input "
-                                 f"gives ({len(inputs)})")
+            if i >= len(inputs):  # an unused parameter left to its default (checked above)
+                continue
             name = b.fresh("input" if len(inputs) == 1 else f"input_{i}")
             graph_inputs.append(helper.make_tensor_value_info(
                 name, onnx.TensorProto.FLOAT, batch_shape(inputs[i].shape)))
@@ -413,17 +429,17 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
 
 def _free_spatial(graph_inputs, graph_outputs) -> None:
     """Make H and W of the 4-D inputs symbolic (``H`` / ``W``, ``H_i`` / ``W_i`` for input i
-    of several) and those of the 4-D outputs unknown: the graph holds at any spatial size."""
+    of several) and those of the 4-D outputs unknown, as every non-batch size of outputs of
+    3 or 5+ dimensions: the graph holds at any spatial size."""
     for i, vi in enumerate(graph_inputs):
         dims = vi.type.tensor_type.shape.dim
         if len(dims) == 4:
             sfx = "" if len(graph_inputs) == 1 else f"_{i}"
             dims[2].dim_param, dims[3].dim_param = f"H{sfx}", f"W{sfx}"
-    for vi in graph_outputs:
+    for vi in graph_outputs:  # (a 2-D output keeps its width: a classifier's, mostly)
         dims = vi.type.tensor_type.shape.dim
-        if len(dims) == 4:
-            dims[2].Clear()
-            dims[3].Clear()
+        for d in (dims[2:] if len(dims) == 4 else dims[1:] if len(dims) > 2 else ()):
+            d.Clear()  # H, W; or a reshape's sizes (tokens: (N, C, H*W))
 
 
 def _fixed_size(nodes, inputs) -> dict:
@@ -588,8 +604,12 @@ def _flatten(b: _Builder, src, in_val, out_val, base: str, start: int, end: int)
     start, end = int(start) % nd, int(end) % nd
     if start == 1 and end == nd - 1:
         return _reshape(b, src, out_val, base, flatten_axis=1)
-    return _reshape(b, src, out_val, base,
-                    shape=[0] * start + [-1] + list(out_val.shape[start + 1:]))
+    trailing = list(out_val.shape[start + 1:])  # the example's: input dims end + 1 ...
+    y = _reshape(b, src, out_val, base, shape=[0] * start + [-1] + trailing)
+    if trailing and end < nd - 1:
+        b.size_dependent.append((b.nodes[-1].name, f"{base}: flatten({start}, {end}) keeps "
+                                                   f"the example's trailing sizes {trailing}"))
+    return y
 
 
 def _reshape(b: _Builder, src, out_val, base: str, flatten_axis=None, shape=None,
@@ -631,6 +651,55 @@ def _reads_shape(node, env) -> bool:
         all(env.get(a.name) is _SHAPE for a in inputs)
 
 
+def _size_read(a, src) -> Optional[int]:
+    """The dimension ``a`` reads off tensor node ``src`` (``src.size(i)``, ``src.shape[i]``),
+    or None."""
+    if not isinstance(a, torch.fx.Node):
+        return None
+    if a.op == "call_method" and a.target == "size" and a.args and a.args[0] is src \
+            and len(a.args) == 2 and isinstance(a.args[1], int):
+        return a.args[1]
+    if a.op == "call_function" and a.target is operator.getitem and len(a.args) == 2 \
+            and isinstance(a.args[1], int):
+        s = a.args[0]
+        if isinstance(s, torch.fx.Node) and s.op == "call_function" and s.target is getattr \
+                and s.args == (src, "shape"):
+            return a.args[1]
+    return None
+
+
+def _reshape_shape(b: _Builder, node, in_val, out_val) -> list:
+    """ONNX Reshape's shape for a ``reshape`` / ``view`` node, from its arguments: a literal
+    stays (``-1`` included), ``x.size(i)`` / ``x.shape[i]`` of the reshaped tensor at
+    position ``i`` becomes 0 (copy that dimension at run time). Any other size (arithmetic
+    on sizes, another tensor's) takes the example's value: at position 0, 0 where the
+    example's batch passes through (else -1), elsewhere a size-dependent node (warned,
+    recorded in the metadata), where it had been written as a constant silently."""
+    src = node.args[0]
+    args = list(node.args[1:]) or [node.kwargs.get("shape", ())]
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        args = list(args[0])
+    ex = list(out_val.shape)
+    if len(args) != len(ex):  # (not seen: torch checked the call) the example's shape
+        args = [None] * len(ex)
+    shape, fixed = [], []
+    for i, a in enumerate(args):
+        if isinstance(a, int) and not isinstance(a, bool):
+            shape.append(a)
+        elif _size_read(a, src) in (i, i - in_val.dim()) and i < in_val.dim():
+            shape.append(0)
+        elif i == 0:
+            shape.append(0 if in_val.dim() and in_val.shape[0] == ex[0] else -1)
+        else:
+            shape.append(ex[i])
+            fixed.append(i)
+    if fixed:
+        b.size_dependent.append((f"{node.name}_reshape",
+                                 f"{node.name}: a reshape to sizes computed from the example "
+                                 f"({', '.join(f'dim {i} = {ex[i]}' for i in fixed)})"))
+    return shape
+
+
 def _tensor_op(b: _Builder, node, env, vals):
     """torch functions / tensor methods in forward code: flatten, reshape, view, contiguous."""
     target = node.target
@@ -646,7 +715,8 @@ def _tensor_op(b: _Builder, node, env, vals):
         end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
         return _flatten(b, src, in_val, vals[node.name], node.name, start, end)
     if target in ("reshape", "view") or target is torch.reshape:
-        return _reshape(b, src, vals[node.name], node.name, in_val=in_val)
+        shape = _reshape_shape(b, node, in_val, vals[node.name])
+        return _reshape(b, src, vals[node.name], node.name, shape=shape)
     if target in ("contiguous",):
         return src
     if target is operator.getitem:

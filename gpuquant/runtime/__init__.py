@@ -31,7 +31,7 @@ def load(path) -> Session:
 
     Raises:
         TypeError: ``path`` of the wrong type.
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file. IsADirectoryError: ``path`` is a directory.
         ValueError: not a readable ONNX file, or a graph not in gpuquant's QDQ form
             (:class:`RuntimeFormatError`, naming the node and what is expected): a model
             without to_onnx's ``gpuquant.format`` metadata (e.g. onnxruntime's
@@ -50,6 +50,9 @@ def load(path) -> Session:
         raise TypeError(f"gpuquant.runtime.load: path must be a str, os.PathLike or "
                         f"onnx.ModelProto, got {type(path).__name__}")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"gpuquant.runtime.load: {path!r} is a directory, not an "
+                                f"ONNX file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"gpuquant.runtime.load: no such file {path!r}")
     try:

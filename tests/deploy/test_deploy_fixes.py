@@ -531,3 +531,147 @@ def test_size_dependent_graph_with_two_inputs(tmp_path):
                                         "gpuquant.fixed_input_hw": "6,4"})
     with pytest.raises(rt.RuntimeFormatError, match=r"'H,W' .* for each of the 2 4-D inputs"):
         rt.load(proto)
+
+
+class _Tokens(gnn.Module):
+    """A conv, then its output reshaped as ``how`` says (tokens of the feature map)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.q, self.c, self.dq, self.how = gnn.QuantStub(), gnn.Conv2d(2, 4, 3, padding=1), \
+            gnn.DequantStub(), how
+
+    def forward(self, x):
+        y = self.c(self.q(x))
+        if self.how == "size_reads":
+            y = y.reshape(y.size(0), y.size(1), -1)
+        elif self.how == "shape_reads":
+            y = y.view((y.shape[0], 4, -1))
+        elif self.how == "computed":
+            y = y.reshape(y.size(0), y.size(2) * y.size(3), -1)
+        else:
+            y = torch.flatten(y, 1, 2)
+        return self.dq(y)
+
+
+@pytest.mark.parametrize("how", ["size_reads", "shape_reads"])
+def test_reshape_from_size_reads_runs_any_spatial_size(how, tmp_path):
+    """y.reshape(y.size(0), y.size(1), -1) was written as Reshape [0, 4, H*W of the
+    example] with the input declared of free size and no warning: the runtime and
+    onnxruntime failed at other sizes. A size read at its own position is 0 (copy) now, a
+    literal stays; the outputs' non-batch sizes are declared unknown."""
+    import warnings
+    m = _int8(_Tokens(how), (4, 2, 7, 6))
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        proto = to_onnx(m, torch.randn(1, 2, 7, 6), path)
+    assert "gpuquant.fixed_input_hw" not in _meta(proto)
+    assert _declared(proto.graph.output[0]) == ["N", None, None]
+    for hw in [(7, 6), (5, 9)]:
+        x = torch.randn(2, 2, *hw)
+        want = int8_forward(m, x)
+        assert want.shape == (2, 4, hw[0] * hw[1])
+        assert rt.load(path).run(x.numpy()).tobytes() == want.tobytes(), hw
+        got = _ort(path, x.numpy())
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= float(m.c.output_scale) * 1.001
+
+
+@pytest.mark.parametrize("how,why", [
+    ("computed", r"a reshape to sizes computed from the example \(dim 1 = 42\)"),
+    ("flatten12", r"flatten\(1, 2\) keeps the example's trailing sizes \[6\]"),
+])
+def test_reshape_to_sizes_computed_from_the_example_is_size_dependent(how, why, tmp_path):
+    """Sizes that are not a plain size read at their own position (arithmetic on sizes, a
+    flatten's trailing dimensions) hold at the example's size only: warned, recorded, and
+    the runtime refuses other sizes, where the graph had carried them silently."""
+    m = _int8(_Tokens(how), (4, 2, 7, 6))
+    path = tmp_path / "m.onnx"
+    with pytest.warns(UserWarning, match=rf"valid only at input spatial size 7x6.*{why}"):
+        proto = to_onnx(m, torch.randn(1, 2, 7, 6), path)
+    assert _meta(proto)["gpuquant.fixed_input_hw"] == "7,6"
+    x = torch.randn(2, 2, 7, 6)
+    sess = rt.load(path)
+    assert sess.run(x.numpy()).tobytes() == int8_forward(m, x).tobytes()
+    with pytest.raises(ValueError, match=r"this graph holds only for 7x6"):
+        sess.run(np.zeros((1, 2, 5, 6), np.float32))
+
+
+class _Temp(gnn.Module):
+    def __init__(self, use=False):
+        super().__init__()
+        self.q, self.c, self.dq, self.use = gnn.QuantStub(), gnn.Conv2d(2, 3, 1), \
+            gnn.DequantStub(), use
+
+    def forward(self, x, temperature: float = 1.0):
+        y = self.dq(self.c(self.q(x)))
+        return y / temperature if self.use else y
+
+
+def test_to_onnx_example_inputs_against_forwards_parameters(tmp_path):
+    """A defaulted non-tensor parameter was refused as 'takes more inputs than example_input
+    gives'; surplus example tensors became a dangling graph input (and renamed the real one
+    input_0). Now an unused defaulted parameter is left to its default, a used one is
+    refused naming it, and surplus examples are refused."""
+    x = torch.randn(1, 2, 4, 4)
+    m = _int8(_Temp(), (4, 2, 4, 4))
+    proto = to_onnx(m, x)
+    assert [i.name for i in proto.graph.input] == ["input"]
+    with pytest.raises(ValueError, match=r"example_input gives 3 inputs but _Temp.forward takes "
+                                         r"2 \(x, temperature\)"):
+        to_onnx(m, (x, x, x))
+    with pytest.raises(TypeError, match=r"example_input\[1\] must be a float tensor .*got a "
+                                        r"builtins.float \(leave out parameters that are not"):
+        to_onnx(m, (x, 1.0))
+    used = _int8(_Temp(use=True), (4, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"parameter 'temperature' \(default 1.0\) is used"):
+        to_onnx(used, x)
+
+
+def test_compiled_model_saves_and_exports_as_the_model_it_wraps(small_int8, tmp_path):
+    """torch.compile(int8_model) saved as an OptimizedModule with '_orig_mod.' paths (it
+    loaded into no skeleton of the architecture) and to_onnx blamed data-dependent control
+    flow: both now describe the wrapped model."""
+    import gpuquant
+    compiled = torch.compile(small_int8)
+    path = tmp_path / "m.safetensors"
+    gpuquant.save(compiled, path)
+    loaded = gpuquant.load(path, model=_Small())
+    assert loaded.state_dict().keys() == small_int8.state_dict().keys()
+    x = torch.randn(2, 3, 8, 8)
+    assert int8_forward(loaded, x).tobytes() == int8_forward(small_int8, x).tobytes()
+    assert to_onnx(compiled, x).SerializeToString() == to_onnx(small_int8, x).SerializeToString()
+
+
+def test_load_names_directories_and_foreign_files(small_int8, tmp_path):
+    import gpuquant
+    with pytest.raises(IsADirectoryError, match="is a directory, not a model file"):
+        gpuquant.load(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory, not an ONNX file"):
+        rt.load(tmp_path)
+    torch.save(small_int8.state_dict(), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"m.pt.*a zip archive \(a torch.save file\?\)"):
+        gpuquant.load(tmp_path / "m.pt")
+    to_onnx(small_int8, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"m.onnx.*not a safetensors file .*an ONNX file\?"):
+        gpuquant.load(tmp_path / "m.onnx")
+
+
+def test_save_checks_arch_builds_the_model(tmp_path):
+    """save(arch=...) checked the name only: a Sequential saved with arch='resnet18', or
+    arch_kwargs the builder does not take, wrote a file that failed at load."""
+    import gpuquant
+    from gpuquant.models import digits_net
+    seq = _int8(torch.nn.Sequential(gnn.QuantStub(), gnn.Conv2d(3, 4, 1), gnn.DequantStub()),
+                (2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"arch='resnet18' builds a ResNet, but the model is a "
+                                         r"Sequential"):
+        gpuquant.save(seq, tmp_path / "a.safetensors", arch="resnet18")
+    with pytest.raises(ValueError, match=r"arch='digits_net' does not build with arch_kwargs="
+                                         r"\{'nope': 1\} \(TypeError"):
+        gpuquant.save(seq, tmp_path / "b.safetensors", arch="digits_net", arch_kwargs={"nope": 1})
+    assert not (tmp_path / "a.safetensors").exists()
+    net = _int8(digits_net(), (4, 1, 8, 8))
+    gpuquant.save(net, tmp_path / "d.safetensors", arch="digits_net")
+    assert type(gpuquant.load(tmp_path / "d.safetensors")).__name__ == "DigitsNet"
