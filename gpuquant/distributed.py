@@ -48,12 +48,22 @@ def _initialized() -> bool:
 
 
 def world_size(group=None) -> int:
-    """Processes in ``group`` (default group), 1 when torch.distributed is not initialised."""
+    """Processes in ``group`` (default group), 1 when torch.distributed is not initialised.
+
+    Raises:
+        TypeError: ``group`` neither None nor a process group (:func:`check_group`).
+    """
+    check_group(group, "world_size")
     return dist.get_world_size(group) if _initialized() else 1
 
 
 def rank(group=None) -> int:
-    """This process's rank in ``group`` (default group), 0 when not initialised."""
+    """This process's rank in ``group`` (default group), 0 when not initialised.
+
+    Raises:
+        TypeError: ``group`` neither None nor a process group (:func:`check_group`).
+    """
+    check_group(group, "rank")
     return dist.get_rank(group) if _initialized() else 0
 
 
@@ -78,7 +88,8 @@ def _fused_bn_modules(model):
 
 
 def check_group(group, who: str):
-    """``group`` if it is None (the default group) or a torch.distributed process group.
+    """``group`` if it is None (the default group), a torch.distributed process group, or
+    ``new_group``'s value on a process outside the group it made.
 
     Raises:
         TypeError: anything else (it would fail only at the first all-reduce, inside torch).
@@ -86,10 +97,13 @@ def check_group(group, who: str):
     if group is None:
         return None
     try:
-        from torch.distributed import ProcessGroup
+        from torch.distributed import GroupMember, ProcessGroup
     except ImportError:  # pragma: no cover - torch built without distributed
-        ProcessGroup = ()
-    if not isinstance(group, ProcessGroup):
+        GroupMember, ProcessGroup = None, ()
+    if not isinstance(group, ProcessGroup) and not (
+            # new_group()'s value on a process outside the group it made
+            GroupMember is not None and type(group) is int
+            and group == getattr(GroupMember, "NON_GROUP_MEMBER", None)):
         raise TypeError(f"{who}: the process group must be None (the default group) or a "
                         f"torch.distributed ProcessGroup, got {type(group).__name__} "
                         f"({group!r})")
@@ -319,6 +333,7 @@ def save_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
         raise TypeError(f"step must be an int or None, got {type(step).__name__}")
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"extra must be a dict or None, got {type(extra).__name__}")
+    check_group(group, "save_checkpoint")
     module = unwrap(model)
     if any(type(p).__name__ == "DTensor" for p in module.parameters()):
         raise NotImplementedError("save_checkpoint: the model's parameters are sharded "
@@ -383,12 +398,21 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
         The checkpoint dict (``step``, ``extra``, ...).
 
     Raises:
+        TypeError: arguments of the wrong type (checked before anything is read or loaded).
         ValueError: not a gpuquant checkpoint, no optimizer state in it, or, with
             ``restore_rng``, a different world size or a process outside ``group`` (the
             model and optimizer state are loaded before that check).
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"load_checkpoint: optimizer must be a torch.optim.Optimizer or None, "
+                        f"got {type(optimizer).__name__}")
+    for v, what in ((restore_rng, "restore_rng"), (strict, "strict")):
+        if not isinstance(v, bool):
+            raise TypeError(f"load_checkpoint: {what} must be a bool, got "
+                            f"{type(v).__name__} ({v!r})")
+    check_group(group, "load_checkpoint")
     # weights_only=False: the RNG states are numpy / Python objects; load only files you trust
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:

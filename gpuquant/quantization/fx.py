@@ -114,6 +114,14 @@ def _same_forward(m: torch.nn.Module, base: type) -> bool:
         type(m)._conv_forward is torch.nn.Conv2d._conv_forward
 
 
+def _is_bn(m: torch.nn.Module, bn_type: type) -> bool:
+    """``m`` is a ``bn_type`` (BatchNorm2d after a conv, BatchNorm1d after a Linear) keeping
+    its forward, or a ``torch.nn.SyncBatchNorm`` (``convert_sync_batchnorm`` before
+    ``quantize_qat``): the fused QAT module computes its statistics over the global batch
+    (:func:`gpuquant.distributed.syncs_batch_stats`)."""
+    return _same_forward(m, bn_type) or type(m) is torch.nn.SyncBatchNorm
+
+
 def _hooked(m: torch.nn.Module) -> Optional[str]:
     """Why ``m`` must stay the module it is: the hooks or parametrizations it carries
     (``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``, a user's hooks) run only
@@ -136,6 +144,26 @@ def _hooked(m: torch.nn.Module) -> Optional[str]:
         return None
     return (f"carries {'; '.join(what)}, which a fused or int8 module would skip; remove "
             f"them to quantize it")
+
+
+def delete_unused_paths(gm: torch.fx.GraphModule) -> None:
+    """Delete the submodule names the graph does not use: neither called nor read, nor
+    inside such a module, nor a parent of one. ``GraphModule.delete_all_unused_submodules``
+    misses a second name of a used module (``named_modules`` yields each module once): a
+    BatchNorm fused into a conv stays at its own path, and once the fused module is
+    converted to int8 it holds float tensors nothing runs (saved, and in ``state_dict``)."""
+    used = set()
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            parts = node.target.split(".")
+            used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    dead = [p for p, _ in gm.named_modules(remove_duplicate=False)
+            if p and p not in used
+            and not any(p.startswith(c + ".") for c in called)]
+    for p in dead:
+        if not any(p.startswith(d + ".") for d in dead):  # (a dead parent takes it along)
+            gm.delete_submodule(p)
 
 
 def needs_dropin(model: torch.nn.Module) -> bool:
@@ -741,7 +769,9 @@ def _propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
         with torch.no_grad():
             prop.propagate(*example_inputs)
     except Exception as e:  # noqa: BLE001 -- re-raised with context
-        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else
+                  t if isinstance(t, (int, float, bool, str, type(None))) else type(t).__name__
+                  for t in example_inputs]
         at = f" at {_node_text(gm, prop.failed)}" if prop.failed is not None else ""
         raise ValueError(f"quantize_qat: example_inputs (shapes {shapes}) do not run through "
                          f"the traced model{at}: {type(e).__name__}: {_first_line(e)}") from e
@@ -1208,7 +1238,7 @@ class _Rewriter:
         chain, bn, act = [n], None, None
         nxt = _single_user(n)
         if nxt is not None and nxt.op == "call_module" and \
-                _same_forward(self.modules[nxt.target], bn_type) and nxt.args == (n,) and \
+                _is_bn(self.modules[nxt.target], bn_type) and nxt.args == (n,) and \
                 not nxt.kwargs and self._foldable(self.modules[nxt.target], m, nxt, kind):
             bn = self.modules[nxt.target]
             chain.append(nxt)
@@ -1495,6 +1525,11 @@ def _check_example_inputs(example_inputs) -> Optional[tuple]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
+        for i, t in enumerate(example_inputs):
+            if type(t).__module__ == "numpy":
+                raise TypeError(f"quantize_qat: example_inputs[{i}] is a numpy."
+                                f"{type(t).__name__}, not a torch.Tensor; pass "
+                                f"torch.from_numpy(...)")
         return tuple(example_inputs)
     raise TypeError(f"quantize_qat: example_inputs must be a tuple of the model's positional "
                     f"inputs (or one tensor), got {type(example_inputs).__name__}")

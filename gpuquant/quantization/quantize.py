@@ -31,7 +31,7 @@ from ..nn.module import Module
 from ..nn.qat.module import QATModule, keep_producer_hook
 from ..nn.quantized.module import QuantizedModule
 from .fake_quant import FakeQuantBase, _LearnedBase
-from .fx import _PASS_MODULES, needs_dropin, prepare_plain
+from .fx import _PASS_MODULES, delete_unused_paths, needs_dropin, prepare_plain
 from .observer import HistogramObserver, Observer, _RangeObserver
 from .._checks import check_bool as _check_bool
 from .qconfig import QConfig, ema_fakequant_qconfig
@@ -326,6 +326,8 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
     out = convert(module, "")
     for parent, child_name, new in swaps:
         setattr(parent, child_name, new)
+    if isinstance(out, torch.fx.GraphModule):  # drop-in: the fused BatchNorms' own names
+        delete_unused_paths(out)
     for m in out.modules():  # quantize_qat's pass-through hooks: no use on int8 tensors
         for k in [k for k, h in m._forward_hooks.items() if h is keep_producer_hook]:
             del m._forward_hooks[k]

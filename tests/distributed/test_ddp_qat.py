@@ -470,6 +470,23 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="written by 4 processes"):
         gdist.load_checkpoint(path, model)
     gdist.load_checkpoint(path, model, restore_rng=False)
+    # checked before the file is read or the model touched: an optimizer given as a string
+    # or a state dict raised AttributeError after the model state was loaded; a truthy
+    # string restored the RNG; a non-group failed inside torch (or passed unnoticed)
+    before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    for kw, msg in (({"optimizer": opt.state_dict()}, r"optimizer must be a torch.optim"
+                                                      r".Optimizer or None, got dict"),
+                    ({"restore_rng": "False"}, r"restore_rng must be a bool, got str"),
+                    ({"strict": "yes"}, r"strict must be a bool, got str"),
+                    ({"group": "x"}, r"load_checkpoint: the process group must be None")):
+        with pytest.raises(TypeError, match=msg):
+            gdist.load_checkpoint(path, model, **kw)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    for fn, call in (("save_checkpoint", lambda: gdist.save_checkpoint(path, model, group=0)),
+                     ("world_size", lambda: gdist.world_size("x")),
+                     ("rank", lambda: gdist.rank(0))):
+        with pytest.raises(TypeError, match=rf"{fn}: the process group must be None"):
+            call()
 
 
 def _outside_group_worker(rank, world, path):

@@ -653,3 +653,57 @@ def test_inplace_write_to_a_buffer_in_forward_is_not_dropped():
     lazy = quantize_qat(nn.Sequential(nn.LazyConv2d(4, 1), nn.LazyBatchNorm2d()),
                         example_inputs=(x,))
     assert lazy(x).shape == (2, 4, 4, 4)
+
+
+class _SyncNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 6)
+        self.bn1 = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.c(x))).mean((2, 3))
+        return self.head(F.relu(self.bn1(self.fc(y))))
+
+
+def test_sync_batchnorm_fuses_and_the_int8_model_drops_the_fused_batchnorms_names():
+    """convert_sync_batchnorm before quantize_qat (a DDP script's order) left conv and Linear
+    unfused, their SyncBatchNorm and ReLU float between stubs (warned as 'no int8 version').
+    They fuse now, as BatchNorm2d / 1d do (the fused module syncs its statistics). And the
+    int8 drop-in model kept every fused BatchNorm at its own name too (fx's unused-module
+    sweep sees a module once): float tensors nothing runs, in state_dict and saved files."""
+    from gpuquant.models import settle_bn
+    from gpuquant.nn.qat import ConvBnRelu2d, LinearBnRelu1d
+    from tests.int8_vs_qat import capture, check_modules
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(settle_bn(_SyncNet(), x))
+    assert type(model.bn) is nn.SyncBatchNorm
+    with backends.use("reference"):
+        qat, warned = convert(quantize_qat, model, example_inputs=(x,))
+        assert not warned, warned
+        assert type(qat.c) is ConvBnRelu2d and type(qat.fc) is LinearBnRelu1d
+        assert qat.c.bn is model.bn and qat.fc.bn is model.bn1
+        opt = torch.optim.SGD(qat.parameters(), lr=1e-2)
+        F.cross_entropy(qat.train()(x), torch.arange(8) % 4).backward()
+        opt.step()
+        y, cap = capture(qat, x)
+        qat_modules = dict(qat.named_modules())
+        int8 = quantize(copy.deepcopy(qat))
+    check_modules(qat_modules, int8, cap, INT8_BACKEND)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in int8.modules())
+    assert not hasattr(int8, "bn") and not hasattr(int8, "bn1")
+    assert not [k for k in int8.state_dict() if k.startswith(("bn.", "bn1."))]
+    assert hasattr(qat, "bn")  # the QAT model keeps the alias (a script may freeze it by name)
+
+
+def test_numpy_example_inputs_named():
+    """A NumPy example gave a ValueError printing the whole array (14 KB) without saying a
+    tensor is needed."""
+    with pytest.raises(TypeError, match=r"^quantize_qat: example_inputs\[0\] is a numpy.ndarray, "
+                                        r"not a torch.Tensor; pass torch.from_numpy\(...\)$"):
+        quantize_qat(nn.Sequential(nn.Conv2d(3, 4, 3)), example_inputs=(torch.randn(2, 3, 8, 8)
+                                                                        .numpy(),))
