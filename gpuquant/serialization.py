@@ -377,14 +377,25 @@ def _set_submodule(root, dotted: str, module, undo: Optional[list] = None) -> No
     Raises:
         AttributeError: no module at ``dotted``'s parent path; grafting, none at ``dotted``.
     """
-    parent_path, _, leaf = dotted.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
+    parent, leaf = _parent(root, dotted)
     if undo is not None and leaf not in parent._modules:
         raise AttributeError(f"no module {dotted!r}")
-    if undo is not None:  # setattr may drop a parameter / buffer / attribute of that name
-        undo.append((parent, leaf, leaf in parent._non_persistent_buffers_set,
-                     [(slot, getattr(parent, slot).get(leaf, _SLOTS)) for slot in _SLOTS]))
+    if undo is not None:
+        _remember(parent, leaf, undo)
     setattr(parent, leaf, module) if hasattr(parent, leaf) else parent.add_module(leaf, module)
+
+
+def _parent(root, dotted: str):
+    """(the module holding ``dotted``, its last name)."""
+    parent_path, _, leaf = dotted.rpartition(".")
+    return (root.get_submodule(parent_path) if parent_path else root), leaf
+
+
+def _remember(parent, leaf: str, undo: list) -> None:
+    """Record in ``undo`` what ``parent`` holds under ``leaf`` (setattr may drop a parameter
+    / buffer / attribute of that name), for :func:`_undo`."""
+    undo.append((parent, leaf, leaf in parent._non_persistent_buffers_set,
+                 [(slot, getattr(parent, slot).get(leaf, _SLOTS)) for slot in _SLOTS]))
 
 
 def _undo(undo: list) -> None:
@@ -451,6 +462,15 @@ def _graft(skeleton, desc, path, undo: Optional[list] = None):
             raise ValueError(f"gpuquant.load: {path!r}: the model given has no module at "
                              f"{p!r} (the file's quantized {type(m).__name__} goes there); "
                              f"is it the same architecture?{hint}") from None
+    if isinstance(skeleton, torch.fx.GraphModule):  # drop-in: as quantize() leaves it
+        from .quantization.fx import unused_paths
+        recorded = {e["path"] for e in desc["tree"]}  # (files of older releases keep them)
+        for p in unused_paths(skeleton):
+            if p in recorded:
+                continue
+            parent, leaf = _parent(skeleton, p)
+            _remember(parent, leaf, undo)
+            delattr(parent, leaf)
     _check_fit(skeleton, desc, path)
     return skeleton
 

@@ -147,11 +147,18 @@ def _hooked(m: torch.nn.Module) -> Optional[str]:
 
 
 def delete_unused_paths(gm: torch.fx.GraphModule) -> None:
-    """Delete the submodule names the graph does not use: neither called nor read, nor
-    inside such a module, nor a parent of one. ``GraphModule.delete_all_unused_submodules``
-    misses a second name of a used module (``named_modules`` yields each module once): a
-    BatchNorm fused into a conv stays at its own path, and once the fused module is
-    converted to int8 it holds float tensors nothing runs (saved, and in ``state_dict``)."""
+    """Delete the submodule names the graph does not use (:func:`unused_paths`)."""
+    for p in unused_paths(gm):
+        gm.delete_submodule(p)
+
+
+def unused_paths(gm: torch.fx.GraphModule) -> list:
+    """The submodule names the graph does not use: neither called nor read, nor inside such
+    a module, nor a parent of one (outermost only: a dead parent takes its children along).
+    ``GraphModule.delete_all_unused_submodules`` misses a second name of a used module
+    (``named_modules`` yields each module once): a BatchNorm fused into a conv stays at its
+    own path, and once the fused module is converted to int8 it holds float tensors nothing
+    runs (saved, and in ``state_dict``)."""
     used = set()
     for node in gm.graph.nodes:
         if node.op in ("call_module", "get_attr"):
@@ -161,9 +168,7 @@ def delete_unused_paths(gm: torch.fx.GraphModule) -> None:
     dead = [p for p, _ in gm.named_modules(remove_duplicate=False)
             if p and p not in used
             and not any(p.startswith(c + ".") for c in called)]
-    for p in dead:
-        if not any(p.startswith(d + ".") for d in dead):  # (a dead parent takes it along)
-            gm.delete_submodule(p)
+    return [p for p in dead if not any(p.startswith(d + ".") for d in dead)]
 
 
 def needs_dropin(model: torch.nn.Module) -> bool:

@@ -357,3 +357,55 @@ def test_dropin_skeleton_tracing_another_graph_is_refused(tmp_path):
     loaded = gpuquant.load(path, model=same)
     with backends.use("numpy"), torch.no_grad():
         assert torch.equal(loaded(ex), q(ex))
+
+
+class _ConvBn(torch.nn.Module):
+    def __init__(self, pool="mean"):
+        super().__init__()
+        self.c, self.bn, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), \
+            torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 4)
+        self.pool = pool
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c(x)))
+        return self.fc(y.mean((2, 3)) if self.pool == "mean" else y.amax((2, 3)))
+
+
+def test_dropin_with_fused_batchnorm_round_trip(tmp_path, monkeypatch):
+    """The int8 drop-in model no longer holds the fused BatchNorm at its own name (quantize
+    drops the names its graph does not use); prepare_plain's skeleton still does, and load
+    drops it the same way (else: 'Missing key(s) bn.weight ...'). A failed load puts it
+    back."""
+    import warnings
+    from gpuquant.models import settle_bn
+    from gpuquant.quantization import prepare_plain, quantize, quantize_qat
+    x = torch.randn(4, 3, 6, 6)
+    with backends.use("reference"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = quantize_qat(settle_bn(_ConvBn(), x), example_inputs=(x,))
+        qat(x)
+        q = quantize(qat.eval())
+    assert not hasattr(q, "bn")
+    path = tmp_path / "convbn.safetensors"
+    gpuquant.save(q, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skeleton, wrong = prepare_plain(_ConvBn(), (x,)), prepare_plain(_ConvBn("amax"), (x,))
+    loaded = gpuquant.load(path, model=skeleton)
+    assert not hasattr(loaded, "bn")
+    with backends.use("numpy"), torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    with pytest.raises(ValueError, match="has no module at 'mean'"):
+        gpuquant.load(path, model=wrong)  # (a float amax between stubs)
+    from gpuquant import serialization
+
+    def fail(*args):  # a failure after the unused names were dropped
+        assert not hasattr(again, "bn")
+        raise ValueError("refused after the drop")
+    monkeypatch.setattr(serialization, "_check_fit", fail)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = prepare_plain(_ConvBn(), (x,))
+    with pytest.raises(ValueError, match="refused after the drop"):
+        gpuquant.load(path, model=again)
+    assert type(again.bn) is torch.nn.BatchNorm2d and again.c.bn is again.bn
