@@ -155,12 +155,12 @@ def _mha_selected(mod, name: str, modules, filter_fn, fn: str) -> bool:
     return True
 
 
-def _named(make, name: str):
-    """``make()``, its ValueError (the int32 bound) naming the module, as quantize_dynamic's."""
+def _named(make, name: str, fn: str = "prepare_dynamic_qat"):
+    """``make()``, its ValueError (the int32 bound, an empty Linear) naming the module."""
     try:
         return make()
     except ValueError as e:
-        raise ValueError(f"prepare_dynamic_qat: {name or 'model'}: {e}") from None
+        raise ValueError(f"{fn}: {name or 'model'}: {e}") from None
 
 
 def _check_initialized(mod, name: str, fn: str) -> None:
@@ -344,8 +344,8 @@ def quantize_dynamic(model: torch.nn.Module, dtype=qint8, modules=(torch.nn.Line
                              f"{k_max} fits (exclude it with filter_fn, or use weight_only=True)")
         _check_finite_weights(mod, name, fn)
         if weight_only:
-            return WeightOnlyLinear.from_float_module(mod, wd)
-        return DynamicLinear.from_float_module(mod, ad, wd)
+            return _named(lambda: WeightOnlyLinear.from_float_module(mod, wd), name, fn)
+        return _named(lambda: DynamicLinear.from_float_module(mod, ad, wd), name, fn)
 
     return keep_off_torch_fast_path(_walk(model, convert, modules, filter_fn, fn))
 

@@ -143,3 +143,10 @@ def test_served_attention_takes_torchs_argument_order():
         (k, v), = kw.items()
         with pytest.raises(TypeError, match=rf"{k} must be a bool, got {type(v).__name__}"):
             DynamicMultiheadAttention(16, 4, **kw)
+
+
+def test_empty_linear_refused_naming_it():
+    for kw in ({}, {"weight_only": True}):
+        with pytest.raises(ValueError, match=r"^quantize_dynamic: 1: in_features must be an int "
+                                             r">= 1, got 0$"):
+            quantize_dynamic(nn.Sequential(nn.Linear(4, 4), nn.Linear(0, 3)), **kw)
