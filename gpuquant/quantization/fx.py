@@ -64,6 +64,7 @@ from ..nn.module import Module
 from ..nn.qat.module import QATModule, keep_producer, keep_producer_hook
 from ..nn.quantized.conv import _explicit_padding
 from ..nn.quantized.module import QuantizedModule
+from .._tensors import version as _version
 
 __all__ = ["needs_dropin", "prepare_plain", "disable_quantize", "DropInWarning",
            "keep_producer"]
@@ -220,6 +221,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.fallbacks: Dict[str, str] = {}   # module path -> why it could not be traced
         self.erased: set = set()              # nodes taken by a rollback
+        self.reported: set = set()            # ids of tensors a trace wrote in place
         self.modes = _grad_modes()
 
     def trace(self, root, concrete_args=None):
@@ -228,7 +230,7 @@ class _Tracer(fx.Tracer):
         try:
             graph = super().trace(root, concrete_args)
         finally:
-            written = _undo_proxies(saved)
+            written = _undo_proxies(saved, self.reported)
         if written:
             raise _StateWriteError(_assigned(written))
         return graph
@@ -288,12 +290,12 @@ class _Tracer(fx.Tracer):
         saved = _state_of(m, qualname)
         try:
             out = super().call_module(m, forward, args, kwargs)
-            written = _undo_proxies(saved)
+            written = _undo_proxies(saved, self.reported)
             if written:
                 raise _StateWriteError(_assigned(written))
             return out
         except Exception as e:  # noqa: BLE001 -- not hidden: the module stays float, warned
-            _undo_proxies(saved)
+            _undo_proxies(saved, self.reported)
             # roll the partial trace back, then record the module as one float leaf
             while self.graph._root.prev is not last:
                 self.erased.add(self.graph._root.prev)
@@ -351,32 +353,53 @@ def _state_written(a) -> Optional[str]:
 
 def _state_of(m: torch.nn.Module, path: str) -> list:
     """What :func:`_undo_proxies` restores: the attributes, buffers and parameters of ``m``
-    and the modules under it."""
-    return [(f"{path}.{name}" if path and name else path or name, store, dict(store))
-            for name, sm in m.named_modules(remove_duplicate=False)
-            for store in (sm.__dict__, sm._buffers, sm._parameters)]
+    and the modules under it, with each tensor's in-place version (and a copy of each
+    buffer's values)."""
+    saved = []
+    for name, sm in m.named_modules(remove_duplicate=False):
+        where = f"{path}.{name}" if path and name else path or name
+        for store in (sm.__dict__, sm._buffers, sm._parameters):
+            tensors = {} if store is sm.__dict__ else {
+                k: (_version(t), t.detach().clone() if store is sm._buffers else None)
+                for k, t in store.items() if isinstance(t, torch.Tensor)
+                and not torch.nn.parameter.is_lazy(t) and _version(t) >= 0}
+            saved.append((where, store, dict(store), tensors))
+    return saved
 
 
-def _undo_proxies(saved: list) -> List[str]:
+def _undo_proxies(saved: list, reported: set) -> List[str]:
     """Put back what a trace assigned a traced value (an fx Proxy) to (``self.mu = ...`` in
     forward: fx runs the assignment once, records nothing, and leaves the Proxy in the
-    model); returns the names of those that held a value before (state the converted model
-    would never update; new attributes are caches, dropped)."""
+    model), and the values of buffers it wrote in place with untraced arguments
+    (``self.mu.mul_(0.9)``, ``self.steps += 1``: fx runs them on the real tensor and records
+    no node); returns the names of those that held a value before (state the converted model
+    would never update; new attributes are caches, dropped). A parameter written in place
+    is named too (its values are not restored: no copy of the weights is kept). A tensor is
+    named once (``reported``: ids, the tracer's): an enclosing module's snapshot does not
+    name again what a traced submodule wrote (it stays a float leaf)."""
     written = []
-    for path, store, before in saved:
+    for path, store, before, tensors in saved:
         for k in [k for k, v in store.items() if isinstance(v, fx.Proxy)]:
             if k in before and not isinstance(before[k], fx.Proxy):
                 written.append(f"{path}.{k}" if path else k)
                 store[k] = before[k]
             elif k not in before:
                 del store[k]
+        for k, (ver, copy_) in tensors.items():
+            t = store.get(k)
+            if t is before[k] and _version(t) != ver and id(t) not in reported:
+                written.append(f"{path}.{k}" if path else k)
+                reported.add(id(t))
+                if copy_ is not None:
+                    with torch.no_grad():
+                        t.copy_(copy_)
     return written
 
 
 def _assigned(written: List[str]) -> str:
-    return (f"assigns a traced value to the model's {', '.join(repr(w) for w in written)} in "
-            f"forward: torch.fx records values, not memory, so the converted model would never "
-            f"store it")
+    return (f"assigns a traced value to, or writes in place, the model's "
+            f"{', '.join(repr(w) for w in written)} in forward: torch.fx records values, not "
+            f"memory, so the converted model would never store it")
 
 
 def _user_frame():

@@ -641,7 +641,8 @@ def test_inplace_write_to_a_buffer_in_forward_is_not_dropped():
     # assigned instead of written in place: the same (fx left its Proxy in the buffer)
     model = nn.Sequential(_Reassigns(), nn.Conv2d(3, 4, 1))
     qat, msgs = convert(quantize_qat, model, example_inputs=(x,))
-    assert len(msgs) == 1 and "assigns a traced value to the model's '0.mu'" in msgs[0]
+    assert len(msgs) == 1 and \
+        "assigns a traced value to, or writes in place, the model's '0.mu'" in msgs[0]
     assert type(model[0].mu) is torch.Tensor and not model[0].mu.any()  # the example pass too
     qat(x)
     assert bool((qat.get_submodule("0").mu > 0.2).all())
@@ -707,3 +708,51 @@ def test_numpy_example_inputs_named():
                                         r"not a torch.Tensor; pass torch.from_numpy\(...\)$"):
         quantize_qat(nn.Sequential(nn.Conv2d(3, 4, 3)), example_inputs=(torch.randn(2, 3, 8, 8)
                                                                         .numpy(),))
+
+
+class _Counts(nn.Module):
+    """Buffers written in place with untraced (constant) arguments: fx runs such an op on
+    the real tensor and records no node."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 1)
+        self.register_buffer("steps", torch.zeros(1))
+        self.register_buffer("mu", torch.ones(1))
+
+    def forward(self, x):
+        self.steps += 1
+        self.mu.mul_(0.9)
+        return self.c(x) * self.mu
+
+
+class _HoldsCounts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b, self.c = _Counts(), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.c(self.b(x))
+
+
+def test_inplace_write_to_a_buffer_with_constant_arguments_is_not_dropped():
+    """DROPIN.md's own examples, self.steps += 1 and self.mu.mul_(0.9), converted silently:
+    the update was dropped (the buffer gone from the converted model, or frozen) and the
+    two traces had run it on the real buffer (mu 0.81 before any call). Now, as with traced
+    arguments: a submodule stays float (warned, updating its buffers), the model's own
+    forward is refused, and the buffers keep their values through the conversion."""
+    x = torch.randn(2, 3, 4, 4)
+    model = _HoldsCounts()
+    qat, msgs = convert(quantize_qat, copy.deepcopy(model), example_inputs=(x,))
+    assert len(msgs) == 1 and "module 'b' (_Counts: not traceable" in msgs[0]
+    assert "'b.steps'" in msgs[0] and "'b.mu'" in msgs[0]
+    assert float(qat.b.steps) == 0 and float(qat.b.mu) == 1  # (the example pass: as were)
+    for _ in range(3):
+        model(x)
+        qat(x)
+    assert float(qat.b.steps) == float(model.b.steps) == 3
+    assert torch.equal(qat.b.mu, model.b.mu)
+    root = _Counts()
+    with pytest.raises(ValueError, match=r"forward of the model itself.*'steps', 'mu'"):
+        quantize_qat(root, example_inputs=(x,))
+    assert float(root.steps) == 0 and float(root.mu) == 1
