@@ -126,7 +126,7 @@ class Conv2d(QATModule, Float.Conv2d):
         return self.weight, self.bias
 
     def forward(self, x):
-        self._require_qconfig()
+        self._begin_forward()
         check_conv_input(self, x, self.in_channels)
         self._note_inputs(x)
         w = self.apply_quant_weight(self.weight)
@@ -255,7 +255,7 @@ class BnFoldedModule(QATModule):
                              (sigma / sigma_b).reshape(sh).to(y.dtype))
 
     def forward(self, x):
-        self._require_qconfig()
+        self._begin_forward()
         try:  # the float module's BatchNorm refuses other ranks: so does the QAT one (a 3-D
             # input to a ConvBn2d was normalised over the wrong dimension)
             self.bn._check_input_dim(x)

@@ -13,7 +13,7 @@ class Elemwise(QATModule, Float.Elemwise):
     with_weight = False
 
     def forward(self, a, b):
-        self._require_qconfig()
+        self._begin_forward()
         self._note_inputs(a, b)
         if self.method in ("add", "add_relu"):  # the add (and ReLU) go to the fused
             # observe + fake quant, which reads a and b and never writes the sum
@@ -28,7 +28,7 @@ class Concat(QATModule, Float.Concat):
     with_weight = False
 
     def forward(self, tensors, dim: int = 0):
-        self._require_qconfig()
+        self._begin_forward()
         tensors = list(tensors)
         self._note_inputs(*tensors)
         self._check_input_dtypes(tensors)

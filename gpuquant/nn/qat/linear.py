@@ -17,7 +17,7 @@ class Linear(QATModule, Float.Linear):
         return self.weight, self.bias
 
     def forward(self, x):
-        self._require_qconfig()
+        self._begin_forward()
         # before any state is touched (the producer noted, the observers), as the int8
         # linear refuses it; shapes only, no device sync
         check_tensor_input(self, x)
@@ -53,7 +53,7 @@ class LinearBn1d(BnFoldedModule, Float.LinearBn1d):
         return F.linear(x, w, b)
 
     def forward(self, x):
-        self._require_qconfig()
+        self._begin_forward()
         if x.dim() != 2:
             raise ValueError(f"{type(self).__name__} takes (N, in_features) input, got shape "
                              f"{tuple(x.shape)}")

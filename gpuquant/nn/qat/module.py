@@ -141,6 +141,10 @@ def _make(factory, what: str):
     return factory()
 
 
+# the id of the autograd graph task running (-1 outside backward); None where torch has none
+_GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
+
+
 class QATModule(EagerUnderCompile, Module):
     """Base of the QAT modules (``gpuquant.nn.qat``).
 
@@ -239,11 +243,44 @@ class QATModule(EagerUnderCompile, Module):
         return None
 
     # ------------------------------------------------------------------ forward helpers
-    def _require_qconfig(self) -> None:
+    def _begin_forward(self) -> None:
+        """The checks every QAT forward begins with (shapes and flags only: no device sync):
+        the module has its quantizers, and it is not a training forward recomputed during
+        backward (``torch.utils.checkpoint``) while it updates state.
+
+        Raises:
+            RuntimeError: no qconfig set; a recomputed training forward whose observers or
+                BatchNorm statistics update (:meth:`_refuse_recompute`).
+        """
         if not self.__dict__.get("_qat_ready", False) and (self.with_weight or self.with_act):
             raise RuntimeError(f"{type(self).__name__} has no quantizers: build QAT models with "
                                f"gpuquant.quantization.quantize_qat(model, qconfig) or call "
                                f"set_qconfig(qconfig)")
+        if self.training and _GRAPH_TASK is not None and _GRAPH_TASK() != -1:
+            self._refuse_recompute()
+
+    def _refuse_recompute(self) -> None:
+        """Refuse a training forward run inside backward (activation checkpointing recomputes
+        the forward there) when it updates state: an observer's range, a BatchNorm's running
+        statistics. The recomputation would read the state the first forward left (the
+        moving average, the folded running variance), give other activations than the first
+        forward and so other gradients, and update the state a second time; torch's
+        checkpoint compares only shapes and dtypes, so it would pass silently."""
+        from ...quantization.observer import Observer
+        live = [f"observer {n or type(m).__name__!r}" for n, m in self.named_modules()
+                if isinstance(m, Observer) and m.enabled and m.training]
+        bn = getattr(self, "bn", None)
+        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.training and \
+                not getattr(self, "bn_frozen", False):
+            live.append("BatchNorm statistics")
+        if live:
+            raise RuntimeError(
+                f"{type(self).__name__}: a training forward ran during backward (activation "
+                f"checkpointing recomputes it) while its state updates ({', '.join(live)}): "
+                f"the recomputation would see the state the first forward changed, giving "
+                f"other gradients, and update it twice. Do not checkpoint QAT blocks, or "
+                f"freeze them first (gpuquant.quantization.disable_observer(model) and "
+                f"freeze_bn_stats(model)), after which recomputation is exact")
 
     def apply_quant_weight(self, w: torch.Tensor) -> torch.Tensor:
         from ...quantization.fake_quant import apply_fake_quant_with_observer

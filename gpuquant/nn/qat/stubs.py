@@ -22,7 +22,7 @@ class QuantStub(QATModule, Float.QuantStub):
     with_weight = False
 
     def forward(self, x):
-        self._require_qconfig()
+        self._begin_forward()
         y = self.apply_quant_activation(x)
         if y is x or (isinstance(y, torch.Tensor) and isinstance(x, torch.Tensor)
                       and _storage_ptr(y) == _storage_ptr(x)):
