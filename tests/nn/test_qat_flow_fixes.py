@@ -387,3 +387,25 @@ def test_activation_checkpointing_refused_while_state_updates(reentrant):
     qat(x).square().mean().backward()
     checkpointed(ck).square().mean().backward()
     assert torch.equal(qat[1].conv.weight.grad, ck[1].conv.weight.grad)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: gnn.ConvBnRelu2d(1, 4, 3, padding=1, bias=False), (0, 1, 8, 8)),
+    (lambda: gnn.LinearBn1d(5, 3), (0, 5)),
+])
+def test_empty_batch_in_training_passes_through_batchnorm_folded_layers(make, shape):
+    """The float layer (torch's BatchNorm) returns an empty batch empty in training, its
+    statistics untouched; the QAT one raised 'expected more than 1 value per channel' (for
+    0 values). It now returns it empty too, touching no state (observers included)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(gnn.QuantStub(), make(), gnn.DequantStub())
+    want = tuple(net.train()(torch.randn(*shape)).shape)
+    qat = quantize_qat(net, ema_fakequant_qconfig)
+    qat(torch.randn(4, *shape[1:]))
+    before = copy.deepcopy(qat.state_dict())
+    x = torch.randn(*shape, requires_grad=True)
+    y = qat(x)
+    assert tuple(y.shape) == want
+    y.sum().backward()
+    after = qat.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if torch.is_tensor(v))

@@ -269,9 +269,15 @@ class BnFoldedModule(QATModule):
             raise wrong_input_size(self, x, 1, self._IN_WHAT, getattr(inner, self._IN_SIZE),
                                    self._IN_SIZE)
         self._note_inputs(x)
+        live = self.training and not self.bn_frozen and bn.training
+        if live and x.numel() == 0 and not syncs_batch_stats(bn):
+            # an empty batch: torch's BatchNorm returns it empty with its statistics
+            # untouched; so does this, touching no observer either (a synchronised rank
+            # still joins the all-reduce, below)
+            return tag_output(self._inner_forward(x, inner.weight, inner.bias), self)
         # bn.eval() inside a training model (the plain-PyTorch way to freeze BatchNorm) uses
         # the running statistics, as the float model does: the same as freeze_bn_stats()
-        if self.training and not self.bn_frozen and bn.training:
+        if live:
             if self.bn_fold == "single":
                 y, quantized = self._forward_single(x, inner, bn)
                 if quantized:
