@@ -1,5 +1,7 @@
 """Module-flow edges found by probing: two QuantStubs on slices of one input, a module under
 two names of one parent, conversion errors naming the module, MaxPool2d(return_indices)."""
+import copy
+
 import pytest
 import torch
 
@@ -167,3 +169,43 @@ def test_float_layers_take_what_torch_takes():
     assert gnn.AvgPool2d(3, 2, 1, True, False, 7).divisor_override == 7
     assert gnn.AdaptiveAvgPool2d((None, 3)).output_size == (None, 3)
     assert gnn.Linear(5, 2, device="cpu", dtype=torch.float64).weight.dtype == torch.float64
+
+
+def test_dequant_output_follows_the_models_floating_cast():
+    """An int8 model cast with .half() / .to(bfloat16) kept DequantStub's float32 output: a
+    float part after it (cast too) failed on the mixed dtypes ('expect parameter to have
+    scalar type of Float'), and a fully quantized model answered float32 where the QAT one
+    answers the cast dtype. The output now takes the cast dtype: the float32 value rounded
+    once; the fused conv + dequant the same; state_dict unchanged."""
+    from gpuquant.quantization import ema_fakequant_qconfig, fuse_epilogues, quantize, quantize_qat
+
+    class Net(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.c, self.dq = gnn.QuantStub(), gnn.ConvRelu2d(3, 4, 3), gnn.DequantStub()
+            self.norm = torch.nn.LayerNorm(6)  # a float part after the int8 one
+
+        def forward(self, x):
+            return self.norm(self.dq(self.c(self.q(x))))
+
+    torch.manual_seed(0)
+    qat = quantize_qat(Net(), ema_fakequant_qconfig)
+    qat(torch.randn(2, 3, 8, 8))
+    int8 = quantize(qat.eval())
+    keys = set(int8.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = int8.dq(int8.c(int8.q(x)))
+        for dt in (torch.bfloat16, torch.float16):
+            m = copy.deepcopy(int8).to(dt)
+            assert set(m.state_dict()) == keys and m.dq.input_scale.dtype == torch.float32
+            assert torch.equal(m.dq(m.c(m.q(x))), want.to(dt))
+            if dt == torch.bfloat16:  # (LayerNorm has no float16 CPU kernel)
+                assert m(x.to(dt)).dtype == dt
+    bare = copy.deepcopy(int8)
+    bare.norm = torch.nn.Identity()
+    fused = fuse_epilogues(copy.deepcopy(bare))  # conv + dequant: one ConvDequant
+    assert any(type(m).__name__ == "ConvDequant" for m in fused.modules())
+    with torch.no_grad():
+        for dt in (torch.bfloat16, torch.float16):
+            assert torch.equal(copy.deepcopy(fused).to(dt)(x), want.to(dt))

@@ -13,6 +13,8 @@ of the unfused pair on every backend.
 """
 from __future__ import annotations
 
+import torch
+
 from .conv import Conv2d
 from .elemwise import Elemwise
 from .linear import Linear
@@ -77,7 +79,9 @@ class ConvDequant(QuantizedModule):
         self._check_mode()
         dev = self.producer.weight.device
         scale = self._cached("scale", dev, lambda: float(self.dequant.input_scale))
-        return float_layout(self.producer.run(x, "dequant", scale))  # as the DequantStub
+        y = float_layout(self.producer.run(x, "dequant", scale))  # as the DequantStub
+        dt = self.dequant.out_dtype()
+        return y if dt == torch.float32 else y.to(dt)
 
 
 def matching_qparams(producer, dequant) -> bool:

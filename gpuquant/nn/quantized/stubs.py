@@ -56,11 +56,20 @@ class QuantStub(QuantizedModule):
 
 
 class DequantStub(QuantizedModule):
-    """int8 / uint8 -> float32 with the qparams of the module that produced the input."""
+    """int8 / uint8 -> float32 with the qparams of the module that produced the input; in the
+    model's float dtype once it is cast (``model.half()``, ``.to(torch.bfloat16)``), as the
+    float modules after it are (the value is dequantized in float32, then rounded once)."""
 
     def __init__(self, input_dtype="qint8"):
         super().__init__()
         self._set_qparams("input", placeholder_qparams(input_dtype))
+        # follows the model's floating casts (the scales keep float32); not in state_dict
+        self.register_buffer("_float", torch.empty(0), persistent=False)
+
+    def out_dtype(self) -> torch.dtype:
+        """The float dtype of the output: float32, or the model's after a floating cast."""
+        t = self._buffers.get("_float")  # (absent in modules pickled by older releases)
+        return torch.float32 if t is None else t.dtype
 
     @classmethod
     def from_qat_module(cls, qat_module, name: str = ""):
@@ -72,7 +81,9 @@ class DequantStub(QuantizedModule):
     def forward(self, x):
         self._check_input(x, "input")
         qp = self._cached("qp", x.device, lambda: self._qparams("input"))
-        return float_layout(GF.dequantize(x, qp))
+        y = float_layout(GF.dequantize(x, qp))
+        dt = self.out_dtype()
+        return y if dt == torch.float32 else y.to(dt)
 
 
 def float_layout(y):
