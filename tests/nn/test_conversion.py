@@ -948,3 +948,40 @@ def test_concat_of_inputs_of_two_dtypes_is_refused_at_the_first_step():
     mixed_add = quantize_qat(Net(gnn.Elemwise("add")), ema_fakequant_qconfig)
     mixed_add(x)  # the add takes inputs of two dtypes
     quantize(mixed_add)
+
+
+class _Stubs(gnn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+        self.q, self.c, self.c2 = gnn.QuantStub(), gnn.Conv2d(3, 5, 3), gnn.Conv2d(5, 5, 1)
+        self.q2, self.dq, self.dq2 = gnn.QuantStub(), gnn.DequantStub(), gnn.DequantStub()
+        for unused in {"quantstub_on_int8": ("dq2", "c2"), "dequant_twice": ("q2", "c2"),
+                       "conv_after_dequant": ("q2",)}[mode]:
+            delattr(self, unused)
+
+    def forward(self, x):
+        a = self.c(self.q(x))
+        if self.mode == "quantstub_on_int8":
+            return self.dq(self.q2(a))
+        if self.mode == "dequant_twice":
+            return self.dq2(self.dq(a))
+        return self.dq2(self.c2(self.dq(a)))  # a quantized conv fed the dequantized value
+
+
+@pytest.mark.parametrize("mode,msg", [
+    ("quantstub_on_int8", r"QuantStub 'q2': its input is the quantized output of a Conv2d"),
+    ("dequant_twice", r"input 0 of module 'dq2' \(DequantStub\) was not produced by a "
+                      r"quantized module"),
+    ("conv_after_dequant", r"input 0 of module 'c2' \(Conv2d\) was not produced by a "
+                           r"quantized module"),
+])
+def test_stubs_where_the_int8_model_cannot_run_them_are_refused_at_conversion(mode, msg):
+    """The QAT DequantStub passed its input through (the producer's tag with it) and the
+    QuantStub recorded no producer: a QuantStub on a quantized value, two DequantStubs in a
+    row or a quantized conv after a DequantStub converted, and the int8 model failed at its
+    first call naming no module ('QuantStub: expects a float tensor ..., got torch.int8')."""
+    qat = quantize_qat(_Stubs(mode), ema_fakequant_qconfig)
+    qat(torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match=rf"^quantize: {msg}"):
+        quantize(qat.eval())

@@ -92,6 +92,17 @@ def _entry(x):
     return None if st is None else _PRODUCERS.get(st)
 
 
+def restore_entry(x, entry) -> None:
+    """Put back ``entry`` (an :func:`_entry` taken earlier) as ``x``'s storage's tag."""
+    st = _storage(x)
+    if st is None:
+        return
+    if entry is None:
+        _PRODUCERS.pop(st, None)
+    else:
+        _PRODUCERS[st] = entry
+
+
 def _producer(x) -> Optional["QATModule"]:
     entry = _entry(x)
     return None if entry is None else entry[0]

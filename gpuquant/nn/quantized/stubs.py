@@ -23,6 +23,13 @@ class QuantStub(QuantizedModule):
 
     @classmethod
     def from_qat_module(cls, qat_module, name: str = ""):
+        fed = [s for slot in qat_module.__dict__.get("_input_sources", ()) for s in slot
+               if s is not None and not getattr(s, "quantize_disabled", False)]  # (float)
+        if fed:
+            raise ValueError(f"QuantStub {name!r}: its input is the quantized output of a "
+                             f"{type(fed[0]).__name__}, which the int8 model hands it as "
+                             f"int8 data; a QuantStub takes float input: remove it, or put "
+                             f"a DequantStub before it")
         qp = qat_module.get_activation_qparams()
         if qp.per_channel or qp.dtype.storage not in (torch.int8, torch.uint8):
             raise ValueError(f"QuantStub {name!r}: needs per-tensor 8-bit qparams, got {qp}")
