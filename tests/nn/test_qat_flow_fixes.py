@@ -150,20 +150,36 @@ def test_qat_models_the_int32_bias_grid():
     assert g.shape == (1,) and float(g) > 0  # straight through: rounding passes the gradient
 
 
-def test_weight_qparams_along_another_axis_still_train():
-    """Per-channel weight qparams along the input axis: QAT trains (conversion refuses them
-    with a clear error); the bias grid, defined only for output-channel scales, leaves such
-    a bias alone (it raised a broadcast error in the QAT forward; found by review)."""
+def test_weight_quantizers_the_int8_layers_cannot_take_are_refused_before_training():
+    """Weight quantizers along the input axis, asymmetric or unsigned: quantize_qat accepted
+    them and QAT trained, and quantize() refused them only after the training run (found by
+    an audit). They are refused at quantize_qat now, as per-channel activation quantizers
+    are. One set on a module by hand still trains: the bias grid, defined only for
+    output-channel scales, leaves such a bias alone (it raised a broadcast error in the QAT
+    forward; found by review), and conversion refuses it."""
     from functools import partial
-    from gpuquant import qint8, qint8_narrow
-    from gpuquant.quantization import FakeQuantize, MinMaxObserver, QConfig
-    qc = QConfig(weight_observer=partial(MinMaxObserver, dtype=qint8_narrow, symmetric=True,
-                                         axis=1),
-                 act_observer=partial(MinMaxObserver, dtype=qint8, symmetric=True),
-                 weight_fake_quant=partial(FakeQuantize, dtype=qint8_narrow),
-                 act_fake_quant=partial(FakeQuantize, dtype=qint8))
-    m = quantize_qat(torch.nn.Sequential(gnn.QuantStub(), gnn.Linear(6, 4), gnn.DequantStub()),
-                     qc)
+    from gpuquant import qint8, qint8_narrow, quint8
+    from gpuquant.quantization import FakeQuantize, MinMaxObserver
+    base = ema_fakequant_qconfig
+
+    def net():
+        return torch.nn.Sequential(gnn.QuantStub(), gnn.Linear(6, 4), gnn.DequantStub())
+
+    for qc, msg in (
+            (base._replace(weight_observer=partial(MinMaxObserver, dtype=qint8_narrow, axis=1)),
+             r"weight observer is per channel along axis 1 \(int8 layers take per-tensor or "
+             r"per-output-channel weights: axis 0\)"),
+            (base._replace(weight_observer=partial(MinMaxObserver, dtype=qint8, axis=0,
+                                                   symmetric=False)),
+             r"weight observer is asymmetric"),
+            (base._replace(weight_observer=partial(MinMaxObserver, dtype=quint8, axis=0),
+                           weight_fake_quant=partial(FakeQuantize, dtype=quint8)),
+             r"weight observer is dtype quint8 \(int8 layers take signed int8-storage")):
+        with pytest.raises(ValueError, match=rf"quantize_qat: module '1' \(Linear\): Linear: "
+                                             rf"the qconfig's {msg}"):
+            quantize_qat(net(), qc)
+    m = quantize_qat(net(), base)
+    m[1].weight_observer = MinMaxObserver(dtype=qint8_narrow, axis=1)
     m(torch.randn(3, 6))
     assert m.eval()(torch.randn(3, 6)).shape == (3, 4)
     with pytest.raises(ValueError, match="axis 0"):

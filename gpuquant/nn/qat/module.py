@@ -216,6 +216,10 @@ class QATModule(EagerUnderCompile, Module):
 
         Raises:
             TypeError: ``qconfig`` is not a QConfig-like namedtuple of factories.
+            ValueError: quantizers the int8 modules cannot take, refused before a training
+                run rather than at ``quantize()`` after it: per-channel activation ones;
+                weight ones that are unsigned, asymmetric or per channel along another axis
+                than the output channels' (:meth:`_check_weight_quantizers`).
         """
         for f in ("weight_observer", "act_observer", "weight_fake_quant", "act_fake_quant"):
             if not hasattr(qconfig, f):
@@ -228,6 +232,7 @@ class QATModule(EagerUnderCompile, Module):
         if self.with_weight:
             self.weight_observer = _make(qconfig.weight_observer, "weight_observer")
             self.weight_fake_quant = _make(qconfig.weight_fake_quant, "weight_fake_quant")
+            self._check_weight_quantizers()
         if self.with_act:
             self.act_observer = _make(qconfig.act_observer, "act_observer")
             self.act_fake_quant = _make(qconfig.act_fake_quant, "act_fake_quant")
@@ -245,6 +250,35 @@ class QATModule(EagerUnderCompile, Module):
                 if m is not None:
                     m.to(dev)
         return self
+
+    def _check_weight_quantizers(self) -> None:
+        """Refuse, before a training run rather than at ``quantize()`` after it, weight
+        quantizers the int8 layers cannot take: unsigned or 16/32-bit storage, asymmetric
+        (a zero point), per channel along another axis than the output channels'.
+
+        Raises:
+            ValueError: naming the quantizer and what the int8 layers take.
+        """
+        inner = self._inner() if hasattr(self, "_inner") else self
+        w = getattr(inner, "weight", None)
+        for m, what in ((self.weight_observer, "observer"), (self.weight_fake_quant,
+                                                            "fake quant")):
+            if m is None:
+                continue
+            why = None
+            if m.dtype.storage != torch.int8:
+                why = f"dtype {m.dtype.name} (int8 layers take signed int8-storage weights: " \
+                      f"qint8, qint8_narrow, qint4)"
+            elif getattr(m, "symmetric", True) is False:
+                why = "asymmetric (int8 layers take symmetric weights: zero point 0)"
+            else:
+                axis = getattr(m, "axis", None)
+                if axis is not None and isinstance(w, torch.Tensor) and w.dim() and \
+                        axis % w.dim() != 0:
+                    why = f"per channel along axis {axis} (int8 layers take per-tensor or " \
+                          f"per-output-channel weights: axis 0)"
+            if why is not None:
+                raise ValueError(f"{type(self).__name__}: the qconfig's weight {what} is {why}")
 
     def _device(self):
         for p in self.parameters(recurse=True):
