@@ -409,7 +409,7 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: Optional[torch.opti
         raise TypeError(f"load_checkpoint: optimizer must be a torch.optim.Optimizer or None, "
                         f"got {type(optimizer).__name__}")
     for v, what in ((restore_rng, "restore_rng"), (strict, "strict")):
-        if not isinstance(v, bool):
+        if not isinstance(v, int):  # a bool (or 0 / 1, as torch's load_state_dict takes)
             raise TypeError(f"load_checkpoint: {what} must be a bool, got "
                             f"{type(v).__name__} ({v!r})")
     check_group(group, "load_checkpoint")

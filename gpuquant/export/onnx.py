@@ -661,20 +661,25 @@ def _size_read(a, src) -> Optional[int]:
         return a.args[1]
     if a.op == "call_function" and a.target is operator.getitem and len(a.args) == 2 \
             and isinstance(a.args[1], int):
-        s = a.args[0]
-        if isinstance(s, torch.fx.Node) and s.op == "call_function" and s.target is getattr \
-                and s.args == (src, "shape"):
+        s = a.args[0]  # src.shape[i], or src.size()[i] (n, c, h, w = src.size())
+        if isinstance(s, torch.fx.Node) and (
+                (s.op == "call_function" and s.target is getattr and s.args == (src, "shape"))
+                or (s.op == "call_method" and s.target == "size" and s.args == (src,)
+                    and not s.kwargs)):
             return a.args[1]
     return None
 
 
 def _reshape_shape(b: _Builder, node, in_val, out_val) -> list:
     """ONNX Reshape's shape for a ``reshape`` / ``view`` node, from its arguments: a literal
-    stays (``-1`` included), ``x.size(i)`` / ``x.shape[i]`` of the reshaped tensor at
-    position ``i`` becomes 0 (copy that dimension at run time). Any other size (arithmetic
-    on sizes, another tensor's) takes the example's value: at position 0, 0 where the
-    example's batch passes through (else -1), elsewhere a size-dependent node (warned,
-    recorded in the metadata), where it had been written as a constant silently."""
+    stays (``-1`` included); ``x.size(i)`` / ``x.shape[i]`` / ``x.size()[i]`` of the
+    reshaped tensor at position ``i`` becomes 0 (copy that dimension at run time), and a
+    read of its channels (dimension 1 of an (N, C, H, W) or (N, F) tensor, which no input
+    size changes) their number. Any other size (arithmetic on sizes, another tensor's,
+    another dimension's) is -1 where the shape has none yet (ONNX infers it); else at
+    position 0 it is 0 where the example's batch passes through (else -1), and elsewhere
+    the example's value in a size-dependent node (warned, recorded in the metadata), where
+    it had been written as a constant silently."""
     src = node.args[0]
     args = list(node.args[1:]) or [node.kwargs.get("shape", ())]
     if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
@@ -682,14 +687,27 @@ def _reshape_shape(b: _Builder, node, in_val, out_val) -> list:
     ex = list(out_val.shape)
     if len(args) != len(ex):  # (not seen: torch checked the call) the example's shape
         args = [None] * len(ex)
+    nd = in_val.dim()
+    # the input's dimensions that no input size changes: the channels / features of an
+    # (N, C, H, W) or (N, F) tensor
+    constant = {1} if nd in (2, 4) else set()
+    free = -1 not in [a for a in args if isinstance(a, int)]  # no -1 yet: one may be added
     shape, fixed = [], []
     for i, a in enumerate(args):
+        j = _size_read(a, src)
+        j = None if j is None or not -nd <= j < nd else j % nd
         if isinstance(a, int) and not isinstance(a, bool):
             shape.append(a)
-        elif _size_read(a, src) in (i, i - in_val.dim()) and i < in_val.dim():
+        elif j == i:
             shape.append(0)
-        elif i == 0:
-            shape.append(0 if in_val.dim() and in_val.shape[0] == ex[0] else -1)
+        elif j in constant:
+            shape.append(ex[i])
+        elif i == 0 and j is None:  # a batch size from elsewhere: the old rule
+            shape.append(0 if nd and in_val.shape[0] == ex[0] else -1)
+            free = free and shape[-1] != -1
+        elif free:  # the one dimension ONNX infers
+            shape.append(-1)
+            free = False
         else:
             shape.append(ex[i])
             fixed.append(i)

@@ -221,16 +221,19 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.fallbacks: Dict[str, str] = {}   # module path -> why it could not be traced
         self.erased: set = set()              # nodes taken by a rollback
-        self.reported: set = set()            # ids of tensors a trace wrote in place
+        self.reported: set = set()            # ids of parameters a trace wrote in place
+        self.copies: dict = {}                # id -> copy of each buffer, during a trace
         self.modes = _grad_modes()
 
     def trace(self, root, concrete_args=None):
         self.modes = _grad_modes()
-        saved = _state_of(root, "")
+        self.copies = {}
+        saved = _state_of(root, "", self.copies)
         try:
             graph = super().trace(root, concrete_args)
         finally:
-            written = _undo_proxies(saved, self.reported)
+            written = _undo_proxies(saved, self.reported, self.copies)
+            self.copies = {}
         if written:
             raise _StateWriteError(_assigned(written))
         return graph
@@ -287,15 +290,15 @@ class _Tracer(fx.Tracer):
                               lambda a: a.node if isinstance(a, fx.Proxy) else a)
         last = self.graph._root.prev
         stack, calls = self.module_stack.copy(), dict(self.num_calls)
-        saved = _state_of(m, qualname)
+        saved = _state_of(m, qualname, self.copies)
         try:
             out = super().call_module(m, forward, args, kwargs)
-            written = _undo_proxies(saved, self.reported)
+            written = _undo_proxies(saved, self.reported, self.copies)
             if written:
                 raise _StateWriteError(_assigned(written))
             return out
         except Exception as e:  # noqa: BLE001 -- not hidden: the module stays float, warned
-            _undo_proxies(saved, self.reported)
+            _undo_proxies(saved, self.reported, self.copies)
             # roll the partial trace back, then record the module as one float leaf
             while self.graph._root.prev is not last:
                 self.erased.add(self.graph._root.prev)
@@ -351,32 +354,38 @@ def _state_written(a) -> Optional[str]:
     return None
 
 
-def _state_of(m: torch.nn.Module, path: str) -> list:
+def _state_of(m: torch.nn.Module, path: str, copies: dict) -> list:
     """What :func:`_undo_proxies` restores: the attributes, buffers and parameters of ``m``
-    and the modules under it, with each tensor's in-place version (and a copy of each
-    buffer's values)."""
+    and the modules under it, with each tensor's in-place version; ``copies`` (the trace's:
+    id -> tensor) gets a copy of each buffer not copied yet, so a model's buffers are copied
+    once a trace, at its root, however deep the modules traced into."""
     saved = []
     for name, sm in m.named_modules(remove_duplicate=False):
         where = f"{path}.{name}" if path and name else path or name
         for store in (sm.__dict__, sm._buffers, sm._parameters):
-            tensors = {} if store is sm.__dict__ else {
-                k: (_version(t), t.detach().clone() if store is sm._buffers else None)
-                for k, t in store.items() if isinstance(t, torch.Tensor)
-                and not torch.nn.parameter.is_lazy(t) and _version(t) >= 0}
+            tensors = {}
+            if store is not sm.__dict__:
+                for k, t in store.items():
+                    if isinstance(t, torch.Tensor) and not torch.nn.parameter.is_lazy(t) \
+                            and _version(t) >= 0:
+                        tensors[k] = _version(t)
+                        if store is sm._buffers and id(t) not in copies:
+                            copies[id(t)] = t.detach().clone()
             saved.append((where, store, dict(store), tensors))
     return saved
 
 
-def _undo_proxies(saved: list, reported: set) -> List[str]:
+def _undo_proxies(saved: list, reported: set, copies: dict) -> List[str]:
     """Put back what a trace assigned a traced value (an fx Proxy) to (``self.mu = ...`` in
     forward: fx runs the assignment once, records nothing, and leaves the Proxy in the
     model), and the values of buffers it wrote in place with untraced arguments
     (``self.mu.mul_(0.9)``, ``self.steps += 1``: fx runs them on the real tensor and records
     no node); returns the names of those that held a value before (state the converted model
     would never update; new attributes are caches, dropped). A parameter written in place
-    is named too (its values are not restored: no copy of the weights is kept). A tensor is
-    named once (``reported``: ids, the tracer's): an enclosing module's snapshot does not
-    name again what a traced submodule wrote (it stays a float leaf)."""
+    is named too (its values are not restored: no copy of the weights is kept). A buffer
+    whose version moved but whose values equal the copy is not named (a view of another
+    buffer written and restored shares its version counter; an enclosing module sees what a
+    traced submodule restored); a parameter is named once (``reported``: ids)."""
     written = []
     for path, store, before, tensors in saved:
         for k in [k for k, v in store.items() if isinstance(v, fx.Proxy)]:
@@ -385,14 +394,19 @@ def _undo_proxies(saved: list, reported: set) -> List[str]:
                 store[k] = before[k]
             elif k not in before:
                 del store[k]
-        for k, (ver, copy_) in tensors.items():
+        for k, ver in tensors.items():
             t = store.get(k)
-            if t is before[k] and _version(t) != ver and id(t) not in reported:
-                written.append(f"{path}.{k}" if path else k)
+            if t is not before[k] or _version(t) == ver or id(t) in reported:
+                continue
+            copy_ = copies.get(id(t))
+            if copy_ is None:  # a parameter
                 reported.add(id(t))
-                if copy_ is not None:
-                    with torch.no_grad():
-                        t.copy_(copy_)
+            elif torch.equal(t, copy_):
+                continue
+            else:
+                with torch.no_grad():
+                    t.copy_(copy_)
+            written.append(f"{path}.{k}" if path else k)
     return written
 
 

@@ -30,6 +30,7 @@ from ..nn import quantized as Quantized
 from ..nn.module import Module
 from ..nn.qat.module import QATModule, keep_producer_hook
 from ..nn.quantized.module import QuantizedModule
+from ..nn.quantized.stubs import DequantStub as QDequantStub
 from .fake_quant import FakeQuantBase, _LearnedBase
 from .fx import _PASS_MODULES, delete_unused_paths, needs_dropin, prepare_plain
 from .observer import HistogramObserver, Observer, _RangeObserver
@@ -320,6 +321,11 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
         return m if isinstance(m, QuantizedModule) else _convert_children(m, name, keep_float,
                                                                            swaps)
 
+    # the QAT model's float dtype: its weights' (learned scales keep float32 under casts)
+    float_dtype = next((p.dtype for m in module.modules()
+                        if not isinstance(m, (FakeQuantBase, Observer))
+                        for p in m.parameters(recurse=False) if p.is_floating_point()),
+                       torch.float32)
     # every module converts before any is swapped in: a failure leaves the QAT model as it
     # was (trainable, convertible once fixed), as quantize_qat does
     swaps: list = []
@@ -328,6 +334,10 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
         setattr(parent, child_name, new)
     if isinstance(out, torch.fx.GraphModule):  # drop-in: the fused BatchNorms' own names
         delete_unused_paths(out)
+    if float_dtype in (torch.float16, torch.bfloat16):  # cast before conversion: answer so
+        for m in out.modules():
+            if isinstance(m, QDequantStub):
+                m.set_out_dtype(float_dtype)
     for m in out.modules():  # quantize_qat's pass-through hooks: no use on int8 tensors
         for k in [k for k, h in m._forward_hooks.items() if h is keep_producer_hook]:
             del m._forward_hooks[k]

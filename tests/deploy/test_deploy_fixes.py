@@ -547,6 +547,11 @@ class _Tokens(gnn.Module):
             y = y.reshape(y.size(0), y.size(1), -1)
         elif self.how == "shape_reads":
             y = y.view((y.shape[0], 4, -1))
+        elif self.how == "size_unpack":
+            n, c, h, w = y.size()
+            y = y.reshape(n, c, -1)
+        elif self.how == "channels_first":  # (C, N * H * W): C read at position 0
+            y = y.reshape(y.size(1), -1)
         elif self.how == "computed":
             y = y.reshape(y.size(0), y.size(2) * y.size(3), -1)
         else:
@@ -554,24 +559,31 @@ class _Tokens(gnn.Module):
         return self.dq(y)
 
 
-@pytest.mark.parametrize("how", ["size_reads", "shape_reads"])
+@pytest.mark.parametrize("how", ["size_reads", "shape_reads", "size_unpack",
+                                 "channels_first"])
 def test_reshape_from_size_reads_runs_any_spatial_size(how, tmp_path):
     """y.reshape(y.size(0), y.size(1), -1) was written as Reshape [0, 4, H*W of the
     example] with the input declared of free size and no warning: the runtime and
     onnxruntime failed at other sizes. A size read at its own position is 0 (copy) now, a
-    literal stays; the outputs' non-batch sizes are declared unknown."""
+    literal stays, a read of the channels is their number (y.reshape(y.size(1), -1) had
+    copied the batch where the example's batch equalled C: found by review), and the
+    n, c, h, w = y.size() idiom reads as sizes; the outputs' non-batch sizes are declared
+    unknown."""
     import warnings
     m = _int8(_Tokens(how), (4, 2, 7, 6))
     path = tmp_path / "m.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        proto = to_onnx(m, torch.randn(1, 2, 7, 6), path)
+        # (batch 4 = C for channels_first: the old rule copied the batch there)
+        proto = to_onnx(m, torch.randn(4 if how == "channels_first" else 1, 2, 7, 6), path)
     assert "gpuquant.fixed_input_hw" not in _meta(proto)
-    assert _declared(proto.graph.output[0]) == ["N", None, None]
+    if how != "channels_first":
+        assert _declared(proto.graph.output[0]) == ["N", None, None]
     for hw in [(7, 6), (5, 9)]:
         x = torch.randn(2, 2, *hw)
         want = int8_forward(m, x)
-        assert want.shape == (2, 4, hw[0] * hw[1])
+        assert want.shape == ((4, 2 * hw[0] * hw[1]) if how == "channels_first" else
+                              (2, 4, hw[0] * hw[1]))
         assert rt.load(path).run(x.numpy()).tobytes() == want.tobytes(), hw
         got = _ort(path, x.numpy())
         assert got.shape == want.shape

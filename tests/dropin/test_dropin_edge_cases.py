@@ -756,3 +756,37 @@ def test_inplace_write_to_a_buffer_with_constant_arguments_is_not_dropped():
     with pytest.raises(ValueError, match=r"forward of the model itself.*'steps', 'mu'"):
         quantize_qat(root, example_inputs=(x,))
     assert float(root.steps) == 0 and float(root.mu) == 1
+
+
+class _ViewA(nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 1)
+        self.register_buffer("steps", base[:1])
+
+    def forward(self, x):
+        self.steps += 1
+        return self.c(x)
+
+
+class _ViewB(nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 1)
+        self.register_buffer("other", base[1:])
+
+    def forward(self, x):
+        return self.c(x) + self.other
+
+
+def test_buffer_sharing_storage_with_a_written_one_is_not_named():
+    """Buffers that are views of one storage share a version counter: a submodule writing
+    its own (kept float, warned) made the root's snapshot see the other's version move and
+    refuse the model's own forward, naming a buffer nothing writes (found by review).
+    Values decide now: the write was restored, so the root converts."""
+    base = torch.zeros(2)
+    model = nn.Sequential(_ViewA(base), _ViewB(base))
+    qat, msgs = convert(quantize_qat, model, example_inputs=(torch.randn(2, 3, 4, 4),))
+    assert len(msgs) == 1 and "module '0' (_ViewA: not traceable" in msgs[0]
+    assert "'0.steps'" in msgs[0] and "other" not in msgs[0]
+    assert not base.any()

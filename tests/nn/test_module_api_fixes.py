@@ -202,6 +202,24 @@ def test_dequant_output_follows_the_models_floating_cast():
             assert torch.equal(m.dq(m.c(m.q(x))), want.to(dt))
             if dt == torch.bfloat16:  # (LayerNorm has no float16 CPU kernel)
                 assert m(x.to(dt)).dtype == dt
+    # cast before conversion, and through save / load (a first version lost the dtype in
+    # both: found by review)
+    cast_first = copy.deepcopy(qat).to(torch.bfloat16)
+    q = quantize(cast_first)
+    assert q.dq.out_dtype() == torch.bfloat16
+    with torch.no_grad():
+        assert q(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    import gpuquant
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        gpuquant.save(q, f"{d}/m.safetensors")
+        loaded = gpuquant.load(f"{d}/m.safetensors", model=Net().to(torch.bfloat16))
+        assert loaded.dq.out_dtype() == torch.bfloat16
+        gpuquant.save(int8, f"{d}/f32.safetensors")
+        assert gpuquant.load(f"{d}/f32.safetensors", model=Net()).dq.out_dtype() == \
+            torch.float32
+    with pytest.raises(ValueError, match="out_dtype 'int8' is not one of"):
+        q.dq.set_extra_state({"dtypes": {"input": "qint8"}, "out_dtype": "int8"})
     bare = copy.deepcopy(int8)
     bare.norm = torch.nn.Identity()
     fused = fuse_epilogues(copy.deepcopy(bare))  # conv + dequant: one ConvDequant

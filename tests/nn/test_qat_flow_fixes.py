@@ -393,10 +393,14 @@ def test_activation_checkpointing_refused_while_state_updates(reentrant):
     def checkpointed(m):
         return m[2](checkpoint(m[1], m[0](x), use_reentrant=reentrant))
 
-    with pytest.raises(RuntimeError, match=r"ConvBnRelu2d: a training forward ran during "
+    with pytest.raises(RuntimeError, match=r"ConvBnRelu2d: a forward ran during "
                                            r"backward .*\(observer 'weight_observer', observer "
                                            r"'act_observer', BatchNorm statistics\)"):
         checkpointed(copy.deepcopy(qat)).sum().backward()
+    calib = copy.deepcopy(qat).eval()  # observers record in eval mode too (calibration)
+    with pytest.raises(RuntimeError, match=r"\(observer 'weight_observer', observer "
+                                           r"'act_observer'\): "):
+        checkpointed(calib).sum().backward()
     disable_observer(qat)
     freeze_bn_stats(qat)
     ck = copy.deepcopy(qat)
@@ -412,7 +416,9 @@ def test_activation_checkpointing_refused_while_state_updates(reentrant):
 def test_empty_batch_in_training_passes_through_batchnorm_folded_layers(make, shape):
     """The float layer (torch's BatchNorm) returns an empty batch empty in training, its
     statistics untouched; the QAT one raised 'expected more than 1 value per channel' (for
-    0 values). It now returns it empty too, touching no state (observers included)."""
+    0 values). It now returns it empty too, touching no state (observers included), every
+    parameter with a zero gradient (a first version left BatchNorm's out of the graph:
+    found by review)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(gnn.QuantStub(), make(), gnn.DequantStub())
     want = tuple(net.train()(torch.randn(*shape)).shape)
@@ -425,3 +431,6 @@ def test_empty_batch_in_training_passes_through_batchnorm_folded_layers(make, sh
     y.sum().backward()
     after = qat.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if torch.is_tensor(v))
+    # every parameter a zero gradient, as torch's layers give (DDP expects each one)
+    grads = {n: p.grad for n, p in qat.named_parameters()}
+    assert grads and all(g is not None and not g.any() for g in grads.values()), grads

@@ -273,8 +273,10 @@ class BnFoldedModule(QATModule):
         if live and x.numel() == 0 and not syncs_batch_stats(bn):
             # an empty batch: torch's BatchNorm returns it empty with its statistics
             # untouched; so does this, touching no observer either (a synchronised rank
-            # still joins the all-reduce, below)
-            return tag_output(self._inner_forward(x, inner.weight, inner.bias), self)
+            # still joins the all-reduce, below). Every parameter stays in the graph with a
+            # zero gradient, as in torch's layers (DDP's reducer expects each one)
+            y = self._inner_forward(x, inner.weight, inner.bias)
+            return tag_output(y + sum(p.sum() for p in self.parameters()) * 0, self)
         # bn.eval() inside a training model (the plain-PyTorch way to freeze BatchNorm) uses
         # the running statistics, as the float model does: the same as freeze_bn_stats()
         if live:

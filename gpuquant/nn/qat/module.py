@@ -290,37 +290,37 @@ class QATModule(EagerUnderCompile, Module):
     # ------------------------------------------------------------------ forward helpers
     def _begin_forward(self) -> None:
         """The checks every QAT forward begins with (shapes and flags only: no device sync):
-        the module has its quantizers, and it is not a training forward recomputed during
-        backward (``torch.utils.checkpoint``) while it updates state.
+        the module has its quantizers, and it is not a forward recomputed during backward
+        (``torch.utils.checkpoint``) while it updates state.
 
         Raises:
-            RuntimeError: no qconfig set; a recomputed training forward whose observers or
+            RuntimeError: no qconfig set; a recomputed forward whose observers or
                 BatchNorm statistics update (:meth:`_refuse_recompute`).
         """
         if not self.__dict__.get("_qat_ready", False) and (self.with_weight or self.with_act):
             raise RuntimeError(f"{type(self).__name__} has no quantizers: build QAT models with "
                                f"gpuquant.quantization.quantize_qat(model, qconfig) or call "
                                f"set_qconfig(qconfig)")
-        if self.training and _GRAPH_TASK is not None and _GRAPH_TASK() != -1:
+        if _GRAPH_TASK is not None and _GRAPH_TASK() != -1:  # (observers record in eval too)
             self._refuse_recompute()
 
     def _refuse_recompute(self) -> None:
-        """Refuse a training forward run inside backward (activation checkpointing recomputes
-        the forward there) when it updates state: an observer's range, a BatchNorm's running
-        statistics. The recomputation would read the state the first forward left (the
+        """Refuse a forward run inside backward (activation checkpointing recomputes the
+        forward there) when it updates state: an enabled observer's range (observers record
+        in eval mode too: calibration), a training BatchNorm's running statistics. The recomputation would read the state the first forward left (the
         moving average, the folded running variance), give other activations than the first
         forward and so other gradients, and update the state a second time; torch's
         checkpoint compares only shapes and dtypes, so it would pass silently."""
         from ...quantization.observer import Observer
         live = [f"observer {n or type(m).__name__!r}" for n, m in self.named_modules()
-                if isinstance(m, Observer) and m.enabled and m.training]
+                if isinstance(m, Observer) and m.enabled]
         bn = getattr(self, "bn", None)
-        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.training and \
-                not getattr(self, "bn_frozen", False):
+        if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and self.training and \
+                bn.training and not getattr(self, "bn_frozen", False):
             live.append("BatchNorm statistics")
         if live:
             raise RuntimeError(
-                f"{type(self).__name__}: a training forward ran during backward (activation "
+                f"{type(self).__name__}: a forward ran during backward (activation "
                 f"checkpointing recomputes it) while its state updates ({', '.join(live)}): "
                 f"the recomputation would see the state the first forward changed, giving "
                 f"other gradients, and update it twice. Do not checkpoint QAT blocks, or "

@@ -62,6 +62,9 @@ class QuantStub(QuantizedModule):
         return self._as_layout(GF.quantize(x, qp))
 
 
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class DequantStub(QuantizedModule):
     """int8 / uint8 -> float32 with the qparams of the module that produced the input; in the
     model's float dtype once it is cast (``model.half()``, ``.to(torch.bfloat16)``), as the
@@ -77,6 +80,36 @@ class DequantStub(QuantizedModule):
         """The float dtype of the output: float32, or the model's after a floating cast."""
         t = self._buffers.get("_float")  # (absent in modules pickled by older releases)
         return torch.float32 if t is None else t.dtype
+
+    def set_out_dtype(self, dtype: torch.dtype) -> "DequantStub":
+        """Answer in ``dtype`` (float32, float16 or bfloat16), as a cast of the model does:
+        ``quantize()`` of a QAT model cast before conversion, ``gpuquant.load``.
+
+        Raises:
+            ValueError: another dtype.
+        """
+        if dtype not in _OUT_DTYPES:
+            raise ValueError(f"DequantStub: the output dtype must be one of "
+                             f"{[str(d) for d in _OUT_DTYPES]}, got {dtype!r}")
+        self._float = torch.empty(0, dtype=dtype, device=self.input_scale.device)
+        return self
+
+    # the output dtype travels in state_dict (extra state) where it is not float32: a model
+    # cast before saving answers in that dtype once loaded
+    def get_extra_state(self):
+        state = super().get_extra_state()
+        if self.out_dtype() != torch.float32:
+            state["out_dtype"] = str(self.out_dtype()).replace("torch.", "")
+        return state
+
+    def set_extra_state(self, state) -> None:
+        super().set_extra_state(state)
+        name = state.get("out_dtype", "float32")
+        dtype = getattr(torch, name, None) if isinstance(name, str) else None
+        if dtype not in _OUT_DTYPES:
+            raise ValueError(f"DequantStub: the state_dict's out_dtype {name!r} is not one of "
+                             f"{[str(d).replace('torch.', '') for d in _OUT_DTYPES]}")
+        self.set_out_dtype(dtype)
 
     @classmethod
     def from_qat_module(cls, qat_module, name: str = ""):
