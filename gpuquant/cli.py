@@ -19,10 +19,12 @@ def main(argv=None) -> int:
     p_bench.add_argument("--save-each-case", action="store_true",
                          help="write OUT/<suite>.partial.json after every case (runs that may "
                               "be cut short)")
-    p_bench.add_argument("--where", default=None, metavar="NAME=V[|V],...",
-                         help="only the cases whose params match, e.g. model=resnet50,batch=64")
-    p_bench.add_argument("--skip", default="", metavar="PROVIDER,...",
-                         help="providers to leave out (not the baseline), e.g. torch-bf16-compile")
+    p_bench.add_argument("--where", action="append", default=None, metavar="NAME=V[|V],...",
+                         help="only the cases whose params match, e.g. model=resnet50,batch=64 "
+                              "(repeatable: every condition holds)")
+    p_bench.add_argument("--skip", action="append", default=None, metavar="PROVIDER,...",
+                         help="providers to leave out (not the baseline), e.g. "
+                              "torch-bf16-compile (repeatable)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import out_problem, run_demo
@@ -35,9 +37,10 @@ def main(argv=None) -> int:
     if why is not None:  # up front: the suites run for minutes before writing
         p_bench.error(f"argument --out: {why}")
     from .bench import run_bench
+    where = ",".join(args.where) if args.where else None  # (repeated: all conditions)
     return run_bench(args.suites, quick=args.quick, out=args.out,
-                     save_each_case=args.save_each_case, where=args.where, skip=args.skip,
-                     command=_command_line(argv))
+                     save_each_case=args.save_each_case, where=where,
+                     skip=",".join(args.skip or ()), command=_command_line(argv))
 
 
 def _command_line(argv) -> str:

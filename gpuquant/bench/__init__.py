@@ -161,7 +161,7 @@ def _argument_problem(names, devices, skip, where, quick: bool, cuda: bool) -> O
     checked before anything is measured. Reads only the case lists (inputs are built
     lazily)."""
     from . import suites as registry
-    known = set()
+    known, baselines = set(), {}
     for name in names:
         dev = {"cpu": "cpu", "cuda": "cuda", "any": "cuda" if cuda else "cpu"}[devices[name]]
         try:
@@ -170,16 +170,21 @@ def _argument_problem(names, devices, skip, where, quick: bool, cuda: bool) -> O
         except Exception:  # noqa: BLE001 - the suite's own run reports it
             return None
         for c in cases:
-            known |= set(c.providers)
+            known |= set(c.providers) - {suite.baseline}
+        baselines[suite.baseline] = name
         if where:
             try:
                 _select(suite, cases, where, ())
             except UsageError as e:
                 return str(e)
-    unknown = sorted(set(skip) - known)
+    base = sorted(s for s in set(skip) - known if s in baselines)
+    if base:  # (skipped, it would be measured all the same: the ratios are against it)
+        return (f"--skip: {base[0]!r} is suite {baselines[base[0]]!r}'s baseline, always "
+                f"measured (the ratios are against it)")
+    unknown = sorted(set(skip) - known - set(baselines))
     if skip and unknown:
         return (f"--skip: no suite run here has a provider {unknown[0]!r}; "
-                f"providers: {sorted(known)}")
+                f"providers: {sorted(known | set(baselines))}")
     return None
 
 

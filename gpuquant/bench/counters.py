@@ -36,6 +36,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .._paths import out_problem
+
 __all__ = ["main", "find_ncu", "parse_csv", "group_kernels", "summarize", "profile_calls",
            "triton_kernel_names"]
 
@@ -346,6 +348,9 @@ def main(argv=None) -> int:
     bad = [x for x in layers if x not in known]
     if bad or not layers:
         p.error(f"--layers: unknown {bad or args.layers!r}; known: {known}")
+    why = out_problem(args.out)
+    if why is not None:
+        p.error(f"argument --out: {why}")
     os.makedirs(args.out, exist_ok=True)
     if args.inner:
         return _inner(args.out, layers)

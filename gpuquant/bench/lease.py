@@ -278,8 +278,9 @@ def _check_suite_args(args, p) -> None:
     from . import _argument_problem, parse_where
     from .suites import registered, suite_device
     for stage in sorted(set(args.where_map) | set(args.skip_map)):
-        if stage not in registered():
-            continue
+        if stage not in registered():  # (tests, profile, counters: they take no --where)
+            p.error(f"--where / --skip {stage}:...: {stage!r} is not a benchmark suite; "
+                    f"suites: {sorted(registered())}")
         try:
             where = parse_where(args.where_map.get(stage))
         except ValueError as e:

@@ -28,6 +28,8 @@ from typing import Callable, List
 
 import torch
 
+from .._paths import out_problem
+
 __all__ = ["main", "profile_step"]
 
 WHATS = ("qat_step", "int8_forward", "conv_all", "linear_prefill")
@@ -158,6 +160,12 @@ def main(argv=None) -> int:
         p.error(f"--what: unknown {bad or args.what!r}; known: {list(WHATS)}")
     if args.batch < 1:
         p.error(f"--batch must be >= 1, got {args.batch}")
+    from .suites.models import MODELS
+    if args.model not in MODELS:
+        p.error(f"--model: unknown {args.model!r}; known: {sorted(MODELS)}")
+    why = out_problem(args.out)
+    if why is not None:
+        p.error(f"argument --out: {why}")
     if not torch.cuda.is_available():
         print("gpuquant.bench.profile: needs a CUDA GPU", file=sys.stderr)
         return 1

@@ -118,11 +118,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         block = render_results(args.results, args.exclude,
                                link_base=os.path.dirname(os.path.abspath(args.write)))
         new = replace_block(text, block)
+        tmp = f"{args.write}.tmp"  # (a failed write leaves the README as it was)
+        with open(tmp, "w") as f:
+            f.write(new)
+        os.replace(tmp, args.write)
     except (ValueError, OSError) as e:
         print(f"readme_table: {e}", file=sys.stderr)
         return 2
-    with open(args.write, "w") as f:
-        f.write(new)
     print(f"readme_table: wrote the benchmark section of {args.write}")
     return 0
 

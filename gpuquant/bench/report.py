@@ -57,6 +57,9 @@ def validate_doc(doc: Mapping[str, Any]) -> None:
     for k in ("device", "torch", "gpuquant", "date", "command"):
         if not isinstance(doc[k], str):
             raise ValueError(f"header field {k!r} must be a string, got {doc[k]!r}")
+    for k in ("triton", "cupy"):
+        if doc[k] is not None and not isinstance(doc[k], str):
+            raise ValueError(f"header field {k!r} must be a string or null, got {doc[k]!r}")
     try:
         datetime.datetime.fromisoformat(doc["date"])
     except ValueError:
@@ -81,7 +84,7 @@ def validate_doc(doc: Mapping[str, Any]) -> None:
         if not row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]:
             raise ValueError(f"row {i}: expected p20 <= median <= p80, got {row['p20_ms']}, "
                              f"{row['median_ms']}, {row['p80_ms']}")
-        if row["exact_vs_numpy"] not in (True, False, None):
+        if not (row["exact_vs_numpy"] is None or isinstance(row["exact_vs_numpy"], bool)):
             raise ValueError(f"row {i}: exact_vs_numpy must be true, false or null, got "
                              f"{row['exact_vs_numpy']!r}")
 
@@ -140,8 +143,11 @@ def write_json(doc: Mapping[str, Any], path: str) -> None:
 
 
 def load_json(path: str) -> Dict[str, Any]:
-    with open(path) as f:
-        doc = json.load(f)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
     try:
         validate_doc(doc)
     except ValueError as e:

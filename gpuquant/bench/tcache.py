@@ -259,6 +259,11 @@ def main(argv=None) -> int:
         return 0
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out) or not os.path.isdir(out_dir) or \
+            not os.access(out_dir, os.W_OK):
+        p.error(f"argument --out: {args.out!r} must be a file path in a writable folder "
+                f"(checked before the minutes of compiling)")
     try:
         key = triton_key_for_wheel(args.wheel)
     except ValueError as e:

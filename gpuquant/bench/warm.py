@@ -462,8 +462,15 @@ def main(argv=None) -> int:
         return _worker(args.worker)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.budget is not None and not args.budget > 0:
+        p.error(f"--budget must be > 0 seconds, got {args.budget}")
     suites = [s for s in args.suites.split(",") if s]
-    items = work_list(suites)
+    if not suites:
+        p.error(f"--suites: no suite named in {args.suites!r}")
+    try:
+        items = work_list(suites)
+    except ValueError as e:
+        p.error(f"--suites: {e}")
     jobs = min(args.jobs, len(items)) or 1
     shares = [items[i::jobs] for i in range(jobs)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

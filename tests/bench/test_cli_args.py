@@ -92,3 +92,66 @@ def test_out_that_cannot_be_written_is_refused_even_as_root(tmp_path):
     new = tmp_path / "a" / "b"
     assert out_problem(str(new)) is None and not (tmp_path / "a").exists()
     assert out_problem(str(tmp_path)) is None and os.listdir(tmp_path) == []
+
+
+def test_repeated_where_and_skip_all_apply(monkeypatch, tmp_path):
+    """A second --where / --skip replaced the first (4 cases ran for 1, a skipped provider
+    was measured: found by an audit); every one applies now."""
+    seen = {}
+    import gpuquant.bench as bench
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: seen.update(k) or 0)
+    assert cli.main(["bench", "quant", "--out", str(tmp_path), "--where", "numel=65536",
+                     "--where", "op=quantize", "--skip", "gpuquant-numpy", "--skip",
+                     "gpuquant-reference"]) == 0
+    assert seen["where"] == "numel=65536,op=quantize"
+    assert seen["skip"] == "gpuquant-numpy,gpuquant-reference"
+
+
+def _exit_code(main, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code
+
+
+def test_bench_tools_refuse_bad_arguments_before_working(tmp_path, capsys):
+    """Tracebacks (counters' --out, warm's unknown suite) or a late failure (profile's
+    --model after the lease time is spent) where argparse's exit 2 was due (found by an
+    audit); the baseline named in --skip was ignored silently."""
+    from gpuquant.bench import counters, lease, profile, warm
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert _exit_code(counters.main, ["--out", str(f)]) == 2
+    assert "argument --out" in capsys.readouterr().err
+    assert _exit_code(profile.main, ["--out", str(tmp_path / "p"), "--model", "nosuch"]) == 2
+    assert "--model: unknown 'nosuch'" in capsys.readouterr().err
+    for args, msg in ((["--suites", "nosuch"], "--suites: unknown suite 'nosuch'"),
+                      (["--suites", ","], "--suites: no suite named"),
+                      (["--budget", "-1"], "--budget must be > 0")):
+        assert _exit_code(warm.main, args + ["--jobs", "1"]) == 2, args
+        assert msg in capsys.readouterr().err
+    assert _exit_code(lease.main, ["--out", str(tmp_path / "l"), "--stages", "gemm",
+                                   "--where", "tests:m=1"]) == 2
+    assert "'tests' is not a benchmark suite" in capsys.readouterr().err
+    assert cli.main(["bench", "quant", "--quick", "--out", str(tmp_path / "b"), "--skip",
+                     "torch"]) == 2
+    assert "'torch' is suite 'quant''s baseline, always measured" in capsys.readouterr().err
+
+
+def test_results_files_checked_strictly(tmp_path):
+    """exact_vs_numpy 1 / 0.0 passed (1 in (True, False, None) is true in Python) and
+    showed as NO; a non-string triton version passed; bad JSON was not named."""
+    import json
+    from gpuquant.bench import report
+    from tests.bench.test_harness import _sample_doc
+    doc = _sample_doc("GPU", 2.0, 1.0)
+    report.validate_doc(doc)
+    for edit, msg in ((lambda d: d["rows"][1].update(exact_vs_numpy=1), "exact_vs_numpy"),
+                      (lambda d: d.update(triton=3.6), "'triton' must be a string or null")):
+        bad = json.loads(json.dumps(doc))
+        edit(bad)
+        with pytest.raises(ValueError, match=msg):
+            report.validate_doc(bad)
+    p = tmp_path / "quant.json"
+    p.write_text("{bad")
+    with pytest.raises(ValueError, match=r"quant.json: not JSON"):
+        report.load_json(str(p))

@@ -550,10 +550,14 @@ def test_run_bench_where_and_skip_select_cases_and_providers(fast, fake_suite, t
     name = fake_suite("toy_where")
     out = tmp_path / "out"
     assert run_bench([name], quick=True, out=str(out), command="c", where="numel=33000",
-                     skip="ours,base") == 0
+                     skip="ours") == 0
     doc = json.loads((out / f"{name}.json").read_text())
-    # one case left; "ours" skipped; the baseline is never skipped
+    # one case left; "ours" skipped
     assert [(r["params"]["numel"], r["provider"]) for r in doc["rows"]] == [(33000, "base")]
+    capsys.readouterr()
+    # the baseline is never skipped: naming it is refused (it had been ignored silently)
+    assert run_bench([name], quick=True, out=str(out), command="c", skip="ours,base") == 2
+    assert "'base' is suite 'toy_where''s baseline, always measured" in capsys.readouterr().err
     assert run_bench([name], quick=True, out=str(out), command="c",
                      where="numel=1000|33000,op=sum") == 0
     assert len(json.loads((out / f"{name}.json").read_text())["rows"]) == 4

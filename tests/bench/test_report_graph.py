@@ -29,8 +29,11 @@ def test_readme_table_marks_suites_cut_short_and_prefers_finished_ones(tmp_path)
     res.mkdir(parents=True)
     report.write_json(_sample_doc("GPU", 3.0, 1.0), str(res / "quant.json"))
     report.write_json(_sample_doc("GPU", 3.0, 9.0), str(res / "quant.partial.json"))  # stale
-    report.write_json(dict(_sample_doc("GPU", 2.0, 1.0), suite="gemm"),
-                      str(res / "gemm.partial.json"))
+    gemm = _sample_doc("GPU", 2.0, 1.0)
+    gemm["suite"] = "gemm"
+    for row in gemm["rows"]:
+        row["suite"] = "gemm"
+    report.write_json(gemm, str(res / "gemm.partial.json"))
     block = readme_table.render_results(str(tmp_path / "results"))
     assert block.count("#### `quant` on GPU") == 1 and block.count("(cut short)") == 1
     assert "#### `gemm (cut short)` on GPU" in block
