@@ -307,10 +307,11 @@ class QATModule(EagerUnderCompile, Module):
     def _refuse_recompute(self) -> None:
         """Refuse a forward run inside backward (activation checkpointing recomputes the
         forward there) when it updates state: an enabled observer's range (observers record
-        in eval mode too: calibration), a training BatchNorm's running statistics. The recomputation would read the state the first forward left (the
-        moving average, the folded running variance), give other activations than the first
-        forward and so other gradients, and update the state a second time; torch's
-        checkpoint compares only shapes and dtypes, so it would pass silently."""
+        in eval mode too: calibration), a training BatchNorm's running statistics. The
+        recomputation would read the state the first forward left (the moving average, the
+        folded running variance), give other activations than the first forward and so
+        other gradients, and update the state a second time; torch's checkpoint compares
+        only shapes and dtypes, so it would pass silently."""
         from ...quantization.observer import Observer
         live = [f"observer {n or type(m).__name__!r}" for n, m in self.named_modules()
                 if isinstance(m, Observer) and m.enabled]

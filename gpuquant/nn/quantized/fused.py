@@ -13,8 +13,6 @@ of the unfused pair on every backend.
 """
 from __future__ import annotations
 
-import torch
-
 from .conv import Conv2d
 from .elemwise import Elemwise
 from .linear import Linear
@@ -79,9 +77,8 @@ class ConvDequant(QuantizedModule):
         self._check_mode()
         dev = self.producer.weight.device
         scale = self._cached("scale", dev, lambda: float(self.dequant.input_scale))
-        y = float_layout(self.producer.run(x, "dequant", scale))  # as the DequantStub
-        dt = self.dequant.out_dtype()
-        return y if dt == torch.float32 else y.to(dt)
+        # as the DequantStub
+        return self.dequant.as_out_dtype(float_layout(self.producer.run(x, "dequant", scale)))
 
 
 def matching_qparams(producer, dequant) -> bool:

@@ -81,6 +81,12 @@ class DequantStub(QuantizedModule):
         t = self._buffers.get("_float")  # (absent in modules pickled by older releases)
         return torch.float32 if t is None else t.dtype
 
+    def as_out_dtype(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (dequantized, float32) in :meth:`out_dtype`: this stub's and the fused
+        ``ConvDequant``'s output."""
+        dt = self.out_dtype()
+        return y if dt == torch.float32 else y.to(dt)
+
     def set_out_dtype(self, dtype: torch.dtype) -> "DequantStub":
         """Answer in ``dtype`` (float32, float16 or bfloat16), as a cast of the model does:
         ``quantize()`` of a QAT model cast before conversion, ``gpuquant.load``.
@@ -121,9 +127,7 @@ class DequantStub(QuantizedModule):
     def forward(self, x):
         self._check_input(x, "input")
         qp = self._cached("qp", x.device, lambda: self._qparams("input"))
-        y = float_layout(GF.dequantize(x, qp))
-        dt = self.out_dtype()
-        return y if dt == torch.float32 else y.to(dt)
+        return self.as_out_dtype(float_layout(GF.dequantize(x, qp)))
 
 
 def float_layout(y):
