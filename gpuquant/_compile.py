@@ -144,6 +144,15 @@ class EagerUnderCompile:
                 and not getattr(fwd, "_gq_eager", False)):
             cls.forward = eager_under_compile(fwd)
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this on every submodule first: refuse with a word
+        on what works (TorchScript failed deep inside its compiler, naming no module)."""
+        raise NotImplementedError(
+            f"torch.jit.script: {type(self).__name__} (gpuquant) cannot be scripted: "
+            f"gpuquant's QAT and int8 modules are Python (observers, host-side checks, "
+            f"Triton / NumPy kernels); use torch.compile (they run eagerly inside it), and to "
+            f"deploy gpuquant.export.to_onnx or gpuquant.save / gpuquant.load")
+
 
 def uncompiled(model):
     """The module ``torch.compile(model)`` wraps (its ``_orig_mod``), else ``model``: what

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 __all__ = ["out_problem"]
 
 
-def out_problem(out) -> Optional[str]:
+def out_problem(out, files: Tuple[str, ...] = ()) -> Optional[str]:
     """Why ``out`` cannot be the demo's output folder (None when it can): checked before the
-    run, so a bad path fails at once rather than after training."""
+    run, so a bad path fails at once rather than after training. ``files``: the names the
+    run will write in ``out``; one that exists there as something other than a file (a
+    folder) is a problem too."""
     if not isinstance(out, (str, os.PathLike)):
         return f"must be a folder path (str or os.PathLike), got {type(out).__name__}"
     out = os.fspath(out)
@@ -24,6 +26,10 @@ def out_problem(out) -> Optional[str]:
         return f"{out!r} cannot be created: {parent!r} is not a folder"
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"{out!r} cannot be written: no write permission in {parent!r}"
+    for name in files:
+        path = os.path.join(out, name)
+        if os.path.exists(path) and not os.path.isfile(path):
+            return f"{path!r} exists and is not a file: it cannot be written"
     return _try_write(out)
 
 

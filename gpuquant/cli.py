@@ -27,8 +27,8 @@ def main(argv=None) -> int:
                               "torch-bf16-compile (repeatable)")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo import out_problem, run_demo
-        why = None if args.out is None else out_problem(args.out)
+        from .demo import OUT_FILES, out_problem, run_demo
+        why = None if args.out is None else out_problem(args.out, OUT_FILES)
         if why is not None:  # up front: the demo trains for a while before writing
             p_demo.error(f"argument --out: {why}")
         return run_demo(out=args.out)

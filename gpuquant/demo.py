@@ -109,6 +109,10 @@ def _int8_bytes(qmodel) -> int:
                if isinstance(t, torch.Tensor))
 
 
+# what the demo writes in ``out``
+OUT_FILES = ("demo.json", "digits_int8.onnx")
+
+
 def run_demo(out: Optional[str] = None, float_epochs: int = 12, qat_epochs: int = 4,
              quiet: bool = False) -> int:
     """Run the demo; print the table; with ``out`` write ``out/demo.json``. Returns 0.
@@ -126,7 +130,7 @@ def run_demo(out: Optional[str] = None, float_epochs: int = 12, qat_epochs: int 
     qat_epochs = positive_int(qat_epochs, "qat_epochs", "run_demo")
     check_bool(quiet, "run_demo", "quiet")
     if out is not None:
-        why = out_problem(out)
+        why = out_problem(out, OUT_FILES)
         if why is not None:
             raise (TypeError if not isinstance(out, (str, os.PathLike)) else ValueError)(
                 f"run_demo: out {why}")
@@ -250,7 +254,7 @@ def _run(out, float_epochs, qat_epochs, quiet) -> int:
                   "onnxruntime_acc": deploy["onnxruntime_acc"],
                   "runtime_acc": deploy["runtime_acc"], "runtime_exact": deploy["runtime_exact"],
                   "fused_pairs": len(fused.fused), "fused_identical": fused_same}
-        with open(os.path.join(out, "demo.json"), "w") as f:
+        with open(os.path.join(out, OUT_FILES[0]), "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {os.path.join(out, 'demo.json')}")
     return 0
@@ -273,7 +277,7 @@ def _deploy(qmodel, x_te, y_te, int8_pred, out, times, log) -> dict:
     log("[5/5] exporting the int8 model to ONNX (QDQ) and running it outside torch")
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(out if out is not None else tmp, "digits_int8.onnx")
+        path = os.path.join(out if out is not None else tmp, OUT_FILES[1])
         if out is not None:
             os.makedirs(out, exist_ok=True)
         to_onnx(qmodel, x_te[:8], path)

@@ -30,11 +30,14 @@ def test_demo_meets_targets(tmp_path, capsys):
         assert abs(r["onnxruntime_acc"] - r["qat_int8_acc"]) <= 0.005
 
 
-@pytest.mark.parametrize("bad", ["", "afile", "afile/sub"])
+@pytest.mark.parametrize("bad", ["", "afile", "afile/sub", "d", "e"])
 def test_demo_bad_out_is_a_usage_error_up_front(tmp_path, capsys, monkeypatch, bad):
-    """A bad --out exits with argparse's code 2 before any training."""
+    """A bad --out exits with argparse's code 2 before any training: also a folder where a
+    file the demo writes is a folder (it failed after the training)."""
     from gpuquant import cli, demo
     (tmp_path / "afile").write_text("")
+    (tmp_path / "d" / "demo.json").mkdir(parents=True)
+    (tmp_path / "e" / "digits_int8.onnx").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(demo, "_run", lambda *a, **k: pytest.fail("the demo ran"))
     with pytest.raises(SystemExit) as e:

@@ -42,7 +42,7 @@ import logging
 from typing import Callable, Optional
 
 import torch
-from torch.nn.utils import parametrize, prune
+from torch.nn.utils import parametrize
 
 from ..dtypes import qint8, qint8_narrow
 from ..functional.dynamic import ACT_DTYPES, WEIGHT_DTYPES, _check_dtype, max_in_features
@@ -52,6 +52,7 @@ from ..nn.qat.linear_dynamic import is_hf_conv1d as _is_hf_conv1d
 from ..nn.qat.linear_dynamic import DynamicLinear as QATDynamicLinear
 from ..nn.qat.linear_dynamic import DynamicMultiheadAttention as QATDynamicMHA
 from ..nn.qat.linear_dynamic import weight_not_a_parameter
+from .hooks import carry_hooks
 from ..nn.quantized.linear_dynamic import (DynamicLinear, DynamicMultiheadAttention,
                                            WeightOnlyLinear, _Int8WeightLinear,
                                            keep_off_torch_fast_path)
@@ -183,49 +184,20 @@ def _check_finite_weights(mod, name: str, fn: str) -> None:
                              f"it with filter_fn")
 
 
-def _carry_hooks(old: torch.nn.Module, new: torch.nn.Module, name: str, fn: str) -> None:
-    """Register ``old``'s hooks on its replacement ``new``, in their order and with their
-    flags (``with_kwargs``, ``always_call``): forward pre-hooks and forward hooks (as
-    ``torch.ao``'s ``swap_module`` carries them; the replacement takes the same arguments
-    and returns the same kind of output) and full backward (pre-)hooks.
-    ``torch.nn.utils.prune``'s pre-hook is not carried: it recomputes a float weight the
-    int8 module does not have, and the int8 weight holds the pruned one already.
-
-    Raises:
-        ValueError: ``old`` has a non-full backward hook (``register_backward_hook``, which
-            torch deprecates and which fires on the last op's inputs, not the module's).
-    """
-    if old._backward_hooks and not old._is_full_backward_hook:
-        raise ValueError(f"{fn}: {name or 'model'} ({type(old).__name__}) has a backward hook "
-                         f"from register_backward_hook, which cannot be moved to its "
-                         f"replacement; use register_full_backward_hook, or exclude the "
-                         f"module with filter_fn")
-    for hid, h in old._forward_pre_hooks.items():
-        if not isinstance(h, prune.BasePruningMethod):
-            new.register_forward_pre_hook(h, with_kwargs=hid in old._forward_pre_hooks_with_kwargs)
-    for hid, h in old._forward_hooks.items():
-        new.register_forward_hook(h, with_kwargs=hid in old._forward_hooks_with_kwargs,
-                                  always_call=hid in old._forward_hooks_always_called)
-    for h in old._backward_pre_hooks.values():
-        new.register_full_backward_pre_hook(h)
-    for h in old._backward_hooks.values():
-        new.register_full_backward_hook(h)
-
-
 def _walk(model, convert, modules, filter_fn, fn: str):
     """Decide on a child before descending into it; build every replacement first and swap
     them in only when all succeeded, so an error leaves ``model`` as it was. A module
     registered under several names (tied, or ``[layer] * n``) is converted once, at its
     first name, and that one replacement goes to every name (the tie is kept). A root
     marked ``disable_quantize()`` is left as it is, subtree included, as under a parent.
-    A replacement takes the hooks of the module it replaces (:func:`_carry_hooks`)."""
+    A replacement takes the hooks of the module it replaces (:func:`~gpuquant.quantization.hooks.carry_hooks`)."""
     swaps = []
     done = {}  # id(child) -> its replacement, or None (kept, and descended into once)
 
     def replace(mod, name):
         new = convert(mod, name)
         if new is not None and new is not mod:
-            _carry_hooks(mod, new, name, fn)
+            carry_hooks(mod, new, name, fn)
         return new
 
     def visit(parent, prefix):

@@ -35,13 +35,16 @@ Backend ops (optional fused kernels; this module's torch code is the definition)
     ``= qmin <= r <= qmax``; ``dx = dy * inside``; per element
     ``dscale = dy * ((clamp(r) - zp) * scale - x) * (1/scale) * g`` inside, else
     ``dy * (qmin - zp) * g`` below / ``dy * (qmax - zp) * g`` above; ``dzp = -dy * scale * g``
-    outside, else 0; both summed over everything but ``axis``.
+    below or above, else 0; both summed over everything but ``axis``. A NaN ``r`` (a NaN x,
+    or a NaN scale / zero point) is neither inside, below nor above: 0 in every gradient.
 
 ``tqt_fake_quant(x, log2_t, qmin, qmax, axis) -> y``
-    ``log2_t`` float32, 0-d or 1-D along ``axis``; ``s = 2**ceil(log2_t) / (qmax + 1)``;
+    ``log2_t`` float32, 0-d or 1-D along ``axis``; ``s = 2**ceil(log2_t) / (qmax + 1)``
+    (the exponent ``ceil(log2_t)`` clamped to [-126, 127]);
     ``y = clamp(rne(x * (1/s)), qmin, qmax) * s`` in ``x.dtype``. Differentiable in ``x``
     (``dy`` where ``qmin <= rne(x/s) <= qmax``) and ``log2_t``
-    (``sum dy * s * ln2 * (rne(x/s) - x/s | qmin | qmax)`` inside / below / above).
+    (``sum dy * s * ln2 * (rne(x/s) - x/s | qmin | qmax)`` inside / below / above; 0 at a
+    NaN ``rne(x/s)``, as LSQ).
 """
 from __future__ import annotations
 
@@ -110,14 +113,16 @@ class _LSQFakeQuant(torch.autograd.Function):
         inv = 1.0 / s
         zp = _bcast(torch.round(zero_point.float()).clamp(qmin, qmax), axis, nd)
         r = torch.round(zp + xf * inv)  # as torch's learnable kernels: rne(zp + x * inv)
-        below, above = r < qmin, r > qmax
-        inside = ~(below | above)
+        # a NaN r (a NaN x) is neither inside, below nor above: no gradient from there
+        below, above, inside = r < qmin, r > qmax, (r >= qmin) & (r <= qmax)
         dx = dyf * inside
         xfq = (r.clamp(qmin, qmax) - zp) * s
         ds_in = dyf * (xfq - xf) * inv * g
-        ds_out = torch.where(below, dyf * (qmin - zp), dyf * (qmax - zp)) * g
+        zero = torch.zeros_like(dyf)
+        ds_out = torch.where(below, dyf * (qmin - zp), torch.where(above, dyf * (qmax - zp),
+                                                                   zero)) * g
         dscale = torch.where(inside, ds_in, ds_out)
-        dzp = torch.where(inside, torch.zeros_like(dyf), dyf * (-1) * s * g)
+        dzp = torch.where(below | above, dyf * (-1) * s * g, zero)
         dscale = _reduce_to(dscale, axis).reshape(scale.shape).to(scale.dtype)
         dzp = _reduce_to(dzp, axis).reshape(zero_point.shape).to(zero_point.dtype)
         return (dx.to(x.dtype), dscale if ctx.needs_input_grad[1] else None,
@@ -220,8 +225,27 @@ def _lsq_fake_quant(x, scale, zero_point, qmin, qmax, axis, grad_factor):
 
 
 # --------------------------------------------------------------------------- TQT (torch)
+_MIN_NORMAL = 2.0 ** -126  # float32's smallest normal number: its reciprocal is finite
+
+
 def _tqt_scale(log2_t: torch.Tensor, qmax: int) -> torch.Tensor:
-    return torch.exp2(torch.ceil(log2_t.float())) / float(qmax + 1)
+    """``2**ceil(log2_t) / (qmax + 1)`` with the exponent clamped to [-126, 127] and the
+    scale to at least 2**-126 (a NaN kept), as the Triton kernels build it from exponent
+    bits: every learned ``log2_t`` gives a scale with a finite reciprocal. (A ``log2_t`` past
+    127 had given an Inf scale, NaN outputs, here and a finite one there; one below about
+    -119 a scale whose reciprocal is Inf, and 0 * Inf at x = 0.)"""
+    s = torch.exp2(torch.ceil(log2_t.float()).clamp(-126.0, 127.0)) / float(qmax + 1)
+    return s.clamp_min(_MIN_NORMAL)
+
+
+def _tqt_checked_scale(log2_t: torch.Tensor, qmax: int) -> torch.Tensor:
+    """The scale ``2**ceil(log2_t) / (qmax + 1)`` unclamped, for the checks (of the
+    functional op's arguments, an initial threshold, a loaded state, a conversion): Inf
+    where ``ceil(log2_t) > 127`` (no float32 power of two), 0 where it is below 2**-126
+    (a threshold the clamps of :func:`_tqt_scale` would move)."""
+    c = torch.ceil(log2_t.detach().float())
+    s = torch.exp2(c.clamp(max=127.0)) / float(qmax + 1)
+    return torch.where(c > 127, torch.inf, torch.where(s < _MIN_NORMAL, 0.0, s))
 
 
 class _TQTFakeQuant(torch.autograd.Function):
@@ -248,11 +272,12 @@ class _TQTFakeQuant(torch.autograd.Function):
         inv = 1.0 / s
         v = xf * inv
         r = torch.round(v)
-        below, above = r < qmin, r > qmax
-        inside = ~(below | above)
+        # a NaN r (a NaN x) is neither inside, below nor above: no gradient from there
+        below, above, inside = r < qmin, r > qmax, (r >= qmin) & (r <= qmax)
         dx = dyf * inside
         inner = torch.where(inside, r - v, torch.where(below, torch.full_like(v, qmin),
-                                                        torch.full_like(v, qmax)))
+                                                        torch.where(above, torch.full_like(
+                                                            v, qmax), torch.zeros_like(v))))
         dl = _reduce_to(dyf * inner * s * math.log(2.0), axis).reshape(log2_t.shape)
         return dx.to(x.dtype), (dl.to(log2_t.dtype) if ctx.needs_input_grad[1] else None), \
             None, None, None
@@ -281,7 +306,7 @@ def tqt_fake_quant(x: torch.Tensor, log2_t: torch.Tensor, qmin: int, qmax: int,
     if qmax < 0:  # (no threshold: the scale 2**ceil(log2_t) / (qmax + 1) is inf or negative)
         raise ValueError(f"{fn}: qmax must be >= 0 (the scale is 2**ceil(log2_t) / "
                          f"(qmax + 1)), got qmax={qmax}")
-    s = _tqt_scale(log2_t.detach(), int(qmax))
+    s = _tqt_checked_scale(log2_t, int(qmax))
     bad = _bad_scale(s)
     if bool(bad.any()):  # the one host read
         raise ValueError(f"{fn}: log2_t {log2_t.detach()[bad].flatten()[:4].tolist()} gives "
@@ -464,6 +489,18 @@ class _LearnedBase(FakeQuantBase):
         self.initialized.fill_(True)
         self._initialized = True
 
+    def _learned_problem(self, values=None) -> Optional[str]:
+        """What makes the learned values unusable ("log2_t [-140.0] (at 1 position(s)) gives
+        no usable scale ..."), or None: those of ``values(name)`` (a state being loaded), by
+        default the module's own (a conversion's check: training drove them there, NaN or
+        past float32; host reads)."""
+        values = values or (lambda name: getattr(self, name).detach())
+        for what, vals, bad, why in self._loaded_problems(values):
+            if bool(bad.any()):
+                return (f"{what} {vals.cpu()[bad.cpu()].flatten()[:4].tolist()} (at "
+                        f"{int(bad.sum())} position(s)) {why}")
+        return None
+
     def set_qparams(self, qparams: QParams) -> None:
         """Start the learned parameters from ``qparams`` now, as the first qparams given to
         ``forward`` would (MegEngine's ``set_qparams``;
@@ -489,12 +526,10 @@ class _LearnedBase(FakeQuantBase):
             def incoming(name):
                 t = state_dict.get(prefix + name)
                 return (t if isinstance(t, torch.Tensor) else getattr(self, name)).detach()
-            for what, vals, bad, why in self._loaded_problems(incoming):
-                if bool(bad.any()):
-                    raise ValueError(f"{type(self).__name__}: the state's {what} "
-                                     f"{vals.cpu()[bad.cpu()].flatten()[:4].tolist()} (at "
-                                     f"{int(bad.sum())} position(s)) {why}; refusing to load "
-                                     f"it (the module keeps its state)")
+            why = self._learned_problem(incoming)
+            if why is not None:
+                raise ValueError(f"{type(self).__name__}: the state's {why}; refusing to load "
+                                 f"it (the module keeps its state)")
         for name, t in list(self.named_parameters(recurse=False)) + \
                 list(self.named_buffers(recurse=False)):
             src = state_dict.get(prefix + name)
@@ -506,6 +541,23 @@ class _LearnedBase(FakeQuantBase):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._initialized = bool(self.initialized)
+
+
+class _ScaleMagnitude(torch.autograd.Function):
+    """LSQ's scale as the forward uses it, ``max(|scale|, eps)``, with the gradient of
+    ``|scale|`` passed through the clamp (-g where scale < 0, else g): below eps the
+    clamp's own gradient, 0, had left a scale there for good (torch's
+    ``_LearnableFakeQuantize`` clamps ``scale.data`` instead, keeping the gradient too)."""
+
+    @staticmethod
+    def forward(ctx, scale):
+        ctx.save_for_backward(scale)
+        return scale.abs().clamp_min(_EPS)
+
+    @staticmethod
+    def backward(ctx, g):
+        scale, = ctx.saved_tensors
+        return torch.where(scale < 0, -g, g)
 
 
 class LSQ(_LearnedBase):
@@ -570,7 +622,7 @@ class LSQ(_LearnedBase):
         self._mark_initialized()
 
     def _effective_scale(self) -> torch.Tensor:
-        return self.scale.abs().clamp_min(_EPS)
+        return _ScaleMagnitude.apply(self.scale)
 
     def forward(self, x: torch.Tensor, qparams: Optional[QParams] = None) -> torch.Tensor:
         if not self.enabled:
@@ -633,8 +685,7 @@ class TQT(_LearnedBase):
                 amax = a.amax() if axis is None else a.movedim(axis, 0).reshape(x.shape[axis], -1).amax(1)
                 source = "the data (threshold max|x|)"
             log2_t = torch.log2(torch.clamp(amax, min=_EPS * (d.qmax + 1)))
-            # 2**ceil(log2_t) is inf in float32 for thresholds above 2**127
-            self._check_start(_tqt_scale(log2_t, d.qmax), "log2_t", source)
+            self._check_start(_tqt_checked_scale(log2_t, d.qmax), "log2_t", source)
             self._set("log2_t", log2_t)
         self._mark_initialized()
 
@@ -648,7 +699,7 @@ class TQT(_LearnedBase):
         """(name, values, where unusable, why) of a state's learned values (a load's
         check, before anything is copied)."""
         t = incoming("log2_t").float()
-        return (("log2_t", t, _bad_scale(_tqt_scale(t, self.dtype.qmax)), _NO_SCALE),)
+        return (("log2_t", t, _bad_scale(_tqt_checked_scale(t, self.dtype.qmax)), _NO_SCALE),)
 
     def get_qparams(self) -> Optional[QParams]:
         """The power-of-two qparams (no host sync), or None before initialisation."""

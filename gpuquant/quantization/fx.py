@@ -1020,6 +1020,17 @@ class _Rewriter:
         self.used_names.add(cand)
         return cand
 
+    def _is_parameter(self, target: Optional[str]) -> bool:
+        """Whether the ``get_attr`` target is an ``nn.Parameter`` of the traced model."""
+        if target is None:
+            return False
+        owner, _, leaf = target.rpartition(".")
+        try:
+            m = self.gm.get_submodule(owner) if owner else self.gm
+        except AttributeError:
+            return False
+        return leaf in m._parameters
+
     def _set_module(self, name: str, module: torch.nn.Module) -> str:
         parent, _, leaf = name.rpartition(".")
         owner = self.gm
@@ -1439,7 +1450,11 @@ class _Rewriter:
             if a not in cache:
                 with self.graph.inserting_after(a):
                     name = self._stub_name(a, tag)
-                    self._set_module(name, stub())
+                    module = stub()
+                    if stub is gnn.QuantStub and self._is_parameter(_state_written(a)):
+                        # a learned operand (a layer scale): quantized as a weight is
+                        module.__dict__["_param_operand"] = True
+                    self._set_module(name, module)
                     node = self.graph.call_module(name, (a,))
                 node.meta = dict(a.meta)
                 kind[node] = dst

@@ -77,8 +77,9 @@ def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: Qu
 
     Raises:
         TypeError: min_val / max_val not float32 tensors, a bad dtype, symmetric not a bool.
-        ValueError: shapes or devices that differ; NaN or Inf in the range; a range whose
-            scale is not a finite float32 (affine: ``max - min`` overflows float32).
+        ValueError: shapes or devices that differ; NaN or Inf in the range; min > max; a
+            range whose scale is not a finite float32 or whose quantized range is not
+            (affine: ``max - min`` overflows float32; symmetric: ``2 * max(|min|, |max|)``).
     """
     dtype = get_dtype(dtype)
     if not isinstance(symmetric, bool):
@@ -92,7 +93,7 @@ def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: Qu
         raise ValueError(f"qparams_from_min_max: min_val ({tuple(min_val.shape)}, "
                          f"{min_val.device}) and max_val ({tuple(max_val.shape)}, "
                          f"{max_val.device}) must have the same shape and device")
-    fits = _range_fits(min_val, max_val, symmetric)
+    fits = _range_fits(min_val, max_val, symmetric) & (min_val <= max_val)
     if not bool(fits.all()):
         _raise_range("qparams_from_min_max", min_val, max_val, fits, symmetric, dtype,
                      "refusing to compute qparams from it")
@@ -100,13 +101,18 @@ def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: Qu
 
 
 def _range_fits(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> torch.Tensor:
-    """Where the range ``[lo, hi]`` gives a finite float32 scale (elementwise, on the device,
-    no host sync): ``lo`` and ``hi`` finite and, affine, ``max(hi, 0) - min(lo, 0)`` too (it
-    overflows float32 for finite ends beyond +-1.7e38). The scale is then at least eps and at
-    most float32 max / (qmax - qmin) (or / ((qmax - qmin) / 2)), so its reciprocal and the
-    zero point are finite as well."""
+    """Where the range ``[lo, hi]`` gives a finite float32 scale whose quantized range
+    ``scale * (qmax - qmin)`` is finite too (:class:`~gpuquant.QParams`' rule; elementwise,
+    on the device, no host sync): ``lo`` and ``hi`` finite and, affine,
+    ``max(hi, 0) - min(lo, 0)`` too (it overflows float32 for finite ends beyond +-1.7e38);
+    symmetric, ``2 * max(-lo, hi)`` (the scale is amax / ((qmax - qmin) / 2): a magnitude
+    past 1.7e38 gave qparams QParams itself refuses). The scale is then at least eps and at
+    most float32 max / (qmax - qmin), so its reciprocal and the zero point are finite as
+    well."""
     ok = torch.isfinite(lo) & torch.isfinite(hi)
-    if not symmetric:
+    if symmetric:
+        ok &= torch.isfinite(torch.maximum(-lo, hi) * 2.0)
+    else:
         ok &= torch.isfinite(torch.clamp(hi, min=0.0) - torch.clamp(lo, max=0.0))
     return ok
 
@@ -122,6 +128,10 @@ def _raise_range(name: str, lo: torch.Tensor, hi: torch.Tensor, fits: torch.Tens
         why = "it is not finite (NaN or Inf, e.g. a moving average that overflowed float32)"
     elif lo_v > hi_v:
         why = "min > max (no data gives that; torch.ao's observers refuse it too)"
+    elif symmetric:
+        why = (f"its magnitude max(-min, max) is past 1.7e38, so the symmetric scale times "
+               f"the integer range ({dtype.qmax - dtype.qmin} steps) overflows float32; "
+               f"rescale the data")
     else:
         why = (f"its width max(max, 0) - min(min, 0) overflows float32 (> 3.4e38), so the "
                f"affine scale (max - min) / {dtype.qmax - dtype.qmin} would be inf; only a "

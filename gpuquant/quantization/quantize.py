@@ -20,6 +20,7 @@ Typical flows::
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Dict, Optional
 
 import torch
@@ -32,6 +33,7 @@ from ..nn.qat.module import QATModule, keep_producer_hook
 from ..nn.quantized.module import QuantizedModule
 from ..nn.quantized.stubs import DequantStub as QDequantStub
 from .fake_quant import FakeQuantBase, _LearnedBase
+from .hooks import carry_hooks
 from .fx import _PASS_MODULES, delete_unused_paths, needs_dropin, prepare_plain
 from .observer import HistogramObserver, Observer, _RangeObserver
 from .._checks import check_bool as _check_bool
@@ -115,6 +117,43 @@ def _convert_children(m, name: str, convert, swaps: list):
         if new is not child:
             swaps.append((m, child_name, new))
     return m
+
+
+def _as_weight_operand(qc: QConfig) -> QConfig:
+    """The qconfig of a QuantStub the drop-in trace put on a learned parameter used as an
+    operand (a layer scale, ``x * self.gamma``): quantized as the weights are, per tensor
+    (the qconfig's weight observer and fake quant with ``axis=None``: for the defaults a
+    running min / max, symmetric ``qint8_narrow``, scale amax / 127). The activations'
+    moving-average qint8 (amax / 127.5) mapped the largest magnitude to 127.5, rounded to
+    128 and clamped, and a parameter that grew outran the moving average: either way the
+    straight-through gradient was 0 there, step after step (a constant-initialised layer
+    scale never trained). A qconfig without weight quantizers is kept as it is."""
+    if qc.weight_observer is None and qc.weight_fake_quant is None:
+        return qc
+
+    def per_tensor(factory):
+        if factory is None:
+            return None
+        axis = getattr(factory(), "axis", None)
+        return functools.partial(factory, axis=None) if axis is not None else factory
+
+    return qc._replace(act_observer=per_tensor(qc.weight_observer),
+                       act_fake_quant=per_tensor(qc.weight_fake_quant))
+
+
+def _refuse_parametrized(fn: str, name: str, m) -> None:
+    """A module with a ``torch.nn.utils.parametrize`` parametrization (weight_norm,
+    spectral_norm, orthogonal: its class is a generated ``Parametrized...`` subclass) has
+    no mapping entry: say so, and how to go on, rather than 'pass mapping=...'."""
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(m):
+        names = sorted(m.parametrizations.keys())
+        raise TypeError(f"{fn}: module {name or '<root>'!r} ({type(m).__name__}) has "
+                        f"parametrized {names} (torch.nn.utils.parametrize: weight_norm, "
+                        f"spectral_norm, ...), which its QAT / int8 version cannot carry: "
+                        f"call torch.nn.utils.parametrize.remove_parametrizations(module, "
+                        f"{names[0]!r}) first, or keep it float with disable_quantize() "
+                        f"(a parametrized inner conv of a fused ConvBn2d is supported)")
 
 
 def _qconfig_of(m, name: str, inherited: QConfig) -> QConfig:
@@ -202,6 +241,8 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
                     f"current qparams over")
             return m
         qc = _qconfig_of(m, name, inherited)
+        if m.__dict__.get("_param_operand") and qc is inherited:
+            qc = _as_weight_operand(qc)
         cls = mapping.get(type(m))
         if cls is not None:
             try:
@@ -217,6 +258,7 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
         if isinstance(m, _PASS_MODULES):
             passes.append(m)
         if isinstance(m, tuple(_QAT_MAP)):
+            _refuse_parametrized("quantize_qat", name, m)
             raise TypeError(f"quantize_qat: module {name or '<root>'!r} of type "
                             f"{type(m).__name__} has no QAT version in the mapping; pass "
                             f"mapping={{{type(m).__name__}: ...}} or call disable_quantize() on it")
@@ -286,11 +328,14 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
         if isinstance(m, QATModule):
             cls = mapping.get(type(m))
             if cls is None:
+                _refuse_parametrized("quantize", name, m)
                 raise TypeError(f"quantize: module {name or '<root>'!r} of type "
                                 f"{type(m).__name__} has no quantized version in the mapping; "
                                 f"pass mapping={{{type(m).__name__}: ...}} or call "
                                 f"disable_quantize() on it")
-            for o in m.modules():  # a state no finite batch reached: qparams of scale eps
+            # a state no finite batch reached (qparams of scale eps), a learned value that
+            # training drove to NaN or past float32 (qparams the int8 model cannot use)
+            for o in m.modules():
                 if isinstance(o, (_RangeObserver, HistogramObserver)) and o.has_observed \
                         and not o.recorded_finite():
                     raise ValueError(
@@ -299,10 +344,20 @@ def quantize(module: torch.nn.Module, mapping: Optional[dict] = None,
                         f"(dropped without a host read under check_finite=False; "
                         f"nonfinite_batches = {int(o.nonfinite_batches)}); calibrate it on "
                         f"finite data")
+                why = o._learned_problem() if isinstance(o, _LearnedBase) and \
+                    o._initialized else None
+                if why is not None:
+                    raise ValueError(
+                        f"quantize: module {name or '<root>'!r} ({type(m).__name__}): its "
+                        f"{type(o).__name__}'s learned {why}: its training diverged there "
+                        f"(NaN) or drove it past float32")
             try:
-                return cls.from_qat_module(m, name)
+                new = cls.from_qat_module(m, name)
             except (ValueError, NotImplementedError) as e:
                 raise ValueError(f"quantize: {_named(str(e), name, m)}") from e
+            if new is not m:  # the user's forward (pre-)hooks, as torch.ao's convert
+                carry_hooks(m, new, name, "quantize", backward=False)
+            return new
         return _convert_children(m, name, convert, swaps)
 
     def keep_float(m, name: str):

@@ -189,11 +189,13 @@ def _same_or_both_nan(a, b, close=False):
 @pytest.mark.parametrize("axis", [None, 1])
 def test_nan_learned_parameters_give_the_definitions_nans(axis):
     """A NaN zero point or scale of LSQ and a NaN log2_t of TQT (a NaN training step: the
-    modules call the op unchecked) give what the torch definition gives: NaN outputs, the
-    NaN qparam's gradient NaN (the zero point's 0: every NaN r counts as inside), dx = dy.
-    The zero point's clamp and TQT's exponent clamp dropped the NaN on the GPU (max.f32):
-    finite outputs and gradients from a zero point of qmin or a scale of 2^-126 / (qmax + 1)
-    (the PTX checks in test_triton_ptx_fake_quant.py)."""
+    modules call the op unchecked) give what the torch definition gives: NaN outputs where
+    the NaN qparam applies, and no gradient from there (every r there is NaN: neither inside,
+    below nor above; TQT's log2_t gradient, a multiple of the NaN scale, is NaN), the other
+    channels' as usual. The zero point's clamp and TQT's
+    exponent clamp dropped the NaN on the GPU (max.f32): finite outputs and gradients from a
+    zero point of qmin or a scale of 2^-126 / (qmax + 1) (the PTX checks in
+    test_triton_ptx_fake_quant.py)."""
     d = gpuquant.qint8
     shape = (5, 3, 7)
     x = torch.randn(shape, device=DEV) * 1.5
@@ -212,12 +214,62 @@ def test_nan_learned_parameters_give_the_definitions_nans(axis):
         ours = run_lsq(lambda *a: tlsq.lsq_fake_quant(*a, programs=3, tile=64), x, s, z, d,
                        axis, 0.37, g)
         defn = run_lsq(qfq._LSQFakeQuant.apply, x, s, z, d, axis, 0.37, g)
-        assert bool(ours[0].isnan().any()) and bool(ours[2].isnan().any())
+        bad = (s.isnan() | z.isnan()).reshape(-1)
+        assert bool(ours[0].isnan().any())
+        assert bool(torch.isfinite(ours[2]).all()) and bool(torch.isfinite(ours[3]).all())
+        assert not bool(ours[2].reshape(-1)[bad].any()) and not bool(ours[3].reshape(-1)[bad].any())
         for a, b, close in zip(ours, defn, (False, False, True, True)):
             _same_or_both_nan(a, b.reshape(a.shape), close)
     lt = torch.full(() if axis is None else (shape[axis],), 0.8, device=DEV)
     lt.view(-1)[-1] = nan
     out = run_tqt(x, lt, d, axis, g)
+    # (TQT's gradient is a multiple of the scale: NaN for the NaN log2_t's channel only)
     assert bool(out[0][0].isnan().any())
+    assert torch.equal(out[0][2].isnan(), lt.isnan())
     for a, b, close in zip(out[0], out[1], (False, False, True)):
+        _same_or_both_nan(a, b, close)
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_nan_inputs_give_no_gradient_on_every_backend(axis):
+    """A NaN in x: the output NaN there, and no gradient from there, to x, the scale, the
+    zero point or log2_t (as the straight-through rule: a NaN is not in [qmin, qmax]): the
+    qparams' gradients are those of x with that element's dy zeroed. (The gradient had
+    passed at NaN and the scale's became NaN: one NaN input poisoned the learned scale.)"""
+    d = gpuquant.qint8
+    shape = (4, 3, 6)
+    x = torch.randn(shape, device=DEV) * 1.5
+    g = torch.randn(shape, device=DEV)
+    nanpos = torch.zeros(shape, dtype=torch.bool, device=DEV)
+    nanpos[0, 1, 2] = nanpos[3, 0, 5] = True
+    xn = x.masked_fill(nanpos, float("nan"))
+    g0 = g.masked_fill(nanpos, 0.0)
+    s, z = params(shape, axis, d)
+    for fn in (lambda *a: tlsq.lsq_fake_quant(*a, programs=3, tile=64),
+               qfq._LSQFakeQuant.apply):
+        y, dx, ds, dz = run_lsq(fn, xn, s, z, d, axis, 0.37, g)
+        _, dx0, ds0, dz0 = run_lsq(fn, x, s, z, d, axis, 0.37, g0)
+        assert torch.equal(y.isnan(), nanpos)
+        assert torch.equal(dx, dx0) and not bool(dx[nanpos].any())
+        sum_close(ds, ds0)
+        sum_close(dz, dz0)
+    lt = torch.full(() if axis is None else (shape[axis],), 0.8, device=DEV)
+    with_nan, without = run_tqt(xn, lt, d, axis, g), run_tqt(x, lt, d, axis, g0)
+    for (y, dx, dl), (_, dx0, dl0) in zip(with_nan, without):
+        assert torch.equal(y.isnan(), nanpos) and torch.equal(dx, dx0)
+        sum_close(dl, dl0)
+
+
+@pytest.mark.parametrize("log2_t", [127.5, 1000.0, -125.5, -130.0, -200.0])
+def test_tqt_exponent_clamp_is_the_definitions(log2_t):
+    """A learned log2_t past float32's exponent range (the module calls the op unchecked):
+    the definition clamps ceil(log2_t) to [-126, 127] as the kernel builds the power of two,
+    so both give the same outputs and gradients (the definition had given NaN at 127.5,
+    and 0 where the kernel's smallest scale gave 1.17e-38 at -200)."""
+    d = gpuquant.qint8
+    x = torch.tensor([[0.3, -1.0, 2.0, 1e-39], [5e37, -3e38, 0.0, -1e-30]], device=DEV)
+    g = torch.randn(x.shape, device=DEV)
+    ours, defn = run_tqt(x, torch.tensor(log2_t, device=DEV), d, None, g)
+    assert bool(torch.isfinite(ours[0]).all()) and bool(torch.isfinite(ours[2]).all())
+    for a, b, close in zip(ours, defn, (False, False, True)):
         _same_or_both_nan(a, b, close)

@@ -859,18 +859,18 @@ def test_histogram_observer_that_kept_no_batch_fails_the_conversion_by_name():
     ("c", lambda m: m.c),  # its activation: the conversion's own check
 ])
 def test_learned_scale_past_float32_fails_the_conversion_naming_the_module(where, target):
-    """A TQT threshold trained so low that its scale (5.6e-45) has no float32 reciprocal:
-    the learned fake quants hand their qparams over unvalidated, so a QuantStub's converted
-    without a word and the int8 model failed at its first call with 'scale must be finite
-    and > 0 ... got [5.6e-45]', naming no module. quantize() now refuses it naming the
-    module (and which of its qparams), as it names the others."""
+    """A TQT threshold trained so low that its scale (2**-147) has no float32 reciprocal
+    (the forward floors it at 2**-126): the learned fake quants hand their qparams over
+    unvalidated, so a QuantStub's converted without a word and the int8 model failed at its
+    first call, naming no module. quantize() refuses the learned value, naming the module,
+    as a load of that state refuses it."""
     torch.manual_seed(0)
     qat = quantize_qat(_StubbedConv(gnn.ConvRelu2d(3, 4, 3)), tqt_qconfig)
     qat(torch.randn(2, 3, 6, 6))
     with torch.no_grad():
         target(qat).act_fake_quant.log2_t.fill_(-140.0)  # scale 2**-140 / 128
-    with pytest.raises(ValueError, match=rf"quantize: module '{where}' \(\w+\): "
-                                         rf".*scale must be finite and > 0.*5.6\d*e-45"):
+    with pytest.raises(ValueError, match=rf"quantize: module '{where}' \(\w+\): its TQT's "
+                                         rf"learned log2_t \[-140.0\] .* no usable scale"):
         quantize(qat)
     assert isinstance(qat.q, QATModule)  # unchanged
 
@@ -882,8 +882,24 @@ def test_conversion_error_of_a_root_module_names_it():
     with torch.no_grad():
         q.act_fake_quant.log2_t.fill_(-140.0)
     with pytest.raises(ValueError, match=r"quantize: module '<root>' \(QuantStub\): its "
-                                         r"output qparams: scale must be finite"):
+                                         r"TQT's learned log2_t"):
         quantize(q)
+
+
+@pytest.mark.parametrize("what", ["scale", "zero_point"])
+def test_nan_learned_lsq_value_fails_the_conversion_naming_it(what):
+    """A learned LSQ scale or zero point that training drove to NaN: quantize() names the
+    module and the value (a NaN zero point had become -2147483648 in int32, and the error
+    said 'zero_point [-2147483648] outside the range of quint8', naming no NaN)."""
+    from gpuquant.quantization import lsq_qconfig
+    torch.manual_seed(0)
+    qat = quantize_qat(_StubbedConv(gnn.ConvRelu2d(3, 4, 3)), lsq_qconfig)
+    qat(torch.randn(2, 3, 6, 6))
+    with torch.no_grad():
+        getattr(qat.c.act_fake_quant, what).fill_(float("nan"))
+    with pytest.raises(ValueError, match=rf"quantize: module 'c' \(\w+\): its LSQ's learned "
+                                         rf"{what} \[nan\]"):
+        quantize(qat)
 
 
 def test_quant_stub_names_a_numpy_array_as_one():

@@ -83,9 +83,11 @@ def test_first_batch_too_wide_leaves_the_observer_empty(cls):
         obs.get_qparams()
 
 
-def test_symmetric_observer_takes_the_same_wide_data_exactly_as_torch_ao():
-    """max(-min, max) / 127.5 is finite: the symmetric scale needs no refusal."""
-    x = _wide()
+def test_symmetric_observer_takes_wide_data_within_float32_exactly_as_torch_ao():
+    """Ends up to +-1.7e38 (max - min overflows float32): max(-min, max) / 127.5 and the
+    quantized range 255 * scale are finite, so the symmetric observer takes it, as torch.ao."""
+    x = torch.empty(64).uniform_(-1.0, 1.0) * 1e38
+    x[:2] = torch.tensor([-1.7e38, float(torch.empty(()).uniform_(1.5e38, 1.7e38))])
     ours = MinMaxObserver(dtype=gpuquant.qint8, symmetric=True)
     ours(x)
     ref = torch.ao.quantization.MinMaxObserver(dtype=torch.qint8,
@@ -94,7 +96,27 @@ def test_symmetric_observer_takes_the_same_wide_data_exactly_as_torch_ao():
     s, z = ref.calculate_qparams()
     qp = ours.get_qparams()
     assert torch.equal(qp.scale.reshape(1), s) and torch.equal(qp.zero_point.reshape(1), z.int())
-    assert math.isfinite(float(qp.scale))
+    QParams(qp.dtype, qp.scale, qp.zero_point)  # valid by QParams' own rule
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_symmetric_observer_refuses_magnitudes_past_half_of_float32(backend):
+    """A magnitude past 1.7e38: torch.ao's scale (2.67e36 at 3.4e38) has a quantized range
+    255 * scale past float32, which QParams itself refuses (quantize() failed later), and
+    fake-quant mapped the finite -amax to -128 * scale = -Inf. Refused now, the state kept,
+    on the fused Triton path as in the definition (dropped and counted without the check)."""
+    big = float(torch.empty(()).uniform_(1.75e38, 3.4e38))
+    x = torch.tensor([1.0, -big, 0.5])
+    with B.use(backend):
+        obs = MinMaxObserver(dtype=gpuquant.qint8, symmetric=True)
+        obs(torch.tensor([2.0, -1.0]))
+        before = _state(obs)
+        with pytest.raises(ValueError, match=r"MinMaxObserver: the range .* its magnitude "
+                                             r"max\(-min, max\) is past 1.7e38"):
+            obs(x)
+        assert _same_state(_state(obs), before)
+        with pytest.raises(ValueError, match="min > max"):
+            qparams_from_min_max(torch.tensor(1.0), torch.tensor(-1.0), gpuquant.qint8, True)
 
 
 def test_minmax_refuses_when_two_fine_batches_together_overflow():
@@ -109,8 +131,9 @@ def test_minmax_refuses_when_two_fine_batches_together_overflow():
 
 def test_ema_refuses_a_moving_average_that_overflows():
     """min + c * (batch_min - min) overflows for min = 3e38, batch_min = -3e38 (torch.ao's
-    formula): refused even for a symmetric observer, whose scale would be inf."""
-    obs = ExponentialMovingAverageObserver(0.5, dtype=gpuquant.qint8, symmetric=True)
+    formula): refused. (Affine here: a symmetric observer refuses the first batch already,
+    its magnitude being past 1.7e38.)"""
+    obs = ExponentialMovingAverageObserver(0.5, dtype=gpuquant.quint8, symmetric=False)
     obs(torch.tensor([3e38, 3.2e38]))
     before = _state(obs)
     with pytest.raises(ValueError, match=r"ExponentialMovingAverageObserver: the range .*not "

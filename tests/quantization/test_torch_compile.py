@@ -169,3 +169,31 @@ def test_forwards_from_mixins_are_wrapped_too():
     from gpuquant.quantization.observer import _SyncMixin
     for cls in (SyncMinMaxObserver, SyncExponentialMovingAverageObserver):
         assert cls.forward._gq_eager and cls.forward.__wrapped__ is _SyncMixin.forward
+
+
+def test_jit_script_and_int8_trace_are_refused_naming_what_works():
+    """TorchScript failed deep in its compiler ('undefined value _FLOAT_DTYPES', 'Cannot
+    create dict for key type'), and tracing an int8 model advised tracing under the
+    reference backend, where it failed too ('k must be an int, got Tensor'). Both refuse
+    up front now, naming the module and what works; tracing a QAT model still works."""
+    import gpuquant.nn as gnn
+    torch.manual_seed(0)
+    model = nn.Sequential(gnn.QuantStub(), gnn.ConvBnRelu2d(3, 4, 3), gnn.DequantStub())
+    qat = quantize_qat(model)
+    x = torch.randn(2, 3, 8, 8)
+    qat(x)
+    with pytest.raises(NotImplementedError, match=r"torch.jit.script: \w+ \(gpuquant\) cannot "
+                                                  r"be scripted.*torch.compile"):
+        torch.jit.script(qat)
+    from gpuquant.quantization import disable_observer
+    disable_observer(qat.eval())
+    traced = torch.jit.trace(copy.deepcopy(qat), (x,), check_trace=False)
+    x2 = torch.randn(2, 3, 8, 8)
+    assert torch.equal(traced(x2), qat(x2))
+    int8 = quantize(qat.eval(), inplace=False)
+    with pytest.raises(NotImplementedError, match="torch.jit.script"):
+        torch.jit.script(int8)
+    for be in ("reference", "numpy"):
+        with backends.use(be), pytest.raises(NotImplementedError,
+                                             match="cannot be recorded by torch.jit.trace"):
+            torch.jit.trace(int8, (x,), check_trace=False)

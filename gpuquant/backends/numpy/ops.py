@@ -185,8 +185,8 @@ def _eager_only(name, fn):
         if torch.jit.is_tracing():
             raise NotImplementedError(
                 f"numpy backend op {name!r} cannot be recorded by torch.jit.trace (it computes "
-                f"in NumPy: the trace would hold this call's result as a constant); trace "
-                f"under gpuquant.backends.use('reference')")
+                f"in NumPy: the trace would hold this call's result as a constant); to "
+                f"deploy an int8 model use gpuquant.export.to_onnx or gpuquant.save")
         if _is_compiling():
             raise NotImplementedError(
                 f"numpy backend op {name!r} cannot run inside torch.compile (it computes in "

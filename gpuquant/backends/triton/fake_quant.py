@@ -211,7 +211,8 @@ def _unpack_bits(bytes_):
 @triton.jit
 def _tqt_scale(log2_t, qmax):
     """TQT's power-of-two scale ``2**ceil(log2_t) / (qmax + 1)`` (float32, exact): the power
-    of two is built from its exponent bits (exponent clamped to the normal range)."""
+    of two is built from its exponent bits (exponent clamped to the normal range), the scale
+    floored at 2**-126 (its reciprocal finite), as the torch definition."""
     c = tl.math.ceil(log2_t)
     # the GPU's ceil (cvt.rpi.ftz) flushes a subnormal input to 0: ceil of a positive one
     # is 1 (a negative one's is -0.0 either way)
@@ -221,7 +222,8 @@ def _tqt_scale(log2_t, qmax):
     # a NaN log2_t (a NaN step of the learned parameter) gives a NaN scale, as the
     # definition's exp2(ceil(NaN)) does: the GPU's clamp drops the NaN (e = -126, a finite
     # scale) and the interpreter's int cast of NaN is undefined
-    return tl.where(log2_t != log2_t, log2_t, tl.math.div_rn(p2, qmax + 1.0))
+    s = tl.maximum(tl.math.div_rn(p2, qmax + 1.0), 1.1754943508222875e-38)  # 2**-126
+    return tl.where(log2_t != log2_t, log2_t, s)
 
 
 @triton.jit

@@ -101,21 +101,23 @@ def _learned_bwd_kernel(
             r = _rne(v)
         else:
             r = _rne(zp2 + x * inv2)  # torch's learnable kernels: rne(zp + x * inv)
+        # a NaN r (a NaN x) is neither inside, below nor above: no gradient from there
         below = r < qmin
         above = r > qmax
-        inside = (~below) & (~above)
+        inside = (r >= qmin) & (r <= qmax)
         dx = dy * inside.to(tl.float32)
         tl.store(gx_ptr + off, _to_out(dx, gx_ptr.dtype.element_ty), mask=m)
         if MODE == 2:
-            inn = tl.where(inside, r - v, tl.where(below, qmin, qmax))
+            inn = tl.where(inside, r - v, tl.where(below, qmin, tl.where(above, qmax, 0.0)))
             d = ((dy * inn) * s2) * _LN2
             acc_s += tl.where(m, d, 0.0)
         else:
             xfq = (tl.minimum(tl.maximum(r, qmin), qmax) - zp2) * s2
             ds_in = ((dy * (xfq - x)) * inv2) * grad_factor
-            ds_out = tl.where(below, dy * (qmin - zp2), dy * (qmax - zp2)) * grad_factor
+            ds_out = tl.where(below, dy * (qmin - zp2),
+                              tl.where(above, dy * (qmax - zp2), 0.0)) * grad_factor
             ds = tl.where(inside, ds_in, ds_out)
-            dz = tl.where(inside, 0.0, ((dy * -1.0) * s2) * grad_factor)
+            dz = tl.where(below | above, ((dy * -1.0) * s2) * grad_factor, 0.0)
             acc_s += tl.where(m, ds, 0.0)
             acc_z += tl.where(m, dz, 0.0)
     base = sp.to(tl.int64) * C + c

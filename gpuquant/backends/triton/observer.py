@@ -176,7 +176,8 @@ def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_ran
     state) and torch.ao's ``_calculate_qparams`` of the new state, operation by operation:
     (new_min, new_max, scale, zero point as float32, ok). The returned ``ok`` is also False
     where the state the batch would leave gives no finite float32 scale (a moving average
-    that overflows; affine, ``max(max, 0) - min(min, 0)`` past float32): that batch is
+    that overflows; affine, ``max(max, 0) - min(min, 0)`` past float32; symmetric, twice
+    the magnitude past float32: a quantized range QParams refuses): that batch is
     dropped and counted, as the observers' ``_finite_mask`` does with check_finite off."""
     # NaN: the batch's mn / mx never are (NaN maps to -inf / +inf); a state may be (a loaded
     # state_dict). The definition's torch.min / torch.max keep it, so a MinMax state that
@@ -191,7 +192,9 @@ def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_ran
         new_min = tl.minimum(mn, old_min, propagate_nan=tl.PropagateNan.ALL)
         new_max = tl.maximum(mx, old_max, propagate_nan=tl.PropagateNan.ALL)
     fits = (tl.abs(new_min) < _INF) & (tl.abs(new_max) < _INF)
-    if not SYMMETRIC:
+    if SYMMETRIC:  # the quantized range 2 * amax (the scale's (qmax - qmin) steps) finite
+        fits = fits & (tl.maximum(-new_min, new_max) * 2.0 < _INF)
+    else:
         fits = fits & (tl.abs(tl.maximum(new_max, 0.0) - tl.minimum(new_min, 0.0)) < _INF)
     ok = ok & fits
     new_min = tl.where(ok, new_min, old_min)

@@ -142,6 +142,23 @@ class ConvRelu62d(Conv2d, Float.ConvRelu62d):
     """QAT ``ConvRelu62d``."""
 
 
+def _inner_hooks_error(module, inner, bn) -> str:
+    """The refusal of forward hooks on a BatchNorm-folded QAT module's inner layer or
+    BatchNorm: its fused forward reads their weights and statistics and calls neither, so
+    the hooks never ran (a capture hook silently; a legacy weight_norm / spectral_norm
+    weight silently untrained; a pruned one failed at the second backward)."""
+    names = [f"{attr} ({getattr(h, '__qualname__', None) or type(h).__name__})"
+             for attr, m in (("conv" if inner is getattr(module, "conv", None) else "linear",
+                              inner), ("bn", bn))
+             for h in list(m._forward_pre_hooks.values()) + list(m._forward_hooks.values())]
+    return (f"{type(module).__name__}: forward hooks or pre-hooks on its {', '.join(names)}: the "
+            f"fused QAT forward folds the BatchNorm into the weight and calls neither "
+            f"submodule, so they would never run. torch.nn.utils.prune, weight_norm and "
+            f"spectral_norm work through such hooks: use torch.nn.utils.parametrizations."
+            f"weight_norm / spectral_norm (parametrize) instead, or prune.remove() first; "
+            f"register hooks that capture features on the fused module itself")
+
+
 class BnFoldedModule(QATModule):
     """Base of ``ConvBn2d`` and ``LinearBn1d``: the BatchNorm ``self.bn`` folded into the
     weights of the inner layer (see the module docstring). Output channels are dimension 1 of
@@ -263,6 +280,9 @@ class BnFoldedModule(QATModule):
             raise ValueError(f"{type(self).__name__}: {e} (shape {tuple(x.shape)}), as its "
                              f"float module's {type(self.bn).__name__}") from None
         inner, bn = self._inner(), self.bn
+        if inner._forward_pre_hooks or inner._forward_hooks or bn._forward_pre_hooks \
+                or bn._forward_hooks:
+            raise ValueError(_inner_hooks_error(self, inner, bn))
         # before any state: a refused batch must not reach the observers or the BatchNorm's
         # running statistics (one host-side comparison a step)
         if x.shape[1] != getattr(inner, self._IN_SIZE):

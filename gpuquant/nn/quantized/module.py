@@ -58,6 +58,13 @@ class QuantizedModule(EagerUnderCompile, Module):
         return super().train(False)
 
     def _check_mode(self) -> None:
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                f"{type(self).__name__}: gpuquant's int8 modules cannot be recorded by "
+                f"torch.jit.trace (their integer ops check sizes and values on the host, and "
+                f"the NumPy backend computes outside torch); to deploy, use "
+                f"gpuquant.export.to_onnx or gpuquant.save / gpuquant.load; for speed on the "
+                f"GPU, torch.compile (the int8 modules run eagerly inside it)")
         if self.training:
             raise RuntimeError(f"{type(self).__name__} is a quantized (inference-only) module but "
                                f"its training flag is set; call .eval()")
