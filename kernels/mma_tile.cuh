@@ -12,7 +12,7 @@
 //   GQ_MMA_16832 1: mma.sync.aligned.m16n8k32 (sm_80+); 0: the same m16n8k32 tile as four
 //                mma.sync.aligned.m8n8k16 (sm_75 Turing IMMA). Same fragments either way.
 //   GQ_STAGES    shared-memory pipeline depth.
-//   GQ_HOST_EMU  defined only by the CPU test harness (tests/backends/test_cupy_emulated.py),
+//   GQ_HOST_EMU  defined only by the CPU test harness (tests/backends/test_cupy_kernels.py),
 //                which supplies gq_emu_* stand-ins for the inline PTX and runs this very
 //                source on host fibers, one per CUDA thread.
 //

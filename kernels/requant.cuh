@@ -10,8 +10,8 @@
 //   y = clamp(x + zero_point, qmin, qmax)                   (ReLU / ReLU6 folded into the clamp)
 //
 // Plain C++ with no standard headers: the same text compiles under nvcc, NVRTC (CuPy) and a
-// host C++ compiler (tests/backends/test_cupy_epilogue.py checks it on the CPU against the
-// reference backend, bit for bit).
+// host C++ compiler (tests/backends/test_cupy_dispatch.py, the test_epilogue_* tests, check it
+// on the CPU against the reference backend, bit for bit).
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)

@@ -96,6 +96,10 @@ def test_ptx_uses_the_tier_instructions(tmp_path, name):
         assert ins in text, f"{name} (sm_{archs[0]}): no {ins} in the PTX"
     for ins in must_not + FORBIDDEN_EVERYWHERE:
         assert ins not in text, f"{name} (sm_{archs[0]}): unexpected {ins} in the PTX"
+    # stricter than the list: no float instruction of any kind (the kernels are integer
+    # through and through, the requantization a 64-bit fixed-point multiply and shifts)
+    floats = sorted(set(re.findall(r"\b[a-z][\w.:]*\.f(?:16|32|64)\b", text)))
+    assert not floats, f"{name} (sm_{archs[0]}): float instructions in the PTX: {floats[:6]}"
 
 
 def test_tier_guard_refuses_older_architectures(tmp_path):

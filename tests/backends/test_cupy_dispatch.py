@@ -68,10 +68,10 @@ def test_empty_env_means_the_table(monkeypatch):
 
 
 def test_build_archs_follow_minimum_capability():
-    assert dispatch.TIER_BUILD_ARCHS["dp4a"] == (75, 80, 86, 89, 90)
-    assert dispatch.TIER_BUILD_ARCHS["mma75"] == (75, 80, 86, 89, 90)
-    assert dispatch.TIER_BUILD_ARCHS["mma80"] == (80, 86, 89, 90)
-    assert dispatch.TIER_BUILD_ARCHS["sm90"] == (90,)
+    assert dispatch.TIER_BUILD_ARCHS["dp4a"] == (75, 80, 86, 89, 90, 100, 120)
+    assert dispatch.TIER_BUILD_ARCHS["mma75"] == (75, 80, 86, 89, 90, 100, 120)
+    assert dispatch.TIER_BUILD_ARCHS["mma80"] == (80, 86, 89, 90, 100, 120)
+    assert dispatch.TIER_BUILD_ARCHS["sm90"] == (90, 100, 120)
     assert dispatch.TIER_BUILD_ARCHS["wgmma"] == ("90a",)   # arch-specific: sm_90a only
     for cap, tier in dispatch.CAPABILITY_TIER.items():
         assert cap >= dispatch.TIER_MIN_CAPABILITY[tier]
@@ -85,6 +85,8 @@ def test_backend_tier_for_uses_the_device_capability(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "sm90")
     with pytest.raises(ValueError, match=r"'sm90' needs compute capability 9\.0.*8\.6"):
         cb.tier_for("cuda:0")
+    with pytest.raises(ValueError, match="tier_for needs a CUDA device, got cpu"):
+        cb.tier_for("cpu")  # (torch's AssertionError 'not compiled with CUDA' here before)
 
 
 def test_cuda13_compiler_refuses_pascal_and_volta(monkeypatch):

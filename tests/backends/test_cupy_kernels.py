@@ -560,6 +560,19 @@ def test_plan_rejects_bad_inputs():
         launch.plan_linear(x, x_zp, w, bias, make_requant(0.02, 0.01, 2e-4, 0, qint32), "dp4a")
 
 
+def test_plan_checks_a_requantization_edited_in_place():
+    """A shift edited in place past make_requant's range (or a Requant made on the device):
+    the kernel shifted a 64-bit value by >= 64 (undefined), bytes unlike NumPy's with no
+    error, where Triton raised. Checked once per tensor version, as Triton does."""
+    gen = torch.Generator().manual_seed(5)
+    x, x_zp, w, bias, rq = make_linear((5,), 16, 3, torch.int8, "qint8", "normal", gen)
+    launch.plan_linear(x, x_zp, w, bias, rq, "dp4a")
+    rq.rshift.reshape(-1)[0] = 70
+    with pytest.raises(ValueError, match=r"cupy conv / linear epilogue: multipliers must be .*"
+                                         r"shifts \[70\]"):
+        launch.plan_linear(x, x_zp, w, bias, rq, "dp4a")
+
+
 def test_plans_past_cuda_grid_limits_are_refused():
     """A grid past CUDA's limits (y, z <= 65535) is a ValueError at planning, not a driver
     error at launch: 70000 groups put the group axis on z."""
@@ -626,6 +639,10 @@ def _gpu_oracle():
                                                (torch.uint8, "qint8")])
 def test_gpu_linear_byte_identical(cupy_backend, monkeypatch, tier, x_dtype, out_dtype):
     monkeypatch.setenv(dispatch.ENV_VAR, tier)
+    _gpu_linear_cases(cupy_backend, tier, x_dtype, out_dtype)
+
+
+def _gpu_linear_cases(cupy_backend, tier, x_dtype, out_dtype):
     gen = torch.Generator().manual_seed(11)
     oracle = _gpu_oracle()
     shapes = LINEAR_CASES + [((1,), 4096, 1000), ((257,), 2048, 77), ((1000,), 1, 3),
@@ -644,6 +661,10 @@ def test_gpu_linear_byte_identical(cupy_backend, monkeypatch, tier, x_dtype, out
 @pytest.mark.parametrize("x_dtype,out_dtype", [(torch.int8, "qint8"), (torch.uint8, "quint8")])
 def test_gpu_conv_byte_identical(cupy_backend, monkeypatch, tier, x_dtype, out_dtype):
     monkeypatch.setenv(dispatch.ENV_VAR, tier)
+    _gpu_conv_cases(cupy_backend, tier, x_dtype, out_dtype)
+
+
+def _gpu_conv_cases(cupy_backend, tier, x_dtype, out_dtype):
     gen = torch.Generator().manual_seed(12)
     oracle = _gpu_oracle()
     cases = CONV_CASES + [(4, 64, 28, 28, 96, (3, 3), 1, 1, 1, 1),
@@ -663,15 +684,21 @@ def test_gpu_conv_byte_identical(cupy_backend, monkeypatch, tier, x_dtype, out_d
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tier", dispatch.OPT_IN_TIERS)
-def test_gpu_opt_in_tier_in_a_child_process(cupy_backend, tier):
+def test_gpu_opt_in_tier_in_a_child_process(cupy_backend, monkeypatch, tier):
     """An opt-in tier's first GPU run (a kernel written without a GPU may fault, and a CUDA
     fault would fail every later test of this process): the self-check in a child process,
-    byte for byte against NumPy; then, only if it passed, the full cases here."""
+    byte for byte against NumPy; then, only if it passed, the linear and conv cases of the
+    other tiers' GPU tests here (grouped, depthwise, int8 and uint8 input)."""
     from gpuquant.backends.cupy.selfcheck import check_isolated
     if not dispatch.runs_tier(tier, torch.cuda.get_device_capability()):
         pytest.skip(f"this GPU cannot run tier {tier!r}")
     passed, report = check_isolated(tier)
     assert passed, report
+    monkeypatch.setenv(dispatch.ENV_VAR, tier)
+    for x_dtype, out_dtype in ((torch.int8, "qint8"), (torch.uint8, "quint8"),
+                               (torch.uint8, "qint8")):
+        _gpu_linear_cases(cupy_backend, tier, x_dtype, out_dtype)
+        _gpu_conv_cases(cupy_backend, tier, x_dtype, out_dtype)
 
 
 @pytest.mark.gpu
@@ -797,13 +824,13 @@ def test_selfcheck_compares_every_case_with_numpy(monkeypatch):
                 return out
             return run
         return type("B", (), {"OPS": {"linear": op("linear"), "conv2d": op("conv2d")}})
-    for flip, want in ((False, 0), (True, 6)):
+    for flip, want in ((False, 0), (True, 7)):
         monkeypatch.setattr(backends, "get_backend",
                             lambda n, f=flip: fake(f) if n == "cupy" else get(n))
         monkeypatch.setenv("GPUQUANT_CUPY_TIER", "mma80")
         bad, report = selfcheck.run_cases("wgmma", device="cpu")
         assert bad == want, report
-        assert report.count("\n") == 5
+        assert report.count("\n") == 6
         # the forced tier is the caller's again (it leaked into the process)
         assert os.environ["GPUQUANT_CUPY_TIER"] == "mma80"
     monkeypatch.delenv("GPUQUANT_CUPY_TIER")

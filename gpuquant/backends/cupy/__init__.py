@@ -85,10 +85,13 @@ def tier_for(device) -> str:
     """The tier ops on ``device`` run (the table, or ``GPUQUANT_CUPY_TIER``).
 
     Raises:
-        ValueError: a device CuPy's compiler cannot build for (as the ops refuse it), a
-            forced tier the device cannot run, or an unknown tier name.
+        ValueError: not a CUDA device; a device CuPy's compiler cannot build for (as the ops
+            refuse it), a forced tier the device cannot run, or an unknown tier name.
     """
-    return dispatch.select_tier(_capability(torch.device(device)))
+    dev = torch.device(device)
+    if dev.type != "cuda":  # (torch's own error there: "not compiled with CUDA enabled")
+        raise ValueError(f"cupy backend: tier_for needs a CUDA device, got {dev}")
+    return dispatch.select_tier(_capability(dev))
 
 
 def _check_cuda(op, *tensors):

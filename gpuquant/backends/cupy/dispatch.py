@@ -45,7 +45,9 @@ OPT_IN_TIERS = ("wgmma",)
 
 # The architectures CI compiles each tier's sources for with nvcc (no GPU needed); the
 # kernels/*.cu files of a tier carry an #error guard below their minimum architecture.
-CI_ARCHS = (75, 80, 86, 89, 90)
+# 100 / 120 (Blackwell): capabilities the table does not list run mma80 (and a forced tier
+# may run there), so those builds are checked too.
+CI_ARCHS = (75, 80, 86, 89, 90, 100, 120)
 TIER_BUILD_ARCHS = {t: ((TIER_ARCH_SPECIFIC[t][1],) if t in TIER_ARCH_SPECIFIC else
                         tuple(a for a in CI_ARCHS if a >= 10 * c[0] + c[1]))
                     for t, c in TIER_MIN_CAPABILITY.items()}

@@ -155,8 +155,31 @@ def _colsum(w2: torch.Tensor) -> torch.Tensor:
     return w2.reshape(w2.shape[0], -1).to(torch.int32).sum(dim=1, dtype=torch.int64)
 
 
+# id(multiplier tensor) -> (a weak reference to it, (its version, the shift tensor's id and
+# version)) once checked (by id: a tensor's == is elementwise, no dictionary key)
+_CHECKED_RQ: dict = {}
+
+
+def _check_requant(rq) -> None:
+    """``Requant.check_values`` of the requantization the kernel reads (one made on the device,
+    or edited in place, was not checked where it was made): once per (multiplier, shift)
+    tensor pair and their in-place versions, so a layer pays the host read once. An
+    unchecked shift >= 63 had shifted a 64-bit value past its width (undefined in C++):
+    bytes unlike NumPy's, with no error, where Triton raised."""
+    m, r = rq.multiplier, rq.rshift
+    key = (_version(m), id(r), _version(r))
+    hit = _CHECKED_RQ.get(id(m))
+    if hit is not None and hit[0]() is m and hit[1] == key:
+        return
+    from ...functional.requant import Requant
+    Requant.check_values(m.cpu(), r.cpu(), "cupy conv / linear epilogue")
+    mid = id(m)
+    _CHECKED_RQ[mid] = (weakref.ref(m, lambda _, mid=mid: _CHECKED_RQ.pop(mid, None)), key)
+
+
 def _channel_params(colsum: torch.Tensor, bias, zp_eff: int, rq, n: int, device):
     """bias_eff (int64), multiplier and rshift (int32), each (n,) on ``device``."""
+    _check_requant(rq)
     bias_eff = -int(zp_eff) * colsum
     if bias is not None:
         bias_eff = bias_eff + bias.to(device=device, dtype=torch.int64).reshape(-1)

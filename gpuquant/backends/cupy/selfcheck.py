@@ -1,8 +1,9 @@
 """A tier's first run on a GPU, in a child process: ``python -m gpuquant.backends.cupy.selfcheck
 <tier>`` runs a few linear and conv2d cases with the tier forced and compares every byte with
-the NumPy backend; exit status 0 when all match, 1 when one differs, 2 when it cannot run
+the NumPy backend; exit status 0 when all match, 4 when one differs, 2 when it cannot run
 here (no CUDA, no CuPy, a device that cannot run the tier), 3 when a case raised (a compile
-error, a CUDA fault).
+error, a CUDA fault); 1 is Python's own for an uncaught exception (an import that failed),
+a crash too.
 
 Why a child process: a kernel never run on hardware (the ``wgmma`` tier was written without
 a GPU) may fault, and a CUDA fault is sticky: every later CUDA call of that process fails.
@@ -24,8 +25,10 @@ __all__ = ["check_isolated", "run_cases", "main"]
 # (lead shape, K, N) and (n, c, h, w, o, (kh, kw), stride, padding, dilation, groups):
 # several block tiles each way, K past several stages, padding, a 3-channel first layer
 LINEAR_CASES = [((300,), 1040, 520), ((9,), 48, 16), ((129,), 4096, 257)]
+# (every other conv case takes int8 input, zero point -3; the last is grouped, 16 channels a
+# group: the group offsets of the tensor-core tiers)
 CONV_CASES = [(2, 64, 14, 14, 272, (3, 3), 1, 1, 1, 1), (2, 3, 23, 19, 64, (7, 7), 2, 3, 1, 1),
-              (1, 256, 7, 7, 512, (1, 1), 1, 0, 1, 1)]
+              (1, 256, 7, 7, 512, (1, 1), 1, 0, 1, 1), (2, 64, 9, 11, 96, (3, 3), 2, 1, 1, 4)]
 
 
 def run_cases(tier: str, device: str = "cuda") -> Tuple[int, str]:
@@ -71,7 +74,10 @@ def _compare(tier, device, cupy_b, ref, gen, make_requant, get_dtype) -> Tuple[i
         lines.append(f"linear {lead + (k,)} x ({n}, {k}) {x_dtype}: "
                      f"{'ok' if ok else f'{(got != want).sum().item()} bytes differ'}")
     for i, (nb, c, h, wd, o, ks, st, pad, dil, groups) in enumerate(CONV_CASES):
-        x = torch.randint(0, 256, (nb, c, h, wd), generator=gen).to(torch.uint8)
+        x_dtype = (torch.uint8, torch.int8)[i % 2]
+        lo, hi = (0, 255) if x_dtype == torch.uint8 else (-128, 127)
+        x_zp = 100 if x_dtype == torch.uint8 else -3
+        x = torch.randint(lo, hi + 1, (nb, c, h, wd), generator=gen).to(x_dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         w = torch.randint(-127, 128, (o, c // groups) + ks, generator=gen).to(torch.int8)
         bias = torch.randint(-20000, 20001, (o,), generator=gen).to(torch.int32)
@@ -80,12 +86,12 @@ def _compare(tier, device, cupy_b, ref, gen, make_requant, get_dtype) -> Tuple[i
         rq = make_requant(0.02, s_w.float(), 0.02 * 0.005 * 60.0 * kk ** 0.5 / 40, 128,
                           get_dtype("quint8"), ("none", "relu", "relu6")[i % 3])
         args = (st, pad, dil, groups)
-        want = ref["conv2d"](x, 100, w, bias, *args, rq)
-        got = cupy_b.OPS["conv2d"](x.to(device), 100, w.to(device), bias.to(device), *args,
+        want = ref["conv2d"](x, x_zp, w, bias, *args, rq)
+        got = cupy_b.OPS["conv2d"](x.to(device), x_zp, w.to(device), bias.to(device), *args,
                                    rq.to(device)).cpu()
         ok = torch.equal(got, want)
         bad += not ok
-        lines.append(f"conv2d {(nb, c, h, wd)} -> {o}, k{ks} s{st} p{pad}: "
+        lines.append(f"conv2d {(nb, c, h, wd)} {x_dtype} -> {o}, k{ks} s{st} p{pad} g{groups}: "
                      f"{'ok' if ok else f'{(got != want).sum().item()} bytes differ'}")
     return bad, "\n".join(lines)
 
@@ -104,7 +110,7 @@ def check_isolated(tier: str, timeout: float = 300.0) -> Tuple[bool, str]:
     if r.returncode == 0:
         return True, out
     return False, (f"the {tier} tier's self-check exited with status {r.returncode} "
-                   f"(1: bytes differ from NumPy, 2: cannot run here, 3 or other: it "
+                   f"(4: bytes differ from NumPy, 2: cannot run here, 1, 3 or other: it "
                    f"crashed):\n"
                    f"{out[-3000:]}")
 
@@ -133,13 +139,13 @@ def main(argv=None) -> int:
     try:
         bad, report = run_cases(tier)
         torch.cuda.synchronize()
-    except Exception:  # a compile error or a CUDA fault: not a byte mismatch (status 1)
+    except Exception:  # a compile error or a CUDA fault: not a byte mismatch (status 4)
         traceback.print_exc()
         print(f"tier {tier}: the self-check crashed (above)", file=sys.stderr)
         return 3
     print(f"{torch.cuda.get_device_name()} tier {tier}: "
           f"{'all bytes equal NumPy' if not bad else f'{bad} case(s) differ'}\n{report}")
-    return 1 if bad else 0
+    return 4 if bad else 0
 
 
 if __name__ == "__main__":
