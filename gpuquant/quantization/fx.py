@@ -224,10 +224,13 @@ class _Tracer(fx.Tracer):
         self.reported: set = set()            # ids of parameters a trace wrote in place
         self.copies: dict = {}                # id -> copy of each buffer, during a trace
         self.modes = _grad_modes()
+        self.buffer_reads: set = set()        # buffers a traced forward read (their values)
+        self._buffer_names: dict = {}
 
     def trace(self, root, concrete_args=None):
         self.modes = _grad_modes()
         self.copies = {}
+        self._buffer_names = {id(b): n for n, b in root.named_buffers()}
         saved = _state_of(root, "", self.copies)
         try:
             graph = super().trace(root, concrete_args)
@@ -242,7 +245,14 @@ class _Tracer(fx.Tracer):
         # a rollback may have erased the get_attr node of a cached parameter proxy: forget it
         for k in [k for k, p in parameter_proxy_cache.items() if p.node in self.erased]:
             del parameter_proxy_cache[k]
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        out = super().getattr(attr, attr_val, parameter_proxy_cache)
+        if out is attr_val and isinstance(attr_val, torch.Tensor):
+            # fx hands a buffer's value to the forward: what it computes from it becomes a
+            # constant of the graph (prepare_plain warns)
+            name = self._buffer_names.get(id(attr_val))
+            if name is not None:
+                self.buffer_reads.add(name)
+        return out
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         if kind not in ("placeholder", "output") and _grad_modes() != self.modes:
@@ -487,6 +497,22 @@ _HOW_TO_PROCEED = ("move the untraceable code (e.g. control flow on tensor value
                    "torch.fx.wrap; or build the model from gpuquant.nn modules.")
 
 
+def _frozen_buffers(graph: fx.Graph, fallbacks: Dict[str, str]) -> List[str]:
+    """The buffers a traced forward computed with, where the graph holds computed constants
+    (``_tensor_constant*``: fx ran the arithmetic on the buffers' values): those read,
+    less the modules kept whole (float leaves run eagerly and read them at each call) and
+    the buffers the graph uses as they are (fx makes a buffer passed to an op a get_attr of
+    it: live)."""
+    targets = {n.target for n in graph.nodes if n.op == "get_attr"}
+    if not any(t.startswith("_tensor_constant") for t in targets):
+        return []
+
+    def kept(name):
+        return name in targets or any(name == f or name.startswith(f + ".")
+                                      for f in fallbacks if f)
+    return sorted(n for n in getattr(graph, "_gq_buffer_reads", ()) if not kept(n))
+
+
 def _trace_graph(model: torch.nn.Module, concrete_args, leaves: Dict[str, str],
                  mode: str = "") -> Tuple[fx.Graph, Dict[str, str]]:
     """One fx trace; ``leaves``: module paths traced as float leaves from the start."""
@@ -494,6 +520,7 @@ def _trace_graph(model: torch.nn.Module, concrete_args, leaves: Dict[str, str],
     tracer.fallbacks.update(leaves)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args or None)
+        graph._gq_buffer_reads = tracer.buffer_reads  # (read by prepare_plain)
     except Exception as e:  # noqa: BLE001 -- re-raised with where and what to do
         raise ValueError(
             f"quantize_qat: torch.fx cannot trace the forward of the model itself "
@@ -601,6 +628,8 @@ def _trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, object]] = 
                 f"mode (e.g. it reads self.training; {op}): torch.fx records "
                 f"one mode only, and the converted model would run it in both. How to "
                 f"proceed: for dropout use nn.Dropout or F.dropout(x, p, self.training); "
+                f"for outputs returned in training only (GoogLeNet / Inception's auxiliary "
+                f"classifiers) build the model without them (aux_logits=False); "
                 f"{_HOW_TO_PROCEED}")
         leaves[scope] = ("its forward computes differently in train and eval mode (reads "
                          "self.training), which a torch.fx trace would freeze")
@@ -1656,6 +1685,7 @@ def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule
         model = torch.nn.Sequential(model)  # a lone layer: trace it as the call of a leaf
         concrete = {}
     gm, fallbacks = _trace(model, concrete)
+    frozen = _frozen_buffers(gm.graph, fallbacks)
     _carry_qconfigs(model, gm)
     if example_inputs is not None:
         _propagate(gm, example_inputs)
@@ -1668,6 +1698,15 @@ def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
+    if frozen:
+        warnings.warn(f"quantize_qat: {type(model).__name__}'s forward computes with the "
+                      f"values of its buffers {frozen[:6]}{' ...' if len(frozen) > 6 else ''} "
+                      f"(a torchvision FrozenBatchNorm2d's statistics, a fixed table): torch.fx "
+                      f"computed with them at conversion and the converted model holds the "
+                      f"results as constants, without those buffers. Load pretrained values "
+                      f"into the float model before quantize_qat (load_state_dict on the "
+                      f"converted one leaves them out), or mark such a module with "
+                      f"disable_quantize() to keep it computing.", DropInWarning, stacklevel=3)
     if warn:
         warnings.warn(f"quantize_qat: {len(warn)} part(s) of {type(model).__name__} stay float "
                       f"(dequantized before, quantized after): " + "; ".join(warn) +

@@ -790,3 +790,34 @@ def test_buffer_sharing_storage_with_a_written_one_is_not_named():
     assert len(msgs) == 1 and "module '0' (_ViewA: not traceable" in msgs[0]
     assert "'0.steps'" in msgs[0] and "other" not in msgs[0]
     assert not base.any()
+
+
+class _FrozenBatchNorm2d(nn.Module):  # torchvision.ops.misc.FrozenBatchNorm2d
+    def __init__(self, n, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, v in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0),
+                        ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((n,), v))
+
+    def forward(self, x):
+        scale = self.weight.reshape(1, -1, 1, 1) * \
+            (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
+        bias = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale + bias
+
+
+def test_forward_computing_with_buffers_is_warned():
+    """A torchvision FrozenBatchNorm2d: fx computed its scale and shift from the buffers at
+    conversion and the converted model held them as constants, the buffers gone from its
+    state_dict, so pretrained values loaded afterwards were silently ignored (found by the
+    model-zoo audit). Warned now, naming the buffers; a buffer an op takes as it is stays a
+    live get_attr and is not named (test_buffer_sharing_storage_with_a_written_one_...)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _FrozenBatchNorm2d(4), nn.ReLU())
+    qat, msgs = convert(quantize_qat, model.eval(), example_inputs=(torch.randn(2, 3, 6, 6),))
+    frozen = [m for m in msgs if "computes with the values of its buffers" in m]
+    assert len(frozen) == 1
+    assert "['1.bias', '1.running_mean', '1.running_var', '1.weight']" in frozen[0]
+    assert "before quantize_qat" in frozen[0]
+    sd = qat.state_dict()  # (what the warning says)
+    assert not any(f"1.{b}" in sd for b in ("weight", "bias", "running_mean", "running_var"))
