@@ -23,8 +23,9 @@ def _as_tensor(value, dtype: torch.dtype, what: str, bounds=None) -> torch.Tenso
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{what} must be a real number tensor, got dtype {value.dtype}")
         if value.is_floating_point() != dtype.is_floating_point:
-            kind = "floating" if dtype.is_floating_point else "integer"
-            raise TypeError(f"{what} must be a {kind} tensor, got dtype {value.dtype}")
+            kind, hint = (("a floating-point", "") if dtype.is_floating_point else
+                          ("an integer", " (round a float one and cast it: .round().int())"))
+            raise TypeError(f"{what} must be {kind} tensor, got dtype {value.dtype}{hint}")
         value = value.detach()
         if bounds is not None:
             v = value.cpu().to(torch.int64)  # uint8 vs a negative bound: compare as int64

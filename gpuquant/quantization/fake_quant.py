@@ -43,8 +43,8 @@ Backend ops (optional fused kernels; this module's torch code is the definition)
     (the exponent ``ceil(log2_t)`` clamped to [-126, 127]);
     ``y = clamp(rne(x * (1/s)), qmin, qmax) * s`` in ``x.dtype``. Differentiable in ``x``
     (``dy`` where ``qmin <= rne(x/s) <= qmax``) and ``log2_t``
-    (``sum dy * s * ln2 * (rne(x/s) - x/s | qmin | qmax)`` inside / below / above; 0 at a
-    NaN ``rne(x/s)``, as LSQ).
+    (``sum dy * s * ln2 * (rne(x/s) - x/s | qmin | qmax)`` inside / below / above; 0 from a
+    NaN x, as LSQ; NaN for a NaN ``log2_t``, its scale being NaN).
 """
 from __future__ import annotations
 

@@ -230,7 +230,11 @@ class _Tracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         self.modes = _grad_modes()
         self.copies = {}
-        self._buffer_names = {id(b): n for n, b in root.named_buffers()}
+        # (persistent ones: a non-persistent buffer, an index table, is no state to load)
+        self._buffer_names = {id(b): f"{path}.{n}" if path else n
+                              for path, mod in root.named_modules()
+                              for n, b in mod._buffers.items()
+                              if b is not None and n not in mod._non_persistent_buffers_set}
         saved = _state_of(root, "", self.copies)
         try:
             graph = super().trace(root, concrete_args)
@@ -499,10 +503,12 @@ _HOW_TO_PROCEED = ("move the untraceable code (e.g. control flow on tensor value
 
 def _frozen_buffers(graph: fx.Graph, fallbacks: Dict[str, str]) -> List[str]:
     """The buffers a traced forward computed with, where the graph holds computed constants
-    (``_tensor_constant*``: fx ran the arithmetic on the buffers' values): those read,
-    less the modules kept whole (float leaves run eagerly and read them at each call) and
-    the buffers the graph uses as they are (fx makes a buffer passed to an op a get_attr of
-    it: live)."""
+    (``_tensor_constant*``: fx ran the arithmetic on the buffers' values): the persistent
+    ones read, less the modules kept whole (float leaves run eagerly and read them at each
+    call) and the buffers the graph uses as they are (fx makes a buffer passed to an op a
+    get_attr of it: live). A heuristic: a buffer read only for its shape beside an unrelated
+    constant is named too, and one both used as it is and computed with, or turned into a
+    Python number (``.item()``), is not."""
     targets = {n.target for n in graph.nodes if n.op == "get_attr"}
     if not any(t.startswith("_tensor_constant") for t in targets):
         return []
@@ -1546,7 +1552,28 @@ class _Rewriter:
                 deliberate = n.op == "call_module" and _is_disabled(self.modules[n.target])
                 if ins and not self._structural(n) and not deliberate:
                     warn.append(self._describe(n))
+        for node in quant_of.values():
+            if self._reaches_concat(node):
+                # a concatenated parameter (a class token) keeps the activations' quantizers:
+                # the int8 Concat takes one dtype, and weights' may be another (qint8_narrow)
+                self.gm.get_submodule(node.target).__dict__.pop("_param_operand", None)
         return warn
+
+    def _reaches_concat(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value reaches a ``Concat``, directly or through ops that are
+        no module (reshapes, expands, indexing: they keep its dtype)."""
+        seen, todo = set(), list(node.users)
+        while todo:
+            u = todo.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.op == "call_module":
+                if isinstance(self.gm.get_submodule(u.target), gnn.Concat):
+                    return True
+            elif u.op in ("call_function", "call_method"):
+                todo.extend(u.users)
+        return False
 
     def _passes_through(self, n: fx.Node, kind) -> bool:
         if not _is_pass(n, self.modules) or not n.args or not isinstance(n.args[0], fx.Node):

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
+
+# pre-hooks that recompute a float weight from others (pruning's mask, the legacy weight_norm /
+# spectral_norm): the replacement holds that weight already, and has none of their tensors
+_WEIGHT_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
 
 __all__ = ["carry_hooks"]
 
@@ -14,9 +20,10 @@ def carry_hooks(old: torch.nn.Module, new: torch.nn.Module, name: str, fn: str,
     flags (``with_kwargs``, ``always_call``): forward pre-hooks and forward hooks (the
     replacement takes the same arguments and returns the same kind of output) and, with
     ``backward``, full backward (pre-)hooks (an int8 module, inference-only, has no backward:
-    its conversion passes False). ``torch.nn.utils.prune``'s pre-hook is not carried: it
-    recomputes a float weight the int8 module does not have, and the int8 weight holds the
-    pruned one already.
+    its conversion passes False). The pre-hooks of ``torch.nn.utils.prune`` and of the legacy
+    ``weight_norm`` / ``spectral_norm`` are not carried: they recompute a float weight from
+    tensors the int8 module does not have (it failed at its first call), and the int8 weight
+    holds the weight they computed.
 
     Raises:
         ValueError: with ``backward``, ``old`` has a non-full backward hook
@@ -29,7 +36,7 @@ def carry_hooks(old: torch.nn.Module, new: torch.nn.Module, name: str, fn: str,
                          f"replacement; use register_full_backward_hook, or exclude the "
                          f"module with filter_fn")
     for hid, h in old._forward_pre_hooks.items():
-        if not isinstance(h, prune.BasePruningMethod):
+        if not isinstance(h, _WEIGHT_HOOKS):
             new.register_forward_pre_hook(h, with_kwargs=hid in old._forward_pre_hooks_with_kwargs)
     for hid, h in old._forward_hooks.items():
         new.register_forward_hook(h, with_kwargs=hid in old._forward_hooks_with_kwargs,

@@ -100,18 +100,24 @@ def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: Qu
     return _qparams_from_min_max(min_val, max_val, dtype, symmetric)
 
 
+# 2 * (1 + 2**-22), exact in float32: bounds the symmetric quantized range scale * (qmax - qmin)
+# above, whatever the roundings of the scale's division and that product
+_SYM_SPAN = 2.0 + 2.0 ** -21
+
+
 def _range_fits(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> torch.Tensor:
     """Where the range ``[lo, hi]`` gives a finite float32 scale whose quantized range
     ``scale * (qmax - qmin)`` is finite too (:class:`~gpuquant.QParams`' rule; elementwise,
     on the device, no host sync): ``lo`` and ``hi`` finite and, affine,
     ``max(hi, 0) - min(lo, 0)`` too (it overflows float32 for finite ends beyond +-1.7e38);
-    symmetric, ``2 * max(-lo, hi)`` (the scale is amax / ((qmax - qmin) / 2): a magnitude
+    symmetric, ``max(-lo, hi) * (2 + 2**-21)`` (the scale is amax / ((qmax - qmin) / 2),
+    rounded up by up to an ulp, times (qmax - qmin) rounded again: at most that; a magnitude
     past 1.7e38 gave qparams QParams itself refuses). The scale is then at least eps and at
     most float32 max / (qmax - qmin), so its reciprocal and the zero point are finite as
     well."""
     ok = torch.isfinite(lo) & torch.isfinite(hi)
     if symmetric:
-        ok &= torch.isfinite(torch.maximum(-lo, hi) * 2.0)
+        ok &= torch.isfinite(torch.maximum(-lo, hi) * _SYM_SPAN)
     else:
         ok &= torch.isfinite(torch.clamp(hi, min=0.0) - torch.clamp(lo, max=0.0))
     return ok

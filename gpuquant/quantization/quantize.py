@@ -119,6 +119,12 @@ def _convert_children(m, name: str, convert, swaps: list):
     return m
 
 
+def _operand_qconfig(m, qc: QConfig) -> QConfig:
+    """``qc`` as module ``m`` takes it: :func:`_as_weight_operand`'s for a QuantStub the
+    drop-in trace put on a learned parameter (marked ``_param_operand``), else ``qc``."""
+    return _as_weight_operand(qc) if m.__dict__.get("_param_operand") else qc
+
+
 def _as_weight_operand(qc: QConfig) -> QConfig:
     """The qconfig of a QuantStub the drop-in trace put on a learned parameter used as an
     operand (a layer scale, ``x * self.gamma``): quantized as the weights are, per tensor
@@ -241,12 +247,14 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
                     f"current qparams over")
             return m
         qc = _qconfig_of(m, name, inherited)
-        if m.__dict__.get("_param_operand") and qc is inherited:
-            qc = _as_weight_operand(qc)
+        if qc is inherited:
+            qc = _operand_qconfig(m, qc)
         cls = mapping.get(type(m))
         if cls is not None:
             try:
                 new = cls.from_float_module(m)
+                if m.__dict__.get("_param_operand"):  # (propagate / reset_qconfig read it)
+                    new.__dict__["_param_operand"] = True
                 new.set_qconfig(qc)
             except (NotImplementedError, ValueError, TypeError) as e:
                 kind = ValueError if isinstance(e, NotImplementedError) else type(e)
@@ -500,7 +508,7 @@ def propagate_qconfig(module: torch.nn.Module, qconfig: QConfig) -> torch.nn.Mod
                         f"{type(qconfig).__name__}")
     for m in module.modules():
         if isinstance(m, QATModule) and not _disabled(m):
-            m.set_qconfig(qconfig)
+            m.set_qconfig(_operand_qconfig(m, qconfig))
     return module
 
 
@@ -556,15 +564,16 @@ def reset_qconfig(module: torch.nn.Module, qconfig: QConfig,
         if not isinstance(m, QATModule) or _disabled(m):
             continue
         dev = m._device()
+        qc = _operand_qconfig(m, qconfig)
         if m.with_weight:
             qp = current(m.get_weight_qparams)
-            m.weight_observer = make(qconfig.weight_observer, qp)
-            m.weight_fake_quant = make(qconfig.weight_fake_quant, qp)
+            m.weight_observer = make(qc.weight_observer, qp)
+            m.weight_fake_quant = make(qc.weight_fake_quant, qp)
         if m.with_act:
             qp = current(m.get_activation_qparams)
-            m.act_observer = make(qconfig.act_observer, qp)
-            m.act_fake_quant = make(qconfig.act_fake_quant, qp)
-        m.qconfig = qconfig
+            m.act_observer = make(qc.act_observer, qp)
+            m.act_fake_quant = make(qc.act_fake_quant, qp)
+        m.qconfig = qc
         m.__dict__["_qat_ready"] = True
         m.__dict__.pop("_act_device", None)
         if dev is not None:

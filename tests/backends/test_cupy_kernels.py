@@ -774,6 +774,29 @@ def test_gpu_bench_providers_run_every_tier(cupy_backend):
         assert torch.equal(got.cpu(), want), name
 
 
+def test_bench_tiers_whose_case_runs_another_kernel_are_left_out(monkeypatch):
+    """A linear of M <= 8 runs the dp4a GEMV kernel whatever the tier forced: the other
+    tiers' providers had timed that same kernel, five rows that looked like five kernels.
+    They report unavailable now, naming the tier that runs it (planned on the CPU here)."""
+    import gpuquant.backends.cupy as cb
+    from gpuquant.backends.cupy import bench as cbench
+    from gpuquant.bench.harness import ProviderUnavailable
+    monkeypatch.setattr(cbench, "is_available", lambda: (True, ""))
+    monkeypatch.setattr(cb, "_capability", lambda device: (9, 0))
+    gen = torch.Generator().manual_seed(14)
+    for rows, runs in ((3, {"dp4a"}), (40, {"dp4a", "mma75", "mma80", "sm90"})):
+        inputs = make_linear((rows,), 64, 24, torch.int8, "qint8", "normal", gen)
+        ok = set()
+        for name, prov in cbench.tier_providers("linear", tiers=("dp4a", "mma75", "mma80",
+                                                                   "sm90")).items():
+            try:
+                prov.setup(inputs)
+                ok.add(name.rsplit("-", 1)[1])
+            except ProviderUnavailable as e:
+                assert rows == 3 and "runs the dp4a tier's kernel" in str(e)
+        assert ok == runs
+
+
 def test_bench_args_fit_the_gemm_and_conv_suites(emu_build):
     """The argument extraction given for suites/gemm.py and suites/conv.py builds valid plans
     (run here through the emulation, tiny shapes, on the CPU)."""
@@ -800,7 +823,7 @@ def test_selfcheck_child_process_reports_instead_of_raising():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the GPU test covers the real run")
     assert not passed and "exited with status 2" in why and "wgmma" in why
-    assert selfcheck.main(["tensorcores"]) == 2
+    assert selfcheck.main(["tensorcores"]) == 64
     selfcheck.check_isolated.cache_clear()
 
 

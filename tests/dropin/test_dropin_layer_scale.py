@@ -96,3 +96,59 @@ def test_layer_scale_int8_matches_qat():
     int8 = quantize(qat, inplace=False)
     with backends.use(INT8_BACKEND):
         check_modules(qat_modules, int8, cap)
+
+
+def test_propagate_and_reset_qconfig_keep_the_weight_operand_quantizers():
+    """propagate_qconfig / reset_qconfig gave the layer scale's stub the activations'
+    quantizers again, and its largest channel's gradient went back to 0 (found by review)."""
+    from gpuquant.quantization import propagate_qconfig, reset_qconfig
+    torch.manual_seed(0)
+    qat, x = _convert(0.1)
+    qat(x)
+    for redo in (propagate_qconfig, reset_qconfig):
+        redo(qat, ema_fakequant_qconfig)
+        stub = qat.ls.quant
+        assert isinstance(stub.act_observer, MinMaxObserver), redo.__name__
+        assert stub.act_fake_quant.dtype is gpuquant.qint8_narrow
+
+
+class Tokens(nn.Module):
+    """A ViT-style class token concatenated with projected tokens, a position table added."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, 5, 8) * 0.02)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.proj(x)], dim=1)
+        return self.head(t + self.pos)
+
+
+def test_a_concatenated_parameter_keeps_the_activation_dtype():
+    """The class token's stub feeds a Concat, which takes one dtype: it keeps the activation
+    quantizers (with the weights' qint8_narrow the first QAT forward was refused); the
+    position table added to the tokens takes the weights'. int8 matches QAT."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = quantize_qat(Tokens().train(), example_inputs=(x,))
+    marked = [n for n, m in qat.named_modules() if m.__dict__.get("_param_operand")]
+    assert len(marked) == 1
+    assert qat.get_submodule(marked[0]).act_fake_quant.dtype is gpuquant.qint8_narrow
+    opt = torch.optim.SGD(qat.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        qat(torch.randn_like(x)).square().mean().backward()
+        opt.step()
+    qat.eval()
+    qat(x)
+    disable_observer(qat)
+    _, cap = capture(qat, x)
+    qat_modules = dict(qat.named_modules())
+    int8 = quantize(qat, inplace=False)
+    with backends.use(INT8_BACKEND):
+        check_modules(qat_modules, int8, cap)

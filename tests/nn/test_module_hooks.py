@@ -2,6 +2,8 @@
 QAT modules refuse hooks on their inner layer (their forward never calls it), and
 quantize() carries the QAT modules' forward hooks to the int8 modules (as torch.ao's
 convert does; they had been dropped without a word)."""
+import warnings
+
 import pytest
 import torch
 
@@ -38,26 +40,42 @@ def test_quantize_carries_forward_hooks_to_the_int8_modules():
     assert [f[0] for f in fired] == ["c", "dq"]
 
 
-@pytest.mark.parametrize("how", ["capture", "prune", "weight_norm", "bn-hook"])
-def test_hooks_on_a_fused_modules_inner_layer_are_refused(how):
-    """A hook on ConvBnRelu2d's conv or bn never ran in QAT (the forward folds the
-    BatchNorm and calls neither): a capture hook silently, a pruned conv failed at the
-    second backward. Refused at the first forward, naming the submodule and the way out."""
+@pytest.mark.parametrize("how", ["prune", "weight_norm", "spectral_norm"])
+def test_weight_hooks_on_a_fused_modules_inner_layer_are_refused(how):
+    """A weight-recomputing hook on ConvBnRelu2d's conv never ran in QAT (the forward folds
+    the BatchNorm and calls neither submodule): a legacy weight_norm / spectral_norm weight
+    silently never trained, a pruned conv failed at the second backward. Refused at the
+    first forward, naming the hook and the way out."""
     torch.manual_seed(0)
     m = Net()
-    if how == "capture":
-        m.c.conv.register_forward_hook(lambda mod, i, o: None)
-    elif how == "prune":
+    if how == "prune":
         torch.nn.utils.prune.l1_unstructured(m.c.conv, "weight", amount=0.3)
     elif how == "weight_norm":
         with pytest.warns(FutureWarning):
             torch.nn.utils.weight_norm(m.c.conv)
     else:
-        m.c.bn.register_forward_pre_hook(lambda mod, i: None)
+        torch.nn.utils.spectral_norm(m.c.conv)
     qat = quantize_qat(m)
-    with pytest.raises(ValueError, match=r"ConvBnRelu2d: forward hooks or pre-hooks on its "
-                                         r"(conv|bn) \(.*\).*parametrizations"):
+    with pytest.raises(ValueError, match=r"ConvBnRelu2d: its conv \(\w+\) recompute the weight "
+                                         r"in forward hooks.*parametrizations"):
         qat(torch.randn(2, 3, 8, 8))
+
+
+def test_other_hooks_on_a_fused_modules_inner_layers_are_warned_once():
+    """A per-layer profiler hooks every leaf, inner conv and bn too: those hooks cannot fire
+    (the fused forward calls neither), which is warned once per module, not refused."""
+    torch.manual_seed(0)
+    qat = quantize_qat(Net())
+    fired = []
+    qat.c.conv.register_forward_hook(lambda mod, i, o: fired.append("conv"))
+    qat.c.bn.register_forward_pre_hook(lambda mod, i: fired.append("bn"))
+    with pytest.warns(UserWarning, match=r"ConvBnRelu2d: forward hooks or pre-hooks on its "
+                                         r"conv \(.*\), bn \(.*\) do not fire"):
+        qat(torch.randn(2, 3, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qat(torch.randn(2, 3, 8, 8))
+    assert fired == []
 
 
 def test_parametrized_inner_conv_still_trains():
@@ -100,3 +118,34 @@ def test_parametrized_linear_is_refused_with_the_way_out(stage):
     with pytest.raises(TypeError, match=r"quantize: module 'fc' \(ParametrizedLinear\) has "
                                         r"parametrized \['weight'\]"):
         quantize(qat.eval())
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "spectral_norm"])
+def test_quantize_leaves_weight_recomputing_hooks_behind(how):
+    """A legacy weight_norm / spectral_norm Linear trains in QAT through its pre-hook; the
+    int8 Linear holds the weight it computed, and has none of weight_g / weight_orig: the
+    carried hook had failed its first call (found by review)."""
+    class Head(gnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.fc, self.dq = gnn.QuantStub(), gnn.Linear(6, 4), gnn.DequantStub()
+
+        def forward(self, x):
+            return self.dq(self.fc(self.q(x)))
+
+    torch.manual_seed(0)
+    m = Head()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        getattr(torch.nn.utils, how)(m.fc)
+    qat = quantize_qat(m)
+    x = torch.randn(3, 6)
+    qat(x)
+    qat.eval()
+    from gpuquant.quantization import disable_observer
+    disable_observer(qat)
+    y_qat = qat(x)
+    int8 = quantize(qat)  # (in place: torch cannot deepcopy a legacy weight_norm module)
+    assert not int8.fc._forward_pre_hooks
+    step = float(int8.fc.output_scale) if hasattr(int8.fc, "output_scale") else 1.0
+    assert float((int8(x) - y_qat).abs().max()) <= step * 1.01

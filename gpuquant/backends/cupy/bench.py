@@ -20,7 +20,8 @@ Each provider times the backend op as a user calls it (host plan + kernel launch
 re-layout is cached per weight tensor, as a converted module would hold it), with the tier
 forced, on CUDA tensors. Where CuPy or a GPU is missing, or the GPU cannot run a tier, the
 provider's ``setup`` raises ``ProviderUnavailable`` with the reason (the harness leaves it
-out and says why).
+out and says why); so does a tier whose case runs another tier's kernel (a linear of M <= 8
+runs the dp4a GEMV kernel whatever the tier: one row, not five of the same kernel).
 """
 from __future__ import annotations
 
@@ -85,6 +86,11 @@ def tier_providers(op: str, args_of: Callable[[Any], tuple] = tuple,
                     return [execute(plan_fn(*c, tier), cap) for c in calls]
             else:
                 args = calls[0]
+                ran = plan_fn(*args, tier).tier
+                if ran != tier:  # (M <= 8 linears: the GEMV kernel whatever the tier)
+                    raise ProviderUnavailable(
+                        f"this case runs the {ran} tier's kernel whatever the tier forced "
+                        f"(timed once, as gpuquant-cupy-{ran})")
 
                 def run():
                     return execute(plan_fn(*args, tier), cap)

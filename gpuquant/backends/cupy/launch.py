@@ -155,26 +155,28 @@ def _colsum(w2: torch.Tensor) -> torch.Tensor:
     return w2.reshape(w2.shape[0], -1).to(torch.int32).sum(dim=1, dtype=torch.int64)
 
 
-# id(multiplier tensor) -> (a weak reference to it, (its version, the shift tensor's id and
-# version)) once checked (by id: a tensor's == is elementwise, no dictionary key)
+# id(multiplier tensor) -> (weak references to it and to the shift tensor, their versions)
+# once checked (by id: a tensor's == is elementwise, no dictionary key)
 _CHECKED_RQ: dict = {}
 
 
 def _check_requant(rq) -> None:
     """``Requant.check_values`` of the requantization the kernel reads (one made on the device,
     or edited in place, was not checked where it was made): once per (multiplier, shift)
-    tensor pair and their in-place versions, so a layer pays the host read once. An
+    tensor pair and their in-place versions, so a layer pays the host read once (an edit
+    through ``.data``, which has a version counter of its own, is not seen). An
     unchecked shift >= 63 had shifted a 64-bit value past its width (undefined in C++):
     bytes unlike NumPy's, with no error, where Triton raised."""
     m, r = rq.multiplier, rq.rshift
-    key = (_version(m), id(r), _version(r))
+    key = (_version(m), _version(r))
     hit = _CHECKED_RQ.get(id(m))
-    if hit is not None and hit[0]() is m and hit[1] == key:
+    if hit is not None and hit[0]() is m and hit[1]() is r and hit[2] == key:
         return
     from ...functional.requant import Requant
     Requant.check_values(m.cpu(), r.cpu(), "cupy conv / linear epilogue")
     mid = id(m)
-    _CHECKED_RQ[mid] = (weakref.ref(m, lambda _, mid=mid: _CHECKED_RQ.pop(mid, None)), key)
+    _CHECKED_RQ[mid] = (weakref.ref(m, lambda _, mid=mid: _CHECKED_RQ.pop(mid, None)),
+                        weakref.ref(r), key)
 
 
 def _channel_params(colsum: torch.Tensor, bias, zp_eff: int, rq, n: int, device):

@@ -2,8 +2,8 @@
 <tier>`` runs a few linear and conv2d cases with the tier forced and compares every byte with
 the NumPy backend; exit status 0 when all match, 4 when one differs, 2 when it cannot run
 here (no CUDA, no CuPy, a device that cannot run the tier), 3 when a case raised (a compile
-error, a CUDA fault); 1 is Python's own for an uncaught exception (an import that failed),
-a crash too.
+error, a CUDA fault), 64 for a usage error; 1 is Python's own for an uncaught exception (an
+import that failed), a crash too.
 
 Why a child process: a kernel never run on hardware (the ``wgmma`` tier was written without
 a GPU) may fault, and a CUDA fault is sticky: every later CUDA call of that process fails.
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     if len(argv) != 1 or argv[0] not in dispatch.TIERS:
         print(f"usage: python -m gpuquant.backends.cupy.selfcheck <tier>; tiers: "
               f"{list(dispatch.TIERS)}", file=sys.stderr)
-        return 2
+        return 64  # (EX_USAGE: not 2, "cannot run here")
     tier = argv[0]
     import torch
     if not torch.cuda.is_available():

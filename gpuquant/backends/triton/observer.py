@@ -192,8 +192,8 @@ def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_ran
         new_min = tl.minimum(mn, old_min, propagate_nan=tl.PropagateNan.ALL)
         new_max = tl.maximum(mx, old_max, propagate_nan=tl.PropagateNan.ALL)
     fits = (tl.abs(new_min) < _INF) & (tl.abs(new_max) < _INF)
-    if SYMMETRIC:  # the quantized range 2 * amax (the scale's (qmax - qmin) steps) finite
-        fits = fits & (tl.maximum(-new_min, new_max) * 2.0 < _INF)
+    if SYMMETRIC:  # the quantized range scale * (qmax - qmin) finite: amax * (2 + 2**-21)
+        fits = fits & (tl.maximum(-new_min, new_max) * 2.000000476837158 < _INF)
     else:
         fits = fits & (tl.abs(tl.maximum(new_max, 0.0) - tl.minimum(new_min, 0.0)) < _INF)
     ok = ok & fits

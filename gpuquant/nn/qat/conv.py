@@ -36,6 +36,8 @@ but finite weights, never NaN.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..._checks import check_bool
@@ -142,21 +144,37 @@ class ConvRelu62d(Conv2d, Float.ConvRelu62d):
     """QAT ``ConvRelu62d``."""
 
 
-def _inner_hooks_error(module, inner, bn) -> str:
-    """The refusal of forward hooks on a BatchNorm-folded QAT module's inner layer or
-    BatchNorm: its fused forward reads their weights and statistics and calls neither, so
-    the hooks never ran (a capture hook silently; a legacy weight_norm / spectral_norm
-    weight silently untrained; a pruned one failed at the second backward)."""
-    names = [f"{attr} ({getattr(h, '__qualname__', None) or type(h).__name__})"
-             for attr, m in (("conv" if inner is getattr(module, "conv", None) else "linear",
-                              inner), ("bn", bn))
+def _check_inner_hooks(module, inner, bn) -> None:
+    """Hooks on a BatchNorm-folded QAT module's inner layer or BatchNorm: its fused forward
+    reads their weights and statistics and calls neither, so the hooks never run. Those that
+    recompute the weight (``torch.nn.utils.prune``, the legacy ``weight_norm`` /
+    ``spectral_norm``) are refused: without them the weight silently never trained, or a
+    pruned one failed at the second backward. Others (a per-layer profiler's, a capture
+    hook) are warned about once per module: they do not fire.
+
+    Raises:
+        ValueError: a weight-recomputing pre-hook, naming it and the way out.
+    """
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    hooks = [(attr, h) for attr, m in (("conv" if inner is getattr(module, "conv", None)
+                                        else "linear", inner), ("bn", bn))
              for h in list(m._forward_pre_hooks.values()) + list(m._forward_hooks.values())]
-    return (f"{type(module).__name__}: forward hooks or pre-hooks on its {', '.join(names)}: the "
-            f"fused QAT forward folds the BatchNorm into the weight and calls neither "
-            f"submodule, so they would never run. torch.nn.utils.prune, weight_norm and "
-            f"spectral_norm work through such hooks: use torch.nn.utils.parametrizations."
-            f"weight_norm / spectral_norm (parametrize) instead, or prune.remove() first; "
-            f"register hooks that capture features on the fused module itself")
+    names = [f"{attr} ({getattr(h, '__qualname__', None) or type(h).__name__})"
+             for attr, h in hooks]
+    if any(isinstance(h, (prune.BasePruningMethod, WeightNorm, SpectralNorm)) for _, h in hooks):
+        raise ValueError(
+            f"{type(module).__name__}: its {', '.join(names)} recompute the weight in forward "
+            f"hooks, which the fused QAT forward never runs (it folds the BatchNorm into the "
+            f"weight and calls neither submodule): use torch.nn.utils.parametrizations."
+            f"weight_norm / spectral_norm (parametrize) instead, or prune.remove() first")
+    if not module.__dict__.get("_warned_inner_hooks"):
+        module.__dict__["_warned_inner_hooks"] = True
+        warnings.warn(f"{type(module).__name__}: forward hooks or pre-hooks on its "
+                      f"{', '.join(names)} do not fire: the fused QAT forward folds the "
+                      f"BatchNorm into the weight and calls neither submodule; register them "
+                      f"on the fused module itself", stacklevel=3)
 
 
 class BnFoldedModule(QATModule):
@@ -282,7 +300,7 @@ class BnFoldedModule(QATModule):
         inner, bn = self._inner(), self.bn
         if inner._forward_pre_hooks or inner._forward_hooks or bn._forward_pre_hooks \
                 or bn._forward_hooks:
-            raise ValueError(_inner_hooks_error(self, inner, bn))
+            _check_inner_hooks(self, inner, bn)
         # before any state: a refused batch must not reach the observers or the BatchNorm's
         # running statistics (one host-side comparison a step)
         if x.shape[1] != getattr(inner, self._IN_SIZE):
