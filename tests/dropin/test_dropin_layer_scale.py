@@ -80,11 +80,11 @@ def test_layer_scale_trains_on_every_channel(init, qconfig):
         opt.step()
 
 
-def test_layer_scale_int8_matches_qat():
-    torch.manual_seed(1)
-    qat, x = _convert(1e-2)
+def _train_then_check_int8(qat, x, steps):
+    """``steps`` SGD steps, calibrate, convert: every int8 module within 1 step of its QAT
+    module (tests/int8_vs_qat.py)."""
     opt = torch.optim.SGD(qat.parameters(), lr=1e-2)
-    for _ in range(3):
+    for _ in range(steps):
         opt.zero_grad()
         qat(torch.randn_like(x)).square().mean().backward()
         opt.step()
@@ -96,6 +96,12 @@ def test_layer_scale_int8_matches_qat():
     int8 = quantize(qat, inplace=False)
     with backends.use(INT8_BACKEND):
         check_modules(qat_modules, int8, cap)
+
+
+def test_layer_scale_int8_matches_qat():
+    torch.manual_seed(1)
+    qat, x = _convert(1e-2)
+    _train_then_check_int8(qat, x, 3)
 
 
 def test_propagate_and_reset_qconfig_keep_the_weight_operand_quantizers():
@@ -139,16 +145,4 @@ def test_a_concatenated_parameter_keeps_the_activation_dtype():
     marked = [n for n, m in qat.named_modules() if m.__dict__.get("_param_operand")]
     assert len(marked) == 1
     assert qat.get_submodule(marked[0]).act_fake_quant.dtype is gpuquant.qint8_narrow
-    opt = torch.optim.SGD(qat.parameters(), lr=1e-2)
-    for _ in range(2):
-        opt.zero_grad()
-        qat(torch.randn_like(x)).square().mean().backward()
-        opt.step()
-    qat.eval()
-    qat(x)
-    disable_observer(qat)
-    _, cap = capture(qat, x)
-    qat_modules = dict(qat.named_modules())
-    int8 = quantize(qat, inplace=False)
-    with backends.use(INT8_BACKEND):
-        check_modules(qat_modules, int8, cap)
+    _train_then_check_int8(qat, x, 2)
