@@ -42,7 +42,7 @@ from gpuquant.quantization import (disable_observer, lsq_qconfig, quantize, quan
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32, help="per process")
     p.add_argument("--lr", type=float, default=2e-3)

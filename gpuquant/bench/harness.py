@@ -628,6 +628,9 @@ def device_slug(device: str, name: Optional[str] = None, machine: Optional[str] 
             return "cpu-arm"
         return "cpu-" + (re.sub(r"[^a-z0-9]+", "-", m).strip("-") or "unknown")
     if device == "cuda":
+        if name is None and not torch.cuda.is_available():  # (torch's AssertionError there)
+            raise ValueError("device_slug('cuda'): no CUDA device here; pass name= (the GPU's "
+                             "name) to get its folder without one")
         name = name if name is not None else device_name("cuda")
         return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -224,6 +225,14 @@ def _walk(model, convert, modules, filter_fn, fn: str):
     visit(model, "")
     for parent, cname, new in swaps:
         setattr(parent, cname, new)
+    if not swaps:
+        done_before = sum(isinstance(m, (_Int8WeightLinear, DynamicMultiheadAttention))
+                          for m in model.modules())
+        if done_before:  # (a second call on the model a first one converted in place)
+            warnings.warn(f"{fn}: nothing to swap: {done_before} module(s) of the model are "
+                          f"int8 already (quantize_dynamic converts in place); to compare "
+                          f"modes, start each from a copy of the float model "
+                          f"(copy.deepcopy(model), or inplace=False)", stacklevel=3)
     return model
 
 

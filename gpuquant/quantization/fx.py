@@ -1701,7 +1701,8 @@ def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule
             because it could not be traced.
 
     Example:
-        >>> qat = quantize_qat(torchvision_style_resnet18(), example_inputs=(x,))
+        >>> gm = prepare_plain(torchvision_style_resnet18(), example_inputs=(x,))
+        >>> print(gm.code)   # the fused, stubbed graph quantize_qat would convert
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"prepare_plain: model must be a torch.nn.Module, got "

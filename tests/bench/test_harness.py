@@ -367,6 +367,9 @@ def test_device_slug():
     assert device_slug("cuda", name="NVIDIA A100-SXM4-40GB") == "nvidia-a100-sxm4-40gb"
     with pytest.raises(ValueError):
         device_slug("tpu")
+    if not torch.cuda.is_available():  # (torch's AssertionError had come out)
+        with pytest.raises(ValueError, match="no CUDA device here; pass name="):
+            device_slug("cuda")
 
 
 def test_validate_doc_rejects_bad_documents():

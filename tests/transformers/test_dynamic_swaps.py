@@ -150,3 +150,22 @@ def test_empty_linear_refused_naming_it():
         with pytest.raises(ValueError, match=r"^quantize_dynamic: 1: in_features must be an int "
                                              r">= 1, got 0$"):
             quantize_dynamic(nn.Sequential(nn.Linear(4, 4), nn.Linear(0, 3)), **kw)
+
+
+def test_a_second_call_on_a_converted_model_is_warned():
+    """TRANSFORMERS.md's block ran quantize_dynamic(model) then quantize_dynamic(model,
+    weight_only=True) on one model: the first converts in place, the second found nothing
+    to swap and returned the W8A8 model without a word (found running the docs)."""
+    import warnings
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_dynamic(model)
+    for again in (lambda: quantize_dynamic(model, weight_only=True),
+                  lambda: prepare_dynamic_qat(model)):
+        with pytest.warns(UserWarning, match=r"nothing to swap: 2 module\(s\) of the model are "
+                                             r"int8 already.*copy.deepcopy"):
+            again()
+    with warnings.catch_warnings():  # a model with no Linear at all: nothing to say
+        warnings.simplefilter("error")
+        quantize_dynamic(nn.Sequential(nn.ReLU()))
