@@ -8,10 +8,11 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 # pre-hooks that recompute a float weight from others (pruning's mask, the legacy weight_norm /
-# spectral_norm): the replacement holds that weight already, and has none of their tensors
-_WEIGHT_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
+# spectral_norm): a replacement holds that weight already, and has none of their tensors (the
+# fused BatchNorm-folded QAT modules refuse them on their inner layer: nn/qat/conv.py)
+WEIGHT_HOOKS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
 
-__all__ = ["carry_hooks"]
+__all__ = ["carry_hooks", "WEIGHT_HOOKS"]
 
 
 def carry_hooks(old: torch.nn.Module, new: torch.nn.Module, name: str, fn: str,
@@ -36,7 +37,7 @@ def carry_hooks(old: torch.nn.Module, new: torch.nn.Module, name: str, fn: str,
                          f"replacement; use register_full_backward_hook, or exclude the "
                          f"module with filter_fn")
     for hid, h in old._forward_pre_hooks.items():
-        if not isinstance(h, _WEIGHT_HOOKS):
+        if not isinstance(h, WEIGHT_HOOKS):
             new.register_forward_pre_hook(h, with_kwargs=hid in old._forward_pre_hooks_with_kwargs)
     for hid, h in old._forward_hooks.items():
         new.register_forward_hook(h, with_kwargs=hid in old._forward_hooks_with_kwargs,

@@ -20,6 +20,17 @@ class Net(gnn.Module):
         return self.dq(self.c(self.q(x)))
 
 
+class Head(gnn.Module):
+    """QuantStub -> Linear(n_in, n_out) as ``fc`` -> DequantStub."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.q, self.fc, self.dq = gnn.QuantStub(), gnn.Linear(n_in, n_out), gnn.DequantStub()
+
+    def forward(self, x):
+        return self.dq(self.fc(self.q(x)))
+
+
 def test_quantize_carries_forward_hooks_to_the_int8_modules():
     torch.manual_seed(0)
     m = Net()
@@ -97,15 +108,7 @@ def test_parametrized_inner_conv_still_trains():
 def test_parametrized_linear_is_refused_with_the_way_out(stage):
     """weight_norm on a gpuquant Linear: the error said 'type ParametrizedLinear has no QAT
     version in the mapping; pass mapping=...', which does not help."""
-    class Head(gnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.fc, self.dq = gnn.QuantStub(), gnn.Linear(4, 3), gnn.DequantStub()
-
-        def forward(self, x):
-            return self.dq(self.fc(self.q(x)))
-
-    m = Head()
+    m = Head(4, 3)
     if stage == "float":
         torch.nn.utils.parametrizations.weight_norm(m.fc)
         with pytest.raises(TypeError, match=r"quantize_qat: module 'fc' \(ParametrizedLinear\) "
@@ -125,16 +128,8 @@ def test_quantize_leaves_weight_recomputing_hooks_behind(how):
     """A legacy weight_norm / spectral_norm Linear trains in QAT through its pre-hook; the
     int8 Linear holds the weight it computed, and has none of weight_g / weight_orig: the
     carried hook had failed its first call (found by review)."""
-    class Head(gnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.fc, self.dq = gnn.QuantStub(), gnn.Linear(6, 4), gnn.DequantStub()
-
-        def forward(self, x):
-            return self.dq(self.fc(self.q(x)))
-
     torch.manual_seed(0)
-    m = Head()
+    m = Head(6, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         getattr(torch.nn.utils, how)(m.fc)

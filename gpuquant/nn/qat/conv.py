@@ -155,15 +155,13 @@ def _check_inner_hooks(module, inner, bn) -> None:
     Raises:
         ValueError: a weight-recomputing pre-hook, naming it and the way out.
     """
-    from torch.nn.utils import prune
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
+    from ...quantization.hooks import WEIGHT_HOOKS
     hooks = [(attr, h) for attr, m in (("conv" if inner is getattr(module, "conv", None)
                                         else "linear", inner), ("bn", bn))
              for h in list(m._forward_pre_hooks.values()) + list(m._forward_hooks.values())]
     names = [f"{attr} ({getattr(h, '__qualname__', None) or type(h).__name__})"
              for attr, h in hooks]
-    if any(isinstance(h, (prune.BasePruningMethod, WeightNorm, SpectralNorm)) for _, h in hooks):
+    if any(isinstance(h, WEIGHT_HOOKS) for _, h in hooks):
         raise ValueError(
             f"{type(module).__name__}: its {', '.join(names)} recompute the weight in forward "
             f"hooks, which the fused QAT forward never runs (it folds the BatchNorm into the "
