@@ -79,7 +79,8 @@ def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: Qu
         TypeError: min_val / max_val not float32 tensors, a bad dtype, symmetric not a bool.
         ValueError: shapes or devices that differ; NaN or Inf in the range; min > max; a
             range whose scale is not a finite float32 or whose quantized range is not
-            (affine: ``max - min`` overflows float32; symmetric: ``2 * max(|min|, |max|)``).
+            (affine: ``max - min`` overflows float32; symmetric:
+            ``max(|min|, |max|) * (2 + 2**-21)``, the bound of ``_range_fits``).
     """
     dtype = get_dtype(dtype)
     if not isinstance(symmetric, bool):
