@@ -114,6 +114,9 @@ def _ctor_args(m, path: str) -> dict:
     if isinstance(m, Q.Elemwise):
         return {"method": m.method, "a_dtype": d["a"], "b_dtype": d["b"],
                 "output_dtype": d["output"]}
+    if isinstance(m, Q.Activation):
+        return {"kind": m.kind, "negative_slope": m.negative_slope, "input_dtype": d["input"],
+                "output_dtype": d["output"]}
     if isinstance(m, Q.Concat):
         return {"num_inputs": m.num_inputs, "input_dtype": d["input"],
                 "output_dtype": d["output"]}

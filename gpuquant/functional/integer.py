@@ -137,7 +137,7 @@ from ..backends.registry import fused_op, get_op  # noqa: E402
 from ..dtypes import QuantDtype  # noqa: E402
 from .requant import AddParams, Requant, _int_arg  # noqa: E402
 
-__all__ += ["conv2d", "linear", "add", "mul", "concat", "max_pool2d", "avg_pool2d",
+__all__ += ["conv2d", "linear", "add", "mul", "lookup", "concat", "max_pool2d", "avg_pool2d",
             "adaptive_avg_pool2d", "conv2d_add", "linear_add", "conv2d_dequant", "linear_dequant",
             "layer_checks", "layer_checked"]
 
@@ -626,6 +626,35 @@ def mul(a, a_zero_point, b, b_zero_point, rq):
     _check_rq(rq, op)
     _broadcast(op, a, b)
     return get_op("mul", a)(a, za, b, zb, rq)
+
+
+@eager_under_compile
+def lookup(x, table):
+    """Map every code of ``x`` through ``table``: ``y[i] = table[x[i] - storage_min]`` (the
+    int8 form of a pointwise function: :class:`gpuquant.nn.quantized.Activation`).
+
+    Args:
+        x: int8 / uint8 quantized activation (any shape and layout; a 4-D one comes back
+            channels_last, as the other integer ops return activations).
+        table: a 1-D int8 / uint8 tensor of 256 entries on ``x``'s device, one per storage
+            value of ``x`` (int8: entry ``q + 128``; uint8: entry ``q``), so that no code
+            can index outside it.
+
+    Returns:
+        A tensor of ``x``'s shape and ``table``'s dtype.
+
+    Raises:
+        TypeError: ``x`` or ``table`` not an int8 / uint8 tensor.
+        ValueError: ``table`` not 1-D with 256 entries, or on another device than ``x``.
+    """
+    op = "lookup"
+    _check_act(x, op, "x")
+    _check_act(table, op, "table")
+    if table.dim() != 1 or table.shape[0] != 256:
+        raise ValueError(f"{op}: table must be 1-D with 256 entries (one per storage value of "
+                         f"x), got shape {tuple(table.shape)}")
+    _same_device(op, x, table)
+    return get_op("lookup", x)(x, table)
 
 
 @eager_under_compile

@@ -1,5 +1,5 @@
-"""Triton quantize / dequantize / requantize / add / mul / concat / pooling kernels == the
-NumPy oracle and the reference backend, byte for byte (interpreter on CPU, device on GPU)."""
+"""Triton quantize / dequantize / requantize / add / mul / lookup / concat / pooling kernels
+== the NumPy oracle and the reference backend, byte for byte (interpreter on CPU, device on GPU)."""
 from __future__ import annotations
 
 import pytest
@@ -122,6 +122,21 @@ def test_add_and_mul(dtypes):
     check_op("add", (a, b[:, :, :1, :], p), "add broadcast")
     rq = make_requant(0.05 * 0.02, 1.0, 0.07, 100 if dout is quint8 else -2, dout)
     check_op("mul", (a, zpa, b, -7, rq), "mul")
+
+
+@pytest.mark.parametrize("xdt,tdt", [(torch.int8, torch.int8), (torch.uint8, torch.int8),
+                                     (torch.int8, torch.uint8)], ids=["s8s8", "u8s8", "s8u8"])
+def test_lookup(xdt, tdt):
+    """The activations' table lookup: every code (the table's ends included), channels_last
+    and strided inputs, an empty one."""
+    x = rand_act((3, 7, 5, 11), xdt)
+    x.view(-1)[:256] = (torch.arange(256) - (128 if xdt == torch.int8 else 0)).to(xdt)
+    x = x.contiguous(memory_format=CL)
+    table = rand_act((256,), tdt)
+    check_op("lookup", (x, table), "lookup channels_last")
+    check_op("lookup", (x[:, ::2, 1:], table), "lookup strided")
+    check_op("lookup", (rand_act((1030,), xdt), table), "lookup flat")
+    check_op("lookup", (rand_act((0, 3), xdt), table), "lookup empty")
 
 
 def test_concat():

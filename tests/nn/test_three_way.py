@@ -191,6 +191,31 @@ def test_concat_three_way(qc):
     assert torch.equal(qat(*xs), float_out)
 
 
+ACTIVATION_KINDS = gnn.activation.ACTIVATION_KINDS
+
+
+@pytest.mark.parametrize("qc", ["int8", "uint8"])
+@pytest.mark.parametrize("kind", ACTIVATION_KINDS)
+def test_activation_three_way(kind, qc):
+    """The int8 table of every kind against QAT: identical on every element here (the CPU
+    computes f on the fake-quantized input exactly as conversion built the table)."""
+    factory = (lambda: gnn.Activation(kind, negative_slope=0.1)) if kind == "leaky_relu" \
+        else (lambda: gnn.Activation(kind))
+    model, qat, (x,), float_out = _prepare(factory, [(2, 5, 7, 9)], QCONFIGS[qc])
+    x = x * 3  # reach the saturating parts (sigmoid, tanh, hardswish's clamps)
+    with torch.no_grad():
+        y = qat(x)  # observers record in eval mode too: read the qparams after the call
+        x_fq = fake_quant(x, qat.stubs[0].get_activation_qparams())
+        exp = fake_quant(model.m._float_op(x_fq), qat.m.get_activation_qparams())
+    assert torch.equal(y, exp)
+    report = {}
+    int8 = _check_int8(qat, [x], 1.0, report)
+    assert report["identical"] == 1.0
+    assert isinstance(int8.m, gnn.quantized.Activation) and int8.m.kind == kind
+    _float_off(qat)
+    assert torch.equal(qat(x), model(x))
+
+
 POOL_CASES = [
     ("maxpool", lambda: gnn.MaxPool2d(3, 2, 1), (2, 4, 11, 9)),
     ("maxpool_ceil_dil", lambda: gnn.MaxPool2d(2, 2, 0, dilation=2, ceil_mode=True), (1, 3, 9, 10)),

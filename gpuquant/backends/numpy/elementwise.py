@@ -86,3 +86,13 @@ def concat_arrays(arrays, zero_points, params, axis: int, np_dtype) -> np.ndarra
         else:
             parts.append(requant_int64(np.subtract(v, int(zp), dtype=np.int64), p))
     return np.concatenate(parts, axis=axis)
+
+
+def lookup_array(q: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``table[q - storage_min]``: each int8 / uint8 code through a 256-entry table (int8:
+    entry ``q + 128``; uint8: entry ``q``), in ``q``'s memory order, ``table``'s dtype."""
+    if q.dtype == np.int8:
+        idx = q.view(np.uint8) ^ np.uint8(0x80)  # q + 128 without widening
+    else:
+        idx = q
+    return np.take(table, idx)

@@ -117,6 +117,11 @@ def mul(a, a_zp, b, b_zp, rq):
     return _wrap(_ew.mul_arrays(an, a_zp, bn, b_zp, Params.from_requant(rq)), nhwc)
 
 
+def lookup(x, table):
+    (xn,), nhwc = _views(x)
+    return _wrap(_ew.lookup_array(xn, common.to_numpy(table.contiguous())), nhwc)
+
+
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
 
 
@@ -154,6 +159,7 @@ OPS = {
     "linear": linear,
     "add": add,
     "mul": mul,
+    "lookup": lookup,
     "concat": concat,
     "max_pool2d": max_pool2d,
     "avg_pool2d": avg_pool2d,

@@ -173,6 +173,11 @@ def mul(a, a_zp, b, b_zp, rq: Requant):
     return _channels_last(requantize(prod, rq))
 
 
+def lookup(x, table):
+    idx = x.to(torch.int64) + (128 if x.dtype == torch.int8 else 0)
+    return _channels_last(table[idx])
+
+
 def concat(xs, zero_points, rqs, dim, out_dtype):
     parts = []
     for x, zp, rq in zip(xs, zero_points, rqs):
@@ -233,7 +238,7 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin, qmax):
 OPS = {
     "quantize": quantize, "dequantize": dequantize, "fake_quant": fake_quant,
     "requantize": requantize, "conv2d": conv2d, "linear": linear, "add": add, "mul": mul,
-    "concat": concat, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d,
+    "lookup": lookup, "concat": concat, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d,
     "adaptive_avg_pool2d": adaptive_avg_pool2d,
 }
 

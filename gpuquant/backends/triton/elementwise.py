@@ -1,5 +1,5 @@
 """Triton kernels for the rest of a quantized network: quantize, dequantize, requantize,
-add, mul, concat, max / average / adaptive-average pooling (contract section 1, the
+add, mul, table lookup, concat, max / average / adaptive-average pooling (contract section 1, the
 semantics of :mod:`gpuquant.backends.reference`, bit for bit).
 
 Elementwise kernels walk the dense storage of their operands (contiguous or channels_last),
@@ -141,6 +141,16 @@ def _mul_kernel(A, B, RQV, Y, numel, a_zp, b_zp, BLOCK: tl.constexpr):
     y = _requant_i32(prod, tl.load(RQV + 0).to(tl.int32), tl.load(RQV + 1).to(tl.int32), RQV,
                      False)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lookup_kernel(X, T, Y, numel, OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+    """Y = T[X + OFFSET]: every code through a 256-entry table (OFFSET 128 for int8, 0 for
+    uint8, so every storage value indexes inside it)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(X + offs, mask=mask, other=0).to(tl.int32)
+    tl.store(Y + offs, tl.load(T + (x + OFFSET), mask=mask, other=0), mask=mask)
 
 
 @triton.jit(do_not_specialize=["x_zp"])
@@ -365,6 +375,16 @@ def mul(a, a_zp, b, b_zp, rq):
     return y
 
 
+def lookup(x, table):
+    x = _channels_last(x)
+    y = torch.empty_like(x, dtype=table.dtype)
+    if x.numel() == 0:
+        return y
+    launch(_lookup_kernel, _grid(x.numel()), x, table.contiguous(), y, x.numel(),
+           OFFSET=128 if x.dtype == torch.int8 else 0, BLOCK=_BLOCK, **LAUNCH_OPTS)
+    return y
+
+
 def _as4d(t: torch.Tensor):
     shape, strides = list(t.shape), list(t.stride())
     while len(shape) < 4:
@@ -489,6 +509,7 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin, qmax):
 
 OPS = {
     "quantize": quantize, "dequantize": dequantize, "requantize": requantize, "add": add,
-    "mul": mul, "concat": concat, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d,
+    "mul": mul, "lookup": lookup, "concat": concat, "max_pool2d": max_pool2d,
+    "avg_pool2d": avg_pool2d,
     "adaptive_avg_pool2d": adaptive_avg_pool2d,
 }

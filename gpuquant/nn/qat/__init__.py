@@ -1,5 +1,6 @@
 """QAT (fake-quant) modules under the float modules' names; built by
 :func:`gpuquant.quantization.quantize_qat` through ``from_float_module``."""
+from .activation import Activation
 from .conv import ConvBn2d, ConvBnRelu2d, ConvBnRelu62d, Conv2d, ConvRelu2d, ConvRelu62d
 from .elemwise import Concat, Elemwise
 from .linear import Linear, LinearBn1d, LinearBnRelu1d, LinearRelu
@@ -9,4 +10,5 @@ from .stubs import DequantStub, QuantStub
 
 __all__ = ["QATModule", "Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d",
            "ConvBnRelu62d", "Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d", "Elemwise",
-           "Concat", "QuantStub", "DequantStub", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
+           "Concat", "Activation", "QuantStub", "DequantStub", "MaxPool2d", "AvgPool2d",
+           "AdaptiveAvgPool2d"]
