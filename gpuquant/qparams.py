@@ -14,6 +14,11 @@ __all__ = ["QParams"]
 # overflows float32; the next float32 above 2^-128 is the first that does not
 _MIN_SCALE = float(torch.nextafter(torch.tensor(2.0 ** -128), torch.tensor(1.0)))
 
+# 2 * (1 + 2**-22), exact in float32: bounds a symmetric quantized range scale * (qmax - qmin)
+# above by amax * _SYM_SPAN, whatever the roundings of the scale's division and that product
+# (the observers' range check: quantization/observer.py, and the fused Triton observer's)
+_SYM_SPAN = 2.0 + 2.0 ** -21
+
 
 def _as_tensor(value, dtype: torch.dtype, what: str, bounds=None) -> torch.Tensor:
     """``value`` (a number or a tensor) as a tensor of ``dtype``. ``bounds``: for integer

@@ -52,7 +52,7 @@ from .._tensors import keep_dtype
 from .._checks import check_bool
 from ..distributed import check_group
 from ..dtypes import QuantDtype, get_dtype, observed_dtype, qint8
-from ..qparams import QParams
+from ..qparams import _SYM_SPAN, QParams
 
 __all__ = ["Observer", "MinMaxObserver", "ExponentialMovingAverageObserver", "HistogramObserver",
            "PassiveObserver", "SyncMinMaxObserver", "SyncExponentialMovingAverageObserver",
@@ -101,9 +101,6 @@ def qparams_from_min_max(min_val: torch.Tensor, max_val: torch.Tensor, dtype: Qu
     return _qparams_from_min_max(min_val, max_val, dtype, symmetric)
 
 
-# 2 * (1 + 2**-22), exact in float32: bounds the symmetric quantized range scale * (qmax - qmin)
-# above, whatever the roundings of the scale's division and that product
-_SYM_SPAN = 2.0 + 2.0 ** -21
 
 
 def _range_fits(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool) -> torch.Tensor:

@@ -54,12 +54,14 @@ from .fake_quant import (_FLOATS, _LAUNCH, BLOCK, NUM_WARPS, FakeQuantFunction, 
                          auto_interpreter, dense_layout, float32_exact, mask_backward,
                          on_tensor_device, row_plan, save_mask, udiv_magic)
 from . import launch as _launch
+from ...qparams import _SYM_SPAN as _SYM_SPAN_F
 from .launch import launch, recording
 
 __all__ = ["observe_fake_quant", "observer_step", "mark_observed", "OPS", "KERNELS"]
 
 _EPS = float(torch.finfo(torch.float32).eps)
 _INF = tl.constexpr(float("inf"))  # module constants: no float() calls inside kernels
+_SYM_SPAN = tl.constexpr(_SYM_SPAN_F)  # the definition's bound (gpuquant.qparams)
 _NINF = tl.constexpr(float("-inf"))
 # How torch divides a tensor by a Python float on the device the kernel stands for: on CUDA
 # as ``a * fl32(1 / b)`` (PyTorch's div_true_kernel_cuda, "may lose one bit"), on the CPU
@@ -193,7 +195,7 @@ def _update_state(mn, mx, ok, old_min, old_max, c_ema, eps, qmin, qmax, half_ran
         new_max = tl.maximum(mx, old_max, propagate_nan=tl.PropagateNan.ALL)
     fits = (tl.abs(new_min) < _INF) & (tl.abs(new_max) < _INF)
     if SYMMETRIC:  # the quantized range scale * (qmax - qmin) finite: amax * (2 + 2**-21)
-        fits = fits & (tl.maximum(-new_min, new_max) * 2.000000476837158 < _INF)
+        fits = fits & (tl.maximum(-new_min, new_max) * _SYM_SPAN < _INF)
     else:
         fits = fits & (tl.abs(tl.maximum(new_max, 0.0) - tl.minimum(new_min, 0.0)) < _INF)
     ok = ok & fits
