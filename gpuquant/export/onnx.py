@@ -13,6 +13,11 @@ tensor's shape, and each node is written with the ONNX helper API:
   qparams (the pattern onnxruntime fuses into ``QLinearConv`` and TensorRT into int8 layers);
 * ``Elemwise`` -> ``Add`` (+ ``Relu``) / ``Mul``, ``Concat`` -> ``Concat``, pools ->
   ``MaxPool`` / ``AveragePool`` / ``GlobalAveragePool``, each between DQ and Q;
+* ``Activation(kind)`` (the int8 form is a 256-entry table over the input's codes) ->
+  ``Cast(DequantizeLinear(x, 1, storage_min), int32)`` (the code's table index, exact in
+  float32) indexing a ``Gather`` of ``DequantizeLinear(table)`` (the int8 / uint8 table at
+  the output's qparams), then ``QuantizeLinear`` to the same qparams: the bytes of gpuquant's
+  table in every consumer (see :func:`_lookup`);
 * ``flatten`` / ``reshape`` / ``view`` act on the int8 tensor itself.
 
 The graph's batch dimension is symbolic (``N``) and its spatial size free, except where a
@@ -374,6 +379,9 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
                 env[node.name] = out_q(y, base, m, node)
             elif isinstance(m, (Q.MaxPool2d, Q.AvgPool2d, Q.AdaptiveAvgPool2d)):
                 env[node.name] = _pool(b, m, node, vals, dq_input, who, base)
+            elif isinstance(m, Q.Activation):
+                env[node.name] = _lookup(b, m, q_of(node.args[0], who), who, base,
+                                         tuple(vals[node.name].shape))
             elif isinstance(m, (torch.nn.Identity, torch.nn.Dropout)):
                 env[node.name] = env[node.args[0].name]
             elif isinstance(m, torch.nn.Flatten):
@@ -582,6 +590,53 @@ def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
         b.size_dependent.append((b.nodes[-1].name,
                                  f"{who}: {why} for input {tuple(shape_in[-2:])}"))
     return b.quantize(y, base, s, z, dt, tuple(vals[node.name].shape))
+
+
+_STORAGE_MIN = {"qint8": -128, "quint8": 0}
+
+
+def _lookup(b: _Builder, m, q: _Q, who: str, base: str, shape) -> _Q:
+    """A quantized ``Activation``: its table (entry ``code - storage_min`` = the output code
+    of input ``code``) indexed by the input's codes, as
+
+        idx = Cast(DequantizeLinear(x, scale 1, zero point storage_min), to=int32)
+        y = QuantizeLinear(Gather(DequantizeLinear(table, s_y, zp_y), idx), s_y, zp_y)
+
+    Why this form: the table is the op (``quantize(f(dequantize(q)))`` built with torch's
+    ``f`` at conversion); recomputing ``f`` in float (ONNX ``Sigmoid``, ``Gelu``, ...)
+    would differ from it by a float32 step here and there, so every consumer would be off
+    by an output step on some codes, and opset 13 has no ``Gelu`` / ``Mish``. A ``Gather``
+    of the stored table gives gpuquant's bytes in any consumer: ``x - storage_min`` in
+    float32 is an exact integer in [0, 255]; ``DequantizeLinear`` then ``QuantizeLinear``
+    of a table entry with the same qparams gives it back (``|code - zp| <= 255``, so the
+    float32 rounding of ``(code - zp) * s`` moves it far less than half a step). Kept in
+    QDQ style, as the other ops: the table is an int8 / uint8 initializer read through
+    ``DequantizeLinear`` (as weights are), the output an int8 / uint8 tensor made by
+    ``QuantizeLinear``, and no node casts an int8 tensor (TensorRT takes 8-bit tensors
+    only through Q / DQ). :mod:`gpuquant.runtime` matches the pattern and gathers the
+    integer table directly."""
+    s_in, z_in, dt_in = _qp(m, "input")
+    s, z, dt = _qp(m, "output")
+    _check_act_dtype(dt_in, who)
+    _check_act_dtype(dt, who)
+    if q.dtype != dt_in:  # (the torch module refuses it too)
+        raise NotImplementedError(f"to_onnx: {who} expects a {dt_in} input, got a {q.dtype} "
+                                  f"tensor")
+    one = b.init(f"{base}_index_scale", np.array(1.0, dtype=np.float32))
+    low = b.zp_init(f"{base}_index_zero_point", _STORAGE_MIN[q.dtype], q.dtype)
+    code = b.node("DequantizeLinear", [q.name, one, low], f"{base}_index_dq")
+    idx = b.node("Cast", [code], f"{base}_index", to=b.onnx.TensorProto.INT32)
+    table = m.table(torch.device("cpu")).numpy()
+    np_dt = np.int8 if dt == "qint8" else np.uint8
+    if table.shape != (256,) or table.dtype != np_dt:  # pragma: no cover - the module's own
+        raise ValueError(f"to_onnx: {who}: table of shape {table.shape} and dtype "
+                         f"{table.dtype}; expected 256 {np.dtype(np_dt)} entries")
+    t = b.init(f"{base}_table", table)
+    ts = b.init(f"{base}_table_scale", np.array(s, dtype=np.float32))
+    tz = b.zp_init(f"{base}_table_zero_point", z, dt)
+    values = b.node("DequantizeLinear", [t, ts, tz], f"{base}_table_dq")
+    y = b.node("Gather", [values, idx], f"{base}_gather", axis=0)
+    return b.quantize(y, base, s, z, dt, shape)
 
 
 def _merges_batch(in_val, out_val, node, start_dim=None) -> bool:

@@ -13,7 +13,12 @@ and goes through the usual float -> QAT flow. Steps:
    is traced in train and in eval mode: a submodule whose ops differ (``if self.training:``,
    which one trace would freeze) becomes a float leaf; the model's own forward raises.
    Dropout function calls (``F.dropout(x, p, self.training)``: fx froze the mode flag) become
-   ``nn.Dropout`` modules, which follow ``train()`` / ``eval()``.
+   ``nn.Dropout`` modules, which follow ``train()`` / ``eval()``. timm's ``BatchNormAct2d`` /
+   ``SyncBatchNormAct`` (``timm.layers.norm_act``: batch norm, then children ``drop`` and
+   ``act``) are leaves, each call then made three: the module as a plain ``BatchNorm2d`` /
+   ``SyncBatchNorm`` (the same tensors, at its path), its ``drop`` and its ``act`` (an
+   ``nn.Identity`` left out), which fuse and swap as any BatchNorm and activation do (a
+   hooked or disabled one stays whole).
 2. **Functionalize** in-place ops (``+=``, ``relu_``, ``inplace=True``): later uses of the
    mutated value read the op's result, so every op can be swapped for a module. An in-place
    write to a value that shares memory with another value still read afterwards (a view,
@@ -26,7 +31,13 @@ and goes through the usual float -> QAT flow. Steps:
    tensor ``+`` / ``torch.add`` / ``.add`` [-> ReLU] into ``Elemwise("add" | "add_relu")``,
    tensor ``*`` into ``Elemwise("mul")``; ``torch.cat`` into ``Concat``; max / average /
    adaptive-average pooling (modules and ``F.*``) into the pooling modules, and
-   ``x.mean((2, 3))`` into ``AdaptiveAvgPool2d(1)`` (+ ``flatten``). A fusion needs the
+   ``x.mean((2, 3))`` into ``AdaptiveAvgPool2d(1)`` (+ ``flatten``); other activations
+   into ``Activation(kind)`` (one a call site, never fused into the layer before: its own
+   output quantizer): ``nn.SiLU`` / ``Hardswish`` / ``Hardsigmoid`` / ``Sigmoid`` / ``Tanh``
+   / ``GELU`` / ``Mish`` / ``ELU`` (alpha 1) / ``Softplus`` (beta 1, threshold 20) /
+   ``LeakyReLU`` (exact types), the ``F.`` functions of those names, ``torch.sigmoid`` /
+   ``torch.tanh`` and ``.sigmoid()`` / ``.tanh()`` (and their in-place forms); other
+   arguments (``F.elu(x, 0.5)``) stay float, the warning says why. A fusion needs the
    intermediate value to have a single user; a module called at several places gets one new
    module per call site (``conv_1``, ``conv_2``: own output qparams, shared weights).
 4. **Stub**: every value is quantized (made by a quantized op), float, or not a float tensor.
@@ -47,6 +58,7 @@ import ast
 import copy
 import inspect
 import linecache
+import math
 import operator
 import os
 import sys
@@ -196,6 +208,96 @@ def needs_dropin(model: torch.nn.Module) -> bool:
 _LEAF_BASES = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
 
 
+# timm's BatchNorm + drop + activation modules (timm.layers.norm_act): their forward is the
+# base class's batch norm on their own parameters and buffers, then ``self.drop(x)``, then
+# ``self.act(x)``. Recognised by module and class name only (timm is no dependency)
+_NORM_ACT_CLASSES = {"BatchNormAct2d": torch.nn.BatchNorm2d,
+                     "SyncBatchNormAct": torch.nn.SyncBatchNorm}
+
+
+def _is_norm_act(m: torch.nn.Module) -> bool:
+    """``m`` is a timm ``BatchNormAct2d`` / ``SyncBatchNormAct`` (their base class's batch
+    norm, then children ``drop`` and ``act``)."""
+    t = type(m)
+    base = _NORM_ACT_CLASSES.get(t.__name__)
+    return base is not None and t.__module__.startswith("timm.") and isinstance(m, base)
+
+
+def _norm_act_view(m: torch.nn.Module) -> torch.nn.Module:
+    """A plain ``BatchNorm2d`` (``SyncBatchNorm``) that is the timm module ``m``'s batch
+    norm: it holds ``m``'s own parameter and buffer dicts (so the same tensors, also after
+    ``.to(device)`` puts new buffers in them, as for a BatchNorm the converted model shares)
+    and a copy of its children dict (a child replaced there stays in ``m``); the state_dict
+    keys under its path stay the same."""
+    base = _NORM_ACT_CLASSES[type(m).__name__]
+    view = base.__new__(base)
+    view.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v
+                          for k, v in m.__dict__.items()})
+    for name in ("_parameters", "_buffers", "_non_persistent_buffers_set"):
+        view.__dict__[name] = m.__dict__[name]
+    view.__dict__["_dropin_norm_act"] = True
+    return view
+
+
+def _bn_alone(bn: torch.nn.Module) -> torch.nn.Module:
+    """The BatchNorm of a norm_act view (:func:`_norm_act_view`) to fold into a fused
+    module: the view without its ``drop`` / ``act`` children, which run as their own nodes.
+    It holds the view's own parameter and buffer dicts (not copies), so the two stay one
+    BatchNorm after ``.to(device)`` (which puts new buffer tensors in the dict) or a
+    reassigned buffer."""
+    alone = type(bn).__new__(type(bn))
+    alone.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v
+                           for k, v in bn.__dict__.items()})
+    for name in ("_parameters", "_buffers", "_non_persistent_buffers_set"):
+        alone.__dict__[name] = bn.__dict__[name]
+    alone.__dict__["_modules"] = type(bn._modules)()
+    return alone
+
+
+def _expand_norm_act(gm: fx.GraphModule) -> None:
+    """Each call of a timm ``BatchNormAct2d`` / ``SyncBatchNormAct`` (a tracer leaf) ->
+    three calls: the module as a plain BatchNorm (:func:`_norm_act_view`, put at its path),
+    then its ``drop`` and ``act`` children (an unhooked ``nn.Identity`` is left out), which
+    fuse and swap as any BatchNorm and activation do. Left whole (a float leaf, warned) when
+    disabled, hooked (its hooks would not run), called with other than one positional
+    argument, holding other children, or when a child is known by a second name."""
+    calls: Dict[str, List[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(n.target, []).append(n)
+    named = dict(gm.named_modules(remove_duplicate=False))
+    for path, nodes in calls.items():
+        m = named.get(path)
+        if m is None or not _is_norm_act(m) or _is_disabled(m) or _hooked(m) is not None or \
+                any(len(n.args) != 1 or n.kwargs for n in nodes) or \
+                not set(m._modules) <= {"drop", "act"}:
+            continue
+        children = [(k, c) for k, c in m._modules.items() if c is not None]
+        if any(sum(x is c for x in named.values()) != 1 for _, c in children):
+            continue
+        owner_path, _, leaf = path.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if owner is not gm and type(owner) is not torch.nn.Module:
+            continue  # (fx's own containers only: never a user's module)
+        setattr(owner, leaf, _norm_act_view(m))
+        steps = [k for k in ("drop", "act") if k in m._modules and m._modules[k] is not None
+                 and not (type(m._modules[k]) is torch.nn.Identity and
+                          _hooked(m._modules[k]) is None)]
+        for n in nodes:
+            users, last = list(n.users), n
+            for k in steps:
+                with gm.graph.inserting_after(last):
+                    new = gm.graph.call_module(f"{path}.{k}", (last,))
+                new.meta = dict(n.meta)
+                stack = dict(n.meta.get("nn_module_stack") or {})
+                stack[f"{path}.{k}"] = (f"{path}.{k}", type(m._modules[k]))
+                new.meta["nn_module_stack"] = stack
+                last = new
+            for u in users:
+                u.replace_input_with(n, last)
+    gm.recompile()
+
+
 def _grad_modes():
     return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
             torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
@@ -290,7 +392,7 @@ class _Tracer(fx.Tracer):
             return True
         if isinstance(m, Module):
             return isinstance(m, (_GNN_LEAVES, QATModule, QuantizedModule))
-        if any(_same_forward(m, base) for base in _LEAF_BASES):
+        if any(_same_forward(m, base) for base in _LEAF_BASES) or _is_norm_act(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -867,7 +969,81 @@ def _propagate(gm: fx.GraphModule, example_inputs: tuple) -> None:
 
 # --------------------------------------------------------------------------- op recognition
 _RELU_FNS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
-_INPLACE_FNS = {torch.relu_: torch.relu, F.relu_: F.relu}
+_INPLACE_FNS = {torch.relu_: torch.relu, F.relu_: F.relu, torch.sigmoid_: torch.sigmoid,
+                torch.tanh_: torch.tanh, F.elu_: F.elu, F.leaky_relu_: F.leaky_relu}
+
+# pointwise activations other than ReLU / ReLU6 -> gnn.Activation (one module a call site;
+# never fused into the layer before: each gets its own output quantizer). Modules by exact
+# type (a subclass may compute otherwise); functions -> (kind, the parameters after the
+# input, in order; ``inplace`` False once functionalized); tensor methods -> kind
+_ACT_MODULES = (torch.nn.SiLU, torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.Sigmoid,
+                torch.nn.Tanh, torch.nn.GELU, torch.nn.Mish, torch.nn.ELU, torch.nn.Softplus,
+                torch.nn.LeakyReLU)
+_ACT_FNS = {
+    F.silu: ("silu", ("inplace",)),
+    F.hardswish: ("hardswish", ("inplace",)),
+    F.hardsigmoid: ("hardsigmoid", ("inplace",)),
+    torch.sigmoid: ("sigmoid", ()),
+    F.sigmoid: ("sigmoid", ()),
+    torch.tanh: ("tanh", ()),
+    F.tanh: ("tanh", ()),
+    F.gelu: ("gelu", ("approximate",)),
+    F.mish: ("mish", ("inplace",)),
+    F.elu: ("elu", ("alpha", "inplace")),
+    F.softplus: ("softplus", ("beta", "threshold")),
+    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")),
+}
+_ACT_METHODS = {"sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _activation_args(kind: str, params: dict):
+    """``(kind, negative_slope)`` of the :class:`gpuquant.nn.Activation` computing ``kind``
+    with the given arguments (the torch function's or module's: ``approximate``, ``alpha``,
+    ``beta``, ``threshold``, ``negative_slope``, ``inplace``), or a str saying why none
+    does."""
+    for k, v in params.items():
+        if isinstance(v, fx.Node):
+            return f"{k} is a traced value, the int8 form takes a constant"
+    if params.get("inplace", False) is not False:
+        return (f"inplace={params['inplace']!r}: an in-place call not rewritten out of "
+                f"place (the int8 form takes inplace=False, or inplace=True by keyword)")
+    slope = 0.01
+    if kind == "gelu":
+        approximate = params.get("approximate", "none")
+        if approximate not in ("none", "tanh"):
+            return f"approximate={approximate!r}: the int8 form takes 'none' or 'tanh'"
+        kind = "gelu" if approximate == "none" else "gelu_tanh"
+    elif kind == "elu":
+        alpha = params.get("alpha", 1.0)
+        if not _is_number(alpha) or alpha != 1.0:
+            return f"alpha={alpha!r}: the int8 form takes alpha 1.0 only"
+    elif kind == "softplus":
+        beta, threshold = params.get("beta", 1), params.get("threshold", 20)
+        if not _is_number(beta) or beta != 1 or not _is_number(threshold) or threshold != 20:
+            return (f"beta={beta!r}, threshold={threshold!r}: the int8 form takes beta 1 and "
+                    f"threshold 20 only")
+    elif kind == "leaky_relu":
+        slope = params.get("negative_slope", 0.01)
+        if not _is_number(slope) or not math.isfinite(slope):
+            return f"negative_slope={slope!r}: the int8 form takes a finite number"
+    return kind, float(slope)
+
+
+def _module_activation(m: torch.nn.Module):
+    """:func:`_activation_args` of an activation module of :data:`_ACT_MODULES`."""
+    kind = {torch.nn.SiLU: "silu", torch.nn.Hardswish: "hardswish",
+            torch.nn.Hardsigmoid: "hardsigmoid", torch.nn.Sigmoid: "sigmoid",
+            torch.nn.Tanh: "tanh", torch.nn.GELU: "gelu", torch.nn.Mish: "mish",
+            torch.nn.ELU: "elu", torch.nn.Softplus: "softplus",
+            torch.nn.LeakyReLU: "leaky_relu"}[type(m)]
+    names = {"gelu": ("approximate",), "elu": ("alpha",), "softplus": ("beta", "threshold"),
+             "leaky_relu": ("negative_slope",)}.get(kind, ())
+    # (``inplace``: functionalize made the module out of place where that was needed)
+    return _activation_args(kind, {k: getattr(m, k) for k in names})
 
 
 def _activation_of(n: fx.Node, modules) -> Optional[str]:
@@ -931,7 +1107,7 @@ _POOL_FN_PARAMS = {
 # modules drop-in conversion may fuse or swap: kept as they are when they carry hooks
 _HOOK_CHECKED = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm,
                  torch.nn.ReLU, torch.nn.ReLU6, torch.nn.MaxPool2d, torch.nn.AvgPool2d,
-                 torch.nn.AdaptiveAvgPool2d)
+                 torch.nn.AdaptiveAvgPool2d) + _ACT_MODULES
 _POOL_MODULES = {torch.nn.MaxPool2d: gnn.MaxPool2d, torch.nn.AvgPool2d: gnn.AvgPool2d,
                  torch.nn.AdaptiveAvgPool2d: gnn.AdaptiveAvgPool2d}
 _POOL_ARGS = {gnn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "return_indices",
@@ -946,7 +1122,8 @@ def _fn_name(target) -> str:
     name = getattr(target, "__name__", repr(target))
     if mod in ("_operator", "operator"):
         return f"operator.{name}"
-    if mod.startswith("torch.nn.functional") or target in _POOL_FN_PARAMS:
+    if mod.startswith("torch.nn.functional") or target in _POOL_FN_PARAMS or \
+            (mod == "torch._C._nn" and getattr(F, name, None) is target):  # F.gelu
         return f"F.{name}"
     return f"torch.{name}" if mod.startswith("torch") or not mod else f"{mod}.{name}"
 
@@ -1018,6 +1195,7 @@ class _Rewriter:
         self.erased: set = set()
         self.quantized: set = set()            # nodes that are quantized ops
         self.reasons: Dict[fx.Node, str] = {}  # why a module node stays float
+        self.alone: Dict[str, torch.nn.Module] = {}  # norm_act path -> its folded BatchNorm
 
     # ------------------------------------------------------------------ naming, installing
     def _scope(self, n: fx.Node) -> str:
@@ -1265,8 +1443,18 @@ class _Rewriter:
             elif (n.op == "call_method" and n.target == "mean") or \
                     (n.op == "call_function" and n.target is torch.mean):
                 self._swap_spatial_mean(n)
+            elif (n.op == "call_function" and n.target in _ACT_FNS) or \
+                    (n.op == "call_method" and n.target in _ACT_METHODS):
+                self._swap_activation_call(n)
             else:
                 self._swap_elemwise(n)
+        # a folded norm_act whose children run nowhere now (fused, or Identity): its path
+        # holds the folded BatchNorm itself, a second name of it as a plain BatchNorm's is
+        # (quantize drops such names); else the view stays there, holding the children
+        called = {n.target for n in self.graph.nodes if n.op == "call_module"}
+        for path, bn in self.alone.items():
+            if not any(t == path or t.startswith(path + ".") for t in called):
+                self._set_module(path, bn)
 
     def _swap_module(self, n: fx.Node) -> None:
         m = self.modules[n.target]
@@ -1304,6 +1492,19 @@ class _Rewriter:
             new = cls(**{k: getattr(m, k) for k in _POOL_ARGS[cls]})
             new.training = m.training
             self._replace(n, [n], new, n.args[:1], self._module_site_name(n.target))
+        elif type(m) in _ACT_MODULES:
+            if len(n.args) != 1 or n.kwargs or not self.kinds.is_float_tensor(n.args[0]):
+                return
+            act = _module_activation(m)
+            if isinstance(act, str):
+                self.reasons[n] = act
+                return
+            new = gnn.Activation(*act)
+            new.training = m.training
+            qc = m.__dict__.get("qconfig")  # the module's own qconfig governs its swap
+            if qc is not None:
+                new.qconfig = qc
+            self._replace(n, [n], new, n.args, self._module_site_name(n.target))
 
     def _parameters_read(self, n: fx.Node) -> bool:
         """Whether the forward also reads the layer's parameters directly (``self.fc.weight``,
@@ -1329,6 +1530,10 @@ class _Rewriter:
                 _is_bn(self.modules[nxt.target], bn_type) and nxt.args == (n,) and \
                 not nxt.kwargs and self._foldable(self.modules[nxt.target], m, nxt, kind):
             bn = self.modules[nxt.target]
+            if bn.__dict__.get("_dropin_norm_act", False):
+                if nxt.target not in self.alone:
+                    self.alone[nxt.target] = _bn_alone(bn)
+                bn = self.alone[nxt.target]
             chain.append(nxt)
             nxt = _single_user(nxt)
         if nxt is not None and nxt.args[:1] == (chain[-1],):
@@ -1385,6 +1590,32 @@ class _Rewriter:
             return
         new = cls(**kw)
         self._replace(n, [n], new, n.args[:1], self._new_name(n, cls.__name__.lower()))
+
+    def _swap_activation_call(self, n: fx.Node) -> None:
+        """``F.silu(x)``, ``torch.sigmoid(x)``, ``x.tanh()``, ``F.leaky_relu(x, 0.2)``... ->
+        ``Activation(kind)``; other arguments (``F.elu(x, 0.5)``) stay float, with the reason
+        in the warning."""
+        if n.op == "call_method":
+            if len(n.args) != 1 or n.kwargs:
+                return
+            kind, params = _ACT_METHODS[n.target], {}
+        else:
+            kind, names = _ACT_FNS[n.target]
+            names = ("input",) + names
+            if not n.args or len(n.args) > len(names) or \
+                    any(k not in names or k == "input" for k in n.kwargs):
+                return
+            params = dict(zip(names[1:], n.args[1:]))
+            if any(k in params for k in n.kwargs):
+                return
+            params.update(n.kwargs)
+        if not self.kinds.is_float_tensor(n.args[0]):
+            return
+        act = _activation_args(kind, params)
+        if isinstance(act, str):
+            self.reasons[n] = act
+            return
+        self._replace(n, [n], gnn.Activation(*act), n.args[:1], self._new_name(n, act[0]))
 
     def _swap_spatial_mean(self, n: fx.Node) -> None:
         """``x.mean((2, 3), keepdim)`` of a 4-D tensor (global average pooling) ->
@@ -1618,7 +1849,8 @@ class _Rewriter:
             return f"module '{n.target}' ({type(m).__name__}: {why})"
         scope = self._scope_any(n)
         what = f".{n.target}()" if n.op == "call_method" else _fn_name(n.target)
-        return f"{what} in '{scope or '<root>'}'"
+        why = f" ({self.reasons[n]})" if n in self.reasons else ""
+        return f"{what} in '{scope or '<root>'}'{why}"
 
     @staticmethod
     def _scope_any(n: fx.Node) -> str:
@@ -1713,6 +1945,7 @@ def prepare_plain(model: torch.nn.Module, example_inputs=None) -> fx.GraphModule
         model = torch.nn.Sequential(model)  # a lone layer: trace it as the call of a leaf
         concrete = {}
     gm, fallbacks = _trace(model, concrete)
+    _expand_norm_act(gm)
     frozen = _frozen_buffers(gm.graph, fallbacks)
     _carry_qconfigs(model, gm)
     if example_inputs is not None:

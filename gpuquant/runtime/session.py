@@ -6,7 +6,10 @@ activation is a view (no float tensor is made); ``Conv`` / ``Gemm`` / ``Add`` / 
 ``Relu`` or ``Clip(0, 6)``) feeds one ``QuantizeLinear`` become one integer op writing that
 int8 / uint8 tensor. Fixed-point multipliers come from the stored float32 scales through
 :mod:`gpuquant.multipliers`, exactly as the quantized modules derive theirs, and the ops are
-the NumPy backend's torch-free kernels, so outputs equal gpuquant's byte for byte.
+the NumPy backend's torch-free kernels, so outputs equal gpuquant's byte for byte. A
+quantized ``Activation`` (exported as ``Gather`` of a ``DequantizeLinear``'d int8 / uint8
+table, indexed by ``Cast(DequantizeLinear(x, 1, storage_min))``, then ``QuantizeLinear`` to
+the table's qparams) becomes one gather of the integer table by the input's codes.
 
 The integer steps read only what gpuquant's form holds (int8 weights with zero point 0, an
 int32 bias in units of ``s_x * s_w``, explicit pads), so anything else is refused at load
@@ -40,6 +43,7 @@ _RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
 FORMAT_KEY, FORMAT = "gpuquant.format", "qdq-v1"
 FIXED_HW_KEY, FIXED_NODES_KEY = "gpuquant.fixed_input_hw", "gpuquant.size_dependent_nodes"
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
+_ONNX_INT32, _ONNX_INT64 = 6, 7  # onnx.TensorProto.INT32 / INT64
 
 
 class RuntimeFormatError(ValueError):
@@ -367,6 +371,66 @@ class Session:
         self._steps.append(("concat", [v[0] for v in views], out, [v[2] for v in views], params,
                             int(a.get("axis", 0)), dt))
 
+    def _plan_Cast(self, n, a):
+        """A Cast is only the index of a lookup (``_plan_Gather`` checks it and its input)."""
+        cons = self._consumers.get(n.output[0], [])
+        if not cons or any(c.op_type != "Gather" or list(c.input[1:]) != [n.output[0]]
+                           for c in cons) or n.output[0] in self.output_names:
+            raise self._err(n, "a Cast must be the indices of a Gather (gpuquant's form of a "
+                               "quantized Activation's table lookup)")
+
+    def _plan_Gather(self, n, a):
+        """A quantized ``Activation``: ``Gather(DequantizeLinear(table, s_y, zp_y),
+        Cast(DequantizeLinear(x, 1, storage_min), int32 / int64), axis=0)`` feeding one
+        ``QuantizeLinear(s_y, zp_y)``: the output is ``table[x - storage_min]``, exactly."""
+        form = ("gpuquant exports a quantized Activation as Gather(DequantizeLinear(table), "
+                "Cast(DequantizeLinear(x, 1, storage_min)), axis=0) -> QuantizeLinear with "
+                "the table's qparams")
+        if int(a.get("axis", 0)) != 0 or len(n.input) != 2:
+            raise self._err(n, f"axis {a.get('axis', 0)}; {form}")
+        cast = self._producer.get(n.input[1])
+        if cast is None or cast.op_type != "Cast" or \
+                int(self._attrs(cast).get("to", 0)) not in (_ONNX_INT32, _ONNX_INT64):
+            raise self._err(n, f"indices {n.input[1]!r} are not a Cast to int32 / int64; {form}")
+        xq, sx, zx = self._view(cast.input[0], cast)
+        x_dt = self._dtype_of(xq)
+        dq = self._producer[cast.input[0]]
+        zp_dt = self._scalar(dq.input[2], dq).dtype if len(dq.input) > 2 and dq.input[2] \
+            else None
+        if x_dt is None or zp_dt != x_dt or np.float32(sx) != np.float32(1.0) or \
+                zx != _RANGE[x_dt][0]:
+            raise self._err(cast, f"the index must be DequantizeLinear(x, scale 1, zero point "
+                                  f"the storage minimum of x's int8 / uint8 dtype) of a "
+                                  f"quantized activation, got scale {sx}, zero point {zx} "
+                                  f"({zp_dt}) of a {x_dt} tensor; {form}")
+        table, st, zt = self._dq_table(n.input[0], n)
+        act, out, sy, zy, dt = self._tail(n)
+        if act != "none" or table.dtype != np.dtype(dt) or \
+                np.float32(st).tobytes() != np.float32(sy).tobytes() or zt != zy:
+            raise self._err(n, f"the table ({table.dtype}, scale {float(st)}, zero point {zt}) "
+                               f"must be dequantized with its QuantizeLinear's qparams ({dt}, "
+                               f"{sy}, {zy}) and no activation between; {form}")
+        self._steps.append(("lookup", xq, out, np.ascontiguousarray(table)))
+
+    def _dq_table(self, name: str, node):
+        """(table, float32 scale, zero point) of a lookup's table: 256 int8 / uint8 entries,
+        per tensor, its zero point given."""
+        p = self._producer.get(name)
+        if p is None or p.op_type != "DequantizeLinear" or p.input[0] not in self._const \
+                or len(p.input) < 3 or not p.input[2]:
+            raise self._err(node, f"data {name!r} must be a DequantizeLinear (with its zero "
+                                  f"point) of an initializer: the lookup table")
+        self._fused.add(id(p))
+        t = self._const[p.input[0]]
+        scale, zp = self._scalar(p.input[1], p), self._scalar(p.input[2], p)
+        if t.dtype not in _RANGE or t.shape != (256,) or np.ndim(scale) != 0 or \
+                np.ndim(zp) != 0 or np.asarray(scale).dtype != np.float32 or zp.dtype != t.dtype:
+            raise self._err(p, f"a lookup table must be 256 int8 / uint8 entries with a float32 "
+                               f"scalar scale and a zero point of its dtype, got {t.dtype} of "
+                               f"shape {list(t.shape)}, scale {np.asarray(scale).dtype} shape "
+                               f"{list(np.shape(scale))}, zero point {zp.dtype}")
+        return t, np.float32(scale), int(zp)
+
     def _dtype_of(self, qname: str):
         p = self._producer.get(qname)
         while p is not None and p.op_type in ("Flatten", "Reshape", "Identity"):
@@ -628,9 +692,18 @@ def _x_gap(st, env):
     env[out] = _nchw(_pool.adaptive_avg_pool2d_nhwc(_nhwc(x), zx, (1, 1), qmin, qmax))
 
 
+def _x_lookup(st, env):
+    _, src, out, table = st
+    x = env[src]
+    if x.ndim == 4:  # in the NHWC memory order, as the other ops keep 4-D activations
+        env[out] = _nchw(_ew.lookup_array(_nhwc(x), table))
+    else:
+        env[out] = _ew.lookup_array(x, table)
+
+
 _EXEC = {"quantize": _x_quantize, "dequantize": _x_dequantize, "flatten": _x_reshape,
          "reshape": _x_reshape, "identity": _x_reshape, "conv": _x_conv, "linear": _x_linear,
          "add": _x_add, "mul": _x_mul, "concat": _x_concat, "maxpool": _x_maxpool,
-         "avgpool": _x_avgpool, "gap": _x_gap}
+         "avgpool": _x_avgpool, "gap": _x_gap, "lookup": _x_lookup}
 _FUSABLE = ("Conv", "Gemm", "Add", "Mul", "Concat", "MaxPool", "AveragePool",
-            "GlobalAveragePool")
+            "GlobalAveragePool", "Cast", "Gather")
