@@ -124,7 +124,7 @@ def _ctor_args(m, path: str) -> dict:
         return {"output_dtype": d["output"]}
     if isinstance(m, Q.DequantStub):
         return {"input_dtype": d["input"]}
-    if isinstance(m, (Q.MaxPool2d, Q.AvgPool2d, Q.AdaptiveAvgPool2d)):
+    if isinstance(m, (Q.MaxPool2d, Q.AvgPool2d, Q.AdaptiveAvgPool2d, Q.Upsample)):
         args = {"input_dtype": d["input"]}
         args.update({k: lst(getattr(m, k)) for k in type(m)._ARGS})
         return args

@@ -7,6 +7,7 @@ case could leave the int32 range are refused before any backend runs.
 from __future__ import annotations
 
 import functools
+import math
 import struct as _struct
 import weakref
 
@@ -138,8 +139,8 @@ from ..dtypes import QuantDtype  # noqa: E402
 from .requant import AddParams, Requant, _int_arg  # noqa: E402
 
 __all__ += ["conv2d", "linear", "add", "mul", "lookup", "concat", "max_pool2d", "avg_pool2d",
-            "adaptive_avg_pool2d", "conv2d_add", "linear_add", "conv2d_dequant", "linear_dequant",
-            "layer_checks", "layer_checked"]
+            "adaptive_avg_pool2d", "upsample_nearest2d", "conv2d_add", "linear_add",
+            "conv2d_dequant", "linear_dequant", "layer_checks", "layer_checked"]
 
 _ACT_DTYPES = (torch.int8, torch.uint8)
 _GEOMETRY_MAX = 2 ** 31 - 1  # kernel sizes, strides, paddings, dilations, output sizes
@@ -801,3 +802,96 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin=None, qmax=None):
                          f"{tuple(x.shape)}")
     qmin, qmax = _clamp_range(x.dtype, qmin, qmax, op)
     return get_op("adaptive_avg_pool2d", x)(x, zp, size, qmin, qmax)
+
+
+_NEAREST_MODES = ("nearest", "nearest-exact")
+
+
+def upsample_args(op: str, size, scale_factor):
+    """``(size, scale_factor)`` of a resize as pairs (the other None), validated: exactly one
+    given; ``size`` an int or a pair of ints >= 1, ``scale_factor`` a float or a pair of
+    finite floats > 0.
+
+    Raises:
+        TypeError, ValueError: naming the bad value."""
+    if (size is None) == (scale_factor is None):
+        raise ValueError(f"{op}: give exactly one of size and scale_factor, got size={size!r}, "
+                         f"scale_factor={scale_factor!r}")
+    if size is not None:
+        return _pair(size, "size", op), None
+    sf = tuple(scale_factor) if isinstance(scale_factor, (tuple, list)) else \
+        (scale_factor, scale_factor)
+    if len(sf) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in sf):
+        raise TypeError(f"{op}: scale_factor must be a float or a pair of floats, got "
+                        f"{scale_factor!r}")
+    if any(not math.isfinite(v) or v <= 0 for v in sf):
+        raise ValueError(f"{op}: scale_factor must be finite and > 0, got {scale_factor!r}")
+    return None, tuple(float(v) for v in sf)
+
+
+def upsample_output_size(op: str, in_hw, size, scale_factor):
+    """The output ``(H, W)`` of a resize of ``in_hw`` as ``torch.nn.functional.interpolate``
+    computes it (``size``, or ``floor(in * scale_factor)`` in float64) and the scale factors
+    its index formula uses (``(None, None)`` where the size decides); arguments as
+    :func:`upsample_args`.
+
+    Raises:
+        TypeError, ValueError: bad arguments, or an output size below 1."""
+    size, sf = upsample_args(op, size, scale_factor)
+    if size is not None:
+        return size, (None, None)
+    out = tuple(int(math.floor(float(n) * v)) for n, v in zip(in_hw, sf))
+    if min(out) < 1 or max(out) > _GEOMETRY_MAX:
+        raise ValueError(f"{op}: scale_factor {scale_factor!r} gives an output size {out} "
+                         f"from {tuple(int(v) for v in in_hw)}; it must be between 1 and "
+                         f"2^31 - 1")
+    return out, sf
+
+
+def check_nearest(op: str, size, scale_factor, mode, recompute_scale_factor) -> None:
+    """The arguments of a nearest-neighbour resize (:func:`upsample_nearest2d`, the
+    ``Upsample`` modules), validated as :func:`upsample_args` plus ``mode`` one of
+    ``"nearest"`` / ``"nearest-exact"`` and ``recompute_scale_factor`` None or a bool.
+
+    Raises:
+        TypeError, ValueError: naming the bad value."""
+    if mode not in _NEAREST_MODES:
+        raise ValueError(f"{op}: mode must be one of {_NEAREST_MODES} (the int8 form copies "
+                         f"codes; interpolating modes would need rounding), got {mode!r}")
+    if recompute_scale_factor is not None and not isinstance(recompute_scale_factor, bool):
+        raise TypeError(f"{op}: recompute_scale_factor must be None or a bool, got "
+                        f"{recompute_scale_factor!r}")
+    upsample_args(op, size, scale_factor)
+
+
+@functools.lru_cache(maxsize=256)
+def _nearest_index(in_size: int, out_size: int, scale, exact: bool, device: str):
+    from ..backends.numpy.pool import nearest_source_index
+    return torch.from_numpy(nearest_source_index(in_size, out_size, scale, exact)).to(device)
+
+
+@eager_under_compile
+def upsample_nearest2d(x, size=None, scale_factor=None, mode: str = "nearest",
+                       recompute_scale_factor=None):
+    """Nearest-neighbour resize of a quantized ``(N, C, H, W)`` activation, the arguments and
+    the output's pixels as ``torch.nn.functional.interpolate(x, size, scale_factor, mode,
+    recompute_scale_factor=...)`` gives them for a float tensor (``mode`` ``"nearest"`` or
+    ``"nearest-exact"``); the output keeps the input's qparams (a copy of its codes),
+    channels_last.
+
+    Raises:
+        TypeError: ``x`` not an int8 / uint8 tensor, bad argument types.
+        ValueError: ``x`` not 4-D, another mode, both or neither of size and scale_factor,
+            or an output size below 1.
+    """
+    op = "upsample_nearest2d"
+    _check_nchw(x, op)
+    check_nearest(op, size, scale_factor, mode, recompute_scale_factor)
+    (oh, ow), (sh, sw) = upsample_output_size(op, x.shape[2:], size, scale_factor)
+    if recompute_scale_factor:
+        sh = sw = None
+    exact = mode == "nearest-exact"
+    dev = str(x.device)
+    ih = _nearest_index(int(x.shape[2]), oh, sh, exact, dev)
+    iw = _nearest_index(int(x.shape[3]), ow, sw, exact, dev)
+    return get_op("gather_hw", x)(x, ih, iw)

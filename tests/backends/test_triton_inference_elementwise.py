@@ -1,5 +1,6 @@
-"""Triton quantize / dequantize / requantize / add / mul / lookup / concat / pooling kernels
-== the NumPy oracle and the reference backend, byte for byte (interpreter on CPU, device on GPU)."""
+"""Triton quantize / dequantize / requantize / add / mul / lookup / concat / gather / pooling
+kernels == the NumPy oracle and the reference backend, byte for byte (interpreter on CPU,
+device on GPU)."""
 from __future__ import annotations
 
 import pytest
@@ -137,6 +138,19 @@ def test_lookup(xdt, tdt):
     check_op("lookup", (x[:, ::2, 1:], table), "lookup strided")
     check_op("lookup", (rand_act((1030,), xdt), table), "lookup flat")
     check_op("lookup", (rand_act((0, 3), xdt), table), "lookup empty")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
+def test_gather_hw(dtype):
+    """Nearest resizes' row / column gather (index tables from the host): channels_last,
+    NCHW and strided inputs, channels past a block, an index table that repeats and skips."""
+    ih = torch.tensor([0, 0, 1, 3, 4, 4, 2], dtype=torch.int64)
+    iw = torch.tensor([5, 1, 1, 0], dtype=torch.int64)
+    x = rand_act((2, 70, 5, 6), dtype)
+    check_op("gather_hw", (x.contiguous(memory_format=CL), ih, iw), "gather channels_last")
+    check_op("gather_hw", (x, ih, iw), "gather nchw")
+    check_op("gather_hw", (x[:, 1::2], ih, iw), "gather strided")
+    check_op("gather_hw", (x[:0], ih, iw), "gather empty")
 
 
 def test_concat():

@@ -222,10 +222,11 @@ def test_every_launch_turns_fp_fusion_off(monkeypatch):
     OPS["quantize"](torch.randn(8), torch.tensor(0.1), torch.tensor(0, dtype=torch.int32),
                     -128, 127, None, torch.int8)
     OPS["lookup"](y, torch.randint(-128, 128, (256,), dtype=torch.int8))
+    OPS["gather_hw"](y, torch.tensor([0, 0, 1]), torch.tensor([1, 0]))
     OPS["max_pool2d"](y, 2, 2, 0, 1, False)
     OPS["adaptive_avg_pool2d"](y, 0, (1, 1), -128, 127)
     names = {n for n, _ in seen}
     assert {"_qconv_kernel", "_im2col_kernel", "_qdepthwise_kernel", "_qgemm_kernel",
             "_add_kernel", "_quantize_kernel", "_pool_kernel", "_adaptive_avg_kernel",
-            "_lookup_kernel"} <= names
+            "_lookup_kernel", "_gather_hw_kernel"} <= names
     assert all(f is False for _, f in seen), seen

@@ -151,6 +151,11 @@ def adaptive_avg_pool2d(x, zero_point, output_size, qmin, qmax):
                                                            output_size, qmin, qmax))
 
 
+def gather_hw(x, ih, iw):
+    return common.from_nhwc(_pool.gather_hw_nhwc(common.nhwc(x), common.to_numpy(ih),
+                                                 common.to_numpy(iw)))
+
+
 OPS = {
     "quantize": quantize,
     "dequantize": dequantize,
@@ -164,6 +169,7 @@ OPS = {
     "max_pool2d": max_pool2d,
     "avg_pool2d": avg_pool2d,
     "adaptive_avg_pool2d": adaptive_avg_pool2d,
+    "gather_hw": gather_hw,
 }
 
 # dynamic (per-token) quantization ops for transformers (their own family file)

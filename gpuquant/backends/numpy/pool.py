@@ -112,3 +112,30 @@ def adaptive_avg_pool2d_nhwc(xa, zero_point, output_size, qmin, qmax):
     cnt = ((h1 - h0)[:, None] * (w1 - w0)[None, :])[None, :, :, None]
     y = _round_div(tot, cnt) + int(zero_point)
     return np.clip(y, qmin, qmax).astype(xa.dtype)
+
+
+def nearest_source_index(in_size: int, out_size: int, scale_factor, exact: bool) -> np.ndarray:
+    """The input index each output index of a nearest-neighbour resize reads, as torch's
+    ``upsample_nearest2d`` computes it (``nearest_idx`` / ``nearest_exact_idx`` in ATen's
+    ``UpSample.h``, float32): the scale is ``float32(1 / scale_factor)`` when a scale factor
+    is given, else ``float32(in) / float32(out)``; ``min(floor(o * scale), in - 1)``, with
+    ``o + 0.5`` for ``nearest-exact``; plain ``nearest`` copies when the sizes are equal and
+    halves when the output is twice the input. int64, ``out_size`` entries."""
+    o = np.arange(out_size, dtype=np.int64)
+    if not exact and out_size == in_size:
+        return o
+    if not exact and out_size == 2 * in_size:
+        return o >> 1
+    if scale_factor is not None and scale_factor > 0:
+        scale = np.float32(1.0 / float(scale_factor))
+    else:
+        scale = np.float32(in_size) / np.float32(out_size)
+    of = o.astype(np.float32)
+    if exact:
+        of = of + np.float32(0.5)
+    return np.minimum(np.floor(of * scale).astype(np.int64), in_size - 1)
+
+
+def gather_hw_nhwc(xa: np.ndarray, ih: np.ndarray, iw: np.ndarray) -> np.ndarray:
+    """``y[n, i, j, c] = x[n, ih[i], iw[j], c]`` on an NHWC array."""
+    return np.take(np.take(xa, ih, axis=1), iw, axis=2)

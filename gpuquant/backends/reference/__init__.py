@@ -221,6 +221,11 @@ def avg_pool2d(x, zero_point, kernel_size, stride, padding, ceil_mode, count_inc
     return _channels_last(y.clamp(qmin, qmax).to(x.dtype))
 
 
+def gather_hw(x, ih, iw):
+    """``y[n, c, i, j] = x[n, c, ih[i], iw[j]]`` (nearest-neighbour resizes)."""
+    return _channels_last(x.index_select(2, ih).index_select(3, iw))
+
+
 def adaptive_avg_pool2d(x, zero_point, output_size, qmin, qmax):
     n, c, h, w = x.shape
     oh, ow = output_size
@@ -239,7 +244,7 @@ OPS = {
     "quantize": quantize, "dequantize": dequantize, "fake_quant": fake_quant,
     "requantize": requantize, "conv2d": conv2d, "linear": linear, "add": add, "mul": mul,
     "lookup": lookup, "concat": concat, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d,
-    "adaptive_avg_pool2d": adaptive_avg_pool2d,
+    "adaptive_avg_pool2d": adaptive_avg_pool2d, "gather_hw": gather_hw,
 }
 
 # dynamic (per-token) quantization ops for transformers: defined in their own file

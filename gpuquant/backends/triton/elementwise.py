@@ -1,6 +1,6 @@
 """Triton kernels for the rest of a quantized network: quantize, dequantize, requantize,
-add, mul, table lookup, concat, max / average / adaptive-average pooling (contract section 1, the
-semantics of :mod:`gpuquant.backends.reference`, bit for bit).
+add, mul, table lookup, concat, nearest resize, max / average / adaptive-average pooling
+(contract section 1, the semantics of :mod:`gpuquant.backends.reference`, bit for bit).
 
 Elementwise kernels walk the dense storage of their operands (contiguous or channels_last),
 the channel of a flat offset being ``(offset // stride[axis]) % size[axis]``; pooling
@@ -151,6 +151,27 @@ def _lookup_kernel(X, T, Y, numel, OFFSET: tl.constexpr, BLOCK: tl.constexpr):
     mask = offs < numel
     x = tl.load(X + offs, mask=mask, other=0).to(tl.int32)
     tl.store(Y + offs, tl.load(T + (x + OFFSET), mask=mask, other=0), mask=mask)
+
+
+@triton.jit
+def _gather_hw_kernel(X, IH, IW, Y, M, C, OH, OW, stride_xn, stride_xc, stride_xh, stride_xw,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Y[n, i, j, :] = X[n, IH[i], IW[j], :] (NHWC output rows ``(n * OH + i) * OW + j``;
+    X strided): a nearest-neighbour resize copies codes."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm = rows < M
+    cm = cols < C
+    j = rows % OW
+    t = rows // OW
+    i = t % OH
+    n = t // OH
+    ih = tl.load(IH + i, mask=rm, other=0)
+    iw = tl.load(IW + j, mask=rm, other=0)
+    src = n * stride_xn + ih * stride_xh + iw * stride_xw
+    m = rm[:, None] & cm[None, :]
+    v = tl.load(X + (src[:, None] + cols.to(tl.int64)[None, :] * stride_xc), mask=m, other=0)
+    tl.store(Y + (rows[:, None] * C + cols[None, :]), v, mask=m)
 
 
 @triton.jit(do_not_specialize=["x_zp"])
@@ -385,6 +406,21 @@ def lookup(x, table):
     return y
 
 
+def gather_hw(x, ih, iw):
+    n, c, oh, ow = int(x.shape[0]), int(x.shape[1]), int(ih.shape[0]), int(iw.shape[0])
+    y = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    if y.numel() == 0:
+        return y
+    bc = 32 if INTERPRET else min(128, triton.next_power_of_2(c))
+    bm = 16 if INTERPRET else max(1, 4096 // bc)
+    m = n * oh * ow
+    xs = x.stride()
+    launch(_gather_hw_kernel, (cdiv(m, bm), cdiv(c, bc)), x, ih, iw, y, m, c, oh, ow,
+           xs[0], xs[1], xs[2], xs[3], BLOCK_M=bm, BLOCK_C=bc, **LAUNCH_OPTS)
+    return y
+
+
 def _as4d(t: torch.Tensor):
     shape, strides = list(t.shape), list(t.stride())
     while len(shape) < 4:
@@ -511,5 +547,5 @@ OPS = {
     "quantize": quantize, "dequantize": dequantize, "requantize": requantize, "add": add,
     "mul": mul, "lookup": lookup, "concat": concat, "max_pool2d": max_pool2d,
     "avg_pool2d": avg_pool2d,
-    "adaptive_avg_pool2d": adaptive_avg_pool2d,
+    "adaptive_avg_pool2d": adaptive_avg_pool2d, "gather_hw": gather_hw,
 }

@@ -391,6 +391,11 @@ def kernel_variants(cc: int, all_configs: bool = True, ci: bool = False):
     asig = {"A": "*i8", "B": "*i8", "EPI": "*i64", "Y": "*i8", "numel": "i32"}
     out.append(("add", elementwise._add_kernel, asig, {"BLOCK": 1024, "MODE": 11}, 4, 2,
                 False))
+    gsig = {"X": "*i8", "IH": "*i64", "IW": "*i64", "Y": "*i8"}
+    gsig.update({k: "i32" for k in ("M", "C", "OH", "OW", "stride_xn", "stride_xc",
+                                      "stride_xh", "stride_xw")})
+    out.append(("gather_hw", elementwise._gather_hw_kernel, gsig,
+                {"BLOCK_M": 32, "BLOCK_C": 128}, 4, 2, False))
     lsig = {"X": "*i8", "T": "*i8", "Y": "*i8", "numel": "i32"}
     out.append(("lookup", elementwise._lookup_kernel, lsig, {"OFFSET": 128, "BLOCK": 1024}, 4,
                 2, False))

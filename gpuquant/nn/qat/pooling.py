@@ -1,4 +1,5 @@
-"""QAT pooling: the output keeps the input's qparams (as the integer ops do).
+"""QAT pooling and nearest-neighbour ``Upsample``: the output keeps the input's qparams (as
+the integer ops do).
 
 Max pooling of values on the integer grid stays on it. Average pooling does not; when its
 input is fake-quantized, the QAT module rounds the average exactly as the integer op will
@@ -18,7 +19,7 @@ from ...functional.integer import _pair as _int_pair, _pool_window
 from .. import pooling as Float
 from .module import QATModule, check_image_input, source_of, tag_output
 
-__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
+__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Upsample"]
 
 
 def _pair(v):
@@ -148,3 +149,24 @@ def resolve_output_size(output_size, shape):
     """``AdaptiveAvgPool2d``'s output size with None entries taken from ``shape`` (N, C, H, W)."""
     oh, ow = _pair(output_size)
     return (shape[-2] if oh is None else int(oh), shape[-1] if ow is None else int(ow))
+
+
+class Upsample(_PassQParams, Float.Upsample):
+    """QAT ``Upsample`` (nearest modes): copies of the input's values, on its grid, with its
+    qparams."""
+
+    def _check_input(self, x) -> None:
+        """Refuse what the integer op refuses (shapes only: no device sync).
+
+        Raises:
+            TypeError: not a tensor. ValueError: not 4-D, or an output size below 1.
+        """
+        from ...functional.integer import upsample_output_size
+        super()._check_input(x)
+        if x.dim() != 4:  # (torch reads a 3-D input as (N, C, L): a 1-D resize)
+            raise ValueError(f"{type(self).__name__}: x must be 4-D (N, C, H, W), got shape "
+                             f"{tuple(x.shape)}")
+        upsample_output_size(type(self).__name__, x.shape[2:], self.size, self.scale_factor)
+
+    def _pool(self, x):
+        return Float.Upsample.forward(self, x)

@@ -7,11 +7,11 @@ from .elemwise import Concat, Elemwise
 from .fused import ConvAdd, ConvDequant
 from .linear import Linear, LinearBn1d, LinearBnRelu1d, LinearRelu
 from .module import QuantizedModule
-from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, Upsample
 from .stubs import DequantStub, QuantStub
 
 __all__ = ["QuantizedModule", "Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d",
            "ConvBnRelu62d", "Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d", "Elemwise",
            "Concat", "Activation", "QuantStub", "DequantStub", "MaxPool2d", "AvgPool2d",
-           "AdaptiveAvgPool2d",
+           "AdaptiveAvgPool2d", "Upsample",
            "ConvAdd", "ConvDequant"]

@@ -1,4 +1,4 @@
-"""Integer pooling; the output keeps the input's qparams."""
+"""Integer pooling and nearest-neighbour ``Upsample``; the output keeps the input's qparams."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ from ...functional import integer
 from ..qat.pooling import resolve_output_size
 from .module import QuantizedModule, placeholder_qparams
 
-__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
+__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Upsample"]
 
 
 class _Pool(QuantizedModule):
@@ -75,3 +75,15 @@ class AdaptiveAvgPool2d(_Pool):
         zp, lo, hi = self._cached("range", x.device, self._range)
         return integer.adaptive_avg_pool2d(x, zp, resolve_output_size(self.output_size, x.shape),
                                            lo, hi)
+
+
+class Upsample(_Pool):
+    """Integer ``Upsample`` (nearest modes): the input's codes copied, as
+    ``torch.nn.functional.interpolate`` picks them for a float tensor."""
+
+    _ARGS = ("size", "scale_factor", "mode", "recompute_scale_factor")
+
+    def forward(self, x):
+        self._check_input(x)
+        return integer.upsample_nearest2d(x, self.size, self.scale_factor, self.mode,
+                                          self.recompute_scale_factor)
