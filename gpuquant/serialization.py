@@ -592,10 +592,11 @@ def _device(map_location) -> torch.device:
 def _build_root(path, desc, tensors, model, undo: list):
     """The model with the file's modules and tensors (``model`` changed in place)."""
     if desc.get("dropin") and not isinstance(model, torch.fx.GraphModule):
-        given = "no model" if model is None else f"the {type(model).__name__} given"
+        given = "no model= was given" if model is None else \
+            f"the {type(model).__name__} given does not run it"
         raise ValueError(f"gpuquant.load: {path!r} holds a model converted from plain torch.nn "
-                         f"(its forward is a traced torch.fx graph with quant stubs, which "
-                         f"{given} does not run); pass model="
+                         f"(its forward is a traced torch.fx graph with quant stubs, and "
+                         f"{given}); pass model="
                          f"gpuquant.quantization.prepare_plain(<float model>, example_inputs) "
                          f"as the skeleton")
     try:

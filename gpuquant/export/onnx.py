@@ -18,11 +18,18 @@ tensor's shape, and each node is written with the ONNX helper API:
   float32) indexing a ``Gather`` of ``DequantizeLinear(table)`` (the int8 / uint8 table at
   the output's qparams), then ``QuantizeLinear`` to the same qparams: the bytes of gpuquant's
   table in every consumer (see :func:`_lookup`);
+* ``Upsample`` (nearest modes) -> ``Resize(mode="nearest")`` between DQ and Q with constant
+  ``scales`` (``nearest``: ``coordinate_transformation_mode="asymmetric"``,
+  ``nearest_mode="floor"``; ``nearest-exact``: ``"half_pixel"``, ``"round_prefer_ceil"``), the
+  module's arguments in the metadata (``gpuquant.nearest_resize``, read by
+  :mod:`gpuquant.runtime`, which picks torch's pixels from them); see :func:`_upsample` for
+  when the graph holds at any spatial size;
 * ``flatten`` / ``reshape`` / ``view`` act on the int8 tensor itself.
 
 The graph's batch dimension is symbolic (``N``) and its spatial size free, except where a
 node holds only for the example's spatial size (an ``AdaptiveAvgPool2d`` to more than 1x1, a
-fixed-kernel ``AveragePool``; a ``ceil_mode`` pool whose windows depend on the size): then
+fixed-kernel ``AveragePool``; a ``ceil_mode`` pool whose windows depend on the size; an
+``Upsample`` given a ``size``, or whose ratio ONNX's Resize cannot follow at every size): then
 the model's metadata says so (``gpuquant.fixed_input_hw`` = ``"H,W"``, the nodes in
 ``gpuquant.size_dependent_nodes``), ``to_onnx`` warns once, and :mod:`gpuquant.runtime`
 refuses other sizes. :mod:`gpuquant.runtime` executes these files with the contract's
@@ -31,6 +38,9 @@ layer; the steps compound through a network).
 """
 from __future__ import annotations
 
+import functools
+import json
+import math
 import operator
 import os
 import warnings
@@ -43,7 +53,7 @@ from .._compile import uncompiled
 from ..nn.quantized.fused import ConvAdd, ConvDequant
 from ..nn.quantized.module import QuantizedTracer
 from ..quantization.epilogue import unfuse_epilogues
-from ..runtime.session import FIXED_HW_KEY, FIXED_NODES_KEY, FORMAT, FORMAT_KEY
+from ..runtime.session import FIXED_HW_KEY, FIXED_NODES_KEY, FORMAT, FORMAT_KEY, RESIZE_KEY
 
 __all__ = ["to_onnx", "OPSET"]
 
@@ -90,6 +100,7 @@ class _Builder:
         self.model_name = model_name
         self._dq = {}
         self.size_dependent = []  # (ONNX node name, why): valid only at the example's size
+        self.resize_args = {}     # Resize node name -> the torch Upsample's arguments
 
     def fresh(self, base: str) -> str:
         base = base.replace(".", "_") or "t"
@@ -197,7 +208,8 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
             str / os.PathLike.
         ValueError: an opset outside 13 to the installed onnx's newest, a model in training
             mode, a model with no static quantized module (e.g. only ``quantize_dynamic``'s
-            modules, which have no QDQ export).
+            modules, which have no QDQ export); an ``Upsample`` whose source pixels at the
+            example's size no ONNX Resize scale reproduces (named; see :func:`_upsample`).
         NotImplementedError: a module or operation with no QDQ export (named), e.g. a float
             layer left in the model, an activation dtype other than qint8 / quint8; an output
             other than a tensor or a flat tuple / list of tensors (a dict, a nested tuple,
@@ -206,7 +218,8 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
     Warns:
         UserWarning: once, naming the nodes, where the graph holds only for the example's
             spatial size (a non-global ``AdaptiveAvgPool2d``, a ``ceil_mode`` pool whose
-            windows depend on the size); the model's metadata then records it
+            windows depend on the size, an ``Upsample`` given a ``size`` or whose ratio
+            Resize cannot follow at every size); the model's metadata then records it
             (``gpuquant.fixed_input_hw`` = ``"H,W"``, one per 4-D input, ``;`` between) and
             :mod:`gpuquant.runtime` refuses other sizes.
 
@@ -379,6 +392,8 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
                 env[node.name] = out_q(y, base, m, node)
             elif isinstance(m, (Q.MaxPool2d, Q.AvgPool2d, Q.AdaptiveAvgPool2d)):
                 env[node.name] = _pool(b, m, node, vals, dq_input, who, base)
+            elif isinstance(m, Q.Upsample):
+                env[node.name] = _upsample(b, m, node, vals, dq_input, who, base)
             elif isinstance(m, Q.Activation):
                 env[node.name] = _lookup(b, m, q_of(node.args[0], who), who, base,
                                          tuple(vals[node.name].shape))
@@ -426,6 +441,8 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
                               opset_imports=[helper.make_opsetid("", int(opset))])
     proto.ir_version = min(proto.ir_version, 8)  # readable by older onnxruntime releases
     props = {FORMAT_KEY: FORMAT}
+    if b.resize_args:
+        props[RESIZE_KEY] = json.dumps(b.resize_args, sort_keys=True)
     if b.size_dependent:
         props.update(_fixed_size(b.size_dependent, inputs))
     helper.set_model_props(proto, props)
@@ -589,6 +606,164 @@ def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
             if isinstance(m, Q.AdaptiveAvgPool2d) else "ceil_mode windows"
         b.size_dependent.append((b.nodes[-1].name,
                                  f"{who}: {why} for input {tuple(shape_in[-2:])}"))
+    return b.quantize(y, base, s, z, dt, tuple(vals[node.name].shape))
+
+
+# torch's nearest modes as ONNX Resize attributes: "nearest" reads floor(o * in / out)
+# (asymmetric, floor); "nearest-exact" floor((o + 0.5) * in / out), which is
+# round_prefer_ceil((o + 0.5) * in / out - 0.5) (half_pixel; not pytorch_half_pixel, which
+# reads pixel 0 for an output of size 1 where torch reads the middle one)
+RESIZE_FORMS = {"nearest": ("asymmetric", "floor"),
+                "nearest-exact": ("half_pixel", "round_prefer_ceil")}
+_RESIZE_CHECKED = 4096  # a scale_factor Resize is size-free if exact at every size to this
+
+
+def _round_half_up(x: np.ndarray) -> np.ndarray:
+    """C's ``round`` (half away from zero) in x's float type, exactly."""
+    t = np.trunc(x)
+    return t + np.sign(x) * (np.abs(x - t) >= 0.5)
+
+
+def _onnx_nearest(out: int, scale, exact: bool, ftype) -> np.ndarray:
+    """ONNX Resize's source index (before clamping to the input) of each of ``out`` output
+    indices, with the formula evaluated in ``ftype``: float32 is onnxruntime's arithmetic
+    (``o / scale``; ``(o + 0.5) / scale - 0.5`` rounded half up), float64 about the
+    real-valued one. int64."""
+    o = np.arange(out).astype(ftype)
+    s = ftype(np.float32(scale))
+    x = (o + ftype(0.5)) / s - ftype(0.5) if exact else o / s
+    return (_round_half_up(x) if exact else np.floor(x)).astype(np.int64)
+
+
+def _resize_picks(n: int, out: int, want: np.ndarray, scale, exact: bool,
+                  strict: bool = True) -> bool:
+    """Whether ``Resize`` with float32 ``scale`` on an input dimension of ``n`` gives ``out``
+    outputs reading input indices ``want`` in float32 arithmetic (onnxruntime's) and, if
+    ``strict``, in float64 too (a consumer computing more precisely: no index sits on a
+    rounding boundary that float32 crosses)."""
+    s = np.float32(scale)
+    if int(np.floor(s * np.float32(n))) != out or math.floor(float(s) * n) != out:
+        return False
+    return all(np.array_equal(np.clip(_onnx_nearest(out, s, exact, ft), 0, n - 1), want)
+               for ft in ((np.float32, np.float64) if strict else (np.float32,)))
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_size_free(scale_factor: float, exact: bool) -> bool:
+    """Whether ``Resize`` with scale ``float32(scale_factor)`` picks torch's pixels (and output
+    size) for ``interpolate(scale_factor=scale_factor)`` at every input size from 1 to
+    ``_RESIZE_CHECKED`` (in float32 and float64 arithmetic, :func:`_resize_picks`): then the
+    exported graph holds at any spatial size. Below an index where both agree unclamped, the
+    clamped indices agree at every size; the sizes where torch copies or halves (``nearest``
+    with an output of once or twice the input) are checked one by one."""
+    from ..backends.numpy.pool import nearest_source_index
+    s = np.float32(scale_factor)
+    ns = np.arange(1, _RESIZE_CHECKED + 1)
+    outs = np.floor(ns.astype(np.float64) * float(scale_factor)).astype(np.int64)  # torch's
+    run = outs >= 1  # (smaller outputs: torch refuses them, and so does gpuquant.runtime)
+    if not run.any() or int(outs.max()) > 2 ** 22:
+        return False
+    if (np.floor(s * ns.astype(np.float32)).astype(np.int64) != outs)[run].any() or \
+            (np.floor(float(s) * ns) != outs)[run].any():
+        return False
+    top = int(outs.max())
+    t = nearest_source_index(2 ** 40, top, float(scale_factor), exact)  # unclamped
+    e = [np.maximum(_onnx_nearest(top, s, exact, ft), 0) for ft in (np.float32, np.float64)]
+    bad = np.nonzero((t != e[0]) | (t != e[1]))[0]
+    for n, out in zip(ns[run], outs[run]):
+        n, out = int(n), int(out)
+        if not exact and out in (n, 2 * n):  # torch's copy / halving
+            if float(s) == out / n:  # o / 1, o / 2: exact in any float arithmetic
+                continue
+            if not _resize_picks(n, out, nearest_source_index(n, out, float(scale_factor),
+                                                              exact), s, exact):
+                return False
+            continue
+        d = bad[bad < out]
+        if d.size and any((np.minimum(t[d], n - 1) != np.minimum(v[d], n - 1)).any()
+                          for v in e):
+            return False
+    return True
+
+
+def _example_scale(n: int, out: int, want: np.ndarray, exact: bool, first):
+    """A float32 Resize scale that gives ``out`` outputs reading ``want`` from an input
+    dimension of ``n`` (:func:`_resize_picks`): ``first`` (the module's factor) if given and
+    it does, else ``out / n`` as onnxruntime computes it from sizes, else the float32 values
+    from ``out / n`` up (at most 4096 of them, all below ``(out + 1) / n``). None if none."""
+    cands = [] if first is None else [np.float32(first)]
+    cands.append(np.float32(out) / np.float32(n))
+    s = np.float32(out / n)
+    if float(s) < out / n:
+        s = np.nextafter(s, np.float32(np.inf))
+    for _ in range(4096):
+        if float(s) * n >= out + 1:
+            break
+        cands.append(s)
+        s = np.nextafter(s, np.float32(np.inf))
+    for strict in (True, False):  # one that float64 arithmetic agrees with, if any
+        for c in cands:
+            if np.isfinite(c) and c > 0 and _resize_picks(n, out, want, c, exact, strict):
+                return np.float32(c)
+    return None
+
+
+def _upsample(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
+    """A quantized nearest ``Upsample``: ``Resize(DequantizeLinear(x), scales=[1, 1, sh, sw],
+    mode="nearest")`` (coordinate / nearest modes from :data:`RESIZE_FORMS`), then
+    ``QuantizeLinear`` to the input's qparams (a copy of codes in every consumer); the
+    module's arguments are recorded for :mod:`gpuquant.runtime` (metadata
+    ``gpuquant.nearest_resize``: Resize node name -> ``size``, ``scale_factor``, ``mode``,
+    ``recompute_scale_factor``), which computes torch's pixels from them.
+
+    Which scales: a ``scale_factor`` (not recomputed) whose float32 value makes Resize pick
+    torch's pixels at every input size up to 4096 (integer factors, halves, ...;
+    :func:`_resize_size_free`) is written as is and the graph holds at any spatial size.
+    Otherwise (a ``size``, ``recompute_scale_factor=True``: torch's ratio is ``in / out`` of
+    the actual size; a factor such as 0.3 whose float32 rounding differs from torch's
+    ``1 / scale_factor``) the scale is one that picks torch's pixels at the example's
+    size (:func:`_example_scale`), and the node is size-dependent (warned, metadata,
+    refused by gpuquant.runtime at other sizes). If no float32 scale does, ValueError."""
+    from ..backends.numpy.pool import nearest_source_index
+    from ..functional.integer import upsample_args
+    if m.mode not in RESIZE_FORMS:  # (the module refuses other modes)
+        raise NotImplementedError(f"to_onnx: {who} with mode {m.mode!r}")
+    x = dq_input(node.args[0], m, "input", who)
+    s, z, dt = _qp(m, "input")
+    in_hw = tuple(int(v) for v in vals[node.args[0].name].shape[-2:])
+    out_hw = tuple(int(v) for v in vals[node.name].shape[-2:])
+    size, sf = upsample_args(who, m.size, m.scale_factor)
+    exact = m.mode == "nearest-exact"
+    factor = sf is not None and not m.recompute_scale_factor  # torch's index uses 1 / factor
+    scales, why = [], []
+    for d, (n, out) in enumerate(zip(in_hw, out_hw)):
+        if factor and _resize_size_free(sf[d], exact):
+            scales.append(np.float32(sf[d]))
+            continue
+        want = nearest_source_index(n, out, sf[d] if factor else None, exact) if n else None
+        sc = _example_scale(n, out, want, exact, sf[d] if factor else None) if n else None
+        if sc is None:
+            raise ValueError(f"to_onnx: {who}: no ONNX Resize scale picks torch's source "
+                             f"pixels ({m.mode}) from input size {in_hw} to {out_hw} (dimension "
+                             f"{d + 2}: {n} -> {out}); export with an example of another "
+                             f"size, or use a scale_factor that is an integer")
+        scales.append(sc)
+        why.append(f"dimension {d + 2}: " + (
+            f"size={size}, a ratio that depends on the input size" if size is not None else
+            "recompute_scale_factor=True, a ratio that depends on the input size"
+            if not factor else f"scale_factor {sf[d]!r}, whose float32 Resize differs from "
+            f"torch at some input sizes up to {_RESIZE_CHECKED}"))
+    ctm, nm = RESIZE_FORMS[m.mode]
+    sc = b.init(f"{base}_scales", np.array([1.0, 1.0] + scales, dtype=np.float32))
+    y = b.node("Resize", [x, "", sc], f"{base}_resize", mode="nearest",
+               coordinate_transformation_mode=ctm, nearest_mode=nm)
+    name = b.nodes[-1].name
+    b.resize_args[name] = {"size": None if size is None else list(size),
+                           "scale_factor": None if sf is None else list(sf), "mode": m.mode,
+                           "recompute_scale_factor": m.recompute_scale_factor}
+    if why:
+        b.size_dependent.append((name, f"{who}: a Resize for input {in_hw} ("
+                                       f"{'; '.join(why)})"))
     return b.quantize(y, base, s, z, dt, tuple(vals[node.name].shape))
 
 

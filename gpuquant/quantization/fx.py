@@ -37,9 +37,19 @@ and goes through the usual float -> QAT flow. Steps:
    / ``GELU`` / ``Mish`` / ``ELU`` (alpha 1) / ``Softplus`` (beta 1, threshold 20) /
    ``LeakyReLU`` (exact types), the ``F.`` functions of those names, ``torch.sigmoid`` /
    ``torch.tanh`` and ``.sigmoid()`` / ``.tanh()`` (and their in-place forms); other
-   arguments (``F.elu(x, 0.5)``) stay float, the warning says why. A fusion needs the
-   intermediate value to have a single user; a module called at several places gets one new
-   module per call site (``conv_1``, ``conv_2``: own output qparams, shared weights).
+   arguments (``F.elu(x, 0.5)``) stay float, the warning says why; nearest-neighbour resizes
+   into ``Upsample`` (one a call site; the output keeps the input's qparams):
+   ``nn.Upsample`` in mode ``"nearest"`` / ``"nearest-exact"`` and ``nn.UpsamplingNearest2d``
+   (exact types, not hooked), ``F.interpolate`` in those modes with constant ``size`` /
+   ``scale_factor`` (``F.upsample`` / ``F.upsample_nearest`` trace as ``F.interpolate``), on
+   4-D inputs: by the example run's shapes, else when ``size`` / ``scale_factor`` is an
+   ``(h, w)`` pair or the input comes from a swapped conv / pool / Upsample (through
+   ``Activation``, ``Concat``, ``Elemwise``). Interpolating modes, ``align_corners``,
+   ``antialias``, other ranks and a size computed in forward (``size=c.shape[-2:]``: a
+   constant would tie the model to the example's input size) stay float, the warning says
+   why. A fusion needs the intermediate value to have a single user; a module called at
+   several places gets one new module per call site (``conv_1``, ``conv_2``: own output
+   qparams, shared weights).
 4. **Stub**: every value is quantized (made by a quantized op), float, or not a float tensor.
    Ops that only re-view their input (``flatten``, ``view``, ``reshape``, ``squeeze``,
    ``permute``, indexing, ``split``, ``detach``, ``Dropout``, ``Identity``, ...) keep their
@@ -1033,6 +1043,47 @@ def _activation_args(kind: str, params: dict):
     return kind, float(slope)
 
 
+def _is_pair(v) -> bool:
+    return isinstance(v, (tuple, list)) and len(v) == 2
+
+
+def _upsample_args(params: dict):
+    """The keyword arguments of the :class:`gpuquant.nn.Upsample` computing a resize with
+    the given arguments (``F.interpolate``'s or ``torch.nn.Upsample``'s: ``size``,
+    ``scale_factor``, ``mode``, ``align_corners``, ``recompute_scale_factor``,
+    ``antialias``), or a str saying why none does."""
+    for k, v in params.items():
+        traced: List[fx.Node] = []
+        fx.node.map_aggregate(v, lambda a: traced.append(a) if isinstance(a, fx.Node) else a)
+        if not traced:
+            continue
+        if k == "size":
+            return ("size is computed in forward (e.g. from another tensor's .shape): the int8 "
+                    "Upsample takes a constant size, and fixing the traced one would tie the "
+                    "model to the example's input size; use a constant scale_factor, or "
+                    "accept it float")
+        return f"{k} is a traced value, the int8 Upsample takes a constant"
+    mode = params.get("mode", "nearest")
+    if mode not in _NEAREST_MODES:
+        corners = params.get("align_corners")
+        corners = f", align_corners={corners!r}" if corners is not None else ""
+        return (f"mode={mode!r}{corners} interpolates: the int8 Upsample copies codes, modes "
+                f"'nearest' and 'nearest-exact' only")
+    if params.get("align_corners") is not None:
+        return (f"align_corners={params['align_corners']!r}: the int8 Upsample takes None "
+                f"(torch refuses it in mode {mode!r})")
+    if params.get("antialias", False) is not False:
+        return (f"antialias={params['antialias']!r}: the int8 Upsample takes False (torch "
+                f"refuses it in mode {mode!r})")
+    kw = {k: params.get(k) for k in ("size", "scale_factor", "recompute_scale_factor")}
+    kw["mode"] = mode
+    try:
+        gnn.Upsample(**kw)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return kw
+
+
 def _module_activation(m: torch.nn.Module):
     """:func:`_activation_args` of an activation module of :data:`_ACT_MODULES`."""
     kind = {torch.nn.SiLU: "silu", torch.nn.Hardswish: "hardswish",
@@ -1104,10 +1155,24 @@ _POOL_FN_PARAMS = {
                                    "count_include_pad", "divisor_override")),
     F.adaptive_avg_pool2d: (gnn.AdaptiveAvgPool2d, ("output_size",)),
 }
+# resizes -> gnn.Upsample (nearest modes only; one module a call site). Modules by exact
+# type (a subclass may compute otherwise; one outside torch.nn is traced into, its
+# F.interpolate swapped); UpsamplingBilinear2d is listed to say why it stays float.
+# F.upsample / F.upsample_nearest trace as F.interpolate (its __torch_function__ dispatch)
+_UPSAMPLE_MODULES = (torch.nn.Upsample, torch.nn.UpsamplingNearest2d,
+                     torch.nn.UpsamplingBilinear2d)
+_INTERPOLATE_ARGS = ("input", "size", "scale_factor", "mode", "align_corners",
+                     "recompute_scale_factor", "antialias")
+_NEAREST_MODES = ("nearest", "nearest-exact")
+# swapped ops whose output is an image, (N, C, H, W) (or (C, H, W) unbatched, which the QAT
+# Upsample refuses loudly): without example_inputs an Upsample after them is swapped
+_IMAGE_OPS = (gnn.Conv2d, gnn.ConvRelu2d, gnn.ConvRelu62d, gnn.ConvBn2d, gnn.ConvBnRelu2d,
+              gnn.ConvBnRelu62d, gnn.MaxPool2d, gnn.AvgPool2d, gnn.AdaptiveAvgPool2d,
+              gnn.Upsample)
 # modules drop-in conversion may fuse or swap: kept as they are when they carry hooks
 _HOOK_CHECKED = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.modules.batchnorm._BatchNorm,
                  torch.nn.ReLU, torch.nn.ReLU6, torch.nn.MaxPool2d, torch.nn.AvgPool2d,
-                 torch.nn.AdaptiveAvgPool2d) + _ACT_MODULES
+                 torch.nn.AdaptiveAvgPool2d, torch.nn.Upsample) + _ACT_MODULES
 _POOL_MODULES = {torch.nn.MaxPool2d: gnn.MaxPool2d, torch.nn.AvgPool2d: gnn.AvgPool2d,
                  torch.nn.AdaptiveAvgPool2d: gnn.AdaptiveAvgPool2d}
 _POOL_ARGS = {gnn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "return_indices",
@@ -1446,6 +1511,8 @@ class _Rewriter:
             elif (n.op == "call_function" and n.target in _ACT_FNS) or \
                     (n.op == "call_method" and n.target in _ACT_METHODS):
                 self._swap_activation_call(n)
+            elif n.op == "call_function" and n.target is F.interpolate:
+                self._swap_interpolate(n)
             else:
                 self._swap_elemwise(n)
         # a folded norm_act whose children run nowhere now (fused, or Identity): its path
@@ -1505,6 +1572,12 @@ class _Rewriter:
             if qc is not None:
                 new.qconfig = qc
             self._replace(n, [n], new, n.args, self._module_site_name(n.target))
+        elif type(m) in _UPSAMPLE_MODULES:
+            if len(n.args) != 1 or n.kwargs or not self.kinds.is_float_tensor(n.args[0]):
+                return
+            params = {k: getattr(m, k) for k in _INTERPOLATE_ARGS[1:-1]}
+            self._swap_upsample(n, n.args[0], params,
+                                lambda: self._module_site_name(n.target), m)
 
     def _parameters_read(self, n: fx.Node) -> bool:
         """Whether the forward also reads the layer's parameters directly (``self.fc.weight``,
@@ -1616,6 +1689,79 @@ class _Rewriter:
             self.reasons[n] = act
             return
         self._replace(n, [n], gnn.Activation(*act), n.args[:1], self._new_name(n, act[0]))
+
+    def _swap_interpolate(self, n: fx.Node) -> None:
+        """``F.interpolate(x, size, scale_factor, mode="nearest" | "nearest-exact", ...)``
+        with constant arguments (positional or keyword; fx records ``F.upsample`` and
+        ``F.upsample_nearest`` as this call too) -> ``Upsample``; other arguments stay float,
+        with the reason in the warning (:func:`_upsample_args`)."""
+        names = _INTERPOLATE_ARGS
+        if not n.args or len(n.args) > len(names) or \
+                any(k not in names or k == "input" for k in n.kwargs):
+            return
+        params = dict(zip(names, n.args))
+        if any(k in params for k in n.kwargs):
+            return
+        params.update(n.kwargs)
+        x = params.pop("input")
+        if not self.kinds.is_float_tensor(x):
+            return
+        self._swap_upsample(n, x, params, lambda: self._new_name(n, "upsample"), None)
+
+    def _swap_upsample(self, n: fx.Node, x: fx.Node, params: dict, name,
+                       m: Optional[torch.nn.Module]) -> None:
+        """Node ``n`` resizing ``x`` with ``params`` (module ``m``'s, or a function's) ->
+        ``Upsample`` at ``name()`` (called only then: it reserves the name), when the
+        arguments have an int8 form and ``x`` is 4-D: by the example run's shapes; without
+        them, when a pair ``size`` / ``scale_factor`` (one entry a spatial dim) or the op
+        making ``x`` (:meth:`_image_valued`) says so. Else the reason goes to the warning."""
+        kw = _upsample_args(params)
+        if isinstance(kw, str):
+            self.reasons[n] = kw
+            return
+        tm = x.meta.get("tensor_meta") if self.kinds.has_meta and "dropin_ran" in x.meta \
+            else None
+        if isinstance(tm, TensorMetadata):
+            if len(tm.shape) != 4:
+                self.reasons[n] = (f"a {len(tm.shape)}-D input {tuple(tm.shape)}: the int8 "
+                                   f"Upsample takes 4-D (N, C, H, W)")
+                return
+        elif not self._image_valued(x, {}) and not _is_pair(
+                kw["size"] if kw["size"] is not None else kw["scale_factor"]):
+            self.reasons[n] = ("the input's rank is unknown without example_inputs (the int8 "
+                               "Upsample takes 4-D only; a 3-D input is a 1-D resize): give "
+                               "example_inputs to quantize_qat, or a (h, w) pair as size / "
+                               "scale_factor")
+            return
+        new = gnn.Upsample(**kw)
+        if m is not None:
+            new.training = m.training
+            qc = m.__dict__.get("qconfig")  # the module's own qconfig governs its swap
+            if qc is not None:
+                new.qconfig = qc
+        self._replace(n, [n], new, (x,), name())
+
+    def _image_valued(self, x: fx.Node, memo: Dict[fx.Node, bool]) -> bool:
+        """Whether ``x`` is made by a swapped image op (:data:`_IMAGE_OPS`: 4-D, or 3-D
+        unbatched, which the QAT ``Upsample`` refuses with a clear error), directly or
+        through an ``Activation``, a ``Concat`` of such a value or an ``Elemwise`` of two."""
+        if x in memo:
+            return memo[x]
+        memo[x] = False  # (a graph has no cycles; this only bounds the walk)
+        if x.op != "call_module" or x not in self.quantized:
+            return False
+        mod = self.modules[x.target]
+        ins = [a for a in _node_args(x) if self.kinds.is_float_tensor(a)]
+        if isinstance(mod, _IMAGE_OPS):
+            out = True
+        elif isinstance(mod, (gnn.Activation, gnn.Concat)):
+            out = any(self._image_valued(a, memo) for a in ins)
+        elif isinstance(mod, gnn.Elemwise):
+            out = bool(ins) and all(self._image_valued(a, memo) for a in ins)
+        else:
+            out = False
+        memo[x] = out
+        return out
 
     def _swap_spatial_mean(self, n: fx.Node) -> None:
         """``x.mean((2, 3), keepdim)`` of a 4-D tensor (global average pooling) ->

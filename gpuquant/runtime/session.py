@@ -9,7 +9,11 @@ int8 / uint8 tensor. Fixed-point multipliers come from the stored float32 scales
 the NumPy backend's torch-free kernels, so outputs equal gpuquant's byte for byte. A
 quantized ``Activation`` (exported as ``Gather`` of a ``DequantizeLinear``'d int8 / uint8
 table, indexed by ``Cast(DequantizeLinear(x, 1, storage_min))``, then ``QuantizeLinear`` to
-the table's qparams) becomes one gather of the integer table by the input's codes.
+the table's qparams) becomes one gather of the integer table by the input's codes. A
+nearest ``Resize`` (a quantized ``Upsample``) copies the input's codes, reading the pixels the
+torch module reads: its arguments come from the ``gpuquant.nearest_resize`` metadata, and its
+indices from the NumPy backend's ``nearest_source_index`` (torch's formula), never from
+ONNX's; a graph whose Resize would give another output size than them is refused.
 
 The integer steps read only what gpuquant's form holds (int8 weights with zero point 0, an
 int32 bias in units of ``s_x * s_w``, explicit pads), so anything else is refused at load
@@ -22,6 +26,7 @@ layout the kernels use (as torch's channels_last).
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Dict, List
 
@@ -42,6 +47,12 @@ _RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
 # spatial size, that size ("H,W" for each 4-D input in order, ";" between) and the nodes
 FORMAT_KEY, FORMAT = "gpuquant.format", "qdq-v1"
 FIXED_HW_KEY, FIXED_NODES_KEY = "gpuquant.fixed_input_hw", "gpuquant.size_dependent_nodes"
+# Resize node name -> the torch Upsample's arguments (JSON: size, scale_factor, mode,
+# recompute_scale_factor); the ONNX attributes of each torch mode
+RESIZE_KEY = "gpuquant.nearest_resize"
+_RESIZE_MODES = {"nearest": ("asymmetric", "floor"),
+                 "nearest-exact": ("half_pixel", "round_prefer_ceil")}
+_SIZE_MAX = 2 ** 31 - 1
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
 _ONNX_INT32, _ONNX_INT64 = 6, 7  # onnx.TensorProto.INT32 / INT64
 
@@ -136,6 +147,8 @@ class Session:
         self.output_names = [o.name for o in g.output]
         self.fixed_input_hw = self._fixed_input_hw(meta)
         fixed_nodes = [n for n in meta.get(FIXED_NODES_KEY, "").split(",") if n]
+        self._fixed_nodes = set(fixed_nodes)
+        self._resize_args = self._resize_meta(meta)
         self._fixed_why = f" (node {', '.join(map(repr, fixed_nodes))} exported for that " \
                           f"size)" if fixed_nodes else ""
         self._producer = {}
@@ -168,6 +181,21 @@ class Session:
                 f"'H,W' (positive ints) for each of the {len(four_d)} 4-D inputs {four_d}, "
                 f"';' between")
         return dict(zip(four_d, hw))
+
+    def _resize_meta(self, meta: dict) -> dict:
+        """The ``gpuquant.nearest_resize`` metadata: Resize node name -> the torch module's
+        arguments (JSON)."""
+        if RESIZE_KEY not in meta:
+            return {}
+        try:
+            args = json.loads(meta[RESIZE_KEY])
+        except ValueError:
+            args = None
+        if not isinstance(args, dict) or not all(isinstance(v, dict) for v in args.values()):
+            raise RuntimeFormatError(f"{self.source}: metadata {RESIZE_KEY} must be a JSON "
+                                     f"object node name -> the Upsample's arguments, got "
+                                     f"{meta[RESIZE_KEY][:80]!r}")
+        return args
 
     # ------------------------------------------------------------------ planning
     def _where(self, node) -> str:
@@ -484,6 +512,68 @@ class Session:
         out = self._pool_tail(n, sx, zx)
         self._steps.append(("gap", xq, out, zx, self._where(n)))
 
+    def _plan_Resize(self, n, a):
+        """A quantized ``Upsample``: ``Resize(mode="nearest")`` of a DequantizeLinear'd
+        activation with constant ``scales`` ``[1, 1, sh, sw]`` (no roi, no sizes), the
+        coordinate / nearest modes of one torch mode, feeding a ``QuantizeLinear`` with the
+        input's qparams; the torch module's arguments from the metadata decide the pixels."""
+        def text(k, default):
+            v = a.get(k, default)
+            return v.decode() if isinstance(v, bytes) else str(v)
+
+        form = ("gpuquant exports a quantized Upsample as Resize(DequantizeLinear(x), '', "
+                "scales=[1, 1, sh, sw], mode='nearest') with the torch mode's "
+                f"coordinate_transformation_mode / nearest_mode ({_RESIZE_MODES}) -> "
+                "QuantizeLinear with x's qparams, its arguments in the metadata "
+                f"{RESIZE_KEY!r}")
+        xq, sx, zx = self._view(n.input[0], n)
+        args = self._resize_args.get(n.name)
+        if args is None:
+            raise self._err(n, f"no entry in the metadata {RESIZE_KEY!r} (the torch Upsample's "
+                               f"arguments, which decide its pixels); {form}")
+        mode = args.get("mode")
+        got = (text("mode", "nearest"), text("coordinate_transformation_mode", "half_pixel"),
+               text("nearest_mode", "round_prefer_floor"))
+        if mode not in _RESIZE_MODES or got != ("nearest",) + _RESIZE_MODES[mode]:
+            raise self._err(n, f"mode / coordinate_transformation_mode / nearest_mode {got} "
+                               f"for an Upsample of mode {mode!r}; {form}")
+        if len(n.input) < 3 or n.input[1] or (len(n.input) > 3 and n.input[3]) or \
+                n.input[2] not in self._const:
+            raise self._err(n, f"inputs {list(n.input)}; {form}")
+        scales = self._const[n.input[2]]
+        if scales.dtype != np.float32 or scales.shape != (4,) or \
+                scales[:2].tolist() != [1.0, 1.0] or not (scales[2:] > 0).all():
+            raise self._err(n, f"scales {scales.dtype} {_head(scales)}; {form}")
+        size, sf, recompute = self._upsample_args(n, args)
+        if n.name not in self._fixed_nodes and (sf is None or recompute or np.float32(
+                sf).tobytes() != scales[2:].tobytes()):
+            raise self._err(n, f"scales {_head(scales)} for an Upsample of size={size}, "
+                               f"scale_factor={sf}, recompute_scale_factor={recompute}, in a "
+                               f"graph that holds at any spatial size: only float32(scale_factor) "
+                               f"is torch's at every size (else {FIXED_HW_KEY!r} and "
+                               f"{FIXED_NODES_KEY!r} name the node)")
+        out = self._pool_tail(n, sx, zx)
+        self._steps.append(("resize", xq, out, size, sf, recompute, mode == "nearest-exact",
+                            scales[2:].copy(), self._where(n)))
+
+    def _upsample_args(self, n, args: dict):
+        """(size pair or None, scale_factor pair or None, recompute_scale_factor) of a
+        Resize's metadata entry, checked."""
+        size, sf = args.get("size"), args.get("scale_factor")
+        recompute = args.get("recompute_scale_factor")
+
+        def pair(v, kind):
+            return isinstance(v, list) and len(v) == 2 and all(
+                isinstance(t, kind) and not isinstance(t, bool) and t > 0 for t in v)
+        if (size is None) == (sf is None) or (size is not None and not pair(size, int)) or \
+                (sf is not None and not (pair(sf, (int, float)) and all(map(math.isfinite, sf)))) \
+                or recompute not in (None, True, False):
+            raise self._err(n, f"metadata {RESIZE_KEY!r} entry {args!r}: expected size (two "
+                               f"ints >= 1) or scale_factor (two floats > 0), and "
+                               f"recompute_scale_factor None / true / false")
+        return (None if size is None else tuple(size),
+                None if sf is None else tuple(float(v) for v in sf), recompute)
+
     # ------------------------------------------------------------------ execution
     def run(self, x, *more):
         """Run the model.
@@ -507,7 +597,8 @@ class Session:
                 torch model's ``quantize``); an input too small for a layer's window, or
                 whose size does not fit a layer (as the torch int8 model; names the node);
                 a spatial size other than :attr:`fixed_input_hw`'s where the graph holds
-                only for the export example's (names the nodes).
+                only for the export example's (names the nodes); a size at which a Resize's
+                scales give another output size than its torch Upsample (names the node).
         """
         if isinstance(x, dict):
             if more:
@@ -701,9 +792,36 @@ def _x_lookup(st, env):
         env[out] = _ew.lookup_array(x, table)
 
 
+def _x_resize(st, env):
+    _, src, out, size, sf, recompute, exact, scales, where = st
+    x = env[src]
+    if x.ndim != 4 or 0 in x.shape[2:]:
+        raise ValueError(f"{where}: upsample_nearest2d: input of shape {list(x.shape)}; it "
+                         f"must be 4-D with a non-empty spatial size")
+    in_hw = x.shape[2:]
+    if size is not None:
+        out_hw = size
+    else:  # as torch's interpolate: floor(in * scale_factor) in float64
+        out_hw = tuple(int(math.floor(float(n) * v)) for n, v in zip(in_hw, sf))
+        if min(out_hw) < 1 or max(out_hw) > _SIZE_MAX:
+            raise ValueError(f"{where}: upsample_nearest2d: scale_factor {list(sf)} gives an "
+                             f"output size {out_hw} from {tuple(in_hw)}; it must be between 1 "
+                             f"and 2^31 - 1")
+    onnx_hw = tuple(int(np.floor(s * np.float32(n))) for s, n in zip(scales, in_hw))
+    if onnx_hw != tuple(out_hw):  # never other pixels than torch's: refuse the graph's size
+        raise ValueError(f"{where}: at input size {tuple(in_hw)} the graph's Resize (scales "
+                         f"{scales.tolist()}) gives {onnx_hw}, the torch Upsample "
+                         f"(size={size}, scale_factor={sf}) {tuple(out_hw)}; export again "
+                         f"with an example of this size")
+    factor = sf is not None and not recompute  # torch's index reads 1 / scale_factor
+    ih, iw = (_pool.nearest_source_index(int(n), int(o), sf[d] if factor else None, exact)
+              for d, (n, o) in enumerate(zip(in_hw, out_hw)))
+    env[out] = _nchw(_pool.gather_hw_nhwc(_nhwc(x), ih, iw))
+
+
 _EXEC = {"quantize": _x_quantize, "dequantize": _x_dequantize, "flatten": _x_reshape,
          "reshape": _x_reshape, "identity": _x_reshape, "conv": _x_conv, "linear": _x_linear,
          "add": _x_add, "mul": _x_mul, "concat": _x_concat, "maxpool": _x_maxpool,
-         "avgpool": _x_avgpool, "gap": _x_gap, "lookup": _x_lookup}
+         "avgpool": _x_avgpool, "gap": _x_gap, "lookup": _x_lookup, "resize": _x_resize}
 _FUSABLE = ("Conv", "Gemm", "Add", "Mul", "Concat", "MaxPool", "AveragePool",
-            "GlobalAveragePool", "Cast", "Gather")
+            "GlobalAveragePool", "Cast", "Gather", "Resize")

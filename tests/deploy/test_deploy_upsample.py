@@ -1,0 +1,355 @@
+"""Deployment of the nearest ``Upsample``: to_onnx writes it as ``Resize(mode="nearest")``
+between DequantizeLinear and QuantizeLinear with the module's arguments in the metadata;
+gpuquant.runtime gives the torch int8 model's bytes (torch's pixels, from those arguments),
+onnxruntime too where the exporter says the graph holds (integer factors at any size; other
+resizes at the example's size only: warned, recorded, refused by the runtime elsewhere);
+gpuquant.save / load round-trips the module exactly."""
+import copy
+import json
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+import gpuquant
+import gpuquant.nn as gnn
+from gpuquant import backends
+from gpuquant.backends.numpy.pool import nearest_source_index
+from gpuquant.export import to_onnx
+from gpuquant.export.onnx import _resize_size_free
+from gpuquant.quantization import (ExponentialMovingAverageObserver, FakeQuantize, QConfig,
+                                   ema_fakequant_qconfig, quantize, quantize_qat)
+
+from conftest import int8_forward
+
+onnx = pytest.importorskip("onnx")
+from onnx import numpy_helper  # noqa: E402
+
+uint8_qat_qconfig = QConfig(
+    weight_observer=ema_fakequant_qconfig.weight_observer,
+    act_observer=partial(ExponentialMovingAverageObserver, momentum=0.9,
+                         dtype=gpuquant.quint8, symmetric=False),
+    weight_fake_quant=ema_fakequant_qconfig.weight_fake_quant,
+    act_fake_quant=partial(FakeQuantize, dtype=gpuquant.quint8))
+
+RESIZE_KEY = "gpuquant.nearest_resize"
+
+
+class UpNet(gnn.Module):
+    """QuantStub -> ConvBnRelu2d -> ConvBnRelu2d(stride 2) -> Upsample(up) -> Concat with the
+    earlier features -> Upsample(up2) -> DequantStub."""
+
+    def __init__(self, up=None, up2=None):
+        super().__init__()
+        self.quant = gnn.QuantStub()
+        self.c0 = gnn.ConvBnRelu2d(3, 4, 3, padding=1)
+        self.c1 = gnn.ConvBnRelu2d(4, 5, 3, stride=2, padding=1)
+        self.up = gnn.Upsample(**(up or {"scale_factor": 2}))
+        self.cat = gnn.Concat()
+        self.up2 = gnn.Upsample(**(up2 or {"scale_factor": 3, "mode": "nearest-exact"}))
+        self.dequant = gnn.DequantStub()
+
+    def forward(self, x):
+        a = self.c0(self.quant(x))
+        return self.dequant(self.up2(self.cat([a, self.up(self.c1(a))], 1)))
+
+
+class ResizeOnly(gnn.Module):
+    """QuantStub -> Upsample -> DequantStub: a copy of codes, so every consumer that picks
+    the same pixels gives the same bytes."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.quant, self.up, self.dequant = gnn.QuantStub(), gnn.Upsample(**kw), \
+            gnn.DequantStub()
+
+    def forward(self, x):
+        return self.dequant(self.up(self.quant(x)))
+
+
+def qat_int8(model, shape, qconfig=ema_fakequant_qconfig, steps=3, seed=0):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    with backends.use("reference"):
+        q = quantize_qat(model.train(), qconfig)
+        params = list(q.parameters())
+        opt = torch.optim.SGD(params, lr=1e-2) if params else None
+        for _ in range(steps):
+            loss = q(torch.randn(*shape, generator=g) * 2).square().mean()
+            if opt is not None:
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return quantize(q.eval())
+
+
+def _runtime_bytes(model, proto, xs):
+    import gpuquant.runtime as rt
+    sess = rt.load(proto)
+    for x in xs:
+        want = int8_forward(model, x)
+        got = sess.run(x.numpy())
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tobytes() == want.tobytes(), int((got != want).sum())
+
+
+def _resizes(proto):
+    return [n for n in proto.graph.node if n.op_type == "Resize"]
+
+
+def _meta(proto):
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _code_input(model, shape, seed=0):
+    """A float input whose every value is a dequantized code of the QuantStub (so any
+    QuantizeLinear rounds it the same way)."""
+    s = np.float32(model.quant.output_scale.item())
+    zp = int(model.quant.output_zero_point.item())
+    lo = -128 if model.quant._dtypes["output"] == "qint8" else 0
+    codes = np.random.default_rng(seed).integers(lo, lo + 256, size=shape)
+    return torch.from_numpy(((codes - zp).astype(np.float32) * s))
+
+
+def _ort(proto, x):
+    ort = pytest.importorskip("onnxruntime")
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    outs = []
+    for so in (ort.SessionOptions(), plain):  # onnxruntime's QDQ rewrites, and the plain graph
+        sess = ort.InferenceSession(proto.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    return outs
+
+
+@pytest.mark.parametrize("qc", ["int8", "uint8"])
+def test_fpn_exports_size_free_and_runtime_bit_exact(qc):
+    """Integer factors (2 nearest, 3 nearest-exact): Resize with those scales and the torch
+    modes' attributes, no size-dependent metadata; the runtime gives the int8 model's bytes at
+    other batch and spatial sizes (odd ones included) and an empty batch."""
+    qm = qat_int8(UpNet(), (4, 3, 8, 10), ema_fakequant_qconfig if qc == "int8"
+                  else uint8_qat_qconfig)
+    with backends.use("numpy"):
+        proto = to_onnx(qm, torch.randn(2, 3, 8, 10))
+    onnx.checker.check_model(proto, full_check=True)
+    assert _ops_between_qdq(proto)
+    meta = _meta(proto)
+    assert "gpuquant.fixed_input_hw" not in meta
+    args = json.loads(meta[RESIZE_KEY])
+    r1, r2 = _resizes(proto)
+    assert args[r1.name] == {"size": None, "scale_factor": [2.0, 2.0], "mode": "nearest",
+                             "recompute_scale_factor": None}
+    assert args[r2.name]["mode"] == "nearest-exact"
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in r2.attribute}
+    assert attrs == {"mode": b"nearest", "coordinate_transformation_mode": b"half_pixel",
+                     "nearest_mode": b"round_prefer_ceil"}
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert inits[r2.input[2]].tolist() == [1, 1, 3, 3]
+    # (odd sizes: the stride-2 conv rounds up, so the concat needs even ones)
+    _runtime_bytes(qm, proto, [torch.randn(3, 3, 8, 10) * 2, torch.randn(1, 3, 6, 4),
+                               torch.randn(2, 3, 16, 2), torch.randn(0, 3, 8, 10)])
+
+
+def _ops_between_qdq(proto):
+    """Every Resize reads a DequantizeLinear and feeds one QuantizeLinear at its qparams."""
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consumers = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for r in _resizes(proto):
+        dq = producer[r.input[0]]
+        (q,) = consumers[r.output[0]]
+        assert dq.op_type == "DequantizeLinear" and q.op_type == "QuantizeLinear"
+        assert [inits[i].tobytes() for i in dq.input[1:]] == \
+            [inits[i].tobytes() for i in q.input[1:]]
+    return bool(_resizes(proto))
+
+
+@pytest.mark.parametrize("kw", [
+    {"scale_factor": 2}, {"scale_factor": 3}, {"scale_factor": (4, 1)},
+    {"scale_factor": 2, "mode": "nearest-exact"}, {"scale_factor": 5, "mode": "nearest-exact"},
+    {"scale_factor": 0.5}, {"scale_factor": 0.5, "mode": "nearest-exact"},
+    {"scale_factor": 1.5}, {"scale_factor": 2.5, "mode": "nearest-exact"},
+], ids=str)
+def test_size_free_factors_onnxruntime_exact_at_many_sizes(kw):
+    """Where the exporter writes a size-free graph, onnxruntime (1.32: float32 Resize) reads
+    torch's pixels at every spatial size tried (1 to 40 each way, odd ones included), with
+    and without its graph optimizations; the runtime too."""
+    mode = kw.get("mode", "nearest")
+    sf = kw["scale_factor"]
+    for f in (sf if isinstance(sf, tuple) else (sf, sf)):
+        assert _resize_size_free(float(f), mode == "nearest-exact")
+    qm = qat_int8(ResizeOnly(**kw), (2, 3, 8, 8))
+    proto = to_onnx(qm, torch.randn(1, 3, 8, 8))
+    assert "gpuquant.fixed_input_hw" not in _meta(proto)
+    import gpuquant.runtime as rt
+    sess = rt.load(proto)
+    for h in range(1, 41, 3):
+        for w in (1, 2, 7, 12, 33):
+            x = _code_input(qm, (1, 3, h, w), seed=h * 100 + w)
+            if min(int(h * (sf[0] if isinstance(sf, tuple) else sf)),
+                   int(w * (sf[1] if isinstance(sf, tuple) else sf))) < 1:
+                continue
+            want = int8_forward(qm, x)
+            assert sess.run(x.numpy()).tobytes() == want.tobytes(), (h, w)
+            for got in _ort(proto, x):
+                assert got.shape == want.shape and got.tobytes() == want.tobytes(), (h, w)
+
+
+@pytest.mark.parametrize("kw,shape", [
+    ({"size": (7, 5)}, (2, 3, 8, 10)),
+    ({"size": (13, 3), "mode": "nearest-exact"}, (1, 3, 9, 7)),
+    ({"scale_factor": 0.3}, (1, 3, 33, 37)),
+    ({"scale_factor": 1.001}, (1, 3, 12, 7)),
+    ({"scale_factor": 1.7, "recompute_scale_factor": True, "mode": "nearest-exact"},
+     (1, 3, 11, 6)),
+    ({"scale_factor": (7.3, 0.7)}, (1, 3, 5, 39)),
+], ids=str)
+def test_size_dependent_resize_warns_and_holds_at_the_example(kw, shape):
+    """A size, a recomputed scale factor or a factor whose float32 Resize differs from torch
+    at some size: the Resize holds for the example's size only: one warning naming the node,
+    the metadata, the runtime and onnxruntime give torch's bytes there and the runtime
+    refuses other sizes."""
+    qm = qat_int8(ResizeOnly(**kw), shape)
+    with pytest.warns(UserWarning, match=r"valid only at input spatial size .*node "
+                                         r"'up_resize_Resize' \(module 'up' \(Upsample\)"):
+        proto = to_onnx(qm, torch.randn(*shape))
+    meta = _meta(proto)
+    assert meta["gpuquant.fixed_input_hw"] == f"{shape[2]},{shape[3]}"
+    assert meta["gpuquant.size_dependent_nodes"] == "up_resize_Resize"
+    x = _code_input(qm, (3,) + shape[1:])
+    want = int8_forward(qm, x)
+    import gpuquant.runtime as rt
+    sess = rt.load(proto)
+    assert sess.run(x.numpy()).tobytes() == want.tobytes()
+    for got in _ort(proto, x):
+        assert got.shape == want.shape and got.tobytes() == want.tobytes()
+    with pytest.raises(ValueError, match="holds only for"):
+        sess.run(np.zeros(shape[:2] + (shape[2] + 1, shape[3]), np.float32))
+
+
+def test_exporters_choice_matches_onnxruntime_and_torch_widely():
+    """The exporter's model of onnxruntime (float32 ONNX formula) against onnxruntime itself
+    and torch: for many (size, factor) pairs, the scale it picks makes onnxruntime read
+    torch's pixels."""
+    ort = pytest.importorskip("onnxruntime")
+    from gpuquant.export.onnx import RESIZE_FORMS, _example_scale
+    helper, TP = onnx.helper, onnx.TensorProto
+    rng = np.random.default_rng(3)
+    sessions = {}
+    checked = 0
+    for _ in range(300):
+        n = int(rng.integers(1, 120))
+        mode = ["nearest", "nearest-exact"][int(rng.integers(2))]
+        if rng.random() < 0.5:
+            out, sf = int(rng.integers(1, 200)), None
+        else:
+            sf = float(rng.choice([0.3, 0.7, 1.001, 0.999, 7.3, 1 / 3, 1.25, 2.2]))
+            out = int(np.floor(n * sf))
+            if out < 1:
+                continue
+        want = nearest_source_index(n, out, sf, mode == "nearest-exact")
+        s = _example_scale(n, out, want, mode == "nearest-exact", sf)
+        if s is None:
+            continue
+        key = (mode, float(s))
+        if key not in sessions:
+            ctm, nm = RESIZE_FORMS[mode]
+            sc = helper.make_tensor("s", TP.FLOAT, [4], [1, 1, float(s), 1])
+            node = helper.make_node("Resize", ["x", "", "s"], ["y"], mode="nearest",
+                                    coordinate_transformation_mode=ctm, nearest_mode=nm)
+            g = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+                "x", TP.FLOAT, [1, 1, None, 1])], [helper.make_tensor_value_info(
+                    "y", TP.FLOAT, None)], initializer=[sc])
+            m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+            m.ir_version = 8
+            sessions[key] = ort.InferenceSession(m.SerializeToString(),
+                                                 providers=["CPUExecutionProvider"])
+        y = sessions[key].run(None, {"x": np.arange(n, dtype=np.float32).reshape(1, 1, n, 1)})
+        got = y[0].reshape(-1).astype(np.int64)
+        assert got.tolist() == want.tolist(), (n, out, sf, mode, float(s))
+        checked += 1
+    assert checked > 200
+
+
+def test_runtime_refuses_resizes_not_in_gpuquants_form():
+    import gpuquant.runtime as rt
+    qm = qat_int8(ResizeOnly(scale_factor=2), (2, 3, 6, 6))
+    x = torch.randn(1, 3, 6, 6)
+    proto = to_onnx(qm, x)
+    assert rt.load(proto).run(x.numpy()).tobytes() == int8_forward(qm, x).tobytes()
+
+    def edited(fn):
+        bad = copy.deepcopy(proto)
+        fn(bad)
+        return bad
+
+    def drop_meta(p):
+        keep = [e for e in p.metadata_props if e.key != RESIZE_KEY]
+        del p.metadata_props[:]
+        p.metadata_props.extend(keep)
+
+    def set_attr(name, value):
+        def fn(p):
+            r = _resizes(p)[0]
+            for a in r.attribute:
+                if a.name == name:
+                    a.CopyFrom(onnx.helper.make_attribute(name, value))
+        return fn
+
+    def scale(p):
+        for t in p.graph.initializer:
+            if t.name == _resizes(p)[0].input[2]:
+                t.CopyFrom(numpy_helper.from_array(np.array([1, 1, 3, 2], np.float32), t.name))
+
+    with pytest.raises(rt.RuntimeFormatError, match="no entry in the metadata"):
+        rt.load(edited(drop_meta))
+    with pytest.raises(rt.RuntimeFormatError, match="coordinate_transformation_mode"):
+        rt.load(edited(set_attr("coordinate_transformation_mode", "half_pixel")))
+    with pytest.raises(rt.RuntimeFormatError, match="nearest_mode"):
+        rt.load(edited(set_attr("nearest_mode", "round_prefer_floor")))
+    with pytest.raises(rt.RuntimeFormatError, match=r"only float32\(scale_factor\)"):
+        rt.load(edited(scale))
+
+
+@pytest.mark.parametrize("kw,shape,dim", [
+    ({"scale_factor": 0.3}, (1, 3, 40, 37), "dimension 2: 40 -> 12"),
+    ({"size": (5, 184)}, (1, 3, 6, 10), "dimension 3: 10 -> 184"),
+], ids=str)
+def test_export_refuses_what_no_resize_scale_gives(kw, shape, dim):
+    """torch's float32 index formula reads pixels that no ONNX Resize scale reads at the
+    example's size (floor(o / s) for one s cannot follow torch's rounding of o * (1 / s)):
+    a ValueError naming the module and the dimension, not a graph with other pixels."""
+    qm = qat_int8(ResizeOnly(**kw), shape)
+    with pytest.raises(ValueError, match=r"module 'up' \(Upsample\): no ONNX Resize scale "
+                                         r"picks torch's source pixels .*" + dim):
+        to_onnx(qm, torch.randn(*shape))
+
+
+@pytest.mark.parametrize("qc", ["int8", "uint8"])
+def test_save_load_round_trip_exact(qc, tmp_path):
+    qconfig = ema_fakequant_qconfig if qc == "int8" else uint8_qat_qconfig
+    up = {"scale_factor": (2, 2.0)}
+    up2 = {"size": (9, 11), "mode": "nearest-exact"}
+    qm = qat_int8(UpNet(up, up2), (4, 3, 8, 10), qconfig)
+    path = tmp_path / "up.safetensors"
+    gpuquant.save(qm, path)
+    loaded = gpuquant.load(path, model=UpNet())  # the arguments come from the file
+    for a, b in ((qm.up, loaded.up), (qm.up2, loaded.up2)):
+        assert (b.size, b.scale_factor, b.mode, b.recompute_scale_factor) == \
+            (a.size, a.scale_factor, a.mode, a.recompute_scale_factor)
+        assert b._dtypes == a._dtypes
+        assert torch.equal(b.input_scale, a.input_scale)
+        assert torch.equal(b.input_zero_point, a.input_zero_point)
+    x = torch.randn(3, 3, 8, 10)
+    assert int8_forward(loaded, x).tobytes() == int8_forward(qm, x).tobytes()
+    with pytest.warns(UserWarning):
+        pa = to_onnx(qm, x)
+    with pytest.warns(UserWarning):
+        pb = to_onnx(loaded, x)
+    assert pa.SerializeToString() == pb.SerializeToString()
+    _runtime_bytes(loaded, pb, [x, torch.randn(1, 3, 8, 10)])
