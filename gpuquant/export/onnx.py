@@ -18,23 +18,25 @@ tensor's shape, and each node is written with the ONNX helper API:
   float32) indexing a ``Gather`` of ``DequantizeLinear(table)`` (the int8 / uint8 table at
   the output's qparams), then ``QuantizeLinear`` to the same qparams: the bytes of gpuquant's
   table in every consumer (see :func:`_lookup`);
-* ``Upsample`` (nearest modes) -> ``Resize(mode="nearest")`` between DQ and Q with constant
-  ``scales`` (``nearest``: ``coordinate_transformation_mode="asymmetric"``,
-  ``nearest_mode="floor"``; ``nearest-exact``: ``"half_pixel"``, ``"round_prefer_ceil"``), the
-  module's arguments in the metadata (``gpuquant.nearest_resize``, read by
-  :mod:`gpuquant.runtime`, which picks torch's pixels from them); see :func:`_upsample` for
-  when the graph holds at any spatial size;
+* ``Upsample`` (nearest modes), between DQ and Q: a ``scale_factor`` whose float32 Resize
+  is torch's at every size -> ``Resize(mode="nearest")`` with constant ``scales``
+  (``nearest``: ``coordinate_transformation_mode="asymmetric"``, ``nearest_mode="floor"``;
+  ``nearest-exact``: ``"half_pixel"``, ``"round_prefer_ceil"``), the module's arguments in
+  the metadata (``gpuquant.nearest_resize``, read by :mod:`gpuquant.runtime`, which picks
+  torch's pixels from them); any other (a ``size``, a recomputed or other factor) -> two
+  ``Gather`` nodes (axis 2, then 3) with torch's source indices at the example's size as
+  constant int64 tables, exact everywhere, size-dependent (see :func:`_upsample`);
 * ``flatten`` / ``reshape`` / ``view`` act on the int8 tensor itself.
 
 The graph's batch dimension is symbolic (``N``) and its spatial size free, except where a
 node holds only for the example's spatial size (an ``AdaptiveAvgPool2d`` to more than 1x1, a
 fixed-kernel ``AveragePool``; a ``ceil_mode`` pool whose windows depend on the size; an
-``Upsample`` given a ``size``, or whose ratio ONNX's Resize cannot follow at every size): then
-the model's metadata says so (``gpuquant.fixed_input_hw`` = ``"H,W"``, the nodes in
-``gpuquant.size_dependent_nodes``), ``to_onnx`` warns once, and :mod:`gpuquant.runtime`
-refuses other sizes. :mod:`gpuquant.runtime` executes these files with the contract's
-integer semantics; onnxruntime requantizes in float (within one output step of gpuquant per
-layer; the steps compound through a network).
+``Upsample`` given a ``size``, or whose ratio ONNX's Resize cannot follow at every size: its
+constant ``Gather`` indices): then the model's metadata says so (``gpuquant.fixed_input_hw``
+= ``"H,W"``, the nodes in ``gpuquant.size_dependent_nodes``), ``to_onnx`` warns once, and
+:mod:`gpuquant.runtime` refuses other sizes. :mod:`gpuquant.runtime` executes these files
+with the contract's integer semantics; onnxruntime requantizes in float (within one output
+step of gpuquant per layer; the steps compound through a network).
 """
 from __future__ import annotations
 
@@ -208,8 +210,7 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
             str / os.PathLike.
         ValueError: an opset outside 13 to the installed onnx's newest, a model in training
             mode, a model with no static quantized module (e.g. only ``quantize_dynamic``'s
-            modules, which have no QDQ export); an ``Upsample`` whose source pixels at the
-            example's size no ONNX Resize scale reproduces (named; see :func:`_upsample`).
+            modules, which have no QDQ export).
         NotImplementedError: a module or operation with no QDQ export (named), e.g. a float
             layer left in the model, an activation dtype other than qint8 / quint8; an output
             other than a tensor or a flat tuple / list of tensors (a dict, a nested tuple,
@@ -219,7 +220,8 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
         UserWarning: once, naming the nodes, where the graph holds only for the example's
             spatial size (a non-global ``AdaptiveAvgPool2d``, a ``ceil_mode`` pool whose
             windows depend on the size, an ``Upsample`` given a ``size`` or whose ratio
-            Resize cannot follow at every size); the model's metadata then records it
+            Resize cannot follow at every size: constant ``Gather`` indices, torch's pixels
+            at the example's size); the model's metadata then records it
             (``gpuquant.fixed_input_hw`` = ``"H,W"``, one per 4-D input, ``;`` between) and
             :mod:`gpuquant.runtime` refuses other sizes.
 
@@ -635,17 +637,16 @@ def _onnx_nearest(out: int, scale, exact: bool, ftype) -> np.ndarray:
     return (_round_half_up(x) if exact else np.floor(x)).astype(np.int64)
 
 
-def _resize_picks(n: int, out: int, want: np.ndarray, scale, exact: bool,
-                  strict: bool = True) -> bool:
+def _resize_picks(n: int, out: int, want: np.ndarray, scale, exact: bool) -> bool:
     """Whether ``Resize`` with float32 ``scale`` on an input dimension of ``n`` gives ``out``
-    outputs reading input indices ``want`` in float32 arithmetic (onnxruntime's) and, if
-    ``strict``, in float64 too (a consumer computing more precisely: no index sits on a
-    rounding boundary that float32 crosses)."""
+    outputs reading input indices ``want`` in float32 arithmetic (onnxruntime's) and in
+    float64 (a consumer computing more precisely: no index sits on a rounding boundary that
+    float32 crosses)."""
     s = np.float32(scale)
     if int(np.floor(s * np.float32(n))) != out or math.floor(float(s) * n) != out:
         return False
     return all(np.array_equal(np.clip(_onnx_nearest(out, s, exact, ft), 0, n - 1), want)
-               for ft in ((np.float32, np.float64) if strict else (np.float32,)))
+               for ft in (np.float32, np.float64))
 
 
 @functools.lru_cache(maxsize=64)
@@ -686,44 +687,24 @@ def _resize_size_free(scale_factor: float, exact: bool) -> bool:
     return True
 
 
-def _example_scale(n: int, out: int, want: np.ndarray, exact: bool, first):
-    """A float32 Resize scale that gives ``out`` outputs reading ``want`` from an input
-    dimension of ``n`` (:func:`_resize_picks`): ``first`` (the module's factor) if given and
-    it does, else ``out / n`` as onnxruntime computes it from sizes, else the float32 values
-    from ``out / n`` up (at most 4096 of them, all below ``(out + 1) / n``). None if none."""
-    cands = [] if first is None else [np.float32(first)]
-    cands.append(np.float32(out) / np.float32(n))
-    s = np.float32(out / n)
-    if float(s) < out / n:
-        s = np.nextafter(s, np.float32(np.inf))
-    for _ in range(4096):
-        if float(s) * n >= out + 1:
-            break
-        cands.append(s)
-        s = np.nextafter(s, np.float32(np.inf))
-    for strict in (True, False):  # one that float64 arithmetic agrees with, if any
-        for c in cands:
-            if np.isfinite(c) and c > 0 and _resize_picks(n, out, want, c, exact, strict):
-                return np.float32(c)
-    return None
-
-
 def _upsample(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
-    """A quantized nearest ``Upsample``: ``Resize(DequantizeLinear(x), scales=[1, 1, sh, sw],
-    mode="nearest")`` (coordinate / nearest modes from :data:`RESIZE_FORMS`), then
-    ``QuantizeLinear`` to the input's qparams (a copy of codes in every consumer); the
-    module's arguments are recorded for :mod:`gpuquant.runtime` (metadata
-    ``gpuquant.nearest_resize``: Resize node name -> ``size``, ``scale_factor``, ``mode``,
-    ``recompute_scale_factor``), which computes torch's pixels from them.
+    """A quantized nearest ``Upsample``: torch's pixels picked from ``DequantizeLinear(x)``,
+    then ``QuantizeLinear`` to the input's qparams (a copy of codes in every consumer), in one
+    of two forms:
 
-    Which scales: a ``scale_factor`` (not recomputed) whose float32 value makes Resize pick
-    torch's pixels at every input size up to 4096 (integer factors, halves, ...;
-    :func:`_resize_size_free`) is written as is and the graph holds at any spatial size.
-    Otherwise (a ``size``, ``recompute_scale_factor=True``: torch's ratio is ``in / out`` of
-    the actual size; a factor such as 0.3 whose float32 rounding differs from torch's
-    ``1 / scale_factor``) the scale is one that picks torch's pixels at the example's
-    size (:func:`_example_scale`), and the node is size-dependent (warned, metadata,
-    refused by gpuquant.runtime at other sizes). If no float32 scale does, ValueError."""
+    * a ``scale_factor`` (not recomputed) whose float32 value makes Resize pick torch's
+      pixels at every input size up to 4096 in both dimensions (integer factors, halves, ...;
+      :func:`_resize_size_free`): ``Resize(scales=[1, 1, sh, sw], mode="nearest")``
+      (coordinate / nearest modes from :data:`RESIZE_FORMS`), valid at any spatial size;
+      the module's arguments are recorded for :mod:`gpuquant.runtime` (metadata
+      ``gpuquant.nearest_resize``: Resize node name -> ``size``, ``scale_factor``, ``mode``,
+      ``recompute_scale_factor``), which computes torch's pixels from them;
+    * otherwise (a ``size``, ``recompute_scale_factor=True``: torch's ratio is ``in / out``
+      of the actual size; a factor such as 0.3 whose float32 Resize differs from torch's
+      ``1 / scale_factor`` at some size): ``Gather(Gather(x, rows, axis=2), cols, axis=3)``
+      with torch's source indices at the example's size as constant int64 tables
+      (``nearest_source_index``): exact in every consumer, and size-dependent (warned,
+      metadata, refused by gpuquant.runtime at other sizes)."""
     from ..backends.numpy.pool import nearest_source_index
     from ..functional.integer import upsample_args
     if m.mode not in RESIZE_FORMS:  # (the module refuses other modes)
@@ -735,36 +716,32 @@ def _upsample(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
     size, sf = upsample_args(who, m.size, m.scale_factor)
     exact = m.mode == "nearest-exact"
     factor = sf is not None and not m.recompute_scale_factor  # torch's index uses 1 / factor
-    scales, why = [], []
+    free = [factor and _resize_size_free(f, exact) for f in (sf or (None, None))]
+    if all(free):
+        ctm, nm = RESIZE_FORMS[m.mode]
+        sc = b.init(f"{base}_scales", np.array([1.0, 1.0] + list(sf), dtype=np.float32))
+        y = b.node("Resize", [x, "", sc], f"{base}_resize", mode="nearest",
+                   coordinate_transformation_mode=ctm, nearest_mode=nm)
+        b.resize_args[b.nodes[-1].name] = {
+            "size": None, "scale_factor": list(sf), "mode": m.mode,
+            "recompute_scale_factor": m.recompute_scale_factor}
+        return b.quantize(y, base, s, z, dt, tuple(vals[node.name].shape))
+    why, names = [], []
     for d, (n, out) in enumerate(zip(in_hw, out_hw)):
-        if factor and _resize_size_free(sf[d], exact):
-            scales.append(np.float32(sf[d]))
-            continue
-        want = nearest_source_index(n, out, sf[d] if factor else None, exact) if n else None
-        sc = _example_scale(n, out, want, exact, sf[d] if factor else None) if n else None
-        if sc is None:
-            raise ValueError(f"to_onnx: {who}: no ONNX Resize scale picks torch's source "
-                             f"pixels ({m.mode}) from input size {in_hw} to {out_hw} (dimension "
-                             f"{d + 2}: {n} -> {out}); export with an example of another "
-                             f"size, or use a scale_factor that is an integer")
-        scales.append(sc)
-        why.append(f"dimension {d + 2}: " + (
-            f"size={size}, a ratio that depends on the input size" if size is not None else
-            "recompute_scale_factor=True, a ratio that depends on the input size"
-            if not factor else f"scale_factor {sf[d]!r}, whose float32 Resize differs from "
-            f"torch at some input sizes up to {_RESIZE_CHECKED}"))
-    ctm, nm = RESIZE_FORMS[m.mode]
-    sc = b.init(f"{base}_scales", np.array([1.0, 1.0] + scales, dtype=np.float32))
-    y = b.node("Resize", [x, "", sc], f"{base}_resize", mode="nearest",
-               coordinate_transformation_mode=ctm, nearest_mode=nm)
-    name = b.nodes[-1].name
-    b.resize_args[name] = {"size": None if size is None else list(size),
-                           "scale_factor": None if sf is None else list(sf), "mode": m.mode,
-                           "recompute_scale_factor": m.recompute_scale_factor}
-    if why:
-        b.size_dependent.append((name, f"{who}: a Resize for input {in_hw} ("
-                                       f"{'; '.join(why)})"))
-    return b.quantize(y, base, s, z, dt, tuple(vals[node.name].shape))
+        idx = nearest_source_index(n, out, sf[d] if factor else None, exact)
+        t = b.init(f"{base}_{('row', 'col')[d]}_index", idx.astype(np.int64))
+        x = b.node("Gather", [x, t], f"{base}_{('rows', 'cols')[d]}", axis=d + 2)
+        names.append(b.nodes[-1].name)
+        if not free[d]:
+            why.append(f"dimension {d + 2}: " + (
+                f"size={size}, a ratio that depends on the input size" if size is not None
+                else "recompute_scale_factor=True, a ratio that depends on the input size"
+                if not factor else f"scale_factor {sf[d]!r}, whose float32 Resize differs "
+                f"from torch at some input sizes up to {_RESIZE_CHECKED}"))
+    b.size_dependent.append((names[0], f"{who}: torch's source rows / columns for input "
+                                       f"{in_hw} as constant Gather indices ({'; '.join(why)})"))
+    b.size_dependent.append((names[1], f"{who}: its columns"))
+    return b.quantize(x, base, s, z, dt, tuple(vals[node.name].shape))
 
 
 _STORAGE_MIN = {"qint8": -128, "quint8": 0}

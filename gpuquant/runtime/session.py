@@ -13,7 +13,12 @@ the table's qparams) becomes one gather of the integer table by the input's code
 nearest ``Resize`` (a quantized ``Upsample``) copies the input's codes, reading the pixels the
 torch module reads: its arguments come from the ``gpuquant.nearest_resize`` metadata, and its
 indices from the NumPy backend's ``nearest_source_index`` (torch's formula), never from
-ONNX's; a graph whose Resize would give another output size than them is refused.
+ONNX's; a graph whose Resize would give another output size than them is refused. The
+exporter's other form of it (torch's pixels at the example's size only: two ``Gather``
+nodes, axis 2 then 3, with constant index tables, between DequantizeLinear and
+QuantizeLinear with the same qparams) gathers the codes by those indices: no Resize
+metadata, only the size-dependent one (``gpuquant.fixed_input_hw``, and both nodes named in
+``gpuquant.size_dependent_nodes``).
 
 The integer steps read only what gpuquant's form holds (int8 weights with zero point 0, an
 int32 bias in units of ``s_x * s_w``, explicit pads), so anything else is refused at load
@@ -110,8 +115,8 @@ class Session:
         input_names, output_names: the graph's input and output names.
         fixed_input_hw: input name -> (H, W) for the 4-D inputs of a graph that holds only
             at the export example's spatial size (``gpuquant.fixed_input_hw`` metadata: a
-            non-global adaptive pool, a size-dependent ``ceil_mode`` pool); empty when the
-            graph runs at any spatial size.
+            non-global adaptive pool, a size-dependent ``ceil_mode`` pool, an ``Upsample``
+            as constant ``Gather`` indices); empty when the graph runs at any spatial size.
     """
 
     def __init__(self, model, source: str = "<model>"):
@@ -410,12 +415,20 @@ class Session:
     def _plan_Gather(self, n, a):
         """A quantized ``Activation``: ``Gather(DequantizeLinear(table, s_y, zp_y),
         Cast(DequantizeLinear(x, 1, storage_min), int32 / int64), axis=0)`` feeding one
-        ``QuantizeLinear(s_y, zp_y)``: the output is ``table[x - storage_min]``, exactly."""
+        ``QuantizeLinear(s_y, zp_y)``: the output is ``table[x - storage_min]``, exactly. Or
+        a size-dependent ``Upsample`` (:meth:`_plan_gather_hw`)."""
         form = ("gpuquant exports a quantized Activation as Gather(DequantizeLinear(table), "
                 "Cast(DequantizeLinear(x, 1, storage_min)), axis=0) -> QuantizeLinear with "
-                "the table's qparams")
-        if int(a.get("axis", 0)) != 0 or len(n.input) != 2:
-            raise self._err(n, f"axis {a.get('axis', 0)}; {form}")
+                "the table's qparams, and an Upsample at one size as Gather(Gather("
+                "DequantizeLinear(x), rows, axis=2), cols, axis=3) -> QuantizeLinear with x's "
+                "qparams, rows / cols constant int64 / int32 1-D indices")
+        if len(n.input) != 2:
+            raise self._err(n, f"inputs {list(n.input)}; {form}")
+        if n.input[1] in self._const:
+            return self._plan_gather_hw(n, a, form)
+        if a.get("axis", 0) != 0:
+            raise self._err(n, f"axis {a.get('axis', 0)} with computed indices "
+                               f"{n.input[1]!r}; {form}")
         cast = self._producer.get(n.input[1])
         if cast is None or cast.op_type != "Cast" or \
                 int(self._attrs(cast).get("to", 0)) not in (_ONNX_INT32, _ONNX_INT64):
@@ -439,6 +452,48 @@ class Session:
                                f"must be dequantized with its QuantizeLinear's qparams ({dt}, "
                                f"{sy}, {zy}) and no activation between; {form}")
         self._steps.append(("lookup", xq, out, np.ascontiguousarray(table)))
+
+    def _gather_index(self, n, form: str) -> np.ndarray:
+        """A resize Gather's constant indices: 1-D int64 / int32, none negative, as int64."""
+        idx = self._const[n.input[1]]
+        if idx.dtype not in (np.int64, np.int32) or idx.ndim != 1 or \
+                (idx.size and int(idx.min()) < 0) or (idx.size and int(idx.max()) > _SIZE_MAX):
+            lo_hi = f", from {int(idx.min())} to {int(idx.max())}" if idx.size and \
+                idx.dtype.kind in "iu" else ""
+            raise self._err(n, f"constant indices {n.input[1]!r} ({idx.dtype}, shape "
+                               f"{list(idx.shape)}{lo_hi}) must be 1-D int64 / int32 in "
+                               f"[0, {_SIZE_MAX}]; {form}")
+        return idx.astype(np.int64)
+
+    def _plan_gather_hw(self, n, a, form: str):
+        """A size-dependent quantized ``Upsample``: ``Gather(Gather(DequantizeLinear(x),
+        rows, axis=2), cols, axis=3)`` with constant 1-D indices, feeding one
+        ``QuantizeLinear`` with x's qparams, both nodes named in the graph's
+        ``gpuquant.size_dependent_nodes``: ``x[:, :, rows][:, :, :, cols]``, its codes."""
+        if a.get("axis", 0) != 2:
+            raise self._err(n, f"axis {a.get('axis', 0)} with constant indices "
+                               f"{n.input[1]!r}: the first of a resize's Gathers reads rows "
+                               f"(axis 2); {form}")
+        xq, sx, zx = self._view(n.input[0], n)
+        rows = self._gather_index(n, form)
+        cons = self._consumers.get(n.output[0], [])
+        c = cons[0] if len(cons) == 1 else None
+        if c is None or c.op_type != "Gather" or len(c.input) != 2 or \
+                c.input[0] != n.output[0] or c.input[1] not in self._const or \
+                self._attrs(c).get("axis", 0) != 3 or n.output[0] in self.output_names:
+            raise self._err(n, f"its output must feed exactly one Gather over columns (axis 3, "
+                               f"constant indices), got "
+                               f"{[f'{k.name!r} ({k.op_type})' for k in cons]}; {form}")
+        cols = self._gather_index(c, form)
+        unnamed = [k.name for k in (n, c) if k.name not in self._fixed_nodes]
+        if unnamed or not self.fixed_input_hw:
+            raise self._err(n, f"Gather nodes {unnamed or [n.name, c.name]} with constant "
+                               f"indices hold only at one input size, but the metadata "
+                               f"{FIXED_HW_KEY!r} / {FIXED_NODES_KEY!r} does not name them "
+                               f"(to_onnx writes both); {form}")
+        self._fused.add(id(c))
+        out = self._pool_tail(c, sx, zx)
+        self._steps.append(("gather_hw", xq, out, rows, cols, self._where(n)))
 
     def _dq_table(self, name: str, node):
         """(table, float32 scale, zero point) of a lookup's table: 256 int8 / uint8 entries,
@@ -819,9 +874,22 @@ def _x_resize(st, env):
     env[out] = _nchw(_pool.gather_hw_nhwc(_nhwc(x), ih, iw))
 
 
+def _x_gather_hw(st, env):
+    _, src, out, rows, cols, where = st
+    x = env[src]
+    if x.ndim != 4 or (rows.size and rows.max() >= x.shape[2]) or \
+            (cols.size and cols.max() >= x.shape[3]):
+        raise ValueError(f"{where}: an input of shape {list(x.shape)} for row indices up to "
+                         f"{int(rows.max(initial=-1))} and column indices up to "
+                         f"{int(cols.max(initial=-1))}; export again with an example of "
+                         f"this size")
+    env[out] = _nchw(_pool.gather_hw_nhwc(_nhwc(x), rows, cols))
+
+
 _EXEC = {"quantize": _x_quantize, "dequantize": _x_dequantize, "flatten": _x_reshape,
          "reshape": _x_reshape, "identity": _x_reshape, "conv": _x_conv, "linear": _x_linear,
          "add": _x_add, "mul": _x_mul, "concat": _x_concat, "maxpool": _x_maxpool,
-         "avgpool": _x_avgpool, "gap": _x_gap, "lookup": _x_lookup, "resize": _x_resize}
+         "avgpool": _x_avgpool, "gap": _x_gap, "lookup": _x_lookup, "resize": _x_resize,
+         "gather_hw": _x_gather_hw}
 _FUSABLE = ("Conv", "Gemm", "Add", "Mul", "Concat", "MaxPool", "AveragePool",
             "GlobalAveragePool", "Cast", "Gather", "Resize")

@@ -1,11 +1,13 @@
-"""Deployment of the nearest ``Upsample``: to_onnx writes it as ``Resize(mode="nearest")``
-between DequantizeLinear and QuantizeLinear with the module's arguments in the metadata;
-gpuquant.runtime gives the torch int8 model's bytes (torch's pixels, from those arguments),
-onnxruntime too where the exporter says the graph holds (integer factors at any size; other
-resizes at the example's size only: warned, recorded, refused by the runtime elsewhere);
-gpuquant.save / load round-trips the module exactly."""
+"""Deployment of the nearest ``Upsample``: to_onnx writes a factor whose float32 Resize is
+torch's at every size as ``Resize(mode="nearest")`` between DequantizeLinear and
+QuantizeLinear with the module's arguments in the metadata (any spatial size), any other
+resize as two ``Gather`` nodes with torch's row / column indices at the example's size
+(warned, recorded, refused by the runtime elsewhere); gpuquant.runtime and onnxruntime give
+the torch int8 model's bytes where the graph holds; gpuquant.save / load round-trips the
+module exactly."""
 import copy
 import json
+import warnings
 from functools import partial
 
 import numpy as np
@@ -96,6 +98,10 @@ def _runtime_bytes(model, proto, xs):
 
 def _resizes(proto):
     return [n for n in proto.graph.node if n.op_type == "Resize"]
+
+
+def _gathers(proto):
+    return [n for n in proto.graph.node if n.op_type == "Gather"]
 
 
 def _meta(proto):
@@ -208,19 +214,27 @@ def test_size_free_factors_onnxruntime_exact_at_many_sizes(kw):
     ({"scale_factor": 1.7, "recompute_scale_factor": True, "mode": "nearest-exact"},
      (1, 3, 11, 6)),
     ({"scale_factor": (7.3, 0.7)}, (1, 3, 5, 39)),
+    ({"scale_factor": (2, 0.3)}, (1, 3, 5, 37)),  # one dimension size-free, not the other
+    # no ONNX Resize scale reads torch's pixels here (floor(o / s) for one s cannot follow
+    # torch's float32 rounding of o * (1 / s)): the Gather form is exact all the same
+    ({"scale_factor": 0.3}, (1, 3, 40, 37)),
+    ({"size": (5, 184)}, (1, 3, 6, 10)),
 ], ids=str)
 def test_size_dependent_resize_warns_and_holds_at_the_example(kw, shape):
     """A size, a recomputed scale factor or a factor whose float32 Resize differs from torch
-    at some size: the Resize holds for the example's size only: one warning naming the node,
-    the metadata, the runtime and onnxruntime give torch's bytes there and the runtime
-    refuses other sizes."""
+    at some size: two Gathers (rows, then columns) with torch's indices at the example's
+    size, between DequantizeLinear and QuantizeLinear at the input's qparams, no Resize and
+    no Resize metadata; one warning naming the nodes, the metadata, the runtime and
+    onnxruntime give torch's bytes there and the runtime refuses other sizes."""
     qm = qat_int8(ResizeOnly(**kw), shape)
     with pytest.warns(UserWarning, match=r"valid only at input spatial size .*node "
-                                         r"'up_resize_Resize' \(module 'up' \(Upsample\)"):
+                                         r"'up_rows_Gather' \(module 'up' \(Upsample\)"):
         proto = to_onnx(qm, torch.randn(*shape))
     meta = _meta(proto)
     assert meta["gpuquant.fixed_input_hw"] == f"{shape[2]},{shape[3]}"
-    assert meta["gpuquant.size_dependent_nodes"] == "up_resize_Resize"
+    assert meta["gpuquant.size_dependent_nodes"] == "up_rows_Gather,up_cols_Gather"
+    assert RESIZE_KEY not in meta and not _resizes(proto)
+    _gathers_between_qdq(proto, qm, shape)
     x = _code_input(qm, (3,) + shape[1:])
     want = int8_forward(qm, x)
     import gpuquant.runtime as rt
@@ -232,48 +246,71 @@ def test_size_dependent_resize_warns_and_holds_at_the_example(kw, shape):
         sess.run(np.zeros(shape[:2] + (shape[2] + 1, shape[3]), np.float32))
 
 
-def test_exporters_choice_matches_onnxruntime_and_torch_widely():
-    """The exporter's model of onnxruntime (float32 ONNX formula) against onnxruntime itself
-    and torch: for many (size, factor) pairs, the scale it picks makes onnxruntime read
-    torch's pixels."""
-    ort = pytest.importorskip("onnxruntime")
-    from gpuquant.export.onnx import RESIZE_FORMS, _example_scale
-    helper, TP = onnx.helper, onnx.TensorProto
-    rng = np.random.default_rng(3)
-    sessions = {}
-    checked = 0
-    for _ in range(300):
-        n = int(rng.integers(1, 120))
+def _gathers_between_qdq(proto, qm, shape):
+    """The size-dependent form: DequantizeLinear -> Gather(axis 2, torch's rows) ->
+    Gather(axis 3, torch's columns) -> QuantizeLinear at the DequantizeLinear's qparams,
+    the indices int64 initializers."""
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    consumers = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    rows, cols = _gathers(proto)
+    dq, (q,) = producer[rows.input[0]], consumers[cols.output[0]]
+    assert consumers[rows.output[0]] == [cols] and cols.input[0] == rows.output[0]
+    assert dq.op_type == "DequantizeLinear" and q.op_type == "QuantizeLinear"
+    assert [inits[i].tobytes() for i in dq.input[1:]] == \
+        [inits[i].tobytes() for i in q.input[1:]]
+    axes = [onnx.helper.get_attribute_value(g.attribute[0]) for g in (rows, cols)]
+    assert axes == [2, 3]
+    up = qm.up
+    exact = up.mode == "nearest-exact"
+    sf = up.scale_factor
+    sf = None if sf is None else (sf if isinstance(sf, tuple) else (sf, sf))
+    factor = sf is not None and not up.recompute_scale_factor
+    for d, g in enumerate((rows, cols)):
+        idx = inits[g.input[1]]
+        n = shape[2 + d]
+        out = (up.size if isinstance(up.size, tuple) else (up.size, up.size))[d] \
+            if up.size is not None else int(np.floor(n * float(sf[d])))
+        assert idx.dtype == np.int64
+        assert idx.tolist() == nearest_source_index(n, out, sf[d] if factor else None,
+                                                    exact).tolist()
+
+
+def test_random_resizes_export_and_match_torch_in_both_consumers():
+    """100 random size= / scale_factor resizes (modes, recomputed factors, ratios that no
+    Resize scale follows): every one exports (no refusal), and the runtime and onnxruntime
+    (with and without its graph optimizations) give torch's int8 bytes at the example's
+    size."""
+    import gpuquant.runtime as rt
+    rng = np.random.default_rng(7)
+    factors = [0.3, 0.7, 1.001, 0.999, 7.3, 1 / 3, 1.25, 2.2, 2.0, 3.0, 0.5]
+    kinds, checked = set(), 0
+    for case in range(100):
+        shape = (2, 2, int(rng.integers(1, 60)), int(rng.integers(1, 60)))
         mode = ["nearest", "nearest-exact"][int(rng.integers(2))]
         if rng.random() < 0.5:
-            out, sf = int(rng.integers(1, 200)), None
+            kw = {"size": (int(rng.integers(1, 80)), int(rng.integers(1, 80)))}
         else:
-            sf = float(rng.choice([0.3, 0.7, 1.001, 0.999, 7.3, 1 / 3, 1.25, 2.2]))
-            out = int(np.floor(n * sf))
-            if out < 1:
+            sf = tuple(float(rng.choice(factors)) for _ in range(2))
+            if min(np.floor(n * f) for n, f in zip(shape[2:], sf)) < 1:
                 continue
-        want = nearest_source_index(n, out, sf, mode == "nearest-exact")
-        s = _example_scale(n, out, want, mode == "nearest-exact", sf)
-        if s is None:
-            continue
-        key = (mode, float(s))
-        if key not in sessions:
-            ctm, nm = RESIZE_FORMS[mode]
-            sc = helper.make_tensor("s", TP.FLOAT, [4], [1, 1, float(s), 1])
-            node = helper.make_node("Resize", ["x", "", "s"], ["y"], mode="nearest",
-                                    coordinate_transformation_mode=ctm, nearest_mode=nm)
-            g = helper.make_graph([node], "g", [helper.make_tensor_value_info(
-                "x", TP.FLOAT, [1, 1, None, 1])], [helper.make_tensor_value_info(
-                    "y", TP.FLOAT, None)], initializer=[sc])
-            m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-            m.ir_version = 8
-            sessions[key] = ort.InferenceSession(m.SerializeToString(),
-                                                 providers=["CPUExecutionProvider"])
-        y = sessions[key].run(None, {"x": np.arange(n, dtype=np.float32).reshape(1, 1, n, 1)})
-        got = y[0].reshape(-1).astype(np.int64)
-        assert got.tolist() == want.tolist(), (n, out, sf, mode, float(s))
+            kw = {"scale_factor": sf, "recompute_scale_factor": bool(rng.random() < 0.2)}
+        qm = qat_int8(ResizeOnly(mode=mode, **kw), shape, steps=1, seed=case)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            proto = to_onnx(qm, torch.randn(*shape))
+        kinds.add("gather" if _gathers(proto) else "resize")
+        x = _code_input(qm, shape, seed=case)
+        want = int8_forward(qm, x)
+        assert rt.load(proto).run(x.numpy()).tobytes() == want.tobytes(), (case, kw, shape)
+        for got in _ort(proto, x):
+            assert got.shape == want.shape and got.tobytes() == want.tobytes(), \
+                (case, kw, shape)
         checked += 1
-    assert checked > 200
+    assert checked > 90 and kinds == {"gather", "resize"}
 
 
 def test_runtime_refuses_resizes_not_in_gpuquants_form():
@@ -316,18 +353,105 @@ def test_runtime_refuses_resizes_not_in_gpuquants_form():
         rt.load(edited(scale))
 
 
-@pytest.mark.parametrize("kw,shape,dim", [
-    ({"scale_factor": 0.3}, (1, 3, 40, 37), "dimension 2: 40 -> 12"),
-    ({"size": (5, 184)}, (1, 3, 6, 10), "dimension 3: 10 -> 184"),
-], ids=str)
-def test_export_refuses_what_no_resize_scale_gives(kw, shape, dim):
-    """torch's float32 index formula reads pixels that no ONNX Resize scale reads at the
-    example's size (floor(o / s) for one s cannot follow torch's rounding of o * (1 / s)):
-    a ValueError naming the module and the dimension, not a graph with other pixels."""
-    qm = qat_int8(ResizeOnly(**kw), shape)
-    with pytest.raises(ValueError, match=r"module 'up' \(Upsample\): no ONNX Resize scale "
-                                         r"picks torch's source pixels .*" + dim):
-        to_onnx(qm, torch.randn(*shape))
+def test_runtime_refuses_gathers_not_in_gpuquants_form():
+    """The resize's Gather pair is matched strictly (constant 1-D int64 / int32 indices in
+    range, axes 2 then 3, on a DequantizeLinear'd activation, requantized with its qparams,
+    named in the size-dependent metadata); anything else is a RuntimeFormatError naming the
+    node, and a graph with both gpuquant Gather forms (an Activation's lookup and a resize)
+    runs exactly."""
+    import gpuquant.runtime as rt
+    shape = (1, 3, 6, 10)
+    qm = qat_int8(ResizeOnly(size=(5, 7)), shape)
+    with pytest.warns(UserWarning):
+        proto = to_onnx(qm, torch.randn(*shape))
+    x = _code_input(qm, shape)
+    assert rt.load(proto).run(x.numpy()).tobytes() == int8_forward(qm, x).tobytes()
+
+    def edited(fn):
+        bad = copy.deepcopy(proto)
+        fn(bad)
+        return bad
+
+    def gather(p, i):
+        return _gathers(p)[i]
+
+    def index(p, i, arr):
+        for t in p.graph.initializer:
+            if t.name == gather(p, i).input[1]:
+                t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+    def axis(i, v):
+        def fn(p):
+            gather(p, i).attribute[0].CopyFrom(onnx.helper.make_attribute("axis", v))
+        return fn
+
+    def swap_axes(p):
+        axis(0, 3)(p)
+        axis(1, 2)(p)
+
+    def drop_nodes_meta(p):
+        for e in p.metadata_props:
+            if e.key == "gpuquant.size_dependent_nodes":
+                e.value = "up_rows_Gather"
+
+    def requant(p):  # the output QuantizeLinear at another scale
+        q = [n for n in p.graph.node if n.op_type == "QuantizeLinear"][-1]
+        for t in p.graph.initializer:
+            if t.name == q.input[1]:
+                t.CopyFrom(numpy_helper.from_array(
+                    numpy_helper.to_array(t) * np.float32(2), t.name))
+
+    def one_gather(p):  # the column Gather dropped: the row Gather feeds the Q
+        rows, cols = _gathers(p)
+        for n in p.graph.node:
+            for k, i in enumerate(n.input):
+                if i == cols.output[0]:
+                    n.input[k] = rows.output[0]
+        p.graph.node.remove(cols)
+
+    def rank2(p):
+        index(p, 0, np.zeros((5, 1), np.int64))
+
+    cases = [
+        (lambda p: index(p, 0, np.arange(5, dtype=np.float32)), r"'up_rows_Gather'.*float32"),
+        (lambda p: index(p, 1, np.array([0, 1, -1, 2, 3, 4, 5], np.int64)),
+         r"'up_cols_Gather'.*from -1 to 5"),
+        (rank2, r"'up_rows_Gather'.*shape \[5, 1\]"),
+        (axis(0, -2), r"'up_rows_Gather'.*axis -2"),
+        (axis(1, 1), r"'up_rows_Gather'.*one Gather over columns"),
+        (swap_axes, r"'up_rows_Gather'.*axis 3"),
+        (one_gather, r"'up_rows_Gather'.*one Gather over columns"),
+        (drop_nodes_meta, r"'up_rows_Gather'.*\['up_cols_Gather'\].*does not name them"),
+        (requant, r"'up_cols_Gather'.*keep its input's qparams"),
+    ]
+    for fn, match in cases:
+        with pytest.raises(rt.RuntimeFormatError, match=match):
+            rt.load(edited(fn))
+    # int32 indices are the same gather
+    rows = numpy_helper.to_array([t for t in proto.graph.initializer
+                                  if t.name == gather(proto, 0).input[1]][0])
+    ok = edited(lambda p: index(p, 0, rows.astype(np.int32)))
+    assert rt.load(ok).run(x.numpy()).tobytes() == int8_forward(qm, x).tobytes()
+    # indices past the input (a hand-edited table): refused when run, naming the node
+    big = edited(lambda p: index(p, 0, np.full(5, 6, np.int64)))
+    with pytest.raises(ValueError, match=r"'up_rows_Gather'.*row indices up to 6"):
+        rt.load(big).run(x.numpy())
+
+    class ActUp(ResizeOnly):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.act = gnn.Activation("sigmoid")
+
+        def forward(self, x):
+            return self.dequant(self.up(self.act(self.quant(x))))
+
+    qa = qat_int8(ActUp(scale_factor=0.3), (2, 3, 40, 37))
+    with pytest.warns(UserWarning):
+        pa = to_onnx(qa, torch.randn(1, 3, 40, 37))
+    assert len(_gathers(pa)) == 3
+    xa = _code_input(qa, (2, 3, 40, 37))
+    want = int8_forward(qa, xa)
+    assert rt.load(pa).run(xa.numpy()).tobytes() == want.tobytes()
 
 
 @pytest.mark.parametrize("qc", ["int8", "uint8"])
