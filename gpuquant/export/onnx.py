@@ -26,7 +26,8 @@ tensor's shape, and each node is written with the ONNX helper API:
   torch's pixels from them); any other (a ``size``, a recomputed or other factor) -> two
   ``Gather`` nodes (axis 2, then 3) with torch's source indices at the example's size as
   constant int64 tables, exact everywhere, size-dependent (see :func:`_upsample`);
-* ``flatten`` / ``reshape`` / ``view`` act on the int8 tensor itself.
+* ``flatten`` / ``reshape`` / ``view`` / ``permute`` / ``transpose`` act on the int8 tensor
+  itself (Flatten, Reshape, Transpose; a transpose keeps the batch dimension first).
 
 The graph's batch dimension is symbolic (``N``) and its spatial size free, except where a
 node holds only for the example's spatial size (an ``AdaptiveAvgPool2d`` to more than 1x1, a
@@ -925,8 +926,39 @@ def _reshape_shape(b: _Builder, node, in_val, out_val) -> list:
     return shape
 
 
+def _permutation(node, nd: int) -> list:
+    """The ONNX Transpose ``perm`` of a traced ``permute`` / ``transpose`` (tensor method or
+    torch function; dimensions positional, as a sequence, or by keyword), non-negative.
+
+    Raises:
+        NotImplementedError: dimensions that are not constant ints forming a permutation."""
+    args, kw = list(node.args[1:]), dict(node.kwargs)
+    transpose = node.target in ("transpose", torch.transpose)
+    if transpose:
+        dims = args + [kw[k] for k in ("dim0", "dim1") if k in kw]
+        if len(dims) != 2:
+            dims = None
+    else:
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else \
+            (args or kw.get("dims"))
+    ok = dims is not None and all(isinstance(d, int) and not isinstance(d, bool) and
+                                  -nd <= d < nd for d in dims)
+    if ok and transpose:
+        d0, d1 = (d % nd for d in dims)
+        perm = list(range(nd))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return perm
+    perm = [d % nd for d in dims] if ok else []
+    if not ok or sorted(perm) != list(range(nd)):
+        raise NotImplementedError(f"to_onnx: {node.target!r} (node {node.name!r}) with "
+                                  f"dimensions {dims!r}: the export takes constant ints "
+                                  f"forming a permutation of the {nd} dimensions")
+    return perm
+
+
 def _tensor_op(b: _Builder, node, env, vals):
-    """torch functions / tensor methods in forward code: flatten, reshape, view, contiguous."""
+    """torch functions / tensor methods in forward code: flatten, reshape, view, permute,
+    transpose (ONNX Transpose of the int8 tensor: a copy of codes), contiguous."""
     target = node.target
     args = node.args
     src = env.get(args[0].name) if args and isinstance(args[0], torch.fx.Node) else None
@@ -944,8 +976,19 @@ def _tensor_op(b: _Builder, node, env, vals):
         return _reshape(b, src, vals[node.name], node.name, shape=shape)
     if target in ("contiguous",):
         return src
+    if target in ("permute", "transpose") or target in (torch.permute, torch.transpose):
+        perm = _permutation(node, in_val.dim())
+        if perm and perm[0] != 0:
+            raise NotImplementedError(
+                f"to_onnx: {what} (node {node.name!r}) moves the batch dimension "
+                f"(permutation {perm}); the exported graph keeps the batch first")
+        name = src.name if isinstance(src, _Q) else src[1]
+        y = b.node("Transpose", [name], f"{node.name}_transpose", perm=perm)
+        if isinstance(src, _Q):
+            return _Q(y, src.scale, src.zp, src.dtype, tuple(vals[node.name].shape))
+        return ("float", y)
     if target is operator.getitem:
         raise NotImplementedError(f"to_onnx: indexing (node {node.name!r}) has no QDQ export")
     raise NotImplementedError(f"to_onnx: operation {what!r} (node {node.name!r}) has no QDQ "
                               f"export; supported in forward code: flatten, reshape, view, "
-                              f"contiguous between quantized modules")
+                              f"permute, transpose, contiguous between quantized modules")

@@ -315,6 +315,14 @@ class Session:
             qmin, qmax = _RANGE[zp.dtype]
             self._steps.append(("quantize", n.input[0], n.output[0], scale, zp, qmin, qmax))
             return
+        if op == "Transpose":
+            perm = [int(v) for v in self._attrs(n).get("perm", [])]
+            if not perm or sorted(perm) != list(range(len(perm))) or perm[0] != 0:
+                raise self._err(n, f"a Transpose must give its permutation and keep the batch "
+                                   f"dimension first (as gpuquant.export.to_onnx writes it), "
+                                   f"got perm={perm}")
+            self._steps.append(("transpose", n.input[0], n.output[0], perm, self._where(n)))
+            return
         if op in ("Flatten", "Reshape", "Identity"):
             a = self._attrs(n)
             shape = self._scalar(n.input[1], n) if op == "Reshape" else None
@@ -324,7 +332,8 @@ class Session:
         if op not in _FUSABLE:
             raise self._err(n, f"not supported by gpuquant.runtime (it runs the QDQ graphs "
                                f"gpuquant.export.to_onnx writes: {sorted(_FUSABLE)} between "
-                               f"DequantizeLinear and QuantizeLinear, Flatten, Reshape)")
+                               f"DequantizeLinear and QuantizeLinear, Flatten, Reshape, "
+                               f"Transpose)")
         getattr(self, f"_plan_{op}")(n, self._attrs(n))
 
     def _weighted(self, n):
@@ -516,7 +525,7 @@ class Session:
 
     def _dtype_of(self, qname: str):
         p = self._producer.get(qname)
-        while p is not None and p.op_type in ("Flatten", "Reshape", "Identity"):
+        while p is not None and p.op_type in ("Flatten", "Reshape", "Identity", "Transpose"):
             p = self._producer.get(p.input[0])
         if p is None or p.op_type != "QuantizeLinear":
             return None
@@ -747,6 +756,15 @@ def _x_reshape(st, env):
         env[out] = np.reshape(x, shape)
 
 
+def _x_transpose(st, env):
+    _, src, out, perm, where = st
+    x = env[src]
+    if x.ndim != len(perm):
+        raise ValueError(f"{where}: a Transpose of {len(perm)} dimensions got an input of shape "
+                         f"{list(x.shape)}")
+    env[out] = np.transpose(x, perm)
+
+
 def _check_window(where: str, op: str, x: np.ndarray, k, stride, pads, dil=(1, 1),
                   ceil_mode=False) -> None:
     """As gpuquant.functional's int8 ops (and torch) refuse a window that leaves no output:
@@ -887,7 +905,8 @@ def _x_gather_hw(st, env):
 
 
 _EXEC = {"quantize": _x_quantize, "dequantize": _x_dequantize, "flatten": _x_reshape,
-         "reshape": _x_reshape, "identity": _x_reshape, "conv": _x_conv, "linear": _x_linear,
+         "reshape": _x_reshape, "identity": _x_reshape, "transpose": _x_transpose,
+         "conv": _x_conv, "linear": _x_linear,
          "add": _x_add, "mul": _x_mul, "concat": _x_concat, "maxpool": _x_maxpool,
          "avgpool": _x_avgpool, "gap": _x_gap, "lookup": _x_lookup, "resize": _x_resize,
          "gather_hw": _x_gather_hw}
