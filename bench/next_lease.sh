@@ -28,7 +28,9 @@
 #      configs and Gluon GEMM / conv tiles against the NumPy oracle, and of the compiled fake-quant,
 #      LSQ and BN-fold rounding (cvt.rni / cvt.rn.bf16, which the interpreter never runs:
 #      every half value against torch), and replayed QAT steps against generic ones byte
-#      for byte (launch.replays: never run on a GPU yet) (8 pytest workers); qat_step (issue
+#      for byte (launch.replays: never run on a GPU yet), and the activation tables and nearest
+#      resizes (QAT on CUDA against the CPU-built tables; no host sync once warm) (8 pytest
+#      workers); qat_step (issue
 #      5: the eager row is the first GPU timing of the replays, predicted ~1.5-1.7x float
 #      from 2.20x; the graph rows should not move); then, if the budget still allows one (the runner skips
 #      a stage it cannot start), fake_quant (the cvt.rni bf16 kernels) and gemm (with the
@@ -58,6 +60,7 @@ TESTS="$TESTS tests/backends/test_triton_gemm_sm90.py tests/backends/test_triton
 TESTS="$TESTS tests/backends/test_triton_fake_quant.py"
 TESTS="$TESTS tests/backends/test_triton_bn_fold.py tests/quantization/test_quant_fake_quant.py"
 TESTS="$TESTS tests/backends/test_triton_layer_plans.py"
+TESTS="$TESTS tests/backends/test_triton_activation_models.py"
 python -m gpuquant.bench.lease --out "$OUT" --budget $BUDGET \
     --stages linear_dynamic,profile,models,tests,qat_step,conv,fake_quant,gemm \
     --cap tests=120 --cap profile=60 \
