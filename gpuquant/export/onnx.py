@@ -19,7 +19,7 @@ tensor's shape, and each node is written with the ONNX helper API:
   the output's qparams), then ``QuantizeLinear`` to the same qparams: the bytes of gpuquant's
   table in every consumer (see :func:`_lookup`);
 * ``Upsample`` (nearest modes), between DQ and Q: a ``scale_factor`` whose float32 Resize
-  is torch's at every size -> ``Resize(mode="nearest")`` with constant ``scales``
+  is torch's at every size up to 4096 -> ``Resize(mode="nearest")`` with constant ``scales``
   (``nearest``: ``coordinate_transformation_mode="asymmetric"``, ``nearest_mode="floor"``;
   ``nearest-exact``: ``"half_pixel"``, ``"round_prefer_ceil"``), the module's arguments in
   the metadata (``gpuquant.nearest_resize``, read by :mod:`gpuquant.runtime`, which picks
@@ -655,9 +655,12 @@ def _resize_size_free(scale_factor: float, exact: bool) -> bool:
     """Whether ``Resize`` with scale ``float32(scale_factor)`` picks torch's pixels (and output
     size) for ``interpolate(scale_factor=scale_factor)`` at every input size from 1 to
     ``_RESIZE_CHECKED`` (in float32 and float64 arithmetic, :func:`_resize_picks`): then the
-    exported graph holds at any spatial size. Below an index where both agree unclamped, the
-    clamped indices agree at every size; the sizes where torch copies or halves (``nearest``
-    with an output of once or twice the input) are checked one by one."""
+    exported graph is declared free of spatial size. Past the checked sizes a consumer's
+    float32 Resize may part from torch: an audit found onnxruntime one pixel off at widths
+    of 524294 (nearest-exact, 2.2) and 1797560 (nearest, 1.75); gpuquant.runtime computes
+    torch's indices itself (metadata) and stays exact at any size. Below an index where both
+    agree unclamped, the clamped indices agree at every size; the sizes where torch copies or
+    halves (``nearest`` with an output of once or twice the input) are checked one by one."""
     from ..backends.numpy.pool import nearest_source_index
     s = np.float32(scale_factor)
     ns = np.arange(1, _RESIZE_CHECKED + 1)
@@ -696,7 +699,8 @@ def _upsample(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
     * a ``scale_factor`` (not recomputed) whose float32 value makes Resize pick torch's
       pixels at every input size up to 4096 in both dimensions (integer factors, halves, ...;
       :func:`_resize_size_free`): ``Resize(scales=[1, 1, sh, sw], mode="nearest")``
-      (coordinate / nearest modes from :data:`RESIZE_FORMS`), valid at any spatial size;
+      (coordinate / nearest modes from :data:`RESIZE_FORMS`), free of spatial size (a
+      consumer's Resize checked to 4096; gpuquant.runtime exact at any size);
       the module's arguments are recorded for :mod:`gpuquant.runtime` (metadata
       ``gpuquant.nearest_resize``: Resize node name -> ``size``, ``scale_factor``, ``mode``,
       ``recompute_scale_factor``), which computes torch's pixels from them;

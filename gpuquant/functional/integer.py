@@ -836,8 +836,12 @@ def upsample_output_size(op: str, in_hw, size, scale_factor):
     :func:`upsample_args`.
 
     Raises:
-        TypeError, ValueError: bad arguments, or an output size below 1."""
+        TypeError, ValueError: bad arguments, an input without pixels (as torch's resize
+            refuses it: there is no pixel to copy), or an output size below 1."""
     size, sf = upsample_args(op, size, scale_factor)
+    if min(int(v) for v in in_hw) < 1:
+        raise ValueError(f"{op}: input spatial size {tuple(int(v) for v in in_hw)} has no "
+                         f"pixels to resize (H and W must be >= 1)")
     if size is not None:
         return size, (None, None)
     out = tuple(int(math.floor(float(n) * v)) for n, v in zip(in_hw, sf))
@@ -861,6 +865,9 @@ def check_nearest(op: str, size, scale_factor, mode, recompute_scale_factor) -> 
     if recompute_scale_factor is not None and not isinstance(recompute_scale_factor, bool):
         raise TypeError(f"{op}: recompute_scale_factor must be None or a bool, got "
                         f"{recompute_scale_factor!r}")
+    if recompute_scale_factor and size is not None:  # (torch's interpolate refuses it)
+        raise ValueError(f"{op}: recompute_scale_factor=True is not meaningful with an "
+                         f"explicit size ({size!r}); give scale_factor instead")
     upsample_args(op, size, scale_factor)
 
 
@@ -886,12 +893,21 @@ def upsample_nearest2d(x, size=None, scale_factor=None, mode: str = "nearest",
     """
     op = "upsample_nearest2d"
     _check_nchw(x, op)
+    ih, iw = nearest_indices(op, x, size, scale_factor, mode, recompute_scale_factor)
+    return get_op("gather_hw", x)(x, ih, iw)
+
+
+def nearest_indices(op: str, x, size, scale_factor, mode, recompute_scale_factor):
+    """The row and column source indices (int64 tensors on ``x``'s device, cached) of a
+    nearest resize of the 4-D ``x`` (:func:`upsample_nearest2d`'s arguments, checked): what
+    the int8 op gathers and what the QAT ``Upsample`` indexes, so the two pick the same
+    pixels on every device (torch's CUDA kernel skips the CPU's shortcuts for outputs of
+    once and twice the input, which can pick other pixels at factors such as 1.0001)."""
     check_nearest(op, size, scale_factor, mode, recompute_scale_factor)
     (oh, ow), (sh, sw) = upsample_output_size(op, x.shape[2:], size, scale_factor)
     if recompute_scale_factor:
         sh = sw = None
     exact = mode == "nearest-exact"
     dev = str(x.device)
-    ih = _nearest_index(int(x.shape[2]), oh, sh, exact, dev)
-    iw = _nearest_index(int(x.shape[3]), ow, sw, exact, dev)
-    return get_op("gather_hw", x)(x, ih, iw)
+    return (_nearest_index(int(x.shape[2]), oh, sh, exact, dev),
+            _nearest_index(int(x.shape[3]), ow, sw, exact, dev))

@@ -149,3 +149,25 @@ def check_calls(calls, what):
             want = numpy_ops[op](*args)
         assert_same(got, want, f"{what} {name}")
 
+
+
+def assert_warm_forward_never_syncs(model, x):
+    """After one warm-up call (autotuning and every memo happen there), the int8 ``model``'s
+    forward on CUDA reads nothing back to the host (the sync debug mode raises at the first
+    read, with its traceback: a read would stall the launch queue every call) and captures
+    in a CUDA graph whose replay gives the eager bytes."""
+    from gpuquant.backends import use
+    with torch.no_grad(), use("triton"):
+        model(x)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = model(x)
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, yg)

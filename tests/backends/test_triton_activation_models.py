@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gpuquant.nn as gnn
-from _triton_inference_util import DEV
+from _triton_inference_util import DEV, assert_warm_forward_never_syncs
 from gpuquant.backends import available, use
 from gpuquant.nn.activation import ACTIVATION_KINDS
 from gpuquant.quantization import quantize, quantize_qat
@@ -117,19 +117,5 @@ def test_qat_on_cuda_agrees_with_the_tables():
 def test_warm_forward_never_syncs_on_the_gpu():
     """The tables and the resize index tables are built once per device; after the warm-up
     call the forward reads nothing back to the host and captures in a CUDA graph."""
-    model = quantize(_qat("cpu", steps=1)).cuda()
-    x = torch.randn(2, 3, 12, 12, device="cuda")
-    with torch.no_grad(), use("triton"):
-        model(x)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            y = model(x)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            yg = model(x)
-        g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, yg)
+    assert_warm_forward_never_syncs(quantize(_qat("cpu", steps=1)).cuda(),
+                                    torch.randn(2, 3, 12, 12, device="cuda"))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _triton_inference_util import DEV
+from _triton_inference_util import DEV, assert_warm_forward_never_syncs
 from gpuquant.backends import available, use
 
 if "numpy" not in available():
@@ -151,19 +151,5 @@ def test_warm_network_forward_never_syncs_on_the_gpu(name, in_ch, size):
     network's forward on CUDA reads nothing back to the host: a read would stall the
     launch queue every call and make the network impossible to capture in a CUDA graph.
     The sync debug mode raises at the first read, with its traceback."""
-    model = fuse_epilogues(_int8(name, in_ch, size)).cuda()
-    x = torch.randn(2, in_ch, size, size, device="cuda")
-    with torch.no_grad(), use("triton"):
-        model(x)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            y = model(x)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            yg = model(x)
-        g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, yg)
+    assert_warm_forward_never_syncs(fuse_epilogues(_int8(name, in_ch, size)).cuda(),
+                                    torch.randn(2, in_ch, size, size, device="cuda"))

@@ -31,3 +31,23 @@ def qat_step(model, x, target, seed):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return y.detach(), loss.detach()
+
+
+def int8_against_qat(qat, x, bound: float = 0.05):
+    """Observers off, then ``quantize`` of a copy of ``qat``: every int8 module within one
+    step of its QAT module on the QAT inputs (tests/int8_vs_qat.py), the int8 output (on
+    INT8_BACKEND) within ``bound`` of QAT's, relative L2. Returns (int8 model, the QAT
+    capture: name -> (inputs, output))."""
+    import copy
+
+    from gpuquant.quantization import disable_observer, quantize
+    from tests.int8_vs_qat import capture, check_modules
+    y_qat, cap = capture(qat, x)
+    disable_observer(qat)
+    qat_modules = dict(qat.named_modules())
+    int8 = quantize(copy.deepcopy(qat))
+    with backends.use(INT8_BACKEND), torch.no_grad():
+        y8 = int8(x)
+    check_modules(qat_modules, int8, cap, INT8_BACKEND)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= bound
+    return int8, cap

@@ -11,13 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import gpuquant.backends as backends
 import gpuquant.nn as gnn
-from gpuquant.quantization import disable_observer, quantize, quantize_qat
+from gpuquant.quantization import quantize, quantize_qat
 from gpuquant.quantization.fx import DropInWarning, disable_quantize, prepare_plain
 
-from tests.dropin.dropin_helpers import INT8_BACKEND, qat_step
-from tests.int8_vs_qat import capture, check_modules
+from tests.dropin.dropin_helpers import int8_against_qat, qat_step
 
 
 def convert(fn, *args, **kw):
@@ -134,15 +132,8 @@ def test_activations_swapped_float_identical_qat_int8(cls, kinds):
         qat = quantize_qat(model, example_inputs=(x,))
     for step in range(3):
         qat_step(qat, x, (target + step) % 4, seed=step)
-    y_qat, cap = capture(qat, x)
-    disable_observer(qat)
-    qat_modules = dict(qat.named_modules())
-    int8 = quantize(copy.deepcopy(qat))
+    int8, _ = int8_against_qat(qat, x)
     assert activations(int8) == kinds
-    with backends.use(INT8_BACKEND), torch.no_grad():
-        y8 = int8(x)
-    check_modules(qat_modules, int8, cap, INT8_BACKEND)
-    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.05
 
 
 class Unsupported(nn.Module):
@@ -256,13 +247,7 @@ def test_activation_after_a_float_op_gets_a_quant_stub():
     qat, _ = convert(quantize_qat, AfterFloatOp(), example_inputs=(x,))
     qat.train()
     qat(x)
-    y_qat, cap = capture(qat, x)
-    qat_modules = dict(qat.named_modules())
-    int8 = quantize(copy.deepcopy(qat))
-    with backends.use(INT8_BACKEND), torch.no_grad():
-        y8 = int8(x)
-    check_modules(qat_modules, int8, cap, INT8_BACKEND)
-    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.05
+    int8_against_qat(qat, x)
 
 
 def test_a_module_called_twice_gets_one_activation_a_call_site():

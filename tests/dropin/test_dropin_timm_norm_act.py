@@ -17,11 +17,10 @@ import gpuquant
 import gpuquant.backends as backends
 import gpuquant.nn as gnn
 from gpuquant.nn.qat import QATModule
-from gpuquant.quantization import disable_observer, quantize, quantize_qat
+from gpuquant.quantization import quantize, quantize_qat
 from gpuquant.quantization.fx import DropInWarning, disable_quantize, prepare_plain
 
-from tests.dropin.dropin_helpers import INT8_BACKEND, qat_step
-from tests.int8_vs_qat import capture, check_modules
+from tests.dropin.dropin_helpers import INT8_BACKEND, int8_against_qat, qat_step
 
 
 def _norm_act_init(self, num_features, act_layer, apply_act, drop_layer, **kw):
@@ -182,14 +181,7 @@ def test_norm_act_qat_trains_and_converts_to_int8():
     for step in range(3):
         qat_step(qat, x, (target + step) % 4, seed=step)
     assert not torch.equal(model.conv_stem.weight, before)  # the model's own Parameter
-    y_qat, cap = capture(qat, x)
-    disable_observer(qat)
-    qat_modules = dict(qat.named_modules())
-    int8 = quantize(copy.deepcopy(qat))
-    with backends.use(INT8_BACKEND), torch.no_grad():
-        y8 = int8(x)
-    check_modules(qat_modules, int8, cap, INT8_BACKEND)
-    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.05
+    int8, _ = int8_against_qat(qat, x)
     # the second names of the BatchNorms folded whole go, as a plain BatchNorm's do
     assert not [k for k in int8.state_dict() if k.startswith(("bn1.", "bn3.", "bn5."))]
 

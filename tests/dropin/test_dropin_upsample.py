@@ -14,11 +14,10 @@ import torch.nn.functional as F
 import gpuquant
 import gpuquant.backends as backends
 import gpuquant.nn as gnn
-from gpuquant.quantization import disable_observer, quantize, quantize_qat
+from gpuquant.quantization import quantize, quantize_qat
 from gpuquant.quantization.fx import DropInWarning, disable_quantize, prepare_plain
 
-from tests.dropin.dropin_helpers import INT8_BACKEND, qat_step
-from tests.int8_vs_qat import capture, check_modules
+from tests.dropin.dropin_helpers import INT8_BACKEND, int8_against_qat, qat_step
 
 
 def convert(fn, *args, **kw):
@@ -54,15 +53,8 @@ def qat_and_int8(model, x, target, steps=3):
         qat = quantize_qat(model, example_inputs=(x,))
     for step in range(steps):
         qat_step(qat, x, (target + step) % 4, seed=step)
-    y_qat, cap = capture(qat, x)
+    int8, cap = int8_against_qat(qat, x)
     assert any(type(qat.get_submodule(n)).__name__ == "Upsample" for n in cap)
-    disable_observer(qat)
-    qat_modules = dict(qat.named_modules())
-    int8 = quantize(copy.deepcopy(qat))
-    with backends.use(INT8_BACKEND), torch.no_grad():
-        y8 = int8(x)
-    check_modules(qat_modules, int8, cap, INT8_BACKEND)
-    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.05
     return int8
 
 

@@ -226,3 +226,21 @@ def test_qat_gradient_is_the_float_functions_inside_the_range():
         qat(xa).sum().backward()
         activation_fn(kind)(xb).sum().backward()
         assert torch.equal(xa.grad, xb.grad), kind
+
+
+def test_changing_kind_or_slope_rebuilds_the_table():
+    """The int8 module's table follows ``kind`` and ``negative_slope`` (it was cached on the
+    qparam buffers only: a changed slope kept serving the old table)."""
+    m = gnn.quantized.Activation("leaky_relu", 0.1)
+    m._set_qparams("input", QParams(qint8, 0.05, 0))
+    m._set_qparams("output", QParams(qint8, 0.05, 0))
+    x = torch.arange(-128, 128, dtype=torch.int8)
+    y1 = m(x)
+    m.negative_slope = 0.5
+    y2 = m(x)
+    assert not torch.equal(y1, y2)
+    assert torch.equal(y2, lookup(x, activation_table("leaky_relu", QParams(qint8, 0.05, 0),
+                                                      QParams(qint8, 0.05, 0), 0.5)))
+    m.kind = "tanh"
+    assert torch.equal(m(x), lookup(x, activation_table("tanh", QParams(qint8, 0.05, 0),
+                                                        QParams(qint8, 0.05, 0))))

@@ -103,6 +103,19 @@ def test_refuses_bad_arguments():
         upsample_nearest2d(x[0], scale_factor=2)
     with pytest.raises(TypeError, match="recompute_scale_factor must be None or a bool"):
         upsample_nearest2d(x, scale_factor=2, recompute_scale_factor=1)
+    for b in BACKENDS:  # no pixels to copy (a size= resize read index -1: Triton crashed)
+        with backends.use(b), pytest.raises(ValueError, match=r"\(0, 3\) has no pixels"):
+            upsample_nearest2d(torch.zeros(1, 2, 0, 3, dtype=torch.int8), size=(4, 4))
+    with pytest.raises(ValueError, match="not meaningful with an explicit size"):
+        upsample_nearest2d(x, size=4, recompute_scale_factor=True)
+    with pytest.raises(ValueError, match="not meaningful with an explicit size"):
+        gnn.Upsample(size=4, recompute_scale_factor=True)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        gnn.quantized.Upsample(scale_factor=2, mode="bilinear")
+    with pytest.raises(ValueError, match="exactly one of size and scale_factor"):
+        gnn.quantized.Upsample()
+    with pytest.raises(TypeError, match=r"missing \['stride', 'padding'"):
+        gnn.quantized.MaxPool2d(kernel_size=2)
     with pytest.raises(ValueError, match="mode must be one of"):
         gnn.Upsample(scale_factor=2, mode="bilinear")
     with pytest.raises(ValueError, match="align_corners"):
@@ -170,3 +183,26 @@ def test_module_float_qat_int8(mode, qc):
     d = ((outs[BACKENDS[0]] - y_qat) / scale).round().abs()
     assert float(d.max()) <= 1 and float((d == 0).float().mean()) >= 0.97
     assert y_qat.shape == float_out.shape == (2, 12, 7, 5)
+
+
+@pytest.mark.parametrize("kw", [{"scale_factor": 2}, {"scale_factor": 1.0001},
+                                {"scale_factor": (2.1, 0.7)}, {"size": (9, 4)},
+                                {"scale_factor": 1.5, "mode": "nearest-exact"}])
+def test_qat_upsample_picks_the_int8_pixels(kw):
+    """The QAT module indexes with the int8 op's tables (the same pixels on every device);
+    on the CPU that is torch's interpolate, values and gradients (to float32 rounding: the
+    copies' gradients summed in another order)."""
+    from gpuquant.nn.qat import Upsample as QATUpsample
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 5, 6)
+    m = QATUpsample.from_float_module(gnn.Upsample(**kw))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = m._pool(xa)
+    yb = F.interpolate(xb, **kw)
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
+    xc = x.contiguous(memory_format=CL)
+    assert m._pool(xc).is_contiguous(memory_format=CL)

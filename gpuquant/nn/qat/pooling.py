@@ -153,7 +153,9 @@ def resolve_output_size(output_size, shape):
 
 class Upsample(_PassQParams, Float.Upsample):
     """QAT ``Upsample`` (nearest modes): copies of the input's values, on its grid, with its
-    qparams."""
+    qparams. The pixels are the int8 op's (:func:`gpuquant.functional.integer.
+    nearest_indices`, torch's CPU formula) on every device: torch's CUDA kernel can pick
+    others at rare factors (1.0001), and QAT must compute what the int8 model serves."""
 
     def _check_input(self, x) -> None:
         """Refuse what the integer op refuses (shapes only: no device sync).
@@ -169,4 +171,10 @@ class Upsample(_PassQParams, Float.Upsample):
         upsample_output_size(type(self).__name__, x.shape[2:], self.size, self.scale_factor)
 
     def _pool(self, x):
-        return Float.Upsample.forward(self, x)
+        from ...functional.integer import nearest_indices
+        ih, iw = nearest_indices(type(self).__name__, x, self.size, self.scale_factor,
+                                 self.mode, self.recompute_scale_factor)
+        y = x[:, :, ih[:, None], iw[None, :]]  # one gather; its backward sums the copies
+        return y.contiguous(memory_format=torch.channels_last) \
+            if x.is_contiguous(memory_format=torch.channels_last) and \
+            not x.is_contiguous() else y

@@ -84,8 +84,10 @@ class Activation(QuantizedModule):
         return m
 
     def table(self, device) -> torch.Tensor:
-        """The 256-entry table on ``device`` (rebuilt when a qparam buffer changes)."""
-        return self._cached("table", device, lambda: activation_table(
+        """The 256-entry table on ``device`` (rebuilt when a qparam buffer, ``kind`` or
+        ``negative_slope`` changes)."""
+        return self._cached(("table", self.kind, self.negative_slope), device,
+                            lambda: activation_table(
             self.kind, self._qparams("input"), self._qparams("output"), self.negative_slope))
 
     def forward(self, x):

@@ -16,6 +16,12 @@ class _Pool(QuantizedModule):
 
     def __init__(self, input_dtype="qint8", **kwargs):
         super().__init__()
+        missing = [k for k in self._ARGS if k not in kwargs]
+        unknown = sorted(set(kwargs) - set(self._ARGS))
+        if missing or unknown:
+            raise TypeError(f"{type(self).__name__}: takes input_dtype and the arguments "
+                            f"{self._ARGS}, all given (from_qat_module passes them); missing "
+                            f"{missing}, unknown {unknown}")
         for k in self._ARGS:
             setattr(self, k, kwargs[k])
         self._set_qparams("input", placeholder_qparams(input_dtype))
@@ -82,6 +88,13 @@ class Upsample(_Pool):
     ``torch.nn.functional.interpolate`` picks them for a float tensor."""
 
     _ARGS = ("size", "scale_factor", "mode", "recompute_scale_factor")
+
+    def __init__(self, input_dtype="qint8", size=None, scale_factor=None, mode="nearest",
+                 recompute_scale_factor=None):
+        from ...functional.integer import check_nearest
+        check_nearest(type(self).__name__, size, scale_factor, mode, recompute_scale_factor)
+        super().__init__(input_dtype, size=size, scale_factor=scale_factor, mode=mode,
+                         recompute_scale_factor=recompute_scale_factor)
 
     def forward(self, x):
         self._check_input(x)
