@@ -56,6 +56,7 @@ from .._compile import uncompiled
 from ..nn.quantized.fused import ConvAdd, ConvDequant
 from ..nn.quantized.module import QuantizedTracer
 from ..quantization.epilogue import unfuse_epilogues
+from ..quantization.fx import is_eval_identity
 from ..runtime.session import FIXED_HW_KEY, FIXED_NODES_KEY, FORMAT, FORMAT_KEY, RESIZE_KEY
 
 __all__ = ["to_onnx", "OPSET"]
@@ -400,7 +401,7 @@ def to_onnx(model: torch.nn.Module, example_input, path: Optional[str] = None,
             elif isinstance(m, Q.Activation):
                 env[node.name] = _lookup(b, m, q_of(node.args[0], who), who, base,
                                          tuple(vals[node.name].shape))
-            elif isinstance(m, (torch.nn.Identity, torch.nn.Dropout)):
+            elif isinstance(m, (torch.nn.Identity, torch.nn.Dropout)) or is_eval_identity(m):
                 env[node.name] = env[node.args[0].name]
             elif isinstance(m, torch.nn.Flatten):
                 env[node.name] = _flatten(b, env[node.args[0].name], vals[node.args[0].name],

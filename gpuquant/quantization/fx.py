@@ -74,6 +74,7 @@ import os
 import sys
 import traceback
 import warnings
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -89,7 +90,7 @@ from ..nn.quantized.module import QuantizedModule
 from .._tensors import version as _version
 
 __all__ = ["needs_dropin", "prepare_plain", "disable_quantize", "DropInWarning",
-           "keep_producer"]
+           "keep_producer", "is_eval_identity", "is_pass_module"]
 
 # classes of gpuquant.nn that are single ops (leaves); QAT / quantized versions subclass them
 _GNN_LEAVES = tuple(getattr(gnn, n) for n in gnn.__all__ if n != "Module")
@@ -402,7 +403,8 @@ class _Tracer(fx.Tracer):
             return True
         if isinstance(m, Module):
             return isinstance(m, (_GNN_LEAVES, QATModule, QuantizedModule))
-        if any(_same_forward(m, base) for base in _LEAF_BASES) or _is_norm_act(m):
+        if any(_same_forward(m, base) for base in _LEAF_BASES) or _is_norm_act(m) or \
+                is_eval_identity(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -1196,6 +1198,48 @@ def _fn_name(target) -> str:
 # while training): their output loses the QAT producer tag unless it is carried over
 _MAY_COPY_FNS = {torch.flatten, torch.reshape}
 _MAY_COPY_METHODS = {"flatten", "reshape", "view", "contiguous", "reshape_as"}
+_EVAL_IDENTITY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def is_eval_identity(m: torch.nn.Module) -> bool:
+    """Whether ``m`` is a training-only regularizer: a torch.nn module without parameters or
+    buffers (not a gpuquant module, not one of torch.nn's own layers) whose forward, traced
+    by torch.fx in eval mode, returns its one input itself: drop path / stochastic depth
+    (timm's ``DropPath``, torchvision's ``StochasticDepth``), DropBlock. The drop-in and
+    ``quantize_qat`` treat it as they treat ``nn.Dropout``: a pass-through that keeps its
+    input's producer (it scales or zeroes values while training; the int8 model, always in
+    eval, runs it as the identity on the int8 tensor). Cached per module."""
+    hit = _EVAL_IDENTITY.get(m)
+    if hit is not None:
+        return hit
+    ok = False
+    if not isinstance(m, (Module, QATModule, QuantizedModule)) and \
+            not type(m).__module__.startswith("torch.") and \
+            next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None:
+        modes = {sub: sub.training for sub in m.modules()}
+        try:
+            m.eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = fx.Tracer().trace(m)
+            nodes = list(graph.nodes)
+            ok = len(nodes) == 2 and nodes[0].op == "placeholder" and \
+                nodes[1].op == "output" and nodes[1].args[0] is nodes[0]
+        except Exception:  # noqa: BLE001 -- any trace failure: not a plain identity
+            ok = False
+        finally:
+            for sub, mode in modes.items():
+                sub.training = mode
+    _EVAL_IDENTITY[m] = ok
+    return ok
+
+
+def is_pass_module(m: torch.nn.Module) -> bool:
+    """A module the drop-in passes int8 tensors through (``nn.Dropout``, ``Flatten``,
+    ``Identity``, ...; training-only regularizers, :func:`is_eval_identity`)."""
+    return type(m) in _PASS_MODULES or is_eval_identity(m)
+
+
 _MAY_COPY_MODULES = tuple(m for m in _PASS_MODULES if m not in (torch.nn.Unflatten,
                                                                  torch.nn.Identity))
 
@@ -1232,7 +1276,8 @@ def _may_copy(n: fx.Node, modules) -> bool:
         return n.target in _MAY_COPY_FNS
     if n.op == "call_method":
         return n.target in _MAY_COPY_METHODS
-    return n.op == "call_module" and type(modules[n.target]) in _MAY_COPY_MODULES
+    return n.op == "call_module" and (type(modules[n.target]) in _MAY_COPY_MODULES or
+                                      is_eval_identity(modules[n.target]))
 
 
 def _is_pass(n: fx.Node, modules) -> bool:
@@ -1241,8 +1286,7 @@ def _is_pass(n: fx.Node, modules) -> bool:
     if n.op == "call_method":
         return n.target in _PASS_METHODS
     if n.op == "call_module":
-        m = modules[n.target]
-        return type(m) in _PASS_MODULES
+        return is_pass_module(modules[n.target])
     return False
 
 
@@ -1450,7 +1494,7 @@ class _Rewriter:
         if n.op == "call_method":
             return src if n.target in _VIEW_METHODS else None
         if n.op == "call_module":
-            return src if type(self.modules[n.target]) in _PASS_MODULES else None
+            return src if is_pass_module(self.modules[n.target]) else None
         return None
 
     def _check_no_alias(self, n: fx.Node, target: fx.Node, order) -> None:

@@ -34,7 +34,8 @@ from ..nn.quantized.module import QuantizedModule
 from ..nn.quantized.stubs import DequantStub as QDequantStub
 from .fake_quant import FakeQuantBase, _LearnedBase
 from .hooks import carry_hooks
-from .fx import _PASS_MODULES, delete_unused_paths, needs_dropin, prepare_plain
+from .fx import (_PASS_MODULES, delete_unused_paths, is_eval_identity, needs_dropin,
+                 prepare_plain)
 from .observer import HistogramObserver, Observer, _RangeObserver
 from .._checks import check_bool as _check_bool
 from .qconfig import QConfig, ema_fakequant_qconfig
@@ -263,7 +264,7 @@ def quantize_qat(module: torch.nn.Module, qconfig: QConfig = ema_fakequant_qconf
             if qc is not inherited:  # its own qconfig attribute: kept by a second call
                 new.__dict__["_own_qconfig"] = True
             return new
-        if isinstance(m, _PASS_MODULES):
+        if isinstance(m, _PASS_MODULES) or is_eval_identity(m):
             passes.append(m)
         if isinstance(m, tuple(_QAT_MAP)):
             _refuse_parametrized("quantize_qat", name, m)

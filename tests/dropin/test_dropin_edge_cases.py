@@ -382,7 +382,9 @@ class DropPathBlock(nn.Module):
 def test_forward_depending_on_the_mode_is_not_frozen(train, drop_path):
     """fx runs forward once: ``if self.training:`` would be frozen at the mode of the trace
     (the eval QAT model and the int8 model silently kept the training branch). The model's
-    own forward is refused; a submodule stays a float leaf (following train / eval)."""
+    own forward is refused; a submodule that is the identity in eval (a drop path) is a
+    pass-through leaf (following train / eval, int8 tensors through it as through
+    nn.Dropout), other mode-dependent submodules stay float leaves (test below)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6)
     with pytest.raises(ValueError, match=r"differently in train and eval mode.*\.softmax\(\)"):
@@ -390,16 +392,31 @@ def test_forward_depending_on_the_mode_is_not_frozen(train, drop_path):
     model = DropPathBlock(drop_path).train(train)
     x = torch.randn(2, 4, 6, 6)
     qat, msgs = convert(quantize_qat, copy.deepcopy(model), example_inputs=(x,))
-    assert len(msgs) == 1
-    assert f"module 'drop_path' ({drop_path.__name__}: not traceable" in msgs[0]
-    assert drop_path is DropPathShape or "differently in train and eval mode" in msgs[0]
-    assert isinstance(qat.conv, qat_nn.Conv2d)  # the rest of the block is quantized
+    assert msgs == []
+    assert type(qat.drop_path) is drop_path
+    assert isinstance(qat.conv, qat_nn.Conv2d)  # the block is quantized
     assert not hasattr(model, "_tensor_constant1")  # the second trace leaves nothing behind
     y_qat, y8 = qat_then_int8(qat, x)
     assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
     disable_observer(qat)
     with torch.no_grad():
         assert torch.equal(qat(x), y_qat)  # eval: no path dropped
+
+
+class TrainScale(nn.Module):
+    def forward(self, x):  # not the identity in eval: a float leaf following the mode
+        return x * (2.0 if self.training else 0.5)
+
+
+def test_a_mode_dependent_submodule_other_than_a_regularizer_stays_float():
+    model = DropPathBlock(TrainScale)
+    x = torch.randn(2, 4, 6, 6)
+    qat, msgs = convert(quantize_qat, copy.deepcopy(model), example_inputs=(x,))
+    assert len(msgs) == 1
+    assert "module 'drop_path' (TrainScale: not traceable" in msgs[0]
+    assert "differently in train and eval mode" in msgs[0]
+    y_qat, y8 = qat_then_int8(qat, x)
+    assert float((y8 - y_qat).norm() / y_qat.norm()) <= 0.02
 
 
 # ------------------------------------------------- a layer's parameters read by the forward
