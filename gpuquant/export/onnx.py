@@ -14,10 +14,12 @@ tensor's shape, and each node is written with the ONNX helper API:
 * ``Elemwise`` -> ``Add`` (+ ``Relu``) / ``Mul``, ``Concat`` -> ``Concat``, pools ->
   ``MaxPool`` / ``AveragePool`` / ``GlobalAveragePool``, each between DQ and Q;
 * ``Activation(kind)`` (the int8 form is a 256-entry table over the input's codes) ->
-  ``Cast(DequantizeLinear(x, 1, storage_min), int32)`` (the code's table index, exact in
-  float32) indexing a ``Gather`` of ``DequantizeLinear(table)`` (the int8 / uint8 table at
-  the output's qparams), then ``QuantizeLinear`` to the same qparams: the bytes of gpuquant's
-  table in every consumer (see :func:`_lookup`);
+  ``Cast(DequantizeLinear(x, 1, 0), int32)`` (the code itself, exact in float32; every
+  Q / DQ zero point the lookup adds is 0, as TensorRT requires) indexing a ``Gather`` of
+  ``DequantizeLinear(table)`` (the int8 / uint8 table at the output's qparams; for an int8
+  input stored rotated by 128, so that ONNX Gather's negative indices, counted from the
+  back, read code ``c`` at entry ``c mod 256``), then ``QuantizeLinear`` to the same qparams:
+  the bytes of gpuquant's table in every consumer (see :func:`_lookup`);
 * ``Upsample`` (nearest modes), between DQ and Q: a ``scale_factor`` whose float32 Resize
   is torch's at every size up to 4096 -> ``Resize(mode="nearest")`` with constant ``scales``
   (``nearest``: ``coordinate_transformation_mode="asymmetric"``, ``nearest_mode="floor"``;
@@ -57,7 +59,8 @@ from ..nn.quantized.fused import ConvAdd, ConvDequant
 from ..nn.quantized.module import QuantizedTracer
 from ..quantization.epilogue import unfuse_epilogues
 from ..quantization.fx import is_eval_identity
-from ..runtime.session import FIXED_HW_KEY, FIXED_NODES_KEY, FORMAT, FORMAT_KEY, RESIZE_KEY
+from ..runtime.session import (FIXED_HW_KEY, FIXED_NODES_KEY, FORMAT, FORMAT_KEY,
+                               RESIZE_FORMS, RESIZE_KEY)
 
 __all__ = ["to_onnx", "OPSET"]
 
@@ -613,12 +616,6 @@ def _pool(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
     return b.quantize(y, base, s, z, dt, tuple(vals[node.name].shape))
 
 
-# torch's nearest modes as ONNX Resize attributes: "nearest" reads floor(o * in / out)
-# (asymmetric, floor); "nearest-exact" floor((o + 0.5) * in / out), which is
-# round_prefer_ceil((o + 0.5) * in / out - 0.5) (half_pixel; not pytorch_half_pixel, which
-# reads pixel 0 for an output of size 1 where torch reads the middle one)
-RESIZE_FORMS = {"nearest": ("asymmetric", "floor"),
-                "nearest-exact": ("half_pixel", "round_prefer_ceil")}
 _RESIZE_CHECKED = 4096  # a scale_factor Resize is size-free if exact at every size to this
 
 
@@ -700,11 +697,15 @@ def _upsample(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
     * a ``scale_factor`` (not recomputed) whose float32 value makes Resize pick torch's
       pixels at every input size up to 4096 in both dimensions (integer factors, halves, ...;
       :func:`_resize_size_free`): ``Resize(scales=[1, 1, sh, sw], mode="nearest")``
-      (coordinate / nearest modes from :data:`RESIZE_FORMS`), free of spatial size (a
+      (coordinate / nearest modes from
+      :data:`gpuquant.runtime.session.RESIZE_FORMS`), free of spatial size (a
       consumer's Resize checked to 4096; gpuquant.runtime exact at any size);
       the module's arguments are recorded for :mod:`gpuquant.runtime` (metadata
       ``gpuquant.nearest_resize``: Resize node name -> ``size``, ``scale_factor``, ``mode``,
-      ``recompute_scale_factor``), which computes torch's pixels from them;
+      ``recompute_scale_factor``), which computes torch's pixels from them; the entry is
+      keyed by the node's name, so a graph optimiser that renames nodes makes
+      gpuquant.runtime refuse the file (naming the node, whose metadata entry is missing)
+      rather than guess, while other consumers, which read only the scales, are unaffected;
     * otherwise (a ``size``, ``recompute_scale_factor=True``: torch's ratio is ``in / out``
       of the actual size; a factor such as 0.3 whose float32 Resize differs from torch's
       ``1 / scale_factor`` at some size): ``Gather(Gather(x, rows, axis=2), cols, axis=3)``
@@ -750,29 +751,37 @@ def _upsample(b: _Builder, m, node, vals, dq_input, who: str, base: str) -> _Q:
     return b.quantize(x, base, s, z, dt, tuple(vals[node.name].shape))
 
 
-_STORAGE_MIN = {"qint8": -128, "quint8": 0}
-
-
 def _lookup(b: _Builder, m, q: _Q, who: str, base: str, shape) -> _Q:
     """A quantized ``Activation``: its table (entry ``code - storage_min`` = the output code
     of input ``code``) indexed by the input's codes, as
 
-        idx = Cast(DequantizeLinear(x, scale 1, zero point storage_min), to=int32)
-        y = QuantizeLinear(Gather(DequantizeLinear(table, s_y, zp_y), idx), s_y, zp_y)
+        idx = Cast(DequantizeLinear(x, scale 1, zero point 0), to=int32)   # the code itself
+        y = QuantizeLinear(Gather(DequantizeLinear(stored, s_y, zp_y), idx), s_y, zp_y)
+
+    where ``stored`` is the table for a uint8 input (codes 0..255 are its indices) and, for
+    an int8 input, the table rotated by 128 (``np.roll(table, -128)``: entry ``i`` holds the
+    output of code ``i`` for ``i < 128``, of code ``i - 256`` from 128 on), which ONNX Gather
+    reads at ``c mod 256`` for code ``c``: a negative index counts from the back (ONNX
+    Gather takes indices in ``[-256, 255]`` for 256 entries).
 
     Why this form: the table is the op (``quantize(f(dequantize(q)))`` built with torch's
     ``f`` at conversion); recomputing ``f`` in float (ONNX ``Sigmoid``, ``Gelu``, ...)
     would differ from it by a float32 step here and there, so every consumer would be off
     by an output step on some codes, and opset 13 has no ``Gelu`` / ``Mish``. A ``Gather``
-    of the stored table gives gpuquant's bytes in any consumer: ``x - storage_min`` in
-    float32 is an exact integer in [0, 255]; ``DequantizeLinear`` then ``QuantizeLinear``
-    of a table entry with the same qparams gives it back (``|code - zp| <= 255``, so the
-    float32 rounding of ``(code - zp) * s`` moves it far less than half a step). Kept in
-    QDQ style, as the other ops: the table is an int8 / uint8 initializer read through
-    ``DequantizeLinear`` (as weights are), the output an int8 / uint8 tensor made by
-    ``QuantizeLinear``, and no node casts an int8 tensor (TensorRT takes 8-bit tensors
-    only through Q / DQ). :mod:`gpuquant.runtime` matches the pattern and gathers the
-    integer table directly."""
+    of the stored table gives gpuquant's bytes in any consumer: the code in float32 is an
+    exact integer in [-128, 255]; ``DequantizeLinear`` then ``QuantizeLinear`` of a table
+    entry with the same qparams gives it back (``|code - zp| <= 255``, so the float32
+    rounding of ``(code - zp) * s`` moves it far less than half a step). The index's
+    ``DequantizeLinear`` has zero point 0 (not ``storage_min``, which would be -128 for int8:
+    TensorRT takes only zero points 0), hence the rotation instead of a shift; the table's
+    own DQ / Q carry the output's qparams (zero point 0 for the symmetric int8 qconfigs).
+    Kept in QDQ style, as the other ops: the table is an int8 / uint8 initializer read
+    through ``DequantizeLinear`` (as weights are), the output an int8 / uint8 tensor made by
+    ``QuantizeLinear``, and no node casts an int8 tensor (TensorRT takes 8-bit tensors only
+    through Q / DQ). onnxruntime 1.32 gives the table's bytes on all 256 codes of either
+    dtype, with its graph optimizations and without (a test). :mod:`gpuquant.runtime`
+    matches the pattern (refusing any other index zero point) and gathers the integer table,
+    un-rotated at load, directly."""
     s_in, z_in, dt_in = _qp(m, "input")
     s, z, dt = _qp(m, "output")
     _check_act_dtype(dt_in, who)
@@ -781,14 +790,16 @@ def _lookup(b: _Builder, m, q: _Q, who: str, base: str, shape) -> _Q:
         raise NotImplementedError(f"to_onnx: {who} expects a {dt_in} input, got a {q.dtype} "
                                   f"tensor")
     one = b.init(f"{base}_index_scale", np.array(1.0, dtype=np.float32))
-    low = b.zp_init(f"{base}_index_zero_point", _STORAGE_MIN[q.dtype], q.dtype)
-    code = b.node("DequantizeLinear", [q.name, one, low], f"{base}_index_dq")
+    zero = b.zp_init(f"{base}_index_zero_point", 0, q.dtype)
+    code = b.node("DequantizeLinear", [q.name, one, zero], f"{base}_index_dq")
     idx = b.node("Cast", [code], f"{base}_index", to=b.onnx.TensorProto.INT32)
     table = m.table(torch.device("cpu")).numpy()
     np_dt = np.int8 if dt == "qint8" else np.uint8
     if table.shape != (256,) or table.dtype != np_dt:  # pragma: no cover - the module's own
         raise ValueError(f"to_onnx: {who}: table of shape {table.shape} and dtype "
                          f"{table.dtype}; expected 256 {np.dtype(np_dt)} entries")
+    if q.dtype == "qint8":  # code c at entry c mod 256: codes 0..127, then -128..-1
+        table = np.roll(table, -128)
     t = b.init(f"{base}_table", table)
     ts = b.init(f"{base}_table_scale", np.array(s, dtype=np.float32))
     tz = b.zp_init(f"{base}_table_zero_point", z, dt)

@@ -874,7 +874,11 @@ def check_nearest(op: str, size, scale_factor, mode, recompute_scale_factor) -> 
 @functools.lru_cache(maxsize=256)
 def _nearest_index(in_size: int, out_size: int, scale, exact: bool, device: str):
     from ..backends.numpy.pool import nearest_source_index
-    return torch.from_numpy(nearest_source_index(in_size, out_size, scale, exact)).to(device)
+    # (a normal tensor even when first asked for inside torch.inference_mode: the QAT
+    # module's indexing saves it for backward)
+    with torch.inference_mode(False):
+        return torch.from_numpy(nearest_source_index(in_size, out_size, scale,
+                                                     exact)).to(device)
 
 
 @eager_under_compile
@@ -897,12 +901,21 @@ def upsample_nearest2d(x, size=None, scale_factor=None, mode: str = "nearest",
     return get_op("gather_hw", x)(x, ih, iw)
 
 
+def gather_nearest(x, indices):
+    """:func:`upsample_nearest2d` with the source indices given (``indices``: the pair
+    :func:`nearest_indices` returned for this ``x``'s size, which the int8 ``Upsample``
+    holds per input size: its CUDA graphs keep reading them)."""
+    _check_nchw(x, "upsample_nearest2d")
+    return get_op("gather_hw", x)(x, *indices)
+
+
 def nearest_indices(op: str, x, size, scale_factor, mode, recompute_scale_factor):
-    """The row and column source indices (int64 tensors on ``x``'s device, cached) of a
-    nearest resize of the 4-D ``x`` (:func:`upsample_nearest2d`'s arguments, checked): what
-    the int8 op gathers and what the QAT ``Upsample`` indexes, so the two pick the same
-    pixels on every device (torch's CUDA kernel skips the CPU's shortcuts for outputs of
-    once and twice the input, which can pick other pixels at factors such as 1.0001)."""
+    """The row and column source indices (int64 tensors on ``x``'s device) of a nearest
+    resize of the 4-D ``x`` (:func:`upsample_nearest2d`'s arguments, checked): what the int8
+    op gathers and what the QAT ``Upsample`` indexes, so the two pick the same pixels on
+    every device (torch's own CPU kernel sometimes copies or halves instead of its formula:
+    :func:`~gpuquant.backends.numpy.pool.nearest_source_index`). Cached for the 256 most
+    recent sizes; the modules hold theirs (a table evicted here stays alive there)."""
     check_nearest(op, size, scale_factor, mode, recompute_scale_factor)
     (oh, ow), (sh, sw) = upsample_output_size(op, x.shape[2:], size, scale_factor)
     if recompute_scale_factor:

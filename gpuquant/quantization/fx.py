@@ -404,7 +404,7 @@ class _Tracer(fx.Tracer):
         if isinstance(m, Module):
             return isinstance(m, (_GNN_LEAVES, QATModule, QuantizedModule))
         if any(_same_forward(m, base) for base in _LEAF_BASES) or _is_norm_act(m) or \
-                is_eval_identity(m):
+                _EVAL_IDENTITY.get(m, False):  # (probed before the trace)
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -717,6 +717,7 @@ def _trace(model: torch.nn.Module, concrete_args: Optional[Dict[str, object]] = 
     # then follows train() / eval() as it runs eagerly), the model's own forward is refused
     leaves: Dict[str, str] = {}
     other = "eval" if model.training else "train"
+    _probe_eval_identities(model)
     while True:
         graph, fallbacks = _trace_graph(model, concrete_args, leaves)
         modes = {m: m.training for m in model.modules()}
@@ -1201,42 +1202,79 @@ _MAY_COPY_METHODS = {"flatten", "reshape", "view", "contiguous", "reshape_as"}
 _EVAL_IDENTITY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _one_input(m: torch.nn.Module) -> bool:
+    """``m.forward`` takes exactly one argument (a pass-through has one input)."""
+    try:
+        params = list(inspect.signature(m.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _probe_eval_identities(model: torch.nn.Module) -> None:
+    """:func:`is_eval_identity` of every module of ``model``, before a trace: the probe
+    calls forwards, which must not happen inside an fx trace (fx patches module calls
+    there), so the tracer only reads the cache."""
+    for m in model.modules():
+        is_eval_identity(m)
+
+
 def is_eval_identity(m: torch.nn.Module) -> bool:
     """Whether ``m`` is a training-only regularizer: a torch.nn module without parameters or
-    buffers (not a gpuquant module, not one of torch.nn's own layers) whose forward, traced
-    by torch.fx in eval mode, returns its one input itself: drop path / stochastic depth
-    (timm's ``DropPath``, torchvision's ``StochasticDepth``), DropBlock. The drop-in and
-    ``quantize_qat`` treat it as they treat ``nn.Dropout``: a pass-through that keeps its
-    input's producer (it scales or zeroes values while training; the int8 model, always in
-    eval, runs it as the identity on the int8 tensor). Cached per module."""
+    buffers (not a gpuquant module, not one of torch.nn's own layers, without hooks) whose
+    forward in eval mode returns its input itself: drop path / stochastic depth (timm's
+    ``DropPath``, torchvision's ``StochasticDepth``, whose function is ``torch.fx.wrap``-ped),
+    DropBlock. The drop-in and ``quantize_qat`` treat it as they treat ``nn.Dropout``: a
+    pass-through that keeps its input's producer (it scales or zeroes values while
+    training; the int8 model, always in eval, runs it as the identity on the int8 tensor).
+
+    Probed by calling the forward once, in eval mode and without gradients, on a small
+    tensor on the ``meta`` device (no data, no computation): ``out is x``. The training
+    flags are set directly and every submodule's attributes restored afterwards (a forward
+    that stores its input or counts its calls keeps nothing from the probe). Cached per
+    module.
+
+    Raises:
+        TypeError: ``m`` is not a ``torch.nn.Module``."""
+    if not isinstance(m, torch.nn.Module):
+        raise TypeError(f"is_eval_identity: m must be a torch.nn.Module, got "
+                        f"{type(m).__name__}")
     hit = _EVAL_IDENTITY.get(m)
     if hit is not None:
         return hit
     ok = False
     if not isinstance(m, (Module, QATModule, QuantizedModule)) and \
-            not type(m).__module__.startswith("torch.") and \
-            next(iter(m.parameters()), None) is None and next(iter(m.buffers()), None) is None:
-        modes = {sub: sub.training for sub in m.modules()}
+            not type(m).__module__.startswith("torch.") and _hooked(m) is None and \
+            next(iter(m.parameters()), None) is None and \
+            next(iter(m.buffers()), None) is None and _one_input(m):
+        saved = {sub: dict(sub.__dict__) for sub in m.modules()}
         try:
-            m.eval()
-            with warnings.catch_warnings():
+            for sub in saved:
+                sub.training = False
+            x = torch.empty(2, 4, 4, 4, device="meta")
+            with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                graph = fx.Tracer().trace(m)
-            nodes = list(graph.nodes)
-            ok = len(nodes) == 2 and nodes[0].op == "placeholder" and \
-                nodes[1].op == "output" and nodes[1].args[0] is nodes[0]
-        except Exception:  # noqa: BLE001 -- any trace failure: not a plain identity
+                ok = m(x) is x
+        except Exception:  # noqa: BLE001 -- a forward that cannot run so: not an identity
             ok = False
         finally:
-            for sub, mode in modes.items():
-                sub.training = mode
+            for sub, d in saved.items():
+                sub.__dict__.clear()
+                sub.__dict__.update(d)
     _EVAL_IDENTITY[m] = ok
     return ok
 
 
 def is_pass_module(m: torch.nn.Module) -> bool:
     """A module the drop-in passes int8 tensors through (``nn.Dropout``, ``Flatten``,
-    ``Identity``, ...; training-only regularizers, :func:`is_eval_identity`)."""
+    ``Identity``, ...; training-only regularizers, :func:`is_eval_identity`).
+
+    Raises:
+        TypeError: ``m`` is not a ``torch.nn.Module``."""
+    if not isinstance(m, torch.nn.Module):
+        raise TypeError(f"is_pass_module: m must be a torch.nn.Module, got "
+                        f"{type(m).__name__}")
     return type(m) in _PASS_MODULES or is_eval_identity(m)
 
 

@@ -7,13 +7,16 @@ activation is a view (no float tensor is made); ``Conv`` / ``Gemm`` / ``Add`` / 
 int8 / uint8 tensor. Fixed-point multipliers come from the stored float32 scales through
 :mod:`gpuquant.multipliers`, exactly as the quantized modules derive theirs, and the ops are
 the NumPy backend's torch-free kernels, so outputs equal gpuquant's byte for byte. A
-quantized ``Activation`` (exported as ``Gather`` of a ``DequantizeLinear``'d int8 / uint8
-table, indexed by ``Cast(DequantizeLinear(x, 1, storage_min))``, then ``QuantizeLinear`` to
-the table's qparams) becomes one gather of the integer table by the input's codes. A
-nearest ``Resize`` (a quantized ``Upsample``) copies the input's codes, reading the pixels the
-torch module reads: its arguments come from the ``gpuquant.nearest_resize`` metadata, and its
-indices from the NumPy backend's ``nearest_source_index`` (torch's formula), never from
-ONNX's; a graph whose Resize would give another output size than them is refused. The
+quantized ``Activation`` (exported as ``Gather`` of a ``DequantizeLinear``'d 256-entry int8 /
+uint8 table, indexed by ``Cast(DequantizeLinear(x, 1, 0))``, the code itself, negative
+codes of an int8 input counting from the back of a table stored rotated by 128, then
+``QuantizeLinear`` to the table's qparams) becomes one gather of the integer table (un-rotated
+at load) by the input's codes. A nearest ``Resize`` (a quantized ``Upsample``) copies the
+input's codes, reading the pixels the torch module reads: its arguments come from the
+``gpuquant.nearest_resize`` metadata, keyed by the Resize node's name (a graph whose nodes an
+optimiser renamed is refused: no metadata entry for the node), and its indices from the NumPy
+backend's ``nearest_source_index`` (torch's formula), never from ONNX's; a graph whose Resize
+would give another output size than them is refused. The
 exporter's other form of it (torch's pixels at the example's size only: two ``Gather``
 nodes, axis 2 then 3, with constant index tables, between DequantizeLinear and
 QuantizeLinear with the same qparams) gathers the codes by those indices: no Resize
@@ -53,10 +56,15 @@ _RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}
 FORMAT_KEY, FORMAT = "gpuquant.format", "qdq-v1"
 FIXED_HW_KEY, FIXED_NODES_KEY = "gpuquant.fixed_input_hw", "gpuquant.size_dependent_nodes"
 # Resize node name -> the torch Upsample's arguments (JSON: size, scale_factor, mode,
-# recompute_scale_factor); the ONNX attributes of each torch mode
+# recompute_scale_factor)
 RESIZE_KEY = "gpuquant.nearest_resize"
-_RESIZE_MODES = {"nearest": ("asymmetric", "floor"),
-                 "nearest-exact": ("half_pixel", "round_prefer_ceil")}
+# torch's nearest modes as ONNX Resize (coordinate_transformation_mode, nearest_mode), the
+# one table the exporter writes and this runtime checks: "nearest" reads floor(o * in / out)
+# (asymmetric, floor); "nearest-exact" floor((o + 0.5) * in / out), which is
+# round_prefer_ceil((o + 0.5) * in / out - 0.5) (half_pixel; not pytorch_half_pixel, which
+# reads pixel 0 for an output of size 1 where torch reads the middle one)
+RESIZE_FORMS = {"nearest": ("asymmetric", "floor"),
+                "nearest-exact": ("half_pixel", "round_prefer_ceil")}
 _SIZE_MAX = 2 ** 31 - 1
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
 _ONNX_INT32, _ONNX_INT64 = 6, 7  # onnx.TensorProto.INT32 / INT64
@@ -423,12 +431,16 @@ class Session:
 
     def _plan_Gather(self, n, a):
         """A quantized ``Activation``: ``Gather(DequantizeLinear(table, s_y, zp_y),
-        Cast(DequantizeLinear(x, 1, storage_min), int32 / int64), axis=0)`` feeding one
-        ``QuantizeLinear(s_y, zp_y)``: the output is ``table[x - storage_min]``, exactly. Or
+        Cast(DequantizeLinear(x, 1, 0), int32 / int64), axis=0)`` feeding one
+        ``QuantizeLinear(s_y, zp_y)``: the index is the code itself, so the output is
+        ``stored[x mod 256]`` (ONNX Gather counts a negative index from the back), exactly;
+        an int8 input's table is stored rotated (entry ``i`` for code ``i - 256`` from 128
+        on), un-rotated here once into gpuquant's order (entry ``code - storage_min``). Or
         a size-dependent ``Upsample`` (:meth:`_plan_gather_hw`)."""
         form = ("gpuquant exports a quantized Activation as Gather(DequantizeLinear(table), "
-                "Cast(DequantizeLinear(x, 1, storage_min)), axis=0) -> QuantizeLinear with "
-                "the table's qparams, and an Upsample at one size as Gather(Gather("
+                "Cast(DequantizeLinear(x, 1, 0)), axis=0) -> QuantizeLinear with the "
+                "table's qparams (256 entries, rotated by 128 for an int8 x: the codes "
+                "0..127, then -128..-1), and an Upsample at one size as Gather(Gather("
                 "DequantizeLinear(x), rows, axis=2), cols, axis=3) -> QuantizeLinear with x's "
                 "qparams, rows / cols constant int64 / int32 1-D indices")
         if len(n.input) != 2:
@@ -447,13 +459,14 @@ class Session:
         dq = self._producer[cast.input[0]]
         zp_dt = self._scalar(dq.input[2], dq).dtype if len(dq.input) > 2 and dq.input[2] \
             else None
-        if x_dt is None or zp_dt != x_dt or np.float32(sx) != np.float32(1.0) or \
-                zx != _RANGE[x_dt][0]:
+        if x_dt is None or zp_dt != x_dt or np.float32(sx) != np.float32(1.0) or zx != 0:
             raise self._err(cast, f"the index must be DequantizeLinear(x, scale 1, zero point "
-                                  f"the storage minimum of x's int8 / uint8 dtype) of a "
-                                  f"quantized activation, got scale {sx}, zero point {zx} "
+                                  f"0 of x's int8 / uint8 dtype) of a quantized activation "
+                                  f"(the code itself), got scale {sx}, zero point {zx} "
                                   f"({zp_dt}) of a {x_dt} tensor; {form}")
         table, st, zt = self._dq_table(n.input[0], n)
+        if x_dt == np.int8:  # stored[c mod 256] -> gpuquant's order, entry c + 128
+            table = np.roll(table, 128)
         act, out, sy, zy, dt = self._tail(n)
         if act != "none" or table.dtype != np.dtype(dt) or \
                 np.float32(st).tobytes() != np.float32(sy).tobytes() or zt != zy:
@@ -587,18 +600,21 @@ class Session:
 
         form = ("gpuquant exports a quantized Upsample as Resize(DequantizeLinear(x), '', "
                 "scales=[1, 1, sh, sw], mode='nearest') with the torch mode's "
-                f"coordinate_transformation_mode / nearest_mode ({_RESIZE_MODES}) -> "
+                f"coordinate_transformation_mode / nearest_mode ({RESIZE_FORMS}) -> "
                 "QuantizeLinear with x's qparams, its arguments in the metadata "
                 f"{RESIZE_KEY!r}")
         xq, sx, zx = self._view(n.input[0], n)
         args = self._resize_args.get(n.name)
         if args is None:
-            raise self._err(n, f"no entry in the metadata {RESIZE_KEY!r} (the torch Upsample's "
-                               f"arguments, which decide its pixels); {form}")
+            raise self._err(n, f"no entry in the metadata {RESIZE_KEY!r} for this node "
+                               f"(entries: {_head(sorted(self._resize_args))}; the torch "
+                               f"Upsample's arguments, which decide its pixels, keyed by "
+                               f"the Resize node's name: a graph optimiser that renames "
+                               f"nodes breaks the link; run the file to_onnx wrote); {form}")
         mode = args.get("mode")
         got = (text("mode", "nearest"), text("coordinate_transformation_mode", "half_pixel"),
                text("nearest_mode", "round_prefer_floor"))
-        if mode not in _RESIZE_MODES or got != ("nearest",) + _RESIZE_MODES[mode]:
+        if mode not in RESIZE_FORMS or got != ("nearest",) + RESIZE_FORMS[mode]:
             raise self._err(n, f"mode / coordinate_transformation_mode / nearest_mode {got} "
                                f"for an Upsample of mode {mode!r}; {form}")
         if len(n.input) < 3 or n.input[1] or (len(n.input) > 3 and n.input[3]) or \

@@ -1,7 +1,9 @@
 """Deployment of ``Activation(kind)`` (the int8 table lookup): to_onnx writes it as a Gather of
-the int8 / uint8 table indexed by the input's codes (QDQ style), gpuquant.runtime and
-onnxruntime give the torch int8 model's bytes, gpuquant.save / load round-trip it exactly;
-the exporter's and the runtime's rules name what they refuse."""
+the int8 / uint8 table indexed by the input's codes (QDQ style, every zero point it adds 0:
+the index is the code itself, an int8 input's table stored rotated so that negative codes
+count from its back), gpuquant.runtime and onnxruntime give the torch int8 model's bytes,
+gpuquant.save / load round-trip it exactly; the exporter's and the runtime's rules name what
+they refuse."""
 import copy
 import os
 import subprocess
@@ -109,9 +111,16 @@ def _acts(model):
     return [m for m in model.modules() if isinstance(m, gpuquant.nn.quantized.Activation)]
 
 
+def _lookup_order(table, in_dtype):
+    """The table as the graph stores it: rotated by 128 for an int8 input (entry i for code
+    i, then i - 256 from 128 on: ONNX Gather reads code c at c mod 256), as is for uint8."""
+    return np.roll(table, -128) if in_dtype == "qint8" else table
+
+
 def _check_gather_form(proto, model):
-    """Each Activation is a Gather of its table (through DequantizeLinear) and no float
-    activation function is in the graph."""
+    """Each Activation is a Gather of its table (through DequantizeLinear; rotated for an int8
+    input) indexed by Cast(DequantizeLinear(x, 1, 0)): every zero point the lookup adds is 0
+    (TensorRT takes no other), and no float activation function is in the graph."""
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
     consumers = {}
@@ -127,14 +136,28 @@ def _check_gather_form(proto, model):
     for gather, m in zip(gathers, acts):
         table_dq, cast = producer[gather.input[0]], producer[gather.input[1]]
         table, ts, tz = (inits[i] for i in table_dq.input)
-        assert table.tobytes() == m.table("cpu").numpy().tobytes() and table.shape == (256,)
+        want = _lookup_order(m.table("cpu").numpy(), m._dtypes["input"])
+        assert table.tobytes() == want.tobytes() and table.shape == (256,)
         assert ts == np.float32(m.output_scale.item()) and tz == m.output_zero_point.item()
-        assert cast.op_type == "Cast"
+        assert cast.op_type == "Cast" and cast.attribute[0].i in (onnx.TensorProto.INT32,
+                                                                   onnx.TensorProto.INT64)
         idx_dq = producer[cast.input[0]]
-        one, low = (inits[i] for i in idx_dq.input[1:])
-        assert one == 1.0 and low == (-128 if low.dtype == np.int8 else 0)
+        assert idx_dq.op_type == "DequantizeLinear" and len(idx_dq.input) == 3
+        one, zero = (inits[i] for i in idx_dq.input[1:])
+        in_np = np.int8 if m._dtypes["input"] == "qint8" else np.uint8
+        assert one.dtype == np.float32 and one == 1.0
+        assert zero.dtype == in_np and zero.shape == () and zero == 0  # the code itself
         (q,) = consumers[gather.output[0]]
         assert q.op_type == "QuantizeLinear" and [inits[i] for i in q.input[1:]] == [ts, tz]
+        if m._dtypes["output"] == "qint8":  # the symmetric qconfigs: the table's zero point 0
+            assert tz == 0
+
+
+def _qdq_zero_points(proto):
+    """{Q / DQ node name: its zero point} of the whole graph."""
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return {n.name: inits[n.input[2]] for n in proto.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
 
 
 def _runtime_bytes(model, path, xs):
@@ -159,6 +182,12 @@ def test_export_and_runtime_bit_exact_every_kind(kind, tmp_path):
     proto = to_onnx(qm, torch.randn(2, 3, 9, 8), path)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     _check_gather_form(proto, qm)
+    # symmetric int8 qconfig: every Q / DQ zero point of the graph is 0, as TensorRT requires
+    # (the lookups' index DequantizeLinear included)
+    zps = _qdq_zero_points(proto)
+    assert sum("index_dq" in k for k in zps) == 2
+    assert all(not z.any() for z in zps.values()), \
+        {k: z for k, z in zps.items() if z.any()}
     _runtime_bytes(qm, path, [torch.randn(3, 3, 9, 8) * 2, torch.randn(1, 3, 12, 5),
                               torch.randn(0, 3, 9, 8)])
 
@@ -325,17 +354,36 @@ def _cast_to_float(n, proto):
     n.attribute.extend([onnx.helper.make_attribute("to", onnx.TensorProto.FLOAT)])
 
 
+def _drop_index_zero_point(proto):
+    n = next(n for n in proto.graph.node if n.name.endswith("index_dq_DequantizeLinear"))
+    del n.input[2:]  # ONNX's default: uint8 0, not the int8 input's dtype
+
+
+_INDEX = r"node 'act1_index_Cast' \(Cast\): the index must be DequantizeLinear\(x, scale 1, " \
+         r"zero point 0 of x's int8 / uint8 dtype\)"
 _NOT_GPUQUANT_FORM = {
-    "index zero point 0": (lambda p: _set_init(p, "index_zero_point", lambda a: np.zeros_like(a)),
-                           r"\(Cast\): the index must be DequantizeLinear\(x, scale 1, zero point "
-                           r"the storage minimum"),
-    "index scale 2": (lambda p: _set_init(p, "index_scale", lambda a: a * 2),
-                      r"got scale 2.0, zero point -128"),
+    # the index zero point the earlier form had (storage_min: -128), table rotated or not
+    "index zero point -128": (
+        lambda p: _set_init(p, "act1_index_zero_point", lambda a: np.full_like(a, -128)),
+        _INDEX + r".*got scale 1.0, zero point -128 \(int8\) of a int8 tensor"),
+    "old form (zero point -128, table not rotated)": (
+        lambda p: (_set_init(p, "act1_index_zero_point", lambda a: np.full_like(a, -128)),
+                   _set_init(p, "act1_table", lambda a: np.roll(a, 128))),
+        _INDEX + r".*zero point -128"),
+    "index zero point 1": (
+        lambda p: _set_init(p, "act1_index_zero_point", lambda a: np.ones_like(a)),
+        _INDEX + r".*zero point 1 \(int8\)"),
+    "index zero point dropped": (_drop_index_zero_point, _INDEX + r".*zero point 0 \(None\)"),
+    "index scale 2": (lambda p: _set_init(p, "act1_index_scale", lambda a: a * 2),
+                      _INDEX + r".*got scale 2.0, zero point 0 \(int8\)"),
     "table scale doubled": (lambda p: _set_init(p, "table_scale", lambda a: a * 2),
                             r"\(Gather\): the table .* must be dequantized with its "
                             r"QuantizeLinear's qparams"),
     "short table": (lambda p: _set_init(p, "act1_table", lambda a: a[:255].copy()),
                     r"a lookup table must be 256 int8 / uint8 entries"),
+    "long table": (lambda p: _set_init(p, "act1_table", lambda a: np.concatenate([a, a])),
+                   r"a lookup table must be 256 int8 / uint8 entries .*, got int8 of "
+                   r"shape \[512\]"),
     "gather axis 1": (lambda p: _edit(p, "Gather", _set_gather_axis), r"\(Gather\): axis 1"),
     "cast to float": (lambda p: _edit(p, "Cast", _cast_to_float),
                       r"indices .* are not a Cast to int32 / int64"),
@@ -349,9 +397,10 @@ def act_int8():
 
 @pytest.mark.parametrize("edit", sorted(_NOT_GPUQUANT_FORM))
 def test_runtime_refuses_lookups_not_in_gpuquants_form(act_int8, edit):
-    """A Gather lookup in another form (another index shift or scale, a table at other
-    qparams than its QuantizeLinear's, a table of other than 256 entries, another axis, a
-    float index) is refused naming the node, not run with other numbers."""
+    """A Gather lookup in another form (an index zero point other than 0, the earlier
+    storage_min form included, or another scale; a table at other qparams than its
+    QuantizeLinear's, a table of other than 256 entries, another axis, a float index) is
+    refused naming the node, not run with other numbers."""
     import gpuquant.runtime as rt
     x = torch.randn(2, 3, 9, 8)
     proto = to_onnx(act_int8, x)
@@ -361,3 +410,64 @@ def test_runtime_refuses_lookups_not_in_gpuquants_form(act_int8, edit):
     change(bad)
     with pytest.raises(rt.RuntimeFormatError, match=match):
         rt.load(bad)
+
+
+def test_runtime_refuses_uint8_index_zero_point_other_than_0():
+    """uint8 input codes: the index is DequantizeLinear(x, 1, uint8 0) too; another zero
+    point (a shift the table would have to follow) is refused naming the Cast."""
+    import gpuquant.runtime as rt
+    qm = qat_int8(LookupNet("silu", "tanh"), (2, 4, 8, 8), uint8_qat_qconfig)
+    assert qm.act1._dtypes["input"] == "quint8"
+    x = torch.randn(2, 4, 8, 8)
+    proto = to_onnx(qm, x)
+    assert rt.load(proto).run(x.numpy()).tobytes() == int8_forward(qm, x).tobytes()
+    for zp in (1, 128, 255):
+        bad = copy.deepcopy(proto)
+        _set_init(bad, "act1_index_zero_point", lambda a: np.full_like(a, zp))
+        with pytest.raises(rt.RuntimeFormatError,
+                           match=_INDEX + rf".*zero point {zp} \(uint8\) of a uint8 tensor"):
+            rt.load(bad)
+
+
+
+@pytest.mark.parametrize("qconfig", ["int8", "uint8"])
+def test_stored_table_read_at_code_mod_256(qconfig, tmp_path):
+    """The stored table read as ONNX Gather reads it (a negative index counts from the back)
+    at each code gives gpuquant's table: ``stored[c mod 256] == table[c - storage_min]`` for
+    every code c. And the runtime reads any stored table that way, as onnxruntime does: with
+    act1's table replaced (by random bytes, and by the table in gpuquant's own, unrotated
+    order), both give the same bytes on every code; the unrotated table is not gpuquant's
+    lookup for an int8 input."""
+    import gpuquant.runtime as rt
+    qc = ema_fakequant_qconfig if qconfig == "int8" else uint8_qat_qconfig
+    shape = (2, 256)
+    qm = qat_int8(LookupNet("gelu", "silu"), shape, qc)
+    proto = to_onnx(qm, torch.randn(*shape))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for m, name in zip(_acts(qm), ("act1", "act2")):
+        lo = -128 if m._dtypes["input"] == "qint8" else 0
+        codes = np.arange(lo, lo + 256)
+        stored, table = inits[f"{name}_table"], m.table("cpu").numpy()
+        assert (lo < 0) == (qconfig == "int8") and stored.dtype == table.dtype
+        assert np.take(stored, codes).tobytes() == table.tobytes()  # numpy: negatives too
+        assert np.take(stored, codes % 256).tobytes() == table.tobytes()
+    x = _code_inputs(qm, shape)
+    want = int8_forward(qm, x)
+    ort = pytest.importorskip("onnxruntime")
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    t1 = inits["act1_table"]
+    rng = np.random.default_rng(0)
+    for new in (rng.integers(0, 256, 256).astype(np.uint8).view(t1.dtype),
+                np.roll(t1, 128) if qconfig == "int8" else None):
+        if new is None:
+            continue
+        bad = copy.deepcopy(proto)
+        _set_init(bad, "act1_table", lambda a: new)
+        got = rt.load(bad).run(x.numpy())
+        for so in (ort.SessionOptions(), plain):
+            sess = ort.InferenceSession(bad.SerializeToString(), so,
+                                        providers=["CPUExecutionProvider"])
+            ort_y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+            assert ort_y.dtype == got.dtype and ort_y.tobytes() == got.tobytes()
+        assert got.tobytes() != want.tobytes()

@@ -343,8 +343,18 @@ def test_runtime_refuses_resizes_not_in_gpuquants_form():
             if t.name == _resizes(p)[0].input[2]:
                 t.CopyFrom(numpy_helper.from_array(np.array([1, 1, 3, 2], np.float32), t.name))
 
-    with pytest.raises(rt.RuntimeFormatError, match="no entry in the metadata"):
+    def rename(p):  # as a graph optimiser may: the metadata is keyed by the node's name
+        _resizes(p)[0].name = "renamed_resize"
+
+    name = _resizes(proto)[0].name
+    with pytest.raises(rt.RuntimeFormatError, match=rf"node '{name}' \(Resize\): no entry in "
+                                                    rf"the metadata 'gpuquant.nearest_resize'"):
         rt.load(edited(drop_meta))
+    with pytest.raises(rt.RuntimeFormatError,
+                       match=rf"node 'renamed_resize' \(Resize\): no entry in the metadata "
+                             rf"'gpuquant.nearest_resize' for this node \(entries: "
+                             rf"\['{name}'\];.*renames nodes"):
+        rt.load(edited(rename))
     with pytest.raises(rt.RuntimeFormatError, match="coordinate_transformation_mode"):
         rt.load(edited(set_attr("coordinate_transformation_mode", "half_pixel")))
     with pytest.raises(rt.RuntimeFormatError, match="nearest_mode"):

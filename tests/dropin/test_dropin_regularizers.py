@@ -35,6 +35,27 @@ class DropPath(nn.Module):
         return drop_path(x, self.drop_prob, self.training)
 
 
+def stochastic_depth(x, p: float, mode: str, training: bool = True):
+    """torchvision's form: a free function that torch.fx does not trace into."""
+    if not training or p == 0.0:
+        return x
+    size = [x.shape[0]] + [1] * (x.ndim - 1) if mode == "row" else [1] * x.ndim
+    noise = torch.empty(size, dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    return x * noise.div_(1 - p)
+
+
+torch.fx.wrap("stochastic_depth")
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self, p, mode="row"):
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x):
+        return stochastic_depth(x, self.p, self.mode, self.training)
+
+
 class StochasticDepthRow(nn.Module):
     """torchvision's form: the mode and probability as attributes, an early return."""
 
@@ -72,7 +93,8 @@ class Net(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.branches = nn.ModuleList(
             nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(), reg)
-            for reg in (DropPath(0.2), StochasticDepthRow(0.2), DropBlock(0.1)))
+            for reg in (DropPath(0.2), StochasticDepthRow(0.2), DropBlock(0.1),
+                        StochasticDepth(0.1)))
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
@@ -83,9 +105,26 @@ class Net(nn.Module):
 
 
 def test_regularizers_are_recognised_and_others_are_not():
-    for m in (DropPath(0.2), StochasticDepthRow(0.1), DropBlock(0.1), DropPath(0.0)):
+    for m in (DropPath(0.2), StochasticDepthRow(0.1), DropBlock(0.1), DropPath(0.0),
+              StochasticDepth(0.2)):
         assert is_eval_identity(m), type(m).__name__
         assert m.training  # (the check leaves the mode as it was)
+
+    class Keeps(DropPath):  # stores its input, counts its calls: the probe leaves no trace
+        calls = 0
+
+        def forward(self, x):
+            self.seen = x
+            self.calls += 1
+            return super().forward(x)
+
+    k = Keeps(0.1)
+    assert is_eval_identity(k) and not hasattr(k, "seen") and k.calls == 0
+    hooked = DropPath(0.1)
+    hooked.register_forward_hook(lambda mod, i, o: o * 2)
+    assert not is_eval_identity(hooked)  # its hook would run on the int8 tensor
+    with pytest.raises(TypeError, match="must be a torch.nn.Module, got int"):
+        is_eval_identity(3)
 
     class Doubles(nn.Module):
         def forward(self, x):

@@ -21,13 +21,25 @@ CL = torch.channels_last
 BACKENDS = [b for b in ("reference", "numpy", "triton") if b in backends.available()]
 
 
-def _case(rng):
+def _cpu_shortcut(h, w, oh, ow, mode, kw):
+    """Whether torch's CPU kernel may copy / halve instead of its formula here (``nearest``,
+    an output of once or twice the input along a dimension, a factor not exactly 1 or 2):
+    gpuquant's definition is the formula (nearest_source_index's docstring)."""
+    sf = kw.get("scale_factor")
+    if mode != "nearest" or sf is None or kw.get("recompute_scale_factor"):
+        return False
+    sh, sw = sf if isinstance(sf, tuple) else (sf, sf)
+    return any(o in (n, 2 * n) and float(np.float32(1.0 / s)) not in (1.0, 0.5)
+               for n, o, s in ((h, oh, sh), (w, ow, sw)))
+
+
+def _case(rng, top=33):
     """Random sizes and arguments, awkward ratios included."""
-    h, w = rng.randint(1, 33), rng.randint(1, 33)
+    h, w = rng.randint(1, top), rng.randint(1, top)
     mode = rng.choice(["nearest", "nearest-exact"])
     if rng.random() < 0.5:
         sf = rng.choice([2, 2.0, 3, 0.5, 1.5, 0.3, 1 / 3, 2.5, 0.999, 1.001, 7.3,
-                         (2, 0.75), (1.25, 3)])
+                         (2, 0.75), (1.25, 3), 1.0001, 2.0168])
         kw = {"scale_factor": sf, "recompute_scale_factor": rng.choice([None, True])}
         sh, sw = sf if isinstance(sf, tuple) else (sf, sf)
         if int(np.floor(h * sh)) < 1 or int(np.floor(w * sw)) < 1:
@@ -38,20 +50,26 @@ def _case(rng):
 
 
 def test_source_index_is_torchs():
-    """2000 random resizes: every output pixel reads the input pixel torch's float
-    interpolate reads."""
+    """2000 random resizes, inputs up to 150 wide: every output pixel reads the input pixel
+    torch's float interpolate reads, except where torch's CPU kernel takes its copy / halve
+    shortcut instead of its formula (counted: they occur)."""
     rng = random.Random(7)
+    shortcuts = 0
     for _ in range(2000):
-        h, w, mode, kw = _case(rng)
+        h, w, mode, kw = _case(rng, top=150)
         x = torch.arange(h * w, dtype=torch.float32).reshape(1, 1, h, w)
         y = F.interpolate(x, mode=mode, **kw)[0, 0].numpy().astype(np.int64)
         oh, ow = y.shape
+        if _cpu_shortcut(h, w, oh, ow, mode, kw):
+            shortcuts += 1
+            continue
         sf = kw.get("scale_factor")
         sh, sw = (None, None) if sf is None or kw.get("recompute_scale_factor") else \
             (sf if isinstance(sf, tuple) else (sf, sf))
         ih = nearest_source_index(h, oh, sh, mode == "nearest-exact")
         iw = nearest_source_index(w, ow, sw, mode == "nearest-exact")
         assert np.array_equal(y, ih[:, None] * w + iw[None, :]), (h, w, mode, kw)
+    assert shortcuts > 20
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
@@ -68,6 +86,8 @@ def test_every_backend_gives_torchs_pixels(dtype):
             x = torch.randint(lo, hi, (2, x.shape[1] * 2, h, w + 1), dtype=dtype,
                               generator=g)[:, ::2, :, 1:]  # strided
         want = F.interpolate(x.float(), mode=mode, **kw)
+        if _cpu_shortcut(h, w, *want.shape[2:], mode, kw):
+            continue
         for b in BACKENDS:
             with backends.use(b):
                 y = upsample_nearest2d(x, mode=mode, **kw)
@@ -189,9 +209,11 @@ def test_module_float_qat_int8(mode, qc):
                                 {"scale_factor": (2.1, 0.7)}, {"size": (9, 4)},
                                 {"scale_factor": 1.5, "mode": "nearest-exact"}])
 def test_qat_upsample_picks_the_int8_pixels(kw):
-    """The QAT module indexes with the int8 op's tables (the same pixels on every device);
-    on the CPU that is torch's interpolate, values and gradients (to float32 rounding: the
-    copies' gradients summed in another order)."""
+    """The QAT module indexes with the int8 op's tables (the same pixels on every device):
+    torch's interpolate where its CPU kernel runs its formula, values and gradients (to
+    float32 rounding: the copies' gradients summed in another order); where torch's CPU
+    kernel copies or halves instead (1.0001; 2.1 from 5 to 10 rows) gpuquant's formula,
+    which reads pixel 0 twice at 1.0001."""
     from gpuquant.nn.qat import Upsample as QATUpsample
     torch.manual_seed(5)
     x = torch.randn(2, 3, 5, 6)
@@ -199,6 +221,14 @@ def test_qat_upsample_picks_the_int8_pixels(kw):
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya = m._pool(xa)
     yb = F.interpolate(xb, **kw)
+    if _cpu_shortcut(5, 6, *yb.shape[2:], kw.get("mode", "nearest"), kw):
+        sf = kw["scale_factor"]
+        sh, sw = sf if isinstance(sf, tuple) else (sf, sf)
+        ih = torch.from_numpy(nearest_source_index(5, yb.shape[2], sh, False))
+        iw = torch.from_numpy(nearest_source_index(6, yb.shape[3], sw, False))
+        if sf == 1.0001:
+            assert iw.tolist() == [0, 0, 1, 2, 3, 4]
+        yb = xb[:, :, ih[:, None], iw[None, :]]
     assert torch.equal(ya, yb)
     g = torch.randn_like(ya)
     ya.backward(g)
@@ -206,3 +236,27 @@ def test_qat_upsample_picks_the_int8_pixels(kw):
     assert torch.allclose(xa.grad, xb.grad, rtol=1e-6, atol=1e-6)
     xc = x.contiguous(memory_format=CL)
     assert m._pool(xc).is_contiguous(memory_format=CL)
+
+
+def test_index_tables_survive_inference_mode_and_the_cache():
+    """A first call inside torch.inference_mode made the cached index tables inference
+    tensors, and the QAT module's indexing could not save them for backward; the int8 module
+    holds its own tables, which 300 other sizes through the functional op (a 256-entry
+    cache) do not free."""
+    torch.manual_seed(0)
+    model = _Fpn("nearest")
+    qat = quantize_qat(model, inplace=False)
+    x = torch.randn(2, 3, 14, 10)  # sizes no other test uses: the cache starts cold
+    with torch.inference_mode():
+        qat.eval()(x)
+    qat.train()
+    qat(x).square().mean().backward()
+    assert qat.c0.conv.weight.grad is not None
+    int8 = quantize(qat.eval(), inplace=False)
+    y = int8(x)
+    held = [v for k, v in int8.up._cache.items() if k[0][0] == "indices"]
+    assert len(held) == 1
+    for n in range(300):
+        upsample_nearest2d(torch.zeros(1, 1, 1, n + 1, dtype=torch.int8), scale_factor=2)
+    assert [v for k, v in int8.up._cache.items() if k[0][0] == "indices"][0][2] is held[0][2]
+    assert torch.equal(int8(x), y)

@@ -115,17 +115,16 @@ def adaptive_avg_pool2d_nhwc(xa, zero_point, output_size, qmin, qmax):
 
 
 def nearest_source_index(in_size: int, out_size: int, scale_factor, exact: bool) -> np.ndarray:
-    """The input index each output index of a nearest-neighbour resize reads, as torch's
-    ``upsample_nearest2d`` computes it (``nearest_idx`` / ``nearest_exact_idx`` in ATen's
-    ``UpSample.h``, float32): the scale is ``float32(1 / scale_factor)`` when a scale factor
-    is given, else ``float32(in) / float32(out)``; ``min(floor(o * scale), in - 1)``, with
-    ``o + 0.5`` for ``nearest-exact``; plain ``nearest`` copies when the sizes are equal and
-    halves when the output is twice the input. int64, ``out_size`` entries."""
+    """The input index each output index of a nearest-neighbour resize reads: gpuquant's
+    definition, torch's float32 formula (ATen's ``nearest_neighbor_compute_source_index`` /
+    ``..._exact_...``): the scale is ``float32(1 / scale_factor)`` when a scale factor is
+    given, else ``float32(in) / float32(out)``; ``min(floor(o * scale), in - 1)``, with
+    ``o + 0.5`` for ``nearest-exact``. torch's CUDA kernel computes this; its CPU kernel
+    (``nearest`` mode) sometimes copies instead when the output size equals the input's
+    and halves when it is twice (torch 2.13: along the height, and along narrow widths):
+    the same pixels whenever the factor is exactly 1 or 2 or the sizes decide, other
+    pixels at factors such as 1.0001 or 2.0168. int64, ``out_size`` entries."""
     o = np.arange(out_size, dtype=np.int64)
-    if not exact and out_size == in_size:
-        return o
-    if not exact and out_size == 2 * in_size:
-        return o >> 1
     if scale_factor is not None and scale_factor > 0:
         scale = np.float32(1.0 / float(scale_factor))
     else:

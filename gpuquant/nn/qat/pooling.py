@@ -172,8 +172,15 @@ class Upsample(_PassQParams, Float.Upsample):
 
     def _pool(self, x):
         from ...functional.integer import nearest_indices
-        ih, iw = nearest_indices(type(self).__name__, x, self.size, self.scale_factor,
-                                 self.mode, self.recompute_scale_factor)
+        tables = self.__dict__.setdefault("_nearest_tables", {})
+        key = (int(x.shape[2]), int(x.shape[3]), x.device)
+        if key not in tables:  # (held here: the functional op's cache may drop them)
+            if len(tables) >= 64:
+                tables.clear()
+            tables[key] = nearest_indices(type(self).__name__, x, self.size,
+                                          self.scale_factor, self.mode,
+                                          self.recompute_scale_factor)
+        ih, iw = tables[key]
         y = x[:, :, ih[:, None], iw[None, :]]  # one gather; its backward sums the copies
         return y.contiguous(memory_format=torch.channels_last) \
             if x.is_contiguous(memory_format=torch.channels_last) and \
