@@ -650,7 +650,9 @@ def lookup(x, table):
     """
     op = "lookup"
     _check_act(x, op, "x")
-    _check_act(table, op, "table")
+    if not isinstance(table, torch.Tensor) or table.dtype not in _ACT_DTYPES:
+        raise TypeError(f"{op}: table must be an int8 or uint8 tensor of the 256 output codes, "
+                        f"got {getattr(table, 'dtype', type(table).__name__)}")
     if table.dim() != 1 or table.shape[0] != 256:
         raise ValueError(f"{op}: table must be 1-D with 256 entries (one per storage value of "
                          f"x), got shape {tuple(table.shape)}")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .module import Module
 
-__all__ = ["Activation", "ACTIVATION_KINDS", "activation_fn"]
+__all__ = ["Activation", "ACTIVATION_KINDS", "activation_fn", "check_kind", "check_slope"]
 
 # kind -> f(x, negative_slope): each the torch function of the same name, float in, float out
 _FNS = {
@@ -30,25 +30,41 @@ _FNS = {
 ACTIVATION_KINDS = tuple(_FNS)
 
 
+def check_kind(kind, who: str = "Activation") -> str:
+    """``kind`` if it is one of :data:`ACTIVATION_KINDS`.
+
+    Raises:
+        TypeError: not a str. ValueError: another name."""
+    if not isinstance(kind, str):
+        raise TypeError(f"{who}: kind must be a str, one of {ACTIVATION_KINDS}, got "
+                        f"{type(kind).__name__} ({kind!r})")
+    if kind not in _FNS:
+        raise ValueError(f"{who}: kind must be one of {ACTIVATION_KINDS}, got {kind!r}")
+    return kind
+
+
+def check_slope(negative_slope, who: str = "Activation") -> float:
+    """``negative_slope`` as a float.
+
+    Raises:
+        TypeError: not a real number. ValueError: not finite."""
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(f"{who}: negative_slope must be a float, got "
+                        f"{type(negative_slope).__name__} ({negative_slope!r})")
+    if not math.isfinite(negative_slope):
+        raise ValueError(f"{who}: negative_slope must be finite, got {negative_slope}")
+    return float(negative_slope)
+
+
 def activation_fn(kind: str, negative_slope: float = 0.01):
     """``x -> f(x)`` for ``kind`` (one of :data:`ACTIVATION_KINDS`).
 
     Raises:
-        ValueError: unknown kind, or a ``negative_slope`` that is not a finite float.
+        TypeError, ValueError: as :func:`check_kind` and :func:`check_slope`.
     """
-    if kind not in _FNS:
-        raise ValueError(f"Activation kind must be one of {ACTIVATION_KINDS}, got {kind!r}")
-    f = _FNS[kind]
-    return lambda x: f(x, negative_slope)
-
-
-def _check_slope(negative_slope) -> float:
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
-        raise TypeError(f"Activation: negative_slope must be a float, got "
-                        f"{type(negative_slope).__name__} ({negative_slope!r})")
-    if not math.isfinite(negative_slope):
-        raise ValueError(f"Activation: negative_slope must be finite, got {negative_slope}")
-    return float(negative_slope)
+    f = _FNS[check_kind(kind, "activation_fn")]
+    slope = check_slope(negative_slope, "activation_fn")
+    return lambda x: f(x, slope)
 
 
 class Activation(Module):
@@ -64,15 +80,13 @@ class Activation(Module):
 
     Raises:
         ValueError: unknown kind, or a non-finite ``negative_slope``.
-        TypeError: ``negative_slope`` not a number.
+        TypeError: ``kind`` not a str, ``negative_slope`` not a number.
     """
 
     def __init__(self, kind: str, negative_slope: float = 0.01):
         super().__init__()
-        if not isinstance(kind, str) or kind not in _FNS:
-            raise ValueError(f"Activation kind must be one of {ACTIVATION_KINDS}, got {kind!r}")
-        self.kind = kind
-        self.negative_slope = _check_slope(negative_slope)
+        self.kind = check_kind(kind)
+        self.negative_slope = check_slope(negative_slope)
 
     def extra_repr(self) -> str:
         if self.kind == "leaky_relu":

@@ -64,7 +64,7 @@ def test_lookup_refuses_bad_input():
         lookup(x.float(), t)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         lookup([1, 2], t)
-    with pytest.raises(TypeError, match="table must be an int8 or uint8"):
+    with pytest.raises(TypeError, match="table must be an int8 or uint8 tensor of the 256"):
         lookup(x, t.to(torch.int32))
     with pytest.raises(ValueError, match=r"256 entries.*\(255,\)"):
         lookup(x, t[:255])
@@ -110,6 +110,18 @@ def test_modules_refuse_bad_arguments():
         gnn.Activation("swish")
     with pytest.raises(ValueError, match="kind must be one of"):
         gnn.quantized.Activation("relu")
+    with pytest.raises(TypeError, match="kind must be a str"):
+        gnn.Activation(3)
+    with pytest.raises(TypeError, match="kind must be a str"):
+        gnn.quantized.Activation(["silu"])
+    with pytest.raises(TypeError, match="activation_fn: kind must be a str"):
+        activation_fn(["silu"])
+    with pytest.raises(TypeError, match="activation_fn: negative_slope must be a float"):
+        activation_fn("silu", "x")
+    with pytest.raises(ValueError, match="activation_fn: negative_slope must be finite"):
+        activation_fn("leaky_relu", float("nan"))
+    with pytest.raises(ValueError, match="input_dtype must be stored in 8 bits"):
+        gnn.quantized.Upsample(input_dtype="qint32", size=2)
     with pytest.raises(TypeError, match="negative_slope must be a float"):
         gnn.Activation("leaky_relu", negative_slope="0.1")
     with pytest.raises(ValueError, match="negative_slope must be finite"):
@@ -244,3 +256,30 @@ def test_changing_kind_or_slope_rebuilds_the_table():
     m.kind = "tanh"
     assert torch.equal(m(x), lookup(x, activation_table("tanh", QParams(qint8, 0.05, 0),
                                                         QParams(qint8, 0.05, 0))))
+
+
+@pytest.mark.parametrize("kind", ACTIVATION_KINDS)
+def test_bf16_autocast_qat_equals_the_table(kind):
+    """Under bf16 autocast the producer's fake-quantized output is bfloat16 (the grid value
+    rounded to 8 bits): QAT computes f in float32 on the grid value it stands for, so the
+    int8 table gives QAT's codes on every element (f in bfloat16 put 2-6% one step off)."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(gnn.QuantStub(), gnn.Conv2d(3, 8, 3, padding=1),
+                            gnn.Activation(kind, 0.1), gnn.DequantStub())
+    qat = quantize_qat(m)
+    x = torch.randn(4, 3, 8, 8) * 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qat(x).float().sum().backward()  # trains: the straight-through gradient reaches x
+        assert qat[1].weight.grad is not None and torch.isfinite(qat[1].weight.grad).all()
+    qat.eval()
+    cap = {}
+    h = qat[2].register_forward_hook(lambda mod, i, o: cap.__setitem__("a", (i[0], o)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        qat(x)
+    h.remove()
+    inp, out = cap["a"]
+    assert inp.dtype == torch.bfloat16
+    int8 = quantize(qat, inplace=False)
+    got = int8[2](gpuquant.functional.quantize(inp.float(), qat[2].input_qparams()[0]))
+    want = gpuquant.functional.quantize(out.float(), qat[2].get_activation_qparams())
+    assert torch.equal(got, want)

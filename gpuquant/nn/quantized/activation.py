@@ -11,7 +11,7 @@ import torch
 from ... import functional as GF
 from ...dtypes import get_dtype
 from ...qparams import QParams
-from ..activation import ACTIVATION_KINDS, _check_slope, activation_fn
+from ..activation import activation_fn, check_kind, check_slope
 from .elemwise import _check_act_qparams
 from .module import QuantizedModule, placeholder_qparams
 
@@ -28,7 +28,7 @@ def activation_table(kind: str, input_qparams: QParams, output_qparams: QParams,
     Raises:
         ValueError: unknown kind, or qparams that are not per-tensor 8-bit-stored ones.
     """
-    f = activation_fn(kind, _check_slope(negative_slope))
+    f = activation_fn(kind, negative_slope)
     for what, qp in (("input", input_qparams), ("output", output_qparams)):
         if not isinstance(qp, QParams):
             raise TypeError(f"activation_table: {what}_qparams must be a gpuquant.QParams, got "
@@ -54,10 +54,8 @@ class Activation(QuantizedModule):
     def __init__(self, kind: str, negative_slope: float = 0.01, input_dtype="qint8",
                  output_dtype="qint8"):
         super().__init__()
-        if not isinstance(kind, str) or kind not in ACTIVATION_KINDS:
-            raise ValueError(f"Activation kind must be one of {ACTIVATION_KINDS}, got {kind!r}")
-        self.kind = kind
-        self.negative_slope = _check_slope(negative_slope)
+        self.kind = check_kind(kind)
+        self.negative_slope = check_slope(negative_slope)
         for name, dt in (("input", input_dtype), ("output", output_dtype)):
             d = get_dtype(dt)
             if d.storage not in (torch.int8, torch.uint8):

@@ -24,6 +24,9 @@ class _Pool(QuantizedModule):
                             f"{missing}, unknown {unknown}")
         for k in self._ARGS:
             setattr(self, k, kwargs[k])
+        if get_dtype(input_dtype).storage not in (torch.int8, torch.uint8):
+            raise ValueError(f"{type(self).__name__}: input_dtype must be stored in 8 bits, "
+                             f"got {get_dtype(input_dtype).name}")
         self._set_qparams("input", placeholder_qparams(input_dtype))
 
     def extra_repr(self) -> str:
