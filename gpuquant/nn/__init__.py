@@ -5,8 +5,9 @@ from .conv import ConvBn2d, ConvBnRelu2d, ConvBnRelu62d, Conv2d, ConvRelu2d, Con
 from .elemwise import Concat, Elemwise
 from .linear import Linear, LinearBn1d, LinearBnRelu1d, LinearRelu
 from .module import Module
-from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, Upsample
+from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from .stubs import DequantStub, QuantStub
+from .upsample import Upsample
 
 __all__ = ["Module", "Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d",
            "ConvBnRelu62d", "Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d", "Elemwise",

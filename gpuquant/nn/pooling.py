@@ -1,5 +1,4 @@
-"""Float pooling layers and the nearest-neighbour ``Upsample`` (``torch.nn``'s, as gpuquant
-modules): spatial ops whose int8 forms keep the input's qparams."""
+"""Float pooling layers (``torch.nn``'s, as gpuquant modules)."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +6,7 @@ import torch
 from .._checks import int_pair, positive_int
 from .module import Module
 
-__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Upsample"]
+__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
 
 
 def _check_window(who: str, kernel_size, stride, padding, dilation=1) -> None:
@@ -57,26 +56,3 @@ class AdaptiveAvgPool2d(Module, torch.nn.AdaptiveAvgPool2d):
             if v is not None:
                 positive_int(v, "output_size", type(self).__name__)
         super().__init__(output_size)
-
-
-class Upsample(Module, torch.nn.Upsample):
-    """``torch.nn.Upsample`` in the nearest-neighbour modes (``"nearest"``,
-    ``"nearest-exact"``) on 4-D ``(N, C, H, W)`` inputs (quantized: the input's codes copied,
-    same qparams). Interpolating modes (bilinear, ...) have no int8 form here: use
-    ``torch.nn.Upsample`` (it stays float).
-
-    Raises:
-        ValueError: another mode, ``align_corners`` set, both or neither of ``size`` and
-            ``scale_factor``, or sizes / factors that are not positive.
-        TypeError: arguments of the wrong type.
-    """
-
-    def __init__(self, size=None, scale_factor=None, mode: str = "nearest",
-                 align_corners=None, recompute_scale_factor=None):
-        from ..functional.integer import check_nearest
-        if align_corners is not None:
-            raise ValueError(f"{type(self).__name__}: align_corners applies to interpolating "
-                             f"modes only (torch.nn.Upsample keeps those float), got "
-                             f"{align_corners!r}")
-        check_nearest(type(self).__name__, size, scale_factor, mode, recompute_scale_factor)
-        super().__init__(size, scale_factor, mode, None, recompute_scale_factor)

@@ -85,6 +85,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from .. import nn as gnn
 from ..nn.module import Module
 from ..nn.qat.module import QATModule, keep_producer, keep_producer_hook
+from ..functional.integer import _NEAREST_MODES
 from ..nn.quantized.conv import _explicit_padding
 from ..nn.quantized.module import QuantizedModule
 from .._tensors import version as _version
@@ -234,35 +235,35 @@ def _is_norm_act(m: torch.nn.Module) -> bool:
     return base is not None and t.__module__.startswith("timm.") and isinstance(m, base)
 
 
+def _shared_state_copy(m: torch.nn.Module, cls: type, children: bool) -> torch.nn.Module:
+    """A ``cls`` module holding ``m``'s own parameter and buffer dicts (so the same tensors,
+    also after ``.to(device)`` puts new buffers in them or a buffer is reassigned: one
+    BatchNorm under two objects) and copies of its other dicts and sets (its children's
+    dict, or none when not ``children``)."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v
+                         for k, v in m.__dict__.items()})
+    for name in ("_parameters", "_buffers", "_non_persistent_buffers_set"):
+        new.__dict__[name] = m.__dict__[name]
+    if not children:
+        new.__dict__["_modules"] = type(m._modules)()
+    return new
+
+
 def _norm_act_view(m: torch.nn.Module) -> torch.nn.Module:
     """A plain ``BatchNorm2d`` (``SyncBatchNorm``) that is the timm module ``m``'s batch
-    norm: it holds ``m``'s own parameter and buffer dicts (so the same tensors, also after
-    ``.to(device)`` puts new buffers in them, as for a BatchNorm the converted model shares)
-    and a copy of its children dict (a child replaced there stays in ``m``); the state_dict
-    keys under its path stay the same."""
-    base = _NORM_ACT_CLASSES[type(m).__name__]
-    view = base.__new__(base)
-    view.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v
-                          for k, v in m.__dict__.items()})
-    for name in ("_parameters", "_buffers", "_non_persistent_buffers_set"):
-        view.__dict__[name] = m.__dict__[name]
+    norm, with its ``drop`` / ``act`` children (a child replaced there stays in ``m``); the
+    state_dict keys under its path stay the same."""
+    view = _shared_state_copy(m, _NORM_ACT_CLASSES[type(m).__name__], children=True)
     view.__dict__["_dropin_norm_act"] = True
     return view
 
 
 def _bn_alone(bn: torch.nn.Module) -> torch.nn.Module:
     """The BatchNorm of a norm_act view (:func:`_norm_act_view`) to fold into a fused
-    module: the view without its ``drop`` / ``act`` children, which run as their own nodes.
-    It holds the view's own parameter and buffer dicts (not copies), so the two stay one
-    BatchNorm after ``.to(device)`` (which puts new buffer tensors in the dict) or a
-    reassigned buffer."""
-    alone = type(bn).__new__(type(bn))
-    alone.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v
-                           for k, v in bn.__dict__.items()})
-    for name in ("_parameters", "_buffers", "_non_persistent_buffers_set"):
-        alone.__dict__[name] = bn.__dict__[name]
-    alone.__dict__["_modules"] = type(bn._modules)()
-    return alone
+    module: the view without its ``drop`` / ``act`` children, which run as their own
+    nodes."""
+    return _shared_state_copy(bn, type(bn), children=False)
 
 
 def _expand_norm_act(gm: fx.GraphModule) -> None:
@@ -1166,7 +1167,6 @@ _UPSAMPLE_MODULES = (torch.nn.Upsample, torch.nn.UpsamplingNearest2d,
                      torch.nn.UpsamplingBilinear2d)
 _INTERPOLATE_ARGS = ("input", "size", "scale_factor", "mode", "align_corners",
                      "recompute_scale_factor", "antialias")
-_NEAREST_MODES = ("nearest", "nearest-exact")
 # swapped ops whose output is an image, (N, C, H, W) (or (C, H, W) unbatched, which the QAT
 # Upsample refuses loudly): without example_inputs an Upsample after them is swapped
 _IMAGE_OPS = (gnn.Conv2d, gnn.ConvRelu2d, gnn.ConvRelu62d, gnn.ConvBn2d, gnn.ConvBnRelu2d,

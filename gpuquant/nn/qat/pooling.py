@@ -1,5 +1,4 @@
-"""QAT pooling and nearest-neighbour ``Upsample``: the output keeps the input's qparams (as
-the integer ops do).
+"""QAT pooling: the output keeps the input's qparams (as the integer ops do).
 
 Max pooling of values on the integer grid stays on it. Average pooling does not; when its
 input is fake-quantized, the QAT module rounds the average exactly as the integer op will
@@ -19,7 +18,7 @@ from ...functional.integer import _pair as _int_pair, _pool_window
 from .. import pooling as Float
 from .module import QATModule, check_image_input, source_of, tag_output
 
-__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Upsample"]
+__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
 
 
 def _pair(v):
@@ -149,39 +148,3 @@ def resolve_output_size(output_size, shape):
     """``AdaptiveAvgPool2d``'s output size with None entries taken from ``shape`` (N, C, H, W)."""
     oh, ow = _pair(output_size)
     return (shape[-2] if oh is None else int(oh), shape[-1] if ow is None else int(ow))
-
-
-class Upsample(_PassQParams, Float.Upsample):
-    """QAT ``Upsample`` (nearest modes): copies of the input's values, on its grid, with its
-    qparams. The pixels are the int8 op's (:func:`gpuquant.functional.integer.
-    nearest_indices`, torch's CPU formula) on every device: torch's CUDA kernel can pick
-    others at rare factors (1.0001), and QAT must compute what the int8 model serves."""
-
-    def _check_input(self, x) -> None:
-        """Refuse what the integer op refuses (shapes only: no device sync).
-
-        Raises:
-            TypeError: not a tensor. ValueError: not 4-D, or an output size below 1.
-        """
-        from ...functional.integer import upsample_output_size
-        super()._check_input(x)
-        if x.dim() != 4:  # (torch reads a 3-D input as (N, C, L): a 1-D resize)
-            raise ValueError(f"{type(self).__name__}: x must be 4-D (N, C, H, W), got shape "
-                             f"{tuple(x.shape)}")
-        upsample_output_size(type(self).__name__, x.shape[2:], self.size, self.scale_factor)
-
-    def _pool(self, x):
-        from ...functional.integer import nearest_indices
-        tables = self.__dict__.setdefault("_nearest_tables", {})
-        key = (int(x.shape[2]), int(x.shape[3]), x.device)
-        if key not in tables:  # (held here: the functional op's cache may drop them)
-            if len(tables) >= 64:
-                tables.clear()
-            tables[key] = nearest_indices(type(self).__name__, x, self.size,
-                                          self.scale_factor, self.mode,
-                                          self.recompute_scale_factor)
-        ih, iw = tables[key]
-        y = x[:, :, ih[:, None], iw[None, :]]  # one gather; its backward sums the copies
-        return y.contiguous(memory_format=torch.channels_last) \
-            if x.is_contiguous(memory_format=torch.channels_last) and \
-            not x.is_contiguous() else y

@@ -7,8 +7,9 @@ from .elemwise import Concat, Elemwise
 from .fused import ConvAdd, ConvDequant
 from .linear import Linear, LinearBn1d, LinearBnRelu1d, LinearRelu
 from .module import QuantizedModule
-from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d, Upsample
+from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from .stubs import DequantStub, QuantStub
+from .upsample import Upsample
 
 __all__ = ["QuantizedModule", "Conv2d", "ConvRelu2d", "ConvRelu62d", "ConvBn2d", "ConvBnRelu2d",
            "ConvBnRelu62d", "Linear", "LinearRelu", "LinearBn1d", "LinearBnRelu1d", "Elemwise",

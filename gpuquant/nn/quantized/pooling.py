@@ -1,4 +1,4 @@
-"""Integer pooling and nearest-neighbour ``Upsample``; the output keeps the input's qparams."""
+"""Integer pooling; the output keeps the input's qparams."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ from ...functional import integer
 from ..qat.pooling import resolve_output_size
 from .module import QuantizedModule, placeholder_qparams
 
-__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "Upsample"]
+__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
 
 
 class _Pool(QuantizedModule):
@@ -84,27 +84,3 @@ class AdaptiveAvgPool2d(_Pool):
         zp, lo, hi = self._cached("range", x.device, self._range)
         return integer.adaptive_avg_pool2d(x, zp, resolve_output_size(self.output_size, x.shape),
                                            lo, hi)
-
-
-class Upsample(_Pool):
-    """Integer ``Upsample`` (nearest modes): the input's codes copied, as
-    ``torch.nn.functional.interpolate`` picks them for a float tensor."""
-
-    _ARGS = ("size", "scale_factor", "mode", "recompute_scale_factor")
-
-    def __init__(self, input_dtype="qint8", size=None, scale_factor=None, mode="nearest",
-                 recompute_scale_factor=None):
-        from ...functional.integer import check_nearest
-        check_nearest(type(self).__name__, size, scale_factor, mode, recompute_scale_factor)
-        super().__init__(input_dtype, size=size, scale_factor=scale_factor, mode=mode,
-                         recompute_scale_factor=recompute_scale_factor)
-
-    def forward(self, x):
-        self._check_input(x)
-        if x.dim() != 4:
-            return integer.upsample_nearest2d(x, self.size, self.scale_factor, self.mode,
-                                              self.recompute_scale_factor)  # (refuses it)
-        hw = (int(x.shape[2]), int(x.shape[3]))
-        return integer.gather_nearest(x, self._cached(("indices", hw), x.device, lambda: (
-            integer.nearest_indices(type(self).__name__, x, self.size, self.scale_factor,
-                                    self.mode, self.recompute_scale_factor))))
