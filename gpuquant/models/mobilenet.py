@@ -20,6 +20,19 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
     return new_v
 
 
+def init_mobilenet(model: torch.nn.Module) -> None:
+    """torchvision's MobileNet initialisation: convolutions Kaiming-normal (fan out) with
+    zero biases, linears normal(0, 0.01) with zero biases (BatchNorms keep 1 / 0)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, 0, 0.01)
+            torch.nn.init.zeros_(m.bias)
+
+
 class InvertedResidual(gnn.Module):
     def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
         super().__init__()
@@ -64,12 +77,7 @@ class MobileNetV2(gnn.Module):
         self.classifier = torch.nn.Sequential(torch.nn.Dropout(dropout),
                                               gnn.Linear(self.last_channel, num_classes))
         self.dequant = gnn.DequantStub()
-        for m in self.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, torch.nn.Linear):
-                torch.nn.init.normal_(m.weight, 0, 0.01)
-                torch.nn.init.zeros_(m.bias)
+        init_mobilenet(self)
 
     @eager_under_compile  # only gpuquant modules inside: nothing to compile
     def forward(self, x):

@@ -176,3 +176,88 @@ class MobileNetV2(nn.Module):
 
 def mobilenet_v2(num_classes=1000):
     return MobileNetV2(num_classes)
+
+
+# MobileNetV3 as torchvision writes it (plain torch.nn: Hardswish / Hardsigmoid modules, a
+# squeeze-and-excitation block returning scale * input, result += input)
+_BN3 = {"eps": 0.001, "momentum": 0.01}
+
+
+class ConvNormAct3(nn.Sequential):
+    def __init__(self, inp, out, kernel_size, stride=1, groups=1, act=None):
+        layers = [nn.Conv2d(inp, out, kernel_size, stride, (kernel_size - 1) // 2,
+                            groups=groups, bias=False), nn.BatchNorm2d(out, **_BN3)]
+        if act is not None:
+            layers.append(act(inplace=True))
+        super().__init__(*layers)
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self, channels, squeeze):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.activation = nn.ReLU()
+        self.scale_activation = nn.Hardsigmoid()
+
+    def forward(self, input):
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(input)))))
+        return scale * input
+
+
+class InvertedResidualV3(nn.Module):
+    def __init__(self, inp, kernel, expanded, out, use_se, hardswish, stride):
+        super().__init__()
+        self.use_res_connect = stride == 1 and inp == out
+        act = nn.Hardswish if hardswish else nn.ReLU
+        layers = []
+        if expanded != inp:
+            layers.append(ConvNormAct3(inp, expanded, 1, act=act))
+        layers.append(ConvNormAct3(expanded, expanded, kernel, stride, expanded, act=act))
+        if use_se:
+            layers.append(SqueezeExcitation(expanded, _make_divisible(expanded // 4, 8)))
+        layers.append(ConvNormAct3(expanded, out, 1))
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, input):
+        result = self.block(input)
+        if self.use_res_connect:
+            result += input
+        return result
+
+
+class MobileNetV3(nn.Module):
+    def __init__(self, setting, last_channel, num_classes=1000, dropout=0.2):
+        super().__init__()
+        layers = [ConvNormAct3(3, 16, 3, 2, act=nn.Hardswish)]
+        layers += [InvertedResidualV3(*s) for s in setting]
+        last_in = setting[-1][3]
+        layers.append(ConvNormAct3(last_in, 6 * last_in, 1, act=nn.Hardswish))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(6 * last_in, last_channel),
+                                        nn.Hardswish(inplace=True), nn.Dropout(p=dropout),
+                                        nn.Linear(last_channel, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def mobilenet_v3_small(num_classes=1000):
+    from gpuquant.models.mobilenet_v3 import _SMALL
+    return MobileNetV3(_SMALL, 1024, num_classes)
+
+
+def mobilenet_v3_large(num_classes=1000):
+    from gpuquant.models.mobilenet_v3 import _LARGE
+    return MobileNetV3(_LARGE, 1280, num_classes)

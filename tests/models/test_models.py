@@ -10,9 +10,11 @@ from tests.int8_vs_qat import capture, check_modules
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small images: threads only cost
 
-# torchvision.models.{resnet18,resnet50,mobilenet_v2}(num_classes=1000) parameter counts
+# torchvision.models.{resnet18,resnet50,mobilenet_v2,mobilenet_v3_*}(num_classes=1000)
+# parameter counts
 TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032,
-                      "mobilenet_v2": 3_504_872}
+                      "mobilenet_v2": 3_504_872, "mobilenet_v3_large": 5_483_032,
+                      "mobilenet_v3_small": 2_542_856}
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
@@ -22,7 +24,8 @@ def test_parameter_counts_match_torchvision(name):
 
 
 @pytest.mark.parametrize("name,size", [("resnet18", 32), ("resnet50", 32),
-                                       ("mobilenet_v2", 32), ("digits_net", 8)])
+                                       ("mobilenet_v2", 32), ("mobilenet_v3_large", 32),
+                                       ("mobilenet_v3_small", 32), ("digits_net", 8)])
 def test_three_forms_run(name, size):
     """Float, QAT and int8 run; in place in the network, every int8 module given the QAT
     module's (quantized) input reproduces its output within 1 step, identical on >= 99%
