@@ -196,15 +196,16 @@ def save(model: torch.nn.Module, path, *, arch: Optional[str] = None,
         model: the model (any device; tensors are stored from CPU copies).
         path: the file to write (conventionally ``*.safetensors``).
         arch: optional name of the ``gpuquant.models`` function that builds the
-            architecture (``"resnet18"``, ``"resnet50"``, ``"mobilenet_v2"`` or
-            ``"digits_net"``), so ``load(path)`` needs no skeleton.
+            architecture (``"resnet18"``, ``"resnet50"``, ``"mobilenet_v2"``,
+            ``"mobilenet_v3_large"``, ``"mobilenet_v3_small"`` or ``"digits_net"``), so
+            ``load(path)`` needs no skeleton.
         arch_kwargs: its keyword arguments (JSON values), e.g. ``{"num_classes": 10}``.
 
     Raises:
         TypeError: not a module, a quantized module class with no saved form (named), or
             arguments of the wrong type.
-        ValueError: an ``arch`` that is not a builder of ``gpuquant.models`` (resnet18,
-            resnet50, mobilenet_v2, digits_net) or does not build the model's architecture
+        ValueError: an ``arch`` that is not a builder of ``gpuquant.models``
+            (``gpuquant.models._BUILDERS``) or does not build the model's architecture
             with ``arch_kwargs`` (checked on the meta device), ``arch_kwargs`` that are not
             JSON values, a
             model holding QAT modules (not converted yet) or no quantized module.
