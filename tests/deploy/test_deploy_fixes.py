@@ -243,7 +243,8 @@ def test_bad_map_location(small_int8, tmp_path):
 
 def test_save_arch_only_builders(small_int8, tmp_path):
     with pytest.raises(ValueError, match=r"got 'settle_bn'; allowed: \['resnet18', 'resnet50', "
-                                         r"'mobilenet_v2', 'digits_net'\]$"):
+                                         r"'mobilenet_v2', 'mobilenet_v3_large', "
+                                         r"'mobilenet_v3_small', 'digits_net'\]$"):
         gpuquant.save(small_int8, tmp_path / "x", arch="settle_bn")
     for bad in ("ResNet", "MobileNetV2", "nope", 3):
         with pytest.raises(ValueError, match="builder function"):
