@@ -171,3 +171,17 @@ def assert_warm_forward_never_syncs(model, x):
         g.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, yg)
+
+
+def run_capturing(model, x):
+    """``model(x)`` without gradients, and every leaf module's output (on the CPU) by name."""
+    outs, hooks = {}, []
+    for name, m in model.named_modules():
+        if name and not list(m.children()):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: outs.__setitem__(name, out.detach().cpu())))
+    with torch.no_grad():
+        y = model(x)
+    for h in hooks:
+        h.remove()
+    return y.cpu(), outs

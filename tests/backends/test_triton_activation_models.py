@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gpuquant.nn as gnn
-from _triton_inference_util import DEV, assert_warm_forward_never_syncs
+from _triton_inference_util import DEV, assert_warm_forward_never_syncs, run_capturing
 from gpuquant.backends import available, use
 from gpuquant.nn.activation import ACTIVATION_KINDS
 from gpuquant.quantization import quantize, quantize_qat
@@ -54,27 +54,14 @@ def _qat(device, steps=3):
     return qat.eval()
 
 
-def _capture(model, x):
-    outs, hooks = {}, []
-    for name, m in model.named_modules():
-        if name and not list(m.children()):
-            hooks.append(m.register_forward_hook(
-                lambda mod, inp, out, name=name: outs.__setitem__(name, out.detach().cpu())))
-    with torch.no_grad():
-        y = model(x)
-    for h in hooks:
-        h.remove()
-    return y.cpu(), outs
-
-
 def test_network_bytes_equal_numpy(one_thread):
     int8 = quantize(_qat("cpu", steps=2))
     x = torch.randn(2, 3, 12, 12)
     with use("numpy"):
-        y_np, outs_np = _capture(int8, x)
+        y_np, outs_np = run_capturing(int8, x)
     int8.to(DEV)
     with use("triton"):
-        y_tr, outs_tr = _capture(int8, x.to(DEV))
+        y_tr, outs_tr = run_capturing(int8, x.to(DEV))
     assert set(outs_np) == set(outs_tr)
     for k in outs_np:
         assert torch.equal(outs_tr[k], outs_np[k]), k

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _triton_inference_util import DEV, assert_warm_forward_never_syncs
+from _triton_inference_util import DEV, assert_warm_forward_never_syncs, run_capturing
 from gpuquant.backends import available, use
 
 if "numpy" not in available():
@@ -45,29 +45,16 @@ def _int8(name, in_ch, size):
     return quantize(qat).eval()
 
 
-def _run_capturing(model, x):
-    outs, hooks = {}, []
-    for name, m in model.named_modules():
-        if name and not list(m.children()):
-            hooks.append(m.register_forward_hook(
-                lambda mod, inp, out, name=name: outs.__setitem__(name, out.detach().cpu())))
-    with torch.no_grad():
-        y = model(x)
-    for h in hooks:
-        h.remove()
-    return y.cpu(), outs
-
-
 @pytest.mark.parametrize("name,in_ch,size", [("digits_net", 1, 8), ("resnet18", 3, 32),
                                              ("mobilenet_v2", 3, 32)])
 def test_network_bytes_equal_numpy(name, in_ch, size):
     model = _int8(name, in_ch, size)
     x = torch.randn(2, in_ch, size, size)
     with use("numpy"):
-        y_np, outs_np = _run_capturing(model, x)
+        y_np, outs_np = run_capturing(model, x)
     model.to(DEV)
     with use("triton"):
-        y_tr, outs_tr = _run_capturing(model, x.to(DEV))
+        y_tr, outs_tr = run_capturing(model, x.to(DEV))
     assert outs_np.keys() == outs_tr.keys() and len(outs_np) > 5
     ints = 0
     for k in outs_np:

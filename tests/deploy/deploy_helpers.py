@@ -1,5 +1,11 @@
-"""Shared helpers of the deployment tests: small calibrated int8 models."""
+"""Shared helpers of the deployment tests: small calibrated int8 models, the runtime's byte
+check, and a Python without torch to run the runtime in."""
+import os
+import subprocess
+import sys
+import textwrap
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -65,3 +71,43 @@ def calibrated(model, shape, qconfig=int8_calibration_qconfig, batches=3, seed=0
         for _ in range(batches):
             q(torch.randn(*shape, generator=g))
     return quantize(q)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+# a fresh Python in which importing torch fails: what runs after it (with numpy as np and
+# gpuquant.runtime as rt) proves the runtime needs no torch
+_NO_TORCH = textwrap.dedent("""
+    import sys
+
+    class _NoTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError(f"import of {name} blocked by the test")
+
+    sys.meta_path.insert(0, _NoTorch())
+    import numpy as np
+    import gpuquant.runtime as rt
+""")
+
+
+def run_without_torch(body: str, cwd, *args) -> subprocess.CompletedProcess:
+    """``body`` (after the torch-blocking preamble) in a fresh Python, in ``cwd``, with the
+    repository on the path and ``args`` as its argv[1:]."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", _NO_TORCH + textwrap.dedent(body), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def runtime_bytes(model, path, xs) -> None:
+    """gpuquant.runtime's output for each of ``xs`` == the int8 model's on NumPy, byte for
+    byte."""
+    import gpuquant.runtime as rt
+    from gpuquant import backends
+    sess = rt.load(path)
+    for x in xs:
+        with backends.use("numpy"), torch.no_grad():
+            want = model(x).numpy()
+        got = sess.run(x.numpy())
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tobytes() == want.tobytes(), int((got != want).sum())

@@ -5,12 +5,7 @@ count from its back), gpuquant.runtime and onnxruntime give the torch int8 model
 gpuquant.save / load round-trip it exactly; the exporter's and the runtime's rules name what
 they refuse."""
 import copy
-import os
-import subprocess
-import sys
-import textwrap
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,11 +21,11 @@ from gpuquant.quantization import (ExponentialMovingAverageObserver, FakeQuantiz
                                    quantize, quantize_qat)
 
 from conftest import int8_forward
+from deploy_helpers import run_without_torch, runtime_bytes
 
 onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 
 # QAT with asymmetric uint8 activations (nonzero zero points)
 uint8_qat_qconfig = QConfig(
@@ -160,16 +155,6 @@ def _qdq_zero_points(proto):
             if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
 
 
-def _runtime_bytes(model, path, xs):
-    import gpuquant.runtime as rt
-    sess = rt.load(path)
-    for x in xs:
-        want = int8_forward(model, x)
-        got = sess.run(x.numpy())
-        assert got.dtype == want.dtype and got.shape == want.shape
-        assert got.tobytes() == want.tobytes(), int((got != want).sum())
-
-
 @pytest.mark.parametrize("kind", ACTIVATION_KINDS)
 def test_export_and_runtime_bit_exact_every_kind(kind, tmp_path):
     """Each kind (first and second activation of the net, qint8): the exported graph is the
@@ -188,7 +173,7 @@ def test_export_and_runtime_bit_exact_every_kind(kind, tmp_path):
     assert sum("index_dq" in k for k in zps) == 2
     assert all(not z.any() for z in zps.values()), \
         {k: z for k, z in zps.items() if z.any()}
-    _runtime_bytes(qm, path, [torch.randn(3, 3, 9, 8) * 2, torch.randn(1, 3, 12, 5),
+    runtime_bytes(qm, path, [torch.randn(3, 3, 9, 8) * 2, torch.randn(1, 3, 12, 5),
                               torch.randn(0, 3, 9, 8)])
 
 
@@ -210,7 +195,7 @@ def test_uint8_and_2d_activation_bit_exact(case, tmp_path):
     path = tmp_path / f"{case}.onnx"
     proto = to_onnx(qm, torch.randn(*shape), path)
     _check_gather_form(proto, qm)
-    _runtime_bytes(qm, path, [torch.randn(*shape) * 3, torch.randn(1, *shape[1:])])
+    runtime_bytes(qm, path, [torch.randn(*shape) * 3, torch.randn(1, *shape[1:])])
 
 
 def _code_inputs(model, shape):
@@ -258,24 +243,13 @@ def test_onnxruntime_lookup_byte_exact(kinds, qconfig, shape, tmp_path):
             int((got != want).sum())
 
 
-_CHECK = textwrap.dedent("""
-    import sys
-
-    class _NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"import of {name} blocked by the test")
-
-    sys.meta_path.insert(0, _NoTorch())
-    import numpy as np
-    import gpuquant.runtime as rt
-
+_CHECK = """
     got = rt.load("act.onnx").run(np.load("x.npy"))
     want = np.load("y.npy")
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
     assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
     print("RUNTIME-OK")
-""")
+"""
 
 
 def test_runtime_runs_activation_without_torch(tmp_path):
@@ -284,9 +258,7 @@ def test_runtime_runs_activation_without_torch(tmp_path):
     x = torch.randn(3, 3, 10, 7)
     np.save(tmp_path / "x.npy", x.numpy())
     np.save(tmp_path / "y.npy", int8_forward(qm, x))
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _CHECK], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = run_without_torch(_CHECK, tmp_path)
     assert r.returncode == 0 and "RUNTIME-OK" in r.stdout, r.stdout + r.stderr
 
 

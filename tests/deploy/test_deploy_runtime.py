@@ -1,10 +1,5 @@
 """gpuquant.runtime: exported models executed with NumPy only equal gpuquant's int8 output byte
 for byte; checked in a subprocess where importing torch fails."""
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,22 +9,11 @@ import gpuquant.nn as gnn
 from gpuquant.export import to_onnx
 
 from conftest import int8_forward
+from deploy_helpers import run_without_torch
 
 pytest.importorskip("onnx")
-REPO = Path(__file__).resolve().parents[2]
 
-_CHECK = textwrap.dedent("""
-    import sys
-
-    class _NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"import of {name} blocked by the test")
-
-    sys.meta_path.insert(0, _NoTorch())
-    import numpy as np
-    import gpuquant.runtime as rt
-
+_CHECK = """
     for name in sys.argv[1:]:
         sess = rt.load(name + ".onnx")
         for i in range(2):
@@ -41,7 +25,7 @@ _CHECK = textwrap.dedent("""
     loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
     assert not loaded, loaded
     print("RUNTIME-OK", len(sys.argv) - 1)
-""")
+"""
 
 
 def test_runtime_bit_exact_without_torch(zoo_int8, zoo_uint8, resnet18_int8, mobilenet_int8,
@@ -59,9 +43,7 @@ def test_runtime_bit_exact_without_torch(zoo_int8, zoo_uint8, resnet18_int8, mob
         for i, x in enumerate(xs):
             np.save(f"{base}.x{i}.npy", x.numpy())
             np.save(f"{base}.y{i}.npy", int8_forward(model, x))
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _CHECK, *cases], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = run_without_torch(_CHECK, tmp_path, *cases)
     assert r.returncode == 0 and "RUNTIME-OK 5" in r.stdout, r.stdout + r.stderr
 
 
@@ -153,7 +135,8 @@ def test_runtime_errors(zoo_int8, tmp_path):
         sess.run(np.zeros((1, 3, 8, 8), np.int8))
     with pytest.raises(TypeError, match="numpy.ndarray"):
         sess.run(torch.zeros(1, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"must have shape \['N', 3, 'H', 'W'\].*got \[1, 4, 8, 8\]"):
+    with pytest.raises(ValueError,
+                       match=r"must have shape \['N', 3, 'H', 'W'\].*got \[1, 4, 8, 8\]"):
         sess.run(np.zeros((1, 4, 8, 8), np.float32))
     with pytest.raises(ValueError, match="must have shape"):
         sess.run(np.zeros((3, 8, 8), np.float32))

@@ -24,6 +24,7 @@ from gpuquant.quantization import (ExponentialMovingAverageObserver, FakeQuantiz
                                    ema_fakequant_qconfig, quantize, quantize_qat)
 
 from conftest import int8_forward
+from deploy_helpers import runtime_bytes
 
 onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
@@ -86,16 +87,6 @@ def qat_int8(model, shape, qconfig=ema_fakequant_qconfig, steps=3, seed=0):
         return quantize(q.eval())
 
 
-def _runtime_bytes(model, proto, xs):
-    import gpuquant.runtime as rt
-    sess = rt.load(proto)
-    for x in xs:
-        want = int8_forward(model, x)
-        got = sess.run(x.numpy())
-        assert got.dtype == want.dtype and got.shape == want.shape
-        assert got.tobytes() == want.tobytes(), int((got != want).sum())
-
-
 def _resizes(proto):
     return [n for n in proto.graph.node if n.op_type == "Resize"]
 
@@ -154,7 +145,7 @@ def test_fpn_exports_size_free_and_runtime_bit_exact(qc):
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     assert inits[r2.input[2]].tolist() == [1, 1, 3, 3]
     # (odd sizes: the stride-2 conv rounds up, so the concat needs even ones)
-    _runtime_bytes(qm, proto, [torch.randn(3, 3, 8, 10) * 2, torch.randn(1, 3, 6, 4),
+    runtime_bytes(qm, proto, [torch.randn(3, 3, 8, 10) * 2, torch.randn(1, 3, 6, 4),
                                torch.randn(2, 3, 16, 2), torch.randn(0, 3, 8, 10)])
 
 
@@ -486,4 +477,4 @@ def test_save_load_round_trip_exact(qc, tmp_path):
     with pytest.warns(UserWarning):
         pb = to_onnx(loaded, x)
     assert pa.SerializeToString() == pb.SerializeToString()
-    _runtime_bytes(loaded, pb, [x, torch.randn(1, 3, 8, 10)])
+    runtime_bytes(loaded, pb, [x, torch.randn(1, 3, 8, 10)])
