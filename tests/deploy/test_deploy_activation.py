@@ -5,7 +5,6 @@ count from its back), gpuquant.runtime and onnxruntime give the torch int8 model
 gpuquant.save / load round-trip it exactly; the exporter's and the runtime's rules name what
 they refuse."""
 import copy
-from functools import partial
 
 import numpy as np
 import pytest
@@ -16,24 +15,17 @@ import gpuquant.nn as gnn
 from gpuquant import backends
 from gpuquant.export import to_onnx
 from gpuquant.nn.activation import ACTIVATION_KINDS
-from gpuquant.quantization import (ExponentialMovingAverageObserver, FakeQuantize, QConfig,
-                                   ema_fakequant_qconfig, ema_lowbit_fakequant_qconfig,
+from gpuquant.quantization import (ema_fakequant_qconfig, ema_lowbit_fakequant_qconfig,
                                    quantize, quantize_qat)
 
 from conftest import int8_forward
+from tests.nn.nn_helpers import uint8_qconfig as uint8_qat_qconfig  # asymmetric quint8
 from deploy_helpers import run_without_torch, runtime_bytes
 
 onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
 
-# QAT with asymmetric uint8 activations (nonzero zero points)
-uint8_qat_qconfig = QConfig(
-    weight_observer=ema_fakequant_qconfig.weight_observer,
-    act_observer=partial(ExponentialMovingAverageObserver, momentum=0.9,
-                         dtype=gpuquant.quint8, symmetric=False),
-    weight_fake_quant=ema_fakequant_qconfig.weight_fake_quant,
-    act_fake_quant=partial(FakeQuantize, dtype=gpuquant.quint8))
 
 
 class ActNet(gnn.Module):

@@ -20,23 +20,24 @@ from gpuquant import backends
 from gpuquant.backends.numpy.pool import nearest_source_index
 from gpuquant.export import to_onnx
 from gpuquant.export.onnx import _resize_size_free
-from gpuquant.quantization import (ExponentialMovingAverageObserver, FakeQuantize, QConfig,
-                                   ema_fakequant_qconfig, quantize, quantize_qat)
+from gpuquant.quantization import ema_fakequant_qconfig, quantize, quantize_qat
 
 from conftest import int8_forward
+from tests.nn.nn_helpers import uint8_qconfig as uint8_qat_qconfig  # asymmetric quint8
 from deploy_helpers import runtime_bytes
 
 onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
-uint8_qat_qconfig = QConfig(
-    weight_observer=ema_fakequant_qconfig.weight_observer,
-    act_observer=partial(ExponentialMovingAverageObserver, momentum=0.9,
-                         dtype=gpuquant.quint8, symmetric=False),
-    weight_fake_quant=ema_fakequant_qconfig.weight_fake_quant,
-    act_fake_quant=partial(FakeQuantize, dtype=gpuquant.quint8))
 
 RESIZE_KEY = "gpuquant.nearest_resize"
+
+
+def _edited(proto, fn):
+    """A copy of ``proto`` changed by ``fn``."""
+    bad = copy.deepcopy(proto)
+    fn(bad)
+    return bad
 
 
 class UpNet(gnn.Module):
@@ -311,10 +312,7 @@ def test_runtime_refuses_resizes_not_in_gpuquants_form():
     proto = to_onnx(qm, x)
     assert rt.load(proto).run(x.numpy()).tobytes() == int8_forward(qm, x).tobytes()
 
-    def edited(fn):
-        bad = copy.deepcopy(proto)
-        fn(bad)
-        return bad
+    edited = partial(_edited, proto)
 
     def drop_meta(p):
         keep = [e for e in p.metadata_props if e.key != RESIZE_KEY]
@@ -368,10 +366,7 @@ def test_runtime_refuses_gathers_not_in_gpuquants_form():
     x = _code_input(qm, shape)
     assert rt.load(proto).run(x.numpy()).tobytes() == int8_forward(qm, x).tobytes()
 
-    def edited(fn):
-        bad = copy.deepcopy(proto)
-        fn(bad)
-        return bad
+    edited = partial(_edited, proto)
 
     def gather(p, i):
         return _gathers(p)[i]
